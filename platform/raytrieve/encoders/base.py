@@ -1,0 +1,304 @@
+"""What the three encoders share: the module stack, loading and saving in the
+sentence-transformers format, prompts, devices, and length-sorted batched inference.
+
+The kinds differ only in their default stack, their config fields and what they make of
+the stack's output (dense embeddings, sparse vectors, scores).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raytrieve._io import atomic_directory
+from raytrieve.encoders import st_format
+from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
+from raytrieve.modules import Features, Module, Pooling, Router, Transformer
+from raytrieve.modules.dense import Dense
+
+logger = logging.getLogger(__name__)
+# Below this many batches a progress bar is noise.
+PROGRESS_MIN_BATCHES = 20
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or the name of a shipped variant in models/ (converted on first use)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: is a file, not a model directory; pass the folder that holds modules.json")
+        return path
+    from raytrieve import assets
+
+    if str(name_or_path) in assets.variant_names():
+        return assets.model_path(str(name_or_path))
+    raise ModelLoadError(
+        f"{name_or_path}: no such directory, and not a shipped variant ({', '.join(assets.variant_names())}); "
+        "pass a local model folder (nothing is downloaded from a hub)"
+    )
+
+
+class Encoder(nn.Module):
+    """Base of DenseEncoder, SparseEncoder and CrossEncoder."""
+
+    model_type: ClassVar[str] = ""
+    default_similarity: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Sequence[Module],
+        *,
+        device: str | torch.device | None = None,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        similarity_fn_name: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        saved: dict[str, Any] = {}
+        if isinstance(model, (str, os.PathLike)):
+            path = resolve_model_path(model)
+            if not st_format.is_model_dir(path):
+                raise ModelLoadError(
+                    f"{path}: not a model directory (no modules.json and no config.json); "
+                    "point at a folder saved by raytrieve, sentence-transformers or transformers"
+                )
+            modules = st_format.load_modules(path, trust_remote_code=trust_remote_code)
+            if modules is None:
+                modules = self.default_modules(path, trust_remote_code=trust_remote_code)
+            saved = st_format.read_st_config(path)
+            self.name_or_path = str(path)
+            self._read_extra_config(path, saved, trust_remote_code)
+        else:
+            modules = list(model)
+            if not modules:
+                raise InputError(f"{type(self).__name__} needs at least one module")
+            self.name_or_path = None
+            self._read_extra_config(None, saved, trust_remote_code)
+        self.stack = nn.Sequential(*modules)
+        self.prompts: dict[str, str] = dict(saved.get("prompts") or {})
+        self.prompts.update(prompts or {})
+        self.default_prompt_name = default_prompt_name or saved.get("default_prompt_name")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise InputError(
+                f"default_prompt_name {self.default_prompt_name!r} is not in prompts {sorted(self.prompts)}"
+            )
+        self.similarity_fn_name = similarity_fn_name or saved.get("similarity_fn_name") or self.default_similarity
+        self.check_dimensions()
+        self.to(resolve_device(device))
+
+    # -- what subclasses define -------------------------------------------------------------
+    @classmethod
+    def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
+        """The stack for a plain transformers folder (no modules.json)."""
+        raise NotImplementedError
+
+    def _read_extra_config(self, path: Path | None, saved: dict[str, Any], trust_remote_code: bool) -> None:
+        """Subclass hook for kind-specific saved fields."""
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    # -- structure ----------------------------------------------------------------------
+    @property
+    def modules_list(self) -> list[Module]:
+        return list(self.stack)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def input_module(self, task: str | None = None) -> Module:
+        first = self.stack[0]
+        return first.input_module(task) if isinstance(first, Router) else first
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.input_module(None).tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.input_module(None).max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.input_module(None).max_seq_length = int(value)
+
+    def check_dimensions(self) -> None:
+        """Fail at construction, not mid-encode, when adjacent modules disagree on a width."""
+        dim: int | None = None
+        for module in self.stack:
+            if isinstance(module, Transformer):
+                dim = module.get_embedding_dimension()
+            elif isinstance(module, Pooling):
+                if dim is not None and module.embedding_dimension != dim:
+                    raise DimensionMismatchError(
+                        f"Pooling expects {module.embedding_dimension}-d token embeddings but the transformer "
+                        f"before it gives {dim}-d; set the Pooling embedding_dimension to {dim}"
+                    )
+                dim = module.get_embedding_dimension()
+            elif isinstance(module, Dense):
+                if dim is not None and module.in_features != dim:
+                    raise DimensionMismatchError(
+                        f"Dense in_features={module.in_features} but the module before it outputs {dim}-d; "
+                        f"set in_features to {dim}"
+                    )
+                dim = module.out_features
+
+    def get_embedding_dimension(self) -> int | None:
+        for module in reversed(self.modules_list):
+            getter = getattr(module, "get_embedding_dimension", None)
+            if getter is not None and (dim := getter()):
+                return int(dim)
+        return None
+
+    # -- saving -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model in the sentence-transformers format, atomically (temp dir + rename)."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not st_format.is_model_dir(path):
+            raise ModelLoadError(
+                f"{path}: exists, is not empty and holds no model; refusing to replace it. "
+                "Choose an empty or new directory"
+            )
+        with atomic_directory(path) as tmp:
+            st_format.save_modules(tmp, self.modules_list)
+            st_format.write_st_config(
+                tmp,
+                self.model_type,
+                prompts=self.prompts,
+                default_prompt_name=self.default_prompt_name,
+                similarity_fn_name=self.similarity_fn_name,
+                **self._extra_config(),
+            )
+            self._write_model_card(tmp)
+        return path
+
+    def _write_model_card(self, path: Path) -> None:
+        stack = " → ".join(type(m).__name__ for m in self.modules_list)
+        card = (
+            f"# {self.model_type} model\n\nSaved by raytrieve. Stack: {stack}.\n\n"
+            "Loads with `raytrieve` and with `sentence-transformers`.\n"
+        )
+        (path / "README.md").write_text(card, encoding="utf-8")
+
+    # -- inference ----------------------------------------------------------------------
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise InputError(
+                    f"unknown prompt_name {prompt_name!r}; this model's prompts are {sorted(self.prompts) or 'none'} "
+                    "(pass prompt= for a custom string)"
+                )
+            return self.prompts[prompt_name]
+        if self.default_prompt_name is not None:
+            return self.prompts[self.default_prompt_name]
+        return None
+
+    def prompt_name_for(self, task: str) -> str | None:
+        names = {"query": ("query",), "document": ("document", "passage", "corpus")}[task]
+        return next((n for n in names if n in self.prompts), None)
+
+    def tokenize(self, texts: Sequence[Any], task: str | None = None, prompt: str | None = None) -> Features:
+        first = self.stack[0]
+        if isinstance(first, Router):
+            return first.tokenize(texts, prompt=prompt, task=task)
+        return first.tokenize(texts, prompt=prompt)
+
+    def forward(self, features: Features, task: str | None = None) -> Features:
+        for module in self.stack:
+            features = module(features, task=task) if isinstance(module, Router) else module(features)
+        return features
+
+    def _batched(
+        self,
+        inputs: Sequence[Any],
+        *,
+        batch_size: int,
+        task: str | None,
+        prompt: str | None,
+        device: str | torch.device | None,
+        show_progress_bar: bool | None,
+        collect: Callable[[Features], Tensor],
+    ) -> Tensor:
+        """Run the stack over ``inputs`` in batches of similar token length; rows in input order.
+
+        All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
+        token count, so each batch pads to nearly its own length.
+        """
+        if batch_size <= 0:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+        first = self.stack[0]
+        route = first.resolve(task) if isinstance(first, Router) else None
+        module = self.input_module(task)
+        encoded = module.tokenize_ids(inputs, prompt=prompt)
+        prompt_length = module.prompt_length(prompt) if prompt and hasattr(module, "prompt_length") else None
+        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=len(inputs))
+        order = np.argsort(-lengths, kind="stable")
+        target = resolve_device(device) if device is not None else self.device
+        if device is not None and target != self.device:
+            self.to(target)
+        n_batches = (len(inputs) + batch_size - 1) // batch_size
+        show = show_progress_bar if show_progress_bar is not None else n_batches >= PROGRESS_MIN_BATCHES
+        starts: Iterable[int] = range(0, len(inputs), batch_size)
+        if show:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, total=n_batches, desc="Batches")
+        was_training = self.training
+        self.eval()
+        outputs: list[Tensor] = []
+        try:
+            with torch.inference_mode():
+                for start in starts:
+                    idx = order[start : start + batch_size]
+                    batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
+                    features = module.collate(batch)
+                    if prompt_length:
+                        features["prompt_length"] = prompt_length
+                    if route is not None:
+                        features["task"] = route
+                    features = {k: v.to(target) if isinstance(v, Tensor) else v for k, v in features.items()}
+                    outputs.append(collect(self.forward(features, task=task)))
+        finally:
+            self.train(was_training)
+        stacked = torch.cat(outputs) if outputs else torch.empty(0)
+        inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(stacked.device)
+        return stacked.index_select(0, inverse)
+
+    @staticmethod
+    def _as_list(inputs: Any, what: str) -> tuple[list[Any], bool]:
+        """(list of inputs, whether a single input was given)."""
+        if isinstance(inputs, str):
+            return [inputs], True
+        if isinstance(inputs, np.ndarray):
+            inputs = inputs.tolist()
+        try:
+            items = list(inputs)
+        except TypeError:
+            raise InputError(f"{what} must be a string or a list of strings, got {type(inputs).__name__}") from None
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise InputError(f"{what}[{i}] must be a string, got {type(item).__name__}")
+        return items, False
+

@@ -1,0 +1,162 @@
+"""CrossEncoder: score (query, document) pairs with one transformer pass per pair (reranker),
+the sentence-transformers ``CrossEncoder`` counterpart.
+
+    model = CrossEncoder("ms-marco-minilm-l12-v2")
+    model.predict([("how many people live in berlin", "Berlin has 3.5 million people")])
+    model.rank("how many people live in berlin", documents, top_k=3, return_documents=True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raytrieve._io import read_json
+from raytrieve.encoders.base import Encoder
+from raytrieve.errors import InputError
+from raytrieve.modules import Module, Transformer
+from raytrieve.modules.activations import activation_from_name, activation_name
+
+
+class CrossEncoder(Encoder):
+    model_type = "CrossEncoder"
+
+    def __init__(self, model: Any, *, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
+        self._saved_activation: nn.Module | None = None
+        super().__init__(model, **kwargs)
+        head = self.stack[0]
+        if not (isinstance(head, Transformer) and head.task == "sequence-classification") or len(self.stack) != 1:
+            raise InputError(
+                "CrossEncoder needs exactly one Transformer module with task='sequence-classification'; "
+                f"got {[type(m).__name__ for m in self.stack]}"
+            )
+        # Not registered as a submodule: it holds no weights and must not enter state_dict.
+        object.__setattr__(self, "activation_fn", activation_fn or self._saved_activation or self._default_activation())
+
+    @classmethod
+    def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
+        return [Transformer.from_pretrained(path, task="sequence-classification", trust_remote_code=trust_remote_code)]
+
+    def _read_extra_config(self, path: Path | None, saved: dict[str, Any], trust_remote_code: bool) -> None:
+        name = saved.get("activation_fn")
+        if name is None and path is not None and (path / "config.json").exists():
+            # sentence-transformers < 6 kept it in the transformers config.
+            hf = read_json(path / "config.json")
+            name = (hf.get("sentence_transformers") or {}).get("activation_fn") or hf.get(
+                "sbert_ce_default_activation_function"
+            )
+        if name:
+            self._saved_activation = activation_from_name(
+                name, trust_remote_code=trust_remote_code, where=str(path or "config")
+            )
+
+    def _default_activation(self) -> nn.Module:
+        return nn.Sigmoid() if self.num_labels == 1 else nn.Identity()
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"activation_fn": activation_name(self.activation_fn)}
+
+    def save(self, path: Any) -> Path:
+        out = super().save(path)
+        # Also record the activation where sentence-transformers 5 looks for it.
+        cfg_path = out / "config.json"
+        cfg = read_json(cfg_path)
+        cfg["sentence_transformers"] = {"activation_fn": activation_name(self.activation_fn)}
+        from raytrieve._io import write_json
+
+        write_json(cfg_path, cfg)
+        return out
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.stack[0].auto_model.config.num_labels)
+
+    @staticmethod
+    def _as_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
+        if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+            return [pairs], True
+        if isinstance(pairs, list) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+            return [tuple(pairs)], True
+        out = []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise InputError(f"pairs[{i}] must be a (query, document) pair of two strings, got {pair!r}")
+            out.append((pair[0], pair[1]))
+        return out, False
+
+    def predict(
+        self,
+        sentences: Sequence[tuple[str, str]] | tuple[str, str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: nn.Module | None = None,
+        apply_softmax: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+    ) -> np.ndarray | Tensor:
+        """Scores for (query, document) pairs in input order: [n] for one label, [n, labels] else.
+
+        The activation (sigmoid for one label by default) is applied to the logits;
+        ``apply_softmax`` normalizes multi-label scores.
+        """
+        pairs, single = self._as_pairs(sentences)
+        act = activation_fn if activation_fn is not None else self.activation_fn
+        prompt = self.resolve_prompt(prompt, prompt_name)
+
+        def collect(features: dict[str, Any]) -> Tensor:
+            logits = act(features["scores"])
+            if apply_softmax and logits.shape[1] > 1:
+                logits = torch.softmax(logits, dim=1)
+            if logits.shape[1] == 1:
+                logits = logits[:, 0]
+            return logits if convert_to_tensor else logits.cpu()
+
+        if pairs:
+            scores = self._batched(
+                pairs,
+                batch_size=batch_size,
+                task=None,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+            )
+        else:
+            scores = torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels)
+        if not convert_to_tensor and convert_to_numpy:
+            scores = scores.float().numpy()
+        return scores[0] if single else scores
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int = 32,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Documents sorted by score: [{"corpus_id", "score", ("text")}], best first."""
+        if not isinstance(query, str):
+            raise InputError(f"query must be a string, got {type(query).__name__}")
+        docs, _ = self._as_list(documents, "documents")
+        if self.num_labels != 1:
+            raise InputError(f"rank needs a single-label model; this one has {self.num_labels} labels")
+        scores = self.predict([(query, d) for d in docs], batch_size=batch_size, **kwargs)
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        if top_k is not None:
+            order = order[:top_k]
+        results = []
+        for i in order:
+            hit: dict[str, Any] = {"corpus_id": int(i), "score": float(scores[i])}
+            if return_documents:
+                hit["text"] = docs[i]
+            results.append(hit)
+        return results

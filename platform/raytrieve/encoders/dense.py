@@ -1,0 +1,145 @@
+"""DenseEncoder: texts to dense vectors (bi-encoder), the sentence-transformers
+``SentenceTransformer`` counterpart.
+
+    model = DenseEncoder("all-minilm-l6-v2")            # a shipped variant or a local folder
+    q = model.encode_query(["how do I sort a list"])
+    d = model.encode_document(["sorted(xs) returns a new sorted list"])
+    model.similarity(q, d)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raytrieve.encoders import similarity as sim
+from raytrieve.encoders.base import Encoder
+from raytrieve.encoders.quantization import PRECISIONS, quantize_embeddings
+from raytrieve.errors import InputError
+from raytrieve.modules import Module, Pooling, Transformer
+
+OutputValue = Literal["sentence_embedding", "token_embeddings"]
+
+
+class DenseEncoder(Encoder):
+    model_type = "SentenceTransformer"
+    default_similarity = "cosine"
+
+    def __init__(self, model: Any, *, truncate_dim: int | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.similarity_fn_name = sim.canonical_name(self.similarity_fn_name)
+        self.truncate_dim = truncate_dim
+
+    @classmethod
+    def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
+        transformer = Transformer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: OutputValue = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+        task: str | None = None,
+        ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | None = None,
+    ) -> np.ndarray | Tensor | list[Tensor]:
+        """Embed ``sentences``; rows come back in input order, a single string gives one vector.
+
+        ``precision`` int8 / uint8 / binary / ubinary quantizes the result (int8 buckets from
+        ``ranges`` or ``calibration_embeddings`` when given, else from this batch);
+        ``truncate_dim`` keeps the first dimensions (Matryoshka), before normalization.
+        """
+        texts, single = self._as_list(sentences, "sentences")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision {precision!r} is not supported; choose from {list(PRECISIONS)}")
+        if output_value not in ("sentence_embedding", "token_embeddings"):
+            raise InputError("output_value must be 'sentence_embedding' or 'token_embeddings'")
+        truncate_dim = truncate_dim if truncate_dim is not None else self.truncate_dim
+        full_dim = self.get_embedding_dimension()
+        if truncate_dim is not None and not (0 < truncate_dim <= (full_dim or truncate_dim)):
+            raise InputError(f"truncate_dim={truncate_dim} must be between 1 and the embedding size {full_dim}")
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if output_value == "token_embeddings":
+            return self._token_embeddings(texts, single, prompt, batch_size, task, device, show_progress_bar)
+
+        def collect(features: dict[str, Any]) -> Tensor:
+            emb = features["sentence_embedding"]
+            if truncate_dim is not None:
+                emb = emb[:, :truncate_dim]
+            if normalize_embeddings:
+                emb = F.normalize(emb, p=2, dim=1)
+            return emb if convert_to_tensor and precision == "float32" else emb.cpu()
+
+        if texts:
+            emb = self._batched(
+                texts,
+                batch_size=batch_size,
+                task=task,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+            )
+        else:
+            emb = torch.empty(0, truncate_dim or full_dim or 0)
+        if precision != "float32":
+            array = quantize_embeddings(
+                emb.float().numpy(), precision, ranges=ranges, calibration_embeddings=calibration_embeddings
+            )
+            result: Any = torch.from_numpy(array) if convert_to_tensor else array
+        elif convert_to_tensor:
+            result = emb
+        elif convert_to_numpy:
+            result = emb.float().numpy() if emb.dtype == torch.bfloat16 else emb.numpy()
+        else:
+            result = list(emb)
+        return result[0] if single else result
+
+    def _token_embeddings(self, texts, single, prompt, batch_size, task, device, show_progress_bar):
+        # Per-text [n_tokens, hidden] tensors: padded rows are cut off, so batches can't be stacked.
+        per_text: list[Tensor] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            features = self.tokenize(chunk, task=task, prompt=prompt)
+            features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+            with torch.inference_mode():
+                out = self.forward(features, task=task)
+            for row, mask in zip(out["token_embeddings"], out["attention_mask"]):
+                per_text.append(row[mask.bool()].cpu())
+        return per_text[0] if single else per_text
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        """encode() with the model's query prompt (if it has one) and the query route."""
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            kwargs["prompt_name"] = self.prompt_name_for("query")
+        kwargs.setdefault("task", "query")
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        """encode() with the model's document prompt (document / passage / corpus) and route."""
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            kwargs["prompt_name"] = self.prompt_name_for("document")
+        kwargs.setdefault("task", "document")
+        return self.encode(sentences, **kwargs)
+
+    def similarity(self, a: Any, b: Any) -> Tensor:
+        """[len(a), len(b)] scores with the model's similarity function (higher = closer)."""
+        return sim.similarity(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
+        return sim.pairwise(a, b, self.similarity_fn_name)

@@ -1,0 +1,162 @@
+"""SparseEncoder: texts to sparse vocabulary-sized vectors (SPLADE), the
+sentence-transformers ``SparseEncoder`` counterpart.
+
+    model = SparseEncoder("splade-tiny")
+    emb = model.encode_document(["The cat sat on the mat"])    # torch sparse COO [1, 30522]
+    model.decode(emb[0], top_k=5)                              # [("cat", 2.1), ("mat", 1.9), ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raytrieve.encoders import similarity as sim
+from raytrieve.encoders.base import Encoder
+from raytrieve.errors import InputError
+from raytrieve.modules import MLMTransformer, Module, SpladePooling
+
+
+def _keep_top(emb: Tensor, k: int | None) -> Tensor:
+    """Zero all but the k largest values of each row."""
+    if k is None or k >= emb.shape[1]:
+        return emb
+    values, idx = emb.topk(k, dim=1)
+    return torch.zeros_like(emb).scatter_(1, idx, values)
+
+
+class SparseEncoder(Encoder):
+    model_type = "SparseEncoder"
+    default_similarity = "dot"
+
+    def __init__(self, model: Any, *, max_active_dims: int | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if self.similarity_fn_name not in ("dot", "cosine"):
+            raise InputError(f"SparseEncoder similarity must be 'dot' or 'cosine', not {self.similarity_fn_name!r}")
+        self.max_active_dims = max_active_dims
+
+    @classmethod
+    def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
+        mlm = MLMTransformer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return [mlm, SpladePooling("max", embedding_dimension=mlm.get_embedding_dimension())]
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_tensor: bool = True,
+        convert_to_sparse_tensor: bool = True,
+        as_dicts: bool = False,
+        device: str | torch.device | None = None,
+        max_active_dims: int | None = None,
+        task: str | None = None,
+    ) -> Any:
+        """Encode to sparse vectors.
+
+        Returns a torch sparse COO tensor [n, vocab] by default; a dense tensor with
+        ``convert_to_sparse_tensor=False``; a list of ``{"indices", "values"}`` numpy dicts
+        (sorted by weight, descending) with ``as_dicts=True``. ``max_active_dims`` keeps the
+        largest weights of each vector.
+        """
+        texts, single = self._as_list(sentences, "sentences")
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        k = max_active_dims if max_active_dims is not None else self.max_active_dims
+        if k is not None and k <= 0:
+            raise InputError(f"max_active_dims must be positive, got {k}")
+        dim = self.get_embedding_dimension() or self.input_module(task).get_embedding_dimension()
+
+        def collect(features: dict[str, Any]) -> Tensor:
+            emb = _keep_top(features["sentence_embedding"], k)
+            return emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
+
+        if texts:
+            emb = self._batched(
+                texts,
+                batch_size=batch_size,
+                task=task,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+            )
+        else:
+            emb = torch.empty(0, dim)
+            emb = emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
+        if as_dicts:
+            rows = sparse_rows(emb)
+            return rows[0] if single else rows
+        if not convert_to_tensor and not convert_to_sparse_tensor:
+            emb = emb.cpu().numpy()
+        elif emb.is_sparse:
+            emb = emb.coalesce()
+        return emb[0] if single else emb
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            kwargs["prompt_name"] = self.prompt_name_for("query")
+        kwargs.setdefault("task", "query")
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            kwargs["prompt_name"] = self.prompt_name_for("document")
+        kwargs.setdefault("task", "document")
+        return self.encode(sentences, **kwargs)
+
+    def decode(self, embeddings: Tensor, top_k: int | None = None) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+        """The (token, weight) pairs of each vector, largest weight first."""
+        emb = embeddings.coalesce() if embeddings.is_sparse else embeddings
+        single = emb.dim() == 1
+        rows = sparse_rows(emb.unsqueeze(0) if single else emb)
+        tokenizer = self.tokenizer
+        decoded = []
+        for row in rows:
+            idx, val = row["indices"], row["values"]
+            if top_k is not None:
+                idx, val = idx[:top_k], val[:top_k]
+            tokens = tokenizer.convert_ids_to_tokens(idx.tolist())
+            decoded.append(list(zip(tokens, val.tolist())))
+        return decoded[0] if single else decoded
+
+    @staticmethod
+    def sparsity(embeddings: Tensor) -> dict[str, float]:
+        """Mean active dimensions per vector and the share of zeros."""
+        emb = embeddings.unsqueeze(0) if embeddings.dim() == 1 else embeddings
+        if emb.shape[0] == 0:
+            return {"active_dims": 0.0, "sparsity_ratio": 1.0}
+        active = (emb.coalesce()._nnz() if emb.is_sparse else int((emb != 0).sum())) / emb.shape[0]
+        return {"active_dims": float(active), "sparsity_ratio": float(1.0 - active / emb.shape[1])}
+
+    def similarity(self, a: Any, b: Any) -> Tensor:
+        return sim.similarity(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
+        return sim.pairwise(a, b, self.similarity_fn_name)
+
+
+def sparse_rows(emb: Tensor) -> list[dict[str, np.ndarray]]:
+    """Per row: nonzero vocabulary ids and weights, by weight descending."""
+    emb = emb.cpu()
+    n = emb.shape[0]
+    if not emb.is_sparse:
+        emb = emb.to_sparse()
+    emb = emb.coalesce()
+    rows_idx, cols = emb.indices().numpy()
+    vals = emb.values().float().numpy()
+    keep = vals != 0
+    rows_idx, cols, vals = rows_idx[keep], cols[keep], vals[keep]
+    # Sort by row, then by weight descending, in one pass.
+    order = np.lexsort((-vals, rows_idx))
+    rows_idx, cols, vals = rows_idx[order], cols[order], vals[order]
+    bounds = np.searchsorted(rows_idx, np.arange(n + 1))
+    return [
+        {"indices": cols[bounds[i] : bounds[i + 1]].astype(np.int64), "values": vals[bounds[i] : bounds[i + 1]]}
+        for i in range(n)
+    ]

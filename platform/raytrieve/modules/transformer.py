@@ -1,0 +1,300 @@
+"""A Hugging Face transformer as the input module of a stack.
+
+One class for the three heads our model kinds need, chosen by ``task``:
+``feature-extraction`` (token embeddings, dense models), ``fill-mask`` (MLM logits over the
+vocabulary as token embeddings, SPLADE) and ``sequence-classification`` (logits as scores,
+cross-encoders).
+
+Tokenization is split in two so that Ray Data can run the expensive half on CPU actors:
+``tokenize_ids`` turns texts into unpadded id lists, ``collate`` pads a batch of them into
+tensors. ``tokenize`` does both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from transformers.utils import logging as hf_logging
+
+from raytrieve._io import read_json, write_json
+from raytrieve.errors import ConfigError, ModelLoadError
+from raytrieve.modules.base import Features, Module
+
+TextInput = str | tuple[str, str] | list[str]
+
+# task -> (auto class, model output field, features key written)
+TASKS: dict[str, tuple[type, str, str]] = {
+    "feature-extraction": (AutoModel, "last_hidden_state", "token_embeddings"),
+    "fill-mask": (AutoModelForMaskedLM, "logits", "token_embeddings"),
+    "sequence-classification": (AutoModelForSequenceClassification, "logits", "scores"),
+}
+# The keys sentence-transformers 6 writes next to max_seq_length for a non-default task.
+_V6_TASK_KEYS = ("transformer_task", "modality_config", "module_output_name")
+_LEGACY_CONFIG_FILES = (
+    "sentence_bert_config.json",
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
+_HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
+
+
+def find_module_config(directory: Path) -> dict[str, Any]:
+    for name in _LEGACY_CONFIG_FILES:
+        if (directory / name).exists():
+            return read_json(directory / name)
+    return {}
+
+
+class Transformer(Module):
+    st_type = "sentence_transformers.models.Transformer"
+    st_aliases = ("sentence_transformers.base.modules.transformer.Transformer",)
+    config_file = "sentence_bert_config.json"
+    save_in_root = True
+    default_task: ClassVar[str] = "feature-extraction"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        task: str | None = None,
+        max_seq_length: int | None = None,
+        do_lower_case: bool = False,
+    ) -> None:
+        super().__init__()
+        task = task or self.default_task
+        if task not in TASKS:
+            raise ConfigError(f"Transformer: unknown task {task!r}; choose from {list(TASKS)}")
+        self.task = task
+        self.auto_model = model
+        self.tokenizer = tokenizer
+        self.do_lower_case = do_lower_case
+        if max_seq_length is None:
+            limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None)]
+            limits = [x for x in limits if isinstance(x, int) and 0 < x < _HUGE]
+            max_seq_length = min(limits) if limits else 512
+        self.max_seq_length = int(max_seq_length)
+        self._output_field, self.output_key = TASKS[task][1], TASKS[task][2]
+        self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        self._prompt_lengths: dict[str, int] = {}
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        task: str | None = None,
+        max_seq_length: int | None = None,
+        do_lower_case: bool = False,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        config_kwargs: dict[str, Any] | None = None,
+    ) -> "Transformer":
+        path = Path(path)
+        task = task or cls.default_task
+        if task not in TASKS:
+            raise ConfigError(f"Transformer: unknown task {task!r}; choose from {list(TASKS)}")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path}: no config.json, so this is not a transformers model folder; "
+                "point at a sentence-transformers or Hugging Face model directory"
+            )
+        hub = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+        try:
+            with quiet_progress():
+                config = AutoConfig.from_pretrained(path, **hub, **(config_kwargs or {}))
+                model = TASKS[task][0].from_pretrained(path, config=config, **hub, **(model_kwargs or {}))
+                tokenizer = AutoTokenizer.from_pretrained(path, **hub, **(tokenizer_kwargs or {}))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{path}: cannot load the transformer ({type(e).__name__}: {e})") from e
+        return cls(model, tokenizer, task=task, max_seq_length=max_seq_length, do_lower_case=do_lower_case)
+
+    @classmethod
+    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> "Transformer":
+        directory = Path(directory)
+        config = dict(find_module_config(directory))
+        task = config.get("transformer_task") or cls.default_task
+        model_kwargs = config.get("model_kwargs", config.get("model_args")) or {}
+        tokenizer_kwargs = config.get("processor_kwargs", config.get("tokenizer_args")) or {}
+        config_kwargs = config.get("config_kwargs", config.get("config_args")) or {}
+        for d in (model_kwargs, tokenizer_kwargs, config_kwargs):
+            d.pop("trust_remote_code", None)  # a saved config never grants code execution
+        # sentence-transformers 6 no longer writes max_seq_length here; the tokenizer's
+        # model_max_length then carries it, which __init__ falls back to.
+        return cls.from_pretrained(
+            directory,
+            task=task,
+            max_seq_length=config.get("max_seq_length"),
+            do_lower_case=bool(config.get("do_lower_case", False)),
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
+            config_kwargs=config_kwargs,
+        )
+
+    def saved_type(self) -> str:
+        # A classification head is only expressible in the sentence-transformers 6 layout.
+        return self.st_aliases[0] if self.task == "sequence-classification" else self.st_type
+
+    def config_dict(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case}
+        if self.task == "sequence-classification":
+            config.update(
+                transformer_task=self.task,
+                modality_config={"text": {"method": "forward", "method_output_name": self._output_field}},
+                module_output_name=self.output_key,
+            )
+        return config
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_progress():
+            self.auto_model.save_pretrained(directory, safe_serialization=True)
+        # model_max_length mirrors max_seq_length: sentence-transformers 6 reads it from here.
+        self.tokenizer.model_max_length = self.max_seq_length
+        self.tokenizer.save_pretrained(directory)
+        write_json(directory / self.config_file, self.config_dict())
+
+    # -- tokenization -------------------------------------------------------------------
+    def _prepare(self, texts: Sequence[TextInput], prompt: str | None) -> tuple[list[str], list[str] | None]:
+        if not texts:
+            return [], None
+        if isinstance(texts[0], str):
+            first, second = list(texts), None
+        else:
+            if any(len(t) != 2 for t in texts):
+                from raytrieve.errors import InputError
+
+                raise InputError("text pairs must be (first, second) tuples of two strings")
+            first, second = [t[0] for t in texts], [t[1] for t in texts]
+        if prompt:
+            first = [prompt + t for t in first]
+        if self.do_lower_case:
+            first = [t.lower() for t in first]
+            second = [t.lower() for t in second] if second is not None else None
+        return first, second
+
+    def tokenize_ids(self, texts: Sequence[TextInput], prompt: str | None = None) -> dict[str, list[list[int]]]:
+        """Token ids per text, truncated to max_seq_length, not padded."""
+        first, second = self._prepare(texts, prompt)
+        if not first:
+            return {"input_ids": []}
+        enc = self.tokenizer(
+            first,
+            second,
+            truncation="longest_first",
+            max_length=self.max_seq_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=self._accepts_token_types,
+        )
+        out = {"input_ids": enc["input_ids"]}
+        if self._accepts_token_types and "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def collate(self, encoded: dict[str, list[list[int]]]) -> Features:
+        """Pad a batch of id lists into tensors (padding side and id from the tokenizer)."""
+        return pad_ids(encoded, self.tokenizer.pad_token_id or 0, left=self.tokenizer.padding_side == "left")
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens the prompt occupies at the start of a text (its trailing special token excluded)."""
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenize_ids([prompt])["input_ids"][0]
+            n = len(ids)
+            if n and ids[-1] in set(self.tokenizer.all_special_ids):
+                n -= 1
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    def tokenize(self, texts: Sequence[TextInput], prompt: str | None = None) -> Features:
+        features = self.collate(self.tokenize_ids(texts, prompt))
+        if prompt:
+            features["prompt_length"] = self.prompt_length(prompt)
+        return features
+
+    # -- compute ------------------------------------------------------------------------
+    def forward(self, features: Features, **kwargs: Any) -> Features:
+        inputs = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
+        if "token_type_ids" in features and self._accepts_token_types:
+            inputs["token_type_ids"] = features["token_type_ids"]
+        out = self.auto_model(**inputs, return_dict=True)
+        features[self.output_key] = getattr(out, self._output_field)
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        if self.task == "fill-mask":
+            return int(self.auto_model.config.vocab_size)
+        if self.task == "sequence-classification":
+            return int(self.auto_model.config.num_labels)
+        return int(self.auto_model.config.hidden_size)
+
+
+class MLMTransformer(Transformer):
+    """The masked-LM head of a transformer: per-token logits over the vocabulary (SPLADE)."""
+
+    st_type = "sentence_transformers.sparse_encoder.models.MLMTransformer"
+    st_aliases = ("sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer",)
+    default_task = "fill-mask"
+
+    def saved_type(self) -> str:
+        return self.st_type
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No transformers progress bars (one per load or save is noise in logs and Ray workers)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def pad_ids(encoded: dict[str, list[list[int]]], pad_id: int, left: bool = False) -> Features:
+    """Pad id lists to the longest in the batch; attention_mask marks real tokens."""
+    ids = encoded["input_ids"]
+    n = len(ids)
+    width = max((len(x) for x in ids), default=0)
+    out: Features = {}
+    mask = np.zeros((n, width), dtype=np.int64)
+    for key, rows in encoded.items():
+        fill = pad_id if key == "input_ids" else 0
+        arr = np.full((n, width), fill, dtype=np.int64)
+        for i, row in enumerate(rows):
+            if left:
+                arr[i, width - len(row) :] = row
+            else:
+                arr[i, : len(row)] = row
+        out[key] = torch.from_numpy(arr)
+    for i, row in enumerate(ids):
+        if left:
+            mask[i, width - len(row) :] = 1
+        else:
+            mask[i, : len(row)] = 1
+    out["attention_mask"] = torch.from_numpy(mask)
+    return out
