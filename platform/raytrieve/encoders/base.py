@@ -7,10 +7,11 @@ the stack's output (dense embeddings, sparse vectors, scores).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +103,8 @@ class Encoder(nn.Module):
         self.similarity_fn_name = similarity_fn_name or saved.get("similarity_fn_name") or self.default_similarity
         self.check_dimensions()
         self.to(resolve_device(device))
+        # Loaded models start in eval mode (no dropout), as transformers' from_pretrained does.
+        self.eval()
 
     # -- what subclasses define -------------------------------------------------------------
     @classmethod
@@ -265,26 +268,32 @@ class Encoder(nn.Module):
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, total=n_batches, desc="Batches")
-        was_training = self.training
-        self.eval()
         outputs: list[Tensor] = []
-        try:
-            with torch.inference_mode():
-                for start in starts:
-                    idx = order[start : start + batch_size]
-                    batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
-                    features = module.collate(batch)
-                    if prompt_length:
-                        features["prompt_length"] = prompt_length
-                    if route is not None:
-                        features["task"] = route
-                    features = {k: v.to(target) if isinstance(v, Tensor) else v for k, v in features.items()}
-                    outputs.append(collect(self.forward(features, task=task)))
-        finally:
-            self.train(was_training)
+        with self.inference():
+            for start in starts:
+                idx = order[start : start + batch_size]
+                batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
+                features = module.collate(batch)
+                if prompt_length:
+                    features["prompt_length"] = prompt_length
+                if route is not None:
+                    features["task"] = route
+                features = {k: v.to(target) if isinstance(v, Tensor) else v for k, v in features.items()}
+                outputs.append(collect(self.forward(features, task=task)))
         stacked = torch.cat(outputs) if outputs else torch.empty(0)
         inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(stacked.device)
         return stacked.index_select(0, inverse)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode and no autograd for the block; the previous train/eval mode comes back after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.train(was_training)
 
     @staticmethod
     def _as_list(inputs: Any, what: str) -> tuple[list[Any], bool]:

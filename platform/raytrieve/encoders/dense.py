@@ -117,7 +117,7 @@ class DenseEncoder(Encoder):
             chunk = texts[start : start + batch_size]
             features = self.tokenize(chunk, task=task, prompt=prompt)
             features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-            with torch.inference_mode():
+            with self.inference():
                 out = self.forward(features, task=task)
             for row, mask in zip(out["token_embeddings"], out["attention_mask"]):
                 per_text.append(row[mask.bool()].cpu())

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random models built from a config, the shipped pretrained models,
+and the sentence-transformers oracle (imported once per session: it takes ~10 s)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Real sentences of varied length (from the sentence-transformers and Python docs and news
+# style text), enough to exercise padding, truncation and sorting.
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.",
+    "Berlin has a population of 3,520,031 registered inhabitants in an area of 891.82 square kilometers.",
+    "Return a new sorted list from the items in iterable. Has two optional arguments which must be "
+    "specified as keyword arguments. key specifies a function of one argument that is used to extract "
+    "a comparison key from each element in iterable.",
+    "hi",
+    "The quick brown fox jumps over the lazy dog " * 40,
+    "Python’s ünïcode handling — with emoji 🙂 and CJK 漢字 — must survive tokenization.",
+    "   leading and trailing spaces   ",
+]
+
+
+@pytest.fixture(scope="session")
+def st():
+    import sentence_transformers
+
+    return sentence_transformers
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from raytrieve import assets
+
+    return assets.model_path("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def splade_dir() -> Path:
+    from raytrieve import assets
+
+    return assets.model_path("splade-tiny")
+
+
+@pytest.fixture(scope="session")
+def reranker_dir() -> Path:
+    from raytrieve import assets
+
+    return assets.model_path("ms-marco-minilm-l12-v2")
+
+
+def _tiny_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
+    """Tiny random BERTs (2 layers x 32) over the MiniLM vocabulary: base, masked-LM, classifier."""
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    out = {}
+    for name, build in {
+        "base": lambda: BertModel(_tiny_config()),
+        "mlm": lambda: BertForMaskedLM(_tiny_config()),
+        "cls1": lambda: BertForSequenceClassification(_tiny_config(num_labels=1)),
+        "cls3": lambda: BertForSequenceClassification(_tiny_config(num_labels=3)),
+    }.items():
+        torch.manual_seed(0)
+        model = build()
+        d = root / name
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[name] = d
+    return out
