@@ -1,0 +1,64 @@
+"""CrossEncoder against sentence-transformers' CrossEncoder, and the converted reranker
+against the scores of the original int8 ONNX model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raytrieve import CrossEncoder
+from tests.conftest import SENTENCES
+
+ATOL = 1e-5
+QUERY = "How many people live in Berlin?"
+DOCS = [
+    "Berlin has a population of 3,520,031 registered inhabitants in an area of 891.82 square kilometers.",
+    "Berlin is well known for its museums.",
+    "New York City is famous for the Metropolitan Museum of Art.",
+]
+
+
+@pytest.fixture(scope="module")
+def ours_reranker(reranker_dir):
+    return CrossEncoder(reranker_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def st_reranker(st, reranker_dir):
+    return st.CrossEncoder(str(reranker_dir), device="cpu")
+
+
+def test_converted_reranker_keeps_the_onnx_models_scores(ours_reranker):
+    # Logits of the int8 ONNX original for these pairs: 9.3, -3.9, -11.1.
+    logits = ours_reranker.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose(logits, [9.3, -3.9, -11.1], atol=0.15)
+
+
+def test_reranker_matches_sentence_transformers(ours_reranker, st_reranker):
+    pairs = [(QUERY, d) for d in DOCS] + [(s, t) for s, t in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])]
+    np.testing.assert_allclose(ours_reranker.predict(pairs, batch_size=4), st_reranker.predict(pairs, batch_size=4), atol=ATOL)
+    ours_rank = ours_reranker.rank(QUERY, DOCS, return_documents=True)
+    ref_rank = st_reranker.rank(QUERY, DOCS, return_documents=True)
+    assert [h["corpus_id"] for h in ours_rank] == [h["corpus_id"] for h in ref_rank] == [0, 1, 2]
+    assert ours_rank[0]["text"] == DOCS[0]
+    np.testing.assert_allclose([h["score"] for h in ours_rank], [h["score"] for h in ref_rank], atol=ATOL)
+    assert len(ours_reranker.rank(QUERY, DOCS, top_k=2)) == 2
+
+
+def test_multi_label_softmax_and_round_trips(st, tiny_dirs, tmp_path):
+    pairs = list(zip(SENTENCES, SENTENCES[::-1]))
+    ref = st.CrossEncoder(str(tiny_dirs["cls3"]), device="cpu")
+    ref.save(str(tmp_path / "st"))
+    ours = CrossEncoder(tmp_path / "st", device="cpu")
+    assert ours.num_labels == 3
+    np.testing.assert_allclose(ours.predict(pairs), ref.predict(pairs), atol=ATOL)
+    soft = ours.predict(pairs, apply_softmax=True)
+    np.testing.assert_allclose(soft, ref.predict(pairs, apply_softmax=True), atol=ATOL)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    # raytrieve save -> sentence-transformers load, one-label model with its sigmoid.
+    one = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    one.save(tmp_path / "ours")
+    back = st.CrossEncoder(str(tmp_path / "ours"), device="cpu")
+    np.testing.assert_allclose(one.predict(pairs), back.predict(pairs), atol=ATOL)
+    assert np.all((one.predict(pairs) > 0) & (one.predict(pairs) < 1))
