@@ -7,6 +7,7 @@ Sparse (COO) inputs work for dot and cosine.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -44,8 +45,10 @@ def _normalize(t: Tensor) -> Tensor:
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.is_sparse or b.is_sparse:
-        out = torch.sparse.mm(a.coalesce() if a.is_sparse else a, b.t().coalesce() if b.is_sparse else b.t())
-        return out.to_dense() if out.is_sparse else out
+        with warnings.catch_warnings():  # torch's "sparse CSR is beta" notice, raised internally
+            warnings.simplefilter("ignore", UserWarning)
+            out = torch.sparse.mm(a.coalesce() if a.is_sparse else a, b.t().coalesce() if b.is_sparse else b.t())
+            return out.to_dense() if out.is_sparse else out
     return a @ b.t()
 
 

@@ -1,0 +1,68 @@
+"""The ``raytrieve`` command.
+
+    raytrieve models list              the shipped variants (models/)
+    raytrieve models path NAME         a local sentence-transformers folder for NAME (last line)
+    raytrieve demo                     a showcase of the three shipped models
+
+Later stages (train, encode, index, serve) join here as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raytrieve.errors import RaytrieveError
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from raytrieve import assets
+
+    rows = [(v.name, v.kind, v.source.package, v.description) for v in assets.variants().values()]
+    width = max(len(r[0]) for r in rows)
+    for name, kind, package, desc in rows:
+        print(f"{name:<{width}}  {kind:<6}  {package:<24}  {desc}")
+    return 0
+
+
+def _models_path(args: argparse.Namespace) -> int:
+    from raytrieve import assets
+
+    print(assets.model_path(args.name))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from raytrieve.demo import run_showcase
+
+    run_showcase()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytrieve", description="Retrieval models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sub.add_parser("models", help="the shipped model catalogue")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="list the variants").set_defaults(func=_models_list)
+    path = models_sub.add_parser("path", help="print a local sentence-transformers folder for a variant")
+    path.add_argument("name")
+    path.set_defaults(func=_models_path)
+    sub.add_parser("demo", help="showcase the three shipped models").set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RaytrieveError as e:
+        print(f"raytrieve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Typed config loading, the models catalogue and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytrieve.config import from_dict, load_yaml, parse_overrides
+from raytrieve.errors import AssetError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-4
+    names: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    steps: int | None = None
+
+
+def test_from_dict_builds_nested_and_checks_types(tmp_path):
+    cfg = from_dict(Outer, {"name": "x", "inner": {"lr": 3, "names": ["a"]}, "steps": 5})
+    assert cfg.inner.lr == 3.0 and cfg.inner.names == ["a"] and cfg.steps == 5
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\]; valid keys are \['lr', 'names'\]"):
+        from_dict(Outer, {"name": "x", "inner": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"config.inner.lr: expected a number, got 'fast'"):
+        from_dict(Outer, {"name": "x", "inner": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        from_dict(Outer, {})
+    with pytest.raises(ConfigError, match="steps"):
+        from_dict(Outer, {"name": "x", "steps": True})
+
+
+def test_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\ninner:\n  lr: 0.1\n")
+    cfg = load_yaml(Outer, path, ["inner.lr=2e-5", "steps=10"])
+    assert cfg.inner.lr == 2e-5 and cfg.steps == 10 and cfg.name == "base"
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match=f"{path.name}.name"):
+        load_yaml(Outer, path, ["name=[1, 2]"])
+
+
+def test_catalogue_lists_three_kinds():
+    from raytrieve import assets
+
+    v = assets.variants()
+    assert {name: x.kind for name, x in v.items()} == {
+        "all-minilm-l6-v2": "dense",
+        "splade-tiny": "sparse",
+        "ms-marco-minilm-l12-v2": "cross",
+    }
+    assert all(x.card is not None and x.card.exists() for x in v.values())
+    with pytest.raises(AssetError, match="shipped variants"):
+        assets.get_variant("gpt-5")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "raytrieve.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+
+
+def test_cli_models_list_and_path():
+    out = _cli("models", "list")
+    assert out.returncode == 0, out.stderr
+    assert "splade-tiny" in out.stdout and "ms-marco-minilm-l12-v2" in out.stdout
+    for name in ("all-minilm-l6-v2", "splade-tiny", "ms-marco-minilm-l12-v2"):
+        res = _cli("models", "path", name)
+        assert res.returncode == 0, res.stderr
+        folder = Path(res.stdout.strip().splitlines()[-1])
+        assert (folder / "modules.json").exists(), folder
+    bad = _cli("models", "path", "nope")
+    assert bad.returncode == 2 and "unknown model variant 'nope'" in bad.stderr
+
+
+def test_importing_raytrieve_is_light():
+    code = "import raytrieve, sys; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+    code = "import raytrieve.encoders, sys; print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr

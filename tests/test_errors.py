@@ -1,0 +1,137 @@
+"""Bad input gets a clear error naming the thing and the fix; empty input gives empty output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
+from raytrieve.errors import (
+    DimensionMismatchError,
+    InputError,
+    ModelLoadError,
+    RaytrieveError,
+    UnknownModuleError,
+)
+from raytrieve.modules import Pooling, Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tiny_dirs):
+    t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=32)
+    return DenseEncoder([t, Pooling(32, "mean")], device="cpu", prompts={"query": "q: "})
+
+
+def test_path_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        DenseEncoder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        DenseEncoder(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        SparseEncoder(tmp_path / "file.txt")
+
+
+def test_unknown_module_type_names_it(tiny_dense, tmp_path):
+    tiny_dense.save(tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "modules.json").read_text())
+    spec[1]["type"] = "my_package.FancyPooling"
+    (tmp_path / "m" / "modules.json").write_text(json.dumps(spec))
+    with pytest.raises(UnknownModuleError, match="my_package.FancyPooling"):
+        DenseEncoder(tmp_path / "m")
+
+
+def test_missing_module_folder_and_weights(tiny_dirs, tmp_path):
+    from raytrieve.modules import Dense
+
+    t = Transformer.from_pretrained(tiny_dirs["base"])
+    DenseEncoder([t, Pooling(32), Dense(32, 8)], device="cpu").save(tmp_path / "m")
+    (tmp_path / "m" / "2_Dense" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="2_Dense"):
+        DenseEncoder(tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "2_Dense")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        DenseEncoder(tmp_path / "m")
+
+
+def test_mismatched_dimensions(tiny_dirs, tmp_path):
+    t = Transformer.from_pretrained(tiny_dirs["base"])
+    with pytest.raises(DimensionMismatchError, match="set the Pooling embedding_dimension to 32"):
+        DenseEncoder([t, Pooling(64, "mean")], device="cpu")
+    from raytrieve.modules import Dense
+
+    with pytest.raises(DimensionMismatchError, match="in_features"):
+        DenseEncoder([t, Pooling(32), Dense(16, 8)], device="cpu")
+
+
+def test_unknown_prompt_name_lists_the_known_ones(tiny_dense):
+    with pytest.raises(InputError, match=r"unknown prompt_name 'passage'.*\['query'\]"):
+        tiny_dense.encode(["a"], prompt_name="passage")
+
+
+def test_bad_inputs(tiny_dense, tiny_dirs):
+    with pytest.raises(InputError, match=r"sentences\[1\] must be a string"):
+        tiny_dense.encode(["a", 3])
+    with pytest.raises(InputError, match="precision"):
+        tiny_dense.encode(["a"], precision="fp4")
+    with pytest.raises(InputError, match="truncate_dim"):
+        tiny_dense.encode(["a"], truncate_dim=64)
+    with pytest.raises(InputError, match="batch_size"):
+        tiny_dense.encode(["a"], batch_size=0)
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    with pytest.raises(InputError, match=r"pairs\[0\]"):
+        cross.predict([("only one",)])
+    # All are RaytrieveErrors and ValueErrors, so generic handlers keep working.
+    assert issubclass(InputError, RaytrieveError) and issubclass(InputError, ValueError)
+
+
+def test_empty_input_returns_empty_results(tiny_dense, tiny_dirs):
+    assert tiny_dense.encode([]).shape == (0, 32)
+    assert tiny_dense.encode([], convert_to_tensor=True).shape == (0, 32)
+    sparse = SparseEncoder(tiny_dirs["mlm"], device="cpu")
+    assert sparse.encode([]).shape == (0, 30522)
+    assert sparse.encode([], as_dicts=True) == []
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    assert cross.predict([]).shape == (0,)
+    assert cross.rank("q", []) == []
+
+
+def test_save_refuses_to_replace_a_foreign_directory(tiny_dense, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(ModelLoadError, match="refusing to replace"):
+        tiny_dense.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+
+
+def test_failed_save_leaves_previous_model_intact(tiny_dense, tmp_path, monkeypatch):
+    tiny_dense.save(tmp_path / "m")
+    before = sorted(p.name for p in (tmp_path / "m").rglob("*"))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("raytrieve.encoders.st_format.write_st_config", boom)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_dense.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left
+    again = DenseEncoder(tmp_path / "m", device="cpu")
+    np.testing.assert_allclose(again.encode(["x"]), tiny_dense.encode(["x"]), atol=0)
+
+
+def test_untrusted_activation_is_refused(tiny_dirs, tmp_path):
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    cross.save(tmp_path / "c")
+    cfg_path = tmp_path / "c" / "config_sentence_transformers.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["activation_fn"] = "os.system"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        CrossEncoder(tmp_path / "c", device="cpu")
+    assert isinstance(CrossEncoder(tiny_dirs["cls1"], device="cpu").activation_fn, torch.nn.Sigmoid)
