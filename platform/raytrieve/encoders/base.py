@@ -311,3 +311,35 @@ class Encoder(nn.Module):
                 raise InputError(f"{what}[{i}] must be a string, got {type(item).__name__}")
         return items, False
 
+
+
+class EmbeddingEncoder(Encoder):
+    """What dense and sparse encoders share on top of the base: query/document encoding and similarity."""
+
+    def encode(self, sentences: Any, **kwargs: Any) -> Any:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def _encode_as(self, task: str, sentences: Any, kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
+            kwargs["prompt_name"] = self.prompt_name_for(task)
+        kwargs.setdefault("task", task)
+        return self.encode(sentences, **kwargs)
+
+    def encode_query(self, sentences: Any, **kwargs: Any) -> Any:
+        """encode() with the model's query prompt (if it has one) and the query route."""
+        return self._encode_as("query", sentences, kwargs)
+
+    def encode_document(self, sentences: Any, **kwargs: Any) -> Any:
+        """encode() with the model's document prompt (document / passage / corpus) and route."""
+        return self._encode_as("document", sentences, kwargs)
+
+    def similarity(self, a: Any, b: Any) -> Tensor:
+        """[len(a), len(b)] scores with the model's similarity function (higher = closer)."""
+        from raytrieve.encoders import similarity as sim
+
+        return sim.similarity(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
+        from raytrieve.encoders import similarity as sim
+
+        return sim.pairwise(a, b, self.similarity_fn_name)

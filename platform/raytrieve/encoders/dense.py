@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raytrieve.encoders import similarity as sim
-from raytrieve.encoders.base import Encoder
+from raytrieve.encoders.base import EmbeddingEncoder
 from raytrieve.encoders.quantization import PRECISIONS, quantize_embeddings
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Pooling, Transformer
@@ -26,7 +26,7 @@ from raytrieve.modules import Module, Pooling, Transformer
 OutputValue = Literal["sentence_embedding", "token_embeddings"]
 
 
-class DenseEncoder(Encoder):
+class DenseEncoder(EmbeddingEncoder):
     model_type = "SentenceTransformer"
     default_similarity = "cosine"
 
@@ -122,24 +122,3 @@ class DenseEncoder(Encoder):
             for row, mask in zip(out["token_embeddings"], out["attention_mask"]):
                 per_text.append(row[mask.bool()].cpu())
         return per_text[0] if single else per_text
-
-    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
-        """encode() with the model's query prompt (if it has one) and the query route."""
-        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
-            kwargs["prompt_name"] = self.prompt_name_for("query")
-        kwargs.setdefault("task", "query")
-        return self.encode(sentences, **kwargs)
-
-    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
-        """encode() with the model's document prompt (document / passage / corpus) and route."""
-        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
-            kwargs["prompt_name"] = self.prompt_name_for("document")
-        kwargs.setdefault("task", "document")
-        return self.encode(sentences, **kwargs)
-
-    def similarity(self, a: Any, b: Any) -> Tensor:
-        """[len(a), len(b)] scores with the model's similarity function (higher = closer)."""
-        return sim.similarity(a, b, self.similarity_fn_name)
-
-    def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
-        return sim.pairwise(a, b, self.similarity_fn_name)

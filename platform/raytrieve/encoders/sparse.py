@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raytrieve.encoders import similarity as sim
-from raytrieve.encoders.base import Encoder
+from raytrieve.encoders.base import EmbeddingEncoder
 from raytrieve.errors import InputError
 from raytrieve.modules import MLMTransformer, Module, SpladePooling
 
@@ -29,7 +28,7 @@ def _keep_top(emb: Tensor, k: int | None) -> Tensor:
     return torch.zeros_like(emb).scatter_(1, idx, values)
 
 
-class SparseEncoder(Encoder):
+class SparseEncoder(EmbeddingEncoder):
     model_type = "SparseEncoder"
     default_similarity = "dot"
 
@@ -98,18 +97,6 @@ class SparseEncoder(Encoder):
             emb = emb.coalesce()
         return emb[0] if single else emb
 
-    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
-        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
-            kwargs["prompt_name"] = self.prompt_name_for("query")
-        kwargs.setdefault("task", "query")
-        return self.encode(sentences, **kwargs)
-
-    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
-        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
-            kwargs["prompt_name"] = self.prompt_name_for("document")
-        kwargs.setdefault("task", "document")
-        return self.encode(sentences, **kwargs)
-
     def decode(self, embeddings: Tensor, top_k: int | None = None) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The (token, weight) pairs of each vector, largest weight first."""
         emb = embeddings.coalesce() if embeddings.is_sparse else embeddings
@@ -133,12 +120,6 @@ class SparseEncoder(Encoder):
             return {"active_dims": 0.0, "sparsity_ratio": 1.0}
         active = (emb.coalesce()._nnz() if emb.is_sparse else int((emb != 0).sum())) / emb.shape[0]
         return {"active_dims": float(active), "sparsity_ratio": float(1.0 - active / emb.shape[1])}
-
-    def similarity(self, a: Any, b: Any) -> Tensor:
-        return sim.similarity(a, b, self.similarity_fn_name)
-
-    def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
-        return sim.pairwise(a, b, self.similarity_fn_name)
 
 
 def sparse_rows(emb: Tensor) -> list[dict[str, np.ndarray]]:
