@@ -29,8 +29,8 @@ def to_tensor(x: Tensor | np.ndarray | list) -> Tensor:
         t = torch.as_tensor(np.asarray(x))
     if t.dim() == 1:
         t = t.unsqueeze(0)
-    if not t.is_sparse and not torch.is_floating_point(t):
-        t = t.float()
+    if not t.is_sparse and (not torch.is_floating_point(t) or t.dtype in (torch.float16, torch.bfloat16)):
+        t = t.float()  # half precision similarities lose too much; losses and scores use float32
     return t
 
 

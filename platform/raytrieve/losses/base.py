@@ -1,0 +1,110 @@
+"""What every loss shares: calling the model on each input column, checking the columns,
+and the split between embedding and loss math that the modifiers (Matryoshka), the
+gradient cache (GradCache) and cross-rank gathering rely on.
+
+A loss is called like sentence-transformers': ``loss(features, labels)`` where
+``features`` is one tokenized dict per input column (anchor, positive, negatives...).
+Losses that work on embeddings implement ``compute_loss_from_embeddings(embeddings, labels)``
+so the same math runs on freshly computed, cached, truncated or gathered embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raytrieve.errors import InputError
+
+Features = dict[str, Any]
+
+
+class LossInputError(InputError):
+    """The columns or labels given do not fit the loss."""
+
+
+def merge_columns(columns: Sequence[Features]) -> Features | None:
+    """One batch holding several columns' rows (right-padded to a common width), or None
+    when they cannot share a forward pass (different keys or non-tensor values)."""
+    keys = set(columns[0])
+    if any(set(c) != keys for c in columns) or "input_ids" not in keys:
+        return None
+    width = max(c["input_ids"].shape[1] for c in columns)
+    merged: Features = {}
+    for key in keys:
+        values = [c[key] for c in columns]
+        if not all(isinstance(v, Tensor) for v in values):
+            if any(v != values[0] for v in values):
+                return None
+            merged[key] = values[0]
+            continue
+        if values[0].dim() >= 2:
+            values = [F.pad(v, (0, width - v.shape[1])) for v in values]
+        merged[key] = torch.cat(values, dim=0)
+    return merged
+
+
+def embed_columns(model: nn.Module, columns: Sequence[Features]) -> list[Tensor]:
+    """Sentence embeddings of each column.
+
+    The anchor column runs alone; the remaining columns (positives and negatives, all
+    documents) share one forward pass, which is faster than one pass each and, for a
+    Router model, keeps them on the same route.
+    """
+    first = model(columns[0])["sentence_embedding"]
+    rest = list(columns[1:])
+    if not rest:
+        return [first]
+    merged = merge_columns(rest) if len(rest) > 1 else None
+    if merged is None:
+        return [first, *(model(c)["sentence_embedding"] for c in rest)]
+    emb = model(merged)["sentence_embedding"]
+    return [first, *emb.reshape(len(rest), -1, *emb.shape[1:]).unbind(0)]
+
+
+class Loss(nn.Module):
+    """Base of the embedding losses: ``forward`` embeds the columns and hands them to
+    ``compute_loss_from_embeddings``."""
+
+    # (fewest, most) input columns; None = no upper bound.
+    columns: tuple[int, int | None] = (1, None)
+    column_names: str = "texts"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def check_columns(self, n: int) -> None:
+        low, high = self.columns
+        if n < low or (high is not None and n > high):
+            want = f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
+            raise LossInputError(
+                f"{type(self).__name__} expects {want} input column(s) ({self.column_names}), got {n}"
+            )
+
+    @staticmethod
+    def check_labels(labels: Tensor | None, rows: int, loss: str, what: str = "one label per row") -> Tensor:
+        if labels is None:
+            raise LossInputError(f"{loss} needs a label column ({what})")
+        if labels.numel() != rows and labels.shape[0] != rows:
+            raise LossInputError(f"{loss}: got {labels.shape[0]} labels for {rows} rows ({what})")
+        return labels
+
+    def embed(self, features: Sequence[Features]) -> list[Tensor]:
+        return embed_columns(self.model, features)
+
+    def prepare(self, features: Sequence[Features]) -> tuple[list[Tensor], dict[str, Any]]:
+        """The embeddings of each column, plus any extra inputs of compute_loss_from_embeddings
+        (e.g. a guide model's embeddings). Modifiers call this once and the math many times."""
+        return self.embed(features), {}
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
+        features = list(features)
+        self.check_columns(len(features))
+        embeddings, extra = self.prepare(features)
+        return self.compute_loss_from_embeddings(embeddings, labels, **extra)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None, **extra: Any) -> Tensor:
+        raise NotImplementedError

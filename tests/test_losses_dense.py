@@ -1,0 +1,292 @@
+"""Dense losses against sentence-transformers: same tiny model weights, same inputs ->
+same loss value and the same gradient on every parameter (abs 1e-5, or rel 1e-4)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import raytrieve.losses as L
+from raytrieve import DenseEncoder
+from raytrieve.encoders.similarity import cosine, dot
+from raytrieve.modules import Dense, Pooling, Transformer
+
+ANCHORS = ["how do I sort a list", "capital of germany", "what is photosynthesis", "boil an egg",
+           "python dictionary get", "speed of light"]
+POSITIVES = ["sorted(xs) returns a new sorted list", "Berlin is the capital of Germany",
+             "plants turn light into chemical energy", "put the egg in boiling water for nine minutes",
+             "dict.get returns a default when the key is missing", "light travels at 299,792 km per second"]
+NEGATIVES = ["the list of German states", "sorting algorithms in C", "chlorophyll is green", "eggs are laid by hens",
+             "a dictionary of the English language", "the speed of sound in air"]
+NEGATIVES2 = [n[::-1] for n in NEGATIVES]
+
+
+def _build(tmp_path, name: str, seed: int, dense: bool = False):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from raytrieve import assets
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    hf = tmp_path / f"{name}_hf"
+    BertModel(cfg).save_pretrained(hf)
+    AutoTokenizer.from_pretrained(assets.model_path("all-minilm-l6-v2")).save_pretrained(hf)
+    t = Transformer.from_pretrained(hf, max_seq_length=24)
+    modules = [t, Pooling(32, "mean")] + ([Dense(32, 16)] if dense else [])
+    DenseEncoder(modules, device="cpu").save(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.fixture
+def pair(st, tmp_path):
+    """(ours, ref) DenseEncoder / SentenceTransformer with identical weights, in train mode."""
+    path = _build(tmp_path, "m", seed=0, dense=True)
+    ours = DenseEncoder(path, device="cpu").train()
+    ref = st.SentenceTransformer(str(path), device="cpu").train()
+    return ours, ref
+
+
+@pytest.fixture
+def guides(st, tmp_path):
+    path = _build(tmp_path, "guide", seed=7)
+    return DenseEncoder(path, device="cpu"), st.SentenceTransformer(str(path), device="cpu")
+
+
+def _params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check(pair, ours_loss, ref_loss, columns, labels=None, rtol=1e-4):
+    ours_model, ref_model = pair
+    got = ours_loss([ours_model.tokenize(c) for c in columns], labels)
+    want = ref_loss([ref_model.preprocess(c) for c in columns], labels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=rtol)
+    got.backward()
+    want.backward()
+    ours_p = list(_params(ours_model).values())
+    ref_p = list(_params(ref_model).values())
+    assert len(ours_p) == len(ref_p)
+    for a, b in zip(ours_p, ref_p):
+        assert a.shape == b.shape
+        if b.grad is None:
+            assert a.grad is None or torch.count_nonzero(a.grad) == 0
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=rtol)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ours_p)
+    return got
+
+
+@pytest.fixture(scope="module")
+def S(st):
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer import losses
+
+    return losses, util
+
+
+COLS3 = [ANCHORS, POSITIVES, NEGATIVES]
+
+
+@pytest.mark.parametrize("cols", [2, 3, 4])
+def test_mnrl_with_hard_negatives(pair, S, cols):
+    losses, _ = S
+    columns = [ANCHORS, POSITIVES, NEGATIVES, NEGATIVES2][:cols]
+    check(pair, L.MultipleNegativesRankingLoss(pair[0]), losses.MultipleNegativesRankingLoss(pair[1]), columns)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")},
+        {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
+        {"hardness_mode": "hard_negatives", "hardness_strength": 3.0},
+        {"hardness_mode": "in_batch_negatives", "hardness_strength": 3.0},
+        {"hardness_mode": "all_negatives", "hardness_strength": 3.0, "scale": 7.0},
+    ],
+)
+def test_mnrl_options(pair, S, kwargs):
+    losses, _ = S
+    check(pair, L.MultipleNegativesRankingLoss(pair[0], **kwargs), losses.MultipleNegativesRankingLoss(pair[1], **kwargs), COLS3)
+
+
+def test_mnrl_dot_similarity_and_symmetric(pair, S):
+    losses, util = S
+    check(pair, L.MultipleNegativesRankingLoss(pair[0], similarity_fct=dot, scale=1.0),
+          losses.MultipleNegativesRankingLoss(pair[1], similarity_fct=util.dot_score, scale=1.0), COLS3[:2])
+
+
+def test_mn_symmetric(pair, S):
+    losses, _ = S
+    check(pair, L.MultipleNegativesSymmetricRankingLoss(pair[0]), losses.MultipleNegativesSymmetricRankingLoss(pair[1]), COLS3)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"margin_strategy": "relative", "margin": 0.1},
+                                    {"contrast_anchors": False, "contrast_positives": False, "margin": 0.05}])
+@pytest.mark.parametrize("cols", [2, 3])
+def test_gist(pair, guides, S, kwargs, cols):
+    losses, _ = S
+    check(pair, L.GISTEmbedLoss(pair[0], guides[0], **kwargs), losses.GISTEmbedLoss(pair[1], guides[1], **kwargs), COLS3[:cols])
+
+
+SCORES = torch.tensor([0.9, 0.1, 0.5, 0.5, 0.3, 1.0])
+BINARY = torch.tensor([1, 0, 1, 0, 0, 1])
+
+
+def test_cosent_angle_cosine(pair, S):
+    losses, _ = S
+    check(pair, L.CoSENTLoss(pair[0]), losses.CoSENTLoss(pair[1]), COLS3[:2], SCORES)
+
+
+def test_angle(pair, S):
+    losses, _ = S
+    check(pair, L.AnglELoss(pair[0]), losses.AnglELoss(pair[1]), COLS3[:2], SCORES)
+
+
+def test_angle_three_columns(pair, S):
+    losses, _ = S
+    check(pair, L.AnglELoss(pair[0]), losses.AnglELoss(pair[1]), COLS3, None)
+
+
+def test_cosine_similarity(pair, S):
+    losses, _ = S
+    check(pair, L.CosineSimilarityLoss(pair[0]), losses.CosineSimilarityLoss(pair[1]), COLS3[:2], SCORES)
+
+
+@pytest.mark.parametrize("metric", ["EUCLIDEAN", "MANHATTAN", "COSINE_DISTANCE"])
+def test_contrastive_and_online(pair, S, metric):
+    losses, _ = S
+    ours_m, ref_m = getattr(L.SiameseDistanceMetric, metric), getattr(losses.SiameseDistanceMetric, metric)
+    check(pair, L.ContrastiveLoss(pair[0], ours_m, margin=2.0), losses.ContrastiveLoss(pair[1], ref_m, margin=2.0),
+          COLS3[:2], BINARY)
+
+
+@pytest.mark.parametrize("metric", ["EUCLIDEAN", "COSINE_DISTANCE"])
+def test_online_contrastive(pair, S, metric):
+    losses, _ = S
+    ours_m, ref_m = getattr(L.SiameseDistanceMetric, metric), getattr(losses.SiameseDistanceMetric, metric)
+    check(pair, L.OnlineContrastiveLoss(pair[0], ours_m, margin=2.0),
+          losses.OnlineContrastiveLoss(pair[1], ref_m, margin=2.0), COLS3[:2], BINARY)
+
+
+@pytest.mark.parametrize("metric", ["COSINE", "EUCLIDEAN", "MANHATTAN"])
+def test_triplet(pair, S, metric):
+    losses, _ = S
+    check(pair, L.TripletLoss(pair[0], getattr(L.TripletDistanceMetric, metric), triplet_margin=0.5),
+          losses.TripletLoss(pair[1], getattr(losses.TripletDistanceMetric, metric), triplet_margin=0.5), COLS3)
+
+
+CLASSES = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("name", ["BatchAllTripletLoss", "BatchHardTripletLoss", "BatchSemiHardTripletLoss",
+                                  "BatchHardSoftMarginTripletLoss"])
+@pytest.mark.parametrize("distance", ["euclidean_distance", "cosine_distance"])
+def test_batch_triplets(pair, S, name, distance):
+    losses, _ = S
+    texts = ANCHORS + POSITIVES
+    kw = {} if name == "BatchHardSoftMarginTripletLoss" else {"margin": 0.3}
+    ours = getattr(L, name)(pair[0], distance_metric=getattr(L.BatchHardTripletLossDistanceFunction, distance), **kw)
+    ref = getattr(losses, name)(pair[1], distance_metric=getattr(losses.BatchHardTripletLossDistanceFunction, distance), **kw)
+    check(pair, ours, ref, [texts], CLASSES)
+
+
+def test_softmax(pair, S):
+    losses, _ = S
+    torch.manual_seed(5)
+    ours = L.SoftmaxLoss(pair[0], embedding_dimension=16, num_labels=3, concatenation_sent_multiplication=True)
+    torch.manual_seed(5)
+    ref = losses.SoftmaxLoss(pair[1], embedding_dimension=16, num_labels=3, concatenation_sent_multiplication=True)
+    check(pair, ours, ref, COLS3[:2], torch.tensor([0, 1, 2, 2, 1, 0]))
+
+
+def test_mse_distillation(pair, S):
+    losses, _ = S
+    torch.manual_seed(1)
+    teacher = torch.randn(6, 16)
+    check(pair, L.MSELoss(pair[0]), losses.MSELoss(pair[1]), COLS3[:2], teacher)
+    per_column = torch.randn(6, 2, 16)
+    check(pair, L.MSELoss(pair[0]), losses.MSELoss(pair[1]), COLS3[:2], per_column)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0.5, 1.0, -0.2, 3.0, 0.0, 0.1]),
+                                    torch.tensor([[2.0, 1.0, 0.5], [1.0, 1.5, 0.0], [3.0, 0.0, 1.0],
+                                                  [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [5.0, 1.0, 1.0]])])
+def test_margin_mse(pair, S, labels):
+    losses, _ = S
+    cols = COLS3 if labels.dim() == 1 else COLS3 + [NEGATIVES2]
+    check(pair, L.MarginMSELoss(pair[0]), losses.MarginMSELoss(pair[1]), cols, labels)
+
+
+def test_matryoshka_over_mnrl_and_cosent(pair, S):
+    losses, _ = S
+    dims = [16, 8, 4]
+    check(pair, L.MatryoshkaLoss(pair[0], L.MultipleNegativesRankingLoss(pair[0]), dims, [1.0, 0.5, 0.25]),
+          losses.MatryoshkaLoss(pair[1], losses.MultipleNegativesRankingLoss(pair[1]), dims, [1.0, 0.5, 0.25]), COLS3)
+
+
+def test_matryoshka_sampled_dims_follow_python_random(pair, S):
+    losses, _ = S
+    ours = L.MatryoshkaLoss(pair[0], L.CoSENTLoss(pair[0]), [16, 8, 4, 2], n_dims_per_step=2)
+    ref = losses.MatryoshkaLoss(pair[1], losses.CoSENTLoss(pair[1]), [16, 8, 4, 2], n_dims_per_step=2)
+    ours_model, ref_model = pair
+    random.seed(3)
+    got = ours([ours_model.tokenize(c) for c in COLS3[:2]], SCORES)
+    random.seed(3)
+    want = ref([ref_model.preprocess(c) for c in COLS3[:2]], SCORES)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mini", [1, 4, 32])
+def test_cached_mnrl_matches_sentence_transformers(pair, S, mini):
+    losses, _ = S
+    check(pair, L.CachedMultipleNegativesRankingLoss(pair[0], mini_batch_size=mini),
+          losses.CachedMultipleNegativesRankingLoss(pair[1], mini_batch_size=mini), COLS3)
+
+
+def test_cached_variants(pair, guides, S):
+    losses, _ = S
+    check(pair, L.CachedMultipleNegativesSymmetricRankingLoss(pair[0], mini_batch_size=4),
+          losses.CachedMultipleNegativesSymmetricRankingLoss(pair[1], mini_batch_size=4), COLS3)
+
+
+def test_cached_gist(pair, guides, S):
+    losses, _ = S
+    check(pair, L.CachedGISTEmbedLoss(pair[0], guides[0], mini_batch_size=4, margin=0.05),
+          losses.CachedGISTEmbedLoss(pair[1], guides[1], mini_batch_size=4, margin=0.05), COLS3)
+
+
+def test_matryoshka_wraps_cached_loss(pair, S):
+    losses, _ = S
+    dims = [16, 8]
+    check(pair, L.MatryoshkaLoss(pair[0], L.CachedMultipleNegativesRankingLoss(pair[0], mini_batch_size=4), dims),
+          losses.MatryoshkaLoss(pair[1], losses.CachedMultipleNegativesRankingLoss(pair[1], mini_batch_size=4), dims), COLS3)
+
+
+def test_cached_gradients_equal_uncached(tmp_path):
+    """GradCache changes memory, not math: same loss and gradients as plain MNRL on the same batch."""
+    path = _build(tmp_path, "c", seed=2, dense=True)
+    grads = []
+    for make in (lambda m: L.MultipleNegativesRankingLoss(m),
+                 lambda m: L.CachedMultipleNegativesRankingLoss(m, mini_batch_size=2)):
+        model = DenseEncoder(path, device="cpu").train()
+        value = make(model)([model.tokenize(c) for c in COLS3], None)
+        value.backward()
+        grads.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-5)
+    assert len(grads[0][1]) == len(grads[1][1])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_column_errors_name_the_loss(pair):
+    model = pair[0]
+    with pytest.raises(L.LossInputError, match=r"MultipleNegativesRankingLoss expects at least 2 input column"):
+        L.MultipleNegativesRankingLoss(model)([model.tokenize(ANCHORS)])
+    with pytest.raises(L.LossInputError, match=r"CoSENTLoss needs a label column"):
+        L.CoSENTLoss(model)([model.tokenize(ANCHORS), model.tokenize(POSITIVES)], None)
+    with pytest.raises(L.LossInputError, match=r"TripletLoss expects 3 input column"):
+        L.TripletLoss(model)([model.tokenize(ANCHORS), model.tokenize(POSITIVES)])
