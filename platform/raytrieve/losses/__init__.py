@@ -10,6 +10,7 @@ from raytrieve.losses.cached import (
 from raytrieve.losses.modifiers import MatryoshkaLoss
 from raytrieve.losses.pairwise import (
     AnglELoss,
+    DistillKLDivLoss,
     ContrastiveLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
@@ -29,5 +30,10 @@ from raytrieve.losses.triplet import (
     TripletDistanceMetric,
     TripletLoss,
 )
+
+# Sparse and cross-encoder losses live in their own namespaces, as in sentence-transformers:
+# raytrieve.losses.sparse (SpladeLoss, SparseMultipleNegativesRankingLoss, ...) and
+# raytrieve.losses.cross (BinaryCrossEntropyLoss, LambdaLoss, ...).
+from raytrieve.losses import cross, sparse  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -267,3 +267,38 @@ class SoftmaxLoss(Loss):
         if self.num_labels == 1 or labels.shape != output.shape:
             labels = labels.view(-1)
         return self.loss_fct(output, labels)
+
+
+class DistillKLDivLoss(Loss):
+    """KL divergence between the teacher's and the student's score distributions over each
+    query's candidates (columns: query, then candidates; labels: teacher scores [batch, candidates])."""
+
+    columns = (3, None)
+    column_names = "query, then two or more candidates (+ teacher scores per candidate)"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        similarity_fct: Callable = pairwise_dot_score,
+        temperature: float = 1.0,
+        student_temperature: float | None = None,
+        teacher_temperature: float | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.similarity_fct = similarity_fct
+        self.student_temperature = student_temperature if student_temperature is not None else temperature
+        self.teacher_temperature = teacher_temperature if teacher_temperature is not None else temperature
+        for name, t in (("student_temperature", self.student_temperature), ("teacher_temperature", self.teacher_temperature)):
+            if not (t > 0 and t != float("inf")):
+                raise ConfigError(f"{type(self).__name__}: {name} must be a finite positive number, got {t}")
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
+        query, candidates = embeddings[0], embeddings[1:]
+        if labels is None or labels.shape != (query.shape[0], len(candidates)):
+            raise LossInputError(
+                f"{type(self).__name__}: labels must be teacher scores of shape [{query.shape[0]}, {len(candidates)}]"
+            )
+        scores = torch.stack([self.similarity_fct(query, c) for c in candidates], dim=1) / self.student_temperature
+        log_p = F.log_softmax(scores, dim=1)
+        target = F.softmax(labels.detach().to(scores.dtype) / self.teacher_temperature, dim=1)
+        return F.kl_div(log_p, target, reduction="batchmean") * self.student_temperature**2

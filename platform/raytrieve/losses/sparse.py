@@ -1,0 +1,172 @@
+"""Sparse (SPLADE) losses: a ranking or distillation loss on sparse embeddings plus FLOPS
+regularization, which drives most vocabulary weights to zero.
+
+``SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
+query_regularizer_weight=5e-5)`` returns its components as a dict (summed for backward,
+logged apart). Column 0 holds the queries, the other columns documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from raytrieve.encoders.similarity import dot
+from raytrieve.errors import ConfigError
+from raytrieve.losses.base import Features, Loss
+from raytrieve.losses.pairwise import (
+    AnglELoss,
+    CoSENTLoss,
+    CosineSimilarityLoss,
+    DistillKLDivLoss,
+    MarginMSELoss,
+    MSELoss,
+    pairwise_cos_sim,
+    pairwise_dot_score,
+)
+from raytrieve.losses.ranking import MultipleNegativesRankingLoss
+from raytrieve.losses.triplet import TripletDistanceMetric, TripletLoss
+
+
+class FlopsLoss(nn.Module):
+    """sum_j (mean_i E_ij)^2: the expected number of floating-point operations of a sparse dot product.
+
+    With ``threshold``, rows with at most that many active dimensions are left out
+    (they are sparse enough already); the mean still divides by every row.
+    """
+
+    def __init__(self, model: nn.Module | None = None, threshold: float | None = None) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def compute_loss_from_embeddings(self, embeddings: Tensor) -> Tensor:
+        if self.threshold is not None:
+            active = (embeddings != 0).sum(dim=1)
+            embeddings = embeddings * (active > self.threshold).float().unsqueeze(1)
+        return torch.sum(torch.mean(embeddings, dim=0) ** 2)
+
+
+class SpladeLoss(nn.Module):
+    """A base loss on sparse embeddings plus FLOPS regularizers on documents and (optionally) queries."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss,
+        document_regularizer_weight: float,
+        query_regularizer_weight: float | None = None,
+        document_regularizer: nn.Module | None = None,
+        query_regularizer: nn.Module | None = None,
+        document_regularizer_threshold: int | None = None,
+        query_regularizer_threshold: int | None = None,
+        use_document_regularizer_only: bool = False,
+    ) -> None:
+        super().__init__()
+        if not hasattr(loss, "compute_loss_from_embeddings"):
+            raise ConfigError(f"SpladeLoss: the base loss {type(loss).__name__} must work on embeddings")
+        self.model = model
+        self.loss = loss
+        self.document_regularizer_weight = document_regularizer_weight
+        self.document_regularizer = document_regularizer or FlopsLoss(model, threshold=document_regularizer_threshold)
+        self.use_document_regularizer_only = use_document_regularizer_only
+        # Documents only: every column, queries included, is regularized as a document.
+        self.query_regularizer_weight = None if use_document_regularizer_only else query_regularizer_weight
+        self.query_regularizer = None
+        if not use_document_regularizer_only:
+            self.query_regularizer = query_regularizer or FlopsLoss(model, threshold=query_regularizer_threshold)
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> dict[str, Tensor]:
+        features = list(features)
+        self.loss.check_columns(len(features))
+        embeddings = self.loss.embed(features)
+        return self.compute_loss_from_embeddings(embeddings, labels)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> dict[str, Tensor]:
+        base = self.loss.compute_loss_from_embeddings(embeddings, labels)
+        losses = dict(base) if isinstance(base, dict) else {"base_loss": base}
+        docs = torch.cat(embeddings if self.use_document_regularizer_only else embeddings[1:])
+        losses["document_regularizer_loss"] = (
+            self.document_regularizer.compute_loss_from_embeddings(docs) * self.document_regularizer_weight
+        )
+        if self.query_regularizer_weight is not None:
+            losses["query_regularizer_loss"] = (
+                self.query_regularizer.compute_loss_from_embeddings(embeddings[0]) * self.query_regularizer_weight
+            )
+        return losses
+
+
+class SpladeRegularizerWeightScheduler:
+    """Warm the FLOPS weights up from 0 to their targets over the first ``warmup_ratio`` of
+    training (quadratically by default): a strong regularizer from step 0 collapses SPLADE
+    to empty vectors. The training loop calls ``step(global_step)`` before each step."""
+
+    def __init__(self, loss: SpladeLoss, total_steps: int, scheduler_type: str = "quadratic", warmup_ratio: float = 1 / 3) -> None:
+        if scheduler_type not in ("quadratic", "linear"):
+            raise ConfigError(f"scheduler_type {scheduler_type!r} must be 'quadratic' or 'linear'")
+        if not 0 < warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in (0, 1], got {warmup_ratio}")
+        self.loss = loss
+        self.scheduler_type = scheduler_type
+        self.max_document = loss.document_regularizer_weight
+        self.max_query = loss.query_regularizer_weight
+        self.warmup_steps = max(1, int(total_steps * warmup_ratio))
+
+    def _weight(self, target: float | None, step: int) -> float | None:
+        if target is None or step >= self.warmup_steps:
+            return target
+        r = step / self.warmup_steps
+        return target * (r if self.scheduler_type == "linear" else r * r)
+
+    def step(self, global_step: int) -> dict[str, float]:
+        self.loss.document_regularizer_weight = self._weight(self.max_document, global_step)
+        self.loss.query_regularizer_weight = self._weight(self.max_query, global_step)
+        out = {"document_regularizer_weight": self.loss.document_regularizer_weight}
+        if self.loss.query_regularizer_weight is not None:
+            out["query_regularizer_weight"] = self.loss.query_regularizer_weight
+        return out
+
+
+class SparseMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+    """InfoNCE on sparse embeddings: dot product, scale 1 (SPLADE scores are unnormalized)."""
+
+    def __init__(self, model: nn.Module, scale: float = 1.0, similarity_fct: Callable = dot, **kwargs: Any) -> None:
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct, **kwargs)
+
+
+class SparseMarginMSELoss(MarginMSELoss):
+    def __init__(self, model: nn.Module, similarity_fct: Callable = pairwise_dot_score) -> None:
+        super().__init__(model, similarity_fct=similarity_fct)
+
+
+class SparseDistillKLDivLoss(DistillKLDivLoss):
+    def __init__(self, model: nn.Module, similarity_fct: Callable = pairwise_dot_score, temperature: float = 2.0,
+                 student_temperature: float | None = None, teacher_temperature: float | None = None) -> None:
+        super().__init__(model, similarity_fct, temperature, student_temperature, teacher_temperature)
+
+
+class SparseCosineSimilarityLoss(CosineSimilarityLoss):
+    def __init__(self, model: nn.Module, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None) -> None:
+        super().__init__(model, loss_fct, cos_score_transformation)
+        model.similarity_fn_name = "cosine"
+
+
+class SparseCoSENTLoss(CoSENTLoss):
+    def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Callable = pairwise_cos_sim) -> None:
+        super().__init__(model, scale, similarity_fct)
+        model.similarity_fn_name = "cosine"
+
+
+class SparseAnglELoss(AnglELoss):
+    pass
+
+
+class SparseMSELoss(MSELoss):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+
+
+class SparseTripletLoss(TripletLoss):
+    def __init__(self, model: nn.Module, distance_metric: Callable = TripletDistanceMetric.EUCLIDEAN, triplet_margin: float = 5) -> None:
+        super().__init__(model, distance_metric, triplet_margin)
