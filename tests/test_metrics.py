@@ -77,3 +77,27 @@ def test_correlations_against_numpy_and_ranks():
     a, b = [1, 2, 2, 3, 4], [10, 20, 20, 25, 50]
     assert spearman(a, b) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_scored_list_metrics_against_scikit_learn():
+    from sklearn.metrics import average_precision_score, f1_score, matthews_corrcoef, ndcg_score
+
+    from raytrieve.evaluation import metrics as M
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n = int(rng.integers(2, 25))
+        y = rng.integers(0, 3, size=n)
+        s = np.round(rng.random(n), 1)  # ties
+        if y.max() == 0:
+            y[0] = 1
+        for k in (3, 10, None):
+            assert M.ndcg_with_ties(y, s, k) == pytest.approx(ndcg_score([y], [s], k=k))
+        binary = (y > 0).astype(int)
+        assert M.average_precision(binary, s) == pytest.approx(average_precision_score(binary, s))
+        pred = (s > 0.5).astype(int)
+        assert M.matthews_corrcoef(binary, pred) == pytest.approx(matthews_corrcoef(binary, pred))
+        multi_pred = rng.integers(0, 3, size=n)
+        got = M.f1_scores(y, multi_pred)
+        for avg in ("macro", "micro", "weighted"):
+            assert got[f"f1_{avg}"] == pytest.approx(f1_score(y, multi_pred, average=avg))

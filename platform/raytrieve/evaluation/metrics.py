@@ -110,3 +110,133 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def is_finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))
+
+
+# -- scored lists (rerankers, classifiers): ties share credit, as scikit-learn defines it ------
+
+
+def ndcg_with_ties(relevance: Sequence[float], scores: Sequence[float], k: int | None = None) -> float:
+    """NDCG@k of one scored list, linear gains; tied scores get the mean gain of their group."""
+    y = np.asarray(relevance, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(y)
+    k = n if k is None else min(k, n)
+    discount = 1.0 / np.log2(np.arange(n) + 2)
+    discount[k:] = 0.0
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    dcg, i = 0.0, 0
+    while i < n:
+        j = i
+        while j + 1 < n and ss[j + 1] == ss[i]:
+            j += 1
+        dcg += ys[i : j + 1].mean() * discount[i : j + 1].sum()
+        i = j + 1
+    ideal = float((np.sort(y)[::-1] * discount).sum())
+    return dcg / ideal if ideal > 0 else 0.0
+
+
+def average_precision(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the precision-recall steps, tied scores entering together."""
+    y = np.asarray(labels, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    total = y.sum()
+    if total == 0:
+        return 0.0
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    last_of_group = np.r_[ss[1:] != ss[:-1], True]
+    tp = np.cumsum(ys)[last_of_group]
+    seen = (np.arange(len(ys)) + 1)[last_of_group]
+    recall = tp / total
+    precision = tp / seen
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def first_relevant_rr(relevance: Sequence[int], scores: Sequence[float], k: int) -> float:
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+    for rank, i in enumerate(order):
+        if relevance[i]:
+            return 1.0 / (rank + 1)
+    return 0.0
+
+
+def _threshold_sweep(scores: np.ndarray, labels: np.ndarray, high_is_positive: bool):
+    """Rows sorted so that the first ones are predicted positive; yields (i, score, next score or None)
+    at the end of each group of tied scores."""
+    order = np.argsort(-scores if high_is_positive else scores, kind="stable")
+    s, y = scores[order], labels[order]
+    for i in range(len(s)):
+        nxt = s[i + 1] if i + 1 < len(s) else None
+        yield i, s[i], y[i], nxt
+
+
+def best_accuracy_threshold(scores, labels, high_is_positive: bool = True) -> tuple[float, float]:
+    """Best accuracy of "score beyond threshold means positive", and that threshold."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    n, negatives = len(y), int((y == 0).sum())
+    best = negatives / n
+    first = s.max() if high_is_positive else s.min()
+    threshold = float(np.nextafter(first, np.inf if high_is_positive else -np.inf))
+    positives_so_far, remaining_negatives = 0, negatives
+    for i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
+        if label == 1:
+            positives_so_far += 1
+        else:
+            remaining_negatives -= 1
+        if nxt is not None and nxt == score:
+            continue
+        acc = (positives_so_far + remaining_negatives) / n
+        if acc > best:
+            best = acc
+            threshold = float(score if nxt is None else (score + nxt) / 2)
+            if nxt is not None and threshold == nxt:
+                threshold = float(score)
+    return best, threshold
+
+
+def best_f1_threshold(scores, labels, high_is_positive: bool = True) -> tuple[float, float, float, float]:
+    """(f1, precision, recall, threshold) at the threshold of best F1."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    total = int(y.sum())
+    best = (0.0, 0.0, 0.0, 0.0)
+    extracted = correct = 0
+    for i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
+        extracted += 1
+        correct += int(label == 1)
+        if nxt is not None and nxt == score:
+            continue
+        if correct > 0:
+            p, r = correct / extracted, correct / total
+            f1 = 2 * p * r / (p + r)
+            if f1 > best[0]:
+                threshold = float(score if nxt is None else (score + nxt) / 2)
+                if nxt is not None and threshold == nxt:
+                    threshold = float(score)
+                best = (f1, p, r, threshold)
+    return best
+
+
+def matthews_corrcoef(labels: Sequence[int], predicted: Sequence[int]) -> float:
+    y, p = np.asarray(labels, dtype=bool), np.asarray(predicted, dtype=bool)
+    tp, tn = float((y & p).sum()), float((~y & ~p).sum())
+    fp, fn = float((~y & p).sum()), float((y & ~p).sum())
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def f1_scores(labels: Sequence[int], predicted: Sequence[int]) -> dict[str, float]:
+    """Macro, micro and support-weighted F1 over the classes present in labels or predictions."""
+    y, p = np.asarray(labels), np.asarray(predicted)
+    classes = np.union1d(y, p)
+    per_class, support = [], []
+    for c in classes:
+        tp = float(((y == c) & (p == c)).sum())
+        fp = float(((y != c) & (p == c)).sum())
+        fn = float(((y == c) & (p != c)).sum())
+        per_class.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        support.append(float((y == c).sum()))
+    per_class, support = np.array(per_class), np.array(support)
+    micro = float((y == p).mean()) if len(y) else 0.0
+    weighted = float((per_class * support).sum() / support.sum()) if support.sum() else 0.0
+    return {"f1_macro": float(per_class.mean()), "f1_micro": micro, "f1_weighted": weighted}

@@ -1,0 +1,117 @@
+"""Evaluators against sentence-transformers' on the shipped pretrained models and real text:
+same keys, same values (the models agree to 1e-5, the metrics must follow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
+from raytrieve import evaluation as E
+from raytrieve.demo import CORPUS
+from tests.conftest import SENTENCES
+
+CORPUS_MAP = {f"doc{i}": t for i, t in enumerate(CORPUS + SENTENCES)}
+QUERIES = {
+    "q0": "How many people live in Berlin?",
+    "q1": "sort a python list without modifying it",
+    "q2": "which model reads query and document together",
+    "q3": "when was the Eiffel Tower built",
+    "q4": "how do plants make energy from light",
+    "q5": "a query with no relevant document",
+}
+RELEVANT = {"q0": {"doc0"}, "q1": {"doc3", "doc4"}, "q2": {"doc8"}, "q3": {"doc5"}, "q4": {"doc6"}, "q5": set()}
+
+
+def assert_same(ours: dict, ref: dict, atol: float = 1e-4):
+    assert list(ours) == list(ref)
+    for k in ref:
+        assert ours[k] == pytest.approx(ref[k], abs=atol), k
+
+
+@pytest.fixture(scope="module")
+def dense(minilm_dir, st):
+    return DenseEncoder(minilm_dir, device="cpu"), st.SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def STE(st):
+    from sentence_transformers.sentence_transformer import evaluation
+
+    return evaluation
+
+
+def test_information_retrieval(dense, STE, tmp_path):
+    kw = dict(corpus_chunk_size=7, name="dev", ndcg_at_k=[3, 10], map_at_k=[5, 100])
+    ours_ev = E.InformationRetrievalEvaluator(QUERIES, CORPUS_MAP, RELEVANT, **kw)
+    ref_ev = STE.InformationRetrievalEvaluator(QUERIES, CORPUS_MAP, RELEVANT, **kw)
+    ours = ours_ev(dense[0], output_path=str(tmp_path), epoch=1, steps=10)
+    assert_same(ours, ref_ev(dense[1]))
+    assert ours_ev.primary_metric == ref_ev.primary_metric == "dev_cosine_ndcg@10"
+    assert ours["dev_cosine_accuracy@10"] == 1.0  # real model: every answer is in the top 10
+    assert (tmp_path / "Information-Retrieval_evaluation_dev_results.csv").read_text().startswith("epoch,steps,")
+
+
+def test_sparse_information_retrieval(splade_dir, st):
+    from sentence_transformers.sparse_encoder import evaluation as SE
+
+    ours_model, ref_model = SparseEncoder(splade_dir, device="cpu"), st.SparseEncoder(str(splade_dir), device="cpu")
+    ours = E.SparseInformationRetrievalEvaluator(QUERIES, CORPUS_MAP, RELEVANT, corpus_chunk_size=9)(ours_model)
+    ref = SE.SparseInformationRetrievalEvaluator(QUERIES, CORPUS_MAP, RELEVANT, corpus_chunk_size=9)(ref_model)
+    assert_same(ours, ref, atol=1e-3)
+    assert 0.99 < ours["corpus_sparsity_ratio"] < 1 and ours["avg_flops"] > 0
+
+
+def test_embedding_similarity_binary_triplet(dense, STE):
+    s1, s2 = SENTENCES[:8], SENTENCES[1:9]
+    scores = [0.1, 0.9, 0.3, 0.7, 0.2, 0.5, 0.8, 0.4]
+    fns = ["cosine", "dot", "euclidean", "manhattan"]
+    assert_same(E.EmbeddingSimilarityEvaluator(s1, s2, scores, similarity_fn_names=fns)(dense[0]),
+                STE.EmbeddingSimilarityEvaluator(s1, s2, scores, similarity_fn_names=fns)(dense[1]))
+    labels = [0, 1, 0, 1, 0, 0, 1, 1]
+    assert_same(E.BinaryClassificationEvaluator(s1, s2, labels, similarity_fn_names=fns)(dense[0]),
+                STE.BinaryClassificationEvaluator(s1, s2, labels, similarity_fn_names=fns)(dense[1]))
+    a, p, n = SENTENCES[:6], SENTENCES[1:7], SENTENCES[8:14]
+    assert_same(E.TripletEvaluator(a, p, n, similarity_fn_names=fns, margin=0.01)(dense[0]),
+                STE.TripletEvaluator(a, p, n, similarity_fn_names=fns, margin=0.01)(dense[1]))
+
+
+def test_reranking_mse_paraphrase(dense, STE):
+    samples = [{"query": QUERIES[q], "positive": [CORPUS_MAP[d] for d in RELEVANT[q]],
+                "negative": [CORPUS_MAP[f"doc{i}"] for i in range(10, 16)]} for q in ("q0", "q1", "q2", "q3")]
+    assert_same(E.RerankingEvaluator(samples, at_k=5)(dense[0]), STE.RerankingEvaluator(samples, at_k=5)(dense[1]))
+    assert_same(E.MSEEvaluator(SENTENCES, SENTENCES, teacher_model=dense[0])(dense[0]),
+                STE.MSEEvaluator(SENTENCES, SENTENCES, teacher_model=dense[1])(dense[1]))
+    sentences = {f"s{i}": t for i, t in enumerate(SENTENCES)}
+    dups = [("s0", "s1"), ("s3", "s6"), ("s7", "s8")]
+    assert_same(E.ParaphraseMiningEvaluator(sentences, dups, top_k=5)(dense[0]),
+                STE.ParaphraseMiningEvaluator(sentences, dups, top_k=5)(dense[1]))
+
+
+def test_cross_encoder_evaluators(reranker_dir, st):
+    from sentence_transformers.cross_encoder import evaluation as CE
+
+    ours_model, ref_model = CrossEncoder(reranker_dir, device="cpu"), st.CrossEncoder(str(reranker_dir), device="cpu")
+    samples = [
+        {"query": QUERIES["q0"], "positive": [CORPUS[0]], "negative": CORPUS[1:6]},
+        {"query": QUERIES["q1"], "positive": [CORPUS[3], CORPUS[4]], "documents": [CORPUS[7], CORPUS[3], CORPUS[9], CORPUS[2]]},
+    ]
+    assert_same(E.CrossEncoderRerankingEvaluator(samples, at_k=3)(ours_model),
+                CE.CrossEncoderRerankingEvaluator(samples, at_k=3)(ref_model))
+    pairs = [[QUERIES["q0"], c] for c in CORPUS]
+    gold = [1.0, 0.5, 0.1, 0, 0, 0, 0, 0, 0, 0.2]
+    assert_same(E.CrossEncoderCorrelationEvaluator(pairs, gold)(ours_model),
+                CE.CrossEncoderCorrelationEvaluator(pairs, gold)(ref_model))
+    labels = [1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert_same(E.CrossEncoderClassificationEvaluator(pairs, labels)(ours_model),
+                CE.CrossEncoderClassificationEvaluator(pairs, labels)(ref_model))
+
+
+def test_sequential_and_prefix(dense):
+    ev = E.SequentialEvaluator([
+        E.TripletEvaluator(SENTENCES[:4], SENTENCES[1:5], SENTENCES[8:12], name="t"),
+        E.EmbeddingSimilarityEvaluator(SENTENCES[:4], SENTENCES[1:5], [0.1, 0.2, 0.3, 0.9], name="sts"),
+    ])
+    out = ev(dense[0])
+    assert set(out) == {"t_cosine_accuracy", "sts_pearson_cosine", "sts_spearman_cosine", "sequential_score"}
+    assert out["sequential_score"] == out["sts_spearman_cosine"]
