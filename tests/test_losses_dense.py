@@ -290,3 +290,48 @@ def test_column_errors_name_the_loss(pair):
         L.CoSENTLoss(model)([model.tokenize(ANCHORS), model.tokenize(POSITIVES)], None)
     with pytest.raises(L.LossInputError, match=r"TripletLoss expects 3 input column"):
         L.TripletLoss(model)([model.tokenize(ANCHORS), model.tokenize(POSITIVES)])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"n_layers_per_step": -1, "layer_weighting": "log", "kl_temperature": 0.5},
+                                    {"n_layers_per_step": 2, "kl_temperature": 0.0, "layer_weighting": "linear"}])
+def test_adaptive_layer(pair, S, kwargs):
+    losses, _ = S
+    ours_model, ref_model = pair
+    ours = L.AdaptiveLayerLoss(ours_model, L.MultipleNegativesRankingLoss(ours_model), **kwargs)
+    ref = losses.AdaptiveLayerLoss(ref_model, losses.MultipleNegativesRankingLoss(ref_model), **kwargs)
+    random.seed(4)
+    got = ours([ours_model.tokenize(c) for c in COLS3], None)
+    random.seed(4)
+    want = ref([ref_model.preprocess(c) for c in COLS3], None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    got.backward()
+    want.backward()
+    for a, b in zip(_params(ours_model).values(), _params(ref_model).values()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_matryoshka_2d(pair, S):
+    losses, _ = S
+    ours_model, ref_model = pair
+    ours = L.Matryoshka2dLoss(ours_model, L.CoSENTLoss(ours_model), [16, 8, 4], n_layers_per_step=2, n_dims_per_step=2)
+    ref = losses.Matryoshka2dLoss(ref_model, losses.CoSENTLoss(ref_model), [16, 8, 4], n_layers_per_step=2, n_dims_per_step=2)
+    random.seed(9)
+    got = ours([ours_model.tokenize(c) for c in COLS3[:2]], SCORES)
+    random.seed(9)
+    want = ref([ref_model.preprocess(c) for c in COLS3[:2]], SCORES)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mini", [True, False])
+def test_mega_batch_margin(pair, S, mini):
+    losses, _ = S
+    check(pair, L.MegaBatchMarginLoss(pair[0], use_mini_batched_version=mini, mini_batch_size=4),
+          losses.MegaBatchMarginLoss(pair[1], use_mini_batched_version=mini, mini_batch_size=4), COLS3[:2])
+
+
+def test_contrastive_tension(pair, S):
+    losses, _ = S
+    same = [ANCHORS[0], ANCHORS[1], ANCHORS[2], POSITIVES[0], ANCHORS[4], ANCHORS[5]]
+    check(pair, L.ContrastiveTensionLoss(pair[0]), losses.ContrastiveTensionLoss(pair[1]), [ANCHORS, same])
+    check(pair, L.ContrastiveTensionLossInBatchNegatives(pair[0]), losses.ContrastiveTensionLossInBatchNegatives(pair[1]), [ANCHORS])

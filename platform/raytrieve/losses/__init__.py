@@ -1,13 +1,13 @@
 """The loss library: names, arguments and call convention of sentence-transformers
 (``Loss(model, ...)``, ``loss(features, labels)``), so porting a script means changing imports."""
 
-from raytrieve.losses.base import Loss, LossInputError, embed_columns
+from raytrieve.losses.base import Loss, LossInputError, column_merging_disabled, embed_columns
 from raytrieve.losses.cached import (
     CachedGISTEmbedLoss,
     CachedMultipleNegativesRankingLoss,
     CachedMultipleNegativesSymmetricRankingLoss,
 )
-from raytrieve.losses.modifiers import MatryoshkaLoss
+from raytrieve.losses.modifiers import AdaptiveLayerLoss, Matryoshka2dLoss, MatryoshkaLoss
 from raytrieve.losses.pairwise import (
     AnglELoss,
     DistillKLDivLoss,
@@ -19,6 +19,11 @@ from raytrieve.losses.pairwise import (
     OnlineContrastiveLoss,
     SiameseDistanceMetric,
     SoftmaxLoss,
+)
+from raytrieve.losses.unsupervised import (
+    ContrastiveTensionLoss,
+    ContrastiveTensionLossInBatchNegatives,
+    MegaBatchMarginLoss,
 )
 from raytrieve.losses.ranking import GISTEmbedLoss, MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 from raytrieve.losses.triplet import (

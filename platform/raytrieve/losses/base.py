@@ -10,7 +10,8 @@ so the same math runs on freshly computed, cached, truncated or gathered embeddi
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,20 @@ def merge_columns(columns: Sequence[Features]) -> Features | None:
     return merged
 
 
+_MERGING = [True]
+
+
+@contextlib.contextmanager
+def column_merging_disabled() -> Iterator[None]:
+    """One forward pass per column, on the caller's own feature dicts (adaptive-layer
+    training stores each column's hidden states in them between passes)."""
+    _MERGING.append(False)
+    try:
+        yield
+    finally:
+        _MERGING.pop()
+
+
 def embed_columns(model: nn.Module, columns: Sequence[Features]) -> list[Tensor]:
     """Sentence embeddings of each column.
 
@@ -57,7 +72,7 @@ def embed_columns(model: nn.Module, columns: Sequence[Features]) -> list[Tensor]
     rest = list(columns[1:])
     if not rest:
         return [first]
-    merged = merge_columns(rest) if len(rest) > 1 else None
+    merged = merge_columns(rest) if len(rest) > 1 and _MERGING[-1] else None
     if merged is None:
         return [first, *(model(c)["sentence_embedding"] for c in rest)]
     emb = model(merged)["sentence_embedding"]

@@ -96,6 +96,10 @@ class Transformer(Module):
         self._output_field, self.output_key = TASKS[task][1], TASKS[task][2]
         self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self._prompt_lengths: dict[str, int] = {}
+        # Adaptive-layer training: keep every layer's hidden states in the features, or
+        # answer from a kept layer instead of running the model (losses/modifiers.py).
+        self.keep_hidden_states = False
+        self.cached_layer: int | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -237,11 +241,15 @@ class Transformer(Module):
 
     # -- compute ------------------------------------------------------------------------
     def forward(self, features: Features, **kwargs: Any) -> Features:
+        if self.cached_layer is not None and "all_layer_embeddings" in features:
+            return {**features, self.output_key: features["all_layer_embeddings"][self.cached_layer]}
         inputs = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
         if "token_type_ids" in features and self._accepts_token_types:
             inputs["token_type_ids"] = features["token_type_ids"]
-        out = self.auto_model(**inputs, return_dict=True)
+        out = self.auto_model(**inputs, return_dict=True, output_hidden_states=self.keep_hidden_states or None)
         features[self.output_key] = getattr(out, self._output_field)
+        if self.keep_hidden_states:
+            features["all_layer_embeddings"] = out.hidden_states
         return features
 
     def get_embedding_dimension(self) -> int:

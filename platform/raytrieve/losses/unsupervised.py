@@ -1,0 +1,113 @@
+"""Losses for training without labelled pairs: ContrastiveTension (two copies of the model
+must agree on identical sentences and disagree on different ones), its in-batch-negatives
+form, and MegaBatchMargin (hardest in-batch negative against a margin)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raytrieve.encoders.similarity import cosine
+from raytrieve.losses.base import Features, Loss, LossInputError, embed_columns
+from raytrieve.losses.cached import CachedLoss, _chunked, _lazy, _ranges
+
+
+class ContrastiveTensionLoss(Loss):
+    """Columns: two views of sentences (identical or different). A frozen-at-start copy
+    (model1) and the trained model (model2) score each pair by dot product; BCE against
+    "is the same sentence" (derived from the token ids when no label is given)."""
+
+    columns = (2, 2)
+    column_names = "sentence1, sentence2"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.model2 = model
+        self.model1 = copy.deepcopy(model)
+        self.criterion = nn.BCEWithLogitsLoss(reduction="sum")
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
+        f1, f2 = list(features)
+        r1 = self.model1(f1)["sentence_embedding"]
+        r2 = self.model2(f2)["sentence_embedding"]
+        scores = (r1 * r2).sum(dim=-1)
+        if labels is None:
+            labels = torch.tensor(
+                [torch.equal(a[m.bool()], b[n.bool()]) for a, m, b, n in
+                 zip(f1["input_ids"], f1["attention_mask"], f2["input_ids"], f2["attention_mask"])],
+                dtype=scores.dtype, device=scores.device,
+            )
+        return self.criterion(scores, labels.view(-1).type_as(scores))
+
+
+class ContrastiveTensionLossInBatchNegatives(Loss):
+    """One column of sentences: model1's and model2's embeddings of the same sentence are the
+    positive pair, every other sentence a negative; symmetric cross-entropy with a learned scale."""
+
+    columns = (1, 1)
+    column_names = "sentences"
+
+    def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Callable = cosine) -> None:
+        super().__init__(model)
+        self.model2 = model
+        self.model1 = copy.deepcopy(model)
+        self.similarity_fct = similarity_fct
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(scale))
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
+        f = list(features)[0]
+        scores = self.similarity_fct(self.model1(f)["sentence_embedding"], self.model2(f)["sentence_embedding"])
+        scores = scores * self.logit_scale.exp()
+        target = torch.arange(len(scores), device=scores.device)
+        return (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
+
+
+def _mega_batch_margin(reps: list[list[Tensor]], positive_margin: float, negative_margin: float, chunk: int,
+                       with_backward: bool) -> Tensor:
+    anchors, positives = torch.cat(reps[0]), torch.cat(reps[1])
+    rows = len(anchors)
+
+    def part(b: int, e: int) -> Tensor:
+        idx = torch.arange(e - b, device=anchors.device)
+        cs = cosine(anchors[b:e], positives)
+        pos = cs[idx, idx + b]
+        hardest = cs.clone()
+        hardest[idx, idx + b] = float("-inf")
+        hardest = hardest.max(dim=1).values
+        return (F.relu(positive_margin - pos) + F.relu(hardest - negative_margin)).sum() / rows
+
+    return _chunked(_lazy(part, rows, chunk), with_backward)
+
+
+class MegaBatchMarginLoss(CachedLoss):
+    """relu(pos_margin - cos(a, p)) + relu(max_neg cos(a, n) - neg_margin), the hardest
+    negative taken from the whole (mega) batch. With ``use_mini_batched_version`` (default)
+    the batch runs through GradCache in mini-batches, so it can be very large."""
+
+    columns = (2, 2)
+    column_names = "anchor, positive"
+
+    def __init__(self, model: nn.Module, positive_margin: float = 0.8, negative_margin: float = 0.3,
+                 use_mini_batched_version: bool = True, mini_batch_size: int = 50) -> None:
+        super().__init__(model, mini_batch_size)
+        self.positive_margin, self.negative_margin = positive_margin, negative_margin
+        self.use_mini_batched_version = use_mini_batched_version
+        self.uses_gradient_cache = use_mini_batched_version
+
+    def calculate_loss(self, reps, labels=None, with_backward: bool = False, **extra: Any) -> Tensor:
+        rows = sum(len(r) for r in reps[0])
+        chunk = self.mini_batch_size if (with_backward or not torch.is_grad_enabled()) else rows
+        return _mega_batch_margin(reps, self.positive_margin, self.negative_margin, chunk, with_backward)
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
+        if self.use_mini_batched_version:
+            return super().forward(features, labels)
+        features = list(features)
+        self.check_columns(len(features))
+        reps = embed_columns(self.model, features)
+        return self.calculate_loss([[r] for r in reps], labels)
