@@ -335,3 +335,19 @@ def test_contrastive_tension(pair, S):
     same = [ANCHORS[0], ANCHORS[1], ANCHORS[2], POSITIVES[0], ANCHORS[4], ANCHORS[5]]
     check(pair, L.ContrastiveTensionLoss(pair[0]), losses.ContrastiveTensionLoss(pair[1]), [ANCHORS, same])
     check(pair, L.ContrastiveTensionLossInBatchNegatives(pair[0]), losses.ContrastiveTensionLossInBatchNegatives(pair[1]), [ANCHORS])
+
+
+def test_denoising_auto_encoder(st, tmp_path, S):
+    losses, _ = S
+    path = _build(tmp_path, "dae", seed=0)  # the decoder cross-attends to the 32-d pooled embedding
+    ours_model = DenseEncoder(path, device="cpu").train()
+    ref_model = st.SentenceTransformer(str(path), device="cpu").train()
+    pair = (ours_model, ref_model)
+    torch.manual_seed(21)
+    ours = L.DenoisingAutoEncoderLoss(ours_model)
+    torch.manual_seed(21)
+    ref = losses.DenoisingAutoEncoderLoss(ref_model)
+    damaged = [" ".join(s.split()[::2]) for s in POSITIVES]
+    # Tied: the encoder's word embeddings are now the decoder's.
+    assert ours_model.stack[0].auto_model.embeddings.word_embeddings.weight is ours.decoder.bert.embeddings.word_embeddings.weight
+    check(pair, ours, ref, [damaged, POSITIVES])

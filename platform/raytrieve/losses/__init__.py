@@ -23,6 +23,7 @@ from raytrieve.losses.pairwise import (
 from raytrieve.losses.unsupervised import (
     ContrastiveTensionLoss,
     ContrastiveTensionLossInBatchNegatives,
+    DenoisingAutoEncoderLoss,
     MegaBatchMarginLoss,
 )
 from raytrieve.losses.ranking import GISTEmbedLoss, MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss

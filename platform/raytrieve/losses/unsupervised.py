@@ -111,3 +111,83 @@ class MegaBatchMarginLoss(CachedLoss):
         self.check_columns(len(features))
         reps = embed_columns(self.model, features)
         return self.calculate_loss([[r] for r in reps], labels)
+
+
+def _tie_to_decoder(encoder: nn.Module, decoder_base: nn.Module) -> None:
+    """Make each encoder parameter the same tensor as the identically named decoder parameter
+    (the decoder's cross-attention has no encoder counterpart and stays its own)."""
+    modules = dict(encoder.named_modules())
+    tied = False
+    for name, param in decoder_base.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner)
+        if module is not None and hasattr(module, attr):
+            setattr(module, attr, param)
+            tied = True
+    if not tied:
+        from raytrieve.errors import ConfigError
+
+        raise ConfigError("DenoisingAutoEncoderLoss: no encoder weight matches the decoder; tie only the same architecture")
+
+
+class DenoisingAutoEncoderLoss(nn.Module):
+    """TSDAE: reconstruct the original sentence from the embedding of a damaged copy with a
+    causal decoder that cross-attends to that single embedding.
+
+    Columns: (damaged, original). With ``tie_encoder_decoder`` the decoder is built from the
+    encoder's own checkpoint and shares its weights (less memory, better results).
+    """
+
+    def __init__(self, model: nn.Module, decoder_name_or_path: str | None = None, tie_encoder_decoder: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from raytrieve.errors import ConfigError
+        from raytrieve.modules.transformer import quiet_progress
+
+        self.encoder = model
+        transformer = model.stack[0]
+        self.tokenizer_encoder = transformer.tokenizer
+        encoder_path = transformer.auto_model.config._name_or_path
+        if tie_encoder_decoder:
+            decoder_name_or_path = encoder_path
+        elif decoder_name_or_path is None:
+            raise ConfigError("DenoisingAutoEncoderLoss: give decoder_name_or_path when tie_encoder_decoder=False")
+        self.tokenizer_decoder = AutoTokenizer.from_pretrained(decoder_name_or_path, local_files_only=True)
+        self.need_retokenization = not isinstance(self.tokenizer_encoder, type(self.tokenizer_decoder))
+        config = AutoConfig.from_pretrained(decoder_name_or_path, local_files_only=True)
+        config.is_decoder = True
+        config.add_cross_attention = True
+        with quiet_progress():
+            self.decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, config=config, local_files_only=True)
+        if transformer.auto_model.config.hidden_size != config.hidden_size:
+            raise ConfigError("DenoisingAutoEncoderLoss: encoder and decoder hidden sizes differ")
+        if self.tokenizer_decoder.pad_token is None:
+            self.tokenizer_decoder.pad_token = self.tokenizer_decoder.eos_token
+            self.decoder.config.pad_token_id = self.decoder.config.eos_token_id
+        if tie_encoder_decoder:
+            if self.need_retokenization:
+                raise ConfigError("DenoisingAutoEncoderLoss: tied encoder and decoder need the same tokenizer")
+            if len(self.tokenizer_encoder) != len(self.tokenizer_decoder):
+                self.tokenizer_decoder = self.tokenizer_encoder
+                self.decoder.resize_token_embeddings(len(self.tokenizer_decoder))
+            _tie_to_decoder(transformer.auto_model, self.decoder._modules[self.decoder.base_model_prefix])
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
+        source, target = list(features)
+        if self.need_retokenization:
+            texts = self.tokenizer_encoder.batch_decode(target["input_ids"], skip_special_tokens=True,
+                                                        clean_up_tokenization_spaces=True)
+            target = self.tokenizer_decoder(texts, padding=True, truncation="longest_first", return_tensors="pt")
+            target = {k: v.to(source["input_ids"].device) for k, v in target.items()}
+        reps = self.encoder(source)["sentence_embedding"]
+        ids = target["input_ids"]
+        logits = self.decoder(
+            input_ids=ids.clone()[:, :-1],
+            attention_mask=None,
+            encoder_hidden_states=reps[:, None],
+            encoder_attention_mask=source["attention_mask"][:, 0:1],
+            use_cache=False,
+        )[0]
+        loss_fct = nn.CrossEntropyLoss(ignore_index=self.tokenizer_decoder.pad_token_id)
+        return loss_fct(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
