@@ -1,0 +1,80 @@
+"""In-batch negatives across data-parallel ranks: 2 gloo processes, each with half the batch
+and gather_across_devices=True, give (after DDP-style gradient averaging) the loss and the
+gradients of 1 process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import raytrieve.losses as L
+from raytrieve import DenseEncoder
+from tests.test_losses_dense import ANCHORS, NEGATIVES, POSITIVES, _build
+
+COLUMNS = [ANCHORS, POSITIVES, NEGATIVES]
+
+
+def _loss(name: str, model):
+    if name == "mnrl":
+        return L.MultipleNegativesRankingLoss(model, gather_across_devices=True)
+    if name == "mnrl_sym":
+        return L.MultipleNegativesRankingLoss(model, gather_across_devices=True, directions=("query_to_doc", "doc_to_query"))
+    return L.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, gather_across_devices=True)
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+CASES = [("mnrl", 2), ("mnrl", 3), ("mnrl_sym", 3), ("cached", 3)]
+
+
+def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for name, cols in CASES:
+        model = DenseEncoder(path, device="cpu").train()
+        half = len(ANCHORS) // world
+        features = [model.tokenize(c[rank * half : (rank + 1) * half]) for c in COLUMNS[:cols]]
+        loss = _loss(name, model)(features, None)
+        loss.backward()
+        grads = _grads(model)
+        for g in grads:  # what DDP does: average gradients over ranks
+            dist.all_reduce(g)
+            g /= world
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        results[f"{name}-{cols}"] = {"loss": value / world, "grads": grads}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    path = _build(tmp_path, "m", seed=0, dense=True)
+    out = str(tmp_path / "ranks.pt")
+    # One spawn for every case: starting a process costs more than the cases themselves.
+    mp.spawn(_worker, args=(2, _free_port(), str(path), out), nprocs=2, join=True)
+    ranks = torch.load(out, weights_only=True)
+    for name, cols in CASES:
+        single = DenseEncoder(path, device="cpu").train()
+        # Outside torch.distributed the gather is the identity: this is the plain loss on the whole batch.
+        value = _loss(name, single)([single.tokenize(c) for c in COLUMNS[:cols]], None)
+        value.backward()
+        got = ranks[f"{name}-{cols}"]
+        torch.testing.assert_close(got["loss"], value.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        for a, b in zip(got["grads"], _grads(single)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
