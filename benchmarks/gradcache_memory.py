@@ -30,16 +30,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one_step(lib: str, loss_name: str, batch: int, max_seq_length: int, threads: int) -> dict:
+def one_step(lib: str, loss_name: str, batch: int, max_seq_length: int, threads: int, texts_file: str) -> dict:
     import torch
-
-    sys.path.insert(0, str(HERE))
-    from texts import sentences
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    anchors = sentences(batch, 8, 24, seed=1)
-    positives = sentences(batch, 30, 60, seed=2)
+    with open(texts_file) as f:
+        texts = json.load(f)
+    anchors, positives = texts["anchors"][:batch], texts["positives"][:batch]
     from raytrieve import assets
 
     path = str(assets.model_path("all-minilm-l6-v2"))
@@ -87,15 +85,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--child", nargs=3, metavar=("LIB", "LOSS", "BATCH"))
+    parser.add_argument("--child", nargs=4, metavar=("LIB", "LOSS", "BATCH", "TEXTS"))
     args = parser.parse_args()
     if args.child:
-        lib, loss, batch = args.child
-        print(json.dumps(one_step(lib, loss, int(batch), args.max_seq_length, args.threads)))
+        lib, loss, batch, texts_file = args.child
+        print(json.dumps(one_step(lib, loss, int(batch), args.max_seq_length, args.threads, texts_file)))
         return
 
+    # Real text, made once: short queries and passage-length documents.
+    import tempfile
+
+    sys.path.insert(0, str(HERE))
+    from texts import sentences
+
+    texts_file = os.path.join(tempfile.mkdtemp(), "texts.json")
+    with open(texts_file, "w") as f:
+        json.dump({"anchors": sentences(1024, 8, 24, seed=1), "positives": sentences(1024, 30, 60, seed=2)}, f)
+
     def run(lib: str, loss: str, batch: int) -> dict:
-        cmd = [sys.executable, __file__, "--child", lib, loss, str(batch),
+        cmd = [sys.executable, __file__, "--child", lib, loss, str(batch), texts_file,
                "--max-seq-length", str(args.max_seq_length), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
