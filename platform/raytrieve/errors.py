@@ -33,3 +33,7 @@ class InputError(RaytrieveError, ValueError):
 
 class AssetError(RaytrieveError, LookupError):
     """A shipped pretrained model cannot be found or converted."""
+
+
+class DataError(RaytrieveError, ValueError):
+    """A dataset file or column is missing, empty or of the wrong type."""

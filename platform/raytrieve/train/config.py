@@ -1,0 +1,150 @@
+"""The training config: YAML onto typed dataclasses, ``key=value`` overrides, errors that
+name the key. Everything here is checked before any cluster work starts.
+
+    cfg = load_train_config("jobs/configs/dense_mnrl.yaml", ["training.batch_size=64"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from raytrieve.config import load_yaml
+from raytrieve.errors import ConfigError
+from raytrieve.losses.registry import LossSpec
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str  # a models/ variant, a local sentence-transformers folder
+    kind: Literal["dense", "sparse", "cross"]
+    max_seq_length: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    path: str
+    loss: LossSpec
+    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None  # None: from the file name
+    columns: list[str] | None = None  # text columns in the loss's order; None: all but the label
+    label_column: str | None = None
+    # One prompt for every column, or one per column name.
+    prompts: str | dict[str, str] | None = None
+    # Column name -> Router route ("query" / "document") for asymmetric models.
+    router_mapping: dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0  # share of batches under proportional multi-dataset sampling
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    # Regex over parameter names -> learning rate (first match wins), e.g. {"^stack\\.1\\.": 1e-3}.
+    learning_rate_mapping: dict[str, float] = field(default_factory=dict)
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    batch_sampler: Literal["no_duplicates", "group_by_label", "default"] = "no_duplicates"
+    multi_dataset_sampler: Literal["proportional", "round_robin"] = "proportional"
+    seed: int = 42
+    bf16: bool = False
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = None
+    evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
+    every_n_steps: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int | None = None
+    keep: int = 2
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else ./mlruns
+    experiment: str = "raytrieve"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    register_model_as: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    datasets: list[DatasetConfig]
+    output_dir: str
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
+    """Range checks the types alone cannot express."""
+    import re
+
+    t = cfg.training
+    for key, value in (("training.batch_size", t.batch_size), ("training.epochs", t.epochs),
+                       ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                       ("scaling.num_workers", cfg.scaling.num_workers), ("checkpoint.keep", cfg.checkpoint.keep)):
+        if value < 1:
+            raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"{where}.training.max_steps must be at least 1 (or null for epochs), got {t.max_steps}")
+    if cfg.optimizer.learning_rate <= 0:
+        raise ConfigError(f"{where}.optimizer.learning_rate must be positive, got {cfg.optimizer.learning_rate}")
+    if not 0 <= cfg.schedule.warmup_ratio < 1:
+        raise ConfigError(f"{where}.schedule.warmup_ratio must be in [0, 1), got {cfg.schedule.warmup_ratio}")
+    for pattern in cfg.optimizer.learning_rate_mapping:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}.optimizer.learning_rate_mapping: bad regex {pattern!r} ({e})") from None
+    if not cfg.datasets:
+        raise ConfigError(f"{where}.datasets: give at least one dataset")
+    names = [d.name for d in cfg.datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.datasets: dataset names must be unique, got {names}")
+    for i, d in enumerate(cfg.datasets):
+        if d.weight <= 0:
+            raise ConfigError(f"{where}.datasets[{i}].weight must be positive, got {d.weight}")
+        if d.router_mapping and set(d.router_mapping.values()) - {"query", "document"}:
+            raise ConfigError(f"{where}.datasets[{i}].router_mapping routes must be 'query' or 'document'")
+    if cfg.eval.path is not None and cfg.eval.evaluator is None:
+        raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return check_values(load_yaml(TrainConfig, path, overrides), where=str(path))

@@ -1,0 +1,108 @@
+"""The training config and the dataset checks that run before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytrieve.data.validate import validate_datasets
+from raytrieve.errors import ConfigError, DataError
+from raytrieve.train.config import load_train_config
+
+PAIRS = {"question": ["how to sort", "capital of france", "boil an egg"],
+         "answer": ["sorted(xs)", "Paris is the capital", "nine minutes in water"],
+         "score": [0.9, 0.8, 0.1]}
+
+
+def write_config(tmp_path, body: str) -> str:
+    path = tmp_path / "train.yaml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    pq.write_table(pa.table(PAIRS), tmp_path / "pairs.parquet")
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for q, a, s in zip(*PAIRS.values()):
+            f.write(json.dumps({"question": q, "answer": a, "score": s}) + "\n")
+    (tmp_path / "pairs.csv").write_text("question,answer,score\n" + "\n".join(
+        f"{q},{a},{s}" for q, a, s in zip(*PAIRS.values())))
+    (tmp_path / "empty.jsonl").write_text("")
+    import datasets
+
+    datasets.Dataset.from_dict({"query": ["q1", "q2"], "docs": [["a", "b"], ["c"]], "labels": [[1, 0], [1]]}).save_to_disk(
+        str(tmp_path / "listwise_hf"))
+    return tmp_path
+
+
+BASE = """
+model: {{name_or_path: all-minilm-l6-v2, kind: {kind}}}
+output_dir: out/model
+datasets:
+  - name: pairs
+    path: {path}
+    columns: {columns}
+    label_column: {label}
+    loss: {loss}
+"""
+
+
+def cfg(tmp_path, path, loss="{name: MultipleNegativesRankingLoss}", columns="[question, answer]", label="null",
+        kind="dense", extra=""):
+    return write_config(tmp_path, BASE.format(path=path, loss=loss, columns=columns, label=label, kind=kind) + extra)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_valid_config_and_data(data, fmt):
+    c = load_train_config(cfg(data, data / f"pairs.{fmt}", extra="training: {batch_size: 2, max_steps: 5}\n"),
+                          ["optimizer.learning_rate=3e-5"])
+    assert c.training.batch_size == 2 and c.optimizer.learning_rate == 3e-5
+    report = validate_datasets(c)
+    assert report[0].rows == 3 and report[0].text_columns == ["question", "answer"]
+
+
+def test_labels_and_listwise(data):
+    c = load_train_config(cfg(data, data / "pairs.parquet", loss="{name: CoSENTLoss}", label="score"))
+    assert validate_datasets(c)[0].label_column == "score"
+    c = load_train_config(cfg(data, data / "listwise_hf", loss="{name: LambdaLoss}", columns="[query, docs]",
+                              label="labels", kind="cross"))
+    assert validate_datasets(c)[0].rows == 2
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"columns": "[question, answr]"}, DataError, r"column\(s\) \['answr'\] not in .*columns are \['question', 'answer', 'score'\]"),
+    ({"loss": "{name: CoSENTLoss}"}, DataError, "CoSENTLoss needs labels; set datasets\\[\\].label_column"),
+    ({"loss": "{name: CoSENTLoss}", "label": "answer"}, DataError, "label column 'answer' must be numeric"),
+    ({"loss": "{name: TripletLoss}"}, DataError, "TripletLoss takes 3 text column"),
+    ({"columns": "[question, score]"}, DataError, "column 'score' must hold strings"),
+])
+def test_bad_data_is_named(data, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        validate_datasets(load_train_config(cfg(data, data / "pairs.parquet", **kwargs)))
+
+
+def test_empty_missing_and_null(data):
+    with pytest.raises(DataError, match="has no rows"):
+        validate_datasets(load_train_config(cfg(data, data / "empty.jsonl")))
+    with pytest.raises(DataError, match="does not exist; fix datasets\\[\\].path"):
+        validate_datasets(load_train_config(cfg(data, data / "nope.parquet")))
+    pq.write_table(pa.table({"question": ["a", None], "answer": ["b", "c"]}), data / "nulls.parquet")
+    with pytest.raises(DataError, match="column 'question' has 1 null value"):
+        validate_datasets(load_train_config(cfg(data, data / "nulls.parquet")))
+
+
+def test_bad_config_is_named(data):
+    path = data / "pairs.parquet"
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batchsize'\]"):
+        load_train_config(cfg(data, path, extra="training: {batchsize: 2}\n"))
+    with pytest.raises(ConfigError, match="training.batch_size must be at least 1"):
+        load_train_config(cfg(data, path), ["training.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"model.kind: 'dual' is not one of"):
+        load_train_config(cfg(data, path, kind="dual"))
+    with pytest.raises(ConfigError, match="scaling.strategy: 'zero3' is not one of"):
+        load_train_config(cfg(data, path), ["scaling.strategy=zero3"])
