@@ -80,7 +80,10 @@ class _BatchTripletLoss(Loss):
     columns = (1, 1)
     column_names = "one column of texts (+ a class label per text)"
 
-    def __init__(self, model: nn.Module, distance_metric: Callable, margin: float = 5) -> None:
+    def __init__(
+        self, model: nn.Module, distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
+        margin: float = 5,
+    ) -> None:
         super().__init__(model)
         self.distance_metric = distance_metric
         self.triplet_margin = margin
@@ -104,12 +107,6 @@ class _BatchTripletLoss(Loss):
 class BatchHardTripletLoss(_BatchTripletLoss):
     """For each anchor: its farthest positive against its closest negative."""
 
-    def __init__(
-        self, model: nn.Module, distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
-    ) -> None:
-        super().__init__(model, distance_metric, margin)
-
     def batch_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         hp, hn = self._hardest(labels, self.distance_metric(embeddings))
         return F.relu(hp - hn + self.triplet_margin).mean()
@@ -131,12 +128,6 @@ class BatchHardSoftMarginTripletLoss(_BatchTripletLoss):
 class BatchAllTripletLoss(_BatchTripletLoss):
     """Every valid (anchor, positive, negative) triplet in the batch; mean over the active ones."""
 
-    def __init__(
-        self, model: nn.Module, distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
-    ) -> None:
-        super().__init__(model, distance_metric, margin)
-
     def batch_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         dist = self.distance_metric(embeddings)
         ap, _ = _label_masks(labels)
@@ -151,12 +142,6 @@ class BatchAllTripletLoss(_BatchTripletLoss):
 class BatchSemiHardTripletLoss(_BatchTripletLoss):
     """For each (anchor, positive): the closest negative that is still farther than the
     positive; if none, the farthest negative."""
-
-    def __init__(
-        self, model: nn.Module, distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
-    ) -> None:
-        super().__init__(model, distance_metric, margin)
 
     def batch_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         labels = labels.view(-1, 1)
