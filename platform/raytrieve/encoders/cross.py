@@ -50,8 +50,10 @@ class CrossEncoder(Encoder):
                 "sbert_ce_default_activation_function"
             )
         if name:
-            self._saved_activation = activation_from_name(
-                name, trust_remote_code=trust_remote_code, where=str(path or "config")
+            # A plain attribute, not a submodule: it holds no weights.
+            object.__setattr__(
+                self, "_saved_activation",
+                activation_from_name(name, trust_remote_code=trust_remote_code, where=str(path or "config")),
             )
 
     def _default_activation(self) -> nn.Module:
