@@ -99,3 +99,15 @@ def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
         tokenizer.save_pretrained(d)
         out[name] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded local Ray per test session (never joins a stray cluster on the host)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
