@@ -1,0 +1,51 @@
+"""Optimizer and learning-rate schedule from the training config.
+
+Parameter groups: ``learning_rate_mapping`` gives regexes over parameter names (first match
+wins) their own learning rate, e.g. a fresh Dense head or SparseStaticEmbedding learning
+faster than the pretrained transformer; biases and LayerNorm weights get no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from raytrieve.train.config import OptimizerConfig, ScheduleConfig
+
+_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    patterns = [(re.compile(p), lr) for p, lr in cfg.learning_rate_mapping.items()]
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = next((lr for pattern, lr in patterns if pattern.search(name)), cfg.learning_rate)
+        decay = 0.0 if any(name.endswith(s) for s in _NO_DECAY) or param.dim() < 2 else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0, cosine decay, or constant."""
+    warmup = int(total_steps * cfg.warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if cfg.name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
