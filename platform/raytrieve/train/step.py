@@ -1,0 +1,67 @@
+"""One optimizer step of training, independent of Ray: the loss of each micro-batch
+(dict losses summed, components kept for logging), gradient accumulation, clipping, the
+optimizer and schedule step. ``train_loop_per_worker`` drives this on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepResult:
+    loss: float
+    components: dict[str, float] = field(default_factory=dict)
+    learning_rate: float = 0.0
+    grad_norm: float | None = None
+
+
+class Stepper:
+    """Accumulates ``accumulation_steps`` micro-batches per optimizer step.
+
+    Each micro-batch's loss is divided by the accumulation count, so the gradient of a step
+    is the mean over its micro-batches (for per-example-mean losses: the gradient of the
+    concatenated batch).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None,
+                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self._micro = 0
+        self._sum = 0.0
+        self._components: dict[str, float] = {}
+
+    def micro_batch(self, loss_fn: nn.Module, features: Sequence[Any], labels: Tensor | None) -> StepResult | None:
+        """Forward + backward of one micro-batch; returns the step's result when it completed a step."""
+        out = loss_fn(features, labels)
+        if isinstance(out, dict):
+            for k, v in out.items():
+                self._components[k] = self._components.get(k, 0.0) + float(v.detach()) / self.accumulation_steps
+            loss = torch.stack([v for v in out.values()]).sum()
+        else:
+            loss = out
+        (loss / self.accumulation_steps).backward()
+        self._sum += float(loss.detach()) / self.accumulation_steps
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            return None
+        return self._step()
+
+    def _step(self) -> StepResult:
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = StepResult(self._sum, dict(self._components), lr, grad_norm)
+        self._micro, self._sum, self._components = 0, 0.0, {}
+        return result
