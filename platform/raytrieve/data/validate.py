@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from raytrieve.errors import DataError
+from raytrieve.losses.base import column_count_fits, describe_column_count
 from raytrieve.losses.registry import needs_labels, text_columns
 from raytrieve.train.config import DatasetConfig, TrainConfig
 
@@ -93,11 +94,11 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
     if missing:
         raise DataError(f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}")
     loss_name = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
-    low, high = text_columns(d.loss, kind)
-    if len(columns) < low or (high is not None and len(columns) > high):
-        want = f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
+    wanted = text_columns(d.loss, kind)
+    if not column_count_fits(len(columns), wanted):
         raise DataError(
-            f"{where} ({d.name}): {loss_name} takes {want} text column(s), the dataset gives {len(columns)} {columns}; "
+            f"{where} ({d.name}): {loss_name} takes {describe_column_count(wanted)} text column(s), "
+            f"the dataset gives {len(columns)} {columns}; "
             "set datasets[].columns (and label_column) to pick them"
         )
     listwise = kind == "cross" and loss_name in LISTWISE

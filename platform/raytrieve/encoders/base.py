@@ -8,7 +8,6 @@ the stack's output (dense embeddings, sparse vectors, scores).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
@@ -23,7 +22,6 @@ from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
 from raytrieve.modules import Features, Module, Pooling, Router, Transformer
 from raytrieve.modules.dense import Dense
 
-logger = logging.getLogger(__name__)
 # Below this many batches a progress bar is noise.
 PROGRESS_MIN_BATCHES = 20
 
@@ -243,12 +241,16 @@ class Encoder(nn.Module):
         device: str | torch.device | None,
         show_progress_bar: bool | None,
         collect: Callable[[Features], Tensor],
+        empty: Tensor,
     ) -> Tensor:
-        """Run the stack over ``inputs`` in batches of similar token length; rows in input order.
+        """Run the stack over ``inputs`` in batches of similar token length; rows in input order
+        (``empty`` when there are no inputs).
 
         All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
         token count, so each batch pads to nearly its own length.
         """
+        if not inputs:
+            return empty
         if batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size}")
         first = self.stack[0]

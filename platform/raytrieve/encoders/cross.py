@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raytrieve._io import read_json
+from raytrieve._io import read_json, write_json
 from raytrieve.encoders.base import Encoder
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Transformer
@@ -68,8 +68,6 @@ class CrossEncoder(Encoder):
         cfg_path = out / "config.json"
         cfg = read_json(cfg_path)
         cfg["sentence_transformers"] = {"activation_fn": activation_name(self.activation_fn)}
-        from raytrieve._io import write_json
-
         write_json(cfg_path, cfg)
         return out
 
@@ -120,18 +118,16 @@ class CrossEncoder(Encoder):
                 logits = logits[:, 0]
             return logits if convert_to_tensor else logits.cpu()
 
-        if pairs:
-            scores = self._batched(
-                pairs,
-                batch_size=batch_size,
-                task=None,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-            )
-        else:
-            scores = torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels)
+        scores = self._batched(
+            pairs,
+            batch_size=batch_size,
+            task=None,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
+        )
         if not convert_to_tensor and convert_to_numpy:
             scores = scores.float().numpy()
         return scores[0] if single else scores

@@ -85,18 +85,16 @@ class DenseEncoder(EmbeddingEncoder):
                 emb = F.normalize(emb, p=2, dim=1)
             return emb if convert_to_tensor and precision == "float32" else emb.cpu()
 
-        if texts:
-            emb = self._batched(
-                texts,
-                batch_size=batch_size,
-                task=task,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-            )
-        else:
-            emb = torch.empty(0, truncate_dim or full_dim or 0)
+        emb = self._batched(
+            texts,
+            batch_size=batch_size,
+            task=task,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            empty=torch.empty(0, truncate_dim or full_dim or 0),
+        )
         if precision != "float32":
             array = quantize_embeddings(
                 emb.float().numpy(), precision, ranges=ranges, calibration_embeddings=calibration_embeddings

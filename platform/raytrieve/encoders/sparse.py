@@ -75,19 +75,16 @@ class SparseEncoder(EmbeddingEncoder):
             emb = _keep_top(features["sentence_embedding"], k)
             return emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
 
-        if texts:
-            emb = self._batched(
-                texts,
-                batch_size=batch_size,
-                task=task,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-            )
-        else:
-            emb = torch.empty(0, dim)
-            emb = emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
+        emb = self._batched(
+            texts,
+            batch_size=batch_size,
+            task=task,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            empty=collect({"sentence_embedding": torch.empty(0, dim)}),
+        )
         if as_dicts:
             rows = sparse_rows(emb)
             return rows[0] if single else rows

@@ -108,9 +108,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return pearson(_ranks(x), _ranks(y))
 
 
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
-
 
 # -- scored lists (rerankers, classifiers): ties share credit, as scikit-learn defines it ------
 

@@ -79,25 +79,38 @@ def embed_columns(model: nn.Module, columns: Sequence[Features]) -> list[Tensor]
     return [first, *emb.reshape(len(rest), -1, *emb.shape[1:]).unbind(0)]
 
 
-class Loss(nn.Module):
-    """Base of the embedding losses: ``forward`` embeds the columns and hands them to
-    ``compute_loss_from_embeddings``."""
+def column_count_fits(n: int, columns: tuple[int, int | None]) -> bool:
+    low, high = columns
+    return low <= n and (high is None or n <= high)
+
+
+def describe_column_count(columns: tuple[int, int | None]) -> str:
+    low, high = columns
+    return f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
+
+
+class ColumnCheck:
+    """How many input columns a loss takes, and the error when a batch does not fit."""
 
     # (fewest, most) input columns; None = no upper bound.
     columns: tuple[int, int | None] = (1, None)
     column_names: str = "texts"
 
+    def check_columns(self, n: int) -> None:
+        if not column_count_fits(n, self.columns):
+            raise LossInputError(
+                f"{type(self).__name__} expects {describe_column_count(self.columns)} input column(s) "
+                f"({self.column_names}), got {n}"
+            )
+
+
+class Loss(ColumnCheck, nn.Module):
+    """Base of the embedding losses: ``forward`` embeds the columns and hands them to
+    ``compute_loss_from_embeddings``."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-
-    def check_columns(self, n: int) -> None:
-        low, high = self.columns
-        if n < low or (high is not None and n > high):
-            want = f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
-            raise LossInputError(
-                f"{type(self).__name__} expects {want} input column(s) ({self.column_names}), got {n}"
-            )
 
     @staticmethod
     def check_labels(labels: Tensor | None, rows: int, loss: str, what: str = "one label per row") -> Tensor:

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import LossInputError
+from raytrieve.losses.base import ColumnCheck, LossInputError
 from raytrieve.losses.cached import RandContext
+from raytrieve.losses.pairwise import margin_targets
 
 
-class CrossLoss(nn.Module):
+class CrossLoss(ColumnCheck, nn.Module):
     columns: tuple[int, int | None] = (2, 2)
     column_names = "queries, documents"
 
@@ -27,12 +28,6 @@ class CrossLoss(nn.Module):
         super().__init__()
         self.model = model
         self.activation_fn = activation_fn if activation_fn is not None else nn.Identity()
-
-    def check_columns(self, n: int) -> None:
-        low, high = self.columns
-        if n < low or (high is not None and n > high):
-            want = f"{low}" if low == high else f"at least {low}"
-            raise LossInputError(f"{type(self).__name__} expects {want} text column(s) ({self.column_names}), got {n}")
 
     def logits(self, pairs: Sequence[tuple[str, str]]) -> Tensor:
         """Raw scores [len(pairs), num_labels] (no activation)."""
@@ -102,17 +97,11 @@ class MarginMSELoss(CrossLoss):
         anchors, positives, negatives = inputs[0], inputs[1], inputs[2:]
         if isinstance(labels, list):
             labels = torch.stack(labels)
-        rows = len(anchors)
-        if labels.shape == (rows, len(negatives) + 1):
-            labels = labels[:, :1] - labels[:, 1:]
-        if labels.shape == (rows,):
-            labels = labels.unsqueeze(1)
-        if labels.shape != (rows, len(negatives)):
-            raise LossInputError(f"MarginMSELoss: labels must be [{rows}, {len(negatives)}] margins or [{rows}, {len(negatives) + 1}] scores")
+        labels = margin_targets(labels, len(anchors), len(negatives), "MarginMSELoss")
         pos = self.activation_fn(self.logits(list(zip(anchors, positives))).view(-1))
         negs = [self.activation_fn(self.logits(list(zip(anchors, n))).view(-1)) for n in negatives]
         margins = pos.unsqueeze(1) - torch.stack(negs, dim=1)
-        return self.mse(margins, labels.detach().float().to(margins.device))
+        return self.mse(margins, labels.float().to(margins.device))
 
 
 def _negative_indices(rows: int, n_cols: int, num_negatives: int | None, device) -> Tensor:

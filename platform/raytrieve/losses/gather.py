@@ -51,15 +51,6 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
-def all_gather_no_grad(tensor: Tensor) -> Tensor:
-    _, size = world()
-    if size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
 def local_offset(rows: int) -> int:
     """Index of this rank's first row in a gathered tensor."""
     rank, _ = world()

@@ -197,6 +197,23 @@ class MSELoss(Loss):
         return torch.stack(losses).mean()
 
 
+def margin_targets(labels: Tensor | None, rows: int, negatives: int, loss: str) -> Tensor:
+    """Teacher margins [rows, negatives] from margins, a single margin per row, or raw teacher
+    scores [rows, 1 + negatives] (positive first)."""
+    if labels is None:
+        raise LossInputError(f"{loss} needs teacher margins (or scores) as labels")
+    if labels.shape == (rows, negatives + 1):
+        labels = labels[:, :1] - labels[:, 1:]
+    if labels.shape == (rows,):
+        labels = labels.unsqueeze(1)
+    if labels.shape != (rows, negatives):
+        raise LossInputError(
+            f"{loss}: labels shape {tuple(labels.shape)}; expected [{rows}, {negatives}] margins "
+            f"or [{rows}, {negatives + 1}] scores"
+        )
+    return labels.detach()
+
+
 class MarginMSELoss(Loss):
     """MSE between the student's margins sim(q, pos) - sim(q, neg_k) and the teacher's."""
 
@@ -209,21 +226,10 @@ class MarginMSELoss(Loss):
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         query, positive, negatives = embeddings[0], embeddings[1], embeddings[2:]
-        rows = query.shape[0]
-        if labels is None:
-            raise LossInputError("MarginMSELoss needs teacher margins (or scores) as labels")
-        if labels.shape == (rows, len(negatives) + 1):  # teacher scores: turn into margins
-            labels = labels[:, :1] - labels[:, 1:]
-        if labels.shape == (rows,):
-            labels = labels.unsqueeze(1)
-        if labels.shape != (rows, len(negatives)):
-            raise LossInputError(
-                f"MarginMSELoss: labels shape {tuple(labels.shape)}; expected [{rows}, {len(negatives)}] margins "
-                f"or [{rows}, {len(negatives) + 1}] scores"
-            )
+        labels = margin_targets(labels, query.shape[0], len(negatives), type(self).__name__)
         sp = self.similarity_fct(query, positive)
         margins = torch.stack([sp - self.similarity_fct(query, n) for n in negatives], dim=1)
-        return F.mse_loss(margins, labels.detach().to(margins.dtype))
+        return F.mse_loss(margins, labels.to(margins.dtype))
 
 
 class SoftmaxLoss(Loss):
