@@ -111,3 +111,24 @@ def ray_cluster():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Tiny sentence-transformers folders of each kind, for training runs: dense (mean pooling),
+    sparse (SPLADE), router (inference-free SPLADE: static query side, MLM document side), cross."""
+    import torch
+
+    from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
+    from raytrieve.modules import MLMTransformer, Pooling, Router, SparseStaticEmbedding, SpladePooling, Transformer
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    DenseEncoder([Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=24), Pooling(32, "mean")],
+                 device="cpu").save(root / "dense")
+    mlm = MLMTransformer.from_pretrained(tiny_dirs["mlm"], max_seq_length=24)
+    SparseEncoder([mlm, SpladePooling("max")], device="cpu").save(root / "sparse")
+    static = SparseStaticEmbedding(mlm.tokenizer, weight=torch.rand(30522))
+    SparseEncoder([Router.for_query_document([static], [mlm, SpladePooling("max")])], device="cpu").save(root / "router")
+    CrossEncoder(tiny_dirs["cls1"], device="cpu").save(root / "cross")
+    return {k: root / k for k in ("dense", "sparse", "router", "cross")}

@@ -1,43 +1,47 @@
-"""The Ray Data tokenization stage on a real local Ray: ids equal the encoder's own
-tokenization, prompts per column, labels passed through, collation pads per column."""
+"""The Ray Data batch stage on a real local Ray: each planned micro-batch comes out
+tokenized and padded exactly as the encoder's own ``tokenize`` (prompts per column, Router
+routes), in step order, with its labels."""
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import json
+
 import pytest
 
 from raytrieve import DenseEncoder
-from raytrieve.data.pipeline import collate, tokenized_dataset
-from raytrieve.losses.registry import LossSpec
+from raytrieve.data.pipeline import decode_features, decode_labels, micro_batch_rows, rank_dataset
 from raytrieve.modules import Pooling, Transformer
-from raytrieve.train.config import DatasetConfig
+from raytrieve.train.plan import MicroBatch
 from tests.conftest import SENTENCES
 
 
 @pytest.mark.timeout(300)
-def test_tokenize_stage_matches_the_encoder(ray_cluster, tiny_dirs, tmp_path):
+def test_batch_stage_matches_the_encoder(ray_cluster, tiny_dirs, tmp_path):
     t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=16)
     model = DenseEncoder([t, Pooling(32, "mean", include_prompt=False)], device="cpu")
     model.save(tmp_path / "model")
     n = len(SENTENCES)
-    pq.write_table(pa.table({"q": SENTENCES, "d": SENTENCES[::-1], "score": [float(i) for i in range(n)]}),
-                   tmp_path / "train.parquet")
-    d = DatasetConfig(name="x", path=str(tmp_path / "train.parquet"), loss=LossSpec("CoSENTLoss"),
-                      columns=["q", "d"], label_column="score", prompts={"q": "query: "})
-    rows = tokenized_dataset(d, "parquet", str(tmp_path / "model"), "dense", batch_size=4).take_all()
-    assert len(rows) == n
-    rows.sort(key=lambda r: r["label"])
-    want_q = model.input_module().tokenize_ids(SENTENCES, prompt="query: ")["input_ids"]
-    want_d = model.input_module().tokenize_ids(SENTENCES[::-1])["input_ids"]
-    assert [list(r["q.input_ids"]) for r in rows] == want_q
-    assert [list(r["d.input_ids"]) for r in rows] == want_d
-    assert all(r["q.prompt_length"] == model.input_module().prompt_length("query: ") for r in rows)
-    assert "d.prompt_length" not in rows[0]
+    columns = {"q": SENTENCES, "d": SENTENCES[::-1], "score": [float(i) for i in range(n)]}
+    plan = [MicroBatch(0, 0, list(range(i, min(i + 3, n)))) for i in range(0, n, 3)][::-1]  # any order
+    rows = micro_batch_rows(plan, [columns], [["q", "d"]], ["score"])
+    ds = rank_dataset(rows, str(tmp_path / "model"), "dense", prompts=[["query: ", None]], routes=[[None, None]],
+                      rows_per_call=2)
+    out = list(ds.iter_rows())
+    assert [r["step"] for r in out] == list(range(len(plan)))  # step order kept
+    for r, mb in zip(out, plan):
+        q, d = decode_features(r["features"], 2, None)
+        want_q = model.tokenize([SENTENCES[i] for i in mb.rows], prompt="query: ")
+        want_d = model.tokenize([columns["d"][i] for i in mb.rows])
+        for got, want in ((q, want_q), (d, want_d)):
+            assert got.keys() == want.keys()
+            for key in want:
+                value = want[key]
+                assert (got[key].tolist() if hasattr(got[key], "tolist") else got[key]) == (
+                    value.tolist() if hasattr(value, "tolist") else value), key
+        labels = decode_labels(json.loads(r["payload"])["labels"], listwise=False)
+        assert labels.tolist() == [float(i) for i in mb.rows]
 
-    batch = {k: [r[k] for r in rows[:4]] for k in rows[0]}
-    features = collate(batch, ["q", "d"])
-    direct = model.tokenize(SENTENCES[:4], prompt="query: ")
-    assert features[0]["input_ids"].tolist() == direct["input_ids"].tolist()
-    assert features[0]["attention_mask"].tolist() == direct["attention_mask"].tolist()
-    assert features[0]["prompt_length"] == direct["prompt_length"]
+
+def test_listwise_labels_stay_ragged():
+    labels = decode_labels([[1.0, 0.0], [0.0, 0.5, 1.0]], listwise=True)
+    assert [x.tolist() for x in labels] == [[1.0, 0.0], [0.0, 0.5, 1.0]]

@@ -1,6 +1,7 @@
-"""In-batch negatives across data-parallel ranks: 2 gloo processes, each with half the batch
-and gather_across_devices=True, give (after DDP-style gradient averaging) the loss and the
-gradients of 1 process on the whole batch."""
+"""In-batch negatives across data-parallel ranks: 2 gloo processes, each with half the batch,
+encoder and loss wrapped in DDP the way the train loop does it (raytrieve.train.distributed)
+and gather_across_devices=True, give the loss and the gradients of 1 process on the whole
+batch. GradCache under DDP all-reduces gradients once per step, not once per mini-batch."""
 
 from __future__ import annotations
 
@@ -35,23 +36,35 @@ CASES = [("mnrl", 2), ("mnrl", 3), ("mnrl_sym", 3), ("cached", 3)]
 
 
 def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    from raytrieve.train.distributed import GradientSync, TrainModule, uses_gradient_cache, wrap
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
     for name, cols in CASES:
         model = DenseEncoder(path, device="cpu").train()
+        loss_fn = _loss(name, model)
+        ddp = wrap(TrainModule(model, [loss_fn]), "ddp", torch.device("cpu"))
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(1)
+            tensor = bucket.buffer() / world
+            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, counting_allreduce)
         half = len(ANCHORS) // world
         features = [model.tokenize(c[rank * half : (rank + 1) * half]) for c in COLUMNS[:cols]]
-        loss = _loss(name, model)(features, None)
-        loss.backward()
-        grads = _grads(model)
-        for g in grads:  # what DDP does: average gradients over ranks
-            dist.all_reduce(g)
-            g /= world
+        sync = GradientSync(ddp, manual=uses_gradient_cache(loss_fn))
+        with sync.context(last_micro_batch=True):
+            loss = ddp(0, features, None)
+            loss.backward()
+        sync.finish()  # the cached loss's one all-reduce per step
         value = loss.detach().clone()
         dist.all_reduce(value)
-        results[f"{name}-{cols}"] = {"loss": value / world, "grads": grads}
+        results[f"{name}-{cols}"] = {"loss": value / world, "grads": _grads(model),
+                                     "reducer_calls": torch.tensor(len(calls))}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -78,3 +91,8 @@ def test_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(got["loss"], value.detach(), atol=1e-5, rtol=1e-4, msg=name)
         for a, b in zip(got["grads"], _grads(single)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    # DDP's reducer all-reduced the plain losses' gradients; the cached loss (3 columns x 2
+    # mini-batches per rank) ran under no_sync, and its gradients came from the one
+    # all-reduce of GradientSync.finish, not from one per mini-batch.
+    assert int(ranks["mnrl-3"]["reducer_calls"]) >= 1
+    assert int(ranks["cached-3"]["reducer_calls"]) == 0

@@ -238,3 +238,35 @@ def _convert_onnx_classifier(src: Path, out: Path, arch: dict[str, Any]) -> None
     shutil.rmtree(staging)
     module = Transformer(model.eval(), tokenizer, task="sequence-classification", max_seq_length=max_seq_length)
     CrossEncoder([module], device="cpu").save(out)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local model folder for a models/ variant name, a local path, or an MLflow model URI
+    (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``; downloaded once into the cache)."""
+    if name_or_path.startswith(("models:/", "runs:/")):
+        import hashlib as _hashlib
+
+        import mlflow
+
+        key = _hashlib.sha256(f"{mlflow.get_tracking_uri()}|{name_or_path}".encode()).hexdigest()[:16]
+        target = cache_dir() / "mlflow" / key
+        if not (target / "modules.json").exists() and not (target / "config.json").exists():
+            from raytrieve._io import atomic_directory
+
+            with atomic_directory(target) as tmp:
+                mlflow.artifacts.download_artifacts(name_or_path, dst_path=str(tmp))
+                inner = [p for p in tmp.iterdir()]
+                if len(inner) == 1 and inner[0].is_dir():  # the artifact folder itself
+                    for p in inner[0].iterdir():
+                        p.rename(tmp / p.name)
+                    inner[0].rmdir()
+        return target
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path in variant_names():
+        return model_path(name_or_path)
+    raise AssetError(
+        f"model {name_or_path!r} is neither a local folder, an MLflow model URI (models:/NAME/VERSION) nor a "
+        f"shipped variant ({', '.join(variant_names()) or 'none found'})"
+    )

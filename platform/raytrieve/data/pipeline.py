@@ -1,14 +1,21 @@
-"""Ray Data stages that feed training: read a dataset, resolve prompts and routes per
-column, and tokenize in a CPU actor pool (each actor loads the model's tokenizer once).
+"""Ray Data stages that feed training.
 
-Rows leave tokenization as unpadded id lists per column (``<column>.input_ids`` and, for
-BERT-like models, ``<column>.token_type_ids``); the train loop pads each batch it takes from
-its shard with ``collate``. Validate the config (data/validate.py) before calling these.
+The driver plans every micro-batch of the run (train/plan.py) and turns each rank's
+sequence into a Ray Dataset of one row per micro-batch: its texts and labels. An actor
+pool of CPU tokenizers (each loads the model's tokenizer once) applies the column's prompt
+and Router route, tokenizes and pads the micro-batch; the rank's train worker streams the
+ready batches from ``get_dataset_shard``. Cross-encoder losses pair and tokenize texts
+themselves (in-batch negatives are built inside the loss), so their batches stay text.
+
+Texts travel through the object store rather than being read again by workers, so the
+data files only need to exist where the job is launched.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import json
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,96 +37,105 @@ def column_routes(d: DatasetConfig) -> dict[str, str | None]:
     return {c: d.router_mapping.get(c, "query" if i == 0 else "document") for i, c in enumerate(columns)}
 
 
-def read_dataset(d: DatasetConfig, fmt: str):
-    import ray.data
+def micro_batch_rows(plan_rows: Sequence[Any], columns: Sequence[dict[str, list[Any]]],
+                     text_columns: Sequence[Sequence[str]], label_columns: Sequence[str | None]) -> list[dict[str, Any]]:
+    """One Ray Data row per planned micro-batch: ``step``, ``dataset`` and a JSON payload
+    ``{"texts": [column][row], "labels": [row] | null}``."""
+    out = []
+    for step, mb in enumerate(plan_rows):
+        data = columns[mb.dataset]
+        label = label_columns[mb.dataset]
+        payload = {
+            "texts": [[data[c][i] for i in mb.rows] for c in text_columns[mb.dataset]],
+            "labels": [data[label][i] for i in mb.rows] if label else None,
+        }
+        out.append({"step": step, "epoch": mb.epoch, "dataset": mb.dataset, "payload": json.dumps(payload)})
+    return out
 
-    if fmt == "parquet":
-        return ray.data.read_parquet(d.path)
-    if fmt == "jsonl":
-        return ray.data.read_json(d.path, lines=True)
-    if fmt == "csv":
-        return ray.data.read_csv(d.path)
-    import datasets
 
-    return ray.data.from_huggingface(datasets.load_from_disk(d.path))
+class TokenizeBatches:
+    """Callable class for ``map_batches``: each row's texts -> padded token arrays (npz bytes).
 
+    ``prompts[d]`` / ``routes[d]`` give dataset d's prompt and Router route per column position.
+    """
 
-class TokenizeColumns:
-    """Callable class for ``map_batches``: text columns -> id lists, label passed through."""
-
-    def __init__(self, model_path: str, kind: str, prompts: dict[str, str | None], routes: dict[str, str | None],
-                 label_column: str | None) -> None:
+    def __init__(self, model_path: str, kind: str, prompts: list[list[str | None]], routes: list[list[str | None]]) -> None:
         import os
 
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(1)  # Ray sets OMP threads from the actor's CPU share; be explicit
-        from raytrieve.encoders import CrossEncoder, DenseEncoder, SparseEncoder
+        from raytrieve.encoders import DenseEncoder, SparseEncoder
 
-        cls = {"dense": DenseEncoder, "sparse": SparseEncoder, "cross": CrossEncoder}[kind]
-        self.model = cls(model_path, device="cpu")
-        self.prompts, self.routes, self.label_column = prompts, routes, label_column
+        self.model = {"dense": DenseEncoder, "sparse": SparseEncoder}[kind](model_path, device="cpu")
+        self.prompts, self.routes = prompts, routes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blobs = [self.tokenize(int(d), json.loads(p)["texts"]) for d, p in zip(batch["dataset"], batch["payload"])]
+        return {**batch, "features": np.array(blobs, dtype=object)}
+
+    def tokenize(self, dataset: int, texts: list[list[str]]) -> bytes:
         from raytrieve.modules import Router
 
         has_router = isinstance(self.model.stack[0], Router)
-        out: dict[str, np.ndarray] = {}
-        for column, prompt in self.prompts.items():
-            module = self.model.input_module(self.routes[column] if has_router else None)
-            encoded = module.tokenize_ids(list(batch[column]), prompt=prompt)
-            for key, rows in encoded.items():
-                out[f"{column}.{key}"] = _ragged(rows)
+        arrays: dict[str, np.ndarray] = {}
+        for c, column in enumerate(texts):
+            prompt = self.prompts[dataset][c]
+            module = self.model.input_module(self.routes[dataset][c] if has_router else None)
+            features = module.collate(module.tokenize_ids(column, prompt=prompt))
+            for key, value in features.items():
+                arrays[f"{c}.{key}"] = np.asarray(value)
             if prompt and hasattr(module, "prompt_length"):
-                out[f"{column}.prompt_length"] = np.full(len(batch[column]), module.prompt_length(prompt), dtype=np.int32)
-        if self.label_column is not None:
-            out["label"] = np.asarray(batch[self.label_column])
-        return out
+                arrays[f"{c}.prompt_length"] = np.asarray(module.prompt_length(prompt))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
 
 
-def _ragged(rows: list[list[int]]) -> np.ndarray:
-    arr = np.empty(len(rows), dtype=object)
-    for i, r in enumerate(rows):
-        arr[i] = np.asarray(r, dtype=np.int32)
-    return arr
-
-
-def tokenized_dataset(d: DatasetConfig, fmt: str, model_path: str, kind: str, actors: int = 1, batch_size: int = 256):
-    """The dataset with its text columns tokenized by an actor pool of ``actors`` tokenizers.
-
-    Actors take half a CPU each: on a 2-CPU machine a whole-CPU actor pool starves the read
-    tasks and the pipeline stalls.
-    """
-    from ray.data import ActorPoolStrategy
-
-    keep = list(d.columns or []) + ([d.label_column] if d.label_column else [])
-    ds = read_dataset(d, fmt).select_columns(keep)
-    return ds.map_batches(
-        TokenizeColumns,
-        fn_constructor_kwargs={
-            "model_path": model_path, "kind": kind, "prompts": column_prompts(d), "routes": column_routes(d),
-            "label_column": d.label_column,
-        },
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=0.5,
-        batch_size=batch_size,
-        batch_format="numpy",
-    )
-
-
-def collate(rows: dict[str, Any], columns: list[str], pad_id: int = 0) -> list[dict[str, Any]]:
-    """One padded features dict per text column from a batch of tokenized rows."""
+def decode_features(blob: bytes, n_columns: int, routes: list[str | None] | None) -> list[dict[str, Any]]:
+    """The padded features dict of each column, as torch tensors (``task`` set for Router models)."""
     import torch
 
-    from raytrieve.modules.transformer import pad_ids
+    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+        columns: list[dict[str, Any]] = [{} for _ in range(n_columns)]
+        for name in arrays.files:
+            c, key = name.split(".", 1)
+            value = arrays[name]
+            columns[int(c)][key] = int(value) if key == "prompt_length" else torch.from_numpy(value)
+    if routes is not None:
+        for c, route in enumerate(routes):
+            columns[c]["task"] = route
+    return columns
 
-    features = []
-    for column in columns:
-        encoded = {k.split(".", 1)[1]: [list(r) for r in v] for k, v in rows.items()
-                   if k.startswith(column + ".") and not k.endswith("prompt_length")}
-        f = pad_ids(encoded, pad_id)
-        if f"{column}.prompt_length" in rows:
-            f["prompt_length"] = int(np.asarray(rows[f"{column}.prompt_length"])[0])
-        features.append(f)
-    return features
+
+def decode_labels(labels: list[Any] | None, listwise: bool) -> Any:
+    import torch
+
+    if labels is None:
+        return None
+    if listwise:  # one score tensor per query, of that query's document count
+        return [torch.tensor(x, dtype=torch.float32) for x in labels]
+    return torch.tensor(labels)
+
+
+def rank_dataset(rows: list[dict[str, Any]], model_path: str, kind: str, prompts: list[list[str | None]],
+                 routes: list[list[str | None]], actors: int = 1, rows_per_call: int = 4):
+    """The Ray Dataset one rank streams: rows in step order, tokenized by an actor pool.
+
+    Actors take half a CPU each: on a 2-CPU machine whole-CPU actors starve the other stages.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rows_per_call, 64)))
+    if kind == "cross":
+        return ds
+    return ds.map_batches(
+        TokenizeBatches,
+        fn_constructor_kwargs={"model_path": model_path, "kind": kind, "prompts": prompts, "routes": routes},
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+        batch_size=rows_per_call,
+        batch_format="numpy",
+    )

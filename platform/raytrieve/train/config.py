@@ -75,8 +75,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int | None = None
+    every_n_steps: int | None = None  # None: only the final checkpoint
     keep: int = 2
+    dir: str | None = None  # Ray Train storage; default: <output_dir>.checkpoints next to the model
+    max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
 
 
 @dataclass
@@ -85,6 +87,8 @@ class ScalingConfig:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    torch_threads: int | None = None  # per worker; default: its CPU share, at least 1
+    tokenizer_actors: int = 1  # Ray Data tokenization actors per worker
 
 
 @dataclass
@@ -117,7 +121,8 @@ def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     t = cfg.training
     for key, value in (("training.batch_size", t.batch_size), ("training.epochs", t.epochs),
                        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("scaling.num_workers", cfg.scaling.num_workers), ("checkpoint.keep", cfg.checkpoint.keep)):
+                       ("scaling.num_workers", cfg.scaling.num_workers), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("scaling.tokenizer_actors", cfg.scaling.tokenizer_actors)):
         if value < 1:
             raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
     if t.max_steps is not None and t.max_steps < 1:
@@ -141,6 +146,8 @@ def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
             raise ConfigError(f"{where}.datasets[{i}].weight must be positive, got {d.weight}")
         if d.router_mapping and set(d.router_mapping.values()) - {"query", "document"}:
             raise ConfigError(f"{where}.datasets[{i}].router_mapping routes must be 'query' or 'document'")
+    if cfg.checkpoint.max_failures < 0:
+        raise ConfigError(f"{where}.checkpoint.max_failures must be 0 or more, got {cfg.checkpoint.max_failures}")
     if cfg.eval.path is not None and cfg.eval.evaluator is None:
         raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
     return cfg

@@ -18,10 +18,15 @@ from raytrieve.train.config import OptimizerConfig, ScheduleConfig
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | None = None) -> list[dict]:
+    """Groups over the model's parameters and, named ``loss.*``, those of ``extra`` (a loss's own head)."""
     patterns = [(re.compile(p), lr) for p, lr in cfg.learning_rate_mapping.items()]
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    named = list(model.named_parameters())
+    if extra is not None:
+        seen = {id(p) for _, p in named}
+        named += [(f"loss.{n}", p) for n, p in extra.named_parameters() if id(p) not in seen]
+    for name, param in named:
         if not param.requires_grad:
             continue
         lr = next((lr for pattern, lr in patterns if pattern.search(name)), cfg.learning_rate)
@@ -30,8 +35,8 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, cfg, extra), lr=cfg.learning_rate)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -5,6 +5,7 @@ optimizer and schedule step. ``train_loop_per_worker`` drives this on every rank
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,8 +30,10 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None,
-                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0) -> None:
+                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0, sync: Any | None = None) -> None:
+        """``sync`` (train/distributed.GradientSync) says when gradients are all-reduced across ranks."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.sync = sync
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self._micro = 0
@@ -39,18 +42,22 @@ class Stepper:
 
     def micro_batch(self, loss_fn: nn.Module, features: Sequence[Any], labels: Tensor | None) -> StepResult | None:
         """Forward + backward of one micro-batch; returns the step's result when it completed a step."""
-        out = loss_fn(features, labels)
-        if isinstance(out, dict):
-            for k, v in out.items():
-                self._components[k] = self._components.get(k, 0.0) + float(v.detach()) / self.accumulation_steps
-            loss = torch.stack([v for v in out.values()]).sum()
-        else:
-            loss = out
-        (loss / self.accumulation_steps).backward()
+        last = self._micro + 1 == self.accumulation_steps
+        with self.sync.context(last) if self.sync is not None else contextlib.nullcontext():
+            out = loss_fn(features, labels)
+            if isinstance(out, dict):
+                for k, v in out.items():
+                    self._components[k] = self._components.get(k, 0.0) + float(v.detach()) / self.accumulation_steps
+                loss = torch.stack([v for v in out.values()]).sum()
+            else:
+                loss = out
+            (loss / self.accumulation_steps).backward()
         self._sum += float(loss.detach()) / self.accumulation_steps
         self._micro += 1
-        if self._micro < self.accumulation_steps:
+        if not last:
             return None
+        if self.sync is not None:
+            self.sync.finish()
         return self._step()
 
     def _step(self) -> StepResult:

@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow): the driver owns the run, rank 0 logs into it."""

@@ -1,0 +1,100 @@
+"""One MLflow run per training job.
+
+The driver resolves the tracking store, opens the run and logs the whole resolved config as
+params; rank 0 logs metrics (already averaged over ranks) and the final model into that run
+by id; the driver ends it FINISHED or FAILED and registers the model if asked.
+
+Tracking store: ``mlflow.tracking_uri`` in the config, else ``MLFLOW_TRACKING_URI``, else a
+local directory ``./mlruns``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def tracking_uri(configured: str | None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
+    if "://" not in uri:  # a bare path
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) or is_dataclass(v) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: str(value)[:PARAM_LIMIT]}
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("file:"):
+        # MLflow 3 refuses a plain file store unless allowed explicitly (in every process).
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
+    run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    c.log_batch(run.info.run_id, tags=[RunTag("raytrieve.component", "train")])
+    return run.info.run_id
+
+
+class MetricLogger:
+    """Rank 0's handle on the run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = client(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_model_dir(self, path: str | Path, artifact_path: str = "model") -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, failed: bool) -> None:
+    client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def register_model(uri: str, run_id: str, name: str) -> str:
+    """Register the run's ``model`` artifact folder (a sentence-transformers directory, not an
+    MLflow flavour) as a new version of ``name``; returns the version number."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    return str(c.create_model_version(name, source, run_id=run_id).version)

@@ -1,0 +1,311 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+It loads the encoder, builds one loss per dataset, wraps both for DDP/FSDP, restores the
+latest checkpoint if there is one, and streams its rank's planned micro-batches (already
+tokenized and padded by the Ray Data stage) from ``get_dataset_shard``. Rank 0 logs metrics
+that were averaged over ranks first, and writes checkpoints and the final model.
+
+A checkpoint is a directory: ``model/`` (sentence-transformers format, loadable as is),
+``state.pt`` (optimizer, schedule, step; tensors only, read with weights_only=True) and
+``rng-<rank>.json`` (each rank's random state), reported through ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from raytrieve.train.config import TrainConfig
+
+ENCODERS = {"dense": "DenseEncoder", "sparse": "SparseEncoder", "cross": "CrossEncoder"}
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, resolved on the driver (picklable, no Ray objects)."""
+
+    config: TrainConfig
+    model_path: str  # local sentence-transformers folder
+    optimizer_steps: int
+    micro_batches: int  # per rank
+    columns: list[int]  # text columns per dataset
+    routes: list[list[str | None] | None]  # Router task per column, per dataset (None: no Router)
+    listwise: list[bool]
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    eval_columns: dict[str, list[Any]] | None = None
+    threads: int | None = None
+    samples_per_step: int = 0  # global rows per optimizer step
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: bool = False):
+    import raytrieve.encoders as encoders
+
+    return getattr(encoders, ENCODERS[kind])(path, device=str(device), trust_remote_code=trust_remote_code)
+
+
+def build_losses(spec: WorkerSpec, encoder, world_size: int) -> list[torch.nn.Module]:
+    import inspect
+
+    from raytrieve.losses.registry import LossSpec, _catalogue, build_loss
+
+    losses = []
+    for i, d in enumerate(spec.config.datasets):
+        loss_spec: LossSpec = d.loss
+        base = loss_spec.inner if loss_spec.name == "SpladeLoss" and loss_spec.inner else loss_spec
+        cls = _catalogue(spec.config.model.kind).get(base.name)
+        # In-batch negatives from every rank: what makes N workers equal 1 worker on the
+        # whole batch. On by default when data-parallel; a config can still say false.
+        if world_size > 1 and cls is not None and "gather_across_devices" in inspect.signature(cls.__init__).parameters:
+            base.args.setdefault("gather_across_devices", True)
+        losses.append(build_loss(loss_spec, encoder, spec.config.model.kind, f"datasets[{i}].loss"))
+    return losses
+
+
+def in_step_order(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Rows by their ``step`` number, whatever order the pipeline delivered them in."""
+    pending: list[tuple[int, int, dict[str, Any]]] = []
+    expected, tie = None, 0
+    for row in rows:
+        heapq.heappush(pending, (int(row["step"]), tie, row))
+        tie += 1
+        if expected is None:
+            expected = 0
+        while pending and pending[0][0] == expected:
+            yield heapq.heappop(pending)[2]
+            expected += 1
+    while pending:
+        yield heapq.heappop(pending)[2]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The TrainModule's unsharded state dict (gathered from every rank under FSDP: all ranks call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from raytrieve.train.distributed import distributed
+
+    if distributed() and hasattr(wrapped, "reshard"):  # FSDP
+        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return module.state_dict()
+
+
+def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path: str, target: Path) -> None:
+    """Save the encoder's weights ``state`` in sentence-transformers format (a CPU copy when sharded)."""
+    if any(type(t).__name__ == "DTensor" for t in encoder.parameters()):
+        encoder = load_encoder(kind, model_path, torch.device("cpu"))
+        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
+    encoder.save(target)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from raytrieve.data.pipeline import decode_features, decode_labels
+    from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
+    from raytrieve.train.distributed import GradientSync, TrainModule, mean_across_ranks, uses_gradient_cache, wrap
+    from raytrieve.train.optim import build_optimizer, build_schedule
+    from raytrieve.train.step import Stepper
+
+    spec: WorkerSpec = loop_config["spec"]
+    cfg = spec.config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)  # Ray sets OMP threads from the CPU share; be explicit
+    random.seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seed)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+
+    encoder = load_encoder(cfg.model.kind, spec.model_path, device, cfg.model.trust_remote_code)
+    if cfg.model.max_seq_length:
+        encoder.max_seq_length = cfg.model.max_seq_length
+    encoder.train()
+    losses = build_losses(spec, encoder, world)
+    module = TrainModule(encoder, losses).to(device)
+    wrapped = wrap(module, cfg.scaling.strategy, device)
+    optimizer = build_optimizer(module.encoder, cfg.optimizer, extra=module.losses)
+    schedule = build_schedule(optimizer, cfg.schedule, spec.optimizer_steps)
+    cached = any(uses_gradient_cache(loss) for loss in losses)
+    stepper = Stepper(module, optimizer, schedule, cfg.training.gradient_accumulation_steps,
+                      cfg.optimizer.max_grad_norm, sync=GradientSync(wrapped, manual=cached))
+    splade = {i: SpladeRegularizerWeightScheduler(loss, spec.optimizer_steps)
+              for i, loss in enumerate(losses) if isinstance(loss, SpladeLoss)}
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+            restored = load_encoder(cfg.model.kind, str(ckpt / "model"), torch.device("cpu"))
+            _load_weights(wrapped, module, restored, state.get("loss_heads", {}))
+            _load_optimizer(wrapped, module, optimizer, state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            step = int(state["step"])
+            rng = ckpt / f"rng-{rank}.json"
+            if rng.exists():
+                _set_rng_state(json.loads(rng.read_text()))
+
+    logger = None
+    if rank == 0 and spec.run_id:
+        from raytrieve.tracking.mlflow_run import MetricLogger
+
+        logger = MetricLogger(spec.tracking_uri, spec.run_id)
+        if step:
+            logger.log({"resumed_from_step": step}, step)
+    evaluator = None
+    if spec.eval_columns is not None and cfg.eval.evaluator:
+        from raytrieve.train.evaluate import build_evaluator
+
+        evaluator = build_evaluator(spec.eval_columns, cfg.eval.evaluator, cfg.model.kind)
+
+    def evaluate(at: int) -> None:
+        if evaluator is None:
+            return
+        was_training = encoder.training
+        encoder.eval()
+        if hasattr(wrapped, "unshard"):
+            wrapped.unshard()
+        with torch.no_grad():
+            metrics = evaluator(encoder)  # every rank runs it: FSDP layers gather collectively
+        if hasattr(wrapped, "reshard"):
+            wrapped.reshard()
+        encoder.train(was_training)
+        if logger is not None:
+            logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, at)
+
+    def save_checkpoint(at: int, final: bool = False) -> None:
+        weights = full_state_dict(wrapped, module)
+        optim_state = _optimizer_state(wrapped, optimizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / f"rng-{rank}.json").write_text(json.dumps(_rng_state()))
+            if rank == 0:
+                save_encoder(encoder, weights, cfg.model.kind, spec.model_path, tmp / "model")
+                heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
+                torch.save({"optimizer": optim_state, "schedule": schedule.state_dict(), "step": at,
+                            "loss_heads": heads}, tmp / "state.pt")
+            ray.train.report({"step": at, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step-{at:08d}")
+
+    evaluate_every = cfg.eval.every_n_steps
+    checkpoint_every = cfg.checkpoint.every_n_steps
+    accumulation = cfg.training.gradient_accumulation_steps
+    start_micro = step * accumulation
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    tick = time.perf_counter()
+    rows = in_step_order(shard.iter_rows()) if step < spec.optimizer_steps else iter(())
+    for row in rows:
+        if int(row["step"]) < start_micro:
+            continue  # done before the checkpoint this run resumed from
+        dataset = int(row["dataset"])
+        payload = json.loads(row["payload"])
+        labels = decode_labels(payload["labels"], spec.listwise[dataset])
+        if labels is not None and not isinstance(labels, list):
+            labels = labels.to(device)
+        if cfg.model.kind == "cross":
+            features = payload["texts"]
+        else:
+            features = decode_features(row["features"], spec.columns[dataset], spec.routes[dataset])
+            features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
+        if dataset in splade:
+            weights = splade[dataset].step(step)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16 and device.type == "cuda")
+        with autocast:
+            result = stepper.micro_batch(lambda f, y: wrapped(dataset, f, y), features, labels)
+        if result is None:
+            continue
+        step += 1
+        elapsed = time.perf_counter() - tick
+        tick = time.perf_counter()
+        metrics = {"loss": result.loss, **{f"loss/{k}": v for k, v in result.components.items()}}
+        metrics = mean_across_ranks(metrics, device)
+        metrics.update(learning_rate=result.learning_rate, samples_per_s=spec.samples_per_step / max(elapsed, 1e-9))
+        if result.grad_norm is not None:
+            metrics["grad_norm"] = result.grad_norm
+        if dataset in splade:
+            metrics.update({f"splade/{k}": v for k, v in weights.items() if v is not None})
+        if logger is not None:
+            logger.log(metrics, step)
+        if evaluate_every and step % evaluate_every == 0:
+            evaluate(step)
+        if checkpoint_every and step % checkpoint_every == 0 and step < spec.optimizer_steps:
+            save_checkpoint(step)
+        if step >= spec.optimizer_steps:
+            break
+    evaluate(step)
+    save_checkpoint(step, final=True)
+    weights = full_state_dict(wrapped, module)  # collective under FSDP
+    if rank == 0:
+        _write_final_model(spec, encoder, weights, logger)
+
+
+def _is_encoder_key(key: str) -> bool:
+    return ".model." in key or key.startswith("encoder.")
+
+
+def _write_final_model(spec: WorkerSpec, encoder, weights: dict[str, torch.Tensor], logger) -> None:
+    from raytrieve._io import atomic_directory
+
+    target = Path(spec.config.output_dir)
+    with atomic_directory(target) as tmp:
+        save_encoder(encoder, weights, spec.config.model.kind, spec.model_path, tmp)
+    if logger is not None:
+        logger.log_model_dir(target)
+
+
+def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
+    from raytrieve.train.distributed import distributed
+
+    if distributed() and hasattr(wrapped, "reshard"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def _load_weights(wrapped, module, restored, heads: dict[str, torch.Tensor]) -> None:
+    from raytrieve.train.distributed import distributed
+
+    state = {f"encoder.{k}": v for k, v in restored.state_dict().items()}
+    state.update(heads)
+    if distributed() and hasattr(wrapped, "reshard"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    module.load_state_dict(state, strict=False)
+
+
+def _load_optimizer(wrapped, module, optimizer, state: dict[str, Any]) -> None:
+    from raytrieve.train.distributed import distributed
+
+    if distributed() and hasattr(wrapped, "reshard"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)

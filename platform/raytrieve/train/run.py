@@ -1,0 +1,223 @@
+"""The driver side of a training job: check everything, plan the batches, build the Ray Data
+stages, run TorchTrainer, track the run in MLflow.
+
+    run_training(load_train_config("jobs/configs/dense_mnrl.yaml"), ray_address="local")
+
+Every check that can fail (config values, data files and columns, the model, each loss's
+arguments against the real model, the eval file) runs before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from raytrieve.errors import ConfigError, DataError, RaytrieveError
+from raytrieve.train.config import TrainConfig
+from raytrieve.train.loop import WorkerSpec, build_losses, load_encoder
+from raytrieve.train.plan import Plan, dataset_rows, plan_training
+
+log = logging.getLogger("raytrieve.train")
+
+
+class TrainingError(RaytrieveError):
+    """Training started but did not finish (the MLflow run is marked FAILED)."""
+
+
+@dataclass
+class Prepared:
+    spec: WorkerSpec
+    plan: Plan
+    columns: list[dict[str, list[Any]]]
+    text_columns: list[list[str]]
+    label_columns: list[str | None]
+    prompts: list[list[str | None]]
+    routes: list[list[str | None]]
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    run_id: str | None
+    model_version: str | None
+    checkpoint: str | None
+    dropped: list[str]
+
+
+def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
+    """All checks and the plan; no Ray."""
+    import torch
+
+    from raytrieve.assets import resolve_model
+    from raytrieve.data.pipeline import column_prompts, column_routes
+    from raytrieve.data.validate import LISTWISE, infer_format, read_table, validate_dataset
+    from raytrieve.modules import Router
+    from raytrieve.train.distributed import uses_gradient_cache
+    from raytrieve.train.evaluate import check_eval_columns
+
+    model_path = str(resolve_model(cfg.model.name_or_path))
+    reports = [validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+    # The real model and every loss, built once here so a bad loss argument (or a model the
+    # loss cannot use) fails now rather than on every worker.
+    encoder = load_encoder(cfg.model.kind, model_path, torch.device("cpu"), cfg.model.trust_remote_code)
+    losses = build_losses(_spec_for_checks(cfg, model_path), encoder, cfg.scaling.num_workers)
+    if cfg.scaling.strategy == "fsdp" and any(uses_gradient_cache(loss) for loss in losses):
+        raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
+    has_router = cfg.model.kind != "cross" and isinstance(encoder.stack[0], Router)
+
+    columns, text_columns, label_columns, prompts, routes, listwise, rows = [], [], [], [], [], [], []
+    for d, report in zip(cfg.datasets, reports):
+        fmt = d.format or infer_format(Path(d.path))
+        keep = report.text_columns + ([report.label_column] if report.label_column else [])
+        data = read_table(Path(d.path), fmt).select(keep).to_pydict()
+        columns.append(data)
+        text_columns.append(report.text_columns)
+        label_columns.append(report.label_column)
+        d.columns = report.text_columns
+        prompts.append([column_prompts(d)[c] for c in report.text_columns])
+        routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
+        base = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
+        listwise.append(cfg.model.kind == "cross" and base in LISTWISE)
+        rows.append(dataset_rows(d.name, data, report.text_columns, report.label_column, d.weight))
+
+    eval_columns = None
+    if cfg.eval.path:
+        path = Path(cfg.eval.path)
+        if not path.exists():
+            raise DataError(f"{where}.eval.path: {path} does not exist")
+        eval_columns = read_table(path, infer_format(path)).to_pydict()
+        check_eval_columns(eval_columns, cfg.eval.evaluator, f"{where}.eval.path ({path})")
+
+    world = cfg.scaling.num_workers
+    plan = plan_training(rows, cfg.training, world)
+    if plan.optimizer_steps == 0:
+        raise DataError(
+            f"{where}: the data gives no full optimizer step (batch_size {cfg.training.batch_size} x "
+            f"{world} worker(s) x gradient_accumulation_steps {cfg.training.gradient_accumulation_steps}); "
+            f"rows: {', '.join(f'{r.name}={len(r.texts)}' for r in rows)}"
+        )
+    cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
+    spec = WorkerSpec(
+        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps, micro_batches=plan.micro_batches,
+        columns=[len(t) for t in text_columns], routes=routes, listwise=listwise, eval_columns=eval_columns,
+        threads=cfg.scaling.torch_threads or max(1, int(cpu)),
+        samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
+    )
+    return Prepared(spec, plan, columns, text_columns, label_columns, prompts, routes)
+
+
+def _spec_for_checks(cfg: TrainConfig, model_path: str) -> WorkerSpec:
+    return WorkerSpec(config=cfg, model_path=model_path, optimizer_steps=1, micro_batches=0, columns=[], routes=[],
+                      listwise=[])
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints").resolve()
+
+
+def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
+    """What a resumed run must share with the checkpoints it finds: config and the planned data."""
+    body = json.dumps({"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
+    root = checkpoint_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = root / "raytrieve-run.json"
+    fingerprint = _fingerprint(cfg, plan)
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{where}: {root} holds checkpoints of a different run (config or data changed); "
+            "delete it to start over, or set checkpoint.dir to a new folder"
+        )
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "output_dir": cfg.output_dir}))
+    tmp.replace(stamp)
+    return root
+
+
+def build_datasets(p: Prepared) -> dict[str, Any]:
+    from raytrieve.data.pipeline import micro_batch_rows, rank_dataset
+
+    cfg = p.spec.config
+    return {
+        f"rank{r}": rank_dataset(
+            micro_batch_rows(batches, p.columns, p.text_columns, p.label_columns), p.spec.model_path,
+            cfg.model.kind, p.prompts, [r_ or [None] * len(t) for r_, t in zip(p.routes, p.text_columns)],
+            actors=cfg.scaling.tokenizer_actors,
+        )
+        for r, batches in enumerate(p.plan.per_rank)
+    }
+
+
+def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
+    """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
+    submit``), "local" starts an embedded Ray."""
+    p = prepare(cfg, where)
+    for line in p.plan.dropped:
+        log.warning("not trained on: %s", line)
+    storage = _claim_checkpoint_dir(cfg, p.plan, where)
+
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytrieve.tracking import mlflow_run
+
+    if not ray.is_initialized():
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ray.init(address=ray_address)
+    uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
+    params = mlflow_run.flatten(cfg)
+    params.update({"plan.optimizer_steps": str(p.plan.optimizer_steps), "plan.epochs": str(len(p.plan.steps_per_epoch)),
+                   "plan.not_trained_on": "; ".join(p.plan.dropped)[: mlflow_run.PARAM_LIMIT] or "none",
+                   "model.resolved_path": p.spec.model_path})
+    run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)
+    p.spec.tracking_uri, p.spec.run_id = uri, run_id
+    failed = True
+    try:
+        import ray.data
+
+        options = ray.data.ExecutionOptions()
+        options.preserve_order = True
+        trainer = TorchTrainer(
+            _entry,
+            train_loop_config={"spec": p.spec},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker=cfg.scaling.resources_per_worker or None),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            datasets=build_datasets(p),
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=options),
+            run_config=RunConfig(
+                name="run", storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            raise TrainingError(f"training failed: {e}") from e
+        version = None
+        if cfg.mlflow.register_model_as:
+            version = mlflow_run.register_model(uri, run_id, cfg.mlflow.register_model_as)
+        failed = False
+    finally:
+        mlflow_run.end_run(uri, run_id, failed)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped)
+
+
+def _entry(loop_config: dict[str, Any]) -> None:
+    # A module-level function, so Ray pickles a reference to the package, not the closure.
+    from raytrieve.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
