@@ -2,9 +2,11 @@
 
     raytrieve models list              the shipped variants (models/)
     raytrieve models path NAME         a local sentence-transformers folder for NAME (last line)
+    raytrieve train --config X.yaml [key=value ...]
+                                       fine-tune on an embedded local Ray (jobs/train.py on a cluster)
+    raytrieve data build-pydocs --out DIR
+                                       (query, document) pairs from installed packages' docstrings
     raytrieve demo                     a showcase of the three shipped models
-
-Later stages (train, encode, index, serve) join here as they land.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from raytrieve.train.entry import train_from_args
+
+    return train_from_args(args.config, args.overrides, ray_address="local")
+
+
+def _build_pydocs(args: argparse.Namespace) -> int:
+    import json
+
+    from raytrieve.data.pydocs import build
+
+    print(json.dumps(build(args.out, max_per_package=args.max_per_package)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrieve", description="Retrieval models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_sub.add_parser("path", help="print a local sentence-transformers folder for a variant")
     path.add_argument("name")
     path.set_defaults(func=_models_path)
+    train = sub.add_parser("train", help="fine-tune a model as a YAML config says, on an embedded Ray")
+    train.add_argument("--config", required=True, help="a training YAML (see jobs/configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.batch_size=64")
+    train.set_defaults(func=_train)
+    data = sub.add_parser("data", help="build training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")
+    pydocs.add_argument("--out", default="data/pydocs")
+    pydocs.add_argument("--max-per-package", type=int, default=4000)
+    pydocs.set_defaults(func=_build_pydocs)
     sub.add_parser("demo", help="showcase the three shipped models").set_defaults(func=_demo)
     return parser
 

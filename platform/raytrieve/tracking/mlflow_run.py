@@ -11,6 +11,7 @@ local directory ``./mlruns``.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, s
     return run.info.run_id
 
 
+def metric_name(key: str) -> str:
+    """MLflow's allowed characters: ``ndcg@10`` becomes ``ndcg_at_10``."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+
+
 class MetricLogger:
     """Rank 0's handle on the run."""
 
@@ -75,7 +81,8 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
+                                                    for k, v in metrics.items()])
 
     def log_model_dir(self, path: str | Path, artifact_path: str = "model") -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)

@@ -21,6 +21,9 @@ class ModelConfig:
     kind: Literal["dense", "sparse", "cross"]
     max_seq_length: int | None = None
     trust_remote_code: bool = False
+    # sparse only: start an inference-free SPLADE Router from the model: queries by a
+    # SparseStaticEmbedding (one learned weight per token), documents by the MLM + SpladePooling.
+    inference_free: bool = False
 
 
 @dataclass
@@ -146,6 +149,8 @@ def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
             raise ConfigError(f"{where}.datasets[{i}].weight must be positive, got {d.weight}")
         if d.router_mapping and set(d.router_mapping.values()) - {"query", "document"}:
             raise ConfigError(f"{where}.datasets[{i}].router_mapping routes must be 'query' or 'document'")
+    if cfg.model.inference_free and cfg.model.kind != "sparse":
+        raise ConfigError(f"{where}.model.inference_free applies to sparse models only")
     if cfg.checkpoint.max_failures < 0:
         raise ConfigError(f"{where}.checkpoint.max_failures must be 0 or more, got {cfg.checkpoint.max_failures}")
     if cfg.eval.path is not None and cfg.eval.evaluator is None:

@@ -61,7 +61,10 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
 
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
     model_path = str(resolve_model(cfg.model.name_or_path))
+    if cfg.model.inference_free:
+        model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
     reports = [validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
@@ -110,6 +113,28 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
     return Prepared(spec, plan, columns, text_columns, label_columns, prompts, routes)
+
+
+def inference_free_router(model_path: str, target: Path) -> Path:
+    """An inference-free SPLADE built from a SPLADE model: static query weights (start at 1),
+    the model itself on the document side. Written once (a resumed run reuses it)."""
+    if (target / "modules.json").exists():
+        return target
+    import torch
+
+    from raytrieve._io import atomic_directory
+    from raytrieve.encoders import SparseEncoder
+    from raytrieve.modules import Router, SparseStaticEmbedding
+
+    sparse = SparseEncoder(model_path, device="cpu")
+    if isinstance(sparse.stack[0], Router):
+        raise ConfigError(f"model.inference_free: {model_path} already is a Router model; set inference_free: false")
+    tokenizer = sparse.tokenizer
+    static = SparseStaticEmbedding(tokenizer, weight=torch.ones(len(tokenizer)))
+    router = SparseEncoder([Router.for_query_document([static], list(sparse.stack))], device="cpu")
+    with atomic_directory(target) as tmp:
+        router.save(tmp)
+    return target
 
 
 def _spec_for_checks(cfg: TrainConfig, model_path: str) -> WorkerSpec:

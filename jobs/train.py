@@ -1,0 +1,17 @@
+"""Training entry point for ``ray job submit`` (the cluster's Ray is joined, not started):
+
+    ray job submit --working-dir . --runtime-env-json '{"py_modules": ["platform/raytrieve"]}' \\
+        -- python jobs/train.py --config jobs/configs/dense_mnrl.yaml [key=value ...]
+"""
+
+import argparse
+import sys
+
+from raytrieve.train.entry import train_from_args
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    sys.exit(train_from_args(args.config, args.overrides, ray_address=None))

@@ -1,0 +1,139 @@
+"""Offline retrieval data from the docstrings of installed packages.
+
+Each documented function or class gives a (query, document) pair: the query is the
+docstring's summary line, the document is the object's signature plus the rest of the
+docstring. Pairs are deduplicated (on query and on document), and split by package, so the
+test packages are never seen in training. Files are read with ``ast``; nothing is imported.
+
+    raytrieve data build-pydocs --out data/pydocs
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAIN_PACKAGES = ("torch", "transformers", "ray", "pyarrow", "mlflow", "datasets")
+TEST_PACKAGES = ("numpy", "scipy")
+
+
+@dataclass
+class Pair:
+    query: str
+    document: str
+    package: str
+
+
+def _signature(node: ast.AST) -> str:
+    if isinstance(node, ast.ClassDef):
+        return f"class {node.name}"
+    args = ast.unparse(node.args) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else ""
+    return f"def {node.name}({args})"
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) -> list[Pair]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0])
+    out: list[Pair] = []
+    for path in sorted(root.rglob("*.py"))[:max_files]:
+        if "test" in path.parts or path.name.startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            summary, _, body = doc.strip().partition("\n")
+            summary, body = _clean(summary), _clean(body)
+            if len(summary.split()) < 4 or len(body.split()) < min_body_words:
+                continue
+            out.append(Pair(summary, _clean(f"{_signature(node)}: {body}")[:2000], package))
+    return out
+
+
+def deduplicate(pairs: list[Pair]) -> list[Pair]:
+    seen_q: set[str] = set()
+    seen_d: set[str] = set()
+    out = []
+    for p in pairs:
+        q, d = p.query.lower(), p.document.lower()
+        if q in seen_q or d in seen_d:
+            continue
+        seen_q.add(q)
+        seen_d.add(d)
+        out.append(p)
+    return out
+
+
+def build(out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES,
+          max_per_package: int | None = 4000) -> dict:
+    """Write train.parquet, test.parquet and manifest.json into ``out_dir`` (atomically)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve._io import atomic_directory
+
+    splits: dict[str, list[Pair]] = {}
+    versions = {}
+    for split, packages in (("train", train_packages), ("test", test_packages)):
+        pairs: list[Pair] = []
+        for package in packages:
+            found = package_pairs(package)[:max_per_package]
+            if found:
+                versions[package] = importlib.metadata.version(package) if _installed(package) else "unknown"
+            pairs += found
+        splits[split] = deduplicate(pairs)
+    # A test query or document also seen in training would leak; drop it from test.
+    train_q = {p.query.lower() for p in splits["train"]}
+    train_d = {p.document.lower() for p in splits["train"]}
+    splits["test"] = [p for p in splits["test"] if p.query.lower() not in train_q and p.document.lower() not in train_d]
+    manifest = {"packages": versions, "train_packages": list(train_packages), "test_packages": list(test_packages),
+                "rows": {k: len(v) for k, v in splits.items()}, "columns": ["query", "document", "package"],
+                "files": ["train.parquet", "test.parquet", "train_labeled.parquet", "train_listwise.parquet"]}
+    with atomic_directory(Path(out_dir)) as tmp:
+        for split, pairs in splits.items():
+            table = pa.table({"query": [p.query for p in pairs], "document": [p.document for p in pairs],
+                              "package": [p.package for p in pairs]})
+            pq.write_table(table, tmp / f"{split}.parquet")
+        # For cross-encoders: each training query with its document (1) and random others (0),
+        # as labeled pairs and as one ranked list per query.
+        rng = random.Random(0)
+        train = splits["train"]
+        q, d, y, lists, list_labels = [], [], [], [], []
+        for i, p in enumerate(train):
+            others = [train[j].document for j in rng.sample(range(len(train)), 4) if j != i][:3]
+            q += [p.query, p.query]
+            d += [p.document, others[0]]
+            y += [1.0, 0.0]
+            lists.append([p.document, *others])
+            list_labels.append([1.0] + [0.0] * len(others))
+        pq.write_table(pa.table({"query": q, "document": d, "label": y}), tmp / "train_labeled.parquet")
+        pq.write_table(pa.table({"query": [p.query for p in train], "documents": lists, "labels": list_labels}),
+                       tmp / "train_listwise.parquet")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
