@@ -44,6 +44,9 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, data, tmp_path):
     assert [m.step for m in history] == list(range(1, result.steps + 1))
     assert all(m.value == m.value for m in history)  # no NaN
     assert {"learning_rate", "samples_per_s"} <= set(run.data.metrics)
+    if cfg.datasets[0].loss.name == "SpladeLoss":  # dict loss: each component logged too
+        assert {"loss_base_loss", "loss_document_regularizer_loss", "splade_document_regularizer_weight"} <= set(
+            run.data.metrics), sorted(run.data.metrics)
     if cfg.eval.path:
         assert any(k.startswith("eval_") and "_at_" in k for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}

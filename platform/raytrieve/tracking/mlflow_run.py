@@ -10,6 +10,7 @@ local directory ``./mlruns``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -30,6 +31,9 @@ def tracking_uri(configured: str | None) -> str:
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     if is_dataclass(value):
         value = asdict(value)
+    if isinstance(value, dict) and any(not re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
+        # Free-text keys (regexes of learning_rate_mapping...) are no valid param names: one JSON value.
+        return {prefix[:-1]: json.dumps(value, default=str)[:PARAM_LIMIT]}
     if isinstance(value, dict):
         out: dict[str, str] = {}
         for k, v in value.items():

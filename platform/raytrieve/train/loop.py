@@ -240,13 +240,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step += 1
         elapsed = time.perf_counter() - tick
         tick = time.perf_counter()
-        metrics = {"loss": result.loss, **{f"loss/{k}": v for k, v in result.components.items()}}
+        metrics = {"loss": result.loss, **{f"loss_{k}": v for k, v in result.components.items()}}
         metrics = mean_across_ranks(metrics, device)
         metrics.update(learning_rate=result.learning_rate, samples_per_s=spec.samples_per_step / max(elapsed, 1e-9))
         if result.grad_norm is not None:
             metrics["grad_norm"] = result.grad_norm
         if dataset in splade:
-            metrics.update({f"splade/{k}": v for k, v in weights.items() if v is not None})
+            metrics.update({f"splade_{k}": v for k, v in weights.items() if v is not None})
         if logger is not None:
             logger.log(metrics, step)
         if evaluate_every and step % evaluate_every == 0:
