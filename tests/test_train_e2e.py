@@ -71,3 +71,64 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, data, tmp_path):
         b = theirs.encode_document(SENTENCES[:4], convert_to_tensor=True)
         torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
                                    atol=1e-5, rtol=1e-4)
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+@pytest.mark.timeout(900)
+def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, data, tmp_path):
+    """2 DDP workers; once a checkpoint exists a worker process is SIGKILLed; Ray Train restarts
+    the group from the last checkpoint (FailureConfig) and the run ends with the right step count."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
+                         checkpoint__every_n_steps=1, training__epochs=3, eval={})
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
+    runner.start()
+    ckpts = tmp_path / "out" / "dense_mnrl.checkpoints" / "run"
+    deadline = time.time() + 400
+    # Kill once Ray Train's controller has registered a checkpoint (its snapshot names one).
+    snapshot = ckpts / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        try:
+            return '"latest_checkpoint_result": null' not in snapshot.read_text() and "step-" in snapshot.read_text()
+        except OSError:
+            return False
+
+    while not registered() and time.time() < deadline:
+        time.sleep(0.2)
+    assert registered(), "no checkpoint was registered"
+    workers = _train_worker_pids()
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    runner.join(timeout=600)
+    result = outcome["result"]
+    assert result.steps == 3 * 24 // 8  # 3 epochs of 24 rows, global batch 2 x 4
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    resumed = client.get_metric_history(result.run_id, "resumed_from_step")
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert resumed and 1 <= resumed[0].value < result.steps, (steps, sorted(p.name for p in ckpts.iterdir()))
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    # Steps up to the checkpoint are not redone: only those after it can appear twice.
+    start = int(resumed[0].value)
+    assert sorted(set(steps)) == list(range(1, result.steps + 1))
+    assert all(steps.count(s) == 1 for s in range(1, start + 1))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert (tmp_path / "out" / "dense_mnrl" / "modules.json").exists()
