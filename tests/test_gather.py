@@ -21,7 +21,7 @@ COLUMNS = [ANCHORS, POSITIVES, NEGATIVES]
 
 
 def _loss(name: str, model):
-    if name == "mnrl":
+    if name in ("mnrl", "fsdp"):
         return L.MultipleNegativesRankingLoss(model, gather_across_devices=True)
     if name == "mnrl_sym":
         return L.MultipleNegativesRankingLoss(model, gather_across_devices=True, directions=("query_to_doc", "doc_to_query"))
@@ -65,6 +65,18 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         dist.all_reduce(value)
         results[f"{name}-{cols}"] = {"loss": value / world, "grads": _grads(model),
                                      "reducer_calls": torch.tensor(len(calls))}
+    # FSDP: each transformer block and the root sharded over the 2 ranks; the gathered full
+    # gradients equal the single process's too.
+    model = DenseEncoder(path, device="cpu").train()
+    loss_fn = _loss("mnrl", model)
+    fsdp = wrap(TrainModule(model, [loss_fn]), "fsdp", torch.device("cpu"))
+    features = [model.tokenize(c[rank * half : (rank + 1) * half]) for c in COLUMNS[:3]]
+    loss = fsdp(0, features, None)
+    loss.backward()
+    grads = [p.grad.full_tensor() if p.grad is not None else torch.zeros(p.shape) for p in model.parameters()]
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    results["fsdp-3"] = {"loss": value / world, "grads": grads}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -82,7 +94,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     # One spawn for every case: starting a process costs more than the cases themselves.
     mp.spawn(_worker, args=(2, _free_port(), str(path), out), nprocs=2, join=True)
     ranks = torch.load(out, weights_only=True)
-    for name, cols in CASES:
+    for name, cols in [*CASES, ("fsdp", 3)]:
         single = DenseEncoder(path, device="cpu").train()
         # Outside torch.distributed the gather is the identity: this is the plain loss on the whole batch.
         value = _loss(name, single)([single.tokenize(c) for c in COLUMNS[:cols]], None)

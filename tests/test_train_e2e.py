@@ -132,3 +132,21 @@ def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, d
     assert all(steps.count(s) == 1 for s in range(1, start + 1))
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert (tmp_path / "out" / "dense_mnrl" / "modules.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_two_workers_train_and_save_a_loadable_model(ray_cluster, tiny_models, data, tmp_path):
+    import torch
+
+    from raytrieve.train.loop import load_encoder
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2, scaling__strategy="fsdp")
+    result = run_training(cfg)
+    assert result.steps == 24 // 8
+    assert MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(result.run_id).info.status == "FINISHED"
+    trained = load_encoder("dense", cfg.output_dir, torch.device("cpu"))
+    start = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
+    a, b = trained.encode(SENTENCES[:4], convert_to_tensor=True), start.encode(SENTENCES[:4], convert_to_tensor=True)
+    assert not torch.allclose(a, b)  # the gathered full weights were saved, not the initial ones
+    torch.testing.assert_close(a, _st_load("dense", cfg.output_dir).encode(SENTENCES[:4], convert_to_tensor=True),
+                               atol=1e-5, rtol=1e-4)

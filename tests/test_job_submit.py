@@ -1,0 +1,72 @@
+"""`ray job submit` of jobs/train.py against a `ray start --head` cluster on 127.0.0.1, the
+way README tells users to launch training on a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train_helpers import ROOT, shipped_config, write_data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_trains(tiny_models, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    data = write_data(tmp_path / "data")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, eval={})
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(asdict(cfg)))
+    port, dashboard = _free_port(), _free_port()
+    # The cluster runs from this venv, as a cluster image would have raytrieve's dependencies installed.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ok = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            time.sleep(2)
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"py_modules": ["platform/raytrieve"]}),
+             "--", "python", "jobs/train.py", "--config", str(config_path)],
+            env=env, capture_output=True, text=True, cwd=ROOT, timeout=480,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+        lines = [line for line in submit.stdout.splitlines() if "{\"output_dir\"" in line]
+        assert lines, submit.stdout[-3000:]
+        summary = json.loads(lines[-1][lines[-1].index("{"):])
+        assert summary["steps"] == 24 // 4
+        assert (Path(cfg.output_dir) / "modules.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # this cluster only; never `ray stop` (it would stop every Ray here)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
