@@ -45,3 +45,15 @@ def test_batch_stage_matches_the_encoder(ray_cluster, tiny_dirs, tmp_path):
 def test_listwise_labels_stay_ragged():
     labels = decode_labels([[1.0, 0.0], [0.0, 0.5, 1.0]], listwise=True)
     assert [x.tolist() for x in labels] == [[1.0, 0.0], [0.0, 0.5, 1.0]]
+
+
+@pytest.mark.timeout(300)
+def test_batch_stage_applies_max_seq_length(ray_cluster, tiny_dirs, tmp_path):
+    t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=64)
+    DenseEncoder([t, Pooling(32, "mean")], device="cpu").save(tmp_path / "model")
+    long_text = " ".join(["word"] * 200)
+    rows = micro_batch_rows([MicroBatch(0, 0, [0, 1])], [{"q": [long_text, "short"]}], [["q"]], [None])
+    out = list(rank_dataset(rows, str(tmp_path / "model"), "dense", [[None]], [[None]],
+                            max_seq_length=16).iter_rows())
+    (q,) = decode_features(out[0]["features"], 1, None)
+    assert q["input_ids"].shape == (2, 16)

@@ -73,6 +73,30 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, data, tmp_path):
                                    atol=1e-5, rtol=1e-4)
 
 
+def _kill_a_worker_after_a_checkpoint(ckpts) -> None:
+    """SIGKILL one Ray Train worker once the controller has registered a checkpoint (its snapshot names one)."""
+    import os
+    import signal
+    import time
+
+    snapshot = ckpts / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        try:
+            text = snapshot.read_text()
+        except OSError:
+            return False
+        return '"latest_checkpoint_result": null' not in text and "step-" in text
+
+    deadline = time.time() + 400
+    while not registered() and time.time() < deadline:
+        time.sleep(0.2)
+    assert registered(), "no checkpoint was registered"
+    workers = _train_worker_pids()
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1], signal.SIGKILL)
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
     from pathlib import Path
@@ -91,10 +115,7 @@ def _train_worker_pids() -> list[int]:
 def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, data, tmp_path):
     """2 DDP workers; once a checkpoint exists a worker process is SIGKILLed; Ray Train restarts
     the group from the last checkpoint (FailureConfig) and the run ends with the right step count."""
-    import os
-    import signal
     import threading
-    import time
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
                          checkpoint__every_n_steps=1, training__epochs=3, eval={})
@@ -102,22 +123,7 @@ def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, d
     runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
     runner.start()
     ckpts = tmp_path / "out" / "dense_mnrl.checkpoints" / "run"
-    deadline = time.time() + 400
-    # Kill once Ray Train's controller has registered a checkpoint (its snapshot names one).
-    snapshot = ckpts / "checkpoint_manager_snapshot.json"
-
-    def registered() -> bool:
-        try:
-            return '"latest_checkpoint_result": null' not in snapshot.read_text() and "step-" in snapshot.read_text()
-        except OSError:
-            return False
-
-    while not registered() and time.time() < deadline:
-        time.sleep(0.2)
-    assert registered(), "no checkpoint was registered"
-    workers = _train_worker_pids()
-    assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)
+    _kill_a_worker_after_a_checkpoint(ckpts)
     runner.join(timeout=600)
     result = outcome["result"]
     assert result.steps == 3 * 24 // 8  # 3 epochs of 24 rows, global batch 2 x 4
@@ -150,3 +156,48 @@ def test_fsdp_two_workers_train_and_save_a_loadable_model(ray_cluster, tiny_mode
     assert not torch.allclose(a, b)  # the gathered full weights were saved, not the initial ones
     torch.testing.assert_close(a, _st_load("dense", cfg.output_dir).encode(SENTENCES[:4], convert_to_tensor=True),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_two_datasets_each_batch_from_one_dataset_with_its_loss(ray_cluster, tiny_models, data, tmp_path):
+    datasets = [
+        {"name": "pairs", "path": str(data["train"]), "columns": ["query", "document"],
+         "loss": {"name": "MultipleNegativesRankingLoss"}},
+        {"name": "scored", "path": str(data["labeled"]), "columns": ["query", "document"], "label_column": "label",
+         "loss": {"name": "CoSENTLoss"}, "weight": 2.0},
+    ]
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, datasets=datasets, eval={})
+    result = run_training(cfg)
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    per_dataset = {name: [m.step for m in client.get_metric_history(result.run_id, f"{name}_loss")]
+                   for name in ("pairs", "scored")}
+    assert len(per_dataset["pairs"]) == 24 // 4
+    assert len(per_dataset["pairs"]) + len(per_dataset["scored"]) == result.steps
+    assert sorted(per_dataset["pairs"] + per_dataset["scored"]) == list(range(1, result.steps + 1))
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_run_ends_failed_in_mlflow(ray_cluster, tiny_models, data, tmp_path):
+    import threading
+
+    from raytrieve.train.run import TrainingError
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, checkpoint__every_n_steps=1,
+                         checkpoint__max_failures=0, training__epochs=3, eval={})
+    outcome = {}
+
+    def run() -> None:
+        try:
+            run_training(cfg)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    _kill_a_worker_after_a_checkpoint(tmp_path / "out" / "dense_mnrl.checkpoints" / "run")
+    runner.join(timeout=300)
+    assert isinstance(outcome.get("error"), TrainingError)
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (tmp_path / "out" / "dense_mnrl").exists()  # no half-written final model

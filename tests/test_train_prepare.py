@@ -74,3 +74,16 @@ def test_plan_is_equal_across_ranks_and_reports_what_it_leaves_out(tiny_models, 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=5)
     p = prepare(cfg)
     assert p.plan.dropped and "multiple of 5 workers" in p.plan.dropped[0]
+
+
+def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
+    datasets = [
+        {"name": "a", "path": str(data["train"]), "columns": ["query", "document"],
+         "loss": {"name": "MultipleNegativesRankingLoss"}},
+        {"name": "b", "path": str(data["train"]), "columns": ["query", "document"],
+         "loss": {"name": "MultipleNegativesRankingLoss"}, "prompts": "passage: "},
+    ]
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, datasets=datasets,
+                         prompts={"query": "query: ", "title": "unused: "})
+    p = prepare(cfg)
+    assert p.prompts == [["query: ", None], ["passage: ", "passage: "]]

@@ -53,13 +53,25 @@ def micro_batch_rows(plan_rows: Sequence[Any], columns: Sequence[dict[str, list[
     return out
 
 
+def set_max_seq_length(model: Any, length: int) -> None:
+    """Truncation length of every input module (both routes of a Router model)."""
+    from raytrieve.modules import Router
+
+    first = model.stack[0]
+    modules = [seq[0] for seq in first.sub_modules.values()] if isinstance(first, Router) else [first]
+    for module in modules:
+        if hasattr(module, "max_seq_length"):
+            module.max_seq_length = length
+
+
 class TokenizeBatches:
     """Callable class for ``map_batches``: each row's texts -> padded token arrays (npz bytes).
 
     ``prompts[d]`` / ``routes[d]`` give dataset d's prompt and Router route per column position.
     """
 
-    def __init__(self, model_path: str, kind: str, prompts: list[list[str | None]], routes: list[list[str | None]]) -> None:
+    def __init__(self, model_path: str, kind: str, prompts: list[list[str | None]], routes: list[list[str | None]],
+                 max_seq_length: int | None = None) -> None:
         import os
 
         import torch
@@ -69,6 +81,8 @@ class TokenizeBatches:
         from raytrieve.encoders import DenseEncoder, SparseEncoder
 
         self.model = {"dense": DenseEncoder, "sparse": SparseEncoder}[kind](model_path, device="cpu")
+        if max_seq_length:
+            set_max_seq_length(self.model, max_seq_length)
         self.prompts, self.routes = prompts, routes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,7 +134,8 @@ def decode_labels(labels: list[Any] | None, listwise: bool) -> Any:
 
 
 def rank_dataset(rows: list[dict[str, Any]], model_path: str, kind: str, prompts: list[list[str | None]],
-                 routes: list[list[str | None]], actors: int = 1, rows_per_call: int = 4):
+                 routes: list[list[str | None]], actors: int = 1, rows_per_call: int = 4,
+                 max_seq_length: int | None = None):
     """The Ray Dataset one rank streams: rows in step order, tokenized by an actor pool.
 
     Actors take half a CPU each: on a 2-CPU machine whole-CPU actors starve the other stages.
@@ -133,7 +148,8 @@ def rank_dataset(rows: list[dict[str, Any]], model_path: str, kind: str, prompts
         return ds
     return ds.map_batches(
         TokenizeBatches,
-        fn_constructor_kwargs={"model_path": model_path, "kind": kind, "prompts": prompts, "routes": routes},
+        fn_constructor_kwargs={"model_path": model_path, "kind": kind, "prompts": prompts, "routes": routes,
+                               "max_seq_length": max_seq_length},
         compute=ActorPoolStrategy(size=actors),
         num_cpus=0.5,
         batch_size=rows_per_call,

@@ -7,7 +7,7 @@ Every error names the dataset, the file, the column and the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +28,7 @@ class DatasetReport:
     rows: int
     text_columns: list[str]
     label_column: str | None
+    table: pa.Table | None = field(default=None, repr=False)  # what was read, for the planner
 
 
 def infer_format(path: Path) -> str:
@@ -137,7 +138,7 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
         for c in d.prompts:
             if c not in columns:
                 raise DataError(f"{where} ({d.name}): prompts names column {c!r}, not one of {columns}")
-    return DatasetReport(d.name, str(path), table.num_rows, columns, label)
+    return DatasetReport(d.name, str(path), table.num_rows, columns, label, table)
 
 
 def validate_datasets(cfg: TrainConfig, where: str = "config") -> list[DatasetReport]:

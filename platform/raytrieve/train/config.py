@@ -108,6 +108,8 @@ class TrainConfig:
     model: ModelConfig
     datasets: list[DatasetConfig]
     output_dir: str
+    # Prompts for every dataset that sets none: one string for all columns, or per column name.
+    prompts: str | dict[str, str] | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

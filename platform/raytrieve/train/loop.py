@@ -121,7 +121,7 @@ def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from raytrieve.data.pipeline import decode_features, decode_labels
+    from raytrieve.data.pipeline import decode_features, decode_labels, set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.distributed import GradientSync, TrainModule, mean_across_ranks, uses_gradient_cache, wrap
     from raytrieve.train.optim import build_optimizer, build_schedule
@@ -140,7 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     encoder = load_encoder(cfg.model.kind, spec.model_path, device, cfg.model.trust_remote_code)
     if cfg.model.max_seq_length:
-        encoder.max_seq_length = cfg.model.max_seq_length
+        set_max_seq_length(encoder, cfg.model.max_seq_length)
     encoder.train()
     losses = build_losses(spec, encoder, world)
     module = TrainModule(encoder, losses).to(device)
@@ -216,8 +216,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_micro = step * accumulation
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     tick = time.perf_counter()
+    waited = 0.0  # seconds this step spent waiting for data (the pipeline not keeping up)
     rows = in_step_order(shard.iter_rows()) if step < spec.optimizer_steps else iter(())
-    for row in rows:
+    while True:
+        asked = time.perf_counter()
+        row = next(rows, None)
+        waited += time.perf_counter() - asked
+        if row is None:
+            break
         if int(row["step"]) < start_micro:
             continue  # done before the checkpoint this run resumed from
         dataset = int(row["dataset"])
@@ -241,8 +247,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - tick
         tick = time.perf_counter()
         metrics = {"loss": result.loss, **{f"loss_{k}": v for k, v in result.components.items()}}
+        if len(cfg.datasets) > 1:  # which dataset (and so which loss) this step trained on
+            metrics[f"{cfg.datasets[dataset].name}_loss"] = result.loss
         metrics = mean_across_ranks(metrics, device)
-        metrics.update(learning_rate=result.learning_rate, samples_per_s=spec.samples_per_step / max(elapsed, 1e-9))
+        metrics.update(learning_rate=result.learning_rate, samples_per_s=spec.samples_per_step / max(elapsed, 1e-9),
+                       data_wait_s=waited)
+        waited = 0.0
         if result.grad_norm is not None:
             metrics["grad_norm"] = result.grad_norm
         if dataset in splade:
@@ -255,7 +265,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_checkpoint(step)
         if step >= spec.optimizer_steps:
             break
-    evaluate(step)
+    if not (evaluate_every and step % evaluate_every == 0):  # not already evaluated at this step
+        evaluate(step)
     save_checkpoint(step, final=True)
     weights = full_state_dict(wrapped, module)  # collective under FSDP
     if rank == 0:

@@ -76,13 +76,15 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
 
     columns, text_columns, label_columns, prompts, routes, listwise, rows = [], [], [], [], [], [], []
     for d, report in zip(cfg.datasets, reports):
-        fmt = d.format or infer_format(Path(d.path))
         keep = report.text_columns + ([report.label_column] if report.label_column else [])
-        data = read_table(Path(d.path), fmt).select(keep).to_pydict()
+        data = report.table.select(keep).to_pydict()
         columns.append(data)
         text_columns.append(report.text_columns)
         label_columns.append(report.label_column)
         d.columns = report.text_columns
+        if d.prompts is None and cfg.prompts is not None:  # the run-wide prompts, for the columns this dataset has
+            d.prompts = cfg.prompts if isinstance(cfg.prompts, str) else {
+                c: p for c, p in cfg.prompts.items() if c in report.text_columns}
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         base = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
@@ -177,7 +179,7 @@ def build_datasets(p: Prepared) -> dict[str, Any]:
         f"rank{r}": rank_dataset(
             micro_batch_rows(batches, p.columns, p.text_columns, p.label_columns), p.spec.model_path,
             cfg.model.kind, p.prompts, [r_ or [None] * len(t) for r_, t in zip(p.routes, p.text_columns)],
-            actors=cfg.scaling.tokenizer_actors,
+            actors=cfg.scaling.tokenizer_actors, max_seq_length=cfg.model.max_seq_length,
         )
         for r, batches in enumerate(p.plan.per_rank)
     }
@@ -225,6 +227,11 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
                 name="run", storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Ray starts workers with OMP_NUM_THREADS=1 (from their CPU share); torch's thread
+                # pool must be sized from process start, or later set_num_threads calls leave
+                # threads that were created for one core fighting over it.
+                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(p.spec.threads),
+                                                 "MKL_NUM_THREADS": str(p.spec.threads)}},
             ),
         )
         try:

@@ -1,0 +1,139 @@
+"""Training throughput: raytrieve (1 Ray Train worker, the whole Ray Data + TorchTrainer
+path) against SentenceTransformerTrainer, same model (the shipped all-MiniLM-L6-v2), same
+(query, document) pairs, MultipleNegativesRankingLoss, batch 32, no-duplicates batches,
+same torch threads, in the same run.
+
+    .venv/bin/python benchmarks/train.py                   # 40 steps each, max_seq_length 128
+    .venv/bin/python benchmarks/train.py --steps 20
+
+Throughput is steady state: samples over the steps after the first ``--warmup`` ones,
+timed by each step's end (raytrieve: the step's MLflow metric timestamp; sentence-transformers:
+a trainer callback). End-to-end wall times (start-up included) are printed too.
+Prints one JSON line: samples_per_s, st_samples_per_s, ratio_vs_st, and the wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as _platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pairs(n: int) -> dict[str, list[str]]:
+    import pyarrow.parquet as pq
+
+    path = ROOT / "data" / "pydocs" / "train.parquet"
+    if not path.exists():
+        from raytrieve.data.pydocs import build
+
+        build(path.parent)
+    table = pq.read_table(path).slice(0, n)
+    return {"query": table.column("query").to_pylist(), "document": table.column("document").to_pylist()}
+
+
+def steady(times: list[float], batch: int, warmup: int) -> float:
+    """Samples per second between the end of step ``warmup`` and the end of the last step."""
+    return (len(times) - warmup) * batch / (times[-1] - times[warmup - 1])
+
+
+def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, float]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from raytrieve.config import from_dict
+    from raytrieve.train.config import TrainConfig, check_values
+    from raytrieve.train.run import run_training
+
+    pq.write_table(pa.table(data), tmp / "pairs.parquet")
+    cfg = check_values(from_dict(TrainConfig, {
+        "model": {"name_or_path": "all-minilm-l6-v2", "kind": "dense", "max_seq_length": args.max_seq_length},
+        "datasets": [{"name": "pairs", "path": str(tmp / "pairs.parquet"), "columns": ["query", "document"],
+                      "loss": {"name": "MultipleNegativesRankingLoss"}}],
+        "output_dir": str(tmp / "raytrieve-model"),
+        "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates"},
+        "optimizer": {"learning_rate": 2e-5},
+        "checkpoint": {"max_failures": 0},
+        # The worker takes 1.5 CPUs of Ray's accounting so the half-CPU tokenizer actor fits beside it.
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1.5}, "torch_threads": args.threads},
+        "mlflow": {"tracking_uri": (tmp / "mlruns").as_uri(), "experiment": "bench"},
+    }))
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    result = run_training(cfg)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    history = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_metric_history(result.run_id, "loss")
+    times = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
+    return steady(times, args.batch_size, args.warmup), wall
+
+
+def run_sentence_transformers(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, float]:
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+    from transformers import TrainerCallback
+
+    from raytrieve import assets
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = SentenceTransformer(str(assets.model_path("all-minilm-l6-v2")), device="cpu")
+    model.max_seq_length = args.max_seq_length
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=SentenceTransformerTrainingArguments(
+            output_dir=str(tmp / "st"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+            learning_rate=2e-5, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
+            logging_steps=10_000, dataloader_num_workers=0, use_cpu=True,
+        ),
+        train_dataset=Dataset.from_dict({"anchor": data["query"], "positive": data["document"]}),
+        loss=MultipleNegativesRankingLoss(model),
+        callbacks=[StepTimes()],
+    )
+    trainer.train()
+    wall = time.perf_counter() - start
+    return steady(times, args.batch_size, args.warmup), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    data = pairs(args.steps * args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, ours_wall = run_raytrieve(data, Path(tmp), args)
+        theirs, theirs_wall = run_sentence_transformers(data, Path(tmp), args)
+    print(json.dumps({
+        "samples_per_s": round(ours, 2), "st_samples_per_s": round(theirs, 2), "ratio_vs_st": round(ours / theirs, 3),
+        "wall_s": round(ours_wall, 1), "st_wall_s": round(theirs_wall, 1), "steps": args.steps,
+        "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads,
+        "machine": f"{_platform.machine()} {os.cpu_count()} cpus",
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
