@@ -51,12 +51,17 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
             if ok:
                 break
             time.sleep(2)
-        submit = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"py_modules": ["platform/raytrieve"]}),
-             "--", "python", "jobs/train.py", "--config", str(config_path)],
-            env=env, capture_output=True, text=True, cwd=ROOT, timeout=480,
-        )
+        for _ in range(30):
+            submit = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                 "--runtime-env-json", json.dumps({"py_modules": ["platform/raytrieve"]}),
+                 "--", "python", "jobs/train.py", "--config", str(config_path)],
+                env=env, capture_output=True, text=True, cwd=ROOT, timeout=480,
+            )
+            # The job server answers before its per-node agent is up: retry only that.
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
         lines = [line for line in submit.stdout.splitlines() if "{\"output_dir\"" in line]
