@@ -39,7 +39,12 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
-         "--disable-usage-stats"],
+         "--disable-usage-stats",
+         # The test session's own Ray holds the default agent ports; a second node on this host
+         # whose job agent cannot bind answers every submit with "No available agent".
+         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
