@@ -43,6 +43,11 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_fsdp(module: nn.Module) -> bool:
+    """Sharded by ``wrap(..., "fsdp")`` (fully_shard gives the module unshard/reshard)."""
+    return distributed() and hasattr(module, "reshard")
+
+
 def layer_classes(model: nn.Module) -> set[type]:
     """The repeated transformer block classes (BertLayer, ...): FSDP's wrapping unit."""
     classes: set[type] = set()

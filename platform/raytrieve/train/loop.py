@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,7 +36,6 @@ class WorkerSpec:
     config: TrainConfig
     model_path: str  # local sentence-transformers folder
     optimizer_steps: int
-    micro_batches: int  # per rank
     columns: list[int]  # text columns per dataset
     routes: list[list[str | None] | None]  # Router task per column, per dataset (None: no Router)
     listwise: list[bool]
@@ -45,7 +44,6 @@ class WorkerSpec:
     eval_columns: dict[str, list[Any]] | None = None
     threads: int | None = None
     samples_per_step: int = 0  # global rows per optimizer step
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: bool = False):
@@ -54,33 +52,30 @@ def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: 
     return getattr(encoders, ENCODERS[kind])(path, device=str(device), trust_remote_code=trust_remote_code)
 
 
-def build_losses(spec: WorkerSpec, encoder, world_size: int) -> list[torch.nn.Module]:
+def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
     import inspect
 
     from raytrieve.losses.registry import LossSpec, _catalogue, build_loss
 
     losses = []
-    for i, d in enumerate(spec.config.datasets):
+    for i, d in enumerate(cfg.datasets):
         loss_spec: LossSpec = d.loss
         base = loss_spec.inner if loss_spec.name == "SpladeLoss" and loss_spec.inner else loss_spec
-        cls = _catalogue(spec.config.model.kind).get(base.name)
+        cls = _catalogue(cfg.model.kind).get(base.name)
         # In-batch negatives from every rank: what makes N workers equal 1 worker on the
         # whole batch. On by default when data-parallel; a config can still say false.
         if world_size > 1 and cls is not None and "gather_across_devices" in inspect.signature(cls.__init__).parameters:
             base.args.setdefault("gather_across_devices", True)
-        losses.append(build_loss(loss_spec, encoder, spec.config.model.kind, f"datasets[{i}].loss"))
+        losses.append(build_loss(loss_spec, encoder, cfg.model.kind, f"datasets[{i}].loss"))
     return losses
 
 
 def in_step_order(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Rows by their ``step`` number, whatever order the pipeline delivered them in."""
     pending: list[tuple[int, int, dict[str, Any]]] = []
-    expected, tie = None, 0
-    for row in rows:
+    expected = 0
+    for tie, row in enumerate(rows):
         heapq.heappush(pending, (int(row["step"]), tie, row))
-        tie += 1
-        if expected is None:
-            expected = 0
         while pending and pending[0][0] == expected:
             yield heapq.heappop(pending)[2]
             expected += 1
@@ -103,9 +98,9 @@ def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[s
     """The TrainModule's unsharded state dict (gathered from every rank under FSDP: all ranks call this)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from raytrieve.train.distributed import distributed
+    from raytrieve.train.distributed import is_fsdp
 
-    if distributed() and hasattr(wrapped, "reshard"):  # FSDP
+    if is_fsdp(wrapped):
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return module.state_dict()
 
@@ -123,7 +118,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytrieve.data.pipeline import decode_features, decode_labels, set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
-    from raytrieve.train.distributed import GradientSync, TrainModule, mean_across_ranks, uses_gradient_cache, wrap
+    from raytrieve.train.distributed import (
+        GradientSync, TrainModule, is_fsdp, mean_across_ranks, uses_gradient_cache, wrap,
+    )
     from raytrieve.train.optim import build_optimizer, build_schedule
     from raytrieve.train.step import Stepper
 
@@ -142,7 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.model.max_seq_length:
         set_max_seq_length(encoder, cfg.model.max_seq_length)
     encoder.train()
-    losses = build_losses(spec, encoder, world)
+    losses = build_losses(cfg, encoder, world)
     module = TrainModule(encoder, losses).to(device)
     wrapped = wrap(module, cfg.scaling.strategy, device)
     optimizer = build_optimizer(module.encoder, cfg.optimizer, extra=module.losses)
@@ -186,11 +183,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         was_training = encoder.training
         encoder.eval()
-        if hasattr(wrapped, "unshard"):
+        if is_fsdp(wrapped):
             wrapped.unshard()
         with torch.no_grad():
             metrics = evaluator(encoder)  # every rank runs it: FSDP layers gather collectively
-        if hasattr(wrapped, "reshard"):
+        if is_fsdp(wrapped):
             wrapped.reshard()
         encoder.train(was_training)
         if logger is not None:
@@ -288,9 +285,9 @@ def _write_final_model(spec: WorkerSpec, encoder, weights: dict[str, torch.Tenso
 
 
 def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
-    from raytrieve.train.distributed import distributed
+    from raytrieve.train.distributed import is_fsdp
 
-    if distributed() and hasattr(wrapped, "reshard"):
+    if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(wrapped, optimizer,
@@ -299,11 +296,11 @@ def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
 
 
 def _load_weights(wrapped, module, restored, heads: dict[str, torch.Tensor]) -> None:
-    from raytrieve.train.distributed import distributed
+    from raytrieve.train.distributed import is_fsdp
 
     state = {f"encoder.{k}": v for k, v in restored.state_dict().items()}
     state.update(heads)
-    if distributed() and hasattr(wrapped, "reshard"):
+    if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -312,9 +309,9 @@ def _load_weights(wrapped, module, restored, heads: dict[str, torch.Tensor]) -> 
 
 
 def _load_optimizer(wrapped, module, optimizer, state: dict[str, Any]) -> None:
-    from raytrieve.train.distributed import distributed
+    from raytrieve.train.distributed import is_fsdp
 
-    if distributed() and hasattr(wrapped, "reshard"):
+    if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -19,7 +19,7 @@ from typing import Any
 
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.train.config import TrainConfig
-from raytrieve.train.loop import WorkerSpec, build_losses, load_encoder
+from raytrieve.train.loop import WorkerSpec, build_losses, load_encoder, train_loop_per_worker
 from raytrieve.train.plan import Plan, dataset_rows, plan_training
 
 log = logging.getLogger("raytrieve.train")
@@ -69,7 +69,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
     encoder = load_encoder(cfg.model.kind, model_path, torch.device("cpu"), cfg.model.trust_remote_code)
-    losses = build_losses(_spec_for_checks(cfg, model_path), encoder, cfg.scaling.num_workers)
+    losses = build_losses(cfg, encoder, cfg.scaling.num_workers)
     if cfg.scaling.strategy == "fsdp" and any(uses_gradient_cache(loss) for loss in losses):
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
     has_router = cfg.model.kind != "cross" and isinstance(encoder.stack[0], Router)
@@ -109,7 +109,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         )
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
     spec = WorkerSpec(
-        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps, micro_batches=plan.micro_batches,
+        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps,
         columns=[len(t) for t in text_columns], routes=routes, listwise=listwise, eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
@@ -137,11 +137,6 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     with atomic_directory(target) as tmp:
         router.save(tmp)
     return target
-
-
-def _spec_for_checks(cfg: TrainConfig, model_path: str) -> WorkerSpec:
-    return WorkerSpec(config=cfg, model_path=model_path, optimizer_steps=1, micro_batches=0, columns=[], routes=[],
-                      listwise=[])
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -216,7 +211,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         options = ray.data.ExecutionOptions()
         options.preserve_order = True
         trainer = TorchTrainer(
-            _entry,
+            train_loop_per_worker,
             train_loop_config={"spec": p.spec},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=cfg.scaling.resources_per_worker or None),
@@ -247,9 +242,3 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped)
 
-
-def _entry(loop_config: dict[str, Any]) -> None:
-    # A module-level function, so Ray pickles a reference to the package, not the closure.
-    from raytrieve.train.loop import train_loop_per_worker
-
-    train_loop_per_worker(loop_config)
