@@ -14,10 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from raytrieve.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, not by index or job code
+    import torch
 
 WEIGHTS_SAFETENSORS = "model.safetensors"
 WEIGHTS_PICKLE = "pytorch_model.bin"
@@ -39,14 +41,19 @@ def write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def save_weights(module: torch.nn.Module, directory: Path) -> None:
+def save_weights(module: "torch.nn.Module", directory: Path) -> None:
+    from safetensors.torch import save_file
+
     # safetensors refuses shared storage; contiguous clones keep tied tensors saveable.
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_SAFETENSORS))
 
 
-def load_weights(module: torch.nn.Module, directory: Path) -> None:
+def load_weights(module: "torch.nn.Module", directory: Path) -> None:
     """Load safetensors (preferred) or a pickled state dict with ``weights_only=True``."""
+    import torch
+    from safetensors.torch import load_file
+
     st_path, bin_path = directory / WEIGHTS_SAFETENSORS, directory / WEIGHTS_PICKLE
     if st_path.exists():
         state = load_file(str(st_path))

@@ -4,6 +4,8 @@
     raytrieve models path NAME         a local sentence-transformers folder for NAME (last line)
     raytrieve train --config X.yaml [key=value ...]
                                        fine-tune on an embedded local Ray (jobs/train.py on a cluster)
+    raytrieve encode --config X.yaml [key=value ...]
+                                       encode a corpus into parquet shards (jobs/encode.py on a cluster)
     raytrieve data build-pydocs --out DIR
                                        (query, document) pairs from installed packages' docstrings
     raytrieve demo                     a showcase of the three shipped models
@@ -48,6 +50,12 @@ def _train(args: argparse.Namespace) -> int:
     return train_from_args(args.config, args.overrides, ray_address="local")
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from raytrieve.inference.entry import encode_from_args
+
+    return encode_from_args(args.config, args.overrides, ray_address="local")
+
+
 def _build_pydocs(args: argparse.Namespace) -> int:
     import json
 
@@ -70,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="a training YAML (see jobs/configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.batch_size=64")
     train.set_defaults(func=_train)
+    encode = sub.add_parser("encode", help="encode a corpus into parquet shards, on an embedded Ray")
+    encode.add_argument("--config", required=True, help="an encoding YAML (see jobs/configs/encode_pydocs.yaml)")
+    encode.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=out/vectors")
+    encode.set_defaults(func=_encode)
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")

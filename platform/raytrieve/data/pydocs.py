@@ -105,11 +105,14 @@ def build(out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST
     train_d = {p.document.lower() for p in splits["train"]}
     splits["test"] = [p for p in splits["test"] if p.query.lower() not in train_q and p.document.lower() not in train_d]
     manifest = {"packages": versions, "train_packages": list(train_packages), "test_packages": list(test_packages),
-                "rows": {k: len(v) for k, v in splits.items()}, "columns": ["query", "document", "package"],
+                "rows": {k: len(v) for k, v in splits.items()}, "columns": ["id", "query", "document", "package"],
                 "files": ["train.parquet", "test.parquet", "train_labeled.parquet", "train_listwise.parquet"]}
     with atomic_directory(Path(out_dir)) as tmp:
         for split, pairs in splits.items():
-            table = pa.table({"query": [p.query for p in pairs], "document": [p.document for p in pairs],
+            # A stable id per pair (= per document: documents are deduplicated), so the split
+            # doubles as a corpus for the encoding job and as qrels for evaluation.
+            table = pa.table({"id": [f"{split}-{i:06d}" for i in range(len(pairs))],
+                              "query": [p.query for p in pairs], "document": [p.document for p in pairs],
                               "package": [p.package for p in pairs]})
             pq.write_table(table, tmp / f"{split}.parquet")
         # For cross-encoders: each training query with its document (1) and random others (0),

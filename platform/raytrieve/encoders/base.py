@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
@@ -24,6 +25,40 @@ from raytrieve.modules.dense import Dense
 
 # Below this many batches a progress bar is noise.
 PROGRESS_MIN_BATCHES = 20
+
+
+@dataclass
+class Pretokenized:
+    """Token ids made earlier by ``input_module(task).tokenize_ids`` (prompt included), e.g. by a
+    separate tokenizer stage: ``encode(Pretokenized(ids), ...)`` skips tokenization."""
+
+    encoded: dict[str, list[list[int]]]
+
+    def __len__(self) -> int:
+        return len(self.encoded["input_ids"])
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, token_budget: int | None = None) -> list[np.ndarray]:
+    """Row indices per batch, longest texts first.
+
+    With ``token_budget`` a batch grows while its padded size (rows x its longest row) stays
+    within the budget, up to ``batch_size`` rows: short texts go in big batches, long ones in
+    small batches, so memory per batch is bounded and little compute goes to padding.
+    """
+    if batch_size <= 0:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+    if token_budget is not None and token_budget <= 0:
+        raise InputError(f"token_budget must be a positive integer, got {token_budget}")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    if token_budget is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)  # sorted: the first row is the longest
+        size = min(batch_size, max(1, token_budget // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -242,38 +277,36 @@ class Encoder(nn.Module):
         show_progress_bar: bool | None,
         collect: Callable[[Features], Tensor],
         empty: Tensor,
+        token_budget: int | None = None,
     ) -> Tensor:
-        """Run the stack over ``inputs`` in batches of similar token length; rows in input order
-        (``empty`` when there are no inputs).
+        """Run the stack over ``inputs`` (texts or ``Pretokenized``) in batches of similar token
+        length; rows in input order (``empty`` when there are no inputs).
 
         All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
         token count, so each batch pads to nearly its own length.
         """
-        if not inputs:
+        if not len(inputs):
             return empty
-        if batch_size <= 0:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size}")
         first = self.stack[0]
         route = first.resolve(task) if isinstance(first, Router) else None
         module = self.input_module(task)
-        encoded = module.tokenize_ids(inputs, prompt=prompt)
+        encoded = inputs.encoded if isinstance(inputs, Pretokenized) else module.tokenize_ids(inputs, prompt=prompt)
         prompt_length = module.prompt_length(prompt) if prompt and hasattr(module, "prompt_length") else None
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=len(inputs))
-        order = np.argsort(-lengths, kind="stable")
+        batches: Iterable[np.ndarray] = length_batches(lengths, batch_size, token_budget)
+        order = np.concatenate(batches)
         target = resolve_device(device) if device is not None else self.device
         if device is not None and target != self.device:
             self.to(target)
-        n_batches = (len(inputs) + batch_size - 1) // batch_size
+        n_batches = len(batches)
         show = show_progress_bar if show_progress_bar is not None else n_batches >= PROGRESS_MIN_BATCHES
-        starts: Iterable[int] = range(0, len(inputs), batch_size)
         if show:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, total=n_batches, desc="Batches")
+            batches = tqdm(batches, total=n_batches, desc="Batches")
         outputs: list[Tensor] = []
         with self.inference():
-            for start in starts:
-                idx = order[start : start + batch_size]
+            for idx in batches:
                 batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
                 features = module.collate(batch)
                 if prompt_length:
@@ -300,6 +333,8 @@ class Encoder(nn.Module):
     @staticmethod
     def _as_list(inputs: Any, what: str) -> tuple[list[Any], bool]:
         """(list of inputs, whether a single input was given)."""
+        if isinstance(inputs, Pretokenized):
+            return inputs, False  # type: ignore[return-value]
         if isinstance(inputs, str):
             return [inputs], True
         if isinstance(inputs, np.ndarray):

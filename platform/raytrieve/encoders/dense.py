@@ -55,6 +55,7 @@ class DenseEncoder(EmbeddingEncoder):
         normalize_embeddings: bool = False,
         truncate_dim: int | None = None,
         task: str | None = None,
+        token_budget: int | None = None,
         ranges: np.ndarray | None = None,
         calibration_embeddings: np.ndarray | None = None,
     ) -> np.ndarray | Tensor | list[Tensor]:
@@ -63,6 +64,8 @@ class DenseEncoder(EmbeddingEncoder):
         ``precision`` int8 / uint8 / binary / ubinary quantizes the result (int8 buckets from
         ``ranges`` or ``calibration_embeddings`` when given, else from this batch);
         ``truncate_dim`` keeps the first dimensions (Matryoshka), before normalization.
+        ``token_budget`` caps a batch's padded tokens (rows x longest row) instead of a fixed row
+        count; ``batch_size`` then only caps the rows. ``sentences`` may be ``Pretokenized``.
         """
         texts, single = self._as_list(sentences, "sentences")
         if precision not in PRECISIONS:
@@ -93,6 +96,7 @@ class DenseEncoder(EmbeddingEncoder):
             device=device,
             show_progress_bar=show_progress_bar,
             collect=collect,
+            token_budget=token_budget,
             empty=torch.empty(0, truncate_dim or full_dim or 0),
         )
         if precision != "float32":

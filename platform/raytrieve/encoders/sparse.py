@@ -56,13 +56,15 @@ class SparseEncoder(EmbeddingEncoder):
         device: str | torch.device | None = None,
         max_active_dims: int | None = None,
         task: str | None = None,
+        token_budget: int | None = None,
     ) -> Any:
         """Encode to sparse vectors.
 
         Returns a torch sparse COO tensor [n, vocab] by default; a dense tensor with
         ``convert_to_sparse_tensor=False``; a list of ``{"indices", "values"}`` numpy dicts
         (sorted by weight, descending) with ``as_dicts=True``. ``max_active_dims`` keeps the
-        largest weights of each vector.
+        largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
+        ``DenseEncoder.encode``.
         """
         texts, single = self._as_list(sentences, "sentences")
         prompt = self.resolve_prompt(prompt, prompt_name)
@@ -83,6 +85,7 @@ class SparseEncoder(EmbeddingEncoder):
             device=device,
             show_progress_bar=show_progress_bar,
             collect=collect,
+            token_budget=token_budget,
             empty=collect({"sentence_embedding": torch.empty(0, dim)}),
         )
         if as_dicts:

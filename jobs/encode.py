@@ -1,0 +1,19 @@
+"""Corpus encoding entry point for ``ray job submit`` (the cluster's Ray is joined, not started):
+
+    ray job submit --working-dir . --runtime-env-json '{"py_modules": ["platform/raytrieve"]}' \\
+        -- python jobs/encode.py --config jobs/configs/encode_corpus.yaml [key=value ...]
+
+Killed or failed, run the same command again: finished shards are kept and skipped.
+"""
+
+import argparse
+import sys
+
+from raytrieve.inference.entry import encode_from_args
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    sys.exit(encode_from_args(args.config, args.overrides, ray_address=None))

@@ -1,0 +1,297 @@
+"""DenseIndex: exact (chunked, memory-mapped) or FAISS search over embedding vectors.
+
+    index = DenseIndex.build(ids, embeddings, similarity="cosine", quantize="int8")
+    index.save("corpus.index")
+    hits = DenseIndex.load("corpus.index").search(query_embeddings, top_k=10)
+
+For cosine the corpus rows are L2-normalized at build and queries at search, so every score
+is a dot product. Quantized indices (int8 codes or packed sign bits) pick candidates cheaply,
+then rescore them exactly with the float vectors, of which only the candidate rows are read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from raytrieve.errors import DataError, InputError
+from raytrieve import _io
+from raytrieve.index import base
+from raytrieve.index.base import SearchResult
+
+SIMILARITIES = ("cosine", "dot")
+QUANTIZATIONS = (None, "int8", "binary")
+BACKENDS = ("exact", "faiss")
+FAISS_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("M", "ef_construction", "ef_search")}
+FAISS_FILE = "faiss.index"
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in float32; all-zero rows stay zero (they score 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return x / np.where(norms == 0, 1, norms)
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or use backend='exact')") from None
+    return faiss
+
+
+def _build_faiss(vectors: np.ndarray, kind: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A FAISS inner-product index over float32 ``vectors``; returns it and the resolved params."""
+    faiss = _import_faiss()
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        params = {"nlist": max(1, round(math.sqrt(n))), **params}
+        params.setdefault("nprobe", min(params["nlist"], 16))
+        if params["nlist"] > n:
+            raise InputError(f"faiss_params['nlist']={params['nlist']} exceeds the {n} vectors; IVF needs nlist <= n")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+    else:
+        params = {"M": 32, "ef_construction": 80, "ef_search": 64, **params}
+        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+    index.add(vectors)
+    _apply_search_params(index, kind, params)
+    return index, params
+
+
+def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
+    if kind == "ivf":
+        index.nprobe = params["nprobe"]
+    elif kind == "hnsw":
+        index.hnsw.efSearch = params["ef_search"]
+
+
+class DenseIndex:
+    """Search float (or quantized) vectors by dot product; see the module docstring."""
+
+    kind = "dense"
+
+    def __init__(self, ids: list[str], vectors: np.ndarray | None, *, dim: int, similarity: str,
+                 quantize: str | None = None, codes: np.ndarray | None = None, ranges: np.ndarray | None = None,
+                 backend: str = "exact", faiss_index: str = "flat", faiss_params: dict[str, Any] | None = None,
+                 faiss_obj: Any = None, chunk_size: int = 65536) -> None:
+        # Use build() or load(); this only assembles validated parts.
+        self.ids, self.vectors, self.dim, self.similarity = ids, vectors, dim, similarity
+        self.quantize, self.codes, self.ranges = quantize, codes, ranges
+        self.backend, self.faiss_index, self.faiss_params = backend, faiss_index, dict(faiss_params or {})
+        self.chunk_size = chunk_size
+        self._faiss = faiss_obj
+        self._id_array = np.array(ids, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, ids: Sequence[Any], vectors: np.ndarray, similarity: str = "cosine", quantize: str | None = None,
+              backend: str = "exact", faiss_index: str = "flat", faiss_params: dict[str, Any] | None = None,
+              chunk_size: int = 65536) -> DenseIndex:
+        base.choice("similarity", similarity, SIMILARITIES)
+        base.choice("quantize", quantize, QUANTIZATIONS)
+        base.choice("backend", backend, BACKENDS)
+        base.choice("faiss_index", faiss_index, tuple(FAISS_PARAMS))
+        chunk_size = base.positive_int("chunk_size", chunk_size)
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+            raise InputError(
+                f"vectors: expected a 2-D numeric array [n, dim], got shape {vectors.shape} dtype {vectors.dtype}"
+            )
+        ids = base.normalize_ids(ids, vectors.shape[0])
+        v32 = vectors.astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(v32).all(axis=1))
+        if bad.size:
+            raise InputError(f"vectors: row {bad[0]} (id {ids[bad[0]]!r}) contains NaN or inf; fix the embeddings")
+        if similarity == "cosine":
+            v32 = l2_normalize(v32)
+        parts: dict[str, Any] = dict(dim=vectors.shape[1], similarity=similarity, chunk_size=chunk_size)
+        if backend == "faiss":
+            if quantize is not None:
+                raise InputError("quantize= works with backend='exact' only; FAISS keeps its own float32 vectors")
+            params = dict(faiss_params or {})
+            unknown = sorted(set(params) - set(FAISS_PARAMS[faiss_index]))
+            if unknown:
+                raise InputError(
+                    f"faiss_params: unknown key(s) {unknown} for faiss_index={faiss_index!r}; "
+                    f"valid: {list(FAISS_PARAMS[faiss_index])}"
+                )
+            obj, params = _build_faiss(v32, faiss_index, params)
+            return cls(ids, None, backend="faiss", faiss_index=faiss_index, faiss_params=params, faiss_obj=obj, **parts)
+        if faiss_params:
+            raise InputError("faiss_params only applies with backend='faiss'")
+        # float16 in, float16 stored: half the disk and page cache; scoring upcasts per chunk.
+        stored = v32.astype(np.float16) if vectors.dtype == np.float16 else v32
+        codes = ranges = None
+        if quantize == "int8":
+            # Deferred: importing raytrieve.encoders loads torch and transformers.
+            from raytrieve.encoders.quantization import quantization_ranges, quantize_embeddings
+
+            if len(ids) < 2:
+                raise InputError("quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None")
+            exact = stored.astype(np.float32)
+            ranges = quantization_ranges(exact).astype(np.float32)
+            codes = quantize_embeddings(exact, "int8", ranges=ranges)
+        elif quantize == "binary":
+            codes = np.packbits(stored > 0, axis=1)
+        return cls(ids, stored, quantize=quantize, codes=codes, ranges=ranges, **parts)
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, top_k: int = 10, *, rescore: bool = True, rescore_multiplier: int = 4,
+               chunk_size: int | None = None) -> SearchResult:
+        """Top-k corpus rows per query, by score descending, ties by lower row.
+
+        Quantized indices take ``top_k * rescore_multiplier`` candidates and rescore them with
+        the float vectors. With ``rescore=False`` scores are the quantized ones: for int8 the dot
+        product with the bucket-centre (dequantized) vectors; for binary ``dim - 2 * hamming``,
+        the dot product of the ±1 sign vectors.
+        """
+        k = base.positive_int("top_k", top_k)
+        base.check_not_empty(len(self))
+        q = self._prepare_queries(queries)
+        chunk = base.positive_int("chunk_size", chunk_size if chunk_size is not None else self.chunk_size)
+        if self.backend == "faiss":
+            scores, rows = self._search_faiss(q, k)
+        elif self.quantize is None:
+            scores, rows = self._batched(q, base.query_batch_size(chunk), lambda qb: self._scan_float(qb, k, chunk))
+        else:
+            width = k * base.positive_int("rescore_multiplier", rescore_multiplier) if rescore else k
+            scores, rows = self._batched(q, base.query_batch_size(chunk), lambda qb: self._scan_codes(qb, width, chunk))
+            if rescore:
+                batch = max(1, (1 << 23) // (width * self.dim))
+                scores, rows = self._batched(q, batch, lambda qb, rb: self._rescore(qb, rb, k), rows)
+        return base.to_result(scores, rows, self._id_array)
+
+    def _prepare_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[0] == 0:
+            raise InputError(f"queries: expected a non-empty array [n_queries, {self.dim}], got shape {q.shape}")
+        if q.shape[1] != self.dim:
+            raise InputError(f"queries: expected dimension {self.dim} (the index's), got {q.shape[1]}")
+        q = q.astype(np.float32)
+        if not np.isfinite(q).all():
+            raise InputError("queries: contain NaN or inf")
+        return l2_normalize(q) if self.similarity == "cosine" else q
+
+    @staticmethod
+    def _batched(q: np.ndarray, size: int, fn: Any, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``fn`` on ``size`` queries at a time (with their slice of ``rows`` when given)."""
+        parts = [
+            fn(q[i : i + size]) if rows is None else fn(q[i : i + size], rows[i : i + size])
+            for i in range(0, q.shape[0], size)
+        ]
+        return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
+
+    def _scan_float(self, q: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        def score(start: int, stop: int) -> np.ndarray:
+            return q @ np.asarray(self.vectors[start:stop], dtype=np.float32).T
+
+        return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
+
+    def _scan_codes(self, q: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        codes = self.codes
+        if self.quantize == "int8":
+            # Bucket b of dimension j stands for start_j + (b + 0.5) * step_j, and code = b - 128.
+            start, step = self.ranges[0], (self.ranges[1] - self.ranges[0]) / 255
+            q_scaled = q * step
+            offset = (q @ (start + 128.5 * step))[:, None]
+
+            def score(lo: int, hi: int) -> np.ndarray:
+                return (q_scaled @ np.asarray(codes[lo:hi], dtype=np.float32).T + offset).astype(np.float32)
+
+            return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
+        q_bits = np.packbits(q > 0, axis=1)
+        width = q_bits.shape[1]
+        chunk = min(chunk, max(1, (1 << 22) // (q.shape[0] * width)))  # bounds the [q, chunk, bytes] xor
+
+        def score(lo: int, hi: int) -> np.ndarray:
+            xor = np.bitwise_xor(q_bits[:, None, :], np.asarray(codes[lo:hi])[None, :, :])
+            hamming = _POPCOUNT[xor].sum(axis=2, dtype=np.int32)
+            return (self.dim - 2 * hamming).astype(np.float32)
+
+        return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
+
+    def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        valid = cand >= 0
+        unique = np.unique(cand[valid])
+        # Fancy indexing a memmap reads only these rows; sorted rows keep the reads sequential.
+        vecs = np.asarray(self.vectors[unique], dtype=np.float32)
+        pos = np.searchsorted(unique, np.where(valid, cand, unique[0]))
+        exact = np.matmul(vecs[pos], q[:, :, None])[:, :, 0]
+        return base.sort_top_k(np.where(valid, exact, -np.inf).astype(np.float32), cand, k)
+
+    def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, labels = self._faiss.search(np.ascontiguousarray(q), k)
+        valid = labels >= 0  # FAISS pads missing hits with label -1
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        return base.sort_top_k(scores, np.where(valid, labels, -1).astype(np.int64), k)
+
+    # ------------------------------------------------------------------ disk
+
+    def save(self, path: str | Path) -> None:
+        """Write the index directory atomically (see raytrieve.index.base for the layout)."""
+        with _io.atomic_directory(Path(path)) as tmp:
+            base.write_ids(tmp, self.ids)
+            for name in ("vectors", "codes", "ranges"):
+                if getattr(self, name) is not None:
+                    base.save_array(tmp, name, getattr(self, name))
+            if self._faiss is not None:
+                _import_faiss().write_index(self._faiss, str(tmp / FAISS_FILE))
+            base.write_manifest(
+                tmp, self.kind, len(self), dim=self.dim, similarity=self.similarity,
+                dtype=None if self.vectors is None else str(self.vectors.dtype), quantize=self.quantize,
+                backend=self.backend, faiss_index=self.faiss_index, faiss_params=self.faiss_params,
+                chunk_size=self.chunk_size,
+            )
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = True) -> DenseIndex:
+        """Open a saved index; ``mmap`` memory-maps the .npy arrays (FAISS indices are read whole)."""
+        path = Path(path)
+        m = base.read_manifest(path, cls.kind)
+
+        def field(key: str, allowed: Sequence[Any] | None = None) -> Any:
+            if key not in m or (allowed is not None and m[key] not in allowed):
+                raise DataError(f"{path / base.MANIFEST_FILE}: bad or missing {key!r} ({m.get(key)!r}); {base.REBUILD_HINT}")
+            return m[key]
+
+        n, dim = m["count"], field("dim")
+        parts = dict(dim=dim, similarity=field("similarity", SIMILARITIES), chunk_size=field("chunk_size"))
+        backend, quantize = field("backend", BACKENDS), field("quantize", QUANTIZATIONS)
+        ids = base.read_ids(path, n)
+        if backend == "faiss":
+            faiss_index, params = field("faiss_index", tuple(FAISS_PARAMS)), field("faiss_params")
+            faiss = _import_faiss()
+            file = path / FAISS_FILE
+            try:
+                obj = faiss.read_index(str(file))
+            except RuntimeError as e:
+                reason = str(e).splitlines()[0]
+                raise DataError(f"{file}: missing or unreadable FAISS index ({reason}); {base.REBUILD_HINT}") from None
+            if obj.ntotal != n or obj.d != dim:
+                raise DataError(
+                    f"{file}: holds {obj.ntotal} vectors of dim {obj.d}, manifest says {n} x {dim}; {base.REBUILD_HINT}"
+                )
+            _apply_search_params(obj, faiss_index, params)
+            return cls(ids, None, backend=backend, faiss_index=faiss_index, faiss_params=params, faiss_obj=obj, **parts)
+        vectors = base.load_array(path, "vectors", mmap, (n, dim))
+        codes = ranges = None
+        if quantize == "int8":
+            codes = base.load_array(path, "codes", mmap, (n, dim))
+            ranges = np.asarray(base.load_array(path, "ranges", False, (2, dim)), dtype=np.float32)
+        elif quantize == "binary":
+            codes = base.load_array(path, "codes", mmap, (n, (dim + 7) // 8))
+        return cls(ids, vectors, quantize=quantize, codes=codes, ranges=ranges, **parts)

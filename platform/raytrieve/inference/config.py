@@ -1,0 +1,102 @@
+"""Configs of the batch jobs: corpus encoding and hard-negative mining. YAML maps onto these
+dataclasses (unknown keys are errors that name the key); every value is checked before any
+cluster work starts.
+
+    cfg = load_encode_config("jobs/configs/encode_corpus.yaml", ["output_dir=/data/vectors"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from raytrieve.config import load_yaml
+from raytrieve.errors import ConfigError
+
+
+@dataclass
+class CorpusConfig:
+    path: str  # parquet / jsonl / csv file, a folder of parquet files, or a saved HF datasets dir
+    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None  # None: from the file name
+    id_column: str = "id"
+    text_column: str = "text"
+    title_column: str | None = None  # prepended to the text with title_separator when given
+    title_separator: str = " "
+
+
+@dataclass
+class EncoderOutputConfig:
+    model: str  # a models/ variant, a local folder, or models:/NAME/VERSION
+    prompt: str | None = None  # a literal prompt; default: the model's prompt for `side`
+    prompt_name: str | None = None
+    max_seq_length: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DenseOutputConfig(EncoderOutputConfig):
+    # float16 halves the shards; int8 uses per-dimension ranges from calibration_rows evenly
+    # spaced texts; binary packs sign bits (8 dimensions a byte, uint8).
+    precision: Literal["float32", "float16", "int8", "binary"] = "float32"
+    truncate_dim: int | None = None  # Matryoshka: keep the first dimensions
+    normalize: bool | None = None  # None: L2-normalize when the model's similarity is cosine
+    calibration_rows: int = 1000
+
+
+@dataclass
+class SparseOutputConfig(EncoderOutputConfig):
+    max_active_dims: int | None = None  # keep the largest weights of each vector
+
+
+@dataclass
+class EncodeComputeConfig:
+    tokenize_actors: int = 1
+    encode_actors: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU per encode actor when the cluster has GPUs
+    cpus_per_encode_actor: float = 1.0
+    torch_threads: int | None = None  # per encode actor; default: its CPU share, at least 1
+    # Padded tokens per forward pass (rows x longest row). Small batches are fastest on CPU
+    # (cache-resident activations; SPLADE's [tokens, vocab] logits are 30k floats a token);
+    # on a GPU raise it to 16k-64k.
+    token_budget: int = 2048
+    max_batch_size: int = 256  # rows per forward pass, whatever the budget
+
+
+@dataclass
+class EncodeConfig:
+    corpus: CorpusConfig
+    output_dir: str
+    dense: DenseOutputConfig | None = None
+    sparse: SparseOutputConfig | None = None
+    side: Literal["document", "query"] = "document"  # which prompt and Router route to apply
+    rows_per_shard: int = 10000
+    bad_rows: Literal["skip", "fail"] = "skip"  # null/empty text, null or duplicate id
+    compute: EncodeComputeConfig = field(default_factory=EncodeComputeConfig)
+
+    def check(self, where: str = "config") -> None:
+        if self.dense is None and self.sparse is None:
+            raise ConfigError(f"{where}: set dense:, sparse: or both (each with at least model:)")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"{where}.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        c = self.compute
+        for name in ("tokenize_actors", "encode_actors", "token_budget", "max_batch_size"):
+            if getattr(c, name) < 1:
+                raise ConfigError(f"{where}.compute.{name} must be >= 1, got {getattr(c, name)}")
+        if c.cpus_per_encode_actor <= 0:
+            raise ConfigError(f"{where}.compute.cpus_per_encode_actor must be > 0")
+        if self.dense is not None:
+            if self.dense.truncate_dim is not None and self.dense.truncate_dim < 1:
+                raise ConfigError(f"{where}.dense.truncate_dim must be >= 1, got {self.dense.truncate_dim}")
+            if self.dense.precision == "int8" and self.dense.calibration_rows < 2:
+                raise ConfigError(f"{where}.dense.calibration_rows must be >= 2 for int8")
+        for name, out in (("dense", self.dense), ("sparse", self.sparse)):
+            if out is not None and out.prompt is not None and out.prompt_name is not None:
+                raise ConfigError(f"{where}.{name}: set prompt or prompt_name, not both")
+            if out is not None and out.max_seq_length is not None and out.max_seq_length < 1:
+                raise ConfigError(f"{where}.{name}.max_seq_length must be >= 1")
+
+
+def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeConfig:
+    cfg = load_yaml(EncodeConfig, path, overrides)
+    cfg.check(str(path))
+    return cfg

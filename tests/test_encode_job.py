@@ -1,0 +1,192 @@
+"""The corpus encoding job on a real local Ray: its vectors equal the in-process encoders',
+bad rows follow the policy and are listed, a finished job is a no-op, and a job whose
+driver is SIGKILLed mid-way finishes on a rerun with every id exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raytrieve.config import from_dict
+from raytrieve.errors import ConfigError, DataError
+from raytrieve.inference.config import EncodeConfig
+from raytrieve.inference.shards import read_vectors
+from tests.conftest import SENTENCES
+from tests.train_helpers import ROOT
+
+
+def _corpus(path: Path, n: int, bad: bool = True, title: bool = False) -> dict[str, list]:
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(n)]
+    ids = [f"doc-{i}" for i in range(n)]
+    data: dict[str, list] = {"id": ids, "text": texts}
+    if bad:
+        texts[3] = None
+        texts[7] = "   "
+        ids[12] = ids[11]
+    if title:
+        data["title"] = [f"Title {i}" if i % 3 else None for i in range(n)]
+    pq.write_table(pa.table(data), path)
+    return data
+
+
+def _expected(data: dict[str, list]) -> tuple[list[str], list[str]]:
+    """(ids, texts) the job must encode: first occurrence of each id, non-blank text, title joined."""
+    seen, ids, texts = set(), [], []
+    for i, (id_, text) in enumerate(zip(data["id"], data["text"])):
+        if text is None or not text.strip() or id_ in seen:
+            continue
+        seen.add(id_)
+        title = data.get("title", [None] * len(data["id"]))[i]
+        ids.append(id_)
+        texts.append(f"{title} {text}" if title else text)
+    return ids, texts
+
+
+def _config(tmp_path: Path, corpus_path: Path, **extra) -> EncodeConfig:
+    base = {"corpus": {"path": str(corpus_path)}, "output_dir": str(tmp_path / "vectors"), "rows_per_shard": 25,
+            "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
+    return from_dict(EncodeConfig, {**base, **extra})
+
+
+def _dense_of_sparse(v) -> np.ndarray:
+    offsets, indices, values = v.sparse
+    out = np.zeros((len(v.ids), 30522), dtype=np.float32)
+    for i in range(len(v.ids)):
+        out[i, indices[offsets[i]:offsets[i + 1]]] = values[offsets[i]:offsets[i + 1]]
+    return out
+
+
+@pytest.mark.slow
+def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_path):
+    from raytrieve.encoders import DenseEncoder, SparseEncoder
+    from raytrieve.inference.encode import run_encode
+
+    data = _corpus(tmp_path / "corpus.parquet", 120, title=True)
+    cfg = _config(tmp_path, tmp_path / "corpus.parquet", dense={"model": str(tiny_models["dense"])},
+                  sparse={"model": str(tiny_models["sparse"])})
+    cfg.corpus.title_column = "title"
+    result = run_encode(cfg)
+    ids, texts = _expected(data)
+    assert (result.rows, result.shards, result.shards_written, result.bad_rows) == (len(ids), 5, 5, 3)
+
+    v = read_vectors(cfg.output_dir)
+    assert v.ids == ids  # corpus order, every kept id exactly once
+    dense = DenseEncoder(tiny_models["dense"]).encode_document(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(v.dense, dense, atol=1e-5)
+    sparse = SparseEncoder(tiny_models["sparse"]).encode_document(texts, convert_to_sparse_tensor=False).numpy()
+    np.testing.assert_allclose(_dense_of_sparse(v), sparse, atol=1e-5)
+    assert v.manifest["dense"]["normalize"] is True and v.manifest["dense"]["dim"] == 32
+    assert [s["rows"] for s in v.manifest["shards"]] == [25, 25, 25, 25, len(ids) - 100]
+
+    bad = pq.read_table(Path(cfg.output_dir) / "bad_rows.parquet").to_pylist()
+    assert [(b["row"], b["id"]) for b in bad] == [(3, "doc-3"), (7, "doc-7"), (12, "doc-11")]
+    assert [b["reason"].split()[0] for b in bad] == ["null", "empty", "duplicate"]
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()}
+    again = run_encode(cfg)
+    assert again.already_complete and again.shards_written == 0
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()} == mtimes
+
+
+@pytest.mark.slow
+def test_job_query_side_router_int8_matryoshka(ray_cluster, tiny_models, tmp_path):
+    from raytrieve.encoders import DenseEncoder, SparseEncoder
+    from raytrieve.encoders.quantization import quantize_embeddings
+    from raytrieve.inference.encode import run_encode
+
+    data = _corpus(tmp_path / "corpus.parquet", 60, bad=False)
+    cfg = _config(tmp_path, tmp_path / "corpus.parquet", side="query",
+                  dense={"model": str(tiny_models["dense"]), "precision": "int8", "truncate_dim": 16,
+                         "calibration_rows": 40},
+                  sparse={"model": str(tiny_models["router"])})
+    run_encode(cfg)
+    v = read_vectors(cfg.output_dir)
+    assert v.ids == data["id"] and v.dense.dtype == np.int8 and v.dense.shape == (60, 16)
+    ranges = np.asarray(v.manifest["dense"]["ranges"], dtype=np.float32)
+    assert ranges.shape == (2, 16)
+    emb = DenseEncoder(tiny_models["dense"]).encode_query(data["text"], truncate_dim=16, normalize_embeddings=True)
+    expected = quantize_embeddings(emb, "int8", ranges=ranges)
+    # A float difference at a bucket edge may move a value by one bucket, never more.
+    assert np.abs(v.dense.astype(int) - expected.astype(int)).max() <= 1
+    assert (v.dense == expected).mean() > 0.99
+    # The Router's query route: the static (inference-free) side, not the MLM.
+    router = SparseEncoder(tiny_models["router"])
+    np.testing.assert_allclose(_dense_of_sparse(v), router.encode_query(data["text"], convert_to_sparse_tensor=False)
+                               .numpy(), atol=1e-5)
+    assert not np.allclose(_dense_of_sparse(v)[:5], router.encode_document(data["text"][:5],
+                                                                           convert_to_sparse_tensor=False).numpy())
+
+
+def test_bad_input_is_refused_before_any_work(tiny_models, tmp_path):
+    from raytrieve.inference.encode import run_encode
+
+    _corpus(tmp_path / "corpus.parquet", 30)
+    dense = {"model": str(tiny_models["dense"])}
+    with pytest.raises(DataError, match=r"no column 'body' for the text.*\['id', 'text'\].*corpus.text_column"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense,
+                           corpus={"path": str(tmp_path / "corpus.parquet"), "text_column": "body"}))
+    with pytest.raises(DataError, match=r"3 bad row\(s\): row 3 \(null text\); row 7 \(empty text\); row 12 "
+                                        r"\(duplicate id.*bad_rows: skip"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense, bad_rows="fail"))
+    with pytest.raises(ConfigError, match="truncate_dim=64 exceeds the model's 32"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense={**dense, "truncate_dim": 64}))
+    with pytest.raises(ConfigError, match="set dense:, sparse: or both"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet"))
+    with pytest.raises(DataError, match="corpus.path .*missing.parquet: file not found"):
+        run_encode(_config(tmp_path, tmp_path / "missing.parquet", dense=dense))
+    (tmp_path / "vectors").mkdir()
+    (tmp_path / "vectors" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not an encoding job's folder"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense))
+    assert (tmp_path / "vectors" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
+    """The driver (jobs/encode.py joined to the session's cluster, as under `ray job submit`) is
+    SIGKILLed once some shards are written; the same command then finishes the job."""
+    from raytrieve.encoders import DenseEncoder
+
+    data = _corpus(tmp_path / "corpus.parquet", 600, bad=False)
+    out = tmp_path / "vectors"
+    config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
+              "dense": {"model": str(tiny_models["dense"])},
+              "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
+    config_path = tmp_path / "encode.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT / "platform")}
+    command = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(config_path)]
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.json"))) < 3 and first.poll() is None:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished_before = len(list(out.glob("part-*.json")))
+    assert 3 <= finished_before < 60, finished_before  # killed mid-way, not before or after
+    assert not (out / "manifest.json").exists()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["shards_reused"] == finished_before and summary["shards_written"] == 60 - summary["shards_reused"]
+    v = read_vectors(out)
+    assert v.ids == data["id"] and len(set(v.ids)) == 600
+    np.testing.assert_allclose(v.dense, DenseEncoder(tiny_models["dense"]).encode_document(
+        data["text"], normalize_embeddings=True), atol=1e-5)
+    assert not list(out.glob(".*.tmp-*"))
