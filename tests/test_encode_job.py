@@ -93,6 +93,22 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
     assert [(b["row"], b["id"]) for b in bad] == [(3, "doc-3"), (7, "doc-7"), (12, "doc-11")]
     assert [b["reason"].split()[0] for b in bad] == ["null", "empty", "duplicate"]
 
+    # `raytrieve index build` over the job's output: both indices, searchable, exact.
+    from raytrieve.cli import main
+    from raytrieve.index.build import load_indices
+
+    assert main(["index", "build", "--vectors", cfg.output_dir, "--out", str(tmp_path / "index")]) == 0
+    indices = load_indices(tmp_path / "index")
+    assert indices.source["fingerprint"] == v.manifest["fingerprint"] and indices.dense.ids == ids
+    hits = indices.dense.search(dense[:10], top_k=5)
+    brute = np.argsort(-(dense[:10] @ v.dense.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(hits.rows, brute)
+    offsets, terms, weights = v.sparse
+    queries = [(terms[offsets[r]:offsets[r + 1]], weights[offsets[r]:offsets[r + 1]]) for r in range(5)]
+    sparse_hits = indices.sparse.search(queries, 3)
+    brute = np.argsort(-(sparse[:5] @ sparse.T), axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(sparse_hits.rows, brute)
+
     mtimes = {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()}
     again = run_encode(cfg)
     assert again.already_complete and again.shards_written == 0

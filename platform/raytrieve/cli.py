@@ -6,6 +6,10 @@
                                        fine-tune on an embedded local Ray (jobs/train.py on a cluster)
     raytrieve encode --config X.yaml [key=value ...]
                                        encode a corpus into parquet shards (jobs/encode.py on a cluster)
+    raytrieve index build --vectors DIR --out DIR [--quantize int8|binary] [--backend exact|faiss]
+                                       dense and sparse indices from an encoding job's output
+    raytrieve mine --config X.yaml [key=value ...]
+                                       hard negatives for (query, positive) pairs (jobs/mine.py on a cluster)
     raytrieve data build-pydocs --out DIR
                                        (query, document) pairs from installed packages' docstrings
     raytrieve demo                     a showcase of the three shipped models
@@ -56,6 +60,29 @@ def _encode(args: argparse.Namespace) -> int:
     return encode_from_args(args.config, args.overrides, ray_address="local")
 
 
+def _mine(args: argparse.Namespace) -> int:
+    from raytrieve.inference.entry import mine_from_args
+
+    return mine_from_args(args.config, args.overrides, ray_address="local")
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from raytrieve.index.build import IndexOptions, build_indices
+
+    params = {}
+    for item in args.faiss_param:
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
+    options = IndexOptions(quantize=args.quantize, backend=args.backend, faiss_index=args.faiss_index,
+                           faiss_params=params or None)
+    print(json.dumps(build_indices(args.vectors, args.out, options)))
+    return 0
+
+
 def _build_pydocs(args: argparse.Namespace) -> int:
     import json
 
@@ -82,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--config", required=True, help="an encoding YAML (see jobs/configs/encode_pydocs.yaml)")
     encode.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=out/vectors")
     encode.set_defaults(func=_encode)
+    index = sub.add_parser("index", help="retrieval indices")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build", help="dense and sparse indices from an encoding job's output")
+    build.add_argument("--vectors", required=True, help="the encoding job's output_dir")
+    build.add_argument("--out", required=True, help="the index folder to write (replaced atomically)")
+    build.add_argument("--quantize", choices=["int8", "binary"], default=None,
+                       help="search int8/binary codes, rescore with the float vectors (memory-mapped)")
+    build.add_argument("--backend", choices=["exact", "faiss"], default="exact")
+    build.add_argument("--faiss-index", choices=["flat", "ivf", "hnsw"], default="flat")
+    build.add_argument("--faiss-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="e.g. nlist=1024, nprobe=16, M=32, ef_search=64")
+    build.set_defaults(func=_index_build)
+    mine = sub.add_parser("mine", help="mine hard negatives, on an embedded Ray")
+    mine.add_argument("--config", required=True, help="a mining YAML (see jobs/configs/mine_pydocs.yaml)")
+    mine.add_argument("overrides", nargs="*", help="key=value overrides, e.g. selection.num_negatives=5")
+    mine.set_defaults(func=_mine)
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")

@@ -2,7 +2,7 @@
 dataclasses (unknown keys are errors that name the key); every value is checked before any
 cluster work starts.
 
-    cfg = load_encode_config("jobs/configs/encode_corpus.yaml", ["output_dir=/data/vectors"])
+    cfg = load_encode_config("jobs/configs/encode_pydocs.yaml", ["output_dir=/data/vectors"])
 """
 
 from __future__ import annotations
@@ -98,5 +98,86 @@ class EncodeConfig:
 
 def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeConfig:
     cfg = load_yaml(EncodeConfig, path, overrides)
+    cfg.check(str(path))
+    return cfg
+
+
+# -- hard-negative mining ----------------------------------------------------------------------
+
+@dataclass
+class PairsConfig:
+    path: str  # (query, positive) pairs: parquet / jsonl / csv / HF datasets dir
+    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None
+    query_column: str = "query"
+    positive_column: str = "positive"
+
+
+@dataclass
+class RetrieverConfig:
+    model: str  # the dense or sparse model that retrieves candidates
+    kind: Literal["dense", "sparse"] = "dense"
+    max_seq_length: int | None = None
+    batch_size: int = 64  # queries and positives are encoded on the driver
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RerankerConfig:
+    model: str  # a cross-encoder: candidates are rescored, and the filters use its scores
+    max_seq_length: int | None = None
+    batch_size: int = 32
+    actors: int = 1  # Ray Data actor pool that scores (query, candidate) pairs
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class SelectionConfig:
+    num_negatives: int = 3
+    range_min: int = 0  # skip the best range_min candidates (likely unlabeled positives)
+    range_max: int = 50  # look at the best range_max candidates only
+    absolute_margin: float | None = None  # keep if score <= positive_score - margin
+    relative_margin: float | None = None  # keep if score <= positive_score * (1 - margin)
+    max_score: float | None = None
+    min_score: float | None = None
+    sampling_strategy: Literal["top", "random"] = "top"
+    seed: int = 0
+
+
+@dataclass
+class MineConfig:
+    pairs: PairsConfig
+    retriever: RetrieverConfig
+    output_path: str  # a parquet file
+    output_format: Literal["triplet", "n-tuple", "n-tuple-scores", "labeled-list"] = "triplet"
+    corpus: CorpusConfig | None = None  # None: the distinct positives are the corpus
+    # An encoding job's output for this corpus made with the retriever model; default: the
+    # corpus is encoded by the encoding job into <output_path>.work/vectors (resumable).
+    corpus_vectors: str | None = None
+    reranker: RerankerConfig | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    compute: EncodeComputeConfig = field(default_factory=EncodeComputeConfig)
+
+    def check(self, where: str = "config") -> None:
+        s = self.selection
+        if s.num_negatives < 1:
+            raise ConfigError(f"{where}.selection.num_negatives must be >= 1, got {s.num_negatives}")
+        if not 0 <= s.range_min < s.range_max:
+            raise ConfigError(f"{where}.selection: need 0 <= range_min < range_max, got {s.range_min}, {s.range_max}")
+        for name in ("absolute_margin", "relative_margin"):
+            value = getattr(s, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{where}.selection.{name} must be >= 0, got {value}")
+        if s.relative_margin is not None and s.relative_margin >= 1:
+            raise ConfigError(f"{where}.selection.relative_margin must be < 1 (a share of the positive's score)")
+        if s.max_score is not None and s.min_score is not None and s.min_score > s.max_score:
+            raise ConfigError(f"{where}.selection: min_score {s.min_score} > max_score {s.max_score}")
+        if self.retriever.batch_size < 1 or (self.reranker and self.reranker.batch_size < 1):
+            raise ConfigError(f"{where}: batch_size must be >= 1")
+        if not self.output_path.endswith(".parquet"):
+            raise ConfigError(f"{where}.output_path must name a .parquet file, got {self.output_path!r}")
+
+
+def load_mine_config(path: str, overrides: list[str] | None = None) -> MineConfig:
+    cfg = load_yaml(MineConfig, path, overrides)
     cfg.check(str(path))
     return cfg

@@ -1,7 +1,7 @@
 """The corpus encoding job: corpus -> tokenize (CPU actors) -> encode (actor pool, a GPU each
 when the cluster has GPUs) -> parquet shards + manifest.
 
-    result = run_encode(load_encode_config("jobs/configs/encode_corpus.yaml"), ray_address="local")
+    result = run_encode(load_encode_config("jobs/configs/encode_pydocs.yaml"), ray_address="local")
 
 The driver reads and checks the corpus, loads each model once to check the config against
 it, and plans fixed shards. Ray Data then carries one row per unfinished shard through two

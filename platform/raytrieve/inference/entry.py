@@ -26,3 +26,17 @@ def encode_from_args(config: str, overrides: list[str], ray_address: str | None)
               file=sys.stderr)
     print(json.dumps(asdict(result)))
     return 0
+
+
+def mine_from_args(config: str, overrides: list[str], ray_address: str | None) -> int:
+    from raytrieve.inference.config import load_mine_config
+    from raytrieve.inference.mine import run_mine
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_mine(load_mine_config(config, overrides), where=config, ray_address=ray_address)
+    except RaytrieveError as e:
+        print(f"raytrieve mine: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)))
+    return 0

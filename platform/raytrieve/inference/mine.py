@@ -1,0 +1,266 @@
+"""Hard-negative mining: for every (query, positive) pair, documents the retriever ranks high
+that are not a positive of that query, filtered and sampled as the config says.
+
+    result = run_mine(load_mine_config("jobs/configs/mine_pydocs.yaml"), ray_address="local")
+
+1. The corpus (given, or the distinct positives) is encoded by the encoding job (Ray Data,
+   resumable) unless ``corpus_vectors`` points at one already made with the same model.
+2. Queries and positives are encoded on the driver; an exact index retrieves the best
+   ``range_max`` candidates per query, every positive of that query left out (by text).
+3. Optionally a cross-encoder rescores candidates and positives (a Ray Data job); the
+   candidates are then ordered by its score and every filter uses its scores.
+4. Per pair: skip the first ``range_min`` candidates, keep those within the margins and
+   score bounds, take ``num_negatives`` (best first, or at random with a seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raytrieve.errors import ConfigError, DataError
+from raytrieve.inference.config import (CorpusConfig, DenseOutputConfig, EncodeConfig, MineConfig, SelectionConfig,
+                                        SparseOutputConfig)
+
+log = logging.getLogger("raytrieve.mine")
+
+
+@dataclass
+class MineResult:
+    output_path: str
+    pairs: int
+    rows: int
+    negatives: int
+    pairs_short: int  # pairs that got fewer than num_negatives negatives
+    pairs_dropped: int  # n-tuple formats: pairs without num_negatives negatives are not written
+    corpus_size: int
+
+
+def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
+    from raytrieve.data.validate import infer_format, read_table
+
+    path = Path(cfg.pairs.path).expanduser()
+    if not path.exists():
+        raise DataError(f"pairs.path {path}: file not found")
+    table = read_table(path, cfg.pairs.format or infer_format(path))
+    columns = {}
+    for role, name in (("query", cfg.pairs.query_column), ("positive", cfg.pairs.positive_column)):
+        if name not in table.column_names:
+            raise DataError(f"{path}: no column {name!r} for the {role}; the file has {table.column_names}. "
+                            f"Set pairs.{role}_column")
+        values = table.column(name).to_pylist()
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise DataError(f"{path}: column {name!r} has {len(bad)} null, empty or non-text value(s), first at "
+                            f"row {bad[0]}; drop those rows")
+        columns[role] = values
+    if not columns["query"]:
+        raise DataError(f"{path}: no pairs")
+    return columns["query"], columns["positive"]
+
+
+def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | None, where: str) -> Any:
+    """The corpus vectors (the encoding job's output), made now unless given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve import assets
+    from raytrieve.inference.encode import run_encode
+    from raytrieve.inference.shards import read_vectors
+
+    model_path = str(assets.resolve_model(cfg.retriever.model))
+    if cfg.corpus_vectors:
+        vectors_dir = Path(cfg.corpus_vectors)
+    else:
+        work = Path(f"{cfg.output_path}.work")
+        corpus = cfg.corpus
+        if corpus is None:  # the distinct positives, in first-seen order
+            texts = list(dict.fromkeys(positives))
+            work.mkdir(parents=True, exist_ok=True)
+            tmp = work / f".positives.parquet.tmp-{os.getpid()}"
+            pq.write_table(pa.table({"id": [f"positive-{i}" for i in range(len(texts))], "text": texts}), tmp)
+            os.replace(tmp, work / "positives.parquet")
+            corpus = CorpusConfig(path=str(work / "positives.parquet"))
+        output = {"model": cfg.retriever.model, "max_seq_length": cfg.retriever.max_seq_length,
+                  "trust_remote_code": cfg.retriever.trust_remote_code}
+        encode = EncodeConfig(corpus=corpus, output_dir=str(work / "vectors"), side="document", compute=cfg.compute,
+                              dense=DenseOutputConfig(**output) if cfg.retriever.kind == "dense" else None,
+                              sparse=SparseOutputConfig(**output) if cfg.retriever.kind == "sparse" else None)
+        run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address)
+        vectors_dir = Path(encode.output_dir)
+    vectors = read_vectors(vectors_dir)
+    made_with = (vectors.manifest.get(cfg.retriever.kind) or {}).get("model_path")
+    if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
+        raise ConfigError(f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
+                          f"not with retriever.model {model_path}; encode the corpus with the retriever's model")
+    return vectors
+
+
+def _corpus_texts(cfg: MineConfig, vectors: Any) -> list[str]:
+    """Texts of the corpus rows, in the vectors' order (ids map rows to texts)."""
+    from raytrieve.inference.corpus import read_corpus
+
+    if cfg.corpus is None and not cfg.corpus_vectors:
+        corpus = read_corpus(CorpusConfig(path=str(Path(f"{cfg.output_path}.work") / "positives.parquet")), "skip")
+    elif cfg.corpus is None:
+        raise ConfigError("corpus_vectors needs corpus: too (the texts of the vectors' ids)")
+    else:
+        corpus = read_corpus(cfg.corpus, "skip")
+    by_id = dict(zip(corpus.ids, corpus.texts))
+    missing = [i for i in vectors.ids if i not in by_id]
+    if missing:
+        raise DataError(f"corpus_vectors: {len(missing)} id(s) are not in the corpus file, e.g. {missing[0]!r}")
+    return [by_id[i] for i in vectors.ids]
+
+
+def select_negatives(candidates: list[int], scores: np.ndarray, positive_score: float, s: SelectionConfig,
+                     rng: np.random.Generator) -> list[int]:
+    """Candidates (already best-first, positives removed, at most range_max) -> chosen ones."""
+    kept = []
+    for c, score in zip(candidates[s.range_min:], scores[s.range_min:]):
+        if s.absolute_margin is not None and score > positive_score - s.absolute_margin:
+            continue
+        if s.relative_margin is not None and score > positive_score * (1 - s.relative_margin):
+            continue
+        if s.max_score is not None and score > s.max_score:
+            continue
+        if s.min_score is not None and score < s.min_score:
+            continue
+        kept.append(c)
+    if s.sampling_strategy == "random" and len(kept) > s.num_negatives:
+        picked = sorted(rng.choice(len(kept), size=s.num_negatives, replace=False))
+        return [kept[i] for i in picked]
+    return kept[: s.num_negatives]
+
+
+def _retriever(cfg: MineConfig) -> Any:
+    from raytrieve import assets
+    from raytrieve.data.pipeline import set_max_seq_length
+    from raytrieve.encoders import DenseEncoder, SparseEncoder
+
+    cls = DenseEncoder if cfg.retriever.kind == "dense" else SparseEncoder
+    model = cls(assets.resolve_model(cfg.retriever.model), trust_remote_code=cfg.retriever.trust_remote_code)
+    if cfg.retriever.max_seq_length:
+        set_max_seq_length(model, cfg.retriever.max_seq_length)
+    return model
+
+
+def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = None) -> MineResult:
+    import pyarrow.parquet as pq
+    import ray
+
+    from raytrieve.index import DenseIndex, SparseIndex
+
+    cfg.check(where)
+    queries, positives = read_pairs(cfg)
+    model = _retriever(cfg)  # loads and checks the model before any Ray work
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    vectors = _corpus_vectors(cfg, positives, ray_address, where)
+    texts = _corpus_texts(cfg, vectors)
+    s, kind = cfg.selection, cfg.retriever.kind
+
+    unique_queries = list(dict.fromkeys(queries))
+    positives_of: dict[str, set[str]] = {}
+    for q, p in zip(queries, positives):
+        positives_of.setdefault(q, set()).add(p)
+    depth = min(len(texts), s.range_max + max(len(v) for v in positives_of.values()))
+    bs = cfg.retriever.batch_size
+    if kind == "dense":
+        index = DenseIndex.build(vectors.ids, vectors.dense, similarity="dot")
+        normalize = model.similarity_fn_name == "cosine"
+        q_emb = model.encode_query(unique_queries, batch_size=bs, normalize_embeddings=normalize)
+        p_emb = model.encode_document(positives, batch_size=bs, normalize_embeddings=normalize)
+        hits = index.search(q_emb, depth)
+        q_row = {q: i for i, q in enumerate(unique_queries)}
+        pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
+    else:
+        offsets, indices, values = vectors.sparse
+        index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, vectors.manifest["sparse"]["vocab_size"])
+        q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True)
+        p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True)
+        hits = index.search(q_emb, depth)
+        q_row = {q: i for i, q in enumerate(unique_queries)}
+        pos_scores = np.array([_sparse_dot(q_emb[q_row[q]], p) for q, p in zip(queries, p_emb)], dtype=np.float32)
+
+    # Best-first candidates per unique query, positives (by text) left out, at most range_max.
+    candidates: dict[str, tuple[list[int], np.ndarray]] = {}
+    for q, i in q_row.items():
+        rows, scores = hits.rows[i], hits.scores[i]
+        keep = [(int(r), float(sc)) for r, sc in zip(rows, scores) if r >= 0 and texts[r] not in positives_of[q]]
+        keep = keep[: s.range_max]
+        candidates[q] = ([r for r, _ in keep], np.array([sc for _, sc in keep], dtype=np.float32))
+
+    if cfg.reranker is not None:
+        from raytrieve import assets
+        from raytrieve.inference.score import score_pairs
+
+        pairs = [(q, texts[r]) for q in unique_queries for r in candidates[q][0]]
+        scored = score_pairs(pairs + list(zip(queries, positives)), str(assets.resolve_model(cfg.reranker.model)),
+                             max_seq_length=cfg.reranker.max_seq_length, batch_size=cfg.reranker.batch_size,
+                             actors=cfg.reranker.actors, cpus_per_actor=cfg.reranker.cpus_per_actor)
+        at = 0
+        for q in unique_queries:
+            rows = candidates[q][0]
+            ce = scored[at: at + len(rows)]
+            at += len(rows)
+            order = np.argsort(-ce, kind="stable")
+            candidates[q] = ([rows[j] for j in order], ce[order])
+        pos_scores = scored[at:]
+
+    rng = np.random.default_rng(s.seed)
+    chosen = []
+    for q, pos_score in zip(queries, pos_scores):
+        rows, scores = candidates[q]
+        picked = select_negatives(rows, scores, float(pos_score), s, rng)
+        score_of = dict(zip(rows, scores.tolist()))
+        chosen.append((picked, [score_of[r] for r in picked]))
+    table, dropped = _format(cfg.output_format, queries, positives, pos_scores, chosen, texts, s.num_negatives)
+
+    out = Path(cfg.output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
+    result = MineResult(str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped,
+                        len(texts))
+    if short:
+        log.warning("%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
+                    short, len(queries), s.num_negatives)
+    log.info("mined %s", asdict(result))
+    return result
+
+
+def _sparse_dot(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    common, ia, ib = np.intersect1d(a["indices"], b["indices"], assume_unique=True, return_indices=True)
+    return float(np.dot(a["values"][ia].astype(np.float64), b["values"][ib]))
+
+
+def _format(fmt: str, queries: list[str], positives: list[str], pos_scores: np.ndarray,
+            chosen: list[tuple[list[int], list[float]]], texts: list[str], n: int) -> tuple[Any, int]:
+    """The output table and how many pairs a fixed-width format had to leave out."""
+    import pyarrow as pa
+
+    if fmt == "triplet":
+        rows = [(q, p, texts[r]) for q, p, (picked, _) in zip(queries, positives, chosen) for r in picked]
+        return pa.table({"query": [r[0] for r in rows], "positive": [r[1] for r in rows],
+                         "negative": [r[2] for r in rows]}), 0
+    if fmt == "labeled-list":
+        return pa.table({
+            "query": queries,
+            "documents": [[p] + [texts[r] for r in picked] for p, (picked, _) in zip(positives, chosen)],
+            "labels": [[1] + [0] * len(picked) for picked, _ in chosen],
+        }), 0
+    full = [i for i, (picked, _) in enumerate(chosen) if len(picked) >= n]
+    columns: dict[str, Any] = {"query": [queries[i] for i in full], "positive": [positives[i] for i in full]}
+    for j in range(n):
+        columns[f"negative_{j + 1}"] = [texts[chosen[i][0][j]] for i in full]
+    if fmt == "n-tuple-scores":
+        columns["score"] = [[float(pos_scores[i])] + chosen[i][1][:n] for i in full]
+    return pa.table(columns), len(queries) - len(full)
