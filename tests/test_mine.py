@@ -30,6 +30,23 @@ def pairs_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def positives_vectors(ray_cluster, pairs_file):
+    """The distinct positives as a corpus, encoded once by the encoding job with MiniLM; the
+    dense tests mine against it through corpus_vectors (the sparse test encodes its own)."""
+    from raytrieve.inference.config import EncodeConfig
+    from raytrieve.inference.encode import run_encode
+
+    positives = list(dict.fromkeys(pq.read_table(pairs_file).column("positive").to_pylist()))
+    corpus = pairs_file.parent / "positives.parquet"
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(positives))], "text": positives}), corpus)
+    out = pairs_file.parent / "positives-vectors"
+    run_encode(from_dict(EncodeConfig, {"corpus": {"path": str(corpus)}, "output_dir": str(out),
+                                        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128},
+                                        "compute": COMPUTE}))
+    return {"corpus": {"path": str(corpus)}, "corpus_vectors": str(out)}
+
+
 def _cfg(pairs_file, tmp_path, **extra) -> MineConfig:
     base = {"pairs": {"path": str(pairs_file)}, "retriever": {"model": "all-minilm-l6-v2", "max_seq_length": 128},
             "output_path": str(tmp_path / "mined.parquet"), "compute": COMPUTE}
@@ -45,11 +62,11 @@ def _positives(pairs_file) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
-def test_dense_ntuple_scores_respect_margin(ray_cluster, pairs_file, tmp_path):
+def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_path):
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.mine import run_mine
 
-    cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores",
+    cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores", **positives_vectors,
                selection={"num_negatives": 3, "range_max": 20, "absolute_margin": 0.05})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()
@@ -70,12 +87,12 @@ def test_dense_ntuple_scores_respect_margin(ray_cluster, pairs_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_reranked_triplets_use_cross_encoder_scores(ray_cluster, pairs_file, tmp_path):
+def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_file, tmp_path):
     from raytrieve.encoders import CrossEncoder
     from raytrieve.inference.mine import run_mine
 
-    cfg = _cfg(pairs_file, tmp_path, output_format="triplet", reranker={"model": "ms-marco-minilm-l12-v2",
-                                                                        "cpus_per_actor": 0.5},
+    cfg = _cfg(pairs_file, tmp_path, output_format="triplet", **positives_vectors,
+               reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5},
                selection={"num_negatives": 2, "range_max": 8, "max_score": 0.5})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()

@@ -10,6 +10,8 @@
                                        dense and sparse indices from an encoding job's output
     raytrieve mine --config X.yaml [key=value ...]
                                        hard negatives for (query, positive) pairs (jobs/mine.py on a cluster)
+    raytrieve serve --config X.yaml [key=value ...]
+                                       hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
     raytrieve data build-pydocs --out DIR
                                        (query, document) pairs from installed packages' docstrings
     raytrieve demo                     a showcase of the three shipped models
@@ -83,6 +85,26 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from raytrieve.serve.app import start
+    from raytrieve.serve.config import load_serve_config
+
+    cfg = load_serve_config(args.config, args.overrides)
+    url = start(cfg, where=args.config, ray_address="local")
+    print(f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /embed_sparse, /rerank; "
+          "GET /healthz, /v1/models, /metrics, /docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def _build_pydocs(args: argparse.Namespace) -> int:
     import json
 
@@ -125,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--config", required=True, help="a mining YAML (see jobs/configs/mine_pydocs.yaml)")
     mine.add_argument("overrides", nargs="*", help="key=value overrides, e.g. selection.num_negatives=5")
     mine.set_defaults(func=_mine)
+    serve_cmd = sub.add_parser("serve", help="serve hybrid retrieval over HTTP, on an embedded Ray")
+    serve_cmd.add_argument("--config", required=True, help="a serve YAML (see jobs/configs/serve_pydocs.yaml)")
+    serve_cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. port=8200")
+    serve_cmd.set_defaults(func=_serve)
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")

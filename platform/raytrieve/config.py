@@ -30,8 +30,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # X | None: X's own error names the real problem
+            return _coerce(value, candidates[0], where)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in candidates:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as e:

@@ -303,8 +303,9 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     os.replace(out / f".{shards.BAD_ROWS}.tmp-{os.getpid()}", out / shards.BAD_ROWS)
     shards.write_json_atomic(manifest_path, {
         "format": shards.FORMAT, "version": 1, "fingerprint": fingerprint,
-        "corpus": {"path": cfg.corpus.path, "input_rows": corpus.input_rows, "bad_rows": len(corpus.bad),
-                   "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column},
+        "corpus": {"path": str(Path(cfg.corpus.path).expanduser().resolve()), "input_rows": corpus.input_rows, "bad_rows": len(corpus.bad),
+                   "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
+                   "title_column": cfg.corpus.title_column, "title_separator": cfg.corpus.title_separator},
         "rows": len(corpus), "side": cfg.side, **described,
         "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "sha256": done[s]["sha256"]}
                    for s in range(len(bounds))],

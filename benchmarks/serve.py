@@ -1,0 +1,157 @@
+"""The Serve application over HTTP on 127.0.0.1: /search latency and QPS over a 10,000-document
+index (dense MiniLM + sparse SPLADE-tiny, RRF), with and without cross-encoder rerank of the
+top 20, and /v1/embeddings throughput against SentenceTransformer.encode in one process.
+
+    .venv/bin/python benchmarks/serve.py              # builds out/bench/serve-10k once, then reuses it
+    .venv/bin/python benchmarks/serve.py --docs 2000 --seconds 10
+
+Latency: one client, sequential requests (p50 / p99). QPS: --clients concurrent clients for
+--seconds. Embeddings: batches of 32 texts, 2 concurrent clients, against ST.encode of the
+same texts with batch size 32 and the same threads. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--embed-texts", type=int, default=1024)
+    args = parser.parse_args()
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import requests
+    import torch
+    from texts import sentences
+
+    from raytrieve.config import from_dict
+    from raytrieve.index.build import build_indices
+    from raytrieve.inference.config import EncodeConfig
+    from raytrieve.inference.encode import run_encode
+    from raytrieve.serve.app import start
+    from raytrieve.serve.config import ServeConfig
+
+    work = ROOT / "out" / "bench" / f"serve-{args.docs}"
+    work.mkdir(parents=True, exist_ok=True)
+    docs = sentences(args.docs, min_words=20, max_words=120, seed=1)
+    queries = sentences(args.queries, min_words=4, max_words=12, seed=2)
+    if not (work / "corpus.parquet").exists():
+        pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), work / "corpus.parquet")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    run_encode(from_dict(EncodeConfig, {  # a no-op when the folder already holds this job
+        "corpus": {"path": str(work / "corpus.parquet")}, "output_dir": str(work / "vectors"), "rows_per_shard": 2000,
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256},
+        "sparse": {"model": "splade-tiny", "max_seq_length": 256},
+        "compute": {"cpus_per_encode_actor": 1.5, "torch_threads": os.cpu_count()}}))
+    if not (work / "index" / "source.json").exists():
+        build_indices(work / "vectors", work / "index")
+
+    threads = max(1, os.cpu_count() // 2)
+    cfg = from_dict(ServeConfig, {
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads},
+        "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1},
+        "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
+                     "torch_threads": threads, "max_batch_tokens": 16384},
+        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}})
+    url = start(cfg, ray_address=None)
+    session = requests.Session()
+    for _ in range(240):
+        try:
+            if session.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+
+    def search(query: str, rerank: bool) -> float:
+        t = time.perf_counter()
+        r = session.post(f"{url}/search", json={"query": query, "top_k": 10, "rerank": rerank, "rerank_depth": 20,
+                                                 "recall": {"dense": 100, "sparse": 100}}, timeout=60)
+        assert r.status_code == 200, r.text
+        return (time.perf_counter() - t) * 1000
+
+    for q in queries[:10]:  # warm up every deployment
+        search(q, True)
+    plain = [search(q, False) for q in queries]
+    reranked = [search(q, True) for q in queries[: max(20, len(queries) // 4)]]
+
+    def client(i: int) -> int:
+        s, n, stop = requests.Session(), 0, time.time() + args.seconds
+        while time.time() < stop:
+            q = queries[(i * 7919 + n) % len(queries)]
+            assert s.post(f"{url}/search", json={"query": q, "top_k": 10}, timeout=60).status_code == 200
+            n += 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        qps = sum(pool.map(client, range(args.clients))) / args.seconds
+
+    texts = sentences(args.embed_texts, min_words=5, max_words=120, seed=3)
+    batches = [texts[i: i + 32] for i in range(0, len(texts), 32)]
+
+    def embed(batch: list[str]) -> int:
+        r = requests.post(f"{url}/v1/embeddings", json={"input": batch}, timeout=120)
+        assert r.status_code == 200, r.text
+        return len(batch)
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        served = sum(pool.map(embed, batches)) / (time.perf_counter() - t)
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+    from raytrieve import assets
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    st = SentenceTransformer(str(assets.model_path("all-minilm-l6-v2")), device="cpu")
+    st.encode(texts[:64], batch_size=32)
+    t = time.perf_counter()
+    st.encode(texts, batch_size=32, show_progress_bar=False)
+    st_rate = len(texts) / (time.perf_counter() - t)
+    print(json.dumps({
+        "benchmark": "serve", "docs": args.docs, "queries": len(queries), "clients": args.clients,
+        "search_p50_ms": round(_percentile(plain, 50), 1), "search_p99_ms": round(_percentile(plain, 99), 1),
+        "search_qps": round(qps, 1), "search_rerank_p50_ms": round(_percentile(reranked, 50), 1),
+        "search_rerank_p99_ms": round(_percentile(reranked, 99), 1),
+        "embeddings_texts_per_s": round(served, 1), "st_texts_per_s": round(st_rate, 1),
+        "embeddings_ratio_vs_st": round(served / st_rate, 3), "replica_threads": threads,
+        "cpu_count": os.cpu_count(), "mean_search_ms": round(float(np.mean(plain)), 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The model and index deployments behind the ingress.
+
+``ModelReplica`` serves one model (dense, sparse or cross-encoder). Requests are grouped by
+``@serve.batch`` until their estimated tokens reach ``max_batch_tokens``; one batch runs the
+model once per task (query / document), sorted by length inside. ``Retriever`` holds the
+dense and sparse indices (memory-mapped) and the documents' texts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from ray import serve
+
+from raytrieve.serve.config import DeploymentConfig
+
+# Tokens a text costs in the batch budget: about 4 characters a token for English, plus the
+# special tokens; capped at the model's max_seq_length (truncation) and at the budget itself,
+# so a single large request still forms a batch of its own.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
+    return sum(min(len(t) // CHARS_PER_TOKEN + 2, max_seq_length) for t in texts)
+
+
+def load_model(kind: str, spec: DeploymentConfig) -> Any:
+    from raytrieve import assets
+    from raytrieve.data.pipeline import set_max_seq_length
+    from raytrieve.encoders import CrossEncoder, DenseEncoder, SparseEncoder
+
+    cls = {"dense": DenseEncoder, "sparse": SparseEncoder, "reranker": CrossEncoder}[kind]
+    device = "cuda" if spec.num_gpus > 0 else "cpu"
+    model = cls(assets.resolve_model(spec.model), device=device, trust_remote_code=spec.trust_remote_code)
+    if spec.max_seq_length:
+        if kind == "reranker":
+            model.max_seq_length = spec.max_seq_length
+        else:
+            set_max_seq_length(model, spec.max_seq_length)
+    return model
+
+
+def _batch_cost(items: list[tuple[Any, str | None, int]]) -> int:
+    return sum(cost for _, _, cost in items)
+
+
+@serve.deployment
+class ModelReplica:
+    def __init__(self, kind: str, spec: DeploymentConfig) -> None:
+        import torch
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(spec.torch_threads or max(1, int(spec.num_cpus)))
+        self.kind, self.spec = kind, spec
+        self.model = load_model(kind, spec)
+        self.max_seq_length = int(self.model.max_seq_length or 512)
+        self.infer.set_max_batch_size(spec.max_batch_tokens)
+        self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.spec.public_name, "kind": self.kind, "max_seq_length": self.max_seq_length}
+        if self.kind == "dense":
+            info["dimensions"] = self.model.get_embedding_dimension()
+            info["similarity"] = self.model.similarity_fn_name
+        elif self.kind == "sparse":
+            info["vocab_size"] = self.model.get_embedding_dimension() or len(self.model.tokenizer)
+        return info
+
+    async def __call__(self, inputs: list[Any], task: str | None = None) -> Any:
+        """dense: float32 [n, dim]; sparse: [(indices, values)] by weight; reranker: scores [n]
+        for (query, document) pairs."""
+        texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
+        cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
+        return await self.infer((inputs, task, cost))
+
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
+    async def infer(self, items: list[tuple[list[Any], str | None, int]]) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        for task in dict.fromkeys(task for _, task, _ in items):
+            members = [i for i, (_, t, _) in enumerate(items) if t == task]
+            flat = [x for i in members for x in items[i][0]]
+            out = self._run(flat, task)
+            at = 0
+            for i in members:
+                n = len(items[i][0])
+                results[i] = out[at: at + n]
+                at += n
+        return results
+
+    def _run(self, inputs: list[Any], task: str | None) -> Any:
+        budget = self.spec.max_batch_tokens
+        if self.kind == "reranker":
+            return np.asarray(self.model.predict(inputs, batch_size=64, show_progress_bar=False), dtype=np.float32)
+        encode = {"query": self.model.encode_query, "document": self.model.encode_document}.get(task, self.model.encode)
+        if self.kind == "dense":
+            return encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False)
+        rows = encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False, as_dicts=True)
+        return [(r["indices"], r["values"]) for r in rows]
+
+    def tokens(self, indices: list[int]) -> list[str]:
+        return self.model.tokenizer.convert_ids_to_tokens(indices)
+
+
+@serve.deployment
+class Retriever:
+    """The indices from `raytrieve index build` and the texts of their documents."""
+
+    def __init__(self, index_path: str) -> None:
+        from raytrieve.index.build import load_indices
+        from raytrieve.inference.config import CorpusConfig
+        from raytrieve.inference.corpus import read_corpus
+
+        self.indices = load_indices(index_path)
+        corpus = dict(self.indices.source["corpus"])
+        cfg = CorpusConfig(path=corpus["path"], id_column=corpus.get("id_column", "id"),
+                           text_column=corpus.get("text_column", "text"), title_column=corpus.get("title_column"),
+                           title_separator=corpus.get("title_separator", " "))
+        data = read_corpus(cfg, "skip")
+        self.texts = dict(zip(data.ids, data.texts))
+
+    def describe(self) -> dict[str, Any]:
+        dense, sparse = self.indices.dense, self.indices.sparse
+        return {"documents": len(self.texts), "dense": len(dense) if dense is not None else None,
+                "sparse": len(sparse) if sparse is not None else None}
+
+    def dense(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        hits = self.indices.dense.search(vector[None, :], top_k=min(k, len(self.indices.dense)))
+        return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
+
+    def sparse(self, vector: tuple[np.ndarray, np.ndarray], k: int) -> list[tuple[str, float]]:
+        hits = self.indices.sparse.search([vector], top_k=min(k, len(self.indices.sparse)))
+        return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
+
+    def lookup(self, ids: list[str]) -> list[str]:
+        return [self.texts.get(i, "") for i in ids]

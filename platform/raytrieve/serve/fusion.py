@@ -1,0 +1,64 @@
+"""Fusing ranked lists from several retrievers (library code: no Ray, no HTTP).
+
+Each input is a best-first list of (doc_id, score). The output is one best-first list of
+(doc_id, fused score); ties go to the document that appears first in the earliest list, so
+the order is deterministic.
+
+- ``rrf``: reciprocal rank fusion, sum over lists of 1 / (k + rank), rank starting at 1.
+- ``convex``: sum over lists of weight * normalized score; a document missing from a list
+  gets that list's lowest normalized score (0 after min-max), not a bonus.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+Ranked = Sequence[tuple[str, float]]
+NORMALIZATIONS = ("minmax", "zscore", "none")
+
+
+def _first_seen(lists: Sequence[Ranked]) -> dict[str, int]:
+    order: dict[str, int] = {}
+    for ranked in lists:
+        for doc, _ in ranked:
+            order.setdefault(doc, len(order))
+    return order
+
+
+def _sorted(scores: dict[str, float], order: dict[str, int]) -> list[tuple[str, float]]:
+    return sorted(scores.items(), key=lambda item: (-item[1], order[item[0]]))
+
+
+def rrf(lists: Sequence[Ranked], k: float = 60.0) -> list[tuple[str, float]]:
+    if k < 0:
+        raise ValueError("rrf k must be >= 0")
+    scores: dict[str, float] = {}
+    for ranked in lists:
+        for rank, (doc, _) in enumerate(ranked, start=1):
+            scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
+    return _sorted(scores, _first_seen(lists))
+
+
+def normalize(scores: Sequence[float], method: str) -> list[float]:
+    if method == "none" or not scores:
+        return list(scores)
+    if method == "minmax":
+        lo, hi = min(scores), max(scores)
+        return [1.0 if hi == lo else (s - lo) / (hi - lo) for s in scores]
+    if method == "zscore":
+        mean = sum(scores) / len(scores)
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+        return [0.0 if std == 0 else (s - mean) / std for s in scores]
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
+
+
+def convex(lists: Sequence[Ranked], weights: Sequence[float], normalization: str = "minmax") -> list[tuple[str, float]]:
+    if len(weights) != len(lists):
+        raise ValueError(f"convex fusion needs one weight per list ({len(lists)}), got {len(weights)}")
+    normalized = [dict(zip([d for d, _ in ranked], normalize([s for _, s in ranked], normalization)))
+                  for ranked in lists]
+    floors = [min(n.values()) if n else 0.0 for n in normalized]
+    order = _first_seen(lists)
+    scores = {doc: sum(w * n.get(doc, floor) for w, n, floor in zip(weights, normalized, floors)) for doc in order}
+    return _sorted(scores, order)
