@@ -35,10 +35,45 @@ def read_json(path: Path) -> Any:
         raise ModelLoadError(f"{path}: not valid JSON ({e}); repair or re-save the model") from None
 
 
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (``.<name>.tmp-<pid>``); once the block has
+    written it, it is synced and renamed over ``target``. A crash leaves only the temporary."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def pack_arrays(arrays: dict[str, Any]) -> bytes:
+    """numpy arrays -> npz bytes (how token ids and vectors travel between Ray actors)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, Any]:
+    import io
+
+    import numpy as np
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
 
 
 def save_weights(module: "torch.nn.Module", directory: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from raytrieve.errors import RaytrieveError
 
@@ -50,22 +51,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from raytrieve.train.entry import train_from_args
+def _job(module: str, entry: str):
+    """A config-driven command (train, encode, mine) on an embedded local Ray."""
 
-    return train_from_args(args.config, args.overrides, ray_address="local")
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), entry)(args.config, args.overrides, ray_address="local")
+
+    return run
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from raytrieve.inference.entry import encode_from_args
-
-    return encode_from_args(args.config, args.overrides, ray_address="local")
-
-
-def _mine(args: argparse.Namespace) -> int:
-    from raytrieve.inference.entry import mine_from_args
-
-    return mine_from_args(args.config, args.overrides, ray_address="local")
+def _config_command(sub: Any, name: str, help: str, example: str, override: str, func: Any) -> None:
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("--config", required=True, help=f"a YAML config (see {example})")
+    cmd.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override}")
+    cmd.set_defaults(func=func)
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -123,14 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_sub.add_parser("path", help="print a local sentence-transformers folder for a variant")
     path.add_argument("name")
     path.set_defaults(func=_models_path)
-    train = sub.add_parser("train", help="fine-tune a model as a YAML config says, on an embedded Ray")
-    train.add_argument("--config", required=True, help="a training YAML (see jobs/configs/)")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.batch_size=64")
-    train.set_defaults(func=_train)
-    encode = sub.add_parser("encode", help="encode a corpus into parquet shards, on an embedded Ray")
-    encode.add_argument("--config", required=True, help="an encoding YAML (see jobs/configs/encode_pydocs.yaml)")
-    encode.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=out/vectors")
-    encode.set_defaults(func=_encode)
+    _config_command(sub, "train", "fine-tune a model as a YAML config says, on an embedded Ray", "jobs/configs/",
+                    "training.batch_size=64", _job("raytrieve.train.entry", "train_from_args"))
+    _config_command(sub, "encode", "encode a corpus into parquet shards, on an embedded Ray",
+                    "jobs/configs/encode_pydocs.yaml", "output_dir=out/vectors",
+                    _job("raytrieve.inference.entry", "encode_from_args"))
     index = sub.add_parser("index", help="retrieval indices")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="dense and sparse indices from an encoding job's output")
@@ -143,14 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--faiss-param", action="append", default=[], metavar="KEY=VALUE",
                        help="e.g. nlist=1024, nprobe=16, M=32, ef_search=64")
     build.set_defaults(func=_index_build)
-    mine = sub.add_parser("mine", help="mine hard negatives, on an embedded Ray")
-    mine.add_argument("--config", required=True, help="a mining YAML (see jobs/configs/mine_pydocs.yaml)")
-    mine.add_argument("overrides", nargs="*", help="key=value overrides, e.g. selection.num_negatives=5")
-    mine.set_defaults(func=_mine)
-    serve_cmd = sub.add_parser("serve", help="serve hybrid retrieval over HTTP, on an embedded Ray")
-    serve_cmd.add_argument("--config", required=True, help="a serve YAML (see jobs/configs/serve_pydocs.yaml)")
-    serve_cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. port=8200")
-    serve_cmd.set_defaults(func=_serve)
+    _config_command(sub, "mine", "mine hard negatives, on an embedded Ray", "jobs/configs/mine_pydocs.yaml",
+                    "selection.num_negatives=5", _job("raytrieve.inference.entry", "mine_from_args"))
+    _config_command(sub, "serve", "serve hybrid retrieval over HTTP, on an embedded Ray",
+                    "jobs/configs/serve_pydocs.yaml", "port=8200", _serve)
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")

@@ -13,12 +13,12 @@ data files only need to exist where the job is launched.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any, Sequence
 
 import numpy as np
 
+from raytrieve._io import pack_arrays, unpack_arrays
 from raytrieve.train.config import DatasetConfig
 
 
@@ -53,17 +53,6 @@ def micro_batch_rows(plan_rows: Sequence[Any], columns: Sequence[dict[str, list[
     return out
 
 
-def set_max_seq_length(model: Any, length: int) -> None:
-    """Truncation length of every input module (both routes of a Router model)."""
-    from raytrieve.modules import Router
-
-    first = model.stack[0]
-    modules = [seq[0] for seq in first.sub_modules.values()] if isinstance(first, Router) else [first]
-    for module in modules:
-        if hasattr(module, "max_seq_length"):
-            module.max_seq_length = length
-
-
 class TokenizeBatches:
     """Callable class for ``map_batches``: each row's texts -> padded token arrays (npz bytes).
 
@@ -78,11 +67,9 @@ class TokenizeBatches:
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(1)  # Ray sets OMP threads from the actor's CPU share; be explicit
-        from raytrieve.encoders import DenseEncoder, SparseEncoder
+        from raytrieve.encoders import load_encoder
 
-        self.model = {"dense": DenseEncoder, "sparse": SparseEncoder}[kind](model_path, device="cpu")
-        if max_seq_length:
-            set_max_seq_length(self.model, max_seq_length)
+        self.model = load_encoder(kind, model_path, max_seq_length=max_seq_length)
         self.prompts, self.routes = prompts, routes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,21 +89,17 @@ class TokenizeBatches:
                 arrays[f"{c}.{key}"] = np.asarray(value)
             if prompt and hasattr(module, "prompt_length"):
                 arrays[f"{c}.prompt_length"] = np.asarray(module.prompt_length(prompt))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
+        return pack_arrays(arrays)
 
 
 def decode_features(blob: bytes, n_columns: int, routes: list[str | None] | None) -> list[dict[str, Any]]:
     """The padded features dict of each column, as torch tensors (``task`` set for Router models)."""
     import torch
 
-    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
-        columns: list[dict[str, Any]] = [{} for _ in range(n_columns)]
-        for name in arrays.files:
-            c, key = name.split(".", 1)
-            value = arrays[name]
-            columns[int(c)][key] = int(value) if key == "prompt_length" else torch.from_numpy(value)
+    columns: list[dict[str, Any]] = [{} for _ in range(n_columns)]
+    for name, value in unpack_arrays(blob).items():
+        c, key = name.split(".", 1)
+        columns[int(c)][key] = int(value) if key == "prompt_length" else torch.from_numpy(value)
     if routes is not None:
         for c, route in enumerate(routes):
             columns[c]["task"] = route

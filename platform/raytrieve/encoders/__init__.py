@@ -1,7 +1,26 @@
 """The three model kinds on one shared base."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from raytrieve.encoders.base import set_max_seq_length
 from raytrieve.encoders.cross import CrossEncoder
 from raytrieve.encoders.dense import DenseEncoder
 from raytrieve.encoders.sparse import SparseEncoder
 
-__all__ = ["DenseEncoder", "SparseEncoder", "CrossEncoder"]
+__all__ = ["DenseEncoder", "SparseEncoder", "CrossEncoder", "load_encoder"]
+
+KINDS = {"dense": DenseEncoder, "sparse": SparseEncoder, "cross": CrossEncoder}
+
+
+def load_encoder(kind: str, name_or_path: Any, *, device: str = "cpu", max_seq_length: int | None = None,
+                 trust_remote_code: bool = False) -> Any:
+    """A model of ``kind`` ("dense", "sparse", "cross") from a variant, a folder or an MLflow
+    model URI, truncating at ``max_seq_length`` (every route of a Router model) when given."""
+    from raytrieve import assets
+
+    model = KINDS[kind](assets.resolve_model(str(name_or_path)), device=device, trust_remote_code=trust_remote_code)
+    if max_seq_length:
+        set_max_seq_length(model, max_seq_length)
+    return model

@@ -380,3 +380,12 @@ class EmbeddingEncoder(Encoder):
         from raytrieve.encoders import similarity as sim
 
         return sim.pairwise(a, b, self.similarity_fn_name)
+
+
+def set_max_seq_length(model: Any, length: int) -> None:
+    """Truncation length of every input module (both routes of a Router model)."""
+    first = model.stack[0]
+    modules = [seq[0] for seq in first.sub_modules.values()] if isinstance(first, Router) else [first]
+    for module in modules:
+        if hasattr(module, "max_seq_length"):
+            module.max_seq_length = length

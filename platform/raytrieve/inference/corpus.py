@@ -10,7 +10,7 @@ finds the same shards.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ class Corpus:
     texts: list[str]
     bad: pa.Table  # row (0-based, in the input), id, reason - one line per row left out
     input_rows: int
-    fingerprint: str = field(default="")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,9 +112,7 @@ def read_corpus(cfg: CorpusConfig, bad_rows: str) -> Corpus:
         "id": pa.array([id_list[i] for i in bad_rows_sorted], pa.string()),
         "reason": pa.array([reasons[i] for i in bad_rows_sorted], pa.string()),
     })
-    corpus = Corpus([id_list[i] for i in keep], [text_list[i] for i in keep], bad, n)
-    corpus.fingerprint = content_fingerprint(corpus.ids, corpus.texts)
-    return corpus
+    return Corpus([id_list[i] for i in keep], [text_list[i] for i in keep], bad, n)
 
 
 def content_fingerprint(ids: list[str], texts: list[str]) -> str:

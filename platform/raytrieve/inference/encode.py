@@ -13,7 +13,6 @@ finished shard; a finished job run again is a no-op.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -24,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from raytrieve import _io
+from raytrieve._io import pack_arrays, unpack_arrays
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
 from raytrieve.inference.config import EncodeConfig
-from raytrieve.inference.corpus import Corpus, read_corpus, shard_bounds
+from raytrieve.inference.corpus import Corpus, content_fingerprint, read_corpus, shard_bounds
 
 log = logging.getLogger("raytrieve.encode")
 
@@ -69,25 +70,10 @@ class EncodeResult:
 
 
 def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
-    from raytrieve.data.pipeline import set_max_seq_length
-    from raytrieve.encoders import DenseEncoder, SparseEncoder
+    from raytrieve.encoders import load_encoder
 
-    cls = DenseEncoder if spec.kind == "dense" else SparseEncoder
-    model = cls(spec.model_path, device=device, trust_remote_code=spec.trust_remote_code)
-    if spec.max_seq_length:
-        set_max_seq_length(model, spec.max_seq_length)
-    return model
-
-
-def _pack(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _unpack(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return load_encoder(spec.kind, spec.model_path, device=device, max_seq_length=spec.max_seq_length,
+                        trust_remote_code=spec.trust_remote_code)
 
 
 class TokenizeShards:
@@ -112,7 +98,7 @@ class TokenizeShards:
                 arrays[f"{m}.offsets"] = np.concatenate(([0], np.cumsum(lengths)))
                 for key, rows in encoded.items():
                     arrays[f"{m}.{key}"] = np.fromiter((t for row in rows for t in row), np.int64)
-            blobs.append(_pack(arrays))
+            blobs.append(pack_arrays(arrays))
         return {"shard": batch["shard"], "tokens": np.array(blobs, dtype=object)}
 
 
@@ -135,7 +121,7 @@ class EncodeShards:
         blobs, seconds = [], []
         for tokens in batch["tokens"]:
             t0 = time.perf_counter()
-            blobs.append(_pack(self.encode(_unpack(tokens))))
+            blobs.append(pack_arrays(self.encode(unpack_arrays(tokens))))
             seconds.append(time.perf_counter() - t0)
         return {"shard": batch["shard"], "vectors": np.array(blobs, dtype=object), "encode_s": np.array(seconds)}
 
@@ -241,7 +227,9 @@ def _fingerprint(cfg: EncodeConfig, corpus: Corpus, described: dict[str, Any]) -
     from raytrieve import assets
 
     models = {k: {**v, "weights": assets._fingerprint(Path(v["model_path"]))} for k, v in described.items()}
-    blob = json.dumps({"corpus": corpus.fingerprint, "side": cfg.side, "rows_per_shard": cfg.rows_per_shard,
+    # Hashing every text is the encoding job's business only (it decides what a rerun may reuse),
+    # so it happens here, not when a corpus is read.
+    blob = json.dumps({"corpus": content_fingerprint(corpus.ids, corpus.texts), "side": cfg.side, "rows_per_shard": cfg.rows_per_shard,
                        "models": models}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -283,7 +271,7 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
         manifest_path.unlink()  # a shard changed since: redo it, then write the manifest again
 
     out.mkdir(parents=True, exist_ok=True)
-    shards.write_json_atomic(out / shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
+    _io.write_json(out / shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
     shards.remove_temporaries(out)
     done = {s: shards.finished_shard(out, s, b - a, fingerprint) for s, (a, b) in enumerate(bounds)}
     todo = [s for s, sidecar in done.items() if sidecar is None]
@@ -299,9 +287,9 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
 
     import pyarrow.parquet as pq
 
-    pq.write_table(corpus.bad, out / f".{shards.BAD_ROWS}.tmp-{os.getpid()}")
-    os.replace(out / f".{shards.BAD_ROWS}.tmp-{os.getpid()}", out / shards.BAD_ROWS)
-    shards.write_json_atomic(manifest_path, {
+    with _io.atomic_file(out / shards.BAD_ROWS) as tmp:
+        pq.write_table(corpus.bad, tmp)
+    _io.write_json(manifest_path, {
         "format": shards.FORMAT, "version": 1, "fingerprint": fingerprint,
         "corpus": {"path": str(Path(cfg.corpus.path).expanduser().resolve()), "input_rows": corpus.input_rows, "bad_rows": len(corpus.bad),
                    "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
@@ -355,7 +343,7 @@ def _run_pipeline(cfg: EncodeConfig, specs: list[OutputSpec], corpus: Corpus, bo
             s = int(row["shard"])
             a, b = bounds[s]
             encoded_rows += b - a
-            vectors = _unpack(row["vectors"])
+            vectors = unpack_arrays(row["vectors"])
             sparse = None
             if "sparse_offsets" in vectors:
                 sparse = (vectors["sparse_offsets"], vectors["sparse_indices"], vectors["sparse_values"])

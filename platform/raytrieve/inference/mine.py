@@ -16,13 +16,13 @@ that are not a positive of that query, filtered and sampled as the config says.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raytrieve import _io
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.inference.config import (CorpusConfig, DenseOutputConfig, EncodeConfig, MineConfig, SelectionConfig,
                                         SparseOutputConfig)
@@ -82,9 +82,8 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
         if corpus is None:  # the distinct positives, in first-seen order
             texts = list(dict.fromkeys(positives))
             work.mkdir(parents=True, exist_ok=True)
-            tmp = work / f".positives.parquet.tmp-{os.getpid()}"
-            pq.write_table(pa.table({"id": [f"positive-{i}" for i in range(len(texts))], "text": texts}), tmp)
-            os.replace(tmp, work / "positives.parquet")
+            with _io.atomic_file(work / "positives.parquet") as tmp:
+                pq.write_table(pa.table({"id": [f"positive-{i}" for i in range(len(texts))], "text": texts}), tmp)
             corpus = CorpusConfig(path=str(work / "positives.parquet"))
         output = {"model": cfg.retriever.model, "max_seq_length": cfg.retriever.max_seq_length,
                   "trust_remote_code": cfg.retriever.trust_remote_code}
@@ -138,18 +137,6 @@ def select_negatives(candidates: list[int], scores: np.ndarray, positive_score: 
     return kept[: s.num_negatives]
 
 
-def _retriever(cfg: MineConfig) -> Any:
-    from raytrieve import assets
-    from raytrieve.data.pipeline import set_max_seq_length
-    from raytrieve.encoders import DenseEncoder, SparseEncoder
-
-    cls = DenseEncoder if cfg.retriever.kind == "dense" else SparseEncoder
-    model = cls(assets.resolve_model(cfg.retriever.model), trust_remote_code=cfg.retriever.trust_remote_code)
-    if cfg.retriever.max_seq_length:
-        set_max_seq_length(model, cfg.retriever.max_seq_length)
-    return model
-
-
 def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = None) -> MineResult:
     import pyarrow.parquet as pq
     import ray
@@ -158,7 +145,10 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     cfg.check(where)
     queries, positives = read_pairs(cfg)
-    model = _retriever(cfg)  # loads and checks the model before any Ray work
+    from raytrieve.encoders import load_encoder
+
+    r = cfg.retriever  # the model is loaded and checked before any Ray work
+    model = load_encoder(r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code)
     if not ray.is_initialized():
         ray.init(address=ray_address)
     vectors = _corpus_vectors(cfg, positives, ray_address, where)
@@ -171,13 +161,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         positives_of.setdefault(q, set()).add(p)
     depth = min(len(texts), s.range_max + max(len(v) for v in positives_of.values()))
     bs = cfg.retriever.batch_size
+    q_row = {q: i for i, q in enumerate(unique_queries)}
     if kind == "dense":
         index = DenseIndex.build(vectors.ids, vectors.dense, similarity="dot")
         normalize = model.similarity_fn_name == "cosine"
         q_emb = model.encode_query(unique_queries, batch_size=bs, normalize_embeddings=normalize)
         p_emb = model.encode_document(positives, batch_size=bs, normalize_embeddings=normalize)
         hits = index.search(q_emb, depth)
-        q_row = {q: i for i, q in enumerate(unique_queries)}
         pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
     else:
         offsets, indices, values = vectors.sparse
@@ -185,7 +175,6 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True)
         p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True)
         hits = index.search(q_emb, depth)
-        q_row = {q: i for i, q in enumerate(unique_queries)}
         pos_scores = np.array([_sparse_dot(q_emb[q_row[q]], p) for q, p in zip(queries, p_emb)], dtype=np.float32)
 
     # Best-first candidates per unique query, positives (by text) left out, at most range_max.
@@ -224,9 +213,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     out = Path(cfg.output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with _io.atomic_file(out) as tmp:
+        pq.write_table(table, tmp)
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
     result = MineResult(str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped,
                         len(texts))

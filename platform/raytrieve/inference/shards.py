@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raytrieve._io import atomic_file, write_json
 from raytrieve.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -47,16 +48,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
@@ -87,14 +78,11 @@ def write_shard(out: Path, index: int, table: pa.Table, fingerprint: str) -> dic
     """Write one finished shard (parquet, then its sidecar); returns the sidecar."""
     name = shard_name(index)
     target = out / f"{name}.parquet"
-    tmp = out / f".{name}.parquet.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        pq.write_table(table, tmp)
     sidecar = {"shard": index, "file": target.name, "rows": table.num_rows, "sha256": file_sha256(target),
                "fingerprint": fingerprint}
-    write_json_atomic(out / f"{name}.json", sidecar)
+    write_json(out / f"{name}.json", sidecar)
     return sidecar
 
 

@@ -27,19 +27,11 @@ def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
 
 
 def load_model(kind: str, spec: DeploymentConfig) -> Any:
-    from raytrieve import assets
-    from raytrieve.data.pipeline import set_max_seq_length
-    from raytrieve.encoders import CrossEncoder, DenseEncoder, SparseEncoder
+    from raytrieve.encoders import load_encoder
 
-    cls = {"dense": DenseEncoder, "sparse": SparseEncoder, "reranker": CrossEncoder}[kind]
-    device = "cuda" if spec.num_gpus > 0 else "cpu"
-    model = cls(assets.resolve_model(spec.model), device=device, trust_remote_code=spec.trust_remote_code)
-    if spec.max_seq_length:
-        if kind == "reranker":
-            model.max_seq_length = spec.max_seq_length
-        else:
-            set_max_seq_length(model, spec.max_seq_length)
-    return model
+    return load_encoder("cross" if kind == "reranker" else kind, spec.model,
+                        device="cuda" if spec.num_gpus > 0 else "cpu", max_seq_length=spec.max_seq_length,
+                        trust_remote_code=spec.trust_remote_code)
 
 
 def _batch_cost(items: list[tuple[Any, str | None, int]]) -> int:

@@ -116,7 +116,8 @@ def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from raytrieve.data.pipeline import decode_features, decode_labels, set_max_seq_length
+    from raytrieve.data.pipeline import decode_features, decode_labels
+    from raytrieve.encoders.base import set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.distributed import (
         GradientSync, TrainModule, is_fsdp, mean_across_ranks, uses_gradient_cache, wrap,
