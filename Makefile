@@ -30,7 +30,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	$(BIN)/raytrieve demo
+	$(BIN)/raytrieve demo --config jobs/configs/demo.yaml
 
 bench: venv
 	$(BIN)/python benchmarks/encode.py

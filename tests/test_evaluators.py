@@ -8,9 +8,20 @@ import pytest
 
 from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
 from raytrieve import evaluation as E
-from raytrieve.demo import CORPUS
 from tests.conftest import SENTENCES
 
+CORPUS = [
+    "Berlin has a population of 3,520,031 registered inhabitants in an area of 891.82 square kilometers.",
+    "Berlin is well known for its museums, such as the Pergamon Museum on Museum Island.",
+    "New York City is famous for the Metropolitan Museum of Art.",
+    "Python's sorted() returns a new sorted list from the items in an iterable.",
+    "list.sort() sorts the list in place and returns None.",
+    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "A bi-encoder embeds queries and documents separately, so documents can be indexed ahead of time.",
+    "A cross-encoder reads the query and the document together and outputs one relevance score.",
+    "SPLADE expands a text into weighted vocabulary terms, giving a sparse vector for an inverted index.",
+]
 CORPUS_MAP = {f"doc{i}": t for i, t in enumerate(CORPUS + SENTENCES)}
 QUERIES = {
     "q0": "How many people live in Berlin?",

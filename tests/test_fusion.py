@@ -47,21 +47,3 @@ def test_serve_config_checks():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['replicas'\]"):
         from_dict(ServeConfig, {"dense": {"model": "m", "replicas": 2}})
     assert from_dict(ServeConfig, {"dense": {"model": "m"}}).host == "127.0.0.1"
-
-
-def test_cluster_serve_yaml_maps_onto_the_config():
-    """cluster/serve.yaml: it parses, its import path is our builder, its args are a valid
-    ServeConfig, and it binds 127.0.0.1."""
-    import importlib
-    from pathlib import Path
-
-    import yaml
-
-    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "cluster" / "serve.yaml").read_text())
-    assert doc["http_options"]["host"] == "127.0.0.1"
-    (app,) = doc["applications"]
-    module, attr = app["import_path"].split(":")
-    assert callable(getattr(importlib.import_module(module), attr))
-    cfg = from_dict(ServeConfig, app["args"], where="cluster/serve.yaml")
-    cfg.check("cluster/serve.yaml")
-    assert cfg.reranker.autoscaling["max_replicas"] == 4 and app["runtime_env"]["py_modules"] == ["platform/raytrieve"]

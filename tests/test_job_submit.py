@@ -36,16 +36,17 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
     # The cluster runs from this venv, as a cluster image would have raytrieve's dependencies installed.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The head comes from cluster/local.sh, as README tells users to start one.
+    # The test session's own Ray holds the default agent ports; a second node on this host
+    # whose job agent cannot bind answers every submit with "No available agent".
+    extra = " ".join(f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port"))
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
-         "--disable-usage-stats",
-         # The test session's own Ray holds the default agent ports; a second node on this host
-         # whose job agent cannot bind answers every submit with "No available agent".
-         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port",
-                                                   "ray-client-server-port"))],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ["bash", str(ROOT / "cluster" / "local.sh"), "start"],
+        env={**env, "RAY_BIN": str(bin_dir / "ray"), "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dashboard),
+             "RAY_NUM_CPUS": "2", "RAY_BLOCK": "1", "RAY_EXTRA_ARGS": extra},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -59,7 +60,7 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
         for _ in range(30):
             submit = subprocess.run(
                 [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                 "--runtime-env-json", json.dumps({"py_modules": ["platform/raytrieve"]}),
+                 "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
                  "--", "python", "jobs/train.py", "--config", str(config_path)],
                 env=env, capture_output=True, text=True, cwd=ROOT, timeout=480,
             )

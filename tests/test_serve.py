@@ -157,6 +157,17 @@ def test_search_fusion_equals_reference(served, models):
     np.testing.assert_allclose([h["score"] for h in hits], sorted(rrf.values(), reverse=True)[:10], atol=1e-9)
     assert all(abs(rrf[h["id"]] - h["score"]) < 1e-9 for h in hits)
     assert set(r.json()["timings_ms"]) >= {"encode_dense_ms", "recall_dense_ms", "encode_sparse_ms", "fusion_ms"}
+    assert "stages" not in r.json()
+
+    # return_stages: each stage's whole candidate list, as the reference computes it.
+    r = _post(served["url"], "/search", {**body, "fusion": {"method": "rrf", "k": 60}, "return_stages": True})
+    stages = r.json()["stages"]
+    for name, ranked in (("dense", dense), ("sparse", sparse)):
+        assert [d for d, _ in stages[name]] == [d for d, _ in ranked]
+        np.testing.assert_allclose([x for _, x in stages[name]], [x for _, x in ranked], atol=1e-4)
+    assert {d for d, _ in stages["fused"]} == set(rrf)  # ties may order either way
+    np.testing.assert_allclose([x for _, x in stages["fused"]], sorted(rrf.values(), reverse=True), atol=1e-9)
+    assert [h["id"] for h in r.json()["hits"]] == [d for d, _ in stages["fused"]][:10]
 
     r = _post(served["url"], "/search", {**body, "fusion": {"method": "convex", "dense_weight": 0.7,
                                                              "sparse_weight": 0.3, "normalization": "minmax"}})

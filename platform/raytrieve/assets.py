@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,15 @@ def resolve_model(name_or_path: str) -> Path:
 
         import mlflow
 
-        key = _hashlib.sha256(f"{mlflow.get_tracking_uri()}|{name_or_path}".encode()).hexdigest()[:16]
+        # A registry version number is reused when a store is wiped and a model registered
+        # again; the version's run id keeps the cache from serving the older weights.
+        identity = f"{mlflow.get_tracking_uri()}|{name_or_path}"
+        registered = re.fullmatch(r"models:/([^/@]+)/(\d+)", name_or_path)
+        if registered:
+            from mlflow.tracking import MlflowClient
+
+            identity += "|" + str(MlflowClient().get_model_version(*registered.groups()).run_id)
+        key = _hashlib.sha256(identity.encode()).hexdigest()[:16]
         target = cache_dir() / "mlflow" / key
         if not (target / "modules.json").exists() and not (target / "config.json").exists():
             from raytrieve._io import atomic_directory

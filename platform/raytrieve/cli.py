@@ -14,7 +14,9 @@
                                        hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
     raytrieve data build-pydocs --out DIR
                                        (query, document) pairs from installed packages' docstrings
-    raytrieve demo                     a showcase of the three shipped models
+    raytrieve docs config-reference    the config reference (docs/config-reference.md), from the dataclasses
+    raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
+                                       the main job end to end on real text (what `make demo` runs)
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ def _models_path(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from raytrieve.demo import run_showcase
+    from raytrieve.demo import DemoConfig, load_demo_config, run_demo
 
-    run_showcase()
+    cfg = load_demo_config(args.config, args.overrides) if args.config else DemoConfig().check("demo")
+    run_demo(cfg)
+    return 0
+
+
+def _docs_config_reference(args: argparse.Namespace) -> int:
+    from raytrieve.config_reference import markdown
+
+    print(markdown())
     return 0
 
 
@@ -151,7 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     pydocs.add_argument("--out", default="data/pydocs")
     pydocs.add_argument("--max-per-package", type=int, default=4000)
     pydocs.set_defaults(func=_build_pydocs)
-    sub.add_parser("demo", help="showcase the three shipped models").set_defaults(func=_demo)
+    docs = sub.add_parser("docs", help="generated documentation")
+    docs_sub = docs.add_subparsers(dest="docs_command", required=True)
+    docs_sub.add_parser("config-reference", help="print docs/config-reference.md").set_defaults(
+        func=_docs_config_reference)
+    demo = sub.add_parser("demo", help="the main job end to end on real text, on an embedded Ray")
+    demo.add_argument("--config", help="a YAML config (jobs/configs/demo.yaml); default: its defaults")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.test_queries=100")
+    demo.set_defaults(func=_demo)
     return parser
 
 

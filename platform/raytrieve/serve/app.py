@@ -304,7 +304,12 @@ class Ingress:
             if body.return_text:
                 hit["text"] = texts[rank - 1]
             hits.append(hit)
-        return {"query": query, "hits": hits, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        answer: dict[str, Any] = {"query": query, "hits": hits,
+                                  "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        if body.return_stages:
+            answer["stages"] = {**{k: [[d, s] for d, s in v] for k, v in lists.items()},
+                                "fused": [[d, s] for d, s in fused]}
+        return answer
 
 
 def build_app(cfg: ServeConfig) -> Any:
@@ -312,9 +317,14 @@ def build_app(cfg: ServeConfig) -> Any:
     an index is set, and the ingress over them."""
     from ray.serve.config import BackpressureConfig
 
+    from raytrieve.tracking import mlflow_run
+
     def options(kind: str) -> dict[str, Any]:
         d = getattr(cfg, kind)
-        opts: dict[str, Any] = {"name": f"{kind}", "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+        if mlflow_run.is_model_uri(d.model):  # the replica downloads it from the same store
+            actor["runtime_env"] = {"env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))}
+        opts: dict[str, Any] = {"name": f"{kind}", "ray_actor_options": actor,
                                 "max_ongoing_requests": d.max_ongoing_requests}
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
@@ -357,14 +367,23 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     from raytrieve.errors import ConfigError, RaytrieveError
     from raytrieve.index.build import load_indices
 
+    from raytrieve.tracking import mlflow_run
+
     cfg.check(where)
     for kind in ("dense", "sparse", "reranker"):
         d = getattr(cfg, kind)
         if d is not None:
             try:
-                assets.resolve_model(d.model)
+                with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
+                    assets.resolve_model(d.model)
             except RaytrieveError as e:
                 raise ConfigError(f"{where}.{kind}.model: {e}") from None
+            except Exception as e:  # an MLflow store or registry error: name the field
+                if not mlflow_run.is_model_uri(d.model):
+                    raise
+                raise ConfigError(f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "
+                                  f"{mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)} ({e}); check the name and "
+                                  f"version, or set mlflow_tracking_uri:") from None
     if cfg.index:
         indices = load_indices(cfg.index)
         for kind in ("dense", "sparse"):

@@ -65,6 +65,9 @@ class ServeConfig:
     # Name of an environment variable; when it is set, every endpoint but /healthz wants
     # "Authorization: Bearer <its value>".
     auth_token_env: str = "RAYTRIEVE_API_TOKEN"
+    # Where models:/NAME/VERSION and runs:/ model URIs are looked up; passed to every replica.
+    # None: MLFLOW_TRACKING_URI of the process that builds the app, else ./mlruns.
+    mlflow_tracking_uri: str | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def check(self, where: str = "config") -> None:

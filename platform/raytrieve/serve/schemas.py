@@ -33,6 +33,9 @@ class SearchRequest(Strict):
     rerank: StrictBool = False
     rerank_depth: StrictInt = Field(50, ge=1)
     return_text: StrictBool = True
+    # Also return each stage's full candidate list (dense, sparse, fused; ids and scores), for
+    # evaluating every stage of the pipeline from one request.
+    return_stages: StrictBool = False
 
 
 class EmbeddingsRequest(Strict):

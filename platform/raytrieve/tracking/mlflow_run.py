@@ -10,6 +10,7 @@ local directory ``./mlruns``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,33 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}{i}."))
         return out
     return {prefix[:-1]: str(value)[:PARAM_LIMIT]}
+
+
+def process_env(uri: str) -> dict[str, str]:
+    """Environment a process (a Serve replica, a Ray worker) needs to read from ``uri``."""
+    env = {"MLFLOW_TRACKING_URI": uri}
+    if uri.startswith("file:"):
+        env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    return env
+
+
+def is_model_uri(name_or_path: str) -> bool:
+    return name_or_path.startswith(("models:/", "runs:/"))
+
+
+@contextlib.contextmanager
+def environment(uri: str):
+    """Point this process's MLflow at ``uri`` for the block (model URIs resolve through it)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")}
+    os.environ.update(process_env(uri))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def client(uri: str):

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# A single-node Ray head on this machine, for `ray job submit` and `serve deploy` the way a
+# cluster takes them. Uses the checkout's .venv (make venv) unless RAY_BIN says otherwise.
+#   cluster/local.sh start     # head at 127.0.0.1:6379, job server / dashboard at 127.0.0.1:8265
+#   cluster/local.sh status
+#   cluster/local.sh stop      # stops every Ray process of this user on this machine
+# Then:
+#   RAY_ADDRESS=http://127.0.0.1:8265 .venv/bin/ray job submit --working-dir . \
+#     --runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config jobs/configs/dense_mnrl.yaml
+# Settings (environment): RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS, RAY_NUM_GPUS,
+# RAY_BLOCK=1 (stay in the foreground), RAY_EXTRA_ARGS (more `ray start` flags).
+# Ray 2.60 turns on token authentication; clients then need RAY_AUTH_MODE=token and the token,
+# or start and use the head with RAY_AUTH_MODE=disabled on a single-user machine.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ray_bin="${RAY_BIN:-$here/../.venv/bin/ray}"
+[ -x "$ray_bin" ] || ray_bin="$(command -v ray || true)"
+if [ -z "$ray_bin" ]; then
+  echo "cluster/local.sh: no ray executable; run 'make venv' first or set RAY_BIN" >&2
+  exit 2
+fi
+port="${RAY_PORT:-6379}"
+dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
+
+case "${1:-}" in
+  start)
+    args=(start --head --node-ip-address=127.0.0.1 "--port=$port" --dashboard-host=127.0.0.1
+          "--dashboard-port=$dashboard_port" --include-dashboard=true --disable-usage-stats)
+    [ -n "${RAY_NUM_CPUS:-}" ] && args+=("--num-cpus=$RAY_NUM_CPUS")
+    [ -n "${RAY_NUM_GPUS:-}" ] && args+=("--num-gpus=$RAY_NUM_GPUS")
+    # shellcheck disable=SC2206  # extra flags are meant to split on spaces
+    [ -n "${RAY_EXTRA_ARGS:-}" ] && args+=($RAY_EXTRA_ARGS)
+    export TOKENIZERS_PARALLELISM=false
+    if [ "${RAY_BLOCK:-0}" = "1" ]; then
+      exec "$ray_bin" "${args[@]}" --block
+    fi
+    "$ray_bin" "${args[@]}"
+    echo "Ray head up. Submit jobs with: RAY_ADDRESS=http://127.0.0.1:$dashboard_port ray job submit ..."
+    ;;
+  status)
+    exec "$ray_bin" status --address "127.0.0.1:$port"
+    ;;
+  stop)
+    exec "$ray_bin" stop
+    ;;
+  *)
+    echo "usage: cluster/local.sh start|status|stop" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,113 @@
+"""The config reference (docs/config-reference.md), generated from the config dataclasses: every
+key with its type, default and the comment beside it in the source. tests/test_docs.py fails
+when the committed file and the dataclasses disagree; regenerate with
+
+    raytrieve docs config-reference > docs/config-reference.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from typing import Any, Iterator, Union
+
+FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+COMMENT = re.compile(r"^\s+#\s?(.*)$")
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field -> the comment lines just above it and the comment at the end of its line."""
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        if m := COMMENT.match(line):
+            above.append(m.group(1).strip())
+            continue
+        if m := FIELD.match(line):
+            out[m.group(1)] = " ".join(above + ([m.group(2).strip()] if m.group(2) else []))
+        above = []
+    return out
+
+
+def _inner_dataclass(tp: Any) -> tuple[type | None, str]:
+    """(the dataclass inside tp, how it nests: "" for X or X | None, "[]" for list[X])."""
+    if dataclasses.is_dataclass(tp):
+        return tp, ""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0], ""
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0], "[]"
+    return None, ""
+
+
+def _type_text(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "None"
+    if tp is Any:
+        return "Any"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in sorted(args, key=lambda a: a is type(None)))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return "(see below)" if dataclasses.is_dataclass(value) else repr(value)
+    return "**required**"
+
+
+def rows(cls: type, prefix: str = "", seen: tuple[type, ...] = ()) -> Iterator[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every field, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        yield key, _type_text(tp), _default_text(f), comments.get(f.name, "")
+        inner, nest = _inner_dataclass(tp)
+        if inner is not None and inner not in seen:  # LossSpec.inner is a LossSpec: list it once
+            yield from rows(inner, f"{key}{nest}.", seen + (cls, inner))
+
+
+def sections() -> list[tuple[str, str, type]]:
+    from raytrieve.demo.config import DemoConfig
+    from raytrieve.inference.config import EncodeConfig, MineConfig
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.train.config import TrainConfig
+
+    return [
+        ("Training", "`raytrieve train --config X.yaml`, `jobs/train.py` (jobs/configs/dense_mnrl.yaml, ...)", TrainConfig),
+        ("Corpus encoding", "`raytrieve encode`, `jobs/encode.py` (jobs/configs/encode_pydocs.yaml)", EncodeConfig),
+        ("Hard-negative mining", "`raytrieve mine`, `jobs/mine.py` (jobs/configs/mine_pydocs.yaml)", MineConfig),
+        ("Serving", "`raytrieve serve`, `serve deploy cluster/serve.yaml` (application args)", ServeConfig),
+        ("Demo", "`make demo` = `raytrieve demo --config jobs/configs/demo.yaml`", DemoConfig),
+    ]
+
+
+def markdown() -> str:
+    lines = ["# Config reference", "",
+             "Generated from the config dataclasses by `raytrieve docs config-reference`; a test keeps it in step.",
+             "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
+             "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`). "
+             "Unknown keys are errors that list the valid ones.", ""]
+    for title, how, cls in sections():
+        lines += [f"## {title}", "", how, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, tp, default, text in rows(cls):
+            cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+            lines.append(f"| `{key}` | `{cell(tp)}` | {cell(default)} | {cell(text)} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""A small HTTP client for the Serve app: the demo asks its questions the way a user's
+retrieval pipeline would, over real HTTP, and scores what comes back."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+
+
+def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(1.0)
+    raise TimeoutError(f"{base}/healthz did not answer 200 within {timeout_s:.0f}s ({last})")
+
+
+STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank")
+
+
+def run_queries(base: str, queries: Mapping[str, str], recall: int, rerank_depth: int, clients: int,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every query once through the whole pipeline (dense + sparse recall, RRF, rerank), with
+    ``return_stages`` so one answer scores every stage. Returns per stage: query id -> ranked
+    ids; and the median of each server-side timing.
+
+    The reranker rescores only the top ``rerank_depth`` fused candidates; below them the
+    ranking continues in fused order, so Recall@k of "hybrid+rerank" counts the same pool.
+    """
+    body = {"top_k": rerank_depth, "recall": {"dense": recall, "sparse": recall}, "fusion": {"method": "rrf"},
+            "rerank": True, "rerank_depth": rerank_depth, "return_text": False, "return_stages": True}
+    rankings: dict[str, dict[str, list[str]]] = {m: {} for m in STAGES}
+    timings: dict[str, list[float]] = {"http_ms": []}
+    qids = sorted(queries)
+
+    def ask(qid: str) -> None:
+        t = time.perf_counter()
+        answer = post(f"{base}/search", {"query": queries[qid], **body})
+        timings["http_ms"].append((time.perf_counter() - t) * 1000)
+        for name, value in answer["timings_ms"].items():
+            timings.setdefault(name, []).append(value)
+        stages = answer["stages"]
+        fused = [d for d, _ in stages["fused"]][:recall]
+        head = [hit["id"] for hit in answer["hits"]]
+        rankings["dense"][qid] = [d for d, _ in stages["dense"]]
+        rankings["sparse"][qid] = [d for d, _ in stages["sparse"]]
+        rankings["hybrid"][qid] = fused
+        rankings["hybrid+rerank"][qid] = head + [d for d in fused if d not in set(head)]
+
+    done = 0
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for _ in pool.map(ask, qids):
+            done += 1
+            if progress and (done % max(1, len(qids) // 5) == 0 or done == len(qids)):
+                progress(f"{done}/{len(qids)} queries ({time.monotonic() - started:.0f}s)")
+    return {"rankings": rankings, "timings_p50_ms": {k: round(statistics.median(v), 1) for k, v in timings.items()}}

