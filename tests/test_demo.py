@@ -79,7 +79,10 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         assert ndcg["ci95"][1] >= 0.0, (kind, ndcg)
     # The fine-tuned model really is another model: some query ranks its document differently.
     assert any(rows[("dev", k)]["metrics"]["ndcg@10"]["delta"] != 0.0 for k in ("dense", "sparse"))
-    # Hybrid + rerank >= each single stage on the test split, within the measured noise.
+    # Hybrid + rerank >= each single stage on the test split, within the measured noise: a broken
+    # rerank stage (scores misaligned with documents, order reversed) fails this. At the full
+    # demo's size the MS MARCO reranker is measurably below the dense model on docstrings
+    # (docs/demo-results.md); at this size the interval is wide.
     for key, v in rep["rerank_vs_single_stage_ndcg@10"].items():
         assert v["ci95"][1] >= 0.0, (key, v)
 
@@ -107,3 +110,4 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     assert time.monotonic() - t < 60
     assert again.report["rows"] == rep["rows"]
     assert sum("reused" in line for line in lines) == 6, lines  # 2 in-process, 2 platform, 2 training
+    assert len(again.report["reused_steps"]) == 6 and "reusing 6 finished steps" in again.markdown_path.read_text()

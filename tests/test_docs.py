@@ -25,7 +25,7 @@ def test_reference_lists_nested_keys_with_comments_and_defaults():
     table = {key: (tp, default, text) for key, tp, default, text in rows(ServeConfig)}
     assert table["limits.max_body_bytes"][1] == "1000000"
     assert table["host"][1] == "'127.0.0.1'"
-    assert "MLflow" in table["mlflow_tracking_uri"][2]
+    assert "models:/NAME/VERSION" in table["mlflow_tracking_uri"][2] and table["mlflow_tracking_uri"][1] == "None"
     assert table["dense.model"][1] == "**required**" and "models:/NAME/VERSION" in table["dense.model"][2]
 
 

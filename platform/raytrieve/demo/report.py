@@ -36,7 +36,7 @@ def _row(split: str, stage: str, label: str, before: dict[str, list[float]], aft
 
 
 def build(cfg: DemoConfig, samples: Samples, before_dev: dict, after_dev: dict, before_test: dict, after_test: dict,
-          tuned: dict[str, dict], seconds: float) -> dict[str, Any]:
+          tuned: dict[str, dict], seconds: float, reused: list[str]) -> dict[str, Any]:
     names = scoring.metric_names(cfg.serving.recall)
     rows = [_row("test", s, LABELS[s], before_test["per_stage"][s], after_test["per_stage"][s], names)
             for s in TEST_STAGES]
@@ -53,6 +53,7 @@ def build(cfg: DemoConfig, samples: Samples, before_dev: dict, after_dev: dict, 
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": _machine(),
         "seconds": round(seconds, 1),
+        "reused_steps": list(reused),
         "metrics": list(names),
         "sizes": {"train_pairs": cfg.sample.train_pairs, "dev_queries": len(samples.dev.queries),
                   "dev_corpus": len(samples.dev.corpus), "test_queries": len(samples.test.queries),
@@ -79,7 +80,9 @@ def markdown(rep: dict[str, Any]) -> str:
     head = " | ".join(f"{m} before | {m} after | Δ [95% CI]" for m in names)
     lines = [
         "# raytrieve demo results", "",
-        f"Run on {rep['date']}, {rep['machine']}; `make demo` took {rep['seconds'] / 60:.1f} min.", "",
+        f"Run on {rep['date']}, {rep['machine']}; `make demo` took {rep['seconds'] / 60:.1f} min"
+        + (f" (reusing {len(rep['reused_steps'])} finished steps of an earlier run: {', '.join(rep['reused_steps'])})."
+           if rep["reused_steps"] else ", every step computed in this run."), "",
         f"- **test**: {s['test_queries']} queries of numpy and scipy docstrings (packages never trained on) over "
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
         f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with {rep['models']['reranker']}.",

@@ -133,7 +133,7 @@ def evaluate_in_process(kind: str, model: str, split: sampling.Split, recall_k: 
 
 # -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
 
-def _free_port(port: int) -> None:
+def _check_port_free(port: int) -> None:
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", port)) == 0:
             raise ConfigError(f"serving.port: 127.0.0.1:{port} is already in use; pass serving.port=<a free port>")
@@ -177,7 +177,7 @@ def serve_and_query(cfg: DemoConfig, samples: sampling.Samples, dense: str, spar
         "limits": {"max_top_k": max(100, s.recall), "max_rerank_depth": max(200, s.rerank_depth),
                    "max_queued_requests": 256},
     }, where="demo serve")
-    _free_port(s.port)
+    _check_port_free(s.port)
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)
@@ -185,7 +185,9 @@ def serve_and_query(cfg: DemoConfig, samples: sampling.Samples, dense: str, spar
         answers = run_queries(base, samples.test.queries, s.recall, s.rerank_depth, s.clients,
                               progress=lambda line: progress(f"  {line}"))
     finally:
-        serve.shutdown()  # frees the replicas' CPUs for the next step
+        # Frees the replicas' CPUs for training. This stops every Serve app on the cluster the
+        # demo runs on: the demo is meant for its own embedded Ray.
+        serve.shutdown()
     return {"per_stage": {mode: scoring.per_query(r, samples.test.qrels, s.recall)
                           for mode, r in answers["rankings"].items()},
             "timings_p50_ms": answers["timings_p50_ms"], "url": base}
@@ -278,6 +280,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     out = cfg.out
     store = StageStore(out / "stages")
     recall_k = cfg.serving.recall
+    reused: list[str] = []  # steps taken from an earlier run, named in the report
 
     progress("1/6 data")
     manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
@@ -293,6 +296,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         cached = store.get(f"dev-{phase}", key)
         if cached is not None:
             progress("  reused")
+            reused.append(f"dev-{phase}")
             return cached
         import torch
 
@@ -306,6 +310,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         cached = store.get(f"test-{phase}", key)
         if cached is not None:
             progress("  reused")
+            reused.append(f"test-{phase}")
             return cached
         folder = out / phase
         shutil.rmtree(folder, ignore_errors=True)  # vectors of other models or samples
@@ -345,6 +350,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         cached = store.get(f"train-{kind}", key)
         if cached is not None and _registered(cfg.tracking_uri(), cached["uri"]):
             progress(f"  {kind}: reused {cached['uri']} (run {cached['run_id']})")
+            reused.append(f"train-{kind}")
             tuned[kind] = cached
             continue
         progress(f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s)")
@@ -359,7 +365,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress("6/6 report")
     rep = report.build(cfg, samples, before_dev, after_dev, before_test, after_test, tuned,
-                       seconds=time.monotonic() - started)
+                       seconds=time.monotonic() - started, reused=reused)
     md, png = report.write(rep, out)
     for line in report.console(rep):
         log(line)
