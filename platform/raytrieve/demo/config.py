@@ -15,13 +15,14 @@ from raytrieve.errors import ConfigError
 
 @dataclass
 class SampleConfig:
-    """Which rows of the pydocs data the demo uses (drawn with ``seed``, reproducibly)."""
+    """Which rows of the pydocs data the demo uses (drawn with ``seed``, reproducibly). The
+    defaults are jobs/configs/demo.yaml's: about 12 minutes on 2 CPU cores."""
 
-    train_pairs: int = 1024  # fine-tuning pairs from the train packages
+    train_pairs: int = 768  # fine-tuning pairs from the train packages
     dev_queries: int = 200  # held-out pairs of the train packages: the "train domain" evaluation
-    dev_corpus: int = 1000  # their documents plus other held-out train-package documents
-    test_queries: int = 200  # queries of the test packages (never seen in training), asked over HTTP
-    test_corpus: int = 1500  # test documents in the served index: every test query's own, plus others
+    dev_corpus: int = 600  # their documents plus other held-out train-package documents
+    test_queries: int = 150  # queries of the test packages (never seen in training), asked over HTTP
+    test_corpus: int = 1000  # test documents in the served index: every test query's own, plus others
     seed: int = 0
 
 

@@ -35,6 +35,9 @@ from raytrieve.demo.config import DemoConfig, FineTuneConfig
 from raytrieve.errors import ConfigError
 
 EXPERIMENT = "raytrieve-demo"
+# Part of every step's key: bump it when a step's recorded result changes shape, so an older
+# out/demo is recomputed instead of misread.
+STAGE_FORMAT = 2
 
 
 class Progress:
@@ -289,7 +292,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
              f"{len(samples.dev.corpus)} documents; test {len(samples.test.queries)} queries over "
              f"{len(samples.test.corpus)} documents")
     m = cfg.models
-    base_key = {"samples": samples.key, "max_seq_length": m.max_seq_length, "recall": recall_k}
+    base_key = {"format": STAGE_FORMAT, "samples": samples.key, "max_seq_length": m.max_seq_length,
+                "recall": recall_k}
 
     def in_process(phase: str, dense: str, sparse: str, identity: Any) -> dict:
         key = {**base_key, "models": identity}
