@@ -20,6 +20,9 @@ if [ -z "$ray_bin" ]; then
   echo "cluster/local.sh: no ray executable; run 'make venv' first or set RAY_BIN" >&2
   exit 2
 fi
+# Job entrypoints run `python ...` from the head's PATH: make it the Python that has raytrieve's
+# dependencies (the one next to this ray), as a cluster image would.
+export PATH="$(dirname "$ray_bin"):$PATH"
 port="${RAY_PORT:-6379}"
 dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
 

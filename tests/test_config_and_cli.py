@@ -54,6 +54,18 @@ def test_yaml_with_overrides(tmp_path):
         load_yaml(Outer, path, ["name=[1, 2]"])
 
 
+def test_overrides_address_list_items_by_index(tmp_path):
+    from raytrieve.train.config import load_train_config
+
+    shipped = ROOT / "jobs" / "configs" / "dense_mnrl.yaml"
+    cfg = load_train_config(shipped, ["datasets.0.path=/abs/train.parquet", "datasets.0.loss.args.scale=30"])
+    (dataset,) = cfg.datasets
+    assert dataset.path == "/abs/train.parquet" and dataset.loss.args == {"scale": 30}
+    assert dataset.columns == ["query", "document"] and dataset.loss.name == "MultipleNegativesRankingLoss"
+    with pytest.raises(ConfigError, match=r"override datasets.3: datasets has 1 item\(s\)"):
+        load_train_config(shipped, ["datasets.3.path=x"])
+
+
 def test_catalogue_lists_three_kinds():
     from raytrieve import assets
 

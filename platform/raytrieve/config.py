@@ -130,10 +130,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``extra`` over ``base``. A numeric key addresses a list item, so the override
+    ``datasets.0.path=x`` changes the first dataset's path and keeps the rest of the list."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        current, key = out.get(k), f"{where}{k}"
+        if isinstance(v, dict) and isinstance(current, dict):
+            out[k] = merge(current, v, f"{key}.")
+        elif isinstance(v, dict) and isinstance(current, list) and v and all(str(i).isdigit() for i in v):
+            items = list(current)
+            for i, sub in v.items():
+                if int(i) >= len(items):
+                    raise ConfigError(f"override {key}.{i}: {key} has {len(items)} item(s), indices start at 0")
+                item = items[int(i)]
+                items[int(i)] = merge(item, sub, f"{key}.{i}.") if isinstance(sub, dict) and isinstance(item, dict) else sub
+            out[k] = items
+        else:
+            out[k] = v
     return out
 
 
