@@ -61,6 +61,7 @@ def main() -> None:
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
     from raytrieve.serve.app import start
+    from raytrieve.serve.client import wait_healthy
     from raytrieve.serve.config import ServeConfig
 
     work = ROOT / "out" / "bench" / f"serve-{args.docs}"
@@ -86,13 +87,8 @@ def main() -> None:
                      "torch_threads": threads, "max_batch_tokens": 16384},
         "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}})
     url = start(cfg, ray_address=None)
+    wait_healthy(url)
     session = requests.Session()
-    for _ in range(240):
-        try:
-            if session.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(1)
 
     stages: dict[str, list[float]] = {}
 

@@ -4,6 +4,7 @@ and the sentence-transformers oracle (imported once per session: it takes ~10 s)
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,13 @@ SENTENCES = [
     "Python’s ünïcode handling — with emoji 🙂 and CJK 漢字 — must survive tokenization.",
     "   leading and trailing spaces   ",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

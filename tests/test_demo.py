@@ -6,7 +6,6 @@ from the registry, real HTTP. Then the report's sanity, and a second run reusing
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -16,12 +15,8 @@ from raytrieve.data import pydocs
 from raytrieve.demo import DemoConfig, run_demo
 from raytrieve.demo.report import TEST_STAGES
 from raytrieve.errors import ConfigError
+from tests.conftest import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path, port: int) -> DemoConfig:
@@ -51,7 +46,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     # Small real-docstring data: packages that are always installed with raytrieve's dependencies.
     pydocs.build(tmp_path / "pydocs", train_packages=("pydantic", "jinja2", "click"),
                  test_packages=("fsspec", "requests", "urllib3", "packaging"))
-    cfg = _config(tmp_path, _free_port())
+    cfg = _config(tmp_path, free_port())
     lines: list[str] = []
     result = run_demo(cfg, log=lines.append, ray_address=None)
     rep = result.report

@@ -6,7 +6,6 @@ batch. GradCache under DDP all-reduces gradients once per step, not once per min
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import raytrieve.losses as L
 from raytrieve import DenseEncoder
 from tests.test_losses_dense import ANCHORS, NEGATIVES, POSITIVES, _build
+from tests.conftest import free_port
 
 COLUMNS = [ANCHORS, POSITIVES, NEGATIVES]
 
@@ -82,17 +82,11 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     path = _build(tmp_path, "m", seed=0, dense=True)
     out = str(tmp_path / "ranks.pt")
     # One spawn for every case: starting a process costs more than the cases themselves.
-    mp.spawn(_worker, args=(2, _free_port(), str(path), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(path), out), nprocs=2, join=True)
     ranks = torch.load(out, weights_only=True)
     for name, cols in [*CASES, ("fsdp", 3)]:
         single = DenseEncoder(path, device="cpu").train()

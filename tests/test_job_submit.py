@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,8 @@ import pytest
 import yaml
 
 from tests.train_helpers import ROOT, shipped_config, write_data
+from tests.conftest import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(600)
@@ -32,14 +27,14 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, eval={})
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(asdict(cfg)))
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # The cluster runs from this venv, as a cluster image would have raytrieve's dependencies installed.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     # The head comes from cluster/local.sh, as README tells users to start one.
     # The test session's own Ray holds the default agent ports; a second node on this host
     # whose job agent cannot bind answers every submit with "No available agent".
-    extra = " ".join(f"--{flag}={_free_port()}" for flag in (
+    extra = " ".join(f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port"))
     head = subprocess.Popen(

@@ -5,7 +5,6 @@ reference fusion, bad requests get named 4xx errors, overload gives 503 + Retry-
 from __future__ import annotations
 
 import base64
-import socket
 import time
 
 import numpy as np
@@ -15,28 +14,15 @@ import pytest
 import requests
 
 from raytrieve.config import from_dict
+from raytrieve.serve.client import wait_healthy
 from raytrieve.serve.config import ServeConfig
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 PACKAGES = ("yaml", "tqdm", "safetensors", "pyarrow", "mlflow")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _wait(url: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not come up")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +45,7 @@ def served(ray_cluster, tmp_path_factory):
         "sparse": {"model": "splade-tiny", "max_seq_length": 128},
         "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
     build_indices(root / "vectors", root / "index")
-    port = _free_port()
+    port = free_port()
     cfg = from_dict(ServeConfig, {
         "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1},
         "sparse": {"model": "splade-tiny", "max_seq_length": 128, "num_cpus": 0.4, "torch_threads": 1},
@@ -69,7 +55,7 @@ def served(ray_cluster, tmp_path_factory):
                    "retry_after_s": 2},
     })
     url = start(cfg, ray_address=None)
-    _wait(url)
+    wait_healthy(url)
     yield {"url": url, "pairs": pairs, "ids": ids, "root": root, "cfg": cfg}
     serve.shutdown()
 

@@ -241,10 +241,15 @@ def _convert_onnx_classifier(src: Path, out: Path, arch: dict[str, Any]) -> None
     CrossEncoder([module], device="cpu").save(out)
 
 
+def is_model_uri(name_or_path: str) -> bool:
+    """An MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model) rather than a path or variant."""
+    return name_or_path.startswith(("models:/", "runs:/"))
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A local model folder for a models/ variant name, a local path, or an MLflow model URI
     (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``; downloaded once into the cache)."""
-    if name_or_path.startswith(("models:/", "runs:/")):
+    if is_model_uri(name_or_path):
         import hashlib as _hashlib
 
         import mlflow

@@ -98,6 +98,10 @@ def sections() -> list[tuple[str, str, type]]:
     ]
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a table cell
+
+
 def markdown() -> str:
     lines = ["# Config reference", "",
              "Generated from the config dataclasses by `raytrieve docs config-reference`; a test keeps it in step.",
@@ -107,7 +111,6 @@ def markdown() -> str:
     for title, how, cls in sections():
         lines += [f"## {title}", "", how, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, tp, default, text in rows(cls):
-            cell = lambda s: s.replace("|", "\\|")  # noqa: E731
-            lines.append(f"| `{key}` | `{cell(tp)}` | {cell(default)} | {cell(text)} |")
+            lines.append(f"| `{key}` | `{_cell(tp)}` | {_cell(default)} | {_cell(text)} |")
         lines.append("")
     return "\n".join(lines)

@@ -1,39 +1,14 @@
-"""A small HTTP client for the Serve app: the demo asks its questions the way a user's
-retrieval pipeline would, over real HTTP, and scores what comes back."""
+"""The demo asks its questions the way a user's retrieval pipeline would, over real HTTP to
+/search, and scores what comes back."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
-
-def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
-
-
-def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        time.sleep(1.0)
-    raise TimeoutError(f"{base}/healthz did not answer 200 within {timeout_s:.0f}s ({last})")
+from raytrieve.serve.client import post
 
 
 STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank")
@@ -66,7 +41,8 @@ def run_queries(base: str, queries: Mapping[str, str], recall: int, rerank_depth
         rankings["dense"][qid] = [d for d, _ in stages["dense"]]
         rankings["sparse"][qid] = [d for d, _ in stages["sparse"]]
         rankings["hybrid"][qid] = fused
-        rankings["hybrid+rerank"][qid] = head + [d for d in fused if d not in set(head)]
+        reranked = set(head)
+        rankings["hybrid+rerank"][qid] = head + [d for d in fused if d not in reranked]
 
     done = 0
     started = time.monotonic()

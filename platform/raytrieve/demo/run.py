@@ -17,6 +17,7 @@ on; a second run reuses every step whose key is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from raytrieve.demo import sample as sampling
 from raytrieve.demo import scoring
@@ -50,32 +51,27 @@ class Progress:
         elapsed = int(time.monotonic() - self.t0)
         self.log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
 
-    def heartbeat(self, what: str, status: Callable[[], str | None] | None = None, every_s: float = 20.0):
-        progress = self
+    @contextlib.contextmanager
+    def heartbeat(self, what: str, status: Callable[[], str | None] | None = None,
+                  every_s: float = 20.0) -> Iterator[None]:
+        stop = threading.Event()
+        started = time.monotonic()
 
-        class Beat:
-            def __enter__(self):
-                self.stop = threading.Event()
-                started = time.monotonic()
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    detail = status() if status else None
+                except Exception:  # a status probe must never break the step it watches
+                    detail = None
+                self(f"  ... {what}: {time.monotonic() - started:.0f}s" + (f", {detail}" if detail else ""))
 
-                def beat() -> None:
-                    while not self.stop.wait(every_s):
-                        detail = None
-                        try:
-                            detail = status() if status else None
-                        except Exception:  # a status probe must never break the step it watches
-                            detail = None
-                        progress(f"  ... {what}: {time.monotonic() - started:.0f}s" + (f", {detail}" if detail else ""))
-
-                self.thread = threading.Thread(target=beat, daemon=True)
-                self.thread.start()
-                return self
-
-            def __exit__(self, *exc):
-                self.stop.set()
-                self.thread.join()
-
-        return Beat()
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
 class StageStore:
@@ -83,17 +79,22 @@ class StageStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.reused: list[str] = []  # steps taken from an earlier run, named in the report
 
     @staticmethod
     def digest(key: Any) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def get(self, name: str, key: Any) -> Any | None:
+    def get(self, name: str, key: Any, still_valid: Callable[[Any], bool] = lambda _: True) -> Any | None:
+        """The recorded result when its key matches (and ``still_valid`` accepts it), else None."""
         path = self.folder / f"{name}.json"
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        return record["result"] if record.get("key") == self.digest(key) else None
+        if record.get("key") != self.digest(key) or not still_valid(record["result"]):
+            return None
+        self.reused.append(name)
+        return record["result"]
 
     def put(self, name: str, key: Any, result: Any) -> Any:
         from raytrieve._io import write_json
@@ -167,8 +168,9 @@ def serve_and_query(cfg: DemoConfig, samples: sampling.Samples, dense: str, spar
     from ray import serve
 
     from raytrieve.config import from_dict
-    from raytrieve.demo.client import run_queries, wait_healthy
+    from raytrieve.demo.client import run_queries
     from raytrieve.serve.app import start
+    from raytrieve.serve.client import wait_healthy
     from raytrieve.serve.config import ServeConfig
 
     s, m = cfg.serving, cfg.models
@@ -283,7 +285,6 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     out = cfg.out
     store = StageStore(out / "stages")
     recall_k = cfg.serving.recall
-    reused: list[str] = []  # steps taken from an earlier run, named in the report
 
     progress("1/6 data")
     manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
@@ -300,7 +301,6 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         cached = store.get(f"dev-{phase}", key)
         if cached is not None:
             progress("  reused")
-            reused.append(f"dev-{phase}")
             return cached
         import torch
 
@@ -314,7 +314,6 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         cached = store.get(f"test-{phase}", key)
         if cached is not None:
             progress("  reused")
-            reused.append(f"test-{phase}")
             return cached
         folder = out / phase
         shutil.rmtree(folder, ignore_errors=True)  # vectors of other models or samples
@@ -351,10 +350,10 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
             tuned[kind] = {"uri": base, "run_id": None}
             continue
         key = {**base_key, "kind": kind, "model": base, "fine_tune": asdict(ft), "uri": cfg.tracking_uri()}
-        cached = store.get(f"train-{kind}", key)
-        if cached is not None and _registered(cfg.tracking_uri(), cached["uri"]):
+        # A recorded run whose registry version is gone (a wiped store) is trained again.
+        cached = store.get(f"train-{kind}", key, lambda r: _registered(cfg.tracking_uri(), r["uri"]))
+        if cached is not None:
             progress(f"  {kind}: reused {cached['uri']} (run {cached['run_id']})")
-            reused.append(f"train-{kind}")
             tuned[kind] = cached
             continue
         progress(f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s)")
@@ -369,7 +368,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress("6/6 report")
     rep = report.build(cfg, samples, before_dev, after_dev, before_test, after_test, tuned,
-                       seconds=time.monotonic() - started, reused=reused)
+                       seconds=time.monotonic() - started, reused=store.reused)
     md, png = report.write(rep, out)
     for line in report.console(rep):
         log(line)

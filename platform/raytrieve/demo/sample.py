@@ -48,8 +48,9 @@ def ensure_pydocs(folder: Path, log) -> dict:
     if manifest.exists() and all((folder / f"{s}.parquet").exists() for s in ("train", "test")):
         have = set(pq.read_schema(folder / "train.parquet").names) & set(pq.read_schema(folder / "test.parquet").names)
         if COLUMNS <= have:
-            log(f"reusing {folder} ({json.loads(manifest.read_text())['rows']})")
-            return json.loads(manifest.read_text())
+            found = json.loads(manifest.read_text())
+            log(f"reusing {folder} ({found['rows']})")
+            return found
         log(f"{folder} predates the id column; rebuilding it")
     log(f"building {folder} from the docstrings of installed packages (a minute)...")
     built = pydocs.build(folder)

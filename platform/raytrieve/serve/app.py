@@ -317,12 +317,13 @@ def build_app(cfg: ServeConfig) -> Any:
     an index is set, and the ingress over them."""
     from ray.serve.config import BackpressureConfig
 
+    from raytrieve import assets
     from raytrieve.tracking import mlflow_run
 
     def options(kind: str) -> dict[str, Any]:
         d = getattr(cfg, kind)
         actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
-        if mlflow_run.is_model_uri(d.model):  # the replica downloads it from the same store
+        if assets.is_model_uri(d.model):  # the replica downloads it from the same store
             actor["runtime_env"] = {"env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))}
         opts: dict[str, Any] = {"name": f"{kind}", "ray_actor_options": actor,
                                 "max_ongoing_requests": d.max_ongoing_requests}
@@ -379,7 +380,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             except RaytrieveError as e:
                 raise ConfigError(f"{where}.{kind}.model: {e}") from None
             except Exception as e:  # an MLflow store or registry error: name the field
-                if not mlflow_run.is_model_uri(d.model):
+                if not assets.is_model_uri(d.model):
                     raise
                 raise ConfigError(f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "
                                   f"{mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)} ({e}); check the name and "

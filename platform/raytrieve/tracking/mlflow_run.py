@@ -56,10 +56,6 @@ def process_env(uri: str) -> dict[str, str]:
     return env
 
 
-def is_model_uri(name_or_path: str) -> bool:
-    return name_or_path.startswith(("models:/", "runs:/"))
-
-
 @contextlib.contextmanager
 def environment(uri: str):
     """Point this process's MLflow at ``uri`` for the block (model URIs resolve through it)."""
