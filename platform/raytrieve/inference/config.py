@@ -16,7 +16,9 @@ from raytrieve.errors import ConfigError
 
 @dataclass
 class CorpusConfig:
-    path: str  # parquet / jsonl / csv file, a folder of parquet files, or a saved HF datasets dir
+    # A parquet / jsonl / csv file, a folder or glob of them, or a saved HF datasets folder; a
+    # local path or any URI pyarrow opens (s3://, gs://, abfs://, file://). The workers read it.
+    path: str
     format: Literal["parquet", "jsonl", "csv", "hf"] | None = None  # None: from the file name
     id_column: str = "id"
     text_column: str = "text"
@@ -71,6 +73,9 @@ class EncodeConfig:
     side: Literal["document", "query"] = "document"  # which prompt and Router route to apply
     rows_per_shard: int = 10000
     bad_rows: Literal["skip", "fail"] = "skip"  # null/empty text, null or duplicate id
+    # Duplicate ids across the whole corpus, found by a distributed group-by on the workers
+    # (one shuffle of the id column). Turn off only for a corpus whose ids are known unique.
+    check_duplicate_ids: bool = True
     compute: EncodeComputeConfig = field(default_factory=EncodeComputeConfig)
 
     def check(self, where: str = "config") -> None:

@@ -1,28 +1,125 @@
-"""Reading a corpus for the batch jobs: the id and text columns, the bad-row policy, and a
-content fingerprint.
+"""The corpus rows of one shard: id and text columns, the bad-row policy, a content checksum.
 
-The driver reads the corpus itself (pyarrow, only the columns it needs) because two things
-need the whole corpus before any work starts: duplicate ids can only be found globally, and
-shard boundaries must be a pure function of the input so that a killed job, run again,
-finds the same shards.
+Workers call these on the shards they read (data/sources.py), so the driver never holds the
+texts. Bad rows are a null id, a null or blank text, or an id that an earlier row already has
+(the first row with an id is kept). Duplicates across shards are found by a distributed
+check before encoding starts (inference/plan.py); each shard reader is told which of its
+rows lose to an earlier one.
+
+``read_corpus`` reads a whole (small) corpus in one process, for the Serve retriever's texts
+and the tests.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raytrieve.data.validate import infer_format, read_table
 from raytrieve.errors import DataError
 from raytrieve.inference.config import CorpusConfig
 
-# Bad rows named in an error message or a report line; the full list goes to a file.
+# Bad rows named in an error message or a report line; every one is in the shard sidecars.
 EXAMPLES = 5
+
+
+def needed_columns(cfg: CorpusConfig) -> list[str]:
+    return [cfg.id_column, cfg.text_column] + ([cfg.title_column] if cfg.title_column else [])
+
+
+def check_columns(names: list[str], cfg: CorpusConfig, location: str) -> None:
+    """Every configured column exists (from the first file's schema, before any work)."""
+    for role, name in (("id", cfg.id_column), ("text", cfg.text_column), ("title", cfg.title_column)):
+        if name is not None and name not in names:
+            raise DataError(
+                f"{location}: no column {name!r} for the {role}; the file has {names}. "
+                f"Set corpus.{role}_column to one of them."
+            )
+
+
+def _as_text(table: pa.Table, name: str, role: str, location: str) -> list[str | None]:
+    if name not in table.column_names:  # a jsonl shard where no row has the key
+        return [None] * table.num_rows
+    column = table.column(name)
+    t = column.type
+    if pa.types.is_integer(t) and role == "id":
+        column = pc.cast(column, pa.string())  # integer ids are common; they are stored as strings
+    elif pa.types.is_null(t):
+        column = column.cast(pa.string())
+    elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(f"{location}: column {name!r} ({role}) holds {t}, expected strings; convert it to text")
+    return column.to_pylist()
+
+
+@dataclass
+class ShardRows:
+    """One shard after the bad-row policy: the rows to encode and the rows left out."""
+
+    ids: list[str]
+    texts: list[str]  # title joined in front, when configured
+    input_rows: int
+    bad: list[tuple[int, str | None, str]]  # (row in the shard, id, reason)
+
+
+def shard_rows(table: pa.Table, cfg: CorpusConfig, location: str,
+               duplicates: dict[str, int] | None = None, shard: int = 0) -> ShardRows:
+    """Apply the bad-row policy to one shard's table.
+
+    ``duplicates`` maps each id that occurs more than once in the corpus to the position
+    (``shard << 32 | row``) of its first occurrence; the other occurrences are bad rows.
+    """
+    ids = _as_text(table, cfg.id_column, "id", location)
+    texts = _as_text(table, cfg.text_column, "text", location)
+    titles = _as_text(table, cfg.title_column, "title", location) if cfg.title_column else None
+    duplicates = duplicates or {}
+    keep_ids, keep_texts, bad = [], [], []
+    sep = cfg.title_separator
+    for row, (id_, text) in enumerate(zip(ids, texts)):
+        if id_ is None:
+            bad.append((row, None, f"null {cfg.id_column}"))
+        elif text is None:
+            bad.append((row, id_, f"null {cfg.text_column}"))
+        elif not text.strip():  # judged alone: a title never rescues a blank text
+            bad.append((row, id_, f"empty {cfg.text_column}"))
+        elif id_ in duplicates and duplicates[id_] != position(shard, row):
+            bad.append((row, id_, f"duplicate {cfg.id_column} (an earlier row has it)"))
+        else:
+            keep_ids.append(id_)
+            title = titles[row] if titles is not None else None
+            keep_texts.append(f"{title}{sep}{text}" if title else text)  # no title: no leading separator
+    return ShardRows(keep_ids, keep_texts, len(ids), bad)
+
+
+def position(shard: int, row: int) -> int:
+    """A row's place in the corpus as one sortable integer (input order = position order)."""
+    return (shard << 32) | row
+
+
+def split_position(pos: int) -> tuple[int, int]:
+    return pos >> 32, pos & 0xFFFFFFFF
+
+
+def valid_ids(table: pa.Table, cfg: CorpusConfig, location: str, shard: int) -> pa.Table:
+    """(id, pos) of the rows that pass the null/blank checks: the input of the duplicate check."""
+    rows = shard_rows(table, cfg, location, None, shard)
+    bad = {b[0] for b in rows.bad}
+    kept = np.array([r for r in range(rows.input_rows) if r not in bad], dtype=np.int64)
+    return pa.table({"id": pa.array(rows.ids, pa.string()),
+                     "pos": pa.array((np.int64(shard) << 32) | kept if len(kept) else kept, pa.int64())})
+
+
+def content_checksum(ids: list[str], texts: list[str]) -> str:
+    """sha256 over the rows a shard encodes: a rerun re-encodes a shard only if this changed."""
+    h = hashlib.sha256()
+    for id_, text in zip(ids, texts):
+        h.update(id_.encode())
+        h.update(b"\x1f")
+        h.update(text.encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
 
 
 @dataclass
@@ -36,95 +133,43 @@ class Corpus:
         return len(self.ids)
 
 
-def _column(table: pa.Table, name: str, role: str, path: Path) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise DataError(
-            f"{path}: no column {name!r} for the {role}; the file has {table.column_names}. "
-            f"Set corpus.{role}_column to one of them."
-        )
-    return table.column(name)
+def read_corpus(cfg: CorpusConfig, bad_rows: str = "skip") -> Corpus:
+    """A whole corpus in this process (Serve's retriever texts, small jobs, tests), with the
+    same bad-row policy as the encoding job."""
+    from raytrieve.data.sources import open_source, plan_shards, read_shard, schema_names
+
+    source = open_source(cfg.path, cfg.format)
+    check_columns(schema_names(source), cfg, cfg.path)
+    ids: list[str] = []
+    texts: list[str] = []
+    bad: list[tuple[int, str | None, str]] = []
+    seen: set[str] = set()
+    offset = 0
+    for spec in plan_shards(source, 1 << 20):
+        rows = shard_rows(read_shard(spec, needed_columns(cfg)), cfg, spec.path)
+        bad += [(offset + r, i, why) for r, i, why in rows.bad]
+        kept = set(range(rows.input_rows)) - {b[0] for b in rows.bad}
+        for r, id_, text in zip(sorted(kept), rows.ids, rows.texts):
+            if id_ in seen:
+                bad.append((offset + r, id_, f"duplicate {cfg.id_column} (an earlier row has it)"))
+                continue
+            seen.add(id_)
+            ids.append(id_)
+            texts.append(text)
+        offset += rows.input_rows
+    bad.sort()
+    if bad and bad_rows == "fail":
+        raise_bad_rows(cfg.path, len(bad), bad[:EXAMPLES])
+    if not ids:
+        raise DataError(f"{cfg.path}: every row is bad (null/empty {cfg.text_column} or null/duplicate {cfg.id_column})")
+    table = pa.table({"row": pa.array([b[0] for b in bad], pa.int64()), "id": pa.array([b[1] for b in bad], pa.string()),
+                      "reason": pa.array([b[2] for b in bad], pa.string())})
+    return Corpus(ids, texts, table, offset)
 
 
-def _as_text(column: pa.ChunkedArray, name: str, path: Path, role: str) -> pa.ChunkedArray:
-    t = column.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return column
-    if pa.types.is_null(t):
-        return column.cast(pa.string())
-    if role == "id" and (pa.types.is_integer(t)):
-        return pc.cast(column, pa.string())  # integer ids are common; they are stored as strings
-    raise DataError(f"{path}: column {name!r} ({role}) holds {t}, expected strings; convert it to text")
-
-
-def read_corpus(cfg: CorpusConfig, bad_rows: str) -> Corpus:
-    """The corpus rows to encode, in input order, after the bad-row policy.
-
-    Bad rows: a null id, a null or blank text, an id seen before (the first row with an id
-    is kept). ``bad_rows="fail"`` raises with examples; ``"skip"`` leaves them out and lists
-    every one in ``Corpus.bad``.
-    """
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise DataError(f"corpus.path {path}: file not found; point it at a parquet, jsonl or csv file or a folder")
-    table = read_table(path, cfg.format or infer_format(path))
-    if table.num_rows == 0:
-        raise DataError(f"{path}: the corpus has no rows")
-    ids = _as_text(_column(table, cfg.id_column, "id", path), cfg.id_column, path, "id")
-    texts = _as_text(_column(table, cfg.text_column, "text", path), cfg.text_column, path, "text")
-    id_list = ids.to_pylist()
-    text_list = texts.to_pylist()  # judged alone: a title never rescues a null or blank text
-    n = len(id_list)
-
-    reasons: dict[int, str] = {}
-    for i, (id_, text) in enumerate(zip(id_list, text_list)):
-        if id_ is None:
-            reasons[i] = f"null {cfg.id_column}"
-        elif text is None:
-            reasons[i] = f"null {cfg.text_column}"
-        elif not text.strip():
-            reasons[i] = f"empty {cfg.text_column}"
-    valid = np.array([i for i in range(n) if i not in reasons], dtype=np.int64)
-    valid_ids = np.array([id_list[i] for i in valid], dtype=object)
-    if len(valid):
-        _, first = np.unique(valid_ids, return_index=True)
-        dup = np.ones(len(valid), dtype=bool)
-        dup[first] = False
-        for i in valid[dup]:
-            reasons[int(i)] = f"duplicate {cfg.id_column} (an earlier row has it)"
-    bad_rows_sorted = sorted(reasons)
-    if bad_rows_sorted and bad_rows == "fail":
-        examples = "; ".join(f"row {i} ({reasons[i]})" for i in bad_rows_sorted[:EXAMPLES])
-        raise DataError(
-            f"{path}: {len(bad_rows_sorted)} bad row(s): {examples}. Fix the data, or set bad_rows: skip "
-            "to leave them out (every one is listed in the job's bad_rows.parquet)"
-        )
-    keep = [i for i in range(n) if i not in reasons]
-    if not keep:
-        raise DataError(f"{path}: every row is bad (null/empty {cfg.text_column} or null/duplicate {cfg.id_column})")
-    if cfg.title_column:
-        titles = _as_text(_column(table, cfg.title_column, "title", path), cfg.title_column, path, "text")
-        title_list = titles.to_pylist()
-        sep = cfg.title_separator
-        # No title: the text alone, without a leading separator.
-        text_list = [f"{t}{sep}{x}" if t else x for t, x in zip(title_list, text_list)]
-    bad = pa.table({
-        "row": pa.array(bad_rows_sorted, pa.int64()),
-        "id": pa.array([id_list[i] for i in bad_rows_sorted], pa.string()),
-        "reason": pa.array([reasons[i] for i in bad_rows_sorted], pa.string()),
-    })
-    return Corpus([id_list[i] for i in keep], [text_list[i] for i in keep], bad, n)
-
-
-def content_fingerprint(ids: list[str], texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for start in range(0, len(ids), 4096):
-        for id_, text in zip(ids[start : start + 4096], texts[start : start + 4096]):
-            h.update(id_.encode())
-            h.update(b"\x1f")
-            h.update(text.encode())
-            h.update(b"\x1e")
-    return h.hexdigest()
-
-
-def shard_bounds(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
-    return [(s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
+def raise_bad_rows(location: str, count: int, examples: list[tuple[int, str | None, str]]) -> None:
+    listed = "; ".join(f"row {row} ({reason})" for row, _, reason in examples)
+    raise DataError(
+        f"{location}: {count} bad row(s): {listed}. Fix the data, or set bad_rows: skip "
+        "to leave them out (every one is listed in the shard sidecars; read them with read_bad_rows)"
+    )

@@ -1,59 +1,53 @@
-"""The corpus encoding job: corpus -> tokenize (CPU actors) -> encode (actor pool, a GPU each
-when the cluster has GPUs) -> parquet shards + manifest.
+"""The corpus encoding job: corpus -> read + check + tokenize (light CPU actors) -> encode and
+write (actor pool, a GPU each when the cluster has GPUs) -> parquet shards + sidecars, then a
+manifest.
 
     result = run_encode(load_encode_config("jobs/configs/encode_pydocs.yaml"), ray_address="local")
 
-The driver reads and checks the corpus, loads each model once to check the config against
-it, and plans fixed shards. Ray Data then carries one row per unfinished shard through two
-actor pools: tokenizers (half a CPU each) and encoders, which sort the shard's texts by
-length and batch them by a token budget. The driver writes each shard as it arrives
-(shards.py), so only the driver needs to see the output folder. A rerun skips every
-finished shard; a finished job run again is a no-op.
+The driver plans and commits; the data never flows through it:
+
+1. Plan: list the input files and cut them into shards from metadata (data/sources.py). The
+   driver loads each model once to check the config against it (prompt names, dimensions)
+   and, for int8, calibrates ranges on a bounded sample.
+2. Scan (Ray Data tasks): each shard's row count and null/blank rows. ``bad_rows: fail``
+   stops here, naming the first bad rows, before anything is encoded.
+3. Duplicate ids (Ray Data): the (id, position) of every valid row, grouped by id across
+   the cluster; only the ids seen more than once reach the driver. The first row keeps it.
+4. Encode (Ray Data actors): every shard is read where it is processed. A shard whose
+   finished output has the same content checksum is reused; the others are tokenized,
+   encoded and written by the worker that encoded them (inference/stages.py).
+5. Commit: the driver gathers the sidecars' facts and writes the manifest last.
+
+A rerun after any kill reuses every finished shard; a changed corpus re-encodes exactly the
+shards whose content changed, and the job says which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from raytrieve import _io
-from raytrieve._io import pack_arrays, unpack_arrays
+from raytrieve.data.sources import Source, ShardSpec, is_uri, open_source, plan_shards, read_shard, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
 from raytrieve.inference.config import EncodeConfig
-from raytrieve.inference.corpus import Corpus, content_fingerprint, read_corpus, shard_bounds
+from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows, shard_rows
+from raytrieve.inference.stages import OutputSpec
 
 log = logging.getLogger("raytrieve.encode")
+
+# Shards sampled (evenly spaced) for int8 calibration: the driver reads at most these.
+CALIBRATION_SHARDS = 8
 
 
 class EncodeJobError(RaytrieveError):
     """The encoding job started but did not finish; finished shards are kept for a rerun."""
-
-
-@dataclass
-class OutputSpec:
-    """One model's part of the job, resolved on the driver (plain data: it travels to actors)."""
-
-    kind: str  # "dense" | "sparse"
-    model_path: str
-    task: str  # Router route / prompt side
-    prompt: str | None
-    max_seq_length: int | None
-    trust_remote_code: bool
-    # dense
-    precision: str = "float32"
-    truncate_dim: int | None = None
-    normalize: bool = False
-    ranges: list[list[float]] | None = None
-    # sparse
-    max_active_dims: int | None = None
 
 
 @dataclass
@@ -67,6 +61,9 @@ class EncodeResult:
     seconds: float
     rows_per_s: float
     already_complete: bool
+    shards_changed: list[int] = field(default_factory=list)  # re-encoded because their content changed
+    duplicate_ids: int = 0  # ids held by more than one row
+    check_seconds: float = 0.0  # scan + duplicate-id check
 
 
 def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
@@ -76,105 +73,10 @@ def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
                         trust_remote_code=spec.trust_remote_code)
 
 
-class TokenizeShards:
-    """Ray Data callable: a shard's texts -> each model's token ids, flattened with offsets."""
-
-    def __init__(self, specs: list[OutputSpec]) -> None:
-        import torch
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(1)
-        self.specs = specs
-        self.modules = [load_model(s).input_module(s.task) for s in specs]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blobs = []
-        for payload in batch["payload"]:
-            texts = json.loads(payload)
-            arrays: dict[str, np.ndarray] = {}
-            for m, (spec, module) in enumerate(zip(self.specs, self.modules)):
-                encoded = module.tokenize_ids(texts, prompt=spec.prompt)
-                lengths = np.fromiter((len(x) for x in encoded["input_ids"]), np.int64, len(texts))
-                arrays[f"{m}.offsets"] = np.concatenate(([0], np.cumsum(lengths)))
-                for key, rows in encoded.items():
-                    arrays[f"{m}.{key}"] = np.fromiter((t for row in rows for t in row), np.int64)
-            blobs.append(pack_arrays(arrays))
-        return {"shard": batch["shard"], "tokens": np.array(blobs, dtype=object)}
-
-
-def _split(flat: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
-    return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-class EncodeShards:
-    """Ray Data callable: token ids -> vectors (length-sorted, token-budget batches)."""
-
-    def __init__(self, specs: list[OutputSpec], device: str, threads: int, token_budget: int,
-                 max_batch_size: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.specs, self.token_budget, self.max_batch_size = specs, token_budget, max_batch_size
-        self.models = [load_model(s, device) for s in specs]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blobs, seconds = [], []
-        for tokens in batch["tokens"]:
-            t0 = time.perf_counter()
-            blobs.append(pack_arrays(self.encode(unpack_arrays(tokens))))
-            seconds.append(time.perf_counter() - t0)
-        return {"shard": batch["shard"], "vectors": np.array(blobs, dtype=object), "encode_s": np.array(seconds)}
-
-    def encode(self, tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raytrieve.encoders.base import Pretokenized
-
-        out: dict[str, np.ndarray] = {}
-        for m, (spec, model) in enumerate(zip(self.specs, self.models)):
-            offsets = tokens[f"{m}.offsets"]
-            encoded = {k.split(".", 1)[1]: _split(v, offsets) for k, v in tokens.items()
-                       if k.startswith(f"{m}.") and not k.endswith(".offsets")}
-            common = dict(prompt=spec.prompt, task=spec.task, batch_size=self.max_batch_size,
-                          token_budget=self.token_budget, show_progress_bar=False)
-            if spec.kind == "dense":
-                out["dense"] = dense_output(model.encode(Pretokenized(encoded), truncate_dim=spec.truncate_dim,
-                                                         normalize_embeddings=spec.normalize, **common), spec)
-            else:
-                emb = model.encode(Pretokenized(encoded), max_active_dims=spec.max_active_dims, **common)
-                out["sparse_offsets"], out["sparse_indices"], out["sparse_values"] = sparse_csr(emb)
-        return out
-
-
-def dense_output(emb: np.ndarray, spec: OutputSpec) -> np.ndarray:
-    from raytrieve.encoders.quantization import quantize_embeddings
-
-    if spec.precision == "float16":
-        return emb.astype(np.float16)
-    if spec.precision == "int8":
-        return quantize_embeddings(emb, "int8", ranges=np.asarray(spec.ranges, dtype=np.float32))
-    if spec.precision == "binary":
-        return quantize_embeddings(emb, "ubinary")
-    return emb.astype(np.float32)
-
-
-def sparse_csr(emb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A sparse COO batch -> (offsets, indices, values), each row by weight descending."""
-    from raytrieve.encoders.sparse import sparse_rows
-
-    rows = sparse_rows(emb)
-    lengths = np.fromiter((len(r["indices"]) for r in rows), np.int64, len(rows))
-    offsets = np.concatenate(([0], np.cumsum(lengths)))
-    if not rows:
-        return offsets, np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (offsets, np.concatenate([r["indices"] for r in rows]),
-            np.concatenate([r["values"] for r in rows]).astype(np.float32))
-
-
-# -- driver ------------------------------------------------------------------------------------
-
-def resolve_outputs(cfg: EncodeConfig, corpus: Corpus, where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
+def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
     """Each model loaded once on the driver: the config is checked against it (prompt names,
-    truncate_dim), prompts resolved, and int8 ranges calibrated. Returns the specs and what the
-    manifest says of each model."""
+    truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
+    specs and what the manifest says of each model."""
     from raytrieve import assets
     from raytrieve.encoders.quantization import quantization_ranges
 
@@ -202,12 +104,10 @@ def resolve_outputs(cfg: EncodeConfig, corpus: Corpus, where: str) -> tuple[list
             spec.precision, spec.truncate_dim = out.precision, out.truncate_dim
             spec.normalize = out.normalize if out.normalize is not None else model.similarity_fn_name == "cosine"
             if out.precision == "int8":
-                step = max(1, len(corpus) // out.calibration_rows)
-                sample = corpus.texts[::step][: out.calibration_rows]
-                emb = model.encode(sample, task=cfg.side, prompt=spec.prompt, truncate_dim=out.truncate_dim,
-                                   normalize_embeddings=spec.normalize)
                 if len(sample) < 2:
                     raise DataError(f"{where}.dense.precision int8 needs at least 2 corpus rows to calibrate")
+                emb = model.encode(sample, task=cfg.side, prompt=spec.prompt, truncate_dim=out.truncate_dim,
+                                   normalize_embeddings=spec.normalize)
                 spec.ranges = quantization_ranges(emb).tolist()
             info.update(dim=out.truncate_dim or dim, precision=out.precision, truncate_dim=out.truncate_dim,
                         normalize=spec.normalize, ranges=spec.ranges)
@@ -221,140 +121,209 @@ def resolve_outputs(cfg: EncodeConfig, corpus: Corpus, where: str) -> tuple[list
     return specs, described
 
 
-def _fingerprint(cfg: EncodeConfig, corpus: Corpus, described: dict[str, Any]) -> str:
-    import hashlib
+def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
+    """Evenly spaced texts from a few evenly spaced shards: bounded by a few shards, whatever
+    the corpus size."""
+    if cfg.dense is None or cfg.dense.precision != "int8":
+        return []
+    want = cfg.dense.calibration_rows
+    picked = [specs[round(i * (len(specs) - 1) / max(1, CALIBRATION_SHARDS - 1))]
+              for i in range(min(CALIBRATION_SHARDS, len(specs)))]
+    picked = list({s.shard: s for s in picked}.values())
+    texts: list[str] = []
+    for spec in picked:
+        rows = shard_rows(read_shard(spec, needed_columns(cfg.corpus)), cfg.corpus, spec.path)
+        take = max(1, want // len(picked))
+        step = max(1, len(rows.texts) // take)
+        texts += rows.texts[::step][:take]
+    return texts[:want]
 
+
+def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> str:
+    """What a rerun must share with the output it finds: settings, models and the shard plan.
+    The corpus *content* is not in it: each shard carries its own content checksum."""
     from raytrieve import assets
 
     models = {k: {**v, "weights": assets._fingerprint(Path(v["model_path"]))} for k, v in described.items()}
-    # Hashing every text is the encoding job's business only (it decides what a rerun may reuse),
-    # so it happens here, not when a corpus is read.
-    blob = json.dumps({"corpus": content_fingerprint(corpus.ids, corpus.texts), "side": cfg.side, "rows_per_shard": cfg.rows_per_shard,
-                       "models": models}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    body = {"corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
+            "side": cfg.side, "rows_per_shard": cfg.rows_per_shard, "bad_rows": cfg.bad_rows,
+            "check_duplicate_ids": cfg.check_duplicate_ids, "models": models}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _claim_output(out: Path, fingerprint: str, where: str) -> None:
+def _claim_output(store: shards.OutputStore, fingerprint: str, where: str) -> None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours."""
-    job = out / shards.JOB
-    if job.exists():
-        previous = shards.read_json(job).get("fingerprint")
-        if previous != fingerprint:
+    if store.exists(shards.JOB):
+        if store.read_json(shards.JOB).get("fingerprint") != fingerprint:
             raise ConfigError(
-                f"{where}.output_dir {out}: holds the output of a different encoding job (other corpus, model or "
-                "settings); choose a new output_dir or delete that folder"
+                f"{where}.output_dir {store.location}: holds the output of a different encoding job (other corpus "
+                "location, model or settings); choose a new output_dir or delete that folder"
             )
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{where}.output_dir {out}: exists and is not an encoding job's folder; choose another")
+    elif store.names():
+        raise ConfigError(f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; "
+                          "choose another")
 
 
-def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None = None) -> EncodeResult:
+def _location(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None = None,
+               dataset: Any = None) -> EncodeResult:
     """Encode ``cfg.corpus`` as the config says. ``ray_address``: None joins the cluster this
-    job runs on (``ray job submit``), "local" starts an embedded Ray."""
+    job runs on (``ray job submit``), "local" starts an embedded Ray. ``dataset``: a
+    ``ray.data.Dataset`` to encode instead of ``cfg.corpus.path`` (written once to
+    ``<output_dir>/_input`` by the workers, then sharded like any parquet folder)."""
     start = time.perf_counter()
     cfg.check(where)
-    corpus = read_corpus(cfg.corpus, cfg.bad_rows)
-    if len(corpus.bad):
-        log.warning("%d bad row(s) left out (bad_rows: skip); listed in %s", len(corpus.bad), shards.BAD_ROWS)
-    specs, described = resolve_outputs(cfg, corpus, where)
-    fingerprint = _fingerprint(cfg, corpus, described)
-    out = Path(cfg.output_dir).expanduser()
-    _claim_output(out, fingerprint, where)
-    bounds = shard_bounds(len(corpus), cfg.rows_per_shard)
+    store = shards.OutputStore(_location(cfg.output_dir))
+    if dataset is not None:
+        _init_ray(ray_address)
+        cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store), "parquet"
+    source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
+    check_columns(schema_names(source), cfg.corpus, cfg.corpus.path)
+    specs = plan_shards(source, cfg.rows_per_shard)
+    if not specs:
+        raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
+    outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
+    fingerprint = _fingerprint(cfg, source, described)
+    _claim_output(store, fingerprint, where)
 
-    manifest_path = out / shards.MANIFEST
-    if manifest_path.exists() and shards.read_json(manifest_path).get("fingerprint") == fingerprint:
-        if all(shards.finished_shard(out, s, b - a, fingerprint) for s, (a, b) in enumerate(bounds)):
-            log.info("%s: already complete (%d rows in %d shards); nothing to do", out, len(corpus), len(bounds))
-            return EncodeResult(str(out), len(corpus), len(bounds), 0, len(bounds), len(corpus.bad),
-                                round(time.perf_counter() - start, 3), 0.0, True)
-        manifest_path.unlink()  # a shard changed since: redo it, then write the manifest again
+    _init_ray(ray_address)
+    from raytrieve.inference import checks
 
-    out.mkdir(parents=True, exist_ok=True)
-    _io.write_json(out / shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
-    shards.remove_temporaries(out)
-    done = {s: shards.finished_shard(out, s, b - a, fingerprint) for s, (a, b) in enumerate(bounds)}
-    todo = [s for s, sidecar in done.items() if sidecar is None]
-    if len(todo) < len(bounds):
-        log.info("resuming: %d of %d shards already finished", len(bounds) - len(todo), len(bounds))
+    check_start = time.perf_counter()
+    scanned = checks.scan(cfg, specs)
+    duplicates = checks.duplicate_ids(cfg, specs) if cfg.check_duplicate_ids else {}
+    check_seconds = time.perf_counter() - check_start
+    bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
+    if bad_total and cfg.bad_rows == "fail":
+        raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
+    if scanned.input_rows == bad_total:
+        raise DataError(f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
+                        f"{cfg.corpus.id_column})")
 
+    # Checked: only now does the job write anything.
+    if not store.exists(shards.JOB):
+        store.write_json(shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
+    store.remove_temporaries()
     encode_start = time.perf_counter()
-    if todo:
-        for s, sidecar in _run_pipeline(cfg, specs, corpus, bounds, todo, out, fingerprint, ray_address):
-            done[s] = sidecar
+    done = _run_pipeline(cfg, outputs, specs, scanned.offsets, duplicates, store, fingerprint)
     seconds = time.perf_counter() - encode_start
-    rows_written = sum(bounds[s][1] - bounds[s][0] for s in todo)
+    written = [s for s in done if done[s]["previous"] != "same"]
+    changed = sorted(s for s in written if done[s]["previous"] in ("changed", "corrupt"))
+    if changed:
+        log.info("re-encoded %d shard(s) whose content changed or whose file was damaged: %s", len(changed), changed)
+    rows = sum(d["rows"] for d in done.values())
 
-    import pyarrow.parquet as pq
-
-    with _io.atomic_file(out / shards.BAD_ROWS) as tmp:
-        pq.write_table(corpus.bad, tmp)
-    _io.write_json(manifest_path, {
-        "format": shards.FORMAT, "version": 1, "fingerprint": fingerprint,
-        "corpus": {"path": str(Path(cfg.corpus.path).expanduser().resolve()), "input_rows": corpus.input_rows, "bad_rows": len(corpus.bad),
+    for name in store.names():  # shards of an earlier, longer plan of this job (the corpus shrank)
+        index = shards.shard_index(name)
+        if index is not None and index >= len(specs):
+            store.delete(name)
+    manifest = {
+        "format": shards.FORMAT, "version": 2, "fingerprint": fingerprint,
+        "corpus": {"path": source.location, "format": source.format, "files": len(source.files),
+                   "input_rows": scanned.input_rows, "bad_rows": sum(d["bad"] for d in done.values()),
+                   "duplicate_ids": len(duplicates),
                    "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
                    "title_column": cfg.corpus.title_column, "title_separator": cfg.corpus.title_separator},
-        "rows": len(corpus), "side": cfg.side, **described,
-        "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "sha256": done[s]["sha256"]}
-                   for s in range(len(bounds))],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
-    result = EncodeResult(str(out), len(corpus), len(bounds), len(todo), len(bounds) - len(todo), len(corpus.bad),
-                          round(time.perf_counter() - start, 3), round(rows_written / max(seconds, 1e-9), 2), False)
-    log.info("encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s", result.rows, result.shards_written,
-             result.shards_reused, result.rows_per_s, out)
+        "rows": rows, "side": cfg.side, **described,
+        "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "sha256": done[s]["sha256"],
+                    "checksum": done[s]["checksum"]} for s in range(len(specs))],
+    }
+    previous = store.read_json(shards.MANIFEST) if store.exists(shards.MANIFEST) else None
+    unchanged = previous is not None and {k: v for k, v in previous.items() if k != "created"} == manifest
+    if not unchanged:
+        store.write_json(shards.MANIFEST, {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    encoded_rows = sum(done[s]["rows"] for s in written)
+    result = EncodeResult(store.location, rows, len(specs), len(written), len(specs) - len(written),
+                          manifest["corpus"]["bad_rows"], round(time.perf_counter() - start, 3),
+                          round(encoded_rows / max(seconds, 1e-9), 2), unchanged and not written, changed,
+                          len(duplicates), round(check_seconds, 3))
+    if result.already_complete:
+        log.info("%s: already complete (%d rows in %d shards); nothing to do", store.location, rows, len(specs))
+    else:
+        log.info("encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s", rows, result.shards_written,
+                 result.shards_reused, result.rows_per_s, store.location)
     return result
 
 
-def _run_pipeline(cfg: EncodeConfig, specs: list[OutputSpec], corpus: Corpus, bounds: list[tuple[int, int]],
-                  todo: list[int], out: Path, fingerprint: str, ray_address: str | None):
-    """Yield (shard, sidecar) as each shard is encoded and written."""
+def _init_ray(ray_address: str | None) -> None:
     import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
 
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ray.init(address=ray_address)
+
+
+def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -> str:
+    """Write a Ray Dataset's corpus columns once, by the workers, as parquet named by write
+    task (the same dataset gives the same files, so a rerun can reuse its shards)."""
+    from ray.data.datasource import FilenameProvider
+
+    class ByTask(FilenameProvider):
+        def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
+            return f"input-{task_index:06d}-{block_index:06d}.parquet"
+
+    missing = [c for c in needed_columns(cfg.corpus) if c not in (dataset.columns() or [])]
+    if missing:
+        raise DataError(f"the dataset has no column(s) {missing}; its columns are {dataset.columns()}. "
+                        "Set corpus.id_column / text_column / title_column")
+    target = store.path("_input")
+    if store.exists("_input"):
+        store.fs.delete_dir(target)
+    location = store.describe("_input")
+    dataset.select_columns(needed_columns(cfg.corpus)).write_parquet(location, filename_provider=ByTask())
+    return location
+
+
+def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[ShardSpec], offsets: list[int],
+                  duplicates: dict[str, Any], store: shards.OutputStore, fingerprint: str) -> dict[int, dict[str, Any]]:
+    """Every shard through read+tokenize and encode+write; returns each shard's sidecar facts."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from raytrieve.inference.checks import raise_worker_error
+    from raytrieve.inference.stages import EncodeAndWrite, ReadAndTokenize
+
     c = cfg.compute
     use_gpu = c.device == "cuda" or (c.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     if c.device == "cuda" and ray.cluster_resources().get("GPU", 0) == 0:
         raise ConfigError("compute.device is cuda but the Ray cluster has no GPU; use auto or cpu")
     threads = c.torch_threads or max(1, int(c.cpus_per_encode_actor))
-    rows = [{"shard": s, "payload": json.dumps(corpus.texts[bounds[s][0]: bounds[s][1]])} for s in todo]
+    firsts = ray.put({i: d.first for i, d in duplicates.items()}) if duplicates else None
+    rows = [{**s.as_row(), "row_offset": offsets[s.shard]} for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(TokenizeShards, fn_constructor_kwargs={"specs": specs},
+    ds = ds.map_batches(ReadAndTokenize, fn_constructor_kwargs={"specs": outputs, "corpus": cfg.corpus, "store": store,
+                                                                "fingerprint": fingerprint, "duplicates": firsts},
                         compute=ActorPoolStrategy(size=c.tokenize_actors), num_cpus=0.5, batch_size=1,
-                        batch_format="numpy")
+                        batch_format="pyarrow")
     ds = ds.map_batches(
-        EncodeShards,
-        fn_constructor_kwargs={"specs": specs, "device": "cuda" if use_gpu else "cpu", "threads": threads,
+        EncodeAndWrite,
+        fn_constructor_kwargs={"specs": outputs, "store": store, "fingerprint": fingerprint,
+                               "device": "cuda" if use_gpu else "cpu", "threads": threads,
                                "token_budget": c.token_budget, "max_batch_size": c.max_batch_size},
         compute=ActorPoolStrategy(size=c.encode_actors), num_cpus=c.cpus_per_encode_actor,
-        num_gpus=1 if use_gpu else 0, batch_size=1, batch_format="numpy",
+        num_gpus=1 if use_gpu else 0, batch_size=1, batch_format="pyarrow",
         # torch sizes its thread pool from OMP_NUM_THREADS at process start (Ray sets it from
         # the CPU share), so the actor's threads are set in its environment.
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
     )
-    total, encoded_rows = len(todo), 0
-    t0 = time.perf_counter()
+    done: dict[int, dict[str, Any]] = {}
+    t0, encoded_rows = time.perf_counter(), 0
     try:
-        for n, row in enumerate(ds.iter_rows(), 1):
+        for row in ds.iter_rows():
             s = int(row["shard"])
-            a, b = bounds[s]
-            encoded_rows += b - a
-            vectors = unpack_arrays(row["vectors"])
-            sparse = None
-            if "sparse_offsets" in vectors:
-                sparse = (vectors["sparse_offsets"], vectors["sparse_indices"], vectors["sparse_values"])
-            table = shards.shard_table(corpus.ids[a:b], vectors.get("dense"), sparse)
-            sidecar = shards.write_shard(out, s, table, fingerprint)
-            elapsed = time.perf_counter() - t0
-            log.info("shard %d done (%d/%d this run, %d rows, encoded in %.2fs; %.1f rows/s overall)", s, n, total,
-                     b - a, float(row["encode_s"]), encoded_rows / max(elapsed, 1e-9))
-            yield s, sidecar
-    except RaytrieveError:
-        raise
+            done[s] = dict(row)
+            if row["previous"] == "same":
+                continue
+            encoded_rows += int(row["rows"])
+            log.info("shard %d written by node %s (%d rows, encoded in %.2fs; %d/%d shards; %.1f rows/s overall)",
+                     s, str(row["node"])[:12], row["rows"], row["encode_s"], len(done), len(specs),
+                     encoded_rows / max(time.perf_counter() - t0, 1e-9))
     except Exception as e:  # a Ray task failure: finished shards stay for the rerun
-        raise EncodeJobError(f"encoding failed ({e}); finished shards are kept in {out}: run the job again "
-                             "to resume") from e
+        raise_worker_error(e)
+        raise EncodeJobError(f"encoding failed ({e}); finished shards are kept in {store.location}: run the job "
+                             "again to resume") from e
+    return done

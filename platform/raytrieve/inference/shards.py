@@ -1,16 +1,19 @@
-"""The encoding job's output on disk: parquet shards, one JSON sidecar per finished shard, and
-a manifest written last. No Ray here: index building and tests read shards with pyarrow alone.
+"""The encoding job's output: parquet shards, one JSON sidecar per finished shard, and a
+manifest written last, on local disk or any filesystem pyarrow resolves (``s3://``,
+``gs://``, ``abfs://``, ``file://``). No Ray here: index building and tests read shards with
+pyarrow alone.
 
     out/
       job.json                 fingerprint + settings, written when the job first starts
       part-00000.parquet       id (string), dense (fixed-size list), sparse_indices / sparse_values (lists)
-      part-00000.json          rows, sha256 of the parquet file: the shard is finished
-      bad_rows.parquet         every input row left out, with the reason
-      manifest.json            written last: model(s), config, counts, shard list with checksums
+      part-00000.json          sidecar: rows, sha256 of the parquet file, content checksum, bad rows
+      manifest.json            written last, by the driver: model(s), config, counts, shard list
 
-A shard is written under a temporary name and renamed; its sidecar follows the same way. A
-shard counts as finished only when its sidecar exists and the parquet file's checksum
-matches it, so a job killed at any instant leaves nothing that a rerun would trust wrongly.
+The worker that encodes a shard writes it: the parquet file, then its sidecar, each under a
+temporary name renamed into place (local and mounted storage) or as one object put (object
+stores, where a put is atomic). A shard counts as finished only when its sidecar exists and
+the parquet file's checksum matches it, so a job killed at any instant leaves nothing that a
+rerun would trust wrongly.
 """
 
 from __future__ import annotations
@@ -18,21 +21,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raytrieve._io import atomic_file, write_json
 from raytrieve.errors import DataError
 
 MANIFEST = "manifest.json"
 JOB = "job.json"
-BAD_ROWS = "bad_rows.parquet"
 FORMAT = "raytrieve-vectors"
+TMP_MARK = ".tmp-"
 
 # numpy dtype of the dense column per precision ("binary": packed sign bits, as uint8).
 DENSE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}
@@ -42,21 +46,93 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def shard_index(name: str) -> int | None:
+    stem = name.split(".", 1)[0]
+    if stem.startswith("part-") and stem[5:].isdigit():
+        return int(stem[5:])
+    return None
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); delete it and run the job again") from None
+@dataclass
+class OutputStore:
+    """A folder of the job's output on some filesystem (picklable: it travels to workers)."""
+
+    location: str
+
+    def __post_init__(self) -> None:
+        from raytrieve.data.sources import is_uri, resolve
+
+        self.fs, self.root = resolve(self.location)
+        # Local and mounted storage can rename; object stores cannot, but a put is atomic.
+        self.renames = isinstance(self.fs, pafs.LocalFileSystem)
+        self.uri = is_uri(self.location)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.location = state["location"]
+        self.__post_init__()
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.location.rstrip('/')}/{name}" if name else self.location
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self.path(name) if name else self.root).type != pafs.FileType.NotFound
+
+    def names(self) -> list[str]:
+        if not self.exists():
+            return []
+        return sorted(Path(i.path).name for i in self.fs.get_file_info(pafs.FileSelector(self.root)))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(name))
+        except FileNotFoundError:
+            raise DataError(f"{self.describe(name)}: not found") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.describe(name)}: not valid JSON ({e}); delete it and run the job again") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """All of ``data`` at ``name`` or nothing: temporary name + rename, or one put."""
+        self.fs.create_dir(self.root, recursive=True)
+        if not self.renames:
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(data)
+            return
+        tmp = self.path(f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2) + "\n").encode())
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def remove_temporaries(self) -> int:
+        """Leftovers of a killed run (never trusted, never needed)."""
+        stale = [n for n in self.names() if n.startswith(".") and TMP_MARK in n]
+        for n in stale:
+            self.delete(n)
+        return len(stale)
 
 
 def shard_table(ids: list[str], dense: np.ndarray | None,
@@ -74,42 +150,74 @@ def shard_table(ids: list[str], dense: np.ndarray | None,
     return pa.table(columns)
 
 
-def write_shard(out: Path, index: int, table: pa.Table, fingerprint: str) -> dict[str, Any]:
+def write_shard(store: OutputStore, index: int, table: pa.Table, sidecar: dict[str, Any]) -> dict[str, Any]:
     """Write one finished shard (parquet, then its sidecar); returns the sidecar."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
     name = shard_name(index)
-    target = out / f"{name}.parquet"
-    with atomic_file(target) as tmp:
-        pq.write_table(table, tmp)
-    sidecar = {"shard": index, "file": target.name, "rows": table.num_rows, "sha256": file_sha256(target),
-               "fingerprint": fingerprint}
-    write_json(out / f"{name}.json", sidecar)
+    store.write_bytes(f"{name}.parquet", data)
+    sidecar = {"shard": index, "file": f"{name}.parquet", "rows": table.num_rows,
+               "sha256": hashlib.sha256(data).hexdigest(), **sidecar}
+    store.write_json(f"{name}.json", sidecar)
     return sidecar
 
 
-def finished_shard(out: Path, index: int, rows: int, fingerprint: str) -> dict[str, Any] | None:
-    """The sidecar of shard ``index`` if it is complete and intact, else None."""
+def finished_shard(store: OutputStore, index: int) -> tuple[dict[str, Any] | None, str]:
+    """(sidecar, "ok") if shard ``index`` is complete and intact, else (None, why not)."""
     name = shard_name(index)
-    sidecar_path, parquet = out / f"{name}.json", out / f"{name}.parquet"
-    if not sidecar_path.exists() or not parquet.exists():
-        return None
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        sidecar = json.loads(store.read_bytes(f"{name}.json"))
+    except FileNotFoundError:
+        return None, "missing"
     except (json.JSONDecodeError, OSError):
-        return None
-    if sidecar.get("fingerprint") != fingerprint or sidecar.get("rows") != rows:
-        return None
-    if file_sha256(parquet) != sidecar.get("sha256"):
-        return None
-    return sidecar
+        return None, "corrupt"
+    try:
+        data = store.read_bytes(f"{name}.parquet")
+    except FileNotFoundError:
+        return None, "corrupt"
+    if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
+        return None, "corrupt"
+    return sidecar, "ok"
 
 
-def remove_temporaries(out: Path) -> int:
-    """Leftovers of a killed run (never trusted, never needed)."""
-    n = 0
-    for p in out.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+def file_sha256(store: OutputStore, name: str) -> str:
+    return hashlib.sha256(store.read_bytes(name)).hexdigest()
+
+
+def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
+    store = OutputStore(str(out))
+    if not store.exists(MANIFEST):
+        raise DataError(f"{out}: no {MANIFEST}; the encoding job has not finished there (run it again to resume)")
+    manifest = store.read_json(MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{store.describe(MANIFEST)}: not a raytrieve encoding job manifest")
+    return manifest
+
+
+def iter_shards(out: str | os.PathLike, verify: bool = True) -> Iterator[pa.Table]:
+    """Each finished shard's table in corpus order; with ``verify`` its checksum is checked first."""
+    store = OutputStore(str(out))
+    for shard in read_manifest(out)["shards"]:
+        try:
+            data = store.read_bytes(shard["file"])
+        except FileNotFoundError:
+            raise DataError(f"{store.describe(shard['file'])}: shard listed in the manifest is missing; "
+                            "run the encoding job again") from None
+        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise DataError(f"{store.describe(shard['file'])}: checksum differs from the manifest (the file "
+                            "changed); run the job again")
+        yield pq.read_table(pa.BufferReader(data))
+
+
+def read_bad_rows(out: str | os.PathLike) -> pa.Table:
+    """Every input row the job left out (row in the input, id, reason), from the shard sidecars."""
+    store = OutputStore(str(out))
+    rows: list[list[Any]] = []
+    for shard in read_manifest(out)["shards"]:
+        rows += store.read_json(shard["file"].replace(".parquet", ".json")).get("bad_rows", [])
+    return pa.table({"row": pa.array([r[0] for r in rows], pa.int64()), "id": pa.array([r[1] for r in rows], pa.string()),
+                     "reason": pa.array([r[2] for r in rows], pa.string())})
 
 
 @dataclass
@@ -123,24 +231,12 @@ class Vectors:
 
 
 def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
-    """Load a finished job's shards; with ``verify`` every shard's checksum is checked first."""
-    out = Path(out)
-    manifest_path = out / MANIFEST
-    if not manifest_path.exists():
-        raise DataError(f"{out}: no {MANIFEST}; the encoding job has not finished there (run it again to resume)")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{manifest_path}: not a raytrieve encoding job manifest")
+    """Load a finished job's shards into memory (index building, tests)."""
+    manifest = read_manifest(out)
     ids: list[str] = []
     dense_parts, offsets_parts, index_parts, value_parts = [], [], [], []
     base = 0
-    for shard in manifest["shards"]:
-        path = out / shard["file"]
-        if not path.exists():
-            raise DataError(f"{path}: shard listed in the manifest is missing; run the encoding job again")
-        if verify and file_sha256(path) != shard["sha256"]:
-            raise DataError(f"{path}: checksum differs from the manifest (the file changed); run the job again")
-        table = pq.read_table(path)
+    for table in iter_shards(out, verify):
         ids.extend(table.column("id").to_pylist())
         if "dense" in table.column_names:
             col = table.column("dense").combine_chunks()

@@ -1,0 +1,104 @@
+"""The corpus checks that run on the cluster before anything is encoded: a scan of every
+shard (row counts, null and blank rows) and the distributed duplicate-id check.
+
+The duplicate check never brings the ids to the driver. Workers emit (id, position) for
+every valid row; Ray Data groups them by id across the cluster (a hash shuffle) and
+aggregates count, first and last position per id; only ids held by more than one row come
+back. Its cost is one shuffle of the id column: measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from raytrieve.data.sources import ShardSpec
+from raytrieve.errors import RaytrieveError
+from raytrieve.inference.config import EncodeConfig
+from raytrieve.inference.corpus import split_position
+
+
+@dataclass
+class ScanResult:
+    input_rows: int
+    bad: int  # null ids, null or blank texts
+    offsets: list[int]  # per shard: the number of its first row in the whole input
+    examples: list[tuple[int, str | None, str]]  # the first bad rows (row in the input, id, reason)
+
+
+@dataclass
+class Duplicate:
+    count: int  # rows holding the id
+    first: int  # position (shard << 32 | row) of the row that keeps it
+    last: int
+
+
+def _spec_dataset(specs: list[ShardSpec]) -> Any:
+    import ray.data
+
+    return ray.data.from_items([s.as_row() for s in specs], override_num_blocks=len(specs))
+
+
+def scan(cfg: EncodeConfig, specs: list[ShardSpec]) -> ScanResult:
+    from raytrieve.inference.stages import scan_shards
+
+    try:
+        summaries = sorted(_spec_dataset(specs).map_batches(scan_shards, fn_kwargs={"corpus": cfg.corpus}, batch_size=1,
+                                                            batch_format="pyarrow", num_cpus=0.5).iter_rows(),
+                           key=lambda r: r["shard"])
+    except Exception as e:
+        raise_worker_error(e)
+        raise
+    offsets, total, bad, examples = [], 0, 0, []
+    for s in summaries:
+        offsets.append(total)
+        examples += [(total + e["row"], e["id"], e["reason"]) for e in s["examples"]]
+        total += int(s["input_rows"])
+        bad += int(s["bad"])
+    return ScanResult(total, bad, offsets, examples)
+
+
+def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplicate]:
+    import pyarrow.compute as pc
+    from ray.data.aggregate import Count, Max, Min
+
+    from raytrieve.inference.stages import shard_ids
+
+    ids = _spec_dataset(specs).map_batches(shard_ids, fn_kwargs={"corpus": cfg.corpus}, batch_size=1,
+                                           batch_format="pyarrow", num_cpus=0.5)
+    grouped = ids.groupby("id").aggregate(Count(alias_name="count"), Min("pos", alias_name="first"),
+                                          Max("pos", alias_name="last"))
+    repeated = grouped.map_batches(lambda t: t.filter(pc.greater(t["count"], 1)), batch_format="pyarrow")
+    try:
+        return {r["id"]: Duplicate(int(r["count"]), int(r["first"]), int(r["last"])) for r in repeated.iter_rows()}
+    except Exception as e:
+        raise_worker_error(e)
+        raise
+
+
+def first_bad_rows(scanned: ScanResult, duplicates: dict[str, Duplicate], cfg: EncodeConfig,
+                   n: int) -> list[tuple[int, str | None, str]]:
+    """The first ``n`` bad rows of the input, with their row numbers in the whole input."""
+    rows = list(scanned.examples)
+    for id_, d in duplicates.items():
+        shard, row = split_position(d.last)
+        rows.append((scanned.offsets[shard] + row, id_, f"duplicate {cfg.corpus.id_column} (an earlier row has it)"))
+    return sorted(rows, key=lambda r: r[0])[:n]
+
+
+def raise_worker_error(e: BaseException) -> None:
+    """Re-raise our own error (a bad file, a bad column) that a Ray worker raised, as itself:
+    the user sees the message that names the file and the fix, not a Ray traceback."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, RaytrieveError):
+            raise type(cause)(str(cause)) from None
+        if isinstance(err, RaytrieveError) and cause is None:
+            raise type(err)(str(err)) from None
+        stack += [err.__cause__, err.__context__, getattr(err, "cause", None)]
