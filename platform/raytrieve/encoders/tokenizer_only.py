@@ -1,0 +1,252 @@
+"""The tokenizer of a model's input module, without the model's weights.
+
+Tokenizer stages (Ray Data actors in training and in the encoding job) need the exact ids
+that ``encoder.input_module(task).tokenize_ids`` gives, but loading the encoder would load
+every weight into each actor (slow start, memory). This reads only what tokenization
+depends on: modules.json (and router_config.json for Router models) to find the input
+module of the task's route, that module's sentence_bert_config.json (max_seq_length,
+do_lower_case, tokenizer kwargs), its tokenizer files, and the model's config.json to know
+whether the model takes token_type_ids.
+
+    tok = load_input_tokenizer(model_dir, task="query", max_seq_length=128)
+    encoded = tok.tokenize_ids(texts, prompt=tok.resolve_prompt(None, tok.prompt_name_for("query")))
+    features = tok.collate(encoded)  # the padded tensors module.collate gives
+
+Library code: no Ray here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Sequence
+
+from raytrieve._io import read_json
+from raytrieve.errors import InputError, ModelLoadError
+
+_HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
+_STATIC = "static"  # SparseStaticEmbedding: no special tokens, no token types, no prompt marking
+_TASK_OF_KIND = {"dense": "feature-extraction", "sparse": "fill-mask", "cross": "sequence-classification"}
+
+
+class InputTokenizer:
+    """Tokenization of one input module: ``tokenize_ids`` / ``collate`` / ``prompt_length``
+    exactly as the module's own methods. ``route`` is the Router route (None without a Router),
+    which a features dict for a Router model carries as ``task``."""
+
+    def __init__(self, tokenizer: Any, *, module: str, max_seq_length: int, do_lower_case: bool = False,
+                 accepts_token_types: bool = False, route: str | None = None,
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.module = module  # "transformer" or "static"
+        self.max_seq_length = int(max_seq_length)
+        self.do_lower_case = do_lower_case
+        self.accepts_token_types = accepts_token_types
+        self.route = route
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self._prompt_lengths: dict[str, int] = {}
+
+    # -- the model's prompts (config_sentence_transformers.json), as Encoder resolves them --
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise InputError(f"unknown prompt_name {prompt_name!r}; this model's prompts are "
+                                 f"{sorted(self.prompts) or 'none'} (pass prompt= for a custom string)")
+            return self.prompts[prompt_name]
+        if self.default_prompt_name is not None and self.default_prompt_name in self.prompts:
+            return self.prompts[self.default_prompt_name]
+        return None
+
+    def prompt_name_for(self, task: str) -> str | None:
+        names = {"query": ("query",), "document": ("document", "passage", "corpus")}[task]
+        return next((n for n in names if n in self.prompts), None)
+
+    # -- tokenization ------------------------------------------------------------------
+    def tokenize_ids(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, list[list[int]]]:
+        """Token ids per text (or text pair), truncated to max_seq_length, not padded."""
+        if self.module == _STATIC:
+            texts = [prompt + t for t in texts] if prompt else list(texts)
+            if not texts:
+                return {"input_ids": []}
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=False,
+                                 return_attention_mask=False, return_token_type_ids=False)
+            return {"input_ids": enc["input_ids"]}
+        first, second = self._prepare(texts, prompt)
+        if not first:
+            return {"input_ids": []}
+        enc = self.tokenizer(first, second, truncation="longest_first", max_length=self.max_seq_length,
+                             padding=False, return_attention_mask=False,
+                             return_token_type_ids=self.accepts_token_types)
+        out = {"input_ids": enc["input_ids"]}
+        if self.accepts_token_types and "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def _prepare(self, texts: Sequence[Any], prompt: str | None) -> tuple[list[str], list[str] | None]:
+        if not len(texts):
+            return [], None
+        if isinstance(texts[0], str):
+            first, second = list(texts), None
+        else:
+            if any(len(t) != 2 for t in texts):
+                raise InputError("text pairs must be (first, second) tuples of two strings")
+            first, second = [t[0] for t in texts], [t[1] for t in texts]
+        if prompt:
+            first = [prompt + t for t in first]
+        if self.do_lower_case:
+            first = [t.lower() for t in first]
+            second = [t.lower() for t in second] if second is not None else None
+        return first, second
+
+    def collate(self, encoded: dict[str, list[list[int]]]) -> dict[str, Any]:
+        """Padded tensors (input_ids, attention_mask, token_type_ids when present)."""
+        from raytrieve.modules.transformer import pad_ids
+
+        left = self.module != _STATIC and self.tokenizer.padding_side == "left"
+        return pad_ids(encoded, self.tokenizer.pad_token_id or 0, left=left)
+
+    def prompt_length(self, prompt: str) -> int | None:
+        """Tokens the prompt occupies at the start of a text (trailing special token excluded);
+        None for modules that do not mark the prompt (the static sparse query module)."""
+        if self.module == _STATIC:
+            return None
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenize_ids([prompt])["input_ids"][0]
+            n = len(ids)
+            if n and ids[-1] in set(self.tokenizer.all_special_ids):
+                n -= 1
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    def features(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, Any]:
+        """What ``encoder.tokenize(texts, task, prompt)`` gives: padded, prompt_length, task."""
+        out = self.collate(self.tokenize_ids(texts, prompt))
+        length = self.prompt_length(prompt) if prompt else None
+        if length is not None:
+            out["prompt_length"] = length
+        if self.route is not None:
+            out["task"] = self.route
+        return out
+
+
+def load_input_tokenizer(model_path: str | Path, task: str | None = None, max_seq_length: int | None = None, *,
+                         kind: str | None = None, trust_remote_code: bool = False) -> InputTokenizer:
+    """The input tokenizer of the model at ``model_path`` (a folder, a models/ variant or an MLflow
+    URI) for ``task`` (the Router route or task mapping; ignored without a Router).
+    ``max_seq_length`` overrides the saved truncation length (as ``set_max_seq_length`` does for
+    every route). ``kind`` picks the head of a plain transformers folder without modules.json."""
+    path = Path(model_path)
+    if not path.exists():
+        from raytrieve import assets
+
+        path = Path(assets.resolve_model(str(model_path)))
+    st_config = read_json(path / "config_sentence_transformers.json") if (
+        path / "config_sentence_transformers.json").exists() else {}
+    common = dict(prompts=st_config.get("prompts") or {}, default_prompt_name=st_config.get("default_prompt_name"))
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path}: not a model directory (no modules.json and no config.json); point at a "
+                                 "folder saved by raytrieve, sentence-transformers or transformers")
+        return _transformer(path, _TASK_OF_KIND.get(kind or "dense"), max_seq_length, trust_remote_code, None,
+                            **common)
+    entries = read_json(modules_file)
+    if not isinstance(entries, list) or not entries:
+        raise ModelLoadError(f"{modules_file}: expected a non-empty list of modules")
+    first = sorted(entries, key=lambda e: e.get("idx", 0))[0]
+    folder = path / first.get("path", "")
+    type_name = first.get("type", "")
+    route = None
+    if type_name.endswith(".Router") or type_name.endswith(".router.Router"):
+        folder, type_name, route = _router_input(folder, task)
+    if type_name.rsplit(".", 1)[-1] == "SparseStaticEmbedding":
+        tokenizer = _auto_tokenizer(folder, {}, False)
+        limit = max_seq_length or min(int(tokenizer.model_max_length), _HUGE)
+        return InputTokenizer(tokenizer, module=_STATIC, max_seq_length=limit, route=route, **common)
+    if type_name.rsplit(".", 1)[-1] not in ("Transformer", "MLMTransformer"):
+        raise ModelLoadError(f"{modules_file}: the input module {type_name!r} has no tokenizer raytrieve can load")
+    default = "fill-mask" if type_name.rsplit(".", 1)[-1] == "MLMTransformer" else "feature-extraction"
+    return _transformer(folder, default, max_seq_length, trust_remote_code, route, **common)
+
+
+def _router_input(directory: Path, task: str | None) -> tuple[Path, str, str]:
+    """(folder, module type, route) of the input module the Router uses for ``task``
+    (the resolution of modules/router.Router.resolve)."""
+    file = directory / "router_config.json"
+    if not file.exists():
+        raise ModelLoadError(f"{file} does not exist; the Router model is incomplete")
+    config = read_json(file)
+    try:
+        types, structure = config["types"], config["structure"]
+    except KeyError as e:
+        raise ModelLoadError(f"{file}: missing {e.args[0]!r}") from None
+    params = config.get("parameters", {})
+    mappings = params.get("route_mappings") or {}
+    if task is not None:
+        if task in mappings:
+            route = mappings[task]
+        elif task in structure:
+            route = task
+        else:
+            raise InputError(f"Router: no route for task {task!r}; routes are {list(structure)}")
+    elif params.get("default_route") is not None:
+        route = params["default_route"]
+    elif params.get("allow_empty_key", True):
+        route = next(iter(structure))
+    else:
+        raise InputError(f"Router: a task is required (routes {list(structure)}); pass task='query' or 'document'")
+    folder = structure[route][0]
+    return directory / folder, types[folder], route
+
+
+def _auto_tokenizer(folder: Path, kwargs: dict[str, Any], trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
+                                             **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+
+
+def _transformer(folder: Path, default_task: str, max_seq_length: int | None, trust_remote_code: bool,
+                 route: str | None, **common: Any) -> InputTokenizer:
+    from raytrieve.modules.transformer import find_module_config
+
+    config = dict(find_module_config(folder))
+    task = config.get("transformer_task") or default_task
+    tokenizer_kwargs = dict(config.get("processor_kwargs", config.get("tokenizer_args")) or {})
+    config_kwargs = dict(config.get("config_kwargs", config.get("config_args")) or {})
+    for d in (tokenizer_kwargs, config_kwargs):
+        d.pop("trust_remote_code", None)  # a saved config never grants code execution
+    tokenizer = _auto_tokenizer(folder, tokenizer_kwargs, trust_remote_code)
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
+                                                  **config_kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{folder}: cannot load config.json ({type(e).__name__}: {e})") from e
+    limit = max_seq_length or config.get("max_seq_length")
+    if limit is None:  # Transformer.__init__'s rule when the saved config has no length
+        limits = [tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None)]
+        limits = [x for x in limits if isinstance(x, int) and 0 < x < _HUGE]
+        limit = min(limits) if limits else 512
+    return InputTokenizer(tokenizer, module="transformer", max_seq_length=limit,
+                          do_lower_case=bool(config.get("do_lower_case", False)),
+                          accepts_token_types=_accepts_token_types(model_config, task, tokenizer),
+                          route=route, **common)
+
+
+def _accepts_token_types(model_config: Any, task: str, tokenizer: Any) -> bool:
+    """Whether the model's forward takes token_type_ids, from its class (never instantiated)."""
+    from raytrieve.modules.transformer import TASKS
+
+    try:
+        cls = TASKS[task][0]._model_mapping[type(model_config)]
+    except (KeyError, AttributeError):  # a remote-code model: ask its tokenizer
+        return "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    return "token_type_ids" in inspect.signature(cls.forward).parameters

@@ -1,0 +1,68 @@
+"""The weightless input tokenizer gives exactly the ids, padding and prompt lengths of the
+full encoder's input module, for every model kind, Router routes and max_seq_length."""
+
+from __future__ import annotations
+
+import pytest
+
+from raytrieve.encoders import load_encoder
+from raytrieve.encoders.tokenizer_only import load_input_tokenizer
+from tests.conftest import SENTENCES
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        g = got[key]
+        assert (g.tolist() if hasattr(g, "tolist") else g) == (value.tolist() if hasattr(value, "tolist") else value), key
+
+
+def _check(kind: str, path, task=None, max_seq_length=None, prompts=(None, "query: ")) -> None:
+    encoder = load_encoder(kind, path, max_seq_length=max_seq_length)
+    module = encoder.input_module(task)
+    tok = load_input_tokenizer(path, task, max_seq_length, kind=kind)
+    assert tok.max_seq_length == module.max_seq_length
+    for prompt in prompts:
+        got = tok.tokenize_ids(SENTENCES, prompt=prompt)
+        assert got == module.tokenize_ids(SENTENCES, prompt=prompt)
+        _same(tok.collate(got), module.collate(got))
+        if prompt:
+            want_length = module.prompt_length(prompt) if hasattr(module, "prompt_length") else None
+            assert tok.prompt_length(prompt) == want_length
+        _same(tok.features(SENTENCES, prompt), encoder.tokenize(SENTENCES, task=task, prompt=prompt))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_tiny_models(tiny_models, kind):
+    _check(kind, tiny_models[kind])
+    _check(kind, tiny_models[kind], max_seq_length=8)
+
+
+@pytest.mark.parametrize("task", ["query", "document", None])
+def test_router_routes(tiny_models, task):
+    tok = load_input_tokenizer(tiny_models["router"], task)
+    assert tok.route == ("query" if task == "query" else "document")  # default route: document
+    _check("sparse", tiny_models["router"], task)
+    _check("sparse", tiny_models["router"], task, max_seq_length=6)
+
+
+def test_cross_encoder_pairs(tiny_models):
+    path = tiny_models["cross"]
+    module = load_encoder("cross", path).input_module()
+    tok = load_input_tokenizer(path, kind="cross")
+    pairs = list(zip(SENTENCES, SENTENCES[::-1]))
+    assert tok.tokenize_ids(pairs) == module.tokenize_ids(pairs)
+    assert "token_type_ids" in tok.tokenize_ids(pairs)
+
+
+def test_shipped_minilm(minilm_dir):
+    _check("dense", minilm_dir)
+    _check("dense", minilm_dir, max_seq_length=16)
+    assert load_input_tokenizer(minilm_dir).tokenizer is not None
+
+
+def test_unknown_route_is_an_input_error(tiny_models):
+    from raytrieve.errors import InputError
+
+    with pytest.raises(InputError, match="no route for task 'passage'"):
+        load_input_tokenizer(tiny_models["router"], "passage")
