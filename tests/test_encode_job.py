@@ -207,3 +207,61 @@ def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
     np.testing.assert_allclose(v.dense, DenseEncoder(tiny_models["dense"]).encode_document(
         data["text"], normalize_embeddings=True), atol=1e-5)
     assert not list(out.glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_changed_or_damaged_shards_are_re_encoded_and_named(ray_cluster, tiny_models, tmp_path):
+    """Duplicates across shards lose to the first row; a rerun after the corpus changed in one
+    shard and another shard's file was damaged re-encodes exactly those two, and says so."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.encode import run_encode
+
+    data = _corpus(tmp_path / "corpus.parquet", 100, bad=False)
+    data["id"][60] = data["id"][5]  # shard 2 repeats an id of shard 0
+    pq.write_table(pa.table(data), tmp_path / "corpus.parquet")
+    cfg = _config(tmp_path, tmp_path / "corpus.parquet", dense={"model": str(tiny_models["dense"])})
+    first = run_encode(cfg)
+    assert (first.shards_written, first.bad_rows, first.duplicate_ids) == (4, 1, 1)
+    assert read_bad_rows(cfg.output_dir).to_pylist() == [
+        {"row": 60, "id": "doc-5", "reason": "duplicate id (an earlier row has it)"}]
+
+    data["text"][30] = "A changed document."
+    pq.write_table(pa.table(data), tmp_path / "corpus.parquet")
+    damaged = Path(cfg.output_dir) / "part-00003.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-20])
+    again = run_encode(cfg)
+    assert (again.shards_written, again.shards_reused, again.shards_changed) == (2, 2, [1, 3])
+    ids, texts = _expected(data)
+    v = read_vectors(cfg.output_dir)
+    assert v.ids == ids
+    np.testing.assert_allclose(v.dense, DenseEncoder(tiny_models["dense"]).encode_document(
+        texts, normalize_embeddings=True), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
+    """Line-format files by byte ranges across a glob of files, and a Ray Dataset handed over
+    from Python, give the same vectors as the in-process encoder."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.encode import run_encode
+
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(70)]
+    (tmp_path / "in").mkdir()
+    for f, (a, b) in enumerate([(0, 40), (40, 70)]):
+        (tmp_path / "in" / f"part-{f}.jsonl").write_text(
+            "".join(json.dumps({"id": i, "text": texts[i]}) + "\n" for i in range(a, b)))
+    expected = DenseEncoder(tiny_models["dense"]).encode_document(texts, normalize_embeddings=True)
+    cfg = _config(tmp_path, tmp_path / "in" / "*.jsonl", dense={"model": str(tiny_models["dense"])}, rows_per_shard=9)
+    result = run_encode(cfg)
+    v = read_vectors(cfg.output_dir)
+    assert result.shards >= 6 and v.ids == [str(i) for i in range(70)]  # integer ids are kept as text
+    np.testing.assert_allclose(v.dense, expected, atol=1e-5)
+
+    ds = ray_cluster.data.from_items([{"id": f"d{i}", "text": t} for i, t in enumerate(texts)], override_num_blocks=3)
+    cfg = _config(tmp_path, tmp_path / "unused", dense={"model": str(tiny_models["dense"])},
+                  output_dir=str(tmp_path / "from_dataset"))
+    run_encode(cfg, dataset=ds)
+    v = read_vectors(cfg.output_dir)
+    assert sorted(v.ids) == sorted(f"d{i}" for i in range(70))
+    order = [int(i[1:]) for i in v.ids]
+    np.testing.assert_allclose(v.dense, expected[order], atol=1e-5)

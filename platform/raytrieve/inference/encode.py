@@ -44,6 +44,8 @@ log = logging.getLogger("raytrieve.encode")
 
 # Shards sampled (evenly spaced) for int8 calibration: the driver reads at most these.
 CALIBRATION_SHARDS = 8
+# Where a Ray Dataset handed to run_encode is written first, inside output_dir.
+STAGED_INPUT = "_input"
 
 
 class EncodeJobError(RaytrieveError):
@@ -151,15 +153,16 @@ def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _claim_output(store: shards.OutputStore, fingerprint: str, where: str) -> None:
-    """Refuse to mix two different jobs in one folder; never touch a folder that is not ours."""
-    if store.exists(shards.JOB):
+def _claim_output(store: shards.OutputStore, fingerprint: str | None, where: str) -> None:
+    """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
+    ``fingerprint`` None: only the second check."""
+    if store.exists(shards.JOB) and fingerprint is not None:
         if store.read_json(shards.JOB).get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{where}.output_dir {store.location}: holds the output of a different encoding job (other corpus "
                 "location, model or settings); choose a new output_dir or delete that folder"
             )
-    elif store.names():
+    elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
         raise ConfigError(f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; "
                           "choose another")
 
@@ -178,6 +181,7 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     cfg.check(where)
     store = shards.OutputStore(_location(cfg.output_dir))
     if dataset is not None:
+        _claim_output(store, None, where)  # before writing the dataset into it
         _init_ray(ray_address)
         cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store), "parquet"
     source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
@@ -269,10 +273,10 @@ def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -
     if missing:
         raise DataError(f"the dataset has no column(s) {missing}; its columns are {dataset.columns()}. "
                         "Set corpus.id_column / text_column / title_column")
-    target = store.path("_input")
-    if store.exists("_input"):
+    target = store.path(STAGED_INPUT)
+    if store.exists(STAGED_INPUT):
         store.fs.delete_dir(target)
-    location = store.describe("_input")
+    location = store.describe(STAGED_INPUT)
     dataset.select_columns(needed_columns(cfg.corpus)).write_parquet(location, filename_provider=ByTask())
     return location
 
