@@ -2,6 +2,7 @@
 # A single-node Ray head on this machine, for `ray job submit` and `serve deploy` the way a
 # cluster takes them. Uses the checkout's .venv (make venv) unless RAY_BIN says otherwise.
 #   cluster/local.sh start     # head at 127.0.0.1:6379, job server / dashboard at 127.0.0.1:8265
+#   cluster/local.sh join ADDR # a worker node joining the head at ADDR (host:port), e.g. on a second machine
 #   cluster/local.sh status
 #   cluster/local.sh stop      # stops every Ray process of this user on this machine
 # Then:
@@ -41,6 +42,23 @@ case "${1:-}" in
     "$ray_bin" "${args[@]}"
     echo "Ray head up. Submit jobs with: RAY_ADDRESS=http://127.0.0.1:$dashboard_port ray job submit ..."
     ;;
+  join)
+    # A worker node: it needs the same Python environment as the head (raytrieve's dependencies),
+    # read access to the corpus and write access to the output (shared storage or an object
+    # store URI), and nothing else: the driver never sends it data.
+    address="${2:?usage: cluster/local.sh join HEAD_HOST:PORT}"
+    args=(start "--address=$address" --disable-usage-stats)
+    [ -n "${RAY_NUM_CPUS:-}" ] && args+=("--num-cpus=$RAY_NUM_CPUS")
+    [ -n "${RAY_NUM_GPUS:-}" ] && args+=("--num-gpus=$RAY_NUM_GPUS")
+    [ -n "${RAY_RESOURCES:-}" ] && args+=("--resources=$RAY_RESOURCES")
+    # shellcheck disable=SC2206
+    [ -n "${RAY_EXTRA_ARGS:-}" ] && args+=($RAY_EXTRA_ARGS)
+    export TOKENIZERS_PARALLELISM=false
+    if [ "${RAY_BLOCK:-0}" = "1" ]; then
+      exec "$ray_bin" "${args[@]}" --block
+    fi
+    exec "$ray_bin" "${args[@]}"
+    ;;
   status)
     exec "$ray_bin" status --address "127.0.0.1:$port"
     ;;
@@ -48,7 +66,7 @@ case "${1:-}" in
     exec "$ray_bin" stop
     ;;
   *)
-    echo "usage: cluster/local.sh start|status|stop" >&2
+    echo "usage: cluster/local.sh start|join HEAD_HOST:PORT|status|stop" >&2
     exit 2
     ;;
 esac

@@ -121,6 +121,69 @@ def ray_cluster():
     ray.shutdown()
 
 
+class SecondNode:
+    """A second Ray node on this host joined to the session's cluster (cluster/local.sh join):
+    its own raylet, object store and workers, a custom resource ``node2`` and one CPU."""
+
+    def __init__(self, ray, cpus: int = 1) -> None:
+        import subprocess
+        import sys
+        import time
+
+        bin_dir = Path(sys.executable).parent
+        root = Path(__file__).resolve().parents[1]
+        before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        # The session's Ray holds the default agent ports: give this node free ones.
+        extra = " ".join(f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port"))
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_BIN": str(bin_dir / "ray"), "RAY_BLOCK": "1",
+               "RAY_NUM_CPUS": str(cpus), "RAY_RESOURCES": '{"node2": 1}', "RAY_EXTRA_ARGS": extra,
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.process = subprocess.Popen(
+            ["bash", str(root / "cluster" / "local.sh"), "join", ray.get_runtime_context().gcs_address],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            new = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]
+            if new:
+                self.node_id = new[0]["NodeID"]
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError("the second Ray node did not join the session's cluster")
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (raylet, object store, workers): a lost machine."""
+        import signal
+
+        import time
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:  # every process of the node is gone, workers included
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("processes of the second Ray node survived SIGKILL of its process group")
+
+
+@pytest.fixture
+def second_node(ray_cluster):
+    """A real second node for data-plane and kill tests; killed at the end (never `ray stop`)."""
+    node = SecondNode(ray_cluster)
+    yield node
+    node.kill()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     """Tiny sentence-transformers folders of each kind, for training runs: dense (mean pooling),

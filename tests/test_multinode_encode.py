@@ -1,0 +1,83 @@
+"""The encoding job on two real Ray nodes on this host: encode actors on both write shards
+straight to the output, and losing the second node mid-job (its raylet, object store and
+workers SIGKILLed) followed by a rerun gives every id exactly once with the right vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raytrieve.inference.shards import read_vectors
+from tests.conftest import SENTENCES
+from tests.train_helpers import ROOT
+
+
+def _sidecars(out: Path) -> list[dict]:
+    found = []
+    for p in out.glob("part-*.json"):
+        try:
+            found.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:  # being renamed into place right now
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster, second_node, tiny_models, tmp_path):
+    from raytrieve.encoders import DenseEncoder
+
+    n = 400
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(n)]
+    pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)], "text": texts}), tmp_path / "corpus.parquet")
+    out = tmp_path / "vectors"
+    # Two encode actors of one CPU each: the head (2 CPUs, half of one taken by the reader)
+    # holds one, so the other must run on the second node.
+    config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
+              "dense": {"model": str(tiny_models["dense"])},
+              "compute": {"encode_actors": 2, "cpus_per_encode_actor": 1.0, "torch_threads": 1, "token_budget": 256}}
+    config_path = tmp_path / "encode.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT / "platform")}
+    command = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(config_path)]
+    head = ray_cluster.get_runtime_context().get_node_id()
+
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        nodes = [s["node"] for s in _sidecars(out)]
+        if nodes.count(second_node.node_id) >= 2 and nodes.count(head) >= 1:
+            break
+        time.sleep(0.1)
+    written = {s["node"] for s in _sidecars(out)}
+    assert {head, second_node.node_id} <= written, "both nodes write shards"
+    assert len(_sidecars(out)) < n // 10, "the node is lost mid-job"
+    second_node.kill()
+    try:  # the job may finish on the head alone, or wait for a node that never returns
+        driver.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["shards_written"] + summary["shards_reused"] == n // 10
+    v = read_vectors(out)
+    assert v.ids == [f"doc-{i}" for i in range(n)]
+    np.testing.assert_allclose(v.dense, DenseEncoder(tiny_models["dense"]).encode_document(
+        texts, normalize_embeddings=True), atol=1e-5)
+    assert not list(out.glob(".*.tmp-*"))
