@@ -147,7 +147,8 @@ def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
     from raytrieve import assets
 
     models = {k: {**v, "weights": assets._fingerprint(Path(v["model_path"]))} for k, v in described.items()}
-    body = {"corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
+    body = {"shard_format": shards.SHARD_FORMAT,
+            "corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
             "side": cfg.side, "rows_per_shard": cfg.rows_per_shard, "bad_rows": cfg.bad_rows,
             "check_duplicate_ids": cfg.check_duplicate_ids, "models": models}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]

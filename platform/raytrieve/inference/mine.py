@@ -5,12 +5,17 @@ that are not a positive of that query, filtered and sampled as the config says.
 
 1. The corpus (given, or the distinct positives) is encoded by the encoding job (Ray Data,
    resumable) unless ``corpus_vectors`` points at one already made with the same model.
-2. Queries and positives are encoded on the driver; an exact index retrieves the best
-   ``range_max`` candidates per query, every positive of that query left out (by text).
-3. Optionally a cross-encoder rescores candidates and positives (a Ray Data job); the
-   candidates are then ordered by its score and every filter uses its scores.
+2. Queries and positives are encoded on the driver; an exact index over the vectors retrieves
+   the best ``range_max`` candidates per query, every positive of that query left out by its
+   text hash (stored with the vectors). The corpus texts never come to the driver.
+3. Optionally a cross-encoder rescores candidates and positives: a Ray Data job scores each
+   corpus shard's candidates where the shard is read (inference/lookup.py); the candidates
+   are then ordered by its score and every filter uses its scores.
 4. Per pair: skip the first ``range_min`` candidates, keep those within the margins and
-   score bounds, take ``num_negatives`` (best first, or at random with a seed).
+   score bounds, take ``num_negatives`` (best first, or at random with a seed). The texts of
+   the negatives kept are looked up on the workers, shard by shard.
+
+The pairs file and the output are read and written by the driver: they are output-sized.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from raytrieve import _io
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.inference.config import (CorpusConfig, DenseOutputConfig, EncodeConfig, MineConfig, SelectionConfig,
                                         SparseOutputConfig)
+from raytrieve.inference.corpus import text_hashes
+from raytrieve.inference.lookup import EncodedCorpus, fetch_texts, score_rows
 
 log = logging.getLogger("raytrieve.mine")
 
@@ -100,23 +107,6 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
     return vectors
 
 
-def _corpus_texts(cfg: MineConfig, vectors: Any) -> list[str]:
-    """Texts of the corpus rows, in the vectors' order (ids map rows to texts)."""
-    from raytrieve.inference.corpus import read_corpus
-
-    if cfg.corpus is None and not cfg.corpus_vectors:
-        corpus = read_corpus(CorpusConfig(path=str(Path(f"{cfg.output_path}.work") / "positives.parquet")), "skip")
-    elif cfg.corpus is None:
-        raise ConfigError("corpus_vectors needs corpus: too (the texts of the vectors' ids)")
-    else:
-        corpus = read_corpus(cfg.corpus, "skip")
-    by_id = dict(zip(corpus.ids, corpus.texts))
-    missing = [i for i in vectors.ids if i not in by_id]
-    if missing:
-        raise DataError(f"corpus_vectors: {len(missing)} id(s) are not in the corpus file, e.g. {missing[0]!r}")
-    return [by_id[i] for i in vectors.ids]
-
-
 def select_negatives(candidates: list[int], scores: np.ndarray, positive_score: float, s: SelectionConfig,
                      rng: np.random.Generator) -> list[int]:
     """Candidates (already best-first, positives removed, at most range_max) -> chosen ones."""
@@ -152,14 +142,23 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if not ray.is_initialized():
         ray.init(address=ray_address)
     vectors = _corpus_vectors(cfg, positives, ray_address, where)
-    texts = _corpus_texts(cfg, vectors)
+    vectors_dir = cfg.corpus_vectors or str(Path(f"{cfg.output_path}.work") / "vectors")
+    encoded = EncodedCorpus.of(vectors_dir)
+    if cfg.corpus is not None and cfg.corpus_vectors and \
+            Path(cfg.corpus.path).expanduser().resolve() != Path(encoded.corpus.path).resolve():
+        raise ConfigError(f"{where}.corpus.path {cfg.corpus.path}: corpus_vectors {vectors_dir} encodes "
+                          f"{encoded.corpus.path}; point both at the same corpus (or leave corpus: out)")
+    if vectors.text_hashes is None:
+        raise DataError(f"{vectors_dir}: made by an older raytrieve (no text hashes); encode the corpus again")
+    hashes = vectors.text_hashes
     s, kind = cfg.selection, cfg.retriever.kind
 
     unique_queries = list(dict.fromkeys(queries))
-    positives_of: dict[str, set[str]] = {}
-    for q, p in zip(queries, positives):
-        positives_of.setdefault(q, set()).add(p)
-    depth = min(len(texts), s.range_max + max(len(v) for v in positives_of.values()))
+    # Positives are left out of a query's candidates by text hash: the driver never holds the corpus.
+    positives_of: dict[str, set[int]] = {}
+    for q, h in zip(queries, text_hashes(positives).tolist()):
+        positives_of.setdefault(q, set()).add(h)
+    depth = min(len(vectors.ids), s.range_max + max(len(v) for v in positives_of.values()))
     bs = cfg.retriever.batch_size
     q_row = {q: i for i, q in enumerate(unique_queries)}
     if kind == "dense":
@@ -181,7 +180,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     candidates: dict[str, tuple[list[int], np.ndarray]] = {}
     for q, i in q_row.items():
         rows, scores = hits.rows[i], hits.scores[i]
-        keep = [(int(r), float(sc)) for r, sc in zip(rows, scores) if r >= 0 and texts[r] not in positives_of[q]]
+        keep = [(int(r), float(sc)) for r, sc in zip(rows, scores)
+                if r >= 0 and int(hashes[r]) not in positives_of[q]]
         keep = keep[: s.range_max]
         candidates[q] = ([r for r, _ in keep], np.array([sc for _, sc in keep], dtype=np.float32))
 
@@ -189,10 +189,15 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         from raytrieve import assets
         from raytrieve.inference.score import score_pairs
 
-        pairs = [(q, texts[r]) for q in unique_queries for r in candidates[q][0]]
-        scored = score_pairs(pairs + list(zip(queries, positives)), str(assets.resolve_model(cfg.reranker.model)),
-                             max_seq_length=cfg.reranker.max_seq_length, batch_size=cfg.reranker.batch_size,
-                             actors=cfg.reranker.actors, cpus_per_actor=cfg.reranker.cpus_per_actor)
+        rr = cfg.reranker
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        reranker = {"model": str(assets.resolve_model(rr.model)), "max_seq_length": rr.max_seq_length,
+                    "batch_size": rr.batch_size, "device": "cuda" if use_gpu else "cpu",
+                    "threads": max(1, int(rr.cpus_per_actor))}
+        cand_rows = np.array([r for q in unique_queries for r in candidates[q][0]], dtype=np.int64)
+        cand_query = np.array([i for i, q in enumerate(unique_queries) for _ in candidates[q][0]], dtype=np.int64)
+        scored = score_rows(encoded, vectors.ids, cand_rows, cand_query, unique_queries, reranker, rr.actors,
+                            rr.cpus_per_actor)
         at = 0
         for q in unique_queries:
             rows = candidates[q][0]
@@ -200,7 +205,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             at += len(rows)
             order = np.argsort(-ce, kind="stable")
             candidates[q] = ([rows[j] for j in order], ce[order])
-        pos_scores = scored[at:]
+        pos_scores = score_pairs(list(zip(queries, positives)), reranker["model"], max_seq_length=rr.max_seq_length,
+                                 batch_size=rr.batch_size, actors=rr.actors, cpus_per_actor=rr.cpus_per_actor)
 
     rng = np.random.default_rng(s.seed)
     chosen = []
@@ -209,6 +215,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         picked = select_negatives(rows, scores, float(pos_score), s, rng)
         score_of = dict(zip(rows, scores.tolist()))
         chosen.append((picked, [score_of[r] for r in picked]))
+    # Only the texts of the negatives kept, looked up on the workers shard by shard.
+    texts = fetch_texts(encoded, vectors.ids, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64))
     table, dropped = _format(cfg.output_format, queries, positives, pos_scores, chosen, texts, s.num_negatives)
 
     out = Path(cfg.output_path)
@@ -217,7 +225,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         pq.write_table(table, tmp)
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
     result = MineResult(str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped,
-                        len(texts))
+                        len(vectors.ids))
     if short:
         log.warning("%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
                     short, len(queries), s.num_negatives)
@@ -231,7 +239,7 @@ def _sparse_dot(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def _format(fmt: str, queries: list[str], positives: list[str], pos_scores: np.ndarray,
-            chosen: list[tuple[list[int], list[float]]], texts: list[str], n: int) -> tuple[Any, int]:
+            chosen: list[tuple[list[int], list[float]]], texts: dict[int, str], n: int) -> tuple[Any, int]:
     """The output table and how many pairs a fixed-width format had to leave out."""
     import pyarrow as pa
 

@@ -36,6 +36,7 @@ from raytrieve.errors import DataError
 MANIFEST = "manifest.json"
 JOB = "job.json"
 FORMAT = "raytrieve-vectors"
+SHARD_FORMAT = 2  # 2: text_hash column; part of every job's fingerprint, so old folders are not mixed in
 TMP_MARK = ".tmp-"
 
 # numpy dtype of the dense column per precision ("binary": packed sign bits, as uint8).
@@ -136,9 +137,12 @@ class OutputStore:
 
 
 def shard_table(ids: list[str], dense: np.ndarray | None,
-                sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> pa.Table:
-    """``sparse`` is (offsets [n+1], indices, values): row i owns offsets[i]:offsets[i+1]."""
+                sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None, hashes: np.ndarray | None = None) -> pa.Table:
+    """``sparse`` is (offsets [n+1], indices, values): row i owns offsets[i]:offsets[i+1].
+    ``hashes``: each row's text hash (corpus.text_hashes)."""
     columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    if hashes is not None:
+        columns["text_hash"] = pa.array(hashes, pa.int64())
     if dense is not None:
         flat = pa.array(np.ascontiguousarray(dense).reshape(-1))
         columns["dense"] = pa.FixedSizeListArray.from_arrays(flat, dense.shape[1])
@@ -228,16 +232,19 @@ class Vectors:
     ids: list[str]
     dense: np.ndarray | None
     sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (offsets, indices, values), CSR rows
+    text_hashes: np.ndarray | None = None  # int64 per row (corpus.text_hashes)
 
 
 def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
     """Load a finished job's shards into memory (index building, tests)."""
     manifest = read_manifest(out)
     ids: list[str] = []
-    dense_parts, offsets_parts, index_parts, value_parts = [], [], [], []
+    dense_parts, offsets_parts, index_parts, value_parts, hash_parts = [], [], [], [], []
     base = 0
     for table in iter_shards(out, verify):
         ids.extend(table.column("id").to_pylist())
+        if "text_hash" in table.column_names:
+            hash_parts.append(table.column("text_hash").to_numpy())
         if "dense" in table.column_names:
             col = table.column("dense").combine_chunks()
             dense_parts.append(col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size))
@@ -256,4 +263,5 @@ def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
                   np.concatenate(value_parts).astype(np.float32))
     if len(ids) != manifest["rows"]:
         raise DataError(f"{out}: the shards hold {len(ids)} rows, the manifest says {manifest['rows']}")
-    return Vectors(manifest, ids, dense, sparse)
+    hashes = np.concatenate(hash_parts) if len(hash_parts) == len(manifest["shards"]) and hash_parts else None
+    return Vectors(manifest, ids, dense, sparse, hashes)

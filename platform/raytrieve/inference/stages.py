@@ -26,7 +26,8 @@ import pyarrow as pa
 from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
-from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, valid_ids
+from raytrieve.inference.corpus import (EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes,
+                                        valid_ids)
 
 BAD_ROW = pa.struct([("row", pa.int64()), ("id", pa.string()), ("reason", pa.string())])
 
@@ -113,6 +114,7 @@ class ReadAndTokenize:
                 same = sidecar.get("fingerprint") == self.fingerprint and sidecar.get("checksum") == checksum
                 state = "same" if same else "changed"
             row: dict[str, Any] = {"shard": spec.shard, "previous": state, "checksum": checksum, "ids": data.ids,
+                                   "text_hashes": text_hashes(data.texts).tolist() if not state == "same" else [],
                                    "input_rows": data.input_rows, "bad_rows": _bad_rows(data.bad, offset)}
             reuse = state == "same"
             for m, (s, tok) in enumerate(zip(self.specs, self.tokenizers)):
@@ -126,7 +128,8 @@ class ReadAndTokenize:
 def _table(rows: list[dict[str, Any]], models: int) -> pa.Table:
     ids = pa.list_(pa.int32())
     schema = pa.schema([("shard", pa.int64()), ("previous", pa.string()), ("checksum", pa.string()),
-                        ("ids", pa.list_(pa.string())), ("input_rows", pa.int64()), ("bad_rows", pa.list_(BAD_ROW))]
+                        ("ids", pa.list_(pa.string())),
+                        ("text_hashes", pa.list_(pa.int64())), ("input_rows", pa.int64()), ("bad_rows", pa.list_(BAD_ROW))]
                        + [(f"m{m}_{k}", pa.list_(ids)) for m in range(models) for k in ("input_ids", "token_type_ids")])
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -181,7 +184,7 @@ class EncodeAndWrite:
                                                   normalize_embeddings=spec.normalize, **common), spec)
             else:
                 sparse = sparse_csr(model.encode(Pretokenized(encoded), max_active_dims=spec.max_active_dims, **common))
-        table = shards.shard_table(ids, dense, sparse)
+        table = shards.shard_table(ids, dense, sparse, row["text_hashes"][0].values.to_numpy())
         return shards.write_shard(self.store, shard, table, {
             "fingerprint": self.fingerprint, "checksum": row["checksum"][0].as_py(),
             "input_rows": int(row["input_rows"][0].as_py()), "node": self.node,

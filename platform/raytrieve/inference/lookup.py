@@ -1,0 +1,158 @@
+"""Corpus texts where they live: look up or cross-encoder-score given rows of an encoded corpus
+on the workers, one Ray Data row per corpus shard, so the driver never reads the corpus.
+
+Mining finds candidates by vectors and text hashes alone; it asks this stage for the
+reranker's scores of (query, candidate) and, at the end, for the texts of the negatives it
+keeps: output-sized data, never the corpus.
+
+A shard is the encoding job's own shard (same plan, from its job.json), read again from the
+corpus; a row is found by its id, and an id the shard no longer has means the corpus
+changed since it was encoded (the error says to rerun the encoding job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raytrieve.data.sources import ShardSpec, open_source, plan_shards, read_shard
+from raytrieve.errors import DataError
+from raytrieve.inference import shards
+from raytrieve.inference.config import CorpusConfig
+from raytrieve.inference.corpus import needed_columns, shard_rows
+
+
+@dataclass
+class EncodedCorpus:
+    """Where each row of an encoding job's output comes from: its shard and the corpus."""
+
+    corpus: CorpusConfig
+    specs: list[ShardSpec]
+    starts: np.ndarray  # first vector row of each shard
+
+    @classmethod
+    def of(cls, vectors_dir: str) -> "EncodedCorpus":
+        from raytrieve.config import from_dict
+
+        store = shards.OutputStore(str(vectors_dir))
+        job = store.read_json(shards.JOB)["config"]
+        manifest = shards.read_manifest(vectors_dir)
+        corpus = from_dict(CorpusConfig, {**job["corpus"], "path": manifest["corpus"]["path"],
+                                          "format": manifest["corpus"].get("format")})
+        specs = plan_shards(open_source(corpus.path, corpus.format, field="corpus.path"), job["rows_per_shard"])
+        if len(specs) != len(manifest["shards"]):
+            raise DataError(f"{corpus.path}: now cuts into {len(specs)} shards, the encoding in {vectors_dir} has "
+                            f"{len(manifest['shards'])}; the corpus changed: run the encoding job again")
+        starts = np.concatenate(([0], np.cumsum([s["rows"] for s in manifest["shards"]])))[:-1]
+        return cls(corpus, specs, starts)
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+
+class ShardLookup:
+    """Ray Data callable: per corpus shard, the texts of the requested ids, or the reranker's
+    scores of (query, text) for each request."""
+
+    def __init__(self, corpus: CorpusConfig, queries: Any = None, reranker: dict[str, Any] | None = None) -> None:
+        self.corpus = corpus
+        self.queries: list[str] = []
+        self.model = None
+        if reranker is not None:
+            import ray
+            import torch
+
+            from raytrieve.encoders import load_encoder
+
+            torch.set_num_threads(reranker["threads"])
+            self.model = load_encoder("cross", reranker["model"], device=reranker["device"],
+                                      max_seq_length=reranker["max_seq_length"])
+            self.batch_size = reranker["batch_size"]
+            self.queries = ray.get(queries)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list[Any]] = {"shard": [], "texts": [], "scores": []}
+        for row in batch.to_pylist():
+            spec = ShardSpec.from_row(row)
+            rows = shard_rows(read_shard(spec, needed_columns(self.corpus)), self.corpus, spec.path)
+            text_of: dict[str, str] = {}
+            for id_, text in zip(rows.ids, rows.texts):
+                text_of.setdefault(id_, text)
+            missing = [i for i in row["ids"] if i not in text_of]
+            if missing:
+                raise DataError(f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; the "
+                                "corpus changed since it was encoded: run the encoding job again")
+            texts = [text_of[i] for i in row["ids"]]
+            out["shard"].append(spec.shard)
+            if self.model is not None:
+                pairs = [(self.queries[q], t) for q, t in zip(row["query"], texts)]
+                scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
+                out["scores"].append(np.asarray(scores, dtype=np.float32).tolist())
+                out["texts"].append([])
+            else:
+                out["texts"].append(texts)
+                out["scores"].append([])
+        return pa.table({"shard": pa.array(out["shard"], pa.int64()), "texts": pa.array(out["texts"], pa.list_(pa.string())),
+                         "scores": pa.array(out["scores"], pa.list_(pa.float32()))})
+
+
+def _run(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, query: np.ndarray | None,
+         queries: list[str] | None, reranker: dict[str, Any] | None, actors: int, cpus: float) -> dict[int, list[Any]]:
+    """Requests grouped by shard through the stage; the result lists in request order per shard."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from raytrieve.inference.checks import raise_worker_error
+
+    shard = encoded.shard_of(rows)
+    requests = []
+    for s in np.unique(shard):
+        mine = np.flatnonzero(shard == s)
+        requests.append({**encoded.specs[int(s)].as_row(), "ids": [ids[int(rows[i])] for i in mine],
+                         "query": query[mine].tolist() if query is not None else []})
+    kwargs: dict[str, Any] = {"corpus": encoded.corpus}
+    if reranker is not None:
+        kwargs.update(queries=ray.put(queries), reranker=reranker)
+    ds = ray.data.from_items(requests, override_num_blocks=max(1, len(requests))).map_batches(
+        ShardLookup, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=actors), num_cpus=cpus,
+        num_gpus=1 if reranker is not None and reranker["device"] == "cuda" else 0, batch_size=1,
+        batch_format="pyarrow")
+    try:
+        return {int(r["shard"]): (r["scores"] if reranker is not None else r["texts"]) for r in ds.iter_rows()}
+    except Exception as e:
+        raise_worker_error(e)
+        raise
+
+
+def _in_request_order(encoded: EncodedCorpus, rows: np.ndarray, per_shard: dict[int, list[Any]]) -> list[Any]:
+    shard = encoded.shard_of(rows)
+    taken = {s: 0 for s in per_shard}
+    out = []
+    for s in shard.tolist():
+        out.append(per_shard[s][taken[s]])
+        taken[s] += 1
+    return out
+
+
+def fetch_texts(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, actors: int = 1,
+                cpus: float = 0.5) -> dict[int, str]:
+    """The corpus text of each vector row in ``rows`` (``ids``: every row's id)."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if not len(rows):
+        return {}
+    texts = _in_request_order(encoded, rows, _run(encoded, ids, rows, None, None, None, actors, cpus))
+    return dict(zip(rows.tolist(), texts))
+
+
+def score_rows(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, query: np.ndarray, queries: list[str],
+               reranker: dict[str, Any], actors: int = 1, cpus: float = 1.0) -> np.ndarray:
+    """The cross-encoder's score of (queries[query[i]], text of rows[i]) for each i."""
+    if not len(rows):
+        return np.zeros(0, np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.asarray(_in_request_order(encoded, rows, _run(encoded, ids, rows, np.asarray(query), queries, reranker,
+                                                            actors, cpus)), dtype=np.float32)
