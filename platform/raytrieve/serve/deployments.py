@@ -106,7 +106,7 @@ class Retriever:
 
         self.indices = load_indices(index_path)
         corpus = dict(self.indices.source["corpus"])
-        cfg = CorpusConfig(path=corpus["path"], id_column=corpus.get("id_column", "id"),
+        cfg = CorpusConfig(path=corpus["path"], format=corpus.get("format"), id_column=corpus.get("id_column", "id"),
                            text_column=corpus.get("text_column", "text"), title_column=corpus.get("title_column"),
                            title_separator=corpus.get("title_separator", " "))
         data = read_corpus(cfg, "skip")
