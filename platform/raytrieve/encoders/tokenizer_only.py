@@ -74,32 +74,10 @@ class InputTokenizer:
             enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=False,
                                  return_attention_mask=False, return_token_type_ids=False)
             return {"input_ids": enc["input_ids"]}
-        first, second = self._prepare(texts, prompt)
-        if not first:
-            return {"input_ids": []}
-        enc = self.tokenizer(first, second, truncation="longest_first", max_length=self.max_seq_length,
-                             padding=False, return_attention_mask=False,
-                             return_token_type_ids=self.accepts_token_types)
-        out = {"input_ids": enc["input_ids"]}
-        if self.accepts_token_types and "token_type_ids" in enc:
-            out["token_type_ids"] = enc["token_type_ids"]
-        return out
+        from raytrieve.modules.transformer import tokenize_text_ids
 
-    def _prepare(self, texts: Sequence[Any], prompt: str | None) -> tuple[list[str], list[str] | None]:
-        if not len(texts):
-            return [], None
-        if isinstance(texts[0], str):
-            first, second = list(texts), None
-        else:
-            if any(len(t) != 2 for t in texts):
-                raise InputError("text pairs must be (first, second) tuples of two strings")
-            first, second = [t[0] for t in texts], [t[1] for t in texts]
-        if prompt:
-            first = [prompt + t for t in first]
-        if self.do_lower_case:
-            first = [t.lower() for t in first]
-            second = [t.lower() for t in second] if second is not None else None
-        return first, second
+        return tokenize_text_ids(self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case,
+                                 self.accepts_token_types)
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> dict[str, Any]:
         """Padded tensors (input_ids, attention_mask, token_type_ids when present)."""

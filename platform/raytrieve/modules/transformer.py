@@ -182,42 +182,10 @@ class Transformer(Module):
         write_json(directory / self.config_file, self.config_dict())
 
     # -- tokenization -------------------------------------------------------------------
-    def _prepare(self, texts: Sequence[TextInput], prompt: str | None) -> tuple[list[str], list[str] | None]:
-        if not texts:
-            return [], None
-        if isinstance(texts[0], str):
-            first, second = list(texts), None
-        else:
-            if any(len(t) != 2 for t in texts):
-                from raytrieve.errors import InputError
-
-                raise InputError("text pairs must be (first, second) tuples of two strings")
-            first, second = [t[0] for t in texts], [t[1] for t in texts]
-        if prompt:
-            first = [prompt + t for t in first]
-        if self.do_lower_case:
-            first = [t.lower() for t in first]
-            second = [t.lower() for t in second] if second is not None else None
-        return first, second
-
     def tokenize_ids(self, texts: Sequence[TextInput], prompt: str | None = None) -> dict[str, list[list[int]]]:
         """Token ids per text, truncated to max_seq_length, not padded."""
-        first, second = self._prepare(texts, prompt)
-        if not first:
-            return {"input_ids": []}
-        enc = self.tokenizer(
-            first,
-            second,
-            truncation="longest_first",
-            max_length=self.max_seq_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=self._accepts_token_types,
-        )
-        out = {"input_ids": enc["input_ids"]}
-        if self._accepts_token_types and "token_type_ids" in enc:
-            out["token_type_ids"] = enc["token_type_ids"]
-        return out
+        return tokenize_text_ids(self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case,
+                                 self._accepts_token_types)
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> Features:
         """Pad a batch of id lists into tensors (padding side and id from the tokenizer)."""
@@ -281,6 +249,33 @@ def quiet_progress() -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+def tokenize_text_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[TextInput], prompt: str | None,
+                      max_seq_length: int, do_lower_case: bool, accepts_token_types: bool) -> dict[str, list[list[int]]]:
+    """A Transformer module's tokenization (texts or text pairs, prompt in front of the first
+    text, truncated, not padded); also used without the weights (encoders/tokenizer_only.py)."""
+    if not len(texts):
+        return {"input_ids": []}
+    if isinstance(texts[0], str):
+        first, second = list(texts), None
+    else:
+        if any(len(t) != 2 for t in texts):
+            from raytrieve.errors import InputError
+
+            raise InputError("text pairs must be (first, second) tuples of two strings")
+        first, second = [t[0] for t in texts], [t[1] for t in texts]
+    if prompt:
+        first = [prompt + t for t in first]
+    if do_lower_case:
+        first = [t.lower() for t in first]
+        second = [t.lower() for t in second] if second is not None else None
+    enc = tokenizer(first, second, truncation="longest_first", max_length=max_seq_length, padding=False,
+                    return_attention_mask=False, return_token_type_ids=accepts_token_types)
+    out = {"input_ids": enc["input_ids"]}
+    if accepts_token_types and "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
 
 
 def pad_ids(encoded: dict[str, list[list[int]]], pad_id: int, left: bool = False) -> Features:
