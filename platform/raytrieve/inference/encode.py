@@ -9,10 +9,11 @@ The driver plans and commits; the data never flows through it:
 1. Plan: list the input files and cut them into shards from metadata (data/sources.py). The
    driver loads each model once to check the config against it (prompt names, dimensions)
    and, for int8, calibrates ranges on a bounded sample.
-2. Scan (Ray Data tasks): each shard's row count and null/blank rows. ``bad_rows: fail``
-   stops here, naming the first bad rows, before anything is encoded.
-3. Duplicate ids (Ray Data): the (id, position) of every valid row, grouped by id across
+2. Duplicate ids (Ray Data): the (id, position) of every valid row, grouped by id across
    the cluster; only the ids seen more than once reach the driver. The first row keeps it.
+3. With ``bad_rows: fail``, a scan of every shard (Ray Data tasks) for null and blank rows;
+   the job stops here, naming the first bad rows, before anything is written. With
+   ``skip`` the encode stage finds them as it reads.
 4. Encode (Ray Data actors): every shard is read where it is processed. A shard whose
    finished output has the same content checksum is reused; the others are tokenized,
    encoded and written by the worker that encoded them (inference/stages.py).
@@ -198,28 +199,29 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     from raytrieve.inference import checks
 
     check_start = time.perf_counter()
-    scanned = checks.scan(cfg, specs)
     duplicates = checks.duplicate_ids(cfg, specs) if cfg.check_duplicate_ids else {}
+    if cfg.bad_rows == "fail":  # stop before anything is written, naming the first bad rows
+        scanned = checks.scan(cfg, specs)
+        bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
+        if bad_total:
+            raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
     check_seconds = time.perf_counter() - check_start
-    bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
-    if bad_total and cfg.bad_rows == "fail":
-        raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
-    if scanned.input_rows == bad_total:
-        raise DataError(f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
-                        f"{cfg.corpus.id_column})")
 
     # Checked: only now does the job write anything.
     if not store.exists(shards.JOB):
         store.write_json(shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
     store.remove_temporaries()
     encode_start = time.perf_counter()
-    done = _run_pipeline(cfg, outputs, specs, scanned.offsets, duplicates, store, fingerprint)
+    done = _run_pipeline(cfg, outputs, specs, duplicates, store, fingerprint)
     seconds = time.perf_counter() - encode_start
     written = [s for s in done if done[s]["previous"] != "same"]
     changed = sorted(s for s in written if done[s]["previous"] in ("changed", "corrupt"))
     if changed:
         log.info("re-encoded %d shard(s) whose content changed or whose file was damaged: %s", len(changed), changed)
     rows = sum(d["rows"] for d in done.values())
+    if not rows:
+        raise DataError(f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
+                        f"{cfg.corpus.id_column}); the shards list them (read_bad_rows)")
 
     for name in store.names():  # shards of an earlier, longer plan of this job (the corpus shrank)
         index = shards.shard_index(name)
@@ -228,13 +230,14 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     manifest = {
         "format": shards.FORMAT, "version": 2, "fingerprint": fingerprint,
         "corpus": {"path": source.location, "format": source.format, "files": len(source.files),
-                   "input_rows": scanned.input_rows, "bad_rows": sum(d["bad"] for d in done.values()),
+                   "input_rows": sum(d["input_rows"] for d in done.values()),
+                   "bad_rows": sum(d["bad"] for d in done.values()),
                    "duplicate_ids": len(duplicates),
                    "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
                    "title_column": cfg.corpus.title_column, "title_separator": cfg.corpus.title_separator},
         "rows": rows, "side": cfg.side, **described,
-        "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "sha256": done[s]["sha256"],
-                    "checksum": done[s]["checksum"]} for s in range(len(specs))],
+        "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "input_rows": done[s]["input_rows"],
+                    "sha256": done[s]["sha256"], "checksum": done[s]["checksum"]} for s in range(len(specs))],
     }
     previous = store.read_json(shards.MANIFEST) if store.exists(shards.MANIFEST) else None
     unchanged = previous is not None and {k: v for k, v in previous.items() if k != "created"} == manifest
@@ -282,7 +285,7 @@ def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -
     return location
 
 
-def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[ShardSpec], offsets: list[int],
+def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[ShardSpec],
                   duplicates: dict[str, Any], store: shards.OutputStore, fingerprint: str) -> dict[int, dict[str, Any]]:
     """Every shard through read+tokenize and encode+write; returns each shard's sidecar facts."""
     import ray
@@ -298,7 +301,7 @@ def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[Shar
         raise ConfigError("compute.device is cuda but the Ray cluster has no GPU; use auto or cpu")
     threads = c.torch_threads or max(1, int(c.cpus_per_encode_actor))
     firsts = ray.put({i: d.first for i, d in duplicates.items()}) if duplicates else None
-    rows = [{**s.as_row(), "row_offset": offsets[s.shard]} for s in specs]
+    rows = [s.as_row() for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(ReadAndTokenize, fn_constructor_kwargs={"specs": outputs, "corpus": cfg.corpus, "store": store,
                                                                 "fingerprint": fingerprint, "duplicates": firsts},

@@ -218,8 +218,11 @@ def read_bad_rows(out: str | os.PathLike) -> pa.Table:
     """Every input row the job left out (row in the input, id, reason), from the shard sidecars."""
     store = OutputStore(str(out))
     rows: list[list[Any]] = []
+    first = 0  # the shard's first row in the whole input
     for shard in read_manifest(out)["shards"]:
-        rows += store.read_json(shard["file"].replace(".parquet", ".json")).get("bad_rows", [])
+        sidecar = store.read_json(shard["file"].replace(".parquet", ".json"))
+        rows += [[first + r, i, why] for r, i, why in sidecar.get("bad_rows", [])]
+        first += int(sidecar["input_rows"])
     return pa.table({"row": pa.array([r[0] for r in rows], pa.int64()), "id": pa.array([r[1] for r in rows], pa.string()),
                      "reason": pa.array([r[2] for r in rows], pa.string())})
 

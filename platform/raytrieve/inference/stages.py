@@ -2,7 +2,7 @@
 data in Arrow columns (lists of ids, texts, token ids), never JSON or pickled blobs.
 
 - ``scan_shards`` (tasks): a shard's input row count and null/blank rows, so a ``bad_rows:
-  fail`` job stops before encoding, and bad rows get their row number in the whole input;
+  fail`` job stops before encoding, naming bad rows by their row in the whole input;
 - ``shard_ids`` (tasks): (id, position) of the valid rows, the input of the distributed
   duplicate-id check;
 - ``ReadAndTokenize`` (actors that load only tokenizers): read the shard from storage, apply
@@ -51,31 +51,30 @@ class OutputSpec:
     max_active_dims: int | None = None
 
 
-def _specs(batch: pa.Table) -> list[tuple[ShardSpec, int]]:
-    """(shard, its first row's number in the whole input) of each row of a batch."""
-    rows = batch.to_pylist()
-    return [(ShardSpec.from_row(r), int(r.get("row_offset") or 0)) for r in rows]
+def _specs(batch: pa.Table) -> list[ShardSpec]:
+    return [ShardSpec.from_row(r) for r in batch.to_pylist()]
 
 
-def _bad_rows(bad: list[tuple[int, str | None, str]], offset: int) -> list[dict[str, Any]]:
-    return [{"row": offset + r, "id": i, "reason": why} for r, i, why in bad]
+def _bad_rows(bad: list[tuple[int, str | None, str]]) -> list[dict[str, Any]]:
+    """Bad rows by their row in the shard (the manifest's input_rows turn it into a row of the input)."""
+    return [{"row": r, "id": i, "reason": why} for r, i, why in bad]
 
 
 def scan_shards(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
     out: dict[str, list[Any]] = {"shard": [], "input_rows": [], "bad": [], "examples": []}
-    for spec, _ in _specs(batch):
+    for spec in _specs(batch):
         rows = shard_rows(read_shard(spec, needed_columns(corpus)), corpus, spec.path, None, spec.shard)
         out["shard"].append(spec.shard)
         out["input_rows"].append(rows.input_rows)
         out["bad"].append(len(rows.bad))
-        out["examples"].append(_bad_rows(rows.bad[:EXAMPLES], 0))
+        out["examples"].append(_bad_rows(rows.bad[:EXAMPLES]))
     return pa.table({"shard": pa.array(out["shard"], pa.int64()), "input_rows": pa.array(out["input_rows"], pa.int64()),
                      "bad": pa.array(out["bad"], pa.int64()), "examples": pa.array(out["examples"], pa.list_(BAD_ROW))})
 
 
 def shard_ids(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
     parts = [valid_ids(read_shard(spec, [corpus.id_column, corpus.text_column]), corpus, spec.path, spec.shard)
-             for spec, _ in _specs(batch)]
+             for spec in _specs(batch)]
     return pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string()), "pos": pa.array([], pa.int64())})
 
 
@@ -105,7 +104,7 @@ class ReadAndTokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for spec, offset in _specs(batch):
+        for spec in _specs(batch):
             data = shard_rows(read_shard(spec, needed_columns(self.corpus)), self.corpus, spec.path,
                               self.duplicates, spec.shard)
             checksum = content_checksum(data.ids, data.texts)
@@ -115,7 +114,7 @@ class ReadAndTokenize:
                 state = "same" if same else "changed"
             row: dict[str, Any] = {"shard": spec.shard, "previous": state, "checksum": checksum, "ids": data.ids,
                                    "text_hashes": text_hashes(data.texts).tolist() if not state == "same" else [],
-                                   "input_rows": data.input_rows, "bad_rows": _bad_rows(data.bad, offset)}
+                                   "input_rows": data.input_rows, "bad_rows": _bad_rows(data.bad)}
             reuse = state == "same"
             for m, (s, tok) in enumerate(zip(self.specs, self.tokenizers)):
                 encoded = tok.tokenize_ids(data.texts, prompt=s.prompt) if not reuse else {"input_ids": []}
