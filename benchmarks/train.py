@@ -65,8 +65,9 @@ def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, f
         "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates"},
         "optimizer": {"learning_rate": 2e-5},
         "checkpoint": {"max_failures": 0},
-        # The worker takes 1.5 CPUs of Ray's accounting so the half-CPU tokenizer actor fits beside it.
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1.5}, "torch_threads": args.threads},
+        # The worker takes 1 CPU of Ray's accounting (2 torch threads): training's Ray Data sort
+        # needs a whole free CPU for its tasks, and run_training refuses a plan that leaves none.
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1.0}, "torch_threads": args.threads},
         "mlflow": {"tracking_uri": (tmp / "mlruns").as_uri(), "experiment": "bench"},
     }))
     start = time.perf_counter()

@@ -123,9 +123,10 @@ def ray_cluster():
 
 class SecondNode:
     """A second Ray node on this host joined to the session's cluster (cluster/local.sh join):
-    its own raylet, object store and workers, a custom resource ``node2`` and one CPU."""
+    its own raylet, object store and workers, a custom resource ``node2`` and one CPU. Its
+    processes log under ``temp_dir/session_*/logs`` (what ran there can be read back)."""
 
-    def __init__(self, ray, cpus: int = 1) -> None:
+    def __init__(self, ray, temp_dir: Path, cpus: int = 1) -> None:
         import subprocess
         import sys
         import time
@@ -134,9 +135,11 @@ class SecondNode:
         root = Path(__file__).resolve().parents[1]
         before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         # The session's Ray holds the default agent ports: give this node free ones.
-        extra = " ".join(f"--{flag}={free_port()}" for flag in (
+        self.temp_dir = temp_dir
+        extra = " ".join([f"--{flag}={free_port()}" for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port"))
+            "runtime-env-agent-port")] + [f"--temp-dir={temp_dir}",
+                                           f"--node-ip-address={ray.util.get_node_ip_address()}"])
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_BIN": str(bin_dir / "ray"), "RAY_BLOCK": "1",
                "RAY_NUM_CPUS": str(cpus), "RAY_RESOURCES": '{"node2": 1}', "RAY_EXTRA_ARGS": extra,
                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -177,9 +180,9 @@ class SecondNode:
 
 
 @pytest.fixture
-def second_node(ray_cluster):
+def second_node(ray_cluster, tmp_path_factory):
     """A real second node for data-plane and kill tests; killed at the end (never `ray stop`)."""
-    node = SecondNode(ray_cluster)
+    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"))
     yield node
     node.kill()
 

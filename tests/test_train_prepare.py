@@ -64,16 +64,38 @@ def test_cached_loss_with_fsdp_is_refused(tiny_models, data, tmp_path):
 def test_plan_is_equal_across_ranks_and_reports_what_it_leaves_out(tiny_models, data, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=3)
     p = prepare(cfg)
-    assert len({len(r) for r in p.plan.per_rank}) == 1
-    assert all(len({len(mb.rows) for mb in r}) <= 2 for r in p.plan.per_rank)
+    plan = p.plan
+    table = pq.read_table(data["train"]).to_pydict()
     # 24 rows, global batches of 12: nothing left out; batches share rows equally per rank.
-    for step in zip(*p.plan.per_rank):
-        assert len({len(mb.rows) for mb in step}) == 1
-        texts = [t for mb in step for i in mb.rows for t in (p.columns[0]["query"][i], p.columns[0]["document"][i])]
+    assert plan.micro_batches == 2 and plan.rank_sizes.tolist() == [4, 4]
+    for m in range(plan.micro_batches):
+        slices = [plan.rank_rows(r, m) for r in range(3)]
+        assert len({len(s) for s in slices}) == 1
+        texts = [t for s in slices for i in s.tolist() for t in (table["query"][i], table["document"][i])]
         assert len(texts) == len(set(texts))  # no duplicates across the ranks of one global batch
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=5)
     p = prepare(cfg)
     assert p.plan.dropped and "multiple of 5 workers" in p.plan.dropped[0]
+
+
+def test_the_driver_plans_on_keys_not_texts(tiny_models, data, tmp_path):
+    """What the planner holds per row is a row index (int32) and, for no-duplicates, one uint64
+    hash per text value; the plan and what ships to workers carry no text."""
+    import numpy as np
+
+    from raytrieve.data.validate import validate_dataset
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, eval={})  # eval sets do ship, small
+    report = validate_dataset(cfg.datasets[0], "dense", "config", keys="texts")
+    assert report.text_keys.dtype == np.uint64 and report.text_keys.shape == (24, 2)
+    p = prepare(cfg)
+    assert p.plan.rows.dtype == np.int32 and sorted(p.plan.rows.tolist()) == list(range(24))
+    for value in (p.plan.offsets, p.plan.epoch, p.plan.dataset, p.spec.micro_batch_rows, p.spec.micro_batch_epoch):
+        assert isinstance(value, np.ndarray)
+    import pickle
+
+    shipped = pickle.dumps((p.spec, p.stream, p.pieces, p.plan))
+    assert b"question 3" not in shipped and b"Answer 3" not in shipped  # not a text on the way to the workers
 
 
 def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):

@@ -1,25 +1,45 @@
-"""Ray Data stages that feed training.
+"""Ray Data stages that feed training: each rank reads its own rows from the dataset files.
 
-The driver plans every micro-batch of the run (train/plan.py) and turns each rank's
-sequence into a Ray Dataset of one row per micro-batch: its texts and labels. An actor
-pool of CPU tokenizers (each loads the model's tokenizer once) applies the column's prompt
-and Router route, tokenizes and pads the micro-batch; the rank's train worker streams the
-ready batches from ``get_dataset_shard``. Cross-encoder losses pair and tokenize texts
-themselves (in-batch negatives are built inside the loss), so their batches stay text.
+For every epoch, each rank gets one Ray Dataset:
 
-Texts travel through the object store rather than being read again by workers, so the
-data files only need to exist where the job is launched.
+    pieces of each dataset (train_source)         one task per piece, on any node:
+      -> read the piece's needed columns          pyarrow, only the rows the rank's plan names
+      -> keep the planned rows, tag each with     (micro-batch << 24 | position), from a numpy
+         its stream key                           lookup shipped once through the object store
+      -> tokenize (tokenizer only, no weights)    Arrow list<int32> columns, prompts + routes
+    union of the datasets -> sort by stream key   Ray Data's distributed sort (object store)
+      -> get_dataset_shard on the rank            micro-batches re-cut exactly by key, padded there
+
+The driver plans on row indices only (train/plan.py); texts never pass through it. Tokens
+travel as Arrow columns. Cross-encoder losses pair and tokenize texts themselves (in-batch
+negatives are built inside the loss), so their rows stay text (list<string> per column).
+
+Tokenizing happens in the read tasks rather than in an actor pool: an actor pool holds its
+CPU share for the whole epoch, and on a small cluster the sort's whole-CPU tasks then never
+schedule; a task frees its CPU when the piece is done. The tokenizer is loaded once per
+worker process and kept (``_tokenizer``).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
-from raytrieve._io import pack_arrays, unpack_arrays
+from raytrieve.errors import RaytrieveError
 from raytrieve.train.config import DatasetConfig
+
+POSITION_BITS = 24  # = train.plan.POSITION_BITS (a stream key is micro-batch << 24 | position)
+_IDS = pa.list_(pa.int32())
+_TEXTS = pa.list_(pa.string())
+_LABELS = pa.list_(pa.float64())
+
+
+class StreamError(RaytrieveError):
+    """A rank's data stream does not match its plan (rows lost, duplicated or out of order)."""
 
 
 def column_prompts(d: DatasetConfig) -> dict[str, str | None]:
@@ -37,104 +57,211 @@ def column_routes(d: DatasetConfig) -> dict[str, str | None]:
     return {c: d.router_mapping.get(c, "query" if i == 0 else "document") for i, c in enumerate(columns)}
 
 
-def micro_batch_rows(plan_rows: Sequence[Any], columns: Sequence[dict[str, list[Any]]],
-                     text_columns: Sequence[Sequence[str]], label_columns: Sequence[str | None]) -> list[dict[str, Any]]:
-    """One Ray Data row per planned micro-batch: ``step``, ``dataset`` and a JSON payload
-    ``{"texts": [column][row], "labels": [row] | null}``."""
+@dataclass
+class DatasetStream:
+    """How one dataset's rows become stream rows (picklable; shipped to tasks and workers)."""
+
+    columns: list[str]  # text columns, in the loss's order
+    label: str | None
+    prompts: list[str | None]
+    routes: list[str | None] | None  # Router task per column; None: no Router
+    label_kind: str | None = None  # int | float | bool | list | listwise
+    list_columns: tuple[bool, ...] = ()  # columns holding a list of texts per row (listwise documents)
+
+
+@dataclass
+class StreamSpec:
+    model_path: str
+    kind: str  # dense | sparse | cross
+    datasets: list[DatasetStream]
+    max_seq_length: int | None = None
+
+    @property
+    def width(self) -> int:
+        return max(len(d.columns) for d in self.datasets)
+
+    def schema(self) -> pa.Schema:
+        fields = [("seq", pa.int64()), ("dataset", pa.int32()), ("label", _LABELS)]
+        for c in range(self.width):
+            fields += [(f"text_{c}", _TEXTS)] if self.kind == "cross" else [(f"ids_{c}", _IDS), (f"types_{c}", _IDS)]
+        return pa.schema(fields)
+
+
+def label_kind(label_type: pa.DataType | None, listwise: bool) -> str | None:
+    if label_type is None:
+        return None
+    if listwise:
+        return "listwise"
+    if pa.types.is_list(label_type) or pa.types.is_large_list(label_type):
+        return "list"
+    if pa.types.is_boolean(label_type):
+        return "bool"
+    return "int" if pa.types.is_integer(label_type) else "float"
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model_path: str, route: str | None, max_seq_length: int | None):
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from raytrieve.encoders.tokenizer_only import load_input_tokenizer
+
+    return load_input_tokenizer(model_path, route, max_seq_length)
+
+
+def _as_lists(column: pa.ChunkedArray | pa.Array, value_type: pa.DataType) -> pa.Array:
+    """A scalar column as one-element lists, a list column cast: one schema for every dataset."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.cast(pa.list_(value_type))
+    offsets = pa.array(np.arange(len(column) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, column.cast(value_type))
+
+
+def stream_rows(table: pa.Table, keys: np.ndarray, dataset: int, spec: StreamSpec) -> pa.Table:
+    """The planned rows of one piece (``table``, in stream key order ``keys``) as stream rows."""
+    d = spec.datasets[dataset]
+    n = table.num_rows
+    out: dict[str, pa.Array] = {
+        "seq": pa.array(keys, pa.int64()),
+        "dataset": pa.array(np.full(n, dataset, dtype=np.int32)),
+        "label": _as_lists(table.column(d.label), pa.float64()) if d.label else pa.nulls(n, _LABELS),
+    }
+    for c in range(spec.width):
+        if c >= len(d.columns):
+            names = [f"text_{c}"] if spec.kind == "cross" else [f"ids_{c}", f"types_{c}"]
+            out.update({name: pa.nulls(n, spec.schema().field(name).type) for name in names})
+            continue
+        column = table.column(d.columns[c])
+        if spec.kind == "cross":
+            out[f"text_{c}"] = _as_lists(column, pa.string())
+            continue
+        tok = _tokenizer(spec.model_path, d.routes[c] if d.routes else None, spec.max_seq_length)
+        encoded = tok.tokenize_ids(column.to_pylist(), prompt=d.prompts[c])
+        out[f"ids_{c}"] = pa.array(encoded["input_ids"], _IDS)
+        types = encoded.get("token_type_ids")
+        out[f"types_{c}"] = pa.array(types, _IDS) if types is not None else pa.nulls(n, _IDS)
+    return pa.Table.from_pydict(out, schema=spec.schema())
+
+
+def read_planned(items: pa.Table, pieces: list, lookup: Any, dataset: int, spec: StreamSpec) -> pa.Table:
+    """``map_batches`` function: read each listed piece, keep the rows the lookup names, tokenize."""
+    import ray
+
+    from raytrieve.data.train_source import read_piece
+
+    rows, keys = ray.get(lookup) if isinstance(lookup, ray.ObjectRef) else lookup
+    d = spec.datasets[dataset]
+    wanted = d.columns + ([d.label] if d.label and d.label not in d.columns else [])
+    parts = []
+    for i in items.column("piece").to_pylist():
+        piece = pieces[i]
+        lo, hi = np.searchsorted(rows, [piece.first_row, piece.first_row + piece.rows])
+        if lo == hi:
+            continue
+        table = read_piece(piece, wanted)
+        if table.num_rows != piece.rows:
+            raise StreamError(f"{piece.path}: has {table.num_rows} rows where the plan counted {piece.rows}; "
+                              "the file changed after the job was planned")
+        order = np.argsort(keys[lo:hi], kind="stable")
+        local = (rows[lo:hi] - piece.first_row)[order]
+        parts.append(stream_rows(table.take(pa.array(local)), keys[lo:hi][order], dataset, spec))
+    return pa.concat_tables(parts) if parts else spec.schema().empty_table()
+
+
+def rank_epoch_dataset(pieces: Sequence[list], lookups: Sequence[tuple[np.ndarray, np.ndarray] | None],
+                       spec: StreamSpec, read_cpus: float = 0.5):
+    """The Ray Dataset of one rank's epoch: every planned row once, sorted by stream key.
+
+    ``pieces[d]``: dataset d's numbered pieces; ``lookups[d]``: (row indices sorted, their stream
+    keys) of the rank's rows of dataset d in this epoch, or None when it has none.
+    """
+    import ray
+    import ray.data
+
+    parts = []
+    for d, lookup in enumerate(lookups):
+        if lookup is None or not len(lookup[0]):
+            continue
+        rows = lookup[0]
+        needed = [i for i, p in enumerate(pieces[d])
+                  if np.searchsorted(rows, p.first_row + p.rows) > np.searchsorted(rows, p.first_row)]
+        ref = ray.put(lookup)
+        ds = ray.data.from_items([{"piece": i} for i in needed], override_num_blocks=len(needed))
+        parts.append(ds.map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus,
+                                    fn_kwargs={"pieces": pieces[d], "lookup": ref, "dataset": d, "spec": spec}))
+    if not parts:
+        return None
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return ds.sort("seq")
+
+
+def micro_batches(tables: Iterable[pa.Table], expected: Iterable[tuple[int, int]]) -> Iterator[tuple[int, pa.Table]]:
+    """Cut a rank's sorted stream into its planned micro-batches: ``expected`` is (micro-batch,
+    rows) in order. Every micro-batch must come whole, in order, each position once."""
+    plan = iter(expected)
+    current = next(plan, None)
+    pending: list[pa.Table] = []
+    have = 0
+    for table in tables:
+        if not table.num_rows:
+            continue
+        pending.append(table)
+        have += table.num_rows
+        while current is not None and have >= current[1]:
+            m, size = current
+            joined = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            batch, rest = joined.slice(0, size), joined.slice(size)
+            want = (np.int64(m) << POSITION_BITS) | np.arange(size, dtype=np.int64)
+            if not np.array_equal(batch.column("seq").to_numpy(), want):
+                raise StreamError(f"micro-batch {m}: the stream does not hold its {size} planned rows in order")
+            yield m, batch
+            pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+            current = next(plan, None)
+    if current is not None or have:
+        raise StreamError(f"the stream ended {'early, at micro-batch %d' % current[0] if current else 'with extra rows'}")
+
+
+def decode_features(batch: pa.Table, d: DatasetStream, modules: Sequence[Any]) -> list[dict[str, Any]]:
+    """The padded features dict of each text column (``modules[c]``: the column's input module,
+    whose ``collate`` pads exactly as the encoder does; ``task`` set for Router models)."""
+    features = []
+    for c, module in enumerate(modules):
+        encoded = {"input_ids": batch.column(f"ids_{c}").to_pylist()}
+        types = batch.column(f"types_{c}")
+        if types.null_count == 0:
+            encoded["token_type_ids"] = types.to_pylist()
+        f = module.collate(encoded)
+        prompt = d.prompts[c]
+        if prompt and hasattr(module, "prompt_length"):
+            f["prompt_length"] = module.prompt_length(prompt)
+        if d.routes is not None:
+            f["task"] = d.routes[c]
+        features.append(f)
+    return features
+
+
+def decode_texts(batch: pa.Table, d: DatasetStream) -> list[list[Any]]:
+    """Cross-encoder columns: texts per column (a list of texts per row for list columns)."""
     out = []
-    for step, mb in enumerate(plan_rows):
-        data = columns[mb.dataset]
-        label = label_columns[mb.dataset]
-        payload = {
-            "texts": [[data[c][i] for i in mb.rows] for c in text_columns[mb.dataset]],
-            "labels": [data[label][i] for i in mb.rows] if label else None,
-        }
-        out.append({"step": step, "epoch": mb.epoch, "dataset": mb.dataset, "payload": json.dumps(payload)})
+    for c in range(len(d.columns)):
+        values = batch.column(f"text_{c}").to_pylist()
+        is_list = d.list_columns[c] if c < len(d.list_columns) else False
+        out.append(values if is_list else [v[0] for v in values])
     return out
 
 
-class TokenizeBatches:
-    """Callable class for ``map_batches``: each row's texts -> padded token arrays (npz bytes).
-
-    ``prompts[d]`` / ``routes[d]`` give dataset d's prompt and Router route per column position.
-    """
-
-    def __init__(self, model_path: str, kind: str, prompts: list[list[str | None]], routes: list[list[str | None]],
-                 max_seq_length: int | None = None) -> None:
-        import os
-
-        import torch
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(1)  # Ray sets OMP threads from the actor's CPU share; be explicit
-        from raytrieve.encoders import load_encoder
-
-        self.model = load_encoder(kind, model_path, max_seq_length=max_seq_length)
-        self.prompts, self.routes = prompts, routes
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blobs = [self.tokenize(int(d), json.loads(p)["texts"]) for d, p in zip(batch["dataset"], batch["payload"])]
-        return {**batch, "features": np.array(blobs, dtype=object)}
-
-    def tokenize(self, dataset: int, texts: list[list[str]]) -> bytes:
-        from raytrieve.modules import Router
-
-        has_router = isinstance(self.model.stack[0], Router)
-        arrays: dict[str, np.ndarray] = {}
-        for c, column in enumerate(texts):
-            prompt = self.prompts[dataset][c]
-            module = self.model.input_module(self.routes[dataset][c] if has_router else None)
-            features = module.collate(module.tokenize_ids(column, prompt=prompt))
-            for key, value in features.items():
-                arrays[f"{c}.{key}"] = np.asarray(value)
-            if prompt and hasattr(module, "prompt_length"):
-                arrays[f"{c}.prompt_length"] = np.asarray(module.prompt_length(prompt))
-        return pack_arrays(arrays)
-
-
-def decode_features(blob: bytes, n_columns: int, routes: list[str | None] | None) -> list[dict[str, Any]]:
-    """The padded features dict of each column, as torch tensors (``task`` set for Router models)."""
+def decode_labels(batch: pa.Table, kind: str | None) -> Any:
+    """Labels as the losses take them: float32 (or int64 / bool) tensors; listwise: one score
+    tensor per query, of that query's document count."""
     import torch
 
-    columns: list[dict[str, Any]] = [{} for _ in range(n_columns)]
-    for name, value in unpack_arrays(blob).items():
-        c, key = name.split(".", 1)
-        columns[int(c)][key] = int(value) if key == "prompt_length" else torch.from_numpy(value)
-    if routes is not None:
-        for c, route in enumerate(routes):
-            columns[c]["task"] = route
-    return columns
-
-
-def decode_labels(labels: list[Any] | None, listwise: bool) -> Any:
-    import torch
-
-    if labels is None:
+    if kind is None:
         return None
-    if listwise:  # one score tensor per query, of that query's document count
-        return [torch.tensor(x, dtype=torch.float32) for x in labels]
-    return torch.tensor(labels)
-
-
-def rank_dataset(rows: list[dict[str, Any]], model_path: str, kind: str, prompts: list[list[str | None]],
-                 routes: list[list[str | None]], actors: int = 1, rows_per_call: int = 4,
-                 max_seq_length: int | None = None):
-    """The Ray Dataset one rank streams: rows in step order, tokenized by an actor pool.
-
-    Actors take half a CPU each: on a 2-CPU machine whole-CPU actors starve the other stages.
-    """
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rows_per_call, 64)))
-    if kind == "cross":
-        return ds
-    return ds.map_batches(
-        TokenizeBatches,
-        fn_constructor_kwargs={"model_path": model_path, "kind": kind, "prompts": prompts, "routes": routes,
-                               "max_seq_length": max_seq_length},
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=0.5,
-        batch_size=rows_per_call,
-        batch_format="numpy",
-    )
+    values = batch.column("label").to_pylist()
+    if kind == "listwise":
+        return [torch.tensor(x, dtype=torch.float32) for x in values]
+    if kind == "list":
+        return torch.tensor(values)
+    cast = {"int": int, "bool": bool, "float": float}[kind]
+    return torch.tensor([cast(v[0]) for v in values])

@@ -1,6 +1,8 @@
 """Check training datasets before any worker starts: the file exists and is readable, it
 has rows, the configured columns exist with the types the loss needs, text columns have
-no nulls, labels are present and numeric where the loss needs them.
+no nulls, labels are present and numeric where the loss needs them. Types come from the
+schema (metadata); rows and nulls from one streaming pass, which also computes the
+planner's per-row keys: the driver never holds a dataset's texts.
 
 Every error names the dataset, the file, the column and the fix.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from raytrieve.errors import DataError
@@ -28,7 +31,11 @@ class DatasetReport:
     rows: int
     text_columns: list[str]
     label_column: str | None
-    table: pa.Table | None = field(default=None, repr=False)  # what was read, for the planner
+    format: str = ""
+    pieces: list = field(default_factory=list, repr=False)  # train_source.Piece, numbered
+    types: dict[str, pa.DataType] = field(default_factory=dict, repr=False)  # of the columns read
+    text_keys: np.ndarray | None = field(default=None, repr=False)  # (rows, columns) uint64, "texts"
+    label_keys: np.ndarray | None = field(default=None, repr=False)  # per row, "labels"
 
 
 def infer_format(path: Path) -> str:
@@ -45,7 +52,7 @@ def infer_format(path: Path) -> str:
 
 
 def read_table(path: Path, fmt: str) -> pa.Table:
-    """The whole dataset as an Arrow table (validation needs every row's nulls and types)."""
+    """The whole dataset as an Arrow table (small files only: eval sets)."""
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -78,15 +85,28 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
+def is_numeric(t: pa.DataType) -> bool:
+    """A number per row, or a list of numbers."""
+    return _is_number(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_number(t.value_type))
+
+
+def validate_dataset(d: DatasetConfig, kind: str, where: str, keys: str | None = None,
+                     scan: bool = True) -> DatasetReport:
+    """Check one dataset by streaming it once (record batches of the needed columns only, so
+    the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
+    hash per text value, "labels" the label key per row, for the batch planner. ``scan=False``:
+    the schema checks only (no rows read; ``rows`` is -1)."""
+    from raytrieve.data.row_keys import label_keys, text_keys
+    from raytrieve.data.train_source import iter_piece, list_pieces, with_counts
+
     path = Path(d.path)
     if not path.exists():
         raise DataError(f"{where} ({d.name}): {path} does not exist; fix datasets[].path")
     fmt = d.format or infer_format(path)
-    table = read_table(path, fmt)
-    if table.num_rows == 0:
+    schema, pieces = list_pieces(path, fmt)
+    if all(p.rows == 0 for p in pieces) or not pieces or not len(schema):
         raise DataError(f"{where} ({d.name}): {path} has no rows")
-    available = table.column_names
+    available = schema.names
     label = d.label_column
     if label is not None and label not in available:
         raise DataError(f"{where} ({d.name}): label_column {label!r} is not in {path}; columns are {available}")
@@ -104,7 +124,7 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
         )
     listwise = kind == "cross" and loss_name in LISTWISE
     for i, c in enumerate(columns):
-        col_type = table.schema.field(c).type
+        col_type = schema.field(c).type
         if listwise and i == 1:
             ok = pa.types.is_list(col_type) and _is_text(col_type.value_type)
             what = "a list of strings per row"
@@ -112,15 +132,11 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
             ok, what = _is_text(col_type), "strings"
         if not ok:
             raise DataError(f"{where} ({d.name}): column {c!r} must hold {what}, found {col_type}")
-        nulls = table.column(c).null_count
-        if nulls:
-            raise DataError(
-                f"{where} ({d.name}): column {c!r} has {nulls} null value(s) in {path}; drop or fill those rows"
-            )
-    if needs_labels(d.loss):
+    labelled = needs_labels(d.loss)
+    if labelled:
         if label is None:
             raise DataError(f"{where} ({d.name}): {loss_name} needs labels; set datasets[].label_column")
-        label_type = table.schema.field(label).type
+        label_type = schema.field(label).type
         ok = (pa.types.is_list(label_type) and _is_number(label_type.value_type)) if listwise else (
             _is_number(label_type) or (pa.types.is_list(label_type) and _is_number(label_type.value_type))
         )
@@ -129,8 +145,6 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
                 f"{where} ({d.name}): label column {label!r} must be numeric"
                 f"{' lists (one score per document)' if listwise else ''}, found {label_type}"
             )
-        if table.column(label).null_count:
-            raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
     for c in d.router_mapping:
         if c not in columns:
             raise DataError(f"{where} ({d.name}): router_mapping names column {c!r}, not one of {columns}")
@@ -138,7 +152,63 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str) -> DatasetReport:
         for c in d.prompts:
             if c not in columns:
                 raise DataError(f"{where} ({d.name}): prompts names column {c!r}, not one of {columns}")
-    return DatasetReport(d.name, str(path), table.num_rows, columns, label, table)
+
+    if not scan:
+        return DatasetReport(d.name, str(path), -1, columns, label, fmt, pieces, {})
+    # One streaming pass: row counts, nulls, and the planner's keys.
+    read = columns + ([label] if label is not None and label not in columns else [])
+    nulls = dict.fromkeys(read, 0)
+    counts, key_parts, label_parts = [], [], []
+    pool = pa.default_memory_pool()
+    known = sum(p.rows for p in pieces) if all(p.rows >= 0 for p in pieces) else None
+    # Keys go straight into one array when the metadata gives the row count (parquet, hf):
+    # collecting parts and concatenating would hold them twice at the peak.
+    filled = 0
+    if keys == "texts" and known is not None:
+        key_parts.append(np.empty((known, len(columns)), dtype=np.uint64))
+    for piece in pieces:
+        rows = 0
+        for batch in iter_piece(piece, read):
+            rows += batch.num_rows
+            for c in read:
+                nulls[c] += batch.column(c).null_count
+            if keys == "texts" and not any(nulls[c] for c in columns):
+                if known is not None and filled + batch.num_rows <= known:
+                    for j, c in enumerate(columns):
+                        key_parts[0][filled : filled + batch.num_rows, j] = text_keys(batch.column(c))
+                    filled += batch.num_rows
+                else:
+                    key_parts.append(np.stack([text_keys(batch.column(c)) for c in columns], axis=1))
+            if keys == "labels" and label is not None and not nulls[label]:
+                label_parts.append(label_keys(batch.column(label)))
+            del batch
+            pool.release_unused()  # hand decoded pages back: the driver's memory stays flat
+        counts.append(rows)
+    pieces = with_counts(pieces, counts)
+    total = sum(counts)
+    if total == 0:
+        raise DataError(f"{where} ({d.name}): {path} has no rows")
+    for c in columns:
+        if nulls[c]:
+            raise DataError(
+                f"{where} ({d.name}): column {c!r} has {nulls[c]} null value(s) in {path}; drop or fill those rows"
+            )
+    if labelled and nulls[label]:
+        raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
+    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces,
+                           {c: schema.field(c).type for c in read})
+    if keys == "texts":
+        if known is not None and known == total:
+            report.text_keys = key_parts[0]
+        else:
+            parts = ([key_parts[0][:filled]] + key_parts[1:]) if known is not None else key_parts
+            report.text_keys = np.concatenate(parts) if parts else np.zeros((0, len(columns)), np.uint64)
+    if keys == "labels":
+        if label is None:
+            raise DataError(f"{where} ({d.name}): batch_sampler group_by_label needs labels; set "
+                            "datasets[].label_column")
+        report.label_keys = np.concatenate(label_parts)
+    return report
 
 
 def validate_datasets(cfg: TrainConfig, where: str = "config") -> list[DatasetReport]:

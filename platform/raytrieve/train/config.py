@@ -89,9 +89,11 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # How workers are placed on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     torch_threads: int | None = None  # per worker; default: its CPU share, at least 1
-    tokenizer_actors: int = 1  # Ray Data tokenization actors per worker
+    tokenizer_actors: int = 1  # unused: training tokenizes in its read tasks (kept so configs still load)
 
 
 @dataclass

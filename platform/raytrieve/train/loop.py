@@ -2,7 +2,8 @@
 
 It loads the encoder, builds one loss per dataset, wraps both for DDP/FSDP, restores the
 latest checkpoint if there is one, and streams its rank's planned micro-batches (already
-tokenized and padded by the Ray Data stage) from ``get_dataset_shard``. Rank 0 logs metrics
+tokenized by the Ray Data stage, re-cut by stream key and padded here) from
+``get_dataset_shard``, one dataset per epoch. Rank 0 logs metrics
 that were averaged over ranks first, and writes checkpoints and the final model.
 
 A checkpoint is a directory: ``model/`` (sentence-transformers format, loadable as is),
@@ -12,7 +13,6 @@ A checkpoint is a directory: ``model/`` (sentence-transformers format, loadable 
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import random
@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -36,9 +36,9 @@ class WorkerSpec:
     config: TrainConfig
     model_path: str  # local sentence-transformers folder
     optimizer_steps: int
-    columns: list[int]  # text columns per dataset
-    routes: list[list[str | None] | None]  # Router task per column, per dataset (None: no Router)
-    listwise: list[bool]
+    stream: Any  # data.pipeline.StreamSpec: columns, prompts, routes, label kinds per dataset
+    micro_batch_epoch: Any  # numpy int32 per micro-batch: its epoch
+    micro_batch_rows: Any  # numpy int64 per micro-batch: rows per rank
     tracking_uri: str | None = None
     run_id: str | None = None
     eval_columns: dict[str, list[Any]] | None = None
@@ -70,17 +70,24 @@ def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Mo
     return losses
 
 
-def in_step_order(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Rows by their ``step`` number, whatever order the pipeline delivered them in."""
-    pending: list[tuple[int, int, dict[str, Any]]] = []
-    expected = 0
-    for tie, row in enumerate(rows):
-        heapq.heappush(pending, (int(row["step"]), tie, row))
-        while pending and pending[0][0] == expected:
-            yield heapq.heappop(pending)[2]
-            expected += 1
-    while pending:
-        yield heapq.heappop(pending)[2]
+def rank_micro_batches(spec: WorkerSpec, rank: int, start: int) -> Iterator[tuple[int, Any]]:
+    """(micro-batch, its rows as an Arrow table) of this rank from micro-batch ``start`` on, epoch
+    by epoch from ``get_dataset_shard("rank{r}_epoch{e}")``; finished epochs are never opened."""
+    import numpy as np
+    import ray.train
+
+    from raytrieve.data.pipeline import micro_batches
+
+    epochs, sizes = np.asarray(spec.micro_batch_epoch), np.asarray(spec.micro_batch_rows)
+    for epoch in np.unique(epochs).tolist():
+        ms = np.nonzero(epochs == epoch)[0]
+        if ms[-1] < start:
+            continue  # done before the checkpoint this run resumed from
+        shard = ray.train.get_dataset_shard(f"rank{rank}_epoch{epoch}")
+        tables = shard.iter_batches(batch_size=int(sizes[ms].max()), batch_format="pyarrow", prefetch_batches=2)
+        for m, batch in micro_batches(tables, [(int(m), int(sizes[m])) for m in ms]):
+            if m >= start:
+                yield m, batch
 
 
 def _rng_state() -> dict[str, Any]:
@@ -116,7 +123,7 @@ def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from raytrieve.data.pipeline import decode_features, decode_labels
+    from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts
     from raytrieve.encoders.base import set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.distributed import (
@@ -212,27 +219,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint_every = cfg.checkpoint.every_n_steps
     accumulation = cfg.training.gradient_accumulation_steps
     start_micro = step * accumulation
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    streams = spec.stream.datasets
+    # Each column's input module pads its ids (collate) exactly as the encoder would.
+    modules = [[encoder.input_module(d.routes[c] if d.routes else None) for c in range(len(d.columns))]
+               for d in streams] if cfg.model.kind != "cross" else None
     tick = time.perf_counter()
     waited = 0.0  # seconds this step spent waiting for data (the pipeline not keeping up)
-    rows = in_step_order(shard.iter_rows()) if step < spec.optimizer_steps else iter(())
+    batches = rank_micro_batches(spec, rank, start_micro) if step < spec.optimizer_steps else iter(())
     while True:
         asked = time.perf_counter()
-        row = next(rows, None)
+        item = next(batches, None)
         waited += time.perf_counter() - asked
-        if row is None:
+        if item is None:
             break
-        if int(row["step"]) < start_micro:
-            continue  # done before the checkpoint this run resumed from
-        dataset = int(row["dataset"])
-        payload = json.loads(row["payload"])
-        labels = decode_labels(payload["labels"], spec.listwise[dataset])
+        _, batch = item
+        dataset = int(batch.column("dataset")[0].as_py())
+        labels = decode_labels(batch, streams[dataset].label_kind)
         if labels is not None and not isinstance(labels, list):
             labels = labels.to(device)
         if cfg.model.kind == "cross":
-            features = payload["texts"]
+            features = decode_texts(batch, streams[dataset])
         else:
-            features = decode_features(row["features"], spec.columns[dataset], spec.routes[dataset])
+            features = decode_features(batch, streams[dataset], modules[dataset])
             features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         if dataset in splade:
             weights = splade[dataset].step(step)

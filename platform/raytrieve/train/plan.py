@@ -9,68 +9,92 @@ is split into ``world_size`` equal slices, one per rank. So:
 - every rank takes the same number of micro-batches (an uneven tail would deadlock DDP);
 - each rank's sequence is fixed by the seed, so a resumed run skips exactly what it did.
 
-Rows that fit in no batch are counted with the reason, and the caller reports them.
+The planner sees row counts and small per-row keys (a 64-bit hash per text value, or the
+label), never a text; the plan is numpy arrays of row indices. Rows that fit in no batch
+are counted with the reason, and the caller reports them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Sequence
+
+import numpy as np
 
 from raytrieve.data.batching import Batches, default_batches, group_by_label_batches, interleave, no_duplicates_batches
+from raytrieve.errors import ConfigError
 from raytrieve.train.config import TrainingConfig
+
+POSITION_BITS = 24  # a row's stream key is (micro-batch << 24) | position in the rank's slice
 
 
 @dataclass
-class DatasetRows:
-    """What the planner needs of one dataset: each row's text values and its label."""
+class DatasetKeys:
+    """What the planner needs of one dataset: its row count and the sampler's per-row keys."""
 
     name: str
-    texts: list[tuple[Hashable, ...]]  # per row, the values of its text columns (lists as tuples)
-    labels: list[Any] | None
+    rows: int
+    text_keys: np.ndarray | None = None  # (rows, text columns) uint64, for no_duplicates
+    label_keys: np.ndarray | None = None  # (rows,), for group_by_label
     weight: float = 1.0
 
 
 @dataclass
-class MicroBatch:
-    epoch: int
-    dataset: int
-    rows: list[int]
-
-
-@dataclass
 class Plan:
-    per_rank: list[list[MicroBatch]]  # the same length on every rank
+    """Micro-batch m of the run is global batch ``rows[offsets[m]:offsets[m+1]]`` of dataset
+    ``dataset[m]`` in epoch ``epoch[m]``; rank r trains on its r-th equal slice."""
+
+    world_size: int
+    rows: np.ndarray  # row indices (int32/int64), global batch after global batch
+    offsets: np.ndarray  # int64, micro_batches + 1
+    epoch: np.ndarray  # int32 per micro-batch
+    dataset: np.ndarray  # int32 per micro-batch
     optimizer_steps: int
     steps_per_epoch: list[int]  # optimizer steps in each planned epoch
     dropped: list[str] = field(default_factory=list)  # "N rows of <dataset> in epoch E: <reason>"
 
     @property
     def micro_batches(self) -> int:
-        return len(self.per_rank[0]) if self.per_rank else 0
+        return len(self.offsets) - 1
+
+    @property
+    def rank_sizes(self) -> np.ndarray:
+        """Rows per rank in each micro-batch (the same on every rank)."""
+        return np.diff(self.offsets) // self.world_size
+
+    def rank_rows(self, rank: int, micro_batch: int) -> np.ndarray:
+        share = int(self.offsets[micro_batch + 1] - self.offsets[micro_batch]) // self.world_size
+        start = int(self.offsets[micro_batch]) + rank * share
+        return self.rows[start : start + share]
+
+    def rank_stream(self, rank: int, micro_batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, stream keys) of ``rank``'s rows in those micro-batches, in training order;
+        a stream key is ``(micro-batch << POSITION_BITS) | position``."""
+        micro_batches = np.asarray(micro_batches, dtype=np.int64)
+        sizes = self.rank_sizes[micro_batches]
+        total = int(sizes.sum())
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        starts = self.offsets[micro_batches] + rank * sizes
+        rows = self.rows[np.repeat(starts, sizes) + within]
+        return rows, (np.repeat(micro_batches, sizes) << POSITION_BITS) | within
 
 
-def _hashable(value: Any) -> Hashable:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def dataset_rows(name: str, columns: dict[str, list[Any]], text_columns: Sequence[str], label_column: str | None,
-                 weight: float = 1.0) -> DatasetRows:
-    texts = [tuple(_hashable(v) for v in row) for row in zip(*(columns[c] for c in text_columns))]
-    labels = columns[label_column] if label_column else None
-    return DatasetRows(name, texts, labels, weight)
-
-
-def _global_batches(d: DatasetRows, sampler: str, size: int, seed: int) -> Batches:
+def _global_batches(d: DatasetKeys, sampler: str, size: int, seed: int) -> Batches:
     if sampler == "no_duplicates":
-        return no_duplicates_batches(d.texts, size, seed)
+        return no_duplicates_batches(d.text_keys, size, seed)
     if sampler == "group_by_label":
-        return group_by_label_batches([_hashable(label) for label in d.labels or []], size, seed)
-    return default_batches(len(d.texts), size, seed)
+        return group_by_label_batches(d.label_keys, size, seed)
+    return default_batches(d.rows, size, seed)
 
 
-def plan_training(datasets: Sequence[DatasetRows], training: TrainingConfig, world_size: int) -> Plan:
-    per_rank: list[list[MicroBatch]] = [[] for _ in range(world_size)]
+def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, world_size: int) -> Plan:
+    if training.batch_size >= 1 << POSITION_BITS:
+        raise ConfigError(f"training.batch_size {training.batch_size} is above {(1 << POSITION_BITS) - 1}")
+    dtype = np.int32 if max((d.rows for d in datasets), default=0) < 2**31 else np.int64
+    parts: list[np.ndarray] = []
+    sizes: list[int] = []
+    epochs: list[int] = []
+    sources: list[int] = []
     dropped: list[str] = []
     steps_per_epoch: list[int] = []
     accumulation = training.gradient_accumulation_steps
@@ -78,7 +102,7 @@ def plan_training(datasets: Sequence[DatasetRows], training: TrainingConfig, wor
     epoch = 0
     while True:
         seed = training.seed + epoch
-        batches: list[list[list[int]]] = []
+        batches: list[list[np.ndarray]] = []
         for d in datasets:
             b = _global_batches(d, training.batch_sampler, training.batch_size * world_size, seed)
             kept = []
@@ -110,9 +134,11 @@ def plan_training(datasets: Sequence[DatasetRows], training: TrainingConfig, wor
             order = order[: steps * accumulation]
         for k, j in order:
             rows = batches[k][j]
-            share = len(rows) // world_size
-            for r in range(world_size):
-                per_rank[r].append(MicroBatch(epoch, k, rows[r * share : (r + 1) * share]))
+            parts.append(rows.astype(dtype, copy=False))
+            sizes.append(len(rows))
+            epochs.append(epoch)
+            sources.append(k)
+        del batches
         steps_per_epoch.append(steps)
         total += steps
         epoch += 1
@@ -121,4 +147,7 @@ def plan_training(datasets: Sequence[DatasetRows], training: TrainingConfig, wor
         done = total >= training.max_steps if training.max_steps is not None else epoch >= training.epochs
         if done:
             break
-    return Plan(per_rank, total, steps_per_epoch, dropped)
+    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+    return Plan(world_size, rows, offsets, np.asarray(epochs, dtype=np.int32), np.asarray(sources, dtype=np.int32),
+                total, steps_per_epoch, dropped)

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from raytrieve.data.pipeline import StreamSpec
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.loop import WorkerSpec, build_losses, load_encoder, train_loop_per_worker
-from raytrieve.train.plan import Plan, dataset_rows, plan_training
+from raytrieve.train.plan import DatasetKeys, Plan, plan_training
 
 log = logging.getLogger("raytrieve.train")
 
@@ -33,11 +36,13 @@ class TrainingError(RaytrieveError):
 class Prepared:
     spec: WorkerSpec
     plan: Plan
-    columns: list[dict[str, list[Any]]]
+    stream: StreamSpec
+    pieces: list[list]  # per dataset: train_source.Piece, numbered (what workers read)
+    rows: list[int]  # per dataset
     text_columns: list[list[str]]
     label_columns: list[str | None]
     prompts: list[list[str | None]]
-    routes: list[list[str | None]]
+    routes: list[list[str | None] | None]
 
 
 @dataclass
@@ -52,11 +57,14 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     """All checks and the plan; no Ray."""
+    import pyarrow as pa
     import torch
 
     from raytrieve.assets import resolve_model
-    from raytrieve.data.pipeline import column_prompts, column_routes
-    from raytrieve.data.validate import LISTWISE, infer_format, read_table, validate_dataset
+
+    from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
+    from raytrieve.data.validate import LISTWISE, infer_format, is_numeric, read_table, validate_dataset
+    from raytrieve.losses.registry import needs_labels
     from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
@@ -65,7 +73,9 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     model_path = str(resolve_model(cfg.model.name_or_path))
     if cfg.model.inference_free:
         model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
-    reports = [validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+    # Cheap checks of every dataset (schema, columns, types) before the model loads.
+    for i, d in enumerate(cfg.datasets):
+        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False)
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
     encoder = load_encoder(cfg.model.kind, model_path, torch.device("cpu"), cfg.model.trust_remote_code)
@@ -74,11 +84,12 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
     has_router = cfg.model.kind != "cross" and isinstance(encoder.stack[0], Router)
 
-    columns, text_columns, label_columns, prompts, routes, listwise, rows = [], [], [], [], [], [], []
-    for d, report in zip(cfg.datasets, reports):
-        keep = report.text_columns + ([report.label_column] if report.label_column else [])
-        data = report.table.select(keep).to_pydict()
-        columns.append(data)
+    keys = {"no_duplicates": "texts", "group_by_label": "labels"}.get(cfg.training.batch_sampler)
+    text_columns, label_columns, prompts, routes, streams, planned, pieces = [], [], [], [], [], [], []
+    for i, d in enumerate(cfg.datasets):
+        # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
+        # text value or the label: a few bytes per row, never the texts).
+        report = validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", keys=keys)
         text_columns.append(report.text_columns)
         label_columns.append(report.label_column)
         d.columns = report.text_columns
@@ -88,8 +99,16 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         base = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
-        listwise.append(cfg.model.kind == "cross" and base in LISTWISE)
-        rows.append(dataset_rows(d.name, data, report.text_columns, report.label_column, d.weight))
+        listwise = cfg.model.kind == "cross" and base in LISTWISE
+        # Labels reach the loss whenever the dataset names a numeric label column.
+        label = report.label_column if report.label_column and (
+            needs_labels(d.loss) or is_numeric(report.types[report.label_column])) else None
+        streams.append(DatasetStream(
+            report.text_columns, label, prompts[-1], routes[-1],
+            label_kind(report.types.get(label) if label else None, listwise),
+            tuple(pa.types.is_list(report.types[c]) for c in report.text_columns)))
+        planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight))
+        pieces.append(report.pieces)
 
     eval_columns = None
     if cfg.eval.path:
@@ -100,21 +119,24 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         check_eval_columns(eval_columns, cfg.eval.evaluator, f"{where}.eval.path ({path})")
 
     world = cfg.scaling.num_workers
-    plan = plan_training(rows, cfg.training, world)
+    plan = plan_training(planned, cfg.training, world)
+    rows = [k.rows for k in planned]
+    del planned  # the keys: the plan is all that is needed from here
     if plan.optimizer_steps == 0:
         raise DataError(
             f"{where}: the data gives no full optimizer step (batch_size {cfg.training.batch_size} x "
             f"{world} worker(s) x gradient_accumulation_steps {cfg.training.gradient_accumulation_steps}); "
-            f"rows: {', '.join(f'{r.name}={len(r.texts)}' for r in rows)}"
+            f"rows: {', '.join(f'{d.name}={n}' for d, n in zip(cfg.datasets, rows))}"
         )
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
+    stream = StreamSpec(model_path, cfg.model.kind, streams, cfg.model.max_seq_length)
     spec = WorkerSpec(
-        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps,
-        columns=[len(t) for t in text_columns], routes=routes, listwise=listwise, eval_columns=eval_columns,
+        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps, stream=stream,
+        micro_batch_epoch=plan.epoch, micro_batch_rows=plan.rank_sizes, eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
-    return Prepared(spec, plan, columns, text_columns, label_columns, prompts, routes)
+    return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes)
 
 
 def inference_free_router(model_path: str, target: Path) -> Path:
@@ -167,17 +189,40 @@ def _claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
 
 
 def build_datasets(p: Prepared) -> dict[str, Any]:
-    from raytrieve.data.pipeline import micro_batch_rows, rank_dataset
+    """Each rank's Ray Dataset per epoch, ``rank{r}_epoch{e}`` (lazy: an epoch's reads start when
+    the rank starts iterating it, and a resumed run never opens the epochs it finished)."""
+    from raytrieve.data.pipeline import rank_epoch_dataset
 
-    cfg = p.spec.config
-    return {
-        f"rank{r}": rank_dataset(
-            micro_batch_rows(batches, p.columns, p.text_columns, p.label_columns), p.spec.model_path,
-            cfg.model.kind, p.prompts, [r_ or [None] * len(t) for r_, t in zip(p.routes, p.text_columns)],
-            actors=cfg.scaling.tokenizer_actors, max_seq_length=cfg.model.max_seq_length,
+    plan = p.plan
+    out = {}
+    for e in np.unique(plan.epoch).tolist():
+        for r in range(plan.world_size):
+            lookups = []
+            for d in range(len(p.pieces)):
+                ms = np.nonzero((plan.epoch == e) & (plan.dataset == d))[0]
+                if not len(ms):
+                    lookups.append(None)
+                    continue
+                rows, keys = plan.rank_stream(r, ms)
+                order = np.argsort(rows, kind="stable")
+                lookups.append((rows[order].astype(np.int64), keys[order]))
+            ds = rank_epoch_dataset(p.pieces, lookups, p.stream)
+            if ds is not None:
+                out[f"rank{r}_epoch{e}"] = ds
+    return out
+
+
+def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where: str) -> None:
+    """Ray Data's sort runs whole-CPU tasks: with every CPU held by train workers it would wait
+    forever (Ray only logs that tasks are pending), so refuse to start instead."""
+    per_worker = cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    free = cluster_cpus - per_worker * cfg.scaling.num_workers
+    if free < 1:
+        raise ConfigError(
+            f"{where}.scaling: {cfg.scaling.num_workers} worker(s) x {per_worker} CPU leave {free:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs; the data stage (read, tokenize, sort) needs at least 1 free CPU. Lower "
+            "scaling.resources_per_worker.CPU (torch_threads sets the threads) or add CPUs"
         )
-        for r, batches in enumerate(p.plan.per_rank)
-    }
 
 
 def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
@@ -197,6 +242,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ray.init(address=ray_address)
+    _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     params = mlflow_run.flatten(cfg)
     params.update({"plan.optimizer_steps": str(p.plan.optimizer_steps), "plan.epochs": str(len(p.plan.steps_per_epoch)),
@@ -214,7 +260,8 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             train_loop_per_worker,
             train_loop_config={"spec": p.spec},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker=cfg.scaling.resources_per_worker or None),
+                                         resources_per_worker=cfg.scaling.resources_per_worker or None,
+                                         placement_strategy=cfg.scaling.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             datasets=build_datasets(p),
             dataset_config=DataConfig(datasets_to_split=[], execution_options=options),
