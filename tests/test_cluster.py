@@ -169,4 +169,4 @@ def test_local_head_script_is_valid_bash_with_usage():
     script = CLUSTER / "local.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     bad = subprocess.run(["bash", str(script), "frobnicate"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage: cluster/local.sh start|status|stop" in bad.stderr
+    assert bad.returncode == 2 and "usage: cluster/local.sh start|join HEAD_HOST:PORT|status|stop" in bad.stderr
