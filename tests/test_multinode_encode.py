@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from raytrieve.inference.shards import read_vectors
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, SecondNode
 from tests.train_helpers import ROOT
 
 
@@ -33,20 +33,30 @@ def _sidecars(out: Path) -> list[dict]:
     return found
 
 
+@pytest.fixture
+def big_second_node(ray_cluster, tmp_path_factory):
+    """A second node of 2 CPUs: with encode actors of 1.5 CPUs, each node holds exactly one."""
+    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"), cpus=2)
+    yield node
+    node.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster, second_node, tiny_models, tmp_path):
+def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster, big_second_node, tiny_models,
+                                                                       tmp_path):
     from raytrieve.encoders import DenseEncoder
 
+    second_node = big_second_node
     n = 400
     texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(n)]
     pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)], "text": texts}), tmp_path / "corpus.parquet")
     out = tmp_path / "vectors"
-    # Two encode actors of one CPU each: the head (2 CPUs, half of one taken by the reader)
-    # holds one, so the other must run on the second node.
+    # Two encode actors of 1.5 CPUs on two nodes of 2 CPUs: one runs on each node, wherever
+    # the half-CPU reader lands.
     config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
               "dense": {"model": str(tiny_models["dense"])},
-              "compute": {"encode_actors": 2, "cpus_per_encode_actor": 1.0, "torch_threads": 1, "token_budget": 256}}
+              "compute": {"encode_actors": 2, "cpus_per_encode_actor": 1.5, "torch_threads": 1, "token_budget": 256}}
     config_path = tmp_path / "encode.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
@@ -54,7 +64,9 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     command = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(config_path)]
     head = ray_cluster.get_runtime_context().get_node_id()
 
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # The first run starts work only once both encode actors are up: a new node's first worker
+    # (torch, the model) can take longer to start than this small job takes on the head.
+    driver = subprocess.Popen(command, env={**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:

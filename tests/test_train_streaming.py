@@ -83,10 +83,11 @@ def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_mod
                        scaling__placement_strategy="STRICT_SPREAD")
     assert result.steps == reference.steps
     _assert_same_weights(got, want, _start(no_dropout_model["dense"]))
-    # Ray marks each worker process's log with what it ran: a train worker and read tasks ran
-    # on the second node (STRICT_SPREAD put the other worker on the head).
+    # Ray marks each worker process's log with what it ran: a train worker ran on the second
+    # node (STRICT_SPREAD put the other worker on the head). Where Ray Data's read tasks run is
+    # the scheduler's choice (seen on either node), so it is not asserted.
     ran = "".join(f.read_text(errors="replace") for f in second_node.temp_dir.glob("session_*/logs/worker-*.out"))
-    assert ":actor_name:RayTrainWorker" in ran and "read_planned" in ran
+    assert ":actor_name:RayTrainWorker" in ran
     # The trained model still encodes (sanity of the saved weights).
     from raytrieve.train.loop import load_encoder
 
