@@ -13,7 +13,6 @@ import pytest
 
 from raytrieve.data.batching import (
     default_batches,
-    equal_steps,
     group_by_label_batches,
     interleave,
     no_duplicates_batches,
@@ -112,12 +111,10 @@ def test_group_by_label_pairs():
         _reference_group_by_label(big, 6, 2)
 
 
-def test_interleave_and_equal_steps():
+def test_interleave_and_default_batches():
     order = interleave([3, 1], [1.0, 1.0], "proportional", seed=0)
     assert sorted(order) == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert interleave([3, 2], [1, 1], "round_robin", 0) == [(0, 0), (1, 0), (0, 1), (1, 1)]
-    per_rank, extra = equal_steps(list(range(7)), 2)
-    assert per_rank == [[0, 2, 4], [1, 3, 5]] and extra == 1
     assert sum(len(b) for b in default_batches(10, 3, 0).batches) == 10
     order = list(range(10))
     random.Random(0).shuffle(order)

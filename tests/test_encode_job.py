@@ -144,6 +144,14 @@ def test_job_query_side_router_int8_matryoshka(ray_cluster, tiny_models, tmp_pat
     assert not np.allclose(_dense_of_sparse(v)[:5], router.encode_document(data["text"][:5],
                                                                            convert_to_sparse_tensor=False).numpy())
 
+    # The int8 ranges come from the corpus itself; a changed corpus is still the same job: the
+    # changed shard is re-encoded with the first run's ranges.
+    data["text"][5] = "A changed query."
+    pq.write_table(pa.table(data), tmp_path / "corpus.parquet")
+    again = run_encode(cfg)
+    assert again.shards_changed == [0] and again.shards_written == 1
+    assert read_vectors(cfg.output_dir).manifest["dense"]["ranges"] == v.manifest["dense"]["ranges"]
+
 
 def test_bad_input_is_refused_before_any_encoding(ray_cluster, tiny_models, tmp_path):
     from raytrieve.inference.encode import run_encode

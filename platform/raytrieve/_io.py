@@ -56,26 +56,6 @@ def write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def pack_arrays(arrays: dict[str, Any]) -> bytes:
-    """numpy arrays -> npz bytes (how token ids and vectors travel between Ray actors)."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def unpack_arrays(blob: bytes) -> dict[str, Any]:
-    import io
-
-    import numpy as np
-
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
 def save_weights(module: "torch.nn.Module", directory: Path) -> None:
     from safetensors.torch import save_file
 

@@ -6,8 +6,8 @@
 - group_by_label: batches hold at least two rows per label (batch triplet losses need pairs);
 - multi-dataset: each batch comes from one dataset (its loss applies), datasets interleaved
   proportionally to their size x weight, or round robin;
-- equal steps per rank: every data-parallel rank gets the same number of batches, and what
-  does not fit is reported, never silently dropped.
+Equal steps per rank (what does not fit reported, never dropped silently) are the planner's
+job: train/plan.py.
 
 Row indices are numpy arrays (int32 below 2**31 rows): a million rows cost 4 MB, not the
 ~36 MB of a Python list of ints. Shuffles draw exactly what ``random.Random(seed).shuffle``
@@ -209,13 +209,3 @@ def interleave(counts: Sequence[int], weights: Sequence[float], mode: str, seed:
         taken[d] += 1
         remaining[d] -= 1
     return out
-
-
-def equal_steps(steps: Sequence, world_size: int) -> tuple[list[list], int]:
-    """Split a step sequence over ranks round-robin, each rank the same number of steps.
-
-    Uneven tails would leave one rank waiting in an all-reduce forever (DDP deadlock); the
-    extra steps (< world_size) are returned as a count for the caller to report.
-    """
-    usable = len(steps) - len(steps) % world_size
-    return [list(steps[r:usable:world_size]) for r in range(world_size)], len(steps) - usable

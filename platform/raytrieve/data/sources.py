@@ -288,11 +288,14 @@ def _lines_in_range(fs: pafs.FileSystem, path: str, start: int, stop: int) -> by
         return body + b"".join(tail)
 
 
-def _parse_lines(body: bytes, header: bytes, fmt: str, path: str) -> pa.Table:
+def _parse_lines(body: bytes, header: bytes, fmt: str, path: str, columns: list[str] | None = None) -> pa.Table:
     if fmt == "csv":
         import pyarrow.csv as pcsv
 
-        return pcsv.read_csv(io.BytesIO(header + body))
+        # Each byte range is parsed alone: types guessed per shard would differ between shards
+        # and turn ids like "00123" into 123, so the columns asked for are read as text.
+        types = {c: pa.string() for c in columns or []}
+        return pcsv.read_csv(io.BytesIO(header + body), convert_options=pcsv.ConvertOptions(column_types=types))
     import pyarrow.json as pj
 
     if not body.strip():
@@ -314,7 +317,7 @@ def read_shard(spec: ShardSpec, columns: list[str] | None = None) -> pa.Table:
             header = _read_bytes(fs, path, 0, min(spec.start, PROBE_BYTES)).split(b"\n", 1)[0] + b"\n"
             if not body.strip():
                 return _parse_lines(b"", header, "csv", path).select(columns) if columns else pa.table({})
-        table = _parse_lines(body, header, spec.format, path)
+        table = _parse_lines(body, header, spec.format, path, columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{spec.path}: cannot read it as {spec.format} ({e}); check the file or set format:") from None
     if columns:

@@ -6,7 +6,8 @@ a saved Hugging Face dataset's arrow files: the whole file). The driver lists th
 from metadata and streams them once (checks, per-row keys); each training worker later
 reads only the pieces it needs, and only the needed columns, and finds its planned rows by
 ``first_row + position``. So the files must be readable at the same path from the driver
-and every worker node (shared storage, or any filesystem URI pyarrow resolves).
+and every worker node (local or shared storage; URIs are not read here yet, unlike the
+encoding job's data/sources.py).
 """
 
 from __future__ import annotations

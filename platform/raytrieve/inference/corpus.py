@@ -3,7 +3,7 @@
 Workers call these on the shards they read (data/sources.py), so the driver never holds the
 texts. Bad rows are a null id, a null or blank text, or an id that an earlier row already has
 (the first row with an id is kept). Duplicates across shards are found by a distributed
-check before encoding starts (inference/plan.py); each shard reader is told which of its
+check before encoding starts (inference/checks.py); each shard reader is told which of its
 rows lose to an earlier one.
 
 ``read_corpus`` reads a whole (small) corpus in one process, for the Serve retriever's texts

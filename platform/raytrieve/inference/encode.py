@@ -147,7 +147,10 @@ def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
     The corpus *content* is not in it: each shard carries its own content checksum."""
     from raytrieve import assets
 
-    models = {k: {**v, "weights": assets._fingerprint(Path(v["model_path"]))} for k, v in described.items()}
+    # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
+    # (job.json), not part of what makes two runs the same job.
+    models = {k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets._fingerprint(Path(v["model_path"]))}
+              for k, v in described.items()}
     body = {"shard_format": shards.SHARD_FORMAT,
             "corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
             "side": cfg.side, "rows_per_shard": cfg.rows_per_shard, "bad_rows": cfg.bad_rows,
@@ -177,8 +180,9 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
                dataset: Any = None) -> EncodeResult:
     """Encode ``cfg.corpus`` as the config says. ``ray_address``: None joins the cluster this
     job runs on (``ray job submit``), "local" starts an embedded Ray. ``dataset``: a
-    ``ray.data.Dataset`` to encode instead of ``cfg.corpus.path`` (written once to
-    ``<output_dir>/_input`` by the workers, then sharded like any parquet folder)."""
+    ``ray.data.Dataset`` to encode instead of ``cfg.corpus.path`` (written by the workers to
+    ``<output_dir>/_input`` at every run, then sharded like any parquet folder; shards whose
+    content is unchanged are reused)."""
     start = time.perf_counter()
     cfg.check(where)
     store = shards.OutputStore(_location(cfg.output_dir))
@@ -194,6 +198,8 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
     fingerprint = _fingerprint(cfg, source, described)
     _claim_output(store, fingerprint, where)
+    if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
+        _reuse_ranges(store.read_json(shards.JOB), outputs, described)
 
     _init_ray(ray_address)
     from raytrieve.inference import checks
@@ -209,7 +215,8 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
 
     # Checked: only now does the job write anything.
     if not store.exists(shards.JOB):
-        store.write_json(shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg)})
+        store.write_json(shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg),
+                                      "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None}})
     store.remove_temporaries()
     encode_start = time.perf_counter()
     done = _run_pipeline(cfg, outputs, specs, duplicates, store, fingerprint)
@@ -223,10 +230,13 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
         raise DataError(f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
                         f"{cfg.corpus.id_column}); the shards list them (read_bad_rows)")
 
-    for name in store.names():  # shards of an earlier, longer plan of this job (the corpus shrank)
-        index = shards.shard_index(name)
-        if index is not None and index >= len(specs):
-            store.delete(name)
+    missing = [d["file"] for d in done.values() if not store.exists(d["file"]) or
+               not store.exists(d["file"].replace(".parquet", ".json"))]
+    if missing:  # e.g. a node-local output_dir: each worker wrote to its own disk
+        nodes = sorted({str(d["node"])[:12] for d in done.values() if d["file"] in missing})
+        raise EncodeJobError(f"output_dir {store.location}: {len(missing)} shard file(s) written by node(s) {nodes} "
+                             f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
+                             "every node shares (a shared mount or an object store URI)")
     manifest = {
         "format": shards.FORMAT, "version": 2, "fingerprint": fingerprint,
         "corpus": {"path": source.location, "format": source.format, "files": len(source.files),
@@ -243,6 +253,10 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
     unchanged = previous is not None and {k: v for k, v in previous.items() if k != "created"} == manifest
     if not unchanged:
         store.write_json(shards.MANIFEST, {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    for name in store.names():  # after the manifest: shards of an earlier, longer plan of this job
+        index = shards.shard_index(name)
+        if index is not None and index >= len(specs):
+            store.delete(name)
     encoded_rows = sum(done[s]["rows"] for s in written)
     result = EncodeResult(store.location, rows, len(specs), len(written), len(specs) - len(written),
                           manifest["corpus"]["bad_rows"], round(time.perf_counter() - start, 3),
@@ -254,6 +268,13 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
         log.info("encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s", rows, result.shards_written,
                  result.shards_reused, result.rows_per_s, store.location)
     return result
+
+
+def _reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:
+    for o in outputs:
+        kept = (job.get("ranges") or {}).get(o.kind)
+        if kept is not None and o.ranges is not None:
+            o.ranges = described[o.kind]["ranges"] = kept
 
 
 def _init_ray(ray_address: str | None) -> None:
