@@ -92,11 +92,9 @@ class InputTokenizer:
         if self.module == _STATIC:
             return None
         if prompt not in self._prompt_lengths:
-            ids = self.tokenize_ids([prompt])["input_ids"][0]
-            n = len(ids)
-            if n and ids[-1] in set(self.tokenizer.all_special_ids):
-                n -= 1
-            self._prompt_lengths[prompt] = n
+            from raytrieve.modules.transformer import prompt_token_count
+
+            self._prompt_lengths[prompt] = prompt_token_count(self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0])
         return self._prompt_lengths[prompt]
 
     def features(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, Any]:

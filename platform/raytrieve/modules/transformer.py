@@ -194,11 +194,7 @@ class Transformer(Module):
     def prompt_length(self, prompt: str) -> int:
         """Tokens the prompt occupies at the start of a text (its trailing special token excluded)."""
         if prompt not in self._prompt_lengths:
-            ids = self.tokenize_ids([prompt])["input_ids"][0]
-            n = len(ids)
-            if n and ids[-1] in set(self.tokenizer.all_special_ids):
-                n -= 1
-            self._prompt_lengths[prompt] = n
+            self._prompt_lengths[prompt] = prompt_token_count(self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0])
         return self._prompt_lengths[prompt]
 
     def tokenize(self, texts: Sequence[TextInput], prompt: str | None = None) -> Features:
@@ -249,6 +245,13 @@ def quiet_progress() -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+def prompt_token_count(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int:
+    """Tokens a tokenized prompt occupies at the start of a text: its trailing special token
+    (e.g. [SEP]) is not part of what the text's own tokens follow."""
+    n = len(ids)
+    return n - 1 if n and ids[-1] in set(tokenizer.all_special_ids) else n
 
 
 def tokenize_text_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[TextInput], prompt: str | None,
