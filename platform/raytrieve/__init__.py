@@ -31,4 +31,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'raytrieve' has no attribute {name!r}")
 
 
-__all__ = ["DenseEncoder", "SparseEncoder", "CrossEncoder", "__version__"]
+__all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "__version__"]

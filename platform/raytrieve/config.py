@@ -144,7 +144,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[
                 if int(i) >= len(items):
                     raise ConfigError(f"override {key}.{i}: {key} has {len(items)} item(s), indices start at 0")
                 item = items[int(i)]
-                items[int(i)] = merge(item, sub, f"{key}.{i}.") if isinstance(sub, dict) and isinstance(item, dict) else sub
+                items[int(i)] = (
+                    merge(item, sub, f"{key}.{i}.") if isinstance(sub, dict) and isinstance(item, dict) else sub
+                )
             out[k] = items
         else:
             out[k] = v

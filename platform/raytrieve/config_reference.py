@@ -12,7 +12,8 @@ import inspect
 import re
 import types
 import typing
-from typing import Any, Iterator, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
 FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 COMMENT = re.compile(r"^\s+#\s?(.*)$")
@@ -80,7 +81,7 @@ def rows(cls: type, prefix: str = "", seen: tuple[type, ...] = ()) -> Iterator[t
         yield key, _type_text(tp), _default_text(f), comments.get(f.name, "")
         inner, nest = _inner_dataclass(tp)
         if inner is not None and inner not in seen:  # LossSpec.inner is a LossSpec: list it once
-            yield from rows(inner, f"{key}{nest}.", seen + (cls, inner))
+            yield from rows(inner, f"{key}{nest}.", (*seen, cls, inner))
 
 
 def sections() -> list[tuple[str, str, type]]:
@@ -90,7 +91,11 @@ def sections() -> list[tuple[str, str, type]]:
     from raytrieve.train.config import TrainConfig
 
     return [
-        ("Training", "`raytrieve train --config X.yaml`, `jobs/train.py` (jobs/configs/dense_mnrl.yaml, ...)", TrainConfig),
+        (
+            "Training",
+            "`raytrieve train --config X.yaml`, `jobs/train.py` (jobs/configs/dense_mnrl.yaml, ...)",
+            TrainConfig,
+        ),
         ("Corpus encoding", "`raytrieve encode`, `jobs/encode.py` (jobs/configs/encode_pydocs.yaml)", EncodeConfig),
         ("Hard-negative mining", "`raytrieve mine`, `jobs/mine.py` (jobs/configs/mine_pydocs.yaml)", MineConfig),
         ("Serving", "`raytrieve serve`, `serve deploy cluster/serve.yaml` (application args)", ServeConfig),
@@ -103,11 +108,15 @@ def _cell(text: str) -> str:
 
 
 def markdown() -> str:
-    lines = ["# Config reference", "",
-             "Generated from the config dataclasses by `raytrieve docs config-reference`; a test keeps it in step.",
-             "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
-             "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`). "
-             "Unknown keys are errors that list the valid ones.", ""]
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the config dataclasses by `raytrieve docs config-reference`; a test keeps it in step.",
+        "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
+        "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`). "
+        "Unknown keys are errors that list the valid ones.",
+        "",
+    ]
     for title, how, cls in sections():
         lines += [f"## {title}", "", how, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, tp, default, text in rows(cls):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -59,8 +59,10 @@ def shuffle(x: np.ndarray, rng: random.Random) -> None:
         x[:] = values
         return
     version, internal, gauss = rng.getstate()
-    state = {"bit_generator": "MT19937", "state": {"key": np.array(internal[:-1], dtype=np.uint32),
-                                                   "pos": internal[-1]}}
+    state = {
+        "bit_generator": "MT19937",
+        "state": {"key": np.array(internal[:-1], dtype=np.uint32), "pos": internal[-1]},
+    }
     bits = np.random.MT19937()
     bits.state = state
     view = memoryview(x)
@@ -82,7 +84,7 @@ def shuffle(x: np.ndarray, rng: random.Random) -> None:
     bits.state = state  # replay exactly the words used, so the caller's rng continues in step
     bits.random_raw(used)
     after = bits.state["state"]
-    rng.setstate((version, tuple(int(k) for k in after["key"]) + (int(after["pos"]),), gauss))
+    rng.setstate((version, (*tuple(int(k) for k in after["key"]), int(after["pos"])), gauss))
 
 
 def shuffled_range(n: int, rng: random.Random) -> np.ndarray:

@@ -22,9 +22,10 @@ worker process and kept (``_tokenizer``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -161,16 +162,22 @@ def read_planned(items: pa.Table, pieces: list, lookup: Any, dataset: int, spec:
             continue
         table = read_piece(piece, wanted)
         if table.num_rows != piece.rows:
-            raise StreamError(f"{piece.path}: has {table.num_rows} rows where the plan counted {piece.rows}; "
-                              "the file changed after the job was planned")
+            raise StreamError(
+                f"{piece.path}: has {table.num_rows} rows where the plan counted {piece.rows}; "
+                "the file changed after the job was planned"
+            )
         order = np.argsort(keys[lo:hi], kind="stable")
         local = (rows[lo:hi] - piece.first_row)[order]
         parts.append(stream_rows(table.take(pa.array(local)), keys[lo:hi][order], dataset, spec))
     return pa.concat_tables(parts) if parts else spec.schema().empty_table()
 
 
-def rank_epoch_dataset(pieces: Sequence[list], lookups: Sequence[tuple[np.ndarray, np.ndarray] | None],
-                       spec: StreamSpec, read_cpus: float = 0.5):
+def rank_epoch_dataset(
+    pieces: Sequence[list],
+    lookups: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    spec: StreamSpec,
+    read_cpus: float = 0.5,
+):
     """The Ray Dataset of one rank's epoch: every planned row once, sorted by stream key.
 
     ``pieces[d]``: dataset d's numbered pieces; ``lookups[d]``: (row indices sorted, their stream
@@ -184,12 +191,22 @@ def rank_epoch_dataset(pieces: Sequence[list], lookups: Sequence[tuple[np.ndarra
         if lookup is None or not len(lookup[0]):
             continue
         rows = lookup[0]
-        needed = [i for i, p in enumerate(pieces[d])
-                  if np.searchsorted(rows, p.first_row + p.rows) > np.searchsorted(rows, p.first_row)]
+        needed = [
+            i
+            for i, p in enumerate(pieces[d])
+            if np.searchsorted(rows, p.first_row + p.rows) > np.searchsorted(rows, p.first_row)
+        ]
         ref = ray.put(lookup)
         ds = ray.data.from_items([{"piece": i} for i in needed], override_num_blocks=len(needed))
-        parts.append(ds.map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus,
-                                    fn_kwargs={"pieces": pieces[d], "lookup": ref, "dataset": d, "spec": spec}))
+        parts.append(
+            ds.map_batches(
+                read_planned,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=read_cpus,
+                fn_kwargs={"pieces": pieces[d], "lookup": ref, "dataset": d, "spec": spec},
+            )
+        )
     if not parts:
         return None
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -219,7 +236,7 @@ def micro_batches(tables: Iterable[pa.Table], expected: Iterable[tuple[int, int]
             pending, have = ([rest] if rest.num_rows else []), rest.num_rows
             current = next(plan, None)
     if current is not None or have:
-        raise StreamError(f"the stream ended {'early, at micro-batch %d' % current[0] if current else 'with extra rows'}")
+        raise StreamError(f"the stream ended {f'early, at micro-batch {current[0]}' if current else 'with extra rows'}")
 
 
 def decode_features(batch: pa.Table, d: DatasetStream, modules: Sequence[Any]) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return []
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     out: list[Pair] = []
     for path in sorted(root.rglob("*.py"))[:max_files]:
         if "test" in path.parts or path.name.startswith("test_"):
@@ -82,8 +82,9 @@ def deduplicate(pairs: list[Pair]) -> list[Pair]:
     return out
 
 
-def build(out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES,
-          max_per_package: int | None = 4000) -> dict:
+def build(
+    out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES, max_per_package: int | None = 4000
+) -> dict:
     """Write train.parquet, test.parquet and manifest.json into ``out_dir`` (atomically)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -104,16 +105,26 @@ def build(out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST
     train_q = {p.query.lower() for p in splits["train"]}
     train_d = {p.document.lower() for p in splits["train"]}
     splits["test"] = [p for p in splits["test"] if p.query.lower() not in train_q and p.document.lower() not in train_d]
-    manifest = {"packages": versions, "train_packages": list(train_packages), "test_packages": list(test_packages),
-                "rows": {k: len(v) for k, v in splits.items()}, "columns": ["id", "query", "document", "package"],
-                "files": ["train.parquet", "test.parquet", "train_labeled.parquet", "train_listwise.parquet"]}
+    manifest = {
+        "packages": versions,
+        "train_packages": list(train_packages),
+        "test_packages": list(test_packages),
+        "rows": {k: len(v) for k, v in splits.items()},
+        "columns": ["id", "query", "document", "package"],
+        "files": ["train.parquet", "test.parquet", "train_labeled.parquet", "train_listwise.parquet"],
+    }
     with atomic_directory(Path(out_dir)) as tmp:
         for split, pairs in splits.items():
             # A stable id per pair (= per document: documents are deduplicated), so the split
             # doubles as a corpus for the encoding job and as qrels for evaluation.
-            table = pa.table({"id": [f"{split}-{i:06d}" for i in range(len(pairs))],
-                              "query": [p.query for p in pairs], "document": [p.document for p in pairs],
-                              "package": [p.package for p in pairs]})
+            table = pa.table(
+                {
+                    "id": [f"{split}-{i:06d}" for i in range(len(pairs))],
+                    "query": [p.query for p in pairs],
+                    "document": [p.document for p in pairs],
+                    "package": [p.package for p in pairs],
+                }
+            )
             pq.write_table(table, tmp / f"{split}.parquet")
         # For cross-encoders: each training query with its document (1) and random others (0),
         # as labeled pairs and as one ranked list per query.
@@ -128,8 +139,10 @@ def build(out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST
             lists.append([p.document, *others])
             list_labels.append([1.0] + [0.0] * len(others))
         pq.write_table(pa.table({"query": q, "document": d, "label": y}), tmp / "train_labeled.parquet")
-        pq.write_table(pa.table({"query": [p.query for p in train], "documents": lists, "labels": list_labels}),
-                       tmp / "train_listwise.parquet")
+        pq.write_table(
+            pa.table({"query": [p.query for p in train], "documents": lists, "labels": list_labels}),
+            tmp / "train_listwise.parquet",
+        )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

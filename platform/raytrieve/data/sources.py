@@ -33,8 +33,15 @@ import pyarrow.fs as pafs
 
 from raytrieve.errors import DataError
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-           ".csv": "csv", ".arrow": "hf"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".arrow": "hf",
+}
 # Bytes read from the first jsonl/csv file to estimate the line length the byte ranges use.
 PROBE_BYTES = 1 << 20
 
@@ -64,13 +71,17 @@ class ShardSpec:
     stop: int
 
     def as_row(self) -> dict[str, object]:
-        return {"shard": self.shard, "path": self.path, "format": self.format, "start": self.start,
-                "stop": self.stop}
+        return {"shard": self.shard, "path": self.path, "format": self.format, "start": self.start, "stop": self.stop}
 
     @classmethod
-    def from_row(cls, row: dict[str, object]) -> "ShardSpec":
-        return cls(int(row["shard"]), str(row["path"]), str(row["format"]), int(row["start"]),  # type: ignore[arg-type]
-                   int(row["stop"]))  # type: ignore[arg-type]
+    def from_row(cls, row: dict[str, object]) -> ShardSpec:
+        return cls(
+            int(row["shard"]),
+            str(row["path"]),
+            str(row["format"]),
+            int(row["start"]),  # type: ignore[arg-type]
+            int(row["stop"]),
+        )  # type: ignore[arg-type]
 
 
 def is_uri(location: str) -> bool:
@@ -88,7 +99,9 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         try:
             fs, path = pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, OSError, ValueError) as e:
-            raise DataError(f"{location}: pyarrow cannot open this URI ({e}); check the scheme and credentials") from None
+            raise DataError(
+                f"{location}: pyarrow cannot open this URI ({e}); check the scheme and credentials"
+            ) from None
         return fs, path
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
@@ -133,9 +146,13 @@ def _list_files(location: str, fs: pafs.FileSystem, path: str, fmt: str) -> list
         return [f"{path}/{name}" for name in files]
     suffixes = [s for s, f in FORMATS.items() if f == fmt]
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(i.path for i in entries
-                  if i.type == pafs.FileType.File and any(i.path.endswith(s) for s in suffixes)
-                  and not Path(i.path).name.startswith((".", "_")))
+    return sorted(
+        i.path
+        for i in entries
+        if i.type == pafs.FileType.File
+        and any(i.path.endswith(s) for s in suffixes)
+        and not Path(i.path).name.startswith((".", "_"))
+    )
 
 
 def _with_scheme(location: str, path: str) -> str:
@@ -151,10 +168,14 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
     ``field`` names the config key in errors."""
     fs, path = resolve(location)
     if not any(ch in path for ch in "*?[") and fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise DataError(f"{field} {location}: file not found; point it at a parquet, jsonl or csv file, a folder "
-                        "or a glob")
-    fmt = fmt or (infer_format(location, fs, path) if not any(ch in path for ch in "*?[") else
-                  FORMATS.get(Path(path).suffix.lower()) or "parquet")
+        raise DataError(
+            f"{field} {location}: file not found; point it at a parquet, jsonl or csv file, a folder or a glob"
+        )
+    fmt = fmt or (
+        infer_format(location, fs, path)
+        if not any(ch in path for ch in "*?[")
+        else FORMATS.get(Path(path).suffix.lower()) or "parquet"
+    )
     files = []
     for p in _list_files(location, fs, path, fmt):
         info = fs.get_file_info(p)
@@ -267,7 +288,7 @@ def _lines_in_range(fs: pafs.FileSystem, path: str, start: int, stop: int) -> by
             first_break = data.find(b"\n")
             if first_break < 0:
                 return b""
-            body = data[first_break + 1:]
+            body = data[first_break + 1 :]
             begin = start + first_break
         else:
             f.seek(0)

@@ -12,9 +12,9 @@ encoding job's data/sources.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pyarrow as pa
 
@@ -81,8 +81,10 @@ def _hf_pieces(path: Path) -> tuple[pa.Schema, list[Piece]]:
 
     state = path / "state.json"
     if not state.exists():
-        raise DataError(f"{path}: no state.json; save the dataset with datasets' save_to_disk (a DatasetDict: "
-                        "point at one split's folder)")
+        raise DataError(
+            f"{path}: no state.json; save the dataset with datasets' save_to_disk (a DatasetDict: "
+            "point at one split's folder)"
+        )
     names = [f["filename"] for f in read_json(state).get("_data_files", [])]
     pieces, schema, first = [], None, 0
     for name in names:
@@ -102,8 +104,11 @@ def _stream_reader(piece: Piece, columns: Sequence[str] | None):
         return pj.open_json(piece.path, read_options=pj.ReadOptions(block_size=8 << 20))
     import pyarrow.csv as pc
 
-    return pc.open_csv(piece.path, read_options=pc.ReadOptions(block_size=8 << 20),
-                       convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None))
+    return pc.open_csv(
+        piece.path,
+        read_options=pc.ReadOptions(block_size=8 << 20),
+        convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None),
+    )
 
 
 def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -117,8 +122,9 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
             # reader's resident memory with the file (~60 MB per million short rows); without
             # them it stays flat (see data/validate.py, which also returns freed pool memory).
             reader = pq.ParquetFile(piece.path, pre_buffer=False, buffer_size=1 << 20)
-            yield from reader.iter_batches(BATCH_ROWS, row_groups=list(piece.row_groups), columns=columns,
-                                           use_threads=False)
+            yield from reader.iter_batches(
+                BATCH_ROWS, row_groups=list(piece.row_groups), columns=columns, use_threads=False
+            )
         elif piece.fmt == "arrow":
             with pa.memory_map(piece.path) as source:
                 for batch in pa.ipc.open_stream(source):
@@ -127,8 +133,10 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
             for batch in _stream_reader(piece, columns):
                 yield batch.select(columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{piece.path}: cannot read it as {piece.fmt} ({e}); check the file (a jsonl file "
-                        "whose values change type between lines: convert it to parquet)") from None
+        raise DataError(
+            f"{piece.path}: cannot read it as {piece.fmt} ({e}); check the file (a jsonl file "
+            "whose values change type between lines: convert it to parquet)"
+        ) from None
 
 
 def read_piece(piece: Piece, columns: Sequence[str]) -> pa.Table:

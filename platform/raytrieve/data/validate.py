@@ -90,8 +90,9 @@ def is_numeric(t: pa.DataType) -> bool:
     return _is_number(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_number(t.value_type))
 
 
-def validate_dataset(d: DatasetConfig, kind: str, where: str, keys: str | None = None,
-                     scan: bool = True) -> DatasetReport:
+def validate_dataset(
+    d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True
+) -> DatasetReport:
     """Check one dataset by streaming it once (record batches of the needed columns only, so
     the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
     hash per text value, "labels" the label key per row, for the batch planner. ``scan=False``:
@@ -137,8 +138,10 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str, keys: str | None =
         if label is None:
             raise DataError(f"{where} ({d.name}): {loss_name} needs labels; set datasets[].label_column")
         label_type = schema.field(label).type
-        ok = (pa.types.is_list(label_type) and _is_number(label_type.value_type)) if listwise else (
-            _is_number(label_type) or (pa.types.is_list(label_type) and _is_number(label_type.value_type))
+        ok = (
+            (pa.types.is_list(label_type) and _is_number(label_type.value_type))
+            if listwise
+            else (_is_number(label_type) or (pa.types.is_list(label_type) and _is_number(label_type.value_type)))
         )
         if not ok:
             raise DataError(
@@ -195,18 +198,20 @@ def validate_dataset(d: DatasetConfig, kind: str, where: str, keys: str | None =
             )
     if labelled and nulls[label]:
         raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
-    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces,
-                           {c: schema.field(c).type for c in read})
+    report = DatasetReport(
+        d.name, str(path), total, columns, label, fmt, pieces, {c: schema.field(c).type for c in read}
+    )
     if keys == "texts":
         if known is not None and known == total:
             report.text_keys = key_parts[0]
         else:
-            parts = ([key_parts[0][:filled]] + key_parts[1:]) if known is not None else key_parts
+            parts = ([key_parts[0][:filled], *key_parts[1:]]) if known is not None else key_parts
             report.text_keys = np.concatenate(parts) if parts else np.zeros((0, len(columns)), np.uint64)
     if keys == "labels":
         if label is None:
-            raise DataError(f"{where} ({d.name}): batch_sampler group_by_label needs labels; set "
-                            "datasets[].label_column")
+            raise DataError(
+                f"{where} ({d.name}): batch_sampler group_by_label needs labels; set datasets[].label_column"
+            )
         report.label_keys = np.concatenate(label_parts)
     return report
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from raytrieve.serve.client import post
-
 
 STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank")
 
 
-def run_queries(base: str, queries: Mapping[str, str], recall: int, rerank_depth: int, clients: int,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_queries(
+    base: str,
+    queries: Mapping[str, str],
+    recall: int,
+    rerank_depth: int,
+    clients: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Every query once through the whole pipeline (dense + sparse recall, RRF, rerank), with
     ``return_stages`` so one answer scores every stage. Returns per stage: query id -> ranked
     ids; and the median of each server-side timing.
@@ -23,8 +29,15 @@ def run_queries(base: str, queries: Mapping[str, str], recall: int, rerank_depth
     The reranker rescores only the top ``rerank_depth`` fused candidates; below them the
     ranking continues in fused order, so Recall@k of "hybrid+rerank" counts the same pool.
     """
-    body = {"top_k": rerank_depth, "recall": {"dense": recall, "sparse": recall}, "fusion": {"method": "rrf"},
-            "rerank": True, "rerank_depth": rerank_depth, "return_text": False, "return_stages": True}
+    body = {
+        "top_k": rerank_depth,
+        "recall": {"dense": recall, "sparse": recall},
+        "fusion": {"method": "rrf"},
+        "rerank": True,
+        "rerank_depth": rerank_depth,
+        "return_text": False,
+        "return_stages": True,
+    }
     rankings: dict[str, dict[str, list[str]]] = {m: {} for m in STAGES}
     timings: dict[str, list[float]] = {"http_ms": []}
     qids = sorted(queries)

@@ -61,7 +61,8 @@ class DemoConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     dense_training: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(register_as="demo-pydocs-dense"))
     sparse_training: FineTuneConfig = field(
-        default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse"))
+        default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse")
+    )
     serving: ServingConfig = field(default_factory=ServingConfig)
     mlflow_tracking_uri: str | None = None  # default: <out_dir>/mlruns (a local file store)
     num_cpus: int | None = None  # the embedded Ray's CPUs; None: all of this machine's
@@ -75,17 +76,26 @@ class DemoConfig:
 
     def check(self, where: str = "config") -> DemoConfig:
         s = self.sample
-        for key, value in (("sample.train_pairs", s.train_pairs), ("sample.dev_queries", s.dev_queries),
-                           ("sample.test_queries", s.test_queries), ("serving.rerank_depth", self.serving.rerank_depth),
-                           ("serving.recall", self.serving.recall), ("serving.clients", self.serving.clients),
-                           ("models.max_seq_length", self.models.max_seq_length)):
+        for key, value in (
+            ("sample.train_pairs", s.train_pairs),
+            ("sample.dev_queries", s.dev_queries),
+            ("sample.test_queries", s.test_queries),
+            ("serving.rerank_depth", self.serving.rerank_depth),
+            ("serving.recall", self.serving.recall),
+            ("serving.clients", self.serving.clients),
+            ("models.max_seq_length", self.models.max_seq_length),
+        ):
             if value < 1:
                 raise ConfigError(f"{where}.{key} must be >= 1, got {value}")
         if s.dev_corpus < s.dev_queries:
-            raise ConfigError(f"{where}.sample.dev_corpus ({s.dev_corpus}) must be >= sample.dev_queries ({s.dev_queries})")
+            raise ConfigError(
+                f"{where}.sample.dev_corpus ({s.dev_corpus}) must be >= sample.dev_queries ({s.dev_queries})"
+            )
         if s.test_corpus < s.test_queries:
-            raise ConfigError(f"{where}.sample.test_corpus ({s.test_corpus}) must be >= sample.test_queries "
-                              f"({s.test_queries}): every test query's document is in the corpus")
+            raise ConfigError(
+                f"{where}.sample.test_corpus ({s.test_corpus}) must be >= sample.test_queries "
+                f"({s.test_queries}): every test query's document is in the corpus"
+            )
         if self.serving.recall > 1000:
             raise ConfigError(f"{where}.serving.recall: at most 1000 (the Serve limit), got {self.serving.recall}")
         for key in ("dense_training", "sparse_training"):

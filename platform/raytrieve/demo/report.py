@@ -14,32 +14,60 @@ from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.sample import Samples
 
 TEST_STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank")
-LABELS = {"dense": "dense (MiniLM)", "sparse": "sparse (SPLADE)", "hybrid": "hybrid (RRF)",
-          "hybrid+rerank": "hybrid + rerank"}
+LABELS = {
+    "dense": "dense (MiniLM)",
+    "sparse": "sparse (SPLADE)",
+    "hybrid": "hybrid (RRF)",
+    "hybrid+rerank": "hybrid + rerank",
+}
 
 
 def _machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU" \
-        if not torch.cuda.is_available() else f"{platform.system()} {cpu}, {torch.cuda.get_device_name(0)}"
+    return (
+        f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU"
+        if not torch.cuda.is_available()
+        else f"{platform.system()} {cpu}, {torch.cuda.get_device_name(0)}"
+    )
 
 
-def _row(split: str, stage: str, label: str, before: dict[str, list[float]], after: dict[str, list[float]],
-         names: tuple[str, ...]) -> dict[str, Any]:
+def _row(
+    split: str,
+    stage: str,
+    label: str,
+    before: dict[str, list[float]],
+    after: dict[str, list[float]],
+    names: tuple[str, ...],
+) -> dict[str, Any]:
     metrics = {}
     for m in names:
         delta, lo, hi = scoring.paired_interval(before[m], after[m])
-        metrics[m] = {"before": scoring.mean(before[m]), "after": scoring.mean(after[m]), "delta": delta, "ci95": [lo, hi]}
+        metrics[m] = {
+            "before": scoring.mean(before[m]),
+            "after": scoring.mean(after[m]),
+            "delta": delta,
+            "ci95": [lo, hi],
+        }
     return {"split": split, "stage": stage, "label": label, "metrics": metrics}
 
 
-def build(cfg: DemoConfig, samples: Samples, before_dev: dict, after_dev: dict, before_test: dict, after_test: dict,
-          tuned: dict[str, dict], seconds: float, reused: list[str]) -> dict[str, Any]:
+def build(
+    cfg: DemoConfig,
+    samples: Samples,
+    before_dev: dict,
+    after_dev: dict,
+    before_test: dict,
+    after_test: dict,
+    tuned: dict[str, dict],
+    seconds: float,
+    reused: list[str],
+) -> dict[str, Any]:
     names = scoring.metric_names(cfg.serving.recall)
-    rows = [_row("test", s, LABELS[s], before_test["per_stage"][s], after_test["per_stage"][s], names)
-            for s in TEST_STAGES]
+    rows = [
+        _row("test", s, LABELS[s], before_test["per_stage"][s], after_test["per_stage"][s], names) for s in TEST_STAGES
+    ]
     for kind in ("dense", "sparse"):
         rows.append(_row("dev", kind, LABELS[kind], before_dev[kind]["per_query"], after_dev[kind]["per_query"], names))
     # Does the full pipeline beat each single stage, on the same queries?
@@ -55,15 +83,27 @@ def build(cfg: DemoConfig, samples: Samples, before_dev: dict, after_dev: dict, 
         "seconds": round(seconds, 1),
         "reused_steps": list(reused),
         "metrics": list(names),
-        "sizes": {"train_pairs": cfg.sample.train_pairs, "dev_queries": len(samples.dev.queries),
-                  "dev_corpus": len(samples.dev.corpus), "test_queries": len(samples.test.queries),
-                  "test_corpus": len(samples.test.corpus), "rerank_depth": cfg.serving.rerank_depth,
-                  "recall": cfg.serving.recall, "clients": cfg.serving.clients},
-        "models": {"pretrained": {"dense": cfg.models.dense, "sparse": cfg.models.sparse},
-                   "fine_tuned": {k: v["uri"] for k, v in tuned.items()}, "reranker": cfg.models.reranker},
+        "sizes": {
+            "train_pairs": cfg.sample.train_pairs,
+            "dev_queries": len(samples.dev.queries),
+            "dev_corpus": len(samples.dev.corpus),
+            "test_queries": len(samples.test.queries),
+            "test_corpus": len(samples.test.corpus),
+            "rerank_depth": cfg.serving.rerank_depth,
+            "recall": cfg.serving.recall,
+            "clients": cfg.serving.clients,
+        },
+        "models": {
+            "pretrained": {"dense": cfg.models.dense, "sparse": cfg.models.sparse},
+            "fine_tuned": {k: v["uri"] for k, v in tuned.items()},
+            "reranker": cfg.models.reranker,
+        },
         "mlflow": {"tracking_uri": cfg.tracking_uri(), "runs": {k: v.get("run_id") for k, v in tuned.items()}},
         "timings_p50_ms": {"before": before_test["timings_p50_ms"], "after": after_test["timings_p50_ms"]},
-        "encode_rows_per_s": {"before": before_test["encode"]["rows_per_s"], "after": after_test["encode"]["rows_per_s"]},
+        "encode_rows_per_s": {
+            "before": before_test["encode"]["rows_per_s"],
+            "after": after_test["encode"]["rows_per_s"],
+        },
         "rows": rows,
         "rerank_vs_single_stage_ndcg@10": rerank_vs,
         "lee_spearman": {"before": before_dev["dense"]["lee_spearman"], "after": after_dev["dense"]["lee_spearman"]},
@@ -79,10 +119,15 @@ def markdown(rep: dict[str, Any]) -> str:
     names, s = rep["metrics"], rep["sizes"]
     head = " | ".join(f"{m} before | {m} after | Δ [95% CI]" for m in names)
     lines = [
-        "# raytrieve demo results", "",
+        "# raytrieve demo results",
+        "",
         f"Run on {rep['date']}, {rep['machine']}; `make demo` took {rep['seconds'] / 60:.1f} min"
-        + (f" (reusing {len(rep['reused_steps'])} finished steps of an earlier run: {', '.join(rep['reused_steps'])})."
-           if rep["reused_steps"] else ", every step computed in this run."), "",
+        + (
+            f" (reusing {len(rep['reused_steps'])} finished steps of an earlier run: {', '.join(rep['reused_steps'])})."
+            if rep["reused_steps"]
+            else ", every step computed in this run."
+        ),
+        "",
         f"- **test**: {s['test_queries']} queries of numpy and scipy docstrings (packages never trained on) over "
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
         f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with {rep['models']['reranker']}.",
@@ -92,11 +137,15 @@ def markdown(rep: dict[str, Any]) -> str:
         f"**after**: fine-tuned on {s['train_pairs']} pairs with Ray Train and served from the MLflow registry "
         f"({', '.join(rep['models']['fine_tuned'].values())}).",
         "- Δ = after − before, with a paired bootstrap 95% interval over the queries: an interval that contains 0 "
-        "means no difference that this many queries can show.", "",
-        f"| split | stage | {head} |", "|---|---|" + "---|---|---|" * len(names),
+        "means no difference that this many queries can show.",
+        "",
+        f"| split | stage | {head} |",
+        "|---|---|" + "---|---|---|" * len(names),
     ]
     for row in rep["rows"]:
-        lines.append(f"| {row['split']} | {row['label']} | " + " | ".join(_cell(row["metrics"][m]) for m in names) + " |")
+        lines.append(
+            f"| {row['split']} | {row['label']} | " + " | ".join(_cell(row["metrics"][m]) for m in names) + " |"
+        )
     lines += ["", "Full pipeline against each single stage (test, NDCG@10, hybrid + rerank − stage):", ""]
     lines += ["| models | vs dense | vs sparse | vs hybrid |", "|---|---|---|---|"]
     for phase in ("before", "after"):
@@ -106,22 +155,34 @@ def markdown(rep: dict[str, Any]) -> str:
             cells.append(f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
         lines.append(f"| {'pretrained' if phase == 'before' else 'fine-tuned'} | " + " | ".join(cells) + " |")
     lee = rep["lee_spearman"]
-    lines += ["", f"Lee corpus (50 news documents, human similarity judgments), Spearman of the dense model's cosine: "
-              f"{lee['before']:.3f} before, {lee['after']:.3f} after.", "",
-              "Serve timings, median per /search call (whole pipeline with rerank, " + str(s["clients"])
-              + " concurrent clients, ms before / after): " + ", ".join(
-                  f"{k.removesuffix('_ms')} {v:.0f} / {rep['timings_p50_ms']['after'].get(k, float('nan')):.0f}"
-                  for k, v in rep["timings_p50_ms"]["before"].items()) + ".",
-              f"Encoding job: {rep['encode_rows_per_s']['before']} / {rep['encode_rows_per_s']['after']} documents/s "
-              "(dense and sparse in one pass, actor start-up included).", ""]
+    lines += [
+        "",
+        f"Lee corpus (50 news documents, human similarity judgments), Spearman of the dense model's cosine: "
+        f"{lee['before']:.3f} before, {lee['after']:.3f} after.",
+        "",
+        "Serve timings, median per /search call (whole pipeline with rerank, "
+        + str(s["clients"])
+        + " concurrent clients, ms before / after): "
+        + ", ".join(
+            f"{k.removesuffix('_ms')} {v:.0f} / {rep['timings_p50_ms']['after'].get(k, float('nan')):.0f}"
+            for k, v in rep["timings_p50_ms"]["before"].items()
+        )
+        + ".",
+        f"Encoding job: {rep['encode_rows_per_s']['before']} / {rep['encode_rows_per_s']['after']} documents/s "
+        "(dense and sparse in one pass, actor start-up included).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def console(rep: dict[str, Any]) -> list[str]:
     names = rep["metrics"]
     width = max(len(f"{r['split']}  {r['label']}") for r in rep["rows"]) + 2
-    out = ["", "".ljust(width) + "".join(f"{m:>24}" for m in names),
-           "".ljust(width) + "".join(f"{'before -> after':>24}" for _ in names)]
+    out = [
+        "",
+        "".ljust(width) + "".join(f"{m:>24}" for m in names),
+        "".ljust(width) + "".join(f"{'before -> after':>24}" for _ in names),
+    ]
     for r in rep["rows"]:
         cells = "".join(f"{r['metrics'][m]['before']:>12.3f} -> {r['metrics'][m]['after']:.3f}  " for m in names)
         out.append(f"{r['split']}  {r['label']}".ljust(width) + cells)

@@ -26,9 +26,10 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from raytrieve.demo import sample as sampling
 from raytrieve.demo import scoring
@@ -52,8 +53,9 @@ class Progress:
         self.log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
 
     @contextlib.contextmanager
-    def heartbeat(self, what: str, status: Callable[[], str | None] | None = None,
-                  every_s: float = 20.0) -> Iterator[None]:
+    def heartbeat(
+        self, what: str, status: Callable[[], str | None] | None = None, every_s: float = 20.0
+    ) -> Iterator[None]:
         stop = threading.Event()
         started = time.monotonic()
 
@@ -114,16 +116,26 @@ class DemoResult:
 
 # -- in-process evaluation (dev pairs of the train packages; Lee) --------------------------------
 
-def evaluate_in_process(kind: str, model: str, split: sampling.Split, recall_k: int, max_seq_length: int,
-                        lee: bool) -> dict[str, Any]:
+
+def evaluate_in_process(
+    kind: str, model: str, split: sampling.Split, recall_k: int, max_seq_length: int, lee: bool
+) -> dict[str, Any]:
     from raytrieve.encoders import load_encoder
     from raytrieve.evaluation import InformationRetrievalEvaluator, SparseInformationRetrievalEvaluator
 
     encoder = load_encoder(kind, model, device="cpu", max_seq_length=max_seq_length)
     cls = InformationRetrievalEvaluator if kind == "dense" else SparseInformationRetrievalEvaluator
-    evaluator = cls(split.queries, split.corpus, {q: {d} for q, d in split.qrels.items()}, ndcg_at_k=(10,),
-                    mrr_at_k=(10,), accuracy_at_k=(1,), precision_recall_at_k=(recall_k,), map_at_k=(recall_k,),
-                    write_csv=False)
+    evaluator = cls(
+        split.queries,
+        split.corpus,
+        {q: {d} for q, d in split.qrels.items()},
+        ndcg_at_k=(10,),
+        mrr_at_k=(10,),
+        accuracy_at_k=(1,),
+        precision_recall_at_k=(recall_k,),
+        map_at_k=(recall_k,),
+        write_csv=False,
+    )
     hits = next(iter(evaluator.retrieve(encoder).values()))
     rankings = {qid: [evaluator.corpus_ids[i] for _, i in ranked] for qid, ranked in zip(evaluator.query_ids, hits)}
     out: dict[str, Any] = {"per_query": scoring.per_query(rankings, split.qrels, recall_k)}
@@ -137,6 +149,7 @@ def evaluate_in_process(kind: str, model: str, split: sampling.Split, recall_k: 
 
 # -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
 
+
 def _check_port_free(port: int) -> None:
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -149,22 +162,38 @@ def encode_and_index(cfg: DemoConfig, samples: sampling.Samples, dense: str, spa
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
 
-    encode = from_dict(EncodeConfig, {
-        "corpus": {"path": str(samples.test_corpus_path), "id_column": "id", "text_column": "document"},
-        "output_dir": str(folder / "vectors"), "side": "document", "rows_per_shard": 500,
-        "dense": {"model": dense, "max_seq_length": cfg.models.max_seq_length},
-        "sparse": {"model": sparse, "max_seq_length": cfg.models.max_seq_length},
-        "compute": {"tokenize_actors": 1, "encode_actors": 1, "cpus_per_encode_actor": 1.0,
-                    "torch_threads": cfg.serving.torch_threads},
-    }, where="demo encode")
+    encode = from_dict(
+        EncodeConfig,
+        {
+            "corpus": {"path": str(samples.test_corpus_path), "id_column": "id", "text_column": "document"},
+            "output_dir": str(folder / "vectors"),
+            "side": "document",
+            "rows_per_shard": 500,
+            "dense": {"model": dense, "max_seq_length": cfg.models.max_seq_length},
+            "sparse": {"model": sparse, "max_seq_length": cfg.models.max_seq_length},
+            "compute": {
+                "tokenize_actors": 1,
+                "encode_actors": 1,
+                "cpus_per_encode_actor": 1.0,
+                "torch_threads": cfg.serving.torch_threads,
+            },
+        },
+        where="demo encode",
+    )
     result = run_encode(encode, where="demo encode")
     built = build_indices(folder / "vectors", folder / "index")
-    return {"rows": result.rows, "rows_per_s": round(result.rows_per_s, 1), "seconds": round(result.seconds, 1),
-            "index": str(folder / "index"), "built": built}
+    return {
+        "rows": result.rows,
+        "rows_per_s": round(result.rows_per_s, 1),
+        "seconds": round(result.seconds, 1),
+        "index": str(folder / "index"),
+        "built": built,
+    }
 
 
-def serve_and_query(cfg: DemoConfig, samples: sampling.Samples, dense: str, sparse: str, index: str,
-                    progress: Progress) -> dict[str, Any]:
+def serve_and_query(
+    cfg: DemoConfig, samples: sampling.Samples, dense: str, sparse: str, index: str, progress: Progress
+) -> dict[str, Any]:
     from ray import serve
 
     from raytrieve.config import from_dict
@@ -175,30 +204,47 @@ def serve_and_query(cfg: DemoConfig, samples: sampling.Samples, dense: str, spar
 
     s, m = cfg.serving, cfg.models
     replica = {"max_seq_length": m.max_seq_length, "num_cpus": 0.5, "torch_threads": s.torch_threads}
-    serve_cfg = from_dict(ServeConfig, {
-        "dense": {"model": dense, "name": "dense", **replica}, "sparse": {"model": sparse, "name": "sparse", **replica},
-        "reranker": {"model": m.reranker, "name": "reranker", **replica, "max_batch_tokens": 16384},
-        "index": index, "port": s.port, "app_name": "raytrieve-demo", "mlflow_tracking_uri": cfg.tracking_uri(),
-        "limits": {"max_top_k": max(100, s.recall), "max_rerank_depth": max(200, s.rerank_depth),
-                   "max_queued_requests": 256},
-    }, where="demo serve")
+    serve_cfg = from_dict(
+        ServeConfig,
+        {
+            "dense": {"model": dense, "name": "dense", **replica},
+            "sparse": {"model": sparse, "name": "sparse", **replica},
+            "reranker": {"model": m.reranker, "name": "reranker", **replica, "max_batch_tokens": 16384},
+            "index": index,
+            "port": s.port,
+            "app_name": "raytrieve-demo",
+            "mlflow_tracking_uri": cfg.tracking_uri(),
+            "limits": {
+                "max_top_k": max(100, s.recall),
+                "max_rerank_depth": max(200, s.rerank_depth),
+                "max_queued_requests": 256,
+            },
+        },
+        where="demo serve",
+    )
     _check_port_free(s.port)
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)
         progress(f"  Serve is up at {base}; sending {len(samples.test.queries)} test queries to /search over HTTP")
-        answers = run_queries(base, samples.test.queries, s.recall, s.rerank_depth, s.clients,
-                              progress=lambda line: progress(f"  {line}"))
+        answers = run_queries(
+            base, samples.test.queries, s.recall, s.rerank_depth, s.clients, progress=lambda line: progress(f"  {line}")
+        )
     finally:
         # Frees the replicas' CPUs for training. This stops every Serve app on the cluster the
         # demo runs on: the demo is meant for its own embedded Ray.
         serve.shutdown()
-    return {"per_stage": {mode: scoring.per_query(r, samples.test.qrels, s.recall)
-                          for mode, r in answers["rankings"].items()},
-            "timings_p50_ms": answers["timings_p50_ms"], "url": base}
+    return {
+        "per_stage": {
+            mode: scoring.per_query(r, samples.test.qrels, s.recall) for mode, r in answers["rankings"].items()
+        },
+        "timings_p50_ms": answers["timings_p50_ms"],
+        "url": base,
+    }
 
 
 # -- fine-tuning --------------------------------------------------------------------------------
+
 
 def train_config(cfg: DemoConfig, kind: str, ft: FineTuneConfig, train_path: Path) -> Any:
     from raytrieve.config import from_dict
@@ -208,8 +254,11 @@ def train_config(cfg: DemoConfig, kind: str, ft: FineTuneConfig, train_path: Pat
         model, loss = cfg.models.dense, {"name": "MultipleNegativesRankingLoss", "args": {"scale": 20.0}}
     else:
         model = cfg.models.sparse
-        loss = {"name": "SpladeLoss", "args": {"document_regularizer_weight": 3e-5, "query_regularizer_weight": 5e-5},
-                "inner": {"name": "SparseMultipleNegativesRankingLoss"}}
+        loss = {
+            "name": "SpladeLoss",
+            "args": {"document_regularizer_weight": 3e-5, "query_regularizer_weight": 5e-5},
+            "inner": {"name": "SparseMultipleNegativesRankingLoss"},
+        }
     data = {
         "model": {"name_or_path": model, "kind": kind, "max_seq_length": cfg.models.max_seq_length},
         "datasets": [{"name": "pydocs", "path": str(train_path), "columns": ["query", "document"], "loss": loss}],
@@ -219,8 +268,13 @@ def train_config(cfg: DemoConfig, kind: str, ft: FineTuneConfig, train_path: Pat
         "schedule": {"name": "linear", "warmup_ratio": 0.1},
         "checkpoint": {"keep": 1},
         "scaling": {"num_workers": 1, "torch_threads": cfg.serving.torch_threads},
-        "mlflow": {"tracking_uri": cfg.tracking_uri(), "experiment": EXPERIMENT, "run_name": f"demo-{kind}",
-                   "register_model_as": ft.register_as, "tags": {"raytrieve.demo": "true"}},
+        "mlflow": {
+            "tracking_uri": cfg.tracking_uri(),
+            "experiment": EXPERIMENT,
+            "run_name": f"demo-{kind}",
+            "register_model_as": ft.register_as,
+            "tags": {"raytrieve.demo": "true"},
+        },
     }
     return check_values(from_dict(TrainConfig, data, where=f"demo {kind}_training"), where=f"demo {kind}_training")
 
@@ -232,8 +286,12 @@ def _training_status(uri: str, kind: str) -> str | None:
     exp = c.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = 'demo-{kind}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = 'demo-{kind}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         return None
     loss = runs[0].data.metrics.get("loss")
@@ -252,15 +310,23 @@ def fine_tune(cfg: DemoConfig, kind: str, ft: FineTuneConfig, samples: sampling.
         shutil.rmtree(stale, ignore_errors=True)
     saved = cfg.out / "configs" / f"train_{kind}.yaml"
     saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(f"# What the demo trained; rerun with: raytrieve train --config {saved}\n"
-                     + yaml.safe_dump(json.loads(json.dumps(asdict(tc))), sort_keys=False))
+    saved.write_text(
+        f"# What the demo trained; rerun with: raytrieve train --config {saved}\n"
+        + yaml.safe_dump(json.loads(json.dumps(asdict(tc))), sort_keys=False)
+    )
     with progress.heartbeat(f"training {kind}", lambda: _training_status(cfg.tracking_uri(), kind)):
         result = run_training(tc, where=f"demo {kind}_training", ray_address=None)
-    return {"model_dir": result.output_dir, "run_id": result.run_id, "steps": result.steps,
-            "uri": f"models:/{ft.register_as}/{result.model_version}", "config": str(saved)}
+    return {
+        "model_dir": result.output_dir,
+        "run_id": result.run_id,
+        "steps": result.steps,
+        "uri": f"models:/{ft.register_as}/{result.model_version}",
+        "config": str(saved),
+    }
 
 
 # -- the whole demo -----------------------------------------------------------------------------
+
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, ray_address: str | None = "local") -> DemoResult:
     """Run (or reuse) every step. ``ray_address``: "local" starts an embedded Ray unless this
@@ -289,12 +355,13 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     progress("1/6 data")
     manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
     samples = sampling.prepare(cfg, manifest, out / "data")
-    progress(f"  samples: {cfg.sample.train_pairs} train pairs; dev {len(samples.dev.queries)} queries over "
-             f"{len(samples.dev.corpus)} documents; test {len(samples.test.queries)} queries over "
-             f"{len(samples.test.corpus)} documents")
+    progress(
+        f"  samples: {cfg.sample.train_pairs} train pairs; dev {len(samples.dev.queries)} queries over "
+        f"{len(samples.dev.corpus)} documents; test {len(samples.test.queries)} queries over "
+        f"{len(samples.test.corpus)} documents"
+    )
     m = cfg.models
-    base_key = {"format": STAGE_FORMAT, "samples": samples.key, "max_seq_length": m.max_seq_length,
-                "recall": recall_k}
+    base_key = {"format": STAGE_FORMAT, "samples": samples.key, "max_seq_length": m.max_seq_length, "recall": recall_k}
 
     def in_process(phase: str, dense: str, sparse: str, identity: Any) -> dict:
         key = {**base_key, "models": identity}
@@ -305,8 +372,10 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        result = {"dense": evaluate_in_process("dense", dense, samples.dev, recall_k, m.max_seq_length, lee=True),
-                  "sparse": evaluate_in_process("sparse", sparse, samples.dev, recall_k, m.max_seq_length, lee=False)}
+        result = {
+            "dense": evaluate_in_process("dense", dense, samples.dev, recall_k, m.max_seq_length, lee=True),
+            "sparse": evaluate_in_process("sparse", sparse, samples.dev, recall_k, m.max_seq_length, lee=False),
+        }
         return store.put(f"dev-{phase}", key, result)
 
     def platform(phase: str, dense: str, sparse: str, identity: Any) -> dict:
@@ -330,9 +399,13 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_address, num_cpus=cfg.num_cpus if ray_address == "local" else None,
-                 log_to_driver=False, include_dashboard=False)
-    import ray.serve  # noqa: F401  (imported before its logger is quietened below)
+        ray.init(
+            address=ray_address,
+            num_cpus=cfg.num_cpus if ray_address == "local" else None,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+    import ray.serve
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -359,23 +432,41 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         progress(f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s)")
         tuned[kind] = store.put(f"train-{kind}", key, fine_tune(cfg, kind, ft, samples, progress))
         progress(f"  {kind}: registered {tuned[kind]['uri']} ({tuned[kind]['steps']} steps)")
-    identity = [tuned["dense"]["uri"], tuned["dense"].get("run_id"), tuned["sparse"]["uri"], tuned["sparse"].get("run_id")]
+    identity = [
+        tuned["dense"]["uri"],
+        tuned["dense"].get("run_id"),
+        tuned["sparse"]["uri"],
+        tuned["sparse"].get("run_id"),
+    ]
 
-    progress("5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
-             "with Serve loading them from the MLflow registry")
+    progress(
+        "5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
+        "with Serve loading them from the MLflow registry"
+    )
     after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
     after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
 
     progress("6/6 report")
-    rep = report.build(cfg, samples, before_dev, after_dev, before_test, after_test, tuned,
-                       seconds=time.monotonic() - started, reused=store.reused)
+    rep = report.build(
+        cfg,
+        samples,
+        before_dev,
+        after_dev,
+        before_test,
+        after_test,
+        tuned,
+        seconds=time.monotonic() - started,
+        reused=store.reused,
+    )
     md, png = report.write(rep, out)
     for line in report.console(rep):
         log(line)
     log(f"\nmarkdown: {md}\nchart:    {png}")
     uri = cfg.tracking_uri()
-    log(f"MLflow runs: {uri} (experiment {EXPERIMENT!r}); open the UI with:\n"
-        f"  MLFLOW_ALLOW_FILE_STORE=true .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+    log(
+        f"MLflow runs: {uri} (experiment {EXPERIMENT!r}); open the UI with:\n"
+        f"  MLFLOW_ALLOW_FILE_STORE=true .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    )
     return DemoResult(rep, md, png, time.monotonic() - started)
 
 

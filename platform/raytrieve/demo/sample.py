@@ -54,8 +54,10 @@ def ensure_pydocs(folder: Path, log) -> dict:
         log(f"{folder} predates the id column; rebuilding it")
     log(f"building {folder} from the docstrings of installed packages (a minute)...")
     built = pydocs.build(folder)
-    log(f"  {built['rows']['train']} train pairs ({', '.join(built['train_packages'])}), "
-        f"{built['rows']['test']} test pairs ({', '.join(built['test_packages'])})")
+    log(
+        f"  {built['rows']['train']} train pairs ({', '.join(built['train_packages'])}), "
+        f"{built['rows']['test']} test pairs ({', '.join(built['test_packages'])})"
+    )
     return built
 
 
@@ -76,11 +78,14 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     test = pq.read_table(folder / "test.parquet", columns=sorted(COLUMNS)).to_pydict()
     need_train = s.train_pairs + s.dev_corpus
     if len(train["id"]) < need_train:
-        raise DataError(f"{folder}/train.parquet: {len(train['id'])} pairs, but sample.train_pairs + sample.dev_corpus "
-                        f"= {need_train}; lower them")
+        raise DataError(
+            f"{folder}/train.parquet: {len(train['id'])} pairs, but sample.train_pairs + sample.dev_corpus "
+            f"= {need_train}; lower them"
+        )
     if len(test["id"]) < s.test_corpus:
-        raise DataError(f"{folder}/test.parquet: {len(test['id'])} pairs, but sample.test_corpus = {s.test_corpus}; "
-                        f"lower it")
+        raise DataError(
+            f"{folder}/test.parquet: {len(test['id'])} pairs, but sample.test_corpus = {s.test_corpus}; lower it"
+        )
     rng = np.random.default_rng(s.seed)
     train_order = rng.permutation(len(train["id"]))
     fit = _take(train, train_order[: s.train_pairs])
@@ -88,9 +93,11 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     chosen = _take(test, rng.permutation(len(test["id"]))[: s.test_corpus])
 
     def split(rows: dict[str, list], n_queries: int) -> Split:
-        return Split(queries={f"q-{d}": q for d, q in zip(rows["id"][:n_queries], rows["query"][:n_queries])},
-                     corpus=dict(zip(rows["id"], rows["document"])),
-                     qrels={f"q-{d}": d for d in rows["id"][:n_queries]})
+        return Split(
+            queries={f"q-{d}": q for d, q in zip(rows["id"][:n_queries], rows["query"][:n_queries])},
+            corpus=dict(zip(rows["id"], rows["document"])),
+            qrels={f"q-{d}": d for d in rows["id"][:n_queries]},
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     train_path, corpus_path = out / "train.parquet", out / "test_corpus.parquet"
@@ -98,6 +105,7 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
         pq.write_table(pa.table({"query": fit["query"], "document": fit["document"]}), tmp)
     with atomic_file(corpus_path) as tmp:
         pq.write_table(pa.table({"id": chosen["id"], "document": chosen["document"]}), tmp)
-    key = json.dumps({"sample": asdict(s), "packages": manifest.get("packages"), "rows": manifest.get("rows")},
-                     sort_keys=True)
+    key = json.dumps(
+        {"sample": asdict(s), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
+    )
     return Samples(train_path, split(held_out, s.dev_queries), split(chosen, s.test_queries), corpus_path, key)

@@ -7,7 +7,7 @@ report the 95% interval. Two systems whose interval includes zero are "equal wit
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,9 @@ def mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_interval(
+    a: Sequence[float], b: Sequence[float], rounds: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of b - a with its 95% paired-bootstrap interval (low, high)."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.size == 0:

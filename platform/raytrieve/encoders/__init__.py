@@ -9,13 +9,19 @@ from raytrieve.encoders.cross import CrossEncoder
 from raytrieve.encoders.dense import DenseEncoder
 from raytrieve.encoders.sparse import SparseEncoder
 
-__all__ = ["DenseEncoder", "SparseEncoder", "CrossEncoder", "load_encoder"]
+__all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
 
 KINDS = {"dense": DenseEncoder, "sparse": SparseEncoder, "cross": CrossEncoder}
 
 
-def load_encoder(kind: str, name_or_path: Any, *, device: str = "cpu", max_seq_length: int | None = None,
-                 trust_remote_code: bool = False) -> Any:
+def load_encoder(
+    kind: str,
+    name_or_path: Any,
+    *,
+    device: str = "cpu",
+    max_seq_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """A model of ``kind`` ("dense", "sparse", "cross") from a variant, a folder or an MLflow
     model URI, truncating at ``max_seq_length`` (every route of a Router model) when given."""
     from raytrieve import assets

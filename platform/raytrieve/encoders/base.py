@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -347,7 +348,6 @@ class Encoder(nn.Module):
             if not isinstance(item, str):
                 raise InputError(f"{what}[{i}] must be a string, got {type(item).__name__}")
         return items, False
-
 
 
 class EmbeddingEncoder(Encoder):

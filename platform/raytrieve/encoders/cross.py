@@ -8,8 +8,9 @@ the sentence-transformers ``CrossEncoder`` counterpart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ class CrossEncoder(Encoder):
         if name:
             # A plain attribute, not a submodule: it holds no weights.
             object.__setattr__(
-                self, "_saved_activation",
+                self,
+                "_saved_activation",
                 activation_from_name(name, trust_remote_code=trust_remote_code, where=str(path or "config")),
             )
 

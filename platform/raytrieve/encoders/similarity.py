@@ -8,7 +8,7 @@ Sparse (COO) inputs work for dot and cosine.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -8,8 +8,9 @@ sentence-transformers ``SparseEncoder`` counterpart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,9 @@ class SparseEncoder(EmbeddingEncoder):
             emb = emb.coalesce()
         return emb[0] if single else emb
 
-    def decode(self, embeddings: Tensor, top_k: int | None = None) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+    def decode(
+        self, embeddings: Tensor, top_k: int | None = None
+    ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The (token, weight) pairs of each vector, largest weight first."""
         emb = embeddings.coalesce() if embeddings.is_sparse else embeddings
         single = emb.dim() == 1

@@ -6,8 +6,9 @@ layout those versions (and 2.x-4.x) write.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from raytrieve import __version__
 from raytrieve._io import read_json, write_json
@@ -66,7 +67,11 @@ def write_st_config(path: Path, model_type: str, **fields: Any) -> None:
     import transformers
 
     config = {
-        "__version__": {"raytrieve": __version__, "transformers": transformers.__version__, "pytorch": torch.__version__},
+        "__version__": {
+            "raytrieve": __version__,
+            "transformers": transformers.__version__,
+            "pytorch": torch.__version__,
+        },
         "model_type": model_type,
         **fields,
     }

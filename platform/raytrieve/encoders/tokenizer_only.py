@@ -18,8 +18,9 @@ Library code: no Ray here.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from raytrieve._io import read_json
 from raytrieve.errors import InputError, ModelLoadError
@@ -34,9 +35,18 @@ class InputTokenizer:
     exactly as the module's own methods. ``route`` is the Router route (None without a Router),
     which a features dict for a Router model carries as ``task``."""
 
-    def __init__(self, tokenizer: Any, *, module: str, max_seq_length: int, do_lower_case: bool = False,
-                 accepts_token_types: bool = False, route: str | None = None,
-                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        module: str,
+        max_seq_length: int,
+        do_lower_case: bool = False,
+        accepts_token_types: bool = False,
+        route: str | None = None,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.module = module  # "transformer" or "static"
         self.max_seq_length = int(max_seq_length)
@@ -53,8 +63,10 @@ class InputTokenizer:
             return prompt
         if prompt_name is not None:
             if prompt_name not in self.prompts:
-                raise InputError(f"unknown prompt_name {prompt_name!r}; this model's prompts are "
-                                 f"{sorted(self.prompts) or 'none'} (pass prompt= for a custom string)")
+                raise InputError(
+                    f"unknown prompt_name {prompt_name!r}; this model's prompts are "
+                    f"{sorted(self.prompts) or 'none'} (pass prompt= for a custom string)"
+                )
             return self.prompts[prompt_name]
         if self.default_prompt_name is not None and self.default_prompt_name in self.prompts:
             return self.prompts[self.default_prompt_name]
@@ -71,13 +83,20 @@ class InputTokenizer:
             texts = [prompt + t for t in texts] if prompt else list(texts)
             if not texts:
                 return {"input_ids": []}
-            enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=False,
-                                 return_attention_mask=False, return_token_type_ids=False)
+            enc = self.tokenizer(
+                texts,
+                truncation=True,
+                max_length=self.max_seq_length,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
             return {"input_ids": enc["input_ids"]}
         from raytrieve.modules.transformer import tokenize_text_ids
 
-        return tokenize_text_ids(self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case,
-                                 self.accepts_token_types)
+        return tokenize_text_ids(
+            self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case, self.accepts_token_types
+        )
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> dict[str, Any]:
         """Padded tensors (input_ids, attention_mask, token_type_ids when present)."""
@@ -94,7 +113,9 @@ class InputTokenizer:
         if prompt not in self._prompt_lengths:
             from raytrieve.modules.transformer import prompt_token_count
 
-            self._prompt_lengths[prompt] = prompt_token_count(self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0])
+            self._prompt_lengths[prompt] = prompt_token_count(
+                self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0]
+            )
         return self._prompt_lengths[prompt]
 
     def features(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, Any]:
@@ -108,8 +129,14 @@ class InputTokenizer:
         return out
 
 
-def load_input_tokenizer(model_path: str | Path, task: str | None = None, max_seq_length: int | None = None, *,
-                         kind: str | None = None, trust_remote_code: bool = False) -> InputTokenizer:
+def load_input_tokenizer(
+    model_path: str | Path,
+    task: str | None = None,
+    max_seq_length: int | None = None,
+    *,
+    kind: str | None = None,
+    trust_remote_code: bool = False,
+) -> InputTokenizer:
     """The input tokenizer of the model at ``model_path`` (a folder, a models/ variant or an MLflow
     URI) for ``task`` (the Router route or task mapping; ignored without a Router).
     ``max_seq_length`` overrides the saved truncation length (as ``set_max_seq_length`` does for
@@ -119,16 +146,20 @@ def load_input_tokenizer(model_path: str | Path, task: str | None = None, max_se
         from raytrieve import assets
 
         path = Path(assets.resolve_model(str(model_path)))
-    st_config = read_json(path / "config_sentence_transformers.json") if (
-        path / "config_sentence_transformers.json").exists() else {}
+    st_config = (
+        read_json(path / "config_sentence_transformers.json")
+        if (path / "config_sentence_transformers.json").exists()
+        else {}
+    )
     common = dict(prompts=st_config.get("prompts") or {}, default_prompt_name=st_config.get("default_prompt_name"))
     modules_file = path / "modules.json"
     if not modules_file.exists():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path}: not a model directory (no modules.json and no config.json); point at a "
-                                 "folder saved by raytrieve, sentence-transformers or transformers")
-        return _transformer(path, _TASK_OF_KIND.get(kind or "dense"), max_seq_length, trust_remote_code, None,
-                            **common)
+            raise ModelLoadError(
+                f"{path}: not a model directory (no modules.json and no config.json); point at a "
+                "folder saved by raytrieve, sentence-transformers or transformers"
+            )
+        return _transformer(path, _TASK_OF_KIND.get(kind or "dense"), max_seq_length, trust_remote_code, None, **common)
     entries = read_json(modules_file)
     if not isinstance(entries, list) or not entries:
         raise ModelLoadError(f"{modules_file}: expected a non-empty list of modules")
@@ -182,14 +213,21 @@ def _auto_tokenizer(folder: Path, kwargs: dict[str, Any], trust_remote_code: boo
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
-                                             **kwargs)
+        return AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs
+        )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
 
-def _transformer(folder: Path, default_task: str, max_seq_length: int | None, trust_remote_code: bool,
-                 route: str | None, **common: Any) -> InputTokenizer:
+def _transformer(
+    folder: Path,
+    default_task: str,
+    max_seq_length: int | None,
+    trust_remote_code: bool,
+    route: str | None,
+    **common: Any,
+) -> InputTokenizer:
     from raytrieve.modules.transformer import find_module_config
 
     config = dict(find_module_config(folder))
@@ -202,8 +240,9 @@ def _transformer(folder: Path, default_task: str, max_seq_length: int | None, tr
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
-                                                  **config_kwargs)
+        model_config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, **config_kwargs
+        )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{folder}: cannot load config.json ({type(e).__name__}: {e})") from e
     limit = max_seq_length or config.get("max_seq_length")
@@ -211,10 +250,15 @@ def _transformer(folder: Path, default_task: str, max_seq_length: int | None, tr
         limits = [tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None)]
         limits = [x for x in limits if isinstance(x, int) and 0 < x < _HUGE]
         limit = min(limits) if limits else 512
-    return InputTokenizer(tokenizer, module="transformer", max_seq_length=limit,
-                          do_lower_case=bool(config.get("do_lower_case", False)),
-                          accepts_token_types=_accepts_token_types(model_config, task, tokenizer),
-                          route=route, **common)
+    return InputTokenizer(
+        tokenizer,
+        module="transformer",
+        max_seq_length=limit,
+        do_lower_case=bool(config.get("do_lower_case", False)),
+        accepts_token_types=_accepts_token_types(model_config, task, tokenizer),
+        route=route,
+        **common,
+    )
 
 
 def _accepts_token_types(model_config: Any, task: str, tokenizer: Any) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class Evaluator:
@@ -17,7 +18,9 @@ class Evaluator:
         self.name = name
         self.write_csv = write_csv
 
-    def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+    def __call__(
+        self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
+    ) -> dict[str, float]:
         metrics = self.compute(model)
         if output_path is not None and self.write_csv:
             header, row = self.csv_row(metrics)
@@ -62,13 +65,20 @@ class SequentialEvaluator(Evaluator):
         self.main_score_function = main_score_function
         self.primary_metric = "sequential_score"
 
-    def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+    def __call__(
+        self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
+    ) -> dict[str, float]:
         merged: dict[str, float] = {}
         scores = []
-        for ev in self.evaluators:
+        for i, ev in enumerate(self.evaluators):
             result = ev(model, output_path, epoch, steps)
+            if not isinstance(result, dict):  # a user's evaluator that returns a bare score, as ST allows
+                scores.append(result)
+                result = {f"evaluator_{i}": result}
+            else:
+                key = ev.primary_metric if getattr(ev, "primary_metric", None) in result else next(iter(result))
+                scores.append(result[key])
             merged.update(result)
-            key = ev.primary_metric if ev.primary_metric in result else next(iter(result))
-            scores.append(result[key])
-        merged["sequential_score"] = float(self.main_score_function(scores))
+        # sentence-transformers scores an empty sequence 0.0 rather than calling the function on [].
+        merged["sequential_score"] = float(self.main_score_function(scores)) if scores else 0.0
         return merged

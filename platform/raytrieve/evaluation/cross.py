@@ -3,7 +3,8 @@ ranking's metrics when candidates come from a retriever), Correlation, Classific
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +24,27 @@ from raytrieve.evaluation.metrics import (
 def _listwise(relevant: list[int], scores: Sequence[float], k: int) -> tuple[float, float, float]:
     if sum(relevant) == 0:
         return 0.0, 0.0, 0.0
-    return average_precision(relevant, scores), first_relevant_rr(relevant, scores, k), ndcg_with_ties(relevant, scores, k)
+    return (
+        average_precision(relevant, scores),
+        first_relevant_rr(relevant, scores, k),
+        ndcg_with_ties(relevant, scores, k),
+    )
 
 
 class CrossEncoderRerankingEvaluator(Evaluator):
     """Samples: {"query", "positive": [...], "negative": [...]} or {"query", "positive", "documents": [...]}
     (documents in first-stage order: their own metrics are reported as base_*)."""
 
-    def __init__(self, samples: Sequence[dict[str, Any]], at_k: int = 10, always_rerank_positives: bool = True,
-                 name: str = "", batch_size: int = 64, write_csv: bool = True, show_progress_bar: bool = False) -> None:
+    def __init__(
+        self,
+        samples: Sequence[dict[str, Any]],
+        at_k: int = 10,
+        always_rerank_positives: bool = True,
+        name: str = "",
+        batch_size: int = 64,
+        write_csv: bool = True,
+        show_progress_bar: bool = False,
+    ) -> None:
         super().__init__(name, write_csv)
         self.samples, self.at_k = list(samples), at_k
         self.always_rerank_positives = always_rerank_positives
@@ -60,23 +73,40 @@ class CrossEncoderRerankingEvaluator(Evaluator):
                 rel = [1] * len(positives) + [0] * len(s["negative"])
             plans.append((s["query"], docs, rel))
         pairs = [(q, d) for q, docs, _ in plans for d in docs]
-        scores = model.predict(pairs, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar) if pairs else []
+        scores = (
+            model.predict(pairs, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar) if pairs else []
+        )
         results, offset = [], 0
         for _, docs, rel in plans:
             results.append(_listwise(rel, scores[offset : offset + len(docs)], self.at_k))
             offset += len(docs)
         r = np.array(results) if results else np.zeros((1, 3))
-        out = {"map": float(r[:, 0].mean()), f"mrr@{self.at_k}": float(r[:, 1].mean()), f"ndcg@{self.at_k}": float(r[:, 2].mean())}
+        out = {
+            "map": float(r[:, 0].mean()),
+            f"mrr@{self.at_k}": float(r[:, 1].mean()),
+            f"ndcg@{self.at_k}": float(r[:, 2].mean()),
+        }
         if base:
             b = np.array(base)
-            out.update({"base_map": float(b[:, 0].mean()), f"base_mrr@{self.at_k}": float(b[:, 1].mean()),
-                        f"base_ndcg@{self.at_k}": float(b[:, 2].mean())})
+            out.update(
+                {
+                    "base_map": float(b[:, 0].mean()),
+                    f"base_mrr@{self.at_k}": float(b[:, 1].mean()),
+                    f"base_ndcg@{self.at_k}": float(b[:, 2].mean()),
+                }
+            )
         return out
 
 
 class CrossEncoderCorrelationEvaluator(Evaluator):
-    def __init__(self, sentence_pairs: Sequence[Sequence[str]], scores: Sequence[float], name: str = "",
-                 batch_size: int = 32, write_csv: bool = True) -> None:
+    def __init__(
+        self,
+        sentence_pairs: Sequence[Sequence[str]],
+        scores: Sequence[float],
+        name: str = "",
+        batch_size: int = 32,
+        write_csv: bool = True,
+    ) -> None:
         super().__init__(name, write_csv)
         self.pairs, self.scores, self.batch_size = [tuple(p) for p in sentence_pairs], list(scores), batch_size
         self.primary_metric = "spearman"
@@ -87,8 +117,14 @@ class CrossEncoderCorrelationEvaluator(Evaluator):
 
 
 class CrossEncoderClassificationEvaluator(Evaluator):
-    def __init__(self, sentence_pairs: Sequence[Sequence[str]], labels: Sequence[int], name: str = "",
-                 batch_size: int = 32, write_csv: bool = True) -> None:
+    def __init__(
+        self,
+        sentence_pairs: Sequence[Sequence[str]],
+        labels: Sequence[int],
+        name: str = "",
+        batch_size: int = 32,
+        write_csv: bool = True,
+    ) -> None:
         super().__init__(name, write_csv)
         self.pairs, self.labels, self.batch_size = [tuple(p) for p in sentence_pairs], np.asarray(labels), batch_size
 
@@ -98,7 +134,14 @@ class CrossEncoderClassificationEvaluator(Evaluator):
             acc, acc_t = best_accuracy_threshold(pred, self.labels, True)
             f1, p, r, f1_t = best_f1_threshold(pred, self.labels, True)
             self.primary_metric = "average_precision"
-            return {"accuracy": acc, "accuracy_threshold": acc_t, "f1": f1, "f1_threshold": f1_t,
-                    "precision": p, "recall": r, "average_precision": average_precision(self.labels, pred)}
+            return {
+                "accuracy": acc,
+                "accuracy_threshold": acc_t,
+                "f1": f1,
+                "f1_threshold": f1_t,
+                "precision": p,
+                "recall": r,
+                "average_precision": average_precision(self.labels, pred),
+            }
         self.primary_metric = "f1_macro"
         return f1_scores(self.labels, pred.argmax(axis=1))

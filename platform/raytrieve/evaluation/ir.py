@@ -8,7 +8,8 @@ Keys follow sentence-transformers (``cosine_ndcg@10``, ``dot_mrr@10``, ...).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

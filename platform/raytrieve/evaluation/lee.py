@@ -21,7 +21,7 @@ def lee_dir() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise AssetError("the Lee corpus ships in the gensim wheel: pip install --no-deps gensim")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
     if not (folder / "lee.cor").exists():
         raise AssetError(f"{folder}/lee.cor is missing from the installed gensim; reinstall it")
     return folder

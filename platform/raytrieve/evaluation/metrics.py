@@ -19,7 +19,7 @@ Queries without any relevant document are left out of the means (and counted).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,7 +77,11 @@ def ranking_metrics(
         for name, value in query_metrics(ranking, relevant, ks).items():
             totals[name] = totals.get(name, 0.0) + value
         n += 1
-    means = {name: value / n for name, value in totals.items()} if n else {f"{m}@{k}": 0.0 for m in RANK_METRICS for k in ks}
+    means = (
+        {name: value / n for name, value in totals.items()}
+        if n
+        else {f"{m}@{k}": 0.0 for m in RANK_METRICS for k in ks}
+    )
     return means
 
 
@@ -106,7 +110,6 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return pearson(_ranks(x), _ranks(y))
-
 
 
 # -- scored lists (rerankers, classifiers): ties share credit, as scikit-learn defines it ------
@@ -176,7 +179,7 @@ def best_accuracy_threshold(scores, labels, high_is_positive: bool = True) -> tu
     first = s.max() if high_is_positive else s.min()
     threshold = float(np.nextafter(first, np.inf if high_is_positive else -np.inf))
     positives_so_far, remaining_negatives = 0, negatives
-    for i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
+    for _i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
         if label == 1:
             positives_so_far += 1
         else:
@@ -198,7 +201,7 @@ def best_f1_threshold(scores, labels, high_is_positive: bool = True) -> tuple[fl
     total = int(y.sum())
     best = (0.0, 0.0, 0.0, 0.0)
     extracted = correct = 0
-    for i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
+    for _i, score, label, nxt in _threshold_sweep(s, y, high_is_positive):
         extracted += 1
         correct += int(label == 1)
         if nxt is not None and nxt == score:

@@ -4,7 +4,8 @@ Triplet (accuracy), MSE (distillation), ParaphraseMining, Reranking."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,9 @@ class EmbeddingSimilarityEvaluator(Evaluator):
         self.show_progress_bar = show_progress_bar
 
     def compute(self, model: Any) -> dict[str, float]:
-        kwargs = dict(batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
+        kwargs = dict(
+            batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar
+        )
         if self.precision:
             kwargs.update(precision=self.precision, normalize_embeddings=True)
         emb = encode_unique(model, self.sentences1 + self.sentences2, **kwargs).astype(np.float32)
@@ -103,7 +106,7 @@ class BinaryClassificationEvaluator(Evaluator):
         show_progress_bar: bool = False,
     ) -> None:
         super().__init__(name, write_csv)
-        if any(l not in (0, 1) for l in labels):
+        if any(label not in (0, 1) for label in labels):
             from raytrieve.errors import InputError
 
             raise InputError("BinaryClassificationEvaluator: labels must be 0 or 1")
@@ -113,8 +116,13 @@ class BinaryClassificationEvaluator(Evaluator):
         self.show_progress_bar = show_progress_bar
 
     def compute(self, model: Any) -> dict[str, float]:
-        emb = encode_unique(model, self.sentences1 + self.sentences2, batch_size=self.batch_size,
-                            truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
+        emb = encode_unique(
+            model,
+            self.sentences1 + self.sentences2,
+            batch_size=self.batch_size,
+            truncate_dim=self.truncate_dim,
+            show_progress_bar=self.show_progress_bar,
+        )
         e1, e2 = emb[: len(self.sentences1)], emb[len(self.sentences1) :]
         names = self.similarity_fn_names or [model.similarity_fn_name]
         out: dict[str, float] = {}
@@ -127,11 +135,18 @@ class BinaryClassificationEvaluator(Evaluator):
             f1, p, r, f1_t = best_f1_threshold(scores, self.labels, higher)
             ap = average_precision(self.labels, scores if higher else -scores)
             predicted = scores >= f1_t if higher else scores <= f1_t
-            out.update({
-                f"{fn}_accuracy": acc, f"{fn}_accuracy_threshold": acc_t, f"{fn}_f1": f1,
-                f"{fn}_f1_threshold": f1_t, f"{fn}_precision": p, f"{fn}_recall": r, f"{fn}_ap": ap,
-                f"{fn}_mcc": matthews_corrcoef(self.labels, predicted),
-            })
+            out.update(
+                {
+                    f"{fn}_accuracy": acc,
+                    f"{fn}_accuracy_threshold": acc_t,
+                    f"{fn}_f1": f1,
+                    f"{fn}_f1_threshold": f1_t,
+                    f"{fn}_precision": p,
+                    f"{fn}_recall": r,
+                    f"{fn}_ap": ap,
+                    f"{fn}_mcc": matthews_corrcoef(self.labels, predicted),
+                }
+            )
         if len(names) > 1:
             for metric in ("accuracy", "accuracy_threshold", "f1", "f1_threshold", "precision", "recall", "ap", "mcc"):
                 out[f"max_{metric}"] = max(out[f"{fn}_{metric}"] for fn in names)
@@ -161,7 +176,9 @@ class TripletEvaluator(Evaluator):
         self.main_similarity_function = main_similarity_function
         self.margin = margin
         self.batch_size, self.truncate_dim = batch_size, truncate_dim
-        self.similarity_fn_names = list(similarity_fn_names or ([main_similarity_function] if main_similarity_function else []))
+        self.similarity_fn_names = list(
+            similarity_fn_names or ([main_similarity_function] if main_similarity_function else [])
+        )
         self.show_progress_bar = show_progress_bar
 
     def _margin(self, fn: str) -> float:
@@ -179,7 +196,9 @@ class TripletEvaluator(Evaluator):
         names = self.similarity_fn_names or [model.similarity_fn_name]
         out = {}
         for fn in names:
-            out[f"{fn}_accuracy"] = float(np.mean(pairwise_scores(a, p, fn) > pairwise_scores(a, n, fn) + self._margin(fn)))
+            out[f"{fn}_accuracy"] = float(
+                np.mean(pairwise_scores(a, p, fn) > pairwise_scores(a, n, fn) + self._margin(fn))
+            )
         if len(names) > 1:
             out["max_accuracy"] = max(out.values())
         if self.main_similarity_function:
@@ -192,13 +211,30 @@ class TripletEvaluator(Evaluator):
 class MSEEvaluator(Evaluator):
     """Negative MSE (x100) between a teacher's embeddings of source texts and the student's of target texts."""
 
-    def __init__(self, source_sentences: Sequence[str], target_sentences: Sequence[str], teacher_model: Any = None,
-                 batch_size: int = 32, name: str = "", write_csv: bool = True, truncate_dim: int | None = None,
-                 show_progress_bar: bool = False) -> None:
+    def __init__(
+        self,
+        source_sentences: Sequence[str],
+        target_sentences: Sequence[str],
+        teacher_model: Any = None,
+        batch_size: int = 32,
+        name: str = "",
+        write_csv: bool = True,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+    ) -> None:
         super().__init__(name, write_csv)
+        if len(source_sentences) != len(target_sentences):
+            from raytrieve.errors import InputError
+
+            raise InputError(f"MSEEvaluator: source_sentences has {len(source_sentences)} texts but target_sentences "
+                             f"{len(target_sentences)}; give one target (student) text per source (teacher) text")
         self.target_sentences, self.batch_size, self.truncate_dim = list(target_sentences), batch_size, truncate_dim
-        self.source_embeddings = teacher_model.encode(list(source_sentences), batch_size=batch_size,
-                                                      truncate_dim=truncate_dim, show_progress_bar=show_progress_bar)
+        self.source_embeddings = teacher_model.encode(
+            list(source_sentences),
+            batch_size=batch_size,
+            truncate_dim=truncate_dim,
+            show_progress_bar=show_progress_bar,
+        )
         self.primary_metric = "negative_mse"
 
     def compute(self, model: Any) -> dict[str, float]:
@@ -209,12 +245,20 @@ class MSEEvaluator(Evaluator):
 class RerankingEvaluator(Evaluator):
     """A bi-encoder ranking each query's own candidates: MAP, MRR@k, NDCG@k."""
 
-    def __init__(self, samples: Sequence[dict[str, Any]], at_k: int = 10, name: str = "", write_csv: bool = True,
-                 similarity_fn_name: str | None = None, batch_size: int = 64, truncate_dim: int | None = None,
-                 show_progress_bar: bool = False) -> None:
+    def __init__(
+        self,
+        samples: Sequence[dict[str, Any]],
+        at_k: int = 10,
+        name: str = "",
+        write_csv: bool = True,
+        similarity_fn_name: str | None = None,
+        batch_size: int = 64,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+    ) -> None:
         super().__init__(name, write_csv)
         self.samples = []
-        for s in (samples.values() if isinstance(samples, dict) else samples):
+        for s in samples.values() if isinstance(samples, dict) else samples:
             pos = [s["positive"]] if isinstance(s["positive"], str) else list(s["positive"])
             neg = [s["negative"]] if isinstance(s["negative"], str) else list(s["negative"])
             if pos and neg:
@@ -230,7 +274,7 @@ class RerankingEvaluator(Evaluator):
         docs = [d for _, p, n in self.samples for d in p + n]
         d_emb = model.encode_document(docs, **kw)
         aps, rrs, ndcgs, offset = [], [], [], 0
-        for (q, pos, neg), qe in zip(self.samples, q_emb):
+        for (_q, pos, neg), qe in zip(self.samples, q_emb):
             n_docs = len(pos) + len(neg)
             scores = sim.similarity(qe[None], d_emb[offset : offset + n_docs], fn)[0].numpy()
             offset += n_docs
@@ -238,16 +282,30 @@ class RerankingEvaluator(Evaluator):
             aps.append(average_precision(relevant, scores))
             rrs.append(first_relevant_rr(relevant, scores, self.at_k))
             ndcgs.append(ndcg_with_ties(relevant, scores, self.at_k))
-        return {"map": float(np.mean(aps)), f"mrr@{self.at_k}": float(np.mean(rrs)), f"ndcg@{self.at_k}": float(np.mean(ndcgs))}
+        return {
+            "map": float(np.mean(aps)),
+            f"mrr@{self.at_k}": float(np.mean(rrs)),
+            f"ndcg@{self.at_k}": float(np.mean(ndcgs)),
+        }
 
 
 class ParaphraseMiningEvaluator(Evaluator):
     """Mine the most similar pairs of a sentence collection and score them against known duplicates."""
 
-    def __init__(self, sentences_map: dict[str, str], duplicates_list: Sequence[tuple[str, str]] | None = None,
-                 duplicates_dict: dict[str, dict[str, bool]] | None = None, add_transitive_closure: bool = False,
-                 top_k: int = 100, max_pairs: int = 500000, batch_size: int = 16, chunk_size: int = 5000,
-                 name: str = "", write_csv: bool = True, truncate_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        sentences_map: dict[str, str],
+        duplicates_list: Sequence[tuple[str, str]] | None = None,
+        duplicates_dict: dict[str, dict[str, bool]] | None = None,
+        add_transitive_closure: bool = False,
+        top_k: int = 100,
+        max_pairs: int = 500000,
+        batch_size: int = 16,
+        chunk_size: int = 5000,
+        name: str = "",
+        write_csv: bool = True,
+        truncate_dim: int | None = None,
+    ) -> None:
         super().__init__(name, write_csv)
         self.ids, self.sentences = list(sentences_map), list(sentences_map.values())
         dup: dict[str, set[str]] = {}
@@ -269,7 +327,9 @@ class ParaphraseMiningEvaluator(Evaluator):
         self.primary_metric = "average_precision"
 
     def mine(self, model: Any) -> list[tuple[float, int, int]]:
-        emb = model.encode(self.sentences, batch_size=self.batch_size, convert_to_tensor=True, truncate_dim=self.truncate_dim)
+        emb = model.encode(
+            self.sentences, batch_size=self.batch_size, convert_to_tensor=True, truncate_dim=self.truncate_dim
+        )
         pairs: dict[tuple[int, int], float] = {}
         k = min(self.top_k + 1, len(self.sentences))
         for start in range(0, len(self.sentences), self.chunk_size):

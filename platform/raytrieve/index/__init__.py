@@ -8,4 +8,4 @@ from raytrieve.index.base import SearchResult, load_index
 from raytrieve.index.dense import DenseIndex
 from raytrieve.index.sparse import SparseIndex
 
-__all__ = ["DenseIndex", "SparseIndex", "SearchResult", "load_index"]
+__all__ = ["DenseIndex", "SearchResult", "SparseIndex", "load_index"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,7 +74,9 @@ def normalize_ids(ids: Any, count: int | None = None, what: str = "vectors") -> 
     if len(ids) == 0:
         raise InputError("ids: empty; an index needs at least one document")
     if any(i is None for i in ids):
-        raise DataError(f"ids: null id at row {next(r for r, i in enumerate(ids) if i is None)}; every document needs an id")
+        raise DataError(
+            f"ids: null id at row {next(r for r, i in enumerate(ids) if i is None)}; every document needs an id"
+        )
     as_str = [str(i) for i in ids]
     if len(set(as_str)) != len(as_str):
         dups = sorted(i for i, c in Counter(as_str).items() if c > 1)
@@ -174,7 +177,9 @@ def read_manifest(directory: Path, kind: str | None = None) -> dict[str, Any]:
             f"{path}: unknown index kind {manifest.get('kind')!r}, expected one of {sorted(KINDS)}; {REBUILD_HINT}"
         )
     if kind is not None and manifest["kind"] != kind:
-        raise DataError(f"{directory}: is a {manifest['kind']} index, not {kind}; open it with raytrieve.index.load_index")
+        raise DataError(
+            f"{directory}: is a {manifest['kind']} index, not {kind}; open it with raytrieve.index.load_index"
+        )
     count = manifest.get("count")
     if not isinstance(count, int) or count < 0:
         raise DataError(f"{path}: 'count' must be a non-negative integer, got {count!r}; {REBUILD_HINT}")
@@ -197,7 +202,9 @@ def load_array(directory: Path, name: str, mmap: bool, shape: Sequence[int | Non
     if shape is not None and (
         array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape))
     ):
-        raise DataError(f"{path}: shape {array.shape} does not match the manifest (expected {tuple(shape)}); {REBUILD_HINT}")
+        raise DataError(
+            f"{path}: shape {array.shape} does not match the manifest (expected {tuple(shape)}); {REBUILD_HINT}"
+        )
     return array
 
 

@@ -50,12 +50,22 @@ def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOp
                     "and build with --quantize int8|binary"
                 )
             similarity = "cosine" if manifest["dense"].get("similarity") == "cosine" else "dot"
-            dense = DenseIndex.build(vectors.ids, vectors.dense, similarity=similarity, quantize=options.quantize,
-                                     backend=options.backend, faiss_index=options.faiss_index,
-                                     faiss_params=options.faiss_params)
+            dense = DenseIndex.build(
+                vectors.ids,
+                vectors.dense,
+                similarity=similarity,
+                quantize=options.quantize,
+                backend=options.backend,
+                faiss_index=options.faiss_index,
+                faiss_params=options.faiss_params,
+            )
             dense.save(tmp / "dense")
-            summary["dense"] = {"dim": dense.dim, "similarity": similarity, "quantize": options.quantize,
-                                "backend": options.backend}
+            summary["dense"] = {
+                "dim": dense.dim,
+                "similarity": similarity,
+                "quantize": options.quantize,
+                "backend": options.backend,
+            }
         if vectors.sparse is not None:
             offsets, indices, values = vectors.sparse
             sparse = SparseIndex.from_csr(vectors.ids, offsets, indices, values, manifest["sparse"]["vocab_size"])

@@ -12,13 +12,14 @@ then rescore them exactly with the float vectors, of which only the candidate ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from raytrieve.errors import DataError, InputError
 from raytrieve import _io
+from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
 
@@ -41,7 +42,9 @@ def _import_faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or use backend='exact')") from None
+        raise InputError(
+            "backend='faiss' needs the faiss package: pip install faiss-cpu (or use backend='exact')"
+        ) from None
     return faiss
 
 
@@ -79,10 +82,22 @@ class DenseIndex:
 
     kind = "dense"
 
-    def __init__(self, ids: list[str], vectors: np.ndarray | None, *, dim: int, similarity: str,
-                 quantize: str | None = None, codes: np.ndarray | None = None, ranges: np.ndarray | None = None,
-                 backend: str = "exact", faiss_index: str = "flat", faiss_params: dict[str, Any] | None = None,
-                 faiss_obj: Any = None, chunk_size: int = 65536) -> None:
+    def __init__(
+        self,
+        ids: list[str],
+        vectors: np.ndarray | None,
+        *,
+        dim: int,
+        similarity: str,
+        quantize: str | None = None,
+        codes: np.ndarray | None = None,
+        ranges: np.ndarray | None = None,
+        backend: str = "exact",
+        faiss_index: str = "flat",
+        faiss_params: dict[str, Any] | None = None,
+        faiss_obj: Any = None,
+        chunk_size: int = 65536,
+    ) -> None:
         # Use build() or load(); this only assembles validated parts.
         self.ids, self.vectors, self.dim, self.similarity = ids, vectors, dim, similarity
         self.quantize, self.codes, self.ranges = quantize, codes, ranges
@@ -95,16 +110,26 @@ class DenseIndex:
         return len(self.ids)
 
     @classmethod
-    def build(cls, ids: Sequence[Any], vectors: np.ndarray, similarity: str = "cosine", quantize: str | None = None,
-              backend: str = "exact", faiss_index: str = "flat", faiss_params: dict[str, Any] | None = None,
-              chunk_size: int = 65536) -> DenseIndex:
+    def build(
+        cls,
+        ids: Sequence[Any],
+        vectors: np.ndarray,
+        similarity: str = "cosine",
+        quantize: str | None = None,
+        backend: str = "exact",
+        faiss_index: str = "flat",
+        faiss_params: dict[str, Any] | None = None,
+        chunk_size: int = 65536,
+    ) -> DenseIndex:
         base.choice("similarity", similarity, SIMILARITIES)
         base.choice("quantize", quantize, QUANTIZATIONS)
         base.choice("backend", backend, BACKENDS)
         base.choice("faiss_index", faiss_index, tuple(FAISS_PARAMS))
         chunk_size = base.positive_int("chunk_size", chunk_size)
         vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+        if vectors.ndim != 2 or not (
+            np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)
+        ):
             raise InputError(
                 f"vectors: expected a 2-D numeric array [n, dim], got shape {vectors.shape} dtype {vectors.dtype}"
             )
@@ -138,7 +163,9 @@ class DenseIndex:
             from raytrieve.encoders.quantization import quantization_ranges, quantize_embeddings
 
             if len(ids) < 2:
-                raise InputError("quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None")
+                raise InputError(
+                    "quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None"
+                )
             exact = stored.astype(np.float32)
             ranges = quantization_ranges(exact).astype(np.float32)
             codes = quantize_embeddings(exact, "int8", ranges=ranges)
@@ -148,8 +175,15 @@ class DenseIndex:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: np.ndarray, top_k: int = 10, *, rescore: bool = True, rescore_multiplier: int = 4,
-               chunk_size: int | None = None) -> SearchResult:
+    def search(
+        self,
+        queries: np.ndarray,
+        top_k: int = 10,
+        *,
+        rescore: bool = True,
+        rescore_multiplier: int = 4,
+        chunk_size: int | None = None,
+    ) -> SearchResult:
         """Top-k corpus rows per query, by score descending, ties by lower row.
 
         Quantized indices take ``top_k * rescore_multiplier`` candidates and rescore them with
@@ -251,9 +285,16 @@ class DenseIndex:
             if self._faiss is not None:
                 _import_faiss().write_index(self._faiss, str(tmp / FAISS_FILE))
             base.write_manifest(
-                tmp, self.kind, len(self), dim=self.dim, similarity=self.similarity,
-                dtype=None if self.vectors is None else str(self.vectors.dtype), quantize=self.quantize,
-                backend=self.backend, faiss_index=self.faiss_index, faiss_params=self.faiss_params,
+                tmp,
+                self.kind,
+                len(self),
+                dim=self.dim,
+                similarity=self.similarity,
+                dtype=None if self.vectors is None else str(self.vectors.dtype),
+                quantize=self.quantize,
+                backend=self.backend,
+                faiss_index=self.faiss_index,
+                faiss_params=self.faiss_params,
                 chunk_size=self.chunk_size,
             )
 
@@ -265,7 +306,9 @@ class DenseIndex:
 
         def field(key: str, allowed: Sequence[Any] | None = None) -> Any:
             if key not in m or (allowed is not None and m[key] not in allowed):
-                raise DataError(f"{path / base.MANIFEST_FILE}: bad or missing {key!r} ({m.get(key)!r}); {base.REBUILD_HINT}")
+                raise DataError(
+                    f"{path / base.MANIFEST_FILE}: bad or missing {key!r} ({m.get(key)!r}); {base.REBUILD_HINT}"
+                )
             return m[key]
 
         n, dim = m["count"], field("dim")

@@ -12,13 +12,14 @@ returned as float32; ranking uses the float32 scores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from raytrieve.errors import DataError, InputError
 from raytrieve import _io
+from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
 
@@ -62,8 +63,9 @@ class SparseIndex:
 
     kind = "sparse"
 
-    def __init__(self, ids: list[str], term_ptr: np.ndarray, doc_rows: np.ndarray, weights: np.ndarray,
-                 vocab_size: int) -> None:
+    def __init__(
+        self, ids: list[str], term_ptr: np.ndarray, doc_rows: np.ndarray, weights: np.ndarray, vocab_size: int
+    ) -> None:
         # Use build(), from_csr() or load(); this only assembles validated parts.
         self.ids, self.term_ptr, self.doc_rows, self.weights = ids, term_ptr, doc_rows, weights
         self.vocab_size = vocab_size
@@ -87,8 +89,9 @@ class SparseIndex:
         return cls.from_csr(ids, indptr, indices, values, vocab_size)
 
     @classmethod
-    def from_csr(cls, ids: Sequence[Any], indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                 vocab_size: int) -> SparseIndex:
+    def from_csr(
+        cls, ids: Sequence[Any], indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, vocab_size: int
+    ) -> SparseIndex:
         """Build from document-major CSR arrays (e.g. a scipy ``csr_matrix``'s indptr/indices/data).
 
         Zero weights are dropped; a term repeated within one document has its weights summed
@@ -150,7 +153,9 @@ class SparseIndex:
                 raise InputError(f"queries: expected {self.vocab_size} columns (the vocabulary), got {csr.shape[1]}")
             queries = [(csr.indices[a:b], csr.data[a:b]) for a, b in zip(csr.indptr[:-1], csr.indptr[1:])]
         if isinstance(queries, (dict, np.ndarray)) or not isinstance(queries, Sequence) or len(queries) == 0:
-            raise InputError("queries: expected a non-empty list of (indices, values) pairs or {'indices', 'values'} dicts")
+            raise InputError(
+                "queries: expected a non-empty list of (indices, values) pairs or {'indices', 'values'} dicts"
+            )
         pairs = []
         for i, query in enumerate(queries):
             terms, values = _pair(query, f"queries[{i}]")

@@ -43,9 +43,14 @@ def scan(cfg: EncodeConfig, specs: list[ShardSpec]) -> ScanResult:
     from raytrieve.inference.stages import scan_shards
 
     try:
-        summaries = sorted(_spec_dataset(specs).map_batches(scan_shards, fn_kwargs={"corpus": cfg.corpus}, batch_size=1,
-                                                            batch_format="pyarrow", num_cpus=0.5).iter_rows(),
-                           key=lambda r: r["shard"])
+        summaries = sorted(
+            _spec_dataset(specs)
+            .map_batches(
+                scan_shards, fn_kwargs={"corpus": cfg.corpus}, batch_size=1, batch_format="pyarrow", num_cpus=0.5
+            )
+            .iter_rows(),
+            key=lambda r: r["shard"],
+        )
     except Exception as e:
         raise_worker_error(e)
         raise
@@ -64,10 +69,12 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplic
 
     from raytrieve.inference.stages import shard_ids
 
-    ids = _spec_dataset(specs).map_batches(shard_ids, fn_kwargs={"corpus": cfg.corpus}, batch_size=1,
-                                           batch_format="pyarrow", num_cpus=0.5)
-    grouped = ids.groupby("id").aggregate(Count(alias_name="count"), Min("pos", alias_name="first"),
-                                          Max("pos", alias_name="last"))
+    ids = _spec_dataset(specs).map_batches(
+        shard_ids, fn_kwargs={"corpus": cfg.corpus}, batch_size=1, batch_format="pyarrow", num_cpus=0.5
+    )
+    grouped = ids.groupby("id").aggregate(
+        Count(alias_name="count"), Min("pos", alias_name="first"), Max("pos", alias_name="last")
+    )
     repeated = grouped.map_batches(lambda t: t.filter(pc.greater(t["count"], 1)), batch_format="pyarrow")
     try:
         return {r["id"]: Duplicate(int(r["count"]), int(r["first"]), int(r["last"])) for r in repeated.iter_rows()}
@@ -76,8 +83,9 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplic
         raise
 
 
-def first_bad_rows(scanned: ScanResult, duplicates: dict[str, Duplicate], cfg: EncodeConfig,
-                   n: int) -> list[tuple[int, str | None, str]]:
+def first_bad_rows(
+    scanned: ScanResult, duplicates: dict[str, Duplicate], cfg: EncodeConfig, n: int
+) -> list[tuple[int, str | None, str]]:
     """The first ``n`` bad rows of the input, with their row numbers in the whole input."""
     rows = list(scanned.examples)
     for id_, d in duplicates.items():

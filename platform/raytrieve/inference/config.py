@@ -109,6 +109,7 @@ def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeC
 
 # -- hard-negative mining ----------------------------------------------------------------------
 
+
 @dataclass
 class PairsConfig:
     path: str  # (query, positive) pairs: parquet / jsonl / csv / HF datasets dir

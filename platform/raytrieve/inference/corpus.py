@@ -64,8 +64,9 @@ class ShardRows:
     bad: list[tuple[int, str | None, str]]  # (row in the shard, id, reason)
 
 
-def shard_rows(table: pa.Table, cfg: CorpusConfig, location: str,
-               duplicates: dict[str, int] | None = None, shard: int = 0) -> ShardRows:
+def shard_rows(
+    table: pa.Table, cfg: CorpusConfig, location: str, duplicates: dict[str, int] | None = None, shard: int = 0
+) -> ShardRows:
     """Apply the bad-row policy to one shard's table.
 
     ``duplicates`` maps each id that occurs more than once in the corpus to the position
@@ -107,15 +108,21 @@ def valid_ids(table: pa.Table, cfg: CorpusConfig, location: str, shard: int) -> 
     rows = shard_rows(table, cfg, location, None, shard)
     bad = {b[0] for b in rows.bad}
     kept = np.array([r for r in range(rows.input_rows) if r not in bad], dtype=np.int64)
-    return pa.table({"id": pa.array(rows.ids, pa.string()),
-                     "pos": pa.array((np.int64(shard) << 32) | kept if len(kept) else kept, pa.int64())})
+    return pa.table(
+        {
+            "id": pa.array(rows.ids, pa.string()),
+            "pos": pa.array((np.int64(shard) << 32) | kept if len(kept) else kept, pa.int64()),
+        }
+    )
 
 
 def text_hashes(texts: list[str]) -> np.ndarray:
     """64-bit hashes of texts (blake2b): mining leaves a query's positives out of its
     candidates by these, so the corpus texts never need to reach the driver."""
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
-                     for t in texts], dtype=np.int64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts],
+        dtype=np.int64,
+    )
 
 
 def content_checksum(ids: list[str], texts: list[str]) -> str:
@@ -168,9 +175,16 @@ def read_corpus(cfg: CorpusConfig, bad_rows: str = "skip") -> Corpus:
     if bad and bad_rows == "fail":
         raise_bad_rows(cfg.path, len(bad), bad[:EXAMPLES])
     if not ids:
-        raise DataError(f"{cfg.path}: every row is bad (null/empty {cfg.text_column} or null/duplicate {cfg.id_column})")
-    table = pa.table({"row": pa.array([b[0] for b in bad], pa.int64()), "id": pa.array([b[1] for b in bad], pa.string()),
-                      "reason": pa.array([b[2] for b in bad], pa.string())})
+        raise DataError(
+            f"{cfg.path}: every row is bad (null/empty {cfg.text_column} or null/duplicate {cfg.id_column})"
+        )
+    table = pa.table(
+        {
+            "row": pa.array([b[0] for b in bad], pa.int64()),
+            "id": pa.array([b[1] for b in bad], pa.string()),
+            "reason": pa.array([b[2] for b in bad], pa.string()),
+        }
+    )
     return Corpus(ids, texts, table, offset)
 
 

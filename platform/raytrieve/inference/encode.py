@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytrieve.data.sources import Source, ShardSpec, is_uri, open_source, plan_shards, read_shard, schema_names
+from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, read_shard, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
 from raytrieve.inference.config import EncodeConfig
@@ -72,8 +72,13 @@ class EncodeResult:
 def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
     from raytrieve.encoders import load_encoder
 
-    return load_encoder(spec.kind, spec.model_path, device=device, max_seq_length=spec.max_seq_length,
-                        trust_remote_code=spec.trust_remote_code)
+    return load_encoder(
+        spec.kind,
+        spec.model_path,
+        device=device,
+        max_seq_length=spec.max_seq_length,
+        trust_remote_code=spec.trust_remote_code,
+    )
 
 
 def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
@@ -94,12 +99,18 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
         spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code)
         model = load_model(spec)
         try:
-            spec.prompt = model.resolve_prompt(out.prompt, out.prompt_name or (
-                None if out.prompt is not None else model.prompt_name_for(cfg.side)))
+            spec.prompt = model.resolve_prompt(
+                out.prompt, out.prompt_name or (None if out.prompt is not None else model.prompt_name_for(cfg.side))
+            )
         except RaytrieveError as e:
             raise ConfigError(f"{where}.{kind}: {e}") from None
-        info: dict[str, Any] = {"model": out.model, "model_path": path, "prompt": spec.prompt,
-                                "max_seq_length": model.max_seq_length, "similarity": model.similarity_fn_name}
+        info: dict[str, Any] = {
+            "model": out.model,
+            "model_path": path,
+            "prompt": spec.prompt,
+            "max_seq_length": model.max_seq_length,
+            "similarity": model.similarity_fn_name,
+        }
         if kind == "dense":
             dim = model.get_embedding_dimension()
             if out.truncate_dim is not None and dim is not None and out.truncate_dim > dim:
@@ -109,15 +120,27 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             if out.precision == "int8":
                 if len(sample) < 2:
                     raise DataError(f"{where}.dense.precision int8 needs at least 2 corpus rows to calibrate")
-                emb = model.encode(sample, task=cfg.side, prompt=spec.prompt, truncate_dim=out.truncate_dim,
-                                   normalize_embeddings=spec.normalize)
+                emb = model.encode(
+                    sample,
+                    task=cfg.side,
+                    prompt=spec.prompt,
+                    truncate_dim=out.truncate_dim,
+                    normalize_embeddings=spec.normalize,
+                )
                 spec.ranges = quantization_ranges(emb).tolist()
-            info.update(dim=out.truncate_dim or dim, precision=out.precision, truncate_dim=out.truncate_dim,
-                        normalize=spec.normalize, ranges=spec.ranges)
+            info.update(
+                dim=out.truncate_dim or dim,
+                precision=out.precision,
+                truncate_dim=out.truncate_dim,
+                normalize=spec.normalize,
+                ranges=spec.ranges,
+            )
         else:
             spec.max_active_dims = out.max_active_dims
-            info.update(vocab_size=model.get_embedding_dimension() or model.input_module(cfg.side).get_embedding_dimension(),
-                        max_active_dims=out.max_active_dims)
+            info.update(
+                vocab_size=model.get_embedding_dimension() or model.input_module(cfg.side).get_embedding_dimension(),
+                max_active_dims=out.max_active_dims,
+            )
         specs.append(spec)
         described[kind] = info
         del model
@@ -130,8 +153,10 @@ def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
     if cfg.dense is None or cfg.dense.precision != "int8":
         return []
     want = cfg.dense.calibration_rows
-    picked = [specs[round(i * (len(specs) - 1) / max(1, CALIBRATION_SHARDS - 1))]
-              for i in range(min(CALIBRATION_SHARDS, len(specs)))]
+    picked = [
+        specs[round(i * (len(specs) - 1) / max(1, CALIBRATION_SHARDS - 1))]
+        for i in range(min(CALIBRATION_SHARDS, len(specs)))
+    ]
     picked = list({s.shard: s for s in picked}.values())
     texts: list[str] = []
     for spec in picked:
@@ -149,12 +174,19 @@ def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
 
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
     # (job.json), not part of what makes two runs the same job.
-    models = {k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets._fingerprint(Path(v["model_path"]))}
-              for k, v in described.items()}
-    body = {"shard_format": shards.SHARD_FORMAT,
-            "corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
-            "side": cfg.side, "rows_per_shard": cfg.rows_per_shard, "bad_rows": cfg.bad_rows,
-            "check_duplicate_ids": cfg.check_duplicate_ids, "models": models}
+    models = {
+        k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets._fingerprint(Path(v["model_path"]))}
+        for k, v in described.items()
+    }
+    body = {
+        "shard_format": shards.SHARD_FORMAT,
+        "corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
+        "side": cfg.side,
+        "rows_per_shard": cfg.rows_per_shard,
+        "bad_rows": cfg.bad_rows,
+        "check_duplicate_ids": cfg.check_duplicate_ids,
+        "models": models,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -168,16 +200,18 @@ def _claim_output(store: shards.OutputStore, fingerprint: str | None, where: str
                 "location, model or settings); choose a new output_dir or delete that folder"
             )
     elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
-        raise ConfigError(f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; "
-                          "choose another")
+        raise ConfigError(
+            f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
+        )
 
 
 def _location(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None = None,
-               dataset: Any = None) -> EncodeResult:
+def run_encode(
+    cfg: EncodeConfig, where: str = "config", ray_address: str | None = None, dataset: Any = None
+) -> EncodeResult:
     """Encode ``cfg.corpus`` as the config says. ``ray_address``: None joins the cluster this
     job runs on (``ray job submit``), "local" starts an embedded Ray. ``dataset``: a
     ``ray.data.Dataset`` to encode instead of ``cfg.corpus.path`` (written by the workers to
@@ -215,8 +249,14 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
 
     # Checked: only now does the job write anything.
     if not store.exists(shards.JOB):
-        store.write_json(shards.JOB, {"fingerprint": fingerprint, "config": asdict(cfg),
-                                      "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None}})
+        store.write_json(
+            shards.JOB,
+            {
+                "fingerprint": fingerprint,
+                "config": asdict(cfg),
+                "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None},
+            },
+        )
     store.remove_temporaries()
     encode_start = time.perf_counter()
     done = _run_pipeline(cfg, outputs, specs, duplicates, store, fingerprint)
@@ -227,27 +267,52 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
         log.info("re-encoded %d shard(s) whose content changed or whose file was damaged: %s", len(changed), changed)
     rows = sum(d["rows"] for d in done.values())
     if not rows:
-        raise DataError(f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
-                        f"{cfg.corpus.id_column}); the shards list them (read_bad_rows)")
+        raise DataError(
+            f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
+            f"{cfg.corpus.id_column}); the shards list them (read_bad_rows)"
+        )
 
-    missing = [d["file"] for d in done.values() if not store.exists(d["file"]) or
-               not store.exists(d["file"].replace(".parquet", ".json"))]
+    missing = [
+        d["file"]
+        for d in done.values()
+        if not store.exists(d["file"]) or not store.exists(d["file"].replace(".parquet", ".json"))
+    ]
     if missing:  # e.g. a node-local output_dir: each worker wrote to its own disk
         nodes = sorted({str(d["node"])[:12] for d in done.values() if d["file"] in missing})
-        raise EncodeJobError(f"output_dir {store.location}: {len(missing)} shard file(s) written by node(s) {nodes} "
-                             f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
-                             "every node shares (a shared mount or an object store URI)")
+        raise EncodeJobError(
+            f"output_dir {store.location}: {len(missing)} shard file(s) written by node(s) {nodes} "
+            f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
+            "every node shares (a shared mount or an object store URI)"
+        )
     manifest = {
-        "format": shards.FORMAT, "version": 2, "fingerprint": fingerprint,
-        "corpus": {"path": source.location, "format": source.format, "files": len(source.files),
-                   "input_rows": sum(d["input_rows"] for d in done.values()),
-                   "bad_rows": sum(d["bad"] for d in done.values()),
-                   "duplicate_ids": len(duplicates),
-                   "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
-                   "title_column": cfg.corpus.title_column, "title_separator": cfg.corpus.title_separator},
-        "rows": rows, "side": cfg.side, **described,
-        "shards": [{"file": done[s]["file"], "rows": done[s]["rows"], "input_rows": done[s]["input_rows"],
-                    "sha256": done[s]["sha256"], "checksum": done[s]["checksum"]} for s in range(len(specs))],
+        "format": shards.FORMAT,
+        "version": 2,
+        "fingerprint": fingerprint,
+        "corpus": {
+            "path": source.location,
+            "format": source.format,
+            "files": len(source.files),
+            "input_rows": sum(d["input_rows"] for d in done.values()),
+            "bad_rows": sum(d["bad"] for d in done.values()),
+            "duplicate_ids": len(duplicates),
+            "id_column": cfg.corpus.id_column,
+            "text_column": cfg.corpus.text_column,
+            "title_column": cfg.corpus.title_column,
+            "title_separator": cfg.corpus.title_separator,
+        },
+        "rows": rows,
+        "side": cfg.side,
+        **described,
+        "shards": [
+            {
+                "file": done[s]["file"],
+                "rows": done[s]["rows"],
+                "input_rows": done[s]["input_rows"],
+                "sha256": done[s]["sha256"],
+                "checksum": done[s]["checksum"],
+            }
+            for s in range(len(specs))
+        ],
     }
     previous = store.read_json(shards.MANIFEST) if store.exists(shards.MANIFEST) else None
     unchanged = previous is not None and {k: v for k, v in previous.items() if k != "created"} == manifest
@@ -258,15 +323,31 @@ def run_encode(cfg: EncodeConfig, where: str = "config", ray_address: str | None
         if index is not None and index >= len(specs):
             store.delete(name)
     encoded_rows = sum(done[s]["rows"] for s in written)
-    result = EncodeResult(store.location, rows, len(specs), len(written), len(specs) - len(written),
-                          manifest["corpus"]["bad_rows"], round(time.perf_counter() - start, 3),
-                          round(encoded_rows / max(seconds, 1e-9), 2), unchanged and not written, changed,
-                          len(duplicates), round(check_seconds, 3))
+    result = EncodeResult(
+        store.location,
+        rows,
+        len(specs),
+        len(written),
+        len(specs) - len(written),
+        manifest["corpus"]["bad_rows"],
+        round(time.perf_counter() - start, 3),
+        round(encoded_rows / max(seconds, 1e-9), 2),
+        unchanged and not written,
+        changed,
+        len(duplicates),
+        round(check_seconds, 3),
+    )
     if result.already_complete:
         log.info("%s: already complete (%d rows in %d shards); nothing to do", store.location, rows, len(specs))
     else:
-        log.info("encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s", rows, result.shards_written,
-                 result.shards_reused, result.rows_per_s, store.location)
+        log.info(
+            "encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s",
+            rows,
+            result.shards_written,
+            result.shards_reused,
+            result.rows_per_s,
+            store.location,
+        )
     return result
 
 
@@ -296,8 +377,10 @@ def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -
 
     missing = [c for c in needed_columns(cfg.corpus) if c not in (dataset.columns() or [])]
     if missing:
-        raise DataError(f"the dataset has no column(s) {missing}; its columns are {dataset.columns()}. "
-                        "Set corpus.id_column / text_column / title_column")
+        raise DataError(
+            f"the dataset has no column(s) {missing}; its columns are {dataset.columns()}. "
+            "Set corpus.id_column / text_column / title_column"
+        )
     target = store.path(STAGED_INPUT)
     if store.exists(STAGED_INPUT):
         store.fs.delete_dir(target)
@@ -306,8 +389,14 @@ def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -
     return location
 
 
-def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[ShardSpec],
-                  duplicates: dict[str, Any], store: shards.OutputStore, fingerprint: str) -> dict[int, dict[str, Any]]:
+def _run_pipeline(
+    cfg: EncodeConfig,
+    outputs: list[OutputSpec],
+    specs: list[ShardSpec],
+    duplicates: dict[str, Any],
+    store: shards.OutputStore,
+    fingerprint: str,
+) -> dict[int, dict[str, Any]]:
     """Every shard through read+tokenize and encode+write; returns each shard's sidecar facts."""
     import ray
     import ray.data
@@ -324,17 +413,36 @@ def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[Shar
     firsts = ray.put({i: d.first for i, d in duplicates.items()}) if duplicates else None
     rows = [s.as_row() for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(ReadAndTokenize, fn_constructor_kwargs={"specs": outputs, "corpus": cfg.corpus, "store": store,
-                                                                "fingerprint": fingerprint, "duplicates": firsts},
-                        compute=ActorPoolStrategy(size=c.tokenize_actors), num_cpus=0.5, batch_size=1,
-                        batch_format="pyarrow")
+    ds = ds.map_batches(
+        ReadAndTokenize,
+        fn_constructor_kwargs={
+            "specs": outputs,
+            "corpus": cfg.corpus,
+            "store": store,
+            "fingerprint": fingerprint,
+            "duplicates": firsts,
+        },
+        compute=ActorPoolStrategy(size=c.tokenize_actors),
+        num_cpus=0.5,
+        batch_size=1,
+        batch_format="pyarrow",
+    )
     ds = ds.map_batches(
         EncodeAndWrite,
-        fn_constructor_kwargs={"specs": outputs, "store": store, "fingerprint": fingerprint,
-                               "device": "cuda" if use_gpu else "cpu", "threads": threads,
-                               "token_budget": c.token_budget, "max_batch_size": c.max_batch_size},
-        compute=ActorPoolStrategy(size=c.encode_actors), num_cpus=c.cpus_per_encode_actor,
-        num_gpus=1 if use_gpu else 0, batch_size=1, batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "specs": outputs,
+            "store": store,
+            "fingerprint": fingerprint,
+            "device": "cuda" if use_gpu else "cpu",
+            "threads": threads,
+            "token_budget": c.token_budget,
+            "max_batch_size": c.max_batch_size,
+        },
+        compute=ActorPoolStrategy(size=c.encode_actors),
+        num_cpus=c.cpus_per_encode_actor,
+        num_gpus=1 if use_gpu else 0,
+        batch_size=1,
+        batch_format="pyarrow",
         # torch sizes its thread pool from OMP_NUM_THREADS at process start (Ray sets it from
         # the CPU share), so the actor's threads are set in its environment.
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
@@ -348,11 +456,19 @@ def _run_pipeline(cfg: EncodeConfig, outputs: list[OutputSpec], specs: list[Shar
             if row["previous"] == "same":
                 continue
             encoded_rows += int(row["rows"])
-            log.info("shard %d written by node %s (%d rows, encoded in %.2fs; %d/%d shards; %.1f rows/s overall)",
-                     s, str(row["node"])[:12], row["rows"], row["encode_s"], len(done), len(specs),
-                     encoded_rows / max(time.perf_counter() - t0, 1e-9))
+            log.info(
+                "shard %d written by node %s (%d rows, encoded in %.2fs; %d/%d shards; %.1f rows/s overall)",
+                s,
+                str(row["node"])[:12],
+                row["rows"],
+                row["encode_s"],
+                len(done),
+                len(specs),
+                encoded_rows / max(time.perf_counter() - t0, 1e-9),
+            )
     except Exception as e:  # a Ray task failure: finished shards stay for the rerun
         raise_worker_error(e)
-        raise EncodeJobError(f"encoding failed ({e}); finished shards are kept in {store.location}: run the job "
-                             "again to resume") from e
+        raise EncodeJobError(
+            f"encoding failed ({e}); finished shards are kept in {store.location}: run the job again to resume"
+        ) from e
     return done

@@ -6,14 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from raytrieve.errors import RaytrieveError
 
 
-def _run(command: str, load: Callable[..., Any], run: Callable[..., Any], config: str, overrides: list[str],
-         ray_address: str | None) -> Any | None:
+def _run(
+    command: str,
+    load: Callable[..., Any],
+    run: Callable[..., Any],
+    config: str,
+    overrides: list[str],
+    ray_address: str | None,
+) -> Any | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(load(config, overrides), where=config, ray_address=ray_address)
@@ -30,8 +37,10 @@ def encode_from_args(config: str, overrides: list[str], ray_address: str | None)
     if result is None:
         return 2
     if result.already_complete:
-        print(f"{result.output_dir}: already complete ({result.rows} rows, {result.shards} shards); nothing to do",
-              file=sys.stderr)
+        print(
+            f"{result.output_dir}: already complete ({result.rows} rows, {result.shards} shards); nothing to do",
+            file=sys.stderr,
+        )
     print(json.dumps(asdict(result)))
     return 0
 

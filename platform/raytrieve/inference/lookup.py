@@ -34,18 +34,22 @@ class EncodedCorpus:
     starts: np.ndarray  # first vector row of each shard
 
     @classmethod
-    def of(cls, vectors_dir: str) -> "EncodedCorpus":
+    def of(cls, vectors_dir: str) -> EncodedCorpus:
         from raytrieve.config import from_dict
 
         store = shards.OutputStore(str(vectors_dir))
         job = store.read_json(shards.JOB)["config"]
         manifest = shards.read_manifest(vectors_dir)
-        corpus = from_dict(CorpusConfig, {**job["corpus"], "path": manifest["corpus"]["path"],
-                                          "format": manifest["corpus"].get("format")})
+        corpus = from_dict(
+            CorpusConfig,
+            {**job["corpus"], "path": manifest["corpus"]["path"], "format": manifest["corpus"].get("format")},
+        )
         specs = plan_shards(open_source(corpus.path, corpus.format, field="corpus.path"), job["rows_per_shard"])
         if len(specs) != len(manifest["shards"]):
-            raise DataError(f"{corpus.path}: now cuts into {len(specs)} shards, the encoding in {vectors_dir} has "
-                            f"{len(manifest['shards'])}; the corpus changed: run the encoding job again")
+            raise DataError(
+                f"{corpus.path}: now cuts into {len(specs)} shards, the encoding in {vectors_dir} has "
+                f"{len(manifest['shards'])}; the corpus changed: run the encoding job again"
+            )
         starts = np.concatenate(([0], np.cumsum([s["rows"] for s in manifest["shards"]])))[:-1]
         return cls(corpus, specs, starts)
 
@@ -68,8 +72,9 @@ class ShardLookup:
             from raytrieve.encoders import load_encoder
 
             torch.set_num_threads(reranker["threads"])
-            self.model = load_encoder("cross", reranker["model"], device=reranker["device"],
-                                      max_seq_length=reranker["max_seq_length"])
+            self.model = load_encoder(
+                "cross", reranker["model"], device=reranker["device"], max_seq_length=reranker["max_seq_length"]
+            )
             self.batch_size = reranker["batch_size"]
             self.queries = ray.get(queries)
 
@@ -83,8 +88,10 @@ class ShardLookup:
                 text_of.setdefault(id_, text)
             missing = [i for i in row["ids"] if i not in text_of]
             if missing:
-                raise DataError(f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; the "
-                                "corpus changed since it was encoded: run the encoding job again")
+                raise DataError(
+                    f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; the "
+                    "corpus changed since it was encoded: run the encoding job again"
+                )
             texts = [text_of[i] for i in row["ids"]]
             out["shard"].append(spec.shard)
             if self.model is not None:
@@ -95,12 +102,25 @@ class ShardLookup:
             else:
                 out["texts"].append(texts)
                 out["scores"].append([])
-        return pa.table({"shard": pa.array(out["shard"], pa.int64()), "texts": pa.array(out["texts"], pa.list_(pa.string())),
-                         "scores": pa.array(out["scores"], pa.list_(pa.float32()))})
+        return pa.table(
+            {
+                "shard": pa.array(out["shard"], pa.int64()),
+                "texts": pa.array(out["texts"], pa.list_(pa.string())),
+                "scores": pa.array(out["scores"], pa.list_(pa.float32())),
+            }
+        )
 
 
-def _run(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, query: np.ndarray | None,
-         queries: list[str] | None, reranker: dict[str, Any] | None, actors: int, cpus: float) -> dict[int, list[Any]]:
+def _run(
+    encoded: EncodedCorpus,
+    ids: list[str],
+    rows: np.ndarray,
+    query: np.ndarray | None,
+    queries: list[str] | None,
+    reranker: dict[str, Any] | None,
+    actors: int,
+    cpus: float,
+) -> dict[int, list[Any]]:
     """Requests grouped by shard through the stage; the result lists in request order per shard."""
     import ray
     import ray.data
@@ -112,15 +132,25 @@ def _run(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, query: np.nda
     requests = []
     for s in np.unique(shard):
         mine = np.flatnonzero(shard == s)
-        requests.append({**encoded.specs[int(s)].as_row(), "ids": [ids[int(rows[i])] for i in mine],
-                         "query": query[mine].tolist() if query is not None else []})
+        requests.append(
+            {
+                **encoded.specs[int(s)].as_row(),
+                "ids": [ids[int(rows[i])] for i in mine],
+                "query": query[mine].tolist() if query is not None else [],
+            }
+        )
     kwargs: dict[str, Any] = {"corpus": encoded.corpus}
     if reranker is not None:
         kwargs.update(queries=ray.put(queries), reranker=reranker)
     ds = ray.data.from_items(requests, override_num_blocks=max(1, len(requests))).map_batches(
-        ShardLookup, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=actors), num_cpus=cpus,
-        num_gpus=1 if reranker is not None and reranker["device"] == "cuda" else 0, batch_size=1,
-        batch_format="pyarrow")
+        ShardLookup,
+        fn_constructor_kwargs=kwargs,
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=1 if reranker is not None and reranker["device"] == "cuda" else 0,
+        batch_size=1,
+        batch_format="pyarrow",
+    )
     try:
         return {int(r["shard"]): (r["scores"] if reranker is not None else r["texts"]) for r in ds.iter_rows()}
     except Exception as e:
@@ -138,8 +168,9 @@ def _in_request_order(encoded: EncodedCorpus, rows: np.ndarray, per_shard: dict[
     return out
 
 
-def fetch_texts(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, actors: int = 1,
-                cpus: float = 0.5) -> dict[int, str]:
+def fetch_texts(
+    encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, actors: int = 1, cpus: float = 0.5
+) -> dict[int, str]:
     """The corpus text of each vector row in ``rows`` (``ids``: every row's id)."""
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if not len(rows):
@@ -148,11 +179,21 @@ def fetch_texts(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, actors
     return dict(zip(rows.tolist(), texts))
 
 
-def score_rows(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, query: np.ndarray, queries: list[str],
-               reranker: dict[str, Any], actors: int = 1, cpus: float = 1.0) -> np.ndarray:
+def score_rows(
+    encoded: EncodedCorpus,
+    ids: list[str],
+    rows: np.ndarray,
+    query: np.ndarray,
+    queries: list[str],
+    reranker: dict[str, Any],
+    actors: int = 1,
+    cpus: float = 1.0,
+) -> np.ndarray:
     """The cross-encoder's score of (queries[query[i]], text of rows[i]) for each i."""
     if not len(rows):
         return np.zeros(0, np.float32)
     rows = np.asarray(rows, dtype=np.int64)
-    return np.asarray(_in_request_order(encoded, rows, _run(encoded, ids, rows, np.asarray(query), queries, reranker,
-                                                            actors, cpus)), dtype=np.float32)
+    return np.asarray(
+        _in_request_order(encoded, rows, _run(encoded, ids, rows, np.asarray(query), queries, reranker, actors, cpus)),
+        dtype=np.float32,
+    )

@@ -29,8 +29,14 @@ import numpy as np
 
 from raytrieve import _io
 from raytrieve.errors import ConfigError, DataError
-from raytrieve.inference.config import (CorpusConfig, DenseOutputConfig, EncodeConfig, MineConfig, SelectionConfig,
-                                        SparseOutputConfig)
+from raytrieve.inference.config import (
+    CorpusConfig,
+    DenseOutputConfig,
+    EncodeConfig,
+    MineConfig,
+    SelectionConfig,
+    SparseOutputConfig,
+)
 from raytrieve.inference.corpus import text_hashes
 from raytrieve.inference.lookup import EncodedCorpus, fetch_texts, score_rows
 
@@ -58,13 +64,16 @@ def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
     columns = {}
     for role, name in (("query", cfg.pairs.query_column), ("positive", cfg.pairs.positive_column)):
         if name not in table.column_names:
-            raise DataError(f"{path}: no column {name!r} for the {role}; the file has {table.column_names}. "
-                            f"Set pairs.{role}_column")
+            raise DataError(
+                f"{path}: no column {name!r} for the {role}; the file has {table.column_names}. Set pairs.{role}_column"
+            )
         values = table.column(name).to_pylist()
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
-            raise DataError(f"{path}: column {name!r} has {len(bad)} null, empty or non-text value(s), first at "
-                            f"row {bad[0]}; drop those rows")
+            raise DataError(
+                f"{path}: column {name!r} has {len(bad)} null, empty or non-text value(s), first at "
+                f"row {bad[0]}; drop those rows"
+            )
         columns[role] = values
     if not columns["query"]:
         raise DataError(f"{path}: no pairs")
@@ -92,26 +101,37 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
             with _io.atomic_file(work / "positives.parquet") as tmp:
                 pq.write_table(pa.table({"id": [f"positive-{i}" for i in range(len(texts))], "text": texts}), tmp)
             corpus = CorpusConfig(path=str(work / "positives.parquet"))
-        output = {"model": cfg.retriever.model, "max_seq_length": cfg.retriever.max_seq_length,
-                  "trust_remote_code": cfg.retriever.trust_remote_code}
-        encode = EncodeConfig(corpus=corpus, output_dir=str(work / "vectors"), side="document", compute=cfg.compute,
-                              dense=DenseOutputConfig(**output) if cfg.retriever.kind == "dense" else None,
-                              sparse=SparseOutputConfig(**output) if cfg.retriever.kind == "sparse" else None)
+        output = {
+            "model": cfg.retriever.model,
+            "max_seq_length": cfg.retriever.max_seq_length,
+            "trust_remote_code": cfg.retriever.trust_remote_code,
+        }
+        encode = EncodeConfig(
+            corpus=corpus,
+            output_dir=str(work / "vectors"),
+            side="document",
+            compute=cfg.compute,
+            dense=DenseOutputConfig(**output) if cfg.retriever.kind == "dense" else None,
+            sparse=SparseOutputConfig(**output) if cfg.retriever.kind == "sparse" else None,
+        )
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address)
         vectors_dir = Path(encode.output_dir)
     vectors = read_vectors(vectors_dir)
     made_with = (vectors.manifest.get(cfg.retriever.kind) or {}).get("model_path")
     if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
-        raise ConfigError(f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
-                          f"not with retriever.model {model_path}; encode the corpus with the retriever's model")
+        raise ConfigError(
+            f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
+            f"not with retriever.model {model_path}; encode the corpus with the retriever's model"
+        )
     return vectors
 
 
-def select_negatives(candidates: list[int], scores: np.ndarray, positive_score: float, s: SelectionConfig,
-                     rng: np.random.Generator) -> list[int]:
+def select_negatives(
+    candidates: list[int], scores: np.ndarray, positive_score: float, s: SelectionConfig, rng: np.random.Generator
+) -> list[int]:
     """Candidates (already best-first, positives removed, at most range_max) -> chosen ones."""
     kept = []
-    for c, score in zip(candidates[s.range_min:], scores[s.range_min:]):
+    for c, score in zip(candidates[s.range_min :], scores[s.range_min :]):
         if s.absolute_margin is not None and score > positive_score - s.absolute_margin:
             continue
         if s.relative_margin is not None and score > positive_score * (1 - s.relative_margin):
@@ -144,10 +164,15 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     vectors = _corpus_vectors(cfg, positives, ray_address, where)
     vectors_dir = cfg.corpus_vectors or str(Path(f"{cfg.output_path}.work") / "vectors")
     encoded = EncodedCorpus.of(vectors_dir)
-    if cfg.corpus is not None and cfg.corpus_vectors and \
-            Path(cfg.corpus.path).expanduser().resolve() != Path(encoded.corpus.path).resolve():
-        raise ConfigError(f"{where}.corpus.path {cfg.corpus.path}: corpus_vectors {vectors_dir} encodes "
-                          f"{encoded.corpus.path}; point both at the same corpus (or leave corpus: out)")
+    if (
+        cfg.corpus is not None
+        and cfg.corpus_vectors
+        and Path(cfg.corpus.path).expanduser().resolve() != Path(encoded.corpus.path).resolve()
+    ):
+        raise ConfigError(
+            f"{where}.corpus.path {cfg.corpus.path}: corpus_vectors {vectors_dir} encodes "
+            f"{encoded.corpus.path}; point both at the same corpus (or leave corpus: out)"
+        )
     if vectors.text_hashes is None:
         raise DataError(f"{vectors_dir}: made by an older raytrieve (no text hashes); encode the corpus again")
     hashes = vectors.text_hashes
@@ -180,8 +205,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     candidates: dict[str, tuple[list[int], np.ndarray]] = {}
     for q, i in q_row.items():
         rows, scores = hits.rows[i], hits.scores[i]
-        keep = [(int(r), float(sc)) for r, sc in zip(rows, scores)
-                if r >= 0 and int(hashes[r]) not in positives_of[q]]
+        keep = [(int(r), float(sc)) for r, sc in zip(rows, scores) if r >= 0 and int(hashes[r]) not in positives_of[q]]
         keep = keep[: s.range_max]
         candidates[q] = ([r for r, _ in keep], np.array([sc for _, sc in keep], dtype=np.float32))
 
@@ -191,22 +215,33 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
         rr = cfg.reranker
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        reranker = {"model": str(assets.resolve_model(rr.model)), "max_seq_length": rr.max_seq_length,
-                    "batch_size": rr.batch_size, "device": "cuda" if use_gpu else "cpu",
-                    "threads": max(1, int(rr.cpus_per_actor))}
+        reranker = {
+            "model": str(assets.resolve_model(rr.model)),
+            "max_seq_length": rr.max_seq_length,
+            "batch_size": rr.batch_size,
+            "device": "cuda" if use_gpu else "cpu",
+            "threads": max(1, int(rr.cpus_per_actor)),
+        }
         cand_rows = np.array([r for q in unique_queries for r in candidates[q][0]], dtype=np.int64)
         cand_query = np.array([i for i, q in enumerate(unique_queries) for _ in candidates[q][0]], dtype=np.int64)
-        scored = score_rows(encoded, vectors.ids, cand_rows, cand_query, unique_queries, reranker, rr.actors,
-                            rr.cpus_per_actor)
+        scored = score_rows(
+            encoded, vectors.ids, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
+        )
         at = 0
         for q in unique_queries:
             rows = candidates[q][0]
-            ce = scored[at: at + len(rows)]
+            ce = scored[at : at + len(rows)]
             at += len(rows)
             order = np.argsort(-ce, kind="stable")
             candidates[q] = ([rows[j] for j in order], ce[order])
-        pos_scores = score_pairs(list(zip(queries, positives)), reranker["model"], max_seq_length=rr.max_seq_length,
-                                 batch_size=rr.batch_size, actors=rr.actors, cpus_per_actor=rr.cpus_per_actor)
+        pos_scores = score_pairs(
+            list(zip(queries, positives)),
+            reranker["model"],
+            max_seq_length=rr.max_seq_length,
+            batch_size=rr.batch_size,
+            actors=rr.actors,
+            cpus_per_actor=rr.cpus_per_actor,
+        )
 
     rng = np.random.default_rng(s.seed)
     chosen = []
@@ -224,39 +259,54 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     with _io.atomic_file(out) as tmp:
         pq.write_table(table, tmp)
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
-    result = MineResult(str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped,
-                        len(vectors.ids))
+    result = MineResult(
+        str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped, len(vectors.ids)
+    )
     if short:
-        log.warning("%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
-                    short, len(queries), s.num_negatives)
+        log.warning(
+            "%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
+            short,
+            len(queries),
+            s.num_negatives,
+        )
     log.info("mined %s", asdict(result))
     return result
 
 
 def _sparse_dot(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    common, ia, ib = np.intersect1d(a["indices"], b["indices"], assume_unique=True, return_indices=True)
+    _common, ia, ib = np.intersect1d(a["indices"], b["indices"], assume_unique=True, return_indices=True)
     return float(np.dot(a["values"][ia].astype(np.float64), b["values"][ib]))
 
 
-def _format(fmt: str, queries: list[str], positives: list[str], pos_scores: np.ndarray,
-            chosen: list[tuple[list[int], list[float]]], texts: dict[int, str], n: int) -> tuple[Any, int]:
+def _format(
+    fmt: str,
+    queries: list[str],
+    positives: list[str],
+    pos_scores: np.ndarray,
+    chosen: list[tuple[list[int], list[float]]],
+    texts: dict[int, str],
+    n: int,
+) -> tuple[Any, int]:
     """The output table and how many pairs a fixed-width format had to leave out."""
     import pyarrow as pa
 
     if fmt == "triplet":
         rows = [(q, p, texts[r]) for q, p, (picked, _) in zip(queries, positives, chosen) for r in picked]
-        return pa.table({"query": [r[0] for r in rows], "positive": [r[1] for r in rows],
-                         "negative": [r[2] for r in rows]}), 0
+        return pa.table(
+            {"query": [r[0] for r in rows], "positive": [r[1] for r in rows], "negative": [r[2] for r in rows]}
+        ), 0
     if fmt == "labeled-list":
-        return pa.table({
-            "query": queries,
-            "documents": [[p] + [texts[r] for r in picked] for p, (picked, _) in zip(positives, chosen)],
-            "labels": [[1] + [0] * len(picked) for picked, _ in chosen],
-        }), 0
+        return pa.table(
+            {
+                "query": queries,
+                "documents": [[p] + [texts[r] for r in picked] for p, (picked, _) in zip(positives, chosen)],
+                "labels": [[1] + [0] * len(picked) for picked, _ in chosen],
+            }
+        ), 0
     full = [i for i, (picked, _) in enumerate(chosen) if len(picked) >= n]
     columns: dict[str, Any] = {"query": [queries[i] for i in full], "positive": [positives[i] for i in full]}
     for j in range(n):
         columns[f"negative_{j + 1}"] = [texts[chosen[i][0][j]] for i in full]
     if fmt == "n-tuple-scores":
-        columns["score"] = [[float(pos_scores[i])] + chosen[i][1][:n] for i in full]
+        columns["score"] = [[float(pos_scores[i]), *chosen[i][1][:n]] for i in full]
     return pa.table(columns), len(queries) - len(full)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,8 +15,7 @@ CHUNK = 512
 
 
 class ScorePairs:
-    def __init__(self, model_path: str, max_seq_length: int | None, batch_size: int, device: str,
-                 threads: int) -> None:
+    def __init__(self, model_path: str, max_seq_length: int | None, batch_size: int, device: str, threads: int) -> None:
         import torch
 
         from raytrieve.encoders import CrossEncoder
@@ -28,14 +27,27 @@ class ScorePairs:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        scores = [np.asarray(self.model.predict([tuple(p) for p in json.loads(payload)], batch_size=self.batch_size,
-                                                show_progress_bar=False), dtype=np.float32).tobytes()
-                  for payload in batch["payload"]]
+        scores = [
+            np.asarray(
+                self.model.predict(
+                    [tuple(p) for p in json.loads(payload)], batch_size=self.batch_size, show_progress_bar=False
+                ),
+                dtype=np.float32,
+            ).tobytes()
+            for payload in batch["payload"]
+        ]
         return {"chunk": batch["chunk"], "scores": np.array(scores, dtype=object)}
 
 
-def score_pairs(pairs: Sequence[tuple[str, str]], model_path: str, *, max_seq_length: int | None = None,
-                batch_size: int = 32, actors: int = 1, cpus_per_actor: float = 1.0) -> np.ndarray:
+def score_pairs(
+    pairs: Sequence[tuple[str, str]],
+    model_path: str,
+    *,
+    max_seq_length: int | None = None,
+    batch_size: int = 32,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+) -> np.ndarray:
     """Scores of ``pairs`` in input order (float32)."""
     import ray
     import ray.data
@@ -45,17 +57,31 @@ def score_pairs(pairs: Sequence[tuple[str, str]], model_path: str, *, max_seq_le
         return np.zeros(0, np.float32)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     threads = max(1, int(cpus_per_actor))
-    rows = [{"chunk": i, "payload": json.dumps(list(pairs[s: s + CHUNK]))}
-            for i, s in enumerate(range(0, len(pairs), CHUNK))]
+    rows = [
+        {"chunk": i, "payload": json.dumps(list(pairs[s : s + CHUNK]))}
+        for i, s in enumerate(range(0, len(pairs), CHUNK))
+    ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         ScorePairs,
-        fn_constructor_kwargs={"model_path": model_path, "max_seq_length": max_seq_length, "batch_size": batch_size,
-                               "device": "cuda" if use_gpu else "cpu", "threads": threads},
-        compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0,
-        batch_size=1, batch_format="numpy",
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-                                  **({"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}
-                                     if "HF_HUB_OFFLINE" in os.environ else {})}},
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "max_seq_length": max_seq_length,
+            "batch_size": batch_size,
+            "device": "cuda" if use_gpu else "cpu",
+            "threads": threads,
+        },
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+        batch_size=1,
+        batch_format="numpy",
+        runtime_env={
+            "env_vars": {
+                "OMP_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                **({"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]} if "HF_HUB_OFFLINE" in os.environ else {}),
+            }
+        },
     )
     parts = {int(r["chunk"]): np.frombuffer(r["scores"], dtype=np.float32) for r in ds.iter_rows()}
     return np.concatenate([parts[i] for i in range(len(rows))])

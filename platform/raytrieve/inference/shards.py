@@ -22,9 +22,10 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -136,8 +137,12 @@ class OutputStore:
         return len(stale)
 
 
-def shard_table(ids: list[str], dense: np.ndarray | None,
-                sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None, hashes: np.ndarray | None = None) -> pa.Table:
+def shard_table(
+    ids: list[str],
+    dense: np.ndarray | None,
+    sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    hashes: np.ndarray | None = None,
+) -> pa.Table:
     """``sparse`` is (offsets [n+1], indices, values): row i owns offsets[i]:offsets[i+1].
     ``hashes``: each row's text hash (corpus.text_hashes)."""
     columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
@@ -161,8 +166,13 @@ def write_shard(store: OutputStore, index: int, table: pa.Table, sidecar: dict[s
     data = sink.getvalue().to_pybytes()
     name = shard_name(index)
     store.write_bytes(f"{name}.parquet", data)
-    sidecar = {"shard": index, "file": f"{name}.parquet", "rows": table.num_rows,
-               "sha256": hashlib.sha256(data).hexdigest(), **sidecar}
+    sidecar = {
+        "shard": index,
+        "file": f"{name}.parquet",
+        "rows": table.num_rows,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        **sidecar,
+    }
     store.write_json(f"{name}.json", sidecar)
     return sidecar
 
@@ -206,11 +216,14 @@ def iter_shards(out: str | os.PathLike, verify: bool = True) -> Iterator[pa.Tabl
         try:
             data = store.read_bytes(shard["file"])
         except FileNotFoundError:
-            raise DataError(f"{store.describe(shard['file'])}: shard listed in the manifest is missing; "
-                            "run the encoding job again") from None
+            raise DataError(
+                f"{store.describe(shard['file'])}: shard listed in the manifest is missing; run the encoding job again"
+            ) from None
         if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise DataError(f"{store.describe(shard['file'])}: checksum differs from the manifest (the file "
-                            "changed); run the job again")
+            raise DataError(
+                f"{store.describe(shard['file'])}: checksum differs from the manifest (the file "
+                "changed); run the job again"
+            )
         yield pq.read_table(pa.BufferReader(data))
 
 
@@ -223,8 +236,13 @@ def read_bad_rows(out: str | os.PathLike) -> pa.Table:
         sidecar = store.read_json(shard["file"].replace(".parquet", ".json"))
         rows += [[first + r, i, why] for r, i, why in sidecar.get("bad_rows", [])]
         first += int(sidecar["input_rows"])
-    return pa.table({"row": pa.array([r[0] for r in rows], pa.int64()), "id": pa.array([r[1] for r in rows], pa.string()),
-                     "reason": pa.array([r[2] for r in rows], pa.string())})
+    return pa.table(
+        {
+            "row": pa.array([r[0] for r in rows], pa.int64()),
+            "id": pa.array([r[1] for r in rows], pa.string()),
+            "reason": pa.array([r[2] for r in rows], pa.string()),
+        }
+    )
 
 
 @dataclass
@@ -256,14 +274,17 @@ def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
             val = table.column("sparse_values").combine_chunks()
             offs = idx.offsets.to_numpy().astype(np.int64)
             offsets_parts.append(offs[1:] - offs[0] + base if offsets_parts else offs - offs[0] + base)
-            index_parts.append(idx.values.to_numpy()[offs[0]: offs[-1]])
-            value_parts.append(val.values.to_numpy()[offs[0]: offs[-1]])
+            index_parts.append(idx.values.to_numpy()[offs[0] : offs[-1]])
+            value_parts.append(val.values.to_numpy()[offs[0] : offs[-1]])
             base += int(offs[-1] - offs[0])
     dense = np.concatenate(dense_parts) if dense_parts else None
     sparse = None
     if offsets_parts:
-        sparse = (np.concatenate(offsets_parts), np.concatenate(index_parts).astype(np.int64),
-                  np.concatenate(value_parts).astype(np.float32))
+        sparse = (
+            np.concatenate(offsets_parts),
+            np.concatenate(index_parts).astype(np.int64),
+            np.concatenate(value_parts).astype(np.float32),
+        )
     if len(ids) != manifest["rows"]:
         raise DataError(f"{out}: the shards hold {len(ids)} rows, the manifest says {manifest['rows']}")
     hashes = np.concatenate(hash_parts) if len(hash_parts) == len(manifest["shards"]) and hash_parts else None

@@ -26,8 +26,7 @@ import pyarrow as pa
 from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
-from raytrieve.inference.corpus import (EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes,
-                                        valid_ids)
+from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes, valid_ids
 
 BAD_ROW = pa.struct([("row", pa.int64()), ("id", pa.string()), ("reason", pa.string())])
 
@@ -68,14 +67,26 @@ def scan_shards(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
         out["input_rows"].append(rows.input_rows)
         out["bad"].append(len(rows.bad))
         out["examples"].append(_bad_rows(rows.bad[:EXAMPLES]))
-    return pa.table({"shard": pa.array(out["shard"], pa.int64()), "input_rows": pa.array(out["input_rows"], pa.int64()),
-                     "bad": pa.array(out["bad"], pa.int64()), "examples": pa.array(out["examples"], pa.list_(BAD_ROW))})
+    return pa.table(
+        {
+            "shard": pa.array(out["shard"], pa.int64()),
+            "input_rows": pa.array(out["input_rows"], pa.int64()),
+            "bad": pa.array(out["bad"], pa.int64()),
+            "examples": pa.array(out["examples"], pa.list_(BAD_ROW)),
+        }
+    )
 
 
 def shard_ids(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
-    parts = [valid_ids(read_shard(spec, [corpus.id_column, corpus.text_column]), corpus, spec.path, spec.shard)
-             for spec in _specs(batch)]
-    return pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string()), "pos": pa.array([], pa.int64())})
+    parts = [
+        valid_ids(read_shard(spec, [corpus.id_column, corpus.text_column]), corpus, spec.path, spec.shard)
+        for spec in _specs(batch)
+    ]
+    return (
+        pa.concat_tables(parts)
+        if parts
+        else pa.table({"id": pa.array([], pa.string()), "pos": pa.array([], pa.int64())})
+    )
 
 
 def _thread_env(threads: int) -> None:
@@ -88,14 +99,24 @@ def _thread_env(threads: int) -> None:
 class ReadAndTokenize:
     """Actor: shard spec -> the shard's ids and each model's token ids (or 'reused')."""
 
-    def __init__(self, specs: list[OutputSpec], corpus: CorpusConfig, store: shards.OutputStore, fingerprint: str,
-                 duplicates: Any = None) -> None:
+    def __init__(
+        self,
+        specs: list[OutputSpec],
+        corpus: CorpusConfig,
+        store: shards.OutputStore,
+        fingerprint: str,
+        duplicates: Any = None,
+    ) -> None:
         from raytrieve.encoders.tokenizer_only import load_input_tokenizer
 
         _thread_env(1)
         self.specs, self.corpus, self.store, self.fingerprint = specs, corpus, store, fingerprint
-        self.tokenizers = [load_input_tokenizer(s.model_path, s.task, s.max_seq_length, kind=s.kind,
-                                                trust_remote_code=s.trust_remote_code) for s in specs]
+        self.tokenizers = [
+            load_input_tokenizer(
+                s.model_path, s.task, s.max_seq_length, kind=s.kind, trust_remote_code=s.trust_remote_code
+            )
+            for s in specs
+        ]
         self.duplicates: dict[str, int] = {}
         if duplicates is not None:  # an ObjectRef: one copy per node's object store, not per task
             import ray
@@ -105,16 +126,23 @@ class ReadAndTokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for spec in _specs(batch):
-            data = shard_rows(read_shard(spec, needed_columns(self.corpus)), self.corpus, spec.path,
-                              self.duplicates, spec.shard)
+            data = shard_rows(
+                read_shard(spec, needed_columns(self.corpus)), self.corpus, spec.path, self.duplicates, spec.shard
+            )
             checksum = content_checksum(data.ids, data.texts)
             sidecar, state = shards.finished_shard(self.store, spec.shard)
             if state == "ok" and sidecar is not None:
                 same = sidecar.get("fingerprint") == self.fingerprint and sidecar.get("checksum") == checksum
                 state = "same" if same else "changed"
-            row: dict[str, Any] = {"shard": spec.shard, "previous": state, "checksum": checksum, "ids": data.ids,
-                                   "text_hashes": text_hashes(data.texts).tolist() if not state == "same" else [],
-                                   "input_rows": data.input_rows, "bad_rows": _bad_rows(data.bad)}
+            row: dict[str, Any] = {
+                "shard": spec.shard,
+                "previous": state,
+                "checksum": checksum,
+                "ids": data.ids,
+                "text_hashes": text_hashes(data.texts).tolist() if not state == "same" else [],
+                "input_rows": data.input_rows,
+                "bad_rows": _bad_rows(data.bad),
+            }
             reuse = state == "same"
             for m, (s, tok) in enumerate(zip(self.specs, self.tokenizers)):
                 encoded = tok.tokenize_ids(data.texts, prompt=s.prompt) if not reuse else {"input_ids": []}
@@ -126,10 +154,18 @@ class ReadAndTokenize:
 
 def _table(rows: list[dict[str, Any]], models: int) -> pa.Table:
     ids = pa.list_(pa.int32())
-    schema = pa.schema([("shard", pa.int64()), ("previous", pa.string()), ("checksum", pa.string()),
-                        ("ids", pa.list_(pa.string())),
-                        ("text_hashes", pa.list_(pa.int64())), ("input_rows", pa.int64()), ("bad_rows", pa.list_(BAD_ROW))]
-                       + [(f"m{m}_{k}", pa.list_(ids)) for m in range(models) for k in ("input_ids", "token_type_ids")])
+    schema = pa.schema(
+        [
+            ("shard", pa.int64()),
+            ("previous", pa.string()),
+            ("checksum", pa.string()),
+            ("ids", pa.list_(pa.string())),
+            ("text_hashes", pa.list_(pa.int64())),
+            ("input_rows", pa.int64()),
+            ("bad_rows", pa.list_(BAD_ROW)),
+        ]
+        + [(f"m{m}_{k}", pa.list_(ids)) for m in range(models) for k in ("input_ids", "token_type_ids")]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -137,20 +173,49 @@ class EncodeAndWrite:
     """Actor: token ids -> vectors (length-sorted, token-budget batches) -> shard + sidecar in
     the output store. Returns only the sidecar's facts."""
 
-    def __init__(self, specs: list[OutputSpec], store: shards.OutputStore, fingerprint: str, device: str,
-                 threads: int, token_budget: int, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        specs: list[OutputSpec],
+        store: shards.OutputStore,
+        fingerprint: str,
+        device: str,
+        threads: int,
+        token_budget: int,
+        max_batch_size: int,
+    ) -> None:
         from raytrieve.encoders import load_encoder
 
         _thread_env(threads)
         self.specs, self.store, self.fingerprint = specs, store, fingerprint
         self.token_budget, self.max_batch_size = token_budget, max_batch_size
-        self.models = [load_encoder(s.kind, s.model_path, device=device, max_seq_length=s.max_seq_length,
-                                    trust_remote_code=s.trust_remote_code) for s in specs]
+        self.models = [
+            load_encoder(
+                s.kind,
+                s.model_path,
+                device=device,
+                max_seq_length=s.max_seq_length,
+                trust_remote_code=s.trust_remote_code,
+            )
+            for s in specs
+        ]
         self.node = _node_name()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: dict[str, list[Any]] = {k: [] for k in ("shard", "previous", "file", "rows", "sha256", "checksum",
-                                                      "input_rows", "bad", "node", "encode_s")}
+        out: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "shard",
+                "previous",
+                "file",
+                "rows",
+                "sha256",
+                "checksum",
+                "input_rows",
+                "bad",
+                "node",
+                "encode_s",
+            )
+        }
         for r in range(batch.num_rows):
             row = batch.slice(r, 1)
             shard, previous = int(row["shard"][0].as_py()), row["previous"][0].as_py()
@@ -176,19 +241,38 @@ class EncodeAndWrite:
             types = row[f"m{m}_token_type_ids"][0].as_py()
             if types is not None:
                 encoded["token_type_ids"] = types
-            common = dict(prompt=spec.prompt, task=spec.task, batch_size=self.max_batch_size,
-                          token_budget=self.token_budget, show_progress_bar=False)
+            common = dict(
+                prompt=spec.prompt,
+                task=spec.task,
+                batch_size=self.max_batch_size,
+                token_budget=self.token_budget,
+                show_progress_bar=False,
+            )
             if spec.kind == "dense":
-                dense = dense_output(model.encode(Pretokenized(encoded), truncate_dim=spec.truncate_dim,
-                                                  normalize_embeddings=spec.normalize, **common), spec)
+                dense = dense_output(
+                    model.encode(
+                        Pretokenized(encoded),
+                        truncate_dim=spec.truncate_dim,
+                        normalize_embeddings=spec.normalize,
+                        **common,
+                    ),
+                    spec,
+                )
             else:
                 sparse = sparse_csr(model.encode(Pretokenized(encoded), max_active_dims=spec.max_active_dims, **common))
         table = shards.shard_table(ids, dense, sparse, row["text_hashes"][0].values.to_numpy())
-        return shards.write_shard(self.store, shard, table, {
-            "fingerprint": self.fingerprint, "checksum": row["checksum"][0].as_py(),
-            "input_rows": int(row["input_rows"][0].as_py()), "node": self.node,
-            "bad_rows": [[b["row"], b["id"], b["reason"]] for b in row["bad_rows"][0].as_py()],
-        })
+        return shards.write_shard(
+            self.store,
+            shard,
+            table,
+            {
+                "fingerprint": self.fingerprint,
+                "checksum": row["checksum"][0].as_py(),
+                "input_rows": int(row["input_rows"][0].as_py()),
+                "node": self.node,
+                "bad_rows": [[b["row"], b["id"], b["reason"]] for b in row["bad_rows"][0].as_py()],
+            },
+        )
 
 
 def _node_name() -> str:
@@ -222,5 +306,8 @@ def sparse_csr(emb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     if not rows:
         return offsets, np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (offsets, np.concatenate([r["indices"] for r in rows]),
-            np.concatenate([r["values"] for r in rows]).astype(np.float32))
+    return (
+        offsets,
+        np.concatenate([r["indices"] for r in rows]),
+        np.concatenate([r["values"] for r in rows]).astype(np.float32),
+    )

@@ -1,6 +1,10 @@
 """The loss library: names, arguments and call convention of sentence-transformers
 (``Loss(model, ...)``, ``loss(features, labels)``), so porting a script means changing imports."""
 
+# Sparse and cross-encoder losses live in their own namespaces, as in sentence-transformers:
+# raytrieve.losses.sparse (SpladeLoss, SparseMultipleNegativesRankingLoss, ...) and
+# raytrieve.losses.cross (BinaryCrossEntropyLoss, LambdaLoss, ...).
+from raytrieve.losses import cross, sparse
 from raytrieve.losses.base import Loss, LossInputError, column_merging_disabled, embed_columns
 from raytrieve.losses.cached import (
     CachedGISTEmbedLoss,
@@ -10,21 +14,15 @@ from raytrieve.losses.cached import (
 from raytrieve.losses.modifiers import AdaptiveLayerLoss, Matryoshka2dLoss, MatryoshkaLoss
 from raytrieve.losses.pairwise import (
     AnglELoss,
-    DistillKLDivLoss,
     ContrastiveLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
+    DistillKLDivLoss,
     MarginMSELoss,
     MSELoss,
     OnlineContrastiveLoss,
     SiameseDistanceMetric,
     SoftmaxLoss,
-)
-from raytrieve.losses.unsupervised import (
-    ContrastiveTensionLoss,
-    ContrastiveTensionLossInBatchNegatives,
-    DenoisingAutoEncoderLoss,
-    MegaBatchMarginLoss,
 )
 from raytrieve.losses.ranking import GISTEmbedLoss, MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 from raytrieve.losses.triplet import (
@@ -36,10 +34,11 @@ from raytrieve.losses.triplet import (
     TripletDistanceMetric,
     TripletLoss,
 )
-
-# Sparse and cross-encoder losses live in their own namespaces, as in sentence-transformers:
-# raytrieve.losses.sparse (SpladeLoss, SparseMultipleNegativesRankingLoss, ...) and
-# raytrieve.losses.cross (BinaryCrossEntropyLoss, LambdaLoss, ...).
-from raytrieve.losses import cross, sparse  # noqa: E402
+from raytrieve.losses.unsupervised import (
+    ContrastiveTensionLoss,
+    ContrastiveTensionLossInBatchNegatives,
+    DenoisingAutoEncoderLoss,
+    MegaBatchMarginLoss,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -11,7 +11,8 @@ so the same math runs on freshly computed, cached, truncated or gathered embeddi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -14,8 +14,9 @@ plain loss on the whole batch.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,9 @@ class CachedLoss(Loss):
         """Per mini-batch extras computed without grad in step 1 (e.g. guide embeddings)."""
         return {}
 
-    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None, with_backward: bool = False, **extra: Any) -> Tensor:
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None, with_backward: bool = False, **extra: Any
+    ) -> Tensor:
         raise NotImplementedError
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
@@ -171,7 +174,11 @@ class CachedMultipleNegativesRankingLoss(CachedLoss):
         queries, docs, local = self.loss._gathered(torch.cat(reps[0]), [torch.cat(r) for r in reps[1:]])
         rows = len(local)
         return _chunked(
-            _lazy(lambda b, e: self.loss._loss_rows(queries, docs, local[b:e]) * (e - b) / rows, rows, self.mini_batch_size),
+            _lazy(
+                lambda b, e: self.loss._loss_rows(queries, docs, local[b:e]) * (e - b) / rows,
+                rows,
+                self.mini_batch_size,
+            ),
             with_backward,
         )
 

@@ -7,8 +7,9 @@ tensors (one per query, any length).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +38,17 @@ class CrossLoss(ColumnCheck, nn.Module):
 
     def require_single_label(self) -> None:
         if self.model.num_labels != 1:
-            raise ConfigError(f"{type(self).__name__} needs a model with num_labels=1, this one has {self.model.num_labels}")
+            raise ConfigError(
+                f"{type(self).__name__} needs a model with num_labels=1, this one has {self.model.num_labels}"
+            )
 
 
 class BinaryCrossEntropyLoss(CrossLoss):
     """BCE on the logit of each (query, document) pair; ``pos_weight`` re-weights positives."""
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, pos_weight: Tensor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, activation_fn: nn.Module | None = None, pos_weight: Tensor | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
         self.bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight, **kwargs)
@@ -119,8 +124,13 @@ class MultipleNegativesRankingLoss(CrossLoss):
     columns = (2, None)
     column_names = "anchors, positives, optional hard negatives..."
 
-    def __init__(self, model: nn.Module, num_negatives: int | None = 4, scale: float = 10.0,
-                 activation_fn: nn.Module | None = nn.Sigmoid()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_negatives: int | None = 4,
+        scale: float = 10.0,
+        activation_fn: nn.Module | None = nn.Sigmoid(),
+    ) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
         self.num_negatives = num_negatives
@@ -157,8 +167,14 @@ class MultipleNegativesRankingLoss(CrossLoss):
 class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     """The same loss with GradCache over chunks of ``mini_batch_size`` pairs."""
 
-    def __init__(self, model: nn.Module, num_negatives: int | None = 4, scale: float = 10.0,
-                 activation_fn: nn.Module | None = nn.Sigmoid(), mini_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_negatives: int | None = 4,
+        scale: float = 10.0,
+        activation_fn: nn.Module | None = nn.Sigmoid(),
+        mini_batch_size: int = 32,
+    ) -> None:
         super().__init__(model, num_negatives, scale, activation_fn)
         self.mini_batch_size = mini_batch_size
 
@@ -198,7 +214,9 @@ class ListwiseLoss(CrossLoss):
     column_names = "queries, a list of documents per query (+ a list of label tensors)"
     logit_pad = -1e16
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, mini_batch_size: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, activation_fn: nn.Module | None = None, mini_batch_size: int | None = None
+    ) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
         self.mini_batch_size = mini_batch_size
@@ -208,7 +226,7 @@ class ListwiseLoss(CrossLoss):
         queries, docs_list = inputs
         if isinstance(labels, Tensor):
             raise LossInputError(f"{type(self).__name__}: labels must be a list of tensors, one per query")
-        if len(labels) != len(queries) or any(len(l) != len(d) for l, d in zip(labels, docs_list)):
+        if len(labels) != len(queries) or any(len(lab) != len(d) for lab, d in zip(labels, docs_list)):
             raise LossInputError(f"{type(self).__name__}: each query needs one label per document")
         pairs = [(q, d) for q, docs in zip(queries, docs_list) for d in docs]
         size = self.mini_batch_size or len(queries)
@@ -224,7 +242,7 @@ class ListwiseLoss(CrossLoss):
         logit_matrix = torch.full((rows, width), self.logit_pad, device=device, dtype=logits.dtype)
         logit_matrix = logit_matrix.masked_scatter(mask, logits)
         label_matrix = torch.full((rows, width), float("-inf"), device=device)
-        label_matrix = label_matrix.masked_scatter(mask, torch.cat([l.float() for l in labels]).to(device))
+        label_matrix = label_matrix.masked_scatter(mask, torch.cat([lab.float() for lab in labels]).to(device))
         return logit_matrix, label_matrix, mask
 
 
@@ -256,9 +274,14 @@ class PListMLELoss(ListwiseLoss):
 
     logit_pad = 1e-16
 
-    def __init__(self, model: nn.Module, lambda_weight: PListMLELambdaWeight | None = PListMLELambdaWeight(),
-                 activation_fn: nn.Module | None = None, mini_batch_size: int | None = None,
-                 respect_input_order: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lambda_weight: PListMLELambdaWeight | None = PListMLELambdaWeight(),
+        activation_fn: nn.Module | None = None,
+        mini_batch_size: int | None = None,
+        respect_input_order: bool = True,
+    ) -> None:
         super().__init__(model, activation_fn, mini_batch_size)
         self.lambda_weight = lambda_weight
         self.respect_input_order = respect_input_order
@@ -286,8 +309,13 @@ class PListMLELoss(ListwiseLoss):
 
 
 class ListMLELoss(PListMLELoss):
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, mini_batch_size: int | None = None,
-                 respect_input_order: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        activation_fn: nn.Module | None = None,
+        mini_batch_size: int | None = None,
+        respect_input_order: bool = True,
+    ) -> None:
         super().__init__(model, None, activation_fn, mini_batch_size, respect_input_order)
 
 
@@ -325,16 +353,26 @@ class NDCGLoss2PPScheme:
         self.mu = mu
 
     def __call__(self, gain, discount, true_sorted):
-        return self.mu * NDCGLoss2Scheme()(gain, discount, true_sorted) + LambdaRankScheme()(gain, discount, true_sorted)
+        return self.mu * NDCGLoss2Scheme()(gain, discount, true_sorted) + LambdaRankScheme()(
+            gain, discount, true_sorted
+        )
 
 
 class LambdaLoss(ListwiseLoss):
     """Pairwise logistic loss on score differences, weighted toward pairs whose swap would
     change NDCG most (the weighting scheme), over pairs with either position in the top k."""
 
-    def __init__(self, model: nn.Module, weighting_scheme: Any = NDCGLoss2PPScheme(), k: int | None = None,
-                 sigma: float = 1.0, eps: float = 1e-10, reduction_log: str = "binary",
-                 activation_fn: nn.Module | None = None, mini_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        weighting_scheme: Any = NDCGLoss2PPScheme(),
+        k: int | None = None,
+        sigma: float = 1.0,
+        eps: float = 1e-10,
+        reduction_log: str = "binary",
+        activation_fn: nn.Module | None = None,
+        mini_batch_size: int | None = None,
+    ) -> None:
         super().__init__(model, activation_fn, mini_batch_size)
         if reduction_log not in ("natural", "binary"):
             raise ConfigError(f"reduction_log {reduction_log!r} must be 'natural' or 'binary'")
@@ -373,6 +411,14 @@ class LambdaLoss(ListwiseLoss):
 class RankNetLoss(LambdaLoss):
     """LambdaLoss without weights: plain pairwise logistic (RankNet)."""
 
-    def __init__(self, model: nn.Module, k: int | None = None, sigma: float = 1.0, eps: float = 1e-10,
-                 reduction_log: str = "binary", activation_fn: nn.Module | None = None, mini_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        k: int | None = None,
+        sigma: float = 1.0,
+        eps: float = 1e-10,
+        reduction_log: str = "binary",
+        activation_fn: nn.Module | None = None,
+        mini_batch_size: int | None = None,
+    ) -> None:
         super().__init__(model, NoWeightingScheme(), k, sigma, eps, reduction_log, activation_fn, mini_batch_size)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class _CachedPrefixes:
             leaves = [[t.detach().requires_grad_() for t in col] for col in truncated] if grad else truncated
             total = total + weight * self.fn(leaves, *args, **kwargs)
             if grad:
-                for t, leaf in zip((t for col in truncated for t in col), (l for col in leaves for l in col)):
+                for t, leaf in zip((t for col in truncated for t in col), (x for col in leaves for x in col)):
                     t.backward(weight * leaf.grad)
         return total
 
@@ -182,9 +183,13 @@ class AdaptiveLayerLoss(nn.Module):
                         layer_loss = self.loss(features, labels)
                     finally:
                         transformer.cached_layer = None
-                    loss = loss + layer_loss * _layer_weight(self.layer_weighting, i) / len(idx) * self.prior_layers_weight
+                    loss = (
+                        loss + layer_loss * _layer_weight(self.layer_weighting, i) / len(idx) * self.prior_layers_weight
+                    )
                     if self.kl_temperature > 0:
-                        kl = F.kl_div(F.log_softmax(embeddings() / self.kl_temperature, dim=-1), final, reduction="batchmean")
+                        kl = F.kl_div(
+                            F.log_softmax(embeddings() / self.kl_temperature, dim=-1), final, reduction="batchmean"
+                        )
                         loss = loss + kl * self.kl_temperature * self.kl_div_weight
         finally:
             hook.remove()

@@ -3,8 +3,8 @@ Contrastive, OnlineContrastive, MSE (embedding distillation), MarginMSE, Softmax
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -294,7 +294,10 @@ class DistillKLDivLoss(Loss):
         self.similarity_fct = similarity_fct
         self.student_temperature = student_temperature if student_temperature is not None else temperature
         self.teacher_temperature = teacher_temperature if teacher_temperature is not None else temperature
-        for name, t in (("student_temperature", self.student_temperature), ("teacher_temperature", self.teacher_temperature)):
+        for name, t in (
+            ("student_temperature", self.student_temperature),
+            ("teacher_temperature", self.teacher_temperature),
+        ):
             if not (t > 0 and t != float("inf")):
                 raise ConfigError(f"{type(self).__name__}: {name} must be a finite positive number, got {t}")
 

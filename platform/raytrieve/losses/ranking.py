@@ -7,7 +7,7 @@ become negatives of every local anchor (see losses/gather.py for the gradient).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

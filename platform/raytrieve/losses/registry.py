@@ -17,11 +17,31 @@ from raytrieve.errors import ConfigError
 
 # Losses whose call needs a label column (the others take texts only).
 NEEDS_LABELS = {
-    "CoSENTLoss", "AnglELoss", "CosineSimilarityLoss", "ContrastiveLoss", "OnlineContrastiveLoss", "SoftmaxLoss",
-    "MSELoss", "MarginMSELoss", "DistillKLDivLoss", "BatchAllTripletLoss", "BatchHardTripletLoss",
-    "BatchSemiHardTripletLoss", "BatchHardSoftMarginTripletLoss", "SparseCoSENTLoss", "SparseAnglELoss",
-    "SparseCosineSimilarityLoss", "SparseMSELoss", "SparseMarginMSELoss", "SparseDistillKLDivLoss",
-    "BinaryCrossEntropyLoss", "CrossEntropyLoss", "LambdaLoss", "RankNetLoss", "ListNetLoss", "ListMLELoss",
+    "CoSENTLoss",
+    "AnglELoss",
+    "CosineSimilarityLoss",
+    "ContrastiveLoss",
+    "OnlineContrastiveLoss",
+    "SoftmaxLoss",
+    "MSELoss",
+    "MarginMSELoss",
+    "DistillKLDivLoss",
+    "BatchAllTripletLoss",
+    "BatchHardTripletLoss",
+    "BatchSemiHardTripletLoss",
+    "BatchHardSoftMarginTripletLoss",
+    "SparseCoSENTLoss",
+    "SparseAnglELoss",
+    "SparseCosineSimilarityLoss",
+    "SparseMSELoss",
+    "SparseMarginMSELoss",
+    "SparseDistillKLDivLoss",
+    "BinaryCrossEntropyLoss",
+    "CrossEntropyLoss",
+    "LambdaLoss",
+    "RankNetLoss",
+    "ListNetLoss",
+    "ListMLELoss",
     "PListMLELoss",
 }
 KINDS = ("dense", "sparse", "cross")
@@ -35,7 +55,9 @@ def _catalogue(kind: str) -> dict[str, type]:
         return {
             n: c
             for n, c in vars(module).items()
-            if inspect.isclass(c) and issubclass(c, nn.Module) and (n.endswith("Loss") or n.endswith("InBatchNegatives"))
+            if inspect.isclass(c)
+            and issubclass(c, nn.Module)
+            and (n.endswith("Loss") or n.endswith("InBatchNegatives"))
             and (not own or c.__module__ == module.__name__)
         }
 
@@ -54,7 +76,7 @@ class LossSpec:
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
-    inner: "LossSpec | None" = None
+    inner: LossSpec | None = None
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
 
@@ -89,7 +111,9 @@ def build_loss(spec: LossSpec, model: nn.Module, kind: str, where: str = "loss")
     args = _resolve_args(cls, spec.args, f"{where}.args")
     if spec.name == "SpladeLoss":
         if spec.inner is None:
-            raise ConfigError(f"{where}.inner: SpladeLoss needs a base loss, e.g. {{name: SparseMultipleNegativesRankingLoss}}")
+            raise ConfigError(
+                f"{where}.inner: SpladeLoss needs a base loss, e.g. {{name: SparseMultipleNegativesRankingLoss}}"
+            )
         if "document_regularizer_weight" not in args:
             raise ConfigError(f"{where}.args.document_regularizer_weight is required for SpladeLoss (e.g. 3e-5)")
         loss = cls(model, build_loss(spec.inner, model, kind, f"{where}.inner"), **args)

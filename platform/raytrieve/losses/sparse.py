@@ -8,7 +8,8 @@ logged apart). Column 0 holds the queries, the other columns documents.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,9 @@ class SpladeRegularizerWeightScheduler:
     training (quadratically by default): a strong regularizer from step 0 collapses SPLADE
     to empty vectors. The training loop calls ``step(global_step)`` before each step."""
 
-    def __init__(self, loss: SpladeLoss, total_steps: int, scheduler_type: str = "quadratic", warmup_ratio: float = 1 / 3) -> None:
+    def __init__(
+        self, loss: SpladeLoss, total_steps: int, scheduler_type: str = "quadratic", warmup_ratio: float = 1 / 3
+    ) -> None:
         if scheduler_type not in ("quadratic", "linear"):
             raise ConfigError(f"scheduler_type {scheduler_type!r} must be 'quadratic' or 'linear'")
         if not 0 < warmup_ratio <= 1:
@@ -141,13 +144,21 @@ class SparseMarginMSELoss(MarginMSELoss):
 
 
 class SparseDistillKLDivLoss(DistillKLDivLoss):
-    def __init__(self, model: nn.Module, similarity_fct: Callable = pairwise_dot_score, temperature: float = 2.0,
-                 student_temperature: float | None = None, teacher_temperature: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        similarity_fct: Callable = pairwise_dot_score,
+        temperature: float = 2.0,
+        student_temperature: float | None = None,
+        teacher_temperature: float | None = None,
+    ) -> None:
         super().__init__(model, similarity_fct, temperature, student_temperature, teacher_temperature)
 
 
 class SparseCosineSimilarityLoss(CosineSimilarityLoss):
-    def __init__(self, model: nn.Module, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None
+    ) -> None:
         super().__init__(model, loss_fct, cos_score_transformation)
         model.similarity_fn_name = "cosine"
 
@@ -168,5 +179,7 @@ class SparseMSELoss(MSELoss):
 
 
 class SparseTripletLoss(TripletLoss):
-    def __init__(self, model: nn.Module, distance_metric: Callable = TripletDistanceMetric.EUCLIDEAN, triplet_margin: float = 5) -> None:
+    def __init__(
+        self, model: nn.Module, distance_metric: Callable = TripletDistanceMetric.EUCLIDEAN, triplet_margin: float = 5
+    ) -> None:
         super().__init__(model, distance_metric, triplet_margin)

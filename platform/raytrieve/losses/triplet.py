@@ -4,8 +4,8 @@ soft-margin)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,9 @@ class _BatchTripletLoss(Loss):
     column_names = "one column of texts (+ a class label per text)"
 
     def __init__(
-        self, model: nn.Module, distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
+        self,
+        model: nn.Module,
+        distance_metric: Callable = BatchHardTripletLossDistanceFunction.euclidean_distance,
         margin: float = 5,
     ) -> None:
         super().__init__(model)

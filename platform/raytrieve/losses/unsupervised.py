@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import cosine
-from raytrieve.losses.base import Features, Loss, LossInputError, embed_columns
-from raytrieve.losses.cached import CachedLoss, _chunked, _lazy, _ranges
+from raytrieve.losses.base import Features, Loss, embed_columns
+from raytrieve.losses.cached import CachedLoss, _chunked, _lazy
 
 
 class ContrastiveTensionLoss(Loss):
@@ -38,9 +39,12 @@ class ContrastiveTensionLoss(Loss):
         scores = (r1 * r2).sum(dim=-1)
         if labels is None:
             labels = torch.tensor(
-                [torch.equal(a[m.bool()], b[n.bool()]) for a, m, b, n in
-                 zip(f1["input_ids"], f1["attention_mask"], f2["input_ids"], f2["attention_mask"])],
-                dtype=scores.dtype, device=scores.device,
+                [
+                    torch.equal(a[m.bool()], b[n.bool()])
+                    for a, m, b, n in zip(f1["input_ids"], f1["attention_mask"], f2["input_ids"], f2["attention_mask"])
+                ],
+                dtype=scores.dtype,
+                device=scores.device,
             )
         return self.criterion(scores, labels.view(-1).type_as(scores))
 
@@ -60,15 +64,16 @@ class ContrastiveTensionLossInBatchNegatives(Loss):
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(scale))
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
-        f = list(features)[0]
+        f = next(iter(features))
         scores = self.similarity_fct(self.model1(f)["sentence_embedding"], self.model2(f)["sentence_embedding"])
         scores = scores * self.logit_scale.exp()
         target = torch.arange(len(scores), device=scores.device)
         return (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
 
 
-def _mega_batch_margin(reps: list[list[Tensor]], positive_margin: float, negative_margin: float, chunk: int,
-                       with_backward: bool) -> Tensor:
+def _mega_batch_margin(
+    reps: list[list[Tensor]], positive_margin: float, negative_margin: float, chunk: int, with_backward: bool
+) -> Tensor:
     anchors, positives = torch.cat(reps[0]), torch.cat(reps[1])
     rows = len(anchors)
 
@@ -92,8 +97,14 @@ class MegaBatchMarginLoss(CachedLoss):
     columns = (2, 2)
     column_names = "anchor, positive"
 
-    def __init__(self, model: nn.Module, positive_margin: float = 0.8, negative_margin: float = 0.3,
-                 use_mini_batched_version: bool = True, mini_batch_size: int = 50) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        positive_margin: float = 0.8,
+        negative_margin: float = 0.3,
+        use_mini_batched_version: bool = True,
+        mini_batch_size: int = 50,
+    ) -> None:
         super().__init__(model, mini_batch_size)
         self.positive_margin, self.negative_margin = positive_margin, negative_margin
         self.use_mini_batched_version = use_mini_batched_version
@@ -127,7 +138,9 @@ def _tie_to_decoder(encoder: nn.Module, decoder_base: nn.Module) -> None:
     if not tied:
         from raytrieve.errors import ConfigError
 
-        raise ConfigError("DenoisingAutoEncoderLoss: no encoder weight matches the decoder; tie only the same architecture")
+        raise ConfigError(
+            "DenoisingAutoEncoderLoss: no encoder weight matches the decoder; tie only the same architecture"
+        )
 
 
 class DenoisingAutoEncoderLoss(nn.Module):
@@ -138,7 +151,9 @@ class DenoisingAutoEncoderLoss(nn.Module):
     encoder's own checkpoint and shares its weights (less memory, better results).
     """
 
-    def __init__(self, model: nn.Module, decoder_name_or_path: str | None = None, tie_encoder_decoder: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, decoder_name_or_path: str | None = None, tie_encoder_decoder: bool = True
+    ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +174,9 @@ class DenoisingAutoEncoderLoss(nn.Module):
         config.is_decoder = True
         config.add_cross_attention = True
         with quiet_progress():
-            self.decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, config=config, local_files_only=True)
+            self.decoder = AutoModelForCausalLM.from_pretrained(
+                decoder_name_or_path, config=config, local_files_only=True
+            )
         if transformer.auto_model.config.hidden_size != config.hidden_size:
             raise ConfigError("DenoisingAutoEncoderLoss: encoder and decoder hidden sizes differ")
         if self.tokenizer_decoder.pad_token is None:
@@ -176,8 +193,9 @@ class DenoisingAutoEncoderLoss(nn.Module):
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
         source, target = list(features)
         if self.need_retokenization:
-            texts = self.tokenizer_encoder.batch_decode(target["input_ids"], skip_special_tokens=True,
-                                                        clean_up_tokenization_spaces=True)
+            texts = self.tokenizer_encoder.batch_decode(
+                target["input_ids"], skip_special_tokens=True, clean_up_tokenization_spaces=True
+            )
             target = self.tokenizer_decoder(texts, padding=True, truncation="longest_first", return_tensors="pt")
             target = {k: v.to(source["input_ids"].device) for k, v in target.items()}
         reps = self.encoder(source)["sentence_embedding"]

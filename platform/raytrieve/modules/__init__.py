@@ -24,9 +24,7 @@ MODULE_CLASSES: tuple[type[Module], ...] = (
     SparseStaticEmbedding,
     Router,
 )
-_BY_TYPE: dict[str, type[Module]] = {
-    name: cls for cls in MODULE_CLASSES for name in (cls.st_type, *cls.st_aliases)
-}
+_BY_TYPE: dict[str, type[Module]] = {name: cls for cls in MODULE_CLASSES for name in (cls.st_type, *cls.st_aliases)}
 
 
 def module_class_for(type_name: str, directory: Path | None = None) -> type[Module]:
@@ -44,17 +42,17 @@ def module_class_for(type_name: str, directory: Path | None = None) -> type[Modu
 
 
 __all__ = [
-    "Features",
-    "Module",
-    "Transformer",
-    "MLMTransformer",
-    "Pooling",
+    "MODULE_CLASSES",
     "POOLING_MODES",
     "Dense",
+    "Features",
+    "MLMTransformer",
+    "Module",
     "Normalize",
-    "SpladePooling",
-    "SparseStaticEmbedding",
+    "Pooling",
     "Router",
-    "MODULE_CLASSES",
+    "SparseStaticEmbedding",
+    "SpladePooling",
+    "Transformer",
     "module_class_for",
 ]

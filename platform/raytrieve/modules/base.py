@@ -40,7 +40,7 @@ class Module(nn.Module):
         return {}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> "Module":
+    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> Module:
         return cls(**config)
 
     def save(self, directory: Path) -> None:
@@ -51,7 +51,7 @@ class Module(nn.Module):
             save_weights(self, directory)
 
     @classmethod
-    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> "Module":
+    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> Module:
         directory = Path(directory)
         config = read_json(directory / cls.config_file) if (directory / cls.config_file).exists() else {}
         module = cls.from_config(config, trust_remote_code=trust_remote_code)

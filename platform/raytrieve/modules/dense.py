@@ -52,7 +52,7 @@ class Dense(Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> "Dense":
+    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> Dense:
         config = dict(config)
         if config.pop("use_residual", False):
             raise ModelLoadError("Dense: use_residual=True is not supported yet")
@@ -61,5 +61,7 @@ class Dense(Module):
             if value not in (None, "sentence_embedding"):
                 raise ModelLoadError(f"Dense: {key}={value!r} is not supported (only 'sentence_embedding')")
         act = config.pop("activation_function", None)
-        activation = activation_from_name(act, trust_remote_code=trust_remote_code, where="Dense config") if act else None
+        activation = (
+            activation_from_name(act, trust_remote_code=trust_remote_code, where="Dense config") if act else None
+        )
         return cls(activation_function=activation, **config)

@@ -18,7 +18,7 @@ class Normalize(Module):
         return features
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> "Normalize":
+    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> Normalize:
         # Newer sentence-transformers write module_input/output_name; both default to
         # sentence_embedding, the only value we support.
         for key in ("module_input_name", "module_output_name"):

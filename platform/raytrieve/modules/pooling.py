@@ -7,7 +7,8 @@ count arrives as ``features["prompt_length"]``) are left out of the pool.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,7 +119,7 @@ class Pooling(Module):
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> "Pooling":
+    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> Pooling:
         config = dict(config)
         dim = config.pop("embedding_dimension", config.pop("word_embedding_dimension", None))
         if dim is None:

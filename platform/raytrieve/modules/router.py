@@ -7,8 +7,9 @@ comes from ``encode_query`` / ``encode_document`` (or ``task=`` on ``encode``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -43,7 +44,7 @@ class Router(Module):
     @classmethod
     def for_query_document(
         cls, query_modules: Sequence[Module], document_modules: Sequence[Module], default_route: str | None = "document"
-    ) -> "Router":
+    ) -> Router:
         return cls({"query": query_modules, "document": document_modules}, default_route=default_route)
 
     def resolve(self, task: str | None) -> str:
@@ -110,7 +111,7 @@ class Router(Module):
         )
 
     @classmethod
-    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> "Router":
+    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> Router:
         from raytrieve.modules import module_class_for
 
         directory = Path(directory)

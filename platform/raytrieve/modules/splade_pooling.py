@@ -71,7 +71,7 @@ class SpladePooling(Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> "SpladePooling":
+    def from_config(cls, config: dict[str, Any], trust_remote_code: bool = False) -> SpladePooling:
         config = dict(config)
         dim = config.pop("embedding_dimension", config.pop("word_embedding_dimension", None))
         return cls(

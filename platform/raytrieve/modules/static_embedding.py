@@ -6,8 +6,9 @@ and a lookup, no transformer forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -80,7 +81,7 @@ class SparseStaticEmbedding(Module):
         write_json(directory / self.config_file, self.config_dict())
 
     @classmethod
-    def load(cls, directory: Path, **kwargs: Any) -> "SparseStaticEmbedding":
+    def load(cls, directory: Path, **kwargs: Any) -> SparseStaticEmbedding:
         directory = Path(directory)
         config = read_json(directory / cls.config_file) if (directory / cls.config_file).exists() else {}
         if "path" in config:

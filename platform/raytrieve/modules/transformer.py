@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +29,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
 from transformers.utils import logging as hf_logging
 
 from raytrieve._io import read_json, write_json
@@ -114,7 +114,7 @@ class Transformer(Module):
         model_kwargs: dict[str, Any] | None = None,
         tokenizer_kwargs: dict[str, Any] | None = None,
         config_kwargs: dict[str, Any] | None = None,
-    ) -> "Transformer":
+    ) -> Transformer:
         path = Path(path)
         task = task or cls.default_task
         if task not in TASKS:
@@ -135,7 +135,7 @@ class Transformer(Module):
         return cls(model, tokenizer, task=task, max_seq_length=max_seq_length, do_lower_case=do_lower_case)
 
     @classmethod
-    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> "Transformer":
+    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> Transformer:
         directory = Path(directory)
         config = dict(find_module_config(directory))
         task = config.get("transformer_task") or cls.default_task
@@ -184,8 +184,9 @@ class Transformer(Module):
     # -- tokenization -------------------------------------------------------------------
     def tokenize_ids(self, texts: Sequence[TextInput], prompt: str | None = None) -> dict[str, list[list[int]]]:
         """Token ids per text, truncated to max_seq_length, not padded."""
-        return tokenize_text_ids(self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case,
-                                 self._accepts_token_types)
+        return tokenize_text_ids(
+            self.tokenizer, texts, prompt, self.max_seq_length, self.do_lower_case, self._accepts_token_types
+        )
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> Features:
         """Pad a batch of id lists into tensors (padding side and id from the tokenizer)."""
@@ -194,7 +195,9 @@ class Transformer(Module):
     def prompt_length(self, prompt: str) -> int:
         """Tokens the prompt occupies at the start of a text (its trailing special token excluded)."""
         if prompt not in self._prompt_lengths:
-            self._prompt_lengths[prompt] = prompt_token_count(self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0])
+            self._prompt_lengths[prompt] = prompt_token_count(
+                self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0]
+            )
         return self._prompt_lengths[prompt]
 
     def tokenize(self, texts: Sequence[TextInput], prompt: str | None = None) -> Features:
@@ -254,8 +257,14 @@ def prompt_token_count(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> in
     return n - 1 if n and ids[-1] in set(tokenizer.all_special_ids) else n
 
 
-def tokenize_text_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[TextInput], prompt: str | None,
-                      max_seq_length: int, do_lower_case: bool, accepts_token_types: bool) -> dict[str, list[list[int]]]:
+def tokenize_text_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[TextInput],
+    prompt: str | None,
+    max_seq_length: int,
+    do_lower_case: bool,
+    accepts_token_types: bool,
+) -> dict[str, list[list[int]]]:
     """A Transformer module's tokenization (texts or text pairs, prompt in front of the first
     text, truncated, not padded); also used without the weights (encoders/tokenizer_only.py)."""
     if not len(texts):
@@ -273,8 +282,15 @@ def tokenize_text_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[TextIn
     if do_lower_case:
         first = [t.lower() for t in first]
         second = [t.lower() for t in second] if second is not None else None
-    enc = tokenizer(first, second, truncation="longest_first", max_length=max_seq_length, padding=False,
-                    return_attention_mask=False, return_token_type_ids=accepts_token_types)
+    enc = tokenizer(
+        first,
+        second,
+        truncation="longest_first",
+        max_length=max_seq_length,
+        padding=False,
+        return_attention_mask=False,
+        return_token_type_ids=accepts_token_types,
+    )
     out = {"input_ids": enc["input_ids"]}
     if accepts_token_types and "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"]

@@ -10,7 +10,6 @@ large, 422 a field out of its limits or of the wrong type. Overload gives 503 wi
 Retry-After (Serve's ``max_queued_requests`` at the proxy).
 """
 
-
 import asyncio
 import base64
 import hmac
@@ -22,9 +21,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytrieve.serve import fusion
 from raytrieve.serve.config import ServeConfig
@@ -38,10 +37,12 @@ class ApiError(Exception):
         self.status, self.field, self.message, self.kind = status, field, message, kind
 
 
-def error_response(status: int, kind: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message, "field": field}}, status_code=status,
-                        headers=headers)
+def error_response(
+    status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": kind, "message": message, "field": field}}, status_code=status, headers=headers
+    )
 
 
 api = FastAPI(title="raytrieve", description="Hybrid retrieval, embeddings and reranking.", version="1")
@@ -59,8 +60,9 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
     if first.get("type") == "json_invalid" or (len(loc) <= 2 and "JSON" in str(first.get("msg", ""))):
         return error_response(400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
     field = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)
-    return error_response(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid value')}",
-                          field or "body")
+    return error_response(
+        422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid value')}", field or "body"
+    )
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -69,8 +71,9 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
     if e.status_code == 404:
         return error_response(404, "not_found", f"no endpoint {request.url.path}", "path")
     if e.status_code == 405:
-        return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}",
-                              "method")
+        return error_response(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
+        )
     if e.status_code == 400:
         return error_response(400, "invalid_json", f"the body could not be read: {e.detail}", "body")
     return error_response(e.status_code, "http_error", str(e.detail), None)
@@ -95,15 +98,21 @@ def _check_request(ingress: "Ingress", request: Request) -> JSONResponse | None:
     if ingress.token is not None and not request.url.path.rstrip("/").endswith("/healthz"):
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {ingress.token}".encode()):
-            return error_response(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer ...)",
-                                  "authorization", headers={"WWW-Authenticate": "Bearer"})
+            return error_response(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer ...)",
+                "authorization",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             return error_response(400, "invalid_request", "Content-Length is not a number", "content-length")
         if int(length) > ingress.limits.max_body_bytes:
-            return error_response(413, "too_large", f"body of {length} bytes, at most {ingress.limits.max_body_bytes}",
-                                  "body")
+            return error_response(
+                413, "too_large", f"body of {length} bytes, at most {ingress.limits.max_body_bytes}", "body"
+            )
     return None
 
 
@@ -136,9 +145,15 @@ def _encode_vector(v: np.ndarray, fmt: str) -> Any:
 # endpoints call must already be defined above this point.
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, cfg: ServeConfig, token: str | None, dense: DeploymentHandle | None,
-                 sparse: DeploymentHandle | None, reranker: DeploymentHandle | None,
-                 retriever: DeploymentHandle | None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        token: str | None,
+        dense: DeploymentHandle | None,
+        sparse: DeploymentHandle | None,
+        reranker: DeploymentHandle | None,
+        retriever: DeploymentHandle | None,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.cfg, self.limits = cfg, cfg.limits
@@ -150,8 +165,13 @@ class Ingress:
         api.state.ingress = self  # for the middleware below (one ingress per replica process)
         self.registry = CollectorRegistry()
         self.requests = Counter("raytrieve_requests", "HTTP requests", ["path", "status"], registry=self.registry)
-        self.latency = Histogram("raytrieve_request_seconds", "Request latency", ["path"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.latency = Histogram(
+            "raytrieve_request_seconds",
+            "Request latency",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
 
     async def _describe(self, kind: str) -> dict[str, Any]:
         if kind not in self.info:
@@ -161,11 +181,16 @@ class Ingress:
     def _model(self, kind: str, requested: str | None, field: str = "model") -> DeploymentHandle:
         handle = self.handles.get(kind)
         if handle is None:
-            raise ApiError(404, field, f"no {kind} model is served here; served: {sorted(self.names.values())}",
-                           "model_not_found")
+            raise ApiError(
+                404, field, f"no {kind} model is served here; served: {sorted(self.names.values())}", "model_not_found"
+            )
         if requested is not None and requested != self.names[kind]:
-            raise ApiError(404, field, f"model {requested!r} is not served for this endpoint; use {self.names[kind]!r}",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                field,
+                f"model {requested!r} is not served for this endpoint; use {self.names[kind]!r}",
+                "model_not_found",
+            )
         return handle
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -175,8 +200,10 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        data = [{"id": name, "object": "model", "owned_by": "raytrieve", **(await self._describe(kind))}
-                for kind, name in self.names.items()]
+        data = [
+            {"id": name, "object": "model", "owned_by": "raytrieve", **(await self._describe(kind))}
+            for kind, name in self.names.items()
+        ]
         return {"object": "list", "data": data}
 
     @api.get("/metrics")
@@ -197,11 +224,17 @@ class Ingress:
         if body.dimensions is not None:  # Matryoshka: truncate, then unit length again
             emb = emb[:, : body.dimensions]
             emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
-        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-                for i, v in enumerate(emb)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(emb)
+        ]
         tokens = sum(len(t.split()) for t in texts)
-        return {"object": "list", "data": data, "model": self.names["dense"],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.names["dense"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     @api.post("/embed_sparse")
     async def embed_sparse(self, body: SparseRequest) -> dict[str, Any]:
@@ -251,8 +284,11 @@ class Ingress:
             raise ApiError(422, "rerank_depth", f"rerank_depth: at most {lim.max_rerank_depth}")
         if body.rerank and self.handles["reranker"] is None:
             raise ApiError(422, "rerank", "rerank: no reranker is served here")
-        sizes = {k: getattr(body.recall, k) for k in ("dense", "sparse")
-                 if self.handles[k] is not None and getattr(body.recall, k) > 0}
+        sizes = {
+            k: getattr(body.recall, k)
+            for k in ("dense", "sparse")
+            if self.handles[k] is not None and getattr(body.recall, k) > 0
+        }
         if not sizes:
             raise ApiError(422, "recall", "recall: every served retriever is switched off (all sizes 0)")
 
@@ -298,17 +334,30 @@ class Ingress:
         fused_scores = dict(fused)
         hits = []
         for rank, (doc, score) in enumerate(final, start=1):
-            hit: dict[str, Any] = {"id": doc, "rank": rank, "score": score, "scores": {
-                "dense": per_stage.get("dense", {}).get(doc), "sparse": per_stage.get("sparse", {}).get(doc),
-                "fusion": fused_scores.get(doc) if len(lists) > 1 else None, "rerank": rerank_scores.get(doc)}}
+            hit: dict[str, Any] = {
+                "id": doc,
+                "rank": rank,
+                "score": score,
+                "scores": {
+                    "dense": per_stage.get("dense", {}).get(doc),
+                    "sparse": per_stage.get("sparse", {}).get(doc),
+                    "fusion": fused_scores.get(doc) if len(lists) > 1 else None,
+                    "rerank": rerank_scores.get(doc),
+                },
+            }
             if body.return_text:
                 hit["text"] = texts[rank - 1]
             hits.append(hit)
-        answer: dict[str, Any] = {"query": query, "hits": hits,
-                                  "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        answer: dict[str, Any] = {
+            "query": query,
+            "hits": hits,
+            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+        }
         if body.return_stages:
-            answer["stages"] = {**{k: [[d, s] for d, s in v] for k, v in lists.items()},
-                                "fused": [[d, s] for d, s in fused]}
+            answer["stages"] = {
+                **{k: [[d, s] for d, s in v] for k, v in lists.items()},
+                "fused": [[d, s] for d, s in fused],
+            }
         return answer
 
 
@@ -324,21 +373,31 @@ def build_app(cfg: ServeConfig) -> Any:
         d = getattr(cfg, kind)
         actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
         if assets.is_model_uri(d.model):  # the replica downloads it from the same store
-            actor["runtime_env"] = {"env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))}
-        opts: dict[str, Any] = {"name": f"{kind}", "ray_actor_options": actor,
-                                "max_ongoing_requests": d.max_ongoing_requests}
+            actor["runtime_env"] = {
+                "env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
+            }
+        opts: dict[str, Any] = {
+            "name": f"{kind}",
+            "ray_actor_options": actor,
+            "max_ongoing_requests": d.max_ongoing_requests,
+        }
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
         else:
             opts["num_replicas"] = d.num_replicas
         return opts
 
-    bound = {k: ModelReplica.options(**options(k)).bind(k, getattr(cfg, k)) if getattr(cfg, k) is not None else None
-             for k in ("dense", "sparse", "reranker")}
-    retriever = Retriever.options(name="retriever", ray_actor_options={"num_cpus": 0.1}).bind(cfg.index) \
-        if cfg.index else None
+    bound = {
+        k: ModelReplica.options(**options(k)).bind(k, getattr(cfg, k)) if getattr(cfg, k) is not None else None
+        for k in ("dense", "sparse", "reranker")
+    }
+    retriever = (
+        Retriever.options(name="retriever", ray_actor_options={"num_cpus": 0.1}).bind(cfg.index) if cfg.index else None
+    )
     ingress = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0.1},
+        name="ingress",
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options={"num_cpus": 0.1},
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
     )
@@ -367,7 +426,6 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     from raytrieve import assets
     from raytrieve.errors import ConfigError, RaytrieveError
     from raytrieve.index.build import load_indices
-
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
@@ -382,15 +440,19 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             except Exception as e:  # an MLflow store or registry error: name the field
                 if not assets.is_model_uri(d.model):
                     raise
-                raise ConfigError(f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "
-                                  f"{mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)} ({e}); check the name and "
-                                  f"version, or set mlflow_tracking_uri:") from None
+                raise ConfigError(
+                    f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "
+                    f"{mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)} ({e}); check the name and "
+                    f"version, or set mlflow_tracking_uri:"
+                ) from None
     if cfg.index:
         indices = load_indices(cfg.index)
         for kind in ("dense", "sparse"):
             if getattr(cfg, kind) is not None and getattr(indices, kind) is None:
-                raise ConfigError(f"{where}.index {cfg.index}: has no {kind}/ index for the {kind} model; build it "
-                                  f"from vectors encoded with that model, or drop {kind}:")
+                raise ConfigError(
+                    f"{where}.index {cfg.index}: has no {kind}/ index for the {kind} model; build it "
+                    f"from vectors encoded with that model, or drop {kind}:"
+                )
 
 
 def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "local", blocking: bool = False) -> str:

@@ -84,7 +84,9 @@ class ServeConfig:
             if d is None:
                 continue
             if d.num_replicas < 1 or d.max_batch_tokens < 1 or d.max_ongoing_requests < 1:
-                raise ConfigError(f"{where}.{key}: num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1")
+                raise ConfigError(
+                    f"{where}.{key}: num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1"
+                )
             if d.num_cpus < 0 or d.num_gpus < 0:
                 raise ConfigError(f"{where}.{key}: num_cpus and num_gpus must be >= 0")
         for name, value in vars(self.limits).items():

@@ -9,7 +9,8 @@ dense and sparse indices (memory-mapped) and the documents' texts.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -29,9 +30,13 @@ def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
 def load_model(kind: str, spec: DeploymentConfig) -> Any:
     from raytrieve.encoders import load_encoder
 
-    return load_encoder("cross" if kind == "reranker" else kind, spec.model,
-                        device="cuda" if spec.num_gpus > 0 else "cpu", max_seq_length=spec.max_seq_length,
-                        trust_remote_code=spec.trust_remote_code)
+    return load_encoder(
+        "cross" if kind == "reranker" else kind,
+        spec.model,
+        device="cuda" if spec.num_gpus > 0 else "cpu",
+        max_seq_length=spec.max_seq_length,
+        trust_remote_code=spec.trust_remote_code,
+    )
 
 
 def _batch_cost(items: list[tuple[Any, str | None, int]]) -> int:
@@ -77,7 +82,7 @@ class ModelReplica:
             at = 0
             for i in members:
                 n = len(items[i][0])
-                results[i] = out[at: at + n]
+                results[i] = out[at : at + n]
                 at += n
         return results
 
@@ -106,16 +111,24 @@ class Retriever:
 
         self.indices = load_indices(index_path)
         corpus = dict(self.indices.source["corpus"])
-        cfg = CorpusConfig(path=corpus["path"], format=corpus.get("format"), id_column=corpus.get("id_column", "id"),
-                           text_column=corpus.get("text_column", "text"), title_column=corpus.get("title_column"),
-                           title_separator=corpus.get("title_separator", " "))
+        cfg = CorpusConfig(
+            path=corpus["path"],
+            format=corpus.get("format"),
+            id_column=corpus.get("id_column", "id"),
+            text_column=corpus.get("text_column", "text"),
+            title_column=corpus.get("title_column"),
+            title_separator=corpus.get("title_separator", " "),
+        )
         data = read_corpus(cfg, "skip")
         self.texts = dict(zip(data.ids, data.texts))
 
     def describe(self) -> dict[str, Any]:
         dense, sparse = self.indices.dense, self.indices.sparse
-        return {"documents": len(self.texts), "dense": len(dense) if dense is not None else None,
-                "sparse": len(sparse) if sparse is not None else None}
+        return {
+            "documents": len(self.texts),
+            "dense": len(dense) if dense is not None else None,
+            "sparse": len(sparse) if sparse is not None else None,
+        }
 
     def dense(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
         hits = self.indices.dense.search(vector[None, :], top_k=min(k, len(self.indices.dense)))

@@ -12,7 +12,7 @@ the order is deterministic.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 Ranked = Sequence[tuple[str, float]]
 NORMALIZATIONS = ("minmax", "zscore", "none")
@@ -56,8 +56,9 @@ def normalize(scores: Sequence[float], method: str) -> list[float]:
 def convex(lists: Sequence[Ranked], weights: Sequence[float], normalization: str = "minmax") -> list[tuple[str, float]]:
     if len(weights) != len(lists):
         raise ValueError(f"convex fusion needs one weight per list ({len(lists)}), got {len(weights)}")
-    normalized = [dict(zip([d for d, _ in ranked], normalize([s for _, s in ranked], normalization)))
-                  for ranked in lists]
+    normalized = [
+        dict(zip([d for d, _ in ranked], normalize([s for _, s in ranked], normalization))) for ranked in lists
+    ]
     floors = [min(n.values()) if n else 0.0 for n in normalized]
     order = _first_seen(lists)
     scores = {doc: sum(w * n.get(doc, floor) for w, n, floor in zip(weights, normalized, floors)) for doc in order}

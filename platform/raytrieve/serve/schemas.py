@@ -3,7 +3,7 @@ from the config (sizes, lengths) are checked by the ingress, which names the fie
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -19,9 +19,9 @@ class Recall(Strict):
 
 class Fusion(Strict):
     method: Literal["rrf", "convex"] = "rrf"
-    k: Union[StrictInt, StrictFloat] = Field(60, ge=0)  # rrf
-    dense_weight: Union[StrictInt, StrictFloat] = Field(0.5, ge=0)  # convex
-    sparse_weight: Union[StrictInt, StrictFloat] = Field(0.5, ge=0)
+    k: StrictInt | StrictFloat = Field(60, ge=0)  # rrf
+    dense_weight: StrictInt | StrictFloat = Field(0.5, ge=0)  # convex
+    sparse_weight: StrictInt | StrictFloat = Field(0.5, ge=0)
     normalization: Literal["minmax", "zscore", "none"] = "minmax"
 
 
@@ -42,7 +42,7 @@ class EmbeddingsRequest(Strict):
     """OpenAI's /v1/embeddings shape, plus ``input_type`` (query/document prompt and route) and
     int8 / binary output formats."""
 
-    input: Union[StrictStr, list[StrictStr]]
+    input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     dimensions: StrictInt | None = None
     encoding_format: Literal["float", "base64", "int8", "binary"] = "float"
@@ -51,7 +51,7 @@ class EmbeddingsRequest(Strict):
 
 
 class SparseRequest(Strict):
-    input: Union[StrictStr, list[StrictStr]]
+    input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     input_type: Literal["query", "document"] | None = None
     return_tokens: StrictBool = False

@@ -109,8 +109,9 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
-                                                    for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        )
 
     def log_model_dir(self, path: str | Path, artifact_path: str = "model") -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)

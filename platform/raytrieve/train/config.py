@@ -126,10 +126,14 @@ def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     import re
 
     t = cfg.training
-    for key, value in (("training.batch_size", t.batch_size), ("training.epochs", t.epochs),
-                       ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("scaling.num_workers", cfg.scaling.num_workers), ("checkpoint.keep", cfg.checkpoint.keep),
-                       ("scaling.tokenizer_actors", cfg.scaling.tokenizer_actors)):
+    for key, value in (
+        ("training.batch_size", t.batch_size),
+        ("training.epochs", t.epochs),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("scaling.num_workers", cfg.scaling.num_workers),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+        ("scaling.tokenizer_actors", cfg.scaling.tokenizer_actors),
+    ):
         if value < 1:
             raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
     if t.max_steps is not None and t.max_steps < 1:

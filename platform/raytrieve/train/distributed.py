@@ -19,7 +19,9 @@ FSDP shards each transformer block and then the root (embeddings, heads, loss he
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,7 +91,7 @@ class GradientSync:
         self.wrapped = wrapped
         self.manual = manual and isinstance(wrapped, DistributedDataParallel)
 
-    def context(self, last_micro_batch: bool) -> ContextManager:
+    def context(self, last_micro_batch: bool) -> AbstractContextManager:
         if isinstance(self.wrapped, DistributedDataParallel) and (self.manual or not last_micro_batch):
             return self.wrapped.no_sync()
         if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP

@@ -20,6 +20,15 @@ def train_from_args(config: str, overrides: list[str], ray_address: str | None) 
     except RaytrieveError as e:
         print(f"raytrieve train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"output_dir": result.output_dir, "steps": result.steps, "mlflow_run_id": result.run_id,
-                      "model_version": result.model_version, "not_trained_on": result.dropped}))
+    print(
+        json.dumps(
+            {
+                "output_dir": result.output_dir,
+                "steps": result.steps,
+                "mlflow_run_id": result.run_id,
+                "model_version": result.model_version,
+                "not_trained_on": result.dropped,
+            }
+        )
+    )
     return 0

@@ -50,11 +50,11 @@ def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) ->
         from raytrieve.evaluation import EmbeddingSimilarityEvaluator
 
         score = next(c for c in columns if c not in texts)
-        return EmbeddingSimilarityEvaluator(columns[texts[0]], columns[texts[1]], columns[score], name="eval",
-                                            write_csv=False)
+        return EmbeddingSimilarityEvaluator(
+            columns[texts[0]], columns[texts[1]], columns[score], name="eval", write_csv=False
+        )
     samples = [
-        {"query": row[0], "positive": [row[1]], "negative": list(row[2:])}
-        for row in zip(*(columns[c] for c in texts))
+        {"query": row[0], "positive": [row[1]], "negative": list(row[2:])} for row in zip(*(columns[c] for c in texts))
     ]
     if kind == "cross":
         from raytrieve.evaluation import CrossEncoderRerankingEvaluator

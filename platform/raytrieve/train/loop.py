@@ -18,9 +18,10 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -127,7 +128,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytrieve.encoders.base import set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.distributed import (
-        GradientSync, TrainModule, is_fsdp, mean_across_ranks, uses_gradient_cache, wrap,
+        GradientSync,
+        TrainModule,
+        is_fsdp,
+        mean_across_ranks,
+        uses_gradient_cache,
+        wrap,
     )
     from raytrieve.train.optim import build_optimizer, build_schedule
     from raytrieve.train.step import Stepper
@@ -153,10 +159,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(module.encoder, cfg.optimizer, extra=module.losses)
     schedule = build_schedule(optimizer, cfg.schedule, spec.optimizer_steps)
     cached = any(uses_gradient_cache(loss) for loss in losses)
-    stepper = Stepper(module, optimizer, schedule, cfg.training.gradient_accumulation_steps,
-                      cfg.optimizer.max_grad_norm, sync=GradientSync(wrapped, manual=cached))
-    splade = {i: SpladeRegularizerWeightScheduler(loss, spec.optimizer_steps)
-              for i, loss in enumerate(losses) if isinstance(loss, SpladeLoss)}
+    stepper = Stepper(
+        module,
+        optimizer,
+        schedule,
+        cfg.training.gradient_accumulation_steps,
+        cfg.optimizer.max_grad_norm,
+        sync=GradientSync(wrapped, manual=cached),
+    )
+    splade = {
+        i: SpladeRegularizerWeightScheduler(loss, spec.optimizer_steps)
+        for i, loss in enumerate(losses)
+        if isinstance(loss, SpladeLoss)
+    }
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -210,10 +225,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 save_encoder(encoder, weights, cfg.model.kind, spec.model_path, tmp / "model")
                 heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
-                torch.save({"optimizer": optim_state, "schedule": schedule.state_dict(), "step": at,
-                            "loss_heads": heads}, tmp / "state.pt")
-            ray.train.report({"step": at, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step-{at:08d}")
+                torch.save(
+                    {"optimizer": optim_state, "schedule": schedule.state_dict(), "step": at, "loss_heads": heads},
+                    tmp / "state.pt",
+                )
+            ray.train.report(
+                {"step": at, "final": final},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"step-{at:08d}",
+            )
 
     evaluate_every = cfg.eval.every_n_steps
     checkpoint_every = cfg.checkpoint.every_n_steps
@@ -221,8 +241,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_micro = step * accumulation
     streams = spec.stream.datasets
     # Each column's input module pads its ids (collate) exactly as the encoder would.
-    modules = [[encoder.input_module(d.routes[c] if d.routes else None) for c in range(len(d.columns))]
-               for d in streams] if cfg.model.kind != "cross" else None
+    modules = (
+        [[encoder.input_module(d.routes[c] if d.routes else None) for c in range(len(d.columns))] for d in streams]
+        if cfg.model.kind != "cross"
+        else None
+    )
     tick = time.perf_counter()
     waited = 0.0  # seconds this step spent waiting for data (the pipeline not keeping up)
     batches = rank_micro_batches(spec, rank, start_micro) if step < spec.optimizer_steps else iter(())
@@ -244,9 +267,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         if dataset in splade:
             weights = splade[dataset].step(step)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16 and device.type == "cuda")
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16 and device.type == "cuda"
+        )
         with autocast:
-            result = stepper.micro_batch(lambda f, y: wrapped(dataset, f, y), features, labels)
+            result = stepper.micro_batch(lambda f, y, d=dataset: wrapped(d, f, y), features, labels)
         if result is None:
             continue
         step += 1
@@ -256,8 +281,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if len(cfg.datasets) > 1:  # which dataset (and so which loss) this step trained on
             metrics[f"{cfg.datasets[dataset].name}_loss"] = result.loss
         metrics = mean_across_ranks(metrics, device)
-        metrics.update(learning_rate=result.learning_rate, samples_per_s=spec.samples_per_step / max(elapsed, 1e-9),
-                       data_wait_s=waited)
+        metrics.update(
+            learning_rate=result.learning_rate,
+            samples_per_s=spec.samples_per_step / max(elapsed, 1e-9),
+            data_wait_s=waited,
+        )
         waited = 0.0
         if result.grad_norm is not None:
             metrics["grad_norm"] = result.grad_norm
@@ -299,8 +327,9 @@ def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
     if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(wrapped, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 

@@ -39,7 +39,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | N
     return torch.optim.AdamW(parameter_groups(model, cfg, extra), lr=cfg.learning_rate)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0, cosine decay, or constant."""
     warmup = int(total_steps * cfg.warmup_ratio)
 

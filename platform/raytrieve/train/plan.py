@@ -16,8 +16,8 @@ are counted with the reason, and the caller reports them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -111,22 +111,30 @@ def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, wor
                 if usable < len(rows):
                     # A short last batch is cut to a multiple of world_size: every rank must
                     # hold the same number of rows for the cross-rank gather.
-                    dropped.append(f"{len(rows) - usable} row(s) of {d.name} in epoch {epoch}: last batch cut to a "
-                                   f"multiple of {world_size} workers")
+                    dropped.append(
+                        f"{len(rows) - usable} row(s) of {d.name} in epoch {epoch}: last batch cut to a "
+                        f"multiple of {world_size} workers"
+                    )
                 if usable:
                     kept.append(rows[:usable])
             if b.dropped:
                 dropped.append(f"{b.dropped} row(s) of {d.name} in epoch {epoch}: {b.reason}")
             batches.append(kept)
-        order = interleave([len(b) for b in batches], [d.weight for d in datasets], training.multi_dataset_sampler, seed)
+        order = interleave(
+            [len(b) for b in batches], [d.weight for d in datasets], training.multi_dataset_sampler, seed
+        )
         for i, d in enumerate(datasets):
             unused = len(batches[i]) - sum(1 for k, _ in order if k == i)
             if unused:
-                dropped.append(f"{unused} batch(es) of {d.name} in epoch {epoch}: round_robin stops when the "
-                               "smallest dataset runs out")
+                dropped.append(
+                    f"{unused} batch(es) of {d.name} in epoch {epoch}: round_robin stops when the "
+                    "smallest dataset runs out"
+                )
         tail = len(order) % accumulation
         if tail:
-            dropped.append(f"{tail} batch(es) in epoch {epoch}: fewer than gradient_accumulation_steps={accumulation} left")
+            dropped.append(
+                f"{tail} batch(es) in epoch {epoch}: fewer than gradient_accumulation_steps={accumulation} left"
+            )
             order = order[: len(order) - tail]
         steps = len(order) // accumulation
         if training.max_steps is not None:
@@ -149,5 +157,13 @@ def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, wor
             break
     rows = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-    return Plan(world_size, rows, offsets, np.asarray(epochs, dtype=np.int32), np.asarray(sources, dtype=np.int32),
-                total, steps_per_epoch, dropped)
+    return Plan(
+        world_size,
+        rows,
+        offsets,
+        np.asarray(epochs, dtype=np.int32),
+        np.asarray(sources, dtype=np.int32),
+        total,
+        steps_per_epoch,
+        dropped,
+    )

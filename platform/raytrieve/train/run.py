@@ -61,7 +61,6 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     import torch
 
     from raytrieve.assets import resolve_model
-
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import LISTWISE, infer_format, is_numeric, read_table, validate_dataset
     from raytrieve.losses.registry import needs_labels
@@ -94,19 +93,31 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         label_columns.append(report.label_column)
         d.columns = report.text_columns
         if d.prompts is None and cfg.prompts is not None:  # the run-wide prompts, for the columns this dataset has
-            d.prompts = cfg.prompts if isinstance(cfg.prompts, str) else {
-                c: p for c, p in cfg.prompts.items() if c in report.text_columns}
+            d.prompts = (
+                cfg.prompts
+                if isinstance(cfg.prompts, str)
+                else {c: p for c, p in cfg.prompts.items() if c in report.text_columns}
+            )
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         base = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
         listwise = cfg.model.kind == "cross" and base in LISTWISE
         # Labels reach the loss whenever the dataset names a numeric label column.
-        label = report.label_column if report.label_column and (
-            needs_labels(d.loss) or is_numeric(report.types[report.label_column])) else None
-        streams.append(DatasetStream(
-            report.text_columns, label, prompts[-1], routes[-1],
-            label_kind(report.types.get(label) if label else None, listwise),
-            tuple(pa.types.is_list(report.types[c]) for c in report.text_columns)))
+        label = (
+            report.label_column
+            if report.label_column and (needs_labels(d.loss) or is_numeric(report.types[report.label_column]))
+            else None
+        )
+        streams.append(
+            DatasetStream(
+                report.text_columns,
+                label,
+                prompts[-1],
+                routes[-1],
+                label_kind(report.types.get(label) if label else None, listwise),
+                tuple(pa.types.is_list(report.types[c]) for c in report.text_columns),
+            )
+        )
         planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight))
         pieces.append(report.pieces)
 
@@ -131,8 +142,13 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
     stream = StreamSpec(model_path, cfg.model.kind, streams, cfg.model.max_seq_length)
     spec = WorkerSpec(
-        config=cfg, model_path=model_path, optimizer_steps=plan.optimizer_steps, stream=stream,
-        micro_batch_epoch=plan.epoch, micro_batch_rows=plan.rank_sizes, eval_columns=eval_columns,
+        config=cfg,
+        model_path=model_path,
+        optimizer_steps=plan.optimizer_steps,
+        stream=stream,
+        micro_batch_epoch=plan.epoch,
+        micro_batch_rows=plan.rank_sizes,
+        eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
@@ -167,8 +183,11 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 
 def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
     """What a resumed run must share with the checkpoints it finds: config and the planned data."""
-    body = json.dumps({"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
-                      sort_keys=True, default=str)
+    body = json.dumps(
+        {"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -245,9 +264,14 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     params = mlflow_run.flatten(cfg)
-    params.update({"plan.optimizer_steps": str(p.plan.optimizer_steps), "plan.epochs": str(len(p.plan.steps_per_epoch)),
-                   "plan.not_trained_on": "; ".join(p.plan.dropped)[: mlflow_run.PARAM_LIMIT] or "none",
-                   "model.resolved_path": p.spec.model_path})
+    params.update(
+        {
+            "plan.optimizer_steps": str(p.plan.optimizer_steps),
+            "plan.epochs": str(len(p.plan.steps_per_epoch)),
+            "plan.not_trained_on": "; ".join(p.plan.dropped)[: mlflow_run.PARAM_LIMIT] or "none",
+            "model.resolved_path": p.spec.model_path,
+        }
+    )
     run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)
     p.spec.tracking_uri, p.spec.run_id = uri, run_id
     failed = True
@@ -259,21 +283,26 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": p.spec},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker=cfg.scaling.resources_per_worker or None,
-                                         placement_strategy=cfg.scaling.placement_strategy),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker=cfg.scaling.resources_per_worker or None,
+                placement_strategy=cfg.scaling.placement_strategy,
+            ),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             datasets=build_datasets(p),
             dataset_config=DataConfig(datasets_to_split=[], execution_options=options),
             run_config=RunConfig(
-                name="run", storage_path=str(storage),
+                name="run",
+                storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 # Ray starts workers with OMP_NUM_THREADS=1 (from their CPU share); torch's thread
                 # pool must be sized from process start, or later set_num_threads calls leave
                 # threads that were created for one core fighting over it.
-                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(p.spec.threads),
-                                                 "MKL_NUM_THREADS": str(p.spec.threads)}},
+                worker_runtime_env={
+                    "env_vars": {"OMP_NUM_THREADS": str(p.spec.threads), "MKL_NUM_THREADS": str(p.spec.threads)}
+                },
             ),
         )
         try:
@@ -288,4 +317,3 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         mlflow_run.end_run(uri, run_id, failed)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped)
-

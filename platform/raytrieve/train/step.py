@@ -6,8 +6,9 @@ optimizer and schedule step. ``train_loop_per_worker`` drives this on every rank
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +30,15 @@ class Stepper:
     concatenated batch).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None,
-                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0, sync: Any | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None = None,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = 1.0,
+        sync: Any | None = None,
+    ) -> None:
         """``sync`` (train/distributed.GradientSync) says when gradients are all-reduced across ranks."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.sync = sync
