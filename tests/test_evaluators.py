@@ -91,8 +91,6 @@ def test_reranking_mse_paraphrase(dense, STE):
     samples = [{"query": QUERIES[q], "positive": [CORPUS_MAP[d] for d in RELEVANT[q]],
                 "negative": [CORPUS_MAP[f"doc{i}"] for i in range(10, 16)]} for q in ("q0", "q1", "q2", "q3")]
     assert_same(E.RerankingEvaluator(samples, at_k=5)(dense[0]), STE.RerankingEvaluator(samples, at_k=5)(dense[1]))
-    assert_same(E.MSEEvaluator(SENTENCES, SENTENCES, teacher_model=dense[0])(dense[0]),
-                STE.MSEEvaluator(SENTENCES, SENTENCES, teacher_model=dense[1])(dense[1]))
     sentences = {f"s{i}": t for i, t in enumerate(SENTENCES)}
     dups = [("s0", "s1"), ("s3", "s6"), ("s7", "s8")]
     assert_same(E.ParaphraseMiningEvaluator(sentences, dups, top_k=5)(dense[0]),
@@ -118,14 +116,79 @@ def test_cross_encoder_evaluators(reranker_dir, st):
                 CE.CrossEncoderClassificationEvaluator(pairs, labels)(ref_model))
 
 
-def test_sequential_and_prefix(dense):
-    ev = E.SequentialEvaluator([
-        E.TripletEvaluator(SENTENCES[:4], SENTENCES[1:5], SENTENCES[8:12], name="t"),
-        E.EmbeddingSimilarityEvaluator(SENTENCES[:4], SENTENCES[1:5], [0.1, 0.2, 0.3, 0.9], name="sts"),
-    ])
-    out = ev(dense[0])
-    assert set(out) == {"t_cosine_accuracy", "sts_pearson_cosine", "sts_spearman_cosine", "sequential_score"}
-    assert out["sequential_score"] == out["sts_spearman_cosine"]
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_dirs, tmp_path_factory, st):
+    """A tiny dense model (2 layers x 32, mean pooling) with other random weights than
+    tiny_dirs' (seed 1, not 0): a teacher whose embeddings really differ from the student's."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from raytrieve.modules import Pooling, Transformer
+    from tests.conftest import _tiny_config
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    BertModel(_tiny_config()).save_pretrained(root / "hf")
+    AutoTokenizer.from_pretrained(tiny_dirs["base"]).save_pretrained(root / "hf")
+    DenseEncoder([Transformer.from_pretrained(root / "hf", max_seq_length=32), Pooling(32, "mean")],
+                 device="cpu").save(root / "st")
+    return DenseEncoder(root / "st", device="cpu"), st.SentenceTransformer(str(root / "st"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_dirs, tmp_path_factory, st):
+    from raytrieve.modules import Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("student")
+    DenseEncoder([Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=32), Pooling(32, "mean")],
+                 device="cpu").save(root)
+    return DenseEncoder(root, device="cpu"), st.SentenceTransformer(str(root), device="cpu")
+
+
+def test_mse_distillation_teacher_differs_from_student(dense, tiny_teacher, tiny_student, STE):
+    # As in distillation to another language: the student reads other texts than the teacher.
+    source, target = SENTENCES, SENTENCES[1:] + SENTENCES[:1]
+    ours = E.MSEEvaluator(source, target, teacher_model=tiny_teacher[0], name="distill")(tiny_student[0])
+    ref = STE.MSEEvaluator(source, target, teacher_model=tiny_teacher[1], name="distill")(tiny_student[1])
+    assert list(ours) == list(ref) == ["distill_negative_mse"]
+    assert ours["distill_negative_mse"] == pytest.approx(ref["distill_negative_mse"], rel=1e-5)
+    independent = -100 * np.mean((tiny_teacher[0].encode(source) - tiny_student[0].encode(target)) ** 2)
+    assert ours["distill_negative_mse"] == pytest.approx(independent, rel=1e-5)
+    assert ours["distill_negative_mse"] < -1.0  # different random weights: far from the 0 of teacher == student
+
+    # A 384-d teacher against a 32-d student through truncate_dim (applied to both sides).
+    ours = E.MSEEvaluator(source, source, teacher_model=dense[0], truncate_dim=32)(tiny_student[0])
+    ref = STE.MSEEvaluator(source, source, teacher_model=dense[1], truncate_dim=32)(tiny_student[1])
+    assert ours["negative_mse"] == pytest.approx(ref["negative_mse"], rel=1e-5) and ours["negative_mse"] < -1.0
+
+    assert E.MSEEvaluator(source, source, teacher_model=tiny_student[0])(tiny_student[0]) == {"negative_mse": 0.0}
+    with pytest.raises(ValueError, match="target_sentences"):
+        E.MSEEvaluator(source, source[:-1], teacher_model=tiny_student[0])
+
+
+def test_sequential_equals_sentence_transformers(dense, tiny_teacher, STE):
+    """Children of three kinds, aggregated by ST's default (the last primary metric) and by
+    other main-score functions: the same merged keys, values and sequential_score as ST."""
+
+    def children(lib, teacher):
+        return [
+            lib.TripletEvaluator(SENTENCES[:4], SENTENCES[1:5], SENTENCES[8:12], name="t"),
+            lib.EmbeddingSimilarityEvaluator(SENTENCES[:4], SENTENCES[1:5], [0.1, 0.2, 0.3, 0.9], name="sts"),
+            lib.MSEEvaluator(SENTENCES[:8], SENTENCES[7::-1], teacher_model=teacher, truncate_dim=32, name="mse"),
+        ]
+
+    ours_children, ref_children = children(E, tiny_teacher[0]), children(STE, tiny_teacher[1])
+    for fn in (None, np.mean):
+        kw = {} if fn is None else {"main_score_function": fn}
+        ours = E.SequentialEvaluator(ours_children, **kw)(dense[0])
+        ref = STE.SequentialEvaluator(ref_children, **kw)(dense[1])
+        assert list(ours) == list(ref)
+        for k in ref:
+            assert ours[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (fn, k)
+        primaries = [ours["t_cosine_accuracy"], ours["sts_spearman_cosine"], ours["mse_negative_mse"]]
+        assert ours["sequential_score"] == pytest.approx((fn or (lambda s: s[-1]))(primaries), rel=1e-6)
+    assert [c.primary_metric for c in ours_children] == [c.primary_metric for c in ref_children]
+    assert E.SequentialEvaluator([])(dense[0]) == STE.SequentialEvaluator([])(dense[1]) == {"sequential_score": 0.0}
 
 
 def test_lee_corpus_with_real_weights(dense):
