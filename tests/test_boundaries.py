@@ -35,7 +35,8 @@ class Recorder:
         if top in FORBIDDEN and top not in chains:
             frame, chain, importing = sys._getframe(1), [], False
             while frame is not None:
-                importing = importing or (frame.f_code.co_name == "_find_and_load" and frame.f_locals.get("name") == name)
+                if frame.f_code.co_name == "_find_and_load" and frame.f_locals.get("name") == name:
+                    importing = True
                 module = frame.f_globals.get("__name__", "?")
                 if frame.f_code.co_name == "<module>" and (not chain or chain[-1] != module):
                     chain.append(f"{module} (line {frame.f_lineno})")
@@ -55,15 +56,22 @@ print(json.dumps({"loaded": loaded, "chains": chains}))
 @pytest.mark.parametrize("package", ["modules", "encoders", "losses", "evaluation", "index"])
 def test_library_does_not_import_ray_or_mlflow(package):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", PROBE, f"raytrieve.{package}", ",".join(FORBIDDEN)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, f"raytrieve.{package}", ",".join(FORBIDDEN)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"import raytrieve.{package} failed:\n{proc.stderr[-3000:]}"
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     chains = "\n".join(f"  {top}: " + " -> ".join(chain) for top, chain in found["chains"].items())
     assert not found["loaded"], (
         f"import raytrieve.{package} imported {found['loaded'][:8]}; the library must not import Ray or MLflow "
         f"(import them inside the function that needs them, or move that code to data/train/inference/serve/"
-        f"tracking). Import chains:\n{chains}")
+        f"tracking). Import chains:\n{chains}"
+    )
 
 
 def test_probe_names_the_importing_module(tmp_path):
@@ -72,15 +80,24 @@ def test_probe_names_the_importing_module(tmp_path):
     reported as pkg -> pkg.sub -> wave."""
     pkg = tmp_path / "boundary_probe_pkg"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("import importlib.util\nimportlib.util.find_spec('wave')\n"
-                                     "from boundary_probe_pkg import sub\n")
+    (pkg / "__init__.py").write_text(
+        "import importlib.util\nimportlib.util.find_spec('wave')\nfrom boundary_probe_pkg import sub\n"
+    )
     (pkg / "sub.py").write_text("\n\nimport wave\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", PROBE, "boundary_probe_pkg", "wave"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "boundary_probe_pkg", "wave"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["loaded"] == ["wave"]
     chain = found["chains"]["wave"]
-    assert [c.split(" ")[0] for c in chain] == ["__main__", "boundary_probe_pkg", "boundary_probe_pkg.sub", "wave"], chain
+    assert [c.split(" ")[0] for c in chain] == ["__main__", "boundary_probe_pkg", "boundary_probe_pkg.sub", "wave"], (
+        chain
+    )
     assert chain[2] == "boundary_probe_pkg.sub (line 3)"

@@ -226,8 +226,10 @@ class MSEEvaluator(Evaluator):
         if len(source_sentences) != len(target_sentences):
             from raytrieve.errors import InputError
 
-            raise InputError(f"MSEEvaluator: source_sentences has {len(source_sentences)} texts but target_sentences "
-                             f"{len(target_sentences)}; give one target (student) text per source (teacher) text")
+            raise InputError(
+                f"MSEEvaluator: source_sentences has {len(source_sentences)} texts but target_sentences "
+                f"{len(target_sentences)}; give one target (student) text per source (teacher) text"
+            )
         self.target_sentences, self.batch_size, self.truncate_dim = list(target_sentences), batch_size, truncate_dim
         self.source_embeddings = teacher_model.encode(
             list(source_sentences),
