@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from raytrieve._io import atomic_directory
 from raytrieve.encoders import st_format
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
-from raytrieve.modules import Features, Module, Pooling, Router, Transformer
+from raytrieve.modules import Features, InputModule, Module, Pooling, Router, Transformer
 from raytrieve.modules.dense import Dense
 
 # Below this many batches a progress bar is noise.
@@ -155,7 +155,8 @@ class Encoder(nn.Module):
     # -- structure ----------------------------------------------------------------------
     @property
     def modules_list(self) -> list[Module]:
-        return list(self.stack)
+        # nn.Sequential is typed with torch's Module; __init__ only puts ours in.
+        return cast("list[Module]", list(self.stack))
 
     @property
     def device(self) -> torch.device:
@@ -163,9 +164,10 @@ class Encoder(nn.Module):
             return p.device
         return torch.device("cpu")
 
-    def input_module(self, task: str | None = None) -> Module:
+    def input_module(self, task: str | None = None) -> InputModule:
         first = self.stack[0]
-        return first.input_module(task) if isinstance(first, Router) else first
+        # The first module of a stack is its input module (the stack contract).
+        return first.input_module(task) if isinstance(first, Router) else cast("InputModule", first)
 
     @property
     def tokenizer(self) -> Any:
@@ -260,7 +262,7 @@ class Encoder(nn.Module):
         first = self.stack[0]
         if isinstance(first, Router):
             return first.tokenize(texts, prompt=prompt, task=task)
-        return first.tokenize(texts, prompt=prompt)
+        return self.input_module(task).tokenize(texts, prompt=prompt)
 
     def forward(self, features: Features, task: str | None = None) -> Features:
         for module in self.stack:
@@ -292,7 +294,9 @@ class Encoder(nn.Module):
         route = first.resolve(task) if isinstance(first, Router) else None
         module = self.input_module(task)
         encoded = inputs.encoded if isinstance(inputs, Pretokenized) else module.tokenize_ids(inputs, prompt=prompt)
-        prompt_length = module.prompt_length(prompt) if prompt and hasattr(module, "prompt_length") else None
+        # Optional on an input module: SparseStaticEmbedding does not mark the prompt.
+        prompt_length_of = getattr(module, "prompt_length", None)
+        prompt_length = prompt_length_of(prompt) if prompt and prompt_length_of is not None else None
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=len(inputs))
         batches: Iterable[np.ndarray] = length_batches(lengths, batch_size, token_budget)
         order = np.concatenate(batches)
@@ -353,7 +357,7 @@ class Encoder(nn.Module):
 class EmbeddingEncoder(Encoder):
     """What dense and sparse encoders share on top of the base: query/document encoding and similarity."""
 
-    def encode(self, sentences: Any, **kwargs: Any) -> Any:  # pragma: no cover - defined by subclasses
+    def encode(self, sentences: Any, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defined by subclasses
         raise NotImplementedError
 
     def _encode_as(self, task: str, sentences: Any, kwargs: dict[str, Any]) -> Any:
@@ -374,18 +378,23 @@ class EmbeddingEncoder(Encoder):
         """[len(a), len(b)] scores with the model's similarity function (higher = closer)."""
         from raytrieve.encoders import similarity as sim
 
-        return sim.similarity(a, b, self.similarity_fn_name)
+        return sim.similarity(a, b, self._similarity_name())
 
     def similarity_pairwise(self, a: Any, b: Any) -> Tensor:
         from raytrieve.encoders import similarity as sim
 
-        return sim.pairwise(a, b, self.similarity_fn_name)
+        return sim.pairwise(a, b, self._similarity_name())
+
+    def _similarity_name(self) -> str:
+        if self.similarity_fn_name is None:  # only if a caller cleared it: the kinds have a default
+            raise InputError(f"{type(self).__name__} has no similarity function; set similarity_fn_name")
+        return self.similarity_fn_name
 
 
 def set_max_seq_length(model: Any, length: int) -> None:
     """Truncation length of every input module (both routes of a Router model)."""
     first = model.stack[0]
-    modules = [seq[0] for seq in first.sub_modules.values()] if isinstance(first, Router) else [first]
+    modules = [first.route_input(route) for route in first.sub_modules] if isinstance(first, Router) else [first]
     for module in modules:
         if hasattr(module, "max_seq_length"):
             module.max_seq_length = length

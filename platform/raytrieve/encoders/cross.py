@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from raytrieve.modules.activations import activation_from_name, activation_name
 
 class CrossEncoder(Encoder):
     model_type = "CrossEncoder"
+    # Set with object.__setattr__ in __init__ (a plain attribute, not a submodule).
+    activation_fn: nn.Module
 
     def __init__(self, model: Any, *, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         self._saved_activation: nn.Module | None = None
@@ -75,7 +77,9 @@ class CrossEncoder(Encoder):
 
     @property
     def num_labels(self) -> int:
-        return int(self.stack[0].auto_model.config.num_labels)
+        # __init__ checked that the stack is one sequence-classification Transformer, whose
+        # embedding dimension is its config's num_labels.
+        return cast(Transformer, self.stack[0]).get_embedding_dimension()
 
     @staticmethod
     def _as_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:

@@ -151,7 +151,9 @@ def load_input_tokenizer(
         if (path / "config_sentence_transformers.json").exists()
         else {}
     )
-    common = dict(prompts=st_config.get("prompts") or {}, default_prompt_name=st_config.get("default_prompt_name"))
+    common: dict[str, Any] = dict(
+        prompts=st_config.get("prompts") or {}, default_prompt_name=st_config.get("default_prompt_name")
+    )
     modules_file = path / "modules.json"
     if not modules_file.exists():
         if not (path / "config.json").exists():
@@ -222,7 +224,7 @@ def _auto_tokenizer(folder: Path, kwargs: dict[str, Any], trust_remote_code: boo
 
 def _transformer(
     folder: Path,
-    default_task: str,
+    default_task: str | None,
     max_seq_length: int | None,
     trust_remote_code: bool,
     route: str | None,
@@ -261,11 +263,13 @@ def _transformer(
     )
 
 
-def _accepts_token_types(model_config: Any, task: str, tokenizer: Any) -> bool:
+def _accepts_token_types(model_config: Any, task: str | None, tokenizer: Any) -> bool:
     """Whether the model's forward takes token_type_ids, from its class (never instantiated)."""
     from raytrieve.modules.transformer import TASKS
 
     try:
+        if task is None:  # a kind _TASK_OF_KIND does not know: no auto class to ask either
+            raise KeyError(task)
         cls = TASKS[task][0]._model_mapping[type(model_config)]
     except (KeyError, AttributeError):  # a remote-code model: ask its tokenizer
         return "token_type_ids" in getattr(tokenizer, "model_input_names", ())

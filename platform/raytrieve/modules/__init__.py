@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from raytrieve.errors import UnknownModuleError
-from raytrieve.modules.base import Features, Module
+from raytrieve.modules.base import Features, InputModule, Module
 from raytrieve.modules.dense import Dense
 from raytrieve.modules.normalize import Normalize
 from raytrieve.modules.pooling import POOLING_MODES, Pooling
 from raytrieve.modules.router import Router
+from raytrieve.modules.sparse_auto_encoder import SparseAutoEncoder
 from raytrieve.modules.splade_pooling import SpladePooling
 from raytrieve.modules.static_embedding import SparseStaticEmbedding
 from raytrieve.modules.transformer import MLMTransformer, Transformer, find_module_config
@@ -22,6 +23,7 @@ MODULE_CLASSES: tuple[type[Module], ...] = (
     Normalize,
     SpladePooling,
     SparseStaticEmbedding,
+    SparseAutoEncoder,
     Router,
 )
 _BY_TYPE: dict[str, type[Module]] = {name: cls for cls in MODULE_CLASSES for name in (cls.st_type, *cls.st_aliases)}
@@ -46,11 +48,13 @@ __all__ = [
     "POOLING_MODES",
     "Dense",
     "Features",
+    "InputModule",
     "MLMTransformer",
     "Module",
     "Normalize",
     "Pooling",
     "Router",
+    "SparseAutoEncoder",
     "SparseStaticEmbedding",
     "SpladePooling",
     "Transformer",

@@ -9,8 +9,9 @@ the same module over its versions, all of which we read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +19,23 @@ from torch import nn
 from raytrieve._io import load_weights, read_json, save_weights, write_json
 
 Features = dict[str, Any]
+
+
+class InputModule(Protocol):
+    """What the first module of a stack (or of a Router route) offers on top of ``forward``:
+    tokenization. Transformer and SparseStaticEmbedding implement it; the Router hands out its
+    routes' input modules. (``prompt_length`` is optional: SparseStaticEmbedding has none.)"""
+
+    tokenizer: Any
+    max_seq_length: int
+
+    def tokenize_ids(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, list[list[int]]]: ...
+
+    def collate(self, encoded: dict[str, list[list[int]]]) -> Features: ...
+
+    def tokenize(self, texts: Sequence[Any], prompt: str | None = None) -> Features: ...
+
+    def get_embedding_dimension(self) -> int: ...
 
 
 class Module(nn.Module):

@@ -7,15 +7,15 @@ comes from ``encode_query`` / ``encode_document`` (or ``task=`` on ``encode``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from raytrieve._io import read_json, write_json
 from raytrieve.errors import InputError, ModelLoadError
-from raytrieve.modules.base import Features, Module
+from raytrieve.modules.base import Features, InputModule, Module
 
 
 class Router(Module):
@@ -26,7 +26,7 @@ class Router(Module):
 
     def __init__(
         self,
-        routes: dict[str, Sequence[Module]],
+        routes: Mapping[str, Sequence[Module]],
         default_route: str | None = None,
         allow_empty_key: bool = True,
         route_mappings: dict[str, str] | None = None,
@@ -63,24 +63,33 @@ class Router(Module):
             "or pass task="
         )
 
-    def input_module(self, task: str | None) -> Module:
-        return self.sub_modules[self.resolve(task)][0]
+    def route_modules(self, route: str) -> list[Module]:
+        """The modules of one route, in order."""
+        # nn.ModuleDict / nn.Sequential are typed with torch's Module; __init__ only puts ours in.
+        return cast("list[Module]", list(cast(nn.Sequential, self.sub_modules[route])))
+
+    def route_input(self, route: str) -> InputModule:
+        """The input module of a (resolved) route: its first module, by the stack contract."""
+        return cast("InputModule", self.route_modules(route)[0])
+
+    def input_module(self, task: str | None) -> InputModule:
+        return self.route_input(self.resolve(task))
 
     def tokenize(self, texts: Sequence[Any], prompt: str | None = None, task: str | None = None) -> Features:
         route = self.resolve(task)
-        features = self.sub_modules[route][0].tokenize(texts, prompt=prompt)
+        features = self.route_input(route).tokenize(texts, prompt=prompt)
         features["task"] = route
         return features
 
     def forward(self, features: Features, task: str | None = None, **kwargs: Any) -> Features:
         route = features.get("task") or self.resolve(task)
-        for module in self.sub_modules[route]:
+        for module in self.route_modules(route):
             features = module(features)
         return features
 
     def get_embedding_dimension(self) -> int | None:
-        for seq in self.sub_modules.values():
-            for module in reversed(list(seq)):
+        for route in self.sub_modules:
+            for module in reversed(self.route_modules(route)):
                 dim = getattr(module, "get_embedding_dimension", lambda: None)()
                 if dim:
                     return dim
@@ -98,9 +107,9 @@ class Router(Module):
         directory.mkdir(parents=True, exist_ok=True)
         types: dict[str, str] = {}
         structure: dict[str, list[str]] = {}
-        for route, seq in self.sub_modules.items():
+        for route in self.sub_modules:
             structure[route] = []
-            for i, module in enumerate(seq):
+            for i, module in enumerate(self.route_modules(route)):
                 folder = f"{route}_{i}_{type(module).__name__}"
                 module.save(directory / folder)
                 types[folder] = module.saved_type()

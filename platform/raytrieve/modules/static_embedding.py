@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -52,7 +52,8 @@ class SparseStaticEmbedding(Module):
         return {"input_ids": enc["input_ids"]}
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> Features:
-        return pad_ids(encoded, self.tokenizer.pad_token_id or 0)
+        # transformers types pad_token_id (a __getattr__ special token) as any id or token.
+        return pad_ids(encoded, cast("int | None", self.tokenizer.pad_token_id) or 0)
 
     def tokenize(self, texts: Sequence[str], prompt: str | None = None) -> Features:
         return self.collate(self.tokenize_ids(texts, prompt))
@@ -81,7 +82,7 @@ class SparseStaticEmbedding(Module):
         write_json(directory / self.config_file, self.config_dict())
 
     @classmethod
-    def load(cls, directory: Path, **kwargs: Any) -> SparseStaticEmbedding:
+    def load(cls, directory: Path, trust_remote_code: bool = False, **kwargs: Any) -> SparseStaticEmbedding:
         directory = Path(directory)
         config = read_json(directory / cls.config_file) if (directory / cls.config_file).exists() else {}
         if "path" in config:

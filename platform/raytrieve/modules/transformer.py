@@ -16,7 +16,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -190,7 +190,9 @@ class Transformer(Module):
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> Features:
         """Pad a batch of id lists into tensors (padding side and id from the tokenizer)."""
-        return pad_ids(encoded, self.tokenizer.pad_token_id or 0, left=self.tokenizer.padding_side == "left")
+        # transformers types pad_token_id (a __getattr__ special token) as any id or token.
+        pad_id = cast("int | None", self.tokenizer.pad_token_id)
+        return pad_ids(encoded, pad_id or 0, left=self.tokenizer.padding_side == "left")
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens the prompt occupies at the start of a text (its trailing special token excluded)."""
@@ -223,7 +225,9 @@ class Transformer(Module):
         if self.task == "fill-mask":
             return int(self.auto_model.config.vocab_size)
         if self.task == "sequence-classification":
-            return int(self.auto_model.config.num_labels)
+            num_labels = self.auto_model.config.num_labels
+            assert num_labels is not None, "a sequence-classification model's config has its labels"
+            return int(num_labels)
         return int(self.auto_model.config.hidden_size)
 
 
@@ -269,8 +273,11 @@ def tokenize_text_ids(
     text, truncated, not padded); also used without the weights (encoders/tokenizer_only.py)."""
     if not len(texts):
         return {"input_ids": []}
+    first: list[str]
+    second: list[str] | None
     if isinstance(texts[0], str):
-        first, second = list(texts), None
+        # A batch is all single texts or all pairs; its first element tells which.
+        first, second = cast("list[str]", list(texts)), None
     else:
         if any(len(t) != 2 for t in texts):
             from raytrieve.errors import InputError
