@@ -255,6 +255,7 @@ def resolve_model(name_or_path: str) -> Path:
         import hashlib as _hashlib
 
         import mlflow
+        import mlflow.artifacts
 
         # A registry version number is reused when a store is wiped and a model registered
         # again; the version's run id keeps the cache from serving the older weights.

@@ -35,14 +35,14 @@ def _comments(cls: type) -> dict[str, str]:
 
 def _inner_dataclass(tp: Any) -> tuple[type | None, str]:
     """(the dataclass inside tp, how it nests: "" for X or X | None, "[]" for list[X])."""
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp, ""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+        if len(inner) == 1 and isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]):
             return inner[0], ""
-    if origin is list and args and dataclasses.is_dataclass(args[0]):
+    if origin is list and args and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
         return args[0], "[]"
     return None, ""
 

@@ -20,8 +20,12 @@ import random
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.random._mt19937 import _MT19937State
 
 _CHUNK = 65_536  # rows converted to Python ints at a time in the no-duplicates pass
 
@@ -59,13 +63,13 @@ def shuffle(x: np.ndarray, rng: random.Random) -> None:
         x[:] = values
         return
     version, internal, gauss = rng.getstate()
-    state = {
+    state: _MT19937State = {
         "bit_generator": "MT19937",
         "state": {"key": np.array(internal[:-1], dtype=np.uint32), "pos": internal[-1]},
     }
     bits = np.random.MT19937()
     bits.state = state
-    view = memoryview(x)
+    view = memoryview(x)  # pyright: ignore[reportArgumentType]  # numpy declares ndarray.__buffer__ for 3.12+ only
     words: list[int] = []
     p = used = 0
     for i in range(n - 1, 0, -1):

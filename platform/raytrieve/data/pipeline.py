@@ -200,7 +200,7 @@ def rank_epoch_dataset(
         ds = ray.data.from_items([{"piece": i} for i in needed], override_num_blocks=len(needed))
         parts.append(
             ds.map_batches(
-                read_planned,
+                read_planned,  # pyright: ignore[reportArgumentType]  # Ray types fn as one-argument; fn_kwargs gives the rest
                 batch_size=1,
                 batch_format="pyarrow",
                 num_cpus=read_cpus,

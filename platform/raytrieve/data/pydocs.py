@@ -30,7 +30,7 @@ class Pair:
     package: str
 
 
-def _signature(node: ast.AST) -> str:
+def _signature(node: ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     if isinstance(node, ast.ClassDef):
         return f"class {node.name}"
     args = ast.unparse(node.args) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else ""

@@ -12,7 +12,7 @@ hash of a plain string with the same characters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -24,16 +24,18 @@ _SEP = "\x1f"
 def _hash_objects(values: np.ndarray) -> np.ndarray:
     from pandas.util import hash_array
 
-    return hash_array(values, categorize=False).astype(np.uint64, copy=False)
+    # pandas.util resolves hash_array in a module __getattr__ typed "-> object".
+    return hash_array(values, categorize=False).astype(np.uint64, copy=False)  # pyright: ignore[reportCallIssue]
 
 
 def text_keys(values: pa.Array | pa.ChunkedArray | Sequence[Any]) -> np.ndarray:
     """uint64 hash per value (strings, or lists of strings)."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
-            values = values.to_pylist()
+        arrow = cast(Any, values)  # pyarrow ships no type stubs: isinstance cannot narrow to its classes
+        if pa.types.is_list(arrow.type) or pa.types.is_large_list(arrow.type):
+            values = arrow.to_pylist()
         else:
-            return _hash_objects(np.asarray(values.to_numpy(zero_copy_only=False), dtype=object))
+            return _hash_objects(np.asarray(arrow.to_numpy(zero_copy_only=False), dtype=object))
     objects = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
         objects[i] = _LIST_MARK + _SEP.join(v) if isinstance(v, (list, tuple)) else v

@@ -25,8 +25,10 @@ import functools
 import glob as globlib
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -74,14 +76,8 @@ class ShardSpec:
         return {"shard": self.shard, "path": self.path, "format": self.format, "start": self.start, "stop": self.stop}
 
     @classmethod
-    def from_row(cls, row: dict[str, object]) -> ShardSpec:
-        return cls(
-            int(row["shard"]),
-            str(row["path"]),
-            str(row["format"]),
-            int(row["start"]),  # type: ignore[arg-type]
-            int(row["stop"]),
-        )  # type: ignore[arg-type]
+    def from_row(cls, row: Mapping[str, Any]) -> ShardSpec:
+        return cls(int(row["shard"]), str(row["path"]), str(row["format"]), int(row["start"]), int(row["stop"]))
 
 
 def is_uri(location: str) -> bool:
@@ -110,6 +106,8 @@ def infer_format(location: str, fs: pafs.FileSystem | None = None, path: str | N
     """The format of a file or folder, from its name (or an HF dataset's state.json)."""
     if fs is None or path is None:
         fs, path = resolve(location)
+    # resolve() gives a filesystem; pyarrow is untyped, so the assignment does not narrow.
+    assert fs is not None
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         names = {Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(path))}
@@ -207,7 +205,7 @@ class _open_arrow:
     def __init__(self, fs: pafs.FileSystem, path: str) -> None:
         self.source = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
 
-    def __enter__(self):
+    def __enter__(self) -> Any:  # a RecordBatchStreamReader, or a generator of record batches
         try:
             return pa.ipc.open_stream(self.source)
         except pa.ArrowInvalid:

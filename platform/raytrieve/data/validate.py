@@ -72,7 +72,10 @@ def read_table(path: Path, fmt: str) -> pa.Table:
             return pc.read_csv(path)
         import datasets
 
-        return datasets.load_from_disk(str(path)).data.table
+        saved = datasets.load_from_disk(str(path))
+        if not isinstance(saved, datasets.Dataset):
+            raise DataError(f"{path}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
+        return saved.data.table
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read it as {fmt} ({e}); check the file or set format:") from None
 
@@ -196,7 +199,7 @@ def validate_dataset(
             raise DataError(
                 f"{where} ({d.name}): column {c!r} has {nulls[c]} null value(s) in {path}; drop or fill those rows"
             )
-    if labelled and nulls[label]:
+    if labelled and label is not None and nulls[label]:  # labelled: label was checked above
         raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
     report = DatasetReport(
         d.name, str(path), total, columns, label, fmt, pieces, {c: schema.field(c).type for c in read}

@@ -230,16 +230,22 @@ class DenseIndex:
         return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
 
     def _scan_float(self, q: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        vectors = self.vectors
+        assert vectors is not None, "only a FAISS index keeps no vectors of its own"
+
         def score(start: int, stop: int) -> np.ndarray:
-            return q @ np.asarray(self.vectors[start:stop], dtype=np.float32).T
+            return q @ np.asarray(vectors[start:stop], dtype=np.float32).T
 
         return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
 
     def _scan_codes(self, q: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         codes = self.codes
+        assert codes is not None, "a quantized index has its codes (build and load set them)"
         if self.quantize == "int8":
+            ranges = self.ranges
+            assert ranges is not None, "an int8 index has its ranges (build and load set them)"
             # Bucket b of dimension j stands for start_j + (b + 0.5) * step_j, and code = b - 128.
-            start, step = self.ranges[0], (self.ranges[1] - self.ranges[0]) / 255
+            start, step = ranges[0], (ranges[1] - ranges[0]) / 255
             q_scaled = q * step
             offset = (q @ (start + 128.5 * step))[:, None]
 
@@ -261,6 +267,7 @@ class DenseIndex:
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         valid = cand >= 0
         unique = np.unique(cand[valid])
+        assert self.vectors is not None, "only a FAISS index keeps no vectors of its own"
         # Fancy indexing a memmap reads only these rows; sorted rows keep the reads sequential.
         vecs = np.asarray(self.vectors[unique], dtype=np.float32)
         pos = np.searchsorted(unique, np.where(valid, cand, unique[0]))

@@ -30,7 +30,7 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    if is_dataclass(value):
+    if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
     if isinstance(value, dict) and any(not re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
         # Free-text keys (regexes of learning_rate_mapping...) are no valid param names: one JSON value.
@@ -132,5 +132,7 @@ def register_model(uri: str, run_id: str, name: str) -> str:
     except MlflowException as e:
         if "already exists" not in str(e).lower() and e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    artifact_uri = c.get_run(run_id).info.artifact_uri
+    assert artifact_uri is not None, "MLflow gives every run an artifact root"
+    source = f"{artifact_uri.rstrip('/')}/model"
     return str(c.create_model_version(name, source, run_id=run_id).version)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -94,14 +94,15 @@ class GradientSync:
     def context(self, last_micro_batch: bool) -> AbstractContextManager:
         if isinstance(self.wrapped, DistributedDataParallel) and (self.manual or not last_micro_batch):
             return self.wrapped.no_sync()
-        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP
-            self.wrapped.set_requires_gradient_sync(last_micro_batch)
+        set_sync = getattr(self.wrapped, "set_requires_gradient_sync", None)
+        if set_sync is not None:  # FSDP
+            set_sync(last_micro_batch)
         return contextlib.nullcontext()
 
     def finish(self) -> None:
         """After the step's last backward: the one all-reduce of the manual mode."""
-        if self.manual:
-            average_gradients(self.wrapped.module.parameters())
+        if self.manual:  # only ever set for DDP (__init__)
+            average_gradients(cast(DistributedDataParallel, self.wrapped).module.parameters())
 
 
 def average_gradients(params) -> None:

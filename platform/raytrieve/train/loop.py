@@ -21,11 +21,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from raytrieve.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 ENCODERS = {"dense": "DenseEncoder", "sparse": "SparseEncoder", "cross": "CrossEncoder"}
 
@@ -85,6 +88,7 @@ def rank_micro_batches(spec: WorkerSpec, rank: int, start: int) -> Iterator[tupl
         if ms[-1] < start:
             continue  # done before the checkpoint this run resumed from
         shard = ray.train.get_dataset_shard(f"rank{rank}_epoch{epoch}")
+        assert shard is not None, "the trainer is given every rank's dataset of every epoch"
         tables = shard.iter_batches(batch_size=int(sizes[ms].max()), batch_format="pyarrow", prefetch_batches=2)
         for m, batch in micro_batches(tables, [(int(m), int(sizes[m])) for m in ms]):
             if m >= start:
@@ -109,7 +113,11 @@ def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[s
     from raytrieve.train.distributed import is_fsdp
 
     if is_fsdp(wrapped):
-        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # With full_state_dict the values are plain (gathered) tensors; torch types them as any state.
+        return cast(
+            "dict[str, torch.Tensor]",
+            get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
     return module.state_dict()
 
 
@@ -123,6 +131,7 @@ def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
+    import ray.train.torch
 
     from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts
     from raytrieve.encoders.base import set_max_seq_length
@@ -192,6 +201,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and spec.run_id:
         from raytrieve.tracking.mlflow_run import MetricLogger
 
+        assert spec.tracking_uri is not None, "run_training sets tracking_uri with run_id"
         logger = MetricLogger(spec.tracking_uri, spec.run_id)
         if step:
             logger.log({"resumed_from_step": step}, step)
@@ -207,11 +217,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         was_training = encoder.training
         encoder.eval()
         if is_fsdp(wrapped):
-            wrapped.unshard()
+            cast("FSDPModule", wrapped).unshard()
         with torch.no_grad():
             metrics = evaluator(encoder)  # every rank runs it: FSDP layers gather collectively
         if is_fsdp(wrapped):
-            wrapped.reshard()
+            cast("FSDPModule", wrapped).reshard()
         encoder.train(was_training)
         if logger is not None:
             logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, at)
@@ -263,10 +273,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.model.kind == "cross":
             features = decode_texts(batch, streams[dataset])
         else:
+            assert modules is not None  # built for every kind but cross
             features = decode_features(batch, streams[dataset], modules[dataset])
             features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
-        if dataset in splade:
-            weights = splade[dataset].step(step)
+        weights = splade[dataset].step(step) if dataset in splade else {}
         autocast = torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16 and device.type == "cuda"
         )

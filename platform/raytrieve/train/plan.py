@@ -81,8 +81,12 @@ class Plan:
 
 def _global_batches(d: DatasetKeys, sampler: str, size: int, seed: int) -> Batches:
     if sampler == "no_duplicates":
+        if d.text_keys is None:
+            raise ConfigError(f"{d.name}: batch_sampler no_duplicates needs the dataset's text_keys")
         return no_duplicates_batches(d.text_keys, size, seed)
     if sampler == "group_by_label":
+        if d.label_keys is None:
+            raise ConfigError(f"{d.name}: batch_sampler group_by_label needs the dataset's label_keys")
         return group_by_label_batches(d.label_keys, size, seed)
     return default_batches(d.rows, size, seed)
 

@@ -126,6 +126,8 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         path = Path(cfg.eval.path)
         if not path.exists():
             raise DataError(f"{where}.eval.path: {path} does not exist")
+        if cfg.eval.evaluator is None:  # check_values says so too; a config built in Python may skip it
+            raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
         eval_columns = read_table(path, infer_format(path)).to_pydict()
         check_eval_columns(eval_columns, cfg.eval.evaluator, f"{where}.eval.path ({path})")
 
@@ -171,7 +173,7 @@ def inference_free_router(model_path: str, target: Path) -> Path:
         raise ConfigError(f"model.inference_free: {model_path} already is a Router model; set inference_free: false")
     tokenizer = sparse.tokenizer
     static = SparseStaticEmbedding(tokenizer, weight=torch.ones(len(tokenizer)))
-    router = SparseEncoder([Router.for_query_document([static], list(sparse.stack))], device="cpu")
+    router = SparseEncoder([Router.for_query_document([static], sparse.modules_list)], device="cpu")
     with atomic_directory(target) as tmp:
         router.save(tmp)
     return target

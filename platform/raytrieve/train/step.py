@@ -6,7 +6,7 @@ optimizer and schedule step. ``train_loop_per_worker`` drives this on every rank
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,12 @@ class Stepper:
         self._sum = 0.0
         self._components: dict[str, float] = {}
 
-    def micro_batch(self, loss_fn: nn.Module, features: Sequence[Any], labels: Tensor | None) -> StepResult | None:
+    def micro_batch(
+        self,
+        loss_fn: Callable[[Sequence[Any], Any], Tensor | dict[str, Tensor]],
+        features: Sequence[Any],
+        labels: Tensor | list[Tensor] | None,
+    ) -> StepResult | None:
         """Forward + backward of one micro-batch; returns the step's result when it completed a step."""
         last = self._micro + 1 == self.accumulation_steps
         with self.sync.context(last) if self.sync is not None else contextlib.nullcontext():
