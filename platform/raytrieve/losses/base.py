@@ -135,5 +135,7 @@ class Loss(ColumnCheck, nn.Module):
         embeddings, extra = self.prepare(features)
         return self.compute_loss_from_embeddings(embeddings, labels, **extra)
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None, **extra: Any) -> Tensor:
+    def compute_loss_from_embeddings(
+        self, embeddings: list[Tensor], labels: Tensor | None, *args: Any, **extra: Any
+    ) -> Tensor:  # a subclass names the extras its prepare() gives, if any
         raise NotImplementedError

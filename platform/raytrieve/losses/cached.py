@@ -56,7 +56,7 @@ def minibatch(features: Features, begin: int, end: int) -> Features:
     for key, value in features.items():
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == features["input_ids"].shape[0]:
             value = value[begin:end]
-            if width is not None and value.dim() >= 2 and value.shape[1] == mask.shape[1]:
+            if width is not None and isinstance(mask, Tensor) and value.dim() >= 2 and value.shape[1] == mask.shape[1]:
                 value = value[:, :width]
         out[key] = value
     return out
@@ -97,7 +97,7 @@ class CachedLoss(Loss):
         ranges = [_ranges(f["input_ids"].shape[0], self.mini_batch_size) for f in features]
         reps: list[list[Tensor]] = []
         states: list[list[RandContext]] = []
-        extras: dict[str, list[list[Tensor]]] = {}
+        extras: dict[str, Any] = {}  # name -> per column, per mini-batch tensors
         for f, col_ranges in zip(features, ranges):
             col, col_states = [], []
             for b, e in col_ranges:
@@ -136,6 +136,7 @@ def _chunked(parts: Iterator[Tensor], with_backward: bool) -> Tensor:
             part.backward()
             part = part.detach()
         total = part if total is None else total + part
+    assert total is not None, "a batch has at least one mini-batch"
     return total
 
 
@@ -244,7 +245,10 @@ class CachedGISTEmbedLoss(CachedLoss):
             guide_features = self.gist._guide_features([features])[0]
             return {"guided": self.gist.guide(guide_features)["sentence_embedding"].detach()}
 
-    def calculate_loss(self, reps, labels=None, with_backward: bool = False, guided=None, **extra) -> Tensor:
+    def calculate_loss(
+        self, reps, labels=None, with_backward: bool = False, guided: list[list[Tensor]] | None = None, **extra
+    ) -> Tensor:
+        assert guided is not None, "extra_minibatch gives every mini-batch its guide embeddings"
         emb = [torch.cat(r) for r in reps]
         guide_emb = [torch.cat(g) for g in guided]
         rows = emb[0].shape[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch import Tensor, nn
 from raytrieve.encoders.similarity import _pairwise_cosine, _pairwise_dot
 from raytrieve.errors import ConfigError
 from raytrieve.losses.base import Loss, LossInputError
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.base import EmbeddingEncoder
 
 
 def pairwise_cos_sim(a: Tensor, b: Tensor) -> Tensor:
@@ -169,11 +173,14 @@ class MSELoss(Loss):
     """Distillation: MSE between the student's embeddings of each column and the teacher's
     (labels [batch, dim], or [batch, columns, dim] for one target per column)."""
 
-    def __init__(self, model: nn.Module, projection_dim: int | None = None) -> None:
+    def __init__(self, model: EmbeddingEncoder, projection_dim: int | None = None) -> None:
         super().__init__(model)
         self.projection = None
         if projection_dim is not None:
-            self.projection = nn.Linear(model.get_embedding_dimension(), projection_dim, device=model.device)
+            dim = model.get_embedding_dimension()
+            if dim is None:
+                raise ConfigError("MSELoss: projection_dim needs a model that knows its embedding dimension")
+            self.projection = nn.Linear(dim, projection_dim, device=model.device)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         if labels is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from raytrieve.encoders.similarity import cosine
 from raytrieve.losses.base import Features, Loss, embed_columns
 from raytrieve.losses.cached import CachedLoss, _chunked, _lazy
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.base import Encoder
 
 
 class ContrastiveTensionLoss(Loss):
@@ -152,16 +155,19 @@ class DenoisingAutoEncoderLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, decoder_name_or_path: str | None = None, tie_encoder_decoder: bool = True
+        self, model: Encoder, decoder_name_or_path: str | None = None, tie_encoder_decoder: bool = True
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from raytrieve.errors import ConfigError
-        from raytrieve.modules.transformer import quiet_progress
+        from raytrieve.modules.transformer import Transformer, quiet_progress
 
         self.encoder = model
         transformer = model.stack[0]
+        if not isinstance(transformer, Transformer):
+            first = type(transformer).__name__
+            raise ConfigError(f"DenoisingAutoEncoderLoss: the model's first module must be a Transformer, not {first}")
         self.tokenizer_encoder = transformer.tokenizer
         encoder_path = transformer.auto_model.config._name_or_path
         if tie_encoder_decoder:
@@ -188,7 +194,9 @@ class DenoisingAutoEncoderLoss(nn.Module):
             if len(self.tokenizer_encoder) != len(self.tokenizer_decoder):
                 self.tokenizer_decoder = self.tokenizer_encoder
                 self.decoder.resize_token_embeddings(len(self.tokenizer_decoder))
-            _tie_to_decoder(transformer.auto_model, self.decoder._modules[self.decoder.base_model_prefix])
+            decoder_base = self.decoder._modules[self.decoder.base_model_prefix]
+            assert decoder_base is not None, "a causal LM registers its base model under base_model_prefix"
+            _tie_to_decoder(transformer.auto_model, decoder_base)
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
         source, target = list(features)
@@ -207,5 +215,6 @@ class DenoisingAutoEncoderLoss(nn.Module):
             encoder_attention_mask=source["attention_mask"][:, 0:1],
             use_cache=False,
         )[0]
-        loss_fct = nn.CrossEntropyLoss(ignore_index=self.tokenizer_decoder.pad_token_id)
+        # __init__ gave the decoder tokenizer a pad token; transformers types its id as any id or token.
+        loss_fct = nn.CrossEntropyLoss(ignore_index=cast(int, self.tokenizer_decoder.pad_token_id))
         return loss_fct(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
