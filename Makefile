@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + format check) and pyright over the package; configured in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check platform/raytrieve
+	$(BIN)/ruff format --check platform/raytrieve
+	$(BIN)/pyright
 
 demo: venv
 	$(BIN)/raytrieve demo --config jobs/configs/demo.yaml

@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Hypothesis: `make test` runs a bounded number of examples per property (the suite's time
+# budget); HYPOTHESIS_PROFILE=thorough runs many more (README: "Testing"). Tests that need a
+# floor or ceiling of their own scale from the profile's max_examples, never fix it.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("default", max_examples=60, deadline=None, derandomize=True)
+_hypothesis_settings.register_profile("thorough", max_examples=2000, deadline=None)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 # Real sentences of varied length (from the sentence-transformers and Python docs and news
 # style text), enough to exercise padding, truncation and sorting.
 SENTENCES = [

@@ -66,7 +66,7 @@ def test_line_formats_by_byte_ranges(tmp_path, fmt, rows_per_shard):
         assert len(specs) > 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(lengths=st.lists(st.integers(0, 60), min_size=1, max_size=40), rows_per_shard=st.integers(1, 9),
        trailing_newline=st.booleans())
 def test_jsonl_byte_ranges_never_lose_or_repeat_a_line(tmp_path_factory, lengths, rows_per_shard, trailing_newline):
