@@ -76,7 +76,8 @@ class SequentialEvaluator(Evaluator):
                 scores.append(result)
                 result = {f"evaluator_{i}": result}
             else:
-                key = ev.primary_metric if getattr(ev, "primary_metric", None) in result else next(iter(result))
+                primary = getattr(ev, "primary_metric", None)
+                key = primary if primary in result else next(iter(result))
                 scores.append(result[key])
             merged.update(result)
         # sentence-transformers scores an empty sequence 0.0 rather than calling the function on [].

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from raytrieve.encoders import similarity as sim
+from raytrieve.errors import InputError
 from raytrieve.evaluation.base import Evaluator
 from raytrieve.evaluation.metrics import query_metrics
 
@@ -111,14 +112,17 @@ class InformationRetrievalEvaluator(Evaluator):
                 k = min(self.max_k, scores.shape[1])
                 values, idx = scores.topk(k, dim=1)
                 idx = idx + start
-                if top[name] is not None:  # merge with the best of earlier chunks
-                    values = torch.cat([top[name][0], values], dim=1)
-                    idx = torch.cat([top[name][1], idx], dim=1)
+                best = top[name]
+                if best is not None:  # merge with the best of earlier chunks
+                    values = torch.cat([best[0], values], dim=1)
+                    idx = torch.cat([best[1], idx], dim=1)
                     values, pick = values.topk(min(self.max_k, values.shape[1]), dim=1)
                     idx = idx.gather(1, pick)
                 top[name] = (values, idx)
         out = {}
         for name, pair in top.items():
+            if pair is None:  # no corpus chunk was scored
+                raise InputError(f"{type(self).__name__}: the corpus is empty")
             rows = []
             for values, idx in zip(pair[0].tolist(), pair[1].tolist()):
                 # Ties: ascending corpus id, as sentence-transformers orders them.

@@ -23,6 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+# A 1-D vector as the scoring functions read it (np.asarray): a list or an array.
+Floats = Sequence[float] | np.ndarray
+Ints = Sequence[int] | np.ndarray
+
 RANK_METRICS = ("accuracy", "precision", "recall", "mrr", "ndcg", "map")
 
 
@@ -85,7 +89,7 @@ def ranking_metrics(
     return means
 
 
-def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+def pearson(a: Floats, b: Floats) -> float:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")
@@ -107,7 +111,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: Floats, b: Floats) -> float:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return pearson(_ranks(x), _ranks(y))
 
@@ -115,7 +119,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # -- scored lists (rerankers, classifiers): ties share credit, as scikit-learn defines it ------
 
 
-def ndcg_with_ties(relevance: Sequence[float], scores: Sequence[float], k: int | None = None) -> float:
+def ndcg_with_ties(relevance: Floats, scores: Floats, k: int | None = None) -> float:
     """NDCG@k of one scored list, linear gains; tied scores get the mean gain of their group."""
     y = np.asarray(relevance, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
@@ -136,7 +140,7 @@ def ndcg_with_ties(relevance: Sequence[float], scores: Sequence[float], k: int |
     return dcg / ideal if ideal > 0 else 0.0
 
 
-def average_precision(labels: Sequence[int], scores: Sequence[float]) -> float:
+def average_precision(labels: Ints, scores: Floats) -> float:
     """Area under the precision-recall steps, tied scores entering together."""
     y = np.asarray(labels, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
@@ -153,7 +157,7 @@ def average_precision(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def first_relevant_rr(relevance: Sequence[int], scores: Sequence[float], k: int) -> float:
+def first_relevant_rr(relevance: Ints, scores: Floats, k: int) -> float:
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
     for rank, i in enumerate(order):
         if relevance[i]:
@@ -217,7 +221,7 @@ def best_f1_threshold(scores, labels, high_is_positive: bool = True) -> tuple[fl
     return best
 
 
-def matthews_corrcoef(labels: Sequence[int], predicted: Sequence[int]) -> float:
+def matthews_corrcoef(labels: Ints, predicted: Ints) -> float:
     y, p = np.asarray(labels, dtype=bool), np.asarray(predicted, dtype=bool)
     tp, tn = float((y & p).sum()), float((~y & ~p).sum())
     fp, fn = float((~y & p).sum()), float((y & ~p).sum())
@@ -225,7 +229,7 @@ def matthews_corrcoef(labels: Sequence[int], predicted: Sequence[int]) -> float:
     return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
-def f1_scores(labels: Sequence[int], predicted: Sequence[int]) -> dict[str, float]:
+def f1_scores(labels: Ints, predicted: Ints) -> dict[str, float]:
     """Macro, micro and support-weighted F1 over the classes present in labels or predictions."""
     y, p = np.asarray(labels), np.asarray(predicted)
     classes = np.union1d(y, p)

@@ -29,7 +29,8 @@ def encode_unique(model: Any, texts: Sequence[str], side: str | None = None, **k
     Works for dense and sparse models (sparse vectors come back dense)."""
     unique = list(dict.fromkeys(texts))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    encode = {"query": model.encode_query, "document": model.encode_document}.get(side, model.encode)
+    by_side: dict[str | None, Any] = {"query": model.encode_query, "document": model.encode_document}
+    encode = by_side.get(side, model.encode)
     if hasattr(model, "sparsity"):  # SparseEncoder
         kwargs.pop("truncate_dim", None)
         emb = encode(unique, convert_to_sparse_tensor=False, **kwargs).cpu().numpy()
@@ -67,7 +68,7 @@ class EmbeddingSimilarityEvaluator(Evaluator):
         self.show_progress_bar = show_progress_bar
 
     def compute(self, model: Any) -> dict[str, float]:
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar
         )
         if self.precision:
