@@ -6,8 +6,15 @@ import pytest
 
 from raytrieve import DenseEncoder, SparseEncoder
 from raytrieve.errors import ConfigError
-from raytrieve.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
-from raytrieve.losses.registry import LossSpec, build_loss, loss_names, needs_labels, text_columns
+from raytrieve.losses import (
+    AdaptiveLayerLoss,
+    CoSENTLoss,
+    Matryoshka2dLoss,
+    MatryoshkaLoss,
+    MultipleNegativesRankingLoss,
+    TripletLoss,
+)
+from raytrieve.losses.registry import LossSpec, base_spec, build_loss, loss_names, needs_labels, text_columns
 from raytrieve.losses.sparse import SpladeLoss
 from raytrieve.modules import Pooling, Transformer
 
@@ -19,14 +26,19 @@ def dense(tiny_dirs):
 
 
 def test_catalogue_covers_the_three_kinds():
-    assert {"MultipleNegativesRankingLoss", "CachedGISTEmbedLoss", "MatryoshkaLoss", "CoSENTLoss"} <= set(loss_names("dense"))
+    assert {"MultipleNegativesRankingLoss", "CachedGISTEmbedLoss", "MatryoshkaLoss", "CoSENTLoss"} <= set(
+        loss_names("dense")
+    )
     assert {"SpladeLoss", "SparseMultipleNegativesRankingLoss"} <= set(loss_names("sparse"))
     assert {"LambdaLoss", "BinaryCrossEntropyLoss", "ListNetLoss"} <= set(loss_names("cross"))
 
 
 def test_build_dense_with_matryoshka(dense):
-    loss = build_loss(LossSpec("MultipleNegativesRankingLoss", {"scale": 10.0, "similarity_fct": "dot"},
-                               matryoshka_dims=[32, 16]), dense, "dense")
+    loss = build_loss(
+        LossSpec("MultipleNegativesRankingLoss", {"scale": 10.0, "similarity_fct": "dot"}, matryoshka_dims=[32, 16]),
+        dense,
+        "dense",
+    )
     assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.loss, MultipleNegativesRankingLoss)
     assert loss.loss.scale == 10.0 and loss.matryoshka_dims == (32, 16)
     assert not needs_labels(LossSpec("MultipleNegativesRankingLoss"))
@@ -35,8 +47,11 @@ def test_build_dense_with_matryoshka(dense):
 
 def test_build_splade(tiny_dirs):
     model = SparseEncoder(tiny_dirs["mlm"], device="cpu")
-    spec = LossSpec("SpladeLoss", {"document_regularizer_weight": 3e-5, "query_regularizer_weight": 5e-5},
-                    inner=LossSpec("SparseMultipleNegativesRankingLoss"))
+    spec = LossSpec(
+        "SpladeLoss",
+        {"document_regularizer_weight": 3e-5, "query_regularizer_weight": 5e-5},
+        inner=LossSpec("SparseMultipleNegativesRankingLoss"),
+    )
     assert isinstance(build_loss(spec, model, "sparse"), SpladeLoss)
     assert text_columns(spec, "sparse") == (2, None)
 
@@ -48,3 +63,136 @@ def test_errors_name_the_problem(dense):
         build_loss(LossSpec("MultipleNegativesRankingLoss", {"temperatur": 0.05}), dense, "dense")
     with pytest.raises(ConfigError, match="SpladeLoss needs a base loss"):
         build_loss(LossSpec("SpladeLoss", {"document_regularizer_weight": 1e-3}), dense, "sparse")
+
+
+MATRYOSHKA_YAML = """
+name: MatryoshkaLoss
+args:
+  matryoshka_dims: [32, 16, 8]
+  n_dims_per_step: 2
+inner:
+  name: MultipleNegativesRankingLoss
+  args: {scale: 10.0}
+"""
+
+
+def _spec(data) -> LossSpec:
+    import yaml
+
+    from raytrieve.config import from_dict
+
+    return from_dict(LossSpec, yaml.safe_load(data) if isinstance(data, str) else data, "loss")
+
+
+def test_build_modifiers_from_config(dense):
+    loss = build_loss(_spec(MATRYOSHKA_YAML), dense, "dense")
+    assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.loss, MultipleNegativesRankingLoss)
+    assert loss.matryoshka_dims == (32, 16, 8) and loss.n_dims_per_step == 2 and loss.loss.scale == 10.0
+    # sentence-transformers' argument name for the wrapped loss reads the same.
+    same = {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [32, 16], "loss": {"name": "CoSENTLoss"}}}
+    assert isinstance(build_loss(_spec(same), dense, "dense").loss, CoSENTLoss)
+    two_d = {
+        "name": "Matryoshka2dLoss",
+        "args": {"matryoshka_dims": [32, 16], "n_layers_per_step": 2},
+        "inner": {"name": "CoSENTLoss"},
+    }
+    loss = build_loss(_spec(two_d), dense, "dense")
+    assert isinstance(loss, Matryoshka2dLoss) and isinstance(loss.loss, MatryoshkaLoss)
+    assert loss.n_layers_per_step == 2 and isinstance(loss.loss.loss, CoSENTLoss)
+    adaptive = {
+        "name": "AdaptiveLayerLoss",
+        "args": {"layer_weighting": "log"},
+        "inner": {"name": "CachedMultipleNegativesRankingLoss", "args": {"mini_batch_size": 4}},
+    }
+    with pytest.raises(ConfigError, match=r"^loss: AdaptiveLayerLoss cannot wrap a GradCache"):
+        build_loss(_spec(adaptive), dense, "dense")
+    adaptive["inner"] = {"name": "TripletLoss"}
+    loss = build_loss(_spec(adaptive), dense, "dense")
+    assert isinstance(loss, AdaptiveLayerLoss) and loss.layer_weighting == "log" and isinstance(loss.loss, TripletLoss)
+    # What the data must hold comes from the innermost loss.
+    assert needs_labels(_spec(two_d)) and not needs_labels(_spec(MATRYOSHKA_YAML))
+    assert text_columns(_spec(adaptive), "dense") == (3, 3) and text_columns(_spec(same), "dense") == (2, 2)
+    assert base_spec(_spec(two_d)).name == "CoSENTLoss"
+
+
+def test_build_csr(tiny_dirs):
+    from raytrieve.losses.sparse import CSRLoss, SparseCoSENTLoss, SparseMultipleNegativesRankingLoss
+    from raytrieve.modules import SparseAutoEncoder
+
+    model = SparseEncoder(
+        [
+            Transformer.from_pretrained(tiny_dirs["base"]),
+            Pooling(32),
+            SparseAutoEncoder(32, hidden_dim=64, k=4, k_aux=8),
+        ],
+        device="cpu",
+    )
+    loss = build_loss(LossSpec("CSRLoss", {"beta": 0.2}), model, "sparse")
+    assert isinstance(loss, CSRLoss) and isinstance(loss.loss, SparseMultipleNegativesRankingLoss)
+    assert loss.beta == 0.2 and text_columns(LossSpec("CSRLoss"), "sparse") == (2, None)
+    spec = LossSpec("CSRLoss", inner=LossSpec("SparseCoSENTLoss"))
+    assert isinstance(build_loss(spec, model, "sparse").loss, SparseCoSENTLoss) and needs_labels(spec)
+    assert "CSRReconstructionLoss" not in loss_names("sparse")
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16]}, "inner": {"name": "MNRLoss"}},
+            r"^loss\.inner\.name: unknown dense loss 'MNRLoss'; choose from \[.*'MultipleNegativesRankingLoss'",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16], "loss": {"name": "MNRLoss"}}},
+            r"^loss\.args\.loss\.name: unknown dense loss 'MNRLoss'",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16], "loss": {"nam": "CoSENTLoss"}}},
+            r"^loss\.args\.loss: unknown key\(s\) \['nam'\]",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16]}},
+            r"^loss\.inner: MatryoshkaLoss needs a base loss, e.g. inner: \{name: MultipleNegativesRankingLoss",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "inner": {"name": "CoSENTLoss"}},
+            r"^loss\.args\.matryoshka_dims is required for MatryoshkaLoss \(e\.g\. \[768, 512",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [64]}, "inner": {"name": "CoSENTLoss"}},
+            r"^loss: MatryoshkaLoss: matryoshka_dims \[64\] go beyond the model's 32-d embedding; use sizes up to 32",
+        ),
+        (
+            {
+                "name": "Matryoshka2dLoss",
+                "args": {"matryoshka_dims": [16]},
+                "inner": {"name": "CoSENTLoss"},
+                "matryoshka_dims": [16],
+            },
+            r"^loss\.matryoshka_dims would wrap Matryoshka2dLoss in a second",
+        ),
+        (
+            {
+                "name": "MatryoshkaLoss",
+                "args": {"matryoshka_dims": [16], "loss": {"name": "CoSENTLoss"}},
+                "inner": {"name": "CoSENTLoss"},
+            },
+            r"^loss: give the base loss of MatryoshkaLoss once",
+        ),
+        (
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16], "loss": "CoSENTLoss"}},
+            r"^loss\.args\.loss: expected a loss spec such as \{name: MultipleNegativesRankingLoss",
+        ),
+        (
+            {"name": "CoSENTLoss", "inner": {"name": "CoSENTLoss"}},
+            r"^loss\.inner: CoSENTLoss wraps no other loss; only \[.*'MatryoshkaLoss'",
+        ),
+        (
+            {"name": "AdaptiveLayerLoss", "args": {"n_layer_per_step": 2}, "inner": {"name": "CoSENTLoss"}},
+            r"^loss\.args: unknown argument\(s\) \['n_layer_per_step'\] for AdaptiveLayerLoss",
+        ),
+    ],
+)
+def test_modifier_config_errors_name_the_field(dense, data, message):
+    with pytest.raises(ConfigError, match=message):
+        build_loss(_spec(data), dense, "dense")

@@ -60,7 +60,8 @@ class BinaryCrossEntropyLoss(CrossLoss):
 
 
 class CrossEntropyLoss(CrossLoss):
-    """Cross-entropy over the model's classes (labels are class ids)."""
+    """Cross-entropy over the model's classes. Labels are class ids (one per pair), or class
+    probabilities [pairs, num_labels] (soft labels, e.g. a teacher's softmax)."""
 
     def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
@@ -69,7 +70,22 @@ class CrossEntropyLoss(CrossLoss):
     def forward(self, inputs: Sequence[Sequence[str]], labels: Tensor) -> Tensor:
         self.check_columns(len(inputs))
         logits = self.activation_fn(self.logits(list(zip(*inputs))))
-        return self.ce(logits, labels.view(-1).to(logits.device))
+        return self.ce(logits, self._targets(labels, logits))
+
+    @staticmethod
+    def _targets(labels: Tensor, logits: Tensor) -> Tensor:
+        rows, classes = logits.shape
+        labels = torch.as_tensor(labels, device=logits.device)
+        if labels.is_floating_point() and labels.shape == (rows, classes) and classes > 1:
+            return labels.to(logits.dtype)
+        if labels.numel() == rows and (not labels.is_floating_point() or bool((labels == labels.round()).all())):
+            # Class ids often arrive as floats (a pandas column with a missing value, a csv).
+            return labels.reshape(-1).long()
+        raise LossInputError(
+            f"CrossEntropyLoss: labels of shape {tuple(labels.shape)} ({labels.dtype}) fit neither class ids "
+            f"[{rows}] nor class probabilities [{rows}, {classes}] (one column per model label); "
+            "fix the label column"
+        )
 
 
 class MSELoss(CrossLoss):

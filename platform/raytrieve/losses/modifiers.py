@@ -4,13 +4,16 @@ AdaptiveLayer (and every layer), Matryoshka2d (both).
 The inner loss computes the embeddings once; its math then runs on each truncated,
 re-normalized prefix and the weighted results are summed. For a GradCache loss the cached
 embeddings are truncated instead, and every prefix's gradient accumulates into the cache.
+Any other loss (one with its own ``forward``, a user's loss) runs once per prefix while the
+model's forward is replaced by one that replays the first pass's outputs, truncated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Features, Loss
+from raytrieve.losses.base import Features, Loss, LossInputError, column_merging_disabled
 
 
 def shrink(t: Tensor, dim: int) -> Tensor:
@@ -36,7 +39,7 @@ class MatryoshkaLoss(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        loss: Loss,
+        loss: nn.Module,
         matryoshka_dims: Sequence[int],
         matryoshka_weights: Sequence[float] | None = None,
         n_dims_per_step: int = -1,
@@ -46,10 +49,16 @@ class MatryoshkaLoss(nn.Module):
             raise ConfigError(f"MatryoshkaLoss: matryoshka_dims must be positive sizes, got {list(matryoshka_dims)}")
         weights = list(matryoshka_weights) if matryoshka_weights is not None else [1.0] * len(matryoshka_dims)
         if len(weights) != len(matryoshka_dims):
-            raise ConfigError("MatryoshkaLoss: matryoshka_weights must have one weight per dimension")
+            raise ConfigError(
+                f"MatryoshkaLoss: matryoshka_weights has {len(weights)} weights for {len(matryoshka_dims)} "
+                "matryoshka_dims; give one weight per dimension"
+            )
         full = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
         if full is not None and max(matryoshka_dims) > full:
-            raise ConfigError(f"MatryoshkaLoss: dimension {max(matryoshka_dims)} exceeds the model's {full}")
+            raise ConfigError(
+                f"MatryoshkaLoss: matryoshka_dims {list(matryoshka_dims)} go beyond the model's {full}-d embedding; "
+                f"use sizes up to {full}"
+            )
         pairs = sorted(zip(matryoshka_dims, weights), key=lambda p: p[0], reverse=True)
         self.matryoshka_dims = tuple(d for d, _ in pairs)
         self.matryoshka_weights = tuple(w for _, w in pairs)
@@ -70,6 +79,8 @@ class MatryoshkaLoss(nn.Module):
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
         if getattr(self.loss, "uses_gradient_cache", False):
             return self.loss(features, labels)
+        if not works_on_embeddings(self.loss):
+            return self._forward_any_loss(features, labels)
         features = list(features)
         self.loss.check_columns(len(features))
         embeddings, extra = self.loss.prepare(features)
@@ -77,15 +88,81 @@ class MatryoshkaLoss(nn.Module):
         total: Any = 0.0
         for i in self.selected(sort=True):
             dim = self.matryoshka_dims[i]
-            dim_labels = labels
-            # Distillation targets of the embedding's width are truncated with it (not normalized).
-            if isinstance(labels, Tensor) and labels.dim() in (2, 3) and labels.shape[-1] == full:
-                dim_labels = labels[..., :dim]
             truncated = [shrink(e, dim) for e in embeddings]
             total = total + self.matryoshka_weights[i] * self.loss.compute_loss_from_embeddings(
-                truncated, dim_labels, **extra
+                truncated, _truncated_labels(labels, dim, full), **extra
             )
         return total
+
+    def _forward_any_loss(self, features: Sequence[Features], labels: Tensor | None) -> Tensor:
+        features = list(features)
+        full = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else None
+        total: Any = 0.0
+        with replaced_forward(self.model, _ReplayTruncated) as replay:
+            for n, i in enumerate(self.selected(sort=True)):
+                dim = self.matryoshka_dims[i]
+                replay.start(dim, record=n == 0)
+                total = total + self.matryoshka_weights[i] * self.loss(features, _truncated_labels(labels, dim, full))
+        return total
+
+
+def works_on_embeddings(loss: nn.Module) -> bool:
+    """Whether the loss's forward is the plain embed-then-math one, so the math can run on
+    truncated embeddings directly."""
+    return isinstance(loss, Loss) and type(loss).forward is Loss.forward
+
+
+def _truncated_labels(labels: Any, dim: int, full: int | None) -> Any:
+    # Distillation targets of the embedding's width are truncated with it (not normalized).
+    if isinstance(labels, Tensor) and labels.dim() in (2, 3) and full is not None and labels.shape[-1] == full:
+        return labels[..., :dim]
+    return labels
+
+
+@contextlib.contextmanager
+def replaced_forward(model: nn.Module, wrapper: Callable[[Callable], Any]) -> Iterator[Any]:
+    """``model.forward`` is ``wrapper(current forward)`` for the block. Wrappers nest (the
+    current forward may itself be a wrapper), and the previous one comes back after."""
+    had_own = "forward" in vars(model)
+    previous = vars(model).get("forward")
+    wrapped = wrapper(model.forward)
+    model.forward = wrapped
+    try:
+        yield wrapped
+    finally:
+        if had_own:
+            model.forward = previous
+        else:
+            del model.forward
+
+
+class _ReplayTruncated:
+    """A model forward for a loss that embeds by itself: the first prefix's pass runs the model
+    and keeps each output; later prefixes get those outputs again, in call order, so the
+    encoder runs once per batch however many prefixes are trained."""
+
+    def __init__(self, forward: Callable) -> None:
+        self.forward = forward
+        self.outputs: list[Features] = []
+        self.dim = 0
+        self.record = True
+        self.calls = 0
+
+    def start(self, dim: int, record: bool) -> None:
+        self.dim, self.record, self.calls = dim, record, 0
+
+    def __call__(self, features: Features, *args: Any, **kwargs: Any) -> Features:
+        if self.record:
+            self.outputs.append(self.forward(features, *args, **kwargs))
+        elif self.calls >= len(self.outputs):
+            raise LossInputError(
+                "MatryoshkaLoss: the inner loss called the model more often for a smaller dimension than for the "
+                "first; wrap only a loss that embeds the same inputs for every dimension"
+            )
+        output = dict(self.outputs[self.calls])
+        self.calls += 1
+        output["sentence_embedding"] = shrink(output["sentence_embedding"], self.dim)
+        return output
 
 
 class _CachedPrefixes:
@@ -152,27 +229,20 @@ class AdaptiveLayerLoss(nn.Module):
         self.layer_weighting = layer_weighting
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
-        from raytrieve.losses.base import column_merging_disabled
-
         transformer = self.model.stack[0]
-        recorded: list[Tensor] = []
-        hook = self.model.register_forward_hook(lambda m, args, out: recorded.append(out["sentence_embedding"]))
-
-        def embeddings() -> Tensor:
-            out = torch.cat(recorded, dim=0)
-            recorded.clear()
-            return out
-
         features = list(features)
+        # A forward wrapper, not a forward hook, records the final embeddings: a MatryoshkaLoss
+        # inside (Matryoshka2d) replays truncated outputs without running the model again,
+        # and only the model's real runs (full width) belong in the KL term.
         try:
-            with column_merging_disabled():
+            with replaced_forward(self.model, _RecordEmbeddings) as recorder, column_merging_disabled():
                 transformer.keep_hidden_states = True
                 try:
                     loss = self.loss(features, labels) * self.last_layer_weight
                 finally:
                     transformer.keep_hidden_states = False
                 if self.kl_temperature > 0:
-                    final = F.softmax(embeddings() / self.kl_temperature, dim=-1).detach()
+                    final = F.softmax(recorder.take() / self.kl_temperature, dim=-1).detach()
                 n_layers = len(features[0]["all_layer_embeddings"])
                 idx = list(range(n_layers - 1))
                 if 0 < self.n_layers_per_step < n_layers - 1:
@@ -183,19 +253,32 @@ class AdaptiveLayerLoss(nn.Module):
                         layer_loss = self.loss(features, labels)
                     finally:
                         transformer.cached_layer = None
-                    loss = (
-                        loss + layer_loss * _layer_weight(self.layer_weighting, i) / len(idx) * self.prior_layers_weight
-                    )
+                    weight = _layer_weight(self.layer_weighting, i) / len(idx) * self.prior_layers_weight
+                    loss = loss + layer_loss * weight
                     if self.kl_temperature > 0:
-                        kl = F.kl_div(
-                            F.log_softmax(embeddings() / self.kl_temperature, dim=-1), final, reduction="batchmean"
-                        )
+                        log_p = F.log_softmax(recorder.take() / self.kl_temperature, dim=-1)
+                        kl = F.kl_div(log_p, final, reduction="batchmean")
                         loss = loss + kl * self.kl_temperature * self.kl_div_weight
         finally:
-            hook.remove()
             for f in features:
                 f.pop("all_layer_embeddings", None)
         return loss
+
+
+class _RecordEmbeddings:
+    def __init__(self, forward: Callable) -> None:
+        self.forward = forward
+        self.embeddings: list[Tensor] = []
+
+    def __call__(self, features: Features, *args: Any, **kwargs: Any) -> Features:
+        output = self.forward(features, *args, **kwargs)
+        self.embeddings.append(output["sentence_embedding"])
+        return output
+
+    def take(self) -> Tensor:
+        out = torch.cat(self.embeddings, dim=0)
+        self.embeddings = []
+        return out
 
 
 class Matryoshka2dLoss(AdaptiveLayerLoss):

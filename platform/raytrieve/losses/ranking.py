@@ -249,12 +249,16 @@ def gist_loss_rows(loss: GISTEmbedLoss, emb: list[Tensor], guided: list[Tensor],
     anchor, anchor_g = emb[0], guided[0]
     cands, cands_g = list(emb[1:]), list(guided[1:])
     rows = anchor.shape[0]
+    a, ag = anchor[begin:end], anchor_g[begin:end]
     offset = 0
     if loss.gather_across_devices:
         cands = [all_gather_with_grad(c) for c in cands]
         cands_g = [all_gather_with_grad(c) for c in cands_g]
+        if loss.contrast_anchors:
+            # sentence-transformers contrasts local anchors only; every rank's anchors make
+            # N ranks compute exactly the loss of 1 process on the whole batch.
+            anchor, anchor_g = all_gather_with_grad(anchor), all_gather_with_grad(anchor_g)
         offset = local_offset(rows)
-    a, ag = anchor[begin:end], anchor_g[begin:end]
     n = a.shape[0]
     idx = torch.arange(n, device=a.device)
     ap, gap = _cosine_matrix(a, cands[0]), _cosine_matrix(ag, cands_g[0])

@@ -4,6 +4,9 @@ regularization, which drives most vocabulary weights to zero.
 ``SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
 query_regularizer_weight=5e-5)`` returns its components as a dict (summed for backward,
 logged apart). Column 0 holds the queries, the other columns documents.
+
+``CSRLoss`` trains a dense model topped by a SparseAutoEncoder (CSR): a base loss on the
+sparse codes plus the autoencoder's reconstruction losses.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import dot
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Features, Loss
+from raytrieve.losses.base import Features, Loss, LossInputError
 from raytrieve.losses.pairwise import (
     AnglELoss,
     CoSENTLoss,
@@ -183,3 +187,81 @@ class SparseTripletLoss(TripletLoss):
         self, model: nn.Module, distance_metric: Callable = TripletDistanceMetric.EUCLIDEAN, triplet_margin: float = 5
     ) -> None:
         super().__init__(model, distance_metric, triplet_margin)
+
+
+def normalized_mean_squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """MSE divided by the batch's own spread around its mean (plain MSE when it has none),
+    so the auxiliary loss does not shrink with the residual it reconstructs."""
+    spread = F.mse_loss(target.mean(dim=0, keepdim=True).expand_as(target), target)
+    flat = (spread == 0) | (target == target[:1]).all()
+    return F.mse_loss(reconstruction, target) / torch.where(flat, torch.ones_like(spread), spread)
+
+
+class CSRReconstructionLoss(nn.Module):
+    """How well the SparseAutoEncoder's codes reconstruct the backbone embedding: from the top
+    k latents, from the top 4k (weighted 1/8), and (weighted ``beta``) the residual left by
+    the top k, from latents that have been dead for a while. Averaged over the columns."""
+
+    def __init__(self, model: nn.Module, beta: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.beta = beta
+
+    def compute_loss_from_embeddings(self, outputs: list[Features]) -> dict[str, Tensor]:
+        if not outputs or "decoded_embedding_k" not in outputs[0]:
+            raise LossInputError(
+                "CSRReconstructionLoss needs the training outputs of a SparseAutoEncoder module "
+                "(decoded_embedding_k, ...): end the model's stack with one, in train mode and with autograd on"
+            )
+        k = k4 = aux = 0.0
+        for out in outputs:
+            x = out["sentence_embedding_backbone"]
+            k = k + F.mse_loss(x, out["decoded_embedding_k"])
+            k4 = k4 + F.mse_loss(x, out["decoded_embedding_4k"])
+            if out["decoded_embedding_aux"] is not None:
+                # The dead latents learn the residual the live top-k leave (a fixed target).
+                residual = x - out["decoded_embedding_k_pre_bias"].detach()
+                aux = aux + normalized_mean_squared_error(out["decoded_embedding_aux"], residual)
+            else:
+                aux = aux + torch.zeros_like(k)
+        n = len(outputs)
+        return {
+            "reconstruction_loss_k": k / n,
+            "reconstruction_loss_4k": k4 / n / 8.0,
+            "reconstruction_loss_aux": self.beta * (aux / n),
+        }
+
+
+class CSRLoss(nn.Module):
+    """CSR training (arXiv 2503.01776): the reconstruction losses plus ``gamma`` x a base loss
+    on the sparse codes (default SparseMultipleNegativesRankingLoss). The model ends in a
+    SparseAutoEncoder; components come back as a dict."""
+
+    def __init__(self, model: nn.Module, loss: Loss | None = None, beta: float = 0.1, gamma: float = 1.0) -> None:
+        super().__init__()
+        from raytrieve.modules import SparseAutoEncoder
+
+        if not any(isinstance(m, SparseAutoEncoder) for m in model.modules()):
+            raise ConfigError(
+                "CSRLoss trains a model whose stack ends in a SparseAutoEncoder module (e.g. Transformer, Pooling, "
+                "SparseAutoEncoder); this model has none, use SpladeLoss for SPLADE models"
+            )
+        if loss is not None and not hasattr(loss, "compute_loss_from_embeddings"):
+            raise ConfigError(f"CSRLoss: the base loss {type(loss).__name__} must work on embeddings")
+        self.model = model
+        self.beta, self.gamma = beta, gamma
+        self.reconstruction_loss = CSRReconstructionLoss(model, beta=beta)
+        self.loss = loss if loss is not None else SparseMultipleNegativesRankingLoss(model)
+
+    def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> dict[str, Tensor]:
+        features = list(features)
+        if hasattr(self.loss, "check_columns"):
+            self.loss.check_columns(len(features))
+        # One forward per column: the autoencoder's dead-latent clock ticks once per call,
+        # and its reconstructions are per column.
+        outputs = [self.model(f) for f in features]
+        losses = self.reconstruction_loss.compute_loss_from_embeddings(outputs)
+        base = self.loss.compute_loss_from_embeddings([o["sentence_embedding"] for o in outputs], labels)
+        for key, value in base.items() if isinstance(base, dict) else [("base_loss", base)]:
+            losses[key] = value * self.gamma
+        return losses
