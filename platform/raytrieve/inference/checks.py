@@ -73,9 +73,16 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplic
         shard_ids, fn_kwargs={"corpus": cfg.corpus}, batch_size=1, batch_format="pyarrow", num_cpus=0.5
     )
     grouped = ids.groupby("id").aggregate(
-        Count(alias_name="count"), Min("pos", alias_name="first"), Max("pos", alias_name="last")
+        Count(alias_name="count"),
+        # Ray's typing: Min/Max's own default zero_factory fails their generic bound.
+        Min("pos", alias_name="first"),  # pyright: ignore[reportArgumentType]
+        Max("pos", alias_name="last"),  # pyright: ignore[reportArgumentType]
     )
-    repeated = grouped.map_batches(lambda t: t.filter(pc.greater(t["count"], 1)), batch_format="pyarrow")
+    # pyarrow.compute makes its functions at import time: no stub names them.
+    repeated = grouped.map_batches(
+        lambda t: t.filter(pc.greater(t["count"], 1)),  # pyright: ignore[reportAttributeAccessIssue]
+        batch_format="pyarrow",
+    )
     try:
         return {r["id"]: Duplicate(int(r["count"]), int(r["first"]), int(r["last"])) for r in repeated.iter_rows()}
     except Exception as e:

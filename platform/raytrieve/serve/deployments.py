@@ -53,8 +53,9 @@ class ModelReplica:
         self.kind, self.spec = kind, spec
         self.model = load_model(kind, spec)
         self.max_seq_length = int(self.model.max_seq_length or 512)
-        self.infer.set_max_batch_size(spec.max_batch_tokens)
-        self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        # @serve.batch adds these setters at runtime; Ray's types give the method without them.
+        self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
+        self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.spec.public_name, "kind": self.kind, "max_seq_length": self.max_seq_length}
@@ -90,7 +91,8 @@ class ModelReplica:
         budget = self.spec.max_batch_tokens
         if self.kind == "reranker":
             return np.asarray(self.model.predict(inputs, batch_size=64, show_progress_bar=False), dtype=np.float32)
-        encode = {"query": self.model.encode_query, "document": self.model.encode_document}.get(task, self.model.encode)
+        by_task: dict[str | None, Any] = {"query": self.model.encode_query, "document": self.model.encode_document}
+        encode = by_task.get(task, self.model.encode)
         if self.kind == "dense":
             return encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False)
         rows = encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False, as_dicts=True)
@@ -131,11 +133,15 @@ class Retriever:
         }
 
     def dense(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-        hits = self.indices.dense.search(vector[None, :], top_k=min(k, len(self.indices.dense)))
+        index = self.indices.dense
+        assert index is not None, "serve's preflight checks that a served dense model has its index"
+        hits = index.search(vector[None, :], top_k=min(k, len(index)))
         return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
 
     def sparse(self, vector: tuple[np.ndarray, np.ndarray], k: int) -> list[tuple[str, float]]:
-        hits = self.indices.sparse.search([vector], top_k=min(k, len(self.indices.sparse)))
+        index = self.indices.sparse
+        assert index is not None, "serve's preflight checks that a served sparse model has its index"
+        hits = index.search([vector], top_k=min(k, len(index)))
         return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
 
     def lookup(self, ids: list[str]) -> list[str]:
