@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
 from raytrieve.losses.base import Features, Loss, LossInputError, column_merging_disabled
+from raytrieve.modules import Transformer
 
 
 def shrink(t: Tensor, dim: int) -> Tensor:
@@ -53,8 +54,9 @@ class MatryoshkaLoss(nn.Module):
                 f"MatryoshkaLoss: matryoshka_weights has {len(weights)} weights for {len(matryoshka_dims)} "
                 "matryoshka_dims; give one weight per dimension"
             )
-        full = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
-        if full is not None and max(matryoshka_dims) > full:
+        getter = getattr(model, "get_embedding_dimension", None)
+        full = getter() if callable(getter) else None
+        if isinstance(full, int) and max(matryoshka_dims) > full:
             raise ConfigError(
                 f"MatryoshkaLoss: matryoshka_dims {list(matryoshka_dims)} go beyond the model's {full}-d embedding; "
                 f"use sizes up to {full}"
@@ -66,7 +68,8 @@ class MatryoshkaLoss(nn.Module):
         self.model = model
         self.loss = loss
         if getattr(loss, "uses_gradient_cache", False):
-            loss.calculate_loss = _CachedPrefixes(loss.calculate_loss, self)
+            # A plain attribute on the loss instance, shadowing its method (not a submodule).
+            vars(loss)["calculate_loss"] = _CachedPrefixes(loss.calculate_loss, self)
 
     def selected(self, sort: bool) -> list[int]:
         idx = list(range(len(self.matryoshka_dims)))
@@ -77,26 +80,30 @@ class MatryoshkaLoss(nn.Module):
         return idx
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
-        if getattr(self.loss, "uses_gradient_cache", False):
-            return self.loss(features, labels)
-        if not works_on_embeddings(self.loss):
+        loss = self.loss
+        if getattr(loss, "uses_gradient_cache", False):
+            return loss(features, labels)
+        # A loss with the plain embed-then-math forward: its math runs on truncated embeddings.
+        if not isinstance(loss, Loss) or type(loss).forward is not Loss.forward:
             return self._forward_any_loss(features, labels)
         features = list(features)
-        self.loss.check_columns(len(features))
-        embeddings, extra = self.loss.prepare(features)
+        loss.check_columns(len(features))
+        embeddings, extra = loss.prepare(features)
         full = embeddings[0].shape[-1]
         total: Any = 0.0
         for i in self.selected(sort=True):
             dim = self.matryoshka_dims[i]
             truncated = [shrink(e, dim) for e in embeddings]
-            total = total + self.matryoshka_weights[i] * self.loss.compute_loss_from_embeddings(
+            total = total + self.matryoshka_weights[i] * loss.compute_loss_from_embeddings(
                 truncated, _truncated_labels(labels, dim, full), **extra
             )
         return total
 
     def _forward_any_loss(self, features: Sequence[Features], labels: Tensor | None) -> Tensor:
         features = list(features)
-        full = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else None
+        getter = getattr(self.model, "get_embedding_dimension", None)
+        width = getter() if callable(getter) else None
+        full = width if isinstance(width, int) else None
         total: Any = 0.0
         with replaced_forward(self.model, _ReplayTruncated) as replay:
             for n, i in enumerate(self.selected(sort=True)):
@@ -104,12 +111,6 @@ class MatryoshkaLoss(nn.Module):
                 replay.start(dim, record=n == 0)
                 total = total + self.matryoshka_weights[i] * self.loss(features, _truncated_labels(labels, dim, full))
         return total
-
-
-def works_on_embeddings(loss: nn.Module) -> bool:
-    """Whether the loss's forward is the plain embed-then-math one, so the math can run on
-    truncated embeddings directly."""
-    return isinstance(loss, Loss) and type(loss).forward is Loss.forward
 
 
 def _truncated_labels(labels: Any, dim: int, full: int | None) -> Any:
@@ -123,14 +124,13 @@ def _truncated_labels(labels: Any, dim: int, full: int | None) -> Any:
 def replaced_forward(model: nn.Module, wrapper: Callable[[Callable], Any]) -> Iterator[Any]:
     """``model.forward`` is ``wrapper(current forward)`` for the block. Wrappers nest (the
     current forward may itself be a wrapper), and the previous one comes back after."""
-    had_own = "forward" in vars(model)
     previous = vars(model).get("forward")
     wrapped = wrapper(model.forward)
     model.forward = wrapped
     try:
         yield wrapped
     finally:
-        if had_own:
+        if previous is not None:
             model.forward = previous
         else:
             del model.forward
@@ -182,7 +182,8 @@ class _CachedPrefixes:
             total = total + weight * self.fn(leaves, *args, **kwargs)
             if grad:
                 for t, leaf in zip((t for col in truncated for t in col), (x for col in leaves for x in col)):
-                    t.backward(weight * leaf.grad)
+                    if leaf.grad is not None:  # None: a column the loss did not use
+                        t.backward(weight * leaf.grad)
         return total
 
 
@@ -214,10 +215,7 @@ class AdaptiveLayerLoss(nn.Module):
         layer_weighting: str | Callable[[int], float] = "uniform",
     ) -> None:
         super().__init__()
-        from raytrieve.modules import Transformer
-
-        if not isinstance(model.stack[0], Transformer):
-            raise ConfigError("AdaptiveLayerLoss needs a model whose first module is a Transformer")
+        _first_transformer(model)
         if getattr(loss, "uses_gradient_cache", False):
             raise ConfigError("AdaptiveLayerLoss cannot wrap a GradCache (Cached*) loss")
         if not (callable(layer_weighting) or layer_weighting in ("uniform", "log", "linear")):
@@ -229,7 +227,7 @@ class AdaptiveLayerLoss(nn.Module):
         self.layer_weighting = layer_weighting
 
     def forward(self, features: Sequence[Features], labels: Tensor | None = None) -> Tensor:
-        transformer = self.model.stack[0]
+        transformer = _first_transformer(self.model)
         features = list(features)
         # A forward wrapper, not a forward hook, records the final embeddings: a MatryoshkaLoss
         # inside (Matryoshka2d) replays truncated outputs without running the model again,
@@ -241,6 +239,7 @@ class AdaptiveLayerLoss(nn.Module):
                     loss = self.loss(features, labels) * self.last_layer_weight
                 finally:
                     transformer.keep_hidden_states = False
+                final = None
                 if self.kl_temperature > 0:
                     final = F.softmax(recorder.take() / self.kl_temperature, dim=-1).detach()
                 n_layers = len(features[0]["all_layer_embeddings"])
@@ -255,7 +254,7 @@ class AdaptiveLayerLoss(nn.Module):
                         transformer.cached_layer = None
                     weight = _layer_weight(self.layer_weighting, i) / len(idx) * self.prior_layers_weight
                     loss = loss + layer_loss * weight
-                    if self.kl_temperature > 0:
+                    if final is not None:
                         log_p = F.log_softmax(recorder.take() / self.kl_temperature, dim=-1)
                         kl = F.kl_div(log_p, final, reduction="batchmean")
                         loss = loss + kl * self.kl_temperature * self.kl_div_weight
@@ -263,6 +262,14 @@ class AdaptiveLayerLoss(nn.Module):
             for f in features:
                 f.pop("all_layer_embeddings", None)
         return loss
+
+
+def _first_transformer(model: nn.Module) -> Transformer:
+    stack = getattr(model, "stack", None)
+    first = stack[0] if isinstance(stack, nn.Sequential) and len(stack) else None
+    if not isinstance(first, Transformer):
+        raise ConfigError("AdaptiveLayerLoss needs a model whose first module is a Transformer (a dense encoder)")
+    return first
 
 
 class _RecordEmbeddings:

@@ -151,10 +151,12 @@ def base_spec(spec: LossSpec) -> LossSpec:
     they name none). Its columns and labels are the ones a dataset must have."""
     while spec.name in WRAPPERS:
         inner, _ = inner_spec(spec)
-        default = WRAPPERS[spec.name][1]
-        if inner is None and default is None:
-            return spec
-        spec = inner if inner is not None else LossSpec(default)
+        if inner is None:
+            default = WRAPPERS[spec.name][1]
+            if default is None:
+                return spec
+            inner = LossSpec(default)
+        spec = inner
     return spec
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raytrieve.errors import ConfigError, DimensionMismatchError
+from raytrieve.errors import ConfigError, DimensionMismatchError, InputError
 from raytrieve.modules.base import Features, Module
 
 # sentence-transformers' name for the tied weight (the decoder's view of the encoder's).
@@ -73,6 +73,8 @@ class SparseAutoEncoder(Module):
     def decode(self, latents: Tensor, info: dict[str, Tensor] | None = None) -> Tensor:
         out = F.linear(latents, self.encoder.weight.t()) + self.pre_bias
         if self.normalize:
+            if not info:
+                raise InputError("SparseAutoEncoder.decode: normalize=True needs the mu and std of its input (info)")
             out = out * info["std"] + info["mu"]
         return out
 
