@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from raytrieve.encoders.similarity import cosine
 from raytrieve.errors import ConfigError
 from raytrieve.losses.base import Features, Loss, LossInputError
 from raytrieve.losses.ranking import GISTEmbedLoss, MultipleNegativesRankingLoss, gist_loss_rows
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.base import EmbeddingEncoder
 
 
 class RandContext:
@@ -218,8 +221,8 @@ class CachedGISTEmbedLoss(CachedLoss):
 
     def __init__(
         self,
-        model: nn.Module,
-        guide: nn.Module,
+        model: EmbeddingEncoder,
+        guide: EmbeddingEncoder,
         temperature: float = 0.01,
         mini_batch_size: int = 32,
         margin_strategy: str = "absolute",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +20,15 @@ from raytrieve.losses.base import ColumnCheck, LossInputError
 from raytrieve.losses.cached import RandContext
 from raytrieve.losses.pairwise import margin_targets
 
+if TYPE_CHECKING:
+    from raytrieve.encoders.cross import CrossEncoder
+
 
 class CrossLoss(ColumnCheck, nn.Module):
     columns: tuple[int, int | None] = (2, 2)
     column_names = "queries, documents"
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None) -> None:
+    def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.activation_fn = activation_fn if activation_fn is not None else nn.Identity()
@@ -47,7 +50,11 @@ class BinaryCrossEntropyLoss(CrossLoss):
     """BCE on the logit of each (query, document) pair; ``pos_weight`` re-weights positives."""
 
     def __init__(
-        self, model: nn.Module, activation_fn: nn.Module | None = None, pos_weight: Tensor | None = None, **kwargs: Any
+        self,
+        model: CrossEncoder,
+        activation_fn: nn.Module | None = None,
+        pos_weight: Tensor | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
@@ -63,7 +70,7 @@ class CrossEntropyLoss(CrossLoss):
     """Cross-entropy over the model's classes. Labels are class ids (one per pair), or class
     probabilities [pairs, num_labels] (soft labels, e.g. a teacher's softmax)."""
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
         self.ce = nn.CrossEntropyLoss(**kwargs)
 
@@ -91,7 +98,7 @@ class CrossEntropyLoss(CrossLoss):
 class MSELoss(CrossLoss):
     """Regress the pair's score onto a (teacher) score."""
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
         self.mse = nn.MSELoss(**kwargs)
@@ -108,7 +115,7 @@ class MarginMSELoss(CrossLoss):
     columns = (3, None)
     column_names = "queries, positives, negatives..."
 
-    def __init__(self, model: nn.Module, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
         self.mse = nn.MSELoss(**kwargs)
@@ -142,7 +149,7 @@ class MultipleNegativesRankingLoss(CrossLoss):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         num_negatives: int | None = 4,
         scale: float = 10.0,
         activation_fn: nn.Module | None = nn.Sigmoid(),
@@ -185,7 +192,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         num_negatives: int | None = 4,
         scale: float = 10.0,
         activation_fn: nn.Module | None = nn.Sigmoid(),
@@ -231,7 +238,7 @@ class ListwiseLoss(CrossLoss):
     logit_pad = -1e16
 
     def __init__(
-        self, model: nn.Module, activation_fn: nn.Module | None = None, mini_batch_size: int | None = None
+        self, model: CrossEncoder, activation_fn: nn.Module | None = None, mini_batch_size: int | None = None
     ) -> None:
         super().__init__(model, activation_fn)
         self.require_single_label()
@@ -292,7 +299,7 @@ class PListMLELoss(ListwiseLoss):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         lambda_weight: PListMLELambdaWeight | None = PListMLELambdaWeight(),
         activation_fn: nn.Module | None = None,
         mini_batch_size: int | None = None,
@@ -327,7 +334,7 @@ class PListMLELoss(ListwiseLoss):
 class ListMLELoss(PListMLELoss):
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         activation_fn: nn.Module | None = None,
         mini_batch_size: int | None = None,
         respect_input_order: bool = True,
@@ -380,7 +387,7 @@ class LambdaLoss(ListwiseLoss):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         weighting_scheme: Any = NDCGLoss2PPScheme(),
         k: int | None = None,
         sigma: float = 1.0,
@@ -429,7 +436,7 @@ class RankNetLoss(LambdaLoss):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CrossEncoder,
         k: int | None = None,
         sigma: float = 1.0,
         eps: float = 1e-10,

@@ -8,6 +8,7 @@ become negatives of every local anchor (see losses/gather.py for the gradient).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from raytrieve.encoders.similarity import cosine
 from raytrieve.errors import ConfigError
 from raytrieve.losses.base import Loss, LossInputError
 from raytrieve.losses.gather import all_gather_with_grad, local_offset
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.base import EmbeddingEncoder
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
@@ -59,11 +63,13 @@ def ranking_loss_rows(
     if "doc_to_query" in directions:
         scores["doc_to_query"] = similarity_fct(queries, local_d).T
     if "doc_to_doc" in directions:
+        assert own is not None  # made above for doc_to_doc
         scores["doc_to_doc"] = similarity_fct(docs_all, local_d).T.masked_fill(own, float("-inf"))
     penalty = None
     if hardness_mode is not None and hardness_strength > 0:
         # Up-weight hard candidates: add their (unscaled, detached) similarity to their logit.
         penalty = hardness_strength * scores["query_to_doc"].detach()
+        assert own is not None  # made above when hardness is on
         if hardness_mode == "hard_negatives":
             exclude = ~own
             exclude[:, :world] = True
@@ -193,11 +199,12 @@ class GISTEmbedLoss(Loss):
 
     columns = (2, None)
     column_names = "anchor, positive, then optional negatives"
+    model: EmbeddingEncoder  # retokenizing for the guide needs the model's tokenizer
 
     def __init__(
         self,
-        model: nn.Module,
-        guide: nn.Module,
+        model: EmbeddingEncoder,
+        guide: EmbeddingEncoder,
         temperature: float = 0.01,
         margin_strategy: str = "absolute",
         margin: float = 0.0,
@@ -223,7 +230,7 @@ class GISTEmbedLoss(Loss):
             or guide.max_seq_length < model.max_seq_length
         )
 
-    def _guide_features(self, features: list[dict]) -> list[dict]:
+    def _guide_features(self, features: Sequence[dict]) -> list[dict]:
         if not self.must_retokenize:
             return [dict(f) for f in features]
         out = []
@@ -240,7 +247,8 @@ class GISTEmbedLoss(Loss):
             guided = [self.guide(f)["sentence_embedding"].detach() for f in guide_features]
         return embeddings, {"guided": guided}
 
-    def compute_loss_from_embeddings(self, embeddings, labels=None, guided=None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings, labels=None, guided: list[Tensor] | None = None) -> Tensor:
+        assert guided is not None, "prepare() gives the guide's embeddings"
         return gist_loss_rows(self, embeddings, guided, 0, embeddings[0].shape[0])
 
 

@@ -12,7 +12,7 @@ sparse codes plus the autoencoder's reconstruction losses.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from raytrieve.losses.pairwise import (
 )
 from raytrieve.losses.ranking import MultipleNegativesRankingLoss
 from raytrieve.losses.triplet import TripletDistanceMetric, TripletLoss
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.sparse import SparseEncoder
 
 
 class FlopsLoss(nn.Module):
@@ -62,8 +65,8 @@ class SpladeLoss(nn.Module):
         loss: Loss,
         document_regularizer_weight: float,
         query_regularizer_weight: float | None = None,
-        document_regularizer: nn.Module | None = None,
-        query_regularizer: nn.Module | None = None,
+        document_regularizer: FlopsLoss | None = None,
+        query_regularizer: FlopsLoss | None = None,
         document_regularizer_threshold: int | None = None,
         query_regularizer_threshold: int | None = None,
         use_document_regularizer_only: bool = False,
@@ -96,6 +99,7 @@ class SpladeLoss(nn.Module):
             self.document_regularizer.compute_loss_from_embeddings(docs) * self.document_regularizer_weight
         )
         if self.query_regularizer_weight is not None:
+            assert self.query_regularizer is not None, "a query weight is only kept with a query regularizer"
             losses["query_regularizer_loss"] = (
                 self.query_regularizer.compute_loss_from_embeddings(embeddings[0]) * self.query_regularizer_weight
             )
@@ -120,15 +124,17 @@ class SpladeRegularizerWeightScheduler:
         self.max_query = loss.query_regularizer_weight
         self.warmup_steps = max(1, int(total_steps * warmup_ratio))
 
-    def _weight(self, target: float | None, step: int) -> float | None:
-        if target is None or step >= self.warmup_steps:
+    def _weight(self, target: float, step: int) -> float:
+        if step >= self.warmup_steps:
             return target
         r = step / self.warmup_steps
         return target * (r if self.scheduler_type == "linear" else r * r)
 
     def step(self, global_step: int) -> dict[str, float]:
         self.loss.document_regularizer_weight = self._weight(self.max_document, global_step)
-        self.loss.query_regularizer_weight = self._weight(self.max_query, global_step)
+        self.loss.query_regularizer_weight = (
+            None if self.max_query is None else self._weight(self.max_query, global_step)
+        )
         out = {"document_regularizer_weight": self.loss.document_regularizer_weight}
         if self.loss.query_regularizer_weight is not None:
             out["query_regularizer_weight"] = self.loss.query_regularizer_weight
@@ -161,14 +167,14 @@ class SparseDistillKLDivLoss(DistillKLDivLoss):
 
 class SparseCosineSimilarityLoss(CosineSimilarityLoss):
     def __init__(
-        self, model: nn.Module, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None
+        self, model: SparseEncoder, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None
     ) -> None:
         super().__init__(model, loss_fct, cos_score_transformation)
         model.similarity_fn_name = "cosine"
 
 
 class SparseCoSENTLoss(CoSENTLoss):
-    def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Callable = pairwise_cos_sim) -> None:
+    def __init__(self, model: SparseEncoder, scale: float = 20.0, similarity_fct: Callable = pairwise_cos_sim) -> None:
         super().__init__(model, scale, similarity_fct)
         model.similarity_fn_name = "cosine"
 
@@ -178,7 +184,7 @@ class SparseAnglELoss(AnglELoss):
 
 
 class SparseMSELoss(MSELoss):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SparseEncoder) -> None:
         super().__init__(model)
 
 
