@@ -1,10 +1,13 @@
 """The Serve application over real HTTP on 127.0.0.1 with the shipped pretrained models on
 real text (docstrings of installed packages): answers equal the in-process encoders and a
-reference fusion, bad requests get named 4xx errors, overload gives 503 + Retry-After."""
+reference fusion, bad and hostile requests (also chunked, also fuzzed) get named 4xx JSON
+errors, overload gives 503 + Retry-After."""
 
 from __future__ import annotations
 
 import base64
+import json
+import os
 import time
 
 import numpy as np
@@ -268,37 +271,219 @@ def test_bad_requests_get_named_4xx(served):
     assert requests.get(f"{served['url']}/search").status_code == 405
 
 
+# -- Hostile requests ------------------------------------------------------------------------
+# One request at a time, so nothing here can be backpressure: any 5xx (503 included) is a bug,
+# and every bad request gets a 4xx JSON error body within the socket timeout (a hang fails).
+
+HOSTILE_TIMEOUT_S = 60
+# The endpoints the design names; those the app lacks must still answer a JSON 404.
+NAMED_POSTS = ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/embed_sparse", "/rerank", "/search")
+# A valid body per POST endpoint and the kind of each field; wrong values are drawn per kind.
+# test_hostile_fields_get_4xx_json checks this table against the app's OpenAPI schema, so a new
+# endpoint or field cannot go unfuzzed.
+VALID = {
+    "/v1/embeddings": {"input": "hello"},
+    "/embed_sparse": {"input": "hello"},
+    "/rerank": {"query": "q", "documents": ["a", "b"]},
+    "/search": {"query": "q", "top_k": 2, "return_text": False},
+}
+FIELD_KINDS = {
+    "/v1/embeddings": {"input": "texts", "model": "text", "dimensions": "int", "encoding_format": "enum",
+                       "input_type": "enum", "user": "text"},
+    "/embed_sparse": {"input": "texts", "model": "text", "input_type": "enum", "return_tokens": "bool", "top_k": "int"},
+    "/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool"},
+    "/search": {"query": "text", "top_k": "int", "recall": "object", "fusion": "object", "rerank": "bool",
+                "rerank_depth": "int", "return_text": "bool", "return_stages": "bool"},
+}
+
+
+class RawJSON(str):
+    """JSON text sent as it is (1e400, 100k nested arrays): json.dumps cannot write these."""
+
+
+def _to_json(value) -> bytes:
+    """json.dumps' own output for NaN/Infinity literals, \\ud800 escapes and big integers."""
+    def text(v) -> str:
+        if isinstance(v, RawJSON):
+            return str(v)
+        if isinstance(v, dict):
+            return "{" + ",".join(f"{json.dumps(k)}:{text(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ",".join(text(x) for x in v) + "]"
+        return json.dumps(v)
+    return text(value).encode("ascii")
+
+
+DEEP = RawJSON("[" * 100_000 + "]" * 100_000)  # past any parser's recursion limit
+NESTED = RawJSON("[" * 500 + "]" * 500)  # parses, then fits no field
+# Wrong for every field: not finite, not Unicode, too deep, of no field's type.
+WRONG_ANYWHERE = [float("nan"), float("inf"), float("-inf"), RawJSON("1e400"), RawJSON("-1e400"), "\ud800",
+                  "ok\udfff", DEEP, NESTED]
+WRONG = {
+    "text": [5, 1.5, True, [], ["x"], {}],
+    "texts": [5, True, {}, [], [5], [None], [["x"]], ["ok", "\udc00"], ["ok", "   "], ["x"] * 17],
+    "list": ["d", 5, {}, [], [5], [None], ["ok", "\ud83d"], ["d"] * 33],
+    "int": ["3", 1.5, True, [], {}, 0, -1, -(10**400)],
+    "bool": ["true", 1, 0, None, []],
+    "enum": ["nope", "", 1, ["float"], {}],
+    "object": ["x", 1, [], {"surprise": 1}, {"dense": -1}, {"dense": 10**400}, {"sparse": 1.5},
+               {"method": "convex", "dense_weight": float("inf")}, {"k": float("nan")}, {"k": RawJSON("1e400")},
+               {"sparse_weight": 10**400}, {"dense_weight": 2e6}, {"method": "max"}, {"normalization": "\ud800"}],
+}
+# Integers past every limit: some fields have no upper bound (top_n), so these may also succeed.
+HUGE = [10**400, 2**63, 2**64 + 1]
+
+
+def _request(served, method: str, path: str, body=None, headers: dict[str, str] | None = None):
+    """(status, content-type, body) over a fresh http.client connection: bytes go with a
+    Content-Length, an iterable of bytes goes chunked (Transfer-Encoding, no Content-Length)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=HOSTILE_TIMEOUT_S)
+    try:
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer (413) and close before an oversized body is all sent
+        response = conn.getresponse()
+        return response.status, response.getheader("content-type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def _assert_json_error(answer, context, status: int | None = None) -> dict:
+    code, content_type, data = answer
+    assert 400 <= code < 500, (context, code, data[:300])
+    assert status is None or code == status, (context, code, data[:300])
+    assert content_type.startswith("application/json"), (context, code, content_type, data[:300])
+    error = json.loads(data)["error"]
+    assert set(error) == {"type", "message", "field"} and error["message"], (context, error)
+    return error
+
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def test_hostile_bodies_get_4xx_json(served):
+    """Whole bodies no endpoint can accept, on every endpoint the design names: malformed JSON,
+    NaN/Infinity, lone surrogates (escaped, and as raw bytes), 100k-deep nesting, an integer of
+    5,000 digits, invalid UTF-8, empty bodies and the wrong Content-Type."""
+    known = set(VALID)
+    raw_bodies = {
+        "malformed": (b"{not json", 400), "trailing comma": (b'{"query": "x",}', 400),
+        "truncated": (b'{"query": "x', 400),
+        "nul byte": (b"\x00", 400), "invalid utf-8": (b'{"input": "\xff\xfe", "query": "\xc3("}', 400),
+        # json.loads decodes bytes with surrogatepass: these arrive as a lone surrogate.
+        "utf-8 encoded surrogate": (b'{"input": "\xed\xa0\x80", "query": "\xed\xa0\x80"}', 422),
+        "deep arrays": (str(DEEP).encode(), 400), "deep objects": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, 400),
+        "deep field": (b'{"input": ' + str(DEEP).encode() + b', "query": ' + str(DEEP).encode() + b"}", 400),
+        "5000-digit integer": (b'{"top_k": ' + b"9" * 5000 + b', "top_n": ' + b"9" * 5000 + b"}", 400),
+        "NaN": (b"NaN", 422), "Infinity": (b'{"input": Infinity, "query": -Infinity}', 422),
+        "lone surrogates": (b'{"input": "\\ud800", "query": "\\udfff", "documents": ["\\ud800"]}', 422),
+        "surrogate key": (b'{"\\ud800": 1}', 422), "null": (b"null", 422), "array": (b"[]", 422),
+        "string": (b'"query"', 422), "number": (b"123", 422), "empty": (b"", 422),
+    }
+    for path in NAMED_POSTS:
+        for name, (body, status) in raw_bodies.items():
+            answer = _request(served, "POST", path, body, JSON_HEADERS)
+            _assert_json_error(answer, (path, name), status if path in known else 404)
+        valid = _to_json(VALID.get(path, {"input": "hello"}))
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                             None):
+            headers = {"content-type": content_type} if content_type else {}
+            error = _assert_json_error(_request(served, "POST", path, valid, headers), (path, content_type),
+                                       415 if path in known else 404)
+            assert path not in known or error["field"] == "content-type"
+        _assert_json_error(_request(served, "POST", path, None, {}), (path, "no body, no type"),
+                           415 if path in known else 404)
+    assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
+
+
+def test_hostile_fields_get_4xx_json(served):
+    """Each field of each endpoint, in an otherwise valid body, set to values of the wrong type,
+    out of range, not finite or not Unicode: a 4xx JSON error naming that field. Integers past
+    any limit are answered 200 or 4xx, never 5xx."""
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    posts = {p for p, ops in schema["paths"].items() if "post" in ops}
+    assert posts == set(VALID) == set(FIELD_KINDS), "fuzz table out of date with the app's POST endpoints"
+    for path in posts:
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        fields = set(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"])
+        assert fields == set(FIELD_KINDS[path]), (path, "fuzz table out of date with the request fields", fields)
+        assert _request(served, "POST", path, _to_json(VALID[path]), JSON_HEADERS)[0] == 200, path
+
+    for path, kinds in FIELD_KINDS.items():
+        for field, kind in kinds.items():
+            for value in WRONG_ANYWHERE + WRONG[kind]:
+                body = _to_json({**VALID[path], field: value})
+                error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (path, field, value))
+                if value is not DEEP:  # 100k-deep JSON is refused before any field is read
+                    assert error["field"] == "body" or error["field"].startswith(field), (path, field, value, error)
+            if kind in ("int", "object"):
+                for value in HUGE if kind == "int" else [{"dense": n} for n in HUGE]:
+                    code, content_type, data = _request(served, "POST", path, _to_json({**VALID[path], field: value}),
+                                                        JSON_HEADERS)
+                    assert code == 200 or 400 <= code < 500, (path, field, value, code, data[:300])
+                    assert content_type.startswith("application/json") and json.loads(data), (path, field, value)
+
+
+def test_chunked_bodies_are_read_and_bounded(served):
+    """Bodies without Content-Length (Transfer-Encoding: chunked): read whole when small, a JSON
+    400 when malformed, and a JSON 413 once past the size limit, on every endpoint."""
+    limit = served["cfg"].limits.max_body_bytes
+
+    def chunks(data: bytes, size: int):
+        return iter([data[i : i + size] for i in range(0, len(data), size)])
+
+    for path, body in VALID.items():
+        code, _, data = _request(served, "POST", path, chunks(_to_json(body), 3), JSON_HEADERS)
+        assert code == 200, (path, data[:300])
+        _assert_json_error(_request(served, "POST", path, chunks(b'{"query": "x", "input": ', 5), JSON_HEADERS),
+                           (path, "chunked malformed"), 400)
+    oversized = b"[" + b" " * (limit + 65_536) + b"]"
+    for path in (*NAMED_POSTS, "/healthz"):
+        error = _assert_json_error(_request(served, "POST", path, chunks(oversized, 65_536), JSON_HEADERS),
+                                   (path, "chunked oversized"), 413)
+        assert error["field"] == "body"
+    assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
+
+
 def test_fuzzed_requests_never_5xx(served):
+    """Random bodies (NaN, infinities, huge integers, lone surrogates, nesting, random bytes) on
+    the POST endpoints: every answer is JSON, 200 or a 4xx error, never a 5xx."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
+    examples = int(os.environ.get("RAYTRIEVE_FUZZ_EXAMPLES", "200"))  # raise it for a long soak
+    texts = st.text(max_size=40) | st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010), max_size=5)
     json_values = st.recursive(
-        st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
-        max_leaves=20)
-    fields = st.sampled_from(["query", "input", "documents", "top_k", "recall", "fusion", "rerank", "rerank_depth",
-                              "dimensions", "encoding_format", "model", "top_n", "return_tokens", "input_type"])
+        st.none() | st.booleans() | st.integers() | st.integers(10**20, 10**400) | st.floats() | texts,
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
+        max_leaves=20,
+    )
+    fields = st.sampled_from(sorted({f for kinds in FIELD_KINDS.values() for f in kinds} | {"surprise"}))
     bodies = st.dictionaries(fields, json_values, max_size=5)
-    session = requests.Session()
+    content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain"])
     statuses: list[int] = []
 
-    @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(path=st.sampled_from(["/search", "/v1/embeddings", "/embed_sparse", "/rerank"]), body=bodies,
-           raw=st.none() | st.binary(max_size=64))
-    def check(path, body, raw):
-        if raw is not None:
-            r = session.post(f"{served['url']}{path}", data=raw, headers={"content-type": "application/json"},
-                             timeout=120)
-        else:
-            r = session.post(f"{served['url']}{path}", json=body, timeout=120)
-        statuses.append(r.status_code)
-        assert r.status_code < 500 or r.status_code == 503, (path, body, raw, r.status_code, r.text[:500])
-        if r.status_code >= 400:
-            assert "error" in r.json()
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    @given(path=st.sampled_from(sorted(VALID)), body=bodies, raw=st.none() | st.binary(max_size=64),
+           content_type=content_types)
+    def check(path, body, raw, content_type):
+        sent = raw if raw is not None else _to_json(body)
+        code, got_type, data = _request(served, "POST", path, sent, {"content-type": content_type})
+        statuses.append(code)
+        assert code == 200 or 400 <= code < 500, (path, sent[:300], code, data[:500])
+        assert got_type.startswith("application/json"), (path, sent[:300], code, got_type)
+        if code >= 400:
+            assert json.loads(data)["error"]["message"]
 
     check()
-    assert len(statuses) == 2000 and sum(s >= 400 for s in statuses) > 1600
-    assert requests.get(f"{served['url']}/healthz").status_code == 200
+    assert len(statuses) >= examples and sum(s >= 400 for s in statuses) > 0.8 * len(statuses)
+    assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
 
 
 def test_overload_gives_503_with_retry_after_and_bounded_memory(served):

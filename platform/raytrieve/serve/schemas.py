@@ -3,13 +3,34 @@ from the config (sizes, lengths) are checked by the ingress, which names the fie
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON's \ud800-\udfff escapes can carry lone surrogates: the tokenizers refuse them, and an
+    # answer that echoes them cannot be encoded as UTF-8.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode (a lone surrogate at character {e.start}); send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity (JSON literals Python accepts, or 1e400) would turn fusion scores into
+    # values JSON cannot carry back.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Fusion parameters are relative (RRF's k against ranks, weights against each other): the upper
+# bounds only keep products of weights and scores far from float overflow.
+MAX_FUSION_PARAMETER = 1e6
 
 
 class Recall(Strict):
@@ -19,14 +40,14 @@ class Recall(Strict):
 
 class Fusion(Strict):
     method: Literal["rrf", "convex"] = "rrf"
-    k: StrictInt | StrictFloat = Field(60, ge=0)  # rrf
-    dense_weight: StrictInt | StrictFloat = Field(0.5, ge=0)  # convex
-    sparse_weight: StrictInt | StrictFloat = Field(0.5, ge=0)
+    k: StrictFloat = Field(60, ge=0, le=MAX_FUSION_PARAMETER)  # rrf
+    dense_weight: StrictFloat = Field(0.5, ge=0, le=MAX_FUSION_PARAMETER)  # convex
+    sparse_weight: StrictFloat = Field(0.5, ge=0, le=MAX_FUSION_PARAMETER)
     normalization: Literal["minmax", "zscore", "none"] = "minmax"
 
 
 class SearchRequest(Strict):
-    query: StrictStr
+    query: Text
     top_k: StrictInt = Field(10, ge=1)
     recall: Recall = Field(default_factory=Recall)
     fusion: Fusion = Field(default_factory=Fusion)
@@ -42,17 +63,17 @@ class EmbeddingsRequest(Strict):
     """OpenAI's /v1/embeddings shape, plus ``input_type`` (query/document prompt and route) and
     int8 / binary output formats."""
 
-    input: StrictStr | list[StrictStr]
-    model: StrictStr | None = None
+    input: Text | list[Text]
+    model: Text | None = None
     dimensions: StrictInt | None = None
     encoding_format: Literal["float", "base64", "int8", "binary"] = "float"
     input_type: Literal["query", "document"] | None = None
-    user: StrictStr | None = None  # accepted for compatibility, unused
+    user: Text | None = None  # accepted for compatibility, unused
 
 
 class SparseRequest(Strict):
-    input: StrictStr | list[StrictStr]
-    model: StrictStr | None = None
+    input: Text | list[Text]
+    model: Text | None = None
     input_type: Literal["query", "document"] | None = None
     return_tokens: StrictBool = False
     top_k: StrictInt | None = Field(None, ge=1)  # keep the largest weights only
@@ -61,8 +82,8 @@ class SparseRequest(Strict):
 class RerankRequest(Strict):
     """The shape of Cohere's and TEI's rerank: query + documents -> index, relevance_score."""
 
-    query: StrictStr
-    documents: list[StrictStr]
-    model: StrictStr | None = None
+    query: Text
+    documents: list[Text]
+    model: Text | None = None
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool = False
