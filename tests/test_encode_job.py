@@ -4,8 +4,10 @@ driver is SIGKILLed mid-way finishes on a rerun with every id exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,3 +275,201 @@ def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
     assert sorted(v.ids) == sorted(f"d{i}" for i in range(70))
     order = [int(i[1:]) for i in v.ids]
     np.testing.assert_allclose(v.dense, expected[order], atol=1e-5)
+
+
+# -- a registered model, refusals, and the on-disk states a kill leaves ------------------------
+
+REGISTERED = "models:/tiny-dense/1"
+SHARDS = 10  # of 10 rows: the registered job's plan
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_models, tmp_path_factory):
+    """A real MLflow registry (sqlite) holding the tiny dense model as tiny-dense/1, registered
+    as training does it: the folder is the run's ``model`` artifact, then a new version."""
+    from raytrieve.tracking import mlflow_run
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    # An explicit artifact location: sqlite's default would write ./mlruns into the checkout.
+    mlflow_run.client(uri).create_experiment("encode-tests", artifact_location=(root / "artifacts").as_uri())
+    run_id = mlflow_run.start_run(uri, "encode-tests", "tiny-dense", {}, {})
+    mlflow_run.MetricLogger(uri, run_id).log_model_dir(tiny_models["dense"])
+    mlflow_run.end_run(uri, run_id, failed=False)
+    assert mlflow_run.register_model(uri, run_id, "tiny-dense") == "1"
+    return {"uri": uri, "cache": root / "cache"}
+
+
+@contextlib.contextmanager
+def _registry_env(registry):
+    """MLFLOW_TRACKING_URI names the store, as the README says for the encoding job; the
+    download goes to a cache in the test's tmp dir, not the user's."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        env.setenv("RAYTRIEVE_CACHE", str(registry["cache"]))
+        env.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        yield
+
+
+@pytest.fixture(scope="module")
+def registered_job(ray_cluster, tiny_models, registry, tmp_path_factory):
+    """One finished job (10 shards of 10 rows) encoded with models:/tiny-dense/1: the tests
+    below check it, are refused by it, or copy it into what a kill leaves behind."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.encode import run_encode
+
+    root = tmp_path_factory.mktemp("registered_job")
+    data = _corpus(root / "corpus.parquet", 100, bad=False)
+    cfg = _config(root, root / "corpus.parquet", dense={"model": REGISTERED}, rows_per_shard=10)
+    with _registry_env(registry):
+        result = run_encode(cfg)
+    expected = DenseEncoder(tiny_models["dense"]).encode_document(data["text"], normalize_embeddings=True)
+    return {"root": root, "data": data, "cfg": cfg, "result": result, "expected": expected,
+            "out": Path(cfg.output_dir)}
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def _check_vectors(job, out: Path) -> None:
+    """Every id exactly once in corpus order; vectors equal the in-process encoder's."""
+    v = read_vectors(out)
+    assert v.ids == job["data"]["id"] and len(set(v.ids)) == len(v.ids)
+    np.testing.assert_allclose(v.dense, job["expected"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_registered_model_encodes_like_its_folder(registered_job, registry):
+    result, out = registered_job["result"], registered_job["out"]
+    assert (result.rows, result.shards, result.shards_written, result.shards_reused) == (100, SHARDS, SHARDS, 0)
+    _check_vectors(registered_job, out)
+    manifest = read_vectors(out).manifest
+    assert manifest["dense"]["model"] == REGISTERED
+    # The driver downloaded the version once; the workers loaded that copy.
+    assert Path(manifest["dense"]["model_path"]).is_relative_to(registry["cache"] / "mlflow")
+
+
+@pytest.mark.slow
+def test_other_model_setting_or_corpus_location_is_refused_and_nothing_changes(registered_job, registry, tiny_dirs,
+                                                                               tmp_path):
+    """Pointed at a finished job's folder, another model, any setting that changes the vectors
+    or the shard plan, or the same corpus at another location is refused before Ray work
+    starts, naming the folder, what differs and the fix; not one byte or mtime changes."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.encode import run_encode
+    from raytrieve.modules import Pooling, Transformer
+
+    root, out = registered_job["root"], registered_job["out"]
+    other = tmp_path / "other-model"
+    DenseEncoder([Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=24), Pooling(32, "cls")],
+                 device="cpu").save(other)
+    moved = tmp_path / "moved" / "corpus.parquet"
+    moved.parent.mkdir()
+    moved.write_bytes((root / "corpus.parquet").read_bytes())  # same content, other location
+    corpus = str(root / "corpus.parquet")
+    cases = [
+        ({"dense": {"model": str(other)}}, "dense.model"),
+        ({"dense": {"model": REGISTERED, "max_seq_length": 16}}, "dense.max_seq_length"),
+        ({"dense": {"model": REGISTERED, "normalize": False}}, "dense.normalize"),
+        ({"dense": {"model": REGISTERED, "precision": "int8", "calibration_rows": 20}}, "dense.precision"),
+        ({"dense": {"model": REGISTERED, "truncate_dim": 16}}, "dense.truncate_dim"),
+        ({"dense": {"model": REGISTERED}, "rows_per_shard": 25}, "rows_per_shard"),
+        ({"dense": {"model": REGISTERED}, "corpus": {"path": str(moved)}}, "corpus.path"),
+    ]
+    before = _snapshot(out)
+    with _registry_env(registry):
+        for change, named in cases:
+            cfg = _config(root, corpus, **{"rows_per_shard": 10, **change})
+            with pytest.raises(ConfigError) as refused:
+                run_encode(cfg)
+            message = str(refused.value)
+            assert f"output_dir {out}: holds the output of a different encoding job" in message, message
+            assert named in message and "choose a new output_dir or delete that folder" in message, message
+    assert _snapshot(out) == before
+
+
+def _state(job, tmp_path: Path, name: str) -> Path:
+    """A copy of the finished job's folder (mtimes kept) to turn into one kill's leftovers."""
+    out = tmp_path / name
+    shutil.copytree(job["out"], out)
+    return out
+
+
+def _rerun(job, registry, out: Path, **compute):
+    from raytrieve.inference.encode import run_encode
+
+    cfg = _config(job["root"], job["root"] / "corpus.parquet", dense={"model": REGISTERED}, output_dir=str(out),
+                  rows_per_shard=10)
+    for key, value in compute.items():
+        setattr(cfg.compute, key, value)
+    with _registry_env(registry):
+        return run_encode(cfg)
+
+
+def _after_rerun(job, out: Path, before: dict[str, tuple[bytes, int]], reused: list[int]) -> None:
+    """The folder holds exactly the job's files, no temporary; reused shards were not rewritten."""
+    _check_vectors(job, out)
+    assert sorted(p.name for p in out.iterdir()) == ["job.json", "manifest.json"] + [
+        f"part-{i:05d}.{ext}" for i in range(SHARDS) for ext in ("json", "parquet")]
+    after = _snapshot(out)
+    for i in reused:
+        for ext in ("parquet", "json"):
+            assert after[f"part-{i:05d}.{ext}"] == before[f"part-{i:05d}.{ext}"]
+
+
+@pytest.mark.slow
+def test_each_kill_point_of_a_shard_write_and_damaged_sidecars_rerun_to_every_id_once(registered_job, registry,
+                                                                                      tmp_path):
+    """write_shard writes the parquet file under a temporary name, renames it, then the
+    sidecar the same way; the driver writes the manifest after every shard. Each state a
+    kill leaves is made exactly from a finished folder, then the job runs again."""
+    job = registered_job
+    manifest = json.loads((job["out"] / "manifest.json").read_text())
+
+    # (a) Killed while writing shard 1's parquet file: only its temporary exists, half written.
+    #     Shards finish out of order with several actors, so the later ones are already done.
+    #     Besides, sidecars damaged four ways no longer vouch for their shards: not JSON,
+    #     bytes that are no text, JSON but no object, another file's checksum.
+    a = _state(job, tmp_path, "a")
+    parquet = (a / "part-00001.parquet").read_bytes()
+    for name in ("manifest.json", "part-00001.parquet", "part-00001.json"):
+        (a / name).unlink()
+    (a / ".part-00001.parquet.tmp-0a1b2c3d").write_bytes(parquet[: len(parquet) // 2])
+    sidecar = json.loads((a / "part-00008.json").read_text())
+    (a / "part-00005.json").write_bytes((a / "part-00005.json").read_bytes()[:-30])
+    (a / "part-00006.json").write_bytes(b"\x89PNG\r\n\xff\xfe garbage")
+    (a / "part-00007.json").write_text("[1, 2]")
+    (a / "part-00008.json").write_text(json.dumps({**sidecar, "sha256": "0" * 64}))
+    before = _snapshot(a)
+    result = _rerun(job, registry, a)
+    # The killed shard was never finished (missing, not changed); the damaged ones are named.
+    assert (result.shards_written, result.shards_reused, result.shards_changed) == (5, 5, [5, 6, 7, 8])
+    _after_rerun(job, a, before, reused=[0, 2, 3, 4, 9])
+    assert json.loads((a / "part-00008.json").read_text())["sha256"] == sidecar["sha256"]
+
+    # (b) Killed after shard 2's parquet rename, while its sidecar was being written; the
+    #     later shards not started.
+    b = _state(job, tmp_path, "b")
+    sidecar = (b / "part-00002.json").read_bytes()
+    for name in ["manifest.json", "part-00002.json"] + [f"part-{i:05d}.{ext}" for i in range(3, SHARDS)
+                                                         for ext in ("parquet", "json")]:
+        (b / name).unlink()
+    (b / ".part-00002.json.tmp-4e5f6a7b").write_bytes(sidecar[:40])
+    before = _snapshot(b)
+    result = _rerun(job, registry, b)
+    assert (result.shards_written, result.shards_reused, result.shards_changed) == (SHARDS - 2, 2, [])
+    _after_rerun(job, b, before, reused=[0, 1])
+
+    # (c) Killed after the last sidecar, before the manifest: nothing to encode, the manifest
+    #     is written and says what the uninterrupted run said. Other compute settings (token
+    #     budget, actors) do not make it another job: they change neither vectors nor plan.
+    c = _state(job, tmp_path, "c")
+    (c / "manifest.json").unlink()
+    before = _snapshot(c)
+    result = _rerun(job, registry, c, token_budget=512, tokenize_actors=2)
+    assert (result.shards_written, result.shards_reused, result.already_complete) == (0, SHARDS, False)
+    _after_rerun(job, c, before, reused=list(range(SHARDS)))
+    rewritten = json.loads((c / "manifest.json").read_text())
+    assert {k: v for k, v in rewritten.items() if k != "created"} == {k: v for k, v in manifest.items()
+                                                                       if k != "created"}

@@ -30,15 +30,29 @@ PACKAGES = ("yaml", "tqdm", "safetensors", "pyarrow", "mlflow")
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
+    """The app with the shipped models; the sparse one is served from a real MLflow registry
+    (sqlite) as models:/NAME/VERSION, so every test here proves that path too."""
+    import shutil
+
     from ray import serve
 
+    from raytrieve import assets
     from raytrieve.data.pydocs import package_pairs
     from raytrieve.index.build import build_indices
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
     from raytrieve.serve.app import start
+    from raytrieve.tracking import mlflow_run
 
     root = tmp_path_factory.mktemp("serve")
+    # Registered as training does it: the folder is a run's `model` artifact, then a version.
+    # The artifact location is explicit: sqlite's default would write ./mlruns into the checkout.
+    registry = f"sqlite:///{root}/mlflow.db"
+    mlflow_run.client(registry).create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
+    run_id = mlflow_run.start_run(registry, "serve-tests", "splade-tiny", {}, {})
+    mlflow_run.MetricLogger(registry, run_id).log_model_dir(assets.model_path("splade-tiny"))
+    mlflow_run.end_run(registry, run_id, failed=False)
+    sparse_uri = f"models:/serve-sparse/{mlflow_run.register_model(registry, run_id, 'serve-sparse')}"
     pairs = list({p.document: p for pkg in PACKAGES for p in package_pairs(pkg)[:60]}.values())
     ids = [f"d{i}" for i in range(len(pairs))]
     pq.write_table(pa.table({"id": ids, "text": [p.document for p in pairs]}), root / "corpus.parquet")
@@ -51,9 +65,10 @@ def served(ray_cluster, tmp_path_factory):
     port = free_port()
     cfg = from_dict(ServeConfig, {
         "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1},
-        "sparse": {"model": "splade-tiny", "max_seq_length": 128, "num_cpus": 0.4, "torch_threads": 1},
+        "sparse": {"model": sparse_uri, "name": "splade-tiny", "max_seq_length": 128, "num_cpus": 0.4,
+                   "torch_threads": 1},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1},
-        "index": str(root / "index"), "port": port,
+        "index": str(root / "index"), "port": port, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
     })
@@ -61,6 +76,9 @@ def served(ray_cluster, tmp_path_factory):
     wait_healthy(url)
     yield {"url": url, "pairs": pairs, "ids": ids, "root": root, "cfg": cfg}
     serve.shutdown()
+    # The version was downloaded into the user's cache (keyed by this tmp registry): drop it.
+    with mlflow_run.environment(registry):
+        shutil.rmtree(assets.resolve_model(sparse_uri), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -167,9 +167,10 @@ def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
     return texts[:want]
 
 
-def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> str:
-    """What a rerun must share with the output it finds: settings, models and the shard plan.
-    The corpus *content* is not in it: each shard carries its own content checksum."""
+def _identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must share with the output it finds: settings, models and the shard plan
+    (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
+    *content* is not in it: each shard carries its own content checksum."""
     from raytrieve import assets
 
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
@@ -187,17 +188,46 @@ def _fingerprint(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
         "check_duplicate_ids": cfg.check_duplicate_ids,
         "models": models,
     }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(body, sort_keys=True, default=str))
 
 
-def _claim_output(store: shards.OutputStore, fingerprint: str | None, where: str) -> None:
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
+    """``dense.max_seq_length: 24 -> 16; ...`` between a job.json identity and this run's, keys
+    named as in the config; "" when job.json has none (a folder of an older version)."""
+    if not isinstance(kept, dict):
+        return ""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
+
+    old, new = flat(kept), flat(now)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str) -> None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
-    ``fingerprint`` None: only the second check."""
-    if store.exists(shards.JOB) and fingerprint is not None:
-        if store.read_json(shards.JOB).get("fingerprint") != fingerprint:
+    ``identity`` None: only the second check."""
+    if store.exists(shards.JOB) and identity is not None:
+        job = store.read_json(shards.JOB)
+        if job.get("fingerprint") != _fingerprint(identity):
+            differs = _differences(job.get("identity"), identity)
+            what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             raise ConfigError(
-                f"{where}.output_dir {store.location}: holds the output of a different encoding job (other corpus "
-                "location, model or settings); choose a new output_dir or delete that folder"
+                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}); "
+                "choose a new output_dir or delete that folder"
             )
     elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
         raise ConfigError(
@@ -230,8 +260,9 @@ def run_encode(
     if not specs:
         raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
-    fingerprint = _fingerprint(cfg, source, described)
-    _claim_output(store, fingerprint, where)
+    identity = _identity(cfg, source, described)
+    fingerprint = _fingerprint(identity)
+    _claim_output(store, identity, where)
     if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
         _reuse_ranges(store.read_json(shards.JOB), outputs, described)
 
@@ -253,6 +284,7 @@ def run_encode(
             shards.JOB,
             {
                 "fingerprint": fingerprint,
+                "identity": identity,
                 "config": asdict(cfg),
                 "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None},
             },

@@ -99,7 +99,7 @@ class OutputStore:
             return json.loads(self.read_bytes(name))
         except FileNotFoundError:
             raise DataError(f"{self.describe(name)}: not found") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
             raise DataError(f"{self.describe(name)}: not valid JSON ({e}); delete it and run the job again") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -184,7 +184,9 @@ def finished_shard(store: OutputStore, index: int) -> tuple[dict[str, Any] | Non
         sidecar = json.loads(store.read_bytes(f"{name}.json"))
     except FileNotFoundError:
         return None, "missing"
-    except (json.JSONDecodeError, OSError):
+    except (ValueError, OSError):  # ValueError: not JSON, or bytes that are no text at all
+        return None, "corrupt"
+    if not isinstance(sidecar, dict):
         return None, "corrupt"
     try:
         data = store.read_bytes(f"{name}.parquet")
