@@ -124,8 +124,11 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    from raytrieve.ray_cluster import connect
+
+    # The embedded start users get (raytrieve.ray_cluster: its dashboard serves Ray's state API).
+    connect("local", num_cpus=2, log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raytrieve.train.run import run_training
+from raytrieve.train.run import prepare, run_training
 from tests.conftest import SENTENCES
-from tests.train_helpers import shipped_config, write_data
+from tests.train_helpers import loss_on_data, shipped_config, write_data
 
 CONFIGS = ["dense_mnrl", "dense_cached_mnrl_matryoshka", "splade", "router_inference_free_splade", "cross_bce",
            "cross_lambda"]
@@ -17,6 +17,11 @@ CONFIGS = ["dense_mnrl", "dense_cached_mnrl_matryoshka", "splade", "router_infer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def more_data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("more_data"), n=96)
 
 
 def _st_load(kind: str, path: str):
@@ -28,10 +33,12 @@ def _st_load(kind: str, path: str):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_shipped_config_trains(name, ray_cluster, tiny_models, data, tmp_path):
-    cfg = shipped_config(name, tmp_path, tiny_models, data)
+def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_path):
+    # 96 rows (24 steps): 6 tiny steps move a random tiny SPLADE less than dropout noise does.
+    cfg = shipped_config(name, tmp_path, tiny_models, more_data)
+    initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
-    rows = 24 * (2 if name == "cross_bce" else 1)
+    rows = 96 * (2 if name == "cross_bce" else 1)
     assert result.steps == -(-rows // 4)  # every row trained on, the last batch smaller
     assert result.dropped == []
 
@@ -55,12 +62,20 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, data, tmp_path):
         assert result.model_version == "1"
         assert client.get_model_version(cfg.mlflow.register_model_as, "1").run_id == result.run_id
 
-    # The final model: sentence-transformers loads it and gives the same outputs as raytrieve.
-    from raytrieve.train.loop import load_encoder
-
+    # Training did something, measured outside the trainer: every weight tensor the run was
+    # meant to train moved, and the config's own loss over its data went down.
     import torch
 
+    from raytrieve.train.loop import load_encoder
+
     ours = load_encoder(cfg.model.kind, cfg.output_dir, torch.device("cpu"))
+    before = load_encoder(cfg.model.kind, initial, torch.device("cpu")).state_dict()
+    moved = [k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) > len(before) // 2, sorted(set(before) - set(moved))
+    start, end = loss_on_data(cfg, initial), loss_on_data(cfg, cfg.output_dir)
+    assert end < start, (start, end)
+
+    # The final model: sentence-transformers loads it and gives the same outputs as raytrieve.
     theirs = _st_load(cfg.model.kind, cfg.output_dir)
     if cfg.model.kind == "cross":
         pairs = list(zip(SENTENCES[:4], SENTENCES[4:8]))
@@ -111,11 +126,23 @@ def _train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
+def _weights(path: str, kind: str = "dense"):
+    import torch
+
+    from raytrieve.train.loop import load_encoder
+
+    return load_encoder(kind, path, torch.device("cpu")).state_dict()
+
+
 @pytest.mark.timeout(900)
 def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, data, tmp_path):
     """2 DDP workers; once a checkpoint exists a worker process is SIGKILLed; Ray Train restarts
-    the group from the last checkpoint (FailureConfig) and the run ends with the right step count."""
+    the group from the last checkpoint (FailureConfig). The resumed run ends with the weights of
+    an uninterrupted run of the same config and seed: weights, optimizer, schedule, RNG (dropout
+    is on) and data order were all restored, not only the step count."""
     import threading
+
+    import torch
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
                          checkpoint__every_n_steps=1, training__epochs=3, eval={})
@@ -131,13 +158,21 @@ def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, d
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     assert resumed and 1 <= resumed[0].value < result.steps, (steps, sorted(p.name for p in ckpts.iterdir()))
-    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     # Steps up to the checkpoint are not redone: only those after it can appear twice.
     start = int(resumed[0].value)
     assert sorted(set(steps)) == list(range(1, result.steps + 1))
     assert all(steps.count(s) == 1 for s in range(1, start + 1))
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert (tmp_path / "out" / "dense_mnrl" / "modules.json").exists()
+
+    # The same config and seed, never interrupted and with no intermediate checkpoints.
+    reference = shipped_config("dense_mnrl", tmp_path / "ref", tiny_models, data, scaling__num_workers=2,
+                               training__epochs=3, eval={}, checkpoint__every_n_steps=None)
+    assert run_training(reference).steps == result.steps
+    got, want = _weights(cfg.output_dir), _weights(reference.output_dir)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert any(not torch.equal(want[k], v) for k, v in _weights(str(tiny_models["dense"])).items())
 
 
 @pytest.mark.timeout(600)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from raytrieve.errors import DataError
 from raytrieve.losses.base import column_count_fits, describe_column_count
-from raytrieve.losses.registry import needs_labels, text_columns
+from raytrieve.losses.registry import base_spec, needs_labels, text_columns
 from raytrieve.train.config import DatasetConfig, TrainConfig
 
 LISTWISE = {"LambdaLoss", "RankNetLoss", "ListNetLoss", "ListMLELoss", "PListMLELoss"}
@@ -118,7 +118,7 @@ def validate_dataset(
     missing = [c for c in columns if c not in available]
     if missing:
         raise DataError(f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}")
-    loss_name = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
+    loss_name = base_spec(d.loss).name
     wanted = text_columns(d.loss, kind)
     if not column_count_fits(len(columns), wanted):
         raise DataError(

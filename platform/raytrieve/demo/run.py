@@ -398,14 +398,10 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address,
-            num_cpus=cfg.num_cpus if ray_address == "local" else None,
-            log_to_driver=False,
-            include_dashboard=False,
-        )
-    import ray.serve
+    from raytrieve.ray_cluster import connect
+
+    connect(ray_address, num_cpus=cfg.num_cpus if ray_address == "local" else None, log_to_driver=False)
+    import ray.serve  # noqa: F401  (imported before its logger is quietened below)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

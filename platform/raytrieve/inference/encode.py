@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, read_shard, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
-from raytrieve.inference.config import EncodeConfig
+from raytrieve.inference.config import DenseOutputConfig, EncodeConfig
 from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows, shard_rows
 from raytrieve.inference.stages import OutputSpec
 
@@ -111,7 +110,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             "max_seq_length": model.max_seq_length,
             "similarity": model.similarity_fn_name,
         }
-        if kind == "dense":
+        if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
             dim = model.get_embedding_dimension()
             if out.truncate_dim is not None and dim is not None and out.truncate_dim > dim:
                 raise ConfigError(f"{where}.dense.truncate_dim={out.truncate_dim} exceeds the model's {dim} dimensions")
@@ -391,11 +390,10 @@ def _reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dic
 
 
 def _init_ray(ray_address: str | None) -> None:
-    import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ray.init(address=ray_address)
+    from raytrieve.ray_cluster import connect
+
+    connect(ray_address)
 
 
 def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -> str:

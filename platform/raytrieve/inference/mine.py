@@ -159,8 +159,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     r = cfg.retriever  # the model is loaded and checked before any Ray work
     model = load_encoder(r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code)
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    from raytrieve.ray_cluster import connect
+
+    connect(ray_address)
     vectors = _corpus_vectors(cfg, positives, ray_address, where)
     vectors_dir = cfg.corpus_vectors or str(Path(f"{cfg.output_path}.work") / "vectors")
     encoded = EncodedCorpus.of(vectors_dir)

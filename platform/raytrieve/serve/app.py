@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
 
 from raytrieve.serve import fusion
 from raytrieve.serve.config import ServeConfig
@@ -169,7 +170,7 @@ class _Guard:
             return
         started, status = time.perf_counter(), [500]
 
-        async def send_counted(message: dict[str, Any]) -> None:
+        async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -306,7 +307,9 @@ class Ingress:
 
     async def _describe(self, kind: str) -> dict[str, Any]:
         if kind not in self.info:
-            self.info[kind] = await self.handles[kind].describe.remote()
+            handle = self.handles[kind]
+            assert handle is not None, "described only for a served model"
+            self.info[kind] = await handle.describe.remote()
         return self.info[kind]
 
     def _model(self, kind: str, requested: str | None, field: str = "model") -> DeploymentHandle:
@@ -426,11 +429,13 @@ class Ingress:
         timings: dict[str, float] = {}
 
         async def recall(kind: str) -> list[tuple[str, float]]:
+            handle, retriever = self.handles[kind], self.retriever
+            assert handle is not None and retriever is not None  # sizes has served kinds only; index checked above
             t = time.perf_counter()
-            encoded = (await self.handles[kind].remote([query], "query"))[0]
+            encoded = (await handle.remote([query], "query"))[0]
             timings[f"encode_{kind}_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
-            method = self.retriever.dense if kind == "dense" else self.retriever.sparse
+            method = retriever.dense if kind == "dense" else retriever.sparse
             hits = await method.remote(encoded, sizes[kind])
             timings[f"recall_{kind}_ms"] = (time.perf_counter() - t) * 1000
             return hits
@@ -453,7 +458,9 @@ class Ingress:
             ids = [d for d, _ in candidates]
             t = time.perf_counter()
             texts = await self.retriever.lookup.remote(ids)
-            scores = await self.handles["reranker"].remote([(query, x) for x in texts])
+            reranker = self.handles["reranker"]
+            assert reranker is not None  # checked above: rerank needs a served reranker
+            scores = await reranker.remote([(query, x) for x in texts])
             timings["rerank_ms"] = (time.perf_counter() - t) * 1000
             rerank_scores = dict(zip(ids, (float(s) for s in scores)))
             order = sorted(range(len(ids)), key=lambda i: (-rerank_scores[ids[i]], i))
@@ -518,14 +525,20 @@ def build_app(cfg: ServeConfig) -> Any:
             opts["num_replicas"] = d.num_replicas
         return opts
 
+    # Ray types serve.deployment as the decorator factory only: the decorated classes (and
+    # serve.deployment(Ingress)) are Deployments, with .options, at runtime.
     bound = {
-        k: ModelReplica.options(**options(k)).bind(k, getattr(cfg, k)) if getattr(cfg, k) is not None else None
+        k: ModelReplica.options(**options(k)).bind(k, getattr(cfg, k))  # pyright: ignore[reportFunctionMemberAccess]
+        if getattr(cfg, k) is not None
+        else None
         for k in ("dense", "sparse", "reranker")
     }
     retriever = (
-        Retriever.options(name="retriever", ray_actor_options={"num_cpus": 0.1}).bind(cfg.index) if cfg.index else None
+        Retriever.options(name="retriever", ray_actor_options={"num_cpus": 0.1}).bind(cfg.index)  # pyright: ignore[reportFunctionMemberAccess]
+        if cfg.index
+        else None
     )
-    ingress = serve.deployment(Ingress).options(
+    ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]
         name="ingress",
         num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": 0.1},
@@ -588,12 +601,11 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
 
 def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "local", blocking: bool = False) -> str:
     """Check, start Serve on cfg.host:cfg.port and deploy; returns the base URL."""
-    import ray
 
     check_before_start(cfg, where)
-    if not ray.is_initialized():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ray.init(address=ray_address)
+    from raytrieve.ray_cluster import connect
+
+    connect(ray_address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -34,15 +34,16 @@ MAX_FUSION_PARAMETER = 1e6
 
 
 class Recall(Strict):
-    dense: StrictInt = Field(100, ge=0)  # candidates from the dense index (0: off)
-    sparse: StrictInt = Field(100, ge=0)
+    # default= by keyword: pyright reads a field's default only from it (Recall() in default_factory).
+    dense: StrictInt = Field(default=100, ge=0)  # candidates from the dense index (0: off)
+    sparse: StrictInt = Field(default=100, ge=0)
 
 
 class Fusion(Strict):
     method: Literal["rrf", "convex"] = "rrf"
-    k: StrictFloat = Field(60, ge=0, le=MAX_FUSION_PARAMETER)  # rrf
-    dense_weight: StrictFloat = Field(0.5, ge=0, le=MAX_FUSION_PARAMETER)  # convex
-    sparse_weight: StrictFloat = Field(0.5, ge=0, le=MAX_FUSION_PARAMETER)
+    k: StrictFloat = Field(default=60, ge=0, le=MAX_FUSION_PARAMETER)  # rrf
+    dense_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)  # convex
+    sparse_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)
     normalization: Literal["minmax", "zscore", "none"] = "minmax"
 
 

@@ -59,12 +59,12 @@ def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
     import inspect
 
-    from raytrieve.losses.registry import LossSpec, _catalogue, build_loss
+    from raytrieve.losses.registry import LossSpec, _catalogue, base_spec, build_loss
 
     losses = []
     for i, d in enumerate(cfg.datasets):
         loss_spec: LossSpec = d.loss
-        base = loss_spec.inner if loss_spec.name == "SpladeLoss" and loss_spec.inner else loss_spec
+        base = base_spec(loss_spec)  # through SpladeLoss, MatryoshkaLoss, ... to the loss that meets the batch
         cls = _catalogue(cfg.model.kind).get(base.name)
         # In-batch negatives from every rank: what makes N workers equal 1 worker on the
         # whole batch. On by default when data-parallel; a config can still say false.

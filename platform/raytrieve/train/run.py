@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.assets import resolve_model
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import LISTWISE, infer_format, is_numeric, read_table, validate_dataset
-    from raytrieve.losses.registry import needs_labels
+    from raytrieve.losses.registry import base_spec, needs_labels
     from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
@@ -100,7 +99,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
             )
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
-        base = d.loss.inner.name if d.loss.name == "SpladeLoss" and d.loss.inner else d.loss.name
+        base = base_spec(d.loss).name
         listwise = cfg.model.kind == "cross" and base in LISTWISE
         # Labels reach the loss whenever the dataset names a numeric label column.
         label = (
@@ -258,11 +257,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytrieve.ray_cluster import connect
     from raytrieve.tracking import mlflow_run
 
-    if not ray.is_initialized():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ray.init(address=ray_address)
+    connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     params = mlflow_run.flatten(cfg)
