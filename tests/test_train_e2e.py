@@ -8,9 +8,9 @@ from mlflow.tracking import MlflowClient
 
 from raytrieve.train.run import prepare, run_training
 from tests.conftest import SENTENCES
-from tests.train_helpers import loss_on_data, shipped_config, write_data
+from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
-CONFIGS = ["dense_mnrl", "dense_cached_mnrl_matryoshka", "splade", "router_inference_free_splade", "cross_bce",
+CONFIGS = ["dense_cached_mnrl_matryoshka", "splade", "router_inference_free_splade", "cross_bce",
            "cross_lambda"]
 
 
@@ -24,68 +24,15 @@ def more_data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("more_data"), n=96)
 
 
-def _st_load(kind: str, path: str):
-    import sentence_transformers as st
-
-    cls = {"dense": st.SentenceTransformer, "sparse": st.SparseEncoder, "cross": st.CrossEncoder}[kind]
-    return cls(path, device="cpu")
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_path):
-    # 96 rows (24 steps): 6 tiny steps move a random tiny SPLADE less than dropout noise does.
+    """dense_mnrl is proven the same way through `ray job submit` (tests/test_job_submit.py)."""
     cfg = shipped_config(name, tmp_path, tiny_models, more_data)
     initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
-    rows = 96 * (2 if name == "cross_bce" else 1)
-    assert result.steps == -(-rows // 4)  # every row trained on, the last batch smaller
+    check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
     assert result.dropped == []
-
-    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["training.batch_size"] == "4"
-    assert run.data.params["datasets.0.loss.name"] == cfg.datasets[0].loss.name
-    history = client.get_metric_history(result.run_id, "loss")
-    assert [m.step for m in history] == list(range(1, result.steps + 1))
-    assert all(m.value == m.value for m in history)  # no NaN
-    assert {"learning_rate", "samples_per_s"} <= set(run.data.metrics)
-    if cfg.datasets[0].loss.name == "SpladeLoss":  # dict loss: each component logged too
-        assert {"loss_base_loss", "loss_document_regularizer_loss", "splade_document_regularizer_weight"} <= set(
-            run.data.metrics), sorted(run.data.metrics)
-    if cfg.eval.path:
-        assert any(k.startswith("eval_") and "_at_" in k for k in run.data.metrics), sorted(run.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
-    assert "model/modules.json" in artifacts
-    if cfg.mlflow.register_model_as:
-        assert result.model_version == "1"
-        assert client.get_model_version(cfg.mlflow.register_model_as, "1").run_id == result.run_id
-
-    # Training did something, measured outside the trainer: every weight tensor the run was
-    # meant to train moved, and the config's own loss over its data went down.
-    import torch
-
-    from raytrieve.train.loop import load_encoder
-
-    ours = load_encoder(cfg.model.kind, cfg.output_dir, torch.device("cpu"))
-    before = load_encoder(cfg.model.kind, initial, torch.device("cpu")).state_dict()
-    moved = [k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])]
-    assert len(moved) > len(before) // 2, sorted(set(before) - set(moved))
-    start, end = loss_on_data(cfg, initial), loss_on_data(cfg, cfg.output_dir)
-    assert end < start, (start, end)
-
-    # The final model: sentence-transformers loads it and gives the same outputs as raytrieve.
-    theirs = _st_load(cfg.model.kind, cfg.output_dir)
-    if cfg.model.kind == "cross":
-        pairs = list(zip(SENTENCES[:4], SENTENCES[4:8]))
-        torch.testing.assert_close(torch.as_tensor(ours.predict(pairs)), torch.as_tensor(theirs.predict(pairs)),
-                                   atol=1e-5, rtol=1e-4)
-    else:
-        a = ours.encode_document(SENTENCES[:4], convert_to_tensor=True)
-        b = theirs.encode_document(SENTENCES[:4], convert_to_tensor=True)
-        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
-                                   atol=1e-5, rtol=1e-4)
 
 
 def _kill_a_worker_after_a_checkpoint(ckpts) -> None:
@@ -189,7 +136,10 @@ def test_fsdp_two_workers_train_and_save_a_loadable_model(ray_cluster, tiny_mode
     start = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
     a, b = trained.encode(SENTENCES[:4], convert_to_tensor=True), start.encode(SENTENCES[:4], convert_to_tensor=True)
     assert not torch.allclose(a, b)  # the gathered full weights were saved, not the initial ones
-    torch.testing.assert_close(a, _st_load("dense", cfg.output_dir).encode(SENTENCES[:4], convert_to_tensor=True),
+    from sentence_transformers import SentenceTransformer
+
+    theirs = SentenceTransformer(cfg.output_dir, device="cpu")
+    torch.testing.assert_close(a, theirs.encode(SENTENCES[:4], convert_to_tensor=True),
                                atol=1e-5, rtol=1e-4)
 
 

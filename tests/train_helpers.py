@@ -112,3 +112,59 @@ def loss_on_data(cfg: TrainConfig, model_path: str, component: str | None = None
             total += float(value.detach())
             batches += 1
     return total / batches
+
+
+def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, model_version: str | None) -> None:
+    """What a finished run of a shipped config must show (``initial``: the model it started from):
+    every row trained on, its MLflow run complete, weights moved and the config's own loss on its
+    data lowered (measured here, not by the trainer), and a model sentence-transformers loads
+    with raytrieve's outputs."""
+    import sentence_transformers as st
+    import torch
+
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.train.loop import load_encoder
+    from tests.conftest import SENTENCES
+
+    rows = sum(pq.read_metadata(d.path).num_rows for d in cfg.datasets)
+    assert steps == -(-rows // cfg.training.batch_size)  # every row trained on, the last batch smaller
+    client = mlflow_run.client(cfg.mlflow.tracking_uri)  # a file store, which MLflow now wants opted into
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.batch_size"] == str(cfg.training.batch_size)
+    assert run.data.params["datasets.0.loss.name"] == cfg.datasets[0].loss.name
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(1, steps + 1))
+    assert all(m.value == m.value for m in history)  # no NaN
+    assert {"learning_rate", "samples_per_s"} <= set(run.data.metrics)
+    if cfg.datasets[0].loss.name == "SpladeLoss":  # dict loss: each component logged too
+        assert {"loss_base_loss", "loss_document_regularizer_loss", "splade_document_regularizer_weight"} <= set(
+            run.data.metrics), sorted(run.data.metrics)
+    if cfg.eval.path:
+        assert any(k.startswith("eval_") and "_at_" in k for k in run.data.metrics), sorted(run.data.metrics)
+    assert "model/modules.json" in {a.path for a in client.list_artifacts(run_id, "model")}
+    if cfg.mlflow.register_model_as:
+        assert model_version == "1"
+        assert client.get_model_version(cfg.mlflow.register_model_as, "1").run_id == run_id
+
+    # Training did something, measured outside the trainer: most weight tensors moved, and the
+    # config's own loss over its data went down.
+    ours = load_encoder(cfg.model.kind, cfg.output_dir, torch.device("cpu"))
+    before = load_encoder(cfg.model.kind, initial, torch.device("cpu")).state_dict()
+    moved = [k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) > len(before) // 2, sorted(set(before) - set(moved))
+    start, end = loss_on_data(cfg, initial), loss_on_data(cfg, cfg.output_dir)
+    assert end < start, (start, end)
+
+    # The final model: sentence-transformers loads it and gives the same outputs as raytrieve.
+    cls = {"dense": st.SentenceTransformer, "sparse": st.SparseEncoder, "cross": st.CrossEncoder}[cfg.model.kind]
+    theirs = cls(cfg.output_dir, device="cpu")
+    if cfg.model.kind == "cross":
+        pairs = list(zip(SENTENCES[:4], SENTENCES[4:8]))
+        torch.testing.assert_close(torch.as_tensor(ours.predict(pairs)), torch.as_tensor(theirs.predict(pairs)),
+                                   atol=1e-5, rtol=1e-4)
+    else:
+        a = ours.encode_document(SENTENCES[:4], convert_to_tensor=True)
+        b = theirs.encode_document(SENTENCES[:4], convert_to_tensor=True)
+        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
+                                   atol=1e-5, rtol=1e-4)
