@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test that needs no Ray. Not what CI or the README promise (that is `make test`).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # ruff (lint + format check) and pyright over the package; configured in pyproject.toml.
 lint: venv

@@ -218,3 +218,15 @@ def tiny_models(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     SparseEncoder([Router.for_query_document([static], [mlm, SpladePooling("max")])], device="cpu").save(root / "router")
     CrossEncoder(tiny_dirs["cls1"], device="cpu").save(root / "cross")
     return {k: root / k for k in ("dense", "sparse", "router", "cross")}
+
+
+# Fixtures that start (or join) Ray: a test using one is `slow`, whatever its file says.
+RAY_FIXTURES = {"ray_cluster", "second_node", "big_second_node"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    # Tests without Ray run first: before Ray's daemons start and share the two cores with them.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

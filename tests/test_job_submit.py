@@ -21,6 +21,7 @@ from tests.conftest import free_port
 
 
 
+@pytest.mark.slow  # starts its own Ray head
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains(tiny_models, tmp_path):
     bin_dir = Path(sys.executable).parent

@@ -94,6 +94,12 @@ def test_empty_missing_and_null(data):
     pq.write_table(pa.table({"question": ["a", None], "answer": ["b", "c"]}), data / "nulls.parquet")
     with pytest.raises(DataError, match="column 'question' has 1 null value"):
         validate_datasets(load_train_config(cfg(data, data / "nulls.parquet")))
+    # group_by_label batches rows by label: a null label is refused even when the loss takes none.
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["b", "c"], "topic": [1, None]}),
+                   data / "null_label.parquet")
+    grouped = cfg(data, data / "null_label.parquet", label="topic", extra="training: {batch_sampler: group_by_label}\n")
+    with pytest.raises(DataError, match="label column 'topic' has null values"):
+        validate_datasets(load_train_config(grouped))
 
 
 def test_bad_config_is_named(data):

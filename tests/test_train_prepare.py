@@ -109,3 +109,21 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
                          prompts={"query": "query: ", "title": "unused: "})
     p = prepare(cfg)
     assert p.prompts == [["query: ", None], ["passage: ", "passage: "]]
+
+
+def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_path):
+    """A MatryoshkaLoss around MNRL, data-parallel: the base loss gets the other ranks' candidates
+    (gather_across_devices), as a bare MNRL does; a config's explicit false still wins."""
+    import torch
+
+    from raytrieve.losses.registry import LossSpec
+    from raytrieve.train.loop import build_losses, load_encoder
+
+    encoder = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
+    for given, want in ((None, True), (False, False)):
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+        args = {} if given is None else {"gather_across_devices": given}
+        cfg.datasets[0].loss = LossSpec("MatryoshkaLoss", {"matryoshka_dims": [32, 16]},
+                                        inner=LossSpec("MultipleNegativesRankingLoss", args))
+        (loss,) = build_losses(cfg, encoder, world_size=2)
+        assert loss.loss.gather_across_devices is want

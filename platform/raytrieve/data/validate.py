@@ -199,7 +199,8 @@ def validate_dataset(
             raise DataError(
                 f"{where} ({d.name}): column {c!r} has {nulls[c]} null value(s) in {path}; drop or fill those rows"
             )
-    if labelled and label is not None and nulls[label]:  # labelled: label was checked above
+    # The loss needs every label, and so does group_by_label (it batches rows by their label).
+    if (labelled or keys == "labels") and label is not None and nulls[label]:
         raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
     report = DatasetReport(
         d.name, str(path), total, columns, label, fmt, pieces, {c: schema.field(c).type for c in read}
@@ -219,5 +220,13 @@ def validate_dataset(
     return report
 
 
+def sampler_keys(cfg: TrainConfig) -> str | None:
+    """The per-row keys the configured batch sampler plans with (and so must be complete)."""
+    return {"no_duplicates": "texts", "group_by_label": "labels"}.get(cfg.training.batch_sampler)
+
+
 def validate_datasets(cfg: TrainConfig, where: str = "config") -> list[DatasetReport]:
-    return [validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+    keys = sampler_keys(cfg)
+    return [
+        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", keys=keys) for i, d in enumerate(cfg.datasets)
+    ]

@@ -61,7 +61,14 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
 
     from raytrieve.assets import resolve_model
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
-    from raytrieve.data.validate import LISTWISE, infer_format, is_numeric, read_table, validate_dataset
+    from raytrieve.data.validate import (
+        LISTWISE,
+        infer_format,
+        is_numeric,
+        read_table,
+        sampler_keys,
+        validate_dataset,
+    )
     from raytrieve.losses.registry import base_spec, needs_labels
     from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
@@ -82,7 +89,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
     has_router = cfg.model.kind != "cross" and isinstance(encoder.stack[0], Router)
 
-    keys = {"no_duplicates": "texts", "group_by_label": "labels"}.get(cfg.training.batch_sampler)
+    keys = sampler_keys(cfg)
     text_columns, label_columns, prompts, routes, streams, planned, pieces = [], [], [], [], [], [], []
     for i, d in enumerate(cfg.datasets):
         # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
