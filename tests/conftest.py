@@ -80,18 +80,17 @@ def reranker_dir() -> Path:
     return assets.model_path("ms-marco-minilm-l12-v2")
 
 
-def _tiny_config(**extra):
+def tiny_bert_config(**changes):
+    """The tests' tiny BERT (2 layers x 32 over the MiniLM vocabulary); ``changes`` override."""
     from transformers import BertConfig
 
-    return BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        **extra,
-    )
+    settings = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=128)
+    return BertConfig(**{**settings, **changes})
+
+
+# Dropout off: losses compared with sentence-transformers see the same activations.
+NO_DROPOUT = {"max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 @pytest.fixture(scope="session")
@@ -104,10 +103,10 @@ def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     out = {}
     for name, build in {
-        "base": lambda: BertModel(_tiny_config()),
-        "mlm": lambda: BertForMaskedLM(_tiny_config()),
-        "cls1": lambda: BertForSequenceClassification(_tiny_config(num_labels=1)),
-        "cls3": lambda: BertForSequenceClassification(_tiny_config(num_labels=3)),
+        "base": lambda: BertModel(tiny_bert_config()),
+        "mlm": lambda: BertForMaskedLM(tiny_bert_config()),
+        "cls1": lambda: BertForSequenceClassification(tiny_bert_config(num_labels=1)),
+        "cls3": lambda: BertForSequenceClassification(tiny_bert_config(num_labels=3)),
     }.items():
         torch.manual_seed(0)
         model = build()

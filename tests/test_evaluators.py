@@ -124,11 +124,11 @@ def tiny_teacher(tiny_dirs, tmp_path_factory, st):
     from transformers import AutoTokenizer, BertModel
 
     from raytrieve.modules import Pooling, Transformer
-    from tests.conftest import _tiny_config
+    from tests.conftest import tiny_bert_config
 
     root = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(1)
-    BertModel(_tiny_config()).save_pretrained(root / "hf")
+    BertModel(tiny_bert_config()).save_pretrained(root / "hf")
     AutoTokenizer.from_pretrained(tiny_dirs["base"]).save_pretrained(root / "hf")
     DenseEncoder([Transformer.from_pretrained(root / "hf", max_seq_length=32), Pooling(32, "mean")],
                  device="cpu").save(root / "st")

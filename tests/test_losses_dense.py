@@ -12,6 +12,7 @@ import raytrieve.losses as L
 from raytrieve import DenseEncoder
 from raytrieve.encoders.similarity import dot
 from raytrieve.modules import Dense, Pooling, Transformer
+from tests.conftest import NO_DROPOUT, tiny_bert_config
 
 ANCHORS = [
     "how do I sort a list",
@@ -41,21 +42,12 @@ NEGATIVES2 = [n[::-1] for n in NEGATIVES]
 
 
 def _build(tmp_path, name: str, seed: int, dense: bool = False):
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertModel
 
     from raytrieve import assets
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    cfg = tiny_bert_config(**NO_DROPOUT)
     hf = tmp_path / f"{name}_hf"
     BertModel(cfg).save_pretrained(hf)
     AutoTokenizer.from_pretrained(assets.model_path("all-minilm-l6-v2")).save_pretrained(hf)

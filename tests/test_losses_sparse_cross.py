@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import NO_DROPOUT, tiny_bert_config
 from tests.test_losses_dense import ANCHORS, NEGATIVES, NEGATIVES2, POSITIVES
 
 import raytrieve.losses.cross as CL
@@ -13,22 +14,12 @@ from raytrieve.modules import MLMTransformer, SpladePooling
 
 
 def _no_dropout_dir(tmp_path, kind: str, seed: int = 0, num_labels: int = 1):
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
 
     from raytrieve import assets
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-    )
+    cfg = tiny_bert_config(**NO_DROPOUT, num_labels=num_labels)
     model = BertForMaskedLM(cfg) if kind == "mlm" else BertForSequenceClassification(cfg)
     d = tmp_path / f"{kind}{num_labels}"
     model.save_pretrained(d)
