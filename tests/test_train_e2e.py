@@ -92,7 +92,7 @@ def test_two_workers_resume_after_a_worker_is_killed(ray_cluster, tiny_models, d
     import torch
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
-                         checkpoint__every_n_steps=1, training__epochs=3, eval={})
+                         checkpoint__every_n_steps=3, training__epochs=3, eval={})
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
     runner.start()
