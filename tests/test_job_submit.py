@@ -32,10 +32,7 @@ def test_ray_job_submit_trains(tiny_models, tmp_path):
     config_path.write_text(yaml.safe_dump(asdict(cfg)))
     port, dashboard = free_port(), free_port()
     # The cluster runs from this venv, as a cluster image would have raytrieve's dependencies installed.
-    # Without the session Ray's RAY_API_SERVER_ADDRESS (raytrieve.ray_cluster): it would send
-    # `ray job submit` there whatever --address says.
-    inherited = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
-    env = {**inherited, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     # The head comes from cluster/local.sh, as README tells users to start one.
     # The test session's own Ray holds the default agent ports; a second node on this host

@@ -438,7 +438,7 @@ def test_hostile_fields_get_4xx_json(served):
                 body = _to_json({**VALID[path], field: value})
                 error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (path, field, value))
                 if value is not DEEP:  # 100k-deep JSON is refused before any field is read
-                    assert error["field"] == "body" or error["field"].startswith(field), (path, field, value, error)
+                    assert error["field"].startswith(field), (path, field, value, error)
             if kind in ("int", "object"):
                 for value in HUGE if kind == "int" else [{"dense": n} for n in HUGE]:
                     code, content_type, data = _request(served, "POST", path, _to_json({**VALID[path], field: value}),

@@ -116,14 +116,28 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
     (gather_across_devices), as a bare MNRL does; a config's explicit false still wins."""
     import torch
 
-    from raytrieve.losses.registry import LossSpec
+    from raytrieve.losses.registry import LossSpec, base_spec
     from raytrieve.train.loop import build_losses, load_encoder
 
     encoder = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
     for given, want in ((None, True), (False, False)):
-        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
         args = {} if given is None else {"gather_across_devices": given}
-        cfg.datasets[0].loss = LossSpec("MatryoshkaLoss", {"matryoshka_dims": [32, 16]},
-                                        inner=LossSpec("MultipleNegativesRankingLoss", args))
-        (loss,) = build_losses(cfg, encoder, world_size=2)
-        assert loss.loss.gather_across_devices is want
+        # The base loss under inner, or as sentence-transformers names it (args.loss, a dict from YAML).
+        for spec in (LossSpec("MatryoshkaLoss", {"matryoshka_dims": [32, 16]},
+                              inner=LossSpec("MultipleNegativesRankingLoss", dict(args))),
+                     LossSpec("MatryoshkaLoss", {"matryoshka_dims": [32, 16],
+                                                 "loss": {"name": "MultipleNegativesRankingLoss", "args": dict(args)}})):
+            cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+            cfg.datasets[0].loss = spec
+            (loss,) = build_losses(cfg, encoder, world_size=2)
+            assert loss.loss.gather_across_devices is want, spec
+    # A wrapper's default base (CSRLoss: SparseMultipleNegativesRankingLoss) is written out, so
+    # what the trainer sets on it is what build_loss builds.
+    csr = LossSpec("CSRLoss")
+    assert base_spec(csr) is csr.inner and csr.inner.name == "SparseMultipleNegativesRankingLoss"
+    # Matryoshka replays one model run per dimension; AdaptiveLayerLoss samples layers per run.
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.datasets[0].loss = LossSpec("AdaptiveLayerLoss", inner=LossSpec("MultipleNegativesRankingLoss"),
+                                    matryoshka_dims=[32, 16])
+    with pytest.raises(ConfigError, match="use name: Matryoshka2dLoss"):
+        build_losses(cfg, encoder, world_size=1)

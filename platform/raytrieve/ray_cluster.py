@@ -11,8 +11,7 @@ alive. Inside workers that API finds its cluster through RAY_ADDRESS or the file
 left by any earlier `ray start` on the host points at a dead cluster: each query then hangs
 40 s, and every training run waited 12 s more on the cleaner's stop (measured: 38 s -> 24 s
 for a 6-step run). So the embedded Ray runs its dashboard (the state API server) on a free
-127.0.0.1 port and names it in RAY_API_SERVER_ADDRESS, which the raylet, and so every
-worker it starts, inherits.
+127.0.0.1 port and names it in RAY_API_SERVER_ADDRESS for every worker of the job.
 """
 
 from __future__ import annotations
@@ -45,7 +44,11 @@ def connect(
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         return
     port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # In the job's runtime environment, not this process's: every actor and task of the job gets
+    # it, while a `ray job submit --address ...` or state query from this process still goes
+    # where it says (the variable overrides an explicit address).
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(
         address="local",
         num_cpus=int(num_cpus) if num_cpus is not None else None,

@@ -118,7 +118,7 @@ def validate_dataset(
     missing = [c for c in columns if c not in available]
     if missing:
         raise DataError(f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}")
-    loss_name = base_spec(d.loss).name
+    loss_name = base_spec(d.loss, f"{where}.loss").name
     wanted = text_columns(d.loss, kind)
     if not column_count_fits(len(columns), wanted):
         raise DataError(

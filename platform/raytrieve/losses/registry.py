@@ -146,17 +146,23 @@ def inner_spec(spec: LossSpec, where: str = "loss") -> tuple[LossSpec | None, st
     return from_dict(LossSpec, given, f"{where}.args.loss"), f"{where}.args.loss"
 
 
-def base_spec(spec: LossSpec) -> LossSpec:
+def base_spec(spec: LossSpec, where: str = "loss") -> LossSpec:
     """The loss that meets the data: the innermost base of wrapping losses (their default base if
-    they name none). Its columns and labels are the ones a dataset must have."""
+    they name none). Its columns and labels are the ones a dataset must have.
+
+    Normalises the chain in place (a base given as ``args.loss`` moves to ``inner``; a wrapper's
+    default base is written out), so the spec returned is the very one ``build_loss`` builds:
+    what a caller sets on it (the trainer's ``gather_across_devices``) takes effect."""
     while spec.name in WRAPPERS:
-        inner, _ = inner_spec(spec)
+        inner, inner_where = inner_spec(spec, where)
         if inner is None:
             default = WRAPPERS[spec.name][1]
             if default is None:
                 return spec
             inner = LossSpec(default)
-        spec = inner
+        spec.args.pop("loss", None)
+        spec.inner = inner
+        spec, where = inner, inner_where
     return spec
 
 
@@ -195,6 +201,12 @@ def build_loss(spec: LossSpec, model: nn.Module, kind: str, where: str = "loss")
             raise ConfigError(
                 f"{where}.matryoshka_dims would wrap {spec.name} in a second MatryoshkaLoss; "
                 f"give the dimensions once, as {where}.args.matryoshka_dims"
+            )
+        if spec.name == "AdaptiveLayerLoss":
+            # Matryoshka replays one model run per dimension; AdaptiveLayerLoss samples layers per run.
+            raise ConfigError(
+                f"{where}.matryoshka_dims cannot wrap AdaptiveLayerLoss; use name: Matryoshka2dLoss "
+                "(layers and dimensions together)"
             )
         from raytrieve.losses.modifiers import MatryoshkaLoss
 

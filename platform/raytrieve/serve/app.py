@@ -181,8 +181,10 @@ class _Guard:
                 refusal, body = await _read_body(receive, ingress.limits.max_body_bytes)
             if refusal is not None:
                 await refusal(scope, receive, send_counted)
-            elif body is not None:  # None: the client went away mid-body, nobody to answer
+            elif body is not None:
                 await self.app(scope, _replay(body, receive), send_counted)
+            else:  # the client went away mid-body: nobody to answer, and not a server error
+                status[0] = 499
         finally:
             # Known routes only: fuzzed paths must not grow the metrics registry.
             path = getattr(scope.get("route"), "path", "other")

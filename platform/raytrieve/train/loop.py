@@ -64,7 +64,8 @@ def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Mo
     losses = []
     for i, d in enumerate(cfg.datasets):
         loss_spec: LossSpec = d.loss
-        base = base_spec(loss_spec)  # through SpladeLoss, MatryoshkaLoss, ... to the loss that meets the batch
+        # Through SpladeLoss, MatryoshkaLoss, ... to the loss that meets the batch (the spec build_loss uses).
+        base = base_spec(loss_spec, f"datasets[{i}].loss")
         cls = _catalogue(cfg.model.kind).get(base.name)
         # In-batch negatives from every rank: what makes N workers equal 1 worker on the
         # whole batch. On by default when data-parallel; a config can still say false.
@@ -362,6 +363,10 @@ def _load_optimizer(wrapped, module, optimizer, state: dict[str, Any]) -> None:
     if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # strict=False: parameters that never had a gradient (a pooler that mean pooling skips)
+        # have no optimizer state to restore, exactly as in the run that saved it.
+        set_optimizer_state_dict(
+            wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         return
     optimizer.load_state_dict(state)

@@ -106,7 +106,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
             )
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
-        base = base_spec(d.loss).name
+        base = base_spec(d.loss, f"{where}.datasets[{i}].loss").name
         listwise = cfg.model.kind == "cross" and base in LISTWISE
         # Labels reach the loss whenever the dataset names a numeric label column.
         label = (
