@@ -16,13 +16,13 @@ AdaptiveLayerLoss) names it in ``inner``, itself a spec::
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from raytrieve.encoders import similarity as sim
 from raytrieve.errors import ConfigError
+from raytrieve.train.config import LossSpec  # a config type, defined there so configs load without torch
 
 # Losses whose call needs a label column (the others take texts only).
 NEEDS_LABELS = {
@@ -94,18 +94,6 @@ def _catalogue(kind: str) -> dict[str, type]:
         found.pop("CSRReconstructionLoss", None)
         return found
     return {n: c for n, c in classes(cross).items() if n != "CrossLoss" and not n.startswith("Listwise")}
-
-
-@dataclass
-class LossSpec:
-    """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
-    MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss)."""
-
-    name: str
-    args: dict[str, Any] = field(default_factory=dict)
-    inner: LossSpec | None = None
-    matryoshka_dims: list[int] | None = None
-    matryoshka_weights: list[float] | None = None
 
 
 def loss_names(kind: str) -> list[str]:

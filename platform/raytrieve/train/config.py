@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from raytrieve.config import load_yaml
 from raytrieve.errors import ConfigError
-from raytrieve.losses.registry import LossSpec
+
+
+@dataclass
+class LossSpec:
+    """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
+    MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss)."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    inner: LossSpec | None = None
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``train_loop_per_worker``: what every Ray Train worker runs.
+"""``run_worker``: what every Ray Train worker runs (entered through ``raytrieve.train.entry``).
 
 It loads the encoder, builds one loss per dataset, wraps both for DDP/FSDP, restores the
 latest checkpoint if there is one, and streams its rank's planned micro-batches (already
@@ -19,35 +19,18 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from raytrieve.train.config import TrainConfig
+from raytrieve.train.entry import WorkerSpec
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
 
 ENCODERS = {"dense": "DenseEncoder", "sparse": "SparseEncoder", "cross": "CrossEncoder"}
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs, resolved on the driver (picklable, no Ray objects)."""
-
-    config: TrainConfig
-    model_path: str  # local sentence-transformers folder
-    optimizer_steps: int
-    stream: Any  # data.pipeline.StreamSpec: columns, prompts, routes, label kinds per dataset
-    micro_batch_epoch: Any  # numpy int32 per micro-batch: its epoch
-    micro_batch_rows: Any  # numpy int64 per micro-batch: rows per rank
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    eval_columns: dict[str, list[Any]] | None = None
-    threads: int | None = None
-    samples_per_step: int = 0  # global rows per optimizer step
 
 
 def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: bool = False):
@@ -130,7 +113,8 @@ def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path:
     encoder.save(target)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def run_worker(spec: WorkerSpec) -> None:
+    """The body of every Ray Train worker (entered through ``raytrieve.train.entry``)."""
     import ray.train
     import ray.train.torch
 
@@ -148,7 +132,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytrieve.train.optim import build_optimizer, build_schedule
     from raytrieve.train.step import Stepper
 
-    spec: WorkerSpec = loop_config["spec"]
     cfg = spec.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

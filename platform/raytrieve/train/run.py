@@ -21,7 +21,8 @@ import numpy as np
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.train.config import TrainConfig
-from raytrieve.train.loop import WorkerSpec, build_losses, load_encoder, train_loop_per_worker
+from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
+from raytrieve.train.loop import build_losses, load_encoder
 from raytrieve.train.plan import DatasetKeys, Plan, plan_training
 
 log = logging.getLogger("raytrieve.train")
