@@ -81,9 +81,21 @@ def _weights(path: str, kind: str = "dense"):
     return load_encoder(kind, path, torch.device("cpu")).state_dict()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_models, data, tmp_path_factory):
+    """The resume tests' reference: the same config and seed on 2 DDP workers, never interrupted,
+    with no intermediate checkpoints. FSDP computes the same mean gradients, so its resumed run
+    must end here too (within float tolerance), which also proves FSDP and DDP train alike."""
+    reference = shipped_config("dense_mnrl", tmp_path_factory.mktemp("uninterrupted"), tiny_models, data,
+                               scaling__num_workers=2, scaling__strategy="ddp", training__epochs=3, eval={},
+                               checkpoint__every_n_steps=None)
+    return run_training(reference), _weights(reference.output_dir)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny_models, data, tmp_path):
+def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny_models, data, uninterrupted,
+                                                     tmp_path):
     """2 workers (DDP, or FSDP with sharded weights and optimizer state); once a checkpoint exists
     a worker process is SIGKILLed; Ray Train restarts the group from the last checkpoint
     (FailureConfig). The resumed run ends with the weights of an uninterrupted run of the same
@@ -117,12 +129,10 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
     assert all(steps.count(s) == 1 for s in range(1, start + 1))
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
-    # The same config and seed, never interrupted and with no intermediate checkpoints.
-    reference = shipped_config("dense_mnrl", tmp_path / "ref", tiny_models, data, scaling__num_workers=2,
-                               scaling__strategy=strategy, training__epochs=3, eval={},
-                               checkpoint__every_n_steps=None)
-    assert run_training(reference).steps == result.steps
-    got, want = _weights(cfg.output_dir), _weights(reference.output_dir)
+    # The same config and seed, never interrupted and with no intermediate checkpoints (DDP).
+    reference, want = uninterrupted
+    assert reference.steps == result.steps
+    got = _weights(cfg.output_dir)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
