@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,11 +126,26 @@ def ray_cluster():
 
     from raytrieve.ray_cluster import connect
 
+    # Job entrypoints (`ray job submit -- python jobs/train.py`) run `python` from the PATH Ray's
+    # processes inherit: make it this venv's, as a cluster image has raytrieve's dependencies
+    # (cluster/local.sh does the same for a head it starts).
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # The embedded start users get (raytrieve.ray_cluster: its dashboard serves Ray's state API).
-    connect("local", num_cpus=2, log_to_driver=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    dashboard = connect("local", num_cpus=2, log_to_driver=False,
+                        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    assert dashboard is not None, "the embedded Ray runs a dashboard"
+    _SESSION["dashboard"] = dashboard
     yield ray
     ray.shutdown()
+
+
+_SESSION: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The session cluster's dashboard, which is also its job server (`ray job submit --address`)."""
+    return _SESSION["dashboard"]
 
 
 class SecondNode:
@@ -220,7 +236,7 @@ def tiny_models(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
 
 
 # Fixtures that start (or join) Ray: a test using one is `slow`, whatever its file says.
-RAY_FIXTURES = {"ray_cluster", "second_node", "big_second_node"}
+RAY_FIXTURES = {"ray_cluster", "ray_dashboard", "second_node", "big_second_node"}
 
 
 def pytest_collection_modifyitems(config, items):
