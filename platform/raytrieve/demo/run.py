@@ -192,8 +192,16 @@ def encode_and_index(cfg: DemoConfig, samples: sampling.Samples, dense: str, spa
 
 
 def serve_and_query(
-    cfg: DemoConfig, samples: sampling.Samples, dense: str, sparse: str, index: str, progress: Progress
+    cfg: DemoConfig,
+    samples: sampling.Samples,
+    dense: str,
+    sparse: str,
+    index: str,
+    progress: Progress,
+    serve_running: bool = False,
 ) -> dict[str, Any]:
+    """Deploy the demo's app, query it over HTTP, delete the app. ``serve_running``: this run
+    already started Serve (its proxy holds the port); the app is deployed on it."""
     from ray import serve
 
     from raytrieve.config import from_dict
@@ -222,7 +230,8 @@ def serve_and_query(
         },
         where="demo serve",
     )
-    _check_port_free(s.port)
+    if not serve_running:
+        _check_port_free(s.port)
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)
@@ -231,9 +240,9 @@ def serve_and_query(
             base, samples.test.queries, s.recall, s.rerank_depth, s.clients, progress=lambda line: progress(f"  {line}")
         )
     finally:
-        # Frees the replicas' CPUs for training. This stops every Serve app on the cluster the
-        # demo runs on: the demo is meant for its own embedded Ray.
-        serve.shutdown()
+        # Frees the replicas' CPUs for training; Serve's controller and proxy stay up for the
+        # next phase (restarting them cost about 10 s) and stop at the end of the run.
+        serve.delete(serve_cfg.app_name)
     return {
         "per_stage": {
             mode: scoring.per_query(r, samples.test.qrels, s.recall) for mode, r in answers["rankings"].items()
@@ -378,6 +387,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         }
         return store.put(f"dev-{phase}", key, result)
 
+    serving: list[str] = []  # phases that deployed on Serve in this run (Serve is up after the first)
+
     def platform(phase: str, dense: str, sparse: str, identity: Any) -> dict:
         key = {**base_key, "models": identity, "reranker": m.reranker, "serving": asdict(cfg.serving)}
         cached = store.get(f"test-{phase}", key)
@@ -390,7 +401,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         with progress.heartbeat("encoding"):
             encoded = encode_and_index(cfg, samples, dense, sparse, folder)
         progress(f"  encoded {encoded['rows']} documents at {encoded['rows_per_s']} rows/s; starting Serve")
-        served = serve_and_query(cfg, samples, dense, sparse, encoded["index"], progress)
+        served = serve_and_query(cfg, samples, dense, sparse, encoded["index"], progress, bool(serving))
+        serving.append(phase)
         return store.put(f"test-{phase}", key, {"encode": encoded, **served})
 
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")
@@ -401,46 +413,51 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     from raytrieve.ray_cluster import connect
 
     connect(ray_address, num_cpus=cfg.num_cpus if ray_address == "local" else None, log_to_driver=False)
-    import ray.serve  # noqa: F401  (imported before its logger is quietened below)
+    import ray.serve  # imported before its logger is quietened below, and stopped at the end
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     # After the imports: Ray Data and Serve set up their loggers when first imported.
     for name in ("ray.data", "ray.serve", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    progress("3/6 pretrained models through the platform: encoding job, indices, Serve, HTTP")
-    before_test = platform("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
+    try:
+        progress("3/6 pretrained models through the platform: encoding job, indices, Serve, HTTP")
+        before_test = platform("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
 
-    progress("4/6 fine-tuning with Ray Train, tracked in MLflow")
-    tuned: dict[str, dict] = {}
-    for kind, ft, base in (("dense", cfg.dense_training, m.dense), ("sparse", cfg.sparse_training, m.sparse)):
-        if not ft.enabled:
-            progress(f"  {kind}: fine-tuning disabled; the pretrained model stays")
-            tuned[kind] = {"uri": base, "run_id": None}
-            continue
-        key = {**base_key, "kind": kind, "model": base, "fine_tune": asdict(ft), "uri": cfg.tracking_uri()}
-        # A recorded run whose registry version is gone (a wiped store) is trained again.
-        cached = store.get(f"train-{kind}", key, lambda r: _registered(cfg.tracking_uri(), r["uri"]))
-        if cached is not None:
-            progress(f"  {kind}: reused {cached['uri']} (run {cached['run_id']})")
-            tuned[kind] = cached
-            continue
-        progress(f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s)")
-        tuned[kind] = store.put(f"train-{kind}", key, fine_tune(cfg, kind, ft, samples, progress))
-        progress(f"  {kind}: registered {tuned[kind]['uri']} ({tuned[kind]['steps']} steps)")
-    identity = [
-        tuned["dense"]["uri"],
-        tuned["dense"].get("run_id"),
-        tuned["sparse"]["uri"],
-        tuned["sparse"].get("run_id"),
-    ]
+        progress("4/6 fine-tuning with Ray Train, tracked in MLflow")
+        tuned: dict[str, dict] = {}
+        for kind, ft, base in (("dense", cfg.dense_training, m.dense), ("sparse", cfg.sparse_training, m.sparse)):
+            if not ft.enabled:
+                progress(f"  {kind}: fine-tuning disabled; the pretrained model stays")
+                tuned[kind] = {"uri": base, "run_id": None}
+                continue
+            key = {**base_key, "kind": kind, "model": base, "fine_tune": asdict(ft), "uri": cfg.tracking_uri()}
+            # A recorded run whose registry version is gone (a wiped store) is trained again.
+            cached = store.get(f"train-{kind}", key, lambda r: _registered(cfg.tracking_uri(), r["uri"]))
+            if cached is not None:
+                progress(f"  {kind}: reused {cached['uri']} (run {cached['run_id']})")
+                tuned[kind] = cached
+                continue
+            progress(f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s)")
+            tuned[kind] = store.put(f"train-{kind}", key, fine_tune(cfg, kind, ft, samples, progress))
+            progress(f"  {kind}: registered {tuned[kind]['uri']} ({tuned[kind]['steps']} steps)")
+        identity = [
+            tuned["dense"]["uri"],
+            tuned["dense"].get("run_id"),
+            tuned["sparse"]["uri"],
+            tuned["sparse"].get("run_id"),
+        ]
 
-    progress(
-        "5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
-        "with Serve loading them from the MLflow registry"
-    )
-    after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
-    after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
+        progress(
+            "5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
+            "with Serve loading them from the MLflow registry"
+        )
+        after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
+        after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
+
+    finally:
+        if serving:  # this stops every Serve app on the cluster: the demo is meant for its own embedded Ray
+            ray.serve.shutdown()
 
     progress("6/6 report")
     rep = report.build(
