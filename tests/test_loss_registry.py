@@ -14,7 +14,7 @@ from raytrieve.losses import (
     MultipleNegativesRankingLoss,
     TripletLoss,
 )
-from raytrieve.losses.registry import LossSpec, base_spec, build_loss, loss_names, needs_labels, text_columns
+from raytrieve.losses.registry import LossSpec, build_loss, loss_names, needs_labels, text_columns
 from raytrieve.losses.sparse import SpladeLoss
 from raytrieve.modules import Pooling, Transformer
 
@@ -112,7 +112,7 @@ def test_build_modifiers_from_config(dense):
     # What the data must hold comes from the innermost loss.
     assert needs_labels(_spec(two_d)) and not needs_labels(_spec(MATRYOSHKA_YAML))
     assert text_columns(_spec(adaptive), "dense") == (3, 3) and text_columns(_spec(same), "dense") == (2, 2)
-    assert base_spec(_spec(two_d)).name == "CoSENTLoss"
+    assert _spec(two_d).base.name == "CoSENTLoss"
 
 
 def test_build_csr(tiny_dirs):
@@ -196,3 +196,102 @@ def test_build_csr(tiny_dirs):
 def test_modifier_config_errors_name_the_field(dense, data, message):
     with pytest.raises(ConfigError, match=message):
         build_loss(_spec(data), dense, "dense")
+
+
+def test_a_new_loss_is_one_class_and_its_registration(dense, tmp_path):
+    """Adding a loss: one class stating what differs from LossContract's defaults, registered for
+    its kind. A config naming it (here as a MatryoshkaLoss's base) then passes the dataset checks
+    by its contract, builds and runs; unregistering leaves the registry as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from raytrieve.config import from_dict
+    from raytrieve.data.validate import validate_dataset
+    from raytrieve.errors import DataError
+    from raytrieve.losses import Loss
+    from raytrieve.losses.base import register, unregister
+    from raytrieve.train.config import DatasetConfig
+
+    before = {kind: loss_names(kind) for kind in ("dense", "sparse", "cross")}
+
+    @register("dense")
+    class ScoredPairLoss(Loss):
+        columns = (2, 2)
+        column_names = "sentence1, sentence2 (+ a score label)"
+        needs_labels = True
+
+        def __init__(self, model, offset: float = 0.0) -> None:
+            super().__init__(model)
+            self.offset = offset
+
+        def compute_loss_from_embeddings(self, embeddings, labels):
+            scores = (embeddings[0] * embeddings[1]).sum(-1) + self.offset
+            return (scores - labels.to(scores.dtype)).square().mean()
+
+    try:
+        assert "ScoredPairLoss" in loss_names("dense") and "ScoredPairLoss" not in loss_names("sparse")
+        pq.write_table(pa.table({"a": ["x", "y"], "b": ["u", "v"], "score": [0.1, 0.9]}), tmp_path / "pairs.parquet")
+        loss = {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [32, 16]},
+                "inner": {"name": "ScoredPairLoss", "args": {"offset": 0.5}}}
+        d = from_dict(DatasetConfig, {"name": "pairs", "path": str(tmp_path / "pairs.parquet"), "columns": ["a", "b"],
+                                      "label_column": "score", "loss": loss}, "datasets[0]")
+        report = validate_dataset(d, "dense", "datasets[0]")
+        assert report.rows == 2 and report.text_columns == ["a", "b"] and report.label_column == "score"
+        built = build_loss(d.loss, dense, "dense")
+        assert isinstance(built, MatryoshkaLoss) and isinstance(built.loss, ScoredPairLoss) and built.loss.offset == 0.5
+        value = built([dense.tokenize(["x", "y"]), dense.tokenize(["u", "v"])], torch.tensor([0.1, 0.9]))
+        assert torch.isfinite(value)
+        # Its contract is what the checks enforce: labels, then the column count.
+        d.label_column = None
+        with pytest.raises(DataError, match=r"ScoredPairLoss needs labels; set datasets\[\]\.label_column"):
+            validate_dataset(d, "dense", "datasets[0]")
+        d.label_column, d.columns = "score", ["a"]
+        with pytest.raises(DataError, match="ScoredPairLoss takes 2 text column"):
+            validate_dataset(d, "dense", "datasets[0]")
+    finally:
+        unregister("dense", "ScoredPairLoss")
+    assert {kind: loss_names(kind) for kind in before} == before
+    with pytest.raises(ConfigError, match="unknown dense loss 'ScoredPairLoss'"):
+        build_loss(LossSpec("ScoredPairLoss"), dense, "dense")
+
+
+def test_registration_refuses_a_loss_configs_could_not_use():
+    from raytrieve.losses import Loss
+    from raytrieve.losses.base import register
+
+    before = loss_names("dense")
+
+    class WrapsALoss(Loss):  # takes a base loss, but configs could not find it without torch
+        def __init__(self, model, loss) -> None:
+            super().__init__(model)
+
+    with pytest.raises(TypeError, match="list it in WRAPPING_LOSSES"):
+        register("dense")(WrapsALoss)
+
+    class CoSENTLoss(Loss):  # a second dense loss of a registered name
+        pass
+
+    with pytest.raises(TypeError, match="dense loss CoSENTLoss is registered twice"):
+        register("dense")(CoSENTLoss)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        register("sparce")
+    assert loss_names("dense") == before
+
+
+def test_the_contract_tables_agree_with_the_classes():
+    """needs_labels without a kind reads the loss of that name in any kind, so losses of one name
+    agree; list inputs are a cross-encoder affair; every wrapping loss named for configs exists."""
+    from raytrieve.losses.registry import loss_classes
+    from raytrieve.train.config import WRAPPING_LOSSES
+
+    kinds = ("dense", "sparse", "cross")
+    labels: dict[str, set[bool]] = {}
+    for kind in kinds:
+        for name, cls in loss_classes(kind).items():
+            labels.setdefault(name, set()).add(cls.needs_labels)
+            assert not cls.listwise or kind == "cross", name
+    assert all(len(v) == 1 for v in labels.values()), {n: v for n, v in labels.items() if len(v) > 1}
+    assert set(WRAPPING_LOSSES) <= set(labels)
+    listwise = {n for n, c in loss_classes("cross").items() if c.listwise}
+    assert {"LambdaLoss", "ListNetLoss"} <= listwise and "BinaryCrossEntropyLoss" not in listwise

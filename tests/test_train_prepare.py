@@ -116,7 +116,7 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
     (gather_across_devices), as a bare MNRL does; a config's explicit false still wins."""
     import torch
 
-    from raytrieve.losses.registry import LossSpec, base_spec
+    from raytrieve.losses.registry import LossSpec
     from raytrieve.train.loop import build_losses, load_encoder
 
     encoder = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
@@ -134,7 +134,7 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
     # A wrapper's default base (CSRLoss: SparseMultipleNegativesRankingLoss) is written out, so
     # what the trainer sets on it is what build_loss builds.
     csr = LossSpec("CSRLoss")
-    assert base_spec(csr) is csr.inner and csr.inner.name == "SparseMultipleNegativesRankingLoss"
+    assert csr.base is csr.inner and csr.inner.name == "SparseMultipleNegativesRankingLoss"
     # Matryoshka replays one model run per dimension; AdaptiveLayerLoss samples layers per run.
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].loss = LossSpec("AdaptiveLayerLoss", inner=LossSpec("MultipleNegativesRankingLoss"),

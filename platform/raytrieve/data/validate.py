@@ -17,10 +17,9 @@ import pyarrow as pa
 
 from raytrieve.errors import DataError
 from raytrieve.losses.base import column_count_fits, describe_column_count
-from raytrieve.losses.registry import base_spec, needs_labels, text_columns
+from raytrieve.losses.registry import base_class
 from raytrieve.train.config import DatasetConfig, TrainConfig
 
-LISTWISE = {"LambdaLoss", "RankNetLoss", "ListNetLoss", "ListMLELoss", "PListMLELoss"}
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -118,15 +117,16 @@ def validate_dataset(
     missing = [c for c in columns if c not in available]
     if missing:
         raise DataError(f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}")
-    loss_name = base_spec(d.loss, f"{where}.loss").name
-    wanted = text_columns(d.loss, kind)
+    loss_name = d.loss.base_at(f"{where}.loss").name
+    contract = base_class(d.loss, kind)  # what the loss that meets the data asks of it
+    wanted = contract.columns
     if not column_count_fits(len(columns), wanted):
         raise DataError(
             f"{where} ({d.name}): {loss_name} takes {describe_column_count(wanted)} text column(s), "
             f"the dataset gives {len(columns)} {columns}; "
             "set datasets[].columns (and label_column) to pick them"
         )
-    listwise = kind == "cross" and loss_name in LISTWISE
+    listwise = contract.listwise
     for i, c in enumerate(columns):
         col_type = schema.field(c).type
         if listwise and i == 1:
@@ -136,7 +136,7 @@ def validate_dataset(
             ok, what = _is_text(col_type), "strings"
         if not ok:
             raise DataError(f"{where} ({d.name}): column {c!r} must hold {what}, found {col_type}")
-    labelled = needs_labels(d.loss)
+    labelled = contract.needs_labels
     if labelled:
         if label is None:
             raise DataError(f"{where} ({d.name}): {loss_name} needs labels; set datasets[].label_column")

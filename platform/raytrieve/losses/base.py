@@ -6,19 +6,25 @@ A loss is called like sentence-transformers': ``loss(features, labels)`` where
 ``features`` is one tokenized dict per input column (anchor, positive, negatives...).
 Losses that work on embeddings implement ``compute_loss_from_embeddings(embeddings, labels)``
 so the same math runs on freshly computed, cached, truncated or gathered embeddings.
+
+A loss states what it asks of a dataset as ``LossContract`` class attributes (columns, labels,
+listwise) and becomes nameable in configs with ``@register(kind)``; the registry
+(losses/registry.py) and the dataset checks read only those.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import InputError
+from raytrieve.train.config import WRAPPING_LOSSES  # names only: configs read them without torch
 
 Features = dict[str, Any]
 
@@ -90,12 +96,23 @@ def describe_column_count(columns: tuple[int, int | None]) -> str:
     return f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
 
 
-class ColumnCheck:
-    """How many input columns a loss takes, and the error when a batch does not fit."""
+KINDS = ("dense", "sparse", "cross")
+
+
+class LossContract:
+    """What a loss asks of its config and its dataset, read by the registry and the dataset
+    checks before any worker starts. A loss states only what differs from these defaults."""
 
     # (fewest, most) input columns; None = no upper bound.
-    columns: tuple[int, int | None] = (1, None)
-    column_names: str = "texts"
+    columns: ClassVar[tuple[int, int | None]] = (1, None)
+    column_names: ClassVar[str] = "texts"
+    # The dataset must name a label column (scores, class ids, teacher margins...).
+    needs_labels: ClassVar[bool] = False
+    # Cross-encoders: the second column holds a list of documents per query and the label
+    # column a list of scores per query.
+    listwise: ClassVar[bool] = False
+    # Arguments a config must give -> an example value for the error that asks for them.
+    required_args: ClassVar[Mapping[str, str]] = {}
 
     def check_columns(self, n: int) -> None:
         if not column_count_fits(n, self.columns):
@@ -105,7 +122,56 @@ class ColumnCheck:
             )
 
 
-class Loss(ColumnCheck, nn.Module):
+# kind -> loss name -> class: what configs can name. Filled by @register as the loss modules load.
+_REGISTERED: dict[str, dict[str, type[LossContract]]] = {kind: {} for kind in KINDS}
+
+C = TypeVar("C", bound=type[LossContract])
+
+
+def register(kind: str) -> Callable[[C], C]:
+    """Make a loss class nameable in configs of ``kind`` models, under its class name::
+
+        @register("dense")
+        class MyLoss(Loss):
+            columns = (2, None)
+            needs_labels = True
+
+    A loss that wraps a base loss (its constructor takes ``loss``) must also be listed in
+    ``raytrieve.train.config.WRAPPING_LOSSES``, so that configs can find its base without torch."""
+    if kind not in KINDS:
+        raise ValueError(f"register({kind!r}): kind must be one of {KINDS}")
+
+    def add(cls: C) -> C:
+        name, known = cls.__name__, _REGISTERED[kind]
+        if not issubclass(cls, LossContract):
+            raise TypeError(f"{name}: a registered loss subclasses LossContract (or Loss), which states its contract")
+        if name in known and known[name] is not cls:
+            raise TypeError(f"{kind} loss {name} is registered twice ({known[name].__module__} and {cls.__module__})")
+        wraps = "loss" in inspect.signature(cls.__init__).parameters
+        if wraps and name not in WRAPPING_LOSSES:
+            raise TypeError(
+                f"{name} takes a base loss (its `loss` argument): list it in WRAPPING_LOSSES in "
+                "raytrieve/train/config.py, with a default base or None"
+            )
+        if not wraps and name in WRAPPING_LOSSES:
+            raise TypeError(f"WRAPPING_LOSSES lists {name}, whose constructor takes no base loss (`loss`); remove it")
+        known[name] = cls
+        return cls
+
+    return add
+
+
+def unregister(kind: str, name: str) -> None:
+    """Forget a registered loss (tests that register one of their own clean up with this)."""
+    _REGISTERED[kind].pop(name, None)
+
+
+def registered(kind: str) -> dict[str, type[LossContract]]:
+    """The classes registered for ``kind`` so far (the registry imports every loss module first)."""
+    return dict(_REGISTERED[kind])
+
+
+class Loss(LossContract, nn.Module):
     """Base of the embedding losses: ``forward`` embeds the columns and hands them to
     ``compute_loss_from_embeddings``."""
 

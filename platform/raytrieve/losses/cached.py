@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import cosine
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Features, Loss, LossInputError
+from raytrieve.losses.base import Features, Loss, LossInputError, register
 from raytrieve.losses.ranking import GISTEmbedLoss, MultipleNegativesRankingLoss, gist_loss_rows
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ def _chunked(parts: Iterator[Tensor], with_backward: bool) -> Tensor:
     return total
 
 
+@register("dense")
 class CachedMultipleNegativesRankingLoss(CachedLoss):
     """MultipleNegativesRankingLoss with GradCache: same value and gradients, memory of one mini-batch."""
 
@@ -193,6 +194,7 @@ def _lazy(fn: Callable[[int, int], Tensor], rows: int, size: int) -> Iterator[Te
         yield fn(b, e)
 
 
+@register("dense")
 class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
     def __init__(
         self,
@@ -213,6 +215,7 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
         )
 
 
+@register("dense")
 class CachedGISTEmbedLoss(CachedLoss):
     """GISTEmbedLoss with GradCache."""
 

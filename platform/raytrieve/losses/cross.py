@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import ColumnCheck, LossInputError
+from raytrieve.losses.base import LossContract, LossInputError, register
 from raytrieve.losses.cached import RandContext
 from raytrieve.losses.pairwise import margin_targets
 
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from raytrieve.encoders.cross import CrossEncoder
 
 
-class CrossLoss(ColumnCheck, nn.Module):
-    columns: tuple[int, int | None] = (2, 2)
+class CrossLoss(LossContract, nn.Module):
+    columns = (2, 2)
     column_names = "queries, documents"
 
     def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None) -> None:
@@ -46,8 +46,11 @@ class CrossLoss(ColumnCheck, nn.Module):
             )
 
 
+@register("cross")
 class BinaryCrossEntropyLoss(CrossLoss):
     """BCE on the logit of each (query, document) pair; ``pos_weight`` re-weights positives."""
+
+    needs_labels = True
 
     def __init__(
         self,
@@ -66,9 +69,12 @@ class BinaryCrossEntropyLoss(CrossLoss):
         return self.bce(logits, labels.view(-1).float().to(logits.device))
 
 
+@register("cross")
 class CrossEntropyLoss(CrossLoss):
     """Cross-entropy over the model's classes. Labels are class ids (one per pair), or class
     probabilities [pairs, num_labels] (soft labels, e.g. a teacher's softmax)."""
+
+    needs_labels = True
 
     def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
@@ -95,8 +101,11 @@ class CrossEntropyLoss(CrossLoss):
         )
 
 
+@register("cross")
 class MSELoss(CrossLoss):
     """Regress the pair's score onto a (teacher) score."""
+
+    needs_labels = True
 
     def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
@@ -109,11 +118,13 @@ class MSELoss(CrossLoss):
         return self.mse(logits, labels.view(-1).detach().float().to(logits.device))
 
 
+@register("cross")
 class MarginMSELoss(CrossLoss):
     """MSE between score margins (positive minus each negative) and the teacher's margins."""
 
     columns = (3, None)
     column_names = "queries, positives, negatives..."
+    needs_labels = True
 
     def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, activation_fn)
@@ -141,6 +152,7 @@ def _negative_indices(rows: int, n_cols: int, num_negatives: int | None, device)
     return torch.arange(rows * n_cols, device=device).repeat(rows, 1)[mask].reshape(rows, -1)
 
 
+@register("cross")
 class MultipleNegativesRankingLoss(CrossLoss):
     """Softmax over (anchor, positive) against sampled in-batch and given hard negatives."""
 
@@ -187,6 +199,7 @@ class MultipleNegativesRankingLoss(CrossLoss):
         return self._loss_from_logits(logits, len(inputs[0]))
 
 
+@register("cross")
 class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     """The same loss with GradCache over chunks of ``mini_batch_size`` pairs."""
 
@@ -235,6 +248,8 @@ class ListwiseLoss(CrossLoss):
     """Shared prelude: score every (query, document) pair, lay the scores out as [queries, max docs]."""
 
     column_names = "queries, a list of documents per query (+ a list of label tensors)"
+    needs_labels = True
+    listwise = True
     logit_pad = -1e16
 
     def __init__(
@@ -269,6 +284,7 @@ class ListwiseLoss(CrossLoss):
         return logit_matrix, label_matrix, mask
 
 
+@register("cross")
 class ListNetLoss(ListwiseLoss):
     """Cross-entropy between softmax(labels) and softmax(scores) per query."""
 
@@ -292,6 +308,7 @@ class PListMLELambdaWeight:
         return (torch.pow(2.0, n - ranks - shift) - torch.pow(2.0, -shift)) * mask
 
 
+@register("cross")
 class PListMLELoss(ListwiseLoss):
     """Plackett-Luce likelihood of the given order (input order, or sorted by label), position-weighted."""
 
@@ -331,6 +348,7 @@ class PListMLELoss(ListwiseLoss):
         return per_query.mean()
 
 
+@register("cross")
 class ListMLELoss(PListMLELoss):
     def __init__(
         self,
@@ -381,6 +399,7 @@ class NDCGLoss2PPScheme:
         )
 
 
+@register("cross")
 class LambdaLoss(ListwiseLoss):
     """Pairwise logistic loss on score differences, weighted toward pairs whose swap would
     change NDCG most (the weighting scheme), over pairs with either position in the top k."""
@@ -431,6 +450,7 @@ class LambdaLoss(ListwiseLoss):
         return -selected.sum() / max(selected.numel(), 1)
 
 
+@register("cross")
 class RankNetLoss(LambdaLoss):
     """LambdaLoss without weights: plain pairwise logistic (RankNet)."""
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Features, Loss, LossInputError, column_merging_disabled
+from raytrieve.losses.base import Features, Loss, LossContract, LossInputError, column_merging_disabled, register
 from raytrieve.modules import Transformer
 
 
@@ -31,11 +31,14 @@ def shrink(t: Tensor, dim: int) -> Tensor:
     return F.normalize(t[..., :dim], p=2, dim=-1)
 
 
-class MatryoshkaLoss(nn.Module):
+@register("dense")
+class MatryoshkaLoss(LossContract, nn.Module):
     """Sum over ``matryoshka_dims`` of weight x inner loss on the L2-normalized prefix of that size.
 
     ``n_dims_per_step`` > 0 samples that many dims per step (Python's ``random``).
     """
+
+    required_args: ClassVar[Mapping[str, str]] = {"matryoshka_dims": "[768, 512, 256, 128, 64]"}
 
     def __init__(
         self,
@@ -197,7 +200,8 @@ def _layer_weight(scheme: str | Callable[[int], float], i: int) -> float:
     return 1.0
 
 
-class AdaptiveLayerLoss(nn.Module):
+@register("dense")
+class AdaptiveLayerLoss(LossContract, nn.Module):
     """Train earlier transformer layers to produce useful embeddings too (2D-Matryoshka's
     layer half): the inner loss on the final layer, plus on ``n_layers_per_step`` sampled
     earlier layers (reusing the final pass's hidden states), plus a KL term pulling each
@@ -288,8 +292,11 @@ class _RecordEmbeddings:
         return out
 
 
+@register("dense")
 class Matryoshka2dLoss(AdaptiveLayerLoss):
     """Matryoshka over embedding sizes inside AdaptiveLayer over layers."""
+
+    required_args = MatryoshkaLoss.required_args
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import _pairwise_cosine, _pairwise_dot
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Loss, LossInputError
+from raytrieve.losses.base import Loss, LossInputError, register
 
 if TYPE_CHECKING:
     from raytrieve.encoders.base import EmbeddingEncoder
@@ -40,12 +40,14 @@ def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
     return (cos + sin).abs()
 
 
+@register("dense")
 class CoSENTLoss(Loss):
     """log(1 + sum over pairs (i, j) with label_i < label_j of exp(scale * (s_i - s_j))):
     pairs with a higher label must score higher."""
 
     columns = (2, 2)
     column_names = "sentence1, sentence2 (+ a score label)"
+    needs_labels = True
 
     def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Callable = pairwise_cos_sim) -> None:
         super().__init__(model)
@@ -70,6 +72,7 @@ class CoSENTLoss(Loss):
         return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), dim=0)
 
 
+@register("dense")
 class AnglELoss(CoSENTLoss):
     """CoSENT with the angle similarity; with more than 2 columns, column 0 against each
     other column, the first pair labelled 1 and the rest 0 unless labels are given."""
@@ -92,11 +95,13 @@ class AnglELoss(CoSENTLoss):
         return super().compute_loss_from_embeddings(embeddings, labels)
 
 
+@register("dense")
 class CosineSimilarityLoss(Loss):
     """loss_fct(cos(u, v), label): regress the cosine similarity onto a gold score."""
 
     columns = (2, 2)
     column_names = "sentence1, sentence2 (+ a score label)"
+    needs_labels = True
 
     def __init__(
         self, model: nn.Module, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None
@@ -126,11 +131,13 @@ class SiameseDistanceMetric(Enum):
         return 1 - F.cosine_similarity(x, y)
 
 
+@register("dense")
 class ContrastiveLoss(Loss):
     """Positive pairs (label 1) pulled together, negative pairs pushed beyond ``margin``."""
 
     columns = (2, 2)
     column_names = "sentence1, sentence2 (+ a 0/1 label)"
+    needs_labels = True
 
     def __init__(
         self,
@@ -151,6 +158,7 @@ class ContrastiveLoss(Loss):
         return losses.mean() if self.size_average else losses.sum()
 
 
+@register("dense")
 class OnlineContrastiveLoss(ContrastiveLoss):
     """Contrastive loss on the hard pairs only: positives farther than the closest
     negative, negatives closer than the farthest positive. Summed, not averaged."""
@@ -169,9 +177,12 @@ class OnlineContrastiveLoss(ContrastiveLoss):
         return positive_pairs.pow(2).sum() + F.relu(self.margin - negative_pairs).pow(2).sum()
 
 
+@register("dense")
 class MSELoss(Loss):
     """Distillation: MSE between the student's embeddings of each column and the teacher's
     (labels [batch, dim], or [batch, columns, dim] for one target per column)."""
+
+    needs_labels = True
 
     def __init__(self, model: EmbeddingEncoder, projection_dim: int | None = None) -> None:
         super().__init__(model)
@@ -221,11 +232,13 @@ def margin_targets(labels: Tensor | None, rows: int, negatives: int, loss: str) 
     return labels.detach()
 
 
+@register("dense")
 class MarginMSELoss(Loss):
     """MSE between the student's margins sim(q, pos) - sim(q, neg_k) and the teacher's."""
 
     columns = (3, None)
     column_names = "query, positive, negative(s) (+ teacher margins or scores)"
+    needs_labels = True
 
     def __init__(self, model: nn.Module, similarity_fct: Callable = pairwise_dot_score) -> None:
         super().__init__(model)
@@ -239,11 +252,13 @@ class MarginMSELoss(Loss):
         return F.mse_loss(margins, labels.to(margins.dtype))
 
 
+@register("dense")
 class SoftmaxLoss(Loss):
     """A classifier over (u, v, |u - v|, u * v) trained with cross-entropy (NLI-style labels)."""
 
     columns = (2, 2)
     column_names = "sentence1, sentence2 (+ a class label)"
+    needs_labels = True
 
     def __init__(
         self,
@@ -282,12 +297,14 @@ class SoftmaxLoss(Loss):
         return self.loss_fct(output, labels)
 
 
+@register("dense")
 class DistillKLDivLoss(Loss):
     """KL divergence between the teacher's and the student's score distributions over each
     query's candidates (columns: query, then candidates; labels: teacher scores [batch, candidates])."""
 
     columns = (3, None)
     column_names = "query, then two or more candidates (+ teacher scores per candidate)"
+    needs_labels = True
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import cosine
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Loss, LossInputError
+from raytrieve.losses.base import Loss, LossInputError, register
 from raytrieve.losses.gather import all_gather_with_grad, local_offset
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def ranking_loss_rows(
     return -(positive - log_z).mean()
 
 
+@register("dense")
 class MultipleNegativesRankingLoss(Loss):
     """InfoNCE over (anchor, positive, *hard negatives): every other candidate in the batch is a negative.
 
@@ -168,6 +169,7 @@ class MultipleNegativesRankingLoss(Loss):
         return self._loss_rows(queries, docs, local)
 
 
+@register("dense")
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     """MNRL plus the document-to-query direction, each direction its own softmax."""
 
@@ -193,6 +195,7 @@ def _cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1)
 
 
+@register("dense")
 class GISTEmbedLoss(Loss):
     """MNRL whose in-batch negatives are dropped when a guide model finds them at least as
     similar to the anchor as the positive is (they are probably false negatives)."""

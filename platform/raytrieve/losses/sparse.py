@@ -11,8 +11,8 @@ sparse codes plus the autoencoder's reconstruction losses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import dot
 from raytrieve.errors import ConfigError
-from raytrieve.losses.base import Features, Loss, LossInputError
+from raytrieve.losses.base import Features, Loss, LossContract, LossInputError, register
 from raytrieve.losses.pairwise import (
     AnglELoss,
     CoSENTLoss,
@@ -56,8 +56,11 @@ class FlopsLoss(nn.Module):
         return torch.sum(torch.mean(embeddings, dim=0) ** 2)
 
 
-class SpladeLoss(nn.Module):
+@register("sparse")
+class SpladeLoss(LossContract, nn.Module):
     """A base loss on sparse embeddings plus FLOPS regularizers on documents and (optionally) queries."""
+
+    required_args: ClassVar[Mapping[str, str]] = {"document_regularizer_weight": "3e-5"}
 
     def __init__(
         self,
@@ -141,6 +144,7 @@ class SpladeRegularizerWeightScheduler:
         return out
 
 
+@register("sparse")
 class SparseMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     """InfoNCE on sparse embeddings: dot product, scale 1 (SPLADE scores are unnormalized)."""
 
@@ -148,11 +152,13 @@ class SparseMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         super().__init__(model, scale=scale, similarity_fct=similarity_fct, **kwargs)
 
 
+@register("sparse")
 class SparseMarginMSELoss(MarginMSELoss):
     def __init__(self, model: nn.Module, similarity_fct: Callable = pairwise_dot_score) -> None:
         super().__init__(model, similarity_fct=similarity_fct)
 
 
+@register("sparse")
 class SparseDistillKLDivLoss(DistillKLDivLoss):
     def __init__(
         self,
@@ -165,6 +171,7 @@ class SparseDistillKLDivLoss(DistillKLDivLoss):
         super().__init__(model, similarity_fct, temperature, student_temperature, teacher_temperature)
 
 
+@register("sparse")
 class SparseCosineSimilarityLoss(CosineSimilarityLoss):
     def __init__(
         self, model: SparseEncoder, loss_fct: nn.Module | None = None, cos_score_transformation: nn.Module | None = None
@@ -173,21 +180,25 @@ class SparseCosineSimilarityLoss(CosineSimilarityLoss):
         model.similarity_fn_name = "cosine"
 
 
+@register("sparse")
 class SparseCoSENTLoss(CoSENTLoss):
     def __init__(self, model: SparseEncoder, scale: float = 20.0, similarity_fct: Callable = pairwise_cos_sim) -> None:
         super().__init__(model, scale, similarity_fct)
         model.similarity_fn_name = "cosine"
 
 
+@register("sparse")
 class SparseAnglELoss(AnglELoss):
     pass
 
 
+@register("sparse")
 class SparseMSELoss(MSELoss):
     def __init__(self, model: SparseEncoder) -> None:
         super().__init__(model)
 
 
+@register("sparse")
 class SparseTripletLoss(TripletLoss):
     def __init__(
         self, model: nn.Module, distance_metric: Callable = TripletDistanceMetric.EUCLIDEAN, triplet_margin: float = 5
@@ -238,7 +249,8 @@ class CSRReconstructionLoss(nn.Module):
         }
 
 
-class CSRLoss(nn.Module):
+@register("sparse")
+class CSRLoss(LossContract, nn.Module):
     """CSR training (arXiv 2503.01776): the reconstruction losses plus ``gamma`` x a base loss
     on the sparse codes (default SparseMultipleNegativesRankingLoss). The model ends in a
     SparseAutoEncoder; components come back as a dict."""

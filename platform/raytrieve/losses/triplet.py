@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raytrieve.losses.base import Loss
+from raytrieve.losses.base import Loss, register
 from raytrieve.losses.pairwise import pairwise_cos_sim
 
 
@@ -28,6 +28,7 @@ class TripletDistanceMetric(Enum):
         return (x.float() - y.float()).abs().sum(dim=-1)
 
 
+@register("dense")
 class TripletLoss(Loss):
     """max(d(a, p) - d(a, n) + margin, 0), averaged."""
 
@@ -79,6 +80,7 @@ def _label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
 class _BatchTripletLoss(Loss):
     columns = (1, 1)
     column_names = "one column of texts (+ a class label per text)"
+    needs_labels = True
 
     def __init__(
         self,
@@ -106,6 +108,7 @@ class _BatchTripletLoss(Loss):
         return hardest_pos, hardest_neg
 
 
+@register("dense")
 class BatchHardTripletLoss(_BatchTripletLoss):
     """For each anchor: its farthest positive against its closest negative."""
 
@@ -114,6 +117,7 @@ class BatchHardTripletLoss(_BatchTripletLoss):
         return F.relu(hp - hn + self.triplet_margin).mean()
 
 
+@register("dense")
 class BatchHardSoftMarginTripletLoss(_BatchTripletLoss):
     """Batch-hard triplets with softplus in place of the hinge: no margin to tune."""
 
@@ -127,6 +131,7 @@ class BatchHardSoftMarginTripletLoss(_BatchTripletLoss):
         return F.softplus(hp - hn).mean()
 
 
+@register("dense")
 class BatchAllTripletLoss(_BatchTripletLoss):
     """Every valid (anchor, positive, negative) triplet in the batch; mean over the active ones."""
 
@@ -141,6 +146,7 @@ class BatchAllTripletLoss(_BatchTripletLoss):
         return triplets.sum() / (active + 1e-16)
 
 
+@register("dense")
 class BatchSemiHardTripletLoss(_BatchTripletLoss):
     """For each (anchor, positive): the closest negative that is still farther than the
     positive; if none, the farthest negative."""

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.encoders.similarity import cosine
-from raytrieve.losses.base import Features, Loss, embed_columns
+from raytrieve.losses.base import Features, Loss, LossContract, embed_columns, register
 from raytrieve.losses.cached import CachedLoss, _chunked, _lazy
 
 if TYPE_CHECKING:
     from raytrieve.encoders.base import Encoder
 
 
+@register("dense")
 class ContrastiveTensionLoss(Loss):
     """Columns: two views of sentences (identical or different). A frozen-at-start copy
     (model1) and the trained model (model2) score each pair by dot product; BCE against
@@ -52,6 +53,7 @@ class ContrastiveTensionLoss(Loss):
         return self.criterion(scores, labels.view(-1).type_as(scores))
 
 
+@register("dense")
 class ContrastiveTensionLossInBatchNegatives(Loss):
     """One column of sentences: model1's and model2's embeddings of the same sentence are the
     positive pair, every other sentence a negative; symmetric cross-entropy with a learned scale."""
@@ -92,6 +94,7 @@ def _mega_batch_margin(
     return _chunked(_lazy(part, rows, chunk), with_backward)
 
 
+@register("dense")
 class MegaBatchMarginLoss(CachedLoss):
     """relu(pos_margin - cos(a, p)) + relu(max_neg cos(a, n) - neg_margin), the hardest
     negative taken from the whole (mega) batch. With ``use_mini_batched_version`` (default)
@@ -146,7 +149,8 @@ def _tie_to_decoder(encoder: nn.Module, decoder_base: nn.Module) -> None:
         )
 
 
-class DenoisingAutoEncoderLoss(nn.Module):
+@register("dense")
+class DenoisingAutoEncoderLoss(LossContract, nn.Module):
     """TSDAE: reconstruct the original sentence from the embedding of a damaged copy with a
     causal decoder that cross-attends to that single embedding.
 

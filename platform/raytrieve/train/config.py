@@ -8,22 +8,86 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from raytrieve.config import load_yaml
+from raytrieve.config import from_dict, load_yaml
 from raytrieve.errors import ConfigError
+
+
+class Wrapping(NamedTuple):
+    example: str  # a base loss to show in errors
+    default: str | None  # the base used when a config names none; None: a config must name one
+
+
+# The losses that wrap a base loss, by name. A table of names here rather than attributes of the
+# loss classes because LossSpec.base must work without torch (Ray's controller and Ray Data's
+# tasks unpickle specs and never import it). @register (losses/base.py) refuses a class whose
+# constructor takes a base loss (``loss``) and is missing here, or the reverse, so the two
+# cannot drift apart.
+WRAPPING_LOSSES: dict[str, Wrapping] = {
+    "SpladeLoss": Wrapping("SparseMultipleNegativesRankingLoss", None),
+    "CSRLoss": Wrapping("SparseMultipleNegativesRankingLoss", "SparseMultipleNegativesRankingLoss"),
+    "MatryoshkaLoss": Wrapping("MultipleNegativesRankingLoss", None),
+    "Matryoshka2dLoss": Wrapping("MultipleNegativesRankingLoss", None),
+    "AdaptiveLayerLoss": Wrapping("MultipleNegativesRankingLoss", None),
+}
 
 
 @dataclass
 class LossSpec:
     """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
-    MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss)."""
+    MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss); ``args.loss``, sentence-transformers'
+    argument name, is read the same way."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
     inner: LossSpec | None = None
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
+
+    @property
+    def base(self) -> LossSpec:
+        """The loss that meets the data: the innermost base through wrapping losses (a wrapper's
+        default base if it names none; the wrapper itself if it has no default). Its columns and
+        labels are the ones a dataset must have.
+
+        Reading it writes the chain out in place (a base given as ``args.loss`` moves to
+        ``inner``, a wrapper's default base is filled in), so the spec returned is the very one
+        the registry builds: what a caller sets on it (the trainer's ``gather_across_devices``)
+        takes effect. Errors name the keys from ``loss``; ``base_at`` names them from a config path."""
+        return self.base_at("loss")
+
+    def base_at(self, where: str) -> LossSpec:
+        """``base``, with errors naming the keys under ``where`` (e.g. ``config.datasets[0].loss``)."""
+        spec = self
+        while spec.name in WRAPPING_LOSSES:
+            inner, inner_where = spec.inner_at(where)
+            if inner is None:
+                default = WRAPPING_LOSSES[spec.name].default
+                if default is None:
+                    return spec
+                inner = LossSpec(default)
+            spec.args.pop("loss", None)
+            spec.inner = inner
+            spec, where = inner, inner_where
+        return spec
+
+    def inner_at(self, where: str) -> tuple[LossSpec | None, str]:
+        """The base this loss names itself (``inner``, or ``args.loss`` for a wrapping loss) and
+        the key it was written at; None when it names none."""
+        given = self.args.get("loss") if self.name in WRAPPING_LOSSES else None
+        if given is None:
+            return self.inner, f"{where}.inner"
+        if self.inner is not None:
+            raise ConfigError(f"{where}: give the base loss of {self.name} once, in {where}.inner or {where}.args.loss")
+        if isinstance(given, LossSpec):
+            return given, f"{where}.args.loss"
+        if not isinstance(given, dict):
+            raise ConfigError(
+                f"{where}.args.loss: expected a loss spec such as "
+                f"{{name: {WRAPPING_LOSSES[self.name].example}, args: {{...}}}}, got {given!r}"
+            )
+        return from_dict(LossSpec, given, f"{where}.args.loss"), f"{where}.args.loss"
 
 
 @dataclass

@@ -42,14 +42,14 @@ def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
     import inspect
 
-    from raytrieve.losses.registry import LossSpec, _catalogue, base_spec, build_loss
+    from raytrieve.losses.registry import LossSpec, build_loss, loss_classes
 
     losses = []
     for i, d in enumerate(cfg.datasets):
         loss_spec: LossSpec = d.loss
         # Through SpladeLoss, MatryoshkaLoss, ... to the loss that meets the batch (the spec build_loss uses).
-        base = base_spec(loss_spec, f"datasets[{i}].loss")
-        cls = _catalogue(cfg.model.kind).get(base.name)
+        base = loss_spec.base_at(f"datasets[{i}].loss")
+        cls = loss_classes(cfg.model.kind).get(base.name)
         # In-batch negatives from every rank: what makes N workers equal 1 worker on the
         # whole batch. On by default when data-parallel; a config can still say false.
         if world_size > 1 and cls is not None and "gather_across_devices" in inspect.signature(cls.__init__).parameters:

@@ -63,14 +63,13 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.assets import resolve_model
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
-        LISTWISE,
         infer_format,
         is_numeric,
         read_table,
         sampler_keys,
         validate_dataset,
     )
-    from raytrieve.losses.registry import base_spec, needs_labels
+    from raytrieve.losses.registry import base_class
     from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
@@ -107,12 +106,11 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
             )
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
-        base = base_spec(d.loss, f"{where}.datasets[{i}].loss").name
-        listwise = cfg.model.kind == "cross" and base in LISTWISE
+        contract = base_class(d.loss, cfg.model.kind)
         # Labels reach the loss whenever the dataset names a numeric label column.
         label = (
             report.label_column
-            if report.label_column and (needs_labels(d.loss) or is_numeric(report.types[report.label_column]))
+            if report.label_column and (contract.needs_labels or is_numeric(report.types[report.label_column]))
             else None
         )
         streams.append(
@@ -121,7 +119,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
                 label,
                 prompts[-1],
                 routes[-1],
-                label_kind(report.types.get(label) if label else None, listwise),
+                label_kind(report.types.get(label) if label else None, contract.listwise),
                 tuple(pa.types.is_list(report.types[c]) for c in report.text_columns),
             )
         )
