@@ -7,12 +7,14 @@
 For cosine the corpus rows are L2-normalized at build and queries at search, so every score
 is a dot product. Quantized indices (int8 codes or packed sign bits) pick candidates cheaply,
 then rescore them exactly with the float vectors, of which only the candidate rows are read.
+The FAISS backend lives in ``raytrieve.index.faiss``; this module is the exact numpy path and
+the index's public face (build, search, save, load) for both.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,11 @@ from raytrieve import _io
 from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
+from raytrieve.index.faiss import FAISS_PARAMS, FaissIndex
 
 SIMILARITIES = ("cosine", "dot")
 QUANTIZATIONS = (None, "int8", "binary")
 BACKENDS = ("exact", "faiss")
-FAISS_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("M", "ef_construction", "ef_search")}
-FAISS_FILE = "faiss.index"
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -38,43 +39,53 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError:
-        raise InputError(
-            "backend='faiss' needs the faiss package: pip install faiss-cpu (or use backend='exact')"
-        ) from None
-    return faiss
+@dataclass
+class QuantizedCodes:
+    """The cheap first pass of a quantized index: int8 codes with their per-dimension
+    ``ranges`` [2, dim] (lows, highs), or sign bits packed 8 dimensions a byte."""
 
+    kind: str  # "int8" | "binary"
+    codes: np.ndarray
+    ranges: np.ndarray | None = None
 
-def _build_faiss(vectors: np.ndarray, kind: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A FAISS inner-product index over float32 ``vectors``; returns it and the resolved params."""
-    faiss = _import_faiss()
-    n, dim = vectors.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        params = {"nlist": max(1, round(math.sqrt(n))), **params}
-        params.setdefault("nprobe", min(params["nlist"], 16))
-        if params["nlist"] > n:
-            raise InputError(f"faiss_params['nlist']={params['nlist']} exceeds the {n} vectors; IVF needs nlist <= n")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-    else:
-        params = {"M": 32, "ef_construction": 80, "ef_search": 64, **params}
-        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params["ef_construction"]
-    index.add(vectors)
-    _apply_search_params(index, kind, params)
-    return index, params
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str) -> QuantizedCodes:
+        if kind == "binary":
+            return cls(kind, np.packbits(vectors > 0, axis=1))
+        # Deferred: importing raytrieve.encoders loads torch and transformers.
+        from raytrieve.encoders.quantization import quantization_ranges, quantize_embeddings
 
+        if vectors.shape[0] < 2:
+            raise InputError("quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None")
+        exact = vectors.astype(np.float32)
+        ranges = quantization_ranges(exact).astype(np.float32)
+        return cls(kind, quantize_embeddings(exact, "int8", ranges=ranges), ranges)
 
-def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
-    if kind == "ivf":
-        index.nprobe = params["nprobe"]
-    elif kind == "hnsw":
-        index.hnsw.efSearch = params["ef_search"]
+    def scan(self, q: np.ndarray, k: int, chunk: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of prepared queries ``q`` against the codes (quantized scores)."""
+        codes, n = self.codes, self.codes.shape[0]
+        if self.kind == "int8":
+            ranges = self.ranges
+            assert ranges is not None, "an int8 index has its ranges (build and load set them)"
+            # Bucket b of dimension j stands for start_j + (b + 0.5) * step_j, and code = b - 128.
+            start, step = ranges[0], (ranges[1] - ranges[0]) / 255
+            q_scaled = q * step
+            offset = (q @ (start + 128.5 * step))[:, None]
+
+            def score(lo: int, hi: int) -> np.ndarray:
+                return (q_scaled @ np.asarray(codes[lo:hi], dtype=np.float32).T + offset).astype(np.float32)
+
+            return base.scan_top_k(n, q.shape[0], k, chunk, score)
+        q_bits = np.packbits(q > 0, axis=1)
+        width = q_bits.shape[1]
+        chunk = min(chunk, max(1, (1 << 22) // (q.shape[0] * width)))  # bounds the [q, chunk, bytes] xor
+
+        def score_bits(lo: int, hi: int) -> np.ndarray:
+            xor = np.bitwise_xor(q_bits[:, None, :], np.asarray(codes[lo:hi])[None, :, :])
+            hamming = _POPCOUNT[xor].sum(axis=2, dtype=np.int32)
+            return (dim - 2 * hamming).astype(np.float32)
+
+        return base.scan_top_k(n, q.shape[0], k, chunk, score_bits)
 
 
 class DenseIndex:
@@ -89,25 +100,42 @@ class DenseIndex:
         *,
         dim: int,
         similarity: str,
-        quantize: str | None = None,
-        codes: np.ndarray | None = None,
-        ranges: np.ndarray | None = None,
-        backend: str = "exact",
-        faiss_index: str = "flat",
-        faiss_params: dict[str, Any] | None = None,
-        faiss_obj: Any = None,
         chunk_size: int = 65536,
+        quantized: QuantizedCodes | None = None,
+        faiss: FaissIndex | None = None,
     ) -> None:
-        # Use build() or load(); this only assembles validated parts.
+        # Use build() or load(); this only assembles validated parts. An exact index has
+        # ``vectors`` (and ``quantized`` codes when quantized); a FAISS one has only ``faiss``.
         self.ids, self.vectors, self.dim, self.similarity = ids, vectors, dim, similarity
-        self.quantize, self.codes, self.ranges = quantize, codes, ranges
-        self.backend, self.faiss_index, self.faiss_params = backend, faiss_index, dict(faiss_params or {})
-        self.chunk_size = chunk_size
-        self._faiss = faiss_obj
+        self.chunk_size, self.quantized, self.faiss = chunk_size, quantized, faiss
         self._id_array = np.array(ids, dtype=object)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def backend(self) -> str:
+        return "exact" if self.faiss is None else "faiss"
+
+    @property
+    def quantize(self) -> str | None:
+        return None if self.quantized is None else self.quantized.kind
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        return None if self.quantized is None else self.quantized.codes
+
+    @property
+    def ranges(self) -> np.ndarray | None:
+        return None if self.quantized is None else self.quantized.ranges
+
+    @property
+    def faiss_index(self) -> str:
+        return "flat" if self.faiss is None else self.faiss.kind
+
+    @property
+    def faiss_params(self) -> dict[str, Any]:
+        return {} if self.faiss is None else self.faiss.params
 
     @classmethod
     def build(
@@ -144,34 +172,13 @@ class DenseIndex:
         if backend == "faiss":
             if quantize is not None:
                 raise InputError("quantize= works with backend='exact' only; FAISS keeps its own float32 vectors")
-            params = dict(faiss_params or {})
-            unknown = sorted(set(params) - set(FAISS_PARAMS[faiss_index]))
-            if unknown:
-                raise InputError(
-                    f"faiss_params: unknown key(s) {unknown} for faiss_index={faiss_index!r}; "
-                    f"valid: {list(FAISS_PARAMS[faiss_index])}"
-                )
-            obj, params = _build_faiss(v32, faiss_index, params)
-            return cls(ids, None, backend="faiss", faiss_index=faiss_index, faiss_params=params, faiss_obj=obj, **parts)
+            return cls(ids, None, faiss=FaissIndex.build(v32, faiss_index, faiss_params), **parts)
         if faiss_params:
             raise InputError("faiss_params only applies with backend='faiss'")
         # float16 in, float16 stored: half the disk and page cache; scoring upcasts per chunk.
         stored = v32.astype(np.float16) if vectors.dtype == np.float16 else v32
-        codes = ranges = None
-        if quantize == "int8":
-            # Deferred: importing raytrieve.encoders loads torch and transformers.
-            from raytrieve.encoders.quantization import quantization_ranges, quantize_embeddings
-
-            if len(ids) < 2:
-                raise InputError(
-                    "quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None"
-                )
-            exact = stored.astype(np.float32)
-            ranges = quantization_ranges(exact).astype(np.float32)
-            codes = quantize_embeddings(exact, "int8", ranges=ranges)
-        elif quantize == "binary":
-            codes = np.packbits(stored > 0, axis=1)
-        return cls(ids, stored, quantize=quantize, codes=codes, ranges=ranges, **parts)
+        quantized = None if quantize is None else QuantizedCodes.build(stored, quantize)
+        return cls(ids, stored, quantized=quantized, **parts)
 
     # ------------------------------------------------------------------ search
 
@@ -195,13 +202,16 @@ class DenseIndex:
         base.check_not_empty(len(self))
         q = self._prepare_queries(queries)
         chunk = base.positive_int("chunk_size", chunk_size if chunk_size is not None else self.chunk_size)
-        if self.backend == "faiss":
-            scores, rows = self._search_faiss(q, k)
-        elif self.quantize is None:
+        if self.faiss is not None:
+            scores, rows = self.faiss.search(q, k)
+        elif self.quantized is None:
             scores, rows = self._batched(q, base.query_batch_size(chunk), lambda qb: self._scan_float(qb, k, chunk))
         else:
+            codes = self.quantized
             width = k * base.positive_int("rescore_multiplier", rescore_multiplier) if rescore else k
-            scores, rows = self._batched(q, base.query_batch_size(chunk), lambda qb: self._scan_codes(qb, width, chunk))
+            scores, rows = self._batched(
+                q, base.query_batch_size(chunk), lambda qb: codes.scan(qb, width, chunk, self.dim)
+            )
             if rescore:
                 batch = max(1, (1 << 23) // (width * self.dim))
                 scores, rows = self._batched(q, batch, lambda qb, rb: self._rescore(qb, rb, k), rows)
@@ -238,32 +248,6 @@ class DenseIndex:
 
         return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
 
-    def _scan_codes(self, q: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        codes = self.codes
-        assert codes is not None, "a quantized index has its codes (build and load set them)"
-        if self.quantize == "int8":
-            ranges = self.ranges
-            assert ranges is not None, "an int8 index has its ranges (build and load set them)"
-            # Bucket b of dimension j stands for start_j + (b + 0.5) * step_j, and code = b - 128.
-            start, step = ranges[0], (ranges[1] - ranges[0]) / 255
-            q_scaled = q * step
-            offset = (q @ (start + 128.5 * step))[:, None]
-
-            def score(lo: int, hi: int) -> np.ndarray:
-                return (q_scaled @ np.asarray(codes[lo:hi], dtype=np.float32).T + offset).astype(np.float32)
-
-            return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
-        q_bits = np.packbits(q > 0, axis=1)
-        width = q_bits.shape[1]
-        chunk = min(chunk, max(1, (1 << 22) // (q.shape[0] * width)))  # bounds the [q, chunk, bytes] xor
-
-        def score(lo: int, hi: int) -> np.ndarray:
-            xor = np.bitwise_xor(q_bits[:, None, :], np.asarray(codes[lo:hi])[None, :, :])
-            hamming = _POPCOUNT[xor].sum(axis=2, dtype=np.int32)
-            return (self.dim - 2 * hamming).astype(np.float32)
-
-        return base.scan_top_k(len(self), q.shape[0], k, chunk, score)
-
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         valid = cand >= 0
         unique = np.unique(cand[valid])
@@ -274,12 +258,6 @@ class DenseIndex:
         exact = np.matmul(vecs[pos], q[:, :, None])[:, :, 0]
         return base.sort_top_k(np.where(valid, exact, -np.inf).astype(np.float32), cand, k)
 
-    def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, labels = self._faiss.search(np.ascontiguousarray(q), k)
-        valid = labels >= 0  # FAISS pads missing hits with label -1
-        scores = np.where(valid, scores, -np.inf).astype(np.float32)
-        return base.sort_top_k(scores, np.where(valid, labels, -1).astype(np.int64), k)
-
     # ------------------------------------------------------------------ disk
 
     def save(self, path: str | Path) -> None:
@@ -289,8 +267,8 @@ class DenseIndex:
             for name in ("vectors", "codes", "ranges"):
                 if getattr(self, name) is not None:
                     base.save_array(tmp, name, getattr(self, name))
-            if self._faiss is not None:
-                _import_faiss().write_index(self._faiss, str(tmp / FAISS_FILE))
+            if self.faiss is not None:
+                self.faiss.save(tmp)
             base.write_manifest(
                 tmp,
                 self.kind,
@@ -324,24 +302,13 @@ class DenseIndex:
         ids = base.read_ids(path, n)
         if backend == "faiss":
             faiss_index, params = field("faiss_index", tuple(FAISS_PARAMS)), field("faiss_params")
-            faiss = _import_faiss()
-            file = path / FAISS_FILE
-            try:
-                obj = faiss.read_index(str(file))
-            except RuntimeError as e:
-                reason = str(e).splitlines()[0]
-                raise DataError(f"{file}: missing or unreadable FAISS index ({reason}); {base.REBUILD_HINT}") from None
-            if obj.ntotal != n or obj.d != dim:
-                raise DataError(
-                    f"{file}: holds {obj.ntotal} vectors of dim {obj.d}, manifest says {n} x {dim}; {base.REBUILD_HINT}"
-                )
-            _apply_search_params(obj, faiss_index, params)
-            return cls(ids, None, backend=backend, faiss_index=faiss_index, faiss_params=params, faiss_obj=obj, **parts)
+            return cls(ids, None, faiss=FaissIndex.load(path, faiss_index, params, n, dim), **parts)
         vectors = base.load_array(path, "vectors", mmap, (n, dim))
-        codes = ranges = None
+        quantized = None
         if quantize == "int8":
             codes = base.load_array(path, "codes", mmap, (n, dim))
             ranges = np.asarray(base.load_array(path, "ranges", False, (2, dim)), dtype=np.float32)
+            quantized = QuantizedCodes(quantize, codes, ranges)
         elif quantize == "binary":
-            codes = base.load_array(path, "codes", mmap, (n, (dim + 7) // 8))
-        return cls(ids, vectors, quantize=quantize, codes=codes, ranges=ranges, **parts)
+            quantized = QuantizedCodes(quantize, base.load_array(path, "codes", mmap, (n, (dim + 7) // 8)))
+        return cls(ids, vectors, quantized=quantized, **parts)

@@ -4,61 +4,28 @@ app builder.
     app = build_app(load_serve_config("jobs/configs/serve_pydocs.yaml"))   # a bound Application
     serve.run(app, name="raytrieve", route_prefix="/")
 
-Errors are JSON ``{"error": {"type", "message", "field"}}`` with a 4xx status that says what
-was wrong: 400 unreadable body, 401 missing token, 404 unknown model or path, 413 body too
-large (declared or chunked), 415 a body that is not JSON, 422 a field out of its limits or of
-the wrong type. Overload gives 503 with Retry-After (Serve's ``max_queued_requests`` at the
-proxy); anything else is a bug, answered 500 in the same JSON shape.
+The endpoints check requests against the config's limits, call the deployments (``/search``
+runs serve/search.py's pipeline over them) and shape the answers. Tokens, body bounds, metrics
+and the error shape (4xx JSON naming the field) are serve/http_guard.py's. Overload gives 503
+with Retry-After (Serve's ``max_queued_requests`` at the proxy).
 """
 
-import asyncio
 import base64
-import hmac
-import json
 import os
-import re
-import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message
 
-from raytrieve.serve import fusion
-from raytrieve.serve.config import ServeConfig
+from raytrieve.serve import http_guard
+from raytrieve.serve.config import LimitsConfig, ServeConfig
 from raytrieve.serve.deployments import ModelReplica, Retriever
+from raytrieve.serve.http_guard import ApiError, SafeJSONResponse
 from raytrieve.serve.schemas import EmbeddingsRequest, RerankRequest, SearchRequest, SparseRequest
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, field: str | None, message: str, kind: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status, self.field, self.message, self.kind = status, field, message, kind
-
-
-class SafeJSONResponse(JSONResponse):
-    """JSON that always renders: a string that is not valid Unicode (a lone surrogate, which
-    JSON escapes may carry in) comes back \\u-escaped instead of failing the answer with a 500."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except UnicodeEncodeError:
-            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_response(
-    status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return SafeJSONResponse(
-        {"error": {"type": kind, "message": message, "field": field}}, status_code=status, headers=headers
-    )
-
+from raytrieve.serve.search import Retrieval, SearchError, SearchPipeline
 
 api = FastAPI(
     title="raytrieve",
@@ -66,188 +33,7 @@ api = FastAPI(
     version="1",
     default_response_class=SafeJSONResponse,
 )
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return error_response(e.status, e.kind, e.message, e.field)
-
-
-def _is_json(content_type: str | None) -> bool:
-    media = (content_type or "").split(";")[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-# pydantic names the member of a union it tried ("input.list[str].0", "input.function-after[...]"):
-# clients want the field, so those parts are dropped from the location.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-[a-z-]+\[.*\])$")
-
-
-def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
-    """("body", "input", "list[str]", 1) -> ("input[1]", 3): the field and how deep it lies."""
-    parts: list[str] = []
-    for i, x in enumerate(loc):
-        if isinstance(x, int) and parts:
-            parts[-1] += f"[{x}]"
-        elif (i == 0 and x == "body") or (i > 0 and _UNION_MEMBER.match(str(x))):
-            continue
-        else:
-            parts.append(str(x))
-    return ".".join(parts), len(loc)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    errors = e.errors() or [{}]
-    first = errors[0]
-    loc = [str(x) for x in first.get("loc", ())]
-    if first.get("type") == "json_invalid" or (len(loc) <= 2 and "JSON" in str(first.get("msg", ""))):
-        return error_response(400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
-    if loc == ["body"] and not _is_json(request.headers.get("content-type")):
-        # FastAPI leaves a body of another media type unparsed; say what to send rather than
-        # "Input should be a valid dictionary".
-        return error_response(
-            415,
-            "unsupported_media_type",
-            f"the body must be JSON sent with Content-Type: application/json, "
-            f"got {request.headers.get('content-type') or 'no Content-Type'}",
-            "content-type",
-        )
-    # The error that got deepest into the value says most ("input[0]: should be a string" for
-    # a list of numbers), and a refused value more than a union member of another type; a value
-    # no member of a union accepts lists what each wanted.
-    located = [
-        (*_field_of(tuple(err.get("loc", ()))), str(err.get("type", "")), str(err.get("msg", "invalid value")))
-        for err in errors
-    ]
-    depth = max(d for _, d, _, _ in located)
-    field = next(f for f, d, _, _ in located if d == depth)
-    here = [(t, m) for f, d, t, m in located if f == field and d == depth]
-    refused = [(t, m) for t, m in here if not t.endswith("_type")]
-    messages = list(dict.fromkeys(m for _, m in refused or here))
-    return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}", field or "body")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    """Routing and body errors raised by FastAPI itself, in our error shape."""
-    if e.status_code == 404:
-        return error_response(404, "not_found", f"no endpoint {request.url.path}", "path")
-    if e.status_code == 405:
-        return error_response(
-            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
-        )
-    if e.status_code == 400:
-        # FastAPI hides why json.loads failed (nesting too deep, an integer of too many digits,
-        # bytes that are not UTF-8); the cause is what the client needs to fix.
-        cause = e.__cause__
-        why = f"{e.detail} ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else e.detail
-        return error_response(400, "invalid_json", f"the body could not be read: {why}", "body")
-    return error_response(e.status_code, "http_error", str(e.detail), None)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-    """A bug or a failed replica is still a 500, but in the error shape clients parse."""
-    return error_response(
-        500, "internal_error", f"{type(e).__name__} while serving {request.url.path}; see the ingress log", None
-    )
-
-
-class _Guard:
-    """Before the app sees a request: the bearer token, then the body, read whole and bounded
-    (a declared Content-Length is checked before reading; a chunked body has none, so its bytes
-    are counted as they arrive). After: metrics. Pure ASGI rather than @app.middleware, so the
-    body can be bounded while it streams in."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        ingress = getattr(scope["app"].state, "ingress", None) if scope["type"] == "http" else None
-        if ingress is None:
-            await self.app(scope, receive, send)
-            return
-        started, status = time.perf_counter(), [500]
-
-        async def send_counted(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            refusal, body = _check_headers(ingress, scope), b""
-            if refusal is None:
-                refusal, body = await _read_body(receive, ingress.limits.max_body_bytes)
-            if refusal is not None:
-                await refusal(scope, receive, send_counted)
-            elif body is not None:
-                await self.app(scope, _replay(body, receive), send_counted)
-            else:  # the client went away mid-body: nobody to answer, and not a server error
-                status[0] = 499
-        finally:
-            # Known routes only: fuzzed paths must not grow the metrics registry.
-            path = getattr(scope.get("route"), "path", "other")
-            ingress.requests.labels(path, str(status[0])).inc()
-            ingress.latency.labels(path).observe(time.perf_counter() - started)
-
-
-def _check_headers(ingress: "Ingress", scope: dict[str, Any]) -> JSONResponse | None:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-    if ingress.token is not None and not scope["path"].rstrip("/").endswith("/healthz"):
-        given = headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {ingress.token}".encode()):
-            return error_response(
-                401,
-                "unauthorized",
-                "missing or wrong bearer token (Authorization: Bearer ...)",
-                "authorization",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-    length = headers.get("content-length")
-    if length is not None:
-        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
-        if not (length.isascii() and length.isdigit()):
-            return error_response(400, "invalid_request", "Content-Length is not a number", "content-length")
-        if int(length) > ingress.limits.max_body_bytes:
-            return error_response(
-                413, "too_large", f"body of {length} bytes, at most {ingress.limits.max_body_bytes}", "body"
-            )
-    return None
-
-
-async def _read_body(receive: Any, limit: int) -> tuple[JSONResponse | None, bytes | None]:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None, None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return error_response(
-                413, "too_large", f"body over {limit} bytes (sent without Content-Length)", "body"
-            ), b""
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return None, b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """The body already read, as one message; later calls wait on the client (disconnects)."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-api.add_middleware(_Guard)
+http_guard.install(api)
 
 
 def _texts(value: str | list[str], field: str, limit_count: int, limit_chars: int) -> list[str]:
@@ -275,6 +61,44 @@ def _encode_vector(v: np.ndarray, fmt: str) -> Any:
     return v.tolist()
 
 
+def _check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
+    """The config's bounds on a /search request; what the pipeline cannot serve it refuses itself."""
+    _texts(body.query, "query", 1, limits.max_text_chars)
+    if body.top_k > limits.max_top_k:
+        raise ApiError(422, "top_k", f"top_k: {body.top_k}, at most {limits.max_top_k}")
+    for name in ("dense", "sparse"):
+        if getattr(body.recall, name) > limits.max_recall:
+            raise ApiError(422, f"recall.{name}", f"recall.{name}: at most {limits.max_recall}")
+    if body.rerank and body.rerank_depth > limits.max_rerank_depth:
+        raise ApiError(422, "rerank_depth", f"rerank_depth: at most {limits.max_rerank_depth}")
+
+
+def _search_pipeline(handles: dict[str, DeploymentHandle | None], retriever: DeploymentHandle) -> SearchPipeline:
+    """/search over the deployments: each served encoder's query side with its index, the
+    retriever's texts, and the reranker when one is served."""
+
+    def retrieval(kind: str, encoder: DeploymentHandle) -> Retrieval:
+        async def encode(query: str) -> Any:
+            return (await encoder.remote([query], "query"))[0]
+
+        async def search(vector: Any, k: int) -> list[tuple[str, float]]:
+            return await getattr(retriever, kind).remote(vector, k)
+
+        return Retrieval(encode, search)
+
+    async def lookup(ids: list[str]) -> list[str]:
+        return await retriever.lookup.remote(ids)
+
+    reranker = handles["reranker"]
+
+    async def rerank(pairs: list[tuple[str, str]]) -> list[float]:
+        assert reranker is not None, "passed to the pipeline only when a reranker is served"
+        return await reranker.remote(pairs)
+
+    retrievers = {k: retrieval(k, h) for k in ("dense", "sparse") if (h := handles[k]) is not None}
+    return SearchPipeline(retrievers, lookup, rerank if reranker is not None else None)
+
+
 # serve.ingress serializes the FastAPI app when the class is decorated: every helper the
 # endpoints call must already be defined above this point.
 @serve.ingress(api)
@@ -293,10 +117,11 @@ class Ingress:
         self.cfg, self.limits = cfg, cfg.limits
         self.handles = {"dense": dense, "sparse": sparse, "reranker": reranker}
         self.retriever = retriever
+        self.searcher = _search_pipeline(self.handles, retriever) if retriever is not None else None
         self.names = {k: getattr(cfg, k).public_name for k, h in self.handles.items() if h is not None}
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
-        api.state.ingress = self  # for the middleware below (one ingress per replica process)
+        api.state.ingress = self  # for http_guard's middleware (one ingress per replica process)
         self.registry = CollectorRegistry()
         self.requests = Counter("raytrieve_requests", "HTTP requests", ["path", "status"], registry=self.registry)
         self.latency = Histogram(
@@ -407,98 +232,13 @@ class Ingress:
 
     @api.post("/search")
     async def search(self, body: SearchRequest) -> dict[str, Any]:
-        lim = self.limits
-        if self.retriever is None:
+        if self.searcher is None:
             raise ApiError(404, "path", "no index is served here (set index: in the serve config)", "not_found")
-        query = _texts(body.query, "query", 1, lim.max_text_chars)[0]
-        if body.top_k > lim.max_top_k:
-            raise ApiError(422, "top_k", f"top_k: {body.top_k}, at most {lim.max_top_k}")
-        for name in ("dense", "sparse"):
-            if getattr(body.recall, name) > lim.max_recall:
-                raise ApiError(422, f"recall.{name}", f"recall.{name}: at most {lim.max_recall}")
-        if body.rerank and body.rerank_depth > lim.max_rerank_depth:
-            raise ApiError(422, "rerank_depth", f"rerank_depth: at most {lim.max_rerank_depth}")
-        if body.rerank and self.handles["reranker"] is None:
-            raise ApiError(422, "rerank", "rerank: no reranker is served here")
-        sizes = {
-            k: getattr(body.recall, k)
-            for k in ("dense", "sparse")
-            if self.handles[k] is not None and getattr(body.recall, k) > 0
-        }
-        if not sizes:
-            raise ApiError(422, "recall", "recall: every served retriever is switched off (all sizes 0)")
-
-        timings: dict[str, float] = {}
-
-        async def recall(kind: str) -> list[tuple[str, float]]:
-            handle, retriever = self.handles[kind], self.retriever
-            assert handle is not None and retriever is not None  # sizes has served kinds only; index checked above
-            t = time.perf_counter()
-            encoded = (await handle.remote([query], "query"))[0]
-            timings[f"encode_{kind}_ms"] = (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            method = retriever.dense if kind == "dense" else retriever.sparse
-            hits = await method.remote(encoded, sizes[kind])
-            timings[f"recall_{kind}_ms"] = (time.perf_counter() - t) * 1000
-            return hits
-
-        lists = dict(zip(sizes, await asyncio.gather(*(recall(k) for k in sizes))))
-        per_stage = {k: dict(v) for k, v in lists.items()}
-        t = time.perf_counter()
-        if len(lists) == 1:
-            fused = next(iter(lists.values()))
-        elif body.fusion.method == "rrf":
-            fused = fusion.rrf(list(lists.values()), k=float(body.fusion.k))
-        else:
-            weights = [float(getattr(body.fusion, f"{k}_weight")) for k in lists]
-            fused = fusion.convex(list(lists.values()), weights, body.fusion.normalization)
-        timings["fusion_ms"] = (time.perf_counter() - t) * 1000
-
-        rerank_scores: dict[str, float] = {}
-        if body.rerank and fused:
-            candidates = fused[: body.rerank_depth]
-            ids = [d for d, _ in candidates]
-            t = time.perf_counter()
-            texts = await self.retriever.lookup.remote(ids)
-            reranker = self.handles["reranker"]
-            assert reranker is not None  # checked above: rerank needs a served reranker
-            scores = await reranker.remote([(query, x) for x in texts])
-            timings["rerank_ms"] = (time.perf_counter() - t) * 1000
-            rerank_scores = dict(zip(ids, (float(s) for s in scores)))
-            order = sorted(range(len(ids)), key=lambda i: (-rerank_scores[ids[i]], i))
-            final = [(ids[i], rerank_scores[ids[i]]) for i in order]
-        else:
-            final = fused
-        final = final[: body.top_k]
-        texts = await self.retriever.lookup.remote([d for d, _ in final]) if body.return_text else []
-        fused_scores = dict(fused)
-        hits = []
-        for rank, (doc, score) in enumerate(final, start=1):
-            hit: dict[str, Any] = {
-                "id": doc,
-                "rank": rank,
-                "score": score,
-                "scores": {
-                    "dense": per_stage.get("dense", {}).get(doc),
-                    "sparse": per_stage.get("sparse", {}).get(doc),
-                    "fusion": fused_scores.get(doc) if len(lists) > 1 else None,
-                    "rerank": rerank_scores.get(doc),
-                },
-            }
-            if body.return_text:
-                hit["text"] = texts[rank - 1]
-            hits.append(hit)
-        answer: dict[str, Any] = {
-            "query": query,
-            "hits": hits,
-            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-        }
-        if body.return_stages:
-            answer["stages"] = {
-                **{k: [[d, s] for d, s in v] for k, v in lists.items()},
-                "fused": [[d, s] for d, s in fused],
-            }
-        return answer
+        _check_search_limits(body, self.limits)
+        try:
+            return await self.searcher.search(body)
+        except SearchError as e:
+            raise ApiError(422, e.field, str(e)) from None
 
 
 def build_app(cfg: ServeConfig) -> Any:

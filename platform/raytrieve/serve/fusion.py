@@ -7,12 +7,18 @@ the order is deterministic.
 - ``rrf``: reciprocal rank fusion, sum over lists of 1 / (k + rank), rank starting at 1.
 - ``convex``: sum over lists of weight * normalized score; a document missing from a list
   gets that list's lowest normalized score (0 after min-max), not a bonus.
+
+``METHODS`` maps each ``/search`` fusion method to its function; the request schema's allowed
+``fusion.method`` values are its keys. A new method is one function taking the retrievers'
+lists by name ("dense", "sparse") and the request's ``fusion`` parameters as a mapping, plus
+its entry in ``METHODS``; a new parameter is also a field of ``Fusion`` in serve/schemas.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 Ranked = Sequence[tuple[str, float]]
 NORMALIZATIONS = ("minmax", "zscore", "none")
@@ -63,3 +69,24 @@ def convex(lists: Sequence[Ranked], weights: Sequence[float], normalization: str
     order = _first_seen(lists)
     scores = {doc: sum(w * n.get(doc, floor) for w, n, floor in zip(weights, normalized, floors)) for doc in order}
     return _sorted(scores, order)
+
+
+def _rrf_method(lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> list[tuple[str, float]]:
+    return rrf(list(lists.values()), k=float(params["k"]))
+
+
+def _convex_method(lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> list[tuple[str, float]]:
+    # Each retriever's weight is the parameter named after it: dense_weight, sparse_weight.
+    weights = [float(params[f"{name}_weight"]) for name in lists]
+    return convex(list(lists.values()), weights, str(params["normalization"]))
+
+
+FusionMethod = Callable[[Mapping[str, Ranked], Mapping[str, Any]], list[tuple[str, float]]]
+METHODS: dict[str, FusionMethod] = {"rrf": _rrf_method, "convex": _convex_method}
+
+
+def fuse(method: str, lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """Fuse best-first lists keyed by retriever with ``METHODS[method]``."""
+    if method not in METHODS:
+        raise ValueError(f"fusion method must be one of {sorted(METHODS)}, got {method!r}")
+    return METHODS[method](lists, params)

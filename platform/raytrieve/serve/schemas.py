@@ -3,9 +3,11 @@ from the config (sizes, lengths) are checked by the ingress, which names the fie
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from raytrieve.serve import fusion
 
 
 def _valid_unicode(text: str) -> str:
@@ -39,12 +41,24 @@ class Recall(Strict):
     sparse: StrictInt = Field(default=100, ge=0)
 
 
+# The allowed values come from the fusion module's tables, so a new method or normalization is
+# added there only. Type checkers see plain strings; pydantic (and the OpenAPI schema) the enums.
+if TYPE_CHECKING:
+    FusionMethod = str
+    Normalization = str
+else:
+    FusionMethod = Literal[tuple(fusion.METHODS)]
+    Normalization = Literal[fusion.NORMALIZATIONS]
+
+
 class Fusion(Strict):
-    method: Literal["rrf", "convex"] = "rrf"
+    """``/search``'s fusion parameters; each method reads the ones it needs (serve/fusion.py)."""
+
+    method: FusionMethod = "rrf"
     k: StrictFloat = Field(default=60, ge=0, le=MAX_FUSION_PARAMETER)  # rrf
     dense_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)  # convex
     sparse_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)
-    normalization: Literal["minmax", "zscore", "none"] = "minmax"
+    normalization: Normalization = "minmax"
 
 
 class SearchRequest(Strict):

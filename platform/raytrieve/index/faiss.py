@@ -1,0 +1,118 @@
+"""The FAISS backend of DenseIndex: building, searching, saving and loading a FAISS
+inner-product index (``flat``, ``ivf`` or ``hnsw``).
+
+The ``faiss`` package is optional (``pip install faiss-cpu``) and imported only when a FAISS
+index is built or read. ``import faiss`` below is the installed package, not this module:
+imports are absolute.
+
+On disk it is the file ``faiss.index`` in the index directory; the kind and its resolved
+parameters are in the directory's manifest (written by DenseIndex).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raytrieve.errors import DataError, InputError
+from raytrieve.index import base
+
+# The parameters each kind takes; anything else is refused with this list.
+FAISS_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("M", "ef_construction", "ef_search")}
+FAISS_FILE = "faiss.index"
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise InputError(
+            "backend='faiss' needs the faiss package: pip install faiss-cpu (or use backend='exact')"
+        ) from None
+    return faiss
+
+
+class FaissIndex:
+    """A built FAISS index with its kind and resolved parameters; search returns scores and
+    corpus rows ordered as the exact path orders them (score descending, then lower row)."""
+
+    def __init__(self, index: Any, kind: str, params: dict[str, Any]) -> None:
+        # Use build() or load().
+        self.index, self.kind, self.params = index, kind, dict(params)
+        _apply_search_params(index, kind, self.params)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None) -> FaissIndex:
+        """An inner-product index over float32 ``vectors`` [n, dim]; defaults fill ``params``."""
+        base.choice("faiss_index", kind, tuple(FAISS_PARAMS))
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(FAISS_PARAMS[kind]))
+        if unknown:
+            raise InputError(
+                f"faiss_params: unknown key(s) {unknown} for faiss_index={kind!r}; valid: {list(FAISS_PARAMS[kind])}"
+            )
+        faiss = import_faiss()
+        n, dim = vectors.shape
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "ivf":
+            params = {"nlist": max(1, round(math.sqrt(n))), **params}
+            params.setdefault("nprobe", min(params["nlist"], 16))
+            if params["nlist"] > n:
+                raise InputError(
+                    f"faiss_params['nlist']={params['nlist']} exceeds the {n} vectors; IVF needs nlist <= n"
+                )
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+        else:
+            params = {"M": 32, "ef_construction": 80, "ef_search": 64, **params}
+            index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["ef_construction"]
+        index.add(vectors)
+        return cls(index, kind, params)
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores float32 [nq, k] and rows int64 [nq, k] for prepared float32 queries."""
+        scores, labels = self.index.search(np.ascontiguousarray(q), k)
+        valid = labels >= 0  # FAISS pads missing hits with label -1
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        return base.sort_top_k(scores, np.where(valid, labels, -1).astype(np.int64), k)
+
+    def save(self, directory: Path) -> None:
+        import_faiss().write_index(self.index, str(directory / FAISS_FILE))
+
+    @classmethod
+    def load(cls, directory: Path, kind: str, params: dict[str, Any], count: int, dim: int) -> FaissIndex:
+        """Read ``faiss.index`` from ``directory``; it must hold ``count`` vectors of ``dim``."""
+        faiss = import_faiss()
+        file = directory / FAISS_FILE
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as e:
+            reason = str(e).splitlines()[0]
+            raise DataError(f"{file}: missing or unreadable FAISS index ({reason}); {base.REBUILD_HINT}") from None
+        if index.ntotal != count or index.d != dim:
+            raise DataError(
+                f"{file}: holds {index.ntotal} vectors of dim {index.d}, manifest says {count} x {dim}; "
+                f"{base.REBUILD_HINT}"
+            )
+        return cls(index, kind, params)
+
+
+def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
+    # The manifest's parameters are the ones in force, whatever a faiss.index file carries.
+    if kind == "ivf":
+        index.nprobe = params["nprobe"]
+    elif kind == "hnsw":
+        index.hnsw.efSearch = params["ef_search"]

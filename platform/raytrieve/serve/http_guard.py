@@ -1,0 +1,247 @@
+"""What every HTTP request goes through around the endpoints: the bearer token, a body read
+whole and bounded, metrics, and errors in one JSON shape.
+
+    api = FastAPI(default_response_class=SafeJSONResponse)
+    install(api)   # the error handlers and the guard middleware
+
+Errors are JSON ``{"error": {"type", "message", "field"}}`` with a 4xx status that says what
+was wrong: 400 unreadable body, 401 missing token, 404 unknown model or path, 413 body too
+large (declared or chunked), 415 a body that is not JSON, 422 a field out of its limits or of
+the wrong type. Endpoints raise ApiError for their own refusals. Anything else is a bug,
+answered 500 in the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
+
+from raytrieve.serve.config import LimitsConfig
+
+
+class Guarded(Protocol):
+    """What the middleware reads from the app's ``state.ingress`` (one per replica process)."""
+
+    token: str | None
+    limits: LimitsConfig
+    requests: Any  # prometheus Counter by (path, status)
+    latency: Any  # prometheus Histogram by path
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, field: str | None, message: str, kind: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.field, self.message, self.kind = status, field, message, kind
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: a string that is not valid Unicode (a lone surrogate, which
+    JSON escapes may carry in) comes back \\u-escaped instead of failing the answer with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(
+    status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return SafeJSONResponse(
+        {"error": {"type": kind, "message": message, "field": field}}, status_code=status, headers=headers
+    )
+
+
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    return error_response(e.status, e.kind, e.message, e.field)
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+# pydantic names the member of a union it tried ("input.list[str].0", "input.function-after[...]"):
+# clients want the field, so those parts are dropped from the location.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-[a-z-]+\[.*\])$")
+
+
+def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
+    """("body", "input", "list[str]", 1) -> ("input[1]", 3): the field and how deep it lies."""
+    parts: list[str] = []
+    for i, x in enumerate(loc):
+        if isinstance(x, int) and parts:
+            parts[-1] += f"[{x}]"
+        elif (i == 0 and x == "body") or (i > 0 and _UNION_MEMBER.match(str(x))):
+            continue
+        else:
+            parts.append(str(x))
+    return ".".join(parts), len(loc)
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    errors = e.errors() or [{}]
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ())]
+    if first.get("type") == "json_invalid" or (len(loc) <= 2 and "JSON" in str(first.get("msg", ""))):
+        return error_response(400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
+    if loc == ["body"] and not _is_json(request.headers.get("content-type")):
+        # FastAPI leaves a body of another media type unparsed; say what to send rather than
+        # "Input should be a valid dictionary".
+        return error_response(
+            415,
+            "unsupported_media_type",
+            f"the body must be JSON sent with Content-Type: application/json, "
+            f"got {request.headers.get('content-type') or 'no Content-Type'}",
+            "content-type",
+        )
+    # The error that got deepest into the value says most ("input[0]: should be a string" for
+    # a list of numbers), and a refused value more than a union member of another type; a value
+    # no member of a union accepts lists what each wanted.
+    located = [
+        (*_field_of(tuple(err.get("loc", ()))), str(err.get("type", "")), str(err.get("msg", "invalid value")))
+        for err in errors
+    ]
+    depth = max(d for _, d, _, _ in located)
+    field = next(f for f, d, _, _ in located if d == depth)
+    here = [(t, m) for f, d, t, m in located if f == field and d == depth]
+    refused = [(t, m) for t, m in here if not t.endswith("_type")]
+    messages = list(dict.fromkeys(m for _, m in refused or here))
+    return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}", field or "body")
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Routing and body errors raised by FastAPI itself, in our error shape."""
+    if e.status_code == 404:
+        return error_response(404, "not_found", f"no endpoint {request.url.path}", "path")
+    if e.status_code == 405:
+        return error_response(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
+        )
+    if e.status_code == 400:
+        # FastAPI hides why json.loads failed (nesting too deep, an integer of too many digits,
+        # bytes that are not UTF-8); the cause is what the client needs to fix.
+        cause = e.__cause__
+        why = f"{e.detail} ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else e.detail
+        return error_response(400, "invalid_json", f"the body could not be read: {why}", "body")
+    return error_response(e.status_code, "http_error", str(e.detail), None)
+
+
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    """A bug or a failed replica is still a 500, but in the error shape clients parse."""
+    return error_response(
+        500, "internal_error", f"{type(e).__name__} while serving {request.url.path}; see the ingress log", None
+    )
+
+
+class _Guard:
+    """Before the app sees a request: the bearer token, then the body, read whole and bounded
+    (a declared Content-Length is checked before reading; a chunked body has none, so its bytes
+    are counted as they arrive). After: metrics. Pure ASGI rather than @app.middleware, so the
+    body can be bounded while it streams in."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        ingress = getattr(scope["app"].state, "ingress", None) if scope["type"] == "http" else None
+        if ingress is None:
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal, body = _check_headers(ingress, scope), b""
+            if refusal is None:
+                refusal, body = await _read_body(receive, ingress.limits.max_body_bytes)
+            if refusal is not None:
+                await refusal(scope, receive, send_counted)
+            elif body is not None:
+                await self.app(scope, _replay(body, receive), send_counted)
+            else:  # the client went away mid-body: nobody to answer, and not a server error
+                status[0] = 499
+        finally:
+            # Known routes only: fuzzed paths must not grow the metrics registry.
+            path = getattr(scope.get("route"), "path", "other")
+            ingress.requests.labels(path, str(status[0])).inc()
+            ingress.latency.labels(path).observe(time.perf_counter() - started)
+
+
+def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    if ingress.token is not None and not scope["path"].rstrip("/").endswith("/healthz"):
+        given = headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {ingress.token}".encode()):
+            return error_response(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer ...)",
+                "authorization",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    length = headers.get("content-length")
+    if length is not None:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+        if not (length.isascii() and length.isdigit()):
+            return error_response(400, "invalid_request", "Content-Length is not a number", "content-length")
+        if int(length) > ingress.limits.max_body_bytes:
+            return error_response(
+                413, "too_large", f"body of {length} bytes, at most {ingress.limits.max_body_bytes}", "body"
+            )
+    return None
+
+
+async def _read_body(receive: Any, limit: int) -> tuple[JSONResponse | None, bytes | None]:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return error_response(
+                413, "too_large", f"body over {limit} bytes (sent without Content-Length)", "body"
+            ), b""
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return None, b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """The body already read, as one message; later calls wait on the client (disconnects)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def install(api: FastAPI) -> None:
+    """The error handlers, then the guard; the guard is active once ``api.state.ingress`` is set."""
+    # The decorator form: add_exception_handler's type wants handlers of any Exception.
+    api.exception_handler(ApiError)(_api_error)
+    api.exception_handler(RequestValidationError)(_validation_error)
+    api.exception_handler(StarletteHTTPException)(_http_error)
+    api.exception_handler(Exception)(_unexpected)
+    api.add_middleware(_Guard)

@@ -1,0 +1,148 @@
+"""The ``/search`` pipeline as a plain class: recall from each retriever, fusion, optional
+cross-encoder rerank, and the answer's shape. No Ray and no HTTP here: the ingress
+(serve/app.py) hands it callables over its deployment handles, a test hands it plain async
+functions over in-process indices.
+
+    pipeline = SearchPipeline(
+        {"dense": Retrieval(encode=encode_query, search=dense_top_k)},
+        lookup=texts_of,             # ids -> texts
+        rerank=score_pairs,          # [(query, text)] -> scores, or None
+    )
+    answer = await pipeline.search(SearchRequest(query="inverse of a matrix", rerank=True))
+
+Limits from the serve config (sizes, lengths) are the caller's to check; this class refuses
+only what it cannot serve (rerank without a reranker, every retriever switched off), with a
+SearchError that names the request field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from raytrieve.errors import InputError
+from raytrieve.serve import fusion
+from raytrieve.serve.fusion import Ranked
+from raytrieve.serve.schemas import SearchRequest
+
+
+class SearchError(InputError):
+    """A request this pipeline cannot serve; ``field`` is the request field to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """One recall stage: how the query is encoded, and how its index is searched."""
+
+    encode: Callable[[str], Awaitable[Any]]  # the query -> its vector (the model's query side)
+    search: Callable[[Any, int], Awaitable[Ranked]]  # (vector, k) -> best-first (id, score)
+
+
+Lookup = Callable[[list[str]], Awaitable[Sequence[str]]]
+Rerank = Callable[[list[tuple[str, str]]], Awaitable[Sequence[float]]]
+
+
+class SearchPipeline:
+    """Runs ``SearchRequest``s over the given retrievers. Their names ("dense", "sparse") are
+    fields of the request's ``recall`` sizes and prefixes of its per-stage scores and timings."""
+
+    def __init__(self, retrievers: Mapping[str, Retrieval], lookup: Lookup, rerank: Rerank | None = None) -> None:
+        self.retrievers, self.lookup, self.rerank = dict(retrievers), lookup, rerank
+
+    async def search(self, request: SearchRequest) -> dict[str, Any]:
+        if request.rerank and self.rerank is None:
+            raise SearchError("rerank", "rerank: no reranker is served here")
+        sizes = {name: getattr(request.recall, name) for name in self.retrievers}
+        sizes = {name: k for name, k in sizes.items() if k > 0}
+        if not sizes:
+            raise SearchError("recall", "recall: every served retriever is switched off (all sizes 0)")
+        timings: dict[str, float] = {}
+        found = await asyncio.gather(*(self._recall(name, request.query, k, timings) for name, k in sizes.items()))
+        lists = dict(zip(sizes, found))
+
+        started = time.perf_counter()
+        # One list needs no fusion: its own scores stand, and no hit gets a fusion score.
+        fused = next(iter(lists.values())) if len(lists) == 1 else self._fuse(request, lists)
+        timings["fusion_ms"] = _ms_since(started)
+
+        reranked: dict[str, float] = {}
+        final = list(fused)
+        if request.rerank and fused:
+            started = time.perf_counter()
+            reranked = await self._rerank(request.query, [d for d, _ in fused[: request.rerank_depth]])
+            timings["rerank_ms"] = _ms_since(started)
+            final = list(reranked.items())
+        return await self._answer(request, lists, fused, reranked, final[: request.top_k], timings)
+
+    async def _recall(self, name: str, query: str, k: int, timings: dict[str, float]) -> Ranked:
+        retrieval = self.retrievers[name]
+        started = time.perf_counter()
+        vector = await retrieval.encode(query)
+        timings[f"encode_{name}_ms"] = _ms_since(started)
+        started = time.perf_counter()
+        hits = await retrieval.search(vector, k)
+        timings[f"recall_{name}_ms"] = _ms_since(started)
+        return hits
+
+    @staticmethod
+    def _fuse(request: SearchRequest, lists: Mapping[str, Ranked]) -> Ranked:
+        return fusion.fuse(request.fusion.method, lists, request.fusion.model_dump())
+
+    async def _rerank(self, query: str, ids: list[str]) -> dict[str, float]:
+        """The candidates by cross-encoder score, best first (ties keep the fused order)."""
+        assert self.rerank is not None, "search() refuses rerank without a reranker"
+        texts = await self.lookup(ids)
+        scores = [float(s) for s in await self.rerank([(query, text) for text in texts])]
+        order = sorted(range(len(ids)), key=lambda i: (-scores[i], i))
+        return {ids[i]: scores[i] for i in order}
+
+    async def _answer(
+        self,
+        request: SearchRequest,
+        lists: Mapping[str, Ranked],
+        fused: Ranked,
+        reranked: Mapping[str, float],
+        final: Sequence[tuple[str, float]],
+        timings: Mapping[str, float],
+    ) -> dict[str, Any]:
+        texts = await self.lookup([d for d, _ in final]) if request.return_text else []
+        per_stage = {name: dict(ranked) for name, ranked in lists.items()}
+        fused_scores = dict(fused) if len(lists) > 1 else {}
+        hits = []
+        for rank, (doc, score) in enumerate(final, start=1):
+            hit: dict[str, Any] = {
+                "id": doc,
+                "rank": rank,
+                "score": score,
+                "scores": {
+                    "dense": per_stage.get("dense", {}).get(doc),
+                    "sparse": per_stage.get("sparse", {}).get(doc),
+                    "fusion": fused_scores.get(doc),
+                    "rerank": reranked.get(doc),
+                },
+            }
+            if request.return_text:
+                hit["text"] = texts[rank - 1]
+            hits.append(hit)
+        answer: dict[str, Any] = {
+            "query": request.query,
+            "hits": hits,
+            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if request.return_stages:
+            answer["stages"] = {
+                **{name: [[d, s] for d, s in ranked] for name, ranked in lists.items()},
+                "fused": [[d, s] for d, s in fused],
+            }
+        return answer
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
