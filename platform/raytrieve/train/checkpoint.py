@@ -1,15 +1,15 @@
 """A training checkpoint: its layout, writing and reporting it, restoring the latest one, the
 final model, and the folder a run's checkpoints live in.
 
-A checkpoint is a directory, reported through ``ray.train.report`` as ``step-<step>``:
+A checkpoint is a directory, reported through ``ray.train.report`` as ``step-00000012``:
 
     model/            the encoder in sentence-transformers format, loadable as is (rank 0)
     state.pt          optimizer, schedule, step and loss heads; tensors only, so it is read
                       with ``weights_only=True`` (rank 0)
     rng-<rank>.json   each rank's Python and torch random state (every rank)
 
-Ray Train merges the ranks' directories into one and registers it only once every rank has
-reported, keeping the newest ``checkpoint.keep`` under ``checkpoint_dir(cfg)/run``. A restarted
+Every rank's files land in that one directory, and Ray Train registers it only once every rank
+has reported, keeping the newest ``checkpoint.keep`` under ``checkpoint_dir(cfg)/run``. A restarted
 worker group is handed the newest registered one by ``ray.train.get_checkpoint``, so a
 checkpoint cut short by a crash is never restored: there is no scan of the folder here.
 
@@ -43,7 +43,7 @@ STATE = "state.pt"
 RUN_STAMP = "raytrieve-run.json"
 
 
-def rng_file(rank: int) -> str:
+def _rng_file(rank: int) -> str:
     return f"rng-{rank}.json"
 
 
@@ -80,11 +80,11 @@ def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
     return root
 
 
-def rng_state() -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(ast.literal_eval(state["python"]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
@@ -170,7 +170,7 @@ class Checkpointer:
         """This rank's part of the checkpoint at ``step`` into ``directory`` (collective under FSDP)."""
         weights = full_state_dict(self.wrapped, self.module)
         optim_state = _optimizer_state(self.wrapped, self.optimizer)
-        (directory / rng_file(self.rank)).write_text(json.dumps(rng_state()))
+        (directory / _rng_file(self.rank)).write_text(json.dumps(_rng_state()))
         if self.rank == 0:
             save_encoder(self.module.encoder, weights, self.kind, self.model_path, directory / MODEL)
             heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
@@ -187,9 +187,9 @@ class Checkpointer:
         _load_weights(self.wrapped, self.module, restored, state.get("loss_heads", {}))
         _load_optimizer(self.wrapped, self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        rng = directory / rng_file(self.rank)
+        rng = directory / _rng_file(self.rank)
         if rng.exists():
-            set_rng_state(json.loads(rng.read_text()))
+            _set_rng_state(json.loads(rng.read_text()))
         return int(state["step"])
 
     def save(self, step: int, final: bool = False) -> None:
