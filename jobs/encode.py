@@ -6,14 +6,9 @@
 Killed or failed, run the same command again: finished shards are kept and skipped.
 """
 
-import argparse
 import sys
 
-from raytrieve.inference.entry import encode_from_args
+from raytrieve.jobs_entry import job_main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    sys.exit(encode_from_args(args.config, args.overrides, ray_address=None))
+    sys.exit(job_main("encode", __doc__))

@@ -4,14 +4,9 @@
         -- python jobs/train.py --config jobs/configs/dense_mnrl.yaml [key=value ...]
 """
 
-import argparse
 import sys
 
-from raytrieve.train.entry import train_from_args
+from raytrieve.jobs_entry import job_main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    sys.exit(train_from_args(args.config, args.overrides, ray_address=None))
+    sys.exit(job_main("train", __doc__))

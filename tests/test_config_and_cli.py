@@ -107,3 +107,20 @@ def test_importing_raytrieve_is_light():
     code = "import raytrieve.encoders, sys; print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.parametrize("job,config", [("train", "dense_mnrl.yaml"), ("encode", "encode_pydocs.yaml"),
+                                        ("mine", "mine_pydocs.yaml")])
+def test_job_scripts_and_cli_report_a_config_error_alike(job, config):
+    """`python jobs/<job>.py` (as `ray job submit` runs it, from the checkout) and `raytrieve <job>`
+    load the config the same way: an unknown override is one error line naming it, exit status 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["--config", f"jobs/configs/{config}", "no_such_field=1"]
+    script = subprocess.run([sys.executable, f"jobs/{job}.py", *args], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=300)
+    cli = _cli(job, *args)
+    for out in (script, cli):
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"raytrieve {job}: error: ") and "no_such_field" in out.stderr, out.stderr
+        assert out.stdout == ""
+    assert script.stderr == cli.stderr

@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 from raytrieve.errors import RaytrieveError
+from raytrieve.jobs_entry import add_config_arguments, run_job
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -61,21 +62,18 @@ def _docs_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job(module: str, entry: str):
+def _job(job: str):
     """A config-driven command (train, encode, mine) on an embedded local Ray."""
 
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(module), entry)(args.config, args.overrides, ray_address="local")
+        return run_job(job, args.config, args.overrides, ray_address="local")
 
     return run
 
 
 def _config_command(sub: Any, name: str, help: str, example: str, override: str, func: Any) -> None:
     cmd = sub.add_parser(name, help=help)
-    cmd.add_argument("--config", required=True, help=f"a YAML config (see {example})")
-    cmd.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override}")
+    add_config_arguments(cmd, example, override)
     cmd.set_defaults(func=func)
 
 
@@ -144,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune a model as a YAML config says, on an embedded Ray",
         "jobs/configs/",
         "training.batch_size=64",
-        _job("raytrieve.train.entry", "train_from_args"),
+        _job("train"),
     )
     _config_command(
         sub,
@@ -152,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "encode a corpus into parquet shards, on an embedded Ray",
         "jobs/configs/encode_pydocs.yaml",
         "output_dir=out/vectors",
-        _job("raytrieve.inference.entry", "encode_from_args"),
+        _job("encode"),
     )
     index = sub.add_parser("index", help="retrieval indices")
     index_sub = index.add_subparsers(dest="index_command", required=True)
@@ -181,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mine hard negatives, on an embedded Ray",
         "jobs/configs/mine_pydocs.yaml",
         "selection.num_negatives=5",
-        _job("raytrieve.inference.entry", "mine_from_args"),
+        _job("mine"),
     )
     _config_command(
         sub,

@@ -3,20 +3,14 @@
 It loads the encoder, builds one loss per dataset, wraps both for DDP/FSDP, restores the
 latest checkpoint if there is one, and streams its rank's planned micro-batches (already
 tokenized by the Ray Data stage, re-cut by stream key and padded here) from
-``get_dataset_shard``, one dataset per epoch. Rank 0 logs metrics
-that were averaged over ranks first, and writes checkpoints and the final model.
-
-A checkpoint is a directory: ``model/`` (sentence-transformers format, loadable as is),
-``state.pt`` (optimizer, schedule, step; tensors only, read with weights_only=True) and
-``rng-<rank>.json`` (each rank's random state), reported through ``ray.train.report``.
+``get_dataset_shard``, one dataset per epoch. Rank 0 logs metrics that were averaged over
+ranks first. Checkpoints and the final model: ``raytrieve.train.checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,40 +73,6 @@ def rank_micro_batches(spec: WorkerSpec, rank: int, start: int) -> Iterator[tupl
                 yield m, batch
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
-    random.setstate(ast.literal_eval(state["python"]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The TrainModule's unsharded state dict (gathered from every rank under FSDP: all ranks call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from raytrieve.train.distributed import is_fsdp
-
-    if is_fsdp(wrapped):
-        # With full_state_dict the values are plain (gathered) tensors; torch types them as any state.
-        return cast(
-            "dict[str, torch.Tensor]",
-            get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
-        )
-    return module.state_dict()
-
-
-def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path: str, target: Path) -> None:
-    """Save the encoder's weights ``state`` in sentence-transformers format (a CPU copy when sharded)."""
-    if any(type(t).__name__ == "DTensor" for t in encoder.parameters()):
-        encoder = load_encoder(kind, model_path, torch.device("cpu"))
-        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
-    encoder.save(target)
-
-
 def run_worker(spec: WorkerSpec) -> None:
     """The body of every Ray Train worker (entered through ``raytrieve.train.entry``)."""
     import ray.train
@@ -121,6 +81,7 @@ def run_worker(spec: WorkerSpec) -> None:
     from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts
     from raytrieve.encoders.base import set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
+    from raytrieve.train.checkpoint import Checkpointer
     from raytrieve.train.distributed import (
         GradientSync,
         TrainModule,
@@ -166,20 +127,8 @@ def run_worker(spec: WorkerSpec) -> None:
         if isinstance(loss, SpladeLoss)
     }
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt:
-            ckpt = Path(ckpt)
-            state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
-            restored = load_encoder(cfg.model.kind, str(ckpt / "model"), torch.device("cpu"))
-            _load_weights(wrapped, module, restored, state.get("loss_heads", {}))
-            _load_optimizer(wrapped, module, optimizer, state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            step = int(state["step"])
-            rng = ckpt / f"rng-{rank}.json"
-            if rng.exists():
-                _set_rng_state(json.loads(rng.read_text()))
+    checkpoints = Checkpointer(wrapped, module, optimizer, schedule, cfg.model.kind, spec.model_path, rank)
+    step = checkpoints.restore_latest()
 
     logger = None
     if rank == 0 and spec.run_id:
@@ -209,25 +158,6 @@ def run_worker(spec: WorkerSpec) -> None:
         encoder.train(was_training)
         if logger is not None:
             logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, at)
-
-    def save_checkpoint(at: int, final: bool = False) -> None:
-        weights = full_state_dict(wrapped, module)
-        optim_state = _optimizer_state(wrapped, optimizer)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            (tmp / f"rng-{rank}.json").write_text(json.dumps(_rng_state()))
-            if rank == 0:
-                save_encoder(encoder, weights, cfg.model.kind, spec.model_path, tmp / "model")
-                heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
-                torch.save(
-                    {"optimizer": optim_state, "schedule": schedule.state_dict(), "step": at, "loss_heads": heads},
-                    tmp / "state.pt",
-                )
-            ray.train.report(
-                {"step": at, "final": final},
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"step-{at:08d}",
-            )
 
     evaluate_every = cfg.eval.every_n_steps
     checkpoint_every = cfg.checkpoint.every_n_steps
@@ -290,66 +220,12 @@ def run_worker(spec: WorkerSpec) -> None:
         if evaluate_every and step % evaluate_every == 0:
             evaluate(step)
         if checkpoint_every and step % checkpoint_every == 0 and step < spec.optimizer_steps:
-            save_checkpoint(step)
+            checkpoints.save(step)
         if step >= spec.optimizer_steps:
             break
     if not (evaluate_every and step % evaluate_every == 0):  # not already evaluated at this step
         evaluate(step)
-    save_checkpoint(step, final=True)
-    weights = full_state_dict(wrapped, module)  # collective under FSDP
-    if rank == 0:
-        _write_final_model(spec, encoder, weights, logger)
-
-
-def _is_encoder_key(key: str) -> bool:
-    return ".model." in key or key.startswith("encoder.")
-
-
-def _write_final_model(spec: WorkerSpec, encoder, weights: dict[str, torch.Tensor], logger) -> None:
-    from raytrieve._io import atomic_directory
-
-    target = Path(spec.config.output_dir)
-    with atomic_directory(target) as tmp:
-        save_encoder(encoder, weights, spec.config.model.kind, spec.model_path, tmp)
+    checkpoints.save(step, final=True)
+    checkpoints.save_model(Path(cfg.output_dir))
     if logger is not None:
-        logger.log_model_dir(target)
-
-
-def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
-    from raytrieve.train.distributed import is_fsdp
-
-    if is_fsdp(wrapped):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    return optimizer.state_dict()
-
-
-def _load_weights(wrapped, module, restored, heads: dict[str, torch.Tensor]) -> None:
-    from raytrieve.train.distributed import is_fsdp
-
-    state = {f"encoder.{k}": v for k, v in restored.state_dict().items()}
-    state.update(heads)
-    if is_fsdp(wrapped):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    module.load_state_dict(state, strict=False)
-
-
-def _load_optimizer(wrapped, module, optimizer, state: dict[str, Any]) -> None:
-    from raytrieve.train.distributed import is_fsdp
-
-    if is_fsdp(wrapped):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        # strict=False: parameters that never had a gradient (a pooler that mean pooling skips)
-        # have no optimizer state to restore, exactly as in the run that saved it.
-        set_optimizer_state_dict(
-            wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
-        return
-    optimizer.load_state_dict(state)
+        logger.log_model_dir(Path(cfg.output_dir))

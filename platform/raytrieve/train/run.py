@@ -9,10 +9,8 @@ arguments against the real model, the eval file) runs before any Ray work starts
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
+from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
 from raytrieve.train.loop import build_losses, load_encoder
@@ -184,36 +183,6 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     return target
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints").resolve()
-
-
-def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
-    """What a resumed run must share with the checkpoints it finds: config and the planned data."""
-    body = json.dumps(
-        {"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def _claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
-    root = checkpoint_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = root / "raytrieve-run.json"
-    fingerprint = _fingerprint(cfg, plan)
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{where}: {root} holds checkpoints of a different run (config or data changed); "
-            "delete it to start over, or set checkpoint.dir to a new folder"
-        )
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "output_dir": cfg.output_dir}))
-    tmp.replace(stamp)
-    return root
-
-
 def build_datasets(p: Prepared) -> dict[str, Any]:
     """Each rank's Ray Dataset per epoch, ``rank{r}_epoch{e}`` (lazy: an epoch's reads start when
     the rank starts iterating it, and a resumed run never opens the epochs it finished)."""
@@ -257,7 +226,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     p = prepare(cfg, where)
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
-    storage = _claim_checkpoint_dir(cfg, p.plan, where)
+    storage = claim_checkpoint_dir(cfg, p.plan, where)
 
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

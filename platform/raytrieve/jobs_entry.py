@@ -1,0 +1,94 @@
+"""The config-driven jobs (train, encode, mine) from a command line: ``python jobs/<job>.py``
+under ``ray job submit`` (joins the cluster's Ray) and ``raytrieve <job>`` (starts an embedded
+local Ray) both run here. A job loads its YAML config with ``key=value`` overrides, runs, and
+prints its summary as one JSON line on stdout; a RaytrieveError is one line on stderr,
+``raytrieve <job>: error: ...``, and exit status 2.
+
+One module for both, rather than one entry per package: the scripts and the CLI differ only in
+the Ray they use, and the CLI imports this before parsing its arguments, so it stays light
+(each job imports its own modules when it runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from raytrieve.errors import RaytrieveError
+
+
+def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[str, Any]:
+    from raytrieve.train.config import load_train_config
+    from raytrieve.train.run import run_training
+
+    result = run_training(load_train_config(config, overrides), where=config, ray_address=ray_address)
+    return {
+        "output_dir": result.output_dir,
+        "steps": result.steps,
+        "mlflow_run_id": result.run_id,
+        "model_version": result.model_version,
+        "not_trained_on": result.dropped,
+    }
+
+
+def _encode(config: str, overrides: list[str], ray_address: str | None) -> dict[str, Any]:
+    from raytrieve.inference.config import load_encode_config
+    from raytrieve.inference.encode import run_encode
+
+    result = run_encode(load_encode_config(config, overrides), where=config, ray_address=ray_address)
+    if result.already_complete:
+        print(
+            f"{result.output_dir}: already complete ({result.rows} rows, {result.shards} shards); nothing to do",
+            file=sys.stderr,
+        )
+    return asdict(result)
+
+
+def _mine(config: str, overrides: list[str], ray_address: str | None) -> dict[str, Any]:
+    from raytrieve.inference.config import load_mine_config
+    from raytrieve.inference.mine import run_mine
+
+    return asdict(run_mine(load_mine_config(config, overrides), where=config, ray_address=ray_address))
+
+
+JOBS: dict[str, Callable[[str, list[str], str | None], dict[str, Any]]] = {
+    "train": _train,
+    "encode": _encode,
+    "mine": _mine,
+}
+
+
+def run_job(job: str, config: str, overrides: list[str], ray_address: str | None) -> int:
+    """Run ``job`` as the YAML file ``config`` with ``overrides`` says; the exit status.
+    ``ray_address``: None joins the cluster the process runs on, "local" starts an embedded Ray."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = JOBS[job](config, overrides, ray_address)
+    except RaytrieveError as e:
+        print(f"raytrieve {job}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, example: str = "jobs/configs/", override: str | None = None
+) -> None:
+    """``--config X.yaml`` and ``key=value`` overrides, as every config-driven command takes them."""
+    parser.add_argument("--config", required=True, help=f"a YAML config (see {example})")
+    parser.add_argument(
+        "overrides", nargs="*", help=f"key=value overrides, e.g. {override}" if override else "key=value overrides"
+    )
+
+
+def job_main(job: str, description: str | None) -> int:
+    """The body of ``jobs/<job>.py``: parse ``sys.argv``, run on the cluster this process runs on."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args()
+    return run_job(job, args.config, args.overrides, ray_address=None)

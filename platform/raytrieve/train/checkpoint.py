@@ -1,0 +1,226 @@
+"""A training checkpoint: its layout, writing and reporting it, restoring the latest one, the
+final model, and the folder a run's checkpoints live in.
+
+A checkpoint is a directory, reported through ``ray.train.report`` as ``step-00000012``:
+
+    model/            the encoder in sentence-transformers format, loadable as is (rank 0)
+    state.pt          optimizer, schedule, step and loss heads; tensors only, so it is read
+                      with ``weights_only=True`` (rank 0)
+    rng-<rank>.json   each rank's Python and torch random state (every rank)
+
+Every rank's files land in that one directory, and Ray Train registers it only once every rank
+has reported, keeping the newest ``checkpoint.keep`` under ``checkpoint_dir(cfg)/run``. A restarted
+worker group is handed the newest registered one by ``ray.train.get_checkpoint``, so a
+checkpoint cut short by a crash is never restored: there is no scan of the folder here.
+
+Under FSDP the weights and optimizer state are gathered to full tensors before rank 0 writes
+them and scattered back into the shards on restore, so every rank takes part in ``save``,
+``restore_latest`` and ``save_model``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from raytrieve.errors import ConfigError
+from raytrieve.train.distributed import is_fsdp
+
+if TYPE_CHECKING:
+    from raytrieve.train.config import TrainConfig
+    from raytrieve.train.plan import Plan
+
+MODEL = "model"
+STATE = "state.pt"
+RUN_STAMP = "raytrieve-run.json"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``."""
+    return Path(cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints").resolve()
+
+
+def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
+    """What a resumed run must share with the checkpoints it finds: config and the planned data."""
+    body = json.dumps(
+        {"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
+    """``checkpoint_dir(cfg)``, stamped as this run's; a folder stamped by a different run (its
+    checkpoints would resume the wrong training) is refused."""
+    from raytrieve._io import write_json
+
+    root = checkpoint_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = root / RUN_STAMP
+    fingerprint = _fingerprint(cfg, plan)
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{where}: {root} holds checkpoints of a different run (config or data changed); "
+            "delete it to start over, or set checkpoint.dir to a new folder"
+        )
+    write_json(stamp, {"fingerprint": fingerprint, "output_dir": cfg.output_dir})
+    return root
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(ast.literal_eval(state["python"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _cpu_encoder(kind: str, path: str | Path):
+    """A CPU encoder of ``kind`` read from the sentence-transformers folder ``path``."""
+    from raytrieve.encoders import KINDS
+
+    return KINDS[kind](str(path), device="cpu")
+
+
+def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The TrainModule's unsharded state dict (gathered from every rank under FSDP: all ranks call this)."""
+    if is_fsdp(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # With full_state_dict the values are plain (gathered) tensors; torch types them as any state.
+        return cast(
+            "dict[str, torch.Tensor]",
+            get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
+    return module.state_dict()
+
+
+def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path: str, target: Path) -> None:
+    """Save the encoder's weights ``state`` in sentence-transformers format (a CPU copy when sharded)."""
+    if any(type(t).__name__ == "DTensor" for t in encoder.parameters()):
+        encoder = _cpu_encoder(kind, model_path)
+        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
+    encoder.save(target)
+
+
+def _is_encoder_key(key: str) -> bool:
+    return ".model." in key or key.startswith("encoder.")
+
+
+def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
+    if is_fsdp(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def _load_weights(wrapped, module, restored, heads: dict[str, torch.Tensor]) -> None:
+    state = {f"encoder.{k}": v for k, v in restored.state_dict().items()}
+    state.update(heads)
+    if is_fsdp(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    module.load_state_dict(state, strict=False)
+
+
+def _load_optimizer(wrapped, optimizer, state: dict[str, Any]) -> None:
+    if is_fsdp(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # strict=False: parameters that never had a gradient (a pooler that mean pooling skips)
+        # have no optimizer state to restore, exactly as in the run that saved it.
+        set_optimizer_state_dict(
+            wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        return
+    optimizer.load_state_dict(state)
+
+
+class Checkpointer:
+    """One worker's training state, saved and restored: ``module`` (a TrainModule: the encoder
+    and one loss per dataset) as ``wrapped`` for DDP/FSDP, its optimizer and schedule.
+    ``model_path`` is the model training started from (under FSDP, rank 0 saves through a CPU
+    copy of it)."""
+
+    def __init__(self, wrapped, module, optimizer, schedule, kind: str, model_path: str, rank: int) -> None:
+        self.wrapped, self.module = wrapped, module
+        self.optimizer, self.schedule = optimizer, schedule
+        self.kind, self.model_path, self.rank = kind, model_path, rank
+
+    def write(self, directory: Path, step: int) -> None:
+        """This rank's part of the checkpoint at ``step`` into ``directory`` (collective under FSDP)."""
+        weights = full_state_dict(self.wrapped, self.module)
+        optim_state = _optimizer_state(self.wrapped, self.optimizer)
+        (directory / _rng_file(self.rank)).write_text(json.dumps(_rng_state()))
+        if self.rank == 0:
+            save_encoder(self.module.encoder, weights, self.kind, self.model_path, directory / MODEL)
+            heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
+            torch.save(
+                {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "step": step, "loss_heads": heads},
+                directory / STATE,
+            )
+
+    def read(self, directory: Path) -> int:
+        """Restore weights, loss heads, optimizer, schedule and this rank's random state from
+        ``directory``; the step it was written at."""
+        state = torch.load(directory / STATE, weights_only=True, map_location="cpu")
+        restored = _cpu_encoder(self.kind, directory / MODEL)
+        _load_weights(self.wrapped, self.module, restored, state.get("loss_heads", {}))
+        _load_optimizer(self.wrapped, self.optimizer, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        rng = directory / _rng_file(self.rank)
+        if rng.exists():
+            _set_rng_state(json.loads(rng.read_text()))
+        return int(state["step"])
+
+    def save(self, step: int, final: bool = False) -> None:
+        """Write the checkpoint at ``step`` and report it to Ray Train (every rank calls this)."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.write(Path(tmp), step)
+            ray.train.report(
+                {"step": step, "final": final},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"step-{step:08d}",
+            )
+
+    def restore_latest(self) -> int:
+        """Restore the newest checkpoint Ray Train registered for this run; its step, or 0 when
+        there is none (a fresh start)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as directory:
+            return self.read(Path(directory))
+
+    def save_model(self, target: Path) -> None:
+        """The trained model, gathered under FSDP (every rank calls this), written by rank 0 to
+        ``target`` in sentence-transformers format: atomically, replacing what was there."""
+        from raytrieve._io import atomic_directory
+
+        weights = full_state_dict(self.wrapped, self.module)
+        if self.rank == 0:
+            with atomic_directory(target) as tmp:
+                save_encoder(self.module.encoder, weights, self.kind, self.model_path, tmp)

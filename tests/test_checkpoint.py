@@ -1,0 +1,129 @@
+"""raytrieve.train.checkpoint without Ray: a checkpoint of a tiny model with a loss head, its
+optimizer and schedule reads back into fresh ones with equal weights, optimizer state,
+schedule, step and random state; a run's checkpoint folder refuses another run's config.
+(Reporting to Ray Train, FSDP and resuming a killed run: tests/test_train_e2e.py -k resume.)"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from raytrieve import DenseEncoder
+from raytrieve.config import from_dict
+from raytrieve.errors import ConfigError
+from raytrieve.losses.pairwise import SoftmaxLoss
+from raytrieve.train.checkpoint import MODEL, RUN_STAMP, STATE, Checkpointer, checkpoint_dir, claim_checkpoint_dir
+from raytrieve.train.config import OptimizerConfig, ScheduleConfig, TrainConfig, TrainingConfig
+from raytrieve.train.distributed import TrainModule
+from raytrieve.train.optim import build_optimizer, build_schedule
+from raytrieve.train.plan import DatasetKeys, plan_training
+from tests.conftest import SENTENCES
+
+
+def _worker(model_path, seed: int) -> Checkpointer:
+    """What run_worker builds on one rank without DDP: the module is its own wrapper."""
+    torch.manual_seed(seed)  # the loss head starts from different weights per seed
+    encoder = DenseEncoder(model_path, device="cpu").train()
+    module = TrainModule(encoder, [SoftmaxLoss(encoder, embedding_dimension=32, num_labels=3)])
+    optimizer = build_optimizer(module.encoder, OptimizerConfig(learning_rate=1e-3), extra=module.losses)
+    schedule = build_schedule(optimizer, ScheduleConfig(), total_steps=10)
+    return Checkpointer(module, module, optimizer, schedule, "dense", str(model_path), rank=0)
+
+
+def _train(worker: Checkpointer, steps: int) -> None:
+    encoder = worker.module.encoder
+    features = [encoder.tokenize(SENTENCES[:4]), encoder.tokenize(SENTENCES[4:8])]
+    for _ in range(steps):
+        worker.module(0, features, torch.tensor([0, 1, 2, 1])).backward()
+        worker.optimizer.step()
+        worker.schedule.step()
+        worker.optimizer.zero_grad()
+
+
+def _assert_equal_state(got, want, where: str) -> None:
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            _assert_equal_state(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_equal_state(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def test_a_checkpoint_reads_back_into_fresh_training_state(tiny_models, tmp_path):
+    saved = _worker(tiny_models["dense"], seed=0)
+    _train(saved, steps=2)
+    random.seed(11)
+    torch.manual_seed(12)
+    saved.write(tmp_path, step=2)
+    next_python, next_torch = random.random(), torch.rand(4)  # what the run would draw next
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL, "rng-0.json", STATE]
+    assert (tmp_path / MODEL / "modules.json").exists()  # a sentence-transformers folder, loadable as is
+    assert json.loads((tmp_path / "rng-0.json").read_text()).keys() == {"python", "torch"}
+
+    restored = _worker(tiny_models["dense"], seed=1)
+    assert not torch.equal(
+        restored.module.losses[0].classifier.weight, saved.module.losses[0].classifier.weight
+    ), "the fresh state must differ for the comparison to mean anything"
+    random.seed(0)
+    torch.manual_seed(0)
+    assert restored.read(tmp_path) == 2
+
+    _assert_equal_state(restored.module.state_dict(), saved.module.state_dict(), "weights")
+    _assert_equal_state(restored.optimizer.state_dict(), saved.optimizer.state_dict(), "optimizer")
+    assert saved.optimizer.state_dict()["state"], "two steps of AdamW leave moments to restore"
+    _assert_equal_state(restored.schedule.state_dict(), saved.schedule.state_dict(), "schedule")
+    assert random.random() == next_python
+    assert torch.equal(torch.rand(4), next_torch)
+
+    # Training on from the restored state goes where the saved one goes.
+    for worker in (saved, restored):
+        torch.manual_seed(3)
+        _train(worker, steps=1)
+    _assert_equal_state(restored.module.state_dict(), saved.module.state_dict(), "weights after a step")
+
+
+def test_a_rank_without_its_random_state_keeps_its_own(tiny_models, tmp_path):
+    """Only rank 0 writes model/ and state.pt; a rank whose rng file is absent restores the rest."""
+    saved = _worker(tiny_models["dense"], seed=0)
+    saved.write(tmp_path, step=0)
+    (tmp_path / "rng-0.json").unlink()
+    restored = _worker(tiny_models["dense"], seed=1)
+    random.seed(5)
+    want = random.random()
+    random.seed(5)
+    assert restored.read(tmp_path) == 0
+    assert random.random() == want
+    _assert_equal_state(restored.module.state_dict(), saved.module.state_dict(), "weights")
+
+
+def _config(tmp_path, **optimizer) -> TrainConfig:
+    return from_dict(
+        TrainConfig,
+        {
+            "model": {"name_or_path": "all-minilm-l6-v2", "kind": "dense"},
+            "datasets": [{"name": "pairs", "path": "pairs.parquet", "loss": {"name": "MultipleNegativesRankingLoss"}}],
+            "output_dir": str(tmp_path / "out" / "model"),
+            "optimizer": optimizer,
+        },
+    )
+
+
+def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
+    plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
+    cfg = _config(tmp_path)
+    root = claim_checkpoint_dir(cfg, plan, "job.yaml")
+    assert root == checkpoint_dir(cfg) == (tmp_path / "out" / "model.checkpoints").resolve()
+    assert [p.name for p in root.iterdir()] == [RUN_STAMP]  # written through a temporary, none left
+    assert claim_checkpoint_dir(cfg, plan, "job.yaml") == root  # the same run resumes
+    with pytest.raises(ConfigError, match="job.yaml: .* holds checkpoints of a different run"):
+        claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml")
