@@ -311,7 +311,8 @@ def _training_status(uri: str, kind: str) -> str | None:
 def fine_tune(cfg: DemoConfig, kind: str, ft: FineTuneConfig, samples: sampling.Samples, progress: Progress) -> dict:
     import yaml
 
-    from raytrieve.train.run import checkpoint_dir, run_training
+    from raytrieve.train.checkpoint import checkpoint_dir
+    from raytrieve.train.run import run_training
 
     tc = train_config(cfg, kind, ft, samples.train_path)
     # A changed config must not resume from (or be refused by) an older run's checkpoints.

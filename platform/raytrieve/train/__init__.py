@@ -1,2 +1,4 @@
-"""Training on Ray Train: the typed config (here now); the train loop, checkpoints and
-MLflow tracking come with the distributed-training issue."""
+"""Training on Ray Train: the typed config (config.py), the batch plan (plan.py), the driver
+(run.py: checks, Ray Data stage, TorchTrainer, MLflow), the worker entry (entry.py) and loop
+(loop.py), DDP/FSDP (distributed.py), one optimizer step (step.py) and checkpoints
+(checkpoint.py)."""
