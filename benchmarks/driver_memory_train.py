@@ -46,14 +46,15 @@ def tiny_model(workdir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from raytrieve import DenseEncoder, assets
+    from raytrieve import DenseEncoder
+    from raytrieve.model_ref import resolve_model
     from raytrieve.modules import Pooling, Transformer
 
     torch.manual_seed(0)
     base = workdir / "tiny-base"
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(base)
-    AutoTokenizer.from_pretrained(assets.model_path("all-minilm-l6-v2")).save_pretrained(base)
+    AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2")).save_pretrained(base)
     DenseEncoder([Transformer.from_pretrained(base, max_seq_length=32), Pooling(32, "mean")], device="cpu").save(target)
     return target
 

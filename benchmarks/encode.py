@@ -35,12 +35,13 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from raytrieve import DenseEncoder, assets
+    from raytrieve import DenseEncoder
+    from raytrieve.model_ref import resolve_model
     from texts import sentences
 
     torch.set_num_threads(args.threads)
     texts = sentences(args.n)
-    path = str(assets.model_path("all-minilm-l6-v2"))
+    path = str(resolve_model("all-minilm-l6-v2"))
     ours = DenseEncoder(path, device=args.device)
     ref = SentenceTransformer(path, device=args.device)
 

@@ -50,14 +50,14 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from texts import sentences
 
-    from raytrieve import assets
     from raytrieve.config import from_dict
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
     from raytrieve.inference.shards import read_vectors
+    from raytrieve.model_ref import resolve_model
 
     texts = sentences(args.n)
-    model = str(assets.model_path("all-minilm-l6-v2"))
+    model = str(resolve_model("all-minilm-l6-v2"))
     gpu = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="encode-job-bench-"))
     pq.write_table(pa.table({"id": [f"s{i}" for i in range(len(texts))], "text": texts}), work / "corpus.parquet")

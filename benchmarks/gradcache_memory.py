@@ -38,9 +38,9 @@ def one_step(lib: str, loss_name: str, batch: int, max_seq_length: int, threads:
     with open(texts_file) as f:
         texts = json.load(f)
     anchors, positives = texts["anchors"][:batch], texts["positives"][:batch]
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
-    path = str(assets.model_path("all-minilm-l6-v2"))
+    path = str(resolve_model("all-minilm-l6-v2"))
     if lib == "raytrieve":
         import raytrieve.losses as L
         from raytrieve import DenseEncoder

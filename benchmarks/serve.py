@@ -135,11 +135,11 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(threads)
-    st = SentenceTransformer(str(assets.model_path("all-minilm-l6-v2")), device="cpu")
+    st = SentenceTransformer(str(resolve_model("all-minilm-l6-v2")), device="cpu")
     st.encode(texts[:64], batch_size=32)
     t = time.perf_counter()
     st.encode(texts, batch_size=32, show_progress_bar=False)

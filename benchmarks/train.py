@@ -88,11 +88,11 @@ def run_sentence_transformers(data: dict[str, list[str]], tmp: Path, args) -> tu
     from sentence_transformers.training_args import BatchSamplers
     from transformers import TrainerCallback
 
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = SentenceTransformer(str(assets.model_path("all-minilm-l6-v2")), device="cpu")
+    model = SentenceTransformer(str(resolve_model("all-minilm-l6-v2")), device="cpu")
     model.max_seq_length = args.max_seq_length
     times: list[float] = []
 

@@ -62,23 +62,23 @@ def st():
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
-    return assets.model_path("all-minilm-l6-v2")
+    return resolve_model("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")
 def splade_dir() -> Path:
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
-    return assets.model_path("splade-tiny")
+    return resolve_model("splade-tiny")
 
 
 @pytest.fixture(scope="session")
 def reranker_dir() -> Path:
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
-    return assets.model_path("ms-marco-minilm-l12-v2")
+    return resolve_model("ms-marco-minilm-l12-v2")
 
 
 def tiny_bert_config(**changes):

@@ -8,6 +8,7 @@ that pulled it in rather than only saying that it happened."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -116,3 +117,139 @@ def test_probe_names_the_importing_module(tmp_path):
         chain
     )
     assert chain[2] == "boundary_probe_pkg.sub (line 3)"
+
+
+# -- import cycles -------------------------------------------------------------------------------
+
+
+def import_graph(root: Path, *, in_functions: bool = False) -> dict[str, set[str]]:
+    """Each module of the package at ``root`` -> the modules of that package it imports.
+
+    Only what runs at import counts unless ``in_functions``: function bodies and ``if
+    TYPE_CHECKING:`` blocks are skipped. Importing ``a.b.c`` first runs ``a`` and ``a.b``, so
+    those are edges too, except the importer's own packages (already running when it runs)."""
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def nearest(name: str) -> str:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+
+        def visit(nodes: list[ast.stmt], package: str = package, targets: set[str] = targets) -> None:
+            for node in nodes:
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    visit(node.orelse)
+                    continue
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not in_functions:
+                    continue
+                if isinstance(node, ast.Import):
+                    targets.update(nearest(a.name) for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                        base = ".".join([*up, base] if base else up)
+                    targets.update(nearest(f"{base}.{a.name}") for a in node.names)
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, ast.stmt):
+                        visit([child])
+                    elif isinstance(child, ast.excepthandler):
+                        visit(child.body)
+
+        visit(ast.parse(f.read_text(encoding="utf-8")).body)
+        pieces = [t.split(".") for t in targets if t]
+        graph[name] = {
+            parent
+            for p in pieces
+            for i in range(1, len(p) + 1)
+            if (parent := ".".join(p[:i])) in files and not (name == parent or name.startswith(parent + "."))
+        }
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, edges = work[-1]
+            nxt = next((w for w in edges if w not in index or w in on_stack), None)
+            if nxt is not None:
+                if nxt in index:
+                    low[node] = min(low[node], index[nxt])
+                else:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph.get(nxt, ())))))
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_no_import_cycles_between_raytrieve_modules():
+    """What runs at import forms no cycle: a module is never imported half-initialised, and
+    every module can be imported first (by a Ray worker unpickling a function, say)."""
+    cycles = find_cycles(import_graph(ROOT / "platform" / "raytrieve"))
+    assert not cycles, (
+        f"import cycles among raytrieve modules: {cycles}; move the shared code into a module both can "
+        "import, or import inside the function that needs it (a call-time edge)"
+    )
+
+
+def test_model_catalogue_is_a_leaf():
+    """assets.py (models/ catalogue) imports no encoder, not even inside a function: converting
+    shipped weights is encoders/convert.py's work, reached through raytrieve.model_ref."""
+    graph = import_graph(ROOT / "platform" / "raytrieve", in_functions=True)
+    assert graph["raytrieve.assets"] <= {"raytrieve.errors", "raytrieve.config"}, graph["raytrieve.assets"]
+    assert graph["raytrieve.config"] <= {"raytrieve.errors"} and not graph["raytrieve.errors"]
+
+
+def test_cycle_check_finds_a_cycle(tmp_path):
+    """The checker sees a cycle through a relative import and a package's __init__ (running
+    pkg.a runs pkg/sub/__init__, which imports pkg.a back), and ignores TYPE_CHECKING and
+    function-level imports."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("from pkg import a\n")
+    (pkg / "sub" / "b.py").write_text("")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\ndef f():\n    from pkg import d\n"
+    )
+    (pkg / "d.py").write_text("import pkg.c\n")
+    graph = import_graph(pkg)
+    assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.d"] == {"pkg.c"} and not graph["pkg.c"]
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub"]]
+    assert sorted(find_cycles(import_graph(pkg, in_functions=True))) == [["pkg.a", "pkg.sub"], ["pkg.c", "pkg.d"]]

@@ -44,13 +44,13 @@ NEGATIVES2 = [n[::-1] for n in NEGATIVES]
 def _build(tmp_path, name: str, seed: int, dense: bool = False):
     from transformers import AutoTokenizer, BertModel
 
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
     torch.manual_seed(seed)
     cfg = tiny_bert_config(**NO_DROPOUT)
     hf = tmp_path / f"{name}_hf"
     BertModel(cfg).save_pretrained(hf)
-    AutoTokenizer.from_pretrained(assets.model_path("all-minilm-l6-v2")).save_pretrained(hf)
+    AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2")).save_pretrained(hf)
     t = Transformer.from_pretrained(hf, max_seq_length=24)
     modules = [t, Pooling(32, "mean")] + ([Dense(32, 16)] if dense else [])
     DenseEncoder(modules, device="cpu").save(tmp_path / name)

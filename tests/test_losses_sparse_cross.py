@@ -16,14 +16,14 @@ from raytrieve.modules import MLMTransformer, SpladePooling
 def _no_dropout_dir(tmp_path, kind: str, seed: int = 0, num_labels: int = 1):
     from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
 
-    from raytrieve import assets
+    from raytrieve.model_ref import resolve_model
 
     torch.manual_seed(seed)
     cfg = tiny_bert_config(**NO_DROPOUT, num_labels=num_labels)
     model = BertForMaskedLM(cfg) if kind == "mlm" else BertForSequenceClassification(cfg)
     d = tmp_path / f"{kind}{num_labels}"
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(assets.model_path("all-minilm-l6-v2")).save_pretrained(d)
+    AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2")).save_pretrained(d)
     return d
 
 

@@ -36,11 +36,11 @@ def served(ray_cluster, tmp_path_factory):
 
     from ray import serve
 
-    from raytrieve import assets
     from raytrieve.data.pydocs import package_pairs
     from raytrieve.index.build import build_indices
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
+    from raytrieve.model_ref import resolve_model
     from raytrieve.serve.app import start
     from raytrieve.tracking import mlflow_run
 
@@ -50,7 +50,7 @@ def served(ray_cluster, tmp_path_factory):
     registry = f"sqlite:///{root}/mlflow.db"
     mlflow_run.client(registry).create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
     run_id = mlflow_run.start_run(registry, "serve-tests", "splade-tiny", {}, {})
-    mlflow_run.MetricLogger(registry, run_id).log_model_dir(assets.model_path("splade-tiny"))
+    mlflow_run.MetricLogger(registry, run_id).log_model_dir(resolve_model("splade-tiny"))
     mlflow_run.end_run(registry, run_id, failed=False)
     sparse_uri = f"models:/serve-sparse/{mlflow_run.register_model(registry, run_id, 'serve-sparse')}"
     pairs = list({p.document: p for pkg in PACKAGES for p in package_pairs(pkg)[:60]}.values())
@@ -78,7 +78,7 @@ def served(ray_cluster, tmp_path_factory):
     serve.shutdown()
     # The version was downloaded into the user's cache (keyed by this tmp registry): drop it.
     with mlflow_run.environment(registry):
-        shutil.rmtree(assets.resolve_model(sparse_uri), ignore_errors=True)
+        shutil.rmtree(resolve_model(sparse_uri), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_path(args: argparse.Namespace) -> int:
-    from raytrieve import assets
+    from raytrieve.model_ref import shipped_model
 
-    print(assets.model_path(args.name))
+    print(shipped_model(args.name))
     return 0
 
 

@@ -22,11 +22,10 @@ def load_encoder(
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> Any:
-    """A model of ``kind`` ("dense", "sparse", "cross") from a variant, a folder or an MLflow
-    model URI, truncating at ``max_seq_length`` (every route of a Router model) when given."""
-    from raytrieve import assets
-
-    model = KINDS[kind](assets.resolve_model(str(name_or_path)), device=device, trust_remote_code=trust_remote_code)
+    """A model of ``kind`` ("dense", "sparse", "cross") from any model reference (a variant, a
+    folder or an MLflow model URI, as the constructors take), truncating at ``max_seq_length``
+    (every route of a Router model) when given."""
+    model = KINDS[kind](name_or_path, device=device, trust_remote_code=trust_remote_code)
     if max_seq_length:
         set_max_seq_length(model, max_seq_length)
     return model

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from raytrieve._io import atomic_directory
 from raytrieve.encoders import st_format
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
+from raytrieve.model_ref import resolve_model
 from raytrieve.modules import Features, InputModule, Module, Pooling, Router, Transformer
 from raytrieve.modules.dense import Dense
 
@@ -72,25 +73,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local directory, or the name of a shipped variant in models/ (converted on first use)."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: is a file, not a model directory; pass the folder that holds modules.json")
-        return path
-    from raytrieve import assets
-
-    if str(name_or_path) in assets.variant_names():
-        return assets.model_path(str(name_or_path))
-    raise ModelLoadError(
-        f"{name_or_path}: no such directory, and not a shipped variant ({', '.join(assets.variant_names())}); "
-        "pass a local model folder (nothing is downloaded from a hub)"
-    )
-
-
 class Encoder(nn.Module):
-    """Base of DenseEncoder, SparseEncoder and CrossEncoder."""
+    """Base of DenseEncoder, SparseEncoder and CrossEncoder.
+
+    ``model`` is a list of modules, or a model reference: a local folder, a shipped variant name
+    or an MLflow model URI such as ``models:/NAME/VERSION`` (``raytrieve.model_ref.resolve_model``).
+    """
 
     model_type: ClassVar[str] = ""
     default_similarity: ClassVar[str | None] = None
@@ -108,7 +96,7 @@ class Encoder(nn.Module):
         super().__init__()
         saved: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
-            path = resolve_model_path(model)
+            path = resolve_model(model)
             if not st_format.is_model_dir(path):
                 raise ModelLoadError(
                     f"{path}: not a model directory (no modules.json and no config.json); "

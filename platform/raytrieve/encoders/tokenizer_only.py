@@ -24,6 +24,7 @@ from typing import Any
 
 from raytrieve._io import read_json
 from raytrieve.errors import InputError, ModelLoadError
+from raytrieve.model_ref import resolve_model
 
 _HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 _STATIC = "static"  # SparseStaticEmbedding: no special tokens, no token types, no prompt marking
@@ -141,11 +142,7 @@ def load_input_tokenizer(
     URI) for ``task`` (the Router route or task mapping; ignored without a Router).
     ``max_seq_length`` overrides the saved truncation length (as ``set_max_seq_length`` does for
     every route). ``kind`` picks the head of a plain transformers folder without modules.json."""
-    path = Path(model_path)
-    if not path.exists():
-        from raytrieve import assets
-
-        path = Path(assets.resolve_model(str(model_path)))
+    path = resolve_model(model_path)
     st_config = (
         read_json(path / "config_sentence_transformers.json")
         if (path / "config_sentence_transformers.json").exists()

@@ -84,15 +84,15 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     """Each model loaded once on the driver: the config is checked against it (prompt names,
     truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
     specs and what the manifest says of each model."""
-    from raytrieve import assets
     from raytrieve.encoders.quantization import quantization_ranges
+    from raytrieve.model_ref import resolve_model
 
     specs, described = [], {}
     for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)):
         if out is None:
             continue
         try:
-            path = str(assets.resolve_model(out.model))
+            path = str(resolve_model(out.model))
         except RaytrieveError as e:
             raise ConfigError(f"{where}.{kind}.model: {e}") from None
         spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code)
@@ -175,7 +175,7 @@ def _identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> d
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
     # (job.json), not part of what makes two runs the same job.
     models = {
-        k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets._fingerprint(Path(v["model_path"]))}
+        k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets.fingerprint(Path(v["model_path"]))}
         for k, v in described.items()
     }
     body = {

@@ -85,11 +85,11 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytrieve import assets
     from raytrieve.inference.encode import run_encode
     from raytrieve.inference.shards import read_vectors
+    from raytrieve.model_ref import resolve_model
 
-    model_path = str(assets.resolve_model(cfg.retriever.model))
+    model_path = str(resolve_model(cfg.retriever.model))
     if cfg.corpus_vectors:
         vectors_dir = Path(cfg.corpus_vectors)
     else:
@@ -211,13 +211,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         candidates[q] = ([r for r, _ in keep], np.array([sc for _, sc in keep], dtype=np.float32))
 
     if cfg.reranker is not None:
-        from raytrieve import assets
         from raytrieve.inference.score import score_pairs
+        from raytrieve.model_ref import resolve_model
 
         rr = cfg.reranker
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         reranker = {
-            "model": str(assets.resolve_model(rr.model)),
+            "model": str(resolve_model(rr.model)),
             "max_seq_length": rr.max_seq_length,
             "batch_size": rr.batch_size,
             "device": "cuda" if use_gpu else "cpu",

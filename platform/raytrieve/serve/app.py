@@ -246,13 +246,13 @@ def build_app(cfg: ServeConfig) -> Any:
     an index is set, and the ingress over them."""
     from ray.serve.config import BackpressureConfig
 
-    from raytrieve import assets
+    from raytrieve.model_ref import is_model_uri
     from raytrieve.tracking import mlflow_run
 
     def options(kind: str) -> dict[str, Any]:
         d = getattr(cfg, kind)
         actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
-        if assets.is_model_uri(d.model):  # the replica downloads it from the same store
+        if is_model_uri(d.model):  # the replica downloads it from the same store
             actor["runtime_env"] = {
                 "env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
             }
@@ -309,9 +309,9 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, the index folder."""
-    from raytrieve import assets
     from raytrieve.errors import ConfigError, RaytrieveError
     from raytrieve.index.build import load_indices
+    from raytrieve.model_ref import is_model_uri, resolve_model
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
@@ -320,11 +320,11 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         if d is not None:
             try:
                 with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-                    assets.resolve_model(d.model)
+                    resolve_model(d.model)
             except RaytrieveError as e:
                 raise ConfigError(f"{where}.{kind}.model: {e}") from None
             except Exception as e:  # an MLflow store or registry error: name the field
-                if not assets.is_model_uri(d.model):
+                if not is_model_uri(d.model):
                     raise
                 raise ConfigError(
                     f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "

@@ -59,7 +59,6 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     import pyarrow as pa
     import torch
 
-    from raytrieve.assets import resolve_model
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
         infer_format,
@@ -69,6 +68,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         validate_dataset,
     )
     from raytrieve.losses.registry import base_class
+    from raytrieve.model_ref import resolve_model
     from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns

@@ -1,0 +1,83 @@
+"""MLflow model URIs as local folders: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
+``models:/NAME/latest`` (or a stage), ``runs:/RUN_ID/PATH``.
+
+The store is the one training writes to (``MLFLOW_TRACKING_URI``, else ``./mlruns``:
+``mlflow_run.tracking_uri``). A download lands once in ``$RAYTRIEVE_CACHE/mlflow/<key>``,
+written atomically. A registry URI is first pinned to a version: an alias or ``latest`` moves,
+and a version number is reused when a store is wiped and a model registered again, so the key
+holds the store, the version and that version's run and source, and the cache never serves
+weights that the URI no longer names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from raytrieve import assets
+from raytrieve._io import atomic_directory
+from raytrieve.errors import ModelLoadError
+from raytrieve.tracking import mlflow_run
+
+# models:/NAME/SUFFIX (a version number, "latest" or a stage) or models:/NAME@ALIAS.
+REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:/([^/]+)|@([^/]+))")
+
+
+def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local folder with the model ``uri`` names, downloaded from the store on first use."""
+    store = mlflow_run.tracking_uri(tracking_uri)
+    try:
+        client = mlflow_run.client(store)
+        pinned = _pin(client, uri)
+        identity = f"{store}|{pinned}"
+        if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
+            version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
+            identity += f"|{version.run_id}|{version.source}"
+        target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+        if not (target / "modules.json").exists() and not (target / "config.json").exists():
+            _download(pinned, store, target)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # the store's and registry's own errors: name the URI, the store and the fix
+        raise ModelLoadError(
+            f"model {uri!r}: cannot be read from the MLflow store at {store} ({type(e).__name__}: {e}); check the "
+            "name and version (or alias), or point MLFLOW_TRACKING_URI at the store that holds it"
+        ) from e
+    return target
+
+
+def _pin(client: Any, uri: str) -> str:
+    """``uri`` with a registry alias, ``latest`` or stage replaced by the version it names now."""
+    if not uri.startswith("models:/"):
+        return uri  # runs:/ names a run's artifact, which does not move
+    match = REGISTRY_URI.fullmatch(uri)
+    if match is None:
+        raise ModelLoadError(
+            f"model {uri!r}: not a registry URI raytrieve reads; write models:/NAME/VERSION, models:/NAME@ALIAS "
+            "or models:/NAME/latest"
+        )
+    name, suffix, alias = match.groups()
+    if alias is not None:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    if suffix.isdigit():
+        return uri
+    versions = client.search_model_versions(f"name = '{name}'")
+    if suffix.lower() != "latest":
+        versions = [v for v in versions if (v.current_stage or "").lower() == suffix.lower()]
+    if not versions:
+        raise ModelLoadError(f"model {uri!r}: the registry has no version of {name!r} that {suffix!r} names")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
+def _download(uri: str, store: str, target: Path) -> None:
+    import mlflow.artifacts
+
+    with atomic_directory(target) as tmp:
+        mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store)
+        inner = list(tmp.iterdir())
+        if len(inner) == 1 and inner[0].is_dir():  # the artifact folder itself: its files go to the top
+            for p in inner[0].iterdir():
+                p.rename(tmp / p.name)
+            inner[0].rmdir()

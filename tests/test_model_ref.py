@@ -1,0 +1,148 @@
+"""One resolver for every model reference (raytrieve.model_ref.resolve_model): the encoder
+constructors take an MLflow URI as load_encoder does, against a real MLflow registry (sqlite in
+tmp), and a bad reference fails the same way wherever it is given, naming it and what is
+accepted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import SENTENCES
+
+from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
+from raytrieve.encoders import load_encoder
+from raytrieve.errors import ModelLoadError
+from raytrieve.model_ref import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_models, tmp_path_factory):
+    """tiny-dense version 1 (the tiny dense model) and version 2 (its weights shifted), each
+    registered as training does it: the folder is a run's ``model`` artifact, then a version."""
+    from raytrieve.tracking import mlflow_run
+
+    root = tmp_path_factory.mktemp("model_ref")
+    shifted = DenseEncoder(tiny_models["dense"], device="cpu")
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(0.01)
+    shifted.save(root / "shifted")
+    uri = f"sqlite:///{root}/mlflow.db"
+    # An explicit artifact location: sqlite's default would write ./mlruns into the checkout.
+    mlflow_run.client(uri).create_experiment("model-ref-tests", artifact_location=(root / "artifacts").as_uri())
+    runs = []
+    for folder in (tiny_models["dense"], root / "shifted"):
+        run_id = mlflow_run.start_run(uri, "model-ref-tests", "tiny-dense", {}, {})
+        mlflow_run.MetricLogger(uri, run_id).log_model_dir(folder)
+        mlflow_run.end_run(uri, run_id, failed=False)
+        runs.append((run_id, mlflow_run.register_model(uri, run_id, "tiny-dense")))
+    assert [v for _, v in runs] == ["1", "2"]
+    return {"uri": uri, "root": root, "folders": [tiny_models["dense"], root / "shifted"], "runs": runs}
+
+
+@pytest.fixture
+def store(registry, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI names the registry (as the README says); downloads go to tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return registry
+
+
+def _dense(model) -> np.ndarray:
+    return model.encode(SENTENCES, convert_to_numpy=True)
+
+
+def test_encoder_constructor_takes_a_registered_model(store, tmp_path):
+    folder = DenseEncoder(store["folders"][0], device="cpu")
+    registered = DenseEncoder("models:/tiny-dense/1", device="cpu")
+    # Loaded from the download in the cache, not from the folder that was logged.
+    assert Path(registered.name_or_path).is_relative_to(tmp_path / "cache" / "mlflow")
+    np.testing.assert_array_equal(_dense(registered), _dense(folder))
+    np.testing.assert_array_equal(_dense(load_encoder("dense", "models:/tiny-dense/1")), _dense(folder))
+    # A second load reads the cache: the same folder, nothing downloaded again.
+    assert resolve_model("models:/tiny-dense/1") == Path(registered.name_or_path)
+    run_id, _ = store["runs"][1]
+    np.testing.assert_array_equal(
+        _dense(DenseEncoder(f"runs:/{run_id}/model", device="cpu")),
+        _dense(DenseEncoder(store["folders"][1], device="cpu")),
+    )
+
+
+def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
+    from raytrieve.tracking import mlflow_run
+
+    client = mlflow_run.client(store["uri"])
+    client.set_registered_model_alias("tiny-dense", "champion", "1")
+    assert resolve_model("models:/tiny-dense@champion") == resolve_model("models:/tiny-dense/1")
+    # Once the alias moves, the cached download of version 1 must not answer for it.
+    client.set_registered_model_alias("tiny-dense", "champion", "2")
+    assert resolve_model("models:/tiny-dense@champion") == resolve_model("models:/tiny-dense/2")
+    assert resolve_model("models:/tiny-dense/latest") == resolve_model("models:/tiny-dense/2")
+    assert resolve_model("models:/tiny-dense/1") != resolve_model("models:/tiny-dense/2")
+    np.testing.assert_array_equal(
+        _dense(DenseEncoder("models:/tiny-dense@champion", device="cpu")),
+        _dense(DenseEncoder(store["folders"][1], device="cpu")),
+    )
+
+
+@pytest.mark.parametrize("make", [DenseEncoder, SparseEncoder, CrossEncoder, resolve_model])
+def test_bad_reference_names_it_and_what_is_accepted(make):
+    with pytest.raises(ModelLoadError) as info:
+        make("no-such-model")
+    message = str(info.value)
+    assert "'no-such-model'" in message and "no such directory" in message
+    assert "models:/NAME/VERSION" in message and "local model folder" in message
+    assert "all-minilm-l6-v2" in message  # the shipped variants are listed
+
+
+def test_load_encoder_fails_as_the_constructor_does():
+    with pytest.raises(ModelLoadError, match=r"'no-such-model': no such directory.*models:/NAME/VERSION"):
+        load_encoder("sparse", "no-such-model")
+
+
+def test_unknown_registered_model_names_the_uri_and_the_store(store):
+    with pytest.raises(ModelLoadError, match=r"'models:/tiny-dense/7'.*MLflow store at sqlite:///") as info:
+        DenseEncoder("models:/tiny-dense/7")
+    assert "MLFLOW_TRACKING_URI" in str(info.value)
+    with pytest.raises(ModelLoadError, match=r"'models:/tiny-dense/1/extra'.*models:/NAME/VERSION"):
+        resolve_model("models:/tiny-dense/1/extra")
+    with pytest.raises(ModelLoadError, match=r"'models:/tiny-dense/Production'.*no version"):
+        resolve_model("models:/tiny-dense/Production")
+
+
+def test_a_file_is_not_a_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a model directory"):
+        resolve_model(tmp_path / "weights.bin")
+
+
+def test_folders_and_variants_reach_neither_mlflow_nor_ray(tiny_models):
+    """Only an MLflow URI imports MLflow: a constructor given a folder or a shipped variant
+    stays inside the library (fresh interpreter: other tests have imported MLflow here)."""
+    code = (
+        "import json, sys\n"
+        "from raytrieve import DenseEncoder\n"
+        "DenseEncoder(sys.argv[1], device='cpu'); DenseEncoder('all-minilm-l6-v2', device='cpu')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.partition('.')[0] in ('mlflow', 'ray'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_models["dense"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
