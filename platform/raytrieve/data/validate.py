@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from raytrieve.data import formats
 from raytrieve.errors import DataError
 from raytrieve.losses.base import column_count_fits, describe_column_count
 from raytrieve.losses.registry import base_class
 from raytrieve.train.config import DatasetConfig, TrainConfig
-
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
 @dataclass
@@ -38,43 +37,15 @@ class DatasetReport:
 
 
 def infer_format(path: Path) -> str:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return "hf"
-        if any(path.glob("*.parquet")):
-            return "parquet"
-        raise DataError(f"{path}: a directory that is neither a saved Hugging Face dataset nor parquet files")
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: cannot tell the format from the name; set format: parquet | jsonl | csv | hf")
-    return fmt
+    return formats.infer_format(str(path))
 
 
 def read_table(path: Path, fmt: str) -> pa.Table:
     """The whole dataset as an Arrow table (small files only: eval sets)."""
     try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if fmt == "jsonl":
-            import pyarrow.json as pj
-
-            if path.stat().st_size == 0:
-                return pa.table({})
-            return pj.read_json(path)
-        if fmt == "csv":
-            import pyarrow.csv as pc
-
-            if path.stat().st_size == 0:
-                return pa.table({})
-            return pc.read_csv(path)
-        import datasets
-
-        saved = datasets.load_from_disk(str(path))
-        if not isinstance(saved, datasets.Dataset):
-            raise DataError(f"{path}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
-        return saved.data.table
+        return formats.get(fmt, str(path)).read_all(path)
+    except DataError:
+        raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read it as {fmt} ({e}); check the file or set format:") from None
 

@@ -1,0 +1,111 @@
+"""Where a file lives: a local path or any URI pyarrow resolves (``s3://``, ``gs://``,
+``abfs://``, ``file://``), as a (filesystem, path) pair; byte reads used by the line
+formats; arrow files opened by record batch. Shared by the source planner (sources.py) and
+the input formats (formats.py), which both need them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raytrieve.errors import DataError
+
+GLOB_CHARS = "*?["
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in GLOB_CHARS)
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI or a local path."""
+    if is_uri(location):
+        try:
+            fs, path = pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, OSError, ValueError) as e:
+            raise DataError(
+                f"{location}: pyarrow cannot open this URI ({e}); check the scheme and credentials"
+            ) from None
+        return fs, path
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def glob_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return sorted(globlib.glob(path))
+    base = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)].rsplit("/", 1)[0]
+    selector = pafs.FileSelector(base, recursive=True)
+    return sorted(i.path for i in fs.get_file_info(selector) if fnmatch.fnmatch(i.path, path))
+
+
+def with_scheme(location: str, path: str) -> str:
+    """A path inside ``location``'s filesystem, as something ``resolve`` opens again anywhere."""
+    if not is_uri(location):
+        return path
+    scheme = location.split("://", 1)[0]
+    return f"{scheme}://{path}" if scheme != "file" else f"file://{path}"
+
+
+def read_bytes(fs: pafs.FileSystem, path: str, start: int, length: int) -> bytes:
+    with fs.open_input_file(path) as f:
+        return f.read_at(length, start) if length > 0 else b""
+
+
+def lines_in_range(fs: pafs.FileSystem, path: str, start: int, stop: int) -> bytes:
+    """The lines that start in ``[start, stop)``, whole (the last may run past ``stop``)."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        begin = start
+        if start > 0:  # a line starts at ``start`` only if the byte before it ends a line
+            f.seek(start - 1)
+            data = f.read(stop - start + 1)
+            first_break = data.find(b"\n")
+            if first_break < 0:
+                return b""
+            body = data[first_break + 1 :]
+            begin = start + first_break
+        else:
+            f.seek(0)
+            body = f.read(stop)
+        if begin >= stop:
+            return b""
+        tail = []
+        if body and not body.endswith(b"\n") and stop < size:
+            while True:  # finish the line that crosses ``stop``
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                cut = chunk.find(b"\n")
+                if cut >= 0:
+                    tail.append(chunk[: cut + 1])
+                    break
+                tail.append(chunk)
+        return body + b"".join(tail)
+
+
+class open_arrow:  # lower case: read as a function, ``with open_arrow(fs, path) as batches:``
+    """The record batches of an HF ``datasets`` arrow file (IPC stream, or file format)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self.source = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
+
+    def __enter__(self) -> Any:  # a RecordBatchStreamReader, or a generator of record batches
+        try:
+            return pa.ipc.open_stream(self.source)
+        except pa.ArrowInvalid:
+            self.source.seek(0)
+            reader = pa.ipc.open_file(self.source)
+            return (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.close()

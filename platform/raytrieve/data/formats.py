@@ -1,0 +1,402 @@
+"""The corpus and training input formats, and the one table of them.
+
+Each format is one ``InputFormat`` subclass that says everything format-specific: its file
+name suffixes, which files of a folder belong to it, how to cut a file into shards from
+metadata alone (``shard_step`` and ``ranges``: rows where metadata counts them, bytes where
+it does not), how to read one shard with chosen columns, its column names, and how a
+training job lists pieces and streams them. ``FORMATS`` maps each name to its instance;
+sources.py (encoding), train_source.py (training) and validate.py (checks) look formats up
+there and never compare names. A new format is one subclass plus ``register(Subclass())``
+(and the name in the configs' ``format`` Literal, which tests/test_formats.py checks).
+
+No Ray and no torch here: Ray Data tasks unpickle these classes. The four built-in formats
+share this one file (about 400 lines) so that adding a format stays a change to one file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raytrieve.data.files import lines_in_range, open_arrow, read_bytes, resolve
+from raytrieve.errors import DataError
+
+# Bytes read from the first line-format file to estimate the line length the byte ranges use.
+PROBE_BYTES = 1 << 20
+BATCH_ROWS = 65_536  # rows per streamed parquet record batch (training): bounds the reader's memory
+STREAM_BLOCK = 8 << 20  # bytes per block of the streaming jsonl/csv readers (training)
+
+
+class InputFormat:
+    """One input format. Paths are inside ``fs`` (see files.resolve); ``uri``s resolve anywhere."""
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+    folder_markers: tuple[str, ...] = ()  # file names that make a folder this format as a whole
+
+    def folder_files(self, fs: pafs.FileSystem, path: str) -> list[str]:
+        """The format's files under a folder, in a stable order (hidden and ``_`` files skipped)."""
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(
+            i.path
+            for i in entries
+            if i.type == pafs.FileType.File
+            and i.path.endswith(self.suffixes)
+            and not Path(i.path).name.startswith((".", "_"))
+        )
+
+    def row_count(self, fs: pafs.FileSystem, path: str) -> int | None:
+        """Rows from metadata, or None where only reading the data would tell."""
+        return None
+
+    def shard_step(self, first_uri: str, first_size: int, rows_per_shard: int) -> int:
+        """Shard length in this format's unit (rows unless ``ranges`` counts otherwise)."""
+        return rows_per_shard
+
+    def ranges(self, uri: str, size: int, rows: int | None, step: int) -> Iterator[tuple[int, int]]:
+        """``[start, stop)`` of each shard of one file; metadata only."""
+        total = rows or 0
+        for a in range(0, total, step):
+            yield a, min(a + step, total)
+
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        raise NotImplementedError
+
+    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+        raise NotImplementedError
+
+    def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
+        """Training: the schema and (path, rows or -1, row groups) per piece, from metadata."""
+        raise NotImplementedError
+
+    def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """Training: one piece's rows, only ``columns``, in bounded record batches."""
+        raise NotImplementedError
+
+    def read_all(self, path: Path) -> pa.Table:
+        """The whole (small) dataset: eval sets. By default one shard spanning the file."""
+        fs, local = resolve(str(path))
+        size, rows = int(fs.get_file_info(local).size or 0), self.row_count(fs, local)
+        spans = list(self.ranges(str(path), size, rows, max(size, rows or 0, 1)))
+        return self.read_range(fs, local, *spans[0], None) if spans else pa.table({})
+
+
+class ParquetFormat(InputFormat):
+    name = "parquet"
+    suffixes = (".parquet", ".pq")
+
+    def row_count(self, fs: pafs.FileSystem, path: str) -> int | None:
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            groups, offset, first = [], 0, None
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            if not groups:
+                return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+            table = pf.read_row_groups(groups, columns=columns)
+        return table.slice(start - (first or 0), stop - start)
+
+    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as f:
+            return list(pq.ParquetFile(f).schema_arrow.names)
+
+    def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
+        import pyarrow.parquet as pq
+
+        pieces, schema = [], None
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            schema = schema or meta.schema.to_arrow_schema()
+            groups: list[int] = []
+            rows = 0
+            for g in range(meta.num_row_groups):
+                groups.append(g)
+                rows += meta.row_group(g).num_rows
+                if rows >= piece_rows or g == meta.num_row_groups - 1:
+                    pieces.append((f, rows, tuple(groups)))
+                    groups, rows = [], 0
+        return schema or pa.schema([]), pieces
+
+    def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+
+        # Measured on 1M rows: pre-buffering and reader threads keep buffers that grow the
+        # reader's resident memory with the file (~60 MB per million short rows); without
+        # them it stays flat (see data/validate.py, which also returns freed pool memory).
+        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        yield from reader.iter_batches(BATCH_ROWS, row_groups=list(row_groups), columns=columns, use_threads=False)
+
+    def read_all(self, path: Path) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+
+
+class HfFormat(InputFormat):
+    """A folder saved by ``datasets``' ``save_to_disk`` (or one of its arrow files)."""
+
+    name = "hf"
+    suffixes = (".arrow",)
+    folder_markers = ("state.json", "dataset_info.json")
+
+    def folder_files(self, fs: pafs.FileSystem, path: str) -> list[str]:
+        state = f"{path}/state.json"
+        if fs.get_file_info(state).type == pafs.FileType.NotFound:
+            raise DataError(
+                f"{path}: no state.json; save the dataset with datasets' save_to_disk (a DatasetDict: "
+                "point at one split's folder)"
+            )
+        with fs.open_input_stream(state) as f:
+            files = [entry["filename"] for entry in json.loads(f.read()).get("_data_files", [])]
+        return [f"{path}/{name}" for name in files]
+
+    def row_count(self, fs: pafs.FileSystem, path: str) -> int | None:
+        # Record batch headers only: with a memory map the bodies are never paged in.
+        with open_arrow(fs, path) as reader:
+            return sum(batch.num_rows for batch in reader)
+
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        parts, offset = [], 0
+        with open_arrow(fs, path) as reader:
+            for batch in reader:
+                n = batch.num_rows
+                if offset + n > start and offset < stop:
+                    a, b = max(start - offset, 0), min(stop - offset, n)
+                    part = batch.slice(a, b - a)
+                    parts.append(part.select(columns) if columns else part)
+                offset += n
+                if offset >= stop:
+                    break
+        # The memory map closes on exit: copy the (small) shard out of it first.
+        return pa.Table.from_batches(parts).combine_chunks() if parts else pa.table({})
+
+    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+        return list(self._schema(fs, path).names)
+
+    @staticmethod
+    def _schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
+        with open_arrow(fs, path) as reader:
+            return reader.schema if hasattr(reader, "schema") else next(iter(reader)).schema
+
+    def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
+        fs, pieces, schema = pafs.LocalFileSystem(), [], None
+        for f in files:
+            schema = schema or self._schema(fs, f)
+            pieces.append((f, self.row_count(fs, f) or 0, ()))
+        return schema or pa.schema([]), pieces
+
+    def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
+        with open_arrow(pafs.LocalFileSystem(), path) as reader:
+            for batch in reader:
+                yield batch.select(columns)
+
+    def read_all(self, path: Path) -> pa.Table:
+        import datasets
+
+        saved = datasets.load_from_disk(str(path))
+        if not isinstance(saved, datasets.Dataset):
+            raise DataError(f"{path}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
+        return saved.data.table
+
+
+class LineFormat(InputFormat):
+    """One record per line. Shards are byte ranges of about ``rows_per_shard`` lines (the line
+    length measured on the first MiB of the first file); a shard owns the lines that *start*
+    inside its range, so no line is read twice or lost."""
+
+    def shard_step(self, first_uri: str, first_size: int, rows_per_shard: int) -> int:
+        fs, path = resolve(first_uri)
+        head = read_bytes(fs, path, 0, min(first_size, PROBE_BYTES))
+        return max(1, rows_per_shard * max(1, len(head) // max(1, head.count(b"\n"))))
+
+    def data_start(self, uri: str, size: int) -> int:
+        """The first byte of the rows (after any header)."""
+        return 0
+
+    def ranges(self, uri: str, size: int, rows: int | None, step: int) -> Iterator[tuple[int, int]]:
+        for a in range(self.data_start(uri, size), size, step):
+            yield a, min(a + step, size)
+
+    def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
+        raise NotImplementedError
+
+    def open_stream(self, path: str, columns: list[str] | None) -> Any:
+        """A streaming reader (``.schema``, iterates record batches) over a whole local file."""
+        raise NotImplementedError
+
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        return self.parse(lines_in_range(fs, path, start, stop), b"", columns)
+
+    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+        head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
+        lines = head.split(b"\n")
+        body = b"\n".join(x for x in lines[:-1] if x.strip()) if len(lines) > 1 else head
+        return self.parse(body, b"").column_names if body.strip() else []
+
+    def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
+        # Whole files, counted by the driver's scan: lines cannot be counted from metadata.
+        schema = pa.schema([])
+        for f in files:
+            if Path(f).stat().st_size:
+                schema = self.open_stream(f, None).schema
+                break
+        return schema, [(f, -1, ()) for f in files]
+
+    def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
+        if Path(path).stat().st_size:
+            for batch in self.open_stream(path, columns):
+                yield batch.select(columns)
+
+
+class JsonlFormat(LineFormat):
+    name = "jsonl"
+    suffixes = (".jsonl", ".json", ".ndjson")
+
+    def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.json as pj
+
+        if not body.strip():
+            return pa.table({})
+        return pj.read_json(io.BytesIO(body))
+
+    def open_stream(self, path: str, columns: list[str] | None) -> Any:
+        import pyarrow.json as pj
+
+        return pj.open_json(path, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
+
+    def read_all(self, path: Path) -> pa.Table:
+        import pyarrow.json as pj
+
+        return pj.read_json(path) if path.stat().st_size else pa.table({})
+
+
+class CsvFormat(LineFormat):
+    """Comma-separated values with a header line, which every shard repeats. As with pyarrow's
+    own csv reader, a value must not hold a newline."""
+
+    name = "csv"
+    suffixes = (".csv",)
+    delimiter = ","
+
+    def data_start(self, uri: str, size: int) -> int:
+        fs, path = resolve(uri)
+        end = read_bytes(fs, path, 0, min(size, PROBE_BYTES)).find(b"\n")
+        return size if end < 0 else end + 1
+
+    def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.csv as pcsv
+
+        # Each byte range is parsed alone: types guessed per shard would differ between shards
+        # and turn ids like "00123" into 123, so the columns asked for are read as text.
+        types = {c: pa.string() for c in columns or []}
+        return pcsv.read_csv(
+            io.BytesIO(header + body),
+            parse_options=pcsv.ParseOptions(delimiter=self.delimiter),
+            convert_options=pcsv.ConvertOptions(column_types=types),
+        )
+
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        body = lines_in_range(fs, path, start, stop)
+        header = read_bytes(fs, path, 0, min(start, PROBE_BYTES)).split(b"\n", 1)[0] + b"\n"
+        if not body.strip():
+            return self.parse(b"", header).select(columns) if columns else pa.table({})
+        return self.parse(body, header, columns)
+
+    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+        head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
+        return self.parse(head.split(b"\n")[0] + b"\n", b"").column_names
+
+    def open_stream(self, path: str, columns: list[str] | None) -> Any:
+        import pyarrow.csv as pc
+
+        return pc.open_csv(
+            path,
+            read_options=pc.ReadOptions(block_size=STREAM_BLOCK),
+            parse_options=pc.ParseOptions(delimiter=self.delimiter),
+            convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None),
+        )
+
+    def read_all(self, path: Path) -> pa.Table:
+        import pyarrow.csv as pc
+
+        if not path.stat().st_size:
+            return pa.table({})
+        return pc.read_csv(path, parse_options=pc.ParseOptions(delimiter=self.delimiter))
+
+
+# The table: format name -> format, in the order folders are matched by suffix.
+FORMATS: dict[str, InputFormat] = {}
+
+
+def register(fmt: InputFormat) -> InputFormat:
+    if not fmt.name or not fmt.suffixes:
+        raise ValueError(f"{type(fmt).__name__}: set name and suffixes before registering it")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister(name: str) -> None:
+    FORMATS.pop(name, None)
+
+
+for _fmt in (ParquetFormat(), JsonlFormat(), CsvFormat(), HfFormat()):
+    register(_fmt)
+
+
+def choices() -> str:
+    """The format names as the ``format:`` key's fix spells them."""
+    return " | ".join(FORMATS)
+
+
+def get(name: str, where: str = "") -> InputFormat:
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        raise DataError(f"{where or name}: unknown format {name!r}; set format: {choices()}")
+    return fmt
+
+
+def by_suffix(path: str) -> InputFormat | None:
+    name = Path(path).name.lower()
+    return next((f for f in FORMATS.values() if name.endswith(f.suffixes)), None)
+
+
+def infer_format(location: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> str:
+    """The format of a file or folder, from its name (or a folder's marker files, such as an
+    HF dataset's state.json)."""
+    if fs is None or path is None:
+        fs, path = resolve(location)
+    # resolve() gives a filesystem; pyarrow is untyped, so the assignment does not narrow.
+    assert fs is not None
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        names = {Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(path))}
+        for fmt in FORMATS.values():
+            if names & set(fmt.folder_markers):
+                return fmt.name
+        for fmt in FORMATS.values():
+            if any(n.endswith(fmt.suffixes) for n in names):
+                return fmt.name
+        raise DataError(f"{location}: a folder with no {choices()} files and no saved Hugging Face dataset")
+    fmt = by_suffix(path)
+    if fmt is None:
+        raise DataError(f"{location}: cannot tell the format from the name; set format: {choices()}")
+    return fmt.name

@@ -1,0 +1,90 @@
+"""The input format table (data/formats.py): a new format is one class and its registration,
+and the configs' ``format`` values are exactly the table's names."""
+
+from __future__ import annotations
+
+import re
+import typing
+
+import pytest
+
+from raytrieve.data import formats
+from raytrieve.data.formats import FORMATS, CsvFormat
+from raytrieve.data.sources import open_source, plan_shards, read_shard, schema_names
+from raytrieve.data.train_source import list_pieces, read_piece
+from raytrieve.errors import DataError
+from raytrieve.inference.config import CorpusConfig, PairsConfig
+from raytrieve.train.config import DatasetConfig
+
+
+def _literal_values(cls: type) -> set[str]:
+    hint = typing.get_type_hints(cls)["format"]
+    values: set[str] = set()
+    for arg in typing.get_args(hint) or (hint,):
+        if typing.get_origin(arg) is typing.Literal:
+            values.update(typing.get_args(arg))
+    return values
+
+
+@pytest.mark.parametrize("cls", [CorpusConfig, PairsConfig, DatasetConfig])
+def test_config_format_values_are_the_table(cls):
+    names = set(FORMATS)
+    assert _literal_values(cls) == names, (
+        f"{cls.__name__}.format allows {sorted(_literal_values(cls))} but data/formats.py registers "
+        f"{sorted(names)}; make the config's format field read the table (Literal[*FORMATS])"
+    )
+
+
+class TsvFormat(CsvFormat):
+    """Tab-separated values: a csv variant, to show what adding a format takes."""
+
+    name = "tsv"
+    suffixes = (".tsv",)
+    delimiter = "\t"
+
+
+@pytest.fixture
+def tsv():
+    formats.register(TsvFormat())
+    try:
+        yield
+    finally:
+        formats.unregister("tsv")
+    assert "tsv" not in FORMATS
+
+
+def test_a_new_format_is_one_class_and_its_registration(tsv, tmp_path):
+    ids = [f"doc-{i}" for i in range(40)]
+    texts = [f"text {i}, with a comma" + " x" * (i % 5) for i in range(40)]
+    path = tmp_path / "corpus.tsv"
+    path.write_text("id\ttext\n" + "".join(f"{a}\t{b}\n" for a, b in zip(ids, texts)))
+
+    source = open_source(str(path))  # the format comes from the suffix
+    assert source.format == "tsv"
+    assert schema_names(source) == ["id", "text"]
+    specs = plan_shards(source, rows_per_shard=3)
+    assert len(specs) > 5 and all(s.format == "tsv" for s in specs)  # byte ranges, as csv
+    rows = [r for s in specs for r in read_shard(s, ["id", "text"]).to_pylist()]
+    assert [r["id"] for r in rows] == ids and [r["text"] for r in rows] == texts
+
+    schema, pieces = list_pieces(tmp_path, "tsv")  # training reads it too
+    assert schema.names == ["id", "text"] and [p.fmt for p in pieces] == ["tsv"]
+    assert read_piece(pieces[0], ["id"]).column("id").to_pylist() == ids
+
+
+def test_unknown_and_unregistered_formats_say_the_fix(tmp_path):
+    path = tmp_path / "corpus.tsv"
+    path.write_text("id\ttext\n1\ta\n")
+    fix = "set format: parquet | jsonl | csv | hf"
+    with pytest.raises(DataError, match=re.escape(f"cannot tell the format from the name; {fix}")):
+        open_source(str(path))
+    with pytest.raises(DataError, match=re.escape(f"unknown format 'tsv'; {fix}")):
+        open_source(str(path), "tsv")
+
+
+def test_suffixes_belong_to_one_format():
+    seen: dict[str, str] = {}
+    for fmt in FORMATS.values():
+        for suffix in fmt.suffixes:
+            assert suffix not in seen, f"{suffix} is claimed by both {seen[suffix]} and {fmt.name}"
+            seen[suffix] = fmt.name
