@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import Field, model_validator
 
-from raytrieve.config import from_dict, load_yaml, parse_overrides
+from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml, parse_overrides
 from raytrieve.errors import AssetError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclasses.dataclass
-class Inner:
+class Inner(ConfigModel):
     lr: float = 1e-4
-    names: list[str] = dataclasses.field(default_factory=list)
+    names: list[str] = Field(default_factory=list)
 
 
-@dataclasses.dataclass
-class Outer:
+class Outer(ConfigModel):
     name: str
-    inner: Inner = dataclasses.field(default_factory=Inner)
+    inner: Inner = Field(default_factory=Inner)
     steps: int | None = None
 
 
@@ -40,6 +38,31 @@ def test_from_dict_builds_nested_and_checks_types(tmp_path):
         from_dict(Outer, {})
     with pytest.raises(ConfigError, match="steps"):
         from_dict(Outer, {"name": "x", "steps": True})
+
+
+class Either(ConfigModel):
+    prompts: str | dict[str, str] | None = None
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Either:
+        if self.low > self.high:
+            invalid("low", f" ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+def test_union_errors_say_why_each_alternative_failed_and_validators_name_the_key():
+    with pytest.raises(ConfigError, match=r"c.yaml.prompts \(as str\): expected a string, got 5; "
+                                          r"c.yaml.prompts \(as dict\[str,str\]\): expected a mapping, got 5"):
+        from_dict(Either, {"prompts": 5}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"prompts \(as dict\[str,str\]\).q: expected a string, got 1"):
+        from_dict(Either, {"prompts": {"q": 1}})
+    with pytest.raises(ConfigError, match=r"^c.yaml.low \(3\) must be <= high \(1\)$"):
+        from_dict(Either, {"low": 3}, "c.yaml")
+    assert from_dict(Either, {"low": 1}).check().low == 1
+    with pytest.raises(ConfigError, match=r"c.yaml.high: expected an integer, got True"):  # strict: no bool as int
+        from_dict(Either, {"high": True}, "c.yaml")
 
 
 def test_yaml_with_overrides(tmp_path):

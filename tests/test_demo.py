@@ -110,13 +110,12 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
 
 def test_shipped_demo_yaml_is_the_default_config():
     """`make demo` and a bare `raytrieve demo` run the same sizes (the ones docs/demo-results.md was measured with)."""
-    from dataclasses import asdict
     from pathlib import Path
 
     from raytrieve.demo import load_demo_config
 
     shipped = load_demo_config(Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml")
-    assert asdict(shipped) == asdict(DemoConfig())
+    assert shipped.model_dump() == DemoConfig().model_dump()
     measured = json.loads((Path(__file__).resolve().parent.parent / "docs" / "demo-results.json").read_text())
     assert measured["sizes"]["test_queries"] == shipped.sample.test_queries
     assert measured["sizes"]["train_pairs"] == shipped.sample.train_pairs

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def test_ray_job_submit_trains(ray_dashboard, tiny_models, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     initial = prepare(cfg).spec.model_path
     config_path = tmp_path / "job.yaml"
-    config_path.write_text(yaml.safe_dump(asdict(cfg)))
+    config_path.write_text(yaml.safe_dump(cfg.model_dump()))
     # The job's entrypoint runs `python` from this venv, as a cluster image would have raytrieve's
     # dependencies installed.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
+from raytrieve.config import ConfigModel
 from raytrieve.errors import AssetError
 
 KINDS = ("dense", "sparse", "cross")
@@ -23,22 +25,24 @@ ST_FORMAT = "sentence-transformers"  # used in place; the other formats are conv
 FORMATS = (ST_FORMAT, "hf-masked-lm", "onnx-int8-bert-classifier")
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(ConfigModel):
+    model_config = ConfigDict(frozen=True)
+
     package: str
     module: str
     path: str
     format: str
-    architecture: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Variant:
+class Variant(ConfigModel):
+    model_config = ConfigDict(frozen=True)
+
     name: str
     kind: str
     description: str
     source: Source
-    stack: tuple[str, ...] = ()
+    stack: tuple[str, ...] = Field(default=(), strict=False)  # YAML gives a list
     similarity: str | None = None
     license: str = ""
     card: Path | None = None
@@ -75,7 +79,7 @@ def _parse_variant(path: Path) -> Variant:
     if variant.source.format not in FORMATS:
         raise AssetError(f"{path}: source.format {variant.source.format!r} must be one of {list(FORMATS)}")
     card = path.parent / "README.md"
-    return Variant(**{**variant.__dict__, "card": card if card.exists() else None})
+    return variant.model_copy(update={"card": card if card.exists() else None})
 
 
 def variants() -> dict[str, Variant]:

@@ -1,114 +1,162 @@
-"""Typed configs: YAML (or a dict) onto dataclasses, ``key=value`` overrides, clear errors.
+"""Typed configs: pydantic models read from YAML (or a dict), ``key=value`` overrides, clear errors.
 
-``from_dict(TrainConfig, yaml_dict, where="jobs/configs/x.yaml")`` builds nested
-dataclasses, checks every value against its annotation, and rejects unknown keys with a
-message that names the key, where it was, and the valid keys.
+Every config is a ``ConfigModel``: unknown keys are errors, values are checked strictly
+against their annotations (``true`` is not an integer), cross-field rules are model
+validators, and each field's ``description`` is its entry in docs/config-reference.md.
+``from_dict(TrainConfig, yaml_dict, where="jobs/configs/x.yaml")`` validates and turns
+pydantic's errors into one ``ConfigError`` that names each key (prefixed by ``where``),
+lists the valid keys of a mapping that has an unknown one, and gives, for a value that
+fits no alternative of a union, why each alternative refused it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+from typing import Any, NoReturn, TypeVar, Union, cast
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from raytrieve.errors import ConfigError
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
-T = TypeVar("T", bound="DataclassInstance")
+M = TypeVar("M", bound="ConfigModel")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+class ConfigModel(BaseModel):
+    """The base of every config. Strict, so YAML's ``yes`` or ``1`` is not read as a boolean
+    and ``true`` is not an integer; ``validate_assignment`` stays off because LossSpec writes
+    its normalised chain in place (train/config.py)."""
 
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        if len(candidates) == 1:  # X | None: X's own error names the real problem
-            return _coerce(value, candidates[0], where)
-        errors = []
-        for arg in candidates:
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or tp is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        k_tp, v_tp = args if args else (Any, Any)
-        return {_coerce(k, k_tp, f"{where} key"): _coerce(v, v_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML 1.1 reads ``2e-5`` (no dot) as a string: a float field accepts what float() does,
+        and a path field accepts a string."""
+        if not isinstance(value, str) or info.field_name is None:
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "2e-5" (no dot) as a string; accept what float() accepts.
+        members = _members(cls.model_fields[info.field_name].annotation)
+        if float in members and str not in members:
             try:
                 return float(value)
             except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if tp is Path:
-        if isinstance(value, (str, Path)):
+                return value
+        if Path in members:
             return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{where}: cannot read {value!r} as {_type_name(tp)}")
+
+    def check(self: M, where: str = "config") -> M:
+        """Validate again (after changes made in Python), errors prefixed by ``where``."""
+        from_dict(type(self), self.model_dump(), where)
+        return self
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; every error names the key and the fix."""
+def invalid(key: str, text: str) -> NoReturn:
+    """Refuse a value from a model validator: the message is ``<where>.<key><text>`` (or
+    ``<where><text>`` without a key), so it reads the same at any nesting depth."""
+    raise PydanticCustomError("raytrieve", "{text}", {"text": text, "key": key})
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+    return (tp,)
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The model a value of type tp is (X, X | None), or None."""
+    members = _members(tp)
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
+
+
+def _walk(cls: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str, type[BaseModel] | None]:
+    """(the key path ``a.b[0].c`` of loc, with ``(as T)`` after a union alternative T, the model at
+    its end or None). Union tags are the parts of pydantic's loc that name an alternative."""
+    text, tp = "", cast(Any, cls)
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            args = typing.get_args(_members(tp)[0])
+            tp = args[0] if args else Any
+            continue
+        model = _model_in(tp)
+        members = _members(tp)
+        if model is None and len(members) > 1:  # part names the alternative pydantic tried
+            text += f" (as {part})"
+            tp = next((m for m in members if getattr(m, "__name__", None) == part), Any)
+            continue
+        if model is not None and part in model.model_fields:
+            text += f".{part}"
+            tp = model.model_fields[part].annotation
+            continue
+        text += f".{part}"  # a mapping key
+        args = typing.get_args(members[0]) if members else ()
+        tp = args[1] if len(args) == 2 else Any
+    return text, _model_in(tp)
+
+
+_EXPECTED = {
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "path_type": "expected a path",
+}
+
+
+def _messages(cls: type[BaseModel], error: ValidationError, where: str) -> list[str]:
+    out: list[str] = []
+    unknown: dict[str, tuple[list[str], type[BaseModel] | None]] = {}
+    for e in error.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent, model = _walk(cls, loc[:-1])
+            unknown.setdefault(parent, ([], model))[0].append(str(loc[-1]))
+            continue
+        path, _ = _walk(cls, loc)
+        at = f"{where}{path}"
+        if e["type"] == "missing":
+            parent, _ = _walk(cls, loc[:-1])
+            out.append(f"{where}{parent}: missing required key {loc[-1]!r}")
+        elif e["type"] == "raytrieve":
+            key = e.get("ctx", {}).get("key", "")
+            out.append(f"{at}.{key}{e['msg']}" if key else f"{at}{e['msg']}")
+        elif e["type"] == "literal_error":
+            out.append(f"{at}: {e['input']!r} is not one of {e.get('ctx', {}).get('expected', '')}")
+        elif e["type"] in _EXPECTED:
+            out.append(f"{at}: {_EXPECTED[e['type']]}, got {e['input']!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{at}: {msg[:1].lower()}{msg[1:]}, got {e['input']!r}")
+    for parent, (keys, model) in unknown.items():
+        valid = f"; valid keys are {sorted(model.model_fields)}" if model is not None else ""
+        out.insert(0, f"{where}{parent}: unknown key(s) {sorted(keys)}{valid}")
+    return out if where else [m.removeprefix(".") for m in out]
+
+
+def from_dict(cls: type[M], data: Any, where: str = "config") -> M:
+    """Validate ``data`` as ``cls``; the ConfigError names every wrong key (under ``where``) and the fix."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
-    return cls(**kwargs)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        messages = _messages(cls, e, where)
+        raise ConfigError(messages[0] if len(messages) == 1 else "; ".join(messages)) from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -156,7 +204,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[
     return out
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
     import yaml
 
     path = Path(path)

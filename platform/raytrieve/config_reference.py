@@ -1,48 +1,31 @@
-"""The config reference (docs/config-reference.md), generated from the config dataclasses: every
-key with its type, default and the comment beside it in the source. tests/test_docs.py fails
-when the committed file and the dataclasses disagree; regenerate with
+"""The config reference (docs/config-reference.md), generated from the config models: every key
+with its type, default and its field's ``description``. tests/test_docs.py fails when the
+committed file and the models disagree; regenerate with
 
     raytrieve docs config-reference > docs/config-reference.md
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
 import types
 import typing
 from collections.abc import Iterator
 from typing import Any, Union
 
-FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
-COMMENT = re.compile(r"^\s+#\s?(.*)$")
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 
-def _comments(cls: type) -> dict[str, str]:
-    """Field -> the comment lines just above it and the comment at the end of its line."""
-    out: dict[str, str] = {}
-    above: list[str] = []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        if m := COMMENT.match(line):
-            above.append(m.group(1).strip())
-            continue
-        if m := FIELD.match(line):
-            out[m.group(1)] = " ".join(above + ([m.group(2).strip()] if m.group(2) else []))
-        above = []
-    return out
-
-
-def _inner_dataclass(tp: Any) -> tuple[type | None, str]:
-    """(the dataclass inside tp, how it nests: "" for X or X | None, "[]" for list[X])."""
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+def _inner_model(tp: Any) -> tuple[type[BaseModel] | None, str]:
+    """(the model inside tp, how it nests: "" for X or X | None, "[]" for list[X])."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
         return tp, ""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1 and isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]):
-            return inner[0], ""
-    if origin is list and args and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+        if len(inner) == 1:
+            return _inner_model(inner[0])
+    if origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
         return args[0], "[]"
     return None, ""
 
@@ -62,29 +45,26 @@ def _type_text(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-        return "(see below)" if dataclasses.is_dataclass(value) else repr(value)
-    return "**required**"
+def _default_text(f: FieldInfo) -> str:
+    if f.is_required():
+        return "**required**"
+    if f.default_factory is not None:
+        value = f.default_factory()  # type: ignore[call-arg]
+        return "(see below)" if isinstance(value, BaseModel) else repr(value)
+    return repr(f.default)
 
 
-def rows(cls: type, prefix: str = "", seen: tuple[type, ...] = ()) -> Iterator[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every field, nested dataclasses flattened."""
-    hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        yield key, _type_text(tp), _default_text(f), comments.get(f.name, "")
-        inner, nest = _inner_dataclass(tp)
+def rows(cls: type[BaseModel], prefix: str = "", seen: tuple[type, ...] = ()) -> Iterator[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every field, nested models flattened."""
+    for name, f in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key, _type_text(f.annotation), _default_text(f), f.description or ""
+        inner, nest = _inner_model(f.annotation)
         if inner is not None and inner not in seen:  # LossSpec.inner is a LossSpec: list it once
             yield from rows(inner, f"{key}{nest}.", (*seen, cls, inner))
 
 
-def sections() -> list[tuple[str, str, type]]:
+def sections() -> list[tuple[str, str, type[BaseModel]]]:
     from raytrieve.demo.config import DemoConfig
     from raytrieve.inference.config import EncodeConfig, MineConfig
     from raytrieve.serve.config import ServeConfig
@@ -111,7 +91,7 @@ def markdown() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from the config dataclasses by `raytrieve docs config-reference`; a test keeps it in step.",
+        "Generated from the config models by `raytrieve docs config-reference`; a test keeps it in step.",
         "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
         "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`). "
         "Unknown keys are errors that list the valid ones.",

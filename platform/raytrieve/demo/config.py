@@ -6,66 +6,71 @@ reduced demo in tests/test_demo.py runs the very same code with smaller numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from raytrieve.config import load_yaml
-from raytrieve.errors import ConfigError
+from pydantic import Field, model_validator
+
+from raytrieve.config import ConfigModel, invalid, load_yaml
 
 
-@dataclass
-class SampleConfig:
+class SampleConfig(ConfigModel):
     """Which rows of the pydocs data the demo uses (drawn with ``seed``, reproducibly). The
     defaults are jobs/configs/demo.yaml's: about 12 minutes on 2 CPU cores."""
 
-    train_pairs: int = 768  # fine-tuning pairs from the train packages
-    dev_queries: int = 200  # held-out pairs of the train packages: the "train domain" evaluation
-    dev_corpus: int = 600  # their documents plus other held-out train-package documents
-    test_queries: int = 150  # queries of the test packages (never seen in training), asked over HTTP
-    test_corpus: int = 1000  # test documents in the served index: every test query's own, plus others
+    train_pairs: int = Field(default=768, description="fine-tuning pairs from the train packages")
+    dev_queries: int = Field(
+        default=200, description='held-out pairs of the train packages: the "train domain" evaluation'
+    )
+    dev_corpus: int = Field(default=600, description="their documents plus other held-out train-package documents")
+    test_queries: int = Field(
+        default=150, description="queries of the test packages (never seen in training), asked over HTTP"
+    )
+    test_corpus: int = Field(
+        default=1000, description="test documents in the served index: every test query's own, plus others"
+    )
     seed: int = 0
 
 
-@dataclass
-class ModelsConfig:
+class ModelsConfig(ConfigModel):
     dense: str = "all-minilm-l6-v2"
     sparse: str = "splade-tiny"
     reranker: str = "ms-marco-minilm-l12-v2"
-    max_seq_length: int = 128  # documents, queries and training alike
+    max_seq_length: int = Field(default=128, description="documents, queries and training alike")
 
 
-@dataclass
-class FineTuneConfig:
+class FineTuneConfig(ConfigModel):
     enabled: bool = True
     batch_size: int = 32
     epochs: int = 1
     max_steps: int | None = None
     learning_rate: float = 2e-5
-    register_as: str = ""  # the MLflow registry name Serve loads the model from (models:/NAME/VERSION)
+    register_as: str = Field(
+        default="", description="the MLflow registry name Serve loads the model from (models:/NAME/VERSION)"
+    )
 
 
-@dataclass
-class ServingConfig:
+class ServingConfig(ConfigModel):
     port: int = 8100
-    rerank_depth: int = 10  # hybrid candidates the cross-encoder rescores per query
-    recall: int = 100  # candidates per retriever (and the depth of Recall@k)
-    clients: int = 4  # concurrent HTTP clients sending the test queries
-    torch_threads: int = 2  # per model replica; requests come one stage at a time
+    rerank_depth: int = Field(default=10, description="hybrid candidates the cross-encoder rescores per query")
+    recall: int = Field(default=100, description="candidates per retriever (and the depth of Recall@k)")
+    clients: int = Field(default=4, description="concurrent HTTP clients sending the test queries")
+    torch_threads: int = Field(default=2, description="per model replica; requests come one stage at a time")
 
 
-@dataclass
-class DemoConfig:
+class DemoConfig(ConfigModel):
     out_dir: str = "out/demo"
-    pydocs_dir: str = "data/pydocs"  # built by the demo when missing (raytrieve data build-pydocs)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    dense_training: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(register_as="demo-pydocs-dense"))
-    sparse_training: FineTuneConfig = field(
+    pydocs_dir: str = Field(
+        default="data/pydocs", description="built by the demo when missing (raytrieve data build-pydocs)"
+    )
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    dense_training: FineTuneConfig = Field(default_factory=lambda: FineTuneConfig(register_as="demo-pydocs-dense"))
+    sparse_training: FineTuneConfig = Field(
         default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse")
     )
-    serving: ServingConfig = field(default_factory=ServingConfig)
-    mlflow_tracking_uri: str | None = None  # default: <out_dir>/mlruns (a local file store)
-    num_cpus: int | None = None  # the embedded Ray's CPUs; None: all of this machine's
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    mlflow_tracking_uri: str | None = Field(default=None, description="default: <out_dir>/mlruns (a local file store)")
+    num_cpus: int | None = Field(default=None, description="the embedded Ray's CPUs; None: all of this machine's")
 
     @property
     def out(self) -> Path:
@@ -74,7 +79,8 @@ class DemoConfig:
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or (self.out / "mlruns").as_uri()
 
-    def check(self, where: str = "config") -> DemoConfig:
+    @model_validator(mode="after")
+    def _rules(self) -> DemoConfig:
         s = self.sample
         for key, value in (
             ("sample.train_pairs", s.train_pairs),
@@ -86,26 +92,25 @@ class DemoConfig:
             ("models.max_seq_length", self.models.max_seq_length),
         ):
             if value < 1:
-                raise ConfigError(f"{where}.{key} must be >= 1, got {value}")
+                invalid(f"{key}", f" must be >= 1, got {value}")
         if s.dev_corpus < s.dev_queries:
-            raise ConfigError(
-                f"{where}.sample.dev_corpus ({s.dev_corpus}) must be >= sample.dev_queries ({s.dev_queries})"
-            )
+            invalid("sample.dev_corpus", f" ({s.dev_corpus}) must be >= sample.dev_queries ({s.dev_queries})")
         if s.test_corpus < s.test_queries:
-            raise ConfigError(
-                f"{where}.sample.test_corpus ({s.test_corpus}) must be >= sample.test_queries "
-                f"({s.test_queries}): every test query's document is in the corpus"
+            invalid(
+                "sample.test_corpus",
+                f" ({s.test_corpus}) must be >= sample.test_queries ({s.test_queries}): "
+                "every test query's document is in the corpus",
             )
         if self.serving.recall > 1000:
-            raise ConfigError(f"{where}.serving.recall: at most 1000 (the Serve limit), got {self.serving.recall}")
+            invalid("serving.recall", f": at most 1000 (the Serve limit), got {self.serving.recall}")
         for key in ("dense_training", "sparse_training"):
             ft = getattr(self, key)
             if ft.enabled and not ft.register_as:
-                raise ConfigError(f"{where}.{key}.register_as: name the MLflow registered model Serve loads")
+                invalid(f"{key}.register_as", ": name the MLflow registered model Serve loads")
             if ft.batch_size < 2:
-                raise ConfigError(f"{where}.{key}.batch_size must be >= 2 (in-batch negatives), got {ft.batch_size}")
+                invalid(f"{key}.batch_size", f" must be >= 2 (in-batch negatives), got {ft.batch_size}")
         return self
 
 
 def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> DemoConfig:
-    return load_yaml(DemoConfig, path, overrides).check(str(path))
+    return load_yaml(DemoConfig, path, overrides)

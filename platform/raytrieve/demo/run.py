@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ def fine_tune(cfg: DemoConfig, kind: str, ft: FineTuneConfig, samples: sampling.
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(
         f"# What the demo trained; rerun with: raytrieve train --config {saved}\n"
-        + yaml.safe_dump(json.loads(json.dumps(asdict(tc))), sort_keys=False)
+        + yaml.safe_dump(json.loads(json.dumps(tc.model_dump())), sort_keys=False)
     )
     with progress.heartbeat(f"training {kind}", lambda: _training_status(cfg.tracking_uri(), kind)):
         result = run_training(tc, where=f"demo {kind}_training", ray_address=None)
@@ -391,7 +391,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     serving: list[str] = []  # phases that deployed on Serve in this run (Serve is up after the first)
 
     def platform(phase: str, dense: str, sparse: str, identity: Any) -> dict:
-        key = {**base_key, "models": identity, "reranker": m.reranker, "serving": asdict(cfg.serving)}
+        key = {**base_key, "models": identity, "reranker": m.reranker, "serving": cfg.serving.model_dump()}
         cached = store.get(f"test-{phase}", key)
         if cached is not None:
             progress("  reused")
@@ -432,7 +432,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
                 progress(f"  {kind}: fine-tuning disabled; the pretrained model stays")
                 tuned[kind] = {"uri": base, "run_id": None}
                 continue
-            key = {**base_key, "kind": kind, "model": base, "fine_tune": asdict(ft), "uri": cfg.tracking_uri()}
+            key = {**base_key, "kind": kind, "model": base, "fine_tune": ft.model_dump(), "uri": cfg.tracking_uri()}
             # A recorded run whose registry version is gone (a wiped store) is trained again.
             cached = store.get(f"train-{kind}", key, lambda r: _registered(cfg.tracking_uri(), r["uri"]))
             if cached is not None:

@@ -11,7 +11,7 @@ Known-item retrieval: each query has exactly one relevant document, the rest of 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,6 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     with atomic_file(corpus_path) as tmp:
         pq.write_table(pa.table({"id": chosen["id"], "document": chosen["document"]}), tmp)
     key = json.dumps(
-        {"sample": asdict(s), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
+        {"sample": s.model_dump(), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
     )
     return Samples(train_path, split(held_out, s.dev_queries), split(chosen, s.test_queries), corpus_path, key)

@@ -1,5 +1,5 @@
 """Configs of the batch jobs: corpus encoding and hard-negative mining. YAML maps onto these
-dataclasses (unknown keys are errors that name the key); every value is checked before any
+pydantic models (unknown keys are errors that name the key); every value is checked before any
 cluster work starts.
 
     cfg = load_encode_config("jobs/configs/encode_pydocs.yaml", ["output_dir=/data/vectors"])
@@ -7,183 +7,195 @@ cluster work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
-from raytrieve.config import load_yaml
-from raytrieve.errors import ConfigError
+from pydantic import Field, model_validator
+
+from raytrieve.config import ConfigModel, invalid, load_yaml
 
 
-@dataclass
-class CorpusConfig:
-    # A parquet / jsonl / csv file, a folder or glob of them, or a saved HF datasets folder; a
-    # local path or any URI pyarrow opens (s3://, gs://, abfs://, file://). The workers read it.
-    path: str
-    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None  # None: from the file name
+class CorpusConfig(ConfigModel):
+    path: str = Field(
+        description=(
+            "A parquet / jsonl / csv file, a folder or glob of them, or a saved HF datasets folder; a local "
+            "path or any URI pyarrow opens (s3://, gs://, abfs://, file://). The workers read it."
+        )
+    )
+    format: Literal["parquet", "jsonl", "csv", "hf"] | None = Field(
+        default=None, description="None: from the file name"
+    )
     id_column: str = "id"
     text_column: str = "text"
-    title_column: str | None = None  # prepended to the text with title_separator when given
+    title_column: str | None = Field(default=None, description="prepended to the text with title_separator when given")
     title_separator: str = " "
 
 
-@dataclass
-class EncoderOutputConfig:
-    model: str  # a models/ variant, a local folder, or models:/NAME/VERSION
-    prompt: str | None = None  # a literal prompt; default: the model's prompt for `side`
+class EncoderOutputConfig(ConfigModel):
+    model: str = Field(description="a models/ variant, a local folder, or models:/NAME/VERSION")
+    prompt: str | None = Field(default=None, description="a literal prompt; default: the model's prompt for `side`")
     prompt_name: str | None = None
     max_seq_length: int | None = None
     trust_remote_code: bool = False
 
 
-@dataclass
 class DenseOutputConfig(EncoderOutputConfig):
-    # float16 halves the shards; int8 uses per-dimension ranges from calibration_rows evenly
-    # spaced texts; binary packs sign bits (8 dimensions a byte, uint8).
-    precision: Literal["float32", "float16", "int8", "binary"] = "float32"
-    truncate_dim: int | None = None  # Matryoshka: keep the first dimensions
-    normalize: bool | None = None  # None: L2-normalize when the model's similarity is cosine
+    precision: Literal["float32", "float16", "int8", "binary"] = Field(
+        default="float32",
+        description=(
+            "float16 halves the shards; int8 uses per-dimension ranges from calibration_rows evenly spaced "
+            "texts; binary packs sign bits (8 dimensions a byte, uint8)."
+        ),
+    )
+    truncate_dim: int | None = Field(default=None, description="Matryoshka: keep the first dimensions")
+    normalize: bool | None = Field(default=None, description="None: L2-normalize when the model's similarity is cosine")
     calibration_rows: int = 1000
 
 
-@dataclass
 class SparseOutputConfig(EncoderOutputConfig):
-    max_active_dims: int | None = None  # keep the largest weights of each vector
+    max_active_dims: int | None = Field(default=None, description="keep the largest weights of each vector")
 
 
-@dataclass
-class EncodeComputeConfig:
+class EncodeComputeConfig(ConfigModel):
     tokenize_actors: int = 1
     encode_actors: int = 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU per encode actor when the cluster has GPUs
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: a GPU per encode actor when the cluster has GPUs"
+    )
     cpus_per_encode_actor: float = 1.0
-    torch_threads: int | None = None  # per encode actor; default: its CPU share, at least 1
-    # Padded tokens per forward pass (rows x longest row). Small batches are fastest on CPU
-    # (cache-resident activations; SPLADE's [tokens, vocab] logits are 30k floats a token);
-    # on a GPU raise it to 16k-64k.
-    token_budget: int = 2048
-    max_batch_size: int = 256  # rows per forward pass, whatever the budget
+    torch_threads: int | None = Field(default=None, description="per encode actor; default: its CPU share, at least 1")
+    token_budget: int = Field(
+        default=2048,
+        description=(
+            "Padded tokens per forward pass (rows x longest row). Small batches are fastest on CPU "
+            "(cache-resident activations; SPLADE's [tokens, vocab] logits are 30k floats a token); on a GPU "
+            "raise it to 16k-64k."
+        ),
+    )
+    max_batch_size: int = Field(default=256, description="rows per forward pass, whatever the budget")
 
 
-@dataclass
-class EncodeConfig:
+class EncodeConfig(ConfigModel):
     corpus: CorpusConfig
     output_dir: str
     dense: DenseOutputConfig | None = None
     sparse: SparseOutputConfig | None = None
-    side: Literal["document", "query"] = "document"  # which prompt and Router route to apply
+    side: Literal["document", "query"] = Field(default="document", description="which prompt and Router route to apply")
     rows_per_shard: int = 10000
-    bad_rows: Literal["skip", "fail"] = "skip"  # null/empty text, null or duplicate id
-    # Duplicate ids across the whole corpus, found by a distributed group-by on the workers
-    # (one shuffle of the id column). Turn off only for a corpus whose ids are known unique.
-    check_duplicate_ids: bool = True
-    compute: EncodeComputeConfig = field(default_factory=EncodeComputeConfig)
+    bad_rows: Literal["skip", "fail"] = Field(default="skip", description="null/empty text, null or duplicate id")
+    check_duplicate_ids: bool = Field(
+        default=True,
+        description=(
+            "Duplicate ids across the whole corpus, found by a distributed group-by on the workers (one "
+            "shuffle of the id column). Turn off only for a corpus whose ids are known unique."
+        ),
+    )
+    compute: EncodeComputeConfig = Field(default_factory=EncodeComputeConfig)
 
-    def check(self, where: str = "config") -> None:
+    @model_validator(mode="after")
+    def _rules(self) -> EncodeConfig:
         if self.dense is None and self.sparse is None:
-            raise ConfigError(f"{where}: set dense:, sparse: or both (each with at least model:)")
+            invalid("", ": set dense:, sparse: or both (each with at least model:)")
         if self.rows_per_shard < 1:
-            raise ConfigError(f"{where}.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+            invalid("rows_per_shard", f" must be >= 1, got {self.rows_per_shard}")
         c = self.compute
         for name in ("tokenize_actors", "encode_actors", "token_budget", "max_batch_size"):
             if getattr(c, name) < 1:
-                raise ConfigError(f"{where}.compute.{name} must be >= 1, got {getattr(c, name)}")
+                invalid(f"compute.{name}", f" must be >= 1, got {getattr(c, name)}")
         if c.cpus_per_encode_actor <= 0:
-            raise ConfigError(f"{where}.compute.cpus_per_encode_actor must be > 0")
+            invalid("compute.cpus_per_encode_actor", " must be > 0")
         if self.dense is not None:
             if self.dense.truncate_dim is not None and self.dense.truncate_dim < 1:
-                raise ConfigError(f"{where}.dense.truncate_dim must be >= 1, got {self.dense.truncate_dim}")
+                invalid("dense.truncate_dim", f" must be >= 1, got {self.dense.truncate_dim}")
             if self.dense.precision == "int8" and self.dense.calibration_rows < 2:
-                raise ConfigError(f"{where}.dense.calibration_rows must be >= 2 for int8")
+                invalid("dense.calibration_rows", " must be >= 2 for int8")
         for name, out in (("dense", self.dense), ("sparse", self.sparse)):
             if out is not None and out.prompt is not None and out.prompt_name is not None:
-                raise ConfigError(f"{where}.{name}: set prompt or prompt_name, not both")
+                invalid(f"{name}", ": set prompt or prompt_name, not both")
             if out is not None and out.max_seq_length is not None and out.max_seq_length < 1:
-                raise ConfigError(f"{where}.{name}.max_seq_length must be >= 1")
+                invalid(f"{name}.max_seq_length", " must be >= 1")
+        return self
 
 
 def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeConfig:
-    cfg = load_yaml(EncodeConfig, path, overrides)
-    cfg.check(str(path))
-    return cfg
+    return load_yaml(EncodeConfig, path, overrides)
 
 
 # -- hard-negative mining ----------------------------------------------------------------------
 
 
-@dataclass
-class PairsConfig:
-    path: str  # (query, positive) pairs: parquet / jsonl / csv / HF datasets dir
+class PairsConfig(ConfigModel):
+    path: str = Field(description="(query, positive) pairs: parquet / jsonl / csv / HF datasets dir")
     format: Literal["parquet", "jsonl", "csv", "hf"] | None = None
     query_column: str = "query"
     positive_column: str = "positive"
 
 
-@dataclass
-class RetrieverConfig:
-    model: str  # the dense or sparse model that retrieves candidates
+class RetrieverConfig(ConfigModel):
+    model: str = Field(description="the dense or sparse model that retrieves candidates")
     kind: Literal["dense", "sparse"] = "dense"
     max_seq_length: int | None = None
-    batch_size: int = 64  # queries and positives are encoded on the driver
+    batch_size: int = Field(default=64, description="queries and positives are encoded on the driver")
     trust_remote_code: bool = False
 
 
-@dataclass
-class RerankerConfig:
-    model: str  # a cross-encoder: candidates are rescored, and the filters use its scores
+class RerankerConfig(ConfigModel):
+    model: str = Field(description="a cross-encoder: candidates are rescored, and the filters use its scores")
     max_seq_length: int | None = None
     batch_size: int = 32
-    actors: int = 1  # Ray Data actor pool that scores (query, candidate) pairs
+    actors: int = Field(default=1, description="Ray Data actor pool that scores (query, candidate) pairs")
     cpus_per_actor: float = 1.0
 
 
-@dataclass
-class SelectionConfig:
+class SelectionConfig(ConfigModel):
     num_negatives: int = 3
-    range_min: int = 0  # skip the best range_min candidates (likely unlabeled positives)
-    range_max: int = 50  # look at the best range_max candidates only
-    absolute_margin: float | None = None  # keep if score <= positive_score - margin
-    relative_margin: float | None = None  # keep if score <= positive_score * (1 - margin)
+    range_min: int = Field(default=0, description="skip the best range_min candidates (likely unlabeled positives)")
+    range_max: int = Field(default=50, description="look at the best range_max candidates only")
+    absolute_margin: float | None = Field(default=None, description="keep if score <= positive_score - margin")
+    relative_margin: float | None = Field(default=None, description="keep if score <= positive_score * (1 - margin)")
     max_score: float | None = None
     min_score: float | None = None
     sampling_strategy: Literal["top", "random"] = "top"
     seed: int = 0
 
 
-@dataclass
-class MineConfig:
+class MineConfig(ConfigModel):
     pairs: PairsConfig
     retriever: RetrieverConfig
-    output_path: str  # a parquet file
+    output_path: str = Field(description="a parquet file")
     output_format: Literal["triplet", "n-tuple", "n-tuple-scores", "labeled-list"] = "triplet"
-    corpus: CorpusConfig | None = None  # None: the distinct positives are the corpus
-    # An encoding job's output for this corpus made with the retriever model; default: the
-    # corpus is encoded by the encoding job into <output_path>.work/vectors (resumable).
-    corpus_vectors: str | None = None
+    corpus: CorpusConfig | None = Field(default=None, description="None: the distinct positives are the corpus")
+    corpus_vectors: str | None = Field(
+        default=None,
+        description=(
+            "An encoding job's output for this corpus made with the retriever model; default: the corpus is "
+            "encoded by the encoding job into <output_path>.work/vectors (resumable)."
+        ),
+    )
     reranker: RerankerConfig | None = None
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    compute: EncodeComputeConfig = field(default_factory=EncodeComputeConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    compute: EncodeComputeConfig = Field(default_factory=EncodeComputeConfig)
 
-    def check(self, where: str = "config") -> None:
+    @model_validator(mode="after")
+    def _rules(self) -> MineConfig:
         s = self.selection
         if s.num_negatives < 1:
-            raise ConfigError(f"{where}.selection.num_negatives must be >= 1, got {s.num_negatives}")
+            invalid("selection.num_negatives", f" must be >= 1, got {s.num_negatives}")
         if not 0 <= s.range_min < s.range_max:
-            raise ConfigError(f"{where}.selection: need 0 <= range_min < range_max, got {s.range_min}, {s.range_max}")
+            invalid("selection", f": need 0 <= range_min < range_max, got {s.range_min}, {s.range_max}")
         for name in ("absolute_margin", "relative_margin"):
             value = getattr(s, name)
             if value is not None and value < 0:
-                raise ConfigError(f"{where}.selection.{name} must be >= 0, got {value}")
+                invalid(f"selection.{name}", f" must be >= 0, got {value}")
         if s.relative_margin is not None and s.relative_margin >= 1:
-            raise ConfigError(f"{where}.selection.relative_margin must be < 1 (a share of the positive's score)")
+            invalid("selection.relative_margin", " must be < 1 (a share of the positive's score)")
         if s.max_score is not None and s.min_score is not None and s.min_score > s.max_score:
-            raise ConfigError(f"{where}.selection: min_score {s.min_score} > max_score {s.max_score}")
+            invalid("selection", f": min_score {s.min_score} > max_score {s.max_score}")
         if self.retriever.batch_size < 1 or (self.reranker and self.reranker.batch_size < 1):
-            raise ConfigError(f"{where}: batch_size must be >= 1")
+            invalid("", ": batch_size must be >= 1")
         if not self.output_path.endswith(".parquet"):
-            raise ConfigError(f"{where}.output_path must name a .parquet file, got {self.output_path!r}")
+            invalid("output_path", f" must name a .parquet file, got {self.output_path!r}")
+        return self
 
 
 def load_mine_config(path: str, overrides: list[str] | None = None) -> MineConfig:
-    cfg = load_yaml(MineConfig, path, overrides)
-    cfg.check(str(path))
-    return cfg
+    return load_yaml(MineConfig, path, overrides)

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def _identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> d
     }
     body = {
         "shard_format": shards.SHARD_FORMAT,
-        "corpus": {**asdict(cfg.corpus), "path": source.location, "format": source.format},
+        "corpus": {**cfg.corpus.model_dump(), "path": source.location, "format": source.format},
         "side": cfg.side,
         "rows_per_shard": cfg.rows_per_shard,
         "bad_rows": cfg.bad_rows,
@@ -284,7 +284,7 @@ def run_encode(
             {
                 "fingerprint": fingerprint,
                 "identity": identity,
-                "config": asdict(cfg),
+                "config": cfg.model_dump(),
                 "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None},
             },
         )

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
 
@@ -30,8 +31,8 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
     if isinstance(value, dict) and any(not re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
         # Free-text keys (regexes of learning_rate_mapping...) are no valid param names: one JSON value.
         return {prefix[:-1]: json.dumps(value, default=str)[:PARAM_LIMIT]}
@@ -40,7 +41,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         for k, v in value.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) or is_dataclass(v) for v in value):
+    if isinstance(value, list) and any(isinstance(v, (dict, list, BaseModel)) for v in value):
         out = {}
         for i, v in enumerate(value):
             out.update(flatten(v, f"{prefix}{i}."))

@@ -25,7 +25,6 @@ import hashlib
 import json
 import random
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,7 +54,7 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
     """What a resumed run must share with the checkpoints it finds: config and the planned data."""
     body = json.dumps(
-        {"config": asdict(cfg), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
+        {"config": cfg.model_dump(), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
         sort_keys=True,
         default=str,
     )

@@ -1,4 +1,4 @@
-"""The training config: YAML onto typed dataclasses, ``key=value`` overrides, errors that
+"""The training config: YAML onto pydantic models, ``key=value`` overrides, errors that
 name the key. Everything here is checked before any cluster work starts.
 
     cfg = load_train_config("jobs/configs/dense_mnrl.yaml", ["training.batch_size=64"])
@@ -6,11 +6,13 @@ name the key. Everything here is checked before any cluster work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from raytrieve.config import from_dict, load_yaml
+from pydantic import Field, model_validator
+
+from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
 from raytrieve.errors import ConfigError
 
 
@@ -33,17 +35,21 @@ WRAPPING_LOSSES: dict[str, Wrapping] = {
 }
 
 
-@dataclass
-class LossSpec:
+class LossSpec(ConfigModel):
     """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
     MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss); ``args.loss``, sentence-transformers'
     argument name, is read the same way."""
 
     name: str
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict)
     inner: LossSpec | None = None
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
+
+    def __init__(self, *name_and_args: Any, **fields: Any) -> None:
+        # Name and args may come positionally (``LossSpec("CSRLoss", {"beta": 0.2})``), as code
+        # builds specs; pydantic calls this with keywords only when it validates a mapping.
+        super().__init__(**dict(zip(("name", "args"), name_and_args, strict=False)), **fields)
 
     @property
     def base(self) -> LossSpec:
@@ -66,7 +72,7 @@ class LossSpec:
                 default = WRAPPING_LOSSES[spec.name].default
                 if default is None:
                     return spec
-                inner = LossSpec(default)
+                inner = LossSpec(name=default)
             spec.args.pop("loss", None)
             spec.inner = inner
             spec, where = inner, inner_where
@@ -90,50 +96,86 @@ class LossSpec:
         return from_dict(LossSpec, given, f"{where}.args.loss"), f"{where}.args.loss"
 
 
-@dataclass
-class ModelConfig:
-    name_or_path: str  # a models/ variant, a local sentence-transformers folder
+class ModelConfig(ConfigModel):
+    name_or_path: str = Field(description="a models/ variant, a local sentence-transformers folder")
     kind: Literal["dense", "sparse", "cross"]
     max_seq_length: int | None = None
     trust_remote_code: bool = False
-    # sparse only: start an inference-free SPLADE Router from the model: queries by a
-    # SparseStaticEmbedding (one learned weight per token), documents by the MLM + SpladePooling.
-    inference_free: bool = False
+    inference_free: bool = Field(
+        default=False,
+        description="sparse only: start an inference-free SPLADE Router from the model: queries by a "
+        "SparseStaticEmbedding (one learned weight per token), documents by the MLM + SpladePooling.",
+    )
+
+    @model_validator(mode="after")
+    def _inference_free_is_sparse(self) -> ModelConfig:
+        if self.inference_free and self.kind != "sparse":
+            invalid("inference_free", " applies to sparse models only")
+        return self
 
 
-@dataclass
-class DatasetConfig:
+class DatasetConfig(ConfigModel):
     name: str
     path: str
     loss: LossSpec
-    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None  # None: from the file name
-    columns: list[str] | None = None  # text columns in the loss's order; None: all but the label
+    format: Literal["parquet", "jsonl", "csv", "hf"] | None = Field(
+        default=None, description="None: from the file name"
+    )
+    columns: list[str] | None = Field(
+        default=None, description="text columns in the loss's order; None: all but the label"
+    )
     label_column: str | None = None
-    # One prompt for every column, or one per column name.
-    prompts: str | dict[str, str] | None = None
-    # Column name -> Router route ("query" / "document") for asymmetric models.
-    router_mapping: dict[str, str] = field(default_factory=dict)
-    weight: float = 1.0  # share of batches under proportional multi-dataset sampling
+    prompts: str | dict[str, str] | None = Field(
+        default=None, description="One prompt for every column, or one per column name."
+    )
+    router_mapping: dict[str, str] = Field(
+        default_factory=dict, description='Column name -> Router route ("query" / "document") for asymmetric models.'
+    )
+    weight: float = Field(default=1.0, description="share of batches under proportional multi-dataset sampling")
+
+    @model_validator(mode="after")
+    def _positive_weight_and_known_routes(self) -> DatasetConfig:
+        if self.weight <= 0:
+            invalid("weight", f" must be positive, got {self.weight}")
+        if self.router_mapping and set(self.router_mapping.values()) - {"query", "document"}:
+            invalid("router_mapping", " routes must be 'query' or 'document'")
+        return self
 
 
-@dataclass
-class OptimizerConfig:
+class OptimizerConfig(ConfigModel):
     name: Literal["adamw"] = "adamw"
     learning_rate: float = 2e-5
     weight_decay: float = 0.01
-    # Regex over parameter names -> learning rate (first match wins), e.g. {"^stack\\.1\\.": 1e-3}.
-    learning_rate_mapping: dict[str, float] = field(default_factory=dict)
+    learning_rate_mapping: dict[str, float] = Field(
+        default_factory=dict,
+        description='Regex over parameter names -> learning rate (first match wins), e.g. {"^stack\\\\.1\\\\.": 1e-3}.',
+    )
     max_grad_norm: float | None = 1.0
 
+    @model_validator(mode="after")
+    def _positive_rate_and_valid_regexes(self) -> OptimizerConfig:
+        if self.learning_rate <= 0:
+            invalid("learning_rate", f" must be positive, got {self.learning_rate}")
+        for pattern in self.learning_rate_mapping:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                invalid("learning_rate_mapping", f": bad regex {pattern!r} ({e})")
+        return self
 
-@dataclass
-class ScheduleConfig:
+
+class ScheduleConfig(ConfigModel):
     name: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.1
 
+    @model_validator(mode="after")
+    def _warmup_is_a_share(self) -> ScheduleConfig:
+        if not 0 <= self.warmup_ratio < 1:
+            invalid("warmup_ratio", f" must be in [0, 1), got {self.warmup_ratio}")
+        return self
 
-@dataclass
-class TrainingConfig:
+
+class TrainingConfig(ConfigModel):
     batch_size: int = 32
     epochs: int = 1
     max_steps: int | None = None
@@ -143,103 +185,107 @@ class TrainingConfig:
     seed: int = 42
     bf16: bool = False
 
+    @model_validator(mode="after")
+    def _counts_at_least_one(self) -> TrainingConfig:
+        for key in ("batch_size", "epochs", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                invalid(key, f" must be at least 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            invalid("max_steps", f" must be at least 1 (or null for epochs), got {self.max_steps}")
+        return self
 
-@dataclass
-class EvalConfig:
+
+class EvalConfig(ConfigModel):
     path: str | None = None
     evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
     every_n_steps: int | None = None
 
+    @model_validator(mode="after")
+    def _evaluator_with_path(self) -> EvalConfig:
+        if self.path is not None and self.evaluator is None:
+            invalid("evaluator", " is required when eval.path is set")
+        return self
 
-@dataclass
-class CheckpointConfig:
-    every_n_steps: int | None = None  # None: only the final checkpoint
+
+class CheckpointConfig(ConfigModel):
+    every_n_steps: int | None = Field(default=None, description="None: only the final checkpoint")
     keep: int = 2
-    dir: str | None = None  # Ray Train storage; default: <output_dir>.checkpoints next to the model
-    max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
+    dir: str | None = Field(
+        default=None, description="Ray Train storage; default: <output_dir>.checkpoints next to the model"
+    )
+    max_failures: int = Field(default=1, description="worker failures survived by restarting from the last checkpoint")
+
+    @model_validator(mode="after")
+    def _counts(self) -> CheckpointConfig:
+        if self.keep < 1:
+            invalid("keep", f" must be at least 1, got {self.keep}")
+        if self.max_failures < 0:
+            invalid("max_failures", f" must be 0 or more, got {self.max_failures}")
+        return self
 
 
-@dataclass
-class ScalingConfig:
+class ScalingConfig(ConfigModel):
     num_workers: int = 1
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-    # How workers are placed on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node.
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description=(
+            "How workers are placed on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node."
+        ),
+    )
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    torch_threads: int | None = None  # per worker; default: its CPU share, at least 1
-    tokenizer_actors: int = 1  # unused: training tokenizes in its read tasks (kept so configs still load)
+    torch_threads: int | None = Field(default=None, description="per worker; default: its CPU share, at least 1")
+    tokenizer_actors: int = Field(
+        default=1, description="unused: training tokenizes in its read tasks (kept so configs still load)"
+    )
+
+    @model_validator(mode="after")
+    def _counts_at_least_one(self) -> ScalingConfig:
+        for key in ("num_workers", "tokenizer_actors"):
+            if getattr(self, key) < 1:
+                invalid(key, f" must be at least 1, got {getattr(self, key)}")
+        return self
 
 
-@dataclass
-class MlflowConfig:
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else ./mlruns
+class MlflowConfig(ConfigModel):
+    tracking_uri: str | None = Field(default=None, description="default: MLFLOW_TRACKING_URI, else ./mlruns")
     experiment: str = "raytrieve"
     run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
     register_model_as: str | None = None
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(ConfigModel):
     model: ModelConfig
     datasets: list[DatasetConfig]
     output_dir: str
-    # Prompts for every dataset that sets none: one string for all columns, or per column name.
-    prompts: str | dict[str, str] | None = None
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    prompts: str | dict[str, str] | None = Field(
+        default=None,
+        description="Prompts for every dataset that sets none: one string for all columns, or per column name.",
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _datasets_named_once(self) -> TrainConfig:
+        if not self.datasets:
+            invalid("datasets", ": give at least one dataset")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            invalid("datasets", f": dataset names must be unique, got {names}")
+        return self
 
 
 def check_values(cfg: TrainConfig, where: str = "config") -> TrainConfig:
-    """Range checks the types alone cannot express."""
-    import re
-
-    t = cfg.training
-    for key, value in (
-        ("training.batch_size", t.batch_size),
-        ("training.epochs", t.epochs),
-        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
-        ("scaling.num_workers", cfg.scaling.num_workers),
-        ("checkpoint.keep", cfg.checkpoint.keep),
-        ("scaling.tokenizer_actors", cfg.scaling.tokenizer_actors),
-    ):
-        if value < 1:
-            raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"{where}.training.max_steps must be at least 1 (or null for epochs), got {t.max_steps}")
-    if cfg.optimizer.learning_rate <= 0:
-        raise ConfigError(f"{where}.optimizer.learning_rate must be positive, got {cfg.optimizer.learning_rate}")
-    if not 0 <= cfg.schedule.warmup_ratio < 1:
-        raise ConfigError(f"{where}.schedule.warmup_ratio must be in [0, 1), got {cfg.schedule.warmup_ratio}")
-    for pattern in cfg.optimizer.learning_rate_mapping:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"{where}.optimizer.learning_rate_mapping: bad regex {pattern!r} ({e})") from None
-    if not cfg.datasets:
-        raise ConfigError(f"{where}.datasets: give at least one dataset")
-    names = [d.name for d in cfg.datasets]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}.datasets: dataset names must be unique, got {names}")
-    for i, d in enumerate(cfg.datasets):
-        if d.weight <= 0:
-            raise ConfigError(f"{where}.datasets[{i}].weight must be positive, got {d.weight}")
-        if d.router_mapping and set(d.router_mapping.values()) - {"query", "document"}:
-            raise ConfigError(f"{where}.datasets[{i}].router_mapping routes must be 'query' or 'document'")
-    if cfg.model.inference_free and cfg.model.kind != "sparse":
-        raise ConfigError(f"{where}.model.inference_free applies to sparse models only")
-    if cfg.checkpoint.max_failures < 0:
-        raise ConfigError(f"{where}.checkpoint.max_failures must be 0 or more, got {cfg.checkpoint.max_failures}")
-    if cfg.eval.path is not None and cfg.eval.evaluator is None:
-        raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
-    return cfg
+    """Validate a config built or changed in Python again (the validators run on every load)."""
+    return cfg.check(where)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    return check_values(load_yaml(TrainConfig, path, overrides), where=str(path))
+    return load_yaml(TrainConfig, path, overrides)
