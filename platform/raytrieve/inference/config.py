@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raytrieve.config import ConfigModel, invalid, load_yaml
+from raytrieve.data.formats import FORMATS
 
 
 class CorpusConfig(ConfigModel):
@@ -21,7 +22,7 @@ class CorpusConfig(ConfigModel):
             "path or any URI pyarrow opens (s3://, gs://, abfs://, file://). The workers read it."
         )
     )
-    format: Literal["parquet", "jsonl", "csv", "hf"] | None = Field(
+    format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
         default=None, description="None: from the file name"
     )
     id_column: str = "id"
@@ -125,7 +126,7 @@ def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeC
 
 class PairsConfig(ConfigModel):
     path: str = Field(description="(query, positive) pairs: parquet / jsonl / csv / HF datasets dir")
-    format: Literal["parquet", "jsonl", "csv", "hf"] | None = None
+    format: Literal[tuple(FORMATS)] | None = None  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
     query_column: str = "query"
     positive_column: str = "positive"
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import Field, model_validator
 
 from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
+from raytrieve.data.formats import FORMATS
 from raytrieve.errors import ConfigError
 
 
@@ -118,7 +119,7 @@ class DatasetConfig(ConfigModel):
     name: str
     path: str
     loss: LossSpec
-    format: Literal["parquet", "jsonl", "csv", "hf"] | None = Field(
+    format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
         default=None, description="None: from the file name"
     )
     columns: list[str] | None = Field(
