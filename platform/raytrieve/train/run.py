@@ -174,7 +174,7 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     from raytrieve.modules import Router, SparseStaticEmbedding
 
     sparse = SparseEncoder(model_path, device="cpu")
-    if isinstance(sparse.stack[0], Router):
+    if sparse.first_module.routes():
         raise ConfigError(f"model.inference_free: {model_path} already is a Router model; set inference_free: false")
     tokenizer = sparse.tokenizer
     static = SparseStaticEmbedding(tokenizer, weight=torch.ones(len(tokenizer)))
