@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from raytrieve.errors import RaytrieveError
+from raytrieve.kinds import model_kind
 from raytrieve.train.config import DatasetConfig
 
 POSITION_BITS = 24  # = train.plan.POSITION_BITS (a stream key is micro-batch << 24 | position)
@@ -78,13 +79,22 @@ class StreamSpec:
     max_seq_length: int | None = None
 
     @property
+    def tokenized(self) -> bool:
+        """Whether rows carry token ids per column (else texts: the kind's losses tokenize)."""
+        return model_kind(self.kind).tokenized_rows
+
+    def column_names(self, c: int) -> list[str]:
+        """The stream columns of text column ``c``."""
+        return [f"ids_{c}", f"types_{c}"] if self.tokenized else [f"text_{c}"]
+
+    @property
     def width(self) -> int:
         return max(len(d.columns) for d in self.datasets)
 
     def schema(self) -> pa.Schema:
         fields = [("seq", pa.int64()), ("dataset", pa.int32()), ("label", _LABELS)]
         for c in range(self.width):
-            fields += [(f"text_{c}", _TEXTS)] if self.kind == "cross" else [(f"ids_{c}", _IDS), (f"types_{c}", _IDS)]
+            fields += [(name, _IDS if self.tokenized else _TEXTS) for name in self.column_names(c)]
         return pa.schema(fields)
 
 
@@ -130,11 +140,10 @@ def stream_rows(table: pa.Table, keys: np.ndarray, dataset: int, spec: StreamSpe
     }
     for c in range(spec.width):
         if c >= len(d.columns):
-            names = [f"text_{c}"] if spec.kind == "cross" else [f"ids_{c}", f"types_{c}"]
-            out.update({name: pa.nulls(n, spec.schema().field(name).type) for name in names})
+            out.update({name: pa.nulls(n, spec.schema().field(name).type) for name in spec.column_names(c)})
             continue
         column = table.column(d.columns[c])
-        if spec.kind == "cross":
+        if not spec.tokenized:
             out[f"text_{c}"] = _as_lists(column, pa.string())
             continue
         tok = _tokenizer(spec.model_path, d.routes[c] if d.routes else None, spec.max_seq_length)

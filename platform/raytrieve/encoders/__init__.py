@@ -8,24 +8,26 @@ from raytrieve.encoders.base import set_max_seq_length
 from raytrieve.encoders.cross import CrossEncoder
 from raytrieve.encoders.dense import DenseEncoder
 from raytrieve.encoders.sparse import SparseEncoder
+from raytrieve.kinds import MODEL_KINDS, model_kind
 
 __all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
 
-KINDS = {"dense": DenseEncoder, "sparse": SparseEncoder, "cross": CrossEncoder}
+# Kind name -> encoder class, from the kind table (raytrieve/kinds.py).
+KINDS: dict[str, type[Any]] = {name: kind.encoder_class() for name, kind in MODEL_KINDS.items()}
 
 
 def load_encoder(
-    kind: str,
+    kind: Any,
     name_or_path: Any,
     *,
     device: str = "cpu",
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> Any:
-    """A model of ``kind`` ("dense", "sparse", "cross") from any model reference (a variant, a
+    """A model of ``kind`` ("dense", "sparse", "cross" or its ModelKind) from any model reference (a variant, a
     folder or an MLflow model URI, as the constructors take), truncating at ``max_seq_length``
     (every route of a Router model) when given."""
-    model = KINDS[kind](name_or_path, device=device, trust_remote_code=trust_remote_code)
+    model = model_kind(kind, "kind").encoder_class()(name_or_path, device=device, trust_remote_code=trust_remote_code)
     if max_seq_length:
         set_max_seq_length(model, max_seq_length)
     return model

@@ -22,7 +22,7 @@ from raytrieve._io import atomic_directory
 from raytrieve.encoders import st_format
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
 from raytrieve.model_ref import resolve_model
-from raytrieve.modules import Features, InputModule, Module, Pooling, Router, Transformer
+from raytrieve.modules import Features, InputModule, Module, Pooling, Transformer
 from raytrieve.modules.dense import Dense
 
 # Below this many batches a progress bar is noise.
@@ -152,10 +152,14 @@ class Encoder(nn.Module):
             return p.device
         return torch.device("cpu")
 
+    @property
+    def first_module(self) -> Module:
+        # nn.Sequential is typed with torch's Module; __init__ only puts ours in.
+        return cast("Module", self.stack[0])
+
     def input_module(self, task: str | None = None) -> InputModule:
-        first = self.stack[0]
-        # The first module of a stack is its input module (the stack contract).
-        return first.input_module(task) if isinstance(first, Router) else cast("InputModule", first)
+        """The module that tokenizes for ``task`` (the first module, or its Router route's)."""
+        return self.first_module.input_module(task)
 
     @property
     def tokenizer(self) -> Any:
@@ -247,14 +251,13 @@ class Encoder(nn.Module):
         return next((n for n in names if n in self.prompts), None)
 
     def tokenize(self, texts: Sequence[Any], task: str | None = None, prompt: str | None = None) -> Features:
-        first = self.stack[0]
-        if isinstance(first, Router):
-            return first.tokenize(texts, prompt=prompt, task=task)
-        return self.input_module(task).tokenize(texts, prompt=prompt)
+        # The first module tokenizes; a Router picks its route by ``task`` (others ignore it).
+        return cast("InputModule", self.first_module).tokenize(texts, prompt=prompt, task=task)
 
     def forward(self, features: Features, task: str | None = None) -> Features:
+        # Every module gets the forward arguments (the module contract); a Router routes by ``task``.
         for module in self.stack:
-            features = module(features, task=task) if isinstance(module, Router) else module(features)
+            features = module(features, task=task)
         return features
 
     def _batched(
@@ -278,8 +281,6 @@ class Encoder(nn.Module):
         """
         if not len(inputs):
             return empty
-        first = self.stack[0]
-        route = first.resolve(task) if isinstance(first, Router) else None
         module = self.input_module(task)
         encoded = inputs.encoded if isinstance(inputs, Pretokenized) else module.tokenize_ids(inputs, prompt=prompt)
         # Optional on an input module: SparseStaticEmbedding does not mark the prompt.
@@ -304,8 +305,6 @@ class Encoder(nn.Module):
                 features = module.collate(batch)
                 if prompt_length:
                     features["prompt_length"] = prompt_length
-                if route is not None:
-                    features["task"] = route
                 features = {k: v.to(target) if isinstance(v, Tensor) else v for k, v in features.items()}
                 outputs.append(collect(self.forward(features, task=task)))
         stacked = torch.cat(outputs) if outputs else torch.empty(0)
@@ -381,8 +380,6 @@ class EmbeddingEncoder(Encoder):
 
 def set_max_seq_length(model: Any, length: int) -> None:
     """Truncation length of every input module (both routes of a Router model)."""
-    first = model.stack[0]
-    modules = [first.route_input(route) for route in first.sub_modules] if isinstance(first, Router) else [first]
-    for module in modules:
+    for module in model.first_module.input_modules():
         if hasattr(module, "max_seq_length"):
             module.max_seq_length = length

@@ -28,7 +28,6 @@ from raytrieve.model_ref import resolve_model
 
 _HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 _STATIC = "static"  # SparseStaticEmbedding: no special tokens, no token types, no prompt marking
-_TASK_OF_KIND = {"dense": "feature-extraction", "sparse": "fill-mask", "cross": "sequence-classification"}
 
 
 class InputTokenizer:
@@ -158,7 +157,10 @@ def load_input_tokenizer(
                 f"{path}: not a model directory (no modules.json and no config.json); point at a "
                 "folder saved by raytrieve, sentence-transformers or transformers"
             )
-        return _transformer(path, _TASK_OF_KIND.get(kind or "dense"), max_seq_length, trust_remote_code, None, **common)
+        from raytrieve.kinds import model_kind
+
+        head = model_kind(kind or "dense", "kind").hf_task
+        return _transformer(path, head, max_seq_length, trust_remote_code, None, **common)
     entries = read_json(modules_file)
     if not isinstance(entries, list) or not entries:
         raise ModelLoadError(f"{modules_file}: expected a non-empty list of modules")
@@ -180,7 +182,9 @@ def load_input_tokenizer(
 
 def _router_input(directory: Path, task: str | None) -> tuple[Path, str, str]:
     """(folder, module type, route) of the input module the Router uses for ``task``
-    (the resolution of modules/router.Router.resolve)."""
+    (by the Router's own rule, modules/router.resolve_route)."""
+    from raytrieve.modules.router import resolve_route
+
     file = directory / "router_config.json"
     if not file.exists():
         raise ModelLoadError(f"{file} does not exist; the Router model is incomplete")
@@ -190,20 +194,13 @@ def _router_input(directory: Path, task: str | None) -> tuple[Path, str, str]:
     except KeyError as e:
         raise ModelLoadError(f"{file}: missing {e.args[0]!r}") from None
     params = config.get("parameters", {})
-    mappings = params.get("route_mappings") or {}
-    if task is not None:
-        if task in mappings:
-            route = mappings[task]
-        elif task in structure:
-            route = task
-        else:
-            raise InputError(f"Router: no route for task {task!r}; routes are {list(structure)}")
-    elif params.get("default_route") is not None:
-        route = params["default_route"]
-    elif params.get("allow_empty_key", True):
-        route = next(iter(structure))
-    else:
-        raise InputError(f"Router: a task is required (routes {list(structure)}); pass task='query' or 'document'")
+    route = resolve_route(
+        task,
+        list(structure),
+        params.get("default_route"),
+        params.get("allow_empty_key", True),
+        params.get("route_mappings") or {},
+    )
     folder = structure[route][0]
     return directory / folder, types[folder], route
 
@@ -265,7 +262,7 @@ def _accepts_token_types(model_config: Any, task: str | None, tokenizer: Any) ->
     from raytrieve.modules.transformer import TASKS
 
     try:
-        if task is None:  # a kind _TASK_OF_KIND does not know: no auto class to ask either
+        if task is None:  # no transformers task known: no auto class to ask either
             raise KeyError(task)
         cls = TASKS[task][0]._model_mapping[type(model_config)]
     except (KeyError, AttributeError):  # a remote-code model: ask its tokenizer

@@ -24,14 +24,16 @@ import pyarrow.parquet as pq
 
 from raytrieve import _io
 from raytrieve.errors import DataError, InputError, ModelLoadError
+from raytrieve.kinds import MODEL_KINDS
 
 FORMAT = "raytrieve-index"
 VERSION = 1
 MANIFEST_FILE = "manifest.json"
 IDS_FILE = "ids.parquet"
 REBUILD_HINT = "rebuild the index with `raytrieve index build`"
-# Kinds map to "module:Class"; imported lazily so base never imports its subclasses' modules.
-KINDS = {"dense": "raytrieve.index.dense:DenseIndex", "sparse": "raytrieve.index.sparse:SparseIndex"}
+# Index kind (a model kind's vectors) -> "module:Class", from the kind table (raytrieve/kinds.py);
+# imported lazily so base never imports its subclasses' modules.
+KINDS = {k.vectors: k.index for k in MODEL_KINDS.values() if k.vectors and k.index}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class InputModule(Protocol):
 
     def collate(self, encoded: dict[str, list[list[int]]]) -> Features: ...
 
-    def tokenize(self, texts: Sequence[Any], prompt: str | None = None) -> Features: ...
+    def tokenize(self, texts: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> Features: ...
 
     def get_embedding_dimension(self) -> int: ...
 
@@ -47,7 +47,22 @@ class Module(nn.Module):
     has_weights: ClassVar[bool] = False
 
     def forward(self, features: Features, **kwargs: Any) -> Features:  # pragma: no cover - abstract
+        """``kwargs`` are the encoder's forward arguments (``task`` among them), passed to every
+        module as sentence-transformers does; a module takes the ones it uses and ignores the rest."""
         raise NotImplementedError
+
+    # -- as the first module of a stack (the Router overrides these to pick a route) -----
+    def input_module(self, task: str | None = None) -> InputModule:
+        """The module that tokenizes texts for ``task``: the first module of a stack is its own."""
+        return cast("InputModule", self)
+
+    def input_modules(self) -> list[InputModule]:
+        """Every input module this first module may tokenize with (one; a Router: one per route)."""
+        return [self.input_module(None)]
+
+    def routes(self) -> list[str]:
+        """The routes a task can select (empty: the module is the same for every task)."""
+        return []
 
     def saved_type(self) -> str:
         """The class path written into modules.json for this module."""

@@ -18,6 +18,31 @@ from raytrieve.errors import InputError, ModelLoadError
 from raytrieve.modules.base import Features, InputModule, Module
 
 
+def resolve_route(
+    task: str | None,
+    routes: Sequence[str],
+    default_route: str | None,
+    allow_empty_key: bool,
+    route_mappings: Mapping[str, str],
+) -> str:
+    """The route a Router takes for ``task`` (a mapped task, a route name, or None for the
+    default). One rule for the loaded Router and for the weightless tokenizer
+    (encoders/tokenizer_only.py), which reads the same fields from router_config.json."""
+    if task is not None:
+        if task in route_mappings:
+            return route_mappings[task]
+        if task in routes:
+            return task
+        raise InputError(f"Router: no route for task {task!r}; routes are {list(routes)}")
+    if default_route is not None:
+        return default_route
+    if allow_empty_key:
+        return routes[0]
+    raise InputError(
+        f"Router: a task is required (routes {list(routes)}); use encode_query / encode_document or pass task="
+    )
+
+
 class Router(Module):
     st_type = "sentence_transformers.models.Router"
     st_aliases = ("sentence_transformers.base.modules.router.Router",)
@@ -48,20 +73,8 @@ class Router(Module):
         return cls({"query": query_modules, "document": document_modules}, default_route=default_route)
 
     def resolve(self, task: str | None) -> str:
-        if task is not None:
-            if task in self.route_mappings:
-                return self.route_mappings[task]
-            if task in self.sub_modules:
-                return task
-            raise InputError(f"Router: no route for task {task!r}; routes are {list(self.sub_modules)}")
-        if self.default_route is not None:
-            return self.default_route
-        if self.allow_empty_key:
-            return next(iter(self.sub_modules))
-        raise InputError(
-            f"Router: a task is required (routes {list(self.sub_modules)}); use encode_query / encode_document "
-            "or pass task="
-        )
+        routes = list(self.sub_modules)
+        return resolve_route(task, routes, self.default_route, self.allow_empty_key, self.route_mappings)
 
     def route_modules(self, route: str) -> list[Module]:
         """The modules of one route, in order."""
@@ -72,19 +85,27 @@ class Router(Module):
         """The input module of a (resolved) route: its first module, by the stack contract."""
         return cast("InputModule", self.route_modules(route)[0])
 
-    def input_module(self, task: str | None) -> InputModule:
+    def input_module(self, task: str | None = None) -> InputModule:
         return self.route_input(self.resolve(task))
 
-    def tokenize(self, texts: Sequence[Any], prompt: str | None = None, task: str | None = None) -> Features:
+    def input_modules(self) -> list[InputModule]:
+        return [self.route_input(route) for route in self.sub_modules]
+
+    def routes(self) -> list[str]:
+        return list(self.sub_modules)
+
+    def tokenize(
+        self, texts: Sequence[Any], prompt: str | None = None, task: str | None = None, **kwargs: Any
+    ) -> Features:
         route = self.resolve(task)
         features = self.route_input(route).tokenize(texts, prompt=prompt)
-        features["task"] = route
+        features["task"] = route  # so that forward(features) alone takes the same route
         return features
 
     def forward(self, features: Features, task: str | None = None, **kwargs: Any) -> Features:
         route = features.get("task") or self.resolve(task)
         for module in self.route_modules(route):
-            features = module(features)
+            features = module(features, task=task, **kwargs)
         return features
 
     def get_embedding_dimension(self) -> int | None:

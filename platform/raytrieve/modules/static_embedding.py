@@ -55,7 +55,7 @@ class SparseStaticEmbedding(Module):
         # transformers types pad_token_id (a __getattr__ special token) as any id or token.
         return pad_ids(encoded, cast("int | None", self.tokenizer.pad_token_id) or 0)
 
-    def tokenize(self, texts: Sequence[str], prompt: str | None = None) -> Features:
+    def tokenize(self, texts: Sequence[str], prompt: str | None = None, **kwargs: Any) -> Features:
         return self.collate(self.tokenize_ids(texts, prompt))
 
     def forward(self, features: Features, **kwargs: Any) -> Features:

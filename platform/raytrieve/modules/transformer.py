@@ -202,7 +202,7 @@ class Transformer(Module):
             )
         return self._prompt_lengths[prompt]
 
-    def tokenize(self, texts: Sequence[TextInput], prompt: str | None = None) -> Features:
+    def tokenize(self, texts: Sequence[TextInput], prompt: str | None = None, **kwargs: Any) -> Features:
         features = self.collate(self.tokenize_ids(texts, prompt))
         if prompt:
             features["prompt_length"] = self.prompt_length(prompt)

@@ -311,11 +311,12 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, the index folder."""
     from raytrieve.errors import ConfigError, RaytrieveError
     from raytrieve.index.build import load_indices
+    from raytrieve.kinds import MODEL_KINDS
     from raytrieve.model_ref import is_model_uri, resolve_model
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
-    for kind in ("dense", "sparse", "reranker"):
+    for kind in (k.serve_field for k in MODEL_KINDS.values()):
         d = getattr(cfg, kind)
         if d is not None:
             try:
@@ -333,11 +334,11 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 ) from None
     if cfg.index:
         indices = load_indices(cfg.index)
-        for kind in ("dense", "sparse"):
-            if getattr(cfg, kind) is not None and getattr(indices, kind) is None:
+        for k in MODEL_KINDS.values():
+            if k.vectors and getattr(cfg, k.serve_field) is not None and getattr(indices, k.vectors) is None:
                 raise ConfigError(
-                    f"{where}.index {cfg.index}: has no {kind}/ index for the {kind} model; build it "
-                    f"from vectors encoded with that model, or drop {kind}:"
+                    f"{where}.index {cfg.index}: has no {k.vectors}/ index for the {k.serve_field} model; build "
+                    f"it from vectors encoded with that model, or drop {k.serve_field}:"
                 )
 
 

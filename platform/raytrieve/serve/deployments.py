@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from raytrieve.kinds import served_kind
 from raytrieve.serve.config import DeploymentConfig
 
 # Tokens a text costs in the batch budget: about 4 characters a token for English, plus the
@@ -28,10 +29,11 @@ def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
 
 
 def load_model(kind: str, spec: DeploymentConfig) -> Any:
+    """The model of the serving config field ``kind`` (dense / sparse / reranker)."""
     from raytrieve.encoders import load_encoder
 
     return load_encoder(
-        "cross" if kind == "reranker" else kind,
+        served_kind(kind),
         spec.model,
         device="cuda" if spec.num_gpus > 0 else "cpu",
         max_seq_length=spec.max_seq_length,

@@ -18,19 +18,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from raytrieve.kinds import model_kind
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
 
-ENCODERS = {"dense": "DenseEncoder", "sparse": "SparseEncoder", "cross": "CrossEncoder"}
-
 
 def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: bool = False):
-    import raytrieve.encoders as encoders
-
-    return getattr(encoders, ENCODERS[kind])(path, device=str(device), trust_remote_code=trust_remote_code)
+    cls = model_kind(kind).encoder_class()
+    return cls(path, device=str(device), trust_remote_code=trust_remote_code)
 
 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
@@ -164,10 +162,11 @@ def run_worker(spec: WorkerSpec) -> None:
     accumulation = cfg.training.gradient_accumulation_steps
     start_micro = step * accumulation
     streams = spec.stream.datasets
+    tokenized = model_kind(cfg.model.kind).tokenized_rows
     # Each column's input module pads its ids (collate) exactly as the encoder would.
     modules = (
         [[encoder.input_module(d.routes[c] if d.routes else None) for c in range(len(d.columns))] for d in streams]
-        if cfg.model.kind != "cross"
+        if tokenized
         else None
     )
     tick = time.perf_counter()
@@ -184,10 +183,10 @@ def run_worker(spec: WorkerSpec) -> None:
         labels = decode_labels(batch, streams[dataset].label_kind)
         if labels is not None and not isinstance(labels, list):
             labels = labels.to(device)
-        if cfg.model.kind == "cross":
+        if not tokenized:
             features = decode_texts(batch, streams[dataset])
         else:
-            assert modules is not None  # built for every kind but cross
+            assert modules is not None  # built whenever rows are tokenized
             features = decode_features(batch, streams[dataset], modules[dataset])
             features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         weights = splade[dataset].step(step) if dataset in splade else {}

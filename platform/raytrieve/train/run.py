@@ -18,6 +18,7 @@ import numpy as np
 
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
+from raytrieve.kinds import model_kind
 from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
@@ -69,7 +70,6 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     )
     from raytrieve.losses.registry import base_class
     from raytrieve.model_ref import resolve_model
-    from raytrieve.modules import Router
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
 
@@ -86,7 +86,8 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     losses = build_losses(cfg, encoder, cfg.scaling.num_workers)
     if cfg.scaling.strategy == "fsdp" and any(uses_gradient_cache(loss) for loss in losses):
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
-    has_router = cfg.model.kind != "cross" and isinstance(encoder.stack[0], Router)
+    # Routes go with token ids: rows of texts are tokenized by the loss, not per column here.
+    has_router = model_kind(cfg.model.kind).tokenized_rows and bool(encoder.first_module.routes())
 
     keys = sampler_keys(cfg)
     text_columns, label_columns, prompts, routes, streams, planned, pieces = [], [], [], [], [], [], []
@@ -173,7 +174,7 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     from raytrieve.modules import Router, SparseStaticEmbedding
 
     sparse = SparseEncoder(model_path, device="cpu")
-    if isinstance(sparse.stack[0], Router):
+    if sparse.first_module.routes():
         raise ConfigError(f"model.inference_free: {model_path} already is a Router model; set inference_free: false")
     tokenizer = sparse.tokenizer
     static = SparseStaticEmbedding(tokenizer, weight=torch.ones(len(tokenizer)))

@@ -1,0 +1,104 @@
+"""The model kinds (dense, sparse, cross): what each one is, in one table.
+
+Configs name a kind by string (``model.kind: dense``); code looks the string up here once,
+with ``model_kind(name)``, and then asks the object instead of comparing strings. What a
+kind decides lives on its row: the encoder class, the losses it takes (the loss registry is
+keyed by ``name``), whether training rows travel as token ids or as texts, the vectors it
+makes (the encode job's output field and the index type that holds them), the transformers
+task of a plain transformers folder, and the name the serving config gives it.
+
+Torch-free at import (the heavy classes are import paths, loaded on first use): the training
+config, the Ray Data stages and Ray Train's controller read this module without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from raytrieve.errors import ConfigError
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    # "module:Class" of the encoder; load_encoder builds this class.
+    encoder: str
+    # The transformers task whose auto class reads a plain transformers folder (no modules.json).
+    hf_task: str
+    # Training rows carry token ids per text column; False: texts, which the losses pair and
+    # tokenize themselves (cross-encoder losses build their in-batch pairs inside the loss).
+    tokenized_rows: bool
+    # The vectors the model makes: the encode job's output field and index/ sub-folder, and
+    # the index class ("module:Class") that searches them. None: the kind scores pairs instead.
+    vectors: str | None
+    index: str | None
+    # The field of the serving config (serve/config.py) that deploys a model of this kind.
+    serve_field: str
+
+    def encoder_class(self) -> type[Any]:
+        return _load(self.encoder)
+
+    def index_class(self) -> type[Any] | None:
+        return _load(self.index) if self.index else None
+
+    @property
+    def loss_kind(self) -> str:
+        """The key of this kind's losses in the loss registry (losses/base.py ``registered``)."""
+        return self.name
+
+
+DENSE = ModelKind(
+    name="dense",
+    encoder="raytrieve.encoders.dense:DenseEncoder",
+    hf_task="feature-extraction",
+    tokenized_rows=True,
+    vectors="dense",
+    index="raytrieve.index.dense:DenseIndex",
+    serve_field="dense",
+)
+SPARSE = ModelKind(
+    name="sparse",
+    encoder="raytrieve.encoders.sparse:SparseEncoder",
+    hf_task="fill-mask",
+    tokenized_rows=True,
+    vectors="sparse",
+    index="raytrieve.index.sparse:SparseIndex",
+    serve_field="sparse",
+)
+CROSS = ModelKind(
+    name="cross",
+    encoder="raytrieve.encoders.cross:CrossEncoder",
+    hf_task="sequence-classification",
+    tokenized_rows=False,
+    vectors=None,
+    index=None,
+    serve_field="reranker",
+)
+
+MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (DENSE, SPARSE, CROSS)}
+
+
+def model_kind(kind: str | ModelKind, where: str = "model.kind") -> ModelKind:
+    """The kind named ``kind`` (a ModelKind passes through); ``where`` names the config field in the error."""
+    if isinstance(kind, ModelKind):
+        return kind
+    try:
+        return MODEL_KINDS[kind]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{where}: unknown model kind {kind!r}; use one of {sorted(MODEL_KINDS)}") from None
+
+
+def served_kind(field: str) -> ModelKind:
+    """The kind a serving config field (dense / sparse / reranker) deploys."""
+    for k in MODEL_KINDS.values():
+        if k.serve_field == field:
+            return k
+    fields = [k.serve_field for k in MODEL_KINDS.values()]
+    raise ConfigError(f"serve: unknown model field {field!r}; use one of {fields}")
