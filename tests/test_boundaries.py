@@ -80,7 +80,9 @@ def test_library_does_not_import_ray_or_mlflow(package):
     )
 
 
-@pytest.mark.parametrize("module", ["raytrieve.train.entry", "raytrieve.data.pipeline", "raytrieve.train.config"])
+@pytest.mark.parametrize("module", ["raytrieve.train.entry", "raytrieve.data.pipeline", "raytrieve.train.config",
+                                    "raytrieve.data.train_source", "raytrieve.data.formats", "raytrieve.kinds",
+                                    "raytrieve.wrapping_losses"])
 def test_what_ray_unpickles_before_a_worker_needs_torch_does_not_import_it(module):
     """Ray Train's controller unpickles the train function, its spec and the datasets' stage
     functions; Ray Data's read and tokenize tasks unpickle the stage functions. Each does it in a

@@ -1,4 +1,4 @@
-"""The docs stay true to the code: the config reference is what the dataclasses generate, and
+"""The docs stay true to the code: the config reference is what the config models generate, and
 every config, script and command README.md names exists."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from raytrieve.config_reference import markdown, rows
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_config_reference_matches_the_dataclasses():
+def test_config_reference_matches_the_config_models():
     committed = (ROOT / "docs" / "config-reference.md").read_text()
     assert committed.strip() == markdown().strip(), \
         "docs/config-reference.md is stale: raytrieve docs config-reference > docs/config-reference.md"

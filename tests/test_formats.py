@@ -18,7 +18,9 @@ from raytrieve.train.config import DatasetConfig
 
 
 def _literal_values(cls: type) -> set[str]:
-    hint = typing.get_type_hints(cls)["format"]
+    # The annotation pydantic built the model with (fixed when the class was defined), not
+    # typing.get_type_hints, which would evaluate the annotation again against today's table.
+    hint = cls.model_fields["format"].annotation  # type: ignore[attr-defined]
     values: set[str] = set()
     for arg in typing.get_args(hint) or (hint,):
         if typing.get_origin(arg) is typing.Literal:

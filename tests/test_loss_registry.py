@@ -283,7 +283,7 @@ def test_the_contract_tables_agree_with_the_classes():
     """needs_labels without a kind reads the loss of that name in any kind, so losses of one name
     agree; list inputs are a cross-encoder affair; every wrapping loss named for configs exists."""
     from raytrieve.losses.registry import loss_classes
-    from raytrieve.train.config import WRAPPING_LOSSES
+    from raytrieve.wrapping_losses import WRAPPING_LOSSES
 
     kinds = ("dense", "sparse", "cross")
     labels: dict[str, set[bool]] = {}

@@ -19,8 +19,9 @@ from pydantic import ConfigDict, Field
 
 from raytrieve.config import ConfigModel
 from raytrieve.errors import AssetError
+from raytrieve.kinds import MODEL_KINDS
 
-KINDS = ("dense", "sparse", "cross")
+KINDS = tuple(MODEL_KINDS)  # kinds.py is the one list of model kinds
 ST_FORMAT = "sentence-transformers"  # used in place; the other formats are converted once
 FORMATS = (ST_FORMAT, "hf-masked-lm", "onnx-int8-bert-classifier")
 

@@ -14,7 +14,7 @@ raytrieve serve --config X.yaml [key=value ...]
                                    hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
 raytrieve data build-pydocs --out DIR
                                    (query, document) pairs from installed packages' docstrings
-raytrieve docs config-reference    the config reference (docs/config-reference.md), from the dataclasses
+raytrieve docs config-reference    the config reference (docs/config-reference.md), from the config models
 raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
                                    the main job end to end on real text (what `make demo` runs)
 """

@@ -7,7 +7,8 @@ it does not), how to read one shard with chosen columns, its column names, and h
 training job lists pieces and streams them. ``FORMATS`` maps each name to its instance;
 sources.py (encoding), train_source.py (training) and validate.py (checks) look formats up
 there and never compare names. A new format is one subclass plus ``register(Subclass())``
-(and the name in the configs' ``format`` Literal, which tests/test_formats.py checks).
+here: the configs' ``format`` values are the table's names when the config classes are
+defined (tests/test_formats.py checks), so a format registered later is refused by configs.
 
 No Ray and no torch here: Ray Data tasks unpickle these classes. The four built-in formats
 share this one file (about 400 lines) so that adding a format stays a change to one file.

@@ -402,8 +402,9 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         with progress.heartbeat("encoding"):
             encoded = encode_and_index(cfg, samples, dense, sparse, folder)
         progress(f"  encoded {encoded['rows']} documents at {encoded['rows_per_s']} rows/s; starting Serve")
-        served = serve_and_query(cfg, samples, dense, sparse, encoded["index"], progress, bool(serving))
-        serving.append(phase)
+        running = bool(serving)
+        serving.append(phase)  # before the call: Serve is stopped at the end even if this phase fails
+        served = serve_and_query(cfg, samples, dense, sparse, encoded["index"], progress, running)
         return store.put(f"test-{phase}", key, {"encode": encoded, **served})
 
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrieve.errors import InputError
-from raytrieve.train.config import WRAPPING_LOSSES  # names only: configs read them without torch
+from raytrieve.kinds import MODEL_KINDS
+from raytrieve.wrapping_losses import WRAPPING_LOSSES
 
 Features = dict[str, Any]
 
@@ -96,7 +97,7 @@ def describe_column_count(columns: tuple[int, int | None]) -> str:
     return f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
 
 
-KINDS = ("dense", "sparse", "cross")
+KINDS = tuple(MODEL_KINDS)  # kinds.py is the one list of model kinds
 
 
 class LossContract:
@@ -137,7 +138,7 @@ def register(kind: str) -> Callable[[C], C]:
             needs_labels = True
 
     A loss that wraps a base loss (its constructor takes ``loss``) must also be listed in
-    ``raytrieve.train.config.WRAPPING_LOSSES``, so that configs can find its base without torch."""
+    ``raytrieve.wrapping_losses.WRAPPING_LOSSES``, so that configs can find its base without torch."""
     if kind not in KINDS:
         raise ValueError(f"register({kind!r}): kind must be one of {KINDS}")
 
@@ -151,7 +152,7 @@ def register(kind: str) -> Callable[[C], C]:
         if wraps and name not in WRAPPING_LOSSES:
             raise TypeError(
                 f"{name} takes a base loss (its `loss` argument): list it in WRAPPING_LOSSES in "
-                "raytrieve/train/config.py, with a default base or None"
+                "raytrieve/wrapping_losses.py, with a default base or None"
             )
         if not wraps and name in WRAPPING_LOSSES:
             raise TypeError(f"WRAPPING_LOSSES lists {name}, whose constructor takes no base loss (`loss`); remove it")

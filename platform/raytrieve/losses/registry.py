@@ -19,14 +19,17 @@ must hold comes from the class attributes of ``LossContract`` (``columns``, ``ne
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from raytrieve.encoders import similarity as sim
 from raytrieve.errors import ConfigError
 from raytrieve.losses.base import KINDS, LossContract, registered
-from raytrieve.train.config import WRAPPING_LOSSES, LossSpec  # defined there so configs load without torch
+from raytrieve.wrapping_losses import WRAPPING_LOSSES
+
+if TYPE_CHECKING:
+    from raytrieve.train.config import LossSpec
 
 
 def loss_classes(kind: str) -> dict[str, type[LossContract]]:

@@ -323,15 +323,15 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
                     resolve_model(d.model)
             except RaytrieveError as e:
-                raise ConfigError(f"{where}.{kind}.model: {e}") from None
-            except Exception as e:  # an MLflow store or registry error: name the field
-                if not is_model_uri(d.model):
-                    raise
-                raise ConfigError(
-                    f"{where}.{kind}.model {d.model!r}: cannot be read from MLflow at "
-                    f"{mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)} ({e}); check the name and "
-                    f"version, or set mlflow_tracking_uri:"
-                ) from None
+                # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
+                # store comes from this config, so the fix names its key too.
+                hint = (
+                    f" (store: {mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)}; set {where}.mlflow_tracking_uri "
+                    "to the store the model is registered in)"
+                    if is_model_uri(d.model)
+                    else ""
+                )
+                raise ConfigError(f"{where}.{kind}.model: {e}{hint}") from None
     if cfg.index:
         indices = load_indices(cfg.index)
         for k in MODEL_KINDS.values():

@@ -8,32 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import ConfigError
-
-
-class Wrapping(NamedTuple):
-    example: str  # a base loss to show in errors
-    default: str | None  # the base used when a config names none; None: a config must name one
-
-
-# The losses that wrap a base loss, by name. A table of names here rather than attributes of the
-# loss classes because LossSpec.base must work without torch (Ray's controller and Ray Data's
-# tasks unpickle specs and never import it). @register (losses/base.py) refuses a class whose
-# constructor takes a base loss (``loss``) and is missing here, or the reverse, so the two
-# cannot drift apart.
-WRAPPING_LOSSES: dict[str, Wrapping] = {
-    "SpladeLoss": Wrapping("SparseMultipleNegativesRankingLoss", None),
-    "CSRLoss": Wrapping("SparseMultipleNegativesRankingLoss", "SparseMultipleNegativesRankingLoss"),
-    "MatryoshkaLoss": Wrapping("MultipleNegativesRankingLoss", None),
-    "Matryoshka2dLoss": Wrapping("MultipleNegativesRankingLoss", None),
-    "AdaptiveLayerLoss": Wrapping("MultipleNegativesRankingLoss", None),
-}
+from raytrieve.kinds import MODEL_KINDS
+from raytrieve.wrapping_losses import WRAPPING_LOSSES
 
 
 class LossSpec(ConfigModel):
@@ -98,8 +81,10 @@ class LossSpec(ConfigModel):
 
 
 class ModelConfig(ConfigModel):
-    name_or_path: str = Field(description="a models/ variant, a local sentence-transformers folder")
-    kind: Literal["dense", "sparse", "cross"]
+    name_or_path: str = Field(
+        description="a models/ variant, a local sentence-transformers folder or an MLflow URI (models:/NAME/VERSION)"
+    )
+    kind: Literal[tuple(MODEL_KINDS)]  # pyright: ignore[reportInvalidTypeForm]  (kinds.py's names)
     max_seq_length: int | None = None
     trust_remote_code: bool = False
     inference_free: bool = Field(
