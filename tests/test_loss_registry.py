@@ -14,7 +14,8 @@ from raytrieve.losses import (
     MultipleNegativesRankingLoss,
     TripletLoss,
 )
-from raytrieve.losses.registry import LossSpec, build_loss, loss_names, needs_labels, text_columns
+from raytrieve.losses.registry import build_loss, loss_names, needs_labels, text_columns
+from raytrieve.train.config import LossSpec
 from raytrieve.losses.sparse import SpladeLoss
 from raytrieve.modules import Pooling, Transformer
 

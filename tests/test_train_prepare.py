@@ -116,7 +116,7 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
     (gather_across_devices), as a bare MNRL does; a config's explicit false still wins."""
     import torch
 
-    from raytrieve.losses.registry import LossSpec
+    from raytrieve.train.config import LossSpec
     from raytrieve.train.loop import build_losses, load_encoder
 
     encoder = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))

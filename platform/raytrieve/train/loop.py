@@ -34,7 +34,8 @@ def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
     import inspect
 
-    from raytrieve.losses.registry import LossSpec, build_loss, loss_classes
+    from raytrieve.losses.registry import build_loss, loss_classes
+    from raytrieve.train.config import LossSpec
 
     losses = []
     for i, d in enumerate(cfg.datasets):
