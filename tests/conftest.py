@@ -119,8 +119,9 @@ def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One embedded local Ray per test session (never joins a stray cluster on the host)."""
+def _ray_session():
+    """One embedded local Ray per test session (never joins a stray cluster on the host):
+    the ``ray`` module and the dashboard URL ``connect`` returned."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -131,21 +132,25 @@ def ray_cluster():
     # (cluster/local.sh does the same for a head it starts).
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # The embedded start users get (raytrieve.ray_cluster: its dashboard serves Ray's state API).
-    dashboard = connect("local", num_cpus=2, log_to_driver=False,
-                        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    # Ray Train's controller polls its workers every 2 s by default, so each run would end up to
+    # two polls after its last step; the tests' runs last seconds, so poll more often.
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    dashboard = connect("local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env})
     assert dashboard is not None, "the embedded Ray runs a dashboard"
-    _SESSION["dashboard"] = dashboard
-    yield ray
+    yield ray, dashboard
     ray.shutdown()
 
 
-_SESSION: dict[str, str] = {}
+@pytest.fixture(scope="session")
+def ray_cluster(_ray_session):
+    """The session's Ray (the ``ray`` module, initialised)."""
+    return _ray_session[0]
 
 
 @pytest.fixture(scope="session")
-def ray_dashboard(ray_cluster) -> str:
+def ray_dashboard(_ray_session) -> str:
     """The session cluster's dashboard, which is also its job server (`ray job submit --address`)."""
-    return _SESSION["dashboard"]
+    return _ray_session[1]
 
 
 class SecondNode:

@@ -76,9 +76,9 @@ def _train_worker_pids() -> list[int]:
 def _weights(path: str, kind: str = "dense"):
     import torch
 
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
 
-    return load_encoder(kind, path, torch.device("cpu")).state_dict()
+    return load_encoder(kind, path).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
                          scaling__strategy=strategy, checkpoint__every_n_steps=3, training__epochs=3, eval={})
@@ -138,7 +138,7 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
     assert any(not torch.equal(want[k], v) for k, v in _weights(str(tiny_models["dense"])).items())
 
-    ours = load_encoder("dense", cfg.output_dir, torch.device("cpu")).encode(SENTENCES[:4], convert_to_tensor=True)
+    ours = load_encoder("dense", cfg.output_dir).encode(SENTENCES[:4], convert_to_tensor=True)
     theirs = SentenceTransformer(cfg.output_dir, device="cpu").encode(SENTENCES[:4], convert_to_tensor=True)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 

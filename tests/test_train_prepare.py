@@ -117,9 +117,10 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
     import torch
 
     from raytrieve.train.config import LossSpec
-    from raytrieve.train.loop import build_losses, load_encoder
+    from raytrieve.encoders import load_encoder
+    from raytrieve.train.loop import build_losses
 
-    encoder = load_encoder("dense", str(tiny_models["dense"]), torch.device("cpu"))
+    encoder = load_encoder("dense", str(tiny_models["dense"]))
     for given, want in ((None, True), (False, False)):
         args = {} if given is None else {"gather_across_devices": given}
         # The base loss under inner, or as sentence-transformers names it (args.loss, a dict from YAML).

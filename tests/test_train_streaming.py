@@ -41,12 +41,12 @@ def no_dropout_model(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(name, tmp_path, models, data, **changes):
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
 
     cfg = shipped_config("dense_mnrl", tmp_path / name, models, data, eval={}, optimizer__learning_rate=1e-3,
                          **changes)
     result = run_training(cfg)
-    return result, load_encoder("dense", cfg.output_dir, torch.device("cpu")).state_dict()
+    return result, load_encoder("dense", cfg.output_dir).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def _assert_same_weights(got, want, start):
 
 
 def _start(model_dir):
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
 
-    return load_encoder("dense", str(model_dir), torch.device("cpu")).state_dict()
+    return load_encoder("dense", str(model_dir)).state_dict()
 
 
 @pytest.mark.timeout(600)
@@ -89,7 +89,7 @@ def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_mod
     ran = "".join(f.read_text(errors="replace") for f in second_node.temp_dir.glob("session_*/logs/worker-*.out"))
     assert ":actor_name:RayTrainWorker" in ran
     # The trained model still encodes (sanity of the saved weights).
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
 
-    assert load_encoder("dense", str(tmp_path / "nodes" / "out" / "dense_mnrl"), torch.device("cpu")).encode(
+    assert load_encoder("dense", str(tmp_path / "nodes" / "out" / "dense_mnrl")).encode(
         SENTENCES[:2]).shape == (2, 32)

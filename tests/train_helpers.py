@@ -85,11 +85,12 @@ def loss_on_data(cfg: TrainConfig, model_path: str, component: str | None = None
     import torch
 
     from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts, stream_rows
-    from raytrieve.train.loop import build_losses, load_encoder
+    from raytrieve.encoders import load_encoder
+    from raytrieve.train.loop import build_losses
     from raytrieve.train.run import prepare
 
     prepared = prepare(cfg)
-    encoder = load_encoder(cfg.model.kind, model_path, torch.device("cpu"))
+    encoder = load_encoder(cfg.model.kind, model_path)
     encoder.eval()
     losses = build_losses(cfg, encoder, 1)
     for loss in losses:
@@ -123,7 +124,7 @@ def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, m
     import torch
 
     from raytrieve.tracking import mlflow_run
-    from raytrieve.train.loop import load_encoder
+    from raytrieve.encoders import load_encoder
     from tests.conftest import SENTENCES
 
     rows = sum(pq.read_metadata(d.path).num_rows for d in cfg.datasets)
@@ -149,8 +150,8 @@ def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, m
 
     # Training did something, measured outside the trainer: most weight tensors moved, and the
     # config's own loss over its data went down.
-    ours = load_encoder(cfg.model.kind, cfg.output_dir, torch.device("cpu"))
-    before = load_encoder(cfg.model.kind, initial, torch.device("cpu")).state_dict()
+    ours = load_encoder(cfg.model.kind, cfg.output_dir)
+    before = load_encoder(cfg.model.kind, initial).state_dict()
     moved = [k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])]
     assert len(moved) > len(before) // 2, sorted(set(before) - set(moved))
     start, end = loss_on_data(cfg, initial), loss_on_data(cfg, cfg.output_dir)

@@ -28,6 +28,12 @@ import pyarrow.fs as pafs
 from raytrieve.data.files import lines_in_range, open_arrow, read_bytes, resolve
 from raytrieve.errors import DataError
 
+
+def cannot_read(path: object, fmt: str, e: Exception, fix: str = "check the file or set format:") -> DataError:
+    """The one error for a file that ``fmt`` cannot parse: the file, the format, the reader's reason, the fix."""
+    return DataError(f"{path}: cannot read it as {fmt} ({e}); {fix}")
+
+
 # Bytes read from the first line-format file to estimate the line length the byte ranges use.
 PROBE_BYTES = 1 << 20
 BATCH_ROWS = 65_536  # rows per streamed parquet record batch (training): bounds the reader's memory

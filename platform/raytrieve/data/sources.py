@@ -92,10 +92,6 @@ def _list_files(location: str, fs: pafs.FileSystem, path: str, fmt: formats.Inpu
     return fmt.folder_files(fs, path)
 
 
-def _cannot_read(path: str, fmt: str, e: Exception) -> DataError:
-    return DataError(f"{path}: cannot read it as {fmt} ({e}); check the file or set format:")
-
-
 def open_source(location: str, fmt: str | None = None, field: str = "path") -> Source:
     """List the input's files with their sizes and (where metadata has them) row counts.
     ``field`` names the config key in errors."""
@@ -114,7 +110,7 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
         try:
             rows = kind.row_count(fs, p)
         except (pa.ArrowInvalid, OSError) as e:
-            raise _cannot_read(p, fmt, e) from None
+            raise formats.cannot_read(p, fmt, e) from None
         files.append(SourceFile(with_scheme(location, p), int(info.size or 0), rows))
     if not files:
         raise DataError(f"{field} {location}: no {fmt} files there")
@@ -128,7 +124,7 @@ def schema_names(source: Source) -> list[str]:
     try:
         return formats.get(source.format).column_names(fs, path, first.size)
     except (pa.ArrowInvalid, OSError, StopIteration) as e:
-        raise _cannot_read(path, source.format, e) from None
+        raise formats.cannot_read(path, source.format, e) from None
 
 
 def plan_shards(source: Source, rows_per_shard: int) -> list[ShardSpec]:
@@ -148,7 +144,7 @@ def read_shard(spec: ShardSpec, columns: list[str] | None = None) -> pa.Table:
     try:
         table = formats.get(spec.format).read_range(fs, path, spec.start, spec.stop, columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{spec.path}: cannot read it as {spec.format} ({e}); check the file or set format:") from None
+        raise formats.cannot_read(spec.path, spec.format, e) from None
     if columns:
         table = table.select([c for c in columns if c in table.column_names])
     return table

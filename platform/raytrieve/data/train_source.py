@@ -56,7 +56,7 @@ def list_pieces(path: Path, fmt: str) -> tuple[pa.Schema, list[Piece]]:
     except DataError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read it as {fmt} ({e}); check the file or set format:") from None
+        raise formats.cannot_read(path, fmt, e) from None
     pieces, first = [], 0
     for file, rows, groups in found:
         pieces.append(Piece(file, fmt, first if rows >= 0 else -1, rows, groups))
@@ -69,10 +69,8 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
     try:
         yield from formats.get(piece.fmt).iter_piece(piece.path, piece.row_groups, list(columns))
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(
-            f"{piece.path}: cannot read it as {piece.fmt} ({e}); check the file (a jsonl file "
-            "whose values change type between lines: convert it to parquet)"
-        ) from None
+        fix = "check the file (a jsonl file whose values change type between lines: convert it to parquet)"
+        raise formats.cannot_read(piece.path, piece.fmt, e, fix) from None
 
 
 def read_piece(piece: Piece, columns: Sequence[str]) -> pa.Table:

@@ -47,7 +47,7 @@ def read_table(path: Path, fmt: str) -> pa.Table:
     except DataError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read it as {fmt} ({e}); check the file or set format:") from None
+        raise formats.cannot_read(path, fmt, e) from None
 
 
 def _is_text(t: pa.DataType) -> bool:

@@ -8,12 +8,9 @@ from raytrieve.encoders.base import set_max_seq_length
 from raytrieve.encoders.cross import CrossEncoder
 from raytrieve.encoders.dense import DenseEncoder
 from raytrieve.encoders.sparse import SparseEncoder
-from raytrieve.kinds import MODEL_KINDS, model_kind
+from raytrieve.kinds import model_kind
 
 __all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
-
-# Kind name -> encoder class, from the kind table (raytrieve/kinds.py).
-KINDS: dict[str, type[Any]] = {name: kind.encoder_class() for name, kind in MODEL_KINDS.items()}
 
 
 def load_encoder(

@@ -88,11 +88,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _cpu_encoder(kind: str, path: str | Path):
+def _cpu_encoder(kind: str, path: str | Path, trust_remote_code: bool):
     """A CPU encoder of ``kind`` read from the sentence-transformers folder ``path``."""
-    from raytrieve.encoders import KINDS
+    from raytrieve.encoders import load_encoder
 
-    return KINDS[kind](str(path), device="cpu")
+    return load_encoder(kind, str(path), device="cpu", trust_remote_code=trust_remote_code)
 
 
 def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,10 +108,12 @@ def full_state_dict(wrapped: torch.nn.Module, module: torch.nn.Module) -> dict[s
     return module.state_dict()
 
 
-def save_encoder(encoder, state: dict[str, torch.Tensor], kind: str, model_path: str, target: Path) -> None:
+def save_encoder(
+    encoder, state: dict[str, torch.Tensor], kind: str, model_path: str, target: Path, trust_remote_code: bool = False
+) -> None:
     """Save the encoder's weights ``state`` in sentence-transformers format (a CPU copy when sharded)."""
     if any(type(t).__name__ == "DTensor" for t in encoder.parameters()):
-        encoder = _cpu_encoder(kind, model_path)
+        encoder = _cpu_encoder(kind, model_path, trust_remote_code)
         encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
     encoder.save(target)
 
@@ -160,10 +162,22 @@ class Checkpointer:
     ``model_path`` is the model training started from (under FSDP, rank 0 saves through a CPU
     copy of it)."""
 
-    def __init__(self, wrapped, module, optimizer, schedule, kind: str, model_path: str, rank: int) -> None:
+    def __init__(
+        self,
+        wrapped,
+        module,
+        optimizer,
+        schedule,
+        kind: str,
+        model_path: str,
+        rank: int,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.wrapped, self.module = wrapped, module
         self.optimizer, self.schedule = optimizer, schedule
         self.kind, self.model_path, self.rank = kind, model_path, rank
+        # A checkpoint of a remote-code model reloads with the same permission it was trained with.
+        self.trust_remote_code = trust_remote_code
 
     def write(self, directory: Path, step: int) -> None:
         """This rank's part of the checkpoint at ``step`` into ``directory`` (collective under FSDP)."""
@@ -171,7 +185,9 @@ class Checkpointer:
         optim_state = _optimizer_state(self.wrapped, self.optimizer)
         (directory / _rng_file(self.rank)).write_text(json.dumps(_rng_state()))
         if self.rank == 0:
-            save_encoder(self.module.encoder, weights, self.kind, self.model_path, directory / MODEL)
+            save_encoder(
+                self.module.encoder, weights, self.kind, self.model_path, directory / MODEL, self.trust_remote_code
+            )
             heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
             torch.save(
                 {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "step": step, "loss_heads": heads},
@@ -182,7 +198,7 @@ class Checkpointer:
         """Restore weights, loss heads, optimizer, schedule and this rank's random state from
         ``directory``; the step it was written at."""
         state = torch.load(directory / STATE, weights_only=True, map_location="cpu")
-        restored = _cpu_encoder(self.kind, directory / MODEL)
+        restored = _cpu_encoder(self.kind, directory / MODEL, self.trust_remote_code)
         _load_weights(self.wrapped, self.module, restored, state.get("loss_heads", {}))
         _load_optimizer(self.wrapped, self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -222,4 +238,4 @@ class Checkpointer:
         weights = full_state_dict(self.wrapped, self.module)
         if self.rank == 0:
             with atomic_directory(target) as tmp:
-                save_encoder(self.module.encoder, weights, self.kind, self.model_path, tmp)
+                save_encoder(self.module.encoder, weights, self.kind, self.model_path, tmp, self.trust_remote_code)

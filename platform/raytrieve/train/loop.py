@@ -18,17 +18,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from raytrieve.encoders import load_encoder
 from raytrieve.kinds import model_kind
 from raytrieve.train.config import TrainConfig
-from raytrieve.train.entry import WorkerSpec
+from raytrieve.train.entry import FirstEpoch, WorkerSpec, epoch_batches
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
-
-
-def load_encoder(kind: str, path: str, device: torch.device, trust_remote_code: bool = False):
-    cls = model_kind(kind).encoder_class()
-    return cls(path, device=str(device), trust_remote_code=trust_remote_code)
 
 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
@@ -51,11 +47,13 @@ def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Mo
     return losses
 
 
-def rank_micro_batches(spec: WorkerSpec, rank: int, start: int) -> Iterator[tuple[int, Any]]:
+def rank_micro_batches(
+    spec: WorkerSpec, rank: int, start: int, first: FirstEpoch | None = None
+) -> Iterator[tuple[int, Any]]:
     """(micro-batch, its rows as an Arrow table) of this rank from micro-batch ``start`` on, epoch
-    by epoch from ``get_dataset_shard("rank{r}_epoch{e}")``; finished epochs are never opened."""
+    by epoch from ``get_dataset_shard("rank{r}_epoch{e}")``; finished epochs are never opened.
+    ``first``: an epoch's stream already started (used when the run starts at micro-batch 0)."""
     import numpy as np
-    import ray.train
 
     from raytrieve.data.pipeline import micro_batches
 
@@ -64,21 +62,22 @@ def rank_micro_batches(spec: WorkerSpec, rank: int, start: int) -> Iterator[tupl
         ms = np.nonzero(epochs == epoch)[0]
         if ms[-1] < start:
             continue  # done before the checkpoint this run resumed from
-        shard = ray.train.get_dataset_shard(f"rank{rank}_epoch{epoch}")
-        assert shard is not None, "the trainer is given every rank's dataset of every epoch"
-        tables = shard.iter_batches(batch_size=int(sizes[ms].max()), batch_format="pyarrow", prefetch_batches=2)
+        if first is not None and first.epoch == epoch and start == 0:
+            tables = first.tables()
+        else:
+            tables = epoch_batches(spec, rank, epoch)
         for m, batch in micro_batches(tables, [(int(m), int(sizes[m])) for m in ms]):
             if m >= start:
                 yield m, batch
 
 
-def run_worker(spec: WorkerSpec) -> None:
-    """The body of every Ray Train worker (entered through ``raytrieve.train.entry``)."""
+def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
+    """The body of every Ray Train worker (entered through ``raytrieve.train.entry``); ``first``:
+    the first epoch's stream, when the entry started it."""
     import ray.train
     import ray.train.torch
 
     from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts
-    from raytrieve.encoders.base import set_max_seq_length
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.checkpoint import Checkpointer
     from raytrieve.train.distributed import (
@@ -102,9 +101,13 @@ def run_worker(spec: WorkerSpec) -> None:
     torch.manual_seed(cfg.training.seed)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
 
-    encoder = load_encoder(cfg.model.kind, spec.model_path, device, cfg.model.trust_remote_code)
-    if cfg.model.max_seq_length:
-        set_max_seq_length(encoder, cfg.model.max_seq_length)
+    encoder = load_encoder(
+        cfg.model.kind,
+        spec.model_path,
+        device=str(device),
+        max_seq_length=cfg.model.max_seq_length,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     encoder.train()
     losses = build_losses(cfg, encoder, world)
     module = TrainModule(encoder, losses).to(device)
@@ -126,7 +129,9 @@ def run_worker(spec: WorkerSpec) -> None:
         if isinstance(loss, SpladeLoss)
     }
 
-    checkpoints = Checkpointer(wrapped, module, optimizer, schedule, cfg.model.kind, spec.model_path, rank)
+    checkpoints = Checkpointer(
+        wrapped, module, optimizer, schedule, cfg.model.kind, spec.model_path, rank, cfg.model.trust_remote_code
+    )
     step = checkpoints.restore_latest()
 
     logger = None
@@ -172,7 +177,7 @@ def run_worker(spec: WorkerSpec) -> None:
     )
     tick = time.perf_counter()
     waited = 0.0  # seconds this step spent waiting for data (the pipeline not keeping up)
-    batches = rank_micro_batches(spec, rank, start_micro) if step < spec.optimizer_steps else iter(())
+    batches = rank_micro_batches(spec, rank, start_micro, first) if step < spec.optimizer_steps else iter(())
     while True:
         asked = time.perf_counter()
         item = next(batches, None)

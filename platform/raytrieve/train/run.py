@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from raytrieve.data.pipeline import StreamSpec
+from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.kinds import model_kind
 from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
-from raytrieve.train.loop import build_losses, load_encoder
+from raytrieve.train.loop import build_losses
 from raytrieve.train.plan import DatasetKeys, Plan, plan_training
 
 log = logging.getLogger("raytrieve.train")
@@ -58,7 +59,6 @@ class TrainResult:
 def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     """All checks and the plan; no Ray."""
     import pyarrow as pa
-    import torch
 
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
@@ -82,7 +82,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False)
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
-    encoder = load_encoder(cfg.model.kind, model_path, torch.device("cpu"), cfg.model.trust_remote_code)
+    encoder = load_encoder(cfg.model.kind, model_path, trust_remote_code=cfg.model.trust_remote_code)
     losses = build_losses(cfg, encoder, cfg.scaling.num_workers)
     if cfg.scaling.strategy == "fsdp" and any(uses_gradient_cache(loss) for loss in losses):
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
