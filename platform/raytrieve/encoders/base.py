@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from raytrieve._io import atomic_directory
-from raytrieve.encoders import st_format
+from raytrieve.encoders import precision, st_format
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
 from raytrieve.model_ref import resolve_model
 from raytrieve.modules import Features, InputModule, Module, Pooling, Transformer
@@ -94,6 +94,10 @@ class Encoder(nn.Module):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        # The format inference computes in (encoders/precision.py). Each kind's constructor
+        # takes ``dtype`` and calls set_dtype last: "auto" runs the model, so it must be whole.
+        self.dtype = "float32"
+        self.dtype_reason = ""
         saved: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model(model)
@@ -194,6 +198,32 @@ class Encoder(nn.Module):
                     )
                 dim = module.out_features
 
+    # -- precision ----------------------------------------------------------------------
+    def set_dtype(self, dtype: str) -> str:
+        """Compute inference in ``dtype`` (``auto | float32 | bfloat16 | float16 | int8``, see
+        ``raytrieve.encoders.precision``); returns the format chosen, also kept in ``self.dtype``
+        with the reason in ``self.dtype_reason``. int8 quantises the linear layers in place: such
+        a model cannot go back to another format or be saved (load it again)."""
+        precision.check_dtype(dtype, self.device)
+        if self.dtype == "int8" and dtype != "int8":
+            raise InputError(f"this model was quantised to int8 in place; load it again to compute in {dtype}")
+        result = None
+        if dtype == "auto":
+            dtype, result = precision.resolve_auto(self)
+        elif dtype == "int8" and self.dtype != "int8":
+            precision.quantize_int8(self.stack)
+        self.dtype = dtype
+        self.dtype_reason = precision.describe(dtype, result, self.device)
+        return dtype
+
+    def probe_outputs(self) -> Any:
+        """This model's outputs on the fixed probe texts of the precision guard."""
+        raise NotImplementedError
+
+    def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> precision.GuardResult:
+        """The guard's verdict on ``candidate`` probe outputs against float32's ``reference``."""
+        raise NotImplementedError
+
     def get_embedding_dimension(self) -> int | None:
         for module in reversed(self.modules_list):
             getter = getattr(module, "get_embedding_dimension", None)
@@ -205,6 +235,10 @@ class Encoder(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model in the sentence-transformers format, atomically (temp dir + rename)."""
         path = Path(path)
+        if self.dtype == "int8":
+            raise ModelLoadError(
+                f"{path}: this model computes in int8 (quantised in place); save the float model it was loaded from"
+            )
         if path.exists() and any(path.iterdir()) and not st_format.is_model_dir(path):
             raise ModelLoadError(
                 f"{path}: exists, is not empty and holds no model; refusing to replace it. "
@@ -299,7 +333,7 @@ class Encoder(nn.Module):
 
             batches = tqdm(batches, total=n_batches, desc="Batches")
         outputs: list[Tensor] = []
-        with self.inference():
+        with self.inference(), precision.autocast(self.dtype, target):
             for idx in batches:
                 batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
                 features = module.collate(batch)

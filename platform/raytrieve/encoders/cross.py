@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from raytrieve._io import read_json, write_json
+from raytrieve.encoders import precision
 from raytrieve.encoders.base import Encoder
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Transformer
@@ -28,7 +29,9 @@ class CrossEncoder(Encoder):
     # Set with object.__setattr__ in __init__ (a plain attribute, not a submodule).
     activation_fn: nn.Module
 
-    def __init__(self, model: Any, *, activation_fn: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, *, activation_fn: nn.Module | None = None, dtype: str = "float32", **kwargs: Any
+    ) -> None:
         self._saved_activation: nn.Module | None = None
         super().__init__(model, **kwargs)
         head = self.stack[0]
@@ -39,6 +42,7 @@ class CrossEncoder(Encoder):
             )
         # Not registered as a submodule: it holds no weights and must not enter state_dict.
         object.__setattr__(self, "activation_fn", activation_fn or self._saved_activation or self._default_activation())
+        self.set_dtype(dtype)
 
     @classmethod
     def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
@@ -117,7 +121,7 @@ class CrossEncoder(Encoder):
         prompt = self.resolve_prompt(prompt, prompt_name)
 
         def collect(features: dict[str, Any]) -> Tensor:
-            logits = act(features["scores"])
+            logits = act(features["scores"].float())  # float32 whatever the compute dtype
             if apply_softmax and logits.shape[1] > 1:
                 logits = torch.softmax(logits, dim=1)
             if logits.shape[1] == 1:
@@ -137,6 +141,31 @@ class CrossEncoder(Encoder):
         if not convert_to_tensor and convert_to_numpy:
             scores = scores.float().numpy()
         return scores[0] if single else scores
+
+    def set_dtype(self, dtype: str) -> str:
+        """As ``Encoder.set_dtype``; under bfloat16/float16 the last linear layer (the scores) still
+        computes in float32 (``precision.float32_output``)."""
+        chosen = super().set_dtype(dtype)
+        hook = self.__dict__.pop("_head_hook", None)
+        if hook is not None:
+            hook.remove()
+        if chosen in ("bfloat16", "float16"):
+            linears = [m for m in self.stack.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                # Not an attribute nn.Module tracks: a hook handle holds no weights.
+                self.__dict__["_head_hook"] = precision.float32_output(linears[-1])
+        return chosen
+
+    def probe_outputs(self) -> Any:
+        from raytrieve.encoders import precision
+
+        pairs = [(q, d) for q in precision.PROBE_QUERIES for d in precision.PROBE_DOCUMENTS]
+        return np.asarray(self.predict(pairs, convert_to_numpy=True), dtype=np.float32)
+
+    def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
+        from raytrieve.encoders import precision
+
+        return precision.compare_scores(reference, candidate, dtype)
 
     def rank(
         self,

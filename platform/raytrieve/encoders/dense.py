@@ -31,10 +31,11 @@ class DenseEncoder(EmbeddingEncoder):
     model_type = "SentenceTransformer"
     default_similarity = "cosine"
 
-    def __init__(self, model: Any, *, truncate_dim: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: Any, *, truncate_dim: int | None = None, dtype: str = "float32", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.similarity_fn_name = sim.canonical_name(self.similarity_fn_name)
         self.truncate_dim = truncate_dim
+        self.set_dtype(dtype)
 
     @classmethod
     def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
@@ -82,7 +83,7 @@ class DenseEncoder(EmbeddingEncoder):
             return self._token_embeddings(texts, single, prompt, batch_size, task, device, show_progress_bar)
 
         def collect(features: dict[str, Any]) -> Tensor:
-            emb = features["sentence_embedding"]
+            emb = features["sentence_embedding"].float()  # float32 whatever the compute dtype
             if truncate_dim is not None:
                 emb = emb[:, :truncate_dim]
             if normalize_embeddings:
@@ -125,3 +126,13 @@ class DenseEncoder(EmbeddingEncoder):
             for row, mask in zip(out["token_embeddings"], out["attention_mask"]):
                 per_text.append(row[mask.bool()].cpu())
         return per_text[0] if single else per_text
+
+    def probe_outputs(self) -> Any:
+        from raytrieve.encoders import precision
+
+        return self.encode(list(precision.PROBE_QUERIES + precision.PROBE_DOCUMENTS), convert_to_numpy=True)
+
+    def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
+        from raytrieve.encoders import precision
+
+        return precision.compare_dense(reference, candidate, dtype)

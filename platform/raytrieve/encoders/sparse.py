@@ -33,11 +33,14 @@ class SparseEncoder(EmbeddingEncoder):
     model_type = "SparseEncoder"
     default_similarity = "dot"
 
-    def __init__(self, model: Any, *, max_active_dims: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, *, max_active_dims: int | None = None, dtype: str = "float32", **kwargs: Any
+    ) -> None:
         super().__init__(model, **kwargs)
         if self.similarity_fn_name not in ("dot", "cosine"):
             raise InputError(f"SparseEncoder similarity must be 'dot' or 'cosine', not {self.similarity_fn_name!r}")
         self.max_active_dims = max_active_dims
+        self.set_dtype(dtype)
 
     @classmethod
     def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
@@ -75,7 +78,7 @@ class SparseEncoder(EmbeddingEncoder):
         dim = self.get_embedding_dimension() or self.input_module(task).get_embedding_dimension()
 
         def collect(features: dict[str, Any]) -> Tensor:
-            emb = _keep_top(features["sentence_embedding"], k)
+            emb = _keep_top(features["sentence_embedding"].float(), k)
             return emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
 
         emb = self._batched(
@@ -97,6 +100,20 @@ class SparseEncoder(EmbeddingEncoder):
         elif emb.is_sparse:
             emb = emb.coalesce()
         return emb[0] if single else emb
+
+    def probe_outputs(self) -> Any:
+        from raytrieve.encoders import precision
+
+        kw: dict[str, Any] = {"convert_to_tensor": False, "convert_to_sparse_tensor": False}
+        return (
+            self.encode_query(list(precision.PROBE_QUERIES), **kw),
+            self.encode_document(list(precision.PROBE_DOCUMENTS), **kw),
+        )
+
+    def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
+        from raytrieve.encoders import precision
+
+        return precision.compare_sparse(*reference, *candidate, dtype)
 
     def decode(
         self, embeddings: Tensor, top_k: int | None = None

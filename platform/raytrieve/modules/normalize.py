@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from raytrieve.modules.base import Features, Module
@@ -14,7 +15,10 @@ class Normalize(Module):
     st_aliases = ("sentence_transformers.base.modules.normalize.Normalize",)
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
-        features["sentence_embedding"] = F.normalize(features["sentence_embedding"], p=2, dim=1)
+        x = features["sentence_embedding"]
+        if x.dtype in (torch.float16, torch.bfloat16):  # the norm accumulates in float32
+            x = x.float()
+        features["sentence_embedding"] = F.normalize(x, p=2, dim=1)
         return features
 
     @classmethod

@@ -72,35 +72,37 @@ class Pooling(Module):
 
     @staticmethod
     def _pool(mode: str, tokens: Tensor, mask: Tensor, full_mask: Tensor, features: Features) -> Tensor:
+        # Half-precision token embeddings (autocast inference or training) pool in float32 and
+        # stay float32: the sentence embedding keeps what the sum gained.
         acc_dtype = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
         if mode == "cls":
             if "cls_token_embeddings" in features:
                 return features["cls_token_embeddings"]
             first = mask.to(torch.int).argmax(dim=1)
-            return tokens[torch.arange(tokens.shape[0], device=tokens.device), first]
+            return tokens[torch.arange(tokens.shape[0], device=tokens.device), first].to(acc_dtype)
         if mode == "max":
             m = mask.unsqueeze(-1).to(tokens.dtype)
-            return tokens.masked_fill(m == 0, float("-inf")).max(dim=1).values
+            return tokens.masked_fill(m == 0, float("-inf")).max(dim=1).values.to(acc_dtype)
         if mode in ("mean", "mean_sqrt_len_tokens"):
             m = mask.unsqueeze(-1).to(tokens.dtype)
             total = (tokens * m).sum(dim=1, dtype=acc_dtype)
             count = torch.clamp(m.sum(dim=1, dtype=acc_dtype), min=1e-9)
             denom = count if mode == "mean" else torch.sqrt(count)
-            return (total / denom).to(tokens.dtype)
+            return total / denom
         if mode == "weightedmean":
             m = mask.unsqueeze(-1).to(acc_dtype)
             weights = torch.arange(1, tokens.shape[1] + 1, device=tokens.device, dtype=acc_dtype).view(1, -1, 1)
             pad = full_mask.to(torch.int32).argmax(dim=1)  # left padding shifts positions
             weights = weights - pad.view(-1, 1, 1)
             wm = m * weights
-            return ((tokens * wm).sum(dim=1) / torch.clamp(wm.sum(dim=1), min=1e-9)).to(tokens.dtype)
+            return (tokens * wm).sum(dim=1) / torch.clamp(wm.sum(dim=1), min=1e-9)
         # lasttoken: the last attended position (works for left and right padding).
         seq_len = tokens.shape[1]
         values, idx = mask.flip(1).max(1)
         idx = torch.where(values == 0, seq_len - 1, idx)
         last = seq_len - idx - 1
         masked = tokens * mask.unsqueeze(-1).to(tokens.dtype)
-        return masked[torch.arange(tokens.shape[0], device=tokens.device), last]
+        return masked[torch.arange(tokens.shape[0], device=tokens.device), last].to(acc_dtype)
 
     def config_dict(self) -> dict[str, Any]:
         # The boolean-flag form is read by every sentence-transformers release (2.x to 6.x).

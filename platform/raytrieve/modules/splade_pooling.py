@@ -40,12 +40,14 @@ class SpladePooling(Module):
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
         logits = features["token_embeddings"]
-        mask = features["attention_mask"].unsqueeze(-1).to(logits.dtype)
+        # Half-precision logits (autocast) pool in float32: log1p, max and sum lose less there.
+        acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        mask = features["attention_mask"].unsqueeze(-1).to(acc)
         seq_len = logits.shape[1]
         step = self.chunk_size if self.chunk_size and self.chunk_size > 0 else max(seq_len, 1)
         pooled = None
         for start in range(0, seq_len, step):
-            x = torch.log1p(torch.relu(logits[:, start : start + step] * mask[:, start : start + step]))
+            x = torch.log1p(torch.relu(logits[:, start : start + step].to(acc) * mask[:, start : start + step]))
             if self.activation_function == "log1p_relu":
                 x = torch.log1p(x)
             part = x.max(dim=1).values if self.pooling_strategy == "max" else x.sum(dim=1)
@@ -54,7 +56,7 @@ class SpladePooling(Module):
             else:
                 pooled = torch.maximum(pooled, part) if self.pooling_strategy == "max" else pooled + part
         if pooled is None:  # zero-length sequences
-            pooled = logits.new_zeros(logits.shape[0], logits.shape[-1])
+            pooled = logits.new_zeros(logits.shape[0], logits.shape[-1], dtype=acc)
         if self.embedding_dimension is None:
             self.embedding_dimension = int(pooled.shape[1])
         features["sentence_embedding"] = pooled
