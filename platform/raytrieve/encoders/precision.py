@@ -126,16 +126,20 @@ def quantize_int8(module: torch.nn.Module) -> None:
     """Replace every ``nn.Linear`` under ``module`` by its dynamic int8 version, in place."""
     import warnings
 
-    with warnings.catch_warnings():  # torch marks torch.ao.quantization as moving to torchao
+    # torch 2.13 marks torch.ao.quantization and quantized tensors as deprecated (moving to
+    # torchao, not a dependency here); they still work, and the warnings would repeat per actor.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
 
         # Per output channel: all-MiniLM-L6-v2's minimum cosine to float32 is 0.956 so, 0.868
         # with one scale per tensor (both below the guard: int8 is never chosen by auto).
         quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
-def float32_output(linear: torch.nn.Module) -> Any:
+def float32_output(linear: torch.nn.Linear) -> Any:
     """Recompute ``linear``'s output in float32 under autocast (a forward hook; returns its handle).
 
     For a model's last projection, whose outputs are the scores themselves: a cross-encoder's
@@ -146,7 +150,7 @@ def float32_output(linear: torch.nn.Module) -> Any:
         if not torch.is_autocast_enabled(args[0].device.type):
             return output
         with torch.autocast(args[0].device.type, enabled=False):
-            return torch.nn.functional.linear(args[0].float(), module.weight.float(), module.bias)
+            return torch.nn.functional.linear(args[0].float(), linear.weight.float(), linear.bias)
 
     return linear.register_forward_hook(hook)
 

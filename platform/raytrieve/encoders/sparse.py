@@ -113,7 +113,8 @@ class SparseEncoder(EmbeddingEncoder):
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
         from raytrieve.encoders import precision
 
-        return precision.compare_sparse(*reference, *candidate, dtype)
+        (ref_q, ref_d), (cand_q, cand_d) = reference, candidate
+        return precision.compare_sparse(ref_q, ref_d, cand_q, cand_d, dtype)
 
     def decode(
         self, embeddings: Tensor, top_k: int | None = None
