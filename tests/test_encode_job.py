@@ -56,8 +56,13 @@ def _expected(data: dict[str, list]) -> tuple[list[str], list[str]]:
 
 
 def _config(tmp_path: Path, corpus_path: Path, **extra) -> EncodeConfig:
+    """The tests compare the job's vectors with in-process float32 encoders: models compute in
+    float32 unless a test says otherwise (test_auto_dtype_is_recorded_and_close_to_float32)."""
     base = {"corpus": {"path": str(corpus_path)}, "output_dir": str(tmp_path / "vectors"), "rows_per_shard": 25,
             "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
+    for kind in ("dense", "sparse"):
+        if isinstance(extra.get(kind), dict):
+            extra[kind] = {"dtype": "float32", **extra[kind]}
     return from_dict(EncodeConfig, {**base, **extra})
 
 
@@ -67,6 +72,31 @@ def _dense_of_sparse(v) -> np.ndarray:
     for i in range(len(v.ids)):
         out[i, indices[offsets[i]:offsets[i + 1]]] = values[offsets[i]:offsets[i + 1]]
     return out
+
+
+@pytest.mark.slow
+def test_auto_dtype_is_recorded_and_close_to_float32(ray_cluster, tiny_models, tmp_path):
+    """The default dtype (auto): each actor picks the format this machine runs fast, if the model
+    passes its guard; the manifest says what was asked and what the actors chose."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.encode import run_encode
+
+    data = _corpus(tmp_path / "corpus.parquet", 60, bad=False)
+    cfg = from_dict(EncodeConfig, {"corpus": {"path": str(tmp_path / "corpus.parquet")},
+                                   "output_dir": str(tmp_path / "vectors"), "rows_per_shard": 30,
+                                   "dense": {"model": str(tiny_models["dense"])},
+                                   "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1}})
+    run_encode(cfg)
+    v = read_vectors(cfg.output_dir)
+    chosen = DenseEncoder(tiny_models["dense"], dtype="auto").dtype  # the same decision, in process
+    assert v.manifest["dense"]["dtype"] == "auto" and v.manifest["dense"]["dtypes_used"] == [chosen]
+    reference = DenseEncoder(tiny_models["dense"]).encode_document(data["text"], normalize_embeddings=True)
+    cosines = (v.dense * reference).sum(1)
+    assert cosines.min() >= 0.999
+    if chosen == "float32":
+        np.testing.assert_allclose(v.dense, reference, atol=1e-5)
+    else:
+        assert not np.allclose(v.dense, reference, atol=1e-6)  # bfloat16 really ran in the actors
 
 
 @pytest.mark.slow
@@ -189,7 +219,7 @@ def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
     data = _corpus(tmp_path / "corpus.parquet", 600, bad=False)
     out = tmp_path / "vectors"
     config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
-              "dense": {"model": str(tiny_models["dense"])},
+              "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
               "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
     config_path = tmp_path / "encode.yaml"
     config_path.write_text(yaml.safe_dump(config))

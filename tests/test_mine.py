@@ -42,13 +42,15 @@ def positives_vectors(ray_cluster, pairs_file):
     pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(positives))], "text": positives}), corpus)
     out = pairs_file.parent / "positives-vectors"
     run_encode(from_dict(EncodeConfig, {"corpus": {"path": str(corpus)}, "output_dir": str(out),
-                                        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128},
+                                        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128,
+                                                  "dtype": "float32"},
                                         "compute": COMPUTE}))
     return {"corpus": {"path": str(corpus)}, "corpus_vectors": str(out)}
 
 
 def _cfg(pairs_file, tmp_path, **extra) -> MineConfig:
-    base = {"pairs": {"path": str(pairs_file)}, "retriever": {"model": "all-minilm-l6-v2", "max_seq_length": 128},
+    base = {"pairs": {"path": str(pairs_file)}, "retriever": {"model": "all-minilm-l6-v2", "max_seq_length": 128,
+                                                                            "dtype": "float32"},
             "output_path": str(tmp_path / "mined.parquet"), "compute": COMPUTE}
     return from_dict(MineConfig, {**base, **extra})
 
@@ -92,7 +94,8 @@ def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_fil
     from raytrieve.inference.mine import run_mine
 
     cfg = _cfg(pairs_file, tmp_path, output_format="triplet", **positives_vectors,
-               reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5, "max_seq_length": 128},
+               reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5, "max_seq_length": 128,
+                         "dtype": "float32"},
                selection={"num_negatives": 2, "range_max": 8, "max_score": 0.5})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()

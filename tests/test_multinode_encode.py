@@ -55,7 +55,7 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     # Two encode actors of 1.5 CPUs on two nodes of 2 CPUs: one runs on each node, wherever
     # the half-CPU reader lands.
     config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
-              "dense": {"model": str(tiny_models["dense"])},
+              "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
               "compute": {"encode_actors": 2, "cpus_per_encode_actor": 1.5, "torch_threads": 1, "token_budget": 256}}
     config_path = tmp_path / "encode.yaml"
     config_path.write_text(yaml.safe_dump(config))

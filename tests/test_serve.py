@@ -58,16 +58,20 @@ def served(ray_cluster, tmp_path_factory):
     pq.write_table(pa.table({"id": ids, "text": [p.document for p in pairs]}), root / "corpus.parquet")
     run_encode(from_dict(EncodeConfig, {
         "corpus": {"path": str(root / "corpus.parquet")}, "output_dir": str(root / "vectors"), "rows_per_shard": 100,
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128},
-        "sparse": {"model": "splade-tiny", "max_seq_length": 128},
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "dtype": "float32"},
+        "sparse": {"model": "splade-tiny", "max_seq_length": 128, "dtype": "float32"},
         "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
     build_indices(root / "vectors", root / "index")
     port = free_port()
     cfg = from_dict(ServeConfig, {
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1},
+        # float32: the tests compare every model with its in-process float32 encoder (the
+        # default, auto, is what the reduced demo serves).
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1,
+                  "dtype": "float32"},
         "sparse": {"model": sparse_uri, "name": "splade-tiny", "max_seq_length": 128, "num_cpus": 0.4,
-                   "torch_threads": 1},
-        "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1},
+                   "torch_threads": 1, "dtype": "float32"},
+        "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
+                     "dtype": "float32"},
         "index": str(root / "index"), "port": port, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
@@ -237,6 +241,7 @@ def test_models_health_metrics(served):
     assert requests.get(f"{url}/healthz").json()["status"] == "ok"
     models = {m["id"]: m for m in requests.get(f"{url}/v1/models").json()["data"]}
     assert models["all-minilm-l6-v2"]["dimensions"] == 384 and models["splade-tiny"]["kind"] == "sparse"
+    assert {m["dtype"] for m in models.values()} == {"float32"}  # each replica reports its format
     metrics = requests.get(f"{url}/metrics").text
     assert 'raytrieve_requests_total{path="/search",status="200"}' in metrics
 

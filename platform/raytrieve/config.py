@@ -14,9 +14,9 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, Union, cast
+from typing import Any, Literal, NoReturn, TypeVar, Union, cast
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from raytrieve.errors import ConfigError
@@ -52,6 +52,22 @@ class ConfigModel(BaseModel):
         """Validate again (after changes made in Python), errors prefixed by ``where``."""
         from_dict(type(self), self.model_dump(), where)
         return self
+
+
+# The format a model computes in at inference (raytrieve.encoders.precision, which reads this).
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+
+
+def dtype_field() -> Any:
+    """The ``dtype`` key of every config that loads a model for inference (one description)."""
+    return Field(
+        default="auto",
+        description=(
+            "the format the model computes in: auto (bfloat16 on a CPU with AMX/AVX-512 BF16 or a bf16 GPU, "
+            "float16 on other GPUs, else float32; only if the model passes its quality guard), float32 "
+            "(exact), bfloat16, float16, or int8 (dynamic quantisation, CPU)"
+        ),
+    )
 
 
 def invalid(key: str, text: str) -> NoReturn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from raytrieve.encoders.base import set_max_seq_length
@@ -12,6 +13,8 @@ from raytrieve.kinds import model_kind
 
 __all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
 
+log = logging.getLogger(__name__)
+
 
 def load_encoder(
     kind: Any,
@@ -20,11 +23,16 @@ def load_encoder(
     device: str = "cpu",
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "float32",
 ) -> Any:
     """A model of ``kind`` ("dense", "sparse", "cross" or its ModelKind) from any model reference (a variant, a
     folder or an MLflow model URI, as the constructors take), truncating at ``max_seq_length``
-    (every route of a Router model) when given."""
+    (every route of a Router model) when given, computing in ``dtype`` (encoders/precision.py;
+    "auto" is chosen after truncation, on the texts the model will see)."""
     model = model_kind(kind, "kind").encoder_class()(name_or_path, device=device, trust_remote_code=trust_remote_code)
     if max_seq_length:
         set_max_seq_length(model, max_seq_length)
+    model.set_dtype(dtype)
+    if dtype != "float32":
+        log.info("%s %s: %s", kind, name_or_path, model.dtype_reason)
     return model

@@ -24,11 +24,12 @@ import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
 
+from raytrieve.config import Dtype
 from raytrieve.errors import InputError
 
 if TYPE_CHECKING:
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16", "int8")
+DTYPES: tuple[str, ...] = get_args(Dtype)
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Guard thresholds (see the module docstring).

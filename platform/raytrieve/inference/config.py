@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, invalid, load_yaml
+from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.data.formats import FORMATS
 
 
@@ -37,6 +37,7 @@ class EncoderOutputConfig(ConfigModel):
     prompt_name: str | None = None
     max_seq_length: int | None = None
     trust_remote_code: bool = False
+    dtype: Dtype = dtype_field()
 
 
 class DenseOutputConfig(EncoderOutputConfig):
@@ -135,6 +136,7 @@ class RetrieverConfig(ConfigModel):
     model: str = Field(description="the dense or sparse model that retrieves candidates")
     kind: Literal["dense", "sparse"] = "dense"
     max_seq_length: int | None = None
+    dtype: Dtype = dtype_field()
     batch_size: int = Field(default=64, description="queries and positives are encoded on the driver")
     trust_remote_code: bool = False
 
@@ -142,6 +144,7 @@ class RetrieverConfig(ConfigModel):
 class RerankerConfig(ConfigModel):
     model: str = Field(description="a cross-encoder: candidates are rescored, and the filters use its scores")
     max_seq_length: int | None = None
+    dtype: Dtype = dtype_field()
     batch_size: int = 32
     actors: int = Field(default=1, description="Ray Data actor pool that scores (query, candidate) pairs")
     cpus_per_actor: float = 1.0

@@ -77,7 +77,7 @@ def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
         device=device,
         max_seq_length=spec.max_seq_length,
         trust_remote_code=spec.trust_remote_code,
-    )
+    )  # float32: the driver only checks the config and calibrates int8 ranges
 
 
 def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
@@ -95,7 +95,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             path = str(resolve_model(out.model))
         except RaytrieveError as e:
             raise ConfigError(f"{where}.{kind}.model: {e}") from None
-        spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code)
+        spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code, out.dtype)
         model = load_model(spec)
         try:
             spec.prompt = model.resolve_prompt(
@@ -109,6 +109,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             "prompt": spec.prompt,
             "max_seq_length": model.max_seq_length,
             "similarity": model.similarity_fn_name,
+            "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose
         }
         if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
             dim = model.get_embedding_dimension()
@@ -333,7 +334,7 @@ def run_encode(
         },
         "rows": rows,
         "side": cfg.side,
-        **described,
+        **{k: {**v, "dtypes_used": _dtypes_used(done, k)} for k, v in described.items()},
         "shards": [
             {
                 "file": done[s]["file"],
@@ -380,6 +381,11 @@ def run_encode(
             store.location,
         )
     return result
+
+
+def _dtypes_used(done: dict[int, dict[str, Any]], kind: str) -> list[str]:
+    """The compute formats the encode actors chose for ``kind``'s model, over every shard."""
+    return sorted({d for row in done.values() if (d := json.loads(row.get("dtypes") or "{}").get(kind))})
 
 
 def _reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:

@@ -73,7 +73,11 @@ class ShardLookup:
 
             torch.set_num_threads(reranker["threads"])
             self.model = load_encoder(
-                "cross", reranker["model"], device=reranker["device"], max_seq_length=reranker["max_seq_length"]
+                "cross",
+                reranker["model"],
+                device=reranker["device"],
+                max_seq_length=reranker["max_seq_length"],
+                dtype=reranker["dtype"],
             )
             self.batch_size = reranker["batch_size"]
             self.queries = ray.get(queries)

@@ -105,6 +105,7 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
             "model": cfg.retriever.model,
             "max_seq_length": cfg.retriever.max_seq_length,
             "trust_remote_code": cfg.retriever.trust_remote_code,
+            "dtype": cfg.retriever.dtype,
         }
         encode = EncodeConfig(
             corpus=corpus,
@@ -158,7 +159,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     from raytrieve.encoders import load_encoder
 
     r = cfg.retriever  # the model is loaded and checked before any Ray work
-    model = load_encoder(r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code)
+    model = load_encoder(
+        r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
+    )
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
@@ -219,6 +222,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         reranker = {
             "model": str(resolve_model(rr.model)),
             "max_seq_length": rr.max_seq_length,
+            "dtype": rr.dtype,
             "batch_size": rr.batch_size,
             "device": "cuda" if use_gpu else "cpu",
             "threads": max(1, int(rr.cpus_per_actor)),

@@ -14,6 +14,7 @@ data in Arrow columns (lists of ids, texts, token ids), never JSON or pickled bl
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -41,6 +42,7 @@ class OutputSpec:
     prompt: str | None
     max_seq_length: int | None
     trust_remote_code: bool
+    dtype: str = "float32"  # the compute format asked for (auto: each actor resolves it)
     # dense
     precision: str = "float32"
     truncate_dim: int | None = None
@@ -195,6 +197,7 @@ class EncodeAndWrite:
                 device=device,
                 max_seq_length=s.max_seq_length,
                 trust_remote_code=s.trust_remote_code,
+                dtype=s.dtype,
             )
             for s in specs
         ]
@@ -214,6 +217,7 @@ class EncodeAndWrite:
                 "bad",
                 "node",
                 "encode_s",
+                "dtypes",
             )
         }
         for r in range(batch.num_rows):
@@ -229,6 +233,8 @@ class EncodeAndWrite:
             out["previous"].append(previous)
             out["bad"].append(len(sidecar["bad_rows"]))
             out["encode_s"].append(time.perf_counter() - t0 if previous != "same" else 0.0)
+            # The format each model computed this shard in (sidecars of older jobs do not say).
+            out["dtypes"].append(json.dumps(sidecar.get("dtypes", {}), sort_keys=True))
         return pa.table(out)
 
     def encode_and_write(self, row: pa.Table, shard: int) -> dict[str, Any]:
@@ -270,6 +276,7 @@ class EncodeAndWrite:
                 "checksum": row["checksum"][0].as_py(),
                 "input_rows": int(row["input_rows"][0].as_py()),
                 "node": self.node,
+                "dtypes": {spec.kind: model.dtype for spec, model in zip(self.specs, self.models)},
                 "bad_rows": [[b["row"], b["id"], b["reason"]] for b in row["bad_rows"][0].as_py()],
             },
         )

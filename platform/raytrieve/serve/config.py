@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, invalid, load_yaml
+from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
 
 
 class DeploymentConfig(ConfigModel):
@@ -20,6 +20,7 @@ class DeploymentConfig(ConfigModel):
         default=None, description='the name clients use (/v1/models, "model" fields); default: model'
     )
     max_seq_length: int | None = None
+    dtype: Dtype = dtype_field()
     num_replicas: int = 1
     autoscaling: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config; replaces num_replicas"

@@ -38,6 +38,7 @@ def load_model(kind: str, spec: DeploymentConfig) -> Any:
         device="cuda" if spec.num_gpus > 0 else "cpu",
         max_seq_length=spec.max_seq_length,
         trust_remote_code=spec.trust_remote_code,
+        dtype=spec.dtype,
     )
 
 
@@ -60,7 +61,12 @@ class ModelReplica:
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"name": self.spec.public_name, "kind": self.kind, "max_seq_length": self.max_seq_length}
+        info: dict[str, Any] = {
+            "name": self.spec.public_name,
+            "kind": self.kind,
+            "max_seq_length": self.max_seq_length,
+            "dtype": self.model.dtype,  # the format chosen (a config's auto resolved on this replica)
+        }
         if self.kind == "dense":
             info["dimensions"] = self.model.get_embedding_dimension()
             info["similarity"] = self.model.similarity_fn_name
