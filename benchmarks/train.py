@@ -5,6 +5,7 @@ same torch threads, in the same run.
 
     .venv/bin/python benchmarks/train.py                   # 40 steps each, max_seq_length 128
     .venv/bin/python benchmarks/train.py --steps 20
+    .venv/bin/python benchmarks/train.py --bf16          # raytrieve with training.bf16, ST in float32
 
 Throughput is steady state: samples over the steps after the first ``--warmup`` ones,
 timed by each step's end (raytrieve: the step's MLflow metric timestamp; sentence-transformers:
@@ -62,7 +63,8 @@ def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, f
         "datasets": [{"name": "pairs", "path": str(tmp / "pairs.parquet"), "columns": ["query", "document"],
                       "loss": {"name": "MultipleNegativesRankingLoss"}}],
         "output_dir": str(tmp / "raytrieve-model"),
-        "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates"},
+        "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates",
+                     "bf16": args.bf16},
         "optimizer": {"learning_rate": 2e-5},
         "checkpoint": {"max_failures": 0},
         # The worker takes 1 CPU of Ray's accounting (2 torch threads): training's Ray Data sort
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--bf16", action="store_true", help="raytrieve with training.bf16 (ST stays float32)")
     args = parser.parse_args()
     data = pairs(args.steps * args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +135,7 @@ def main() -> None:
         "samples_per_s": round(ours, 2), "st_samples_per_s": round(theirs, 2), "ratio_vs_st": round(ours / theirs, 3),
         "wall_s": round(ours_wall, 1), "st_wall_s": round(theirs_wall, 1), "steps": args.steps,
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads,
+        "raytrieve_bf16": args.bf16,
         "machine": f"{_platform.machine()} {os.cpu_count()} cpus",
     }))
 

@@ -180,3 +180,37 @@ def test_spearman_matches_scipy():
     b = a + rng.normal(scale=0.5, size=200)
     b[:20] = b[0]  # ties
     assert precision.spearman(a, b) == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_bf16_training_loss_matches_float32_and_goes_down(minilm_dir, pairs):
+    """What ``training.bf16`` does on a CPU that has bf16 (and on a GPU): the step's forward and
+    loss under autocast, float32 weights and optimizer. A fixed batch of real pairs, MNRL."""
+    from raytrieve.losses import MultipleNegativesRankingLoss
+    from raytrieve.train.loop import training_bf16_is_fast
+
+    model = DenseEncoder(minilm_dir)
+    model.max_seq_length = 128
+    model.eval()  # no dropout: the two formats see the same network
+    loss_fn = MultipleNegativesRankingLoss(model)
+    batch = pairs[:16]
+    features = [model.tokenize([p.query for p in batch]), model.tokenize([p.document for p in batch])]
+
+    def loss(bf16: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return loss_fn(features, None)
+
+    with torch.no_grad():
+        start32, start16 = loss(False).item(), loss(True).item()
+    assert abs(start16 - start32) <= 1e-2, (start16, start32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        value = loss(True)
+        assert value.dtype == torch.float32  # the loss itself is float32
+        value.backward()
+        optimizer.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    with torch.no_grad():
+        assert loss(False).item() < start32 - 1e-3
+    assert training_bf16_is_fast(torch.device("cpu")) == precision.cpu_has_fast_bf16()

@@ -3,7 +3,10 @@ checkpoints, logs to a real MLflow file store, and saves a model sentence-transf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from raytrieve.train.run import prepare, run_training
@@ -27,12 +30,29 @@ def more_data(tmp_path_factory):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_path):
-    """dense_mnrl is proven the same way through `ray job submit` (tests/test_job_submit.py)."""
-    cfg = shipped_config(name, tmp_path, tiny_models, more_data)
+    """dense_mnrl is proven the same way through `ray job submit` (tests/test_job_submit.py).
+    The cached-MNRL Matryoshka run trains with training.bf16 (autocast on this CPU when it has
+    bf16: GradCache's replayed passes included); it must still lower its loss, measured in
+    float32, and save float32 weights."""
+    bf16 = name == "dense_cached_mnrl_matryoshka"
+    cfg = shipped_config(name, tmp_path, tiny_models, more_data, **({"training__bf16": True} if bf16 else {}))
     initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
     check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
     assert result.dropped == []
+    if bf16:
+        from safetensors import safe_open
+
+        from raytrieve.encoders.precision import cpu_has_fast_bf16
+
+        history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(result.run_id, "bf16_autocast")
+        assert [m.value for m in history] == [float(cpu_has_fast_bf16())]
+
+        files = list(Path(cfg.output_dir).rglob("*.safetensors"))
+        assert files
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float32}, f
 
 
 def _kill_a_worker_after_a_checkpoint(ckpts) -> None:

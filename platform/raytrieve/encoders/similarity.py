@@ -43,7 +43,18 @@ def _normalize(t: Tensor) -> Tensor:
     return F.normalize(t, p=2, dim=1)
 
 
+def _float32(t: Tensor):
+    """Autocast off for the block: similarities (and the losses built on them) stay float32 when
+    the model runs under bf16/fp16 autocast (training.bf16, inference dtype)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    with _float32(a):
+        return _product(a, b)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
     if a.is_sparse or b.is_sparse:
         with warnings.catch_warnings():  # torch's "sparse CSR is beta" notice, raised internally
             warnings.simplefilter("ignore", UserWarning)
@@ -66,11 +77,15 @@ def _dense(a) -> Tensor:
 
 
 def euclidean(a, b) -> Tensor:
-    return -torch.cdist(_dense(a), _dense(b), p=2.0)
+    a, b = _dense(a), _dense(b)
+    with _float32(a):
+        return -torch.cdist(a, b, p=2.0)
 
 
 def manhattan(a, b) -> Tensor:
-    return -torch.cdist(_dense(a), _dense(b), p=1.0)
+    a, b = _dense(a), _dense(b)
+    with _float32(a):
+        return -torch.cdist(a, b, p=1.0)
 
 
 def _pairwise_cosine(a, b) -> Tensor:

@@ -53,12 +53,14 @@ class BatchHardTripletLossDistanceFunction:
     @staticmethod
     def cosine_distance(embeddings: Tensor) -> Tensor:
         e = F.normalize(embeddings.float(), p=2, dim=-1)
-        return 1 - e @ e.T
+        with torch.autocast(e.device.type, enabled=False):  # float32 under bf16 training too
+            return 1 - e @ e.T
 
     @staticmethod
     def euclidean_distance(embeddings: Tensor, squared: bool = False) -> Tensor:
         e = embeddings.float()
-        dot = e @ e.T
+        with torch.autocast(e.device.type, enabled=False):  # float32 under bf16 training too
+            dot = e @ e.T
         sq = torch.diagonal(dot)
         dist = sq.unsqueeze(0) - 2.0 * dot + sq.unsqueeze(1)
         dist = dist.clamp(min=0)

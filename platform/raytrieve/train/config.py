@@ -169,7 +169,12 @@ class TrainingConfig(ConfigModel):
     batch_sampler: Literal["no_duplicates", "group_by_label", "default"] = "no_duplicates"
     multi_dataset_sampler: Literal["proportional", "round_robin"] = "proportional"
     seed: int = 42
-    bf16: bool = False
+    bf16: bool = Field(
+        default=False,
+        description="matrix products in bfloat16 under autocast, on a GPU or a CPU with AMX/AVX-512 BF16 (elsewhere "
+        "the run logs a warning and stays float32); weights, optimizer state, checkpoints and the saved model "
+        "stay float32",
+    )
 
     @model_validator(mode="after")
     def _counts_at_least_one(self) -> TrainingConfig:

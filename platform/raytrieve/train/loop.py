@@ -9,6 +9,7 @@ ranks first. Checkpoints and the final model: ``raytrieve.train.checkpoint``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -25,6 +26,8 @@ from raytrieve.train.entry import FirstEpoch, WorkerSpec, epoch_batches
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
+
+log = logging.getLogger(__name__)
 
 
 def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
@@ -45,6 +48,13 @@ def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Mo
             base.args.setdefault("gather_across_devices", True)
         losses.append(build_loss(loss_spec, encoder, cfg.model.kind, f"datasets[{i}].loss"))
     return losses
+
+
+def training_bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``training.bf16`` applies on ``device``: a GPU with bf16, or a CPU with AMX/AVX-512 BF16."""
+    from raytrieve.encoders.precision import fast_half
+
+    return fast_half(device) == "bfloat16"
 
 
 def rank_micro_batches(
@@ -175,6 +185,11 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         if tokenized
         else None
     )
+    bf16 = cfg.training.bf16 and training_bf16_is_fast(device)
+    if cfg.training.bf16 and not bf16 and rank == 0:
+        log.warning("training.bf16: %s has no fast bfloat16; training in float32", device)
+    if logger is not None and cfg.training.bf16:  # what training.bf16 did on this hardware
+        logger.log({"bf16_autocast": float(bf16)}, step)
     tick = time.perf_counter()
     waited = 0.0  # seconds this step spent waiting for data (the pipeline not keeping up)
     batches = rank_micro_batches(spec, rank, start_micro, first) if step < spec.optimizer_steps else iter(())
@@ -196,10 +211,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             features = decode_features(batch, streams[dataset], modules[dataset])
             features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         weights = splade[dataset].step(step) if dataset in splade else {}
-        autocast = torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16 and device.type == "cuda"
-        )
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             result = stepper.micro_batch(lambda f, y, d=dataset: wrapped(d, f, y), features, labels)
         if result is None:
             continue
