@@ -2,7 +2,7 @@
 shard (row counts, null and blank rows) and the distributed duplicate-id check.
 
 The duplicate check never brings the ids to the driver. Workers emit (id, position) for
-every valid row; Ray Data groups them by id across the cluster (a hash shuffle) and
+every valid row; Ray Data groups them by id across the cluster (a sort shuffle) and
 aggregates count, first and last position per id; only ids held by more than one row come
 back. Its cost is one shuffle of the id column: measured in BENCHMARKS.md.
 """
