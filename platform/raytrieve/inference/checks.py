@@ -2,7 +2,7 @@
 shard (row counts, null and blank rows) and the distributed duplicate-id check.
 
 The duplicate check never brings the ids to the driver. Workers emit (id, position) for
-every valid row; Ray Data groups them by id across the cluster (a sort shuffle) and
+every valid row; Ray Data groups them by id across the cluster (a shuffle) and
 aggregates count, first and last position per id; only ids held by more than one row come
 back. Its cost is one shuffle of the id column: measured in BENCHMARKS.md.
 """
@@ -16,6 +16,9 @@ from raytrieve.data.sources import ShardSpec
 from raytrieve.errors import RaytrieveError
 from raytrieve.inference.config import EncodeConfig
 from raytrieve.inference.corpus import split_position
+
+# Planned rows up to which the duplicate-id check shuffles with sorting tasks, not hash actors.
+SORT_SHUFFLE_MAX_ROWS = 100_000
 
 
 @dataclass
@@ -73,11 +76,13 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplic
     ids = _spec_dataset(specs).map_batches(
         shard_ids, fn_kwargs={"corpus": cfg.corpus}, batch_size=1, batch_format="pyarrow", num_cpus=0.5
     )
-    # Ray Data's task-based sort shuffle, not its default hash shuffle: the rows are only an id
-    # and a position, and the hash shuffle starts aggregator actors of its own, a fixed ~4.5 s
-    # per job on 2 cores (6.0 s -> 1.5 s for a 120-row corpus; 1M rows in BENCHMARKS.md).
+    # The shuffle strategy by the planned rows (measured on 2 cores, benchmarks/driver_memory.py):
+    # Ray Data's default hash shuffle starts aggregator actors, a fixed ~4.5 s per job (6.0 s
+    # for 120 rows, 1.5 s with the task-based sort shuffle), but scales: at 1M rows it took
+    # 9.6 s against the sort shuffle's 44 s. They meet at about 100k rows (6.2 s each).
     # Datasets derived from ``ids`` (the groupby) copy its context.
-    ids.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    if len(specs) * cfg.rows_per_shard <= SORT_SHUFFLE_MAX_ROWS:
+        ids.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     grouped = ids.groupby("id").aggregate(
         Count(alias_name="count"),
         # Ray's typing: Min/Max's own default zero_factory fails their generic bound.
