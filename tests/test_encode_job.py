@@ -406,6 +406,9 @@ def test_other_model_setting_or_corpus_location_is_refused_and_nothing_changes(r
         ({"dense": {"model": REGISTERED, "truncate_dim": 16}}, "dense.truncate_dim"),
         ({"dense": {"model": REGISTERED}, "rows_per_shard": 25}, "rows_per_shard"),
         ({"dense": {"model": REGISTERED}, "corpus": {"path": str(moved)}}, "corpus.path"),
+        # The job computed in float32 (as every job before the dtype setting did): the default,
+        # auto, is another job, and the message says how to resume this one.
+        ({"dense": {"model": REGISTERED, "dtype": "auto"}}, "set dtype: float32 to resume it"),
     ]
     before = _snapshot(out)
     with _registry_env(registry):

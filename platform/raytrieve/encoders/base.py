@@ -325,6 +325,7 @@ class Encoder(nn.Module):
         order = np.concatenate(batches)
         target = resolve_device(device) if device is not None else self.device
         if device is not None and target != self.device:
+            precision.check_dtype(self.dtype, target)  # e.g. an int8 model cannot move to a GPU
             self.to(target)
         n_batches = len(batches)
         show = show_progress_bar if show_progress_bar is not None else n_batches >= PROGRESS_MIN_BATCHES

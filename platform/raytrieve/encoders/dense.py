@@ -130,7 +130,10 @@ class DenseEncoder(EmbeddingEncoder):
     def probe_outputs(self) -> Any:
         from raytrieve.encoders import precision
 
-        return self.encode(list(precision.PROBE_QUERIES + precision.PROBE_DOCUMENTS), convert_to_numpy=True)
+        # By route and prompt, as the model is used (a Router model may have no default route).
+        queries = self.encode_query(list(precision.PROBE_QUERIES), convert_to_numpy=True)
+        documents = self.encode_document(list(precision.PROBE_DOCUMENTS), convert_to_numpy=True)
+        return np.concatenate([queries, documents])
 
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
         from raytrieve.encoders import precision

@@ -24,7 +24,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import numpy as np
 import torch
@@ -150,7 +150,8 @@ def float32_output(linear: torch.nn.Linear) -> Any:
         if not torch.is_autocast_enabled(args[0].device.type):
             return output
         with torch.autocast(args[0].device.type, enabled=False):
-            return torch.nn.functional.linear(args[0].float(), linear.weight.float(), linear.bias)
+            weight, bias = cast("torch.Tensor", module.weight), cast("torch.Tensor | None", module.bias)
+            return torch.nn.functional.linear(args[0].float(), weight.float(), bias)
 
     return linear.register_forward_hook(hook)
 
@@ -189,7 +190,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return sums[inverse] / counts[inverse]
 
 
+def _non_finite(cand: Any, dtype: str, threshold: float) -> GuardResult | None:
+    """A candidate with NaN or Inf (a float16 overflow) fails whatever its ranks say."""
+    arrays = cand if isinstance(cand, tuple) else (cand,)
+    if all(np.isfinite(a).all() for a in arrays):
+        return None
+    return GuardResult(dtype, False, "finite outputs (NaN or Inf found)", 0.0, threshold)
+
+
 def compare_dense(ref: np.ndarray, cand: np.ndarray, dtype: str) -> GuardResult:
+    if (bad := _non_finite(cand, dtype, DENSE_MIN_COSINE)) is not None:
+        return bad
     num = (ref * cand).sum(1)
     cos = num / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
     value = float(cos.min())
@@ -200,6 +211,8 @@ def compare_sparse(
     ref_q: np.ndarray, ref_d: np.ndarray, cand_q: np.ndarray, cand_d: np.ndarray, dtype: str
 ) -> GuardResult:
     """Sparse vectors as dense [n, vocab] arrays: query-document dot products and top terms."""
+    if (bad := _non_finite((cand_q, cand_d), dtype, SPARSE_MIN_SPEARMAN)) is not None:
+        return bad
     rho = spearman((ref_q @ ref_d.T).ravel(), (cand_q @ cand_d.T).ravel())
     for ref, cand in ((ref_q, cand_q), (ref_d, cand_d)):
         for r, c in zip(ref, cand):
@@ -209,6 +222,8 @@ def compare_sparse(
 
 
 def compare_scores(ref: np.ndarray, cand: np.ndarray, dtype: str) -> GuardResult:
+    if (bad := _non_finite(cand, dtype, CROSS_MIN_SPEARMAN)) is not None:
+        return bad
     rho = spearman(ref.ravel(), cand.ravel())
     return GuardResult(dtype, rho >= CROSS_MIN_SPEARMAN, "score Spearman", rho, CROSS_MIN_SPEARMAN)
 

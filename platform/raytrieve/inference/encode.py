@@ -174,9 +174,13 @@ def _identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> d
     from raytrieve import assets
 
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
-    # (job.json), not part of what makes two runs the same job.
+    # (job.json), not part of what makes two runs the same job. dtype float32 is what every job
+    # before the dtype setting computed in, so it is left out: their folders still resume.
     models = {
-        k: {**{f: x for f, x in v.items() if f != "ranges"}, "weights": assets.fingerprint(Path(v["model_path"]))}
+        k: {
+            **{f: x for f, x in v.items() if f != "ranges" and not (f == "dtype" and x == "float32")},
+            "weights": assets.fingerprint(Path(v["model_path"])),
+        }
         for k, v in described.items()
     }
     body = {
@@ -225,9 +229,11 @@ def _claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, wh
         if job.get("fingerprint") != _fingerprint(identity):
             differs = _differences(job.get("identity"), identity)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
+            # A folder from before the dtype setting computed in float32 (its identity has no dtype).
+            older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
             raise ConfigError(
-                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}); "
-                "choose a new output_dir or delete that folder"
+                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
+                "run it with that job's settings, choose a new output_dir or delete that folder"
             )
     elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
         raise ConfigError(

@@ -77,7 +77,7 @@ class Pooling(Module):
         acc_dtype = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
         if mode == "cls":
             if "cls_token_embeddings" in features:
-                return features["cls_token_embeddings"]
+                return features["cls_token_embeddings"].to(acc_dtype)
             first = mask.to(torch.int).argmax(dim=1)
             return tokens[torch.arange(tokens.shape[0], device=tokens.device), first].to(acc_dtype)
         if mode == "max":
