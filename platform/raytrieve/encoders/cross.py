@@ -149,7 +149,7 @@ class CrossEncoder(Encoder):
         hook = self.__dict__.pop("_head_hook", None)
         if hook is not None:
             hook.remove()
-        if chosen in ("bfloat16", "float16"):
+        if chosen in precision.HALF:
             linears = [m for m in self.stack.modules() if isinstance(m, nn.Linear)]
             if linears:
                 # Not an attribute nn.Module tracks: a hook handle holds no weights.
@@ -157,14 +157,10 @@ class CrossEncoder(Encoder):
         return chosen
 
     def probe_outputs(self) -> Any:
-        from raytrieve.encoders import precision
-
         pairs = [(q, d) for q in precision.PROBE_QUERIES for d in precision.PROBE_DOCUMENTS]
         return np.asarray(self.predict(pairs, convert_to_numpy=True), dtype=np.float32)
 
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
-        from raytrieve.encoders import precision
-
         return precision.compare_scores(reference, candidate, dtype)
 
     def rank(

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raytrieve.encoders import precision
 from raytrieve.encoders import similarity as sim
 from raytrieve.encoders.base import EmbeddingEncoder
 from raytrieve.encoders.quantization import PRECISIONS, quantize_embeddings
@@ -128,14 +129,10 @@ class DenseEncoder(EmbeddingEncoder):
         return per_text[0] if single else per_text
 
     def probe_outputs(self) -> Any:
-        from raytrieve.encoders import precision
-
         # By route and prompt, as the model is used (a Router model may have no default route).
         queries = self.encode_query(list(precision.PROBE_QUERIES), convert_to_numpy=True)
         documents = self.encode_document(list(precision.PROBE_DOCUMENTS), convert_to_numpy=True)
         return np.concatenate([queries, documents])
 
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
-        from raytrieve.encoders import precision
-
         return precision.compare_dense(reference, candidate, dtype)

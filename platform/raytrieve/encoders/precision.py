@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = get_args(Dtype)
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF: tuple[str, ...] = tuple(_AUTOCAST)  # the formats that run under autocast
 
 # Guard thresholds (see the module docstring).
 DENSE_MIN_COSINE = 0.999
@@ -256,11 +257,3 @@ def resolve_auto(encoder: Encoder) -> tuple[str, GuardResult | None]:
 def describe(dtype: str, result: GuardResult | None, device: torch.device) -> str:
     why = f"; {result}" if result is not None else ""
     return f"computes in {dtype} on {device.type}{why}"
-
-
-def as_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        if value.is_sparse:
-            value = value.to_dense()
-        return value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raytrieve.encoders import precision
 from raytrieve.encoders.base import EmbeddingEncoder
 from raytrieve.errors import InputError
 from raytrieve.modules import MLMTransformer, Module, SpladePooling
@@ -102,8 +103,6 @@ class SparseEncoder(EmbeddingEncoder):
         return emb[0] if single else emb
 
     def probe_outputs(self) -> Any:
-        from raytrieve.encoders import precision
-
         kw: dict[str, Any] = {"convert_to_tensor": False, "convert_to_sparse_tensor": False}
         return (
             self.encode_query(list(precision.PROBE_QUERIES), **kw),
@@ -111,8 +110,6 @@ class SparseEncoder(EmbeddingEncoder):
         )
 
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
-        from raytrieve.encoders import precision
-
         (ref_q, ref_d), (cand_q, cand_d) = reference, candidate
         return precision.compare_sparse(ref_q, ref_d, cand_q, cand_d, dtype)
 
