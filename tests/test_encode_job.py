@@ -89,7 +89,7 @@ def test_auto_dtype_is_recorded_and_close_to_float32(ray_cluster, tiny_models, t
     run_encode(cfg)
     v = read_vectors(cfg.output_dir)
     chosen = DenseEncoder(tiny_models["dense"], dtype="auto").dtype  # the same decision, in process
-    assert v.manifest["dense"]["dtype"] == "auto" and v.manifest["dense"]["dtypes_used"] == [chosen]
+    assert v.manifest.dense.dtype == "auto" and v.manifest.dense.dtypes_used == [chosen]
     reference = DenseEncoder(tiny_models["dense"]).encode_document(data["text"], normalize_embeddings=True)
     cosines = (v.dense * reference).sum(1)
     assert cosines.min() >= 0.999
@@ -118,9 +118,12 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
     np.testing.assert_allclose(v.dense, dense, atol=1e-5)
     sparse = SparseEncoder(tiny_models["sparse"]).encode_document(texts, convert_to_sparse_tensor=False).numpy()
     np.testing.assert_allclose(_dense_of_sparse(v), sparse, atol=1e-5)
-    assert v.manifest["dense"]["normalize"] is True and v.manifest["dense"]["dim"] == 32
+    assert v.manifest.dense.normalize is True and v.manifest.dense.dim == 32
     # Shards are input row ranges planned from the file's metadata; bad rows leave their shard short.
-    assert [s["rows"] for s in v.manifest["shards"]] == [22, 25, 25, 25, 20]
+    assert [s.rows for s in v.manifest.shards] == [22, 25, 25, 25, 20]
+    # The corpus settings the texts were read with, as Serve and mining read them again.
+    located = {"path": str((tmp_path / "corpus.parquet").resolve()), "format": "parquet"}
+    assert v.manifest.corpus.config() == cfg.corpus.model_copy(update=located)
 
     bad = read_bad_rows(cfg.output_dir).to_pylist()
     assert [(b["row"], b["id"]) for b in bad] == [(3, "doc-3"), (7, "doc-7"), (12, "doc-11")]
@@ -132,7 +135,10 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
 
     assert main(["index", "build", "--vectors", cfg.output_dir, "--out", str(tmp_path / "index")]) == 0
     indices = load_indices(tmp_path / "index")
-    assert indices.source["fingerprint"] == v.manifest["fingerprint"] and indices.dense.ids == ids
+    assert indices.source == v.manifest and indices.dense.ids == ids
+    # source.json is the job's manifest.json, key for key.
+    assert json.loads((tmp_path / "index" / "source.json").read_text()) == json.loads(
+        (Path(cfg.output_dir) / "manifest.json").read_text())
     hits = indices.dense.search(dense[:10], top_k=5)
     brute = np.argsort(-(dense[:10] @ v.dense.T), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(hits.rows, brute)
@@ -162,7 +168,7 @@ def test_job_query_side_router_int8_matryoshka(ray_cluster, tiny_models, tmp_pat
     run_encode(cfg)
     v = read_vectors(cfg.output_dir)
     assert v.ids == data["id"] and v.dense.dtype == np.int8 and v.dense.shape == (60, 16)
-    ranges = np.asarray(v.manifest["dense"]["ranges"], dtype=np.float32)
+    ranges = np.asarray(v.manifest.dense.ranges, dtype=np.float32)
     assert ranges.shape == (2, 16)
     emb = DenseEncoder(tiny_models["dense"]).encode_query(data["text"], truncate_dim=16, normalize_embeddings=True)
     expected = quantize_embeddings(emb, "int8", ranges=ranges)
@@ -182,7 +188,7 @@ def test_job_query_side_router_int8_matryoshka(ray_cluster, tiny_models, tmp_pat
     pq.write_table(pa.table(data), tmp_path / "corpus.parquet")
     again = run_encode(cfg)
     assert again.shards_changed == [0] and again.shards_written == 1
-    assert read_vectors(cfg.output_dir).manifest["dense"]["ranges"] == v.manifest["dense"]["ranges"]
+    assert read_vectors(cfg.output_dir).manifest.dense.ranges == v.manifest.dense.ranges
 
 
 def test_bad_input_is_refused_before_any_encoding(ray_cluster, tiny_models, tmp_path):
@@ -375,9 +381,9 @@ def test_registered_model_encodes_like_its_folder(registered_job, registry):
     assert (result.rows, result.shards, result.shards_written, result.shards_reused) == (100, SHARDS, SHARDS, 0)
     _check_vectors(registered_job, out)
     manifest = read_vectors(out).manifest
-    assert manifest["dense"]["model"] == REGISTERED
+    assert manifest.dense.model == REGISTERED
     # The driver downloaded the version once; the workers loaded that copy.
-    assert Path(manifest["dense"]["model_path"]).is_relative_to(registry["cache"] / "mlflow")
+    assert Path(manifest.dense.model_path).is_relative_to(registry["cache"] / "mlflow")
 
 
 @pytest.mark.slow

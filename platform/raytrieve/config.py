@@ -134,7 +134,8 @@ _EXPECTED = {
 }
 
 
-def _messages(cls: type[BaseModel], error: ValidationError, where: str) -> list[str]:
+def validation_messages(cls: type[BaseModel], error: ValidationError, where: str) -> list[str]:
+    """Each problem pydantic found in data for ``cls``, as ``<where>.<key path>: what is wrong``."""
     out: list[str] = []
     unknown: dict[str, tuple[list[str], type[BaseModel] | None]] = {}
     for e in error.errors(include_url=False):
@@ -171,7 +172,7 @@ def from_dict(cls: type[M], data: Any, where: str = "config") -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        messages = _messages(cls, e, where)
+        messages = validation_messages(cls, e, where)
         raise ConfigError(messages[0] if len(messages) == 1 else "; ".join(messages)) from None
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytrieve import _io
 from raytrieve.errors import DataError, InputError
 from raytrieve.index.base import load_index
 from raytrieve.index.dense import DenseIndex
 from raytrieve.index.sparse import SparseIndex
+
+if TYPE_CHECKING:  # the index library imports the encoding job's modules only when it reads a job's output
+    from raytrieve.inference.shards import VectorsManifest
 
 SOURCE = "source.json"
 
@@ -42,14 +45,15 @@ def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOp
     summary: dict[str, Any] = {"out": str(out_dir), "rows": len(vectors.ids)}
     with _io.atomic_directory(Path(out_dir)) as tmp:
         if vectors.dense is not None:
-            precision = manifest["dense"]["precision"]
+            assert manifest.dense is not None, "read_vectors checks that the manifest describes its dense vectors"
+            precision = manifest.dense.precision
             if precision not in ("float32", "float16"):
                 raise DataError(
                     f"{vectors_dir}: dense vectors are {precision}; an index needs float32 or float16 vectors "
                     "(it quantizes itself and rescores with the floats): encode with dense.precision: float32 "
                     "and build with --quantize int8|binary"
                 )
-            similarity = "cosine" if manifest["dense"].get("similarity") == "cosine" else "dot"
+            similarity = "cosine" if manifest.dense.similarity == "cosine" else "dot"
             dense = DenseIndex.build(
                 vectors.ids,
                 vectors.dense,
@@ -68,26 +72,31 @@ def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOp
             }
         if vectors.sparse is not None:
             offsets, indices, values = vectors.sparse
-            sparse = SparseIndex.from_csr(vectors.ids, offsets, indices, values, manifest["sparse"]["vocab_size"])
+            assert manifest.sparse is not None, "read_vectors checks that the manifest describes its sparse vectors"
+            sparse = SparseIndex.from_csr(vectors.ids, offsets, indices, values, manifest.sparse.vocab_size)
             sparse.save(tmp / "sparse")
             summary["sparse"] = {"vocab_size": sparse.vocab_size, "nnz": int(sparse.nnz)}
-        _io.write_json(tmp / SOURCE, manifest)
+        _io.write_json(tmp / SOURCE, manifest.to_json())
     return summary
 
 
 @dataclass
 class Indices:
-    source: dict[str, Any]
+    source: VectorsManifest
     dense: DenseIndex | None
     sparse: SparseIndex | None
 
 
 def load_indices(path: str | Path, mmap: bool = True) -> Indices:
     """The folder ``build_indices`` wrote: the job's manifest and each index, memory-mapped."""
+    from raytrieve.inference.shards import parse_manifest
+
     path = Path(path)
     if not (path / SOURCE).exists():
         raise DataError(f"{path}: no {SOURCE}; not an index folder (build one with `raytrieve index build`)")
-    source = _io.read_json(path / SOURCE)
+    source = parse_manifest(
+        _io.read_json(path / SOURCE), str(path / SOURCE), "build the index again (`raytrieve index build`)"
+    )
     dense = load_index(path / "dense", mmap=mmap) if (path / "dense").exists() else None
     sparse = load_index(path / "sparse", mmap=mmap) if (path / "sparse").exists() else None
     if dense is None and sparse is None:

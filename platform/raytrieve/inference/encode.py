@@ -8,7 +8,8 @@ The driver plans and commits; the data never flows through it:
 
 1. Plan: list the input files and cut them into shards from metadata (data/sources.py). The
    driver loads each model once to check the config against it (prompt names, dimensions)
-   and, for int8, calibrates ranges on a bounded sample.
+   and, for int8, calibrates ranges on a bounded sample; the job's identity decides whether
+   output_dir may be written (inference/encode_plan.py).
 2. Duplicate ids (Ray Data): the (id, position) of every valid row, grouped by id across
    the cluster; only the ids seen more than once reach the driver. The first row keeps it.
 3. With ``bad_rows: fail``, a scan of every shard (Ray Data tasks) for null and blank rows;
@@ -17,7 +18,8 @@ The driver plans and commits; the data never flows through it:
 4. Encode (Ray Data actors): every shard is read where it is processed. A shard whose
    finished output has the same content checksum is reused; the others are tokenized,
    encoded and written by the worker that encoded them (inference/stages.py).
-5. Commit: the driver gathers the sidecars' facts and writes the manifest last.
+5. Commit: the driver gathers the sidecars' facts and writes the manifest last
+   (shards.VectorsManifest).
 
 A rerun after any kill reuses every finished shard; a changed corpus re-encodes exactly the
 shards whose content changed, and the job says which.
@@ -25,7 +27,6 @@ shards whose content changed, and the job says which.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -33,19 +34,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, read_shard, schema_names
+from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
-from raytrieve.inference.config import DenseOutputConfig, EncodeConfig
-from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows, shard_rows
+from raytrieve.inference.config import EncodeConfig
+from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows
+from raytrieve.inference.encode_plan import (
+    STAGED_INPUT,
+    calibration_sample,
+    claim_output,
+    job_fingerprint,
+    job_identity,
+    resolve_outputs,
+    reuse_ranges,
+)
 from raytrieve.inference.stages import OutputSpec
 
 log = logging.getLogger("raytrieve.encode")
-
-# Shards sampled (evenly spaced) for int8 calibration: the driver reads at most these.
-CALIBRATION_SHARDS = 8
-# Where a Ray Dataset handed to run_encode is written first, inside output_dir.
-STAGED_INPUT = "_input"
 
 
 class EncodeJobError(RaytrieveError):
@@ -68,179 +73,6 @@ class EncodeResult:
     check_seconds: float = 0.0  # scan + duplicate-id check
 
 
-def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
-    from raytrieve.encoders import load_encoder
-
-    return load_encoder(
-        spec.kind,
-        spec.model_path,
-        device=device,
-        max_seq_length=spec.max_seq_length,
-        trust_remote_code=spec.trust_remote_code,
-    )  # float32: the driver only checks the config and calibrates int8 ranges
-
-
-def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
-    """Each model loaded once on the driver: the config is checked against it (prompt names,
-    truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
-    specs and what the manifest says of each model."""
-    from raytrieve.encoders.quantization import quantization_ranges
-    from raytrieve.model_ref import resolve_model
-
-    specs, described = [], {}
-    for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)):
-        if out is None:
-            continue
-        try:
-            path = str(resolve_model(out.model))
-        except RaytrieveError as e:
-            raise ConfigError(f"{where}.{kind}.model: {e}") from None
-        spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code, out.dtype)
-        model = load_model(spec)
-        try:
-            spec.prompt = model.resolve_prompt(
-                out.prompt, out.prompt_name or (None if out.prompt is not None else model.prompt_name_for(cfg.side))
-            )
-        except RaytrieveError as e:
-            raise ConfigError(f"{where}.{kind}: {e}") from None
-        info: dict[str, Any] = {
-            "model": out.model,
-            "model_path": path,
-            "prompt": spec.prompt,
-            "max_seq_length": model.max_seq_length,
-            "similarity": model.similarity_fn_name,
-            "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose
-        }
-        if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
-            dim = model.get_embedding_dimension()
-            if out.truncate_dim is not None and dim is not None and out.truncate_dim > dim:
-                raise ConfigError(f"{where}.dense.truncate_dim={out.truncate_dim} exceeds the model's {dim} dimensions")
-            spec.precision, spec.truncate_dim = out.precision, out.truncate_dim
-            spec.normalize = out.normalize if out.normalize is not None else model.similarity_fn_name == "cosine"
-            if out.precision == "int8":
-                if len(sample) < 2:
-                    raise DataError(f"{where}.dense.precision int8 needs at least 2 corpus rows to calibrate")
-                emb = model.encode(
-                    sample,
-                    task=cfg.side,
-                    prompt=spec.prompt,
-                    truncate_dim=out.truncate_dim,
-                    normalize_embeddings=spec.normalize,
-                )
-                spec.ranges = quantization_ranges(emb).tolist()
-            info.update(
-                dim=out.truncate_dim or dim,
-                precision=out.precision,
-                truncate_dim=out.truncate_dim,
-                normalize=spec.normalize,
-                ranges=spec.ranges,
-            )
-        else:
-            spec.max_active_dims = out.max_active_dims
-            info.update(
-                vocab_size=model.get_embedding_dimension() or model.input_module(cfg.side).get_embedding_dimension(),
-                max_active_dims=out.max_active_dims,
-            )
-        specs.append(spec)
-        described[kind] = info
-        del model
-    return specs, described
-
-
-def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
-    """Evenly spaced texts from a few evenly spaced shards: bounded by a few shards, whatever
-    the corpus size."""
-    if cfg.dense is None or cfg.dense.precision != "int8":
-        return []
-    want = cfg.dense.calibration_rows
-    picked = [
-        specs[round(i * (len(specs) - 1) / max(1, CALIBRATION_SHARDS - 1))]
-        for i in range(min(CALIBRATION_SHARDS, len(specs)))
-    ]
-    picked = list({s.shard: s for s in picked}.values())
-    texts: list[str] = []
-    for spec in picked:
-        rows = shard_rows(read_shard(spec, needed_columns(cfg.corpus)), cfg.corpus, spec.path)
-        take = max(1, want // len(picked))
-        step = max(1, len(rows.texts) // take)
-        texts += rows.texts[::step][:take]
-    return texts[:want]
-
-
-def _identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> dict[str, Any]:
-    """What a rerun must share with the output it finds: settings, models and the shard plan
-    (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
-    *content* is not in it: each shard carries its own content checksum."""
-    from raytrieve import assets
-
-    # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
-    # (job.json), not part of what makes two runs the same job. dtype float32 is what every job
-    # before the dtype setting computed in, so it is left out: their folders still resume.
-    models = {
-        k: {
-            **{f: x for f, x in v.items() if f != "ranges" and not (f == "dtype" and x == "float32")},
-            "weights": assets.fingerprint(Path(v["model_path"])),
-        }
-        for k, v in described.items()
-    }
-    body = {
-        "shard_format": shards.SHARD_FORMAT,
-        "corpus": {**cfg.corpus.model_dump(), "path": source.location, "format": source.format},
-        "side": cfg.side,
-        "rows_per_shard": cfg.rows_per_shard,
-        "bad_rows": cfg.bad_rows,
-        "check_duplicate_ids": cfg.check_duplicate_ids,
-        "models": models,
-    }
-    return json.loads(json.dumps(body, sort_keys=True, default=str))
-
-
-def _fingerprint(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
-    """``dense.max_seq_length: 24 -> 16; ...`` between a job.json identity and this run's, keys
-    named as in the config; "" when job.json has none (a folder of an older version)."""
-    if not isinstance(kept, dict):
-        return ""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    def short(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
-
-    old, new = flat(kept), flat(now)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
-    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str) -> None:
-    """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
-    ``identity`` None: only the second check."""
-    if store.exists(shards.JOB) and identity is not None:
-        job = store.read_json(shards.JOB)
-        if job.get("fingerprint") != _fingerprint(identity):
-            differs = _differences(job.get("identity"), identity)
-            what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
-            # A folder from before the dtype setting computed in float32 (its identity has no dtype).
-            older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
-            raise ConfigError(
-                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
-                "run it with that job's settings, choose a new output_dir or delete that folder"
-            )
-    elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
-        raise ConfigError(
-            f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
-        )
-
-
 def _location(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
@@ -257,7 +89,7 @@ def run_encode(
     cfg.check(where)
     store = shards.OutputStore(_location(cfg.output_dir))
     if dataset is not None:
-        _claim_output(store, None, where)  # before writing the dataset into it
+        claim_output(store, None, where)  # before writing the dataset into it
         _init_ray(ray_address)
         cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store), "parquet"
     source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
@@ -266,11 +98,11 @@ def run_encode(
     if not specs:
         raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
-    identity = _identity(cfg, source, described)
-    fingerprint = _fingerprint(identity)
-    _claim_output(store, identity, where)
+    identity = job_identity(cfg, source, described)
+    fingerprint = job_fingerprint(identity)
+    claim_output(store, identity, where)
     if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
-        _reuse_ranges(store.read_json(shards.JOB), outputs, described)
+        reuse_ranges(store.read_json(shards.JOB), outputs, described)
 
     _init_ray(ray_address)
     from raytrieve.inference import checks
@@ -322,40 +154,13 @@ def run_encode(
             f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
             "every node shares (a shared mount or an object store URI)"
         )
-    manifest = {
-        "format": shards.FORMAT,
-        "version": 2,
-        "fingerprint": fingerprint,
-        "corpus": {
-            "path": source.location,
-            "format": source.format,
-            "files": len(source.files),
-            "input_rows": sum(d["input_rows"] for d in done.values()),
-            "bad_rows": sum(d["bad"] for d in done.values()),
-            "duplicate_ids": len(duplicates),
-            "id_column": cfg.corpus.id_column,
-            "text_column": cfg.corpus.text_column,
-            "title_column": cfg.corpus.title_column,
-            "title_separator": cfg.corpus.title_separator,
-        },
-        "rows": rows,
-        "side": cfg.side,
-        **{k: {**v, "dtypes_used": _dtypes_used(done, k)} for k, v in described.items()},
-        "shards": [
-            {
-                "file": done[s]["file"],
-                "rows": done[s]["rows"],
-                "input_rows": done[s]["input_rows"],
-                "sha256": done[s]["sha256"],
-                "checksum": done[s]["checksum"],
-            }
-            for s in range(len(specs))
-        ],
-    }
+    manifest = _manifest(cfg, source, described, done, len(specs), len(duplicates), fingerprint)
+    body = manifest.to_json()
     previous = store.read_json(shards.MANIFEST) if store.exists(shards.MANIFEST) else None
-    unchanged = previous is not None and {k: v for k, v in previous.items() if k != "created"} == manifest
+    # Compared as JSON objects, not parsed: one of another shape (an older version's) is written anew.
+    unchanged = isinstance(previous, dict) and {k: v for k, v in previous.items() if k != "created"} == body
     if not unchanged:
-        store.write_json(shards.MANIFEST, {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        store.write_json(shards.MANIFEST, {**body, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     for name in store.names():  # after the manifest: shards of an earlier, longer plan of this job
         index = shards.shard_index(name)
         if index is not None and index >= len(specs):
@@ -367,7 +172,7 @@ def run_encode(
         len(specs),
         len(written),
         len(specs) - len(written),
-        manifest["corpus"]["bad_rows"],
+        manifest.corpus.bad_rows,
         round(time.perf_counter() - start, 3),
         round(encoded_rows / max(seconds, 1e-9), 2),
         unchanged and not written,
@@ -389,16 +194,53 @@ def run_encode(
     return result
 
 
+def _manifest(
+    cfg: EncodeConfig,
+    source: Source,
+    described: dict[str, Any],
+    done: dict[int, dict[str, Any]],
+    shard_count: int,
+    duplicate_ids: int,
+    fingerprint: str,
+) -> shards.VectorsManifest:
+    """The manifest of a finished run (without ``created``), from the shards' sidecar facts."""
+    body = {
+        "format": shards.FORMAT,
+        "version": 2,
+        "fingerprint": fingerprint,
+        "corpus": {
+            "path": source.location,
+            "format": source.format,
+            "files": len(source.files),
+            "input_rows": sum(d["input_rows"] for d in done.values()),
+            "bad_rows": sum(d["bad"] for d in done.values()),
+            "duplicate_ids": duplicate_ids,
+            "id_column": cfg.corpus.id_column,
+            "text_column": cfg.corpus.text_column,
+            "title_column": cfg.corpus.title_column,
+            "title_separator": cfg.corpus.title_separator,
+        },
+        "rows": sum(d["rows"] for d in done.values()),
+        "side": cfg.side,
+        **{k: {**v, "dtypes_used": _dtypes_used(done, k)} for k, v in described.items()},
+        "shards": [
+            {
+                "file": done[s]["file"],
+                "rows": done[s]["rows"],
+                "input_rows": done[s]["input_rows"],
+                "sha256": done[s]["sha256"],
+                "checksum": done[s]["checksum"],
+            }
+            for s in range(shard_count)
+        ],
+    }
+    # Validated on the way out too: a wrong type here would otherwise surface only in a reader.
+    return shards.VectorsManifest.model_validate(body)
+
+
 def _dtypes_used(done: dict[int, dict[str, Any]], kind: str) -> list[str]:
     """The compute formats the encode actors chose for ``kind``'s model, over every shard."""
     return sorted({d for row in done.values() if (d := json.loads(row.get("dtypes") or "{}").get(kind))})
-
-
-def _reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:
-    for o in outputs:
-        kept = (job.get("ranges") or {}).get(o.kind)
-        if kept is not None and o.ranges is not None:
-            o.ranges = described[o.kind]["ranges"] = kept
 
 
 def _init_ray(ray_address: str | None) -> None:

@@ -35,22 +35,17 @@ class EncodedCorpus:
 
     @classmethod
     def of(cls, vectors_dir: str) -> EncodedCorpus:
-        from raytrieve.config import from_dict
-
         store = shards.OutputStore(str(vectors_dir))
-        job = store.read_json(shards.JOB)["config"]
+        rows_per_shard = store.read_json(shards.JOB)["config"]["rows_per_shard"]  # the manifest does not keep it
         manifest = shards.read_manifest(vectors_dir)
-        corpus = from_dict(
-            CorpusConfig,
-            {**job["corpus"], "path": manifest["corpus"]["path"], "format": manifest["corpus"].get("format")},
-        )
-        specs = plan_shards(open_source(corpus.path, corpus.format, field="corpus.path"), job["rows_per_shard"])
-        if len(specs) != len(manifest["shards"]):
+        corpus = manifest.corpus.config()
+        specs = plan_shards(open_source(corpus.path, corpus.format, field="corpus.path"), rows_per_shard)
+        if len(specs) != len(manifest.shards):
             raise DataError(
                 f"{corpus.path}: now cuts into {len(specs)} shards, the encoding in {vectors_dir} has "
-                f"{len(manifest['shards'])}; the corpus changed: run the encoding job again"
+                f"{len(manifest.shards)}; the corpus changed: run the encoding job again"
             )
-        starts = np.concatenate(([0], np.cumsum([s["rows"] for s in manifest["shards"]])))[:-1]
+        starts = np.concatenate(([0], np.cumsum([s.rows for s in manifest.shards])))[:-1]
         return cls(corpus, specs, starts)
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:

@@ -118,7 +118,8 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address)
         vectors_dir = Path(encode.output_dir)
     vectors = read_vectors(vectors_dir)
-    made_with = (vectors.manifest.get(cfg.retriever.kind) or {}).get("model_path")
+    made_by = vectors.manifest.output(cfg.retriever.kind)
+    made_with = made_by.model_path if made_by is not None else None
     if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
         raise ConfigError(
             f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
@@ -199,7 +200,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
     else:
         offsets, indices, values = vectors.sparse
-        index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, vectors.manifest["sparse"]["vocab_size"])
+        described = vectors.manifest.sparse
+        assert described is not None, "read_vectors checks that the manifest describes its sparse vectors"
+        index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, described.vocab_size)
         q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True)
         p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True)
         hits = index.search(q_emb, depth)

@@ -25,14 +25,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from raytrieve.config import Dtype, validation_messages
+from raytrieve.data.formats import FORMATS
 from raytrieve.errors import DataError
+from raytrieve.inference.config import CorpusConfig
 
 MANIFEST = "manifest.json"
 JOB = "job.json"
@@ -201,29 +205,127 @@ def file_sha256(store: OutputStore, name: str) -> str:
     return hashlib.sha256(store.read_bytes(name)).hexdigest()
 
 
-def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
+class _Record(BaseModel):
+    """A part of manifest.json. Keys this version does not know are kept, not refused: a
+    manifest from a newer raytrieve still reads, and ``index build`` copies it whole into
+    source.json. Strict, so a hand-edited ``"rows": "12"`` is refused, not guessed."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class ShardEntry(_Record):
+    file: str
+    rows: int
+    input_rows: int | None = None  # version 1 manifests have neither input_rows nor checksum
+    sha256: str
+    checksum: str | None = None
+
+
+class ManifestCorpus(_Record):
+    """Where the vectors come from, and the corpus settings they were made with."""
+
+    path: str
+    # Version 1 did not record format, files, duplicate_ids or the title settings.
+    format: Literal[tuple(FORMATS)] | None = None  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
+    files: int | None = None
+    input_rows: int
+    bad_rows: int
+    duplicate_ids: int | None = None
+    id_column: str
+    text_column: str
+    title_column: str | None = CorpusConfig.model_fields["title_column"].default
+    title_separator: str = CorpusConfig.model_fields["title_separator"].default
+
+    def config(self) -> CorpusConfig:
+        """The corpus as the job read it, to read its texts again (Serve, mining's lookups)."""
+        return CorpusConfig.model_validate({k: getattr(self, k) for k in CorpusConfig.model_fields})
+
+
+class ModelInfo(_Record):
+    """One model's part: what queries must be encoded with to search these vectors."""
+
+    model: str
+    model_path: str
+    prompt: str | None
+    max_seq_length: int | None
+    similarity: str | None
+    dtype: Dtype = "float32"  # as asked for; absent before the dtype setting, when jobs computed in float32
+
+
+# dtypes_used (what the actors chose) is each kind's last field: field order is key order on disk.
+class DenseInfo(ModelInfo):
+    dim: int | None
+    precision: str  # a key of DENSE_DTYPES
+    truncate_dim: int | None
+    normalize: bool
+    ranges: list[list[float]] | None  # int8: [mins, maxs], one of each per dimension, from calibration
+    dtypes_used: list[str] = []  # absent before the dtype setting too
+
+
+class SparseInfo(ModelInfo):
+    vocab_size: int
+    max_active_dims: int | None
+    dtypes_used: list[str] = []
+
+
+class VectorsManifest(_Record):
+    """manifest.json, written last by the encoding job (version 1 before shards were planned from
+    file metadata, 2 since); ``read_manifest`` reads it."""
+
+    format: str  # FORMAT, checked before the rest is parsed
+    version: int
+    fingerprint: str
+    corpus: ManifestCorpus
+    rows: int
+    side: str
+    dense: DenseInfo | None = None
+    sparse: SparseInfo | None = None
+    shards: list[ShardEntry]
+    created: str | None = None  # left out when a rerun compares its manifest with the one there
+
+    def output(self, kind: str) -> DenseInfo | SparseInfo | None:
+        """The part of the model of ``kind`` ("dense" or "sparse"); None if the job had none."""
+        return {"dense": self.dense, "sparse": self.sparse}.get(kind)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: the keys read or given, none filled in by a default (an old
+        manifest copied into source.json stays as it was)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def parse_manifest(raw: Any, where: str, fix: str) -> VectorsManifest:
+    """``raw`` (a manifest.json, or the copy an index folder keeps) checked and typed; a
+    DataError names ``where``, each wrong key, and ``fix``."""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise DataError(f"{where}: not a raytrieve encoding job manifest (format must be {FORMAT!r}); {fix}")
+    try:
+        return VectorsManifest.model_validate(raw)
+    except ValidationError as e:
+        raise DataError(f"{'; '.join(validation_messages(VectorsManifest, e, where))}; {fix}") from None
+
+
+def read_manifest(out: str | os.PathLike) -> VectorsManifest:
     store = OutputStore(str(out))
     if not store.exists(MANIFEST):
         raise DataError(f"{out}: no {MANIFEST}; the encoding job has not finished there (run it again to resume)")
-    manifest = store.read_json(MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{store.describe(MANIFEST)}: not a raytrieve encoding job manifest")
-    return manifest
+    return parse_manifest(
+        store.read_json(MANIFEST), store.describe(MANIFEST), "run the encoding job again: it writes the manifest anew"
+    )
 
 
 def iter_shards(out: str | os.PathLike, verify: bool = True) -> Iterator[pa.Table]:
     """Each finished shard's table in corpus order; with ``verify`` its checksum is checked first."""
     store = OutputStore(str(out))
-    for shard in read_manifest(out)["shards"]:
+    for shard in read_manifest(out).shards:
         try:
-            data = store.read_bytes(shard["file"])
+            data = store.read_bytes(shard.file)
         except FileNotFoundError:
             raise DataError(
-                f"{store.describe(shard['file'])}: shard listed in the manifest is missing; run the encoding job again"
+                f"{store.describe(shard.file)}: shard listed in the manifest is missing; run the encoding job again"
             ) from None
-        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        if verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise DataError(
-                f"{store.describe(shard['file'])}: checksum differs from the manifest (the file "
+                f"{store.describe(shard.file)}: checksum differs from the manifest (the file "
                 "changed); run the job again"
             )
         yield pq.read_table(pa.BufferReader(data))
@@ -234,8 +336,8 @@ def read_bad_rows(out: str | os.PathLike) -> pa.Table:
     store = OutputStore(str(out))
     rows: list[list[Any]] = []
     first = 0  # the shard's first row in the whole input
-    for shard in read_manifest(out)["shards"]:
-        sidecar = store.read_json(shard["file"].replace(".parquet", ".json"))
+    for shard in read_manifest(out).shards:
+        sidecar = store.read_json(shard.file.replace(".parquet", ".json"))
         rows += [[first + r, i, why] for r, i, why in sidecar.get("bad_rows", [])]
         first += int(sidecar["input_rows"])
     return pa.table(
@@ -251,7 +353,7 @@ def read_bad_rows(out: str | os.PathLike) -> pa.Table:
 class Vectors:
     """Everything an encoding job wrote, in corpus order (shard by shard)."""
 
-    manifest: dict[str, Any]
+    manifest: VectorsManifest
     ids: list[str]
     dense: np.ndarray | None
     sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (offsets, indices, values), CSR rows
@@ -287,7 +389,12 @@ def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
             np.concatenate(index_parts).astype(np.int64),
             np.concatenate(value_parts).astype(np.float32),
         )
-    if len(ids) != manifest["rows"]:
-        raise DataError(f"{out}: the shards hold {len(ids)} rows, the manifest says {manifest['rows']}")
-    hashes = np.concatenate(hash_parts) if len(hash_parts) == len(manifest["shards"]) and hash_parts else None
+    if len(ids) != manifest.rows:
+        raise DataError(f"{out}: the shards hold {len(ids)} rows, the manifest says {manifest.rows}")
+    for kind, held in (("dense", dense), ("sparse", sparse)):
+        if held is not None and manifest.output(kind) is None:  # readers take the vectors' model from it
+            raise DataError(
+                f"{out}: the shards hold {kind} vectors, {MANIFEST} has no {kind!r} part; run the encoding job again"
+            )
+    hashes = np.concatenate(hash_parts) if len(hash_parts) == len(manifest.shards) and hash_parts else None
     return Vectors(manifest, ids, dense, sparse, hashes)

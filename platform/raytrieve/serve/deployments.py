@@ -116,20 +116,10 @@ class Retriever:
 
     def __init__(self, index_path: str) -> None:
         from raytrieve.index.build import load_indices
-        from raytrieve.inference.config import CorpusConfig
         from raytrieve.inference.corpus import read_corpus
 
         self.indices = load_indices(index_path)
-        corpus = dict(self.indices.source["corpus"])
-        cfg = CorpusConfig(
-            path=corpus["path"],
-            format=corpus.get("format"),
-            id_column=corpus.get("id_column", "id"),
-            text_column=corpus.get("text_column", "text"),
-            title_column=corpus.get("title_column"),
-            title_separator=corpus.get("title_separator", " "),
-        )
-        data = read_corpus(cfg, "skip")
+        data = read_corpus(self.indices.source.corpus.config(), "skip")
         self.texts = dict(zip(data.ids, data.texts))
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,206 @@
+"""What the encoding job's driver settles before any Ray work: each model loaded once to check
+the config against it and describe it for the manifest, int8 ranges calibrated on a bounded
+sample, the job's identity and fingerprint, and whether ``output_dir`` may be written.
+The job itself (the Ray Data pipeline and the commit) is in encode.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from raytrieve.data.sources import ShardSpec, Source, read_shard
+from raytrieve.errors import ConfigError, DataError, RaytrieveError
+from raytrieve.inference import shards
+from raytrieve.inference.config import DenseOutputConfig, EncodeConfig
+from raytrieve.inference.corpus import needed_columns, shard_rows
+from raytrieve.inference.stages import OutputSpec
+
+# Shards sampled (evenly spaced) for int8 calibration: the driver reads at most these.
+CALIBRATION_SHARDS = 8
+# Where a Ray Dataset handed to run_encode is written first, inside output_dir.
+STAGED_INPUT = "_input"
+
+
+def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
+    from raytrieve.encoders import load_encoder
+
+    return load_encoder(
+        spec.kind,
+        spec.model_path,
+        device=device,
+        max_seq_length=spec.max_seq_length,
+        trust_remote_code=spec.trust_remote_code,
+    )  # float32: the driver only checks the config and calibrates int8 ranges
+
+
+def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[list[OutputSpec], dict[str, Any]]:
+    """Each model loaded once on the driver: the config is checked against it (prompt names,
+    truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
+    specs and what the manifest says of each model."""
+    from raytrieve.encoders.quantization import quantization_ranges
+    from raytrieve.model_ref import resolve_model
+
+    specs, described = [], {}
+    for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)):
+        if out is None:
+            continue
+        try:
+            path = str(resolve_model(out.model))
+        except RaytrieveError as e:
+            raise ConfigError(f"{where}.{kind}.model: {e}") from None
+        spec = OutputSpec(kind, path, cfg.side, None, out.max_seq_length, out.trust_remote_code, out.dtype)
+        model = load_model(spec)
+        try:
+            spec.prompt = model.resolve_prompt(
+                out.prompt, out.prompt_name or (None if out.prompt is not None else model.prompt_name_for(cfg.side))
+            )
+        except RaytrieveError as e:
+            raise ConfigError(f"{where}.{kind}: {e}") from None
+        info: dict[str, Any] = {
+            "model": out.model,
+            "model_path": path,
+            "prompt": spec.prompt,
+            "max_seq_length": model.max_seq_length,
+            "similarity": model.similarity_fn_name,
+            "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose
+        }
+        if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
+            dim = model.get_embedding_dimension()
+            if out.truncate_dim is not None and dim is not None and out.truncate_dim > dim:
+                raise ConfigError(f"{where}.dense.truncate_dim={out.truncate_dim} exceeds the model's {dim} dimensions")
+            spec.precision, spec.truncate_dim = out.precision, out.truncate_dim
+            spec.normalize = out.normalize if out.normalize is not None else model.similarity_fn_name == "cosine"
+            if out.precision == "int8":
+                if len(sample) < 2:
+                    raise DataError(f"{where}.dense.precision int8 needs at least 2 corpus rows to calibrate")
+                emb = model.encode(
+                    sample,
+                    task=cfg.side,
+                    prompt=spec.prompt,
+                    truncate_dim=out.truncate_dim,
+                    normalize_embeddings=spec.normalize,
+                )
+                spec.ranges = quantization_ranges(emb).tolist()
+            info.update(
+                dim=out.truncate_dim or dim,
+                precision=out.precision,
+                truncate_dim=out.truncate_dim,
+                normalize=spec.normalize,
+                ranges=spec.ranges,
+            )
+        else:
+            spec.max_active_dims = out.max_active_dims
+            info.update(
+                vocab_size=model.get_embedding_dimension() or model.input_module(cfg.side).get_embedding_dimension(),
+                max_active_dims=out.max_active_dims,
+            )
+        specs.append(spec)
+        described[kind] = info
+        del model
+    return specs, described
+
+
+def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
+    """Evenly spaced texts from a few evenly spaced shards: bounded by a few shards, whatever
+    the corpus size."""
+    if cfg.dense is None or cfg.dense.precision != "int8":
+        return []
+    want = cfg.dense.calibration_rows
+    picked = [
+        specs[round(i * (len(specs) - 1) / max(1, CALIBRATION_SHARDS - 1))]
+        for i in range(min(CALIBRATION_SHARDS, len(specs)))
+    ]
+    picked = list({s.shard: s for s in picked}.values())
+    texts: list[str] = []
+    for spec in picked:
+        rows = shard_rows(read_shard(spec, needed_columns(cfg.corpus)), cfg.corpus, spec.path)
+        take = max(1, want // len(picked))
+        step = max(1, len(rows.texts) // take)
+        texts += rows.texts[::step][:take]
+    return texts[:want]
+
+
+def job_identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must share with the output it finds: settings, models and the shard plan
+    (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
+    *content* is not in it: each shard carries its own content checksum."""
+    from raytrieve import assets
+
+    # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
+    # (job.json), not part of what makes two runs the same job. dtype float32 is what every job
+    # before the dtype setting computed in, so it is left out: their folders still resume.
+    models = {
+        k: {
+            **{f: x for f, x in v.items() if f != "ranges" and not (f == "dtype" and x == "float32")},
+            "weights": assets.fingerprint(Path(v["model_path"])),
+        }
+        for k, v in described.items()
+    }
+    body = {
+        "shard_format": shards.SHARD_FORMAT,
+        "corpus": {**cfg.corpus.model_dump(), "path": source.location, "format": source.format},
+        "side": cfg.side,
+        "rows_per_shard": cfg.rows_per_shard,
+        "bad_rows": cfg.bad_rows,
+        "check_duplicate_ids": cfg.check_duplicate_ids,
+        "models": models,
+    }
+    return json.loads(json.dumps(body, sort_keys=True, default=str))
+
+
+def job_fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
+    """``dense.max_seq_length: 24 -> 16; ...`` between a job.json identity and this run's, keys
+    named as in the config; "" when job.json has none (a folder of an older version)."""
+    if not isinstance(kept, dict):
+        return ""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
+
+    old, new = flat(kept), flat(now)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str) -> None:
+    """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
+    ``identity`` None: only the second check."""
+    if store.exists(shards.JOB) and identity is not None:
+        job = store.read_json(shards.JOB)
+        if job.get("fingerprint") != job_fingerprint(identity):
+            differs = _differences(job.get("identity"), identity)
+            what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
+            # A folder from before the dtype setting computed in float32 (its identity has no dtype).
+            older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
+            raise ConfigError(
+                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
+                "run it with that job's settings, choose a new output_dir or delete that folder"
+            )
+    elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
+        raise ConfigError(
+            f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
+        )
+
+
+def reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:
+    """A rerun quantizes with the int8 ranges of the job's first run (job.json), so that every
+    shard of the job, reused or new, shares them."""
+    for o in outputs:
+        kept = (job.get("ranges") or {}).get(o.kind)
+        if kept is not None and o.ranges is not None:
+            o.ranges = described[o.kind]["ranges"] = kept

@@ -1,0 +1,209 @@
+"""The encoding job's manifest.json as a typed VectorsManifest, without Ray: what the job writes
+reads back key for key, folders of older versions still read (their missing keys get defaults,
+nothing is filled in when they are copied), and a malformed manifest is refused naming the
+file, the key and the fix. Index folders keep the same manifest as source.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raytrieve.errors import DataError
+from raytrieve.index.build import build_indices, load_indices
+from raytrieve.inference import shards
+from raytrieve.inference.config import CorpusConfig
+from raytrieve.inference.shards import read_manifest, read_vectors
+
+DENSE = {
+    "model": "minilm-l6",
+    "model_path": "/models/minilm",
+    "prompt": None,
+    "max_seq_length": 128,
+    "similarity": "cosine",
+    "dtype": "auto",
+    "dim": 4,
+    "precision": "float32",
+    "truncate_dim": None,
+    "normalize": True,
+    "ranges": None,
+    "dtypes_used": ["bfloat16"],
+}
+SPARSE = {
+    "model": "splade-tiny",
+    "model_path": "/models/splade",
+    "prompt": "query: ",
+    "max_seq_length": 64,
+    "similarity": "dot",
+    "dtype": "float32",
+    "vocab_size": 30522,
+    "max_active_dims": None,
+    "dtypes_used": ["float32"],
+}
+
+
+def _written(rows: list[int], dense: dict | None = DENSE) -> dict:
+    """A manifest as the job writes it today (version 2), keys in its order (a fresh copy)."""
+    return copy.deepcopy({
+        "format": "raytrieve-vectors",
+        "version": 2,
+        "fingerprint": "0123456789abcdef",
+        "corpus": {
+            "path": "/data/corpus.parquet",
+            "format": "parquet",
+            "files": 1,
+            "input_rows": sum(rows) + 1,
+            "bad_rows": 1,
+            "duplicate_ids": 0,
+            "id_column": "doc_id",
+            "text_column": "body",
+            "title_column": "title",
+            "title_separator": ": ",
+        },
+        "rows": sum(rows),
+        "side": "document",
+        **({"dense": dense} if dense is not None else {}),
+        "sparse": SPARSE,
+        "shards": [
+            {"file": f"part-{i:05d}.parquet", "rows": n, "input_rows": n + (i == 0), "sha256": "ab" * 32,
+             "checksum": f"c{i}"}
+            for i, n in enumerate(rows)
+        ],
+        "created": "2026-11-30T12:00:00Z",
+    })
+
+
+# Version 1 (before shards were planned from file metadata): no corpus format, files,
+# duplicate_ids or title settings, no shard input_rows or checksum, no dtype keys.
+VERSION_1 = {
+    "format": "raytrieve-vectors",
+    "version": 1,
+    "fingerprint": "fedcba9876543210",
+    "corpus": {"path": "/data/old.jsonl", "input_rows": 10, "bad_rows": 0, "id_column": "id", "text_column": "text"},
+    "rows": 10,
+    "side": "query",
+    "dense": {k: v for k, v in DENSE.items() if k not in ("dtype", "dtypes_used")},
+    "shards": [{"file": "part-00000.parquet", "rows": 10, "sha256": "cd" * 32}],
+    "created": "2026-11-23T08:00:00Z",
+}
+
+
+def _folder(tmp_path: Path, manifest: dict) -> Path:
+    out = tmp_path / "vectors"
+    out.mkdir(exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def test_written_manifest_reads_typed_and_round_trips_key_for_key(tmp_path):
+    raw = _written([3, 2])
+    m = read_manifest(_folder(tmp_path, raw))
+    assert (m.version, m.rows, m.side, m.created) == (2, 5, "document", "2026-11-30T12:00:00Z")
+    assert m.dense is not None and m.dense.dtypes_used == ["bfloat16"] and m.dense.normalize is True
+    assert m.sparse is not None and m.sparse.vocab_size == 30522 and m.sparse.prompt == "query: "
+    assert m.output("dense") is m.dense and m.output("sparse") is m.sparse
+    assert [(s.file, s.rows, s.input_rows, s.checksum) for s in m.shards] == [
+        ("part-00000.parquet", 3, 4, "c0"), ("part-00001.parquet", 2, 2, "c1")]
+    assert m.corpus.config() == CorpusConfig(path="/data/corpus.parquet", format="parquet", id_column="doc_id",
+                                             text_column="body", title_column="title", title_separator=": ")
+    # Written again, it is the same JSON, keys in the same order (what `index build` copies).
+    assert json.dumps(m.to_json(), indent=2) == json.dumps(raw, indent=2)
+
+
+def test_version_1_manifest_reads_with_defaults_and_copies_unchanged(tmp_path):
+    m = read_manifest(_folder(tmp_path, VERSION_1))
+    assert m.corpus.format is None and m.corpus.files is None and m.corpus.duplicate_ids is None
+    assert m.corpus.config() == CorpusConfig(path="/data/old.jsonl")  # the config's own defaults
+    assert m.shards[0].input_rows is None and m.shards[0].checksum is None
+    assert m.dense is not None and m.dense.dtype == "float32" and m.dense.dtypes_used == []  # computed in float32
+    assert m.sparse is None and m.output("sparse") is None
+    assert m.to_json() == VERSION_1  # no default is written into a copy
+
+
+def test_keys_of_a_newer_version_are_kept():
+    raw = _written([1])
+    raw["corpus"]["encoding"] = "utf-8"
+    raw["lineage"] = {"run": "abc"}
+    m = shards.parse_manifest(copy.deepcopy(raw), "manifest.json", "fix")
+    assert m.to_json() == raw
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: m["corpus"].pop("path"), "manifest.json.corpus: missing required key 'path'"),
+        (lambda m: m.pop("rows"), "manifest.json: missing required key 'rows'"),
+        (lambda m: m.update(rows="5"), "manifest.json.rows: expected an integer, got '5'"),
+        (lambda m: m["shards"][1].update(sha256=None), "manifest.json.shards[1].sha256: expected a string, got None"),
+        (lambda m: m["corpus"].update(format="xml"), "manifest.json.corpus.format: 'xml' is not one of"),
+        (lambda m: m["sparse"].update(vocab_size=1.5), "manifest.json.sparse.vocab_size: expected an integer"),
+        (lambda m: m.update(shards={"file": "x"}), "manifest.json.shards: expected a list"),
+    ],
+)
+def test_malformed_manifest_names_the_file_the_key_and_the_fix(tmp_path, change, named):
+    raw = _written([3, 2])
+    change(raw)
+    out = _folder(tmp_path, raw)
+    with pytest.raises(DataError) as e:
+        read_manifest(out)
+    assert str(e.value).startswith(str(out / "manifest.json"))
+    assert named in str(e.value) and "run the encoding job again" in str(e.value)
+
+
+@pytest.mark.parametrize("raw", [[1, 2], {"format": "other"}, {"version": 2}])
+def test_other_json_is_not_a_manifest(tmp_path, raw):
+    with pytest.raises(DataError, match=r"manifest\.json: not a raytrieve encoding job manifest .*run the encoding"):
+        read_manifest(_folder(tmp_path, raw))
+
+
+def test_manifest_that_is_no_json_or_missing(tmp_path):
+    out = _folder(tmp_path, {})
+    (out / "manifest.json").write_text('{"format": "raytrieve-vectors", ')
+    with pytest.raises(DataError, match=r"manifest\.json: not valid JSON"):
+        read_manifest(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"no manifest\.json; the encoding job has not finished"):
+        read_manifest(out)
+
+
+def _encoded(tmp_path: Path, dense: dict | None = DENSE) -> tuple[Path, np.ndarray]:
+    """A finished job's folder made by hand: one shard of dense and sparse vectors + manifest."""
+    store = shards.OutputStore(str(tmp_path / "vectors"))
+    vectors = np.eye(3, 4, dtype=np.float32)
+    sparse = (np.array([0, 1, 3, 4]), np.array([5, 1, 7, 2]), np.array([0.5, 1.0, 2.0, 0.25], dtype=np.float32))
+    table = shards.shard_table(["a", "b", "c"], vectors, sparse, np.array([11, 12, 13]))
+    sidecar = shards.write_shard(store, 0, table, {"input_rows": 3, "bad_rows": []})
+    raw = _written([3], dense)
+    raw["shards"][0].update(sha256=sidecar["sha256"], input_rows=3)
+    store.write_json(shards.MANIFEST, raw)
+    return Path(store.location), vectors
+
+
+def test_read_vectors_and_index_build_carry_the_typed_manifest(tmp_path):
+    out, vectors = _encoded(tmp_path)
+    v = read_vectors(out)
+    assert v.manifest == read_manifest(out) and v.ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(v.dense, vectors)
+    build_indices(out, tmp_path / "index")
+    indices = load_indices(tmp_path / "index")
+    assert indices.source == v.manifest and indices.sparse is not None and indices.sparse.vocab_size == 30522
+    copied = json.loads((tmp_path / "index" / "source.json").read_text())
+    assert copied == json.loads((out / "manifest.json").read_text())
+
+
+def test_vectors_the_manifest_does_not_describe_are_refused(tmp_path):
+    out, _ = _encoded(tmp_path, dense=None)
+    with pytest.raises(DataError, match=r"the shards hold dense vectors, manifest\.json has no 'dense' part"):
+        read_vectors(out)
+
+
+def test_malformed_source_json_of_an_index_folder(tmp_path):
+    (tmp_path / "index").mkdir()
+    raw = _written([1])
+    del raw["corpus"]["text_column"]
+    (tmp_path / "index" / "source.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"source\.json\.corpus: missing required key 'text_column'.*index build"):
+        load_indices(tmp_path / "index")
