@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,101 @@ def test_demo_config_errors_name_the_field():
         from_dict(DemoConfig, {"dense_training": {"register_as": ""}}).check()
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['queries'\]"):
         from_dict(DemoConfig, {"sample": {"queries": 5}})
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "jobs" / "configs"
+
+
+def _leaves(node, prefix=""):
+    """{"a.b": 1, "datasets.0.path": ...}: the keys a YAML sets, as overrides spell them."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _at(dumped, key):
+    for part in key.split("."):
+        dumped = dumped[int(part)] if isinstance(dumped, list) else dumped[part]
+    return dumped
+
+
+def _phase_configs(cfg: DemoConfig) -> dict:
+    from raytrieve.demo import phase_configs as pc
+
+    out, m = cfg.out, cfg.models
+    return {
+        "dense_training": pc.train_config(cfg, "dense", cfg.dense_training, out / "data" / "train.parquet"),
+        "sparse_training": pc.train_config(cfg, "sparse", cfg.sparse_training, out / "data" / "train.parquet"),
+        "encode": pc.encode_config(cfg, out / "data" / "test_corpus.parquet", m.dense, m.sparse, out / "pretrained"),
+        "serve": pc.serve_config(cfg, m.dense, m.sparse, out / "pretrained" / "index"),
+    }
+
+
+def test_demo_phase_configs_are_the_shipped_yamls_plus_overrides(tmp_path):
+    """Every key a shipped YAML sets reaches the demo's phase config unless the demo overrides
+    it; a value changed in the YAML (a copy of jobs/configs/) shows up in the demo's config."""
+    import shutil
+
+    import yaml
+
+    cfg = DemoConfig(out_dir=str(tmp_path / "demo"))
+    for phase, loaded in _phase_configs(cfg).items():
+        assert loaded.source == SHIPPED / getattr(cfg.configs, phase)
+        overridden = [item.split("=", 1)[0] for item in loaded.overrides]
+        dumped = loaded.config.model_dump(mode="json")
+        shipped = yaml.safe_load(loaded.source.read_text())
+        for key, value in _leaves(shipped):
+            if not any(key == o or key.startswith(o + ".") for o in overridden):
+                assert _at(dumped, key) == value, (phase, key)
+        # The demo's own settings are on top: paths into its out folder, its sizes.
+        paths = [v for k, v in _leaves(dumped) if k in ("output_dir", "index", "datasets.0.path")]
+        assert paths and all(str(v).startswith(str(cfg.out)) for v in paths), (phase, paths)
+
+    # A copy of the shipped configs with one key changed each: the demo reads the files.
+    copy = tmp_path / "configs"
+    shutil.copytree(SHIPPED, copy)
+    changed = {
+        "dense_mnrl.yaml": ("optimizer", "weight_decay", 0.125),
+        "splade.yaml": ("checkpoint", "every_n_steps", 7),
+        "encode_pydocs.yaml": ("compute", "token_budget", 1234),
+        "serve_pydocs.yaml": ("reranker", "max_batch_tokens", 4321),
+    }
+    for name, (section, key, value) in changed.items():
+        data = yaml.safe_load((copy / name).read_text())
+        data[section][key] = value
+        (copy / name).write_text(yaml.safe_dump(data))
+    edited = from_dict(DemoConfig, {"out_dir": str(tmp_path / "demo"), "configs": {"dir": str(copy)}})
+    phases = _phase_configs(edited)
+    for (phase, loaded), (section, key, value) in zip(phases.items(), changed.values()):
+        assert getattr(getattr(loaded.config, section), key) == value, phase
+
+    # Saved with how it was made, and it loads back as the same config.
+    from raytrieve.train.config import load_train_config
+
+    saved = phases["dense_training"].save(tmp_path / "train_dense.yaml", "raytrieve train")
+    assert f"# {copy / 'dense_mnrl.yaml'} with the demo's overrides:" in saved.read_text()
+    assert load_train_config(saved) == phases["dense_training"].config
+
+
+def test_demo_phase_config_errors_name_the_field(tmp_path):
+    from raytrieve.demo.phase_configs import check_all
+
+    out = str(tmp_path / "demo")
+    with pytest.raises(ConfigError, match=r"configs\.dense_training: .*splade\.yaml trains a sparse model"):
+        check_all(from_dict(DemoConfig, {"out_dir": out, "configs": {"dense_training": "splade.yaml"}}))
+    with pytest.raises(ConfigError, match=r"configs\.encode: .*nope\.yaml not found; .*configs\.dir="):
+        check_all(from_dict(DemoConfig, {"out_dir": out, "configs": {"encode": "nope.yaml"}}))
+    # A demo setting the shipped config refuses: the message names the phase, the file, the key
+    # and the override that set it.
+    with pytest.raises(ConfigError, match=r"demo configs\.dense_training \(.*dense_mnrl\.yaml with the demo's "
+                       r"overrides\): training\.epochs must be at least 1, got 0; the demo set training\.epochs=0"):
+        check_all(from_dict(DemoConfig, {"out_dir": out, "dense_training": {"epochs": 0, "register_as": "x"}}))
 
 
 @pytest.mark.slow
@@ -98,6 +194,21 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     assert json.loads((cfg.out / "report.json").read_text())["rows"] == rep["rows"]
     assert any("4/6 fine-tuning" in line for line in lines)
 
+    # Each phase ran the shipped config with the demo's overrides, saved where the demo writes:
+    # a key only the shipped YAML sets (checkpoint.every_n_steps) is in the trained config.
+    from raytrieve.config import load_yaml
+    from raytrieve.train.config import TrainConfig
+
+    for kind, name in (("dense", "dense_mnrl.yaml"), ("sparse", "splade.yaml")):
+        saved = cfg.out / "configs" / f"train_{kind}.yaml"
+        assert saved.read_text().startswith(f"# {SHIPPED / name} with the demo's overrides:")
+        trained, shipped = load_yaml(TrainConfig, saved), load_yaml(TrainConfig, SHIPPED / name)
+        assert trained.checkpoint == shipped.checkpoint and trained.checkpoint.every_n_steps == 200
+        assert trained.training.batch_size == 16 and trained.datasets[0].loss == shipped.datasets[0].loss
+    assert {p.name for p in (cfg.out / "configs").iterdir()} == {
+        f"{job}_{phase}.yaml" for job in ("encode", "serve") for phase in ("pretrained", "fine-tuned")
+    } | {"train_dense.yaml", "train_sparse.yaml"}
+
     # A second run reuses every step: no encoding, training or serving again.
     lines.clear()
     t = time.monotonic()
@@ -110,12 +221,10 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
 
 def test_shipped_demo_yaml_is_the_default_config():
     """`make demo` and a bare `raytrieve demo` run the same sizes (the ones docs/demo-results.md was measured with)."""
-    from pathlib import Path
-
     from raytrieve.demo import load_demo_config
 
-    shipped = load_demo_config(Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml")
+    shipped = load_demo_config(SHIPPED / "demo.yaml")
     assert shipped.model_dump() == DemoConfig().model_dump()
-    measured = json.loads((Path(__file__).resolve().parent.parent / "docs" / "demo-results.json").read_text())
+    measured = json.loads((ROOT / "docs" / "demo-results.json").read_text())
     assert measured["sizes"]["test_queries"] == shipped.sample.test_queries
     assert measured["sizes"]["train_pairs"] == shipped.sample.train_pairs

@@ -39,11 +39,19 @@ class ModelsConfig(ConfigModel):
 
 
 class FineTuneConfig(ConfigModel):
+    """The demo's sizes and rate, set over the shipped training config (``configs``)."""
+
     enabled: bool = True
     batch_size: int = 32
     epochs: int = 1
     max_steps: int | None = None
-    learning_rate: float = 2e-5
+    learning_rate: float = Field(
+        default=2e-5,
+        description=(
+            "set over the shipped config's; the demo's defaults are the rates its results were measured with: "
+            "2e-5 dense, 5e-5 sparse"
+        ),
+    )
     register_as: str = Field(
         default="", description="the MLflow registry name Serve loads the model from (models:/NAME/VERSION)"
     )
@@ -55,6 +63,28 @@ class ServingConfig(ConfigModel):
     recall: int = Field(default=100, description="candidates per retriever (and the depth of Recall@k)")
     clients: int = Field(default=4, description="concurrent HTTP clients sending the test queries")
     torch_threads: int = Field(default=2, description="per model replica; requests come one stage at a time")
+
+
+class ShippedConfigs(ConfigModel):
+    """The shipped configs each phase runs, loaded the way users load them; the demo sets only its
+    paths, sizes, models, port and MLflow names on top (saved with them in <out_dir>/configs/)."""
+
+    dir: str | None = Field(
+        default=None, description="where the file names below are; default: ./jobs/configs, else the checkout's"
+    )
+    dense_training: str = Field(default="dense_mnrl.yaml", description="fine-tuning the dense model")
+    sparse_training: str = Field(default="splade.yaml", description="fine-tuning the sparse model")
+    encode: str = Field(default="encode_pydocs.yaml", description="the encoding job over the test corpus")
+    serve: str = Field(default="serve_pydocs.yaml", description="the Serve app the test queries go to")
+
+    def path(self, key: str) -> Path:
+        """The file ``key`` names, absolute: relative to ``dir``; without one, ./jobs/configs where
+        the file is there (a Ray job's working_dir, the image's /app), else the checkout's."""
+        name = Path(getattr(self, key)).expanduser()
+        if self.dir is not None:
+            return (Path(self.dir).expanduser() / name).resolve()
+        here, checkout = Path.cwd() / "jobs" / "configs", Path(__file__).resolve().parents[3] / "jobs" / "configs"
+        return next((d for d in (here, checkout) if (d / name).exists()), here).joinpath(name).resolve()
 
 
 class DemoConfig(ConfigModel):
@@ -69,6 +99,13 @@ class DemoConfig(ConfigModel):
         default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse")
     )
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    configs: ShippedConfigs = Field(
+        default_factory=ShippedConfigs,
+        description=(
+            "the shipped config each phase runs, with the demo's paths, sizes, models, port and MLflow names "
+            "on top; what each phase ran is saved in <out_dir>/configs/"
+        ),
+    )
     mlflow_tracking_uri: str | None = Field(default=None, description="default: <out_dir>/mlruns (a local file store)")
     num_cpus: int | None = Field(default=None, description="the embedded Ray's CPUs; None: all of this machine's")
 

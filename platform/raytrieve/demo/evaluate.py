@@ -1,0 +1,112 @@
+"""The demo's two ways of scoring a pair of models: in process (the dev pairs of the train
+packages, and Lee), and through the platform (the encoding job, indices, Serve answering the
+test queries over HTTP)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from raytrieve.demo import sample as sampling
+from raytrieve.demo import scoring
+from raytrieve.demo.config import DemoConfig
+from raytrieve.demo.phase_configs import PhaseConfig
+from raytrieve.demo.progress import Progress
+from raytrieve.errors import ConfigError
+
+# -- in process (dev pairs of the train packages; Lee) ------------------------------------------
+
+
+def evaluate_in_process(
+    kind: str, model: str, split: sampling.Split, recall_k: int, max_seq_length: int, lee: bool
+) -> dict[str, Any]:
+    from raytrieve.encoders import load_encoder
+    from raytrieve.evaluation import InformationRetrievalEvaluator, SparseInformationRetrievalEvaluator
+
+    encoder = load_encoder(kind, model, device="cpu", max_seq_length=max_seq_length)
+    cls = InformationRetrievalEvaluator if kind == "dense" else SparseInformationRetrievalEvaluator
+    evaluator = cls(
+        split.queries,
+        split.corpus,
+        {q: {d} for q, d in split.qrels.items()},
+        ndcg_at_k=(10,),
+        mrr_at_k=(10,),
+        accuracy_at_k=(1,),
+        precision_recall_at_k=(recall_k,),
+        map_at_k=(recall_k,),
+        write_csv=False,
+    )
+    hits = next(iter(evaluator.retrieve(encoder).values()))
+    rankings = {qid: [evaluator.corpus_ids[i] for _, i in ranked] for qid, ranked in zip(evaluator.query_ids, hits)}
+    out: dict[str, Any] = {"per_query": scoring.per_query(rankings, split.qrels, recall_k)}
+    if lee:
+        from raytrieve.evaluation.lee import lee_evaluator
+
+        scores = lee_evaluator(write_csv=False)(encoder)
+        out["lee_spearman"] = next(v for k, v in scores.items() if "spearman" in k)
+    return out
+
+
+# -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise ConfigError(f"serving.port: 127.0.0.1:{port} is already in use; pass serving.port=<a free port>")
+
+
+def encode_and_index(encode: PhaseConfig[Any], folder: Path) -> dict:
+    """Run the encoding job ``encode`` describes, then build the indices in ``folder``/index."""
+    from raytrieve.index.build import build_indices
+    from raytrieve.inference.encode import run_encode
+
+    result = run_encode(encode.config, where="demo encode")
+    vectors = Path(encode.config.output_dir)
+    built = build_indices(vectors, folder / "index")
+    return {
+        "rows": result.rows,
+        "rows_per_s": round(result.rows_per_s, 1),
+        "seconds": round(result.seconds, 1),
+        "index": str(folder / "index"),
+        "built": built,
+    }
+
+
+def serve_and_query(
+    cfg: DemoConfig,
+    samples: sampling.Samples,
+    served: PhaseConfig[Any],
+    progress: Progress,
+    serve_running: bool = False,
+) -> dict[str, Any]:
+    """Deploy the app ``served`` describes, query it over HTTP, delete the app. ``serve_running``:
+    this run already started Serve (its proxy holds the port); the app is deployed on it."""
+    from ray import serve
+
+    from raytrieve.demo.client import run_queries
+    from raytrieve.serve.app import start
+    from raytrieve.serve.client import wait_healthy
+
+    s, serve_cfg = cfg.serving, served.config
+    if not serve_running:
+        _check_port_free(s.port)
+    base = start(serve_cfg, where="demo serve", ray_address=None)
+    try:
+        wait_healthy(base)
+        progress(f"  Serve is up at {base}; sending {len(samples.test.queries)} test queries to /search over HTTP")
+        answers = run_queries(
+            base, samples.test.queries, s.recall, s.rerank_depth, s.clients, progress=lambda line: progress(f"  {line}")
+        )
+    finally:
+        # Frees the replicas' CPUs for training; Serve's controller and proxy stay up for the
+        # next phase (restarting them cost about 10 s) and stop at the end of the run.
+        serve.delete(serve_cfg.app_name)
+    return {
+        "per_stage": {
+            mode: scoring.per_query(r, samples.test.qrels, s.recall) for mode, r in answers["rankings"].items()
+        },
+        "timings_p50_ms": answers["timings_p50_ms"],
+        "url": base,
+    }
