@@ -250,3 +250,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     # Tests without Ray run first: before Ray's daemons start and share the two cores with them.
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+# RAYTRIEVE_TEST_PROFILE=FILE: one line per test phase with its wall seconds and the CPU seconds the
+# whole host spent meanwhile (Ray's daemons and workers included, which pytest's own rusage misses).
+# How the suite's time was found (README: "Testing"); off by default.
+_PROFILE = os.environ.get("RAYTRIEVE_TEST_PROFILE")
+
+
+def _host_busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+if _PROFILE:
+    import time as _time
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        wall, busy = _time.perf_counter(), _host_busy_seconds()
+        yield
+        with open(_PROFILE, "a") as f:
+            f.write(f"{_time.perf_counter() - wall:.2f}\t{_host_busy_seconds() - busy:.2f}\t{item.nodeid}\n")
