@@ -59,7 +59,13 @@ class SparseOutputConfig(EncoderOutputConfig):
 
 class EncodeComputeConfig(ConfigModel):
     tokenize_actors: int = 1
-    encode_actors: int = 1
+    encode_actors: int | None = Field(
+        default=None,
+        description=(
+            "default: as many as the cluster's CPUs hold beside the tokenizer actors (one per GPU on GPUs), "
+            "at most one per shard"
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: a GPU per encode actor when the cluster has GPUs"
     )
@@ -101,7 +107,7 @@ class EncodeConfig(ConfigModel):
             invalid("rows_per_shard", f" must be >= 1, got {self.rows_per_shard}")
         c = self.compute
         for name in ("tokenize_actors", "encode_actors", "token_budget", "max_batch_size"):
-            if getattr(c, name) < 1:
+            if getattr(c, name) is not None and getattr(c, name) < 1:
                 invalid(f"compute.{name}", f" must be >= 1, got {getattr(c, name)}")
         if c.cpus_per_encode_actor <= 0:
             invalid("compute.cpus_per_encode_actor", " must be > 0")

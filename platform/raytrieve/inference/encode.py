@@ -288,12 +288,15 @@ def _run_pipeline(
 
     from raytrieve.inference.checks import raise_worker_error
     from raytrieve.inference.stages import EncodeAndWrite, ReadAndTokenize
+    from raytrieve.sizing import cluster_shape, default_encode_actors
 
     c = cfg.compute
     use_gpu = c.device == "cuda" or (c.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     if c.device == "cuda" and ray.cluster_resources().get("GPU", 0) == 0:
         raise ConfigError("compute.device is cuda but the Ray cluster has no GPU; use auto or cpu")
     threads = c.torch_threads or max(1, int(c.cpus_per_encode_actor))
+    actors = c.encode_actors or default_encode_actors(cluster_shape(), c, use_gpu, len(specs))
+    log.info("%d encode actor(s) of %g CPU(s), %d torch thread(s) each", actors, c.cpus_per_encode_actor, threads)
     firsts = ray.put({i: d.first for i, d in duplicates.items()}) if duplicates else None
     rows = [s.as_row() for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -322,7 +325,7 @@ def _run_pipeline(
             "token_budget": c.token_budget,
             "max_batch_size": c.max_batch_size,
         },
-        compute=ActorPoolStrategy(size=c.encode_actors),
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=c.cpus_per_encode_actor,
         num_gpus=1 if use_gpu else 0,
         batch_size=1,

@@ -241,17 +241,26 @@ class Ingress:
             raise ApiError(422, e.field, str(e)) from None
 
 
-def build_app(cfg: ServeConfig) -> Any:
+def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     """The bound Serve application: one deployment per configured model, the retriever when
-    an index is set, and the ingress over them."""
+    an index is set, and the ingress over them. On a running cluster, what the config leaves
+    unset is sized from it first, and a config the cluster cannot hold is refused."""
+    import ray
     from ray.serve.config import BackpressureConfig
 
     from raytrieve.model_ref import is_model_uri
+    from raytrieve.serve.config import check_fits, sized
+    from raytrieve.sizing import LIGHT_ACTOR_CPUS, cluster_shape
     from raytrieve.tracking import mlflow_run
+
+    if ray.is_initialized():  # `serve build` may import the app without a cluster
+        shape = cluster_shape()
+        cfg = sized(cfg, shape)
+        check_fits(cfg, shape, where)
 
     def options(kind: str) -> dict[str, Any]:
         d = getattr(cfg, kind)
-        actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+        actor: dict[str, Any] = {"num_cpus": d.num_cpus if d.num_cpus is not None else 1.0, "num_gpus": d.num_gpus}
         if is_model_uri(d.model):  # the replica downloads it from the same store
             actor["runtime_env"] = {
                 "env_vars": mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
@@ -276,14 +285,14 @@ def build_app(cfg: ServeConfig) -> Any:
         for k in ("dense", "sparse", "reranker")
     }
     retriever = (
-        Retriever.options(name="retriever", ray_actor_options={"num_cpus": 0.1}).bind(cfg.index)  # pyright: ignore[reportFunctionMemberAccess]
+        Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(cfg.index)  # pyright: ignore[reportFunctionMemberAccess]
         if cfg.index
         else None
     )
     ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]
         name="ingress",
         num_replicas=cfg.ingress_replicas,
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS},
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
     )
@@ -304,7 +313,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     else:
         cfg = from_dict(ServeConfig, dict(args), where="serve args")
         cfg.check("serve args")
-    return build_app(cfg)
+    return build_app(cfg, "serve args")
 
 
 def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
@@ -349,6 +358,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
+    app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

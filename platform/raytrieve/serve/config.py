@@ -12,6 +12,12 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
+from raytrieve.errors import ConfigError
+from raytrieve.kinds import MODEL_KINDS
+from raytrieve.sizing import LIGHT_ACTOR_CPUS, ClusterShape, replica_threads, serve_replica_cpus
+
+# The config fields that name a model deployment (the rest are the ingress and the retriever).
+MODEL_FIELDS = tuple(k.serve_field for k in MODEL_KINDS.values())
 
 
 class DeploymentConfig(ConfigModel):
@@ -25,9 +31,15 @@ class DeploymentConfig(ConfigModel):
     autoscaling: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config; replaces num_replicas"
     )
-    num_cpus: float = 1.0
+    num_cpus: float | None = Field(
+        default=None,
+        description=(
+            "per replica; default: the cluster's CPUs beside the ingress and retriever, split evenly among the "
+            "model deployments' replicas (at most 4)"
+        ),
+    )
     num_gpus: float = 0.0
-    torch_threads: int | None = Field(default=None, description="default: num_cpus, at least 1")
+    torch_threads: int | None = Field(default=None, description="default: num_cpus rounded, at least 1")
     max_batch_tokens: int = Field(
         default=8192,
         description=(
@@ -104,12 +116,55 @@ class ServeConfig(ConfigModel):
                 continue
             if d.num_replicas < 1 or d.max_batch_tokens < 1 or d.max_ongoing_requests < 1:
                 invalid(key, ": num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1")
-            if d.num_cpus < 0 or d.num_gpus < 0:
+            if (d.num_cpus is not None and d.num_cpus < 0) or d.num_gpus < 0:
                 invalid(f"{key}", ": num_cpus and num_gpus must be >= 0")
         for name, value in self.limits.model_dump().items():
             if value < 1:
                 invalid(f"limits.{name}", f" must be >= 1, got {value}")
         return self
+
+
+def replicas(d: DeploymentConfig) -> int:
+    """Replicas a deployment starts with (an autoscaling one: its minimum, as Serve does)."""
+    if d.autoscaling:
+        return int(d.autoscaling.get("initial_replicas") or d.autoscaling.get("min_replicas", 1) or 1)
+    return d.num_replicas
+
+
+def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
+    """``cfg`` with every model deployment's ``num_cpus`` and ``torch_threads`` set: what the
+    config leaves unset is sized from the cluster (raytrieve.sizing)."""
+    models = {k: d for k in MODEL_FIELDS if (d := getattr(cfg, k)) is not None}
+    unset = sum(replicas(d) for d in models.values() if d.num_cpus is None)
+    taken = sum(replicas(d) * d.num_cpus for d in models.values() if d.num_cpus is not None)
+    light = cfg.ingress_replicas + (1 if cfg.index else 0)
+    free = ClusterShape(max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus)
+    update: dict[str, DeploymentConfig] = {}
+    for k, d in models.items():
+        cpus = d.num_cpus if d.num_cpus is not None else serve_replica_cpus(free, unset, light)
+        update[k] = d.model_copy(update={"num_cpus": cpus, "torch_threads": d.torch_threads or replica_threads(cpus)})
+    return cfg.model_copy(update=update)
+
+
+def check_fits(cfg: ServeConfig, shape: ClusterShape, where: str = "config") -> None:
+    """Refuse, before anything deploys, a sized config whose replicas the cluster cannot hold:
+    Ray would otherwise wait forever, logging only that actors cannot be scheduled."""
+    asks = [(k, replicas(d), d.num_cpus or 0.0, d.num_gpus) for k in MODEL_FIELDS if (d := getattr(cfg, k)) is not None]
+    asks.append(("ingress", cfg.ingress_replicas, LIGHT_ACTOR_CPUS, 0.0))
+    if cfg.index:
+        asks.append(("retriever", 1, LIGHT_ACTOR_CPUS, 0.0))
+    cpus = sum(n * c for _, n, c, _ in asks)
+    gpus = sum(n * g for _, n, _, g in asks)
+    listing = ", ".join(f"{k} {n} x {c:g} CPU" + (f" + {g:g} GPU" if g else "") for k, n, c, g in asks)
+    too_big = [k for k, _, c, g in asks if c > shape.largest_node_cpus + 1e-9 or g > shape.largest_node_gpus + 1e-9]
+    if cpus > shape.cpus + 1e-9 or gpus > shape.gpus + 1e-9 or too_big:
+        what = f"one replica of {', '.join(too_big)} is larger than any node" if too_big else "they do not fit"
+        raise ConfigError(
+            f"{where}: the deployments ask for {cpus:g} CPU(s) and {gpus:g} GPU(s) ({listing}); the cluster has "
+            f"{shape.cpus:g} CPU(s) and {shape.gpus:g} GPU(s), at most {shape.largest_node_cpus:g} CPU(s) and "
+            f"{shape.largest_node_gpus:g} GPU(s) on one node: {what}. Lower num_cpus / num_gpus / num_replicas "
+            "(or leave num_cpus unset: it is then sized from the cluster) or add nodes"
+        )
 
 
 def load_serve_config(path: str, overrides: list[str] | None = None) -> ServeConfig:

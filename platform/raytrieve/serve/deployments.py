@@ -52,7 +52,10 @@ class ModelReplica:
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(spec.torch_threads or max(1, int(spec.num_cpus)))
+        from raytrieve.sizing import replica_threads
+
+        # build_app sizes both on a cluster; a replica built some other way falls back to 1 CPU.
+        torch.set_num_threads(spec.torch_threads or replica_threads(spec.num_cpus or 1.0))
         self.kind, self.spec = kind, spec
         self.model = load_model(kind, spec)
         self.max_seq_length = int(self.model.max_seq_length or 512)
@@ -61,11 +64,15 @@ class ModelReplica:
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
     def describe(self) -> dict[str, Any]:
+        import torch
+
         info: dict[str, Any] = {
             "name": self.spec.public_name,
             "kind": self.kind,
             "max_seq_length": self.max_seq_length,
             "dtype": self.model.dtype,  # the format chosen (a config's auto resolved on this replica)
+            "num_cpus": self.spec.num_cpus,  # sized from the cluster when the config left it unset
+            "torch_threads": torch.get_num_threads(),
         }
         if self.kind == "dense":
             info["dimensions"] = self.model.get_embedding_dimension()

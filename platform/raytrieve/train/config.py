@@ -226,7 +226,13 @@ class ScalingConfig(ConfigModel):
         ),
     )
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    torch_threads: int | None = Field(default=None, description="per worker; default: its CPU share, at least 1")
+    torch_threads: int | None = Field(
+        default=None,
+        description=(
+            "per worker; default: resources_per_worker.CPU when set, else the cluster's CPUs shared evenly among "
+            "the workers (at most one node's): one worker on an embedded Ray gets the machine"
+        ),
+    )
     tokenizer_actors: int = Field(
         default=1, description="unused: training tokenizes in its read tasks (kept so configs still load)"
     )

@@ -238,6 +238,11 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
 
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
+    if cfg.scaling.torch_threads is None and "CPU" not in cfg.scaling.resources_per_worker:
+        from raytrieve.sizing import cluster_shape, train_threads
+
+        p.spec.threads = train_threads(cluster_shape(), cfg.scaling.num_workers)
+    log.info("%d worker(s), %d torch thread(s) each", cfg.scaling.num_workers, p.spec.threads)
     uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     params = mlflow_run.flatten(cfg)
     params.update(
@@ -246,6 +251,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             "plan.epochs": str(len(p.plan.steps_per_epoch)),
             "plan.not_trained_on": "; ".join(p.plan.dropped)[: mlflow_run.PARAM_LIMIT] or "none",
             "model.resolved_path": p.spec.model_path,
+            "scaling.resolved_torch_threads": str(p.spec.threads),
         }
     )
     run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)

@@ -1,0 +1,73 @@
+"""`raytrieve serve` as a user runs it: its own embedded Ray in a subprocess. A config the
+machine cannot hold is refused before anything deploys, naming what each deployment asks for;
+a config that fits starts with its CPUs sized from the machine, and Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow  # starts its own Ray (not the session's) in a subprocess
+
+
+def _machine_cpus() -> int:
+    """The CPUs an embedded Ray finds on this machine (cgroup limits included)."""
+    from ray._private.utils import get_num_cpus
+
+    return get_num_cpus()
+
+
+def _serve(config: dict, tmp_path: Path) -> subprocess.Popen:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raytrieve.cli", "serve", "--config", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_config_the_machine_cannot_hold_is_refused_before_deploying(tiny_models, tmp_path):
+    proc = _serve({"dense": {"model": str(tiny_models["dense"]), "num_cpus": 512}, "port": free_port()}, tmp_path)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out + err
+    assert "the deployments ask for 512.1 CPU(s) and 0 GPU(s) (dense 1 x 512 CPU, ingress 1 x 0.1 CPU)" in err
+    assert f"the cluster has {_machine_cpus()} CPU(s)" in err
+    assert "listening on" not in out
+
+
+def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(tiny_models, tmp_path):
+    port = free_port()
+    proc = _serve({"dense": {"model": str(tiny_models["dense"]), "name": "tiny"}, "port": port}, tmp_path)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the app is up (or the process ends)
+        assert f"listening on http://127.0.0.1:{port}" in line, line + proc.stderr.read() if proc.stderr else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+            models = json.load(r)["data"]
+        assert [m["id"] for m in models] == ["tiny"]
+        # the machine's CPUs less the ingress' 0.1, in steps of 0.05, at most 4: one replica's share
+        want = min(4.0, int((_machine_cpus() - 0.1) * 20) / 20)
+        assert models[0]["num_cpus"] == pytest.approx(want)
+        assert models[0]["torch_threads"] == max(1, round(want))
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        stopped_in = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    print(f"raytrieve serve stopped {stopped_in:.1f} s after Ctrl-C")
+    with pytest.raises(OSError):  # nothing answers on the port any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
