@@ -3,6 +3,8 @@ full encoder's input module, for every model kind, Router routes and max_seq_len
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from raytrieve.encoders import load_encoder
@@ -17,14 +19,23 @@ def _same(got: dict, want: dict) -> None:
         assert (g.tolist() if hasattr(g, "tolist") else g) == (value.tolist() if hasattr(value, "tolist") else value), key
 
 
+def _portable(tok):
+    """The tokenizer as Ray Data's stages get it: made portable on the driver, pickled over."""
+    portable = tok.portable()
+    assert portable is not None, "the shipped and tiny models have fast tokenizers"
+    return pickle.loads(pickle.dumps(portable))
+
+
 def _check(kind: str, path, task=None, max_seq_length=None, prompts=(None, "query: ")) -> None:
     encoder = load_encoder(kind, path, max_seq_length=max_seq_length)
     module = encoder.input_module(task)
     tok = load_input_tokenizer(path, task, max_seq_length, kind=kind)
+    portable = _portable(tok)
     assert tok.max_seq_length == module.max_seq_length
     for prompt in prompts:
         got = tok.tokenize_ids(SENTENCES, prompt=prompt)
         assert got == module.tokenize_ids(SENTENCES, prompt=prompt)
+        assert portable.tokenize_ids(SENTENCES, prompt=prompt) == got  # without transformers
         _same(tok.collate(got), module.collate(got))
         if prompt:
             want_length = module.prompt_length(prompt) if hasattr(module, "prompt_length") else None
@@ -53,6 +64,32 @@ def test_cross_encoder_pairs(tiny_models):
     pairs = list(zip(SENTENCES, SENTENCES[::-1]))
     assert tok.tokenize_ids(pairs) == module.tokenize_ids(pairs)
     assert "token_type_ids" in tok.tokenize_ids(pairs)
+    assert _portable(tok).tokenize_ids(pairs) == tok.tokenize_ids(pairs)
+    short = load_input_tokenizer(path, kind="cross", max_seq_length=12)  # truncates both texts, longest first
+    assert _portable(short).tokenize_ids(pairs) == short.tokenize_ids(pairs)
+
+
+@pytest.mark.parametrize("variant", ["splade-tiny", "ms-marco-minilm-l12-v2"])
+def test_shipped_models_portable(variant):
+    from raytrieve.model_ref import resolve_model
+
+    path = resolve_model(variant)
+    for length in (None, 10):
+        tok = load_input_tokenizer(path, max_seq_length=length)
+        texts = list(zip(SENTENCES, SENTENCES[::-1])) if variant.startswith("ms-marco") else SENTENCES
+        for prompt in (None, "query: "):
+            assert _portable(tok).tokenize_ids(texts, prompt=prompt) == tok.tokenize_ids(texts, prompt=prompt)
+
+
+def test_portable_tokenizer_imports_neither_transformers_nor_torch(minilm_dir):
+    import subprocess
+    import sys
+
+    data = pickle.dumps(_portable(load_input_tokenizer(minilm_dir)))
+    code = ("import pickle, sys; tok = pickle.loads(sys.stdin.buffer.read()); ids = tok.tokenize_ids(['Hello world'])"
+            "['input_ids'][0]; print(ids[0], ids[-1], 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True).stdout.decode()
+    assert out.split() == ["101", "102", "False", "False"]  # [CLS] ... [SEP]
 
 
 def test_shipped_minilm(minilm_dir):

@@ -16,16 +16,18 @@ negatives are built inside the loss), so their rows stay text (list<string> per 
 
 Tokenizing happens in the read tasks rather than in an actor pool: an actor pool holds its
 CPU share for the whole epoch, and on a small cluster the sort's whole-CPU tasks then never
-schedule; a task frees its CPU when the piece is done. The tokenizer is loaded once per
-worker process and kept (``_tokenizer``).
+schedule; a task frees its CPU when the piece is done. The driver loads each tokenizer once and
+hands its portable form (raytrieve/fast_tokenizer.py) to the tasks, which then import neither
+transformers nor torch (~3.5 CPU seconds per worker process); a slow tokenizer is loaded once
+per worker process and kept (``_tokenizer``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +35,9 @@ import pyarrow as pa
 from raytrieve.errors import RaytrieveError
 from raytrieve.kinds import model_kind
 from raytrieve.train.config import DatasetConfig
+
+if TYPE_CHECKING:
+    from raytrieve.fast_tokenizer import PortableTokenizer
 
 POSITION_BITS = 24  # = train.plan.POSITION_BITS (a stream key is micro-batch << 24 | position)
 _IDS = pa.list_(pa.int32())
@@ -77,6 +82,9 @@ class StreamSpec:
     kind: str  # dense | sparse | cross
     datasets: list[DatasetStream]
     max_seq_length: int | None = None
+    # The input tokenizer per Router route (None: no Router), made portable on the driver
+    # (``make_portable``) so that read tasks need neither transformers nor torch.
+    tokenizers: dict[str | None, PortableTokenizer] = field(default_factory=dict)
 
     @property
     def tokenized(self) -> bool:
@@ -90,6 +98,17 @@ class StreamSpec:
     @property
     def width(self) -> int:
         return max(len(d.columns) for d in self.datasets)
+
+    def routes(self) -> set[str | None]:
+        return {d.routes[c] if d.routes else None for d in self.datasets for c in range(len(d.columns))}
+
+    def make_portable(self) -> None:
+        """Load each route's tokenizer here, once, and keep its portable form (driver side)."""
+        if self.tokenized:
+            for route in self.routes():
+                portable = _tokenizer(self.model_path, route, self.max_seq_length).portable()
+                if portable is not None:
+                    self.tokenizers[route] = portable
 
     def schema(self) -> pa.Schema:
         fields = [("seq", pa.int64()), ("dataset", pa.int32()), ("label", _LABELS)]
@@ -146,7 +165,8 @@ def stream_rows(table: pa.Table, keys: np.ndarray, dataset: int, spec: StreamSpe
         if not spec.tokenized:
             out[f"text_{c}"] = _as_lists(column, pa.string())
             continue
-        tok = _tokenizer(spec.model_path, d.routes[c] if d.routes else None, spec.max_seq_length)
+        route = d.routes[c] if d.routes else None
+        tok = spec.tokenizers.get(route) or _tokenizer(spec.model_path, route, spec.max_seq_length)
         encoded = tok.tokenize_ids(column.to_pylist(), prompt=d.prompts[c])
         out[f"ids_{c}"] = pa.array(encoded["input_ids"], _IDS)
         types = encoded.get("token_type_ids")

@@ -20,11 +20,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytrieve._io import read_json
 from raytrieve.errors import InputError, ModelLoadError
 from raytrieve.model_ref import resolve_model
+
+if TYPE_CHECKING:
+    from raytrieve.fast_tokenizer import PortableTokenizer
 
 _HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 _STATIC = "static"  # SparseStaticEmbedding: no special tokens, no token types, no prompt marking
@@ -117,6 +120,24 @@ class InputTokenizer:
                 self.tokenizer, self.tokenize_ids([prompt])["input_ids"][0]
             )
         return self._prompt_lengths[prompt]
+
+    def portable(self) -> PortableTokenizer | None:
+        """This tokenization without transformers (raytrieve/fast_tokenizer.py), for Ray Data's
+        tokenizing stages; None for a slow (Python) tokenizer, which has no ``tokenizers``
+        backend to capture."""
+        from raytrieve.fast_tokenizer import PortableTokenizer
+
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        return PortableTokenizer(
+            backend_json=self.tokenizer.backend_tokenizer.to_str(),
+            max_seq_length=self.max_seq_length,
+            static=self.module == _STATIC,
+            do_lower_case=self.do_lower_case,
+            accepts_token_types=self.accepts_token_types,
+            truncation_side=getattr(self.tokenizer, "truncation_side", "right"),
+            split_special_tokens=bool(getattr(self.tokenizer, "split_special_tokens", False)),
+        )
 
     def features(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, Any]:
         """What ``encoder.tokenize(texts, task, prompt)`` gives: padded, prompt_length, task."""

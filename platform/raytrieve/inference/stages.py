@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,9 @@ from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
 from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes, valid_ids
+
+if TYPE_CHECKING:
+    from raytrieve.fast_tokenizer import PortableTokenizer
 
 BAD_ROW = pa.struct([("row", pa.int64()), ("id", pa.string()), ("reason", pa.string())])
 
@@ -50,6 +53,8 @@ class OutputSpec:
     ranges: list[list[float]] | None = None
     # sparse
     max_active_dims: int | None = None
+    # The input tokenizer, made portable on the driver (None: a slow tokenizer, loaded by the actor)
+    tokenizer: PortableTokenizer | None = None
 
 
 def _specs(batch: pa.Table) -> list[ShardSpec]:
@@ -98,6 +103,15 @@ def _thread_env(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _load_tokenizer(spec: OutputSpec) -> Any:
+    """A slow tokenizer, through transformers (a portable one needs no loading)."""
+    from raytrieve.encoders.tokenizer_only import load_input_tokenizer
+
+    return load_input_tokenizer(
+        spec.model_path, spec.task, spec.max_seq_length, kind=spec.kind, trust_remote_code=spec.trust_remote_code
+    )
+
+
 class ReadAndTokenize:
     """Actor: shard spec -> the shard's ids and each model's token ids (or 'reused')."""
 
@@ -109,16 +123,9 @@ class ReadAndTokenize:
         fingerprint: str,
         duplicates: Any = None,
     ) -> None:
-        from raytrieve.encoders.tokenizer_only import load_input_tokenizer
-
-        _thread_env(1)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.specs, self.corpus, self.store, self.fingerprint = specs, corpus, store, fingerprint
-        self.tokenizers = [
-            load_input_tokenizer(
-                s.model_path, s.task, s.max_seq_length, kind=s.kind, trust_remote_code=s.trust_remote_code
-            )
-            for s in specs
-        ]
+        self.tokenizers = [s.tokenizer or _load_tokenizer(s) for s in specs]
         self.duplicates: dict[str, int] = {}
         if duplicates is not None:  # an ObjectRef: one copy per node's object store, not per task
             import ray

@@ -236,6 +236,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     from raytrieve.ray_cluster import connect
     from raytrieve.tracking import mlflow_run
 
+    p.stream.make_portable()  # the read tasks then tokenize without importing transformers
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     if cfg.scaling.torch_threads is None and "CPU" not in cfg.scaling.resources_per_worker:
