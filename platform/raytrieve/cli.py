@@ -106,8 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.config, args.overrides)
     url = start(cfg, where=args.config, ray_address="local")
     print(
-        f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /embed_sparse, /rerank; "
-        "GET /healthz, /v1/models, /metrics, /docs); Ctrl-C stops",
+        f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /v1/rerank, /v2/rerank, /embed, "
+        "/embed_sparse, /rerank, /tokenize; GET /healthz, /health, /info, /v1/models, /metrics, /docs); Ctrl-C stops",
         flush=True,
     )
     try:
