@@ -141,6 +141,141 @@ def test_sparse_and_rerank_equal_in_process(served, models):
     assert r.json()["results"][0]["document"]["text"] == docs[ranked[0]["corpus_id"]]
 
 
+def _cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _sigmoid(x) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def test_openai_sdk(served, models):
+    """The openai package's embeddings.create against /v1/embeddings: float, dimensions, base64
+    (its default, decoded by the SDK) and usage counted in the model's tokens."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    # One text past max_seq_length (128): usage counts what the model ran on, after truncation.
+    texts = [p.query for p in served["pairs"][:4]] + [" ".join(p.document for p in served["pairs"][:6])[:1900]]
+    expected = models["dense"].encode(texts)
+    got = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+    assert got.model == "all-minilm-l6-v2" and [d.index for d in got.data] == list(range(len(texts)))
+    assert _cosine([d.embedding for d in got.data], expected).min() > 0.999999
+    tokens = [len(ids) for ids in models["dense"].tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    assert tokens[-1] == 128 and sum(tokens) != sum(len(t.split()) for t in texts)  # truncated; not words
+    assert got.usage.prompt_tokens == got.usage.total_tokens == sum(tokens)
+
+    small = client.embeddings.create(model="all-minilm-l6-v2", input=texts[0], dimensions=64)  # SDK: base64
+    np.testing.assert_allclose(small.data[0].embedding, models["dense"].encode(texts[0], truncate_dim=64,
+                                                                               normalize_embeddings=True), atol=1e-5)
+    raw = client.embeddings.create(model="all-minilm-l6-v2", input=texts[:2], encoding_format="base64")
+    vectors = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
+    np.testing.assert_allclose(vectors, expected[:2], atol=1e-5)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def _logits(models, query: str, docs: list[str]) -> np.ndarray:
+    """The cross-encoder's raw scores (its configured activation, sigmoid here, left out)."""
+    import torch
+
+    return models["reranker"].predict([(query, d) for d in docs], activation_fn=torch.nn.Identity())
+
+
+def _pair_tokens(models, query: str, docs: list[str]) -> int:
+    ids = models["reranker"].tokenizer([query] * len(docs), docs, truncation="longest_first", max_length=256)
+    return sum(len(x) for x in ids["input_ids"])
+
+
+def test_cohere_and_jina_rerank(served, models):
+    """cohere.ClientV2().rerank (POST /v2/rerank) and cohere.Client().rerank (POST /v1/rerank),
+    and Jina's body on /v1/rerank: the cross-encoder's ranking, sigmoid scores, token counts."""
+    import cohere
+
+    query = served["pairs"][7].query
+    docs = [p.document for p in served["pairs"][:12]]
+    logits = _logits(models, query, docs)
+    order = np.argsort(-logits, kind="stable")[:5].tolist()
+
+    v2 = cohere.ClientV2(base_url=served["url"], api_key="unused").rerank(
+        model="ms-marco-minilm-l12-v2", query=query, documents=docs, top_n=5)
+    assert [r.index for r in v2.results] == order
+    np.testing.assert_allclose([r.relevance_score for r in v2.results], _sigmoid(logits[order]), atol=1e-5)
+    assert v2.id and v2.meta.tokens.input_tokens == _pair_tokens(models, query, docs)
+    assert v2.meta.billed_units.search_units == 1 and v2.meta.api_version.version == "2"
+
+    # v1: documents as strings or objects; extra string fields come back with the document.
+    mixed = [d if i % 2 else {"text": d, "title": f"doc {i}"} for i, d in enumerate(docs)]
+    v1 = cohere.Client(base_url=served["url"], api_key="unused").rerank(
+        query=query, documents=mixed, top_n=5, return_documents=True)
+    assert [r.index for r in v1.results] == order
+    np.testing.assert_allclose([r.relevance_score for r in v1.results], _sigmoid(logits[order]), atol=1e-5)
+    assert [r.document.text for r in v1.results] == [docs[i] for i in order]
+    assert [getattr(r.document, "title", None) for r in v1.results] == [
+        None if i % 2 else f"doc {i}" for i in order]
+    assert v1.meta.tokens.input_tokens == _pair_tokens(models, query, docs)
+
+    jina = _post(served["url"], "/v1/rerank", {"model": "ms-marco-minilm-l12-v2", "query": query,
+                                               "documents": [{"text": d} for d in docs[:4]], "top_n": 2,
+                                               "return_documents": True})
+    assert jina.status_code == 200, jina.text
+    body = jina.json()
+    top = np.argsort(-logits[:4], kind="stable")[:2].tolist()
+    assert body["model"] == "ms-marco-minilm-l12-v2" and [r["index"] for r in body["results"]] == top
+    assert body["usage"]["total_tokens"] == _pair_tokens(models, query, docs[:4])
+    assert body["results"][0]["document"] == {"text": docs[top[0]]}
+
+
+def test_tei_routes(served, models):
+    """TEI's bodies and answers over plain HTTP (TEI has no Python client): /embed, /embed_sparse
+    and /rerank with TEI's keys, /tokenize, /info, /health; values from the in-process encoders."""
+    url, texts = served["url"], [p.query for p in served["pairs"][:4]]
+    r = _post(url, "/embed", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json(), models["dense"].encode(texts), atol=1e-5)
+    r = _post(url, "/embed", {"inputs": texts[0], "dimensions": 32, "normalize": False, "truncate": True})
+    np.testing.assert_allclose(r.json(), [models["dense"].encode(texts[0], truncate_dim=32)], atol=1e-5)
+    assert abs(np.linalg.norm(r.json()[0]) - 1) > 1e-3  # cut and not normalized again
+
+    r = _post(url, "/embed_sparse", {"inputs": texts[:2]})
+    assert r.status_code == 200, r.text
+    for row, exp in zip(r.json(), models["sparse"].encode(texts[:2], as_dicts=True)):
+        assert [e["index"] for e in row] == sorted(exp["indices"].tolist())  # TEI: by index
+        weights = dict(zip(exp["indices"].tolist(), exp["values"].tolist()))
+        np.testing.assert_allclose([e["value"] for e in row], [weights[e["index"]] for e in row], atol=1e-5)
+
+    query, docs = served["pairs"][7].query, [p.document for p in served["pairs"][:6]]
+    logits = _logits(models, query, docs)
+    order = np.argsort(-logits, kind="stable").tolist()
+    r = _post(url, "/rerank", {"query": query, "texts": docs, "return_text": True})
+    assert r.status_code == 200, r.text
+    assert [h["index"] for h in r.json()] == order and [h["text"] for h in r.json()] == [docs[i] for i in order]
+    np.testing.assert_allclose([h["score"] for h in r.json()], _sigmoid(logits[order]), atol=1e-5)
+    raw = _post(url, "/rerank", {"query": query, "texts": docs, "raw_scores": True}).json()
+    np.testing.assert_allclose([h["score"] for h in raw], logits[order], atol=1e-4)
+    assert "text" not in raw[0]
+
+    sample = ["Grüße, naïve café!", texts[0]]
+    r = _post(url, "/tokenize", {"inputs": sample})
+    assert r.status_code == 200, r.text
+    tok = models["dense"].tokenizer
+    for text, row in zip(sample, r.json()):
+        assert [t["id"] for t in row] == tok(text)["input_ids"]
+        assert row[0] == {"id": tok.cls_token_id, "text": "[CLS]", "special": True, "start": None, "stop": None}
+        for t in row[1:-1]:  # byte offsets into the text, as TEI's
+            assert text.encode()[t["start"]:t["stop"]].decode() == t["text"] and not t["special"]
+    plain = _post(url, "/tokenize", {"inputs": sample[0], "add_special_tokens": False}).json()
+    assert [t["id"] for t in plain[0]] == tok(sample[0], add_special_tokens=False)["input_ids"]
+
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["model_id"] == "all-minilm-l6-v2" and info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 128 and info["max_client_batch_size"] == 16 and info["model_dtype"] == "float32"
+    assert info["auto_truncate"] is True and isinstance(info["max_batch_tokens"], int) and info["version"]
+    r = requests.get(f"{url}/health", timeout=30)
+    assert r.status_code == 200 and r.content == b""
+
+
 def _reference_lists(served, models, query: str, k: int):
     """Dense and sparse top-k by brute force over in-process vectors (ties: lower row)."""
     docs = [p.document for p in served["pairs"]]
@@ -242,8 +377,21 @@ def test_models_health_metrics(served):
     models = {m["id"]: m for m in requests.get(f"{url}/v1/models").json()["data"]}
     assert models["all-minilm-l6-v2"]["dimensions"] == 384 and models["splade-tiny"]["kind"] == "sparse"
     assert {m["dtype"] for m in models.values()} == {"float32"}  # each replica reports its format
-    metrics = requests.get(f"{url}/metrics").text
-    assert 'raytrieve_requests_total{path="/search",status="200"}' in metrics
+    # Ray Serve's metrics from every node's agent, tagged by route and replica; Ray sends a
+    # replica's values to its agent every few seconds.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline, found = time.monotonic() + 60, []
+    while not found and time.monotonic() < deadline:
+        r = requests.get(f"{url}/metrics", timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:300]
+        found = [s for f in text_string_to_metric_families(r.text) for s in f.samples
+                 if s.name == "ray_raytrieve_requests_total" and s.labels.get("route") == "/search"
+                 and s.labels.get("status") == "200" and s.value > 0]
+        time.sleep(0 if found else 2)
+    assert found, r.text[:2000]
+    assert all(s.labels["deployment"] == "ingress" and s.labels["replica"] for s in found)
+    assert "ray_raytrieve_request_seconds_bucket" in r.text
 
 
 BAD = [
@@ -274,6 +422,28 @@ BAD = [
     ("/rerank", {"query": "q", "documents": ["d"] * 33}, 422, "documents"),
     ("/rerank", {"query": "", "documents": ["d"]}, 422, "query"),
     ("/rerank", {"query": "q", "documents": "d"}, 422, "documents"),
+    ("/embed", {"inputs": []}, 422, "inputs"),
+    ("/embed", {"inputs": ["a"] * 17}, 422, "inputs"),
+    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name"),
+    ("/embed", {"inputs": "a", "dimensions": 385}, 422, "dimensions"),
+    ("/embed", {"inputs": "a", "truncation_direction": "left"}, 422, "truncation_direction"),
+    ("/embed", {"inputs": [17]}, 422, "inputs"),
+    ("/embed_sparse", {"inputs": ["a"] * 17}, 422, "inputs"),
+    ("/embed_sparse", {"inputs": "a", "input": "b"}, 422, "input"),
+    ("/embed_sparse", {"inputs": "a", "top_k": 3}, 422, "top_k"),
+    ("/rerank", {"query": "q", "texts": ["d"] * 33}, 422, "texts"),
+    ("/rerank", {"query": "q", "texts": ["d"], "documents": ["d"]}, 422, "documents"),
+    ("/rerank", {"query": "q", "texts": ["d", ""]}, 422, "texts[1]"),
+    ("/tokenize", {"inputs": "a", "add_special_tokens": "yes"}, 422, "add_special_tokens"),
+    ("/tokenize", {"inputs": ["a"] * 17}, 422, "inputs"),
+    ("/v1/rerank", {"query": "q", "documents": [{"title": "t"}]}, 422, "documents[0]"),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": "d", "year": 1999}]}, 422, "documents[0].year"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"] * 33}, 422, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 422, "rank_fields"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"], "max_chunks_per_doc": 2}, 422, "max_chunks_per_doc"),
+    ("/v2/rerank", {"query": "q", "documents": ["d"], "model": "rerank-v3.5"}, 404, "model"),
+    ("/v2/rerank", {"query": "q", "documents": [{"text": "d"}]}, 422, "documents[0]"),
+    ("/v2/rerank", {"query": "", "documents": ["d"]}, 422, "query"),
     ("/nope", {}, 404, "path"),
 ]
 
@@ -300,24 +470,44 @@ def test_bad_requests_get_named_4xx(served):
 
 HOSTILE_TIMEOUT_S = 60
 # The endpoints the design names; those the app lacks must still answer a JSON 404.
-NAMED_POSTS = ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/embed_sparse", "/rerank", "/search")
-# A valid body per POST endpoint and the kind of each field; wrong values are drawn per kind.
-# test_hostile_fields_get_4xx_json checks this table against the app's OpenAPI schema, so a new
-# endpoint or field cannot go unfuzzed.
+NAMED_POSTS = ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/embed_sparse", "/rerank", "/tokenize",
+               "/search")
+# A valid body per POST body shape and the kind of each field; wrong values are drawn per kind.
+# Routes with two bodies (raytrieve's and TEI's, told apart by their keys) have one entry each,
+# "path#tei" for TEI's. test_hostile_fields_get_4xx_json checks this table against the app's
+# OpenAPI schema, so a new endpoint or field cannot go unfuzzed.
 VALID = {
     "/v1/embeddings": {"input": "hello"},
     "/embed_sparse": {"input": "hello"},
+    "/embed_sparse#tei": {"inputs": "hello"},
     "/rerank": {"query": "q", "documents": ["a", "b"]},
+    "/rerank#tei": {"query": "q", "texts": ["a", "b"]},
     "/search": {"query": "q", "top_k": 2, "return_text": False},
+    "/embed": {"inputs": "hello"},
+    "/tokenize": {"inputs": "hello"},
+    "/v1/rerank": {"query": "q", "documents": ["a", {"text": "b"}]},
+    "/v2/rerank": {"query": "q", "documents": ["a", "b"]},
 }
+TEI_TRUNCATION = {"truncate": "bool?", "truncation_direction": "enum"}
 FIELD_KINDS = {
     "/v1/embeddings": {"input": "texts", "model": "text", "dimensions": "int", "encoding_format": "enum",
                        "input_type": "enum", "user": "text"},
     "/embed_sparse": {"input": "texts", "model": "text", "input_type": "enum", "return_tokens": "bool", "top_k": "int"},
+    "/embed_sparse#tei": {"inputs": "texts", "prompt_name": "text", **TEI_TRUNCATION},
     "/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool"},
+    "/rerank#tei": {"query": "text", "texts": "list", "raw_scores": "bool", "return_text": "bool", **TEI_TRUNCATION},
     "/search": {"query": "text", "top_k": "int", "recall": "object", "fusion": "object", "rerank": "bool",
                 "rerank_depth": "int", "return_text": "bool", "return_stages": "bool"},
+    "/embed": {"inputs": "texts", "normalize": "bool", "prompt_name": "text", "dimensions": "int", **TEI_TRUNCATION},
+    "/tokenize": {"inputs": "texts", "add_special_tokens": "bool", "prompt_name": "text"},
+    "/v1/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool",
+                   "rank_fields": "list"},
+    "/v2/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "priority": "int>=0"},
 }
+
+
+def _path(name: str) -> str:
+    return name.split("#")[0]
 
 
 class RawJSON(str):
@@ -348,6 +538,8 @@ WRONG = {
     "list": ["d", 5, {}, [], [5], [None], ["ok", "\ud83d"], ["d"] * 33],
     "int": ["3", 1.5, True, [], {}, 0, -1, -(10**400)],
     "bool": ["true", 1, 0, None, []],
+    "bool?": ["true", 1, 0, []],  # null is valid: "not set"
+    "int>=0": ["3", 1.5, True, [], {}, -1, -(10**400)],
     "enum": ["nope", "", 1, ["float"], {}],
     "object": ["x", 1, [], {"surprise": 1}, {"dense": -1}, {"dense": 10**400}, {"sparse": 1.5},
                {"method": "convex", "dense_weight": float("inf")}, {"k": float("nan")}, {"k": RawJSON("1e400")},
@@ -393,7 +585,7 @@ def test_hostile_bodies_get_4xx_json(served):
     """Whole bodies no endpoint can accept, on every endpoint the design names: malformed JSON,
     NaN/Infinity, lone surrogates (escaped, and as raw bytes), 100k-deep nesting, an integer of
     5,000 digits, invalid UTF-8, empty bodies and the wrong Content-Type."""
-    known = set(VALID)
+    known = {_path(name) for name in VALID}
     raw_bodies = {
         "malformed": (b"{not json", 400), "trailing comma": (b'{"query": "x",}', 400),
         "truncated": (b'{"query": "x', 400),
@@ -430,23 +622,27 @@ def test_hostile_fields_get_4xx_json(served):
     any limit are answered 200 or 4xx, never 5xx."""
     schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
     posts = {p for p, ops in schema["paths"].items() if "post" in ops}
-    assert posts == set(VALID) == set(FIELD_KINDS), "fuzz table out of date with the app's POST endpoints"
+    assert posts == {_path(n) for n in VALID} == {_path(n) for n in FIELD_KINDS}, "fuzz table out of date with the app"
     for path in posts:
-        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-        fields = set(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"])
-        assert fields == set(FIELD_KINDS[path]), (path, "fuzz table out of date with the request fields", fields)
-        assert _request(served, "POST", path, _to_json(VALID[path]), JSON_HEADERS)[0] == 200, path
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        refs = [body["$ref"]] if "$ref" in body else [b["$ref"] for b in body.get("oneOf") or body["anyOf"]]
+        shapes = {frozenset(schema["components"]["schemas"][r.rsplit("/", 1)[1]]["properties"]) for r in refs}
+        tables = {frozenset(kinds) for name, kinds in FIELD_KINDS.items() if _path(name) == path}
+        assert shapes == tables, (path, "fuzz table out of date with the request fields", shapes)
+    for name, body in VALID.items():
+        assert _request(served, "POST", _path(name), _to_json(body), JSON_HEADERS)[0] == 200, name
 
-    for path, kinds in FIELD_KINDS.items():
+    for name, kinds in FIELD_KINDS.items():
+        path = _path(name)
         for field, kind in kinds.items():
             for value in WRONG_ANYWHERE + WRONG[kind]:
-                body = _to_json({**VALID[path], field: value})
-                error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (path, field, value))
+                body = _to_json({**VALID[name], field: value})
+                error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (name, field, value))
                 if value is not DEEP:  # 100k-deep JSON is refused before any field is read
                     assert error["field"].startswith(field), (path, field, value, error)
-            if kind in ("int", "object"):
-                for value in HUGE if kind == "int" else [{"dense": n} for n in HUGE]:
-                    code, content_type, data = _request(served, "POST", path, _to_json({**VALID[path], field: value}),
+            if kind in ("int", "int>=0", "object"):
+                for value in HUGE if kind != "object" else [{"dense": n} for n in HUGE]:
+                    code, content_type, data = _request(served, "POST", path, _to_json({**VALID[name], field: value}),
                                                         JSON_HEADERS)
                     assert code == 200 or 400 <= code < 500, (path, field, value, code, data[:300])
                     assert content_type.startswith("application/json") and json.loads(data), (path, field, value)
@@ -460,9 +656,10 @@ def test_chunked_bodies_are_read_and_bounded(served):
     def chunks(data: bytes, size: int):
         return iter([data[i : i + size] for i in range(0, len(data), size)])
 
-    for path, body in VALID.items():
+    for name, body in VALID.items():
+        path = _path(name)
         code, _, data = _request(served, "POST", path, chunks(_to_json(body), 3), JSON_HEADERS)
-        assert code == 200, (path, data[:300])
+        assert code == 200, (name, data[:300])
         _assert_json_error(_request(served, "POST", path, chunks(b'{"query": "x", "input": ', 5), JSON_HEADERS),
                            (path, "chunked malformed"), 400)
     oversized = b"[" + b" " * (limit + 65_536) + b"]"
@@ -479,9 +676,9 @@ def test_fuzzed_requests_never_5xx(served):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    # The profile's count (tests/conftest.py: 60 by default, HYPOTHESIS_PROFILE=thorough: 2000), x3:
-    # four endpoints share the examples.
-    examples = 3 * settings().max_examples
+    # The profile's count (tests/conftest.py: 60 by default, HYPOTHESIS_PROFILE=thorough: 2000), x4:
+    # ten request bodies on eight endpoints share the examples.
+    examples = 4 * settings().max_examples
     texts = st.text(max_size=40) | st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010), max_size=5)
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers() | st.integers(10**20, 10**400) | st.floats() | texts,
@@ -495,7 +692,7 @@ def test_fuzzed_requests_never_5xx(served):
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
               database=None)
-    @given(path=st.sampled_from(sorted(VALID)), body=bodies, raw=st.none() | st.binary(max_size=64),
+    @given(path=st.sampled_from(sorted({_path(n) for n in VALID})), body=bodies, raw=st.none() | st.binary(max_size=64),
            content_type=content_types)
     def check(path, body, raw, content_type):
         sent = raw if raw is not None else _to_json(body)
@@ -573,6 +770,7 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
     url = f"{served['url']}/secured"
     try:
         assert requests.get(f"{url}/healthz").status_code == 200
+        assert requests.get(f"{url}/health").status_code == 200  # TEI's probe, also without the token
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
             r = requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"

@@ -111,8 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         url = start(cfg, where=args.config, ray_address="local")
         print(
-            f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /embed_sparse, /rerank; "
-            "GET /healthz, /v1/models, /metrics, /docs); Ctrl-C stops",
+            f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /v1/rerank, /v2/rerank, /embed, "
+            "/embed_sparse, /rerank, /tokenize; GET /healthz, /health, /info, /v1/models, /metrics, /docs); "
+            "Ctrl-C stops",
             flush=True,
         )
         while True:

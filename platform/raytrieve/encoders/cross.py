@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from raytrieve._io import read_json, write_json
 from raytrieve.encoders import precision
-from raytrieve.encoders.base import Encoder
+from raytrieve.encoders.base import Encoder, Pretokenized
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Transformer
 from raytrieve.modules.activations import activation_from_name, activation_name
@@ -87,6 +87,8 @@ class CrossEncoder(Encoder):
 
     @staticmethod
     def _as_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
+        if isinstance(pairs, Pretokenized):
+            return pairs, False  # type: ignore[return-value]
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             return [pairs], True
         if isinstance(pairs, list) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
@@ -112,6 +114,7 @@ class CrossEncoder(Encoder):
         prompt: str | None = None,
     ) -> np.ndarray | Tensor:
         """Scores for (query, document) pairs in input order: [n] for one label, [n, labels] else.
+        ``sentences`` may be ``Pretokenized`` pairs (prompt included).
 
         The activation (sigmoid for one label by default) is applied to the logits;
         ``apply_softmax`` normalizes multi-label scores.

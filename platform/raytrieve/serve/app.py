@@ -8,23 +8,41 @@ The endpoints check requests against the config's limits, call the deployments (
 runs serve/search.py's pipeline over them) and shape the answers. Tokens, body bounds, metrics
 and the error shape (4xx JSON naming the field) are serve/http_guard.py's. Overload gives 503
 with Retry-After (Serve's ``max_queued_requests`` at the proxy).
+
+Besides raytrieve's own routes, the ingress answers in the shapes of the clients people have:
+OpenAI's embeddings, Cohere's v1/v2 and Jina's rerank, and TEI's routes (schemas.py has their
+bodies). The file is longer than most: FastAPI's class-based routes under serve.ingress put every
+endpoint in the one Ingress class; what they share is in the helpers above it.
 """
 
+import asyncio
 import base64
 import os
+import uuid
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raytrieve.serve import http_guard
+from raytrieve.serve import cluster_metrics, http_guard
 from raytrieve.serve.config import LimitsConfig, ServeConfig
 from raytrieve.serve.deployments import ModelReplica, Retriever
 from raytrieve.serve.http_guard import ApiError, SafeJSONResponse
-from raytrieve.serve.schemas import EmbeddingsRequest, RerankRequest, SearchRequest, SparseRequest
+from raytrieve.serve.schemas import (
+    CohereRerankV1Request,
+    CohereRerankV2Request,
+    EmbeddingsRequest,
+    RerankBody,
+    RerankRequest,
+    SearchRequest,
+    SparseBody,
+    TeiEmbedRequest,
+    TeiSparseRequest,
+    TokenizeRequest,
+)
 from raytrieve.serve.search import Retrieval, SearchError, SearchPipeline
 
 api = FastAPI(
@@ -34,6 +52,9 @@ api = FastAPI(
     default_response_class=SafeJSONResponse,
 )
 http_guard.install(api)
+
+# The model /info and /tokenize describe (TEI serves one model; this app up to three).
+PRIMARY_ORDER = ("dense", "sparse", "reranker")
 
 
 def _texts(value: str | list[str], field: str, limit_count: int, limit_chars: int) -> list[str]:
@@ -61,6 +82,26 @@ def _encode_vector(v: np.ndarray, fmt: str) -> Any:
     return v.tolist()
 
 
+def _shape_vectors(emb: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Matryoshka: keep the first ``dimensions``; then unit length when asked (as
+    sentence-transformers' encode(truncate_dim=, normalize_embeddings=))."""
+    if dimensions is not None:
+        emb = emb[:, :dimensions]
+    if normalize:
+        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    return emb
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # Cohere's, Jina's and TEI's scores are probabilities: sigmoid of the logit (TEI's own rule
+    # for one-label models); written with logaddexp so large logits do not overflow.
+    return np.exp(-np.logaddexp(0, -x)).astype(np.float32)
+
+
+def _best_first(scores: np.ndarray, top_n: int | None) -> list[int]:
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:top_n]]
+
+
 def _check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
     """The config's bounds on a /search request; what the pipeline cannot serve it refuses itself."""
     _texts(body.query, "query", 1, limits.max_text_chars)
@@ -79,7 +120,8 @@ def _search_pipeline(handles: dict[str, DeploymentHandle | None], retriever: Dep
 
     def retrieval(kind: str, encoder: DeploymentHandle) -> Retrieval:
         async def encode(query: str) -> Any:
-            return (await encoder.remote([query], "query"))[0]
+            outputs, _ = await encoder.remote([query], "query")
+            return outputs[0]
 
         async def search(vector: Any, k: int) -> list[tuple[str, float]]:
             return await getattr(retriever, kind).remote(vector, k)
@@ -93,10 +135,20 @@ def _search_pipeline(handles: dict[str, DeploymentHandle | None], retriever: Dep
 
     async def rerank(pairs: list[tuple[str, str]]) -> list[float]:
         assert reranker is not None, "passed to the pipeline only when a reranker is served"
-        return await reranker.remote(pairs)
+        scores, _ = await reranker.remote(pairs)
+        return scores
 
     retrievers = {k: retrieval(k, h) for k in ("dense", "sparse") if (h := handles[k]) is not None}
     return SearchPipeline(retrievers, lookup, rerank if reranker is not None else None)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raytrieve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # serve.ingress serializes the FastAPI app when the class is decorated: every helper the
@@ -112,25 +164,18 @@ class Ingress:
         reranker: DeploymentHandle | None,
         retriever: DeploymentHandle | None,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
         self.cfg, self.limits = cfg, cfg.limits
         self.handles = {"dense": dense, "sparse": sparse, "reranker": reranker}
         self.retriever = retriever
         self.searcher = _search_pipeline(self.handles, retriever) if retriever is not None else None
         self.names = {k: getattr(cfg, k).public_name for k, h in self.handles.items() if h is not None}
+        self.primary = next(k for k in PRIMARY_ORDER if self.handles[k] is not None)
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
+        self.version = _version()
         api.state.ingress = self  # for http_guard's middleware (one ingress per replica process)
-        self.registry = CollectorRegistry()
-        self.requests = Counter("raytrieve_requests", "HTTP requests", ["path", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "raytrieve_request_seconds",
-            "Request latency",
-            ["path"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
+        # Ray Serve metrics, not a registry of this replica: see serve/cluster_metrics.py.
+        self.requests, self.latency = cluster_metrics.request_metrics()
 
     async def _describe(self, kind: str) -> dict[str, Any]:
         if kind not in self.info:
@@ -154,7 +199,36 @@ class Ingress:
             )
         return handle
 
-    # -- endpoints ------------------------------------------------------------------------------
+    async def _prompt(self, kind: str, prompt_name: str | None) -> str | None:
+        """TEI's prompt_name: a key of the model's prompts, else 422."""
+        known = (await self._describe(kind)).get("prompts") or []
+        if prompt_name is not None and prompt_name not in known:
+            raise ApiError(422, "prompt_name", f"prompt_name: {prompt_name!r} is not a prompt of this model: {known}")
+        return prompt_name
+
+    async def _dense(
+        self, texts: list[str], dimensions: int | None, task: str | None = None, prompt_name: str | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Float32 vectors of a checked request, and the tokens each text cost."""
+        dim = (await self._describe("dense"))["dimensions"]
+        if dimensions is not None and not 1 <= dimensions <= dim:
+            raise ApiError(422, "dimensions", f"dimensions: {dimensions} is out of range 1..{dim}")
+        handle = self._model("dense", None)
+        emb, tokens = await handle.remote(texts, task, prompt_name)
+        return np.asarray(emb, dtype=np.float32), tokens
+
+    async def _scores(
+        self, model: str | None, query: str, documents: list[str], logits: bool, field: str = "documents"
+    ) -> tuple[np.ndarray, int]:
+        """Reranker scores of (query, document) pairs after the limits, and the tokens they cost.
+        ``logits``: the raw logits instead of the model's own activation."""
+        handle = self._model("reranker", model, "model" if field == "documents" else "path")
+        query = _texts(query, "query", 1, self.limits.max_text_chars)[0]
+        docs = _texts(documents, field, self.limits.max_documents, self.limits.max_text_chars)
+        scores, tokens = await handle.remote([(query, d) for d in docs], "logits" if logits else None)
+        return np.asarray(scores, dtype=np.float32), sum(tokens)
+
+    # -- raytrieve's own endpoints ----------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "models": self.names, "index": self.retriever is not None}
@@ -169,39 +243,46 @@ class Ingress:
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return PlainTextResponse(generate_latest(self.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+        # ray.nodes() and the agents' pages are blocking calls: off the event loop.
+        urls = await asyncio.to_thread(cluster_metrics.agent_urls)
+        if not urls:
+            raise ApiError(503, None, "no Ray node exports metrics (Ray's metrics agent is off)", "unavailable")
+        text, failed = await asyncio.to_thread(cluster_metrics.gather, urls)
+        notes = "".join(f"# raytrieve: no answer from the metrics agent at {url}\n" for url in failed)
+        return PlainTextResponse(notes + text, media_type=CONTENT_TYPE_LATEST)
 
     @api.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingsRequest) -> dict[str, Any]:
-        handle = self._model("dense", body.model)
+        """OpenAI's embeddings (the openai SDK's client.embeddings.create)."""
+        self._model("dense", body.model)
         texts = _texts(body.input, "input", self.limits.max_inputs, self.limits.max_text_chars)
-        info = await self._describe("dense")
-        dim = info["dimensions"]
-        if body.dimensions is not None and not 1 <= body.dimensions <= dim:
-            raise ApiError(422, "dimensions", f"dimensions: {body.dimensions} is out of range 1..{dim}")
-        emb = np.asarray(await handle.remote(texts, body.input_type), dtype=np.float32)
-        if body.dimensions is not None:  # Matryoshka: truncate, then unit length again
-            emb = emb[:, : body.dimensions]
-            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+        emb, tokens = await self._dense(texts, body.dimensions, task=body.input_type)
+        # OpenAI's dimensions: truncated, then unit length again.
+        emb = _shape_vectors(emb, body.dimensions, normalize=body.dimensions is not None)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
             for i, v in enumerate(emb)
         ]
-        tokens = sum(len(t.split()) for t in texts)
-        return {
-            "object": "list",
-            "data": data,
-            "model": self.names["dense"],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+        return {"object": "list", "data": data, "model": self.names["dense"], "usage": usage}
 
     @api.post("/embed_sparse")
-    async def embed_sparse(self, body: SparseRequest) -> dict[str, Any]:
-        handle = self._model("sparse", body.model)
-        texts = _texts(body.input, "input", self.limits.max_inputs, self.limits.max_text_chars)
-        rows = await handle.remote(texts, body.input_type)
+    async def embed_sparse(self, body: SparseBody) -> Any:
+        """raytrieve's body ("input") or TEI's ("inputs")."""
+        tei = isinstance(body, TeiSparseRequest)
+        handle = self._model("sparse", None if tei else body.model, "path" if tei else "model")
+        field = "inputs" if tei else "input"
+        texts = _texts(getattr(body, field), field, self.limits.max_inputs, self.limits.max_text_chars)
+        if isinstance(body, TeiSparseRequest):
+            rows, _ = await handle.remote(texts, None, await self._prompt("sparse", body.prompt_name))
+            # TEI lists a vector's entries by index.
+            return [
+                [{"index": int(a), "value": float(b)} for a, b in sorted(zip(indices, values))]
+                for indices, values in rows
+            ]
+        rows, _ = await handle.remote(texts, body.input_type)
         data = []
         for i, (indices, values) in enumerate(rows):
             if body.top_k is not None:
@@ -214,19 +295,24 @@ class Ingress:
         return {"object": "list", "data": data, "model": self.names["sparse"]}
 
     @api.post("/rerank")
-    async def rerank(self, body: RerankRequest) -> dict[str, Any]:
-        handle = self._model("reranker", body.model)
-        query = _texts(body.query, "query", 1, self.limits.max_text_chars)[0]
-        if not body.documents:
-            raise ApiError(422, "documents", "documents: give at least one document")
-        docs = _texts(body.documents, "documents", self.limits.max_documents, self.limits.max_text_chars)
-        scores = np.asarray(await handle.remote([(query, d) for d in docs]), dtype=np.float32)
-        order = np.argsort(-scores, kind="stable")[: body.top_n]
+    async def rerank(self, body: RerankBody) -> Any:
+        """raytrieve's body ("documents": the model's own scores) or TEI's ("texts")."""
+        if not isinstance(body, RerankRequest):
+            scores, _ = await self._scores(None, body.query, body.texts, logits=True, field="texts")
+            scores = scores if body.raw_scores else _sigmoid(scores)
+            hits: list[dict[str, Any]] = []
+            for i in _best_first(scores, None):
+                hit: dict[str, Any] = {"index": i, "score": float(scores[i])}
+                if body.return_text:
+                    hit["text"] = body.texts[i]
+                hits.append(hit)
+            return hits
+        scores, _ = await self._scores(body.model, body.query, body.documents, logits=False)
         results = []
-        for i in order:
-            hit: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+        for i in _best_first(scores, body.top_n):
+            hit = {"index": i, "relevance_score": float(scores[i])}
             if body.return_documents:
-                hit["document"] = {"text": docs[i]}
+                hit["document"] = {"text": body.documents[i]}
             results.append(hit)
         return {"model": self.names["reranker"], "results": results}
 
@@ -239,6 +325,97 @@ class Ingress:
             return await self.searcher.search(body)
         except SearchError as e:
             raise ApiError(422, e.field, str(e)) from None
+
+    # -- Cohere's and Jina's rerank -------------------------------------------------------------
+    def _cohere_answer(self, results: list[dict[str, Any]], n_docs: int, tokens: int, version: str) -> dict[str, Any]:
+        """What the cohere SDK parses (id, results, meta); Cohere bills a search unit per query
+        with up to 100 documents."""
+        meta = {
+            "api_version": {"version": version},
+            "billed_units": {"search_units": -(-n_docs // 100)},
+            "tokens": {"input_tokens": tokens, "output_tokens": 0},
+        }
+        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+
+    @api.post("/v1/rerank")
+    async def rerank_v1(self, body: CohereRerankV1Request) -> dict[str, Any]:
+        """Cohere's v1 rerank (cohere.Client().rerank) and Jina's: documents are strings or
+        objects with "text"; the answer carries Cohere's id/meta and Jina's model/usage."""
+        if body.rank_fields is not None and body.rank_fields != ["text"]:
+            raise ApiError(422, "rank_fields", 'rank_fields: only ["text"] is ranked here')
+        texts = [d if isinstance(d, str) else d.text for d in body.documents]
+        scores, tokens = await self._scores(body.model, body.query, texts, logits=True)
+        scores = _sigmoid(scores)
+        results = []
+        for i in _best_first(scores, body.top_n):
+            hit: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+            if body.return_documents:
+                doc = body.documents[i]
+                hit["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump()
+            results.append(hit)
+        answer = self._cohere_answer(results, len(texts), tokens, "1")
+        return {**answer, "model": self.names["reranker"], "usage": {"total_tokens": tokens}}
+
+    @api.post("/v2/rerank")
+    async def rerank_v2(self, body: CohereRerankV2Request) -> dict[str, Any]:
+        """Cohere's v2 rerank (cohere.ClientV2().rerank); ``priority`` is accepted and has no effect."""
+        scores, tokens = await self._scores(body.model, body.query, body.documents, logits=True)
+        scores = _sigmoid(scores)
+        results = [{"index": i, "relevance_score": float(scores[i])} for i in _best_first(scores, body.top_n)]
+        return self._cohere_answer(results, len(body.documents), tokens, "2")
+
+    # -- TEI (text-embeddings-inference) --------------------------------------------------------
+    @api.post("/embed")
+    async def embed(self, body: TeiEmbedRequest) -> list[list[float]]:
+        self._model("dense", None, "path")
+        texts = _texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
+        emb, _ = await self._dense(texts, body.dimensions, prompt_name=await self._prompt("dense", body.prompt_name))
+        return _shape_vectors(emb, body.dimensions, body.normalize).tolist()
+
+    @api.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> list[list[dict[str, Any]]]:
+        """TEI's tokenize, with the tokenizer of the model /info describes."""
+        texts = _texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
+        handle = self._model(self.primary, None, "path")
+        prompt_name = await self._prompt(self.primary, body.prompt_name)
+        return await handle.tokenize.remote(texts, body.add_special_tokens, prompt_name)
+
+    @api.get("/info")
+    async def tei_info(self) -> dict[str, Any]:
+        """TEI's /info, for the first served of dense, sparse, reranker."""
+        kind = self.primary
+        info = await self._describe(kind)
+        spec = getattr(self.cfg, kind)
+        if kind == "reranker":
+            labels = info["id2label"]
+            model_type: dict[str, Any] = {
+                "reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+            }
+        else:
+            model_type = {"embedding": {"pooling": info["pooling"]}}
+        return {
+            "model_id": self.names[kind],
+            "model_sha": None,
+            "model_dtype": info["dtype"],
+            "served_model_name": self.names[kind],
+            "model_type": model_type,
+            # TEI's bound on waiting requests; here the proxy's queue per ingress replica.
+            "max_concurrent_requests": self.limits.max_queued_requests,
+            "max_input_length": info["max_seq_length"],
+            "max_batch_tokens": info["max_batch_tokens"],
+            "max_batch_requests": None,
+            "max_client_batch_size": self.limits.max_documents if kind == "reranker" else self.limits.max_inputs,
+            "auto_truncate": True,  # texts are always cut at max_input_length
+            "tokenization_workers": spec.num_replicas,  # each model replica tokenizes its own batches
+            "version": self.version,
+            "sha": None,
+            "docker_label": None,
+        }
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """TEI's liveness probe: 200, empty body."""
+        return Response(status_code=200)
 
 
 def build_app(cfg: ServeConfig, where: str = "config") -> Any:

@@ -58,9 +58,11 @@ class DeploymentConfig(ConfigModel):
 
 class LimitsConfig(ConfigModel):
     max_body_bytes: int = 1_000_000
-    max_inputs: int = Field(default=128, description="texts per /v1/embeddings or /embed_sparse request")
+    max_inputs: int = Field(
+        default=128, description="texts per /v1/embeddings, /embed, /embed_sparse or /tokenize request"
+    )
     max_text_chars: int = Field(default=8_000, description="per text, query or document")
-    max_documents: int = Field(default=256, description="per /rerank request")
+    max_documents: int = Field(default=256, description="per /rerank, /v1/rerank or /v2/rerank request")
     max_top_k: int = 100
     max_recall: int = Field(default=1000, description="candidates per retriever in /search")
     max_rerank_depth: int = 200

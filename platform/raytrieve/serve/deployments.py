@@ -42,7 +42,7 @@ def load_model(kind: str, spec: DeploymentConfig) -> Any:
     )
 
 
-def _batch_cost(items: list[tuple[Any, str | None, int]]) -> int:
+def _batch_cost(items: list[tuple[Any, Any, int]]) -> int:
     return sum(cost for _, _, cost in items)
 
 
@@ -73,48 +73,109 @@ class ModelReplica:
             "dtype": self.model.dtype,  # the format chosen (a config's auto resolved on this replica)
             "num_cpus": self.spec.num_cpus,  # sized from the cluster when the config left it unset
             "torch_threads": torch.get_num_threads(),
+            "max_batch_tokens": self.spec.max_batch_tokens,
         }
         if self.kind == "dense":
+            from raytrieve.modules import Pooling
+
             info["dimensions"] = self.model.get_embedding_dimension()
             info["similarity"] = self.model.similarity_fn_name
+            pooling = next((m for m in self.model.stack if isinstance(m, Pooling)), None)
+            info["pooling"] = "+".join(pooling.modes) if pooling is not None else None
         elif self.kind == "sparse":
             info["vocab_size"] = self.model.get_embedding_dimension() or len(self.model.tokenizer)
+            info["pooling"] = "splade"
+        else:
+            config = self.model.stack[0].auto_model.config
+            info["id2label"] = {str(i): str(label) for i, label in config.id2label.items()}
+        if self.kind != "reranker":
+            info["prompts"] = sorted(self.model.prompts)
         return info
 
-    async def __call__(self, inputs: list[Any], task: str | None = None) -> Any:
-        """dense: float32 [n, dim]; sparse: [(indices, values)] by weight; reranker: scores [n]
-        for (query, document) pairs."""
+    async def __call__(
+        self, inputs: list[Any], task: str | None = None, prompt_name: str | None = None
+    ) -> tuple[Any, list[int]]:
+        """(outputs, tokens per input). dense: float32 [n, dim]; sparse: [(indices, values)] by
+        weight; reranker: scores [n] for (query, document) pairs, through the model's activation,
+        or its logits with task "logits". Tokens count what the model ran on: special tokens and
+        prompt included, after truncation."""
         texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
         cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
-        return await self.infer((inputs, task, cost))
+        return await self.infer((inputs, (task, prompt_name), cost))
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
-    async def infer(self, items: list[tuple[list[Any], str | None, int]]) -> list[Any]:
+    async def infer(self, items: list[tuple[list[Any], tuple[str | None, str | None], int]]) -> list[Any]:
         results: list[Any] = [None] * len(items)
-        for task in dict.fromkeys(task for _, task, _ in items):
-            members = [i for i, (_, t, _) in enumerate(items) if t == task]
+        for mode in dict.fromkeys(mode for _, mode, _ in items):
+            members = [i for i, (_, m, _) in enumerate(items) if m == mode]
             flat = [x for i in members for x in items[i][0]]
-            out = self._run(flat, task)
+            out, tokens = self._run(flat, *mode)
             at = 0
             for i in members:
                 n = len(items[i][0])
-                results[i] = out[at : at + n]
+                results[i] = (out[at : at + n], tokens[at : at + n])
                 at += n
         return results
 
-    def _run(self, inputs: list[Any], task: str | None) -> Any:
-        budget = self.spec.max_batch_tokens
+    def _run(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
+        from raytrieve.encoders.base import Pretokenized
+
+        model, route = self.model, None if self.kind == "reranker" else task
+        if route is None and prompt_name is not None and self.kind != "reranker":
+            # A prompt named like a task's (TEI's prompt_name "query") also takes that task's route.
+            route = next((t for t in ("query", "document") if model.prompt_name_for(t) == prompt_name), None)
+        if prompt_name is None and route is not None:
+            prompt_name = model.prompt_name_for(route)  # as encode_query / encode_document do
+        prompt = model.resolve_prompt(None, prompt_name)
+        # Tokenized once here, so the token counts (usage) come from the ids the model runs on.
+        encoded = model.input_module(route).tokenize_ids(inputs, prompt=prompt)
+        tokens = [len(ids) for ids in encoded["input_ids"]]
+        ids, budget = Pretokenized(encoded), self.spec.max_batch_tokens
         if self.kind == "reranker":
-            return np.asarray(self.model.predict(inputs, batch_size=64, show_progress_bar=False), dtype=np.float32)
-        by_task: dict[str | None, Any] = {"query": self.model.encode_query, "document": self.model.encode_document}
-        encode = by_task.get(task, self.model.encode)
+            import torch
+
+            activation = torch.nn.Identity() if task == "logits" else None
+            scores = model.predict(ids, batch_size=64, show_progress_bar=False, activation_fn=activation, prompt=prompt)
+            return np.asarray(scores, dtype=np.float32), tokens
+        common: dict[str, Any] = {"task": route, "prompt": prompt, "batch_size": 256, "token_budget": budget}
         if self.kind == "dense":
-            return encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False)
-        rows = encode(inputs, batch_size=256, token_budget=budget, show_progress_bar=False, as_dicts=True)
-        return [(r["indices"], r["values"]) for r in rows]
+            return model.encode(ids, show_progress_bar=False, **common), tokens
+        rows = model.encode(ids, show_progress_bar=False, as_dicts=True, **common)
+        return [(r["indices"], r["values"]) for r in rows], tokens
 
     def tokens(self, indices: list[int]) -> list[str]:
         return self.model.tokenizer.convert_ids_to_tokens(indices)
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[Any]]:
+        """TEI's /tokenize: per text, its tokens with byte offsets into the text (prompt in front);
+        special tokens have no offsets. Not truncated, as TEI's."""
+        prompt = self.model.resolve_prompt(None, prompt_name) or ""
+        full = [prompt + t for t in texts]
+        enc = self.model.tokenizer(
+            full,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        out = []
+        for text, ids, offsets, special in zip(
+            full, enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+        ):
+            pieces = self.model.tokenizer.convert_ids_to_tokens(ids)
+            row = []
+            for token_id, (start, stop), is_special, piece in zip(ids, offsets, special, pieces):
+                if is_special:
+                    row.append({"id": token_id, "text": piece, "special": True, "start": None, "stop": None})
+                else:
+                    # The tokenizer gives character offsets; TEI's are UTF-8 byte offsets.
+                    begin = len(text[:start].encode())
+                    end = begin + len(text[start:stop].encode())
+                    piece = text[start:stop]
+                    row.append({"id": token_id, "text": piece, "special": False, "start": begin, "stop": end})
+            out.append(row)
+        return out
 
 
 @serve.deployment

@@ -26,6 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 from raytrieve.serve.config import LimitsConfig
+from raytrieve.serve.schemas import BODY_TAGS
+
+# Liveness probes answer without the bearer token.
+PUBLIC_PATHS = ("/healthz", "/health")
 
 
 class Guarded(Protocol):
@@ -33,8 +37,8 @@ class Guarded(Protocol):
 
     token: str | None
     limits: LimitsConfig
-    requests: Any  # prometheus Counter by (path, status)
-    latency: Any  # prometheus Histogram by path
+    requests: Any  # ray.serve.metrics Counter by (route, status)
+    latency: Any  # ray.serve.metrics Histogram by route
 
 
 class ApiError(Exception):
@@ -71,9 +75,11 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-# pydantic names the member of a union it tried ("input.list[str].0", "input.function-after[...]"):
-# clients want the field, so those parts are dropped from the location.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-[a-z-]+\[.*\])$")
+# pydantic names the member of a union it tried ("input.list[str].0", "input.function-after[...]",
+# "documents.0.RerankDocument.text"), and a tagged body union its tag ("body.tei.inputs"): clients
+# want the field, so those parts are dropped from the location. Fields are snake_case, so a
+# CamelCase part is always a model's name.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-[a-z-]+\[.*\]|[A-Z][A-Za-z0-9]*)$")
 
 
 def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
@@ -82,7 +88,7 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
     for i, x in enumerate(loc):
         if isinstance(x, int) and parts:
             parts[-1] += f"[{x}]"
-        elif (i == 0 and x == "body") or (i > 0 and _UNION_MEMBER.match(str(x))):
+        elif (i == 0 and x == "body") or (i == 1 and x in BODY_TAGS) or (i > 0 and _UNION_MEMBER.match(str(x))):
             continue
         else:
             parts.append(str(x))
@@ -95,7 +101,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     loc = [str(x) for x in first.get("loc", ())]
     if first.get("type") == "json_invalid" or (len(loc) <= 2 and "JSON" in str(first.get("msg", ""))):
         return error_response(400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
-    if loc == ["body"] and not _is_json(request.headers.get("content-type")):
+    if _field_of(tuple(loc))[0] == "" and not _is_json(request.headers.get("content-type")):
         # FastAPI leaves a body of another media type unparsed; say what to send rather than
         # "Input should be a valid dictionary".
         return error_response(
@@ -177,14 +183,14 @@ class _Guard:
                 status[0] = 499
         finally:
             # Known routes only: fuzzed paths must not grow the metrics registry.
-            path = getattr(scope.get("route"), "path", "other")
-            ingress.requests.labels(path, str(status[0])).inc()
-            ingress.latency.labels(path).observe(time.perf_counter() - started)
+            route = getattr(scope.get("route"), "path", "other")
+            ingress.requests.inc(tags={"route": route, "status": str(status[0])})
+            ingress.latency.observe(time.perf_counter() - started, tags={"route": route})
 
 
 def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-    if ingress.token is not None and not scope["path"].rstrip("/").endswith("/healthz"):
+    if ingress.token is not None and not scope["path"].rstrip("/").endswith(PUBLIC_PATHS):
         given = headers.get("authorization", "")
         if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {ingress.token}".encode()):
             return error_response(

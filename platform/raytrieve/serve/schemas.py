@@ -3,9 +3,20 @@ from the config (sizes, lengths) are checked by the ingress, which names the fie
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 from raytrieve.serve import fusion
 
@@ -95,10 +106,114 @@ class SparseRequest(Strict):
 
 
 class RerankRequest(Strict):
-    """The shape of Cohere's and TEI's rerank: query + documents -> index, relevance_score."""
+    """raytrieve's /rerank: query + documents -> index, relevance_score (the model's own score)."""
 
     query: Text
     documents: list[Text]
     model: Text | None = None
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool = False
+
+
+# -- Other servers' request bodies -------------------------------------------------------------
+# Field names, types and defaults as those servers define them (TEI: router/src/http/types.rs;
+# Cohere: the cohere SDK's rerank calls; Jina: its /v1/rerank), so their clients work unchanged.
+# What we cannot do is refused by name (422) instead of silently ignored.
+
+
+class TeiTruncation(Strict):
+    """TEI's truncation fields. Texts are always cut at the model's max_seq_length (/info says
+    auto_truncate: true), so truncate only accepts what happens anyway."""
+
+    truncate: StrictBool | None = None
+    # TEI accepts both spellings; only the right side is cut here.
+    truncation_direction: Literal["right", "Right"] = "right"
+
+
+class TeiEmbedRequest(TeiTruncation):
+    """TEI's POST /embed."""
+
+    inputs: Text | list[Text]
+    normalize: StrictBool = True
+    prompt_name: Text | None = None
+    dimensions: StrictInt | None = None
+
+
+class TeiSparseRequest(TeiTruncation):
+    """TEI's POST /embed_sparse (told from raytrieve's by its "inputs" key)."""
+
+    inputs: Text | list[Text]
+    prompt_name: Text | None = None
+
+
+class TeiRerankRequest(TeiTruncation):
+    """TEI's POST /rerank (told from raytrieve's by its "texts" key)."""
+
+    query: Text
+    texts: list[Text]
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+
+
+class TokenizeRequest(Strict):
+    """TEI's POST /tokenize."""
+
+    inputs: Text | list[Text]
+    add_special_tokens: StrictBool = True
+    prompt_name: Text | None = None
+
+
+class RerankDocument(BaseModel):
+    """A Cohere v1 / Jina document object: ``text`` is ranked; Cohere keeps the other (string)
+    fields and echoes them back with the document."""
+
+    model_config = ConfigDict(extra="allow")
+    # pydantic's documented way to type (and so validate) the extra fields' values.
+    __pydantic_extra__: dict[str, Text] = Field(init=False)  # pyright: ignore[reportIncompatibleVariableOverride]
+    text: Text
+
+
+class CohereRerankV1Request(Strict):
+    """Cohere's POST /v1/rerank (cohere.Client().rerank), which is also Jina's /v1/rerank."""
+
+    query: Text
+    documents: list[Text | RerankDocument]
+    model: Text | None = None
+    top_n: StrictInt | None = Field(None, ge=1)
+    return_documents: StrictBool = False
+    rank_fields: list[Text] | None = None
+    # Not here: max_chunks_per_doc. Documents are truncated at max_seq_length, not chunked, so
+    # it is refused by name rather than ignored.
+
+
+class CohereRerankV2Request(Strict):
+    """Cohere's POST /v2/rerank (cohere.ClientV2().rerank)."""
+
+    query: Text
+    documents: list[Text]
+    model: Text | None = None
+    top_n: StrictInt | None = Field(None, ge=1)
+    priority: StrictInt | None = Field(None, ge=0)  # a scheduling hint: accepted, no effect
+    # Not here: max_tokens_per_doc (documents are cut at max_seq_length) and relevant_spans.
+
+
+def _body_kind(*tei_keys: str) -> Any:
+    """Which body a route got: TEI's when it has one of TEI's own keys, else raytrieve's (also
+    for a body that is no object, so the error is raytrieve's "should be an object")."""
+
+    def kind(body: Any) -> str:
+        return "tei" if isinstance(body, dict) and any(k in body for k in tei_keys) else "raytrieve"
+
+    return Discriminator(kind)
+
+
+# The tags appear in validation errors' locations; http_guard leaves them out of the field name.
+BODY_TAGS = ("tei", "raytrieve")
+SparseBody = Annotated[
+    Union[Annotated[SparseRequest, Tag("raytrieve")], Annotated[TeiSparseRequest, Tag("tei")]],  # noqa: UP007
+    _body_kind("inputs"),
+]
+RerankBody = Annotated[
+    Union[Annotated[RerankRequest, Tag("raytrieve")], Annotated[TeiRerankRequest, Tag("tei")]],  # noqa: UP007
+    _body_kind("texts"),
+]
