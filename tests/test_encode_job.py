@@ -59,7 +59,7 @@ def _config(tmp_path: Path, corpus_path: Path, **extra) -> EncodeConfig:
     """The tests compare the job's vectors with in-process float32 encoders: models compute in
     float32 unless a test says otherwise (test_auto_dtype_is_recorded_and_close_to_float32)."""
     base = {"corpus": {"path": str(corpus_path)}, "output_dir": str(tmp_path / "vectors"), "rows_per_shard": 25,
-            "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
+            "compute": {"encode_actors": 1, "cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
     for kind in ("dense", "sparse"):
         if isinstance(extra.get(kind), dict):
             extra[kind] = {"dtype": "float32", **extra[kind]}
@@ -85,7 +85,7 @@ def test_auto_dtype_is_recorded_and_close_to_float32(ray_cluster, tiny_models, t
     cfg = from_dict(EncodeConfig, {"corpus": {"path": str(tmp_path / "corpus.parquet")},
                                    "output_dir": str(tmp_path / "vectors"), "rows_per_shard": 30,
                                    "dense": {"model": str(tiny_models["dense"])},
-                                   "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1}})
+                                   "compute": {"encode_actors": 1, "cpus_per_encode_actor": 0.5, "torch_threads": 1}})
     run_encode(cfg)
     v = read_vectors(cfg.output_dir)
     chosen = DenseEncoder(tiny_models["dense"], dtype="auto").dtype  # the same decision, in process
@@ -226,7 +226,7 @@ def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
     out = tmp_path / "vectors"
     config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
               "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
-              "compute": {"cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
+              "compute": {"encode_actors": 1, "cpus_per_encode_actor": 0.5, "torch_threads": 1, "token_budget": 256}}
     config_path = tmp_path / "encode.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,

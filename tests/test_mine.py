@@ -14,7 +14,7 @@ from raytrieve.errors import ConfigError
 from raytrieve.inference.config import MineConfig, SelectionConfig
 from raytrieve.inference.mine import select_negatives
 
-COMPUTE = {"cpus_per_encode_actor": 0.5, "torch_threads": 1}
+COMPUTE = {"encode_actors": 1, "cpus_per_encode_actor": 0.5, "torch_threads": 1}
 
 
 @pytest.fixture(scope="module")
