@@ -60,7 +60,7 @@ def main() -> None:
     from raytrieve.index.build import build_indices
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
-    from raytrieve.serve.app import start
+    from raytrieve.serve.launch import start
     from raytrieve.serve.client import wait_healthy
     from raytrieve.serve.config import ServeConfig
 

@@ -41,7 +41,7 @@ def served(ray_cluster, tmp_path_factory):
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
     from raytrieve.model_ref import resolve_model
-    from raytrieve.serve.app import start
+    from raytrieve.serve.launch import start
     from raytrieve.tracking import mlflow_run
 
     root = tmp_path_factory.mktemp("serve")
@@ -782,3 +782,21 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
     finally:
         serve.delete("secured")
+
+
+def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tiny_models):
+    """The fixture serves splade-tiny from its registered MLflow copy against an index encoded with
+    the shipped folder (other path, equal weights: it started). Another dense model is refused at
+    start, naming both, unless the config allows the mismatch."""
+    from raytrieve.errors import ConfigError
+    from raytrieve.serve.launch import check_before_start
+
+    cfg = served["cfg"].model_copy(deep=True)
+    cfg.dense = cfg.dense.model_copy(update={"model": str(tiny_models["dense"])})
+    with pytest.raises(ConfigError) as e:
+        check_before_start(cfg, "serve.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"serve.yaml.dense.model: serves {str(tiny_models['dense'])!r}, but the index's dense")
+    assert "encoded with 'all-minilm-l6-v2'" in msg and "dense.allow_index_model_mismatch: true" in msg
+    cfg.dense = cfg.dense.model_copy(update={"allow_index_model_mismatch": True})
+    check_before_start(cfg, "serve.yaml")  # allowed explicitly

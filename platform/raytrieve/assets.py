@@ -122,6 +122,22 @@ def package_dir(source: Source) -> Path:
     return folder
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the content of every weight file under ``folder`` (by relative path): equal
+    for two copies of one model (e.g. a folder and its registered MLflow copy), whatever their
+    paths and times. Reads every weight byte, so it is for one-off checks, not keys."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h.update(f"{f.relative_to(folder).as_posix()}\0".encode())
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(folder: Path) -> str:
     """Changes when a file of ``folder`` is replaced (names, sizes, mtimes): keys what is derived from it."""
     h = hashlib.sha256()

@@ -103,8 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from raytrieve.serve.app import start
     from raytrieve.serve.config import load_serve_config
+    from raytrieve.serve.launch import start
 
     cfg = load_serve_config(args.config, args.overrides)
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop ends the server as Ctrl-C does

@@ -86,8 +86,8 @@ def serve_and_query(
     from ray import serve
 
     from raytrieve.demo.client import run_queries
-    from raytrieve.serve.app import start
     from raytrieve.serve.client import wait_healthy
+    from raytrieve.serve.launch import start
 
     s, serve_cfg = cfg.serving, served.config
     if not serve_running:

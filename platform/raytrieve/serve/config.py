@@ -50,6 +50,13 @@ class DeploymentConfig(ConfigModel):
     batch_wait_timeout_s: float = 0.005
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
+    allow_index_model_mismatch: bool = Field(
+        default=False,
+        description=(
+            "serve this query model although the index's vectors came from another model (source.json); by "
+            "default a mismatch fails at start, naming both"
+        ),
+    )
 
     @property
     def public_name(self) -> str:

@@ -8,6 +8,7 @@ dense and sparse indices (memory-mapped) and the documents' texts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -52,11 +53,17 @@ class ModelReplica:
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from concurrent.futures import ThreadPoolExecutor
+
         from raytrieve.sizing import replica_threads
 
         # build_app sizes both on a cluster; a replica built some other way falls back to 1 CPU.
-        torch.set_num_threads(spec.torch_threads or replica_threads(spec.num_cpus or 1.0))
+        threads = spec.torch_threads or replica_threads(spec.num_cpus or 1.0)
+        torch.set_num_threads(threads)
+        # OpenMP's thread count is per calling thread: the model thread sets its own.
+        self._model_thread = ThreadPoolExecutor(1, "model", initializer=torch.set_num_threads, initargs=(threads,))
         self.kind, self.spec = kind, spec
+        self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.max_seq_length = int(self.model.max_seq_length or 512)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
@@ -99,9 +106,15 @@ class ModelReplica:
         weight; reranker: scores [n] for (query, document) pairs, through the model's activation,
         or its logits with task "logits". Tokens count what the model ran on: special tokens and
         prompt included, after truncation."""
-        texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
-        cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
-        return await self.infer((inputs, (task, prompt_name), cost))
+        self._active += 1
+        try:
+            if self._active == 1:  # alone: nothing can join a batch, so skip the batching wait
+                return await self._in_model_thread(inputs, task, prompt_name)
+            texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
+            cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
+            return await self.infer((inputs, (task, prompt_name), cost))
+        finally:
+            self._active -= 1
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
     async def infer(self, items: list[tuple[list[Any], tuple[str | None, str | None], int]]) -> list[Any]:
@@ -109,13 +122,20 @@ class ModelReplica:
         for mode in dict.fromkeys(mode for _, mode, _ in items):
             members = [i for i, (_, m, _) in enumerate(items) if m == mode]
             flat = [x for i in members for x in items[i][0]]
-            out, tokens = self._run(flat, *mode)
+            out, tokens = await self._in_model_thread(flat, *mode)
             at = 0
             for i in members:
                 n = len(items[i][0])
                 results[i] = (out[at : at + n], tokens[at : at + n])
                 at += n
         return results
+
+    async def _in_model_thread(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> Any:
+        """``_run`` on the replica's one model thread: runs never overlap (the tokenizer's state is
+        not thread-safe), and the event loop stays free to take requests, which batch meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self._run, inputs, task, prompt_name
+        )
 
     def _run(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
         from raytrieve.encoders.base import Pretokenized

@@ -1,0 +1,92 @@
+"""Starting the application: what can fail is checked before Ray starts (the config, each
+model, the index and the models that built it), then Serve starts and the app deploys.
+
+    url = start(load_serve_config("jobs/configs/serve_pydocs.yaml"))   # embedded Ray
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from raytrieve.errors import ConfigError, RaytrieveError
+from raytrieve.serve.app import build_app
+from raytrieve.serve.config import DeploymentConfig, ServeConfig
+
+
+def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
+    """What can fail before Ray starts: the config, each model path, the index folder, and
+    whether the served query models are the ones that encoded the index's documents."""
+    from raytrieve.index.build import load_indices
+    from raytrieve.kinds import MODEL_KINDS
+    from raytrieve.model_ref import is_model_uri, resolve_model
+    from raytrieve.tracking import mlflow_run
+
+    cfg.check(where)
+    for kind in (k.serve_field for k in MODEL_KINDS.values()):
+        d = getattr(cfg, kind)
+        if d is not None:
+            try:
+                with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
+                    resolve_model(d.model)
+            except RaytrieveError as e:
+                # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
+                # store comes from this config, so the fix names its key too.
+                hint = (
+                    f" (store: {mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)}; set {where}.mlflow_tracking_uri "
+                    "to the store the model is registered in)"
+                    if is_model_uri(d.model)
+                    else ""
+                )
+                raise ConfigError(f"{where}.{kind}.model: {e}{hint}") from None
+    if cfg.index:
+        indices = load_indices(cfg.index)
+        for k in MODEL_KINDS.values():
+            if k.vectors and getattr(cfg, k.serve_field) is not None and getattr(indices, k.vectors) is None:
+                raise ConfigError(
+                    f"{where}.index {cfg.index}: has no {k.vectors}/ index for the {k.serve_field} model; build "
+                    f"it from vectors encoded with that model, or drop {k.serve_field}:"
+                )
+        for field in ("dense", "sparse"):
+            served, built = getattr(cfg, field), getattr(indices.source, field)
+            if served is not None and built is not None and not served.allow_index_model_mismatch:
+                _check_index_model(cfg, field, served, built.model, built.model_path, where)
+
+
+def _check_index_model(
+    cfg: ServeConfig, field: str, served: DeploymentConfig, built_ref: str, built_path: str, where: str
+) -> None:
+    """Queries must be encoded by the model that encoded the documents: another model's vectors
+    live in another space, and search would answer confidently wrong. The same reference, the
+    same folder, or weights of equal content (a registered copy of the model) pass."""
+    from raytrieve.assets import weights_digest
+    from raytrieve.model_ref import resolve_model
+    from raytrieve.tracking import mlflow_run
+
+    if served.model == built_ref:
+        return
+    with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
+        path = resolve_model(served.model).resolve()
+    built = Path(built_path)
+    if path == built.resolve() or (built.is_dir() and weights_digest(path) == weights_digest(built)):
+        return
+    known = "" if built.is_dir() else f" ({built_path} is not on this machine, so its weights cannot be compared)"
+    raise ConfigError(
+        f"{where}.{field}.model: serves {served.model!r}, but the index's {field} vectors were encoded with "
+        f"{built_ref!r}{known}. Serve the model that encoded the index, rebuild the index with this one, or set "
+        f"{field}.allow_index_model_mismatch: true if the two really share one vector space"
+    )
+
+
+def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "local", blocking: bool = False) -> str:
+    """Check, start Serve on cfg.host:cfg.port and deploy; returns the base URL."""
+
+    check_before_start(cfg, where)
+    from raytrieve.ray_cluster import connect
+
+    connect(ray_address)
+    app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
