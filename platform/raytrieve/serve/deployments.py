@@ -108,7 +108,10 @@ class ModelReplica:
         prompt included, after truncation."""
         self._active += 1
         try:
-            if self._active == 1:  # alone: nothing can join a batch, so skip the batching wait
+            if self._active == 1 and len(inputs) == 1:
+                # A single text alone (a query): nothing can join it yet, so skip the batching wait.
+                # Larger requests still wait: sorted by length together with others that arrive,
+                # they pad less (measured: 2 clients x 32 texts ran 16% slower without the wait).
                 return await self._in_model_thread(inputs, task, prompt_name)
             texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
             cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
