@@ -75,3 +75,19 @@ def test_a_config_the_cluster_cannot_hold_is_refused_naming_each_ask():
     gpu = _serve(dense={"model": "a", "num_gpus": 1, "num_replicas": 3})
     with pytest.raises(ConfigError, match=r"and 3 GPU\(s\)"):
         check_fits(sized(gpu, TWO_BIG_NODES), TWO_BIG_NODES)
+
+
+@pytest.mark.parametrize("model,path", [
+    ("raytrieve.serve.config:ServeConfig", {"dense": {"model": "a", "torch_threads": 0}}),
+    ("raytrieve.inference.config:EncodeConfig", {"corpus": {"path": "c.parquet"}, "output_dir": "o",
+                                                 "dense": {"model": "a"}, "compute": {"torch_threads": 0}}),
+    ("raytrieve.demo.config:DemoConfig", {"serving": {"torch_threads": 0}}),
+])
+def test_zero_torch_threads_is_refused_naming_the_key(model, path):
+    """0 would otherwise read as 'unset' (the sized default) or reach torch.set_num_threads."""
+    import importlib
+
+    module, name = model.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError, match=r"torch_threads.*greater than or equal to 1"):
+        from_dict(cls, path, where="test")

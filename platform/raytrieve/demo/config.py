@@ -62,7 +62,7 @@ class ServingConfig(ConfigModel):
     rerank_depth: int = Field(default=10, description="hybrid candidates the cross-encoder rescores per query")
     recall: int = Field(default=100, description="candidates per retriever (and the depth of Recall@k)")
     clients: int = Field(default=4, description="concurrent HTTP clients sending the test queries")
-    torch_threads: int = Field(default=2, description="per model replica; requests come one stage at a time")
+    torch_threads: int = Field(default=2, ge=1, description="per model replica; requests come one stage at a time")
 
 
 class ShippedConfigs(ConfigModel):

@@ -70,7 +70,9 @@ class EncodeComputeConfig(ConfigModel):
         default="auto", description="auto: a GPU per encode actor when the cluster has GPUs"
     )
     cpus_per_encode_actor: float = 1.0
-    torch_threads: int | None = Field(default=None, description="per encode actor; default: its CPU share, at least 1")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="per encode actor; default: its CPU share, at least 1"
+    )
     token_budget: int = Field(
         default=2048,
         description=(

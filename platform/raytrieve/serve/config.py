@@ -39,7 +39,7 @@ class DeploymentConfig(ConfigModel):
         ),
     )
     num_gpus: float = 0.0
-    torch_threads: int | None = Field(default=None, description="default: num_cpus rounded, at least 1")
+    torch_threads: int | None = Field(default=None, ge=1, description="default: num_cpus rounded, at least 1")
     max_batch_tokens: int = Field(
         default=8192,
         description=(

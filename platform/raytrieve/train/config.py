@@ -228,6 +228,7 @@ class ScalingConfig(ConfigModel):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     torch_threads: int | None = Field(
         default=None,
+        ge=1,
         description=(
             "per worker; default: resources_per_worker.CPU when set, else the cluster's CPUs shared evenly among "
             "the workers (at most one node's): one worker on an embedded Ray gets the machine"
