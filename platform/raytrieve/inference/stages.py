@@ -192,23 +192,33 @@ class EncodeAndWrite:
         token_budget: int,
         max_batch_size: int,
     ) -> None:
-        from raytrieve.encoders import load_encoder
-
-        _thread_env(threads)
         self.specs, self.store, self.fingerprint = specs, store, fingerprint
+        self.device, self.threads = device, threads
         self.token_budget, self.max_batch_size = token_budget, max_batch_size
-        self.models = [
-            load_encoder(
-                s.kind,
-                s.model_path,
-                device=device,
-                max_seq_length=s.max_seq_length,
-                trust_remote_code=s.trust_remote_code,
-                dtype=s.dtype,
-            )
-            for s in specs
-        ]
+        self._models: list[Any] | None = None
         self.node = _node_name()
+
+    @property
+    def models(self) -> list[Any]:
+        """The models, loaded when the first shard needs encoding: a rerun whose shards are all
+        reused (a finished job, or the finished part of a killed one) never imports torch nor
+        loads a model: it holds no GPU memory and costs little more than its reads."""
+        if self._models is None:
+            from raytrieve.encoders import load_encoder
+
+            _thread_env(self.threads)
+            self._models = [
+                load_encoder(
+                    s.kind,
+                    s.model_path,
+                    device=self.device,
+                    max_seq_length=s.max_seq_length,
+                    trust_remote_code=s.trust_remote_code,
+                    dtype=s.dtype,
+                )
+                for s in self.specs
+            ]
+        return self._models
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list[Any]] = {
