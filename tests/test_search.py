@@ -168,6 +168,21 @@ def test_rerank_orders_the_fused_candidates_by_the_cross_encoder():
     assert expected[:2] != candidates[:2]
 
 
+def test_rerank_keeps_top_k_the_rest_in_fused_order():
+    """top_k above the rerank depth: the reranked head, then the next fused candidates in fused
+    order with their fused scores and no rerank score."""
+    reference = brute_force()
+    fused = hand_rrf([reference["dense"][:5], reference["sparse"][:5]], k=60)
+    head = sorted([d for d, _ in fused[:2]], key=lambda d: (-cross_score(QUERY, TEXTS[d]), [x for x, _ in fused].index(d)))
+    answer = run(pipeline(), top_k=5, recall={"dense": 5, "sparse": 5}, rerank=True, rerank_depth=2)
+    hits = answer["hits"]
+    assert len(fused) >= 5 and [h["id"] for h in hits] == head + [d for d, _ in fused[2:5]]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    for h in hits[2:]:
+        assert h["scores"]["rerank"] is None and h["score"] == pytest.approx(dict(fused)[h["id"]])
+    assert all(h["scores"]["rerank"] is not None for h in hits[:2])
+
+
 def test_one_retriever_is_not_fused():
     dense = brute_force()["dense"]
     for p, recall in ((pipeline(kinds=("dense",)), {"dense": 3}), (pipeline(), {"dense": 3, "sparse": 0})):

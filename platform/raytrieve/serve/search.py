@@ -78,7 +78,9 @@ class SearchPipeline:
             started = time.perf_counter()
             reranked = await self._rerank(request.query, [d for d, _ in fused[: request.rerank_depth]])
             timings["rerank_ms"] = _ms_since(started)
-            final = list(reranked.items())
+            # Below the rerank depth the candidates follow in fused order with their fused scores
+            # (scores.rerank null): a top_k larger than the depth still gets top_k hits.
+            final = list(reranked.items()) + list(fused[request.rerank_depth :])
         return await self._answer(request, lists, fused, reranked, final[: request.top_k], timings)
 
     async def _recall(self, name: str, query: str, k: int, timings: dict[str, float]) -> Ranked:
