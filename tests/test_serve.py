@@ -75,6 +75,8 @@ def served(ray_cluster, tmp_path_factory):
         "index": str(root / "index"), "port": port, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
+        # /search's defaults for what a request leaves out (test_search_fusion_equals_reference).
+        "search": {"recall": {"dense": 30, "sparse": 30}},
     })
     url = start(cfg, ray_address=None)
     wait_healthy(url)
@@ -326,6 +328,15 @@ def test_search_fusion_equals_reference(served, models):
         assert abs(convex[h["id"]] - h["score"]) < 1e-5
         np.testing.assert_allclose(h["scores"]["dense"], dict(dense).get(h["id"], np.nan), atol=1e-4)
     assert [h["score"] for h in r.json()["hits"]] == sorted([h["score"] for h in r.json()["hits"]], reverse=True)
+
+    # The config's search: defaults fill what a request leaves out, recall field by field.
+    deep = _post(served["url"], "/search", {**body, "recall": {"dense": 100, "sparse": 100}, "return_stages": True})
+    found = {k: len(deep.json()["stages"][k]) for k in ("dense", "sparse")}  # sparse: docs sharing a term
+    r = _post(served["url"], "/search", {"query": query, "return_stages": True, "return_text": False})
+    assert [len(r.json()["stages"][k]) for k in ("dense", "sparse")] == [min(30, found[k]) for k in found]
+    r = _post(served["url"], "/search", {"query": query, "recall": {"dense": 20}, "return_stages": True})
+    assert [len(r.json()["stages"][k]) for k in ("dense", "sparse")] == [20, min(30, found["sparse"])]
+    assert found["dense"] > 30
 
 
 # Plainly worded needs -> the start of the one docstring that answers each. CLEAR queries

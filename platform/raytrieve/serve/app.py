@@ -43,7 +43,7 @@ from raytrieve.serve.schemas import (
     TeiSparseRequest,
     TokenizeRequest,
 )
-from raytrieve.serve.search import Retrieval, SearchError, SearchPipeline
+from raytrieve.serve.search import Retrieval, SearchError, SearchPipeline, with_defaults
 
 api = FastAPI(
     title="raytrieve",
@@ -165,6 +165,7 @@ class Ingress:
         retriever: DeploymentHandle | None,
     ) -> None:
         self.cfg, self.limits = cfg, cfg.limits
+        self.search_defaults = cfg.search.model_dump()
         self.handles = {"dense": dense, "sparse": sparse, "reranker": reranker}
         self.retriever = retriever
         self.searcher = _search_pipeline(self.handles, retriever) if retriever is not None else None
@@ -320,6 +321,7 @@ class Ingress:
     async def search(self, body: SearchRequest) -> dict[str, Any]:
         if self.searcher is None:
             raise ApiError(404, "path", "no index is served here (set index: in the serve config)", "not_found")
+        body = with_defaults(body, self.search_defaults)
         _check_search_limits(body, self.limits)
         try:
             return await self.searcher.search(body)

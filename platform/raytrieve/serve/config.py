@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
+from raytrieve.serve.schemas import Fusion, Recall
 from raytrieve.sizing import LIGHT_ACTOR_CPUS, ClusterShape, replica_threads, serve_replica_cpus
 
 # The config fields that name a model deployment (the rest are the ingress and the retriever).
@@ -77,6 +78,18 @@ class LimitsConfig(ConfigModel):
     retry_after_s: int = 1
 
 
+class SearchDefaults(ConfigModel):
+    """``/search``'s values for the fields a request leaves out (each of ``recall`` and
+    ``fusion`` field by field). ``raytrieve evaluate --tune-fusion`` writes them as fitted on a
+    dev split; the defaults here are the request schema's own."""
+
+    top_k: int = Field(default=10, ge=1)
+    recall: Recall = Field(default_factory=Recall, description="candidates per retriever (0: off)")
+    fusion: Fusion = Field(default_factory=Fusion, description="method rrf (k) or convex (weights, normalization)")
+    rerank: bool = Field(default=False, description="rescore the top rerank_depth fused candidates (needs reranker:)")
+    rerank_depth: int = Field(default=50, ge=1)
+
+
 class ServeConfig(ConfigModel):
     dense: DeploymentConfig | None = None
     sparse: DeploymentConfig | None = None
@@ -108,6 +121,7 @@ class ServeConfig(ConfigModel):
         ),
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    search: SearchDefaults = Field(default_factory=SearchDefaults)
 
     @model_validator(mode="after")
     def _rules(self) -> ServeConfig:
@@ -130,7 +144,21 @@ class ServeConfig(ConfigModel):
         for name, value in self.limits.model_dump().items():
             if value < 1:
                 invalid(f"limits.{name}", f" must be >= 1, got {value}")
+        self._search_rules()
         return self
+
+    def _search_rules(self) -> None:
+        """The ``search:`` defaults must be requests this app accepts (a request may override them)."""
+        s, lim = self.search, self.limits
+        if s.top_k > lim.max_top_k:
+            invalid("search.top_k", f": {s.top_k} exceeds limits.max_top_k ({lim.max_top_k})")
+        for name in ("dense", "sparse"):
+            if getattr(s.recall, name) > lim.max_recall:
+                invalid(f"search.recall.{name}", f": exceeds limits.max_recall ({lim.max_recall})")
+        if s.rerank and s.rerank_depth > lim.max_rerank_depth:
+            invalid("search.rerank_depth", f": exceeds limits.max_rerank_depth ({lim.max_rerank_depth})")
+        if s.rerank and self.reranker is None:
+            invalid("search.rerank", ": true needs a reranker: deployment")
 
 
 def replicas(d: DeploymentConfig) -> int:

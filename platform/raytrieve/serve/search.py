@@ -146,5 +146,18 @@ class SearchPipeline:
         return answer
 
 
+def with_defaults(request: SearchRequest, defaults: Mapping[str, Any]) -> SearchRequest:
+    """``request`` with every field it left out taken from ``defaults`` (the serve config's
+    ``search:``); ``recall`` and ``fusion`` are merged field by field, so a request that names
+    only ``fusion.method`` keeps the configured weights."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in defaults.items()}
+    for key, value in request.model_dump(exclude_unset=True).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return SearchRequest.model_validate(merged)
+
+
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000

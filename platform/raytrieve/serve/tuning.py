@@ -1,0 +1,172 @@
+"""Choosing ``/search``'s settings on judged dev queries (library code: no Ray, no HTTP).
+
+The caller retrieves each dev query's candidates once, per retriever at the deepest recall
+tried, with their scores (the ``stages`` a ``/search`` with ``return_stages`` answers, or
+in-process indices). Everything below replays ``/search`` on those lists: a shorter recall is
+the list's head (an index returns its exact top k), fusion runs serve/fusion.py's own methods,
+and a rerank puts the top ``rerank_depth`` fused candidates in cross-encoder order with the rest
+following in fused order, as serve/search.py does.
+
+1. ``fit_fusion``: every recall depth pair (a retriever switched off included) with every
+   fusion setting (RRF's k, convex weights and normalization), by mean NDCG@k.
+2. ``fit_rerank``: on the chosen fusion, each rerank depth (0: no rerank) with cross-encoder
+   scores the caller computed for the top ``max(depths)`` candidates of each query.
+
+Ties go to the cheaper setting (fewer retrievers, shallower recall, no or shallower rerank).
+What these return is fitted to the dev split: report a held-out split's figure with it
+(``per_query`` scores any setting on any split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytrieve.evaluation.metrics import query_metrics
+from raytrieve.serve import fusion
+from raytrieve.serve.fusion import Ranked
+
+RRF_KS = (1.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
+CONVEX_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # the dense weight; sparse gets 1 - it
+RECALL_DEPTHS = (20, 50, 100)
+RERANK_DEPTHS = (0, 5, 10, 20, 30)
+
+# query id -> retriever name -> best-first (doc id, score) at the deepest recall tried
+Candidates = Mapping[str, Mapping[str, Ranked]]
+Qrels = Mapping[str, Mapping[str, float]]  # query id -> doc id -> grade (> 0: relevant)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run ``/search``: the recall per retriever (0: off), the fusion parameters
+    (serve/schemas.py ``Fusion`` fields) and the rerank depth (0: no rerank)."""
+
+    recall: dict[str, int]
+    fusion: dict[str, Any] = field(default_factory=lambda: {"method": "rrf", "k": 60.0})
+    rerank_depth: int = 0
+
+    def search_fields(self) -> dict[str, Any]:
+        """The ``/search`` request fields (and the serve config's ``search:`` defaults)."""
+        out: dict[str, Any] = {"recall": dict(self.recall), "fusion": dict(self.fusion)}
+        out["rerank"] = self.rerank_depth > 0
+        if self.rerank_depth:
+            out["rerank_depth"] = self.rerank_depth
+        return out
+
+    def cost(self) -> tuple[int, int, int]:
+        """Cheaper first: no or shallower rerank, fewer retrievers, shallower recall."""
+        on = [k for k in self.recall.values() if k > 0]
+        return (self.rerank_depth, len(on), sum(on))
+
+    def label(self) -> str:
+        on = {n: k for n, k in self.recall.items() if k > 0}
+        parts = [" + ".join(f"{n}@{k}" for n, k in on.items())]
+        if len(on) > 1:
+            params = {k: v for k, v in self.fusion.items() if k != "method"}
+            parts.append(f"{self.fusion['method']}({', '.join(f'{k}={v}' for k, v in params.items())})")
+        if self.rerank_depth:
+            parts.append(f"rerank@{self.rerank_depth}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The chosen setting, its dev score, and every setting tried with its dev score (best first)."""
+
+    best: Setting
+    score: float
+    tried: list[tuple[Setting, float]]
+
+
+def fused(lists: Mapping[str, Ranked], setting: Setting) -> list[str]:
+    """The fused ranking ``/search`` returns for these recall lists under ``setting`` (no rerank)."""
+    cut = {n: list(lists.get(n, ()))[:k] for n, k in setting.recall.items() if k > 0}
+    if len(cut) == 1:  # one list is not fused: its own order stands (serve/search.py)
+        return [d for d, _ in next(iter(cut.values()))]
+    params = {"k": 60.0, "normalization": "minmax", **setting.fusion}
+    return [d for d, _ in fusion.fuse(str(params["method"]), cut, params)]
+
+
+def reranked(ranking: Sequence[str], scores: Mapping[str, float], depth: int) -> list[str]:
+    """The top ``depth`` by cross-encoder score (ties keep the fused order), then the rest."""
+    head = list(ranking[:depth])
+    missing = [d for d in head if d not in scores]
+    if missing:
+        raise ValueError(f"no cross-encoder score for {len(missing)} candidate(s), e.g. {missing[:3]}")
+    order = sorted(range(len(head)), key=lambda i: (-scores[head[i]], i))
+    return [head[i] for i in order] + list(ranking[depth:])
+
+
+def per_query(
+    candidates: Candidates,
+    qrels: Qrels,
+    setting: Setting,
+    rerank_scores: Mapping[str, Mapping[str, float]] | None = None,
+    k: int = 10,
+) -> list[float]:
+    """NDCG@k of every judged query under ``setting``, in sorted query-id order (pairs up across
+    settings for paired intervals)."""
+    missing = sorted(set(qrels) - set(candidates))
+    if missing:
+        raise ValueError(f"no candidates for {len(missing)} judged queries, e.g. {missing[:3]}")
+    if setting.rerank_depth and rerank_scores is None:
+        raise ValueError("a setting with a rerank depth needs rerank_scores")
+    values = []
+    for qid in sorted(qrels):
+        ranking = fused(candidates[qid], setting)
+        if setting.rerank_depth:
+            assert rerank_scores is not None
+            ranking = reranked(ranking, rerank_scores.get(qid, {}), setting.rerank_depth)
+        values.append(query_metrics(ranking[:k], qrels[qid], (k,))[f"ndcg@{k}"])
+    return values
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _best(scored: list[tuple[Setting, float]]) -> Fitted:
+    # Round away float noise so that equal scores tie and the cheaper setting wins.
+    ordered = sorted(scored, key=lambda sv: (-round(sv[1], 9), sv[0].cost()))
+    return Fitted(ordered[0][0], ordered[0][1], ordered)
+
+
+def fusion_grid(retrievers: Sequence[str], depths: Sequence[int] = RECALL_DEPTHS) -> list[Setting]:
+    """Each retriever alone, and every depth pair with every fusion setting."""
+    settings = [Setting({n: (max(depths) if n == alone else 0) for n in retrievers}) for alone in retrievers]
+    if len(retrievers) != 2:
+        return settings  # convex weights are per pair; one retriever has nothing to fuse
+    first, second = retrievers
+    methods: list[dict[str, Any]] = [{"method": "rrf", "k": k} for k in RRF_KS]
+    methods += [
+        {"method": "convex", f"{first}_weight": w, f"{second}_weight": round(1 - w, 1), "normalization": norm}
+        for norm in ("minmax", "zscore")
+        for w in CONVEX_WEIGHTS
+    ]
+    for a in depths:
+        for b in depths:
+            settings += [Setting({first: a, second: b}, m) for m in methods]
+    return settings
+
+
+def fit_fusion(candidates: Candidates, qrels: Qrels, depths: Sequence[int] = RECALL_DEPTHS, k: int = 10) -> Fitted:
+    """The recall depths and fusion with the best mean NDCG@k on these queries."""
+    retrievers = sorted({n for lists in candidates.values() for n in lists})
+    if not retrievers:
+        raise ValueError("no retriever's candidates to fit")
+    return _best([(s, _mean(per_query(candidates, qrels, s, k=k))) for s in fusion_grid(retrievers, depths)])
+
+
+def fit_rerank(
+    candidates: Candidates,
+    qrels: Qrels,
+    setting: Setting,
+    rerank_scores: Mapping[str, Mapping[str, float]],
+    depths: Sequence[int] = RERANK_DEPTHS,
+    k: int = 10,
+) -> Fitted:
+    """``setting``'s fusion with the rerank depth (0: none) of the best mean NDCG@k. The scores
+    must cover each query's top ``max(depths)`` fused candidates (``fused``)."""
+    tried = [Setting(setting.recall, setting.fusion, d) for d in sorted(set(depths) | {0})]
+    return _best([(s, _mean(per_query(candidates, qrels, s, rerank_scores, k))) for s in tried])

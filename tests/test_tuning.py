@@ -1,0 +1,154 @@
+"""Fitting /search's settings on judged queries (raytrieve.serve.tuning): its replay of a setting
+ranks exactly as the /search pipeline does; on planted data it finds the setting that is right
+by construction, and prefers the cheaper of equal ones; the serve config's search: defaults fill
+what a request leaves out and are checked against the app's limits."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from raytrieve.config import from_dict
+from raytrieve.errors import ConfigError
+from raytrieve.serve import tuning
+from raytrieve.serve.config import ServeConfig
+from raytrieve.serve.schemas import SearchRequest
+from raytrieve.serve.search import with_defaults
+from raytrieve.serve.tuning import Setting
+from tests.test_search import QUERY, TEXTS, brute_force, cross_score, pipeline, run
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        Setting({"dense": 6, "sparse": 6}, {"method": "rrf", "k": 1.0}),
+        Setting({"dense": 3, "sparse": 6}, {"method": "rrf", "k": 60.0}),
+        Setting({"dense": 6, "sparse": 2}, {"method": "convex", "dense_weight": 0.3, "sparse_weight": 0.7,
+                                             "normalization": "minmax"}),
+        Setting({"dense": 5, "sparse": 5}, {"method": "convex", "dense_weight": 0.8, "sparse_weight": 0.2,
+                                             "normalization": "zscore"}),
+        Setting({"dense": 6, "sparse": 0}),
+        Setting({"dense": 0, "sparse": 6}),
+        Setting({"dense": 6, "sparse": 6}, {"method": "rrf", "k": 10.0}, rerank_depth=3),
+    ],
+)
+def test_replay_ranks_as_the_search_pipeline(setting):
+    lists = brute_force()
+    ranking = tuning.fused(lists, setting)
+    if setting.rerank_depth:
+        scores = {d: cross_score(QUERY, TEXTS[d]) for d in ranking[: setting.rerank_depth]}
+        ranking = tuning.reranked(ranking, scores, setting.rerank_depth)
+    answer = run(pipeline(), top_k=6, return_text=False, **setting.search_fields())
+    assert [h["id"] for h in answer["hits"]] == ranking[:6]
+
+
+def _planted(n: int = 12) -> tuple[dict, dict]:
+    """Each query's relevant doc is third in both lists; the docs above it are in one list only.
+    Either list alone finds it at rank 3 (NDCG@10 = 0.5); any fusion puts it first (1.0)."""
+    candidates, qrels = {}, {}
+    for q in range(n):
+        rel = f"rel{q}"
+        dense = [f"d{q}-a", f"d{q}-b", rel] + [f"d{q}-{i}" for i in range(120)]
+        sparse = [f"s{q}-a", f"s{q}-b", rel] + [f"s{q}-{i}" for i in range(120)]
+        candidates[f"q{q}"] = {
+            "dense": [(d, 1.0 - i / 200) for i, d in enumerate(dense)],
+            "sparse": [(d, 20.0 - i / 10) for i, d in enumerate(sparse)],
+        }
+        qrels[f"q{q}"] = {rel: 1.0}
+    return candidates, qrels
+
+
+def test_fit_fusion_finds_the_planted_optimum_and_the_cheapest_of_equals():
+    candidates, qrels = _planted()
+    fitted = tuning.fit_fusion(candidates, qrels)
+    scores = {s.label(): v for s, v in fitted.tried}
+    assert scores["dense@100"] == pytest.approx(0.5) and scores["sparse@100"] == pytest.approx(0.5)
+    assert fitted.score == pytest.approx(1.0)
+    # Many fusions reach 1.0 here: the cheapest recall wins, and every tried setting is scored.
+    assert fitted.best.recall == {"dense": 20, "sparse": 20}
+    assert len(fitted.tried) == 2 + 9 * (7 + 18)
+    assert [v for _, v in fitted.tried] == sorted((v for _, v in fitted.tried), reverse=True)
+
+
+def test_fit_fusion_weights_the_retriever_that_is_right():
+    """Dense ranks the relevant doc first for every query, sparse ranks it tenth: dense alone is
+    best, and a convex mix only as good when it leans to dense."""
+    candidates, qrels = {}, {}
+    for q in range(8):
+        dense = [f"r{q}"] + [f"x{q}-{i}" for i in range(60)]
+        sparse = [f"y{q}-{i}" for i in range(9)] + [f"r{q}"] + [f"y{q}-{i}" for i in range(9, 60)]
+        candidates[f"q{q}"] = {"dense": [(d, 1 - i / 100) for i, d in enumerate(dense)],
+                               "sparse": [(d, 10 - i / 10) for i, d in enumerate(sparse)]}
+        qrels[f"q{q}"] = {f"r{q}": 1.0}
+    fitted = tuning.fit_fusion(candidates, qrels, depths=(20, 50))
+    assert fitted.score == pytest.approx(1.0) and fitted.best == Setting({"dense": 50, "sparse": 0})
+    convex = {(s.fusion["dense_weight"], s.fusion["normalization"]): v for s, v in fitted.tried
+              if s.fusion.get("method") == "convex" and s.recall == {"dense": 50, "sparse": 50}}
+    for norm in ("minmax", "zscore"):
+        assert convex[(0.9, norm)] == pytest.approx(1.0) and convex[(0.1, norm)] < 0.5
+
+
+def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
+    candidates, qrels = _planted()
+    setting = Setting({"dense": 20, "sparse": 0})  # the relevant doc is third
+    top = {q: tuning.fused(candidates[q], setting)[:30] for q in candidates}
+    helpful = {q: {d: (5.0 if d in qrels[q] else 1.0 - i / 100) for i, d in enumerate(top[q])} for q in top}
+    fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
+    assert fitted.best.rerank_depth == 5 and fitted.score == pytest.approx(1.0)  # the shallowest that fixes it
+    assert dict((s.rerank_depth, v) for s, v in fitted.tried)[0] == pytest.approx(0.5)
+    harmful = {q: {d: (-5.0 if d in qrels[q] else 1.0) for d in top[q]} for q in top}
+    fitted = tuning.fit_rerank(candidates, qrels, setting, harmful)
+    assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)
+    assert fitted.best.search_fields()["rerank"] is False
+
+
+def test_per_query_pairs_queries_in_id_order_and_names_what_is_missing():
+    candidates, qrels = _planted(3)
+    assert tuning.per_query(candidates, qrels, Setting({"dense": 10, "sparse": 0})) == [pytest.approx(0.5)] * 3
+    with pytest.raises(ValueError, match="no candidates for 1 judged queries"):
+        tuning.per_query({k: v for k, v in candidates.items() if k != "q1"}, qrels, Setting({"dense": 10}))
+    with pytest.raises(ValueError, match="needs rerank_scores"):
+        tuning.per_query(candidates, qrels, Setting({"dense": 10}, rerank_depth=5))
+    with pytest.raises(ValueError, match="no cross-encoder score"):
+        tuning.per_query(candidates, qrels, Setting({"dense": 10}, rerank_depth=5), {"q0": {}})
+
+
+def test_search_defaults_fill_what_a_request_leaves_out():
+    defaults = {"top_k": 7, "recall": {"dense": 40, "sparse": 25},
+                "fusion": {"method": "convex", "k": 60.0, "dense_weight": 0.8, "sparse_weight": 0.2,
+                           "normalization": "zscore"},
+                "rerank": True, "rerank_depth": 20}
+    plain = with_defaults(SearchRequest(query="q"), defaults)
+    assert (plain.top_k, plain.recall.dense, plain.recall.sparse, plain.rerank, plain.rerank_depth) == (
+        7, 40, 25, True, 20)
+    assert (plain.fusion.method, plain.fusion.dense_weight, plain.fusion.normalization) == ("convex", 0.8, "zscore")
+    mixed = with_defaults(
+        SearchRequest.model_validate({"query": "q", "top_k": 3, "recall": {"sparse": 0}, "rerank": False,
+                                      "fusion": {"method": "rrf"}}), defaults)
+    assert (mixed.top_k, mixed.recall.dense, mixed.recall.sparse, mixed.rerank) == (3, 40, 0, False)
+    assert (mixed.fusion.method, mixed.fusion.dense_weight) == ("rrf", 0.8)  # weights stay configured
+
+
+def test_search_defaults_must_be_requests_the_app_accepts():
+    base = {"dense": {"model": "all-minilm-l6-v2"}}
+    assert from_dict(ServeConfig, base).search.model_dump() == {
+        k: v for k, v in SearchRequest(query="q").model_dump().items()
+        if k in ("top_k", "recall", "fusion", "rerank", "rerank_depth")}
+    cases = [
+        ({"search": {"rerank": True}}, "search.rerank: true needs a reranker"),
+        ({"search": {"top_k": 500}}, r"search.top_k: 500 exceeds limits.max_top_k \(100\)"),
+        ({"search": {"recall": {"dense": 5000}}}, "search.recall.dense: exceeds limits.max_recall"),
+        ({"search": {"fusion": {"method": "borda"}}}, "search.fusion.method"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(ServeConfig, {**base, **extra})
+
+
+def test_fusion_grid_covers_each_retriever_alone_and_every_pair():
+    grid = tuning.fusion_grid(["dense", "sparse"], depths=(20, 50))
+    recalls = {tuple(s.recall.values()) for s in grid}
+    assert recalls == {(50, 0), (0, 50)} | set(itertools.product((20, 50), repeat=2))
+    assert {s.fusion["method"] for s in grid if all(s.recall.values())} == {"rrf", "convex"}
+    assert tuning.fusion_grid(["dense"]) == [Setting({"dense": 100})]
