@@ -29,6 +29,7 @@ def _config(tmp_path, port: int) -> DemoConfig:
         "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
         "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
         "serving": {"port": port, "rerank_depth": 5, "recall": 100, "clients": 2},
+        "fusion_fit": {"rerank_depths": [5]},
     }).check()
 
 
@@ -177,6 +178,23 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     for key, v in rep["rerank_vs_single_stage_ndcg@10"].items():
         assert v["ci95"][1] >= 0.0, (key, v)
 
+    # /search's settings fitted on dev per phase: the served app's search: defaults are the fit,
+    # the fit is at least the untuned RRF on dev (it is one of the settings tried), and its test
+    # row is compared with every stage.
+    import yaml
+
+    for phase, name in (("before", "pretrained"), ("after", "fine-tuned")):
+        fit = rep["fitted_search"][phase]
+        assert fit["dev_ndcg@10"]["fitted_fusion"] >= fit["dev_ndcg@10"]["rrf_default"]
+        assert set(fit["rerank_dev_ndcg@10"]) == {"0", "5"}
+        served = yaml.safe_load((cfg.out / "configs" / f"serve_{name}.yaml").read_text())["search"]
+        assert {k: served[k] for k in fit["setting"]} == {
+            k: ({**served[k], **v} if isinstance(v, dict) else v) for k, v in fit["setting"].items()}
+        for stage in ("dense", "sparse", "hybrid", "hybrid+rerank", "best_single"):
+            v = rep["fitted_vs_stage_ndcg@10"][f"{phase}:{stage}"]
+            assert v["ci95"][0] <= v["delta"] <= v["ci95"][1]
+    assert "fitted on the dev split" in result.markdown_path.read_text()
+
     # Served from the MLflow registry, runs recorded there.
     assert rep["models"]["fine_tuned"] == {"dense": "models:/t-dense/1", "sparse": "models:/t-sparse/1"}
     from raytrieve.tracking import mlflow_run
@@ -215,8 +233,9 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     again = run_demo(cfg, log=lines.append, ray_address=None)
     assert time.monotonic() - t < 60
     assert again.report["rows"] == rep["rows"]
-    assert sum("reused" in line for line in lines) == 6, lines  # 2 in-process, 2 platform, 2 training
-    assert len(again.report["reused_steps"]) == 6 and "reusing 6 finished steps" in again.markdown_path.read_text()
+    # 2 in-process, 2 fits, 2 platform, 2 training
+    assert sum("reused" in line for line in lines) == 8, lines
+    assert len(again.report["reused_steps"]) == 8 and "reusing 8 finished steps" in again.markdown_path.read_text()
 
 
 def test_shipped_demo_yaml_is_the_default_config():

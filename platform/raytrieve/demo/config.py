@@ -65,6 +65,18 @@ class ServingConfig(ConfigModel):
     torch_threads: int = Field(default=2, ge=1, description="per model replica; requests come one stage at a time")
 
 
+class FusionFitConfig(ConfigModel):
+    """Fitting /search's settings on the dev split (serve/tuning.py) before each phase is served."""
+
+    enabled: bool = Field(default=True, description="false: the test queries use the serve config's search: as is")
+    rerank_queries: int = Field(
+        default=100,
+        ge=0,
+        description="dev queries whose top candidates the cross-encoder scores to pick the rerank depth (0: none)",
+    )
+    rerank_depths: list[int] = Field(default=[5, 10, 20], description="rerank depths tried, beside none")
+
+
 class ShippedConfigs(ConfigModel):
     """The shipped configs each phase runs, loaded the way users load them; the demo sets only its
     paths, sizes, models, port and MLflow names on top (saved with them in <out_dir>/configs/)."""
@@ -99,6 +111,7 @@ class DemoConfig(ConfigModel):
         default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse")
     )
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    fusion_fit: FusionFitConfig = Field(default_factory=FusionFitConfig)
     configs: ShippedConfigs = Field(
         default_factory=ShippedConfigs,
         description=(

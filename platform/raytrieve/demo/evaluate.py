@@ -38,8 +38,13 @@ def evaluate_in_process(
         write_csv=False,
     )
     hits = next(iter(evaluator.retrieve(encoder).values()))
-    rankings = {qid: [evaluator.corpus_ids[i] for _, i in ranked] for qid, ranked in zip(evaluator.query_ids, hits)}
-    out: dict[str, Any] = {"per_query": scoring.per_query(rankings, split.qrels, recall_k)}
+    # Each query's top recall_k with scores: what the dev fit of /search's settings replays.
+    candidates = {
+        qid: [[evaluator.corpus_ids[i], float(score)] for score, i in ranked]
+        for qid, ranked in zip(evaluator.query_ids, hits)
+    }
+    rankings = {qid: [d for d, _ in ranked] for qid, ranked in candidates.items()}
+    out: dict[str, Any] = {"per_query": scoring.per_query(rankings, split.qrels, recall_k), "candidates": candidates}
     if lee:
         from raytrieve.evaluation.lee import lee_evaluator
 

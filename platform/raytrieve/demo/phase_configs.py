@@ -139,11 +139,16 @@ def encode_config(cfg: DemoConfig, corpus: Path, dense: str, sparse: str, folder
     )
 
 
-def serve_config(cfg: DemoConfig, dense: str, sparse: str, index: Path) -> PhaseConfig[Any]:
+def serve_config(
+    cfg: DemoConfig, dense: str, sparse: str, index: Path, search: dict[str, Any] | None = None
+) -> PhaseConfig[Any]:
+    """``search``: /search's defaults fitted on the dev split (demo/fusion_fit.py), if any."""
     from raytrieve.serve.config import ServeConfig
 
     s, m = cfg.serving, cfg.models
     overrides: dict[str, Any] = {"index": str(index), "port": s.port, "mlflow_tracking_uri": cfg.tracking_uri()}
+    if search is not None:
+        overrides["search"] = search
     for role, model in (("dense", dense), ("sparse", sparse), ("reranker", m.reranker)):
         overrides[f"{role}.model"] = model
         overrides[f"{role}.max_seq_length"] = m.max_seq_length
@@ -155,11 +160,11 @@ def serve_config(cfg: DemoConfig, dense: str, sparse: str, index: Path) -> Phase
     # app without touching one deployed under the shipped name.
     overrides["app_name"] = "raytrieve-demo"
     loaded = load_phase(ServeConfig, cfg, "serve", overrides)
-    # The demo's queries ask for top_k = rerank_depth, `recall` candidates per retriever, from
-    # `clients` at once: widen only the shipped limits that would refuse them.
+    # The demo's queries ask for the whole ranking (top_k = recall), `recall` candidates per
+    # retriever, from `clients` at once: widen only the shipped limits that would refuse them.
     needs = {
-        "max_top_k": s.rerank_depth,
-        "max_rerank_depth": s.rerank_depth,
+        "max_top_k": s.recall,
+        "max_rerank_depth": max(s.rerank_depth, (search or {}).get("rerank_depth", 0)),
         "max_recall": s.recall,
         "max_queued_requests": s.clients,
     }

@@ -13,12 +13,13 @@ from raytrieve.demo import scoring
 from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.sample import Samples
 
-TEST_STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank")
+TEST_STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank", "fitted")
 LABELS = {
     "dense": "dense (MiniLM)",
     "sparse": "sparse (SPLADE)",
     "hybrid": "hybrid (RRF)",
     "hybrid+rerank": "hybrid + rerank",
+    "fitted": "/search fitted on dev",
 }
 
 
@@ -61,6 +62,7 @@ def build(
     before_test: dict,
     after_test: dict,
     tuned: dict[str, dict],
+    fitted: dict[str, dict | None],
     seconds: float,
     reused: list[str],
 ) -> dict[str, Any]:
@@ -77,6 +79,15 @@ def build(
         for stage in ("dense", "sparse", "hybrid"):
             delta, lo, hi = scoring.paired_interval(result["per_stage"][stage]["ndcg@10"], full)
             rerank_vs[f"{phase}:{stage}"] = {"delta": delta, "ci95": [lo, hi]}
+    # The fitted /search against every untuned stage and the better single retriever (held out).
+    fitted_vs = {}
+    for phase, result in (("before", before_test), ("after", after_test)):
+        ndcg = {stage: result["per_stage"][stage]["ndcg@10"] for stage in TEST_STAGES}
+        best_single = max(("dense", "sparse"), key=lambda st: scoring.mean(ndcg[st]))
+        for stage in ("dense", "sparse", "hybrid", "hybrid+rerank"):
+            delta, lo, hi = scoring.paired_interval(ndcg[stage], ndcg["fitted"])
+            fitted_vs[f"{phase}:{stage}"] = {"delta": delta, "ci95": [lo, hi]}
+        fitted_vs[f"{phase}:best_single"] = {**fitted_vs[f"{phase}:{best_single}"], "stage": best_single}
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": _machine(),
@@ -106,6 +117,8 @@ def build(
         },
         "rows": rows,
         "rerank_vs_single_stage_ndcg@10": rerank_vs,
+        "fitted_search": fitted,
+        "fitted_vs_stage_ndcg@10": fitted_vs,
         "lee_spearman": {"before": before_dev["dense"]["lee_spearman"], "after": after_dev["dense"]["lee_spearman"]},
     }
 
@@ -154,6 +167,7 @@ def markdown(rep: dict[str, Any]) -> str:
             v = rep["rerank_vs_single_stage_ndcg@10"][f"{phase}:{stage}"]
             cells.append(f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
         lines.append(f"| {'pretrained' if phase == 'before' else 'fine-tuned'} | " + " | ".join(cells) + " |")
+    lines += _fitted_lines(rep)
     lee = rep["lee_spearman"]
     lines += [
         "",
@@ -173,6 +187,22 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _fitted_lines(rep: dict[str, Any]) -> list[str]:
+    """The /search settings fitted on dev per phase, and their test figure against each stage."""
+    lines = ["", "`/search` with the settings fitted on the dev split (test, NDCG@10, fitted − stage):", ""]
+    lines += ["| models | fitted on dev | vs dense | vs sparse | vs hybrid (RRF) | vs hybrid + rerank |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for phase in ("before", "after"):
+        fit = rep["fitted_search"].get(phase)
+        cells = []
+        for stage in ("dense", "sparse", "hybrid", "hybrid+rerank"):
+            v = rep["fitted_vs_stage_ndcg@10"][f"{phase}:{stage}"]
+            cells.append(f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
+        label = fit["label"] if fit else "(not fitted: the serve config's search:)"
+        lines.append(f"| {'pretrained' if phase == 'before' else 'fine-tuned'} | {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def console(rep: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ from raytrieve.demo import sample as sampling
 from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.evaluate import encode_and_index, evaluate_in_process, serve_and_query
 from raytrieve.demo.fine_tune import fine_tune, registered
+from raytrieve.demo.fusion_fit import fit_on_dev
 from raytrieve.demo.phase_configs import EXPERIMENT, check_all, encode_config, serve_config, train_config
 from raytrieve.demo.progress import Progress, StageStore
 
@@ -100,12 +101,23 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         }
         return store.put(f"dev-{phase}", key, result)
 
+    def fit(phase: str, dev: dict, identity: Any) -> dict | None:
+        """/search's settings fitted on the dev split for this phase's models (None: not fitted)."""
+        if not cfg.fusion_fit.enabled:
+            return None
+        key = {**base_key, "models": identity, "reranker": m.reranker, "fit": cfg.fusion_fit.model_dump()}
+        cached = store.get(f"fit-{phase}", key)
+        if cached is not None:
+            progress(f"  fusion: reused {cached['label']}")
+            return cached
+        return store.put(f"fit-{phase}", key, fit_on_dev(cfg, samples.dev, dev, progress))
+
     serving: list[str] = []  # phases that deployed on Serve in this run (Serve is up after the first)
 
-    def platform(phase: str, dense: str, sparse: str, identity: Any) -> dict:
+    def platform(phase: str, dense: str, sparse: str, identity: Any, fitted: dict | None) -> dict:
         folder = out / phase
         encode = encode_config(cfg, samples.test_corpus_path, dense, sparse, folder)
-        served = serve_config(cfg, dense, sparse, folder / "index")
+        served = serve_config(cfg, dense, sparse, folder / "index", fitted["setting"] if fitted else None)
         key = {
             **base_key,
             "models": identity,
@@ -132,6 +144,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
+    before_fit = fit("pretrained", before_dev, [m.dense, m.sparse])
 
     import ray
 
@@ -147,7 +160,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         progress("3/6 pretrained models through the platform: encoding job, indices, Serve, HTTP")
-        before_test = platform("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
+        before_test = platform("pretrained", m.dense, m.sparse, [m.dense, m.sparse], before_fit)
 
         progress("4/6 fine-tuning with Ray Train, tracked in MLflow")
         tuned: dict[str, dict] = {}
@@ -183,7 +196,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
             "with Serve loading them from the MLflow registry"
         )
         after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
-        after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
+        after_fit = fit("fine-tuned", after_dev, identity)
+        after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity, after_fit)
 
     finally:
         if serving:  # this stops every Serve app on the cluster: the demo is meant for its own embedded Ray
@@ -198,6 +212,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         before_test,
         after_test,
         tuned,
+        {"before": before_fit, "after": after_fit},
         seconds=time.monotonic() - started,
         reused=store.reused,
     )
