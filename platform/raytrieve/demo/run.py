@@ -36,7 +36,7 @@ from raytrieve.demo.progress import Progress, StageStore
 
 # Part of every step's key: bump it when a step's recorded result changes shape, so an older
 # out/demo is recomputed instead of misread.
-STAGE_FORMAT = 2
+STAGE_FORMAT = 3
 
 
 @dataclass
