@@ -28,6 +28,8 @@ def _config(tmp_path, port: int) -> DemoConfig:
         # A few steps at a high rate: enough to move the models on their training domain.
         "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
         "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
+        # Mined negatives from the 96 train pairs; a few steps of the 12-layer cross-encoder.
+        "reranker_training": {"batch_size": 8, "max_steps": 4, "register_as": "t-cross"},
         "serving": {"port": port, "rerank_depth": 5, "recall": 100, "clients": 2},
         "fusion_fit": {"rerank_depths": [5]},
     }).check()
@@ -73,6 +75,8 @@ def _phase_configs(cfg: DemoConfig) -> dict:
         "sparse_training": pc.train_config(cfg, "sparse", cfg.sparse_training, out / "data" / "train.parquet"),
         "encode": pc.encode_config(cfg, out / "data" / "test_corpus.parquet", m.dense, m.sparse, out / "pretrained"),
         "serve": pc.serve_config(cfg, m.dense, m.sparse, out / "pretrained" / "index"),
+        "mine": pc.mine_config(cfg, out / "data" / "train.parquet", m.dense, out / "mined" / "negatives.parquet"),
+        "reranker_training": pc.train_config(cfg, "cross", cfg.reranker_training, out / "mined" / "negatives.parquet"),
     }
 
 
@@ -93,7 +97,7 @@ def test_demo_phase_configs_are_the_shipped_yamls_plus_overrides(tmp_path):
             if not any(key == o or key.startswith(o + ".") for o in overridden):
                 assert _at(dumped, key) == value, (phase, key)
         # The demo's own settings are on top: paths into its out folder, its sizes.
-        paths = [v for k, v in _leaves(dumped) if k in ("output_dir", "index", "datasets.0.path")]
+        paths = [v for k, v in _leaves(dumped) if k in ("output_dir", "output_path", "index", "datasets.0.path")]
         assert paths and all(str(v).startswith(str(cfg.out)) for v in paths), (phase, paths)
 
     # A copy of the shipped configs with one key changed each: the demo reads the files.
@@ -104,6 +108,8 @@ def test_demo_phase_configs_are_the_shipped_yamls_plus_overrides(tmp_path):
         "splade.yaml": ("checkpoint", "every_n_steps", 7),
         "encode_pydocs.yaml": ("compute", "token_budget", 1234),
         "serve_pydocs.yaml": ("reranker", "max_batch_tokens", 4321),
+        "mine_pydocs.yaml": ("selection", "range_max", 25),
+        "cross_mined.yaml": ("optimizer", "weight_decay", 0.125),
     }
     for name, (section, key, value) in changed.items():
         data = yaml.safe_load((copy / name).read_text())
@@ -196,7 +202,18 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     assert "fitted on the dev split" in result.markdown_path.read_text()
 
     # Served from the MLflow registry, runs recorded there.
-    assert rep["models"]["fine_tuned"] == {"dense": "models:/t-dense/1", "sparse": "models:/t-sparse/1"}
+    assert rep["models"]["fine_tuned"] == {"dense": "models:/t-dense/1", "sparse": "models:/t-sparse/1",
+                                           "cross": "models:/t-cross/1"}
+    # The fine-tuned phase served the fine-tuned reranker, trained on the mined n-tuples.
+    import pyarrow.parquet as pq
+
+    mined = pq.read_table(cfg.out / "mined" / "train_hard_negatives.parquet")
+    assert mined.column_names == ["query", "positive", "negative_1", "negative_2", "negative_3"]
+    assert 0 < mined.num_rows <= 96
+    for row in mined.slice(0, 20).to_pylist():  # a positive is never its own query's negative
+        assert row["positive"] not in (row["negative_1"], row["negative_2"], row["negative_3"])
+    served = yaml.safe_load((cfg.out / "configs" / "serve_fine-tuned.yaml").read_text())
+    assert served["reranker"]["model"] == "models:/t-cross/1"
     from raytrieve.tracking import mlflow_run
 
     client = mlflow_run.client(cfg.tracking_uri())
@@ -225,7 +242,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         assert trained.training.batch_size == 16 and trained.datasets[0].loss == shipped.datasets[0].loss
     assert {p.name for p in (cfg.out / "configs").iterdir()} == {
         f"{job}_{phase}.yaml" for job in ("encode", "serve") for phase in ("pretrained", "fine-tuned")
-    } | {"train_dense.yaml", "train_sparse.yaml"}
+    } | {"train_dense.yaml", "train_sparse.yaml", "train_cross.yaml", "mine.yaml"}
 
     # A second run reuses every step: no encoding, training or serving again.
     lines.clear()
@@ -233,9 +250,9 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     again = run_demo(cfg, log=lines.append, ray_address=None)
     assert time.monotonic() - t < 60
     assert again.report["rows"] == rep["rows"]
-    # 2 in-process, 2 fits, 2 platform, 2 training
-    assert sum("reused" in line for line in lines) == 8, lines
-    assert len(again.report["reused_steps"]) == 8 and "reusing 8 finished steps" in again.markdown_path.read_text()
+    # 2 in-process, 2 fits, 2 platform, 3 trainings, 1 mining
+    assert sum("reused" in line for line in lines) == 10, lines
+    assert len(again.report["reused_steps"]) == 10 and "reusing 10 finished steps" in again.markdown_path.read_text()
 
 
 def test_shipped_demo_yaml_is_the_default_config():

@@ -1,5 +1,6 @@
-"""The demo's fine-tuning step: the shipped training config (with the demo's overrides) on Ray
-Train, tracked and registered in the demo's MLflow store."""
+"""The demo's fine-tuning steps: the shipped training config (with the demo's overrides) on Ray
+Train, tracked and registered in the demo's MLflow store; for the reranker, first the hard
+negatives the fine-tuned dense model mines from the train pairs (`raytrieve mine`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raytrieve.demo.config import FineTuneConfig
-from raytrieve.demo.phase_configs import EXPERIMENT, PhaseConfig
-from raytrieve.demo.progress import Progress
+from raytrieve.demo.config import DemoConfig, FineTuneConfig
+from raytrieve.demo.phase_configs import EXPERIMENT, PhaseConfig, mine_config
+from raytrieve.demo.progress import Progress, StageStore
 
 
 def _training_status(uri: str, kind: str) -> str | None:
@@ -63,3 +64,26 @@ def registered(uri: str, model_uri: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def mine_negatives(cfg: DemoConfig, train_path: Path, dense: dict, store: StageStore, progress: Progress) -> dict:
+    """The mining job's result (``output_path``, ``rows``...) for the train pairs, mined with the
+    fine-tuned dense model ``dense`` (its training step's record); reused while both hold."""
+    from dataclasses import asdict
+
+    from raytrieve.inference.mine import run_mine
+
+    output = cfg.out / "mined" / "train_hard_negatives.parquet"
+    mine = mine_config(cfg, train_path, dense["uri"], output)
+    key = {"mine": mine.config.model_dump(mode="json"), "dense": [dense["uri"], dense.get("run_id")]}
+    cached = store.get("mine", key, lambda r: Path(r["output_path"]).exists())
+    if cached is not None:
+        progress(f"  mining: reused {cached['rows']} rows")
+        return cached
+    shutil.rmtree(output.parent, ignore_errors=True)  # an older run's negatives and work folder
+    mine.save(cfg.out / "configs" / "mine.yaml", "raytrieve mine")
+    progress(f"  mining hard negatives for the reranker with {dense['uri']} ({mine.source} with the demo's overrides)")
+    with progress.heartbeat("mining"):
+        result = run_mine(mine.config, where="demo mine", ray_address=None)
+    progress(f"  mined {result.rows} rows ({result.pairs_dropped} pairs without 3 negatives left out)")
+    return store.put("mine", key, asdict(result))

@@ -20,8 +20,11 @@ from raytrieve.serve import tuning
 DEPTHS = (20, 50, 100)
 
 
-def fit_on_dev(cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """The fitted setting (``search_fields``: the serve config's ``search:``) and its dev scores."""
+def fit_on_dev(
+    cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], reranker: str, progress: Progress
+) -> dict[str, Any]:
+    """The fitted setting (``search_fields``: the serve config's ``search:``) and its dev scores,
+    the rerank depth decided with ``reranker`` (the model this phase serves)."""
     qrels = {q: {d: 1.0} for q, d in dev.qrels.items()}
     candidates = {
         qid: {kind: [(d, s) for d, s in dev_result[kind]["candidates"][qid]] for kind in ("dense", "sparse")}
@@ -38,7 +41,7 @@ def fit_on_dev(cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], progress
     f = cfg.fusion_fit
     if f.rerank_queries and f.rerank_depths:
         chosen = sorted(qrels)[: f.rerank_queries]
-        scores = _cross_scores(cfg, dev, {q: candidates[q] for q in chosen}, best, max(f.rerank_depths))
+        scores = _cross_scores(cfg, reranker, dev, {q: candidates[q] for q in chosen}, best, max(f.rerank_depths))
         rerank = tuning.fit_rerank(
             {q: candidates[q] for q in chosen}, {q: qrels[q] for q in chosen}, best, scores, [0, *f.rerank_depths]
         )
@@ -66,16 +69,14 @@ def _mean(values: list[float]) -> float:
 
 
 def _cross_scores(
-    cfg: DemoConfig, dev: Split, candidates: dict[str, Any], setting: tuning.Setting, depth: int
+    cfg: DemoConfig, model: str, dev: Split, candidates: dict[str, Any], setting: tuning.Setting, depth: int
 ) -> dict[str, dict[str, float]]:
     """Cross-encoder scores of each query's top ``depth`` fused candidates, in process."""
     from raytrieve.encoders import load_encoder
 
     # The served reranker's format (auto: bf16 where this CPU has it and the model passes its guard).
-    reranker = load_encoder(
-        "cross", cfg.models.reranker, device="cpu", max_seq_length=cfg.models.max_seq_length, dtype="auto"
-    )
+    reranker = load_encoder("cross", model, device="cpu", max_seq_length=cfg.models.max_seq_length, dtype="auto")
     heads = {q: tuning.fused(lists, setting)[:depth] for q, lists in candidates.items()}
     pairs = [(dev.queries[q], dev.corpus[d]) for q, docs in heads.items() for d in docs]
-    flat = iter(float(s) for s in reranker.predict(pairs, batch_size=32))
+    flat = iter(float(s) for s in reranker.predict(pairs, batch_size=32, show_progress_bar=False))
     return {q: {d: next(flat) for d in docs} for q, docs in heads.items()}

@@ -77,22 +77,28 @@ def load_phase(cls: type[C], cfg: DemoConfig, phase: str, overrides: dict[str, A
     return PhaseConfig(loaded, source, items)
 
 
+# A model kind's name in the demo config: models.<role>, <role>_training, configs.<role>_training.
+ROLES = {"dense": "dense", "sparse": "sparse", "cross": "reranker"}
+
+
 def train_config(cfg: DemoConfig, kind: str, ft: FineTuneConfig, train_path: Path) -> PhaseConfig[Any]:
     from raytrieve.train.config import TrainConfig
 
-    phase = f"{kind}_training"
+    role = ROLES[kind]
+    phase = f"{role}_training"
     loaded = load_phase(
         TrainConfig,
         cfg,
         phase,
         {
-            "model.name_or_path": getattr(cfg.models, kind),
+            "model.name_or_path": getattr(cfg.models, role),
             "model.max_seq_length": cfg.models.max_seq_length,
             "datasets.0.path": str(train_path),
             "output_dir": str(cfg.out / "models" / kind),
             "training.batch_size": ft.batch_size,
             "training.epochs": ft.epochs,
             "training.max_steps": ft.max_steps,
+            "training.bf16": ft.bf16,
             "optimizer.learning_rate": ft.learning_rate,
             # The demo scores the models itself before and after (dev in process, test over
             # HTTP); the shipped eval, over the whole pydocs test split, would only add minutes.
@@ -114,10 +120,36 @@ def train_config(cfg: DemoConfig, kind: str, ft: FineTuneConfig, train_path: Pat
         )
     if len(tc.datasets) != 1:
         raise ConfigError(
-            f"demo configs.{phase}: {loaded.source} has {len(tc.datasets)} datasets; the demo fine-tunes on one, "
-            "its (query, document) train pairs: name a config with a single dataset"
+            f"demo configs.{phase}: {loaded.source} has {len(tc.datasets)} datasets; the demo fine-tunes on one "
+            "(the train pairs, or for the reranker the mined rows): name a config with a single dataset"
         )
     return loaded
+
+
+def mine_config(cfg: DemoConfig, train_path: Path, dense: str, output: Path) -> PhaseConfig[Any]:
+    """Hard negatives for the train pairs, retrieved by ``dense`` (the fine-tuned model) from
+    the train pairs' documents; n-tuples (query, positive, negative_1..) for the reranker."""
+    from raytrieve.inference.config import MineConfig
+
+    return load_phase(
+        MineConfig,
+        cfg,
+        "mine",
+        {
+            "pairs.path": str(train_path),
+            "pairs.query_column": "query",
+            "pairs.positive_column": "document",
+            "retriever.model": dense,
+            "retriever.kind": "dense",
+            "retriever.max_seq_length": cfg.models.max_seq_length,
+            # The retriever's own scores pick the negatives: rescoring every candidate with the
+            # cross-encoder about to be trained would cost more than the training.
+            "reranker": None,
+            "output_path": str(output),
+            "output_format": "n-tuple",
+            "compute.torch_threads": cfg.serving.torch_threads,
+        },
+    )
 
 
 def encode_config(cfg: DemoConfig, corpus: Path, dense: str, sparse: str, folder: Path) -> PhaseConfig[Any]:
@@ -140,16 +172,22 @@ def encode_config(cfg: DemoConfig, corpus: Path, dense: str, sparse: str, folder
 
 
 def serve_config(
-    cfg: DemoConfig, dense: str, sparse: str, index: Path, search: dict[str, Any] | None = None
+    cfg: DemoConfig,
+    dense: str,
+    sparse: str,
+    index: Path,
+    search: dict[str, Any] | None = None,
+    reranker: str | None = None,
 ) -> PhaseConfig[Any]:
-    """``search``: /search's defaults fitted on the dev split (demo/fusion_fit.py), if any."""
+    """``search``: /search's defaults fitted on the dev split (demo/fusion_fit.py), if any;
+    ``reranker``: default models.reranker."""
     from raytrieve.serve.config import ServeConfig
 
     s, m = cfg.serving, cfg.models
     overrides: dict[str, Any] = {"index": str(index), "port": s.port, "mlflow_tracking_uri": cfg.tracking_uri()}
     if search is not None:
         overrides["search"] = search
-    for role, model in (("dense", dense), ("sparse", sparse), ("reranker", m.reranker)):
+    for role, model in (("dense", dense), ("sparse", sparse), ("reranker", reranker or m.reranker)):
         overrides[f"{role}.model"] = model
         overrides[f"{role}.max_seq_length"] = m.max_seq_length
         # Three 1-CPU replicas plus the retriever never schedule on a 2-core machine (Ray only
@@ -180,5 +218,9 @@ def check_all(cfg: DemoConfig) -> None:
     for kind, ft in (("dense", cfg.dense_training), ("sparse", cfg.sparse_training)):
         if ft.enabled:
             train_config(cfg, kind, ft, cfg.out / "data" / "train.parquet")
+    if cfg.reranker_training.enabled:
+        mined = cfg.out / "mined" / "train_hard_negatives.parquet"
+        mine_config(cfg, cfg.out / "data" / "train.parquet", m.dense, mined)
+        train_config(cfg, "cross", cfg.reranker_training, mined)
     encode_config(cfg, cfg.out / "data" / "test_corpus.parquet", m.dense, m.sparse, cfg.out / "pretrained")
     serve_config(cfg, m.dense, m.sparse, cfg.out / "pretrained" / "index")

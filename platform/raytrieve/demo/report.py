@@ -105,7 +105,7 @@ def build(
             "clients": cfg.serving.clients,
         },
         "models": {
-            "pretrained": {"dense": cfg.models.dense, "sparse": cfg.models.sparse},
+            "pretrained": {"dense": cfg.models.dense, "sparse": cfg.models.sparse, "cross": cfg.models.reranker},
             "fine_tuned": {k: v["uri"] for k, v in tuned.items()},
             "reranker": cfg.models.reranker,
         },
@@ -143,7 +143,8 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         f"- **test**: {s['test_queries']} queries of numpy and scipy docstrings (packages never trained on) over "
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
-        f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with {rep['models']['reranker']}.",
+        f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with the cross-encoder "
+        f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after).",
         f"- **dev** (the train domain): {s['dev_queries']} held-out pairs of the train packages over "
         f"{s['dev_corpus']} documents, scored in process.",
         f"- **before**: {rep['models']['pretrained']['dense']} and {rep['models']['pretrained']['sparse']}; "

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from raytrieve.demo import sample as sampling
-from raytrieve.demo.config import DemoConfig
+from raytrieve.demo.config import DemoConfig, FineTuneConfig
 from raytrieve.demo.evaluate import encode_and_index, evaluate_in_process, serve_and_query
-from raytrieve.demo.fine_tune import fine_tune, registered
+from raytrieve.demo.fine_tune import fine_tune, mine_negatives, registered
 from raytrieve.demo.fusion_fit import fit_on_dev
 from raytrieve.demo.phase_configs import EXPERIMENT, check_all, encode_config, serve_config, train_config
 from raytrieve.demo.progress import Progress, StageStore
@@ -101,27 +101,30 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         }
         return store.put(f"dev-{phase}", key, result)
 
-    def fit(phase: str, dev: dict, identity: Any) -> dict | None:
+    def fit(phase: str, dev: dict, identity: Any, reranker: str) -> dict | None:
         """/search's settings fitted on the dev split for this phase's models (None: not fitted)."""
         if not cfg.fusion_fit.enabled:
             return None
-        key = {**base_key, "models": identity, "reranker": m.reranker, "fit": cfg.fusion_fit.model_dump()}
+        key = {**base_key, "models": identity, "reranker": reranker, "fit": cfg.fusion_fit.model_dump()}
         cached = store.get(f"fit-{phase}", key)
         if cached is not None:
             progress(f"  fusion: reused {cached['label']}")
             return cached
-        return store.put(f"fit-{phase}", key, fit_on_dev(cfg, samples.dev, dev, progress))
+        return store.put(f"fit-{phase}", key, fit_on_dev(cfg, samples.dev, dev, reranker, progress))
 
     serving: list[str] = []  # phases that deployed on Serve in this run (Serve is up after the first)
 
-    def platform(phase: str, dense: str, sparse: str, identity: Any, fitted: dict | None) -> dict:
+    def platform(
+        phase: str, dense: str, sparse: str, identity: Any, fitted: dict | None, reranker: str | None = None
+    ) -> dict:
         folder = out / phase
         encode = encode_config(cfg, samples.test_corpus_path, dense, sparse, folder)
-        served = serve_config(cfg, dense, sparse, folder / "index", fitted["setting"] if fitted else None)
+        search = fitted["setting"] if fitted else None
+        served = serve_config(cfg, dense, sparse, folder / "index", search, reranker or m.reranker)
         key = {
             **base_key,
             "models": identity,
-            "reranker": m.reranker,
+            "reranker": reranker or m.reranker,
             "serving": cfg.serving.model_dump(),
             "encode": encode.config.model_dump(mode="json"),
             "serve": served.config.model_dump(mode="json"),
@@ -144,7 +147,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
-    before_fit = fit("pretrained", before_dev, [m.dense, m.sparse])
+    before_fit = fit("pretrained", before_dev, [m.dense, m.sparse], m.reranker)
 
     import ray
 
@@ -163,41 +166,50 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         before_test = platform("pretrained", m.dense, m.sparse, [m.dense, m.sparse], before_fit)
 
         progress("4/6 fine-tuning with Ray Train, tracked in MLflow")
-        tuned: dict[str, dict] = {}
-        for kind, ft, base in (("dense", cfg.dense_training, m.dense), ("sparse", cfg.sparse_training, m.sparse)):
+
+        def train(kind: str, ft: FineTuneConfig, base: str, data: Path, what: str, data_key: Any = None) -> dict:
             if not ft.enabled:
                 progress(f"  {kind}: fine-tuning disabled; the pretrained model stays")
-                tuned[kind] = {"uri": base, "run_id": None}
-                continue
-            train = train_config(cfg, kind, ft, samples.train_path)
-            key = {**base_key, "kind": kind, "train": train.config.model_dump(mode="json")}
+                return {"uri": base, "run_id": None}
+            phase = train_config(cfg, kind, ft, data)
+            key = {**base_key, "kind": kind, "train": phase.config.model_dump(mode="json"), "data": data_key}
             # A recorded run whose registry version is gone (a wiped store) is trained again.
             cached = store.get(f"train-{kind}", key, lambda r: registered(cfg.tracking_uri(), r["uri"]))
             if cached is not None:
                 progress(f"  {kind}: reused {cached['uri']} (run {cached['run_id']})")
-                tuned[kind] = cached
-                continue
+                return cached
             progress(
-                f"  {kind}: {base} on {cfg.sample.train_pairs} pairs, batch {ft.batch_size}, {ft.epochs} epoch(s) "
-                f"({train.source} with the demo's overrides)"
+                f"  {kind}: {base} on {what}, batch {ft.batch_size}, {ft.epochs} epoch(s) "
+                f"({phase.source} with the demo's overrides)"
             )
             saved = out / "configs" / f"train_{kind}.yaml"
-            tuned[kind] = store.put(f"train-{kind}", key, fine_tune(kind, ft, train, saved, progress))
-            progress(f"  {kind}: registered {tuned[kind]['uri']} ({tuned[kind]['steps']} steps)")
-        identity = [
-            tuned["dense"]["uri"],
-            tuned["dense"].get("run_id"),
-            tuned["sparse"]["uri"],
-            tuned["sparse"].get("run_id"),
-        ]
+            done = store.put(f"train-{kind}", key, fine_tune(kind, ft, phase, saved, progress))
+            progress(f"  {kind}: registered {done['uri']} ({done['steps']} steps)")
+            return done
+
+        pairs = f"{cfg.sample.train_pairs} pairs"
+        tuned: dict[str, dict] = {
+            "dense": train("dense", cfg.dense_training, m.dense, samples.train_path, pairs),
+            "sparse": train("sparse", cfg.sparse_training, m.sparse, samples.train_path, pairs),
+        }
+        if cfg.reranker_training.enabled:
+            mined = mine_negatives(cfg, samples.train_path, tuned["dense"], store, progress)
+            rows = f"{mined['rows']} mined (query, positive, 3 negatives) rows"
+            tuned["cross"] = train("cross", cfg.reranker_training, m.reranker, Path(mined["output_path"]), rows, mined)
+        else:
+            tuned["cross"] = {"uri": m.reranker, "run_id": None}
+        identity = [tuned[k][f] for k in ("dense", "sparse", "cross") for f in ("uri", "run_id")]
 
         progress(
             "5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
             "with Serve loading them from the MLflow registry"
         )
         after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
-        after_fit = fit("fine-tuned", after_dev, identity)
-        after_test = platform("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity, after_fit)
+        reranker = tuned["cross"]["uri"]
+        after_fit = fit("fine-tuned", after_dev, identity, reranker)
+        after_test = platform(
+            "fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity, after_fit, reranker
+        )
 
     finally:
         if serving:  # this stops every Serve app on the cluster: the demo is meant for its own embedded Ray
