@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ def _check(args: argparse.Namespace) -> None:
     """Flags that contradict each other, before any file is read."""
     _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients")
     _positive(args, "bootstrap_rounds", "max_in_process_rows")
+    from raytrieve.config import Dtype
+
+    if args.dtype not in typing.get_args(Dtype):
+        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {list(typing.get_args(Dtype))}")
     files = [args.corpus, args.queries, args.qrels]
     if args.data and any(files):
         raise ConfigError("--data is a BEIR folder; pass it or --corpus/--queries/--qrels, not both")

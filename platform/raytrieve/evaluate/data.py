@@ -58,6 +58,7 @@ class EvalSet:
     qrels: dict[str, dict[str, float]]  # query id -> document id -> grade (> 0 relevant)
     corpus_path: Path
     columns: Columns
+    title_column: str | None  # the corpus's title column, if it has one (the encoding job joins it too)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,9 +123,11 @@ def _text(where: str, row: dict[str, Any], key: str, role: str, flag: str, requi
 
 def _id_text_table(
     path: Path, id_key: str, text_key: str, title_key: str | None, what: str, id_flag: str, text_flag: str
-) -> dict[str, str]:
+) -> tuple[dict[str, str], bool]:
+    """id -> text (title in front), and whether any row has the title key."""
     out: dict[str, str] = {}
     first_seen: dict[str, str] = {}
+    titled = False
     for where, row in _rows(path, [id_key, text_key], (title_key,) if title_key else ()):
         doc_id = _text(where, row, id_key, f"{what} id", id_flag)
         text = _text(where, row, text_key, f"{what} text", text_flag)
@@ -136,12 +139,13 @@ def _id_text_table(
         if doc_id in out:
             raise DataError(f"{where}: {what} id {doc_id!r} again (first at {first_seen[doc_id]}); ids must be unique")
         title = _text(where, row, title_key, f"{what} title", "corpus_title", required=False) if title_key else None
+        titled = titled or (title_key is not None and title_key in row)
         # The encoding job joins a title the same way (inference/corpus.py), so both paths encode one text.
         out[doc_id] = f"{title} {text}" if title else text
         first_seen[doc_id] = where
     if not out:
         raise DataError(f"{path}: no {what} rows; the file is empty")
-    return out
+    return out, titled
 
 
 def _grade(where: str, raw: Any) -> float:
@@ -304,21 +308,16 @@ def load_files(
         _need_file(path, f"the {role}", f"pass the {role} file (--{role})")
         if path.suffix not in suffixes:
             raise DataError(f"{path}: {role} must be one of {', '.join(suffixes)} (by its name); convert it")
-    # A title column named by the user must exist; BEIR's default "title" may be absent.
     title = columns.corpus_title
-    docs = _id_text_table(
+    docs, titled = _id_text_table(
         files["corpus"], columns.corpus_id, columns.corpus_text, title, "document", "corpus_id", "corpus_text"
     )
-    if "corpus_title" in columns.model_fields_set and title and files["corpus"].suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        if title not in pq.read_schema(files["corpus"]).names:
-            raise DataError(
-                f"{files['corpus']}: no column {title!r} for --column corpus_title; drop the flag or fix it"
-            )
-    asked = _id_text_table(
+    # BEIR's default "title" may be absent (a corpus without titles); a title column named by the user may not.
+    if title and not titled and "corpus_title" in columns.model_fields_set:
+        raise DataError(f"{files['corpus']}: no row has {title!r} for --column corpus_title; fix the name or drop it")
+    asked, _ = _id_text_table(
         files["queries"], columns.query_id, columns.query_text, None, "query", "query_id", "query_text"
     )
     kept, judged, summary = check(docs, asked, read_qrels(files["qrels"], columns), files)
     summary = {"files": {k: str(v) for k, v in files.items()}, "split": split, **summary}
-    return EvalSet(docs, kept, judged, files["corpus"], columns, summary)
+    return EvalSet(docs, kept, judged, files["corpus"], columns, title if titled else None, summary)

@@ -233,15 +233,21 @@ def index_lists(
 
     stages, indices = index_stages(index_dir, models)
     qids = sorted(evalset.queries)
+    judged = {d for j in evalset.qrels.values() for d in j}
     lists: Lists = {}
     for stage in stages:
         index, built = getattr(indices, stage.kind), indices.source.output(stage.kind)
-        judged = {d for j in evalset.qrels.values() for d in j}
         lacking = sorted(judged - set(index.ids))
         if lacking:
             raise DataError(
                 f"{index_dir}: the {stage.kind} index lacks {len(lacking)} judged document(s), e.g. {lacking[:5]}; "
                 "it was built from another corpus. Build it from this corpus (or leave out --index)"
+            )
+        extra = [d for d in index.ids if d not in evalset.corpus]
+        if extra and models.reranker:
+            raise DataError(
+                f"{index_dir}: {len(extra)} indexed document(s) are not in {evalset.corpus_path}, e.g. {extra[:5]}; "
+                "the reranker reads candidates' texts from the corpus given: pass the corpus the index was built from"
             )
         encoder = load_encoder(stage.kind, built.model, max_seq_length=built.max_seq_length, dtype=options.dtype)
         truncate_dim = getattr(built, "truncate_dim", None)
@@ -268,7 +274,7 @@ def encode_corpus(evalset: EvalSet, models: Models, options: RunOptions, work: P
         format="parquet" if evalset.corpus_path.suffix == ".parquet" else "jsonl",
         id_column=cols.corpus_id,
         text_column=cols.corpus_text,
-        title_column=cols.corpus_title if _has_titles(evalset) else None,
+        title_column=evalset.title_column,
     )
     spec: dict[str, Any] = {"max_seq_length": options.max_seq_length, "dtype": options.dtype}
     raw: dict[str, Any] = {
@@ -284,14 +290,3 @@ def encode_corpus(evalset: EvalSet, models: Models, options: RunOptions, work: P
     log.info("encoding job: %d documents at %.1f/s into %s", result.rows, result.rows_per_s, work / "vectors")
     build_indices(work / "vectors", work / "index")
     return work / "index"
-
-
-def _has_titles(evalset: EvalSet) -> bool:
-    title = evalset.columns.corpus_title
-    if not title:
-        return False
-    if evalset.corpus_path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return title in pq.read_schema(evalset.corpus_path).names
-    return True
