@@ -1,11 +1,11 @@
 """Rankings per stage: each first stage (dense, sparse) searches an index, fusion combines
 them, a cross-encoder reranks the fused head.
 
-Fusion is Serve's own (serve/fusion.py through ``fuse``, as /search calls it), and reranking
-follows /search (serve/search.py): the fused top ``rerank_depth`` ordered by the
-cross-encoder's score (ties keep the fused order), the rest of the fused list after them in
-fused order, so Recall@k of the reranked stage counts the same pool. One first stage alone is
-not fused: its own list is what gets reranked.
+Fusion and rerank replay /search (serve/tuning.py's ``fused`` and ``reranked``, over
+serve/fusion.py's methods): the fused top ``rerank_depth`` ordered by the cross-encoder's score
+(ties keep the fused order), the rest of the fused list after them in fused order, so Recall@k
+of the reranked stage counts the same pool. One first stage alone is not fused: its own list is
+what gets reranked.
 
 Where the first stages search:
 - in process (``in_process_lists``): the encoders from ``load_encoder`` encode the corpus and
@@ -26,7 +26,7 @@ from typing import Any
 from raytrieve.config import from_dict
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.evaluate.data import EvalSet
-from raytrieve.serve import fusion
+from raytrieve.serve import tuning
 from raytrieve.serve.schemas import Fusion
 
 log = logging.getLogger("raytrieve.evaluate")
@@ -74,21 +74,13 @@ class RunOptions:
 # -- fusion and rerank: what /search does with the first stages' lists ------------------------
 
 
-def fuse(lists: Mapping[str, Ranked], kinds: Mapping[str, str], options: Fusion) -> Ranked:
-    """One query's first-stage lists fused as /search fuses them (a single list stands alone).
-    Convex fusion weighs each list by its kind's weight (dense_weight, sparse_weight)."""
-    if len(lists) == 1:
-        return list(next(iter(lists.values())))
-    params = options.model_dump()
-    for name in lists:
+def fusion_setting(names: Sequence[str], kinds: Mapping[str, str], options: RunOptions) -> tuning.Setting:
+    """The /search setting that fuses these first stages: each list at ``depth``, and for convex
+    fusion each list weighed by its kind's weight (dense_weight, sparse_weight)."""
+    params = options.fusion.model_dump()
+    for name in names:
         params[f"{name}_weight"] = params[f"{kinds[name]}_weight"]
-    return fusion.fuse(options.method, lists, params)
-
-
-def rerank_order(candidates: Sequence[str], head_scores: Sequence[float]) -> list[str]:
-    """The first ``len(head_scores)`` candidates by score (ties: candidate order), then the rest."""
-    head = sorted(range(len(head_scores)), key=lambda i: (-head_scores[i], i))
-    return [candidates[i] for i in head] + list(candidates[len(head_scores) :])
+    return tuning.Setting({name: options.depth for name in names}, params)
 
 
 def combine(
@@ -104,19 +96,21 @@ def combine(
         name: {q: [d for d, _ in ranked] for q, ranked in per_q.items()} for name, per_q in lists.items()
     }
     qids = sorted(queries)
-    pool = {q: [d for d, _ in fuse({n: lists[n][q] for n in lists}, kinds, options.fusion)] for q in qids}
+    # /search's own replay (serve/tuning.py): a single list stands alone, two or more are fused.
+    setting = fusion_setting(list(lists), kinds, options)
+    pool = {q: tuning.fused({n: lists[n][q] for n in lists}, setting) for q in qids}
     if len(lists) > 1:
         rankings[FUSED] = pool
     if score_pairs is not None:
         started = time.perf_counter()
-        heads = {q: pool[q][: options.rerank_depth] for q in qids}
-        pairs = [(queries[q], corpus[d]) for q in qids for d in heads[q]]
-        scores = [float(s) for s in score_pairs(pairs)]  # one call: the model sorts all pairs by length
-        at, reranked = 0, {}
-        for q in qids:
-            n = len(heads[q])
-            reranked[q] = rerank_order(pool[q], scores[at : at + n])
-            at += n
+        depth = options.rerank_depth
+        pairs = [(q, d) for q in qids for d in pool[q][:depth]]
+        # One call: the model sorts every pair by length, so batches pad little.
+        scores = score_pairs([(queries[q], corpus[d]) for q, d in pairs])
+        by_query: dict[str, dict[str, float]] = {q: {} for q in qids}
+        for (q, d), score in zip(pairs, scores):
+            by_query[q][d] = float(score)
+        reranked = {q: tuning.reranked(pool[q], by_query[q], depth) for q in qids}
         rankings[RERANKED] = reranked
         log.info("reranked %d pairs in %.1fs", len(pairs), time.perf_counter() - started)
     return rankings
