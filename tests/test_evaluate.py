@@ -271,37 +271,74 @@ def test_fusion_and_rerank_equal_the_search_pipeline(fusion):
         assert ours["reranked"][qid] == head + fused[4:]
 
 
-def test_url_rankings_read_every_stage_over_http():
-    """A real HTTP server whose /search is the /search pipeline: the stages read back equal the
-    in-process ones."""
+@pytest.fixture
+def search_app():
+    """A real HTTP server whose /search is the /search pipeline over ``_lists()`` (with or
+    without a reranker, with or without a bearer token), as Serve's ingress answers."""
+    from raytrieve.serve.search import SearchError
+
+    servers = []
+
+    def start(rerank: bool = True, token: str | None = None) -> str:
+        lists = _lists()
+        by_text = {text: qid for qid, text in Q_TEXT.items()}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if token is not None and self.headers.get("authorization") != f"Bearer {token}":
+                    return self.answer(401, {"error": "missing or wrong bearer token (Authorization: Bearer ...)"})
+                pipeline = _pipeline(lists, by_text[body["query"]])
+                if not rerank:
+                    pipeline.rerank = None
+                try:
+                    self.answer(200, asyncio.run(pipeline.search(SearchRequest(**body))))
+                except SearchError as e:
+                    self.answer(422, {"error": str(e)})
+
+            def answer(self, status: int, payload: dict) -> None:
+                raw = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_url_rankings_read_every_stage_over_http(search_app):
     from raytrieve.evaluate.remote import url_rankings
 
-    lists = _lists()
-    by_text = {text: qid for qid, text in Q_TEXT.items()}
+    options = run.RunOptions(depth=8, rerank_depth=3)
+    got = url_rankings(search_app(), Q_TEXT, options, clients=2)
+    expected = run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    assert got == expected and set(got) == {"dense", "sparse", "fused", "reranked"}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            answer = asyncio.run(_pipeline(lists, by_text[body["query"]]).search(SearchRequest(**body)))
-            raw = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
 
-        def log_message(self, *args):
-            pass
+def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
+    from raytrieve.errors import InputError
+    from raytrieve.evaluate.remote import url_rankings
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        options = run.RunOptions(depth=8, rerank_depth=3)
-        got = url_rankings(f"http://127.0.0.1:{server.server_port}", Q_TEXT, options, clients=2)
-    finally:
-        server.shutdown()
-    expected = run.combine(lists, {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
-    assert got == expected
+    url = search_app(rerank=False, token="s3cret")
+    options = run.RunOptions(depth=8, rerank_depth=3)
+    monkeypatch.delenv("RAYTRIEVE_API_TOKEN", raising=False)
+    with pytest.raises(InputError, match=r"401.*set RAYTRIEVE_API_TOKEN"):
+        url_rankings(url, Q_TEXT, options)
+    monkeypatch.setenv("RAYTRIEVE_API_TOKEN", "s3cret")
+    got = url_rankings(url, Q_TEXT, options)
+    assert got == run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, None)
+    assert set(got) == {"dense", "sparse", "fused"}
 
 
 # -- the command end to end ------------------------------------------------------------------
