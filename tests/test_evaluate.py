@@ -531,6 +531,39 @@ def test_contradicting_flags_are_refused(args, message, tmp_path):
     assert message in str(e.value)
 
 
+def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate.command import evaluate
+
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--sparse", "splade-tiny", "--reranker", "nope"])
+    with pytest.raises(ConfigError, match="--reranker nope: model 'nope': no such directory"):
+        evaluate(args)
+
+
+def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weight():
+    from raytrieve.serve import fusion
+
+    stages = run.Models(dense=["a/mini", "b/mini", "bge"], sparse=["splade-tiny"]).first_stages()
+    assert [(s.name, s.kind) for s in stages] == [
+        ("dense:mini", "dense"),
+        ("dense:mini#2", "dense"),
+        ("dense:bge", "dense"),
+        ("sparse", "sparse"),
+    ]
+    rng = np.random.default_rng(2)
+    lists: run.Lists = {}
+    for s in stages:
+        ids = rng.permutation(list(DOCS))[:6].tolist()
+        lists[s.name] = {"qa": list(zip(ids, sorted(rng.random(6).tolist(), reverse=True)))}
+    kinds = {s.name: s.kind for s in stages}
+    options = run.RunOptions(depth=6, fusion=Fusion(method="convex", dense_weight=0.2, sparse_weight=0.4))
+    got = run.combine(lists, kinds, options, {"qa": Q_TEXT["qa"]}, DOCS, None)
+    ranked = [lists[s.name]["qa"] for s in stages]
+    expected = fusion.convex(ranked, [0.2, 0.2, 0.2, 0.4], "minmax")
+    assert got["fused"]["qa"] == [d for d, _ in expected] and "reranked" not in got
+
+
 def test_compare_refuses_a_file_that_is_no_report(tmp_path):
     (tmp_path / "x.json").write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"not an evaluation\.json of raytrieve evaluate"):

@@ -114,6 +114,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--dense-weight and --sparse-weight: at least one must be > 0 for convex fusion")
 
 
+def _resolve_models(args: argparse.Namespace) -> None:
+    """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
+    fails before the others have encoded anything; the error names the flag."""
+    from raytrieve.errors import RaytrieveError
+    from raytrieve.model_ref import resolve_model
+
+    given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
+    for flag, ref in given + ([("reranker", args.reranker)] if args.reranker else []):
+        try:
+            resolve_model(ref)
+        except RaytrieveError as e:
+            raise ConfigError(f"--{flag} {ref}: {e}") from None
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from raytrieve.evaluate.run import RunOptions
     from raytrieve.serve.schemas import Fusion
@@ -150,6 +164,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     previous = report.load_previous(args.compare) if args.compare else None  # refused before any model loads
     log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
     models = run.Models(list(args.dense), list(args.sparse), args.reranker)
+    _resolve_models(args)
     seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
     if args.url:
