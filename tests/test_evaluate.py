@@ -148,6 +148,10 @@ def test_files_with_named_columns(tmp_path):
     got = data.load_files(tmp_path / "docs.parquet", tmp_path / "q.jsonl", tmp_path / "rel.csv", columns)
     assert got.corpus == {"a": "first text", "b": "second text"}
     assert got.queries == {"7": "which is first"} and got.qrels == {"7": {"a": 1.0}}
+    with pytest.raises(
+        DataError, match=r"no column\(s\) \['_id', 'text'\]; the file has \['id', 'body'\].*--column corpus_id=<column>"
+    ):
+        data.load_files(tmp_path / "docs.parquet", tmp_path / "q.jsonl", tmp_path / "rel.csv")
 
 
 def _drop(path: str):

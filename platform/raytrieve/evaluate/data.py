@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,9 @@ def _need_file(path: Path, what: str, fix: str) -> Path:
     return path
 
 
-def _rows(path: Path, keys: list[str], optional: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) per record of a .jsonl or .parquet file; ``where`` is "file:line" or "file row N"."""
+def _rows(path: Path, keys: Mapping[str, str], optional: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) per record of a .jsonl or .parquet file; ``where`` is "file:line" or "file row N".
+    ``keys``: each column a parquet file must have -> the ``--column`` key that names it."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -80,8 +81,8 @@ def _rows(path: Path, keys: list[str], optional: tuple[str, ...] = ()) -> Iterat
         missing = [k for k in keys if k not in table.column_names]
         if missing:
             raise DataError(
-                f"{path}: no column(s) {missing}; the file has {table.column_names}. "
-                "Name the right ones with --column (e.g. --column corpus_id=id)"
+                f"{path}: no column(s) {missing}; the file has {table.column_names}. Name the right ones with "
+                + ", ".join(f"--column {keys[k]}=<column>" for k in missing)
             )
         wanted = [k for k in table.column_names if k in keys or k in optional]
         for i, row in enumerate(table.select(wanted).to_pylist()):
@@ -128,7 +129,7 @@ def _id_text_table(
     out: dict[str, str] = {}
     first_seen: dict[str, str] = {}
     titled = False
-    for where, row in _rows(path, [id_key, text_key], (title_key,) if title_key else ()):
+    for where, row in _rows(path, {id_key: id_flag, text_key: text_flag}, (title_key,) if title_key else ()):
         doc_id = _text(where, row, id_key, f"{what} id", id_flag)
         text = _text(where, row, text_key, f"{what} text", text_flag)
         assert doc_id is not None and text is not None, "required keys are never None"
@@ -181,7 +182,8 @@ def _qrel_rows(path: Path, columns: Columns) -> Iterator[tuple[str, Any, Any, An
                     "or set --column qrels_query=/qrels_doc=/qrels_score="
                 )
             at = [header.index(k) for k in keys]
-            for number, fields in enumerate(reader, start=2):
+            for fields in reader:
+                number = reader.line_num  # the line a row ends on (a quoted field may span lines)
                 if not fields or not any(x.strip() for x in fields):
                     continue
                 if len(fields) != len(header):
@@ -192,8 +194,9 @@ def _qrel_rows(path: Path, columns: Columns) -> Iterator[tuple[str, Any, Any, An
                 query_id, doc_id, score = (fields[i].strip() for i in at)
                 yield f"{path}:{number}", query_id, doc_id, score
         return
-    for where, row in _rows(path, keys):
-        for key, flag in zip(keys, ("qrels_query", "qrels_doc", "qrels_score")):
+    flags = dict(zip(keys, ("qrels_query", "qrels_doc", "qrels_score")))
+    for where, row in _rows(path, flags):
+        for key, flag in flags.items():
             if key not in row:
                 raise DataError(f"{where}: no {key!r} key; the row has {sorted(row)}. Set --column {flag}=<key>")
         query_id, doc_id = (str(row[k]) if isinstance(row[k], int) else row[k] for k in keys[:2])
