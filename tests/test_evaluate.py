@@ -548,11 +548,11 @@ def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
 def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weight():
     from raytrieve.serve import fusion
 
-    stages = run.Models(dense=["a/mini", "b/mini", "bge"], sparse=["splade-tiny"]).first_stages()
+    stages = run.Models(dense=["a/mini", "b/mini", "models:/bge/2"], sparse=["splade-tiny"]).first_stages()
     assert [(s.name, s.kind) for s in stages] == [
         ("dense:mini", "dense"),
         ("dense:mini#2", "dense"),
-        ("dense:bge", "dense"),
+        ("dense:models:/bge/2", "dense"),
         ("sparse", "sparse"),
     ]
     rng = np.random.default_rng(2)

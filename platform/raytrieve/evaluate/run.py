@@ -51,10 +51,13 @@ class Models:
     reranker: str | None = None
 
     def first_stages(self) -> list[FirstStage]:
+        from raytrieve.model_ref import is_model_uri
+
         out: list[FirstStage] = []
         for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
             for i, ref in enumerate(refs):
-                name = kind if len(refs) == 1 else f"{kind}:{Path(ref).name or ref}"
+                label = ref if is_model_uri(ref) else Path(ref).name or ref  # a folder by its name
+                name = kind if len(refs) == 1 else f"{kind}:{label}"
                 if any(s.name == name for s in out):
                     name = f"{name}#{i + 1}"
                 out.append(FirstStage(name, kind, ref))
