@@ -10,6 +10,8 @@ raytrieve index build --vectors DIR --out DIR [--quantize int8|binary] [--backen
                                    dense and sparse indices from an encoding job's output
 raytrieve mine --config X.yaml [key=value ...]
                                    hard negatives for (query, positive) pairs (jobs/mine.py on a cluster)
+raytrieve evaluate --data BEIR_DIR (--dense M | --sparse M | --index DIR | --url URL) [--reranker M] ...
+                                   NDCG, MRR, MAP, Recall, Precision per stage with bootstrap intervals
 raytrieve serve --config X.yaml [key=value ...]
                                    hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
 raytrieve data build-pydocs --out DIR
@@ -93,6 +95,12 @@ def _index_build(args: argparse.Namespace) -> int:
     )
     print(json.dumps(build_indices(args.vectors, args.out, options)))
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from raytrieve.evaluate.command import main
+
+    return main(args, ray_address="local")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -192,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "selection.num_negatives=5",
         _job("mine"),
     )
+    evaluate = sub.add_parser(
+        "evaluate", help="retrieval metrics per stage on your corpus, queries and qrels (BEIR layout or files)"
+    )
+    from raytrieve.evaluate.command import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_evaluate)
     _config_command(
         sub,
         "serve",

@@ -1,17 +1,15 @@
-"""Per-query retrieval metrics and the noise around them.
-
-Every figure the demo reports is a mean over queries, so each comes with a paired bootstrap:
-resample the queries, recompute the difference between two systems on the same queries, and
-report the 95% interval. Two systems whose interval includes zero are "equal within noise".
-"""
+"""The demo's metrics: NDCG@10, MRR@10 and Recall@k of known-item queries (one relevant
+document each), scored by the shared per-query code (raytrieve.evaluate.scoring), which also
+gives the paired bootstrap intervals."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
+from raytrieve.evaluate import scoring
+from raytrieve.evaluate.scoring import mean, paired_interval
 
-from raytrieve.evaluation.metrics import query_metrics
+__all__ = ["mean", "metric_names", "paired_interval", "per_query"]
 
 
 def metric_names(recall_k: int) -> tuple[str, str, str]:
@@ -20,30 +18,4 @@ def metric_names(recall_k: int) -> tuple[str, str, str]:
 
 def per_query(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, str], recall_k: int) -> dict[str, list[float]]:
     """Metric -> one value per query, in sorted query-id order (so two systems pair up)."""
-    missing = sorted(set(qrels) - set(rankings))
-    if missing:
-        raise ValueError(f"no ranking for {len(missing)} queries, e.g. {missing[:3]}")
-    names = metric_names(recall_k)
-    out: dict[str, list[float]] = {m: [] for m in names}
-    for qid in sorted(qrels):
-        values = query_metrics(list(rankings[qid]), {qrels[qid]: 1.0}, (10, recall_k))
-        for m in names:
-            out[m].append(float(values[m]))
-    return out
-
-
-def mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-def paired_interval(
-    a: Sequence[float], b: Sequence[float], rounds: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of b - a with its 95% paired-bootstrap interval (low, high)."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.shape != y.shape or x.size == 0:
-        raise ValueError(f"paired values need equal, non-empty lengths, got {x.size} and {y.size}")
-    diff = y - x
-    picks = np.random.default_rng(seed).integers(0, diff.size, size=(rounds, diff.size))
-    means = diff[picks].mean(axis=1)
-    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return scoring.per_query(rankings, {q: {d: 1.0} for q, d in qrels.items()}, metric_names(recall_k))

@@ -1,0 +1,228 @@
+"""``raytrieve evaluate`` (and ``jobs/evaluate.py``): its arguments, and the run in order:
+read and check the data, rank with every stage the models allow, score, write the report.
+
+    raytrieve evaluate --data beir/scifact --dense all-minilm-l6-v2 --sparse splade-tiny \\
+        --reranker ms-marco-minilm-l12-v2 --out eval/pretrained
+    raytrieve evaluate --data beir/scifact --url http://127.0.0.1:8100 --compare eval/pretrained/evaluation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from raytrieve.errors import ConfigError
+
+log = logging.getLogger("raytrieve.evaluate")
+
+DEFAULT_MAX_IN_PROCESS_ROWS = 20_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data (a BEIR folder, or three files with named columns)")
+    data.add_argument("--data", help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    data.add_argument("--split", default="test", help="the qrels file qrels/<split>.tsv of --data (default: test)")
+    data.add_argument("--corpus", help="documents: .jsonl or .parquet (instead of --data)")
+    data.add_argument("--queries", help="queries: .jsonl or .parquet")
+    data.add_argument("--qrels", help="judgements: .tsv / .csv (with a header), .jsonl or .parquet")
+    data.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="KEY=NAME",
+        help="a column's name, e.g. corpus_id=id, corpus_text=document, corpus_title=, query_id=qid, "
+        "query_text=query, qrels_query=query-id, qrels_doc=corpus-id, qrels_score=score (defaults: BEIR's)",
+    )
+    models = parser.add_argument_group("what ranks (models, an index, or a running app)")
+    models.add_argument("--dense", action="append", default=[], metavar="MODEL", help="a dense model (repeatable)")
+    models.add_argument("--sparse", action="append", default=[], metavar="MODEL", help="a sparse model (repeatable)")
+    models.add_argument("--reranker", metavar="MODEL", help="a cross-encoder over the fused top --rerank-depth")
+    models.add_argument("--index", help="an index folder (`raytrieve index build`) to search instead of encoding")
+    models.add_argument("--url", help="a running Serve app: every stage from its /search (return_stages)")
+    models.add_argument("--clients", type=int, default=4, help="concurrent /search requests with --url")
+    ranking = parser.add_argument_group("ranking (as /search takes them)")
+    ranking.add_argument("--depth", type=int, help="candidates from each first stage (default: max(100, --recall-k))")
+    ranking.add_argument("--rerank-depth", type=int, default=50, help="fused candidates the reranker rescores")
+    ranking.add_argument("--fusion", choices=["rrf", "convex"], default="rrf")
+    ranking.add_argument("--rrf-k", type=float, default=60.0)
+    ranking.add_argument("--dense-weight", type=float, default=0.5, help="convex fusion")
+    ranking.add_argument("--sparse-weight", type=float, default=0.5, help="convex fusion")
+    ranking.add_argument("--normalization", choices=["minmax", "zscore", "none"], default="minmax")
+    ranking.add_argument("--max-seq-length", type=int, help="truncate texts for every model (default: each model's)")
+    ranking.add_argument("--batch-size", type=int, default=32)
+    ranking.add_argument("--dtype", default="float32", help="float32 (exact), auto, bfloat16, float16 or int8")
+    ranking.add_argument(
+        "--max-in-process-rows",
+        type=int,
+        default=DEFAULT_MAX_IN_PROCESS_ROWS,
+        help="a larger corpus is encoded by the encoding job (Ray) and searched through an index",
+    )
+    report = parser.add_argument_group("report")
+    report.add_argument("--k", type=int, default=10, help="the cut of NDCG, MRR, MAP, Recall and Precision")
+    report.add_argument("--recall-k", type=int, default=100, help="a second cut for Recall")
+    report.add_argument("--out", default="evaluation", help="folder for evaluation.json, .md and .png")
+    report.add_argument("--name", help="a label for this run (shown in reports that compare with it)")
+    report.add_argument("--compare", metavar="JSON", help="an earlier run's evaluation.json: paired differences")
+    report.add_argument("--bootstrap-rounds", type=int, default=2000)
+    report.add_argument("--no-chart", action="store_true", help="skip evaluation.png")
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _columns(items: list[str]) -> Any:
+    from raytrieve.config import from_dict
+    from raytrieve.evaluate.data import Columns
+
+    given: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--column {item!r} must look like KEY=NAME, e.g. corpus_id=id")
+        given[key] = value or None  # corpus_title= (empty): the corpus has no titles
+    return from_dict(Columns, given, "--column")
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, before any file is read."""
+    _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients")
+    _positive(args, "bootstrap_rounds", "max_in_process_rows")
+    from raytrieve.config import Dtype
+
+    if args.dtype not in typing.get_args(Dtype):
+        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {list(typing.get_args(Dtype))}")
+    files = [args.corpus, args.queries, args.qrels]
+    if args.data and any(files):
+        raise ConfigError("--data is a BEIR folder; pass it or --corpus/--queries/--qrels, not both")
+    if not args.data and not all(files):
+        raise ConfigError("no data: pass --data BEIR_FOLDER, or all of --corpus, --queries and --qrels")
+    has_models = args.dense or args.sparse or args.reranker
+    if args.url and (has_models or args.index):
+        raise ConfigError("--url evaluates the app's own models and index; drop --dense/--sparse/--reranker/--index")
+    if not args.url and not args.index and not (args.dense or args.sparse):
+        raise ConfigError("nothing retrieves: pass --dense and/or --sparse models, --index DIR, or --url")
+    if args.fusion == "convex" and args.dense_weight + args.sparse_weight <= 0:
+        raise ConfigError("--dense-weight and --sparse-weight: at least one must be > 0 for convex fusion")
+
+
+def _resolve_models(args: argparse.Namespace) -> None:
+    """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
+    fails before the others have encoded anything; the error names the flag."""
+    from raytrieve.errors import RaytrieveError
+    from raytrieve.model_ref import resolve_model
+
+    given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
+    for flag, ref in given + ([("reranker", args.reranker)] if args.reranker else []):
+        try:
+            resolve_model(ref)
+        except RaytrieveError as e:
+            raise ConfigError(f"--{flag} {ref}: {e}") from None
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from raytrieve.evaluate.run import RunOptions
+    from raytrieve.serve.schemas import Fusion
+
+    fusion = Fusion(
+        method=args.fusion,
+        k=args.rrf_k,
+        dense_weight=args.dense_weight,
+        sparse_weight=args.sparse_weight,
+        normalization=args.normalization,
+    )
+    return RunOptions(
+        depth=args.depth or max(100, args.recall_k),
+        fusion=fusion,
+        rerank_depth=args.rerank_depth,
+        batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length,
+        dtype=args.dtype,
+    )
+
+
+def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dict[str, Any]:
+    """The whole run; returns the report (also written to ``args.out``)."""
+    from raytrieve.evaluate import data, report, run
+
+    _check(args)
+    options = _settings(args)
+    columns = _columns(args.column)
+    started = time.perf_counter()
+    if args.data:
+        evalset = data.load_beir(args.data, args.split, columns)
+    else:
+        evalset = data.load_files(args.corpus, args.queries, args.qrels, columns)
+    previous = report.load_previous(args.compare) if args.compare else None  # refused before any model loads
+    log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
+    models = run.Models(list(args.dense), list(args.sparse), args.reranker)
+    _resolve_models(args)
+    seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
+    started = time.perf_counter()
+    if args.url:
+        from raytrieve.evaluate.remote import url_rankings
+
+        backend = f"the Serve app at {args.url}"
+        rankings = url_rankings(args.url, evalset.queries, options, args.clients)
+        described: dict[str, Any] = {"url": args.url}
+    else:
+        index = args.index
+        if index is None and len(evalset.corpus) > args.max_in_process_rows:
+            log.info("%d documents > --max-in-process-rows: encoding with the encoding job", len(evalset.corpus))
+            index = run.encode_corpus(evalset, models, options, Path(args.out) / "work", ray_address)
+        if index is not None:
+            lists, stages = run.index_lists(evalset, index, models, options)
+            backend = f"the index {index}"
+        else:
+            stages = models.first_stages()
+            lists = run.in_process_lists(evalset, stages, options)
+            backend = "exact search in process"
+        seconds["first_stages"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        scorer = run.cross_encoder(args.reranker, options) if args.reranker else None
+        kinds = {s.name: s.kind for s in stages}
+        rankings = run.combine(lists, kinds, options, evalset.queries, evalset.corpus, scorer)
+        described = {
+            "first_stages": {s.name: {"kind": s.kind, "model": s.model} for s in stages},
+            "reranker": args.reranker,
+        }
+    seconds["rank"] = round(time.perf_counter() - started, 2)
+    info = {
+        "name": args.name,
+        "backend": backend,
+        "data": evalset.summary,
+        "models": described,
+        "settings": {
+            "k": args.k,
+            "recall_k": args.recall_k,
+            "depth": options.depth,
+            "rerank_depth": options.rerank_depth,
+            "fusion": options.fusion.model_dump(),
+            "max_seq_length": options.max_seq_length,
+            "dtype": options.dtype,
+            "bootstrap_rounds": args.bootstrap_rounds,
+        },
+        "seconds": seconds,
+    }
+    rep = report.build(rankings, evalset.qrels, args.k, args.recall_k, info, args.bootstrap_rounds)
+    if previous is not None:
+        rep["compare"] = report.compare(rep, previous, args.compare, args.bootstrap_rounds)
+    written = report.write(rep, Path(args.out), with_chart=not args.no_chart)
+    for line in report.console(rep):
+        print(line)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return rep
+
+
+def main(args: argparse.Namespace, ray_address: str | None = "local") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    evaluate(args, ray_address)
+    return 0

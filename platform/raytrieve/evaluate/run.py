@@ -1,0 +1,289 @@
+"""Rankings per stage: each first stage (dense, sparse) searches an index, fusion combines
+them, a cross-encoder reranks the fused head.
+
+Fusion and rerank replay /search (serve/tuning.py's ``fused`` and ``reranked``, over
+serve/fusion.py's methods): the fused top ``rerank_depth`` ordered by the cross-encoder's score
+(ties keep the fused order), the rest of the fused list after them in fused order, so Recall@k
+of the reranked stage counts the same pool. One first stage alone is not fused: its own list is
+what gets reranked.
+
+Where the first stages search:
+- in process (``in_process_lists``): the encoders from ``load_encoder`` encode the corpus and
+  the queries, and exact in-memory indices (raytrieve.index) search; no Ray;
+- an index folder (``index_lists``): what ``raytrieve index build`` wrote, searched with the
+  query side of the models that encoded it; ``encode_corpus`` makes one with the encoding job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytrieve.config import from_dict
+from raytrieve.errors import ConfigError, DataError
+from raytrieve.evaluate.data import EvalSet
+from raytrieve.serve import tuning
+from raytrieve.serve.schemas import Fusion
+
+log = logging.getLogger("raytrieve.evaluate")
+
+Ranked = list[tuple[str, float]]
+Lists = dict[str, dict[str, Ranked]]  # stage -> query id -> best-first (doc id, score)
+Rankings = dict[str, dict[str, list[str]]]  # stage -> query id -> best-first doc ids
+FUSED, RERANKED = "fused", "reranked"
+
+
+@dataclass(frozen=True)
+class FirstStage:
+    name: str  # the stage's name in the report: its kind, or "kind:model" when a kind has several
+    kind: str  # "dense" | "sparse"
+    model: str  # a model reference (variant, folder, MLflow URI)
+
+
+@dataclass
+class Models:
+    dense: list[str] = field(default_factory=list)
+    sparse: list[str] = field(default_factory=list)
+    reranker: str | None = None
+
+    def first_stages(self) -> list[FirstStage]:
+        from raytrieve.model_ref import is_model_uri
+
+        out: list[FirstStage] = []
+        for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
+            for i, ref in enumerate(refs):
+                label = ref if is_model_uri(ref) else Path(ref).name or ref  # a folder by its name
+                name = kind if len(refs) == 1 else f"{kind}:{label}"
+                if any(s.name == name for s in out):
+                    name = f"{name}#{i + 1}"
+                out.append(FirstStage(name, kind, ref))
+        return out
+
+
+@dataclass
+class RunOptions:
+    depth: int = 100  # candidates from each first stage (Serve's recall size)
+    fusion: Fusion = field(default_factory=Fusion)
+    rerank_depth: int = 50
+    batch_size: int = 32
+    max_seq_length: int | None = None
+    dtype: str = "float32"
+
+
+# -- fusion and rerank: what /search does with the first stages' lists ------------------------
+
+
+def fusion_setting(names: Sequence[str], kinds: Mapping[str, str], options: RunOptions) -> tuning.Setting:
+    """The /search setting that fuses these first stages: each list at ``depth``, and for convex
+    fusion each list weighed by its kind's weight (dense_weight, sparse_weight)."""
+    params = options.fusion.model_dump()
+    for name in names:
+        params[f"{name}_weight"] = params[f"{kinds[name]}_weight"]
+    return tuning.Setting({name: options.depth for name in names}, params)
+
+
+def combine(
+    lists: Lists,
+    kinds: Mapping[str, str],
+    options: RunOptions,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    score_pairs: Callable[[list[tuple[str, str]]], Sequence[float]] | None,
+) -> Rankings:
+    """Every stage's rankings: the first stages', fused (with two or more), reranked (with a reranker)."""
+    rankings: Rankings = {
+        name: {q: [d for d, _ in ranked] for q, ranked in per_q.items()} for name, per_q in lists.items()
+    }
+    qids = sorted(queries)
+    # /search's own replay (serve/tuning.py): a single list stands alone, two or more are fused.
+    setting = fusion_setting(list(lists), kinds, options)
+    pool = {q: tuning.fused({n: lists[n][q] for n in lists}, setting) for q in qids}
+    if len(lists) > 1:
+        rankings[FUSED] = pool
+    if score_pairs is not None:
+        started = time.perf_counter()
+        depth = options.rerank_depth
+        pairs = [(q, d) for q in qids for d in pool[q][:depth]]
+        # One call: the model sorts every pair by length, so batches pad little.
+        scores = score_pairs([(queries[q], corpus[d]) for q, d in pairs])
+        by_query: dict[str, dict[str, float]] = {q: {} for q in qids}
+        for (q, d), score in zip(pairs, scores):
+            by_query[q][d] = float(score)
+        reranked = {q: tuning.reranked(pool[q], by_query[q], depth) for q in qids}
+        rankings[RERANKED] = reranked
+        log.info("reranked %d pairs in %.1fs", len(pairs), time.perf_counter() - started)
+    return rankings
+
+
+def cross_encoder(model: str, options: RunOptions) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
+    from raytrieve.encoders import load_encoder
+
+    encoder = load_encoder("cross", model, max_seq_length=options.max_seq_length, dtype=options.dtype)
+
+    def score(pairs: list[tuple[str, str]]) -> Sequence[float]:
+        return encoder.predict(pairs, batch_size=options.batch_size, show_progress_bar=False).tolist()
+
+    return score
+
+
+# -- first stages ------------------------------------------------------------------------------
+
+
+def _hits(result: Any) -> list[Ranked]:
+    return [list(zip(ids, scores[: len(ids)].tolist())) for ids, scores in zip(result.ids, result.scores)]
+
+
+def _encode_queries(
+    encoder: Any, kind: str, texts: list[str], options: RunOptions, truncate_dim: int | None = None
+) -> Any:
+    if kind == "dense":
+        extra = {"truncate_dim": truncate_dim} if truncate_dim else {}
+        return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=False, **extra)
+    return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=False, as_dicts=True)
+
+
+def in_process_lists(evalset: EvalSet, stages: Sequence[FirstStage], options: RunOptions) -> Lists:
+    """Each first stage encodes the corpus and the queries here and searches an exact in-memory index."""
+    from raytrieve.encoders import load_encoder
+    from raytrieve.index import DenseIndex, SparseIndex
+
+    ids, texts = list(evalset.corpus), list(evalset.corpus.values())
+    qids = sorted(evalset.queries)
+    lists: Lists = {}
+    for stage in stages:
+        started = time.perf_counter()
+        encoder = load_encoder(stage.kind, stage.model, max_seq_length=options.max_seq_length, dtype=options.dtype)
+        kw: dict[str, Any] = {"batch_size": options.batch_size, "show_progress_bar": False}
+        if stage.kind == "dense":
+            vectors = encoder.encode_document(texts, **kw)
+            similarity = "cosine" if encoder.similarity_fn_name == "cosine" else "dot"  # as index build decides
+            index: Any = DenseIndex.build(ids, vectors, similarity=similarity)
+        else:
+            rows = encoder.encode_document(texts, as_dicts=True, **kw)
+            index = SparseIndex.build(ids, rows, vocab_size=encoder.get_embedding_dimension() or len(encoder.tokenizer))
+        found = index.search(
+            _encode_queries(encoder, stage.kind, [evalset.queries[q] for q in qids], options),
+            top_k=min(options.depth, len(ids)),
+        )
+        lists[stage.name] = dict(zip(qids, _hits(found)))
+        log.info(
+            "%s (%s): %d documents and %d queries in %.1fs",
+            stage.name,
+            stage.model,
+            len(ids),
+            len(qids),
+            time.perf_counter() - started,
+        )
+        del encoder, index
+    return lists
+
+
+def _same_model(given: str, built_ref: str, built_path: str) -> bool:
+    """The same reference, folder or weights (a registered copy of the model) as the index's."""
+    from raytrieve.assets import weights_digest
+    from raytrieve.model_ref import resolve_model
+
+    if given == built_ref:
+        return True
+    path, built = resolve_model(given).resolve(), Path(built_path)
+    return path == built.resolve() or (built.is_dir() and weights_digest(path) == weights_digest(built))
+
+
+def index_stages(index_dir: str | Path, models: Models) -> tuple[list[FirstStage], Any]:
+    """The first stages an index folder serves, with the models that encoded it; models given
+    for a kind must be that model (another model's vectors live in another space)."""
+    from raytrieve.index.build import load_indices
+
+    indices = load_indices(index_dir)
+    stages = []
+    for kind in ("dense", "sparse"):
+        given, built = getattr(models, kind), indices.source.output(kind)
+        if built is None or getattr(indices, kind) is None:
+            if given:
+                raise ConfigError(
+                    f"--{kind} {given[0]}: the index {index_dir} has no {kind}/ index; "
+                    f"build it with that model or drop --{kind}"
+                )
+            continue
+        if len(given) > 1:
+            raise ConfigError(
+                f"--{kind}: an index holds one {kind} model ({built.model}); evaluate the others without --index"
+            )
+        if given and not _same_model(given[0], built.model, built.model_path):
+            raise ConfigError(
+                f"--{kind} {given[0]}: the index's {kind} vectors were encoded with {built.model!r}; pass that model, "
+                "or rebuild the index with this one"
+            )
+        stages.append(FirstStage(kind, kind, built.model))
+    return stages, indices
+
+
+def index_lists(
+    evalset: EvalSet, index_dir: str | Path, models: Models, options: RunOptions
+) -> tuple[Lists, list[FirstStage]]:
+    """Each index of the folder searched with its model's query side (encoded here)."""
+    from raytrieve.encoders import load_encoder
+
+    stages, indices = index_stages(index_dir, models)
+    qids = sorted(evalset.queries)
+    judged = {d for j in evalset.qrels.values() for d in j}
+    lists: Lists = {}
+    for stage in stages:
+        index, built = getattr(indices, stage.kind), indices.source.output(stage.kind)
+        lacking = sorted(judged - set(index.ids))
+        if lacking:
+            raise DataError(
+                f"{index_dir}: the {stage.kind} index lacks {len(lacking)} judged document(s), e.g. {lacking[:5]}; "
+                "it was built from another corpus. Build it from this corpus (or leave out --index)"
+            )
+        extra = [d for d in index.ids if d not in evalset.corpus]
+        if extra and models.reranker:
+            raise DataError(
+                f"{index_dir}: {len(extra)} indexed document(s) are not in {evalset.corpus_path}, e.g. {extra[:5]}; "
+                "the reranker reads candidates' texts from the corpus given: pass the corpus the index was built from"
+            )
+        encoder = load_encoder(stage.kind, built.model, max_seq_length=built.max_seq_length, dtype=options.dtype)
+        truncate_dim = getattr(built, "truncate_dim", None)
+        vectors = _encode_queries(encoder, stage.kind, [evalset.queries[q] for q in qids], options, truncate_dim)
+        lists[stage.name] = dict(zip(qids, _hits(index.search(vectors, top_k=min(options.depth, len(index))))))
+    return lists, stages
+
+
+def encode_corpus(evalset: EvalSet, models: Models, options: RunOptions, work: Path, ray_address: str | None) -> Path:
+    """The corpus through the encoding job (Ray Data) into ``work``/vectors, then ``raytrieve
+    index build`` into ``work``/index (a rerun reuses finished shards); returns the index folder."""
+    from raytrieve.index.build import build_indices
+    from raytrieve.inference.config import CorpusConfig, EncodeConfig
+    from raytrieve.inference.encode import run_encode
+
+    if len(models.dense) > 1 or len(models.sparse) > 1:
+        raise ConfigError(
+            "a corpus above --max-in-process-rows is encoded by one encoding job, with at most one --dense and one "
+            "--sparse model; evaluate the others in separate runs"
+        )
+    cols = evalset.columns
+    corpus = CorpusConfig(
+        path=str(evalset.corpus_path),
+        format="parquet" if evalset.corpus_path.suffix == ".parquet" else "jsonl",
+        id_column=cols.corpus_id,
+        text_column=cols.corpus_text,
+        title_column=evalset.title_column,
+    )
+    spec: dict[str, Any] = {"max_seq_length": options.max_seq_length, "dtype": options.dtype}
+    raw: dict[str, Any] = {
+        "corpus": corpus.model_dump(),
+        "output_dir": str(work / "vectors"),
+        "bad_rows": "fail",  # the loader has already refused what the job would skip
+    }
+    for kind in ("dense", "sparse"):
+        if getattr(models, kind):
+            raw[kind] = {"model": getattr(models, kind)[0], **spec}
+    cfg = from_dict(EncodeConfig, raw, "evaluate encode")
+    result = run_encode(cfg, where="evaluate encode", ray_address=ray_address)
+    log.info("encoding job: %d documents at %.1f/s into %s", result.rows, result.rows_per_s, work / "vectors")
+    build_indices(work / "vectors", work / "index")
+    return work / "index"

@@ -1,0 +1,587 @@
+"""`raytrieve evaluate`: metrics against hand computation and sentence-transformers'
+InformationRetrievalEvaluator, the data loader and its errors, fusion and rerank against Serve's
+/search pipeline (in process and over real HTTP), and the command end to end on real docstrings
+with the shipped models (in process, through an index folder, and --compare)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raytrieve.errors import ConfigError, DataError
+from raytrieve.evaluate import data, report, run, scoring
+from raytrieve.serve.schemas import Fusion, SearchRequest
+from raytrieve.serve.search import Retrieval, SearchPipeline
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_graded_metrics_equal_hand_computation():
+    ranking = ["a", "b", "c", "d"]
+    qrels = {"q": {"b": 2.0, "d": 1.0, "x": 1.0, "z": 0.0}}  # x is never retrieved; z is judged not relevant
+    names = ["ndcg@3", "mrr@3", "map@3", "recall@3", "precision@3", "ndcg@4", "recall@4", "precision@4", "map@4"]
+    got = {m: v[0] for m, v in scoring.per_query({"q": ranking}, qrels, names).items()}
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)  # grades 2, 1, 1 in the best order
+    assert got["ndcg@3"] == pytest.approx((2 / math.log2(3)) / idcg)
+    assert got["ndcg@4"] == pytest.approx((2 / math.log2(3) + 1 / math.log2(5)) / idcg)
+    assert got["mrr@3"] == pytest.approx(1 / 2)
+    assert got["recall@3"] == pytest.approx(1 / 3) and got["recall@4"] == pytest.approx(2 / 3)
+    assert got["precision@3"] == pytest.approx(1 / 3) and got["precision@4"] == pytest.approx(2 / 4)
+    # MAP@k divides by min(k, R) (sentence-transformers' convention): R = 3 relevant documents.
+    assert got["map@3"] == pytest.approx((1 / 2) / 3)
+    assert got["map@4"] == pytest.approx((1 / 2 + 2 / 4) / 3)
+
+
+def test_metrics_equal_sentence_transformers_evaluator(st):
+    """Binary qrels (ST reads relevance as a set), rankings shorter than the corpus so some
+    relevant documents are never found; ST's compute_metrics scores the same rankings."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    rng = np.random.default_rng(3)
+    corpus = {f"d{i:02d}": f"document {i}" for i in range(60)}
+    ids = list(corpus)
+    queries = {f"q{i:02d}": f"query {i}" for i in range(25)}
+    relevant = {q: set(rng.choice(ids, size=rng.integers(1, 5), replace=False).tolist()) for q in queries}
+    rankings = {q: rng.permutation(ids)[:30].tolist() for q in queries}
+    for q in list(queries)[:8]:  # make some queries easy, so the metrics are not all near 0
+        rankings[q] = sorted(relevant[q]) + [d for d in rankings[q] if d not in relevant[q]]
+    ks = [1, 5, 10, 100]
+    ref = InformationRetrievalEvaluator(
+        queries, corpus, relevant, mrr_at_k=ks, ndcg_at_k=ks, accuracy_at_k=ks, precision_recall_at_k=ks, map_at_k=ks
+    )
+    # ST sorts a query's hits by (-score, corpus id): strictly falling scores keep our order.
+    results = [[{"corpus_id": d, "score": float(-r)} for r, d in enumerate(rankings[q])] for q in ref.queries_ids]
+    expected = ref.compute_metrics(results)
+    qrels = {q: {d: 1.0 for d in rel} for q, rel in relevant.items()}
+    for k in ks:
+        names = [f"ndcg@{k}", f"mrr@{k}", f"map@{k}", f"recall@{k}", f"precision@{k}"]
+        ours = scoring.per_query(rankings, qrels, names)
+        for m in names:
+            assert scoring.mean(ours[m]) == pytest.approx(float(expected[m.replace(f"@{k}", "@k")][k]), abs=1e-12), m
+
+
+def test_paired_interval_contains_the_mean_difference_and_zero_for_equal_systems():
+    rng = np.random.default_rng(0)
+    a = rng.random(200)
+    b = a + 0.1 + rng.normal(0, 0.05, 200)
+    delta, lo, hi = scoring.paired_interval(a, b)
+    assert delta == pytest.approx(float(np.mean(b - a)))
+    assert lo < delta < hi and 0 < lo  # a clear shift is told from noise
+    assert scoring.paired_interval(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_compare_pairs_queries_by_id():
+    qrels = {f"q{i}": {f"d{i}": 1.0} for i in range(6)}
+    good = {q: [f"d{q[1:]}", "x"] for q in qrels}  # the relevant document first
+    bad = {q: ["x", f"d{q[1:]}"] for q in qrels}  # second
+    info = {"name": None}
+    before = report.build({"dense": bad}, qrels, 10, 100, info)
+    subset = {q: qrels[q] for q in ("q0", "q1", "q2", "q3")}  # fewer queries, in another run
+    after = report.build({"dense": {q: good[q] for q in subset}}, subset, 10, 100, info)
+    cmp = report.compare(after, json.loads(json.dumps(before)), "before.json")
+    assert (cmp["queries"], cmp["only_here"], cmp["only_previous"]) == (4, 0, 2)
+    mrr = cmp["stages"]["dense"]["mrr@10"]
+    assert (mrr["previous"], mrr["current"], mrr["delta"], mrr["ci95"]) == (0.5, 1.0, 0.5, [0.5, 0.5])
+
+
+# -- the loader ------------------------------------------------------------------------------
+
+
+def write_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: str, split: str = "test") -> Path:
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    (root / "qrels" / f"{split}.tsv").write_text(qrels)
+    return root
+
+
+CORPUS = [
+    {"_id": "d1", "title": "Berlin", "text": "Berlin has 3.5 million inhabitants."},
+    {"_id": "d2", "title": "", "text": "sorted() returns a new sorted list."},
+    {"_id": 3, "text": "The Eiffel Tower was completed in 1889."},
+]
+QUERIES = [
+    {"_id": "q1", "text": "how many people live in Berlin"},
+    {"_id": "q2", "text": "sort a list"},
+    {"_id": "q3", "text": "a query nobody judged"},
+]
+QRELS = "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\t3\t0\nq2\td2\t1\n"
+
+
+def test_beir_folder_with_graded_qrels(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="raytrieve.evaluate"):
+        got = data.load_beir(write_beir(tmp_path, CORPUS, QUERIES, QRELS))
+    assert got.corpus == {
+        "d1": "Berlin Berlin has 3.5 million inhabitants.",  # the title in front, as the encoding job joins it
+        "d2": "sorted() returns a new sorted list.",
+        "3": "The Eiffel Tower was completed in 1889.",
+    }
+    assert got.queries == {"q1": "how many people live in Berlin", "q2": "sort a list"}
+    assert got.qrels == {"q1": {"d1": 2.0, "3": 0.0}, "q2": {"d2": 1.0}}
+    assert got.summary["dropped_queries"] == 1 and got.summary["graded"] is True
+    assert "1 of 3 queries have no relevant document" in caplog.text and "'q3'" in caplog.text
+
+
+def test_files_with_named_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["first text", "second text"]}), tmp_path / "docs.parquet")
+    (tmp_path / "q.jsonl").write_text('{"qid": 7, "question": "which is first"}\n')
+    (tmp_path / "rel.csv").write_text("qid,doc,grade\n7,a,1\n")
+    columns = data.Columns(
+        corpus_id="id",
+        corpus_text="body",
+        query_id="qid",
+        query_text="question",
+        qrels_query="qid",
+        qrels_doc="doc",
+        qrels_score="grade",
+    )
+    got = data.load_files(tmp_path / "docs.parquet", tmp_path / "q.jsonl", tmp_path / "rel.csv", columns)
+    assert got.corpus == {"a": "first text", "b": "second text"}
+    assert got.queries == {"7": "which is first"} and got.qrels == {"7": {"a": 1.0}}
+    with pytest.raises(
+        DataError, match=r"no column\(s\) \['_id', 'text'\]; the file has \['id', 'body'\].*--column corpus_id=<column>"
+    ):
+        data.load_files(tmp_path / "docs.parquet", tmp_path / "q.jsonl", tmp_path / "rel.csv")
+
+
+def _drop(path: str):
+    return lambda root: (root / path).unlink()
+
+
+def _append(path: str, text: str):
+    def change(root: Path) -> None:
+        with open(root / path, "a") as f:
+            f.write(text)
+
+    return change
+
+
+def _replace(path: str, text: str):
+    return lambda root: (root / path).write_text(text)
+
+
+BAD_INPUTS = {
+    "no corpus": (_drop("corpus.jsonl"), ["corpus.jsonl: no such file", "corpus.jsonl, queries.jsonl"]),
+    "bad json": (_append("corpus.jsonl", '{"_id": "d9", "text": \n'), ["corpus.jsonl:4:", "not valid JSON"]),
+    "no text key": (_append("queries.jsonl", '{"_id": "q9"}\n'), ["queries.jsonl:4:", "--column query_text="]),
+    "blank text": (_append("corpus.jsonl", '{"_id": "d9", "text": "  "}\n'), ["corpus.jsonl:4:", "blank text"]),
+    "duplicate id": (_append("corpus.jsonl", '{"_id": "d1", "text": "x"}\n'), ["corpus.jsonl:4:", "first at"]),
+    "unknown docs": (_append("qrels/test.tsv", "q2\td7\t1\nq2\td8\t1\n"), ["2 document id(s)", "'d7', 'd8'"]),
+    "unknown query": (_append("qrels/test.tsv", "q8\td1\t1\n"), ["1 query id(s)", "'q8'", "queries.jsonl"]),
+    "bad score": (_append("qrels/test.tsv", "q2\td1\thigh\n"), ["test.tsv:5:", "score 'high'", "relevance grade"]),
+    "nan score": (_append("qrels/test.tsv", "q2\td1\tnan\n"), ["test.tsv:5:", "not a finite number"]),
+    "fields": (_append("qrels/test.tsv", "q2 d1 1\n"), ["test.tsv:5:", "1 field(s)", "tabs"]),
+    "no header": (_replace("qrels/test.tsv", "q1\td1\t1\n"), ["test.tsv:1:", "header", "query-id"]),
+    "empty split": (_replace("qrels/test.tsv", "query-id\tcorpus-id\tscore\n"), ["test.tsv", "split is empty"]),
+    "none relevant": (
+        _replace("qrels/test.tsv", QRELS.replace("\t2\n", "\t0\n").replace("d2\t1", "d2\t0")),
+        ["no query has a relevant document", "score > 0"],
+    ),
+    "twice": (_append("qrels/test.tsv", "q1\td1\t1\n"), ["test.tsv:5:", "judged again (first at", "test.tsv:2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_names_file_line_and_fix(tmp_path, case):
+    change, fragments = BAD_INPUTS[case]
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    change(root)
+    with pytest.raises(DataError) as e:
+        data.load_beir(root)
+    for fragment in fragments:
+        assert fragment in str(e.value), (case, str(e.value))
+
+
+def test_missing_split_lists_the_splits_there(tmp_path):
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS, split="dev")
+    with pytest.raises(DataError, match=r"test.tsv: no such file; the splits there are \['dev'\]. Pass --split dev"):
+        data.load_beir(root)
+
+
+# -- fusion and rerank are /search's ---------------------------------------------------------
+
+DOCS = {f"d{i}": f"document {i} " + "word " * (i % 5) for i in range(12)}
+Q_TEXT = {"qa": "document 3 word", "qb": "document 7"}
+
+
+def _lists() -> run.Lists:
+    rng = np.random.default_rng(1)
+    out: run.Lists = {}
+    for name in ("dense", "sparse"):
+        out[name] = {}
+        for q in Q_TEXT:
+            ids = rng.permutation(list(DOCS))[:8].tolist()
+            out[name][q] = list(zip(ids, sorted(rng.random(8).tolist(), reverse=True)))
+    return out
+
+
+def _cross(pairs: list[tuple[str, str]]) -> list[float]:
+    """A stand-in cross-encoder with ties: shared words."""
+    return [float(len(set(q.split()) & set(t.split()))) for q, t in pairs]
+
+
+def _pipeline(lists: run.Lists, qid: str) -> SearchPipeline:
+    def retrieval(name: str) -> Retrieval:
+        async def encode(query: str):
+            return qid
+
+        async def search(vector, k: int):
+            return lists[name][vector][:k]
+
+        return Retrieval(encode, search)
+
+    async def lookup(ids: list[str]) -> list[str]:
+        return [DOCS[i] for i in ids]
+
+    async def rerank(pairs: list[tuple[str, str]]) -> list[float]:
+        return _cross(pairs)
+
+    return SearchPipeline({n: retrieval(n) for n in lists}, lookup, rerank)
+
+
+def _search_body(options: run.RunOptions) -> dict:
+    return {
+        "top_k": options.rerank_depth,
+        "recall": {"dense": options.depth, "sparse": options.depth},
+        "fusion": options.fusion.model_dump(),
+        "rerank": True,
+        "rerank_depth": options.rerank_depth,
+        "return_text": False,
+        "return_stages": True,
+    }
+
+
+@pytest.mark.parametrize("fusion", [Fusion(), Fusion(method="convex", dense_weight=0.8, sparse_weight=0.2)])
+def test_fusion_and_rerank_equal_the_search_pipeline(fusion):
+    lists = _lists()
+    options = run.RunOptions(depth=8, fusion=fusion, rerank_depth=4)
+    ours = run.combine(lists, {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    for qid, text in Q_TEXT.items():
+        request = SearchRequest(query=text, **_search_body(options))
+        answer = asyncio.run(_pipeline(lists, qid).search(request))
+        fused = [d for d, _ in answer["stages"]["fused"]]
+        assert ours["fused"][qid] == fused
+        head = [h["id"] for h in answer["hits"]]
+        assert ours["reranked"][qid] == head + fused[4:]
+
+
+@pytest.fixture
+def search_app():
+    """A real HTTP server whose /search is the /search pipeline over ``_lists()`` (with or
+    without a reranker, with or without a bearer token), as Serve's ingress answers."""
+    from raytrieve.serve.search import SearchError
+
+    servers = []
+
+    def start(rerank: bool = True, token: str | None = None) -> str:
+        lists = _lists()
+        by_text = {text: qid for qid, text in Q_TEXT.items()}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if token is not None and self.headers.get("authorization") != f"Bearer {token}":
+                    return self.answer(401, {"error": "missing or wrong bearer token (Authorization: Bearer ...)"})
+                pipeline = _pipeline(lists, by_text[body["query"]])
+                if not rerank:
+                    pipeline.rerank = None
+                try:
+                    self.answer(200, asyncio.run(pipeline.search(SearchRequest(**body))))
+                except SearchError as e:
+                    self.answer(422, {"error": str(e)})
+
+            def answer(self, status: int, payload: dict) -> None:
+                raw = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_url_rankings_read_every_stage_over_http(search_app):
+    from raytrieve.evaluate.remote import url_rankings
+
+    options = run.RunOptions(depth=8, rerank_depth=3)
+    got = url_rankings(search_app(), Q_TEXT, options, clients=2)
+    expected = run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    assert got == expected and set(got) == {"dense", "sparse", "fused", "reranked"}
+
+
+def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
+    from raytrieve.errors import InputError
+    from raytrieve.evaluate.remote import url_rankings
+
+    url = search_app(rerank=False, token="s3cret")
+    options = run.RunOptions(depth=8, rerank_depth=3)
+    monkeypatch.delenv("RAYTRIEVE_API_TOKEN", raising=False)
+    with pytest.raises(InputError, match=r"401.*set RAYTRIEVE_API_TOKEN"):
+        url_rankings(url, Q_TEXT, options)
+    monkeypatch.setenv("RAYTRIEVE_API_TOKEN", "s3cret")
+    got = url_rankings(url, Q_TEXT, options)
+    assert got == run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, None)
+    assert set(got) == {"dense", "sparse", "fused"}
+
+
+# -- the command end to end ------------------------------------------------------------------
+
+
+QUERY_COUNT = 24
+
+
+@pytest.fixture(scope="module")
+def pydocs_beir(tmp_path_factory) -> Path:
+    """Known-item retrieval on real docstrings: a summary line is the query, the rest of its
+    docstring the one relevant document; 24 queries over 150 documents."""
+    from raytrieve.data.pydocs import deduplicate, package_pairs
+
+    pairs = deduplicate([p for pkg in ("yaml", "tqdm", "packaging") for p in package_pairs(pkg, max_files=200)])
+    assert len(pairs) >= 150, "the docstrings of yaml, tqdm and packaging give enough pairs"
+    pairs = pairs[:150]
+    corpus = [{"_id": f"doc{i}", "title": "", "text": p.document[:600]} for i, p in enumerate(pairs)]
+    queries = [{"_id": f"q{i}", "text": p.query} for i, p in enumerate(pairs[:QUERY_COUNT])]
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tdoc{i}\t1\n" for i in range(QUERY_COUNT))
+    return write_beir(tmp_path_factory.mktemp("pydocs_beir"), corpus, queries, qrels)
+
+
+def _evaluate(args: list[str]) -> dict:
+    from raytrieve.cli import main
+
+    out = args[args.index("--out") + 1]
+    assert main(["evaluate", *args]) == 0
+    return json.loads((Path(out) / "evaluation.json").read_text())
+
+
+COMMON = ["--max-seq-length", "128", "--bootstrap-rounds", "500"]
+MODELS = ["--dense", "all-minilm-l6-v2", "--sparse", "splade-tiny"]
+
+
+@pytest.fixture(scope="module")
+def first_run(pydocs_beir, tmp_path_factory) -> tuple[dict, Path]:
+    """Every stage in process: dense, sparse, fused (RRF), reranked (top 4)."""
+    out = tmp_path_factory.mktemp("first")
+    reranker = ["--reranker", "ms-marco-minilm-l12-v2", "--rerank-depth", "4"]
+    args = ["--data", str(pydocs_beir), *COMMON, *MODELS, *reranker, "--out", str(out), "--name", "first"]
+    return _evaluate(args), out
+
+
+def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir, tmp_path, minilm_dir):
+    first, first_out = first_run
+    common = ["--data", str(pydocs_beir), *COMMON]
+    names = ["ndcg@10", "mrr@10", "map@10", "recall@10", "precision@10", "recall@100"]
+    assert first["metrics"] == names and list(first["stages"]) == ["dense", "sparse", "fused", "reranked"]
+    assert first["data"]["queries"] == QUERY_COUNT and first["data"]["documents"] == 150
+    for stage, means in first["stages"].items():
+        assert set(means) == set(names)
+        for m in names:
+            per_query = first["per_query"][stage][m]
+            assert len(per_query) == QUERY_COUNT and means[m] == pytest.approx(np.mean(list(per_query.values())))
+    best = first["best_first_stage"]
+    assert best == max(("dense", "sparse"), key=lambda s: first["stages"][s]["ndcg@10"])
+    pairs = {(c["stage"], c["baseline"]) for c in first["comparisons"]}
+    assert pairs == {(s, best) for s in first["stages"] if s != best} | {("reranked", "fused")}
+    for c in first["comparisons"]:
+        for m, v in c["metrics"].items():
+            lo, hi = v["ci95"]
+            assert lo <= v["delta"] <= hi
+            assert v["delta"] == pytest.approx(first["stages"][c["stage"]][m] - first["stages"][c["baseline"]][m])
+    # Dense retrieval on clear queries is far better than chance (a random order of the corpus).
+    rng = np.random.default_rng(0)
+    ids = [f"doc{i}" for i in range(150)]
+    qrels = {f"q{i}": {f"doc{i}": 1.0} for i in range(QUERY_COUNT)}
+    chance = scoring.per_query({q: rng.permutation(ids).tolist() for q in qrels}, qrels, ["ndcg@10"])
+    assert first["stages"]["dense"]["ndcg@10"] > scoring.mean(chance["ndcg@10"]) + 0.4
+    assert first["stages"]["dense"]["recall@100"] > 0.9
+    md = (first_out / "evaluation.md").read_text()
+    assert "| reranked − fused |" in md and (first_out / "evaluation.png").stat().st_size > 0
+
+    # The same dense model through an index folder (the layout `raytrieve index build` writes),
+    # compared with the first run: same rankings, so every paired difference is 0.
+    index = _dense_index(tmp_path / "index", pydocs_beir, minilm_dir)
+    second = _evaluate(
+        [
+            *common,
+            "--index",
+            str(index),
+            "--out",
+            str(tmp_path / "second"),
+            "--compare",
+            str(first_out / "evaluation.json"),
+            "--no-chart",
+        ]
+    )
+    assert list(second["stages"]) == ["dense"] and second["backend"] == f"the index {index}"
+    assert second["per_query"]["dense"] == first["per_query"]["dense"]
+    cmp = second["compare"]
+    assert cmp["previous_name"] == "first" and cmp["queries"] == QUERY_COUNT and list(cmp["stages"]) == ["dense"]
+    for m in names:
+        assert cmp["stages"]["dense"][m]["previous"] == pytest.approx(first["stages"]["dense"][m])
+        assert cmp["stages"]["dense"][m]["delta"] == 0 and cmp["stages"]["dense"][m]["ci95"] == [0, 0]
+    assert not (tmp_path / "second" / "evaluation.png").exists()
+
+
+def _dense_index(folder: Path, beir: Path, model_dir: Path) -> Path:
+    """An index folder as `raytrieve index build` writes it, built here without the encoding job."""
+    from raytrieve import _io
+    from raytrieve.encoders import load_encoder
+    from raytrieve.index import DenseIndex
+
+    rows = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    encoder = load_encoder("dense", "all-minilm-l6-v2", max_seq_length=128)
+    vectors = encoder.encode_document([r["text"] for r in rows], batch_size=32, show_progress_bar=False)
+    DenseIndex.build([r["_id"] for r in rows], vectors, similarity="cosine").save(folder / "dense")
+    corpus = {
+        "path": str(beir / "corpus.jsonl"),
+        "format": "jsonl",
+        "input_rows": len(rows),
+        "bad_rows": 0,
+        "id_column": "_id",
+        "text_column": "text",
+    }
+    dense = {
+        "model": "all-minilm-l6-v2",
+        "model_path": str(model_dir),
+        "prompt": None,
+        "max_seq_length": 128,
+        "similarity": "cosine",
+        "dim": 384,
+        "precision": "float32",
+        "truncate_dim": None,
+        "normalize": True,
+        "ranges": None,
+    }
+    manifest = {
+        "format": "raytrieve-vectors",
+        "version": 2,
+        "fingerprint": "test",
+        "corpus": corpus,
+        "rows": len(rows),
+        "side": "document",
+        "dense": dense,
+        "shards": [],
+    }
+    _io.write_json(folder / "source.json", manifest)
+    return folder
+
+
+def test_a_large_corpus_goes_through_the_encoding_job(ray_cluster, first_run, pydocs_beir, tmp_path):
+    """Above --max-in-process-rows the corpus is encoded by the encoding job (Ray Data) and
+    searched through the index it builds: the same rankings' metrics as in process."""
+    first, _ = first_run
+    out = tmp_path / "large"
+    rep = _evaluate(["--data", str(pydocs_beir), *COMMON, *MODELS, "--max-in-process-rows", "100", "--out", str(out)])
+    assert (
+        rep["backend"] == f"the index {out / 'work' / 'index'}"
+        and (out / "work" / "vectors" / "manifest.json").exists()
+    )
+    assert list(rep["stages"]) == ["dense", "sparse", "fused"]
+    for stage in rep["stages"]:
+        for m, value in rep["stages"][stage].items():
+            # The job batches by tokens, so scores may differ in the last float bits (and near-ties swap).
+            assert value == pytest.approx(first["stages"][stage][m], abs=0.02), (stage, m)
+
+
+def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
+    from raytrieve.cli import main
+
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS + "q2\tnope\t1\n")
+    assert main(["evaluate", "--data", str(root), "--dense", "no-such-model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "test.tsv: 1 document id(s) are not in" in err and "'nope'" in err and "no-such-model" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dense", "m"], "no data"),
+        (["--data", "x", "--corpus", "c"], "not both"),
+        (["--data", "x"], "nothing retrieves"),
+        (["--data", "x", "--url", "http://h", "--dense", "m"], "--url evaluates the app's own models"),
+        (["--data", "x", "--dense", "m", "--k", "0"], "--k must be >= 1"),
+        (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
+    ],
+)
+def test_contradicting_flags_are_refused(args, message, tmp_path):
+    import argparse
+
+    from raytrieve.evaluate.command import add_arguments, evaluate
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises((ConfigError, DataError)) as e:
+        evaluate(parser.parse_args([*args, "--out", str(tmp_path)]))
+    assert message in str(e.value)
+
+
+def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate.command import evaluate
+
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--sparse", "splade-tiny", "--reranker", "nope"])
+    with pytest.raises(ConfigError, match="--reranker nope: model 'nope': no such directory"):
+        evaluate(args)
+
+
+def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weight():
+    from raytrieve.serve import fusion
+
+    stages = run.Models(dense=["a/mini", "b/mini", "models:/bge/2"], sparse=["splade-tiny"]).first_stages()
+    assert [(s.name, s.kind) for s in stages] == [
+        ("dense:mini", "dense"),
+        ("dense:mini#2", "dense"),
+        ("dense:models:/bge/2", "dense"),
+        ("sparse", "sparse"),
+    ]
+    rng = np.random.default_rng(2)
+    lists: run.Lists = {}
+    for s in stages:
+        ids = rng.permutation(list(DOCS))[:6].tolist()
+        lists[s.name] = {"qa": list(zip(ids, sorted(rng.random(6).tolist(), reverse=True)))}
+    kinds = {s.name: s.kind for s in stages}
+    options = run.RunOptions(depth=6, fusion=Fusion(method="convex", dense_weight=0.2, sparse_weight=0.4))
+    got = run.combine(lists, kinds, options, {"qa": Q_TEXT["qa"]}, DOCS, None)
+    ranked = [lists[s.name]["qa"] for s in stages]
+    expected = fusion.convex(ranked, [0.2, 0.2, 0.2, 0.4], "minmax")
+    assert got["fused"]["qa"] == [d for d, _ in expected] and "reranked" not in got
+
+
+def test_compare_refuses_a_file_that_is_no_report(tmp_path):
+    (tmp_path / "x.json").write_text('{"rows": []}')
+    with pytest.raises(DataError, match=r"not an evaluation\.json of raytrieve evaluate"):
+        report.load_previous(tmp_path / "x.json")
+
+
+def test_report_without_matplotlib_skips_the_chart(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    qrels = {"q": {"d": 1.0}}
+    rep = report.build({"dense": {"q": ["d"]}}, qrels, 10, 100, {"name": None})
+    with caplog.at_level("INFO", logger="raytrieve.evaluate"):
+        written = report.write(rep, tmp_path)
+    assert [p.name for p in written] == ["evaluation.json", "evaluation.md"]
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "evaluation.png").exists()
