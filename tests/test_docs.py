@@ -40,5 +40,5 @@ def test_readme_names_only_real_files_and_commands():
     assert commands
     for command in commands:
         argv = shlex.split(command.rstrip("\\ "))
-        if argv[0] in {"train", "encode", "mine", "serve", "demo", "index", "data", "models", "docs"}:
+        if argv[0] in {"train", "encode", "mine", "serve", "demo", "index", "data", "models", "docs", "evaluate"}:
             parser.parse_args(argv)  # SystemExit on an unknown command or flag

@@ -442,6 +442,52 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     assert not (tmp_path / "second" / "evaluation.png").exists()
 
 
+def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp_path):
+    """--tune-on dev: /search's setting fitted on 24 dev queries (other docstrings of the same
+    corpus), scored as the 'tuned' stage on the 24 test queries; the fragment and a tuned copy
+    of the shipped serve config load as serve configs."""
+    import shutil
+
+    import yaml
+
+    from raytrieve.serve.config import load_serve_config
+
+    beir = tmp_path / "beir"
+    shutil.copytree(pydocs_beir, beir)
+    queries = [json.loads(line) for line in (beir / "queries.jsonl").read_text().splitlines()]
+    corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    from raytrieve.data.pydocs import deduplicate, package_pairs
+
+    pairs = deduplicate([p for pkg in ("yaml", "tqdm", "packaging") for p in package_pairs(pkg, max_files=200)])
+    dev = range(QUERY_COUNT, 2 * QUERY_COUNT)  # their documents are in the corpus (the first 150 pairs)
+    assert [c["text"] for c in corpus[:2 * QUERY_COUNT]] == [p.document[:600] for p in pairs[:2 * QUERY_COUNT]]
+    queries += [{"_id": f"q{i}", "text": pairs[i].query} for i in dev]
+    (beir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tdoc{i}\t1\n" for i in dev))
+    out = tmp_path / "tuned"
+    shipped = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "serve_pydocs.yaml"
+    rep = _evaluate(["--data", str(beir), *COMMON, *MODELS, "--reranker", "ms-marco-minilm-l12-v2", "--dtype", "auto",
+                     "--tune-on", "dev", "--serve-config", str(shipped), "--out", str(out), "--no-chart"])
+    assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"]
+    assert rep["data"]["queries"] == QUERY_COUNT and set(rep["per_query"]["tuned"]["ndcg@10"]) == {
+        f"q{i}" for i in range(QUERY_COUNT)}  # scored on test only
+    fit = rep["tuning"]
+    assert fit["split"] == "dev" and fit["queries"] == QUERY_COUNT
+    # Fitted on dev: at least the untuned fusion there (it is one of the settings tried).
+    assert fit["rerank"]["0"] == pytest.approx(fit["ndcg@10"]["fitted_fusion"])  # no rerank: the fusion alone
+    assert fit["ndcg@10"]["fitted_fusion"] >= fit["ndcg@10"]["untuned_fusion"] - 1e-12
+    assert set(fit["rerank"]) == {"0", "5", "10", "20", "30"}
+    assert fit["ndcg@10"]["fitted"] == pytest.approx(max(fit["rerank"].values()))
+    pairs_seen = {(c["stage"], c["baseline"]) for c in rep["comparisons"]}
+    assert ("tuned", rep["best_first_stage"]) in pairs_seen and ("tuned", "fused") in pairs_seen
+    fragment = yaml.safe_load((out / "search.yaml").read_text())["search"]
+    assert fragment == fit["setting"]
+    served = load_serve_config(str(out / "serve_tuned.yaml"))
+    assert served.search.recall.model_dump() == {"dense": 100, "sparse": 100} | fit["setting"]["recall"]
+    assert served.search.rerank == fit["setting"]["rerank"] and served.search.fusion.method == fragment["fusion"]["method"]
+    assert served.reranker is not None and served.reranker.model == load_serve_config(str(shipped)).reranker.model
+
+
 def _dense_index(folder: Path, beir: Path, model_dir: Path) -> Path:
     """An index folder as `raytrieve index build` writes it, built here without the encoding job."""
     from raytrieve import _io
@@ -521,6 +567,8 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x", "--url", "http://h", "--dense", "m"], "--url evaluates the app's own models"),
         (["--data", "x", "--dense", "m", "--k", "0"], "--k must be >= 1"),
         (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
+        (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
+        (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),
     ],
 )
 def test_contradicting_flags_are_refused(args, message, tmp_path):

@@ -9,6 +9,7 @@ read and check the data, rank with every stage the models allow, score, write th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -62,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_IN_PROCESS_ROWS,
         help="a larger corpus is encoded by the encoding job (Ray) and searched through an index",
     )
+    tune = parser.add_argument_group("fitting /search's settings on another split")
+    tune.add_argument(
+        "--tune-on",
+        metavar="SPLIT|QRELS",
+        help="fit recall depths, fusion and rerank depth on this split's judgements (with --data: a split name; "
+        "else a qrels file), report them as the 'tuned' stage on the evaluated split, write <out>/search.yaml",
+    )
+    tune.add_argument("--serve-config", help="with --tune-on: also write <out>/serve_tuned.yaml, this config + the fit")
     report = parser.add_argument_group("report")
     report.add_argument("--k", type=int, default=10, help="the cut of NDCG, MRR, MAP, Recall and Precision")
     report.add_argument("--recall-k", type=int, default=100, help="a second cut for Recall")
@@ -110,6 +119,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--url evaluates the app's own models and index; drop --dense/--sparse/--reranker/--index")
     if not args.url and not args.index and not (args.dense or args.sparse):
         raise ConfigError("nothing retrieves: pass --dense and/or --sparse models, --index DIR, or --url")
+    if args.tune_on and args.url:
+        raise ConfigError(
+            "--tune-on replays /search on each query's candidates, which needs the models or an --index; "
+            "with --url, evaluate the app after serving the fitted config"
+        )
+    if args.serve_config and not args.tune_on:
+        raise ConfigError("--serve-config is written with the fit: pass --tune-on SPLIT too")
     if args.fusion == "convex" and args.dense_weight + args.sparse_weight <= 0:
         raise ConfigError("--dense-weight and --sparse-weight: at least one must be > 0 for convex fusion")
 
@@ -159,8 +175,21 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     started = time.perf_counter()
     if args.data:
         evalset = data.load_beir(args.data, args.split, columns)
+        tuning_set = data.load_beir(args.data, args.tune_on, columns) if args.tune_on else None
     else:
         evalset = data.load_files(args.corpus, args.queries, args.qrels, columns)
+        tuning_set = data.load_files(args.corpus, args.queries, args.tune_on, columns) if args.tune_on else None
+    if tuning_set is not None and args.serve_config:
+        from raytrieve.serve.config import load_serve_config
+
+        load_serve_config(args.serve_config)  # a config that does not load is refused before any model loads
+    fitted: dict[str, Any] | None = None
+    # Both splits' queries get their candidates in one pass over the corpus.
+    searched = (
+        evalset
+        if tuning_set is None
+        else dataclasses.replace(evalset, queries={**tuning_set.queries, **evalset.queries})
+    )
     previous = report.load_previous(args.compare) if args.compare else None  # refused before any model loads
     log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
     models = run.Models(list(args.dense), list(args.sparse), args.reranker)
@@ -179,17 +208,30 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             log.info("%d documents > --max-in-process-rows: encoding with the encoding job", len(evalset.corpus))
             index = run.encode_corpus(evalset, models, options, Path(args.out) / "work", ray_address)
         if index is not None:
-            lists, stages = run.index_lists(evalset, index, models, options)
+            lists, stages = run.index_lists(searched, index, models, options)
             backend = f"the index {index}"
         else:
             stages = models.first_stages()
-            lists = run.in_process_lists(evalset, stages, options)
+            lists = run.in_process_lists(searched, stages, options)
             backend = "exact search in process"
         seconds["first_stages"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         scorer = run.cross_encoder(args.reranker, options) if args.reranker else None
         kinds = {s.name: s.kind for s in stages}
-        rankings = run.combine(lists, kinds, options, evalset.queries, evalset.corpus, scorer)
+        tested = {n: {q: per_q[q] for q in evalset.queries} for n, per_q in lists.items()}
+        rankings = run.combine(tested, kinds, options, evalset.queries, evalset.corpus, scorer)
+        if tuning_set is not None:
+            from raytrieve.evaluate import tune
+
+            tune.check_stages(kinds)
+            setting, fitted = tune.fit(
+                lists, tuning_set.qrels, searched.queries, evalset.corpus, scorer, options, args.k
+            )
+            rankings[run.TUNED] = tune.rankings(
+                lists, sorted(evalset.queries), setting, evalset.queries, evalset.corpus, scorer
+            )
+            fitted["split"] = args.tune_on
+            fitted["written"] = [str(p) for p in tune.write_fragments(setting, Path(args.out), args.serve_config)]
         described = {
             "first_stages": {s.name: {"kind": s.kind, "model": s.model} for s in stages},
             "reranker": args.reranker,
@@ -212,6 +254,8 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         },
         "seconds": seconds,
     }
+    if fitted is not None:
+        info["tuning"] = fitted
     rep = report.build(rankings, evalset.qrels, args.k, args.recall_k, info, args.bootstrap_rounds)
     if previous is not None:
         rep["compare"] = report.compare(rep, previous, args.compare, args.bootstrap_rounds)

@@ -35,6 +35,7 @@ Ranked = list[tuple[str, float]]
 Lists = dict[str, dict[str, Ranked]]  # stage -> query id -> best-first (doc id, score)
 Rankings = dict[str, dict[str, list[str]]]  # stage -> query id -> best-first doc ids
 FUSED, RERANKED = "fused", "reranked"
+TUNED = "tuned"  # /search with the setting fitted on another split (evaluate/tune.py)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""``raytrieve evaluate --tune-on SPLIT``: /search's recall depths, fusion and rerank depth
+fitted on one split's judgements, then scored on the evaluated split as the ``tuned`` stage.
+
+The first stages' candidate lists are computed once for both splits' queries (one corpus
+encoding); serve/tuning.py replays /search on the tuning split's lists under every setting,
+then the reranker scores the chosen fusion's top candidates to pick the rerank depth. The
+setting is written as a serve config fragment (``search.yaml``: /search's defaults, see
+serve/config.py ``SearchDefaults``), and into a copy of ``--serve-config`` when one is given.
+The report gives the tuning split's figure next to the evaluated split's: only the latter is
+held out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from raytrieve.errors import ConfigError
+from raytrieve.evaluate.run import Lists, RunOptions, fusion_setting
+from raytrieve.serve import tuning
+
+log = logging.getLogger("raytrieve.evaluate")
+
+Scorer = Callable[[list[tuple[str, str]]], Sequence[float]]
+
+
+def check_stages(kinds: Mapping[str, str]) -> None:
+    """A served app has one dense and one sparse retriever: the fit is for such a pair."""
+    if sorted(kinds) != sorted(set(kinds.values())) or not kinds:
+        raise ConfigError(
+            "--tune-on fits /search, which serves one dense and/or one sparse model; got first stages "
+            f"{sorted(kinds)}. Pass at most one --dense and one --sparse"
+        )
+
+
+def _cross_scores(
+    lists: Lists,
+    qids: Sequence[str],
+    setting: tuning.Setting,
+    depth: int,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    scorer: Scorer,
+) -> dict[str, dict[str, float]]:
+    heads = {q: tuning.fused({n: lists[n][q] for n in lists}, setting)[:depth] for q in qids}
+    pairs = [(q, d) for q in qids for d in heads[q]]
+    scores = scorer([(queries[q], corpus[d]) for q, d in pairs])
+    out: dict[str, dict[str, float]] = {q: {} for q in qids}
+    for (q, d), s in zip(pairs, scores):
+        out[q][d] = float(s)
+    return out
+
+
+def fit(
+    lists: Lists,
+    qrels: Mapping[str, Mapping[str, float]],
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    scorer: Scorer | None,
+    options: RunOptions,
+    k: int,
+) -> tuple[tuning.Setting, dict[str, Any]]:
+    """The setting with the best mean NDCG@k on these queries (``qrels``), and what the fit saw."""
+    qids = sorted(qrels)
+    candidates = {q: {n: lists[n][q] for n in lists} for q in qids}
+    depths = tuple(d for d in tuning.RECALL_DEPTHS if d <= options.depth) or (options.depth,)
+    fused = tuning.fit_fusion(candidates, qrels, depths, k)
+    untuned = fusion_setting(list(lists), {n: n for n in lists}, options)
+    info: dict[str, Any] = {
+        "queries": len(qids),
+        f"ndcg@{k}": {
+            "fitted_fusion": fused.score,
+            "untuned_fusion": _mean(tuning.per_query(candidates, qrels, untuned, k=k)),
+        },
+        "best_settings": [{"setting": s.label(), f"ndcg@{k}": v} for s, v in fused.tried[:10]],
+    }
+    best, rerank_scores = fused.best, None
+    if scorer is not None:
+        deepest = max(tuning.RERANK_DEPTHS)
+        rerank_scores = _cross_scores(lists, qids, best, deepest, queries, corpus, scorer)
+        reranked = tuning.fit_rerank(candidates, qrels, best, rerank_scores, tuning.RERANK_DEPTHS, k)
+        best = reranked.best
+        info["rerank"] = {str(s.rerank_depth): v for s, v in sorted(reranked.tried, key=lambda sv: sv[0].rerank_depth)}
+    info[f"ndcg@{k}"]["fitted"] = _mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
+    info["setting"] = best.search_fields()
+    info["label"] = best.label()
+    log.info("fitted on %d queries: %s (NDCG@%d %.4f)", len(qids), best.label(), k, info[f"ndcg@{k}"]["fitted"])
+    return best, info
+
+
+def rankings(
+    lists: Lists,
+    qids: Sequence[str],
+    setting: tuning.Setting,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    scorer: Scorer | None,
+) -> dict[str, list[str]]:
+    """The ranking /search gives each query under ``setting``."""
+    fused = {q: tuning.fused({n: lists[n][q] for n in lists}, setting) for q in qids}
+    if not setting.rerank_depth or scorer is None:
+        return fused
+    scores = _cross_scores(lists, qids, setting, setting.rerank_depth, queries, corpus, scorer)
+    return {q: tuning.reranked(fused[q], scores[q], setting.rerank_depth) for q in qids}
+
+
+def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None) -> list[Path]:
+    """``search.yaml`` (the serve config's ``search:`` section) and, from ``serve_config``,
+    ``serve_tuned.yaml`` with it in place; both load as the serve config checks them."""
+    import yaml
+
+    from raytrieve._io import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    fragment = {"search": setting.search_fields()}
+    written = [out / "search.yaml"]
+    with atomic_file(written[0]) as tmp:
+        tmp.write_text("# /search's defaults fitted by raytrieve evaluate --tune-on\n" + yaml.safe_dump(fragment))
+    if serve_config:
+        from raytrieve.config import from_dict, merge
+        from raytrieve.serve.config import ServeConfig, load_serve_config
+
+        base = load_serve_config(serve_config)  # refused here, naming the file, if it does not load
+        tuned = from_dict(ServeConfig, merge(base.model_dump(mode="json"), fragment), where=str(serve_config))
+        written.append(out / "serve_tuned.yaml")
+        with atomic_file(written[1]) as tmp:
+            header = f"# {serve_config} with /search's defaults fitted by raytrieve evaluate --tune-on\n"
+            tmp.write_text(header + yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False))
+    return written
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
