@@ -345,7 +345,8 @@ def _training_data(f: CardFacts) -> list[str]:
         out += [
             f"### {d.name}",
             "",
-            f"- File: `{d.path}` ({d.format}), {number(d.rows)} rows, sampled with weight {number(d.weight)}",
+            f"- File: `{d.path}` ({d.format}), {number(d.rows)} rows"
+            + (f", sampled with weight {number(d.weight)}" if len(f.datasets) > 1 else ""),
             f"- Columns: {', '.join(f'`{c}`' for c in d.columns)}"
             + (f"; label: `{d.label_column}`" if d.label_column else ""),
         ]
@@ -435,21 +436,22 @@ def _evaluation(f: CardFacts) -> list[str]:
 
 
 def _reproduce(f: CardFacts) -> list[str]:
+    config = f"{f.output_dir.rstrip('/')}/{CONFIG_FILE}" if f.output_dir else CONFIG_FILE
     return [
         "## Reproduce",
         "",
-        f"`{CONFIG_FILE}` is the run's resolved config (paths absolute; `output_dir` is this folder, so "
-        "change it to keep this model). With the same data files:",
+        f"`{CONFIG_FILE}` next to this card is the run's resolved config (paths absolute; its `output_dir` is "
+        "this folder, so change it to keep this model). With the same data files, from a raytrieve checkout:",
         "",
         "```bash",
-        f"raytrieve train --config {CONFIG_FILE}",
+        f"raytrieve train --config {config}",
         "# on a Ray cluster:",
         'ray job submit --working-dir . --runtime-env-json \'{"py_modules": ["platform/raytrieve"]}\' \\',
-        f"  -- python jobs/train.py --config {CONFIG_FILE}",
+        f"  -- python jobs/train.py --config {config}",
         "```",
         "",
-        f"The seed ({number(f.config.get('training', {}).get('seed'))}) fixes the batches and the initialisation "
-        "of new layers; the same hardware and worker count give the same weights.",
+        f"With the same seed ({number(f.config.get('training', {}).get('seed'))}) and worker count a run trains "
+        "on the same batches in the same order.",
         "",
     ]
 
