@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tests.train_helpers import ROOT, card_front_matter, shipped_config, write_data
 
 from raytrieve.train.model_card import (
     CARD_FILE,
@@ -30,7 +31,6 @@ from raytrieve.train.model_card import (
     render,
     summary,
 )
-from tests.train_helpers import ROOT, card_front_matter, shipped_config, write_data
 
 LONG = "A very long document about sorting | pipes " + "word " * 100
 SECTIONS = [
@@ -223,12 +223,12 @@ def test_driver_facts_and_a_folder_with_the_card_loads_in_sentence_transformers(
     and the saved config loads back as the run's config."""
     import sentence_transformers as st
     import torch
+    from tests.conftest import SENTENCES
 
     from raytrieve.encoders import load_encoder
     from raytrieve.train.card_facts import driver_facts, finish, hardware_facts, model_facts
     from raytrieve.train.config import load_train_config
     from raytrieve.train.run import prepare
-    from tests.conftest import SENTENCES
 
     cfg = shipped_config(name, tmp_path, tiny_models, data)
     p = prepare(cfg)

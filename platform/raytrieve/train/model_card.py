@@ -408,7 +408,7 @@ def _hardware(f: CardFacts) -> list[str]:
         if h.versions:
             out.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in h.versions.items()))
     if f.wall_time_s is not None:
-        rate = f" ({number(f.steps / f.wall_time_s)} steps/s)" if f.wall_time_s > 0 and f.steps else ""
+        rate = f" ({f.steps / f.wall_time_s:.3g} steps/s)" if f.wall_time_s > 0 and f.steps else ""
         out.append(f"- Wall time: {duration(f.wall_time_s)} from the job's start to this model written{rate}")
     if len(out) == 2:
         out.append("Not recorded.")
