@@ -281,3 +281,12 @@ def test_driver_facts_and_a_folder_with_the_card_loads_in_sentence_transformers(
         )
     assert load_train_config(folder / CONFIG_FILE).model_dump() == cfg.model_dump()
     assert Path(load_train_config(folder / CONFIG_FILE).output_dir) == Path(cfg.output_dir)
+
+
+def test_the_card_facts_ray_unpickles_import_no_torch():
+    """The WorkerSpec carries CardFacts: Ray Train's controller unpickles them, so their module
+    stays free of torch (tests/test_boundaries.py, for the other modules it unpickles)."""
+    from tests.test_boundaries import _probe
+
+    found, chains = _probe("raytrieve.train.model_card", ("torch", "transformers", "ray", "mlflow"))
+    assert not found["loaded"], f"imported {found['loaded'][:8]}. Import chains:\n{chains}"
