@@ -8,6 +8,9 @@ workers inside the WorkerSpec that Ray Train's controller unpickles.
 
 The card sits next to ``train_config.yaml`` (the resolved config, which reproduces the run).
 sentence-transformers reads README.md as text only, so the folder stays loadable by it.
+
+Longer than the house's ~400 lines on purpose: it is one template, mostly the card's own text,
+section by section; split, each half would need the other's formatting helpers and facts.
 """
 
 from __future__ import annotations
