@@ -33,9 +33,11 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     """dense_mnrl is proven the same way through `ray job submit` (tests/test_job_submit.py).
     The cached-MNRL Matryoshka run trains with training.bf16 (autocast on this CPU when it has
     bf16: GradCache's replayed passes included); it must still lower its loss, measured in
-    float32, and save float32 weights."""
+    float32, and save float32 weights. Each run registers its model (the version is described by
+    the model card's summary: check_shipped_run)."""
     bf16 = name == "dense_cached_mnrl_matryoshka"
-    cfg = shipped_config(name, tmp_path, tiny_models, more_data, **({"training__bf16": True} if bf16 else {}))
+    cfg = shipped_config(name, tmp_path, tiny_models, more_data, mlflow__register_model_as=f"t-{name}",
+                         **({"training__bf16": True} if bf16 else {}))
     initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
     check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)

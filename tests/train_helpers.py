@@ -147,6 +147,7 @@ def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, m
     if cfg.mlflow.register_model_as:
         assert model_version == "1"
         assert client.get_model_version(cfg.mlflow.register_model_as, "1").run_id == run_id
+    check_model_card(cfg, steps, run_id, model_version)
 
     # Training did something, measured outside the trainer: most weight tensors moved, and the
     # config's own loss over its data went down.
@@ -169,3 +170,66 @@ def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, m
         b = theirs.encode_document(SENTENCES[:4], convert_to_tensor=True)
         torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
                                    atol=1e-5, rtol=1e-4)
+
+
+def card_front_matter(text: str) -> dict[str, Any]:
+    """A model card's YAML front matter, parsed."""
+    assert text.startswith("---\n"), text[:200]
+    head, sep, _ = text[4:].partition("\n---\n")
+    assert sep, "the front matter is not closed"
+    meta = yaml.safe_load(head)
+    assert isinstance(meta, dict)
+    return meta
+
+
+def check_model_card(cfg: TrainConfig, steps: int, run_id: str, model_version: str | None) -> None:
+    """The trained model's card (README.md) states the run's real facts; MLflow holds it inside
+    the logged model and as the run's model_card.md; a registered version is described by its
+    summary line; the saved config loads back as the run's config."""
+    import re
+    import tempfile
+
+    import torch
+
+    from raytrieve.encoders.precision import cpu_has_fast_bf16
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.train.config import load_train_config
+    from raytrieve.train.model_card import CONFIG_FILE, loss_name, number
+
+    out = Path(cfg.output_dir)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    meta = card_front_matter(card)
+    assert meta["library_name"] == "sentence-transformers" and meta["base_model"] == cfg.model.name_or_path
+    rows = sum(pq.read_metadata(d.path).num_rows for d in cfg.datasets)
+    for d in cfg.datasets:
+        name = loss_name(d.loss.model_dump())
+        assert f"loss:{name}" in meta["tags"] and f"- Loss: `{name}`" in card
+        assert f"- File: `{d.path}` (parquet), {pq.read_metadata(d.path).num_rows} rows" in card
+    assert f"dataset_size:{rows}" in meta["tags"]
+    assert f"| Batch size (per worker) | {cfg.training.batch_size} |" in card
+    assert f"| Optimizer steps | {steps} |" in card
+    assert f"torch {torch.__version__}" in card and f"{cfg.scaling.num_workers} CPU worker(s)" in card
+    bf16 = cfg.training.bf16 and cpu_has_fast_bf16()
+    assert ("- Precision: bfloat16 autocast" if bf16 else "- Precision: float32") in card
+    wall = re.search(r"Wall time: (?:(\d+) min )?([\d.]+) s", card)
+    assert wall and 60 * int(wall.group(1) or 0) + float(wall.group(2)) > 0, card
+    assert load_train_config(out / CONFIG_FILE).model_dump() == cfg.model_dump()
+
+    client = mlflow_run.client(cfg.mlflow.tracking_uri)
+    if cfg.eval.path:  # the card's figure is the last one the run logged
+        primary = re.search(r"^\| \*\*(\S+)\*\* \| \*\*(\S+)\*\* \|$", card, re.M)
+        assert primary, card
+        history = client.get_metric_history(run_id, mlflow_run.metric_name(primary.group(1)))
+        assert number(history[-1].value) == primary.group(2) and f"at step {steps} " in card
+    else:
+        assert "The run evaluated nothing" in card
+    logged = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/README.md", f"model/{CONFIG_FILE}"} <= logged
+    with tempfile.TemporaryDirectory() as tmp:
+        inside = Path(client.download_artifacts(run_id, "model/README.md", tmp)).read_text(encoding="utf-8")
+        alone = Path(client.download_artifacts(run_id, mlflow_run.MODEL_CARD_ARTIFACT, tmp)).read_text(encoding="utf-8")
+    assert inside == card and alone == card
+    summary = card.split("\n---\n", 1)[1].lstrip().split("\n\n")[1]
+    assert client.get_run(run_id).data.tags[mlflow_run.CARD_SUMMARY_TAG] == summary
+    if cfg.mlflow.register_model_as:
+        assert client.get_model_version(cfg.mlflow.register_model_as, str(model_version)).description == summary

@@ -21,6 +21,8 @@ from typing import Any
 from pydantic import BaseModel
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
+MODEL_CARD_ARTIFACT = "model_card.md"  # the model card, also a run artifact of its own
+CARD_SUMMARY_TAG = "raytrieve.model_card.summary"  # its summary line: a registered version's description
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -117,6 +119,12 @@ class MetricLogger:
     def log_model_dir(self, path: str | Path, artifact_path: str = "model") -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+    def log_model_card(self, card: str, summary: str) -> None:
+        """The card as the run's ``model_card.md``, its summary line as a tag (``register_model``
+        describes the version with it)."""
+        self.client.log_text(self.run_id, card, MODEL_CARD_ARTIFACT)
+        self.client.set_tag(self.run_id, CARD_SUMMARY_TAG, summary[:PARAM_LIMIT])
+
 
 def end_run(uri: str, run_id: str, failed: bool) -> None:
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
@@ -124,7 +132,8 @@ def end_run(uri: str, run_id: str, failed: bool) -> None:
 
 def register_model(uri: str, run_id: str, name: str) -> str:
     """Register the run's ``model`` artifact folder (a sentence-transformers directory, not an
-    MLflow flavour) as a new version of ``name``; returns the version number."""
+    MLflow flavour) as a new version of ``name``, described by its model card's summary line;
+    returns the version number."""
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
@@ -133,7 +142,9 @@ def register_model(uri: str, run_id: str, name: str) -> str:
     except MlflowException as e:
         if "already exists" not in str(e).lower() and e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    artifact_uri = c.get_run(run_id).info.artifact_uri
+    run = c.get_run(run_id)
+    artifact_uri = run.info.artifact_uri
     assert artifact_uri is not None, "MLflow gives every run an artifact root"
     source = f"{artifact_uri.rstrip('/')}/model"
-    return str(c.create_model_version(name, source, run_id=run_id).version)
+    description = run.data.tags.get(CARD_SUMMARY_TAG)
+    return str(c.create_model_version(name, source, run_id=run_id, description=description).version)

@@ -230,12 +230,16 @@ class Checkpointer:
         with checkpoint.as_directory() as directory:
             return self.read(Path(directory))
 
-    def save_model(self, target: Path) -> None:
+    def save_model(self, target: Path, files: dict[str, str] | None = None) -> None:
         """The trained model, gathered under FSDP (every rank calls this), written by rank 0 to
-        ``target`` in sentence-transformers format: atomically, replacing what was there."""
+        ``target`` in sentence-transformers format: atomically, replacing what was there.
+        ``files``: more files for the folder (name -> text: the model card and the config), in
+        place before the folder appears."""
         from raytrieve._io import atomic_directory
 
         weights = full_state_dict(self.wrapped, self.module)
         if self.rank == 0:
             with atomic_directory(target) as tmp:
                 save_encoder(self.module.encoder, weights, self.kind, self.model_path, tmp, self.trust_remote_code)
+                for name, text in (files or {}).items():
+                    (tmp / name).write_text(text, encoding="utf-8")

@@ -32,6 +32,7 @@ class WorkerSpec:
     eval_columns: dict[str, list[Any]] | None = None
     threads: int | None = None
     samples_per_step: int = 0  # global rows per optimizer step
+    card: Any = None  # train.model_card.CardFacts: what the driver knows; rank 0 completes and writes it
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:

@@ -23,6 +23,7 @@ from raytrieve.encoders import load_encoder
 from raytrieve.kinds import model_kind
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import FirstEpoch, WorkerSpec, epoch_batches
+from raytrieve.train.model_card import CARD_FILE, card_files, summary
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -158,6 +159,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
 
         evaluator = build_evaluator(spec.eval_columns, cfg.eval.evaluator, cfg.model.kind)
 
+    last_eval: dict[str, Any] = {}  # the latest evaluation, for the model card
+
     def evaluate(at: int) -> None:
         if evaluator is None:
             return
@@ -170,6 +173,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         if is_fsdp(wrapped):
             cast("FSDPModule", wrapped).reshard()
         encoder.train(was_training)
+        last_eval.update(step=at, metrics=metrics, primary_metric=getattr(evaluator, "primary_metric", None))
         if logger is not None:
             logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, at)
 
@@ -243,6 +247,21 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     if not (evaluate_every and step % evaluate_every == 0):  # not already evaluated at this step
         evaluate(step)
     checkpoints.save(step, final=True)
-    checkpoints.save_model(Path(cfg.output_dir))
+    card = None
+    if rank == 0 and spec.card is not None:
+        from raytrieve.train import card_facts
+
+        card = card_facts.finish(
+            spec.card,
+            hardware=card_facts.hardware_facts(device, world, spec.threads, cfg.scaling.strategy, bf16),
+            model=card_facts.model_facts(encoder),
+            steps=step,
+            evaluation=last_eval or None,
+            run_id=spec.run_id,
+        )
+    files = card_files(card) if card is not None else None
+    checkpoints.save_model(Path(cfg.output_dir), files=files)
     if logger is not None:
-        logger.log_model_dir(Path(cfg.output_dir))
+        logger.log_model_dir(Path(cfg.output_dir))  # the card and config inside the model artifact
+        if card is not None and files is not None:
+            logger.log_model_card(files[CARD_FILE], summary(card))

@@ -10,6 +10,7 @@ arguments against the real model, the eval file) runs before any Ray work starts
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,11 @@ def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where:
 def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
     submit``), "local" starts an embedded Ray."""
+    from raytrieve.train.card_facts import driver_facts
+
+    started = time.time()
     p = prepare(cfg, where)
+    p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
     storage = claim_checkpoint_dir(cfg, p.plan, where)
