@@ -47,7 +47,10 @@ def steady(times: list[float], batch: int, warmup: int) -> float:
     return (len(times) - warmup) * batch / (times[-1] - times[warmup - 1])
 
 
-def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, float]:
+def run_raytrieve(
+    data: dict[str, list[str]], tmp: Path, args, seed: int = 42, lr: float = 2e-5, warmup_ratio: float = 0.0
+) -> tuple[float, float]:
+    """Trains into ``tmp``/raytrieve-model; returns (steady samples/s, wall seconds)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -64,8 +67,9 @@ def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, f
                       "loss": {"name": "MultipleNegativesRankingLoss"}}],
         "output_dir": str(tmp / "raytrieve-model"),
         "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates",
-                     "bf16": args.bf16},
-        "optimizer": {"learning_rate": 2e-5},
+                     "bf16": args.bf16, "seed": seed},
+        "optimizer": {"learning_rate": lr},
+        "schedule": {"name": "linear", "warmup_ratio": warmup_ratio},
         "checkpoint": {"max_failures": 0},
         # The defaults a user gets (one worker: torch threads sized from the cluster, the whole
         # machine on this embedded Ray); --threads overrides them and is stated with the figure.
@@ -82,7 +86,10 @@ def run_raytrieve(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, f
     return steady(times, args.batch_size, args.warmup), wall
 
 
-def run_sentence_transformers(data: dict[str, list[str]], tmp: Path, args) -> tuple[float, float]:
+def run_sentence_transformers(
+    data: dict[str, list[str]], tmp: Path, args, seed: int = 42, lr: float = 2e-5, warmup_ratio: float = 0.0
+) -> tuple[float, float]:
+    """Trains into ``tmp``/st-model; returns (steady samples/s, wall seconds)."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -107,8 +114,9 @@ def run_sentence_transformers(data: dict[str, list[str]], tmp: Path, args) -> tu
         model=model,
         args=SentenceTransformerTrainingArguments(
             output_dir=str(tmp / "st"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-            learning_rate=2e-5, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
-            logging_steps=10_000, dataloader_num_workers=0, use_cpu=True,
+            learning_rate=lr, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
+            logging_steps=10_000, dataloader_num_workers=0, use_cpu=True, seed=seed, data_seed=seed,
+            warmup_ratio=warmup_ratio, lr_scheduler_type="linear", weight_decay=0.01,  # raytrieve's default
         ),
         train_dataset=Dataset.from_dict({"anchor": data["query"], "positive": data["document"]}),
         loss=MultipleNegativesRankingLoss(model),
@@ -116,6 +124,7 @@ def run_sentence_transformers(data: dict[str, list[str]], tmp: Path, args) -> tu
     )
     trainer.train()
     wall = time.perf_counter() - start
+    model.save(str(tmp / "st-model"))
     return steady(times, args.batch_size, args.warmup), wall
 
 
