@@ -477,7 +477,9 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     assert fit["rerank"]["0"] == pytest.approx(fit["ndcg@10"]["fitted_fusion"])  # no rerank: the fusion alone
     assert fit["ndcg@10"]["fitted_fusion"] >= fit["ndcg@10"]["untuned_fusion"] - 1e-12
     assert set(fit["rerank"]) == {"0", "5", "10", "20", "30"}
-    assert fit["ndcg@10"]["fitted"] == pytest.approx(max(fit["rerank"].values()))
+    assert fit["ndcg@10"]["fitted"] == pytest.approx(fit["rerank"][str(fit["setting"].get("rerank_depth", 0))])
+    gain = fit["rerank_gain"]  # the best depth against none, adopted only when its interval is above 0
+    assert gain is None or gain["adopted"] == (gain["ci95"][0] > 0) == fit["setting"]["rerank"]
     pairs_seen = {(c["stage"], c["baseline"]) for c in rep["comparisons"]}
     assert ("tuned", rep["best_first_stage"]) in pairs_seen and ("tuned", "fused") in pairs_seen
     fragment = yaml.safe_load((out / "search.yaml").read_text())["search"]

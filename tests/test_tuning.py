@@ -97,6 +97,14 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
     assert fitted.best.rerank_depth == 5 and fitted.score == pytest.approx(1.0)  # the shallowest that fixes it
     assert dict((s.rerank_depth, v) for s, v in fitted.tried)[0] == pytest.approx(0.5)
+    assert fitted.gain is not None and fitted.gain["adopted"] and fitted.gain["ci95"][0] > 0
+    # A reranker that helps one query of twelve: the best depth on these queries, but its gain is
+    # within noise (the interval reaches 0), so no rerank is kept, and the gain is reported.
+    once = {q: {d: (5.0 if d in qrels[q] and q == "q0" else 1.0 - i / 100) for i, d in enumerate(top[q])} for q in top}
+    fitted = tuning.fit_rerank(candidates, qrels, setting, once)
+    assert fitted.tried[0][0].rerank_depth == 5 and fitted.tried[0][1] > 0.5  # the best on these queries...
+    assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)  # ...not adopted
+    assert fitted.gain is not None and not fitted.gain["adopted"] and fitted.gain["ci95"][0] <= 0
     harmful = {q: {d: (-5.0 if d in qrels[q] else 1.0) for d in top[q]} for q in top}
     fitted = tuning.fit_rerank(candidates, qrels, setting, harmful)
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)

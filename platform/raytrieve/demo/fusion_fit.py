@@ -47,7 +47,17 @@ def fit_on_dev(
         )
         best = rerank.best
         by_depth = ", ".join(f"{s.rerank_depth or 'none'}: {v:.3f}" for s, v in sorted(rerank.tried, key=_depth))
-        progress(f"  rerank depth on {len(chosen)} dev queries (NDCG@10 by depth: {by_depth}): {best.rerank_depth}")
+        gain = rerank.gain
+        verdict = (
+            ""
+            if gain is None
+            else f"; rerank@{gain['depth']} {gain['delta']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
+            + (" adopted" if gain["adopted"] else " within noise: not adopted")
+        )
+        progress(
+            f"  rerank depth on {len(chosen)} dev queries (NDCG@10 by depth: {by_depth}{verdict}): "
+            f"{best.rerank_depth or 'none'}"
+        )
     return {
         "setting": best.search_fields(),
         "label": best.label(),
@@ -57,6 +67,7 @@ def fit_on_dev(
             **{s.label(): v for s, v in fused.tried if s.fusion == default.fusion or not all(s.recall.values())},
         },
         "rerank_dev_ndcg@10": {str(s.rerank_depth): v for s, v in rerank.tried} if rerank else None,
+        "rerank_gain": rerank.gain if rerank else None,
     }
 
 

@@ -83,6 +83,7 @@ def fit(
         reranked = tuning.fit_rerank(candidates, qrels, best, rerank_scores, tuning.RERANK_DEPTHS, k)
         best = reranked.best
         info["rerank"] = {str(s.rerank_depth): v for s, v in sorted(reranked.tried, key=lambda sv: sv[0].rerank_depth)}
+        info["rerank_gain"] = reranked.gain  # the best depth against none; adopted only if clear
     info[f"ndcg@{k}"]["fitted"] = _mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
     info["setting"] = best.search_fields()
     info["label"] = best.label()

@@ -10,7 +10,10 @@ following in fused order, as serve/search.py does.
 1. ``fit_fusion``: every recall depth pair (a retriever switched off included) with every
    fusion setting (RRF's k, convex weights and normalization), by mean NDCG@k.
 2. ``fit_rerank``: on the chosen fusion, each rerank depth (0: no rerank) with cross-encoder
-   scores the caller computed for the top ``max(depths)`` candidates of each query.
+   scores the caller computed for the top ``max(depths)`` candidates of each query. A rerank
+   costs a cross-encoder pass per candidate on every query, so it is adopted only when its gain
+   over no rerank is clear on these queries: the 95% paired-bootstrap interval of the per-query
+   difference lies above 0. A gain within noise on the dev split rarely survives a held-out one.
 
 Ties go to the cheaper setting (fewer retrievers, shallower recall, no or shallower rerank).
 What these return is fitted to the dev split: report a held-out split's figure with it
@@ -72,11 +75,13 @@ class Setting:
 
 @dataclass(frozen=True)
 class Fitted:
-    """The chosen setting, its dev score, and every setting tried with its dev score (best first)."""
+    """The chosen setting, its dev score, and every setting tried with its dev score (best first);
+    ``gain``: for a rerank fit, the best depth's mean gain over no rerank with its 95% interval."""
 
     best: Setting
     score: float
     tried: list[tuple[Setting, float]]
+    gain: dict[str, Any] | None = None
 
 
 def fused(lists: Mapping[str, Ranked], setting: Setting) -> list[str]:
@@ -166,7 +171,18 @@ def fit_rerank(
     depths: Sequence[int] = RERANK_DEPTHS,
     k: int = 10,
 ) -> Fitted:
-    """``setting``'s fusion with the rerank depth (0: none) of the best mean NDCG@k. The scores
-    must cover each query's top ``max(depths)`` fused candidates (``fused``)."""
+    """``setting``'s fusion with the rerank depth (0: none) of the best mean NDCG@k, adopted only
+    if its gain over no rerank is clear (module docstring). The scores must cover each query's
+    top ``max(depths)`` fused candidates (``fused``)."""
+    from raytrieve.evaluate.scoring import paired_interval
+
     tried = [Setting(setting.recall, setting.fusion, d) for d in sorted(set(depths) | {0})]
-    return _best([(s, _mean(per_query(candidates, qrels, s, rerank_scores, k))) for s in tried])
+    values = {s.rerank_depth: per_query(candidates, qrels, s, rerank_scores, k) for s in tried}
+    fitted = _best([(s, _mean(values[s.rerank_depth])) for s in tried])
+    if not fitted.best.rerank_depth:
+        return fitted
+    delta, low, high = paired_interval(values[0], values[fitted.best.rerank_depth])
+    gain = {"depth": fitted.best.rerank_depth, "delta": delta, "ci95": [low, high], "adopted": low > 0}
+    if low > 0:
+        return Fitted(fitted.best, fitted.score, fitted.tried, gain)
+    return Fitted(tried[0], _mean(values[0]), fitted.tried, gain)
