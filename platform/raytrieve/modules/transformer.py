@@ -183,6 +183,11 @@ class Transformer(Module):
         write_json(directory / self.config_file, self.config_dict())
 
     # -- tokenization -------------------------------------------------------------------
+    @property
+    def accepts_token_types(self) -> bool:
+        """Whether the model's forward takes token_type_ids (tokenize_ids then gives them)."""
+        return self._accepts_token_types
+
     def tokenize_ids(self, texts: Sequence[TextInput], prompt: str | None = None) -> dict[str, list[list[int]]]:
         """Token ids per text, truncated to max_seq_length, not padded."""
         return tokenize_text_ids(
