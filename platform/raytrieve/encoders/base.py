@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -248,33 +248,9 @@ class Encoder(nn.Module):
             features = module(features, task=task)
         return features
 
-    def _batched(
-        self,
-        inputs: Sequence[Any],
-        *,
-        batch_size: int,
-        task: str | None,
-        prompt: str | None,
-        device: str | torch.device | None,
-        show_progress_bar: bool | None,
-        collect: Callable[[Features], Tensor],
-        empty: Tensor,
-        token_budget: int | None = None,
-    ) -> Tensor:
-        """The stack over ``inputs`` in length-sorted batches, rows in input order
-        (encoders/batching.py)."""
-        return run_batches(
-            self,
-            inputs,
-            batch_size=batch_size,
-            task=task,
-            prompt=prompt,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            collect=collect,
-            empty=empty,
-            token_budget=token_budget,
-        )
+    # The stack over inputs in length-sorted batches, rows in input order (encoders/batching.py);
+    # a function bound as a method, so each kind calls self._batched(...).
+    _batched = run_batches
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
