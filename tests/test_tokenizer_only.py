@@ -81,6 +81,25 @@ def test_shipped_models_portable(variant):
             assert _portable(tok).tokenize_ids(texts, prompt=prompt) == tok.tokenize_ids(texts, prompt=prompt)
 
 
+@pytest.mark.parametrize(("kind", "task"), [("dense", None), ("sparse", None), ("cross", None),
+                                         ("router", "query"), ("router", "document")])
+def test_portable_from_the_loaded_module_is_the_one_loaded_alone(tiny_models, kind, task):
+    """The encoding job's driver takes the portable tokenizer from the model it already loaded
+    (InputTokenizer.of_module); it must equal the one load_input_tokenizer builds from the folder,
+    for Transformer and SparseStaticEmbedding (the Router's query route) inputs and a shortened length."""
+    from raytrieve.encoders.tokenizer_only import InputTokenizer
+
+    model_kind = "sparse" if kind == "router" else kind
+    for length in (None, 6):
+        encoder = load_encoder(model_kind, tiny_models[kind], max_seq_length=length)
+        from_module = InputTokenizer.of_module(encoder.input_module(task)).portable()
+        alone = load_input_tokenizer(tiny_models[kind], task, length, kind=model_kind).portable()
+        assert from_module == alone
+        texts = list(zip(SENTENCES, SENTENCES[::-1])) if kind == "cross" else SENTENCES
+        assert from_module is not None and alone is not None
+        assert from_module.tokenize_ids(texts, prompt="q: ") == alone.tokenize_ids(texts, prompt="q: ")
+
+
 def test_portable_tokenizer_imports_neither_transformers_nor_torch(minilm_dir):
     import subprocess
     import sys

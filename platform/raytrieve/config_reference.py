@@ -45,23 +45,34 @@ def _type_text(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _default_text(f: FieldInfo) -> str:
-    if f.is_required():
-        return "**required**"
-    if f.default_factory is not None:
+def _default(f: FieldInfo, parent: BaseModel | None, name: str) -> tuple[str, Any]:
+    """(the default as the table shows it, the default value). Under a parent that is itself a
+    default value (a section's ``default_factory`` may set other values than its class's,
+    e.g. the demo's sparse_training.learning_rate), the parent's attribute is the default."""
+    if parent is not None:
+        value = getattr(parent, name)
+    elif f.is_required():
+        return "**required**", None
+    elif f.default_factory is not None:
         value = f.default_factory()  # type: ignore[call-arg]
-        return "(see below)" if isinstance(value, BaseModel) else repr(value)
-    return repr(f.default)
+    else:
+        value = f.default
+    return ("(see below)" if isinstance(value, BaseModel) else repr(value)), value
 
 
-def rows(cls: type[BaseModel], prefix: str = "", seen: tuple[type, ...] = ()) -> Iterator[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every field, nested models flattened."""
+def rows(
+    cls: type[BaseModel], prefix: str = "", seen: tuple[type, ...] = (), default: BaseModel | None = None
+) -> Iterator[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every field, nested models flattened. ``default``:
+    the value ``cls`` defaults to where it nests (None: its fields' own defaults)."""
     for name, f in cls.model_fields.items():
         key = f"{prefix}{name}"
-        yield key, _type_text(f.annotation), _default_text(f), f.description or ""
+        text, value = _default(f, default, name)
+        yield key, _type_text(f.annotation), text, f.description or ""
         inner, nest = _inner_model(f.annotation)
         if inner is not None and inner not in seen:  # LossSpec.inner is a LossSpec: list it once
-            yield from rows(inner, f"{key}{nest}.", (*seen, cls, inner))
+            nested = value if nest == "" and isinstance(value, inner) else None
+            yield from rows(inner, f"{key}{nest}.", (*seen, cls, inner), nested)
 
 
 def sections() -> list[tuple[str, str, type[BaseModel]]]:

@@ -11,13 +11,52 @@ pre-tokenizer, special-token template, added tokens) with the module's settings.
 then runs the same ``encode_batch`` transformers' fast tokenizers call, with the same
 truncation, so the ids are the same (tests/test_tokenizer_only.py checks it on the shipped
 models). Slow (Python) tokenizers have no backend: their stages load them as before.
+
+``text_token_ids`` is the one place that turns a batch of texts or text pairs into what a
+tokenizer encodes (pair checks, prompt, lower-casing); modules/transformer.py calls it with
+transformers' tokenizer, ``PortableTokenizer`` with the backend, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+TokenIds = dict[str, list[list[int]]]
+# (first texts, second texts or None for single texts) -> token ids, truncated, not padded
+EncodeBatch = Callable[[list[str], "list[str] | None"], TokenIds]
+
+
+def text_token_ids(
+    texts: Sequence[Any],
+    prompt: str | None,
+    encode: EncodeBatch,
+    *,
+    do_lower_case: bool = False,
+    pairs_allowed: bool = True,
+) -> TokenIds:
+    """Token ids per text (or (first, second) pair) from ``encode``, the prompt in front of the
+    first text, both texts lower-cased when ``do_lower_case``."""
+    if not len(texts):
+        return {"input_ids": []}
+    first: list[str]
+    second: list[str] | None
+    if isinstance(texts[0], str):
+        # A batch is all single texts or all pairs; its first element tells which.
+        first, second = list(texts), None
+    else:
+        if not pairs_allowed or any(len(t) != 2 for t in texts):
+            from raytrieve.errors import InputError
+
+            raise InputError("text pairs must be (first, second) tuples of two strings")
+        first, second = [t[0] for t in texts], [t[1] for t in texts]
+    if prompt:
+        first = [prompt + t for t in first]
+    if do_lower_case:
+        first = [t.lower() for t in first]
+        second = [t.lower() for t in second] if second is not None else None
+    return encode(first, second)
 
 
 @dataclass
@@ -54,23 +93,18 @@ class PortableTokenizer:
             self._backend = tok
         return self._backend
 
-    def tokenize_ids(self, texts: Sequence[Any], prompt: str | None = None) -> dict[str, list[list[int]]]:
+    def tokenize_ids(self, texts: Sequence[Any], prompt: str | None = None) -> TokenIds:
         """Token ids per text (or (first, second) pair), the prompt in front of the first text,
         truncated to max_seq_length, not padded."""
-        if not len(texts):
-            return {"input_ids": []}
-        pairs = not isinstance(texts[0], str)
-        if pairs and (self.static or any(len(t) != 2 for t in texts)):
-            from raytrieve.errors import InputError
+        return text_token_ids(
+            texts,
+            prompt,
+            self._encode,
+            do_lower_case=self.do_lower_case and not self.static,
+            pairs_allowed=not self.static,
+        )
 
-            raise InputError("text pairs must be (first, second) tuples of two strings")
-        first = [t[0] for t in texts] if pairs else list(texts)
-        second = [t[1] for t in texts] if pairs else None
-        if prompt:
-            first = [prompt + t for t in first]
-        if self.do_lower_case and not self.static:
-            first = [t.lower() for t in first]
-            second = [t.lower() for t in second] if second is not None else None
+    def _encode(self, first: list[str], second: list[str] | None) -> TokenIds:
         inputs: list[Any] = list(zip(first, second)) if second is not None else first
         encodings = self.backend().encode_batch(inputs, add_special_tokens=not self.static)
         out = {"input_ids": [e.ids for e in encodings]}

@@ -53,21 +53,16 @@ def train_threads(shape: ClusterShape, num_workers: int) -> int:
     return max(1, min(share, int(shape.largest_node_cpus)))
 
 
-def encode_actors(shape: ClusterShape, cpus_per_actor: float, tokenize_actors: int) -> int:
-    """Encoding actors on CPUs: as many as the cluster's CPUs hold beside the tokenizer actors,
-    at least one (raise ``compute.cpus_per_encode_actor`` to trade actors for threads, e.g. for
-    a large model's memory)."""
-    free = shape.cpus - TOKENIZER_CPUS * tokenize_actors
-    return max(1, math.floor(free / cpus_per_actor + 1e-9))
-
-
 def default_encode_actors(shape: ClusterShape, compute: EncodeComputeConfig, use_gpu: bool, shards: int) -> int:
-    """``compute.encode_actors`` when the config leaves it unset: one actor per GPU on GPUs, else
-    ``encode_actors``; never more than the shards to encode (each actor loads the model)."""
+    """``compute.encode_actors`` when the config leaves it unset: one actor per GPU on GPUs; on
+    CPUs as many as the cluster's CPUs hold beside the tokenizer actors, at least one (raise
+    ``compute.cpus_per_encode_actor`` to trade actors for threads, e.g. for a large model's
+    memory). Never more than the shards to encode (each actor loads the model)."""
     if use_gpu:
         actors = int(shape.gpus)
     else:
-        actors = encode_actors(shape, compute.cpus_per_encode_actor, compute.tokenize_actors)
+        free = shape.cpus - TOKENIZER_CPUS * compute.tokenize_actors
+        actors = math.floor(free / compute.cpus_per_encode_actor + 1e-9)
     return max(1, min(actors, shards))
 
 

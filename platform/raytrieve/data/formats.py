@@ -1,17 +1,18 @@
 """The corpus and training input formats, and the one table of them.
 
-Each format is one ``InputFormat`` subclass that says everything format-specific: its file
-name suffixes, which files of a folder belong to it, how to cut a file into shards from
-metadata alone (``shard_step`` and ``ranges``: rows where metadata counts them, bytes where
-it does not), how to read one shard with chosen columns, its column names, and how a
-training job lists pieces and streams them. ``FORMATS`` maps each name to its instance;
-sources.py (encoding), train_source.py (training) and validate.py (checks) look formats up
-there and never compare names. A new format is one subclass plus ``register(Subclass())``
-here: the configs' ``format`` values are the table's names when the config classes are
-defined (tests/test_formats.py checks), so a format registered later is refused by configs.
+Each format is one ``InputFormat`` subclass (the contract: input_format.py) that says
+everything format-specific: its file name suffixes, which files of a folder belong to it, how
+to cut a file into shards from metadata alone (``shard_step`` and ``ranges``: rows where
+metadata counts them, bytes where it does not), how to read one shard with chosen columns, its
+column names, and how a training job lists pieces and streams them. ``FORMATS`` maps each name
+to its instance; sources.py (encoding), train_source.py (training) and validate.py (checks)
+look formats up there and never compare names. A new format is one subclass plus
+``register(Subclass())`` here: the configs' ``format`` values are the table's names when the
+config classes are defined (tests/test_formats.py checks), so a format registered later is
+refused by configs.
 
 No Ray and no torch here: Ray Data tasks unpickle these classes. The four built-in formats
-share this one file (about 400 lines) so that adding a format stays a change to one file.
+share this one file so that adding a format stays a change to one file.
 """
 
 from __future__ import annotations
@@ -26,72 +27,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raytrieve.data.files import lines_in_range, open_arrow, read_bytes, resolve
+from raytrieve.data.input_format import InputFormat
+from raytrieve.data.input_format import cannot_read as cannot_read  # the readers raise formats.cannot_read
 from raytrieve.errors import DataError
-
-
-def cannot_read(path: object, fmt: str, e: Exception, fix: str = "check the file or set format:") -> DataError:
-    """The one error for a file that ``fmt`` cannot parse: the file, the format, the reader's reason, the fix."""
-    return DataError(f"{path}: cannot read it as {fmt} ({e}); {fix}")
-
 
 # Bytes read from the first line-format file to estimate the line length the byte ranges use.
 PROBE_BYTES = 1 << 20
 BATCH_ROWS = 65_536  # rows per streamed parquet record batch (training): bounds the reader's memory
 STREAM_BLOCK = 8 << 20  # bytes per block of the streaming jsonl/csv readers (training)
-
-
-class InputFormat:
-    """One input format. Paths are inside ``fs`` (see files.resolve); ``uri``s resolve anywhere."""
-
-    name: str = ""
-    suffixes: tuple[str, ...] = ()
-    folder_markers: tuple[str, ...] = ()  # file names that make a folder this format as a whole
-
-    def folder_files(self, fs: pafs.FileSystem, path: str) -> list[str]:
-        """The format's files under a folder, in a stable order (hidden and ``_`` files skipped)."""
-        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(
-            i.path
-            for i in entries
-            if i.type == pafs.FileType.File
-            and i.path.endswith(self.suffixes)
-            and not Path(i.path).name.startswith((".", "_"))
-        )
-
-    def row_count(self, fs: pafs.FileSystem, path: str) -> int | None:
-        """Rows from metadata, or None where only reading the data would tell."""
-        return None
-
-    def shard_step(self, first_uri: str, first_size: int, rows_per_shard: int) -> int:
-        """Shard length in this format's unit (rows unless ``ranges`` counts otherwise)."""
-        return rows_per_shard
-
-    def ranges(self, uri: str, size: int, rows: int | None, step: int) -> Iterator[tuple[int, int]]:
-        """``[start, stop)`` of each shard of one file; metadata only."""
-        total = rows or 0
-        for a in range(0, total, step):
-            yield a, min(a + step, total)
-
-    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
-        raise NotImplementedError
-
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
-        raise NotImplementedError
-
-    def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
-        """Training: the schema and (path, rows or -1, row groups) per piece, from metadata."""
-        raise NotImplementedError
-
-    def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
-        """Training: one piece's rows, only ``columns``, in bounded record batches."""
-        raise NotImplementedError
-
-    def read_all(self, path: Path) -> pa.Table:
-        """The whole (small) dataset: eval sets. By default one shard spanning the file."""
-        fs, local = resolve(str(path))
-        size, rows = int(fs.get_file_info(local).size or 0), self.row_count(fs, local)
-        spans = list(self.ranges(str(path), size, rows, max(size, rows or 0, 1)))
-        return self.read_range(fs, local, *spans[0], None) if spans else pa.table({})
 
 
 class ParquetFormat(InputFormat):

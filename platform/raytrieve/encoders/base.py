@@ -1,5 +1,6 @@
 """What the three encoders share: the module stack, loading and saving in the
-sentence-transformers format, prompts, devices, and length-sorted batched inference.
+sentence-transformers format, prompts, devices, and length-sorted batched inference (its
+batches and run: encoders/batching.py).
 
 The kinds differ only in their default stack, their config fields and what they make of
 the stack's output (dense embeddings, sparse vectors, scores).
@@ -9,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -20,57 +20,11 @@ from torch import Tensor, nn
 
 from raytrieve._io import atomic_directory
 from raytrieve.encoders import precision, st_format
+from raytrieve.encoders.batching import Pretokenized, resolve_device, run_batches
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
 from raytrieve.model_ref import resolve_model
 from raytrieve.modules import Features, InputModule, Module, Pooling, Transformer
 from raytrieve.modules.dense import Dense
-
-# Below this many batches a progress bar is noise.
-PROGRESS_MIN_BATCHES = 20
-
-
-@dataclass
-class Pretokenized:
-    """Token ids made earlier by ``input_module(task).tokenize_ids`` (prompt included), e.g. by a
-    separate tokenizer stage: ``encode(Pretokenized(ids), ...)`` skips tokenization."""
-
-    encoded: dict[str, list[list[int]]]
-
-    def __len__(self) -> int:
-        return len(self.encoded["input_ids"])
-
-
-def length_batches(lengths: np.ndarray, batch_size: int, token_budget: int | None = None) -> list[np.ndarray]:
-    """Row indices per batch, longest texts first.
-
-    With ``token_budget`` a batch grows while its padded size (rows x its longest row) stays
-    within the budget, up to ``batch_size`` rows: short texts go in big batches, long ones in
-    small batches, so memory per batch is bounded and little compute goes to padding.
-    """
-    if batch_size <= 0:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
-    if token_budget is not None and token_budget <= 0:
-        raise InputError(f"token_budget must be a positive integer, got {token_budget}")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    if token_budget is None:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches, start = [], 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)  # sorted: the first row is the longest
-        size = min(batch_size, max(1, token_budget // longest))
-        batches.append(order[start : start + size])
-        start += size
-    return batches
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class Encoder(nn.Module):
@@ -294,57 +248,9 @@ class Encoder(nn.Module):
             features = module(features, task=task)
         return features
 
-    def _batched(
-        self,
-        inputs: Sequence[Any],
-        *,
-        batch_size: int,
-        task: str | None,
-        prompt: str | None,
-        device: str | torch.device | None,
-        show_progress_bar: bool | None,
-        collect: Callable[[Features], Tensor],
-        empty: Tensor,
-        token_budget: int | None = None,
-    ) -> Tensor:
-        """Run the stack over ``inputs`` (texts or ``Pretokenized``) in batches of similar token
-        length; rows in input order (``empty`` when there are no inputs).
-
-        All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
-        token count, so each batch pads to nearly its own length.
-        """
-        if not len(inputs):
-            return empty
-        module = self.input_module(task)
-        encoded = inputs.encoded if isinstance(inputs, Pretokenized) else module.tokenize_ids(inputs, prompt=prompt)
-        # Optional on an input module: SparseStaticEmbedding does not mark the prompt.
-        prompt_length_of = getattr(module, "prompt_length", None)
-        prompt_length = prompt_length_of(prompt) if prompt and prompt_length_of is not None else None
-        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=len(inputs))
-        batches: Iterable[np.ndarray] = length_batches(lengths, batch_size, token_budget)
-        order = np.concatenate(batches)
-        target = resolve_device(device) if device is not None else self.device
-        if device is not None and target != self.device:
-            precision.check_dtype(self.dtype, target)  # e.g. an int8 model cannot move to a GPU
-            self.to(target)
-        n_batches = len(batches)
-        show = show_progress_bar if show_progress_bar is not None else n_batches >= PROGRESS_MIN_BATCHES
-        if show:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=n_batches, desc="Batches")
-        outputs: list[Tensor] = []
-        with self.inference(), precision.autocast(self.dtype, target):
-            for idx in batches:
-                batch = {k: [v[i] for i in idx] for k, v in encoded.items()}
-                features = module.collate(batch)
-                if prompt_length:
-                    features["prompt_length"] = prompt_length
-                features = {k: v.to(target) if isinstance(v, Tensor) else v for k, v in features.items()}
-                outputs.append(collect(self.forward(features, task=task)))
-        stacked = torch.cat(outputs) if outputs else torch.empty(0)
-        inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(stacked.device)
-        return stacked.index_select(0, inverse)
+    # The stack over inputs in length-sorted batches, rows in input order (encoders/batching.py);
+    # a function bound as a method, so each kind calls self._batched(...).
+    _batched = run_batches
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:

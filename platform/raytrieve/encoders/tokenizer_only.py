@@ -60,6 +60,23 @@ class InputTokenizer:
         self.default_prompt_name = default_prompt_name
         self._prompt_lengths: dict[str, int] = {}
 
+    @classmethod
+    def of_module(cls, module: Any) -> InputTokenizer:
+        """The tokenization of an input module already loaded with its model (a Transformer or
+        SparseStaticEmbedding), without loading its tokenizer again. Prompts and route are left
+        out: the module does not know them (the encoder does)."""
+        from raytrieve.modules.static_embedding import SparseStaticEmbedding
+
+        if isinstance(module, SparseStaticEmbedding):
+            return cls(module.tokenizer, module=_STATIC, max_seq_length=module.max_seq_length)
+        return cls(
+            module.tokenizer,
+            module="transformer",
+            max_seq_length=module.max_seq_length,
+            do_lower_case=module.do_lower_case,
+            accepts_token_types=module.accepts_token_types,
+        )
+
     # -- the model's prompts (config_sentence_transformers.json), as Encoder resolves them --
     def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None:

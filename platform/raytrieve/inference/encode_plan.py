@@ -41,7 +41,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
     specs and what the manifest says of each model."""
     from raytrieve.encoders.quantization import quantization_ranges
-    from raytrieve.encoders.tokenizer_only import load_input_tokenizer
+    from raytrieve.encoders.tokenizer_only import InputTokenizer
     from raytrieve.model_ref import resolve_model
 
     specs, described = [], {}
@@ -60,10 +60,8 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             )
         except RaytrieveError as e:
             raise ConfigError(f"{where}.{kind}: {e}") from None
-        # Loaded once here, so that the tokenizer actors need neither transformers nor torch.
-        spec.tokenizer = load_input_tokenizer(
-            path, spec.task, spec.max_seq_length, kind=kind, trust_remote_code=spec.trust_remote_code
-        ).portable()
+        # Taken from the loaded model, so that the tokenizer actors need neither transformers nor torch.
+        spec.tokenizer = InputTokenizer.of_module(model.input_module(spec.task)).portable()
         info: dict[str, Any] = {
             "model": out.model,
             "model_path": path,

@@ -17,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raytrieve.errors import InputError
+from raytrieve.errors import ConfigError, InputError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.wrapping_losses import WRAPPING_LOSSES
+
+if TYPE_CHECKING:
+    from raytrieve.encoders.cross import CrossEncoder
 
 Features = dict[str, Any]
 
@@ -206,3 +209,28 @@ class Loss(LossContract, nn.Module):
         self, embeddings: list[Tensor], labels: Tensor | None, *args: Any, **extra: Any
     ) -> Tensor:  # a subclass names the extras its prepare() gives, if any
         raise NotImplementedError
+
+
+class CrossLoss(LossContract, nn.Module):
+    """Base of the cross-encoder losses (losses/cross.py, losses/listwise.py): the model scores
+    (query, document) pairs of text, so ``forward`` takes the text columns, not features."""
+
+    columns = (2, 2)
+    column_names = "queries, documents"
+
+    def __init__(self, model: CrossEncoder, activation_fn: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.activation_fn = activation_fn if activation_fn is not None else nn.Identity()
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> Tensor:
+        """Raw scores [len(pairs), num_labels] (no activation)."""
+        features = self.model.tokenize(list(pairs))
+        features = {k: v.to(self.model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+        return self.model(features)["scores"]
+
+    def require_single_label(self) -> None:
+        if self.model.num_labels != 1:
+            raise ConfigError(
+                f"{type(self).__name__} needs a model with num_labels=1, this one has {self.model.num_labels}"
+            )

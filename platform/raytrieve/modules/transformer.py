@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from raytrieve._io import read_json, write_json
 from raytrieve.errors import ConfigError, ModelLoadError
+from raytrieve.fast_tokenizer import text_token_ids
 from raytrieve.modules.base import Features, Module
 
 TextInput = str | tuple[str, str] | list[str]
@@ -182,6 +183,11 @@ class Transformer(Module):
         write_json(directory / self.config_file, self.config_dict())
 
     # -- tokenization -------------------------------------------------------------------
+    @property
+    def accepts_token_types(self) -> bool:
+        """Whether the model's forward takes token_type_ids (tokenize_ids then gives them)."""
+        return self._accepts_token_types
+
     def tokenize_ids(self, texts: Sequence[TextInput], prompt: str | None = None) -> dict[str, list[list[int]]]:
         """Token ids per text, truncated to max_seq_length, not padded."""
         return tokenize_text_ids(
@@ -271,37 +277,23 @@ def tokenize_text_ids(
 ) -> dict[str, list[list[int]]]:
     """A Transformer module's tokenization (texts or text pairs, prompt in front of the first
     text, truncated, not padded); also used without the weights (encoders/tokenizer_only.py)."""
-    if not len(texts):
-        return {"input_ids": []}
-    first: list[str]
-    second: list[str] | None
-    if isinstance(texts[0], str):
-        # A batch is all single texts or all pairs; its first element tells which.
-        first, second = cast("list[str]", list(texts)), None
-    else:
-        if any(len(t) != 2 for t in texts):
-            from raytrieve.errors import InputError
 
-            raise InputError("text pairs must be (first, second) tuples of two strings")
-        first, second = [t[0] for t in texts], [t[1] for t in texts]
-    if prompt:
-        first = [prompt + t for t in first]
-    if do_lower_case:
-        first = [t.lower() for t in first]
-        second = [t.lower() for t in second] if second is not None else None
-    enc = tokenizer(
-        first,
-        second,
-        truncation="longest_first",
-        max_length=max_seq_length,
-        padding=False,
-        return_attention_mask=False,
-        return_token_type_ids=accepts_token_types,
-    )
-    out = {"input_ids": enc["input_ids"]}
-    if accepts_token_types and "token_type_ids" in enc:
-        out["token_type_ids"] = enc["token_type_ids"]
-    return out
+    def encode(first: list[str], second: list[str] | None) -> dict[str, list[list[int]]]:
+        enc = tokenizer(
+            first,
+            second,
+            truncation="longest_first",
+            max_length=max_seq_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=accepts_token_types,
+        )
+        out = {"input_ids": enc["input_ids"]}
+        if accepts_token_types and "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    return text_token_ids(texts, prompt, encode, do_lower_case=do_lower_case)
 
 
 def pad_ids(encoded: dict[str, list[list[int]]], pad_id: int, left: bool = False) -> Features:

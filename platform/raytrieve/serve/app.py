@@ -11,14 +11,11 @@ with Retry-After (Serve's ``max_queued_requests`` at the proxy).
 
 Besides raytrieve's own routes, the ingress answers in the shapes of the clients people have:
 OpenAI's embeddings, Cohere's v1/v2 and Jina's rerank, and TEI's routes (schemas.py has their
-bodies). The file is longer than most: FastAPI's class-based routes under serve.ingress put every
-endpoint in the one Ingress class; what they share is in the helpers above it.
+request bodies, shapes.py the checks of texts and the answers' bodies).
 """
 
 import asyncio
-import base64
 import os
-import uuid
 from typing import Any
 
 import numpy as np
@@ -27,8 +24,8 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raytrieve.serve import cluster_metrics, http_guard
-from raytrieve.serve.config import LimitsConfig, ServeConfig
+from raytrieve.serve import cluster_metrics, http_guard, shapes
+from raytrieve.serve.config import ServeConfig
 from raytrieve.serve.deployments import ModelReplica, Retriever
 from raytrieve.serve.http_guard import ApiError, SafeJSONResponse
 from raytrieve.serve.schemas import (
@@ -55,63 +52,6 @@ http_guard.install(api)
 
 # The model /info and /tokenize describe (TEI serves one model; this app up to three).
 PRIMARY_ORDER = ("dense", "sparse", "reranker")
-
-
-def _texts(value: str | list[str], field: str, limit_count: int, limit_chars: int) -> list[str]:
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
-        raise ApiError(422, field, f"{field}: give at least one text")
-    if len(texts) > limit_count:
-        raise ApiError(422, field, f"{field}: {len(texts)} texts, at most {limit_count} per request")
-    for i, t in enumerate(texts):
-        name = field if isinstance(value, str) else f"{field}[{i}]"
-        if not t.strip():
-            raise ApiError(422, name, f"{name}: empty text")
-        if len(t) > limit_chars:
-            raise ApiError(422, name, f"{name}: {len(t)} characters, at most {limit_chars}")
-    return texts
-
-
-def _encode_vector(v: np.ndarray, fmt: str) -> Any:
-    if fmt == "base64":  # OpenAI's: little-endian float32 bytes
-        return base64.b64encode(v.astype("<f4").tobytes()).decode()
-    if fmt == "int8":  # unit vectors: [-1, 1] onto [-127, 127]
-        return np.clip(np.round(v * 127), -127, 127).astype(np.int8).tolist()
-    if fmt == "binary":  # sign bits, 8 dimensions a byte (uint8), as sentence-transformers' ubinary
-        return np.packbits(v > 0).tolist()
-    return v.tolist()
-
-
-def _shape_vectors(emb: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
-    """Matryoshka: keep the first ``dimensions``; then unit length when asked (as
-    sentence-transformers' encode(truncate_dim=, normalize_embeddings=))."""
-    if dimensions is not None:
-        emb = emb[:, :dimensions]
-    if normalize:
-        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
-    return emb
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # Cohere's, Jina's and TEI's scores are probabilities: sigmoid of the logit (TEI's own rule
-    # for one-label models); written with logaddexp so large logits do not overflow.
-    return np.exp(-np.logaddexp(0, -x)).astype(np.float32)
-
-
-def _best_first(scores: np.ndarray, top_n: int | None) -> list[int]:
-    return [int(i) for i in np.argsort(-scores, kind="stable")[:top_n]]
-
-
-def _check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
-    """The config's bounds on a /search request; what the pipeline cannot serve it refuses itself."""
-    _texts(body.query, "query", 1, limits.max_text_chars)
-    if body.top_k > limits.max_top_k:
-        raise ApiError(422, "top_k", f"top_k: {body.top_k}, at most {limits.max_top_k}")
-    for name in ("dense", "sparse"):
-        if getattr(body.recall, name) > limits.max_recall:
-            raise ApiError(422, f"recall.{name}", f"recall.{name}: at most {limits.max_recall}")
-    if body.rerank and body.rerank_depth > limits.max_rerank_depth:
-        raise ApiError(422, "rerank_depth", f"rerank_depth: at most {limits.max_rerank_depth}")
 
 
 def _search_pipeline(handles: dict[str, DeploymentHandle | None], retriever: DeploymentHandle) -> SearchPipeline:
@@ -224,8 +164,8 @@ class Ingress:
         """Reranker scores of (query, document) pairs after the limits, and the tokens they cost.
         ``logits``: the raw logits instead of the model's own activation."""
         handle = self._model("reranker", model, "model" if field == "documents" else "path")
-        query = _texts(query, "query", 1, self.limits.max_text_chars)[0]
-        docs = _texts(documents, field, self.limits.max_documents, self.limits.max_text_chars)
+        query = shapes.checked_texts(query, "query", 1, self.limits.max_text_chars)[0]
+        docs = shapes.checked_texts(documents, field, self.limits.max_documents, self.limits.max_text_chars)
         scores, tokens = await handle.remote([(query, d) for d in docs], "logits" if logits else None)
         return np.asarray(scores, dtype=np.float32), sum(tokens)
 
@@ -258,12 +198,12 @@ class Ingress:
     async def embeddings(self, body: EmbeddingsRequest) -> dict[str, Any]:
         """OpenAI's embeddings (the openai SDK's client.embeddings.create)."""
         self._model("dense", body.model)
-        texts = _texts(body.input, "input", self.limits.max_inputs, self.limits.max_text_chars)
+        texts = shapes.checked_texts(body.input, "input", self.limits.max_inputs, self.limits.max_text_chars)
         emb, tokens = await self._dense(texts, body.dimensions, task=body.input_type)
         # OpenAI's dimensions: truncated, then unit length again.
-        emb = _shape_vectors(emb, body.dimensions, normalize=body.dimensions is not None)
+        emb = shapes.shape_vectors(emb, body.dimensions, normalize=body.dimensions is not None)
         data = [
-            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            {"object": "embedding", "index": i, "embedding": shapes.encode_vector(v, body.encoding_format)}
             for i, v in enumerate(emb)
         ]
         usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
@@ -275,14 +215,10 @@ class Ingress:
         tei = isinstance(body, TeiSparseRequest)
         handle = self._model("sparse", None if tei else body.model, "path" if tei else "model")
         field = "inputs" if tei else "input"
-        texts = _texts(getattr(body, field), field, self.limits.max_inputs, self.limits.max_text_chars)
+        texts = shapes.checked_texts(getattr(body, field), field, self.limits.max_inputs, self.limits.max_text_chars)
         if isinstance(body, TeiSparseRequest):
             rows, _ = await handle.remote(texts, None, await self._prompt("sparse", body.prompt_name))
-            # TEI lists a vector's entries by index.
-            return [
-                [{"index": int(a), "value": float(b)} for a, b in sorted(zip(indices, values))]
-                for indices, values in rows
-            ]
+            return shapes.tei_sparse(rows)
         rows, _ = await handle.remote(texts, body.input_type)
         data = []
         for i, (indices, values) in enumerate(rows):
@@ -299,18 +235,11 @@ class Ingress:
     async def rerank(self, body: RerankBody) -> Any:
         """raytrieve's body ("documents": the model's own scores) or TEI's ("texts")."""
         if not isinstance(body, RerankRequest):
-            scores, _ = await self._scores(None, body.query, body.texts, logits=True, field="texts")
-            scores = scores if body.raw_scores else _sigmoid(scores)
-            hits: list[dict[str, Any]] = []
-            for i in _best_first(scores, None):
-                hit: dict[str, Any] = {"index": i, "score": float(scores[i])}
-                if body.return_text:
-                    hit["text"] = body.texts[i]
-                hits.append(hit)
-            return hits
+            logits, _ = await self._scores(None, body.query, body.texts, logits=True, field="texts")
+            return shapes.tei_rerank(logits, body.texts, body.raw_scores, body.return_text)
         scores, _ = await self._scores(body.model, body.query, body.documents, logits=False)
         results = []
-        for i in _best_first(scores, body.top_n):
+        for i in shapes.best_first(scores, body.top_n):
             hit = {"index": i, "relevance_score": float(scores[i])}
             if body.return_documents:
                 hit["document"] = {"text": body.documents[i]}
@@ -322,23 +251,13 @@ class Ingress:
         if self.searcher is None:
             raise ApiError(404, "path", "no index is served here (set index: in the serve config)", "not_found")
         body = with_defaults(body, self.search_defaults)
-        _check_search_limits(body, self.limits)
+        shapes.check_search_limits(body, self.limits)
         try:
             return await self.searcher.search(body)
         except SearchError as e:
             raise ApiError(422, e.field, str(e)) from None
 
     # -- Cohere's and Jina's rerank -------------------------------------------------------------
-    def _cohere_answer(self, results: list[dict[str, Any]], n_docs: int, tokens: int, version: str) -> dict[str, Any]:
-        """What the cohere SDK parses (id, results, meta); Cohere bills a search unit per query
-        with up to 100 documents."""
-        meta = {
-            "api_version": {"version": version},
-            "billed_units": {"search_units": -(-n_docs // 100)},
-            "tokens": {"input_tokens": tokens, "output_tokens": 0},
-        }
-        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
-
     @api.post("/v1/rerank")
     async def rerank_v1(self, body: CohereRerankV1Request) -> dict[str, Any]:
         """Cohere's v1 rerank (cohere.Client().rerank) and Jina's: documents are strings or
@@ -347,37 +266,37 @@ class Ingress:
             raise ApiError(422, "rank_fields", 'rank_fields: only ["text"] is ranked here')
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
         scores, tokens = await self._scores(body.model, body.query, texts, logits=True)
-        scores = _sigmoid(scores)
+        scores = shapes.sigmoid(scores)
         results = []
-        for i in _best_first(scores, body.top_n):
+        for i in shapes.best_first(scores, body.top_n):
             hit: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
             if body.return_documents:
                 doc = body.documents[i]
                 hit["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump()
             results.append(hit)
-        answer = self._cohere_answer(results, len(texts), tokens, "1")
+        answer = shapes.cohere_answer(results, len(texts), tokens, "1")
         return {**answer, "model": self.names["reranker"], "usage": {"total_tokens": tokens}}
 
     @api.post("/v2/rerank")
     async def rerank_v2(self, body: CohereRerankV2Request) -> dict[str, Any]:
         """Cohere's v2 rerank (cohere.ClientV2().rerank); ``priority`` is accepted and has no effect."""
         scores, tokens = await self._scores(body.model, body.query, body.documents, logits=True)
-        scores = _sigmoid(scores)
-        results = [{"index": i, "relevance_score": float(scores[i])} for i in _best_first(scores, body.top_n)]
-        return self._cohere_answer(results, len(body.documents), tokens, "2")
+        scores = shapes.sigmoid(scores)
+        results = [{"index": i, "relevance_score": float(scores[i])} for i in shapes.best_first(scores, body.top_n)]
+        return shapes.cohere_answer(results, len(body.documents), tokens, "2")
 
     # -- TEI (text-embeddings-inference) --------------------------------------------------------
     @api.post("/embed")
     async def embed(self, body: TeiEmbedRequest) -> list[list[float]]:
         self._model("dense", None, "path")
-        texts = _texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
+        texts = shapes.checked_texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
         emb, _ = await self._dense(texts, body.dimensions, prompt_name=await self._prompt("dense", body.prompt_name))
-        return _shape_vectors(emb, body.dimensions, body.normalize).tolist()
+        return shapes.shape_vectors(emb, body.dimensions, body.normalize).tolist()
 
     @api.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> list[list[dict[str, Any]]]:
         """TEI's tokenize, with the tokenizer of the model /info describes."""
-        texts = _texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
+        texts = shapes.checked_texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
         handle = self._model(self.primary, None, "path")
         prompt_name = await self._prompt(self.primary, body.prompt_name)
         return await handle.tokenize.remote(texts, body.add_special_tokens, prompt_name)
@@ -387,32 +306,7 @@ class Ingress:
         """TEI's /info, for the first served of dense, sparse, reranker."""
         kind = self.primary
         info = await self._describe(kind)
-        spec = getattr(self.cfg, kind)
-        if kind == "reranker":
-            labels = info["id2label"]
-            model_type: dict[str, Any] = {
-                "reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
-            }
-        else:
-            model_type = {"embedding": {"pooling": info["pooling"]}}
-        return {
-            "model_id": self.names[kind],
-            "model_sha": None,
-            "model_dtype": info["dtype"],
-            "served_model_name": self.names[kind],
-            "model_type": model_type,
-            # TEI's bound on waiting requests; here the proxy's queue per ingress replica.
-            "max_concurrent_requests": self.limits.max_queued_requests,
-            "max_input_length": info["max_seq_length"],
-            "max_batch_tokens": info["max_batch_tokens"],
-            "max_batch_requests": None,
-            "max_client_batch_size": self.limits.max_documents if kind == "reranker" else self.limits.max_inputs,
-            "auto_truncate": True,  # texts are always cut at max_input_length
-            "tokenization_workers": spec.num_replicas,  # each model replica tokenizes its own batches
-            "version": self.version,
-            "sha": None,
-            "docker_label": None,
-        }
+        return shapes.tei_info(kind, self.names[kind], info, getattr(self.cfg, kind), self.limits, self.version)
 
     @api.get("/health")
     async def health(self) -> Response:

@@ -24,12 +24,13 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
+    paths: dict[str, Path] = {}  # serve field -> the model's local folder, resolved once
     for kind in (k.serve_field for k in MODEL_KINDS.values()):
         d = getattr(cfg, kind)
         if d is not None:
             try:
                 with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-                    resolve_model(d.model)
+                    paths[kind] = resolve_model(d.model)
             except RaytrieveError as e:
                 # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
                 # store comes from this config, so the fix names its key too.
@@ -51,23 +52,21 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         for field in ("dense", "sparse"):
             served, built = getattr(cfg, field), getattr(indices.source, field)
             if served is not None and built is not None and not served.allow_index_model_mismatch:
-                _check_index_model(cfg, field, served, built.model, built.model_path, where)
+                _check_index_model(field, served, paths[field], built.model, built.model_path, where)
 
 
 def _check_index_model(
-    cfg: ServeConfig, field: str, served: DeploymentConfig, built_ref: str, built_path: str, where: str
+    field: str, served: DeploymentConfig, served_path: Path, built_ref: str, built_path: str, where: str
 ) -> None:
     """Queries must be encoded by the model that encoded the documents: another model's vectors
     live in another space, and search would answer confidently wrong. The same reference, the
-    same folder, or weights of equal content (a registered copy of the model) pass."""
+    same folder, or weights of equal content (a registered copy of the model) pass.
+    ``served_path``: the served model's local folder."""
     from raytrieve.assets import weights_digest
-    from raytrieve.model_ref import resolve_model
-    from raytrieve.tracking import mlflow_run
 
     if served.model == built_ref:
         return
-    with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-        path = resolve_model(served.model).resolve()
+    path = served_path.resolve()
     built = Path(built_path)
     if path == built.resolve() or (built.is_dir() and weights_digest(path) == weights_digest(built)):
         return
