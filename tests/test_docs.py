@@ -68,7 +68,8 @@ def test_reference_shows_the_default_a_default_constructed_config_has():
             checked += 1
     assert checked > 200
     demo = {key: default for key, _, default, _ in rows(sections()[-1][2])}
-    assert demo["sparse_training.learning_rate"] == "5e-05" and demo["dense_training.learning_rate"] == "2e-05"
+    assert demo["sparse_training.learning_rate"] == "5e-05" and demo["dense_training.learning_rate"] == "0.0001"
+    assert demo["reranker_training.max_steps"] == "24"
     assert demo["sparse_training.register_as"] == "'demo-pydocs-sparse'"
     from raytrieve.train.config import TrainConfig
 
