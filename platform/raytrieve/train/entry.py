@@ -33,6 +33,7 @@ class WorkerSpec:
     threads: int | None = None
     samples_per_step: int = 0  # global rows per optimizer step
     card: Any = None  # train.model_card.CardFacts: what the driver knows; rank 0 completes and writes it
+    progress_key: str | None = None  # rank 0 posts its steps there (progress.ClusterCount) for the driver's bar
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:
