@@ -4,11 +4,16 @@ a bar on a terminal; a real `raytrieve train` into a file ends without traces or
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+import yaml
+from tests.train_helpers import ROOT, shipped_config, write_data
 
 from raytrieve.progress import ClusterCount, Stage, format_duration, interactive, periodic, stage
 
@@ -159,3 +164,40 @@ def test_cluster_count_follows_a_posted_count_into_a_stage(monkeypatch):
         assert bar.base == 4 and bar.done == 10
     assert store == {}  # cleared at the end
     assert out.getvalue().splitlines()[-1] == "train: 10/10 steps (100%), 1 steps/s, in 00:06, loss 0.25"
+
+
+TRAIN_LINE = re.compile(r"^train: 6/6 steps \(100%\), [\d.]+ steps/s, in \d\d:\d\d, loss [\d.]+$")
+
+
+@pytest.mark.timeout(600)
+def test_a_training_job_logged_to_a_file_reads_as_lines_and_ends_clean(ray_cluster, tiny_models, tmp_path):
+    """jobs/train.py (what `ray job submit` runs; `raytrieve train` is the same job on an embedded
+    Ray) joins the session's cluster with stderr in a file, as `... > train.log 2>&1` would:
+    the training stage's lines with the steps the worker made, no bar redraws (Ray Data's
+    included: they ran in the Ray Train worker), no error trace at the end."""
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, write_data(tmp_path / "data"), eval={})
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump()))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL"):
+        env.pop(name, None)  # what connect decides for the job, not what it decided for this session
+    log = tmp_path / "train.log"
+    with log.open("w") as err:
+        job = subprocess.run(
+            [sys.executable, "jobs/train.py", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            timeout=540,
+        )
+    text = log.read_text()
+    assert job.returncode == 0, text[-3000:]
+    assert '"steps": 6' in job.stdout
+    assert "\r" not in text and "\n\n" not in text, text[-3000:]
+    assert "Traceback" not in text and "RpcError" not in text, text[-3000:]
+    lines = text.splitlines()
+    assert "train: started, 6 steps" in lines, text
+    assert any(TRAIN_LINE.match(line) for line in lines), text
+    assert len(lines) <= 20, text

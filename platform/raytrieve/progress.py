@@ -37,7 +37,7 @@ def interactive(stream: TextIO | None = None) -> bool:
     """Whether ``stream`` (stderr by default) is a terminal, where bars are redrawn in place."""
     stream = stream if stream is not None else sys.stderr
     try:
-        return bool(stream.isatty())
+        return stream is not None and bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed file
         return False
 

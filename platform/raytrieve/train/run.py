@@ -236,7 +236,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     storage = claim_checkpoint_dir(cfg, p.plan, where)
 
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrieve.progress import ClusterCount, stage
@@ -288,6 +288,9 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Ray Train's INFO lines (worker group started, each checkpoint reported) would
+                # print between the progress lines; they stay in its log files under the session.
+                logging_config=LoggingConfig(log_level="WARNING"),
                 # Ray starts workers with OMP_NUM_THREADS=1 (from their CPU share); torch's thread
                 # pool must be sized from process start, or later set_num_threads calls leave
                 # threads that were created for one core fighting over it.
