@@ -248,7 +248,9 @@ class ClusterCount:
     @contextlib.contextmanager
     def follow(self, into: Stage, every_s: float = 1.0) -> Iterator[None]:
         """While the block runs, read the count every ``every_s`` seconds into the stage ``into``
-        (once more at the end). A post may carry ``start``: where the work began (a resume)."""
+        (once more at the end). A post may carry ``start``: where the work began (a resume). The
+        stage's rate counts from the first post read: before it, the time went on starting the
+        workers and loading the model, which says nothing of how long the steps will take."""
         based = False
 
         def tick() -> None:
@@ -260,8 +262,7 @@ class ClusterCount:
             done, start = int(info.pop("done")), int(info.pop("start", 0))
             if not based:
                 based = True
-                if start:
-                    into.rebase(start)
+                into.rebase(start)
             into.set(done, **info)
 
         try:

@@ -105,7 +105,30 @@ def _quiet_ray_data(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
     else:
         os.environ.update(quiet)
+    _skip_progress_bar_hint()
     return runtime_env
+
+
+def _skip_progress_bar_hint() -> None:
+    """With its bars off, Ray Data warns once per process how to turn them on: a line in every
+    job's log about a choice made on purpose. Ray keys the warning by name (``log_once``), so
+    taking that key first leaves it out (under another Ray version the line merely returns)."""
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+
+
+def quiet_train_worker() -> None:
+    """What a Ray Train worker runs first, for the job's log (see the module docstring): Ray
+    Data's hint on its disabled bars, and the INFO line Ray Train's per-worker context writes at
+    every checkpoint report (a repr of the report, under a logger named by its file, so
+    RunConfig's LoggingConfig does not reach it)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    _skip_progress_bar_hint()
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _dashboard(context: Any) -> str | None:

@@ -81,6 +81,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop_config = {"spec": WorkerSpec}``."""
     import ray.train
 
+    from raytrieve.ray_cluster import quiet_train_worker
+
+    quiet_train_worker()
     spec: WorkerSpec = loop_config["spec"]
     # A fresh run reads its first epoch from the start: begin streaming it now. A resumed run
     # knows where it starts only after reading its checkpoint (the loop opens its streams then).
