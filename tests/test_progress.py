@@ -67,12 +67,13 @@ def test_lines_mode_without_a_total_counts_and_rates_and_says_nothing_while_stal
     s.update(50)
     clock.now += 5.0
     s.update(50)  # 5 s since the last line: none
+    clock.now += 50.0  # winding down: counts in the time taken, not in the rate
     s.close()
     s.close()  # once only
     assert out.getvalue().splitlines() == [
         "encode: started",
         "encode: 50 rows, 0.5 rows/s",
-        "encode: 100 rows, 0.952 rows/s, in 01:45",
+        "encode: 100 rows, 0.952 rows/s, in 02:35",
     ]
 
 
@@ -201,3 +202,20 @@ def test_a_training_job_logged_to_a_file_reads_as_lines_and_ends_clean(ray_clust
     assert "train: started, 6 steps" in lines, text
     assert any(TRAIN_LINE.match(line) for line in lines), text
     assert len(lines) <= 20, text
+
+
+def test_the_demo_heartbeat_beats_on_the_shared_ticker_and_outlives_a_failing_status():
+    from raytrieve.demo.progress import Progress
+
+    lines: list[str] = []
+    beats = threading.Semaphore(0)
+    progress = Progress(lambda line: (lines.append(line), beats.release()))
+    statuses = iter(["step 3, loss 0.5"])
+
+    def status() -> str | None:
+        return next(statuses)  # StopIteration after the first: a failing probe
+
+    with progress.heartbeat("training dense", status, every_s=0.01):
+        assert beats.acquire(timeout=5) and beats.acquire(timeout=5)
+    assert re.fullmatch(r"\[00:00\]   \.\.\. training dense: \ds, step 3, loss 0\.5", lines[0]), lines
+    assert re.fullmatch(r"\[00:00\]   \.\.\. training dense: \ds", lines[1]), lines

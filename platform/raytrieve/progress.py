@@ -80,7 +80,7 @@ class Stage:
         self.every_s, self.every_fraction, self.clock = every_s, every_fraction, clock
         self.done, self.base = 0, 0
         self.info: dict[str, Any] = {}
-        self.t0 = self.t_base = self.last_line = clock()
+        self.t0 = self.t_base = self.t_moved = self.last_line = clock()
         self.next_mark = self._mark_after(0)
         self.closed = False
         self._bar: Any = None
@@ -117,8 +117,9 @@ class Stage:
         self.stream.flush()
 
     def rate(self) -> float | None:
-        """This run's units per second so far (None before the first one)."""
-        elapsed = self.clock() - self.t_base
+        """This run's units per second up to the last change of the count (None before the first
+        one): the wind-down after the last unit (saving, shutting down) is not a unit's time."""
+        elapsed = self.t_moved - self.t_base
         moved = self.done - self.base
         return moved / elapsed if moved > 0 and elapsed > 0 else None
 
@@ -141,7 +142,7 @@ class Stage:
 
     def rebase(self, done: int) -> None:
         self.done = self.base = done
-        self.t_base = self.clock()
+        self.t_base = self.t_moved = self.clock()
         self.next_mark = self._mark_after(done)
         if self._bar is not None:
             self._bar.n = self._bar.last_print_n = self._bar.initial = done
@@ -156,15 +157,16 @@ class Stage:
         moved = done - self.done
         self.done = done
         self.info.update(info)
+        if moved:
+            self.t_moved = self.clock()
         if self._bar is not None:
             if info:
                 self._bar.set_postfix({k: _number(v) for k, v in self.info.items()}, refresh=False)
             self._bar.update(moved)
             return
-        now = self.clock()
         crossed = self.next_mark is not None and done >= self.next_mark
-        if moved and (crossed or now - self.last_line >= self.every_s):
-            self.last_line = now
+        if moved and (crossed or self.t_moved - self.last_line >= self.every_s):
+            self.last_line = self.t_moved
             self.next_mark = self._mark_after(done)
             if not (self.total is not None and done >= self.total):  # the last line says it
                 self._line(self.summary())
