@@ -11,13 +11,24 @@ alive. Inside workers that API finds its cluster through RAY_ADDRESS or the file
 left by any earlier `ray start` on the host points at a dead cluster: each query then hangs
 40 s, and every training run waited 12 s more on the cleaner's stop (measured: 38 s -> 24 s
 for a 6-step run). So the embedded Ray runs its dashboard (the state API server) on a free
-127.0.0.1 port and names it in RAY_API_SERVER_ADDRESS for every worker of the job.
+127.0.0.1 port and names it in RAY_API_SERVER_ADDRESS for every worker of the job. (Before
+that, a successful run could also end with the cleaner's RpcError trace, "Timed out while waiting
+for GCS to become available", from a query still waiting on the dead cluster.)
+
+Ray's own progress output is sized for a terminal: Ray Data redraws one bar per operator, with
+carriage returns and blank lines, from every process that runs a dataset (a Ray Train worker
+among them). Into a log file that is a flood, and the jobs show their own progress
+(``raytrieve.progress``), so when stderr is not a terminal ``connect`` turns Ray Data's bars
+off, in this process and in every worker of the job. Its per-dataset INFO lines ("Starting
+execution of Dataset ...", the plan, "execution finished") are left out either way: WARNING and
+above still print.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
 
@@ -42,6 +53,7 @@ def connect(
     if ray.is_initialized():
         return None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runtime_env = _quiet_ray_data(runtime_env)
     if address != "local":
         # A job that joins a cluster by address (``ray job submit`` sets RAY_ADDRESS) hands that
         # address to its workers for the same reason: the host's /tmp/ray file may name another,
@@ -68,6 +80,55 @@ def connect(
             runtime_env=runtime_env,
         )
     )
+
+
+def _quiet_ray_data(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray Data's console output as the module docstring says, here and in the job's workers
+    (through the runtime env: Ray Data reads these variables when it is imported). A value the
+    caller or the environment already sets wins."""
+    import logging
+
+    from raytrieve.progress import interactive
+
+    quiet = {"RAY_DATA_LOG_LEVEL": "WARNING"}
+    if not interactive():
+        quiet["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    quiet = {k: v for k, v in quiet.items() if k not in os.environ}
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {**quiet, **runtime_env.get("env_vars", {})}
+    if "ray.data" in sys.modules:  # already imported here: its settings are made, set them directly
+        from ray.data import DataContext
+
+        if "RAY_DATA_DISABLE_PROGRESS_BARS" in quiet:
+            DataContext.get_current().enable_progress_bars = False
+        if "RAY_DATA_LOG_LEVEL" in quiet:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+    else:
+        os.environ.update(quiet)
+    _skip_progress_bar_hint()
+    return runtime_env
+
+
+def _skip_progress_bar_hint() -> None:
+    """With its bars off, Ray Data warns once per process how to turn them on: a line in every
+    job's log about a choice made on purpose. Ray keys the warning by name (``log_once``), so
+    taking that key first leaves it out (under another Ray version the line merely returns)."""
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+
+
+def quiet_train_worker() -> None:
+    """What a Ray Train worker runs first, for the job's log (see the module docstring): Ray
+    Data's hint on its disabled bars, and the INFO line Ray Train's per-worker context writes at
+    every checkpoint report (a repr of the report, under a logger named by its file, so
+    RunConfig's LoggingConfig does not reach it)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    _skip_progress_bar_hint()
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _dashboard(context: Any) -> str | None:

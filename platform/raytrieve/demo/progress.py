@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from raytrieve.progress import periodic
 
 
 class Progress:
@@ -27,24 +28,17 @@ class Progress:
     def heartbeat(
         self, what: str, status: Callable[[], str | None] | None = None, every_s: float = 20.0
     ) -> Iterator[None]:
-        stop = threading.Event()
         started = time.monotonic()
 
         def beat() -> None:
-            while not stop.wait(every_s):
-                try:
-                    detail = status() if status else None
-                except Exception:  # a status probe must never break the step it watches
-                    detail = None
-                self(f"  ... {what}: {time.monotonic() - started:.0f}s" + (f", {detail}" if detail else ""))
+            try:
+                detail = status() if status else None
+            except Exception:  # a failing status probe drops its detail, not the heartbeat
+                detail = None
+            self(f"  ... {what}: {time.monotonic() - started:.0f}s" + (f", {detail}" if detail else ""))
 
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
-        try:
+        with periodic(every_s, beat, name="demo-heartbeat"):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
 
 class StageStore:

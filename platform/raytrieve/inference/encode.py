@@ -334,16 +334,21 @@ def _run_pipeline(
         # the CPU share), so the actor's threads are set in its environment.
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
     )
+    from raytrieve.progress import Stage
+
     done: dict[int, dict[str, Any]] = {}
     t0, encoded_rows = time.perf_counter(), 0
+    bar = Stage("encode", total=len(specs), unit="shard")
     try:
         for row in ds.iter_rows():
             s = int(row["shard"])
             done[s] = dict(row)
             if row["previous"] == "same":
+                bar.update(1, encoded_rows=encoded_rows)
                 continue
             encoded_rows += int(row["rows"])
-            log.info(
+            bar.update(1, encoded_rows=encoded_rows)
+            log.debug(  # the stage's bar or lines are the progress a person reads
                 "shard %d written by node %s (%d rows, encoded in %.2fs; %d/%d shards; %.1f rows/s overall)",
                 s,
                 str(row["node"])[:12],
@@ -358,4 +363,6 @@ def _run_pipeline(
         raise EncodeJobError(
             f"encoding failed ({e}); finished shards are kept in {store.location}: run the job again to resume"
         ) from e
+    finally:
+        bar.close()
     return done

@@ -166,7 +166,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
+    from raytrieve.progress import Stage, interactive
+
+    phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
+    bars = None if interactive() else False  # the encoders' own bars: on a terminal only
     vectors = _corpus_vectors(cfg, positives, ray_address, where)
+    phases.update(1, finished="corpus vectors")
     vectors_dir = cfg.corpus_vectors or str(Path(f"{cfg.output_path}.work") / "vectors")
     encoded = EncodedCorpus.of(vectors_dir)
     if (
@@ -194,8 +199,10 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if kind == "dense":
         index = DenseIndex.build(vectors.ids, vectors.dense, similarity="dot")
         normalize = model.similarity_fn_name == "cosine"
-        q_emb = model.encode_query(unique_queries, batch_size=bs, normalize_embeddings=normalize)
-        p_emb = model.encode_document(positives, batch_size=bs, normalize_embeddings=normalize)
+        q_emb = model.encode_query(
+            unique_queries, batch_size=bs, normalize_embeddings=normalize, show_progress_bar=bars
+        )
+        p_emb = model.encode_document(positives, batch_size=bs, normalize_embeddings=normalize, show_progress_bar=bars)
         hits = index.search(q_emb, depth)
         pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
     else:
@@ -203,8 +210,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         described = vectors.manifest.sparse
         assert described is not None, "read_vectors checks that the manifest describes its sparse vectors"
         index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, described.vocab_size)
-        q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True)
-        p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True)
+        q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True, show_progress_bar=bars)
+        p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True, show_progress_bar=bars)
         hits = index.search(q_emb, depth)
         pos_scores = np.array([_sparse_dot(q_emb[q_row[q]], p) for q, p in zip(queries, p_emb)], dtype=np.float32)
 
@@ -215,6 +222,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         keep = [(int(r), float(sc)) for r, sc in zip(rows, scores) if r >= 0 and int(hashes[r]) not in positives_of[q]]
         keep = keep[: s.range_max]
         candidates[q] = ([r for r, _ in keep], np.array([sc for _, sc in keep], dtype=np.float32))
+    phases.update(1, finished=f"candidates of {len(unique_queries)} queries")
 
     if cfg.reranker is not None:
         from raytrieve.inference.score import score_pairs
@@ -250,6 +258,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             actors=rr.actors,
             cpus_per_actor=rr.cpus_per_actor,
         )
+        phases.update(1, finished="reranked")
 
     rng = np.random.default_rng(s.seed)
     chosen = []
@@ -266,6 +275,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     with _io.atomic_file(out) as tmp:
         pq.write_table(table, tmp)
+    phases.update(1, finished=f"negatives written to {out}")
+    phases.close()
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
     result = MineResult(
         str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped, len(vectors.ids)

@@ -33,6 +33,7 @@ class WorkerSpec:
     threads: int | None = None
     samples_per_step: int = 0  # global rows per optimizer step
     card: Any = None  # train.model_card.CardFacts: what the driver knows; rank 0 completes and writes it
+    progress_key: str | None = None  # rank 0 posts its steps there (progress.ClusterCount) for the driver's bar
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:
@@ -80,6 +81,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop_config = {"spec": WorkerSpec}``."""
     import ray.train
 
+    from raytrieve.ray_cluster import quiet_train_worker
+
+    quiet_train_worker()
     spec: WorkerSpec = loop_config["spec"]
     # A fresh run reads its first epoch from the start: begin streaming it now. A resumed run
     # knows where it starts only after reading its checkpoint (the loop opens its streams then).

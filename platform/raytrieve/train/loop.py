@@ -21,6 +21,7 @@ import torch
 
 from raytrieve.encoders import load_encoder
 from raytrieve.kinds import model_kind
+from raytrieve.progress import ClusterCount
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import FirstEpoch, WorkerSpec, epoch_batches
 from raytrieve.train.model_card import CARD_FILE, card_files, summary
@@ -144,6 +145,10 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         wrapped, module, optimizer, schedule, cfg.model.kind, spec.model_path, rank, cfg.model.trust_remote_code
     )
     step = checkpoints.restore_latest()
+    first_step = step  # where this run began: the driver's rate and ETA count from here
+    posted = ClusterCount(spec.progress_key) if rank == 0 and spec.progress_key else None
+    if posted is not None:
+        posted.post(step, start=first_step)
 
     logger = None
     if rank == 0 and spec.run_id:
@@ -238,6 +243,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             metrics.update({f"splade_{k}": v for k, v in weights.items() if v is not None})
         if logger is not None:
             logger.log(metrics, step)
+        if posted is not None:
+            posted.post(step, start=first_step, loss=round(float(metrics["loss"]), 4))
         if evaluate_every and step % evaluate_every == 0:
             evaluate(step)
         if checkpoint_every and step % checkpoint_every == 0 and step < spec.optimizer_steps:

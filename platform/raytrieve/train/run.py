@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,9 +236,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     storage = claim_checkpoint_dir(cfg, p.plan, where)
 
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytrieve.progress import ClusterCount, stage
     from raytrieve.ray_cluster import connect
     from raytrieve.tracking import mlflow_run
 
@@ -262,6 +264,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     )
     run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)
     p.spec.tracking_uri, p.spec.run_id = uri, run_id
+    p.spec.progress_key = f"train-{uuid.uuid4().hex}"  # rank 0's steps, for the driver's progress
     failed = True
     try:
         import ray.data
@@ -285,6 +288,9 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Ray Train's INFO lines (worker group started, each checkpoint reported) would
+                # print between the progress lines; they stay in its log files under the session.
+                logging_config=LoggingConfig(log_level="WARNING"),
                 # Ray starts workers with OMP_NUM_THREADS=1 (from their CPU share); torch's thread
                 # pool must be sized from process start, or later set_num_threads calls leave
                 # threads that were created for one core fighting over it.
@@ -293,8 +299,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
                 },
             ),
         )
+        count = ClusterCount(p.spec.progress_key)
         try:
-            result = trainer.fit()
+            with stage("train", total=p.plan.optimizer_steps, unit="step") as bar, count.follow(bar):
+                result = trainer.fit()
         except Exception as e:
             raise TrainingError(f"training failed: {e}") from e
         version = None
