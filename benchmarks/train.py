@@ -30,7 +30,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pairs(n: int) -> dict[str, list[str]]:
+def pairs(n: int, seed: int | None = None) -> dict[str, list[str]]:
+    """The first ``n`` train pairs, or with ``seed`` a seeded sample over every train package."""
     import pyarrow.parquet as pq
 
     path = ROOT / "data" / "pydocs" / "train.parquet"
@@ -38,7 +39,13 @@ def pairs(n: int) -> dict[str, list[str]]:
         from raytrieve.data.pydocs import build
 
         build(path.parent)
-    table = pq.read_table(path).slice(0, n)
+    table = pq.read_table(path)
+    if seed is None:
+        table = table.slice(0, n)
+    else:
+        import numpy as np
+
+        table = table.take(np.random.default_rng(seed).permutation(table.num_rows)[:n])
     return {"query": table.column("query").to_pylist(), "document": table.column("document").to_pylist()}
 
 
@@ -116,7 +123,8 @@ def run_sentence_transformers(
             output_dir=str(tmp / "st"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
             learning_rate=lr, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
             logging_steps=10_000, dataloader_num_workers=0, use_cpu=True, seed=seed, data_seed=seed,
-            warmup_ratio=warmup_ratio, lr_scheduler_type="linear", weight_decay=0.01,  # raytrieve's default
+            # raytrieve's warm-up is int(steps * ratio) steps (HF rounds up); weight decay: its default
+            warmup_steps=int(args.steps * warmup_ratio), lr_scheduler_type="linear", weight_decay=0.01,
         ),
         train_dataset=Dataset.from_dict({"anchor": data["query"], "positive": data["document"]}),
         loss=MultipleNegativesRankingLoss(model),

@@ -1,7 +1,7 @@
 """Training quality against sentence-transformers: the same (query, document) pairs and the
 same settings in both trainers (all-MiniLM-L6-v2, MultipleNegativesRankingLoss, batch 32,
 no-duplicates batches, AdamW with weight decay 0.01 off biases and LayerNorm weights, linear
-schedule with 10% warm-up, float32), over several seeds each; then every trained model and the
+schedule with int(10% of the steps) warm-up steps, float32), over several seeds each; then every trained model and the
 pretrained one ranks the same held-out queries (packages never trained on).
 
     .venv/bin/python benchmarks/train_quality.py                       # 3 seeds, 1,024 pairs, lr 1e-4
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=1500)
     args = parser.parse_args()
     args.steps, args.warmup, args.threads, args.bf16 = args.pairs // args.batch_size, 2, None, False
-    data = pairs(args.steps * args.batch_size)
+    data = pairs(args.steps * args.batch_size, seed=0)  # from every train package, the same for both trainers
     test = held_out(args.queries, args.corpus)
     from raytrieve.model_ref import resolve_model
 

@@ -459,8 +459,8 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     from raytrieve.data.pydocs import deduplicate, package_pairs
 
     pairs = deduplicate([p for pkg in ("yaml", "tqdm", "packaging") for p in package_pairs(pkg, max_files=200)])
-    dev = range(QUERY_COUNT, 2 * QUERY_COUNT)  # their documents are in the corpus (the first 150 pairs)
-    assert [c["text"] for c in corpus[:2 * QUERY_COUNT]] == [p.document[:600] for p in pairs[:2 * QUERY_COUNT]]
+    dev = range(QUERY_COUNT, QUERY_COUNT + 20)  # their documents are in the corpus (the first 150 pairs)
+    assert [c["text"] for c in corpus[:QUERY_COUNT + 20]] == [p.document[:600] for p in pairs[:QUERY_COUNT + 20]]
     queries += [{"_id": f"q{i}", "text": pairs[i].query} for i in dev]
     (beir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     (beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tdoc{i}\t1\n" for i in dev))
@@ -472,7 +472,7 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     assert rep["data"]["queries"] == QUERY_COUNT and set(rep["per_query"]["tuned"]["ndcg@10"]) == {
         f"q{i}" for i in range(QUERY_COUNT)}  # scored on test only
     fit = rep["tuning"]
-    assert fit["split"] == "dev" and fit["queries"] == QUERY_COUNT
+    assert fit["split"] == "dev" and fit["queries"] == 20  # fitted on dev's 20, scored on test's 24
     # Fitted on dev: at least the untuned fusion there (it is one of the settings tried).
     assert fit["rerank"]["0"] == pytest.approx(fit["ndcg@10"]["fitted_fusion"])  # no rerank: the fusion alone
     assert fit["ndcg@10"]["fitted_fusion"] >= fit["ndcg@10"]["untuned_fusion"] - 1e-12
@@ -571,6 +571,7 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
         (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
         (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),
+        (["--data", "x", "--dense", "m", "--tune-on", "test"], "is the evaluated --split"),
     ],
 )
 def test_contradicting_flags_are_refused(args, message, tmp_path):
@@ -635,3 +636,17 @@ def test_report_without_matplotlib_skips_the_chart(tmp_path, monkeypatch, caplog
         written = report.write(rep, tmp_path)
     assert [p.name for p in written] == ["evaluation.json", "evaluation.md"]
     assert "matplotlib is not installed" in caplog.text and not (tmp_path / "evaluation.png").exists()
+
+
+def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit(tmp_path):
+    from raytrieve.evaluate import tune
+
+    with pytest.raises(ConfigError, match=r"1 judged query id\(s\) of dev.tsv are also judged in test.tsv, e.g. \['q2'\]"):
+        tune.check_splits({"q1": {}, "q2": {}}, {"q2": {}, "q3": {}}, "dev.tsv", "test.tsv")
+    tune.check_splits({"q1": {}}, {"q2": {}}, "dev.tsv", "test.tsv")
+    shipped = str(Path(__file__).resolve().parent.parent / "jobs" / "configs" / "serve_pydocs.yaml")
+    with pytest.raises(ConfigError, match="serves a reranker, but this evaluation has no --reranker"):
+        tune.check_serve_config(shipped, reranker=False, depth=100)
+    with pytest.raises(ConfigError, match=r"limits max_recall=1000 are below what the fit may choose \(max_recall 5000\)"):
+        tune.check_serve_config(shipped, reranker=True, depth=5000)
+    tune.check_serve_config(shipped, reranker=True, depth=100)

@@ -154,6 +154,16 @@ def test_search_defaults_must_be_requests_the_app_accepts():
             from_dict(ServeConfig, {**base, **extra})
 
 
+def test_a_fit_switches_off_what_it_never_saw():
+    """A fit over dense candidates only: served, the app's own sparse default must not switch sparse on."""
+    candidates, qrels = _planted(4)
+    fitted = tuning.fit_fusion({q: {"dense": lists["dense"]} for q, lists in candidates.items()}, qrels)
+    assert fitted.best.search_fields()["recall"] == {"dense": 100, "sparse": 0}
+    served = from_dict(ServeConfig, {"dense": {"model": "all-minilm-l6-v2"}, "sparse": {"model": "splade-tiny"},
+                                     "search": fitted.best.search_fields()})
+    assert served.search.recall.sparse == 0
+
+
 def test_fusion_grid_covers_each_retriever_alone_and_every_pair():
     grid = tuning.fusion_grid(["dense", "sparse"], depths=(20, 50))
     recalls = {tuple(s.recall.values()) for s in grid}

@@ -15,7 +15,7 @@ from raytrieve.config import ConfigModel, invalid, load_yaml
 
 class SampleConfig(ConfigModel):
     """Which rows of the pydocs data the demo uses (drawn with ``seed``, reproducibly). The
-    defaults are jobs/configs/demo.yaml's: about 15 minutes on 2 CPU cores."""
+    defaults are jobs/configs/demo.yaml's: about 12 minutes on 2 CPU cores."""
 
     train_pairs: int = Field(default=1536, description="fine-tuning pairs from the train packages")
     dev_queries: int = Field(

@@ -66,16 +66,19 @@ def registered(uri: str, model_uri: str) -> bool:
         return False
 
 
-def mine_negatives(cfg: DemoConfig, train_path: Path, dense: dict, store: StageStore, progress: Progress) -> dict:
+def mine_negatives(
+    cfg: DemoConfig, train_path: Path, dense: dict, store: StageStore, progress: Progress, base_key: dict
+) -> dict:
     """The mining job's result (``output_path``, ``rows``...) for the train pairs, mined with the
-    fine-tuned dense model ``dense`` (its training step's record); reused while both hold."""
+    fine-tuned dense model ``dense`` (its training step's record); reused while both, the samples
+    and the stage format (``base_key``) hold."""
     from dataclasses import asdict
 
     from raytrieve.inference.mine import run_mine
 
     output = cfg.out / "mined" / "train_hard_negatives.parquet"
     mine = mine_config(cfg, train_path, dense["uri"], output)
-    key = {"mine": mine.config.model_dump(mode="json"), "dense": [dense["uri"], dense.get("run_id")]}
+    key = {**base_key, "mine": mine.config.model_dump(mode="json"), "dense": [dense["uri"], dense.get("run_id")]}
     cached = store.get("mine", key, lambda r: Path(r["output_path"]).exists())
     if cached is not None:
         progress(f"  mining: reused {cached['rows']} rows")

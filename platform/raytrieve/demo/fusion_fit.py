@@ -17,8 +17,6 @@ from raytrieve.demo.progress import Progress
 from raytrieve.demo.sample import Split
 from raytrieve.serve import tuning
 
-DEPTHS = (20, 50, 100)
-
 
 def fit_on_dev(
     cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], reranker: str, progress: Progress
@@ -30,18 +28,24 @@ def fit_on_dev(
         qid: {kind: [(d, s) for d, s in dev_result[kind]["candidates"][qid]] for kind in ("dense", "sparse")}
         for qid in qrels
     }
-    depths = tuple(d for d in DEPTHS if d <= cfg.serving.recall) or (cfg.serving.recall,)
-    fused = tuning.fit_fusion(candidates, qrels, depths)
+    fused = tuning.fit_fusion(candidates, qrels, tuning.recall_depths(cfg.serving.recall))
     default = tuning.Setting({"dense": cfg.serving.recall, "sparse": cfg.serving.recall})
     progress(
         f"  fusion fitted on {len(qrels)} dev queries ({len(fused.tried)} settings): {fused.best.label()} "
-        f"NDCG@10 {fused.score:.3f} (RRF k=60: {_mean(tuning.per_query(candidates, qrels, default)):.3f})"
+        f"NDCG@10 {fused.score:.3f} (RRF k=60: {tuning.mean(tuning.per_query(candidates, qrels, default)):.3f})"
     )
     best, rerank = fused.best, None
     f = cfg.fusion_fit
     if f.rerank_queries and f.rerank_depths:
-        chosen = sorted(qrels)[: f.rerank_queries]
-        scores = _cross_scores(cfg, reranker, dev, {q: candidates[q] for q in chosen}, best, max(f.rerank_depths))
+        chosen = [q for q in dev.queries if q in qrels][: f.rerank_queries]  # the sample's own (seeded) order
+        scores = tuning.cross_scores(
+            {q: candidates[q] for q in chosen},
+            best,
+            max(f.rerank_depths),
+            dev.queries,
+            dev.corpus,
+            _score_pairs(cfg, reranker),
+        )
         rerank = tuning.fit_rerank(
             {q: candidates[q] for q in chosen}, {q: qrels[q] for q in chosen}, best, scores, [0, *f.rerank_depths]
         )
@@ -63,7 +67,7 @@ def fit_on_dev(
         "label": best.label(),
         "dev_ndcg@10": {
             "fitted_fusion": fused.score,
-            "rrf_default": _mean(tuning.per_query(candidates, qrels, default)),
+            "rrf_default": tuning.mean(tuning.per_query(candidates, qrels, default)),
             **{s.label(): v for s, v in fused.tried if s.fusion == default.fusion or not all(s.recall.values())},
         },
         "rerank_dev_ndcg@10": {str(s.rerank_depth): v for s, v in rerank.tried} if rerank else None,
@@ -75,19 +79,10 @@ def _depth(sv: tuple[tuning.Setting, float]) -> int:
     return sv[0].rerank_depth
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _cross_scores(
-    cfg: DemoConfig, model: str, dev: Split, candidates: dict[str, Any], setting: tuning.Setting, depth: int
-) -> dict[str, dict[str, float]]:
-    """Cross-encoder scores of each query's top ``depth`` fused candidates, in process."""
+def _score_pairs(cfg: DemoConfig, model: str) -> Any:
+    """The cross-encoder, in process, as the served one computes (auto: bf16 where this CPU has
+    it and the model passes its guard)."""
     from raytrieve.encoders import load_encoder
 
-    # The served reranker's format (auto: bf16 where this CPU has it and the model passes its guard).
     reranker = load_encoder("cross", model, device="cpu", max_seq_length=cfg.models.max_seq_length, dtype="auto")
-    heads = {q: tuning.fused(lists, setting)[:depth] for q, lists in candidates.items()}
-    pairs = [(dev.queries[q], dev.corpus[d]) for q, docs in heads.items() for d in docs]
-    flat = iter(float(s) for s in reranker.predict(pairs, batch_size=32, show_progress_bar=False))
-    return {q: {d: next(flat) for d in docs} for q, docs in heads.items()}
+    return lambda pairs: reranker.predict(pairs, batch_size=32, show_progress_bar=False)

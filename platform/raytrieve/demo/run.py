@@ -193,7 +193,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
             "sparse": train("sparse", cfg.sparse_training, m.sparse, samples.train_path, pairs),
         }
         if cfg.reranker_training.enabled:
-            mined = mine_negatives(cfg, samples.train_path, tuned["dense"], store, progress)
+            mined = mine_negatives(cfg, samples.train_path, tuned["dense"], store, progress, base_key)
             rows = f"{mined['rows']} mined (query, positive, 3 negatives) rows"
             tuned["cross"] = train("cross", cfg.reranker_training, m.reranker, Path(mined["output_path"]), rows, mined)
         else:

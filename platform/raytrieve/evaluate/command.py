@@ -124,6 +124,10 @@ def _check(args: argparse.Namespace) -> None:
             "--tune-on replays /search on each query's candidates, which needs the models or an --index; "
             "with --url, evaluate the app after serving the fitted config"
         )
+    if args.tune_on and args.data and args.tune_on == args.split:
+        raise ConfigError(f"--tune-on {args.tune_on} is the evaluated --split: tune on another split (e.g. dev)")
+    if args.tune_on and not args.data and Path(args.tune_on).resolve() == Path(args.qrels).resolve():
+        raise ConfigError(f"--tune-on {args.tune_on} is the evaluated --qrels: tune on another qrels file")
     if args.serve_config and not args.tune_on:
         raise ConfigError("--serve-config is written with the fit: pass --tune-on SPLIT too")
     if args.fusion == "convex" and args.dense_weight + args.sparse_weight <= 0:
@@ -179,10 +183,12 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     else:
         evalset = data.load_files(args.corpus, args.queries, args.qrels, columns)
         tuning_set = data.load_files(args.corpus, args.queries, args.tune_on, columns) if args.tune_on else None
-    if tuning_set is not None and args.serve_config:
-        from raytrieve.serve.config import load_serve_config
+    from raytrieve.evaluate import tune
 
-        load_serve_config(args.serve_config)  # a config that does not load is refused before any model loads
+    if tuning_set is not None:
+        tune.check_splits(tuning_set.qrels, evalset.qrels, str(args.tune_on), "the evaluated split")
+        if args.serve_config:  # refused before any model loads if it could not hold the fit
+            tune.check_serve_config(args.serve_config, bool(args.reranker), options.depth)
     fitted: dict[str, Any] | None = None
     # Both splits' queries get their candidates in one pass over the corpus.
     searched = (
@@ -221,8 +227,6 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         tested = {n: {q: per_q[q] for q in evalset.queries} for n, per_q in lists.items()}
         rankings = run.combine(tested, kinds, options, evalset.queries, evalset.corpus, scorer)
         if tuning_set is not None:
-            from raytrieve.evaluate import tune
-
             tune.check_stages(kinds)
             setting, fitted = tune.fit(
                 lists, tuning_set.qrels, searched.queries, evalset.corpus, scorer, options, args.k

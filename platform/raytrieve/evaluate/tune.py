@@ -26,6 +26,37 @@ log = logging.getLogger("raytrieve.evaluate")
 Scorer = Callable[[list[tuple[str, str]]], Sequence[float]]
 
 
+def check_splits(tuned: Mapping[str, Any], scored: Mapping[str, Any], tuning_file: str, scored_file: str) -> None:
+    """The fit must not see a query it is scored on: the tuned figure is reported as held out."""
+    shared = sorted(set(tuned) & set(scored))
+    if shared:
+        raise ConfigError(
+            f"--tune-on: {len(shared)} judged query id(s) of {tuning_file} are also judged in {scored_file}, "
+            f"e.g. {shared[:3]}; tune on a split whose queries the evaluated split does not have"
+        )
+
+
+def check_serve_config(path: str, reranker: bool, depth: int) -> None:
+    """``--serve-config`` will hold the fit: refused before any model loads if it could not."""
+    from raytrieve.serve.config import load_serve_config
+
+    cfg = load_serve_config(path)
+    if reranker != (cfg.reranker is not None):
+        have = "serves a reranker" if cfg.reranker is not None else "serves no reranker"
+        raise ConfigError(
+            f"--serve-config {path} {have}, but this evaluation "
+            f"{'reranks (--reranker)' if reranker else 'has no --reranker'}: the fit would not be what it serves; "
+            "give both or neither"
+        )
+    needs = {"max_recall": depth, "max_rerank_depth": max(tuning.RERANK_DEPTHS) if reranker else 1}
+    low = {k: v for k, v in needs.items() if getattr(cfg.limits, k) < v}
+    if low:
+        raise ConfigError(
+            f"--serve-config {path}: limits {', '.join(f'{k}={getattr(cfg.limits, k)}' for k in low)} are below "
+            f"what the fit may choose ({', '.join(f'{k} {v}' for k, v in low.items())}); raise them in the config"
+        )
+
+
 def check_stages(kinds: Mapping[str, str]) -> None:
     """A served app has one dense and one sparse retriever: the fit is for such a pair."""
     if sorted(kinds) != sorted(set(kinds.values())) or not kinds:
@@ -33,24 +64,6 @@ def check_stages(kinds: Mapping[str, str]) -> None:
             "--tune-on fits /search, which serves one dense and/or one sparse model; got first stages "
             f"{sorted(kinds)}. Pass at most one --dense and one --sparse"
         )
-
-
-def _cross_scores(
-    lists: Lists,
-    qids: Sequence[str],
-    setting: tuning.Setting,
-    depth: int,
-    queries: Mapping[str, str],
-    corpus: Mapping[str, str],
-    scorer: Scorer,
-) -> dict[str, dict[str, float]]:
-    heads = {q: tuning.fused({n: lists[n][q] for n in lists}, setting)[:depth] for q in qids}
-    pairs = [(q, d) for q in qids for d in heads[q]]
-    scores = scorer([(queries[q], corpus[d]) for q, d in pairs])
-    out: dict[str, dict[str, float]] = {q: {} for q in qids}
-    for (q, d), s in zip(pairs, scores):
-        out[q][d] = float(s)
-    return out
 
 
 def fit(
@@ -65,26 +78,25 @@ def fit(
     """The setting with the best mean NDCG@k on these queries (``qrels``), and what the fit saw."""
     qids = sorted(qrels)
     candidates = {q: {n: lists[n][q] for n in lists} for q in qids}
-    depths = tuple(d for d in tuning.RECALL_DEPTHS if d <= options.depth) or (options.depth,)
-    fused = tuning.fit_fusion(candidates, qrels, depths, k)
+    fused = tuning.fit_fusion(candidates, qrels, tuning.recall_depths(options.depth), k)
     untuned = fusion_setting(list(lists), {n: n for n in lists}, options)
     info: dict[str, Any] = {
         "queries": len(qids),
         f"ndcg@{k}": {
             "fitted_fusion": fused.score,
-            "untuned_fusion": _mean(tuning.per_query(candidates, qrels, untuned, k=k)),
+            "untuned_fusion": tuning.mean(tuning.per_query(candidates, qrels, untuned, k=k)),
         },
         "best_settings": [{"setting": s.label(), f"ndcg@{k}": v} for s, v in fused.tried[:10]],
     }
     best, rerank_scores = fused.best, None
     if scorer is not None:
         deepest = max(tuning.RERANK_DEPTHS)
-        rerank_scores = _cross_scores(lists, qids, best, deepest, queries, corpus, scorer)
+        rerank_scores = tuning.cross_scores(candidates, best, deepest, queries, corpus, scorer)
         reranked = tuning.fit_rerank(candidates, qrels, best, rerank_scores, tuning.RERANK_DEPTHS, k)
         best = reranked.best
         info["rerank"] = {str(s.rerank_depth): v for s, v in sorted(reranked.tried, key=lambda sv: sv[0].rerank_depth)}
         info["rerank_gain"] = reranked.gain  # the best depth against none; adopted only if clear
-    info[f"ndcg@{k}"]["fitted"] = _mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
+    info[f"ndcg@{k}"]["fitted"] = tuning.mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
     info["setting"] = best.search_fields()
     info["label"] = best.label()
     log.info("fitted on %d queries: %s (NDCG@%d %.4f)", len(qids), best.label(), k, info[f"ndcg@{k}"]["fitted"])
@@ -100,10 +112,11 @@ def rankings(
     scorer: Scorer | None,
 ) -> dict[str, list[str]]:
     """The ranking /search gives each query under ``setting``."""
-    fused = {q: tuning.fused({n: lists[n][q] for n in lists}, setting) for q in qids}
+    candidates = {q: {n: lists[n][q] for n in lists} for q in qids}
+    fused = {q: tuning.fused(candidates[q], setting) for q in qids}
     if not setting.rerank_depth or scorer is None:
         return fused
-    scores = _cross_scores(lists, qids, setting, setting.rerank_depth, queries, corpus, scorer)
+    scores = tuning.cross_scores(candidates, setting, setting.rerank_depth, queries, corpus, scorer)
     return {q: tuning.reranked(fused[q], scores[q], setting.rerank_depth) for q in qids}
 
 
@@ -130,7 +143,3 @@ def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None
             header = f"# {serve_config} with /search's defaults fitted by raytrieve evaluate --tune-on\n"
             tmp.write_text(header + yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False))
     return written
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0

@@ -80,14 +80,14 @@ class LimitsConfig(ConfigModel):
 
 class SearchDefaults(ConfigModel):
     """``/search``'s values for the fields a request leaves out (each of ``recall`` and
-    ``fusion`` field by field). ``raytrieve evaluate --tune-fusion`` writes them as fitted on a
+    ``fusion`` field by field). ``raytrieve evaluate --tune-on`` writes them as fitted on a
     dev split; the defaults here are the request schema's own."""
 
-    top_k: int = Field(default=10, ge=1)
+    top_k: int = Field(default=10, ge=1, description="hits per answer")
     recall: Recall = Field(default_factory=Recall, description="candidates per retriever (0: off)")
     fusion: Fusion = Field(default_factory=Fusion, description="method rrf (k) or convex (weights, normalization)")
     rerank: bool = Field(default=False, description="rescore the top rerank_depth fused candidates (needs reranker:)")
-    rerank_depth: int = Field(default=50, ge=1)
+    rerank_depth: int = Field(default=50, ge=1, description="fused candidates the reranker rescores")
 
 
 class ServeConfig(ConfigModel):

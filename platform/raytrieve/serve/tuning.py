@@ -14,6 +14,8 @@ following in fused order, as serve/search.py does.
    costs a cross-encoder pass per candidate on every query, so it is adopted only when its gain
    over no rerank is clear on these queries: the 95% paired-bootstrap interval of the per-query
    difference lies above 0. A gain within noise on the dev split rarely survives a held-out one.
+   (The interval is computed on the queries that also chose the depth, so it is a little
+   optimistic; the gate still refuses gains of a few queries.)
 
 Ties go to the cheaper setting (fewer retrievers, shallower recall, no or shallower rerank).
 What these return is fitted to the dev split: report a held-out split's figure with it
@@ -22,13 +24,14 @@ What these return is fitted to the dev split: report a held-out split's figure w
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from raytrieve.evaluation.metrics import query_metrics
 from raytrieve.serve import fusion
 from raytrieve.serve.fusion import Ranked
+from raytrieve.serve.schemas import Fusion, Recall
 
 RRF_KS = (1.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
 CONVEX_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # the dense weight; sparse gets 1 - it
@@ -51,7 +54,10 @@ class Setting:
 
     def search_fields(self) -> dict[str, Any]:
         """The ``/search`` request fields (and the serve config's ``search:`` defaults)."""
-        out: dict[str, Any] = {"recall": dict(self.recall), "fusion": dict(self.fusion)}
+        # Every retriever /search knows gets a size: one the fit never saw (0 here) must not be
+        # switched on by the app's own default when the fragment is served.
+        recall = {name: 0 for name in Recall.model_fields} | dict(self.recall)
+        out: dict[str, Any] = {"recall": recall, "fusion": dict(self.fusion)}
         out["rerank"] = self.rerank_depth > 0
         if self.rerank_depth:
             out["rerank_depth"] = self.rerank_depth
@@ -89,7 +95,7 @@ def fused(lists: Mapping[str, Ranked], setting: Setting) -> list[str]:
     cut = {n: list(lists.get(n, ()))[:k] for n, k in setting.recall.items() if k > 0}
     if len(cut) == 1:  # one list is not fused: its own order stands (serve/search.py)
         return [d for d, _ in next(iter(cut.values()))]
-    params = {"k": 60.0, "normalization": "minmax", **setting.fusion}
+    params = {**Fusion().model_dump(), **setting.fusion}  # what /search's request schema fills in
     return [d for d, _ in fusion.fuse(str(params["method"]), cut, params)]
 
 
@@ -127,8 +133,32 @@ def per_query(
     return values
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def recall_depths(deepest: int) -> tuple[int, ...]:
+    """The recall depths tried: RECALL_DEPTHS below the candidates' depth, and that depth itself."""
+    return tuple(sorted({d for d in RECALL_DEPTHS if d < deepest} | {deepest}))
+
+
+def cross_scores(
+    candidates: Candidates,
+    setting: Setting,
+    depth: int,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    score_pairs: Callable[[list[tuple[str, str]]], Sequence[float]],
+) -> dict[str, dict[str, float]]:
+    """Cross-encoder scores of each query's top ``depth`` candidates under ``setting``'s fusion
+    (what ``fit_rerank`` and a reranked ``per_query`` read); one ``score_pairs`` call."""
+    heads = {q: fused(lists, setting)[:depth] for q, lists in candidates.items()}
+    pairs = [(q, d) for q, docs in heads.items() for d in docs]
+    scores = iter(float(s) for s in score_pairs([(queries[q], corpus[d]) for q, d in pairs]))
+    out: dict[str, dict[str, float]] = {q: {} for q in heads}
+    for q, d in pairs:
+        out[q][d] = next(scores)
+    return out
 
 
 def _best(scored: list[tuple[Setting, float]]) -> Fitted:
@@ -160,7 +190,7 @@ def fit_fusion(candidates: Candidates, qrels: Qrels, depths: Sequence[int] = REC
     retrievers = sorted({n for lists in candidates.values() for n in lists})
     if not retrievers:
         raise ValueError("no retriever's candidates to fit")
-    return _best([(s, _mean(per_query(candidates, qrels, s, k=k))) for s in fusion_grid(retrievers, depths)])
+    return _best([(s, mean(per_query(candidates, qrels, s, k=k))) for s in fusion_grid(retrievers, depths)])
 
 
 def fit_rerank(
@@ -178,11 +208,11 @@ def fit_rerank(
 
     tried = [Setting(setting.recall, setting.fusion, d) for d in sorted(set(depths) | {0})]
     values = {s.rerank_depth: per_query(candidates, qrels, s, rerank_scores, k) for s in tried}
-    fitted = _best([(s, _mean(values[s.rerank_depth])) for s in tried])
+    fitted = _best([(s, mean(values[s.rerank_depth])) for s in tried])
     if not fitted.best.rerank_depth:
         return fitted
     delta, low, high = paired_interval(values[0], values[fitted.best.rerank_depth])
     gain = {"depth": fitted.best.rerank_depth, "delta": delta, "ci95": [low, high], "adopted": low > 0}
     if low > 0:
         return Fitted(fitted.best, fitted.score, fitted.tried, gain)
-    return Fitted(tried[0], _mean(values[0]), fitted.tried, gain)
+    return Fitted(tried[0], mean(values[0]), fitted.tried, gain)
