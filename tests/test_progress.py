@@ -166,6 +166,15 @@ def test_cluster_count_follows_a_posted_count_into_a_stage(monkeypatch):
     assert store == {}  # cleared at the end
     assert out.getvalue().splitlines()[-1] == "train: 10/10 steps (100%), 1 steps/s, in 00:06, loss 0.25"
 
+    # A short run can be over before the first read: the poster's own seconds give the rate
+    # (without them it would be 6 steps over the microseconds between two reads).
+    out, clock = io.StringIO(), Clock()
+    with stage("train", total=6, unit="step", stream=out, clock=clock) as bar:
+        count.post(6, start=0, seconds=12.0, loss=0.5)
+        with count.follow(bar, every_s=10):
+            pass
+    assert out.getvalue().splitlines()[-1] == "train: 6/6 steps (100%), 0.5 steps/s, in 00:00, loss 0.5"
+
 
 TRAIN_LINE = re.compile(r"^train: 6/6 steps \(100%\), [\d.]+ steps/s, in \d\d:\d\d, loss [\d.]+$")
 

@@ -132,7 +132,7 @@ class Stage:
             parts = [f"{self.done} {self._units(self.done)}"]
         rate = self.rate() if self.eta else None
         if rate is not None:
-            parts.append(f"{rate:.3g} {self._units(2)}/s")
+            parts.append(f"{rate:.3g} {self._units(2)}/s" if rate < 1000 else f"{rate:,.0f} {self._units(2)}/s")
         if self.closed:
             parts.append(f"in {format_duration(self.clock() - self.t0)}")
         elif rate is not None and self.total is not None:
@@ -250,9 +250,11 @@ class ClusterCount:
     @contextlib.contextmanager
     def follow(self, into: Stage, every_s: float = 1.0) -> Iterator[None]:
         """While the block runs, read the count every ``every_s`` seconds into the stage ``into``
-        (once more at the end). A post may carry ``start``: where the work began (a resume). The
-        stage's rate counts from the first post read: before it, the time went on starting the
-        workers and loading the model, which says nothing of how long the steps will take."""
+        (once more at the end). A post may carry ``start``: where the work began (a resume), and
+        ``seconds``: how long the poster has worked since ``start``, by its own clock. The rate
+        then counts the poster's seconds (a short run may be over before the first read); without
+        them it counts from the first post read. Either way the time spent starting the workers
+        and loading the model stays out of it: it says nothing of how long the steps will take."""
         based = False
 
         def tick() -> None:
@@ -262,10 +264,13 @@ class ClusterCount:
                 return
             info = dict(value)
             done, start = int(info.pop("done")), int(info.pop("start", 0))
+            seconds = info.pop("seconds", None)
             if not based:
                 based = True
                 into.rebase(start)
             into.set(done, **info)
+            if isinstance(seconds, (int, float)) and seconds > 0 and done > into.base:
+                into.t_base = into.t_moved - float(seconds)
 
         try:
             with periodic(every_s, tick, name="progress-follow"):

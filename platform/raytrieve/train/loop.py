@@ -147,6 +147,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     step = checkpoints.restore_latest()
     first_step = step  # where this run began: the driver's rate and ETA count from here
     posted = ClusterCount(spec.progress_key) if rank == 0 and spec.progress_key else None
+    started = time.monotonic()  # the posted rate counts from here, on this worker's clock
     if posted is not None:
         posted.post(step, start=first_step)
 
@@ -244,7 +245,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         if logger is not None:
             logger.log(metrics, step)
         if posted is not None:
-            posted.post(step, start=first_step, loss=round(float(metrics["loss"]), 4))
+            seconds = round(time.monotonic() - started, 3)
+            posted.post(step, start=first_step, seconds=seconds, loss=round(float(metrics["loss"]), 4))
         if evaluate_every and step % evaluate_every == 0:
             evaluate(step)
         if checkpoint_every and step % checkpoint_every == 0 and step < spec.optimizer_steps:
