@@ -143,6 +143,87 @@ def test_demo_phase_config_errors_name_the_field(tmp_path):
         check_all(from_dict(DemoConfig, {"out_dir": out, "dense_training": {"epochs": 0, "register_as": "x"}}))
 
 
+def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(minilm_dir, tmp_path, st, monkeypatch):
+    """The dev fit's rerank scores come from the served reranker deployment's settings (here a
+    max_seq_length of 8, far below the demo's models.max_seq_length, and float32), not the
+    demo's own: every pair it scores equals sentence-transformers' CrossEncoder loaded with
+    the deployment's settings, and those differ from the scores at the demo's length."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from raytrieve.demo import fusion_fit
+    from raytrieve.demo.progress import Progress
+    from raytrieve.demo.sample import Split
+    from raytrieve.serve import tuning
+    from raytrieve.serve.config import DeploymentConfig
+    from tests.conftest import SENTENCES, tiny_bert_config
+
+    # The tests' tiny cross-encoder, with weights 10x the default spread: the default one scores
+    # every pair 0.501 +- 1e-5, too flat to tell two truncation lengths apart.
+    torch.manual_seed(0)
+    cross = tmp_path / "cross"
+    BertForSequenceClassification(tiny_bert_config(num_labels=1, initializer_range=0.2)).save_pretrained(cross)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(cross)
+
+    corpus = {f"d{i}": text for i, text in enumerate(SENTENCES)}
+    queries = {f"q{i}": SENTENCES[i].split(" is ")[0] + " doing something" for i in range(6)}
+    qrels = {f"q{i}": f"d{i}" for i in range(6)}
+    rng = np.random.default_rng(0)
+    dev_result = {kind: {"candidates": {q: [(f"d{j}", float(10 - r)) for r, j in
+                                            enumerate(rng.permutation(len(corpus))[:10])] for q in queries}}
+                  for kind in ("dense", "sparse")}
+    cfg = from_dict(DemoConfig, {"models": {"max_seq_length": 128}, "serving": {"recall": 10},
+                                 "fusion_fit": {"rerank_queries": 4, "rerank_depths": [5]}})
+    spec = DeploymentConfig(model=str(cross), max_seq_length=8, dtype="float32")
+
+    scored: list[tuple[list, list]] = []
+    original = tuning.cross_scores
+
+    def spy(candidates, setting, depth, qs, docs, score_pairs):
+        def recorded(pairs):
+            out = [float(v) for v in score_pairs(pairs)]
+            scored.append((pairs, out))
+            return out
+        return original(candidates, setting, depth, qs, docs, recorded)
+
+    monkeypatch.setattr(tuning, "cross_scores", spy)
+    fit = fusion_fit.fit_on_dev(cfg, Split(queries, corpus, qrels), dev_result, spec, Progress(lambda line: None))
+    assert set(fit["rerank_dev_ndcg@10"]) == {"0", "5"}
+    (pairs, got), = scored
+    assert len(pairs) == 4 * 5
+    ref = st.CrossEncoder(str(cross), device="cpu", max_length=8).predict(pairs)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    longer = st.CrossEncoder(str(cross), device="cpu", max_length=128).predict(pairs)
+    assert np.abs(np.asarray(longer) - np.asarray(got)).max() > 0.05  # the length the fit used mattered
+
+
+def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
+    """The deployment the fit scores with is the one the phase's served config holds once the
+    fit is in it: a shipped serve config's reranker dtype and trust_remote_code reach it, the
+    demo's model and max_seq_length override it."""
+    import shutil
+
+    import yaml
+
+    from raytrieve.demo import phase_configs as pc
+
+    copy = tmp_path / "configs"
+    shutil.copytree(SHIPPED, copy)
+    shipped = yaml.safe_load((copy / "serve_pydocs.yaml").read_text())
+    shipped["reranker"].update(dtype="bfloat16", trust_remote_code=True)
+    (copy / "serve_pydocs.yaml").write_text(yaml.safe_dump(shipped))
+    cfg = from_dict(DemoConfig, {"out_dir": str(tmp_path / "demo"), "configs": {"dir": str(copy)},
+                                 "models": {"max_seq_length": 96}})
+    index = cfg.out / "fine-tuned" / "index"
+    spec = pc.served_reranker(cfg, "models:/d/1", "models:/s/1", index, "models:/c/1")
+    got = (spec.model, spec.max_seq_length, spec.dtype, spec.trust_remote_code)
+    assert got == ("models:/c/1", 96, "bfloat16", True)
+    fitted = {"rerank": True, "rerank_depth": 20, "recall": {"dense": 50}}
+    served = pc.serve_config(cfg, "models:/d/1", "models:/s/1", index, fitted, "models:/c/1").config
+    assert served.reranker == spec
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_reduced_demo_end_to_end(ray_cluster, tmp_path):

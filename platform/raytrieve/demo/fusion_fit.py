@@ -10,19 +10,23 @@ leave them out are answered with it: its test figure is held out from the fit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.progress import Progress
 from raytrieve.demo.sample import Split
 from raytrieve.serve import tuning
 
+if TYPE_CHECKING:
+    from raytrieve.serve.config import DeploymentConfig
+
 
 def fit_on_dev(
-    cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], reranker: str, progress: Progress
+    cfg: DemoConfig, dev: Split, dev_result: dict[str, Any], reranker: DeploymentConfig, progress: Progress
 ) -> dict[str, Any]:
     """The fitted setting (``search_fields``: the serve config's ``search:``) and its dev scores,
-    the rerank depth decided with ``reranker`` (the model this phase serves)."""
+    the rerank depth decided with ``reranker``: the reranker deployment of the serve config this
+    phase serves (phase_configs.serve_config), so the fit scores pairs as the served app does."""
     qrels = {q: {d: 1.0} for q, d in dev.qrels.items()}
     candidates = {
         qid: {kind: [(d, s) for d, s in dev_result[kind]["candidates"][qid]] for kind in ("dense", "sparse")}
@@ -44,7 +48,7 @@ def fit_on_dev(
             max(f.rerank_depths),
             dev.queries,
             dev.corpus,
-            _score_pairs(cfg, reranker),
+            _score_pairs(reranker),
         )
         rerank = tuning.fit_rerank(
             {q: candidates[q] for q in chosen}, {q: qrels[q] for q in chosen}, best, scores, [0, *f.rerank_depths]
@@ -79,10 +83,26 @@ def _depth(sv: tuple[tuning.Setting, float]) -> int:
     return sv[0].rerank_depth
 
 
-def _score_pairs(cfg: DemoConfig, model: str) -> Any:
-    """The cross-encoder, in process, as the served one computes (auto: bf16 where this CPU has
-    it and the model passes its guard)."""
+# The deployment fields that decide a served cross-encoder's scores (serve/deployments.py
+# load_model): a fit cached under other values was scored by another model.
+SCORING_FIELDS = ("model", "max_seq_length", "dtype", "trust_remote_code")
+
+
+def scoring_key(reranker: DeploymentConfig) -> dict[str, Any]:
+    return {k: getattr(reranker, k) for k in SCORING_FIELDS}
+
+
+def _score_pairs(reranker: DeploymentConfig) -> Any:
+    """The served cross-encoder, in process on the CPU, loaded from its deployment's settings as
+    the replica loads it (auto dtype: bf16 where this CPU has it and the model passes its guard)."""
     from raytrieve.encoders import load_encoder
 
-    reranker = load_encoder("cross", model, device="cpu", max_seq_length=cfg.models.max_seq_length, dtype="auto")
-    return lambda pairs: reranker.predict(pairs, batch_size=32, show_progress_bar=False)
+    model = load_encoder(
+        "cross",
+        reranker.model,
+        device="cpu",
+        max_seq_length=reranker.max_seq_length,
+        trust_remote_code=reranker.trust_remote_code,
+        dtype=reranker.dtype,
+    )
+    return lambda pairs: model.predict(pairs, batch_size=32, show_progress_bar=False)

@@ -210,6 +210,16 @@ def serve_config(
     return load_phase(ServeConfig, cfg, "serve", {**overrides, **wider}) if wider else loaded
 
 
+def served_reranker(cfg: DemoConfig, dense: str, sparse: str, index: Path, reranker: str) -> Any:
+    """The reranker deployment (serve/config.py ``DeploymentConfig``) of the app ``serve_config``
+    builds for these models, which /search's fitted defaults leave as it is: the dev fit
+    (demo/fusion_fit.py) scores pairs with the model and settings the served app will use."""
+    served = serve_config(cfg, dense, sparse, index, None, reranker)
+    if served.config.reranker is None:  # serve_config sets reranker.model: never, short of a bug there
+        raise ConfigError(f"demo configs.serve ({served.source}): no reranker deployment after the demo's overrides")
+    return served.config.reranker
+
+
 def check_all(cfg: DemoConfig) -> None:
     """Load every phase's config once before any work starts: a broken shipped YAML or override
     then fails in seconds instead of after the data build and the pretrained evaluation. The

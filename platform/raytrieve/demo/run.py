@@ -30,8 +30,15 @@ from raytrieve.demo import sample as sampling
 from raytrieve.demo.config import DemoConfig, FineTuneConfig
 from raytrieve.demo.evaluate import encode_and_index, evaluate_in_process, serve_and_query
 from raytrieve.demo.fine_tune import fine_tune, mine_negatives, registered
-from raytrieve.demo.fusion_fit import fit_on_dev
-from raytrieve.demo.phase_configs import EXPERIMENT, check_all, encode_config, serve_config, train_config
+from raytrieve.demo.fusion_fit import fit_on_dev, scoring_key
+from raytrieve.demo.phase_configs import (
+    EXPERIMENT,
+    check_all,
+    encode_config,
+    serve_config,
+    served_reranker,
+    train_config,
+)
 from raytrieve.demo.progress import Progress, StageStore
 
 # Part of every step's key: bump it when a step's recorded result changes shape, so an older
@@ -101,16 +108,18 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         }
         return store.put(f"dev-{phase}", key, result)
 
-    def fit(phase: str, dev: dict, identity: Any, reranker: str) -> dict | None:
-        """/search's settings fitted on the dev split for this phase's models (None: not fitted)."""
+    def fit(phase: str, dev: dict, identity: Any, dense: str, sparse: str, reranker: str) -> dict | None:
+        """/search's settings fitted on the dev split for this phase's models (None: not fitted),
+        the rerank depth scored by the reranker deployment this phase serves."""
         if not cfg.fusion_fit.enabled:
             return None
-        key = {**base_key, "models": identity, "reranker": reranker, "fit": cfg.fusion_fit.model_dump()}
+        spec = served_reranker(cfg, dense, sparse, out / phase / "index", reranker)
+        key = {**base_key, "models": identity, "reranker": scoring_key(spec), "fit": cfg.fusion_fit.model_dump()}
         cached = store.get(f"fit-{phase}", key)
         if cached is not None:
             progress(f"  fusion: reused {cached['label']}")
             return cached
-        return store.put(f"fit-{phase}", key, fit_on_dev(cfg, samples.dev, dev, reranker, progress))
+        return store.put(f"fit-{phase}", key, fit_on_dev(cfg, samples.dev, dev, spec, progress))
 
     serving: list[str] = []  # phases that deployed on Serve in this run (Serve is up after the first)
 
@@ -147,7 +156,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
-    before_fit = fit("pretrained", before_dev, [m.dense, m.sparse], m.reranker)
+    before_fit = fit("pretrained", before_dev, [m.dense, m.sparse], m.dense, m.sparse, m.reranker)
 
     import ray
 
@@ -206,7 +215,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         )
         after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
         reranker = tuned["cross"]["uri"]
-        after_fit = fit("fine-tuned", after_dev, identity, reranker)
+        after_fit = fit("fine-tuned", after_dev, identity, tuned["dense"]["uri"], tuned["sparse"]["uri"], reranker)
         after_test = platform(
             "fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity, after_fit, reranker
         )
