@@ -208,6 +208,61 @@ def test_missing_split_lists_the_splits_there(tmp_path):
         data.load_beir(root)
 
 
+def _count_reads(monkeypatch) -> dict[Path, int]:
+    """How many times each corpus / queries file is read (a spy on the loader's row reader)."""
+    from collections import Counter
+
+    reads: Counter[Path] = Counter()
+    rows = data._rows
+
+    def counted(path, *args, **kwargs):
+        reads[Path(path)] += 1
+        return rows(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_rows", counted)
+    return reads
+
+
+def test_another_split_over_the_loaded_corpus_reads_only_its_queries_and_qrels(tmp_path, monkeypatch):
+    """load_split (--tune-on): the same EvalSet as loading the files again, without the second
+    corpus read; its errors still name the corpus file; a missing BEIR split lists the others."""
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq3\t3\t1\n")
+    base = data.load_beir(root)
+    reads = _count_reads(monkeypatch)
+    _, queries, qrels = data.beir_files(root, "dev")
+    got = data.load_split(base, queries, qrels, split="dev")
+    assert dict(reads) == {root / "queries.jsonl": 1}
+    assert got == data.load_beir(root, "dev")  # the reference: every file read again
+    assert got.queries == {"q3": "a query nobody judged"} and got.qrels == {"q3": {"3": 1.0}}
+    (root / "qrels" / "bad.tsv").write_text("query-id\tcorpus-id\tscore\nq3\td9\t1\n")
+    with pytest.raises(DataError, match=r"bad.tsv: 1 document id\(s\) are not in .*corpus.jsonl, e.g. 'd9'"):
+        data.load_split(base, queries, root / "qrels" / "bad.tsv")
+    with pytest.raises(DataError, match=r"nope.tsv: no such file; the splits there are \['bad', 'dev', 'test'\]"):
+        data.beir_files(root, "nope")
+
+
+def test_tune_on_a_qrels_file_reads_the_corpus_once(tmp_path, tiny_models, monkeypatch):
+    """--corpus/--queries/--qrels with --tune-on OTHER_QRELS: the fit sees the other file's
+    queries, over the corpus read once."""
+    corpus = [{"_id": f"d{i}", "text": f"document {i} " + "word " * (i % 5)} for i in range(12)]
+    queries = [{"_id": f"q{i}", "text": f"document {i} word"} for i in range(12)]
+    root = write_beir(tmp_path, corpus, queries, "".join(
+        ["query-id\tcorpus-id\tscore\n", *(f"q{i}\td{i}\t1\n" for i in range(6))]))
+    tune = "".join(f"q{i}\td{i}\t1\n" for i in range(6, 12))
+    (tmp_path / "tune.tsv").write_text("query-id\tcorpus-id\tscore\n" + tune)
+    reads = _count_reads(monkeypatch)
+    out = tmp_path / "out"
+    rep = _evaluate(["--corpus", str(root / "corpus.jsonl"), "--queries", str(root / "queries.jsonl"),
+                     "--qrels", str(root / "qrels" / "test.tsv"), "--dense", str(tiny_models["dense"]),
+                     "--sparse", str(tiny_models["sparse"]), "--tune-on", str(tmp_path / "tune.tsv"),
+                     "--bootstrap-rounds", "50", "--out", str(out), "--no-chart"])
+    assert reads[root / "corpus.jsonl"] == 1 and reads[root / "queries.jsonl"] == 2
+    assert rep["tuning"]["queries"] == 6 and rep["tuning"]["split"] == str(tmp_path / "tune.tsv")
+    assert set(rep["per_query"]["tuned"]["ndcg@10"]) == {f"q{i}" for i in range(6)}
+    assert rep["data"]["files"]["qrels"] == str(root / "qrels" / "test.tsv")
+
+
 # -- fusion and rerank are /search's ---------------------------------------------------------
 
 DOCS = {f"d{i}": f"document {i} " + "word " * (i % 5) for i in range(12)}
@@ -442,10 +497,10 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     assert not (tmp_path / "second" / "evaluation.png").exists()
 
 
-def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp_path):
+def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp_path, monkeypatch):
     """--tune-on dev: /search's setting fitted on 24 dev queries (other docstrings of the same
     corpus), scored as the 'tuned' stage on the 24 test queries; the fragment and a tuned copy
-    of the shipped serve config load as serve configs."""
+    of the shipped serve config load as serve configs. The corpus, both splits', is read once."""
     import shutil
 
     import yaml
@@ -466,8 +521,10 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     (beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tdoc{i}\t1\n" for i in dev))
     out = tmp_path / "tuned"
     shipped = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "serve_pydocs.yaml"
+    reads = _count_reads(monkeypatch)
     rep = _evaluate(["--data", str(beir), *COMMON, *MODELS, "--reranker", "ms-marco-minilm-l12-v2", "--dtype", "auto",
                      "--tune-on", "dev", "--serve-config", str(shipped), "--out", str(out), "--no-chart"])
+    assert reads[beir / "corpus.jsonl"] == 1 and reads[beir / "queries.jsonl"] == 2  # queries: once per split
     assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"]
     assert rep["data"]["queries"] == QUERY_COUNT and set(rep["per_query"]["tuned"]["ndcg@10"]) == {
         f"q{i}" for i in range(QUERY_COUNT)}  # scored on test only

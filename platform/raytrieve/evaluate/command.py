@@ -179,10 +179,15 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     started = time.perf_counter()
     if args.data:
         evalset = data.load_beir(args.data, args.split, columns)
-        tuning_set = data.load_beir(args.data, args.tune_on, columns) if args.tune_on else None
     else:
         evalset = data.load_files(args.corpus, args.queries, args.qrels, columns)
-        tuning_set = data.load_files(args.corpus, args.queries, args.tune_on, columns) if args.tune_on else None
+    tuning_set = None
+    if args.tune_on and args.data:
+        # The tuning split's queries and qrels; its corpus is the evaluated split's, read once.
+        _, queries, qrels = data.beir_files(args.data, args.tune_on)
+        tuning_set = data.load_split(evalset, queries, qrels, split=args.tune_on)
+    elif args.tune_on:
+        tuning_set = data.load_split(evalset, args.queries, args.tune_on)
     from raytrieve.evaluate import tune
 
     if tuning_set is not None:

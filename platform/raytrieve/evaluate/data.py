@@ -274,8 +274,8 @@ def check(
     return {q: queries[q] for q in scored}, {q: qrels[q] for q in scored}, summary
 
 
-def load_beir(folder: str | Path, split: str = "test", columns: Columns | None = None) -> EvalSet:
-    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv."""
+def beir_files(folder: str | Path, split: str = "test") -> tuple[Path, Path, Path]:
+    """A BEIR folder's corpus.jsonl, queries.jsonl and qrels/<split>.tsv, each checked to exist."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; --data takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
@@ -291,13 +291,26 @@ def load_beir(folder: str | Path, split: str = "test", columns: Columns | None =
             )
         )
     fix = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
-    return load_files(
+    return (
         _need_file(root / "corpus.jsonl", "the corpus", fix),
         _need_file(root / "queries.jsonl", "the queries", fix),
         qrels_path,
-        columns,
-        split=split,
     )
+
+
+def load_beir(folder: str | Path, split: str = "test", columns: Columns | None = None) -> EvalSet:
+    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv."""
+    return load_files(*beir_files(folder, split), columns, split=split)
+
+
+def _checked_files(corpus: str | Path, queries: str | Path, qrels: str | Path) -> dict[str, Path]:
+    files = {"corpus": Path(corpus), "queries": Path(queries), "qrels": Path(qrels)}
+    for role, path in files.items():
+        suffixes = QRELS_SUFFIXES if role == "qrels" else TABLE_SUFFIXES
+        _need_file(path, f"the {role}", f"pass the {role} file (--{role})")
+        if path.suffix not in suffixes:
+            raise DataError(f"{path}: {role} must be one of {', '.join(suffixes)} (by its name); convert it")
+    return files
 
 
 def load_files(
@@ -305,12 +318,7 @@ def load_files(
 ) -> EvalSet:
     """Corpus, queries (.jsonl / .parquet) and qrels (.tsv / .csv / .jsonl / .parquet) with named columns."""
     columns = columns or Columns()
-    files = {"corpus": Path(corpus), "queries": Path(queries), "qrels": Path(qrels)}
-    for role, path in files.items():
-        suffixes = QRELS_SUFFIXES if role == "qrels" else TABLE_SUFFIXES
-        _need_file(path, f"the {role}", f"pass the {role} file (--{role})")
-        if path.suffix not in suffixes:
-            raise DataError(f"{path}: {role} must be one of {', '.join(suffixes)} (by its name); convert it")
+    files = _checked_files(corpus, queries, qrels)
     title = columns.corpus_title
     docs, titled = _id_text_table(
         files["corpus"], columns.corpus_id, columns.corpus_text, title, "document", "corpus_id", "corpus_text"
@@ -318,9 +326,23 @@ def load_files(
     # BEIR's default "title" may be absent (a corpus without titles); a title column named by the user may not.
     if title and not titled and "corpus_title" in columns.model_fields_set:
         raise DataError(f"{files['corpus']}: no row has {title!r} for --column corpus_title; fix the name or drop it")
+    return _judged(docs, files, columns, title if titled else None, split)
+
+
+def load_split(base: EvalSet, queries: str | Path, qrels: str | Path, split: str | None = None) -> EvalSet:
+    """Another split over ``base``'s corpus (``evaluate --tune-on``): its queries and qrels are
+    read and checked as ``load_files`` does; the corpus, the same file, is not read again."""
+    files = _checked_files(base.corpus_path, queries, qrels)
+    return _judged(base.corpus, files, base.columns, base.title_column, split)
+
+
+def _judged(
+    docs: dict[str, str], files: dict[str, Path], columns: Columns, title: str | None, split: str | None
+) -> EvalSet:
+    """The EvalSet of ``docs`` with the queries and qrels of ``files``, checked against them."""
     asked, _ = _id_text_table(
         files["queries"], columns.query_id, columns.query_text, None, "query", "query_id", "query_text"
     )
     kept, judged, summary = check(docs, asked, read_qrels(files["qrels"], columns), files)
     summary = {"files": {k: str(v) for k, v in files.items()}, "split": split, **summary}
-    return EvalSet(docs, kept, judged, files["corpus"], columns, title if titled else None, summary)
+    return EvalSet(docs, kept, judged, files["corpus"], columns, title, summary)
