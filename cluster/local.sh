@@ -33,6 +33,10 @@ case "${1:-}" in
           "--dashboard-port=$dashboard_port" --include-dashboard=true --disable-usage-stats)
     [ -n "${RAY_NUM_CPUS:-}" ] && args+=("--num-cpus=$RAY_NUM_CPUS")
     [ -n "${RAY_NUM_GPUS:-}" ] && args+=("--num-gpus=$RAY_NUM_GPUS")
+    # Keep idle task workers 5 minutes, not Ray's 1 s: each new one re-imports torch
+    # (raytrieve/ray_cluster.py says why and what it measured); the nodes that join get it from here.
+    [ -z "${RAY_idle_worker_killing_time_threshold_ms:-}" ] && \
+      args+=('--system-config={"idle_worker_killing_time_threshold_ms": 300000}')
     # shellcheck disable=SC2206  # extra flags are meant to split on spaces
     [ -n "${RAY_EXTRA_ARGS:-}" ] && args+=($RAY_EXTRA_ARGS)
     export TOKENIZERS_PARALLELISM=false

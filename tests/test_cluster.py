@@ -170,3 +170,48 @@ def test_local_head_script_is_valid_bash_with_usage():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     bad = subprocess.run(["bash", str(script), "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage: cluster/local.sh start|join HEAD_HOST:PORT|status|stop" in bad.stderr
+
+
+def test_local_head_keeps_idle_workers_as_the_embedded_ray_does(tmp_path):
+    """cluster/local.sh start passes Ray the same idle-worker setting raytrieve.ray_cluster gives
+    the embedded Ray (checked on the arguments it hands `ray`: a real head would take port 6379)."""
+    import json
+
+    from raytrieve.ray_cluster import IDLE_WORKER_KEEP_S, IDLE_WORKER_SETTING
+
+    fake = tmp_path / "ray"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "RAY_BIN": str(fake)}
+    args = subprocess.run(["bash", str(CLUSTER / "local.sh"), "start"], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    config = [a.removeprefix("--system-config=") for a in args if a.startswith("--system-config=")]
+    assert [json.loads(c) for c in config] == [{IDLE_WORKER_SETTING: IDLE_WORKER_KEEP_S * 1000}]
+    env["RAY_" + IDLE_WORKER_SETTING] = "1000"  # the environment's own setting wins
+    args = subprocess.run(["bash", str(CLUSTER / "local.sh"), "start"], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert not [a for a in args if a.startswith("--system-config")]
+
+
+def test_idle_task_workers_outlive_rays_one_second_default(ray_cluster):
+    """More tasks than CPUs start extra workers; Ray's default kills those after 1 s idle, and the
+    next stage pays for new processes (each re-imports torch). The embedded Ray keeps them: after a
+    3 s pause the same processes run the next batch of tasks."""
+    import os
+    import time
+
+    ray = ray_cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0.25, scheduling_strategy=here)
+    def pid(pause: float) -> int:
+        time.sleep(pause)
+        return os.getpid()
+
+    first = set(ray.get([pid.remote(1.0) for _ in range(6)]))
+    assert len(first) == 6  # six at once: more workers than the node's 2 CPUs
+    time.sleep(3.0)
+    second = set(ray.get([pid.remote(1.0) for _ in range(6)]))
+    assert second == first
