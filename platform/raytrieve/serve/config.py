@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
-from raytrieve.serve.schemas import Fusion, Recall
+from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
 from raytrieve.sizing import LIGHT_ACTOR_CPUS, ClusterShape, replica_threads, serve_replica_cpus
 
 # The config fields that name a model deployment (the rest are the ingress and the retriever).
@@ -149,16 +149,25 @@ class ServeConfig(ConfigModel):
 
     def _search_rules(self) -> None:
         """The ``search:`` defaults must be requests this app accepts (a request may override them)."""
-        s, lim = self.search, self.limits
-        if s.top_k > lim.max_top_k:
-            invalid("search.top_k", f": {s.top_k} exceeds limits.max_top_k ({lim.max_top_k})")
-        for name in ("dense", "sparse"):
-            if getattr(s.recall, name) > lim.max_recall:
-                invalid(f"search.recall.{name}", f": exceeds limits.max_recall ({lim.max_recall})")
-        if s.rerank and s.rerank_depth > lim.max_rerank_depth:
-            invalid("search.rerank_depth", f": exceeds limits.max_rerank_depth ({lim.max_rerank_depth})")
+        s = self.search
+        problem = search_limit_error(s, self.limits)
+        if problem is not None:
+            invalid(f"search.{problem[0]}", f": {problem[1]}")
         if s.rerank and self.reranker is None:
             invalid("search.rerank", ": true needs a reranker: deployment")
+
+
+def search_limit_error(s: SearchRequest | SearchDefaults, limits: LimitsConfig) -> tuple[str, str] | None:
+    """(the field, why) of the first of /search's settings over the config's ``limits``, or None.
+    The ingress checks requests with it, the config its ``search:`` defaults."""
+    if s.top_k > limits.max_top_k:
+        return "top_k", f"{s.top_k} exceeds limits.max_top_k ({limits.max_top_k})"
+    for name in ("dense", "sparse"):
+        if getattr(s.recall, name) > limits.max_recall:
+            return f"recall.{name}", f"exceeds limits.max_recall ({limits.max_recall}), got {getattr(s.recall, name)}"
+    if s.rerank and s.rerank_depth > limits.max_rerank_depth:
+        return "rerank_depth", f"exceeds limits.max_rerank_depth ({limits.max_rerank_depth}), got {s.rerank_depth}"
+    return None
 
 
 def replicas(d: DeploymentConfig) -> int:
