@@ -1,5 +1,5 @@
 """Serve configs without Ray: /search's limits (one rule for the config's search: defaults and
-for requests)."""
+for requests), and search: defaults that would switch every served retriever off."""
 
 from __future__ import annotations
 
@@ -40,3 +40,18 @@ def test_search_limits_are_one_rule_for_the_config_and_the_requests():
             {"dense": {"model": "m"}, "limits": limits.model_dump(), "search": fields}, f"serve.yaml.search.{field}: "
         )
     assert search_limit_error(SearchRequest(query="q", rerank_depth=31), limits) is None  # no rerank: not checked
+
+
+def test_search_defaults_that_switch_off_every_served_retriever_are_refused():
+    both = {"dense": {"model": "m"}, "sparse": {"model": "s"}, "index": "/i"}
+    _refused(
+        {**both, "search": {"recall": {"dense": 0, "sparse": 0}}},
+        r"serve.yaml.search.recall: every served retriever is switched off \(dense: 0, sparse: 0\).*dense or sparse",
+    )
+    assert _cfg(**both, search={"recall": {"dense": 0}}).search.recall.sparse == 100  # one left on
+    # Without an index there is no /search to switch off; a kind not served does not count.
+    assert _cfg(dense={"model": "m"}, search={"recall": {"dense": 0}})
+    _refused(
+        {"dense": {"model": "m"}, "index": "/i", "search": {"recall": {"dense": 0, "sparse": 7}}},
+        r"switched off \(dense: 0\)",
+    )

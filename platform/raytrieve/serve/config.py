@@ -155,6 +155,13 @@ class ServeConfig(ConfigModel):
             invalid(f"search.{problem[0]}", f": {problem[1]}")
         if s.rerank and self.reranker is None:
             invalid("search.rerank", ": true needs a reranker: deployment")
+        retrievers = [k for k in ("dense", "sparse") if self.index and getattr(self, k) is not None]
+        if retrievers and not any(getattr(s.recall, k) > 0 for k in retrievers):
+            invalid(
+                "search.recall",
+                f": every served retriever is switched off ({', '.join(f'{k}: 0' for k in retrievers)}), so /search "
+                f"would refuse every request that sets no recall; give {' or '.join(retrievers)} a size above 0",
+            )
 
 
 def search_limit_error(s: SearchRequest | SearchDefaults, limits: LimitsConfig) -> tuple[str, str] | None:
