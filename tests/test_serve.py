@@ -29,9 +29,11 @@ PACKAGES = ("yaml", "tqdm", "safetensors", "pyarrow", "mlflow")
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tmp_path_factory):
+def served(ray_cluster, tmp_path_factory, tiny_models):
     """The app with the shipped models; the sparse one is served from a real MLflow registry
-    (sqlite) as models:/NAME/VERSION, so every test here proves that path too."""
+    (sqlite) as models:/NAME/VERSION, so every test here proves that path too. A second dense
+    model (tiny, with its own index) and a second reranker (tiny) are served beside them, named
+    tiny-dense and tiny-cross (test_several_models_each_answer_by_name)."""
     import shutil
 
     from ray import serve
@@ -62,16 +64,25 @@ def served(ray_cluster, tmp_path_factory):
         "sparse": {"model": "splade-tiny", "max_seq_length": 128, "dtype": "float32"},
         "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
     build_indices(root / "vectors", root / "index")
+    run_encode(from_dict(EncodeConfig, {
+        "corpus": {"path": str(root / "corpus.parquet")}, "output_dir": str(root / "vectors_tiny"),
+        "rows_per_shard": 1000, "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
+        "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
+    build_indices(root / "vectors_tiny", root / "index_tiny")
     port = free_port()
+    tiny = {"num_cpus": 0.05, "torch_threads": 1, "dtype": "float32"}
     cfg = from_dict(ServeConfig, {
         # float32: the tests compare every model with its in-process float32 encoder (the
         # default, auto, is what the reduced demo serves).
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1,
-                  "dtype": "float32"},
+        "dense": [{"model": "all-minilm-l6-v2", "max_seq_length": 128, "num_cpus": 0.5, "torch_threads": 1,
+                   "dtype": "float32"},
+                  {"model": str(tiny_models["dense"]), "name": "tiny-dense", "index": str(root / "index_tiny"),
+                   **tiny}],
         "sparse": {"model": sparse_uri, "name": "splade-tiny", "max_seq_length": 128, "num_cpus": 0.4,
                    "torch_threads": 1, "dtype": "float32"},
-        "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
-                     "dtype": "float32"},
+        "reranker": [{"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
+                      "dtype": "float32"},
+                     {"model": str(tiny_models["cross"]), "name": "tiny-cross", **tiny}],
         "index": str(root / "index"), "port": port, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
@@ -339,6 +350,79 @@ def test_search_fusion_equals_reference(served, models):
     assert found["dense"] > 30
 
 
+def test_several_models_each_answer_by_name(served, models, tiny_models):
+    """The fixture serves two dense models (each with its own index) and two rerankers: every
+    endpoint that takes a model answers with the named one's outputs (its in-process encoder is
+    the reference), /search with each dense model finds its own index's documents, and names
+    that are unknown or of another kind are 4xx naming the field and listing what is served."""
+    import torch
+
+    from raytrieve.encoders import CrossEncoder, DenseEncoder
+
+    url, texts = served["url"], [p.query for p in served["pairs"][:3]]
+    dense, cross = DenseEncoder(str(tiny_models["dense"])), CrossEncoder(str(tiny_models["cross"]))
+    r = _post(url, "/v1/embeddings", {"input": texts, "model": "tiny-dense"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-dense", r.text
+    np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], dense.encode(texts), atol=1e-5)
+    assert _post(url, "/v1/embeddings", {"input": texts[0]}).json()["model"] == "all-minilm-l6-v2"  # the default
+    r = _post(url, "/embed", {"inputs": texts, "model": "tiny-dense"})  # TEI's normalize: true by default
+    np.testing.assert_allclose(r.json(), dense.encode(texts, normalize_embeddings=True), atol=1e-5)
+
+    query, docs = served["pairs"][7].query, [p.document for p in served["pairs"][:6]]
+    logits = cross.predict([(query, d) for d in docs], activation_fn=torch.nn.Identity())
+    order = np.argsort(-logits, kind="stable").tolist()
+    r = _post(url, "/rerank", {"query": query, "texts": docs, "raw_scores": True, "model": "tiny-cross"})
+    np.testing.assert_allclose([h["score"] for h in r.json()], logits[order], atol=1e-4)
+    for path in ("/v1/rerank", "/v2/rerank"):
+        r = _post(url, path, {"query": query, "documents": docs, "model": "tiny-cross"})
+        assert [h["index"] for h in r.json()["results"]] == order, (path, r.text)
+        np.testing.assert_allclose([h["relevance_score"] for h in r.json()["results"]], _sigmoid(logits[order]),
+                                   atol=1e-5)
+    r = _post(url, "/rerank", {"query": query, "documents": docs, "model": "tiny-cross"})
+    assert r.json()["model"] == "tiny-cross" and [h["index"] for h in r.json()["results"]] == order
+    assert _post(url, "/tokenize", {"inputs": "x", "model": "tiny-cross"}).status_code == 200
+    assert requests.get(f"{url}/info", params={"model": "tiny-cross"}).json()["model_id"] == "tiny-cross"
+
+    listed = {m["id"]: m for m in requests.get(f"{url}/v1/models").json()["data"]}
+    assert sorted(listed) == sorted(["all-minilm-l6-v2", "tiny-dense", "splade-tiny", "ms-marco-minilm-l12-v2",
+                                     "tiny-cross"])
+    assert (listed["tiny-dense"]["kind"], listed["tiny-dense"]["default"], listed["tiny-dense"]["index"]) == \
+        ("dense", False, True)
+    assert listed["tiny-dense"]["dimensions"] == 32 and listed["ms-marco-minilm-l12-v2"]["default"] is True
+
+    # /search with each dense model: its own index's ranking (brute force over in-process vectors).
+    corpus = [p.document for p in served["pairs"]]
+    for name, encoder in (("tiny-dense", dense), ("all-minilm-l6-v2", models["dense"])):
+        # The models' similarity (cosine; the index built from each one's vectors searches by it).
+        scores = encoder.encode_document(corpus, normalize_embeddings=True) @ \
+            encoder.encode_query(query, normalize_embeddings=True)
+        expected = [served["ids"][i] for i in np.argsort(-scores, kind="stable")[:5]]
+        r = _post(url, "/search", {"query": query, "top_k": 5, "recall": {"dense": 5, "sparse": 0},
+                                   "dense_model": name, "return_text": False})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["hits"]] == expected and r.json()["models"] == {"dense": name}
+    r = _post(url, "/search", {"query": query, "top_k": 3, "dense_model": "tiny-dense", "rerank": True,
+                               "reranker_model": "tiny-cross", "rerank_depth": 3})
+    assert r.json()["models"] == {"dense": "tiny-dense", "sparse": "splade-tiny", "reranker": "tiny-cross"}
+    hits = r.json()["hits"]
+    np.testing.assert_allclose([h["scores"]["rerank"] for h in hits],
+                               cross.predict([(query, h["text"]) for h in hits]), atol=1e-5)
+
+    wrong = [("/v1/embeddings", {"input": "a", "model": "tiny-cross"}, 404, "model",
+              "['all-minilm-l6-v2', 'tiny-dense']"),
+             ("/embed", {"inputs": "a", "model": "nope"}, 404, "model", "tiny-dense"),
+             ("/embed_sparse", {"input": "a", "model": "tiny-dense"}, 404, "model", "['splade-tiny']"),
+             ("/v2/rerank", {"query": "q", "documents": ["d"], "model": "tiny-dense"}, 404, "model", "tiny-cross"),
+             ("/tokenize", {"inputs": "a", "model": "nope"}, 404, "model", "tiny-cross"),
+             ("/search", {"query": "q", "dense_model": "nope"}, 422, "dense_model", "tiny-dense"),
+             ("/search", {"query": "q", "sparse_model": "tiny-dense"}, 422, "sparse_model", "splade-tiny"),
+             ("/search", {"query": "q", "reranker_model": "tiny-dense"}, 422, "reranker_model", "tiny-cross")]
+    for path, body, status, field, listing in wrong:
+        r = _post(url, path, body)
+        assert r.status_code == status and r.json()["error"]["field"] == field, (path, body, r.text)
+        assert listing in r.json()["error"]["message"], (path, r.text)
+
+
 # Plainly worded needs -> the start of the one docstring that answers each. CLEAR queries
 # come back first with and without rerank; NEAR ones (the small models confuse them with
 # the general tqdm class or a sibling function) within the top 5.
@@ -504,13 +588,16 @@ FIELD_KINDS = {
     "/v1/embeddings": {"input": "texts", "model": "text", "dimensions": "int", "encoding_format": "enum",
                        "input_type": "enum", "user": "text"},
     "/embed_sparse": {"input": "texts", "model": "text", "input_type": "enum", "return_tokens": "bool", "top_k": "int"},
-    "/embed_sparse#tei": {"inputs": "texts", "prompt_name": "text", **TEI_TRUNCATION},
+    "/embed_sparse#tei": {"inputs": "texts", "prompt_name": "text", "model": "text", **TEI_TRUNCATION},
     "/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool"},
-    "/rerank#tei": {"query": "text", "texts": "list", "raw_scores": "bool", "return_text": "bool", **TEI_TRUNCATION},
+    "/rerank#tei": {"query": "text", "texts": "list", "raw_scores": "bool", "return_text": "bool", "model": "text",
+                    **TEI_TRUNCATION},
     "/search": {"query": "text", "top_k": "int", "recall": "object", "fusion": "object", "rerank": "bool",
-                "rerank_depth": "int", "return_text": "bool", "return_stages": "bool"},
-    "/embed": {"inputs": "texts", "normalize": "bool", "prompt_name": "text", "dimensions": "int", **TEI_TRUNCATION},
-    "/tokenize": {"inputs": "texts", "add_special_tokens": "bool", "prompt_name": "text"},
+                "rerank_depth": "int", "return_text": "bool", "return_stages": "bool", "dense_model": "text",
+                "sparse_model": "text", "reranker_model": "text"},
+    "/embed": {"inputs": "texts", "normalize": "bool", "prompt_name": "text", "dimensions": "int", "model": "text",
+               **TEI_TRUNCATION},
+    "/tokenize": {"inputs": "texts", "add_special_tokens": "bool", "prompt_name": "text", "model": "text"},
     "/v1/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool",
                    "rank_fields": "list"},
     "/v2/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "priority": "int>=0"},
@@ -803,7 +890,7 @@ def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tin
     from raytrieve.serve.launch import check_before_start
 
     cfg = served["cfg"].model_copy(deep=True)
-    cfg.dense = cfg.dense.model_copy(update={"model": str(tiny_models["dense"])})
+    cfg.dense = cfg.dense[0].model_copy(update={"model": str(tiny_models["dense"])})  # one dense: "dense.model"
     with pytest.raises(ConfigError) as e:
         check_before_start(cfg, "serve.yaml")
     msg = str(e.value)
@@ -811,3 +898,9 @@ def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tin
     assert "encoded with 'all-minilm-l6-v2'" in msg and "dense.allow_index_model_mismatch: true" in msg
     cfg.dense = cfg.dense.model_copy(update={"allow_index_model_mismatch": True})
     check_before_start(cfg, "serve.yaml")  # allowed explicitly
+    # Per model: the second dense model searching the first's index is refused by its own key.
+    check_before_start(served["cfg"], "serve.yaml")
+    cfg = served["cfg"].model_copy(deep=True)
+    cfg.dense[1] = cfg.dense[1].model_copy(update={"index": served["cfg"].index})
+    with pytest.raises(ConfigError, match=r"^serve.yaml.dense\[1\].model: serves .* dense\[1\].allow_index_model_mism"):
+        check_before_start(cfg, "serve.yaml")

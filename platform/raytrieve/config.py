@@ -6,7 +6,8 @@ validators, and each field's ``description`` is its entry in docs/config-referen
 ``from_dict(TrainConfig, yaml_dict, where="jobs/configs/x.yaml")`` validates and turns
 pydantic's errors into one ``ConfigError`` that names each key (prefixed by ``where``),
 lists the valid keys of a mapping that has an unknown one, and gives, for a value that
-fits no alternative of a union, why each alternative refused it.
+fits no alternative of a union, why each alternative refused it (a key that takes one mapping
+or a list of them, ``X | list[X]``, reports only the errors of the shape it was given).
 """
 
 from __future__ import annotations
@@ -90,9 +91,26 @@ def _model_in(tp: Any) -> type[BaseModel] | None:
     return None
 
 
+def one_or_list(tp: Any) -> type[BaseModel] | None:
+    """X when tp is ``X | list[X]`` (or with None): a key that takes one mapping or a list of them."""
+    members = _members(tp)
+    if len(members) != 2:
+        return None
+    model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    listed = next((m for m in members if typing.get_origin(m) is list), None)
+    return model if model is not None and listed is not None and typing.get_args(listed) == (model,) else None
+
+
 def _walk(cls: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str, type[BaseModel] | None]:
     """(the key path ``a.b[0].c`` of loc, with ``(as T)`` after a union alternative T, the model at
     its end or None). Union tags are the parts of pydantic's loc that name an alternative."""
+    text, tp = _walk_type(cls, loc)
+    return text, _model_in(tp)
+
+
+def _walk_type(cls: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str, Any]:
+    """``_walk``'s key path, and the annotation at its end. The alternatives of ``X | list[X]``
+    leave no trace in the path: its shape already says which one was read."""
     text, tp = "", cast(Any, cls)
     for part in loc:
         if isinstance(part, int):
@@ -102,6 +120,10 @@ def _walk(cls: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str, type[B
             continue
         model = _model_in(tp)
         members = _members(tp)
+        one = one_or_list(tp)
+        if one is not None:
+            tp = one if part == one.__name__ else list[one]
+            continue
         if model is None and len(members) > 1:  # part names the alternative pydantic tried
             text += f" (as {part})"
             tp = next((m for m in members if getattr(m, "__name__", None) == part), Any)
@@ -113,7 +135,32 @@ def _walk(cls: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str, type[B
         text += f".{part}"  # a mapping key
         args = typing.get_args(members[0]) if members else ()
         tp = args[1] if len(args) == 2 else Any
-    return text, _model_in(tp)
+    return text, tp
+
+
+_SHAPE_ERRORS = {"model_type", "model_attributes_type", "dict_type", "list_type"}
+
+
+def _shape_of_value(cls: type[BaseModel], errors: list[Any]) -> list[Any]:
+    """For a key of type ``X | list[X]``, pydantic reports why each alternative refused the value:
+    keep only the errors of the shape the value has (a mapping: X's; a list: the list's), and one
+    error for a value of neither shape."""
+    refused: dict[tuple[Any, ...], dict[str, Any]] = {}  # the key's loc -> alternative -> its error
+    for e in errors:
+        loc = tuple(e["loc"])
+        if e["type"] in _SHAPE_ERRORS and loc and one_or_list(_walk_type(cls, loc[:-1])[1]) is not None:
+            refused.setdefault(loc[:-1], {})[str(loc[-1])] = e
+    if not refused:
+        return errors
+    out: list[Any] = []
+    for key, alternatives in refused.items():
+        if len(alternatives) == 2:  # neither shape
+            out.append({"type": "one_or_list", "loc": key, "input": next(iter(alternatives.values()))["input"]})
+    for e in errors:
+        loc = tuple(e["loc"])
+        if not any(loc[: len(key) + 1] in {(*key, alt) for alt in alts} for key, alts in refused.items()):
+            out.append(e)
+    return out
 
 
 _EXPECTED = {
@@ -131,6 +178,7 @@ _EXPECTED = {
     "model_type": "expected a mapping",
     "model_attributes_type": "expected a mapping",
     "path_type": "expected a path",
+    "one_or_list": "expected a mapping or a list of mappings",
 }
 
 
@@ -138,7 +186,7 @@ def validation_messages(cls: type[BaseModel], error: ValidationError, where: str
     """Each problem pydantic found in data for ``cls``, as ``<where>.<key path>: what is wrong``."""
     out: list[str] = []
     unknown: dict[str, tuple[list[str], type[BaseModel] | None]] = {}
-    for e in error.errors(include_url=False):
+    for e in _shape_of_value(cls, list(error.errors(include_url=False))):
         loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
             parent, model = _walk(cls, loc[:-1])

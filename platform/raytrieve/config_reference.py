@@ -15,6 +15,8 @@ from typing import Any, Union
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from raytrieve.config import one_or_list
+
 
 def _inner_model(tp: Any) -> tuple[type[BaseModel] | None, str]:
     """(the model inside tp, how it nests: "" for X or X | None, "[]" for list[X])."""
@@ -25,6 +27,9 @@ def _inner_model(tp: Any) -> tuple[type[BaseModel] | None, str]:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _inner_model(inner[0])
+        one = one_or_list(tp)
+        if one is not None:  # one mapping or a list of them: the keys of one
+            return one, ""
     if origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
         return args[0], "[]"
     return None, ""

@@ -1,12 +1,15 @@
 """The Serve application's config: which models and indices, replicas and batching per
 deployment, request limits, host and port. YAML maps onto these pydantic models (unknown keys
-are errors that name the key).
+are errors that name the key). Each of ``dense:``, ``sparse:`` and ``reranker:`` takes one
+deployment or a list of them (the first is the default); every model has its own name.
 
     cfg = load_serve_config("jobs/configs/serve_pydocs.yaml", ["port=8300"])
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -14,7 +17,7 @@ from pydantic import Field, model_validator
 from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
-from raytrieve.serve.schemas import Fusion, Recall
+from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
 from raytrieve.sizing import LIGHT_ACTOR_CPUS, ClusterShape, replica_threads, serve_replica_cpus
 
 # The config fields that name a model deployment (the rest are the ingress and the retriever).
@@ -51,6 +54,14 @@ class DeploymentConfig(ConfigModel):
     batch_wait_timeout_s: float = 0.005
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
+    index: str | None = Field(
+        default=None,
+        description=(
+            "dense and sparse models: a folder from `raytrieve index build` of this model's vectors, searched when "
+            "/search uses this model; default: the top-level index: for the first (default) model of its kind, "
+            "none for the others"
+        ),
+    )
     allow_index_model_mismatch: bool = Field(
         default=False,
         description=(
@@ -90,15 +101,43 @@ class SearchDefaults(ConfigModel):
     rerank_depth: int = Field(default=50, ge=1, description="fused candidates the reranker rescores")
 
 
+# One deployment, or a list of them: the first is the kind's default (what a request that names
+# no model gets).
+Deployments = DeploymentConfig | list[DeploymentConfig] | None
+ONE_OR_MORE = (
+    "one deployment, or a list of them with distinct names; the first is the default (requests that name no "
+    "model, /search without {field}_model)"
+)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model deployment of the app. ``path``: its key in the config (``dense``, or
+    ``dense[1]`` in a list); ``deployment``: its Serve deployment's name; ``index``: the folder
+    /search searches with it (its own ``index:``, else the top-level one for a default)."""
+
+    kind: str
+    path: str
+    deployment: str
+    spec: DeploymentConfig
+    index: str | None
+    default: bool
+
+    @property
+    def name(self) -> str:
+        return self.spec.public_name
+
+
 class ServeConfig(ConfigModel):
-    dense: DeploymentConfig | None = None
-    sparse: DeploymentConfig | None = None
-    reranker: DeploymentConfig | None = None
+    dense: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="dense"))
+    sparse: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="sparse"))
+    reranker: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="reranker"))
     index: str | None = Field(
         default=None,
         description=(
-            "A folder from `raytrieve index build`; /search needs it. Its source.json says which corpus the "
-            "vectors came from; the documents' texts are read from there."
+            "A folder from `raytrieve index build`, searched by /search with the default (first) dense and sparse "
+            "models that set no index: of their own. Its source.json says which corpus the vectors came from; "
+            "the documents' texts are read from there."
         ),
     )
     host: str = "127.0.0.1"
@@ -123,42 +162,120 @@ class ServeConfig(ConfigModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     search: SearchDefaults = Field(default_factory=SearchDefaults)
 
+    def deployments(self, kind: str) -> list[DeploymentConfig]:
+        """The ``kind`` field's deployments (dense / sparse / reranker), the default first."""
+        value = getattr(self, kind)
+        return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+    def default(self, kind: str) -> DeploymentConfig | None:
+        return next(iter(self.deployments(kind)), None)
+
+    def served(self) -> list[Served]:
+        """Every model deployment, by kind (MODEL_FIELDS' order), each kind's default first."""
+        out: list[Served] = []
+        taken: set[str] = set()
+        for kind in MODEL_FIELDS:
+            listed = isinstance(getattr(self, kind), list)
+            for i, d in enumerate(self.deployments(kind)):
+                # Serve's names: the kind for a default (as before several models), else the kind and
+                # the model's name in the characters Serve's names and metrics tags take.
+                name = kind if i == 0 else f"{kind}-{re.sub(r'[^A-Za-z0-9_-]+', '-', d.public_name).strip('-')}"
+                name = name if name not in taken else f"{kind}-{i}"
+                taken.add(name)
+                index = d.index if d.index is not None else (self.index if i == 0 and kind != "reranker" else None)
+                out.append(Served(kind, f"{kind}[{i}]" if listed else kind, name, d, index, i == 0))
+        return out
+
+    def with_deployments(self, specs: list[DeploymentConfig]) -> ServeConfig:
+        """This config with ``served()``'s deployments replaced, in its order (each field keeps its shape)."""
+        given = iter(specs)
+        update: dict[str, Any] = {}
+        for kind in MODEL_FIELDS:
+            value = getattr(self, kind)
+            if value is not None:
+                update[kind] = [next(given) for _ in value] if isinstance(value, list) else next(given)
+        return self.model_copy(update=update)
+
     @model_validator(mode="after")
     def _rules(self) -> ServeConfig:
-        if self.dense is None and self.sparse is None and self.reranker is None:
+        for kind in MODEL_FIELDS:
+            if getattr(self, kind) == []:
+                invalid(kind, ": an empty list; give at least one deployment, or leave the key out")
+        served = self.served()
+        if not served:
             invalid("", ": set at least one of dense:, sparse:, reranker:")
-        if self.index is not None and self.dense is None and self.sparse is None:
-            invalid("index", " needs a dense: or sparse: model to encode queries with")
         if not 0 < self.port < 65536:
             invalid("port", f" must be 1-65535, got {self.port}")
-        names = [d.public_name for d in (self.dense, self.sparse, self.reranker) if d is not None]
-        if len(set(names)) != len(names):
-            invalid("", f": two deployments share the name {names}; set name: on one of them")
-        for key, d in (("dense", self.dense), ("sparse", self.sparse), ("reranker", self.reranker)):
-            if d is None:
-                continue
+        paths: dict[str, str] = {}
+        for m in served:
+            if m.name in paths:
+                invalid(
+                    "",
+                    f": {paths[m.name]} and {m.path} share the name {m.name!r} (name:, else model:); clients pick a"
+                    f" model by its name: set a distinct name: on one of them",
+                )
+            paths[m.name] = m.path
+            d = m.spec
             if d.num_replicas < 1 or d.max_batch_tokens < 1 or d.max_ongoing_requests < 1:
-                invalid(key, ": num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1")
+                invalid(m.path, ": num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1")
             if (d.num_cpus is not None and d.num_cpus < 0) or d.num_gpus < 0:
-                invalid(f"{key}", ": num_cpus and num_gpus must be >= 0")
+                invalid(m.path, ": num_cpus and num_gpus must be >= 0")
+            if m.kind == "reranker" and d.index is not None:
+                invalid(f"{m.path}.index", ": a reranker has no index (it rescores /search's candidates); drop it")
+        self._index_rules(served)
         for name, value in self.limits.model_dump().items():
             if value < 1:
                 invalid(f"limits.{name}", f" must be >= 1, got {value}")
-        self._search_rules()
+        self._search_rules(served)
         return self
 
-    def _search_rules(self) -> None:
+    def _index_rules(self, served: list[Served]) -> None:
+        if self.index is not None and not any(m.index == self.index and m.spec.index is None for m in served):
+            if not any(m.kind != "reranker" for m in served):
+                invalid("index", " needs a dense: or sparse: model to encode queries with")
+            invalid(
+                "index",
+                ": no model searches it (the default dense and sparse models set an index: of their own); drop it",
+            )
+        for m in served:
+            if m.index is not None and not m.default and self.default(m.kind) is not None:
+                first = next(x for x in served if x.kind == m.kind)
+                if first.index is None:
+                    invalid(
+                        f"{first.path}",
+                        f": {m.path} has an index but the default {m.kind} model (the first) has none, so /search "
+                        f"without {m.kind}_model could not use it; list an indexed model first or give this one "
+                        "index:",
+                    )
+
+    def _search_rules(self, served: list[Served]) -> None:
         """The ``search:`` defaults must be requests this app accepts (a request may override them)."""
-        s, lim = self.search, self.limits
-        if s.top_k > lim.max_top_k:
-            invalid("search.top_k", f": {s.top_k} exceeds limits.max_top_k ({lim.max_top_k})")
-        for name in ("dense", "sparse"):
-            if getattr(s.recall, name) > lim.max_recall:
-                invalid(f"search.recall.{name}", f": exceeds limits.max_recall ({lim.max_recall})")
-        if s.rerank and s.rerank_depth > lim.max_rerank_depth:
-            invalid("search.rerank_depth", f": exceeds limits.max_rerank_depth ({lim.max_rerank_depth})")
+        s = self.search
+        problem = search_limit_error(s, self.limits)
+        if problem is not None:
+            invalid(f"search.{problem[0]}", f": {problem[1]}")
         if s.rerank and self.reranker is None:
             invalid("search.rerank", ": true needs a reranker: deployment")
+        retrievers = [m.kind for m in served if m.default and m.index is not None]
+        if retrievers and not any(getattr(s.recall, k) > 0 for k in retrievers):
+            invalid(
+                "search.recall",
+                f": every served retriever is switched off ({', '.join(f'{k}: 0' for k in retrievers)}), so /search "
+                f"would refuse every request that sets no recall; give {' or '.join(retrievers)} a size above 0",
+            )
+
+
+def search_limit_error(s: SearchRequest | SearchDefaults, limits: LimitsConfig) -> tuple[str, str] | None:
+    """(the field, why) of the first of /search's settings over the config's ``limits``, or None.
+    The ingress checks requests with it, the config its ``search:`` defaults."""
+    if s.top_k > limits.max_top_k:
+        return "top_k", f"{s.top_k} exceeds limits.max_top_k ({limits.max_top_k})"
+    for name in ("dense", "sparse"):
+        if getattr(s.recall, name) > limits.max_recall:
+            return f"recall.{name}", f"exceeds limits.max_recall ({limits.max_recall}), got {getattr(s.recall, name)}"
+    if s.rerank and s.rerank_depth > limits.max_rerank_depth:
+        return "rerank_depth", f"exceeds limits.max_rerank_depth ({limits.max_rerank_depth}), got {s.rerank_depth}"
+    return None
 
 
 def replicas(d: DeploymentConfig) -> int:
@@ -171,24 +288,25 @@ def replicas(d: DeploymentConfig) -> int:
 def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     """``cfg`` with every model deployment's ``num_cpus`` and ``torch_threads`` set: what the
     config leaves unset is sized from the cluster (raytrieve.sizing)."""
-    models = {k: d for k in MODEL_FIELDS if (d := getattr(cfg, k)) is not None}
-    unset = sum(replicas(d) for d in models.values() if d.num_cpus is None)
-    taken = sum(replicas(d) * d.num_cpus for d in models.values() if d.num_cpus is not None)
-    light = cfg.ingress_replicas + (1 if cfg.index else 0)
+    models = [m.spec for m in cfg.served()]
+    unset = sum(replicas(d) for d in models if d.num_cpus is None)
+    taken = sum(replicas(d) * d.num_cpus for d in models if d.num_cpus is not None)
+    light = cfg.ingress_replicas + (1 if any(m.index for m in cfg.served()) else 0)
     free = ClusterShape(max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus)
-    update: dict[str, DeploymentConfig] = {}
-    for k, d in models.items():
+    specs = []
+    for d in models:
         cpus = d.num_cpus if d.num_cpus is not None else serve_replica_cpus(free, unset, light)
-        update[k] = d.model_copy(update={"num_cpus": cpus, "torch_threads": d.torch_threads or replica_threads(cpus)})
-    return cfg.model_copy(update=update)
+        specs.append(d.model_copy(update={"num_cpus": cpus, "torch_threads": d.torch_threads or replica_threads(cpus)}))
+    return cfg.with_deployments(specs)
 
 
 def check_fits(cfg: ServeConfig, shape: ClusterShape, where: str = "config") -> None:
     """Refuse, before anything deploys, a sized config whose replicas the cluster cannot hold:
     Ray would otherwise wait forever, logging only that actors cannot be scheduled."""
-    asks = [(k, replicas(d), d.num_cpus or 0.0, d.num_gpus) for k in MODEL_FIELDS if (d := getattr(cfg, k)) is not None]
+    served = cfg.served()
+    asks = [(m.deployment, replicas(m.spec), m.spec.num_cpus or 0.0, m.spec.num_gpus) for m in served]
     asks.append(("ingress", cfg.ingress_replicas, LIGHT_ACTOR_CPUS, 0.0))
-    if cfg.index:
+    if any(m.index for m in served):
         asks.append(("retriever", 1, LIGHT_ACTOR_CPUS, 0.0))
     cpus = sum(n * c for _, n, c, _ in asks)
     gpus = sum(n * g for _, n, _, g in asks)

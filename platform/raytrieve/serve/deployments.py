@@ -2,15 +2,15 @@
 
 ``ModelReplica`` serves one model (dense, sparse or cross-encoder). Requests are grouped by
 ``@serve.batch`` until their estimated tokens reach ``max_batch_tokens``; one batch runs the
-model once per task (query / document), sorted by length inside. ``Retriever`` holds the
-dense and sparse indices (memory-mapped) and the documents' texts.
+model once per task (query / document), sorted by length inside. ``Retriever`` holds every
+index folder the app's models search (memory-mapped) and the documents' texts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -201,36 +201,48 @@ class ModelReplica:
         return out
 
 
+def one_corpus(indices: Mapping[str, Any], where: str = "config") -> None:
+    """/search fuses and looks up document ids across the indices it searches, so every index of
+    an app must hold vectors of one corpus (``Indices`` by folder; their source.json's corpus)."""
+    from raytrieve.errors import ConfigError
+
+    corpora = {folder: ix.source.corpus.config() for folder, ix in indices.items()}
+    first, corpus = next(iter(corpora.items()))
+    for folder, other in corpora.items():
+        if other != corpus:
+            raise ConfigError(
+                f"{where}: the index {folder} holds vectors of the corpus {other.path}, the index {first} those of "
+                f"{corpus.path}; /search fuses and looks up documents across its indices, so they must all come "
+                "from one corpus: build each index from vectors of the same corpus, or serve the other in its own app"
+            )
+
+
 @serve.deployment
 class Retriever:
-    """The indices from `raytrieve index build` and the texts of their documents."""
+    """The indices from `raytrieve index build` (by folder; each model searches its own) and the
+    texts of their documents (one corpus: ``one_corpus``)."""
 
-    def __init__(self, index_path: str) -> None:
+    def __init__(self, folders: list[str]) -> None:
         from raytrieve.index.build import load_indices
         from raytrieve.inference.corpus import read_corpus
 
-        self.indices = load_indices(index_path)
-        data = read_corpus(self.indices.source.corpus.config(), "skip")
+        self.indices = {folder: load_indices(folder) for folder in folders}
+        one_corpus(self.indices, "serve")
+        data = read_corpus(next(iter(self.indices.values())).source.corpus.config(), "skip")
         self.texts = dict(zip(data.ids, data.texts))
 
     def describe(self) -> dict[str, Any]:
-        dense, sparse = self.indices.dense, self.indices.sparse
-        return {
-            "documents": len(self.texts),
-            "dense": len(dense) if dense is not None else None,
-            "sparse": len(sparse) if sparse is not None else None,
-        }
+        out: dict[str, Any] = {"documents": len(self.texts)}
+        for folder, ix in self.indices.items():
+            out[folder] = {k: len(i) if (i := getattr(ix, k)) is not None else None for k in ("dense", "sparse")}
+        return out
 
-    def dense(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-        index = self.indices.dense
-        assert index is not None, "serve's preflight checks that a served dense model has its index"
-        hits = index.search(vector[None, :], top_k=min(k, len(index)))
-        return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
-
-    def sparse(self, vector: tuple[np.ndarray, np.ndarray], k: int) -> list[tuple[str, float]]:
-        index = self.indices.sparse
-        assert index is not None, "serve's preflight checks that a served sparse model has its index"
-        hits = index.search([vector], top_k=min(k, len(index)))
+    def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
+        """The top ``k`` of the ``kind`` (dense / sparse) index in ``folder`` for a query vector."""
+        index = getattr(self.indices[folder], kind)
+        assert index is not None, "serve's preflight checks that each served model's index has its kind"
+        batch = vector[None, :] if kind == "dense" else [vector]
+        hits = index.search(batch, top_k=min(k, len(index)))
         return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
 
     def lookup(self, ids: list[str]) -> list[str]:

@@ -16,43 +16,44 @@ from raytrieve.serve.config import DeploymentConfig, ServeConfig
 
 
 def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
-    """What can fail before Ray starts: the config, each model path, the index folder, and
-    whether the served query models are the ones that encoded the index's documents."""
-    from raytrieve.index.build import load_indices
-    from raytrieve.kinds import MODEL_KINDS
+    """What can fail before Ray starts: the config, each model path, each index folder, and
+    whether each served query model is the one that encoded its index's documents."""
+    from raytrieve.index.build import Indices, load_indices
     from raytrieve.model_ref import is_model_uri, resolve_model
+    from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
-    paths: dict[str, Path] = {}  # serve field -> the model's local folder, resolved once
-    for kind in (k.serve_field for k in MODEL_KINDS.values()):
-        d = getattr(cfg, kind)
-        if d is not None:
-            try:
-                with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-                    paths[kind] = resolve_model(d.model)
-            except RaytrieveError as e:
-                # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
-                # store comes from this config, so the fix names its key too.
-                hint = (
-                    f" (store: {mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)}; set {where}.mlflow_tracking_uri "
-                    "to the store the model is registered in)"
-                    if is_model_uri(d.model)
-                    else ""
-                )
-                raise ConfigError(f"{where}.{kind}.model: {e}{hint}") from None
-    if cfg.index:
-        indices = load_indices(cfg.index)
-        for k in MODEL_KINDS.values():
-            if k.vectors and getattr(cfg, k.serve_field) is not None and getattr(indices, k.vectors) is None:
-                raise ConfigError(
-                    f"{where}.index {cfg.index}: has no {k.vectors}/ index for the {k.serve_field} model; build "
-                    f"it from vectors encoded with that model, or drop {k.serve_field}:"
-                )
-        for field in ("dense", "sparse"):
-            served, built = getattr(cfg, field), getattr(indices.source, field)
-            if served is not None and built is not None and not served.allow_index_model_mismatch:
-                _check_index_model(field, served, paths[field], built.model, built.model_path, where)
+    indices: dict[str, Indices] = {}  # folder -> its indices, loaded once
+    for m in cfg.served():
+        try:
+            with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
+                path = resolve_model(m.spec.model)
+        except RaytrieveError as e:
+            # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
+            # store comes from this config, so the fix names its key too.
+            hint = (
+                f" (store: {mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)}; set {where}.mlflow_tracking_uri "
+                "to the store the model is registered in)"
+                if is_model_uri(m.spec.model)
+                else ""
+            )
+            raise ConfigError(f"{where}.{m.path}.model: {e}{hint}") from None
+        if m.index is None:
+            continue
+        if m.index not in indices:
+            indices[m.index] = load_indices(m.index)
+        key = f"{m.path}.index" if m.spec.index is not None else "index"
+        if getattr(indices[m.index], m.kind) is None:
+            raise ConfigError(
+                f"{where}.{key} {m.index}: has no {m.kind}/ index for the {m.path} model; build it from vectors "
+                f"encoded with that model, or drop {m.path}{':' if m.path == m.kind else ''}"
+            )
+        built = getattr(indices[m.index].source, m.kind)
+        if built is not None and not m.spec.allow_index_model_mismatch:
+            _check_index_model(m.path, m.spec, path, built.model, built.model_path, where)
+    if indices:
+        one_corpus(indices, where)
 
 
 def _check_index_model(

@@ -83,6 +83,11 @@ class SearchRequest(Strict):
     # Also return each stage's full candidate list (dense, sparse, fused; ids and scores), for
     # evaluating every stage of the pipeline from one request.
     return_stages: StrictBool = False
+    # Which served model runs each stage (its name in /v1/models); unset: the kind's default.
+    # A dense or sparse model searches its own index.
+    dense_model: Text | None = None
+    sparse_model: Text | None = None
+    reranker_model: Text | None = None
 
 
 class EmbeddingsRequest(Strict):
@@ -118,7 +123,8 @@ class RerankRequest(Strict):
 # -- Other servers' request bodies -------------------------------------------------------------
 # Field names, types and defaults as those servers define them (TEI: router/src/http/types.rs;
 # Cohere: the cohere SDK's rerank calls; Jina: its /v1/rerank), so their clients work unchanged.
-# What we cannot do is refused by name (422) instead of silently ignored.
+# What we cannot do is refused by name (422) instead of silently ignored. TEI's bodies also take
+# an optional "model" here, as this app may serve several models of a kind.
 
 
 class TeiTruncation(Strict):
@@ -137,6 +143,7 @@ class TeiEmbedRequest(TeiTruncation):
     normalize: StrictBool = True
     prompt_name: Text | None = None
     dimensions: StrictInt | None = None
+    model: Text | None = None  # not TEI's (one model a server): which served model
 
 
 class TeiSparseRequest(TeiTruncation):
@@ -144,6 +151,7 @@ class TeiSparseRequest(TeiTruncation):
 
     inputs: Text | list[Text]
     prompt_name: Text | None = None
+    model: Text | None = None  # not TEI's (one model a server): which served model
 
 
 class TeiRerankRequest(TeiTruncation):
@@ -153,6 +161,7 @@ class TeiRerankRequest(TeiTruncation):
     texts: list[Text]
     raw_scores: StrictBool = False
     return_text: StrictBool = False
+    model: Text | None = None  # not TEI's (one model a server): which served model
 
 
 class TokenizeRequest(Strict):
@@ -161,6 +170,7 @@ class TokenizeRequest(Strict):
     inputs: Text | list[Text]
     add_special_tokens: StrictBool = True
     prompt_name: Text | None = None
+    model: Text | None = None  # not TEI's (one model a server): which served model
 
 
 class RerankDocument(BaseModel):

@@ -53,8 +53,17 @@ class SearchPipeline:
     """Runs ``SearchRequest``s over the given retrievers. Their names ("dense", "sparse") are
     fields of the request's ``recall`` sizes and prefixes of its per-stage scores and timings."""
 
-    def __init__(self, retrievers: Mapping[str, Retrieval], lookup: Lookup, rerank: Rerank | None = None) -> None:
+    def __init__(
+        self,
+        retrievers: Mapping[str, Retrieval],
+        lookup: Lookup,
+        rerank: Rerank | None = None,
+        models: Mapping[str, str] | None = None,
+    ) -> None:
+        """``models``: the name of the model behind each stage ("dense", "sparse", "reranker"),
+        which answers list under ``models`` for the stages they ran."""
         self.retrievers, self.lookup, self.rerank = dict(retrievers), lookup, rerank
+        self.models = dict(models or {})
 
     async def search(self, request: SearchRequest) -> dict[str, Any]:
         if request.rerank and self.rerank is None:
@@ -133,9 +142,11 @@ class SearchPipeline:
             if request.return_text:
                 hit["text"] = texts[rank - 1]
             hits.append(hit)
+        ran = [*lists, *(["reranker"] if reranked else [])]
         answer: dict[str, Any] = {
             "query": request.query,
             "hits": hits,
+            "models": {stage: self.models[stage] for stage in ran if stage in self.models},
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
         }
         if request.return_stages:

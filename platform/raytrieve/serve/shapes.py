@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from raytrieve.serve.config import DeploymentConfig, LimitsConfig
+from raytrieve.serve.config import DeploymentConfig, LimitsConfig, search_limit_error
 from raytrieve.serve.http_guard import ApiError
 from raytrieve.serve.schemas import SearchRequest
 
@@ -37,13 +37,9 @@ def checked_texts(value: str | list[str], field: str, limit_count: int, limit_ch
 def check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
     """The config's bounds on a /search request; what the pipeline cannot serve it refuses itself."""
     checked_texts(body.query, "query", 1, limits.max_text_chars)
-    if body.top_k > limits.max_top_k:
-        raise ApiError(422, "top_k", f"top_k: {body.top_k}, at most {limits.max_top_k}")
-    for name in ("dense", "sparse"):
-        if getattr(body.recall, name) > limits.max_recall:
-            raise ApiError(422, f"recall.{name}", f"recall.{name}: at most {limits.max_recall}")
-    if body.rerank and body.rerank_depth > limits.max_rerank_depth:
-        raise ApiError(422, "rerank_depth", f"rerank_depth: at most {limits.max_rerank_depth}")
+    problem = search_limit_error(body, limits)
+    if problem is not None:
+        raise ApiError(422, problem[0], f"{problem[0]}: {problem[1]}")
 
 
 def encode_vector(v: np.ndarray, fmt: str) -> Any:

@@ -1,0 +1,251 @@
+"""Several models per Serve application, without Ray: the config (one deployment or a list per
+kind, names, indices, sizing, the search: defaults) and the ingress's model table (which
+deployment a request's model names, /search over the models it picks, each with its index),
+driven with in-process stand-ins for the deployment handles."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from raytrieve.config import from_dict
+from raytrieve.errors import ConfigError
+from raytrieve.serve.config import LimitsConfig, SearchDefaults, ServeConfig, check_fits, search_limit_error, sized
+from raytrieve.serve.http_guard import ApiError
+from raytrieve.serve.schemas import SearchRequest
+from raytrieve.serve.shapes import check_search_limits
+from raytrieve.sizing import ClusterShape
+
+
+def _cfg(**keys) -> ServeConfig:
+    return from_dict(ServeConfig, keys, where="serve.yaml")
+
+
+def _refused(keys: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**keys)
+
+
+TWO_DENSE = {
+    "dense": [{"model": "all-minilm-l6-v2", "index": "/idx/minilm"}, {"model": "bge", "name": "b", "index": "/idx/b"}],
+    "sparse": {"model": "splade-tiny"},
+    "reranker": [{"model": "ms-marco-minilm-l12-v2"}, {"model": "tiny-cross", "name": "small"}],
+    "index": "/idx/minilm",
+}
+
+
+def test_a_kind_takes_one_deployment_or_a_list_and_the_first_is_the_default():
+    one = _cfg(dense={"model": "m"}, index="/idx")
+    assert one.dense.model == "m"  # type: ignore[union-attr]  (a single deployment stays one)
+    assert [(m.kind, m.path, m.deployment, m.name, m.index, m.default) for m in one.served()] == [
+        ("dense", "dense", "dense", "m", "/idx", True)
+    ]
+    cfg = _cfg(**TWO_DENSE)
+    assert [(m.path, m.deployment, m.name, m.index, m.default) for m in cfg.served()] == [
+        ("dense[0]", "dense", "all-minilm-l6-v2", "/idx/minilm", True),
+        ("dense[1]", "dense-b", "b", "/idx/b", False),
+        ("sparse", "sparse", "splade-tiny", "/idx/minilm", True),  # the top-level index: the default's
+        ("reranker[0]", "reranker", "ms-marco-minilm-l12-v2", None, True),
+        ("reranker[1]", "reranker-small", "small", None, False),
+    ]
+    assert cfg.default("reranker").model == "ms-marco-minilm-l12-v2"  # type: ignore[union-attr]
+    # A dump loads again into the same config, each key in its own shape.
+    assert _cfg(**cfg.model_dump()) == cfg and isinstance(cfg.model_dump()["sparse"], dict)
+
+
+def test_names_must_be_distinct_and_errors_name_the_keys():
+    _refused({"dense": [{"model": "m"}, {"model": "m"}]}, r"serve.yaml: dense\[0\] and dense\[1\] share the name 'm'")
+    _refused(
+        {"dense": {"model": "m"}, "reranker": [{"model": "r"}, {"model": "x", "name": "m"}]},
+        r"dense and reranker\[1\] share the name 'm'.*set a distinct name",
+    )
+    _refused({"dense": []}, "serve.yaml.dense: an empty list")
+    # pydantic's errors name the key in the shape given, not each shape it tried.
+    _refused(
+        {"dense": [{"model": "m"}, {"model": "n", "replicas": 2}]},
+        r"^serve.yaml.dense\[1\]: unknown key\(s\) \['replicas'\]; valid keys",
+    )
+    _refused({"dense": {"name": "x"}}, r"^serve.yaml.dense: missing required key 'model'$")
+    _refused({"dense": 5}, r"^serve.yaml.dense: expected a mapping or a list of mappings, got 5$")
+
+
+def test_index_rules():
+    _refused({"reranker": [{"model": "r", "index": "/i"}]}, r"reranker\[0\].index: a reranker has no index")
+    _refused(
+        {"dense": [{"model": "a"}, {"model": "b", "index": "/i"}]},
+        r"serve.yaml.dense\[0\]: dense\[1\] has an index but the default dense model .* has none",
+    )
+    _refused({"dense": {"model": "a", "index": "/j"}, "index": "/i"}, "serve.yaml.index: no model searches it")
+    _refused({"reranker": {"model": "r"}, "index": "/i"}, "index needs a dense: or sparse: model")
+    # Each default without an index of its own gets the top-level one; the others none.
+    cfg = _cfg(dense=[{"model": "a", "index": "/a"}, {"model": "b"}], sparse={"model": "s"}, index="/i")
+    assert [m.index for m in cfg.served()] == ["/a", None, "/i"]
+
+
+def test_search_limits_are_one_rule_for_the_config_and_the_requests():
+    limits = LimitsConfig(max_top_k=20, max_recall=150, max_rerank_depth=30)
+    cases = [
+        ({"top_k": 21}, "top_k"),
+        ({"recall": {"sparse": 151}}, "recall.sparse"),
+        ({"rerank": True, "rerank_depth": 31}, "rerank_depth"),
+    ]
+    for fields, field in cases:
+        request = SearchRequest.model_validate({"query": "q", **fields})
+        assert search_limit_error(request, limits)[0] == field  # type: ignore[index]
+        assert search_limit_error(SearchDefaults.model_validate(fields), limits)[0] == field  # type: ignore[index]
+        with pytest.raises(ApiError) as e:
+            check_search_limits(request, limits)
+        assert (e.value.status, e.value.field) == (422, field)
+        _refused(
+            {"dense": {"model": "m"}, "limits": limits.model_dump(), "search": fields}, f"serve.yaml.search.{field}: "
+        )
+    assert search_limit_error(SearchRequest(query="q", rerank_depth=31), limits) is None  # no rerank: not checked
+
+
+def test_search_defaults_that_switch_off_every_served_retriever_are_refused():
+    both = {"dense": {"model": "m"}, "sparse": {"model": "s"}, "index": "/i"}
+    _refused(
+        {**both, "search": {"recall": {"dense": 0, "sparse": 0}}},
+        r"serve.yaml.search.recall: every served retriever is switched off \(dense: 0, sparse: 0\).*dense or sparse",
+    )
+    assert _cfg(**both, search={"recall": {"dense": 0}}).search.recall.sparse == 100  # one left on
+    # Without an index there is no /search to switch off; a kind not served does not count.
+    assert _cfg(dense={"model": "m"}, search={"recall": {"dense": 0}})
+    _refused(
+        {"dense": {"model": "m"}, "index": "/i", "search": {"recall": {"dense": 0, "sparse": 7}}},
+        r"switched off \(dense: 0\)",
+    )
+
+
+def test_sizing_and_fit_count_every_deployment():
+    cfg = sized(_cfg(**TWO_DENSE), ClusterShape(cpus=4, largest_node_cpus=4))
+    specs = [m.spec for m in cfg.served()]
+    assert len(specs) == 5 and all(d.num_cpus == pytest.approx(0.75) for d in specs)  # (4 - 0.2) / 5 -> 0.75
+    assert isinstance(cfg.dense, list) and not isinstance(cfg.sparse, list)  # each key keeps its shape
+    check_fits(cfg, ClusterShape(cpus=4, largest_node_cpus=4))
+    with pytest.raises(ConfigError, match=r"ask for 3.95 CPU.*dense-b 1 x 0.75 CPU.*reranker-small 1 x 0.75 CPU"):
+        check_fits(cfg, ClusterShape(cpus=2, largest_node_cpus=2))
+
+
+# -- The model table over stand-in handles ------------------------------------------------------
+
+
+class Call:
+    """A stand-in for a deployment handle (or one of its methods): ``remote`` awaits ``fn``."""
+
+    def __init__(self, fn, **methods) -> None:
+        self.fn = fn
+        for name, method in methods.items():
+            setattr(self, name, Call(method))
+
+    async def remote(self, *args):
+        return self.fn(*args)
+
+
+def _table():
+    from raytrieve.serve.models import ModelTable
+
+    cfg = _cfg(**TWO_DENSE)
+    # Each dense model embeds a query as its own vector; each index holds documents only that
+    # model's vector finds first. The reranker scores by text length (small: the opposite).
+    vectors = {"all-minilm-l6-v2": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])}
+    docs = {"/idx/minilm": {"a1": [1.0, 0.0], "a2": [0.5, 0.5]}, "/idx/b": {"b1": [0.0, 1.0], "b2": [0.1, 0.2]}}
+
+    def dense(name):
+        return Call(lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)))
+
+    def search(folder, kind, vector, k):
+        if kind == "sparse":
+            return [("a2", 1.0)]
+        scored = sorted(((d, float(np.dot(v, vector))) for d, v in docs[folder].items()), key=lambda x: -x[1])
+        return scored[:k]
+
+    def reranker(sign):
+        return Call(lambda pairs, task=None: ([sign * len(t) for _, t in pairs], [1] * len(pairs)))
+
+    handles = {
+        "dense": [dense("all-minilm-l6-v2"), dense("b")],
+        "sparse": [Call(lambda *a: ([None], [1]))],
+        "reranker": [reranker(1), reranker(-1)],
+    }
+    length = {"a1": 1, "a2": 3, "b1": 2, "b2": 1}
+    retriever = Call(None, search=search, lookup=lambda ids: ["x" * length[i] for i in ids])
+    return ModelTable(cfg, handles, retriever), handles
+
+
+def test_requests_pick_their_model_by_name_and_unknown_names_are_4xx_naming_the_field():
+    table, handles = _table()
+    assert table.pick("dense", None)[1] is handles["dense"][0] and table.pick("dense", "b")[1] is handles["dense"][1]
+    assert table.pick("reranker", "small")[1] is handles["reranker"][1]
+    assert table.pick_any("small")[0].kind == "reranker" and table.pick_any(None)[0].name == "all-minilm-l6-v2"
+    for requested, why in (("gpt-4", "no model 'gpt-4' is served here"), ("small", "'small' is a reranker model")):
+        with pytest.raises(ApiError) as e:
+            table.pick("dense", requested)
+        assert (e.value.status, e.value.field, e.value.kind) == (404, "model", "model_not_found")
+        assert why in e.value.message and "dense models here: ['all-minilm-l6-v2', 'b']" in e.value.message
+
+
+def test_search_uses_the_models_a_request_names_each_with_its_own_index():
+    table, _ = _table()
+
+    def search(**fields):
+        request = SearchRequest.model_validate({"query": "q", "recall": {"sparse": 0}, **fields})
+        return asyncio.run(table.pipeline(request).search(request))
+
+    default = search()
+    assert [h["id"] for h in default["hits"]] == ["a1", "a2"] and default["models"] == {"dense": "all-minilm-l6-v2"}
+    other = search(dense_model="b")
+    assert [h["id"] for h in other["hits"]] == ["b1", "b2"] and other["models"] == {"dense": "b"}
+    hybrid = search(dense_model="b", recall={"sparse": 5}, rerank=True, reranker_model="small")
+    assert hybrid["models"] == {"dense": "b", "sparse": "splade-tiny", "reranker": "small"}
+    assert [h["id"] for h in hybrid["hits"]] == ["b2", "b1", "a2"]  # small: shorter texts first
+    longer = search(dense_model="b", recall={"sparse": 5}, rerank=True)  # the default reranker: longer first
+    assert [h["id"] for h in longer["hits"]] == ["a2", "b1", "b2"]
+    assert longer["models"]["reranker"] == "ms-marco-minilm-l12-v2"
+    for fields, field in (
+        ({"dense_model": "nope"}, "dense_model"),
+        ({"dense_model": "small"}, "dense_model"),
+        ({"reranker_model": "b"}, "reranker_model"),
+        ({"sparse_model": "b"}, "sparse_model"),
+    ):
+        with pytest.raises(ApiError) as e:
+            search(**fields)
+        assert (e.value.status, e.value.field) == (422, field) and e.value.message.startswith(f"{field}: ")
+
+
+def test_the_shipped_two_model_example_loads_and_fits_two_cpus():
+    from pathlib import Path
+
+    from raytrieve.serve.config import load_serve_config
+
+    path = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "serve_pydocs_two_models.yaml"
+    cfg = load_serve_config(str(path))
+    assert [(m.name, m.index, m.default) for m in cfg.served()] == [
+        ("all-minilm-l6-v2", "out/pydocs-test/index", True),
+        ("minilm-tuned", "out/pydocs-test/index-tuned", False),
+        ("splade-tiny", "out/pydocs-test/index", True),
+        ("ms-marco-minilm-l12-v2", None, True),
+        ("cross-bce", None, False),
+    ]
+    laptop = ClusterShape(cpus=2, largest_node_cpus=2)
+    check_fits(sized(cfg, laptop), laptop)
+
+
+def test_the_indices_of_an_app_must_come_from_one_corpus():
+    """/search fuses and looks up ids across the indices it searches: another corpus's index is
+    refused (at start, and by the retriever of an app built without the start's checks)."""
+    from types import SimpleNamespace
+
+    from raytrieve.inference.config import CorpusConfig
+    from raytrieve.serve.deployments import one_corpus
+
+    def index(path: str, **changes):
+        corpus = CorpusConfig.model_validate({"path": path, **changes})
+        return SimpleNamespace(source=SimpleNamespace(corpus=SimpleNamespace(config=lambda: corpus)))
+
+    one_corpus({"/i1": index("c.parquet"), "/i2": index("c.parquet")})
+    for other in (index("d.parquet"), index("c.parquet", text_column="title")):
+        with pytest.raises(ConfigError, match=r"^serve.yaml: the index /i2 holds vectors of the corpus .*one corpus"):
+            one_corpus({"/i1": index("c.parquet"), "/i2": other}, "serve.yaml")
