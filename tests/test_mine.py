@@ -160,3 +160,5 @@ def test_mine_config_errors(pairs_file, tmp_path):
         _cfg(pairs_file, tmp_path, output_format="quads")
     with pytest.raises(ConfigError, match=r"output_path must name a \.parquet file"):
         _cfg(pairs_file, tmp_path, output_path=str(tmp_path / "x.csv")).check()
+    with pytest.raises(ConfigError, match=r"reranker\.token_budget must be >= 1"):
+        _cfg(pairs_file, tmp_path, reranker={"model": "m", "token_budget": 0}).check()
