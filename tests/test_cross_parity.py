@@ -62,3 +62,50 @@ def test_multi_label_softmax_and_round_trips(st, tiny_dirs, tmp_path):
     back = st.CrossEncoder(str(tmp_path / "ours"), device="cpu")
     np.testing.assert_allclose(one.predict(pairs), back.predict(pairs), atol=ATOL)
     assert np.all((one.predict(pairs) > 0) & (one.predict(pairs) < 1))
+
+
+def test_token_budget_bounds_each_batch_and_keeps_sentence_transformers_scores(st, tiny_dirs, monkeypatch):
+    from raytrieve.errors import InputError
+
+    max_len, budget = 32, 96
+    ours = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    ours.max_seq_length = max_len
+    ref = st.CrossEncoder(str(tiny_dirs["cls1"]), device="cpu", max_length=max_len)
+    # Mixed lengths: one-word pairs, sentence pairs, and pairs far over max_seq_length, shuffled.
+    long_text = " ".join(SENTENCES)
+    pairs = [(s.split()[0], s.split()[-1]) for s in SENTENCES]
+    pairs += list(zip(SENTENCES, SENTENCES[::-1]))
+    pairs += [(s, long_text) for s in SENTENCES[:4]] + [(long_text, long_text)]
+    pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))]
+    lengths = [len(ref.tokenizer(q, d)["input_ids"]) for q, d in pairs]
+    assert min(lengths) < 8 and max(lengths) > 2 * max_len
+
+    shapes = []
+    forward = ours.forward
+
+    def spy(features, **kwargs):
+        shapes.append(tuple(features["input_ids"].shape))
+        return forward(features, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", spy)
+    scores = ours.predict(pairs, batch_size=64, token_budget=budget)
+    np.testing.assert_allclose(scores, ref.predict(pairs, batch_size=64), atol=ATOL)
+    assert all(rows * width <= budget for rows, width in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == len(pairs)
+    # Long pairs are cut to max_seq_length; short ones share bigger batches than long ones.
+    assert max(width for _, width in shapes) == max_len
+    assert max(rows for rows, _ in shapes) > budget // max_len
+
+    shapes.clear()
+    docs = [d for _, d in pairs]
+    ours_rank = ours.rank(QUERY, docs, token_budget=budget)
+    ref_rank = ref.rank(QUERY, docs)
+    assert [h["corpus_id"] for h in ours_rank] == [h["corpus_id"] for h in ref_rank]
+    np.testing.assert_allclose([h["score"] for h in ours_rank], [h["score"] for h in ref_rank], atol=ATOL)
+    assert shapes and all(rows * width <= budget for rows, width in shapes)
+
+    for bad in (0, -8):
+        with pytest.raises(InputError, match="token_budget"):
+            ours.predict(pairs, token_budget=bad)
+        with pytest.raises(InputError, match="token_budget"):
+            ours.rank(QUERY, docs, token_budget=bad)

@@ -625,6 +625,7 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x"], "nothing retrieves"),
         (["--data", "x", "--url", "http://h", "--dense", "m"], "--url evaluates the app's own models"),
         (["--data", "x", "--dense", "m", "--k", "0"], "--k must be >= 1"),
+        (["--data", "x", "--dense", "m", "--token-budget", "0"], "--token-budget must be >= 1"),
         (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
         (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
         (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),

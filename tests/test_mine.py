@@ -95,7 +95,7 @@ def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_fil
 
     cfg = _cfg(pairs_file, tmp_path, output_format="triplet", **positives_vectors,
                reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5, "max_seq_length": 128,
-                         "dtype": "float32"},
+                         "token_budget": 512, "dtype": "float32"},
                selection={"num_negatives": 2, "range_max": 8, "max_score": 0.5})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()
@@ -160,3 +160,5 @@ def test_mine_config_errors(pairs_file, tmp_path):
         _cfg(pairs_file, tmp_path, output_format="quads")
     with pytest.raises(ConfigError, match=r"output_path must name a \.parquet file"):
         _cfg(pairs_file, tmp_path, output_path=str(tmp_path / "x.csv")).check()
+    with pytest.raises(ConfigError, match=r"reranker\.token_budget must be >= 1"):
+        _cfg(pairs_file, tmp_path, reranker={"model": "m", "token_budget": 0}).check()

@@ -105,4 +105,5 @@ def _score_pairs(reranker: DeploymentConfig) -> Any:
         trust_remote_code=reranker.trust_remote_code,
         dtype=reranker.dtype,
     )
-    return lambda pairs: model.predict(pairs, batch_size=32, show_progress_bar=False)
+    budget = reranker.max_batch_tokens  # the replica's budget per forward pass
+    return lambda pairs: model.predict(pairs, batch_size=32, token_budget=budget, show_progress_bar=False)

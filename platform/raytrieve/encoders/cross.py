@@ -112,9 +112,14 @@ class CrossEncoder(Encoder):
         device: str | torch.device | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        token_budget: int | None = None,
     ) -> np.ndarray | Tensor:
         """Scores for (query, document) pairs in input order: [n] for one label, [n, labels] else.
         ``sentences`` may be ``Pretokenized`` pairs (prompt included).
+
+        Pairs run sorted by token length (after truncation to max_seq_length). ``token_budget``
+        caps a batch's padded tokens (rows x longest pair) instead of a fixed row count, as in
+        ``DenseEncoder.encode``; ``batch_size`` then only caps the rows.
 
         The activation (sigmoid for one label by default) is applied to the logits;
         ``apply_softmax`` normalizes multi-label scores.
@@ -139,6 +144,7 @@ class CrossEncoder(Encoder):
             device=device,
             show_progress_bar=show_progress_bar,
             collect=collect,
+            token_budget=token_budget,
             empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
         )
         if not convert_to_tensor and convert_to_numpy:
@@ -173,15 +179,18 @@ class CrossEncoder(Encoder):
         top_k: int | None = None,
         return_documents: bool = False,
         batch_size: int = 32,
+        token_budget: int | None = None,
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
-        """Documents sorted by score: [{"corpus_id", "score", ("text")}], best first."""
+        """Documents sorted by score: [{"corpus_id", "score", ("text")}], best first.
+        ``token_budget`` and the other keywords are ``predict``'s."""
         if not isinstance(query, str):
             raise InputError(f"query must be a string, got {type(query).__name__}")
         docs, _ = self._as_list(documents, "documents")
         if self.num_labels != 1:
             raise InputError(f"rank needs a single-label model; this one has {self.num_labels} labels")
-        scores = self.predict([(query, d) for d in docs], batch_size=batch_size, **kwargs)
+        pairs = [(query, d) for d in docs]
+        scores = self.predict(pairs, batch_size=batch_size, token_budget=token_budget, **kwargs)
         order = np.argsort(-np.asarray(scores), kind="stable")
         if top_k is not None:
             order = order[:top_k]

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ranking.add_argument("--normalization", choices=["minmax", "zscore", "none"], default="minmax")
     ranking.add_argument("--max-seq-length", type=int, help="truncate texts for every model (default: each model's)")
     ranking.add_argument("--batch-size", type=int, default=32)
+    ranking.add_argument(
+        "--token-budget",
+        type=int,
+        help="the reranker's padded tokens per batch (pairs x longest pair; --batch-size then caps the pairs)",
+    )
     ranking.add_argument("--dtype", default="float32", help="float32 (exact), auto, bfloat16, float16 or int8")
     ranking.add_argument(
         "--max-in-process-rows",
@@ -103,7 +108,7 @@ def _columns(items: list[str]) -> Any:
 
 def _check(args: argparse.Namespace) -> None:
     """Flags that contradict each other, before any file is read."""
-    _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients")
+    _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients", "token_budget")
     _positive(args, "bootstrap_rounds", "max_in_process_rows")
     from raytrieve.config import Dtype
 
@@ -164,6 +169,7 @@ def _settings(args: argparse.Namespace) -> Any:
         fusion=fusion,
         rerank_depth=args.rerank_depth,
         batch_size=args.batch_size,
+        token_budget=args.token_budget,
         max_seq_length=args.max_seq_length,
         dtype=args.dtype,
     )

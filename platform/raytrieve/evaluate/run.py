@@ -71,6 +71,7 @@ class RunOptions:
     fusion: Fusion = field(default_factory=Fusion)
     rerank_depth: int = 50
     batch_size: int = 32
+    token_budget: int | None = None  # the reranker's padded tokens per batch (None: batch_size pairs)
     max_seq_length: int | None = None
     dtype: str = "float32"
 
@@ -126,7 +127,10 @@ def cross_encoder(model: str, options: RunOptions) -> Callable[[list[tuple[str, 
     encoder = load_encoder("cross", model, max_seq_length=options.max_seq_length, dtype=options.dtype)
 
     def score(pairs: list[tuple[str, str]]) -> Sequence[float]:
-        return encoder.predict(pairs, batch_size=options.batch_size, show_progress_bar=False).tolist()
+        scores = encoder.predict(
+            pairs, batch_size=options.batch_size, token_budget=options.token_budget, show_progress_bar=False
+        )
+        return scores.tolist()
 
     return score
 

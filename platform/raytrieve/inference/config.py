@@ -154,6 +154,13 @@ class RerankerConfig(ConfigModel):
     max_seq_length: int | None = None
     dtype: Dtype = dtype_field()
     batch_size: int = 32
+    token_budget: int | None = Field(
+        default=None,
+        description=(
+            "padded tokens per forward pass (rows x longest pair, pairs sorted by length); batch_size then "
+            "only caps the rows. Default: batches of batch_size pairs"
+        ),
+    )
     actors: int = Field(default=1, description="Ray Data actor pool that scores (query, candidate) pairs")
     cpus_per_actor: float = 1.0
 
@@ -204,6 +211,8 @@ class MineConfig(ConfigModel):
             invalid("selection", f": min_score {s.min_score} > max_score {s.max_score}")
         if self.retriever.batch_size < 1 or (self.reranker and self.reranker.batch_size < 1):
             invalid("", ": batch_size must be >= 1")
+        if self.reranker and self.reranker.token_budget is not None and self.reranker.token_budget < 1:
+            invalid("reranker.token_budget", f" must be >= 1, got {self.reranker.token_budget}")
         if not self.output_path.endswith(".parquet"):
             invalid("output_path", f" must name a .parquet file, got {self.output_path!r}")
         return self

@@ -74,7 +74,7 @@ class ShardLookup:
                 max_seq_length=reranker["max_seq_length"],
                 dtype=reranker["dtype"],
             )
-            self.batch_size = reranker["batch_size"]
+            self.batch_size, self.token_budget = reranker["batch_size"], reranker["token_budget"]
             self.queries = ray.get(queries)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -95,7 +95,9 @@ class ShardLookup:
             out["shard"].append(spec.shard)
             if self.model is not None:
                 pairs = [(self.queries[q], t) for q, t in zip(row["query"], texts)]
-                scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
+                scores = self.model.predict(
+                    pairs, batch_size=self.batch_size, token_budget=self.token_budget, show_progress_bar=False
+                )
                 out["scores"].append(np.asarray(scores, dtype=np.float32).tolist())
                 out["texts"].append([])
             else:

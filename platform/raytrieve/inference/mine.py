@@ -235,6 +235,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             "max_seq_length": rr.max_seq_length,
             "dtype": rr.dtype,
             "batch_size": rr.batch_size,
+            "token_budget": rr.token_budget,
             "device": "cuda" if use_gpu else "cpu",
             "threads": max(1, int(rr.cpus_per_actor)),
         }
@@ -255,6 +256,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             reranker["model"],
             max_seq_length=rr.max_seq_length,
             batch_size=rr.batch_size,
+            token_budget=rr.token_budget,
             actors=rr.actors,
             cpus_per_actor=rr.cpus_per_actor,
         )

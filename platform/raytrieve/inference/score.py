@@ -15,7 +15,15 @@ CHUNK = 512
 
 
 class ScorePairs:
-    def __init__(self, model_path: str, max_seq_length: int | None, batch_size: int, device: str, threads: int) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        max_seq_length: int | None,
+        batch_size: int,
+        device: str,
+        threads: int,
+        token_budget: int | None = None,
+    ) -> None:
         import torch
 
         from raytrieve.encoders import CrossEncoder
@@ -24,13 +32,16 @@ class ScorePairs:
         self.model = CrossEncoder(model_path, device=device)
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
-        self.batch_size = batch_size
+        self.batch_size, self.token_budget = batch_size, token_budget
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores = [
             np.asarray(
                 self.model.predict(
-                    [tuple(p) for p in json.loads(payload)], batch_size=self.batch_size, show_progress_bar=False
+                    [tuple(p) for p in json.loads(payload)],
+                    batch_size=self.batch_size,
+                    token_budget=self.token_budget,
+                    show_progress_bar=False,
                 ),
                 dtype=np.float32,
             ).tobytes()
@@ -45,6 +56,7 @@ def score_pairs(
     *,
     max_seq_length: int | None = None,
     batch_size: int = 32,
+    token_budget: int | None = None,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
 ) -> np.ndarray:
@@ -67,6 +79,7 @@ def score_pairs(
             "model_path": model_path,
             "max_seq_length": max_seq_length,
             "batch_size": batch_size,
+            "token_budget": token_budget,
             "device": "cuda" if use_gpu else "cpu",
             "threads": threads,
         },

@@ -158,7 +158,14 @@ class ModelReplica:
             import torch
 
             activation = torch.nn.Identity() if task == "logits" else None
-            scores = model.predict(ids, batch_size=64, show_progress_bar=False, activation_fn=activation, prompt=prompt)
+            scores = model.predict(
+                ids,
+                batch_size=64,
+                token_budget=budget,
+                show_progress_bar=False,
+                activation_fn=activation,
+                prompt=prompt,
+            )
             return np.asarray(scores, dtype=np.float32), tokens
         common: dict[str, Any] = {"task": route, "prompt": prompt, "batch_size": 256, "token_budget": budget}
         if self.kind == "dense":
