@@ -151,7 +151,9 @@ class Stage:
     def update(self, n: int = 1, **info: Any) -> None:
         self.set(self.done + n, **info)
 
-    def set(self, done: int, **info: Any) -> None:
+    def set(self, done: int, *, seconds: float | None = None, **info: Any) -> None:
+        """``seconds``: how long this run's units took by the counter's own clock (a count from
+        another process, which may be over before this stage first sees it); the rate uses it."""
         if self.closed:
             return
         moved = done - self.done
@@ -159,6 +161,8 @@ class Stage:
         self.info.update(info)
         if moved:
             self.t_moved = self.clock()
+        if seconds is not None and seconds > 0 and done > self.base:
+            self.t_base = self.t_moved - seconds
         if self._bar is not None:
             if info:
                 self._bar.set_postfix({k: _number(v) for k, v in self.info.items()}, refresh=False)
@@ -268,9 +272,7 @@ class ClusterCount:
             if not based:
                 based = True
                 into.rebase(start)
-            into.set(done, **info)
-            if isinstance(seconds, (int, float)) and seconds > 0 and done > into.base:
-                into.t_base = into.t_moved - float(seconds)
+            into.set(done, seconds=float(seconds) if isinstance(seconds, (int, float)) else None, **info)
 
         try:
             with periodic(every_s, tick, name="progress-follow"):
