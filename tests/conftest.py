@@ -131,9 +131,20 @@ def _ray_session():
     # processes inherit: make it this venv's, as a cluster image has raytrieve's dependencies
     # (cluster/local.sh does the same for a head it starts).
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    # The embedded start users get (raytrieve.ray_cluster: its dashboard serves Ray's state API).
     # Ray Train's controller polls its workers every 2 s by default, so each run would end up to
-    # two polls after its last step; the tests' runs last seconds, so poll more often.
+    # two polls after its last step; the tests' runs last seconds, so poll more often. In this
+    # process's environment, not only the session's runtime env: Ray Train reads it from the
+    # driver's, and the drivers the tests start (jobs/train.py joined to this cluster, `ray job
+    # submit`, whose driver the head started from this environment) have their own runtime env.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # A node whose raylet is gone (the kill tests' second node) is declared dead after 5 failed
+    # health checks; Ray checks every 3 s, so a job waited ~15 s before its lost tasks moved to
+    # the head. Checking every 1 s finds it in ~5 s. A dead raylet fails a check at once
+    # (connection refused); one that is merely slow on a loaded host still gets the 10 s
+    # timeout per check, so a busy node is no likelier to be declared dead. Read by the GCS
+    # this process starts.
+    os.environ.setdefault("RAY_health_check_period_ms", "1000")
+    # The embedded start users get (raytrieve.ray_cluster: its dashboard serves Ray's state API).
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     dashboard = connect("local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env})
     assert dashboard is not None, "the embedded Ray runs a dashboard"

@@ -96,7 +96,7 @@ def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_fil
     cfg = _cfg(pairs_file, tmp_path, output_format="triplet", **positives_vectors,
                reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5, "max_seq_length": 128,
                          "token_budget": 512, "dtype": "float32"},
-               selection={"num_negatives": 2, "range_max": 8, "max_score": 0.5})
+               selection={"num_negatives": 2, "range_max": 4, "max_score": 0.5})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "positive", "negative"] and len(table["query"]) == result.negatives > 0

@@ -112,6 +112,11 @@ class ShardLookup:
         )
 
 
+def _lookup_texts(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
+    """Ray Data task: the texts of each shard's requested ids (``ShardLookup`` without a model)."""
+    return ShardLookup(corpus)(batch)
+
+
 def _run(
     encoded: EncodedCorpus,
     ids: list[str],
@@ -140,18 +145,27 @@ def _run(
                 "query": query[mine].tolist() if query is not None else [],
             }
         )
-    kwargs: dict[str, Any] = {"corpus": encoded.corpus}
-    if reranker is not None:
-        kwargs.update(queries=ray.put(queries), reranker=reranker)
-    ds = ray.data.from_items(requests, override_num_blocks=max(1, len(requests))).map_batches(
-        ShardLookup,
-        fn_constructor_kwargs=kwargs,
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=1 if reranker is not None and reranker["device"] == "cuda" else 0,
-        batch_size=1,
-        batch_format="pyarrow",
-    )
+    items = ray.data.from_items(requests, override_num_blocks=max(1, len(requests)))
+    if reranker is None:
+        # Nothing to load: tasks, not an actor pool. They run on workers Ray keeps warm (no new
+        # process to start, as an actor would be) and read as many shards at once as the cluster holds.
+        ds = items.map_batches(
+            _lookup_texts,  # pyright: ignore[reportArgumentType]  (fn_kwargs gives its corpus argument)
+            fn_kwargs={"corpus": encoded.corpus},
+            num_cpus=cpus,
+            batch_size=1,
+            batch_format="pyarrow",
+        )
+    else:
+        ds = items.map_batches(
+            ShardLookup,
+            fn_constructor_kwargs={"corpus": encoded.corpus, "queries": ray.put(queries), "reranker": reranker},
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=1 if reranker["device"] == "cuda" else 0,
+            batch_size=1,
+            batch_format="pyarrow",
+        )
     try:
         return {int(r["shard"]): (r["scores"] if reranker is not None else r["texts"]) for r in ds.iter_rows()}
     except Exception as e:
@@ -169,14 +183,12 @@ def _in_request_order(encoded: EncodedCorpus, rows: np.ndarray, per_shard: dict[
     return out
 
 
-def fetch_texts(
-    encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, actors: int = 1, cpus: float = 0.5
-) -> dict[int, str]:
-    """The corpus text of each vector row in ``rows`` (``ids``: every row's id)."""
+def fetch_texts(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, cpus: float = 0.5) -> dict[int, str]:
+    """The corpus text of each vector row in ``rows`` (``ids``: every row's id); a task per shard."""
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if not len(rows):
         return {}
-    texts = _in_request_order(encoded, rows, _run(encoded, ids, rows, None, None, None, actors, cpus))
+    texts = _in_request_order(encoded, rows, _run(encoded, ids, rows, None, None, None, 1, cpus))
     return dict(zip(rows.tolist(), texts))
 
 
