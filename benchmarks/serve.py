@@ -48,8 +48,6 @@ def main() -> None:
     parser.add_argument("--embed-texts", type=int, default=1024)
     parser.add_argument("--rerank-threads", type=int, default=None,
                         help="the reranker replica's torch_threads (default: the serve config's default)")
-    parser.add_argument("--single-text-float32", choices=("true", "false"), default=None,
-                        help="the query encoders' single_text_float32 (default: the config's default)")
     args = parser.parse_args()
 
     import numpy as np
@@ -84,11 +82,9 @@ def main() -> None:
         build_indices(work / "vectors", work / "index")
 
     threads = max(1, os.cpu_count() // 2)
-    lone = {} if args.single_text_float32 is None else {"single_text_float32": args.single_text_float32 == "true"}
     cfg = from_dict(ServeConfig, {
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads,
-                  **lone},
-        "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1, **lone},
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads},
+        "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
         "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}})
@@ -161,8 +157,7 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads,
-                             args.single_text_float32 != "false")
+    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads)
 
     from raytrieve.model_ref import resolve_model
     from sentence_transformers import SentenceTransformer
@@ -180,7 +175,7 @@ def main() -> None:
         "search_rerank_p99_ms": round(_percentile(reranked, 99), 1),
         "embeddings_texts_per_s": round(served, 1), "st_texts_per_s": round(st_rate, 1),
         "embeddings_ratio_vs_st": round(served / st_rate, 3), "replica_threads": threads,
-        "rerank_threads": rerank_threads, "single_text_float32": args.single_text_float32 != "false",
+        "rerank_threads": rerank_threads,
         "mixed_search_p50_ms": round(_percentile(mixed["plain"], 50), 1),
         "mixed_search_rerank_p50_ms": round(_percentile(mixed["rerank"], 50), 1),
         "cpu_count": os.cpu_count(), "mean_search_ms": round(float(np.mean(plain)), 1),
@@ -190,18 +185,16 @@ def main() -> None:
     }))
 
 
-def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: int, rerank_threads: int,
-                     lone_float32: bool) -> dict[str, float]:
+def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: int,
+                     rerank_threads: int) -> dict[str, float]:
     """Each /search stage alone in this process, no Serve (p50 ms over the queries): what the
-    replicas compute, with their dtype (auto), threads and lone-text rule, so that the rest of the
+    replicas compute, with their dtype (auto) and threads, so that the rest of the
     HTTP p50 is hops, queueing and the cores' sharing."""
-    import contextlib
     import random
 
     import torch
 
     from raytrieve.encoders import load_encoder
-    from raytrieve.encoders.precision import float32_in_this_thread
     from raytrieve.index.build import load_indices
 
     torch.set_num_threads(1)  # as the benchmark's query encoders (sparse always 1; dense cpu_count // 2)
@@ -221,10 +214,9 @@ def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: 
     for kind, name in (("dense", "all-minilm-l6-v2"), ("sparse", "splade-tiny")):
         model = load_encoder(kind, name, device="cpu", max_seq_length=256, dtype="auto")
         torch.set_num_threads(threads if kind == "dense" else 1)
-        with float32_in_this_thread() if lone_float32 else contextlib.nullcontext():  # single_text_float32
-            vectors = [model.encode_query([q], show_progress_bar=False, **({} if kind == "dense" else {"as_dicts": True}))[0]
-                       for q in queries]
-            out[f"encode_{kind}_ms"] = p50(lambda q: model.encode_query([q], show_progress_bar=False), queries)
+        vectors = [model.encode_query([q], show_progress_bar=False, **({} if kind == "dense" else {"as_dicts": True}))[0]
+                   for q in queries]
+        out[f"encode_{kind}_ms"] = p50(lambda q: model.encode_query([q], show_progress_bar=False), queries)
         index_of = getattr(ix, kind)
         if kind == "dense":
             out["recall_dense_ms"] = p50(lambda v: index_of.search(v[None, :], top_k=100), vectors)

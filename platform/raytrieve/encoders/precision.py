@@ -22,7 +22,6 @@ import contextlib
 import copy
 import functools
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast, get_args
@@ -113,29 +112,11 @@ def check_dtype(dtype: str, device: torch.device, where: str = "dtype") -> None:
         raise InputError(f"{where} bfloat16: this GPU has no bfloat16; use float16")
 
 
-_here = threading.local()
-
-
-@contextlib.contextmanager
-def float32_in_this_thread() -> Iterator[None]:
-    """Inference run by this thread inside the block skips the half formats' autocast, so a
-    bfloat16 / float16 model computes exactly as in float32 (its weights are float32; an int8
-    model's are not, and stay int8). For batch-1 queries on CPU, where autocast re-casting every
-    weight on each forward costs more than the bfloat16 matrix products save (serve's replicas)."""
-    before = getattr(_here, "float32", False)
-    _here.float32 = True
-    try:
-        yield
-    finally:
-        _here.float32 = before
-
-
 @contextlib.contextmanager
 def autocast(dtype: str, device: torch.device) -> Iterator[None]:
-    """Matrix products in ``dtype`` for the block when it is a half format (unless the thread is
-    inside ``float32_in_this_thread``); otherwise nothing."""
+    """Matrix products in ``dtype`` for the block when it is a half format; otherwise nothing."""
     half = _AUTOCAST.get(dtype)
-    if half is None or getattr(_here, "float32", False):
+    if half is None:
         yield
         return
     with torch.autocast(device.type, dtype=half):

@@ -60,14 +60,6 @@ class DeploymentConfig(ConfigModel):
         ),
     )
     batch_wait_timeout_s: float = 0.005
-    single_text_float32: bool = Field(
-        default=True,
-        description=(
-            "a single text alone in its replica (a query) runs in float32 on CPU when dtype resolves to bfloat16 or"
-            " float16: at batch 1 autocast re-casts every weight per forward, which costs more than it saves"
-            " (BENCHMARKS.md); its results are float32's exactly. Batches keep dtype; int8 stays int8"
-        ),
-    )
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
     index: str | None = Field(

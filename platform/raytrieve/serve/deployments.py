@@ -43,15 +43,6 @@ def load_model(kind: str, spec: DeploymentConfig) -> Any:
     )
 
 
-def single_text_dtype(dtype: str, device: str, spec: DeploymentConfig) -> str:
-    """The format a replica runs a single text alone in (``DeploymentConfig.single_text_float32``):
-    float32 instead of a half format's autocast on CPU, where batch 1 is faster so (MiniLM query:
-    see BENCHMARKS.md); otherwise the model's own ``dtype``."""
-    from raytrieve.encoders.precision import HALF
-
-    return "float32" if spec.single_text_float32 and dtype in HALF and device == "cpu" else dtype
-
-
 def _batch_cost(items: list[tuple[Any, Any, int]]) -> int:
     return sum(cost for _, _, cost in items)
 
@@ -75,7 +66,6 @@ class ModelReplica:
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.max_seq_length = int(self.model.max_seq_length or 512)
-        self.single_text_dtype = single_text_dtype(self.model.dtype, self.model.device.type, spec)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
@@ -88,7 +78,6 @@ class ModelReplica:
             "kind": self.kind,
             "max_seq_length": self.max_seq_length,
             "dtype": self.model.dtype,  # the format chosen (a config's auto resolved on this replica)
-            "single_text_dtype": self.single_text_dtype,  # a lone single text's (single_text_float32)
             "num_cpus": self.spec.num_cpus,  # sized from the cluster when the config left it unset
             "torch_threads": torch.get_num_threads(),
             "max_batch_tokens": self.spec.max_batch_tokens,
@@ -123,7 +112,7 @@ class ModelReplica:
                 # A single text alone (a query): nothing can join it yet, so skip the batching wait.
                 # Larger requests still wait: sorted by length together with others that arrive,
                 # they pad less (measured: 2 clients x 32 texts ran 16% slower without the wait).
-                return await self._in_model_thread(inputs, task, prompt_name, lone=True)
+                return await self._in_model_thread(inputs, task, prompt_name)
             texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
             cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
             return await self.infer((inputs, (task, prompt_name), cost))
@@ -144,20 +133,12 @@ class ModelReplica:
                 at += n
         return results
 
-    async def _in_model_thread(
-        self, inputs: list[Any], task: str | None, prompt_name: str | None, lone: bool = False
-    ) -> Any:
+    async def _in_model_thread(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> Any:
         """``_run`` on the replica's one model thread: runs never overlap (the tokenizer's state is
-        not thread-safe), and the event loop stays free to take requests, which batch meanwhile.
-        ``lone``: a single text alone, which runs in ``single_text_dtype``."""
-        run = self._run_float32 if lone and self.single_text_dtype != self.model.dtype else self._run
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, run, inputs, task, prompt_name)
-
-    def _run_float32(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
-        from raytrieve.encoders.precision import float32_in_this_thread
-
-        with float32_in_this_thread():
-            return self._run(inputs, task, prompt_name)
+        not thread-safe), and the event loop stays free to take requests, which batch meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self._run, inputs, task, prompt_name
+        )
 
     def _run(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
         from raytrieve.encoders.base import Pretokenized
