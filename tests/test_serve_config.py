@@ -188,7 +188,14 @@ def _table():
         "reranker": [reranker(1), reranker(-1)],
     }
     length = {"a1": 1, "a2": 3, "b1": 2, "b2": 1}
-    retriever = Call(None, search=search, lookup=lambda ids: ["x" * length[i] for i in ids])
+
+    def search_with_texts(folder, kind, vector, k, n):  # the real Retriever's: the first n hits' texts along
+        hits = search(folder, kind, vector, k)
+        return hits, {d: "x" * length[d] for d, _ in hits[:n]}
+
+    retriever = Call(
+        None, search=search, search_with_texts=search_with_texts, lookup=lambda ids: ["x" * length[i] for i in ids]
+    )
     return ModelTable(cfg, handles, retriever), handles
 
 

@@ -72,6 +72,8 @@ class SearchPipeline:
         """``models``: the name of the model behind each stage ("dense", "sparse", "reranker"),
         which answers list under ``models`` for the stages they ran."""
         self.retrievers, self.lookup, self.rerank = dict(retrievers), lookup, rerank
+        # With texts sent along, a lookup is the exception, and its time is reported (lookup_ms).
+        self._texts_along = any(r.search_with_texts is not None for r in self.retrievers.values())
         self.models = dict(models or {})
 
     async def search(self, request: SearchRequest) -> dict[str, Any]:
@@ -129,12 +131,13 @@ class SearchPipeline:
 
     async def _texts(self, ids: list[str], known: dict[str, str], timings: dict[str, float]) -> list[str]:
         """The texts of ``ids``: those recalled along with the hits, the others looked up (the
-        lookup's time, when one ran, is ``lookup_ms``)."""
+        lookup's time, when one ran after texts came along, is ``lookup_ms``)."""
         missing = [d for d in dict.fromkeys(ids) if d not in known]
         if missing:
             started = time.perf_counter()
             known.update(zip(missing, await self.lookup(missing)))
-            timings["lookup_ms"] = timings.get("lookup_ms", 0.0) + _ms_since(started)
+            if self._texts_along:
+                timings["lookup_ms"] = timings.get("lookup_ms", 0.0) + _ms_since(started)
         return [known[d] for d in ids]
 
     @staticmethod
