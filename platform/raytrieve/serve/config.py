@@ -315,10 +315,10 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
 
 def reranker_threads(shape: ClusterShape, rerankers: int) -> int:
     """Torch threads of a reranker replica when the config sets none: one node's CPUs shared
-    among all reranker replicas (at most 4), more than its CPU share. A reranker runs after the
-    query encoders and recall, not beside them, so a request's rerank has the cores to itself;
-    measured on 2 cores (BENCHMARKS.md): /search + rerank@20 1,195 -> 793 ms p50 with 2
-    threads, and plain searches beside a client that reranks were not slower."""
+    among all reranker replicas, at most 4 (``sized`` keeps its CPU share's if more). A reranker
+    runs after the query encoders and recall, not beside them, so a request's rerank has the
+    cores to itself; measured on 2 cores (BENCHMARKS.md): /search + rerank@20 1,195 -> 757 ms
+    p50 with 2 threads, and plain searches beside a client that reranks were not slower."""
     return max(1, min(4, math.floor(shape.largest_node_cpus / max(1, rerankers))))
 
 
