@@ -7,7 +7,10 @@ top 20, and /v1/embeddings throughput against SentenceTransformer.encode in one 
 
 Latency: one client, sequential requests (p50 / p99). QPS: --clients concurrent clients for
 --seconds. Embeddings: batches of 32 texts, 2 concurrent clients, against ST.encode of the
-same texts with batch size 32 and the same threads. Prints one JSON line.
+same texts with batch size 32 and the same threads. Mixed load: one client searching with
+rerank@20 beside --clients - 1 searching without, for --seconds. Then each stage alone in this
+process (in_process_floor_p50_ms: the replicas' dtype and threads, no Serve), so that the rest
+of the HTTP p50 reads as hops and the cores' sharing. Prints one JSON line.
 """
 
 from __future__ import annotations
