@@ -7,7 +7,10 @@ top 20, and /v1/embeddings throughput against SentenceTransformer.encode in one 
 
 Latency: one client, sequential requests (p50 / p99). QPS: --clients concurrent clients for
 --seconds. Embeddings: batches of 32 texts, 2 concurrent clients, against ST.encode of the
-same texts with batch size 32 and the same threads. Prints one JSON line.
+same texts with batch size 32 and the same threads. Mixed load: one client searching with
+rerank@20 beside --clients - 1 searching without, for --seconds. Then each stage alone in this
+process (in_process_floor_p50_ms: the replicas' dtype and threads, no Serve), so that the rest
+of the HTTP p50 reads as hops and the cores' sharing. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--embed-texts", type=int, default=1024)
+    parser.add_argument("--rerank-threads", type=int, default=None,
+                        help="the reranker replica's torch_threads (default: the serve config's default)")
     args = parser.parse_args()
 
     import numpy as np
@@ -84,11 +89,13 @@ def main() -> None:
         "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads},
         "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
-                     "torch_threads": threads, "max_batch_tokens": 16384},
+                     "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
         "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}})
     url = start(cfg, ray_address=None)
     wait_healthy(url)
     session = requests.Session()
+    rerank_threads = next(m for m in session.get(f"{url}/v1/models").json()["data"]
+                          if m["id"] == "ms-marco-minilm-l12-v2")["torch_threads"]
 
     stages: dict[str, list[float]] = {}
 
@@ -119,6 +126,24 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
         qps = sum(pool.map(client, range(args.clients))) / args.seconds
 
+    # Mixed load: one client searching with rerank@20 while the others search without, so that a
+    # reranker with more threads than its CPU share shows what it costs the plain searches.
+    mixed: dict[str, list[float]] = {"plain": [], "rerank": []}
+
+    def mixed_client(i: int) -> None:
+        s, n, stop = requests.Session(), 0, time.time() + args.seconds
+        rerank = i == 0
+        while time.time() < stop:
+            t = time.perf_counter()
+            r = s.post(f"{url}/search", json={"query": queries[(i * 7919 + n) % len(queries)], "top_k": 10,
+                                              "rerank": rerank, "rerank_depth": 20}, timeout=60)
+            assert r.status_code == 200, r.text
+            mixed["rerank" if rerank else "plain"].append((time.perf_counter() - t) * 1000)
+            n += 1
+
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(mixed_client, range(args.clients)))
+
     texts = sentences(args.embed_texts, min_words=5, max_words=120, seed=3)
     batches = [texts[i: i + 32] for i in range(0, len(texts), 32)]
 
@@ -134,6 +159,8 @@ def main() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads)
 
     from raytrieve.model_ref import resolve_model
     from sentence_transformers import SentenceTransformer
@@ -151,9 +178,59 @@ def main() -> None:
         "search_rerank_p99_ms": round(_percentile(reranked, 99), 1),
         "embeddings_texts_per_s": round(served, 1), "st_texts_per_s": round(st_rate, 1),
         "embeddings_ratio_vs_st": round(served / st_rate, 3), "replica_threads": threads,
+        "rerank_threads": rerank_threads,
+        "mixed_search_p50_ms": round(_percentile(mixed["plain"], 50), 1),
+        "mixed_search_rerank_p50_ms": round(_percentile(mixed["rerank"], 50), 1),
         "cpu_count": os.cpu_count(), "mean_search_ms": round(float(np.mean(plain)), 1),
         "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
+        "search_lookup_share": round(len(stages.get("lookup_ms", [])) / len(plain), 3),  # searches that looked texts up
+        "in_process_floor_p50_ms": floor,
     }))
+
+
+def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: int,
+                     rerank_threads: int) -> dict[str, float]:
+    """Each /search stage alone in this process, no Serve (p50 ms over the queries): what the
+    replicas compute, with their dtype (auto) and threads, so that the rest of the
+    HTTP p50 is hops, queueing and the cores' sharing."""
+    import random
+
+    import torch
+
+    from raytrieve.encoders import load_encoder
+    from raytrieve.index.build import load_indices
+
+    torch.set_num_threads(1)  # as the benchmark's query encoders (sparse always 1; dense cpu_count // 2)
+    ix = load_indices(index)
+    out: dict[str, float] = {}
+
+    def p50(fn, items) -> float:
+        for x in items[:5]:
+            fn(x)
+        ts = []
+        for x in items:
+            t = time.perf_counter()
+            fn(x)
+            ts.append((time.perf_counter() - t) * 1000)
+        return round(_percentile(ts, 50), 1)
+
+    for kind, name in (("dense", "all-minilm-l6-v2"), ("sparse", "splade-tiny")):
+        model = load_encoder(kind, name, device="cpu", max_seq_length=256, dtype="auto")
+        torch.set_num_threads(threads if kind == "dense" else 1)
+        vectors = [model.encode_query([q], show_progress_bar=False, **({} if kind == "dense" else {"as_dicts": True}))[0]
+                   for q in queries]
+        out[f"encode_{kind}_ms"] = p50(lambda q: model.encode_query([q], show_progress_bar=False), queries)
+        index_of = getattr(ix, kind)
+        if kind == "dense":
+            out["recall_dense_ms"] = p50(lambda v: index_of.search(v[None, :], top_k=100), vectors)
+        else:
+            out["recall_sparse_ms"] = p50(lambda v: index_of.search([v], top_k=100), vectors)
+    cross = load_encoder("cross", "ms-marco-minilm-l12-v2", device="cpu", max_seq_length=256, dtype="auto")
+    torch.set_num_threads(rerank_threads)
+    rng = random.Random(0)
+    sets = [[(q, d) for d in rng.sample(docs, 20)] for q in queries[:12]]
+    out["rerank20_ms"] = p50(lambda s: cross.predict(s, batch_size=64, token_budget=16384, show_progress_bar=False), sets)
+    return out
 
 
 if __name__ == "__main__":

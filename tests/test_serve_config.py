@@ -129,6 +129,23 @@ def test_sizing_and_fit_count_every_deployment():
         check_fits(cfg, ClusterShape(cpus=2, largest_node_cpus=2))
 
 
+
+def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():
+    """The reranker runs after recall, so its threads default to one node's CPUs shared among the
+    reranker replicas (at most 4); the query encoders keep their share's; a set value wins."""
+    shipped = {"dense": {"model": "d"}, "sparse": {"model": "s"}, "reranker": {"model": "r"}, "index": "/i"}
+    threads = {m.kind: m.spec.torch_threads for m in sized(_cfg(**shipped), ClusterShape(2, 2)).served()}
+    assert threads == {"dense": 1, "sparse": 1, "reranker": 2}  # 0.6 CPU each on 2 cores
+    big = sized(_cfg(**shipped), ClusterShape(cpus=16, largest_node_cpus=8))
+    assert [m.spec.torch_threads for m in big.served()] == [4, 4, 4]  # 4 CPUs each, capped at 4
+    two = sized(_cfg(**TWO_DENSE), ClusterShape(cpus=4, largest_node_cpus=4))
+    assert [m.spec.torch_threads for m in two.served() if m.kind == "reranker"] == [2, 2]  # 4 CPUs, 2 rerankers
+    fixed = {**shipped, "reranker": {"model": "r", "torch_threads": 1}}
+    assert sized(_cfg(**fixed), ClusterShape(2, 2)).served()[-1].spec.torch_threads == 1
+    replicated = {**shipped, "reranker": {"model": "r", "num_replicas": 3}}
+    assert sized(_cfg(**replicated), ClusterShape(6, 6)).served()[-1].spec.torch_threads == 2  # share 1.15; 6 / 3
+
+
 # -- The model table over stand-in handles ------------------------------------------------------
 
 
@@ -171,7 +188,14 @@ def _table():
         "reranker": [reranker(1), reranker(-1)],
     }
     length = {"a1": 1, "a2": 3, "b1": 2, "b2": 1}
-    retriever = Call(None, search=search, lookup=lambda ids: ["x" * length[i] for i in ids])
+
+    def search_with_texts(folder, kind, vector, k, n):  # the real Retriever's: the first n hits' texts along
+        hits = search(folder, kind, vector, k)
+        return hits, {d: "x" * length[d] for d, _ in hits[:n]}
+
+    retriever = Call(
+        None, search=search, search_with_texts=search_with_texts, lookup=lambda ids: ["x" * length[i] for i in ids]
+    )
     return ModelTable(cfg, handles, retriever), handles
 
 

@@ -8,6 +8,7 @@ deployment or a list of them (the first is the default); every model has its own
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,14 @@ class DeploymentConfig(ConfigModel):
         ),
     )
     num_gpus: float = 0.0
-    torch_threads: int | None = Field(default=None, ge=1, description="default: num_cpus rounded, at least 1")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "default: num_cpus rounded, at least 1; a reranker's: at least one node's CPUs shared among the"
+            " reranker replicas (at most 4), as it runs after the query encoders, not beside them"
+        ),
+    )
     max_batch_tokens: int = Field(
         default=8192,
         description=(
@@ -293,11 +301,25 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     taken = sum(replicas(d) * d.num_cpus for d in models if d.num_cpus is not None)
     light = cfg.ingress_replicas + (1 if any(m.index for m in cfg.served()) else 0)
     free = ClusterShape(max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus)
+    rerankers = sum(replicas(m.spec) for m in cfg.served() if m.kind == "reranker")
     specs = []
-    for d in models:
+    for m in cfg.served():
+        d = m.spec
         cpus = d.num_cpus if d.num_cpus is not None else serve_replica_cpus(free, unset, light)
-        specs.append(d.model_copy(update={"num_cpus": cpus, "torch_threads": d.torch_threads or replica_threads(cpus)}))
+        threads = replica_threads(cpus)
+        if m.kind == "reranker":
+            threads = max(threads, reranker_threads(shape, rerankers))
+        specs.append(d.model_copy(update={"num_cpus": cpus, "torch_threads": d.torch_threads or threads}))
     return cfg.with_deployments(specs)
+
+
+def reranker_threads(shape: ClusterShape, rerankers: int) -> int:
+    """Torch threads of a reranker replica when the config sets none: one node's CPUs shared
+    among all reranker replicas, at most 4 (``sized`` keeps its CPU share's if more). A reranker
+    runs after the query encoders and recall, not beside them, so a request's rerank has the
+    cores to itself; measured on 2 cores (BENCHMARKS.md): /search + rerank@20 1,195 -> 757 ms
+    p50 with 2 threads, and plain searches beside a client that reranks were not slower."""
+    return max(1, min(4, math.floor(shape.largest_node_cpus / max(1, rerankers))))
 
 
 def check_fits(cfg: ServeConfig, shape: ClusterShape, where: str = "config") -> None:

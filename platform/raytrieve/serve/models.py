@@ -130,7 +130,10 @@ class ModelTable:
             async def search(vector: Any, k: int) -> list[tuple[str, float]]:
                 return await retriever.search.remote(model.index, model.kind, vector, k)
 
-            return Retrieval(encode, search)
+            async def search_with_texts(vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
+                return await retriever.search_with_texts.remote(model.index, model.kind, vector, k, n)
+
+            return Retrieval(encode, search, search_with_texts)
 
         async def lookup(ids: list[str]) -> list[str]:
             return await retriever.lookup.remote(ids)

@@ -28,6 +28,11 @@ from raytrieve.serve import fusion
 from raytrieve.serve.fusion import Ranked
 from raytrieve.serve.schemas import SearchRequest
 
+# How many of each list's first hits send their texts along, per text the answer shows: fusion
+# lifts documents that both lists rank fairly high (RRF: ranks 30 in both beat rank 1 in one),
+# and a text missing costs a lookup round trip (``lookup_ms``; BENCHMARKS.md has how often).
+TEXTS_AHEAD = 4
+
 
 class SearchError(InputError):
     """A request this pipeline cannot serve; ``field`` is the request field to change."""
@@ -43,6 +48,10 @@ class Retrieval:
 
     encode: Callable[[str], Awaitable[Any]]  # the query -> its vector (the model's query side)
     search: Callable[[Any, int], Awaitable[Ranked]]  # (vector, k) -> best-first (id, score)
+    # Optional, for a searcher that also holds the documents' texts: (vector, k, n) -> the hits
+    # and the texts of the first n of them. The answer's texts then mostly come along with the
+    # recall instead of from a lookup afterwards (over Serve, one round trip less per request).
+    search_with_texts: Callable[[Any, int, int], Awaitable[tuple[Ranked, Mapping[str, str]]]] | None = None
 
 
 Lookup = Callable[[list[str]], Awaitable[Sequence[str]]]
@@ -63,6 +72,8 @@ class SearchPipeline:
         """``models``: the name of the model behind each stage ("dense", "sparse", "reranker"),
         which answers list under ``models`` for the stages they ran."""
         self.retrievers, self.lookup, self.rerank = dict(retrievers), lookup, rerank
+        # With texts sent along, a lookup is the exception, and its time is reported (lookup_ms).
+        self._texts_along = any(r.search_with_texts is not None for r in self.retrievers.values())
         self.models = dict(models or {})
 
     async def search(self, request: SearchRequest) -> dict[str, Any]:
@@ -73,7 +84,14 @@ class SearchPipeline:
         if not sizes:
             raise SearchError("recall", "recall: every served retriever is switched off (all sizes 0)")
         timings: dict[str, float] = {}
-        found = await asyncio.gather(*(self._recall(name, request.query, k, timings) for name, k in sizes.items()))
+        # The texts the answer may need: the final top_k's and the reranked candidates'. They are
+        # among each list's first hits, mostly; the rest come from the lookup (``_texts``).
+        shown = max(request.top_k if request.return_text else 0, request.rerank_depth if request.rerank else 0)
+        wanted = TEXTS_AHEAD * shown
+        known: dict[str, str] = {}
+        found = await asyncio.gather(
+            *(self._recall(name, request.query, k, timings, wanted, known) for name, k in sizes.items())
+        )
         lists = dict(zip(sizes, found))
 
         started = time.perf_counter()
@@ -85,45 +103,64 @@ class SearchPipeline:
         final = list(fused)
         if request.rerank and fused:
             started = time.perf_counter()
-            reranked = await self._rerank(request.query, [d for d, _ in fused[: request.rerank_depth]])
+            ids = [d for d, _ in fused[: request.rerank_depth]]
+            reranked = await self._rerank(request.query, ids, await self._texts(ids, known, timings))
             timings["rerank_ms"] = _ms_since(started)
             # Below the rerank depth the candidates follow in fused order with their fused scores
             # (scores.rerank null): a top_k larger than the depth still gets top_k hits.
             final = list(reranked.items()) + list(fused[request.rerank_depth :])
-        return await self._answer(request, lists, fused, reranked, final[: request.top_k], timings)
+        final = final[: request.top_k]
+        texts = await self._texts([d for d, _ in final], known, timings) if request.return_text else []
+        return self._answer(request, lists, fused, reranked, final, texts, timings)
 
-    async def _recall(self, name: str, query: str, k: int, timings: dict[str, float]) -> Ranked:
+    async def _recall(
+        self, name: str, query: str, k: int, timings: dict[str, float], wanted: int, known: dict[str, str]
+    ) -> Ranked:
         retrieval = self.retrievers[name]
         started = time.perf_counter()
         vector = await retrieval.encode(query)
         timings[f"encode_{name}_ms"] = _ms_since(started)
         started = time.perf_counter()
-        hits = await retrieval.search(vector, k)
+        if retrieval.search_with_texts is not None and wanted:
+            hits, texts = await retrieval.search_with_texts(vector, k, wanted)
+            known.update(texts)
+        else:
+            hits = await retrieval.search(vector, k)
         timings[f"recall_{name}_ms"] = _ms_since(started)
         return hits
+
+    async def _texts(self, ids: list[str], known: dict[str, str], timings: dict[str, float]) -> list[str]:
+        """The texts of ``ids``: those recalled along with the hits, the others looked up (the
+        lookup's time, when one ran after texts came along, is ``lookup_ms``)."""
+        missing = [d for d in dict.fromkeys(ids) if d not in known]
+        if missing:
+            started = time.perf_counter()
+            known.update(zip(missing, await self.lookup(missing)))
+            if self._texts_along:
+                timings["lookup_ms"] = timings.get("lookup_ms", 0.0) + _ms_since(started)
+        return [known[d] for d in ids]
 
     @staticmethod
     def _fuse(request: SearchRequest, lists: Mapping[str, Ranked]) -> Ranked:
         return fusion.fuse(request.fusion.method, lists, request.fusion.model_dump())
 
-    async def _rerank(self, query: str, ids: list[str]) -> dict[str, float]:
+    async def _rerank(self, query: str, ids: list[str], texts: list[str]) -> dict[str, float]:
         """The candidates by cross-encoder score, best first (ties keep the fused order)."""
         assert self.rerank is not None, "search() refuses rerank without a reranker"
-        texts = await self.lookup(ids)
         scores = [float(s) for s in await self.rerank([(query, text) for text in texts])]
         order = sorted(range(len(ids)), key=lambda i: (-scores[i], i))
         return {ids[i]: scores[i] for i in order}
 
-    async def _answer(
+    def _answer(
         self,
         request: SearchRequest,
         lists: Mapping[str, Ranked],
         fused: Ranked,
         reranked: Mapping[str, float],
         final: Sequence[tuple[str, float]],
+        texts: Sequence[str],
         timings: Mapping[str, float],
     ) -> dict[str, Any]:
-        texts = await self.lookup([d for d, _ in final]) if request.return_text else []
         per_stage = {name: dict(ranked) for name, ranked in lists.items()}
         fused_scores = dict(fused) if len(lists) > 1 else {}
         hits = []
