@@ -44,7 +44,9 @@ def test_the_shipped_three_models_fit_two_cpus_when_unset():
     cpus = [cfg.dense.num_cpus, cfg.sparse.num_cpus, cfg.reranker.num_cpus]  # type: ignore[union-attr]
     # 2 CPUs less ingress and retriever (0.1 each), split three ways in steps of 0.05
     assert cpus == [0.6, 0.6, 0.6]
-    assert [cfg.dense.torch_threads, cfg.sparse.torch_threads, cfg.reranker.torch_threads] == [1, 1, 1]  # type: ignore[union-attr]
+    # The query encoders run side by side: 1 thread each (their share). The reranker runs after
+    # them, so it gets the node's 2 CPUs (its one replica alone among rerankers).
+    assert [cfg.dense.torch_threads, cfg.sparse.torch_threads, cfg.reranker.torch_threads] == [1, 1, 2]  # type: ignore[union-attr]
     check_fits(cfg, LAPTOP)  # does not raise
 
 
@@ -54,7 +56,10 @@ def test_set_cpus_are_kept_and_the_rest_share_what_is_left():
     assert (cfg.dense.num_cpus, cfg.dense.torch_threads) == (1.0, 2)  # type: ignore[union-attr]
     # (8 - 1 - 0.2) / 2 replicas = 3.4 each
     assert cfg.reranker.num_cpus == pytest.approx(3.4)  # type: ignore[union-attr]
-    assert cfg.reranker.torch_threads == replica_threads(3.4) == 3  # type: ignore[union-attr]
+    # Its CPU share alone would give 3 threads; a reranker gets the node's 8 CPUs shared by its
+    # 2 replicas, capped at 4: 4.
+    assert replica_threads(3.4) == 3
+    assert cfg.reranker.torch_threads == 4  # type: ignore[union-attr]
     check_fits(cfg, ClusterShape(cpus=8, largest_node_cpus=8))
 
 
