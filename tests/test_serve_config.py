@@ -144,6 +144,9 @@ def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():
     assert sized(_cfg(**fixed), ClusterShape(2, 2)).served()[-1].spec.torch_threads == 1
     replicated = {**shipped, "reranker": {"model": "r", "num_replicas": 3}}
     assert sized(_cfg(**replicated), ClusterShape(6, 6)).served()[-1].spec.torch_threads == 2  # share 1.15; 6 / 3
+    # An autoscaling reranker shares the node among as many replicas as it may scale to: 4 / 4.
+    scaling = {**shipped, "reranker": {"model": "r", "autoscaling": {"min_replicas": 1, "max_replicas": 4}}}
+    assert sized(_cfg(**scaling), ClusterShape(4, 4)).served()[-1].spec.torch_threads == 1
 
 
 # -- The model table over stand-in handles ------------------------------------------------------

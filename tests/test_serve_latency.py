@@ -10,7 +10,7 @@ import pytest
 from tests import test_search
 
 from raytrieve.serve.schemas import SearchRequest
-from raytrieve.serve.search import TEXTS_AHEAD, Retrieval, SearchPipeline
+from raytrieve.serve.search import TEXTS_AHEAD, TEXTS_AHEAD_MAX_EXTRA, Retrieval, SearchPipeline
 
 
 def with_texts(plain: SearchPipeline, shipped: int | None, asked: list[list[str]]) -> SearchPipeline:
@@ -54,7 +54,7 @@ def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped):
         needed |= {d for d, _ in stages["stages"]["fused"][: request_["rerank_depth"]]}
     # What came along: each list's first hits, as many as the answer may show or rerank.
     shown = max(request_["top_k"] if request_.get("return_text", True) else 0, request_.get("rerank_depth", 0))
-    wanted = TEXTS_AHEAD * shown
+    wanted = min(TEXTS_AHEAD * shown, shown + TEXTS_AHEAD_MAX_EXTRA)
     per_list = wanted if shipped is None else min(wanted, shipped)
     sent = {d for name in plain.retrievers for d, _ in stages["stages"][name][:per_list]}
     assert set(looked_up) == needed - sent

@@ -293,6 +293,13 @@ def replicas(d: DeploymentConfig) -> int:
     return d.num_replicas
 
 
+def most_replicas(d: DeploymentConfig) -> int:
+    """Replicas a deployment can run at once (an autoscaling one: its maximum)."""
+    if d.autoscaling:
+        return max(replicas(d), int(d.autoscaling.get("max_replicas") or 1))
+    return d.num_replicas
+
+
 def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     """``cfg`` with every model deployment's ``num_cpus`` and ``torch_threads`` set: what the
     config leaves unset is sized from the cluster (raytrieve.sizing)."""
@@ -301,7 +308,9 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     taken = sum(replicas(d) * d.num_cpus for d in models if d.num_cpus is not None)
     light = cfg.ingress_replicas + (1 if any(m.index for m in cfg.served()) else 0)
     free = ClusterShape(max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus)
-    rerankers = sum(replicas(m.spec) for m in cfg.served() if m.kind == "reranker")
+    # Every reranker replica that can run at once shares the node's threads: an autoscaling
+    # one's maximum, or scaling up would oversubscribe the cores.
+    rerankers = sum(most_replicas(m.spec) for m in cfg.served() if m.kind == "reranker")
     specs = []
     for m in cfg.served():
         d = m.spec
@@ -315,9 +324,9 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
 
 def reranker_threads(shape: ClusterShape, rerankers: int) -> int:
     """Torch threads of a reranker replica when the config sets none: one node's CPUs shared
-    among all reranker replicas, at most 4 (``sized`` keeps its CPU share's if more). A reranker
-    runs after the query encoders and recall, not beside them, so a request's rerank has the
-    cores to itself; measured on 2 cores (BENCHMARKS.md): /search + rerank@20 1,195 -> 757 ms
+    among all reranker replicas that can run at once, at most 4 (``sized`` keeps its CPU share's
+    if more). A reranker runs after the same request's query encoders and recall, not beside
+    them; measured on 2 cores (BENCHMARKS.md): /search + rerank@20 1,195 -> 757 ms
     p50 with 2 threads, and plain searches beside a client that reranks were not slower."""
     return max(1, min(4, math.floor(shape.largest_node_cpus / max(1, rerankers))))
 

@@ -32,6 +32,15 @@ from raytrieve.serve.schemas import SearchRequest
 # lifts documents that both lists rank fairly high (RRF: ranks 30 in both beat rank 1 in one),
 # and a text missing costs a lookup round trip (``lookup_ms``; BENCHMARKS.md has how often).
 TEXTS_AHEAD = 4
+# ... but no more than this many beyond the texts shown: a deep rerank (rerank_depth 200) would
+# otherwise ship up to 800 texts per list, a cost paid in every recall for long passages.
+TEXTS_AHEAD_MAX_EXTRA = 64
+
+
+def texts_ahead(shown: int) -> int:
+    """How many of each list's first hits send their texts along when the answer may show or
+    rerank ``shown`` documents."""
+    return min(TEXTS_AHEAD * shown, shown + TEXTS_AHEAD_MAX_EXTRA)
 
 
 class SearchError(InputError):
@@ -87,7 +96,7 @@ class SearchPipeline:
         # The texts the answer may need: the final top_k's and the reranked candidates'. They are
         # among each list's first hits, mostly; the rest come from the lookup (``_texts``).
         shown = max(request.top_k if request.return_text else 0, request.rerank_depth if request.rerank else 0)
-        wanted = TEXTS_AHEAD * shown
+        wanted = texts_ahead(shown)
         known: dict[str, str] = {}
         found = await asyncio.gather(
             *(self._recall(name, request.query, k, timings, wanted, known) for name, k in sizes.items())
@@ -102,9 +111,10 @@ class SearchPipeline:
         reranked: dict[str, float] = {}
         final = list(fused)
         if request.rerank and fused:
-            started = time.perf_counter()
             ids = [d for d, _ in fused[: request.rerank_depth]]
-            reranked = await self._rerank(request.query, ids, await self._texts(ids, known, timings))
+            candidates = await self._texts(ids, known, timings)  # timed as lookup_ms when it runs
+            started = time.perf_counter()
+            reranked = await self._rerank(request.query, ids, candidates)
             timings["rerank_ms"] = _ms_since(started)
             # Below the rerank depth the candidates follow in fused order with their fused scores
             # (scores.rerank null): a top_k larger than the depth still gets top_k hits.
