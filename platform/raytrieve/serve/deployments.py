@@ -258,7 +258,8 @@ class Retriever:
         """``search``'s hits and the texts of the first ``n``: /search's answer mostly needs no
         ``lookup`` round trip after fusion (a hop over Serve costs milliseconds here)."""
         hits = self.search(folder, kind, vector, k)
-        return hits, {i: self.texts.get(i, "") for i, _ in hits[:n]}
+        first = [i for i, _ in hits[:n]]
+        return hits, dict(zip(first, self.lookup(first)))
 
     def lookup(self, ids: list[str]) -> list[str]:
         return [self.texts.get(i, "") for i in ids]
