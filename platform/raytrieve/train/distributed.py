@@ -65,6 +65,12 @@ def wrap(module: TrainModule, strategy: str, device: torch.device) -> nn.Module:
     """DDP wrapper, the FSDP-sharded module (sharded in place), or the module itself (1 process)."""
     if not distributed():
         return module
+    return data_parallel(module, strategy, device)
+
+
+def data_parallel(module: TrainModule, strategy: str, device: torch.device) -> nn.Module:
+    """``module`` wrapped for DDP or sharded for FSDP, whatever the world size (benchmarks/train_gpu.py
+    wraps a world of one to measure the wrappers' cost; training goes through ``wrap``)."""
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -45,8 +45,9 @@ class Stepper:
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self._micro = 0
-        self._sum = 0.0
-        self._components: dict[str, float] = {}
+        # Tensors until the step's end: a float() here would wait for the GPU mid-step (see _step).
+        self._sum: Tensor | float = 0.0
+        self._components: dict[str, Tensor] = {}
 
     def micro_batch(
         self,
@@ -60,12 +61,12 @@ class Stepper:
             out = loss_fn(features, labels)
             if isinstance(out, dict):
                 for k, v in out.items():
-                    self._components[k] = self._components.get(k, 0.0) + float(v.detach()) / self.accumulation_steps
+                    self._components[k] = self._components.get(k, 0.0) + v.detach() / self.accumulation_steps
                 loss = torch.stack([v for v in out.values()]).sum()
             else:
                 loss = out
             (loss / self.accumulation_steps).backward()
-        self._sum += float(loss.detach()) / self.accumulation_steps
+        self._sum = self._sum + loss.detach() / self.accumulation_steps
         self._micro += 1
         if not last:
             return None
@@ -74,14 +75,22 @@ class Stepper:
         return self._step()
 
     def _step(self) -> StepResult:
+        # The loss and gradient norm are read (float()) only after the optimizer step is queued:
+        # on a GPU each read waits for every kernel before it, and reading them mid-step left the
+        # GPU idle while the CPU launched the rest (benchmarks/train_gpu.py).
         grad_norm = None
         if self.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(self._sum, dict(self._components), lr, grad_norm)
+        result = StepResult(
+            float(self._sum),
+            {k: float(v) for k, v in self._components.items()},
+            lr,
+            None if grad_norm is None else float(grad_norm),
+        )
         self._micro, self._sum, self._components = 0, 0.0, {}
         return result
