@@ -18,6 +18,7 @@ import pytest
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.evaluate import data, report, run, scoring
 from raytrieve.serve.schemas import Fusion, SearchRequest
+from raytrieve.serve import tuning
 from raytrieve.serve.search import Retrieval, SearchPipeline
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -533,8 +534,11 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     # Fitted on dev: at least the untuned fusion there (it is one of the settings tried).
     assert fit["rerank"]["0"] == pytest.approx(fit["ndcg@10"]["fitted_fusion"])  # no rerank: the fusion alone
     assert fit["ndcg@10"]["fitted_fusion"] >= fit["ndcg@10"]["untuned_fusion"] - 1e-12
-    assert set(fit["rerank"]) == {"0", "5", "10", "20", "30"}
-    assert fit["ndcg@10"]["fitted"] == pytest.approx(fit["rerank"][str(fit["setting"].get("rerank_depth", 0))])
+    assert set(fit["rerank"]) == {"0"} | {
+        str(d) if w == 1 else f"{d}@{w:g}" for d in (5, 10, 20, 30) for w in tuning.RERANK_WEIGHTS}
+    chosen = tuning.Setting({}, rerank_depth=fit["setting"].get("rerank_depth", 0),
+                            rerank_weight=fit["setting"].get("rerank_weight", 1.0))
+    assert fit["ndcg@10"]["fitted"] == pytest.approx(fit["rerank"][chosen.rerank_key()])
     gain = fit["rerank_gain"]  # the best depth against none, adopted only when its interval is above 0
     assert gain is None or gain["adopted"] == (gain["ci95"][0] > 0) == fit["setting"]["rerank"]
     pairs_seen = {(c["stage"], c["baseline"]) for c in rep["comparisons"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from raytrieve.config import from_dict
@@ -41,6 +42,29 @@ def test_replay_ranks_as_the_search_pipeline(setting):
         ranking = tuning.reranked(ranking, scores, setting.rerank_depth)
     answer = run(pipeline(), top_k=6, return_text=False, **setting.search_fields())
     assert [h["id"] for h in answer["hits"]] == ranking[:6]
+
+
+@pytest.mark.parametrize("recall", [{"dense": 6, "sparse": 6}, {"dense": 6, "sparse": 0}])
+@pytest.mark.parametrize("weight", [0.2, 0.6])
+def test_an_interpolated_rerank_orders_by_the_weighted_z_scores(recall, weight):
+    """/search with rerank_weight < 1 and the fit's replay both order the head by weight x the
+    cross-encoder's z-score + (1 - weight) x the first stage's (fused, or the single list's),
+    computed here with numpy; each hit keeps its raw cross-encoder score in scores.rerank."""
+    setting = Setting(recall, {"method": "rrf", "k": 10.0}, rerank_depth=5, rerank_weight=weight)
+    lists = brute_force()
+    first = tuning.fused_ranked(lists, setting)[:5]
+    cross = np.array([cross_score(QUERY, TEXTS[d]) for d, _ in first])
+    f = np.array([s for _, s in first])
+    mixed = (1 - weight) * (f - f.mean()) / f.std() + weight * (cross - cross.mean()) / cross.std()
+    expected = [first[i][0] for i in np.argsort(-mixed, kind="stable")]
+    scores = {d: float(c) for (d, _), c in zip(first, cross)}
+    assert tuning.replay(lists, setting, scores)[:5] == expected
+    assert setting.search_fields()["rerank_weight"] == weight
+    answer = run(pipeline(), top_k=5, return_text=False, **setting.search_fields())
+    assert [h["id"] for h in answer["hits"]] == expected
+    for h in answer["hits"]:
+        i = [d for d, _ in first].index(h["id"])
+        assert h["score"] == pytest.approx(mixed[i]) and h["scores"]["rerank"] == pytest.approx(cross[i])
 
 
 def _planted(n: int = 12) -> tuple[dict, dict]:
@@ -109,6 +133,31 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     fitted = tuning.fit_rerank(candidates, qrels, setting, harmful)
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)
     assert fitted.best.search_fields()["rerank"] is False
+    # Of equal scores the cross-encoder's order alone (weight 1) is kept.
+    fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
+    assert fitted.best.rerank_weight == 1.0 and "rerank_weight" in fitted.best.search_fields()
+
+
+def test_fit_rerank_finds_the_weight_where_the_order_alone_hurts():
+    """The first stage ranks the relevant doc second, just below a wrong one; the cross-encoder
+    prefers the relevant doc to that one, but puts two far-down docs above both. Its order alone
+    drops the relevant doc to third; a small share of its score lifts it to first."""
+    candidates, qrels = {}, {}
+    for q in range(12):
+        docs = [f"a{q}", f"rel{q}"] + [f"x{q}-{i}" for i in range(18)]
+        first = [1.0, 0.99] + [0.5 - i / 100 for i in range(18)]
+        candidates[f"q{q}"] = {"dense": list(zip(docs, first))}
+        qrels[f"q{q}"] = {f"rel{q}": 1.0}
+    cross = {q: {d: {1: 3.0, 10: 5.0, 11: 4.0}.get(i, 0.0) for i, d in enumerate(d for d, _ in c["dense"])}
+             for q, c in candidates.items()}
+    fitted = tuning.fit_rerank(candidates, qrels, Setting({"dense": 20}), cross, depths=(20,))
+    by_key = {s.rerank_key(): v for s, v in fitted.tried}
+    assert by_key["0"] == pytest.approx(1 / np.log2(3)) and by_key["20"] == pytest.approx(0.5)
+    assert fitted.best.rerank_depth == 20 and fitted.best.rerank_weight < 1 and fitted.score == pytest.approx(1.0)
+    assert fitted.gain is not None and fitted.gain["adopted"] and fitted.gain["weight"] == fitted.best.rerank_weight
+    assert fitted.best.search_fields() | {"recall": None} == {
+        "recall": None, "fusion": {"method": "rrf", "k": 60.0}, "rerank": True, "rerank_depth": 20,
+        "rerank_weight": fitted.best.rerank_weight}
 
 
 def test_per_query_pairs_queries_in_id_order_and_names_what_is_missing():

@@ -54,17 +54,18 @@ def fit_on_dev(
             {q: candidates[q] for q in chosen}, {q: qrels[q] for q in chosen}, best, scores, [0, *f.rerank_depths]
         )
         best = rerank.best
-        by_depth = ", ".join(f"{s.rerank_depth or 'none'}: {v:.3f}" for s, v in sorted(rerank.tried, key=_depth))
+        by_depth = ", ".join(f"{s.rerank_key()}: {v:.3f}" for s, v in _best_per_depth(rerank.tried))
         gain = rerank.gain
         verdict = (
             ""
             if gain is None
-            else f"; rerank@{gain['depth']} {gain['delta']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
+            else f"; rerank@{gain['depth']} weight {gain['weight']:g} {gain['delta']:+.3f} "
+            f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
             + (" adopted" if gain["adopted"] else " within noise: not adopted")
         )
         progress(
-            f"  rerank depth on {len(chosen)} dev queries (NDCG@10 by depth: {by_depth}{verdict}): "
-            f"{best.rerank_depth or 'none'}"
+            f"  rerank depth and weight on {len(chosen)} dev queries (NDCG@10, best weight per depth: "
+            f"{by_depth}{verdict}): {best.rerank_key()}"
         )
     return {
         "setting": best.search_fields(),
@@ -74,13 +75,17 @@ def fit_on_dev(
             "rrf_default": tuning.mean(tuning.per_query(candidates, qrels, default)),
             **{s.label(): v for s, v in fused.tried if s.fusion == default.fusion or not all(s.recall.values())},
         },
-        "rerank_dev_ndcg@10": {str(s.rerank_depth): v for s, v in rerank.tried} if rerank else None,
+        "rerank_dev_ndcg@10": {s.rerank_key(): v for s, v in rerank.tried} if rerank else None,
         "rerank_gain": rerank.gain if rerank else None,
     }
 
 
-def _depth(sv: tuple[tuning.Setting, float]) -> int:
-    return sv[0].rerank_depth
+def _best_per_depth(tried: list[tuple[tuning.Setting, float]]) -> list[tuple[tuning.Setting, float]]:
+    """Each rerank depth's best weight (``tried`` is best first), by depth."""
+    best: dict[int, tuple[tuning.Setting, float]] = {}
+    for s, v in tried:
+        best.setdefault(s.rerank_depth, (s, v))
+    return [best[d] for d in sorted(best)]
 
 
 # The deployment fields that decide a served cross-encoder's scores (serve/deployments.py

@@ -94,8 +94,11 @@ def fit(
         rerank_scores = tuning.cross_scores(candidates, best, deepest, queries, corpus, scorer)
         reranked = tuning.fit_rerank(candidates, qrels, best, rerank_scores, tuning.RERANK_DEPTHS, k)
         best = reranked.best
-        info["rerank"] = {str(s.rerank_depth): v for s, v in sorted(reranked.tried, key=lambda sv: sv[0].rerank_depth)}
-        info["rerank_gain"] = reranked.gain  # the best depth against none; adopted only if clear
+        info["rerank"] = {
+            s.rerank_key(): v
+            for s, v in sorted(reranked.tried, key=lambda sv: (sv[0].rerank_depth, sv[0].rerank_weight))
+        }
+        info["rerank_gain"] = reranked.gain  # the best depth and weight against none; adopted only if clear
     info[f"ndcg@{k}"]["fitted"] = tuning.mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
     info["setting"] = best.search_fields()
     info["label"] = best.label()
@@ -113,11 +116,10 @@ def rankings(
 ) -> dict[str, list[str]]:
     """The ranking /search gives each query under ``setting``."""
     candidates = {q: {n: lists[n][q] for n in lists} for q in qids}
-    fused = {q: tuning.fused(candidates[q], setting) for q in qids}
     if not setting.rerank_depth or scorer is None:
-        return fused
+        return {q: tuning.fused(candidates[q], setting) for q in qids}
     scores = tuning.cross_scores(candidates, setting, setting.rerank_depth, queries, corpus, scorer)
-    return {q: tuning.reranked(fused[q], scores[q], setting.rerank_depth) for q in qids}
+    return {q: tuning.replay(candidates[q], setting, scores[q]) for q in qids}
 
 
 def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None) -> list[Path]:

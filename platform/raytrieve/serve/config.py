@@ -107,6 +107,13 @@ class SearchDefaults(ConfigModel):
     fusion: Fusion = Field(default_factory=Fusion, description="method rrf (k) or convex (weights, normalization)")
     rerank: bool = Field(default=False, description="rescore the top rerank_depth fused candidates (needs reranker:)")
     rerank_depth: int = Field(default=50, ge=1, description="fused candidates the reranker rescores")
+    rerank_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="the cross-encoder's share of the reranked order (the rest: the fused score); 1: its order alone",
+    )
 
 
 # One deployment, or a list of them: the first is the kind's default (what a request that names

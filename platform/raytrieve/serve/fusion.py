@@ -7,6 +7,8 @@ the order is deterministic.
 - ``rrf``: reciprocal rank fusion, sum over lists of 1 / (k + rank), rank starting at 1.
 - ``convex``: sum over lists of weight * normalized score; a document missing from a list
   gets that list's lowest normalized score (0 after min-max), not a bonus.
+- ``interpolate`` (after a rerank): the reranked head ordered by a weighted sum of the
+  cross-encoder's and the first stage's z-scored scores.
 
 ``METHODS`` maps each ``/search`` fusion method to its function; the request schema's allowed
 ``fusion.method`` values are its keys. A new method is one function taking the retrievers'
@@ -79,6 +81,25 @@ def _convex_method(lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> li
     # Each retriever's weight is the parameter named after it: dense_weight, sparse_weight.
     weights = [float(params[f"{name}_weight"]) for name in lists]
     return convex(list(lists.values()), weights, str(params["normalization"]))
+
+
+def interpolate(head: Ranked, rerank_scores: Sequence[float], weight: float) -> list[tuple[str, float]]:
+    """``head`` (best-first (doc, first-stage score)) re-ordered by ``weight`` x the cross-encoder's
+    score + (1 - ``weight``) x the first stage's, each z-scored over the head (the two live on
+    unrelated scales); ties keep the head's order. Returns (doc, interpolated score), best first.
+
+    A reranker from another domain can order a head worse than the first stage did, and still
+    know something the first stage does not: a share of its score can help where its order alone
+    hurts. ``weight`` 1 is the cross-encoder's order alone."""
+    if not 0 < weight <= 1:
+        raise ValueError(f"rerank weight must be in (0, 1], got {weight}")
+    if len(rerank_scores) != len(head):
+        raise ValueError(f"{len(rerank_scores)} rerank scores for {len(head)} candidates")
+    first = normalize([s for _, s in head], "zscore")
+    cross = normalize([float(s) for s in rerank_scores], "zscore")
+    scores = [(1 - weight) * f + weight * c for f, c in zip(first, cross)]
+    order = sorted(range(len(head)), key=lambda i: (-scores[i], i))
+    return [(head[i][0], scores[i]) for i in order]
 
 
 FusionMethod = Callable[[Mapping[str, Ranked], Mapping[str, Any]], list[tuple[str, float]]]

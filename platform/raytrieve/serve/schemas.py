@@ -79,6 +79,10 @@ class SearchRequest(Strict):
     fusion: Fusion = Field(default_factory=Fusion)
     rerank: StrictBool = False
     rerank_depth: StrictInt = Field(50, ge=1)
+    # The reranked head's order: this share of the cross-encoder's score, the rest the fused
+    # (or single list's) score, each z-scored over the head (serve/fusion.py interpolate);
+    # 1: the cross-encoder's order alone.
+    rerank_weight: StrictFloat = Field(1.0, gt=0, le=1)
     return_text: StrictBool = True
     # Also return each stage's full candidate list (dense, sparse, fused; ids and scores), for
     # evaluating every stage of the pipeline from one request.

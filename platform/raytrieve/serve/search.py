@@ -115,10 +115,13 @@ class SearchPipeline:
             candidates = await self._texts(ids, known, timings)  # timed as lookup_ms when it runs
             started = time.perf_counter()
             reranked = await self._rerank(request.query, ids, candidates)
+            head = list(reranked.items())
+            if request.rerank_weight < 1:  # a share of the first stage's score too (hit score: the mix)
+                head = fusion.interpolate(fused[: len(ids)], [reranked[d] for d in ids], request.rerank_weight)
             timings["rerank_ms"] = _ms_since(started)
             # Below the rerank depth the candidates follow in fused order with their fused scores
             # (scores.rerank null): a top_k larger than the depth still gets top_k hits.
-            final = list(reranked.items()) + list(fused[request.rerank_depth :])
+            final = head + list(fused[request.rerank_depth :])
         final = final[: request.top_k]
         texts = await self._texts([d for d, _ in final], known, timings) if request.return_text else []
         return self._answer(request, lists, fused, reranked, final, texts, timings)

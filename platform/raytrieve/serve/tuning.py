@@ -9,8 +9,9 @@ following in fused order, as serve/search.py does.
 
 1. ``fit_fusion``: every recall depth pair (a retriever switched off included) with every
    fusion setting (RRF's k, convex weights and normalization), by mean NDCG@k.
-2. ``fit_rerank``: on the chosen fusion, each rerank depth (0: no rerank) with cross-encoder
-   scores the caller computed for the top ``max(depths)`` candidates of each query. A rerank
+2. ``fit_rerank``: on the chosen fusion, each rerank depth (0: no rerank) and rerank weight
+   (the cross-encoder's share of the head's order, serve/fusion.py ``interpolate``) with
+   cross-encoder scores the caller computed for the top ``max(depths)`` candidates of each query. A rerank
    costs a cross-encoder pass per candidate on every query, so it is adopted only when its gain
    over no rerank is clear on these queries: the 95% paired-bootstrap interval of the per-query
    difference lies above 0. A gain within noise on the dev split rarely survives a held-out one.
@@ -37,6 +38,7 @@ RRF_KS = (1.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
 CONVEX_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # the dense weight; sparse gets 1 - it
 RECALL_DEPTHS = (20, 50, 100)
 RERANK_DEPTHS = (0, 5, 10, 20, 30)
+RERANK_WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # the cross-encoder's share; 1: its order alone
 
 # query id -> retriever name -> best-first (doc id, score) at the deepest recall tried
 Candidates = Mapping[str, Mapping[str, Ranked]]
@@ -46,11 +48,12 @@ Qrels = Mapping[str, Mapping[str, float]]  # query id -> doc id -> grade (> 0: r
 @dataclass(frozen=True)
 class Setting:
     """One way to run ``/search``: the recall per retriever (0: off), the fusion parameters
-    (serve/schemas.py ``Fusion`` fields) and the rerank depth (0: no rerank)."""
+    (serve/schemas.py ``Fusion`` fields), the rerank depth (0: no rerank) and weight."""
 
     recall: dict[str, int]
     fusion: dict[str, Any] = field(default_factory=lambda: {"method": "rrf", "k": 60.0})
     rerank_depth: int = 0
+    rerank_weight: float = 1.0
 
     def search_fields(self) -> dict[str, Any]:
         """The ``/search`` request fields (and the serve config's ``search:`` defaults)."""
@@ -61,7 +64,15 @@ class Setting:
         out["rerank"] = self.rerank_depth > 0
         if self.rerank_depth:
             out["rerank_depth"] = self.rerank_depth
+            out["rerank_weight"] = self.rerank_weight
         return out
+
+    def rerank_key(self) -> str:
+        """The rerank part alone: "0" (none), "10" (depth 10, the cross-encoder's order), "10@0.3"
+        (depth 10, weight 0.3): the keys of a rerank fit's scores in reports."""
+        if not self.rerank_depth:
+            return "0"
+        return str(self.rerank_depth) if self.rerank_weight >= 1 else f"{self.rerank_depth}@{self.rerank_weight:g}"
 
     def cost(self) -> tuple[int, int, int]:
         """Cheaper first: no or shallower rerank, fewer retrievers, shallower recall."""
@@ -75,7 +86,8 @@ class Setting:
             params = {k: v for k, v in self.fusion.items() if k != "method"}
             parts.append(f"{self.fusion['method']}({', '.join(f'{k}={v}' for k, v in params.items())})")
         if self.rerank_depth:
-            parts.append(f"rerank@{self.rerank_depth}")
+            weight = f" weight {self.rerank_weight:g}" if self.rerank_weight < 1 else ""
+            parts.append(f"rerank@{self.rerank_depth}{weight}")
         return ", ".join(parts)
 
 
@@ -90,23 +102,52 @@ class Fitted:
     gain: dict[str, Any] | None = None
 
 
+def fused_ranked(lists: Mapping[str, Ranked], setting: Setting) -> list[tuple[str, float]]:
+    """The fused (doc, score) list ``/search`` ranks by for these recall lists under ``setting``."""
+    cut = {n: list(lists.get(n, ()))[:k] for n, k in setting.recall.items() if k > 0}
+    if len(cut) == 1:  # one list is not fused: its own order and scores stand (serve/search.py)
+        return list(next(iter(cut.values())))
+    params = {**Fusion().model_dump(), **setting.fusion}  # what /search's request schema fills in
+    return fusion.fuse(str(params["method"]), cut, params)
+
+
 def fused(lists: Mapping[str, Ranked], setting: Setting) -> list[str]:
     """The fused ranking ``/search`` returns for these recall lists under ``setting`` (no rerank)."""
-    cut = {n: list(lists.get(n, ()))[:k] for n, k in setting.recall.items() if k > 0}
-    if len(cut) == 1:  # one list is not fused: its own order stands (serve/search.py)
-        return [d for d, _ in next(iter(cut.values()))]
-    params = {**Fusion().model_dump(), **setting.fusion}  # what /search's request schema fills in
-    return [d for d, _ in fusion.fuse(str(params["method"]), cut, params)]
+    return [d for d, _ in fused_ranked(lists, setting)]
 
 
-def reranked(ranking: Sequence[str], scores: Mapping[str, float], depth: int) -> list[str]:
-    """The top ``depth`` by cross-encoder score (ties keep the fused order), then the rest."""
+def reranked(
+    ranking: Sequence[str],
+    scores: Mapping[str, float],
+    depth: int,
+    weight: float = 1.0,
+    first_stage: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The top ``depth`` by cross-encoder score (ties keep the fused order), then the rest; with
+    ``weight`` < 1, by that share of it and the rest of ``first_stage``'s score (``interpolate``)."""
     head = list(ranking[:depth])
     missing = [d for d in head if d not in scores]
     if missing:
         raise ValueError(f"no cross-encoder score for {len(missing)} candidate(s), e.g. {missing[:3]}")
+    if weight < 1:
+        if first_stage is None:
+            raise ValueError("a rerank weight below 1 needs the first stage's scores")
+        mixed = fusion.interpolate([(d, first_stage[d]) for d in head], [scores[d] for d in head], weight)
+        return [d for d, _ in mixed] + list(ranking[depth:])
     order = sorted(range(len(head)), key=lambda i: (-scores[head[i]], i))
     return [head[i] for i in order] + list(ranking[depth:])
+
+
+def replay(
+    lists: Mapping[str, Ranked], setting: Setting, rerank_scores: Mapping[str, float] | None = None
+) -> list[str]:
+    """The ranking ``/search`` answers for one query's recall lists under ``setting``, reranked
+    (depth and weight) with ``rerank_scores`` when the setting reranks."""
+    ranked = fused_ranked(lists, setting)
+    ids = [d for d, _ in ranked]
+    if not setting.rerank_depth:
+        return ids
+    return reranked(ids, rerank_scores or {}, setting.rerank_depth, setting.rerank_weight, dict(ranked))
 
 
 def per_query(
@@ -125,10 +166,7 @@ def per_query(
         raise ValueError("a setting with a rerank depth needs rerank_scores")
     values = []
     for qid in sorted(qrels):
-        ranking = fused(candidates[qid], setting)
-        if setting.rerank_depth:
-            assert rerank_scores is not None
-            ranking = reranked(ranking, rerank_scores.get(qid, {}), setting.rerank_depth)
+        ranking = replay(candidates[qid], setting, (rerank_scores or {}).get(qid, {}))
         values.append(query_metrics(ranking[:k], qrels[qid], (k,))[f"ndcg@{k}"])
     return values
 
@@ -200,19 +238,32 @@ def fit_rerank(
     rerank_scores: Mapping[str, Mapping[str, float]],
     depths: Sequence[int] = RERANK_DEPTHS,
     k: int = 10,
+    weights: Sequence[float] = RERANK_WEIGHTS,
 ) -> Fitted:
-    """``setting``'s fusion with the rerank depth (0: none) of the best mean NDCG@k, adopted only
-    if its gain over no rerank is clear (module docstring). The scores must cover each query's
-    top ``max(depths)`` fused candidates (``fused``)."""
+    """``setting``'s fusion with the rerank depth (0: none) and weight of the best mean NDCG@k,
+    adopted only if its gain over no rerank is clear (module docstring). The scores must cover
+    each query's top ``max(depths)`` fused candidates (``fused``)."""
     from raytrieve.evaluate.scoring import paired_interval
 
-    tried = [Setting(setting.recall, setting.fusion, d) for d in sorted(set(depths) | {0})]
-    values = {s.rerank_depth: per_query(candidates, qrels, s, rerank_scores, k) for s in tried}
-    fitted = _best([(s, mean(values[s.rerank_depth])) for s in tried])
+    none = Setting(setting.recall, setting.fusion, 0)
+    tried = [none] + [
+        # Weight 1 first at each depth: of equal scores, the cross-encoder's order alone is kept.
+        Setting(setting.recall, setting.fusion, d, w)
+        for d in sorted(set(depths) - {0})
+        for w in sorted(set(weights), reverse=True)
+    ]
+    values = [per_query(candidates, qrels, s, rerank_scores, k) for s in tried]
+    fitted = _best([(s, mean(v)) for s, v in zip(tried, values)])
     if not fitted.best.rerank_depth:
         return fitted
-    delta, low, high = paired_interval(values[0], values[fitted.best.rerank_depth])
-    gain = {"depth": fitted.best.rerank_depth, "delta": delta, "ci95": [low, high], "adopted": low > 0}
+    delta, low, high = paired_interval(values[0], values[tried.index(fitted.best)])
+    gain = {
+        "depth": fitted.best.rerank_depth,
+        "weight": fitted.best.rerank_weight,
+        "delta": delta,
+        "ci95": [low, high],
+        "adopted": low > 0,
+    }
     if low > 0:
         return Fitted(fitted.best, fitted.score, fitted.tried, gain)
-    return Fitted(tried[0], mean(values[0]), fitted.tried, gain)
+    return Fitted(none, mean(values[0]), fitted.tried, gain)
