@@ -38,6 +38,7 @@ def run_queries(
         "fusion": {"method": "rrf", "k": 60.0},
         "rerank": True,
         "rerank_depth": rerank_depth,
+        "rerank_weight": 1.0,
         "return_text": False,
         "return_stages": True,
     }
