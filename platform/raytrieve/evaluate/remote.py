@@ -25,6 +25,7 @@ def _body(options: RunOptions, rerank: bool) -> dict[str, Any]:
         "fusion": options.fusion.model_dump(),
         "rerank": rerank,
         "rerank_depth": options.rerank_depth,
+        "rerank_weight": 1.0,  # the reranked stage is the cross-encoder's order, as in process
         "return_text": False,
         "return_stages": True,
     }
