@@ -107,7 +107,7 @@ def main() -> None:
         encoder = load_encoder("dense", path, device=str(device), max_seq_length=args.max_seq_length)
         encoder.train()
         module = TrainModule(encoder, [MultipleNegativesRankingLoss(encoder)]).to(device)
-        wrapped = data_parallel(module, strategy, device, bf16) if strategy else module
+        wrapped = data_parallel(module, strategy, device) if strategy else module
         stepper = Stepper(
             module, build_optimizer(encoder, OptimizerConfig()), None, 1, 1.0, GradientSync(wrapped, False)
         )
@@ -141,7 +141,7 @@ def main() -> None:
     builders = {
         "raytrieve": lambda bf16: raytrieve_side(None, bf16),
         "raytrieve_ddp": lambda bf16: raytrieve_side("ddp", bf16),
-        "raytrieve_fsdp": lambda bf16: raytrieve_side("fsdp", bf16),  # bf16: FSDP's MixedPrecisionPolicy
+        "raytrieve_fsdp": lambda bf16: raytrieve_side("fsdp", bf16),
         "st": st_side,
     }
     sides = [s for s in args.sides.split(",") if s]

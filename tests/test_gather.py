@@ -133,16 +133,3 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert int(ranks["cached-3"]["reducer_calls"]) == 0
     assert int(ranks["cached_gist-3"]["reducer_calls"]) == 0
 
-
-def test_fsdp_mixed_precision_only_for_bf16_training_on_a_gpu():
-    """bf16 on a GPU: shards gathered in bf16, gradients reduced in float32 (torch's own policy
-    type, so fully_shard accepts it); on CPU or in float32 training FSDP runs as before."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from raytrieve.train.distributed import fsdp_policy
-
-    policy = fsdp_policy(torch.device("cuda", 0), bf16=True)
-    assert isinstance(policy, MixedPrecisionPolicy)
-    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert fsdp_policy(torch.device("cuda", 0), bf16=False) is None
-    assert fsdp_policy(torch.device("cpu"), bf16=True) is None

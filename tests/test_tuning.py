@@ -133,6 +133,7 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     fitted = tuning.fit_rerank(candidates, qrels, setting, harmful)
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)
     assert fitted.best.search_fields()["rerank"] is False
+    assert fitted.best.search_fields()["rerank_weight"] == 1.0  # no stale weight survives a no-rerank fit
     # Of equal scores the cross-encoder's order alone (weight 1) is kept.
     fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
     assert fitted.best.rerank_weight == 1.0 and "rerank_weight" in fitted.best.search_fields()
@@ -191,7 +192,7 @@ def test_search_defaults_must_be_requests_the_app_accepts():
     base = {"dense": {"model": "all-minilm-l6-v2"}}
     assert from_dict(ServeConfig, base).search.model_dump() == {
         k: v for k, v in SearchRequest(query="q").model_dump().items()
-        if k in ("top_k", "recall", "fusion", "rerank", "rerank_depth")}
+        if k in ("top_k", "recall", "fusion", "rerank", "rerank_depth", "rerank_weight")}
     cases = [
         ({"search": {"rerank": True}}, "search.rerank: true needs a reranker"),
         ({"search": {"top_k": 500}}, r"search.top_k: 500 exceeds limits.max_top_k \(100\)"),
@@ -219,3 +220,13 @@ def test_fusion_grid_covers_each_retriever_alone_and_every_pair():
     assert recalls == {(50, 0), (0, 50)} | set(itertools.product((20, 50), repeat=2))
     assert {s.fusion["method"] for s in grid if all(s.recall.values())} == {"rrf", "convex"}
     assert tuning.fusion_grid(["dense"]) == [Setting({"dense": 100})]
+
+
+def test_an_explicit_rerank_weight_is_kept_over_the_configured_default():
+    """The demo's untuned row and evaluate --url send rerank_weight 1: a fitted 0.3 in the app's
+    search: defaults must not fill it; a request that leaves it out gets the default."""
+    defaults = {"rerank": True, "rerank_depth": 10, "rerank_weight": 0.3}
+    explicit = with_defaults(SearchRequest.model_validate({"query": "q", "rerank_weight": 1.0}), defaults)
+    left_out = with_defaults(SearchRequest.model_validate({"query": "q"}), defaults)
+    assert (explicit.rerank_weight, left_out.rerank_weight) == (1.0, 0.3)
+    assert explicit.rerank and explicit.rerank_depth == 10

@@ -76,7 +76,9 @@ class FusionFitConfig(ConfigModel):
     rerank_queries: int = Field(
         default=100,
         ge=0,
-        description="dev queries whose top candidates the cross-encoder scores to pick the rerank depth (0: none)",
+        description=(
+            "dev queries whose top candidates the cross-encoder scores to pick the rerank depth and weight (0: none)"
+        ),
     )
     rerank_depths: list[int] = Field(default=[5, 10, 20], description="rerank depths tried, beside none")
 

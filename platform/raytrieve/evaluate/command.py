@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument(
         "--tune-on",
         metavar="SPLIT|QRELS",
-        help="fit recall depths, fusion and rerank depth on this split's judgements (with --data: a split name; "
-        "else a qrels file), report them as the 'tuned' stage on the evaluated split, write <out>/search.yaml",
+        help="fit recall depths, fusion, rerank depth and weight on this split's judgements (with --data: a split "
+        "name; else a qrels file), report them as the 'tuned' stage on the evaluated split, write <out>/search.yaml",
     )
     tune.add_argument("--serve-config", help="with --tune-on: also write <out>/serve_tuned.yaml, this config + the fit")
     report = parser.add_argument_group("report")

@@ -4,8 +4,9 @@ The caller retrieves each dev query's candidates once, per retriever at the deep
 tried, with their scores (the ``stages`` a ``/search`` with ``return_stages`` answers, or
 in-process indices). Everything below replays ``/search`` on those lists: a shorter recall is
 the list's head (an index returns its exact top k), fusion runs serve/fusion.py's own methods,
-and a rerank puts the top ``rerank_depth`` fused candidates in cross-encoder order with the rest
-following in fused order, as serve/search.py does.
+and a rerank puts the top ``rerank_depth`` fused candidates in cross-encoder order (or, with a
+``rerank_weight`` below 1, in the order of its mix with the fused score) with the rest following
+in fused order, as serve/search.py does.
 
 1. ``fit_fusion``: every recall depth pair (a retriever switched off included) with every
    fusion setting (RRF's k, convex weights and normalization), by mean NDCG@k.
@@ -15,8 +16,9 @@ following in fused order, as serve/search.py does.
    costs a cross-encoder pass per candidate on every query, so it is adopted only when its gain
    over no rerank is clear on these queries: the 95% paired-bootstrap interval of the per-query
    difference lies above 0. A gain within noise on the dev split rarely survives a held-out one.
-   (The interval is computed on the queries that also chose the depth, so it is a little
-   optimistic; the gate still refuses gains of a few queries.)
+   (The interval is computed on the queries that also chose the depth and weight, among 1 + 6
+   per depth settings, so it is optimistic: benchmarks/rerank_weight.py saw a dev-best weight
+   gain on dev and lose a little on test. The gate still refuses gains of a few queries.)
 
 Ties go to the cheaper setting (fewer retrievers, shallower recall, no or shallower rerank).
 What these return is fitted to the dev split: report a held-out split's figure with it
@@ -64,7 +66,9 @@ class Setting:
         out["rerank"] = self.rerank_depth > 0
         if self.rerank_depth:
             out["rerank_depth"] = self.rerank_depth
-            out["rerank_weight"] = self.rerank_weight
+        # Always: a weight left in a serve config by an earlier fit must not mix into a later
+        # rerank that this fit never chose.
+        out["rerank_weight"] = self.rerank_weight if self.rerank_depth else 1.0
         return out
 
     def rerank_key(self) -> str:

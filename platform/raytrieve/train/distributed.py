@@ -61,44 +61,29 @@ def layer_classes(model: nn.Module) -> set[type]:
     return classes
 
 
-def wrap(module: TrainModule, strategy: str, device: torch.device, bf16: bool = False) -> nn.Module:
-    """DDP wrapper, the FSDP-sharded module (sharded in place), or the module itself (1 process);
-    ``bf16``: training runs under bf16 autocast (``fsdp_policy``)."""
+def wrap(module: TrainModule, strategy: str, device: torch.device) -> nn.Module:
+    """DDP wrapper, the FSDP-sharded module (sharded in place), or the module itself (1 process)."""
     if not distributed():
         return module
-    return data_parallel(module, strategy, device, bf16)
+    return data_parallel(module, strategy, device)
 
 
-def data_parallel(module: TrainModule, strategy: str, device: torch.device, bf16: bool = False) -> nn.Module:
+def data_parallel(module: TrainModule, strategy: str, device: torch.device) -> nn.Module:
     """``module`` wrapped for DDP or sharded for FSDP, whatever the world size (benchmarks/train_gpu.py
     wraps a world of one to measure the wrappers' cost; training goes through ``wrap``)."""
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        policy = fsdp_policy(device, bf16)
-        kwargs = {"mp_policy": policy} if policy is not None else {}
         # Each transformer block is its own unit, gathered just before its forward and
         # resharded after; the root holds the rest (embeddings, pooling, heads, loss heads).
         blocks = layer_classes(module.encoder)
         for sub in list(module.encoder.modules()):
             if type(sub) in blocks:
-                fully_shard(sub, **kwargs)
-        fully_shard(module, **kwargs)
+                fully_shard(sub)
+        fully_shard(module)
         return module
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
-
-
-def fsdp_policy(device: torch.device, bf16: bool) -> Any:
-    """FSDP's mixed precision under bf16 training on a GPU: shards gathered in bf16 (half the
-    all-gather bytes, no per-op weight casts), gradients reduced in float32; the sharded master
-    weights and the optimizer stay float32. None elsewhere: on CPU (gloo) shards are gathered as
-    stored, and float32 training is left exact."""
-    if not (bf16 and device.type == "cuda"):
-        return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def uses_gradient_cache(loss: nn.Module) -> bool:

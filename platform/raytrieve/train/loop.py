@@ -124,7 +124,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     losses = build_losses(cfg, encoder, world)
     module = TrainModule(encoder, losses).to(device)
     bf16 = cfg.training.bf16 and training_bf16_is_fast(device)
-    wrapped = wrap(module, cfg.scaling.strategy, device, bf16)
+    wrapped = wrap(module, cfg.scaling.strategy, device)
     optimizer = build_optimizer(module.encoder, cfg.optimizer, extra=module.losses)
     schedule = build_schedule(optimizer, cfg.schedule, spec.optimizer_steps)
     cached = any(uses_gradient_cache(loss) for loss in losses)

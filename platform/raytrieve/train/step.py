@@ -61,12 +61,12 @@ class Stepper:
             out = loss_fn(features, labels)
             if isinstance(out, dict):
                 for k, v in out.items():
-                    self._components[k] = self._components.get(k, 0.0) + v.detach() / self.accumulation_steps
+                    self._components[k] = self._components.get(k, 0.0) + v.detach().float() / self.accumulation_steps
                 loss = torch.stack([v for v in out.values()]).sum()
             else:
                 loss = out
             (loss / self.accumulation_steps).backward()
-        self._sum = self._sum + loss.detach() / self.accumulation_steps
+        self._sum = self._sum + loss.detach().float() / self.accumulation_steps
         self._micro += 1
         if not last:
             return None
@@ -75,9 +75,10 @@ class Stepper:
         return self._step()
 
     def _step(self) -> StepResult:
-        # The loss and gradient norm are read (float()) only after the optimizer step is queued:
-        # on a GPU each read waits for every kernel before it, and reading them mid-step left the
-        # GPU idle while the CPU launched the rest (benchmarks/train_gpu.py).
+        # The loss and gradient norm are read (float()) after the optimizer step is queued, so
+        # the GPU is waited for once per step, at its end: on a GPU a read waits for every kernel
+        # before it, and two reads mid-step left it idle while the CPU launched the rest
+        # (benchmarks/train_gpu.py).
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
