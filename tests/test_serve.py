@@ -593,7 +593,7 @@ FIELD_KINDS = {
     "/rerank#tei": {"query": "text", "texts": "list", "raw_scores": "bool", "return_text": "bool", "model": "text",
                     **TEI_TRUNCATION},
     "/search": {"query": "text", "top_k": "int", "recall": "object", "fusion": "object", "rerank": "bool",
-                "rerank_depth": "int", "return_text": "bool", "return_stages": "bool", "dense_model": "text",
+                "rerank_depth": "int", "rerank_weight": "share", "return_text": "bool", "return_stages": "bool", "dense_model": "text",
                 "sparse_model": "text", "reranker_model": "text"},
     "/embed": {"inputs": "texts", "normalize": "bool", "prompt_name": "text", "dimensions": "int", "model": "text",
                **TEI_TRUNCATION},
@@ -638,6 +638,7 @@ WRONG = {
     "bool": ["true", 1, 0, None, []],
     "bool?": ["true", 1, 0, []],  # null is valid: "not set"
     "int>=0": ["3", 1.5, True, [], {}, -1, -(10**400)],
+    "share": ["0.5", True, [], {}, 0, 0.0, -0.1, 1.5, 2],  # in (0, 1]
     "enum": ["nope", "", 1, ["float"], {}],
     "object": ["x", 1, [], {"surprise": 1}, {"dense": -1}, {"dense": 10**400}, {"sparse": 1.5},
                {"method": "convex", "dense_weight": float("inf")}, {"k": float("nan")}, {"k": RawJSON("1e400")},
