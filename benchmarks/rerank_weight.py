@@ -1,0 +1,103 @@
+"""Does a share of the cross-encoder's score help where its order alone hurts? The demo's
+dev and test splits of the pydocs data (docstrings; test packages never trained on), the
+shipped pretrained all-MiniLM-L6-v2 retrieving and the MS MARCO MiniLM-L12 cross-encoder
+reranking its top ``--depth`` (dense heads: the fit reranks its fitted fusion's), both at
+max_seq_length 128 and at their default dtype, all in process (no Ray).
+
+For each rerank weight w (serve/fusion.py ``interpolate``: w x the cross-encoder's z-score +
+(1 - w) x the dense score's, over the head; w 1 is the cross-encoder's order alone), NDCG@10 on
+dev and on test, and test's paired bootstrap 95% interval against dense alone.
+
+    .venv/bin/python benchmarks/rerank_weight.py                 # 100 dev and 150 test queries, depth 10
+
+Prints one JSON line: dev and test NDCG@10 per weight, and test minus dense with its interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dev-queries", type=int, default=100)
+    parser.add_argument("--test-queries", type=int, default=150)
+    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "out" / "bench" / "rerank_weight"))
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from raytrieve import CrossEncoder, DenseEncoder
+    from raytrieve.demo.config import DemoConfig
+    from raytrieve.demo.sample import ensure_pydocs, prepare
+    from raytrieve.evaluate.scoring import paired_interval
+    from raytrieve.evaluation.metrics import query_metrics
+    from raytrieve.model_ref import resolve_model
+    from raytrieve.serve.fusion import interpolate
+    from raytrieve.serve.tuning import RERANK_WEIGHTS
+
+    cfg = DemoConfig()
+    samples = prepare(cfg, ensure_pydocs(ROOT / cfg.pydocs_dir, print), Path(args.out))
+    dense = DenseEncoder(str(resolve_model(cfg.models.dense)))
+    cross = CrossEncoder(str(resolve_model(cfg.models.reranker)))
+    dense.max_seq_length = cross.max_seq_length = cfg.models.max_seq_length
+
+    def heads(split, n: int) -> list[dict]:
+        """Each query's dense top ``depth`` with dense and cross-encoder scores."""
+        ids = list(split.corpus)
+        qids = [q for q in split.queries if q in split.qrels][:n]
+        docs = dense.encode([split.corpus[d] for d in ids], normalize_embeddings=True)
+        scores = dense.encode([split.queries[q] for q in qids], normalize_embeddings=True) @ docs.T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : args.depth]
+        pairs = [(split.queries[q], split.corpus[ids[j]]) for q, row in zip(qids, top) for j in row]
+        ce = np.asarray(cross.predict(pairs)).reshape(len(qids), args.depth)
+        return [
+            {
+                "head": [(ids[j], float(scores[i, j])) for j in top[i]],
+                "cross": ce[i].tolist(),
+                "relevant": split.qrels[q],
+            }
+            for i, q in enumerate(qids)
+        ]
+
+    def ndcg(rows: list[dict], weight: float | None) -> list[float]:
+        out = []
+        for r in rows:
+            ranked = r["head"] if weight is None else interpolate(r["head"], r["cross"], weight)
+            out.append(query_metrics([d for d, _ in ranked], {r["relevant"]: 1.0}, (10,))["ndcg@10"])
+        return out
+
+    dev, test = heads(samples.dev, args.dev_queries), heads(samples.test, args.test_queries)
+    base = ndcg(test, None)
+    result: dict = {
+        "benchmark": "rerank_weight",
+        "dense": cfg.models.dense,
+        "reranker": cfg.models.reranker,
+        "dtypes": {"dense": dense.dtype, "reranker": cross.dtype},
+        "depth": args.depth,
+        "queries": {"dev": len(dev), "test": len(test)},
+        "dense_ndcg@10": {"dev": float(np.mean(ndcg(dev, None))), "test": float(np.mean(base))},
+        "by_weight": {},
+    }
+    for w in RERANK_WEIGHTS:  # the weights the fit tries
+        scores = ndcg(test, w)
+        delta, low, high = paired_interval(base, scores)
+        result["by_weight"][str(w)] = {
+            "dev": round(float(np.mean(ndcg(dev, w))), 4),
+            "test": round(float(np.mean(scores)), 4),
+            "test_vs_dense": round(delta, 4),
+            "ci95": [round(low, 4), round(high, 4)],
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
