@@ -132,4 +132,3 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert int(ranks["mnrl-3"]["reducer_calls"]) >= 1
     assert int(ranks["cached-3"]["reducer_calls"]) == 0
     assert int(ranks["cached_gist-3"]["reducer_calls"]) == 0
-

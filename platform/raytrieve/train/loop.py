@@ -123,7 +123,6 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     encoder.train()
     losses = build_losses(cfg, encoder, world)
     module = TrainModule(encoder, losses).to(device)
-    bf16 = cfg.training.bf16 and training_bf16_is_fast(device)
     wrapped = wrap(module, cfg.scaling.strategy, device)
     optimizer = build_optimizer(module.encoder, cfg.optimizer, extra=module.losses)
     schedule = build_schedule(optimizer, cfg.schedule, spec.optimizer_steps)
@@ -196,6 +195,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         if tokenized
         else None
     )
+    bf16 = cfg.training.bf16 and training_bf16_is_fast(device)
     if cfg.training.bf16 and not bf16 and rank == 0:
         log.warning("training.bf16: %s has no fast bfloat16; training in float32", device)
     if logger is not None and cfg.training.bf16:  # what training.bf16 did on this hardware
