@@ -103,7 +103,7 @@ def main() -> None:
             out.append([{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in feats])
         return out
 
-    def raytrieve_side(strategy: str | None, bf16: bool):
+    def raytrieve_side(strategy: str | None):
         encoder = load_encoder("dense", path, device=str(device), max_seq_length=args.max_seq_length)
         encoder.train()
         module = TrainModule(encoder, [MultipleNegativesRankingLoss(encoder)]).to(device)
@@ -120,7 +120,7 @@ def main() -> None:
 
         return step
 
-    def st_side(bf16: bool):
+    def st_side():
         model = SentenceTransformer(path, device=str(device))
         model.max_seq_length = args.max_seq_length
         model.train()
@@ -139,9 +139,9 @@ def main() -> None:
         return step
 
     builders = {
-        "raytrieve": lambda bf16: raytrieve_side(None, bf16),
-        "raytrieve_ddp": lambda bf16: raytrieve_side("ddp", bf16),
-        "raytrieve_fsdp": lambda bf16: raytrieve_side("fsdp", bf16),
+        "raytrieve": lambda: raytrieve_side(None),
+        "raytrieve_ddp": lambda: raytrieve_side("ddp"),
+        "raytrieve_fsdp": lambda: raytrieve_side("fsdp"),
         "st": st_side,
     }
     sides = [s for s in args.sides.split(",") if s]
@@ -152,7 +152,7 @@ def main() -> None:
 
     def run_round(side: str, prec: str) -> None:
         torch.manual_seed(0)
-        step = builders[side](prec == "bfloat16")
+        step = builders[side]()  # the precision is the autocast around the steps below
         times = []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bfloat16"):
             for i in range(steps):

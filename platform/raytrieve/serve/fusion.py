@@ -7,8 +7,8 @@ the order is deterministic.
 - ``rrf``: reciprocal rank fusion, sum over lists of 1 / (k + rank), rank starting at 1.
 - ``convex``: sum over lists of weight * normalized score; a document missing from a list
   gets that list's lowest normalized score (0 after min-max), not a bonus.
-- ``interpolate`` (after a rerank): the reranked head ordered by a weighted sum of the
-  cross-encoder's and the first stage's z-scored scores.
+- ``interpolate`` (after a rerank): the reranked head in cross-encoder order, or ordered by a
+  weighted sum of the cross-encoder's and the first stage's z-scored scores.
 
 ``METHODS`` maps each ``/search`` fusion method to its function; the request schema's allowed
 ``fusion.method`` values are its keys. A new method is one function taking the retrievers'
@@ -90,11 +90,16 @@ def interpolate(head: Ranked, rerank_scores: Sequence[float], weight: float) -> 
 
     A reranker from another domain can order a head worse than the first stage did, and still
     know something the first stage does not: a share of its score can help where its order alone
-    hurts. ``weight`` 1 is the cross-encoder's order alone."""
+    hurts. ``weight`` 1 is the cross-encoder's order alone, with its own scores (the first
+    stage's are then not read)."""
     if not 0 < weight <= 1:
         raise ValueError(f"rerank weight must be in (0, 1], got {weight}")
     if len(rerank_scores) != len(head):
         raise ValueError(f"{len(rerank_scores)} rerank scores for {len(head)} candidates")
+    if weight == 1:
+        scores = [float(s) for s in rerank_scores]
+        order = sorted(range(len(head)), key=lambda i: (-scores[i], i))
+        return [(head[i][0], scores[i]) for i in order]
     first = normalize([s for _, s in head], "zscore")
     cross = normalize([float(s) for s in rerank_scores], "zscore")
     scores = [(1 - weight) * f + weight * c for f, c in zip(first, cross)]

@@ -115,9 +115,8 @@ class SearchPipeline:
             candidates = await self._texts(ids, known, timings)  # timed as lookup_ms when it runs
             started = time.perf_counter()
             reranked = await self._rerank(request.query, ids, candidates)
-            head = list(reranked.items())
-            if request.rerank_weight < 1:  # a share of the first stage's score too (hit score: the mix)
-                head = fusion.interpolate(fused[: len(ids)], [reranked[d] for d in ids], request.rerank_weight)
+            # Cross-encoder order; below weight 1, a share of the fused score too (hit score: the mix).
+            head = fusion.interpolate(fused[: len(ids)], [reranked[d] for d in ids], request.rerank_weight)
             timings["rerank_ms"] = _ms_since(started)
             # Below the rerank depth the candidates follow in fused order with their fused scores
             # (scores.rerank null): a top_k larger than the depth still gets top_k hits.
@@ -158,11 +157,10 @@ class SearchPipeline:
         return fusion.fuse(request.fusion.method, lists, request.fusion.model_dump())
 
     async def _rerank(self, query: str, ids: list[str], texts: list[str]) -> dict[str, float]:
-        """The candidates by cross-encoder score, best first (ties keep the fused order)."""
+        """Each candidate's cross-encoder score (the order is ``fusion.interpolate``'s)."""
         assert self.rerank is not None, "search() refuses rerank without a reranker"
         scores = [float(s) for s in await self.rerank([(query, text) for text in texts])]
-        order = sorted(range(len(ids)), key=lambda i: (-scores[i], i))
-        return {ids[i]: scores[i] for i in order}
+        return dict(zip(ids, scores))
 
     def _answer(
         self,

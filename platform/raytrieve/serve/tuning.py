@@ -133,13 +133,11 @@ def reranked(
     missing = [d for d in head if d not in scores]
     if missing:
         raise ValueError(f"no cross-encoder score for {len(missing)} candidate(s), e.g. {missing[:3]}")
-    if weight < 1:
-        if first_stage is None:
-            raise ValueError("a rerank weight below 1 needs the first stage's scores")
-        mixed = fusion.interpolate([(d, first_stage[d]) for d in head], [scores[d] for d in head], weight)
-        return [d for d, _ in mixed] + list(ranking[depth:])
-    order = sorted(range(len(head)), key=lambda i: (-scores[head[i]], i))
-    return [head[i] for i in order] + list(ranking[depth:])
+    if weight < 1 and first_stage is None:
+        raise ValueError("a rerank weight below 1 needs the first stage's scores")
+    first = first_stage or {}  # weight 1 reads none (serve/fusion.py interpolate)
+    mixed = fusion.interpolate([(d, first.get(d, 0.0)) for d in head], [scores[d] for d in head], weight)
+    return [d for d, _ in mixed] + list(ranking[depth:])
 
 
 def replay(
