@@ -10,7 +10,9 @@ Latency: one client, sequential requests (p50 / p99). QPS: --clients concurrent 
 same texts with batch size 32 and the same threads. Mixed load: one client searching with
 rerank@20 beside --clients - 1 searching without, for --seconds. Then each stage alone in this
 process (in_process_floor_p50_ms: the replicas' dtype and threads, no Serve), so that the rest
-of the HTTP p50 reads as hops and the cores' sharing. Prints one JSON line.
+of the HTTP p50 reads as hops and the cores' sharing. Layouts (search_p50_ms_by_layout): the
+app redeployed with a retriever deployment holding the index (colocate_index false), then with
+the query encoders holding it again (the default), the one-client p50 of each. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def main() -> None:
     parser.add_argument("--embed-texts", type=int, default=1024)
     parser.add_argument("--rerank-threads", type=int, default=None,
                         help="the reranker replica's torch_threads (default: the serve config's default)")
+    parser.add_argument("--no-layouts", action="store_true",
+                        help="skip redeploying with a retriever deployment (colocate_index false) and again "
+                             "co-located, to compare /search p50 of the two layouts in one run")
     args = parser.parse_args()
 
     import numpy as np
@@ -85,12 +90,13 @@ def main() -> None:
         build_indices(work / "vectors", work / "index")
 
     threads = max(1, os.cpu_count() // 2)
-    cfg = from_dict(ServeConfig, {
+    serve_keys = {
         "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads},
         "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
-        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}})
+        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}}
+    cfg = from_dict(ServeConfig, serve_keys)
     url = start(cfg, ray_address=None)
     wait_healthy(url)
     session = requests.Session()
@@ -155,6 +161,17 @@ def main() -> None:
     t = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         served = sum(pool.map(embed, batches)) / (time.perf_counter() - t)
+
+    # The two layouts of the index, A-B-A in this run: the query encoders holding their index
+    # (the default, measured above), a retriever deployment holding it, then co-located again.
+    layouts: dict[str, list[float]] = {"colocated": [round(_percentile(plain, 50), 1)], "retriever": []}
+    for colocate in ([] if args.no_layouts else [False, True]):
+        start(from_dict(ServeConfig, {**serve_keys, "colocate_index": colocate}), ray_address=None)
+        wait_healthy(url)
+        for q in queries[:10]:
+            search(q, False)
+        p50 = round(_percentile([search(q, False) for q in queries], 50), 1)
+        layouts["colocated" if colocate else "retriever"].append(p50)
     from ray import serve
 
     serve.shutdown()
@@ -185,6 +202,7 @@ def main() -> None:
         "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
         "search_lookup_share": round(len(stages.get("lookup_ms", [])) / len(plain), 3),  # searches that looked texts up
         "in_process_floor_p50_ms": floor,
+        "colocate_index": True, "search_p50_ms_by_layout": layouts,  # the runs in order, per layout
     }))
 
 

@@ -119,13 +119,16 @@ def test_search_defaults_that_switch_off_every_served_retriever_are_refused():
     )
 
 
-def test_sizing_and_fit_count_every_deployment():
-    cfg = sized(_cfg(**TWO_DENSE), ClusterShape(cpus=4, largest_node_cpus=4))
+@pytest.mark.parametrize("colocate", [True, False])
+def test_sizing_and_fit_count_every_deployment(colocate):
+    cfg = sized(_cfg(**TWO_DENSE, colocate_index=colocate), ClusterShape(cpus=4, largest_node_cpus=4))
     specs = [m.spec for m in cfg.served()]
-    assert len(specs) == 5 and all(d.num_cpus == pytest.approx(0.75) for d in specs)  # (4 - 0.2) / 5 -> 0.75
+    # (4 - 0.1 ingress [- 0.1 retriever]) / 5, in steps of 0.05 -> 0.75 either way
+    assert len(specs) == 5 and all(d.num_cpus == pytest.approx(0.75) for d in specs)
     assert isinstance(cfg.dense, list) and not isinstance(cfg.sparse, list)  # each key keeps its shape
     check_fits(cfg, ClusterShape(cpus=4, largest_node_cpus=4))
-    with pytest.raises(ConfigError, match=r"ask for 3.95 CPU.*dense-b 1 x 0.75 CPU.*reranker-small 1 x 0.75 CPU"):
+    asks = "3.85" if colocate else "3.95"
+    with pytest.raises(ConfigError, match=rf"ask for {asks} CPU.*dense-b 1 x 0.75 CPU.*reranker-small 1 x 0.75 CPU"):
         check_fits(cfg, ClusterShape(cpus=2, largest_node_cpus=2))
 
 
@@ -164,17 +167,17 @@ class Call:
         return self.fn(*args)
 
 
-def _table():
+def _table(colocate: bool = True):
+    """``colocate``: each model's stand-in holds its own index (and refuses another's), as
+    ``ModelReplica`` does with ``colocate_index``; else a retriever stand-in holds them all."""
     from raytrieve.serve.models import ModelTable
 
-    cfg = _cfg(**TWO_DENSE)
+    cfg = _cfg(**TWO_DENSE, colocate_index=colocate)
     # Each dense model embeds a query as its own vector; each index holds documents only that
     # model's vector finds first. The reranker scores by text length (small: the opposite).
     vectors = {"all-minilm-l6-v2": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])}
     docs = {"/idx/minilm": {"a1": [1.0, 0.0], "a2": [0.5, 0.5]}, "/idx/b": {"b1": [0.0, 1.0], "b2": [0.1, 0.2]}}
-
-    def dense(name):
-        return Call(lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)))
+    length = {"a1": 1, "a2": 3, "b1": 2, "b2": 1}
 
     def search(folder, kind, vector, k):
         if kind == "sparse":
@@ -182,23 +185,44 @@ def _table():
         scored = sorted(((d, float(np.dot(v, vector))) for d, v in docs[folder].items()), key=lambda x: -x[1])
         return scored[:k]
 
-    def reranker(sign):
-        return Call(lambda pairs, task=None: ([sign * len(t) for _, t in pairs], [1] * len(pairs)))
-
-    handles = {
-        "dense": [dense("all-minilm-l6-v2"), dense("b")],
-        "sparse": [Call(lambda *a: ([None], [1]))],
-        "reranker": [reranker(1), reranker(-1)],
-    }
-    length = {"a1": 1, "a2": 3, "b1": 2, "b2": 1}
-
     def search_with_texts(folder, kind, vector, k, n):  # the real Retriever's: the first n hits' texts along
         hits = search(folder, kind, vector, k)
         return hits, {d: "x" * length[d] for d, _ in hits[:n]}
 
-    retriever = Call(
-        None, search=search, search_with_texts=search_with_texts, lookup=lambda ids: ["x" * length[i] for i in ids]
-    )
+    def lookup(ids):
+        return ["x" * length[i] for i in ids]
+
+    def model(encode, kind, folder):
+        if not colocate:
+            return Call(encode)
+
+        def own(folder_, kind_):
+            assert (folder_, kind_) == (folder, kind), "a replica searches only its own index"
+
+        def recall(query, k, n):
+            hits, texts = search_with_texts(folder, kind, encode([query], "query")[0][0], k, n)
+            return hits, texts, 0.5
+
+        return Call(
+            encode,
+            recall=recall,
+            search=lambda f, kd, v, k: (own(f, kd), search(f, kd, v, k))[1],
+            search_with_texts=lambda f, kd, v, k, n: (own(f, kd), search_with_texts(f, kd, v, k, n))[1],
+            lookup=lookup,
+        )
+
+    def dense(name, folder):
+        return model(lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)), "dense", folder)
+
+    def reranker(sign):
+        return Call(lambda pairs, task=None: ([sign * len(t) for _, t in pairs], [1] * len(pairs)))
+
+    handles = {
+        "dense": [dense("all-minilm-l6-v2", "/idx/minilm"), dense("b", "/idx/b")],
+        "sparse": [model(lambda *a: ([None], [1]), "sparse", "/idx/minilm")],
+        "reranker": [reranker(1), reranker(-1)],
+    }
+    retriever = None if colocate else Call(None, search=search, search_with_texts=search_with_texts, lookup=lookup)
     return ModelTable(cfg, handles, retriever), handles
 
 
@@ -214,8 +238,9 @@ def test_requests_pick_their_model_by_name_and_unknown_names_are_4xx_naming_the_
         assert why in e.value.message and "dense models here: ['all-minilm-l6-v2', 'b']" in e.value.message
 
 
-def test_search_uses_the_models_a_request_names_each_with_its_own_index():
-    table, _ = _table()
+@pytest.mark.parametrize("colocate", [True, False])
+def test_search_uses_the_models_a_request_names_each_with_its_own_index(colocate):
+    table, _ = _table(colocate)
 
     def search(**fields):
         request = SearchRequest.model_validate({"query": "q", "recall": {"sparse": 0}, **fields})
@@ -225,6 +250,8 @@ def test_search_uses_the_models_a_request_names_each_with_its_own_index():
     assert [h["id"] for h in default["hits"]] == ["a1", "a2"] and default["models"] == {"dense": "all-minilm-l6-v2"}
     other = search(dense_model="b")
     assert [h["id"] for h in other["hits"]] == ["b1", "b2"] and other["models"] == {"dense": "b"}
+    # Co-located: one recall call per model, whose search time is the stand-in's 0.5 ms.
+    assert (other["timings_ms"]["recall_dense_ms"] == 0.5) == colocate
     hybrid = search(dense_model="b", recall={"sparse": 5}, rerank=True, reranker_model="small")
     assert hybrid["models"] == {"dense": "b", "sparse": "splade-tiny", "reranker": "small"}
     assert [h["id"] for h in hybrid["hits"]] == ["b2", "b1", "a2"]  # small: shorter texts first

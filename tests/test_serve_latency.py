@@ -13,9 +13,12 @@ from raytrieve.serve.schemas import SearchRequest
 from raytrieve.serve.search import TEXTS_AHEAD, TEXTS_AHEAD_MAX_EXTRA, Retrieval, SearchPipeline
 
 
-def with_texts(plain: SearchPipeline, shipped: int | None, asked: list[list[str]]) -> SearchPipeline:
+def with_texts(
+    plain: SearchPipeline, shipped: int | None, asked: list[list[str]], one_call: bool = False
+) -> SearchPipeline:
     """``plain``'s retrievals, their searches sending texts along (the first ``shipped`` hits'
-    at most, None: as many as asked), and a lookup that records what it is asked for."""
+    at most, None: as many as asked), and a lookup that records what it is asked for.
+    ``one_call``: as an encoder holding its own index, encode and search in one ``recall``."""
 
     def ship(retrieval: Retrieval) -> Retrieval:
         async def search_with_texts(vector, k: int, n: int):
@@ -23,6 +26,12 @@ def with_texts(plain: SearchPipeline, shipped: int | None, asked: list[list[str]
             first = hits[: n if shipped is None else min(n, shipped)]
             return hits, {d: test_search.TEXTS[d] for d, _ in first}
 
+        async def recall(query: str, k: int, n: int):
+            hits, texts = await search_with_texts(await retrieval.encode(query), k, n)
+            return hits, texts, 0.25
+
+        if one_call:
+            return Retrieval(_unused, _unused, None, recall)
         return Retrieval(retrieval.encode, retrieval.search, search_with_texts)
 
     async def lookup(ids: list[str]) -> list[str]:
@@ -36,10 +45,11 @@ def with_texts(plain: SearchPipeline, shipped: int | None, asked: list[list[str]
     "request_", [{"top_k": 5, "rerank": True, "rerank_depth": 8}, {"top_k": 4}, {"top_k": 4, "return_text": False}]
 )
 @pytest.mark.parametrize("shipped", [None, 1])
-def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped):
+@pytest.mark.parametrize("one_call", [False, True])
+def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped, one_call):
     plain = test_search.pipeline()
     asked: list[list[str]] = []
-    fast = with_texts(plain, shipped, asked)
+    fast = with_texts(plain, shipped, asked, one_call)
     want = asyncio.run(plain.search(SearchRequest(query=test_search.QUERY, **request_)))
     got = asyncio.run(fast.search(SearchRequest(query=test_search.QUERY, **request_)))
     assert got["hits"] == want["hits"]
@@ -48,6 +58,9 @@ def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped):
     looked_up = [d for ids in asked for d in ids]
     assert len(looked_up) == len(set(looked_up))  # nothing fetched twice
     assert ("lookup_ms" in got["timings_ms"]) == bool(looked_up)
+    if one_call:  # the recall's own search time is reported as recall_*, the rest as encode_*
+        assert all(got["timings_ms"][f"recall_{name}_ms"] == 0.25 for name in plain.retrievers)
+        assert all(got["timings_ms"][f"encode_{name}_ms"] >= 0 for name in plain.retrievers)
     stages = asyncio.run(plain.search(SearchRequest(query=test_search.QUERY, return_stages=True, **request_)))
     needed = {h["id"] for h in got["hits"]} if request_.get("return_text", True) else set()
     if request_.get("rerank"):
@@ -60,3 +73,7 @@ def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped):
     assert set(looked_up) == needed - sent
     if shipped is not None and needed:
         assert looked_up  # this case really looks something up
+
+
+async def _unused(*args):
+    raise AssertionError("a retrieval with recall is called only through it")

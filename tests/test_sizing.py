@@ -42,7 +42,7 @@ def _serve(**models) -> ServeConfig:
 def test_the_shipped_three_models_fit_two_cpus_when_unset():
     cfg = sized(_serve(dense={"model": "a"}, sparse={"model": "b"}, reranker={"model": "c"}), LAPTOP)
     cpus = [cfg.dense.num_cpus, cfg.sparse.num_cpus, cfg.reranker.num_cpus]  # type: ignore[union-attr]
-    # 2 CPUs less ingress and retriever (0.1 each), split three ways in steps of 0.05
+    # 2 CPUs less the ingress (0.1; the query encoders hold the index), split three ways in steps of 0.05
     assert cpus == [0.6, 0.6, 0.6]
     # The query encoders run side by side: 1 thread each (their share). The reranker runs after
     # them, so it gets the node's 2 CPUs (its one replica alone among rerankers).
@@ -54,24 +54,27 @@ def test_set_cpus_are_kept_and_the_rest_share_what_is_left():
     cfg = sized(_serve(dense={"model": "a", "num_cpus": 1.0, "torch_threads": 2},
                        reranker={"model": "c", "num_replicas": 2}), ClusterShape(cpus=8, largest_node_cpus=8))
     assert (cfg.dense.num_cpus, cfg.dense.torch_threads) == (1.0, 2)  # type: ignore[union-attr]
-    # (8 - 1 - 0.2) / 2 replicas = 3.4 each
-    assert cfg.reranker.num_cpus == pytest.approx(3.4)  # type: ignore[union-attr]
+    # (8 - 1 - 0.1 ingress) / 2 replicas = 3.45 each
+    assert cfg.reranker.num_cpus == pytest.approx(3.45)  # type: ignore[union-attr]
     # Its CPU share alone would give 3 threads; a reranker gets the node's 8 CPUs shared by its
     # 2 replicas, capped at 4: 4.
-    assert replica_threads(3.4) == 3
+    assert replica_threads(3.45) == 3
     assert cfg.reranker.torch_threads == 4  # type: ignore[union-attr]
     check_fits(cfg, ClusterShape(cpus=8, largest_node_cpus=8))
 
 
-def test_a_config_the_cluster_cannot_hold_is_refused_naming_each_ask():
+@pytest.mark.parametrize("colocate", [True, False])
+def test_a_config_the_cluster_cannot_hold_is_refused_naming_each_ask(colocate):
     cfg = _serve(dense={"model": "a", "num_cpus": 1}, sparse={"model": "b", "num_cpus": 1},
-                 reranker={"model": "c", "num_cpus": 1})
+                 reranker={"model": "c", "num_cpus": 1}, colocate_index=colocate)
     with pytest.raises(ConfigError) as e:
         check_fits(sized(cfg, LAPTOP), LAPTOP, "serve.yaml")
     msg = str(e.value)
-    assert msg.startswith("serve.yaml: the deployments ask for 3.2 CPU(s)")
+    # A retriever deployment runs (and asks for its 0.1 CPU) only when the models do not hold the index.
+    assert msg.startswith(f"serve.yaml: the deployments ask for {3.1 if colocate else 3.2:g} CPU(s)")
+    assert ("retriever 1 x 0.1 CPU" in msg) != colocate
     for part in ("dense 1 x 1 CPU", "sparse 1 x 1 CPU", "reranker 1 x 1 CPU", "ingress 1 x 0.1 CPU",
-                 "retriever 1 x 0.1 CPU", "the cluster has 2 CPU(s)", "leave num_cpus unset"):
+                 "the cluster has 2 CPU(s)", "leave num_cpus unset"):
         assert part in msg
     # a replica larger than any node, although the cluster's total would hold it
     big = _serve(dense={"model": "a", "num_cpus": 20})

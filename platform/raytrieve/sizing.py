@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from raytrieve.inference.config import EncodeComputeConfig
 
-# What Serve's small actors ask for (ingress, retriever): they mostly wait on the model replicas.
+# What Serve's small actors ask for (ingress, a retriever when one runs): they mostly wait on the model replicas.
 LIGHT_ACTOR_CPUS = 0.1
 # Ray Data's read-and-tokenize tasks of an encoding job (a tokenizer actor's share).
 TOKENIZER_CPUS = 0.5
@@ -68,8 +68,8 @@ def default_encode_actors(shape: ClusterShape, compute: EncodeComputeConfig, use
 
 def serve_replica_cpus(shape: ClusterShape, models: int, light_actors: int) -> float:
     """CPUs of each model replica when the config sets none: the cluster's CPUs beside the light
-    actors (ingress, retriever), split evenly among the model deployments, in steps of 0.05 so
-    that the sum fits; at most one node's, and never more than 4 (a batch-1 query gains little
+    actors (ingress, a retriever when one runs), split evenly among the model deployments, in
+    steps of 0.05 so that the sum fits; at most one node's, and never more than 4 (a batch-1 query gains little
     from more threads; more replicas serve more requests)."""
     free = shape.cpus - LIGHT_ACTOR_CPUS * light_actors
     share = math.floor(free / max(1, models) * 20) / 20

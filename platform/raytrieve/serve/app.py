@@ -73,11 +73,12 @@ class Ingress:
         handles: dict[str, list[DeploymentHandle]],
         retriever: DeploymentHandle | None,
     ) -> None:
-        """``handles``: per kind (dense, sparse, reranker), its deployments in ``cfg.served()``'s order."""
+        """``handles``: per kind (dense, sparse, reranker), its deployments in ``cfg.served()``'s order;
+        ``retriever``: the deployment holding the indices when the models do not (``colocate_index``)."""
         self.cfg, self.limits = cfg, cfg.limits
         self.search_defaults = cfg.search.model_dump()
         self.table = ModelTable(cfg, handles, retriever)
-        self.retriever = retriever
+        self.indexed = any(m.index is not None for m in cfg.served())
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
         self.version = _version()
@@ -129,7 +130,7 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         models = {kind: self.table.names(kind) for kind in MODEL_FIELDS if self.table.names(kind)}
-        return {"status": "ok", "models": models, "index": self.retriever is not None}
+        return {"status": "ok", "models": models, "index": self.indexed}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class Ingress:
 
     @api.post("/search")
     async def search(self, body: SearchRequest) -> dict[str, Any]:
-        if self.retriever is None:
+        if not self.indexed:
             raise ApiError(404, "path", "no index is served here (set index: in the serve config)", "not_found")
         body = with_defaults(body, self.search_defaults)
         shapes.check_search_limits(body, self.limits)
@@ -282,9 +283,10 @@ class Ingress:
 
 
 def build_app(cfg: ServeConfig, where: str = "config") -> Any:
-    """The bound Serve application: one deployment per configured model, the retriever when
-    a model has an index, and the ingress over them. On a running cluster, what the config leaves
-    unset is sized from it first, and a config the cluster cannot hold is refused."""
+    """The bound Serve application: one deployment per configured model (each dense and sparse
+    one holding its index, or else a retriever holding them all), and the ingress over them. On a
+    running cluster, what the config leaves unset is sized from it first, and a config the
+    cluster cannot hold is refused."""
     import ray
     from ray.serve.config import BackpressureConfig
 
@@ -321,12 +323,13 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     served = cfg.served()
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
     for m in served:
-        bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec))  # pyright: ignore[reportFunctionMemberAccess]
-    # One retriever holds every index the models search (and the corpus's texts, once).
+        held = m.index if cfg.colocate_index else None  # the model's own index in its replicas
+        bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held))  # pyright: ignore[reportFunctionMemberAccess]
+    # Else one retriever holds every index the models search (and the corpus's texts, once).
     folders = list(dict.fromkeys(m.index for m in served if m.index is not None))
     retriever = (
         Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders)  # pyright: ignore[reportFunctionMemberAccess]
-        if folders
+        if cfg.retriever_deployed
         else None
     )
     ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]

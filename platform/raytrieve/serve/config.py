@@ -39,7 +39,7 @@ class DeploymentConfig(ConfigModel):
     num_cpus: float | None = Field(
         default=None,
         description=(
-            "per replica; default: the cluster's CPUs beside the ingress and retriever, split evenly among the "
+            "per replica; default: the cluster's CPUs beside the ingress (and retriever), split evenly among the "
             "model deployments' replicas (at most 4)"
         ),
     )
@@ -155,6 +155,15 @@ class ServeConfig(ConfigModel):
             "the documents' texts are read from there."
         ),
     )
+    colocate_index: bool = Field(
+        default=True,
+        description=(
+            "Each dense and sparse model with an index holds that index (memory-mapped) and the corpus's texts in "
+            "its own replicas, so /search encodes a query and searches in one call per model. false: one "
+            "retriever deployment holds every index and the texts once, and each recall is two calls (less "
+            "memory per model replica for a large corpus; a hop more per request)"
+        ),
+    )
     host: str = "127.0.0.1"
     port: int = 8100
     route_prefix: str = "/"
@@ -184,6 +193,11 @@ class ServeConfig(ConfigModel):
 
     def default(self, kind: str) -> DeploymentConfig | None:
         return next(iter(self.deployments(kind)), None)
+
+    @property
+    def retriever_deployed(self) -> bool:
+        """Whether a retriever deployment runs: an index is served and the models do not hold it."""
+        return not self.colocate_index and any(m.index is not None for m in self.served())
 
     def served(self) -> list[Served]:
         """Every model deployment, by kind (MODEL_FIELDS' order), each kind's default first."""
@@ -313,7 +327,7 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     models = [m.spec for m in cfg.served()]
     unset = sum(replicas(d) for d in models if d.num_cpus is None)
     taken = sum(replicas(d) * d.num_cpus for d in models if d.num_cpus is not None)
-    light = cfg.ingress_replicas + (1 if any(m.index for m in cfg.served()) else 0)
+    light = cfg.ingress_replicas + (1 if cfg.retriever_deployed else 0)
     free = ClusterShape(max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus)
     # Every reranker replica that can run at once shares the node's threads: an autoscaling
     # one's maximum, or scaling up would oversubscribe the cores.
@@ -344,7 +358,7 @@ def check_fits(cfg: ServeConfig, shape: ClusterShape, where: str = "config") -> 
     served = cfg.served()
     asks = [(m.deployment, replicas(m.spec), m.spec.num_cpus or 0.0, m.spec.num_gpus) for m in served]
     asks.append(("ingress", cfg.ingress_replicas, LIGHT_ACTOR_CPUS, 0.0))
-    if any(m.index for m in served):
+    if cfg.retriever_deployed:
         asks.append(("retriever", 1, LIGHT_ACTOR_CPUS, 0.0))
     cpus = sum(n * c for _, n, c, _ in asks)
     gpus = sum(n * g for _, n, _, g in asks)

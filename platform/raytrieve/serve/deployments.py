@@ -2,14 +2,17 @@
 
 ``ModelReplica`` serves one model (dense, sparse or cross-encoder). Requests are grouped by
 ``@serve.batch`` until their estimated tokens reach ``max_batch_tokens``; one batch runs the
-model once per task (query / document), sorted by length inside. ``Retriever`` holds every
-index folder the app's models search (memory-mapped) and the documents' texts.
+model once per task (query / document), sorted by length inside. A dense or sparse model with
+an index holds it too (``colocate_index``, the default): ``recall`` encodes a query and searches
+in one call. ``Retriever`` (``colocate_index: false``) holds every index folder the app's models
+search (memory-mapped) and the documents' texts in a deployment of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +52,9 @@ def _batch_cost(items: list[tuple[Any, Any, int]]) -> int:
 
 @serve.deployment
 class ModelReplica:
-    def __init__(self, kind: str, spec: DeploymentConfig) -> None:
+    def __init__(self, kind: str, spec: DeploymentConfig, index: str | None = None) -> None:
+        """``index``: a folder of this model's vectors to hold here (``recall``, ``search``,
+        ``lookup``), with the corpus's texts; None when a ``Retriever`` holds it, or there is none."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,6 +70,8 @@ class ModelReplica:
         self.kind, self.spec = kind, spec
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
+        self.index = index
+        self.documents = Documents([index]) if index is not None else None
         self.max_seq_length = int(self.model.max_seq_length or 512)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
@@ -173,6 +180,38 @@ class ModelReplica:
         rows = model.encode(ids, show_progress_bar=False, as_dicts=True, **common)
         return [(r["indices"], r["values"]) for r in rows], tokens
 
+    async def recall(self, query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
+        """/search's recall in one call (no hop between the query encoder and its index): the
+        query's top ``k`` in this replica's index, the texts of the first ``n``, and the search's
+        milliseconds (the rest of the call is the encode and the hop)."""
+        vectors, _ = await self([query], "query")
+        started = time.perf_counter()
+        # On the model thread: a large index's search is not short, and the event loop keeps
+        # taking requests meanwhile; the encodes and searches of this replica never overlap.
+        hits, texts = await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self._search_own, vectors[0], k, n
+        )
+        return hits, texts, (time.perf_counter() - started) * 1000
+
+    def _search_own(self, vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
+        assert self.index is not None, "the app calls recall only on replicas built with an index"
+        return self._documents().search_with_texts(self.index, self.kind, vector, k, n)
+
+    def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
+        return self._documents().search(folder, kind, vector, k)
+
+    def search_with_texts(
+        self, folder: str, kind: str, vector: Any, k: int, n: int
+    ) -> tuple[list[tuple[str, float]], dict[str, str]]:
+        return self._documents().search_with_texts(folder, kind, vector, k, n)
+
+    def lookup(self, ids: list[str]) -> list[str]:
+        return self._documents().lookup(ids)
+
+    def _documents(self) -> Documents:
+        assert self.documents is not None, "the app routes index calls only to replicas built with an index"
+        return self.documents
+
     def tokens(self, indices: list[int]) -> list[str]:
         return self.model.tokenizer.convert_ids_to_tokens(indices)
 
@@ -224,10 +263,10 @@ def one_corpus(indices: Mapping[str, Any], where: str = "config") -> None:
             )
 
 
-@serve.deployment
-class Retriever:
+class Documents:
     """The indices from `raytrieve index build` (by folder; each model searches its own) and the
-    texts of their documents (one corpus: ``one_corpus``)."""
+    texts of their documents (one corpus: ``one_corpus``). Plain: the ``Retriever`` deployment
+    is one, and so is every model replica that holds its own index (``colocate_index``)."""
 
     def __init__(self, folders: list[str]) -> None:
         from raytrieve.index.build import load_indices
@@ -263,3 +302,9 @@ class Retriever:
 
     def lookup(self, ids: list[str]) -> list[str]:
         return [self.texts.get(i, "") for i in ids]
+
+
+@serve.deployment
+class Retriever(Documents):
+    """Every index of the app and the corpus's texts, once, in a deployment of their own
+    (``colocate_index: false``); the query encoders then send it their vectors."""

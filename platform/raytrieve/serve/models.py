@@ -41,6 +41,7 @@ class ModelTable:
             for model, handle in zip(models, handles.get(kind, ()), strict=True):
                 self.by_kind[kind][model.name] = (model, handle)
         self.retriever = retriever
+        self.colocate = cfg.colocate_index  # each model's replicas hold its index (else: the retriever)
         self._pipelines: dict[tuple[str | None, ...], SearchPipeline] = {}
 
     def names(self, kind: str) -> list[str]:
@@ -117,26 +118,37 @@ class ModelTable:
         return self._pipelines[key]
 
     def _build(self, chosen: Mapping[str, Served]) -> SearchPipeline:
-        retriever = self.retriever
-        assert retriever is not None, "the ingress answers /search only when an index is served"
+        def holder(model: Served) -> DeploymentHandle:
+            """The deployment that holds ``model``'s index: its own (``colocate_index``) or the retriever."""
+            if self.colocate:
+                return self.by_kind[model.kind][model.name][1]
+            assert self.retriever is not None, "build_app deploys a retriever when the models hold no index"
+            return self.retriever
 
         def retrieval(model: Served) -> Retrieval:
-            encoder = self.by_kind[model.kind][model.name][1]
+            encoder, index = self.by_kind[model.kind][model.name][1], holder(model)
 
             async def encode(query: str) -> Any:
                 outputs, _ = await encoder.remote([query], "query")
                 return outputs[0]
 
             async def search(vector: Any, k: int) -> list[tuple[str, float]]:
-                return await retriever.search.remote(model.index, model.kind, vector, k)
+                return await index.search.remote(model.index, model.kind, vector, k)
 
             async def search_with_texts(vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
-                return await retriever.search_with_texts.remote(model.index, model.kind, vector, k, n)
+                return await index.search_with_texts.remote(model.index, model.kind, vector, k, n)
 
-            return Retrieval(encode, search, search_with_texts)
+            async def recall(query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
+                return await encoder.recall.remote(query, k, n)
+
+            return Retrieval(encode, search, search_with_texts, recall if self.colocate else None)
+
+        searched = [model for kind, model in chosen.items() if kind != "reranker"]
+        texts = holder(searched[0]) if searched else None  # any index's holder has the corpus's texts
 
         async def lookup(ids: list[str]) -> list[str]:
-            return await retriever.lookup.remote(ids)
+            assert texts is not None, "the pipeline looks up only documents its retrievers found"
+            return await texts.lookup.remote(ids)
 
         reranker = self.by_kind["reranker"][chosen["reranker"].name][1] if "reranker" in chosen else None
 

@@ -61,6 +61,9 @@ class Retrieval:
     # and the texts of the first n of them. The answer's texts then mostly come along with the
     # recall instead of from a lookup afterwards (over Serve, one round trip less per request).
     search_with_texts: Callable[[Any, int, int], Awaitable[tuple[Ranked, Mapping[str, str]]]] | None = None
+    # Optional, for an encoder that holds its own index: (query, k, n) -> the hits, the texts of
+    # the first n, and the search's milliseconds, in one call instead of encode and search.
+    recall: Callable[[str, int, int], Awaitable[tuple[Ranked, Mapping[str, str], float]]] | None = None
 
 
 Lookup = Callable[[list[str]], Awaitable[Sequence[str]]]
@@ -82,7 +85,9 @@ class SearchPipeline:
         which answers list under ``models`` for the stages they ran."""
         self.retrievers, self.lookup, self.rerank = dict(retrievers), lookup, rerank
         # With texts sent along, a lookup is the exception, and its time is reported (lookup_ms).
-        self._texts_along = any(r.search_with_texts is not None for r in self.retrievers.values())
+        self._texts_along = any(
+            r.search_with_texts is not None or r.recall is not None for r in self.retrievers.values()
+        )
         self.models = dict(models or {})
 
     async def search(self, request: SearchRequest) -> dict[str, Any]:
@@ -130,6 +135,13 @@ class SearchPipeline:
     ) -> Ranked:
         retrieval = self.retrievers[name]
         started = time.perf_counter()
+        if retrieval.recall is not None:
+            hits, texts, search_ms = await retrieval.recall(query, k, wanted)
+            known.update(texts)
+            # One call: the search's own time is recall_*; the encode and the hop are encode_*.
+            timings[f"encode_{name}_ms"] = _ms_since(started) - search_ms
+            timings[f"recall_{name}_ms"] = search_ms
+            return hits
         vector = await retrieval.encode(query)
         timings[f"encode_{name}_ms"] = _ms_since(started)
         started = time.perf_counter()
