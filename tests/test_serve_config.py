@@ -196,20 +196,11 @@ def _table(colocate: bool = True):
         if not colocate:
             return Call(encode)
 
-        def own(folder_, kind_):
-            assert (folder_, kind_) == (folder, kind), "a replica searches only its own index"
-
-        def recall(query, k, n):
+        def recall(query, k, n):  # its own index only (a search routed elsewhere finds no method)
             hits, texts = search_with_texts(folder, kind, encode([query], "query")[0][0], k, n)
             return hits, texts, 0.5
 
-        return Call(
-            encode,
-            recall=recall,
-            search=lambda f, kd, v, k: (own(f, kd), search(f, kd, v, k))[1],
-            search_with_texts=lambda f, kd, v, k, n: (own(f, kd), search_with_texts(f, kd, v, k, n))[1],
-            lookup=lookup,
-        )
+        return Call(encode, recall=recall, lookup=lookup)
 
     def dense(name, folder):
         return model(lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)), "dense", folder)
@@ -289,7 +280,8 @@ def test_the_shipped_two_model_example_loads_and_fits_two_cpus():
 
 def test_the_indices_of_an_app_must_come_from_one_corpus():
     """/search fuses and looks up ids across the indices it searches: another corpus's index is
-    refused (at start, and by the retriever of an app built without the start's checks)."""
+    refused (at start, and by the replicas or retriever that hold them in an app built without
+    the start's checks)."""
     from types import SimpleNamespace
 
     from raytrieve.inference.config import CorpusConfig

@@ -190,7 +190,7 @@ def serve_config(
     for role, model in (("dense", dense), ("sparse", sparse), ("reranker", reranker or m.reranker)):
         overrides[f"{role}.model"] = model
         overrides[f"{role}.max_seq_length"] = m.max_seq_length
-        # Three 1-CPU replicas plus the retriever never schedule on a 2-core machine (Ray only
+        # Three 1-CPU replicas plus the ingress never schedule on a 2-core machine (Ray only
         # says "taken more than 30s to be scheduled"); half a CPU each fits the embedded Ray.
         overrides[f"{role}.num_cpus"] = 0.5
         overrides[f"{role}.torch_threads"] = s.torch_threads

@@ -52,9 +52,13 @@ def _batch_cost(items: list[tuple[Any, Any, int]]) -> int:
 
 @serve.deployment
 class ModelReplica:
-    def __init__(self, kind: str, spec: DeploymentConfig, index: str | None = None) -> None:
-        """``index``: a folder of this model's vectors to hold here (``recall``, ``search``,
-        ``lookup``), with the corpus's texts; None when a ``Retriever`` holds it, or there is none."""
+    def __init__(
+        self, kind: str, spec: DeploymentConfig, index: str | None = None, folders: Sequence[str] = ()
+    ) -> None:
+        """``index``: the folder of this model's vectors, held here (``recall``, ``search``,
+        ``lookup``) with the corpus's texts; None when a ``Retriever`` holds it, or there is none.
+        ``folders``: every index folder of the app (memory-mapped here only to check that they
+        come from one corpus, as the retriever does)."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,7 +75,7 @@ class ModelReplica:
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.index = index
-        self.documents = Documents([index]) if index is not None else None
+        self.documents = Documents(list(dict.fromkeys([index, *folders]))) if index is not None else None
         self.max_seq_length = int(self.model.max_seq_length or 512)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
@@ -185,17 +189,15 @@ class ModelReplica:
         query's top ``k`` in this replica's index, the texts of the first ``n``, and the search's
         milliseconds (the rest of the call is the encode and the hop)."""
         vectors, _ = await self([query], "query")
-        started = time.perf_counter()
         # On the model thread: a large index's search is not short, and the event loop keeps
         # taking requests meanwhile; the encodes and searches of this replica never overlap.
-        hits, texts = await asyncio.get_running_loop().run_in_executor(
-            self._model_thread, self._search_own, vectors[0], k, n
-        )
-        return hits, texts, (time.perf_counter() - started) * 1000
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._search_own, vectors[0], k, n)
 
-    def _search_own(self, vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
+    def _search_own(self, vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
         assert self.index is not None, "the app calls recall only on replicas built with an index"
-        return self._documents().search_with_texts(self.index, self.kind, vector, k, n)
+        started = time.perf_counter()  # the search alone, not its wait for the model thread
+        hits, texts = self._documents().search_with_texts(self.index, self.kind, vector, k, n)
+        return hits, texts, (time.perf_counter() - started) * 1000
 
     def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
         return self._documents().search(folder, kind, vector, k)

@@ -139,7 +139,7 @@ class SearchPipeline:
             hits, texts, search_ms = await retrieval.recall(query, k, wanted)
             known.update(texts)
             # One call: the search's own time is recall_*; the encode and the hop are encode_*.
-            timings[f"encode_{name}_ms"] = _ms_since(started) - search_ms
+            timings[f"encode_{name}_ms"] = max(0.0, _ms_since(started) - search_ms)
             timings[f"recall_{name}_ms"] = search_ms
             return hits
         vector = await retrieval.encode(query)
