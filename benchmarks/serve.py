@@ -81,12 +81,12 @@ def main() -> None:
     if not (work / "corpus.parquet").exists():
         pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), work / "corpus.parquet")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    run_encode(from_dict(EncodeConfig, {  # a no-op when the folder already holds this job
-        "corpus": {"path": str(work / "corpus.parquet")}, "output_dir": str(work / "vectors"), "rows_per_shard": 2000,
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256},
-        "sparse": {"model": "splade-tiny", "max_seq_length": 256},
-        "compute": {"cpus_per_encode_actor": 1.5, "torch_threads": os.cpu_count()}}))
-    if not (work / "index" / "source.json").exists():
+    if not (work / "index" / "source.json").exists():  # built once (the encode resumes if stopped)
+        run_encode(from_dict(EncodeConfig, {
+            "corpus": {"path": str(work / "corpus.parquet")}, "output_dir": str(work / "vectors"), "rows_per_shard": 2000,
+            "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256},
+            "sparse": {"model": "splade-tiny", "max_seq_length": 256},
+            "compute": {"cpus_per_encode_actor": 1.5, "torch_threads": os.cpu_count()}}))
         build_indices(work / "vectors", work / "index")
 
     threads = max(1, os.cpu_count() // 2)

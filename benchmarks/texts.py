@@ -4,6 +4,7 @@ imported), cut into sentences of a chosen word-length range. Deterministic for a
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import random
 import re
@@ -12,7 +13,8 @@ from pathlib import Path
 PACKAGES = ("numpy", "transformers", "pyarrow", "ray", "torch", "datasets", "mlflow")
 
 
-def docstrings(packages=PACKAGES, max_files: int = 4000) -> list[str]:
+@functools.cache  # parsing the packages takes a minute or more on 2 cores; a script asks several times
+def docstrings(packages: tuple[str, ...] = PACKAGES, max_files: int = 4000) -> tuple[str, ...]:
     out: list[str] = []
     for pkg in packages:
         spec = importlib.util.find_spec(pkg)
@@ -29,7 +31,7 @@ def docstrings(packages=PACKAGES, max_files: int = 4000) -> list[str]:
                     doc = ast.get_docstring(node)
                     if doc and len(doc) > 40:
                         out.append(doc)
-    return out
+    return tuple(out)
 
 
 def sentences(n: int, min_words: int = 5, max_words: int = 120, seed: int = 0) -> list[str]:

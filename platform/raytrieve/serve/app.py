@@ -282,21 +282,6 @@ class Ingress:
         return Response(status_code=200)
 
 
-# Ray Serve runs each replica's code, and each handle's router, on an event loop of its own
-# thread by default: every request then crosses threads twice in the proxy, the ingress and each
-# model replica. raytrieve's replicas never block their loop (models run on a thread of their
-# own: serve/deployments.py), so they run on the replica's main loop (Serve's own
-# "throughput-optimized" settings; measured in BENCHMARKS.md, "Query encoders that hold their
-# index"). Set on Serve's controller (launch.start), which starts the proxies, and on every
-# deployment of the app.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
-def serve_env() -> dict[str, str]:
-    """``SERVE_ENV`` less what this process's environment sets (the user's choice wins)."""
-    return {k: v for k, v in SERVE_ENV.items() if k not in os.environ}
-
-
 def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
     """A deployment's runtime_env: the one it would get by default, with ``env_vars`` added. Serve
     copies the app's (``serve deploy``'s) or the job's runtime_env only to deployments that set
@@ -328,10 +313,8 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     def options(model: Served) -> dict[str, Any]:
         d = model.spec
         actor: dict[str, Any] = {"num_cpus": d.num_cpus if d.num_cpus is not None else 1.0, "num_gpus": d.num_gpus}
-        env = serve_env()
         if is_model_uri(d.model):  # the replica downloads it from the same store
-            env |= mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
-        actor["runtime_env"] = runtime_env(env)
+            actor["runtime_env"] = runtime_env(mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)))
         opts: dict[str, Any] = {
             "name": model.deployment,
             "ray_actor_options": actor,
@@ -346,7 +329,6 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     # Ray types serve.deployment as the decorator factory only: the decorated classes (and
     # serve.deployment(Ingress)) are Deployments, with .options, at runtime.
     served = cfg.served()
-    light = {"num_cpus": LIGHT_ACTOR_CPUS, "runtime_env": runtime_env(serve_env())}  # ingress, retriever
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
     folders = list(dict.fromkeys(m.index for m in served if m.index is not None))
     for m in served:
@@ -354,14 +336,14 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
         bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders))  # pyright: ignore[reportFunctionMemberAccess]
     # Else one retriever holds every index the models search (and the corpus's texts, once).
     retriever = (
-        Retriever.options(name="retriever", ray_actor_options=light).bind(folders)  # pyright: ignore[reportFunctionMemberAccess]
+        Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders)  # pyright: ignore[reportFunctionMemberAccess]
         if cfg.retriever_deployed
         else None
     )
     ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]
         name="ingress",
         num_replicas=cfg.ingress_replicas,
-        ray_actor_options=light,
+        ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS},
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from ray import serve
 
 from raytrieve.errors import ConfigError, RaytrieveError
-from raytrieve.serve.app import build_app, serve_env
+from raytrieve.serve.app import build_app
 from raytrieve.serve.config import DeploymentConfig, ServeConfig
 
 
@@ -87,10 +87,6 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
 
     connect(ray_address)
     app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
-    # controller_options apply when this call starts Serve's controller (not to a running one).
-    serve.start(
-        http_options={"host": cfg.host, "port": cfg.port},
-        controller_options={"runtime_env": {"env_vars": serve_env()}},
-    )
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
