@@ -289,7 +289,7 @@ def test_the_indices_of_an_app_must_come_from_one_corpus():
 
     def index(path: str, **changes):
         corpus = CorpusConfig.model_validate({"path": path, **changes})
-        return SimpleNamespace(source=SimpleNamespace(corpus=SimpleNamespace(config=lambda: corpus)))
+        return SimpleNamespace(corpus=SimpleNamespace(config=lambda: corpus))  # a source.json, parsed
 
     one_corpus({"/i1": index("c.parquet"), "/i2": index("c.parquet")})
     for other in (index("d.parquet"), index("c.parquet", text_column="title")):

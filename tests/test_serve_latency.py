@@ -39,7 +39,7 @@ def with_texts(
             return hits, texts, searched[-1]
 
         if one_call:
-            return Retrieval(_unused, _unused, None, recall)
+            return Retrieval(recall=recall)
         return Retrieval(retrieval.encode, retrieval.search, search_with_texts)
 
     async def lookup(ids: list[str]) -> list[str]:
@@ -83,5 +83,11 @@ def test_texts_sent_with_the_recall_give_the_same_answer(request_, shipped, one_
         assert looked_up  # this case really looks something up
 
 
-async def _unused(*args):
-    raise AssertionError("a retrieval with recall is called only through it")
+def test_a_retrieval_needs_recall_or_both_encode_and_search():
+    async def encode(query: str):
+        return query
+
+    with pytest.raises(TypeError, match="recall, or both encode and search"):
+        Retrieval(encode)
+    with pytest.raises(TypeError, match="recall, or both encode and search"):
+        Retrieval()

@@ -87,16 +87,22 @@ class Indices:
     sparse: SparseIndex | None
 
 
-def load_indices(path: str | Path, mmap: bool = True) -> Indices:
-    """The folder ``build_indices`` wrote: the job's manifest and each index, memory-mapped."""
+def read_source(path: str | Path) -> VectorsManifest:
+    """The manifest of the encoding job whose vectors the index folder ``path`` holds."""
     from raytrieve.inference.shards import parse_manifest
 
     path = Path(path)
     if not (path / SOURCE).exists():
         raise DataError(f"{path}: no {SOURCE}; not an index folder (build one with `raytrieve index build`)")
-    source = parse_manifest(
+    return parse_manifest(
         _io.read_json(path / SOURCE), str(path / SOURCE), "build the index again (`raytrieve index build`)"
     )
+
+
+def load_indices(path: str | Path, mmap: bool = True) -> Indices:
+    """The folder ``build_indices`` wrote: the job's manifest and each index, memory-mapped."""
+    path = Path(path)
+    source = read_source(path)
     dense = load_index(path / "dense", mmap=mmap) if (path / "dense").exists() else None
     sparse = load_index(path / "sparse", mmap=mmap) if (path / "sparse").exists() else None
     if dense is None and sparse is None:

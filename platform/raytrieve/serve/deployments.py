@@ -55,10 +55,10 @@ class ModelReplica:
     def __init__(
         self, kind: str, spec: DeploymentConfig, index: str | None = None, folders: Sequence[str] = ()
     ) -> None:
-        """``index``: the folder of this model's vectors, held here (``recall``, ``search``,
-        ``lookup``) with the corpus's texts; None when a ``Retriever`` holds it, or there is none.
-        ``folders``: every index folder of the app (memory-mapped here only to check that they
-        come from one corpus, as the retriever does)."""
+        """``index``: the folder of this model's vectors, held here (``recall``, ``lookup``) with
+        the corpus's texts; None when a ``Retriever`` holds it, or there is none. ``folders``:
+        every index folder of the app (their source.json is read to check that they come from one
+        corpus, as the retriever does: an app built without the start's checks is still refused)."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,7 +75,12 @@ class ModelReplica:
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.index = index
-        self.documents = Documents(list(dict.fromkeys([index, *folders]))) if index is not None else None
+        self.documents: Documents | None = None
+        if index is not None:
+            from raytrieve.index.build import read_source
+
+            one_corpus({folder: read_source(folder) for folder in dict.fromkeys([index, *folders])}, "serve")
+            self.documents = Documents([index])
         self.max_seq_length = int(self.model.max_seq_length or 512)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
@@ -199,14 +204,6 @@ class ModelReplica:
         hits, texts = self._documents().search_with_texts(self.index, self.kind, vector, k, n)
         return hits, texts, (time.perf_counter() - started) * 1000
 
-    def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
-        return self._documents().search(folder, kind, vector, k)
-
-    def search_with_texts(
-        self, folder: str, kind: str, vector: Any, k: int, n: int
-    ) -> tuple[list[tuple[str, float]], dict[str, str]]:
-        return self._documents().search_with_texts(folder, kind, vector, k, n)
-
     def lookup(self, ids: list[str]) -> list[str]:
         return self._documents().lookup(ids)
 
@@ -249,12 +246,12 @@ class ModelReplica:
         return out
 
 
-def one_corpus(indices: Mapping[str, Any], where: str = "config") -> None:
+def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:
     """/search fuses and looks up document ids across the indices it searches, so every index of
-    an app must hold vectors of one corpus (``Indices`` by folder; their source.json's corpus)."""
+    an app must hold vectors of one corpus (``sources``: each index folder's source.json, parsed)."""
     from raytrieve.errors import ConfigError
 
-    corpora = {folder: ix.source.corpus.config() for folder, ix in indices.items()}
+    corpora = {folder: source.corpus.config() for folder, source in sources.items()}
     first, corpus = next(iter(corpora.items()))
     for folder, other in corpora.items():
         if other != corpus:
@@ -275,7 +272,7 @@ class Documents:
         from raytrieve.inference.corpus import read_corpus
 
         self.indices = {folder: load_indices(folder) for folder in folders}
-        one_corpus(self.indices, "serve")
+        one_corpus({folder: ix.source for folder, ix in self.indices.items()}, "serve")
         data = read_corpus(next(iter(self.indices.values())).source.corpus.config(), "skip")
         self.texts = dict(zip(data.ids, data.texts))
 

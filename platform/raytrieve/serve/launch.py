@@ -53,7 +53,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         if built is not None and not m.spec.allow_index_model_mismatch:
             _check_index_model(m.path, m.spec, path, built.model, built.model_path, where)
     if indices:
-        one_corpus(indices, where)
+        one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
 
 
 def _check_index_model(

@@ -126,7 +126,14 @@ class ModelTable:
             return self.retriever
 
         def retrieval(model: Served) -> Retrieval:
-            encoder, index = self.by_kind[model.kind][model.name][1], holder(model)
+            encoder = self.by_kind[model.kind][model.name][1]
+            if self.colocate:  # the encoder holds its index: one call
+
+                async def recall(query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
+                    return await encoder.recall.remote(query, k, n)
+
+                return Retrieval(recall=recall)
+            index = holder(model)
 
             async def encode(query: str) -> Any:
                 outputs, _ = await encoder.remote([query], "query")
@@ -138,10 +145,7 @@ class ModelTable:
             async def search_with_texts(vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
                 return await index.search_with_texts.remote(model.index, model.kind, vector, k, n)
 
-            async def recall(query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
-                return await encoder.recall.remote(query, k, n)
-
-            return Retrieval(encode, search, search_with_texts, recall if self.colocate else None)
+            return Retrieval(encode, search, search_with_texts)
 
         searched = [model for kind, model in chosen.items() if kind != "reranker"]
         texts = holder(searched[0]) if searched else None  # any index's holder has the corpus's texts

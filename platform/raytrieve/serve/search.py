@@ -53,10 +53,12 @@ class SearchError(InputError):
 
 @dataclass(frozen=True)
 class Retrieval:
-    """One recall stage: how the query is encoded, and how its index is searched."""
+    """One recall stage: how the query is encoded, and how its index is searched. Either
+    ``encode`` and ``search`` (two calls: the query encoder, then the index's holder), or
+    ``recall`` (one call to an encoder that holds its own index)."""
 
-    encode: Callable[[str], Awaitable[Any]]  # the query -> its vector (the model's query side)
-    search: Callable[[Any, int], Awaitable[Ranked]]  # (vector, k) -> best-first (id, score)
+    encode: Callable[[str], Awaitable[Any]] | None = None  # the query -> its vector (the model's query side)
+    search: Callable[[Any, int], Awaitable[Ranked]] | None = None  # (vector, k) -> best-first (id, score)
     # Optional, for a searcher that also holds the documents' texts: (vector, k, n) -> the hits
     # and the texts of the first n of them. The answer's texts then mostly come along with the
     # recall instead of from a lookup afterwards (over Serve, one round trip less per request).
@@ -64,6 +66,10 @@ class Retrieval:
     # Optional, for an encoder that holds its own index: (query, k, n) -> the hits, the texts of
     # the first n, and the search's milliseconds, in one call instead of encode and search.
     recall: Callable[[str, int, int], Awaitable[tuple[Ranked, Mapping[str, str], float]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.recall is None and (self.encode is None or self.search is None):
+            raise TypeError("a Retrieval needs recall, or both encode and search")
 
 
 Lookup = Callable[[list[str]], Awaitable[Sequence[str]]]
@@ -142,6 +148,7 @@ class SearchPipeline:
             timings[f"encode_{name}_ms"] = max(0.0, _ms_since(started) - search_ms)
             timings[f"recall_{name}_ms"] = search_ms
             return hits
+        assert retrieval.encode is not None and retrieval.search is not None, "Retrieval checks it has them"
         vector = await retrieval.encode(query)
         timings[f"encode_{name}_ms"] = _ms_since(started)
         started = time.perf_counter()
