@@ -524,6 +524,7 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     shipped = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "serve_pydocs.yaml"
     reads = _count_reads(monkeypatch)
     rep = _evaluate(["--data", str(beir), *COMMON, *MODELS, "--reranker", "ms-marco-minilm-l12-v2", "--dtype", "auto",
+                     "--rerank-depth", "10",  # the reranked stage's; the fit tries its own depths
                      "--tune-on", "dev", "--serve-config", str(shipped), "--out", str(out), "--no-chart"])
     assert reads[beir / "corpus.jsonl"] == 1 and reads[beir / "queries.jsonl"] == 2  # queries: once per split
     assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"]
