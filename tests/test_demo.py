@@ -30,7 +30,7 @@ def _config(tmp_path, port: int) -> DemoConfig:
         "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
         "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
         # Mined negatives from the 96 train pairs; a few steps of the 12-layer cross-encoder.
-        "reranker_training": {"batch_size": 8, "max_steps": 4, "register_as": "t-cross"},
+        "reranker_training": {"batch_size": 8, "max_steps": 2, "register_as": "t-cross"},
         "serving": {"port": port, "rerank_depth": 5, "recall": 100, "clients": 2},
         "fusion_fit": {"rerank_depths": [5]},
     }).check()
