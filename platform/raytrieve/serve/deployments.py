@@ -75,12 +75,7 @@ class ModelReplica:
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.index = index
-        self.documents: Documents | None = None
-        if index is not None:
-            from raytrieve.index.build import read_source
-
-            one_corpus({folder: read_source(folder) for folder in dict.fromkeys([index, *folders])}, "serve")
-            self.documents = Documents([index])
+        self.documents = Documents([index], others=folders) if index is not None else None
         self.max_seq_length = int(self.model.max_seq_length or 512)
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
@@ -267,12 +262,17 @@ class Documents:
     texts of their documents (one corpus: ``one_corpus``). Plain: the ``Retriever`` deployment
     is one, and so is every model replica that holds its own index (``colocate_index``)."""
 
-    def __init__(self, folders: list[str]) -> None:
-        from raytrieve.index.build import load_indices
+    def __init__(self, folders: list[str], others: Sequence[str] = ()) -> None:
+        """``folders``: the index folders held here. ``others``: the app's other index folders,
+        of which only source.json is read: every index of the app must come from one corpus,
+        checked here too, so an app built without the start's checks is still refused."""
+        from raytrieve.index.build import load_indices, read_source
         from raytrieve.inference.corpus import read_corpus
 
         self.indices = {folder: load_indices(folder) for folder in folders}
-        one_corpus({folder: ix.source for folder, ix in self.indices.items()}, "serve")
+        sources = {folder: ix.source for folder, ix in self.indices.items()}
+        sources |= {folder: read_source(folder) for folder in others if folder not in sources}
+        one_corpus(sources, "serve")
         data = read_corpus(next(iter(self.indices.values())).source.corpus.config(), "skip")
         self.texts = dict(zip(data.ids, data.texts))
 
