@@ -12,7 +12,9 @@ rerank@20 beside --clients - 1 searching without, for --seconds. Then each stage
 process (in_process_floor_p50_ms: the replicas' dtype and threads, no Serve), so that the rest
 of the HTTP p50 reads as hops and the cores' sharing. Layouts (search_p50_ms_by_layout): the
 app redeployed with a retriever deployment holding the index (colocate_index false), then with
-the query encoders holding it again (the default), the one-client p50 of each. Prints one JSON line.
+the query encoders holding it again (the default), the one-client p50 of each. Backends
+(search_p50_ms_by_backend): the app redeployed with the query encoders in the other backend
+(torch / onnx: ONNX Runtime), then in --backend again. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def main() -> None:
     parser.add_argument("--embed-texts", type=int, default=1024)
     parser.add_argument("--rerank-threads", type=int, default=None,
                         help="the reranker replica's torch_threads (default: the serve config's default)")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="the query encoders' backend (dense and sparse) for every measurement but the A-B-A")
+    parser.add_argument("--no-backends", action="store_true",
+                        help="skip redeploying with the other backend and back (search_p50_ms_by_backend)")
     parser.add_argument("--no-layouts", action="store_true",
                         help="skip redeploying with a retriever deployment (colocate_index false) and again "
                              "co-located, to compare /search p50 of the two layouts in one run")
@@ -91,8 +97,10 @@ def main() -> None:
 
     threads = max(1, os.cpu_count() // 2)
     serve_keys = {
-        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads},
-        "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1},
+        "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": threads,
+                  "backend": args.backend},
+        "sparse": {"model": "splade-tiny", "max_seq_length": 256, "num_cpus": 0.3, "torch_threads": 1,
+                   "backend": args.backend},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
         "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}}
@@ -172,12 +180,23 @@ def main() -> None:
             search(q, False, record=False)
         p50 = round(_percentile([search(q, False, record=False) for q in queries], 50), 1)
         layouts["colocated" if colocate else "retriever"].append(p50)
+    # The query encoders' backends, A-B-A in this run: --backend (measured above), the other, --backend again.
+    other = "onnx" if args.backend == "torch" else "torch"
+    backends: dict[str, list[float]] = {args.backend: [round(_percentile(plain, 50), 1)], other: []}
+    for backend in ([] if args.no_backends else [other, args.backend]):
+        keys = {**serve_keys, **{k: {**serve_keys[k], "backend": backend} for k in ("dense", "sparse")}}
+        start(from_dict(ServeConfig, keys), ray_address=None)
+        wait_healthy(url)
+        for q in queries[:10]:
+            search(q, False, record=False)
+        backends[backend].append(round(_percentile([search(q, False, record=False) for q in queries], 50), 1))
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
 
-    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads)
+    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads, args.backend)
+    other_floor = {} if args.no_backends else encode_floor(queries, threads, other)
 
     from raytrieve.model_ref import resolve_model
     from sentence_transformers import SentenceTransformer
@@ -203,11 +222,39 @@ def main() -> None:
         "search_lookup_share": round(len(stages.get("lookup_ms", [])) / len(plain), 3),  # searches that looked texts up
         "in_process_floor_p50_ms": floor,
         "colocate_index": True, "search_p50_ms_by_layout": layouts,  # the runs in order, per layout
+        "backend": args.backend, "search_p50_ms_by_backend": backends,  # the runs in order, per backend
+        "in_process_encode_p50_ms_by_backend": {args.backend: {k: v for k, v in floor.items() if k.startswith("encode")},
+                                                **({other: other_floor} if other_floor else {})},
     }))
 
 
+def _encode_p50(model, queries: list[str]) -> float:
+    for q in queries[:5]:
+        model.encode_query([q], show_progress_bar=False)
+    ts = []
+    for q in queries:
+        t = time.perf_counter()
+        model.encode_query([q], show_progress_bar=False)
+        ts.append((time.perf_counter() - t) * 1000)
+    return round(_percentile(ts, 50), 1)
+
+
+def encode_floor(queries: list[str], threads: int, backend: str) -> dict[str, float]:
+    """One query's encode alone in this process, per query model, in ``backend``."""
+    import torch
+
+    from raytrieve.encoders import load_encoder
+
+    out = {}
+    for kind, name in (("dense", "all-minilm-l6-v2"), ("sparse", "splade-tiny")):
+        torch.set_num_threads(threads if kind == "dense" else 1)
+        model = load_encoder(kind, name, device="cpu", max_seq_length=256, dtype="auto", backend=backend)
+        out[f"encode_{kind}_ms"] = _encode_p50(model, queries)
+    return out
+
+
 def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: int,
-                     rerank_threads: int) -> dict[str, float]:
+                     rerank_threads: int, backend: str = "torch") -> dict[str, float]:
     """Each /search stage alone in this process, no Serve (p50 ms over the queries): what the
     replicas compute, with their dtype (auto) and threads, so that the rest of the
     HTTP p50 is hops, queueing and the cores' sharing."""
@@ -233,11 +280,11 @@ def in_process_floor(index: Path, queries: list[str], docs: list[str], threads: 
         return round(_percentile(ts, 50), 1)
 
     for kind, name in (("dense", "all-minilm-l6-v2"), ("sparse", "splade-tiny")):
-        model = load_encoder(kind, name, device="cpu", max_seq_length=256, dtype="auto")
-        torch.set_num_threads(threads if kind == "dense" else 1)
+        torch.set_num_threads(threads if kind == "dense" else 1)  # before the load: ONNX Runtime sizes its pool then
+        model = load_encoder(kind, name, device="cpu", max_seq_length=256, dtype="auto", backend=backend)
         vectors = [model.encode_query([q], show_progress_bar=False, **({} if kind == "dense" else {"as_dicts": True}))[0]
                    for q in queries]
-        out[f"encode_{kind}_ms"] = p50(lambda q: model.encode_query([q], show_progress_bar=False), queries)
+        out[f"encode_{kind}_ms"] = _encode_p50(model, queries)
         index_of = getattr(ix, kind)
         if kind == "dense":
             out["recall_dense_ms"] = p50(lambda v: index_of.search(v[None, :], top_k=100), vectors)

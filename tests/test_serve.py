@@ -33,7 +33,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
     """The app with the shipped models; the sparse one is served from a real MLflow registry
     (sqlite) as models:/NAME/VERSION, so every test here proves that path too. A second dense
     model (tiny, with its own index) and a second reranker (tiny) are served beside them, named
-    tiny-dense and tiny-cross (test_several_models_each_answer_by_name)."""
+    tiny-dense and tiny-cross (test_several_models_each_answer_by_name), both in ONNX Runtime."""
     import shutil
 
     from ray import serve
@@ -70,7 +70,9 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
         "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
     build_indices(root / "vectors_tiny", root / "index_tiny")
     port = free_port()
-    tiny = {"num_cpus": 0.05, "torch_threads": 1, "dtype": "float32"}
+    # The tiny models run in ONNX Runtime (backend onnx): test_several_models_each_answer_by_name
+    # holds them to their in-process torch encoders.
+    tiny = {"num_cpus": 0.05, "torch_threads": 1, "dtype": "float32", "backend": "onnx"}
     cfg = from_dict(ServeConfig, {
         # float32: the tests compare every model with its in-process float32 encoder (the
         # default, auto, is what the reduced demo serves).
@@ -389,6 +391,9 @@ def test_several_models_each_answer_by_name(served, models, tiny_models):
     assert (listed["tiny-dense"]["kind"], listed["tiny-dense"]["default"], listed["tiny-dense"]["index"]) == \
         ("dense", False, True)
     assert listed["tiny-dense"]["dimensions"] == 32 and listed["ms-marco-minilm-l12-v2"]["default"] is True
+    assert {name: m["backend"] for name, m in listed.items()} == {
+        "all-minilm-l6-v2": "torch", "tiny-dense": "onnx", "splade-tiny": "torch", "ms-marco-minilm-l12-v2": "torch",
+        "tiny-cross": "onnx"}
 
     # /search with each dense model: its own index's ranking (brute force over in-process vectors).
     corpus = [p.document for p in served["pairs"]]
@@ -450,7 +455,9 @@ def test_search_finds_the_document_of_clear_queries(served):
         for query, start in queries.items():
             expected = served["ids"][next(i for i, d in enumerate(docs) if d.startswith(start))]
             for rerank in (False, True):
-                r = _post(served["url"], "/search", {"query": query, "top_k": 5, "rerank": rerank, "rerank_depth": 20})
+                # Depth 10 holds every expected document (each is in the fused top 5 without rerank), and the
+                # 12-layer reranker at 256 tokens costs ~0.35 s a pair on an AVX2-only CPU.
+                r = _post(served["url"], "/search", {"query": query, "top_k": 5, "rerank": rerank, "rerank_depth": 10})
                 assert r.status_code == 200, r.text
                 hits = r.json()["hits"]
                 assert expected in [h["id"] for h in hits[:depth]], (query, rerank, [h["text"][:40] for h in hits])

@@ -57,6 +57,7 @@ class ConfigModel(BaseModel):
 
 # The format a model computes in at inference (raytrieve.encoders.precision, which reads this).
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+Backend = Literal["torch", "onnx"]  # what runs a model's transformers at inference (encoders/onnx_runtime.py)
 
 
 def dtype_field() -> Any:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from raytrieve._io import atomic_directory
-from raytrieve.encoders import precision, st_format
+from raytrieve.encoders import onnx_runtime, precision, st_format
 from raytrieve.encoders.batching import Pretokenized, resolve_device, run_batches
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
 from raytrieve.model_ref import resolve_model
@@ -52,6 +52,7 @@ class Encoder(nn.Module):
         # takes ``dtype`` and calls set_dtype last: "auto" runs the model, so it must be whole.
         self.dtype = "float32"
         self.dtype_reason = ""
+        self.backend = "torch"  # what runs the transformers at inference (set_backend)
         saved: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model(model)
@@ -159,6 +160,10 @@ class Encoder(nn.Module):
         with the reason in ``self.dtype_reason``. int8 quantises the linear layers in place: such
         a model cannot go back to another format or be saved (load it again)."""
         precision.check_dtype(dtype, self.device)
+        if self.backend == "onnx":
+            onnx_runtime.check_backend(self.backend, dtype, self.device, "dtype")
+            self.dtype, self.dtype_reason = "float32", "computes in float32 (backend onnx: ONNX Runtime)"
+            return self.dtype
         if self.dtype == "int8" and dtype != "int8":
             raise InputError(f"this model was quantised to int8 in place; load it again to compute in {dtype}")
         result = None
@@ -169,6 +174,23 @@ class Encoder(nn.Module):
         self.dtype = dtype
         self.dtype_reason = precision.describe(dtype, result, self.device)
         return dtype
+
+    def set_backend(self, backend: str) -> str:
+        """Run every transformer of the stack at inference in ``backend``: ``torch``, or ``onnx``
+        (ONNX Runtime on CPU, float32: encoders/onnx_runtime.py; exported once per machine and
+        checked against torch). "auto" dtype resolves to float32 under onnx. Returns the backend."""
+        dtype = self.dtype if backend == "onnx" else "float32"
+        onnx_runtime.check_backend(backend, dtype, self.device)
+        transformers = [m for m in self.stack.modules() if isinstance(m, Transformer)]
+        for module in transformers:
+            if backend == "onnx":
+                onnx_runtime.attach(module)
+            else:
+                onnx_runtime.detach(module)
+        self.backend = backend
+        if backend == "onnx":
+            self.dtype_reason = "computes in float32 (backend onnx: ONNX Runtime)"
+        return backend
 
     def probe_outputs(self) -> Any:
         """This model's outputs on the fixed probe texts of the precision guard."""

@@ -101,6 +101,9 @@ class Transformer(Module):
         # answer from a kept layer instead of running the model (losses/modifiers.py).
         self.keep_hidden_states = False
         self.cached_layer: int | None = None
+        # backend "onnx" (encoders/onnx_runtime.py): an ONNX Runtime session that stands in for
+        # auto_model at inference; None computes in torch.
+        self.onnx_model: Any = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -221,6 +224,9 @@ class Transformer(Module):
         inputs = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
         if "token_type_ids" in features and self._accepts_token_types:
             inputs["token_type_ids"] = features["token_type_ids"]
+        if self.onnx_model is not None and not self.training and not self.keep_hidden_states:
+            features[self.output_key] = self.onnx_model(inputs).to(features["input_ids"].device)
+            return features
         out = self.auto_model(**inputs, return_dict=True, output_hidden_states=self.keep_hidden_states or None)
         features[self.output_key] = getattr(out, self._output_field)
         if self.keep_hidden_states:

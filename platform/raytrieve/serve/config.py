@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
+from raytrieve.config import Backend, ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
@@ -32,6 +32,14 @@ class DeploymentConfig(ConfigModel):
     )
     max_seq_length: int | None = None
     dtype: Dtype = dtype_field()
+    backend: Backend = Field(
+        default="torch",
+        description=(
+            "what runs the transformer: torch, or onnx (ONNX Runtime on CPU, float32; 1.5-2x faster than torch "
+            "for one short query on a CPU without AMX; exported once per machine into $RAYTRIEVE_CACHE/onnx, "
+            "default ~/.cache/raytrieve/onnx, and checked against torch float32 at every start)"
+        ),
+    )
     num_replicas: int = 1
     autoscaling: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config; replaces num_replicas"
@@ -249,6 +257,13 @@ class ServeConfig(ConfigModel):
                 invalid(m.path, ": num_replicas, max_batch_tokens and max_ongoing_requests must be >= 1")
             if (d.num_cpus is not None and d.num_cpus < 0) or d.num_gpus < 0:
                 invalid(m.path, ": num_cpus and num_gpus must be >= 0")
+            if d.backend == "onnx" and d.dtype not in ("float32", "auto"):
+                invalid(
+                    f"{m.path}.backend",
+                    f": onnx computes in float32; set dtype: float32 (or auto), or backend: torch for {d.dtype}",
+                )
+            if d.backend == "onnx" and d.num_gpus > 0:
+                invalid(f"{m.path}.backend", ": onnx runs on CPU here; set num_gpus: 0, or backend: torch on a GPU")
             if m.kind == "reranker" and d.index is not None:
                 invalid(f"{m.path}.index", ": a reranker has no index (it rescores /search's candidates); drop it")
         self._index_rules(served)

@@ -43,6 +43,7 @@ def load_model(kind: str, spec: DeploymentConfig) -> Any:
         max_seq_length=spec.max_seq_length,
         trust_remote_code=spec.trust_remote_code,
         dtype=spec.dtype,
+        backend=spec.backend,
     )
 
 
@@ -89,6 +90,7 @@ class ModelReplica:
             "kind": self.kind,
             "max_seq_length": self.max_seq_length,
             "dtype": self.model.dtype,  # the format chosen (a config's auto resolved on this replica)
+            "backend": self.model.backend,
             "num_cpus": self.spec.num_cpus,  # sized from the cluster when the config left it unset
             "torch_threads": torch.get_num_threads(),
             "max_batch_tokens": self.spec.max_batch_tokens,
