@@ -53,37 +53,68 @@ def test_each_kind_equals_sentence_transformers(tiny_dirs, st, cache):
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 3
 
 
-def test_export_is_cached_by_content_and_a_wrong_one_is_refused(tiny_dirs, cache, monkeypatch):
+def test_export_is_cached_by_content_and_a_wrong_one_is_refused(tiny_dirs, cache, tmp_path, monkeypatch):
     first = DenseEncoder(str(tiny_dirs["base"]))
     first.set_backend("onnx")
     (folder,) = list(cache.iterdir())
     assert folder.name == onnx_runtime.cache_key(_transformer(first))
     stamp = (folder / onnx_runtime.FILE).stat().st_mtime_ns
 
-    # Loaded again: the cached export is used (exporting again would fail here).
+    # Loaded again, and the same weights from another folder: the cached export is used
+    # (exporting again would fail here).
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(onnx_runtime, "export", no_export)
-    again = load_encoder("dense", str(tiny_dirs["base"]), backend="onnx")
-    assert (folder / onnx_runtime.FILE).stat().st_mtime_ns == stamp
-    np.testing.assert_allclose(again.encode(SENTENCES), first.encode(SENTENCES), atol=ATOL)
-    monkeypatch.undo()
-    monkeypatch.setenv("RAYTRIEVE_CACHE", str(cache.parent))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_dirs["base"], moved)
+    with monkeypatch.context() as m:
+        m.setattr(onnx_runtime, "export", no_export)
+        for path in (tiny_dirs["base"], moved):
+            again = _counted(load_encoder("dense", str(path), backend="onnx"))
+            np.testing.assert_allclose(again.encode(SENTENCES), first.encode(SENTENCES), atol=ATOL)
+            assert _transformer(again).onnx_model.calls > 0  # ONNX Runtime ran the encode
+    assert (folder / onnx_runtime.FILE).stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
 
-    # Other weights, another key; and an export that is not of this model is refused with the difference.
+    # Other weights, another key. A stale export found under it (another model's) is exported
+    # afresh; an exporter whose output disagrees with torch is refused, naming the difference.
     changed = DenseEncoder(str(tiny_dirs["base"]))
     with torch.no_grad():
         _transformer(changed).auto_model.embeddings.word_embeddings.weight.mul_(3.0)
     key = onnx_runtime.cache_key(_transformer(changed))
     assert key != folder.name
     shutil.copytree(folder, cache / key)
-    with pytest.raises(ModelLoadError, match="differs from torch float32 by .* use backend: torch"):
-        changed.set_backend("onnx")
-    assert changed.backend == "torch" and _transformer(changed).onnx_model is None
-    shutil.rmtree(cache / key)
-    changed.set_backend("onnx")  # exported afresh: its own weights
+    changed.set_backend("onnx")
+    assert (cache / key / onnx_runtime.FILE).stat().st_mtime_ns != stamp  # replaced by its own export
     np.testing.assert_allclose(changed.encode(SENTENCES[:3]), _torch_encode(changed, SENTENCES[:3]), atol=ATOL)
+
+    other = DenseEncoder(str(tiny_dirs["base"]))
+    with torch.no_grad():
+        _transformer(other).auto_model.embeddings.word_embeddings.weight.mul_(2.0)
+    monkeypatch.setattr(onnx_runtime, "export", lambda module, target: shutil.copytree(folder, target))
+    with pytest.raises(ModelLoadError, match="differs from torch float32 by .* use backend: torch"):
+        other.set_backend("onnx")
+    assert other.backend == "torch" and _transformer(other).onnx_model is None
+
+
+class _Counting:
+    """An ONNX Runtime model that counts its calls (proves an encode went through it)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, 0
+
+    def current(self, module) -> bool:
+        return self.model.current(module)
+
+    def __call__(self, inputs):
+        self.calls += 1
+        return self.model(inputs)
+
+
+def _counted(encoder):
+    for module in encoder.stack.modules():
+        if isinstance(module, Transformer) and module.onnx_model is not None:
+            module.onnx_model = _Counting(module.onnx_model)
+    return encoder
 
 
 def _torch_encode(encoder, texts):
@@ -108,11 +139,23 @@ def test_training_runs_in_torch_and_gradients_flow(tiny_dirs, cache):
     out.sum().backward()
     assert _transformer(encoder).auto_model.embeddings.word_embeddings.weight.grad is not None
     encoder.eval()  # back to inference: ONNX Runtime again, equal to torch in eval mode (no dropout)
+    _counted(encoder)
     with torch.no_grad():
         got = encoder(dict(features))["sentence_embedding"]
-        encoder.set_backend("torch")
-        torch.testing.assert_close(got, encoder(dict(features))["sentence_embedding"], atol=ATOL, rtol=1e-5)
+    assert _transformer(encoder).onnx_model.calls == 1
+    reference = _torch_encode(encoder, SENTENCES[:4])
+    np.testing.assert_allclose(got.numpy(), reference, atol=ATOL)
+
+    # An optimizer step changes the weights in place: the export is stale, so torch computes.
+    torch.optim.SGD(encoder.parameters(), lr=1.0).step()
+    after = encoder.encode(SENTENCES[:4])
+    assert encoder.backend == "torch" and not np.allclose(after, reference, atol=1e-3)
+    np.testing.assert_allclose(after, _torch_encode(encoder, SENTENCES[:4]), atol=ATOL)
+    encoder.set_backend("onnx")  # exported again, from the trained weights
+    np.testing.assert_allclose(encoder.encode(SENTENCES[:4]), after, atol=ATOL)
+    encoder.set_backend("torch")
     assert _transformer(encoder).onnx_model is None and encoder.backend == "torch"
+    assert "onnx" not in encoder.dtype_reason
 
 
 def test_what_onnx_cannot_do_is_refused_before_loading(tiny_dirs, cache):
@@ -135,3 +178,11 @@ def test_what_onnx_cannot_do_is_refused_before_loading(tiny_dirs, cache):
     assert model.set_dtype("auto") == "float32" and "onnx" in model.dtype_reason
     with pytest.raises(ConfigError, match="onnx computes in float32"):
         model.set_dtype("int8")
+    half = CrossEncoder(str(tiny_dirs["cls1"]))
+    half.set_dtype("bfloat16")  # autocast over float32 weights: onnx takes it back to float32
+    half.set_backend("onnx")
+    assert (half.dtype, half.backend) == ("float32", "onnx")
+    quantised = CrossEncoder(str(tiny_dirs["cls1"]))
+    quantised.set_dtype("int8")
+    with pytest.raises(ConfigError, match="quantised in place: load it again"):
+        quantised.set_backend("onnx")

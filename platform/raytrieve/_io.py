@@ -7,6 +7,7 @@ name beside its target and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -108,4 +109,11 @@ def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            # Another process renamed its own copy into place after the exists() check above.
+            if overwrite or e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{target} already exists") from e

@@ -52,7 +52,6 @@ class Encoder(nn.Module):
         # takes ``dtype`` and calls set_dtype last: "auto" runs the model, so it must be whole.
         self.dtype = "float32"
         self.dtype_reason = ""
-        self.backend = "torch"  # what runs the transformers at inference (set_backend)
         saved: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model(model)
@@ -175,21 +174,40 @@ class Encoder(nn.Module):
         self.dtype_reason = precision.describe(dtype, result, self.device)
         return dtype
 
+    def _transformers(self) -> list[Transformer]:
+        return [m for m in self.stack.modules() if isinstance(m, Transformer)]
+
+    @property
+    def backend(self) -> str:
+        """``onnx`` while every transformer of the stack runs in ONNX Runtime (``set_backend``), else ``torch``."""
+        transformers = self._transformers()
+        return "onnx" if transformers and all(m.onnx_model is not None for m in transformers) else "torch"
+
     def set_backend(self, backend: str) -> str:
         """Run every transformer of the stack at inference in ``backend``: ``torch``, or ``onnx``
         (ONNX Runtime on CPU, float32: encoders/onnx_runtime.py; exported once per machine and
-        checked against torch). "auto" dtype resolves to float32 under onnx. Returns the backend."""
-        dtype = self.dtype if backend == "onnx" else "float32"
+        checked against torch at every call). A model set to bfloat16 / float16 (autocast over
+        float32 weights) goes back to float32; int8 (quantised in place) is refused. All of the
+        stack's transformers switch, or none. Returns the backend."""
+        if backend == "onnx" and self.dtype in precision.HALF:
+            dtype = "float32"  # autocast only: the weights are float32 already
+        else:
+            dtype = self.dtype if backend == "onnx" else "float32"
         onnx_runtime.check_backend(backend, dtype, self.device)
-        transformers = [m for m in self.stack.modules() if isinstance(m, Transformer)]
-        for module in transformers:
-            if backend == "onnx":
-                onnx_runtime.attach(module)
-            else:
+        transformers = self._transformers()
+        if backend == "torch":
+            for module in transformers:
                 onnx_runtime.detach(module)
-        self.backend = backend
-        if backend == "onnx":
-            self.dtype_reason = "computes in float32 (backend onnx: ONNX Runtime)"
+            self.dtype_reason = precision.describe(self.dtype, None, self.device)
+            return backend
+        try:
+            for module in transformers:
+                onnx_runtime.attach(module)
+        except BaseException:
+            for module in transformers:
+                onnx_runtime.detach(module)
+            raise
+        self.dtype, self.dtype_reason = "float32", "computes in float32 (backend onnx: ONNX Runtime)"
         return backend
 
     def probe_outputs(self) -> Any:

@@ -13,9 +13,12 @@ module in train mode use torch as before.
 
 The export (``torch.onnx.export``, dynamic batch and sequence) takes seconds to tens of
 seconds, so it is cached on each machine by the model's content: ``$RAYTRIEVE_CACHE/onnx/<key>``
-(default ``~/.cache/raytrieve``), key = hash of the weights, config, task, inputs and the torch
-and exporter versions. A new export is checked against torch on fixed probe texts before use;
-a model whose export disagrees is refused, naming the difference.
+(default ``~/.cache/raytrieve``), key = hash of the weights, the config (not the folder it was
+loaded from), task, inputs and the torch and exporter versions. Every load checks the export
+against torch on fixed probe texts; a cached export that fails to load or disagrees is exported
+again once, and a model whose fresh export disagrees is refused, naming the difference.
+Weights changed after the export (an optimizer step, an in-place edit) are noticed: the module
+then computes in torch again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -48,7 +51,9 @@ MAX_RELATIVE_DIFFERENCE = 1e-4
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RAYTRIEVE_CACHE") or Path.home() / ".cache" / "raytrieve") / "onnx"
+    from raytrieve.assets import cache_dir
+
+    return cache_dir() / "onnx"
 
 
 def check_backend(backend: str, dtype: str, device: torch.device | str, where: str = "backend") -> None:
@@ -59,9 +64,12 @@ def check_backend(backend: str, dtype: str, device: torch.device | str, where: s
         if dtype not in ("float32", "auto"):
             raise ConfigError(
                 f"{where}: onnx computes in float32; set dtype: float32 (or auto), or backend: torch for {dtype}"
+                + (" (an int8 model was quantised in place: load it again)" if dtype == "int8" else "")
             )
         if torch.device(device).type != "cpu":
-            raise ConfigError(f"{where}: onnx runs on CPU here; use backend: torch on {device}")
+            raise ConfigError(
+                f"{where}: onnx runs on CPU here; load the model with device='cpu', or use backend: torch on {device}"
+            )
 
 
 def _input_names(module: Transformer) -> list[str]:
@@ -73,10 +81,12 @@ def cache_key(module: Transformer) -> str:
     import onnxscript
 
     h = hashlib.blake2b(digest_size=16)
+    config = module.auto_model.config.to_dict()
+    config.pop("_name_or_path", None)  # where it was loaded from: the same weights elsewhere share an export
     meta = {
         "task": module.task,
         "inputs": _input_names(module),
-        "config": module.auto_model.config.to_dict(),
+        "config": config,
         "torch": torch.__version__,
         "onnxscript": onnxscript.__version__,
         "opset": OPSET,
@@ -85,7 +95,7 @@ def cache_key(module: Transformer) -> str:
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.auto_model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -171,11 +181,39 @@ class OnnxModel:
         options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         self.folder, self.names, self.threads = folder, names, threads
-        self.session = ort.InferenceSession(str(folder / FILE), options, providers=["CPUExecutionProvider"])
+        self.weights_version = -1  # attach sets it: the weights' in-place version count when exported
+        try:
+            self.session = ort.InferenceSession(str(folder / FILE), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types
+            raise ModelLoadError(f"{folder}: ONNX Runtime cannot load this export ({type(e).__name__}: {e})") from e
+
+    def __reduce__(self) -> Any:
+        """A copy (deepcopy, pickle) opens the same export in a session of its own."""
+        return _reopen, (self.folder, self.names, self.threads, self.weights_version)
+
+    def current(self, model: torch.nn.Module) -> bool:
+        """Whether ``model``'s weights are still those this export was made from (an optimizer
+        step or an in-place edit bumps a parameter's version)."""
+        return weights_version(model) == self.weights_version
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feed = {n: inputs[n].detach().to("cpu", torch.int64).numpy() for n in self.names}
+        ids = inputs["input_ids"]
+        # torch's model takes absent token types as zeros; the graph needs them given.
+        feed = {
+            n: (inputs[n] if n in inputs else torch.zeros_like(ids)).detach().to("cpu", torch.int64).numpy()
+            for n in self.names
+        }
         return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def _reopen(folder: Path, names: list[str], threads: int, version: int) -> OnnxModel:
+    model = OnnxModel(folder, names, threads)
+    model.weights_version = version
+    return model
+
+
+def weights_version(model: torch.nn.Module) -> int:
+    return sum(p._version for p in model.parameters())
 
 
 def _check(module: Transformer, model: OnnxModel) -> float:
@@ -198,23 +236,43 @@ def _check(module: Transformer, model: OnnxModel) -> float:
 def attach(module: Transformer, threads: int | None = None) -> OnnxModel:
     """Export ``module``'s model (or reuse this machine's cached export) and have its forward use
     it at inference; returns the session holder (also ``module.onnx_model``)."""
+    name = module.auto_model.name_or_path
+    wide = sorted({str(p.dtype) for p in module.auto_model.parameters() if p.dtype != torch.float32})
+    if wide:
+        raise ModelLoadError(
+            f"{name}: backend onnx exports float32 weights, this model holds {wide}; load it in float32"
+        )
     threads = threads or torch.get_num_threads()
     folder = cache_root() / cache_key(module)
-    fresh = not (folder / FILE).exists()
-    if fresh:
-        log.info("exporting %s to ONNX (%s)", module.auto_model.name_or_path, folder)
+    model: OnnxModel | None = None
+    difference = float("inf")
+    for attempt in ("cached", "fresh"):
+        if not (folder / FILE).exists():
+            attempt = "fresh"
+            log.info("exporting %s to ONNX (%s)", name, folder)
+            try:
+                export(module, folder)
+            except FileExistsError:
+                pass  # another process on this machine wrote the same export first
         try:
-            export(module, folder)
-        except FileExistsError:
-            pass  # another process on this machine wrote the same export first
-    model = OnnxModel(folder, _input_names(module), threads)
-    difference = _check(module, model)
+            model = OnnxModel(folder, _input_names(module), threads)
+            difference = _check(module, model)
+        except ModelLoadError:
+            if attempt == "fresh":
+                raise
+            difference = float("inf")
+        if difference <= MAX_RELATIVE_DIFFERENCE or attempt == "fresh":
+            break
+        log.warning("%s: the cached ONNX export %s is damaged or stale; exporting again", name, folder)
+        shutil.rmtree(folder, ignore_errors=True)
     if not difference <= MAX_RELATIVE_DIFFERENCE:
         raise ModelLoadError(
             f"{module.auto_model.name_or_path}: its ONNX export ({folder}) differs from torch float32 by "
             f"{difference:.2e} of the largest output on the probe texts (allowed {MAX_RELATIVE_DIFFERENCE:.0e}); "
             "use backend: torch for this model"
         )
+    assert model is not None, "a difference within bounds comes from a loaded export"
+    model.weights_version = weights_version(module.auto_model)
     module.onnx_model = model
     return model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -35,6 +36,8 @@ from raytrieve._io import read_json, write_json
 from raytrieve.errors import ConfigError, ModelLoadError
 from raytrieve.fast_tokenizer import text_token_ids
 from raytrieve.modules.base import Features, Module
+
+log = logging.getLogger(__name__)
 
 TextInput = str | tuple[str, str] | list[str]
 
@@ -225,8 +228,12 @@ class Transformer(Module):
         if "token_type_ids" in features and self._accepts_token_types:
             inputs["token_type_ids"] = features["token_type_ids"]
         if self.onnx_model is not None and not self.training and not self.keep_hidden_states:
-            features[self.output_key] = self.onnx_model(inputs).to(features["input_ids"].device)
-            return features
+            if self.onnx_model.current(self.auto_model):
+                features[self.output_key] = self.onnx_model(inputs).to(features["input_ids"].device)
+                return features
+            # Trained or edited since the export: its outputs would be the old weights'.
+            log.warning("weights changed since the ONNX export; computing in torch (set_backend('onnx') re-exports)")
+            self.onnx_model = None
         out = self.auto_model(**inputs, return_dict=True, output_hidden_states=self.keep_hidden_states or None)
         features[self.output_key] = getattr(out, self._output_field)
         if self.keep_hidden_states:

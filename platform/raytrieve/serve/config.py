@@ -35,8 +35,8 @@ class DeploymentConfig(ConfigModel):
     backend: Backend = Field(
         default="torch",
         description=(
-            "what runs the transformer: torch, or onnx (ONNX Runtime on CPU, float32; 1.5-2x faster than torch "
-            "for one short query on a CPU without AMX; exported once per machine into $RAYTRIEVE_CACHE/onnx, "
+            "what runs the transformer: torch, or onnx (ONNX Runtime on CPU, float32; 1.45-1.7x faster than torch "
+            "for one short query on an AVX2-only CPU; exported once per machine into $RAYTRIEVE_CACHE/onnx, "
             "default ~/.cache/raytrieve/onnx, and checked against torch float32 at every start)"
         ),
     )
