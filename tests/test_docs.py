@@ -90,3 +90,17 @@ def test_readme_names_only_real_files_and_commands():
         argv = shlex.split(command.rstrip("\\ "))
         if argv[0] in {"train", "encode", "mine", "serve", "demo", "index", "data", "models", "docs", "evaluate"}:
             parser.parse_args(argv)  # SystemExit on an unknown command or flag
+
+
+def test_demo_results_page_is_the_report_of_its_json():
+    """docs/demo-results.md is the demo's report of docs/demo-results.json (both from one run);
+    a stage one phase did not time shows "-" (that run looked texts up only before fine-tuning)."""
+    import json
+
+    from raytrieve.demo.report import markdown as report_markdown
+
+    rep = json.loads((ROOT / "docs" / "demo-results.json").read_text())
+    page = (ROOT / "docs" / "demo-results.md").read_text()
+    assert page == report_markdown(rep) + "\n![before and after fine-tuning](demo-results.png)\n"
+    assert "lookup_ms" in rep["timings_p50_ms"]["before"] and "lookup_ms" not in rep["timings_p50_ms"]["after"]
+    assert f"lookup {rep['timings_p50_ms']['before']['lookup_ms']:.0f} / -" in page and "nan" not in page

@@ -178,16 +178,21 @@ def markdown(rep: dict[str, Any]) -> str:
         "Serve timings, median per /search call (whole pipeline with rerank, "
         + str(s["clients"])
         + " concurrent clients, ms before / after): "
-        + ", ".join(
-            f"{k.removesuffix('_ms')} {v:.0f} / {rep['timings_p50_ms']['after'].get(k, float('nan')):.0f}"
-            for k, v in rep["timings_p50_ms"]["before"].items()
-        )
+        + ", ".join(_timing_cells(rep["timings_p50_ms"]))
         + ".",
         f"Encoding job: {rep['encode_rows_per_s']['before']} / {rep['encode_rows_per_s']['after']} documents/s "
         "(dense and sparse in one pass, actor start-up included).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _timing_cells(timings: dict[str, dict[str, float]]) -> list[str]:
+    """ "stage before / after" per stage either phase timed; a stage that did not run in a phase
+    (lookup_ms: only searches whose texts did not all come along with the recall) shows "-"."""
+    stages = dict.fromkeys([*timings["before"], *timings["after"]])
+    cell = lambda phase, k: f"{timings[phase][k]:.0f}" if k in timings[phase] else "-"
+    return [f"{k.removesuffix('_ms')} {cell('before', k)} / {cell('after', k)}" for k in stages]
 
 
 def _fitted_lines(rep: dict[str, Any]) -> list[str]:
