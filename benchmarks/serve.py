@@ -11,8 +11,10 @@ same texts with batch size 32 and the same threads. Mixed load: one client searc
 rerank@20 beside --clients - 1 searching without, for --seconds. Then each stage alone in this
 process (in_process_floor_p50_ms: the replicas' dtype and threads, no Serve), so that the rest
 of the HTTP p50 reads as hops and the cores' sharing. Layouts (search_p50_ms_by_layout): the
-app redeployed with a retriever deployment holding the index (colocate_index false), then with
-the query encoders holding it again (the default), the one-client p50 of each. Backends
+app redeployed in each other layout of the index (replica: the query models' replicas hold it,
+the default; retriever: a deployment of its own, colocate_index false; ingress: the ingress
+encodes and searches itself, recall_in_ingress), then in --layout again, the one-client p50 of
+each. Backends
 (search_p50_ms_by_backend): the app redeployed with the query encoders in the other backend
 (torch / onnx: ONNX Runtime), then in --backend again. Prints one JSON line.
 """
@@ -33,6 +35,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Where /search encodes a query and searches its index: the serve config keys of each layout.
+LAYOUTS = {
+    "replica": {"colocate_index": True, "recall_in_ingress": False},
+    "retriever": {"colocate_index": False, "recall_in_ingress": False},
+    "ingress": {"colocate_index": True, "recall_in_ingress": True},
+}
 
 
 def _port() -> int:
@@ -59,10 +69,19 @@ def main() -> None:
                         help="the query encoders' backend (dense and sparse) for every measurement but the A-B-A")
     parser.add_argument("--no-backends", action="store_true",
                         help="skip redeploying with the other backend and back (search_p50_ms_by_backend)")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="replica",
+                        help="where /search encodes queries and searches the index, for every measurement but "
+                             "the layouts': replica (the query models' replicas hold it: the default), "
+                             "retriever (a deployment of its own), ingress (recall_in_ingress)")
+    parser.add_argument("--ingress-backend", choices=["torch", "onnx"], default=None,
+                        help="the ingress's query models' backend in the ingress layout (default: --backend)")
     parser.add_argument("--no-layouts", action="store_true",
-                        help="skip redeploying with a retriever deployment (colocate_index false) and again "
-                             "co-located, to compare /search p50 of the two layouts in one run")
+                        help="skip redeploying in each other layout and again in --layout, to compare /search "
+                             "p50 of the layouts in one run")
     args = parser.parse_args()
+    if args.ingress_backend and not args.no_backends:
+        parser.error("--ingress-backend: the backends' A-B-A switches the deployments' backend only, while /search "
+                     "runs in the ingress's; add --no-backends")
 
     import numpy as np
     import pyarrow as pa
@@ -104,6 +123,10 @@ def main() -> None:
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
         "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}}
+    layout_keys = {name: dict(keys) for name, keys in LAYOUTS.items()}
+    if args.ingress_backend:
+        layout_keys["ingress"]["ingress_backend"] = args.ingress_backend
+    serve_keys = {**serve_keys, **layout_keys[args.layout]}
     cfg = from_dict(ServeConfig, serve_keys)
     url = start(cfg, ray_address=None)
     wait_healthy(url)
@@ -170,16 +193,17 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         served = sum(pool.map(embed, batches)) / (time.perf_counter() - t)
 
-    # The two layouts of the index, A-B-A in this run: the query encoders holding their index
-    # (the default, measured above), a retriever deployment holding it, then co-located again.
-    layouts: dict[str, list[float]] = {"colocated": [round(_percentile(plain, 50), 1)], "retriever": []}
-    for colocate in ([] if args.no_layouts else [False, True]):
-        start(from_dict(ServeConfig, {**serve_keys, "colocate_index": colocate}), ray_address=None)
+    # The layouts, in this run: --layout (measured above), each other one, then --layout again.
+    layouts: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    layouts[args.layout].append(round(_percentile(plain, 50), 1))
+    others = [name for name in LAYOUTS if name != args.layout]
+    for layout in ([] if args.no_layouts else [*others, args.layout]):
+        keys = {k: v for k, v in serve_keys.items() if k != "ingress_backend"}
+        start(from_dict(ServeConfig, {**keys, **layout_keys[layout]}), ray_address=None)
         wait_healthy(url)
         for q in queries[:10]:
             search(q, False, record=False)
-        p50 = round(_percentile([search(q, False, record=False) for q in queries], 50), 1)
-        layouts["colocated" if colocate else "retriever"].append(p50)
+        layouts[layout].append(round(_percentile([search(q, False, record=False) for q in queries], 50), 1))
     # The query encoders' backends, A-B-A in this run: --backend (measured above), the other, --backend again.
     other = "onnx" if args.backend == "torch" else "torch"
     backends: dict[str, list[float]] = {args.backend: [round(_percentile(plain, 50), 1)], other: []}
@@ -195,7 +219,9 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads, args.backend)
+    # The floor in the backend /search's query encodes ran in (the ingress's when it has its own).
+    searched_in = args.ingress_backend if args.layout == "ingress" and args.ingress_backend else args.backend
+    floor = in_process_floor(work / "index", queries, docs, threads, rerank_threads, searched_in)
     other_floor = {} if args.no_backends else encode_floor(queries, threads, other)
 
     from raytrieve.model_ref import resolve_model
@@ -221,7 +247,7 @@ def main() -> None:
         "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
         "search_lookup_share": round(len(stages.get("lookup_ms", [])) / len(plain), 3),  # searches that looked texts up
         "in_process_floor_p50_ms": floor,
-        "colocate_index": True, "search_p50_ms_by_layout": layouts,  # the runs in order, per layout
+        "layout": args.layout, "ingress_backend": args.ingress_backend, "search_p50_ms_by_layout": layouts,  # the runs in order, per layout
         "backend": args.backend, "search_p50_ms_by_backend": backends,  # the runs in order, per backend
         "in_process_encode_p50_ms_by_backend": {args.backend: {k: v for k, v in floor.items() if k.startswith("encode")},
                                                 **({other: other_floor} if other_floor else {})},

@@ -320,6 +320,18 @@ def test_search_fusion_equals_reference(served, models):
     assert set(r.json()["timings_ms"]) >= {"encode_dense_ms", "recall_dense_ms", "encode_sparse_ms", "fusion_ms"}
     assert "stages" not in r.json()
 
+    # The model replicas' own recall (one call per model): the same lists, and the texts of the
+    # first n hits.
+    from ray import serve
+
+    texts = dict(zip(served["ids"], [p.document for p in served["pairs"]]))
+    for deployment, ranked in (("dense", dense), ("sparse", sparse)):
+        handle = serve.get_deployment_handle(deployment, app_name=served["cfg"].app_name)
+        hits, along, search_ms = handle.recall.remote(query, 20, 5).result()
+        assert [d for d, _ in hits] == [d for d, _ in ranked] and search_ms >= 0
+        np.testing.assert_allclose([x for _, x in hits], [x for _, x in ranked], atol=1e-4)
+        assert along == {d: texts[d] for d, _ in ranked[:5]}
+
     # return_stages: each stage's whole candidate list, as the reference computes it.
     r = _post(served["url"], "/search", {**body, "fusion": {"method": "rrf", "k": 60}, "return_stages": True})
     stages = r.json()["stages"]
@@ -479,6 +491,11 @@ def test_models_health_metrics(served):
     models = {m["id"]: m for m in requests.get(f"{url}/v1/models").json()["data"]}
     assert models["all-minilm-l6-v2"]["dimensions"] == 384 and models["splade-tiny"]["kind"] == "sparse"
     assert {m["dtype"] for m in models.values()} == {"float32"}  # each replica reports its format
+    # Where /search encodes each indexed model's queries and searches its index.
+    assert {k: m["recall_in"] for k, m in models.items()} == {
+        "all-minilm-l6-v2": "replica", "tiny-dense": "replica", "splade-tiny": "replica",
+        "ms-marco-minilm-l12-v2": None, "tiny-cross": None}
+    assert not any("recall_backend" in m for m in models.values())
     # Ray Serve's metrics from every node's agent, tagged by route and replica; Ray sends a
     # replica's values to its agent every few seconds.
     from prometheus_client.parser import text_string_to_metric_families
@@ -888,6 +905,63 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
     finally:
         serve.delete("secured")
+
+
+def _same_hits(a: list[dict], b: list[dict]) -> None:
+    """Equal answers up to float noise: scores within 1e-4, ids in the same order where no two
+    neighbouring scores are that close (a near-tie may order either way)."""
+    np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-4)
+    scores = [h["score"] for h in a]
+    if all(abs(x - y) > 1e-4 for x, y in zip(scores, scores[1:])):
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+    else:
+        assert {h["id"] for h in a} == {h["id"] for h in b}
+
+
+def test_concurrent_searches_equal_the_same_searches_one_at_a_time(served):
+    """Queries that arrive together can batch in each model replica (its recall takes the batched
+    path when another query is in the replica): the answers equal those of the queries alone."""
+    import concurrent.futures
+
+    queries = [p.query for p in served["pairs"][10:22]]
+    body = {"top_k": 10, "return_text": False, "recall": {"dense": 20, "sparse": 20}}
+    alone = [_post(served["url"], "/search", {**body, "query": q}).json()["hits"] for q in queries]
+    # Three at a time: the fixture queues at most 4 requests (limits.max_queued_requests; more get 503).
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda q: _post(served["url"], "/search", {**body, "query": q}), queries))
+    assert [r.status_code for r in together] == [200] * len(queries), [r.text for r in together if r.status_code != 200]
+    for a, r in zip(alone, together):
+        _same_hits(a, r.json()["hits"])
+
+
+def test_recall_in_ingress_answers_as_the_replicas_do(served, tiny_models):
+    """A second app whose ingress encodes and searches itself (recall_in_ingress) with the query
+    model in ONNX Runtime there (ingress_backend) and in torch in its deployment: /search answers
+    as the main app's tiny-dense (ONNX Runtime in its replicas), and /v1/models says where."""
+    from ray import serve
+
+    from raytrieve.serve.app import build_app
+
+    cfg = from_dict(ServeConfig, {
+        "dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05, "torch_threads": 1, "dtype": "float32"},
+        "index": str(served["root"] / "index_tiny"), "recall_in_ingress": True, "ingress_backend": "onnx"})
+    serve.run(build_app(cfg), name="in-ingress", route_prefix="/in-ingress")
+    url = f"{served['url']}/in-ingress"
+    try:
+        (model,) = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert (model["recall_in"], model["recall_backend"], model["recall_dtype"]) == ("ingress", "onnx", "float32")
+        assert model["backend"] == "torch"  # the deployment keeps its own for /v1/embeddings
+        body = {"top_k": 10, "recall": {"dense": 20}}
+        for pair in served["pairs"][:4]:
+            got = _post(url, "/search", {**body, "query": pair.query})
+            want = _post(served["url"], "/search", {**body, "query": pair.query, "dense_model": "tiny-dense",
+                                                    "recall": {"dense": 20, "sparse": 0}})
+            assert got.status_code == 200 and want.status_code == 200, (got.text, want.text)
+            _same_hits(got.json()["hits"], want.json()["hits"])
+            assert [h["text"] for h in got.json()["hits"]] == [h["text"] for h in want.json()["hits"]]
+            assert got.json()["timings_ms"]["recall_dense_ms"] >= 0
+    finally:
+        serve.delete("in-ingress")
 
 
 def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tiny_models):

@@ -132,7 +132,6 @@ def test_sizing_and_fit_count_every_deployment(colocate):
         check_fits(cfg, ClusterShape(cpus=2, largest_node_cpus=2))
 
 
-
 def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():
     """The reranker runs after recall, so its threads default to one node's CPUs shared among the
     reranker replicas (at most 4); the query encoders keep their share's; a set value wins."""
@@ -167,12 +166,15 @@ class Call:
         return self.fn(*args)
 
 
-def _table(colocate: bool = True):
-    """``colocate``: each model's stand-in holds its own index (and refuses another's), as
-    ``ModelReplica`` does with ``colocate_index``; else a retriever stand-in holds them all."""
+def _table(layout: str = "replica"):
+    """``layout`` replica: each model's stand-in holds its own index (and refuses another's), as
+    ``ModelReplica`` does with ``colocate_index``; retriever: a retriever stand-in holds them all;
+    ingress: stand-ins of this process's ``ModelRunner``s hold them (``recall_in_ingress``), and
+    the model handles have no index."""
     from raytrieve.serve.models import ModelTable
 
-    cfg = _cfg(**TWO_DENSE, colocate_index=colocate)
+    colocate = layout == "replica"
+    cfg = _cfg(**TWO_DENSE, colocate_index=layout != "retriever", recall_in_ingress=layout == "ingress")
     # Each dense model embeds a query as its own vector; each index holds documents only that
     # model's vector finds first. The reranker scores by text length (small: the opposite).
     vectors = {"all-minilm-l6-v2": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])}
@@ -203,7 +205,9 @@ def _table(colocate: bool = True):
         return Call(encode, recall=recall, lookup=lookup)
 
     def dense(name, folder):
-        return model(lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)), "dense", folder)
+        return model(
+            lambda texts, task=None, prompt=None: ([vectors[name]] * len(texts), [3] * len(texts)), "dense", folder
+        )
 
     def reranker(sign):
         return Call(lambda pairs, task=None: ([sign * len(t) for _, t in pairs], [1] * len(pairs)))
@@ -213,8 +217,29 @@ def _table(colocate: bool = True):
         "sparse": [model(lambda *a: ([None], [1]), "sparse", "/idx/minilm")],
         "reranker": [reranker(1), reranker(-1)],
     }
-    retriever = None if colocate else Call(None, search=search, search_with_texts=search_with_texts, lookup=lookup)
-    return ModelTable(cfg, handles, retriever), handles
+    retriever = (
+        None if layout != "retriever" else Call(None, search=search, search_with_texts=search_with_texts, lookup=lookup)
+    )
+    local = {}
+    if layout == "ingress":
+
+        class Runner:  # a ModelRunner's recall (async) and lookup (plain), over the same index
+            def __init__(self, encode, kind, folder) -> None:
+                self.encode, self.kind, self.folder = encode, kind, folder
+
+            async def recall(self, query, k, n):
+                hits, texts = search_with_texts(self.folder, self.kind, self.encode([query], "query")[0][0], k, n)
+                return hits, texts, 0.25
+
+            def lookup(self, ids):
+                return lookup(ids)
+
+        local = {
+            "all-minilm-l6-v2": Runner(handles["dense"][0].fn, "dense", "/idx/minilm"),
+            "b": Runner(handles["dense"][1].fn, "dense", "/idx/b"),
+            "splade-tiny": Runner(handles["sparse"][0].fn, "sparse", "/idx/minilm"),
+        }
+    return ModelTable(cfg, handles, retriever, local), handles
 
 
 def test_requests_pick_their_model_by_name_and_unknown_names_are_4xx_naming_the_field():
@@ -229,9 +254,10 @@ def test_requests_pick_their_model_by_name_and_unknown_names_are_4xx_naming_the_
         assert why in e.value.message and "dense models here: ['all-minilm-l6-v2', 'b']" in e.value.message
 
 
-@pytest.mark.parametrize("colocate", [True, False])
-def test_search_uses_the_models_a_request_names_each_with_its_own_index(colocate):
-    table, _ = _table(colocate)
+@pytest.mark.parametrize("layout", ["replica", "retriever", "ingress"])
+def test_search_uses_the_models_a_request_names_each_with_its_own_index(layout):
+    table, _ = _table(layout)
+    assert [table.recall_in(m) for m, _ in table.all()] == [layout] * 3 + [None] * 2
 
     def search(**fields):
         request = SearchRequest.model_validate({"query": "q", "recall": {"sparse": 0}, **fields})
@@ -241,8 +267,12 @@ def test_search_uses_the_models_a_request_names_each_with_its_own_index(colocate
     assert [h["id"] for h in default["hits"]] == ["a1", "a2"] and default["models"] == {"dense": "all-minilm-l6-v2"}
     other = search(dense_model="b")
     assert [h["id"] for h in other["hits"]] == ["b1", "b2"] and other["models"] == {"dense": "b"}
-    # Co-located: one recall call per model, whose search time is the stand-in's 0.5 ms.
-    assert (other["timings_ms"]["recall_dense_ms"] == 0.5) == colocate
+    # Co-located or in the ingress: one recall call per model, whose search time is the stand-in's.
+    search_ms = {"replica": 0.5, "ingress": 0.25}
+    if layout in search_ms:
+        assert other["timings_ms"]["recall_dense_ms"] == search_ms[layout]
+    else:  # two calls: the encoder's, then the retriever's search, timed by the pipeline
+        assert other["timings_ms"]["recall_dense_ms"] not in search_ms.values()
     hybrid = search(dense_model="b", recall={"sparse": 5}, rerank=True, reranker_model="small")
     assert hybrid["models"] == {"dense": "b", "sparse": "splade-tiny", "reranker": "small"}
     assert [h["id"] for h in hybrid["hits"]] == ["b2", "b1", "a2"]  # small: shorter texts first
@@ -295,3 +325,37 @@ def test_the_indices_of_an_app_must_come_from_one_corpus():
     for other in (index("d.parquet"), index("c.parquet", text_column="title")):
         with pytest.raises(ConfigError, match=r"^serve.yaml: the index /i2 holds vectors of the corpus .*one corpus"):
             one_corpus({"/i1": index("c.parquet"), "/i2": other}, "serve.yaml")
+
+
+def test_recall_in_ingress_needs_an_index_and_cpu_query_models():
+    assert _cfg(**TWO_DENSE, recall_in_ingress=True).recall_in_ingress
+    _refused(
+        {"dense": {"model": "m"}, "recall_in_ingress": True},
+        r"^serve.yaml.recall_in_ingress: no dense or sparse model has an index",
+    )
+    gpu = {**TWO_DENSE, "dense": [{**TWO_DENSE["dense"][0], "num_gpus": 1}, TWO_DENSE["dense"][1]]}
+    _refused(
+        {**gpu, "recall_in_ingress": True},
+        r"recall_in_ingress: the ingress runs its query models on CPU, and dense\[0\] asks for a GPU",
+    )
+
+
+def test_the_ingress_loads_every_indexed_query_model_in_its_backend():
+    keys = {**TWO_DENSE, "dense": [{**TWO_DENSE["dense"][0], "dtype": "bfloat16"}, TWO_DENSE["dense"][1]]}
+    assert _cfg(**keys).ingress_models() == []
+    own = _cfg(**keys, recall_in_ingress=True).ingress_models()
+    assert [(m.name, m.index, m.spec.backend, m.spec.dtype) for m in own] == [
+        ("all-minilm-l6-v2", "/idx/minilm", "torch", "bfloat16"),
+        ("b", "/idx/b", "torch", "auto"),
+        ("splade-tiny", "/idx/minilm", "torch", "auto"),
+    ]
+    # onnx computes in float32: an explicit bfloat16 falls back to auto there; the deployments keep theirs.
+    cfg = _cfg(**keys, recall_in_ingress=True, ingress_backend="onnx")
+    assert [(m.spec.backend, m.spec.dtype) for m in cfg.ingress_models()] == [("onnx", "auto")] * 3
+    assert [(m.spec.backend, m.spec.dtype) for m in cfg.served()][:1] == [("torch", "bfloat16")]
+    _refused(
+        {**keys, "ingress_backend": "onnx"}, r"^serve.yaml.ingress_backend: has no effect without recall_in_ingress"
+    )
+    # The ingress holds the indices: no retriever deployment, whatever colocate_index says.
+    assert _cfg(**keys, colocate_index=False).retriever_deployed
+    assert not _cfg(**keys, colocate_index=False, recall_in_ingress=True).retriever_deployed

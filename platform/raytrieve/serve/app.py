@@ -62,6 +62,30 @@ def _version() -> str:
         return "unknown"
 
 
+def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
+    """With ``recall_in_ingress``: a ``ModelRunner`` per dense and sparse model with an index,
+    holding it, in this (the ingress's) process; by model name. Else none."""
+    models = cfg.ingress_models()
+    if not models:
+        return {}
+    from raytrieve.errors import ModelLoadError
+    from raytrieve.serve.deployments import Documents, ModelRunner
+
+    folders = list(dict.fromkeys(m.index for m in cfg.served() if m.index is not None))
+    documents = Documents(list(dict.fromkeys(m.index for m in models if m.index is not None)), others=folders)
+    runners = {}
+    for m in models:
+        try:
+            runners[m.name] = ModelRunner(m.kind, m.spec, m.index, folders, documents)
+        except ModelLoadError as e:
+            raise ModelLoadError(
+                f"recall_in_ingress: loading {m.path} ({m.spec.model}, backend {m.spec.backend}) in the ingress: {e}"
+                " (ingress_backend sets the ingress's backend; recall_in_ingress: false leaves the query models to"
+                " their deployments)"
+            ) from e
+    return runners
+
+
 # serve.ingress serializes the FastAPI app when the class is decorated: every helper the
 # endpoints call must already be defined above this point.
 @serve.ingress(api)
@@ -77,7 +101,7 @@ class Ingress:
         ``retriever``: the deployment holding the indices when the models do not (``colocate_index``)."""
         self.cfg, self.limits = cfg, cfg.limits
         self.search_defaults = cfg.search.model_dump()
-        self.table = ModelTable(cfg, handles, retriever)
+        self.table = ModelTable(cfg, handles, retriever, _local_runners(cfg))
         self.indexed = any(m.index is not None for m in cfg.served())
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
@@ -90,6 +114,12 @@ class Ingress:
         if model.name not in self.info:
             self.info[model.name] = await handle.describe.remote()
         return self.info[model.name]
+
+    def _recall_format(self, model: Served) -> dict[str, Any]:
+        """For a model the ingress runs for /search (recall_in_ingress): its backend and dtype
+        there, which ``ingress_backend`` may set apart from its deployment's."""
+        runner = self.table.local.get(model.name)
+        return {} if runner is None else {"recall_backend": runner.model.backend, "recall_dtype": runner.model.dtype}
 
     async def _prompt(self, model: Served, handle: DeploymentHandle, prompt_name: str | None) -> str | None:
         """TEI's prompt_name: a key of the model's prompts, else 422."""
@@ -142,6 +172,8 @@ class Ingress:
                 **(await self._describe(m, h)),
                 "default": m.default,
                 "index": m.index is not None,
+                "recall_in": self.table.recall_in(m),  # ingress, replica, retriever; null: no index
+                **self._recall_format(m),
             }
             for m, h in self.table.all()
         ]
@@ -332,7 +364,8 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
     folders = list(dict.fromkeys(m.index for m in served if m.index is not None))
     for m in served:
-        held = m.index if cfg.colocate_index else None  # the model's own index in its replicas
+        # The model's own index in its replicas; none when the ingress holds them (recall_in_ingress).
+        held = m.index if cfg.colocate_index and not cfg.recall_in_ingress else None
         bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders))  # pyright: ignore[reportFunctionMemberAccess]
     # Else one retriever holds every index the models search (and the corpus's texts, once).
     retriever = (
@@ -340,10 +373,16 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
         if cfg.retriever_deployed
         else None
     )
+    ingress_actor: dict[str, Any] = {"num_cpus": LIGHT_ACTOR_CPUS}
+    if any(is_model_uri(m.spec.model) for m in cfg.ingress_models()):
+        # The ingress loads those query models too (recall_in_ingress), from the same store.
+        ingress_actor["runtime_env"] = runtime_env(
+            mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
+        )
     ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]
         name="ingress",
         num_replicas=cfg.ingress_replicas,
-        ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS},
+        ray_actor_options=ingress_actor,
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
     )

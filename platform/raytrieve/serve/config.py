@@ -172,6 +172,26 @@ class ServeConfig(ConfigModel):
             "memory per model replica for a large corpus; a hop more per request)"
         ),
     )
+    recall_in_ingress: bool = Field(
+        default=False,
+        description=(
+            "Each ingress replica also loads the dense and sparse models that have an index, with their indices "
+            "and the corpus's texts (once), and runs /search's query encode and index search in its own process: "
+            "one Serve hop less per request. The model deployments then hold no index and serve every other "
+            "endpoint. Costs each ingress replica those models' memory and load time; their encodes use the "
+            "models' torch_threads on the cores the deployments share (CPU models only), one query at a time per "
+            "model and ingress replica (no batching: /search scales with ingress_replicas, not the models' "
+            "replicas)"
+        ),
+    )
+    ingress_backend: Backend | None = Field(
+        default=None,
+        description=(
+            "with recall_in_ingress: what runs the ingress's query models (torch / onnx); default: each model's own "
+            "backend. onnx was the faster for one query at a time on CPU (measured, BENCHMARKS.md), while the model "
+            "deployments keep theirs for batches (bf16 torch on a CPU with AMX)"
+        ),
+    )
     host: str = "127.0.0.1"
     port: int = 8100
     route_prefix: str = "/"
@@ -204,8 +224,29 @@ class ServeConfig(ConfigModel):
 
     @property
     def retriever_deployed(self) -> bool:
-        """Whether a retriever deployment runs: an index is served and the models do not hold it."""
-        return not self.colocate_index and any(m.index is not None for m in self.served())
+        """Whether a retriever deployment runs: an index is served, and neither the models'
+        replicas nor the ingress (``recall_in_ingress``) hold it."""
+        held_elsewhere = self.colocate_index or self.recall_in_ingress
+        return not held_elsewhere and any(m.index is not None for m in self.served())
+
+    def ingress_models(self) -> list[Served]:
+        """With ``recall_in_ingress``, the models each ingress replica loads for /search's recall:
+        every dense and sparse model with an index, in ``ingress_backend`` when set (onnx then
+        computes in float32: an explicit bf16 / fp16 / int8 dtype falls back to auto). Else none."""
+        if not self.recall_in_ingress:
+            return []
+        out = []
+        for m in self.served():
+            if m.index is None:
+                continue
+            spec = m.spec
+            if self.ingress_backend is not None and self.ingress_backend != spec.backend:
+                update: dict[str, Any] = {"backend": self.ingress_backend}
+                if self.ingress_backend == "onnx" and spec.dtype not in ("float32", "auto"):
+                    update["dtype"] = "auto"
+                spec = spec.model_copy(update=update)
+            out.append(Served(m.kind, m.path, m.deployment, spec, m.index, m.default))
+        return out
 
     def served(self) -> list[Served]:
         """Every model deployment, by kind (MODEL_FIELDS' order), each kind's default first."""
@@ -267,6 +308,19 @@ class ServeConfig(ConfigModel):
             if m.kind == "reranker" and d.index is not None:
                 invalid(f"{m.path}.index", ": a reranker has no index (it rescores /search's candidates); drop it")
         self._index_rules(served)
+        if self.ingress_backend is not None and not self.recall_in_ingress:
+            invalid("ingress_backend", ": has no effect without recall_in_ingress: true; set that, or drop it")
+        if self.recall_in_ingress:
+            indexed = [m for m in served if m.index is not None]
+            if not indexed:
+                invalid("recall_in_ingress", ": no dense or sparse model has an index to search; drop it")
+            on_gpu = [m.path for m in indexed if m.spec.num_gpus > 0]
+            if on_gpu:
+                invalid(
+                    "recall_in_ingress",
+                    f": the ingress runs its query models on CPU, and {', '.join(on_gpu)} asks for a GPU; set "
+                    "recall_in_ingress: false (the GPU replicas then encode the queries) or num_gpus: 0",
+                )
         for name, value in self.limits.model_dump().items():
             if value < 1:
                 invalid(f"limits.{name}", f" must be >= 1, got {value}")

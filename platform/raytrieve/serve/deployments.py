@@ -51,15 +51,24 @@ def _batch_cost(items: list[tuple[Any, Any, int]]) -> int:
     return sum(cost for _, _, cost in items)
 
 
-@serve.deployment
-class ModelReplica:
+class ModelRunner:
+    """One model in this process, and its index when it holds one: what a ``ModelReplica`` runs,
+    and what the ingress runs itself for /search's recall with ``recall_in_ingress``."""
+
     def __init__(
-        self, kind: str, spec: DeploymentConfig, index: str | None = None, folders: Sequence[str] = ()
+        self,
+        kind: str,
+        spec: DeploymentConfig,
+        index: str | None = None,
+        folders: Sequence[str] = (),
+        documents: Documents | None = None,
     ) -> None:
         """``index``: the folder of this model's vectors, held here (``recall``, ``lookup``) with
         the corpus's texts; None when a ``Retriever`` holds it, or there is none. ``folders``:
         every index folder of the app (their source.json is read to check that they come from one
-        corpus, as the retriever does: an app built without the start's checks is still refused)."""
+        corpus, as the retriever does: an app built without the start's checks is still refused).
+        ``documents``: already loaded ones holding ``index`` (the ingress shares one among its
+        runners: the corpus's texts once per process)."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,14 +82,12 @@ class ModelReplica:
         # OpenMP's thread count is per calling thread: the model thread sets its own.
         self._model_thread = ThreadPoolExecutor(1, "model", initializer=torch.set_num_threads, initargs=(threads,))
         self.kind, self.spec = kind, spec
-        self._active = 0  # requests in this replica now (the event loop's, so no lock)
         self.model = load_model(kind, spec)
         self.index = index
-        self.documents = Documents([index], others=folders) if index is not None else None
+        if documents is None and index is not None:
+            documents = Documents([index], others=folders)
+        self.documents = documents
         self.max_seq_length = int(self.model.max_seq_length or 512)
-        # @serve.batch adds these setters at runtime; Ray's types give the method without them.
-        self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
-        self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -111,40 +118,6 @@ class ModelReplica:
         if self.kind != "reranker":
             info["prompts"] = sorted(self.model.prompts)
         return info
-
-    async def __call__(
-        self, inputs: list[Any], task: str | None = None, prompt_name: str | None = None
-    ) -> tuple[Any, list[int]]:
-        """(outputs, tokens per input). dense: float32 [n, dim]; sparse: [(indices, values)] by
-        weight; reranker: scores [n] for (query, document) pairs, through the model's activation,
-        or its logits with task "logits". Tokens count what the model ran on: special tokens and
-        prompt included, after truncation."""
-        self._active += 1
-        try:
-            if self._active == 1 and len(inputs) == 1:
-                # A single text alone (a query): nothing can join it yet, so skip the batching wait.
-                # Larger requests still wait: sorted by length together with others that arrive,
-                # they pad less (measured: 2 clients x 32 texts ran 16% slower without the wait).
-                return await self._in_model_thread(inputs, task, prompt_name)
-            texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
-            cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
-            return await self.infer((inputs, (task, prompt_name), cost))
-        finally:
-            self._active -= 1
-
-    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
-    async def infer(self, items: list[tuple[list[Any], tuple[str | None, str | None], int]]) -> list[Any]:
-        results: list[Any] = [None] * len(items)
-        for mode in dict.fromkeys(mode for _, mode, _ in items):
-            members = [i for i, (_, m, _) in enumerate(items) if m == mode]
-            flat = [x for i in members for x in items[i][0]]
-            out, tokens = await self._in_model_thread(flat, *mode)
-            at = 0
-            for i in members:
-                n = len(items[i][0])
-                results[i] = (out[at : at + n], tokens[at : at + n])
-                at += n
-        return results
 
     async def _in_model_thread(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> Any:
         """``_run`` on the replica's one model thread: runs never overlap (the tokenizer's state is
@@ -188,12 +161,14 @@ class ModelReplica:
 
     async def recall(self, query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
         """/search's recall in one call (no hop between the query encoder and its index): the
-        query's top ``k`` in this replica's index, the texts of the first ``n``, and the search's
-        milliseconds (the rest of the call is the encode and the hop)."""
-        vectors, _ = await self([query], "query")
-        # On the model thread: a large index's search is not short, and the event loop keeps
-        # taking requests meanwhile; the encodes and searches of this replica never overlap.
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._search_own, vectors[0], k, n)
+        query's top ``k`` in this model's index, the texts of the first ``n``, and the search's
+        milliseconds (the rest of the call is the encode and the hop). Encode and search run in
+        one turn of the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._recall_now, query, k, n)
+
+    def _recall_now(self, query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
+        vectors, _ = self._run([query], "query", None)
+        return self._search_own(vectors[0], k, n)
 
     def _search_own(self, vector: Any, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
         assert self.index is not None, "the app calls recall only on replicas built with an index"
@@ -241,6 +216,70 @@ class ModelReplica:
                     row.append({"id": token_id, "text": piece, "special": False, "start": begin, "stop": end})
             out.append(row)
         return out
+
+
+@serve.deployment
+class ModelReplica(ModelRunner):
+    """A ``ModelRunner`` as a Serve deployment: requests batch by tokens (``infer``)."""
+
+    def __init__(
+        self, kind: str, spec: DeploymentConfig, index: str | None = None, folders: Sequence[str] = ()
+    ) -> None:
+        super().__init__(kind, spec, index, folders)
+        self._active = 0  # requests in this replica now (the event loop's, so no lock)
+        # @serve.batch adds these setters at runtime; Ray's types give the method without them.
+        self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
+        self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
+
+    async def __call__(
+        self, inputs: list[Any], task: str | None = None, prompt_name: str | None = None
+    ) -> tuple[Any, list[int]]:
+        """(outputs, tokens per input). dense: float32 [n, dim]; sparse: [(indices, values)] by
+        weight; reranker: scores [n] for (query, document) pairs, through the model's activation,
+        or its logits with task "logits". Tokens count what the model ran on: special tokens and
+        prompt included, after truncation."""
+        self._active += 1
+        try:
+            if self._active == 1 and len(inputs) == 1:
+                # A single text alone (a query): nothing can join it yet, so skip the batching wait.
+                # Larger requests still wait: sorted by length together with others that arrive,
+                # they pad less (measured: 2 clients x 32 texts ran 16% slower without the wait).
+                return await self._in_model_thread(inputs, task, prompt_name)
+            texts = [t for pair in inputs for t in pair] if self.kind == "reranker" else inputs
+            cost = min(self.spec.max_batch_tokens, max(1, estimate_tokens(texts, self.max_seq_length)))
+            return await self.infer((inputs, (task, prompt_name), cost))
+        finally:
+            self._active -= 1
+
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
+    async def infer(self, items: list[tuple[list[Any], tuple[str | None, str | None], int]]) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        for mode in dict.fromkeys(mode for _, mode, _ in items):
+            members = [i for i, (_, m, _) in enumerate(items) if m == mode]
+            flat = [x for i in members for x in items[i][0]]
+            out, tokens = await self._in_model_thread(flat, *mode)
+            at = 0
+            for i in members:
+                n = len(items[i][0])
+                results[i] = (out[at : at + n], tokens[at : at + n])
+                at += n
+        return results
+
+    async def recall(self, query: str, k: int, n: int) -> tuple[list[tuple[str, float]], dict[str, str], float]:
+        """``ModelRunner.recall``, but a query that is not alone in this replica batches with the
+        others first (``__call__``); the search then runs on the model thread: a large index's
+        search is not short, and the event loop keeps taking requests meanwhile. A lone query
+        counts as active until its search ends, so one arriving meanwhile batches."""
+        if self._active:
+            vectors, _ = await self([query], "query")
+            return await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self._search_own, vectors[0], k, n
+            )
+        self._active += 1
+        try:
+            return await super().recall(query, k, n)
+        finally:
+            self._active -= 1
 
 
 def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:

@@ -32,8 +32,10 @@ class ModelTable:
         cfg: ServeConfig,
         handles: Mapping[str, Sequence[DeploymentHandle]],
         retriever: DeploymentHandle | None,
+        local: Mapping[str, Any] | None = None,
     ) -> None:
-        """``handles``: per kind, the deployments in ``cfg.served()``'s order."""
+        """``handles``: per kind, the deployments in ``cfg.served()``'s order. ``local``: by model
+        name, the ``ModelRunner``s this process holds for /search's recall (``recall_in_ingress``)."""
         self.by_kind: dict[str, dict[str, tuple[Served, DeploymentHandle]]] = {k: {} for k in MODEL_FIELDS}
         served = cfg.served()
         for kind in MODEL_FIELDS:
@@ -42,6 +44,7 @@ class ModelTable:
                 self.by_kind[kind][model.name] = (model, handle)
         self.retriever = retriever
         self.colocate = cfg.colocate_index  # each model's replicas hold its index (else: the retriever)
+        self.local = dict(local or {})
         self._pipelines: dict[tuple[str | None, ...], SearchPipeline] = {}
 
     def names(self, kind: str) -> list[str]:
@@ -89,6 +92,13 @@ class ModelTable:
             "model_not_found",
         )
 
+    def recall_in(self, model: Served) -> str | None:
+        """Where /search encodes ``model``'s queries and searches its index: "ingress", "replica"
+        (its own replicas hold the index) or "retriever"; None without an index."""
+        if model.index is None:
+            return None
+        return "ingress" if model.name in self.local else "replica" if self.colocate else "retriever"
+
     def _everything(self) -> list[str]:
         return [m.name for m, _ in self.all()]
 
@@ -126,6 +136,8 @@ class ModelTable:
             return self.retriever
 
         def retrieval(model: Served) -> Retrieval:
+            if model.name in self.local:  # this process encodes and searches: no hop at all
+                return Retrieval(recall=self.local[model.name].recall)
             encoder = self.by_kind[model.kind][model.name][1]
             if self.colocate:  # the encoder holds its index: one call
 
@@ -149,8 +161,11 @@ class ModelTable:
 
         searched = [model for kind, model in chosen.items() if kind != "reranker"]
         texts = holder(searched[0]) if searched else None  # any index's holder has the corpus's texts
+        held = next((self.local[m.name] for m in searched if m.name in self.local), None)
 
         async def lookup(ids: list[str]) -> list[str]:
+            if held is not None:  # the corpus's texts are in this process
+                return held.lookup(ids)
             assert texts is not None, "the pipeline looks up only documents its retrievers found"
             return await texts.lookup.remote(ids)
 
