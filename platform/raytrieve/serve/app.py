@@ -71,12 +71,11 @@ def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
     from raytrieve.errors import ModelLoadError
     from raytrieve.serve.deployments import Documents, ModelRunner
 
-    folders = list(dict.fromkeys(m.index for m in cfg.served() if m.index is not None))
-    documents = Documents(list(dict.fromkeys(m.index for m in models if m.index is not None)), others=folders)
+    documents = Documents(cfg.index_folders())  # every index of the app, and the corpus's texts once
     runners = {}
     for m in models:
         try:
-            runners[m.name] = ModelRunner(m.kind, m.spec, m.index, folders, documents)
+            runners[m.name] = ModelRunner(m.kind, m.spec, m.index, documents=documents)
         except ModelLoadError as e:
             raise ModelLoadError(
                 f"recall_in_ingress: loading {m.path} ({m.spec.model}, backend {m.spec.backend}) in the ingress: {e}"
@@ -362,7 +361,7 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     # serve.deployment(Ingress)) are Deployments, with .options, at runtime.
     served = cfg.served()
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
-    folders = list(dict.fromkeys(m.index for m in served if m.index is not None))
+    folders = cfg.index_folders()
     for m in served:
         # The model's own index in its replicas; none when the ingress holds them (recall_in_ingress).
         held = m.index if cfg.colocate_index and not cfg.recall_in_ingress else None

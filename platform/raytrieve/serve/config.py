@@ -229,6 +229,10 @@ class ServeConfig(ConfigModel):
         held_elsewhere = self.colocate_index or self.recall_in_ingress
         return not held_elsewhere and any(m.index is not None for m in self.served())
 
+    def index_folders(self) -> list[str]:
+        """Every index folder the app's models search, once each, in ``served()``'s order."""
+        return list(dict.fromkeys(m.index for m in self.served() if m.index is not None))
+
     def ingress_models(self) -> list[Served]:
         """With ``recall_in_ingress``, the models each ingress replica loads for /search's recall:
         every dense and sparse model with an index, in ``ingress_backend`` when set (onnx then
