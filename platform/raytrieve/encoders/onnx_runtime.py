@@ -85,6 +85,7 @@ def cache_key(module: Transformer) -> str:
     config.pop("_name_or_path", None)  # where it was loaded from: the same weights elsewhere share an export
     meta = {
         "task": module.task,
+        "output": module.output_name,
         "inputs": _input_names(module),
         "config": config,
         "torch": torch.__version__,
@@ -100,11 +101,12 @@ def cache_key(module: Transformer) -> str:
 
 
 class _Graph(torch.nn.Module):
-    """The Hugging Face model with named tensor inputs and its one output (what ONNX holds)."""
+    """The module's ``compute`` with named tensor inputs and its one output (what ONNX holds):
+    the Hugging Face model's output, or a SPLADE model's decoder input (MLMTransformer.defer_decoder)."""
 
     def __init__(self, module: Transformer) -> None:
         super().__init__()
-        self.model, self.field, self.names = module.auto_model, module._output_field, _input_names(module)
+        self.model, self.compute, self.names = module.auto_model, module.compute, _input_names(module)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -112,7 +114,7 @@ class _Graph(torch.nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        return getattr(self.model(**inputs, return_dict=True), self.field)
+        return self.compute(inputs)
 
 
 def _probe(module: Transformer) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from raytrieve.encoders import precision
 from raytrieve.encoders.base import EmbeddingEncoder
 from raytrieve.errors import InputError
 from raytrieve.modules import MLMTransformer, Module, SpladePooling
+from raytrieve.modules.splade_pooling import defer_mlm_decoders
 
 
 def _keep_top(emb: Tensor, k: int | None) -> Tensor:
@@ -38,6 +39,8 @@ class SparseEncoder(EmbeddingEncoder):
         self, model: Any, *, max_active_dims: int | None = None, dtype: str = "float32", **kwargs: Any
     ) -> None:
         super().__init__(model, **kwargs)
+        # SPLADE pooling projects only real tokens onto the vocabulary (modules/mlm_head.py).
+        defer_mlm_decoders(self.stack)
         if self.similarity_fn_name not in ("dot", "cosine"):
             raise InputError(f"SparseEncoder similarity must be 'dot' or 'cosine', not {self.similarity_fn_name!r}")
         self.max_active_dims = max_active_dims

@@ -5,12 +5,17 @@ The result is one weight per vocabulary entry, mostly zero: the sparse embedding
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from raytrieve.errors import ConfigError
 from raytrieve.modules.base import Features, Module
+from raytrieve.modules.transformer import MLMTransformer
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 class SpladePooling(Module):
@@ -39,17 +44,29 @@ class SpladePooling(Module):
         self.chunk_size = chunk_size
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
-        logits = features["token_embeddings"]
+        mask = features["attention_mask"]
+        if "mlm_decoder" in features:  # MLMTransformer.defer_decoder: project real tokens only
+            pooled = self._pool_projected(features["mlm_hidden_states"], features["mlm_decoder"], mask)
+        else:
+            pooled = self._pool_logits(features["token_embeddings"], mask)
+        if self.embedding_dimension is None:
+            self.embedding_dimension = int(pooled.shape[1])
+        features["sentence_embedding"] = pooled
+        return features
+
+    def _activate(self, x: Tensor) -> Tensor:
+        x = torch.log1p(torch.relu(x))
+        return torch.log1p(x) if self.activation_function == "log1p_relu" else x
+
+    def _pool_logits(self, logits: Tensor, attention_mask: Tensor) -> Tensor:
         # Half-precision logits (autocast) pool in float32: log1p, max and sum lose less there.
-        acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        mask = features["attention_mask"].unsqueeze(-1).to(acc)
+        acc = torch.float32 if logits.dtype in HALF else logits.dtype
+        mask = attention_mask.unsqueeze(-1).to(acc)
         seq_len = logits.shape[1]
         step = self.chunk_size if self.chunk_size and self.chunk_size > 0 else max(seq_len, 1)
         pooled = None
         for start in range(0, seq_len, step):
-            x = torch.log1p(torch.relu(logits[:, start : start + step].to(acc) * mask[:, start : start + step]))
-            if self.activation_function == "log1p_relu":
-                x = torch.log1p(x)
+            x = self._activate(logits[:, start : start + step].to(acc) * mask[:, start : start + step])
             part = x.max(dim=1).values if self.pooling_strategy == "max" else x.sum(dim=1)
             if pooled is None:
                 pooled = part
@@ -57,10 +74,40 @@ class SpladePooling(Module):
                 pooled = torch.maximum(pooled, part) if self.pooling_strategy == "max" else pooled + part
         if pooled is None:  # zero-length sequences
             pooled = logits.new_zeros(logits.shape[0], logits.shape[-1], dtype=acc)
-        if self.embedding_dimension is None:
-            self.embedding_dimension = int(pooled.shape[1])
-        features["sentence_embedding"] = pooled
-        return features
+        return pooled
+
+    def _pool_projected(self, hidden: Tensor, decoder: nn.Module, attention_mask: Tensor) -> Tensor:
+        """The same pooling from the decoder's input: each text's real tokens are projected onto
+        the vocabulary alone, as a [vocab, tokens] block (reduced along its contiguous axis).
+
+        Max pooling takes the maximum logit before the activation: log1p(relu(.)) is monotone, so
+        the value is the same and the activation runs on one row per text instead of a block.
+        Padding never gets projected; the mask's zeros floor every weight at 0, as here."""
+        linear = type(decoder) is nn.Linear
+        acc = torch.float32 if hidden.dtype in HALF else hidden.dtype
+        keep = attention_mask.bool()
+        rows = []
+        for i in range(hidden.shape[0]):
+            tokens = hidden[i][keep[i]]  # [n, hidden]
+            if tokens.shape[0] == 0:  # no real token: every weight 0, as the mask makes it
+                rows.append(hidden.new_zeros(self._vocab(decoder), dtype=acc))
+                continue
+            # An int8-quantised decoder (not a plain Linear) only computes [n, vocab] with its bias.
+            block = decoder.weight @ tokens.T if linear else decoder(tokens).T  # [vocab, n]
+            bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
+            if self.pooling_strategy == "max":
+                top = block.max(dim=1, keepdim=True).values.to(acc) + bias
+                rows.append(self._activate(top).squeeze(1))
+            else:
+                rows.append(self._activate(block.to(acc) + bias).sum(dim=1))
+        if not rows:
+            return hidden.new_zeros(0, self._vocab(decoder), dtype=acc)
+        return torch.stack(rows)
+
+    @staticmethod
+    def _vocab(decoder: nn.Module) -> int:
+        out_features: Any = decoder.out_features  # a Linear's, or its int8 replacement's
+        return int(out_features)
 
     def get_embedding_dimension(self) -> int | None:
         return self.embedding_dimension
@@ -82,3 +129,16 @@ class SpladePooling(Module):
             embedding_dimension=dim,
             chunk_size=config.get("chunk_size"),
         )
+
+
+def defer_mlm_decoders(stack: nn.Module) -> int:
+    """Let each SpladePooling project its own MLMTransformer's tokens: every MLMTransformer
+    directly followed by a SpladePooling (in a stack, or in a Router's route) defers its
+    decoder (MLMTransformer.defer_decoder). Returns how many did."""
+    deferred = 0
+    for sequence in [m for m in stack.modules() if isinstance(m, nn.Sequential)]:
+        modules = list(sequence)
+        for first, second in itertools.pairwise(modules):
+            if isinstance(first, MLMTransformer) and isinstance(second, SpladePooling) and first.defer_decoder():
+                deferred += 1
+    return deferred

@@ -36,6 +36,7 @@ from raytrieve._io import read_json, write_json
 from raytrieve.errors import ConfigError, ModelLoadError
 from raytrieve.fast_tokenizer import text_token_ids
 from raytrieve.modules.base import Features, Module
+from raytrieve.modules.mlm_head import split_mlm_head
 
 log = logging.getLogger(__name__)
 
@@ -224,21 +225,40 @@ class Transformer(Module):
     def forward(self, features: Features, **kwargs: Any) -> Features:
         if self.cached_layer is not None and "all_layer_embeddings" in features:
             return {**features, self.output_key: features["all_layer_embeddings"][self.cached_layer]}
+        inputs = self.model_inputs(features)
+        if self.keep_hidden_states:
+            out = self.auto_model(**inputs, return_dict=True, output_hidden_states=True)
+            features[self.output_key] = getattr(out, self._output_field)
+            features["all_layer_embeddings"] = out.hidden_states
+            return features
+        features[self.output_key] = self.run(inputs)
+        return features
+
+    @property
+    def output_name(self) -> str:
+        """What ``compute`` returns (the features key it is written under)."""
+        return self.output_key
+
+    def model_inputs(self, features: Features) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
         if "token_type_ids" in features and self._accepts_token_types:
             inputs["token_type_ids"] = features["token_type_ids"]
-        if self.onnx_model is not None and not self.training and not self.keep_hidden_states:
+        return inputs
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``compute(inputs)``, in ONNX Runtime when a current export is attached at inference."""
+        if self.onnx_model is not None and not self.training:
             if self.onnx_model.current(self.auto_model):
-                features[self.output_key] = self.onnx_model(inputs).to(features["input_ids"].device)
-                return features
+                return self.onnx_model(inputs).to(inputs["input_ids"].device)
             # Trained or edited since the export: its outputs would be the old weights'.
             log.warning("weights changed since the ONNX export; computing in torch (set_backend('onnx') re-exports)")
             self.onnx_model = None
-        out = self.auto_model(**inputs, return_dict=True, output_hidden_states=self.keep_hidden_states or None)
-        features[self.output_key] = getattr(out, self._output_field)
-        if self.keep_hidden_states:
-            features["all_layer_embeddings"] = out.hidden_states
-        return features
+        return self.compute(inputs)
+
+    def compute(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor this module writes under ``output_key``, computed in torch (what an ONNX
+        export of this module computes: encoders/onnx_runtime.py)."""
+        return getattr(self.auto_model(**inputs, return_dict=True), self._output_field)
 
     def get_embedding_dimension(self) -> int:
         if self.task == "fill-mask":
@@ -251,14 +271,55 @@ class Transformer(Module):
 
 
 class MLMTransformer(Transformer):
-    """The masked-LM head of a transformer: per-token logits over the vocabulary (SPLADE)."""
+    """The masked-LM head of a transformer: per-token logits over the vocabulary (SPLADE).
+
+    Followed by SpladePooling, it leaves the vocabulary projection to the pooling
+    (``defer_decoder``): it then writes the decoder's input as ``mlm_hidden_states`` and the
+    decoder as ``mlm_decoder`` instead of ``token_embeddings`` (modules/mlm_head.py says why).
+    """
 
     st_type = "sentence_transformers.sparse_encoder.models.MLMTransformer"
     st_aliases = ("sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer",)
     default_task = "fill-mask"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder_deferred = False
+
     def saved_type(self) -> str:
         return self.st_type
+
+    def defer_decoder(self) -> bool:
+        """Write the decoder's input and the decoder instead of the logits, where this model's
+        head is one modules/mlm_head.py splits and no ONNX export (of the logits) is attached.
+        Returns whether it does."""
+        head = split_mlm_head(self.auto_model)
+        linear = head is not None and type(head.decoder) is torch.nn.Linear and head.decoder.bias is not None
+        self.decoder_deferred = self.onnx_model is None and linear
+        return self.decoder_deferred
+
+    @property
+    def output_name(self) -> str:
+        """What ``compute`` returns: the logits, or the decoder's input when the decoder is deferred."""
+        return "mlm_hidden_states" if self.decoder_deferred else self.output_key
+
+    def forward(self, features: Features, **kwargs: Any) -> Features:
+        # Layer-wise training (keep_hidden_states, cached_layer) reads logits per layer: full path.
+        if not self.decoder_deferred or self.keep_hidden_states or self.cached_layer is not None:
+            return super().forward(features, **kwargs)
+        features["mlm_hidden_states"] = self.run(self.model_inputs(features))
+        # Looked up per call: int8 quantisation replaces the decoder module in place.
+        head = split_mlm_head(self.auto_model)
+        assert head is not None, "defer_decoder checked that this head splits"
+        features["mlm_decoder"] = head.decoder
+        return features
+
+    def compute(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        head = split_mlm_head(self.auto_model) if self.decoder_deferred else None
+        if head is None:
+            return super().compute(inputs)
+        body = cast("PreTrainedModel", self.auto_model.base_model)
+        return head.transform(body(**inputs, return_dict=True).last_hidden_state)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,129 @@
+"""SPLADE's vocabulary projection of real tokens only (modules/mlm_head.py,
+SpladePooling._pool_projected), against transformers' own logits and sentence-transformers'
+SparseEncoder on the same weights: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import NO_DROPOUT, SENTENCES, tiny_bert_config
+
+from raytrieve import SparseEncoder
+from raytrieve.modules import MLMTransformer, SpladePooling
+from raytrieve.modules.mlm_head import split_mlm_head
+
+SMALL = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _masked_lm(arch: str) -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        return T.BertForMaskedLM(T.BertConfig(**SMALL))
+    if arch == "roberta":
+        return T.RobertaForMaskedLM(T.RobertaConfig(**SMALL, max_position_embeddings=40))
+    if arch == "xlm-roberta":
+        return T.XLMRobertaForMaskedLM(T.XLMRobertaConfig(**SMALL, max_position_embeddings=40))
+    if arch == "distilbert":
+        config = T.DistilBertConfig(vocab_size=1000, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+        return T.DistilBertForMaskedLM(config)
+    if arch == "mobilebert":  # its projection also concatenates a dense matrix: not splittable
+        return T.MobileBertForMaskedLM(
+            T.MobileBertConfig(**SMALL, embedding_size=16, intra_bottleneck_size=32, num_feedforward_networks=1)
+        )
+    raise AssertionError(arch)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "distilbert"])
+def test_split_head_gives_the_models_own_logits(arch):
+    model = _masked_lm(arch).eval()
+    head = split_mlm_head(model)
+    assert head is not None
+    ids = torch.randint(5, 1000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        split = head.decoder(head.transform(hidden))
+    torch.testing.assert_close(split, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_an_unknown_head_is_not_split():
+    assert split_mlm_head(_masked_lm("mobilebert")) is None
+
+
+@pytest.fixture(scope="module")
+def mlm_dir(tmp_path_factory, minilm_dir):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("mlm_head") / "mlm"
+    BertForMaskedLM(tiny_bert_config(**NO_DROPOUT)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(d)
+    return d
+
+
+POOLINGS = [("max", "relu"), ("sum", "relu"), ("max", "log1p_relu"), ("sum", "log1p_relu")]
+
+
+@pytest.mark.parametrize(("strategy", "activation"), POOLINGS)
+def test_projected_pooling_matches_sentence_transformers_with_gradients(st, mlm_dir, strategy, activation):
+    from sentence_transformers.sparse_encoder import models as st_models
+
+    ours = SparseEncoder(
+        [MLMTransformer.from_pretrained(mlm_dir), SpladePooling(strategy, activation_function=activation)],
+        device="cpu",
+    ).train()
+    assert ours.stack[0].decoder_deferred
+    st_modules = [
+        st_models.MLMTransformer(str(mlm_dir)),
+        st_models.SpladePooling(strategy, activation_function=activation),
+    ]
+    ref = st.SparseEncoder(modules=st_modules, device="cpu").train()
+    texts = SENTENCES[:5]  # different lengths: padding inside the batch
+    got = ours(ours.tokenize(texts))["sentence_embedding"]
+    want = ref(ref.tokenize(texts))["sentence_embedding"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    weights = torch.linspace(0.5, 1.5, got.shape[1])  # a loss that weighs every vocabulary entry
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    ours_grads = dict(ours.stack[0].auto_model.named_parameters())
+    checked = 0
+    for name, p in st_modules[0].auto_model.named_parameters():
+        if p.grad is None:
+            continue
+        torch.testing.assert_close(ours_grads[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked > 10 and ours.stack[0].auto_model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_left_padding_and_a_row_without_tokens(mlm_dir):
+    """The mask, not the position, says which tokens are real; a row the mask empties is all zero."""
+    deferred = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu")
+    full = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu")
+    full.stack[0].decoder_deferred = False
+    features = deferred.tokenize(SENTENCES[:3])
+    # Left-pad by hand: the same tokens moved to the end of each row.
+    lengths = features["attention_mask"].sum(1)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        rows = features[key]
+        features[key] = torch.stack([torch.roll(r, int(r.shape[0] - n)) for r, n in zip(rows, lengths)])
+    features["attention_mask"][2] = 0
+    with torch.no_grad():
+        got = deferred({k: v.clone() for k, v in features.items()})["sentence_embedding"]
+        want = full({k: v.clone() for k, v in features.items()})["sentence_embedding"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert got[2].abs().sum() == 0 and got[0].abs().sum() > 0
+
+
+def test_int8_decoder_is_projected_too(mlm_dir):
+    """int8 replaces the decoder with a quantised module (not a Linear): the pooling calls it per text."""
+    model = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu")
+    reference = model.encode(SENTENCES[:4], convert_to_sparse_tensor=False)
+    model.set_dtype("int8")
+    assert type(split_mlm_head(model.stack[0].auto_model).decoder) is not torch.nn.Linear
+    quantized = model.encode(SENTENCES[:4], convert_to_sparse_tensor=False)
+    cosine = torch.nn.functional.cosine_similarity(quantized, reference)
+    assert cosine.min() > 0.9, cosine
