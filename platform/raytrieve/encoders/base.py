@@ -296,12 +296,17 @@ class Encoder(nn.Module):
     def inference(self) -> Iterator[None]:
         """Eval mode and no autograd for the block; the previous train/eval mode comes back after."""
         was_training = self.training
-        self.eval()
+        # Switching modes walks every submodule (a millisecond a call for a small model, most of
+        # it attribute writes): skipped when none is training, the state it would leave anyway.
+        switch = any(m.training for m in self.modules())
+        if switch:
+            self.eval()
         try:
             with torch.inference_mode():
                 yield
         finally:
-            self.train(was_training)
+            if switch:
+                self.train(was_training)
 
     @staticmethod
     def _as_list(inputs: Any, what: str) -> tuple[list[Any], bool]:

@@ -96,7 +96,10 @@ class SpladePooling(Module):
             block = decoder.weight @ tokens.T if linear else decoder(tokens).T  # [vocab, n]
             bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
             if self.pooling_strategy == "max":
-                top = block.max(dim=1, keepdim=True).values.to(acc) + bias
+                # Under autograd max(dim) routes each gradient to one token, as sentence-transformers'
+                # pooling does; without it amax gives the same values 1.5-3x faster (no indices).
+                top = block.max(dim=1, keepdim=True).values if block.requires_grad else block.amax(1, keepdim=True)
+                top = top.to(acc) + bias
                 rows.append(self._activate(top).squeeze(1))
             else:
                 rows.append(self._activate(block.to(acc) + bias).sum(dim=1))
