@@ -83,7 +83,7 @@ def main() -> None:
 
     def as_array(emb) -> np.ndarray:  # sparse tensors as dense rows, for the cosine
         emb = emb.to_dense() if getattr(emb, "is_sparse", False) else emb
-        return np.asarray(emb.cpu() if hasattr(emb, "cpu") else emb)
+        return np.asarray(emb.float().cpu() if hasattr(emb, "cpu") else emb)
 
     st_warm = as_array(ref.encode(warm, batch_size=args.batch_size))
 

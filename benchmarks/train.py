@@ -6,6 +6,7 @@ same torch threads, in the same run.
     .venv/bin/python benchmarks/train.py                   # 40 steps each, max_seq_length 128
     .venv/bin/python benchmarks/train.py --steps 20
     .venv/bin/python benchmarks/train.py --bf16          # raytrieve with training.bf16, ST in float32
+    .venv/bin/python benchmarks/train.py --kind sparse   # SPLADE-tiny, SpladeLoss over SparseMNRL, both sides
 
 Throughput is steady state: samples over the steps after the first ``--warmup`` ones,
 timed by each step's end (raytrieve: the step's MLflow metric timestamp; sentence-transformers:
@@ -28,6 +29,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
+# --kind: the shipped model and the loss of its shipped config (jobs/configs/dense_mnrl.yaml, splade.yaml)
+MODELS = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny"}
+SPLADE_WEIGHTS = {"document_regularizer_weight": 3.0e-5, "query_regularizer_weight": 5.0e-5}
+LOSSES = {
+    "dense": {"name": "MultipleNegativesRankingLoss"},
+    "sparse": {"name": "SpladeLoss", "args": SPLADE_WEIGHTS, "inner": {"name": "SparseMultipleNegativesRankingLoss"}},
+}
 
 
 def pairs(n: int, seed: int | None = None) -> dict[str, list[str]]:
@@ -69,9 +77,9 @@ def run_raytrieve(
 
     pq.write_table(pa.table(data), tmp / "pairs.parquet")
     cfg = check_values(from_dict(TrainConfig, {
-        "model": {"name_or_path": "all-minilm-l6-v2", "kind": "dense", "max_seq_length": args.max_seq_length},
+        "model": {"name_or_path": MODELS[args.kind], "kind": args.kind, "max_seq_length": args.max_seq_length},
         "datasets": [{"name": "pairs", "path": str(tmp / "pairs.parquet"), "columns": ["query", "document"],
-                      "loss": {"name": "MultipleNegativesRankingLoss"}}],
+                      "loss": LOSSES[args.kind]}],
         "output_dir": str(tmp / "raytrieve-model"),
         "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates",
                      "bf16": args.bf16, "seed": seed},
@@ -101,6 +109,12 @@ def run_sentence_transformers(
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sparse_encoder import (
+        SparseEncoder,
+        SparseEncoderTrainer,
+        SparseEncoderTrainingArguments,
+    )
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
     from sentence_transformers.training_args import BatchSamplers
     from transformers import TrainerCallback
 
@@ -109,7 +123,11 @@ def run_sentence_transformers(
     # the threads raytrieve's worker ran with (its default: the machine's CPUs for one worker)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
-    model = SentenceTransformer(str(resolve_model("all-minilm-l6-v2")), device="cpu")
+    sparse = args.kind == "sparse"
+    Model = SparseEncoder if sparse else SentenceTransformer
+    Trainer = SparseEncoderTrainer if sparse else SentenceTransformerTrainer
+    TrainingArguments = SparseEncoderTrainingArguments if sparse else SentenceTransformerTrainingArguments
+    model = Model(str(resolve_model(MODELS[args.kind])), device="cpu")
     model.max_seq_length = args.max_seq_length
     times: list[float] = []
 
@@ -117,9 +135,9 @@ def run_sentence_transformers(
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
 
-    trainer = SentenceTransformerTrainer(
+    trainer = Trainer(
         model=model,
-        args=SentenceTransformerTrainingArguments(
+        args=TrainingArguments(
             output_dir=str(tmp / "st"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
             learning_rate=lr, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
             logging_steps=10_000, dataloader_num_workers=0, use_cpu=True, seed=seed, data_seed=seed,
@@ -127,7 +145,11 @@ def run_sentence_transformers(
             warmup_steps=int(args.steps * warmup_ratio), lr_scheduler_type="linear", weight_decay=0.01,
         ),
         train_dataset=Dataset.from_dict({"anchor": data["query"], "positive": data["document"]}),
-        loss=MultipleNegativesRankingLoss(model),
+        loss=(
+            SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), **SPLADE_WEIGHTS)
+            if sparse
+            else MultipleNegativesRankingLoss(model)
+        ),
         callbacks=[StepTimes()],
     )
     trainer.train()
@@ -144,6 +166,7 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="override both sides' torch threads")
     parser.add_argument("--bf16", action="store_true", help="raytrieve with training.bf16 (ST stays float32)")
+    parser.add_argument("--kind", choices=tuple(MODELS), default="dense")
     args = parser.parse_args()
     data = pairs(args.steps * args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +176,7 @@ def main() -> None:
         "samples_per_s": round(ours, 2), "st_samples_per_s": round(theirs, 2), "ratio_vs_st": round(ours / theirs, 3),
         "wall_s": round(ours_wall, 1), "st_wall_s": round(theirs_wall, 1), "steps": args.steps,
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads or f"default ({os.cpu_count()})",
-        "raytrieve_bf16": args.bf16,
+        "raytrieve_bf16": args.bf16, "model": MODELS[args.kind],
         "machine": f"{_platform.machine()} {os.cpu_count()} cpus",
     }))
 

@@ -1,6 +1,8 @@
 """SPLADE pooling: log(1 + relu(MLM logits)), max- or sum-pooled over the tokens.
 
-The result is one weight per vocabulary entry, mostly zero: the sparse embedding.
+The result is one weight per vocabulary entry, mostly zero: the sparse embedding. After an
+MLMTransformer that defers its decoder (modules/mlm_head.py), the logits are computed here, for
+real tokens only; otherwise they arrive whole as ``token_embeddings``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class SpladePooling(Module):
         self.activation_function = activation_function
         self.embedding_dimension = embedding_dimension
         # Pool the sequence in chunks of this many tokens: the [batch, seq, vocab] activation
-        # is the memory peak of SPLADE, chunking bounds it without changing the result.
+        # is the memory peak of SPLADE, chunking bounds it without changing the result. Only
+        # for logits handed in whole; projected tokens (_pool_projected) hold one text at a time.
         self.chunk_size = chunk_size
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
