@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytrieve.encoders import CrossEncoder, DenseEncoder, load_encoder, onnx_runtime
+from raytrieve.encoders import CrossEncoder, DenseEncoder, SparseEncoder, load_encoder, onnx_runtime
 from raytrieve.errors import ConfigError, ModelLoadError
 from raytrieve.modules import Transformer
 from tests.conftest import SENTENCES
@@ -45,6 +45,13 @@ def test_each_kind_equals_sentence_transformers(tiny_dirs, st, cache):
     got = sparse.encode(SENTENCES, convert_to_tensor=True).to_dense()
     ref = theirs.encode(SENTENCES, convert_to_tensor=True).to_dense()
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-5)
+    # The export holds the decoder's input (SPLADE projects real tokens in torch: test_mlm_head.py);
+    # the same modules in a new stack keep reading it as that.
+    mlm = _transformer(sparse)
+    assert mlm.decoder_deferred and mlm.output_name == "mlm_hidden_states"
+    again = SparseEncoder(sparse.modules_list, device="cpu")
+    assert again.backend == "onnx" and mlm.decoder_deferred
+    torch.testing.assert_close(again.encode(SENTENCES, convert_to_tensor=True).to_dense(), ref, atol=ATOL, rtol=1e-5)
 
     cross = load_encoder("cross", str(tiny_dirs["cls1"]), backend="onnx")
     want = st.CrossEncoder(str(tiny_dirs["cls1"]), device="cpu").predict(PAIRS)

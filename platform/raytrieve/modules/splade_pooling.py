@@ -48,10 +48,12 @@ class SpladePooling(Module):
 
     def forward(self, features: Features, **kwargs: Any) -> Features:
         mask = features["attention_mask"]
-        if "mlm_decoder" in features:  # MLMTransformer.defer_decoder: project real tokens only
-            pooled = self._pool_projected(features["mlm_hidden_states"], features["mlm_decoder"], mask)
-        else:
+        if "mlm_decoder" not in features:
             pooled = self._pool_logits(features["token_embeddings"], mask)
+        elif _binary(mask):  # MLMTransformer.defer_decoder: project real tokens only
+            pooled = self._pool_projected(features["mlm_hidden_states"], features["mlm_decoder"], mask)
+        else:  # a weighting mask scales the logits themselves: project every position
+            pooled = self._pool_logits(features["mlm_decoder"](features["mlm_hidden_states"]), mask)
         if self.embedding_dimension is None:
             self.embedding_dimension = int(pooled.shape[1])
         features["sentence_embedding"] = pooled
@@ -135,6 +137,11 @@ class SpladePooling(Module):
             embedding_dimension=dim,
             chunk_size=config.get("chunk_size"),
         )
+
+
+def _binary(mask: Tensor) -> bool:
+    """Whether the attention mask only keeps or drops tokens (0/1), as every tokenizer's does."""
+    return bool(((mask == 0) | (mask == 1)).all())
 
 
 def defer_mlm_decoders(stack: nn.Module) -> int:

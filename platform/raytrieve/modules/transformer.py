@@ -291,11 +291,14 @@ class MLMTransformer(Transformer):
 
     def defer_decoder(self) -> bool:
         """Write the decoder's input and the decoder instead of the logits, where this model's
-        head is one modules/mlm_head.py splits and no ONNX export (of the logits) is attached.
-        Returns whether it does."""
+        head is one modules/mlm_head.py splits. Returns whether it does. An attached ONNX export
+        computes one or the other: its state stays as it was exported."""
+        if self.onnx_model is not None:
+            return self.decoder_deferred
         head = split_mlm_head(self.auto_model)
-        linear = head is not None and type(head.decoder) is torch.nn.Linear and head.decoder.bias is not None
-        self.decoder_deferred = self.onnx_model is None and linear
+        self.decoder_deferred = (
+            head is not None and type(head.decoder) is torch.nn.Linear and head.decoder.bias is not None
+        )
         return self.decoder_deferred
 
     @property
@@ -303,9 +306,16 @@ class MLMTransformer(Transformer):
         """What ``compute`` returns: the logits, or the decoder's input when the decoder is deferred."""
         return "mlm_hidden_states" if self.decoder_deferred else self.output_key
 
-    def forward(self, features: Features, **kwargs: Any) -> Features:
+    @property
+    def _projects_later(self) -> bool:
         # Layer-wise training (keep_hidden_states, cached_layer) reads logits per layer: full path.
-        if not self.decoder_deferred or self.keep_hidden_states or self.cached_layer is not None:
+        return self.decoder_deferred and not self.keep_hidden_states and self.cached_layer is None
+
+    def forward(self, features: Features, **kwargs: Any) -> Features:
+        # A features dict passed through before keeps no stale decoder input for SpladePooling.
+        features.pop("mlm_hidden_states", None)
+        features.pop("mlm_decoder", None)
+        if not self._projects_later:
             return super().forward(features, **kwargs)
         features["mlm_hidden_states"] = self.run(self.model_inputs(features))
         # Looked up per call: int8 quantisation replaces the decoder module in place.
@@ -315,7 +325,7 @@ class MLMTransformer(Transformer):
         return features
 
     def compute(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        head = split_mlm_head(self.auto_model) if self.decoder_deferred else None
+        head = split_mlm_head(self.auto_model) if self._projects_later else None
         if head is None:
             return super().compute(inputs)
         body = cast("PreTrainedModel", self.auto_model.base_model)
