@@ -10,7 +10,7 @@ from tests.conftest import NO_DROPOUT, SENTENCES, tiny_bert_config
 
 from raytrieve import SparseEncoder
 from raytrieve.modules import MLMTransformer, SpladePooling
-from raytrieve.modules.mlm_head import split_mlm_head
+from raytrieve.modules.mlm_head import mlm_transform
 
 SMALL = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -38,20 +38,20 @@ def _masked_lm(arch: str) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "distilbert"])
 def test_split_head_gives_the_models_own_logits(arch):
     model = _masked_lm(arch).eval()
-    head = split_mlm_head(model)
-    assert head is not None
+    transform = mlm_transform(model)
+    assert transform is not None
     ids = torch.randint(5, 1000, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        split = head.decoder(head.transform(hidden))
+        split = model.get_output_embeddings()(transform(hidden))
     torch.testing.assert_close(split, reference, atol=1e-6, rtol=1e-6)
 
 
 def test_an_unknown_head_is_not_split():
-    assert split_mlm_head(_masked_lm("mobilebert")) is None
+    assert mlm_transform(_masked_lm("mobilebert")) is None
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_int8_decoder_is_projected_too(mlm_dir):
     model = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu")
     reference = model.encode(SENTENCES, convert_to_sparse_tensor=False)
     model.set_dtype("int8")
-    assert type(split_mlm_head(model.stack[0].auto_model).decoder) is not torch.nn.Linear
+    assert type(model.stack[0].auto_model.get_output_embeddings()) is not torch.nn.Linear
     deferred = model.encode(SENTENCES, convert_to_sparse_tensor=False)
     model.stack[0].decoder_deferred = False
     full = model.encode(SENTENCES, convert_to_sparse_tensor=False)

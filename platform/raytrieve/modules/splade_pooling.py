@@ -90,6 +90,8 @@ class SpladePooling(Module):
         Padding never gets projected; the mask's zeros floor every weight at 0, as here."""
         linear = type(decoder) is nn.Linear
         acc = torch.float32 if hidden.dtype in HALF else hidden.dtype
+        # An int8-quantised decoder (not a plain Linear) only computes [n, vocab] with its bias.
+        bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
         keep = attention_mask.bool()
         rows = []
         for i in range(hidden.shape[0]):
@@ -97,9 +99,7 @@ class SpladePooling(Module):
             if tokens.shape[0] == 0:  # no real token: every weight 0, as the mask makes it
                 rows.append(hidden.new_zeros(self._vocab(decoder), dtype=acc))
                 continue
-            # An int8-quantised decoder (not a plain Linear) only computes [n, vocab] with its bias.
             block = decoder.weight @ tokens.T if linear else decoder(tokens).T  # [vocab, n]
-            bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
             if self.pooling_strategy == "max":
                 # Under autograd max(dim) routes each gradient to one token, as sentence-transformers'
                 # pooling does; without it amax gives the same values 1.5-3x faster (no indices).
@@ -144,14 +144,11 @@ def _binary(mask: Tensor) -> bool:
     return bool(((mask == 0) | (mask == 1)).all())
 
 
-def defer_mlm_decoders(stack: nn.Module) -> int:
+def defer_mlm_decoders(stack: nn.Module) -> None:
     """Let each SpladePooling project its own MLMTransformer's tokens: every MLMTransformer
     directly followed by a SpladePooling (in a stack, or in a Router's route) defers its
-    decoder (MLMTransformer.defer_decoder). Returns how many did."""
-    deferred = 0
+    decoder (MLMTransformer.defer_decoder)."""
     for sequence in [m for m in stack.modules() if isinstance(m, nn.Sequential)]:
-        modules = list(sequence)
-        for first, second in itertools.pairwise(modules):
-            if isinstance(first, MLMTransformer) and isinstance(second, SpladePooling) and first.defer_decoder():
-                deferred += 1
-    return deferred
+        for first, second in itertools.pairwise(sequence):
+            if isinstance(first, MLMTransformer) and isinstance(second, SpladePooling):
+                first.defer_decoder()

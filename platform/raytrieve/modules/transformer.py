@@ -36,7 +36,7 @@ from raytrieve._io import read_json, write_json
 from raytrieve.errors import ConfigError, ModelLoadError
 from raytrieve.fast_tokenizer import text_token_ids
 from raytrieve.modules.base import Features, Module
-from raytrieve.modules.mlm_head import split_mlm_head
+from raytrieve.modules.mlm_head import mlm_transform
 
 log = logging.getLogger(__name__)
 
@@ -295,10 +295,9 @@ class MLMTransformer(Transformer):
         computes one or the other: its state stays as it was exported."""
         if self.onnx_model is not None:
             return self.decoder_deferred
-        head = split_mlm_head(self.auto_model)
-        self.decoder_deferred = (
-            head is not None and type(head.decoder) is torch.nn.Linear and head.decoder.bias is not None
-        )
+        decoder = self.auto_model.get_output_embeddings()
+        linear = type(decoder) is torch.nn.Linear and decoder.bias is not None
+        self.decoder_deferred = linear and mlm_transform(self.auto_model) is not None
         return self.decoder_deferred
 
     @property
@@ -319,17 +318,15 @@ class MLMTransformer(Transformer):
             return super().forward(features, **kwargs)
         features["mlm_hidden_states"] = self.run(self.model_inputs(features))
         # Looked up per call: int8 quantisation replaces the decoder module in place.
-        head = split_mlm_head(self.auto_model)
-        assert head is not None, "defer_decoder checked that this head splits"
-        features["mlm_decoder"] = head.decoder
+        features["mlm_decoder"] = self.auto_model.get_output_embeddings()
         return features
 
     def compute(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        head = split_mlm_head(self.auto_model) if self._projects_later else None
-        if head is None:
+        transform = mlm_transform(self.auto_model) if self._projects_later else None
+        if transform is None:
             return super().compute(inputs)
         body = cast("PreTrainedModel", self.auto_model.base_model)
-        return head.transform(body(**inputs, return_dict=True).last_hidden_state)
+        return transform(body(**inputs, return_dict=True).last_hidden_state)
 
 
 @contextlib.contextmanager
