@@ -227,3 +227,54 @@ def test_idle_task_workers_outlive_rays_one_second_default(ray_cluster):
         return True
 
     assert {p for p in workers if not alive(p)} == set()
+
+
+def test_serve_fast_path_reaches_every_ray_process_and_the_local_head(ray_cluster, tmp_path):
+    """Ray Serve reads its request-path settings when a process imports it: the embedded Ray's
+    workers (where the proxy and replicas run) must see raytrieve's, and cluster/local.sh must
+    start a head with the same ones, unless the environment sets its own."""
+    from raytrieve.ray_cluster import SERVE_FAST_PATH
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0.1)
+    def serve_settings() -> dict[str, bool]:
+        from ray.serve._private import constants
+
+        return {
+            "grpc": constants.RAY_SERVE_USE_GRPC_BY_DEFAULT,
+            "separate_thread": constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD,
+        }
+
+    assert ray.get(serve_settings.remote()) == {"grpc": True, "separate_thread": False}
+
+    fake = tmp_path / "ray"  # prints the environment `ray start` would get
+    fake.write_text("#!/usr/bin/env bash\nenv\n")
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "RAY_BIN": str(fake)}
+
+    def started_with(extra: dict[str, str]) -> dict[str, str]:
+        out = subprocess.run(["bash", str(CLUSTER / "local.sh"), "start"], env={**env, **extra}, capture_output=True,
+                             text=True, check=True).stdout
+        seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return {k: seen.get(k, "") for k in SERVE_FAST_PATH}
+
+    assert started_with({}) == SERVE_FAST_PATH
+    assert started_with({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"})["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+
+
+def test_cluster_definitions_start_ray_with_serves_fast_path():
+    """The AWS launcher's `ray start` commands and the RayService's head and worker containers set
+    the same request-path settings the embedded Ray gets (every node's processes read them)."""
+    from raytrieve.ray_cluster import SERVE_FAST_PATH
+
+    aws = _load(CLUSTER / "aws.yaml")
+    for cmd in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert all(f"{k}={v}" in shlex.split(cmd.split(";")[-1]) for k, v in SERVE_FAST_PATH.items()), cmd
+    doc = _load(CLUSTER / "kuberay" / "rayservice.yaml")
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_FAST_PATH} == SERVE_FAST_PATH

@@ -1,0 +1,110 @@
+"""Ray Serve's request path with and without raytrieve's settings (ray_cluster.SERVE_FAST_PATH:
+proxy -> replica over gRPC, endpoints on the replica's own event loop), A-B-A in one run: Ray
+is started afresh for each phase with the settings on (fast), off (Ray's defaults), on again.
+
+Each phase deploys the app in the layout BENCHMARKS.md recommends for a CPU (the ingress
+encodes queries itself in ONNX Runtime, recall_in_ingress; the model deployments in torch) over
+the index benchmarks/serve.py builds, then measures with one client, sequentially:
+- ``health_p50_ms``: TEI's /health (an empty answer: the HTTP hop and the ingress's own handling);
+- ``search_p50_ms``: /search without rerank, top 10 of 100 + 100 recalled (as serve.py's);
+- the /search stage timings the ingress reports (``search_stage_p50_ms``).
+
+    .venv/bin/python benchmarks/serve.py --docs 2000 ...   # builds out/bench/serve-2000 first
+    .venv/bin/python benchmarks/serve_hop.py --docs 2000
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=2000, help="the serve.py index to use (out/bench/serve-DOCS)")
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+
+    import ray
+    import requests
+    from serve import _percentile, _port
+    from texts import sentences
+
+    from raytrieve.config import from_dict
+    from raytrieve.ray_cluster import SERVE_FAST_PATH
+    from raytrieve.serve.client import wait_healthy
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.launch import start
+
+    index = ROOT / "out" / "bench" / f"serve-{args.docs}" / "index"
+    if not (index / "source.json").exists():
+        sys.exit(f"{index}: no index; run benchmarks/serve.py --docs {args.docs} first")
+    queries = sentences(args.queries, min_words=4, max_words=12, seed=2)
+    model = {"max_seq_length": 256, "torch_threads": 1, "backend": "torch"}
+    keys = {
+        "dense": {"model": "all-minilm-l6-v2", "num_cpus": 0.5, **model},
+        "sparse": {"model": "splade-tiny", "num_cpus": 0.3, **model},
+        "index": str(index), "colocate_index": True, "recall_in_ingress": True, "ingress_backend": "onnx",
+    }
+
+    def phase(fast: bool) -> dict[str, object]:
+        for key, value in SERVE_FAST_PATH.items():  # Ray's processes inherit this environment
+            if fast:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            url = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
+            wait_healthy(url)
+            session = requests.Session()
+            body = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}
+            for q in queries[:20]:
+                session.post(f"{url}/search", json={"query": q, **body}, timeout=60).raise_for_status()
+
+            def timed(call) -> float:
+                started = time.perf_counter()
+                call().raise_for_status()
+                return (time.perf_counter() - started) * 1000
+
+            health = [timed(lambda: session.get(f"{url}/health", timeout=60)) for _ in range(args.queries)]
+            search, stages = [], {}
+            for q in queries:
+                started = time.perf_counter()
+                r = session.post(f"{url}/search", json={"query": q, **body}, timeout=60)
+                r.raise_for_status()
+                search.append((time.perf_counter() - started) * 1000)
+                for name, ms in r.json()["timings_ms"].items():
+                    stages.setdefault(name, []).append(ms)
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        return {
+            "fast_path": fast,
+            "health_p50_ms": round(_percentile(health, 50), 1),
+            "search_p50_ms": round(_percentile(search, 50), 1),
+            "search_p99_ms": round(_percentile(search, 99), 1),
+            "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
+        }
+
+    phases = [phase(True), phase(False), phase(True)]
+    print(json.dumps({"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries), "cpu_count": os.cpu_count(),
+                      "layout": "ingress", "ingress_backend": "onnx", "phases": phases}))
+
+
+if __name__ == "__main__":
+    main()
