@@ -105,10 +105,6 @@ def main() -> None:
     queries = sentences(args.queries, min_words=4, max_words=12, seed=2)
     if not (work / "corpus.parquet").exists():
         pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), work / "corpus.parquet")
-    from raytrieve.ray_cluster import SERVE_FAST_PATH
-
-    for key, value in SERVE_FAST_PATH.items():  # as the embedded Ray starts (benchmarks/serve_hop.py compares)
-        os.environ.setdefault(key, value)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     if not (work / "index" / "source.json").exists():  # built once (the encode resumes if stopped)
         run_encode(from_dict(EncodeConfig, {

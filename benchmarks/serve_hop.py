@@ -1,6 +1,8 @@
-"""Ray Serve's request path with and without raytrieve's settings (ray_cluster.SERVE_FAST_PATH:
-proxy -> replica over gRPC, endpoints on the replica's own event loop), A-B-A in one run: Ray
-is started afresh for each phase with the settings on (fast), off (Ray's defaults), on again.
+"""Ray Serve's request path with and without two settings of Ray's throughput-optimized mode
+(``FAST_PATH``: proxy -> replica over gRPC, endpoints on the replica's own event loop), A-B-A in
+one run: Ray is started afresh for each phase with them on (fast), off (Ray's defaults), on again.
+This measures what they do for raytrieve's app (BENCHMARKS.md, 2026-12-01: nothing
+measurable, so raytrieve does not set them).
 
 Each phase deploys the app in the layout BENCHMARKS.md recommends for a CPU (the ingress
 encodes queries itself in ONNX Runtime, recall_in_ingress; the model deployments in torch) over
@@ -29,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
+FAST_PATH = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def main() -> None:
@@ -43,7 +46,6 @@ def main() -> None:
     from texts import sentences
 
     from raytrieve.config import from_dict
-    from raytrieve.ray_cluster import SERVE_FAST_PATH
     from raytrieve.serve.client import wait_healthy
     from raytrieve.serve.config import ServeConfig
     from raytrieve.serve.launch import start
@@ -60,7 +62,7 @@ def main() -> None:
     }
 
     def phase(fast: bool) -> dict[str, object]:
-        for key, value in SERVE_FAST_PATH.items():  # Ray's processes inherit this environment
+        for key, value in FAST_PATH.items():  # Ray's processes inherit this environment
             if fast:
                 os.environ[key] = value
             else:

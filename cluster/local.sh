@@ -27,12 +27,6 @@ export PATH="$(dirname "$ray_bin"):$PATH"
 port="${RAY_PORT:-6379}"
 dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
 
-# Ray Serve's request path over gRPC, with endpoints on each replica's own event loop (about
-# 5-7 ms less per HTTP request on 2 cores; raytrieve/ray_cluster.py SERVE_FAST_PATH). Every Ray
-# process reads them at start, so they are set here for the head and for every node that joins.
-export RAY_SERVE_USE_GRPC_BY_DEFAULT="${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}"
-export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="${RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD:-0}"
-
 case "${1:-}" in
   start)
     args=(start --head --node-ip-address=127.0.0.1 "--port=$port" --dashboard-host=127.0.0.1

@@ -30,19 +30,6 @@ good part of its CPU re-importing. The embedded Ray (and cluster/local.sh's head
 workers for ``IDLE_WORKER_KEEP_S`` instead (measured on 2 cores: the encoding-job tests 138 ->
 112 s, the training tests 205 -> 159 s). Idle workers hold their memory that long (a few hundred
 MB each); RAY_idle_worker_killing_time_threshold_ms in the environment overrides it.
-
-Serve's request path (``SERVE_FAST_PATH``): Ray Serve hands each HTTP request from its proxy
-to the ingress replica as an actor call, and runs the replica's user code on a second event
-loop in its own thread. On 2 cores that hop was most of a /search request that computes for
-~17 ms: an empty FastAPI endpoint took 11-14 ms over HTTP, 6-7 ms with the proxy calling
-replicas over gRPC and user code on the replica's own loop (two of the settings of Ray's
-``RAY_SERVE_THROUGHPUT_OPTIMIZED`` mode; not its direct ingress, which serves each ingress
-replica on a port of its own, and not its routers on the caller's loop, which break a handle
-called from synchronous code; BENCHMARKS.md). Every
-process of the cluster reads them when it imports Ray Serve, so they must be in the
-environment Ray starts with: the embedded start puts them there (a value already set wins);
-a cluster started with `ray start` takes them from its environment (cluster/local.sh sets them).
-Our endpoints never block their event loop: model work runs on each replica's model thread.
 """
 
 from __future__ import annotations
@@ -54,10 +41,6 @@ from typing import Any
 
 IDLE_WORKER_KEEP_S = 300
 IDLE_WORKER_SETTING = "idle_worker_killing_time_threshold_ms"
-SERVE_FAST_PATH = {
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",  # proxy -> replica and handle calls over gRPC
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # endpoints on the replica's own event loop
-}
 
 
 def _free_port() -> int:
@@ -92,9 +75,6 @@ def connect(
             runtime_env["env_vars"] = {"RAY_ADDRESS": gcs, **runtime_env.get("env_vars", {})}
         return _dashboard(ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env))
     port = _free_port()
-    # Before Ray starts: its processes inherit this environment (see SERVE_FAST_PATH).
-    for key, value in SERVE_FAST_PATH.items():
-        os.environ.setdefault(key, value)
     # In the job's runtime environment, not this process's: every actor and task of the job gets
     # it, while a `ray job submit --address ...` or state query from this process still goes
     # where it says (the variable overrides an explicit address).
