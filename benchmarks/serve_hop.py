@@ -4,6 +4,12 @@ one run: Ray is started afresh for each phase with them on (fast), off (Ray's de
 This measures what they do for raytrieve's app (BENCHMARKS.md, 2026-12-01: nothing
 measurable, so raytrieve does not set them).
 
+``--direct``: instead, one Ray started with Ray's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1:
+each ingress replica also serves HTTP itself, on a port Serve allocates from 30000-31000, read
+here from the replica's log), and the same app measured through the proxy's port and the
+replica's own port, request by request in turn; the two answers of one query must agree.
+raytrieve does not set it up (yet): the port is per replica, not the configured one.
+
 Each phase deploys the app in the layout BENCHMARKS.md recommends for a CPU (the ingress
 encodes queries itself in ONNX Runtime, recall_in_ingress; the model deployments in torch) over
 the index benchmarks/serve.py builds, then measures with one client, sequentially:
@@ -38,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=2000, help="the serve.py index to use (out/bench/serve-DOCS)")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--direct", action="store_true", help="through the proxy against Ray's direct ingress")
     args = parser.parse_args()
 
     import ray
@@ -103,9 +110,65 @@ def main() -> None:
             "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
         }
 
+    if args.direct:
+        print(json.dumps({"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries),
+                          "cpu_count": os.cpu_count(), "layout": "ingress", "ingress_backend": "onnx",
+                          "direct_ingress": direct(keys, queries)}))
+        return
     phases = [phase(True), phase(False), phase(True)]
     print(json.dumps({"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries), "cpu_count": os.cpu_count(),
                       "layout": "ingress", "ingress_backend": "onnx", "phases": phases}))
+
+
+def direct(keys: dict, queries: list[str]) -> dict[str, dict[str, float]]:
+    """The app through Serve's proxy and through its ingress replica's own HTTP server, in turn."""
+    import re
+
+    import ray
+    import requests
+    from serve import _percentile, _port
+
+    from raytrieve.config import from_dict
+    from raytrieve.serve.client import wait_healthy
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.launch import start
+
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # Ray's processes inherit it
+    context = ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        proxy = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
+        wait_healthy(proxy)
+        logs = Path(context.address_info["session_dir"]) / "logs" / "serve"
+        ports = {int(m.group(1)) for f in logs.glob("replica_*ingress*")
+                 for m in re.finditer(r"Allocated port (\d+) for RequestProtocol.HTTP", f.read_text(errors="ignore"))}
+        (port,) = ports  # one ingress replica
+        urls = {"proxy": proxy, "direct": f"http://127.0.0.1:{port}"}
+        session = requests.Session()
+        body = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}
+        for url in urls.values():
+            for q in queries[:20]:
+                session.post(f"{url}/search", json={"query": q, **body}, timeout=60).raise_for_status()
+        times: dict[str, dict[str, list[float]]] = {name: {"health": [], "search": []} for name in urls}
+        for q in queries:
+            hits = []
+            for name, url in urls.items():
+                started = time.perf_counter()
+                session.get(f"{url}/health", timeout=60).raise_for_status()
+                times[name]["health"].append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                r = session.post(f"{url}/search", json={"query": q, **body}, timeout=60)
+                r.raise_for_status()
+                times[name]["search"].append((time.perf_counter() - started) * 1000)
+                hits.append([h["id"] for h in r.json()["hits"]])
+            assert hits[0] == hits[1], f"{q!r}: the proxy and the replica answered differently"
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return {name: {"health_p50_ms": round(_percentile(t["health"], 50), 1),
+                   "search_p50_ms": round(_percentile(t["search"], 50), 1),
+                   "search_p99_ms": round(_percentile(t["search"], 99), 1)} for name, t in times.items()}
 
 
 if __name__ == "__main__":
