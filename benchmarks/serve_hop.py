@@ -26,11 +26,16 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import requests
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +45,57 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_PATH = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
+BODY = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}  # /search as serve.py sends it
+
+
+@contextlib.contextmanager
+def deployed(keys: dict, queries: list[str], env: dict[str, str | None]) -> Iterator[tuple[str, Path]]:
+    """A fresh local Ray started with ``env`` (None: unset; Ray's processes inherit it), the app
+    deployed and warmed up; yields its URL and Ray's session folder, then shuts both down."""
+    import ray
+    from serve import _port
+
+    from raytrieve.config import from_dict
+    from raytrieve.serve.client import wait_healthy
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.launch import start
+
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    context = ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
+        wait_healthy(url)
+        for q in queries[:20]:
+            requests.post(f"{url}/search", json={"query": q, **BODY}, timeout=60).raise_for_status()
+        yield url, Path(context.address_info["session_dir"])
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def timed(session: requests.Session, method: str, url: str, **kwargs: object) -> tuple[float, requests.Response]:
+    """One request's milliseconds, and its (checked) response."""
+    started = time.perf_counter()
+    response = session.request(method, url, timeout=60, **kwargs)  # type: ignore[arg-type]
+    response.raise_for_status()
+    return (time.perf_counter() - started) * 1000, response
+
+
+def p50s(times: dict[str, list[float]]) -> dict[str, float]:
+    """``{"health": [...], "search": [...]}`` -> the JSON's p50 (and /search's p99) keys."""
+    from serve import _percentile
+
+    return {"health_p50_ms": round(_percentile(times["health"], 50), 1),
+            "search_p50_ms": round(_percentile(times["search"], 50), 1),
+            "search_p99_ms": round(_percentile(times["search"], 99), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=2000, help="the serve.py index to use (out/bench/serve-DOCS)")
@@ -47,15 +103,7 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="through the proxy against Ray's direct ingress")
     args = parser.parse_args()
 
-    import ray
-    import requests
-    from serve import _percentile, _port
     from texts import sentences
-
-    from raytrieve.config import from_dict
-    from raytrieve.serve.client import wait_healthy
-    from raytrieve.serve.config import ServeConfig
-    from raytrieve.serve.launch import start
 
     index = ROOT / "out" / "bench" / f"serve-{args.docs}" / "index"
     if not (index / "source.json").exists():
@@ -67,108 +115,53 @@ def main() -> None:
         "sparse": {"model": "splade-tiny", "num_cpus": 0.3, **model},
         "index": str(index), "colocate_index": True, "recall_in_ingress": True, "ingress_backend": "onnx",
     }
-
-    def phase(fast: bool) -> dict[str, object]:
-        for key, value in FAST_PATH.items():  # Ray's processes inherit this environment
-            if fast:
-                os.environ[key] = value
-            else:
-                os.environ.pop(key, None)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        try:
-            url = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
-            wait_healthy(url)
-            session = requests.Session()
-            body = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}
-            for q in queries[:20]:
-                session.post(f"{url}/search", json={"query": q, **body}, timeout=60).raise_for_status()
-
-            def timed(call) -> float:
-                started = time.perf_counter()
-                call().raise_for_status()
-                return (time.perf_counter() - started) * 1000
-
-            health = [timed(lambda: session.get(f"{url}/health", timeout=60)) for _ in range(args.queries)]
-            search, stages = [], {}
-            for q in queries:
-                started = time.perf_counter()
-                r = session.post(f"{url}/search", json={"query": q, **body}, timeout=60)
-                r.raise_for_status()
-                search.append((time.perf_counter() - started) * 1000)
-                for name, ms in r.json()["timings_ms"].items():
-                    stages.setdefault(name, []).append(ms)
-            from ray import serve
-
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-        return {
-            "fast_path": fast,
-            "health_p50_ms": round(_percentile(health, 50), 1),
-            "search_p50_ms": round(_percentile(search, 50), 1),
-            "search_p99_ms": round(_percentile(search, 99), 1),
-            "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
-        }
-
+    run = {"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries), "cpu_count": os.cpu_count(),
+           "layout": "ingress", "ingress_backend": "onnx"}
     if args.direct:
-        print(json.dumps({"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries),
-                          "cpu_count": os.cpu_count(), "layout": "ingress", "ingress_backend": "onnx",
-                          "direct_ingress": direct(keys, queries)}))
-        return
-    phases = [phase(True), phase(False), phase(True)]
-    print(json.dumps({"benchmark": "serve_hop", "docs": args.docs, "queries": len(queries), "cpu_count": os.cpu_count(),
-                      "layout": "ingress", "ingress_backend": "onnx", "phases": phases}))
+        print(json.dumps({**run, "direct_ingress": direct(keys, queries)}))
+    else:
+        print(json.dumps({**run, "phases": [phase(keys, queries, fast) for fast in (True, False, True)]}))
+
+
+def phase(keys: dict, queries: list[str], fast: bool) -> dict[str, object]:
+    """The app on a Ray started with FAST_PATH (``fast``) or without it."""
+    from serve import _percentile
+
+    session = requests.Session()
+    times: dict[str, list[float]] = {"health": [], "search": []}
+    stages: dict[str, list[float]] = {}
+    with deployed(keys, queries, {k: v if fast else None for k, v in FAST_PATH.items()}) as (url, _):
+        times["health"] = [timed(session, "GET", f"{url}/health")[0] for _ in queries]
+        for q in queries:
+            ms, r = timed(session, "POST", f"{url}/search", json={"query": q, **BODY})
+            times["search"].append(ms)
+            for name, stage_ms in r.json()["timings_ms"].items():
+                stages.setdefault(name, []).append(stage_ms)
+    return {"fast_path": fast, **p50s(times),
+            "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()}}
 
 
 def direct(keys: dict, queries: list[str]) -> dict[str, dict[str, float]]:
     """The app through Serve's proxy and through its ingress replica's own HTTP server, in turn."""
-    import re
-
-    import ray
-    import requests
-    from serve import _percentile, _port
-
-    from raytrieve.config import from_dict
-    from raytrieve.serve.client import wait_healthy
-    from raytrieve.serve.config import ServeConfig
-    from raytrieve.serve.launch import start
-
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # Ray's processes inherit it
-    context = ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        proxy = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
-        wait_healthy(proxy)
-        logs = Path(context.address_info["session_dir"]) / "logs" / "serve"
+    session = requests.Session()
+    with deployed(keys, queries, {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) as (proxy, session_dir):
+        logs = session_dir / "logs" / "serve"
         ports = {int(m.group(1)) for f in logs.glob("replica_*ingress*")
                  for m in re.finditer(r"Allocated port (\d+) for RequestProtocol.HTTP", f.read_text(errors="ignore"))}
         (port,) = ports  # one ingress replica
         urls = {"proxy": proxy, "direct": f"http://127.0.0.1:{port}"}
-        session = requests.Session()
-        body = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}
-        for url in urls.values():
-            for q in queries[:20]:
-                session.post(f"{url}/search", json={"query": q, **body}, timeout=60).raise_for_status()
+        for q in queries[:20]:  # deployed() warmed up the proxy's path only
+            session.post(f"{urls['direct']}/search", json={"query": q, **BODY}, timeout=60).raise_for_status()
         times: dict[str, dict[str, list[float]]] = {name: {"health": [], "search": []} for name in urls}
         for q in queries:
             hits = []
             for name, url in urls.items():
-                started = time.perf_counter()
-                session.get(f"{url}/health", timeout=60).raise_for_status()
-                times[name]["health"].append((time.perf_counter() - started) * 1000)
-                started = time.perf_counter()
-                r = session.post(f"{url}/search", json={"query": q, **body}, timeout=60)
-                r.raise_for_status()
-                times[name]["search"].append((time.perf_counter() - started) * 1000)
+                times[name]["health"].append(timed(session, "GET", f"{url}/health")[0])
+                ms, r = timed(session, "POST", f"{url}/search", json={"query": q, **BODY})
+                times[name]["search"].append(ms)
                 hits.append([h["id"] for h in r.json()["hits"]])
             assert hits[0] == hits[1], f"{q!r}: the proxy and the replica answered differently"
-        from ray import serve
-
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-    return {name: {"health_p50_ms": round(_percentile(t["health"], 50), 1),
-                   "search_p50_ms": round(_percentile(t["search"], 50), 1),
-                   "search_p99_ms": round(_percentile(t["search"], 99), 1)} for name, t in times.items()}
+    return {name: p50s(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -289,16 +289,15 @@ class MLMTransformer(Transformer):
     def saved_type(self) -> str:
         return self.st_type
 
-    def defer_decoder(self) -> bool:
+    def defer_decoder(self) -> None:
         """Write the decoder's input and the decoder instead of the logits, where this model's
-        head is one modules/mlm_head.py splits. Returns whether it does. An attached ONNX export
-        computes one or the other: its state stays as it was exported."""
+        head is one modules/mlm_head.py splits (``decoder_deferred`` says whether it does). An
+        attached ONNX export computes one or the other: its state stays as it was exported."""
         if self.onnx_model is not None:
-            return self.decoder_deferred
+            return
         decoder = self.auto_model.get_output_embeddings()
         linear = type(decoder) is torch.nn.Linear and decoder.bias is not None
         self.decoder_deferred = linear and mlm_transform(self.auto_model) is not None
-        return self.decoder_deferred
 
     @property
     def output_name(self) -> str:
