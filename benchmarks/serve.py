@@ -16,7 +16,8 @@ the default; retriever: a deployment of its own, colocate_index false; ingress: 
 encodes and searches itself, recall_in_ingress), then in --layout again, the one-client p50 of
 each. Backends
 (search_p50_ms_by_backend): the app redeployed with the query encoders in the other backend
-(torch / onnx: ONNX Runtime), then in --backend again. Prints one JSON line.
+(torch / onnx: ONNX Runtime), then in --backend again. --direct-ingress: every deploy with
+direct_ingress (the ingress replica answers the port, no proxy hop). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> None:
                              "retriever (a deployment of its own), ingress (recall_in_ingress)")
     parser.add_argument("--ingress-backend", choices=["torch", "onnx"], default=None,
                         help="the ingress's query models' backend in the ingress layout (default: --backend)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="direct_ingress: true (the ingress replica answers the port itself, Serve's proxy on the "
+                             "next one); every deploy of the run")
     parser.add_argument("--no-layouts", action="store_true",
                         help="skip redeploying in each other layout and again in --layout, to compare /search "
                              "p50 of the layouts in one run")
@@ -122,7 +126,8 @@ def main() -> None:
                    "backend": args.backend},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
-        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256}}
+        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256},
+        "direct_ingress": args.direct_ingress}
     layout_keys = {name: dict(keys) for name, keys in LAYOUTS.items()}
     if args.ingress_backend:
         layout_keys["ingress"]["ingress_backend"] = args.ingress_backend
@@ -247,9 +252,10 @@ def main() -> None:
         "search_stage_p50_ms": {k: round(_percentile(v, 50), 1) for k, v in stages.items()},
         "search_lookup_share": round(len(stages.get("lookup_ms", [])) / len(plain), 3),  # searches that looked texts up
         "in_process_floor_p50_ms": floor,
+        "direct_ingress": args.direct_ingress,
         "layout": args.layout, "ingress_backend": args.ingress_backend, "search_p50_ms_by_layout": layouts,  # the runs in order, per layout
         "backend": args.backend, "search_p50_ms_by_backend": backends,  # the runs in order, per backend
-        "in_process_encode_p50_ms_by_backend": {args.backend: {k: v for k, v in floor.items() if k.startswith("encode")},
+        "in_process_encode_p50_ms_by_backend": {searched_in: {k: v for k, v in floor.items() if k.startswith("encode")},
                                                 **({other: other_floor} if other_floor else {})},
     }))
 

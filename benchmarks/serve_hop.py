@@ -4,11 +4,9 @@ one run: Ray is started afresh for each phase with them on (fast), off (Ray's de
 This measures what they do for raytrieve's app (BENCHMARKS.md, 2026-12-01: nothing
 measurable, so raytrieve does not set them).
 
-``--direct``: instead, one Ray started with Ray's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1:
-each ingress replica also serves HTTP itself, on a port Serve allocates from 30000-31000, read
-here from the replica's log), and the same app measured through the proxy's port and the
-replica's own port, request by request in turn; the two answers of one query must agree.
-raytrieve does not set it up (yet): the port is per replica, not the configured one.
+``--direct``: instead, the app deployed with ``direct_ingress: true`` (the ingress replica answers
+the configured port itself, Serve's proxy listens on the next one; raytrieve.serve.launch), and
+measured through both ports, request by request in turn; the two answers of one query must agree.
 
 Each phase deploys the app in the layout BENCHMARKS.md recommends for a CPU (the ingress
 encodes queries itself in ONNX Runtime, recall_in_ingress; the model deployments in torch) over
@@ -29,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -49,9 +46,9 @@ BODY = {"top_k": 10, "recall": {"dense": 100, "sparse": 100}}  # /search as serv
 
 
 @contextlib.contextmanager
-def deployed(keys: dict, queries: list[str], env: dict[str, str | None]) -> Iterator[tuple[str, Path]]:
+def deployed(keys: dict, queries: list[str], env: dict[str, str | None]) -> Iterator[str]:
     """A fresh local Ray started with ``env`` (None: unset; Ray's processes inherit it), the app
-    deployed and warmed up; yields its URL and Ray's session folder, then shuts both down."""
+    deployed and warmed up; yields its URL, then shuts both down."""
     import ray
     from serve import _port
 
@@ -65,13 +62,13 @@ def deployed(keys: dict, queries: list[str], env: dict[str, str | None]) -> Iter
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    context = ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         url = start(from_dict(ServeConfig, {**keys, "port": _port()}), ray_address=None)
         wait_healthy(url)
         for q in queries[:20]:
             requests.post(f"{url}/search", json={"query": q, **BODY}, timeout=60).raise_for_status()
-        yield url, Path(context.address_info["session_dir"])
+        yield url
         from ray import serve
 
         serve.shutdown()
@@ -130,7 +127,7 @@ def phase(keys: dict, queries: list[str], fast: bool) -> dict[str, object]:
     session = requests.Session()
     times: dict[str, list[float]] = {"health": [], "search": []}
     stages: dict[str, list[float]] = {}
-    with deployed(keys, queries, {k: v if fast else None for k, v in FAST_PATH.items()}) as (url, _):
+    with deployed(keys, queries, {k: v if fast else None for k, v in FAST_PATH.items()}) as url:
         times["health"] = [timed(session, "GET", f"{url}/health")[0] for _ in queries]
         for q in queries:
             ms, r = timed(session, "POST", f"{url}/search", json={"query": q, **BODY})
@@ -144,14 +141,11 @@ def phase(keys: dict, queries: list[str], fast: bool) -> dict[str, object]:
 def direct(keys: dict, queries: list[str]) -> dict[str, dict[str, float]]:
     """The app through Serve's proxy and through its ingress replica's own HTTP server, in turn."""
     session = requests.Session()
-    with deployed(keys, queries, {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) as (proxy, session_dir):
-        logs = session_dir / "logs" / "serve"
-        ports = {int(m.group(1)) for f in logs.glob("replica_*ingress*")
-                 for m in re.finditer(r"Allocated port (\d+) for RequestProtocol.HTTP", f.read_text(errors="ignore"))}
-        (port,) = ports  # one ingress replica
-        urls = {"proxy": proxy, "direct": f"http://127.0.0.1:{port}"}
-        for q in queries[:20]:  # deployed() warmed up the proxy's path only
-            session.post(f"{urls['direct']}/search", json={"query": q, **BODY}, timeout=60).raise_for_status()
+    with deployed({**keys, "direct_ingress": True}, queries, {}) as url:
+        host, port = url.rsplit(":", 1)
+        urls = {"proxy": f"{host}:{int(port) + 1}", "direct": url}
+        for q in queries[:20]:  # deployed() warmed up the direct path only
+            session.post(f"{urls['proxy']}/search", json={"query": q, **BODY}, timeout=60).raise_for_status()
         times: dict[str, dict[str, list[float]]] = {name: {"health": [], "search": []} for name in urls}
         for q in queries:
             hits = []

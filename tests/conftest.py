@@ -46,11 +46,21 @@ SENTENCES = [
 ]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(pair: bool = False) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now; ``pair``: the next one too
+    (direct_ingress puts Serve's proxy there)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not pair:
+            return port
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+                return port
+            except (OSError, OverflowError):
+                continue
 
 
 @pytest.fixture(scope="session")

@@ -231,7 +231,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     # Small real-docstring data: packages that are always installed with raytrieve's dependencies.
     pydocs.build(tmp_path / "pydocs", train_packages=("pydantic", "jinja2", "click"),
                  test_packages=("fsspec", "requests", "urllib3", "packaging"))
-    cfg = _config(tmp_path, free_port())
+    cfg = _config(tmp_path, free_port(pair=True))
     lines: list[str] = []
     result = run_demo(cfg, log=lines.append, ray_address=None)
     rep = result.report

@@ -69,9 +69,11 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
         "rows_per_shard": 1000, "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
         "compute": {"cpus_per_encode_actor": 1.0, "torch_threads": 2}}))
     build_indices(root / "vectors_tiny", root / "index_tiny")
-    port = free_port()
+    port = free_port(pair=True)
     # The tiny models run in ONNX Runtime (backend onnx): test_several_models_each_answer_by_name
-    # holds them to their in-process torch encoders.
+    # holds them to their in-process torch encoders. direct_ingress: every test here talks to the
+    # ingress replica's own HTTP server; the apps other tests deploy beside it are reached through
+    # Serve's proxy, on the next port (``proxy``).
     tiny = {"num_cpus": 0.05, "torch_threads": 1, "dtype": "float32", "backend": "onnx"}
     cfg = from_dict(ServeConfig, {
         # float32: the tests compare every model with its in-process float32 encoder (the
@@ -85,7 +87,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
         "reranker": [{"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
                       "dtype": "float32"},
                      {"model": str(tiny_models["cross"]), "name": "tiny-cross", **tiny}],
-        "index": str(root / "index"), "port": port, "mlflow_tracking_uri": registry,
+        "index": str(root / "index"), "port": port, "direct_ingress": True, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
         # /search's defaults for what a request leaves out (test_search_fusion_equals_reference).
@@ -93,7 +95,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
     })
     url = start(cfg, ray_address=None)
     wait_healthy(url)
-    yield {"url": url, "pairs": pairs, "ids": ids, "root": root, "cfg": cfg}
+    yield {"url": url, "proxy": f"http://127.0.0.1:{port + 1}", "pairs": pairs, "ids": ids, "root": root, "cfg": cfg}
     serve.shutdown()
     # The version was downloaded into the user's cache (keyed by this tmp registry): drop it.
     with mlflow_run.environment(registry):
@@ -500,6 +502,8 @@ def test_models_health_metrics(served):
     # replica's values to its agent every few seconds.
     from prometheus_client.parser import text_string_to_metric_families
 
+    assert _post(url, "/search", {"query": served["pairs"][0].query}).status_code == 200  # one to count
+
     deadline, found = time.monotonic() + 60, []
     while not found and time.monotonic() < deadline:
         r = requests.get(f"{url}/metrics", timeout=30)
@@ -890,7 +894,7 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
     cfg = from_dict(ServeConfig, {"dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05, "torch_threads": 1},
                                   "auth_token_env": "RAYTRIEVE_TEST_TOKEN"})
     serve.run(build_app(cfg), name="secured", route_prefix="/secured")
-    url = f"{served['url']}/secured"
+    url = f"{served['proxy']}/secured"
     try:
         assert requests.get(f"{url}/healthz").status_code == 200
         assert requests.get(f"{url}/health").status_code == 200  # TEI's probe, also without the token
@@ -946,7 +950,7 @@ def test_recall_in_ingress_answers_as_the_replicas_do(served, tiny_models):
         "dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05, "torch_threads": 1, "dtype": "float32"},
         "index": str(served["root"] / "index_tiny"), "recall_in_ingress": True, "ingress_backend": "onnx"})
     serve.run(build_app(cfg), name="in-ingress", route_prefix="/in-ingress")
-    url = f"{served['url']}/in-ingress"
+    url = f"{served['proxy']}/in-ingress"
     try:
         (model,) = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert (model["recall_in"], model["recall_backend"], model["recall_dtype"]) == ("ingress", "onnx", "float32")

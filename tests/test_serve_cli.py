@@ -46,15 +46,33 @@ def test_a_config_the_machine_cannot_hold_is_refused_before_deploying(tiny_model
     assert "listening on" not in out
 
 
+def _listener(port: int) -> str:
+    """The command line of the process that listens on 127.0.0.1:``port``."""
+    import psutil
+
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return " ".join(psutil.Process(pid).cmdline())
+
+
 def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(tiny_models, tmp_path):
-    port = free_port()
-    proc = _serve({"dense": {"model": str(tiny_models["dense"]), "name": "tiny"}, "port": port}, tmp_path)
+    """With direct_ingress: the port is answered by the ingress replica itself (its process
+    listens there), Serve's proxy answers the next port the same."""
+    port = free_port(pair=True)
+    config = {"dense": {"model": str(tiny_models["dense"]), "name": "tiny"}, "port": port, "direct_ingress": True}
+    proc = _serve(config, tmp_path)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the app is up (or the process ends)
         assert f"listening on http://127.0.0.1:{port}" in line, line + proc.stderr.read() if proc.stderr else ""
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
-            models = json.load(r)["data"]
+        assert f"Serve's proxy on port {port + 1}" in line
+        assert "ServeReplica:raytrieve:ingress" in _listener(port)
+        assert "ProxyActor" in _listener(port + 1)
+        answers = []
+        for p in (port, port + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{p}/v1/models", timeout=30) as r:
+                answers.append(json.load(r)["data"])
+        assert answers[0] == answers[1]
+        models = answers[0]
         assert [m["id"] for m in models] == ["tiny"]
         # the machine's CPUs less the ingress' 0.1, in steps of 0.05, at most 4: one replica's share
         want = min(4.0, int((_machine_cpus() - 0.1) * 20) / 20)
@@ -69,5 +87,6 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(tiny_mode
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
     print(f"raytrieve serve stopped {stopped_in:.1f} s after Ctrl-C")
-    with pytest.raises(OSError):  # nothing answers on the port any more
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    for p in (port, port + 1):
+        with pytest.raises(OSError):  # nothing answers on the ports any more
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5)

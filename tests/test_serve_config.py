@@ -132,6 +132,56 @@ def test_sizing_and_fit_count_every_deployment(colocate):
         check_fits(cfg, ClusterShape(cpus=2, largest_node_cpus=2))
 
 
+def test_direct_ingress_moves_the_proxy_and_holds_one_ingress_replica_per_node():
+    """The ingress replica answers ``port`` itself and Serve's proxy takes the next one; a node
+    holds one such replica, so more ingress replicas than nodes are refused before deploying,
+    and `serve deploy` (app_builder), which cannot set Serve up for it, refuses the key."""
+    from raytrieve.serve.app import app_builder
+    from raytrieve.serve.launch import direct_ingress_controller_env
+
+    assert (_cfg(dense={"model": "m"}, port=9000).proxy_port, _cfg(dense={"model": "m"}, port=9000,
+                                                                     direct_ingress=True).proxy_port) == (9000, 9001)
+    _refused({"dense": {"model": "m"}, "port": 65535, "direct_ingress": True}, r"serve.yaml.port: .*port \+ 1")
+    env = direct_ingress_controller_env(9000)  # Serve's port range is [min, max): the port alone
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "9000", "9001")
+    two = sized(_cfg(dense={"model": "m"}, ingress_replicas=2, direct_ingress=True), ClusterShape(4, 2, nodes=2))
+    check_fits(two, ClusterShape(4, 2, nodes=2))
+    with pytest.raises(ConfigError, match=r"cfg.ingress_replicas: 2 with direct_ingress, but the cluster has 1 node"):
+        check_fits(two, ClusterShape(4, 4, nodes=1), "cfg")
+    check_fits(two.model_copy(update={"direct_ingress": False}), ClusterShape(4, 4, nodes=1))  # the proxy spreads them
+    with pytest.raises(ConfigError, match=r"serve args.direct_ingress: true .* under `serve deploy` leave it false"):
+        app_builder({"dense": {"model": "m"}, "direct_ingress": True})
+
+
+def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_listener():
+    """Ray binds the ingress replica's port without SO_REUSEADDR: a connection its server closed
+    (TIME_WAIT) blocks the bind as a listener does. The first is waited for, the second refused."""
+    import socket
+
+    from raytrieve.serve.launch import wait_port_released
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"cfg.port: 127.0.0.1:{port} is already in use"):
+            wait_port_released("127.0.0.1", port, "cfg.port")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server's side closes first: its end of the connection lingers
+        client.close()
+    with socket.socket() as probe, pytest.raises(OSError):
+        probe.bind(("127.0.0.1", port))  # the kernel's word: not bindable yet
+    with pytest.raises(ConfigError, match=rf"cfg.port: 127.0.0.1:{port} was not released in 0.5 s"):
+        wait_port_released("127.0.0.1", port, "cfg.port", timeout_s=0.5)
+    wait_port_released("127.0.0.1", 0, "cfg.port")  # any free port binds at once
+
+
 def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():
     """The reranker runs after recall, so its threads default to one node's CPUs shared among the
     reranker replicas (at most 4); the query encoders keep their share's; a set value wins."""

@@ -121,7 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /v1/rerank, /v2/rerank, /embed, "
             "/embed_sparse, /rerank, /tokenize; GET /healthz, /health, /info, /v1/models, /metrics, /docs); "
-            "Ctrl-C stops",
+            + (f"Serve's proxy on port {cfg.proxy_port}; " if cfg.direct_ingress else "")
+            + "Ctrl-C stops",
             flush=True,
         )
         while True:

@@ -33,6 +33,7 @@ class ClusterShape:
     largest_node_cpus: float  # one worker or replica never spans nodes
     gpus: float = 0.0
     largest_node_gpus: float = 0.0
+    nodes: int = 1  # alive
 
 
 def cluster_shape() -> ClusterShape:
@@ -42,7 +43,7 @@ def cluster_shape() -> ClusterShape:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = [float(r.get("CPU", 0.0)) for r in nodes] or [0.0]
     gpus = [float(r.get("GPU", 0.0)) for r in nodes] or [0.0]
-    return ClusterShape(sum(cpus), max(cpus), sum(gpus), max(gpus))
+    return ClusterShape(sum(cpus), max(cpus), sum(gpus), max(gpus), max(1, len(nodes)))
 
 
 def train_threads(shape: ClusterShape, num_workers: int) -> int:

@@ -4,7 +4,6 @@ test queries over HTTP)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from raytrieve.demo import scoring
 from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.phase_configs import PhaseConfig
 from raytrieve.demo.progress import Progress
-from raytrieve.errors import ConfigError
 
 # -- in process (dev pairs of the train packages; Lee) ------------------------------------------
 
@@ -56,12 +54,6 @@ def evaluate_in_process(
 # -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
 
 
-def _check_port_free(port: int) -> None:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-            raise ConfigError(f"serving.port: 127.0.0.1:{port} is already in use; pass serving.port=<a free port>")
-
-
 def encode_and_index(encode: PhaseConfig[Any], folder: Path) -> dict:
     """Run the encoding job ``encode`` describes, then build the indices in ``folder``/index."""
     from raytrieve.index.build import build_indices
@@ -92,11 +84,12 @@ def serve_and_query(
 
     from raytrieve.demo.client import run_queries
     from raytrieve.serve.client import wait_healthy
-    from raytrieve.serve.launch import start
+    from raytrieve.serve.launch import check_port_free, start
 
     s, serve_cfg = cfg.serving, served.config
     if not serve_running:
-        _check_port_free(s.port)
+        for port in dict.fromkeys((serve_cfg.port, serve_cfg.proxy_port)):  # the proxy's with direct_ingress
+            check_port_free("127.0.0.1", port, "serving.port")
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)

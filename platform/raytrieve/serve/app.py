@@ -1,8 +1,10 @@
 """The HTTP application: a FastAPI ingress composing the model and index deployments, and the
 app builder.
 
-    app = build_app(load_serve_config("jobs/configs/serve_pydocs.yaml"))   # a bound Application
-    serve.run(app, name="raytrieve", route_prefix="/")
+    app = build_app(load_serve_config("jobs/configs/serve_pydocs.yaml", ["direct_ingress=false"]))
+    serve.run(app, name="raytrieve", route_prefix="/")   # a bound Application, on Serve as it runs
+
+(``direct_ingress`` needs Serve started for it: raytrieve.serve.launch.start does both.)
 
 The endpoints check requests against the config's limits, call the deployments (the one of
 each kind a request names, else the default: serve/models.py; ``/search`` runs
@@ -25,6 +27,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from raytrieve.errors import ConfigError
 from raytrieve.serve import cluster_metrics, http_guard, shapes
 from raytrieve.serve.config import MODEL_FIELDS, ServeConfig, Served
 from raytrieve.serve.deployments import ModelReplica, Retriever
@@ -373,15 +376,26 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
         else None
     )
     ingress_actor: dict[str, Any] = {"num_cpus": LIGHT_ACTOR_CPUS}
+    # Whether the ingress replica answers HTTP itself (direct_ingress, raytrieve.serve.launch), said
+    # either way: the setting of a Serve started for another app's direct ingress reaches every
+    # replica that does not say (measured: a second app's ingress then failed to start, its port
+    # taken by the first's).
+    ingress_env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     if any(is_model_uri(m.spec.model) for m in cfg.ingress_models()):
         # The ingress loads those query models too (recall_in_ingress), from the same store.
-        ingress_actor["runtime_env"] = runtime_env(
-            mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri))
-        )
+        ingress_env.update(mlflow_run.process_env(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)))
+    placement: dict[str, Any] = {}
+    if cfg.direct_ingress:  # the replica binds cfg.port itself: one per node
+        from raytrieve.serve.launch import DIRECT_INGRESS_REPLICA_ENV
+
+        ingress_env.update(DIRECT_INGRESS_REPLICA_ENV)
+        placement["max_replicas_per_node"] = 1
+    ingress_actor["runtime_env"] = runtime_env(ingress_env)
     ingress = serve.deployment(Ingress).options(  # pyright: ignore[reportFunctionMemberAccess]
         name="ingress",
         num_replicas=cfg.ingress_replicas,
         ray_actor_options=ingress_actor,
+        **placement,
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
     )
@@ -402,4 +416,10 @@ def app_builder(args: dict[str, Any]) -> Any:
     else:
         cfg = from_dict(ServeConfig, dict(args), where="serve args")
         cfg.check("serve args")
+    if cfg.direct_ingress:
+        raise ConfigError(
+            "serve args.direct_ingress: true needs Serve started for it (its controller's port range and the proxy "
+            "on port + 1), which `raytrieve serve` and raytrieve.serve.launch.start do; under `serve deploy` leave "
+            "it false"
+        )
     return build_app(cfg, "serve args")
