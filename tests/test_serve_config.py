@@ -142,15 +142,21 @@ def test_direct_ingress_moves_the_proxy_and_holds_one_ingress_replica_per_node()
     assert (_cfg(dense={"model": "m"}, port=9000).proxy_port, _cfg(dense={"model": "m"}, port=9000,
                                                                      direct_ingress=True).proxy_port) == (9000, 9001)
     _refused({"dense": {"model": "m"}, "port": 65535, "direct_ingress": True}, r"serve.yaml.port: .*port \+ 1")
-    env = direct_ingress_controller_env(9000)  # Serve's port range is [min, max): the port alone
-    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
-        "9000", "9001")
+    # The controller's range, read by Ray's own port allocator, hands out the port and nothing else.
+    from ray.serve._private.node_port_manager import NoAvailablePortError, PortAllocator
+
+    env = direct_ingress_controller_env(9000)
+    ports = PortAllocator(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                          int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]), "HTTP", "node")
+    assert ports.allocate("replica-a") == 9000
+    with pytest.raises(NoAvailablePortError):
+        ports.allocate("replica-b")
     two = sized(_cfg(dense={"model": "m"}, ingress_replicas=2, direct_ingress=True), ClusterShape(4, 2, nodes=2))
     check_fits(two, ClusterShape(4, 2, nodes=2))
     with pytest.raises(ConfigError, match=r"cfg.ingress_replicas: 2 with direct_ingress, but the cluster has 1 node"):
         check_fits(two, ClusterShape(4, 4, nodes=1), "cfg")
     check_fits(two.model_copy(update={"direct_ingress": False}), ClusterShape(4, 4, nodes=1))  # the proxy spreads them
-    with pytest.raises(ConfigError, match=r"serve args.direct_ingress: true .* under `serve deploy` leave it false"):
+    with pytest.raises(ConfigError, match=r"serve args.direct_ingress: true .* under `serve deploy` set it to false"):
         app_builder({"dense": {"model": "m"}, "direct_ingress": True})
 
 
@@ -167,19 +173,25 @@ def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_list
         port = server.getsockname()[1]
         with pytest.raises(ConfigError, match=rf"cfg.port: 127.0.0.1:{port} is already in use"):
             wait_port_released("127.0.0.1", port, "cfg.port")
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
-        conn, _ = server.accept()
-        conn.close()  # the server's side closes first: its end of the connection lingers
-        client.close()
-    with socket.socket() as probe, pytest.raises(OSError):
-        probe.bind(("127.0.0.1", port))  # the kernel's word: not bindable yet
-    with pytest.raises(ConfigError, match=rf"cfg.port: 127.0.0.1:{port} was not released in 0.5 s"):
-        wait_port_released("127.0.0.1", port, "cfg.port", timeout_s=0.5)
-    wait_port_released("127.0.0.1", 0, "cfg.port")  # any free port binds at once
+    for host in ("127.0.0.1", "0.0.0.0"):  # the replica binds cfg.host: the test bind is the same
+        with socket.socket() as server:
+            server.bind((host, 0))
+            server.listen()
+            port = server.getsockname()[1]
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = server.accept()
+            conn.close()  # the server's side closes first: its end of the connection lingers
+            client.close()
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.bind((host, port))  # the kernel's word: not bindable yet
+        with pytest.raises(ConfigError, match=rf"cfg.port: {host}:{port} was not released in 0.5 s"):
+            wait_port_released(host, port, "cfg.port", timeout_s=0.5)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    wait_port_released("127.0.0.1", port, "cfg.port", timeout_s=0)  # a port nothing holds: at once
+    with pytest.raises(ConfigError, match=r"cfg.port: 198.51.100.77 is not an address of this machine"):
+        wait_port_released("198.51.100.77", port, "cfg.port")
 
 
 def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():

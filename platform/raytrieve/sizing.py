@@ -33,7 +33,7 @@ class ClusterShape:
     largest_node_cpus: float  # one worker or replica never spans nodes
     gpus: float = 0.0
     largest_node_gpus: float = 0.0
-    nodes: int = 1  # alive
+    nodes: int = 1  # alive, with the CPU for a light actor
 
 
 def cluster_shape() -> ClusterShape:
@@ -43,7 +43,9 @@ def cluster_shape() -> ClusterShape:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = [float(r.get("CPU", 0.0)) for r in nodes] or [0.0]
     gpus = [float(r.get("GPU", 0.0)) for r in nodes] or [0.0]
-    return ClusterShape(sum(cpus), max(cpus), sum(gpus), max(gpus), max(1, len(nodes)))
+    # Nodes that can hold a light actor (an ingress replica): a head started with 0 CPUs cannot.
+    usable = sum(1 for c in cpus if c >= LIGHT_ACTOR_CPUS)
+    return ClusterShape(sum(cpus), max(cpus), sum(gpus), max(gpus), max(1, usable))
 
 
 def train_threads(shape: ClusterShape, num_workers: int) -> int:

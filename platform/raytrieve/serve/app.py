@@ -411,15 +411,17 @@ def app_builder(args: dict[str, Any]) -> Any:
     from raytrieve.config import from_dict
     from raytrieve.serve.config import load_serve_config
 
+    where = "serve args"
     if set(args) == {"config"}:
-        cfg = load_serve_config(args["config"])
+        where = args["config"]
+        cfg = load_serve_config(where)
     else:
-        cfg = from_dict(ServeConfig, dict(args), where="serve args")
-        cfg.check("serve args")
+        cfg = from_dict(ServeConfig, dict(args), where=where)
+        cfg.check(where)
     if cfg.direct_ingress:
         raise ConfigError(
-            "serve args.direct_ingress: true needs Serve started for it (its controller's port range and the proxy "
-            "on port + 1), which `raytrieve serve` and raytrieve.serve.launch.start do; under `serve deploy` leave "
-            "it false"
+            f"{where}.direct_ingress: true needs Serve started for it (its controller's port range and the proxy "
+            "on port + 1), which `raytrieve serve` and raytrieve.serve.launch.start do; under `serve deploy` set it "
+            "to false"
         )
-    return build_app(cfg, "serve args")
+    return build_app(cfg, where)

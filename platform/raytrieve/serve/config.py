@@ -201,10 +201,11 @@ class ServeConfig(ConfigModel):
         default=False,
         description=(
             "The ingress replica answers HTTP on host:port itself (Ray Serve's direct ingress) and Serve's proxy "
-            "moves to port + 1: one hop less per request (/search p50 37.9 -> 24.2 ms on 2 cores, BENCHMARKS.md). "
-            "One ingress replica per node, so ingress_replicas at most the cluster's nodes; the proxy's port reaches "
-            "every ingress replica. Set up where raytrieve starts Serve (`raytrieve serve`, "
-            "raytrieve.serve.launch.start), not under `serve deploy`"
+            "moves to port + 1: one hop less per request (/search p50 47.6 -> 29.9 ms on 2 cores, 10,000 documents, "
+            "BENCHMARKS.md). One ingress replica per node, so ingress_replicas at most the cluster's nodes; Serve "
+            "then runs its proxy on the head node only, and it reaches every ingress replica. One such app per "
+            "Serve. Set up where raytrieve starts Serve (`raytrieve serve`, raytrieve.serve.launch.start), not "
+            "under `serve deploy`"
         ),
     )
     auth_token_env: str = Field(

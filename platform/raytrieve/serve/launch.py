@@ -16,9 +16,11 @@ through ``serve.start``'s controller_options, the ingress replicas through their
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
@@ -112,8 +114,8 @@ def _check_index_model(
 
 
 def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "local", blocking: bool = False) -> str:
-    """Check, start Serve for cfg (or use the one this Ray already runs, if it listens where cfg
-    says) and deploy; returns the base URL the app answers on, cfg.host:cfg.port."""
+    """Check, start Serve for cfg (or use the one this Ray already runs, if it was started as cfg
+    needs) and deploy; returns the base URL the app answers on, cfg.host:cfg.port."""
 
     check_before_start(cfg, where)
     from ray.serve.context import _get_global_client
@@ -122,6 +124,13 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
 
     connect(ray_address)
     app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
+    machines = _machines()
+    if cfg.direct_ingress and len(machines) > 1 and _is_loopback(cfg.host):
+        raise ConfigError(
+            f"{where}.host: {cfg.host} with direct_ingress on a cluster of {len(machines)} machines: an ingress "
+            "replica on another machine would listen on that machine's loopback, where no client reaches it; set "
+            "host to an address clients reach (0.0.0.0 behind your own gateway), or direct_ingress: false"
+        )
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
         if ray_address == "local":  # this machine's ports: the embedded Ray's replicas bind them
@@ -129,6 +138,8 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
                 check_port_free(cfg.host, port, f"{where}.port")
         options = {"runtime_env": {"env_vars": direct_ingress_controller_env(cfg.port)}} if cfg.direct_ingress else None
         serve.start(http_options={"host": cfg.host, "port": cfg.proxy_port}, controller_options=options)
+        if cfg.direct_ingress:
+            _direct_record(_get_global_client(), cfg)
     elif running.http_config.port != cfg.proxy_port:
         # Serve keeps the options it was started with; the app would answer elsewhere.
         raise ConfigError(
@@ -137,15 +148,75 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
             "deploy with that Serve's port (and direct_ingress as it was started), or stop Serve first "
             "(serve.shutdown())"
         )
-    if cfg.direct_ingress and cfg.app_name in serve.status().applications:
-        # An update starts the new ingress replica before it stops the old one, which holds the
-        # port (measured: the update failed, "No available ports"); so the app is replaced, stopped
-        # then started, and requests in between are refused.
-        serve.delete(cfg.app_name)
+    elif cfg.direct_ingress:
+        _check_direct_serve(running, cfg, where)
     if cfg.direct_ingress:
-        wait_port_released(cfg.host, cfg.port, f"{where}.port")
+        if cfg.app_name in serve.status().applications:
+            # An update starts the new ingress replica before it stops the old one, which holds the
+            # port (measured: the update failed, "No available ports"); so the app is replaced,
+            # stopped then started, and requests in between are refused.
+            serve.delete(cfg.app_name)
+        if machines == {_this_machine()}:  # where the ingress replica will bind it
+            wait_port_released(cfg.host, cfg.port, f"{where}.port")
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+# Which Serve ``start`` set up for direct ingress, in Ray's own key-value store: Serve keeps its
+# controller's settings and cannot report them, and a Serve started otherwise, or for another
+# port, would hand the ingress no port or another one.
+_DIRECT_KEY = b"raytrieve:direct_ingress"
+
+
+def _controller_id(client: Any) -> str:
+    return client._controller._actor_id.hex()
+
+
+def _direct_record(client: Any, cfg: ServeConfig) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    record = {"controller": _controller_id(client), "port": cfg.port, "app": cfg.app_name}
+    _internal_kv_put(_DIRECT_KEY, json.dumps(record).encode(), overwrite=True)
+
+
+def _check_direct_serve(client: Any, cfg: ServeConfig, where: str) -> None:
+    """A running Serve serves a direct-ingress app only if ``start`` set it up for this port, and
+    for one app at a time (the port is one)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(_DIRECT_KEY)
+    record = json.loads(raw) if raw else {}
+    if record.get("controller") != _controller_id(client) or record.get("port") != cfg.port:
+        raise ConfigError(
+            f"{where}.direct_ingress: the Serve running in this Ray was not started for direct ingress on port "
+            f"{cfg.port} (its controller hands the ingress replica no such port); stop Serve first "
+            "(serve.shutdown()), or set direct_ingress: false"
+        )
+    holder = record.get("app")
+    if holder != cfg.app_name and holder in serve.status().applications:
+        raise ConfigError(
+            f"{where}.app_name: {cfg.app_name!r} with direct_ingress, but app {holder!r} holds this Serve's "
+            f"direct-ingress port {cfg.port}; one such app per Serve: delete {holder!r} first, deploy under its "
+            "name, or set direct_ingress: false"
+        )
+    _direct_record(client, cfg)
+
+
+def _machines() -> set[str]:
+    """The addresses of the cluster's alive nodes (several nodes of one machine share one)."""
+    import ray
+
+    return {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _this_machine() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _local(host: str) -> str:
@@ -156,27 +227,34 @@ def check_port_free(host: str, port: int, field: str) -> None:
     """Refuse a port something on this machine already listens on: Serve would otherwise start
     and never answer there (its proxy or ingress replica retries the bind in the background)."""
     with socket.socket() as s:
+        s.settimeout(5)
         if s.connect_ex((_local(host), port)) == 0:
             raise ConfigError(f"{field}: {host}:{port} is already in use; pick a free port")
 
 
 def wait_port_released(host: str, port: int, field: str, timeout_s: float = 120.0) -> None:
-    """Wait until the ingress replica can bind ``port`` on this machine. Ray binds it without
+    """Wait until the ingress replica can bind ``host:port`` on this machine. Ray binds it without
     SO_REUSEADDR, so the connections a stopped server closed itself (TIME_WAIT, 60 s on Linux)
-    keep the port from it: measured, a redeploy right after a benchmark's keep-alive clients
-    failed to start ("No available ports"), as would `raytrieve serve` restarted right after
-    Ctrl-C. A port something listens on is refused at once."""
+    keep the port from it, and one failed bind blocks the port in Serve for good: measured, a
+    redeploy right after a benchmark's keep-alive clients failed to start ("No available ports"),
+    as would `raytrieve serve` restarted right after Ctrl-C. The test bind is the replica's own
+    (the same address and family); a port something listens on, or an address this machine does
+    not have, is refused at once."""
+    import errno
     import time
 
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
-        check_port_free(host, port, field)
-        with socket.socket() as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
-                s.bind((_local(host), port))
+                s.bind(address)
                 return
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"{field}: {host} is not an address of this machine; {e.strerror}") from None
+                check_port_free(host, port, field)  # a listener: refused at once
                 if time.monotonic() > deadline:
                     raise ConfigError(
                         f"{field}: {host}:{port} was not released in {timeout_s:g} s (connections of a stopped "
