@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -44,20 +43,6 @@ LAYOUTS = {
     "retriever": {"colocate_index": False, "recall_in_ingress": False},
     "ingress": {"colocate_index": True, "recall_in_ingress": True},
 }
-
-
-def _port() -> int:
-    """A free port whose next one is free too (direct_ingress puts Serve's proxy there)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except (OSError, OverflowError):
-                continue
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -107,6 +92,7 @@ def main() -> None:
     from raytrieve.index.build import build_indices
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
+    from raytrieve.ray_cluster import free_port
     from raytrieve.serve.launch import start
     from raytrieve.serve.client import wait_healthy
     from raytrieve.serve.config import ServeConfig
@@ -134,7 +120,7 @@ def main() -> None:
                    "backend": args.backend},
         "reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5,
                      "max_batch_tokens": 16384, **({"torch_threads": args.rerank_threads} if args.rerank_threads else {})},
-        "index": str(work / "index"), "port": _port(), "limits": {"max_queued_requests": 256},
+        "index": str(work / "index"), "port": free_port(pair=True), "limits": {"max_queued_requests": 256},
         "direct_ingress": args.direct_ingress}
     layout_keys = {name: dict(keys) for name, keys in LAYOUTS.items()}
     if args.ingress_backend:

@@ -7,6 +7,8 @@ same torch threads, in the same run.
     .venv/bin/python benchmarks/train.py --steps 20
     .venv/bin/python benchmarks/train.py --bf16          # raytrieve with training.bf16, ST in float32
     .venv/bin/python benchmarks/train.py --kind sparse   # SPLADE-tiny, SpladeLoss over SparseMNRL, both sides
+    .venv/bin/python benchmarks/train.py --kind cross --batch-size 16 --steps 12 --warmup 3 --bf16
+    .venv/bin/python benchmarks/train.py --compare-kernels  # + raytrieve with training.cpu_kernels false
 
 Throughput is steady state: samples over the steps after the first ``--warmup`` ones,
 timed by each step's end (raytrieve: the step's MLflow metric timestamp; sentence-transformers:
@@ -30,11 +32,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 # --kind: the shipped model and the loss of its shipped config (jobs/configs/dense_mnrl.yaml, splade.yaml)
-MODELS = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny"}
+MODELS = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny", "cross": "ms-marco-minilm-l12-v2"}
 SPLADE_WEIGHTS = {"document_regularizer_weight": 3.0e-5, "query_regularizer_weight": 5.0e-5}
 LOSSES = {
     "dense": {"name": "MultipleNegativesRankingLoss"},
     "sparse": {"name": "SpladeLoss", "args": SPLADE_WEIGHTS, "inner": {"name": "SparseMultipleNegativesRankingLoss"}},
+    # each query against its document and 3 other queries' documents (4 pairs per row)
+    "cross": {"name": "MultipleNegativesRankingLoss", "args": {"num_negatives": 3}},
 }
 
 
@@ -63,7 +67,13 @@ def steady(times: list[float], batch: int, warmup: int) -> float:
 
 
 def run_raytrieve(
-    data: dict[str, list[str]], tmp: Path, args, seed: int = 42, lr: float = 2e-5, warmup_ratio: float = 0.0
+    data: dict[str, list[str]],
+    tmp: Path,
+    args,
+    seed: int = 42,
+    lr: float = 2e-5,
+    warmup_ratio: float = 0.0,
+    cpu_kernels: bool = True,
 ) -> tuple[float, float]:
     """Trains into ``tmp``/raytrieve-model; returns (steady samples/s, wall seconds)."""
     import pyarrow as pa
@@ -82,7 +92,7 @@ def run_raytrieve(
                       "loss": LOSSES[args.kind]}],
         "output_dir": str(tmp / "raytrieve-model"),
         "training": {"batch_size": args.batch_size, "max_steps": args.steps, "batch_sampler": "no_duplicates",
-                     "bf16": args.bf16, "seed": seed},
+                     "bf16": args.bf16, "seed": seed, "cpu_kernels": cpu_kernels},
         "optimizer": {"learning_rate": lr},
         "schedule": {"name": "linear", "warmup_ratio": warmup_ratio},
         "checkpoint": {"max_failures": 0},
@@ -107,7 +117,13 @@ def run_sentence_transformers(
     """Trains into ``tmp``/st-model; returns (steady samples/s, wall seconds)."""
     import torch
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as CrossMNRL
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sparse_encoder import (
         SparseEncoder,
@@ -123,12 +139,23 @@ def run_sentence_transformers(
     # the threads raytrieve's worker ran with (its default: the machine's CPUs for one worker)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
-    sparse = args.kind == "sparse"
-    Model = SparseEncoder if sparse else SentenceTransformer
-    Trainer = SparseEncoderTrainer if sparse else SentenceTransformerTrainer
-    TrainingArguments = SparseEncoderTrainingArguments if sparse else SentenceTransformerTrainingArguments
-    model = Model(str(resolve_model(MODELS[args.kind])), device="cpu")
-    model.max_seq_length = args.max_seq_length
+    sparse, cross = args.kind == "sparse", args.kind == "cross"
+    path = str(resolve_model(MODELS[args.kind]))
+    if cross:
+        model = CrossEncoder(path, device="cpu", max_length=args.max_seq_length)
+        Trainer, TrainingArguments = CrossEncoderTrainer, CrossEncoderTrainingArguments
+        loss = CrossMNRL(model, **LOSSES["cross"]["args"])
+    else:
+        Model = SparseEncoder if sparse else SentenceTransformer
+        Trainer = SparseEncoderTrainer if sparse else SentenceTransformerTrainer
+        TrainingArguments = SparseEncoderTrainingArguments if sparse else SentenceTransformerTrainingArguments
+        model = Model(path, device="cpu")
+        model.max_seq_length = args.max_seq_length
+        loss = (
+            SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), **SPLADE_WEIGHTS)
+            if sparse
+            else MultipleNegativesRankingLoss(model)
+        )
     times: list[float] = []
 
     class StepTimes(TrainerCallback):
@@ -145,11 +172,7 @@ def run_sentence_transformers(
             warmup_steps=int(args.steps * warmup_ratio), lr_scheduler_type="linear", weight_decay=0.01,
         ),
         train_dataset=Dataset.from_dict({"anchor": data["query"], "positive": data["document"]}),
-        loss=(
-            SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), **SPLADE_WEIGHTS)
-            if sparse
-            else MultipleNegativesRankingLoss(model)
-        ),
+        loss=loss,
         callbacks=[StepTimes()],
     )
     trainer.train()
@@ -167,13 +190,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="override both sides' torch threads")
     parser.add_argument("--bf16", action="store_true", help="raytrieve with training.bf16 (ST stays float32)")
     parser.add_argument("--kind", choices=tuple(MODELS), default="dense")
+    parser.add_argument(
+        "--compare-kernels", action="store_true",
+        help="also raytrieve with training.cpu_kernels false (torch's dropout and attention), after ST",
+    )
     args = parser.parse_args()
     data = pairs(args.steps * args.batch_size)
+    extra = {}
     with tempfile.TemporaryDirectory() as tmp:
         ours, ours_wall = run_raytrieve(data, Path(tmp), args)
         theirs, theirs_wall = run_sentence_transformers(data, Path(tmp), args)
+        if args.compare_kernels:
+            (Path(tmp) / "torch-kernels").mkdir()
+            off, off_wall = run_raytrieve(data, Path(tmp) / "torch-kernels", args, cpu_kernels=False)
+            extra = {"samples_per_s_torch_kernels": round(off, 2), "wall_s_torch_kernels": round(off_wall, 1),
+                     "cpu_kernels_speedup": round(ours / off, 3), "ratio_vs_st_torch_kernels": round(off / theirs, 3)}
     print(json.dumps({
         "samples_per_s": round(ours, 2), "st_samples_per_s": round(theirs, 2), "ratio_vs_st": round(ours / theirs, 3),
+        **extra,
         "wall_s": round(ours_wall, 1), "st_wall_s": round(theirs_wall, 1), "steps": args.steps,
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads or f"default ({os.cpu_count()})",
         "raytrieve_bf16": args.bf16, "model": MODELS[args.kind],

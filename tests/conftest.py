@@ -4,7 +4,6 @@ and the sentence-transformers oracle (imported once per session: it takes ~10 s)
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # budget); HYPOTHESIS_PROFILE=thorough runs many more (README: "Testing"). Tests that need a
 # floor or ceiling of their own scale from the profile's max_examples, never fix it.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+from raytrieve.ray_cluster import free_port  # noqa: E402  (tests import it from here)
 
 _hypothesis_settings.register_profile("default", max_examples=60, deadline=None, derandomize=True)
 _hypothesis_settings.register_profile("thorough", max_examples=2000, deadline=None)
@@ -44,23 +45,6 @@ SENTENCES = [
     "Python’s ünïcode handling — with emoji 🙂 and CJK 漢字 — must survive tokenization.",
     "   leading and trailing spaces   ",
 ]
-
-
-def free_port(pair: bool = False) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now; ``pair``: the next one too
-    (direct_ingress puts Serve's proxy there)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if not pair:
-            return port
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-                return port
-            except (OSError, OverflowError):
-                continue
 
 
 @pytest.fixture(scope="session")

@@ -225,6 +225,11 @@ def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
     assert served.reranker == spec
 
 
+def test_pydocs_packages_scanned_in_parallel_equal_one_process():
+    packages = ("click", "jinja2", "packaging")
+    assert pydocs.scan_packages(packages) == {p: pydocs.package_pairs(p) for p in packages}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_reduced_demo_end_to_end(ray_cluster, tmp_path):

@@ -43,10 +43,21 @@ IDLE_WORKER_KEEP_S = 300
 IDLE_WORKER_SETTING = "idle_worker_killing_time_threshold_ms"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(pair: bool = False) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now; ``pair``: the next one too
+    (``direct_ingress`` puts Serve's proxy there)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not pair:
+            return port
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+                return port
+            except (OSError, OverflowError):
+                continue
 
 
 def connect(
@@ -74,7 +85,7 @@ def connect(
             runtime_env = dict(runtime_env or {})
             runtime_env["env_vars"] = {"RAY_ADDRESS": gcs, **runtime_env.get("env_vars", {})}
         return _dashboard(ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env))
-    port = _free_port()
+    port = free_port()
     # In the job's runtime environment, not this process's: every actor and task of the job gets
     # it, while a `ray job submit --address ...` or state query from this process still goes
     # where it says (the variable overrides an explicit address).

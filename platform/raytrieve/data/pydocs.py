@@ -14,8 +14,12 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +72,33 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) 
     return out
 
 
+def scan_packages(packages: tuple[str, ...]) -> dict[str, list[Pair]]:
+    """Each package's pairs, the packages parsed in parallel (``ast`` parsing is CPU-bound
+    Python; the demo's eight packages took ~2 minutes in one process on 2 cores).
+
+    Each package is parsed by a fresh interpreter (``python -m raytrieve.data.pydocs PACKAGE``,
+    JSON on stdout), never by a fork: a forked Ray driver slowed its whole cluster ~2x (measured
+    in the demo's test), and spawn would re-import the caller's main script."""
+    workers = min(len(packages), os.cpu_count() or 1)
+    if workers <= 1:
+        return {p: package_pairs(p) for p in packages}
+
+    # where this raytrieve is imported from, also when it is not installed (a job's py_modules)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+
+    def scan(package: str) -> list[Pair]:
+        done = subprocess.run(
+            [sys.executable, "-m", "raytrieve.data.pydocs", package], capture_output=True, check=False, env=env
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"parsing {package}'s docstrings failed: {done.stderr.decode(errors='replace')[-2000:]}")
+        return [Pair(*row) for row in json.loads(done.stdout)]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(packages, pool.map(scan, packages), strict=True))
+
+
 def deduplicate(pairs: list[Pair]) -> list[Pair]:
     seen_q: set[str] = set()
     seen_d: set[str] = set()
@@ -93,10 +124,11 @@ def build(
 
     splits: dict[str, list[Pair]] = {}
     versions = {}
+    scanned = scan_packages(tuple(dict.fromkeys((*train_packages, *test_packages))))
     for split, packages in (("train", train_packages), ("test", test_packages)):
         pairs: list[Pair] = []
         for package in packages:
-            found = package_pairs(package)[:max_per_package]
+            found = scanned[package][:max_per_package]
             if found:
                 versions[package] = importlib.metadata.version(package) if _installed(package) else "unknown"
             pairs += found
@@ -153,3 +185,7 @@ def _installed(package: str) -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+if __name__ == "__main__":  # one package's pairs as JSON rows (scan_packages runs this)
+    json.dump([[p.query, p.document, p.package] for p in package_pairs(sys.argv[1])], sys.stdout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -420,9 +420,7 @@ def sized(cfg: ServeConfig, shape: ClusterShape) -> ServeConfig:
     unset = sum(replicas(d) for d in models if d.num_cpus is None)
     taken = sum(replicas(d) * d.num_cpus for d in models if d.num_cpus is not None)
     light = cfg.ingress_replicas + (1 if cfg.retriever_deployed else 0)
-    free = ClusterShape(
-        max(0.0, shape.cpus - taken), shape.largest_node_cpus, shape.gpus, shape.largest_node_gpus, shape.nodes
-    )
+    free = replace(shape, cpus=max(0.0, shape.cpus - taken))
     # Every reranker replica that can run at once shares the node's threads: an autoscaling
     # one's maximum, or scaling up would oversubscribe the cores.
     rerankers = sum(most_replicas(m.spec) for m in cfg.served() if m.kind == "reranker")

@@ -92,6 +92,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     from raytrieve.data.pipeline import decode_features, decode_labels, decode_texts
     from raytrieve.losses.sparse import SpladeLoss, SpladeRegularizerWeightScheduler
     from raytrieve.train.checkpoint import Checkpointer
+    from raytrieve.train.cpu_kernels import use_cpu_kernels
     from raytrieve.train.distributed import (
         GradientSync,
         TrainModule,
@@ -121,6 +122,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     encoder.train()
+    if device.type == "cpu" and cfg.training.cpu_kernels:  # torch's CPU dropout is the slow part
+        use_cpu_kernels(encoder)
     losses = build_losses(cfg, encoder, world)
     module = TrainModule(encoder, losses).to(device)
     wrapped = wrap(module, cfg.scaling.strategy, device)
