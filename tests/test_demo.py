@@ -227,7 +227,7 @@ def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
 
 def test_pydocs_packages_scanned_in_parallel_equal_one_process():
     packages = ("click", "jinja2", "packaging")
-    assert pydocs.scan_packages(packages) == {p: pydocs.package_pairs(p) for p in packages}
+    assert pydocs.scan_packages(packages, workers=2) == {p: pydocs.package_pairs(p) for p in packages}
 
 
 @pytest.mark.slow

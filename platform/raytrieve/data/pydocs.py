@@ -19,6 +19,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,31 +73,43 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) 
     return out
 
 
-def scan_packages(packages: tuple[str, ...]) -> dict[str, list[Pair]]:
+def scan_packages(packages: tuple[str, ...], workers: int | None = None) -> dict[str, list[Pair]]:
     """Each package's pairs, the packages parsed in parallel (``ast`` parsing is CPU-bound
-    Python; the demo's eight packages took ~2 minutes in one process on 2 cores).
+    Python; the demo's eight packages took ~2 minutes in one process on 2 cores). ``workers``:
+    at most this many at once (default: the CPUs, at most one per package).
 
-    Each package is parsed by a fresh interpreter (``python -m raytrieve.data.pydocs PACKAGE``,
-    JSON on stdout), never by a fork: a forked Ray driver slowed its whole cluster ~2x (measured
-    in the demo's test), and spawn would re-import the caller's main script."""
-    workers = min(len(packages), os.cpu_count() or 1)
+    Each package is parsed by a fresh interpreter, never by a fork: a forked Ray driver slowed
+    its whole cluster ~2x (measured in the demo's test), and spawn would re-import the caller's
+    main script. The child runs isolated (``-I``: no current directory or PYTHONPATH ahead of the
+    installed packages) and finds this raytrieve after them; its rows come back in a file."""
+    workers = workers or min(len(packages), os.cpu_count() or 1)
     if workers <= 1:
         return {p: package_pairs(p) for p in packages}
-
-    # where this raytrieve is imported from, also when it is not installed (a job's py_modules)
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    root = str(Path(__file__).resolve().parents[2])  # where this raytrieve is imported from
+    code = "import sys; sys.path.append(sys.argv[1]); from raytrieve.data.pydocs import _write_pairs; _write_pairs()"
 
     def scan(package: str) -> list[Pair]:
-        done = subprocess.run(
-            [sys.executable, "-m", "raytrieve.data.pydocs", package], capture_output=True, check=False, env=env
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"parsing {package}'s docstrings failed: {done.stderr.decode(errors='replace')[-2000:]}")
-        return [Pair(*row) for row in json.loads(done.stdout)]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "pairs.json"
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", code, root, package, str(out)],
+                capture_output=True,
+                check=False,
+                timeout=1800,
+            )
+            if done.returncode != 0 or not out.exists():
+                tail = done.stderr.decode(errors="replace")[-2000:]
+                raise RuntimeError(f"parsing {package}'s docstrings failed (exit {done.returncode}): {tail}")
+            return [Pair(*row) for row in json.loads(out.read_text(encoding="utf-8"))]
 
     with ThreadPoolExecutor(workers) as pool:
         return dict(zip(packages, pool.map(scan, packages), strict=True))
+
+
+def _write_pairs() -> None:
+    """The child of ``scan_packages``: argv = [root, package, output file]."""
+    rows = [[p.query, p.document, p.package] for p in package_pairs(sys.argv[2])]
+    Path(sys.argv[3]).write_text(json.dumps(rows), encoding="utf-8")
 
 
 def deduplicate(pairs: list[Pair]) -> list[Pair]:
@@ -185,7 +198,3 @@ def _installed(package: str) -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
-
-
-if __name__ == "__main__":  # one package's pairs as JSON rows (scan_packages runs this)
-    json.dump([[p.query, p.document, p.package] for p in package_pairs(sys.argv[1])], sys.stdout)

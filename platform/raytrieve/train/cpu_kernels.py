@@ -12,11 +12,12 @@ and 1.13x for that reranker (BENCHMARKS.md, "CPU training kernels"). So, on a CP
   ``torch.manual_seed``, a checkpoint's saved RNG state and GradCache's replayed RNG state
   reproduce the masks exactly as they do torch's. An element is kept with probability
   ``1 - round(p * 65536) / 65536`` (0.100006 dropped for p = 0.1) and scaled by the inverse of
-  that, so the expectation is exact;
+  that (in the input's dtype, as torch's dropout does: a bf16 scale rounds);
 - a transformers model that dispatches attention through ``AttentionInterface`` (BERT and most
-  encoders) runs training-mode attention as ``softmax(q k^T * scale + mask)`` with the same
-  dropout on the probabilities, then ``@ v`` (transformers' eager attention), and eval-mode
-  attention through torch's SDPA as before. Its config's attention implementation is not saved.
+  encoders) runs plain training-mode attention as ``softmax(q k^T * scale + mask)`` with the same
+  dropout on the probabilities, then ``@ v`` (transformers' eager attention); other attention
+  (grouped key/value heads, position biases, soft caps) and eval mode go through transformers'
+  SDPA function as before. Its config's attention implementation is not saved.
 
 On a GPU nothing changes: CUDA draws dropout masks in parallel and fused attention kernels
 support dropout.
@@ -72,11 +73,23 @@ def cpu_train_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' attention interface: training by matrix products, inference by SDPA."""
-    if not module.training:
+    """transformers' attention interface: training by matrix products, inference by SDPA.
+
+    Only plain attention takes the matrix-product path: equal query and key/value heads and no
+    argument it does not implement (T5's ``position_bias``, Gemma's ``softcap``, attention sinks,
+    ...). Anything else, and a 4-D mask that is not additive, goes to transformers' SDPA function
+    with torch's dropout: correct, at torch's speed."""
+    plain = (
+        module.training
+        and key.shape[1] == query.shape[1]
+        and all(v is None or v is False for v in kwargs.values())
+        and (attention_mask is None or attention_mask.is_floating_point())
+    )
+    if not plain:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
+        p = dropout if module.training else 0.0
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=p, **kwargs)
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
     weights = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
@@ -107,7 +120,9 @@ def use_cpu_kernels(model: nn.Module) -> dict[str, int]:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
-                setattr(parent, name, MaskDropout(child.p, child.inplace))
+                replacement = MaskDropout(child.p, child.inplace)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
                 dropouts += 1
     attention = 0
     _register()
