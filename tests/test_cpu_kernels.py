@@ -3,6 +3,7 @@ reproducibility from torch's seed, and attention equal to transformers' own in b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -91,22 +92,29 @@ def _close(got, want, bf16: bool, name: str = "") -> None:
     assert (got.float() - want.float()).norm() <= 0.03 * want.float().norm() + 1e-6, name
 
 
-def test_grouped_key_value_heads_go_to_transformers():
-    """Fewer key/value heads than query heads (Llama, Qwen) take transformers' SDPA path: equal
-    to the stock model in training, forward and gradients (the matrix-product path would fail)."""
-    from transformers import LlamaConfig, LlamaModel
+@pytest.mark.parametrize("kind", ["llama-gqa", "t5"])
+def test_attention_it_does_not_implement_goes_to_transformers(kind):
+    """Fewer key/value heads than query heads (Llama, Qwen) and T5's position bias take
+    transformers' SDPA path: equal to the stock model in training, forward and gradients (the
+    matrix-product path crashes on the first and drops the bias of the second)."""
+    from transformers import LlamaConfig, LlamaModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0)
-    build = LlamaModel
-    ours, reference = build(config), build(config)
+    if kind == "t5":
+        config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+        build = T5EncoderModel
+    else:
+        config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0)
+        build = LlamaModel
+    ours, reference = build(config), build(copy.deepcopy(config))  # a shared config would switch both
     reference.load_state_dict(ours.state_dict())
+    assert reference.config._attn_implementation == "sdpa"
     ids = torch.randint(3, 100, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     switched = use_cpu_kernels(ours)
-    assert switched["attention"] == 1
+    assert switched["attention"] == 1 and reference.config._attn_implementation == "sdpa"
     ours.train()
     reference.train()
     got = ours(input_ids=ids, attention_mask=mask).last_hidden_state
