@@ -1,7 +1,7 @@
 """Training throughput: raytrieve (1 Ray Train worker, the whole Ray Data + TorchTrainer
 path) against SentenceTransformerTrainer, same model (the shipped all-MiniLM-L6-v2), same
 (query, document) pairs, MultipleNegativesRankingLoss, batch 32, no-duplicates batches,
-same torch threads, in the same run.
+same torch threads, in the same run, interleaved (``--rounds``, default 2: A B, then B A).
 
     .venv/bin/python benchmarks/train.py                   # 40 steps each, max_seq_length 128
     .venv/bin/python benchmarks/train.py --steps 20
@@ -9,11 +9,15 @@ same torch threads, in the same run.
     .venv/bin/python benchmarks/train.py --kind sparse   # SPLADE-tiny, SpladeLoss over SparseMNRL, both sides
     .venv/bin/python benchmarks/train.py --kind cross --batch-size 16 --steps 12 --warmup 3 --bf16
     .venv/bin/python benchmarks/train.py --compare-kernels  # + raytrieve with training.cpu_kernels false
+    .venv/bin/python benchmarks/train.py --rounds 3      # three runs per side, interleaved
 
 Throughput is steady state: samples over the steps after the first ``--warmup`` ones,
 timed by each step's end (raytrieve: the step's MLflow metric timestamp; sentence-transformers:
 a trainer callback). End-to-end wall times (start-up included) are printed too.
-Prints one JSON line: samples_per_s, st_samples_per_s, ratio_vs_st, and the wall times.
+Each side runs ``--rounds`` times, the order reversed every round (A B C, C B A, ...), so a
+machine whose speed drifts hits every side alike. Prints one JSON line: the median samples/s of
+each side, the ratio of the medians (ratio_vs_st), each round's ratio, every run's figure and
+wall time (each round's runs are minutes apart; their spread is the noise to read them against).
 """
 
 from __future__ import annotations
@@ -181,6 +185,12 @@ def run_sentence_transformers(
     return steady(times, args.batch_size, args.warmup), wall
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
@@ -192,23 +202,46 @@ def main() -> None:
     parser.add_argument("--kind", choices=tuple(MODELS), default="dense")
     parser.add_argument(
         "--compare-kernels", action="store_true",
-        help="also raytrieve with training.cpu_kernels false (torch's dropout and attention), after ST",
+        help="also raytrieve with training.cpu_kernels false (torch's dropout and attention)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="runs per side, interleaved (A B C, then C B A, ...); medians and per-round ratios reported",
     )
     args = parser.parse_args()
     data = pairs(args.steps * args.batch_size)
-    extra = {}
+    sides = ["raytrieve", "sentence-transformers"] + (["torch-kernels"] if args.compare_kernels else [])
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    walls: dict[str, list[float]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        ours, ours_wall = run_raytrieve(data, Path(tmp), args)
-        theirs, theirs_wall = run_sentence_transformers(data, Path(tmp), args)
-        if args.compare_kernels:
-            (Path(tmp) / "torch-kernels").mkdir()
-            off, off_wall = run_raytrieve(data, Path(tmp) / "torch-kernels", args, cpu_kernels=False)
-            extra = {"samples_per_s_torch_kernels": round(off, 2), "wall_s_torch_kernels": round(off_wall, 1),
-                     "cpu_kernels_speedup": round(ours / off, 3), "ratio_vs_st_torch_kernels": round(off / theirs, 3)}
+        for r in range(args.rounds):
+            # Order reversed every round: a machine whose speed drifts (a shared VM) hits every side.
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                folder = Path(tmp) / f"{side}-{r}"
+                folder.mkdir()
+                if side == "sentence-transformers":
+                    rate, wall = run_sentence_transformers(data, folder, args)
+                else:
+                    rate, wall = run_raytrieve(data, folder, args, cpu_kernels=side == "raytrieve")
+                rates[side].append(rate)
+                walls[side].append(wall)
+                print(f"round {r + 1}/{args.rounds} {side}: {rate:.2f} samples/s, {wall:.1f} s", file=sys.stderr)
+    ours, theirs = median(rates["raytrieve"]), median(rates["sentence-transformers"])
+    extra = {}
+    if args.compare_kernels:
+        off = median(rates["torch-kernels"])
+        extra = {
+            "samples_per_s_torch_kernels": round(off, 2), "cpu_kernels_speedup": round(ours / off, 3),
+            "ratio_vs_st_torch_kernels": round(off / theirs, 3),
+            "cpu_kernels_speedup_per_round": [round(a / b, 3) for a, b in zip(rates["raytrieve"], rates["torch-kernels"])],
+        }
     print(json.dumps({
         "samples_per_s": round(ours, 2), "st_samples_per_s": round(theirs, 2), "ratio_vs_st": round(ours / theirs, 3),
+        "ratio_vs_st_per_round": [round(a / b, 3) for a, b in zip(rates["raytrieve"], rates["sentence-transformers"])],
         **extra,
-        "wall_s": round(ours_wall, 1), "st_wall_s": round(theirs_wall, 1), "steps": args.steps,
+        "samples_per_s_runs": {side: [round(v, 2) for v in values] for side, values in rates.items()},
+        "wall_s_runs": {side: [round(v, 1) for v in values] for side, values in walls.items()},
+        "rounds": args.rounds, "steps": args.steps,
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads or f"default ({os.cpu_count()})",
         "raytrieve_bf16": args.bf16, "model": MODELS[args.kind],
         "machine": f"{_platform.machine()} {os.cpu_count()} cpus",

@@ -76,13 +76,15 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) 
 def scan_packages(packages: tuple[str, ...], workers: int | None = None) -> dict[str, list[Pair]]:
     """Each package's pairs, the packages parsed in parallel (``ast`` parsing is CPU-bound
     Python; the demo's eight packages took ~2 minutes in one process on 2 cores). ``workers``:
-    at most this many at once (default: the CPUs, at most one per package).
+    at most this many at once (default: the CPUs this process may run on, at most one per
+    package; local processes, so this machine's CPUs, not the Ray cluster's).
 
     Each package is parsed by a fresh interpreter, never by a fork: a forked Ray driver slowed
     its whole cluster ~2x (measured in the demo's test), and spawn would re-import the caller's
     main script. The child runs isolated (``-I``: no current directory or PYTHONPATH ahead of the
     installed packages) and finds this raytrieve after them; its rows come back in a file."""
-    workers = workers or min(len(packages), os.cpu_count() or 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or min(len(packages), usable)
     if workers <= 1:
         return {p: package_pairs(p) for p in packages}
     root = str(Path(__file__).resolve().parents[2])  # where this raytrieve is imported from

@@ -36,6 +36,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ATTENTION = "raytrieve_cpu_train"
+# transformers' SDPA attention function, for what the matrix-product path does not take (set by _register).
+_sdpa_attention_forward: Any = None
 _LEVELS = 1 << 16
 
 
@@ -86,10 +88,8 @@ def cpu_train_attention(
         and (attention_mask is None or attention_mask.is_floating_point())
     )
     if not plain:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         p = dropout if module.training else 0.0
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=p, **kwargs)
+        return _sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=p, **kwargs)
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
     weights = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
@@ -101,8 +101,13 @@ def cpu_train_attention(
 
 
 def _register() -> None:
+    global _sdpa_attention_forward
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    # Imported here, once, not per call: cpu_train_attention runs in every layer of every step.
+    _sdpa_attention_forward = sdpa_attention_forward
 
     AttentionInterface.register(ATTENTION, cpu_train_attention)
     AttentionMaskInterface.register(ATTENTION, eager_mask)
