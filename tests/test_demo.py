@@ -315,6 +315,15 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     assert result.chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((cfg.out / "report.json").read_text())["rows"] == rep["rows"]
     assert any("4/6 fine-tuning" in line for line in lines)
+    # What each phase's replicas ran, read from /v1/models: the config's dtype auto resolved on the
+    # replica to a concrete format, the demo's torch threads, the fine-tuned models after.
+    for phase, reranker in (("before", "ms-marco-minilm-l12-v2"), ("after", "models:/t-cross/1")):
+        on_serve = rep["served_models"][phase]
+        assert sorted(m["kind"] for m in on_serve.values()) == ["dense", "reranker", "sparse"], on_serve
+        assert on_serve[reranker]["kind"] == "reranker"
+        for m in on_serve.values():
+            assert m["dtype"] in ("float32", "bfloat16") and m["torch_threads"] == cfg.serving.torch_threads, m
+        assert f"Served {phase}: " in md
 
     # Each phase ran the shipped config with the demo's overrides, saved where the demo writes:
     # a key only the shipped YAML sets (checkpoint.every_n_steps) is in the trained config.

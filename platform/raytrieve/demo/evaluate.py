@@ -54,6 +54,9 @@ def evaluate_in_process(
 # -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
 
 
+SERVED_MODEL_FIELDS = ("kind", "dtype", "backend", "max_seq_length", "torch_threads", "num_cpus")
+
+
 def encode_and_index(encode: PhaseConfig[Any], folder: Path) -> dict:
     """Run the encoding job ``encode`` describes, then build the indices in ``folder``/index."""
     from raytrieve.index.build import build_indices
@@ -83,7 +86,7 @@ def serve_and_query(
     from ray import serve
 
     from raytrieve.demo.client import run_queries
-    from raytrieve.serve.client import wait_healthy
+    from raytrieve.serve.client import get, wait_healthy
     from raytrieve.serve.launch import check_port_free, start
 
     s, serve_cfg = cfg.serving, served.config
@@ -93,6 +96,9 @@ def serve_and_query(
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)
+        # What each replica runs (a config's dtype auto resolved there, its threads and CPUs):
+        # the report's timings read against it, phase by phase.
+        served_models = {m["id"]: {k: m.get(k) for k in SERVED_MODEL_FIELDS} for m in get(f"{base}/v1/models")["data"]}
         progress(f"  Serve is up at {base}; sending {len(samples.test.queries)} test queries to /search over HTTP")
         answers = run_queries(
             base, samples.test.queries, s.recall, s.rerank_depth, s.clients, progress=lambda line: progress(f"  {line}")
@@ -106,5 +112,6 @@ def serve_and_query(
             mode: scoring.per_query(r, samples.test.qrels, s.recall) for mode, r in answers["rankings"].items()
         },
         "timings_p50_ms": answers["timings_p50_ms"],
+        "served_models": served_models,
         "url": base,
     }

@@ -111,6 +111,8 @@ def build(
         },
         "mlflow": {"tracking_uri": cfg.tracking_uri(), "runs": {k: v.get("run_id") for k, v in tuned.items()}},
         "timings_p50_ms": {"before": before_test["timings_p50_ms"], "after": after_test["timings_p50_ms"]},
+        # Stage results saved by a run before this field existed lack it (reused steps): null.
+        "served_models": {"before": before_test.get("served_models"), "after": after_test.get("served_models")},
         "encode_rows_per_s": {
             "before": before_test["encode"]["rows_per_s"],
             "after": after_test["encode"]["rows_per_s"],
@@ -182,9 +184,25 @@ def markdown(rep: dict[str, Any]) -> str:
         + ".",
         f"Encoding job: {rep['encode_rows_per_s']['before']} / {rep['encode_rows_per_s']['after']} documents/s "
         "(dense and sparse in one pass, actor start-up included).",
+        *_served_lines(rep.get("served_models") or {}),
         "",
     ]
     return "\n".join(lines)
+
+
+def _served_lines(served: dict[str, Any]) -> list[str]:
+    """What each phase's replicas ran (dtype auto resolved on the replica, threads): timings differ
+    with it. Nothing for a phase reused from a run that did not record it."""
+    return [
+        f"Served {phase}: "
+        + "; ".join(
+            f"{name} ({m['kind']}) {m['dtype']}, {m['backend']}, {m['torch_threads']} threads"
+            for name, m in models.items()
+        )
+        + "."
+        for phase, models in served.items()
+        if models
+    ]
 
 
 def _timing_cells(timings: dict[str, dict[str, float]]) -> list[str]:

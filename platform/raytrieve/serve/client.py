@@ -21,6 +21,14 @@ def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, An
         raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
 
 
+def get(url: str, timeout: float = 60.0) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"GET {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+
+
 def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
