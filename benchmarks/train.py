@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform as _platform
+import statistics
 import sys
 import tempfile
 import time
@@ -185,12 +186,6 @@ def run_sentence_transformers(
     return steady(times, args.batch_size, args.warmup), wall
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
@@ -226,10 +221,10 @@ def main() -> None:
                 rates[side].append(rate)
                 walls[side].append(wall)
                 print(f"round {r + 1}/{args.rounds} {side}: {rate:.2f} samples/s, {wall:.1f} s", file=sys.stderr)
-    ours, theirs = median(rates["raytrieve"]), median(rates["sentence-transformers"])
+    ours, theirs = statistics.median(rates["raytrieve"]), statistics.median(rates["sentence-transformers"])
     extra = {}
     if args.compare_kernels:
-        off = median(rates["torch-kernels"])
+        off = statistics.median(rates["torch-kernels"])
         extra = {
             "samples_per_s_torch_kernels": round(off, 2), "cpu_kernels_speedup": round(ours / off, 3),
             "ratio_vs_st_torch_kernels": round(off / theirs, 3),

@@ -83,8 +83,9 @@ def scan_packages(packages: tuple[str, ...], workers: int | None = None) -> dict
     its whole cluster ~2x (measured in the demo's test), and spawn would re-import the caller's
     main script. The child runs isolated (``-I``: no current directory or PYTHONPATH ahead of the
     installed packages) and finds this raytrieve after them; its rows come back in a file."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = workers or min(len(packages), usable)
+    if not workers:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(len(packages), usable)
     if workers <= 1:
         return {p: package_pairs(p) for p in packages}
     root = str(Path(__file__).resolve().parents[2])  # where this raytrieve is imported from

@@ -10,23 +10,25 @@ import urllib.request
 from typing import Any
 
 
-def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
-    )
+def _json(request: urllib.request.Request, timeout: float) -> dict[str, Any]:
+    """The answer's JSON; an HTTP error status raises with the method, URL, code and body."""
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+        body = e.read().decode(errors="replace")[:500]
+        raise RuntimeError(f"{request.get_method()} {request.full_url} -> {e.code}: {body}") from None
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
+    )
+    return _json(request, timeout)
 
 
 def get(url: str, timeout: float = 60.0) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"GET {url} -> {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+    return _json(urllib.request.Request(url), timeout)
 
 
 def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
