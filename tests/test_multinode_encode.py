@@ -4,6 +4,7 @@ workers SIGKILLed) followed by a rerun gives every id exactly once with the righ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,6 +42,26 @@ def big_second_node(ray_cluster, tmp_path_factory):
     node.kill()
 
 
+def _encode_actors(expect: int) -> dict[str, int]:
+    """Node id -> pid of each live encode actor once there are ``expect`` of them, else {} (Ray Data
+    names its workers after their stage)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
+    found = {a.node_id: a.pid for a in alive if "EncodeAndWrite" in (a.repr_name or "")}
+    return found if len(found) == expect else {}
+
+
+def _until(what: str, driver: subprocess.Popen, condition, every: float = 0.05, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        assert driver.poll() is None, f"the job ended before {what}"
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster, big_second_node, tiny_models,
@@ -48,8 +69,6 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     from raytrieve.encoders import DenseEncoder
 
     second_node = big_second_node
-    # 30 shards: each node writes one within the first few (both encode actors are up before work
-    # starts), so the kill still lands mid-job, and the head finishes the rest alone in seconds.
     n = 300
     texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(n)]
     pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)], "text": texts}), tmp_path / "corpus.parquet")
@@ -64,29 +83,44 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT / "platform")}
     command = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(config_path)]
-    head = ray_cluster.get_runtime_context().get_node_id()
+    head, other = ray_cluster.get_runtime_context().get_node_id(), second_node.node_id
 
-    # The first run starts work only once both encode actors are up: a new node's first worker
-    # (torch, the model) can take longer to start than this small job takes on the head.
-    driver = subprocess.Popen(command, env={**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None:
-        nodes = [s["node"] for s in _sidecars(out)]
-        # Kill as soon as each node has written: waiting for more let the head finish the job
-        # first on a slow run (the node was then not lost mid-job).
-        if nodes.count(second_node.node_id) >= 1 and nodes.count(head) >= 1:
-            break
-        time.sleep(0.1)
-    written = {s["node"] for s in _sidecars(out)}
-    assert {head, second_node.node_id} <= written, "both nodes write shards"
-    assert len(_sidecars(out)) < n // 10, "the node is lost mid-job"
-    second_node.kill()
-    try:  # the job may finish on the head alone, or wait for a node that never returns
-        driver.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    def written(node: str) -> int:
+        return [s["node"] for s in _sidecars(out)].count(node)
+
+    # Who encodes what is steered with SIGSTOP/SIGCONT on the two encode actors, not left to timing:
+    # Ray Data sends a block to the actor on the node that holds it while that actor has room, and
+    # the new node's first shard could take longer than the head's whole job (CI of stop 36: all
+    # 30 shards written before the kill). Work starts only once both actors are up
+    # (RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S), and both are paused as soon as they are seen.
+    driver = subprocess.Popen(command, env={**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    actors: dict[str, int] = {}
+    try:
+        actors = _until("both encode actors are up", driver, lambda: _encode_actors(expect=2), every=0.5)
+        assert set(actors) == {head, other}, "one encode actor on each node"
+        for pid in actors.values():
+            os.kill(pid, signal.SIGSTOP)
+        # The paused head keeps what was dispatched to it, so the second node gets the next shards.
+        os.kill(actors[other], signal.SIGCONT)
+        _until("the second node writes a shard", driver, lambda: written(other) >= 1)
+        os.kill(actors[other], signal.SIGSTOP)
+        if not written(head):
+            os.kill(actors[head], signal.SIGCONT)
+            _until("the head writes a shard", driver, lambda: written(head) >= 1)
+            os.kill(actors[head], signal.SIGSTOP)
+        # Both paused with shards left, so the node is lost mid-job.
+        assert len(_sidecars(out)) < n // 10, "the node is lost mid-job"
+        second_node.kill()
+    finally:
+        for pid in actors.values():  # never leave a paused worker in the session's cluster
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        try:  # the job may finish on the head alone, or wait for a node that never returns
+            driver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
