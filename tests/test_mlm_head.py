@@ -160,3 +160,45 @@ def test_int8_decoder_is_projected_too(mlm_dir):
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(deferred, reference).min() >= cosine(full, reference).min() - 0.01
     assert cosine(deferred, full).min() > 0.98, cosine(deferred, full)
+
+
+def test_max_over_tokens_backward_is_autograd_through_max():
+    """The training path of max pooling (only the winners' rows in backward) against autograd
+    through the dense block's max: values, and the gradient of a mostly-zero upstream gradient
+    (as relu leaves it), a text without tokens included. float64: no ties to break differently."""
+    import itertools
+
+    from raytrieve.modules.splade_pooling import _MaxOverTokens
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 0, 9, 1]
+    weight = torch.randn(300, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(sum(lengths), 16, generator=g, dtype=torch.float64, requires_grad=True)
+    offsets = [0, *itertools.accumulate(lengths)]
+    got = _MaxOverTokens.apply(tokens, weight, offsets)
+    want = torch.stack([
+        (weight @ tokens[s:e].T).max(dim=1).values if e > s else weight.new_zeros(300)
+        for s, e in itertools.pairwise(offsets)
+    ])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    upstream = torch.randn(4, 300, generator=g, dtype=torch.float64) * (torch.rand(4, 300, generator=g) < 0.1)
+    got_w, got_t = torch.autograd.grad(got, [weight, tokens], upstream)
+    want_w, want_t = torch.autograd.grad(want, [weight, tokens], upstream)
+    torch.testing.assert_close(got_w, want_w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_t, want_t, atol=1e-12, rtol=1e-12)
+    assert got_w.abs().sum() > 0 and got_t[5:14].abs().sum() > 0
+
+
+def test_max_pooling_under_bf16_autocast_trains_on_the_inference_values(mlm_dir):
+    """Under bf16 autocast the training path pools the same values as inference (amax of the
+    same bf16 block) and gives every parameter of the MLM a gradient."""
+    model = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu").train()
+    features = model.tokenize(SENTENCES[:4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            want = model({k: v.clone() for k, v in features.items()})["sentence_embedding"]
+        got = model({k: v.clone() for k, v in features.items()})["sentence_embedding"]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    got.sum().backward()
+    decoder = model.stack[0].auto_model.get_output_embeddings()
+    assert decoder.weight.grad is not None and decoder.weight.grad.abs().sum() > 0

@@ -90,9 +90,12 @@ class SpladePooling(Module):
         Padding never gets projected; the mask's zeros floor every weight at 0, as here."""
         linear = type(decoder) is nn.Linear
         acc = torch.float32 if hidden.dtype in HALF else hidden.dtype
+        keep = attention_mask.bool()
+        training = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
+        if linear and training and self.pooling_strategy == "max":
+            return self._pool_projected_max_for_training(hidden, decoder, keep, acc)
         # An int8-quantised decoder (not a plain Linear) only computes [n, vocab] with its bias.
         bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
-        keep = attention_mask.bool()
         rows = []
         for i in range(hidden.shape[0]):
             tokens = hidden[i][keep[i]]  # [n, hidden]
@@ -111,6 +114,17 @@ class SpladePooling(Module):
         if not rows:
             return hidden.new_zeros(0, self._vocab(decoder), dtype=acc)
         return torch.stack(rows)
+
+    def _pool_projected_max_for_training(self, hidden: Tensor, decoder: nn.Linear, keep: Tensor, acc: torch.dtype):
+        """Max pooling of the projected tokens under autograd (_MaxOverTokens), the bias and the
+        activation after the maximum as above; a text without real tokens is all zero."""
+        lengths = keep.sum(dim=1)
+        tokens = hidden[keep]  # [every real token, hidden], text by text
+        offsets = [0, *torch.cumsum(lengths, 0).tolist()]
+        top = _MaxOverTokens.apply(tokens, decoder.weight, offsets)  # [texts, vocab]
+        pooled = self._activate(top.to(acc) + decoder.bias.to(acc))
+        empty = lengths == 0
+        return pooled.masked_fill(empty.unsqueeze(1), 0.0) if bool(empty.any()) else pooled
 
     @staticmethod
     def _vocab(decoder: nn.Module) -> int:
@@ -137,6 +151,65 @@ class SpladePooling(Module):
             embedding_dimension=dim,
             chunk_size=config.get("chunk_size"),
         )
+
+
+class _MaxOverTokens(torch.autograd.Function):
+    """For each text, the maximum over its tokens of ``weight @ token``: [texts, vocab].
+
+    Autograd through ``(weight @ tokens.T).max(dim=1)`` keeps each text's [vocab, tokens] block
+    for backward and spends it on two dense matmuls, a scatter into a zero block and a weight
+    gradient added per text: most of a SPLADE training step on a CPU (splade-tiny, batch 32 x 128
+    tokens, bf16 autocast, 2 cores: 1.12 s a step that way, 0.60 s this way). Only the winning
+    token of a (text, vocabulary) entry gets its gradient, and most entries get none (relu passes
+    none below 0). So forward keeps only the maxima (``amax``, 3x faster than ``max`` with its
+    indices), and
+    backward finds the winners of the entries with a gradient alone, recomputing their rows of
+    the block in the forward's dtype, then gathers those tokens and rows: the same gradient (where
+    two tokens tie, or tie within the rounding of the recomputed rows, it may go to the other)."""
+
+    @staticmethod
+    def forward(ctx: Any, tokens: Tensor, weight: Tensor, offsets: list[int]) -> Tensor:
+        tops = [
+            (weight @ tokens[start:end].T).amax(dim=1)  # autocast applies to the matmul
+            if end > start
+            else None  # no real token: the caller zeroes the row
+            for start, end in itertools.pairwise(offsets)
+        ]
+        dtype = next((t.dtype for t in tops if t is not None), weight.dtype)
+        ctx.offsets, ctx.dtype = offsets, dtype
+        ctx.save_for_backward(tokens, weight)
+        zero = weight.new_zeros(weight.shape[0], dtype=dtype)
+        return torch.stack([zero if t is None else t for t in tops]) if tops else zero.new_zeros(0, zero.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        tokens, weight = ctx.saved_tensors
+        lengths = torch.tensor(ctx.offsets, device=tokens.device).diff()
+        # Text by text, rows ascending; a text without tokens has nothing to send its gradient to.
+        text, row = grads[0].masked_fill((lengths == 0).unsqueeze(1), 0).nonzero(as_tuple=True)
+        # Summed in float64 on a CPU: a token can win thousands of rows, and index_add_ adds them
+        # one by one (float32 drifted 3-6x further from the exact gradient than the matmuls do).
+        acc = torch.float64 if tokens.device.type == "cpu" else torch.float32
+        g = grads[0][text, row].to(acc).unsqueeze(1)  # [entries with a gradient, 1]
+        token = torch.empty_like(row)
+        done = 0
+        for i, n in enumerate(torch.bincount(text, minlength=len(ctx.offsets) - 1).tolist()):
+            if n:
+                start, end = ctx.offsets[i], ctx.offsets[i + 1]
+                rows = row[done : done + n]
+                block = weight[rows].to(ctx.dtype) @ tokens[start:end].to(ctx.dtype).T  # [n, text's tokens]
+                token[done : done + n] = block.argmax(dim=1) + start
+                done += n
+        grad_tokens = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = tokens.new_zeros(tokens.shape, dtype=acc)
+            grad_tokens.index_add_(0, token, g * weight[row].to(acc))
+            grad_tokens = grad_tokens.to(tokens.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight.new_zeros(weight.shape, dtype=acc)
+            grad_weight.index_add_(0, row, g * tokens[token].to(acc))
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_tokens, grad_weight, None
 
 
 def _binary(mask: Tensor) -> bool:
