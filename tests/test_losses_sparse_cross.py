@@ -42,15 +42,9 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture
 def sparse_pair(st, model_dirs):
-    """Both models in float64. In float32 a SPLADE gradient sums thousands of decoder rows per
-    element, and two correct orders of summation differ by more than this file's 1e-4: ours (the
-    winners' rows gathered, summed in float64) and sentence-transformers' (dense matmuls) came
-    1.2e-4 and 1.3e-4 from the float64 gradient, while single elements differed from each other by
-    3e-4 relative. In float64 the comparison checks the math, not the rounding; float32 parity of
-    the pooling's gradient is test_mlm_head.py's."""
     return (
-        SparseEncoder(model_dirs["splade"], device="cpu").train().double(),
-        st.SparseEncoder(str(model_dirs["splade"]), device="cpu").train().double(),
+        SparseEncoder(model_dirs["splade"], device="cpu").train(),
+        st.SparseEncoder(str(model_dirs["splade"]), device="cpu").train(),
     )
 
 
@@ -130,9 +124,7 @@ def test_sparse_loss_own_forward(sparse_pair, SS, name):
     else:
         ref = SS.SpladeLoss(ref_model, getattr(SS, name)(ref_model), document_regularizer_weight=0.0)
         want = ref(ref_features, labels)["base_loss"]
-    # Our pairwise and triplet losses compute in float32 (the cast that keeps bf16 training in
-    # float32 narrows float64 too), so only the value is compared.
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, check_dtype=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     got.backward()
     want.backward()
     _grads_match(ours_model, ref_model)
@@ -157,7 +149,7 @@ def test_splade_loss_forward_with_flops(sparse_pair, SS, name):
     want = ref([ref_model.preprocess(c) for c in cols], labels)
     assert list(got) == list(want)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, check_dtype=False, msg=k)
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
     sum(got.values()).backward()
     sum(want.values()).backward()
     _grads_match(ours_model, ref_model)

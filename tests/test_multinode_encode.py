@@ -42,14 +42,20 @@ def big_second_node(ray_cluster, tmp_path_factory):
     node.kill()
 
 
-def _encode_actors(expect: int) -> dict[str, int]:
-    """Node id -> pid of each live encode actor once there are ``expect`` of them, else {} (Ray Data
-    names its workers after their stage)."""
+def _live_encode_actors() -> list:
+    """Ray's state of every live encode actor (Ray Data names its workers after their stage)."""
     from ray.util.state import list_actors
 
     alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
-    found = {a.node_id: a.pid for a in alive if "EncodeAndWrite" in (a.repr_name or "")}
-    return found if len(found) == expect else {}
+    return [a for a in alive if "EncodeAndWrite" in (a.repr_name or "")]
+
+
+def _one_per_node(expect: int, exclude: frozenset[str]) -> dict[str, int]:
+    """Node id -> pid of the live encode actors not in ``exclude`` (an earlier job's), once there
+    are ``expect`` of them on as many nodes, else {}."""
+    found = [a for a in _live_encode_actors() if a.actor_id not in exclude]
+    by_node = {a.node_id: a.pid for a in found}
+    return by_node if len(found) == len(by_node) == expect else {}
 
 
 def _until(what: str, driver: subprocess.Popen, condition, every: float = 0.05, timeout: float = 300):
@@ -93,11 +99,12 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     # the new node's first shard could take longer than the head's whole job (CI of stop 36: all
     # 30 shards written before the kill). Work starts only once both actors are up
     # (RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S), and both are paused as soon as they are seen.
+    earlier = frozenset(a.actor_id for a in _live_encode_actors())
     driver = subprocess.Popen(command, env={**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     actors: dict[str, int] = {}
     try:
-        actors = _until("both encode actors are up", driver, lambda: _encode_actors(expect=2), every=0.5)
+        actors = _until("both encode actors are up", driver, lambda: _one_per_node(2, earlier), every=0.5)
         assert set(actors) == {head, other}, "one encode actor on each node"
         for pid in actors.values():
             os.kill(pid, signal.SIGSTOP)

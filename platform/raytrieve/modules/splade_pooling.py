@@ -164,8 +164,9 @@ class _MaxOverTokens(torch.autograd.Function):
     none below 0). So forward keeps only the maxima (``amax``, 3x faster than ``max`` with its
     indices), and
     backward finds the winners of the entries with a gradient alone, recomputing their rows of
-    the block in the forward's dtype, then gathers those tokens and rows: the same gradient (where
-    two tokens tie, or tie within the rounding of the recomputed rows, it may go to the other)."""
+    the block in the forward's dtype, and multiplies only those rows: the same gradient, except
+    where two tokens tie (often in bf16) or tie within the rounding of the recomputed rows, where
+    it may go to the other one."""
 
     @staticmethod
     def forward(ctx: Any, tokens: Tensor, weight: Tensor, offsets: list[int]) -> Tensor:
@@ -184,32 +185,43 @@ class _MaxOverTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         tokens, weight = ctx.saved_tensors
+        vocab = weight.shape[0]
+        acc = torch.float32 if tokens.dtype in HALF else tokens.dtype
         lengths = torch.tensor(ctx.offsets, device=tokens.device).diff()
         # Text by text, rows ascending; a text without tokens has nothing to send its gradient to.
-        text, row = grads[0].masked_fill((lengths == 0).unsqueeze(1), 0).nonzero(as_tuple=True)
-        # Summed in float64 on a CPU: a token can win thousands of rows, and index_add_ adds them
-        # one by one (float32 drifted 3-6x further from the exact gradient than the matmuls do).
-        acc = torch.float64 if tokens.device.type == "cpu" else torch.float32
-        g = grads[0][text, row].to(acc).unsqueeze(1)  # [entries with a gradient, 1]
-        token = torch.empty_like(row)
+        grad = grads[0].masked_fill((lengths == 0).unsqueeze(1), 0)
+        text, row = grad.nonzero(as_tuple=True)
+        grad_tokens = tokens.new_zeros(tokens.shape, dtype=acc) if ctx.needs_input_grad[0] else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=acc) if ctx.needs_input_grad[1] else None
         done = 0
         for i, n in enumerate(torch.bincount(text, minlength=len(ctx.offsets) - 1).tolist()):
-            if n:
-                start, end = ctx.offsets[i], ctx.offsets[i + 1]
-                rows = row[done : done + n]
-                block = weight[rows].to(ctx.dtype) @ tokens[start:end].to(ctx.dtype).T  # [n, text's tokens]
-                token[done : done + n] = block.argmax(dim=1) + start
-                done += n
-        grad_tokens = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_tokens = tokens.new_zeros(tokens.shape, dtype=acc)
-            grad_tokens.index_add_(0, token, g * weight[row].to(acc))
-            grad_tokens = grad_tokens.to(tokens.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = weight.new_zeros(weight.shape, dtype=acc)
-            grad_weight.index_add_(0, row, g * tokens[token].to(acc))
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_tokens, grad_weight, None
+            if not n:
+                continue
+            start, end = ctx.offsets[i], ctx.offsets[i + 1]
+            rows = row[done : done + n]
+            done += n
+            own = tokens[start:end].to(acc)
+            block = weight[rows].to(ctx.dtype) @ tokens[start:end].to(ctx.dtype).T  # [n, the text's tokens]
+            winner = block.argmax(dim=1)
+            # [rows, tokens] with each row's gradient at its winner: the two products below are the
+            # gradient, summed by matmuls as autograd sums it. With most of the vocabulary
+            # carrying a gradient (an MLM not yet made sparse by FLOPS) the whole [vocab, tokens]
+            # form is cheaper than gathering nearly every row.
+            dense = 4 * n > vocab
+            picks = torch.zeros(vocab if dense else n, end - start, dtype=acc, device=tokens.device)
+            picks[rows if dense else torch.arange(n, device=rows.device), winner] = grad[i, rows].to(acc)
+            if grad_tokens is not None:
+                grad_tokens[start:end] = picks.T @ (weight if dense else weight[rows]).to(acc)
+            if grad_weight is not None:
+                if dense:
+                    grad_weight += picks @ own
+                else:
+                    grad_weight.index_add_(0, rows, picks @ own)
+        return (
+            None if grad_tokens is None else grad_tokens.to(tokens.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+        )
 
 
 def _binary(mask: Tensor) -> bool:
