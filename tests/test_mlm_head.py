@@ -189,24 +189,30 @@ def test_max_over_tokens_backward_is_autograd_through_max():
     assert got_w.abs().sum() > 0 and got_t[5:14].abs().sum() > 0
 
 
-def test_max_pooling_under_bf16_autocast_trains_on_the_inference_values(mlm_dir):
+@pytest.mark.parametrize("share", [1.0, 0.1])
+def test_max_pooling_under_bf16_autocast_trains_on_the_inference_values(mlm_dir, share):
     """Under bf16 autocast the training path pools the same values as inference (amax of the
-    same bf16 block), and its gradients are autograd's through the whole logits' max (the
-    undeferred decoder) up to bf16's ties, which each path may break its own way."""
+    same bf16 block), and its gradients, backward called inside autocast, are autograd's through
+    the whole logits' max (the undeferred decoder) up to bf16's ties, which each path may break
+    its own way."""
     texts = SENTENCES[:4]
     model = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu").train()
     ref = SparseEncoder([MLMTransformer.from_pretrained(mlm_dir), SpladePooling("max")], device="cpu").train()
     ref.stack[0].decoder_deferred = False
     features = model.tokenize(texts)
-    weights = torch.linspace(0.5, 1.5, model.stack[0].auto_model.config.vocab_size)
+    vocab = model.stack[0].auto_model.config.vocab_size
+    # share: the entries with a gradient (all: the [vocab, tokens] form; 10%: the gathered rows)
+    keep = torch.rand(vocab, generator=torch.Generator().manual_seed(0)) < share
+    weights = torch.linspace(0.5, 1.5, vocab) * keep
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             want = model({k: v.clone() for k, v in features.items()})["sentence_embedding"]
         got = model({k: v.clone() for k, v in features.items()})["sentence_embedding"]
         ref_got = ref({k: v.clone() for k, v in features.items()})["sentence_embedding"]
+        # Inside autocast, as the training step calls backward.
+        (got * weights).sum().backward()
+        (ref_got * weights).sum().backward()
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    (got * weights).sum().backward()
-    (ref_got * weights).sum().backward()
     ref_params = dict(ref.stack[0].auto_model.named_parameters())
     for name, p in model.stack[0].auto_model.named_parameters():
         expected = ref_params[name].grad

@@ -185,7 +185,6 @@ class _MaxOverTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         tokens, weight = ctx.saved_tensors
-        vocab = weight.shape[0]
         acc = torch.float32 if tokens.dtype in HALF else tokens.dtype
         lengths = torch.tensor(ctx.offsets, device=tokens.device).diff()
         # Text by text, rows ascending; a text without tokens has nothing to send its gradient to.
@@ -193,35 +192,55 @@ class _MaxOverTokens(torch.autograd.Function):
         text, row = grad.nonzero(as_tuple=True)
         grad_tokens = tokens.new_zeros(tokens.shape, dtype=acc) if ctx.needs_input_grad[0] else None
         grad_weight = weight.new_zeros(weight.shape, dtype=acc) if ctx.needs_input_grad[1] else None
-        done = 0
-        for i, n in enumerate(torch.bincount(text, minlength=len(ctx.offsets) - 1).tolist()):
-            if not n:
-                continue
-            start, end = ctx.offsets[i], ctx.offsets[i + 1]
-            rows = row[done : done + n]
-            done += n
-            own = tokens[start:end].to(acc)
-            block = weight[rows].to(ctx.dtype) @ tokens[start:end].to(ctx.dtype).T  # [n, the text's tokens]
-            winner = block.argmax(dim=1)
-            # [rows, tokens] with each row's gradient at its winner: the two products below are the
-            # gradient, summed by matmuls as autograd sums it. With most of the vocabulary
-            # carrying a gradient (an MLM not yet made sparse by FLOPS) the whole [vocab, tokens]
-            # form is cheaper than gathering nearly every row.
-            dense = 4 * n > vocab
-            picks = torch.zeros(vocab if dense else n, end - start, dtype=acc, device=tokens.device)
-            picks[rows if dense else torch.arange(n, device=rows.device), winner] = grad[i, rows].to(acc)
-            if grad_tokens is not None:
-                grad_tokens[start:end] = picks.T @ (weight if dense else weight[rows]).to(acc)
-            if grad_weight is not None:
-                if dense:
-                    grad_weight += picks @ own
-                else:
-                    grad_weight.index_add_(0, rows, picks @ own)
+        # Backward may run inside the training step's autocast: the dtypes here are chosen, not cast.
+        with torch.autocast(tokens.device.type, enabled=False):
+            _sum_per_text(ctx.offsets, ctx.dtype, tokens, weight, grad, text, row, acc, grad_tokens, grad_weight)
         return (
             None if grad_tokens is None else grad_tokens.to(tokens.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None,
         )
+
+
+def _sum_per_text(
+    offsets: list[int],
+    dtype: torch.dtype,
+    tokens: Tensor,
+    weight: Tensor,
+    grad: Tensor,
+    text: Tensor,
+    row: Tensor,
+    acc: torch.dtype,
+    grad_tokens: Tensor | None,
+    grad_weight: Tensor | None,
+) -> None:
+    """_MaxOverTokens' backward for each text with a gradient, into ``grad_tokens`` and ``grad_weight``
+    (``dtype``: the forward's block's, in which the winners are found again)."""
+    vocab = weight.shape[0]
+    done = 0
+    for i, n in enumerate(torch.bincount(text, minlength=len(offsets) - 1).tolist()):
+        if not n:
+            continue
+        start, end = offsets[i], offsets[i + 1]
+        rows = row[done : done + n]
+        done += n
+        own = tokens[start:end].to(acc)
+        block = weight[rows].to(dtype) @ tokens[start:end].to(dtype).T  # [n, the text's tokens]
+        winner = block.argmax(dim=1)
+        # [rows, tokens] with each row's gradient at its winner: the two products below are the
+        # gradient, summed by matmuls as autograd sums it. With most of the vocabulary
+        # carrying a gradient (an MLM not yet made sparse by FLOPS) the whole [vocab, tokens]
+        # form is cheaper than gathering nearly every row.
+        dense = 4 * n > vocab
+        picks = torch.zeros(vocab if dense else n, end - start, dtype=acc, device=tokens.device)
+        picks[rows if dense else torch.arange(n, device=rows.device), winner] = grad[i, rows].to(acc)
+        if grad_tokens is not None:
+            grad_tokens[start:end] = picks.T @ (weight if dense else weight[rows]).to(acc)
+        if grad_weight is not None:
+            if dense:
+                grad_weight += picks @ own
+            else:
+                grad_weight.index_add_(0, rows, picks @ own)
 
 
 def _binary(mask: Tensor) -> bool:
