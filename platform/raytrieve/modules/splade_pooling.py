@@ -8,7 +8,7 @@ real tokens only; otherwise they arrive whole as ``token_embeddings``.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,9 +91,10 @@ class SpladePooling(Module):
         linear = type(decoder) is nn.Linear
         acc = torch.float32 if hidden.dtype in HALF else hidden.dtype
         keep = attention_mask.bool()
-        training = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
-        if linear and training and self.pooling_strategy == "max":
-            return self._pool_projected_max_for_training(hidden, decoder, keep, acc)
+        # (An int8 decoder has no ``weight``: ``linear`` is checked first.)
+        training = linear and torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
+        if training and self.pooling_strategy == "max":
+            return self._pool_projected_max_for_training(hidden, cast(nn.Linear, decoder), keep, acc)
         # An int8-quantised decoder (not a plain Linear) only computes [n, vocab] with its bias.
         bias = decoder.bias.to(acc).unsqueeze(1) if linear else 0.0
         rows = []
