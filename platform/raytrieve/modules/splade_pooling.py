@@ -163,11 +163,10 @@ class _MaxOverTokens(torch.autograd.Function):
     tokens, bf16 autocast, 2 cores: 1.12 s a step that way, 0.60 s this way). Only the winning
     token of a (text, vocabulary) entry gets its gradient, and most entries get none (relu passes
     none below 0). So forward keeps only the maxima (``amax``, 3x faster than ``max`` with its
-    indices), and
-    backward finds the winners of the entries with a gradient alone, recomputing their rows of
-    the block in the forward's dtype, and multiplies only those rows: the same gradient, except
-    where two tokens tie (often in bf16) or tie within the rounding of the recomputed rows, where
-    it may go to the other one."""
+    indices), and backward finds the winners of the entries with a gradient alone, recomputing
+    their rows of the block in the forward's dtype, and multiplies only those rows: the same
+    gradient, except where two tokens tie (often in bf16) or tie within the rounding of the
+    recomputed rows, where it may go to the other one."""
 
     @staticmethod
     def forward(ctx: Any, tokens: Tensor, weight: Tensor, offsets: list[int]) -> Tensor:
@@ -195,53 +194,35 @@ class _MaxOverTokens(torch.autograd.Function):
         grad_weight = weight.new_zeros(weight.shape, dtype=acc) if ctx.needs_input_grad[1] else None
         # Backward may run inside the training step's autocast: the dtypes here are chosen, not cast.
         with torch.autocast(tokens.device.type, enabled=False):
-            _sum_per_text(ctx.offsets, ctx.dtype, tokens, weight, grad, text, row, acc, grad_tokens, grad_weight)
+            vocab, done = weight.shape[0], 0
+            for i, n in enumerate(torch.bincount(text, minlength=len(ctx.offsets) - 1).tolist()):
+                if not n:
+                    continue
+                start, end = ctx.offsets[i], ctx.offsets[i + 1]
+                rows = row[done : done + n]
+                done += n
+                # The winners found again in the forward's dtype: [n, the text's tokens].
+                winner = (weight[rows].to(ctx.dtype) @ tokens[start:end].to(ctx.dtype).T).argmax(dim=1)
+                # [rows, tokens] with each row's gradient at its winner: the two products below are
+                # the gradient, summed by matmuls as autograd sums it. With most of the vocabulary
+                # carrying a gradient (an MLM not yet made sparse by FLOPS) the whole
+                # [vocab, tokens] form is cheaper than gathering nearly every row.
+                dense = 4 * n > vocab
+                picks = torch.zeros(vocab if dense else n, end - start, dtype=acc, device=tokens.device)
+                picks[rows if dense else torch.arange(n, device=rows.device), winner] = grad[i, rows].to(acc)
+                if grad_tokens is not None:
+                    grad_tokens[start:end] = picks.T @ (weight if dense else weight[rows]).to(acc)
+                if grad_weight is not None:
+                    own = tokens[start:end].to(acc)
+                    if dense:
+                        grad_weight += picks @ own
+                    else:
+                        grad_weight.index_add_(0, rows, picks @ own)
         return (
             None if grad_tokens is None else grad_tokens.to(tokens.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None,
         )
-
-
-def _sum_per_text(
-    offsets: list[int],
-    dtype: torch.dtype,
-    tokens: Tensor,
-    weight: Tensor,
-    grad: Tensor,
-    text: Tensor,
-    row: Tensor,
-    acc: torch.dtype,
-    grad_tokens: Tensor | None,
-    grad_weight: Tensor | None,
-) -> None:
-    """_MaxOverTokens' backward for each text with a gradient, into ``grad_tokens`` and ``grad_weight``
-    (``dtype``: the forward's block's, in which the winners are found again)."""
-    vocab = weight.shape[0]
-    done = 0
-    for i, n in enumerate(torch.bincount(text, minlength=len(offsets) - 1).tolist()):
-        if not n:
-            continue
-        start, end = offsets[i], offsets[i + 1]
-        rows = row[done : done + n]
-        done += n
-        own = tokens[start:end].to(acc)
-        block = weight[rows].to(dtype) @ tokens[start:end].to(dtype).T  # [n, the text's tokens]
-        winner = block.argmax(dim=1)
-        # [rows, tokens] with each row's gradient at its winner: the two products below are the
-        # gradient, summed by matmuls as autograd sums it. With most of the vocabulary
-        # carrying a gradient (an MLM not yet made sparse by FLOPS) the whole [vocab, tokens]
-        # form is cheaper than gathering nearly every row.
-        dense = 4 * n > vocab
-        picks = torch.zeros(vocab if dense else n, end - start, dtype=acc, device=tokens.device)
-        picks[rows if dense else torch.arange(n, device=rows.device), winner] = grad[i, rows].to(acc)
-        if grad_tokens is not None:
-            grad_tokens[start:end] = picks.T @ (weight if dense else weight[rows]).to(acc)
-        if grad_weight is not None:
-            if dense:
-                grad_weight += picks @ own
-            else:
-                grad_weight.index_add_(0, rows, picks @ own)
 
 
 def _binary(mask: Tensor) -> bool:
