@@ -246,6 +246,7 @@ def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr, second.stderr[-3000:]  # a run that succeeds prints no trace
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["shards_reused"] == finished_before and summary["shards_written"] == 30 - summary["shards_reused"]
     v = read_vectors(out)
