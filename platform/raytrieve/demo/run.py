@@ -162,6 +162,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     from raytrieve.ray_cluster import connect
 
+    embedded = ray_address == "local" and not ray.is_initialized()  # a Ray of this run's own
     connect(ray_address, num_cpus=cfg.num_cpus if ray_address == "local" else None, log_to_driver=False)
     import ray.serve  # imported before its logger is quietened below, and stopped at the end
     from ray.data import DataContext
@@ -221,7 +222,12 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         )
 
     finally:
-        if serving:  # this stops every Serve app on the cluster: the demo is meant for its own embedded Ray
+        # Each phase deleted its app. On a Ray of its own the demo leaves Serve's controller to the
+        # end of that Ray (at exit): serve.shutdown() would print a raylet error line at the end of
+        # a good run (the controller kills itself under its own graceful_shutdown call, which
+        # Ray then reports as a failed task to retry). On a Ray it joined (a test session's),
+        # Serve is stopped, as the next user of that cluster expects to start it afresh.
+        if serving and not embedded:
             ray.serve.shutdown()
 
     progress("6/6 report")
