@@ -105,7 +105,7 @@ def serve_and_query(
         )
     finally:
         # Frees the replicas' CPUs for training; Serve's controller and proxy stay up for the
-        # next phase (restarting them cost about 10 s) and stop at the end of the run.
+        # next phase (restarting them cost about 10 s) and stop at the end of the run (run.py).
         serve.delete(serve_cfg.app_name)
     return {
         "per_stage": {

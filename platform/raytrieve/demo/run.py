@@ -150,7 +150,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
             encoded = encode_and_index(encode, folder)
         progress(f"  encoded {encoded['rows']} documents at {encoded['rows_per_s']} rows/s; starting Serve")
         running = bool(serving)
-        serving.append(phase)  # before the call: Serve is stopped at the end even if this phase fails
+        serving.append(phase)  # before the call: Serve (or the run's own Ray) is stopped at the end even if this fails
         answered = serve_and_query(cfg, samples, served, progress, running)
         return store.put(f"test-{phase}", key, {"encode": encoded, **answered})
 
@@ -164,7 +164,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     embedded = ray_address == "local" and not ray.is_initialized()  # a Ray of this run's own
     connect(ray_address, num_cpus=cfg.num_cpus if ray_address == "local" else None, log_to_driver=False)
-    import ray.serve  # imported before its logger is quietened below, and stopped at the end
+    import ray.serve  # imported before its logger is quietened below
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -222,12 +222,14 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         )
 
     finally:
-        # Each phase deleted its app. On a Ray of its own the demo leaves Serve's controller to the
-        # end of that Ray (at exit): serve.shutdown() would print a raylet error line at the end of
-        # a good run (the controller kills itself under its own graceful_shutdown call, which
-        # Ray then reports as a failed task to retry). On a Ray it joined (a test session's),
-        # Serve is stopped, as the next user of that cluster expects to start it afresh.
-        if serving and not embedded:
+        # A Ray of the run's own stops here, Serve with it: serve.shutdown() would print a raylet
+        # error line at the end of a good run (the controller kills itself under its own
+        # graceful_shutdown call, which Ray then reports as a failed task to retry), while
+        # ray.shutdown() is quiet and frees Serve's port for a later run in this process. On a
+        # Ray it joined (a test session's), only Serve is stopped.
+        if embedded:
+            ray.shutdown()
+        elif serving:
             ray.serve.shutdown()
 
     progress("6/6 report")
