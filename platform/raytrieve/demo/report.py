@@ -136,7 +136,7 @@ def markdown(rep: dict[str, Any]) -> str:
     lines = [
         "# raytrieve demo results",
         "",
-        f"Run on {rep['date']}, {rep['machine']}; `make demo` took {rep['seconds'] / 60:.1f} min"
+        f"Run ended {rep['date']}, {rep['machine']}; `raytrieve demo` took {rep['seconds'] / 60:.1f} min"
         + (
             f" (reusing {len(rep['reused_steps'])} finished steps of an earlier run: {', '.join(rep['reused_steps'])})."
             if rep["reused_steps"]
