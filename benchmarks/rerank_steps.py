@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -41,6 +43,7 @@ def main() -> None:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
+    from dense_heads import dense_heads
 
     from raytrieve import CrossEncoder, DenseEncoder
     from raytrieve.config import load_yaml
@@ -65,47 +68,36 @@ def main() -> None:
     # Hard negatives for the train pairs, as `raytrieve mine` selects them (its retriever's scores).
     train = pq.read_table(samples.train_path).to_pydict()
     docs = list(dict.fromkeys(train["document"]))
+    position = {d: j for j, d in enumerate(docs)}
     doc_vectors = dense.encode_document(docs, normalize_embeddings=True)
     query_vectors = dense.encode_query(train["query"], normalize_embeddings=True)
     rows = []
     for q, positive, scores in zip(train["query"], train["document"], query_vectors @ doc_vectors.T):
         order = [int(j) for j in np.argsort(-scores, kind="stable") if docs[j] != positive][: selection.range_max]
-        chosen = select_negatives(order, scores[order], float(scores[docs.index(positive)]), selection, rng)
+        chosen = select_negatives(order, scores[order], float(scores[position[positive]]), selection, rng)
         if len(chosen) == selection.num_negatives:
             rows.append([q, positive, *(docs[j] for j in chosen)])
     rng.shuffle(rows)
 
-    def heads(split, n: int) -> list[dict]:
-        ids = list(split.corpus)
-        qids = [q for q in split.queries if q in split.qrels][:n]
-        vectors = dense.encode_document([split.corpus[d] for d in ids], normalize_embeddings=True)
-        scores = dense.encode_query([split.queries[q] for q in qids], normalize_embeddings=True) @ vectors.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        return [
-            {
-                "query": split.queries[q],
-                "docs": [ids[j] for j in row],
-                "relevant": split.qrels[q],
-                "texts": [split.corpus[ids[j]] for j in row],
-            }
-            for q, row in zip(qids, top)
-        ]
-
     def ndcg(order: list[str], relevant: str) -> float:
         return query_metrics(order, {relevant: 1.0}, (10,))["ndcg@10"]
 
-    splits = {"dev": heads(samples.dev, args.dev_queries), "test": heads(samples.test, args.test_queries)}
-    dense_ndcg = {name: [ndcg(h["docs"], h["relevant"]) for h in hs] for name, hs in splits.items()}
+    splits = {
+        name: [(h, [d for d, _ in h.hits], h.texts(split.corpus)) for h in dense_heads(dense, split, n, 10)]
+        for name, split, n in (("dev", samples.dev, args.dev_queries), ("test", samples.test, args.test_queries))
+    }
+    dense_ndcg = {name: [ndcg(docs, h.relevant) for h, docs, _ in hs] for name, hs in splits.items()}
 
     def score(step: int, seconds: float) -> dict:
         cross.eval()
         out: dict = {"step": step, "train_seconds": round(seconds, 1)}
         for name, hs in splits.items():
-            pairs = [(h["query"], t) for h in hs for t in h["texts"]]
+            pairs = [(h.query, text) for h, _, texts in hs for text in texts]
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 ce = np.asarray(cross.predict(pairs, batch_size=32)).reshape(len(hs), 10)
             got = [
-                ndcg([h["docs"][k] for k in np.argsort(-ce[i], kind="stable")], h["relevant"]) for i, h in enumerate(hs)
+                ndcg([docs[k] for k in np.argsort(-ce[i], kind="stable")], h.relevant)
+                for i, (h, docs, _) in enumerate(hs)
             ]
             out[name] = round(float(np.mean(got)), 4)
             if name == "test":

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
+    from dense_heads import Head, dense_heads
 
     from raytrieve import CrossEncoder, DenseEncoder
     from raytrieve.demo.config import DemoConfig
@@ -50,29 +53,18 @@ def main() -> None:
     cross = CrossEncoder(str(resolve_model(cfg.models.reranker)))
     dense.max_seq_length = cross.max_seq_length = cfg.models.max_seq_length
 
-    def heads(split, n: int) -> list[dict]:
-        """Each query's dense top ``depth`` with dense and cross-encoder scores."""
-        ids = list(split.corpus)
-        qids = [q for q in split.queries if q in split.qrels][:n]
-        docs = dense.encode([split.corpus[d] for d in ids], normalize_embeddings=True)
-        scores = dense.encode([split.queries[q] for q in qids], normalize_embeddings=True) @ docs.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : args.depth]
-        pairs = [(split.queries[q], split.corpus[ids[j]]) for q, row in zip(qids, top) for j in row]
-        ce = np.asarray(cross.predict(pairs)).reshape(len(qids), args.depth)
-        return [
-            {
-                "head": [(ids[j], float(scores[i, j])) for j in top[i]],
-                "cross": ce[i].tolist(),
-                "relevant": split.qrels[q],
-            }
-            for i, q in enumerate(qids)
-        ]
+    def heads(split, n: int) -> list[tuple[Head, list[float]]]:
+        """Each query's dense top ``depth`` with its cross-encoder scores."""
+        found = dense_heads(dense, split, n, args.depth)
+        pairs = [(h.query, text) for h in found for text in h.texts(split.corpus)]
+        ce = np.asarray(cross.predict(pairs)).reshape(len(found), args.depth)
+        return list(zip(found, ce.tolist()))
 
-    def ndcg(rows: list[dict], weight: float | None) -> list[float]:
+    def ndcg(rows: list[tuple[Head, list[float]]], weight: float | None) -> list[float]:
         out = []
-        for r in rows:
-            ranked = r["head"] if weight is None else interpolate(r["head"], r["cross"], weight)
-            out.append(query_metrics([d for d, _ in ranked], {r["relevant"]: 1.0}, (10,))["ndcg@10"])
+        for head, ce in rows:
+            ranked = head.hits if weight is None else interpolate(head.hits, ce, weight)
+            out.append(query_metrics([d for d, _ in ranked], {head.relevant: 1.0}, (10,))["ndcg@10"])
         return out
 
     dev, test = heads(samples.dev, args.dev_queries), heads(samples.test, args.test_queries)

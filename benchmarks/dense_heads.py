@@ -1,0 +1,33 @@
+"""Each judged query's dense top k on a demo split, in process (no Ray): the candidate lists the
+reranker benchmarks reorder (rerank_weight.py, rerank_steps.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Head:
+    query: str
+    relevant: str  # the query's one relevant document id (the demo's splits are known-item)
+    hits: list[tuple[str, float]]  # (doc id, dense score), best first
+
+    def texts(self, corpus: dict[str, str]) -> list[str]:
+        return [corpus[d] for d, _ in self.hits]
+
+
+def dense_heads(dense: Any, split: Any, queries: int, depth: int) -> list[Head]:
+    """The first ``queries`` judged queries of ``split`` (demo.sample's Split) with the dense
+    model's top ``depth`` documents by cosine score (ties keep corpus order)."""
+    import numpy as np
+
+    ids = list(split.corpus)
+    qids = [q for q in split.queries if q in split.qrels][:queries]
+    docs = dense.encode_document([split.corpus[d] for d in ids], normalize_embeddings=True)
+    scores = dense.encode_query([split.queries[q] for q in qids], normalize_embeddings=True) @ docs.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    return [
+        Head(split.queries[q], split.qrels[q], [(ids[j], float(scores[i, j])) for j in top[i]])
+        for i, q in enumerate(qids)
+    ]
