@@ -10,7 +10,7 @@ from typing import Any
 @dataclass
 class Head:
     query: str
-    relevant: str  # the query's one relevant document id (the demo's splits are known-item)
+    relevant: dict[str, float]  # its qrels: document id -> grade (> 0: relevant)
     hits: list[tuple[str, float]]  # (doc id, dense score), best first
 
     def texts(self, corpus: dict[str, str]) -> list[str]:

@@ -79,8 +79,8 @@ def main() -> None:
             rows.append([q, positive, *(docs[j] for j in chosen)])
     rng.shuffle(rows)
 
-    def ndcg(order: list[str], relevant: str) -> float:
-        return query_metrics(order, {relevant: 1.0}, (10,))["ndcg@10"]
+    def ndcg(order: list[str], relevant: dict[str, float]) -> float:
+        return query_metrics(order, relevant, (10,))["ndcg@10"]
 
     splits = {
         name: [(h, [d for d, _ in h.hits], h.texts(split.corpus)) for h in dense_heads(dense, split, n, 10)]

@@ -64,7 +64,7 @@ def main() -> None:
         out = []
         for head, ce in rows:
             ranked = head.hits if weight is None else interpolate(head.hits, ce, weight)
-            out.append(query_metrics([d for d, _ in ranked], {head.relevant: 1.0}, (10,))["ndcg@10"])
+            out.append(query_metrics([d for d, _ in ranked], head.relevant, (10,))["ndcg@10"])
         return out
 
     dev, test = heads(samples.dev, args.dev_queries), heads(samples.test, args.test_queries)

@@ -169,7 +169,7 @@ def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(minilm_dir, t
 
     corpus = {f"d{i}": text for i, text in enumerate(SENTENCES)}
     queries = {f"q{i}": SENTENCES[i].split(" is ")[0] + " doing something" for i in range(6)}
-    qrels = {f"q{i}": f"d{i}" for i in range(6)}
+    qrels = {f"q{i}": {f"d{i}": 1.0} for i in range(6)}
     rng = np.random.default_rng(0)
     dev_result = {kind: {"candidates": {q: [(f"d{j}", float(10 - r)) for r, j in
                                             enumerate(rng.permutation(len(corpus))[:10])] for q in queries}}
@@ -228,6 +228,100 @@ def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
 def test_pydocs_packages_scanned_in_parallel_equal_one_process():
     packages = ("click", "jinja2", "packaging")
     assert pydocs.scan_packages(packages, workers=2) == {p: pydocs.package_pairs(p) for p in packages}
+
+
+def _beir(root: Path, corpus: int = 40) -> Path:
+    """A BEIR folder with BEIR's quirks: ids that look like integers, empty and missing titles,
+    queries with two relevant documents, judged-irrelevant rows (grade 0), graded relevance."""
+    root.mkdir(parents=True)
+    docs = [{"_id": str(100 + i), "title": "" if i % 3 else f"Title {i}", "text": f"document number {i} text"}
+            for i in range(corpus)]
+    del docs[1]["title"]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    queries = [{"_id": f"{i}", "text": f"question {i}"} for i in range(30)]
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (root / "qrels").mkdir()
+    splits = {"train": range(0, 14), "dev": range(14, 22), "test": range(22, 30)}
+    for name, ids in splits.items():
+        rows = ["query-id\tcorpus-id\tscore"]
+        for q in ids:
+            rows += [f"{q}\t{100 + q}\t2", f"{q}\t{101 + q}\t1", f"{q}\t{102 + q}\t0"]
+        (root / "qrels" / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path):
+    from raytrieve.demo.sample import prepare_beir
+    from raytrieve.evaluate.data import load_beir
+
+    folder = _beir(tmp_path / "mine")
+    cfg = from_dict(DemoConfig, {"out_dir": str(tmp_path / "out"), "beir": {"path": str(folder)},
+                                 "sample": {"train_pairs": 20, "dev_queries": 5, "dev_corpus": 12,
+                                            "test_queries": 6, "test_corpus": 15}}).check()
+    samples = prepare_beir(cfg, tmp_path / "out" / "data")
+    import pyarrow.parquet as pq
+
+    # Train pairs: a train query with a relevant (grade > 0) document of its own, 20 of the 28.
+    train = pq.read_table(samples.train_path).to_pylist()
+    assert samples.train_pairs == len(train) == 20
+    assert len({(r["query"], r["document"]) for r in train}) == 20
+    def text(i: int) -> str:  # a document as evaluate reads it: its title (if any) in front
+        return ("" if i % 3 else f"Title {i} ") + f"document number {i} text"
+
+    for r in train:
+        q = int(r["query"].split()[-1])
+        assert q < 14 and r["document"] in (text(q), text(q + 1)), r
+    assert any(r["document"].startswith("Title ") for r in train)
+    for split, name, n, size in ((samples.dev, "dev", 5, 12), (samples.test, "test", 6, 15)):
+        full = load_beir(folder, name)
+        assert len(split.queries) == n and set(split.queries) <= set(full.queries)
+        assert len(split.corpus) == size
+        for q, judged in split.qrels.items():
+            # Graded as the file says; every relevant document is in the sampled corpus.
+            assert judged == {d: g for d, g in full.qrels[q].items() if d in split.corpus}
+            assert sorted(g for g in judged.values() if g > 0) == [1.0, 2.0]
+        assert {split.queries[q] for q in split.qrels} == {full.queries[q] for q in split.qrels}
+    # The encoding job's input is the test split's corpus, titles in front as evaluate reads them.
+    corpus = pq.read_table(samples.test_corpus_path).to_pydict()
+    assert dict(zip(corpus["id"], corpus["document"])) == samples.test.corpus
+    # The same draw again; a changed qrels file changes the samples' key (no stale reuse).
+    again = prepare_beir(cfg, tmp_path / "out" / "data")
+    assert again.key == samples.key and again.test.qrels == samples.test.qrels
+    (folder / "qrels" / "test.tsv").write_text((folder / "qrels" / "test.tsv").read_text() + "29\t100\t1\n")
+    assert prepare_beir(cfg, tmp_path / "out" / "data").key != samples.key
+
+
+def test_beir_data_errors_name_the_split_and_the_fix(tmp_path):
+    from raytrieve.demo.sample import prepare_beir
+    from raytrieve.errors import DataError
+
+    folder = _beir(tmp_path / "mine")
+
+    def prepared(**beir):
+        return prepare_beir(from_dict(DemoConfig, {"out_dir": str(tmp_path / "out"),
+                                                   "beir": {"path": str(folder), **beir}}), tmp_path / "out")
+
+    with pytest.raises(DataError, match=r"beir.dev_split: .*validation.tsv: no such file.*\['dev', 'test', 'train'\]"):
+        prepared(dev_split="validation")
+    with pytest.raises(DataError, match="beir: the train, dev and test splits must differ"):
+        prepared(dev_split="test")
+    shared = (folder / "qrels" / "train.tsv").read_text() + "25\t105\t1\n"
+    (folder / "qrels" / "train.tsv").write_text(shared)
+    with pytest.raises(DataError, match=r"beir.test_split: 1 of its queries are also in the train split \(e.g. \['25'\]\)"):
+        prepared()
+    with pytest.raises(ConfigError, match="beir: missing required key .path."):
+        from_dict(DemoConfig, {"beir": {"train_split": "train"}})
+
+
+def test_the_report_says_which_data_it_scored():
+    from raytrieve.demo.report import markdown
+
+    rep = json.loads((ROOT / "docs" / "demo-results.json").read_text())
+    assert "queries of numpy and scipy docstrings" in markdown(rep)
+    rep["data"] = {"beir": {"path": "data/mine", "train_split": "train", "dev_split": "dev", "test_split": "test"}}
+    md = markdown(rep)
+    assert "queries of data/mine's test split (never trained on)" in md and "numpy" not in md
+    assert f"{rep['sizes']['dev_queries']} queries of its dev split over" in md
 
 
 @pytest.mark.slow

@@ -14,19 +14,28 @@ from raytrieve.config import ConfigModel, invalid, load_yaml
 
 
 class SampleConfig(ConfigModel):
-    """Which rows of the pydocs data the demo uses (drawn with ``seed``, reproducibly). The
-    defaults are jobs/configs/demo.yaml's: about 12 minutes on 2 CPU cores."""
+    """Which rows of the data the demo uses (drawn with ``seed``, reproducibly). The defaults are
+    jobs/configs/demo.yaml's: about 13 minutes on 2 CPU cores with the pydocs set. With a BEIR
+    folder (``beir``) each is a cap: train pairs of the train split, queries of the dev and test
+    splits, and each split's corpus (its queries' relevant documents, then others of the corpus)."""
 
-    train_pairs: int = Field(default=1536, description="fine-tuning pairs from the train packages")
-    dev_queries: int = Field(
-        default=200, description='held-out pairs of the train packages: the "train domain" evaluation'
+    train_pairs: int = Field(
+        default=1536, description="fine-tuning pairs from the train packages (BEIR: of the train split, at most)"
     )
-    dev_corpus: int = Field(default=600, description="their documents plus other held-out train-package documents")
+    dev_queries: int = Field(
+        default=200,
+        description='held-out pairs of the train packages (BEIR: dev-split queries): the "train domain" evaluation',
+    )
+    dev_corpus: int = Field(
+        default=600,
+        description="their documents plus other held-out train-package documents (BEIR: plus others of the corpus)",
+    )
     test_queries: int = Field(
-        default=150, description="queries of the test packages (never seen in training), asked over HTTP"
+        default=150, description="queries of the test packages or split (never seen in training), asked over HTTP"
     )
     test_corpus: int = Field(
-        default=1000, description="test documents in the served index: every test query's own, plus others"
+        default=1000,
+        description="test documents in the served index: every test query's relevant ones, plus others",
     )
     seed: int = 0
 
@@ -107,11 +116,23 @@ class ShippedConfigs(ConfigModel):
         return next((d for d in (here, checkout) if (d / name).exists()), here).joinpath(name).resolve()
 
 
+class BeirData(ConfigModel):
+    """A BEIR folder of your own instead of the pydocs set: corpus.jsonl, queries.jsonl and one
+    qrels/<split>.tsv per split. The demo fine-tunes on the train split's judged pairs, fits
+    /search's settings on dev and reports test; ``sample`` caps each (a random draw with its seed)."""
+
+    path: str = Field(description="the BEIR folder")
+    train_split: str = "train"
+    dev_split: str = Field(default="dev", description="held out from training: the fit of /search's settings")
+    test_split: str = "test"
+
+
 class DemoConfig(ConfigModel):
     out_dir: str = "out/demo"
     pydocs_dir: str = Field(
         default="data/pydocs", description="built by the demo when missing (raytrieve data build-pydocs)"
     )
+    beir: BeirData | None = Field(default=None, description="your own data in BEIR's layout; None: the pydocs set")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     dense_training: FineTuneConfig = Field(

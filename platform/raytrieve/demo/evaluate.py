@@ -27,7 +27,7 @@ def evaluate_in_process(
     evaluator = cls(
         split.queries,
         split.corpus,
-        {q: {d} for q, d in split.qrels.items()},
+        {q: {d for d, grade in judged.items() if grade > 0} for q, judged in split.qrels.items()},
         ndcg_at_k=(10,),
         mrr_at_k=(10,),
         accuracy_at_k=(1,),

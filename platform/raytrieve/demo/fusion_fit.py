@@ -27,7 +27,7 @@ def fit_on_dev(
     """The fitted setting (``search_fields``: the serve config's ``search:``) and its dev scores,
     the rerank depth decided with ``reranker``: the reranker deployment of the serve config this
     phase serves (phase_configs.serve_config), so the fit scores pairs as the served app does."""
-    qrels = {q: {d: 1.0} for q, d in dev.qrels.items()}
+    qrels = dev.qrels
     candidates = {
         qid: {kind: [(d, s) for d, s in dev_result[kind]["candidates"][qid]] for kind in ("dense", "sparse")}
         for qid in qrels

@@ -94,8 +94,10 @@ def build(
         "seconds": round(seconds, 1),
         "reused_steps": list(reused),
         "metrics": list(names),
+        # What the splits are (the markdown's words; a report without it is of the pydocs set).
+        "data": None if cfg.beir is None else {"beir": cfg.beir.model_dump()},
         "sizes": {
-            "train_pairs": cfg.sample.train_pairs,
+            "train_pairs": samples.train_pairs,
             "dev_queries": len(samples.dev.queries),
             "dev_corpus": len(samples.dev.corpus),
             "test_queries": len(samples.test.queries),
@@ -133,6 +135,14 @@ def _cell(v: dict[str, Any]) -> str:
 def markdown(rep: dict[str, Any]) -> str:
     names, s = rep["metrics"], rep["sizes"]
     head = " | ".join(f"{m} before | {m} after | Δ [95% CI]" for m in names)
+    data = rep.get("data")
+    if data is None:  # the pydocs set
+        test = "queries of numpy and scipy docstrings (packages never trained on)"
+        dev = "held-out pairs of the train packages"
+    else:
+        b = data["beir"]
+        test = f"queries of {b['path']}'s {b['test_split']} split (never trained on)"
+        dev = f"queries of its {b['dev_split']} split"
     lines = [
         "# raytrieve demo results",
         "",
@@ -143,12 +153,11 @@ def markdown(rep: dict[str, Any]) -> str:
             else ", every step computed in this run."
         ),
         "",
-        f"- **test**: {s['test_queries']} queries of numpy and scipy docstrings (packages never trained on) over "
+        f"- **test**: {s['test_queries']} {test} over "
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
         f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with the cross-encoder "
         f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after).",
-        f"- **dev** (the train domain): {s['dev_queries']} held-out pairs of the train packages over "
-        f"{s['dev_corpus']} documents, scored in process.",
+        f"- **dev** (the train domain): {s['dev_queries']} {dev} over {s['dev_corpus']} documents, scored in process.",
         f"- **before**: {rep['models']['pretrained']['dense']} and {rep['models']['pretrained']['sparse']}; "
         f"**after**: fine-tuned on {s['train_pairs']} pairs with Ray Train and served from the MLflow registry "
         f"({', '.join(rep['models']['fine_tuned'].values())}).",

@@ -1,7 +1,9 @@
 """``make demo``: the whole platform on real text, on one machine.
 
-1. data: the pydocs dataset (docstrings of installed packages, split by package) and samples;
-2. the pretrained models, in process: held-out pairs of the train packages ("dev") and Lee;
+1. data: the pydocs dataset (docstrings of installed packages, split by package), or the
+   user's BEIR folder (``beir:``), and samples of it (demo/sample.py);
+2. the pretrained models, in process: the dev split (pydocs: held-out pairs of the train
+   packages) and Lee;
 3. the pretrained models through the platform: the Ray Data encoding job encodes the test
    corpus, indices are built, Serve answers every test query over HTTP at four stages
    (dense, sparse, hybrid RRF, hybrid + cross-encoder rerank);
@@ -83,10 +85,17 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     recall_k = cfg.serving.recall
 
     progress("1/6 data")
-    manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
-    samples = sampling.prepare(cfg, manifest, out / "data")
+    if cfg.beir is not None:
+        progress(
+            f"  reading {cfg.beir.path} (BEIR: corpus, queries, qrels of {cfg.beir.train_split}, "
+            f"{cfg.beir.dev_split}, {cfg.beir.test_split})"
+        )
+        samples = sampling.prepare_beir(cfg, out / "data")
+    else:
+        manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
+        samples = sampling.prepare(cfg, manifest, out / "data")
     progress(
-        f"  samples: {cfg.sample.train_pairs} train pairs; dev {len(samples.dev.queries)} queries over "
+        f"  samples: {samples.train_pairs} train pairs; dev {len(samples.dev.queries)} queries over "
         f"{len(samples.dev.corpus)} documents; test {len(samples.test.queries)} queries over "
         f"{len(samples.test.corpus)} documents"
     )
@@ -197,7 +206,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
             progress(f"  {kind}: registered {done['uri']} ({done['steps']} steps)")
             return done
 
-        pairs = f"{cfg.sample.train_pairs} pairs"
+        pairs = f"{samples.train_pairs} pairs"
         tuned: dict[str, dict] = {
             "dense": train("dense", cfg.dense_training, m.dense, samples.train_path, pairs),
             "sparse": train("sparse", cfg.sparse_training, m.sparse, samples.train_path, pairs),

@@ -1,11 +1,15 @@
-"""The demo's data, drawn from the pydocs dataset (docstrings of installed packages).
+"""The demo's data: the pydocs dataset (docstrings of installed packages), or a BEIR folder of
+the user's own (``DemoConfig.beir``).
 
-- train: (query, document) pairs of the train packages to fine-tune on;
-- dev: other pairs of the same packages, never trained on: the "train domain" evaluation;
-- test: queries and a corpus from the test packages (numpy, scipy), which training never sees;
-  the corpus is what the encoding job encodes and Serve searches.
+- train: (query, document) pairs to fine-tune on (pydocs: of the train packages; BEIR: each
+  train-split query with each of its relevant documents);
+- dev: queries never trained on and a corpus, for the in-process "train domain" evaluation and
+  the fit of /search's settings (pydocs: other pairs of the train packages; BEIR: the dev split);
+- test: queries and a corpus training never sees (pydocs: the test packages, numpy and scipy;
+  BEIR: the test split); the corpus is what the encoding job encodes and Serve searches.
 
-Known-item retrieval: each query has exactly one relevant document, the rest of its docstring.
+pydocs is known-item retrieval: each query has exactly one relevant document, the rest of its
+docstring. BEIR qrels may grade several documents per query; a grade <= 0 is not relevant.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ COLUMNS = {"id", "query", "document", "package"}
 class Split:
     queries: dict[str, str]  # query id -> text
     corpus: dict[str, str]  # document id -> text
-    qrels: dict[str, str]  # query id -> its one relevant document id
+    qrels: dict[str, dict[str, float]]  # query id -> document id -> grade (> 0: relevant)
 
 
 @dataclass
 class Samples:
     train_path: Path  # parquet with query, document
+    train_pairs: int  # its rows
     dev: Split
     test: Split
     test_corpus_path: Path  # parquet with id, document: the encoding job's input
@@ -96,7 +101,7 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
         return Split(
             queries={f"q-{d}": q for d, q in zip(rows["id"][:n_queries], rows["query"][:n_queries])},
             corpus=dict(zip(rows["id"], rows["document"])),
-            qrels={f"q-{d}": d for d in rows["id"][:n_queries]},
+            qrels={f"q-{d}": {d: 1.0} for d in rows["id"][:n_queries]},
         )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -108,4 +113,72 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     key = json.dumps(
         {"sample": s.model_dump(), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
     )
-    return Samples(train_path, split(held_out, s.dev_queries), split(chosen, s.test_queries), corpus_path, key)
+    return Samples(
+        train_path, len(fit["query"]), split(held_out, s.dev_queries), split(chosen, s.test_queries), corpus_path, key
+    )
+
+
+def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
+    """The train pairs, dev and test splits of ``cfg.beir``, each drawn with cfg.sample.seed up to
+    cfg.sample's sizes; the train and test corpus files are written into ``out``. Errors name the
+    file and the split before any model loads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve._io import atomic_file
+    from raytrieve.evaluate import data
+
+    assert cfg.beir is not None, "prepare_beir reads cfg.beir"
+    b, s = cfg.beir, cfg.sample
+    names = {"beir.train_split": b.train_split, "beir.dev_split": b.dev_split, "beir.test_split": b.test_split}
+    if len(set(names.values())) < 3:
+        raise DataError(f"beir: the train, dev and test splits must differ, got {names}; name three qrels files")
+    splits: dict[str, data.EvalSet] = {}
+    for key, name in names.items():
+        try:
+            files = data.beir_files(b.path, name)
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
+        base = next(iter(splits.values()), None)
+        splits[key] = data.load_split(base, files[1], files[2], name) if base else data.load_files(*files, split=name)
+    train, dev, test = splits.values()
+    for key, held in (("beir.dev_split", dev), ("beir.test_split", test)):
+        shared = sorted(set(held.qrels) & set(train.qrels))
+        if shared:
+            raise DataError(
+                f"{key}: {len(shared)} of its queries are also in the train split (e.g. {shared[:3]}); a split held "
+                "out from training must not share queries with it"
+            )
+
+    rng = np.random.default_rng(s.seed)
+    pairs = [(q, d) for q in sorted(train.qrels) for d, grade in sorted(train.qrels[q].items()) if grade > 0]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))[: s.train_pairs]]
+    corpus = train.corpus  # one corpus for every split (load_split reads only queries and qrels)
+
+    def split(held: data.EvalSet, n_queries: int, n_corpus: int) -> Split:
+        ids = sorted(held.qrels)
+        chosen = [ids[i] for i in rng.permutation(len(ids))[:n_queries]]
+        qrels = {q: dict(held.qrels[q]) for q in chosen}
+        relevant = list(dict.fromkeys(d for q in chosen for d, g in sorted(qrels[q].items()) if g > 0))
+        known = set(relevant)
+        others = [d for d in corpus if d not in known]
+        extra = max(0, n_corpus - len(relevant))
+        docs = relevant + [others[i] for i in sorted(rng.permutation(len(others))[:extra])]
+        kept = set(docs)
+        # Judgements of documents left out of the sample cannot be retrieved: drop them.
+        qrels = {q: {d: g for d, g in judged.items() if d in kept} for q, judged in qrels.items()}
+        return Split({q: held.queries[q] for q in chosen}, {d: corpus[d] for d in docs}, qrels)
+
+    dev_split, test_split = split(dev, s.dev_queries, s.dev_corpus), split(test, s.test_queries, s.test_corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, corpus_path = out / "train.parquet", out / "test_corpus.parquet"
+    with atomic_file(train_path) as tmp:
+        table = {"query": [train.queries[q] for q, _ in pairs], "document": [corpus[d] for _, d in pairs]}
+        pq.write_table(pa.table(table), tmp)
+    with atomic_file(corpus_path) as tmp:
+        pq.write_table(pa.table({"id": list(test_split.corpus), "document": list(test_split.corpus.values())}), tmp)
+    read = [Path(b.path) / "corpus.jsonl", Path(b.path) / "queries.jsonl"]
+    read += [Path(b.path) / "qrels" / f"{n}.tsv" for n in names.values()]
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in read}  # a changed file: new samples
+    key = json.dumps({"sample": s.model_dump(), "beir": b.model_dump(), "files": stamp}, sort_keys=True)
+    return Samples(train_path, len(pairs), dev_split, test_split, corpus_path, key)

@@ -1,6 +1,6 @@
-"""The demo's metrics: NDCG@10, MRR@10 and Recall@k of known-item queries (one relevant
-document each), scored by the shared per-query code (raytrieve.evaluate.scoring), which also
-gives the paired bootstrap intervals."""
+"""The demo's metrics: NDCG@10, MRR@10 and Recall@k, scored by the shared per-query code
+(raytrieve.evaluate.scoring) with the split's graded qrels, which also gives the paired
+bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def metric_names(recall_k: int) -> tuple[str, str, str]:
     return ("ndcg@10", "mrr@10", f"recall@{recall_k}")
 
 
-def per_query(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, str], recall_k: int) -> dict[str, list[float]]:
+def per_query(
+    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, float]], recall_k: int
+) -> dict[str, list[float]]:
     """Metric -> one value per query, in sorted query-id order (so two systems pair up)."""
-    return scoring.per_query(rankings, {q: {d: 1.0} for q, d in qrels.items()}, metric_names(recall_k))
+    return scoring.per_query(rankings, qrels, metric_names(recall_k))
