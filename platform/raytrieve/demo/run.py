@@ -163,7 +163,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         answered = serve_and_query(cfg, samples, served, progress, running)
         return store.put(f"test-{phase}", key, {"encode": encoded, **answered})
 
-    progress(f"2/6 pretrained {m.dense} and {m.sparse}: held-out train-package pairs and the Lee corpus (in process)")
+    dev_words = "held-out train-package pairs" if cfg.beir is None else f"the {cfg.beir.dev_split} split"
+    progress(f"2/6 pretrained {m.dense} and {m.sparse}: {dev_words} and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
     before_fit = fit("pretrained", before_dev, [m.dense, m.sparse], m.dense, m.sparse, m.reranker)
 
@@ -220,7 +221,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         identity = [tuned[k][f] for k in ("dense", "sparse", "cross") for f in ("uri", "run_id")]
 
         progress(
-            "5/6 fine-tuned models: held-out train-package pairs and Lee (in process), then through the platform "
+            f"5/6 fine-tuned models: {dev_words} and Lee (in process), then through the platform "
             "with Serve loading them from the MLflow registry"
         )
         after_dev = in_process("fine-tuned", tuned["dense"]["uri"], tuned["sparse"]["uri"], identity)
