@@ -309,6 +309,12 @@ def test_beir_data_errors_name_the_split_and_the_fix(tmp_path):
     (folder / "qrels" / "train.tsv").write_text(shared)
     with pytest.raises(DataError, match=r"beir.test_split: 1 of its queries are also in the train split \(e.g. \['25'\]\)"):
         prepared()
+    (folder / "qrels" / "train.tsv").write_text(shared.rsplit("25\t", 1)[0])
+    (folder / "qrels" / "dev.tsv").write_text((folder / "qrels" / "dev.tsv").read_text() + "23\t104\t1\n")
+    with pytest.raises(DataError, match=r"beir.test_split: 1 of its queries are also in the dev split"):
+        prepared()
+    with pytest.raises(DataError, match=r"beir.path: .*nowhere: no such folder"):
+        prepared(path=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="beir: missing required key .path."):
         from_dict(DemoConfig, {"beir": {"train_split": "train"}})
 

@@ -133,21 +133,28 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     names = {"beir.train_split": b.train_split, "beir.dev_split": b.dev_split, "beir.test_split": b.test_split}
     if len(set(names.values())) < 3:
         raise DataError(f"beir: the train, dev and test splits must differ, got {names}; name three qrels files")
+    if not Path(b.path).expanduser().is_dir():
+        raise DataError(f"beir.path: {b.path}: no such folder; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/")
     splits: dict[str, data.EvalSet] = {}
     for key, name in names.items():
         try:
-            files = data.beir_files(b.path, name)
+            files = data.beir_files(Path(b.path).expanduser(), name)
         except DataError as e:
             raise DataError(f"{key}: {e}") from None
         base = next(iter(splits.values()), None)
         splits[key] = data.load_split(base, files[1], files[2], name) if base else data.load_files(*files, split=name)
     train, dev, test = splits.values()
-    for key, held in (("beir.dev_split", dev), ("beir.test_split", test)):
-        shared = sorted(set(held.qrels) & set(train.qrels))
+    # Held out means held out: the test figure must not come from queries trained or fitted on.
+    for key, held, other, role in (
+        ("beir.dev_split", dev, train, "the train split"),
+        ("beir.test_split", test, train, "the train split"),
+        ("beir.test_split", test, dev, "the dev split (the fit of /search)"),
+    ):
+        shared = sorted(set(held.qrels) & set(other.qrels))
         if shared:
             raise DataError(
-                f"{key}: {len(shared)} of its queries are also in the train split (e.g. {shared[:3]}); a split held "
-                "out from training must not share queries with it"
+                f"{key}: {len(shared)} of its queries are also in {role} (e.g. {shared[:3]}); a held-out split "
+                "must not share queries with it"
             )
 
     rng = np.random.default_rng(s.seed)
