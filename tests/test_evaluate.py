@@ -659,6 +659,43 @@ def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
         evaluate(args)
 
 
+@pytest.mark.parametrize("flag, model, kind, right", [
+    ("dense", "ms-marco-minilm-l12-v2", "cross", "reranker"),
+    ("sparse", "all-minilm-l6-v2", "dense", "dense"),
+    ("dense", "splade-tiny", "sparse", "sparse"),
+    ("reranker", "all-minilm-l6-v2", "dense", "dense"),
+])
+def test_a_model_of_another_kind_is_refused_naming_the_flag_it_belongs_to(flag, model, kind, right, tmp_path):
+    """Before, a cross-encoder as --dense ended in a KeyError traceback after the data loaded, and
+    a dense model as --sparse ran and was reported as the sparse stage."""
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate.command import evaluate
+
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    args = build_parser().parse_args(["evaluate", "--data", str(root), f"--{flag}", model,
+                                      *(["--dense", "all-minilm-l6-v2"] if flag == "reranker" else [])])
+    with pytest.raises(ConfigError, match=rf"--{flag} {model}: is a {kind} model .* pass it as --{right}, "):
+        evaluate(args)
+
+
+def test_a_saved_folder_tells_its_kind(tiny_dirs, tmp_path):
+    """Read from the folder's JSON files alone: sentence-transformers' model_type, else modules.json,
+    else a plain transformers folder's classification head; None where nothing tells."""
+    from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
+    from raytrieve.kinds import saved_kind
+
+    for cls, source, name in ((DenseEncoder, "base", "dense"), (SparseEncoder, "mlm", "sparse"),
+                              (CrossEncoder, "cls1", "cross")):
+        cls(str(tiny_dirs[source])).save(tmp_path / name)
+        kind = saved_kind(tmp_path / name)
+        assert kind is not None and kind.name == name
+        (tmp_path / name / "config_sentence_transformers.json").unlink()  # an older sentence-transformers folder
+        older = saved_kind(tmp_path / name)
+        assert (older.name if older else None) == {"dense": "dense", "sparse": "sparse", "cross": None}[name]
+    assert saved_kind(tiny_dirs["cls1"]).name == "cross"  # plain transformers, a classification head
+    assert saved_kind(tiny_dirs["base"]) is None and saved_kind(tmp_path / "missing") is None
+
+
 def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weight():
     from raytrieve.serve import fusion
 

@@ -41,6 +41,8 @@ class ModelKind:
     index: str | None
     # The field of the serving config (serve/config.py) that deploys a model of this kind.
     serve_field: str
+    # config_sentence_transformers.json's model_type for this kind (sentence-transformers 5+).
+    st_model_type: str
 
     def encoder_class(self) -> type[Any]:
         return _load(self.encoder)
@@ -62,6 +64,7 @@ DENSE = ModelKind(
     vectors="dense",
     index="raytrieve.index.dense:DenseIndex",
     serve_field="dense",
+    st_model_type="SentenceTransformer",
 )
 SPARSE = ModelKind(
     name="sparse",
@@ -71,6 +74,7 @@ SPARSE = ModelKind(
     vectors="sparse",
     index="raytrieve.index.sparse:SparseIndex",
     serve_field="sparse",
+    st_model_type="SparseEncoder",
 )
 CROSS = ModelKind(
     name="cross",
@@ -80,6 +84,7 @@ CROSS = ModelKind(
     vectors=None,
     index=None,
     serve_field="reranker",
+    st_model_type="CrossEncoder",
 )
 
 MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (DENSE, SPARSE, CROSS)}
@@ -102,3 +107,40 @@ def served_kind(field: str) -> ModelKind:
             return k
     fields = [k.serve_field for k in MODEL_KINDS.values()]
     raise ConfigError(f"serve: unknown model field {field!r}; use one of {fields}")
+
+
+# Module types whose presence in modules.json makes a folder sparse (sentence-transformers 5+ names).
+_SPARSE_MODULES = ("SpladePooling", "SparseStaticEmbedding", "SparseAutoEncoder", "MLMTransformer")
+
+
+def saved_kind(folder: Any) -> ModelKind | None:
+    """The kind of the model saved in ``folder``, read from its JSON files only (no torch): the
+    model_type sentence-transformers 5+ and raytrieve write, else modules.json's module types,
+    else a plain transformers folder's sequence-classification head. None: no way to tell."""
+    import json
+    from pathlib import Path
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    st_config = read("config_sentence_transformers.json")
+    model_type = st_config.get("model_type") if isinstance(st_config, dict) else None
+    for k in MODEL_KINDS.values():
+        if model_type == k.st_model_type:
+            return k
+    modules = read("modules.json")
+    if isinstance(modules, list) and modules:
+        types = " ".join(str(m.get("type", "")) for m in modules if isinstance(m, dict))
+        if any(name in types for name in _SPARSE_MODULES):
+            return SPARSE
+        if "Pooling" in types:
+            return DENSE
+        return None
+    config = read("config.json")
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(architectures, list) and any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return CROSS
+    return None
