@@ -71,6 +71,7 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
     cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores", **positives_vectors,
                selection={"num_negatives": 3, "range_max": 20, "absolute_margin": 0.05})
     result = run_mine(cfg)
+    assert result.positives_not_in_corpus == 0  # the corpus is the pairs' positives
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "positive", "negative_1", "negative_2", "negative_3", "score"]
     assert result.rows == len(table["query"]) == result.pairs - result.pairs_dropped > 0.9 * result.pairs
@@ -86,6 +87,23 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
         np.testing.assert_allclose(table["score"][i], recomputed, atol=1e-4)
         assert all(s <= recomputed[0] - 0.05 + 1e-6 for s in recomputed[1:])
         assert list(recomputed[1:]) == sorted(recomputed[1:], reverse=True)  # "top": best first
+
+
+@pytest.mark.slow
+def test_positives_that_are_not_corpus_texts_are_counted_and_warned_of(positives_vectors, pairs_file, tmp_path, caplog):
+    """A new user's trial mined BEIR pairs whose positive was the text alone against a corpus of
+    title + text: the positive's own document came back as its hard negative, silently."""
+    from raytrieve.inference.mine import run_mine
+
+    table = pq.read_table(pairs_file).slice(0, 12).to_pydict()
+    titled = [f"Title {i}. {p}" if i < 5 else p for i, p in enumerate(table["positive"])]
+    pairs = tmp_path / "titled.parquet"
+    pq.write_table(pa.table({"query": table["query"], "positive": titled}), pairs)
+    cfg = _cfg(pairs, tmp_path, **positives_vectors, selection={"num_negatives": 1})
+    with caplog.at_level("WARNING", logger="raytrieve.mine"):
+        result = run_mine(cfg)
+    assert result.positives_not_in_corpus == 5 and result.pairs == 12
+    assert "5 of 12 positives are not in the corpus by exact text" in caplog.text
 
 
 @pytest.mark.slow

@@ -52,6 +52,9 @@ class MineResult:
     pairs_short: int  # pairs that got fewer than num_negatives negatives
     pairs_dropped: int  # n-tuple formats: pairs without num_negatives negatives are not written
     corpus_size: int
+    # Pairs whose positive is no corpus document by exact text: it cannot be left out of its
+    # query's candidates, so the document it stands for may come back as its own negative.
+    positives_not_in_corpus: int = 0
 
 
 def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
@@ -191,8 +194,18 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     unique_queries = list(dict.fromkeys(queries))
     # Positives are left out of a query's candidates by text hash: the driver never holds the corpus.
     positives_of: dict[str, set[int]] = {}
-    for q, h in zip(queries, text_hashes(positives).tolist()):
+    positive_hashes = text_hashes(positives)
+    for q, h in zip(queries, positive_hashes.tolist()):
         positives_of.setdefault(q, set()).add(h)
+    missing = int((~np.isin(positive_hashes, hashes)).sum())
+    if missing:
+        log.warning(
+            "%d of %d positives are not in the corpus by exact text (a title in front of the corpus's text "
+            "but not the positive's, other whitespace): the document such a positive stands for may be mined "
+            "as its own negative; give the pairs the corpus's texts",
+            missing,
+            len(positives),
+        )
     depth = min(len(vectors.ids), s.range_max + max(len(v) for v in positives_of.values()))
     bs = cfg.retriever.batch_size
     q_row = {q: i for i, q in enumerate(unique_queries)}
@@ -280,9 +293,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     phases.update(1, finished=f"negatives written to {out}")
     phases.close()
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
-    result = MineResult(
-        str(out), len(queries), table.num_rows, sum(len(p) for p, _ in chosen), short, dropped, len(vectors.ids)
-    )
+    negatives = sum(len(p) for p, _ in chosen)
+    result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(vectors.ids), missing)
     if short:
         log.warning(
             "%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
