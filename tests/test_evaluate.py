@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -750,3 +751,13 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
     with pytest.raises(ConfigError, match=r"limits max_recall=1000 are below what the fit may choose \(max_recall 5000\)"):
         tune.check_serve_config(shipped, reranker=True, depth=5000)
     tune.check_serve_config(shipped, reranker=True, depth=100)
+    # The fit is of the evaluated models: the config must serve those (a copy of a folder counts).
+    served = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny", "reranker": "ms-marco-minilm-l12-v2"}
+    tune.check_serve_config(shipped, reranker=True, depth=100, models=served)
+    from raytrieve.model_ref import resolve_model
+
+    copy = tmp_path / "minilm-copy"
+    shutil.copytree(resolve_model("all-minilm-l6-v2"), copy)
+    tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "dense": str(copy)})
+    with pytest.raises(ConfigError, match=r"serves 'splade-tiny' as sparse, but this evaluation fits --sparse 'all-min"):
+        tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "sparse": "all-minilm-l6-v2"})

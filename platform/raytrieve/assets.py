@@ -138,6 +138,11 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def same_model_files(a: Path, b: Path) -> bool:
+    """Whether two local folders hold one model: the same folder, or weights of equal content."""
+    return a.resolve() == b.resolve() or (a.is_dir() and b.is_dir() and weights_digest(a) == weights_digest(b))
+
+
 def fingerprint(folder: Path) -> str:
     """Changes when a file of ``folder`` is replaced (names, sizes, mtimes): keys what is derived from it."""
     h = hashlib.sha256()

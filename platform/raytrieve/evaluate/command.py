@@ -208,7 +208,10 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     if tuning_set is not None:
         tune.check_splits(tuning_set.qrels, evalset.qrels, str(args.tune_on), "the evaluated split")
         if args.serve_config:  # refused before any model loads if it could not hold the fit
-            tune.check_serve_config(args.serve_config, bool(args.reranker), options.depth)
+            evaluated = {"dense": next(iter(args.dense), None), "sparse": next(iter(args.sparse), None)}
+            tune.check_serve_config(
+                args.serve_config, bool(args.reranker), options.depth, {**evaluated, "reranker": args.reranker}
+            )
     fitted: dict[str, Any] | None = None
     # Both splits' queries get their candidates in one pass over the corpus.
     searched = (

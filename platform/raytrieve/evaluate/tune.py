@@ -36,11 +36,21 @@ def check_splits(tuned: Mapping[str, Any], scored: Mapping[str, Any], tuning_fil
         )
 
 
-def check_serve_config(path: str, reranker: bool, depth: int) -> None:
-    """``--serve-config`` will hold the fit: refused before any model loads if it could not."""
+def check_serve_config(path: str, reranker: bool, depth: int, models: Mapping[str, str | None] | None = None) -> None:
+    """``--serve-config`` will hold the fit: refused before any model loads if it could not.
+    ``models``: the evaluated model of each served field (dense, sparse, reranker; None: none),
+    each of which must be the one the config serves there, or the fit would be of other models."""
     from raytrieve.serve.config import load_serve_config
 
     cfg = load_serve_config(path)
+    for field, evaluated in (models or {}).items():
+        served = next((m.spec.model for m in cfg.served() if m.kind == field and m.default), None)
+        if evaluated is not None and served is not None and not _same_model(served, evaluated):
+            raise ConfigError(
+                f"--serve-config {path} serves {served!r} as {field}, but this evaluation fits --{field} "
+                f"{evaluated!r}: the fitted search: would be served with other models. Point the config's "
+                f"{field}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
+            )
     if reranker != (cfg.reranker is not None):
         have = "serves a reranker" if cfg.reranker is not None else "serves no reranker"
         raise ConfigError(
@@ -145,3 +155,17 @@ def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None
             header = f"# {serve_config} with /search's defaults fitted by raytrieve evaluate --tune-on\n"
             tmp.write_text(header + yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False))
     return written
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same reference, folder, or weights (a registered copy of a folder)."""
+    from raytrieve.assets import same_model_files
+    from raytrieve.errors import RaytrieveError
+    from raytrieve.model_ref import resolve_model
+
+    if a == b:
+        return True
+    try:
+        return same_model_files(resolve_model(a), resolve_model(b))
+    except RaytrieveError:  # an unresolvable reference is reported where it is used
+        return True

@@ -97,13 +97,12 @@ def _check_index_model(
     live in another space, and search would answer confidently wrong. The same reference, the
     same folder, or weights of equal content (a registered copy of the model) pass.
     ``served_path``: the served model's local folder."""
-    from raytrieve.assets import weights_digest
+    from raytrieve.assets import same_model_files
 
     if served.model == built_ref:
         return
-    path = served_path.resolve()
     built = Path(built_path)
-    if path == built.resolve() or (built.is_dir() and weights_digest(path) == weights_digest(built)):
+    if same_model_files(served_path, built):
         return
     known = "" if built.is_dir() else f" ({built_path} is not on this machine, so its weights cannot be compared)"
     raise ConfigError(
