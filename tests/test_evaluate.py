@@ -92,6 +92,14 @@ def test_compare_pairs_queries_by_id():
     mrr = cmp["stages"]["dense"]["mrr@10"]
     assert (mrr["previous"], mrr["current"], mrr["delta"], mrr["ci95"]) == (0.5, 1.0, 0.5, [0.5, 0.5])
 
+    # Checked before any model loads: the same metrics (a run at another --k shared only recall@100
+    # and compared nothing else, silently), some query in common.
+    report.check_comparable(before, "before.json", 10, 100, ["q3", "q9"])
+    with pytest.raises(DataError, match=r"before.json: its metrics are \['ndcg@10'.*this run's \['ndcg@5'.*same --k"):
+        report.check_comparable(before, "before.json", 5, 100, list(subset))
+    with pytest.raises(DataError, match="before.json: no query id in common with this run"):
+        report.check_comparable(before, "before.json", 10, 100, ["q7", "q8"])
+
 
 # -- the loader ------------------------------------------------------------------------------
 

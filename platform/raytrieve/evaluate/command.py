@@ -219,7 +219,10 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         if tuning_set is None
         else dataclasses.replace(evalset, queries={**tuning_set.queries, **evalset.queries})
     )
-    previous = report.load_previous(args.compare) if args.compare else None  # refused before any model loads
+    previous = None
+    if args.compare:  # refused before any model loads
+        previous = report.load_previous(args.compare)
+        report.check_comparable(previous, args.compare, args.k, args.recall_k, list(evalset.queries))
     log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
     models = run.Models(list(args.dense), list(args.sparse), args.reranker)
     _resolve_models(args)

@@ -100,6 +100,21 @@ def load_previous(path: str | Path) -> dict[str, Any]:
     return previous
 
 
+def check_comparable(previous: dict[str, Any], where: str, k: int, recall_k: int, query_ids: Sequence[str]) -> None:
+    """``--compare``'s run measured what this one will (the same metrics) on some of its queries:
+    refused before any model loads, not found out after encoding."""
+    names = metric_names(k, recall_k)
+    if previous.get("metrics") != names:
+        raise DataError(
+            f"{where}: its metrics are {previous.get('metrics')}, this run's {names}; "
+            "compare runs with the same --k and --recall-k"
+        )
+    stages = previous["per_query"]
+    theirs = set(next(iter(stages.values()))[names[0]]) if stages else set()
+    if not theirs & set(query_ids):
+        raise DataError(f"{where}: no query id in common with this run; compare runs on the same queries")
+
+
 def compare(report: dict[str, Any], previous: dict[str, Any], where: str, rounds: int = 2000) -> dict[str, Any]:
     """This run against ``previous`` (delta = this − previous) on the stages and metrics both
     have, over the queries both scored (paired by id)."""
