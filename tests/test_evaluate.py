@@ -136,7 +136,16 @@ def test_beir_folder_with_graded_qrels(tmp_path, caplog):
     assert got.queries == {"q1": "how many people live in Berlin", "q2": "sort a list"}
     assert got.qrels == {"q1": {"d1": 2.0, "3": 0.0}, "q2": {"d2": 1.0}}
     assert got.summary["dropped_queries"] == 1 and got.summary["graded"] is True
-    assert "1 of 3 queries have no relevant document" in caplog.text and "'q3'" in caplog.text
+    assert got.summary["judged_without_relevant"] == 0
+    assert "1 of 3 queries are not judged in" in caplog.text and "no relevant document" not in caplog.text
+
+    # A judged query whose every grade is 0 is told apart from the other splits' queries.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raytrieve.evaluate"):
+        got = data.load_beir(write_beir(tmp_path / "zero", CORPUS, QUERIES, QRELS + "q3\td2\t0\n"))
+    assert got.summary["dropped_queries"] == 1 and got.summary["judged_without_relevant"] == 1
+    assert "1 queries judged in" in caplog.text and "have no relevant document (every score <= 0)" in caplog.text
+    assert "'q3'" in caplog.text and "not judged" not in caplog.text
 
 
 def test_files_with_named_columns(tmp_path):

@@ -254,14 +254,22 @@ def check(
             f"{files['qrels']}: no query has a relevant document (every score <= 0); the split is empty. "
             "Relevant judgements need a score > 0"
         )
-    without = sorted(q for q in queries if q not in scored)
-    if without:
+    # Two reasons a query is not scored, told apart: a BEIR queries file holds every split's
+    # queries, so most are simply not judged in this one; a judged query whose every grade is
+    # <= 0 is a real gap in the judgements.
+    unjudged = [q for q in queries if q not in qrels]
+    no_relevant = sorted(q for q in qrels if q not in scored)
+    without = sorted(unjudged + no_relevant)
+    if unjudged:
         log.info(
-            "%d of %d queries have no relevant document in %s and are left out, e.g. %s",
-            len(without),
-            len(queries),
+            "%d of %d queries are not judged in %s (other splits' queries)", len(unjudged), len(queries), files["qrels"]
+        )
+    if no_relevant:
+        log.warning(
+            "%d queries judged in %s have no relevant document (every score <= 0) and are left out, e.g. %s",
+            len(no_relevant),
             files["qrels"],
-            _examples(without),
+            _examples(no_relevant),
         )
     summary = {
         "queries": len(scored),
@@ -270,6 +278,7 @@ def check(
         "relevant": sum(1 for q in scored for g in qrels[q].values() if g > 0),
         "graded": any(g not in (0.0, 1.0) for j in qrels.values() for g in j.values()),
         "dropped_queries": len(without),
+        "judged_without_relevant": len(no_relevant),
     }
     return {q: queries[q] for q in scored}, {q: qrels[q] for q in scored}, summary
 
