@@ -200,6 +200,7 @@ BAD_INPUTS = {
     "bad score": (_append("qrels/test.tsv", "q2\td1\thigh\n"), ["test.tsv:5:", "score 'high'", "relevance grade"]),
     "nan score": (_append("qrels/test.tsv", "q2\td1\tnan\n"), ["test.tsv:5:", "not a finite number"]),
     "fields": (_append("qrels/test.tsv", "q2 d1 1\n"), ["test.tsv:5:", "1 field(s)", "tabs"]),
+    "trec": (_append("qrels/test.tsv", "q2\tQ0\td1\t1\n"), ["test.tsv:5:", "4 field(s)", "TREC qrels", "drop the second"]),
     "no header": (_replace("qrels/test.tsv", "q1\td1\t1\n"), ["test.tsv:1:", "header", "query-id"]),
     "empty split": (_replace("qrels/test.tsv", "query-id\tcorpus-id\tscore\n"), ["test.tsv", "split is empty"]),
     "none relevant": (

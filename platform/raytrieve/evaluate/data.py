@@ -187,10 +187,15 @@ def _qrel_rows(path: Path, columns: Columns) -> Iterator[tuple[str, Any, Any, An
                 if not fields or not any(x.strip() for x in fields):
                     continue
                 if len(fields) != len(header):
-                    raise DataError(
-                        f"{path}:{number}: {len(fields)} field(s), the header has {len(header)}; separate the "
-                        f"columns with {'tabs' if delimiter == chr(9) else 'commas'}"
+                    # TREC's qrels (query, iteration "0"/"Q0", document, grade) under BEIR's header.
+                    trec = len(fields) == 4 and len(header) == 3 and fields[1].strip() in ("0", "Q0")
+                    fix = (
+                        "this looks like TREC qrels (query, iteration, document, grade): drop the second column"
+                        if trec
+                        else f"separate the columns with {'tabs' if delimiter == chr(9) else 'commas'}, one per "
+                        "header name"
                     )
+                    raise DataError(f"{path}:{number}: {len(fields)} field(s), the header has {len(header)}; {fix}")
                 query_id, doc_id, score = (fields[i].strip() for i in at)
                 yield f"{path}:{number}", query_id, doc_id, score
         return
