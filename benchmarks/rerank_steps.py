@@ -86,7 +86,7 @@ def main() -> None:
         name: [(h, [d for d, _ in h.hits], h.texts(split.corpus)) for h in dense_heads(dense, split, n, 10)]
         for name, split, n in (("dev", samples.dev, args.dev_queries), ("test", samples.test, args.test_queries))
     }
-    dense_ndcg = {name: [ndcg(docs, h.relevant) for h, docs, _ in hs] for name, hs in splits.items()}
+    dense_ndcg = {name: [ndcg(order, h.relevant) for h, order, _ in hs] for name, hs in splits.items()}
 
     def score(step: int, seconds: float) -> dict:
         cross.eval()
@@ -96,8 +96,8 @@ def main() -> None:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 ce = np.asarray(cross.predict(pairs, batch_size=32)).reshape(len(hs), 10)
             got = [
-                ndcg([docs[k] for k in np.argsort(-ce[i], kind="stable")], h.relevant)
-                for i, (h, docs, _) in enumerate(hs)
+                ndcg([order[k] for k in np.argsort(-ce[i], kind="stable")], h.relevant)
+                for i, (h, order, _) in enumerate(hs)
             ]
             out[name] = round(float(np.mean(got)), 4)
             if name == "test":

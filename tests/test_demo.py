@@ -250,7 +250,7 @@ def _beir(root: Path, corpus: int = 40) -> Path:
     return root
 
 
-def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path):
+def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path, monkeypatch):
     from raytrieve.demo.sample import prepare_beir
     from raytrieve.evaluate.data import load_beir
 
@@ -261,9 +261,19 @@ def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path
     samples = prepare_beir(cfg, tmp_path / "out" / "data")
     import pyarrow.parquet as pq
 
-    # Train pairs: a train query with a relevant (grade > 0) document of its own, 20 of the 28.
+    # A path under ~ reads the same folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = cfg.model_copy(update={"beir": cfg.beir.model_copy(update={"path": "~/mine"})})
+    assert prepare_beir(home, tmp_path / "home").test.qrels == samples.test.qrels
+
+    # Train pairs: a train query with a relevant (grade > 0) document of its own, 20 of the 28:
+    # whole queries, each with both its relevant documents.
     train = pq.read_table(samples.train_path).to_pylist()
     assert samples.train_pairs == len(train) == 20
+    per_query = {r["query"]: 0 for r in train}
+    for r in train:
+        per_query[r["query"]] += 1
+    assert set(per_query.values()) == {2}
     assert len({(r["query"], r["document"]) for r in train}) == 20
     def text(i: int) -> str:  # a document as evaluate reads it: its title (if any) in front
         return ("" if i % 3 else f"Title {i} ") + f"document number {i} text"
@@ -301,7 +311,8 @@ def test_beir_data_errors_name_the_split_and_the_fix(tmp_path):
         return prepare_beir(from_dict(DemoConfig, {"out_dir": str(tmp_path / "out"),
                                                    "beir": {"path": str(folder), **beir}}), tmp_path / "out")
 
-    with pytest.raises(DataError, match=r"beir.dev_split: .*validation.tsv: no such file.*\['dev', 'test', 'train'\]"):
+    with pytest.raises(DataError, match=r"beir.dev_split: .*validation.tsv: no such file.*\['dev', 'test', 'train'\]\. "
+                                        r"Set beir.dev_split=<one of them>"):
         prepared(dev_split="validation")
     with pytest.raises(DataError, match="beir: the train, dev and test splits must differ"):
         prepared(dev_split="test")

@@ -95,6 +95,7 @@ def test_compare_pairs_queries_by_id():
     # Checked before any model loads: the same metrics (a run at another --k shared only recall@100
     # and compared nothing else, silently), some query in common.
     report.check_comparable(before, "before.json", 10, 100, ["q3", "q9"])
+    report.check_comparable(before, "before.json", 10, 50, ["q3"])  # another --recall-k: the @10 metrics compare
     with pytest.raises(DataError, match=r"before.json: its metrics are \['ndcg@10'.*this run's \['ndcg@5'.*same --k"):
         report.check_comparable(before, "before.json", 5, 100, list(subset))
     with pytest.raises(DataError, match="before.json: no query id in common with this run"):
@@ -779,3 +780,12 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
     tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "dense": str(copy)})
     with pytest.raises(ConfigError, match=r"serves 'splade-tiny' as sparse, but this evaluation fits --sparse 'all-min"):
         tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "sparse": "all-minilm-l6-v2"})
+    # Folders without weight files (ONNX only) are not one model by their (empty) weights.
+    from raytrieve.assets import same_model_files
+
+    onnx_a, onnx_b = tmp_path / "a", tmp_path / "b"
+    for folder, text in ((onnx_a, "one"), (onnx_b, "two")):
+        folder.mkdir()
+        (folder / "model.onnx").write_text(text)
+    assert not same_model_files(onnx_a, onnx_b) and same_model_files(onnx_a, onnx_a)
+    assert same_model_files(copy, resolve_model("all-minilm-l6-v2"))

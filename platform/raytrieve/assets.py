@@ -139,8 +139,13 @@ def weights_digest(folder: Path) -> str:
 
 
 def same_model_files(a: Path, b: Path) -> bool:
-    """Whether two local folders hold one model: the same folder, or weights of equal content."""
-    return a.resolve() == b.resolve() or (a.is_dir() and b.is_dir() and weights_digest(a) == weights_digest(b))
+    """Whether two local folders hold one model: the same folder, or weights of equal content
+    (two folders without weight files, e.g. ONNX-only, are not told equal by their weights)."""
+    if a.resolve() == b.resolve():
+        return True
+    if not (a.is_dir() and b.is_dir()) or not any(p.suffix in WEIGHT_SUFFIXES for p in a.rglob("*") if p.is_file()):
+        return False
+    return weights_digest(a) == weights_digest(b)
 
 
 def fingerprint(folder: Path) -> str:

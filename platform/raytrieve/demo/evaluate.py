@@ -1,6 +1,5 @@
-"""The demo's two ways of scoring a pair of models: in process (the dev pairs of the train
-packages, and Lee), and through the platform (the encoding job, indices, Serve answering the
-test queries over HTTP)."""
+"""The demo's two ways of scoring a pair of models: in process (the dev split, and Lee), and
+through the platform (the encoding job, indices, Serve answering the test queries over HTTP)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.phase_configs import PhaseConfig
 from raytrieve.demo.progress import Progress
 
-# -- in process (dev pairs of the train packages; Lee) ------------------------------------------
+# -- in process (the dev split; Lee) ------------------------------------------------------------
 
 
 def evaluate_in_process(

@@ -120,8 +120,9 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
 
 def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     """The train pairs, dev and test splits of ``cfg.beir``, each drawn with cfg.sample.seed up to
-    cfg.sample's sizes; the train and test corpus files are written into ``out``. Errors name the
-    file and the split before any model loads."""
+    cfg.sample's sizes (a split's corpus holds at least its queries' relevant documents, even past
+    the cap); the train and test corpus files are written into ``out``. Errors name the file and
+    the split before any model loads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -133,14 +134,20 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     names = {"beir.train_split": b.train_split, "beir.dev_split": b.dev_split, "beir.test_split": b.test_split}
     if len(set(names.values())) < 3:
         raise DataError(f"beir: the train, dev and test splits must differ, got {names}; name three qrels files")
-    if not Path(b.path).expanduser().is_dir():
+    root = Path(b.path).expanduser()
+    if not root.is_dir():
         raise DataError(f"beir.path: {b.path}: no such folder; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/")
+    for key, name in names.items():
+        if not (root / "qrels" / f"{name}.tsv").is_file():
+            found = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+            raise DataError(
+                f"{key}: {root / 'qrels' / name}.tsv: no such file; the splits there are {found or 'none'}. "
+                f"Set {key}=<one of them>; the demo needs three different splits (train, dev, test): "
+                "hold out some train queries as a dev split if the data has none"
+            )
     splits: dict[str, data.EvalSet] = {}
     for key, name in names.items():
-        try:
-            files = data.beir_files(Path(b.path).expanduser(), name)
-        except DataError as e:
-            raise DataError(f"{key}: {e}") from None
+        files = data.beir_files(root, name)
         base = next(iter(splits.values()), None)
         splits[key] = data.load_split(base, files[1], files[2], name) if base else data.load_files(*files, split=name)
     train, dev, test = splits.values()
@@ -158,8 +165,20 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
             )
 
     rng = np.random.default_rng(s.seed)
-    pairs = [(q, d) for q in sorted(train.qrels) for d, grade in sorted(train.qrels[q].items()) if grade > 0]
-    pairs = [pairs[i] for i in rng.permutation(len(pairs))[: s.train_pairs]]
+    # Whole queries, each with every relevant document of its own: a query kept with only some of
+    # its positives could be mined its other relevant document as a hard negative.
+    ids = sorted(train.qrels)
+    pairs: list[tuple[str, str]] = []
+    for i in rng.permutation(len(ids)):
+        own = [(ids[i], d) for d, grade in sorted(train.qrels[ids[i]].items()) if grade > 0]
+        if len(pairs) + len(own) > s.train_pairs:
+            break
+        pairs += own
+    if not pairs:
+        raise DataError(
+            f"beir.train_split: no query of {b.train_split} fits in sample.train_pairs = {s.train_pairs} with all its "
+            "relevant documents; raise sample.train_pairs"
+        )
     corpus = train.corpus  # one corpus for every split (load_split reads only queries and qrels)
 
     def split(held: data.EvalSet, n_queries: int, n_corpus: int) -> Split:
@@ -184,8 +203,7 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
         pq.write_table(pa.table(table), tmp)
     with atomic_file(corpus_path) as tmp:
         pq.write_table(pa.table({"id": list(test_split.corpus), "document": list(test_split.corpus.values())}), tmp)
-    read = [Path(b.path) / "corpus.jsonl", Path(b.path) / "queries.jsonl"]
-    read += [Path(b.path) / "qrels" / f"{n}.tsv" for n in names.values()]
+    read = [root / "corpus.jsonl", root / "queries.jsonl", *(root / "qrels" / f"{n}.tsv" for n in names.values())]
     stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in read}  # a changed file: new samples
     key = json.dumps({"sample": s.model_dump(), "beir": b.model_dump(), "files": stamp}, sort_keys=True)
     return Samples(train_path, len(pairs), dev_split, test_split, corpus_path, key)

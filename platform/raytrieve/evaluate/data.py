@@ -267,7 +267,10 @@ def check(
     without = sorted(unjudged + no_relevant)
     if unjudged:
         log.info(
-            "%d of %d queries are not judged in %s (other splits' queries)", len(unjudged), len(queries), files["qrels"]
+            "%d of %d queries are not judged in %s (e.g. other splits' queries)",
+            len(unjudged),
+            len(queries),
+            files["qrels"],
         )
     if no_relevant:
         log.warning(

@@ -44,12 +44,12 @@ def check_serve_config(path: str, reranker: bool, depth: int, models: Mapping[st
 
     cfg = load_serve_config(path)
     for field, evaluated in (models or {}).items():
-        served = next((m.spec.model for m in cfg.served() if m.kind == field and m.default), None)
-        if evaluated is not None and served is not None and not _same_model(served, evaluated):
+        served = next((m for m in cfg.served() if m.kind == field and m.default), None)
+        if evaluated is not None and served is not None and not _same_model(served.spec.model, evaluated):
             raise ConfigError(
-                f"--serve-config {path} serves {served!r} as {field}, but this evaluation fits --{field} "
+                f"--serve-config {path} serves {served.spec.model!r} as {field}, but this evaluation fits --{field} "
                 f"{evaluated!r}: the fitted search: would be served with other models. Point the config's "
-                f"{field}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
+                f"{served.path}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
             )
     if reranker != (cfg.reranker is not None):
         have = "serves a reranker" if cfg.reranker is not None else "serves no reranker"
