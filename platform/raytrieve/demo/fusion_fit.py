@@ -65,7 +65,7 @@ def fit_on_dev(
         )
         progress(
             f"  rerank depth and weight on {len(chosen)} dev queries (NDCG@10, best weight per depth: "
-            f"{by_depth}{verdict}); served: {_rerank_words(best)}"
+            f"{by_depth}{verdict}); served: {best.rerank_label()}"
         )
     return {
         "setting": best.search_fields(),
@@ -112,10 +112,3 @@ def _score_pairs(reranker: DeploymentConfig) -> Any:
     )
     budget = reranker.max_batch_tokens  # the replica's budget per forward pass
     return lambda pairs: model.predict(pairs, batch_size=32, token_budget=budget, show_progress_bar=False)
-
-
-def _rerank_words(setting: tuning.Setting) -> str:
-    if not setting.rerank_depth:
-        return "no rerank"
-    weight = f" weight {setting.rerank_weight:g}" if setting.rerank_weight < 1 else ""
-    return f"rerank@{setting.rerank_depth}{weight}"

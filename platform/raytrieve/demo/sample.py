@@ -137,18 +137,20 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     root = Path(b.path).expanduser()
     if not root.is_dir():
         raise DataError(f"beir.path: {b.path}: no such folder; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/")
+    found: dict[str, tuple[Path, Path, Path]] = {}  # every split's files checked before any is read
     for key, name in names.items():
-        if not (root / "qrels" / f"{name}.tsv").is_file():
-            found = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
-            raise DataError(
-                f"{key}: {root / 'qrels' / name}.tsv: no such file; the splits there are {found or 'none'}. "
-                f"Set {key}=<one of them>; the demo needs three different splits (train, dev, test): "
-                "hold out some train queries as a dev split if the data has none"
-            )
+        choose = (
+            f"Set {key}=<one of them>; the demo needs three different splits (train, dev, test): "
+            "hold out some train queries as a dev split if the data has none"
+        )
+        try:
+            found[key] = data.beir_files(root, name, choose)
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
     splits: dict[str, data.EvalSet] = {}
-    for key, name in names.items():
-        files = data.beir_files(root, name)
+    for key, files in found.items():
         base = next(iter(splits.values()), None)
+        name = names[key]
         splits[key] = data.load_split(base, files[1], files[2], name) if base else data.load_files(*files, split=name)
     train, dev, test = splits.values()
     # Held out means held out: the test figure must not come from queries trained or fitted on.

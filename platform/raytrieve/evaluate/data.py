@@ -264,7 +264,6 @@ def check(
     # <= 0 is a real gap in the judgements.
     unjudged = [q for q in queries if q not in qrels]
     no_relevant = sorted(q for q in qrels if q not in scored)
-    without = sorted(unjudged + no_relevant)
     if unjudged:
         log.info(
             "%d of %d queries are not judged in %s (e.g. other splits' queries)",
@@ -285,14 +284,15 @@ def check(
         "judgements": sum(len(j) for j in qrels.values()),
         "relevant": sum(1 for q in scored for g in qrels[q].values() if g > 0),
         "graded": any(g not in (0.0, 1.0) for j in qrels.values() for g in j.values()),
-        "dropped_queries": len(without),
+        "dropped_queries": len(unjudged) + len(no_relevant),
         "judged_without_relevant": len(no_relevant),
     }
     return {q: queries[q] for q in scored}, {q: qrels[q] for q in scored}, summary
 
 
-def beir_files(folder: str | Path, split: str = "test") -> tuple[Path, Path, Path]:
-    """A BEIR folder's corpus.jsonl, queries.jsonl and qrels/<split>.tsv, each checked to exist."""
+def beir_files(folder: str | Path, split: str = "test", choose: str | None = None) -> tuple[Path, Path, Path]:
+    """A BEIR folder's corpus.jsonl, queries.jsonl and qrels/<split>.tsv, each checked to exist.
+    ``choose``: the fix when the split is missing but others are there (default: evaluate's --split)."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; --data takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
@@ -302,7 +302,7 @@ def beir_files(folder: str | Path, split: str = "test") -> tuple[Path, Path, Pat
         raise DataError(
             f"{qrels_path}: no such file; the splits there are {found or 'none (no qrels/*.tsv)'}. "
             + (
-                f"Pass --split {found[0]}"
+                (choose or f"Pass --split {found[0]}")
                 if found
                 else "Write qrels/<split>.tsv with a header query-id corpus-id score"
             )

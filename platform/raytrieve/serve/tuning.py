@@ -90,9 +90,15 @@ class Setting:
             params = {k: v for k, v in self.fusion.items() if k != "method"}
             parts.append(f"{self.fusion['method']}({', '.join(f'{k}={v}' for k, v in params.items())})")
         if self.rerank_depth:
-            weight = f" weight {self.rerank_weight:g}" if self.rerank_weight < 1 else ""
-            parts.append(f"rerank@{self.rerank_depth}{weight}")
+            parts.append(self.rerank_label())
         return ", ".join(parts)
+
+    def rerank_label(self) -> str:
+        """The rerank part in words: "rerank@10 weight 0.3", "rerank@10" (its order alone), "no rerank"."""
+        if not self.rerank_depth:
+            return "no rerank"
+        weight = f" weight {self.rerank_weight:g}" if self.rerank_weight < 1 else ""
+        return f"rerank@{self.rerank_depth}{weight}"
 
 
 @dataclass(frozen=True)
