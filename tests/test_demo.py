@@ -225,6 +225,21 @@ def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
     assert served.reranker == spec
 
 
+def test_fitted_rerank_request_is_the_dev_best_rerank_unless_served():
+    from raytrieve.demo.fusion_fit import rerank_request
+    from raytrieve.serve.tuning import Setting
+
+    fitted = Setting({"dense": 20, "sparse": 50}, {"method": "rrf", "k": 5.0})
+    best = Setting(fitted.recall, fitted.fusion, 20, 0.3)
+    # Not adopted: the served setting with the dev's best rerank (its recall and fusion are the
+    # app's defaults, so only the rerank fields are sent).
+    fit = {"setting": fitted.search_fields(), "with_rerank": {"setting": best.search_fields(), "label": best.label()}}
+    assert rerank_request(fit, 10) == {"rerank": True, "rerank_depth": 20, "rerank_weight": 0.3}
+    assert rerank_request({**fit, "setting": best.search_fields()}, 10) is None  # adopted: "fitted" reranks
+    assert rerank_request({**fit, "with_rerank": None}, 10) == {"rerank": True, "rerank_depth": 10, "rerank_weight": 1.0}
+    assert rerank_request(None, 7) == {"rerank": True, "rerank_depth": 7, "rerank_weight": 1.0}
+
+
 def test_pydocs_packages_scanned_in_parallel_equal_one_process():
     packages = ("click", "jinja2", "packaging")
     assert pydocs.scan_packages(packages, workers=2) == {p: pydocs.package_pairs(p) for p in packages}
@@ -397,7 +412,21 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         for stage in ("dense", "sparse", "hybrid", "hybrid+rerank", "best_single"):
             v = rep["fitted_vs_stage_ndcg@10"][f"{phase}:{stage}"]
             assert v["ci95"][0] <= v["delta"] <= v["ci95"][1]
-    assert "fitted on the dev split" in result.markdown_path.read_text()
+        # "fitted+rerank" reranks the fitted ranking's head (depth 5, the only one tried): per
+        # query the same pool as "fitted" (Recall@100), and its own order only in the top 5.
+        chosen = fit["with_rerank"]["setting"]
+        key = f"{chosen['rerank_depth']}" + (f"@{chosen['rerank_weight']:g}" if chosen["rerank_weight"] < 1 else "")
+        assert chosen["rerank_depth"] == 5 and fit["rerank_dev_ndcg@10"][key] == max(
+            v for k, v in fit["rerank_dev_ndcg@10"].items() if k != "0")
+        per_stage = json.loads((cfg.out / "stages" / f"test-{name}.json").read_text())["result"]["per_stage"]
+        assert per_stage["fitted+rerank"]["recall@100"] == per_stage["fitted"]["recall@100"]
+        if fit["setting"]["rerank"]:  # adopted: the fitted ranking is already the reranked one
+            assert per_stage["fitted+rerank"]["ndcg@10"] == per_stage["fitted"]["ndcg@10"]
+        for stage in ("dense", "sparse", "hybrid", "fitted", "best_single"):
+            v = rep["fitted_rerank_vs_stage_ndcg@10"][f"{phase}:{stage}"]
+            assert v["ci95"][0] <= v["delta"] <= v["ci95"][1]
+    md = result.markdown_path.read_text()
+    assert "fitted on the dev split" in md and "reranked at the depth and weight that scored best on dev" in md
 
     # Served from the MLflow registry, runs recorded there.
     assert rep["models"]["fine_tuned"] == {"dense": "models:/t-dense/1", "sparse": "models:/t-sparse/1",

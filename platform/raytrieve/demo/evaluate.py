@@ -79,9 +79,11 @@ def serve_and_query(
     served: PhaseConfig[Any],
     progress: Progress,
     serve_running: bool = False,
+    fitted_rerank: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Deploy the app ``served`` describes, query it over HTTP, delete the app. ``serve_running``:
-    this run already started Serve (its proxy holds the port); the app is deployed on it."""
+    this run already started Serve (its proxy holds the port); the app is deployed on it.
+    ``fitted_rerank``: the rerank fields of the "fitted+rerank" requests (client.run_queries)."""
     from ray import serve
 
     from raytrieve.demo.client import run_queries
@@ -100,7 +102,13 @@ def serve_and_query(
         served_models = {m["id"]: {k: m.get(k) for k in SERVED_MODEL_FIELDS} for m in get(f"{base}/v1/models")["data"]}
         progress(f"  Serve is up at {base}; sending {len(samples.test.queries)} test queries to /search over HTTP")
         answers = run_queries(
-            base, samples.test.queries, s.recall, s.rerank_depth, s.clients, progress=lambda line: progress(f"  {line}")
+            base,
+            samples.test.queries,
+            s.recall,
+            s.rerank_depth,
+            s.clients,
+            progress=lambda line: progress(f"  {line}"),
+            fitted_rerank=fitted_rerank,
         )
     finally:
         # Frees the replicas' CPUs for training; Serve's controller and proxy stay up for the

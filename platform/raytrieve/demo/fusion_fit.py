@@ -77,7 +77,32 @@ def fit_on_dev(
         },
         "rerank_dev_ndcg@10": {s.rerank_key(): v for s, v in rerank.tried} if rerank else None,
         "rerank_gain": rerank.gain if rerank else None,
+        # The dev's best rerank on the fitted fusion, adopted or not: the demo also scores it on
+        # test, so "tuned hybrid + rerank" has a held-out figure even where the gate said no.
+        "with_rerank": _best_reranking(rerank),
     }
+
+
+def rerank_request(fitted: dict[str, Any] | None, rerank_depth: int) -> dict[str, Any] | None:
+    """The rerank fields of the demo's "fitted+rerank" test request: the served (fitted) recall and
+    fusion, reranked at the dev's best depth and weight. None: the fitted setting reranks already,
+    so that stage is the fitted one. Without a rerank fit, ``rerank_depth`` in the cross-encoder's
+    order."""
+    if fitted is not None and fitted["setting"]["rerank"]:
+        return None
+    chosen = (fitted or {}).get("with_rerank")
+    if chosen is None:
+        return {"rerank": True, "rerank_depth": rerank_depth, "rerank_weight": 1.0}
+    return {k: chosen["setting"][k] for k in ("rerank", "rerank_depth", "rerank_weight")}
+
+
+def _best_reranking(rerank: tuning.Fitted | None) -> dict[str, Any] | None:
+    """The search fields and label of the best-scoring setting that reranks (``tried`` is best
+    first), or None when no rerank was fitted."""
+    if rerank is None:
+        return None
+    best = next((s for s, _ in rerank.tried if s.rerank_depth), None)
+    return None if best is None else {"setting": best.search_fields(), "label": best.label()}
 
 
 def _best_per_depth(tried: list[tuple[tuning.Setting, float]]) -> list[tuple[tuning.Setting, float]]:

@@ -202,7 +202,8 @@ def serve_config(
     # retriever, from `clients` at once: widen only the shipped limits that would refuse them.
     needs = {
         "max_top_k": s.recall,
-        "max_rerank_depth": max(s.rerank_depth, (search or {}).get("rerank_depth", 0)),
+        # The fitted rerank's, and any depth the fit tried: the demo asks for its best one on test.
+        "max_rerank_depth": max(s.rerank_depth, (search or {}).get("rerank_depth", 0), *cfg.fusion_fit.rerank_depths),
         "max_recall": s.recall,
         "max_queued_requests": s.clients,
     }

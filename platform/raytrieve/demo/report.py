@@ -13,13 +13,14 @@ from raytrieve.demo import scoring
 from raytrieve.demo.config import DemoConfig
 from raytrieve.demo.sample import Samples
 
-TEST_STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank", "fitted")
+TEST_STAGES = ("dense", "sparse", "hybrid", "hybrid+rerank", "fitted", "fitted+rerank")
 LABELS = {
     "dense": "dense (MiniLM)",
     "sparse": "sparse (SPLADE)",
     "hybrid": "hybrid (RRF)",
     "hybrid+rerank": "hybrid + rerank",
     "fitted": "/search fitted on dev",
+    "fitted+rerank": "/search fitted + rerank",
 }
 
 
@@ -79,15 +80,10 @@ def build(
         for stage in ("dense", "sparse", "hybrid"):
             delta, lo, hi = scoring.paired_interval(result["per_stage"][stage]["ndcg@10"], full)
             rerank_vs[f"{phase}:{stage}"] = {"delta": delta, "ci95": [lo, hi]}
-    # The fitted /search against every untuned stage and the better single retriever (held out).
-    fitted_vs = {}
-    for phase, result in (("before", before_test), ("after", after_test)):
-        ndcg = {stage: result["per_stage"][stage]["ndcg@10"] for stage in TEST_STAGES}
-        best_single = max(("dense", "sparse"), key=lambda st: scoring.mean(ndcg[st]))
-        for stage in ("dense", "sparse", "hybrid", "hybrid+rerank"):
-            delta, lo, hi = scoring.paired_interval(ndcg[stage], ndcg["fitted"])
-            fitted_vs[f"{phase}:{stage}"] = {"delta": delta, "ci95": [lo, hi]}
-        fitted_vs[f"{phase}:best_single"] = {**fitted_vs[f"{phase}:{best_single}"], "stage": best_single}
+    # The fitted /search, and the same with the dev's best rerank, against every other stage and
+    # the better single retriever (held out).
+    fitted_vs = _versus(before_test, after_test, "fitted", ("dense", "sparse", "hybrid", "hybrid+rerank"))
+    fitted_rerank_vs = _versus(before_test, after_test, "fitted+rerank", ("dense", "sparse", "hybrid", "fitted"))
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": _machine(),
@@ -123,8 +119,23 @@ def build(
         "rerank_vs_single_stage_ndcg@10": rerank_vs,
         "fitted_search": fitted,
         "fitted_vs_stage_ndcg@10": fitted_vs,
+        "fitted_rerank_vs_stage_ndcg@10": fitted_rerank_vs,
         "lee_spearman": {"before": before_dev["dense"]["lee_spearman"], "after": after_dev["dense"]["lee_spearman"]},
     }
+
+
+def _versus(before_test: dict, after_test: dict, full: str, stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """NDCG@10 of test stage ``full`` − each of ``stages`` per phase ("before:dense", ...), paired,
+    and against the better single retriever of that phase ("before:best_single", with its name)."""
+    out: dict[str, dict[str, Any]] = {}
+    for phase, result in (("before", before_test), ("after", after_test)):
+        ndcg = {stage: result["per_stage"][stage]["ndcg@10"] for stage in TEST_STAGES}
+        best_single = max(("dense", "sparse"), key=lambda st: scoring.mean(ndcg[st]))
+        for stage in stages:
+            delta, lo, hi = scoring.paired_interval(ndcg[stage], ndcg[full])
+            out[f"{phase}:{stage}"] = {"delta": delta, "ci95": [lo, hi]}
+        out[f"{phase}:best_single"] = {**out[f"{phase}:{best_single}"], "stage": best_single}
+    return out
 
 
 def _cell(v: dict[str, Any]) -> str:
@@ -235,7 +246,46 @@ def _fitted_lines(rep: dict[str, Any]) -> list[str]:
             cells.append(f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
         label = fit["label"] if fit else "(not fitted: the serve config's search:)"
         lines.append(f"| {'pretrained' if phase == 'before' else 'fine-tuned'} | {label} | " + " | ".join(cells) + " |")
+    if "fitted_rerank_vs_stage_ndcg@10" not in rep:  # a report written before this table existed
+        return lines
+    lines += [
+        "",
+        "`/search` fitted on dev with the reranker on: the fitted recall and fusion, reranked at the depth and "
+        "weight that scored best on dev, whether or not the fit adopted it (test, NDCG@10, fitted + rerank − stage):",
+        "",
+        "| models | setting | on dev: vs no rerank (adopted?) | vs dense | vs sparse | vs hybrid (RRF) "
+        "| vs /search fitted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phase in ("before", "after"):
+        fit = rep["fitted_search"].get(phase) or {}
+        cells = []
+        for stage in ("dense", "sparse", "hybrid", "fitted"):
+            v = rep["fitted_rerank_vs_stage_ndcg@10"][f"{phase}:{stage}"]
+            cells.append(f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
+        lines.append(
+            f"| {'pretrained' if phase == 'before' else 'fine-tuned'} | {_rerank_setting(fit, rep)} | "
+            f"{_dev_gain(fit)} | " + " | ".join(cells) + " |"
+        )
     return lines
+
+
+def _rerank_setting(fit: dict[str, Any], rep: dict[str, Any]) -> str:
+    """The "fitted+rerank" stage's setting in words (fusion_fit.rerank_request's choice)."""
+    if fit.get("setting", {}).get("rerank"):
+        return fit["label"]
+    if fit.get("with_rerank"):
+        return fit["with_rerank"]["label"]
+    fitted = fit["label"] if fit else "the serve config's search:"
+    return f"{fitted}, rerank@{rep['sizes']['rerank_depth']}"
+
+
+def _dev_gain(fit: dict[str, Any]) -> str:
+    gain = fit.get("rerank_gain")
+    if not gain:
+        return "-"
+    lo, hi = gain["ci95"]
+    return f"{gain['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({'yes' if gain['adopted'] else 'no'})"
 
 
 def console(rep: dict[str, Any]) -> list[str]:

@@ -6,7 +6,8 @@
    packages) and Lee;
 3. the pretrained models through the platform: the Ray Data encoding job encodes the test
    corpus, indices are built, Serve answers every test query over HTTP at four stages
-   (dense, sparse, hybrid RRF, hybrid + cross-encoder rerank);
+   (dense, sparse, hybrid RRF, hybrid + cross-encoder rerank; /search fitted on dev, and the
+   same with the dev's best rerank forced on);
 4. fine-tuning of the dense and the sparse model with Ray Train, tracked and registered in
    MLflow;
 5. the fine-tuned models, again in process (dev, Lee) and through the platform, Serve loading
@@ -32,7 +33,7 @@ from raytrieve.demo import sample as sampling
 from raytrieve.demo.config import DemoConfig, FineTuneConfig
 from raytrieve.demo.evaluate import encode_and_index, evaluate_in_process, serve_and_query
 from raytrieve.demo.fine_tune import fine_tune, mine_negatives, registered
-from raytrieve.demo.fusion_fit import fit_on_dev, scoring_key
+from raytrieve.demo.fusion_fit import fit_on_dev, rerank_request, scoring_key
 from raytrieve.demo.phase_configs import (
     EXPERIMENT,
     check_all,
@@ -45,7 +46,7 @@ from raytrieve.demo.progress import Progress, StageStore
 
 # Part of every step's key: bump it when a step's recorded result changes shape, so an older
 # out/demo is recomputed instead of misread.
-STAGE_FORMAT = 3
+STAGE_FORMAT = 4
 
 
 @dataclass
@@ -139,7 +140,9 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         encode = encode_config(cfg, samples.test_corpus_path, dense, sparse, folder)
         search = fitted["setting"] if fitted else None
         served = serve_config(cfg, dense, sparse, folder / "index", search, reranker or m.reranker)
+        with_rerank = rerank_request(fitted, cfg.serving.rerank_depth)
         key = {
+            "fitted_rerank": with_rerank,
             **base_key,
             "models": identity,
             "reranker": reranker or m.reranker,
@@ -160,7 +163,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         progress(f"  encoded {encoded['rows']} documents at {encoded['rows_per_s']} rows/s; starting Serve")
         running = bool(serving)
         serving.append(phase)  # before the call: Serve (or the run's own Ray) is stopped at the end even if this fails
-        answered = serve_and_query(cfg, samples, served, progress, running)
+        answered = serve_and_query(cfg, samples, served, progress, running, with_rerank)
         return store.put(f"test-{phase}", key, {"encode": encoded, **answered})
 
     dev_words = "held-out train-package pairs" if cfg.beir is None else f"the {cfg.beir.dev_split} split"
