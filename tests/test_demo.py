@@ -316,6 +316,45 @@ def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path
     assert prepare_beir(cfg, tmp_path / "out" / "data").key != samples.key
 
 
+def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from raytrieve.cli import main
+
+    folder = _beir(tmp_path / "mine")
+
+    def text(i: int) -> str:  # a document as evaluate reads it: its title (if any) in front
+        return ("" if i % 3 else f"Title {i} ") + f"document number {i} text"
+
+    # Every train query (0-13) with both its relevant documents (grades 2 and 1, not the 0).
+    out = tmp_path / "pairs" / "train.parquet"
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"out": str(out), "pairs": 28, "queries": 14, "split": "train", "judged_without_relevant": 0}
+    rows = {(r["query"], r["document"]) for r in pq.read_table(out).to_pylist()}
+    assert rows == {(f"question {q}", text(q + k)) for q in range(14) for k in (0, 1)}
+    assert pq.read_schema(out).names == ["query", "document"]
+
+    # Capped: whole queries, and the same pairs the BEIR demo trains on at that cap and seed.
+    capped = tmp_path / "capped.parquet"
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(capped), "--max-pairs", "9"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 8
+    from raytrieve.demo.sample import prepare_beir
+
+    cfg = from_dict(DemoConfig, {"out_dir": str(tmp_path / "out"), "beir": {"path": str(folder)},
+                                 "sample": {"train_pairs": 9, "seed": 42}}).check()
+    assert pq.read_table(capped).equals(pq.read_table(prepare_beir(cfg, tmp_path / "out" / "data").train_path))
+
+    # Errors name the flag and the fix; nothing is written.
+    bad = tmp_path / "bad.parquet"
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--split", "validation", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "qrels/validation.tsv" in err and "['dev', 'test', 'train']" in err and "--split" in err
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(tmp_path / "pairs.jsonl")]) == 2
+    assert "name a .parquet file" in capsys.readouterr().err
+    assert not bad.exists()
+
+
 def test_beir_data_errors_name_the_split_and_the_fix(tmp_path):
     from raytrieve.demo.sample import prepare_beir
     from raytrieve.errors import DataError

@@ -149,6 +149,15 @@ def test_beir_folder_with_graded_qrels(tmp_path, caplog):
     assert "'q3'" in caplog.text and "not judged" not in caplog.text
 
 
+def test_a_byte_order_mark_is_read_as_the_same_data(tmp_path):
+    plain = data.load_beir(write_beir(tmp_path / "plain", CORPUS, QUERIES, QRELS))
+    bom = write_beir(tmp_path / "bom", CORPUS, QUERIES, QRELS)
+    for path in (bom / "corpus.jsonl", bom / "queries.jsonl", bom / "qrels" / "test.tsv"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Notepad and PowerShell write
+    got = data.load_beir(bom)
+    assert (got.corpus, got.queries, got.qrels) == (plain.corpus, plain.queries, plain.qrels)
+
+
 def test_files_with_named_columns(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -547,7 +556,8 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
                      "--rerank-depth", "10",  # the reranked stage's; the fit tries its own depths
                      "--tune-on", "dev", "--serve-config", str(shipped), "--out", str(out), "--no-chart"])
     assert reads[beir / "corpus.jsonl"] == 1 and reads[beir / "queries.jsonl"] == 2  # queries: once per split
-    assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"]
+    adopted = rep["tuning"]["setting"]["rerank"]  # else the dev's best rerank is a stage of its own
+    assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"] + ([] if adopted else ["tuned+rerank"])
     assert rep["data"]["queries"] == QUERY_COUNT and set(rep["per_query"]["tuned"]["ndcg@10"]) == {
         f"q{i}" for i in range(QUERY_COUNT)}  # scored on test only
     fit = rep["tuning"]
@@ -564,6 +574,16 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     assert gain is None or gain["adopted"] == (gain["ci95"][0] > 0) == fit["setting"]["rerank"]
     pairs_seen = {(c["stage"], c["baseline"]) for c in rep["comparisons"]}
     assert ("tuned", rep["best_first_stage"]) in pairs_seen and ("tuned", "fused") in pairs_seen
+    if not adopted:
+        # "tuned+rerank": the dev-best setting that reranks (its dev score the best of them), on
+        # the tuned fusion: the same candidates per query (Recall@100), reordered at the head.
+        import re
+
+        depth, weight = re.search(r"rerank@(\d+)(?: weight ([\d.]+))?$", fit["with_rerank"]).groups()
+        key = depth + (f"@{weight}" if weight else "")
+        assert fit["rerank"][key] == max(v for k, v in fit["rerank"].items() if k != "0")
+        assert rep["per_query"]["tuned+rerank"]["recall@100"] == rep["per_query"]["tuned"]["recall@100"]
+        assert ("tuned+rerank", "tuned") in pairs_seen and ("tuned+rerank", rep["best_first_stage"]) in pairs_seen
     fragment = yaml.safe_load((out / "search.yaml").read_text())["search"]
     assert fragment == fit["setting"]
     served = load_serve_config(str(out / "serve_tuned.yaml"))

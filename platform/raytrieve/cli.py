@@ -147,6 +147,16 @@ def _build_pydocs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beir_pairs(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from raytrieve.data.beir import beir_pairs
+
+    print(json.dumps(asdict(beir_pairs(args.beir, args.split, args.out, args.max_pairs, args.seed))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrieve", description="Retrieval models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     pydocs.add_argument("--out", default="data/pydocs")
     pydocs.add_argument("--max-per-package", type=int, default=4000)
     pydocs.set_defaults(func=_build_pydocs)
+    beir = data_sub.add_parser(
+        "beir-pairs",
+        help="(query, document) training pairs from a BEIR folder's judged split, for raytrieve train",
+    )
+    beir.add_argument("--beir", required=True, help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    beir.add_argument("--split", default="train", help="the qrels file to read (default: train)")
+    beir.add_argument("--out", required=True, help="the parquet file to write (columns query, document)")
+    beir.add_argument("--max-pairs", type=int, help="at most this many pairs, whole queries drawn with --seed")
+    beir.add_argument("--seed", type=int, default=42)
+    beir.set_defaults(func=_beir_pairs)
     docs = sub.add_parser("docs", help="generated documentation")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
     docs_sub.add_parser("config-reference", help="print docs/config-reference.md").set_defaults(

@@ -127,6 +127,7 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     import pyarrow.parquet as pq
 
     from raytrieve._io import atomic_file
+    from raytrieve.data.beir import whole_query_pairs, write_pairs
     from raytrieve.evaluate import data
 
     assert cfg.beir is not None, "prepare_beir reads cfg.beir"
@@ -167,15 +168,7 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
             )
 
     rng = np.random.default_rng(s.seed)
-    # Whole queries, each with every relevant document of its own: a query kept with only some of
-    # its positives could be mined its other relevant document as a hard negative.
-    ids = sorted(train.qrels)
-    pairs: list[tuple[str, str]] = []
-    for i in rng.permutation(len(ids)):
-        own = [(ids[i], d) for d, grade in sorted(train.qrels[ids[i]].items()) if grade > 0]
-        if len(pairs) + len(own) > s.train_pairs:
-            break
-        pairs += own
+    pairs = whole_query_pairs(train.qrels, s.train_pairs, rng)  # the same pairs as `raytrieve data beir-pairs`
     if not pairs:
         raise DataError(
             f"beir.train_split: no query of {b.train_split} fits in sample.train_pairs = {s.train_pairs} with all its "
@@ -200,9 +193,7 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     dev_split, test_split = split(dev, s.dev_queries, s.dev_corpus), split(test, s.test_queries, s.test_corpus)
     out.mkdir(parents=True, exist_ok=True)
     train_path, corpus_path = out / "train.parquet", out / "test_corpus.parquet"
-    with atomic_file(train_path) as tmp:
-        table = {"query": [train.queries[q] for q, _ in pairs], "document": [corpus[d] for _, d in pairs]}
-        pq.write_table(pa.table(table), tmp)
+    write_pairs(pairs, train.queries, corpus, train_path)
     with atomic_file(corpus_path) as tmp:
         pq.write_table(pa.table({"id": list(test_split.corpus), "document": list(test_split.corpus.values())}), tmp)
     read = [root / "corpus.jsonl", root / "queries.jsonl", *(root / "qrels" / f"{n}.tsv" for n in names.values())]

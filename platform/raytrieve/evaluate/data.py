@@ -88,7 +88,8 @@ def _rows(path: Path, keys: Mapping[str, str], optional: tuple[str, ...] = ()) -
         for i, row in enumerate(table.select(wanted).to_pylist()):
             yield f"{path} row {i}", row
         return
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is dropped, not a JSON error.
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -166,7 +167,7 @@ def _qrel_rows(path: Path, columns: Columns) -> Iterator[tuple[str, Any, Any, An
     keys = [columns.qrels_query, columns.qrels_doc, columns.qrels_score]
     if path.suffix in (".tsv", ".csv"):
         delimiter = "\t" if path.suffix == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the header
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
