@@ -4,6 +4,7 @@ a bar on a terminal; a real `raytrieve train` into a file ends without traces or
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -211,6 +212,14 @@ def test_a_training_job_logged_to_a_file_reads_as_lines_and_ends_clean(ray_clust
     assert "train: started, 6 steps" in lines, text
     assert any(TRAIN_LINE.match(line) for line in lines), text
     assert len(lines) <= 20, text
+    # No error-level line of Ray's own (its C++ logs: "[date time,ms E pid tid] file.cc:line: ...").
+    assert not [line for line in lines if re.match(r"^\[[\d :,-]+ E \d+ \d+\]", line)], text
+    # It ends naming the MLflow run and how to open it: a file store needs MLflow's opt-in variable.
+    summary = json.loads(job.stdout.strip().splitlines()[-1])
+    uri = cfg.mlflow.tracking_uri
+    assert summary["mlflow_tracking_uri"] == uri and summary["mlflow_run_id"]
+    assert (f"MLflow run {summary['mlflow_run_id']} in {uri}; its UI: MLFLOW_ALLOW_FILE_STORE=true "
+            f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000") in lines, text
 
 
 def test_the_demo_heartbeat_beats_on_the_shared_ticker_and_outlives_a_failing_status():

@@ -27,10 +27,18 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
     from raytrieve.train.run import run_training
 
     result = run_training(load_train_config(config, overrides), where=config, ray_address=ray_address)
+    if result.tracking_uri:
+        from raytrieve.tracking.mlflow_run import ui_command
+
+        print(
+            f"MLflow run {result.run_id} in {result.tracking_uri}; its UI: {ui_command(result.tracking_uri)}",
+            file=sys.stderr,
+        )
     return {
         "output_dir": result.output_dir,
         "steps": result.steps,
         "mlflow_run_id": result.run_id,
+        "mlflow_tracking_uri": result.tracking_uri,
         "model_version": result.model_version,
         "not_trained_on": result.dropped,
     }

@@ -262,9 +262,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     for line in report.console(rep):
         log(line)
     log(f"\nmarkdown: {md}\nchart:    {png}")
+    from raytrieve.tracking import mlflow_run
+
     uri = cfg.tracking_uri()
-    log(
-        f"MLflow runs: {uri} (experiment {EXPERIMENT!r}); open the UI with:\n"
-        f"  MLFLOW_ALLOW_FILE_STORE=true .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
-    )
+    log(f"MLflow runs: {uri} (experiment {EXPERIMENT!r}); open the UI with:\n  {mlflow_run.ui_command(uri)}")
     return DemoResult(rep, md, png, time.monotonic() - started)

@@ -59,6 +59,13 @@ def process_env(uri: str) -> dict[str, str]:
     return env
 
 
+def ui_command(uri: str) -> str:
+    """The command that opens MLflow's UI on ``uri`` (a file store needs the variable that allows it,
+    or MLflow 3 refuses to read it)."""
+    allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
+    return f"{allow}.venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+
+
 @contextlib.contextmanager
 def environment(uri: str):
     """Point this process's MLflow at ``uri`` for the block (model URIs resolve through it)."""

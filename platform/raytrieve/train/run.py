@@ -56,6 +56,7 @@ class TrainResult:
     model_version: str | None
     checkpoint: str | None
     dropped: list[str]
+    tracking_uri: str | None = None  # the MLflow store the run is in
 
 
 def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
@@ -312,4 +313,4 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     finally:
         mlflow_run.end_run(uri, run_id, failed)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped)
+    return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
