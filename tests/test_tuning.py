@@ -129,6 +129,8 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     assert fitted.tried[0][0].rerank_depth == 5 and fitted.tried[0][1] > 0.5  # the best on these queries...
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)  # ...not adopted
     assert fitted.gain is not None and not fitted.gain["adopted"] and fitted.gain["ci95"][0] <= 0
+    # What "tuned+rerank" scores held out: that best depth, though not adopted.
+    assert tuning.best_reranking(fitted) == Setting(setting.recall, setting.fusion, 5, 1.0)
     harmful = {q: {d: (-5.0 if d in qrels[q] else 1.0) for d in top[q]} for q in top}
     fitted = tuning.fit_rerank(candidates, qrels, setting, harmful)
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)

@@ -97,11 +97,8 @@ def rerank_request(fitted: dict[str, Any] | None, rerank_depth: int) -> dict[str
 
 
 def _best_reranking(rerank: tuning.Fitted | None) -> dict[str, Any] | None:
-    """The search fields and label of the best-scoring setting that reranks (``tried`` is best
-    first), or None when no rerank was fitted."""
-    if rerank is None:
-        return None
-    best = next((s for s, _ in rerank.tried if s.rerank_depth), None)
+    """The search fields and label of ``tuning.best_reranking``, or None when no rerank was fitted."""
+    best = tuning.best_reranking(rerank) if rerank is not None else None
     return None if best is None else {"setting": best.search_fields(), "label": best.label()}
 
 

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tune-on",
         metavar="SPLIT|QRELS",
         help="fit recall depths, fusion, rerank depth and weight on this split's judgements (with --data: a split "
-        "name; else a qrels file), report them as the 'tuned' stage on the evaluated split, write <out>/search.yaml",
+        "name; else a qrels file), report them as the 'tuned' stage on the evaluated split (and the best rerank, if "
+        "not adopted, as 'tuned+rerank'), write <out>/search.yaml",
     )
     tune.add_argument("--serve-config", help="with --tune-on: also write <out>/serve_tuned.yaml, this config + the fit")
     report = parser.add_argument_group("report")
@@ -254,12 +255,16 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         rankings = run.combine(tested, kinds, options, evalset.queries, evalset.corpus, scorer)
         if tuning_set is not None:
             tune.check_stages(kinds)
-            setting, fitted = tune.fit(
+            setting, fitted, with_rerank = tune.fit(
                 lists, tuning_set.qrels, searched.queries, evalset.corpus, scorer, options, args.k
             )
             rankings[run.TUNED] = tune.rankings(
                 lists, sorted(evalset.queries), setting, evalset.queries, evalset.corpus, scorer
             )
+            if with_rerank is not None:  # the rerank the fit kept off, scored held out all the same
+                rankings[run.TUNED_RERANK] = tune.rankings(
+                    lists, sorted(evalset.queries), with_rerank, evalset.queries, evalset.corpus, scorer
+                )
             fitted["split"] = args.tune_on
             fitted["written"] = [str(p) for p in tune.write_fragments(setting, Path(args.out), args.serve_config)]
         described = {

@@ -17,12 +17,12 @@ from typing import Any
 
 from raytrieve.errors import DataError
 from raytrieve.evaluate import scoring
-from raytrieve.evaluate.run import FUSED, RERANKED, TUNED, Rankings
+from raytrieve.evaluate.run import FUSED, RERANKED, TUNED, TUNED_RERANK, Rankings
 
 log = logging.getLogger("raytrieve.evaluate")
 
 FORMAT, VERSION = "raytrieve-evaluate", 1
-ORDER = {"dense": 0, "sparse": 1, FUSED: 2, RERANKED: 3, TUNED: 4}
+ORDER = {"dense": 0, "sparse": 1, FUSED: 2, RERANKED: 3, TUNED: 4, TUNED_RERANK: 5}
 
 
 def metric_names(k: int, recall_k: int) -> list[str]:
@@ -50,13 +50,15 @@ def build(
     stages = sorted(rankings, key=lambda s: (ORDER.get(s.split(":")[0], 1), s))
     values = {s: scoring.per_query(rankings[s], qrels, names) for s in stages}
     primary = names[0]
-    first = [s for s in stages if s not in (FUSED, RERANKED, TUNED)]
+    first = [s for s in stages if s not in (FUSED, RERANKED, TUNED, TUNED_RERANK)]
     best = max(first, key=lambda s: (scoring.mean(values[s][primary]), -stages.index(s))) if first else None
     pairs = [(best, s) for s in stages if best is not None and s != best]
     if FUSED in values and RERANKED in values:
         pairs.append((FUSED, RERANKED))
     if FUSED in values and TUNED in values:  # the fitted setting against the untuned fusion
         pairs.append((FUSED, TUNED))
+    if TUNED in values and TUNED_RERANK in values:  # the rerank the fit kept off, against the fit
+        pairs.append((TUNED, TUNED_RERANK))
     comparisons = [
         {
             "stage": s,

@@ -36,6 +36,8 @@ Lists = dict[str, dict[str, Ranked]]  # stage -> query id -> best-first (doc id,
 Rankings = dict[str, dict[str, list[str]]]  # stage -> query id -> best-first doc ids
 FUSED, RERANKED = "fused", "reranked"
 TUNED = "tuned"  # /search with the setting fitted on another split (evaluate/tune.py)
+# The tuned setting with the tuning split's best rerank when the fit did not adopt it (tune.py)
+TUNED_RERANK = "tuned+rerank"
 
 
 @dataclass(frozen=True)

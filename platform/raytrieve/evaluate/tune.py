@@ -84,8 +84,10 @@ def fit(
     scorer: Scorer | None,
     options: RunOptions,
     k: int,
-) -> tuple[tuning.Setting, dict[str, Any]]:
-    """The setting with the best mean NDCG@k on these queries (``qrels``), and what the fit saw."""
+) -> tuple[tuning.Setting, dict[str, Any], tuning.Setting | None]:
+    """The setting with the best mean NDCG@k on these queries (``qrels``), what the fit saw, and
+    the setting "tuned+rerank" scores: the best that reranks when the fit did not adopt a rerank
+    (None: it did, or there is no reranker)."""
     qids = sorted(qrels)
     candidates = {q: {n: lists[n][q] for n in lists} for q in qids}
     fused = tuning.fit_fusion(candidates, qrels, tuning.recall_depths(options.depth), k)
@@ -98,7 +100,7 @@ def fit(
         },
         "best_settings": [{"setting": s.label(), f"ndcg@{k}": v} for s, v in fused.tried[:10]],
     }
-    best, rerank_scores = fused.best, None
+    best, rerank_scores, with_rerank = fused.best, None, None
     if scorer is not None:
         deepest = max(tuning.RERANK_DEPTHS)
         rerank_scores = tuning.cross_scores(candidates, best, deepest, queries, corpus, scorer)
@@ -109,11 +111,14 @@ def fit(
             for s, v in sorted(reranked.tried, key=lambda sv: (sv[0].rerank_depth, sv[0].rerank_weight))
         }
         info["rerank_gain"] = reranked.gain  # the best depth and weight against none; adopted only if clear
+        if not best.rerank_depth:
+            with_rerank = tuning.best_reranking(reranked)
+            info["with_rerank"] = None if with_rerank is None else with_rerank.label()
     info[f"ndcg@{k}"]["fitted"] = tuning.mean(tuning.per_query(candidates, qrels, best, rerank_scores, k))
     info["setting"] = best.search_fields()
     info["label"] = best.label()
     log.info("fitted on %d queries: %s (NDCG@%d %.4f)", len(qids), best.label(), k, info[f"ndcg@{k}"]["fitted"])
-    return best, info
+    return best, info, with_rerank
 
 
 def rankings(

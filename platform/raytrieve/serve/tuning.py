@@ -239,6 +239,12 @@ def fit_fusion(candidates: Candidates, qrels: Qrels, depths: Sequence[int] = REC
     return _best([(s, mean(per_query(candidates, qrels, s, k=k))) for s in fusion_grid(retrievers, depths)])
 
 
+def best_reranking(fitted: Fitted) -> Setting | None:
+    """The best-scoring setting of a ``fit_rerank`` that reranks, adopted or not (None: no depth
+    tried): what "tuned hybrid + rerank" is when the gate kept the rerank off, for a held-out figure."""
+    return next((s for s, _ in fitted.tried if s.rerank_depth), None)
+
+
 def fit_rerank(
     candidates: Candidates,
     qrels: Qrels,
