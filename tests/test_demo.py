@@ -15,7 +15,7 @@ from raytrieve.config import from_dict
 from raytrieve.data import pydocs
 from raytrieve.demo import DemoConfig, run_demo
 from raytrieve.demo.report import TEST_STAGES
-from raytrieve.errors import ConfigError
+from raytrieve.errors import ConfigError, DataError
 from raytrieve.serve.tuning import RERANK_WEIGHTS
 from tests.conftest import free_port
 
@@ -314,6 +314,43 @@ def test_a_beir_folder_gives_train_pairs_and_graded_dev_and_test_splits(tmp_path
     assert again.key == samples.key and again.test.qrels == samples.test.qrels
     (folder / "qrels" / "test.tsv").write_text((folder / "qrels" / "test.tsv").read_text() + "29\t100\t1\n")
     assert prepare_beir(cfg, tmp_path / "out" / "data").key != samples.key
+
+
+def test_a_beir_folder_without_a_dev_split_holds_out_train_queries(tmp_path):
+    """BEIR sets such as SciFact ship train and test only: with beir.dev_split unset the demo
+    holds out train queries (at most a quarter) as dev, and trains on the rest only."""
+    import pyarrow.parquet as pq
+
+    from raytrieve.demo.report import markdown
+    from raytrieve.demo.sample import prepare_beir
+
+    folder = _beir(tmp_path / "mine")
+    (folder / "qrels" / "dev.tsv").unlink()
+    cfg = from_dict(DemoConfig, {"out_dir": str(tmp_path / "out"), "beir": {"path": str(folder)},
+                                 "sample": {"train_pairs": 100, "dev_queries": 5, "dev_corpus": 12,
+                                            "test_queries": 6, "test_corpus": 15}}).check()
+    samples = prepare_beir(cfg, tmp_path / "out" / "data")
+    assert samples.dev_note == "train queries held out from training (of 14)"
+    held = set(samples.dev.qrels)
+    assert len(held) == 3 and held <= {str(q) for q in range(14)}  # 14 // 4: a quarter of the train queries
+    trained = {r["query"] for r in pq.read_table(samples.train_path).to_pylist()}
+    assert trained == {f"question {q}" for q in range(14) if str(q) not in held}  # never trained on dev
+    assert samples.train_pairs == 2 * 11
+    for q, judged in samples.dev.qrels.items():  # graded as train.tsv says, relevant documents in the corpus
+        file = {str(100 + int(q)): 2.0, str(101 + int(q)): 1.0, str(102 + int(q)): 0.0}
+        assert {d: g for d, g in file.items() if g > 0} == {d: g for d, g in judged.items() if g > 0}
+        assert judged.items() <= file.items() and set(judged) <= set(samples.dev.corpus)
+    rep = json.loads((ROOT / "docs" / "demo-results.json").read_text())
+    rep["data"] = {"beir": cfg.beir.model_dump(), "dev_note": samples.dev_note}
+    assert f"{rep['sizes']['dev_queries']} train queries held out from training (of 14) over" in markdown(rep)
+
+    # A dev split named but missing is still an error; a folder's own dev.tsv is used when there.
+    named = cfg.model_copy(update={"beir": cfg.beir.model_copy(update={"dev_split": "dev"})})
+    with pytest.raises(DataError, match=r"beir.dev_split: .*dev.tsv: no such file.*leave beir.dev_split unset"):
+        prepare_beir(named, tmp_path / "named")
+    own = _beir(tmp_path / "own")
+    assert prepare_beir(cfg.model_copy(update={"beir": cfg.beir.model_copy(update={"path": str(own)})}),
+                        tmp_path / "own-out").dev_note is None
 
 
 def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_path, capsys):

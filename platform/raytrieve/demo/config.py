@@ -123,7 +123,13 @@ class BeirData(ConfigModel):
 
     path: str = Field(description="the BEIR folder")
     train_split: str = "train"
-    dev_split: str = Field(default="dev", description="held out from training: the fit of /search's settings")
+    dev_split: str | None = Field(
+        default=None,
+        description=(
+            "held out from training, for the fit of /search's settings; None: qrels/dev.tsv if the folder has "
+            "it, else queries of the train split held out (sample.dev_queries, at most a quarter of them)"
+        ),
+    )
     test_split: str = "test"
 
 

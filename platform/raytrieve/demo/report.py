@@ -91,7 +91,7 @@ def build(
         "reused_steps": list(reused),
         "metrics": list(names),
         # What the splits are (the markdown's words; a report without it is of the pydocs set).
-        "data": None if cfg.beir is None else {"beir": cfg.beir.model_dump()},
+        "data": None if cfg.beir is None else {"beir": cfg.beir.model_dump(), "dev_note": samples.dev_note},
         "sizes": {
             "train_pairs": samples.train_pairs,
             "dev_queries": len(samples.dev.queries),
@@ -153,7 +153,8 @@ def markdown(rep: dict[str, Any]) -> str:
     else:
         b = data["beir"]
         test = f"queries of {b['path']}'s {b['test_split']} split (never trained on)"
-        dev = f"queries of its {b['dev_split']} split"
+        # A held-out part of train when the folder has no dev split (demo/sample.py).
+        dev = data.get("dev_note") or f"queries of its {b['dev_split'] or 'dev'} split"
     lines = [
         "# raytrieve demo results",
         "",

@@ -87,11 +87,14 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
 
     progress("1/6 data")
     if cfg.beir is not None:
+        b = cfg.beir
         progress(
-            f"  reading {cfg.beir.path} (BEIR: corpus, queries, qrels of {cfg.beir.train_split}, "
-            f"{cfg.beir.dev_split}, {cfg.beir.test_split})"
+            f"  reading {b.path} (BEIR: corpus, queries, qrels of {b.train_split}, "
+            f"{b.dev_split or 'dev if there'}, {b.test_split})"
         )
         samples = sampling.prepare_beir(cfg, out / "data")
+        if samples.dev_note:
+            progress(f"  no dev split: {len(samples.dev.qrels)} {samples.dev_note} are the dev split")
     else:
         manifest = sampling.ensure_pydocs(Path(cfg.pydocs_dir), lambda line: progress(f"  {line}"))
         samples = sampling.prepare(cfg, manifest, out / "data")
@@ -166,7 +169,11 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         answered = serve_and_query(cfg, samples, served, progress, running, with_rerank)
         return store.put(f"test-{phase}", key, {"encode": encoded, **answered})
 
-    dev_words = "held-out train-package pairs" if cfg.beir is None else f"the {cfg.beir.dev_split} split"
+    dev_words = (
+        "held-out train-package pairs"
+        if cfg.beir is None
+        else ("train queries held out as dev" if samples.dev_note else f"the {cfg.beir.dev_split or 'dev'} split")
+    )
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: {dev_words} and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])
     before_fit = fit("pretrained", before_dev, [m.dense, m.sparse], m.dense, m.sparse, m.reranker)

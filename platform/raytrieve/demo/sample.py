@@ -15,13 +15,18 @@ docstring. BEIR qrels may grade several documents per query; a grade <= 0 is not
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raytrieve.demo.config import DemoConfig
 from raytrieve.errors import DataError
+
+if TYPE_CHECKING:
+    from raytrieve.evaluate.data import EvalSet
 
 COLUMNS = {"id", "query", "document", "package"}
 
@@ -41,6 +46,9 @@ class Samples:
     test: Split
     test_corpus_path: Path  # parquet with id, document: the encoding job's input
     key: str  # changes when any sample changes
+    # Where the dev queries come from, in words after their count, when not from a split file of
+    # their own (a BEIR folder without a dev split: train queries held out); None: their own split.
+    dev_note: str | None = None
 
 
 def ensure_pydocs(folder: Path, log) -> dict:
@@ -132,17 +140,21 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
 
     assert cfg.beir is not None, "prepare_beir reads cfg.beir"
     b, s = cfg.beir, cfg.sample
-    names = {"beir.train_split": b.train_split, "beir.dev_split": b.dev_split, "beir.test_split": b.test_split}
-    if len(set(names.values())) < 3:
-        raise DataError(f"beir: the train, dev and test splits must differ, got {names}; name three qrels files")
     root = Path(b.path).expanduser()
     if not root.is_dir():
         raise DataError(f"beir.path: {b.path}: no such folder; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/")
+    # No dev split named: the folder's own, else train queries held out below (BEIR sets such as
+    # SciFact ship only train and test).
+    dev_name = b.dev_split or ("dev" if (root / "qrels" / "dev.tsv").is_file() else None)
+    names = {"beir.train_split": b.train_split, "beir.dev_split": dev_name, "beir.test_split": b.test_split}
+    names = {k: v for k, v in names.items() if v is not None}
+    if len(set(names.values())) < len(names):
+        raise DataError(f"beir: the train, dev and test splits must differ, got {names}; name different qrels files")
     found: dict[str, tuple[Path, Path, Path]] = {}  # every split's files checked before any is read
     for key, name in names.items():
         choose = (
-            f"Set {key}=<one of them>; the demo needs three different splits (train, dev, test): "
-            "hold out some train queries as a dev split if the data has none"
+            f"Set {key}=<one of them>; the demo reads a train and a test split, and a dev split when one "
+            "is named (leave beir.dev_split unset to hold out train queries as dev)"
         )
         try:
             found[key] = data.beir_files(root, name, choose)
@@ -153,7 +165,14 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
         base = next(iter(splits.values()), None)
         name = names[key]
         splits[key] = data.load_split(base, files[1], files[2], name) if base else data.load_files(*files, split=name)
-    train, dev, test = splits.values()
+    train, test = splits["beir.train_split"], splits["beir.test_split"]
+    rng = np.random.default_rng(s.seed)
+    dev_note = None
+    if "beir.dev_split" in splits:
+        dev = splits["beir.dev_split"]
+    else:
+        train, dev = _hold_out(train, s.dev_queries, rng)
+        dev_note = f"{b.train_split} queries held out from training (of {len(dev.qrels) + len(train.qrels)})"
     # Held out means held out: the test figure must not come from queries trained or fitted on.
     for key, held, other, role in (
         ("beir.dev_split", dev, train, "the train split"),
@@ -167,7 +186,6 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
                 "must not share queries with it"
             )
 
-    rng = np.random.default_rng(s.seed)
     pairs = whole_query_pairs(train.qrels, s.train_pairs, rng)  # the same pairs as `raytrieve data beir-pairs`
     if not pairs:
         raise DataError(
@@ -199,4 +217,25 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
     read = [root / "corpus.jsonl", root / "queries.jsonl", *(root / "qrels" / f"{n}.tsv" for n in names.values())]
     stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in read}  # a changed file: new samples
     key = json.dumps({"sample": s.model_dump(), "beir": b.model_dump(), "files": stamp}, sort_keys=True)
-    return Samples(train_path, len(pairs), dev_split, test_split, corpus_path, key)
+    return Samples(train_path, len(pairs), dev_split, test_split, corpus_path, key, dev_note)
+
+
+def _hold_out(train: EvalSet, n: int, rng: np.random.Generator) -> tuple[EvalSet, EvalSet]:
+    """``train`` (an evaluate.data.EvalSet) split into (train, dev) by query: ``n`` judged queries
+    with a relevant document drawn for dev, at most a quarter of them, so most stay for training."""
+    import dataclasses
+
+    ids = sorted(q for q, judged in train.qrels.items() if any(g > 0 for g in judged.values()))
+    count = min(n, len(ids) // 4)
+    if count < 1:
+        raise DataError(
+            f"beir.train_split: {len(ids)} queries with a relevant document, too few to hold out a dev split "
+            "from (at most a quarter of them); add a qrels file for dev and set beir.dev_split"
+        )
+    held = {ids[i] for i in rng.permutation(len(ids))[:count]}
+
+    def part(keep: Callable[[str], bool]) -> EvalSet:
+        qrels = {q: j for q, j in train.qrels.items() if keep(q)}
+        return dataclasses.replace(train, qrels=qrels, queries={q: t for q, t in train.queries.items() if q in qrels})
+
+    return part(lambda q: q not in held), part(lambda q: q in held)
