@@ -778,7 +778,7 @@ def test_report_without_matplotlib_skips_the_chart(tmp_path, monkeypatch, caplog
     assert "matplotlib is not installed" in caplog.text and not (tmp_path / "evaluation.png").exists()
 
 
-def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit(tmp_path):
+def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit(tmp_path, caplog):
     from raytrieve.evaluate import tune
 
     with pytest.raises(ConfigError, match=r"1 judged query id\(s\) of dev.tsv are also judged in test.tsv, e.g. \['q2'\]"):
@@ -792,7 +792,15 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
     tune.check_serve_config(shipped, reranker=True, depth=100)
     # The fit is of the evaluated models: the config must serve those (a copy of a folder counts).
     served = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny", "reranker": "ms-marco-minilm-l12-v2"}
-    tune.check_serve_config(shipped, reranker=True, depth=100, models=served)
+    with caplog.at_level("WARNING", logger="raytrieve.evaluate"):
+        tune.check_serve_config(shipped, reranker=True, depth=100, models=served, max_seq_length=256)
+        assert not caplog.records  # serve_pydocs.yaml truncates every model at 256 too
+        tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "sparse": None},
+                                max_seq_length=128)
+    # A served model truncating otherwise than the evaluation: warned, by field, with the fix.
+    assert [r.getMessage().split(" serves ")[1].split(" at ")[0] for r in caplog.records] == ["dense", "reranker"]
+    assert "max_seq_length 256, but this evaluation truncates at 128" in caplog.text
+    assert "Pass --max-seq-length 256, or set dense.max_seq_length" in caplog.text
     from raytrieve.model_ref import resolve_model
 
     copy = tmp_path / "minilm-copy"

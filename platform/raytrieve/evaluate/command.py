@@ -211,7 +211,11 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         if args.serve_config:  # refused before any model loads if it could not hold the fit
             evaluated = {"dense": next(iter(args.dense), None), "sparse": next(iter(args.sparse), None)}
             tune.check_serve_config(
-                args.serve_config, bool(args.reranker), options.depth, {**evaluated, "reranker": args.reranker}
+                args.serve_config,
+                bool(args.reranker),
+                options.depth,
+                {**evaluated, "reranker": args.reranker},
+                options.max_seq_length,
             )
     fitted: dict[str, Any] | None = None
     # Both splits' queries get their candidates in one pass over the corpus.

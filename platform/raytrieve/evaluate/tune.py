@@ -36,15 +36,35 @@ def check_splits(tuned: Mapping[str, Any], scored: Mapping[str, Any], tuning_fil
         )
 
 
-def check_serve_config(path: str, reranker: bool, depth: int, models: Mapping[str, str | None] | None = None) -> None:
+def check_serve_config(
+    path: str,
+    reranker: bool,
+    depth: int,
+    models: Mapping[str, str | None] | None = None,
+    max_seq_length: int | None = None,
+) -> None:
     """``--serve-config`` will hold the fit: refused before any model loads if it could not.
     ``models``: the evaluated model of each served field (dense, sparse, reranker; None: none),
-    each of which must be the one the config serves there, or the fit would be of other models."""
+    each of which must be the one the config serves there, or the fit would be of other models.
+    ``max_seq_length``: the evaluation's (None: each model's own); a served model truncating
+    otherwise gets a warning, since its scores, and so the fit's best setting, may differ."""
     from raytrieve.serve.config import load_serve_config
 
     cfg = load_serve_config(path)
     for field, evaluated in (models or {}).items():
         served = next((m for m in cfg.served() if m.kind == field and m.default), None)
+        if evaluated is not None and served is not None and served.spec.max_seq_length != max_seq_length:
+            log.warning(
+                "--serve-config %s serves %s at max_seq_length %s, but this evaluation truncates at %s: the fit "
+                "is of other scores than /search will compute. Pass --max-seq-length %s, or set %s.max_seq_length "
+                "in the config to the evaluation's",
+                path,
+                field,
+                _length(served.spec.max_seq_length, "the model's default"),
+                _length(max_seq_length, "each model's default"),
+                _length(served.spec.max_seq_length, "<the model's default>"),
+                served.path,
+            )
         if evaluated is not None and served is not None and not _same_model(served.spec.model, evaluated):
             raise ConfigError(
                 f"--serve-config {path} serves {served.spec.model!r} as {field}, but this evaluation fits --{field} "
@@ -65,6 +85,10 @@ def check_serve_config(path: str, reranker: bool, depth: int, models: Mapping[st
             f"--serve-config {path}: limits {', '.join(f'{k}={getattr(cfg.limits, k)}' for k in low)} are below "
             f"what the fit may choose ({', '.join(f'{k} {v}' for k, v in low.items())}); raise them in the config"
         )
+
+
+def _length(n: int | None, default_words: str) -> str:
+    return default_words if n is None else str(n)
 
 
 def check_stages(kinds: Mapping[str, str]) -> None:
