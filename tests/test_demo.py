@@ -351,6 +351,10 @@ def test_a_beir_folder_without_a_dev_split_holds_out_train_queries(tmp_path):
     own = _beir(tmp_path / "own")
     assert prepare_beir(cfg.model_copy(update={"beir": cfg.beir.model_copy(update={"path": str(own)})}),
                         tmp_path / "own-out").dev_note is None
+    # dev.tsv taken as the test split: not also the dev split; train queries are held out instead.
+    as_test = cfg.beir.model_copy(update={"path": str(own), "test_split": "dev"})
+    samples = prepare_beir(cfg.model_copy(update={"beir": as_test}), tmp_path / "as-test")
+    assert samples.dev_note is not None and set(samples.test.qrels) <= {str(q) for q in range(14, 22)}
 
 
 def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_path, capsys):

@@ -794,6 +794,7 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
     served = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny", "reranker": "ms-marco-minilm-l12-v2"}
     with caplog.at_level("WARNING", logger="raytrieve.evaluate"):
         tune.check_serve_config(shipped, reranker=True, depth=100, models=served, max_seq_length=256)
+        tune.check_serve_config(shipped, reranker=True, depth=100, models=served)  # each model's default: unknown
         assert not caplog.records  # serve_pydocs.yaml truncates every model at 256 too
         tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "sparse": None},
                                 max_seq_length=128)

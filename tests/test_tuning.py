@@ -139,6 +139,8 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     # Of equal scores the cross-encoder's order alone (weight 1) is kept.
     fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
     assert fitted.best.rerank_weight == 1.0 and "rerank_weight" in fitted.best.search_fields()
+    assert tuning.best_reranking(fitted) == fitted.best  # adopted: the served setting itself
+    assert tuning.best_reranking(tuning.fit_rerank(candidates, qrels, setting, helpful, depths=(0,))) is None
 
 
 def test_fit_rerank_finds_the_weight_where_the_order_alone_hurts():

@@ -1,7 +1,8 @@
 """Training pairs from a BEIR folder's judged split: each query with each of its relevant
 documents (grade > 0), as a (query, document) parquet that `raytrieve train` reads with
 ``columns: [query, document]``. The demo's BEIR path (demo/sample.py) draws its train pairs the
-same way.
+same way (the same pairs at one cap and seed when the folder has its own dev split; without
+one the demo first holds out train queries as dev).
 
 Whole queries, never some of a query's positives: a query kept with only part of them would let
 hard-negative mining (`raytrieve mine`) pick its other relevant document as a negative.
@@ -9,6 +10,7 @@ hard-negative mining (`raytrieve mine`) pick its other relevant document as a ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +19,23 @@ import numpy as np
 
 from raytrieve.errors import DataError
 
-Qrels = dict[str, dict[str, float]]  # query id -> document id -> grade
 
-
-def whole_query_pairs(qrels: Qrels, limit: int | None, rng: np.random.Generator | None) -> list[tuple[str, str]]:
+def whole_query_pairs(
+    qrels: Mapping[str, Mapping[str, float]], limit: int | None, rng: np.random.Generator | None
+) -> list[tuple[str, str]]:
     """(query id, document id) for every relevant judgement, query by query in ``rng``'s order
-    (None: by id), stopping before the query that would pass ``limit`` pairs (None: all)."""
+    (None: by id); with ``limit``, a query whose pairs would pass it is skipped, and a later one
+    with fewer may still fit."""
     ids = sorted(qrels)
     order = rng.permutation(len(ids)) if rng is not None else range(len(ids))
     pairs: list[tuple[str, str]] = []
     for i in order:
         own = [(ids[i], d) for d, grade in sorted(qrels[ids[i]].items()) if grade > 0]
         if limit is not None and len(pairs) + len(own) > limit:
-            break
+            continue
         pairs += own
+        if limit is not None and len(pairs) == limit:
+            break
     return pairs
 
 
@@ -72,14 +77,9 @@ def beir_pairs(
     loaded = data.load_files(*data.beir_files(Path(folder).expanduser(), split), split=split)
     rng = np.random.default_rng(seed) if max_pairs is not None else None
     pairs = whole_query_pairs(loaded.qrels, max_pairs, rng)
-    if not pairs:
+    if not pairs:  # only with a cap: load_files refuses a split without a relevant judgement
         raise DataError(
-            f"{folder}: no pair to write: "
-            + (
-                f"no query of {split} fits in --max-pairs {max_pairs} with all its relevant documents; raise it"
-                if max_pairs is not None and any(g > 0 for j in loaded.qrels.values() for g in j.values())
-                else f"qrels/{split}.tsv has no relevant judgement (score > 0)"
-            )
+            f"{folder}: no query of {split} fits in --max-pairs {max_pairs} with all its relevant documents; raise it"
         )
     write_pairs(pairs, loaded.queries, loaded.corpus, target)
     summary: dict[str, Any] = loaded.summary

@@ -172,7 +172,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
     dev_words = (
         "held-out train-package pairs"
         if cfg.beir is None
-        else ("train queries held out as dev" if samples.dev_note else f"the {cfg.beir.dev_split or 'dev'} split")
+        else (samples.dev_note or f"the {cfg.beir.dev_split or 'dev'} split")
     )
     progress(f"2/6 pretrained {m.dense} and {m.sparse}: {dev_words} and the Lee corpus (in process)")
     before_dev = in_process("pretrained", m.dense, m.sparse, [m.dense, m.sparse])

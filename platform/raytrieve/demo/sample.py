@@ -145,7 +145,8 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
         raise DataError(f"beir.path: {b.path}: no such folder; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/")
     # No dev split named: the folder's own, else train queries held out below (BEIR sets such as
     # SciFact ship only train and test).
-    dev_name = b.dev_split or ("dev" if (root / "qrels" / "dev.tsv").is_file() else None)
+    own_dev = "dev" not in (b.train_split, b.test_split) and (root / "qrels" / "dev.tsv").is_file()
+    dev_name = b.dev_split or ("dev" if own_dev else None)
     names = {"beir.train_split": b.train_split, "beir.dev_split": dev_name, "beir.test_split": b.test_split}
     names = {k: v for k, v in names.items() if v is not None}
     if len(set(names.values())) < len(names):
@@ -186,7 +187,8 @@ def prepare_beir(cfg: DemoConfig, out: Path) -> Samples:
                 "must not share queries with it"
             )
 
-    pairs = whole_query_pairs(train.qrels, s.train_pairs, rng)  # the same pairs as `raytrieve data beir-pairs`
+    # `raytrieve data beir-pairs` draws the same (at this cap and seed, from a folder with a dev split).
+    pairs = whole_query_pairs(train.qrels, s.train_pairs, rng)
     if not pairs:
         raise DataError(
             f"beir.train_split: no query of {b.train_split} fits in sample.train_pairs = {s.train_pairs} with all its "
@@ -236,6 +238,8 @@ def _hold_out(train: EvalSet, n: int, rng: np.random.Generator) -> tuple[EvalSet
 
     def part(keep: Callable[[str], bool]) -> EvalSet:
         qrels = {q: j for q, j in train.qrels.items() if keep(q)}
-        return dataclasses.replace(train, qrels=qrels, queries={q: t for q, t in train.queries.items() if q in qrels})
+        queries = {q: t for q, t in train.queries.items() if q in qrels}
+        # summary: the whole split's counts (load_files), not this part's: dropped.
+        return dataclasses.replace(train, qrels=qrels, queries=queries, summary={})
 
     return part(lambda q: q not in held), part(lambda q: q in held)

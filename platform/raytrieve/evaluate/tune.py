@@ -46,30 +46,37 @@ def check_serve_config(
     """``--serve-config`` will hold the fit: refused before any model loads if it could not.
     ``models``: the evaluated model of each served field (dense, sparse, reranker; None: none),
     each of which must be the one the config serves there, or the fit would be of other models.
-    ``max_seq_length``: the evaluation's (None: each model's own); a served model truncating
-    otherwise gets a warning, since its scores, and so the fit's best setting, may differ."""
+    ``max_seq_length``: the evaluation's --max-seq-length; a served model set to truncate at
+    another length gets a warning, since its scores, and so the fit's best setting, may differ
+    (when either side is unset, each model's own default, nothing is compared)."""
     from raytrieve.serve.config import load_serve_config
 
     cfg = load_serve_config(path)
     for field, evaluated in (models or {}).items():
         served = next((m for m in cfg.served() if m.kind == field and m.default), None)
-        if evaluated is not None and served is not None and served.spec.max_seq_length != max_seq_length:
-            log.warning(
-                "--serve-config %s serves %s at max_seq_length %s, but this evaluation truncates at %s: the fit "
-                "is of other scores than /search will compute. Pass --max-seq-length %s, or set %s.max_seq_length "
-                "in the config to the evaluation's",
-                path,
-                field,
-                _length(served.spec.max_seq_length, "the model's default"),
-                _length(max_seq_length, "each model's default"),
-                _length(served.spec.max_seq_length, "<the model's default>"),
-                served.path,
-            )
         if evaluated is not None and served is not None and not _same_model(served.spec.model, evaluated):
             raise ConfigError(
                 f"--serve-config {path} serves {served.spec.model!r} as {field}, but this evaluation fits --{field} "
                 f"{evaluated!r}: the fitted search: would be served with other models. Point the config's "
                 f"{served.path}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
+            )
+    for field, evaluated in (models or {}).items():
+        served = next((m for m in cfg.served() if m.kind == field and m.default), None)
+        if evaluated is None or served is None:
+            continue
+        length = served.spec.max_seq_length
+        if length is not None and max_seq_length is not None and length != max_seq_length:
+            log.warning(
+                "--serve-config %s serves %s at max_seq_length %s, but this evaluation truncates at %s: the fit "
+                "is of other scores than /search will compute. Pass --max-seq-length %s, or set %s.max_seq_length "
+                "in the config to %s",
+                path,
+                field,
+                length,
+                max_seq_length,
+                length,
+                served.path,
+                max_seq_length,
             )
     if reranker != (cfg.reranker is not None):
         have = "serves a reranker" if cfg.reranker is not None else "serves no reranker"
@@ -85,10 +92,6 @@ def check_serve_config(
             f"--serve-config {path}: limits {', '.join(f'{k}={getattr(cfg.limits, k)}' for k in low)} are below "
             f"what the fit may choose ({', '.join(f'{k} {v}' for k, v in low.items())}); raise them in the config"
         )
-
-
-def _length(n: int | None, default_words: str) -> str:
-    return default_words if n is None else str(n)
 
 
 def check_stages(kinds: Mapping[str, str]) -> None:
@@ -135,6 +138,7 @@ def fit(
             for s, v in sorted(reranked.tried, key=lambda sv: (sv[0].rerank_depth, sv[0].rerank_weight))
         }
         info["rerank_gain"] = reranked.gain  # the best depth and weight against none; adopted only if clear
+        info["with_rerank"] = None  # the label of what "tuned+rerank" scores, when the fit kept the rerank off
         if not best.rerank_depth:
             with_rerank = tuning.best_reranking(reranked)
             info["with_rerank"] = None if with_rerank is None else with_rerank.label()

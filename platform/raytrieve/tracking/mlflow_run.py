@@ -60,10 +60,15 @@ def process_env(uri: str) -> dict[str, str]:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens MLflow's UI on ``uri`` (a file store needs the variable that allows it,
-    or MLflow 3 refuses to read it)."""
-    allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
-    return f"{allow}.venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    """How to open MLflow's UI on ``uri``: a tracking server's own address, else ``mlflow ui`` on
+    the store (a file store, a path or file:, needs the variable that allows it: MLflow 3
+    refuses one otherwise)."""
+    import shlex
+
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} (the tracking server's UI)"
+    allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") or "://" not in uri else ""
+    return f"{allow}.venv/bin/mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
 @contextlib.contextmanager
