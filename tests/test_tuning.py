@@ -121,7 +121,7 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     fitted = tuning.fit_rerank(candidates, qrels, setting, helpful)
     assert fitted.best.rerank_depth == 5 and fitted.score == pytest.approx(1.0)  # the shallowest that fixes it
     assert dict((s.rerank_depth, v) for s, v in fitted.tried)[0] == pytest.approx(0.5)
-    assert fitted.gain is not None and fitted.gain["adopted"] and fitted.gain["ci95"][0] > 0
+    assert fitted.gain is not None and fitted.gain["adopted"] and fitted.gain["cross_fitted"]["ci95"][0] > 0
     # A reranker that helps one query of twelve: the best depth on these queries, but its gain is
     # within noise (the interval reaches 0), so no rerank is kept, and the gain is reported.
     once = {q: {d: (5.0 if d in qrels[q] and q == "q0" else 1.0 - i / 100) for i, d in enumerate(top[q])} for q in top}
@@ -234,3 +234,16 @@ def test_an_explicit_rerank_weight_is_kept_over_the_configured_default():
     left_out = with_defaults(SearchRequest.model_validate({"query": "q"}), defaults)
     assert (explicit.rerank_weight, left_out.rerank_weight) == (1.0, 0.3)
     assert explicit.rerank and explicit.rerank_depth == 10
+
+
+def test_cross_fitted_gains_score_each_half_with_the_other_halfs_choice():
+    none, a, b = Setting({"dense": 20}), Setting({"dense": 20}, rerank_depth=5), Setting({"dense": 20}, rerank_depth=10)
+    # a helps the even queries only, b the odd ones: each looks like a gain on the queries that
+    # would choose it, and neither carries over to the other half.
+    values = [[0.5] * 4, [1.0, 0.5, 1.0, 0.5], [0.5, 1.0, 0.5, 1.0]]
+    assert tuning.cross_fitted_gains([none, a, b], values) == [0.0] * 4
+    # A setting that helps every query is chosen by both halves and keeps its gain on each.
+    values = [[0.5] * 4, [0.9, 0.5, 0.9, 0.5], [1.0] * 4]
+    assert tuning.cross_fitted_gains([none, a, b], values) == [0.5] * 4
+    # Of equal scores the cheaper setting is chosen: no rerank, no gain.
+    assert tuning.cross_fitted_gains([none, a], [[0.5] * 3, [0.5] * 3]) == [0.0] * 3

@@ -56,11 +56,13 @@ def fit_on_dev(
         best = rerank.best
         by_depth = ", ".join(f"{s.rerank_key()}: {v:.3f}" for s, v in _best_per_depth(rerank.tried))
         gain = rerank.gain
+        held = (gain or {}).get("cross_fitted")
         verdict = (
             ""
-            if gain is None
+            if gain is None or held is None
             else f"; rerank@{gain['depth']} weight {gain['weight']:g} {gain['delta']:+.3f} "
-            f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]"
+            f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}], cross-fitted {held['delta']:+.3f} "
+            f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]"
             + (" adopted" if gain["adopted"] else " within noise: not adopted")
         )
         progress(

@@ -282,11 +282,14 @@ def _rerank_setting(fit: dict[str, Any], rep: dict[str, Any]) -> str:
 
 
 def _dev_gain(fit: dict[str, Any]) -> str:
+    """The dev gain the fit decided by: cross-fitted (serve/tuning.py), or in-sample in a report
+    written before that existed."""
     gain = fit.get("rerank_gain")
     if not gain:
         return "-"
-    lo, hi = gain["ci95"]
-    return f"{gain['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({'yes' if gain['adopted'] else 'no'})"
+    decided = gain.get("cross_fitted", gain)
+    lo, hi = decided["ci95"]
+    return f"{decided['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({'yes' if gain['adopted'] else 'no'})"
 
 
 def console(rep: dict[str, Any]) -> list[str]:
