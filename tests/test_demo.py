@@ -393,7 +393,26 @@ def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_p
     assert "qrels/validation.tsv" in err and "['dev', 'test', 'train']" in err and "--split" in err
     assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(tmp_path / "pairs.jsonl")]) == 2
     assert "name a .parquet file" in capsys.readouterr().err
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(bad), "--max-pairs", "1"]) == 2
+    assert "no query of train fits in --max-pairs 1 with all its relevant documents" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_whole_query_pairs_skip_a_query_past_the_cap_and_take_a_smaller_one():
+    import numpy as np
+
+    from raytrieve.data.beir import whole_query_pairs
+
+    qrels = {"a": {"d1": 1.0, "d2": 2.0, "d3": 1.0}, "b": {"d4": 1.0, "d5": 0.0}, "c": {"d6": 1.0, "d7": 1.0}}
+    assert whole_query_pairs(qrels, None, None) == [("a", "d1"), ("a", "d2"), ("a", "d3"), ("b", "d4"),
+                                                   ("c", "d6"), ("c", "d7")]
+    # By id: a (3 pairs) fits 4, c (2) would pass it and is skipped; b (1) fills it.
+    assert whole_query_pairs(qrels, 4, None) == [("a", "d1"), ("a", "d2"), ("a", "d3"), ("b", "d4")]
+    assert whole_query_pairs(qrels, 2, None) == [("b", "d4")]  # a skipped, b taken, c would pass 2
+    drawn = whole_query_pairs(qrels, 3, np.random.default_rng(0))
+    per_query = {q for q, _ in drawn}
+    assert len(drawn) <= 3 and all(len([p for p in drawn if p[0] == q]) == len([g for g in qrels[q].values() if g > 0])
+                                   for q in per_query)
 
 
 def test_beir_data_errors_name_the_split_and_the_fix(tmp_path):

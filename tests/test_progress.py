@@ -212,8 +212,12 @@ def test_a_training_job_logged_to_a_file_reads_as_lines_and_ends_clean(ray_clust
     assert "train: started, 6 steps" in lines, text
     assert any(TRAIN_LINE.match(line) for line in lines), text
     assert len(lines) <= 20, text
-    # No error-level line of Ray's own (its C++ logs: "[date time,ms E pid tid] file.cc:line: ...").
-    assert not [line for line in lines if re.search(r"\[[\d :,-]+ E \d+ \d+\]", line)], text
+    # No error-level line of Ray's (its C++ logs: "[date time,ms E pid tid] file.cc:line: ..."), but
+    # one Ray 2.60 logs at that level for its own restartable actors (Ray Train's PreemptionWatcher,
+    # Ray Data's map workers get ray.put arguments): ray-project/ray#53727, not an error of the run.
+    known = "has constructor arguments in the object store and max_restarts > 0"
+    errors = [line for line in lines if re.search(r"\[[\d :,-]+ E \d+ \d+\]", line) and known not in line]
+    assert not errors, text
     # It ends naming the MLflow run and how to open it: a file store needs MLflow's opt-in variable.
     summary = json.loads(job.stdout.strip().splitlines()[-1])
     uri = cfg.mlflow.tracking_uri

@@ -128,7 +128,8 @@ def test_fit_rerank_adopts_a_reranker_that_helps_and_drops_one_that_hurts():
     fitted = tuning.fit_rerank(candidates, qrels, setting, once)
     assert fitted.tried[0][0].rerank_depth == 5 and fitted.tried[0][1] > 0.5  # the best on these queries...
     assert fitted.best.rerank_depth == 0 and fitted.score == pytest.approx(0.5)  # ...not adopted
-    assert fitted.gain is not None and not fitted.gain["adopted"] and fitted.gain["ci95"][0] <= 0
+    assert fitted.gain is not None and not fitted.gain["adopted"]
+    assert fitted.gain["cross_fitted"]["ci95"][0] <= 0 and fitted.gain["cross_fitted"]["delta"] == 0.0
     # What "tuned+rerank" scores held out: that best depth, though not adopted.
     assert tuning.best_reranking(fitted) == Setting(setting.recall, setting.fusion, 5, 1.0)
     harmful = {q: {d: (-5.0 if d in qrels[q] else 1.0) for d in top[q]} for q in top}
@@ -241,9 +242,33 @@ def test_cross_fitted_gains_score_each_half_with_the_other_halfs_choice():
     # a helps the even queries only, b the odd ones: each looks like a gain on the queries that
     # would choose it, and neither carries over to the other half.
     values = [[0.5] * 4, [1.0, 0.5, 1.0, 0.5], [0.5, 1.0, 0.5, 1.0]]
-    assert tuning.cross_fitted_gains([none, a, b], values) == [0.0] * 4
+    assert tuning.cross_fitted_gains([none, a, b], values) == ([0.0] * 4, [b, a])
     # A setting that helps every query is chosen by both halves and keeps its gain on each.
     values = [[0.5] * 4, [0.9, 0.5, 0.9, 0.5], [1.0] * 4]
-    assert tuning.cross_fitted_gains([none, a, b], values) == [0.5] * 4
-    # Of equal scores the cheaper setting is chosen: no rerank, no gain.
-    assert tuning.cross_fitted_gains([none, a], [[0.5] * 3, [0.5] * 3]) == [0.0] * 3
+    assert tuning.cross_fitted_gains([none, a, b], values) == ([0.5] * 4, [b, b])
+    # Of equal means the cheaper setting is chosen: the even half ties a with none and takes none
+    # (its choice scores the odd queries: 0), the odd half takes a (its choice scores the even).
+    gains, chosen = tuning.cross_fitted_gains([none, a], [[0.5] * 4, [0.7, 0.5, 0.3, 0.6]])
+    assert gains == pytest.approx([0.2, 0.0, -0.2, 0.0]) and chosen == [a, none]
+    # One query: nobody chooses for it, so no rerank and no gain.
+    assert tuning.cross_fitted_gains([none, a], [[0.5], [1.0]]) == ([0.0], [none, a])
+
+
+def test_fit_rerank_refuses_a_best_setting_that_only_its_own_queries_favour(monkeypatch):
+    """The depth-5 rerank helps the even queries, the depth-10 one the odd: on all twelve the
+    best (depth 5) gains with an interval above 0, but each half's choice does nothing for the
+    other half, so the cross-fitted gain is 0 and no rerank is adopted."""
+    candidates, qrels = _planted()
+    setting = Setting({"dense": 20, "sparse": 0})
+    n = len(qrels)
+
+    def planted(candidates, qrels, s, rerank_scores=None, k=10):
+        helped = {5: 0, 10: 1}.get(s.rerank_depth) if s.rerank_weight == 1.0 else None
+        return [1.0 if helped is not None and i % 2 == helped else 0.5 for i in range(n)]
+
+    monkeypatch.setattr(tuning, "per_query", planted)
+    fitted = tuning.fit_rerank(candidates, qrels, setting, {}, depths=(0, 5, 10))
+    gain = fitted.gain
+    assert gain is not None and gain["depth"] == 5 and gain["ci95"][0] > 0  # in sample: clear
+    assert gain["cross_fitted"]["delta"] == 0.0 and gain["cross_fitted"]["chosen"] == ["rerank@10", "rerank@5"]
+    assert not gain["adopted"] and fitted.best.rerank_depth == 0

@@ -63,7 +63,7 @@ def fit_on_dev(
             else f"; rerank@{gain['depth']} weight {gain['weight']:g} {gain['delta']:+.3f} "
             f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}], cross-fitted {held['delta']:+.3f} "
             f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]"
-            + (" adopted" if gain["adopted"] else " within noise: not adopted")
+            + (" adopted" if gain["adopted"] else ": not clear, not adopted")
         )
         progress(
             f"  rerank depth and weight on {len(chosen)} dev queries (NDCG@10, best weight per depth: "

@@ -254,7 +254,7 @@ def _fitted_lines(rep: dict[str, Any]) -> list[str]:
         "`/search` fitted on dev with the reranker on: the fitted recall and fusion, reranked at the depth and "
         "weight that scored best on dev, whether or not the fit adopted it (test, NDCG@10, fitted + rerank − stage):",
         "",
-        "| models | setting | on dev: vs no rerank (adopted?) | vs dense | vs sparse | vs hybrid (RRF) "
+        "| models | setting | on dev, cross-fitted: vs no rerank (adopted?) | vs dense | vs sparse | vs hybrid (RRF) "
         "| vs /search fitted |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -13,14 +13,13 @@ in fused order, as serve/search.py does.
 2. ``fit_rerank``: on the chosen fusion, each rerank depth (0: no rerank) and rerank weight
    (the cross-encoder's share of the head's order, serve/fusion.py ``interpolate``) with
    cross-encoder scores the caller computed for the top ``max(depths)`` candidates of each query. A rerank
-   costs a cross-encoder pass per candidate on every query, so it is adopted only when its gain
-   over no rerank is clear, and clear on queries that did not choose it: each half of the dev
-   queries is scored with the setting the other half chose (``cross_fitted_gains``), and the
-   95% paired-bootstrap interval of those per-query gains must lie above 0. The best setting's
-   own gain on the queries that chose it, among 1 + 6 per depth settings, is optimistic: with
-   it as the gate, a 40-query BEIR dev split adopted rerank@10 at weight 0.7 (+0.030
-   [+0.001, +0.065] on dev) that lost on test, as benchmarks/rerank_weight.py had seen a
-   dev-best weight do.
+   costs a cross-encoder pass per candidate on every query, so the best setting is adopted only
+   when two 95% paired-bootstrap intervals lie above 0: its own gain over no rerank, and the gain
+   of the choosing itself on queries it did not see (each half of the dev queries scored with
+   the setting the other half chose: ``cross_fitted_gains``). The first alone is optimistic, the
+   best of 1 + 6 per depth settings on the queries that picked it: as the only gate, on a
+   40-query BEIR dev split, it adopted rerank@10 at weight 0.7 (+0.030 [+0.001, +0.065] on dev)
+   that lost on test, as benchmarks/rerank_weight.py had seen a dev-best weight do.
 
 Ties go to the cheaper setting (fewer retrievers, shallower recall, no or shallower rerank).
 What these return is fitted to the dev split: report a held-out split's figure with it
@@ -106,7 +105,9 @@ class Setting:
 @dataclass(frozen=True)
 class Fitted:
     """The chosen setting, its dev score, and every setting tried with its dev score (best first);
-    ``gain``: for a rerank fit, the best depth's mean gain over no rerank with its 95% interval."""
+    ``gain``: for a rerank fit whose best setting reranks, that setting's mean gain over no rerank
+    with its 95% interval, the cross-fitted gain (``cross_fitted_gains``) with its interval and
+    the halves' choices, and whether the rerank was ``adopted`` (both intervals above 0)."""
 
     best: Setting
     score: float
@@ -273,31 +274,45 @@ def fit_rerank(
     if not fitted.best.rerank_depth:
         return fitted
     delta, low, high = paired_interval(values[0], values[tried.index(fitted.best)])
-    held = cross_fitted_gains(tried, values)
+    held, choices = cross_fitted_gains(tried, values)
     held_delta, held_low, held_high = paired_interval([0.0] * len(held), held)
+    adopted = low > 0 and held_low > 0
     gain = {
         "depth": fitted.best.rerank_depth,
         "weight": fitted.best.rerank_weight,
         "delta": delta,  # of the best setting, on the queries that chose it: optimistic
         "ci95": [low, high],
-        "cross_fitted": {"delta": held_delta, "ci95": [held_low, held_high]},  # what decides
-        "adopted": held_low > 0,
+        # The choosing itself, scored on queries it did not see: each half's choice on the other.
+        "cross_fitted": {
+            "delta": held_delta,
+            "ci95": [held_low, held_high],
+            "chosen": [s.rerank_label() for s in choices],
+        },
+        "adopted": adopted,
     }
-    if held_low > 0:
+    if adopted:
         return Fitted(fitted.best, fitted.score, fitted.tried, gain)
     return Fitted(none, mean(values[0]), fitted.tried, gain)
 
 
-def cross_fitted_gains(tried: Sequence[Setting], values: Sequence[Sequence[float]]) -> list[float]:
+def cross_fitted_gains(
+    tried: Sequence[Setting], values: Sequence[Sequence[float]]
+) -> tuple[list[float], list[Setting]]:
     """Per query, the gain over ``tried[0]`` (no rerank) of the setting that the other half of the
     queries chose (the best mean there, ties to the cheaper): the choosing never sees the query it
-    is scored on. Halves: alternate queries in ``values``' (sorted id) order."""
+    is scored on. Halves: alternate queries in ``values``' (sorted id) order. Also the two
+    choices (the odd half's, scoring the even queries; then the even half's).
+
+    With one query the choosing half is empty, so no rerank is chosen and the gain is 0: a
+    rerank is never adopted on one query. Either half choosing no rerank gives its queries 0."""
     n = len(values[0])
     halves = [range(0, n, 2), range(1, n, 2)]
     gains = [0.0] * n
+    choices: list[Setting] = []
     for scored, chooser in ((halves[0], halves[1]), (halves[1], halves[0])):
         best = _best([(s, mean([v[i] for i in chooser])) for s, v in zip(tried, values)]).best
         chosen = values[list(tried).index(best)]
+        choices.append(best)
         for i in scored:
             gains[i] = chosen[i] - values[0][i]
-    return gains
+    return gains, choices
