@@ -52,18 +52,17 @@ def check_serve_config(
     from raytrieve.serve.config import load_serve_config
 
     cfg = load_serve_config(path)
-    for field, evaluated in (models or {}).items():
-        served = next((m for m in cfg.served() if m.kind == field and m.default), None)
-        if evaluated is not None and served is not None and not _same_model(served.spec.model, evaluated):
+    # Each evaluated field with the config's default deployment there (none there: nothing to check).
+    defaults = {m.kind: m for m in cfg.served() if m.default}
+    pairs = {f: (model, defaults[f]) for f, model in (models or {}).items() if model is not None and f in defaults}
+    for field, (evaluated, served) in pairs.items():
+        if not _same_model(served.spec.model, evaluated):
             raise ConfigError(
                 f"--serve-config {path} serves {served.spec.model!r} as {field}, but this evaluation fits --{field} "
                 f"{evaluated!r}: the fitted search: would be served with other models. Point the config's "
                 f"{served.path}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
             )
-    for field, evaluated in (models or {}).items():
-        served = next((m for m in cfg.served() if m.kind == field and m.default), None)
-        if evaluated is None or served is None:
-            continue
+    for field, (_, served) in pairs.items():  # after every model is known to be the served one
         length = served.spec.max_seq_length
         if length is not None and max_seq_length is not None and length != max_seq_length:
             log.warning(
