@@ -10,6 +10,11 @@ mined rows. At each ``--eval-at`` step, the cross-encoder's order of the dense t
 on dev and test, and test's paired bootstrap 95% interval against dense alone.
 
     .venv/bin/python benchmarks/rerank_steps.py                  # steps 0, 24, 48, 94 (or the pass's end)
+    .venv/bin/python benchmarks/rerank_steps.py --eval-at 0,24 --eval-max-seq-length 256   # trained at 128
+
+``--train-max-seq-length`` / ``--eval-max-seq-length``: the cross-encoder's truncation while it
+trains and while it scores (default: the demo's models.max_seq_length). Each score also gives the
+NDCG@10 of the dense top 10 reranked with each share of the cross-encoder's score (``*_by_weight``).
 
 Prints one JSON line. The demo mines with its fine-tuned dense model and trains under Ray Train
 with a linear schedule: the figures here are this recipe's, not the demo run's.
@@ -36,6 +41,8 @@ def main() -> None:
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--test-queries", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-max-seq-length", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--eval-max-seq-length", type=int, default=None, help="default: the demo's")
     parser.add_argument("--out", default=str(ROOT / "out" / "bench" / "rerank_steps"))
     args = parser.parse_args()
     eval_at = sorted({int(s) for s in args.eval_at.split(",")})
@@ -55,6 +62,8 @@ def main() -> None:
     from raytrieve.inference.mine import select_negatives
     from raytrieve.losses.cross import MultipleNegativesRankingLoss
     from raytrieve.model_ref import resolve_model
+    from raytrieve.serve.fusion import interpolate
+    from raytrieve.serve.tuning import RERANK_WEIGHTS
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -64,6 +73,10 @@ def main() -> None:
     dense = DenseEncoder(str(resolve_model(cfg.models.dense)))
     cross = CrossEncoder(str(resolve_model(cfg.models.reranker)))
     dense.max_seq_length = cross.max_seq_length = cfg.models.max_seq_length
+    lengths = {
+        "train": args.train_max_seq_length or cfg.models.max_seq_length,
+        "eval": args.eval_max_seq_length or cfg.models.max_seq_length,
+    }
 
     # Hard negatives for the train pairs, as `raytrieve mine` selects them (its retriever's scores).
     train = pq.read_table(samples.train_path).to_pydict()
@@ -90,6 +103,7 @@ def main() -> None:
 
     def score(step: int, seconds: float) -> dict:
         cross.eval()
+        cross.max_seq_length = lengths["eval"]
         out: dict = {"step": step, "train_seconds": round(seconds, 1)}
         for name, hs in splits.items():
             pairs = [(h.query, text) for h, _, texts in hs for text in texts]
@@ -100,10 +114,19 @@ def main() -> None:
                 for i, (h, order, _) in enumerate(hs)
             ]
             out[name] = round(float(np.mean(got)), 4)
+            # A share w of the cross-encoder's score (serve/fusion.py interpolate), as /search serves it.
+            out[f"{name}_by_weight"] = {
+                str(w): round(float(np.mean([
+                    ndcg([d for d, _ in interpolate(h.hits, ce[i].tolist(), w)], h.relevant)
+                    for i, (h, _, _) in enumerate(hs)
+                ])), 4)
+                for w in RERANK_WEIGHTS
+            }
             if name == "test":
                 delta, low, high = paired_interval(dense_ndcg["test"], got)
                 out["test_vs_dense"], out["ci95"] = round(delta, 4), [round(low, 4), round(high, 4)]
         cross.train()
+        cross.max_seq_length = lengths["train"]
         print(json.dumps(out), flush=True)
         return out
 
@@ -114,6 +137,7 @@ def main() -> None:
     if 0 in eval_at:
         curve.append(score(0, 0.0))
     cross.train()
+    cross.max_seq_length = lengths["train"]
     for start in range(0, len(rows) - t.batch_size + 1, t.batch_size):
         if step >= eval_at[-1]:
             break
@@ -137,7 +161,7 @@ def main() -> None:
                 "benchmark": "rerank_steps",
                 "dense": cfg.models.dense,
                 "reranker": cfg.models.reranker,
-                "max_seq_length": cfg.models.max_seq_length,
+                "max_seq_length": {"dense": cfg.models.max_seq_length, "reranker": lengths},
                 "batch_size": t.batch_size,
                 "learning_rate": t.learning_rate,
                 "mined_rows": len(rows),

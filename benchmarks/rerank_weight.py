@@ -2,13 +2,15 @@
 dev and test splits of the pydocs data (docstrings; test packages never trained on), the
 shipped pretrained all-MiniLM-L6-v2 retrieving and the MS MARCO MiniLM-L12 cross-encoder
 reranking its top ``--depth`` (dense heads: the fit reranks its fitted fusion's), both at
-max_seq_length 128 and at their default dtype, all in process (no Ray).
+the demo's models.max_seq_length (128; the reranker at ``--reranker-max-seq-length`` when given)
+and at their default dtype, all in process (no Ray).
 
 For each rerank weight w (serve/fusion.py ``interpolate``: w x the cross-encoder's z-score +
 (1 - w) x the dense score's, over the head; w 1 is the cross-encoder's order alone), NDCG@10 on
 dev and on test, and test's paired bootstrap 95% interval against dense alone.
 
     .venv/bin/python benchmarks/rerank_weight.py                 # 100 dev and 150 test queries, depth 10
+    .venv/bin/python benchmarks/rerank_weight.py --reranker-max-seq-length 256
 
 Prints one JSON line: dev and test NDCG@10 per weight, and test minus dense with its interval.
 """
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--test-queries", type=int, default=150)
     parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--reranker-max-seq-length", type=int, default=None, help="default: the demo's")
     parser.add_argument("--out", default=str(ROOT / "out" / "bench" / "rerank_weight"))
     args = parser.parse_args()
 
@@ -52,6 +55,7 @@ def main() -> None:
     dense = DenseEncoder(str(resolve_model(cfg.models.dense)))
     cross = CrossEncoder(str(resolve_model(cfg.models.reranker)))
     dense.max_seq_length = cross.max_seq_length = cfg.models.max_seq_length
+    cross.max_seq_length = args.reranker_max_seq_length or cfg.models.max_seq_length
 
     def heads(split, n: int) -> list[tuple[Head, list[float]]]:
         """Each query's dense top ``depth`` with its cross-encoder scores."""
@@ -75,6 +79,7 @@ def main() -> None:
         "reranker": cfg.models.reranker,
         "dtypes": {"dense": dense.dtype, "reranker": cross.dtype},
         "depth": args.depth,
+        "max_seq_length": {"dense": dense.max_seq_length, "reranker": cross.max_seq_length},
         "queries": {"dev": len(dev), "test": len(test)},
         "dense_ndcg@10": {"dev": float(np.mean(ndcg(dev, None))), "test": float(np.mean(base))},
         "by_weight": {},

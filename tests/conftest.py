@@ -106,7 +106,7 @@ NO_DROPOUT = {"max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attent
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
-    """Tiny random BERTs (2 layers x 32) over the MiniLM vocabulary: base, masked-LM, classifier."""
+    """Tiny random BERTs (2 layers x 32) over the MiniLM vocabulary: base, masked-LM, classifiers."""
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification, BertModel
 
@@ -118,6 +118,9 @@ def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
         "mlm": lambda: BertForMaskedLM(tiny_bert_config()),
         "cls1": lambda: BertForSequenceClassification(tiny_bert_config(num_labels=1)),
         "cls3": lambda: BertForSequenceClassification(tiny_bert_config(num_labels=3)),
+        # Weights 10x the default spread: the default classifier scores every pair 0.501 +- 1e-5,
+        # too flat to tell two truncation lengths apart.
+        "cls1_spread": lambda: BertForSequenceClassification(tiny_bert_config(num_labels=1, initializer_range=0.2)),
     }.items():
         torch.manual_seed(0)
         model = build()

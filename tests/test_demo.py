@@ -25,7 +25,7 @@ def _config(tmp_path, port: int) -> DemoConfig:
     return from_dict(DemoConfig, {
         "out_dir": str(tmp_path / "demo"), "pydocs_dir": str(tmp_path / "pydocs"),
         "sample": {"train_pairs": 96, "dev_queries": 30, "dev_corpus": 120, "test_queries": 30, "test_corpus": 120},
-        "models": {"max_seq_length": 64},
+        "models": {"max_seq_length": 64, "reranker_max_seq_length": 80},
         # A few steps at a high rate: enough to move the models on their training domain.
         "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
         "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
@@ -144,28 +144,21 @@ def test_demo_phase_config_errors_name_the_field(tmp_path):
         check_all(from_dict(DemoConfig, {"out_dir": out, "dense_training": {"epochs": 0, "register_as": "x"}}))
 
 
-def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(minilm_dir, tmp_path, st, monkeypatch):
+def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(tiny_dirs, st, monkeypatch):
     """The dev fit's rerank scores come from the served reranker deployment's settings (here a
     max_seq_length of 8, far below the demo's models.max_seq_length, and float32), not the
     demo's own: every pair it scores equals sentence-transformers' CrossEncoder loaded with
     the deployment's settings, and those differ from the scores at the demo's length."""
     import numpy as np
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
 
     from raytrieve.demo import fusion_fit
     from raytrieve.demo.progress import Progress
     from raytrieve.demo.sample import Split
     from raytrieve.serve import tuning
     from raytrieve.serve.config import DeploymentConfig
-    from tests.conftest import SENTENCES, tiny_bert_config
+    from tests.conftest import SENTENCES
 
-    # The tests' tiny cross-encoder, with weights 10x the default spread: the default one scores
-    # every pair 0.501 +- 1e-5, too flat to tell two truncation lengths apart.
-    torch.manual_seed(0)
-    cross = tmp_path / "cross"
-    BertForSequenceClassification(tiny_bert_config(num_labels=1, initializer_range=0.2)).save_pretrained(cross)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(cross)
+    cross = tiny_dirs["cls1_spread"]
 
     corpus = {f"d{i}": text for i, text in enumerate(SENTENCES)}
     queries = {f"q{i}": SENTENCES[i].split(" is ")[0] + " doing something" for i in range(6)}
@@ -202,7 +195,7 @@ def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(minilm_dir, t
 def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
     """The deployment the fit scores with is the one the phase's served config holds once the
     fit is in it: a shipped serve config's reranker dtype and trust_remote_code reach it, the
-    demo's model and max_seq_length override it."""
+    demo's model and reranker_max_seq_length override it."""
     import shutil
 
     import yaml
@@ -215,11 +208,11 @@ def test_demo_fit_uses_the_reranker_deployment_the_phase_serves(tmp_path):
     shipped["reranker"].update(dtype="bfloat16", trust_remote_code=True)
     (copy / "serve_pydocs.yaml").write_text(yaml.safe_dump(shipped))
     cfg = from_dict(DemoConfig, {"out_dir": str(tmp_path / "demo"), "configs": {"dir": str(copy)},
-                                 "models": {"max_seq_length": 96}})
+                                 "models": {"max_seq_length": 96, "reranker_max_seq_length": 200}})
     index = cfg.out / "fine-tuned" / "index"
     spec = pc.served_reranker(cfg, "models:/d/1", "models:/s/1", index, "models:/c/1")
     got = (spec.model, spec.max_seq_length, spec.dtype, spec.trust_remote_code)
-    assert got == ("models:/c/1", 96, "bfloat16", True)
+    assert got == ("models:/c/1", 200, "bfloat16", True)
     fitted = {"rerank": True, "rerank_depth": 20, "recall": {"dense": 50}}
     served = pc.serve_config(cfg, "models:/d/1", "models:/s/1", index, fitted, "models:/c/1").config
     assert served.reranker == spec
@@ -560,6 +553,9 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         on_serve = rep["served_models"][phase]
         assert sorted(m["kind"] for m in on_serve.values()) == ["dense", "reranker", "sparse"], on_serve
         assert on_serve[reranker]["kind"] == "reranker"
+        # The reranker reads its own length; the retrievers the demo's.
+        assert [m["max_seq_length"] for m in on_serve.values() if m["kind"] == "reranker"] == [80], on_serve
+        assert {m["max_seq_length"] for m in on_serve.values() if m["kind"] != "reranker"} == {64}, on_serve
         for m in on_serve.values():
             assert m["dtype"] in ("float32", "bfloat16") and m["torch_threads"] == cfg.serving.torch_threads, m
         assert f"Served {phase}: " in md
@@ -575,6 +571,8 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         trained, shipped = load_yaml(TrainConfig, saved), load_yaml(TrainConfig, SHIPPED / name)
         assert trained.checkpoint == shipped.checkpoint and trained.checkpoint.every_n_steps == 200
         assert trained.training.batch_size == 16 and trained.datasets[0].loss == shipped.datasets[0].loss
+    # The reranker trains at the demo's length; only Serve reads its own (80, above).
+    assert load_yaml(TrainConfig, cfg.out / "configs" / "train_cross.yaml").model.max_seq_length == 64
     assert {p.name for p in (cfg.out / "configs").iterdir()} == {
         f"{job}_{phase}.yaml" for job in ("encode", "serve") for phase in ("pretrained", "fine-tuned")
     } | {"train_dense.yaml", "train_sparse.yaml", "train_cross.yaml", "mine.yaml"}

@@ -672,6 +672,7 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x", "--url", "http://h", "--dense", "m"], "--url evaluates the app's own models"),
         (["--data", "x", "--dense", "m", "--k", "0"], "--k must be >= 1"),
         (["--data", "x", "--dense", "m", "--token-budget", "0"], "--token-budget must be >= 1"),
+        (["--data", "x", "--dense", "m", "--reranker-max-seq-length", "0"], "--reranker-max-seq-length must be >= 1"),
         (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
         (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
         (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),
@@ -737,6 +738,28 @@ def test_a_saved_folder_tells_its_kind(tiny_dirs, tmp_path):
     assert saved_kind(tiny_dirs["base"]) is None and saved_kind(tmp_path / "missing") is None
 
 
+def test_the_reranker_truncates_at_its_own_length(tiny_dirs, st):
+    """--reranker-max-seq-length cuts the reranker's pairs (query and document together) at its
+    own length, as sentence-transformers' CrossEncoder(max_length=...) does; without it, at
+    --max-seq-length; the retrievers keep --max-seq-length either way."""
+    from tests.conftest import SENTENCES
+
+    cross = str(tiny_dirs["cls1_spread"])
+    pairs = [(SENTENCES[i], " ".join(SENTENCES[i + 1 :])) for i in range(4)]
+    scores = {}
+    for options, length in (
+        (run.RunOptions(max_seq_length=100, reranker_max_seq_length=8), 8),
+        (run.RunOptions(max_seq_length=8), 8),
+        (run.RunOptions(max_seq_length=8, reranker_max_seq_length=100), 100),
+    ):
+        assert options.reranker_length == length
+        got = run.cross_encoder(cross, options)(pairs)
+        ref = st.CrossEncoder(cross, device="cpu", max_length=length).predict(pairs)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        scores[length] = np.asarray(got)
+    assert np.abs(scores[8] - scores[100]).max() > 0.05  # the length mattered
+
+
 def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weight():
     from raytrieve.serve import fusion
 
@@ -794,15 +817,21 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
     # The fit is of the evaluated models: the config must serve those (a copy of a folder counts).
     served = {"dense": "all-minilm-l6-v2", "sparse": "splade-tiny", "reranker": "ms-marco-minilm-l12-v2"}
     with caplog.at_level("WARNING", logger="raytrieve.evaluate"):
-        tune.check_serve_config(shipped, reranker=True, depth=100, models=served, max_seq_length=256)
+        every = {"dense": 256, "sparse": 256, "reranker": 256}
+        tune.check_serve_config(shipped, reranker=True, depth=100, models=served, max_seq_lengths=every)
         tune.check_serve_config(shipped, reranker=True, depth=100, models=served)  # each model's default: unknown
         assert not caplog.records  # serve_pydocs.yaml truncates every model at 256 too
         tune.check_serve_config(shipped, reranker=True, depth=100, models={**served, "sparse": None},
-                                max_seq_length=128)
+                                max_seq_lengths={"dense": 128, "sparse": 128, "reranker": 128})
+        tune.check_serve_config(shipped, reranker=True, depth=100, models=served,
+                                max_seq_lengths={"dense": 256, "sparse": 256, "reranker": 512})
     # A served model truncating otherwise than the evaluation: warned, by field, with the fix.
-    assert [r.getMessage().split(" serves ")[1].split(" at ")[0] for r in caplog.records] == ["dense", "reranker"]
+    assert [r.getMessage().split(" serves ")[1].split(" at ")[0] for r in caplog.records] == [
+        "dense", "reranker", "reranker"]
     assert "max_seq_length 256, but this evaluation truncates at 128" in caplog.text
     assert "Pass --max-seq-length 256, or set dense.max_seq_length" in caplog.text
+    assert "truncates at 512: the fit is of other scores than /search will compute. Pass --reranker-max-seq-length 256, " \
+        "or set reranker.max_seq_length in the config to 512" in caplog.text
     from raytrieve.model_ref import resolve_model
 
     copy = tmp_path / "minilm-copy"

@@ -187,9 +187,13 @@ def serve_config(
     overrides: dict[str, Any] = {"index": str(index), "port": s.port, "mlflow_tracking_uri": cfg.tracking_uri()}
     if search is not None:
         overrides["search"] = search
-    for role, model in (("dense", dense), ("sparse", sparse), ("reranker", reranker or m.reranker)):
+    for role, model, length in (
+        ("dense", dense, m.max_seq_length),
+        ("sparse", sparse, m.max_seq_length),
+        ("reranker", reranker or m.reranker, m.reranker_max_seq_length),
+    ):
         overrides[f"{role}.model"] = model
-        overrides[f"{role}.max_seq_length"] = m.max_seq_length
+        overrides[f"{role}.max_seq_length"] = length
         # Three 1-CPU replicas plus the ingress never schedule on a 2-core machine (Ray only
         # says "taken more than 30s to be scheduled"); half a CPU each fits the embedded Ray.
         overrides[f"{role}.num_cpus"] = 0.5

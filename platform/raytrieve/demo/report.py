@@ -101,6 +101,8 @@ def build(
             "rerank_depth": cfg.serving.rerank_depth,
             "recall": cfg.serving.recall,
             "clients": cfg.serving.clients,
+            "max_seq_length": cfg.models.max_seq_length,
+            "reranker_max_seq_length": cfg.models.reranker_max_seq_length,
         },
         "models": {
             "pretrained": {"dense": cfg.models.dense, "sparse": cfg.models.sparse, "cross": cfg.models.reranker},
@@ -168,7 +170,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"- **test**: {s['test_queries']} {test} over "
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
         f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with the cross-encoder "
-        f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after).",
+        f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after)"
+        + f"; texts are cut at {s['max_seq_length']} tokens, the reranker's query and document together at "
+        f"{s['reranker_max_seq_length']}.",
         f"- **dev** (the train domain): {s['dev_queries']} {dev} over {s['dev_corpus']} documents, scored in process.",
         f"- **before**: {rep['models']['pretrained']['dense']} and {rep['models']['pretrained']['sparse']}; "
         f"**after**: fine-tuned on {s['train_pairs']} pairs with Ray Train and served from the MLflow registry "

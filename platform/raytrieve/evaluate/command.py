@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ranking.add_argument("--sparse-weight", type=float, default=0.5, help="convex fusion")
     ranking.add_argument("--normalization", choices=["minmax", "zscore", "none"], default="minmax")
     ranking.add_argument("--max-seq-length", type=int, help="truncate texts for every model (default: each model's)")
+    ranking.add_argument(
+        "--reranker-max-seq-length",
+        type=int,
+        help="the reranker's query and document together (default: --max-seq-length, else the model's own)",
+    )
     ranking.add_argument("--batch-size", type=int, default=32)
     ranking.add_argument(
         "--token-budget",
@@ -110,7 +115,7 @@ def _columns(items: list[str]) -> Any:
 def _check(args: argparse.Namespace) -> None:
     """Flags that contradict each other, before any file is read."""
     _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients", "token_budget")
-    _positive(args, "bootstrap_rounds", "max_in_process_rows")
+    _positive(args, "bootstrap_rounds", "max_in_process_rows", "reranker_max_seq_length")
     from raytrieve.config import Dtype
 
     if args.dtype not in typing.get_args(Dtype):
@@ -181,6 +186,7 @@ def _settings(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         token_budget=args.token_budget,
         max_seq_length=args.max_seq_length,
+        reranker_max_seq_length=args.reranker_max_seq_length,
         dtype=args.dtype,
     )
 
@@ -215,7 +221,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
                 bool(args.reranker),
                 options.depth,
                 {**evaluated, "reranker": args.reranker},
-                options.max_seq_length,
+                {kind: options.max_seq_length for kind in ("dense", "sparse")} | {"reranker": options.reranker_length},
             )
     fitted: dict[str, Any] | None = None
     # Both splits' queries get their candidates in one pass over the corpus.
@@ -288,6 +294,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             "rerank_depth": options.rerank_depth,
             "fusion": options.fusion.model_dump(),
             "max_seq_length": options.max_seq_length,
+            "reranker_max_seq_length": options.reranker_length,
             "dtype": options.dtype,
             "bootstrap_rounds": args.bootstrap_rounds,
         },

@@ -75,7 +75,13 @@ class RunOptions:
     batch_size: int = 32
     token_budget: int | None = None  # the reranker's padded tokens per batch (None: batch_size pairs)
     max_seq_length: int | None = None
+    reranker_max_seq_length: int | None = None  # None: max_seq_length
     dtype: str = "float32"
+
+    @property
+    def reranker_length(self) -> int | None:
+        """The reranker's truncation (query and document together); None: the model's own."""
+        return self.reranker_max_seq_length or self.max_seq_length
 
 
 # -- fusion and rerank: what /search does with the first stages' lists ------------------------
@@ -126,7 +132,7 @@ def combine(
 def cross_encoder(model: str, options: RunOptions) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
     from raytrieve.encoders import load_encoder
 
-    encoder = load_encoder("cross", model, max_seq_length=options.max_seq_length, dtype=options.dtype)
+    encoder = load_encoder("cross", model, max_seq_length=options.reranker_length, dtype=options.dtype)
 
     def score(pairs: list[tuple[str, str]]) -> Sequence[float]:
         scores = encoder.predict(

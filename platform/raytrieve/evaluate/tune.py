@@ -41,14 +41,15 @@ def check_serve_config(
     reranker: bool,
     depth: int,
     models: Mapping[str, str | None] | None = None,
-    max_seq_length: int | None = None,
+    max_seq_lengths: Mapping[str, int | None] | None = None,
 ) -> None:
     """``--serve-config`` will hold the fit: refused before any model loads if it could not.
     ``models``: the evaluated model of each served field (dense, sparse, reranker; None: none),
     each of which must be the one the config serves there, or the fit would be of other models.
-    ``max_seq_length``: the evaluation's --max-seq-length; a served model set to truncate at
-    another length gets a warning, since its scores, and so the fit's best setting, may differ
-    (when either side is unset, each model's own default, nothing is compared)."""
+    ``max_seq_lengths``: each field's truncation in this evaluation (--max-seq-length, the
+    reranker's --reranker-max-seq-length); a served model set to truncate at another length gets a
+    warning, since its scores, and so the fit's best setting, may differ (when either side is
+    unset, each model's own default, nothing is compared)."""
     from raytrieve.serve.config import load_serve_config
 
     cfg = load_serve_config(path)
@@ -63,19 +64,21 @@ def check_serve_config(
                 f"{served.path}.model at {evaluated!r} (and its index at that model's), or evaluate the served model"
             )
     for field, (_, served) in pairs.items():  # after every model is known to be the served one
-        length = served.spec.max_seq_length
-        if length is not None and max_seq_length is not None and length != max_seq_length:
+        length, ours = served.spec.max_seq_length, (max_seq_lengths or {}).get(field)
+        if length is not None and ours is not None and length != ours:
+            flag = "--reranker-max-seq-length" if field == "reranker" else "--max-seq-length"
             log.warning(
                 "--serve-config %s serves %s at max_seq_length %s, but this evaluation truncates at %s: the fit "
-                "is of other scores than /search will compute. Pass --max-seq-length %s, or set %s.max_seq_length "
+                "is of other scores than /search will compute. Pass %s %s, or set %s.max_seq_length "
                 "in the config to %s",
                 path,
                 field,
                 length,
-                max_seq_length,
+                ours,
+                flag,
                 length,
                 served.path,
-                max_seq_length,
+                ours,
             )
     if reranker != (cfg.reranker is not None):
         have = "serves a reranker" if cfg.reranker is not None else "serves no reranker"
