@@ -146,7 +146,7 @@ def test_demo_phase_config_errors_name_the_field(tmp_path):
 
 def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(tiny_dirs, st, monkeypatch):
     """The dev fit's rerank scores come from the served reranker deployment's settings (here a
-    max_seq_length of 8, far below the demo's models.max_seq_length, and float32), not the
+    max_seq_length of 8, far below the demo's models.reranker_max_seq_length, and float32), not the
     demo's own: every pair it scores equals sentence-transformers' CrossEncoder loaded with
     the deployment's settings, and those differ from the scores at the demo's length."""
     import numpy as np
@@ -167,8 +167,8 @@ def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(tiny_dirs, st
     dev_result = {kind: {"candidates": {q: [(f"d{j}", float(10 - r)) for r, j in
                                             enumerate(rng.permutation(len(corpus))[:10])] for q in queries}}
                   for kind in ("dense", "sparse")}
-    cfg = from_dict(DemoConfig, {"models": {"max_seq_length": 128}, "serving": {"recall": 10},
-                                 "fusion_fit": {"rerank_queries": 4, "rerank_depths": [5]}})
+    cfg = from_dict(DemoConfig, {"models": {"max_seq_length": 64, "reranker_max_seq_length": 128},
+                                 "serving": {"recall": 10}, "fusion_fit": {"rerank_queries": 4, "rerank_depths": [5]}})
     spec = DeploymentConfig(model=str(cross), max_seq_length=8, dtype="float32")
 
     scored: list[tuple[list, list]] = []

@@ -478,6 +478,7 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     names = ["ndcg@10", "mrr@10", "map@10", "recall@10", "precision@10", "recall@100"]
     assert first["metrics"] == names and list(first["stages"]) == ["dense", "sparse", "fused", "reranked"]
     assert first["data"]["queries"] == QUERY_COUNT and first["data"]["documents"] == 150
+    assert first["settings"]["reranker_max_seq_length"] == 128  # --max-seq-length's, without a length of its own
     for stage, means in first["stages"].items():
         assert set(means) == set(names)
         for m in names:
@@ -554,7 +555,9 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     reads = _count_reads(monkeypatch)
     rep = _evaluate(["--data", str(beir), *COMMON, *MODELS, "--reranker", "ms-marco-minilm-l12-v2", "--dtype", "auto",
                      "--rerank-depth", "10",  # the reranked stage's; the fit tries its own depths
+                     "--reranker-max-seq-length", "256",  # the served reranker's (the retrievers: 128)
                      "--tune-on", "dev", "--serve-config", str(shipped), "--out", str(out), "--no-chart"])
+    assert (rep["settings"]["max_seq_length"], rep["settings"]["reranker_max_seq_length"]) == (128, 256)
     assert reads[beir / "corpus.jsonl"] == 1 and reads[beir / "queries.jsonl"] == 2  # queries: once per split
     adopted = rep["tuning"]["setting"]["rerank"]  # else the dev's best rerank is a stage of its own
     assert list(rep["stages"]) == ["dense", "sparse", "fused", "reranked", "tuned"] + ([] if adopted else ["tuned+rerank"])
@@ -673,6 +676,8 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x", "--dense", "m", "--k", "0"], "--k must be >= 1"),
         (["--data", "x", "--dense", "m", "--token-budget", "0"], "--token-budget must be >= 1"),
         (["--data", "x", "--dense", "m", "--reranker-max-seq-length", "0"], "--reranker-max-seq-length must be >= 1"),
+        (["--data", "x", "--dense", "m", "--reranker-max-seq-length", "256"], "pass --reranker too"),
+        (["--data", "x", "--url", "http://h", "--reranker-max-seq-length", "256"], "runs at its served length"),
         (["--data", "x", "--dense", "m", "--column", "corpus_idd=id"], "unknown key(s) ['corpus_idd']"),
         (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
         (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),
@@ -741,7 +746,7 @@ def test_a_saved_folder_tells_its_kind(tiny_dirs, tmp_path):
 def test_the_reranker_truncates_at_its_own_length(tiny_dirs, st):
     """--reranker-max-seq-length cuts the reranker's pairs (query and document together) at its
     own length, as sentence-transformers' CrossEncoder(max_length=...) does; without it, at
-    --max-seq-length; the retrievers keep --max-seq-length either way."""
+    --max-seq-length. (The CLI's wiring: test_tune_on_a_dev_split_fits_search_and_scores_it_held_out.)"""
     from tests.conftest import SENTENCES
 
     cross = str(tiny_dirs["cls1_spread"])

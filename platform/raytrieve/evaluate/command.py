@@ -128,6 +128,11 @@ def _check(args: argparse.Namespace) -> None:
     has_models = args.dense or args.sparse or args.reranker
     if args.url and (has_models or args.index):
         raise ConfigError("--url evaluates the app's own models and index; drop --dense/--sparse/--reranker/--index")
+    if args.reranker_max_seq_length and not args.reranker:
+        fix = "; pass --reranker too"
+        if args.url:
+            fix = ": with --url the app's reranker runs at its served length; drop it"
+        raise ConfigError(f"--reranker-max-seq-length truncates the --reranker's pairs{fix}")
     if not args.url and not args.index and not (args.dense or args.sparse):
         raise ConfigError("nothing retrieves: pass --dense and/or --sparse models, --index DIR, or --url")
     if args.tune_on and args.url:
@@ -294,7 +299,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             "rerank_depth": options.rerank_depth,
             "fusion": options.fusion.model_dump(),
             "max_seq_length": options.max_seq_length,
-            "reranker_max_seq_length": options.reranker_length,
+            "reranker_max_seq_length": options.reranker_length if args.reranker else None,
             "dtype": options.dtype,
             "bootstrap_rounds": args.bootstrap_rounds,
         },
