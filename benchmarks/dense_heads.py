@@ -16,6 +16,15 @@ class Head:
     def texts(self, corpus: dict[str, str]) -> list[str]:
         return [corpus[d] for d, _ in self.hits]
 
+    def ndcg10(self, cross_scores: list[float] | None = None, weight: float = 1.0) -> float:
+        """NDCG@10 of the dense order, or with ``cross_scores`` (one per hit) of the head reranked
+        as /search does with ``rerank_weight`` ``weight`` (serve/fusion.py ``interpolate``)."""
+        from raytrieve.evaluation.metrics import query_metrics
+        from raytrieve.serve.fusion import interpolate
+
+        ranked = self.hits if cross_scores is None else interpolate(self.hits, cross_scores, weight)
+        return query_metrics([d for d, _ in ranked], self.relevant, (10,))["ndcg@10"]
+
 
 def dense_heads(dense: Any, split: Any, queries: int, depth: int) -> list[Head]:
     """The first ``queries`` judged queries of ``split`` (demo.sample's Split) with the dense

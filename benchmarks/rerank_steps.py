@@ -62,7 +62,6 @@ def main() -> None:
     from raytrieve.inference.mine import select_negatives
     from raytrieve.losses.cross import MultipleNegativesRankingLoss
     from raytrieve.model_ref import resolve_model
-    from raytrieve.serve.fusion import interpolate
     from raytrieve.serve.tuning import RERANK_WEIGHTS
 
     torch.manual_seed(args.seed)
@@ -116,10 +115,7 @@ def main() -> None:
             out[name] = round(float(np.mean(got)), 4)
             # A share w of the cross-encoder's score (serve/fusion.py interpolate), as /search serves it.
             out[f"{name}_by_weight"] = {
-                str(w): round(float(np.mean([
-                    ndcg([d for d, _ in interpolate(h.hits, ce[i].tolist(), w)], h.relevant)
-                    for i, (h, _, _) in enumerate(hs)
-                ])), 4)
+                str(w): round(float(np.mean([h.ndcg10(ce[i].tolist(), w) for i, (h, _, _) in enumerate(hs)])), 4)
                 for w in RERANK_WEIGHTS
             }
             if name == "test":

@@ -45,16 +45,14 @@ def main() -> None:
     from raytrieve.demo.config import DemoConfig
     from raytrieve.demo.sample import ensure_pydocs, prepare
     from raytrieve.evaluate.scoring import paired_interval
-    from raytrieve.evaluation.metrics import query_metrics
     from raytrieve.model_ref import resolve_model
-    from raytrieve.serve.fusion import interpolate
     from raytrieve.serve.tuning import RERANK_WEIGHTS
 
     cfg = DemoConfig()
     samples = prepare(cfg, ensure_pydocs(ROOT / cfg.pydocs_dir, print), Path(args.out))
     dense = DenseEncoder(str(resolve_model(cfg.models.dense)))
     cross = CrossEncoder(str(resolve_model(cfg.models.reranker)))
-    dense.max_seq_length = cross.max_seq_length = cfg.models.max_seq_length
+    dense.max_seq_length = cfg.models.max_seq_length
     cross.max_seq_length = args.reranker_max_seq_length or cfg.models.max_seq_length
 
     def heads(split, n: int) -> list[tuple[Head, list[float]]]:
@@ -65,11 +63,7 @@ def main() -> None:
         return list(zip(found, ce.tolist()))
 
     def ndcg(rows: list[tuple[Head, list[float]]], weight: float | None) -> list[float]:
-        out = []
-        for head, ce in rows:
-            ranked = head.hits if weight is None else interpolate(head.hits, ce, weight)
-            out.append(query_metrics([d for d, _ in ranked], head.relevant, (10,))["ndcg@10"])
-        return out
+        return [head.ndcg10() if weight is None else head.ndcg10(ce, weight) for head, ce in rows]
 
     dev, test = heads(samples.dev, args.dev_queries), heads(samples.test, args.test_queries)
     base = ndcg(test, None)

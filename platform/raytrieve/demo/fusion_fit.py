@@ -55,16 +55,15 @@ def fit_on_dev(
         )
         best = rerank.best
         by_depth = ", ".join(f"{s.rerank_key()}: {v:.3f}" for s, v in _best_per_depth(rerank.tried))
-        gain = rerank.gain
-        held = (gain or {}).get("cross_fitted")
-        verdict = (
-            ""
-            if gain is None or held is None
-            else f"; rerank@{gain['depth']} weight {gain['weight']:g} {gain['delta']:+.3f} "
-            f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}], cross-fitted {held['delta']:+.3f} "
-            f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]"
-            + (" adopted" if gain["adopted"] else ": not clear, not adopted")
-        )
+        gain, verdict = rerank.gain, ""
+        if gain is not None:  # fit_rerank sets cross_fitted with it
+            held = gain["cross_fitted"]
+            verdict = (
+                f"; rerank@{gain['depth']} weight {gain['weight']:g} {gain['delta']:+.3f} "
+                f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}], cross-fitted {held['delta']:+.3f} "
+                f"[{held['ci95'][0]:+.3f}, {held['ci95'][1]:+.3f}]"
+                + (" adopted" if gain["adopted"] else ": not clear, not adopted")
+            )
         progress(
             f"  rerank depth and weight on {len(chosen)} dev queries (NDCG@10, best weight per depth: "
             f"{by_depth}{verdict}); served: {best.rerank_label()}"

@@ -171,7 +171,7 @@ def markdown(rep: dict[str, Any]) -> str:
         f"{s['test_corpus']} documents, encoded by the Ray Data encoding job and asked over HTTP to Ray Serve's "
         f"`/search`; rerank rescores the top {s['rerank_depth']} fused candidates with the cross-encoder "
         f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after)"
-        + f"; texts are cut at {s['max_seq_length']} tokens, the reranker's query and document together at "
+        f"; texts are cut at {s['max_seq_length']} tokens, the reranker's query and document together at "
         f"{s['reranker_max_seq_length']}.",
         f"- **dev** (the train domain): {s['dev_queries']} {dev} over {s['dev_corpus']} documents, scored in process.",
         f"- **before**: {rep['models']['pretrained']['dense']} and {rep['models']['pretrained']['sparse']}; "
