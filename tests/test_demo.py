@@ -558,6 +558,9 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         assert {m["max_seq_length"] for m in on_serve.values() if m["kind"] != "reranker"} == {64}, on_serve
         for m in on_serve.values():
             assert m["dtype"] in ("float32", "bfloat16") and m["torch_threads"] == cfg.serving.torch_threads, m
+        # serve_pydocs.yaml's output caches (the second and third request per query reuse them).
+        assert {m["kind"]: m["cache_entries"] for m in on_serve.values()} == {
+            "dense": 10000, "sparse": 10000, "reranker": 50000}, on_serve
         assert f"Served {phase}: " in md
 
     # Each phase ran the shipped config with the demo's overrides, saved where the demo writes:

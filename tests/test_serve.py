@@ -86,7 +86,9 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
                    "torch_threads": 1, "dtype": "float32"},
         "reranker": [{"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
                       "dtype": "float32"},
-                     {"model": str(tiny_models["cross"]), "name": "tiny-cross", **tiny}],
+                     # Its output cache: test_several_models_each_answer_by_name's four rerank
+                     # requests of the same pairs are answered from it after the first of each output.
+                     {"model": str(tiny_models["cross"]), "name": "tiny-cross", "cache_entries": 16, **tiny}],
         "index": str(root / "index"), "port": port, "direct_ingress": True, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
                    "retry_after_s": 2},
@@ -408,6 +410,8 @@ def test_several_models_each_answer_by_name(served, models, tiny_models):
     assert {name: m["backend"] for name, m in listed.items()} == {
         "all-minilm-l6-v2": "torch", "tiny-dense": "onnx", "splade-tiny": "torch", "ms-marco-minilm-l12-v2": "torch",
         "tiny-cross": "onnx"}
+    assert {name: m["cache_entries"] for name, m in listed.items()} == {
+        "all-minilm-l6-v2": 0, "tiny-dense": 0, "splade-tiny": 0, "ms-marco-minilm-l12-v2": 0, "tiny-cross": 16}
 
     # /search with each dense model: its own index's ranking (brute force over in-process vectors).
     corpus = [p.document for p in served["pairs"]]

@@ -53,7 +53,7 @@ def evaluate_in_process(
 # -- the platform path: encoding job, indices, Serve over HTTP ----------------------------------
 
 
-SERVED_MODEL_FIELDS = ("kind", "dtype", "backend", "max_seq_length", "torch_threads", "num_cpus")
+SERVED_MODEL_FIELDS = ("kind", "dtype", "backend", "max_seq_length", "torch_threads", "num_cpus", "cache_entries")
 
 
 def encode_and_index(encode: PhaseConfig[Any], folder: Path) -> dict:

@@ -216,12 +216,13 @@ def markdown(rep: dict[str, Any]) -> str:
 
 
 def _served_lines(served: dict[str, Any]) -> list[str]:
-    """What each phase's replicas ran (dtype auto resolved on the replica, threads): timings differ
-    with it. Nothing for a phase reused from a run that did not record it."""
+    """What each phase's replicas ran (dtype auto resolved on the replica, threads, output cache):
+    timings differ with it. Nothing for a phase reused from a run that did not record it."""
+    cache = lambda m: f", cache {m['cache_entries']:,}" if m.get("cache_entries") else ""
     return [
         f"Served {phase}: "
         + "; ".join(
-            f"{name} ({m['kind']}) {m['dtype']}, {m['backend']}, {m['torch_threads']} threads"
+            f"{name} ({m['kind']}) {m['dtype']}, {m['backend']}, {m['torch_threads']} threads{cache(m)}"
             for name, m in models.items()
         )
         + "."

@@ -68,6 +68,16 @@ class DeploymentConfig(ConfigModel):
         ),
     )
     batch_wait_timeout_s: float = 0.005
+    cache_entries: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "outputs each replica keeps, least recently used out first: a dense or sparse model's vector per "
+            "(text, task, prompt), a reranker's score per (query, document) pair; a repeated input is answered "
+            "without running the model (a /search asked twice, pairs two fusions share). 0: off. A dense vector "
+            "costs 4 bytes x dimensions, a score a few bytes, each entry about 150 bytes besides"
+        ),
+    )
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
     index: str | None = Field(

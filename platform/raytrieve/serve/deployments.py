@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 
 from raytrieve.kinds import served_kind
+from raytrieve.serve.cache import OutputCache, input_key
 from raytrieve.serve.config import DeploymentConfig
 
 # Tokens a text costs in the batch budget: about 4 characters a token for English, plus the
@@ -88,6 +89,7 @@ class ModelRunner:
             documents = Documents([index], others=folders)
         self.documents = documents
         self.max_seq_length = int(self.model.max_seq_length or 512)
+        self._cache = OutputCache(spec.cache_entries) if spec.cache_entries else None
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -101,6 +103,7 @@ class ModelRunner:
             "num_cpus": self.spec.num_cpus,  # sized from the cluster when the config left it unset
             "torch_threads": torch.get_num_threads(),
             "max_batch_tokens": self.spec.max_batch_tokens,
+            "cache_entries": self.spec.cache_entries,
         }
         if self.kind == "dense":
             from raytrieve.modules import Pooling
@@ -127,6 +130,28 @@ class ModelRunner:
         )
 
     def _run(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
+        """(outputs, tokens per input), as ``_compute``; with a cache, only the inputs it does not
+        hold run the model (once each, however often a request repeats one)."""
+        cache = self._cache
+        if cache is None or not inputs:
+            return self._compute(inputs, task, prompt_name)
+        keys = [input_key(item, task, prompt_name) for item in inputs]
+        found = {key: hit for key in dict.fromkeys(keys) if (hit := cache.get(key)) is not None}
+        todo = {key: item for key, item in zip(keys, inputs) if key not in found}
+        if todo:
+            outputs, tokens = self._compute(list(todo.values()), task, prompt_name)
+            for j, key in enumerate(todo):
+                # A copy: a row view would keep the whole batch's array alive in the cache.
+                output = outputs[j].copy() if isinstance(outputs, np.ndarray) else outputs[j]
+                found[key] = (output, tokens[j])
+                cache.put(key, *found[key])
+        rows = [found[key][0] for key in keys]
+        counts = [found[key][1] for key in keys]
+        if self.kind == "sparse":
+            return rows, counts
+        return np.asarray(rows, dtype=np.float32), counts
+
+    def _compute(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
         from raytrieve.encoders.base import Pretokenized
 
         model, route = self.model, None if self.kind == "reranker" else task
