@@ -142,6 +142,11 @@ def test_demo_phase_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"demo configs\.dense_training \(.*dense_mnrl\.yaml with the demo's "
                        r"overrides\): training\.epochs must be at least 1, got 0; the demo set training\.epochs=0"):
         check_all(from_dict(DemoConfig, {"out_dir": out, "dense_training": {"epochs": 0, "register_as": "x"}}))
+    # A length past the model's 512 position embeddings, before any work: the key, the limit.
+    with pytest.raises(ConfigError, match=r"demo models\.reranker_max_seq_length \(for ms-marco-minilm-l12-v2\): 600 is "
+                       r"more than the 512 positions .*set it to at most 512"):
+        check_all(from_dict(DemoConfig, {"out_dir": out, "models": {"reranker_max_seq_length": 600}}))
+    check_all(from_dict(DemoConfig, {"out_dir": out, "models": {"reranker_max_seq_length": 512}}))
 
 
 def test_demo_fit_scores_pairs_with_the_served_reranker_deployment(tiny_dirs, st, monkeypatch):

@@ -135,3 +135,22 @@ def test_untrusted_activation_is_refused(tiny_dirs, tmp_path):
     with pytest.raises(ModelLoadError, match="trust_remote_code"):
         CrossEncoder(tmp_path / "c", device="cpu")
     assert isinstance(CrossEncoder(tiny_dirs["cls1"], device="cpu").activation_fn, torch.nn.Sigmoid)
+
+
+def test_max_seq_length_past_the_position_embeddings_is_refused(tiny_dirs, st):
+    """A length the model cannot run (its config's 128 positions here) is refused when set, not
+    when the first long input fails mid-encode; at the limit a longer input is truncated and
+    scores as sentence-transformers' CrossEncoder does at that length."""
+    from raytrieve.encoders import load_encoder
+    from raytrieve.errors import ConfigError
+
+    folder = str(tiny_dirs["cls1_spread"])
+    with pytest.raises(ConfigError, match=r"max_seq_length 129 is more than this model's 128 positions .* at most 128"):
+        load_encoder("cross", folder, device="cpu", max_seq_length=129)
+    model = CrossEncoder(folder, device="cpu")
+    with pytest.raises(ConfigError, match="at most 128"):
+        model.max_seq_length = 500
+    model.max_seq_length = 128
+    pair = ("inverse of a matrix", "word " * 400)
+    ref = st.CrossEncoder(folder, device="cpu", max_length=128).predict([pair])
+    np.testing.assert_allclose(model.predict([pair]), ref, rtol=1e-5, atol=1e-6)

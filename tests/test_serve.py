@@ -994,3 +994,9 @@ def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tin
     cfg.dense[1] = cfg.dense[1].model_copy(update={"index": served["cfg"].index})
     with pytest.raises(ConfigError, match=r"^serve.yaml.dense\[1\].model: serves .* dense\[1\].allow_index_model_mism"):
         check_before_start(cfg, "serve.yaml")
+    # A length past the model's position embeddings, by its key, before Ray is touched.
+    cfg = served["cfg"].model_copy(deep=True)
+    cfg.reranker[0] = cfg.reranker[0].model_copy(update={"max_seq_length": 600})
+    with pytest.raises(ConfigError, match=r"^serve.yaml.reranker\[0\].max_seq_length: 600 is more than the 512 "
+                       r"positions .*at most 512"):
+        check_before_start(cfg, "serve.yaml")

@@ -228,8 +228,26 @@ def served_reranker(cfg: DemoConfig, dense: str, sparse: str, index: Path, reran
 def check_all(cfg: DemoConfig) -> None:
     """Load every phase's config once before any work starts: a broken shipped YAML or override
     then fails in seconds instead of after the data build and the pretrained evaluation. The
-    paths are the pretrained phase's; only whether the configs load is checked."""
+    paths are the pretrained phase's; only whether the configs load is checked. The models'
+    lengths are checked against their positions here too: the first model to load would refuse
+    them, but without naming the demo's key."""
+    from raytrieve.errors import ModelLoadError
+    from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
+
     m = cfg.models
+    for model, length, field in (
+        (m.dense, m.max_seq_length, "models.max_seq_length"),
+        (m.sparse, m.max_seq_length, "models.max_seq_length"),
+        (m.reranker, m.max_seq_length, "models.max_seq_length"),  # its training's
+        (m.reranker, m.reranker_max_seq_length, "models.reranker_max_seq_length"),
+    ):
+        if is_model_uri(model):  # a registered model: its store is not set up yet
+            continue
+        try:
+            folder = resolve_model(model)
+        except ModelLoadError:
+            continue  # said with the model's key where the phase that loads it starts
+        check_max_seq_length(folder, length, f"demo {field} (for {model})")
     for kind, ft in (("dense", cfg.dense_training), ("sparse", cfg.sparse_training)):
         if ft.enabled:
             train_config(cfg, kind, ft, cfg.out / "data" / "train.parquet")

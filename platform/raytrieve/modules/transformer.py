@@ -109,6 +109,22 @@ class Transformer(Module):
         # auto_model at inference; None computes in torch.
         self.onnx_model: Any = None
 
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Refused past the model's position embeddings: the first input that long would fail
+        mid-encode (a tensor size mismatch) instead of being truncated."""
+        positions = getattr(self.auto_model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < int(value):
+            raise ConfigError(
+                f"max_seq_length {int(value)} is more than this model's {positions} positions (max_position_embeddings "
+                f"in its config.json): inputs that long cannot run; set max_seq_length to at most {positions}"
+            )
+        self._max_seq_length = int(value)
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(

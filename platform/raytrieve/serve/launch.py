@@ -53,7 +53,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
     from raytrieve.index.build import Indices, load_indices
-    from raytrieve.model_ref import is_model_uri, resolve_model
+    from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
     from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
@@ -73,6 +73,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 else ""
             )
             raise ConfigError(f"{where}.{m.path}.model: {e}{hint}") from None
+        check_max_seq_length(path, m.spec.max_seq_length, f"{where}.{m.path}.max_seq_length")
         if m.index is None:
             continue
         if m.index not in indices:
