@@ -2,12 +2,14 @@
 query sent three times over HTTP, as demo/client.py does (RRF + rerank@10 with every stage,
 the app's convex `search:` defaults, those defaults + rerank@10 at weight 0.5), by 4 clients.
 The app is deployed with the caches off and on in turn (off, on, off, on; the pretrained
-MiniLM, SPLADE-tiny and MS MARCO MiniLM-L12 at 256 tokens, dtype auto, 0.5 CPU and 2 threads
-each, as the demo serves them), over the demo's 1,000 test documents.
+MiniLM and SPLADE-tiny at 128 tokens, MS MARCO MiniLM-L12 at 256, dtype auto, 0.5 CPU and 2
+threads each, as the demo serves them), over the demo's 1,000 test documents.
 
-Reference: sentence-transformers' CrossEncoder.predict in this process (bf16 as the replica's
-auto, the same threads, batches of 10 as the requests send them) on every pair the uncached
-app's reranker scored: the model's cost of those pairs with no server around it.
+Reference: sentence-transformers' CrossEncoder.predict in this process (in the dtype the
+reranker replica reported, the same threads, batches of 10 as the requests send them) on every
+pair of the uncached run's rerank requests: the model's cost of those pairs with no server
+around it. The pair counts are counted from the answers' rankings (each rerank request
+rescores its top 10).
 
     .venv/bin/python benchmarks/serve_cache.py              # 60 queries, 2 rounds each way
     .venv/bin/python benchmarks/serve_cache.py --queries 150 --rounds 1
@@ -58,7 +60,7 @@ def main() -> None:
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.encode import run_encode
     from raytrieve.ray_cluster import free_port
-    from raytrieve.serve.client import post, wait_healthy
+    from raytrieve.serve.client import get, post, wait_healthy
     from raytrieve.serve.config import ServeConfig
     from raytrieve.serve.launch import start
 
@@ -76,7 +78,9 @@ def main() -> None:
 
     port = free_port(pair=True)  # every deploy answers here: the proxy Serve starts first stays on port + 1
 
-    def deploy(cache: bool) -> str:
+    dtypes: list[str] = []
+
+    def deploy(cache: bool) -> tuple[str, str]:
         model = {"num_cpus": 0.5, "torch_threads": args.threads}
         cfg = from_dict(ServeConfig, {
             "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128, "cache_entries": 10000 if cache else 0,
@@ -90,7 +94,8 @@ def main() -> None:
         wait_healthy(url)
         # Warm every deployment with a query the measured ones do not hold.
         post(f"{url}/search", {"query": "warm up", "rerank": True, "top_k": 10})
-        return url
+        dtypes.append(next(m["dtype"] for m in get(f"{url}/v1/models")["data"] if m["kind"] == "reranker"))
+        return url, cfg.app_name
 
     from ray import serve
 
@@ -98,12 +103,12 @@ def main() -> None:
     rankings: dict[str, list] = {"off": [], "on": []}
     for _ in range(args.rounds):
         for mode in ("off", "on"):
-            url = deploy(mode == "on")
+            url, app = deploy(mode == "on")
             t = time.perf_counter()
             answers = run_queries(url, queries, 100, 10, args.clients, fitted_rerank=FITTED_RERANK)
             seconds[mode].append(round(time.perf_counter() - t, 1))
             rankings[mode].append(answers["rankings"])
-            serve.delete("raytrieve")  # ServeConfig's default app_name
+            serve.delete(app)
     serve.shutdown()
     ray.shutdown()
 
@@ -118,7 +123,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     st = CrossEncoder(str(resolve_model("ms-marco-minilm-l12-v2")), max_length=256,
-                      model_kwargs={"torch_dtype": torch.bfloat16})
+                      model_kwargs={"torch_dtype": getattr(torch, dtypes[0])})
     st.predict(pairs[:10], batch_size=10)
     t = time.perf_counter()
     for i in range(0, len(pairs), 10):
@@ -129,6 +134,7 @@ def main() -> None:
         rankings["on"][0][s][q][:10] == off[s][q][:10] for s in ("hybrid+rerank", "fitted+rerank") for q in queries)
     print(json.dumps({
         "queries": len(queries), "requests": 3 * len(queries), "clients": args.clients, "threads": args.threads,
+        "reranker_dtype": dtypes[0],
         "seconds_cache_off": seconds["off"], "seconds_cache_on": seconds["on"],
         "speedup": round(statistics.mean(seconds["off"]) / statistics.mean(seconds["on"]), 2),
         "reranked_pairs": len(pairs), "unique_pairs": unique,

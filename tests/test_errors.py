@@ -145,7 +145,8 @@ def test_max_seq_length_past_the_position_embeddings_is_refused(tiny_dirs, st):
     from raytrieve.errors import ConfigError
 
     folder = str(tiny_dirs["cls1_spread"])
-    with pytest.raises(ConfigError, match=r"max_seq_length 129 is more than this model's 128 positions .* at most 128"):
+    with pytest.raises(ConfigError, match=r"max_seq_length 129 is more than the 128 positions this model can run .* "
+                       r"at most 128"):
         load_encoder("cross", folder, device="cpu", max_seq_length=129)
     model = CrossEncoder(folder, device="cpu")
     with pytest.raises(ConfigError, match="at most 128"):
@@ -154,3 +155,30 @@ def test_max_seq_length_past_the_position_embeddings_is_refused(tiny_dirs, st):
     pair = ("inverse of a matrix", "word " * 400)
     ref = st.CrossEncoder(folder, device="cpu", max_length=128).predict([pair])
     np.testing.assert_allclose(model.predict([pair]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_position_limits_follow_the_position_table(tiny_dirs, tmp_path, caplog):
+    """Absolute positions: the table's rows (BERT), less the rows up to padding where positions
+    start after it (RoBERTa: 66 rows, 64 positions); relative positions (DeBERTa-v2 without
+    absolute ones): no limit. From a saved folder too, where an old sentence-transformers layout
+    keeps the transformer in 0_Transformer/. A folder's own length past the limit is cut to it."""
+    import logging
+
+    from transformers import DebertaV2Config, DebertaV2Model, RobertaConfig, RobertaModel
+
+    from raytrieve.modules.transformer import position_limit, saved_position_limit
+
+    small = dict(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    with torch.device("meta"):
+        roberta = RobertaModel(RobertaConfig(max_position_embeddings=66, pad_token_id=1, **small))
+        deberta = DebertaV2Model(DebertaV2Config(max_position_embeddings=64, position_biased_input=False, **small))
+    assert position_limit(roberta) == 64 and position_limit(deberta) is None
+    assert saved_position_limit(tiny_dirs["cls1"]) == 128
+    old_layout = tmp_path / "old"
+    shutil.copytree(tiny_dirs["base"], old_layout / "0_Transformer")
+    (old_layout / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}]))
+    assert saved_position_limit(old_layout) == 128 and saved_position_limit(tmp_path) is None
+    with caplog.at_level(logging.WARNING, logger="raytrieve.modules.transformer"):
+        t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=500)
+    assert t.max_seq_length == 128 and "max_seq_length 500 is more than the 128 positions" in caplog.text

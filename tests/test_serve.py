@@ -86,8 +86,8 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
                    "torch_threads": 1, "dtype": "float32"},
         "reranker": [{"model": "ms-marco-minilm-l12-v2", "max_seq_length": 256, "num_cpus": 0.5, "torch_threads": 1,
                       "dtype": "float32"},
-                     # Its output cache: test_several_models_each_answer_by_name's four rerank
-                     # requests of the same pairs are answered from it after the first of each output.
+                     # Its output cache on: test_several_models_each_answer_by_name's rerank requests
+                     # repeat their pairs, and every answer is checked against the in-process model.
                      {"model": str(tiny_models["cross"]), "name": "tiny-cross", "cache_entries": 16, **tiny}],
         "index": str(root / "index"), "port": port, "direct_ingress": True, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,

@@ -110,10 +110,14 @@ def test_inputs_that_differ_in_route_prompt_or_shape_never_share_a_key():
     ]
     assert len(set(keys)) == len(keys)
     assert input_key(("a", "b"), None, None) == input_key(("a", "b"), None, None)
+    # Least recently used out first: a read keeps the oldest entry, the next-oldest leaves.
     cache = OutputCache(2)
-    for i, key in enumerate(keys[:3]):
-        cache.put(key, i, 1)
-    assert cache.get(keys[0]) is None and cache.get(keys[1]) == (1, 1) and len(cache) == 2
+    cache.put(keys[0], 0, 1)
+    cache.put(keys[1], 1, 1)
+    assert cache.get(keys[0]) == (0, 1)
+    cache.put(keys[2], 2, 1)
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) == (0, 1) and cache.get(keys[2]) == (2, 1)
+    assert len(cache) == 2
 
 
 def test_cache_entries_below_zero_are_refused_naming_the_field():

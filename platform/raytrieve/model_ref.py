@@ -74,30 +74,19 @@ def shipped_model(name: str) -> Path:
     return converted_model(variant)
 
 
-def max_positions(folder: Path) -> int | None:
-    """The position embeddings of the transformer in ``folder`` (its config.json's
-    ``max_position_embeddings``): the longest input it can run, so the largest max_seq_length a
-    config may set. None where the folder does not say (no config.json, or no such key)."""
-    import json
-
-    config = folder / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        positions = json.loads(config.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return positions if isinstance(positions, int) and positions > 0 else None
-
-
 def check_max_seq_length(folder: Path, length: int | None, field: str) -> None:
-    """Refuse ``length`` (the config key ``field``) past the model's positions before any work
-    starts; the model itself refuses it too when it loads (modules/transformer.py)."""
-    positions = max_positions(folder)
-    if length is not None and positions is not None and length > positions:
+    """Refuse ``length`` (the config key ``field``) past what the model in ``folder`` can run
+    (modules/transformer.py ``position_limit``) before any work starts; the model refuses it
+    too when it is set (``Transformer.max_seq_length``), but without the config's key."""
+    if length is None:
+        return
+    from raytrieve.modules.transformer import saved_position_limit
+
+    limit = saved_position_limit(folder)
+    if limit is not None and length > limit:
         from raytrieve.errors import ConfigError
 
         raise ConfigError(
-            f"{field}: {length} is more than the {positions} positions of the model in {folder} "
-            f"(max_position_embeddings in its config.json); set it to at most {positions}"
+            f"{field}: {length} is more than the {limit} positions the model in {folder} can run (its position "
+            f"embeddings: max_position_embeddings in its config.json); set it to at most {limit}"
         )

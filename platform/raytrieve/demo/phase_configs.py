@@ -235,12 +235,14 @@ def check_all(cfg: DemoConfig) -> None:
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
 
     m = cfg.models
-    for model, length, field in (
+    lengths = [
         (m.dense, m.max_seq_length, "models.max_seq_length"),
         (m.sparse, m.max_seq_length, "models.max_seq_length"),
-        (m.reranker, m.max_seq_length, "models.max_seq_length"),  # its training's
         (m.reranker, m.reranker_max_seq_length, "models.reranker_max_seq_length"),
-    ):
+    ]
+    if cfg.reranker_training.enabled:  # it trains at the retrievers' length
+        lengths.append((m.reranker, m.max_seq_length, "models.max_seq_length"))
+    for model, length, field in lengths:
         if is_model_uri(model):  # a registered model: its store is not set up yet
             continue
         try:

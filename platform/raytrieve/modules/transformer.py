@@ -62,6 +62,42 @@ _LEGACY_CONFIG_FILES = (
 _HUGE = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest input ``model`` (a transformers model, or its task head's) can run: the rows
+    of its absolute position embeddings, less those up to the padding row where positions start
+    after it (RoBERTa, XLM-R, MPNet: 514 rows, 512 positions). None for relative or rotary
+    positions (no such table), which set no hard limit here."""
+    base = getattr(model, "base_model", model)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    padding = table.padding_idx
+    return table.num_embeddings - (padding + 1 if padding is not None else 0)
+
+
+def saved_position_limit(folder: Path) -> int | None:
+    """``position_limit`` of the transformer saved in ``folder`` (in a sentence-transformers
+    folder, where its modules.json puts the Transformer module), from its config alone: the model
+    is built on the meta device, no weights are read. None where that cannot tell: no
+    transformers config there, or a model type that needs remote code."""
+    root = folder
+    spec = folder / "modules.json"
+    if spec.is_file():
+        kinds = ("Transformer", "MLMTransformer")
+        paths = [e.get("path", "") for e in read_json(spec) if str(e.get("type", "")).rsplit(".", 1)[-1] in kinds]
+        root = folder / paths[0] if paths else folder
+    if not (root / "config.json").is_file():
+        return None
+    try:
+        with quiet_progress():
+            config = AutoConfig.from_pretrained(root, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
+    return position_limit(model)
+
+
 def find_module_config(directory: Path) -> dict[str, Any]:
     for name in _LEGACY_CONFIG_FILES:
         if (directory / name).exists():
@@ -97,6 +133,18 @@ class Transformer(Module):
             limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None)]
             limits = [x for x in limits if isinstance(x, int) and 0 < x < _HUGE]
             max_seq_length = min(limits) if limits else 512
+        limit = position_limit(model)
+        if limit is not None and int(max_seq_length) > limit:
+            # A saved (or passed) length the model cannot run: sentence-transformers keeps it and
+            # fails on the first input that long; here it is cut to what runs. Setting the
+            # property later refuses instead (an explicit choice, not a folder's).
+            log.warning(
+                "max_seq_length %s is more than the %s positions this model can run; using %s",
+                max_seq_length,
+                limit,
+                limit,
+            )
+            max_seq_length = limit
         self.max_seq_length = int(max_seq_length)
         self._output_field, self.output_key = TASKS[task][1], TASKS[task][2]
         self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
@@ -115,13 +163,13 @@ class Transformer(Module):
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        """Refused past the model's position embeddings: the first input that long would fail
-        mid-encode (a tensor size mismatch) instead of being truncated."""
-        positions = getattr(self.auto_model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and 0 < positions < int(value):
+        """Refused past what the model's position embeddings can run (``position_limit``): the
+        first input that long would fail mid-encode (a tensor size mismatch), not be truncated."""
+        limit = position_limit(self.auto_model)
+        if limit is not None and int(value) > limit:
             raise ConfigError(
-                f"max_seq_length {int(value)} is more than this model's {positions} positions (max_position_embeddings "
-                f"in its config.json): inputs that long cannot run; set max_seq_length to at most {positions}"
+                f"max_seq_length {int(value)} is more than the {limit} positions this model can run (its position "
+                f"embeddings: max_position_embeddings in its config.json): set max_seq_length to at most {limit}"
             )
         self._max_seq_length = int(value)
 

@@ -141,8 +141,12 @@ class ModelRunner:
         if todo:
             outputs, tokens = self._compute(list(todo.values()), task, prompt_name)
             for j, key in enumerate(todo):
-                # A copy: a row view would keep the whole batch's array alive in the cache.
-                output = outputs[j].copy() if isinstance(outputs, np.ndarray) else outputs[j]
+                # Copies: a row view (a dense row, a sparse row's values) would keep the whole
+                # batch's array alive in the cache.
+                if isinstance(outputs, np.ndarray):
+                    output = outputs[j].copy()
+                else:
+                    output = tuple(np.array(part, copy=True) for part in outputs[j])
                 found[key] = (output, tokens[j])
                 cache.put(key, *found[key])
         rows = [found[key][0] for key in keys]
