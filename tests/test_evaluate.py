@@ -528,6 +528,20 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     assert not (tmp_path / "second" / "evaluation.png").exists()
 
 
+def test_serve_config_warnings_compare_the_lengths_this_evaluation_runs(pydocs_beir, minilm_dir, tmp_path):
+    """--serve-config's length warning reads each field's truncation here: searching an --index,
+    its queries encode at the length the index's vectors were encoded with (128), not
+    --max-seq-length's (run.index_lists); a field the index lacks and the reranker keep theirs."""
+    from raytrieve.evaluate.command import evaluated_lengths
+    from raytrieve.evaluate.run import RunOptions
+
+    index = _dense_index(tmp_path / "index", pydocs_beir, minilm_dir)
+    options = RunOptions(max_seq_length=256, reranker_max_seq_length=300)
+    assert evaluated_lengths(None, options) == {"dense": 256, "sparse": 256, "reranker": 300}
+    assert evaluated_lengths(str(index), options) == {"dense": 128, "sparse": 256, "reranker": 300}
+    assert evaluated_lengths(str(index), RunOptions())["reranker"] is None  # the model's own
+
+
 def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp_path, monkeypatch):
     """--tune-on dev: /search's setting fitted on 24 dev queries (other docstrings of the same
     corpus), scored as the 'tuned' stage on the 24 test queries; the fragment and a tuned copy

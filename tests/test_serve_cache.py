@@ -123,3 +123,34 @@ def test_inputs_that_differ_in_route_prompt_or_shape_never_share_a_key():
 def test_cache_entries_below_zero_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"reranker.*cache_entries"):
         from_dict(ServeConfig, {"reranker": {"model": "ms-marco-minilm-l12-v2", "cache_entries": -1}}, where="s.yaml")
+
+
+def test_tokenizer_calls_run_on_the_model_thread(tiny_dirs):
+    """/tokenize and /embed_sparse's tokens use the model's tokenizer on the replica's one model
+    thread, never beside a batch's tokenization there (a fast tokenizer used from two threads at
+    once fails with "Already borrowed"), and answer as the tokenizer does."""
+    import asyncio
+    import threading
+
+    runner = _runner("sparse", tiny_dirs["mlm"], 0)
+    seen: list[str] = []
+    tokenizer = runner.model.tokenizer
+    convert = tokenizer.convert_ids_to_tokens
+
+    def recording(ids):
+        seen.append(threading.current_thread().name)
+        return convert(ids)
+
+    tokenizer.convert_ids_to_tokens = recording  # type: ignore[method-assign]
+
+    async def main():
+        return await asyncio.gather(
+            runner.tokenize(["inverse of a matrix"], True, None),
+            runner.tokens([2000, 2001]),
+            runner._in_model_thread(["sort an array"], "query", None),
+        )
+
+    rows, tokens, _ = asyncio.run(main())
+    assert [t["text"] for t in rows[0]] == ["[CLS]", "inverse", "of", "a", "matrix", "[SEP]"]
+    assert tokens == convert([2000, 2001])
+    assert seen and all(name.startswith("model") for name in seen), seen

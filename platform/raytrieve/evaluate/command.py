@@ -19,6 +19,9 @@ from typing import Any
 
 from raytrieve.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from raytrieve.evaluate.run import RunOptions
+
 log = logging.getLogger("raytrieve.evaluate")
 
 DEFAULT_MAX_IN_PROCESS_ROWS = 20_000
@@ -226,7 +229,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
                 bool(args.reranker),
                 options.depth,
                 {**evaluated, "reranker": args.reranker},
-                {kind: options.max_seq_length for kind in ("dense", "sparse")} | {"reranker": options.reranker_length},
+                evaluated_lengths(args.index, options),
             )
     fitted: dict[str, Any] | None = None
     # Both splits' queries get their candidates in one pass over the corpus.
@@ -321,3 +324,19 @@ def main(args: argparse.Namespace, ray_address: str | None = "local") -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evaluate(args, ray_address)
     return 0
+
+
+def evaluated_lengths(index: str | None, options: RunOptions) -> dict[str, int | None]:
+    """Each served field's truncation in this evaluation, for --serve-config's length warning:
+    the retrievers' --max-seq-length, or, searching an --index, the length its vectors were
+    encoded with (run.index_lists encodes the queries at it); the reranker's own."""
+    lengths: dict[str, int | None] = {kind: options.max_seq_length for kind in ("dense", "sparse")}
+    if index is not None:
+        from raytrieve.index.build import read_source
+
+        source = read_source(index)
+        for kind in ("dense", "sparse"):
+            built = getattr(source, kind, None)
+            if built is not None:
+                lengths[kind] = built.max_seq_length
+    return lengths | {"reranker": options.reranker_length}

@@ -212,12 +212,21 @@ class ModelRunner:
         assert self.documents is not None, "the app routes index calls only to replicas built with an index"
         return self.documents
 
-    def tokens(self, indices: list[int]) -> list[str]:
-        return self.model.tokenizer.convert_ids_to_tokens(indices)
+    # The tokenizer is the model thread's: Serve runs a sync method on a thread pool of its
+    # own, where a fast tokenizer used at once from two threads fails ("Already borrowed").
+    async def tokens(self, indices: list[int]) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self.model.tokenizer.convert_ids_to_tokens, indices
+        )
 
-    def tokenize(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[Any]]:
+    async def tokenize(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[Any]]:
         """TEI's /tokenize: per text, its tokens with byte offsets into the text (prompt in front);
         special tokens have no offsets. Not truncated, as TEI's."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self._tokenize_now, texts, add_special_tokens, prompt_name
+        )
+
+    def _tokenize_now(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[Any]]:
         prompt = self.model.resolve_prompt(None, prompt_name) or ""
         full = [prompt + t for t in texts]
         enc = self.model.tokenizer(
