@@ -210,3 +210,29 @@ def test_lee_corpus_with_real_weights(dense):
     assert out["lee_spearman_cosine"] == pytest.approx(spearmanr(gold, cos)[0], abs=1e-5)
     # all-MiniLM-L6-v2 reaches 0.656 Pearson here (measured 2026-11-23); a broken encoder would not.
     assert out["lee_pearson_cosine"] > 0.6
+
+
+def test_a_training_runs_ir_evaluator_groups_pairs_by_query(dense, STE):
+    """The training run's information_retrieval evaluator from (query, document) pairs: a query
+    text in two pairs is one query with both documents relevant (as two queries, each would score
+    the other's document as a miss), equal to sentence-transformers' evaluator given those
+    grouped judgements."""
+    from raytrieve.train.evaluate import build_evaluator
+
+    pairs = [(QUERIES["q1"], CORPUS[3]), (QUERIES["q0"], CORPUS[0]), (QUERIES["q1"], CORPUS[4]),
+             (QUERIES["q3"], CORPUS[5]), (QUERIES["q2"], CORPUS[8])]
+    ours_ev = build_evaluator({"query": [q for q, _ in pairs], "document": [d for _, d in pairs]},
+                              "information_retrieval", "dense")
+    assert len(ours_ev.queries) == 4 and sorted(map(len, ours_ev.relevant_docs.values())) == [1, 1, 1, 2]
+    corpus = {f"d{i}": d for i, d in enumerate(dict.fromkeys(d for _, d in pairs))}
+    by_text = {d: i for i, d in corpus.items()}
+    queries = {f"q{i}": q for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
+    qid = {q: i for i, q in queries.items()}
+    relevant: dict[str, set[str]] = {}
+    for q, d in pairs:
+        relevant.setdefault(qid[q], set()).add(by_text[d])
+    ref_ev = STE.InformationRetrievalEvaluator(queries, corpus, relevant, name="eval", write_csv=False)
+    ours = ours_ev(dense[0])
+    assert_same(ours, ref_ev(dense[1]))
+    # Both of q1's answers count as found (as two queries, each would miss the other's).
+    assert ours["eval_cosine_recall@10"] == 1.0

@@ -1,8 +1,8 @@
 """The evaluator a training run uses, built from an eval file the driver read.
 
 Columns by role, in the file's order:
-- information_retrieval: query, document (each query's document is its relevant one; the
-  corpus is every distinct document);
+- information_retrieval: query, document (one query per distinct query text, every document
+  paired with it relevant; the corpus is every distinct document);
 - embedding_similarity: sentence1, sentence2, and a numeric score column;
 - reranking: query, positive, then negatives (one row per query).
 """
@@ -34,15 +34,19 @@ def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) ->
     if evaluator == "information_retrieval":
         from raytrieve.evaluation import InformationRetrievalEvaluator, SparseInformationRetrievalEvaluator
 
-        queries, docs = columns[texts[0]], columns[texts[1]]
+        # A query text in several pairs (a question with two answers) is one query with each of
+        # them relevant: as separate queries, each would count the other's answer as a miss.
         doc_ids: dict[str, str] = {}
-        for d in docs:
-            doc_ids.setdefault(d, f"d{len(doc_ids)}")
+        query_ids: dict[str, str] = {}
+        relevant: dict[str, set[str]] = {}
+        for q, d in zip(columns[texts[0]], columns[texts[1]]):
+            doc = doc_ids.setdefault(d, f"d{len(doc_ids)}")
+            relevant.setdefault(query_ids.setdefault(q, f"q{len(query_ids)}"), set()).add(doc)
         cls = SparseInformationRetrievalEvaluator if kind == "sparse" else InformationRetrievalEvaluator
         return cls(
-            queries={f"q{i}": q for i, q in enumerate(queries)},
+            queries={i: q for q, i in query_ids.items()},
             corpus={i: d for d, i in doc_ids.items()},
-            relevant_docs={f"q{i}": {doc_ids[d]} for i, d in enumerate(docs)},
+            relevant_docs=relevant,
             name="eval",
             write_csv=False,
         )
