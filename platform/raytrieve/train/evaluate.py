@@ -46,7 +46,7 @@ def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) ->
         return cls(
             queries={i: q for q, i in query_ids.items()},
             corpus={i: d for d, i in doc_ids.items()},
-            relevant_docs=relevant,
+            relevant_docs={q: docs for q, docs in relevant.items()},  # the parameter's wider type
             name="eval",
             write_csv=False,
         )
