@@ -33,7 +33,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from raytrieve._io import read_json, write_json
-from raytrieve.errors import ConfigError, ModelLoadError
+from raytrieve.errors import ConfigError, ModelLoadError, RaytrieveError
 from raytrieve.fast_tokenizer import text_token_ids
 from raytrieve.modules.base import Features, Module
 from raytrieve.modules.mlm_head import mlm_transform
@@ -80,11 +80,18 @@ def saved_position_limit(folder: Path) -> int | None:
     folder, where its modules.json puts the Transformer module), from its config alone: the model
     is built on the meta device, no weights are read. None where that cannot tell: no
     transformers config there, or a model type that needs remote code."""
+    from raytrieve.modules import module_class_for
+
+    def transformer(entry: dict[str, Any]) -> bool:  # by the module registry, every alias of the type
+        try:
+            return issubclass(module_class_for(str(entry.get("type", ""))), Transformer)
+        except RaytrieveError:
+            return False
+
     root = folder
     spec = folder / "modules.json"
     if spec.is_file():
-        kinds = ("Transformer", "MLMTransformer")
-        paths = [e.get("path", "") for e in read_json(spec) if str(e.get("type", "")).rsplit(".", 1)[-1] in kinds]
+        paths = [e.get("path", "") for e in read_json(spec) if transformer(e)]
         root = folder / paths[0] if paths else folder
     if not (root / "config.json").is_file():
         return None
