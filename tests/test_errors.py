@@ -42,7 +42,7 @@ def test_unknown_module_type_names_it(tiny_dense, tmp_path):
     spec = json.loads((tmp_path / "m" / "modules.json").read_text())
     spec[1]["type"] = "my_package.FancyPooling"
     (tmp_path / "m" / "modules.json").write_text(json.dumps(spec))
-    with pytest.raises(UnknownModuleError, match="my_package.FancyPooling"):
+    with pytest.raises(UnknownModuleError, match=r"my_package\.FancyPooling"):
         DenseEncoder(tmp_path / "m")
 
 
@@ -182,3 +182,29 @@ def test_position_limits_follow_the_position_table(tiny_dirs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="raytrieve.modules.transformer"):
         t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=500)
     assert t.max_seq_length == 128 and "max_seq_length 500 is more than the 128 positions" in caplog.text
+
+
+
+def test_a_routers_position_limit_is_its_smallest_routes(tiny_dirs, tiny_models, tmp_path):
+    """A Router's transformers sit in its routes' folders (router_config.json): the saved limit
+    is the smallest route's, and a length past it is refused with the config's key before work."""
+    from tests.conftest import tiny_bert_config
+    from transformers import AutoTokenizer, BertModel
+
+    from raytrieve.errors import ConfigError
+    from raytrieve.model_ref import check_max_seq_length
+    from raytrieve.modules import Router
+    from raytrieve.modules.transformer import saved_position_limit
+
+    short = tmp_path / "short"
+    BertModel(tiny_bert_config(max_position_embeddings=48)).save_pretrained(short)
+    AutoTokenizer.from_pretrained(tiny_dirs["base"]).save_pretrained(short)
+    folder = tmp_path / "router"
+    DenseEncoder([Router.for_query_document(
+        [Transformer.from_pretrained(tiny_dirs["base"]), Pooling(32, "mean")],
+        [Transformer.from_pretrained(short), Pooling(32, "mean")])], device="cpu").save(folder)
+    assert saved_position_limit(folder) == 48
+    assert saved_position_limit(tiny_models["router"]) == 128  # inference-free SPLADE: the MLM route
+    with pytest.raises(ConfigError, match=r"cfg.dense.max_seq_length: 64 is more than the 48 positions"):
+        check_max_seq_length(folder, 64, "cfg.dense.max_seq_length")
+    check_max_seq_length(folder, 48, "cfg.dense.max_seq_length")

@@ -160,6 +160,18 @@ def test_direct_ingress_moves_the_proxy_and_holds_one_ingress_replica_per_node()
         app_builder({"dense": {"model": "m"}, "direct_ingress": True})
 
 
+
+def test_serve_deploy_checks_the_config_as_raytrieve_serve_does(minilm_dir, tmp_path):
+    """`serve deploy`'s builder refuses, before any deployment, what `raytrieve serve` refuses
+    before starting: a max_seq_length past the model's position table, a model that is not there."""
+    from raytrieve.serve.app import app_builder
+
+    with pytest.raises(ConfigError, match=r"serve args.dense.max_seq_length: 1000 is more than the 512 positions"):
+        app_builder({"dense": {"model": str(minilm_dir), "max_seq_length": 1000}})
+    with pytest.raises(ConfigError, match=r"serve args.reranker.model: .*no_such_model"):
+        app_builder({"dense": {"model": str(minilm_dir)}, "reranker": {"model": str(tmp_path / "no_such_model")}})
+
+
 def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_listener():
     """Ray binds the ingress replica's port without SO_REUSEADDR: a connection its server closed
     (TIME_WAIT) blocks the bind as a listener does. The first is waited for, the second refused."""

@@ -187,6 +187,15 @@ def test_two_datasets_each_batch_from_one_dataset_with_its_loss(ray_cluster, tin
     assert len(per_dataset["pairs"]) + len(per_dataset["scored"]) == result.steps
     assert sorted(per_dataset["pairs"] + per_dataset["scored"]) == list(range(1, result.steps + 1))
 
+    # The embedded Ray (the session's, started by raytrieve.ray_cluster.connect) runs Ray Train
+    # without its preemption watcher: a controller ran, and no watcher actor was ever created.
+    from ray.util.state import list_actors
+
+    def created(cls: str) -> int:
+        return len(list_actors(filters=[("class_name", "=", cls)], limit=10_000, raise_on_missing_output=False))
+
+    assert created("TrainController") >= 1 and created("PreemptionWatcher") == 0
+
 
 @pytest.mark.timeout(600)
 def test_a_failed_run_ends_failed_in_mlflow(ray_cluster, tiny_models, data, tmp_path):

@@ -77,22 +77,47 @@ def position_limit(model: torch.nn.Module) -> int | None:
 
 def saved_position_limit(folder: Path) -> int | None:
     """``position_limit`` of the transformer saved in ``folder`` (in a sentence-transformers
-    folder, where its modules.json puts the Transformer module), from its config alone: the model
-    is built on the meta device, no weights are read. None where that cannot tell: no
-    transformers config there, or a model type that needs remote code."""
+    folder, where its modules.json puts the Transformer module; with a Router, the smallest of
+    its routes' transformers), from each config alone: the model is built on the meta device, no
+    weights are read. None where that cannot tell: no transformers config there, or a model type
+    that needs remote code."""
+    limits = [limit for root in _transformer_folders(folder) if (limit := _config_position_limit(root)) is not None]
+    return min(limits) if limits else None
+
+
+def _transformer_folders(folder: Path) -> list[Path]:
+    """Where the Transformer modules of the model saved in ``folder`` keep their config.json:
+    the modules.json entries whose type is a Transformer (by the module registry, every alias of
+    the type), and those inside a Router's routes (its router_config.json); ``folder`` itself
+    when there is no modules.json (a plain transformers folder)."""
     from raytrieve.modules import module_class_for
+    from raytrieve.modules.router import Router
 
-    def transformer(entry: dict[str, Any]) -> bool:  # by the module registry, every alias of the type
+    def module_class(type_name: object) -> type | None:
         try:
-            return issubclass(module_class_for(str(entry.get("type", ""))), Transformer)
+            return module_class_for(str(type_name or ""))
         except RaytrieveError:
-            return False
+            return None
 
-    root = folder
     spec = folder / "modules.json"
-    if spec.is_file():
-        paths = [e.get("path", "") for e in read_json(spec) if transformer(e)]
-        root = folder / paths[0] if paths else folder
+    if not spec.is_file():
+        return [folder]
+    found: list[Path] = []
+    for entry in read_json(spec):
+        cls, path = module_class(entry.get("type")), folder / entry.get("path", "")
+        if _is_transformer(cls):
+            found.append(path)
+        elif cls is not None and issubclass(cls, Router) and (path / Router.config_file).is_file():
+            types = read_json(path / Router.config_file).get("types", {})
+            found += [path / sub for sub, name in types.items() if _is_transformer(module_class(name))]
+    return found
+
+
+def _is_transformer(cls: type | None) -> bool:
+    return cls is not None and issubclass(cls, Transformer)
+
+
+def _config_position_limit(root: Path) -> int | None:
     if not (root / "config.json").is_file():
         return None
     try:

@@ -407,9 +407,12 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For ``serve deploy`` / ``serve run`` (cluster/serve.yaml): ``args`` is the ServeConfig as
-    a mapping, or ``{"config": "path/to/serve.yaml"}``."""
+    a mapping, or ``{"config": "path/to/serve.yaml"}``. Checked as ``raytrieve serve`` checks
+    (raytrieve.serve.launch.check_before_start: each model, its max_seq_length, each index and
+    the model that built it) before a deployment is made."""
     from raytrieve.config import from_dict
     from raytrieve.serve.config import load_serve_config
+    from raytrieve.serve.launch import check_before_start  # launch imports this module
 
     where = "serve args"
     if set(args) == {"config"}:
@@ -424,4 +427,5 @@ def app_builder(args: dict[str, Any]) -> Any:
             "on port + 1), which `raytrieve serve` and raytrieve.serve.launch.start do; under `serve deploy` set it "
             "to false"
         )
+    check_before_start(cfg, where)
     return build_app(cfg, where)
