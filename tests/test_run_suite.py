@@ -1,0 +1,30 @@
+"""tests/run_suite.py, what `make test` runs: both parts run, and the exit status is the
+suite's (a part that selects nothing counts as passed, a failing part fails the whole)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.train_helpers import ROOT
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAYTRIEVE_TEST_PROFILE"}  # this suite's profile only
+    return subprocess.run([sys.executable, "tests/run_suite.py", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_runner_reports_both_parts_and_the_suites_status(tmp_path):
+    # A test without Ray: the Ray part selects nothing (pytest's code 5), the suite passes.
+    ok = _run("tests/test_sources.py::test_parquet_folder_row_groups_and_glob")
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    ray_part, no_ray_part = ok.stdout.split("== tests without Ray")
+    assert "no tests ran" in ray_part or "deselected" in ray_part
+    assert " passed" in no_ray_part and "failed" not in no_ray_part
+    # A failing test fails the suite with pytest's own code (1).
+    failing = tmp_path / "test_fails.py"
+    failing.write_text("def test_fails():\n    assert 1 == 2\n")
+    bad = _run(str(failing), "--rootdir", str(ROOT))
+    assert bad.returncode == 1 and "1 failed" in bad.stdout, bad.stdout[-2000:]
