@@ -4,49 +4,94 @@ the tests (tests/conftest.py marks a test that starts or joins Ray `slow`):
 - the Ray tests, in one process against its one session cluster, in the order pytest collects
   them; their output streams here as it comes;
 - the tests without Ray, in a second process with one torch thread at the lowest CPU priority
-  (nice 19), printed when they end.
+  (nice 19); its output is printed once both parts have ended.
 
 Why: the Ray tests keep the cores busy only ~80% of the time (workers starting, polls, HTTP
 round trips), and the tests without Ray fill that slack at the lowest priority, so that they
 take the cores only when the Ray tests leave them; one process running both in turn leaves it
 idle (README: "Testing" has the measurements). Extra arguments go to both processes
-(`python tests/run_suite.py -x tests/test_errors.py`); a part with no test selected counts as
-passed. The exit status is 0 when both parts pass, else the first failing part's.
+(`python tests/run_suite.py -x tests/test_errors.py`), except `-m`, which splits the suite here;
+a part with no test selected counts as passed. The exit status is 0 when both parts pass, else
+the first failing part's. Interrupted (Ctrl-C, SIGTERM, SIGHUP), it asks both parts to stop
+(the Ray part shuts its cluster down), and kills what is left after ``STOP_GRACE_S``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 NO_TESTS_COLLECTED = 5  # pytest's exit code
+STOP_GRACE_S = 30
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _end(procs: list[subprocess.Popen], signal_them: bool) -> None:
+    """Let both parts stop; ``signal_them``: they were not told (Ctrl-C reaches the terminal's
+    whole process group, a SIGTERM or SIGHUP only this process)."""
+    for p in procs:
+        if signal_them and p.poll() is None:
+            p.send_signal(signal.SIGINT)  # pytest's own interrupt: fixtures tear down, Ray stops
+    for p in procs:
+        try:
+            p.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def main(args: list[str]) -> int:
+    if any(a.startswith("-m") for a in args):
+        print("run_suite.py: -m is how the suite is split here; run pytest itself with -m", file=sys.stderr)
+        return 4  # pytest's usage error
     pytest = [sys.executable, "-m", "pytest", "-q"]
+    cache = ROOT / ".pytest_cache"
+
+    def cache_dir(part: str) -> list[str]:  # each part its own pytest cache: `--lf` sees both parts' failures
+        return [] if "no:cacheprovider" in args else ["-o", f"cache_dir={cache / part}"]
+
     # One torch (OpenMP) thread for the tests without Ray: the Ray tests' workers hold most of
     # both cores, and a second thread would mostly wait for them.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile("w+") as no_ray_log:
-        no_ray = subprocess.Popen([*pytest, "-m", "not slow", *args], stdout=no_ray_log, stderr=subprocess.STDOUT,
-                                  env=env, preexec_fn=lambda: os.nice(19))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+    procs: list[subprocess.Popen] = []
+    codes: dict[str, int] = {}
+    with tempfile.TemporaryFile() as no_ray_log:
         try:
+            procs.append(subprocess.Popen(
+                [*pytest, "-m", "not slow", *cache_dir("no-ray"), *args],
+                stdout=no_ray_log, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: os.nice(19)))
             print("== tests with Ray (this process's output follows; the tests without Ray run beside it)",
                   flush=True)
-            ray_code = subprocess.call([*pytest, "-m", "slow", *args])
-            no_ray_code = no_ray.wait()
+            procs.append(subprocess.Popen([*pytest, "-m", "slow", *cache_dir("ray"), *args]))
+            codes["ray"] = procs[1].wait()
+            codes["no-ray"] = procs[0].wait()
+        except (KeyboardInterrupt, _Stop) as e:
+            print(f"\n== interrupted ({e or 'SIGINT'}): stopping both parts", flush=True)
+            _end(procs, signal_them=isinstance(e, _Stop))
+            codes["interrupted"] = 2  # pytest's code for an interrupted run
         finally:
-            if no_ray.poll() is None:
-                no_ray.kill()
-        no_ray_log.seek(0)
-        print("\n== tests without Ray (run beside the ones above)", flush=True)
-        sys.stdout.write(no_ray_log.read())
-    codes = [c for c in (ray_code, no_ray_code) if c != NO_TESTS_COLLECTED]
-    if not codes:
+            no_ray_log.seek(0)
+            print("\n== tests without Ray (run beside the ones above)", flush=True)
+            sys.stdout.buffer.write(no_ray_log.read())
+            sys.stdout.flush()
+    ran = [c for c in codes.values() if c != NO_TESTS_COLLECTED]
+    if not ran:
         return NO_TESTS_COLLECTED
-    return next((c for c in codes if c != 0), 0)
+    return next((c for c in ran if c != 0), 0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,30 @@ def test_folders_and_variants_reach_neither_mlflow_nor_ray(tiny_models):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_conversion_another_process_finished_first_is_kept(tmp_path, monkeypatch):
+    """Two processes converting the same shipped weights at once (encode actors on one node, the
+    suite's two processes): the copy renamed into place first stays, the later one is dropped
+    rather than swapped in under its readers; a damaged folder there is replaced."""
+    from raytrieve import assets
+    from raytrieve.encoders import convert
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    variant = assets.get_variant("splade-tiny")
+    real = convert.CONVERTERS[variant.source.format]
+    target = tmp_path / "cache" / "models" / f"{variant.name}-{assets.fingerprint(assets.package_dir(variant.source))}"
+
+    def raced(src, out, arch):  # the other process renames its copy into place meanwhile
+        real(src, out, arch)
+        if not target.exists():
+            shutil.copytree(out, target)
+            (target / "first-copy").write_text("")
+
+    monkeypatch.setitem(convert.CONVERTERS, variant.source.format, raced)
+    assert convert.converted_model(variant) == target and (target / "first-copy").exists()
+    assert not [p for p in target.parent.iterdir() if p != target]  # the later copy is gone
+    shutil.rmtree(target)
+    target.mkdir()  # damaged: no modules.json
+    monkeypatch.setitem(convert.CONVERTERS, variant.source.format, real)
+    assert (convert.converted_model(variant) / "modules.json").exists()

@@ -21,10 +21,19 @@ def test_the_runner_reports_both_parts_and_the_suites_status(tmp_path):
     ok = _run("tests/test_sources.py::test_parquet_folder_row_groups_and_glob")
     assert ok.returncode == 0, ok.stdout[-2000:]
     ray_part, no_ray_part = ok.stdout.split("== tests without Ray")
-    assert "no tests ran" in ray_part or "deselected" in ray_part
+    assert "deselected" in ray_part and " passed" not in ray_part
     assert " passed" in no_ray_part and "failed" not in no_ray_part
-    # A failing test fails the suite with pytest's own code (1).
-    failing = tmp_path / "test_fails.py"
-    failing.write_text("def test_fails():\n    assert 1 == 2\n")
-    bad = _run(str(failing), "--rootdir", str(ROOT))
-    assert bad.returncode == 1 and "1 failed" in bad.stdout, bad.stdout[-2000:]
+    # A failing test fails the suite with pytest's own code (1), in either part; the other
+    # part selecting nothing does not hide it.
+    for mark, part in (("", "no-ray"), ("@pytest.mark.slow\n", "ray")):
+        failing = tmp_path / part / "test_fails.py"
+        failing.parent.mkdir()
+        failing.write_text(f"import pytest\n\n\n{mark}def test_fails():\n    assert 1 == 2\n")
+        bad = _run(str(failing), "--rootdir", str(ROOT))
+        assert bad.returncode == 1 and "1 failed" in bad.stdout, (part, bad.stdout[-2000:])
+        ray_part = bad.stdout.split("== tests without Ray")[0]
+        assert ("1 failed" in ray_part) == (part == "ray"), bad.stdout[-2000:]
+    # Nothing selected anywhere: pytest's 5. And -m, which splits the suite, is refused.
+    assert _run("tests/test_sources.py", "-k", "no_such_test").returncode == 5
+    refused = _run("-m", "slow")
+    assert refused.returncode == 4 and "-m is how the suite is split" in refused.stderr

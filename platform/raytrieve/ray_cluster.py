@@ -35,9 +35,11 @@ Preemption watcher: Ray Train starts, per run, an actor that polls Ray for nodes
 (a cloud's spot reclaim, an autoscaler's scale-down) so that the controller can restart its
 workers before they are lost. An embedded Ray is one machine that nothing drains, and the actor
 is a process of its own that imports Ray Train's modules (about 2.4 CPU-seconds per run measured
-on 2 cores, beside the run's ~20), so the embedded start turns it off for the runs this process
-drives (``PREEMPTION_WATCHER_SETTING``, which Ray Train hands from the driver to its controller).
-A cluster keeps Ray's default; the variable in the environment wins either way.
+on 2 cores, beside the run's ~20), so the embedded start turns it off
+(``PREEMPTION_WATCHER_SETTING``, set in this process's environment before Ray starts: Ray Train
+hands it from the driver to its controller, and Ray's own processes, a job submitted to the
+embedded Ray included, inherit it). A cluster keeps Ray's default; the variable in the
+environment wins either way.
 """
 
 from __future__ import annotations

@@ -41,8 +41,16 @@ def converted_model(variant: assets.Variant) -> Path:
     target = assets.cache_dir() / "models" / f"{variant.name}-{assets.fingerprint(src)}"
     if (target / "modules.json").exists():
         return target
-    with atomic_directory(target) as tmp:
-        convert(src, tmp, variant.source.architecture)
+    # Another process may convert the same weights at the same time (encode actors starting on
+    # one node, the test suite's two processes): the first copy renamed into place wins, and a
+    # later one is dropped rather than swapped in under the first one's readers. A folder there
+    # without modules.json is a damaged copy, replaced.
+    try:
+        with atomic_directory(target, overwrite=target.exists()) as tmp:
+            convert(src, tmp, variant.source.architecture)
+    except FileExistsError:
+        if not (target / "modules.json").exists():
+            raise
     return target
 
 
