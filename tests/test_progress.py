@@ -1,20 +1,14 @@
 """Progress on long jobs (raytrieve.progress): plain periodic lines when stderr is a log file,
-a bar on a terminal; a real `raytrieve train` into a file ends without traces or floods."""
+a bar on a terminal. A real training job's log (a file) is read in tests/test_job_submit.py."""
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-import yaml
-from tests.train_helpers import ROOT, shipped_config, write_data
 
 from raytrieve.progress import ClusterCount, Stage, format_duration, interactive, periodic, stage
 
@@ -175,55 +169,6 @@ def test_cluster_count_follows_a_posted_count_into_a_stage(monkeypatch):
         with count.follow(bar, every_s=10):
             pass
     assert out.getvalue().splitlines()[-1] == "train: 6/6 steps (100%), 0.5 steps/s, in 00:00, loss 0.5"
-
-
-TRAIN_LINE = re.compile(r"^train: 6/6 steps \(100%\), [\d.]+ steps/s, in \d\d:\d\d, loss [\d.]+$")
-
-
-@pytest.mark.timeout(600)
-def test_a_training_job_logged_to_a_file_reads_as_lines_and_ends_clean(ray_cluster, tiny_models, tmp_path):
-    """jobs/train.py (what `ray job submit` runs; `raytrieve train` is the same job on an embedded
-    Ray) joins the session's cluster with stderr in a file, as `... > train.log 2>&1` would:
-    the training stage's lines with the steps the worker made, no bar redraws (Ray Data's
-    included: they ran in the Ray Train worker), no error trace at the end."""
-    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, write_data(tmp_path / "data"), eval={})
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump()))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL"):
-        env.pop(name, None)  # what connect decides for the job, not what it decided for this session
-    log = tmp_path / "train.log"
-    with log.open("w") as err:
-        job = subprocess.run(
-            [sys.executable, "jobs/train.py", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            timeout=540,
-        )
-    text = log.read_text()
-    assert job.returncode == 0, text[-3000:]
-    assert '"steps": 6' in job.stdout
-    assert "\r" not in text and "\n\n" not in text, text[-3000:]
-    assert "Traceback" not in text and "RpcError" not in text, text[-3000:]
-    lines = text.splitlines()
-    assert "train: started, 6 steps" in lines, text
-    assert any(TRAIN_LINE.match(line) for line in lines), text
-    assert len(lines) <= 20, text
-    # No error-level line of Ray's (its C++ logs: "[date time,ms E pid tid] file.cc:line: ..."), but
-    # one Ray 2.60 logs at that level for its own restartable actors (Ray Train's PreemptionWatcher,
-    # Ray Data's map workers get ray.put arguments): ray-project/ray#53727, not an error of the run.
-    known = "has constructor arguments in the object store and max_restarts > 0"
-    errors = [line for line in lines if re.search(r"\[[\d :,-]+ E \d+ \d+\]", line) and known not in line]
-    assert not errors, text
-    # It ends naming the MLflow run and how to open it: a file store needs MLflow's opt-in variable.
-    summary = json.loads(job.stdout.strip().splitlines()[-1])
-    uri = cfg.mlflow.tracking_uri
-    assert summary["mlflow_tracking_uri"] == uri and summary["mlflow_run_id"]
-    assert (f"MLflow run {summary['mlflow_run_id']} in {uri}; its UI: MLFLOW_ALLOW_FILE_STORE=true "
-            f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000") in lines, text
 
 
 def test_the_demo_heartbeat_beats_on_the_shared_ticker_and_outlives_a_failing_status():
