@@ -77,6 +77,9 @@ def test_ray_job_submit_trains(ray_dashboard, tiny_models, tmp_path):
     done = [m.groups() for m in map(TRAIN_LINE.match, lines) if m]
     assert done == [(str(summary["steps"]),) * 2], text
     assert len(lines) <= 20, text
+    # Registering into the file store touches no other store (MLflow's default, a sqlite database
+    # it would create in the job's working directory: test_model_ref).
+    assert not [line for line in lines if "mlflow.store.db" in line], text
     # No error-level line of Ray's (its C++ logs: "[date time,ms E pid tid] file.cc:line: ..."), but
     # one Ray 2.60 logs at that level for its own restartable actors (Ray Train's PreemptionWatcher,
     # Ray Data's map workers get ray.put arguments): ray-project/ray#53727, not an error of the run.

@@ -96,6 +96,40 @@ def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
     )
 
 
+def test_a_file_store_registry_writes_nothing_outside_the_store(tiny_models, tmp_path, monkeypatch):
+    """Training's default store is a folder (file:, ./mlruns). MLflow's file registry reads each
+    existing version's logged model through a client on the process's default store, which in
+    MLflow 3 is sqlite:///mlflow.db in the working directory: a second version registered (or a
+    version read) there must not create that database, nor leave the store set for the process."""
+    from raytrieve.tracking import mlflow_run
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = (tmp_path / "mlruns").as_uri()
+    versions = []
+    for _ in range(2):
+        run_id = mlflow_run.start_run(uri, "file-store", "tiny-dense", {}, {})
+        mlflow_run.MetricLogger(uri, run_id).log_model_dir(tiny_models["dense"])
+        mlflow_run.end_run(uri, run_id, failed=False)
+        versions.append(mlflow_run.register_model(uri, run_id, "tiny-dense"))
+    assert versions == ["1", "2"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    np.testing.assert_array_equal(
+        _dense(DenseEncoder("models:/tiny-dense/latest", device="cpu")),
+        _dense(DenseEncoder(tiny_models["dense"], device="cpu")),
+    )
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow_run.register_model(uri, run_id, "tiny-dense")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 @pytest.mark.parametrize("make", [DenseEncoder, SparseEncoder, CrossEncoder, resolve_model])
 def test_bad_reference_names_it_and_what_is_accepted(make):
     with pytest.raises(ModelLoadError) as info:

@@ -60,7 +60,8 @@ def registered(uri: str, model_uri: str) -> bool:
 
     try:
         name, version = model_uri.removeprefix("models:/").split("/")
-        mlflow_run.client(uri).get_model_version(name, version)
+        with mlflow_run.registry(uri) as c:
+            c.get_model_version(name, version)
         return True
     except Exception:
         return False

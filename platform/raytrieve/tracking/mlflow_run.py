@@ -95,6 +95,17 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def registry(uri: str):
+    """A client for the model registry at ``uri``, with this process's default store pointed at
+    ``uri`` for the block. MLflow's file registry reads each version's logged model through a
+    client made without a URI, so on the default store: in MLflow 3 that is ``sqlite:///mlflow.db``
+    in the working directory, which registering a second version (or listing a model's versions)
+    would create there, migrations and all, and read the version's metrics from."""
+    with environment(uri):
+        yield client(uri)
+
+
 def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
     from mlflow.entities import Param, RunTag
 
@@ -148,15 +159,15 @@ def register_model(uri: str, run_id: str, name: str) -> str:
     returns the version number."""
     from mlflow.exceptions import MlflowException
 
-    c = client(uri)
-    try:
-        c.create_registered_model(name)
-    except MlflowException as e:
-        if "already exists" not in str(e).lower() and e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    run = c.get_run(run_id)
-    artifact_uri = run.info.artifact_uri
-    assert artifact_uri is not None, "MLflow gives every run an artifact root"
-    source = f"{artifact_uri.rstrip('/')}/model"
-    description = run.data.tags.get(CARD_SUMMARY_TAG)
-    return str(c.create_model_version(name, source, run_id=run_id, description=description).version)
+    with registry(uri) as c:
+        try:
+            c.create_registered_model(name)
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        run = c.get_run(run_id)
+        artifact_uri = run.info.artifact_uri
+        assert artifact_uri is not None, "MLflow gives every run an artifact root"
+        source = f"{artifact_uri.rstrip('/')}/model"
+        description = run.data.tags.get(CARD_SUMMARY_TAG)
+        return str(c.create_model_version(name, source, run_id=run_id, description=description).version)

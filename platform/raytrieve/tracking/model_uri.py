@@ -29,15 +29,15 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     """A local folder with the model ``uri`` names, downloaded from the store on first use."""
     store = mlflow_run.tracking_uri(tracking_uri)
     try:
-        client = mlflow_run.client(store)
-        pinned = _pin(client, uri)
-        identity = f"{store}|{pinned}"
-        if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
-            version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
-            identity += f"|{version.run_id}|{version.source}"
-        target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
-        if not (target / "modules.json").exists() and not (target / "config.json").exists():
-            _download(pinned, store, target)
+        with mlflow_run.registry(store) as client:
+            pinned = _pin(client, uri)
+            identity = f"{store}|{pinned}"
+            if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
+                version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
+                identity += f"|{version.run_id}|{version.source}"
+            target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+            if not (target / "modules.json").exists() and not (target / "config.json").exists():
+                _download(pinned, store, target)
     except ModelLoadError:
         raise
     except Exception as e:  # the store's and registry's own errors: name the URI, the store and the fix
