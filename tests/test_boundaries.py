@@ -73,11 +73,14 @@ def _probe(module: str, forbidden: tuple[str, ...]) -> tuple[dict, str]:
 
 
 LIBRARY = ("modules", "encoders", "losses", "evaluation", "index")
+# raytrieve.evaluation loads its evaluators on first use of their names: their modules are probed too.
+EVALUATORS = ("base", "cross", "ir", "pairs")
 
 
 def test_library_does_not_import_ray_or_mlflow():
     # One interpreter for the five (each costs ~4 s of torch and transformers imports alone).
-    found, chains = _probe(",".join(f"raytrieve.{p}" for p in LIBRARY), FORBIDDEN)
+    modules = [f"raytrieve.{p}" for p in LIBRARY] + [f"raytrieve.evaluation.{m}" for m in EVALUATORS]
+    found, chains = _probe(",".join(modules), FORBIDDEN)
     assert not found["loaded"], (
         f"import raytrieve.{{{','.join(LIBRARY)}}} imported {found['loaded'][:8]}; the library must not import Ray or MLflow "
         f"(import them inside the function that needs them, or move that code to data/train/inference/serve/"
@@ -95,6 +98,35 @@ def test_what_ray_unpickles_before_a_worker_needs_torch_does_not_import_it(modul
     imports on the critical path of every training run (measured: 21.5 s -> 16.9 s per run)."""
     found, chains = _probe(module, ("torch", "transformers", "sentence_transformers"))
     assert not found["loaded"], f"import {module} imported {found['loaded'][:8]}. Import chains:\n{chains}"
+
+
+@pytest.mark.parametrize("module", ["raytrieve.evaluation.metrics", "raytrieve.evaluate.report",
+                                    "raytrieve.evaluate.run", "raytrieve.evaluate.tune"])
+def test_what_an_evaluation_checks_before_its_models_load_does_not_import_torch(module):
+    """`raytrieve evaluate` checks its arguments, files, --compare report and --serve-config with
+    these before any model loads: a mistake there is reported in well under a second, not after
+    ~5 s of torch and transformers imports."""
+    found, chains = _probe(module, ("torch", "transformers", "sentence_transformers"))
+    assert not found["loaded"], f"import {module} imported {found['loaded'][:8]}. Import chains:\n{chains}"
+
+
+def test_the_evaluation_package_names_each_evaluator_its_modules_define():
+    """raytrieve.evaluation's lazily loaded names are exactly the public classes of its evaluator
+    modules, each the class its module defines."""
+    import importlib
+    import inspect
+
+    import raytrieve.evaluation as evaluation
+
+    defined = {}
+    for name in EVALUATORS:
+        module = importlib.import_module(f"raytrieve.evaluation.{name}")
+        defined |= {n: o for n, o in vars(module).items()
+                    if inspect.isclass(o) and o.__module__ == module.__name__ and not n.startswith("_")}
+    assert sorted(evaluation.__all__) == sorted(defined)
+    assert all(getattr(evaluation, n) is cls for n, cls in defined.items())
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchEvaluator'"):
+        _ = evaluation.NoSuchEvaluator
 
 
 def test_probe_names_the_importing_module(tmp_path):
