@@ -100,8 +100,10 @@ def registry(uri: str):
     """A client for the model registry at ``uri``, with this process's default store pointed at
     ``uri`` for the block. MLflow's file registry reads each version's logged model through a
     client made without a URI, so on the default store: in MLflow 3 that is ``sqlite:///mlflow.db``
-    in the working directory, which registering a second version (or listing a model's versions)
-    would create there, migrations and all, and read the version's metrics from."""
+    in the working directory, which every registration (its new version is read back) and every
+    version read would create there, migrations and all, and read the version's metrics from.
+    (A process that called ``mlflow.set_tracking_uri`` keeps that store for those lookups: MLflow
+    prefers it to the environment.)"""
     with environment(uri):
         yield client(uri)
 
