@@ -98,9 +98,9 @@ def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
 
 def test_a_file_store_registry_writes_nothing_outside_the_store(tiny_models, tmp_path, monkeypatch):
     """Training's default store is a folder (file:, ./mlruns). MLflow's file registry reads each
-    existing version's logged model through a client on the process's default store, which in
-    MLflow 3 is sqlite:///mlflow.db in the working directory: a second version registered (or a
-    version read) there must not create that database, nor leave the store set for the process."""
+    version's logged model through a client on the process's default store, which in MLflow 3 is
+    sqlite:///mlflow.db in the working directory: registering a version (it is read back) or
+    reading one must not create that database, nor leave the store set for the process."""
     from raytrieve.tracking import mlflow_run
 
     cwd = tmp_path / "cwd"
