@@ -243,6 +243,13 @@ def test_pydocs_packages_scanned_in_parallel_equal_one_process():
     assert pydocs.scan_packages(packages, workers=2) == {p: pydocs.package_pairs(p) for p in packages}
 
 
+def test_pydocs_limit_is_the_first_pairs_of_the_whole_scan():
+    whole = pydocs.package_pairs("tqdm")
+    assert len(whole) > 30
+    for limit in (1, 30, len(whole), len(whole) + 5):
+        assert pydocs.package_pairs("tqdm", limit=limit) == whole[:limit]
+
+
 def _beir(root: Path, corpus: int = 40) -> Path:
     """A BEIR folder with BEIR's quirks: ids that look like integers, empty and missing titles,
     queries with two relevant documents, judged-irrelevant rows (grade 0), graded relevance."""

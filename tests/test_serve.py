@@ -55,7 +55,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
     mlflow_run.MetricLogger(registry, run_id).log_model_dir(resolve_model("splade-tiny"))
     mlflow_run.end_run(registry, run_id, failed=False)
     sparse_uri = f"models:/serve-sparse/{mlflow_run.register_model(registry, run_id, 'serve-sparse')}"
-    pairs = list({p.document: p for pkg in PACKAGES for p in package_pairs(pkg)[:60]}.values())
+    pairs = list({p.document: p for pkg in PACKAGES for p in package_pairs(pkg, limit=60)}.values())
     ids = [f"d{i}" for i in range(len(pairs))]
     pq.write_table(pa.table({"id": ids, "text": [p.document for p in pairs]}), root / "corpus.parquet")
     run_encode(from_dict(EncodeConfig, {

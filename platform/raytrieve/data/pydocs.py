@@ -46,7 +46,11 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) -> list[Pair]:
+def package_pairs(
+    package: str, max_files: int = 3000, min_body_words: int = 8, limit: int | None = None
+) -> list[Pair]:
+    """``package``'s public documented functions and classes as (summary, signature and body)
+    pairs, in file order; ``limit``: the first that many (the files after them are not parsed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return []
@@ -70,6 +74,8 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8) 
             if len(summary.split()) < 4 or len(body.split()) < min_body_words:
                 continue
             out.append(Pair(summary, _clean(f"{_signature(node)}: {body}")[:2000], package))
+            if limit is not None and len(out) >= limit:
+                return out
     return out
 
 
