@@ -112,9 +112,10 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from raytrieve.serve.config import load_serve_config
+
+    cfg = load_serve_config(args.config, args.overrides)  # a config error is reported before Ray loads
     from raytrieve.serve.launch import start
 
-    cfg = load_serve_config(args.config, args.overrides)
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop ends the server as Ctrl-C does
     try:
         url = start(cfg, where=args.config, ray_address="local")
