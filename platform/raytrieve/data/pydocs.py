@@ -46,9 +46,7 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def package_pairs(
-    package: str, max_files: int = 3000, min_body_words: int = 8, limit: int | None = None
-) -> list[Pair]:
+def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8, limit: int | None = None) -> list[Pair]:
     """``package``'s public documented functions and classes as (summary, signature and body)
     pairs, in file order; ``limit``: the first that many (the files after them are not parsed)."""
     spec = importlib.util.find_spec(package)
