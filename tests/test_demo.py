@@ -398,6 +398,9 @@ def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_p
     assert "qrels/validation.tsv" in err and "['dev', 'test', 'train']" in err and "--split" in err
     assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(tmp_path / "pairs.jsonl")]) == 2
     assert "name a .parquet file" in capsys.readouterr().err
+    assert main(["data", "beir-pairs", "--beir", str(tmp_path / "nowhere"), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrieve data beir-pairs: error: ") and "nowhere: no such folder; --beir takes" in err
     assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(bad), "--max-pairs", "1"]) == 2
     assert "no query of train fits in --max-pairs 1 with all its relevant documents" in capsys.readouterr().err
     assert not bad.exists()

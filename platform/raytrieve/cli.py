@@ -252,7 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="a YAML config (jobs/configs/demo.yaml); default: its defaults")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.test_queries=100")
     demo.set_defaults(func=_demo)
+    _name_commands(parser)
     return parser
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand's parser records its own name (``raytrieve data beir-pairs``) as ``prog``,
+    so that an error is reported under it, as argparse reports a usage error."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(prog=child.prog)
+                _name_commands(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RaytrieveError as e:
-        print(f"raytrieve: error: {e}", file=sys.stderr)
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -74,7 +74,7 @@ def beir_pairs(
     target = Path(out)
     if target.suffix != ".parquet":
         raise DataError(f"--out {out}: name a .parquet file (raytrieve train reads it as datasets.0.path)")
-    loaded = data.load_files(*data.beir_files(Path(folder).expanduser(), split), split=split)
+    loaded = data.load_files(*data.beir_files(Path(folder).expanduser(), split, option="--beir"), split=split)
     rng = np.random.default_rng(seed) if max_pairs is not None else None
     pairs = whole_query_pairs(loaded.qrels, max_pairs, rng)
     if not pairs:  # only with a cap: load_files refuses a split without a relevant judgement

@@ -291,12 +291,15 @@ def check(
     return {q: queries[q] for q in scored}, {q: qrels[q] for q in scored}, summary
 
 
-def beir_files(folder: str | Path, split: str = "test", choose: str | None = None) -> tuple[Path, Path, Path]:
+def beir_files(
+    folder: str | Path, split: str = "test", choose: str | None = None, option: str = "--data"
+) -> tuple[Path, Path, Path]:
     """A BEIR folder's corpus.jsonl, queries.jsonl and qrels/<split>.tsv, each checked to exist.
-    ``choose``: the fix when the split is missing but others are there (default: evaluate's --split)."""
+    ``choose``: the fix when the split is missing but others are there (default: evaluate's --split);
+    ``option``: the argument that named the folder (evaluate's --data by default)."""
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; --data takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+        raise DataError(f"{root}: no such folder; {option} takes a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         found = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
