@@ -166,3 +166,20 @@ def test_serve_reports_a_config_error_before_loading_ray():
             "print(sorted(m for m in ('torch', 'transformers', 'ray', 'mlflow') if m in sys.modules))\n")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+@pytest.mark.parametrize("job,config,field", [("train", "dense_mnrl.yaml", "model.name_or_path"),
+                                              ("encode", "encode_pydocs.yaml", "sparse.model"),
+                                              ("mine", "mine_pydocs.yaml", "retriever.model"),
+                                              ("mine", "mine_pydocs.yaml", "reranker.model")])
+def test_a_model_that_is_not_there_is_named_by_its_field_before_torch_loads(job, config, field):
+    """A model name that is no folder, no shipped variant and no MLflow URI: one error naming the
+    config's field and what a model may be, exit status 2, and nothing heavy imported to say so
+    (each job checked its models only after importing torch and transformers, ~5 s)."""
+    code = ("import sys\nfrom raytrieve.jobs_entry import run_job\n"
+            f"assert run_job({job!r}, 'jobs/configs/{config}', ['{field}=no-such-model'], None) == 2\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'mlflow') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert out.stderr.startswith(f"raytrieve {job}: error: jobs/configs/{config}.{field}: model 'no-such-model': "
+                                 "no such directory, not an MLflow model URI and not a shipped variant"), out.stderr

@@ -6,8 +6,9 @@ prints its summary as one JSON line on stdout; a RaytrieveError is one line on s
 
 One module for both, rather than one entry per package: the scripts and the CLI differ only in
 the Ray they use, and the CLI imports this before parsing its arguments, so it stays light
-(each job imports its own modules when it runs, after its config loads: a config error is
-reported in under a second, not after ~5 s of torch and transformers imports).
+(each job imports its own modules when it runs, after its config loads and its model
+references are checked (``model_ref.check_reference``): a config error or a model name that is
+nothing is reported in under a second, not after ~5 s of torch and transformers imports).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from dataclasses import asdict
 from typing import Any
 
 from raytrieve.errors import RaytrieveError
+from raytrieve.model_ref import check_reference
 
 
 def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[str, Any]:
     from raytrieve.train.config import load_train_config
 
     cfg = load_train_config(config, overrides)  # first: a config error costs no torch import
+    check_reference(cfg.model.name_or_path, f"{config}.model.name_or_path")
     from raytrieve.train.run import run_training
 
     result = run_training(cfg, where=config, ray_address=ray_address)
@@ -51,6 +54,9 @@ def _encode(config: str, overrides: list[str], ray_address: str | None) -> dict[
     from raytrieve.inference.config import load_encode_config
 
     cfg = load_encode_config(config, overrides)
+    for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)):
+        if out is not None:
+            check_reference(out.model, f"{config}.{kind}.model")
     from raytrieve.inference.encode import run_encode
 
     result = run_encode(cfg, where=config, ray_address=ray_address)
@@ -66,6 +72,9 @@ def _mine(config: str, overrides: list[str], ray_address: str | None) -> dict[st
     from raytrieve.inference.config import load_mine_config
 
     cfg = load_mine_config(config, overrides)
+    check_reference(cfg.retriever.model, f"{config}.retriever.model")
+    if cfg.reranker is not None:
+        check_reference(cfg.reranker.model, f"{config}.reranker.model")
     from raytrieve.inference.mine import run_mine
 
     return asdict(run_mine(cfg, where=config, ray_address=ray_address))

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from raytrieve import assets
-from raytrieve.errors import ModelLoadError
+from raytrieve.errors import ConfigError, ModelLoadError
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 ACCEPTED = (
@@ -46,6 +46,26 @@ def resolve_model(ref: str | os.PathLike) -> Path:
         from raytrieve.tracking.model_uri import download_model
 
         return download_model(text)
+    found = _locate(text)
+    return found if isinstance(found, Path) else shipped_model(found)
+
+
+def check_reference(ref: str | os.PathLike, field: str) -> None:
+    """Raise what ``resolve_model`` would for a name that is neither a folder nor a shipped
+    variant, as a ConfigError naming ``field``, without loading, converting or downloading
+    anything: the jobs check their models so before importing torch. An MLflow URI is left to
+    ``resolve_model`` (checking it needs the MLflow store)."""
+    text = os.fspath(ref)
+    if is_model_uri(text):
+        return
+    try:
+        _locate(text)
+    except ModelLoadError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def _locate(text: str) -> Path | str:
+    """The local model folder ``text`` names, or the name of the shipped variant it is."""
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -53,7 +73,7 @@ def resolve_model(ref: str | os.PathLike) -> Path:
         return path
     shipped = assets.variant_names()
     if text in shipped:
-        return shipped_model(text)
+        return text
     raise ModelLoadError(
         f"model {text!r}: no such directory, not an MLflow model URI and not a shipped variant "
         f"({', '.join(shipped) or 'no models/ catalogue found'}); pass {ACCEPTED} "

@@ -77,7 +77,10 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.evaluate import check_eval_columns
 
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
-    model_path = str(resolve_model(cfg.model.name_or_path))
+    try:
+        model_path = str(resolve_model(cfg.model.name_or_path))
+    except RaytrieveError as e:
+        raise ConfigError(f"{where}.model.name_or_path: {e}") from None
     if cfg.model.inference_free:
         model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
