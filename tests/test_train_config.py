@@ -75,7 +75,7 @@ def test_labels_and_listwise(data):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"columns": "[question, answr]"}, DataError, r"column\(s\) \['answr'\] not in .*columns are \['question', 'answer', 'score'\]"),
+    ({"columns": "[question, answr]"}, DataError, r"column\(s\) \['answr'\] not in .*columns are \['question', 'answer', 'score'\]\. Set the dataset's columns:"),
     ({"loss": "{name: CoSENTLoss}"}, DataError, "CoSENTLoss needs labels; set datasets\\[\\].label_column"),
     ({"loss": "{name: CoSENTLoss}", "label": "answer"}, DataError, "label column 'answer' must be numeric"),
     ({"loss": "{name: TripletLoss}"}, DataError, "TripletLoss takes 3 text column"),

@@ -87,7 +87,10 @@ def validate_dataset(
     columns = list(d.columns) if d.columns is not None else [c for c in available if c != label]
     missing = [c for c in columns if c not in available]
     if missing:
-        raise DataError(f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}")
+        raise DataError(
+            f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}. Set the dataset's "
+            "columns: to the file's columns to train on, in the order its loss reads them"
+        )
     loss_name = d.loss.base_at(f"{where}.loss").name
     contract = base_class(d.loss, kind)  # what the loss that meets the data asks of it
     wanted = contract.columns
