@@ -68,7 +68,7 @@ def test_lines_mode_without_a_total_counts_and_rates_and_says_nothing_while_stal
     assert out.getvalue().splitlines() == [
         "encode: started",
         "encode: 50 rows, 0.5 rows/s",
-        "encode: 100 rows, 0.952 rows/s, in 02:35",
+        "encode: 100 rows, 0.952 rows/s, in 02:35 (rate over 01:45)",
     ]
 
 
@@ -168,7 +168,7 @@ def test_cluster_count_follows_a_posted_count_into_a_stage(monkeypatch):
         count.post(6, start=0, seconds=12.0, loss=0.5)
         with count.follow(bar, every_s=10):
             pass
-    assert out.getvalue().splitlines()[-1] == "train: 6/6 steps (100%), 0.5 steps/s, in 00:00, loss 0.5"
+    assert out.getvalue().splitlines()[-1] == "train: 6/6 steps (100%), 0.5 steps/s, in 00:12, loss 0.5"
 
 
 def test_the_demo_heartbeat_beats_on_the_shared_ticker_and_outlives_a_failing_status():

@@ -13,6 +13,7 @@ returns, so the stage writes a line when it starts, at most one line every ``eve
 or at each further ``every_fraction`` of the total, and a last line when it ends:
 
     train: 12/94 steps (13%), 1.21 steps/s, ETA 01:08, loss 2.3114
+    train: 94/94 steps (100%), 1.19 steps/s, in 01:40 (rate over 01:19), loss 1.9021
 
 Counts made in another process of the cluster (a Ray Train worker's steps) reach the driver's
 stage through ``ClusterCount``; ``periodic`` runs a callback on a thread while a block runs (the
@@ -134,7 +135,14 @@ class Stage:
         if rate is not None:
             parts.append(f"{rate:.3g} {self._units(2)}/s" if rate < 1000 else f"{rate:,.0f} {self._units(2)}/s")
         if self.closed:
-            parts.append(f"in {format_duration(self.clock() - self.t0)}")
+            # The stage's time, and what the rate is over when that differs (a training job's
+            # workers start before its first step; a count posted from elsewhere may have
+            # started before this stage did).
+            wall = self.clock() - self.t0
+            counted = self.t_moved - self.t_base if rate is not None else 0.0
+            parts.append(f"in {format_duration(max(wall, counted))}")
+            if wall - counted >= 2.0 and rate is not None:
+                parts[-1] += f" (rate over {format_duration(counted)})"
         elif rate is not None and self.total is not None:
             parts.append(f"ETA {format_duration(max(0, self.total - self.done) / rate)}")
         parts += [f"{k} {_number(v)}" for k, v in self.info.items()]
