@@ -119,9 +119,6 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop ends the server as Ctrl-C does
     try:
         url = start(cfg, where=args.config, ray_address="local")
-        # Again: starting Ray installs its own SIGTERM handler in this process (it prints a stack
-        # dump as an error and exits without stopping Serve).
-        signal.signal(signal.SIGTERM, _interrupt)
         print(
             f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /v1/rerank, /v2/rerank, /embed, "
             "/embed_sparse, /rerank, /tokenize; GET /healthz, /health, /info, /v1/models, /metrics, /docs); "

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from raytrieve import assets
-from raytrieve.errors import ConfigError, ModelLoadError
+from raytrieve.errors import ConfigError, ModelLoadError, RaytrieveError
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 ACCEPTED = (
@@ -48,6 +48,14 @@ def resolve_model(ref: str | os.PathLike) -> Path:
         return download_model(text)
     found = _locate(text)
     return found if isinstance(found, Path) else shipped_model(found)
+
+
+def resolve_field(ref: str | os.PathLike, field: str) -> Path:
+    """``resolve_model``, its error a ConfigError naming the config ``field`` that gave ``ref``."""
+    try:
+        return resolve_model(ref)
+    except RaytrieveError as e:
+        raise ConfigError(f"{field}: {e}") from None
 
 
 def check_reference(ref: str | os.PathLike, field: str) -> None:

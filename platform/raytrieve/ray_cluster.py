@@ -44,9 +44,11 @@ environment wins either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 IDLE_WORKER_KEEP_S = 300
@@ -85,6 +87,29 @@ def connect(
 
     if ray.is_initialized():
         return None
+    with _keeping_sigterm_handler():
+        return _init(ray, address, num_cpus, log_to_driver, runtime_env)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` installs its own SIGTERM handler in the process (a stack dump at error level,
+    then exit status 15); a handler the process set before (``raytrieve serve``'s clean stop) is
+    put back. Only the main thread may set handlers."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(
+    ray: Any, address: str | None, num_cpus: float | None, log_to_driver: bool, runtime_env: dict[str, Any] | None
+) -> str | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runtime_env = _quiet_ray_data(runtime_env)
     if address != "local":

@@ -40,16 +40,11 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     """Each model loaded once on the driver: the config is checked against it (prompt names,
     truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
     specs and what the manifest says of each model."""
-    from raytrieve.model_ref import resolve_model
+    from raytrieve.model_ref import resolve_field
 
     # Every reference resolved first: a wrong name or URI is reported before torch loads.
     outputs = [(kind, out) for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)) if out is not None]
-    paths = {}
-    for kind, out in outputs:
-        try:
-            paths[kind] = str(resolve_model(out.model))
-        except RaytrieveError as e:
-            raise ConfigError(f"{where}.{kind}.model: {e}") from None
+    paths = {kind: str(resolve_field(out.model, f"{where}.{kind}.model")) for kind, out in outputs}
 
     from raytrieve.encoders.quantization import quantization_ranges
     from raytrieve.encoders.tokenizer_only import InputTokenizer

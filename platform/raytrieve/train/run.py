@@ -72,15 +72,12 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         validate_dataset,
     )
     from raytrieve.losses.registry import base_class
-    from raytrieve.model_ref import resolve_model
+    from raytrieve.model_ref import resolve_field
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import check_eval_columns
 
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
-    try:
-        model_path = str(resolve_model(cfg.model.name_or_path))
-    except RaytrieveError as e:
-        raise ConfigError(f"{where}.model.name_or_path: {e}") from None
+    model_path = str(resolve_field(cfg.model.name_or_path, f"{where}.model.name_or_path"))
     if cfg.model.inference_free:
         model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
