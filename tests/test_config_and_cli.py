@@ -77,6 +77,24 @@ def test_yaml_with_overrides(tmp_path):
         load_yaml(Outer, path, ["name=[1, 2]"])
 
 
+def test_an_override_that_sets_a_wrong_key_is_named_as_its_source(tmp_path):
+    """The file path locates the key; the override, not the file, is what to fix."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\ninner:\n  lr: 0.1\n")
+    cases = {
+        ("inner.lr=fast",): r"c.yaml.inner.lr: expected a number, got 'fast' \(set by the override inner.lr=fast\)$",
+        ("steps=2", "inner.lrr=1"): r"c.yaml.inner: unknown key\(s\) \['lrr'\]; valid keys are \['lr', 'names'\] "
+        r"\(set by the override inner.lrr=1\)$",
+        ("outer.lr=1",): r"c.yaml: unknown key\(s\) \['outer'\].* \(set by the override outer.lr=1\)$",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_yaml(Outer, path, list(overrides))
+    path.write_text("name: base\ninner:\n  lr: slow\n")  # the file's own mistake names no override
+    with pytest.raises(ConfigError, match=r"c.yaml.inner.lr: expected a number, got 'slow'$"):
+        load_yaml(Outer, path, ["steps=3"])
+
+
 def test_overrides_address_list_items_by_index(tmp_path):
     from raytrieve.train.config import load_train_config
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, Union, cast
 
@@ -214,15 +215,32 @@ def validation_messages(cls: type[BaseModel], error: ValidationError, where: str
     return out if where else [m.removeprefix(".") for m in out]
 
 
-def from_dict(cls: type[M], data: Any, where: str = "config") -> M:
-    """Validate ``data`` as ``cls``; the ConfigError names every wrong key (under ``where``) and the fix."""
+def from_dict(cls: type[M], data: Any, where: str = "config", overrides: Sequence[str] = ()) -> M:
+    """Validate ``data`` as ``cls``; the ConfigError names every wrong key (under ``where``) and the fix,
+    and the ``overrides`` (``key.path=value``, already merged into ``data``) that set a wrong key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        messages = validation_messages(cls, e, where)
+        messages = [_blame_override(m, where, overrides) for m in validation_messages(cls, e, where)]
         raise ConfigError(messages[0] if len(messages) == 1 else "; ".join(messages)) from None
+
+
+def _blame_override(message: str, where: str, overrides: Sequence[str]) -> str:
+    """``message`` with " (set by the override k=v)" when an override set the key it is about:
+    the key itself, or an unknown key under the path it names."""
+    for item in overrides:
+        names = item.split("=", 1)[0].split(".")
+        parts = [f"[{p}]" if p.isdigit() else f".{p}" for p in names]
+        path = where + "".join(parts)
+        unknown = any(
+            message.startswith(f"{where}{''.join(parts[:i])}: unknown key(s) ") and repr(name) in message
+            for i, name in enumerate(names)
+        )
+        if message.startswith((f"{path}:", f"{path}.", f"{path}[")) or unknown:
+            return f"{message} (set by the override {item})"
+    return message
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -280,4 +298,4 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path))
+    return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path), overrides=overrides or ())
