@@ -159,13 +159,19 @@ def test_other_json_is_not_a_manifest(tmp_path, raw):
         read_manifest(_folder(tmp_path, raw))
 
 
-def test_manifest_that_is_no_json_or_missing(tmp_path):
+def test_manifest_that_is_no_json_or_missing_and_the_folder_it_is_missing_from(tmp_path):
     out = _folder(tmp_path, {})
     (out / "manifest.json").write_text('{"format": "raytrieve-vectors", ')
     with pytest.raises(DataError, match=r"manifest\.json: not valid JSON"):
         read_manifest(out)
     (out / "manifest.json").unlink()
-    with pytest.raises(DataError, match=r"no manifest\.json; the encoding job has not finished"):
+    # A folder no encoding job started in is not called unfinished (resuming would not help).
+    with pytest.raises(DataError, match=r"vectors: not an encoding job's output \(no manifest\.json or job\.json\)"):
+        read_manifest(out)
+    with pytest.raises(DataError, match=r"elsewhere: no such folder; give the output folder of an encoding job"):
+        read_manifest(tmp_path / "elsewhere")
+    (out / "job.json").write_text("{}")  # the job started there and did not finish
+    with pytest.raises(DataError, match=r"no manifest\.json; the encoding job has not finished there \(run it again"):
         read_manifest(out)
 
 

@@ -307,6 +307,13 @@ def parse_manifest(raw: Any, where: str, fix: str) -> VectorsManifest:
 def read_manifest(out: str | os.PathLike) -> VectorsManifest:
     store = OutputStore(str(out))
     if not store.exists(MANIFEST):
+        if not store.exists():
+            raise DataError(f"{out}: no such folder; give the output folder of an encoding job (`raytrieve encode`)")
+        if not store.exists(JOB):
+            raise DataError(
+                f"{out}: not an encoding job's output (no {MANIFEST} or {JOB}); give the folder an encoding "
+                "job (`raytrieve encode`) wrote"
+            )
         raise DataError(f"{out}: no {MANIFEST}; the encoding job has not finished there (run it again to resume)")
     return parse_manifest(
         store.read_json(MANIFEST), store.describe(MANIFEST), "run the encoding job again: it writes the manifest anew"
