@@ -198,6 +198,14 @@ def test_what_it_cannot_serve_names_the_field():
     with pytest.raises(SearchError, match="switched off") as e:
         run(pipeline(kinds=("sparse",)), recall={"dense": 5, "sparse": 0})
     assert e.value.field == "recall"
+    # Convex weights of 0 each would give every hit score 0 (an answer of 200 that ranks nothing).
+    zero = {"method": "convex", "dense_weight": 0.0, "sparse_weight": 0.0}
+    with pytest.raises(SearchError, match=r"convex fusion weighs every list 0 \(dense_weight and sparse_weight\)") as e:
+        run(pipeline(), recall={"dense": 3, "sparse": 3}, fusion=zero)
+    assert e.value.field == "fusion"
+    one = run(pipeline(), top_k=3, recall={"dense": 3, "sparse": 3}, fusion={**zero, "sparse_weight": 1.0})
+    sparse = brute_force()["sparse"]
+    assert [h["id"] for h in one["hits"]] == [d for d, _ in sparse[:3]]  # one list weighed: its order
 
 
 def test_a_fusion_method_is_one_function_and_one_table_entry(monkeypatch):

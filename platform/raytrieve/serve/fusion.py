@@ -14,6 +14,7 @@ the order is deterministic.
 ``fusion.method`` values are its keys. A new method is one function taking the retrievers'
 lists by name ("dense", "sparse") and the request's ``fusion`` parameters as a mapping, plus
 its entry in ``METHODS``; a new parameter is also a field of ``Fusion`` in serve/schemas.py.
+Parameters the method cannot fuse with raise ``FusionParameterError`` (a 422 naming ``fusion``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from typing import Any
 
 Ranked = Sequence[tuple[str, float]]
 NORMALIZATIONS = ("minmax", "zscore", "none")
+
+
+class FusionParameterError(ValueError):
+    """The request's fusion parameters cannot rank these lists (the message names which)."""
 
 
 def _first_seen(lists: Sequence[Ranked]) -> dict[str, int]:
@@ -80,6 +85,9 @@ def _rrf_method(lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> list[
 def _convex_method(lists: Mapping[str, Ranked], params: Mapping[str, Any]) -> list[tuple[str, float]]:
     # Each retriever's weight is the parameter named after it: dense_weight, sparse_weight.
     weights = [float(params[f"{name}_weight"]) for name in lists]
+    if not any(weights):  # every score would be 0: the order would be the lists' order, not a fusion
+        named = " and ".join(f"{name}_weight" for name in lists)
+        raise FusionParameterError(f"convex fusion weighs every list 0 ({named}); give one a weight above 0")
     return convex(list(lists.values()), weights, str(params["normalization"]))
 
 

@@ -173,7 +173,10 @@ class SearchPipeline:
 
     @staticmethod
     def _fuse(request: SearchRequest, lists: Mapping[str, Ranked]) -> Ranked:
-        return fusion.fuse(request.fusion.method, lists, request.fusion.model_dump())
+        try:
+            return fusion.fuse(request.fusion.method, lists, request.fusion.model_dump())
+        except fusion.FusionParameterError as e:
+            raise SearchError("fusion", f"fusion: {e}") from None
 
     async def _rerank(self, query: str, ids: list[str], texts: list[str]) -> dict[str, float]:
         """Each candidate's cross-encoder score (the order is ``fusion.interpolate``'s)."""
