@@ -54,10 +54,19 @@ def _listener(port: int) -> str:
     return " ".join(psutil.Process(pid).cmdline())
 
 
+def _logs_of(name: str) -> list[Path]:
+    """The log files (its Serve log, its stdout and stderr) of the Ray process named ``name``."""
+    import psutil
+
+    (process,) = [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
+    return [Path(f.path) for f in process.open_files() if f.path.endswith((".log", ".out", ".err"))]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tiny_models, tmp_path):
     """With direct_ingress: the port is answered by the ingress replica itself (its process
-    listens there), Serve's proxy answers the next port the same. Ctrl-C and a process manager's
+    listens there), Serve's proxy answers the next port the same; a batched request logs no
+    Ray advice that does not apply. Ctrl-C and a process manager's
     SIGTERM stop it alike: "stopping", exit status 0, the ports closed (on SIGTERM Ray's own
     handler printed a stack dump and the process ended with status 15 and no "stopping", until
     raytrieve re-installed its own after Ray started)."""
@@ -82,6 +91,18 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tin
         want = min(4.0, int((_machine_cpus() - 0.1) * 20) / 20)
         assert models[0]["num_cpus"] == pytest.approx(want)
         assert models[0]["torch_threads"] == max(1, round(want))
+        # Two texts go through the token-budget batch queue (one alone skips it).
+        body = json.dumps({"model": "tiny", "input": ["a first text", "a second one"]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert len(json.load(r)["data"]) == 2
+        # Ray Serve's advice to raise max_ongoing_requests to max_batch_size counts requests; the
+        # batch is in tokens, so the replica drops it (it was logged on the first batched call).
+        logs = _logs_of("ServeReplica:raytrieve:dense")
+        assert any(log.name.startswith("replica_raytrieve_dense") for log in logs), logs
+        for log in logs:
+            assert "max_ongoing_requests" not in log.read_text(), log
         started = time.monotonic()
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)

@@ -11,6 +11,7 @@ search (memory-mapped) and the documents' texts in a deployment of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -256,6 +257,18 @@ class ModelRunner:
         return out
 
 
+class _TokenBatchWarning(logging.Filter):
+    """Drops Ray Serve's "`max_batch_size` * `max_concurrent_batches` is larger than
+    `max_ongoing_requests`" warning. Ray compares the two as counts of requests, but
+    ``infer``'s batch size is in tokens (``batch_size_fn``): 32 requests of a few hundred
+    tokens each fill an 8192-token batch, so the advice (raise max_ongoing_requests to 8192)
+    would be wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("`max_batch_size` (") and "`max_ongoing_requests`" in message)
+
+
 @serve.deployment
 class ModelReplica(ModelRunner):
     """A ``ModelRunner`` as a Serve deployment: requests batch by tokens (``infer``)."""
@@ -265,6 +278,7 @@ class ModelReplica(ModelRunner):
     ) -> None:
         super().__init__(kind, spec, index, folders)
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
+        logging.getLogger("ray.serve").addFilter(_TokenBatchWarning())  # before the batch queue exists
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
