@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -533,6 +534,7 @@ BAD = [
     ("/search", {"query": "x", "recall": {"dense": 0, "sparse": 0}}, 422, "recall"),
     ("/search", {"query": "x", "recall": {"dense": 10**6}}, 422, "recall.dense"),
     ("/search", {"query": "x", "fusion": {"method": "max"}}, 422, "fusion.method"),
+    ("/search", {"query": "x", "fusion": {"method": "convex", "dense_weight": 0.0, "sparse_weight": 0.0}}, 422, "fusion"),
     ("/search", {"query": "x", "rerank": True, "rerank_depth": 10**4}, 422, "rerank_depth"),
     ("/search", {"query": "x" * 3000}, 422, "query"),
     ("/search", {"query": "x", "surprise": 1}, 422, "surprise"),
@@ -585,6 +587,15 @@ def test_bad_requests_get_named_4xx(served):
         error = r.json()["error"]
         assert error["field"].startswith(field), (path, body, error)
         assert error["message"]
+    # A near miss of a field's name is answered with the field it was meant to be, at its depth.
+    near = [("/search", {"query": "x", "rerank_model": "m"}, "rerank_model", "; did you mean reranker_model?"),
+            ("/search", {"query": "x", "fusion": {"dense_wieght": 0.3}}, "fusion.dense_wieght",
+             "; did you mean dense_weight?"),
+            ("/v1/rerank", {"query": "q", "documents": ["d"], "top_k": 3}, "top_k", "; did you mean top_n?"),
+            ("/search", {"query": "x", "surprise": 1}, "surprise", "Extra inputs are not permitted")]
+    for path, body, field, ending in near:
+        error = _post(served["url"], path, body).json()["error"]
+        assert error["field"] == field and error["message"].endswith(ending), (path, body, error)
     big = b'{"query": "' + b"x" * 1_100_000 + b'"}'
     r = requests.post(f"{served['url']}/search", data=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
@@ -731,10 +742,17 @@ def test_hostile_bodies_get_4xx_json(served):
         "surrogate key": (b'{"\\ud800": 1}', 422), "null": (b"null", 422), "array": (b"[]", 422),
         "string": (b'"query"', 422), "number": (b"123", 422), "empty": (b"", 422),
     }
+    # What the client must change, in its terms (Python's messages name server-side remedies).
+    said = {"deep arrays": "nested too deeply; send a flatter body", "deep objects": "nested too deeply",
+            "5000-digit integer": "an integer has more than 4300 digits; send fewer digits",
+            "invalid utf-8": "the body is not UTF-8 (invalid start byte at byte 11)"}
     for path in NAMED_POSTS:
         for name, (body, status) in raw_bodies.items():
             answer = _request(served, "POST", path, body, JSON_HEADERS)
-            _assert_json_error(answer, (path, name), status if path in known else 404)
+            error = _assert_json_error(answer, (path, name), status if path in known else 404)
+            if path in known and name in said:
+                assert said[name] in error["message"], (path, name, error)
+                assert not re.search(r"sys\.|RecursionError|recursion depth", error["message"]), (path, name, error)
         valid = _to_json(VALID.get(path, {"input": "hello"}))
         for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                              None):

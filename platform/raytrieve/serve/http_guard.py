@@ -13,15 +13,18 @@ answered 500 in the same JSON shape.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import json
 import re
 import time
+import typing
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
@@ -123,7 +126,33 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     here = [(t, m) for f, d, t, m in located if f == field and d == depth]
     refused = [(t, m) for t, m in here if not t.endswith("_type")]
     messages = list(dict.fromkeys(m for _, m in refused or here))
-    return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}", field or "body")
+    unknown = [
+        e["loc"] for e in errors if e.get("type") == "extra_forbidden" and _field_of(tuple(e["loc"]))[0] == field
+    ]
+    hint = _did_you_mean(request, unknown[0]) if unknown else ""
+    return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}{hint}", field or "body")
+
+
+def _models_in(annotation: Any) -> set[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through unions, Annotated, lists, Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return {m for arg in typing.get_args(annotation) for m in _models_in(arg)}
+
+
+def _did_you_mean(request: Request, loc: Any) -> str:
+    """ "; did you mean reranker_model?" for an unknown field close to one the body's model (at
+    the same depth) has; "" when none is close."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    if body is None or not loc:
+        return ""
+    models = _models_in(body.field_info.annotation)
+    for part in loc[:-1]:
+        if isinstance(part, str) and any(part in m.model_fields for m in models):
+            models = {n for m in models if part in m.model_fields for n in _models_in(m.model_fields[part].annotation)}
+    known = sorted({name for m in models for name in m.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.7)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -137,10 +166,22 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
     if e.status_code == 400:
         # FastAPI hides why json.loads failed (nesting too deep, an integer of too many digits,
         # bytes that are not UTF-8); the cause is what the client needs to fix.
-        cause = e.__cause__
-        why = f"{e.detail} ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else e.detail
+        why = _unreadable_body(e.__cause__) if e.__cause__ is not None else e.detail
         return error_response(400, "invalid_json", f"the body could not be read: {why}", "body")
     return error_response(e.status_code, "http_error", str(e.detail), None)
+
+
+def _unreadable_body(cause: BaseException) -> str:
+    """Why json.loads refused the body, in the client's terms (Python's own messages name the
+    server's remedies: sys.set_int_max_str_digits, the recursion limit)."""
+    if isinstance(cause, RecursionError):
+        return "arrays or objects are nested too deeply; send a flatter body"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        digits = re.search(r"limit \((\d+) digits\)", str(cause))
+        return f"an integer has more than {digits.group(1) if digits else 'the allowed'} digits; send fewer digits"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 ({cause.reason} at byte {cause.start})"
+    return f"{type(cause).__name__}: {str(cause)[:200]}"
 
 
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
