@@ -104,3 +104,18 @@ def test_demo_results_page_is_the_report_of_its_json():
     assert page == report_markdown(rep) + "\n![before and after fine-tuning](demo-results.png)\n"
     assert "lookup_ms" in rep["timings_p50_ms"]["before"] and "lookup_ms" not in rep["timings_p50_ms"]["after"]
     assert f"lookup {rep['timings_p50_ms']['before']['lookup_ms']:.0f} / -" in page and "nan" not in page
+
+
+def test_the_readmes_minimal_encode_config_is_a_whole_config():
+    """The three-key config README.md gives for your own corpus validates as it stands, and
+    its comments name the defaults it relies on."""
+    import yaml
+
+    from raytrieve.config import from_dict
+    from raytrieve.inference.config import EncodeConfig
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("A config for your own corpus", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = from_dict(EncodeConfig, yaml.safe_load(block), "README.md").check("README.md")
+    assert (cfg.corpus.id_column, cfg.corpus.text_column) == ("id", "text")
+    assert "columns id and text" in block and cfg.dense is not None and cfg.dense.model == "all-minilm-l6-v2"
