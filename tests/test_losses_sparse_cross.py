@@ -207,9 +207,12 @@ def check_cross(pair, ours_loss, ref_loss, inputs, labels, seed=None):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     got.backward()
     want.backward()
-    for a, b in zip(pair[0].parameters(), pair[1].parameters()):
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    for a, b in zip(pair[0].parameters(), pair[1].parameters(), strict=True):  # same parameters, same order
+        assert a.shape == b.shape
+        if b.grad is None:
+            assert a.grad is None or torch.count_nonzero(a.grad) == 0
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair[0].parameters())
 
 

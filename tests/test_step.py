@@ -18,7 +18,7 @@ SCORES = torch.tensor([0.9, 0.1, 0.5, 0.5, 0.3, 1.0])
 
 def test_accumulation_equals_full_batch(tmp_path):
     path = _build(tmp_path, "m", seed=0, dense=True)
-    grads = []
+    grads: list[list[torch.Tensor]] = []  # what each optimizer step saw
     for parts in (1, 2):
         model = DenseEncoder(path, device="cpu").train()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the gradients, change nothing
@@ -35,7 +35,12 @@ def test_accumulation_equals_full_batch(tmp_path):
             result = stepper.micro_batch(loss, features, SCORES[s])
             assert (result is None) == (k < parts - 1)
         assert result.loss > 0
-    for a, b in zip(grads[0], grads[1]):
+        # One step per run, after the last micro-batch, with the gradient of every parameter the
+        # loss reaches (all but BERT's pooler, which mean pooling does not use).
+        assert len(grads) == parts
+        assert len(grads[-1]) == len([p for n, p in model.named_parameters() if "pooler" not in n]) > 0
+    assert any(bool(g.abs().sum() > 0) for g in grads[0])
+    for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 

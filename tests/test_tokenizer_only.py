@@ -67,6 +67,14 @@ def test_cross_encoder_pairs(tiny_models):
     assert _portable(tok).tokenize_ids(pairs) == tok.tokenize_ids(pairs)
     short = load_input_tokenizer(path, kind="cross", max_seq_length=12)  # truncates both texts, longest first
     assert _portable(short).tokenize_ids(pairs) == short.tokenize_ids(pairs)
+    ids = short.tokenize_ids(pairs)
+    assert ids == load_encoder("cross", path, max_seq_length=12).input_module().tokenize_ids(pairs)
+    from transformers import AutoTokenizer  # the oracle: Hugging Face's own longest-first truncation
+
+    hf = AutoTokenizer.from_pretrained(str(path))([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                                                  max_length=12)
+    assert [list(row) for row in ids["input_ids"]] == hf["input_ids"]
+    assert max(len(row) for row in hf["input_ids"]) == 12  # the length did cut
 
 
 @pytest.mark.parametrize("variant", ["splade-tiny", "ms-marco-minilm-l12-v2"])
