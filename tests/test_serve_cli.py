@@ -55,11 +55,12 @@ def _listener(port: int) -> str:
     return " ".join(psutil.Process(pid).cmdline())
 
 
-def _logs_of(name: str) -> list[Path]:
-    """The log files (its Serve log, its stdout and stderr) of the Ray process named ``name``."""
+def _logs_of(server: subprocess.Popen, name: str) -> list[Path]:
+    """The log files (its Serve log, its stdout and stderr) of the Ray process named ``name`` that
+    ``server``'s own Ray started (another Ray on the machine may run a process of that name)."""
     import psutil
 
-    (process,) = [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
+    (process,) = [p for p in psutil.Process(server.pid).children(recursive=True) if name in " ".join(p.cmdline())]
     return [Path(f.path) for f in process.open_files() if f.path.endswith((".log", ".out", ".err"))]
 
 
@@ -100,7 +101,7 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tin
             assert len(json.load(r)["data"]) == 2
         # Ray Serve's advice to raise max_ongoing_requests to max_batch_size counts requests; the
         # batch is in tokens, so the replica drops it (it was logged on the first batched call).
-        logs = _logs_of("ServeReplica:raytrieve:dense")
+        logs = _logs_of(proc, "ServeReplica:raytrieve:dense")
         assert any(log.name.startswith("replica_raytrieve_dense") for log in logs), logs
         for log in logs:
             assert "max_ongoing_requests" not in log.read_text(), log
