@@ -250,6 +250,28 @@ def test_pydocs_limit_is_the_first_pairs_of_the_whole_scan():
         assert pydocs.package_pairs("tqdm", limit=limit) == whole[:limit]
 
 
+def test_pydocs_build_replaces_its_own_output_and_nothing_else(tmp_path):
+    """build-pydocs writes its folder whole: it refuses a folder of other files and a file
+    (they were replaced, and the command reported success), and a limit below 1."""
+    from raytrieve.errors import DataError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"--out .*data: the folder holds other files \(keep\.txt\)"):
+        pydocs.build(tmp_path / "data", train_packages=("click",), test_packages=("packaging",), max_per_package=3)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["keep.txt"]
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DataError, match=r"--out .*afile: is a file"):
+        pydocs.build(tmp_path / "afile", train_packages=("click",), test_packages=("packaging",), max_per_package=3)
+    for bad in (0, -5):
+        with pytest.raises(DataError, match=rf"--max-per-package must be at least 1, got {bad}"):
+            pydocs.build(tmp_path / "new", max_per_package=bad)
+    small = {"train_packages": ("click", "jinja2"), "test_packages": ("packaging",), "max_per_package": 10}
+    first = pydocs.build(tmp_path / "new", **small)
+    assert pydocs.build(tmp_path / "new", **small) == first  # its own earlier output is replaced
+    assert first["rows"]["train"] == 20
+
+
 def _beir(root: Path, corpus: int = 40) -> Path:
     """A BEIR folder with BEIR's quirks: ids that look like integers, empty and missing titles,
     queries with two relevant documents, judged-irrelevant rows (grade 0), graded relevance."""

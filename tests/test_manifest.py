@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,34 @@ def test_read_vectors_and_index_build_carry_the_typed_manifest(tmp_path):
     assert indices.source == v.manifest and indices.sparse is not None and indices.sparse.vocab_size == 30522
     copied = json.loads((tmp_path / "index" / "source.json").read_text())
     assert copied == json.loads((out / "manifest.json").read_text())
+
+
+def test_index_build_replaces_an_index_and_refuses_anything_else(tmp_path):
+    """`index build --out` replaces its folder whole: an earlier index there, yes; a folder of
+    other files or a file, never (they were lost, and the folder became mode 0700)."""
+    import os
+    import stat
+
+    out, _ = _encoded(tmp_path)
+    index = tmp_path / "index"
+    build_indices(out, index)
+    build_indices(out, index)  # an earlier index is replaced
+    assert stat.S_IMODE(index.stat().st_mode) == 0o777 & ~_umask()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"--out .*data: the folder holds other files \(keep\.txt\); .*new or empty"):
+        build_indices(out, tmp_path / "data")
+    assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(DataError, match=r"--out .*a-file: is a file; give a folder"):
+        build_indices(out, tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "mine" and not os.path.isdir(tmp_path / "a-file")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_vectors_the_manifest_does_not_describe_are_refused(tmp_path):

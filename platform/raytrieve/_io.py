@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raytrieve.errors import ModelLoadError
+from raytrieve.errors import DataError, ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, not by index or job code
     import torch
@@ -88,12 +88,38 @@ def load_weights(module: torch.nn.Module, directory: Path) -> None:
         )
 
 
+def check_replaceable(target: str | os.PathLike, marker: str, option: str) -> None:
+    """Refuse, before any work, an output folder that ``atomic_directory`` would replace but that
+    is not an earlier output of the same command: a file, or a folder with other contents and
+    without ``marker`` (the file that command always writes). ``option`` names the flag."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{option} {target}: is a file; give a folder (the command writes one)")
+    if target.is_dir() and not (target / marker).exists():
+        held = sorted(p.name for p in target.iterdir())
+        if held:
+            raise DataError(
+                f"{option} {target}: the folder holds other files ({', '.join(held[:5])}"
+                f"{', ...' if len(held) > 5 else ''}); the command replaces its folder whole, so give a new or "
+                "empty folder"
+            )
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder it becomes is an ordinary one
     try:
         yield tmp
     except BaseException:

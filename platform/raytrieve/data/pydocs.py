@@ -134,13 +134,23 @@ def deduplicate(pairs: list[Pair]) -> list[Pair]:
 
 
 def build(
-    out_dir: str | Path, train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES, max_per_package: int | None = 4000
+    out_dir: str | Path,
+    train_packages=TRAIN_PACKAGES,
+    test_packages=TEST_PACKAGES,
+    max_per_package: int | None = 4000,
+    option: str = "--out",
 ) -> dict:
-    """Write train.parquet, test.parquet and manifest.json into ``out_dir`` (atomically)."""
+    """Write train.parquet, test.parquet and manifest.json into ``out_dir`` (atomically; an earlier
+    build there is replaced, a folder holding anything else is refused, naming ``option``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytrieve._io import atomic_directory
+    from raytrieve._io import atomic_directory, check_replaceable
+    from raytrieve.errors import DataError
+
+    if max_per_package is not None and max_per_package < 1:
+        raise DataError(f"--max-per-package must be at least 1, got {max_per_package}")
+    check_replaceable(out_dir, "manifest.json", option)
 
     splits: dict[str, list[Pair]] = {}
     versions = {}

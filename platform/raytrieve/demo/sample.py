@@ -66,7 +66,7 @@ def ensure_pydocs(folder: Path, log) -> dict:
             return found
         log(f"{folder} predates the id column; rebuilding it")
     log(f"building {folder} from the docstrings of installed packages (a minute)...")
-    built = pydocs.build(folder)
+    built = pydocs.build(folder, option="pydocs_dir")
     log(
         f"  {built['rows']['train']} train pairs ({', '.join(built['train_packages'])}), "
         f"{built['rows']['test']} test pairs ({', '.join(built['test_packages'])})"

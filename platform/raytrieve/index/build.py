@@ -40,6 +40,7 @@ def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOp
     from raytrieve.inference.shards import read_vectors
 
     options = options or IndexOptions()
+    _io.check_replaceable(out_dir, SOURCE, "--out")  # an earlier index there is replaced, nothing else
     vectors = read_vectors(vectors_dir)
     manifest = vectors.manifest
     summary: dict[str, Any] = {"out": str(out_dir), "rows": len(vectors.ids)}
