@@ -169,6 +169,28 @@ def test_select_negatives_rules():
     assert {tuple(select_negatives(cands, scores, 1.0, s, rng)) for _ in range(20)} != {tuple(first)}
 
 
+def test_a_model_of_another_kind_is_refused_before_ray(pairs_file, tmp_path, monkeypatch):
+    """A dense model as the sparse retriever mined (meaningless) negatives to the end; a dense
+    model as the reranker failed in a Ray actor after the corpus was encoded. Both are refused
+    before Ray starts, naming the key and the fix."""
+    from raytrieve import ray_cluster
+    from raytrieve.inference.mine import run_mine
+
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the check"))
+    cases = [
+        ({"retriever": {"model": "all-minilm-l6-v2", "kind": "sparse"}},
+         r"m.yaml.retriever.model: all-minilm-l6-v2 is a dense model \(SentenceTransformer, .*\); "
+         r"set retriever.kind: dense, or name a sparse model"),
+        ({"retriever": {"model": "splade-tiny"}},
+         r"m.yaml.retriever.model: splade-tiny is a sparse model .*set retriever.kind: sparse, or name a dense model"),
+        ({"reranker": {"model": "all-minilm-l6-v2"}},
+         r"m.yaml.reranker.model: all-minilm-l6-v2 is a dense model .*; name a cross-encoder"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_mine(_cfg(pairs_file, tmp_path, **extra), where="m.yaml")
+
+
 def test_mine_config_errors(pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="range_min < range_max"):
         _cfg(pairs_file, tmp_path, selection={"range_min": 5, "range_max": 5}).check()

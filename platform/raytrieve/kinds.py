@@ -109,6 +109,14 @@ def served_kind(field: str) -> ModelKind:
     raise ConfigError(f"serve: unknown model field {field!r}; use one of {fields}")
 
 
+def other_kind(folder: Any, field: str) -> ModelKind | None:
+    """The kind saved in ``folder`` when it is not the one serving ``field`` (dense / sparse /
+    reranker) stands for; None when it is, or when the files cannot tell. A model of another
+    kind would load as ``field``'s kind, or fail deep in a job with a traceback."""
+    found = saved_kind(folder)
+    return found if found is not None and found.serve_field != field else None
+
+
 # Module types whose presence in modules.json makes a folder sparse (sentence-transformers 5+ names).
 _SPARSE_MODULES = ("SpladePooling", "SparseStaticEmbedding", "SparseAutoEncoder", "MLMTransformer")
 

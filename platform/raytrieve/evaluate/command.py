@@ -157,7 +157,7 @@ def _resolve_models(args: argparse.Namespace) -> None:
     """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
     fails before the others have encoded anything; the error names the flag."""
     from raytrieve.errors import RaytrieveError
-    from raytrieve.kinds import saved_kind, served_kind
+    from raytrieve.kinds import other_kind, served_kind
     from raytrieve.model_ref import resolve_model
 
     given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
@@ -166,10 +166,9 @@ def _resolve_models(args: argparse.Namespace) -> None:
             path = resolve_model(ref)
         except RaytrieveError as e:
             raise ConfigError(f"--{flag} {ref}: {e}") from None
-        # A model of another kind would load as this flag's kind, or fail deep in a stage with a
-        # traceback; or worse, run and be reported under this flag's label.
-        found = saved_kind(path)
-        if found is not None and found.serve_field != flag:
+        # Or worse than other_kind's failures: run and be reported under this flag's label.
+        found = other_kind(path, flag)
+        if found is not None:
             raise ConfigError(
                 f"--{flag} {ref}: is a {found.name} model ({found.st_model_type}, by the files in {path}); "
                 f"pass it as --{found.serve_field}, and a {served_kind(flag).name} model as --{flag}"

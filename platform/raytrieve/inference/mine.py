@@ -152,6 +152,22 @@ def select_negatives(
     return kept[: s.num_negatives]
 
 
+def _check_kind(ref: str, field: str, where: str, fix: str) -> None:
+    """A model of another kind than ``field`` (dense / sparse / reranker) is refused, naming
+    ``where`` and ``fix`` ({kind}: the kind it is): it would load as ``field``'s kind and mine
+    meaningless negatives, or fail in a Ray actor after the corpus was encoded."""
+    from raytrieve.kinds import other_kind
+    from raytrieve.model_ref import resolve_field
+
+    path = resolve_field(ref, where)
+    found = other_kind(path, field)
+    if found is not None:
+        raise ConfigError(
+            f"{where}: {ref} is a {found.name} model ({found.st_model_type}, by the files in {path}); "
+            + fix.format(kind=found.serve_field)
+        )
+
+
 def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = None) -> MineResult:
     import pyarrow.parquet as pq
     import ray
@@ -162,7 +178,10 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
 
-    r = cfg.retriever  # the model is loaded and checked before any Ray work
+    r = cfg.retriever  # the models are checked, and the retriever loaded, before any Ray work
+    _check_kind(r.model, r.kind, f"{where}.retriever.model", f"set retriever.kind: {{kind}}, or name a {r.kind} model")
+    if cfg.reranker is not None:
+        _check_kind(cfg.reranker.model, "reranker", f"{where}.reranker.model", "name a cross-encoder")
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )
