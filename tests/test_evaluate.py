@@ -727,6 +727,28 @@ def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
         evaluate(args)
 
 
+def test_an_out_that_is_a_file_and_a_compare_that_is_no_json_are_named_before_models_run(tmp_path, monkeypatch):
+    """--out naming a file failed with a FileExistsError traceback after every model had run;
+    --compare on a file that is not JSON advised to "re-save the model"."""
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate import command
+    from raytrieve.evaluate.command import evaluate
+
+    monkeypatch.setattr(command, "_resolve_models", lambda *a, **k: pytest.fail("models resolved before the check"))
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    (tmp_path / "afile").write_text("mine")
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--dense", "all-minilm-l6-v2",
+                                      "--out", str(tmp_path / "afile")])
+    with pytest.raises(ConfigError, match=r"--out .*afile: is a file; give a folder"):
+        evaluate(args)
+    assert (tmp_path / "afile").read_text() == "mine"
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--dense", "all-minilm-l6-v2",
+                                      "--out", str(tmp_path / "out"), "--compare", str(root / "corpus.jsonl")])
+    with pytest.raises(DataError, match=r"corpus\.jsonl: not valid JSON \(.*\); pass an evaluation\.json") as e:
+        evaluate(args)
+    assert "model" not in str(e.value)
+
+
 @pytest.mark.parametrize("flag, model, kind, right", [
     ("dense", "ms-marco-minilm-l12-v2", "cross", "reranker"),
     ("sparse", "all-minilm-l6-v2", "dense", "dense"),

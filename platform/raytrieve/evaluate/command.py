@@ -123,6 +123,8 @@ def _check(args: argparse.Namespace) -> None:
 
     if args.dtype not in typing.get_args(Dtype):
         raise ConfigError(f"--dtype {args.dtype!r}: choose one of {list(typing.get_args(Dtype))}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found only after every model ran
+        raise ConfigError(f"--out {args.out}: is a file; give a folder (evaluation.json, .md and .png go there)")
     files = [args.corpus, args.queries, args.qrels]
     if args.data and any(files):
         raise ConfigError("--data is a BEIR folder; pass it or --corpus/--queries/--qrels, not both")

@@ -83,18 +83,16 @@ def build(
 
 
 def load_previous(path: str | Path) -> dict[str, Any]:
-    from raytrieve import _io
-    from raytrieve.errors import ModelLoadError
+    import json
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; --compare takes the evaluation.json of an earlier run")
     try:
-        previous = _io.read_json(path)
-    except ModelLoadError as e:
-        raise DataError(
-            f"{path}: not readable JSON ({e}); pass an evaluation.json that raytrieve evaluate wrote"
-        ) from None
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        fix = "pass an evaluation.json that raytrieve evaluate wrote"
+        raise DataError(f"{path}: not valid JSON ({e}); {fix}") from None
     if not isinstance(previous, dict) or previous.get("format") != FORMAT or "per_query" not in previous:
         raise DataError(f"{path}: not an evaluation.json of raytrieve evaluate (format {FORMAT!r} with per_query)")
     if previous.get("version") != VERSION:
