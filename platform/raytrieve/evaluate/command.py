@@ -158,16 +158,12 @@ def _check(args: argparse.Namespace) -> None:
 def _resolve_models(args: argparse.Namespace) -> None:
     """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
     fails before the others have encoded anything; the error names the flag."""
-    from raytrieve.errors import RaytrieveError
     from raytrieve.kinds import other_kind, served_kind
-    from raytrieve.model_ref import resolve_model
+    from raytrieve.model_ref import resolve_field
 
     given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
     for flag, ref in given + ([("reranker", args.reranker)] if args.reranker else []):
-        try:
-            path = resolve_model(ref)
-        except RaytrieveError as e:
-            raise ConfigError(f"--{flag} {ref}: {e}") from None
+        path = resolve_field(ref, f"--{flag} {ref}")
         # Or worse than other_kind's failures: run and be reported under this flag's label.
         found = other_kind(path, flag)
         if found is not None:
