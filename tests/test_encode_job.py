@@ -428,6 +428,22 @@ def test_other_model_setting_or_corpus_location_is_refused_and_nothing_changes(r
             assert named in message and "choose a new output_dir or delete that folder" in message, message
     assert _snapshot(out) == before
 
+    # A caller's own cache (mine's <output_path>.work/vectors, a folder the user never named) is
+    # replaced instead: every old file goes, a staged input included, and the new job is whole.
+    scratch = tmp_path / "scratch"
+    shutil.copytree(out, scratch)
+    (scratch / "_input").mkdir()
+    (scratch / "_input" / "part.parquet").write_bytes(b"old")
+    cfg = _config(root, corpus, rows_per_shard=10, output_dir=str(scratch),
+                  dense={"model": REGISTERED, "max_seq_length": 16})
+    with _registry_env(registry):
+        result = run_encode(cfg, scratch=True)
+    assert (result.shards_written, result.shards_reused) == (SHARDS, 0)
+    assert sorted(p.name for p in scratch.iterdir()) == ["job.json", "manifest.json"] + [
+        f"part-{i:05d}.{ext}" for i in range(SHARDS) for ext in ("json", "parquet")]
+    assert json.loads((scratch / "job.json").read_text())["identity"]["models"]["dense"]["max_seq_length"] == 16
+    assert _snapshot(out) == before
+
 
 def _state(job, tmp_path: Path, name: str) -> Path:
     """A copy of the finished job's folder (mtimes kept) to turn into one kill's leftovers."""

@@ -187,7 +187,8 @@ class MineConfig(ConfigModel):
         default=None,
         description=(
             "An encoding job's output for this corpus made with the retriever model; default: the corpus is "
-            "encoded by the encoding job into <output_path>.work/vectors (resumable)."
+            "encoded by the encoding job into <output_path>.work/vectors (resumable; encoded again when the retriever "
+            "settings or the corpus change)."
         ),
     )
     reranker: RerankerConfig | None = None

@@ -78,13 +78,18 @@ def _location(path: str) -> str:
 
 
 def run_encode(
-    cfg: EncodeConfig, where: str = "config", ray_address: str | None = None, dataset: Any = None
+    cfg: EncodeConfig,
+    where: str = "config",
+    ray_address: str | None = None,
+    dataset: Any = None,
+    scratch: bool = False,
 ) -> EncodeResult:
     """Encode ``cfg.corpus`` as the config says. ``ray_address``: None joins the cluster this
     job runs on (``ray job submit``), "local" starts an embedded Ray. ``dataset``: a
     ``ray.data.Dataset`` to encode instead of ``cfg.corpus.path`` (written by the workers to
     ``<output_dir>/_input`` at every run, then sharded like any parquet folder; shards whose
-    content is unchanged are reused)."""
+    content is unchanged are reused). ``scratch``: ``output_dir`` is the caller's own cache, so
+    the output of a job with other settings in it is replaced rather than refused."""
     start = time.perf_counter()
     cfg.check(where)
     store = shards.OutputStore(_location(cfg.output_dir))
@@ -100,7 +105,7 @@ def run_encode(
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
     identity = job_identity(cfg, source, described)
     fingerprint = job_fingerprint(identity)
-    claim_output(store, identity, where)
+    claim_output(store, identity, where, scratch)
     if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
         reuse_ranges(store.read_json(shards.JOB), outputs, described)
 

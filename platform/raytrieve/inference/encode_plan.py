@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from raytrieve.inference import shards
 from raytrieve.inference.config import DenseOutputConfig, EncodeConfig
 from raytrieve.inference.corpus import needed_columns, shard_rows
 from raytrieve.inference.stages import OutputSpec
+
+log = logging.getLogger("raytrieve.encode")
 
 # Shards sampled (evenly spaced) for int8 calibration: the driver reads at most these.
 CALIBRATION_SHARDS = 8
@@ -180,14 +183,22 @@ def _differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
     return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str) -> None:
+def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False) -> None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
-    ``identity`` None: only the second check."""
+    ``identity`` None: only the second check. ``scratch``: the folder is the caller's own cache
+    (mine's ``<output_path>.work/vectors``), so another job's output in it is replaced, not
+    refused: the user never named that folder, and no advice about it could be followed."""
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
         if job.get("fingerprint") != job_fingerprint(identity):
             differs = _differences(job.get("identity"), identity)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
+            if scratch:
+                log.info("%s: made by other settings (%s); encoding again", store.location, what)
+                # job.json last: a run killed in between still finds the old job and replaces it
+                for name in [n for n in store.names() if n != shards.JOB] + [shards.JOB]:
+                    store.delete(name)
+                return
             # A folder from before the dtype setting computed in float32 (its identity has no dtype).
             older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
             raise ConfigError(

@@ -118,7 +118,7 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
             dense=DenseOutputConfig(**output) if cfg.retriever.kind == "dense" else None,
             sparse=SparseOutputConfig(**output) if cfg.retriever.kind == "sparse" else None,
         )
-        run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address)
+        run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address, scratch=True)
         vectors_dir = Path(encode.output_dir)
     vectors = read_vectors(vectors_dir)
     made_by = vectors.manifest.output(cfg.retriever.kind)

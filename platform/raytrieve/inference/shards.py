@@ -128,10 +128,12 @@ class OutputStore:
         self.write_bytes(name, (json.dumps(obj, indent=2) + "\n").encode())
 
     def delete(self, name: str) -> None:
-        try:
+        """A file or a folder (a staged input), gone; nothing when it is not there."""
+        kind = self.fs.get_file_info(self.path(name)).type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(name))
+        elif kind != pafs.FileType.NotFound:
             self.fs.delete_file(self.path(name))
-        except FileNotFoundError:
-            pass
 
     def remove_temporaries(self) -> int:
         """Leftovers of a killed run (never trusted, never needed)."""
