@@ -79,27 +79,61 @@ def test_paired_interval_contains_the_mean_difference_and_zero_for_equal_systems
     assert scoring.paired_interval(a, a) == (0.0, 0.0, 0.0)
 
 
-def test_compare_pairs_queries_by_id():
+def _evalset(queries: dict[str, str], qrels: dict[str, dict[str, float]], corpus=None) -> data.EvalSet:
+    corpus = corpus or {f"d{i}": f"document {i}" for i in range(6)}
+    return data.EvalSet(corpus, queries, qrels, Path("corpus.jsonl"), data.Columns(), None)
+
+
+def test_compare_pairs_queries_by_id_on_the_same_data():
     qrels = {f"q{i}": {f"d{i}": 1.0} for i in range(6)}
+    texts = {q: f"query {q}" for q in qrels}
     good = {q: [f"d{q[1:]}", "x"] for q in qrels}  # the relevant document first
     bad = {q: ["x", f"d{q[1:]}"] for q in qrels}  # second
-    info = {"name": None}
-    before = report.build({"dense": bad}, qrels, 10, 100, info)
+    everything = data.fingerprints(_evalset(texts, qrels))
+    before = report.build({"dense": bad}, qrels, 10, 100, {"name": None, "data_fingerprints": everything})
+    before = json.loads(json.dumps(before))  # as read back from evaluation.json
     subset = {q: qrels[q] for q in ("q0", "q1", "q2", "q3")}  # fewer queries, in another run
-    after = report.build({"dense": {q: good[q] for q in subset}}, subset, 10, 100, info)
-    cmp = report.compare(after, json.loads(json.dumps(before)), "before.json")
-    assert (cmp["queries"], cmp["only_here"], cmp["only_previous"]) == (4, 0, 2)
+    fewer = data.fingerprints(_evalset({q: texts[q] for q in subset}, subset))
+    assert fewer["queries"] == {q: everything["queries"][q] for q in subset} and fewer["corpus"] == everything["corpus"]
+    after = report.build({"dense": {q: good[q] for q in subset}}, subset, 10, 100, {"data_fingerprints": fewer})
+    cmp = report.compare(after, before, "before.json")
+    assert (cmp["queries"], cmp["only_here"], cmp["only_previous"], cmp["same_corpus"]) == (4, 0, 2, True)
     mrr = cmp["stages"]["dense"]["mrr@10"]
     assert (mrr["previous"], mrr["current"], mrr["delta"], mrr["ci95"]) == (0.5, 1.0, 0.5, [0.5, 0.5])
 
     # Checked before any model loads: the same metrics (a run at another --k shared only recall@100
-    # and compared nothing else, silently), some query in common.
-    report.check_comparable(before, "before.json", 10, 100, ["q3", "q9"])
-    report.check_comparable(before, "before.json", 10, 50, ["q3"])  # another --recall-k: the @10 metrics compare
+    # and compared nothing else, silently), a stage of the same name, some query in common.
+    report.check_comparable(before, "before.json", 10, 100, fewer, ["dense"])
+    report.check_comparable(before, "before.json", 10, 50, fewer)  # another --recall-k: the @10 metrics compare
     with pytest.raises(DataError, match=r"before.json: its metrics are \['ndcg@10'.*this run's \['ndcg@5'.*same --k"):
-        report.check_comparable(before, "before.json", 5, 100, list(subset))
+        report.check_comparable(before, "before.json", 5, 100, fewer)
+    with pytest.raises(DataError, match=r"before.json: shares no stage with this run \(its stages \['dense'\], "
+                                        r"this run's \['fused', 'reranked', 'sparse:a', 'sparse:b'\]\)"):
+        report.check_comparable(before, "before.json", 10, 100, fewer, ["sparse:a", "sparse:b", "fused", "reranked"])
+    elsewhere = data.fingerprints(_evalset({"q7": "query q7", "q8": "query q8"}, {"q7": {"d1": 1.0}, "q8": {"d2": 1.0}}))
     with pytest.raises(DataError, match="before.json: no query id in common with this run"):
-        report.check_comparable(before, "before.json", 10, 100, ["q7", "q8"])
+        report.check_comparable(before, "before.json", 10, 100, elsewhere)
+
+    # Ids in common are no proof of the same data: another dataset's q1 is another query, and the
+    # same query judged otherwise is another question. Both are refused, naming examples.
+    for changed in ({**texts, "q1": "an unrelated question"}, texts):
+        judged = {**qrels, "q2": {"d5": 1.0}} if changed is texts else qrels
+        other = data.fingerprints(_evalset(changed, judged))
+        with pytest.raises(DataError, match=r"before.json: 1 of the 6 query ids both runs scored have another text "
+                                            r"or other judgements there, e.g. \['q[12]'\]: it was scored on other data"):
+            report.check_comparable(before, "before.json", 10, 100, other)
+    # Another corpus (titles added, say) compares, and the report says so.
+    titled = data.fingerprints(_evalset(texts, qrels, {f"d{i}": f"Title. document {i}" for i in range(6)}))
+    report.check_comparable(before, "before.json", 10, 100, titled)
+    again = report.build({"dense": good}, qrels, 10, 100, {"data_fingerprints": titled})
+    again["compare"] = report.compare(again, before, "before.json")
+    assert again["compare"]["same_corpus"] is False
+    assert "each run over its own corpus" in report.markdown(again)
+    assert any("on another corpus" in line for line in report.console(again))
+    # A report of an older raytrieve (no fingerprints) is paired by id, with a warning.
+    older = {k: v for k, v in before.items() if k != "data_fingerprints"}
+    report.check_comparable(older, "older.json", 10, 100, fewer)
+    assert report.compare(after, older, "older.json")["same_corpus"] is None
 
 
 # -- the loader ------------------------------------------------------------------------------
@@ -727,9 +761,10 @@ def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
         evaluate(args)
 
 
-def test_an_out_that_is_a_file_and_a_compare_that_is_no_json_are_named_before_models_run(tmp_path, monkeypatch):
+def test_an_out_that_is_a_file_and_a_compare_on_other_data_are_named_before_models_run(tmp_path, monkeypatch):
     """--out naming a file failed with a FileExistsError traceback after every model had run;
-    --compare on a file that is not JSON advised to "re-save the model"."""
+    --compare on a file that is not JSON advised to "re-save the model"; a --compare run on other
+    data was paired by query id, and one with no stage in common was refused after every model ran."""
     from raytrieve.cli import build_parser
     from raytrieve.evaluate import command
     from raytrieve.evaluate.command import evaluate
@@ -747,6 +782,20 @@ def test_an_out_that_is_a_file_and_a_compare_that_is_no_json_are_named_before_mo
     with pytest.raises(DataError, match=r"corpus\.jsonl: not valid JSON \(.*\); pass an evaluation\.json") as e:
         evaluate(args)
     assert "model" not in str(e.value)
+    # A run on another dataset whose query ids overlap (q1, q2), and a run that shares no stage
+    # with this one: both refused before any model is resolved.
+    other = write_beir(tmp_path / "other", CORPUS, [{"_id": "q1", "text": "capital of France"}, QUERIES[1]], QRELS)
+    elsewhere = data.load_beir(other)
+    rankings = {q: ["d1", "d2"] for q in elsewhere.queries}
+    for stage, fails in (("dense", r"1 of the 2 query ids both runs scored have another text .*e\.g\. \['q1'\]"),
+                         ("sparse", r"shares no stage with this run \(its stages \['sparse'\], this run's \['dense'\]\)")):
+        prints = data.fingerprints(elsewhere if stage == "dense" else data.load_beir(root))
+        previous = report.build({stage: rankings}, elsewhere.qrels, 10, 100, {"data_fingerprints": prints})
+        (tmp_path / "previous.json").write_text(json.dumps(previous))
+        args = build_parser().parse_args(["evaluate", "--data", str(root), "--dense", "all-minilm-l6-v2",
+                                          "--out", str(tmp_path / "out"), "--compare", str(tmp_path / "previous.json")])
+        with pytest.raises(DataError, match=fails):
+            evaluate(args)
 
 
 @pytest.mark.parametrize("flag, model, kind, right", [

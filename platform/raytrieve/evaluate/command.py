@@ -236,11 +236,13 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         else dataclasses.replace(evalset, queries={**tuning_set.queries, **evalset.queries})
     )
     previous = None
+    prints = data.fingerprints(evalset)
+    models = run.Models(list(args.dense), list(args.sparse), args.reranker)
     if args.compare:  # refused before any model loads
         previous = report.load_previous(args.compare)
-        report.check_comparable(previous, args.compare, args.k, args.recall_k, list(evalset.queries))
+        planned = None if args.url or args.index else run.planned_stages(models, tuned=tuning_set is not None)
+        report.check_comparable(previous, args.compare, args.k, args.recall_k, prints, planned)
     log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
-    models = run.Models(list(args.dense), list(args.sparse), args.reranker)
     _resolve_models(args)
     seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
@@ -291,6 +293,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         "name": args.name,
         "backend": backend,
         "data": evalset.summary,
+        "data_fingerprints": prints,
         "models": described,
         "settings": {
             "k": args.k,

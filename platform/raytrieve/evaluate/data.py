@@ -16,6 +16,7 @@ dropped and counted (a log line), as every IR metric leaves them out.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -367,3 +368,19 @@ def _judged(
     kept, judged, summary = check(docs, asked, read_qrels(files["qrels"], columns), files)
     summary = {"files": {k: str(v) for k, v in files.items()}, "split": split, **summary}
     return EvalSet(docs, kept, judged, files["corpus"], columns, title, summary)
+
+
+def fingerprints(evalset: EvalSet) -> dict[str, Any]:
+    """What ``--compare`` checks two runs share (stored in evaluation.json as
+    ``data_fingerprints``): each scored query's text and judgements, by id, and the corpus (ids
+    and texts, titles in front). Query ids alone are no proof: two datasets' "q1" are unrelated."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()[:16]
+
+    corpus = hashlib.sha256()
+    for d in sorted(evalset.corpus):
+        corpus.update(json.dumps([d, evalset.corpus[d]], ensure_ascii=False).encode())
+        corpus.update(b"\n")
+    queries = {q: digest([evalset.queries[q], sorted(evalset.qrels[q].items())]) for q in sorted(evalset.queries)}
+    return {"corpus": corpus.hexdigest()[:16], "queries": queries}

@@ -100,18 +100,50 @@ def load_previous(path: str | Path) -> dict[str, Any]:
     return previous
 
 
-def check_comparable(previous: dict[str, Any], where: str, k: int, recall_k: int, query_ids: Sequence[str]) -> None:
-    """``--compare``'s run measured this run's primary metric (the same --k) on some of its
-    queries: refused before any model loads, not found out after encoding."""
+def check_comparable(
+    previous: dict[str, Any],
+    where: str,
+    k: int,
+    recall_k: int,
+    prints: Mapping[str, Any],
+    stages: Sequence[str] | None = None,
+) -> None:
+    """``--compare``'s run measured this run's primary metric (the same --k), on some of this
+    run's queries, with the same texts and judgements (``prints``: data.fingerprints), and, when
+    this run's ``stages`` are known before it runs, on a stage of the same name: refused before
+    any model loads, not found out after encoding."""
     names = metric_names(k, recall_k)
     if names[0] not in previous.get("metrics", []):  # the primary metric, which the comparison reports
         raise DataError(
             f"{where}: its metrics are {previous.get('metrics')}, this run's {names}; compare runs with the same --k"
         )
-    stages = previous["per_query"]
-    theirs = set(next(iter(stages.values()))[names[0]]) if stages else set()
-    if not theirs & set(query_ids):
+    per_stage = previous["per_query"]
+    if stages is not None and not set(stages) & set(per_stage):
+        raise DataError(
+            f"{where}: shares no stage with this run (its stages {sorted(per_stage)}, this run's {sorted(stages)}); "
+            "compare runs with the same models' kinds"
+        )
+    theirs = set(next(iter(per_stage.values()))[names[0]]) if per_stage else set()
+    common = sorted(theirs & set(prints["queries"]))
+    if not common:
         raise DataError(f"{where}: no query id in common with this run; compare runs on the same queries")
+    kept = previous.get("data_fingerprints")
+    if not isinstance(kept, dict):
+        log.warning("--compare: %s was written by an older raytrieve: its queries are paired by id alone", where)
+        return
+    other = [q for q in common if kept.get("queries", {}).get(q) != prints["queries"][q]]
+    if other:
+        files = (previous.get("data") or {}).get("files")
+        raise DataError(
+            f"{where}: {len(other)} of the {len(common)} query ids both runs scored have another text or other "
+            f"judgements there, e.g. {other[:5]}: it was scored on other data"
+            + (f" ({', '.join(f'{k} {v}' for k, v in files.items())})" if isinstance(files, dict) else "")
+            + "; compare runs on the same queries and qrels"
+        )
+    if kept.get("corpus") != prints["corpus"]:
+        log.warning(
+            "--compare: %s searched another corpus (other ids or texts): the differences include the corpus's", where
+        )
 
 
 def compare(report: dict[str, Any], previous: dict[str, Any], where: str, rounds: int = 2000) -> dict[str, Any]:
@@ -148,9 +180,12 @@ def compare(report: dict[str, Any], previous: dict[str, Any], where: str, rounds
                 "current": scoring.mean(now),
                 **_interval(before, now, rounds),
             }
+    kept, now = previous.get("data_fingerprints"), report.get("data_fingerprints")
     return {
         "previous": where,
         "previous_name": previous.get("name"),
+        # None: a run of an older raytrieve, whose corpus cannot be told
+        "same_corpus": kept.get("corpus") == now.get("corpus") if isinstance(kept, dict) and now else None,
         "queries": len(common),
         "only_here": len(here - there),
         "only_previous": len(there - here),
@@ -173,7 +208,8 @@ def console(rep: Mapping[str, Any]) -> list[str]:
         out.append(f"{c['stage']} − {c['baseline']}: {primary} {_ci(c['metrics'][primary])}")
     if "compare" in rep:
         cmp = rep["compare"]
-        out.append(f"against {cmp['previous']} ({cmp['queries']} queries in both), {primary}:")
+        other = ", on another corpus" if cmp.get("same_corpus") is False else ""
+        out.append(f"against {cmp['previous']} ({cmp['queries']} queries in both{other}), {primary}:")
         out += [
             f"  {s}: {v[primary]['previous']:.4f} -> {v[primary]['current']:.4f}  {_ci(v[primary])}"
             for s, v in cmp["stages"].items()
@@ -215,7 +251,9 @@ def markdown(rep: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"Against `{cmp['previous']}`{' (' + cmp['previous_name'] + ')' if cmp.get('previous_name') else ''}, "
-            f"on the {cmp['queries']} queries both scored (this − previous):",
+            f"on the {cmp['queries']} queries both scored (this − previous)"
+            + (", each run over its own corpus" if cmp.get("same_corpus") is False else "")
+            + ":",
             "",
             "| stage | " + " | ".join(shown) + " |",
             "|---|" + "---|" * len(shown),

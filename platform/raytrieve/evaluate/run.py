@@ -67,6 +67,18 @@ class Models:
         return out
 
 
+def planned_stages(models: Models, tuned: bool) -> list[str]:
+    """The stages a run of ``models`` in process (or through the encoding job) reports, known
+    before any model loads: ``combine``'s, and the fitted /search's with ``--tune-on``."""
+    first = [s.name for s in models.first_stages()]
+    return (
+        first
+        + ([FUSED] if len(first) > 1 else [])
+        + ([RERANKED] if models.reranker else [])
+        + ([TUNED] if tuned else [])
+    )
+
+
 @dataclass
 class RunOptions:
     depth: int = 100  # candidates from each first stage (Serve's recall size)
