@@ -38,20 +38,23 @@ def _corpus(path: Path, n: int, bad: bool = True, title: bool = False) -> dict[s
         ids[12] = ids[11]
     if title:
         data["title"] = [f"Title {i}" if i % 3 else None for i in range(n)]
+        if bad:  # row 7 (blank text) has a title, so it is kept as the title alone; row 9 has neither
+            texts[9] = ""
     pq.write_table(pa.table(data), path)
     return data
 
 
 def _expected(data: dict[str, list]) -> tuple[list[str], list[str]]:
-    """(ids, texts) the job must encode: first occurrence of each id, non-blank text, title joined."""
+    """(ids, texts) the job must encode: first occurrence of each id, title joined in front of a
+    non-blank text, a title alone for a blank one (BEIR's title-only documents), neither: left out."""
     seen, ids, texts = set(), [], []
     for i, (id_, text) in enumerate(zip(data["id"], data["text"])):
-        if text is None or not text.strip() or id_ in seen:
+        title = data.get("title", [None] * len(data["id"]))[i]
+        if text is None or not (text.strip() or title) or id_ in seen:
             continue
         seen.add(id_)
-        title = data.get("title", [None] * len(data["id"]))[i]
         ids.append(id_)
-        texts.append(f"{title} {text}" if title else text)
+        texts.append(title if not text.strip() else f"{title} {text}" if title else text)
     return ids, texts
 
 
@@ -111,6 +114,7 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
     result = run_encode(cfg)
     ids, texts = _expected(data)
     assert (result.rows, result.shards, result.shards_written, result.bad_rows) == (len(ids), 5, 5, 3)
+    assert texts[ids.index(data["id"][7])] == "Title 7" and data["id"][9] not in ids
 
     v = read_vectors(cfg.output_dir)
     assert v.ids == ids  # corpus order, every kept id exactly once
@@ -126,8 +130,9 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
     assert v.manifest.corpus.config() == cfg.corpus.model_copy(update=located)
 
     bad = read_bad_rows(cfg.output_dir).to_pylist()
-    assert [(b["row"], b["id"]) for b in bad] == [(3, "doc-3"), (7, "doc-7"), (12, "doc-11")]
-    assert [b["reason"].split()[0] for b in bad] == ["null", "empty", "duplicate"]
+    assert [(b["row"], b["id"]) for b in bad] == [(3, "doc-3"), (9, "doc-9"), (12, "doc-11")]
+    assert [b["reason"] for b in bad][:2] == ["null text", "empty text and title"]
+    assert bad[2]["reason"].startswith("duplicate")
 
     # `raytrieve index build` over the job's output: both indices, searchable, exact.
     from raytrieve.cli import main

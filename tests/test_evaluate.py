@@ -182,6 +182,12 @@ def test_beir_folder_with_graded_qrels(tmp_path, caplog):
     assert "1 queries judged in" in caplog.text and "have no relevant document (every score <= 0)" in caplog.text
     assert "'q3'" in caplog.text and "not judged" not in caplog.text
 
+    # A title with a blank text (BEIR's title-only documents, a paper without an abstract) is the
+    # title alone, as BEIR encodes it; it stopped the run before, advising to remove a judged row.
+    titled = [*CORPUS, {"_id": "d4", "title": "Eiffel Tower", "text": ""}]
+    got = data.load_beir(write_beir(tmp_path / "titled", titled, QUERIES, QRELS + "q1\td4\t1\n"))
+    assert got.corpus["d4"] == "Eiffel Tower" and got.qrels["q1"]["d4"] == 1.0
+
 
 def test_a_byte_order_mark_is_read_as_the_same_data(tmp_path):
     plain = data.load_beir(write_beir(tmp_path / "plain", CORPUS, QUERIES, QRELS))
@@ -237,7 +243,10 @@ BAD_INPUTS = {
     "no corpus": (_drop("corpus.jsonl"), ["corpus.jsonl: no such file", "corpus.jsonl, queries.jsonl"]),
     "bad json": (_append("corpus.jsonl", '{"_id": "d9", "text": \n'), ["corpus.jsonl:4:", "not valid JSON"]),
     "no text key": (_append("queries.jsonl", '{"_id": "q9"}\n'), ["queries.jsonl:4:", "--column query_text="]),
-    "blank text": (_append("corpus.jsonl", '{"_id": "d9", "text": "  "}\n'), ["corpus.jsonl:4:", "blank text"]),
+    "blank text": (_append("corpus.jsonl", '{"_id": "d9", "title": "", "text": "  "}\n'),
+                   ["corpus.jsonl:4:", "'d9' has a blank text and no title; give it text (judgements may name it)"]),
+    "blank query": (_append("queries.jsonl", '{"_id": "q9", "text": " "}\n'),
+                    ["queries.jsonl:4:", "query 'q9' has a blank text; give it text or remove the row"]),
     "duplicate id": (_append("corpus.jsonl", '{"_id": "d1", "text": "x"}\n'), ["corpus.jsonl:4:", "first at"]),
     "unknown docs": (_append("qrels/test.tsv", "q2\td7\t1\nq2\td8\t1\n"), ["2 document id(s)", "'d7', 'd8'"]),
     "unknown query": (_append("qrels/test.tsv", "q8\td1\t1\n"), ["1 query id(s)", "'q8'", "queries.jsonl"]),

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from raytrieve.config import ConfigModel
 from raytrieve.errors import DataError
+from raytrieve.inference.corpus import join_title
 
 log = logging.getLogger("raytrieve.evaluate")
 
@@ -137,14 +138,18 @@ def _id_text_table(
         assert doc_id is not None and text is not None, "required keys are never None"
         if not doc_id.strip():
             raise DataError(f"{where}: empty {what} id; every {what} needs an id")
-        if not text.strip():
-            raise DataError(f"{where}: {what} {doc_id!r} has a blank text; give it text or remove the row")
         if doc_id in out:
             raise DataError(f"{where}: {what} id {doc_id!r} again (first at {first_seen[doc_id]}); ids must be unique")
         title = _text(where, row, title_key, f"{what} title", "corpus_title", required=False) if title_key else None
         titled = titled or (title_key is not None and title_key in row)
-        # The encoding job joins a title the same way (inference/corpus.py), so both paths encode one text.
-        out[doc_id] = f"{title} {text}" if title else text
+        # The encoding job's rule (inference/corpus.py), so both paths encode one text.
+        joined = join_title(title, text)
+        if not joined:
+            fix = "give it text (judgements may name it)" if title_key else "give it text or remove the row"
+            raise DataError(
+                f"{where}: {what} {doc_id!r} has a blank text" + (" and no title" if title_key else "") + f"; {fix}"
+            )
+        out[doc_id] = joined
         first_seen[doc_id] = where
     if not out:
         raise DataError(f"{path}: no {what} rows; the file is empty")

@@ -27,7 +27,10 @@ class CorpusConfig(ConfigModel):
     )
     id_column: str = "id"
     text_column: str = "text"
-    title_column: str | None = Field(default=None, description="prepended to the text with title_separator when given")
+    title_column: str | None = Field(
+        default=None,
+        description="prepended to the text with title_separator when given; a blank text leaves the title alone",
+    )
     title_separator: str = " "
 
 
@@ -91,7 +94,9 @@ class EncodeConfig(ConfigModel):
     sparse: SparseOutputConfig | None = None
     side: Literal["document", "query"] = Field(default="document", description="which prompt and Router route to apply")
     rows_per_shard: int = 10000
-    bad_rows: Literal["skip", "fail"] = Field(default="skip", description="null/empty text, null or duplicate id")
+    bad_rows: Literal["skip", "fail"] = Field(
+        default="skip", description="null text, empty text (and title), null or duplicate id"
+    )
     check_duplicate_ids: bool = Field(
         default=True,
         description=(

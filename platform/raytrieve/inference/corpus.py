@@ -83,15 +83,25 @@ def shard_rows(
             bad.append((row, None, f"null {cfg.id_column}"))
         elif text is None:
             bad.append((row, id_, f"null {cfg.text_column}"))
-        elif not text.strip():  # judged alone: a title never rescues a blank text
-            bad.append((row, id_, f"empty {cfg.text_column}"))
+        elif not (joined := join_title(titles[row] if titles is not None else None, text, sep)):
+            bad.append((row, id_, f"empty {cfg.text_column}" + (f" and {cfg.title_column}" if titles else "")))
         elif id_ in duplicates and duplicates[id_] != position(shard, row):
             bad.append((row, id_, f"duplicate {cfg.id_column} (an earlier row has it)"))
         else:
             keep_ids.append(id_)
-            title = titles[row] if titles is not None else None
-            keep_texts.append(f"{title}{sep}{text}" if title else text)  # no title: no leading separator
+            keep_texts.append(joined)
     return ShardRows(keep_ids, keep_texts, len(ids), bad)
+
+
+def join_title(title: str | None, text: str, sep: str = " ") -> str:
+    """A document's one text: title, separator, text; a blank title adds nothing, and a title
+    stands alone when the text is blank (BEIR's title-only documents: a paper with no abstract).
+    "" when both are blank: a bad row. The encoding job and ``evaluate`` share this rule, so
+    their two paths encode one text."""
+    title = title if title and title.strip() else None
+    if not text.strip():
+        return title or ""
+    return f"{title}{sep}{text}" if title else text
 
 
 def position(shard: int, row: int) -> int:
