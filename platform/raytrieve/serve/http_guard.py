@@ -17,6 +17,7 @@ import difflib
 import hmac
 import json
 import re
+import sys
 import time
 import typing
 from typing import Any, Protocol
@@ -177,8 +178,7 @@ def _unreadable_body(cause: BaseException) -> str:
     if isinstance(cause, RecursionError):
         return "arrays or objects are nested too deeply; send a flatter body"
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
-        digits = re.search(r"limit \((\d+) digits\)", str(cause))
-        return f"an integer has more than {digits.group(1) if digits else 'the allowed'} digits; send fewer digits"
+        return f"an integer has more than {sys.get_int_max_str_digits()} digits; send fewer digits"
     if isinstance(cause, UnicodeDecodeError):
         return f"the body is not UTF-8 ({cause.reason} at byte {cause.start})"
     return f"{type(cause).__name__}: {str(cause)[:200]}"
