@@ -121,9 +121,26 @@ def _config(tmp_path, **optimizer) -> TrainConfig:
 def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
     cfg = _config(tmp_path)
-    root = claim_checkpoint_dir(cfg, plan, "job.yaml")
+    data = {"/data/pairs.parquet": [1000, 17]}
+    root = claim_checkpoint_dir(cfg, plan, "job.yaml", data)
     assert root == checkpoint_dir(cfg) == (tmp_path / "out" / "model.checkpoints").resolve()
     assert [p.name for p in root.iterdir()] == [RUN_STAMP]  # written through a temporary, none left
-    assert claim_checkpoint_dir(cfg, plan, "job.yaml") == root  # the same run resumes
-    with pytest.raises(ConfigError, match="job.yaml: .* holds checkpoints of a different run"):
-        claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml")
+    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == root  # the same run resumes
+    # Stopped before its first checkpoint (a bad MLflow URI, too few CPUs): nothing to resume, so
+    # the fixed config starts there; it was refused, and the advised fix with it.
+    assert claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml", data) == root
+    (root / "run" / "step-00000004").mkdir(parents=True)  # a checkpoint Ray Train registered
+    refusals = {
+        "optimizer.learning_rate: 0.001 -> 2e-05": (_config(tmp_path), data),
+        "data./data/pairs.parquet: [1000, 17] -> [1000, 18]": (
+            _config(tmp_path, learning_rate=1e-3), {"/data/pairs.parquet": [1000, 18]}),
+    }
+    for differs, (other, files) in refusals.items():
+        with pytest.raises(ConfigError) as refused:
+            claim_checkpoint_dir(other, plan, "job.yaml", files)
+        assert f"job.yaml: {root} holds checkpoints of a run with other settings or data ({differs})" in str(
+            refused.value), str(refused.value)
+    # Where it writes, tracks, checkpoints, evaluates and how many threads: a resume may change them.
+    moved = _config(tmp_path, learning_rate=1e-3)
+    moved.mlflow.experiment, moved.checkpoint.keep, moved.scaling.torch_threads = "other", 5, 3
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root

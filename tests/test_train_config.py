@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import textwrap
 
@@ -112,3 +114,42 @@ def test_bad_config_is_named(data):
         load_train_config(cfg(data, path, kind="dual"))
     with pytest.raises(ConfigError, match="scaling.strategy: 'zero3' is not one of"):
         load_train_config(cfg(data, path), ["scaling.strategy=zero3"])
+    # Values that trained uphill, not at all, or failed only after training (registering).
+    refused = {
+        "optimizer.max_grad_norm=-1": "optimizer.max_grad_norm must be positive (or null for no clipping), got -1.0",
+        "optimizer.max_grad_norm=0": "optimizer.max_grad_norm must be positive",
+        "optimizer.weight_decay=-0.5": "optimizer.weight_decay must be 0 or more, got -0.5",
+        "optimizer.learning_rate_mapping={'^stack': -1}": "learning_rate_mapping: the rate of '^stack' must be positive",
+        "eval.every_n_steps=0": "eval.every_n_steps must be at least 1",
+        "checkpoint.every_n_steps=-3": "checkpoint.every_n_steps must be at least 1",
+        "model.max_seq_length=0": "model.max_seq_length: input should be greater than or equal to 1",
+        "mlflow.register_model_as=team/model": "mlflow.register_model_as 'team/model': use letters, digits",
+        f"mlflow.register_model_as={'m' * 201}": "at most 200",
+        "mlflow.experiment=' '": "mlflow.experiment: empty",
+        "output_dir=''": "output_dir: empty; name the folder",
+        "model.kind=cross": "eval.evaluator 'information_retrieval' needs embeddings; a cross-encoder is evaluated by",
+    }
+    for override, message in refused.items():
+        extra = "eval: {path: %s, evaluator: information_retrieval}\n" % path if "kind" in override else ""
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_train_config(cfg(data, path, extra=extra), [override])
+
+
+def test_a_tracking_store_that_does_not_open_is_refused_before_ray(tmp_path):
+    """A bad MLflow URI, an unreachable server, a tag key MLflow refuses: each ended in MLflow's
+    traceback after Ray had started. check_store runs before connect (train/run.py)."""
+    import socket
+
+    from raytrieve.tracking.mlflow_run import check_store
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for uri in ("htp://x", closed):
+        with pytest.raises(ConfigError, match=rf"job.yaml.mlflow.tracking_uri \(or MLFLOW_TRACKING_URI\) "
+                                              rf"{re.escape(uri)}: the tracking store does not open \(\w+"):
+            check_store(uri, "exp", {}, "job.yaml")
+    store = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(ConfigError, match=r"job.yaml.mlflow.tags: 'team\\nname': "):
+        check_store(store, "exp", {"team\nname": "x"}, "job.yaml")
+    check_store(store, "exp", {"team": "search"}, "job.yaml")  # a store that opens, names it accepts

@@ -142,3 +142,53 @@ def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_p
                                     matryoshka_dims=[32, 16])
     with pytest.raises(ConfigError, match="use name: Matryoshka2dLoss"):
         build_losses(cfg, encoder, world_size=1)
+
+
+def test_an_output_dir_the_final_save_would_destroy_is_refused(tiny_models, data, tmp_path, monkeypatch):
+    """The trained model replaces output_dir whole: a folder of other files, the working folder
+    and checkpoints inside it were deleted at the end of a run; an earlier model is replaced."""
+    kept = tmp_path / "notes"
+    kept.mkdir()
+    (kept / "precious.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cases = {
+        str(kept): (DataError, r"output_dir .*notes: the folder holds other files \(precious.txt\).*new or empty"),
+        str(tmp_path / "afile"): (DataError, r"output_dir .*afile: is a file"),
+        ".": (ConfigError, r"job.yaml.output_dir .*work: the working folder or one above it"),
+        str(tmp_path): (ConfigError, r"the working folder or one above it"),
+    }
+    for out, (error, message) in cases.items():
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=out)
+        with pytest.raises(error, match=message):
+            prepare(cfg, "job.yaml")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=str(tmp_path / "model"),
+                         checkpoint__dir=str(tmp_path / "model" / "checkpoints"))
+    with pytest.raises(ConfigError, match=r"job.yaml.checkpoint.dir .*model/checkpoints: inside output_dir"):
+        prepare(cfg, "job.yaml")
+    assert (kept / "precious.txt").read_text() == (tmp_path / "afile").read_text() == "mine"
+    # An earlier model in output_dir (its modules.json) is what a rerun replaces.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "modules.json").write_text("[]")
+    prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=str(earlier)), "job.yaml")
+
+
+def test_a_model_of_another_kind_or_a_length_past_its_positions_is_refused(tiny_models, data, tmp_path):
+    """A cross-encoder trained as kind: dense failed in every worker with KeyError
+    'sentence_embedding'; a max_seq_length past the model's positions failed there too."""
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data,
+                         model={"name_or_path": str(tiny_models["cross"]), "kind": "dense"})
+    with pytest.raises(ConfigError, match=r"job.yaml.model.name_or_path: .* is a cross model \(CrossEncoder, by the "
+                                          r"files in .*\); set model.kind: cross, or name a dense model"):
+        prepare(cfg, "job.yaml")
+    cfg = shipped_config("cross_bce", tmp_path, tiny_models, data,
+                         model={"name_or_path": str(tiny_models["dense"]), "kind": "cross"})
+    with pytest.raises(ConfigError, match=r"is a dense model .*; set model.kind: dense, or name a cross model"):
+        prepare(cfg, "job.yaml")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.model.max_seq_length = 100_000
+    with pytest.raises(ConfigError, match=r"job.yaml.model.max_seq_length: 100000 is more than the \d+ positions"):
+        prepare(cfg, "job.yaml")

@@ -299,3 +299,28 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path), overrides=overrides or ())
+
+
+def differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
+    """``dense.max_seq_length: 24 -> 16; ...`` between a kept identity (an encoding job's job.json,
+    a training run's stamp) and this run's, keys named as in the config (a ``models.`` prefix
+    dropped); "" when none was kept (a folder of an older version)."""
+    if not isinstance(kept, dict):
+        return ""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # datasets.0.loss.name
+                v = {str(i): x for i, x in enumerate(v)}
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
+
+    old, new = flat(kept), flat(now)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")

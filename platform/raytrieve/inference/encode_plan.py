@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from raytrieve.config import differences
 from raytrieve.data.sources import ShardSpec, Source, read_shard
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
@@ -161,28 +162,6 @@ def job_fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
-    """``dense.max_seq_length: 24 -> 16; ...`` between a job.json identity and this run's, keys
-    named as in the config; "" when job.json has none (a folder of an older version)."""
-    if not isinstance(kept, dict):
-        return ""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    def short(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
-
-    old, new = flat(kept), flat(now)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
-    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False) -> None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
     ``identity`` None: only the second check. ``scratch``: the folder is the caller's own cache
@@ -191,7 +170,7 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
         if job.get("fingerprint") != job_fingerprint(identity):
-            differs = _differences(job.get("identity"), identity)
+            differs = differences(job.get("identity"), identity)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)

@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from raytrieve.errors import ConfigError
+
 PARAM_LIMIT = 6000  # MLflow's longest param value
 MODEL_CARD_ARTIFACT = "model_card.md"  # the model card, also a run artifact of its own
 CARD_SUMMARY_TAG = "raytrieve.model_card.summary"  # its summary line: a registered version's description
@@ -72,10 +74,10 @@ def ui_command(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def environment(uri: str):
-    """Point this process's MLflow at ``uri`` for the block (model URIs resolve through it)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")}
-    os.environ.update(process_env(uri))
+def _variables(values: dict[str, str]):
+    """``values`` set in this process's environment for the block, then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -84,6 +86,13 @@ def environment(uri: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def environment(uri: str):
+    """Point this process's MLflow at ``uri`` for the block (model URIs resolve through it)."""
+    with _variables(process_env(uri)):
+        yield
 
 
 def client(uri: str):
@@ -106,6 +115,34 @@ def registry(uri: str):
     prefers it to the environment.)"""
     with environment(uri):
         yield client(uri)
+
+
+def check_store(uri: str, experiment: str, tags: dict[str, str], where: str) -> None:
+    """Before any cluster work: the tag keys and experiment name MLflow accepts, and a store that
+    opens (a reachable server, an installed database driver). A run failed there after Ray had
+    started, with MLflow's traceback; a bad registry name is the config's own check."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_tag_name
+
+    for key in tags:
+        try:
+            _validate_tag_name(key)
+        except MlflowException as e:
+            raise ConfigError(f"{where}.mlflow.tags: {key!r}: {e.message}") from None
+    try:
+        _validate_experiment_name(experiment)
+    except MlflowException as e:
+        raise ConfigError(f"{where}.mlflow.experiment: {e.message}") from None
+    # One quick try: MLflow retries an unreachable server for minutes by default.
+    try:
+        with _variables({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}):
+            client(uri).get_experiment_by_name(experiment)
+    except Exception as e:  # MlflowException, a missing driver (ModuleNotFoundError), a refused connection
+        text = " ".join(str(e).split())
+        raise ConfigError(
+            f"{where}.mlflow.tracking_uri (or MLFLOW_TRACKING_URI) {uri}: the tracking store does not open "
+            f"({type(e).__name__}: {text[:300]}); fix the URI or start its server, or leave it unset for ./mlruns"
+        ) from None
 
 
 def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:

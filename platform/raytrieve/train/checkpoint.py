@@ -51,31 +51,60 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints").resolve()
 
 
-def _fingerprint(cfg: TrainConfig, plan: Plan) -> str:
-    """What a resumed run must share with the checkpoints it finds: config and the planned data."""
-    body = json.dumps(
-        {"config": cfg.model_dump(), "steps": plan.optimizer_steps, "micro_batches": plan.micro_batches},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
+# Settings a resumed run may change: where things are written and tracked, how often it
+# checkpoints and evaluates, how many threads compute. None of them changes what is trained.
+_RESUMABLE = {
+    "output_dir": None,
+    "mlflow": None,
+    "checkpoint": None,
+    "eval": None,
+    "scaling": {"torch_threads", "resources_per_worker", "placement_strategy"},
+}
 
 
-def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str) -> Path:
-    """``checkpoint_dir(cfg)``, stamped as this run's; a folder stamped by a different run (its
-    checkpoints would resume the wrong training) is refused."""
+def run_identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoints it finds (as JSON values: the stamp
+    keeps it, so a refusal can say what differs): the settings that change the training, the
+    planned steps and micro-batches, and ``data`` (each input file's size and modification time)."""
+    config = cfg.model_dump(mode="json")
+    for key, inner in _RESUMABLE.items():
+        if inner is None:
+            config.pop(key, None)
+        else:
+            config[key] = {k: v for k, v in config.get(key, {}).items() if k not in inner}
+    # Config keys at the top, so a refusal names them as the config does; "plan" and "data" are none of them.
+    body = {**config, "plan": {"steps": plan.optimizer_steps, "micro_batches": plan.micro_batches}, "data": data}
+    return json.loads(json.dumps(body, sort_keys=True, default=str))
+
+
+def _holds_checkpoints(root: Path) -> bool:
+    """Whether Ray Train registered a checkpoint of the run in ``root`` (a run stopped before
+    its first one left nothing to resume, so a changed config may start there afresh)."""
+    return any(p.is_dir() for p in (root / "run").glob("step-*"))
+
+
+def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str, data: dict[str, Any]) -> Path:
+    """``checkpoint_dir(cfg)``, stamped as this run's; a folder whose checkpoints belong to a run
+    with other settings or data (they would resume the wrong training) is refused, naming what
+    differs. ``data``: see ``run_identity``."""
     from raytrieve._io import write_json
+    from raytrieve.config import differences
 
     root = checkpoint_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = root / RUN_STAMP
-    fingerprint = _fingerprint(cfg, plan)
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{where}: {root} holds checkpoints of a different run (config or data changed); "
-            "delete it to start over, or set checkpoint.dir to a new folder"
-        )
-    write_json(stamp, {"fingerprint": fingerprint, "output_dir": cfg.output_dir})
+    identity = run_identity(cfg, plan, data)
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    if stamp.exists() and _holds_checkpoints(root):
+        kept = json.loads(stamp.read_text())
+        if kept.get("fingerprint") != fingerprint:
+            what = differences(kept.get("identity"), identity) or "config or data"
+            raise ConfigError(
+                f"{where}: {root} holds checkpoints of a run with other settings or data ({what}); resuming them "
+                "would train another run. Run it as it was to resume, delete that folder to start over, or set "
+                "checkpoint.dir to a new folder"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir})
     return root
 
 

@@ -85,7 +85,7 @@ class ModelConfig(ConfigModel):
         description="a models/ variant, a local sentence-transformers folder or an MLflow URI (models:/NAME/VERSION)"
     )
     kind: Literal[tuple(MODEL_KINDS)]  # pyright: ignore[reportInvalidTypeForm]  (kinds.py's names)
-    max_seq_length: int | None = None
+    max_seq_length: int | None = Field(default=None, ge=1, description="None: the model's own")
     trust_remote_code: bool = False
     inference_free: bool = Field(
         default=False,
@@ -136,17 +136,24 @@ class OptimizerConfig(ConfigModel):
         default_factory=dict,
         description='Regex over parameter names -> learning rate (first match wins), e.g. {"^stack\\\\.1\\\\.": 1e-3}.',
     )
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(default=1.0, description="None: no clipping")
 
     @model_validator(mode="after")
     def _positive_rate_and_valid_regexes(self) -> OptimizerConfig:
+        # A negative rate or clip norm trains uphill (clip_grad_norm_ scales by it), 0 not at all.
         if self.learning_rate <= 0:
             invalid("learning_rate", f" must be positive, got {self.learning_rate}")
-        for pattern in self.learning_rate_mapping:
+        if self.weight_decay < 0:
+            invalid("weight_decay", f" must be 0 or more, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            invalid("max_grad_norm", f" must be positive (or null for no clipping), got {self.max_grad_norm}")
+        for pattern, rate in self.learning_rate_mapping.items():
             try:
                 re.compile(pattern)
             except re.error as e:
                 invalid("learning_rate_mapping", f": bad regex {pattern!r} ({e})")
+            if rate <= 0:
+                invalid("learning_rate_mapping", f": the rate of {pattern!r} must be positive, got {rate}")
         return self
 
 
@@ -193,7 +200,7 @@ class TrainingConfig(ConfigModel):
 
 
 class EvalConfig(ConfigModel):
-    path: str | None = None
+    path: str | None = Field(default=None, description="None: no evaluation (evaluator and every_n_steps unused)")
     evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
     every_n_steps: int | None = None
 
@@ -201,6 +208,8 @@ class EvalConfig(ConfigModel):
     def _evaluator_with_path(self) -> EvalConfig:
         if self.path is not None and self.evaluator is None:
             invalid("evaluator", " is required when eval.path is set")
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            invalid("every_n_steps", f" must be at least 1 (or null: at the end only), got {self.every_n_steps}")
         return self
 
 
@@ -214,6 +223,8 @@ class CheckpointConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _counts(self) -> CheckpointConfig:
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            invalid("every_n_steps", f" must be at least 1 (or null: the final one only), got {self.every_n_steps}")
         if self.keep < 1:
             invalid("keep", f" must be at least 1, got {self.keep}")
         if self.max_failures < 0:
@@ -257,7 +268,23 @@ class MlflowConfig(ConfigModel):
     experiment: str = "raytrieve"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    register_model_as: str | None = None
+    register_model_as: str | None = Field(
+        default=None,
+        description="a registry name: letters, digits, '.', '_' and '-', at most 200 (checked before training)",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> MlflowConfig:
+        # Found after training otherwise: MLflow refuses the name only when the run registers it.
+        name = self.register_model_as
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
+            invalid(
+                "register_model_as",
+                f" {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 200",
+            )
+        if not self.experiment.strip():
+            invalid("experiment", ": empty; name the MLflow experiment")
+        return self
 
 
 class TrainConfig(ConfigModel):
@@ -278,6 +305,13 @@ class TrainConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _datasets_named_once(self) -> TrainConfig:
+        if not self.output_dir.strip():
+            invalid("output_dir", ": empty; name the folder the trained model is saved to")
+        if self.model.kind == "cross" and self.eval.evaluator not in (None, "reranking"):
+            invalid(
+                "eval.evaluator",
+                f" {self.eval.evaluator!r} needs embeddings; a cross-encoder is evaluated by reranking",
+            )
         if not self.datasets:
             invalid("datasets", ": give at least one dataset")
         names = [d.name for d in self.datasets]

@@ -77,7 +77,9 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.evaluate import check_eval_columns
 
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
+    _check_output(cfg, where)
     model_path = str(resolve_field(cfg.model.name_or_path, f"{where}.model.name_or_path"))
+    _check_model(cfg, model_path, where)
     if cfg.model.inference_free:
         model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
@@ -165,6 +167,43 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes)
 
 
+def _check_output(cfg: TrainConfig, where: str) -> None:
+    """The trained model replaces ``output_dir`` whole (an atomic rename): refuse a folder that is
+    not an earlier model (a file, other files, the working folder or one above it) and
+    checkpoints inside it, which the final save would delete."""
+    from raytrieve._io import check_replaceable
+
+    out = Path(cfg.output_dir)
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ConfigError(
+            f"{where}.output_dir {out}: the working folder or one above it, which the trained model would "
+            "replace whole; name a folder of its own"
+        )
+    check_replaceable(out, "modules.json", f"{where}.output_dir")
+    ckpt = checkpoint_dir(cfg)
+    if ckpt == out or out in ckpt.parents:
+        raise ConfigError(
+            f"{where}.checkpoint.dir {ckpt}: inside output_dir {out}, which the trained model replaces whole at the "
+            "end, checkpoints and all; put them beside it (the default is <output_dir>.checkpoints)"
+        )
+
+
+def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
+    """A model of another kind than ``model.kind`` (by its files) and a ``max_seq_length`` past
+    its position embeddings are refused here: in the workers they failed with a KeyError, or a
+    cross-encoder's logits trained as a dense model's embeddings."""
+    from raytrieve.kinds import saved_kind
+    from raytrieve.model_ref import check_max_seq_length
+
+    found = saved_kind(model_path)
+    if found is not None and found.name != cfg.model.kind:
+        raise ConfigError(
+            f"{where}.model.name_or_path: {cfg.model.name_or_path} is a {found.name} model ({found.st_model_type}, "
+            f"by the files in {model_path}); set model.kind: {found.name}, or name a {cfg.model.kind} model"
+        )
+    check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
+
+
 def inference_free_router(model_path: str, target: Path) -> Path:
     """An inference-free SPLADE built from a SPLADE model: static query weights (start at 1),
     the model itself on the document side. Written once (a resumed run reuses it)."""
@@ -211,6 +250,19 @@ def build_datasets(p: Prepared) -> dict[str, Any]:
     return out
 
 
+def input_files(pieces: list[list[Any]]) -> dict[str, list[int | None]]:
+    """Each training input file's [size, modification time in ns]: a resumed run must read the
+    data its checkpoints were trained on (the plan's row counts alone would not tell)."""
+    from raytrieve.data.sources import resolve
+
+    out: dict[str, list[int | None]] = {}
+    for path in sorted({piece.path for dataset in pieces for piece in dataset}):
+        fs, inner = resolve(path)
+        info = fs.get_file_info(inner)
+        out[path] = [info.size, info.mtime_ns]
+    return out
+
+
 def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where: str) -> None:
     """Ray Data's sort runs whole-CPU tasks: with every CPU held by train workers it would wait
     forever (Ray only logs that tasks are pending), so refuse to start instead."""
@@ -234,7 +286,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
-    storage = claim_checkpoint_dir(cfg, p.plan, where)
+    storage = claim_checkpoint_dir(cfg, p.plan, where, input_files(p.pieces))
 
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -244,6 +296,8 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     from raytrieve.ray_cluster import connect
     from raytrieve.tracking import mlflow_run
 
+    uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow_run.check_store(uri, cfg.mlflow.experiment, cfg.mlflow.tags, where)
     p.stream.make_portable()  # the read tasks then tokenize without importing transformers
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
@@ -252,7 +306,6 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
 
         p.spec.threads = train_threads(cluster_shape(), cfg.scaling.num_workers)
     log.info("%d worker(s), %d torch thread(s) each", cfg.scaling.num_workers, p.spec.threads)
-    uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     params = mlflow_run.flatten(cfg)
     params.update(
         {
