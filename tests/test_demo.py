@@ -402,6 +402,15 @@ def test_beir_pairs_command_writes_every_relevant_pair_for_raytrieve_train(tmp_p
     rows = {(r["query"], r["document"]) for r in pq.read_table(out).to_pylist()}
     assert rows == {(f"question {q}", text(q + k)) for q in range(14) for k in (0, 1)}
     assert pq.read_schema(out).names == ["query", "document"]
+    # A rerun replaces its own earlier output; a file it did not write is refused, untouched.
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(out)]) == 0
+    capsys.readouterr()
+    theirs = tmp_path / "theirs.parquet"
+    theirs.write_bytes(out.read_bytes().replace(b"raytrieve data beir-pairs", b"someone else's file!!!!!"))
+    assert main(["data", "beir-pairs", "--beir", str(folder), "--out", str(theirs)]) == 2
+    assert "theirs.parquet: the file exists and is not an earlier output of raytrieve data beir-pairs" in (
+        capsys.readouterr().err)
+    assert b"someone else's file" in theirs.read_bytes()
 
     # Capped: whole queries, and the same pairs the BEIR demo trains on at that cap and seed.
     capped = tmp_path / "capped.parquet"

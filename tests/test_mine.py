@@ -191,6 +191,33 @@ def test_a_model_of_another_kind_is_refused_before_ray(pairs_file, tmp_path, mon
             run_mine(_cfg(pairs_file, tmp_path, **extra), where="m.yaml")
 
 
+def test_an_output_path_that_is_not_an_earlier_output_is_refused_before_ray(pairs_file, tmp_path, monkeypatch):
+    """A new user's trial: mine replaced an unrelated parquet file, and its own pairs file when
+    output_path named it. Only an earlier output of mine (its schema's mark) is replaced."""
+    from raytrieve import _io, ray_cluster
+    from raytrieve.errors import DataError
+    from raytrieve.inference.mine import MINE, run_mine
+
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the check"))
+    theirs = tmp_path / "theirs.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), theirs)
+    before = theirs.read_bytes()
+    (tmp_path / "folder.parquet").mkdir()
+    cases = {
+        str(pairs_file): rf"m.yaml.output_path {pairs_file}: is this run's input {pairs_file}; name another file",
+        str(theirs): r"m.yaml.output_path .*theirs.parquet: the file exists and is not an earlier output of "
+                     r"raytrieve mine; name a new file, or delete it first",
+        str(tmp_path / "folder.parquet"): r"folder.parquet: is a folder",
+    }
+    for out, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            run_mine(_cfg(pairs_file, tmp_path, output_path=out), where="m.yaml")
+    assert theirs.read_bytes() == before and pq.read_table(pairs_file).column_names == ["query", "positive"]
+    earlier = tmp_path / "earlier.parquet"
+    pq.write_table(_io.mark_written_by(pa.table({"query": ["q"]}), MINE), earlier)
+    _io.check_output_file(earlier, MINE, "output_path")  # what a rerun replaces
+
+
 def test_mine_config_errors(pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="range_min < range_max"):
         _cfg(pairs_file, tmp_path, selection={"range_min": 5, "range_max": 5}).check()

@@ -105,6 +105,43 @@ def check_replaceable(target: str | os.PathLike, marker: str, option: str) -> No
             )
 
 
+# A parquet file a command writes says so in its schema metadata: a rerun may replace it, and
+# nothing else is replaced (a user's file, the command's own input).
+WRITTEN_BY = b"raytrieve.written_by"
+
+
+def mark_written_by(table: Any, command: str) -> Any:
+    """``table`` (a pyarrow Table) with ``command`` recorded in its schema metadata."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), WRITTEN_BY: command.encode()})
+
+
+def check_output_file(
+    target: str | os.PathLike, command: str, option: str, inputs: tuple[str | os.PathLike, ...] = ()
+) -> None:
+    """Refuse, before any work, a parquet output ``target`` that would replace something other
+    than an earlier output of ``command``: one of the run's ``inputs``, a folder, or a file
+    without the ``mark_written_by`` mark (a user's file, a file of an older version)."""
+    target = Path(target)
+    for given in inputs:
+        if target.resolve() == Path(given).resolve():
+            raise DataError(f"{option} {target}: is this run's input {given}; name another file for the output")
+    if not target.exists():
+        return
+    if target.is_dir():
+        raise DataError(f"{option} {target}: is a folder; name a .parquet file")
+    import pyarrow.parquet as pq
+
+    try:
+        written = (pq.read_schema(target).metadata or {}).get(WRITTEN_BY)
+    except Exception:  # pyarrow raises several types for a file that is not parquet
+        written = None
+    if written != command.encode():
+        raise DataError(
+            f"{option} {target}: the file exists and is not an earlier output of {command}; name a new file, or "
+            "delete it first"
+        )
+
+
 def _umask() -> int:
     """The process's umask, read without changing it (os.umask would, for every thread)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):

@@ -48,17 +48,20 @@ class PairsResult:
     judged_without_relevant: int  # queries of the split whose every grade is <= 0: no pair
 
 
+BEIR_PAIRS = "raytrieve data beir-pairs"
+
+
 def write_pairs(pairs: list[tuple[str, str]], queries: dict[str, str], corpus: dict[str, str], out: Path) -> None:
     """The pairs' texts as parquet columns query, document, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytrieve._io import atomic_file
+    from raytrieve._io import atomic_file, mark_written_by
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
         table = {"query": [queries[q] for q, _ in pairs], "document": [corpus[d] for _, d in pairs]}
-        pq.write_table(pa.table(table), tmp)
+        pq.write_table(mark_written_by(pa.table(table), BEIR_PAIRS), tmp)
 
 
 def beir_pairs(
@@ -74,6 +77,9 @@ def beir_pairs(
     target = Path(out)
     if target.suffix != ".parquet":
         raise DataError(f"--out {out}: name a .parquet file (raytrieve train reads it as datasets.0.path)")
+    from raytrieve._io import check_output_file
+
+    check_output_file(target, BEIR_PAIRS, "--out")
     loaded = data.load_files(*data.beir_files(Path(folder).expanduser(), split, option="--beir"), split=split)
     rng = np.random.default_rng(seed) if max_pairs is not None else None
     pairs = whole_query_pairs(loaded.qrels, max_pairs, rng)

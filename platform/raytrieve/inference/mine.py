@@ -41,6 +41,7 @@ from raytrieve.inference.corpus import text_hashes
 from raytrieve.inference.lookup import EncodedCorpus, fetch_texts, score_rows
 
 log = logging.getLogger("raytrieve.mine")
+MINE = "raytrieve mine"  # the mark its output file carries (a rerun replaces only such a file)
 
 
 @dataclass
@@ -175,6 +176,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     from raytrieve.index import DenseIndex, SparseIndex
 
     cfg.check(where)
+    inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
+    _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
 
@@ -308,7 +311,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     out = Path(cfg.output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _io.atomic_file(out) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(_io.mark_written_by(table, MINE), tmp)
     phases.update(1, finished=f"negatives written to {out}")
     phases.close()
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
