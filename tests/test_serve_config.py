@@ -170,6 +170,32 @@ def test_serve_deploy_checks_the_config_as_raytrieve_serve_does(minilm_dir, tmp_
         app_builder({"dense": {"model": str(minilm_dir), "max_seq_length": 1000}})
     with pytest.raises(ConfigError, match=r"serve args.reranker.model: .*no_such_model"):
         app_builder({"dense": {"model": str(minilm_dir)}, "reranker": {"model": str(tmp_path / "no_such_model")}})
+    # A dense model as the reranker crashed every reranker replica in Ray, then a traceback.
+    with pytest.raises(ConfigError, match=r"serve args.reranker.model: .* is a dense model \(SentenceTransformer, by "
+                                          r"the files in .*\); serve it under dense:, or name a reranker model"):
+        app_builder({"dense": {"model": str(minilm_dir)}, "reranker": {"model": str(minilm_dir), "name": "r"}})
+    with pytest.raises(ConfigError, match=r"serve args.host: '0.0.0.0.0' is neither an address nor a name that "
+                                          r"resolves"):
+        app_builder({"dense": {"model": str(minilm_dir)}, "host": "0.0.0.0.0"})
+
+
+def test_raytrieve_serve_refuses_a_port_in_use_before_ray_starts(minilm_dir, monkeypatch):
+    """The port was checked only after the embedded Ray had started (~20 s)."""
+    import socket
+
+    from raytrieve import ray_cluster
+    from raytrieve.config import from_dict
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.launch import start
+
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the port check"))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        cfg = from_dict(ServeConfig, {"dense": {"model": str(minilm_dir)}, "port": port})
+        with pytest.raises(ConfigError, match=rf"serve.yaml.port: 127.0.0.1:{port} is already in use; pick a free"):
+            start(cfg, "serve.yaml")
 
 
 def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_listener():

@@ -53,11 +53,19 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
     from raytrieve.index.build import Indices, load_indices
+    from raytrieve.kinds import other_kind
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
     from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
+    try:
+        socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(
+            f"{where}.host: {cfg.host!r} is neither an address nor a name that resolves ({e}); use 127.0.0.1 (this "
+            "machine only), 0.0.0.0 (every interface) or a host name of this machine"
+        ) from None
     indices: dict[str, Indices] = {}  # folder -> its indices, loaded once
     for m in cfg.served():
         try:
@@ -73,6 +81,12 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 else ""
             )
             raise ConfigError(f"{where}.{m.path}.model: {e}{hint}") from None
+        found = other_kind(path, m.kind)
+        if found is not None:  # it would load as m.kind's model and crash every replica in Ray
+            raise ConfigError(
+                f"{where}.{m.path}.model: {m.spec.model} is a {found.name} model ({found.st_model_type}, by the files "
+                f"in {path}); serve it under {found.serve_field}:, or name a {m.kind} model there"
+            )
         check_max_seq_length(path, m.spec.max_seq_length, f"{where}.{m.path}.max_seq_length")
         if m.index is None:
             continue
@@ -118,10 +132,14 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     needs) and deploy; returns the base URL the app answers on, cfg.host:cfg.port."""
 
     check_before_start(cfg, where)
+    import ray
     from ray.serve.context import _get_global_client
 
     from raytrieve.ray_cluster import connect
 
+    if ray_address == "local" and not ray.is_initialized():  # no Serve of ours can hold the ports yet
+        for port in dict.fromkeys((cfg.port, cfg.proxy_port)):
+            check_port_free(cfg.host, port, f"{where}.port")
     connect(ray_address)
     app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
     machines = _machines()
