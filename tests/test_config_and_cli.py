@@ -86,6 +86,9 @@ def test_an_override_that_sets_a_wrong_key_is_named_as_its_source(tmp_path):
         ("steps=2", "inner.lrr=1"): r"c.yaml.inner: unknown key\(s\) \['lrr'\]; valid keys are \['lr', 'names'\] "
         r"\(set by the override inner.lrr=1\)$",
         ("outer.lr=1",): r"c.yaml: unknown key\(s\) \['outer'\].* \(set by the override outer.lr=1\)$",
+        # A valid key set beside a misspelt one is not blamed (it is in the valid keys' list).
+        ("inner.lr=0.2", "inner.lrr=1"): r"c.yaml.inner: unknown key\(s\) \['lrr'\]; valid keys are \['lr', "
+        r"'names'\] \(set by the override inner.lrr=1\)$",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message):
@@ -93,6 +96,9 @@ def test_an_override_that_sets_a_wrong_key_is_named_as_its_source(tmp_path):
     path.write_text("name: base\ninner:\n  lr: slow\n")  # the file's own mistake names no override
     with pytest.raises(ConfigError, match=r"c.yaml.inner.lr: expected a number, got 'slow'$"):
         load_yaml(Outer, path, ["steps=3"])
+    path.write_text("name: base\ninner:\n  lrr: 0.1\n")  # a typo in the file, a right key overridden
+    with pytest.raises(ConfigError, match=r"c.yaml.inner: unknown key\(s\) \['lrr'\]; valid keys are \['lr', 'names'\]$"):
+        load_yaml(Outer, path, ["inner.lr=0.3"])
 
 
 def test_overrides_address_list_items_by_index(tmp_path):

@@ -211,6 +211,12 @@ def test_bad_input_is_refused_before_any_encoding(ray_cluster, tiny_models, tmp_
         run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense={**dense, "truncate_dim": 64}))
     with pytest.raises(ConfigError, match="set dense:, sparse: or both"):
         run_encode(_config(tmp_path, tmp_path / "corpus.parquet"))
+    # It failed in the workers after 40 s, and its folder then refused the corrected rerun.
+    with pytest.raises(ConfigError, match=r"sparse.max_active_dims must be >= 1 \(or null: every weight\), got -1"):
+        _config(tmp_path, tmp_path / "corpus.parquet", sparse={"model": str(tiny_models["sparse"]), "max_active_dims": -1})
+    with pytest.raises(ConfigError, match=r"config.output_dir .*corpus.parquet: is a file; name a folder"):
+        run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense,
+                           output_dir=str(tmp_path / "corpus.parquet")))
     with pytest.raises(DataError, match="corpus.path .*missing.parquet: file not found"):
         run_encode(_config(tmp_path, tmp_path / "missing.parquet", dense=dense))
     (tmp_path / "vectors").mkdir()

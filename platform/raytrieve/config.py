@@ -235,7 +235,9 @@ def _blame_override(message: str, where: str, overrides: Sequence[str]) -> str:
         parts = [f"[{p}]" if p.isdigit() else f".{p}" for p in names]
         path = where + "".join(parts)
         unknown = any(
-            message.startswith(f"{where}{''.join(parts[:i])}: unknown key(s) ") and repr(name) in message
+            message.startswith(lead := f"{where}{''.join(parts[:i])}: unknown key(s) ")
+            # the unknown keys' list only: the valid keys named after it are the override's own
+            and repr(name) in message[len(lead) :].split("]", 1)[0]
             for i, name in enumerate(names)
         )
         if message.startswith((f"{path}:", f"{path}.", f"{path}[")) or unknown:

@@ -123,6 +123,10 @@ class EncodeConfig(ConfigModel):
                 invalid("dense.truncate_dim", f" must be >= 1, got {self.dense.truncate_dim}")
             if self.dense.precision == "int8" and self.dense.calibration_rows < 2:
                 invalid("dense.calibration_rows", " must be >= 2 for int8")
+        if self.sparse is not None and self.sparse.max_active_dims is not None and self.sparse.max_active_dims < 1:
+            invalid(
+                "sparse.max_active_dims", f" must be >= 1 (or null: every weight), got {self.sparse.max_active_dims}"
+            )
         for name, out in (("dense", self.dense), ("sparse", self.sparse)):
             if out is not None and out.prompt is not None and out.prompt_name is not None:
                 invalid(f"{name}", ": set prompt or prompt_name, not both")

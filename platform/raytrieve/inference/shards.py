@@ -89,6 +89,9 @@ class OutputStore:
     def exists(self, name: str = "") -> bool:
         return self.fs.get_file_info(self.path(name) if name else self.root).type != pafs.FileType.NotFound
 
+    def is_folder(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
     def names(self) -> list[str]:
         if not self.exists():
             return []
