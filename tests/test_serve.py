@@ -593,6 +593,9 @@ def test_bad_requests_get_named_4xx(served):
             ("/search", {"query": "x", "fusion": {"dense_wieght": 0.3}}, "fusion.dense_wieght",
              "; did you mean dense_weight?"),
             ("/v1/rerank", {"query": "q", "documents": ["d"], "top_k": 3}, "top_k", "; did you mean top_n?"),
+            # Both forms of /rerank's body at once: it suggested the very field it refused.
+            ("/rerank", {"query": "q", "documents": ["d"], "texts": ["d"]}, "documents",
+             "; it belongs to another client's form of this body, and a body is one form: send only its fields"),
             ("/search", {"query": "x", "surprise": 1}, "surprise", "Extra inputs are not permitted")]
     for path, body, field, ending in near:
         error = _post(served["url"], path, body).json()["error"]
@@ -930,8 +933,11 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
         assert requests.get(f"{url}/v1/models").status_code == 401
         # Unauthenticated malformed requests learn nothing about the schema.
         assert requests.post(f"{url}/v1/embeddings", data=b"{bad").status_code == 401
-        r = requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, headers={"Authorization": "Bearer s3cret-token"})
-        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110), the token not
+            r = requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, headers={"Authorization": f"{scheme} s3cret-token"})
+            assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+        r = requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, headers={"Authorization": "Bearer S3CRET-TOKEN"})
+        assert r.status_code == 401
     finally:
         serve.delete("secured")
 

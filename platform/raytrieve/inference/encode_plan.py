@@ -164,9 +164,10 @@ def job_fingerprint(identity: dict[str, Any]) -> str:
 
 def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False) -> None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
-    ``identity`` None: only the second check (and a file is refused either way). ``scratch``: the folder is the caller's own cache
-    (mine's ``<output_path>.work/vectors``), so another job's output in it is replaced, not
-    refused: the user never named that folder, and no advice about it could be followed."""
+    ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
+    folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
+    output in it is replaced, not refused: the user never named that folder, and no advice about
+    it could be followed."""
     if store.exists() and not store.is_folder():
         raise ConfigError(
             f"{where}.output_dir {store.location}: is a file; name a folder (the job writes shards in it)"

@@ -152,6 +152,8 @@ def _did_you_mean(request: Request, loc: Any) -> str:
         if isinstance(part, str) and any(part in m.model_fields for m in models):
             models = {n for m in models if part in m.model_fields for n in _models_in(m.model_fields[part].annotation)}
     known = sorted({name for m in models for name in m.model_fields})
+    if loc[-1] in known:  # e.g. /rerank with documents (raytrieve, Cohere) and texts (TEI) together
+        return "; it belongs to another client's form of this body, and a body is one form: send only its fields"
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.7)
     return f"; did you mean {close[0]}?" if close else ""
 
@@ -232,8 +234,11 @@ class _Guard:
 def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
     if ingress.token is not None and not scope["path"].rstrip("/").endswith(PUBLIC_PATHS):
-        given = headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {ingress.token}".encode()):
+        scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer"); the token is not.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("latin-1"), ingress.token.encode()
+        ):
             return error_response(
                 401,
                 "unauthorized",
