@@ -54,6 +54,10 @@ class FaissIndex:
             raise InputError(
                 f"faiss_params: unknown key(s) {unknown} for faiss_index={kind!r}; valid: {list(FAISS_PARAMS[kind])}"
             )
+        for key, value in params.items():  # FAISS takes C ints: a string, 0 or a negative crashed it (abort)
+            least = 2 if key == "M" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"faiss_params[{key!r}]={value!r}: must be a whole number >= {least}")
         faiss = import_faiss()
         n, dim = vectors.shape
         if kind == "flat":
