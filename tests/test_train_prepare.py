@@ -35,7 +35,13 @@ def test_empty_file(tiny_models, data, tmp_path):
 def test_unknown_loss(tiny_models, data, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].loss.name = "MultipleNegativeRankingLoss"
-    with pytest.raises(ConfigError, match="unknown dense loss 'MultipleNegativeRankingLoss'"):
+    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss: unknown dense loss 'MultipleNegativeRankingLoss'; "
+                                          r"did you mean 'MultipleNegativesRankingLoss'\? choose from \["):
+        prepare(cfg)
+    cfg.datasets[0].loss.name = "MultipleNegativesRankingLoss"
+    cfg.datasets[0].loss.args = {"similarity_fct": "euclid"}
+    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss.args.similarity_fct: 'euclid'; "
+                                          r"MultipleNegativesRankingLoss takes 'cosine' or 'dot'$"):
         prepare(cfg)
 
 
@@ -53,6 +59,13 @@ def test_bad_loss_argument_is_caught_against_the_model(tiny_models, data, tmp_pa
     cfg.datasets[0].loss.args = {"scael": 20}
     with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['scael'\]"):
         prepare(cfg)
+    # The wrong type failed inside the loss: "'<=' not supported between 'str' and 'int'", unnamed.
+    for args, message in (({"scale": "twenty"}, r"args.scale: expected a number \(default 20.0\), got 'twenty'"),
+                          ({"scale": True}, r"args.scale: expected a number"),
+                          ({"gather_across_devices": "yes"}, r"args.gather_across_devices: expected true or false")):
+        cfg.datasets[0].loss.args = args
+        with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss." + message):
+            prepare(cfg)
 
 
 def test_cached_loss_with_fsdp_is_refused(tiny_models, data, tmp_path):

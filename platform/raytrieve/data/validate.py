@@ -92,7 +92,7 @@ def validate_dataset(
             "columns: to the file's columns to train on, in the order its loss reads them"
         )
     loss_name = d.loss.base_at(f"{where}.loss").name
-    contract = base_class(d.loss, kind)  # what the loss that meets the data asks of it
+    contract = base_class(d.loss, kind, f"{where}.loss")  # what the loss that meets the data asks of it
     wanted = contract.columns
     if not column_count_fits(len(columns), wanted):
         raise DataError(

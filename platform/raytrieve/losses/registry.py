@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from raytrieve.encoders import similarity as sim
-from raytrieve.errors import ConfigError
+from raytrieve.errors import ConfigError, RaytrieveError
 from raytrieve.losses.base import KINDS, LossContract, registered
 from raytrieve.wrapping_losses import WRAPPING_LOSSES
 
@@ -48,8 +48,12 @@ def loss_names(kind: str) -> list[str]:
 def _class(name: str, kind: str, where: str | None) -> type[LossContract]:
     classes = loss_classes(kind)
     if name not in classes:
+        import difflib
+
         at = f"{where}: " if where else ""
-        raise ConfigError(f"{at}unknown {kind} loss {name!r}; choose from {sorted(classes)}")
+        close = difflib.get_close_matches(name, list(classes), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{at}unknown {kind} loss {name!r}; {hint}choose from {sorted(classes)}")
     return classes[name]
 
 
@@ -62,12 +66,23 @@ def _resolve_args(cls: type[LossContract], args: dict[str, Any], where: str) -> 
     for arg, example in cls.required_args.items():
         if arg not in args:
             raise ConfigError(f"{where}.{arg} is required for {cls.__name__} (e.g. {example})")
+    for arg, value in args.items():  # a number or a flag given as text fails deep in the loss, unnamed
+        default = params[arg].default if arg in params else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{arg}: expected true or false (default {default}), got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{arg}: expected a number (default {default}), got {value!r}")
     resolved = dict(args)
     if isinstance(resolved.get("similarity_fct"), str):
-        name = sim.canonical_name(resolved["similarity_fct"])
-        resolved["similarity_fct"] = {"cosine": sim.cosine, "dot": sim.dot}.get(name)
+        given = resolved["similarity_fct"]
+        try:
+            name = sim.canonical_name(given)
+        except RaytrieveError:
+            name = None  # the similarity module's choices include ones no loss takes
+        resolved["similarity_fct"] = {"cosine": sim.cosine, "dot": sim.dot}.get(name or "")
         if resolved["similarity_fct"] is None:
-            raise ConfigError(f"{where}: similarity_fct must be 'cosine' or 'dot' for {cls.__name__}")
+            raise ConfigError(f"{where}.similarity_fct: {given!r}; {cls.__name__} takes 'cosine' or 'dot'")
     return resolved
 
 
@@ -124,10 +139,10 @@ def _construct(cls: type, where: str, *args: Any, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"{where}: cannot build {cls.__name__} ({e})") from None
 
 
-def base_class(spec: LossSpec, kind: str) -> type[LossContract]:
+def base_class(spec: LossSpec, kind: str, where: str | None = None) -> type[LossContract]:
     """The class of the loss that meets the data (``spec.base``): its attributes say what a
-    dataset must hold."""
-    return _class(spec.base.name, kind, None)
+    dataset must hold. ``where``: the spec's config key, for the error naming an unknown loss."""
+    return _class(spec.base.name, kind, where)
 
 
 def needs_labels(spec: LossSpec, kind: str | None = None) -> bool:

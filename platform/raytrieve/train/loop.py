@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Module]:
+def build_losses(cfg: TrainConfig, encoder, world_size: int, where: str = "config") -> list[torch.nn.Module]:
+    """Each dataset's loss on ``encoder``; errors name the key under ``where`` (the config file)."""
     import inspect
 
     from raytrieve.losses.registry import build_loss, loss_classes
@@ -42,13 +43,13 @@ def build_losses(cfg: TrainConfig, encoder, world_size: int) -> list[torch.nn.Mo
     for i, d in enumerate(cfg.datasets):
         loss_spec: LossSpec = d.loss
         # Through SpladeLoss, MatryoshkaLoss, ... to the loss that meets the batch (the spec build_loss uses).
-        base = loss_spec.base_at(f"datasets[{i}].loss")
+        base = loss_spec.base_at(f"{where}.datasets[{i}].loss")
         cls = loss_classes(cfg.model.kind).get(base.name)
         # In-batch negatives from every rank: what makes N workers equal 1 worker on the
         # whole batch. On by default when data-parallel; a config can still say false.
         if world_size > 1 and cls is not None and "gather_across_devices" in inspect.signature(cls.__init__).parameters:
             base.args.setdefault("gather_across_devices", True)
-        losses.append(build_loss(loss_spec, encoder, cfg.model.kind, f"datasets[{i}].loss"))
+        losses.append(build_loss(loss_spec, encoder, cfg.model.kind, f"{where}.datasets[{i}].loss"))
     return losses
 
 

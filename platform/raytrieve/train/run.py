@@ -88,7 +88,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
     encoder = load_encoder(cfg.model.kind, model_path, trust_remote_code=cfg.model.trust_remote_code)
-    losses = build_losses(cfg, encoder, cfg.scaling.num_workers)
+    losses = build_losses(cfg, encoder, cfg.scaling.num_workers, where)
     if cfg.scaling.strategy == "fsdp" and any(uses_gradient_cache(loss) for loss in losses):
         raise ConfigError(f"{where}.scaling.strategy: cached (GradCache) losses run under ddp only; set strategy: ddp")
     # Routes go with token ids: rows of texts are tokenized by the loss, not per column here.
