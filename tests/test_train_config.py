@@ -88,6 +88,28 @@ def test_bad_data_is_named(data, kwargs, error, match):
         validate_datasets(load_train_config(cfg(data, data / "pairs.parquet", **kwargs)))
 
 
+def test_a_parquet_folder_whose_files_disagree_names_the_file(data):
+    """The first file's schema stood for the folder: a later file without a column was a KeyError
+    traceback, one with numbers for text a TypeError in the read tasks."""
+    for name, later, message in (
+        ("missing", {"question": ["q"]}, r"b.parquet: has no column\(s\) \['answer', 'score'\] that .*a.parquet has"),
+        ("numbers", {"question": ["q"], "answer": [7], "score": [0.5]},
+         r"b.parquet: column 'answer' holds number, .*a.parquet holds text"),
+    ):
+        folder = data / name
+        folder.mkdir()
+        pq.write_table(pa.table(PAIRS), folder / "a.parquet")
+        pq.write_table(pa.table(later), folder / "b.parquet")
+        with pytest.raises(DataError, match=message):
+            validate_datasets(load_train_config(cfg(data, folder)))
+    same = data / "same"  # large_string and int64 beside string and double: the same kinds
+    same.mkdir()
+    pq.write_table(pa.table(PAIRS), same / "a.parquet")
+    pq.write_table(pa.table({"question": pa.array(["q"], pa.large_string()), "answer": ["a"], "score": [1]}),
+                   same / "b.parquet")
+    assert validate_datasets(load_train_config(cfg(data, same)))[0].rows == 4
+
+
 def test_empty_missing_and_null(data):
     with pytest.raises(DataError, match="has no rows"):
         validate_datasets(load_train_config(cfg(data, data / "empty.jsonl")))

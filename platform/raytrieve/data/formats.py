@@ -76,7 +76,10 @@ class ParquetFormat(InputFormat):
         pieces, schema = [], None
         for f in files:
             meta = pq.ParquetFile(f).metadata
-            schema = schema or meta.schema.to_arrow_schema()
+            if schema is None:
+                schema = meta.schema.to_arrow_schema()
+            else:  # the first file's schema stands for all: the others must agree with it
+                _check_same_columns(schema, meta.schema.to_arrow_schema(), files[0], f)
             groups: list[int] = []
             rows = 0
             for g in range(meta.num_row_groups):
@@ -350,3 +353,32 @@ def infer_format(location: str, fs: pafs.FileSystem | None = None, path: str | N
     if fmt is None:
         raise DataError(f"{location}: cannot tell the format from the name; set format: {choices()}")
     return fmt.name
+
+
+def _type_class(t: pa.DataType) -> str:
+    """A column type, coarsely: what the data checks and the tokenizer care about."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list of {_type_class(t.value_type)}"
+    return str(t)
+
+
+def _check_same_columns(first: pa.Schema, other: pa.Schema, first_file: str, other_file: str) -> None:
+    """A parquet folder's files share the first file's columns and their kinds of type; one that
+    lacks a column, or holds numbers where the first holds text, failed in the read tasks."""
+    missing = [n for n in first.names if n not in other.names]
+    if missing:
+        raise DataError(
+            f"{other_file}: has no column(s) {missing} that {first_file} has; every file of the folder needs the same "
+            "columns (fix or move that file)"
+        )
+    for name in first.names:
+        a, b = _type_class(first.field(name).type), _type_class(other.field(name).type)
+        if a != b:
+            raise DataError(
+                f"{other_file}: column {name!r} holds {b}, {first_file} holds {a}; every file of the folder needs the "
+                "same column types (fix or move that file)"
+            )
