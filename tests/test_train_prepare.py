@@ -205,3 +205,16 @@ def test_a_model_of_another_kind_or_a_length_past_its_positions_is_refused(tiny_
     cfg.model.max_seq_length = 100_000
     with pytest.raises(ConfigError, match=r"job.yaml.model.max_seq_length: 100000 is more than the \d+ positions"):
         prepare(cfg, "job.yaml")
+
+
+def test_an_eval_file_that_does_not_read_gets_advice_for_eval_path(tiny_models, data, tmp_path):
+    """eval.path has no format: key, yet its errors advised to 'set format:'."""
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    (tmp_path / "eval.txt").write_text("query,document\n")
+    (tmp_path / "eval.parquet").write_text("not parquet")
+    for name, message in (("eval.txt", "cannot tell the format from the name"), ("eval.parquet", "cannot read it as parquet")):
+        cfg.eval.path = str(tmp_path / name)
+        with pytest.raises(DataError, match=rf"{message}.*; check the file; job.yaml.eval.path is read by its name's "
+                                            r"suffix \(.parquet, .jsonl, .csv, ...\)$") as e:
+            prepare(cfg, "job.yaml")
+        assert "format:" not in str(e.value)

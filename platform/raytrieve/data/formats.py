@@ -333,9 +333,12 @@ def by_suffix(path: str) -> InputFormat | None:
     return next((f for f in FORMATS.values() if name.endswith(f.suffixes)), None)
 
 
-def infer_format(location: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> str:
+def infer_format(
+    location: str, fs: pafs.FileSystem | None = None, path: str | None = None, fix: str | None = None
+) -> str:
     """The format of a file or folder, from its name (or a folder's marker files, such as an
-    HF dataset's state.json)."""
+    HF dataset's state.json). ``fix``: the advice for a name that tells none (default: the
+    ``format:`` key, for a config that has one)."""
     if fs is None or path is None:
         fs, path = resolve(location)
     # resolve() gives a filesystem; pyarrow is untyped, so the assignment does not narrow.
@@ -351,7 +354,7 @@ def infer_format(location: str, fs: pafs.FileSystem | None = None, path: str | N
         raise DataError(f"{location}: a folder with no {choices()} files and no saved Hugging Face dataset")
     fmt = by_suffix(path)
     if fmt is None:
-        raise DataError(f"{location}: cannot tell the format from the name; set format: {choices()}")
+        raise DataError(f"{location}: cannot tell the format from the name; {fix or f'set format: {choices()}'}")
     return fmt.name
 
 

@@ -36,18 +36,19 @@ class DatasetReport:
     label_keys: np.ndarray | None = field(default=None, repr=False)  # per row, "labels"
 
 
-def infer_format(path: Path) -> str:
-    return formats.infer_format(str(path))
+def infer_format(path: Path, fix: str | None = None) -> str:
+    return formats.infer_format(str(path), fix=fix)
 
 
-def read_table(path: Path, fmt: str) -> pa.Table:
-    """The whole dataset as an Arrow table (small files only: eval sets)."""
+def read_table(path: Path, fmt: str, fix: str | None = None) -> pa.Table:
+    """The whole dataset as an Arrow table (small files only: eval sets). ``fix``: the advice
+    for a file that does not parse (default: check it, or set the config's format: key)."""
     try:
         return formats.get(fmt, str(path)).read_all(path)
     except DataError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise formats.cannot_read(path, fmt, e) from None
+        raise formats.cannot_read(path, fmt, e, *([fix] if fix else [])) from None
 
 
 def _is_text(t: pa.DataType) -> bool:

@@ -138,7 +138,9 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
             raise DataError(f"{where}.eval.path: {path} does not exist")
         if cfg.eval.evaluator is None:  # check_values says so too; a config built in Python may skip it
             raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
-        eval_columns = read_table(path, infer_format(path)).to_pydict()
+        # eval: has no format: key; its file's name says the format
+        named = f"check the file; {where}.eval.path is read by its name's suffix (.parquet, .jsonl, .csv, ...)"
+        eval_columns = read_table(path, infer_format(path, named), named).to_pydict()
         check_eval_columns(eval_columns, cfg.eval.evaluator, f"{where}.eval.path ({path})")
 
     world = cfg.scaling.num_workers
