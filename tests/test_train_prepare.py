@@ -120,8 +120,20 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
     ]
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, datasets=datasets,
                          prompts={"query": "query: ", "title": "unused: "})
+    # A run-wide prompt for a column no dataset has is a misspelt name: it silently did nothing.
+    with pytest.raises(ConfigError, match=r"config.prompts: \['title'\] are no text column of any dataset "
+                                          r"\(\['document', 'query'\]\); fix the names"):
+        prepare(cfg)
+    cfg.prompts = {"query": "query: "}
     p = prepare(cfg)
     assert p.prompts == [["query: ", None], ["passage: ", "passage: "]]
+    # A dataset's own prompts and routes must name its text columns; routes need a Router model.
+    cfg.datasets[1].prompts = {"quer": "query: "}
+    with pytest.raises(DataError, match=r"config.datasets\[1\] \(b\): prompts names column 'quer', not one of"):
+        prepare(cfg)
+    cfg.datasets[1].prompts, cfg.datasets[1].router_mapping = None, {"query": "query"}
+    with pytest.raises(ConfigError, match=r"config.datasets\[1\].router_mapping: the model has no Router"):
+        prepare(cfg)
 
 
 def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_path):

@@ -109,6 +109,11 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
                 if isinstance(cfg.prompts, str)
                 else {c: p for c, p in cfg.prompts.items() if c in report.text_columns}
             )
+        if d.router_mapping and not has_router:  # (validate_dataset checked its columns)
+            raise ConfigError(
+                f"{where}.datasets[{i}].router_mapping: the model has no Router, so routes do nothing; leave it out, "
+                "or train a Router model (model.inference_free: true for SPLADE)"
+            )
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         contract = base_class(d.loss, cfg.model.kind)
@@ -130,6 +135,14 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         )
         planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight))
         pieces.append(report.pieces)
+
+    if isinstance(cfg.prompts, dict):
+        seen = {c for columns in text_columns for c in columns}
+        unknown = [c for c in cfg.prompts if c not in seen]
+        if unknown:
+            raise ConfigError(
+                f"{where}.prompts: {unknown} are no text column of any dataset ({sorted(seen)}); fix the names"
+            )
 
     eval_columns = None
     if cfg.eval.path:
