@@ -89,4 +89,4 @@ def test_ray_job_submit_trains(ray_dashboard, tiny_models, tmp_path):
     uri = cfg.mlflow.tracking_uri  # a file store needs MLflow's opt-in variable to be browsed
     assert summary["mlflow_tracking_uri"] == uri
     assert (f"MLflow run {summary['mlflow_run_id']} in {uri}; its UI: MLFLOW_ALLOW_FILE_STORE=true "
-            f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000") in lines, text
+            f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --port 5000") in lines, text

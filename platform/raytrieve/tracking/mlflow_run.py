@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,11 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} (the tracking server's UI)"
     allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") or "://" not in uri else ""
-    return f"{allow}.venv/bin/mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+    # This interpreter's mlflow, by its absolute path: the line works from any folder, and a
+    # shell that never activated the venv has no mlflow on its PATH.
+    installed = Path(sys.executable).parent / "mlflow"
+    mlflow = shlex.quote(str(installed)) if installed.exists() else "mlflow"
+    return f"{allow}{mlflow} ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
 @contextlib.contextmanager
