@@ -3,6 +3,8 @@ problem named; the batch plan gives every rank the same number of steps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -230,3 +232,39 @@ def test_an_eval_file_that_does_not_read_gets_advice_for_eval_path(tiny_models, 
                                             r"suffix \(.parquet, .jsonl, .csv, ...\)$") as e:
             prepare(cfg, "job.yaml")
         assert "format:" not in str(e.value)
+
+
+def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, data, tmp_path, monkeypatch):
+    """A new user's trial: rerunning a finished config resumed at its last step, trained nothing,
+    and logged an empty MLflow run and a second registry version of the same weights."""
+    from raytrieve import ray_cluster
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.train.checkpoint import claim_checkpoint_dir, record_finished
+    from raytrieve.train.run import input_files, run_training
+
+    class Started(Exception):
+        pass
+
+    def start(*_a, **_k):
+        raise Started
+
+    monkeypatch.setattr(ray_cluster, "connect", start)
+    monkeypatch.setattr(mlflow_run, "start_run", lambda *a, **k: pytest.fail("an MLflow run was opened"))
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    p = prepare(cfg)  # as the finished run claimed its folder, and recorded at its end
+    root = claim_checkpoint_dir(cfg, p.plan, "config", input_files(p.pieces))
+    record_finished(root, {"output_dir": cfg.output_dir, "steps": 6, "run_id": "r1", "model_version": "1",
+                           "checkpoint": None, "dropped": [], "tracking_uri": "file:///x", "already_complete": False})
+    Path(cfg.output_dir).mkdir(parents=True)
+    (Path(cfg.output_dir) / "modules.json").write_text("[]")
+    again = run_training(shipped_config("dense_mnrl", tmp_path, tiny_models, data))
+    assert again.already_complete and (again.run_id, again.model_version, again.steps) == ("r1", "1", 6)
+    # Other settings, or the model gone from output_dir: it trains (here: Ray is started).
+    for change in ("settings", "model gone"):
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+        if change == "settings":
+            cfg.optimizer.learning_rate = 1e-3
+        else:
+            (Path(cfg.output_dir) / "modules.json").unlink()
+        with pytest.raises(Started):
+            run_training(cfg)

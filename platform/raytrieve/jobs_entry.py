@@ -33,6 +33,8 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
     from raytrieve.train.run import run_training
 
     result = run_training(cfg, where=config, ray_address=ray_address)
+    if result.already_complete:
+        print(f"{result.output_dir}: already trained by this config; nothing to do", file=sys.stderr)
     if result.tracking_uri:
         from raytrieve.tracking.mlflow_run import ui_command
 
@@ -47,6 +49,7 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
         "mlflow_tracking_uri": result.tracking_uri,
         "model_version": result.model_version,
         "not_trained_on": result.dropped,
+        "already_complete": result.already_complete,
     }
 
 

@@ -103,9 +103,28 @@ def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str, data: dict[st
                 "would train another run. Run it as it was to resume, delete that folder to start over, or set "
                 "checkpoint.dir to a new folder"
             )
+    # A finished run's record stays while the run stays the same (finished_run reads it).
+    kept = json.loads(stamp.read_text()) if stamp.exists() else {}
+    finished = kept.get("finished") if kept.get("fingerprint") == fingerprint else None
     root.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir})
+    body = {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir}
+    write_json(stamp, {**body, **({"finished": finished} if finished else {})})
     return root
+
+
+def record_finished(root: Path, result: dict[str, Any]) -> None:
+    """Note in the run's stamp that it finished, with what it returned (``finished_run``)."""
+    from raytrieve._io import write_json
+
+    stamp = root / RUN_STAMP
+    write_json(stamp, {**json.loads(stamp.read_text()), "finished": result})
+
+
+def finished_run(root: Path) -> dict[str, Any] | None:
+    """What the run claimed in ``root`` returned when it finished (after ``claim_checkpoint_dir``
+    kept it: the same settings and data), else None."""
+    stamp = root / RUN_STAMP
+    return json.loads(stamp.read_text()).get("finished") if stamp.exists() else None
 
 
 def _rng_state() -> dict[str, Any]:

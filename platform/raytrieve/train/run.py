@@ -9,6 +9,7 @@ arguments against the real model, the eval file) runs before any Ray work starts
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.kinds import model_kind
-from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir
+from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir, finished_run, record_finished
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
 from raytrieve.train.loop import build_losses
@@ -57,6 +58,7 @@ class TrainResult:
     checkpoint: str | None
     dropped: list[str]
     tracking_uri: str | None = None  # the MLflow store the run is in
+    already_complete: bool = False  # a rerun of a finished run: nothing trained, logged or registered
 
 
 def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
@@ -302,6 +304,12 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
     storage = claim_checkpoint_dir(cfg, p.plan, where, input_files(p.pieces))
+    earlier = finished_run(storage)
+    if earlier is not None and (Path(cfg.output_dir) / "modules.json").exists():
+        # As the encoding job does: a finished run's rerun would resume at its last step, train
+        # nothing, and log an empty MLflow run and register the same weights as a new version.
+        log.info("%s: already trained (MLflow run %s); nothing to do", cfg.output_dir, earlier.get("run_id"))
+        return TrainResult(**{**earlier, "already_complete": True})
 
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -381,4 +389,6 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     finally:
         mlflow_run.end_run(uri, run_id, failed)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
+    trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
+    record_finished(storage, dataclasses.asdict(trained))
+    return trained
