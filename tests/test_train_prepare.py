@@ -268,3 +268,23 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
             (Path(cfg.output_dir) / "modules.json").unlink()
         with pytest.raises(Started):
             run_training(cfg)
+
+
+def test_more_workers_than_the_embedded_ray_can_hold_is_refused_before_it_starts(tiny_models, data, tmp_path,
+                                                                                 monkeypatch):
+    """Refused only after the embedded Ray had started (~20 s), though this machine's CPUs are known."""
+    from ray._private.utils import get_num_cpus
+
+    from raytrieve import ray_cluster
+    from raytrieve.train.run import run_training
+
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process (a plain pytest may hold one)
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the check"))
+    workers = int(get_num_cpus())  # one CPU each: none left for the data stage
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=workers,
+                         scaling__resources_per_worker={"CPU": 1})
+    with pytest.raises(ConfigError, match=rf"job.yaml.scaling: {workers} worker\(s\) x 1.0 CPU leave 0 of the "
+                                          rf"cluster's {int(get_num_cpus())} CPUs; the data stage"):
+        run_training(cfg, "job.yaml", ray_address="local")

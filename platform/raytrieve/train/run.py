@@ -322,6 +322,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     uri = mlflow_run.tracking_uri(cfg.mlflow.tracking_uri)
     mlflow_run.check_store(uri, cfg.mlflow.experiment, cfg.mlflow.tags, where)
     p.stream.make_portable()  # the read tasks then tokenize without importing transformers
+    if ray_address == "local" and not ray.is_initialized():  # the embedded Ray will have this machine's CPUs
+        from ray._private.utils import get_num_cpus
+
+        _check_room_for_the_data_stage(cfg, float(get_num_cpus()), where)
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     if cfg.scaling.torch_threads is None and "CPU" not in cfg.scaling.resources_per_worker:
