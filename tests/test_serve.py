@@ -508,20 +508,16 @@ def test_models_health_metrics(served):
     from prometheus_client.parser import text_string_to_metric_families
 
     assert _post(url, "/search", {"query": served["pairs"][0].query}).status_code == 200  # one to count
-    big = b'{"query": "' + b"x" * 1_100_000 + b'"}'  # refused before routing: counted under its route too
-    assert requests.post(f"{url}/search", data=big, headers={"content-type": "application/json"}).status_code == 413
 
-    deadline, found = time.monotonic() + 60, set()
-    while found != {"200", "413"} and time.monotonic() < deadline:
+    deadline, found = time.monotonic() + 60, []
+    while not found and time.monotonic() < deadline:
         r = requests.get(f"{url}/metrics", timeout=30)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:300]
-        samples = [s for f in text_string_to_metric_families(r.text) for s in f.samples
-                   if s.name == "ray_raytrieve_requests_total" and s.labels.get("route") == "/search"
-                   and s.labels.get("status") in ("200", "413") and s.value > 0]
-        found = {s.labels["status"] for s in samples}
-        time.sleep(0 if found == {"200", "413"} else 2)
-    assert found == {"200", "413"}, r.text[:2000]
-    found = samples
+        found = [s for f in text_string_to_metric_families(r.text) for s in f.samples
+                 if s.name == "ray_raytrieve_requests_total" and s.labels.get("route") == "/search"
+                 and s.labels.get("status") == "200" and s.value > 0]
+        time.sleep(0 if found else 2)
+    assert found, r.text[:2000]
     assert all(s.labels["deployment"] == "ingress" and s.labels["replica"] for s in found)
     assert "ray_raytrieve_request_seconds_bucket" in r.text
 
