@@ -109,12 +109,18 @@ def served_kind(field: str) -> ModelKind:
     raise ConfigError(f"serve: unknown model field {field!r}; use one of {fields}")
 
 
-def other_kind(folder: Any, field: str) -> ModelKind | None:
-    """The kind saved in ``folder`` when it is not the one serving ``field`` (dense / sparse /
-    reranker) stands for; None when it is, or when the files cannot tell. A model of another
-    kind would load as ``field``'s kind, or fail deep in a job with a traceback."""
+def refuse_other_kind(folder: Any, field: str, label: str, fix: str) -> None:
+    """Refuse the model saved in ``folder`` when it is of another kind than serving ``field``
+    (dense / sparse / reranker) stands for: it would load as ``field``'s kind, or fail deep in
+    a job with a traceback. Files that cannot tell pass. The ConfigError reads ``{label} is a
+    <kind> model (...); {fix}``; ``fix`` may name the kind found as ``{name}`` (dense / sparse /
+    cross) or ``{field}`` (its serving field)."""
     found = saved_kind(folder)
-    return found if found is not None and found.serve_field != field else None
+    if found is not None and found.serve_field != field:
+        raise ConfigError(
+            f"{label} is a {found.name} model ({found.st_model_type}, by the files in {folder}); "
+            + fix.format(name=found.name, field=found.serve_field)
+        )
 
 
 # Module types whose presence in modules.json makes a folder sparse (sentence-transformers 5+ names).

@@ -158,19 +158,15 @@ def _check(args: argparse.Namespace) -> None:
 def _resolve_models(args: argparse.Namespace) -> None:
     """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
     fails before the others have encoded anything; the error names the flag."""
-    from raytrieve.kinds import other_kind, served_kind
+    from raytrieve.kinds import refuse_other_kind, served_kind
     from raytrieve.model_ref import resolve_field
 
     given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
     for flag, ref in given + ([("reranker", args.reranker)] if args.reranker else []):
         path = resolve_field(ref, f"--{flag} {ref}")
-        # Or worse than other_kind's failures: run and be reported under this flag's label.
-        found = other_kind(path, flag)
-        if found is not None:
-            raise ConfigError(
-                f"--{flag} {ref}: is a {found.name} model ({found.st_model_type}, by the files in {path}); "
-                f"pass it as --{found.serve_field}, and a {served_kind(flag).name} model as --{flag}"
-            )
+        # Another kind fails deep in the run, or worse, runs and is reported under this flag's label.
+        fix = f"pass it as --{{field}}, and a {served_kind(flag).name} model as --{flag}"
+        refuse_other_kind(path, flag, f"--{flag} {ref}:", fix)
 
 
 def _settings(args: argparse.Namespace) -> Any:

@@ -153,22 +153,6 @@ def select_negatives(
     return kept[: s.num_negatives]
 
 
-def _check_kind(ref: str, field: str, where: str, fix: str) -> None:
-    """A model of another kind than ``field`` (dense / sparse / reranker) is refused, naming
-    ``where`` and ``fix`` ({kind}: the kind it is): it would load as ``field``'s kind and mine
-    meaningless negatives, or fail in a Ray actor after the corpus was encoded."""
-    from raytrieve.kinds import other_kind
-    from raytrieve.model_ref import resolve_field
-
-    path = resolve_field(ref, where)
-    found = other_kind(path, field)
-    if found is not None:
-        raise ConfigError(
-            f"{where}: {ref} is a {found.name} model ({found.st_model_type}, by the files in {path}); "
-            + fix.format(kind=found.serve_field)
-        )
-
-
 def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = None) -> MineResult:
     import pyarrow.parquet as pq
     import ray
@@ -180,11 +164,22 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
+    from raytrieve.kinds import refuse_other_kind
+    from raytrieve.model_ref import resolve_field
 
     r = cfg.retriever  # the models are checked, and the retriever loaded, before any Ray work
-    _check_kind(r.model, r.kind, f"{where}.retriever.model", f"set retriever.kind: {{kind}}, or name a {r.kind} model")
+    # Another kind would load as this one: meaningless negatives, or a Ray actor failing after the encoding.
+    field = f"{where}.retriever.model"
+    fix = f"set retriever.kind: {{field}}, or name a {r.kind} model"
+    refuse_other_kind(resolve_field(r.model, field), r.kind, f"{field}: {r.model}", fix)
     if cfg.reranker is not None:
-        _check_kind(cfg.reranker.model, "reranker", f"{where}.reranker.model", "name a cross-encoder")
+        field = f"{where}.reranker.model"
+        refuse_other_kind(
+            resolve_field(cfg.reranker.model, field),
+            "reranker",
+            f"{field}: {cfg.reranker.model}",
+            "name a cross-encoder",
+        )
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )

@@ -53,7 +53,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
     from raytrieve.index.build import Indices, load_indices
-    from raytrieve.kinds import other_kind
+    from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
     from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
@@ -81,12 +81,9 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 else ""
             )
             raise ConfigError(f"{where}.{m.path}.model: {e}{hint}") from None
-        found = other_kind(path, m.kind)
-        if found is not None:  # it would load as m.kind's model and crash every replica in Ray
-            raise ConfigError(
-                f"{where}.{m.path}.model: {m.spec.model} is a {found.name} model ({found.st_model_type}, by the files "
-                f"in {path}); serve it under {found.serve_field}:, or name a {m.kind} model there"
-            )
+        # Another kind would load as m.kind's model and crash every replica in Ray.
+        fix = f"serve it under {{field}}:, or name a {m.kind} model there"
+        refuse_other_kind(path, m.kind, f"{where}.{m.path}.model: {m.spec.model}", fix)
         check_max_seq_length(path, m.spec.max_seq_length, f"{where}.{m.path}.max_seq_length")
         if m.index is None:
             continue

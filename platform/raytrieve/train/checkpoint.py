@@ -94,18 +94,17 @@ def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str, data: dict[st
     stamp = root / RUN_STAMP
     identity = run_identity(cfg, plan, data)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    if stamp.exists() and _holds_checkpoints(root):
-        kept = json.loads(stamp.read_text())
-        if kept.get("fingerprint") != fingerprint:
-            what = differences(kept.get("identity"), identity) or "config or data"
-            raise ConfigError(
-                f"{where}: {root} holds checkpoints of a run with other settings or data ({what}); resuming them "
-                "would train another run. Run it as it was to resume, delete that folder to start over, or set "
-                "checkpoint.dir to a new folder"
-            )
-    # A finished run's record stays while the run stays the same (finished_run reads it).
     kept = json.loads(stamp.read_text()) if stamp.exists() else {}
-    finished = kept.get("finished") if kept.get("fingerprint") == fingerprint else None
+    same = kept.get("fingerprint") == fingerprint
+    if kept and not same and _holds_checkpoints(root):
+        what = differences(kept.get("identity"), identity) or "config or data"
+        raise ConfigError(
+            f"{where}: {root} holds checkpoints of a run with other settings or data ({what}); resuming them "
+            "would train another run. Run it as it was to resume, delete that folder to start over, or set "
+            "checkpoint.dir to a new folder"
+        )
+    # A finished run's record stays while the run stays the same (finished_run reads it).
+    finished = kept.get("finished") if same else None
     root.mkdir(parents=True, exist_ok=True)
     body = {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir}
     write_json(stamp, {**body, **({"finished": finished} if finished else {})})

@@ -209,15 +209,12 @@ def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     """A model of another kind than ``model.kind`` (by its files) and a ``max_seq_length`` past
     its position embeddings are refused here: in the workers they failed with a KeyError, or a
     cross-encoder's logits trained as a dense model's embeddings."""
-    from raytrieve.kinds import saved_kind
+    from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length
 
-    found = saved_kind(model_path)
-    if found is not None and found.name != cfg.model.kind:
-        raise ConfigError(
-            f"{where}.model.name_or_path: {cfg.model.name_or_path} is a {found.name} model ({found.st_model_type}, "
-            f"by the files in {model_path}); set model.kind: {found.name}, or name a {cfg.model.kind} model"
-        )
+    label = f"{where}.model.name_or_path: {cfg.model.name_or_path}"
+    fix = f"set model.kind: {{name}}, or name a {cfg.model.kind} model"
+    refuse_other_kind(model_path, model_kind(cfg.model.kind).serve_field, label, fix)
     check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
 
 
