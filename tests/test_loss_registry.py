@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from raytrieve import DenseEncoder, SparseEncoder
@@ -296,3 +298,47 @@ def test_the_contract_tables_agree_with_the_classes():
     assert set(WRAPPING_LOSSES) <= set(labels)
     listwise = {n for n, c in loss_classes("cross").items() if c.listwise}
     assert {"LambdaLoss", "ListNetLoss"} <= listwise and "BinaryCrossEntropyLoss" not in listwise
+
+
+def test_in_batch_negatives_names_exactly_the_losses_constant_on_a_one_row_batch(dense, tiny_dirs):
+    """The flag training reads to refuse batch_size 1 (train/run.py), against each loss's own
+    forward: on a batch of one row with the fewest columns a flagged loss gives the model no
+    gradient, and every unflagged label-free dense loss does give one."""
+    import torch
+
+    from raytrieve import CrossEncoder
+    from raytrieve.losses.base import Loss
+    from raytrieve.losses.registry import loss_classes
+    from raytrieve.wrapping_losses import WRAPPING_LOSSES
+
+    def moves(loss, model, inputs, labels=None) -> bool:
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        loss(inputs, labels).backward()
+        return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+    texts = ["a striped zebra", "a striped zebra runs", "tax law of 1990"]  # GIST keeps a negative its guide ranks below the positive
+    flagged = set()
+    for name, cls in loss_classes("dense").items():
+        if name in WRAPPING_LOSSES or not issubclass(cls, Loss) or (cls.needs_labels and not cls.in_batch_negatives):
+            continue  # a wrapper, the TSDAE decoder, or a label per row: a target without other rows
+        torch.manual_seed(0)
+        loss = cls(dense, guide=dense) if "guide" in inspect.signature(cls.__init__).parameters else cls(dense)
+        labels = torch.zeros(1, dtype=torch.long) if cls.needs_labels else None
+        one_row = [dense.tokenize([t]) for t in texts[: cls.columns[0]]]
+        assert moves(loss, dense, one_row, labels) is not cls.in_batch_negatives, name
+        if cls.in_batch_negatives:
+            flagged.add(name)
+            if cls.columns[1] is None or cls.columns[1] > cls.columns[0]:  # a hard-negative column: it learns
+                with_negative = [dense.tokenize([t]) for t in texts[: cls.columns[0] + 1]]
+                assert moves(loss, dense, with_negative, labels), name
+    assert {"MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "GISTEmbedLoss",
+            "CachedMultipleNegativesRankingLoss", "CachedGISTEmbedLoss", "MegaBatchMarginLoss",
+            "ContrastiveTensionLossInBatchNegatives", "BatchHardTripletLoss"} <= flagged
+    assert loss_classes("sparse")["SparseMultipleNegativesRankingLoss"].in_batch_negatives
+    # The cross-encoder MNRL samples its negatives from the other rows.
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    loss = build_loss(LossSpec("MultipleNegativesRankingLoss"), cross, "cross")
+    assert type(loss).in_batch_negatives
+    assert not moves(loss, cross, [["a query"], ["its passage"]])
+    assert moves(loss, cross, [["a query"], ["its passage"], ["another passage"]])

@@ -288,3 +288,29 @@ def test_more_workers_than_the_embedded_ray_can_hold_is_refused_before_it_starts
     with pytest.raises(ConfigError, match=rf"job.yaml.scaling: {workers} worker\(s\) x 1.0 CPU leave 0 of the "
                                           rf"cluster's {int(get_num_cpus())} CPUs; the data stage"):
         run_training(cfg, "job.yaml", ray_address="local")
+
+
+def test_in_batch_negatives_with_one_row_per_batch_is_refused(tiny_models, data, tmp_path):
+    """MNRL on (query, document) at batch_size 1 is log(1) = 0 at every step: the run 'trained',
+    logged a flat loss and changed nothing. Refused unless the gathered batch has other rows or
+    the data gives a hard negative (test_loss_registry checks which losses are constant so)."""
+    one = {"training__batch_size": 1}
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, **one)
+    with pytest.raises(ConfigError, match=r"^config.training.batch_size: MultipleNegativesRankingLoss "
+                                          r"\(config.datasets\[0\].loss\) takes its negatives from the other rows "
+                                          r"of a batch, and a batch of 1 row has none.*raise training.batch_size "
+                                          r"to 2 or more, or add a hard-negative column"):
+        prepare(cfg)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, **one, scaling__num_workers=2)
+    cfg.datasets[0].loss.args["gather_across_devices"] = False
+    with pytest.raises(ConfigError, match=r"or set gather_across_devices: true"):
+        prepare(cfg)
+    # Two workers gathering (the default) see two rows; a hard-negative column is a negative.
+    assert prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data, **one, scaling__num_workers=2))
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, **one)
+    cfg.datasets[0].path = str(tmp_path / "triples.parquet")
+    t = pq.read_table(data["train"])
+    pq.write_table(t.append_column("negative", t.column("document").take(list(range(1, t.num_rows)) + [0])),
+                   cfg.datasets[0].path)
+    cfg.datasets[0].columns = ["query", "document", "negative"]
+    assert prepare(cfg)

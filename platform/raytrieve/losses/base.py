@@ -115,6 +115,10 @@ class LossContract:
     # Cross-encoders: the second column holds a list of documents per query and the label
     # column a list of scores per query.
     listwise: ClassVar[bool] = False
+    # Its negatives are the batch's other rows (beyond any given negative columns past the
+    # fewest ``columns``): with one row per batch and no such column the loss is a constant,
+    # and training refuses that before it starts (train/run.py).
+    in_batch_negatives: ClassVar[bool] = False
     # Arguments a config must give -> an example value for the error that asks for them.
     required_args: ClassVar[Mapping[str, str]] = {}
 

@@ -148,6 +148,7 @@ class CachedMultipleNegativesRankingLoss(CachedLoss):
     """MultipleNegativesRankingLoss with GradCache: same value and gradients, memory of one mini-batch."""
 
     columns = (2, None)
+    in_batch_negatives = True
     column_names = "anchor, positive, then any number of hard negatives"
 
     def __init__(
@@ -220,6 +221,7 @@ class CachedGISTEmbedLoss(CachedLoss):
     """GISTEmbedLoss with GradCache."""
 
     columns = (2, None)
+    in_batch_negatives = True
     column_names = "anchor, positive, then optional negatives"
 
     def __init__(

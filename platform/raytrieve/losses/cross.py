@@ -150,6 +150,7 @@ class MultipleNegativesRankingLoss(CrossLoss):
     """Softmax over (anchor, positive) against sampled in-batch and given hard negatives."""
 
     columns = (2, None)
+    in_batch_negatives = True
     column_names = "anchors, positives, optional hard negatives..."
 
     def __init__(

@@ -101,6 +101,7 @@ class MultipleNegativesRankingLoss(Loss):
     """
 
     columns = (2, None)
+    in_batch_negatives = True
     column_names = "anchor, positive, then any number of hard negatives"
 
     def __init__(
@@ -201,6 +202,7 @@ class GISTEmbedLoss(Loss):
     similar to the anchor as the positive is (they are probably false negatives)."""
 
     columns = (2, None)
+    in_batch_negatives = True
     column_names = "anchor, positive, then optional negatives"
     model: EmbeddingEncoder  # retokenizing for the guide needs the model's tokenizer
 

@@ -81,6 +81,7 @@ def _label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 class _BatchTripletLoss(Loss):
     columns = (1, 1)
+    in_batch_negatives = True
     column_names = "one column of texts (+ a class label per text)"
     needs_labels = True
 

@@ -59,6 +59,7 @@ class ContrastiveTensionLossInBatchNegatives(Loss):
     positive pair, every other sentence a negative; symmetric cross-entropy with a learned scale."""
 
     columns = (1, 1)
+    in_batch_negatives = True
     column_names = "sentences"
 
     def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: Callable = cosine) -> None:
@@ -101,6 +102,7 @@ class MegaBatchMarginLoss(CachedLoss):
     the batch runs through GradCache in mini-batches, so it can be very large."""
 
     columns = (2, 2)
+    in_batch_negatives = True
     column_names = "anchor, positive"
 
     def __init__(

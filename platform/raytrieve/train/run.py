@@ -23,6 +23,7 @@ from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.kinds import model_kind
+from raytrieve.losses.base import LossContract
 from raytrieve.train.checkpoint import checkpoint_dir, claim_checkpoint_dir, finished_run, record_finished
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import WorkerSpec, train_loop_per_worker
@@ -119,6 +120,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         contract = base_class(d.loss, cfg.model.kind)
+        _check_batch_has_negatives(cfg, i, contract, len(report.text_columns), where)
         # Labels reach the loss whenever the dataset names a numeric label column.
         label = (
             report.label_column
@@ -182,6 +184,29 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes)
+
+
+def _check_batch_has_negatives(
+    cfg: TrainConfig, i: int, contract: type[LossContract], n_columns: int, where: str
+) -> None:
+    """A loss whose negatives are the batch's other rows is a constant 0 when a batch (gathered
+    over the ranks, as the loss sees it) holds one row and the data gives no negative column:
+    the run would finish, log a flat loss and change nothing."""
+    if not contract.in_batch_negatives or n_columns > contract.columns[0]:
+        return
+    world = cfg.scaling.num_workers
+    gathered = world > 1 and bool(cfg.datasets[i].loss.base.args.get("gather_across_devices"))
+    rows = cfg.training.batch_size * (world if gathered else 1)
+    if rows < 2:
+        name = cfg.datasets[i].loss.base.name
+        gather = "" if world == 1 or gathered else " or set gather_across_devices: true,"
+        extra = "" if contract.columns[1] == contract.columns[0] else " or add a hard-negative column,"
+        raise ConfigError(
+            f"{where}.training.batch_size: {name} ({where}.datasets[{i}].loss) takes its negatives from the other "
+            f"rows of a batch, and a batch of {rows} row has none, so its loss is always the same and training "
+            f"changes nothing; raise training.batch_size to 2 or more,{gather}{extra} or choose a loss "
+            "whose negatives come from the data"
+        )
 
 
 def _check_output(cfg: TrainConfig, where: str) -> None:
