@@ -91,6 +91,13 @@ def test_plan_is_equal_across_ranks_and_reports_what_it_leaves_out(tiny_models, 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=5)
     p = prepare(cfg)
     assert p.plan.dropped and "multiple of 5 workers" in p.plan.dropped[0]
+    # training.max_steps stops mid-epoch: the rows it never reached are named too (24 rows in
+    # batches of 4 are 6 steps an epoch; 4 steps read 16 rows, 8 read 24 + 8).
+    for steps, want in ((4, ["8 row(s) of pydocs in epoch 0: training.max_steps=4 reached first"]), (6, []),
+                        (8, ["16 row(s) of pydocs in epoch 1: training.max_steps=8 reached first"])):
+        plan = prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__max_steps=steps)).plan
+        assert plan.dropped == want and len(plan.rows) == 4 * steps
+        assert len(set(plan.rows[plan.epoch.repeat(4) == 0].tolist())) == 24 - (8 if steps == 4 else 0)
 
 
 def test_the_driver_plans_on_keys_not_texts(tiny_models, data, tmp_path):

@@ -141,8 +141,15 @@ def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, wor
             )
             order = order[: len(order) - tail]
         steps = len(order) // accumulation
-        if training.max_steps is not None:
-            steps = min(steps, training.max_steps - total)
+        if training.max_steps is not None and steps > training.max_steps - total:
+            steps = training.max_steps - total
+            for i, d in enumerate(datasets):  # what the step limit leaves unread this epoch
+                cut = sum(len(batches[k][j]) for k, j in order[steps * accumulation :] if k == i)
+                if cut:
+                    dropped.append(
+                        f"{cut} row(s) of {d.name} in epoch {epoch}: training.max_steps={training.max_steps} "
+                        "reached first"
+                    )
             order = order[: steps * accumulation]
         for k, j in order:
             rows = batches[k][j]
