@@ -540,3 +540,44 @@ def test_each_kill_point_of_a_shard_write_and_damaged_sidecars_rerun_to_every_id
     rewritten = json.loads((c / "manifest.json").read_text())
     assert {k: v for k, v in rewritten.items() if k != "created"} == {k: v for k, v in manifest.items()
                                                                        if k != "created"}
+
+
+def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(tiny_models, tmp_path, monkeypatch):
+    """Jobs before the title rule left out a row with a title and a blank text; resumed under the
+    rule, their reused shards would lack those rows and new shards hold them. Such a folder (its
+    job.json has no title_rule) is refused before Ray, naming why; without a title_column every
+    row's text is what it was, and the folder resumes."""
+    import raytrieve.inference.encode as encode
+    from raytrieve.inference.encode_plan import calibration_sample, job_fingerprint, job_identity, resolve_outputs
+    from raytrieve.inference.shards import JOB
+    from raytrieve.data.sources import open_source, plan_shards
+
+    class RayStarted(Exception):
+        pass
+
+    def start(*_a, **_k):
+        raise RayStarted
+
+    monkeypatch.setattr(encode, "_init_ray", start)
+    corpus = tmp_path / "corpus.parquet"
+    _corpus(corpus, 30, bad=False, title=True)
+    for title_column, refused in (("title", True), (None, False)):
+        cfg = _config(tmp_path, corpus, output_dir=str(tmp_path / f"v-{title_column}"),
+                      dense={"model": str(tiny_models["dense"])},
+                      corpus={"path": str(corpus), "title_column": title_column})
+        source = open_source(str(corpus), None, field="corpus.path")
+        specs = plan_shards(source, cfg.rows_per_shard)
+        identity = job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, specs), "config")[1])
+        assert ("title_rule" in identity) is refused
+        old = {k: v for k, v in identity.items() if k != "title_rule"}  # job.json of a job before the rule
+        out = Path(cfg.output_dir)
+        out.mkdir()
+        (out / JOB).write_text(json.dumps({"fingerprint": job_fingerprint(old), "identity": old}))
+        if refused:
+            with pytest.raises(ConfigError, match=r"holds the output of a different encoding job \(that job -> this "
+                                                  r"one: title_rule: None -> 'the title alone when the text is "
+                                                  r"blank'\); it left out rows with a title and a blank text"):
+                encode.run_encode(cfg)
+        else:
+            with pytest.raises(RayStarted):  # past the folder's check: the job resumes
+                encode.run_encode(cfg)

@@ -130,6 +130,9 @@ def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
     return texts[:want]
 
 
+TITLE_RULE = "the title alone when the text is blank"
+
+
 def job_identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> dict[str, Any]:
     """What a rerun must share with the output it finds: settings, models and the shard plan
     (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
@@ -155,6 +158,10 @@ def job_identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
         "check_duplicate_ids": cfg.check_duplicate_ids,
         "models": models,
     }
+    if cfg.corpus.title_column:
+        # How a row's title and text become its one text (corpus.join_title). Jobs before this
+        # key left out a row with a title and a blank text; they must not resume under this rule.
+        body["title_rule"] = TITLE_RULE
     return json.loads(json.dumps(body, sort_keys=True, default=str))
 
 
@@ -185,6 +192,11 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
                 return
             # A folder from before the dtype setting computed in float32 (its identity has no dtype).
             older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
+            if "title_rule: None ->" in what:
+                older += (
+                    "; it left out rows with a title and a blank text, which are now encoded as their title alone, "
+                    "so its shards cannot be completed under this rule"
+                )
             raise ConfigError(
                 f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
                 "run it with that job's settings, choose a new output_dir or delete that folder"
