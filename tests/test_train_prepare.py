@@ -321,3 +321,56 @@ def test_in_batch_negatives_with_one_row_per_batch_is_refused(tiny_models, data,
                    cfg.datasets[0].path)
     cfg.datasets[0].columns = ["query", "document", "negative"]
     assert prepare(cfg)
+
+
+def test_workers_the_embedded_ray_could_never_place_are_refused_before_it_starts(tiny_models, data, tmp_path,
+                                                                                 monkeypatch):
+    """Ray Train waits for resources forever (a worker-group start timeout, retried without
+    limit): use_gpu, or more GPUs per worker than the machine has, pended with no error."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    from raytrieve import ray_cluster
+    from raytrieve.train.run import run_training
+
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the check"))
+    manager = get_accelerator_manager_for_resource("GPU")
+    gpus = manager.get_current_node_num_accelerators() if manager else 0
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__use_gpu=True,
+                         scaling__resources_per_worker={"CPU": 0.5, "GPU": gpus + 1})
+    message = rf"job.yaml.scaling: 1 worker\(s\) of CPU 0.5, GPU {gpus + 1} each \(PACK\) do not fit the machine"
+    with pytest.raises(ConfigError, match=message + rf" \(node 0: CPU \d+, GPU {gpus}\): 0 would\. Lower "
+                                          r"scaling.num_workers or scaling.resources_per_worker"):
+        run_training(cfg, "job.yaml", ray_address="local")
+
+
+def test_bundles_that_fit_places_whole_workers_per_node():
+    from raytrieve.sizing import bundles_that_fit
+
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 3.0}, {"CPU": 16.0, "GPU": 1.0}]
+    assert bundles_that_fit(nodes, {"CPU": 1.0}) == 27
+    assert bundles_that_fit(nodes, {"CPU": 2.0, "GPU": 1.0}) == 3  # 2 on the first node, 1 on the third
+    assert bundles_that_fit(nodes, {"CPU": 2.0, "GPU": 1.0}, "STRICT_PACK") == 2
+    assert bundles_that_fit(nodes, {"CPU": 4.0}, "STRICT_SPREAD") == 2  # the 3-CPU node holds none
+    assert bundles_that_fit(nodes, {"GPU": 1.0, "CPU": 0.0}) == 3  # a zero ask places anywhere
+    assert bundles_that_fit(nodes, {"CPU": 0.1}) == 270  # 0.1 x 10 fits exactly, in floating point too
+    assert bundles_that_fit([], {"CPU": 1.0}) == 0
+
+
+def test_workers_a_cluster_cannot_place_yet_are_warned_of(tiny_models, data, tmp_path, caplog):
+    """On a cluster raytrieve did not start, nodes may still join (an autoscaler): a warning that
+    names what is missing, not a refusal."""
+    from raytrieve.train.run import _check_workers_fit
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=3,
+                         scaling__resources_per_worker={"CPU": 4})
+    nodes = [{"CPU": 8.0}, {"CPU": 2.0}]
+    with caplog.at_level("WARNING", logger="raytrieve.train"):
+        _check_workers_fit(cfg, nodes, "job.yaml", fixed=False)
+    assert ("job.yaml.scaling: 3 worker(s) of CPU 4 each (PACK) do not fit the cluster (node 0: CPU 8; node 1: CPU 2): "
+            "2 would yet. Ray Train waits for nodes that hold them") in caplog.text
+    caplog.clear()
+    _check_workers_fit(cfg, [*nodes, {"CPU": 4.0}], "job.yaml", fixed=False)
+    assert not caplog.text

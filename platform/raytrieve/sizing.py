@@ -48,6 +48,20 @@ def cluster_shape() -> ClusterShape:
     return ClusterShape(sum(cpus), max(cpus), sum(gpus), max(gpus), max(1, usable))
 
 
+def bundles_that_fit(nodes: list[dict[str, float]], bundle: dict[str, float], strategy: str = "PACK") -> int:
+    """How many of ``bundle`` (one training worker's resources) the nodes' totals place at once:
+    a bundle never spans nodes; STRICT_PACK puts them all on one node, STRICT_SPREAD one per node."""
+    per_node = [
+        min((math.floor(node.get(r, 0.0) / need + 1e-9) for r, need in bundle.items() if need > 0), default=0)
+        for node in nodes
+    ]
+    if strategy == "STRICT_PACK":
+        return max(per_node, default=0)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n >= 1)
+    return sum(per_node)
+
+
 def train_threads(shape: ClusterShape, num_workers: int) -> int:
     """Torch threads per training worker: the cluster's CPUs shared evenly among the workers,
     at most one node's. One worker on an embedded Ray gets the whole machine; its Ray Data read

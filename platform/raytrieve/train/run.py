@@ -315,6 +315,58 @@ def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where:
         )
 
 
+def _scaling_config(cfg: TrainConfig) -> Any:
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=cfg.scaling.resources_per_worker or None,
+        placement_strategy=cfg.scaling.placement_strategy,
+    )
+
+
+def _autoscaler_checks_resources() -> bool:
+    """Whether the cluster's autoscaler publishes the most each resource can grow to (Ray Train
+    then refuses a worker group that could never fit, itself)."""
+    from ray._private import state
+
+    try:
+        return bool(state.state.get_max_resources_from_cluster_config())
+    except Exception:  # an older GCS without the call: nothing known
+        return False
+
+
+def _check_workers_fit(cfg: TrainConfig, nodes: list[dict[str, float]], where: str, fixed: bool) -> None:
+    """Ray Train waits for nodes that can hold every worker, retrying every minute, forever: on
+    a cluster that cannot grow (``fixed``: the embedded Ray) refuse; on one an autoscaler may
+    grow, warn. (A cluster whose autoscaler publishes its node types is checked by Ray Train.)"""
+    from raytrieve.sizing import bundles_that_fit
+
+    # What Ray Train asks per worker: use_gpu adds a GPU; no resources_per_worker is 1 CPU (or 1 GPU).
+    bundle = dict(_scaling_config(cfg)._resources_per_worker_not_none)
+    fits = bundles_that_fit(nodes, bundle, cfg.scaling.placement_strategy)
+    if fits >= cfg.scaling.num_workers:
+        return
+    has = "; ".join(
+        f"node {i}: " + ", ".join(f"{r} {node.get(r, 0.0):g}" for r in bundle) for i, node in enumerate(nodes)
+    )
+    what = (
+        f"{where}.scaling: {cfg.scaling.num_workers} worker(s) of "
+        f"{', '.join(f'{r} {need:g}' for r, need in bundle.items())} each ({cfg.scaling.placement_strategy}) "
+        f"do not fit the {'machine' if fixed else 'cluster'} ({has}): {fits} would"
+    )
+    gpu = " or set scaling.use_gpu: false" if bundle.get("GPU") and not any(n.get("GPU") for n in nodes) else ""
+    if fixed:
+        raise ConfigError(f"{what}. Lower scaling.num_workers or scaling.resources_per_worker{gpu}")
+    log.warning(
+        "%s yet. Ray Train waits for nodes that hold them, retrying every minute; if none join it waits forever: "
+        "stop the job and lower scaling.num_workers or scaling.resources_per_worker%s",
+        what,
+        gpu,
+    )
+
+
 def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
     submit``), "local" starts an embedded Ray."""
@@ -334,7 +386,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         return TrainResult(**{**earlier, "already_complete": True})
 
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrieve.progress import ClusterCount, stage
@@ -345,11 +397,17 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     mlflow_run.check_store(uri, cfg.mlflow.experiment, cfg.mlflow.tags, where)
     p.stream.make_portable()  # the read tasks then tokenize without importing transformers
     if ray_address == "local" and not ray.is_initialized():  # the embedded Ray will have this machine's CPUs
+        from ray._private.accelerators import get_accelerator_manager_for_resource
         from ray._private.utils import get_num_cpus
 
         _check_room_for_the_data_stage(cfg, float(get_num_cpus()), where)
+        gpu_manager = get_accelerator_manager_for_resource("GPU")
+        gpus = gpu_manager.get_current_node_num_accelerators() if gpu_manager else 0
+        _check_workers_fit(cfg, [{"CPU": float(get_num_cpus()), "GPU": float(gpus)}], where, fixed=True)
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
+    if ray_address != "local" and not _autoscaler_checks_resources():
+        _check_workers_fit(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where, fixed=False)
     if cfg.scaling.torch_threads is None and "CPU" not in cfg.scaling.resources_per_worker:
         from raytrieve.sizing import cluster_shape, train_threads
 
@@ -377,12 +435,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": p.spec},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.scaling.num_workers,
-                use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker=cfg.scaling.resources_per_worker or None,
-                placement_strategy=cfg.scaling.placement_strategy,
-            ),
+            scaling_config=_scaling_config(cfg),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             datasets=build_datasets(p),
             dataset_config=DataConfig(datasets_to_split=[], execution_options=options),
