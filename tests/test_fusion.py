@@ -47,3 +47,21 @@ def test_serve_config_checks():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['replicas'\]"):
         from_dict(ServeConfig, {"dense": {"model": "m", "replicas": 2}})
     assert from_dict(ServeConfig, {"dense": {"model": "m"}}).host == "127.0.0.1"
+
+
+def test_convex_ranks_a_document_a_list_did_not_return_below_those_it_did():
+    """A list of one hit (or of tied hits) normalizes them all to its floor's value: the
+    documents it did not return then tied with its hit, and a document both retrievers found
+    ranked last."""
+    dense = [("a", 0.9), ("b", 0.5), ("c", 0.1)]
+    for sparse in ([("c", 7.0)], [("c", 7.0), ("d", 7.0)]):
+        fused = dict(fusion.convex([dense, sparse], [0.5, 0.5], "minmax"))
+        assert fused["c"] == pytest.approx(0.5 * 0.0 + 0.5 * 1.0)
+        assert fused["a"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.0)
+        assert fused["b"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.0)
+        z = dict(fusion.convex([dense, sparse], [0.5, 0.5], "zscore"))
+        assert z["c"] == pytest.approx(0.5 * -1.224744871391589 + 0.5 * 0.0)  # dense z of 0.1; sparse: found
+        assert z["b"] == pytest.approx(0.5 * 0.0 + 0.5 * -1.0)  # not found by sparse: below its hits
+    # Hits that do not tie keep the lowest hit's score as the floor (0 after min-max).
+    fused = dict(fusion.convex([dense, [("c", 7.0), ("d", 3.0)]], [0.5, 0.5], "minmax"))
+    assert fused["d"] == pytest.approx(0.5 * 0.0 + 0.5 * 0.0) and fused["a"] == pytest.approx(0.5)

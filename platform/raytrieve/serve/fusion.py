@@ -6,7 +6,9 @@ the order is deterministic.
 
 - ``rrf``: reciprocal rank fusion, sum over lists of 1 / (k + rank), rank starting at 1.
 - ``convex``: sum over lists of weight * normalized score; a document missing from a list
-  gets that list's lowest normalized score (0 after min-max), not a bonus.
+  gets that list's floor, never more than a document the list returned: 0 after min-max,
+  the lowest z-score after z-scoring. A list whose scores all tie (one hit, say) says only
+  which documents it found: min-max gives them 1, z-scoring 0 and the missing -1.
 - ``interpolate`` (after a rerank): the reranked head in cross-encoder order, or ordered by a
   weighted sum of the cross-encoder's and the first stage's z-scored scores.
 
@@ -66,13 +68,25 @@ def normalize(scores: Sequence[float], method: str) -> list[float]:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
 
 
+def _floor(normalized: dict[str, float], method: str) -> float:
+    """What a document a list did not return scores in it: below or level with all it returned."""
+    if not normalized:
+        return 0.0
+    lowest = min(normalized.values())
+    if method == "minmax":
+        return 0.0  # min-max's bottom; its lowest hit's score, unless every hit tied at 1
+    if method == "zscore" and lowest == max(normalized.values()):
+        return -1.0  # all tied at 0: the hits are above what was not found
+    return lowest
+
+
 def convex(lists: Sequence[Ranked], weights: Sequence[float], normalization: str = "minmax") -> list[tuple[str, float]]:
     if len(weights) != len(lists):
         raise ValueError(f"convex fusion needs one weight per list ({len(lists)}), got {len(weights)}")
     normalized = [
         dict(zip([d for d, _ in ranked], normalize([s for _, s in ranked], normalization))) for ranked in lists
     ]
-    floors = [min(n.values()) if n else 0.0 for n in normalized]
+    floors = [_floor(n, normalization) for n in normalized]
     order = _first_seen(lists)
     scores = {doc: sum(w * n.get(doc, floor) for w, n, floor in zip(weights, normalized, floors)) for doc in order}
     return _sorted(scores, order)
