@@ -21,6 +21,7 @@ from raytrieve.evaluate import data, report, run, scoring
 from raytrieve.serve.schemas import Fusion, SearchRequest
 from raytrieve.serve import tuning
 from raytrieve.serve.search import Retrieval, SearchPipeline
+from tests.index_helpers import write_dense_index
 
 # -- metrics ---------------------------------------------------------------------------------
 
@@ -662,46 +663,13 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
 
 def _dense_index(folder: Path, beir: Path, model_dir: Path) -> Path:
     """An index folder as `raytrieve index build` writes it, built here without the encoding job."""
-    from raytrieve import _io
     from raytrieve.encoders import load_encoder
-    from raytrieve.index import DenseIndex
 
     rows = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
     encoder = load_encoder("dense", "all-minilm-l6-v2", max_seq_length=128)
     vectors = encoder.encode_document([r["text"] for r in rows], batch_size=32, show_progress_bar=False)
-    DenseIndex.build([r["_id"] for r in rows], vectors, similarity="cosine").save(folder / "dense")
-    corpus = {
-        "path": str(beir / "corpus.jsonl"),
-        "format": "jsonl",
-        "input_rows": len(rows),
-        "bad_rows": 0,
-        "id_column": "_id",
-        "text_column": "text",
-    }
-    dense = {
-        "model": "all-minilm-l6-v2",
-        "model_path": str(model_dir),
-        "prompt": None,
-        "max_seq_length": 128,
-        "similarity": "cosine",
-        "dim": 384,
-        "precision": "float32",
-        "truncate_dim": None,
-        "normalize": True,
-        "ranges": None,
-    }
-    manifest = {
-        "format": "raytrieve-vectors",
-        "version": 2,
-        "fingerprint": "test",
-        "corpus": corpus,
-        "rows": len(rows),
-        "side": "document",
-        "dense": dense,
-        "shards": [],
-    }
-    _io.write_json(folder / "source.json", manifest)
-    return folder
+    corpus = {"path": str(beir / "corpus.jsonl"), "format": "jsonl", "id_column": "_id", "text_column": "text"}
+    return write_dense_index(folder, [r["_id"] for r in rows], vectors, corpus, "all-minilm-l6-v2", model_dir)
 
 
 def test_a_large_corpus_goes_through_the_encoding_job(ray_cluster, first_run, pydocs_beir, tmp_path):

@@ -459,3 +459,34 @@ def test_the_ingress_loads_every_indexed_query_model_in_its_backend():
     # The ingress holds the indices: no retriever deployment, whatever colocate_index says.
     assert _cfg(**keys, colocate_index=False).retriever_deployed
     assert not _cfg(**keys, colocate_index=False, recall_in_ingress=True).retriever_deployed
+
+
+def test_an_index_whose_documents_left_the_corpus_is_refused_at_start_and_by_its_holders(minilm_dir, tmp_path):
+    """Served texts come from the corpus read at start: an indexed id the corpus no longer has was
+    reranked and returned with an empty text. Refused before Ray starts and where the index is
+    held (a replica, the retriever or the ingress: an app built without the start's checks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve.errors import DataError
+    from raytrieve.serve.deployments import Documents
+    from raytrieve.serve.launch import check_before_start
+    from tests.index_helpers import write_dense_index
+
+    ids, texts = ["d0", "d1", "d2", "d3"], ["alpha", "beta", "gamma", "delta"]
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    vectors = np.random.default_rng(0).standard_normal((4, 384)).astype(np.float32)
+    index = write_dense_index(tmp_path / "index", ids, vectors,
+                              {"path": str(corpus), "format": "parquet", "id_column": "id", "text_column": "text"},
+                              "all-minilm-l6-v2", minilm_dir)
+    cfg = _cfg(dense={"model": "all-minilm-l6-v2", "index": str(index)})
+    check_before_start(cfg, "serve.yaml")  # the corpus the index was built from: served
+    assert Documents([str(index)]).lookup(ids) == texts
+    pq.write_table(pa.table({"id": ids[:3] + ["d9"], "text": texts[:3] + ["new"]}), corpus)  # d3 left, d9 came
+    message = (r"the dense index .*index holds 1 document id\(s\) the corpus .*corpus.parquet does not have "
+               r"\(e.g. \['d3'\]\): the corpus changed since it was encoded. Encode it again")
+    with pytest.raises(DataError, match=r"^serve.yaml: " + message):
+        check_before_start(cfg, "serve.yaml")
+    with pytest.raises(DataError, match=r"^serve: " + message):
+        Documents([str(index)])

@@ -350,6 +350,26 @@ def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:
             )
 
 
+def corpus_has_index_ids(indices: Mapping[str, Any], corpus_ids: Any, corpus_path: str, where: str = "serve") -> None:
+    """Every document an index can return must have its text in the corpus: a corpus changed
+    since its encoding would hand the reranker and ``return_text`` an empty text, unnoticed.
+    ``indices``: folder -> Indices; ``corpus_ids``: a set of the corpus's ids."""
+    from raytrieve.errors import DataError
+
+    for folder, ix in indices.items():
+        for kind in ("dense", "sparse"):
+            index = getattr(ix, kind)
+            if index is None:
+                continue
+            missing = [i for i in index.ids if i not in corpus_ids]
+            if missing:
+                raise DataError(
+                    f"{where}: the {kind} index {folder} holds {len(missing)} document id(s) the corpus {corpus_path} "
+                    f"does not have (e.g. {missing[:3]}): the corpus changed since it was encoded. Encode it again "
+                    "(`raytrieve encode`, unchanged shards are reused) and rebuild the index"
+                )
+
+
 class Documents:
     """The indices from `raytrieve index build` (by folder; each model searches its own) and the
     texts of their documents (one corpus: ``one_corpus``). Plain: the ``Retriever`` deployment
@@ -366,8 +386,10 @@ class Documents:
         sources = {folder: ix.source for folder, ix in self.indices.items()}
         sources |= {folder: read_source(folder) for folder in others if folder not in sources}
         one_corpus(sources, "serve")
-        data = read_corpus(next(iter(self.indices.values())).source.corpus.config(), "skip")
+        corpus = next(iter(self.indices.values())).source.corpus.config()
+        data = read_corpus(corpus, "skip")
         self.texts = dict(zip(data.ids, data.texts))
+        corpus_has_index_ids(self.indices, self.texts, corpus.path)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"documents": len(self.texts)}

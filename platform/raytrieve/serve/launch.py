@@ -53,9 +53,10 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
     from raytrieve.index.build import Indices, load_indices
+    from raytrieve.inference.corpus import read_corpus
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
-    from raytrieve.serve.deployments import one_corpus
+    from raytrieve.serve.deployments import corpus_has_index_ids, one_corpus
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
@@ -100,6 +101,8 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             _check_index_model(m.path, m.spec, path, built.model, built.model_path, where)
     if indices:
         one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
+        corpus = next(iter(indices.values())).source.corpus.config()
+        corpus_has_index_ids(indices, set(read_corpus(corpus, "skip").ids), corpus.path, where)
 
 
 def _check_index_model(

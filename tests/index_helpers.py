@@ -1,0 +1,25 @@
+"""An index folder as `raytrieve index build` writes it (the dense index and the encoding job's
+manifest as source.json), built from given vectors without the encoding job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_dense_index(folder: Path, ids: list[str], vectors: np.ndarray, corpus: dict, model: str,
+                      model_path: Path, max_seq_length: int = 128) -> Path:
+    """``corpus``: the manifest's corpus entry (path, format, id_column, text_column...)."""
+    from raytrieve import _io
+    from raytrieve.index import DenseIndex
+
+    DenseIndex.build(ids, vectors, similarity="cosine").save(folder / "dense")
+    dense = {"model": model, "model_path": str(model_path), "prompt": None, "max_seq_length": max_seq_length,
+             "similarity": "cosine", "dim": int(vectors.shape[1]), "precision": "float32", "truncate_dim": None,
+             "normalize": True, "ranges": None}
+    manifest = {"format": "raytrieve-vectors", "version": 2, "fingerprint": "test",
+                "corpus": {"input_rows": len(ids), "bad_rows": 0, **corpus}, "rows": len(ids), "side": "document",
+                "dense": dense, "shards": []}
+    _io.write_json(folder / "source.json", manifest)
+    return folder
