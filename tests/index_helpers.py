@@ -9,14 +9,15 @@ import numpy as np
 
 
 def write_dense_index(folder: Path, ids: list[str], vectors: np.ndarray, corpus: dict, model: str,
-                      model_path: Path, max_seq_length: int = 128) -> Path:
-    """``corpus``: the manifest's corpus entry (path, format, id_column, text_column...)."""
+                      model_path: Path, max_seq_length: int = 128, truncate_dim: int | None = None) -> Path:
+    """``corpus``: the manifest's corpus entry (path, format, id_column, text_column...);
+    ``truncate_dim``: the documents were encoded with dense.truncate_dim (``vectors`` already cut)."""
     from raytrieve import _io
     from raytrieve.index import DenseIndex
 
     DenseIndex.build(ids, vectors, similarity="cosine").save(folder / "dense")
     dense = {"model": model, "model_path": str(model_path), "prompt": None, "max_seq_length": max_seq_length,
-             "similarity": "cosine", "dim": int(vectors.shape[1]), "precision": "float32", "truncate_dim": None,
+             "similarity": "cosine", "dim": int(vectors.shape[1]), "precision": "float32", "truncate_dim": truncate_dim,
              "normalize": True, "ranges": None}
     manifest = {"format": "raytrieve-vectors", "version": 2, "fingerprint": "test",
                 "corpus": {"input_rows": len(ids), "bad_rows": 0, **corpus}, "rows": len(ids), "side": "document",

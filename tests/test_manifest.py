@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raytrieve.errors import DataError
+from raytrieve.errors import DataError, InputError
 from raytrieve.index.build import build_indices, load_indices
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
@@ -242,3 +242,32 @@ def test_malformed_source_json_of_an_index_folder(tmp_path):
     (tmp_path / "index" / "source.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match=r"source\.json\.corpus: missing required key 'text_column'.*index build"):
         load_indices(tmp_path / "index")
+
+
+def test_index_build_refuses_what_the_manifest_and_options_decide_before_reading_a_shard(tmp_path, monkeypatch):
+    """Options, vector precision and the model's similarity were found only after every shard was
+    read and verified (minutes and gigabytes on a large corpus). Euclidean vectors were indexed
+    as dot products, which order vectors of unequal length otherwise: refused now."""
+    import raytrieve.inference.shards as shards_module
+    from raytrieve.index.build import IndexOptions
+
+    out, _ = _encoded(tmp_path)
+    monkeypatch.setattr(shards_module, "read_vectors", lambda *a, **k: pytest.fail("the shards were read"))
+    refused = [
+        (IndexOptions(quantize="int8", backend="faiss"), InputError, "quantize= works with backend='exact' only"),
+        (IndexOptions(faiss_params={"nlist": 4}), InputError, "faiss_params only applies with backend='faiss'"),
+        (IndexOptions(backend="faiss", faiss_index="ivf", faiss_params={"nprobes": 2}), InputError,
+         r"faiss_params: unknown key\(s\) \['nprobes'\]"),
+        (IndexOptions(quantize="int4"), InputError, "quantize"),
+    ]
+    for options, error, message in refused:
+        with pytest.raises(error, match=message):
+            build_indices(out, tmp_path / "index", options)
+    for similarity in ("euclidean", "manhattan"):
+        raw = json.loads((out / "manifest.json").read_text())
+        raw["dense"]["similarity"] = similarity
+        (out / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(DataError, match=rf"vectors \(dense.similarity\): the model's similarity is '{similarity}'; "
+                                            r"an index ranks by cosine or dot product only"):
+            build_indices(out, tmp_path / "index")
+    assert not (tmp_path / "index").exists()

@@ -4,6 +4,8 @@ independently recomputed scores, and every output format has the right columns."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,6 +89,50 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
         np.testing.assert_allclose(table["score"][i], recomputed, atol=1e-4)
         assert all(s <= recomputed[0] - 0.05 + 1e-6 for s in recomputed[1:])
         assert list(recomputed[1:]) == sorted(recomputed[1:], reverse=True)  # "top": best first
+
+
+def _truncated_copy(vectors_dir: str, out: Path, dim: int) -> Path:
+    """The encoding job's folder as if encoded with dense.truncate_dim: ``dim`` (the first
+    dimensions of the same vectors, unit length again, as the job truncates then normalizes)."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(vectors_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"])
+        dense = np.stack(table.column("dense").to_numpy(zero_copy_only=False))[:, :dim]
+        dense = (dense / np.linalg.norm(dense, axis=1, keepdims=True)).astype(np.float32)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(dense.ravel()), dim)
+        table = table.set_column(table.column_names.index("dense"), "dense", column)
+        pq.write_table(table, out / shard["file"])
+        shard["sha256"] = hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+    manifest["dense"].update(dim=dim, truncate_dim=dim)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_dense_mining_over_matryoshka_truncated_vectors_scores_as_they_were_encoded(positives_vectors, pairs_file,
+                                                                                    tmp_path):
+    """Corpus vectors encoded with dense.truncate_dim failed at the search (queries of 384
+    dimensions against 64); mining now encodes queries and positives as the corpus was."""
+    from raytrieve.encoders import DenseEncoder
+    from raytrieve.inference.mine import run_mine
+
+    vectors = _truncated_copy(positives_vectors["corpus_vectors"], tmp_path / "cut", 64)
+    cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores", corpus=positives_vectors["corpus"],
+               corpus_vectors=str(vectors), selection={"num_negatives": 2, "range_max": 10})
+    result = run_mine(cfg)
+    table = pq.read_table(cfg.output_path).to_pydict()
+    assert result.rows == len(table["query"]) > 0.9 * result.pairs
+    model = DenseEncoder("all-minilm-l6-v2")
+    model.max_seq_length = 128
+    for i in range(0, len(table["query"]), 7):
+        q = model.encode_query(table["query"][i], normalize_embeddings=True, truncate_dim=64)
+        docs = model.encode_document([table[k][i] for k in ("positive", "negative_1", "negative_2")],
+                                     normalize_embeddings=True, truncate_dim=64)
+        np.testing.assert_allclose(table["score"][i], docs @ q, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -490,3 +490,30 @@ def test_an_index_whose_documents_left_the_corpus_is_refused_at_start_and_by_its
         check_before_start(cfg, "serve.yaml")
     with pytest.raises(DataError, match=r"^serve: " + message):
         Documents([str(index)])
+
+
+def test_an_index_of_truncated_vectors_is_searched_with_the_query_truncated_alike(minilm_dir, tmp_path):
+    """Documents encoded with dense.truncate_dim (Matryoshka) keep their first dimensions; the
+    served model's query vector is full-size, and every /search was a 500 (dimension 384 against
+    the index's 64). The query is cut alike: the order of a brute-force cosine over 64 dims."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve.serve.deployments import Documents
+    from tests.index_helpers import write_dense_index
+
+    rng = np.random.default_rng(1)
+    ids = [f"d{i}" for i in range(20)]
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": ids, "text": [f"text {i}" for i in ids]}), corpus)
+    full = rng.standard_normal((20, 384)).astype(np.float32)
+    index = write_dense_index(tmp_path / "index", ids, full[:, :64], {"path": str(corpus), "format": "parquet",
+                              "id_column": "id", "text_column": "text"}, "all-minilm-l6-v2", minilm_dir,
+                              truncate_dim=64)
+    query = rng.standard_normal(384).astype(np.float32)
+    hits = Documents([str(index)]).search(str(index), "dense", query, 5)
+    cut = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    scores = cut @ (query[:64] / np.linalg.norm(query[:64]))
+    order = np.argsort(-scores)[:5]
+    assert [h for h, _ in hits] == [ids[i] for i in order]
+    np.testing.assert_allclose([s for _, s in hits], scores[order], rtol=1e-5)

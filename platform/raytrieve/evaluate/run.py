@@ -175,6 +175,7 @@ def in_process_lists(evalset: EvalSet, stages: Sequence[FirstStage], options: Ru
     """Each first stage encodes the corpus and the queries here and searches an exact in-memory index."""
     from raytrieve.encoders import load_encoder
     from raytrieve.index import DenseIndex, SparseIndex
+    from raytrieve.index.dense import index_similarity
 
     ids, texts = list(evalset.corpus), list(evalset.corpus.values())
     qids = sorted(evalset.queries)
@@ -184,8 +185,8 @@ def in_process_lists(evalset: EvalSet, stages: Sequence[FirstStage], options: Ru
         encoder = load_encoder(stage.kind, stage.model, max_seq_length=options.max_seq_length, dtype=options.dtype)
         kw: dict[str, Any] = {"batch_size": options.batch_size, "show_progress_bar": False}
         if stage.kind == "dense":
+            similarity = index_similarity(encoder.similarity_fn_name, f"{stage.model} (similarity_fn_name)")
             vectors = encoder.encode_document(texts, **kw)
-            similarity = "cosine" if encoder.similarity_fn_name == "cosine" else "dot"  # as index build decides
             index: Any = DenseIndex.build(ids, vectors, similarity=similarity)
         else:
             rows = encoder.encode_document(texts, as_dicts=True, **kw)

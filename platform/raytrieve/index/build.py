@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from raytrieve import _io
 from raytrieve.errors import DataError, InputError
 from raytrieve.index.base import load_index
-from raytrieve.index.dense import DenseIndex
+from raytrieve.index.dense import DenseIndex, index_similarity
 from raytrieve.index.sparse import SparseIndex
 
 if TYPE_CHECKING:  # the index library imports the encoding job's modules only when it reads a job's output
@@ -37,24 +37,30 @@ class IndexOptions:
 
 def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOptions | None = None) -> dict[str, Any]:
     """Build every index the job's vectors allow; returns a summary."""
-    from raytrieve.inference.shards import read_vectors
+    from raytrieve.inference.shards import read_manifest, read_vectors
 
     options = options or IndexOptions()
     _io.check_replaceable(out_dir, SOURCE, "--out")  # an earlier index there is replaced, nothing else
+    # Everything the manifest and the options decide, before the shards are read and verified
+    # (minutes and gigabytes on a large corpus).
+    manifest = read_manifest(vectors_dir)
+    similarity = "cosine"
+    if manifest.dense is not None:
+        precision = manifest.dense.precision
+        if precision not in ("float32", "float16"):
+            raise DataError(
+                f"{vectors_dir}: dense vectors are {precision}; an index needs float32 or float16 vectors "
+                "(it quantizes itself and rescores with the floats): encode with dense.precision: float32 "
+                "and build with --quantize int8|binary"
+            )
+        similarity = index_similarity(manifest.dense.similarity, f"{vectors_dir} (dense.similarity)")
+        DenseIndex.check_options(
+            similarity, options.quantize, options.backend, options.faiss_index, options.faiss_params
+        )
     vectors = read_vectors(vectors_dir)
-    manifest = vectors.manifest
     summary: dict[str, Any] = {"out": str(out_dir), "rows": len(vectors.ids)}
     with _io.atomic_directory(Path(out_dir)) as tmp:
         if vectors.dense is not None:
-            assert manifest.dense is not None, "read_vectors checks that the manifest describes its dense vectors"
-            precision = manifest.dense.precision
-            if precision not in ("float32", "float16"):
-                raise DataError(
-                    f"{vectors_dir}: dense vectors are {precision}; an index needs float32 or float16 vectors "
-                    "(it quantizes itself and rescores with the floats): encode with dense.precision: float32 "
-                    "and build with --quantize int8|binary"
-                )
-            similarity = "cosine" if manifest.dense.similarity == "cosine" else "dot"
             dense = DenseIndex.build(
                 vectors.ids,
                 vectors.dense,

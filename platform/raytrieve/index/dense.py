@@ -32,6 +32,21 @@ BACKENDS = ("exact", "faiss")
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def index_similarity(model_similarity: str | None, where: str) -> str:
+    """What an index ranks a dense model's vectors by: the model's own similarity, cosine or dot
+    (None is cosine, sentence-transformers' default). Euclidean and manhattan distances order
+    vectors of unequal length otherwise than a dot product does: refused, not approximated."""
+    if model_similarity in (None, "cosine"):
+        return "cosine"
+    if model_similarity == "dot":
+        return "dot"
+    raise DataError(
+        f"{where}: the model's similarity is {model_similarity!r}; an index ranks by cosine or dot product only, "
+        f"which order {model_similarity} distances differently. Use a model whose similarity_fn_name is cosine or "
+        "dot (sentence-transformers' config_sentence_transformers.json)"
+    )
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length in float32; all-zero rows stay zero (they score 0)."""
     x = np.asarray(x, dtype=np.float32)
@@ -137,6 +152,27 @@ class DenseIndex:
     def faiss_params(self) -> dict[str, Any]:
         return {} if self.faiss is None else self.faiss.params
 
+    @staticmethod
+    def check_options(
+        similarity: str = "cosine",
+        quantize: str | None = None,
+        backend: str = "exact",
+        faiss_index: str = "flat",
+        faiss_params: dict[str, Any] | None = None,
+    ) -> None:
+        """``build``'s options, checked without vectors (``raytrieve index build`` checks them
+        before it reads a corpus's shards)."""
+        base.choice("similarity", similarity, SIMILARITIES)
+        base.choice("quantize", quantize, QUANTIZATIONS)
+        base.choice("backend", backend, BACKENDS)
+        base.choice("faiss_index", faiss_index, tuple(FAISS_PARAMS))
+        if backend == "faiss":
+            if quantize is not None:
+                raise InputError("quantize= works with backend='exact' only; FAISS keeps its own float32 vectors")
+            FaissIndex.check(faiss_index, faiss_params)
+        elif faiss_params:
+            raise InputError("faiss_params only applies with backend='faiss'")
+
     @classmethod
     def build(
         cls,
@@ -149,10 +185,7 @@ class DenseIndex:
         faiss_params: dict[str, Any] | None = None,
         chunk_size: int = 65536,
     ) -> DenseIndex:
-        base.choice("similarity", similarity, SIMILARITIES)
-        base.choice("quantize", quantize, QUANTIZATIONS)
-        base.choice("backend", backend, BACKENDS)
-        base.choice("faiss_index", faiss_index, tuple(FAISS_PARAMS))
+        cls.check_options(similarity, quantize, backend, faiss_index, faiss_params)
         chunk_size = base.positive_int("chunk_size", chunk_size)
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or not (
@@ -170,11 +203,7 @@ class DenseIndex:
             v32 = l2_normalize(v32)
         parts: dict[str, Any] = dict(dim=vectors.shape[1], similarity=similarity, chunk_size=chunk_size)
         if backend == "faiss":
-            if quantize is not None:
-                raise InputError("quantize= works with backend='exact' only; FAISS keeps its own float32 vectors")
             return cls(ids, None, faiss=FaissIndex.build(v32, faiss_index, faiss_params), **parts)
-        if faiss_params:
-            raise InputError("faiss_params only applies with backend='faiss'")
         # float16 in, float16 stored: half the disk and page cache; scoring upcasts per chunk.
         stored = v32.astype(np.float16) if vectors.dtype == np.float16 else v32
         quantized = None if quantize is None else QuantizedCodes.build(stored, quantize)

@@ -44,9 +44,10 @@ class FaissIndex:
         self.index, self.kind, self.params = index, kind, dict(params)
         _apply_search_params(index, kind, self.params)
 
-    @classmethod
-    def build(cls, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None) -> FaissIndex:
-        """An inner-product index over float32 ``vectors`` [n, dim]; defaults fill ``params``."""
+    @staticmethod
+    def check(kind: str, params: dict[str, Any] | None) -> Any:
+        """What can be refused before any vector is read: the kind, the parameters, and FAISS
+        itself (returned, imported)."""
         base.choice("faiss_index", kind, tuple(FAISS_PARAMS))
         params = dict(params or {})
         unknown = sorted(set(params) - set(FAISS_PARAMS[kind]))
@@ -58,7 +59,13 @@ class FaissIndex:
             least = 2 if key == "M" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"faiss_params[{key!r}]={value!r}: must be a whole number >= {least}")
-        faiss = import_faiss()
+        return import_faiss()
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None) -> FaissIndex:
+        """An inner-product index over float32 ``vectors`` [n, dim]; defaults fill ``params``."""
+        faiss = cls.check(kind, params)
+        params = dict(params or {})
         n, dim = vectors.shape
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)

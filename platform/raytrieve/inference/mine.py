@@ -121,15 +121,28 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
         )
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address, scratch=True)
         vectors_dir = Path(encode.output_dir)
-    vectors = read_vectors(vectors_dir)
-    made_by = vectors.manifest.output(cfg.retriever.kind)
+    check_corpus_vectors(cfg, str(vectors_dir), model_path, where)
+    return read_vectors(vectors_dir)
+
+
+def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, where: str) -> None:
+    """Vectors the retriever can search: made with its model (and, dense, as floats: an index
+    quantizes itself), by the manifest alone (the shards are read after the checks)."""
+    from raytrieve.inference.shards import read_manifest
+
+    made_by = read_manifest(vectors_dir).output(cfg.retriever.kind)
     made_with = made_by.model_path if made_by is not None else None
     if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
         raise ConfigError(
             f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
             f"not with retriever.model {model_path}; encode the corpus with the retriever's model"
         )
-    return vectors
+    precision = getattr(made_by, "precision", "float32")
+    if precision not in ("float32", "float16"):
+        raise ConfigError(
+            f"{where}.corpus_vectors {vectors_dir}: dense vectors are {precision}; mining searches float vectors: "
+            "encode the corpus with dense.precision: float32"
+        )
 
 
 def select_negatives(
@@ -158,6 +171,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     import ray
 
     from raytrieve.index import DenseIndex, SparseIndex
+    from raytrieve.index.dense import index_similarity
 
     cfg.check(where)
     inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
@@ -183,6 +197,11 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )
+    similarity = None
+    if r.kind == "dense":  # its candidates come from a cosine or dot index
+        similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {r.model}")
+    if cfg.corpus_vectors:
+        check_corpus_vectors(cfg, cfg.corpus_vectors, str(resolve_field(r.model, f"{where}.retriever.model")), where)
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
@@ -227,12 +246,14 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     bs = cfg.retriever.batch_size
     q_row = {q: i for i, q in enumerate(unique_queries)}
     if kind == "dense":
-        index = DenseIndex.build(vectors.ids, vectors.dense, similarity="dot")
-        normalize = model.similarity_fn_name == "cosine"
-        q_emb = model.encode_query(
-            unique_queries, batch_size=bs, normalize_embeddings=normalize, show_progress_bar=bars
-        )
-        p_emb = model.encode_document(positives, batch_size=bs, normalize_embeddings=normalize, show_progress_bar=bars)
+        assert similarity is not None and vectors.manifest.dense is not None
+        index = DenseIndex.build(vectors.ids, vectors.dense, similarity=similarity)
+        # Queries and positives as the corpus was encoded: its truncate_dim (Matryoshka), and
+        # unit length for cosine, so positives' scores are on the candidates' scale.
+        kw = {"batch_size": bs, "normalize_embeddings": similarity == "cosine", "show_progress_bar": bars}
+        kw["truncate_dim"] = vectors.manifest.dense.truncate_dim
+        q_emb = model.encode_query(unique_queries, **kw)
+        p_emb = model.encode_document(positives, **kw)
         hits = index.search(q_emb, depth)
         pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
     else:

@@ -399,8 +399,14 @@ class Documents:
 
     def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
         """The top ``k`` of the ``kind`` (dense / sparse) index in ``folder`` for a query vector."""
-        index = getattr(self.indices[folder], kind)
+        ix = self.indices[folder]
+        index = getattr(ix, kind)
         assert index is not None, "serve's preflight checks that each served model's index has its kind"
+        if kind == "dense" and ix.source.dense is not None and ix.source.dense.truncate_dim:
+            # Documents encoded with dense.truncate_dim (Matryoshka) kept their first dimensions:
+            # so does the query. The direction is that of truncating first; the index's cosine
+            # normalizes it, and a dot product's order does not depend on the query's length.
+            vector = vector[: ix.source.dense.truncate_dim]
         batch = vector[None, :] if kind == "dense" else [vector]
         hits = index.search(batch, top_k=min(k, len(index)))
         return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
