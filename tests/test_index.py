@@ -397,3 +397,15 @@ def test_dense_errors_name_the_input():
         DenseIndex.build(ids_for(8), vectors, similarity="l2")
     with pytest.raises(InputError, match="rescore_multiplier"):
         DenseIndex.build(ids_for(8), vectors, quantize="int8").search(vectors, rescore_multiplier=0)
+
+
+def test_ids_are_the_text_a_client_sends_back():
+    """str(b"x") is "b'x'" and str(2.0) is "2.0": ids that silently no longer matched the user's."""
+    vectors = np.eye(4, dtype=np.float32)
+    assert DenseIndex.build([b"x", 1, np.int64(2), "y"], vectors).ids == ["x", "1", "2", "y"]
+    with pytest.raises(InputError, match=r"ids: row 1 is the float 2.0; pass ids as text or integers"):
+        DenseIndex.build(["a", 2.0, "c", "d"], vectors)
+    with pytest.raises(InputError, match=r"ids: row 0 is bytes that are not UTF-8"):
+        DenseIndex.build([b"\xff", "b", "c", "d"], vectors)
+    with pytest.raises(DataError, match=r"duplicate id\(s\), e.g. \['x'\]"):
+        DenseIndex.build([b"x", "x", "c", "d"], vectors)

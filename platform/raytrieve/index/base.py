@@ -66,6 +66,21 @@ def check_not_empty(count: int) -> None:
         raise InputError("the index is empty (0 documents); build it from at least one document")
 
 
+def _id_text(row: int, id_: Any) -> str:
+    """An id as the text a client sends back: bytes decoded (str(b"x") is "b'x'"); a float is
+    refused (2.0 would be "2.0", never the "2" of the corpus's integer id)."""
+    if isinstance(id_, (bytes, bytearray)):
+        try:
+            return bytes(id_).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(
+                f"ids: row {row} is bytes that are not UTF-8 ({bytes(id_)[:20]!r}); pass text ids"
+            ) from None
+    if isinstance(id_, (float, np.floating)):
+        raise InputError(f"ids: row {row} is the float {id_!r}; pass ids as text or integers")
+    return str(id_)
+
+
 def normalize_ids(ids: Any, count: int | None = None, what: str = "vectors") -> list[str]:
     """Ids as strings; a count mismatch is an InputError, duplicates or nulls a DataError."""
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
@@ -79,7 +94,7 @@ def normalize_ids(ids: Any, count: int | None = None, what: str = "vectors") -> 
         raise DataError(
             f"ids: null id at row {next(r for r, i in enumerate(ids) if i is None)}; every document needs an id"
         )
-    as_str = [str(i) for i in ids]
+    as_str = ids if all(type(i) is str for i in ids) else [_id_text(r, i) for r, i in enumerate(ids)]
     if len(set(as_str)) != len(as_str):
         dups = sorted(i for i, c in Counter(as_str).items() if c > 1)
         raise DataError(f"ids: {len(dups)} duplicate id(s), e.g. {dups[:5]}; ids must be unique in the corpus")
