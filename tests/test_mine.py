@@ -275,3 +275,23 @@ def test_mine_config_errors(pairs_file, tmp_path):
         _cfg(pairs_file, tmp_path, output_path=str(tmp_path / "x.csv")).check()
     with pytest.raises(ConfigError, match=r"reranker\.token_budget must be >= 1"):
         _cfg(pairs_file, tmp_path, reranker={"model": "m", "token_budget": 0}).check()
+
+
+def test_positives_are_scored_in_the_dtype_the_candidates_were():
+    """Margins compare a positive's cross-encoder score with its candidates': the candidates were
+    scored in the reranker's dtype (auto: bf16 on AMX or a GPU), the positives always in float32."""
+    import json
+
+    from raytrieve.encoders import load_encoder
+    from raytrieve.inference.score import ScorePairs
+    from raytrieve.model_ref import resolve_model
+
+    path = str(resolve_model("ms-marco-minilm-l12-v2"))
+    pairs = [("what is yaml", "YAML is a human-friendly data serialization language."),
+             ("progress bar", "tqdm shows a smart progress meter for loops.")]
+    for dtype in ("float32", "bfloat16"):
+        scorer = ScorePairs(path, 64, 8, "cpu", 1, dtype=dtype)
+        got = np.frombuffer(scorer({"chunk": np.array([0]), "payload": np.array([json.dumps(pairs)])})["scores"][0],
+                            dtype=np.float32)
+        candidates_model = load_encoder("cross", path, max_seq_length=64, dtype=dtype)  # as inference/lookup.py
+        np.testing.assert_array_equal(got, np.asarray(candidates_model.predict(pairs, batch_size=8), np.float32))

@@ -310,6 +310,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             token_budget=rr.token_budget,
             actors=rr.actors,
             cpus_per_actor=rr.cpus_per_actor,
+            dtype=rr.dtype,  # the candidates' dtype: margins compare the two
         )
         phases.update(1, finished="reranked")
 

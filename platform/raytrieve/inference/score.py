@@ -23,15 +23,14 @@ class ScorePairs:
         device: str,
         threads: int,
         token_budget: int | None = None,
+        dtype: str = "float32",
     ) -> None:
         import torch
 
-        from raytrieve.encoders import CrossEncoder
+        from raytrieve.encoders import load_encoder
 
         torch.set_num_threads(threads)
-        self.model = CrossEncoder(model_path, device=device)
-        if max_seq_length:
-            self.model.max_seq_length = max_seq_length
+        self.model = load_encoder("cross", model_path, device=device, max_seq_length=max_seq_length, dtype=dtype)
         self.batch_size, self.token_budget = batch_size, token_budget
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -59,8 +58,10 @@ def score_pairs(
     token_budget: int | None = None,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
+    dtype: str = "float32",
 ) -> np.ndarray:
-    """Scores of ``pairs`` in input order (float32)."""
+    """Scores of ``pairs`` in input order (float32 numbers; the model computes in ``dtype``, as
+    the candidates it is compared with were scored)."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -82,6 +83,7 @@ def score_pairs(
             "token_budget": token_budget,
             "device": "cuda" if use_gpu else "cpu",
             "threads": threads,
+            "dtype": dtype,
         },
         compute=ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
