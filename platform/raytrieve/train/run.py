@@ -406,8 +406,9 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         _check_workers_fit(cfg, [{"CPU": float(get_num_cpus()), "GPU": float(gpus)}], where, fixed=True)
     connect(ray_address)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
-    if ray_address != "local" and not _autoscaler_checks_resources():
-        _check_workers_fit(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where, fixed=False)
+    if ray_address == "local" or not _autoscaler_checks_resources():  # "local": this process's Ray, it cannot grow
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        _check_workers_fit(cfg, nodes, where, fixed=ray_address == "local")
     if cfg.scaling.torch_threads is None and "CPU" not in cfg.scaling.resources_per_worker:
         from raytrieve.sizing import cluster_shape, train_threads
 
