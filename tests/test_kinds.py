@@ -54,3 +54,20 @@ def test_unknown_kind_names_the_field_and_the_choices():
         model_kind("colbert")
     with pytest.raises(ConfigError, match="reranker"):
         served_kind("cross")
+
+
+def test_a_reranker_must_score_one_label_per_pair(tiny_dirs):
+    """A 3-label classifier (NLI) served as the reranker passed the start and then every rerank
+    was a 500 (scores of shape [n, 3]); the label count read from its files is the model's own."""
+    from raytrieve.encoders import CrossEncoder
+    from raytrieve.errors import ConfigError
+    from raytrieve.kinds import refuse_other_kind, saved_num_labels
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.launch import check_before_start
+    from raytrieve.config import from_dict
+
+    for name in ("cls1", "cls3"):
+        assert saved_num_labels(tiny_dirs[name]) == CrossEncoder(tiny_dirs[name], device="cpu").num_labels
+    refuse_other_kind(tiny_dirs["cls1"], "reranker", "x", "fix")
+    with pytest.raises(ConfigError, match=r"^serve.yaml.reranker.model: .*cls3 scores 3 labels per pair \(a classifier"):
+        check_before_start(from_dict(ServeConfig, {"reranker": {"model": str(tiny_dirs["cls3"])}}), "serve.yaml")

@@ -114,13 +114,37 @@ def refuse_other_kind(folder: Any, field: str, label: str, fix: str) -> None:
     (dense / sparse / reranker) stands for: it would load as ``field``'s kind, or fail deep in
     a job with a traceback. Files that cannot tell pass. The ConfigError reads ``{label} is a
     <kind> model (...); {fix}``; ``fix`` may name the kind found as ``{name}`` (dense / sparse /
-    cross) or ``{field}`` (its serving field)."""
+    cross) or ``{field}`` (its serving field). A reranker must also score one label per pair."""
     found = saved_kind(folder)
     if found is not None and found.serve_field != field:
         raise ConfigError(
             f"{label} is a {found.name} model ({found.st_model_type}, by the files in {folder}); "
             + fix.format(name=found.name, field=found.serve_field)
         )
+    labels = saved_num_labels(folder) if field == "reranker" else None
+    if labels is not None and labels != 1:  # every rerank (and its margins) reads one score per pair
+        raise ConfigError(
+            f"{label} scores {labels} labels per pair (a classifier, such as NLI), not one relevance score; "
+            "rerank with a single-label cross-encoder"
+        )
+
+
+def saved_num_labels(folder: Any) -> int | None:
+    """The labels a sequence-classification head saved in ``folder`` scores (its config.json's
+    ``num_labels``, else its ``id2label``); None when the files do not say."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get("num_labels"), int):
+        return config["num_labels"]
+    id2label = config.get("id2label")
+    return len(id2label) if isinstance(id2label, dict) and id2label else None
 
 
 # Module types whose presence in modules.json makes a folder sparse (sentence-transformers 5+ names).
