@@ -99,6 +99,36 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
     return ".".join(parts), len(loc)
 
 
+# Fields other servers' clients may send that raytrieve refuses on purpose, and why (a bare
+# "Extra inputs are not permitted" gives no fix).
+WHY_REFUSED = {
+    "max_chunks_per_doc": "documents are cut at the served model's max_seq_length (GET /info), not split into "
+    "chunks; leave max_chunks_per_doc out",
+    "max_tokens_per_doc": "documents are cut at the served model's max_seq_length (GET /info); leave "
+    "max_tokens_per_doc out",
+    "relevant_spans": "the rerankers score whole documents; leave relevant_spans out",
+    "truncation_direction": "only the end of a text is cut (right); send right or leave it out",
+}
+_TOKEN_IDS = (
+    "token ids are not accepted: they belong to one tokenizer (OpenAI's clients send tiktoken's), not the "
+    "served model's; send the texts (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)"
+)
+
+
+def _token_ids(body: Any, field: str) -> bool:
+    """Whether the text field (input / inputs) ``field`` names holds token ids: a list of ints
+    or of lists of ints, as OpenAI's embeddings API accepts."""
+    name = field.split("[")[0]
+    value = body.get(name) if isinstance(body, dict) and name in ("input", "inputs") else None
+    if not isinstance(value, list) or not value:
+        return False
+    rows = value if isinstance(value[0], list) else [value]
+    return all(
+        isinstance(row, list) and row and all(isinstance(t, int) and not isinstance(t, bool) for t in row)
+        for row in rows
+    )
+
+
 async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     errors = e.errors() or [{}]
     first = errors[0]
@@ -130,6 +160,12 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     unknown = [
         e["loc"] for e in errors if e.get("type") == "extra_forbidden" and _field_of(tuple(e["loc"]))[0] == field
     ]
+    name = field.rsplit(".", 1)[-1]
+    if name in WHY_REFUSED and any(t in ("extra_forbidden", "literal_error") for t, _ in here):
+        return error_response(422, "invalid_request", f"{field}: {WHY_REFUSED[name]}", field)
+    if _token_ids(e.body, field):
+        top = field.split("[")[0]
+        return error_response(422, "invalid_request", f"{top}: {_TOKEN_IDS}", top)
     hint = _did_you_mean(request, unknown[0]) if unknown else ""
     return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}{hint}", field or "body")
 
