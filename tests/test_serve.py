@@ -137,6 +137,10 @@ def test_embeddings_equal_dense_encoder(served, models):
     r = _post(served["url"], "/v1/embeddings", {"input": texts[:2], "encoding_format": "binary", "input_type": "query"})
     packed = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.uint8)
     np.testing.assert_array_equal(packed, np.packbits(models["dense"].encode_query(texts[:2]) > 0, axis=1))
+    r = _post(served["url"], "/v1/embeddings", {"input": texts[:2], "encoding_format": "int8"})
+    codes = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.int16)
+    unit = models["dense"].encode(texts[:2], normalize_embeddings=True)
+    assert np.abs(codes - unit * 127).max() <= 0.5 + 1e-3
 
 
 def test_sparse_and_rerank_equal_in_process(served, models):

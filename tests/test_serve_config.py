@@ -517,3 +517,13 @@ def test_an_index_of_truncated_vectors_is_searched_with_the_query_truncated_alik
     order = np.argsort(-scores)[:5]
     assert [h for h, _ in hits] == [ids[i] for i in order]
     np.testing.assert_allclose([s for _, s in hits], scores[order], rtol=1e-5)
+
+
+def test_int8_embeddings_are_the_unit_vector_scaled_by_127():
+    """A model without a Normalize module gave vectors clipped at +-127 ([127, -38, 127, -127])."""
+    from raytrieve.serve.shapes import encode_vector
+
+    v = np.array([2.5, -0.3, 1.2, -4.0], dtype=np.float32)
+    want = [round(x / float(np.sqrt((v.astype(np.float64) ** 2).sum())) * 127) for x in v.tolist()]
+    assert encode_vector(v, "int8") == want == [65, -8, 31, -104]
+    assert encode_vector(np.zeros(3, np.float32), "int8") == [0, 0, 0]

@@ -45,8 +45,9 @@ def check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
 def encode_vector(v: np.ndarray, fmt: str) -> Any:
     if fmt == "base64":  # OpenAI's: little-endian float32 bytes
         return base64.b64encode(v.astype("<f4").tobytes()).decode()
-    if fmt == "int8":  # unit vectors: [-1, 1] onto [-127, 127]
-        return np.clip(np.round(v * 127), -127, 127).astype(np.int8).tolist()
+    if fmt == "int8":  # the unit vector, [-1, 1] onto [-127, 127]: a model without Normalize clipped to ±127
+        unit = v / max(float(np.linalg.norm(v)), 1e-12)
+        return np.clip(np.round(unit * 127), -127, 127).astype(np.int8).tolist()
     if fmt == "binary":  # sign bits, 8 dimensions a byte (uint8), as sentence-transformers' ubinary
         return np.packbits(v > 0).tolist()
     return v.tolist()
