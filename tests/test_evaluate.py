@@ -412,7 +412,10 @@ def search_app():
 
     servers = []
 
-    def start(rerank: bool = True, token: str | None = None) -> str:
+    def start(rerank: bool = True, token: str | None = None, defaults: dict | None = None) -> str:
+        """``defaults``: the app's search: settings, under each request as the ingress merges them."""
+        from raytrieve.serve.search import with_defaults
+
         lists = _lists()
         by_text = {text: qid for qid, text in Q_TEXT.items()}
 
@@ -425,7 +428,8 @@ def search_app():
                 if not rerank:
                     pipeline.rerank = None
                 try:
-                    self.answer(200, asyncio.run(pipeline.search(SearchRequest(**body))))
+                    request = with_defaults(SearchRequest(**body), defaults or {})
+                    self.answer(200, asyncio.run(pipeline.search(request)))
                 except SearchError as e:
                     self.answer(422, {"error": str(e)})
 
@@ -454,9 +458,30 @@ def test_url_rankings_read_every_stage_over_http(search_app):
     from raytrieve.evaluate.remote import url_rankings
 
     options = run.RunOptions(depth=8, rerank_depth=3)
-    got = url_rankings(search_app(), Q_TEXT, options, clients=2)
+    given = {"recall": {"dense": 8, "sparse": 8}, "rerank_depth": 3}
+    got, settings = url_rankings(search_app(), Q_TEXT, given, clients=2)
     expected = run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
     assert got == expected and set(got) == {"dense", "sparse", "fused", "reranked"}
+    assert settings == {"recall": {"dense": 8, "sparse": 8}, "fusion": Fusion().model_dump(), "rerank": True,
+                        "rerank_depth": 3, "rerank_weight": 1.0}
+
+
+def test_url_measures_the_app_as_served_under_the_flags_given(search_app):
+    """--url sent evaluate's own defaults for every setting (recall 100, RRF k=60, rerank depth 50,
+    weight 1), overriding the app's search: settings: it measured a configuration nobody served."""
+    from raytrieve.evaluate.remote import url_rankings
+
+    served = {"recall": {"dense": 6, "sparse": 8}, "rerank_depth": 2, "rerank_weight": 1.0,
+              "fusion": {"method": "convex", "dense_weight": 0.7, "sparse_weight": 0.3, "normalization": "zscore"}}
+    url = search_app(defaults=served)
+    got, settings = url_rankings(url, Q_TEXT, {}, clients=2)
+    assert settings == {**served, "fusion": {**served["fusion"], "k": 60.0}, "rerank": True}
+    lists = {name: {q: ranked[:served["recall"][name]] for q, ranked in per_q.items()} for name, per_q in _lists().items()}
+    options = run.RunOptions(fusion=Fusion(**served["fusion"]), rerank_depth=2)
+    assert got == run.combine(lists, {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    # A flag given is sent, field by field: the served weights stay under --fusion rrf's k.
+    _, settings = url_rankings(url, Q_TEXT, {"fusion": {"k": 10.0}})
+    assert settings["fusion"] == {**served["fusion"], "k": 10.0}
 
 
 def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
@@ -465,11 +490,12 @@ def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
 
     url = search_app(rerank=False, token="s3cret")
     options = run.RunOptions(depth=8, rerank_depth=3)
+    given = {"recall": {"dense": 8, "sparse": 8}, "rerank_depth": 3}
     monkeypatch.delenv("RAYTRIEVE_API_TOKEN", raising=False)
     with pytest.raises(InputError, match=r"401.*set RAYTRIEVE_API_TOKEN"):
-        url_rankings(url, Q_TEXT, options)
+        url_rankings(url, Q_TEXT, given)
     monkeypatch.setenv("RAYTRIEVE_API_TOKEN", "s3cret")
-    got = url_rankings(url, Q_TEXT, options)
+    got, _ = url_rankings(url, Q_TEXT, given)
     assert got == run.combine(_lists(), {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, None)
     assert set(got) == {"dense", "sparse", "fused"}
 
@@ -714,6 +740,13 @@ def test_bad_data_is_refused_before_any_model_loads(tmp_path, capsys):
         (["--data", "x", "--url", "http://h", "--tune-on", "dev"], "--tune-on replays /search"),
         (["--data", "x", "--dense", "m", "--serve-config", "s.yaml"], "pass --tune-on SPLIT too"),
         (["--data", "x", "--dense", "m", "--tune-on", "test"], "is the evaluated --split"),
+        # /search's own limits, naming the flag (a pydantic traceback before).
+        (["--data", "x", "--dense", "m", "--rrf-k", "-1"], "--rrf-k -1.0: Input should be greater than or equal to 0"),
+        (["--data", "x", "--dense", "m", "--dense-weight", "nan"], "--dense-weight nan:"),
+        (["--data", "x", "--dense", "m", "--fusion", "convex", "--dense-weight", "0", "--sparse-weight", "0"],
+         "at least one must be > 0"),
+        # Lists cut at 50 reported as recall@100.
+        (["--data", "x", "--dense", "m", "--depth", "50"], "--depth 50: each first stage's list is cut there"),
     ],
 )
 def test_contradicting_flags_are_refused(args, message, tmp_path):

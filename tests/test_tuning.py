@@ -228,7 +228,7 @@ def test_fusion_grid_covers_each_retriever_alone_and_every_pair():
 
 
 def test_an_explicit_rerank_weight_is_kept_over_the_configured_default():
-    """The demo's untuned row and evaluate --url send rerank_weight 1: a fitted 0.3 in the app's
+    """The demo's untuned row sends rerank_weight 1: a fitted 0.3 in the app's
     search: defaults must not fill it; a request that leaves it out gets the default."""
     defaults = {"rerank": True, "rerank_depth": 10, "rerank_weight": 0.3}
     explicit = with_defaults(SearchRequest.model_validate({"query": "q", "rerank_weight": 1.0}), defaults)

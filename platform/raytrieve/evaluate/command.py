@@ -51,12 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--clients", type=int, default=4, help="concurrent /search requests with --url")
     ranking = parser.add_argument_group("ranking (as /search takes them)")
     ranking.add_argument("--depth", type=int, help="candidates from each first stage (default: max(100, --recall-k))")
-    ranking.add_argument("--rerank-depth", type=int, default=50, help="fused candidates the reranker rescores")
-    ranking.add_argument("--fusion", choices=["rrf", "convex"], default="rrf")
-    ranking.add_argument("--rrf-k", type=float, default=60.0)
-    ranking.add_argument("--dense-weight", type=float, default=0.5, help="convex fusion")
-    ranking.add_argument("--sparse-weight", type=float, default=0.5, help="convex fusion")
-    ranking.add_argument("--normalization", choices=["minmax", "zscore", "none"], default="minmax")
+    # Left unset, these are /search's own defaults (with --url: the app's search: settings).
+    ranking.add_argument("--rerank-depth", type=int, help="fused candidates the reranker rescores (default 50)")
+    ranking.add_argument("--fusion", choices=["rrf", "convex"], help="default rrf")
+    ranking.add_argument("--rrf-k", type=float, help="default 60")
+    ranking.add_argument("--dense-weight", type=float, help="convex fusion (default 0.5)")
+    ranking.add_argument("--sparse-weight", type=float, help="convex fusion (default 0.5)")
+    ranking.add_argument("--normalization", choices=["minmax", "zscore", "none"], help="default minmax")
     ranking.add_argument("--max-seq-length", type=int, help="truncate texts for every model (default: each model's)")
     ranking.add_argument(
         "--reranker-max-seq-length",
@@ -151,8 +152,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tune-on {args.tune_on} is the evaluated --qrels: tune on another qrels file")
     if args.serve_config and not args.tune_on:
         raise ConfigError("--serve-config is written with the fit: pass --tune-on SPLIT too")
-    if args.fusion == "convex" and args.dense_weight + args.sparse_weight <= 0:
-        raise ConfigError("--dense-weight and --sparse-weight: at least one must be > 0 for convex fusion")
+    depth = args.depth or max(100, args.recall_k)
+    if depth < max(args.k, args.recall_k):
+        raise ConfigError(
+            f"--depth {depth}: each first stage's list is cut there, so recall@{args.recall_k} and the metrics "
+            f"@{args.k} would count only {depth} candidates; give --depth >= {max(args.k, args.recall_k)} "
+            "or a smaller --recall-k"
+        )
 
 
 def _resolve_models(args: argparse.Namespace) -> None:
@@ -169,21 +175,48 @@ def _resolve_models(args: argparse.Namespace) -> None:
         refuse_other_kind(path, flag, f"--{flag} {ref}:", fix)
 
 
+FUSION_FLAGS = {
+    "method": "fusion",
+    "k": "rrf_k",
+    "dense_weight": "dense_weight",
+    "sparse_weight": "sparse_weight",
+    "normalization": "normalization",
+}
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The /search settings the command line names (``--url`` sends only these: the app's own
+    ``search:`` settings fill the rest, so the app is measured as it is served)."""
+    given: dict[str, Any] = {}
+    if args.depth:
+        given["recall"] = {"dense": args.depth, "sparse": args.depth}
+    fusion = {field: getattr(args, flag) for field, flag in FUSION_FLAGS.items() if getattr(args, flag) is not None}
+    if fusion:
+        given["fusion"] = fusion
+    if args.rerank_depth is not None:
+        given["rerank_depth"] = args.rerank_depth
+    return given
+
+
 def _settings(args: argparse.Namespace) -> Any:
+    import pydantic
+
     from raytrieve.evaluate.run import RunOptions
     from raytrieve.serve.schemas import Fusion
 
-    fusion = Fusion(
-        method=args.fusion,
-        k=args.rrf_k,
-        dense_weight=args.dense_weight,
-        sparse_weight=args.sparse_weight,
-        normalization=args.normalization,
-    )
+    given = _given(args)
+    try:  # /search's own checks of the values, naming the flag
+        fusion = Fusion(**given.get("fusion", {}))
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        flag = FUSION_FLAGS.get(str(error["loc"][0]), str(error["loc"][0])).replace("_", "-")
+        raise ConfigError(f"--{flag} {error.get('input')!r}: {error['msg']}") from None
+    if fusion.method == "convex" and fusion.dense_weight + fusion.sparse_weight <= 0:
+        raise ConfigError("--dense-weight and --sparse-weight: at least one must be > 0 for convex fusion")
     return RunOptions(
         depth=args.depth or max(100, args.recall_k),
         fusion=fusion,
-        rerank_depth=args.rerank_depth,
+        rerank_depth=50 if args.rerank_depth is None else args.rerank_depth,
         batch_size=args.batch_size,
         token_budget=args.token_budget,
         max_seq_length=args.max_seq_length,
@@ -246,8 +279,17 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         from raytrieve.evaluate.remote import url_rankings
 
         backend = f"the Serve app at {args.url}"
-        rankings = url_rankings(args.url, evalset.queries, options, args.clients)
+        rankings, served = url_rankings(args.url, evalset.queries, _given(args), args.clients)
         described: dict[str, Any] = {"url": args.url}
+        # What the app ran (its search: settings under the flags given), not this command's defaults.
+        from raytrieve.serve.schemas import Fusion
+
+        options = dataclasses.replace(
+            options,
+            depth=max(served["recall"].values()),
+            fusion=Fusion(**served["fusion"]),
+            rerank_depth=served["rerank_depth"],
+        )
     else:
         index = args.index
         if index is None and len(evalset.corpus) > args.max_in_process_rows:

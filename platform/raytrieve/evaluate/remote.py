@@ -12,23 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raytrieve.errors import InputError
-from raytrieve.evaluate.run import FUSED, RERANKED, Rankings, RunOptions
+from raytrieve.evaluate.run import FUSED, RERANKED, Rankings
 
 log = logging.getLogger("raytrieve.evaluate")
 TOKEN_ENV = "RAYTRIEVE_API_TOKEN"  # ServeConfig.auth_token_env's default
 
 
-def _body(options: RunOptions, rerank: bool) -> dict[str, Any]:
-    return {
-        "top_k": options.rerank_depth if rerank else 1,
-        "recall": {"dense": options.depth, "sparse": options.depth},
-        "fusion": options.fusion.model_dump(),
-        "rerank": rerank,
-        "rerank_depth": options.rerank_depth,
-        "rerank_weight": 1.0,  # the reranked stage is the cross-encoder's order, as in process
-        "return_text": False,
-        "return_stages": True,
-    }
+def _body(given: Mapping[str, Any], rerank: bool) -> dict[str, Any]:
+    """The /search request: ``given`` (the settings the command line named) over the app's own
+    ``search:`` defaults, which fill everything else, so what is measured is what is served."""
+    return {"top_k": 1, "rerank": rerank, "return_text": False, "return_stages": True, **given}
 
 
 def _ask(url: str, query: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
@@ -52,37 +45,41 @@ def _ask(url: str, query: str, body: dict[str, Any], token: str | None) -> dict[
     raise InputError(f"--url {url}: /search failed ({reason}){hint}; check that the app is up and serves /search")
 
 
-def url_rankings(url: str, queries: Mapping[str, str], options: RunOptions, clients: int = 4) -> Rankings:
-    """Each query once through the app's whole pipeline. Rerank is asked for, and left out when
-    the app serves no reranker (its answer to the first query says so). An app that wants a
-    bearer token gets the value of $RAYTRIEVE_API_TOKEN (the serve config's default variable)."""
+def url_rankings(
+    url: str, queries: Mapping[str, str], given: Mapping[str, Any], clients: int = 4
+) -> tuple[Rankings, dict[str, Any]]:
+    """Each query once through the app's whole pipeline; returns the rankings of every stage and
+    the settings the app ran (its ``search:`` defaults under ``given``). Rerank is asked for, and
+    left out when the app serves no reranker (its answer to the first query says so). An app that
+    wants a bearer token gets the value of $RAYTRIEVE_API_TOKEN (the serve config's default
+    variable)."""
     url, token = url.rstrip("/"), os.environ.get(TOKEN_ENV)
     qids = sorted(queries)
     rerank = True
     try:
-        first = _ask(url, queries[qids[0]], _body(options, rerank), token)
+        first = _ask(url, queries[qids[0]], _body(given, rerank), token)
     except InputError as e:
         if "no reranker" not in str(e):
             raise
         log.info("%s serves no reranker: the reranked stage is left out", url)
         rerank = False
-        first = _ask(url, queries[qids[0]], _body(options, rerank), token)
-    body = _body(options, rerank)
+        first = _ask(url, queries[qids[0]], _body(given, rerank), token)
+    body = _body(given, rerank)
     with ThreadPoolExecutor(max_workers=max(1, clients)) as pool:
         answers = [first, *pool.map(lambda q: _ask(url, queries[q], body, token), qids[1:])]
     rankings: Rankings = {}
     for qid, answer in zip(qids, answers):
         stages = answer.get("stages")
-        if not isinstance(stages, dict):
+        if not isinstance(stages, dict) or not isinstance(answer.get("settings"), dict):
             raise InputError(f"--url {url}: /search answered without 'stages'; is it a raytrieve Serve app?")
-        lists = {name: [d for d, _ in ranked] for name, ranked in stages.items() if name != FUSED}
+        lists = {name: [d for d, _ in ranked] for name, ranked in stages.items() if name not in (FUSED, RERANKED)}
         for name, ranked in lists.items():
             rankings.setdefault(name, {})[qid] = ranked
         fused = [d for d, _ in stages[FUSED]]
         if len(lists) > 1:
             rankings.setdefault(FUSED, {})[qid] = fused
-        if rerank:
-            head = [hit["id"] for hit in answer["hits"]]
+        if rerank:  # the reranked head, then the fused order (as the in-process path ranks them)
+            head = [d for d, _ in stages.get(RERANKED, [])]
             seen = set(head)
             rankings.setdefault(RERANKED, {})[qid] = head + [d for d in fused if d not in seen]
-    return rankings
+    return rankings, first["settings"]

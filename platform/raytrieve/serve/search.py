@@ -121,6 +121,7 @@ class SearchPipeline:
 
         reranked: dict[str, float] = {}
         final = list(fused)
+        head: list[tuple[str, float]] = []
         if request.rerank and fused:
             ids = [d for d, _ in fused[: request.rerank_depth]]
             candidates = await self._texts(ids, known, timings)  # timed as lookup_ms when it runs
@@ -134,7 +135,7 @@ class SearchPipeline:
             final = head + list(fused[request.rerank_depth :])
         final = final[: request.top_k]
         texts = await self._texts([d for d, _ in final], known, timings) if request.return_text else []
-        return self._answer(request, lists, fused, reranked, final, texts, timings)
+        return self._answer(request, lists, fused, reranked, head, final, texts, timings)
 
     async def _recall(
         self, name: str, query: str, k: int, timings: dict[str, float], wanted: int, known: dict[str, str]
@@ -190,6 +191,7 @@ class SearchPipeline:
         lists: Mapping[str, Ranked],
         fused: Ranked,
         reranked: Mapping[str, float],
+        head: Sequence[tuple[str, float]],
         final: Sequence[tuple[str, float]],
         texts: Sequence[str],
         timings: Mapping[str, float],
@@ -223,7 +225,14 @@ class SearchPipeline:
             answer["stages"] = {
                 **{name: [[d, s] for d, s in ranked] for name, ranked in lists.items()},
                 "fused": [[d, s] for d, s in fused],
+                # The whole reranked head (rerank_depth), whatever top_k cuts from the hits.
+                **({"reranked": [[d, s] for d, s in head]} if reranked else {}),
             }
+            # What ran: the request merged with the app's search: defaults (an evaluation of the
+            # app records the settings it measured).
+            answer["settings"] = request.model_dump(
+                include={"recall", "fusion", "rerank", "rerank_depth", "rerank_weight"}
+            )
         return answer
 
 
