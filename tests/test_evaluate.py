@@ -246,8 +246,9 @@ BAD_INPUTS = {
     "no text key": (_append("queries.jsonl", '{"_id": "q9"}\n'), ["queries.jsonl:4:", "--column query_text="]),
     "blank text": (_append("corpus.jsonl", '{"_id": "d9", "title": "", "text": "  "}\n'),
                    ["corpus.jsonl:4:", "'d9' has a blank text and no title; give it text (judgements may name it)"]),
-    "blank query": (_append("queries.jsonl", '{"_id": "q9", "text": " "}\n'),
-                    ["queries.jsonl:4:", "query 'q9' has a blank text; give it text or remove the row"]),
+    "blank query": (lambda root: (_append("queries.jsonl", '{"_id": "q9", "text": " "}\n')(root),
+                                  _append("qrels/test.tsv", "q9\td1\t1\n")(root)),
+                    ["queries.jsonl:4:", "query 'q9' has a blank text and", "test.tsv judges it; give it its text"]),
     "duplicate id": (_append("corpus.jsonl", '{"_id": "d1", "text": "x"}\n'), ["corpus.jsonl:4:", "first at"]),
     "unknown docs": (_append("qrels/test.tsv", "q2\td7\t1\nq2\td8\t1\n"), ["2 document id(s)", "'d7', 'd8'"]),
     "unknown query": (_append("qrels/test.tsv", "q8\td1\t1\n"), ["1 query id(s)", "'q8'", "queries.jsonl"]),
@@ -274,6 +275,14 @@ def test_bad_input_names_file_line_and_fix(tmp_path, case):
         data.load_beir(root)
     for fragment in fragments:
         assert fragment in str(e.value), (case, str(e.value))
+
+
+def test_a_blank_query_another_split_judges_is_left_out(tmp_path):
+    """BEIR's queries.jsonl holds every split's queries: one blank query of another split stopped
+    every evaluation of this one."""
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    _append("queries.jsonl", '{"_id": "q9", "text": " "}\n')(root)
+    assert data.load_beir(root).queries == data.load_beir(write_beir(tmp_path / "b", CORPUS, QUERIES, QRELS)).queries
 
 
 def test_missing_split_lists_the_splits_there(tmp_path):

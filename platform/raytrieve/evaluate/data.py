@@ -126,9 +126,17 @@ def _text(where: str, row: dict[str, Any], key: str, role: str, flag: str, requi
 
 
 def _id_text_table(
-    path: Path, id_key: str, text_key: str, title_key: str | None, what: str, id_flag: str, text_flag: str
+    path: Path,
+    id_key: str,
+    text_key: str,
+    title_key: str | None,
+    what: str,
+    id_flag: str,
+    text_flag: str,
+    blanks: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], bool]:
-    """id -> text (title in front), and whether any row has the title key."""
+    """id -> text (title in front), and whether any row has the title key. ``blanks``: a row
+    with a blank text goes there (id -> its place in the file) instead of being refused."""
     out: dict[str, str] = {}
     first_seen: dict[str, str] = {}
     titled = False
@@ -144,6 +152,9 @@ def _id_text_table(
         titled = titled or (title_key is not None and title_key in row)
         # The encoding job's rule (inference/corpus.py), so both paths encode one text.
         joined = join_title(title, text)
+        if not joined and blanks is not None:
+            blanks[doc_id] = where
+            continue
         if not joined:
             fix = "give it text (judgements may name it)" if title_key else "give it text or remove the row"
             raise DataError(
@@ -367,10 +378,20 @@ def _judged(
     docs: dict[str, str], files: dict[str, Path], columns: Columns, title: str | None, split: str | None
 ) -> EvalSet:
     """The EvalSet of ``docs`` with the queries and qrels of ``files``, checked against them."""
+    # A BEIR queries file holds every split's queries: a blank one matters only if judged here.
+    blank: dict[str, str] = {}
     asked, _ = _id_text_table(
-        files["queries"], columns.query_id, columns.query_text, None, "query", "query_id", "query_text"
+        files["queries"], columns.query_id, columns.query_text, None, "query", "query_id", "query_text", blank
     )
-    kept, judged, summary = check(docs, asked, read_qrels(files["qrels"], columns), files)
+    qrels = read_qrels(files["qrels"], columns)
+    judged_blank = [q for q in blank if q in qrels]
+    if judged_blank:
+        raise DataError(
+            f"{blank[judged_blank[0]]}: query {judged_blank[0]!r} has a blank text and {files['qrels']} judges it"
+            f"{f' ({len(judged_blank)} such queries)' if len(judged_blank) > 1 else ''}; give it its text, or "
+            "remove its judgements"
+        )
+    kept, judged, summary = check(docs, asked, qrels, files)
     summary = {"files": {k: str(v) for k, v in files.items()}, "split": split, **summary}
     return EvalSet(docs, kept, judged, files["corpus"], columns, title, summary)
 
