@@ -581,3 +581,22 @@ def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(ti
         else:
             with pytest.raises(RayStarted):  # past the folder's check: the job resumes
                 encode.run_encode(cfg)
+
+
+def test_a_model_of_another_kind_is_refused_before_ray(tiny_models, tiny_dirs, tmp_path, monkeypatch):
+    """A dense model under sparse: was encoded as 384 'active terms' (rc 0); a cross-encoder under
+    dense: failed in every actor with KeyError 'sentence_embedding', and its folder then refused
+    the corrected rerun. Both are refused before Ray, naming the key; nothing is written."""
+    import raytrieve.inference.encode as encode
+
+    monkeypatch.setattr(encode, "_init_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
+    corpus = tmp_path / "corpus.parquet"
+    _corpus(corpus, 10, bad=False)
+    cases = [({"sparse": {"model": str(tiny_models["dense"])}},
+              r"^config.sparse.model: .*dense is a dense model \(SentenceTransformer, .*\); name a sparse model there"),
+             ({"dense": {"model": str(tiny_models["cross"])}},
+              r"^config.dense.model: .*cross is a cross model .*; name a dense model there")]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            encode.run_encode(_config(tmp_path, corpus, **change))
+    assert not (tmp_path / "vectors").exists()

@@ -289,6 +289,18 @@ def test_missing_split_lists_the_splits_there(tmp_path):
     root = write_beir(tmp_path, CORPUS, QUERIES, QRELS, split="dev")
     with pytest.raises(DataError, match=r"test.tsv: no such file; the splits there are \['dev'\]. Pass --split dev"):
         data.load_beir(root)
+    # A missing --tune-on split: the fix names --tune-on, not --split.
+    import argparse
+
+    from raytrieve.evaluate.command import add_arguments, evaluate
+
+    write_beir(root, CORPUS, QUERIES, QRELS, split="test")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", str(root), "--dense", "m", "--tune-on", "validation", "--out", str(tmp_path / "o")])
+    with pytest.raises(DataError, match=r"validation.tsv: no such file; the splits there are \['dev', 'test'\]. pass "
+                                        r"one of them as --tune-on"):
+        evaluate(args)
 
 
 def _count_reads(monkeypatch) -> dict[Path, int]:

@@ -242,6 +242,12 @@ def test_malformed_source_json_of_an_index_folder(tmp_path):
     (tmp_path / "index" / "source.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match=r"source\.json\.corpus: missing required key 'text_column'.*index build"):
         load_indices(tmp_path / "index")
+    # A folder that is not there is said so ("no source.json; not an index folder" misled).
+    with pytest.raises(DataError, match=r"nope: no such folder; give an index folder"):
+        load_indices(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no source.json; not an index folder"):
+        load_indices(tmp_path / "empty")
 
 
 def test_index_build_refuses_what_the_manifest_and_options_decide_before_reading_a_shard(tmp_path, monkeypatch):

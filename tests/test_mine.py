@@ -231,6 +231,10 @@ def test_a_model_of_another_kind_is_refused_before_ray(pairs_file, tmp_path, mon
          r"m.yaml.retriever.model: splade-tiny is a sparse model .*set retriever.kind: sparse, or name a dense model"),
         ({"reranker": {"model": "all-minilm-l6-v2"}},
          r"m.yaml.reranker.model: all-minilm-l6-v2 is a dense model .*; name a cross-encoder"),
+        # retriever.kind takes dense or sparse: "set retriever.kind: reranker" could not be followed.
+        ({"retriever": {"model": "ms-marco-minilm-l12-v2"}},
+         r"m.yaml.retriever.model: ms-marco-minilm-l12-v2 is a cross model .*; move it to reranker.model, and name "
+         r"a dense model here$"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):

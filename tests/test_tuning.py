@@ -272,3 +272,19 @@ def test_fit_rerank_refuses_a_best_setting_that_only_its_own_queries_favour(monk
     assert gain is not None and gain["depth"] == 5 and gain["ci95"][0] > 0  # in sample: clear
     assert gain["cross_fitted"]["delta"] == 0.0 and gain["cross_fitted"]["chosen"] == ["rerank@10", "rerank@5"]
     assert not gain["adopted"] and fitted.best.rerank_depth == 0
+
+
+def test_the_written_serve_config_names_folders_by_absolute_path(tmp_path, monkeypatch):
+    """serve_tuned.yaml kept index: out/index as the serve config gave it, relative to where
+    evaluate ran: served from elsewhere it was "no source.json; not an index folder"."""
+    from raytrieve.evaluate.tune import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "index").mkdir(parents=True)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    config = {"index": "out/index", "dense": [{"model": "models/m", "index": None}, {"model": "all-minilm-l6-v2"}],
+              "reranker": {"model": "ms-marco-minilm-l12-v2"}}
+    assert _absolute_paths(config) == {
+        "index": str(tmp_path / "out" / "index"),
+        "dense": [{"model": str(tmp_path / "models" / "m"), "index": None}, {"model": "all-minilm-l6-v2"}],
+        "reranker": {"model": "ms-marco-minilm-l12-v2"}}  # names of shipped models stay names

@@ -240,7 +240,8 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     tuning_set = None
     if args.tune_on and args.data:
         # The tuning split's queries and qrels; its corpus is the evaluated split's, read once.
-        _, queries, qrels = data.beir_files(args.data, args.tune_on)
+        others = "pass one of them as --tune-on (another split than --split)"
+        _, queries, qrels = data.beir_files(args.data, args.tune_on, choose=others)
         tuning_set = data.load_split(evalset, queries, qrels, split=args.tune_on)
     elif args.tune_on:
         tuning_set = data.load_split(evalset, args.queries, args.tune_on)
@@ -281,6 +282,16 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         backend = f"the Serve app at {args.url}"
         rankings, served = url_rankings(args.url, evalset.queries, _given(args), args.clients)
         described: dict[str, Any] = {"url": args.url}
+        short = {name: n for name, n in served["recall"].items() if 0 < n < args.recall_k}
+        if short:
+            log.warning(
+                "the app recalls %s candidates: each first stage's recall@%d counts only those (the app as "
+                "served); pass --depth %d to recall %d (the fused and reranked stages then differ from the app)",
+                " and ".join(f"{n} {name}" for name, n in short.items()),
+                args.recall_k,
+                args.recall_k,
+                args.recall_k,
+            )
         # What the app ran (its search: settings under the flags given), not this command's defaults.
         from raytrieve.serve.schemas import Fusion
 

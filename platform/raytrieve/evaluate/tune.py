@@ -186,10 +186,30 @@ def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None
         base = load_serve_config(serve_config)  # refused here, naming the file, if it does not load
         tuned = from_dict(ServeConfig, merge(base.model_dump(mode="json"), fragment), where=str(serve_config))
         written.append(out / "serve_tuned.yaml")
+        dumped = _absolute_paths(tuned.model_dump(mode="json"))
         with atomic_file(written[1]) as tmp:
             header = f"# {serve_config} with /search's defaults fitted by raytrieve evaluate --tune-on\n"
-            tmp.write_text(header + yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False))
+            tmp.write_text(header + yaml.safe_dump(dumped, sort_keys=False))
     return written
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A serve config's relative index folders and model folders made absolute (they were
+    relative to where evaluate ran; the written file is served from anywhere)."""
+
+    def fix(entry: dict[str, Any]) -> None:
+        for key in ("index", "model"):
+            value = entry.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+                entry[key] = str(Path(value).resolve())
+
+    fix(config)
+    for kind in ("dense", "sparse", "reranker"):
+        entries = config.get(kind)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict):
+                fix(entry)
+    return config
 
 
 def _same_model(a: str, b: str) -> bool:

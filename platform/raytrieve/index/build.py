@@ -99,6 +99,8 @@ def read_source(path: str | Path) -> VectorsManifest:
     from raytrieve.inference.shards import parse_manifest
 
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such folder; give an index folder (build one with `raytrieve index build`)")
     if not (path / SOURCE).exists():
         raise DataError(f"{path}: no {SOURCE}; not an index folder (build one with `raytrieve index build`)")
     return parse_manifest(

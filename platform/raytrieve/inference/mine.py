@@ -178,14 +178,20 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
-    from raytrieve.kinds import refuse_other_kind
+    from raytrieve.kinds import CROSS, refuse_other_kind, saved_kind
     from raytrieve.model_ref import resolve_field
 
     r = cfg.retriever  # the models are checked, and the retriever loaded, before any Ray work
     # Another kind would load as this one: meaningless negatives, or a Ray actor failing after the encoding.
     field = f"{where}.retriever.model"
-    fix = f"set retriever.kind: {{field}}, or name a {r.kind} model"
-    refuse_other_kind(resolve_field(r.model, field), r.kind, f"{field}: {r.model}", fix)
+    path = resolve_field(r.model, field)
+    # retriever.kind takes dense or sparse: a cross-encoder belongs under reranker:.
+    fix = (
+        f"move it to reranker.model, and name a {r.kind} model here"
+        if saved_kind(path) is CROSS
+        else f"set retriever.kind: {{field}}, or name a {r.kind} model"
+    )
+    refuse_other_kind(path, r.kind, f"{field}: {r.model}", fix)
     if cfg.reranker is not None:
         field = f"{where}.reranker.model"
         refuse_other_kind(
