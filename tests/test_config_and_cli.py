@@ -207,3 +207,18 @@ def test_a_model_that_is_not_there_is_named_by_its_field_before_torch_loads(job,
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
     assert out.stderr.startswith(f"raytrieve {job}: error: jobs/configs/{config}.{field}: model 'no-such-model': "
                                  "no such directory, not an MLflow model URI and not a shipped variant"), out.stderr
+
+
+def test_ctrl_c_ends_a_command_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in encode or mine printed a 35-40 line KeyboardInterrupt traceback."""
+    import raytrieve.index.build as build
+    from raytrieve.cli import main
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_indices", interrupted)
+    assert main(["index", "build", "--vectors", str(tmp_path), "--out", str(tmp_path / "i")]) == 130
+    err = capsys.readouterr().err
+    assert err == ("raytrieve index build: interrupted; finished work is kept (encode, mine and train resume it on "
+                   "a rerun)\n")

@@ -77,6 +77,7 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "positive", "negative_1", "negative_2", "negative_3", "score"]
     assert result.rows == len(table["query"]) == result.pairs - result.pairs_dropped > 0.9 * result.pairs
+    assert result.negatives == 3 * result.rows  # those written (the dropped pairs' negatives were counted)
     positives = _positives(pairs_file)
     model = DenseEncoder("all-minilm-l6-v2")
     model.max_seq_length = 128

@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     except RaytrieveError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; every job's finished work is kept
+        print(
+            f"{args.prog}: interrupted; finished work is kept (encode, mine and train resume it on a rerun)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

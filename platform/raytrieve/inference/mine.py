@@ -338,7 +338,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     phases.update(1, finished=f"negatives written to {out}")
     phases.close()
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
-    negatives = sum(len(p) for p, _ in chosen)
+    # Negatives written: a fixed-width format leaves out the pairs that got fewer, and theirs.
+    written = cfg.output_format.startswith("n-tuple")
+    negatives = table.num_rows * s.num_negatives if written else sum(len(p) for p, _ in chosen)
     result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(vectors.ids), missing)
     if short:
         log.warning(
