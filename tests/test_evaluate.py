@@ -600,6 +600,8 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     second = _evaluate(
         [
             *common,
+            "--max-seq-length",  # the last wins: the index's dense vectors were encoded at 128
+            "64",
             "--index",
             str(index),
             "--out",
@@ -610,6 +612,9 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
         ]
     )
     assert list(second["stages"]) == ["dense"] and second["backend"] == f"the index {index}"
+    # The first stages ran at the lengths the vectors were encoded with, not --max-seq-length's.
+    assert first["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 128}
+    assert second["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 64}
     assert second["per_query"]["dense"] == first["per_query"]["dense"]
     cmp = second["compare"]
     assert cmp["previous_name"] == "first" and cmp["queries"] == QUERY_COUNT and list(cmp["stages"]) == ["dense"]

@@ -282,6 +282,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         backend = f"the Serve app at {args.url}"
         rankings, served = url_rankings(args.url, evalset.queries, _given(args), args.clients)
         described: dict[str, Any] = {"url": args.url}
+        first_lengths = None  # the app's own
         short = {name: n for name, n in served["recall"].items() if 0 < n < args.recall_k}
         if short:
             log.warning(
@@ -306,6 +307,12 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         if index is None and len(evalset.corpus) > args.max_in_process_rows:
             log.info("%d documents > --max-in-process-rows: encoding with the encoding job", len(evalset.corpus))
             index = run.encode_corpus(evalset, models, options, Path(args.out) / "work", ray_address)
+        # The first stages' truncation: --max-seq-length in process, the vectors' own over an index.
+        first_lengths = {
+            k: v
+            for k, v in evaluated_lengths(None if index is None else str(index), options).items()
+            if k != "reranker"
+        }
         if index is not None:
             lists, stages = run.index_lists(searched, index, models, options)
             backend = f"the index {index}"
@@ -351,6 +358,7 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             "rerank_depth": options.rerank_depth,
             "fusion": options.fusion.model_dump(),
             "max_seq_length": options.max_seq_length,
+            "first_stage_max_seq_length": first_lengths,
             "reranker_max_seq_length": options.reranker_length if args.reranker else None,
             "dtype": options.dtype,
             "bootstrap_rounds": args.bootstrap_rounds,
