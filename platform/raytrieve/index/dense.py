@@ -168,7 +168,10 @@ class DenseIndex:
         base.choice("faiss_index", faiss_index, tuple(FAISS_PARAMS))
         if backend == "faiss":
             if quantize is not None:
-                raise InputError("quantize= works with backend='exact' only; FAISS keeps its own float32 vectors")
+                raise InputError(
+                    f"quantize {quantize} works with the exact backend only (FAISS keeps its own float32 vectors); "
+                    "leave quantize out, or use the exact backend"
+                )
             FaissIndex.check(faiss_index, faiss_params)
         elif faiss_params:
             raise InputError("faiss_params only applies with backend='faiss'")
