@@ -222,3 +222,16 @@ def test_ctrl_c_ends_a_command_with_one_line_not_a_traceback(monkeypatch, capsys
     err = capsys.readouterr().err
     assert err == ("raytrieve index build: interrupted; finished work is kept (encode, mine and train resume it on "
                    "a rerun)\n")
+
+
+def test_the_commands_log_without_faiss_loader_noise():
+    """Every FAISS-backed evaluate printed "INFO faiss.loader: Could not load library with AVX2
+    support due to: ModuleNotFoundError(...)" (its loader tries each SIMD build in turn)."""
+    import subprocess
+    import sys
+
+    def stderr(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+    assert "faiss.loader" in stderr("import logging; logging.basicConfig(level=logging.INFO); import faiss")
+    assert stderr("from raytrieve.progress import configure_logging; configure_logging(); import faiss") == ""

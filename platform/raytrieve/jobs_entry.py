@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -93,7 +92,9 @@ JOBS: dict[str, Callable[[str, list[str], str | None], dict[str, Any]]] = {
 def run_job(job: str, config: str, overrides: list[str], ray_address: str | None) -> int:
     """Run ``job`` as the YAML file ``config`` with ``overrides`` says; the exit status.
     ``ray_address``: None joins the cluster the process runs on, "local" starts an embedded Ray."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from raytrieve.progress import configure_logging
+
+    configure_logging()
     try:
         summary = JOBS[job](config, overrides, ray_address)
     except RaytrieveError as e:

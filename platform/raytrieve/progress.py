@@ -289,3 +289,12 @@ class ClusterCount:
                 tick()
         finally:
             self.clear()
+
+
+def configure_logging() -> None:
+    """The commands' log format: INFO and up, each line led by its level and logger. FAISS's
+    loader says at INFO which SIMD build it could not load before the one it did: noise here."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)

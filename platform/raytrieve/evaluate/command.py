@@ -378,7 +378,9 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
 
 
 def main(args: argparse.Namespace, ray_address: str | None = "local") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from raytrieve.progress import configure_logging
+
+    configure_logging()
     evaluate(args, ray_address)
     return 0
 
