@@ -136,6 +136,21 @@ def test_dense_mining_over_matryoshka_truncated_vectors_scores_as_they_were_enco
         np.testing.assert_allclose(table["score"][i], docs @ q, atol=1e-4)
 
 
+def test_corpus_vectors_of_another_length_than_the_retrievers_are_refused(positives_vectors, pairs_file, tmp_path,
+                                                                         monkeypatch):
+    """Positives are encoded at retriever.max_seq_length and compared with candidates encoded at
+    the corpus vectors' length: at 64 against 128 their scores were on two scales, unnoticed."""
+    from raytrieve import ray_cluster
+    from raytrieve.inference.mine import run_mine
+
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the check"))
+    cfg = _cfg(pairs_file, tmp_path, **positives_vectors)
+    cfg.retriever.max_seq_length = 64
+    with pytest.raises(ConfigError, match=r"retriever.max_seq_length: 64, but corpus_vectors .* were encoded at 128; "
+                                          r"set retriever.max_seq_length: 128"):
+        run_mine(cfg)
+
+
 @pytest.mark.slow
 def test_positives_that_are_not_corpus_texts_are_counted_and_warned_of(positives_vectors, pairs_file, tmp_path, caplog):
     """A new user's trial mined BEIR pairs whose positive was the text alone against a corpus of

@@ -207,7 +207,17 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if r.kind == "dense":  # its candidates come from a cosine or dot index
         similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {r.model}")
     if cfg.corpus_vectors:
-        check_corpus_vectors(cfg, cfg.corpus_vectors, str(resolve_field(r.model, f"{where}.retriever.model")), where)
+        check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), where)
+        from raytrieve.inference.shards import read_manifest
+
+        made = read_manifest(cfg.corpus_vectors).output(r.kind)
+        if made is not None and made.max_seq_length != model.max_seq_length:
+            # Positives are encoded here at the retriever's length and compared with candidates
+            # encoded at the corpus vectors': their scores would be on two scales.
+            raise ConfigError(
+                f"{where}.retriever.max_seq_length: {model.max_seq_length}, but corpus_vectors {cfg.corpus_vectors} "
+                f"were encoded at {made.max_seq_length}; set retriever.max_seq_length: {made.max_seq_length}"
+            )
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
