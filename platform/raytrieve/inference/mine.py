@@ -91,9 +91,7 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
 
     from raytrieve.inference.encode import run_encode
     from raytrieve.inference.shards import read_vectors
-    from raytrieve.model_ref import resolve_model
 
-    model_path = str(resolve_model(cfg.retriever.model))
     if cfg.corpus_vectors:
         vectors_dir = Path(cfg.corpus_vectors)
     else:
@@ -121,13 +119,13 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
         )
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address, scratch=True)
         vectors_dir = Path(encode.output_dir)
-    check_corpus_vectors(cfg, str(vectors_dir), model_path, where)
-    return read_vectors(vectors_dir)
+    return read_vectors(vectors_dir)  # given ones were checked before Ray (check_corpus_vectors)
 
 
-def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, where: str) -> None:
-    """Vectors the retriever can search: made with its model (and, dense, as floats: an index
-    quantizes itself), by the manifest alone (the shards are read after the checks)."""
+def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, max_seq_length: int, where: str) -> None:
+    """Vectors the retriever can search: made with its model at its ``max_seq_length`` (positives
+    are encoded here at it, and compared with the candidates) and, dense, as floats (an index
+    quantizes itself); by the manifest alone (the shards are read after the checks)."""
     from raytrieve.inference.shards import read_manifest
 
     made_by = read_manifest(vectors_dir).output(cfg.retriever.kind)
@@ -142,6 +140,12 @@ def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, whe
         raise ConfigError(
             f"{where}.corpus_vectors {vectors_dir}: dense vectors are {precision}; mining searches float vectors: "
             "encode the corpus with dense.precision: float32"
+        )
+    assert made_by is not None
+    if made_by.max_seq_length != max_seq_length:
+        raise ConfigError(
+            f"{where}.retriever.max_seq_length: {max_seq_length}, but corpus_vectors {vectors_dir} were encoded at "
+            f"{made_by.max_seq_length}; set retriever.max_seq_length: {made_by.max_seq_length}"
         )
 
 
@@ -207,17 +211,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if r.kind == "dense":  # its candidates come from a cosine or dot index
         similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {r.model}")
     if cfg.corpus_vectors:
-        check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), where)
-        from raytrieve.inference.shards import read_manifest
-
-        made = read_manifest(cfg.corpus_vectors).output(r.kind)
-        if made is not None and made.max_seq_length != model.max_seq_length:
-            # Positives are encoded here at the retriever's length and compared with candidates
-            # encoded at the corpus vectors': their scores would be on two scales.
-            raise ConfigError(
-                f"{where}.retriever.max_seq_length: {model.max_seq_length}, but corpus_vectors {cfg.corpus_vectors} "
-                f"were encoded at {made.max_seq_length}; set retriever.max_seq_length: {made.max_seq_length}"
-            )
+        check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where)
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
