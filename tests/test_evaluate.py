@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import shutil
 import threading
@@ -412,10 +413,14 @@ def _search_body(options: run.RunOptions) -> dict:
 
 
 @pytest.mark.parametrize("fusion", [Fusion(), Fusion(method="convex", dense_weight=0.8, sparse_weight=0.2)])
-def test_fusion_and_rerank_equal_the_search_pipeline(fusion):
+def test_fusion_and_rerank_equal_the_search_pipeline(fusion, caplog):
     lists = _lists()
     options = run.RunOptions(depth=8, fusion=fusion, rerank_depth=4)
-    ours = run.combine(lists, {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    with caplog.at_level(logging.INFO, logger="raytrieve.evaluate"):
+        ours = run.combine(lists, {"dense": "dense", "sparse": "sparse"}, options, Q_TEXT, DOCS, _cross)
+    # The rerank says what it starts before it runs (it runs silently in a log file otherwise).
+    pairs = sum(min(4, len(ours["fused"][q])) for q in Q_TEXT)
+    assert f"reranking {pairs} pairs ({len(Q_TEXT)} queries, up to 4 candidates each)" in caplog.messages[0]
     for qid, text in Q_TEXT.items():
         request = SearchRequest(query=text, **_search_body(options))
         answer = asyncio.run(_pipeline(lists, qid).search(request))
@@ -505,6 +510,32 @@ def test_url_measures_the_app_as_served_under_the_flags_given(search_app):
     assert settings["fusion"] == {**served["fusion"], "k": 10.0}
 
 
+def test_url_warns_when_the_app_recalls_fewer_than_recall_k(search_app, tmp_path, caplog):
+    """The command end to end over HTTP: an app that recalls 6 dense and 8 sparse candidates
+    measured at --recall-k 10 gets a warning naming both and the flag that lifts it; the report's
+    settings are what the app ran. With --depth 10 sent, the app recalls 10 and nothing is said."""
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate.command import evaluate
+
+    corpus = [{"_id": d, "text": t} for d, t in DOCS.items()]
+    queries = [{"_id": q, "text": t} for q, t in Q_TEXT.items()]
+    root = write_beir(tmp_path / "data", corpus, queries, "query-id\tcorpus-id\tscore\nqa\td3\t1\nqb\td7\t1\n")
+    url = search_app(defaults={"recall": {"dense": 6, "sparse": 8}, "rerank_depth": 2})
+    flags = ["evaluate", "--data", str(root), "--url", url, "--k", "5", "--recall-k", "10", "--no-chart"]
+    with caplog.at_level(logging.WARNING, logger="raytrieve.evaluate"):
+        rep = evaluate(build_parser().parse_args([*flags, "--out", str(tmp_path / "a")]))
+    warned = [m for m in caplog.messages if "the app recalls" in m]
+    assert warned == [
+        "the app recalls 6 dense and 8 sparse candidates: each first stage's recall@10 counts only those (the app "
+        "as served); pass --depth 10 to recall 10 (the fused and reranked stages then differ from the app)"
+    ]
+    assert rep["settings"]["depth"] == 8 and rep["settings"]["rerank_depth"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raytrieve.evaluate"):
+        rep = evaluate(build_parser().parse_args([*flags, "--depth", "10", "--out", str(tmp_path / "b")]))
+    assert not [m for m in caplog.messages if "the app recalls" in m] and rep["settings"]["depth"] == 10
+
+
 def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
     from raytrieve.errors import InputError
     from raytrieve.evaluate.remote import url_rankings
@@ -570,6 +601,9 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     assert first["metrics"] == names and list(first["stages"]) == ["dense", "sparse", "fused", "reranked"]
     assert first["data"]["queries"] == QUERY_COUNT and first["data"]["documents"] == 150
     assert first["settings"]["reranker_max_seq_length"] == 128  # --max-seq-length's, without a length of its own
+    f32 = ["float32"]
+    assert first["settings"]["dtypes_used"] == {"dense": {"documents": f32, "queries": f32},
+                                                "sparse": {"documents": f32, "queries": f32}, "reranked": {"pairs": f32}}
     for stage, means in first["stages"].items():
         assert set(means) == set(names)
         for m in names:
@@ -597,6 +631,11 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     # The same dense model through an index folder (the layout `raytrieve index build` writes),
     # compared with the first run: same rankings, so every paired difference is 0.
     index = _dense_index(tmp_path / "index", pydocs_beir, minilm_dir)
+    # The report names the vectors' dtypes as the encoding job's manifest records them (the
+    # actors' choice under dtype: auto), not --dtype, which only the queries are encoded with.
+    source = json.loads((index / "source.json").read_text())
+    source["dense"]["dtypes_used"] = ["bfloat16"]
+    (index / "source.json").write_text(json.dumps(source))
     second = _evaluate(
         [
             *common,
@@ -616,8 +655,19 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     assert first["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 128}
     assert second["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 64}
     assert second["per_query"]["dense"] == first["per_query"]["dense"]
+    assert second["settings"]["dtypes_used"] == {"dense": {"documents": ["bfloat16"], "queries": f32}}
     cmp = second["compare"]
     assert cmp["previous_name"] == "first" and cmp["queries"] == QUERY_COUNT and list(cmp["stages"]) == ["dense"]
+    # What made the runs differ is named, each value as each run recorded it (stages pair by name).
+    assert sorted(cmp["differences"]) == [
+        "backend", "models", "settings.dtypes_used", "settings.first_stage_max_seq_length", "settings.max_seq_length",
+        "settings.rerank_depth", "settings.reranker_max_seq_length"]  # the second run has no reranker
+    assert cmp["differences"]["settings.first_stage_max_seq_length"] == {
+        "previous": {"dense": 128, "sparse": 128}, "current": {"dense": 128, "sparse": 64}}
+    assert cmp["differences"]["backend"] == {"previous": "exact search in process", "current": f"the index {index}"}
+    assert "settings.fusion" not in cmp["differences"] and "settings.depth" not in cmp["differences"]
+    md = (tmp_path / "second" / "evaluation.md").read_text()
+    assert f'- `backend`: `"exact search in process"` then, `"the index {index}"` now' in md
     for m in names:
         assert cmp["stages"]["dense"][m]["previous"] == pytest.approx(first["stages"]["dense"][m])
         assert cmp["stages"]["dense"][m]["delta"] == 0 and cmp["stages"]["dense"][m]["ci95"] == [0, 0]
@@ -735,6 +785,10 @@ def test_a_large_corpus_goes_through_the_encoding_job(ray_cluster, first_run, py
         and (out / "work" / "vectors" / "manifest.json").exists()
     )
     assert list(rep["stages"]) == ["dense", "sparse", "fused"]
+    manifest = json.loads((out / "work" / "vectors" / "manifest.json").read_text())
+    assert rep["settings"]["dtypes_used"] == {
+        kind: {"documents": manifest[kind]["dtypes_used"], "queries": ["float32"]} for kind in ("dense", "sparse")
+    } and manifest["dense"]["dtypes_used"] == ["float32"]  # --dtype's default, float32, in the job's actors
     for stage in rep["stages"]:
         for m, value in rep["stages"][stage].items():
             # The job batches by tokens, so scores may differ in the last float bits (and near-ties swap).
@@ -794,6 +848,16 @@ def test_a_wrong_model_is_named_by_its_flag_before_any_model_runs(tmp_path):
     root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
     args = build_parser().parse_args(["evaluate", "--data", str(root), "--sparse", "splade-tiny", "--reranker", "nope"])
     with pytest.raises(ConfigError, match="--reranker nope: model 'nope': no such directory"):
+        evaluate(args)
+    # A folder that holds no model (the data folder, say), and a length past the model's
+    # positions: both named by their flag (they were found as the model loaded, naming neither).
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--dense", str(root)])
+    with pytest.raises(ConfigError, match=rf"^--dense {root}: {root}: not a model directory \(no modules.json"):
+        evaluate(args)
+    args = build_parser().parse_args(["evaluate", "--data", str(root), "--sparse", "splade-tiny",
+                                      "--reranker", "ms-marco-minilm-l12-v2", "--reranker-max-seq-length", "100000"])
+    with pytest.raises(ConfigError, match=r"^--reranker-max-seq-length \(for --reranker ms-marco-minilm-l12-v2\): "
+                                          r"100000 is more than the 512 positions"):
         evaluate(args)
 
 

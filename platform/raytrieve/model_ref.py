@@ -72,12 +72,22 @@ def check_reference(ref: str | os.PathLike, field: str) -> None:
         raise ConfigError(f"{field}: {e}") from None
 
 
+def is_model_dir(path: Path) -> bool:
+    """A folder of a sentence-transformers (modules.json) or transformers (config.json) model."""
+    return (path / "modules.json").exists() or (path / "config.json").exists()
+
+
 def _locate(text: str) -> Path | str:
     """The local model folder ``text`` names, or the name of the shipped variant it is."""
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path}: is a file, not a model directory; pass the folder that holds modules.json")
+        if not is_model_dir(path):
+            raise ModelLoadError(
+                f"{path}: not a model directory (no modules.json and no config.json); point at a folder saved by "
+                "raytrieve, sentence-transformers or transformers"
+            )
         return path
     shipped = assets.variant_names()
     if text in shipped:

@@ -22,7 +22,7 @@ from raytrieve._io import atomic_directory
 from raytrieve.encoders import onnx_runtime, precision, st_format
 from raytrieve.encoders.batching import Pretokenized, resolve_device, run_batches
 from raytrieve.errors import DimensionMismatchError, InputError, ModelLoadError
-from raytrieve.model_ref import resolve_model
+from raytrieve.model_ref import is_model_dir, resolve_model
 from raytrieve.modules import Features, InputModule, Module, Pooling, Transformer
 from raytrieve.modules.dense import Dense
 
@@ -54,12 +54,7 @@ class Encoder(nn.Module):
         self.dtype_reason = ""
         saved: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
-            path = resolve_model(model)
-            if not st_format.is_model_dir(path):
-                raise ModelLoadError(
-                    f"{path}: not a model directory (no modules.json and no config.json); "
-                    "point at a folder saved by raytrieve, sentence-transformers or transformers"
-                )
+            path = resolve_model(model)  # a folder that holds no model is refused there
             modules = st_format.load_modules(path, trust_remote_code=trust_remote_code)
             if modules is None:
                 modules = self.default_modules(path, trust_remote_code=trust_remote_code)
@@ -233,7 +228,7 @@ class Encoder(nn.Module):
             raise ModelLoadError(
                 f"{path}: this model computes in int8 (quantised in place); save the float model it was loaded from"
             )
-        if path.exists() and any(path.iterdir()) and not st_format.is_model_dir(path):
+        if path.exists() and any(path.iterdir()) and not is_model_dir(path):
             raise ModelLoadError(
                 f"{path}: exists, is not empty and holds no model; refusing to replace it. "
                 "Choose an empty or new directory"

@@ -19,10 +19,6 @@ MODULES_FILE = "modules.json"
 ST_CONFIG_FILE = "config_sentence_transformers.json"
 
 
-def is_model_dir(path: Path) -> bool:
-    return (path / MODULES_FILE).exists() or (path / "config.json").exists()
-
-
 def load_modules(path: Path, trust_remote_code: bool = False) -> list[Module] | None:
     """The module stack listed in modules.json, or None when the folder has no modules.json."""
     spec_path = path / MODULES_FILE

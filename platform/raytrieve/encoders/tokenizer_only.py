@@ -189,12 +189,7 @@ def load_input_tokenizer(
         prompts=st_config.get("prompts") or {}, default_prompt_name=st_config.get("default_prompt_name")
     )
     modules_file = path / "modules.json"
-    if not modules_file.exists():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(
-                f"{path}: not a model directory (no modules.json and no config.json); point at a "
-                "folder saved by raytrieve, sentence-transformers or transformers"
-            )
+    if not modules_file.exists():  # a transformers folder (resolve_model refuses one without config.json)
         from raytrieve.kinds import model_kind
 
         head = model_kind(kind or "dense", "kind").hf_task

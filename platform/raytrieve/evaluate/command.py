@@ -165,7 +165,7 @@ def _resolve_models(args: argparse.Namespace) -> None:
     """Every model reference names a model (an MLflow one is downloaded now), so a wrong one
     fails before the others have encoded anything; the error names the flag."""
     from raytrieve.kinds import refuse_other_kind, served_kind
-    from raytrieve.model_ref import resolve_field
+    from raytrieve.model_ref import check_max_seq_length, resolve_field
 
     given = [("dense", m) for m in args.dense] + [("sparse", m) for m in args.sparse]
     for flag, ref in given + ([("reranker", args.reranker)] if args.reranker else []):
@@ -173,6 +173,11 @@ def _resolve_models(args: argparse.Namespace) -> None:
         # Another kind fails deep in the run, or worse, runs and is reported under this flag's label.
         fix = f"pass it as --{{field}}, and a {served_kind(flag).name} model as --{flag}"
         refuse_other_kind(path, flag, f"--{flag} {ref}:", fix)
+        # A length past the model's positions was refused as the model loaded, naming neither.
+        length, length_flag = args.max_seq_length, "--max-seq-length"
+        if flag == "reranker" and args.reranker_max_seq_length:
+            length, length_flag = args.reranker_max_seq_length, "--reranker-max-seq-length"
+        check_max_seq_length(path, length, f"{length_flag} (for --{flag} {ref})")
 
 
 FUSION_FLAGS = {
@@ -276,6 +281,8 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
     _resolve_models(args)
     seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
+    # What each stage computed in (None with --url: the app's replicas report theirs at /v1/models).
+    dtypes_used: run.DtypesUsed | None = None if args.url else {}
     if args.url:
         from raytrieve.evaluate.remote import url_rankings
 
@@ -314,15 +321,15 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             if k != "reranker"
         }
         if index is not None:
-            lists, stages = run.index_lists(searched, index, models, options)
+            lists, stages = run.index_lists(searched, index, models, options, dtypes_used)
             backend = f"the index {index}"
         else:
             stages = models.first_stages()
-            lists = run.in_process_lists(searched, stages, options)
+            lists = run.in_process_lists(searched, stages, options, dtypes_used)
             backend = "exact search in process"
         seconds["first_stages"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        scorer = run.cross_encoder(args.reranker, options) if args.reranker else None
+        scorer = run.cross_encoder(args.reranker, options, dtypes_used) if args.reranker else None
         kinds = {s.name: s.kind for s in stages}
         tested = {n: {q: per_q[q] for q in evalset.queries} for n, per_q in lists.items()}
         rankings = run.combine(tested, kinds, options, evalset.queries, evalset.corpus, scorer)
@@ -360,7 +367,8 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
             "max_seq_length": options.max_seq_length,
             "first_stage_max_seq_length": first_lengths,
             "reranker_max_seq_length": options.reranker_length if args.reranker else None,
-            "dtype": options.dtype,
+            "dtype": options.dtype,  # as asked for (--dtype): auto resolves per model, an index's vectors had theirs
+            "dtypes_used": dtypes_used,
             "bootstrap_rounds": args.bootstrap_rounds,
         },
         "seconds": seconds,

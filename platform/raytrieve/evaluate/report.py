@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -181,6 +182,14 @@ def compare(report: dict[str, Any], previous: dict[str, Any], where: str, rounds
                 **_interval(before, now, rounds),
             }
     kept, now = previous.get("data_fingerprints"), report.get("data_fingerprints")
+    differences = run_differences(report, previous)
+    if differences:
+        log.warning(
+            "--compare: %s ran with other %s than this run; its stages are paired by name (a fused stage of "
+            "another fusion, a reranked one of another depth), so a delta includes those changes",
+            where,
+            ", ".join(differences),
+        )
     return {
         "previous": where,
         "previous_name": previous.get("name"),
@@ -190,6 +199,32 @@ def compare(report: dict[str, Any], previous: dict[str, Any], where: str, rounds
         "only_here": len(here - there),
         "only_previous": len(there - here),
         "stages": out,
+        "differences": differences,
+    }
+
+
+# What shapes a stage's rankings, beside the data: the keys whose values two compared runs are
+# checked for (settings' k, recall_k and bootstrap_rounds only change what is measured).
+_UNMEASURED = ("k", "recall_k", "bootstrap_rounds")
+
+
+def run_differences(report: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{key: {"previous": .., "current": ..}}`` for each model, backend, setting and fitted
+    setting in which the two runs differ; a key only one run records (an older report) is left out."""
+
+    def flat(rep: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": rep.get("backend"), "models": rep.get("models")}
+        settings = rep.get("settings")
+        if isinstance(settings, Mapping):
+            out |= {f"settings.{k}": v for k, v in settings.items() if k not in _UNMEASURED}
+        tuning = rep.get("tuning")
+        if isinstance(tuning, Mapping):
+            out["tuning.setting"] = tuning.get("setting")
+        return {k: v for k, v in out.items() if k in rep or k.split(".")[0] in rep}
+
+    here, there = flat(report), flat(previous)
+    return {
+        key: {"previous": there[key], "current": here[key]} for key in here if key in there and here[key] != there[key]
     }
 
 
@@ -210,6 +245,8 @@ def console(rep: Mapping[str, Any]) -> list[str]:
         cmp = rep["compare"]
         other = ", on another corpus" if cmp.get("same_corpus") is False else ""
         out.append(f"against {cmp['previous']} ({cmp['queries']} queries in both{other}), {primary}:")
+        if cmp.get("differences"):
+            out.append(f"  (that run differs in {', '.join(cmp['differences'])}; stages are paired by name)")
         out += [
             f"  {s}: {v[primary]['previous']:.4f} -> {v[primary]['current']:.4f}  {_ci(v[primary])}"
             for s, v in cmp["stages"].items()
@@ -262,6 +299,12 @@ def markdown(rep: Mapping[str, Any]) -> str:
             f"| {s} | " + " | ".join(_ci(v[m]) if m in v else "" for m in shown) + " |"
             for s, v in cmp["stages"].items()
         ]
+        if cmp.get("differences"):
+            lines += ["", "The stages are paired by name; the runs differ in:", ""]
+            lines += [
+                f"- `{key}`: `{json.dumps(v['previous'])}` then, `{json.dumps(v['current'])}` now"
+                for key, v in cmp["differences"].items()
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,9 @@ log = logging.getLogger("raytrieve.evaluate")
 
 Ranked = list[tuple[str, float]]
 Lists = dict[str, dict[str, Ranked]]  # stage -> query id -> best-first (doc id, score)
+# stage -> side ("documents", "queries", "pairs") -> the dtypes that side computed in: what
+# ``dtype: auto`` resolved to, and an index's vectors' own (its encoding job's actors chose them)
+DtypesUsed = dict[str, dict[str, list[str]]]
 Rankings = dict[str, dict[str, list[str]]]  # stage -> query id -> best-first doc ids
 FUSED, RERANKED = "fused", "reranked"
 TUNED = "tuned"  # /search with the setting fitted on another split (evaluate/tune.py)
@@ -130,6 +133,7 @@ def combine(
         started = time.perf_counter()
         depth = options.rerank_depth
         pairs = [(q, d) for q in qids for d in pool[q][:depth]]
+        log.info("reranking %d pairs (%d queries, up to %d candidates each)", len(pairs), len(qids), depth)
         # One call: the model sorts every pair by length, so batches pad little.
         scores = score_pairs([(queries[q], corpus[d]) for q, d in pairs])
         by_query: dict[str, dict[str, float]] = {q: {} for q in qids}
@@ -141,14 +145,18 @@ def combine(
     return rankings
 
 
-def cross_encoder(model: str, options: RunOptions) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
+def cross_encoder(
+    model: str, options: RunOptions, dtypes: DtypesUsed | None = None
+) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
     from raytrieve.encoders import load_encoder
 
     encoder = load_encoder("cross", model, max_seq_length=options.reranker_length, dtype=options.dtype)
+    if dtypes is not None:
+        dtypes[RERANKED] = {"pairs": [encoder.dtype]}
 
     def score(pairs: list[tuple[str, str]]) -> Sequence[float]:
         scores = encoder.predict(
-            pairs, batch_size=options.batch_size, token_budget=options.token_budget, show_progress_bar=False
+            pairs, batch_size=options.batch_size, token_budget=options.token_budget, show_progress_bar=_bars()
         )
         return scores.tolist()
 
@@ -156,6 +164,14 @@ def cross_encoder(model: str, options: RunOptions) -> Callable[[list[tuple[str, 
 
 
 # -- first stages ------------------------------------------------------------------------------
+
+
+def _bars() -> bool | None:
+    """The encoders' own progress bars on a terminal (their default: from 20 batches on); in a log
+    file the stages' start and end lines say what runs instead of a flood of redrawn bars."""
+    from raytrieve.progress import interactive
+
+    return None if interactive() else False
 
 
 def _hits(result: Any) -> list[Ranked]:
@@ -167,12 +183,15 @@ def _encode_queries(
 ) -> Any:
     if kind == "dense":
         extra = {"truncate_dim": truncate_dim} if truncate_dim else {}
-        return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=False, **extra)
-    return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=False, as_dicts=True)
+        return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=_bars(), **extra)
+    return encoder.encode_query(texts, batch_size=options.batch_size, show_progress_bar=_bars(), as_dicts=True)
 
 
-def in_process_lists(evalset: EvalSet, stages: Sequence[FirstStage], options: RunOptions) -> Lists:
-    """Each first stage encodes the corpus and the queries here and searches an exact in-memory index."""
+def in_process_lists(
+    evalset: EvalSet, stages: Sequence[FirstStage], options: RunOptions, dtypes: DtypesUsed | None = None
+) -> Lists:
+    """Each first stage encodes the corpus and the queries here and searches an exact in-memory
+    index; ``dtypes`` (when given) gets each stage's resolved dtype."""
     from raytrieve.encoders import load_encoder
     from raytrieve.index import DenseIndex, SparseIndex
     from raytrieve.index.dense import index_similarity
@@ -182,8 +201,11 @@ def in_process_lists(evalset: EvalSet, stages: Sequence[FirstStage], options: Ru
     lists: Lists = {}
     for stage in stages:
         started = time.perf_counter()
+        log.info("%s (%s): encoding %d documents and %d queries", stage.name, stage.model, len(ids), len(qids))
         encoder = load_encoder(stage.kind, stage.model, max_seq_length=options.max_seq_length, dtype=options.dtype)
-        kw: dict[str, Any] = {"batch_size": options.batch_size, "show_progress_bar": False}
+        if dtypes is not None:
+            dtypes[stage.name] = {"documents": [encoder.dtype], "queries": [encoder.dtype]}
+        kw: dict[str, Any] = {"batch_size": options.batch_size, "show_progress_bar": _bars()}
         if stage.kind == "dense":
             similarity = index_similarity(encoder.similarity_fn_name, f"{stage.model} (similarity_fn_name)")
             vectors = encoder.encode_document(texts, **kw)
@@ -249,9 +271,10 @@ def index_stages(index_dir: str | Path, models: Models) -> tuple[list[FirstStage
 
 
 def index_lists(
-    evalset: EvalSet, index_dir: str | Path, models: Models, options: RunOptions
+    evalset: EvalSet, index_dir: str | Path, models: Models, options: RunOptions, dtypes: DtypesUsed | None = None
 ) -> tuple[Lists, list[FirstStage]]:
-    """Each index of the folder searched with its model's query side (encoded here)."""
+    """Each index of the folder searched with its model's query side (encoded here); ``dtypes``
+    (when given) gets the vectors' dtypes (the encoding job's) and the queries' (resolved here)."""
     from raytrieve.encoders import load_encoder
 
     stages, indices = index_stages(index_dir, models)
@@ -273,6 +296,8 @@ def index_lists(
                 "the reranker reads candidates' texts from the corpus given: pass the corpus the index was built from"
             )
         encoder = load_encoder(stage.kind, built.model, max_seq_length=built.max_seq_length, dtype=options.dtype)
+        if dtypes is not None:  # a manifest from before the dtype setting names only the dtype asked for
+            dtypes[stage.name] = {"documents": list(built.dtypes_used) or [built.dtype], "queries": [encoder.dtype]}
         truncate_dim = getattr(built, "truncate_dim", None)
         vectors = _encode_queries(encoder, stage.kind, [evalset.queries[q] for q in qids], options, truncate_dim)
         lists[stage.name] = dict(zip(qids, _hits(index.search(vectors, top_k=min(options.depth, len(index))))))
