@@ -527,3 +527,44 @@ def test_int8_embeddings_are_the_unit_vector_scaled_by_127():
     want = [round(x / float(np.sqrt((v.astype(np.float64) ** 2).sum())) * 127) for x in v.tolist()]
     assert encode_vector(v, "int8") == want == [65, -8, 31, -104]
     assert encode_vector(np.zeros(3, np.float32), "int8") == [0, 0, 0]
+
+
+def test_requests_refused_before_routing_are_counted_under_their_route():
+    """A 401 (no token), 413 (body too large) or 400 (unreadable Content-Length) is answered by the
+    guard before FastAPI routes the request; /metrics counted them all under route "other". The
+    route is the endpoint the path names; a path no endpoint has is still "other"."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from raytrieve.serve.config import LimitsConfig
+    from raytrieve.serve.http_guard import SafeJSONResponse, install
+
+    counted: list[tuple[str, str]] = []
+
+    class Counter:  # ray.serve.metrics' Counter and Histogram take tags the same way
+        def inc(self, tags):
+            counted.append((tags["route"], tags["status"]))
+
+        def observe(self, value, tags):
+            assert value >= 0 and set(tags) == {"route"}
+
+    api = FastAPI(default_response_class=SafeJSONResponse)
+    install(api)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: dict) -> dict:
+        return {"ok": True}
+
+    api.state.ingress = type("Ingress", (), {"token": "s3cret", "limits": LimitsConfig(max_body_bytes=64),
+                                             "requests": Counter(), "latency": Counter()})()
+    client = TestClient(api)
+    auth = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 401
+    assert client.post("/v1/embeddings", json={"input": "x" * 100}, headers=auth).status_code == 413
+    assert client.post("/v1/embeddings", content=b"{}", headers={**auth, "Content-Length": "x"}).status_code == 400
+    assert client.post("/v1/embeddings", json={"input": "x"}, headers=auth).status_code == 200
+    assert client.get("/v1/embeddings", headers=auth).status_code == 405
+    assert client.post("/v1/nothing", json={}, headers=auth).status_code == 404
+    assert client.post("/v1/nothing", json={}).status_code == 401
+    assert counted == [("/v1/embeddings", "401"), ("/v1/embeddings", "413"), ("/v1/embeddings", "400"),
+                       ("/v1/embeddings", "200"), ("/v1/embeddings", "405"), ("other", "404"), ("other", "401")]

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Message
 
 from raytrieve.serve.config import LimitsConfig
@@ -261,10 +262,23 @@ class _Guard:
             else:  # the client went away mid-body: nobody to answer, and not a server error
                 status[0] = 499
         finally:
-            # Known routes only: fuzzed paths must not grow the metrics registry.
-            route = getattr(scope.get("route"), "path", "other")
+            route = _route_of(scope)
             ingress.requests.inc(tags={"route": route, "status": str(status[0])})
             ingress.latency.observe(time.perf_counter() - started, tags={"route": route})
+
+
+def _route_of(scope: dict[str, Any]) -> str:
+    """The endpoint's path for the metrics' ``route`` tag: the route FastAPI matched, or for a
+    request refused before routing (401, 413, 400) the route its path would have matched. Known
+    routes only: fuzzed paths must not grow the metrics registry."""
+    route = getattr(scope.get("route"), "path", None)
+    if route is not None:
+        return str(route)
+    for candidate in scope["app"].router.routes:
+        match, _ = candidate.matches(scope)
+        if match != Match.NONE:  # PARTIAL: the path, another method (answered 405)
+            return str(getattr(candidate, "path", "other"))
+    return "other"
 
 
 def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
