@@ -241,6 +241,44 @@ def test_an_eval_file_that_does_not_read_gets_advice_for_eval_path(tiny_models, 
         assert "format:" not in str(e.value)
 
 
+def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_path):
+    """build-pydocs' test split is id, query, document, package: by position the evaluator took
+    the ids as its queries and the query texts as its corpus, and logged those metrics. The
+    shipped configs name eval.columns; without it, more text columns than roles are refused."""
+    import pyarrow as pa
+
+    from raytrieve.train.evaluate import build_evaluator
+
+    test = pq.read_table(data["test"]).to_pydict()
+    assert list(test) == ["id", "query", "document", "package"]  # the layout build-pydocs writes
+    p = prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data))
+    assert list(p.spec.eval_columns) == ["query", "document"]  # only these ship to the workers
+    evaluator = build_evaluator(p.spec.eval_columns, "information_retrieval", "dense")
+    assert sorted(evaluator.queries) == sorted(test["query"])  # sentence-transformers' attributes: lists
+    assert sorted(evaluator.corpus) == sorted(test["document"])
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.eval.columns = None
+    with pytest.raises(ConfigError, match=r"information_retrieval takes query, document; the file has the text "
+                                          r"columns \['id', 'query', 'document', 'package'\]: set job.yaml.eval.columns"):
+        prepare(cfg, "job.yaml")
+    cfg.eval.columns = ["query", "answer"]
+    with pytest.raises(ConfigError, match=r"job.yaml.eval.columns: \['answer'\] not in the file, whose columns are"):
+        prepare(cfg, "job.yaml")
+    cfg.eval.columns = ["query", "document", "package"]
+    with pytest.raises(ConfigError, match=r"information_retrieval takes query, document; got \['query', 'document', "):
+        prepare(cfg, "job.yaml")
+    # Two text columns alone need no eval.columns; a null is named, not read as a missing column.
+    pq.write_table(pa.table({"q": test["query"], "d": [None] + test["document"][1:]}), tmp_path / "two.parquet")
+    cfg.eval.columns, cfg.eval.path = None, str(tmp_path / "two.parquet")
+    with pytest.raises(DataError, match=r"column 'd' has 1 null value\(s\); fill or drop those rows"):
+        prepare(cfg, "job.yaml")
+    # embedding_similarity: two texts and the score, found by type without eval.columns.
+    pq.write_table(pa.table({"s1": test["query"], "s2": test["document"], "score": [0.5] * len(test["id"])}),
+                   tmp_path / "sts.parquet")
+    cfg.eval.path, cfg.eval.evaluator = str(tmp_path / "sts.parquet"), "embedding_similarity"
+    assert list(prepare(cfg, "job.yaml").spec.eval_columns) == ["s1", "s2", "score"]
+
+
 def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, data, tmp_path, monkeypatch):
     """A new user's trial: rerunning a finished config resumed at its last step, trained nothing,
     and logged an empty MLflow run and a second registry version of the same weights."""

@@ -31,8 +31,12 @@ def write_data(root: Path, n: int = 24) -> dict[str, Path]:
     p = pairs(n)
     files = {"train": root / "train.parquet", "test": root / "test.parquet",
              "labeled": root / "train_labeled.parquet", "listwise": root / "train_listwise.parquet"}
-    pq.write_table(pa.table(p), files["train"])
-    pq.write_table(pa.table(pairs(n + 8)).slice(n), files["test"])
+    # build-pydocs' split layout: an id and a package beside the pair (text columns a config
+    # must leave out by naming its columns: the evaluator once took the ids as its queries).
+    for split, table in (("train", pa.table(p)), ("test", pa.table(pairs(n + 8)).slice(n))):
+        ids = pa.array([f"{split}-{i:06d}" for i in range(table.num_rows)])
+        table = table.add_column(0, "id", ids).append_column("package", pa.array(["pkg"] * table.num_rows))
+        pq.write_table(table, files[split])
     docs = p["document"]
     # Negatives are another topic's note in another wording: a signal that even a random tiny
     # cross-encoder learns within one epoch (so training visibly lowers its loss).

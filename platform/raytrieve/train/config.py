@@ -202,6 +202,14 @@ class TrainingConfig(ConfigModel):
 class EvalConfig(ConfigModel):
     path: str | None = Field(default=None, description="None: no evaluation (evaluator and every_n_steps unused)")
     evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
+    columns: list[str] | None = Field(
+        default=None,
+        description=(
+            "the file's columns in the evaluator's order (information_retrieval: query, document; "
+            "embedding_similarity: sentence1, sentence2, score; reranking: query, positive, negatives...); "
+            "None: its text columns, when they are exactly as many as the evaluator takes"
+        ),
+    )
     every_n_steps: int | None = None
 
     @model_validator(mode="after")

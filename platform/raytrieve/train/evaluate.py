@@ -1,6 +1,7 @@
 """The evaluator a training run uses, built from an eval file the driver read.
 
-Columns by role, in the file's order:
+Columns by role (``eval.columns`` names them in this order; without it, the file's text columns
+in the file's order, when they are as many as the evaluator takes):
 - information_retrieval: query, document (one query per distinct query text, every document
   paired with it relevant; the corpus is every distinct document);
 - embedding_similarity: sentence1, sentence2, and a numeric score column;
@@ -11,26 +12,72 @@ from __future__ import annotations
 
 from typing import Any
 
-from raytrieve.errors import DataError
+from raytrieve.errors import ConfigError, DataError
+
+# The text columns each evaluator takes (None: any number from 3 on), and whether a numeric score
+# column follows them.
+_ROLES: dict[str, tuple[str, int | None, bool]] = {
+    "information_retrieval": ("query, document", 2, False),
+    "embedding_similarity": ("sentence1, sentence2, score", 2, True),
+    "reranking": ("query, positive, negative...", None, False),
+}
 
 
-def _texts(columns: dict[str, list[Any]]) -> list[str]:
-    return [c for c, values in columns.items() if values and all(isinstance(v, str) for v in values)]
+def _is_text(values: list[Any]) -> bool:
+    return bool(values) and all(isinstance(v, str) for v in values if v is not None)
 
 
-def check_eval_columns(columns: dict[str, list[Any]], evaluator: str, where: str) -> None:
-    texts = _texts(columns)
-    need = {"information_retrieval": 2, "embedding_similarity": 2, "reranking": 3}[evaluator]
-    if len(texts) < need:
-        raise DataError(f"{where}: {evaluator} needs {need} text columns, the file has {texts}")
-    if evaluator == "embedding_similarity" and not any(
-        c not in texts and all(isinstance(v, (int, float)) for v in vals) for c, vals in columns.items()
-    ):
-        raise DataError(f"{where}: embedding_similarity needs a numeric score column")
+def _is_number(values: list[Any]) -> bool:
+    numbers = (isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
+    return bool(values) and all(numbers)
+
+
+def select_eval_columns(
+    columns: dict[str, list[Any]], evaluator: str, chosen: list[str] | None, where: str, field: str
+) -> dict[str, list[Any]]:
+    """The eval file's columns the evaluator reads, in its roles' order (texts, then the score);
+    refused, naming the column and the fix, where a role would take the wrong column (an id, a
+    package name), a column is missing, or a value is null. ``field``: the eval.columns key."""
+    roles, texts_taken, scored = _ROLES[evaluator]
+    texts = [c for c, v in columns.items() if _is_text(v)]
+    if chosen is None:
+        numbers = [c for c, v in columns.items() if c not in texts and _is_number(v)]
+        if (texts_taken is not None and len(texts) != texts_taken) or (texts_taken is None and len(texts) < 3):
+            raise ConfigError(
+                f"{where}: {evaluator} takes {roles}; the file has the text columns {texts}: set {field} to "
+                f"the columns in that order (e.g. [{', '.join(texts[:2] or ['query', 'document'])}"
+                f"{', ' + numbers[0] if scored and numbers else ''}])"
+            )
+        if scored and len(numbers) != 1:
+            raise ConfigError(
+                f"{where}: {evaluator} takes {roles}; the file has the numeric columns {numbers}: set {field} "
+                "to the two text columns and the score column"
+            )
+        chosen = texts + (numbers if scored else [])
+    missing = [c for c in chosen if c not in columns]
+    if missing:
+        raise ConfigError(f"{field}: {missing} not in the file, whose columns are {list(columns)}")
+    want = (texts_taken or max(3, len(chosen))) + scored
+    if len(chosen) != want or (texts_taken is None and len(chosen) < 3):
+        raise ConfigError(f"{field}: {evaluator} takes {roles}; got {chosen}")
+    text_part, score_part = chosen[: len(chosen) - scored], chosen[len(chosen) - scored :]
+    for c in text_part:
+        if not _is_text(columns[c]):
+            raise DataError(f"{where}: column {c!r} is not text; {field} names the text columns first ({roles})")
+    for c in score_part:
+        if not _is_number(columns[c]):
+            raise DataError(f"{where}: column {c!r} is not numeric; {field} ends with the score column ({roles})")
+    for c in chosen:
+        nulls = sum(v is None for v in columns[c])
+        if nulls:
+            raise DataError(f"{where}: column {c!r} has {nulls} null value(s); fill or drop those rows")
+    return {c: columns[c] for c in chosen}
 
 
 def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) -> Any:
-    texts = _texts(columns)
+    """``columns``: what ``select_eval_columns`` chose, in its roles' order."""
+    names = list(columns)
+    texts = names[:-1] if _ROLES[evaluator][2] else names
     if evaluator == "information_retrieval":
         from raytrieve.evaluation import InformationRetrievalEvaluator, SparseInformationRetrievalEvaluator
 
@@ -53,7 +100,7 @@ def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) ->
     if evaluator == "embedding_similarity":
         from raytrieve.evaluation import EmbeddingSimilarityEvaluator
 
-        score = next(c for c in columns if c not in texts)
+        score = names[-1]
         return EmbeddingSimilarityEvaluator(
             columns[texts[0]], columns[texts[1]], columns[score], name="eval", write_csv=False
         )

@@ -77,7 +77,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.losses.registry import base_class
     from raytrieve.model_ref import resolve_field
     from raytrieve.train.distributed import uses_gradient_cache
-    from raytrieve.train.evaluate import check_eval_columns
+    from raytrieve.train.evaluate import select_eval_columns
 
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
     _check_output(cfg, where)
@@ -157,8 +157,13 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
             raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
         # eval: has no format: key; its file's name says the format
         named = f"check the file; {where}.eval.path is read by its name's suffix (.parquet, .jsonl, .csv, ...)"
-        eval_columns = read_table(path, infer_format(path, named), named).to_pydict()
-        check_eval_columns(eval_columns, cfg.eval.evaluator, f"{where}.eval.path ({path})")
+        eval_columns = select_eval_columns(
+            read_table(path, infer_format(path, named), named).to_pydict(),
+            cfg.eval.evaluator,
+            cfg.eval.columns,
+            f"{where}.eval.path ({path})",
+            f"{where}.eval.columns",
+        )
 
     world = cfg.scaling.num_workers
     plan = plan_training(planned, cfg.training, world)
