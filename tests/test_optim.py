@@ -42,3 +42,19 @@ def test_schedules(model, name, mid, end):
         sched.step()
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(mid, abs=1e-6) and lrs[100] == pytest.approx(end, abs=1e-6)
+
+
+@pytest.mark.parametrize("name,hf_name", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")])
+def test_schedules_equal_transformers_trainer_at_every_step(model, name, hf_name):
+    """The oracle: sentence-transformers' trainer (transformers' Trainer) takes its warm-up steps
+    from TrainingArguments.get_warmup_steps (rounded up) and its schedule from get_scheduler."""
+    from transformers import TrainingArguments, get_scheduler
+
+    for total, ratio in ((5, 0.1), (48, 0.1), (100, 0.1), (7, 0.25), (10, 0.0), (3, 0.5)):
+        ours = build_schedule(build_optimizer(model, OptimizerConfig(learning_rate=1.0)),
+                              ScheduleConfig(name=name, warmup_ratio=ratio), total_steps=total)
+        warmup = TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(total)
+        theirs = get_scheduler(hf_name, torch.optim.SGD(model.parameters(), lr=1.0),
+                               num_warmup_steps=warmup, num_training_steps=total)
+        for step in range(total + 1):
+            assert ours.lr_lambdas[0](step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), (total, ratio, step)

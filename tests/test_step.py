@@ -3,6 +3,7 @@ apart, and training on a fixed batch lowers its loss."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import raytrieve.losses as L
@@ -57,3 +58,22 @@ def test_dict_losses_and_learning(tmp_path, tiny_dirs):
         last = stepper.micro_batch(loss, features, None)
     assert last.loss < first.loss  # it learns the batch
     assert last.grad_norm is not None and last.learning_rate == 1e-3
+
+
+def test_the_logged_rate_is_the_configured_one_under_a_mapping(tmp_path):
+    """learning_rate_mapping puts the embeddings in a group of their own rate; the metric was the
+    first group's rate, which can be a mapped one. It is the run's rate, scheduled."""
+    from raytrieve.train.config import ScheduleConfig
+    from raytrieve.train.optim import build_schedule
+
+    model = DenseEncoder(_build(tmp_path, "m", seed=0, dense=True), device="cpu").train()
+    cfg = OptimizerConfig(learning_rate=1e-3, learning_rate_mapping={r"embeddings": 5e-5})
+    opt = build_optimizer(model, cfg)
+    first = opt.param_groups[0]["params"][0]
+    assert any(first is p for n, p in model.named_parameters() if "embeddings" in n)  # a mapped group leads
+    sched = build_schedule(opt, ScheduleConfig(name="linear", warmup_ratio=0.5), total_steps=4)
+    stepper = Stepper(model, opt, sched)
+    loss = L.CosineSimilarityLoss(model)
+    features = [model.tokenize(ANCHORS), model.tokenize(POSITIVES)]
+    rates = [stepper.micro_batch(loss, features, SCORES).learning_rate for _ in range(4)]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])  # warm-up over 2 steps, then linear decay

@@ -46,8 +46,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | N
 def build_schedule(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0, cosine decay, or constant."""
-    warmup = int(total_steps * cfg.warmup_ratio)
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0, cosine decay, or constant.
+    The warm-up rounds up, as transformers' Trainer (sentence-transformers' trainer) does: 5 steps
+    at 0.1 warm up over 1, not 0."""
+    warmup = math.ceil(total_steps * cfg.warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:

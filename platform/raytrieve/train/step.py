@@ -82,7 +82,7 @@ class Stepper:
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self._base_rate()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -95,3 +95,11 @@ class Stepper:
         )
         self._micro, self._sum, self._components = 0, 0.0, {}
         return result
+
+    def _base_rate(self) -> float:
+        """The rate of the configured ``learning_rate`` at this step (its schedule factor applied):
+        under ``learning_rate_mapping`` the first parameter group may be a mapped one, whose rate
+        is not the run's. Every group shares the schedule's factor (LambdaLR keeps initial_lr)."""
+        group = self.optimizer.param_groups[0]
+        base = self.optimizer.defaults["lr"]
+        return float(base * group["lr"] / group["initial_lr"]) if group.get("initial_lr") else float(base)
