@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -139,6 +140,7 @@ def validate_dataset(
     # One streaming pass: row counts, nulls, and the planner's keys.
     read = columns + ([label] if label is not None and label not in columns else [])
     nulls = dict.fromkeys(read, 0)
+    bad: dict[str, int] = {}  # problems inside values, by what _bad_values names them
     counts, key_parts, label_parts = [], [], []
     pool = pa.default_memory_pool()
     known = sum(p.rows for p in pieces) if all(p.rows >= 0 for p in pieces) else None
@@ -153,6 +155,8 @@ def validate_dataset(
             rows += batch.num_rows
             for c in read:
                 nulls[c] += batch.column(c).null_count
+            for problem, n in _bad_values(batch, columns, label, listwise).items():
+                bad[problem] = bad.get(problem, 0) + n
             if keys == "texts" and not any(nulls[c] for c in columns):
                 if known is not None and filled + batch.num_rows <= known:
                     for j, c in enumerate(columns):
@@ -177,6 +181,9 @@ def validate_dataset(
     # The loss needs every label, and so does group_by_label (it batches rows by their label).
     if (labelled or keys == "labels") and label is not None and nulls[label]:
         raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
+    for problem, n in bad.items():  # each would fail a worker hours in, or train NaN weights
+        if n and (problem != "non-finite" or labelled or keys == "labels"):
+            raise DataError(f"{where} ({d.name}): {n} row(s) of {path} {_BAD[problem].format(label=label)}")
     report = DatasetReport(
         d.name, str(path), total, columns, label, fmt, pieces, {c: schema.field(c).type for c in read}
     )
@@ -193,6 +200,44 @@ def validate_dataset(
             )
         report.label_keys = np.concatenate(label_parts)
     return report
+
+
+# What ``_bad_values`` counts, as the error says it (rows of the file ...).
+_BAD = {
+    "non-finite": "have a NaN or infinite label in {label!r} (the loss, then every weight, would be NaN); "
+    "drop or fix those rows",
+    "null items": "have a null inside a list (documents or labels); drop or fill those items",
+    "lengths": "have another number of labels than documents (one label per document); fix those rows",
+}
+
+
+def _bad_values(batch: pa.RecordBatch, columns: list[str], label: str | None, listwise: bool) -> dict[str, int]:
+    """Rows of ``batch`` whose values no null count shows: a NaN or infinite float label, a null
+    inside a list column, a listwise row with more or fewer labels than documents."""
+    import pyarrow.compute
+
+    pc: Any = pyarrow.compute  # it makes its functions at import time: no stub names them
+    out: dict[str, int] = {}
+    lists = [c for c in columns + ([label] if label else []) if pa.types.is_list(batch.schema.field(c).type)]
+    for c in dict.fromkeys(lists):
+        column = batch.column(c)
+        items = pc.list_flatten(column)
+        if items.null_count:
+            parents = pc.list_parent_indices(column)
+            out["null items"] = out.get("null items", 0) + len(pc.unique(pc.filter(parents, pc.is_null(items))))
+    if label is not None:
+        values = batch.column(label)
+        flat = pc.list_flatten(values) if pa.types.is_list(values.type) else values
+        if pa.types.is_floating(flat.type):
+            bad = pc.invert(pc.fill_null(pc.is_finite(flat), True))
+            if pa.types.is_list(values.type):
+                out["non-finite"] = len(pc.unique(pc.filter(pc.list_parent_indices(values), bad)))
+            else:
+                out["non-finite"] = int(pc.sum(bad).as_py() or 0)
+        if listwise and len(columns) > 1 and pa.types.is_list(values.type):
+            differ = pc.not_equal(pc.list_value_length(batch.column(columns[1])), pc.list_value_length(values))
+            out["lengths"] = int(pc.sum(pc.fill_null(differ, False)).as_py() or 0)
+    return out
 
 
 def sampler_keys(cfg: TrainConfig) -> str | None:
