@@ -84,6 +84,38 @@ def test_bad_values_inside_rows_are_refused_before_training(tiny_models, data, t
             prepare(cfg)
 
 
+def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, data, tmp_path):
+    """A jsonl folder's schema is its first file's: float labels of a later file were read as that
+    file's integers (0.7 became 0); a later file without a column, or with text for numbers, was a
+    KeyError or an ArrowInvalid traceback from the read, naming no file."""
+    import json
+
+    from raytrieve.data.validate import validate_dataset
+
+    cfg = shipped_config("cross_bce", tmp_path, tiny_models, data)
+    rows = pq.read_table(data["labeled"]).to_pylist()
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+
+    def write(name, part, **change):
+        (folder / name).write_text("".join(json.dumps({**r, **change}) + "\n" for r in part))
+
+    write("a.jsonl", rows[:8], label=1)
+    write("b.jsonl", rows[8:], label=0.7)
+    cfg.datasets[0].path, cfg.datasets[0].format = str(folder), "jsonl"
+    report = validate_dataset(cfg.datasets[0], "cross", "config", keys=None)
+    assert report.types["label"] == pa.float64()
+    p = prepare(cfg)
+    assert p.stream.datasets[0].label_kind == "float"
+    write("b.jsonl", [{k: v for k, v in r.items() if k != "document"} for r in rows[8:]])
+    with pytest.raises(DataError, match=r"b.jsonl: has no column\(s\) \['document'\] \(its columns: \['query', "
+                                        r"'label'\]\); every file of the folder needs the same columns"):
+        prepare(cfg)
+    write("b.jsonl", rows[8:], label="relevant")
+    with pytest.raises(DataError, match=r"b.jsonl: column 'label' holds text, the folder's first file number; "):
+        prepare(cfg)
+
+
 def test_bad_loss_argument_is_caught_against_the_model(tiny_models, data, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].loss.args = {"scael": 20}

@@ -358,14 +358,14 @@ def infer_format(
     return fmt.name
 
 
-def _type_class(t: pa.DataType) -> str:
+def type_class(t: pa.DataType) -> str:
     """A column type, coarsely: what the data checks and the tokenizer care about."""
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "text"
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         return "number"
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return f"list of {_type_class(t.value_type)}"
+        return f"list of {type_class(t.value_type)}"
     return str(t)
 
 
@@ -379,7 +379,7 @@ def _check_same_columns(first: pa.Schema, other: pa.Schema, first_file: str, oth
             "columns (fix or move that file)"
         )
     for name in first.names:
-        a, b = _type_class(first.field(name).type), _type_class(other.field(name).type)
+        a, b = type_class(first.field(name).type), type_class(other.field(name).type)
         if a != b:
             raise DataError(
                 f"{other_file}: column {name!r} holds {b}, {first_file} holds {a}; every file of the folder needs the "

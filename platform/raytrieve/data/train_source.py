@@ -68,6 +68,15 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
     """The piece's rows, only ``columns``, in record batches of at most formats.BATCH_ROWS rows."""
     try:
         yield from formats.get(piece.fmt).iter_piece(piece.path, piece.row_groups, list(columns))
+    except KeyError:  # a jsonl or csv file of a folder without a column the first file has
+        fmt = formats.get(piece.fmt)
+        if not isinstance(fmt, formats.LineFormat):
+            raise
+        found = fmt.open_stream(piece.path, None).schema.names
+        raise DataError(
+            f"{piece.path}: has no column(s) {[c for c in columns if c not in found]} (its columns: {found}); "
+            "every file of the folder needs the same columns (fix or move that file)"
+        ) from None
     except (pa.ArrowInvalid, OSError) as e:
         fix = "check the file (a jsonl file whose values change type between lines: convert it to parquet)"
         raise formats.cannot_read(piece.path, piece.fmt, e, fix) from None

@@ -149,10 +149,12 @@ def validate_dataset(
     filled = 0
     if keys == "texts" and known is not None:
         key_parts.append(np.empty((known, len(columns)), dtype=np.uint64))
+    floats: set[str] = set()  # columns some file holds as floats (the schema: the first file's)
     for piece in pieces:
         rows = 0
         for batch in iter_piece(piece, read):
             rows += batch.num_rows
+            floats |= _check_batch_types(batch, schema, read, piece.path)
             for c in read:
                 nulls[c] += batch.column(c).null_count
             for problem, n in _bad_values(batch, columns, label, listwise).items():
@@ -184,9 +186,10 @@ def validate_dataset(
     for problem, n in bad.items():  # each would fail a worker hours in, or train NaN weights
         if n and (problem != "non-finite" or labelled or keys == "labels"):
             raise DataError(f"{where} ({d.name}): {n} row(s) of {path} {_BAD[problem].format(label=label)}")
-    report = DatasetReport(
-        d.name, str(path), total, columns, label, fmt, pieces, {c: schema.field(c).type for c in read}
-    )
+    types = {c: schema.field(c).type for c in read}
+    if label is not None and label in floats:  # int labels in one file, floats in another: all floats
+        types[label] = pa.list_(pa.float64()) if pa.types.is_list(types[label]) else pa.float64()
+    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces, types)
     if keys == "texts":
         if known is not None and known == total:
             report.text_keys = key_parts[0]
@@ -209,6 +212,26 @@ _BAD = {
     "null items": "have a null inside a list (documents or labels); drop or fill those items",
     "lengths": "have another number of labels than documents (one label per document); fix those rows",
 }
+
+
+def _check_batch_types(batch: pa.RecordBatch, schema: pa.Schema, read: list[str], path: str) -> set[str]:
+    """A folder's schema is its first file's (a jsonl or csv file says its types only when read):
+    a batch whose column holds another kind of value (text for numbers) is refused, naming its
+    file. Returns the columns this batch holds as floats (their numbers or lists of them), which
+    an integer label of the first file must then be read as (0.7 would have been read as 0)."""
+    floats = set()
+    for c in read:
+        want, got = schema.field(c).type, batch.schema.field(c).type
+        if pa.types.is_null(got):  # a jsonl batch whose values are all null: the null count says so
+            continue
+        if formats.type_class(want) != formats.type_class(got):
+            raise DataError(
+                f"{path}: column {c!r} holds {formats.type_class(got)}, the folder's first file "
+                f"{formats.type_class(want)}; every file needs the same column types (fix or move that file)"
+            )
+        if pa.types.is_floating(got.value_type if pa.types.is_list(got) else got):
+            floats.add(c)
+    return floats
 
 
 def _bad_values(batch: pa.RecordBatch, columns: list[str], label: str | None, listwise: bool) -> dict[str, int]:
