@@ -23,7 +23,7 @@ def test_reference_lists_nested_keys_with_comments_and_defaults():
     from raytrieve.serve.config import ServeConfig
 
     table = {key: (tp, default, text) for key, tp, default, text in rows(ServeConfig)}
-    assert table["limits.max_body_bytes"][1] == "1000000"
+    assert table["limits.max_body_bytes"][1] == str(16 * 2**20)
     assert table["host"][1] == "'127.0.0.1'"
     assert "models:/NAME/VERSION" in table["mlflow_tracking_uri"][2] and table["mlflow_tracking_uri"][1] == "None"
     assert table["dense.model"][1] == "**required**" and "models:/NAME/VERSION" in table["dense.model"][2]

@@ -92,7 +92,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
                      {"model": str(tiny_models["cross"]), "name": "tiny-cross", "cache_entries": 16, **tiny}],
         "index": str(root / "index"), "port": port, "direct_ingress": True, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
-                   "retry_after_s": 2},
+                   "retry_after_s": 2, "max_body_bytes": 1_000_000},
         # /search's defaults for what a request leaves out (test_search_fusion_equals_reference).
         "search": {"recall": {"dense": 30, "sparse": 30}},
     })
@@ -196,8 +196,14 @@ def test_openai_sdk(served, models):
     raw = client.embeddings.create(model="all-minilm-l6-v2", input=texts[:2], encoding_format="base64")
     vectors = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
     np.testing.assert_allclose(vectors, expected[:2], atol=1e-5)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert e.value.param == "model" and e.value.code == "not_found"  # OpenAI's error fields, read by its SDK
+    # At the bare host, as Infinity and TEI are called (LangChain's InfinityEmbeddings posts /embeddings).
+    bare = openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0)
+    assert [m.id for m in bare.models.list()] == [m.id for m in client.models.list()]
+    again = bare.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+    assert [d.embedding for d in again.data] == [d.embedding for d in got.data]
 
 
 def _logits(models, query: str, docs: list[str]) -> np.ndarray:
@@ -228,11 +234,18 @@ def test_cohere_and_jina_rerank(served, models):
     np.testing.assert_allclose([r.relevance_score for r in v2.results], _sigmoid(logits[order]), atol=1e-5)
     assert v2.id and v2.meta.tokens.input_tokens == _pair_tokens(models, query, docs)
     assert v2.meta.billed_units.search_units == 1 and v2.meta.api_version.version == "2"
+    # LangChain's CohereRerank calls rerank(..., top_n=..., max_tokens_per_doc=None): the SDK sends
+    # both as JSON null (a 422 on every call before). Cohere's default length (4096) is at least
+    # the served pair length (256), so it changes nothing.
+    for max_tokens in (None, 4096, 256):
+        again = cohere.ClientV2(base_url=served["url"], api_key="unused").rerank(
+            model="ms-marco-minilm-l12-v2", query=query, documents=docs, top_n=None, max_tokens_per_doc=max_tokens)
+        assert [r.index for r in again.results][:5] == order and len(again.results) == len(docs)
 
     # v1: documents as strings or objects; extra string fields come back with the document.
     mixed = [d if i % 2 else {"text": d, "title": f"doc {i}"} for i, d in enumerate(docs)]
     v1 = cohere.Client(base_url=served["url"], api_key="unused").rerank(
-        query=query, documents=mixed, top_n=5, return_documents=True)
+        query=query, documents=mixed, top_n=5, return_documents=True, max_chunks_per_doc=None, rank_fields=None)
     assert [r.index for r in v1.results] == order
     np.testing.assert_allclose([r.relevance_score for r in v1.results], _sigmoid(logits[order]), atol=1e-5)
     assert [r.document.text for r in v1.results] == [docs[i] for i in order]
@@ -604,8 +617,8 @@ def test_bad_requests_get_named_4xx(served):
             # What other servers' clients send and raytrieve refuses on purpose: why, and the fix.
             ("/v1/rerank", {"query": "q", "documents": ["d"], "max_chunks_per_doc": 2}, "max_chunks_per_doc",
              "not split into chunks; leave max_chunks_per_doc out"),
-            ("/v2/rerank", {"query": "q", "documents": ["d"], "max_tokens_per_doc": 4096}, "max_tokens_per_doc",
-             "leave max_tokens_per_doc out"),
+            ("/v2/rerank", {"query": "q", "documents": ["d"], "max_tokens_per_doc": 64}, "max_tokens_per_doc",
+             "(256 tokens, query and document together); leave it out or send at least 256"),
             ("/embed", {"inputs": "a", "truncation_direction": "Left"}, "truncation_direction",
              "send right or leave it out"),
             ("/v1/embeddings", {"input": [[101, 2023], [7592]]}, "input",

@@ -568,3 +568,41 @@ def test_requests_refused_before_routing_are_counted_under_their_route():
     assert client.post("/v1/nothing", json={}).status_code == 401
     assert counted == [("/v1/embeddings", "401"), ("/v1/embeddings", "413"), ("/v1/embeddings", "400"),
                        ("/v1/embeddings", "200"), ("/v1/embeddings", "405"), ("other", "404"), ("other", "401")]
+
+
+def test_the_bodies_client_sdks_send_with_arguments_left_at_none_are_accepted():
+    """The SDKs send an argument left at None as JSON null: LangChain's CohereRerank calls
+    ClientV2.rerank(..., max_tokens_per_doc=None) and got a 422 on every call; cohere.Client's
+    return_documents=None too. The bodies are the real SDKs' (caught before the network; the
+    served app answers them over HTTP in test_serve.py); null is the field left out."""
+    import json
+
+    import cohere
+    import httpx
+    import pydantic
+    from cohere.core.api_error import ApiError as CohereApiError
+
+    from raytrieve.serve.schemas import CohereRerankV1Request, CohereRerankV2Request, SearchRequest
+
+    sent: list[dict] = []
+
+    def catch(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(400, json={"message": "caught"})
+
+    client = httpx.Client(transport=httpx.MockTransport(catch))
+    with pytest.raises(CohereApiError):
+        cohere.ClientV2(api_key="x", base_url="http://h", httpx_client=client).rerank(
+            model="m", query="q", documents=["a", "b"], top_n=None, max_tokens_per_doc=None)
+    with pytest.raises(CohereApiError):
+        cohere.Client(api_key="x", base_url="http://h", httpx_client=client).rerank(
+            model="m", query="q", documents=["a", {"text": "b"}], top_n=None, return_documents=None,
+            max_chunks_per_doc=None, rank_fields=None)
+    assert sent[0]["max_tokens_per_doc"] is None and sent[1]["return_documents"] is None  # what the SDKs send
+    v2, v1 = CohereRerankV2Request.model_validate(sent[0]), CohereRerankV1Request.model_validate(sent[1])
+    assert v2.max_tokens_per_doc is None and v2.top_n is None and v1.return_documents is False
+    # A value is still checked, and raytrieve's own bodies keep null a type error.
+    with pytest.raises(pydantic.ValidationError, match="max_chunks_per_doc"):
+        CohereRerankV1Request.model_validate({**sent[1], "max_chunks_per_doc": 3})
+    with pytest.raises(pydantic.ValidationError, match="top_k"):
+        SearchRequest.model_validate({"query": "q", "top_k": None})

@@ -165,6 +165,7 @@ class Ingress:
         return {"status": "ok", "models": models, "index": self.indexed}
 
     @api.get("/v1/models")
+    @api.get("/models")  # OpenAI's clients pointed at the bare host (Infinity's and TEI's way)
     async def models(self) -> dict[str, Any]:
         data = [
             {
@@ -194,6 +195,7 @@ class Ingress:
         return PlainTextResponse(notes + text, media_type=CONTENT_TYPE_LATEST)
 
     @api.post("/v1/embeddings")
+    @api.post("/embeddings")  # LangChain's InfinityEmbeddings, and OpenAI's clients at the bare host
     async def embeddings(self, body: EmbeddingsRequest) -> dict[str, Any]:
         """OpenAI's embeddings (the openai SDK's client.embeddings.create)."""
         picked = self.table.pick("dense", body.model)
@@ -280,6 +282,16 @@ class Ingress:
     @api.post("/v2/rerank")
     async def rerank_v2(self, body: CohereRerankV2Request) -> dict[str, Any]:
         """Cohere's v2 rerank (cohere.ClientV2().rerank); ``priority`` is accepted and has no effect."""
+        if body.max_tokens_per_doc is not None:
+            served = (await self._describe(*self.table.pick("reranker", body.model)))["max_seq_length"]
+            if body.max_tokens_per_doc < served:
+                raise ApiError(
+                    422,
+                    "max_tokens_per_doc",
+                    f"max_tokens_per_doc: {body.max_tokens_per_doc} would cut documents shorter than the served "
+                    f"reranker does ({served} tokens, query and document together); leave it out or send at least "
+                    f"{served}",
+                )
         _, scores, tokens = await self._scores(body.model, body.query, body.documents, logits=True)
         scores = shapes.sigmoid(scores)
         results = [{"index": i, "relevance_score": float(scores[i])} for i in shapes.best_first(scores, body.top_n)]

@@ -102,9 +102,16 @@ class DeploymentConfig(ConfigModel):
 
 
 class LimitsConfig(ConfigModel):
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = Field(
+        default=16 * 2**20,
+        description="per request body (16 MiB: LangChain's batch of 1,000 texts of a few thousand characters each)",
+    )
     max_inputs: int = Field(
-        default=128, description="texts per /v1/embeddings, /embed, /embed_sparse or /tokenize request"
+        default=2048,
+        description=(
+            "texts per /v1/embeddings, /embed, /embed_sparse or /tokenize request (2,048: OpenAI's own limit; "
+            "LangChain's OpenAIEmbeddings sends 1,000 a request)"
+        ),
     )
     max_text_chars: int = Field(default=8_000, description="per text, query or document")
     max_documents: int = Field(default=256, description="per /rerank, /v1/rerank or /v2/rerank request")

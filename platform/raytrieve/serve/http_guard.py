@@ -66,9 +66,9 @@ class SafeJSONResponse(JSONResponse):
 def error_response(
     status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return SafeJSONResponse(
-        {"error": {"type": kind, "message": message, "field": field}}, status_code=status, headers=headers
-    )
+    # param and code: the names OpenAI's error object gives them (its SDK reads them as e.param, e.code)
+    error = {"type": kind, "message": message, "field": field, "param": field, "code": kind}
+    return SafeJSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -105,8 +105,6 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
 WHY_REFUSED = {
     "max_chunks_per_doc": "documents are cut at the served model's max_seq_length (GET /info), not split into "
     "chunks; leave max_chunks_per_doc out",
-    "max_tokens_per_doc": "documents are cut at the served model's max_seq_length (GET /info); leave "
-    "max_tokens_per_doc out",
     "relevant_spans": "the rerankers score whole documents; leave relevant_spans out",
     "truncation_direction": "only the end of a text is cut (right); send right or leave it out",
 }

@@ -16,6 +16,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    model_validator,
 )
 
 from raytrieve.serve import fusion
@@ -39,6 +40,18 @@ class Strict(BaseModel):
     # NaN and Infinity (JSON literals Python accepts, or 1e400) would turn fusion scores into
     # values JSON cannot carry back.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ClientBody(Strict):
+    """A body other servers' clients send (OpenAI, TEI, Cohere): their SDKs send an argument
+    left at None as JSON null (LangChain's CohereRerank: ``max_tokens_per_doc: null`` on every
+    call; the cohere SDK: ``return_documents: null``), which those servers read as the field
+    left out. So here: a null field is the field's default; unknown fields stay refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 # Fusion parameters are relative (RRF's k against ranks, weights against each other): the upper
@@ -94,7 +107,7 @@ class SearchRequest(Strict):
     reranker_model: Text | None = None
 
 
-class EmbeddingsRequest(Strict):
+class EmbeddingsRequest(ClientBody):
     """OpenAI's /v1/embeddings shape, plus ``input_type`` (query/document prompt and route) and
     int8 / binary output formats."""
 
@@ -131,7 +144,7 @@ class RerankRequest(Strict):
 # an optional "model" here, as this app may serve several models of a kind.
 
 
-class TeiTruncation(Strict):
+class TeiTruncation(ClientBody):
     """TEI's truncation fields. Texts are always cut at the model's max_seq_length (/info says
     auto_truncate: true), so truncate only accepts what happens anyway."""
 
@@ -168,7 +181,7 @@ class TeiRerankRequest(TeiTruncation):
     model: Text | None = None  # not TEI's (one model a server): which served model
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(ClientBody):
     """TEI's POST /tokenize."""
 
     inputs: Text | list[Text]
@@ -187,7 +200,7 @@ class RerankDocument(BaseModel):
     text: Text
 
 
-class CohereRerankV1Request(Strict):
+class CohereRerankV1Request(ClientBody):
     """Cohere's POST /v1/rerank (cohere.Client().rerank), which is also Jina's /v1/rerank."""
 
     query: Text
@@ -200,7 +213,7 @@ class CohereRerankV1Request(Strict):
     # it is refused by name rather than ignored.
 
 
-class CohereRerankV2Request(Strict):
+class CohereRerankV2Request(ClientBody):
     """Cohere's POST /v2/rerank (cohere.ClientV2().rerank)."""
 
     query: Text
@@ -208,7 +221,11 @@ class CohereRerankV2Request(Strict):
     model: Text | None = None
     top_n: StrictInt | None = Field(None, ge=1)
     priority: StrictInt | None = Field(None, ge=0)  # a scheduling hint: accepted, no effect
-    # Not here: max_tokens_per_doc (documents are cut at max_seq_length) and relevant_spans.
+    # Cohere cuts each document at this many tokens (its default 4096). A pair is cut at the served
+    # model's max_seq_length anyway, so a value at least that changes nothing and is accepted; a
+    # smaller one is refused by the endpoint, naming that length.
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1)
+    # Not here: relevant_spans.
 
 
 def _body_kind(*tei_keys: str) -> Any:
