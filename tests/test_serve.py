@@ -198,7 +198,7 @@ def test_openai_sdk(served, models):
     np.testing.assert_allclose(vectors, expected[:2], atol=1e-5)
     with pytest.raises(openai.NotFoundError) as e:
         client.embeddings.create(model="text-embedding-3-small", input="x")
-    assert e.value.param == "model" and e.value.code == "not_found"  # OpenAI's error fields, read by its SDK
+    assert e.value.param == "model" and e.value.code == "model_not_found"  # OpenAI's error fields, read by its SDK
     # At the bare host, as Infinity and TEI are called (LangChain's InfinityEmbeddings posts /embeddings).
     bare = openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0)
     assert [m.id for m in bare.models.list()] == [m.id for m in client.models.list()]
@@ -264,9 +264,10 @@ def test_cohere_and_jina_rerank(served, models):
     assert body["results"][0]["document"] == {"text": docs[top[0]]}
 
 
-def test_tei_routes(served, models):
-    """TEI's bodies and answers over plain HTTP (TEI has no Python client): /embed, /embed_sparse
-    and /rerank with TEI's keys, /tokenize, /info, /health; values from the in-process encoders."""
+def test_tei_routes(served, models, monkeypatch):
+    """TEI's bodies and answers over plain HTTP: /embed, /embed_sparse and /rerank with TEI's
+    keys, /similarity, /tokenize, /info, /health; values from the in-process encoders. Then TEI's
+    client, huggingface_hub's InferenceClient, which posts to the server's root."""
     url, texts = served["url"], [p.query for p in served["pairs"][:4]]
     r = _post(url, "/embed", {"inputs": texts})
     assert r.status_code == 200, r.text
@@ -311,6 +312,23 @@ def test_tei_routes(served, models):
     assert info["auto_truncate"] is True and isinstance(info["max_batch_tokens"], int) and info["version"]
     r = requests.get(f"{url}/health", timeout=30)
     assert r.status_code == 200 and r.content == b""
+
+    unit = models["dense"].encode(texts, normalize_embeddings=True)
+    r = _post(url, "/similarity", {"inputs": {"source_sentence": texts[0], "sentences": texts[1:]}, "parameters": {}})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json(), unit[1:] @ unit[0], atol=1e-5)
+    # InferenceClient(model=URL) posts to "/" (a 404 here before); the test session's offline
+    # flag (no hub) would stop it before it sends anything, whatever the host.
+    import huggingface_hub
+    from huggingface_hub import InferenceClient
+
+    huggingface_hub.utils.build_hf_headers()  # offline still: its agent registry resolves empty, not from the Hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    client = InferenceClient(model=url, timeout=60)
+    np.testing.assert_allclose(client.feature_extraction(texts), models["dense"].encode(texts), atol=1e-5)
+    np.testing.assert_allclose(client.sentence_similarity(texts[0], texts[1:]), unit[1:] @ unit[0], atol=1e-5)
+    root = _post(url, "/invocations", {"query": query, "texts": docs, "raw_scores": True}).json()
+    assert root == raw  # TEI's other root route; a rerank body is a rerank
 
 
 def _reference_lists(served, models, query: str, k: int):
@@ -645,8 +663,15 @@ NAMED_POSTS = ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/embed_s
 # Routes with two bodies (raytrieve's and TEI's, told apart by their keys) have one entry each,
 # "path#tei" for TEI's. test_hostile_fields_get_4xx_json checks this table against the app's
 # OpenAPI schema, so a new endpoint or field cannot go unfuzzed.
+SIMILARITY = {"inputs": {"source_sentence": "q", "sentences": ["a", "b"]}}
 VALID = {
     "/v1/embeddings": {"input": "hello"},
+    "/embeddings": {"input": "hello"},
+    "/similarity": SIMILARITY,
+    # TEI's root routes: an embedding, a rerank or a similarity, told apart by the body's keys.
+    **{f"{root}#{kind}": body for root in ("/", "/invocations")
+       for kind, body in (("embed", {"inputs": "hello"}), ("rerank", {"query": "q", "texts": ["a", "b"]}),
+                          ("similarity", SIMILARITY))},
     "/embed_sparse": {"input": "hello"},
     "/embed_sparse#tei": {"inputs": "hello"},
     "/rerank": {"query": "q", "documents": ["a", "b"]},
@@ -657,24 +682,34 @@ VALID = {
     "/v1/rerank": {"query": "q", "documents": ["a", {"text": "b"}]},
     "/v2/rerank": {"query": "q", "documents": ["a", "b"]},
 }
+# Other servers' bodies read null as the field left out (their SDKs send None so): "bool?".
 TEI_TRUNCATION = {"truncate": "bool?", "truncation_direction": "enum"}
+OPENAI_EMBEDDINGS = {"input": "texts", "model": "text", "dimensions": "int", "encoding_format": "enum",
+                     "input_type": "enum", "user": "text"}
+TEI_EMBED = {"inputs": "texts", "normalize": "bool?", "prompt_name": "text", "dimensions": "int", "model": "text",
+             **TEI_TRUNCATION}
+TEI_RERANK = {"query": "text", "texts": "list", "raw_scores": "bool?", "return_text": "bool?", "model": "text",
+              **TEI_TRUNCATION}
+TEI_SIMILARITY = {"inputs": "similar", "parameters": "object", "model": "text"}
 FIELD_KINDS = {
-    "/v1/embeddings": {"input": "texts", "model": "text", "dimensions": "int", "encoding_format": "enum",
-                       "input_type": "enum", "user": "text"},
+    "/v1/embeddings": OPENAI_EMBEDDINGS,
+    "/embeddings": OPENAI_EMBEDDINGS,
+    "/similarity": TEI_SIMILARITY,
+    **{f"{root}#{kind}": kinds for root in ("/", "/invocations")
+       for kind, kinds in (("embed", TEI_EMBED), ("rerank", TEI_RERANK), ("similarity", TEI_SIMILARITY))},
     "/embed_sparse": {"input": "texts", "model": "text", "input_type": "enum", "return_tokens": "bool", "top_k": "int"},
     "/embed_sparse#tei": {"inputs": "texts", "prompt_name": "text", "model": "text", **TEI_TRUNCATION},
     "/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool"},
-    "/rerank#tei": {"query": "text", "texts": "list", "raw_scores": "bool", "return_text": "bool", "model": "text",
-                    **TEI_TRUNCATION},
+    "/rerank#tei": TEI_RERANK,
     "/search": {"query": "text", "top_k": "int", "recall": "object", "fusion": "object", "rerank": "bool",
                 "rerank_depth": "int", "rerank_weight": "share", "return_text": "bool", "return_stages": "bool", "dense_model": "text",
                 "sparse_model": "text", "reranker_model": "text"},
-    "/embed": {"inputs": "texts", "normalize": "bool", "prompt_name": "text", "dimensions": "int", "model": "text",
-               **TEI_TRUNCATION},
-    "/tokenize": {"inputs": "texts", "add_special_tokens": "bool", "prompt_name": "text", "model": "text"},
-    "/v1/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool",
+    "/embed": TEI_EMBED,
+    "/tokenize": {"inputs": "texts", "add_special_tokens": "bool?", "prompt_name": "text", "model": "text"},
+    "/v1/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool?",
                    "rank_fields": "list"},
-    "/v2/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "priority": "int>=0"},
+    "/v2/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "priority": "int>=0",
+                   "max_tokens_per_doc": "int"},
 }
 
 
@@ -714,6 +749,9 @@ WRONG = {
     "int>=0": ["3", 1.5, True, [], {}, -1, -(10**400)],
     "share": ["0.5", True, [], {}, 0, 0.0, -0.1, 1.5, 2],  # in (0, 1]
     "enum": ["nope", "", 1, ["float"], {}],
+    # A similarity's inputs: never valid (a string or list of texts would be an embedding's).
+    "similar": [1, [], {}, {"source_sentence": "q"}, {"sentences": ["a"]}, {"source_sentence": 5, "sentences": ["a"]},
+                {"source_sentence": "q", "sentences": []}, {"source_sentence": "q", "sentences": ["a"], "x": 1}],
     "object": ["x", 1, [], {"surprise": 1}, {"dense": -1}, {"dense": 10**400}, {"sparse": 1.5},
                {"method": "convex", "dense_weight": float("inf")}, {"k": float("nan")}, {"k": RawJSON("1e400")},
                {"sparse_weight": 10**400}, {"dense_weight": 2e6}, {"method": "max"}, {"normalization": "\ud800"}],
@@ -747,7 +785,8 @@ def _assert_json_error(answer, context, status: int | None = None) -> dict:
     assert status is None or code == status, (context, code, data[:300])
     assert content_type.startswith("application/json"), (context, code, content_type, data[:300])
     error = json.loads(data)["error"]
-    assert set(error) == {"type", "message", "field"} and error["message"], (context, error)
+    assert set(error) == {"type", "message", "field", "param", "code"} and error["message"], (context, error)
+    assert (error["param"], error["code"]) == (error["field"], error["type"]), (context, error)
     return error
 
 

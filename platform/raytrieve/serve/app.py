@@ -42,6 +42,9 @@ from raytrieve.serve.schemas import (
     SearchRequest,
     SparseBody,
     TeiEmbedRequest,
+    TeiRerankRequest,
+    TeiRootBody,
+    TeiSimilarityRequest,
     TeiSparseRequest,
     TokenizeRequest,
 )
@@ -305,6 +308,33 @@ class Ingress:
         prompt_name = await self._prompt(*picked, body.prompt_name)
         emb, _ = await self._dense(picked, texts, body.dimensions, prompt_name=prompt_name)
         return shapes.shape_vectors(emb, body.dimensions, body.normalize).tolist()
+
+    @api.post("/similarity")
+    async def similarity(self, body: TeiSimilarityRequest) -> list[float]:
+        """TEI's similarity: the cosine of ``source_sentence`` with each of ``sentences``."""
+        picked = self.table.pick("dense", body.model, "model" if body.model is not None else "path")
+        limit, chars = self.limits.max_inputs, self.limits.max_text_chars
+        source = shapes.checked_texts(body.inputs.source_sentence, "inputs.source_sentence", 1, chars)
+        texts = source + shapes.checked_texts(body.inputs.sentences, "inputs.sentences", max(1, limit - 1), chars)
+        prompt_name = await self._prompt(*picked, body.parameters.prompt_name)
+        emb, _ = await self._dense(picked, texts, None, prompt_name=prompt_name)
+        unit = shapes.shape_vectors(emb, None, normalize=True)
+        return (unit[1:] @ unit[0]).tolist()
+
+    @api.post("/")
+    @api.post("/invocations")
+    async def tei_root(self, body: TeiRootBody) -> Any:
+        """TEI's root routes, where huggingface_hub's InferenceClient(model=URL) posts: TEI answers
+        them as its one model's kind; here the body's keys say which (schemas.py ``_root_kind``).
+        An embedding is the dense model's, or the sparse model's when no dense one is served."""
+        if isinstance(body, TeiRerankRequest):
+            return await self.rerank(body)
+        if isinstance(body, TeiSimilarityRequest):
+            return await self.similarity(body)
+        if not self.table.names("dense") and self.table.names("sparse"):
+            fields = ("inputs", "prompt_name", "model", "truncate", "truncation_direction")
+            return await self.embed_sparse(TeiSparseRequest(**{f: getattr(body, f) for f in fields}))
+        return await self.embed(body)
 
     @api.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> list[list[dict[str, Any]]]:

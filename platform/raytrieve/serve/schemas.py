@@ -181,6 +181,24 @@ class TeiRerankRequest(TeiTruncation):
     model: Text | None = None  # not TEI's (one model a server): which served model
 
 
+class TeiSimilarityInput(ClientBody):
+    source_sentence: Text
+    sentences: list[Text]
+
+
+class TeiSimilarityParameters(TeiTruncation):
+    prompt_name: Text | None = None
+
+
+class TeiSimilarityRequest(ClientBody):
+    """TEI's POST /similarity (huggingface_hub's InferenceClient.sentence_similarity posts it to
+    the server's root): the cosine of the source sentence with each sentence."""
+
+    inputs: TeiSimilarityInput
+    parameters: TeiSimilarityParameters = Field(default_factory=TeiSimilarityParameters)
+    model: Text | None = None  # not TEI's (one model a server): which served model
+
+
 class TokenizeRequest(ClientBody):
     """TEI's POST /tokenize."""
 
@@ -238,8 +256,19 @@ def _body_kind(*tei_keys: str) -> Any:
     return Discriminator(kind)
 
 
+def _root_kind(body: Any) -> str:
+    """TEI's root routes take its one model's body; here the keys tell which (texts or query: a
+    rerank; inputs that are an object: a similarity; else an embedding)."""
+    if isinstance(body, dict) and ("texts" in body or "query" in body):
+        return "tei-rerank"
+    if isinstance(body, dict) and isinstance(body.get("inputs"), dict):
+        return "tei-similarity"
+    return "tei-embed"
+
+
 # The tags appear in validation errors' locations; http_guard leaves them out of the field name.
-BODY_TAGS = ("tei", "raytrieve")
+# (Never a field's name: a /search field named rerank must stay in its error's location.)
+BODY_TAGS = ("tei", "raytrieve", "tei-embed", "tei-rerank", "tei-similarity")
 SparseBody = Annotated[
     Union[Annotated[SparseRequest, Tag("raytrieve")], Annotated[TeiSparseRequest, Tag("tei")]],  # noqa: UP007
     _body_kind("inputs"),
@@ -247,4 +276,12 @@ SparseBody = Annotated[
 RerankBody = Annotated[
     Union[Annotated[RerankRequest, Tag("raytrieve")], Annotated[TeiRerankRequest, Tag("tei")]],  # noqa: UP007
     _body_kind("texts"),
+]
+TeiRootBody = Annotated[
+    Union[  # noqa: UP007
+        Annotated[TeiEmbedRequest, Tag("tei-embed")],
+        Annotated[TeiRerankRequest, Tag("tei-rerank")],
+        Annotated[TeiSimilarityRequest, Tag("tei-similarity")],
+    ],
+    Discriminator(_root_kind),
 ]
