@@ -116,6 +116,46 @@ def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, da
         prepare(cfg)
 
 
+def test_the_inference_free_start_follows_the_configured_model_and_output_never_replaces_it(tiny_models, data,
+                                                                                           tmp_path):
+    """The inference-free Router built from model.name_or_path was reused while its folder
+    existed: a run stopped before its first checkpoint, rerun with another model, trained the first
+    model's Router under the second's name. And an output_dir that is the model's folder (a
+    fine-tune in place) replaced the base model with the result."""
+    import torch
+
+    from raytrieve import SparseEncoder
+    from raytrieve.train.checkpoint import checkpoint_dir
+
+    def document_side(folder):
+        router = SparseEncoder(str(folder), device="cpu").first_module
+        return next(iter(router.sub_modules["document"][0].state_dict().values()))
+
+    cfg = shipped_config("router_inference_free_splade", tmp_path, tiny_models, data)
+    prepare(cfg)
+    built = checkpoint_dir(cfg) / "initial-model"
+    torch.testing.assert_close(document_side(built), next(iter(
+        SparseEncoder(str(tiny_models["sparse"]), device="cpu").first_module.state_dict().values())))
+    other = SparseEncoder(str(tiny_models["sparse"]), device="cpu")
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.5)
+    other.save(tmp_path / "other-splade")
+    cfg.model.name_or_path = str(tmp_path / "other-splade")
+    prepare(cfg)
+    torch.testing.assert_close(document_side(built), next(iter(other.first_module.state_dict().values())))
+    mtime = (built / "modules.json").stat().st_mtime_ns
+    prepare(cfg)  # the same model again: the Router built from it is reused
+    assert (built / "modules.json").stat().st_mtime_ns == mtime
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.output_dir = str(tiny_models["dense"])  # a model folder: an earlier output would be replaced
+    with pytest.raises(ConfigError, match=r"job.yaml.output_dir .*: holds the model being trained "
+                                          r"\(job.yaml.model.name_or_path .*\), which the trained model would "
+                                          r"replace whole; name another folder"):
+        prepare(cfg, "job.yaml")
+
+
 def test_bad_loss_argument_is_caught_against_the_model(tiny_models, data, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].loss.args = {"scael": 20}

@@ -242,17 +242,33 @@ def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length
 
+    out, model = Path(cfg.output_dir).resolve(), Path(model_path).resolve()
+    if model == out or out in model.parents:
+        raise ConfigError(
+            f"{where}.output_dir {out}: holds the model being trained ({where}.model.name_or_path "
+            f"{cfg.model.name_or_path}), which the trained model would replace whole; name another folder"
+        )
     label = f"{where}.model.name_or_path: {cfg.model.name_or_path}"
     fix = f"set model.kind: {{name}}, or name a {cfg.model.kind} model"
     refuse_other_kind(model_path, model_kind(cfg.model.kind).serve_field, label, fix)
     check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
 
 
+ROUTER_SOURCE = "raytrieve_source.json"  # in the built Router's folder: the model it was built from
+
+
 def inference_free_router(model_path: str, target: Path) -> Path:
     """An inference-free SPLADE built from a SPLADE model: static query weights (start at 1),
-    the model itself on the document side. Written once (a resumed run reuses it)."""
-    if (target / "modules.json").exists():
-        return target
+    the model itself on the document side. A rerun reuses the one built from the same model (its
+    folder and files: ``assets.fingerprint``); another model (a config changed after a run that
+    stopped before its first checkpoint) builds it again, where it had trained the first one."""
+    from raytrieve._io import read_json, write_json
+    from raytrieve.assets import fingerprint
+
+    source = {"model_path": str(Path(model_path).resolve()), "fingerprint": fingerprint(Path(model_path))}
+    if (target / "modules.json").exists() and (target / ROUTER_SOURCE).exists():
+        if read_json(target / ROUTER_SOURCE) == source:
+            return target
     import torch
 
     from raytrieve._io import atomic_directory
@@ -267,6 +283,7 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     router = SparseEncoder([Router.for_query_document([static], sparse.modules_list)], device="cpu")
     with atomic_directory(target) as tmp:
         router.save(tmp)
+        write_json(tmp / ROUTER_SOURCE, source)
     return target
 
 
