@@ -259,7 +259,11 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             break
     if not (evaluate_every and step % evaluate_every == 0):  # not already evaluated at this step
         evaluate(step)
-    checkpoints.save(step, final=True)
+    if step > first_step or first_step == 0:
+        checkpoints.save(step, final=True)
+    # else: restored from the final checkpoint itself (the worker group restarted after it, while
+    # saving the model): reporting it again under its own name would make Ray Train's manager
+    # replace, and with checkpoint.keep 1 delete, the folder the run restores from.
     card = None
     if rank == 0 and spec.card is not None:
         from raytrieve.train import card_facts
