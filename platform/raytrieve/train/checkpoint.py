@@ -6,7 +6,7 @@ A checkpoint is a directory, reported through ``ray.train.report`` as ``step-000
     model/            the encoder in sentence-transformers format, loadable as is (rank 0)
     state.pt          optimizer, schedule, step and loss heads; tensors only, so it is read
                       with ``weights_only=True`` (rank 0)
-    rng-<rank>.json   each rank's Python and torch random state (every rank)
+    rng-<rank>.json   each rank's Python and torch random state, its GPU's too (every rank)
 
 Every rank's files land in that one directory, and Ray Train registers it only once every rank
 has reported, keeping the newest ``checkpoint.keep`` under ``checkpoint_dir(cfg)/run``. A restarted
@@ -127,12 +127,18 @@ def finished_run(root: Path) -> dict[str, Any] | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    state = {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout on a GPU draws from the device's generator, not the CPU one.
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(ast.literal_eval(state["python"]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _cpu_encoder(kind: str, path: str | Path, trust_remote_code: bool):
