@@ -3,6 +3,7 @@ problem named; the batch plan gives every rank the same number of steps."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,7 +89,6 @@ def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, da
     """A jsonl folder's schema is its first file's: float labels of a later file were read as that
     file's integers (0.7 became 0); a later file without a column, or with text for numbers, was a
     KeyError or an ArrowInvalid traceback from the read, naming no file."""
-    import json
 
     from raytrieve.data.validate import validate_dataset
 
@@ -413,6 +413,36 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
             (Path(cfg.output_dir) / "modules.json").unlink()
         with pytest.raises(Started):
             run_training(cfg)
+
+
+def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_models, data, tmp_path):
+    """A rerun after a stop resumed the checkpoints but opened a new MLflow run, so one training's
+    history was split in two and the registered version pointed at the second half. The stamp
+    records the run; a rerun that resumes its checkpoints reopens it (a real local store)."""
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.train.checkpoint import RUN_STAMP, claim_checkpoint_dir
+    from raytrieve.train.run import input_files, open_run
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    uri = mlflow_run.tracking_uri(f"file://{tmp_path}/mlruns")
+    p = prepare(cfg)
+
+    def claim():
+        return claim_checkpoint_dir(cfg, p.plan, "config", input_files(p.pieces))
+
+    storage = claim()
+    first = open_run(storage, uri, cfg, {"lr": "1"})
+    mlflow_run.end_run(uri, first, failed=True)
+    second = open_run(claim(), uri, cfg, {"lr": "1"})
+    assert second != first  # no checkpoint yet: nothing resumed, a new run
+    assert json.loads((storage / RUN_STAMP).read_text())["mlflow"] == {"uri": uri, "run_id": second}
+    mlflow_run.end_run(uri, second, failed=True)
+    (storage / "run" / "step-00000002").mkdir(parents=True)  # as Ray Train leaves a checkpoint
+    assert open_run(claim(), uri, cfg, {"lr": "2"}) == second  # its params stay as logged
+    run = mlflow_run.client(uri).get_run(second)
+    assert run.info.status == "RUNNING" and run.data.tags["raytrieve.resumes"] == "1" and run.data.params["lr"] == "1"
+    other_store = mlflow_run.tracking_uri(f"file://{tmp_path}/other-mlruns")
+    assert open_run(claim(), other_store, cfg, {"lr": "1"}) != second  # another store: a run of its own there
 
 
 def test_more_workers_than_the_embedded_ray_can_hold_is_refused_before_it_starts(tiny_models, data, tmp_path,

@@ -164,6 +164,27 @@ def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, s
     return run.info.run_id
 
 
+def reopen_run(uri: str, run_id: str) -> bool:
+    """Mark the run ``run_id`` of the store ``uri`` running again (a rerun that resumes its
+    checkpoints logs on into it); False when the store has no such run (deleted, another store).
+    Its params are kept as they were: MLflow refuses a param changed, and the resumed training
+    is the same run (its identity is checked against the checkpoints' before this)."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage != "active":
+        return False
+    resumes = int(run.data.tags.get("raytrieve.resumes", "0")) + 1
+    c.update_run(run_id, status="RUNNING")
+    c.log_batch(run_id, tags=[RunTag("raytrieve.resumes", str(resumes))])
+    return True
+
+
 def metric_name(key: str) -> str:
     """MLflow's allowed characters: ``ndcg@10`` becomes ``ndcg_at_10``."""
     return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))

@@ -105,10 +105,32 @@ def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str, data: dict[st
         )
     # A finished run's record stays while the run stays the same (finished_run reads it).
     finished = kept.get("finished") if same else None
+    logged = kept.get("mlflow") if same else None  # the MLflow run a resumed rerun logs on into
     root.mkdir(parents=True, exist_ok=True)
     body = {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir}
-    write_json(stamp, {**body, **({"finished": finished} if finished else {})})
+    write_json(
+        stamp, {**body, **({"finished": finished} if finished else {}), **({"mlflow": logged} if logged else {})}
+    )
     return root
+
+
+def run_to_resume(root: Path, uri: str) -> str | None:
+    """The MLflow run a rerun resumes into: the one the stamp recorded (``record_mlflow_run``)
+    in the same store, when ``root`` holds checkpoints to resume (a fresh start, or a folder
+    reclaimed for other settings, opens a new run)."""
+    stamp = root / RUN_STAMP
+    if not stamp.exists() or not _holds_checkpoints(root):
+        return None
+    kept = json.loads(stamp.read_text()).get("mlflow") or {}
+    return kept.get("run_id") if kept.get("uri") == uri else None
+
+
+def record_mlflow_run(root: Path, uri: str, run_id: str) -> None:
+    """Note in the run's stamp the MLflow run it logs into, for a rerun that resumes it."""
+    from raytrieve._io import write_json
+
+    stamp = root / RUN_STAMP
+    write_json(stamp, {**json.loads(stamp.read_text()), "mlflow": {"uri": uri, "run_id": run_id}})
 
 
 def record_finished(root: Path, result: dict[str, Any]) -> None:

@@ -287,6 +287,23 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     return target
 
 
+def open_run(storage: Path, uri: str, cfg: TrainConfig, params: dict[str, str]) -> str:
+    """The MLflow run this training logs into: on a rerun that resumes checkpoints, the run that
+    wrote them (its metrics go on from the resumed step, one history); else a new run. Recorded
+    in the checkpoint folder's stamp either way."""
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.train.checkpoint import record_mlflow_run, run_to_resume
+
+    earlier = run_to_resume(storage, uri)
+    if earlier is not None and mlflow_run.reopen_run(uri, earlier):
+        log.info("resuming MLflow run %s", earlier)
+        run_id = earlier
+    else:
+        run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)
+    record_mlflow_run(storage, uri, run_id)
+    return run_id
+
+
 def build_datasets(p: Prepared) -> dict[str, Any]:
     """Each rank's Ray Dataset per epoch, ``rank{r}_epoch{e}`` (lazy: an epoch's reads start when
     the rank starts iterating it, and a resumed run never opens the epochs it finished)."""
@@ -446,7 +463,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             "scaling.resolved_torch_threads": str(p.spec.threads),
         }
     )
-    run_id = mlflow_run.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.tags, params)
+    run_id = open_run(storage, uri, cfg, params)
     p.spec.tracking_uri, p.spec.run_id = uri, run_id
     p.spec.progress_key = f"train-{uuid.uuid4().hex}"  # rank 0's steps, for the driver's progress
     failed = True
