@@ -113,7 +113,13 @@ class LimitsConfig(ConfigModel):
             "LangChain's OpenAIEmbeddings sends 1,000 a request)"
         ),
     )
-    max_text_chars: int = Field(default=8_000, description="per text, query or document")
+    max_text_chars: int = Field(
+        default=32_768,
+        description=(
+            "per text, query or document (texts are cut at the model's max_seq_length tokens anyway: /info's "
+            "auto_truncate; 32,768 takes what OpenAI's 8,191-token input limit does)"
+        ),
+    )
     max_documents: int = Field(default=256, description="per /rerank, /v1/rerank or /v2/rerank request")
     max_top_k: int = 100
     max_recall: int = Field(default=1000, description="candidates per retriever in /search")
