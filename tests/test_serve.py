@@ -199,6 +199,12 @@ def test_openai_sdk(served, models):
     with pytest.raises(openai.NotFoundError) as e:
         client.embeddings.create(model="text-embedding-3-small", input="x")
     assert e.value.param == "model" and e.value.code == "model_not_found"  # OpenAI's error fields, read by its SDK
+    # A chunk of whitespace only (a blank page) is embedded as OpenAI's API does; only "" is refused.
+    blank = client.embeddings.create(model="all-minilm-l6-v2", input=[texts[0], " \n "], encoding_format="float")
+    np.testing.assert_allclose(blank.data[1].embedding, models["dense"].encode(" \n "), atol=1e-5)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.embeddings.create(model="all-minilm-l6-v2", input=[texts[0], ""])
+    assert e.value.param == "input[1]"
     # At the bare host, as Infinity and TEI are called (LangChain's InfinityEmbeddings posts /embeddings).
     bare = openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0)
     assert [m.id for m in bare.models.list()] == [m.id for m in client.models.list()]
@@ -741,7 +747,7 @@ WRONG_ANYWHERE = [float("nan"), float("inf"), float("-inf"), RawJSON("1e400"), R
                   "ok\udfff", DEEP, NESTED]
 WRONG = {
     "text": [5, 1.5, True, [], ["x"], {}],
-    "texts": [5, True, {}, [], [5], [None], [["x"]], ["ok", "\udc00"], ["ok", "   "], ["x"] * 17],
+    "texts": [5, True, {}, [], [5], [None], [["x"]], ["ok", "\udc00"], ["ok", ""], ["x"] * 17],
     "list": ["d", 5, {}, [], [5], [None], ["ok", "\ud83d"], ["d"] * 33],
     "int": ["3", 1.5, True, [], {}, 0, -1, -(10**400)],
     "bool": ["true", 1, 0, None, []],

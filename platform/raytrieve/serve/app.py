@@ -156,7 +156,7 @@ class Ingress:
         picked, handle = self.table.pick(
             "reranker", model, "model" if model is not None or field == "documents" else "path"
         )
-        query = shapes.checked_texts(query, "query", 1, self.limits.max_text_chars)[0]
+        query = shapes.checked_texts(query, "query", 1, self.limits.max_text_chars, query=True)[0]
         docs = shapes.checked_texts(documents, field, self.limits.max_documents, self.limits.max_text_chars)
         scores, tokens = await handle.remote([(query, d) for d in docs], "logits" if logits else None)
         return picked.name, np.asarray(scores, dtype=np.float32), sum(tokens)

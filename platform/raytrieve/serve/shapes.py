@@ -17,9 +17,13 @@ from raytrieve.serve.http_guard import ApiError
 from raytrieve.serve.schemas import SearchRequest
 
 
-def checked_texts(value: str | list[str], field: str, limit_count: int, limit_chars: int) -> list[str]:
-    """``value`` as a list of texts, refused (422 naming ``field`` or its element) when empty,
-    blank, or over the count or length limits."""
+def checked_texts(
+    value: str | list[str], field: str, limit_count: int, limit_chars: int, *, query: bool = False
+) -> list[str]:
+    """``value`` as a list of texts, refused (422 naming ``field`` or its element) when empty, or
+    over the count or length limits. A text of whitespace only is embedded and scored as any text
+    (OpenAI's API takes it, refusing only ""; one blank chunk failed a client's whole batch); a
+    ``query`` of whitespace only is refused (there is nothing to search for)."""
     texts = [value] if isinstance(value, str) else value
     if not texts:
         raise ApiError(422, field, f"{field}: give at least one text")
@@ -27,7 +31,7 @@ def checked_texts(value: str | list[str], field: str, limit_count: int, limit_ch
         raise ApiError(422, field, f"{field}: {len(texts)} texts, at most {limit_count} per request")
     for i, t in enumerate(texts):
         name = field if isinstance(value, str) else f"{field}[{i}]"
-        if not t.strip():
+        if not t or (query and not t.strip()):
             raise ApiError(422, name, f"{name}: empty text")
         if len(t) > limit_chars:
             raise ApiError(422, name, f"{name}: {len(t)} characters, at most {limit_chars}")
@@ -36,7 +40,7 @@ def checked_texts(value: str | list[str], field: str, limit_count: int, limit_ch
 
 def check_search_limits(body: SearchRequest, limits: LimitsConfig) -> None:
     """The config's bounds on a /search request; what the pipeline cannot serve it refuses itself."""
-    checked_texts(body.query, "query", 1, limits.max_text_chars)
+    checked_texts(body.query, "query", 1, limits.max_text_chars, query=True)
     problem = search_limit_error(body, limits)
     if problem is not None:
         raise ApiError(422, problem[0], f"{problem[0]}: {problem[1]}")
