@@ -323,6 +323,17 @@ def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
     assert sorted(v.ids) == sorted(f"d{i}" for i in range(70))
     order = [int(i[1:]) for i in v.ids]
     np.testing.assert_allclose(v.dense, expected[order], atol=1e-5)
+    # Another job into that folder (another max_seq_length, another dataset) is refused, and the
+    # input its shards were encoded from is as it was: the new dataset was staged beside it.
+    staged = Path(cfg.output_dir) / "_input"
+    before = {p.name: p.read_bytes() for p in staged.iterdir()}
+    other = ray_cluster.data.from_items([{"id": f"e{i}", "text": t[::-1]} for i, t in enumerate(texts)])
+    changed = _config(tmp_path, tmp_path / "unused", dense={"model": str(tiny_models["dense"]), "max_seq_length": 16},
+                      output_dir=cfg.output_dir)
+    with pytest.raises(ConfigError, match="holds the output of a different encoding job"):
+        run_encode(changed, dataset=other)
+    assert {p.name: p.read_bytes() for p in staged.iterdir()} == before
+    assert not (Path(cfg.output_dir) / "_input.next").exists() and read_vectors(cfg.output_dir).ids == v.ids
 
 
 # -- a registered model, refusals, and the on-disk states a kill leaves ------------------------

@@ -41,6 +41,7 @@ from raytrieve.inference.config import EncodeConfig
 from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows
 from raytrieve.inference.encode_plan import (
     STAGED_INPUT,
+    STAGED_NEXT,
     calibration_sample,
     claim_output,
     job_fingerprint,
@@ -96,16 +97,20 @@ def run_encode(
     if dataset is not None:
         claim_output(store, None, where)  # before writing the dataset into it
         _init_ray(ray_address)
-        cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store), "parquet"
-    source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
-    check_columns(schema_names(source), cfg.corpus, cfg.corpus.path)
-    specs = plan_shards(source, cfg.rows_per_shard)
-    if not specs:
-        raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
-    outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
-    identity = job_identity(cfg, source, described)
+        # Beside the job's own _input until the job is known to be this folder's: a run refused
+        # as another job must leave the input its shards (and any index, Serve) read untouched.
+        cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store, STAGED_NEXT), "parquet"
+    try:
+        source, specs, outputs, described, identity = _plan(cfg, store, where, scratch, dataset is not None)
+    except BaseException:
+        if dataset is not None:
+            store.delete(STAGED_NEXT)
+        raise
+    if dataset is not None:  # this folder's job: the staged dataset becomes its input
+        cfg.corpus.path = _swap_staged(store)
+        source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
+        specs = plan_shards(source, cfg.rows_per_shard)
     fingerprint = job_fingerprint(identity)
-    claim_output(store, identity, where, scratch)
     if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
         reuse_ranges(store.read_json(shards.JOB), outputs, described)
 
@@ -255,7 +260,43 @@ def _init_ray(ray_address: str | None) -> None:
     connect(ray_address)
 
 
-def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -> str:
+def _plan(
+    cfg: EncodeConfig, store: shards.OutputStore, where: str, scratch: bool, staged: bool
+) -> tuple[Any, list[Any], list[OutputSpec], dict[str, Any], dict[str, Any]]:
+    """The corpus read, its shard plan, the models resolved, and this job's identity, claimed in
+    ``store`` (a folder of another job is refused here). ``staged``: the corpus is a dataset
+    written beside the job's input, whose identity is that of the input it becomes."""
+    source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
+    check_columns(schema_names(source), cfg.corpus, cfg.corpus.path)
+    specs = plan_shards(source, cfg.rows_per_shard)
+    if not specs:
+        raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
+    outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
+    location = _location(store.describe(STAGED_INPUT)) if staged else None
+    identity = job_identity(cfg, source, described, location)
+    claim_output(store, identity, where, scratch)
+    return source, specs, outputs, described, identity
+
+
+def _swap_staged(store: shards.OutputStore) -> str:
+    """The staged dataset (``STAGED_NEXT``) becomes the job's input (``STAGED_INPUT``); returns
+    its location. A rename where the store can; an object store's files are copied, then the
+    staged ones deleted (a run killed in between writes the dataset again: it is staged anew)."""
+    store.delete(STAGED_INPUT)
+    source, target = store.path(STAGED_NEXT), store.path(STAGED_INPUT)
+    if store.renames:
+        store.fs.move(source, target)
+    else:
+        import pyarrow.fs as pafs
+
+        store.fs.create_dir(target, recursive=True)
+        for info in store.fs.get_file_info(pafs.FileSelector(source)):
+            store.fs.copy_file(info.path, f"{target}/{Path(info.path).name}")
+        store.delete(STAGED_NEXT)
+    return store.describe(STAGED_INPUT)
+
+
+def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore, name: str) -> str:
     """Write a Ray Dataset's corpus columns once, by the workers, as parquet named by write
     task (the same dataset gives the same files, so a rerun can reuse its shards)."""
     from ray.data.datasource import FilenameProvider
@@ -270,10 +311,8 @@ def _stage_dataset(dataset: Any, cfg: EncodeConfig, store: shards.OutputStore) -
             f"the dataset has no column(s) {missing}; its columns are {dataset.columns()}. "
             "Set corpus.id_column / text_column / title_column"
         )
-    target = store.path(STAGED_INPUT)
-    if store.exists(STAGED_INPUT):
-        store.fs.delete_dir(target)
-    location = store.describe(STAGED_INPUT)
+    store.delete(name)
+    location = store.describe(name)
     dataset.select_columns(needed_columns(cfg.corpus)).write_parquet(location, filename_provider=ByTask())
     return location
 

@@ -26,6 +26,7 @@ log = logging.getLogger("raytrieve.encode")
 CALIBRATION_SHARDS = 8
 # Where a Ray Dataset handed to run_encode is written first, inside output_dir.
 STAGED_INPUT = "_input"
+STAGED_NEXT = "_input.next"  # a dataset staged beside the input until the run is known to be this job's
 
 
 def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
@@ -137,10 +138,13 @@ def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
 TITLE_RULE = "the title alone when the text is blank"
 
 
-def job_identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -> dict[str, Any]:
+def job_identity(
+    cfg: EncodeConfig, source: Source, described: dict[str, Any], location: str | None = None
+) -> dict[str, Any]:
     """What a rerun must share with the output it finds: settings, models and the shard plan
     (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
-    *content* is not in it: each shard carries its own content checksum."""
+    *content* is not in it: each shard carries its own content checksum. ``location``: where the
+    corpus will be read from, when that is not where ``source`` is now (a staged dataset)."""
     from raytrieve import assets
 
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
@@ -155,7 +159,7 @@ def job_identity(cfg: EncodeConfig, source: Source, described: dict[str, Any]) -
     }
     body = {
         "shard_format": shards.SHARD_FORMAT,
-        "corpus": {**cfg.corpus.model_dump(), "path": source.location, "format": source.format},
+        "corpus": {**cfg.corpus.model_dump(), "path": location or source.location, "format": source.format},
         "side": cfg.side,
         "rows_per_shard": cfg.rows_per_shard,
         "bad_rows": cfg.bad_rows,
@@ -205,7 +209,7 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
                 f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
                 "run it with that job's settings, choose a new output_dir or delete that folder"
             )
-    elif not store.exists(shards.JOB) and [n for n in store.names() if n != STAGED_INPUT]:
+    elif not store.exists(shards.JOB) and [n for n in store.names() if n not in (STAGED_INPUT, STAGED_NEXT)]:
         raise ConfigError(
             f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
         )
