@@ -611,3 +611,23 @@ def test_a_model_of_another_kind_is_refused_before_ray(tiny_models, tiny_dirs, t
         with pytest.raises(ConfigError, match=message):
             encode.run_encode(_config(tmp_path, corpus, **change))
     assert not (tmp_path / "vectors").exists()
+
+
+def test_the_duplicate_check_counts_a_title_only_row_as_the_encoding_does(tmp_path):
+    """A row with a title and a blank text is encoded (its title alone), but the duplicate check
+    read only the id and text columns and saw it as a bad row: an id it shared with another row
+    passed the check, the job wrote both, and `index build` refused the folder afterwards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve.data.sources import open_source, plan_shards
+    from raytrieve.inference.config import CorpusConfig
+    from raytrieve.inference.stages import shard_ids
+
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["x", "x", "y"], "text": ["", "hello", "   "], "title": ["T", None, None]}), path)
+    corpus = CorpusConfig(path=str(path), title_column="title")
+    specs = plan_shards(open_source(str(path), None, field="corpus.path"), 10)
+    found = shard_ids(pa.Table.from_pylist([s.as_row() for s in specs]), corpus)
+    assert found.column("id").to_pylist() == ["x", "x"]  # y: a blank text and no title, a bad row
+    assert [p & 0xFFFFFFFF for p in found.column("pos").to_pylist()] == [0, 1]

@@ -86,7 +86,9 @@ def scan_shards(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
 
 def shard_ids(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
     parts = [
-        valid_ids(read_shard(spec, [corpus.id_column, corpus.text_column]), corpus, spec.path, spec.shard)
+        # The title too: a row with a title and a blank text is encoded (its title alone), so it
+        # counts in the duplicate check as in the encoding.
+        valid_ids(read_shard(spec, needed_columns(corpus)), corpus, spec.path, spec.shard)
         for spec in _specs(batch)
     ]
     return (
