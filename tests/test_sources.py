@@ -111,3 +111,20 @@ def test_csv_shards_read_requested_columns_as_text(tmp_path):
     merged, specs = _read_all(str(path), 3)
     assert len(specs) > 5
     assert merged == {"id": [f"{i:05d}" for i in range(40)], "text": [str(i * 7) for i in range(40)]}
+
+
+def test_a_file_without_a_configured_column_is_named_not_read_as_nulls(tmp_path):
+    """The driver checks the first file's columns; pyarrow reads a later parquet file that lacks a
+    requested column without one, so every row of it became a "null text" bad row, dropped without
+    a word under bad_rows: skip. Each shard's file is checked where it is read; a jsonl row may
+    still leave a key out (a null there)."""
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["b"], "body": ["y"]}), tmp_path / "part-1.parquet")
+    specs = plan_shards(open_source(str(tmp_path), None), 10)
+    assert read_shard(specs[0], ["id", "text"]).to_pylist() == [{"id": "a", "text": "x"}]
+    with pytest.raises(DataError, match=r"part-1.parquet: has no column\(s\) \['text'\]; every file of the input "):
+        read_shard(specs[1], ["id", "text"])
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text('{"id": "c"}\n')
+    (spec,) = plan_shards(open_source(str(tmp_path / "j"), None), 10)
+    assert read_shard(spec, ["id", "text"]).column_names == ["id"]  # the text a null, judged per row

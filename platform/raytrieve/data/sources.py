@@ -146,5 +146,14 @@ def read_shard(spec: ShardSpec, columns: list[str] | None = None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise formats.cannot_read(spec.path, spec.format, e) from None
     if columns:
+        missing = [c for c in columns if c not in table.column_names]
+        if missing and spec.format != "jsonl":
+            # A file's own schema lacks them (a jsonl row may leave a key out: a null there). The
+            # driver checked the first file's; this one's rows were read as nulls, every one a
+            # "bad row" that the default bad_rows: skip dropped without a word.
+            raise DataError(
+                f"{spec.path}: has no column(s) {missing}; every file of "
+                "the input needs the configured columns (fix or move that file, or set the column names)"
+            )
         table = table.select([c for c in columns if c in table.column_names])
     return table
