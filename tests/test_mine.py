@@ -4,6 +4,7 @@ independently recomputed scores, and every output format has the right columns."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,23 @@ def test_corpus_vectors_of_another_length_than_the_retrievers_are_refused(positi
     with pytest.raises(ConfigError, match=r"retriever.max_seq_length: 64, but corpus_vectors .* were encoded at 128; "
                                           r"set retriever.max_seq_length: 128"):
         run_mine(cfg)
+    # Vectors encoded as queries, or with a prompt the positives are not encoded with: their
+    # candidates' scores and the positives' were on two scales too.
+    import shutil
+
+    cfg.retriever.max_seq_length = 128
+    for change, message in (({"side": "query"}, r"encoded as side: query; mining's candidates are documents"),
+                            ({"dense": {"prompt": "passage: "}}, r"encoded with the prompt 'passage: ', but positives "
+                                                                  r"are encoded with the model's document prompt None")):
+        copy = tmp_path / f"copy-{next(iter(change))}"
+        shutil.copytree(positives_vectors["corpus_vectors"], copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        for key, value in change.items():
+            manifest[key] = {**manifest[key], **value} if isinstance(value, dict) else value
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        cfg.corpus_vectors = str(copy)
+        with pytest.raises(ConfigError, match=message):
+            run_mine(cfg)
 
 
 @pytest.mark.slow

@@ -122,13 +122,22 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
     return read_vectors(vectors_dir)  # given ones were checked before Ray (check_corpus_vectors)
 
 
-def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, max_seq_length: int, where: str) -> None:
-    """Vectors the retriever can search: made with its model at its ``max_seq_length`` (positives
-    are encoded here at it, and compared with the candidates) and, dense, as floats (an index
-    quantizes itself); by the manifest alone (the shards are read after the checks)."""
+def check_corpus_vectors(
+    cfg: MineConfig, vectors_dir: str, model_path: str, max_seq_length: int, where: str, prompt: str | None = None
+) -> None:
+    """Vectors the retriever can search: made with its model at its ``max_seq_length``, as
+    documents, with ``prompt`` (the model's document prompt: positives are encoded here so, and
+    their scores compared with the candidates') and, dense, as floats (an index quantizes
+    itself); by the manifest alone (the shards are read after the checks)."""
     from raytrieve.inference.shards import read_manifest
 
-    made_by = read_manifest(vectors_dir).output(cfg.retriever.kind)
+    manifest = read_manifest(vectors_dir)
+    if manifest.side != "document":
+        raise ConfigError(
+            f"{where}.corpus_vectors {vectors_dir}: encoded as side: {manifest.side}; mining's candidates are "
+            "documents, scored against positives encoded as documents: encode the corpus with side: document"
+        )
+    made_by = manifest.output(cfg.retriever.kind)
     made_with = made_by.model_path if made_by is not None else None
     if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
         raise ConfigError(
@@ -146,6 +155,12 @@ def check_corpus_vectors(cfg: MineConfig, vectors_dir: str, model_path: str, max
         raise ConfigError(
             f"{where}.retriever.max_seq_length: {max_seq_length}, but corpus_vectors {vectors_dir} were encoded at "
             f"{made_by.max_seq_length}; set retriever.max_seq_length: {made_by.max_seq_length}"
+        )
+    if made_by.prompt != prompt:
+        raise ConfigError(
+            f"{where}.corpus_vectors {vectors_dir}: encoded with the prompt {made_by.prompt!r}, but positives are "
+            f"encoded with the model's document prompt {prompt!r}, so their scores and the candidates' differ in "
+            "scale; encode the corpus without a prompt setting (the model's own)"
         )
 
 
@@ -211,7 +226,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if r.kind == "dense":  # its candidates come from a cosine or dot index
         similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {r.model}")
     if cfg.corpus_vectors:
-        check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where)
+        document_prompt = model.resolve_prompt(None, model.prompt_name_for("document"))
+        check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where, document_prompt)
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
@@ -271,8 +287,10 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         described = vectors.manifest.sparse
         assert described is not None, "read_vectors checks that the manifest describes its sparse vectors"
         index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, described.vocab_size)
+        # Positives pruned as the corpus was (its max_active_dims), so their scores are the candidates'.
+        kept = {"max_active_dims": described.max_active_dims} if described.max_active_dims else {}
         q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True, show_progress_bar=bars)
-        p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True, show_progress_bar=bars)
+        p_emb = model.encode_document(positives, batch_size=bs, as_dicts=True, show_progress_bar=bars, **kept)
         hits = index.search(q_emb, depth)
         pos_scores = np.array([_sparse_dot(q_emb[q_row[q]], p) for q, p in zip(queries, p_emb)], dtype=np.float32)
 
