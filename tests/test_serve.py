@@ -92,7 +92,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
                      {"model": str(tiny_models["cross"]), "name": "tiny-cross", "cache_entries": 16, **tiny}],
         "index": str(root / "index"), "port": port, "direct_ingress": True, "mlflow_tracking_uri": registry,
         "limits": {"max_inputs": 16, "max_documents": 32, "max_text_chars": 2000, "max_queued_requests": 4,
-                   "retry_after_s": 2, "max_body_bytes": 1_000_000},
+                   "retry_after_s": 2, "max_body_bytes": 1_000_000, "max_tokenize_chars": 10_000},
         # /search's defaults for what a request leaves out (test_search_fusion_equals_reference).
         "search": {"recall": {"dense": 30, "sparse": 30}},
     })
@@ -335,6 +335,10 @@ def test_tei_routes(served, models, monkeypatch):
     np.testing.assert_allclose(client.sentence_similarity(texts[0], texts[1:]), unit[1:] @ unit[0], atol=1e-5)
     root = _post(url, "/invocations", {"query": query, "texts": docs, "raw_scores": True}).json()
     assert root == raw  # TEI's other root route; a rerank body is a rerank
+    # A key sent as null is no key: an embedding body with query: null is an embedding.
+    r = _post(url, "/", {"inputs": texts[:1], "query": None, "normalize": None})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json(), models["dense"].encode(texts[:1]), atol=1e-5)
 
 
 def _reference_lists(served, models, query: str, k: int):
@@ -564,6 +568,9 @@ def test_models_health_metrics(served):
 
 
 BAD = [
+    ("/tokenize", {"inputs": ["x" * 2000] * 6}, 422, "inputs"),  # past max_tokenize_chars (10,000)
+    ("/similarity", {"inputs": {"source_sentence": "q", "sentences": ["a"]}, "parameters": {"prompt_name": "nope"}},
+     422, "parameters.prompt_name"),
     ("/search", b"{not json", 400, "body"),
     ("/search", {}, 422, "query"),
     ("/search", {"query": ""}, 422, "query"),

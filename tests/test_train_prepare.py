@@ -132,9 +132,9 @@ def test_the_inference_free_start_follows_the_configured_model_and_output_never_
         return next(iter(router.sub_modules["document"][0].state_dict().values()))
 
     cfg = shipped_config("router_inference_free_splade", tmp_path, tiny_models, data)
-    prepare(cfg)
-    built = checkpoint_dir(cfg) / "initial-model"
-    torch.testing.assert_close(document_side(built), next(iter(
+    first = Path(prepare(cfg).spec.model_path)
+    assert first.parent == checkpoint_dir(cfg)
+    torch.testing.assert_close(document_side(first), next(iter(
         SparseEncoder(str(tiny_models["sparse"]), device="cpu").first_module.state_dict().values())))
     other = SparseEncoder(str(tiny_models["sparse"]), device="cpu")
     with torch.no_grad():
@@ -142,10 +142,12 @@ def test_the_inference_free_start_follows_the_configured_model_and_output_never_
             param.add_(0.5)
     other.save(tmp_path / "other-splade")
     cfg.model.name_or_path = str(tmp_path / "other-splade")
-    prepare(cfg)
+    built = Path(prepare(cfg).spec.model_path)
     torch.testing.assert_close(document_side(built), next(iter(other.first_module.state_dict().values())))
+    torch.testing.assert_close(document_side(first), next(iter(  # the first run's start is untouched
+        SparseEncoder(str(tiny_models["sparse"]), device="cpu").first_module.state_dict().values())))
     mtime = (built / "modules.json").stat().st_mtime_ns
-    prepare(cfg)  # the same model again: the Router built from it is reused
+    assert Path(prepare(cfg).spec.model_path) == built  # the same model again: its Router is reused
     assert (built / "modules.json").stat().st_mtime_ns == mtime
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
@@ -367,6 +369,16 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
     cfg.eval.columns = ["query", "document", "package"]
     with pytest.raises(ConfigError, match=r"information_retrieval takes query, document; got \['query', 'document', "):
         prepare(cfg, "job.yaml")
+    cfg.eval.columns = ["query", "query"]
+    with pytest.raises(ConfigError, match=r"job.yaml.eval.columns: \['query'\] named more than once"):
+        prepare(cfg, "job.yaml")
+    # reranking takes query, positive and any number of negatives: an id among 4 text columns
+    # would be its query, so more than 3 need eval.columns.
+    cfg.eval.columns, cfg.eval.evaluator = None, "reranking"
+    with pytest.raises(ConfigError, match=r"reranking takes query, positive, negative...; the file has the text "
+                                          r"columns \['id', 'query', 'document', 'package'\]"):
+        prepare(cfg, "job.yaml")
+    cfg.eval.evaluator = "information_retrieval"
     # Two text columns alone need no eval.columns; a null is named, not read as a missing column.
     pq.write_table(pa.table({"q": test["query"], "d": [None] + test["document"][1:]}), tmp_path / "two.parquet")
     cfg.eval.columns, cfg.eval.path = None, str(tmp_path / "two.parquet")
@@ -441,6 +453,11 @@ def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_mod
     assert open_run(claim(), uri, cfg, {"lr": "2"}) == second  # its params stay as logged
     run = mlflow_run.client(uri).get_run(second)
     assert run.info.status == "RUNNING" and run.data.tags["raytrieve.resumes"] == "1" and run.data.params["lr"] == "1"
+    cfg.mlflow.experiment = "another-experiment"  # the config moved the run: a new one goes there
+    moved = open_run(claim(), uri, cfg, {"lr": "1"})
+    client = mlflow_run.client(uri)
+    assert moved != second and client.get_run(moved).info.experiment_id == client.get_experiment_by_name(
+        "another-experiment").experiment_id
     other_store = mlflow_run.tracking_uri(f"file://{tmp_path}/other-mlruns")
     assert open_run(claim(), other_store, cfg, {"lr": "1"}) != second  # another store: a run of its own there
 

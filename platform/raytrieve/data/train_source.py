@@ -73,6 +73,8 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
         if not isinstance(fmt, formats.LineFormat):
             raise
         found = fmt.open_stream(piece.path, None).schema.names
+        if all(c in found for c in columns):  # another KeyError: not a missing column
+            raise
         raise DataError(
             f"{piece.path}: has no column(s) {[c for c in columns if c not in found]} (its columns: {found}); "
             "every file of the folder needs the same columns (fix or move that file)"

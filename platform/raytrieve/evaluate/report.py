@@ -223,9 +223,12 @@ def run_differences(report: Mapping[str, Any], previous: Mapping[str, Any]) -> d
         return {k: v for k, v in out.items() if k in rep or k.split(".")[0] in rep}
 
     here, there = flat(report), flat(previous)
-    return {
+    out = {
         key: {"previous": there[key], "current": here[key]} for key in here if key in there and here[key] != there[key]
     }
+    if "settings.dtypes_used" in here and "settings.dtypes_used" in there and "settings.dtypes_used" not in out:
+        out.pop("settings.dtype", None)  # asked differently (auto, float32), computed alike
+    return out
 
 
 def _ci(v: Mapping[str, Any]) -> str:

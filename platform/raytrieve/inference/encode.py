@@ -102,29 +102,29 @@ def run_encode(
         cfg.corpus.path, cfg.corpus.format = _stage_dataset(dataset, cfg, store, STAGED_NEXT), "parquet"
     try:
         source, specs, outputs, described, identity = _plan(cfg, store, where, scratch, dataset is not None)
-    except BaseException:
+        fingerprint = job_fingerprint(identity)
+        if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
+            reuse_ranges(store.read_json(shards.JOB), outputs, described)
+
+        _init_ray(ray_address)
+        from raytrieve.inference import checks
+
+        check_start = time.perf_counter()
+        duplicates = checks.duplicate_ids(cfg, specs) if cfg.check_duplicate_ids else {}
+        if cfg.bad_rows == "fail":  # stop before anything is written, naming the first bad rows
+            scanned = checks.scan(cfg, specs)
+            bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
+            if bad_total:
+                raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
+        check_seconds = time.perf_counter() - check_start
+    except BaseException:  # refused (another job, bad rows): the folder's input stays as it was
         if dataset is not None:
             store.delete(STAGED_NEXT)
         raise
-    if dataset is not None:  # this folder's job: the staged dataset becomes its input
+    if dataset is not None:  # this folder's job, checked: the staged dataset becomes its input
         cfg.corpus.path = _swap_staged(store)
         source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
-        specs = plan_shards(source, cfg.rows_per_shard)
-    fingerprint = job_fingerprint(identity)
-    if store.exists(shards.JOB):  # a rerun: the first run's int8 ranges, so every shard shares them
-        reuse_ranges(store.read_json(shards.JOB), outputs, described)
-
-    _init_ray(ray_address)
-    from raytrieve.inference import checks
-
-    check_start = time.perf_counter()
-    duplicates = checks.duplicate_ids(cfg, specs) if cfg.check_duplicate_ids else {}
-    if cfg.bad_rows == "fail":  # stop before anything is written, naming the first bad rows
-        scanned = checks.scan(cfg, specs)
-        bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
-        if bad_total:
-            raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
-    check_seconds = time.perf_counter() - check_start
+        specs = plan_shards(source, cfg.rows_per_shard)  # the same plan, at the input's paths
 
     # Checked: only now does the job write anything.
     if not store.exists(shards.JOB):

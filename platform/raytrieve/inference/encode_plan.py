@@ -195,7 +195,9 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
                 # job.json last: a run killed in between still finds the old job and replaces it
-                for name in [n for n in store.names() if n != shards.JOB] + [shards.JOB]:
+                # The input (a staged dataset) stays: this run's is beside it, swapped in after the checks.
+                kept = (shards.JOB, STAGED_INPUT, STAGED_NEXT)
+                for name in [n for n in store.names() if n not in kept] + [shards.JOB]:
                     store.delete(name)
                 return
             # A folder from before the dtype setting computed in float32 (its identity has no dtype).

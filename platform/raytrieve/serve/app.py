@@ -126,11 +126,13 @@ class Ingress:
         runner = self.table.local.get(model.name)
         return {} if runner is None else {"recall_backend": runner.model.backend, "recall_dtype": runner.model.dtype}
 
-    async def _prompt(self, model: Served, handle: DeploymentHandle, prompt_name: str | None) -> str | None:
-        """TEI's prompt_name: a key of the model's prompts, else 422."""
+    async def _prompt(
+        self, model: Served, handle: DeploymentHandle, prompt_name: str | None, field: str = "prompt_name"
+    ) -> str | None:
+        """TEI's prompt_name: a key of the model's prompts, else 422 naming ``field``."""
         known = (await self._describe(model, handle)).get("prompts") or []
         if prompt_name is not None and prompt_name not in known:
-            raise ApiError(422, "prompt_name", f"prompt_name: {prompt_name!r} is not a prompt of this model: {known}")
+            raise ApiError(422, field, f"{field}: {prompt_name!r} is not a prompt of this model: {known}")
         return prompt_name
 
     async def _dense(
@@ -316,7 +318,7 @@ class Ingress:
         limit, chars = self.limits.max_inputs, self.limits.max_text_chars
         source = shapes.checked_texts(body.inputs.source_sentence, "inputs.source_sentence", 1, chars)
         texts = source + shapes.checked_texts(body.inputs.sentences, "inputs.sentences", max(1, limit - 1), chars)
-        prompt_name = await self._prompt(*picked, body.parameters.prompt_name)
+        prompt_name = await self._prompt(*picked, body.parameters.prompt_name, "parameters.prompt_name")
         emb, _ = await self._dense(picked, texts, None, prompt_name=prompt_name)
         unit = shapes.shape_vectors(emb, None, normalize=True)
         return (unit[1:] @ unit[0]).tolist()
@@ -332,14 +334,24 @@ class Ingress:
         if isinstance(body, TeiSimilarityRequest):
             return await self.similarity(body)
         if not self.table.names("dense") and self.table.names("sparse"):
-            fields = ("inputs", "prompt_name", "model", "truncate", "truncation_direction")
-            return await self.embed_sparse(TeiSparseRequest(**{f: getattr(body, f) for f in fields}))
+            # TEI's sparse body: what only a dense embedding takes is refused by name, not dropped.
+            for field in sorted(set(body.model_fields_set) - set(TeiSparseRequest.model_fields)):
+                raise ApiError(422, field, f"{field}: the served embedding model is sparse; leave {field} out")
+            return await self.embed_sparse(
+                TeiSparseRequest(**body.model_dump(include=set(TeiSparseRequest.model_fields)))
+            )
         return await self.embed(body)
 
     @api.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> list[list[dict[str, Any]]]:
         """TEI's tokenize, with the tokenizer of the model /info describes."""
         texts = shapes.checked_texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
+        # Not truncated, a dict per token: bounded by its own total (the other limits allow 16 MiB).
+        total = sum(len(t) for t in texts)
+        if total > self.limits.max_tokenize_chars:
+            raise ApiError(
+                422, "inputs", f"inputs: {total} characters to tokenize, at most {self.limits.max_tokenize_chars}"
+            )
         model, handle = self.table.pick_any(body.model, "model" if body.model is not None else "path")
         prompt_name = await self._prompt(model, handle, body.prompt_name)
         return await handle.tokenize.remote(texts, body.add_special_tokens, prompt_name)

@@ -120,6 +120,9 @@ class LimitsConfig(ConfigModel):
             "auto_truncate; 32,768 takes what OpenAI's 8,191-token input limit does)"
         ),
     )
+    max_tokenize_chars: int = Field(
+        default=1_000_000, description="characters per /tokenize request, all texts together (it answers every token)"
+    )
     max_documents: int = Field(default=256, description="per /rerank, /v1/rerank or /v2/rerank request")
     max_top_k: int = 100
     max_recall: int = Field(default=1000, description="candidates per retriever in /search")

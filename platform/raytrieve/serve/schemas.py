@@ -251,7 +251,8 @@ def _body_kind(*tei_keys: str) -> Any:
     for a body that is no object, so the error is raytrieve's "should be an object")."""
 
     def kind(body: Any) -> str:
-        return "tei" if isinstance(body, dict) and any(k in body for k in tei_keys) else "raytrieve"
+        # A key sent as null is left out (ClientBody), so it tells nothing either.
+        return "tei" if isinstance(body, dict) and any(body.get(k) is not None for k in tei_keys) else "raytrieve"
 
     return Discriminator(kind)
 
@@ -259,7 +260,7 @@ def _body_kind(*tei_keys: str) -> Any:
 def _root_kind(body: Any) -> str:
     """TEI's root routes take its one model's body; here the keys tell which (texts or query: a
     rerank; inputs that are an object: a similarity; else an embedding)."""
-    if isinstance(body, dict) and ("texts" in body or "query" in body):
+    if isinstance(body, dict) and (body.get("texts") is not None or body.get("query") is not None):
         return "tei-rerank"
     if isinstance(body, dict) and isinstance(body.get("inputs"), dict):
         return "tei-similarity"

@@ -164,9 +164,10 @@ def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, s
     return run.info.run_id
 
 
-def reopen_run(uri: str, run_id: str) -> bool:
+def reopen_run(uri: str, run_id: str, experiment: str) -> bool:
     """Mark the run ``run_id`` of the store ``uri`` running again (a rerun that resumes its
-    checkpoints logs on into it); False when the store has no such run (deleted, another store).
+    checkpoints logs on into it); False when the store has no such run (deleted, another store)
+    or it is not in ``experiment`` (the config now names another: a new run goes there).
     Its params are kept as they were: MLflow refuses a param changed, and the resumed training
     is the same run (its identity is checked against the checkpoints' before this)."""
     from mlflow.entities import RunTag
@@ -177,7 +178,8 @@ def reopen_run(uri: str, run_id: str) -> bool:
         run = c.get_run(run_id)
     except MlflowException:
         return False
-    if run.info.lifecycle_stage != "active":
+    wanted = c.get_experiment_by_name(experiment)
+    if run.info.lifecycle_stage != "active" or wanted is None or wanted.experiment_id != run.info.experiment_id:
         return False
     resumes = int(run.data.tags.get("raytrieve.resumes", "0")) + 1
     c.update_run(run_id, status="RUNNING")

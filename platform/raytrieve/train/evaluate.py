@@ -24,12 +24,13 @@ _ROLES: dict[str, tuple[str, int | None, bool]] = {
 
 
 def _is_text(values: list[Any]) -> bool:
-    return bool(values) and all(isinstance(v, str) for v in values if v is not None)
+    present = [v for v in values if v is not None]  # a column of nulls only is of no kind
+    return bool(present) and all(isinstance(v, str) for v in present)
 
 
 def _is_number(values: list[Any]) -> bool:
-    numbers = (isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
-    return bool(values) and all(numbers)
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
 
 
 def select_eval_columns(
@@ -42,7 +43,9 @@ def select_eval_columns(
     texts = [c for c, v in columns.items() if _is_text(v)]
     if chosen is None:
         numbers = [c for c, v in columns.items() if c not in texts and _is_number(v)]
-        if (texts_taken is not None and len(texts) != texts_taken) or (texts_taken is None and len(texts) < 3):
+        # reranking takes any number from 3 on, so only exactly 3 tell their roles (an id column
+        # among 4 would be taken as the query)
+        if len(texts) != (texts_taken or 3):
             raise ConfigError(
                 f"{where}: {evaluator} takes {roles}; the file has the text columns {texts}: set {field} to "
                 f"the columns in that order (e.g. [{', '.join(texts[:2] or ['query', 'document'])}"
@@ -54,6 +57,9 @@ def select_eval_columns(
                 "to the two text columns and the score column"
             )
         chosen = texts + (numbers if scored else [])
+    twice = sorted({c for c in chosen if chosen.count(c) > 1})
+    if twice:
+        raise ConfigError(f"{field}: {twice} named more than once; each role reads its own column")
     missing = [c for c in chosen if c not in columns]
     if missing:
         raise ConfigError(f"{field}: {missing} not in the file, whose columns are {list(columns)}")

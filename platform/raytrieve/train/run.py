@@ -84,7 +84,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     model_path = str(resolve_field(cfg.model.name_or_path, f"{where}.model.name_or_path"))
     _check_model(cfg, model_path, where)
     if cfg.model.inference_free:
-        model_path = str(inference_free_router(model_path, checkpoint_dir(cfg) / "initial-model"))
+        model_path = str(inference_free_router(model_path, checkpoint_dir(cfg)))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
     for i, d in enumerate(cfg.datasets):
         validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False)
@@ -254,21 +254,20 @@ def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
 
 
-ROUTER_SOURCE = "raytrieve_source.json"  # in the built Router's folder: the model it was built from
-
-
-def inference_free_router(model_path: str, target: Path) -> Path:
+def inference_free_router(model_path: str, root: Path) -> Path:
     """An inference-free SPLADE built from a SPLADE model: static query weights (start at 1),
-    the model itself on the document side. A rerun reuses the one built from the same model (its
-    folder and files: ``assets.fingerprint``); another model (a config changed after a run that
-    stopped before its first checkpoint) builds it again, where it had trained the first one."""
-    from raytrieve._io import read_json, write_json
+    the model itself on the document side, in ``root``/initial-model-<the source's folder and
+    files>. A rerun reuses the one built from the same model; another model (a config changed
+    after a run that stopped before its first checkpoint) gets a folder of its own, where the
+    first one's had been reused (and a refused run never replaces another run's)."""
+    import hashlib
+
     from raytrieve.assets import fingerprint
 
-    source = {"model_path": str(Path(model_path).resolve()), "fingerprint": fingerprint(Path(model_path))}
-    if (target / "modules.json").exists() and (target / ROUTER_SOURCE).exists():
-        if read_json(target / ROUTER_SOURCE) == source:
-            return target
+    source = f"{Path(model_path).resolve()}:{fingerprint(Path(model_path))}"
+    target = root / f"initial-model-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    if (target / "modules.json").exists():
+        return target
     import torch
 
     from raytrieve._io import atomic_directory
@@ -283,7 +282,6 @@ def inference_free_router(model_path: str, target: Path) -> Path:
     router = SparseEncoder([Router.for_query_document([static], sparse.modules_list)], device="cpu")
     with atomic_directory(target) as tmp:
         router.save(tmp)
-        write_json(tmp / ROUTER_SOURCE, source)
     return target
 
 
@@ -295,7 +293,7 @@ def open_run(storage: Path, uri: str, cfg: TrainConfig, params: dict[str, str]) 
     from raytrieve.train.checkpoint import record_mlflow_run, run_to_resume
 
     earlier = run_to_resume(storage, uri)
-    if earlier is not None and mlflow_run.reopen_run(uri, earlier):
+    if earlier is not None and mlflow_run.reopen_run(uri, earlier, cfg.mlflow.experiment):
         log.info("resuming MLflow run %s", earlier)
         run_id = earlier
     else:
