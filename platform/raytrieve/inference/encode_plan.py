@@ -195,8 +195,8 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
                 # job.json last: a run killed in between still finds the old job and replaces it
-                # The input (a staged dataset) stays: this run's is beside it, swapped in after the checks.
-                kept = (shards.JOB, STAGED_INPUT, STAGED_NEXT)
+                # This run's staged dataset stays (swapped in after the checks); an old input goes.
+                kept = (shards.JOB, STAGED_NEXT)
                 for name in [n for n in store.names() if n not in kept] + [shards.JOB]:
                     store.delete(name)
                 return
