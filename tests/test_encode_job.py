@@ -162,7 +162,7 @@ def test_job_vectors_equal_in_process_encoders(ray_cluster, tiny_models, tmp_pat
 @pytest.mark.slow
 def test_job_query_side_router_int8_matryoshka(ray_cluster, tiny_models, tmp_path):
     from raytrieve.encoders import DenseEncoder, SparseEncoder
-    from raytrieve.encoders.quantization import quantize_embeddings
+    from raytrieve.quantization import quantize_embeddings
     from raytrieve.inference.encode import run_encode
 
     data = _corpus(tmp_path / "corpus.parquet", 60, bad=False)

@@ -75,6 +75,8 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
                selection={"num_negatives": 3, "range_max": 20, "absolute_margin": 0.05})
     result = run_mine(cfg)
     assert result.positives_not_in_corpus == 0  # the corpus is the pairs' positives
+    # The candidates' index was built on disk beside the output, and removed once mined.
+    assert not Path(f"{cfg.output_path}.work").exists()
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "positive", "negative_1", "negative_2", "negative_3", "score"]
     assert result.rows == len(table["query"]) == result.pairs - result.pairs_dropped > 0.9 * result.pairs
@@ -229,6 +231,8 @@ def test_sparse_labeled_list_random(ray_cluster, pairs_file, tmp_path):
         assert docs[0] == p and labels == [1] + [0] * (len(docs) - 1) and len(docs) <= 5
         assert not set(docs[1:]) & positives[q] and len(set(docs[1:])) == len(docs) - 1
     assert result.negatives > 3 * result.pairs  # most pairs found 4 negatives in the corpus
+    work = Path(f"{cfg.output_path}.work")  # the encoded positives stay; the index built from them goes
+    assert (work / "vectors" / "manifest.json").is_file() and not (work / "index").exists()
 
 
 def test_select_negatives_rules():

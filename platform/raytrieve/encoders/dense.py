@@ -21,9 +21,9 @@ from torch import Tensor
 from raytrieve.encoders import precision
 from raytrieve.encoders import similarity as sim
 from raytrieve.encoders.base import EmbeddingEncoder
-from raytrieve.encoders.quantization import PRECISIONS, quantize_embeddings
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Pooling, Transformer
+from raytrieve.quantization import PRECISIONS, quantize_embeddings
 
 OutputValue = Literal["sentence_embedding", "token_embeddings"]
 

@@ -207,6 +207,26 @@ def save_array(directory: Path, name: str, array: np.ndarray) -> None:
     np.save(directory / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
 
 
+def new_array(folder: Path | None, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array to fill block by block: in memory, or (``folder``) the memory-mapped file
+    ``<name>.npy`` there, so that an index larger than memory is built through the page cache."""
+    if folder is None:
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def block_rows(width: int, budget: int = 1 << 22) -> int:
+    """Rows of ``width`` values per building step: a step's float32 temporaries stay near
+    ``budget`` values (16 MB), whatever the corpus."""
+    return max(1, budget // max(1, width))
+
+
+def finish_array(array: np.ndarray) -> None:
+    """Write a memory-mapped array's pages to its file (nothing for one in memory)."""
+    if isinstance(array, np.memmap):
+        array.flush()
+
+
 def load_array(directory: Path, name: str, mmap: bool, shape: Sequence[int | None] | None = None) -> np.ndarray:
     """Load ``<name>.npy``; ``shape`` entries that are not None must match."""
     path = Path(directory) / f"{name}.npy"
@@ -227,6 +247,52 @@ def load_array(directory: Path, name: str, mmap: bool, shape: Sequence[int | Non
 
 def write_ids(directory: Path, ids: Sequence[str]) -> None:
     pq.write_table(pa.table({"id": pa.array(ids, type=pa.string())}), directory / IDS_FILE)
+
+
+class IdsWriter:
+    """``ids.parquet`` written block by block into each of ``folders`` (a dense and a sparse
+    index share their ids), with the checks ``normalize_ids`` makes on a list: no null, no
+    duplicate. Duplicates are found from 64-bit hashes, 8 bytes a row, never a set of strings;
+    only ids whose hashes collide are read back and compared as text."""
+
+    def __init__(self, folders: Sequence[Path], where: str) -> None:
+        schema = pa.schema([("id", pa.string())])
+        self.folders, self.where, self.count = list(folders), where, 0
+        self._writers = [pq.ParquetWriter(folder / IDS_FILE, schema) for folder in self.folders]
+        self._hashes: list[np.ndarray] = []
+
+    def add(self, ids: list[str], where: str) -> None:
+        """The next block's ids (``where`` names it in an error)."""
+        if any(i is None for i in ids):
+            raise DataError(f"{where}: a null id; every document needs an id. {self.where}")
+        from raytrieve.inference.corpus import text_hashes
+
+        self._hashes.append(text_hashes(ids))
+        table = pa.table({"id": pa.array(ids, type=pa.string())})
+        for writer in self._writers:
+            writer.write_table(table)
+        self.count += len(ids)
+
+    def close(self) -> None:
+        """Finish the files; a duplicate id is a DataError naming a few."""
+        for writer in self._writers:
+            writer.close()
+        hashes = np.sort(np.concatenate(self._hashes)) if self._hashes else np.empty(0, np.int64)
+        self._hashes = []
+        colliding = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        if colliding.size == 0 or not self.folders:
+            return
+        from raytrieve.inference.corpus import text_hashes
+
+        wanted, seen = set(colliding.tolist()), Counter[str]()
+        for batch in pq.ParquetFile(self.folders[0] / IDS_FILE).iter_batches(columns=["id"]):
+            ids = batch.column(0).to_pylist()
+            seen.update(i for i, h in zip(ids, text_hashes(ids).tolist()) if h in wanted)
+        dups = sorted(i for i, c in seen.items() if c > 1)
+        if dups:
+            raise DataError(
+                f"ids: {len(dups)} duplicate id(s), e.g. {dups[:5]}; ids must be unique in the corpus. {self.where}"
+            )
 
 
 def read_ids(directory: Path, count: int) -> list[str]:

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from raytrieve import _io
 from raytrieve.errors import DataError, InputError
+from raytrieve.index import base
 from raytrieve.index.base import load_index
-from raytrieve.index.dense import DenseIndex, index_similarity
-from raytrieve.index.sparse import SparseIndex
+from raytrieve.index.dense import DenseBuilder, DenseIndex, index_similarity
+from raytrieve.index.sparse import SparseBuilder, SparseIndex
 
 if TYPE_CHECKING:  # the index library imports the encoding job's modules only when it reads a job's output
     from raytrieve.inference.shards import VectorsManifest
@@ -35,17 +38,23 @@ class IndexOptions:
     faiss_params: dict[str, Any] | None = None
 
 
-def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOptions | None = None) -> dict[str, Any]:
-    """Build every index the job's vectors allow; returns a summary."""
-    from raytrieve.inference.shards import read_manifest, read_vectors
+def build_indices(
+    vectors_dir: str | Path,
+    out_dir: str | Path,
+    options: IndexOptions | None = None,
+    kinds: tuple[str, ...] = ("dense", "sparse"),
+) -> dict[str, Any]:
+    """Build every index of ``kinds`` the job's vectors allow; returns a summary."""
+    from raytrieve.inference.shards import read_manifest
 
     options = options or IndexOptions()
     _io.check_replaceable(out_dir, SOURCE, "--out")  # an earlier index there is replaced, nothing else
     # Everything the manifest and the options decide, before the shards are read and verified
     # (minutes and gigabytes on a large corpus).
     manifest = read_manifest(vectors_dir)
+    built = [kind for kind in kinds if manifest.output(kind) is not None]
     similarity = "cosine"
-    if manifest.dense is not None:
+    if manifest.dense is not None and "dense" in built:
         precision = manifest.dense.precision
         if precision not in ("float32", "float16"):
             raise DataError(
@@ -57,34 +66,101 @@ def build_indices(vectors_dir: str | Path, out_dir: str | Path, options: IndexOp
         DenseIndex.check_options(
             similarity, options.quantize, options.backend, options.faiss_index, options.faiss_params
         )
-    vectors = read_vectors(vectors_dir)
-    summary: dict[str, Any] = {"out": str(out_dir), "rows": len(vectors.ids)}
+    if manifest.rows == 0:
+        raise DataError(f"{vectors_dir}: the encoding job wrote 0 rows; there is nothing to index")
+    summary: dict[str, Any] = {"out": str(out_dir), "rows": manifest.rows}
     with _io.atomic_directory(Path(out_dir)) as tmp:
-        if vectors.dense is not None:
-            dense = DenseIndex.build(
-                vectors.ids,
-                vectors.dense,
-                similarity=similarity,
-                quantize=options.quantize,
-                backend=options.backend,
-                faiss_index=options.faiss_index,
-                faiss_params=options.faiss_params,
-            )
-            dense.save(tmp / "dense")
+        _stream_build(vectors_dir, manifest, built, tmp, similarity, options)
+        if "dense" in built:
             summary["dense"] = {
-                "dim": dense.dim,
+                "dim": base.read_manifest(tmp / "dense")["dim"],
                 "similarity": similarity,
                 "quantize": options.quantize,
                 "backend": options.backend,
             }
-        if vectors.sparse is not None:
-            offsets, indices, values = vectors.sparse
-            assert manifest.sparse is not None, "read_vectors checks that the manifest describes its sparse vectors"
-            sparse = SparseIndex.from_csr(vectors.ids, offsets, indices, values, manifest.sparse.vocab_size)
-            sparse.save(tmp / "sparse")
-            summary["sparse"] = {"vocab_size": sparse.vocab_size, "nnz": int(sparse.nnz)}
+        if "sparse" in built:
+            sparse = base.read_manifest(tmp / "sparse")
+            summary["sparse"] = {"vocab_size": sparse["vocab_size"], "nnz": sparse["nnz"]}
         _io.write_json(tmp / SOURCE, manifest.to_json())
     return summary
+
+
+def _stream_build(
+    vectors_dir: str | Path,
+    manifest: VectorsManifest,
+    kinds: list[str],
+    tmp: Path,
+    similarity: str,
+    options: IndexOptions,
+) -> None:
+    """The index of each of ``kinds`` into ``tmp``, one shard in memory at a time: the rows go
+    straight into memory-mapped arrays (a sparse index reads the shards twice: it counts each
+    term's postings, then places them). Peak memory is a shard, not the corpus."""
+    from raytrieve.inference.shards import MANIFEST, iter_shards
+
+    for kind in kinds:
+        (tmp / kind).mkdir()
+    fix = "run the encoding job again"
+    ids = base.IdsWriter([tmp / k for k in kinds], f"{vectors_dir}: {fix}")
+    dense: DenseBuilder | None = None
+    sparse = None
+    if manifest.sparse is not None and "sparse" in kinds:
+        sparse = SparseBuilder(manifest.rows, manifest.sparse.vocab_size, tmp / "sparse")
+    for number, table in enumerate(iter_shards(vectors_dir)):
+        where = f"{vectors_dir}/{manifest.shards[number].file}"
+        for kind, column in (("dense", "dense"), ("sparse", "sparse_indices")):
+            held, described = column in table.column_names, manifest.output(kind) is not None
+            if held and not described:  # readers take the vectors' model from it
+                raise DataError(
+                    f"{vectors_dir}: the shards hold {kind} vectors, {MANIFEST} has no {kind!r} part; {fix}"
+                )
+            if described and not held:
+                raise DataError(f"{where}: holds no {kind} vectors, which {MANIFEST} describes; {fix}")
+        if ids.count + table.num_rows > manifest.rows:
+            raise DataError(f"{vectors_dir}: the shards hold more than the {manifest.rows} rows the manifest says")
+        block_ids = table.column("id").to_pylist()
+        ids.add(block_ids, where)
+        if "dense" in kinds:
+            block = _dense_block(table)
+            if dense is None:
+                dense = DenseBuilder(
+                    manifest.rows,
+                    block.shape[1],
+                    similarity=similarity,
+                    float16=block.dtype == np.float16,
+                    quantize=options.quantize,
+                    backend=options.backend,
+                    faiss_index=options.faiss_index,
+                    faiss_params=options.faiss_params,
+                    folder=tmp / "dense",
+                )
+            dense.add(block, block_ids, where)
+        if sparse is not None:
+            sparse.count_block(*_sparse_block(table), block_ids)
+    if ids.count != manifest.rows:
+        raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
+    ids.close()
+    if dense is not None:
+        dense.finish(None)
+    if sparse is not None:
+        for table in iter_shards(vectors_dir):  # checked again: a shard that changed since is refused
+            sparse.fill_block(*_sparse_block(table), table.column("id").to_pylist())
+        _, _, weights = sparse.finish()
+        SparseIndex.write_manifest(tmp / "sparse", manifest.rows, sparse.vocab_size, weights.shape[0])
+
+
+def _dense_block(table: Any) -> np.ndarray:
+    col = table.column("dense").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def _sparse_block(table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's sparse vectors as CSR (indptr from 0, indices, values)."""
+    idx = table.column("sparse_indices").combine_chunks()
+    val = table.column("sparse_values").combine_chunks()
+    offs = idx.offsets.to_numpy().astype(np.int64)
+    lo, hi = int(offs[0]), int(offs[-1])
+    return offs - lo, idx.values.to_numpy()[lo:hi], val.values.to_numpy()[lo:hi]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
 from raytrieve.index.faiss import FAISS_PARAMS, FaissIndex
+from raytrieve.quantization import quantization_ranges, quantize_embeddings
 
 SIMILARITIES = ("cosine", "dot")
 QUANTIZATIONS = (None, "int8", "binary")
@@ -54,6 +55,18 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
+def _check_vectors(vectors: np.ndarray, dim: int | None = None, where: str = "vectors") -> None:
+    if (
+        vectors.ndim != 2
+        or not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer))
+        or (dim is not None and vectors.shape[1] != dim)
+    ):
+        want = f"[n, {dim}]" if dim is not None else "[n, dim]"
+        raise InputError(
+            f"{where}: expected a 2-D numeric array {want}, got shape {vectors.shape} dtype {vectors.dtype}"
+        )
+
+
 @dataclass
 class QuantizedCodes:
     """The cheap first pass of a quantized index: int8 codes with their per-dimension
@@ -64,17 +77,36 @@ class QuantizedCodes:
     ranges: np.ndarray | None = None
 
     @classmethod
-    def build(cls, vectors: np.ndarray, kind: str) -> QuantizedCodes:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        kind: str,
+        ranges: np.ndarray | None = None,
+        folder: Path | None = None,
+        chunk: int = 65536,
+    ) -> QuantizedCodes:
+        """Codes of ``vectors`` (an array or a memory map), ``chunk`` rows at a time; int8 uses
+        ``ranges`` (per-dimension min and max of all rows; computed here when not given)."""
+        n, dim = vectors.shape
         if kind == "binary":
-            return cls(kind, np.packbits(vectors > 0, axis=1))
-        # Deferred: importing raytrieve.encoders loads torch and transformers.
-        from raytrieve.encoders.quantization import quantization_ranges, quantize_embeddings
-
-        if vectors.shape[0] < 2:
+            codes = base.new_array(folder, "codes", (n, (dim + 7) // 8), np.uint8)
+            for lo in range(0, n, chunk):
+                codes[lo : lo + chunk] = np.packbits(np.asarray(vectors[lo : lo + chunk]) > 0, axis=1)
+            base.finish_array(codes)
+            return cls(kind, codes)
+        if n < 2:
             raise InputError("quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None")
-        exact = vectors.astype(np.float32)
-        ranges = quantization_ranges(exact).astype(np.float32)
-        return cls(kind, quantize_embeddings(exact, "int8", ranges=ranges), ranges)
+        if ranges is None:
+            ranges = quantization_ranges(np.asarray(vectors, dtype=np.float32))
+        ranges = np.asarray(ranges, dtype=np.float32)
+        codes = base.new_array(folder, "codes", (n, dim), np.int8)
+        for lo in range(0, n, chunk):
+            block = np.asarray(vectors[lo : lo + chunk], dtype=np.float32)
+            codes[lo : lo + chunk] = quantize_embeddings(block, "int8", ranges=ranges)
+        base.finish_array(codes)
+        if folder is not None:
+            base.save_array(folder, "ranges", ranges)
+        return cls(kind, codes, ranges)
 
     def scan(self, q: np.ndarray, k: int, chunk: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of prepared queries ``q`` against the codes (quantized scores)."""
@@ -188,29 +220,24 @@ class DenseIndex:
         faiss_params: dict[str, Any] | None = None,
         chunk_size: int = 65536,
     ) -> DenseIndex:
-        cls.check_options(similarity, quantize, backend, faiss_index, faiss_params)
-        chunk_size = base.positive_int("chunk_size", chunk_size)
         vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or not (
-            np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)
-        ):
-            raise InputError(
-                f"vectors: expected a 2-D numeric array [n, dim], got shape {vectors.shape} dtype {vectors.dtype}"
-            )
+        _check_vectors(vectors)
+        builder = DenseBuilder(
+            vectors.shape[0],
+            vectors.shape[1],
+            similarity=similarity,
+            float16=vectors.dtype == np.float16,
+            quantize=quantize,
+            backend=backend,
+            faiss_index=faiss_index,
+            faiss_params=faiss_params,
+            chunk_size=chunk_size,
+        )
         ids = base.normalize_ids(ids, vectors.shape[0])
-        v32 = vectors.astype(np.float32)
-        bad = np.flatnonzero(~np.isfinite(v32).all(axis=1))
-        if bad.size:
-            raise InputError(f"vectors: row {bad[0]} (id {ids[bad[0]]!r}) contains NaN or inf; fix the embeddings")
-        if similarity == "cosine":
-            v32 = l2_normalize(v32)
-        parts: dict[str, Any] = dict(dim=vectors.shape[1], similarity=similarity, chunk_size=chunk_size)
-        if backend == "faiss":
-            return cls(ids, None, faiss=FaissIndex.build(v32, faiss_index, faiss_params), **parts)
-        # float16 in, float16 stored: half the disk and page cache; scoring upcasts per chunk.
-        stored = v32.astype(np.float16) if vectors.dtype == np.float16 else v32
-        quantized = None if quantize is None else QuantizedCodes.build(stored, quantize)
-        return cls(ids, stored, quantized=quantized, **parts)
+        builder.add(vectors, ids)
+        index = builder.finish(ids)
+        assert index is not None, "given ids, finish returns the index"
+        return index
 
     # ------------------------------------------------------------------ search
 
@@ -301,19 +328,23 @@ class DenseIndex:
                     base.save_array(tmp, name, getattr(self, name))
             if self.faiss is not None:
                 self.faiss.save(tmp)
-            base.write_manifest(
-                tmp,
-                self.kind,
-                len(self),
-                dim=self.dim,
-                similarity=self.similarity,
-                dtype=None if self.vectors is None else str(self.vectors.dtype),
-                quantize=self.quantize,
-                backend=self.backend,
-                faiss_index=self.faiss_index,
-                faiss_params=self.faiss_params,
-                chunk_size=self.chunk_size,
-            )
+            self.write_manifest(tmp)
+
+    def write_manifest(self, folder: Path, count: int | None = None) -> None:
+        """``manifest.json``; ``count`` for an index whose ids were streamed to disk, not held."""
+        base.write_manifest(
+            folder,
+            self.kind,
+            len(self) if count is None else count,
+            dim=self.dim,
+            similarity=self.similarity,
+            dtype=None if self.vectors is None else str(self.vectors.dtype),
+            quantize=self.quantize,
+            backend=self.backend,
+            faiss_index=self.faiss_index,
+            faiss_params=self.faiss_params,
+            chunk_size=self.chunk_size,
+        )
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> DenseIndex:
@@ -344,3 +375,92 @@ class DenseIndex:
         elif quantize == "binary":
             quantized = QuantizedCodes(quantize, base.load_array(path, "codes", mmap, (n, (dim + 7) // 8)))
         return cls(ids, vectors, quantized=quantized, **parts)
+
+
+class DenseBuilder:
+    """A dense index filled block by block in corpus order (``add``), then finished: quantized
+    codes or the FAISS index are made from the filled rows, ``chunk_size`` rows at a time.
+
+    With ``folder`` the arrays are memory-mapped .npy files there (the index folder's own), so
+    an index larger than memory is built through the page cache: only one block is in memory.
+    A FAISS index keeps its float32 rows in memory by its nature (FAISS's own copy)."""
+
+    def __init__(
+        self,
+        count: int,
+        dim: int,
+        *,
+        similarity: str = "cosine",
+        float16: bool = False,
+        quantize: str | None = None,
+        backend: str = "exact",
+        faiss_index: str = "flat",
+        faiss_params: dict[str, Any] | None = None,
+        chunk_size: int = 65536,
+        folder: Path | None = None,
+    ) -> None:
+        DenseIndex.check_options(similarity, quantize, backend, faiss_index, faiss_params)
+        self.chunk_size = base.positive_int("chunk_size", chunk_size)
+        self.count, self.dim, self.similarity, self.quantize = count, dim, similarity, quantize
+        self.backend, self.faiss_index, self.faiss_params, self.folder = backend, faiss_index, faiss_params, folder
+        # float16 in, float16 stored: half the disk and page cache; scoring upcasts per chunk.
+        # FAISS takes float32 rows, and keeps them itself: ours are a scratch file then.
+        dtype = np.float16 if float16 and backend == "exact" else np.float32
+        self.vectors = base.new_array(folder, "vectors", (count, dim), dtype)
+        self.filled = 0
+        # int8's ranges: the per-dimension min and max of the stored rows, kept as blocks pass.
+        self._low = np.full(dim, np.inf, dtype=np.float32)
+        self._high = np.full(dim, -np.inf, dtype=np.float32)
+
+    def add(self, vectors: np.ndarray, ids: Sequence[str], where: str = "vectors") -> None:
+        """The next rows (their ids name a bad row): checked finite, unit length for cosine."""
+        vectors = np.asarray(vectors)
+        _check_vectors(vectors, self.dim, where)
+        n = vectors.shape[0]
+        if self.filled + n > self.count:
+            raise InputError(f"{where}: more than the {self.count} rows this index was sized for")
+        v32 = vectors.astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(v32).all(axis=1))
+        if bad.size:
+            raise InputError(
+                f"{where}: row {self.filled + bad[0]} (id {ids[bad[0]]!r}) contains NaN or inf; fix the embeddings"
+            )
+        if self.similarity == "cosine":
+            v32 = l2_normalize(v32)
+        stored = v32.astype(self.vectors.dtype, copy=False)
+        self.vectors[self.filled : self.filled + n] = stored
+        if self.quantize == "int8" and n:
+            as32 = stored.astype(np.float32, copy=False)
+            np.minimum(self._low, as32.min(axis=0), out=self._low)
+            np.maximum(self._high, as32.max(axis=0), out=self._high)
+        self.filled += n
+
+    def finish(self, ids: list[str] | None) -> DenseIndex | None:
+        """The index over every row added. With ``folder`` and no ``ids`` (they were streamed
+        there: base.IdsWriter) the folder gets the arrays and manifest, and None is returned."""
+        if self.filled != self.count:
+            raise InputError(f"vectors: {self.filled} rows added, the index was sized for {self.count}")
+        parts: dict[str, Any] = dict(dim=self.dim, similarity=self.similarity, chunk_size=self.chunk_size)
+        if self.backend == "faiss":
+            faiss = FaissIndex.build(self.vectors, self.faiss_index, self.faiss_params, base.block_rows(self.dim))
+            if self.folder is not None:
+                del self.vectors
+                (self.folder / "vectors.npy").unlink()  # scratch: FAISS holds the rows now
+            return self._done(DenseIndex(ids or [], None, faiss=faiss, **parts), ids is None)
+        base.finish_array(self.vectors)
+        quantized = None
+        if self.quantize is not None:
+            ranges = np.vstack((self._low, self._high)) if self.quantize == "int8" and self.count >= 2 else None
+            block = base.block_rows(self.dim)
+            quantized = QuantizedCodes.build(self.vectors, self.quantize, ranges, self.folder, block)
+        return self._done(DenseIndex(ids or [], self.vectors, quantized=quantized, **parts), ids is None)
+
+    def _done(self, index: DenseIndex, streamed: bool) -> DenseIndex | None:
+        if not streamed:
+            return index
+        if self.folder is None:
+            raise InputError("DenseBuilder.finish: ids are needed for an index built in memory")
+        if index.faiss is not None:
+            index.faiss.save(self.folder)
+        index.write_manifest(self.folder, self.count)
+        return None

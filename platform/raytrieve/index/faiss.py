@@ -23,6 +23,7 @@ from raytrieve.index import base
 # The parameters each kind takes; anything else is refused with this list.
 FAISS_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("M", "ef_construction", "ef_search")}
 FAISS_FILE = "faiss.index"
+TRAIN_PER_LIST = 256  # FAISS's max_points_per_centroid: it samples a larger training set down to this
 
 
 def import_faiss() -> Any:
@@ -62,8 +63,12 @@ class FaissIndex:
         return import_faiss()
 
     @classmethod
-    def build(cls, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None) -> FaissIndex:
-        """An inner-product index over float32 ``vectors`` [n, dim]; defaults fill ``params``."""
+    def build(
+        cls, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None, chunk: int = 65536
+    ) -> FaissIndex:
+        """An inner-product index over float32 ``vectors`` [n, dim] (an array or a memory map,
+        added ``chunk`` rows at a time); defaults fill ``params``. IVF trains on at most
+        ``TRAIN_PER_LIST`` rows per list, evenly spaced: FAISS itself samples no more."""
         faiss = cls.check(kind, params)
         params = dict(params or {})
         n, dim = vectors.shape
@@ -77,12 +82,15 @@ class FaissIndex:
                     f"faiss_params['nlist']={params['nlist']} exceeds the {n} vectors; IVF needs nlist <= n"
                 )
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-            index.train(vectors)
+            sample = n if n <= TRAIN_PER_LIST * params["nlist"] else TRAIN_PER_LIST * params["nlist"]
+            rows = np.linspace(0, n - 1, sample).astype(np.int64) if sample < n else slice(None)
+            index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
         else:
             params = {"M": 32, "ef_construction": 80, "ef_search": 64, **params}
             index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = params["ef_construction"]
-        index.add(vectors)
+        for lo in range(0, n, chunk):
+            index.add(np.ascontiguousarray(vectors[lo : lo + chunk], dtype=np.float32))
         return cls(index, kind, params)
 
     @property

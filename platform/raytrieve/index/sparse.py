@@ -58,6 +58,95 @@ def _gather_postings(term_ptr: np.ndarray, terms: np.ndarray) -> tuple[np.ndarra
     return starts[owner] + (np.arange(lengths.sum()) - first[owner]), owner
 
 
+def _postings(
+    indptr: np.ndarray, indices: Any, values: Any, ids: Sequence[str], first_row: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One CSR block's postings, term-major with rows ascending within a term: (term, corpus row,
+    float32 weight). A term repeated in a document is summed; zero weights are dropped."""
+    indices, values = _pair((indices, values), "indices/values")
+    if indptr.size == 0 or indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != indices.size:
+        raise InputError(f"indptr: must start at 0, never decrease and end at len(indices)={indices.size}")
+    local = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    bad = (indices < 0) | (indices >= vocab_size)
+    if bad.any():
+        where = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"indices: term id {int(indices[where])} of document {ids[local[where]]!r} "
+            f"is outside the vocabulary [0, {vocab_size})"
+        )
+    _check_terms(indices, values, vocab_size, "values")
+    order = np.lexsort((local, indices))  # term-major, documents ascending within a term
+    term, local, values = indices[order], local[order], values[order]
+    new = np.ones(term.size, dtype=bool)
+    new[1:] = (term[1:] != term[:-1]) | (local[1:] != local[:-1])
+    starts = np.flatnonzero(new)
+    weights = (np.add.reduceat(values, starts) if starts.size else values).astype(np.float32)
+    keep = weights != 0
+    return term[starts][keep], local[starts][keep] + first_row, weights[keep]
+
+
+class SparseBuilder:
+    """A sparse index's term-major arrays from document-major CSR blocks given in corpus order,
+    in two passes over the same blocks: ``count_block`` each (postings per term), then
+    ``fill_block`` each. Only one block's postings are in memory at a time; with ``folder`` the
+    arrays are that folder's memory-mapped .npy files, so the index may be larger than memory."""
+
+    def __init__(self, count: int, vocab_size: int, folder: Path | None = None) -> None:
+        self.count, self.vocab_size, self.folder = count, vocab_size, folder
+        self._per_term = np.zeros(vocab_size, dtype=np.int64)
+        self._rows = 0  # the rows of the pass under way
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._cursor = np.empty(0, dtype=np.int64)  # pass 2: where each term's next posting goes
+
+    def _block(self, indptr: Any, indices: Any, values: Any, ids: Sequence[str]) -> tuple[np.ndarray, ...]:
+        indptr = np.asarray(indptr).reshape(-1).astype(np.int64)
+        rows = max(indptr.size - 1, 0)
+        if self._rows + rows > self.count:
+            raise InputError(f"sparse blocks: more than the {self.count} rows this index was sized for")
+        postings = _postings(indptr, indices, values, ids, self._rows, self.vocab_size)
+        self._rows += rows
+        return postings
+
+    def count_block(self, indptr: Any, indices: Any, values: Any, ids: Sequence[str]) -> None:
+        term, _, _ = self._block(indptr, indices, values, ids)
+        self._per_term += np.bincount(term, minlength=self.vocab_size)
+
+    def fill_block(self, indptr: Any, indices: Any, values: Any, ids: Sequence[str]) -> None:
+        if self._arrays is None:  # the first block of the second pass
+            self._check_rows("counted")
+            term_ptr = np.concatenate([[0], np.cumsum(self._per_term)]).astype(np.int64)
+            nnz = int(term_ptr[-1])
+            doc_dtype = np.int32 if self.count < 2**31 else np.int64
+            doc_rows = base.new_array(self.folder, "doc_rows", (nnz,), doc_dtype)
+            weights = base.new_array(self.folder, "weights", (nnz,), np.float32)
+            self._arrays, self._cursor, self._rows = (term_ptr, doc_rows, weights), term_ptr[:-1].copy(), 0
+        term, rows, weights = self._block(indptr, indices, values, ids)
+        # Each term's postings of this block follow those of the blocks before it: rows ascend.
+        rank = np.arange(term.size) - np.searchsorted(term, term, side="left")
+        at = self._cursor[term] + rank
+        if at.size and (at >= self._arrays[0][term + 1]).any():
+            raise InputError("sparse blocks: the second pass holds postings the first did not count")
+        self._arrays[1][at], self._arrays[2][at] = rows, weights
+        self._cursor += np.bincount(term, minlength=self.vocab_size)
+
+    def _check_rows(self, what: str) -> None:
+        if self._rows != self.count:
+            raise InputError(f"sparse blocks: {what} {self._rows} rows, the index was sized for {self.count}")
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(term_ptr, doc_rows, weights), every posting in place."""
+        if self._arrays is None:
+            raise InputError("sparse blocks: finish() before the second pass (fill_block)")
+        self._check_rows("filled")
+        if not np.array_equal(self._cursor, self._arrays[0][1:]):
+            raise InputError("sparse blocks: the second pass missed postings the first counted")
+        for array in self._arrays[1:]:
+            base.finish_array(array)
+        if self.folder is not None:  # vocabulary-sized: built in memory, written whole
+            base.save_array(self.folder, "term_ptr", self._arrays[0])
+        return self._arrays
+
+
 class SparseIndex:
     """Exact sparse dot-product search over an inverted index; see the module docstring."""
 
@@ -100,30 +189,10 @@ class SparseIndex:
         vocab_size = base.positive_int("vocab_size", vocab_size)
         indptr = np.asarray(indptr).reshape(-1)
         ids = base.normalize_ids(ids, max(indptr.size - 1, 0), what="rows")
-        indices, values = _pair((indices, values), "indices/values")
-        if indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != indices.size:
-            raise InputError(f"indptr: must start at 0, never decrease and end at len(indices)={indices.size}")
-        doc = np.repeat(np.arange(len(ids), dtype=np.int64), np.diff(indptr))
-        bad = (indices < 0) | (indices >= vocab_size)
-        if bad.any():
-            where = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"indices: term id {int(indices[where])} of document {ids[doc[where]]!r} "
-                f"is outside the vocabulary [0, {vocab_size})"
-            )
-        _check_terms(indices, values, vocab_size, "values")
-        order = np.lexsort((doc, indices))  # term-major, documents ascending within a term
-        term, doc, values = indices[order], doc[order], values[order]
-        new = np.ones(term.size, dtype=bool)
-        new[1:] = (term[1:] != term[:-1]) | (doc[1:] != doc[:-1])
-        starts = np.flatnonzero(new)
-        summed = np.add.reduceat(values, starts) if starts.size else values
-        weights = summed.astype(np.float32)
-        keep = weights != 0
-        term, doc, weights = term[starts][keep], doc[starts][keep], weights[keep]
-        term_ptr = np.concatenate([[0], np.cumsum(np.bincount(term, minlength=vocab_size))]).astype(np.int64)
-        doc_dtype = np.int32 if len(ids) < 2**31 else np.int64
-        return cls(ids, term_ptr, doc.astype(doc_dtype), weights, vocab_size)
+        builder = SparseBuilder(len(ids), vocab_size)
+        builder.count_block(indptr, indices, values, ids)
+        builder.fill_block(indptr, indices, values, ids)
+        return cls(ids, *builder.finish(), vocab_size)
 
     # ------------------------------------------------------------------ search
 
@@ -184,7 +253,11 @@ class SparseIndex:
             base.write_ids(tmp, self.ids)
             for name in ("term_ptr", "doc_rows", "weights"):
                 base.save_array(tmp, name, getattr(self, name))
-            base.write_manifest(tmp, self.kind, len(self), vocab_size=self.vocab_size, nnz=self.nnz)
+            self.write_manifest(tmp, len(self), self.vocab_size, self.nnz)
+
+    @classmethod
+    def write_manifest(cls, folder: Path, count: int, vocab_size: int, nnz: int) -> None:
+        base.write_manifest(folder, cls.kind, count, vocab_size=vocab_size, nnz=nnz)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> SparseIndex:

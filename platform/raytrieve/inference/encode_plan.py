@@ -55,8 +55,8 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
         refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {out.model}", f"name a {kind} model there")
 
-    from raytrieve.encoders.quantization import quantization_ranges
     from raytrieve.encoders.tokenizer_only import InputTokenizer
+    from raytrieve.quantization import quantization_ranges
 
     specs, described = [], {}
     for kind, out in outputs:

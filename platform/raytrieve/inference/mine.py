@@ -20,7 +20,9 @@ The pairs file and the output are read and written by the driver: they are outpu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +86,12 @@ def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
     return columns["query"], columns["positive"]
 
 
-def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | None, where: str) -> Any:
-    """The corpus vectors (the encoding job's output), made now unless given."""
+def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | None, where: str) -> Path:
+    """The folder of the corpus vectors (the encoding job's output), made now unless given."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raytrieve.inference.encode import run_encode
-    from raytrieve.inference.shards import read_vectors
 
     if cfg.corpus_vectors:
         vectors_dir = Path(cfg.corpus_vectors)
@@ -119,7 +120,7 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
         )
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address, scratch=True)
         vectors_dir = Path(encode.output_dir)
-    return read_vectors(vectors_dir)  # given ones were checked before Ray (check_corpus_vectors)
+    return vectors_dir  # given ones were checked before Ray (check_corpus_vectors)
 
 
 def check_corpus_vectors(
@@ -189,8 +190,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     import pyarrow.parquet as pq
     import ray
 
-    from raytrieve.index import DenseIndex, SparseIndex
+    from raytrieve.index.build import build_indices, load_indices
     from raytrieve.index.dense import index_similarity
+    from raytrieve.inference.shards import read_text_hashes
 
     cfg.check(where)
     inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
@@ -235,9 +237,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
-    vectors = _corpus_vectors(cfg, positives, ray_address, where)
+    vectors_dir = str(_corpus_vectors(cfg, positives, ray_address, where))
+    # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
+    # are never all in the driver's memory. It is derived data, removed once mined.
+    index_dir = Path(f"{cfg.output_path}.work") / "index"
+    build_indices(vectors_dir, index_dir, kinds=(cfg.retriever.kind,))
+    built = load_indices(index_dir)
     phases.update(1, finished="corpus vectors")
-    vectors_dir = cfg.corpus_vectors or str(Path(f"{cfg.output_path}.work") / "vectors")
     encoded = EncodedCorpus.of(vectors_dir)
     if (
         cfg.corpus is not None
@@ -248,10 +254,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             f"{where}.corpus.path {cfg.corpus.path}: corpus_vectors {vectors_dir} encodes "
             f"{encoded.corpus.path}; point both at the same corpus (or leave corpus: out)"
         )
-    if vectors.text_hashes is None:
+    hashes = read_text_hashes(vectors_dir)
+    if hashes is None:
         raise DataError(f"{vectors_dir}: made by an older raytrieve (no text hashes); encode the corpus again")
-    hashes = vectors.text_hashes
     s, kind = cfg.selection, cfg.retriever.kind
+    searched = built.dense if kind == "dense" else built.sparse
+    assert searched is not None, "check_corpus_vectors: the vectors hold the retriever's kind"
+    corpus_ids = searched.ids
 
     unique_queries = list(dict.fromkeys(queries))
     # Positives are left out of a query's candidates by text hash: the driver never holds the corpus.
@@ -268,25 +277,25 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             missing,
             len(positives),
         )
-    depth = min(len(vectors.ids), s.range_max + max(len(v) for v in positives_of.values()))
+    depth = min(len(corpus_ids), s.range_max + max(len(v) for v in positives_of.values()))
     bs = cfg.retriever.batch_size
     q_row = {q: i for i, q in enumerate(unique_queries)}
     if kind == "dense":
-        assert similarity is not None and vectors.manifest.dense is not None
-        index = DenseIndex.build(vectors.ids, vectors.dense, similarity=similarity)
+        assert similarity is not None and built.source.dense is not None and built.dense is not None
+        assert built.dense.similarity == similarity, "check_corpus_vectors: the vectors are the retriever's"
+        index = built.dense
         # Queries and positives as the corpus was encoded: its truncate_dim (Matryoshka), and
         # unit length for cosine, so positives' scores are on the candidates' scale.
         kw = {"batch_size": bs, "normalize_embeddings": similarity == "cosine", "show_progress_bar": bars}
-        kw["truncate_dim"] = vectors.manifest.dense.truncate_dim
+        kw["truncate_dim"] = built.source.dense.truncate_dim
         q_emb = model.encode_query(unique_queries, **kw)
         p_emb = model.encode_document(positives, **kw)
         hits = index.search(q_emb, depth)
         pos_scores = np.einsum("ij,ij->i", q_emb[[q_row[q] for q in queries]], p_emb)
     else:
-        offsets, indices, values = vectors.sparse
-        described = vectors.manifest.sparse
-        assert described is not None, "read_vectors checks that the manifest describes its sparse vectors"
-        index = SparseIndex.from_csr(vectors.ids, offsets, indices, values, described.vocab_size)
+        described = built.source.sparse
+        assert described is not None and built.sparse is not None, "build_indices builds what the manifest describes"
+        index = built.sparse
         # Positives pruned as the corpus was (its max_active_dims), so their scores are the candidates'.
         kept = {"max_active_dims": described.max_active_dims} if described.max_active_dims else {}
         q_emb = model.encode_query(unique_queries, batch_size=bs, as_dicts=True, show_progress_bar=bars)
@@ -321,7 +330,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         cand_rows = np.array([r for q in unique_queries for r in candidates[q][0]], dtype=np.int64)
         cand_query = np.array([i for i, q in enumerate(unique_queries) for _ in candidates[q][0]], dtype=np.int64)
         scored = score_rows(
-            encoded, vectors.ids, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
+            encoded, corpus_ids, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
         )
         at = 0
         for q in unique_queries:
@@ -350,7 +359,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         score_of = dict(zip(rows, scores.tolist()))
         chosen.append((picked, [score_of[r] for r in picked]))
     # Only the texts of the negatives kept, looked up on the workers shard by shard.
-    texts = fetch_texts(encoded, vectors.ids, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64))
+    texts = fetch_texts(encoded, corpus_ids, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64))
     table, dropped = _format(cfg.output_format, queries, positives, pos_scores, chosen, texts, s.num_negatives)
 
     out = Path(cfg.output_path)
@@ -359,11 +368,15 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         pq.write_table(_io.mark_written_by(table, MINE), tmp)
     phases.update(1, finished=f"negatives written to {out}")
     phases.close()
+    del built, index  # their memory maps, before the files go
+    shutil.rmtree(index_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the work folder, if the index was all it held
+        index_dir.parent.rmdir()
     short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
     # Negatives written: a fixed-width format leaves out the pairs that got fewer, and theirs.
     written = cfg.output_format.startswith("n-tuple")
     negatives = table.num_rows * s.num_negatives if written else sum(len(p) for p, _ in chosen)
-    result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(vectors.ids), missing)
+    result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(corpus_ids), missing)
     if short:
         log.warning(
             "%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",

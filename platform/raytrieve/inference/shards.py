@@ -361,6 +361,17 @@ def read_bad_rows(out: str | os.PathLike) -> pa.Table:
     )
 
 
+def read_text_hashes(out: str | os.PathLike) -> np.ndarray | None:
+    """Each row's text hash (int64, corpus order), one shard in memory at a time; None for a
+    job that wrote none (an older raytrieve)."""
+    parts = []
+    for table in iter_shards(out):
+        if "text_hash" not in table.column_names:
+            return None
+        parts.append(table.column("text_hash").to_numpy())
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
 @dataclass
 class Vectors:
     """Everything an encoding job wrote, in corpus order (shard by shard)."""

@@ -312,7 +312,7 @@ def _node_name() -> str:
 
 
 def dense_output(emb: np.ndarray, spec: OutputSpec) -> np.ndarray:
-    from raytrieve.encoders.quantization import quantize_embeddings
+    from raytrieve.quantization import quantize_embeddings
 
     if spec.precision == "float16":
         return emb.astype(np.float16)
