@@ -182,7 +182,7 @@ class SecondNode:
     its own raylet, object store and workers, a custom resource ``node2`` and one CPU. Its
     processes log under ``temp_dir/session_*/logs`` (what ran there can be read back)."""
 
-    def __init__(self, ray, temp_dir: Path, cpus: int = 1) -> None:
+    def __init__(self, ray, temp_dir: Path, cpus: int = 1, env: dict[str, str] | None = None) -> None:
         import subprocess
         import sys
         import time
@@ -198,7 +198,7 @@ class SecondNode:
                                            f"--node-ip-address={ray.util.get_node_ip_address()}"])
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_BIN": str(bin_dir / "ray"), "RAY_BLOCK": "1",
                "RAY_NUM_CPUS": str(cpus), "RAY_RESOURCES": '{"node2": 1}', "RAY_EXTRA_ARGS": extra,
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.process = subprocess.Popen(
             ["bash", str(root / "cluster" / "local.sh"), "join", ray.get_runtime_context().gcs_address],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -237,8 +237,11 @@ class SecondNode:
 
 @pytest.fixture
 def second_node(ray_cluster, tmp_path_factory):
-    """A real second node for data-plane and kill tests; killed at the end (never `ray stop`)."""
-    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"))
+    """A real second node for data-plane and kill tests; killed at the end (never `ray stop`).
+    Its RAYTRIEVE_CACHE (``node.cache``) is its own, as another machine's would be."""
+    cache = tmp_path_factory.mktemp("node2-cache")
+    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"), env={"RAYTRIEVE_CACHE": str(cache)})
+    node.cache = cache
     yield node
     node.kill()
 
@@ -343,3 +346,29 @@ if _PROFILE:
         with open(_PROFILE, "a") as f:
             f.write(f"{_time.perf_counter() - wall:.2f}\t{_tree.sample() - tree:.2f}\t"
                     f"{_host_busy_seconds() - busy:.2f}\t{item.nodeid}\n")
+
+
+@pytest.fixture(scope="session")
+def registry(tiny_models, tmp_path_factory):
+    """A real MLflow registry (sqlite) holding the tiny dense model as tiny-dense/1, registered
+    as training does it: the folder is the run's ``model`` artifact, then a new version."""
+    from raytrieve.tracking import mlflow_run
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    # An explicit artifact location: sqlite's default would write ./mlruns into the checkout.
+    mlflow_run.client(uri).create_experiment("encode-tests", artifact_location=(root / "artifacts").as_uri())
+    found = {"uri": uri, "cache": root / "cache"}
+    assert register_model(found, tiny_models["dense"], "tiny-dense") == "models:/tiny-dense/1"
+    return found
+
+
+def register_model(registry: dict, folder: Path, name: str) -> str:
+    """``folder`` registered in the ``registry`` fixture's store as a new version of ``name``."""
+    from raytrieve.tracking import mlflow_run
+
+    uri = registry["uri"]
+    run_id = mlflow_run.start_run(uri, "encode-tests", name, {}, {})
+    mlflow_run.MetricLogger(uri, run_id).log_model_dir(folder)
+    mlflow_run.end_run(uri, run_id, failed=False)
+    return f"models:/{name}/{mlflow_run.register_model(uri, run_id, name)}"

@@ -338,25 +338,8 @@ def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
 
 # -- a registered model, refusals, and the on-disk states a kill leaves ------------------------
 
-REGISTERED = "models:/tiny-dense/1"
+REGISTERED = "models:/tiny-dense/1"  # the conftest's registry fixture
 SHARDS = 10  # of 10 rows: the registered job's plan
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_models, tmp_path_factory):
-    """A real MLflow registry (sqlite) holding the tiny dense model as tiny-dense/1, registered
-    as training does it: the folder is the run's ``model`` artifact, then a new version."""
-    from raytrieve.tracking import mlflow_run
-
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    # An explicit artifact location: sqlite's default would write ./mlruns into the checkout.
-    mlflow_run.client(uri).create_experiment("encode-tests", artifact_location=(root / "artifacts").as_uri())
-    run_id = mlflow_run.start_run(uri, "encode-tests", "tiny-dense", {}, {})
-    mlflow_run.MetricLogger(uri, run_id).log_model_dir(tiny_models["dense"])
-    mlflow_run.end_run(uri, run_id, failed=False)
-    assert mlflow_run.register_model(uri, run_id, "tiny-dense") == "1"
-    return {"uri": uri, "cache": root / "cache"}
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """The encoding job on two real Ray nodes on this host: encode actors on both write shards
 straight to the output, and losing the second node mid-job (its raylet, object store and
-workers SIGKILLed) followed by a rerun gives every id exactly once with the right vectors."""
+workers SIGKILLed) followed by a rerun gives every id exactly once with the right vectors.
+The model is a registered MLflow version, downloaded into the driver's cache: the second
+node, with a cache of its own, gets it through Ray's object store."""
 
 from __future__ import annotations
 
@@ -36,10 +38,17 @@ def _sidecars(out: Path) -> list[dict]:
 
 @pytest.fixture
 def big_second_node(ray_cluster, tmp_path_factory):
-    """A second node of 2 CPUs: with encode actors of 1.5 CPUs, each node holds exactly one."""
-    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"), cpus=2)
+    """A second node of 2 CPUs: with encode actors of 1.5 CPUs, each node holds exactly one. Its
+    RAYTRIEVE_CACHE is its own, as another machine's would be."""
+    cache = tmp_path_factory.mktemp("node2-cache")
+    node = SecondNode(ray_cluster, tmp_path_factory.mktemp("node2"), cpus=2, env={"RAYTRIEVE_CACHE": str(cache)})
+    node.cache = cache
     yield node
     node.kill()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _live_encode_actors() -> list:
@@ -71,7 +80,7 @@ def _until(what: str, driver: subprocess.Popen, condition, every: float = 0.05, 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster, big_second_node, tiny_models,
-                                                                       tmp_path):
+                                                                       registry, tmp_path):
     from raytrieve.encoders import DenseEncoder
 
     second_node = big_second_node
@@ -82,12 +91,13 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
     # Two encode actors of 1.5 CPUs on two nodes of 2 CPUs: one runs on each node, wherever
     # the half-CPU reader lands.
     config = {"corpus": {"path": str(tmp_path / "corpus.parquet")}, "output_dir": str(out), "rows_per_shard": 10,
-              "dense": {"model": str(tiny_models["dense"]), "dtype": "float32"},
+              "dense": {"model": "models:/tiny-dense/1", "dtype": "float32"},
               "compute": {"encode_actors": 2, "cpus_per_encode_actor": 1.5, "torch_threads": 1, "token_budget": 256}}
     config_path = tmp_path / "encode.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT / "platform")}
+           "PYTHONPATH": str(ROOT / "platform"), "MLFLOW_TRACKING_URI": registry["uri"],
+           "RAYTRIEVE_CACHE": str(registry["cache"]), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     command = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(config_path)]
     head, other = ray_cluster.get_runtime_context().get_node_id(), second_node.node_id
 
@@ -112,6 +122,10 @@ def test_two_nodes_write_shards_and_a_lost_node_reruns_exactly_once(ray_cluster,
         os.kill(actors[other], signal.SIGCONT)
         _until("the second node writes a shard", driver, lambda: written(other) >= 1)
         os.kill(actors[other], signal.SIGSTOP)
+        # The second node encoded with its own copy of the driver's download, unpacked in its cache.
+        downloaded = next((registry["cache"] / "mlflow").rglob("modules.json")).parent
+        copies = list((second_node.cache / "shipped").iterdir())
+        assert len(copies) == 1 and _files(copies[0]) == _files(downloaded)
         if not written(head):
             os.kill(actors[head], signal.SIGCONT)
             _until("the head writes a shard", driver, lambda: written(head) >= 1)

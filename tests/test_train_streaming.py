@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raytrieve.train.run import run_training
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, register_model
 from tests.train_helpers import shipped_config, write_data
 
 
@@ -77,11 +77,19 @@ def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout
 
 
 @pytest.mark.timeout(900)
-def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_model, data, tmp_path):
+def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_model, data, registry, tmp_path,
+                                         monkeypatch):
+    """From a registered copy of the model: the driver downloads it into its cache, and the
+    worker on the second node (a cache of its own) gets it through Ray's object store."""
     reference, want = one_worker
-    result, got = _run("nodes", tmp_path, no_dropout_model, data, scaling__num_workers=2,
+    registered = register_model(registry, no_dropout_model["dense"], "no-dropout")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(registry["cache"]))
+    result, got = _run("nodes", tmp_path, {"dense": registered}, data, scaling__num_workers=2,
                        scaling__placement_strategy="STRICT_SPREAD")
     assert result.steps == reference.steps
+    copies = list((second_node.cache / "shipped").iterdir())  # unpacked once on the second node
+    assert len(copies) == 1 and (copies[0] / "modules.json").is_file()
     _assert_same_weights(got, want, _start(no_dropout_model["dense"]))
     # Ray marks each worker process's log with what it ran: a train worker ran on the second
     # node (STRICT_SPREAD put the other worker on the head). Where Ray Data's read tasks run is

@@ -15,12 +15,23 @@ is, tried in this order:
 
 Importing this module is light (no torch, MLflow or Ray): each kind of reference imports what
 it needs when it is resolved, so the library reaches MLflow only when handed an MLflow URI.
+
+A folder raytrieve made in its cache (an MLflow download, a converted variant) exists on the
+machine that resolved it only. ``ship`` packs such a folder into Ray's object store, and
+``ShippedModel.local_path`` gives Ray workers on other machines their own copy, unpacked once
+per machine into their cache. A folder the user names is theirs to make readable on every
+node, as the corpus is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from raytrieve import assets
 from raytrieve.errors import ConfigError, ModelLoadError, RaytrieveError
@@ -128,3 +139,63 @@ def check_max_seq_length(folder: Path, length: int | None, field: str) -> None:
             f"{field}: {length} is more than the {limit} positions the model in {folder} can run (its position "
             f"embeddings: max_position_embeddings in its config.json); set it to at most {limit}"
         )
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A resolved model folder as Ray workers reach it; see the module docstring. ``packed`` (a
+    Ray object ref of the folder's tar archive) is None for a folder that travels by its path."""
+
+    path: str
+    node_id: str | None = None  # the Ray node that resolved it: there ``path`` is the folder
+    digest: str | None = None  # sha256 of the archive: names the copy in a worker's cache
+    packed: Any = None
+
+    def local_path(self) -> str:
+        """On a Ray worker: a folder of this machine holding the model."""
+        if self.packed is None or self.digest is None:
+            return self.path
+        import ray
+
+        if ray.get_runtime_context().get_node_id() == self.node_id:
+            return self.path
+        from raytrieve import _io
+
+        target = assets.cache_dir() / "shipped" / self.digest
+        if not target.is_dir():  # actors of one machine may race here: the folder appears whole or not at all
+            archive: bytes = ray.get(self.packed)
+            try:
+                with (
+                    _io.atomic_directory(target, overwrite=False) as tmp,
+                    tarfile.open(fileobj=io.BytesIO(archive)) as tar,
+                ):
+                    tar.extractall(tmp, filter="data")
+            except FileExistsError:  # another actor of this machine unpacked it first
+                pass
+        return str(target)
+
+
+def ship(path: str | os.PathLike) -> ShippedModel:
+    """On the driver, connected to Ray: ``path`` as workers on any machine reach it. A folder in
+    raytrieve's cache is packed into the object store (once per call); any other travels by path."""
+    folder = Path(path).resolve()
+    if not folder.is_relative_to(assets.cache_dir().expanduser().resolve()):
+        return ShippedModel(str(folder))
+    import ray
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                info = tarfile.TarInfo(str(file.relative_to(folder)))  # a plain file, links followed
+                info.size, info.mode = file.stat().st_size, 0o644
+                with open(file, "rb") as f:
+                    tar.addfile(info, f)
+    archive = buffer.getvalue()
+    digest = hashlib.sha256(archive).hexdigest()[:16]
+    return ShippedModel(str(folder), ray.get_runtime_context().get_node_id(), digest, ray.put(archive))
+
+
+def local_folder(model: str | ShippedModel) -> str:
+    """On a Ray worker: the folder of ``model`` on this machine (a path is taken as it is)."""
+    return model if isinstance(model, str) else model.local_path()

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from raytrieve.errors import RaytrieveError
 from raytrieve.kinds import model_kind
+from raytrieve.model_ref import local_folder
 from raytrieve.train.config import DatasetConfig
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class StreamSpec:
     # The input tokenizer per Router route (None: no Router), made portable on the driver
     # (``make_portable``) so that read tasks need neither transformers nor torch.
     tokenizers: dict[str | None, PortableTokenizer] = field(default_factory=dict)
+    # The model folder as read tasks on any machine reach it (model_ref.ship, on the driver)
+    shipped: Any = None
 
     @property
     def tokenized(self) -> bool:
@@ -166,7 +169,9 @@ def stream_rows(table: pa.Table, keys: np.ndarray, dataset: int, spec: StreamSpe
             out[f"text_{c}"] = _as_lists(column, pa.string())
             continue
         route = d.routes[c] if d.routes else None
-        tok = spec.tokenizers.get(route) or _tokenizer(spec.model_path, route, spec.max_seq_length)
+        tok = spec.tokenizers.get(route) or _tokenizer(
+            local_folder(spec.shipped or spec.model_path), route, spec.max_seq_length
+        )
         encoded = tok.tokenize_ids(column.to_pylist(), prompt=d.prompts[c])
         out[f"ids_{c}"] = pa.array(encoded["input_ids"], _IDS)
         types = encoded.get("token_type_ids")

@@ -65,11 +65,12 @@ class ShardLookup:
             import torch
 
             from raytrieve.encoders import load_encoder
+            from raytrieve.model_ref import local_folder
 
             torch.set_num_threads(reranker["threads"])
             self.model = load_encoder(
                 "cross",
-                reranker["model"],
+                local_folder(reranker["model"]),
                 device=reranker["device"],
                 max_seq_length=reranker["max_seq_length"],
                 dtype=reranker["dtype"],

@@ -314,12 +314,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     if cfg.reranker is not None:
         from raytrieve.inference.score import score_pairs
-        from raytrieve.model_ref import resolve_model
+        from raytrieve.model_ref import resolve_model, ship
 
         rr = cfg.reranker
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         reranker = {
-            "model": str(resolve_model(rr.model)),
+            "model": ship(resolve_model(rr.model)),  # a folder in this machine's cache travels to the actors
             "max_seq_length": rr.max_seq_length,
             "dtype": rr.dtype,
             "batch_size": rr.batch_size,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from raytrieve.model_ref import ShippedModel, local_folder
+
 # Pairs per Ray Data row: large enough to amortize the row's overhead, small enough that
 # several actors share a job of a few thousand pairs.
 CHUNK = 512
@@ -17,7 +19,7 @@ CHUNK = 512
 class ScorePairs:
     def __init__(
         self,
-        model_path: str,
+        model_path: str | ShippedModel,
         max_seq_length: int | None,
         batch_size: int,
         device: str,
@@ -30,7 +32,8 @@ class ScorePairs:
         from raytrieve.encoders import load_encoder
 
         torch.set_num_threads(threads)
-        self.model = load_encoder("cross", model_path, device=device, max_seq_length=max_seq_length, dtype=dtype)
+        folder = local_folder(model_path)
+        self.model = load_encoder("cross", folder, device=device, max_seq_length=max_seq_length, dtype=dtype)
         self.batch_size, self.token_budget = batch_size, token_budget
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,7 +54,7 @@ class ScorePairs:
 
 def score_pairs(
     pairs: Sequence[tuple[str, str]],
-    model_path: str,
+    model_path: str | ShippedModel,
     *,
     max_seq_length: int | None = None,
     batch_size: int = 32,

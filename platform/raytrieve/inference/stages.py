@@ -28,6 +28,7 @@ from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
 from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes, valid_ids
+from raytrieve.model_ref import ShippedModel
 
 if TYPE_CHECKING:
     from raytrieve.fast_tokenizer import PortableTokenizer
@@ -55,6 +56,12 @@ class OutputSpec:
     max_active_dims: int | None = None
     # The input tokenizer, made portable on the driver (None: a slow tokenizer, loaded by the actor)
     tokenizer: PortableTokenizer | None = None
+    # The model folder as an actor on any machine reaches it (model_ref.ship, on the driver)
+    shipped: ShippedModel | None = None
+
+    def local_model_path(self) -> str:
+        """On an actor: a folder of this machine holding the model."""
+        return self.model_path if self.shipped is None else self.shipped.local_path()
 
 
 def _specs(batch: pa.Table) -> list[ShardSpec]:
@@ -110,7 +117,11 @@ def _load_tokenizer(spec: OutputSpec) -> Any:
     from raytrieve.encoders.tokenizer_only import load_input_tokenizer
 
     return load_input_tokenizer(
-        spec.model_path, spec.task, spec.max_seq_length, kind=spec.kind, trust_remote_code=spec.trust_remote_code
+        spec.local_model_path(),
+        spec.task,
+        spec.max_seq_length,
+        kind=spec.kind,
+        trust_remote_code=spec.trust_remote_code,
     )
 
 
@@ -212,7 +223,7 @@ class EncodeAndWrite:
             self._models = [
                 load_encoder(
                     s.kind,
-                    s.model_path,
+                    s.local_model_path(),
                     device=self.device,
                     max_seq_length=s.max_seq_length,
                     trust_remote_code=s.trust_remote_code,

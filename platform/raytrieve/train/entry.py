@@ -19,7 +19,8 @@ from raytrieve.train.config import TrainConfig
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs, resolved on the driver (picklable, no Ray objects)."""
+    """Everything a worker needs, resolved on the driver (picklable; its one Ray object is the
+    shipped model's object ref)."""
 
     config: TrainConfig
     model_path: str  # local sentence-transformers folder
@@ -34,6 +35,7 @@ class WorkerSpec:
     samples_per_step: int = 0  # global rows per optimizer step
     card: Any = None  # train.model_card.CardFacts: what the driver knows; rank 0 completes and writes it
     progress_key: str | None = None  # rank 0 posts its steps there (progress.ClusterCount) for the driver's bar
+    shipped: Any = None  # model_ref.ShippedModel: model_path as workers on any machine reach it
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:

@@ -21,6 +21,7 @@ import torch
 
 from raytrieve.encoders import load_encoder
 from raytrieve.kinds import model_kind
+from raytrieve.model_ref import local_folder
 from raytrieve.progress import ClusterCount
 from raytrieve.train.config import TrainConfig
 from raytrieve.train.entry import FirstEpoch, WorkerSpec, epoch_batches
@@ -115,9 +116,10 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     torch.manual_seed(cfg.training.seed)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
 
+    model_folder = local_folder(spec.shipped or spec.model_path)  # this machine's copy
     encoder = load_encoder(
         cfg.model.kind,
-        spec.model_path,
+        model_folder,
         device=str(device),
         max_seq_length=cfg.model.max_seq_length,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -146,7 +148,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     }
 
     checkpoints = Checkpointer(
-        wrapped, module, optimizer, schedule, cfg.model.kind, spec.model_path, rank, cfg.model.trust_remote_code
+        wrapped, module, optimizer, schedule, cfg.model.kind, model_folder, rank, cfg.model.trust_remote_code
     )
     step = checkpoints.restore_latest()
     first_step = step  # where this run began: the driver's rate and ETA count from here
