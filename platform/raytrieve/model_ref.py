@@ -157,32 +157,41 @@ class ShippedModel:
             return self.path
         import ray
 
-        if ray.get_runtime_context().get_node_id() == self.node_id:
+        # The driver's node has the folder (unless the driver is a Ray Client elsewhere: then not).
+        if ray.get_runtime_context().get_node_id() == self.node_id and Path(self.path).is_dir():
             return self.path
+        import fcntl
+
         from raytrieve import _io
 
-        target = assets.cache_dir() / "shipped" / self.digest
-        if not target.is_dir():  # actors of one machine may race here: the folder appears whole or not at all
-            archive: bytes = ray.get(self.packed)
-            try:
-                with (
-                    _io.atomic_directory(target, overwrite=False) as tmp,
-                    tarfile.open(fileobj=io.BytesIO(archive)) as tar,
-                ):
-                    tar.extractall(tmp, filter="data")
-            except FileExistsError:  # another actor of this machine unpacked it first
-                pass
+        target, locks = assets.cache_dir() / "shipped" / self.digest, assets.cache_dir() / "shipped-locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        # One actor of this machine fetches and unpacks; the others wait for it, then find it there.
+        with open(locks / self.digest, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.is_dir():
+                archive = io.BytesIO(memoryview(ray.get(self.packed)))
+                with _io.atomic_directory(target, overwrite=False) as tmp, tarfile.open(fileobj=archive) as tar:
+                    # The driver made this archive (regular files only); "data" refuses anything else too.
+                    if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+                        tar.extractall(tmp, filter="data")
+                    else:
+                        tar.extractall(tmp)
         return str(target)
 
 
 def ship(path: str | os.PathLike) -> ShippedModel:
     """On the driver, connected to Ray: ``path`` as workers on any machine reach it. A folder in
-    raytrieve's cache is packed into the object store (once per call); any other travels by path."""
+    raytrieve's cache is packed into the object store (once per call; the archive is made in
+    memory, then copied into the store); any other travels by its path."""
     folder = Path(path).resolve()
     if not folder.is_relative_to(assets.cache_dir().expanduser().resolve()):
-        return ShippedModel(str(folder))
+        return ShippedModel(os.fspath(path))
+    import numpy as np
     import ray
 
+    if not ray.is_initialized():  # ray.put would start a Ray of its own, not the job's
+        raise RuntimeError("model_ref.ship needs the job's Ray connected first (raytrieve.ray_cluster.connect)")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for file in sorted(folder.rglob("*")):
@@ -191,8 +200,9 @@ def ship(path: str | os.PathLike) -> ShippedModel:
                 info.size, info.mode = file.stat().st_size, 0o644
                 with open(file, "rb") as f:
                     tar.addfile(info, f)
-    archive = buffer.getvalue()
-    digest = hashlib.sha256(archive).hexdigest()[:16]
+    view = buffer.getbuffer()
+    digest = hashlib.sha256(view).hexdigest()[:16]
+    archive = np.frombuffer(view, dtype=np.uint8)  # no copy here; ray.put copies it into the store once
     return ShippedModel(str(folder), ray.get_runtime_context().get_node_id(), digest, ray.put(archive))
 
 

@@ -273,6 +273,12 @@ class IdsWriter:
             writer.write_table(table)
         self.count += len(ids)
 
+    def abort(self) -> None:
+        """Close the files after a failure (their folder is being removed)."""
+        for writer in self._writers:
+            writer.close()
+        self._writers, self._hashes = [], []
+
     def close(self) -> None:
         """Finish the files; a duplicate id is a DataError naming a few."""
         for writer in self._writers:

@@ -106,39 +106,43 @@ def _stream_build(
     sparse = None
     if manifest.sparse is not None and "sparse" in kinds:
         sparse = SparseBuilder(manifest.rows, manifest.sparse.vocab_size, tmp / "sparse")
-    for number, table in enumerate(iter_shards(vectors_dir)):
-        where = f"{vectors_dir}/{manifest.shards[number].file}"
-        for kind, column in (("dense", "dense"), ("sparse", "sparse_indices")):
-            held, described = column in table.column_names, manifest.output(kind) is not None
-            if held and not described:  # readers take the vectors' model from it
-                raise DataError(
-                    f"{vectors_dir}: the shards hold {kind} vectors, {MANIFEST} has no {kind!r} part; {fix}"
-                )
-            if described and not held:
-                raise DataError(f"{where}: holds no {kind} vectors, which {MANIFEST} describes; {fix}")
-        if ids.count + table.num_rows > manifest.rows:
-            raise DataError(f"{vectors_dir}: the shards hold more than the {manifest.rows} rows the manifest says")
-        block_ids = table.column("id").to_pylist()
-        ids.add(block_ids, where)
-        if "dense" in kinds:
-            block = _dense_block(table)
-            if dense is None:
-                dense = DenseBuilder(
-                    manifest.rows,
-                    block.shape[1],
-                    similarity=similarity,
-                    float16=block.dtype == np.float16,
-                    quantize=options.quantize,
-                    backend=options.backend,
-                    faiss_index=options.faiss_index,
-                    faiss_params=options.faiss_params,
-                    folder=tmp / "dense",
-                )
-            dense.add(block, block_ids, where)
-        if sparse is not None:
-            sparse.count_block(*_sparse_block(table), block_ids)
-    if ids.count != manifest.rows:
-        raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
+    try:
+        for number, table in enumerate(iter_shards(vectors_dir)):
+            where = f"{vectors_dir}/{manifest.shards[number].file}"
+            for kind, column in (("dense", "dense"), ("sparse", "sparse_indices")):
+                held, described = column in table.column_names, manifest.output(kind) is not None
+                if held and not described:  # readers take the vectors' model from it
+                    raise DataError(
+                        f"{vectors_dir}: the shards hold {kind} vectors, {MANIFEST} has no {kind!r} part; {fix}"
+                    )
+                if described and not held:
+                    raise DataError(f"{where}: holds no {kind} vectors, which {MANIFEST} describes; {fix}")
+            if ids.count + table.num_rows > manifest.rows:
+                raise DataError(f"{vectors_dir}: the shards hold more than the {manifest.rows} rows the manifest says")
+            block_ids = table.column("id").to_pylist()
+            ids.add(block_ids, where)
+            if "dense" in kinds:
+                block = _dense_block(table)
+                if dense is None:
+                    dense = DenseBuilder(
+                        manifest.rows,
+                        block.shape[1],
+                        similarity=similarity,
+                        float16=block.dtype == np.float16,
+                        quantize=options.quantize,
+                        backend=options.backend,
+                        faiss_index=options.faiss_index,
+                        faiss_params=options.faiss_params,
+                        folder=tmp / "dense",
+                    )
+                dense.add(block, block_ids, where)
+            if sparse is not None:
+                sparse.count_block(*_sparse_block(table), block_ids)
+        if ids.count != manifest.rows:
+            raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
+    except BaseException:
+        ids.abort()
+        raise
     ids.close()
     if dense is not None:
         dense.finish(None)

@@ -138,6 +138,10 @@ def run_encode(
             },
         )
     store.remove_temporaries()
+    from raytrieve.model_ref import ship
+
+    for output in outputs:  # a folder in this machine's cache travels to the actors' machines
+        output.shipped = ship(output.model_path)
     encode_start = time.perf_counter()
     done = _run_pipeline(cfg, outputs, specs, duplicates, store, fingerprint)
     seconds = time.perf_counter() - encode_start

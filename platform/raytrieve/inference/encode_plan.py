@@ -45,7 +45,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     """Each model loaded once on the driver: the config is checked against it (prompt names,
     truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
     specs and what the manifest says of each model."""
-    from raytrieve.model_ref import resolve_field, ship
+    from raytrieve.model_ref import resolve_field
 
     # Every reference resolved first: a wrong name or URI is reported before torch loads.
     outputs = [(kind, out) for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)) if out is not None]
@@ -71,7 +71,6 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             raise ConfigError(f"{where}.{kind}: {e}") from None
         # Taken from the loaded model, so that the tokenizer actors need neither transformers nor torch.
         spec.tokenizer = InputTokenizer.of_module(model.input_module(spec.task)).portable()
-        spec.shipped = ship(path)  # a folder in this machine's cache travels to the actors' machines
         info: dict[str, Any] = {
             "model": out.model,
             "model_path": path,

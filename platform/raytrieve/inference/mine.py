@@ -282,7 +282,11 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     q_row = {q: i for i, q in enumerate(unique_queries)}
     if kind == "dense":
         assert similarity is not None and built.source.dense is not None and built.dense is not None
-        assert built.dense.similarity == similarity, "check_corpus_vectors: the vectors are the retriever's"
+        if built.dense.similarity != similarity:  # check_corpus_vectors compared the models: not expected
+            raise DataError(
+                f"{vectors_dir}: indexed by {built.dense.similarity}, the retriever's similarity is {similarity}; "
+                "encode the corpus with the retriever's model"
+            )
         index = built.dense
         # Queries and positives as the corpus was encoded: its truncate_dim (Matryoshka), and
         # unit length for cosine, so positives' scores are on the candidates' scale.
@@ -368,7 +372,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         pq.write_table(_io.mark_written_by(table, MINE), tmp)
     phases.update(1, finished=f"negatives written to {out}")
     phases.close()
-    del built, index  # their memory maps, before the files go
+    del built, index, searched  # their memory maps, before the files go (a failed run's index is
+    # left there, and replaced by the next run's)
     shutil.rmtree(index_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the work folder, if the index was all it held
         index_dir.parent.rmdir()

@@ -442,10 +442,6 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         gpus = gpu_manager.get_current_node_num_accelerators() if gpu_manager else 0
         _check_workers_fit(cfg, [{"CPU": float(get_num_cpus()), "GPU": float(gpus)}], where, fixed=True)
     connect(ray_address)
-    from raytrieve.model_ref import ship
-
-    # A folder in this machine's cache (a models:/ download, a converted variant) travels to the workers.
-    p.spec.shipped = p.stream.shipped = ship(p.spec.model_path)
     _check_room_for_the_data_stage(cfg, ray.cluster_resources().get("CPU", 0.0), where)
     if ray_address == "local" or not _autoscaler_checks_resources():  # "local": this process's Ray, it cannot grow
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -455,6 +451,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
 
         p.spec.threads = train_threads(cluster_shape(), cfg.scaling.num_workers)
     log.info("%d worker(s), %d torch thread(s) each", cfg.scaling.num_workers, p.spec.threads)
+    from raytrieve.model_ref import ship
+
+    # A folder in this machine's cache (a models:/ download, a converted variant) travels to the workers.
+    p.spec.shipped = p.stream.shipped = ship(p.spec.model_path)
     params = mlflow_run.flatten(cfg)
     params.update(
         {
