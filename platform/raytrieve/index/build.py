@@ -70,17 +70,7 @@ def build_indices(
         raise DataError(f"{vectors_dir}: the encoding job wrote 0 rows; there is nothing to index")
     summary: dict[str, Any] = {"out": str(out_dir), "rows": manifest.rows}
     with _io.atomic_directory(Path(out_dir)) as tmp:
-        _stream_build(vectors_dir, manifest, built, tmp, similarity, options)
-        if "dense" in built:
-            summary["dense"] = {
-                "dim": base.read_manifest(tmp / "dense")["dim"],
-                "similarity": similarity,
-                "quantize": options.quantize,
-                "backend": options.backend,
-            }
-        if "sparse" in built:
-            sparse = base.read_manifest(tmp / "sparse")
-            summary["sparse"] = {"vocab_size": sparse["vocab_size"], "nnz": sparse["nnz"]}
+        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options))
         _io.write_json(tmp / SOURCE, manifest.to_json())
     return summary
 
@@ -92,11 +82,12 @@ def _stream_build(
     tmp: Path,
     similarity: str,
     options: IndexOptions,
-) -> None:
+) -> dict[str, Any]:
     """The index of each of ``kinds`` into ``tmp``, one shard in memory at a time: the rows go
     straight into memory-mapped arrays (a sparse index reads the shards twice: it counts each
-    term's postings, then places them). Peak memory is a shard, not the corpus."""
-    from raytrieve.inference.shards import MANIFEST, iter_shards
+    term's postings, then places them). Peak memory is a shard, not the corpus. Returns what
+    each index is, for the summary."""
+    from raytrieve.inference.shards import MANIFEST, dense_block, iter_shards, sparse_block
 
     for kind in kinds:
         (tmp / kind).mkdir()
@@ -122,7 +113,7 @@ def _stream_build(
             block_ids = table.column("id").to_pylist()
             ids.add(block_ids, where)
             if "dense" in kinds:
-                block = _dense_block(table)
+                block = dense_block(table)
                 if dense is None:
                     dense = DenseBuilder(
                         manifest.rows,
@@ -137,34 +128,29 @@ def _stream_build(
                     )
                 dense.add(block, block_ids, where)
             if sparse is not None:
-                sparse.count_block(*_sparse_block(table), block_ids)
+                sparse.count_block(*sparse_block(table), block_ids)
         if ids.count != manifest.rows:
             raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
     except BaseException:
         ids.abort()
         raise
     ids.close()
+    summary: dict[str, Any] = {}
     if dense is not None:
         dense.finish(None)
+        summary["dense"] = {
+            "dim": dense.dim,
+            "similarity": similarity,
+            "quantize": options.quantize,
+            "backend": options.backend,
+        }
     if sparse is not None:
         for table in iter_shards(vectors_dir):  # checked again: a shard that changed since is refused
-            sparse.fill_block(*_sparse_block(table), table.column("id").to_pylist())
-        _, _, weights = sparse.finish()
-        SparseIndex.write_manifest(tmp / "sparse", manifest.rows, sparse.vocab_size, weights.shape[0])
-
-
-def _dense_block(table: Any) -> np.ndarray:
-    col = table.column("dense").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-
-
-def _sparse_block(table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A shard's sparse vectors as CSR (indptr from 0, indices, values)."""
-    idx = table.column("sparse_indices").combine_chunks()
-    val = table.column("sparse_values").combine_chunks()
-    offs = idx.offsets.to_numpy().astype(np.int64)
-    lo, hi = int(offs[0]), int(offs[-1])
-    return offs - lo, idx.values.to_numpy()[lo:hi], val.values.to_numpy()[lo:hi]
+            sparse.fill_block(*sparse_block(table), table.column("id").to_pylist())
+        nnz = int(sparse.finish()[2].shape[0])
+        SparseIndex.write_manifest(tmp / "sparse", manifest.rows, sparse.vocab_size, nnz)
+        summary["sparse"] = {"vocab_size": sparse.vocab_size, "nnz": nnz}
+    return summary
 
 
 @dataclass

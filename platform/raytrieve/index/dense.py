@@ -25,7 +25,7 @@ from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
 from raytrieve.index.faiss import FAISS_PARAMS, FaissIndex
-from raytrieve.quantization import quantization_ranges, quantize_embeddings
+from raytrieve.quantization import quantize_embeddings
 
 SIMILARITIES = ("cosine", "dot")
 QUANTIZATIONS = (None, "int8", "binary")
@@ -86,7 +86,7 @@ class QuantizedCodes:
         chunk: int = 65536,
     ) -> QuantizedCodes:
         """Codes of ``vectors`` (an array or a memory map), ``chunk`` rows at a time; int8 uses
-        ``ranges`` (per-dimension min and max of all rows; computed here when not given)."""
+        ``ranges`` [2, dim], the per-dimension min and max of all rows (DenseBuilder keeps them)."""
         n, dim = vectors.shape
         if kind == "binary":
             codes = base.new_array(folder, "codes", (n, (dim + 7) // 8), np.uint8)
@@ -96,8 +96,7 @@ class QuantizedCodes:
             return cls(kind, codes)
         if n < 2:
             raise InputError("quantize='int8' needs at least 2 vectors to set per-dimension ranges; use quantize=None")
-        if ranges is None:
-            ranges = quantization_ranges(np.asarray(vectors, dtype=np.float32))
+        assert ranges is not None, "int8 codes need the rows' ranges"
         ranges = np.asarray(ranges, dtype=np.float32)
         codes = base.new_array(folder, "codes", (n, dim), np.int8)
         for lo in range(0, n, chunk):
@@ -450,7 +449,7 @@ class DenseBuilder:
         base.finish_array(self.vectors)
         quantized = None
         if self.quantize is not None:
-            ranges = np.vstack((self._low, self._high)) if self.quantize == "int8" and self.count >= 2 else None
+            ranges = np.vstack((self._low, self._high)) if self.quantize == "int8" else None
             block = base.block_rows(self.dim)
             quantized = QuantizedCodes.build(self.vectors, self.quantize, ranges, self.folder, block)
         return self._done(DenseIndex(ids or [], self.vectors, quantized=quantized, **parts), ids is None)

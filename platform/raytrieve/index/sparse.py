@@ -85,6 +85,11 @@ def _postings(
     return term[starts][keep], local[starts][keep] + first_row, weights[keep]
 
 
+def _row_dtype(count: int) -> type:
+    """The corpus rows' dtype in ``doc_rows``: int32 while it holds them (half the postings' bytes)."""
+    return np.int32 if count < 2**31 else np.int64
+
+
 class SparseBuilder:
     """A sparse index's term-major arrays from document-major CSR blocks given in corpus order,
     in two passes over the same blocks: ``count_block`` each (postings per term), then
@@ -116,8 +121,7 @@ class SparseBuilder:
             self._check_rows("counted")
             term_ptr = np.concatenate([[0], np.cumsum(self._per_term)]).astype(np.int64)
             nnz = int(term_ptr[-1])
-            doc_dtype = np.int32 if self.count < 2**31 else np.int64
-            doc_rows = base.new_array(self.folder, "doc_rows", (nnz,), doc_dtype)
+            doc_rows = base.new_array(self.folder, "doc_rows", (nnz,), _row_dtype(self.count))
             weights = base.new_array(self.folder, "weights", (nnz,), np.float32)
             self._arrays, self._cursor, self._rows = (term_ptr, doc_rows, weights), term_ptr[:-1].copy(), 0
         term, rows, weights = self._block(indptr, indices, values, ids)
@@ -189,10 +193,10 @@ class SparseIndex:
         vocab_size = base.positive_int("vocab_size", vocab_size)
         indptr = np.asarray(indptr).reshape(-1)
         ids = base.normalize_ids(ids, max(indptr.size - 1, 0), what="rows")
-        builder = SparseBuilder(len(ids), vocab_size)
-        builder.count_block(indptr, indices, values, ids)
-        builder.fill_block(indptr, indices, values, ids)
-        return cls(ids, *builder.finish(), vocab_size)
+        # One block: its postings, term-major, are the index (SparseBuilder places many blocks').
+        term, rows, weights = _postings(indptr, indices, values, ids, 0, vocab_size)
+        term_ptr = np.concatenate([[0], np.cumsum(np.bincount(term, minlength=vocab_size))]).astype(np.int64)
+        return cls(ids, term_ptr, rows.astype(_row_dtype(len(ids))), weights, vocab_size)
 
     # ------------------------------------------------------------------ search
 

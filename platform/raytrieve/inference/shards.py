@@ -372,6 +372,21 @@ def read_text_hashes(out: str | os.PathLike) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
+def dense_block(table: pa.Table) -> np.ndarray:
+    """A shard's dense vectors [rows, dim], in the dtype they were written in."""
+    col = table.column("dense").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def sparse_block(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's sparse vectors as CSR: (indptr from 0, int64 [rows + 1]; indices; values)."""
+    idx = table.column("sparse_indices").combine_chunks()
+    val = table.column("sparse_values").combine_chunks()
+    offs = idx.offsets.to_numpy().astype(np.int64)
+    lo, hi = int(offs[0]), int(offs[-1])
+    return offs - lo, idx.values.to_numpy()[lo:hi], val.values.to_numpy()[lo:hi]
+
+
 @dataclass
 class Vectors:
     """Everything an encoding job wrote, in corpus order (shard by shard)."""
@@ -384,7 +399,8 @@ class Vectors:
 
 
 def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
-    """Load a finished job's shards into memory (index building, tests)."""
+    """Load a finished job's shards into memory, all at once (tests, benchmarks; `index build`
+    and mining read them shard by shard: raytrieve.index.build)."""
     manifest = read_manifest(out)
     ids: list[str] = []
     dense_parts, offsets_parts, index_parts, value_parts, hash_parts = [], [], [], [], []
@@ -394,16 +410,13 @@ def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:
         if "text_hash" in table.column_names:
             hash_parts.append(table.column("text_hash").to_numpy())
         if "dense" in table.column_names:
-            col = table.column("dense").combine_chunks()
-            dense_parts.append(col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size))
+            dense_parts.append(dense_block(table))
         if "sparse_indices" in table.column_names:
-            idx = table.column("sparse_indices").combine_chunks()
-            val = table.column("sparse_values").combine_chunks()
-            offs = idx.offsets.to_numpy().astype(np.int64)
-            offsets_parts.append(offs[1:] - offs[0] + base if offsets_parts else offs - offs[0] + base)
-            index_parts.append(idx.values.to_numpy()[offs[0] : offs[-1]])
-            value_parts.append(val.values.to_numpy()[offs[0] : offs[-1]])
-            base += int(offs[-1] - offs[0])
+            offs, indices, values = sparse_block(table)
+            offsets_parts.append((offs[1:] if offsets_parts else offs) + base)
+            index_parts.append(indices)
+            value_parts.append(values)
+            base += int(offs[-1])
     dense = np.concatenate(dense_parts) if dense_parts else None
     sparse = None
     if offsets_parts:

@@ -28,7 +28,7 @@ from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
 from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes, valid_ids
-from raytrieve.model_ref import ShippedModel
+from raytrieve.model_ref import ShippedModel, local_folder
 
 if TYPE_CHECKING:
     from raytrieve.fast_tokenizer import PortableTokenizer
@@ -61,7 +61,7 @@ class OutputSpec:
 
     def local_model_path(self) -> str:
         """On an actor: a folder of this machine holding the model."""
-        return self.model_path if self.shipped is None else self.shipped.local_path()
+        return local_folder(self.shipped or self.model_path)
 
 
 def _specs(batch: pa.Table) -> list[ShardSpec]:

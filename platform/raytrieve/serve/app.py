@@ -335,7 +335,9 @@ class Ingress:
             return await self.similarity(body)
         if not self.table.names("dense") and self.table.names("sparse"):
             # TEI's sparse body: what only a dense embedding takes is refused by name, not dropped.
-            for field in sorted(set(body.model_fields_set) - set(TeiSparseRequest.model_fields)):
+            dense_only = sorted(set(body.model_fields_set) - set(TeiSparseRequest.model_fields))
+            if dense_only:
+                field = dense_only[0]
                 raise ApiError(422, field, f"{field}: the served embedding model is sparse; leave {field} out")
             return await self.embed_sparse(
                 TeiSparseRequest(**body.model_dump(include=set(TeiSparseRequest.model_fields)))
