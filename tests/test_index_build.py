@@ -11,6 +11,7 @@ import pytest
 from raytrieve.errors import DataError, InputError
 from raytrieve.index import DenseIndex, SparseIndex
 from raytrieve.index.build import IndexOptions, build_indices, load_indices
+from raytrieve.index.documents import DocumentStore
 from raytrieve.inference import shards
 
 VOCAB = 50
@@ -28,24 +29,46 @@ def _rows(rng: np.random.Generator, n: int, dtype: str):
     return dense, (offsets, indices, values)
 
 
+def _text(number: int, id_: str) -> str:
+    return f"téxt {id_} of shard {number} ✓"
+
+
 def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str = "vectors"):
-    """A finished encoding job's folder made by hand: ``sizes`` shards, dense and sparse vectors."""
+    """A finished encoding job's folder made by hand: ``sizes`` shards, dense and sparse vectors,
+    and its corpus (a folder of one parquet file per shard; shard 2 has a bad row, a null text,
+    which the job left out; shard 3's rows are all bad)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve.inference.corpus import text_hashes
+
     rng = np.random.default_rng(0)
     store = shards.OutputStore(str(tmp_path / name))
+    corpus = tmp_path / f"{name}-corpus"
+    corpus.mkdir()
     entries, first = [], 0
     for number, n in enumerate(sizes):
         ids = [f"d{first + i}" for i in range(n)]
         dense, sparse = _rows(rng, n, dtype)
         if damage is not None:
             ids, dense = damage(number, ids, dense)
-        table = shards.shard_table(ids, dense, sparse, np.arange(first, first + n))
-        sidecar = shards.write_shard(store, number, table, {"input_rows": n, "bad_rows": []})
-        entries.append({"file": sidecar["file"], "rows": n, "input_rows": n, "sha256": sidecar["sha256"]})
+        texts = [_text(number, i) for i in ids]
+        rows = list(zip(ids, texts)) + ([("b3", None), ("b4", "  ")] if number == 3 else [])
+        if number == 2:
+            rows.insert(3, ("b2", None))
+        pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]},
+                                schema=pa.schema([("id", pa.string()), ("text", pa.string())])),
+                       corpus / f"part-{number}.parquet")
+        table = shards.shard_table(ids, dense, sparse, text_hashes(texts))
+        sidecar = shards.write_shard(store, number, table, {"input_rows": len(rows), "bad_rows": []})
+        entries.append({"file": sidecar["file"], "rows": n, "input_rows": len(rows), "sha256": sidecar["sha256"]})
         first += n
     model = {"model": "m", "model_path": "/m", "prompt": None, "max_seq_length": 32}
+    store.write_json(shards.JOB, {"config": {"rows_per_shard": 64}})  # the plan: one shard per file
     store.write_json(shards.MANIFEST, {
         "format": "raytrieve-vectors", "version": 2, "fingerprint": "f",
-        "corpus": {"path": "/c.parquet", "input_rows": first, "bad_rows": 0, "id_column": "id", "text_column": "text"},
+        "corpus": {"path": str(corpus), "format": "parquet", "input_rows": first + 3, "bad_rows": 3,
+                   "id_column": "id", "text_column": "text"},
         "rows": first, "side": "document",
         "dense": {**model, "similarity": "cosine", "dim": DIM, "precision": dtype, "truncate_dim": None,
                   "normalize": False, "ranges": None},
@@ -53,6 +76,15 @@ def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str =
         "shards": entries,
     })
     return tmp_path / name
+
+
+def _texts(sizes) -> list[str]:
+    """The texts of the rows the job encoded, in order: the oracle of documents/."""
+    out, first = [], 0
+    for number, n in enumerate(sizes):
+        out += [_text(number, f"d{first + i}") for i in range(n)]
+        first += n
+    return out
 
 
 @pytest.fixture
@@ -75,6 +107,12 @@ def test_shard_by_shard_build_equals_one_block_and_brute_force(tmp_path, no_whol
     dense, sparse = built.dense, built.sparse
     assert isinstance(dense, DenseIndex) and isinstance(sparse, SparseIndex)
     assert dense.ids == sparse.ids == v.ids
+
+    # documents/: each row's text as the corpus has it, by row and by id; the bad rows are not there.
+    want = _texts(SIZES)
+    store = DocumentStore(tmp_path / "index", len(v.ids))
+    assert len(store) == len(want) and store.texts(range(len(want))) == want
+    assert store.lookup(v.ids[::-1]) == want[::-1] and store.lookup(["b2", "b3", "nope"]) == [None, None, None]
 
     # The same rows in one block, in memory: every array equal.
     one = DenseIndex.build(v.ids, v.dense, similarity="cosine", quantize=quantize)
@@ -149,7 +187,8 @@ def test_a_bad_row_in_a_later_shard_is_named_and_nothing_is_written(tmp_path, da
     with pytest.raises(error, match=message):
         build_indices(_job(tmp_path, damage=damage, name="damaged"), tmp_path / "index")
     assert len(load_indices(tmp_path / "index").dense) == sum(SIZES)  # the earlier index, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "index", "vectors"]  # no leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no leftover
+        "damaged", "damaged-corpus", "index", "vectors", "vectors-corpus"]
 
 
 def test_shards_that_disagree_with_the_manifest_are_refused(tmp_path):
@@ -164,3 +203,42 @@ def test_shards_that_disagree_with_the_manifest_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"the shards hold more than the 46 rows the manifest says"):
         build_indices(job, tmp_path / "index")
     assert not (tmp_path / "index").exists()
+
+
+def test_a_corpus_changed_since_the_encoding_is_refused_not_indexed(tmp_path):
+    """documents/ holds the texts the vectors were encoded from: a text edited or a row removed
+    since is refused by file, id and fix (Serve would have returned and reranked the new text
+    against the old vector), and nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    job = _job(tmp_path)
+    part = tmp_path / "vectors-corpus" / "part-4.parquet"
+    table = pq.read_table(part)
+    texts = table.column("text").to_pylist()
+    texts[5] = "edited"
+    pq.write_table(table.set_column(1, "text", pa.array(texts)), part)
+    fix = "the corpus changed since it was encoded: run the encoding job again"
+    with pytest.raises(DataError, match=rf"part-4\.parquet: the text of id 'd36' \(and 0 more\) in shard 4 of the "
+                                        rf"corpus is not the one encoded; {fix}"):
+        build_indices(job, tmp_path / "index")
+    pq.write_table(table.slice(0, 15), part)  # d46, the shard's last row, is gone
+    with pytest.raises(DataError, match=rf"part-4\.parquet: id 'd46' is no longer in shard 4 of the corpus; {fix}"):
+        build_indices(job, tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+    build_indices(job, tmp_path / "index", texts=False)  # mining's index: vectors only, no texts
+    assert not (tmp_path / "index" / "documents").exists()
+
+
+def test_ids_whose_hashes_collide_are_told_apart_by_their_text(tmp_path, monkeypatch):
+    """documents/ finds an id by its 64-bit hash, then compares the id itself: with a hash that
+    collides for every other id, each lookup still returns its own text (and the duplicate
+    check, which shares the hashes, still finds none)."""
+    from raytrieve.inference import corpus
+
+    job = _job(tmp_path)  # its shards hold the real text hashes, checked with the real function
+    monkeypatch.setattr(corpus, "text_hashes", lambda ids: np.array([len(i) % 2 for i in ids], dtype=np.int64))
+    build_indices(job, tmp_path / "index")
+    store = DocumentStore(tmp_path / "index", sum(SIZES))
+    ids = [f"d{i}" for i in range(sum(SIZES))]
+    assert store.lookup(ids) == _texts(SIZES) and store.lookup(["d47", "x"]) == [None, None]

@@ -194,7 +194,7 @@ def test_read_vectors_and_index_build_carry_the_typed_manifest(tmp_path):
     v = read_vectors(out)
     assert v.manifest == read_manifest(out) and v.ids == ["a", "b", "c"]
     np.testing.assert_array_equal(v.dense, vectors)
-    build_indices(out, tmp_path / "index")
+    build_indices(out, tmp_path / "index", texts=False)  # a job made by hand, without its corpus
     indices = load_indices(tmp_path / "index")
     assert indices.source == v.manifest and indices.sparse is not None and indices.sparse.vocab_size == 30522
     copied = json.loads((tmp_path / "index" / "source.json").read_text())
@@ -209,17 +209,17 @@ def test_index_build_replaces_an_index_and_refuses_anything_else(tmp_path):
 
     out, _ = _encoded(tmp_path)
     index = tmp_path / "index"
-    build_indices(out, index)
-    build_indices(out, index)  # an earlier index is replaced
+    build_indices(out, index, texts=False)  # a job made by hand, without its corpus
+    build_indices(out, index, texts=False)  # an earlier index is replaced
     assert stat.S_IMODE(index.stat().st_mode) == 0o777 & ~_umask()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match=r"--out .*data: the folder holds other files \(keep\.txt\); .*new or empty"):
-        build_indices(out, tmp_path / "data")
+        build_indices(out, tmp_path / "data", texts=False)
     assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
     (tmp_path / "a-file").write_text("mine")
     with pytest.raises(DataError, match=r"--out .*a-file: is a file; give a folder"):
-        build_indices(out, tmp_path / "a-file")
+        build_indices(out, tmp_path / "a-file", texts=False)
     assert (tmp_path / "a-file").read_text() == "mine" and not os.path.isdir(tmp_path / "a-file")
 
 

@@ -461,10 +461,14 @@ def test_the_ingress_loads_every_indexed_query_model_in_its_backend():
     assert not _cfg(**keys, colocate_index=False, recall_in_ingress=True).retriever_deployed
 
 
-def test_an_index_whose_documents_left_the_corpus_is_refused_at_start_and_by_its_holders(minilm_dir, tmp_path):
-    """Served texts come from the corpus read at start: an indexed id the corpus no longer has was
-    reranked and returned with an empty text. Refused before Ray starts and where the index is
-    held (a replica, the retriever or the ingress: an app built without the start's checks)."""
+def test_served_texts_are_the_index_folders_and_a_folder_without_them_is_refused(minilm_dir, tmp_path):
+    """Serve returns and reranks the texts of the index folder's documents/, the ones its vectors
+    were encoded from (index build checked them against the encoding), memory-mapped: a corpus
+    edited or removed after the build changes nothing served. A folder without documents/ (built
+    before raytrieve kept them) is refused before Ray starts and where the index is held (a
+    replica, the retriever or the ingress: an app built without the start's checks)."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -473,22 +477,27 @@ def test_an_index_whose_documents_left_the_corpus_is_refused_at_start_and_by_its
     from raytrieve.serve.launch import check_before_start
     from tests.index_helpers import write_dense_index
 
-    ids, texts = ["d0", "d1", "d2", "d3"], ["alpha", "beta", "gamma", "delta"]
+    ids, texts = ["d0", "d1", "d2", "d3"], ["alpha", "beta", "gamma", "délta ✓"]
     corpus = tmp_path / "corpus.parquet"
     pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
     vectors = np.random.default_rng(0).standard_normal((4, 384)).astype(np.float32)
     index = write_dense_index(tmp_path / "index", ids, vectors,
                               {"path": str(corpus), "format": "parquet", "id_column": "id", "text_column": "text"},
-                              "all-minilm-l6-v2", minilm_dir)
+                              "all-minilm-l6-v2", minilm_dir, texts=texts)
     cfg = _cfg(dense={"model": "all-minilm-l6-v2", "index": str(index)})
-    check_before_start(cfg, "serve.yaml")  # the corpus the index was built from: served
+    check_before_start(cfg, "serve.yaml")
+    documents = Documents([str(index)])
+    assert documents.lookup(["d3", "d9", "d0"]) == ["délta ✓", "", "alpha"]  # "" for an id the index lacks
+    hits, shown = documents.search_with_texts(str(index), "dense", vectors[2], 4, 2)
+    assert hits[0][0] == "d2" and shown == {i: texts[ids.index(i)] for i, _ in hits[:2]}
+    corpus.unlink()  # the corpus is not read to serve
+    check_before_start(cfg, "serve.yaml")
     assert Documents([str(index)]).lookup(ids) == texts
-    pq.write_table(pa.table({"id": ids[:3] + ["d9"], "text": texts[:3] + ["new"]}), corpus)  # d3 left, d9 came
-    message = (r"the dense index .*index holds 1 document id\(s\) the corpus .*corpus.parquet does not have "
-               r"\(e.g. \['d3'\]\): the corpus changed since it was encoded. Encode it again")
-    with pytest.raises(DataError, match=r"^serve.yaml: " + message):
+    shutil.rmtree(index / "documents")
+    message = r"index: no documents/texts\.arrow, the texts Serve returns and reranks .*rebuild it with `raytrieve index build`"
+    with pytest.raises(DataError, match=r"^serve.yaml: .*" + message):
         check_before_start(cfg, "serve.yaml")
-    with pytest.raises(DataError, match=r"^serve: " + message):
+    with pytest.raises(DataError, match=message):
         Documents([str(index)])
 
 
@@ -509,7 +518,7 @@ def test_an_index_of_truncated_vectors_is_searched_with_the_query_truncated_alik
     full = rng.standard_normal((20, 384)).astype(np.float32)
     index = write_dense_index(tmp_path / "index", ids, full[:, :64], {"path": str(corpus), "format": "parquet",
                               "id_column": "id", "text_column": "text"}, "all-minilm-l6-v2", minilm_dir,
-                              truncate_dim=64)
+                              truncate_dim=64, texts=[f"text {i}" for i in ids])
     query = rng.standard_normal(384).astype(np.float32)
     hits = Documents([str(index)]).search(str(index), "dense", query, 5)
     cut = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)

@@ -5,6 +5,8 @@
                       encoded with to search these indices
       dense/          a DenseIndex (if the job wrote dense vectors)
       sparse/         a SparseIndex (if the job wrote sparse vectors)
+      documents/      the documents' texts, read from the corpus and checked against the
+                      encoding (index/documents.py): what Serve returns and reranks
 
 The whole folder is written atomically, so a failed build never leaves half an index.
 """
@@ -22,6 +24,7 @@ from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import load_index
 from raytrieve.index.dense import DenseBuilder, DenseIndex, index_similarity
+from raytrieve.index.documents import DocumentsWriter
 from raytrieve.index.sparse import SparseBuilder, SparseIndex
 
 if TYPE_CHECKING:  # the index library imports the encoding job's modules only when it reads a job's output
@@ -43,8 +46,10 @@ def build_indices(
     out_dir: str | Path,
     options: IndexOptions | None = None,
     kinds: tuple[str, ...] = ("dense", "sparse"),
+    texts: bool = True,
 ) -> dict[str, Any]:
-    """Build every index of ``kinds`` the job's vectors allow; returns a summary."""
+    """Build every index of ``kinds`` the job's vectors allow, and (``texts``) the folder's
+    documents/ from the corpus the job encoded; returns a summary."""
     from raytrieve.inference.shards import read_manifest
 
     options = options or IndexOptions()
@@ -70,7 +75,7 @@ def build_indices(
         raise DataError(f"{vectors_dir}: the encoding job wrote 0 rows; there is nothing to index")
     summary: dict[str, Any] = {"out": str(out_dir), "rows": manifest.rows}
     with _io.atomic_directory(Path(out_dir)) as tmp:
-        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options))
+        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options, texts))
         _io.write_json(tmp / SOURCE, manifest.to_json())
     return summary
 
@@ -82,11 +87,13 @@ def _stream_build(
     tmp: Path,
     similarity: str,
     options: IndexOptions,
+    texts: bool,
 ) -> dict[str, Any]:
     """The index of each of ``kinds`` into ``tmp``, one shard in memory at a time: the rows go
     straight into memory-mapped arrays (a sparse index reads the shards twice: it counts each
     term's postings, then places them). Peak memory is a shard, not the corpus. Returns what
-    each index is, for the summary."""
+    each index is, for the summary. ``texts``: documents/ too, each shard's texts read from its
+    corpus shard (the encoding job's plan) and checked against the job's text hashes."""
     from raytrieve.inference.shards import MANIFEST, dense_block, iter_shards, sparse_block
 
     for kind in kinds:
@@ -97,6 +104,7 @@ def _stream_build(
     sparse = None
     if manifest.sparse is not None and "sparse" in kinds:
         sparse = SparseBuilder(manifest.rows, manifest.sparse.vocab_size, tmp / "sparse")
+    corpus, documents = (_CorpusShards(vectors_dir), DocumentsWriter(tmp)) if texts else (None, None)
     try:
         for number, table in enumerate(iter_shards(vectors_dir)):
             where = f"{vectors_dir}/{manifest.shards[number].file}"
@@ -112,6 +120,8 @@ def _stream_build(
                 raise DataError(f"{vectors_dir}: the shards hold more than the {manifest.rows} rows the manifest says")
             block_ids = table.column("id").to_pylist()
             ids.add(block_ids, where)
+            if documents is not None and corpus is not None:
+                documents.add(block_ids, corpus.texts(number, table))
             if "dense" in kinds:
                 block = dense_block(table)
                 if dense is None:
@@ -131,10 +141,15 @@ def _stream_build(
                 sparse.count_block(*sparse_block(table), block_ids)
         if ids.count != manifest.rows:
             raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
+        hashes, rows = ids.close()
+        if documents is not None:
+            documents.finish(hashes, rows)
+        del hashes, rows
     except BaseException:
         ids.abort()
+        if documents is not None:
+            documents.abort()
         raise
-    ids.close()
     summary: dict[str, Any] = {}
     if dense is not None:
         dense.finish(None)
@@ -151,6 +166,25 @@ def _stream_build(
         SparseIndex.write_manifest(tmp / "sparse", manifest.rows, sparse.vocab_size, nnz)
         summary["sparse"] = {"vocab_size": sparse.vocab_size, "nnz": nnz}
     return summary
+
+
+class _CorpusShards:
+    """The corpus shards an encoding job read (its plan, from job.json), for their texts."""
+
+    def __init__(self, vectors_dir: str | Path) -> None:
+        from raytrieve.inference.lookup import EncodedCorpus
+
+        self.encoded = EncodedCorpus.of(str(vectors_dir))
+
+    def texts(self, number: int, table: Any) -> list[str]:
+        """The texts of the encoded shard ``number`` (``table``), in its row order."""
+        from raytrieve.inference.lookup import shard_texts
+
+        if table.num_rows == 0:
+            return []
+        hashes = table.column("text_hash").to_pylist() if "text_hash" in table.column_names else None
+        spec = self.encoded.specs[number]
+        return shard_texts(spec, self.encoded.corpus, table.column("id").to_pylist(), hashes)
 
 
 @dataclass

@@ -141,7 +141,7 @@ class DenseIndex:
 
     def __init__(
         self,
-        ids: list[str],
+        ids: Sequence[str],
         vectors: np.ndarray | None,
         *,
         dim: int,
@@ -152,9 +152,8 @@ class DenseIndex:
     ) -> None:
         # Use build() or load(); this only assembles validated parts. An exact index has
         # ``vectors`` (and ``quantized`` codes when quantized); a FAISS one has only ``faiss``.
-        self.ids, self.vectors, self.dim, self.similarity = ids, vectors, dim, similarity
+        self.ids, self.vectors, self.dim, self.similarity = base.Ids(ids), vectors, dim, similarity
         self.chunk_size, self.quantized, self.faiss = chunk_size, quantized, faiss
-        self._id_array = np.array(ids, dtype=object)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -273,7 +272,7 @@ class DenseIndex:
             if rescore:
                 batch = max(1, (1 << 23) // (width * self.dim))
                 scores, rows = self._batched(q, batch, lambda qb, rb: self._rescore(qb, rb, k), rows)
-        return base.to_result(scores, rows, self._id_array)
+        return base.to_result(scores, rows, self.ids)
 
     def _prepare_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.asarray(queries)

@@ -157,12 +157,11 @@ class SparseIndex:
     kind = "sparse"
 
     def __init__(
-        self, ids: list[str], term_ptr: np.ndarray, doc_rows: np.ndarray, weights: np.ndarray, vocab_size: int
+        self, ids: Sequence[str], term_ptr: np.ndarray, doc_rows: np.ndarray, weights: np.ndarray, vocab_size: int
     ) -> None:
         # Use build(), from_csr() or load(); this only assembles validated parts.
-        self.ids, self.term_ptr, self.doc_rows, self.weights = ids, term_ptr, doc_rows, weights
+        self.ids, self.term_ptr, self.doc_rows, self.weights = base.Ids(ids), term_ptr, doc_rows, weights
         self.vocab_size = vocab_size
-        self._id_array = np.array(ids, dtype=object)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -217,7 +216,7 @@ class SparseIndex:
                 s, r = base.chunk_top_k(hit_scores[None, :], k, hit_rows)
                 s, r = base.sort_top_k(s, r, k)
                 scores[i], rows[i] = s[0], r[0]
-        return base.to_result(scores, rows, self._id_array)
+        return base.to_result(scores, rows, self.ids)
 
     def _prepare_queries(self, queries: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         if hasattr(queries, "tocsr"):

@@ -5,9 +5,6 @@ texts. Bad rows are a null id, a null or blank text, or an id that an earlier ro
 (the first row with an id is kept). Duplicates across shards are found by a distributed
 check before encoding starts (inference/checks.py); each shard reader is told which of its
 rows lose to an earlier one.
-
-``read_corpus`` reads a whole (small) corpus in one process, for the Serve retriever's texts
-and the tests.
 """
 
 from __future__ import annotations
@@ -144,58 +141,6 @@ def content_checksum(ids: list[str], texts: list[str]) -> str:
         h.update(text.encode())
         h.update(b"\x1e")
     return h.hexdigest()
-
-
-@dataclass
-class Corpus:
-    ids: list[str]
-    texts: list[str]
-    bad: pa.Table  # row (0-based, in the input), id, reason - one line per row left out
-    input_rows: int
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def read_corpus(cfg: CorpusConfig, bad_rows: str = "skip") -> Corpus:
-    """A whole corpus in this process (Serve's retriever texts, small jobs, tests), with the
-    same bad-row policy as the encoding job."""
-    from raytrieve.data.sources import open_source, plan_shards, read_shard, schema_names
-
-    source = open_source(cfg.path, cfg.format)
-    check_columns(schema_names(source), cfg, cfg.path)
-    ids: list[str] = []
-    texts: list[str] = []
-    bad: list[tuple[int, str | None, str]] = []
-    seen: set[str] = set()
-    offset = 0
-    for spec in plan_shards(source, 1 << 20):
-        rows = shard_rows(read_shard(spec, needed_columns(cfg)), cfg, spec.path)
-        bad += [(offset + r, i, why) for r, i, why in rows.bad]
-        kept = set(range(rows.input_rows)) - {b[0] for b in rows.bad}
-        for r, id_, text in zip(sorted(kept), rows.ids, rows.texts):
-            if id_ in seen:
-                bad.append((offset + r, id_, f"duplicate {cfg.id_column} (an earlier row has it)"))
-                continue
-            seen.add(id_)
-            ids.append(id_)
-            texts.append(text)
-        offset += rows.input_rows
-    bad.sort()
-    if bad and bad_rows == "fail":
-        raise_bad_rows(cfg.path, len(bad), bad[:EXAMPLES])
-    if not ids:
-        raise DataError(
-            f"{cfg.path}: every row is bad (null/empty {cfg.text_column} or null/duplicate {cfg.id_column})"
-        )
-    table = pa.table(
-        {
-            "row": pa.array([b[0] for b in bad], pa.int64()),
-            "id": pa.array([b[1] for b in bad], pa.string()),
-            "reason": pa.array([b[2] for b in bad], pa.string()),
-        }
-    )
-    return Corpus(ids, texts, table, offset)
 
 
 def raise_bad_rows(location: str, count: int, examples: list[tuple[int, str | None, str]]) -> None:

@@ -12,6 +12,7 @@ changed since it was encoded (the error says to rerun the encoding job).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from raytrieve.data.sources import ShardSpec, open_source, plan_shards, read_sha
 from raytrieve.errors import DataError
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
-from raytrieve.inference.corpus import needed_columns, shard_rows
+from raytrieve.inference.corpus import needed_columns, shard_rows, text_hashes
 
 
 @dataclass
@@ -82,17 +83,7 @@ class ShardLookup:
         out: dict[str, list[Any]] = {"shard": [], "texts": [], "scores": []}
         for row in batch.to_pylist():
             spec = ShardSpec.from_row(row)
-            rows = shard_rows(read_shard(spec, needed_columns(self.corpus)), self.corpus, spec.path)
-            text_of: dict[str, str] = {}
-            for id_, text in zip(rows.ids, rows.texts):
-                text_of.setdefault(id_, text)
-            missing = [i for i in row["ids"] if i not in text_of]
-            if missing:
-                raise DataError(
-                    f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; the "
-                    "corpus changed since it was encoded: run the encoding job again"
-                )
-            texts = [text_of[i] for i in row["ids"]]
+            texts = shard_texts(spec, self.corpus, row["ids"], row["hashes"])
             out["shard"].append(spec.shard)
             if self.model is not None:
                 pairs = [(self.queries[q], t) for q, t in zip(row["query"], texts)]
@@ -113,6 +104,30 @@ class ShardLookup:
         )
 
 
+def shard_texts(spec: ShardSpec, corpus: CorpusConfig, ids: list[str], hashes: list[int] | None) -> list[str]:
+    """The texts of ``ids`` in the corpus shard ``spec``, as the encoding job read them.
+    ``hashes``: the text hash the job stored for each (shards' text_hash; None for a job that
+    stored none). An id the shard no longer has, or a text that changed, is refused: the corpus
+    changed since it was encoded."""
+    rows = shard_rows(read_shard(spec, needed_columns(corpus)), corpus, spec.path)
+    text_of: dict[str, str] = {}
+    for id_, text in zip(rows.ids, rows.texts):
+        text_of.setdefault(id_, text)
+    missing = [i for i in ids if i not in text_of]
+    fix = "the corpus changed since it was encoded: run the encoding job again"
+    if missing:
+        raise DataError(f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; {fix}")
+    texts = [text_of[i] for i in ids]
+    if hashes is not None:
+        changed = np.flatnonzero(text_hashes(texts) != np.asarray(hashes, dtype=np.int64))
+        if changed.size:
+            raise DataError(
+                f"{spec.path}: the text of id {ids[int(changed[0])]!r} (and {changed.size - 1} more) in shard "
+                f"{spec.shard} of the corpus is not the one encoded; {fix}"
+            )
+    return texts
+
+
 def _lookup_texts(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
     """Ray Data task: the texts of each shard's requested ids (``ShardLookup`` without a model)."""
     return ShardLookup(corpus)(batch)
@@ -120,7 +135,8 @@ def _lookup_texts(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
 
 def _run(
     encoded: EncodedCorpus,
-    ids: list[str],
+    ids: Sequence[str],
+    hashes: np.ndarray,
     rows: np.ndarray,
     query: np.ndarray | None,
     queries: list[str] | None,
@@ -143,6 +159,7 @@ def _run(
             {
                 **encoded.specs[int(s)].as_row(),
                 "ids": [ids[int(rows[i])] for i in mine],
+                "hashes": hashes[rows[mine]].tolist(),  # each text is checked against what was encoded
                 "query": query[mine].tolist() if query is not None else [],
             }
         )
@@ -184,18 +201,22 @@ def _in_request_order(encoded: EncodedCorpus, rows: np.ndarray, per_shard: dict[
     return out
 
 
-def fetch_texts(encoded: EncodedCorpus, ids: list[str], rows: np.ndarray, cpus: float = 0.5) -> dict[int, str]:
-    """The corpus text of each vector row in ``rows`` (``ids``: every row's id); a task per shard."""
+def fetch_texts(
+    encoded: EncodedCorpus, ids: Sequence[str], hashes: np.ndarray, rows: np.ndarray, cpus: float = 0.5
+) -> dict[int, str]:
+    """The corpus text of each vector row in ``rows`` (``ids``, ``hashes``: every row's id and
+    text hash); a task per shard."""
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if not len(rows):
         return {}
-    texts = _in_request_order(encoded, rows, _run(encoded, ids, rows, None, None, None, 1, cpus))
+    texts = _in_request_order(encoded, rows, _run(encoded, ids, hashes, rows, None, None, None, 1, cpus))
     return dict(zip(rows.tolist(), texts))
 
 
 def score_rows(
     encoded: EncodedCorpus,
-    ids: list[str],
+    ids: Sequence[str],
+    hashes: np.ndarray,
     rows: np.ndarray,
     query: np.ndarray,
     queries: list[str],
@@ -208,6 +229,8 @@ def score_rows(
         return np.zeros(0, np.float32)
     rows = np.asarray(rows, dtype=np.int64)
     return np.asarray(
-        _in_request_order(encoded, rows, _run(encoded, ids, rows, np.asarray(query), queries, reranker, actors, cpus)),
+        _in_request_order(
+            encoded, rows, _run(encoded, ids, hashes, rows, np.asarray(query), queries, reranker, actors, cpus)
+        ),
         dtype=np.float32,
     )

@@ -241,7 +241,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
-    build_indices(vectors_dir, index_dir, kinds=(cfg.retriever.kind,))
+    build_indices(vectors_dir, index_dir, kinds=(cfg.retriever.kind,), texts=False)
     built = load_indices(index_dir)
     phases.update(1, finished="corpus vectors")
     encoded = EncodedCorpus.of(vectors_dir)
@@ -334,7 +334,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         cand_rows = np.array([r for q in unique_queries for r in candidates[q][0]], dtype=np.int64)
         cand_query = np.array([i for i, q in enumerate(unique_queries) for _ in candidates[q][0]], dtype=np.int64)
         scored = score_rows(
-            encoded, corpus_ids, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
+            encoded, corpus_ids, hashes, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
         )
         at = 0
         for q in unique_queries:
@@ -363,7 +363,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         score_of = dict(zip(rows, scores.tolist()))
         chosen.append((picked, [score_of[r] for r in picked]))
     # Only the texts of the negatives kept, looked up on the workers shard by shard.
-    texts = fetch_texts(encoded, corpus_ids, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64))
+    texts = fetch_texts(
+        encoded, corpus_ids, hashes, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64)
+    )
     table, dropped = _format(cfg.output_format, queries, positives, pos_scores, chosen, texts, s.num_negatives)
 
     out = Path(cfg.output_path)

@@ -185,24 +185,26 @@ class ServeConfig(ConfigModel):
         default=None,
         description=(
             "A folder from `raytrieve index build`, searched by /search with the default (first) dense and sparse "
-            "models that set no index: of their own. Its source.json says which corpus the vectors came from; "
-            "the documents' texts are read from there."
+            "models that set no index: of their own. Its source.json says which model encoded the vectors; its "
+            "documents/ holds the texts /search returns and reranks (read from the corpus and checked against "
+            "the encoding by index build), so serving never reads the corpus."
         ),
     )
     colocate_index: bool = Field(
         default=True,
         description=(
-            "Each dense and sparse model with an index holds that index (memory-mapped) and the corpus's texts in "
-            "its own replicas, so /search encodes a query and searches in one call per model. false: one "
-            "retriever deployment holds every index and the texts once, and each recall is two calls (less "
-            "memory per model replica for a large corpus; a hop more per request)"
+            "Each dense and sparse model with an index opens that index and its documents' texts (memory-mapped: "
+            "replicas on one machine share the pages) in its own replicas, so /search encodes a query and "
+            "searches in one call per model. false: one retriever deployment holds every index once, and each "
+            "recall is two calls (less memory per model replica for a large corpus: each holder keeps the ids, "
+            "~8 bytes a document plus their text, and a FAISS index in memory; a hop more per request)"
         ),
     )
     recall_in_ingress: bool = Field(
         default=False,
         description=(
             "Each ingress replica also loads the dense and sparse models that have an index, with their indices "
-            "and the corpus's texts (once), and runs /search's query encode and index search in its own process: "
+            "and their documents' texts, and runs /search's query encode and index search in its own process: "
             "one Serve hop less per request. The model deployments then hold no index and serve every other "
             "endpoint. Costs each ingress replica those models' memory and load time; their encodes use the "
             "models' torch_threads on the cores the deployments share (CPU models only), one query at a time per "

@@ -350,55 +350,34 @@ def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:
             )
 
 
-def corpus_has_index_ids(indices: Mapping[str, Any], corpus_ids: Any, corpus_path: str, where: str = "serve") -> None:
-    """Every document an index can return must have its text in the corpus: a corpus changed
-    since its encoding would hand the reranker and ``return_text`` an empty text, unnoticed.
-    ``indices``: folder -> Indices; ``corpus_ids``: a set of the corpus's ids."""
-    from raytrieve.errors import DataError
-
-    for folder, ix in indices.items():
-        for kind in ("dense", "sparse"):
-            index = getattr(ix, kind)
-            if index is None:
-                continue
-            missing = [i for i in index.ids if i not in corpus_ids]
-            if missing:
-                raise DataError(
-                    f"{where}: the {kind} index {folder} holds {len(missing)} document id(s) the corpus {corpus_path} "
-                    f"does not have (e.g. {missing[:3]}): the corpus changed since it was encoded. Encode it again "
-                    "(`raytrieve encode`, unchanged shards are reused) and rebuild the index"
-                )
-
-
 class Documents:
     """The indices from `raytrieve index build` (by folder; each model searches its own) and the
-    texts of their documents (one corpus: ``one_corpus``). Plain: the ``Retriever`` deployment
-    is one, and so is every model replica that holds its own index (``colocate_index``)."""
+    texts of their documents (one corpus: ``one_corpus``), both memory-mapped from the folders:
+    a replica's memory does not grow with the corpus. Plain: the ``Retriever`` deployment is
+    one, and so is every model replica that holds its own index (``colocate_index``)."""
 
     def __init__(self, folders: list[str], others: Sequence[str] = ()) -> None:
         """``folders``: the index folders held here. ``others``: the app's other index folders,
         of which only source.json is read: every index of the app must come from one corpus,
         checked here too, so an app built without the start's checks is still refused."""
         from raytrieve.index.build import load_indices, read_source
-        from raytrieve.inference.corpus import read_corpus
+        from raytrieve.index.documents import DocumentStore
 
         self.indices = {folder: load_indices(folder) for folder in folders}
         sources = {folder: ix.source for folder, ix in self.indices.items()}
         sources |= {folder: read_source(folder) for folder in others if folder not in sources}
         one_corpus(sources, "serve")
-        corpus = next(iter(self.indices.values())).source.corpus.config()
-        data = read_corpus(corpus, "skip")
-        self.texts = dict(zip(data.ids, data.texts))
-        corpus_has_index_ids(self.indices, self.texts, corpus.path)
+        # Each folder's texts, in its rows' order (index build read them from the corpus and
+        # checked them against the encoding): a hit's text is read by its row.
+        self.stores = {folder: DocumentStore(folder, ix.source.rows) for folder, ix in self.indices.items()}
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"documents": len(self.texts)}
+        out: dict[str, Any] = {"documents": len(next(iter(self.stores.values())))}
         for folder, ix in self.indices.items():
             out[folder] = {k: len(i) if (i := getattr(ix, k)) is not None else None for k in ("dense", "sparse")}
         return out
 
-    def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
-        """The top ``k`` of the ``kind`` (dense / sparse) index in ``folder`` for a query vector."""
+    def _search(self, folder: str, kind: str, vector: Any, k: int) -> tuple[list[tuple[str, float]], np.ndarray]:
         ix = self.indices[folder]
         index = getattr(ix, kind)
         assert index is not None, "serve's preflight checks that each served model's index has its kind"
@@ -409,19 +388,32 @@ class Documents:
             vector = vector[: ix.source.dense.truncate_dim]
         batch = vector[None, :] if kind == "dense" else [vector]
         hits = index.search(batch, top_k=min(k, len(index)))
-        return list(zip(hits.ids[0], hits.scores[0][: len(hits.ids[0])].tolist()))
+        found = len(hits.ids[0])
+        return list(zip(hits.ids[0], hits.scores[0][:found].tolist())), hits.rows[0][:found]
+
+    def search(self, folder: str, kind: str, vector: Any, k: int) -> list[tuple[str, float]]:
+        """The top ``k`` of the ``kind`` (dense / sparse) index in ``folder`` for a query vector."""
+        return self._search(folder, kind, vector, k)[0]
 
     def search_with_texts(
         self, folder: str, kind: str, vector: Any, k: int, n: int
     ) -> tuple[list[tuple[str, float]], dict[str, str]]:
         """``search``'s hits and the texts of the first ``n``: /search's answer mostly needs no
         ``lookup`` round trip after fusion (a hop over Serve costs milliseconds here)."""
-        hits = self.search(folder, kind, vector, k)
-        first = [i for i, _ in hits[:n]]
-        return hits, dict(zip(first, self.lookup(first)))
+        hits, rows = self._search(folder, kind, vector, k)
+        texts = self.stores[folder].texts(rows[:n].tolist())
+        return hits, dict(zip((i for i, _ in hits[:n]), texts))
 
     def lookup(self, ids: list[str]) -> list[str]:
-        return [self.texts.get(i, "") for i in ids]
+        """The text of each id ("" for one no index here holds): after fusion, ids from any folder."""
+        found: list[str | None] = [None] * len(ids)
+        for store in self.stores.values():
+            wanted = [i for i, text in enumerate(found) if text is None]
+            if not wanted:
+                break
+            for i, text in zip(wanted, store.lookup([ids[i] for i in wanted])):
+                found[i] = text
+        return [text or "" for text in found]
 
 
 @serve.deployment

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray import serve
 
-from raytrieve.errors import ConfigError, RaytrieveError
+from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.serve.app import build_app
 from raytrieve.serve.config import DeploymentConfig, ServeConfig
 
@@ -53,10 +53,10 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
     from raytrieve.index.build import Indices, load_indices
-    from raytrieve.inference.corpus import read_corpus
+    from raytrieve.index.documents import DocumentStore
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
-    from raytrieve.serve.deployments import corpus_has_index_ids, one_corpus
+    from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
     cfg.check(where)
@@ -101,8 +101,11 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             _check_index_model(m.path, m.spec, path, built.model, built.model_path, where)
     if indices:
         one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
-        corpus = next(iter(indices.values())).source.corpus.config()
-        corpus_has_index_ids(indices, set(read_corpus(corpus, "skip").ids), corpus.path, where)
+        for folder, ix in indices.items():  # the texts /search returns and reranks (memory-mapped: cheap)
+            try:
+                DocumentStore(folder, ix.source.rows)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
 
 
 def _check_index_model(
