@@ -409,3 +409,24 @@ def test_ids_are_the_text_a_client_sends_back():
         DenseIndex.build([b"\xff", "b", "c", "d"], vectors)
     with pytest.raises(DataError, match=r"duplicate id\(s\), e.g. \['x'\]"):
         DenseIndex.build([b"x", "x", "c", "d"], vectors)
+
+
+def test_a_loaded_index_holds_its_ids_as_one_arrow_array_not_python_strings(tmp_path):
+    """An index's ids cost the ids' bytes plus 8 bytes a row (one large_string Arrow array), not a
+    Python list's ~60-100; they read like the list they replace: by row, slice, iteration,
+    equality, and ``take`` for the hits."""
+    import pyarrow as pa
+
+    from raytrieve.index.base import Ids
+
+    ids = [f"döc-{i}" for i in range(70_000)]  # more than one iteration block, non-ASCII
+    vectors = np.random.default_rng(0).standard_normal((len(ids), 8)).astype(np.float32)
+    DenseIndex.build(ids, vectors).save(tmp_path / "ix")
+    loaded = load_index(tmp_path / "ix")
+    assert isinstance(loaded.ids.array, pa.LargeStringArray) and not isinstance(loaded.ids, list)
+    assert loaded.ids == ids and list(loaded.ids) == ids and loaded.ids != ids[::-1] and loaded.ids != ids[:-1]
+    assert loaded.ids[0] == "döc-0" and loaded.ids[-1] == "döc-69999" and loaded.ids[5:8] == ids[5:8]
+    assert loaded.ids.take(np.array([69_999, 0, 3])) == ["döc-69999", "döc-0", "döc-3"]
+    assert Ids(pa.chunked_array([["a"], ["b", "c"]])) == Ids(["a", "b", "c"]) == ["a", "b", "c"]
+    hits = loaded.search(vectors[[12_345]], top_k=1)
+    assert hits.ids == [["döc-12345"]] and type(hits.ids[0][0]) is str
