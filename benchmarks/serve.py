@@ -104,7 +104,7 @@ def main() -> None:
     if not (work / "corpus.parquet").exists():
         pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), work / "corpus.parquet")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    if not (work / "index" / "source.json").exists():  # built once (the encode resumes if stopped)
+    if not (work / "index" / "documents").exists():  # (an index built before documents/ is built again)  # built once (the encode resumes if stopped)
         run_encode(from_dict(EncodeConfig, {
             "corpus": {"path": str(work / "corpus.parquet")}, "output_dir": str(work / "vectors"), "rows_per_shard": 2000,
             "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 256},

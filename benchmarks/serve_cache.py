@@ -69,7 +69,7 @@ def main() -> None:
     samples = sampling.prepare(cfg, sampling.ensure_pydocs(Path(cfg.pydocs_dir), print), work / "data")
     queries = dict(sorted(samples.test.queries.items())[: args.queries])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    if not (work / "index" / "source.json").exists():  # built once
+    if not (work / "index" / "documents").exists():  # (an index built before documents/ is built again)  # built once
         run_encode(from_dict(EncodeConfig, {
             "corpus": {"path": str(samples.test_corpus_path), "text_column": "document"}, "output_dir": str(work / "vectors"),
             "dense": {"model": "all-minilm-l6-v2", "max_seq_length": 128},

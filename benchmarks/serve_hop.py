@@ -103,7 +103,7 @@ def main() -> None:
     from texts import sentences
 
     index = ROOT / "out" / "bench" / f"serve-{args.docs}" / "index"
-    if not (index / "source.json").exists():
+    if not (index / "documents").exists():
         sys.exit(f"{index}: no index; run benchmarks/serve.py --docs {args.docs} first")
     queries = sentences(args.queries, min_words=4, max_words=12, seed=2)
     model = {"max_seq_length": 256, "torch_threads": 1, "backend": "torch"}

@@ -33,7 +33,7 @@ def _text(number: int, id_: str) -> str:
     return f"téxt {id_} of shard {number} ✓"
 
 
-def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str = "vectors"):
+def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str = "vectors", hashed: bool = True):
     """A finished encoding job's folder made by hand: ``sizes`` shards, dense and sparse vectors,
     and its corpus (a folder of one parquet file per shard; shard 2 has a bad row, a null text,
     which the job left out; shard 3's rows are all bad)."""
@@ -59,7 +59,7 @@ def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str =
         pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]},
                                 schema=pa.schema([("id", pa.string()), ("text", pa.string())])),
                        corpus / f"part-{number}.parquet")
-        table = shards.shard_table(ids, dense, sparse, text_hashes(texts))
+        table = shards.shard_table(ids, dense, sparse, text_hashes(texts) if hashed else None)
         sidecar = shards.write_shard(store, number, table, {"input_rows": len(rows), "bad_rows": []})
         entries.append({"file": sidecar["file"], "rows": n, "input_rows": len(rows), "sha256": sidecar["sha256"]})
         first += n
@@ -228,6 +228,11 @@ def test_a_corpus_changed_since_the_encoding_is_refused_not_indexed(tmp_path):
     assert not (tmp_path / "index").exists()
     build_indices(job, tmp_path / "index", texts=False)  # mining's index: vectors only, no texts
     assert not (tmp_path / "index" / "documents").exists()
+    # Shards without text hashes (an older raytrieve) cannot vouch for a text: refused too.
+    with pytest.raises(DataError, match=r"part-00000\.parquet: made by an older raytrieve \(no text hashes\); "
+                                        r"encode the corpus again"):
+        build_indices(_job(tmp_path, name="unhashed", hashed=False), tmp_path / "index2")
+    assert not (tmp_path / "index2").exists()
 
 
 def test_ids_whose_hashes_collide_are_told_apart_by_their_text(tmp_path, monkeypatch):

@@ -501,6 +501,28 @@ def test_served_texts_are_the_index_folders_and_a_folder_without_them_is_refused
         Documents([str(index)])
 
 
+def test_a_lookup_finds_the_texts_of_ids_only_another_folder_holds(minilm_dir, tmp_path):
+    """/search looks up its fused ids' texts at one index's holder; the app's other index
+    folder (one corpus, encoded at another time) may hold an id this one lacks. Its text is
+    found there, not returned empty."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieve.serve.deployments import Documents
+    from tests.index_helpers import write_dense_index
+
+    corpus = tmp_path / "corpus.parquet"
+    ids, texts = ["d0", "d1", "d2", "d3"], ["alpha", "beta", "gamma", "delta"]
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    entry = {"path": str(corpus), "format": "parquet", "id_column": "id", "text_column": "text"}
+    vectors = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32)
+    a = write_dense_index(tmp_path / "a", ids[:3], vectors[:3], entry, "all-minilm-l6-v2", minilm_dir, texts=texts[:3])
+    b = write_dense_index(tmp_path / "b", ids, vectors[:4], entry, "all-minilm-l6-v2", minilm_dir, texts=texts)
+    held = Documents([str(a)], others=[str(b)])
+    assert held.lookup(["d3", "d0", "d9"]) == ["delta", "alpha", ""]
+    assert Documents([str(a)]).lookup(["d3"]) == [""]  # the folder alone lacks it
+
+
 def test_an_index_of_truncated_vectors_is_searched_with_the_query_truncated_alike(minilm_dir, tmp_path):
     """Documents encoded with dense.truncate_dim (Matryoshka) keep their first dimensions; the
     served model's query vector is full-size, and every /search was a 500 (dimension 384 against

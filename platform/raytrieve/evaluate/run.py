@@ -336,5 +336,5 @@ def encode_corpus(evalset: EvalSet, models: Models, options: RunOptions, work: P
     cfg = from_dict(EncodeConfig, raw, "evaluate encode")
     result = run_encode(cfg, where="evaluate encode", ray_address=ray_address)
     log.info("encoding job: %d documents at %.1f/s into %s", result.rows, result.rows_per_s, work / "vectors")
-    build_indices(work / "vectors", work / "index")
+    build_indices(work / "vectors", work / "index", texts=False)  # evaluate reads its own corpus's texts
     return work / "index"

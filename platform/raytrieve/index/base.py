@@ -302,7 +302,7 @@ class IdsWriter:
     only ids whose hashes collide are read back and compared as text."""
 
     def __init__(self, folders: Sequence[Path], where: str) -> None:
-        schema = pa.schema([("id", pa.string())])
+        schema = pa.schema([("id", pa.large_string())])  # as Ids holds them: read without a cast
         self.folders, self.where, self.count = list(folders), where, 0
         self._writers = [pq.ParquetWriter(folder / IDS_FILE, schema) for folder in self.folders]
         self._hashes: list[np.ndarray] = []
@@ -314,7 +314,7 @@ class IdsWriter:
         from raytrieve.inference.corpus import text_hashes
 
         self._hashes.append(text_hashes(ids))
-        table = pa.table({"id": pa.array(ids, type=pa.string())})
+        table = pa.table({"id": pa.array(ids, type=pa.large_string())})
         for writer in self._writers:
             writer.write_table(table)
         self.count += len(ids)
@@ -325,19 +325,24 @@ class IdsWriter:
             writer.close()
         self._writers, self._hashes = [], []
 
-    def close(self) -> tuple[np.ndarray, np.ndarray]:
+    def close(self, rows: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Finish the files; a duplicate id is a DataError naming a few. Returns every id's hash,
-        ascending, and the row of each (an index folder's documents/ finds texts by them)."""
+        ascending, and (``rows``) the row of each: an index folder's documents/ finds texts by
+        them (16 bytes a row at once, not the sort's 8)."""
         for writer in self._writers:
             writer.close()
         self._writers = []
         hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, np.int64)
         self._hashes = []
-        rows = np.argsort(hashes, kind="stable")
-        hashes = hashes[rows]
+        order = None
+        if rows:
+            order = np.argsort(hashes, kind="stable")
+            hashes = hashes[order]
+        else:
+            hashes.sort()
         colliding = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
         if colliding.size == 0 or not self.folders:
-            return hashes, rows
+            return hashes, order
         from raytrieve.inference.corpus import text_hashes
 
         wanted, seen = set(colliding.tolist()), Counter[str]()
@@ -349,7 +354,7 @@ class IdsWriter:
             raise DataError(
                 f"ids: {len(dups)} duplicate id(s), e.g. {dups[:5]}; ids must be unique in the corpus. {self.where}"
             )
-        return hashes, rows
+        return hashes, order
 
 
 def read_ids(directory: Path, count: int) -> Ids:

@@ -73,9 +73,10 @@ def build_indices(
         )
     if manifest.rows == 0:
         raise DataError(f"{vectors_dir}: the encoding job wrote 0 rows; there is nothing to index")
+    corpus = _CorpusShards(vectors_dir) if texts else None  # the corpus's plan, checked before any shard is read
     summary: dict[str, Any] = {"out": str(out_dir), "rows": manifest.rows}
     with _io.atomic_directory(Path(out_dir)) as tmp:
-        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options, texts))
+        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options, corpus))
         _io.write_json(tmp / SOURCE, manifest.to_json())
     return summary
 
@@ -87,12 +88,12 @@ def _stream_build(
     tmp: Path,
     similarity: str,
     options: IndexOptions,
-    texts: bool,
+    corpus: _CorpusShards | None,
 ) -> dict[str, Any]:
     """The index of each of ``kinds`` into ``tmp``, one shard in memory at a time: the rows go
     straight into memory-mapped arrays (a sparse index reads the shards twice: it counts each
     term's postings, then places them). Peak memory is a shard, not the corpus. Returns what
-    each index is, for the summary. ``texts``: documents/ too, each shard's texts read from its
+    each index is, for the summary. ``corpus``: documents/ too, each shard's texts read from its
     corpus shard (the encoding job's plan) and checked against the job's text hashes."""
     from raytrieve.inference.shards import MANIFEST, dense_block, iter_shards, sparse_block
 
@@ -104,8 +105,10 @@ def _stream_build(
     sparse = None
     if manifest.sparse is not None and "sparse" in kinds:
         sparse = SparseBuilder(manifest.rows, manifest.sparse.vocab_size, tmp / "sparse")
-    corpus, documents = (_CorpusShards(vectors_dir), DocumentsWriter(tmp)) if texts else (None, None)
+    documents: DocumentsWriter | None = None
     try:
+        if corpus is not None:
+            documents = DocumentsWriter(tmp)
         for number, table in enumerate(iter_shards(vectors_dir)):
             where = f"{vectors_dir}/{manifest.shards[number].file}"
             for kind, column in (("dense", "dense"), ("sparse", "sparse_indices")):
@@ -121,7 +124,7 @@ def _stream_build(
             block_ids = table.column("id").to_pylist()
             ids.add(block_ids, where)
             if documents is not None and corpus is not None:
-                documents.add(block_ids, corpus.texts(number, table))
+                documents.add(block_ids, corpus.texts(number, table, block_ids, where))
             if "dense" in kinds:
                 block = dense_block(table)
                 if dense is None:
@@ -141,14 +144,16 @@ def _stream_build(
                 sparse.count_block(*sparse_block(table), block_ids)
         if ids.count != manifest.rows:
             raise DataError(f"{vectors_dir}: the shards hold {ids.count} rows, the manifest says {manifest.rows}")
-        hashes, rows = ids.close()
-        if documents is not None:
+        hashes, rows = ids.close(rows=documents is not None)
+        if documents is not None and rows is not None:
             documents.finish(hashes, rows)
         del hashes, rows
     except BaseException:
-        ids.abort()
-        if documents is not None:
-            documents.abort()
+        try:
+            ids.abort()
+        finally:
+            if documents is not None:
+                documents.abort()
         raise
     summary: dict[str, Any] = {}
     if dense is not None:
@@ -176,15 +181,15 @@ class _CorpusShards:
 
         self.encoded = EncodedCorpus.of(str(vectors_dir))
 
-    def texts(self, number: int, table: Any) -> list[str]:
-        """The texts of the encoded shard ``number`` (``table``), in its row order."""
+    def texts(self, number: int, table: Any, ids: list[str], where: str) -> list[str]:
+        """The texts of the encoded shard ``number`` (``table``, ``ids``), in its row order."""
         from raytrieve.inference.lookup import shard_texts
 
         if table.num_rows == 0:
             return []
-        hashes = table.column("text_hash").to_pylist() if "text_hash" in table.column_names else None
-        spec = self.encoded.specs[number]
-        return shard_texts(spec, self.encoded.corpus, table.column("id").to_pylist(), hashes)
+        if "text_hash" not in table.column_names:
+            raise DataError(f"{where}: made by an older raytrieve (no text hashes); encode the corpus again")
+        return shard_texts(self.encoded.specs[number], self.encoded.corpus, ids, table.column("text_hash").to_pylist())
 
 
 @dataclass
@@ -216,4 +221,6 @@ def load_indices(path: str | Path, mmap: bool = True) -> Indices:
     sparse = load_index(path / "sparse", mmap=mmap) if (path / "sparse").exists() else None
     if dense is None and sparse is None:
         raise InputError(f"{path}: holds neither a dense/ nor a sparse/ index")
+    if dense is not None and sparse is not None and sparse.ids == dense.ids:
+        sparse.ids = dense.ids  # one job's rows: their ids are held once
     return Indices(source, dense, sparse)

@@ -9,8 +9,8 @@ and the reranker reads, without any process holding the corpus::
 `raytrieve index build` writes it from the corpus, one encoding shard at a time, and checks
 each text against the hash the encoding job stored: the texts are the ones the vectors were
 encoded from, and a corpus changed since is refused there, not served. Opened, every file is
-memory-mapped, so a Serve replica's resident memory does not grow with the corpus; replicas
-on one machine share the pages.
+memory-mapped, so the texts add nothing to a Serve replica's resident memory (its indices
+still hold their ids); replicas on one machine share the pages.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ class DocumentsWriter:
         self.folder = Path(folder) / FOLDER
         self.folder.mkdir()
         self._sink = pa.OSFile(str(self.folder / TEXTS), "wb")
-        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        try:
+            self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        except BaseException:
+            self._sink.close()
+            raise
 
     def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
         self._writer.write_batch(

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from raytrieve.data.sources import ShardSpec, open_source, plan_shards, read_shard
 from raytrieve.errors import DataError
+from raytrieve.index.base import Ids
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
 from raytrieve.inference.corpus import needed_columns, shard_rows, text_hashes
@@ -158,7 +159,7 @@ def _run(
         requests.append(
             {
                 **encoded.specs[int(s)].as_row(),
-                "ids": [ids[int(rows[i])] for i in mine],
+                "ids": ids.take(rows[mine]) if isinstance(ids, Ids) else [ids[int(rows[i])] for i in mine],
                 "hashes": hashes[rows[mine]].tolist(),  # each text is checked against what was encoded
                 "query": query[mine].tolist() if query is not None else [],
             }

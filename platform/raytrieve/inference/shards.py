@@ -242,7 +242,8 @@ class ManifestCorpus(_Record):
     title_separator: str = CorpusConfig.model_fields["title_separator"].default
 
     def config(self) -> CorpusConfig:
-        """The corpus as the job read it, to read its texts again (Serve, mining's lookups)."""
+        """The corpus as the job read it, to read its texts again (index build's documents/,
+        mining's lookups)."""
         return CorpusConfig.model_validate({k: getattr(self, k) for k in CorpusConfig.model_fields})
 
 

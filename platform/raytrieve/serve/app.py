@@ -77,7 +77,7 @@ def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
     from raytrieve.errors import ModelLoadError
     from raytrieve.serve.deployments import Documents, ModelRunner
 
-    documents = Documents(cfg.index_folders())  # every index of the app, and the corpus's texts once
+    documents = Documents(cfg.index_folders())  # every index of the app and its texts, once
     runners = {}
     for m in models:
         try:
@@ -425,7 +425,7 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
         # The model's own index in its replicas; none when the ingress holds them (recall_in_ingress).
         held = m.index if cfg.colocate_index and not cfg.recall_in_ingress else None
         bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders))  # pyright: ignore[reportFunctionMemberAccess]
-    # Else one retriever holds every index the models search (and the corpus's texts, once).
+    # Else one retriever holds every index the models search (and their texts, once).
     retriever = (
         Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders)  # pyright: ignore[reportFunctionMemberAccess]
         if cfg.retriever_deployed

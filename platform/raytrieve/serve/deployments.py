@@ -66,11 +66,11 @@ class ModelRunner:
         documents: Documents | None = None,
     ) -> None:
         """``index``: the folder of this model's vectors, held here (``recall``, ``lookup``) with
-        the corpus's texts; None when a ``Retriever`` holds it, or there is none. ``folders``:
+        the documents' texts; None when a ``Retriever`` holds it, or there is none. ``folders``:
         every index folder of the app (their source.json is read to check that they come from one
-        corpus, as the retriever does: an app built without the start's checks is still refused).
-        ``documents``: already loaded ones holding ``index`` (the ingress shares one among its
-        runners: the corpus's texts once per process)."""
+        corpus, as the retriever does: an app built without the start's checks is still refused;
+        their documents/ are opened for ``lookup``). ``documents``: already loaded ones holding
+        ``index`` (the ingress shares one among its runners: each index once per process)."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -368,8 +368,10 @@ class Documents:
         sources |= {folder: read_source(folder) for folder in others if folder not in sources}
         one_corpus(sources, "serve")
         # Each folder's texts, in its rows' order (index build read them from the corpus and
-        # checked them against the encoding): a hit's text is read by its row.
-        self.stores = {folder: DocumentStore(folder, ix.source.rows) for folder, ix in self.indices.items()}
+        # checked them against the encoding): a hit's text is read by its row. The other
+        # folders' too (memory-mapped: nothing is read until asked): /search looks up the texts
+        # of its fused ids at one holder, and another folder's index may hold ids this one lacks.
+        self.stores = {folder: DocumentStore(folder, source.rows) for folder, source in sources.items()}
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"documents": len(next(iter(self.stores.values())))}
@@ -418,5 +420,5 @@ class Documents:
 
 @serve.deployment
 class Retriever(Documents):
-    """Every index of the app and the corpus's texts, once, in a deployment of their own
+    """Every index of the app and its documents' texts, once, in a deployment of their own
     (``colocate_index: false``); the query encoders then send it their vectors."""

@@ -160,11 +160,11 @@ class ModelTable:
             return Retrieval(encode, search, search_with_texts)
 
         searched = [model for kind, model in chosen.items() if kind != "reranker"]
-        texts = holder(searched[0]) if searched else None  # any index's holder has the corpus's texts
+        texts = holder(searched[0]) if searched else None  # any index's holder opens every folder's texts
         held = next((self.local[m.name] for m in searched if m.name in self.local), None)
 
         async def lookup(ids: list[str]) -> list[str]:
-            if held is not None:  # the corpus's texts are in this process
+            if held is not None:  # the documents' texts are in this process
                 return held.lookup(ids)
             assert texts is not None, "the pipeline looks up only documents its retrievers found"
             return await texts.lookup.remote(ids)
