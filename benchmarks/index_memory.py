@@ -95,7 +95,7 @@ def write_job(n: int, out: Path) -> Path:
     import pyarrow.parquet as pq
 
     from raytrieve.inference import shards
-    from raytrieve.inference.corpus import text_hashes
+    from raytrieve.hashing import text_hashes
 
     if (out / shards.MANIFEST).exists():
         return out

@@ -40,7 +40,7 @@ def _job(tmp_path, dtype: str = "float32", sizes=SIZES, damage=None, name: str =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytrieve.inference.corpus import text_hashes
+    from raytrieve.hashing import text_hashes
 
     rng = np.random.default_rng(0)
     store = shards.OutputStore(str(tmp_path / name))
@@ -239,10 +239,12 @@ def test_ids_whose_hashes_collide_are_told_apart_by_their_text(tmp_path, monkeyp
     """documents/ finds an id by its 64-bit hash, then compares the id itself: with a hash that
     collides for every other id, each lookup still returns its own text (and the duplicate
     check, which shares the hashes, still finds none)."""
-    from raytrieve.inference import corpus
+    from raytrieve.index import base, documents
 
     job = _job(tmp_path)  # its shards hold the real text hashes, checked with the real function
-    monkeypatch.setattr(corpus, "text_hashes", lambda ids: np.array([len(i) % 2 for i in ids], dtype=np.int64))
+    collide = lambda ids: np.array([len(i) % 2 for i in ids], dtype=np.int64)
+    monkeypatch.setattr(base, "text_hashes", collide)  # the ids' hashes: duplicate check, documents/
+    monkeypatch.setattr(documents, "text_hashes", collide)  # a lookup by id
     build_indices(job, tmp_path / "index")
     store = DocumentStore(tmp_path / "index", sum(SIZES))
     ids = [f"d{i}" for i in range(sum(SIZES))]

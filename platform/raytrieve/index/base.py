@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from raytrieve import _io
 from raytrieve.errors import DataError, InputError, ModelLoadError
+from raytrieve.hashing import text_hashes
 from raytrieve.kinds import MODEL_KINDS
 
 FORMAT = "raytrieve-index"
@@ -311,8 +312,6 @@ class IdsWriter:
         """The next block's ids (``where`` names it in an error)."""
         if any(i is None for i in ids):
             raise DataError(f"{where}: a null id; every document needs an id. {self.where}")
-        from raytrieve.inference.corpus import text_hashes
-
         self._hashes.append(text_hashes(ids))
         table = pa.table({"id": pa.array(ids, type=pa.large_string())})
         for writer in self._writers:
@@ -343,8 +342,6 @@ class IdsWriter:
         colliding = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
         if colliding.size == 0 or not self.folders:
             return hashes, order
-        from raytrieve.inference.corpus import text_hashes
-
         wanted, seen = set(colliding.tolist()), Counter[str]()
         for batch in pq.ParquetFile(self.folders[0] / IDS_FILE).iter_batches(columns=["id"]):
             ids = batch.column(0).to_pylist()

@@ -3,7 +3,7 @@ and the reranker reads, without any process holding the corpus::
 
     documents/
       texts.arrow   Arrow IPC file, columns id and text, one row per index row (row order)
-      id_hash.npy   int64: 64-bit hashes of the ids (corpus.text_hashes), ascending
+      id_hash.npy   int64: 64-bit hashes of the ids (hashing.text_hashes), ascending
       id_row.npy    int64: the row of each of those hashes
 
 `raytrieve index build` writes it from the corpus, one encoding shard at a time, and checks
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from raytrieve.errors import DataError
+from raytrieve.hashing import text_hashes
 from raytrieve.index import base
 
 FOLDER = "documents"
@@ -62,8 +63,6 @@ class DocumentsWriter:
 
 def write_documents(folder: Path, ids: Sequence[str], texts: Sequence[str]) -> None:
     """``documents/`` of a small index folder from lists (tests, in-process corpora)."""
-    from raytrieve.inference.corpus import text_hashes
-
     writer = DocumentsWriter(folder)
     writer.add(ids, texts)
     hashes = text_hashes(list(ids))
@@ -110,8 +109,6 @@ class DocumentStore:
 
     def lookup(self, ids: Sequence[str]) -> list[str | None]:
         """The text of each id; None for an id this folder does not hold."""
-        from raytrieve.inference.corpus import text_hashes
-
         out: list[str | None] = []
         for id_, h in zip(ids, text_hashes(list(ids)).tolist()):
             pos, text = int(np.searchsorted(self._hashes, h)), None

@@ -123,15 +123,6 @@ def valid_ids(table: pa.Table, cfg: CorpusConfig, location: str, shard: int) -> 
     )
 
 
-def text_hashes(texts: list[str]) -> np.ndarray:
-    """64-bit hashes of texts (blake2b): mining leaves a query's positives out of its
-    candidates by these, so the corpus texts never need to reach the driver."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts],
-        dtype=np.int64,
-    )
-
-
 def content_checksum(ids: list[str], texts: list[str]) -> str:
     """sha256 over the rows a shard encodes: a rerun re-encodes a shard only if this changed."""
     h = hashlib.sha256()

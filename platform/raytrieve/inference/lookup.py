@@ -21,10 +21,11 @@ import pyarrow as pa
 
 from raytrieve.data.sources import ShardSpec, open_source, plan_shards, read_shard
 from raytrieve.errors import DataError
+from raytrieve.hashing import text_hashes
 from raytrieve.index.base import Ids
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
-from raytrieve.inference.corpus import needed_columns, shard_rows, text_hashes
+from raytrieve.inference.corpus import needed_columns, shard_rows
 
 
 @dataclass

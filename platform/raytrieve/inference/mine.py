@@ -31,6 +31,7 @@ import numpy as np
 
 from raytrieve import _io
 from raytrieve.errors import ConfigError, DataError
+from raytrieve.hashing import text_hashes
 from raytrieve.inference.config import (
     CorpusConfig,
     DenseOutputConfig,
@@ -39,7 +40,6 @@ from raytrieve.inference.config import (
     SelectionConfig,
     SparseOutputConfig,
 )
-from raytrieve.inference.corpus import text_hashes
 from raytrieve.inference.lookup import EncodedCorpus, fetch_texts, score_rows
 
 log = logging.getLogger("raytrieve.mine")

@@ -153,7 +153,7 @@ def shard_table(
     hashes: np.ndarray | None = None,
 ) -> pa.Table:
     """``sparse`` is (offsets [n+1], indices, values): row i owns offsets[i]:offsets[i+1].
-    ``hashes``: each row's text hash (corpus.text_hashes)."""
+    ``hashes``: each row's text hash (hashing.text_hashes)."""
     columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
     if hashes is not None:
         columns["text_hash"] = pa.array(hashes, pa.int64())
@@ -396,7 +396,7 @@ class Vectors:
     ids: list[str]
     dense: np.ndarray | None
     sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (offsets, indices, values), CSR rows
-    text_hashes: np.ndarray | None = None  # int64 per row (corpus.text_hashes)
+    text_hashes: np.ndarray | None = None  # int64 per row (hashing.text_hashes)
 
 
 def read_vectors(out: str | os.PathLike, verify: bool = True) -> Vectors:

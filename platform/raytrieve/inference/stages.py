@@ -25,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 
 from raytrieve.data.sources import ShardSpec, read_shard
+from raytrieve.hashing import text_hashes
 from raytrieve.inference import shards
 from raytrieve.inference.config import CorpusConfig
-from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, text_hashes, valid_ids
+from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, valid_ids
 from raytrieve.model_ref import ShippedModel, local_folder
 
 if TYPE_CHECKING:
