@@ -153,7 +153,7 @@ def _stream_build(
             ids.abort()
         finally:
             if documents is not None:
-                documents.abort()
+                documents.close()
         raise
     summary: dict[str, Any] = {}
     if dense is not None:

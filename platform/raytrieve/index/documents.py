@@ -50,12 +50,13 @@ class DocumentsWriter:
 
     def finish(self, hashes: np.ndarray, rows: np.ndarray) -> None:
         """``hashes``: every id's hash, ascending; ``rows``: their rows (base.IdsWriter.close)."""
-        self.abort()
+        self.close()
         base.save_array(self.folder, "id_hash", hashes.astype(np.int64, copy=False))
         base.save_array(self.folder, "id_row", rows.astype(np.int64, copy=False))
 
-    def abort(self) -> None:
-        """Close the file (after a failure, its folder is being removed); idempotent."""
+    def close(self) -> None:
+        """Close the texts file: by ``finish``, or after a failure (the folder is then being
+        removed); idempotent."""
         if not self._sink.closed:
             self._writer.close()
             self._sink.close()

@@ -12,7 +12,6 @@ changed since it was encoded (the error says to rerun the encoding job).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +136,7 @@ def _lookup_texts(batch: pa.Table, corpus: CorpusConfig) -> pa.Table:
 
 def _run(
     encoded: EncodedCorpus,
-    ids: Sequence[str],
+    ids: Ids,
     hashes: np.ndarray,
     rows: np.ndarray,
     query: np.ndarray | None,
@@ -160,7 +159,7 @@ def _run(
         requests.append(
             {
                 **encoded.specs[int(s)].as_row(),
-                "ids": ids.take(rows[mine]) if isinstance(ids, Ids) else [ids[int(rows[i])] for i in mine],
+                "ids": ids.take(rows[mine]),
                 "hashes": hashes[rows[mine]].tolist(),  # each text is checked against what was encoded
                 "query": query[mine].tolist() if query is not None else [],
             }
@@ -204,7 +203,7 @@ def _in_request_order(encoded: EncodedCorpus, rows: np.ndarray, per_shard: dict[
 
 
 def fetch_texts(
-    encoded: EncodedCorpus, ids: Sequence[str], hashes: np.ndarray, rows: np.ndarray, cpus: float = 0.5
+    encoded: EncodedCorpus, ids: Ids, hashes: np.ndarray, rows: np.ndarray, cpus: float = 0.5
 ) -> dict[int, str]:
     """The corpus text of each vector row in ``rows`` (``ids``, ``hashes``: every row's id and
     text hash); a task per shard."""
@@ -217,7 +216,7 @@ def fetch_texts(
 
 def score_rows(
     encoded: EncodedCorpus,
-    ids: Sequence[str],
+    ids: Ids,
     hashes: np.ndarray,
     rows: np.ndarray,
     query: np.ndarray,
