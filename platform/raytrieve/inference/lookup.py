@@ -105,11 +105,10 @@ class ShardLookup:
         )
 
 
-def shard_texts(spec: ShardSpec, corpus: CorpusConfig, ids: list[str], hashes: list[int] | None) -> list[str]:
+def shard_texts(spec: ShardSpec, corpus: CorpusConfig, ids: list[str], hashes: list[int]) -> list[str]:
     """The texts of ``ids`` in the corpus shard ``spec``, as the encoding job read them.
-    ``hashes``: the text hash the job stored for each (shards' text_hash; None for a job that
-    stored none). An id the shard no longer has, or a text that changed, is refused: the corpus
-    changed since it was encoded."""
+    ``hashes``: the text hash the job stored for each (shards' text_hash). An id the shard no
+    longer has, or a text that changed, is refused: the corpus changed since it was encoded."""
     rows = shard_rows(read_shard(spec, needed_columns(corpus)), corpus, spec.path)
     text_of: dict[str, str] = {}
     for id_, text in zip(rows.ids, rows.texts):
@@ -119,13 +118,12 @@ def shard_texts(spec: ShardSpec, corpus: CorpusConfig, ids: list[str], hashes: l
     if missing:
         raise DataError(f"{spec.path}: id {missing[0]!r} is no longer in shard {spec.shard} of the corpus; {fix}")
     texts = [text_of[i] for i in ids]
-    if hashes is not None:
-        changed = np.flatnonzero(text_hashes(texts) != np.asarray(hashes, dtype=np.int64))
-        if changed.size:
-            raise DataError(
-                f"{spec.path}: the text of id {ids[int(changed[0])]!r} (and {changed.size - 1} more) in shard "
-                f"{spec.shard} of the corpus is not the one encoded; {fix}"
-            )
+    changed = np.flatnonzero(text_hashes(texts) != np.asarray(hashes, dtype=np.int64))
+    if changed.size:
+        raise DataError(
+            f"{spec.path}: the text of id {ids[int(changed[0])]!r} (and {changed.size - 1} more) in shard "
+            f"{spec.shard} of the corpus is not the one encoded; {fix}"
+        )
     return texts
 
 
