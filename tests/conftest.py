@@ -370,5 +370,5 @@ def register_model(registry: dict, folder: Path, name: str) -> str:
     uri = registry["uri"]
     run_id = mlflow_run.start_run(uri, "encode-tests", name, {}, {})
     mlflow_run.MetricLogger(uri, run_id).log_model_dir(folder)
-    mlflow_run.end_run(uri, run_id, failed=False)
+    mlflow_run.end_run(uri, run_id, "FINISHED")
     return f"models:/{name}/{mlflow_run.register_model(uri, run_id, name)}"

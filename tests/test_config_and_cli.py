@@ -209,19 +209,34 @@ def test_a_model_that_is_not_there_is_named_by_its_field_before_torch_loads(job,
                                  "no such directory, not an MLflow model URI and not a shipped variant"), out.stderr
 
 
-def test_ctrl_c_ends_a_command_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
-    """Ctrl-C in encode or mine printed a 35-40 line KeyboardInterrupt traceback."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_end_a_command_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path, signame):
+    """Ctrl-C in encode or mine printed a 35-40 line KeyboardInterrupt traceback; SIGTERM (`ray job
+    stop`, `kill`) ended a command through Ray's handler, status 15, skipping every `finally`.
+    A real signal to this process, sent from inside the command."""
+    import signal
+    import time
+
     import raytrieve.index.build as build
     from raytrieve.cli import main
 
-    def interrupted(*_a, **_k):
-        raise KeyboardInterrupt
+    signum = getattr(signal, signame)
 
-    monkeypatch.setattr(build, "build_indices", interrupted)
-    assert main(["index", "build", "--vectors", str(tmp_path), "--out", str(tmp_path / "i")]) == 130
-    err = capsys.readouterr().err
-    assert err == ("raytrieve index build: interrupted; finished work is kept (encode, mine and train resume it on "
-                   "a rerun)\n")
+    def signalled(*_a, **_k):
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # the handler raises in this thread well before
+        raise AssertionError(f"{signame} did not interrupt the command")
+
+    monkeypatch.setattr(build, "build_indices", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["index", "build", "--vectors", str(tmp_path), "--out", str(tmp_path / "i")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 128 + signum
+    name = "Ctrl-C" if signame == "SIGINT" else "SIGTERM"
+    assert capsys.readouterr().err == (f"raytrieve index build: interrupted ({name}); finished work is kept (encode, "
+                                       "mine and train resume it on a rerun)\n")
 
 
 def test_the_commands_log_without_faiss_loader_noise():

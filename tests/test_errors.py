@@ -86,6 +86,10 @@ def test_bad_inputs(tiny_dense, tiny_dirs):
     cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
     with pytest.raises(InputError, match=r"pairs\[0\]"):
         cross.predict([("only one",)])
+    for bad in (-1, 0, 1.5, True):  # -1 sliced off the worst document
+        with pytest.raises(InputError, match=r"top_k must be a positive integer, or None for every document"):
+            cross.rank("q", ["a", "b"], top_k=bad)
+    assert len(cross.rank("q", ["a", "b"], top_k=5)) == 2
     # All are RaytrieveErrors and ValueErrors, so generic handlers keep working.
     assert issubclass(InputError, RaytrieveError) and issubclass(InputError, ValueError)
 

@@ -44,7 +44,7 @@ def registry(tiny_models, tmp_path_factory):
     for folder in (tiny_models["dense"], root / "shifted"):
         run_id = mlflow_run.start_run(uri, "model-ref-tests", "tiny-dense", {}, {})
         mlflow_run.MetricLogger(uri, run_id).log_model_dir(folder)
-        mlflow_run.end_run(uri, run_id, failed=False)
+        mlflow_run.end_run(uri, run_id, "FINISHED")
         runs.append((run_id, mlflow_run.register_model(uri, run_id, "tiny-dense")))
     assert [v for _, v in runs] == ["1", "2"]
     return {"uri": uri, "root": root, "folders": [tiny_models["dense"], root / "shifted"], "runs": runs}
@@ -115,7 +115,7 @@ def test_a_file_store_registry_writes_nothing_outside_the_store(tiny_models, tmp
     for _ in range(2):
         run_id = mlflow_run.start_run(uri, "file-store", "tiny-dense", {}, {})
         mlflow_run.MetricLogger(uri, run_id).log_model_dir(tiny_models["dense"])
-        mlflow_run.end_run(uri, run_id, failed=False)
+        mlflow_run.end_run(uri, run_id, "FINISHED")
         versions.append(mlflow_run.register_model(uri, run_id, "tiny-dense"))
     assert versions == ["1", "2"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -54,7 +54,7 @@ def served(ray_cluster, tmp_path_factory, tiny_models):
     mlflow_run.client(registry).create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
     run_id = mlflow_run.start_run(registry, "serve-tests", "splade-tiny", {}, {})
     mlflow_run.MetricLogger(registry, run_id).log_model_dir(resolve_model("splade-tiny"))
-    mlflow_run.end_run(registry, run_id, failed=False)
+    mlflow_run.end_run(registry, run_id, "FINISHED")
     sparse_uri = f"models:/serve-sparse/{mlflow_run.register_model(registry, run_id, 'serve-sparse')}"
     pairs = list({p.document: p for pkg in PACKAGES for p in package_pairs(pkg, limit=60)}.values())
     ids = [f"d{i}" for i in range(len(pairs))]

@@ -198,6 +198,51 @@ def test_two_datasets_each_batch_from_one_dataset_with_its_loss(ray_cluster, tin
 
 
 @pytest.mark.timeout(600)
+def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_models, data, tmp_path):
+    """Ctrl-C (a real SIGINT to this process, the run's driver) while the run trains: a
+    KeyboardInterrupt out of run_training, its MLflow run KILLED, and the run stopped, workers
+    included, though this process lives on (a notebook's). Ray Train's own SIGINT handler
+    aborted the run and then called sys.exit(0): the command exited 0 and the run ended FAILED."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    def alive(cls: str) -> list:
+        return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+
+    # Many epochs: the run is still training whenever the interrupt comes.
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__epochs=200, eval={})
+    signalled = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.time() + 300
+        while not _train_worker_pids() and time.time() < deadline:
+            time.sleep(0.5)
+        if _train_worker_pids():  # else no signal: the test fails on the run not being interrupted
+            time.sleep(2)
+            signalled.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    assert signalled.is_set()
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not Path(cfg.output_dir).exists()  # no half-written final model
+    deadline = time.time() + 60
+    while (alive("TrainController") or _train_worker_pids()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive("TrainController") and not _train_worker_pids(), "the interrupted run kept running"
+    # Ray Train's handler is not left behind: a later Ctrl-C is Python's KeyboardInterrupt again.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.timeout(600)
 def test_a_failed_run_ends_failed_in_mlflow(ray_cluster, tiny_models, data, tmp_path):
     import threading
 

@@ -444,11 +444,11 @@ def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_mod
 
     storage = claim()
     first = open_run(storage, uri, cfg, {"lr": "1"})
-    mlflow_run.end_run(uri, first, failed=True)
+    mlflow_run.end_run(uri, first, "FAILED")
     second = open_run(claim(), uri, cfg, {"lr": "1"})
     assert second != first  # no checkpoint yet: nothing resumed, a new run
     assert json.loads((storage / RUN_STAMP).read_text())["mlflow"] == {"uri": uri, "run_id": second}
-    mlflow_run.end_run(uri, second, failed=True)
+    mlflow_run.end_run(uri, second, "FAILED")
     (storage / "run" / "step-00000002").mkdir(parents=True)  # as Ray Train leaves a checkpoint
     assert open_run(claim(), uri, cfg, {"lr": "2"}) == second  # its params stay as logged
     run = mlflow_run.client(uri).get_run(second)

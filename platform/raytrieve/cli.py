@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from raytrieve.errors import RaytrieveError
-from raytrieve.jobs_entry import add_config_arguments, run_job
+from raytrieve.jobs_entry import add_config_arguments, interrupted, run_job, stop_on_sigterm
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -103,12 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return main(args, ray_address="local")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import signal
     import time
 
     from raytrieve.serve.config import load_serve_config
@@ -116,7 +111,6 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.config, args.overrides)  # a config error is reported before Ray loads
     from raytrieve.serve.launch import start
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop ends the server as Ctrl-C does
     try:
         url = start(cfg, where=args.config, ray_address="local")
         print(
@@ -270,17 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()  # SIGTERM ends every command as Ctrl-C does (jobs_entry says why)
     try:
         return args.func(args)
     except RaytrieveError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; every job's finished work is kept
-        print(
-            f"{args.prog}: interrupted; finished work is kept (encode, mine and train resume it on a rerun)",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt:  # a line, not a traceback; every job's finished work is kept
+        return interrupted(args.prog)
 
 
 if __name__ == "__main__":

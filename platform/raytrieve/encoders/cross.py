@@ -182,10 +182,13 @@ class CrossEncoder(Encoder):
         token_budget: int | None = None,
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
-        """Documents sorted by score: [{"corpus_id", "score", ("text")}], best first.
-        ``token_budget`` and the other keywords are ``predict``'s."""
+        """Documents sorted by score: [{"corpus_id", "score", ("text")}], best first; the first
+        ``top_k`` (None: all). ``token_budget`` and the other keywords are ``predict``'s."""
         if not isinstance(query, str):
             raise InputError(f"query must be a string, got {type(query).__name__}")
+        # A negative top_k would slice from the end (-1: every document but the worst, silently).
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k must be a positive integer, or None for every document; got {top_k!r}")
         docs, _ = self._as_list(documents, "documents")
         if self.num_labels != 1:
             raise InputError(f"rank needs a single-label model; this one has {self.num_labels} labels")

@@ -216,8 +216,9 @@ class MetricLogger:
         self.client.set_tag(self.run_id, CARD_SUMMARY_TAG, summary[:PARAM_LIMIT])
 
 
-def end_run(uri: str, run_id: str, failed: bool) -> None:
-    client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """``status``: MLflow's FINISHED, FAILED or KILLED (stopped by Ctrl-C, SIGTERM or ``ray job stop``)."""
+    client(uri).set_terminated(run_id, status=status)
 
 
 def register_model(uri: str, run_id: str, name: str) -> str:

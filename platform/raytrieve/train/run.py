@@ -404,6 +404,45 @@ def _check_workers_fit(cfg: TrainConfig, nodes: list[dict[str, float]], where: s
     )
 
 
+def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
+    """A TorchTrainer that Ctrl-C and SIGTERM stop as they stop every raytrieve job
+    (``jobs_entry``): the interrupt raises out of ``fit``, the MLflow run ends KILLED, the command
+    prints its one line and exits 130 or 143.
+
+    Ray Train's own ``fit`` installs a SIGINT handler (and leaves it installed) that aborts the run
+    and then calls ``sys.exit(0)``: Ctrl-C ended ``raytrieve train`` with status 0, no line, and
+    its MLflow run FAILED. This trainer installs none and keeps the run's controller, so that
+    ``stop`` can end the run when ``fit`` is interrupted in a process that lives on (a notebook,
+    a test): the workers share the controller's fate. A driver that exits ends them anyway."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        controller: Any = None
+
+        def _register_sigint_handler(self, controller: Any) -> None:  # Ray Train 2.60's hook in fit
+            self.controller = controller
+
+        def stop(self, wait_s: float = 5.0) -> None:
+            """End the run: kill its controller and wait (up to ``wait_s``) until Ray has it dead,
+            so that a rerun right after finds no run still going."""
+            if self.controller is None:
+                return
+            ray.kill(self.controller)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(self.controller.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                except (RayActorError, GetTimeoutError):
+                    return
+                time.sleep(0.05)
+
+    if not callable(getattr(TorchTrainer, "_register_sigint_handler", None)):
+        raise RuntimeError("this Ray Train has no _register_sigint_handler: see raytrieve.train.run._stoppable_trainer")
+    return Trainer(*args, **kwargs)
+
+
 def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
     submit``), "local" starts an embedded Ray."""
@@ -424,7 +463,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
 
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from raytrieve.progress import ClusterCount, stage
     from raytrieve.ray_cluster import connect
@@ -468,13 +507,13 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     run_id = open_run(storage, uri, cfg, params)
     p.spec.tracking_uri, p.spec.run_id = uri, run_id
     p.spec.progress_key = f"train-{uuid.uuid4().hex}"  # rank 0's steps, for the driver's progress
-    failed = True
+    status, trainer = "FAILED", None
     try:
         import ray.data
 
         options = ray.data.ExecutionOptions()
         options.preserve_order = True
-        trainer = TorchTrainer(
+        trainer = _stoppable_trainer(
             train_loop_per_worker,
             train_loop_config={"spec": p.spec},
             scaling_config=_scaling_config(cfg),
@@ -506,9 +545,15 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         version = None
         if cfg.mlflow.register_model_as:
             version = mlflow_run.register_model(uri, run_id, cfg.mlflow.register_model_as)
-        failed = False
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, `ray job stop`: stopped by its user, not failed
+        status = "KILLED"
+        raise
     finally:
-        mlflow_run.end_run(uri, run_id, failed)
+        # The run's status first: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM.
+        mlflow_run.end_run(uri, run_id, status)
+        if status == "KILLED" and trainer is not None:
+            trainer.stop()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     record_finished(storage, dataclasses.asdict(trained))
