@@ -45,12 +45,13 @@ def _corpus(path: Path, n: int, bad: bool = True, title: bool = False) -> dict[s
 
 
 def _expected(data: dict[str, list]) -> tuple[list[str], list[str]]:
-    """(ids, texts) the job must encode: first occurrence of each id, title joined in front of a
-    non-blank text, a title alone for a blank one (BEIR's title-only documents), neither: left out."""
+    """(ids, texts) the job must encode: first occurrence of each id (a null one: left out), title
+    joined in front of a non-blank text, a title alone for a blank one (BEIR's title-only
+    documents), neither: left out."""
     seen, ids, texts = set(), [], []
     for i, (id_, text) in enumerate(zip(data["id"], data["text"])):
         title = data.get("title", [None] * len(data["id"]))[i]
-        if text is None or not (text.strip() or title) or id_ in seen:
+        if id_ is None or text is None or not (text.strip() or title) or id_ in seen:
             continue
         seen.add(id_)
         ids.append(id_)
@@ -269,8 +270,9 @@ def test_killed_job_reruns_to_every_id_once(ray_cluster, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_changed_or_damaged_shards_are_re_encoded_and_named(ray_cluster, tiny_models, tmp_path):
-    """Duplicates across shards lose to the first row; a rerun after the corpus changed in one
-    shard and another shard's file was damaged re-encodes exactly those two, and says so."""
+    """Duplicates across shards lose to the first row; a rerun after the corpus changed in two
+    shards (one only in the row it leaves out) and another shard's file was damaged re-encodes
+    exactly those three, and says so."""
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.encode import run_encode
 
@@ -284,11 +286,16 @@ def test_changed_or_damaged_shards_are_re_encoded_and_named(ray_cluster, tiny_mo
         {"row": 60, "id": "doc-5", "reason": "duplicate id (an earlier row has it)"}]
 
     data["text"][30] = "A changed document."
+    # Shard 2 keeps the same rows, but the row it leaves out is now left out for a null id: its
+    # sidecar, which the manifest and read_bad_rows read, would otherwise say "duplicate" still.
+    data["id"][60] = None
     pq.write_table(pa.table(data), tmp_path / "corpus.parquet")
     damaged = Path(cfg.output_dir) / "part-00003.parquet"
     damaged.write_bytes(damaged.read_bytes()[:-20])
     again = run_encode(cfg)
-    assert (again.shards_written, again.shards_reused, again.shards_changed) == (2, 2, [1, 3])
+    assert (again.shards_written, again.shards_reused, again.shards_changed) == (3, 1, [1, 2, 3])
+    assert (again.bad_rows, again.duplicate_ids) == (1, 0)
+    assert read_bad_rows(cfg.output_dir).to_pylist() == [{"row": 60, "id": None, "reason": "null id"}]
     ids, texts = _expected(data)
     v = read_vectors(cfg.output_dir)
     assert v.ids == ids

@@ -155,7 +155,15 @@ class ReadAndTokenize:
             checksum = content_checksum(data.ids, data.texts)
             sidecar, state = shards.finished_shard(self.store, spec.shard)
             if state == "ok" and sidecar is not None:
-                same = sidecar.get("fingerprint") == self.fingerprint and sidecar.get("checksum") == checksum
+                # The rows left out count too: the job's manifest and read_bad_rows read them from
+                # the sidecar, so a shard whose kept rows are the same but whose bad rows are not
+                # (a duplicate's id now null, a blank row added) is written again, not reused.
+                same = (
+                    sidecar.get("fingerprint") == self.fingerprint
+                    and sidecar.get("checksum") == checksum
+                    and sidecar.get("input_rows") == data.input_rows
+                    and sidecar.get("bad_rows", []) == [list(b) for b in data.bad]
+                )
                 state = "same" if same else "changed"
             row: dict[str, Any] = {
                 "shard": spec.shard,
