@@ -13,12 +13,18 @@ import sys
 
 from raytrieve.errors import RaytrieveError
 from raytrieve.evaluate.command import add_arguments, main
+from raytrieve.jobs_entry import interrupted, sigterm_as_interrupt
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    args = parser.parse_args()
     try:
-        sys.exit(main(parser.parse_args(), ray_address=None))
+        with sigterm_as_interrupt():  # `ray job stop` ends it as Ctrl-C does
+            code = main(args, ray_address=None)
     except RaytrieveError as e:
         print(f"raytrieve evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except KeyboardInterrupt:
+        code = interrupted("raytrieve evaluate")
+    sys.exit(code)

@@ -212,8 +212,8 @@ def test_a_model_that_is_not_there_is_named_by_its_field_before_torch_loads(job,
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_end_a_command_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path, signame):
     """Ctrl-C in encode or mine printed a 35-40 line KeyboardInterrupt traceback; SIGTERM (`ray job
-    stop`, `kill`) ended a command through Ray's handler, status 15, skipping every `finally`.
-    A real signal to this process, sent from inside the command."""
+    stop`, `kill`) ended a command through Ray's handler, silently with status 15. A real signal
+    to this process, sent from inside the command; the SIGTERM handler before it is put back."""
     import signal
     import time
 
@@ -231,6 +231,7 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line_not_a_traceback(monkeypa
     before = signal.getsignal(signal.SIGTERM)
     try:
         code = main(["index", "build", "--vectors", str(tmp_path), "--out", str(tmp_path / "i")])
+        assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGTERM, before)
     assert code == 128 + signum

@@ -90,6 +90,9 @@ def test_bad_inputs(tiny_dense, tiny_dirs):
         with pytest.raises(InputError, match=r"top_k must be a positive integer, or None for every document"):
             cross.rank("q", ["a", "b"], top_k=bad)
     assert len(cross.rank("q", ["a", "b"], top_k=5)) == 2
+    import numpy as np
+
+    assert len(cross.rank("q", ["a", "b"], top_k=np.int64(1))) == 1  # a numpy integer is an integer
     # All are RaytrieveErrors and ValueErrors, so generic handlers keep working.
     assert issubclass(InputError, RaytrieveError) and issubclass(InputError, ValueError)
 

@@ -202,7 +202,7 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     """Ctrl-C (a real SIGINT to this process, the run's driver) while the run trains: a
     KeyboardInterrupt out of run_training, its MLflow run KILLED, and the run stopped, workers
     included, though this process lives on (a notebook's). Ray Train's own SIGINT handler
-    aborted the run and then called sys.exit(0): the command exited 0 and the run ended FAILED."""
+    aborted the run and then called sys.exit(0): a SystemExit, no line, and the run ended FAILED."""
     import os
     import signal
     import threading
@@ -215,29 +215,38 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
 
     # Many epochs: the run is still training whenever the interrupt comes.
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__epochs=200, eval={})
-    signalled = threading.Event()
+    others = set(_train_worker_pids())  # none of this session's: its earlier runs have ended
+    signalled, done = threading.Event(), threading.Event()
+
+    def workers() -> set[int]:
+        return set(_train_worker_pids()) - others
 
     def interrupt() -> None:
         deadline = time.time() + 300
-        while not _train_worker_pids() and time.time() < deadline:
+        while not workers() and time.time() < deadline and not done.is_set():
             time.sleep(0.5)
-        if _train_worker_pids():  # else no signal: the test fails on the run not being interrupted
-            time.sleep(2)
+        # Else no signal: the test fails on the run not being interrupted.
+        if workers() and not done.wait(2):
             signalled.set()
             os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg)
+    finally:
+        done.set()  # a run that ended otherwise gets no signal later, in another test
+        thread.join()
     assert signalled.is_set()
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
     assert not Path(cfg.output_dir).exists()  # no half-written final model
     deadline = time.time() + 60
-    while (alive("TrainController") or _train_worker_pids()) and time.time() < deadline:
+    while (alive("TrainController") or workers()) and time.time() < deadline:
         time.sleep(0.5)
-    assert not alive("TrainController") and not _train_worker_pids(), "the interrupted run kept running"
+    assert not alive("TrainController") and not workers(), "the interrupted run kept running"
     # Ray Train's handler is not left behind: a later Ctrl-C is Python's KeyboardInterrupt again.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from raytrieve.errors import RaytrieveError
-from raytrieve.jobs_entry import add_config_arguments, interrupted, run_job, stop_on_sigterm
+from raytrieve.jobs_entry import add_config_arguments, interrupted, run_job, sigterm_as_interrupt
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    stop_on_sigterm()  # SIGTERM ends every command as Ctrl-C does (jobs_entry says why)
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does (jobs_entry says why)
+            return args.func(args)
     except RaytrieveError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2

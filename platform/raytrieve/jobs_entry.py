@@ -11,19 +11,20 @@ references are checked (``model_ref.check_reference``): a config error or a mode
 nothing is reported in under a second, not after ~5 s of torch and transformers imports).
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM (``ray job stop``, a process manager, ``kill``) end a job
-the same way. ``stop_on_sigterm`` makes SIGTERM raise KeyboardInterrupt, so every ``finally``
-runs: a training run's MLflow run ends KILLED, not FAILED, open files close,
-and the command prints one line (``interrupted``) and exits 130 (SIGINT) or 143 (SIGTERM) rather
-than a traceback. Without it Ray's own SIGTERM handler would exit at once with status 15,
-skipping all of that (``ray_cluster.connect`` keeps a handler set before Ray starts).
+the same way. ``sigterm_as_interrupt`` makes SIGTERM raise KeyboardInterrupt, so a training
+run's MLflow run ends KILLED, not FAILED, and the command prints one line (``interrupted``) and
+exits 130 (SIGINT) or 143 (SIGTERM) rather than a traceback. Without it Ray's own SIGTERM
+handler raised SystemExit(15): the run ended FAILED, and the job ended silently with status 15
+(``ray_cluster.connect`` keeps a handler set before Ray starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -41,16 +42,24 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread from now on (the module docstring says
-    why). Only the main thread may set handlers; elsewhere (a test's thread) nothing changes."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread while the block runs (the module
+    docstring says why); the handler before it is put back after. Only the main thread may set
+    handlers; elsewhere (a test's thread) nothing changes."""
     import signal
     import threading
 
     global _terminated
     _terminated = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def interrupted(prog: str) -> int:
@@ -136,9 +145,9 @@ def run_job(job: str, config: str, overrides: list[str], ray_address: str | None
     from raytrieve.progress import configure_logging
 
     configure_logging()
-    stop_on_sigterm()
     try:
-        summary = JOBS[job](config, overrides, ray_address)
+        with sigterm_as_interrupt():
+            summary = JOBS[job](config, overrides, ray_address)
     except RaytrieveError as e:
         print(f"raytrieve {job}: error: {e}", file=sys.stderr)
         return 2

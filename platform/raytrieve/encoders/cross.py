@@ -8,6 +8,7 @@ the sentence-transformers ``CrossEncoder`` counterpart.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -187,8 +188,13 @@ class CrossEncoder(Encoder):
         if not isinstance(query, str):
             raise InputError(f"query must be a string, got {type(query).__name__}")
         # A negative top_k would slice from the end (-1: every document but the worst, silently).
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k must be a positive integer, or None for every document; got {top_k!r}")
+        if top_k is not None:
+            try:
+                k = operator.index(top_k)  # an int or a numpy integer
+            except TypeError:
+                k = 0
+            if isinstance(top_k, bool) or k < 1:
+                raise InputError(f"top_k must be a positive integer, or None for every document; got {top_k!r}")
         docs, _ = self._as_list(documents, "documents")
         if self.num_labels != 1:
             raise InputError(f"rank needs a single-label model; this one has {self.num_labels} labels")

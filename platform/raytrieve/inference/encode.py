@@ -16,7 +16,7 @@ The driver plans and commits; the data never flows through it:
    the job stops here, naming the first bad rows, before anything is written. With
    ``skip`` the encode stage finds them as it reads.
 4. Encode (Ray Data actors): every shard is read where it is processed. A shard whose
-   finished output has the same content checksum is reused; the others are tokenized,
+   finished output has the same content checksum and the same left-out rows is reused; the others are tokenized,
    encoded and written by the worker that encoded them (inference/stages.py).
 5. Commit: the driver gathers the sidecars' facts and writes the manifest last
    (shards.VectorsManifest).

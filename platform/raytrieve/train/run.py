@@ -410,12 +410,11 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
     prints its one line and exits 130 or 143.
 
     Ray Train's own ``fit`` installs a SIGINT handler (and leaves it installed) that aborts the run
-    and then calls ``sys.exit(0)``: Ctrl-C ended ``raytrieve train`` with status 0, no line, and
+    and then calls ``sys.exit(0)``: Ctrl-C ended ``raytrieve train`` by SystemExit, no line, and
     its MLflow run FAILED. This trainer installs none and keeps the run's controller, so that
     ``stop`` can end the run when ``fit`` is interrupted in a process that lives on (a notebook,
     a test): the workers share the controller's fate. A driver that exits ends them anyway."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
@@ -424,19 +423,10 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
         def _register_sigint_handler(self, controller: Any) -> None:  # Ray Train 2.60's hook in fit
             self.controller = controller
 
-        def stop(self, wait_s: float = 5.0) -> None:
-            """End the run: kill its controller and wait (up to ``wait_s``) until Ray has it dead,
-            so that a rerun right after finds no run still going."""
-            if self.controller is None:
-                return
-            ray.kill(self.controller)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                try:
-                    ray.get(self.controller.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-                except (RayActorError, GetTimeoutError):
-                    return
-                time.sleep(0.05)
+        def stop(self) -> None:
+            """End the run: kill its controller (Ray ends it at once, its workers with it)."""
+            if self.controller is not None:
+                ray.kill(self.controller)
 
     if not callable(getattr(TorchTrainer, "_register_sigint_handler", None)):
         raise RuntimeError("this Ray Train has no _register_sigint_handler: see raytrieve.train.run._stoppable_trainer")
@@ -550,10 +540,18 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         status = "KILLED"
         raise
     finally:
-        # The run's status first: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM.
-        mlflow_run.end_run(uri, run_id, status)
-        if status == "KILLED" and trainer is not None:
-            trainer.stop()
+        if status != "KILLED":
+            mlflow_run.end_run(uri, run_id, status)
+        else:  # cleanup that fails must not turn the interrupt into a traceback
+            # The run's status first: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM.
+            for what, cleanup in (
+                ("mark the MLflow run KILLED", lambda: mlflow_run.end_run(uri, run_id, status)),
+                ("stop the training run", trainer.stop if trainer is not None else lambda: None),
+            ):
+                try:
+                    cleanup()
+                except Exception as e:
+                    log.warning("could not %s: %s", what, e)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     record_finished(storage, dataclasses.asdict(trained))
