@@ -66,7 +66,7 @@ def _submit(ray_dashboard: str, job_id: str, config_path: Path, *flags: str) -> 
 def test_ray_job_stop_ends_the_run_killed(ray_dashboard, tiny_models, tmp_path):
     """`ray job stop` (SIGTERM to the job's driver, SIGKILL 3 s later) ends a training job as
     Ctrl-C does: one line in its log, no traceback, its MLflow run KILLED, not FAILED or left
-    RUNNING (before, Ray's SIGTERM handler exited at once with status 15)."""
+    RUNNING (before, Ray's SIGTERM handler ended the driver silently, status 15, the run FAILED)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from raytrieve.tracking import mlflow_run

@@ -433,6 +433,23 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
     return Trainer(*args, **kwargs)
 
 
+def _end_stopped_run(uri: str, run_id: str, trainer: Any) -> None:
+    """A run stopped by Ctrl-C or SIGTERM: its MLflow run KILLED first (`ray job stop` SIGKILLs the
+    driver 3 s after its SIGTERM), then its controller stopped. Neither failing may turn the
+    interrupt into a traceback: a failure is a warning."""
+    from raytrieve.tracking import mlflow_run
+
+    try:
+        mlflow_run.end_run(uri, run_id, "KILLED")
+    except Exception as e:
+        log.warning("could not mark MLflow run %s KILLED: %s", run_id, e)
+    try:
+        if trainer is not None:
+            trainer.stop()
+    except Exception as e:
+        log.warning("could not stop the training run: %s", e)
+
+
 def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
     submit``), "local" starts an embedded Ray."""
@@ -540,18 +557,10 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         status = "KILLED"
         raise
     finally:
-        if status != "KILLED":
+        if status == "KILLED":
+            _end_stopped_run(uri, run_id, trainer)
+        else:
             mlflow_run.end_run(uri, run_id, status)
-        else:  # cleanup that fails must not turn the interrupt into a traceback
-            # The run's status first: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM.
-            for what, cleanup in (
-                ("mark the MLflow run KILLED", lambda: mlflow_run.end_run(uri, run_id, status)),
-                ("stop the training run", trainer.stop if trainer is not None else lambda: None),
-            ):
-                try:
-                    cleanup()
-                except Exception as e:
-                    log.warning("could not %s: %s", what, e)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     record_finished(storage, dataclasses.asdict(trained))
