@@ -30,6 +30,7 @@ from typing import Any
 
 from raytrieve.errors import RaytrieveError
 from raytrieve.model_ref import check_reference
+from raytrieve.ray_cluster import sigterm_handler
 
 _terminated = False  # set by the SIGTERM handler: how ``interrupted`` tells SIGTERM from Ctrl-C
 
@@ -45,21 +46,11 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt in the main thread while the block runs (the module
-    docstring says why); the handler before it is put back after. Only the main thread may set
-    handlers; elsewhere (a test's thread) nothing changes."""
-    import signal
-    import threading
-
+    docstring says why); the handler before it is put back after (``ray_cluster.sigterm_handler``)."""
     global _terminated
     _terminated = False
-    if threading.current_thread() is not threading.main_thread():
+    with sigterm_handler(_raise_interrupt):
         yield
-        return
-    before = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def interrupted(prog: str) -> int:

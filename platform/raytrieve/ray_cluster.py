@@ -48,7 +48,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 IDLE_WORKER_KEEP_S = 300
@@ -87,23 +87,29 @@ def connect(
 
     if ray.is_initialized():
         return None
-    with _keeping_sigterm_handler():
+    with sigterm_handler():
         return _init(ray, address, num_cpus, log_to_driver, runtime_env)
 
 
 @contextlib.contextmanager
-def _keeping_sigterm_handler() -> Iterator[None]:
-    """``ray.init`` installs its own SIGTERM handler in the process (a stack dump at error level,
-    then exit status 15); a handler the process set before (``raytrieve serve``'s clean stop) is
-    put back. Only the main thread may set handlers."""
+def sigterm_handler(handler: Callable[[int, Any], None] | None = None) -> Iterator[None]:
+    """SIGTERM's handler is ``handler`` while the block runs (None: whatever the block sets), and
+    the one from before is put back after it. ``connect`` uses it bare: ``ray.init`` installs
+    Ray's own handler (a stack dump at error level, then exit status 15) over the one a command
+    set (``jobs_entry.sigterm_as_interrupt``'s). A default disposition from before is put back
+    only over ``handler``, never over Ray's: with none, Ray's exit still runs ``ray.shutdown``.
+    Only the main thread may set handlers; elsewhere nothing changes."""
     import signal
     import threading
 
-    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM) if handler is None else signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        if callable(before):
+        if callable(before) or (handler is not None and before is not None):
             signal.signal(signal.SIGTERM, before)
 
 

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -216,8 +216,11 @@ class MetricLogger:
         self.client.set_tag(self.run_id, CARD_SUMMARY_TAG, summary[:PARAM_LIMIT])
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
-    """``status``: MLflow's FINISHED, FAILED or KILLED (stopped by Ctrl-C, SIGTERM or ``ray job stop``)."""
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+def end_run(uri: str, run_id: str, status: RunStatus) -> None:
+    """``status``: KILLED is a run stopped by Ctrl-C, SIGTERM or ``ray job stop``."""
     client(uri).set_terminated(run_id, status=status)
 
 
