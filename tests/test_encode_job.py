@@ -543,6 +543,20 @@ def test_each_kill_point_of_a_shard_write_and_damaged_sidecars_rerun_to_every_id
                                                                        if k != "created"}
 
 
+class _RayStarted(Exception):
+    """The job got past every check made before Ray: it would resume the folder."""
+
+
+def _stop_where_ray_starts(monkeypatch) -> type[Exception]:
+    import raytrieve.inference.encode as encode
+
+    def start(*_a, **_k):
+        raise _RayStarted
+
+    monkeypatch.setattr(encode, "_init_ray", start)
+    return _RayStarted
+
+
 def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(tiny_models, tmp_path, monkeypatch):
     """Jobs before the title rule left out a row with a title and a blank text; resumed under the
     rule, their reused shards would lack those rows and new shards hold them. Such a folder (its
@@ -553,13 +567,7 @@ def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(ti
     from raytrieve.inference.shards import JOB
     from raytrieve.data.sources import open_source, plan_shards
 
-    class RayStarted(Exception):
-        pass
-
-    def start(*_a, **_k):
-        raise RayStarted
-
-    monkeypatch.setattr(encode, "_init_ray", start)
+    RayStarted = _stop_where_ray_starts(monkeypatch)
     corpus = tmp_path / "corpus.parquet"
     _corpus(corpus, 30, bad=False, title=True)
     for title_column, refused in (("title", True), (None, False)):
@@ -582,6 +590,68 @@ def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(ti
         else:
             with pytest.raises(RayStarted):  # past the folder's check: the job resumes
                 encode.run_encode(cfg)
+
+
+def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_resume(tiny_models, tmp_path,
+                                                                                    monkeypatch):
+    """Every file under a model's folder keys the job: a pooling config in 1_Pooling/ changed
+    since the job (other vectors) is refused before Ray, naming the model's weights and why. A
+    folder of an earlier raytrieve, keyed by the model's top-level files only, still resumes under
+    the identity it was written with (so its shards are reused); a top-level change refuses it."""
+    import raytrieve.inference.encode as encode
+    from raytrieve.data.sources import open_source, plan_shards
+    from raytrieve.inference import shards
+    from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
+                                                 older_weights_rule, resolve_outputs)
+
+    RayStarted = _stop_where_ray_starts(monkeypatch)
+    corpus = tmp_path / "corpus.parquet"
+    _corpus(corpus, 30, bad=False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["dense"], model)
+    cfg = _config(tmp_path, corpus, dense={"model": str(model)})
+    out = Path(cfg.output_dir)
+
+    def identity():
+        source = open_source(str(corpus), None, field="corpus.path")
+        specs = plan_shards(source, cfg.rows_per_shard)
+        return job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, specs), "config")[1])
+
+    def written_by(kept):
+        out.mkdir(exist_ok=True)
+        (out / shards.JOB).write_text(json.dumps({"fingerprint": job_fingerprint(kept), "identity": kept}))
+
+    before = identity()
+    written_by(before)
+    (model / ".git").mkdir()
+    (model / ".git" / "index").write_text("a clone's git state, which no model reads")
+    with pytest.raises(RayStarted):  # the same model (hidden files aside): the job resumes
+        encode.run_encode(cfg)
+    pooling = model / "1_Pooling" / "config.json"
+    settings = json.loads(pooling.read_text())
+    assert settings["pooling_mode_mean_tokens"]
+    settings.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    pooling.write_text(json.dumps(settings))
+    now = identity()
+    assert now["models"]["dense"]["weights"] != before["models"]["dense"]["weights"]
+    with pytest.raises(ConfigError, match=r"holds the output of a different encoding job \(that job -> this one: "
+                                          r"dense\.weights: .*\); a file under the model's folder was added, "
+                                          r"removed or replaced since that job; run it with that job's settings"):
+        encode.run_encode(cfg)
+
+    # An earlier raytrieve's folder, written before the pooling change: its key saw only the
+    # top-level files, so it resumes, and this run takes on its identity (its shards' key).
+    older = older_weights_rule(before)
+    assert older["models"]["dense"]["weights"] != before["models"]["dense"]["weights"]
+    written_by(older)
+    assert claim_output(shards.OutputStore(str(out)), now, "config") == older
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # replaced: a new mtime
+    with pytest.raises(ConfigError, match=r"dense\.weights: "):
+        encode.run_encode(cfg)
 
 
 def test_a_model_of_another_kind_is_refused_before_ray(tiny_models, tiny_dirs, tmp_path, monkeypatch):

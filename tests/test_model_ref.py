@@ -193,7 +193,7 @@ def test_a_conversion_another_process_finished_first_is_kept(tmp_path, monkeypat
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
     variant = assets.get_variant("splade-tiny")
     real = convert.CONVERTERS[variant.source.format]
-    target = tmp_path / "cache" / "models" / f"{variant.name}-{assets.fingerprint(assets.package_dir(variant.source))}"
+    target = tmp_path / "cache" / "models" / f"{variant.name}-{assets.top_level_fingerprint(assets.package_dir(variant.source))}"
 
     def raced(src, out, arch):  # the other process renames its copy into place meanwhile
         real(src, out, arch)

@@ -149,7 +149,25 @@ def same_model_files(a: Path, b: Path) -> bool:
 
 
 def fingerprint(folder: Path) -> str:
-    """Changes when a file of ``folder`` is replaced (names, sizes, mtimes): keys what is derived from it."""
+    """Changes when a file anywhere under ``folder`` is added, removed or replaced (relative
+    paths, sizes, mtimes in ns): keys what is derived from a model folder. Every file counts: a
+    sentence-transformers model keeps its pooling, Dense layers and a Router's routes in
+    subfolders. Hidden files and folders are left out: a git clone's .git changes on every
+    ``git status``, and no model reads it. Reads no content, so it costs a stat per file whatever
+    the model's size."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        name = f.relative_to(folder)
+        if f.is_file() and not any(part.startswith(".") for part in name.parts):
+            st = f.stat()
+            h.update(f"{name.as_posix()}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:12]
+
+
+def top_level_fingerprint(folder: Path) -> str:
+    """The rule before ``fingerprint`` (files directly in ``folder``, mtimes in whole seconds):
+    the encoding jobs of earlier raytrieve versions keyed their folders by it, and still resume
+    (``encode_plan.claim_output``); converted variants' cache folders are still named by it."""
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.is_file():

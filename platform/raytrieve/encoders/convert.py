@@ -38,7 +38,10 @@ def converted_model(variant: assets.Variant) -> Path:
             f"converter; converted formats: {sorted(CONVERTERS)}"
         )
     src = assets.package_dir(variant.source)
-    target = assets.cache_dir() / "models" / f"{variant.name}-{assets.fingerprint(src)}"
+    # Keyed by the package folder's top-level files (what a reinstall replaces; these sources are
+    # flat transformers folders): the cache's folder names, which encoding jobs keep in their
+    # identity as model_path, stay those of earlier raytrieve versions.
+    target = assets.cache_dir() / "models" / f"{variant.name}-{assets.top_level_fingerprint(src)}"
     if (target / "modules.json").exists():
         return target
     # Another process may convert the same weights at the same time (encode actors starting on

@@ -278,8 +278,8 @@ def _plan(
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
     location = _location(store.describe(STAGED_INPUT)) if staged else None
     identity = job_identity(cfg, source, described, location)
-    claim_output(store, identity, where, scratch)
-    return source, specs, outputs, described, identity
+    claim = claim_output(store, identity, where, scratch)
+    return source, specs, outputs, described, claim or identity
 
 
 def _swap_staged(store: shards.OutputStore) -> str:

@@ -177,8 +177,13 @@ def job_fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False) -> None:
+def claim_output(
+    store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False
+) -> dict[str, Any] | None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
+    Returns the identity the folder is this job's under: ``identity``, or for a folder of an
+    earlier raytrieve whose models were keyed by their top-level files alone, the same identity
+    under that rule (``older_weights_rule``), so that its shards are reused.
     ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
     folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
     output in it is replaced, not refused: the user never named that folder, and no advice about
@@ -190,6 +195,12 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
         if job.get("fingerprint") != job_fingerprint(identity):
+            older = older_weights_rule(identity)
+            if job.get("fingerprint") == job_fingerprint(older):
+                log.info(
+                    "%s: an encoding job of an earlier raytrieve (models keyed by top-level files)", store.location
+                )
+                return older
             differs = differences(job.get("identity"), identity)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
@@ -199,9 +210,11 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
                 kept = (shards.JOB, STAGED_NEXT)
                 for name in [n for n in store.names() if n not in kept] + [shards.JOB]:
                     store.delete(name)
-                return
+                return identity
             # A folder from before the dtype setting computed in float32 (its identity has no dtype).
             older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
+            if ".weights: " in what:
+                older += "; a file under the model's folder was added, removed or replaced since that job"
             if "title_rule: None ->" in what:
                 older += (
                     "; it left out rows with a title and a blank text, which are now encoded as their title alone, "
@@ -215,6 +228,20 @@ def claim_output(store: shards.OutputStore, identity: dict[str, Any] | None, whe
         raise ConfigError(
             f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
         )
+    return identity
+
+
+def older_weights_rule(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` with each model's weights keyed as raytrieve keyed them before every file
+    under a model folder counted (``assets.top_level_fingerprint``). Such a folder's job still
+    resumes; a change confined to a model's subfolders (pooling, Dense, a Router's routes) goes
+    unseen there, as it did when that folder was written."""
+    from raytrieve import assets
+
+    models = {
+        k: {**v, "weights": assets.top_level_fingerprint(Path(v["model_path"]))} for k, v in identity["models"].items()
+    }
+    return {**identity, "models": models}
 
 
 def reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:
