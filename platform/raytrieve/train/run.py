@@ -511,12 +511,12 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             "scaling.resolved_torch_threads": str(p.spec.threads),
         }
     )
-    run_id = open_run(storage, uri, cfg, params)
-    p.spec.tracking_uri, p.spec.run_id = uri, run_id
-    p.spec.progress_key = f"train-{uuid.uuid4().hex}"  # rank 0's steps, for the driver's progress
     status: mlflow_run.RunStatus = "FAILED"
     trainer = None
-    try:
+    run_id = open_run(storage, uri, cfg, params)
+    try:  # at once: from here on, every way out ends the MLflow run (Ctrl-C included)
+        p.spec.tracking_uri, p.spec.run_id = uri, run_id
+        p.spec.progress_key = f"train-{uuid.uuid4().hex}"  # rank 0's steps, for the driver's progress
         import ray.data
 
         options = ray.data.ExecutionOptions()
