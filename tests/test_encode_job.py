@@ -647,6 +647,12 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
     assert claim_output(shards.OutputStore(str(out)), now, "config") == older
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
+    # Another setting: the refusal names it, not the model's key (whose rule changed, not its files).
+    shorter = _config(tmp_path, corpus, dense={"model": str(model), "max_seq_length": 16})
+    with pytest.raises(ConfigError) as refused:
+        encode.run_encode(shorter)
+    assert "(that job -> this one: dense.max_seq_length: " in str(refused.value)
+    assert "weights" not in str(refused.value) and "file under the model" not in str(refused.value)
     weights = model / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # replaced: a new mtime

@@ -201,7 +201,13 @@ def claim_output(
                     "%s: an encoding job of an earlier raytrieve (models keyed by top-level files)", store.location
                 )
                 return older
-            differs = differences(job.get("identity"), identity)
+            # An earlier raytrieve's folder is told apart by what differs under its own rule: its
+            # models' keys always differ from this rule's, which would name a change nobody made.
+            kept = job.get("identity")
+            same_keys = isinstance(kept, dict) and all(
+                (kept.get("models") or {}).get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items()
+            )
+            differs = differences(kept, older if same_keys else identity)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
