@@ -697,3 +697,27 @@ def test_the_duplicate_check_counts_a_title_only_row_as_the_encoding_does(tmp_pa
     found = shard_ids(pa.Table.from_pylist([s.as_row() for s in specs]), corpus)
     assert found.column("id").to_pylist() == ["x", "x"]  # y: a blank text and no title, a bad row
     assert [p & 0xFFFFFFFF for p in found.column("pos").to_pylist()] == [0, 1]
+
+
+def test_the_duplicate_summary_counts_every_block_and_lists_the_earliest_last_rows():
+    """The duplicate table stays on the cluster in blocks; the task that summarizes it for the
+    driver must count all of them and pick the ids whose last row comes first across blocks,
+    the order a `bad_rows: fail` error lists rows in. Reference: the whole table at once."""
+    from raytrieve.inference.checks import _summarize
+
+    rng = np.random.default_rng(7)
+    n_ids = 200
+    counts = rng.integers(2, 6, n_ids)
+    lasts = rng.choice(np.arange(10 * n_ids), n_ids, replace=False)  # each id's last row: distinct
+    firsts = lasts - rng.integers(1, 5, n_ids)
+    ids = [f"doc-{i}" for i in range(n_ids)]
+    table = pa.table({"id": ids, "count": counts, "first": firsts, "last": lasts})
+    cuts = sorted(rng.choice(np.arange(1, n_ids), 6, replace=False).tolist())
+    blocks = [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, n_ids])] + [table.slice(0, 0)]
+
+    got_ids, got_extra, got_examples = _summarize(5, *blocks)
+    order = np.argsort(lasts)[:5]
+    assert got_ids == n_ids
+    assert got_extra == int((counts - 1).sum())
+    assert got_examples == [(ids[i], int(lasts[i])) for i in order]
+    assert _summarize(5) == (0, 0, [])

@@ -112,7 +112,7 @@ def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, da
                                         r"'label'\]\); every file of the folder needs the same columns"):
         prepare(cfg)
     write("b.jsonl", rows[8:], label="relevant")
-    with pytest.raises(DataError, match=r"b.jsonl: column 'label' holds text, the folder's first file number; "):
+    with pytest.raises(DataError, match=r"b.jsonl: column 'label' holds text, the folder's first file holds number; "):
         prepare(cfg)
 
 

@@ -379,9 +379,15 @@ def _check_same_columns(first: pa.Schema, other: pa.Schema, first_file: str, oth
             "columns (fix or move that file)"
         )
     for name in first.names:
-        a, b = type_class(first.field(name).type), type_class(other.field(name).type)
-        if a != b:
-            raise DataError(
-                f"{other_file}: column {name!r} holds {b}, {first_file} holds {a}; every file of the folder needs the "
-                "same column types (fix or move that file)"
-            )
+        check_column_type(name, first.field(name).type, other.field(name).type, other_file, first_file)
+
+
+def check_column_type(column: str, want: pa.DataType, got: pa.DataType, file: str, first_file: str) -> None:
+    """A folder's files hold one kind of value per column: ``file``'s ``got`` against the type
+    the first file set, or a DataError naming the file, the column and both kinds."""
+    a, b = type_class(want), type_class(got)
+    if a != b:
+        raise DataError(
+            f"{file}: column {column!r} holds {b}, {first_file} holds {a}; every file of the folder needs the "
+            "same column types (fix or move that file)"
+        )

@@ -224,11 +224,7 @@ def _check_batch_types(batch: pa.RecordBatch, schema: pa.Schema, read: list[str]
         want, got = schema.field(c).type, batch.schema.field(c).type
         if pa.types.is_null(got):  # a jsonl batch whose values are all null: the null count says so
             continue
-        if formats.type_class(want) != formats.type_class(got):
-            raise DataError(
-                f"{path}: column {c!r} holds {formats.type_class(got)}, the folder's first file "
-                f"{formats.type_class(want)}; every file needs the same column types (fix or move that file)"
-            )
+        formats.check_column_type(c, want, got, path, "the folder's first file")
         if pa.types.is_floating(got.value_type if pa.types.is_list(got) else got):
             floats.add(c)
     return floats

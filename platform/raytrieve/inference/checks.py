@@ -1,15 +1,18 @@
 """The corpus checks that run on the cluster before anything is encoded: a scan of every
 shard (row counts, null and blank rows) and the distributed duplicate-id check.
 
-The duplicate check never brings the ids to the driver. Workers emit (id, position) for
-every valid row; Ray Data groups them by id across the cluster (a shuffle) and
-aggregates count, first and last position per id; only ids held by more than one row come
-back. Its cost is one shuffle of the id column: measured in BENCHMARKS.md.
+The duplicate check never brings ids to the driver. Workers emit (id, position) for every
+valid row; Ray Data groups them by id across the cluster (a shuffle) and aggregates count,
+first and last position per id, keeping the ids held by more than one row. That table stays in
+the object store: a task on a worker counts it and picks the earliest few for an error message,
+and the read stage's actors fetch its blocks themselves. The driver holds the counts, those few
+and the blocks' references, however many duplicates the corpus has. Its cost is one shuffle of
+the id column: measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raytrieve.data.sources import ShardSpec
@@ -30,10 +33,41 @@ class ScanResult:
 
 
 @dataclass
-class Duplicate:
-    count: int  # rows holding the id
-    first: int  # position (shard << 32 | row) of the row that keeps it
-    last: int
+class Duplicates:
+    """The corpus's repeated ids, held on the cluster."""
+
+    ids: int = 0  # ids held by more than one row
+    extra_rows: int = 0  # their rows after each one's first: the rows left out as duplicates
+    # The ``EXAMPLES`` ids whose last row comes first: (id, position of that row).
+    examples: list[tuple[str, int]] = field(default_factory=list)
+    # ObjectRefs of tables (id, count, first, last): every repeated id, with ``first`` the
+    # position (shard << 32 | row) of the row that keeps it.
+    blocks: list[Any] = field(default_factory=list)
+
+
+def _summarize(n: int, *tables: Any) -> tuple[int, int, list[tuple[str, int]]]:
+    """Runs as a Ray task on a worker: counts of the duplicate table and its ``n`` ids whose
+    last row is earliest (the order an error lists bad rows in)."""
+    ids = extra = 0
+    examples: list[tuple[str, int]] = []
+    for t in tables:
+        ids += t.num_rows
+        extra += sum(t.column("count").to_pylist()) - t.num_rows
+        head = t.sort_by("last").slice(0, n)
+        examples = sorted(
+            examples + list(zip(head.column("id").to_pylist(), head.column("last").to_pylist())), key=lambda e: e[1]
+        )[:n]
+    return ids, extra, examples
+
+
+def first_positions(blocks: list[Any]) -> dict[str, int]:
+    """Each repeated id's first position, from the duplicate table's blocks (on a worker)."""
+    import ray
+
+    firsts: dict[str, int] = {}
+    for t in ray.get(blocks):
+        firsts.update(zip(t.column("id").to_pylist(), t.column("first").to_pylist()))
+    return firsts
 
 
 def _spec_dataset(specs: list[ShardSpec]) -> Any:
@@ -66,8 +100,9 @@ def scan(cfg: EncodeConfig, specs: list[ShardSpec]) -> ScanResult:
     return ScanResult(total, bad, offsets, examples)
 
 
-def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplicate]:
+def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec], examples: int) -> Duplicates:
     import pyarrow.compute as pc
+    import ray
     from ray.data.aggregate import Count, Max, Min
     from ray.data.context import ShuffleStrategy
 
@@ -95,19 +130,22 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec]) -> dict[str, Duplic
         batch_format="pyarrow",
     )
     try:
-        return {r["id"]: Duplicate(int(r["count"]), int(r["first"]), int(r["last"])) for r in repeated.iter_rows()}
+        blocks = repeated.to_arrow_refs()
+        ids, extra, first_few = ray.get(ray.remote(_summarize).options(num_cpus=0.5).remote(examples, *blocks))
     except Exception as e:
         raise_worker_error(e)
         raise
+    return Duplicates(ids, extra, first_few, blocks if ids else [])
 
 
 def first_bad_rows(
-    scanned: ScanResult, duplicates: dict[str, Duplicate], cfg: EncodeConfig, n: int
+    scanned: ScanResult, duplicates: Duplicates, cfg: EncodeConfig, n: int
 ) -> list[tuple[int, str | None, str]]:
-    """The first ``n`` bad rows of the input, with their row numbers in the whole input."""
+    """The first ``n`` bad rows of the input, with their row numbers in the whole input. Each
+    repeated id stands for its last row (n ids listed, not every repeated row)."""
     rows = list(scanned.examples)
-    for id_, d in duplicates.items():
-        shard, row = split_position(d.last)
+    for id_, last in duplicates.examples:
+        shard, row = split_position(last)
         rows.append((scanned.offsets[shard] + row, id_, f"duplicate {cfg.corpus.id_column} (an earlier row has it)"))
     return sorted(rows, key=lambda r: r[0])[:n]
 

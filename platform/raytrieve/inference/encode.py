@@ -37,6 +37,7 @@ from typing import Any
 from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
+from raytrieve.inference.checks import Duplicates
 from raytrieve.inference.config import EncodeConfig
 from raytrieve.inference.corpus import EXAMPLES, check_columns, needed_columns, raise_bad_rows
 from raytrieve.inference.encode_plan import (
@@ -110,10 +111,10 @@ def run_encode(
         from raytrieve.inference import checks
 
         check_start = time.perf_counter()
-        duplicates = checks.duplicate_ids(cfg, specs) if cfg.check_duplicate_ids else {}
+        duplicates = checks.duplicate_ids(cfg, specs, EXAMPLES) if cfg.check_duplicate_ids else checks.Duplicates()
         if cfg.bad_rows == "fail":  # stop before anything is written, naming the first bad rows
             scanned = checks.scan(cfg, specs)
-            bad_total = scanned.bad + sum(d.count - 1 for d in duplicates.values())
+            bad_total = scanned.bad + duplicates.extra_rows
             if bad_total:
                 raise_bad_rows(cfg.corpus.path, bad_total, checks.first_bad_rows(scanned, duplicates, cfg, EXAMPLES))
         check_seconds = time.perf_counter() - check_start
@@ -168,7 +169,7 @@ def run_encode(
             f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
             "every node shares (a shared mount or an object store URI)"
         )
-    manifest = _manifest(cfg, source, described, done, len(specs), len(duplicates), fingerprint)
+    manifest = _manifest(cfg, source, described, done, len(specs), duplicates.ids, fingerprint)
     body = manifest.to_json()
     previous = store.read_json(shards.MANIFEST) if store.exists(shards.MANIFEST) else None
     # Compared as JSON objects, not parsed: one of another shape (an older version's) is written anew.
@@ -191,7 +192,7 @@ def run_encode(
         round(encoded_rows / max(seconds, 1e-9), 2),
         unchanged and not written,
         changed,
-        len(duplicates),
+        duplicates.ids,
         round(check_seconds, 3),
     )
     if result.already_complete:
@@ -325,7 +326,7 @@ def _run_pipeline(
     cfg: EncodeConfig,
     outputs: list[OutputSpec],
     specs: list[ShardSpec],
-    duplicates: dict[str, Any],
+    duplicates: Duplicates,
     store: shards.OutputStore,
     fingerprint: str,
 ) -> dict[int, dict[str, Any]]:
@@ -345,7 +346,6 @@ def _run_pipeline(
     threads = c.torch_threads or max(1, int(c.cpus_per_encode_actor))
     actors = c.encode_actors or default_encode_actors(cluster_shape(), c, use_gpu, len(specs))
     log.info("%d encode actor(s) of %g CPU(s), %d torch thread(s) each", actors, c.cpus_per_encode_actor, threads)
-    firsts = ray.put({i: d.first for i, d in duplicates.items()}) if duplicates else None
     rows = [s.as_row() for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
@@ -355,7 +355,7 @@ def _run_pipeline(
             "corpus": cfg.corpus,
             "store": store,
             "fingerprint": fingerprint,
-            "duplicates": firsts,
+            "duplicates": duplicates.blocks,
         },
         compute=ActorPoolStrategy(size=c.tokenize_actors),
         num_cpus=0.5,

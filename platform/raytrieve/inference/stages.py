@@ -27,6 +27,7 @@ import pyarrow as pa
 from raytrieve.data.sources import ShardSpec, read_shard
 from raytrieve.hashing import text_hashes
 from raytrieve.inference import shards
+from raytrieve.inference.checks import first_positions
 from raytrieve.inference.config import CorpusConfig
 from raytrieve.inference.corpus import EXAMPLES, content_checksum, needed_columns, shard_rows, valid_ids
 from raytrieve.model_ref import ShippedModel, local_folder
@@ -135,16 +136,14 @@ class ReadAndTokenize:
         corpus: CorpusConfig,
         store: shards.OutputStore,
         fingerprint: str,
-        duplicates: Any = None,
+        duplicates: list[Any] | None = None,
     ) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.specs, self.corpus, self.store, self.fingerprint = specs, corpus, store, fingerprint
         self.tokenizers = [s.tokenizer or _load_tokenizer(s) for s in specs]
-        self.duplicates: dict[str, int] = {}
-        if duplicates is not None:  # an ObjectRef: one copy per node's object store, not per task
-            import ray
-
-            self.duplicates = ray.get(duplicates)
+        # The duplicate table's blocks (ObjectRefs), fetched here from the object store: each
+        # repeated id's first position, one copy per actor, none through the driver.
+        self.duplicates = first_positions(duplicates) if duplicates else {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
