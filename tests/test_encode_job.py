@@ -594,15 +594,17 @@ def test_a_folder_encoded_under_the_old_title_rule_is_refused_with_the_reason(ti
 
 def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_resume(tiny_models, tmp_path,
                                                                                     monkeypatch):
-    """Every file under a model's folder keys the job: a pooling config in 1_Pooling/ changed
-    since the job (other vectors) is refused before Ray, naming the model's weights and why. A
-    folder of an earlier raytrieve, keyed by the model's top-level files only, still resumes under
-    the identity it was written with (so its shards are reused); a top-level change refuses it."""
+    """Every file under a model's folder keys the job by its content: a pooling config in
+    1_Pooling/ changed since the job (other vectors) is refused before Ray, naming the model's
+    weights and why; a copy or a fresh download of the same files (new mtimes: a job resumed on a
+    new machine) resumes. Folders of earlier raytrieve versions, keyed by every file's mtime or
+    by the top-level files only, still resume under the identity they were written with (so
+    their shards are reused); a change their rule sees refuses them."""
     import raytrieve.inference.encode as encode
     from raytrieve.data.sources import open_source, plan_shards
     from raytrieve.inference import shards
     from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
-                                                 older_weights_rule, resolve_outputs)
+                                                 older_weights_rules, resolve_outputs)
 
     RayStarted = _stop_where_ray_starts(monkeypatch)
     corpus = tmp_path / "corpus.parquet"
@@ -636,13 +638,14 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
     assert now["models"]["dense"]["weights"] != before["models"]["dense"]["weights"]
     with pytest.raises(ConfigError, match=r"holds the output of a different encoding job \(that job -> this one: "
                                           r"dense\.weights: .*\); a file under the model's folder was added, "
-                                          r"removed or replaced since that job; run it with that job's settings"):
+                                          r"removed or changed since that job; run it with that job's settings"):
         encode.run_encode(cfg)
 
     # An earlier raytrieve's folder, written before the pooling change: its key saw only the
     # top-level files, so it resumes, and this run takes on its identity (its shards' key).
-    older = older_weights_rule(before)
-    assert older["models"]["dense"]["weights"] != before["models"]["dense"]["weights"]
+    by_mtime, older = (kept for _, kept in older_weights_rules(before))
+    assert len({before["models"]["dense"]["weights"], by_mtime["models"]["dense"]["weights"],
+                older["models"]["dense"]["weights"]}) == 3
     written_by(older)
     assert claim_output(shards.OutputStore(str(out)), now, "config") == older
     with pytest.raises(RayStarted):
@@ -656,8 +659,61 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
     weights = model / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # replaced: a new mtime
-    with pytest.raises(ConfigError, match=r"dense\.weights: "):
+    with pytest.raises(ConfigError, match=r"dense\.weights: "):  # its rule saw mtimes only
         encode.run_encode(cfg)
+
+    # A folder keyed by every file's mtime (the rule before content) resumes as long as no mtime
+    # moved; the rule it was written under is the identity this run takes on.
+    by_mtime = dict(older_weights_rules(identity()))["every file's path, size and mtime"]
+    written_by(by_mtime)
+    assert claim_output(shards.OutputStore(str(out)), identity(), "config") == by_mtime
+
+    # A fresh copy of the same files (every mtime new): that folder's rule sees a change, and the
+    # refusal says why; under this rule it is the same model, and the job resumes.
+    shutil.rmtree(model)
+    time.sleep(0.01)
+    shutil.copytree(tiny_models["dense"], model, copy_function=shutil.copyfile)  # new mtimes, no metadata
+    pooling.write_text(json.dumps(settings))
+    assert weights.stat().st_mtime_ns != stat.st_mtime_ns
+    with pytest.raises(ConfigError, match=r"dense\.weights: .*that job keyed its models by their files' "
+                                          r"modification times .*even by a copy of the same content"):
+        encode.run_encode(cfg)
+    written_by(identity())
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor: the same size, other weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"dense\.weights: .*was added, removed or changed since that job"):
+        encode.run_encode(cfg)
+
+
+def test_the_mtime_key_of_earlier_job_folders_is_unchanged(tmp_path):
+    """Job folders written by earlier versions are keyed by ``assets.fingerprint`` and resume
+    only while it gives what it gave them. Golden value from commit 8691269's code on this tree
+    (fixed sizes and mtimes), whose names sort differently as path parts and as strings
+    (``onnx/model.onnx`` before ``onnx.json``); the hidden ``.git`` is left out."""
+    from raytrieve import assets
+
+    files = {"modules.json": "[]", "onnx/model.onnx": "x" * 10, "onnx.json": "{}", "a b/x": "1", "a/x": "22",
+             "1_Pooling/config.json": '{"p": 1}', ".git/index": "git", "checkpoint-500": "c"}
+    for i, (name, text) in enumerate(sorted(files.items())):
+        f = tmp_path / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+        os.utime(f, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000 + i * 1_000_001))
+    assert assets.fingerprint(tmp_path) == "09b6a63460c2"
+    before = assets.content_fingerprint(tmp_path)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            os.utime(f, ns=(1_800_000_000_000_000_000, 1_800_000_000_000_000_000))
+    assert assets.fingerprint(tmp_path) != "09b6a63460c2"
+    assert assets.content_fingerprint(tmp_path) == before  # content keys ignore mtimes
+    (tmp_path / "onnx.json").write_text("{ }")
+    assert assets.content_fingerprint(tmp_path) != before
+    (tmp_path / ".git" / "index").write_text("moved on")
+    (tmp_path / "onnx.json").write_text("{}")
+    assert assets.content_fingerprint(tmp_path) == before
 
 
 def test_a_model_of_another_kind_is_refused_before_ray(tiny_models, tiny_dirs, tmp_path, monkeypatch):

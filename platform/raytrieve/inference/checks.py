@@ -51,6 +51,8 @@ def _summarize(n: int, *tables: Any) -> tuple[int, int, list[tuple[str, int]]]:
     ids = extra = 0
     examples: list[tuple[str, int]] = []
     for t in tables:
+        if t.num_rows == 0:  # Ray's all-to-all operators may emit empty blocks without columns
+            continue
         ids += t.num_rows
         extra += sum(t.column("count").to_pylist()) - t.num_rows
         head = t.sort_by("last").slice(0, n)
@@ -66,7 +68,8 @@ def first_positions(blocks: list[Any]) -> dict[str, int]:
 
     firsts: dict[str, int] = {}
     for t in ray.get(blocks):
-        firsts.update(zip(t.column("id").to_pylist(), t.column("first").to_pylist()))
+        if t.num_rows:
+            firsts.update(zip(t.column("id").to_pylist(), t.column("first").to_pylist()))
     return firsts
 
 
@@ -131,11 +134,11 @@ def duplicate_ids(cfg: EncodeConfig, specs: list[ShardSpec], examples: int) -> D
     )
     try:
         blocks = repeated.to_arrow_refs()
-        ids, extra, first_few = ray.get(ray.remote(_summarize).options(num_cpus=0.5).remote(examples, *blocks))
+        n_ids, extra, first_few = ray.get(ray.remote(_summarize).options(num_cpus=0.5).remote(examples, *blocks))
     except Exception as e:
         raise_worker_error(e)
         raise
-    return Duplicates(ids, extra, first_few, blocks if ids else [])
+    return Duplicates(n_ids, extra, first_few, blocks if n_ids else [])
 
 
 def first_bad_rows(

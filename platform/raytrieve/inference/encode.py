@@ -11,7 +11,8 @@ The driver plans and commits; the data never flows through it:
    and, for int8, calibrates ranges on a bounded sample; the job's identity decides whether
    output_dir may be written (inference/encode_plan.py).
 2. Duplicate ids (Ray Data): the (id, position) of every valid row, grouped by id across
-   the cluster; only the ids seen more than once reach the driver. The first row keeps it.
+   the cluster; the ids seen more than once stay there, in the object store, and the driver
+   gets their counts and the first few (inference/checks.py). The first row keeps the id.
 3. With ``bad_rows: fail``, a scan of every shard (Ray Data tasks) for null and blank rows;
    the job stops here, naming the first bad rows, before anything is written. With
    ``skip`` the encode stage finds them as it reads.

@@ -27,6 +27,9 @@ CALIBRATION_SHARDS = 8
 # Where a Ray Dataset handed to run_encode is written first, inside output_dir.
 STAGED_INPUT = "_input"
 STAGED_NEXT = "_input.next"  # a dataset staged beside the input until the run is known to be this job's
+# The length of a model key under the older rules (assets.fingerprint, top_level_fingerprint):
+# their folders' keys tell a refusal that the model was keyed by mtimes, not content.
+OLDER_KEY_LENGTH = 12
 
 
 def load_model(spec: OutputSpec, device: str = "cpu") -> Any:
@@ -153,7 +156,7 @@ def job_identity(
     models = {
         k: {
             **{f: x for f, x in v.items() if f != "ranges" and not (f == "dtype" and x == "float32")},
-            "weights": assets.fingerprint(Path(v["model_path"])),
+            "weights": assets.content_fingerprint(Path(v["model_path"])),
         }
         for k, v in described.items()
     }
@@ -182,8 +185,8 @@ def claim_output(
 ) -> dict[str, Any] | None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
     Returns the identity the folder is this job's under: ``identity``, or for a folder of an
-    earlier raytrieve whose models were keyed by their top-level files alone, the same identity
-    under that rule (``older_weights_rule``), so that its shards are reused.
+    earlier raytrieve whose models were keyed by another rule, the same identity under that rule
+    (``older_weights_rules``), so that its shards are reused.
     ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
     folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
     output in it is replaced, not refused: the user never named that folder, and no advice about
@@ -195,19 +198,24 @@ def claim_output(
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
         if job.get("fingerprint") != job_fingerprint(identity):
-            older = older_weights_rule(identity)
-            if job.get("fingerprint") == job_fingerprint(older):
-                log.info(
-                    "%s: an encoding job of an earlier raytrieve (models keyed by top-level files)", store.location
-                )
-                return older
+            olders = older_weights_rules(identity)
+            for rule, older in olders:
+                if job.get("fingerprint") == job_fingerprint(older):
+                    log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.location, rule)
+                    return older
             # An earlier raytrieve's folder is told apart by what differs under its own rule: its
             # models' keys always differ from this rule's, which would name a change nobody made.
             kept = job.get("identity")
-            same_keys = isinstance(kept, dict) and all(
-                (kept.get("models") or {}).get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items()
+            kept_models = (kept.get("models") or {}) if isinstance(kept, dict) else {}
+            basis = next(
+                (
+                    older
+                    for _, older in olders
+                    if all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
+                ),
+                identity,
             )
-            differs = differences(kept, older if same_keys else identity)
+            differs = differences(kept, basis)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
@@ -219,8 +227,17 @@ def claim_output(
                 return identity
             # A folder from before the dtype setting computed in float32 (its identity has no dtype).
             older = "; it computed in float32: set dtype: float32 to resume it" if "dtype: None ->" in what else ""
-            if ".weights: " in what:
-                older += "; a file under the model's folder was added, removed or replaced since that job"
+            if (
+                ".weights: " in what
+                and kept_models
+                and all(len(str(m.get("weights"))) == 12 for m in kept_models.values())
+            ):
+                older += (
+                    "; that job keyed its models by their files' modification times (an earlier raytrieve), so a file "
+                    "replaced since, even by a copy of the same content, counts as a change there"
+                )
+            elif ".weights: " in what:
+                older += "; a file under the model's folder was added, removed or changed since that job"
             if "title_rule: None ->" in what:
                 older += (
                     "; it left out rows with a title and a blank text, which are now encoded as their title alone, "
@@ -237,17 +254,28 @@ def claim_output(
     return identity
 
 
-def older_weights_rule(identity: dict[str, Any]) -> dict[str, Any]:
-    """``identity`` with each model's weights keyed as raytrieve keyed them before every file
-    under a model folder counted (``assets.top_level_fingerprint``). Such a folder's job still
-    resumes; a change confined to a model's subfolders (pooling, Dense, a Router's routes) goes
-    unseen there, as it did when that folder was written."""
+def older_weights_rules(identity: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``identity`` with each model's files keyed as earlier raytrieve versions keyed them,
+    newest first: every file's path, size and mtime (``assets.fingerprint``), then the top-level
+    files alone (``assets.top_level_fingerprint``). Folders written under them still resume; a
+    change those rules could not see (the top-level rule: a subfolder's) goes unseen there, as it
+    did when the folder was written, and a new mtime on the same content still refuses them."""
     from raytrieve import assets
 
-    models = {
-        k: {**v, "weights": assets.top_level_fingerprint(Path(v["model_path"]))} for k, v in identity["models"].items()
-    }
-    return {**identity, "models": models}
+    rules = (
+        ("every file's path, size and mtime", assets.fingerprint),
+        ("top-level files", assets.top_level_fingerprint),
+    )
+    return [
+        (
+            name,
+            {
+                **identity,
+                "models": {k: {**v, "weights": key(Path(v["model_path"]))} for k, v in identity["models"].items()},
+            },
+        )
+        for name, key in rules
+    ]
 
 
 def reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:
