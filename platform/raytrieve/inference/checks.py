@@ -6,8 +6,8 @@ valid row; Ray Data groups them by id across the cluster (a shuffle) and aggrega
 first and last position per id, keeping the ids held by more than one row. That table stays in
 the object store: a task on a worker counts it and picks the earliest few for an error message,
 and the read stage's actors fetch its blocks themselves. The driver holds the counts, those few
-and the blocks' references, however many duplicates the corpus has. Its cost is one shuffle of
-the id column: measured in BENCHMARKS.md.
+and the blocks' references (and, Ray's rule, blocks under 100 KB: a small table's), however many
+duplicates the corpus has. Its cost is one shuffle of the id column: measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
