@@ -121,7 +121,7 @@ def _config(tmp_path, **optimizer) -> TrainConfig:
 def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
     cfg = _config(tmp_path)
-    data = {"/data/pairs.parquet": [1000, 17]}
+    data = {"pairs": {"rows": 16, "sha256": "aa"}}
     root = claim_checkpoint_dir(cfg, plan, "job.yaml", data)
     assert root == checkpoint_dir(cfg) == (tmp_path / "out" / "model.checkpoints").resolve()
     assert [p.name for p in root.iterdir()] == [RUN_STAMP]  # written through a temporary, none left
@@ -132,8 +132,7 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     (root / "run" / "step-00000004").mkdir(parents=True)  # a checkpoint Ray Train registered
     refusals = {
         "optimizer.learning_rate: 0.001 -> 2e-05": (_config(tmp_path), data),
-        "data./data/pairs.parquet: [1000, 17] -> [1000, 18]": (
-            _config(tmp_path, learning_rate=1e-3), {"/data/pairs.parquet": [1000, 18]}),
+        "data.pairs.sha256: 'aa' -> 'bb'": (_config(tmp_path, learning_rate=1e-3), {"pairs": {"rows": 16, "sha256": "bb"}}),
     }
     for differs, (other, files) in refusals.items():
         with pytest.raises(ConfigError) as refused:
@@ -143,4 +142,6 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     # Where it writes, tracks, checkpoints, evaluates and how many threads: a resume may change them.
     moved = _config(tmp_path, learning_rate=1e-3)
     moved.mlflow.experiment, moved.checkpoint.keep, moved.scaling.torch_threads = "other", 5, 3
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+    moved.datasets[0].path = "/elsewhere/pairs.parquet"  # the same data (its digest) in another place
     assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root

@@ -175,3 +175,70 @@ def test_a_tracking_store_that_does_not_open_is_refused_before_ray(tmp_path):
     with pytest.raises(ConfigError, match=r"job.yaml.mlflow.tags: 'team\\nname': "):
         check_store(store, "exp", {"team\nname": "x"}, "job.yaml")
     check_store(store, "exp", {"team": "search"}, "job.yaml")  # a store that opens, names it accepts
+
+
+def _digest(table: pa.Table, cut: list[int] | None = None) -> str:
+    """ContentDigest of ``table`` fed in batches ending at the rows ``cut`` names."""
+    from raytrieve.data.digest import ContentDigest
+
+    digest = ContentDigest(table.column_names)
+    edges = [0, *sorted(set(cut or [])), table.num_rows]
+    for start, stop in zip(edges, edges[1:]):
+        for batch in table.slice(start, stop - start).to_batches():  # slices: buffers offset into the column's
+            digest.update(batch)
+    return digest.hexdigest()
+
+
+def test_the_content_digest_sees_values_not_how_they_are_cut():
+    """The resume key of training data: equal values (by Python's ==) give equal digests however
+    the rows are cut into batches; any other values give another (random tables, nulls, lists)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    text = st.one_of(st.none(), st.text(max_size=4))
+    row = st.tuples(text, st.one_of(st.none(), st.lists(text, max_size=3)),
+                    st.one_of(st.none(), st.integers(-3, 3), st.floats(allow_nan=False)))
+
+    def table(rows):
+        return pa.table({"t": pa.array([r[0] for r in rows], pa.string()),
+                         "docs": pa.array([r[1] for r in rows], pa.list_(pa.string())),
+                         "label": pa.array([None if r[2] is None else float(r[2]) for r in rows], pa.float64())})
+
+    @given(st.lists(row, max_size=8), st.lists(row, max_size=8), st.lists(st.integers(0, 8), max_size=4))
+    def check(a, b, cut):
+        ta, tb = table(a), table(b)
+        assert _digest(ta, [c for c in cut if c <= len(a)]) == _digest(ta)
+        assert (_digest(ta) == _digest(tb)) == (ta.to_pylist() == tb.to_pylist())
+
+    check()
+    # Strings split differently, a null and "", 1 and 1.0 (a label file may hold either).
+    assert _digest(pa.table({"d": [["ab", "c"]]})) != _digest(pa.table({"d": [["a", "bc"]]}))
+    assert _digest(pa.table({"d": [["a"], ["b", "c"]]})) != _digest(pa.table({"d": [["a", "b"], ["c"]]}))
+    assert _digest(pa.table({"t": [None]}, schema=pa.schema([("t", pa.string())]))) != _digest(pa.table({"t": [""]}))
+    assert _digest(pa.table({"s": pa.array([1, 0], pa.int64())})) == _digest(pa.table({"s": [1.0, -0.0]}))
+
+
+def test_the_same_data_in_any_file_layout_has_one_digest(data):
+    """What training reads, not how it is stored: the pairs as parquet, jsonl, csv, a folder of
+    two parquet files with one-row row groups, and as an HF dataset give one digest; a changed
+    character, or two rows swapped, another."""
+    import datasets
+
+    def digest(path, **kwargs):
+        return validate_datasets(load_train_config(cfg(data, path, **kwargs)))[0].digest
+
+    folder = data / "split"
+    folder.mkdir()
+    pq.write_table(pa.table(PAIRS).slice(0, 2), folder / "a.parquet", row_group_size=1, compression="zstd")
+    pq.write_table(pa.table(PAIRS).slice(2), folder / "b.parquet")
+    datasets.Dataset.from_dict(PAIRS).save_to_disk(str(data / "pairs_hf"))
+    same = {name: digest(data / name, label="score") for name in (
+        "pairs.parquet", "pairs.jsonl", "pairs.csv", "split", "pairs_hf")}
+    assert len(set(same.values())) == 1, same
+    changed = {**PAIRS, "answer": ["sorted(xs)", "Paris is the capital", "nine minutes in water!"]}
+    pq.write_table(pa.table(changed), data / "changed.parquet")
+    swapped = {k: [v[1], v[0], v[2]] for k, v in PAIRS.items()}
+    pq.write_table(pa.table(swapped), data / "swapped.parquet")
+    others = {digest(data / "changed.parquet", label="score"), digest(data / "swapped.parquet", label="score"),
+              digest(data / "pairs.parquet")}  # no label column read: another digest of other values
+    assert len(others | set(same.values())) == 4

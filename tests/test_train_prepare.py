@@ -397,7 +397,7 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
     from raytrieve import ray_cluster
     from raytrieve.tracking import mlflow_run
     from raytrieve.train.checkpoint import claim_checkpoint_dir, record_finished
-    from raytrieve.train.run import input_files, run_training
+    from raytrieve.train.run import input_files, run_training, training_data
 
     class Started(Exception):
         pass
@@ -409,7 +409,7 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
     monkeypatch.setattr(mlflow_run, "start_run", lambda *a, **k: pytest.fail("an MLflow run was opened"))
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     p = prepare(cfg)  # as the finished run claimed its folder, and recorded at its end
-    root = claim_checkpoint_dir(cfg, p.plan, "config", input_files(p.pieces))
+    root = claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces))
     record_finished(root, {"output_dir": cfg.output_dir, "steps": 6, "run_id": "r1", "model_version": "1",
                            "checkpoint": None, "dropped": [], "tracking_uri": "file:///x", "already_complete": False})
     Path(cfg.output_dir).mkdir(parents=True)
@@ -427,20 +427,78 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
             run_training(cfg)
 
 
+def test_checkpoints_resume_on_the_same_data_copied_or_moved_and_earlier_stamps_too(tiny_models, data, tmp_path):
+    """The data key was each input file's size and modification time: the same data synced again
+    (a new cluster, a restored bucket) refused the run's checkpoints. Now it is the values' digest;
+    a folder an earlier raytrieve stamped resumes while its files are unchanged."""
+    import os
+    import shutil
+
+    from raytrieve.train.checkpoint import RUN_STAMP, _fingerprint, claim_checkpoint_dir, older_run_identity
+    from raytrieve.train.run import input_files, training_data
+
+    train = tmp_path / "in" / "train.parquet"
+    train.parent.mkdir()
+    shutil.copy(data["train"], train)
+
+    def claim(path: Path = train):
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, {**data, "train": path})
+        p = prepare(cfg)
+        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces)), cfg, p
+
+    root, cfg, p = claim()
+    (root / "run" / "step-00000002").mkdir(parents=True)  # as Ray Train leaves a checkpoint
+    kept = json.loads((root / RUN_STAMP).read_text())
+    os.utime(train, ns=(10**18, 10**18))  # copied again: other times, the same values
+    assert claim()[0] == root
+    moved = tmp_path / "elsewhere.parquet"
+    shutil.copy(train, moved)
+    assert claim(moved)[0] == root
+    assert json.loads((root / RUN_STAMP).read_text()) == kept
+
+    # The stamp as an earlier raytrieve wrote it (checked against b0d37c6's run_identity): the
+    # datasets' paths among the settings, each file's [size, mtime_ns] as the data.
+    files = input_files(p.pieces)
+    older = older_run_identity(cfg, p.plan, files)
+    assert older["data"] == {str(train): [train.stat().st_size, train.stat().st_mtime_ns]}
+    settings = json.loads(json.dumps(older))
+    assert settings["datasets"][0].pop("path") == str(train)
+    assert {**settings, "data": kept["identity"]["data"]} == kept["identity"]
+    earlier = {"fingerprint": _fingerprint(older), "identity": older, "output_dir": cfg.output_dir,
+               "mlflow": {"uri": "file:///x", "run_id": "r1"}}
+    (root / RUN_STAMP).write_text(json.dumps(earlier))
+    assert claim()[0] == root  # resumed, and stamped by the digest from now on
+    restamped = json.loads((root / RUN_STAMP).read_text())
+    assert restamped["fingerprint"] == kept["fingerprint"] and restamped["mlflow"] == earlier["mlflow"]
+    (root / RUN_STAMP).write_text(json.dumps(earlier))
+    os.utime(train, ns=(2 * 10**18, 2 * 10**18))
+    with pytest.raises(ConfigError, match=r"holds checkpoints of a run with other settings or data \(data\..*train"
+                       r"\.parquet: \[.*\] -> \[.*\]; that run keyed its data by each file's size and modification "
+                       r"time \(an earlier raytrieve\), so a file written again since, even with the same content, "
+                       r"counts as a change there\)"):
+        claim()
+    (root / RUN_STAMP).write_text(json.dumps(kept))  # the digest's stamp: a changed text is refused by name
+    table = pq.read_table(train).to_pydict()
+    table["document"][3] += "!"
+    pq.write_table(pa.table(table), train)
+    with pytest.raises(ConfigError, match=r"\(data\.pydocs\.sha256: '.*' -> '.*'\)"):
+        claim()
+
+
 def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_models, data, tmp_path):
     """A rerun after a stop resumed the checkpoints but opened a new MLflow run, so one training's
     history was split in two and the registered version pointed at the second half. The stamp
     records the run; a rerun that resumes its checkpoints reopens it (a real local store)."""
     from raytrieve.tracking import mlflow_run
     from raytrieve.train.checkpoint import RUN_STAMP, claim_checkpoint_dir
-    from raytrieve.train.run import input_files, open_run
+    from raytrieve.train.run import input_files, open_run, training_data
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     uri = mlflow_run.tracking_uri(f"file://{tmp_path}/mlruns")
     p = prepare(cfg)
 
     def claim():
-        return claim_checkpoint_dir(cfg, p.plan, "config", input_files(p.pieces))
+        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces))
 
     storage = claim()
     first = open_run(storage, uri, cfg, {"lr": "1"})

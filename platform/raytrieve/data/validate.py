@@ -35,6 +35,7 @@ class DatasetReport:
     types: dict[str, pa.DataType] = field(default_factory=dict, repr=False)  # of the columns read
     text_keys: np.ndarray | None = field(default=None, repr=False)  # (rows, columns) uint64, "texts"
     label_keys: np.ndarray | None = field(default=None, repr=False)  # per row, "labels"
+    digest: str = ""  # of the values read (digest.ContentDigest): a resumed run's data key
 
 
 def infer_format(path: Path, fix: str | None = None) -> str:
@@ -70,8 +71,10 @@ def validate_dataset(
 ) -> DatasetReport:
     """Check one dataset by streaming it once (record batches of the needed columns only, so
     the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
-    hash per text value, "labels" the label key per row, for the batch planner. ``scan=False``:
+    hash per text value, "labels" the label key per row, for the batch planner. The report's
+    ``digest`` covers the values of the columns read, in order. ``scan=False``:
     the schema checks only (no rows read; ``rows`` is -1)."""
+    from raytrieve.data.digest import ContentDigest
     from raytrieve.data.row_keys import label_keys, text_keys
     from raytrieve.data.train_source import iter_piece, list_pieces, with_counts
 
@@ -150,11 +153,13 @@ def validate_dataset(
     if keys == "texts" and known is not None:
         key_parts.append(np.empty((known, len(columns)), dtype=np.uint64))
     floats: set[str] = set()  # columns some file holds as floats (the schema: the first file's)
+    digest = ContentDigest(read)
     for piece in pieces:
         rows = 0
         for batch in iter_piece(piece, read):
             rows += batch.num_rows
             floats |= _check_batch_types(batch, schema, read, piece.path)
+            digest.update(batch)
             for c in read:
                 nulls[c] += batch.column(c).null_count
             for problem, n in _bad_values(batch, columns, label, listwise).items():
@@ -189,7 +194,7 @@ def validate_dataset(
     types = {c: schema.field(c).type for c in read}
     if label is not None and label in floats:  # int labels in one file, floats in another: all floats
         types[label] = pa.list_(pa.float64()) if pa.types.is_list(types[label]) else pa.float64()
-    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces, types)
+    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces, types, digest=digest.hexdigest())
     if keys == "texts":
         if known is not None and known == total:
             report.text_keys = key_parts[0]

@@ -65,16 +65,40 @@ _RESUMABLE = {
 def run_identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the checkpoints it finds (as JSON values: the stamp
     keeps it, so a refusal can say what differs): the settings that change the training, the
-    planned steps and micro-batches, and ``data`` (each input file's size and modification time)."""
+    planned steps and micro-batches, and ``data`` (``run.training_data``: each dataset's rows and
+    values' digest). Where the datasets lie is not part of it: data moved or copied resumes."""
+    return _identity(cfg, plan, data, paths=False)
+
+
+def older_run_identity(cfg: TrainConfig, plan: Plan, files: dict[str, Any]) -> dict[str, Any]:
+    """The identity earlier raytrieve versions stamped: the datasets' paths in the settings, and
+    ``files`` (``run.input_files``: each input file's size and modification time) as the data."""
+    return _identity(cfg, plan, files, paths=True)
+
+
+def _identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any], paths: bool) -> dict[str, Any]:
     config = cfg.model_dump(mode="json")
     for key, inner in _RESUMABLE.items():
         if inner is None:
             config.pop(key, None)
         else:
             config[key] = {k: v for k, v in config.get(key, {}).items() if k not in inner}
+    if not paths:
+        for dataset in config["datasets"]:
+            dataset.pop("path", None)
     # Config keys at the top, so a refusal names them as the config does; "plan" and "data" are none of them.
     body = {**config, "plan": {"steps": plan.optimizer_steps, "micro_batches": plan.micro_batches}, "data": data}
     return json.loads(json.dumps(body, sort_keys=True, default=str))
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _keyed_by_files(identity: Any) -> bool:
+    """Whether a kept identity is ``older_run_identity``'s: its data maps files to [size, mtime]."""
+    data = identity.get("data") if isinstance(identity, dict) else None
+    return isinstance(data, dict) and any(isinstance(v, list) for v in data.values())
 
 
 def _holds_checkpoints(root: Path) -> bool:
@@ -83,25 +107,36 @@ def _holds_checkpoints(root: Path) -> bool:
     return any(p.is_dir() for p in (root / "run").glob("step-*"))
 
 
-def claim_checkpoint_dir(cfg: TrainConfig, plan: Plan, where: str, data: dict[str, Any]) -> Path:
+def claim_checkpoint_dir(
+    cfg: TrainConfig, plan: Plan, where: str, data: dict[str, Any], files: dict[str, Any] | None = None
+) -> Path:
     """``checkpoint_dir(cfg)``, stamped as this run's; a folder whose checkpoints belong to a run
     with other settings or data (they would resume the wrong training) is refused, naming what
-    differs. ``data``: see ``run_identity``."""
+    differs. ``data``: see ``run_identity``. ``files``: see ``older_run_identity``; a folder an
+    earlier raytrieve stamped by them resumes while they are unchanged, and is stamped anew."""
     from raytrieve._io import write_json
     from raytrieve.config import differences
 
     root = checkpoint_dir(cfg)
     stamp = root / RUN_STAMP
     identity = run_identity(cfg, plan, data)
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    fingerprint = _fingerprint(identity)
     kept = json.loads(stamp.read_text()) if stamp.exists() else {}
-    same = kept.get("fingerprint") == fingerprint
+    older = files is not None and _keyed_by_files(kept.get("identity"))
+    theirs = older_run_identity(cfg, plan, files or {}) if older else identity  # as the kept stamp keyed it
+    same = kept.get("fingerprint") == _fingerprint(theirs)
     if kept and not same and _holds_checkpoints(root):
-        what = differences(kept.get("identity"), identity) or "config or data"
+        what = differences(kept.get("identity"), theirs) or "config or data"
+        why = (
+            "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
+            "file written again since, even with the same content, counts as a change there"
+            if older
+            else ""
+        )
         raise ConfigError(
-            f"{where}: {root} holds checkpoints of a run with other settings or data ({what}); resuming them "
-            "would train another run. Run it as it was to resume, delete that folder to start over, or set "
-            "checkpoint.dir to a new folder"
+            f"{where}: {root} holds checkpoints of a run with other settings or data ({what}{why}); resuming "
+            "them would train another run. Run it as it was to resume, delete that folder to start over, or "
+            "set checkpoint.dir to a new folder"
         )
     # A finished run's record stays while the run stays the same (finished_run reads it).
     finished = kept.get("finished") if same else None

@@ -48,6 +48,7 @@ class Prepared:
     label_columns: list[str | None]
     prompts: list[list[str | None]]
     routes: list[list[str | None] | None]
+    digests: list[str]  # per dataset: its values' digest (validate.DatasetReport.digest)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     has_router = model_kind(cfg.model.kind).tokenized_rows and bool(encoder.first_module.routes())
 
     keys = sampler_keys(cfg)
-    text_columns, label_columns, prompts, routes, streams, planned, pieces = [], [], [], [], [], [], []
+    text_columns, label_columns, prompts, routes, streams, planned, pieces, digests = [], [], [], [], [], [], [], []
     for i, d in enumerate(cfg.datasets):
         # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
         # text value or the label: a few bytes per row, never the texts).
@@ -139,6 +140,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         )
         planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight))
         pieces.append(report.pieces)
+        digests.append(report.digest)
 
     if isinstance(cfg.prompts, dict):
         seen = {c for columns in text_columns for c in columns}
@@ -188,7 +190,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
-    return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes)
+    return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
 def _check_batch_has_negatives(
@@ -326,9 +328,16 @@ def build_datasets(p: Prepared) -> dict[str, Any]:
     return out
 
 
+def training_data(cfg: TrainConfig, p: Prepared) -> dict[str, dict[str, Any]]:
+    """What a resumed run must read, by dataset name: its rows and its values' digest (the plan's
+    row counts alone would not tell a changed text). Not where the files lie, nor their times:
+    the same data copied again, or moved, resumes its checkpoints."""
+    return {d.name: {"rows": n, "sha256": h} for d, n, h in zip(cfg.datasets, p.rows, p.digests, strict=True)}
+
+
 def input_files(pieces: list[list[Any]]) -> dict[str, list[int | None]]:
-    """Each training input file's [size, modification time in ns]: a resumed run must read the
-    data its checkpoints were trained on (the plan's row counts alone would not tell)."""
+    """Each training input file's [size, modification time in ns]: the data key of run stamps an
+    earlier raytrieve wrote (``checkpoint.older_run_identity``), so their checkpoints resume."""
     from raytrieve.data.sources import resolve
 
     out: dict[str, list[int | None]] = {}
@@ -460,7 +469,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
-    storage = claim_checkpoint_dir(cfg, p.plan, where, input_files(p.pieces))
+    storage = claim_checkpoint_dir(cfg, p.plan, where, training_data(cfg, p), input_files(p.pieces))
     earlier = finished_run(storage)
     if earlier is not None and (Path(cfg.output_dir) / "modules.json").exists():
         # As the encoding job does: a finished run's rerun would resume at its last step, train

@@ -1,0 +1,73 @@
+"""A digest of a dataset's values, for a training run's resume key.
+
+A run resumes its checkpoints only on the data they were trained on. Keying the input files by
+size and modification time refused a resume when the same data was copied or synced again (a
+new cluster, a restored bucket), and could not see a file rewritten in place with the same size
+and time. ``ContentDigest`` hashes what training reads instead: the values of the columns, in
+row order. It is fed record batches during the validation pass that reads every row anyway, and
+the same values give the same digest however they are cut into batches, row groups or files,
+compressed or stored (parquet, jsonl, csv): each part of each column has its own running hash
+(value lengths, value bytes, null positions), so where a batch ends does not enter any of them.
+Numbers are hashed as float64 (a label file may hold 1 in one file and 1.0 in another; training
+reads both as 1.0), -0.0 as 0.0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+class ContentDigest:
+    """sha256 over ``columns`` of the batches given to ``update``, in their order."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = list(columns)
+        self.rows = 0
+        self._parts: dict[str, Any] = {}  # "<column>/<part>": a running sha256
+        self._seen: dict[str, int] = {}  # values fed per array path, for null positions
+
+    def update(self, batch: pa.RecordBatch) -> None:
+        for c in self.columns:
+            self._feed(c, batch.column(c))
+        self.rows += batch.num_rows
+
+    def hexdigest(self) -> str:
+        parts = {k: h.hexdigest() for k, h in self._parts.items()}
+        body = json.dumps({"columns": self.columns, "rows": self.rows, "parts": parts}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def _hash(self, key: str) -> Any:
+        if key not in self._parts:
+            self._parts[key] = hashlib.sha256()
+        return self._parts[key]
+
+    def _feed(self, key: str, array: Any) -> None:
+        import pyarrow.compute
+
+        pc: Any = pyarrow.compute  # it makes its functions at import time: no stub names them
+        if pa.types.is_dictionary(array.type):
+            array = array.dictionary_decode()
+        if array.null_count:  # where the nulls are (a null and "" or 0 differ)
+            at = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False)) + self._seen.get(key, 0)
+            self._hash(f"{key}/nulls").update(at.astype("<i8").tobytes())
+        self._seen[key] = self._seen.get(key, 0) + len(array)
+        kind = array.type
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)
+            self._hash(f"{key}/lengths").update(lengths.astype("<i8").tobytes())
+            self._feed(f"{key}/items", array.flatten())  # the items of this slice, none under a null
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+            wide = array.cast(pa.large_binary())
+            _, offsets, data = wide.buffers()
+            at = np.frombuffer(offsets, dtype="<i8")[wide.offset : wide.offset + len(wide) + 1]
+            self._hash(f"{key}/lengths").update(np.diff(at).astype("<i8").tobytes())
+            if data is not None and at[-1] > at[0]:
+                self._hash(f"{key}/bytes").update(memoryview(data)[int(at[0]) : int(at[-1])])
+        else:  # numbers and booleans: as float64, the nulls' places hashed above
+            values = pc.fill_null(array.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+            self._hash(f"{key}/values").update((values.astype("<f8") + 0.0).tobytes())  # -0.0 as 0.0
