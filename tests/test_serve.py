@@ -333,6 +333,14 @@ def test_tei_routes(served, models, monkeypatch):
     client = InferenceClient(model=url, timeout=60)
     np.testing.assert_allclose(client.feature_extraction(texts), models["dense"].encode(texts), atol=1e-5)
     np.testing.assert_allclose(client.sentence_similarity(texts[0], texts[1:]), unit[1:] @ unit[0], atol=1e-5)
+    # A refusal reaches TEI's client as its message (TEI's error shape), not as a dict's repr.
+    from huggingface_hub.errors import HfHubHTTPError
+
+    said = _error_of(_post(url, "/", {"inputs": ["ok", ""]}), "/", {"inputs": ["ok", ""]})
+    with pytest.raises(HfHubHTTPError) as refused:
+        client.feature_extraction(["ok", ""])
+    assert refused.value.response.status_code == 422 and refused.value.server_message == said["message"]
+    assert said["field"] == "inputs[1]" and said["message"].startswith("inputs[1]: ")
     root = _post(url, "/invocations", {"query": query, "texts": docs, "raw_scores": True}).json()
     assert root == raw  # TEI's other root route; a rerank body is a rerank
     # A key sent as null is no key: an embedding body with query: null is an embedding.
@@ -488,8 +496,8 @@ def test_several_models_each_answer_by_name(served, models, tiny_models):
              ("/search", {"query": "q", "reranker_model": "tiny-dense"}, 422, "reranker_model", "tiny-cross")]
     for path, body, status, field, listing in wrong:
         r = _post(url, path, body)
-        assert r.status_code == status and r.json()["error"]["field"] == field, (path, body, r.text)
-        assert listing in r.json()["error"]["message"], (path, r.text)
+        error = _error_of(r, path, body)
+        assert r.status_code == status and error["field"] == field and listing in error["message"], (path, r.text)
 
 
 # Plainly worded needs -> the start of the one docstring that answers each. CLEAR queries
@@ -632,7 +640,7 @@ def test_bad_requests_get_named_4xx(served):
             r = requests.post(f"{served['url']}{path}", data=body, headers={"content-type": "application/json"})
         else:
             r = _post(served["url"], path, body)
-        error = r.json()["error"]
+        error = _error_of(r, path, body if isinstance(body, dict) else None)
         if (r.status_code, error["field"]) != (status, field) or not error["message"]:
             wrong.append((path, body, r.status_code, error))
     assert not wrong, "\n".join(map(str, wrong))
@@ -655,7 +663,7 @@ def test_bad_requests_get_named_4xx(served):
             ("/v1/embeddings", {"input": [[101, 2023], [7592]]}, "input",
              "send the texts (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)")]
     for path, body, field, ending in near:
-        error = _post(served["url"], path, body).json()["error"]
+        error = _error_of(_post(served["url"], path, body), path, body)
         assert error["field"] == field and error["message"].endswith(ending), (path, body, error)
     big = b'{"query": "' + b"x" * 1_100_000 + b'"}'
     r = requests.post(f"{served['url']}/search", data=big, headers={"content-type": "application/json"})
@@ -792,15 +800,42 @@ def _request(served, method: str, path: str, body=None, headers: dict[str, str] 
         conn.close()
 
 
-def _assert_json_error(answer, context, status: int | None = None) -> dict:
+# Errors come in TEI's shape ({"error": message, "error_type", "field"}, which huggingface_hub
+# shows as the message) on TEI's routes, and on the routes it shares with raytrieve's bodies when
+# the body is TEI's (it has TEI's own key); in OpenAI's error object everywhere else.
+TEI_ROUTES = ("/embed", "/similarity", "/tokenize", "/", "/invocations", "/info", "/health")
+TEI_KEYS = {"/embed_sparse": "inputs", "/rerank": "texts"}
+
+
+def _tei_shaped(path: str, body=None) -> bool:
+    """Whether an error for ``body`` (a dict; None: unreadable, or none) at ``path`` is TEI's."""
+    return path in TEI_ROUTES or (isinstance(body, dict) and body.get(TEI_KEYS.get(path, "")) is not None)
+
+
+def _assert_json_error(answer, context, status: int | None = None, tei: bool | None = None) -> dict:
+    """A 4xx JSON error in the shape ``tei`` says (None: either); its message and field, and
+    OpenAI's other keys when it has them."""
     code, content_type, data = answer
     assert 400 <= code < 500, (context, code, data[:300])
     assert status is None or code == status, (context, code, data[:300])
     assert content_type.startswith("application/json"), (context, code, content_type, data[:300])
-    error = json.loads(data)["error"]
+    body = json.loads(data)
+    if isinstance(body["error"], str):
+        assert tei in (None, True), (context, "TEI's shape where OpenAI's was due", body)
+        assert set(body) == {"error", "error_type", "field"} and body["error"], (context, body)
+        assert body["error_type"] == ("Overloaded" if code in (429, 503) else "Validation"), (context, body)
+        return {"message": body["error"], "field": body["field"]}
+    assert tei in (None, False), (context, "OpenAI's shape where TEI's was due", body)
+    error = body["error"]
     assert set(error) == {"type", "message", "field", "param", "code"} and error["message"], (context, error)
     assert (error["param"], error["code"]) == (error["field"], error["type"]), (context, error)
     return error
+
+
+def _error_of(r, path: str, body=None) -> dict:
+    """``_assert_json_error`` of a requests answer to ``body`` at ``path``."""
+    answer = (r.status_code, r.headers.get("content-type", ""), r.content)
+    return _assert_json_error(answer, (path, body), tei=_tei_shaped(path, body))
 
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -832,7 +867,7 @@ def test_hostile_bodies_get_4xx_json(served):
     for path in NAMED_POSTS:
         for name, (body, status) in raw_bodies.items():
             answer = _request(served, "POST", path, body, JSON_HEADERS)
-            error = _assert_json_error(answer, (path, name), status if path in known else 404)
+            error = _assert_json_error(answer, (path, name), status if path in known else 404, _tei_shaped(path))
             if path in known and name in said:
                 assert said[name] in error["message"], (path, name, error)
                 assert not re.search(r"sys\.|RecursionError|recursion depth", error["message"]), (path, name, error)
@@ -841,10 +876,10 @@ def test_hostile_bodies_get_4xx_json(served):
                              None):
             headers = {"content-type": content_type} if content_type else {}
             error = _assert_json_error(_request(served, "POST", path, valid, headers), (path, content_type),
-                                       415 if path in known else 404)
+                                       415 if path in known else 404, _tei_shaped(path, VALID.get(path)))
             assert path not in known or error["field"] == "content-type"
         _assert_json_error(_request(served, "POST", path, None, {}), (path, "no body, no type"),
-                           415 if path in known else 404)
+                           415 if path in known else 404, _tei_shaped(path))
     assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
 
 
@@ -869,7 +904,10 @@ def test_hostile_fields_get_4xx_json(served):
         for field, kind in kinds.items():
             for value in WRONG_ANYWHERE + WRONG[kind]:
                 body = _to_json({**VALID[name], field: value})
-                error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (name, field, value))
+                # TEI's body by its name; 100k-deep JSON does not parse, so its body is nobody's
+                tei = path in TEI_ROUTES or (name.endswith("#tei") if value is not DEEP else False)
+                error = _assert_json_error(_request(served, "POST", path, body, JSON_HEADERS), (name, field, value),
+                                           tei=tei)
                 if value is not DEEP:  # 100k-deep JSON is refused before any field is read
                     # the field itself or a part of it (texts[1], recall.dense), not another field
                     assert re.fullmatch(rf"{re.escape(field)}(\[\d+\]|\.\w+)*", error["field"]), (path, field, value, error)
@@ -894,11 +932,11 @@ def test_chunked_bodies_are_read_and_bounded(served):
         code, _, data = _request(served, "POST", path, chunks(_to_json(body), 3), JSON_HEADERS)
         assert code == 200, (name, data[:300])
         _assert_json_error(_request(served, "POST", path, chunks(b'{"query": "x", "input": ', 5), JSON_HEADERS),
-                           (path, "chunked malformed"), 400)
+                           (path, "chunked malformed"), 400, _tei_shaped(path))
     oversized = b"[" + b" " * (limit + 65_536) + b"]"
     for path in (*NAMED_POSTS, "/healthz"):
         error = _assert_json_error(_request(served, "POST", path, chunks(oversized, 65_536), JSON_HEADERS),
-                                   (path, "chunked oversized"), 413)
+                                   (path, "chunked oversized"), 413, _tei_shaped(path))
         assert error["field"] == "body"
     assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
 
@@ -934,7 +972,7 @@ def test_fuzzed_requests_never_5xx(served):
         assert code == 200 or 400 <= code < 500, (path, sent[:300], code, data[:500])
         assert got_type.startswith("application/json"), (path, sent[:300], code, got_type)
         if code >= 400:
-            assert json.loads(data)["error"]["message"]
+            _assert_json_error((code, got_type, data), (path, sent[:300]))
 
     check()
     assert len(statuses) >= examples and sum(s >= 400 for s in statuses) > 0.8 * len(statuses)
@@ -1008,6 +1046,8 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
             r = requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
             assert r.headers["www-authenticate"] == "Bearer"
+        r = requests.post(f"{url}/embed", json={"inputs": "hi"})  # TEI's route: TEI's shape
+        assert r.status_code == 401 and _error_of(r, "/embed", {"inputs": "hi"})["field"] == "authorization"
         assert requests.get(f"{url}/v1/models").status_code == 401
         # Unauthenticated malformed requests learn nothing about the schema.
         assert requests.post(f"{url}/v1/embeddings", data=b"{bad").status_code == 401

@@ -4,11 +4,13 @@ whole and bounded, metrics, and errors in one JSON shape.
     api = FastAPI(default_response_class=SafeJSONResponse)
     install(api)   # the error handlers and the guard middleware
 
-Errors are JSON ``{"error": {"type", "message", "field"}}`` with a 4xx status that says what
-was wrong: 400 unreadable body, 401 missing token, 404 unknown model or path, 413 body too
-large (declared or chunked), 415 a body that is not JSON, 422 a field out of its limits or of
-the wrong type. Endpoints raise ApiError for their own refusals. Anything else is a bug,
-answered 500 in the same JSON shape.
+Errors are JSON ``{"error": {"type", "message", "field", "param", "code"}}`` (OpenAI's error
+object, which its SDK reads) with a 4xx status that says what was wrong: 400 unreadable body,
+401 missing token, 404 unknown model or path, 413 body too large (declared or chunked), 415 a
+body that is not JSON, 422 a field out of its limits or of the wrong type. TEI's routes answer
+in TEI's shape instead, ``{"error": message, "error_type": "Validation", "field"}``, which its
+client (huggingface_hub) shows as the message. Endpoints raise ApiError for their own
+refusals. Anything else is a bug, answered 500 in the same JSON shapes.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
-from starlette.types import Message
+from starlette.types import Message, Scope
 
 from raytrieve.serve.config import LimitsConfig
-from raytrieve.serve.schemas import BODY_TAGS
+from raytrieve.serve.schemas import BODY_TAGS, SHARED_ROUTES_TEI_KEYS, is_tei_body
 
 # Liveness probes answer without the bearer token.
 PUBLIC_PATHS = ("/healthz", "/health")
@@ -63,16 +64,53 @@ class SafeJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+_BODY = "raytrieve.body"  # the scope key the guard keeps the request's body under
+
+# The routes only TEI's clients call (its root routes too); /embed_sparse and /rerank also take
+# raytrieve's own body, and answer in TEI's shape when the body is TEI's.
+TEI_ROUTES = {"/embed", "/similarity", "/tokenize", "/info", "/health", "/", "/invocations"}
+
+
 def error_response(
-    status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    kind: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    tei: bool = False,
 ) -> JSONResponse:
+    if tei:  # TEI's ErrorResponse (its error_type: Overloaded, Backend or Validation), and the field
+        error_type = "Overloaded" if status in (429, 503) else "Backend" if status >= 500 else "Validation"
+        return SafeJSONResponse(
+            {"error": message, "error_type": error_type, "field": field}, status_code=status, headers=headers
+        )
     # param and code: the names OpenAI's error object gives them (its SDK reads them as e.param, e.code)
     error = {"type": kind, "message": message, "field": field, "param": field, "code": kind}
     return SafeJSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return error_response(e.status, e.kind, e.message, e.field)
+def _tei_form(scope: Scope) -> bool:
+    """Whether the request's error goes in TEI's shape: a TEI route, or a shared route whose
+    body (kept by the guard; none yet for a refusal before it is read) is TEI's. A body that
+    does not parse is nobody's form: raytrieve's shape there."""
+    route = _route_of(scope)
+    if route in TEI_ROUTES:
+        return True
+    keys, body = SHARED_ROUTES_TEI_KEYS.get(route), scope.get(_BODY)
+    if keys is None or not body:
+        return False
+    try:
+        return is_tei_body(json.loads(body), keys)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, too many digits
+        return False
+
+
+def _answer(request: Request, status: int, kind: str, message: str, field: str | None) -> JSONResponse:
+    return error_response(status, kind, message, field, tei=_tei_form(request.scope))
+
+
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _answer(request, e.status, e.kind, e.message, e.field)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -133,11 +171,12 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ())]
     if first.get("type") == "json_invalid" or (len(loc) <= 2 and "JSON" in str(first.get("msg", ""))):
-        return error_response(400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
+        return _answer(request, 400, "invalid_json", f"the body is not valid JSON: {first.get('msg', '')}", "body")
     if _field_of(tuple(loc))[0] == "" and not _is_json(request.headers.get("content-type")):
         # FastAPI leaves a body of another media type unparsed; say what to send rather than
         # "Input should be a valid dictionary".
-        return error_response(
+        return _answer(
+            request,
             415,
             "unsupported_media_type",
             f"the body must be JSON sent with Content-Type: application/json, "
@@ -161,12 +200,14 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     ]
     name = field.rsplit(".", 1)[-1]
     if name in WHY_REFUSED and any(t in ("extra_forbidden", "literal_error") for t, _ in here):
-        return error_response(422, "invalid_request", f"{field}: {WHY_REFUSED[name]}", field)
+        return _answer(request, 422, "invalid_request", f"{field}: {WHY_REFUSED[name]}", field)
     if _token_ids(e.body, field):
         top = field.split("[")[0]
-        return error_response(422, "invalid_request", f"{top}: {_TOKEN_IDS}", top)
+        return _answer(request, 422, "invalid_request", f"{top}: {_TOKEN_IDS}", top)
     hint = _did_you_mean(request, unknown[0]) if unknown else ""
-    return error_response(422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}{hint}", field or "body")
+    return _answer(
+        request, 422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}{hint}", field or "body"
+    )
 
 
 def _models_in(annotation: Any) -> set[type[BaseModel]]:
@@ -196,17 +237,17 @@ def _did_you_mean(request: Request, loc: Any) -> str:
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     """Routing and body errors raised by FastAPI itself, in our error shape."""
     if e.status_code == 404:
-        return error_response(404, "not_found", f"no endpoint {request.url.path}", "path")
+        return _answer(request, 404, "not_found", f"no endpoint {request.url.path}", "path")
     if e.status_code == 405:
-        return error_response(
-            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
+        return _answer(
+            request, 405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
         )
     if e.status_code == 400:
         # FastAPI hides why json.loads failed (nesting too deep, an integer of too many digits,
         # bytes that are not UTF-8); the cause is what the client needs to fix.
         why = _unreadable_body(e.__cause__) if e.__cause__ is not None else e.detail
-        return error_response(400, "invalid_json", f"the body could not be read: {why}", "body")
-    return error_response(e.status_code, "http_error", str(e.detail), None)
+        return _answer(request, 400, "invalid_json", f"the body could not be read: {why}", "body")
+    return _answer(request, e.status_code, "http_error", str(e.detail), None)
 
 
 def _unreadable_body(cause: BaseException) -> str:
@@ -223,8 +264,12 @@ def _unreadable_body(cause: BaseException) -> str:
 
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     """A bug or a failed replica is still a 500, but in the error shape clients parse."""
-    return error_response(
-        500, "internal_error", f"{type(e).__name__} while serving {request.url.path}; see the ingress log", None
+    return _answer(
+        request,
+        500,
+        "internal_error",
+        f"{type(e).__name__} while serving {request.url.path}; see the ingress log",
+        None,
     )
 
 
@@ -252,10 +297,11 @@ class _Guard:
         try:
             refusal, body = _check_headers(ingress, scope), b""
             if refusal is None:
-                refusal, body = await _read_body(receive, ingress.limits.max_body_bytes)
+                refusal, body = await _read_body(scope, receive, ingress.limits.max_body_bytes)
             if refusal is not None:
                 await refusal(scope, receive, send_counted)
             elif body is not None:
+                scope[_BODY] = body  # for an error's shape (_tei_form): TEI's body or raytrieve's
                 await self.app(scope, _replay(body, receive), send_counted)
             else:  # the client went away mid-body: nobody to answer, and not a server error
                 status[0] = 499
@@ -265,18 +311,25 @@ class _Guard:
             ingress.latency.observe(time.perf_counter() - started, tags={"route": route})
 
 
-def _route_of(scope: dict[str, Any]) -> str:
+def _route_of(scope: Scope) -> str:
     """The endpoint's path for the metrics' ``route`` tag: the route FastAPI matched, or for a
     request refused before routing (401, 413, 400) the route its path would have matched. Known
     routes only: fuzzed paths must not grow the metrics registry."""
     route = getattr(scope.get("route"), "path", None)
     if route is not None:
         return str(route)
-    for candidate in scope["app"].router.routes:
-        match, _ = candidate.matches(scope)
-        if match != Match.NONE:  # PARTIAL: the path, another method (answered 405)
-            return str(getattr(candidate, "path", "other"))
-    return "other"
+    # Asking the routes (``route.matches``) does not do: Serve's ingress includes the app's
+    # routes as one router, which matches without naming the route. Every route here has a
+    # fixed path, so the path itself (under the app's root path) names it.
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path != root:
+        path = path[len(root) :]
+    return path if path in _paths_of(scope["app"]) else "other"
+
+
+def _paths_of(app: FastAPI) -> set[str]:
+    """The paths of the app's endpoints (its OpenAPI schema's, which FastAPI builds once)."""
+    return set(app.openapi().get("paths", {}))
 
 
 def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
@@ -293,20 +346,27 @@ def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | No
                 "missing or wrong bearer token (Authorization: Bearer ...)",
                 "authorization",
                 headers={"WWW-Authenticate": "Bearer"},
+                tei=_tei_form(scope),
             )
     length = headers.get("content-length")
     if length is not None:
         # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
         if not (length.isascii() and length.isdigit()):
-            return error_response(400, "invalid_request", "Content-Length is not a number", "content-length")
+            return error_response(
+                400, "invalid_request", "Content-Length is not a number", "content-length", tei=_tei_form(scope)
+            )
         if int(length) > ingress.limits.max_body_bytes:
             return error_response(
-                413, "too_large", f"body of {length} bytes, at most {ingress.limits.max_body_bytes}", "body"
+                413,
+                "too_large",
+                f"body of {length} bytes, at most {ingress.limits.max_body_bytes}",
+                "body",
+                tei=_tei_form(scope),
             )
     return None
 
 
-async def _read_body(receive: Any, limit: int) -> tuple[JSONResponse | None, bytes | None]:
+async def _read_body(scope: dict[str, Any], receive: Any, limit: int) -> tuple[JSONResponse | None, bytes | None]:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -315,9 +375,8 @@ async def _read_body(receive: Any, limit: int) -> tuple[JSONResponse | None, byt
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return error_response(
-                413, "too_large", f"body over {limit} bytes (sent without Content-Length)", "body"
-            ), b""
+            why = f"body over {limit} bytes (sent without Content-Length)"
+            return error_response(413, "too_large", why, "body", tei=_tei_form(scope)), b""
         chunks.append(chunk)
         if not message.get("more_body", False):
             return None, b"".join(chunks)

@@ -246,15 +246,19 @@ class CohereRerankV2Request(ClientBody):
     # Not here: relevant_spans.
 
 
-def _body_kind(*tei_keys: str) -> Any:
-    """Which body a route got: TEI's when it has one of TEI's own keys, else raytrieve's (also
-    for a body that is no object, so the error is raytrieve's "should be an object")."""
+# The routes that take raytrieve's body or TEI's, and the keys only TEI's has.
+SHARED_ROUTES_TEI_KEYS = {"/embed_sparse": ("inputs",), "/rerank": ("texts",)}
 
-    def kind(body: Any) -> str:
-        # A key sent as null is left out (ClientBody), so it tells nothing either.
-        return "tei" if isinstance(body, dict) and any(body.get(k) is not None for k in tei_keys) else "raytrieve"
 
-    return Discriminator(kind)
+def is_tei_body(body: Any, tei_keys: tuple[str, ...]) -> bool:
+    """Whether a shared route's body is TEI's: it has one of TEI's own keys (not for a body
+    that is no object, so its error is raytrieve's "should be an object")."""
+    # A key sent as null is left out (ClientBody), so it tells nothing either.
+    return isinstance(body, dict) and any(body.get(k) is not None for k in tei_keys)
+
+
+def _body_kind(route: str) -> Any:
+    return Discriminator(lambda body: "tei" if is_tei_body(body, SHARED_ROUTES_TEI_KEYS[route]) else "raytrieve")
 
 
 def _root_kind(body: Any) -> str:
@@ -272,11 +276,11 @@ def _root_kind(body: Any) -> str:
 BODY_TAGS = ("tei", "raytrieve", "tei-embed", "tei-rerank", "tei-similarity")
 SparseBody = Annotated[
     Union[Annotated[SparseRequest, Tag("raytrieve")], Annotated[TeiSparseRequest, Tag("tei")]],  # noqa: UP007
-    _body_kind("inputs"),
+    _body_kind("/embed_sparse"),
 ]
 RerankBody = Annotated[
     Union[Annotated[RerankRequest, Tag("raytrieve")], Annotated[TeiRerankRequest, Tag("tei")]],  # noqa: UP007
-    _body_kind("texts"),
+    _body_kind("/rerank"),
 ]
 TeiRootBody = Annotated[
     Union[  # noqa: UP007
