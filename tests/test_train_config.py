@@ -242,3 +242,16 @@ def test_the_same_data_in_any_file_layout_has_one_digest(data):
     others = {digest(data / "changed.parquet", label="score"), digest(data / "swapped.parquet", label="score"),
               digest(data / "pairs.parquet")}  # no label column read: another digest of other values
     assert len(others | set(same.values())) == 4
+
+
+def test_the_digest_takes_every_label_type_training_accepted():
+    """A review found label columns that validation accepts but the digest's float cast refused
+    (ids past 2**53, dates): they crashed the run. Such ids stay distinct, and dates hash."""
+    import datetime
+
+    big = 2**53 + 1
+    assert _digest(pa.table({"l": pa.array([big], pa.int64())})) != _digest(pa.table({"l": pa.array([big + 1])}))
+    assert _digest(pa.table({"l": pa.array([big], pa.uint64())})) == _digest(pa.table({"l": pa.array([big])}))
+    day = pa.table({"d": [datetime.date(2026, 1, 1), None]})
+    assert _digest(day) == _digest(day, [1]) != _digest(pa.table({"d": [datetime.date(2026, 1, 2), None]}))
+    assert _digest(pa.table({"s": pa.array(["ab"], pa.string_view())})) == _digest(pa.table({"s": ["ab"]}))

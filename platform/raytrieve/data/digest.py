@@ -61,13 +61,35 @@ class ContentDigest:
             lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)
             self._hash(f"{key}/lengths").update(lengths.astype("<i8").tobytes())
             self._feed(f"{key}/items", array.flatten())  # the items of this slice, none under a null
-        elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        elif any(
+            f(kind)
+            for f in (
+                pa.types.is_string,
+                pa.types.is_large_string,
+                pa.types.is_string_view,
+                pa.types.is_binary,
+                pa.types.is_large_binary,
+                pa.types.is_binary_view,
+            )
+        ):
             wide = array.cast(pa.large_binary())
             _, offsets, data = wide.buffers()
             at = np.frombuffer(offsets, dtype="<i8")[wide.offset : wide.offset + len(wide) + 1]
             self._hash(f"{key}/lengths").update(np.diff(at).astype("<i8").tobytes())
             if data is not None and at[-1] > at[0]:
                 self._hash(f"{key}/bytes").update(memoryview(data)[int(at[0]) : int(at[-1])])
-        else:  # numbers and booleans: as float64, the nulls' places hashed above
-            values = pc.fill_null(array.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            # As float64, the nulls' places hashed above; integers past 2**53 (ids used as labels)
+            # also exactly, with their places, so two such ids never hash alike.
+            values = pc.fill_null(array.cast(pa.float64(), safe=False), 0.0).to_numpy(zero_copy_only=False)
             self._hash(f"{key}/values").update((values.astype("<f8") + 0.0).tobytes())  # -0.0 as 0.0
+            if pa.types.is_integer(kind):
+                exact = pc.fill_null(array, 0).to_numpy(zero_copy_only=False)
+                wide = np.flatnonzero(np.abs(exact.astype(np.float64)) >= 2.0**53)
+                if len(wide):
+                    base = self._seen[key] - len(array)
+                    self._hash(f"{key}/wide").update((wide + base).astype("<i8").tobytes())
+                    self._hash(f"{key}/wide").update(np.ascontiguousarray(exact[wide]).tobytes())
+        else:  # dates, structs, all-null columns, ...: each value's repr, as text
+            texts = [None if v is None else repr(v) for v in array.to_pylist()]
+            self._feed(f"{key}/repr", pa.array(texts, pa.large_string()))

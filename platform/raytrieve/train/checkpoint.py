@@ -130,7 +130,7 @@ def claim_checkpoint_dir(
         why = (
             "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
             "file written again since, even with the same content, counts as a change there"
-            if older
+            if older and kept.get("identity", {}).get("data") != files
             else ""
         )
         raise ConfigError(
