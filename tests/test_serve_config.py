@@ -610,6 +610,76 @@ def test_requests_refused_before_routing_are_counted_under_their_route():
                            ("other", "401")], included
 
 
+def test_the_error_shape_follows_the_routes_tags_and_the_body_sent():
+    """A route tagged TEI alone answers every error in TEI's shape (its client shows the message),
+    even refusals before the body is read; a route tagged TEI and raytrieve answers in the shape
+    of the body sent (TEI's keys, \\u-escaped too); an OpenAI route in OpenAI's. The tags are read
+    from the app's OpenAPI schema, so routes included as one router (Serve's way) count too."""
+    from fastapi import APIRouter, FastAPI
+    from pydantic import BaseModel, ConfigDict
+    from starlette.testclient import TestClient
+
+    from raytrieve.serve.config import LimitsConfig
+    from raytrieve.serve.http_guard import ApiError, SafeJSONResponse, install
+    from raytrieve.serve.schemas import OPENAI, RAYTRIEVE, TEI
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] | None = None
+        documents: list[str] | None = None
+
+    async def refuse(body: Body) -> dict:
+        raise ApiError(422, "query", "query: missing")
+
+    refuse.__annotations__["body"] = Body  # a local class: FastAPI cannot resolve the string annotation
+
+    class Metric:
+        def inc(self, tags):
+            pass
+
+        def observe(self, value, tags):
+            pass
+
+    def shape(response) -> str:
+        body = response.json()
+        if set(body) == {"error", "error_type", "field"} and isinstance(body["error"], str):
+            return "tei"
+        assert set(body) == {"error"} and {"type", "message", "field", "param", "code"} <= set(body["error"]), body
+        return "openai"
+
+    for included in (False, True):
+        api = FastAPI(default_response_class=SafeJSONResponse)
+        install(api)
+        router = APIRouter() if included else api
+        router.post("/embed", tags=[TEI])(refuse)
+        router.post("/rerank", tags=[RAYTRIEVE, TEI])(refuse)
+        router.post("/v1/embeddings", tags=[OPENAI])(refuse)
+        if included:
+            api.include_router(router)
+        api.state.ingress = type("Ingress", (), {"token": "t", "limits": LimitsConfig(max_body_bytes=64),
+                                                 "requests": Metric(), "latency": Metric()})()
+        client = TestClient(api)
+        auth = {"Authorization": "Bearer t"}
+
+        def post(path, body, headers=auth):
+            return client.post(path, content=body.encode(), headers={**headers, "Content-Type": "application/json"})
+
+        # TEI's route: every refusal in TEI's shape, before the body (401, 413) or after it.
+        assert [shape(post("/embed", '{"texts": ["a"]}', {})), shape(post("/embed", " " * 100)),
+                shape(post("/embed", '{"texts": 5}')), shape(post("/embed", '{"documents": ["a"]}')),
+                shape(post("/embed", "{"))] == ["tei"] * 5, included
+        # The shared route: the body's form, from FastAPI's parse (422) or the guard's (ApiError).
+        assert [shape(post("/rerank", '{"texts": 5}')), shape(post("/rerank", '{"texts": ["a"]}')),
+                shape(post("/rerank", '{"\\u0074exts": ["a"]}'))] == ["tei"] * 3, included
+        assert [shape(post("/rerank", '{"documents": 5}')), shape(post("/rerank", '{"documents": ["a"]}')),
+                shape(post("/rerank", '{"texts": null, "documents": ["a"]}')), shape(post("/rerank", "[1]")),
+                shape(post("/rerank", '{"texts": ["a"]', )), shape(post("/rerank", '{"texts": ["a"]}', {}))
+                ] == ["openai"] * 6, included
+        assert shape(post("/v1/embeddings", '{"texts": ["a"]}')) == "openai"
+        assert post("/rerank", '{"texts": ["a"]}').json() == {"error": "query: missing", "error_type": "Validation",
+                                                              "field": "query"}
+
+
 def test_the_bodies_client_sdks_send_with_arguments_left_at_none_are_accepted():
     """The SDKs send an argument left at None as JSON null: LangChain's CohereRerank calls
     ClientV2.rerank(..., max_tokens_per_doc=None) and got a 422 on every call; cohere.Client's

@@ -34,6 +34,10 @@ from raytrieve.serve.deployments import ModelReplica, Retriever
 from raytrieve.serve.http_guard import ApiError, SafeJSONResponse
 from raytrieve.serve.models import ModelTable
 from raytrieve.serve.schemas import (
+    COHERE,
+    OPENAI,
+    RAYTRIEVE,
+    TEI,
     CohereRerankV1Request,
     CohereRerankV2Request,
     EmbeddingsRequest,
@@ -164,13 +168,13 @@ class Ingress:
         return picked.name, np.asarray(scores, dtype=np.float32), sum(tokens)
 
     # -- raytrieve's own endpoints ----------------------------------------------------------------
-    @api.get("/healthz")
+    @api.get("/healthz", tags=[RAYTRIEVE])
     async def healthz(self) -> dict[str, Any]:
         models = {kind: self.table.names(kind) for kind in MODEL_FIELDS if self.table.names(kind)}
         return {"status": "ok", "models": models, "index": self.indexed}
 
-    @api.get("/v1/models")
-    @api.get("/models")  # OpenAI's clients pointed at the bare host (Infinity's and TEI's way)
+    @api.get("/v1/models", tags=[OPENAI])
+    @api.get("/models", tags=[OPENAI])  # OpenAI's clients pointed at the bare host (Infinity's and TEI's way)
     async def models(self) -> dict[str, Any]:
         data = [
             {
@@ -187,7 +191,7 @@ class Ingress:
         ]
         return {"object": "list", "data": data}
 
-    @api.get("/metrics")
+    @api.get("/metrics", tags=[RAYTRIEVE])
     async def metrics(self) -> PlainTextResponse:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -199,8 +203,8 @@ class Ingress:
         notes = "".join(f"# raytrieve: no answer from the metrics agent at {url}\n" for url in failed)
         return PlainTextResponse(notes + text, media_type=CONTENT_TYPE_LATEST)
 
-    @api.post("/v1/embeddings")
-    @api.post("/embeddings")  # LangChain's InfinityEmbeddings, and OpenAI's clients at the bare host
+    @api.post("/v1/embeddings", tags=[OPENAI])
+    @api.post("/embeddings", tags=[OPENAI])  # LangChain's InfinityEmbeddings, and OpenAI's clients at the bare host
     async def embeddings(self, body: EmbeddingsRequest) -> dict[str, Any]:
         """OpenAI's embeddings (the openai SDK's client.embeddings.create)."""
         picked = self.table.pick("dense", body.model)
@@ -215,7 +219,7 @@ class Ingress:
         usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
         return {"object": "list", "data": data, "model": picked[0].name, "usage": usage}
 
-    @api.post("/embed_sparse")
+    @api.post("/embed_sparse", tags=[RAYTRIEVE, TEI])
     async def embed_sparse(self, body: SparseBody) -> Any:
         """raytrieve's body ("input") or TEI's ("inputs")."""
         tei = isinstance(body, TeiSparseRequest)
@@ -237,7 +241,7 @@ class Ingress:
             data.append({"object": "sparse_embedding", "index": i, "embedding": entry})
         return {"object": "list", "data": data, "model": model.name}
 
-    @api.post("/rerank")
+    @api.post("/rerank", tags=[RAYTRIEVE, TEI])
     async def rerank(self, body: RerankBody) -> Any:
         """raytrieve's body ("documents": the model's own scores) or TEI's ("texts")."""
         if not isinstance(body, RerankRequest):
@@ -252,7 +256,7 @@ class Ingress:
             results.append(hit)
         return {"model": name, "results": results}
 
-    @api.post("/search")
+    @api.post("/search", tags=[RAYTRIEVE])
     async def search(self, body: SearchRequest) -> dict[str, Any]:
         if not self.indexed:
             raise ApiError(404, "path", "no index is served here (set index: in the serve config)", "not_found")
@@ -265,7 +269,7 @@ class Ingress:
             raise ApiError(422, e.field, str(e)) from None
 
     # -- Cohere's and Jina's rerank -------------------------------------------------------------
-    @api.post("/v1/rerank")
+    @api.post("/v1/rerank", tags=[COHERE])
     async def rerank_v1(self, body: CohereRerankV1Request) -> dict[str, Any]:
         """Cohere's v1 rerank (cohere.Client().rerank) and Jina's: documents are strings or
         objects with "text"; the answer carries Cohere's id/meta and Jina's model/usage."""
@@ -284,7 +288,7 @@ class Ingress:
         answer = shapes.cohere_answer(results, len(texts), tokens, "1")
         return {**answer, "model": name, "usage": {"total_tokens": tokens}}
 
-    @api.post("/v2/rerank")
+    @api.post("/v2/rerank", tags=[COHERE])
     async def rerank_v2(self, body: CohereRerankV2Request) -> dict[str, Any]:
         """Cohere's v2 rerank (cohere.ClientV2().rerank); ``priority`` is accepted and has no effect."""
         if body.max_tokens_per_doc is not None:
@@ -303,7 +307,7 @@ class Ingress:
         return shapes.cohere_answer(results, len(body.documents), tokens, "2")
 
     # -- TEI (text-embeddings-inference) --------------------------------------------------------
-    @api.post("/embed")
+    @api.post("/embed", tags=[TEI])
     async def embed(self, body: TeiEmbedRequest) -> list[list[float]]:
         picked = self.table.pick("dense", body.model, "model" if body.model is not None else "path")
         texts = shapes.checked_texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
@@ -311,7 +315,7 @@ class Ingress:
         emb, _ = await self._dense(picked, texts, body.dimensions, prompt_name=prompt_name)
         return shapes.shape_vectors(emb, body.dimensions, body.normalize).tolist()
 
-    @api.post("/similarity")
+    @api.post("/similarity", tags=[TEI])
     async def similarity(self, body: TeiSimilarityRequest) -> list[float]:
         """TEI's similarity: the cosine of ``source_sentence`` with each of ``sentences``."""
         picked = self.table.pick("dense", body.model, "model" if body.model is not None else "path")
@@ -323,8 +327,8 @@ class Ingress:
         unit = shapes.shape_vectors(emb, None, normalize=True)
         return (unit[1:] @ unit[0]).tolist()
 
-    @api.post("/")
-    @api.post("/invocations")
+    @api.post("/", tags=[TEI])
+    @api.post("/invocations", tags=[TEI])
     async def tei_root(self, body: TeiRootBody) -> Any:
         """TEI's root routes, where huggingface_hub's InferenceClient(model=URL) posts: TEI answers
         them as its one model's kind; here the body's keys say which (schemas.py ``_root_kind``).
@@ -344,7 +348,7 @@ class Ingress:
             )
         return await self.embed(body)
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", tags=[TEI])
     async def tokenize(self, body: TokenizeRequest) -> list[list[dict[str, Any]]]:
         """TEI's tokenize, with the tokenizer of the model /info describes."""
         texts = shapes.checked_texts(body.inputs, "inputs", self.limits.max_inputs, self.limits.max_text_chars)
@@ -358,7 +362,7 @@ class Ingress:
         prompt_name = await self._prompt(model, handle, body.prompt_name)
         return await handle.tokenize.remote(texts, body.add_special_tokens, prompt_name)
 
-    @api.get("/info")
+    @api.get("/info", tags=[TEI])
     async def tei_info(self, model: str | None = None) -> dict[str, Any]:
         """TEI's /info: the default model of the first served of dense, sparse, reranker, or the
         model ``?model=`` names."""
@@ -366,7 +370,7 @@ class Ingress:
         info = await self._describe(picked, handle)
         return shapes.tei_info(picked.kind, picked.name, info, picked.spec, self.limits, self.version)
 
-    @api.get("/health")
+    @api.get("/health", tags=[TEI])
     async def health(self) -> Response:
         """TEI's liveness probe: 200, empty body."""
         return Response(status_code=200)

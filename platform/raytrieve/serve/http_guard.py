@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Scope
 
 from raytrieve.serve.config import LimitsConfig
-from raytrieve.serve.schemas import BODY_TAGS, SHARED_ROUTES_TEI_KEYS, is_tei_body
+from raytrieve.serve.schemas import BODY_TAGS, SHARED_ROUTES_TEI_KEYS, TEI, is_tei_body
 
 # Liveness probes answer without the bearer token.
 PUBLIC_PATHS = ("/healthz", "/health")
@@ -65,10 +65,8 @@ class SafeJSONResponse(JSONResponse):
 
 
 _BODY = "raytrieve.body"  # the scope key the guard keeps the request's body under
-
-# The routes only TEI's clients call (its root routes too); /embed_sparse and /rerank also take
-# raytrieve's own body, and answer in TEI's shape when the body is TEI's.
-TEI_ROUTES = {"/embed", "/similarity", "/tokenize", "/info", "/health", "/", "/invocations"}
+_TEI_FORM = "raytrieve.tei_form"  # and the error shape, once a refusal has asked for it
+_UNPARSED = object()
 
 
 def error_response(
@@ -89,15 +87,34 @@ def error_response(
     return SafeJSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-def _tei_form(scope: Scope) -> bool:
-    """Whether the request's error goes in TEI's shape: a TEI route, or a shared route whose
-    body (kept by the guard; none yet for a refusal before it is read) is TEI's. A body that
-    does not parse is nobody's form: raytrieve's shape there."""
+def _tei_form(scope: Scope, parsed: Any = _UNPARSED) -> bool:
+    """Whether the request's error goes in TEI's shape: a route tagged TEI alone, or one tagged
+    TEI and another whose body (``parsed``, else the one the guard kept; none yet for a refusal
+    before it is read) has TEI's keys. A body that does not parse is nobody's form: raytrieve's
+    shape there. Decided once per request: the body may be 16 MiB."""
+    form = scope.get(_TEI_FORM)
+    if form is None:
+        try:
+            form = _decide_form(scope, parsed)
+        except Exception:  # an error's shape must never fail its answer
+            form = False
+        scope[_TEI_FORM] = form
+    return bool(form)
+
+
+def _decide_form(scope: Scope, parsed: Any) -> bool:
     route = _route_of(scope)
-    if route in TEI_ROUTES:
+    tags = _routes_of(scope["app"]).get(route, frozenset())
+    if tags == {TEI}:
         return True
-    keys, body = SHARED_ROUTES_TEI_KEYS.get(route), scope.get(_BODY)
-    if keys is None or not body:
+    keys = SHARED_ROUTES_TEI_KEYS.get(route) if TEI in tags else None
+    if keys is None:
+        return False
+    if isinstance(parsed, (dict, list)):  # FastAPI parsed it already (RequestValidationError.body)
+        return is_tei_body(parsed, keys)
+    body = scope.get(_BODY) or b""
+    # Without one of the keys in the bytes it is no TEI body, unless a key is \u-escaped.
+    if not any(f'"{k}"'.encode() in body for k in keys) and b"\\u" not in body:
         return False
     try:
         return is_tei_body(json.loads(body), keys)
@@ -105,8 +122,21 @@ def _tei_form(scope: Scope) -> bool:
         return False
 
 
+def _refuse(
+    scope: Scope,
+    status: int,
+    kind: str,
+    message: str,
+    field: str | None,
+    headers: dict[str, str] | None = None,
+    parsed: Any = _UNPARSED,
+) -> JSONResponse:
+    """The error answer, in the shape of the request's client (``_tei_form``)."""
+    return error_response(status, kind, message, field, headers, tei=_tei_form(scope, parsed))
+
+
 def _answer(request: Request, status: int, kind: str, message: str, field: str | None) -> JSONResponse:
-    return error_response(status, kind, message, field, tei=_tei_form(request.scope))
+    return _refuse(request.scope, status, kind, message, field)
 
 
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -167,6 +197,7 @@ def _token_ids(body: Any, field: str) -> bool:
 
 
 async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    _tei_form(request.scope, e.body)  # the body FastAPI parsed tells the error's shape
     errors = e.errors() or [{}]
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ())]
@@ -324,12 +355,19 @@ def _route_of(scope: Scope) -> str:
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root) and path != root:
         path = path[len(root) :]
-    return path if path in _paths_of(scope["app"]) else "other"
+    return path if path in _routes_of(scope["app"]) else "other"
 
 
-def _paths_of(app: FastAPI) -> set[str]:
-    """The paths of the app's endpoints (its OpenAPI schema's, which FastAPI builds once)."""
-    return set(app.openapi().get("paths", {}))
+def _routes_of(app: FastAPI) -> dict[str, frozenset[str]]:
+    """Each endpoint's path and its OpenAPI tags (from the app's schema), worked out once per app."""
+    routes = getattr(app.state, "raytrieve_routes", None)
+    if routes is None:
+        routes = {
+            path: frozenset(tag for op in ops.values() if isinstance(op, dict) for tag in op.get("tags", ()))
+            for path, ops in app.openapi().get("paths", {}).items()
+        }
+        app.state.raytrieve_routes = routes
+    return routes
 
 
 def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | None:
@@ -340,29 +378,22 @@ def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | No
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode("latin-1"), ingress.token.encode()
         ):
-            return error_response(
+            return _refuse(
+                scope,
                 401,
                 "unauthorized",
                 "missing or wrong bearer token (Authorization: Bearer ...)",
                 "authorization",
                 headers={"WWW-Authenticate": "Bearer"},
-                tei=_tei_form(scope),
             )
     length = headers.get("content-length")
     if length is not None:
         # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
         if not (length.isascii() and length.isdigit()):
-            return error_response(
-                400, "invalid_request", "Content-Length is not a number", "content-length", tei=_tei_form(scope)
-            )
+            return _refuse(scope, 400, "invalid_request", "Content-Length is not a number", "content-length")
         if int(length) > ingress.limits.max_body_bytes:
-            return error_response(
-                413,
-                "too_large",
-                f"body of {length} bytes, at most {ingress.limits.max_body_bytes}",
-                "body",
-                tei=_tei_form(scope),
-            )
+            why = f"body of {length} bytes, at most {ingress.limits.max_body_bytes}"
+            return _refuse(scope, 413, "too_large", why, "body")
     return None
 
 
@@ -376,7 +407,7 @@ async def _read_body(scope: dict[str, Any], receive: Any, limit: int) -> tuple[J
         size += len(chunk)
         if size > limit:
             why = f"body over {limit} bytes (sent without Content-Length)"
-            return error_response(413, "too_large", why, "body", tei=_tei_form(scope)), b""
+            return _refuse(scope, 413, "too_large", why, "body"), b""
         chunks.append(chunk)
         if not message.get("more_body", False):
             return None, b"".join(chunks)
