@@ -409,7 +409,7 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
     monkeypatch.setattr(mlflow_run, "start_run", lambda *a, **k: pytest.fail("an MLflow run was opened"))
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     p = prepare(cfg)  # as the finished run claimed its folder, and recorded at its end
-    root = claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces))
+    root = claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), lambda: input_files(p.pieces))
     record_finished(root, {"output_dir": cfg.output_dir, "steps": 6, "run_id": "r1", "model_version": "1",
                            "checkpoint": None, "dropped": [], "tracking_uri": "file:///x", "already_complete": False})
     Path(cfg.output_dir).mkdir(parents=True)
@@ -441,10 +441,13 @@ def test_checkpoints_resume_on_the_same_data_copied_or_moved_and_earlier_stamps_
     train.parent.mkdir()
     shutil.copy(data["train"], train)
 
+    listed = []  # the files are stat'ed (a request each in a bucket) only for an earlier stamp
+
     def claim(path: Path = train):
         cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, {**data, "train": path})
         p = prepare(cfg)
-        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces)), cfg, p
+        files = lambda: listed.append(path) or input_files(p.pieces)  # noqa: E731
+        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), files), cfg, p
 
     root, cfg, p = claim()
     (root / "run" / "step-00000002").mkdir(parents=True)  # as Ray Train leaves a checkpoint
@@ -454,7 +457,7 @@ def test_checkpoints_resume_on_the_same_data_copied_or_moved_and_earlier_stamps_
     moved = tmp_path / "elsewhere.parquet"
     shutil.copy(train, moved)
     assert claim(moved)[0] == root
-    assert json.loads((root / RUN_STAMP).read_text()) == kept
+    assert json.loads((root / RUN_STAMP).read_text()) == kept and listed == []
 
     # The stamp as an earlier raytrieve wrote it (checked against b0d37c6's run_identity): the
     # datasets' paths among the settings, each file's [size, mtime_ns] as the data.
@@ -470,6 +473,7 @@ def test_checkpoints_resume_on_the_same_data_copied_or_moved_and_earlier_stamps_
     assert claim()[0] == root  # resumed, and stamped by the digest from now on
     restamped = json.loads((root / RUN_STAMP).read_text())
     assert restamped["fingerprint"] == kept["fingerprint"] and restamped["mlflow"] == earlier["mlflow"]
+    assert listed == [train]
     (root / RUN_STAMP).write_text(json.dumps(earlier))
     os.utime(train, ns=(2 * 10**18, 2 * 10**18))
     with pytest.raises(ConfigError, match=r"holds checkpoints of a run with other settings or data \(data\..*train"
@@ -498,7 +502,7 @@ def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_mod
     p = prepare(cfg)
 
     def claim():
-        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), input_files(p.pieces))
+        return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), lambda: input_files(p.pieces))
 
     storage = claim()
     first = open_run(storage, uri, cfg, {"lr": "1"})

@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -108,12 +109,17 @@ def _holds_checkpoints(root: Path) -> bool:
 
 
 def claim_checkpoint_dir(
-    cfg: TrainConfig, plan: Plan, where: str, data: dict[str, Any], files: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    plan: Plan,
+    where: str,
+    data: dict[str, Any],
+    files: Callable[[], dict[str, Any]] | None = None,
 ) -> Path:
     """``checkpoint_dir(cfg)``, stamped as this run's; a folder whose checkpoints belong to a run
     with other settings or data (they would resume the wrong training) is refused, naming what
-    differs. ``data``: see ``run_identity``. ``files``: see ``older_run_identity``; a folder an
-    earlier raytrieve stamped by them resumes while they are unchanged, and is stamped anew."""
+    differs. ``data``: see ``run_identity``. ``files``: gives ``older_run_identity``'s files, asked
+    only of a folder an earlier raytrieve stamped by them (listing a bucket's files costs a request
+    each); that folder resumes while they are unchanged, and is stamped anew."""
     from raytrieve._io import write_json
     from raytrieve.config import differences
 
@@ -123,14 +129,15 @@ def claim_checkpoint_dir(
     fingerprint = _fingerprint(identity)
     kept = json.loads(stamp.read_text()) if stamp.exists() else {}
     older = files is not None and _keyed_by_files(kept.get("identity"))
-    theirs = older_run_identity(cfg, plan, files or {}) if older else identity  # as the kept stamp keyed it
+    now = files() if files is not None and older else {}
+    theirs = older_run_identity(cfg, plan, now) if older else identity  # as the kept stamp keyed it
     same = kept.get("fingerprint") == _fingerprint(theirs)
     if kept and not same and _holds_checkpoints(root):
         what = differences(kept.get("identity"), theirs) or "config or data"
         why = (
             "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
             "file written again since, even with the same content, counts as a change there"
-            if older and kept.get("identity", {}).get("data") != files
+            if older and kept.get("identity", {}).get("data") != now
             else ""
         )
         raise ConfigError(

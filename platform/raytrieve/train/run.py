@@ -469,7 +469,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
-    storage = claim_checkpoint_dir(cfg, p.plan, where, training_data(cfg, p), input_files(p.pieces))
+    storage = claim_checkpoint_dir(cfg, p.plan, where, training_data(cfg, p), lambda: input_files(p.pieces))
     earlier = finished_run(storage)
     if earlier is not None and (Path(cfg.output_dir) / "modules.json").exists():
         # As the encoding job does: a finished run's rerun would resume at its last step, train
