@@ -9,7 +9,8 @@ the same values give the same digest however they are cut into batches, row grou
 compressed or stored (parquet, jsonl, csv): each part of each column has its own running hash
 (value lengths, value bytes, null positions), so where a batch ends does not enter any of them.
 Numbers are hashed as float64 (a label file may hold 1 in one file and 1.0 in another; training
-reads both as 1.0), -0.0 as 0.0.
+reads both as 1.0), -0.0 as 0.0. A null adds only its position, whatever its batch's type (a
+JSON block of nulls reads as type null), and an empty batch adds nothing.
 """
 
 from __future__ import annotations
@@ -52,15 +53,22 @@ class ContentDigest:
         pc: Any = pyarrow.compute  # it makes its functions at import time: no stub names them
         if pa.types.is_dictionary(array.type):
             array = array.dictionary_decode()
-        if array.null_count:  # where the nulls are (a null and "" or 0 differ)
-            at = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False)) + self._seen.get(key, 0)
+        base = self._seen.get(key, 0)  # the place of this slice's first value in the column
+        self._seen[key] = base + len(array)
+        if array.null_count:  # where the nulls are (a null and "" or 0 differ); the rest, the values
+            at = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False)) + base
             self._hash(f"{key}/nulls").update(at.astype("<i8").tobytes())
-        self._seen[key] = self._seen.get(key, 0) + len(array)
+            valid = pc.invert(array.is_null())
+            places, array = np.flatnonzero(valid.to_numpy(zero_copy_only=False)) + base, array.filter(valid)
+        else:
+            places = None
+        if len(array) == 0:
+            return
         kind = array.type
         if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-            lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)
+            lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
             self._hash(f"{key}/lengths").update(lengths.astype("<i8").tobytes())
-            self._feed(f"{key}/items", array.flatten())  # the items of this slice, none under a null
+            self._feed(f"{key}/items", array.flatten())
         elif any(
             f(kind)
             for f in (
@@ -79,17 +87,17 @@ class ContentDigest:
             if data is not None and at[-1] > at[0]:
                 self._hash(f"{key}/bytes").update(memoryview(data)[int(at[0]) : int(at[-1])])
         elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-            # As float64, the nulls' places hashed above; integers past 2**53 (ids used as labels)
-            # also exactly, with their places, so two such ids never hash alike.
-            values = pc.fill_null(array.cast(pa.float64(), safe=False), 0.0).to_numpy(zero_copy_only=False)
+            # As float64; integers past 2**53 (ids used as labels) also exactly, with their
+            # places, so two such ids never hash alike.
+            values = array.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
             self._hash(f"{key}/values").update((values.astype("<f8") + 0.0).tobytes())  # -0.0 as 0.0
             if pa.types.is_integer(kind):
-                exact = pc.fill_null(array, 0).to_numpy(zero_copy_only=False)
+                exact = array.to_numpy(zero_copy_only=False)
                 wide = np.flatnonzero(np.abs(exact.astype(np.float64)) >= 2.0**53)
                 if len(wide):
-                    base = self._seen[key] - len(array)
-                    self._hash(f"{key}/wide").update((wide + base).astype("<i8").tobytes())
+                    at = wide + base if places is None else places[wide]
+                    self._hash(f"{key}/wide").update(at.astype("<i8").tobytes())
                     self._hash(f"{key}/wide").update(np.ascontiguousarray(exact[wide]).tobytes())
-        else:  # dates, structs, all-null columns, ...: each value's repr, as text
-            texts = [None if v is None else repr(v) for v in array.to_pylist()]
+        else:  # dates, structs, ...: each value's repr, as text
+            texts = [repr(v) for v in array.to_pylist()]
             self._feed(f"{key}/repr", pa.array(texts, pa.large_string()))
