@@ -145,3 +145,43 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
     moved.datasets[0].path = "/elsewhere/pairs.parquet"  # the same data (its digest) in another place
     assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+
+
+def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaults(tmp_path):
+    """Every setting is part of a run's stamp, so a raytrieve that added one (training.cpu_kernels,
+    say) refused the checkpoints of every run stamped before it. A setting the stamp lacks that
+    holds its default now is no change (a new setting's default trains as runs before it did); set
+    to anything else, or any other difference, it is one."""
+    from raytrieve.train.checkpoint import _fingerprint
+
+    plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
+    data = {"pairs": {"rows": 16, "sha256": "aa"}}
+    root = claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data)
+    (root / "run" / "step-00000004").mkdir(parents=True)
+    now = json.loads((root / RUN_STAMP).read_text())
+
+    def stamped_before(*settings: str, extra: dict | None = None) -> None:
+        """The stamp as a raytrieve without ``settings`` (``extra``: with a setting since gone) wrote it."""
+        identity = json.loads(json.dumps(now["identity"]))
+        for name in settings:
+            section, key = name.split(".")
+            del identity[section][key]
+        identity["training"].update(extra or {})
+        earlier = {"fingerprint": _fingerprint(identity), "identity": identity, "output_dir": now["output_dir"],
+                   "mlflow": {"uri": "file:///x", "run_id": "r1"}}
+        (root / RUN_STAMP).write_text(json.dumps(earlier))
+
+    stamped_before("training.cpu_kernels", "optimizer.max_grad_norm")
+    assert claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data) == root
+    assert json.loads((root / RUN_STAMP).read_text()) == {**now, "mlflow": {"uri": "file:///x", "run_id": "r1"}}
+    refusals = {  # what the refusal names: the one real difference, not the settings added at defaults
+        "optimizer.max_grad_norm: None -> 0.5": (("training.cpu_kernels", "optimizer.max_grad_norm"), {},
+                                                  {"max_grad_norm": 0.5}),
+        "optimizer.learning_rate: 2e-05 -> 0.001)": (("training.cpu_kernels",), {}, {"learning_rate": 1e-3}),
+        "training.old_setting: 1 -> None)": (("training.cpu_kernels",), {"old_setting": 1}, {}),
+    }
+    for differs, (missing, extra, optimizer) in refusals.items():
+        stamped_before(*missing, extra=extra)
+        with pytest.raises(ConfigError) as refused:
+            claim_checkpoint_dir(_config(tmp_path, **optimizer), plan, "job.yaml", data)
+        assert f"({differs}" in str(refused.value) and "cpu_kernels" not in str(refused.value), str(refused.value)

@@ -303,26 +303,40 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
     return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path), overrides=overrides or ())
 
 
-def differences(kept: Any, now: dict[str, Any], limit: int = 4) -> str:
+def flat_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested identity or config dump as ``{"training.batch_size": 32, "datasets.0.loss.name": ...}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # datasets.0.loss.name
+            v = {str(i): x for i, x in enumerate(v)}
+        out.update(flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def settings_at_default(cfg: BaseModel) -> set[str]:
+    """The flat keys (``flat_settings``) of the settings ``cfg`` holds at their defaults."""
+    every = flat_settings(cfg.model_dump(mode="json"))
+    return set(every) - set(flat_settings(cfg.model_dump(mode="json", exclude_defaults=True)))
+
+
+def differing_settings(kept: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """The flat keys whose values differ between two identities (a key one lacks differs)."""
+    old, new = flat_settings(kept), flat_settings(now)
+    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+
+
+def differences(kept: Any, now: dict[str, Any], limit: int = 4, ignore: set[str] | frozenset[str] = frozenset()) -> str:
     """``dense.max_seq_length: 24 -> 16; ...`` between a kept identity (an encoding job's job.json,
     a training run's stamp) and this run's, keys named as in the config (a ``models.`` prefix
-    dropped); "" when none was kept (a folder of an older version)."""
+    dropped), but for those in ``ignore``; "" when none was kept (a folder of an older version)."""
     if not isinstance(kept, dict):
         return ""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # datasets.0.loss.name
-                v = {str(i): x for i, x in enumerate(v)}
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
 
     def short(value: Any) -> str:
         text = repr(value)
         return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
 
-    old, new = flat(kept), flat(now)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    old, new = flat_settings(kept), flat_settings(now)
+    keys = sorted(differing_settings(kept, now) - set(ignore))
     shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
     return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")

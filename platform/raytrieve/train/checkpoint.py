@@ -102,6 +102,17 @@ def _keyed_by_files(identity: Any) -> bool:
     return isinstance(data, dict) and any(isinstance(v, list) for v in data.values())
 
 
+def _added_at_default(kept: Any, identity: dict[str, Any], cfg: TrainConfig) -> set[str]:
+    """The settings ``identity`` has, a kept identity lacks, and ``cfg`` holds at their defaults:
+    settings a later raytrieve added. The rule for adding a training setting is that its default
+    trains as runs before it did, so these are no change (one set otherwise is one)."""
+    from raytrieve.config import flat_settings, settings_at_default
+
+    if not isinstance(kept, dict):
+        return set()
+    return (set(flat_settings(identity)) - set(flat_settings(kept))) & settings_at_default(cfg)
+
+
 def _holds_checkpoints(root: Path) -> bool:
     """Whether Ray Train registered a checkpoint of the run in ``root`` (a run stopped before
     its first one left nothing to resume, so a changed config may start there afresh)."""
@@ -121,7 +132,7 @@ def claim_checkpoint_dir(
     only of a folder an earlier raytrieve stamped by them (listing a bucket's files costs a request
     each); that folder resumes while they are unchanged, and is stamped anew."""
     from raytrieve._io import write_json
-    from raytrieve.config import differences
+    from raytrieve.config import differences, differing_settings
 
     root = checkpoint_dir(cfg)
     stamp = root / RUN_STAMP
@@ -131,9 +142,14 @@ def claim_checkpoint_dir(
     older = files is not None and _keyed_by_files(kept.get("identity"))
     now = files() if files is not None and older else {}
     theirs = older_run_identity(cfg, plan, now) if older else identity  # as the kept stamp keyed it
-    same = kept.get("fingerprint") == _fingerprint(theirs)
+    # Settings a later raytrieve added, at their defaults, are no change: checkpoints resume
+    # across such an upgrade (and are stamped anew).
+    added = _added_at_default(kept.get("identity"), theirs, cfg)
+    same = kept.get("fingerprint") == _fingerprint(theirs) or (
+        bool(added) and differing_settings(kept["identity"], theirs) == added
+    )
     if kept and not same and _holds_checkpoints(root):
-        what = differences(kept.get("identity"), theirs) or "config or data"
+        what = differences(kept.get("identity"), theirs, ignore=added) or "config or data"
         why = (
             "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
             "file written again since, even with the same content, counts as a change there"

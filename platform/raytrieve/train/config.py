@@ -2,6 +2,10 @@
 name the key. Everything here is checked before any cluster work starts.
 
     cfg = load_train_config("jobs/configs/dense_mnrl.yaml", ["training.batch_size=64"])
+
+Adding a setting: its default must train as runs made before it did. A run's checkpoints are
+stamped with every setting (train/checkpoint.py), and resume across an upgrade only because a
+setting the stamp lacks is taken to be at that old behaviour when it holds its default.
 """
 
 from __future__ import annotations
