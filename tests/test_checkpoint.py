@@ -164,14 +164,19 @@ def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaul
         """The stamp as a raytrieve without ``settings`` (``extra``: with a setting since gone) wrote it."""
         identity = json.loads(json.dumps(now["identity"]))
         for name in settings:
-            section, key = name.split(".")
-            del identity[section][key]
+            *path, key = name.split(".")
+            owner = identity
+            for part in path:
+                owner = owner[int(part)] if isinstance(owner, list) else owner[part]
+            del owner[key]
         identity["training"].update(extra or {})
         earlier = {"fingerprint": _fingerprint(identity), "identity": identity, "output_dir": now["output_dir"],
                    "mlflow": {"uri": "file:///x", "run_id": "r1"}}
         (root / RUN_STAMP).write_text(json.dumps(earlier))
 
-    stamped_before("training.cpu_kernels", "optimizer.max_grad_norm")
+    # Defaults of each kind: a flag, a number, null, an empty mapping, a whole section.
+    stamped_before("training.cpu_kernels", "optimizer.max_grad_norm", "model.max_seq_length",
+                   "datasets.0.router_mapping", "datasets.0.loss.args", "optimizer")
     assert claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data) == root
     assert json.loads((root / RUN_STAMP).read_text()) == {**now, "mlflow": {"uri": "file:///x", "run_id": "r1"}}
     refusals = {  # what the refusal names: the one real difference, not the settings added at defaults
@@ -179,9 +184,39 @@ def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaul
                                                   {"max_grad_norm": 0.5}),
         "optimizer.learning_rate: 2e-05 -> 0.001)": (("training.cpu_kernels",), {}, {"learning_rate": 1e-3}),
         "training.old_setting: 1 -> None)": (("training.cpu_kernels",), {"old_setting": 1}, {}),
+        # A new section judged whole: one of its settings set otherwise is a change.
+        "optimizer.weight_decay: None -> 0.5)": (("optimizer",), {}, {"weight_decay": 0.5}),
     }
     for differs, (missing, extra, optimizer) in refusals.items():
         stamped_before(*missing, extra=extra)
         with pytest.raises(ConfigError) as refused:
             claim_checkpoint_dir(_config(tmp_path, **optimizer), plan, "job.yaml", data)
         assert f"({differs}" in str(refused.value) and "cpu_kernels" not in str(refused.value), str(refused.value)
+
+
+def test_a_setting_a_stamp_lacks_is_held_against_its_own_default():
+    """The rule on its own: an optional section added since is at its default only while it is
+    null (not when set to a section of defaults), a new section's leaves against the section's
+    default, a null or empty-mapping default counts, and a null the stamp held is no new setting."""
+    from pydantic import BaseModel
+
+    from raytrieve.config import added_settings_at_default, differing_settings
+
+    class Sub(BaseModel):
+        a: int = 1
+        b: dict = {}
+
+    class Cfg(BaseModel):
+        x: int = 0
+        opt: Sub | None = None
+        sub: Sub = Sub()
+        n: int | None = None
+
+    def forgiven(kept: dict, cfg: Cfg) -> tuple[set, set]:
+        now = json.loads(json.dumps(cfg.model_dump(mode="json")))
+        return added_settings_at_default(kept, now, cfg), differing_settings(kept, now)
+
+    assert forgiven({"x": 0}, Cfg()) == ({"opt", "sub.a", "sub.b", "n"},) * 2
+    assert forgiven({"x": 0}, Cfg(opt=Sub(), sub=Sub(a=2), n=3)) == ({"sub.b"}, {"opt.a", "opt.b", "sub.a", "sub.b", "n"})
+    assert forgiven({"x": 0, "sub": {"a": 1}, "n": None, "opt": None}, Cfg(opt=Sub())) == (
+        {"sub.b"}, {"sub.b", "opt", "opt.a", "opt.b"})

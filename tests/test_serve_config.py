@@ -615,6 +615,8 @@ def test_the_error_shape_follows_the_routes_tags_and_the_body_sent():
     even refusals before the body is read; a route tagged TEI and raytrieve answers in the shape
     of the body sent (TEI's keys, \\u-escaped too); an OpenAI route in OpenAI's. The tags are read
     from the app's OpenAPI schema, so routes included as one router (Serve's way) count too."""
+    import json
+
     from fastapi import APIRouter, FastAPI
     from pydantic import BaseModel, ConfigDict
     from starlette.testclient import TestClient
@@ -676,6 +678,11 @@ def test_the_error_shape_follows_the_routes_tags_and_the_body_sent():
                 shape(post("/rerank", '{"texts": ["a"]', )), shape(post("/rerank", '{"texts": ["a"]}', {}))
                 ] == ["openai"] * 6, included
         assert shape(post("/v1/embeddings", '{"texts": ["a"]}')) == "openai"
+        # json.loads reads UTF-16 and UTF-32 too, where the key's bytes are not the UTF-8 ones.
+        for encoding in ("utf-16", "utf-32-le"):
+            assert [shape(client.post("/rerank", content=json.dumps(b).encode(encoding), headers={
+                **auth, "Content-Type": "application/json"})) for b in ({"texts": ["a"]}, {"documents": ["a"]})
+            ] == ["tei", "openai"], encoding
         assert post("/rerank", '{"texts": ["a"]}').json() == {"error": "query: missing", "error_type": "Validation",
                                                               "field": "query"}
 

@@ -228,6 +228,8 @@ def test_the_content_digest_sees_values_not_how_they_are_cut():
     assert _digest(pa.table({"d": [["a"], ["b", "c"]]})) != _digest(pa.table({"d": [["a", "b"], ["c"]]}))
     assert _digest(pa.table({"t": [None]}, schema=pa.schema([("t", pa.string())]))) != _digest(pa.table({"t": [""]}))
     assert _digest(pa.table({"s": pa.array([1, 0], pa.int64())})) == _digest(pa.table({"s": [1.0, -0.0]}))
+    # Empty lists whose items a reader typed as null (nothing said otherwise) are empty lists of text.
+    assert _digest(pa.table({"d": [[], []]})) == _digest(pa.table({"d": pa.array([[], []], pa.list_(pa.string()))}))
 
 
 def test_the_same_data_in_any_file_layout_has_one_digest(data):

@@ -304,25 +304,72 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
 
 
 def flat_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested identity or config dump as ``{"training.batch_size": 32, "datasets.0.loss.name": ...}``."""
+    """A nested identity or config dump as ``{"training.batch_size": 32, "datasets.0.loss.name": ...}``
+    (an empty mapping is a value of its own: ``{"model.router_mapping": {}}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # datasets.0.loss.name
             v = {str(i): x for i, x in enumerate(v)}
-        out.update(flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 
 
-def settings_at_default(cfg: BaseModel) -> set[str]:
-    """The flat keys (``flat_settings``) of the settings ``cfg`` holds at their defaults."""
-    every = flat_settings(cfg.model_dump(mode="json"))
-    return set(every) - set(flat_settings(cfg.model_dump(mode="json", exclude_defaults=True)))
+_ABSENT = object()
 
 
 def differing_settings(kept: dict[str, Any], now: dict[str, Any]) -> set[str]:
-    """The flat keys whose values differ between two identities (a key one lacks differs)."""
+    """The flat keys whose values differ between two identities (a key one lacks differs, even
+    from a null)."""
     old, new = flat_settings(kept), flat_settings(now)
-    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    return {k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+
+
+def added_settings_at_default(kept: dict[str, Any], now: dict[str, Any], cfg: BaseModel) -> set[str]:
+    """The flat keys of ``now`` (an identity dumped from ``cfg``) under settings ``kept`` lacks,
+    whose values are their settings' defaults: settings a later raytrieve added, left as they
+    were. A setting is the outermost field ``kept`` lacks, and its default that field's own (a
+    new section's leaves are held against the section's default, an optional one's against null)."""
+    from pydantic_core import to_jsonable_python
+
+    old, new = flat_settings(kept), flat_settings(now)
+    out: set[str] = set()
+    for key in set(new) - set(old):
+        parts = key.split(".")
+        depth = next(i for i in range(1, len(parts) + 1) if not _has_path(kept, parts[:i]))
+        # Added: missing from a section the stamp has (not under a value it held, e.g. a null).
+        field = _field_at(cfg, parts[:depth]) if _has_path(kept, parts[: depth - 1], sections=True) else None
+        if field is None:
+            continue
+        default = to_jsonable_python(field.get_default(call_default_factory=True))
+        if flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]:
+            out.add(key)
+    return out
+
+
+def _has_path(tree: Any, parts: list[str], sections: bool = False) -> bool:
+    """Whether ``tree`` has a value at ``parts`` (``sections``: a mapping or list there)."""
+    for part in parts:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return False
+    return isinstance(tree, (dict, list)) if sections else True
+
+
+def _field_at(cfg: BaseModel, parts: list[str]) -> Any:
+    """The pydantic field at ``parts`` of ``cfg`` (None for what is no field: a key inside a
+    mapping setting, an identity's own "plan" or "data")."""
+    owner: Any = cfg
+    for part in parts[:-1]:
+        if isinstance(owner, list) and part.isdigit() and int(part) < len(owner):
+            owner = owner[int(part)]
+        elif isinstance(owner, BaseModel) and part in type(owner).model_fields:
+            owner = getattr(owner, part)
+        else:
+            return None
+    return type(owner).model_fields.get(parts[-1]) if isinstance(owner, BaseModel) else None
 
 
 def differences(kept: Any, now: dict[str, Any], limit: int = 4, ignore: set[str] | frozenset[str] = frozenset()) -> str:

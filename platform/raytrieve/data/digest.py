@@ -10,7 +10,8 @@ compressed or stored (parquet, jsonl, csv): each part of each column has its own
 (value lengths, value bytes, null positions), so where a batch ends does not enter any of them.
 Numbers are hashed as float64 (a label file may hold 1 in one file and 1.0 in another; training
 reads both as 1.0), -0.0 as 0.0. A null adds only its position, whatever its batch's type (a
-JSON block of nulls reads as type null), and an empty batch adds nothing.
+JSON block of nulls reads as type null), and an empty batch or list adds nothing (a reader may
+type the items of empty lists as null).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class ContentDigest:
             places, array = np.flatnonzero(valid.to_numpy(zero_copy_only=False)) + base, array.filter(valid)
         else:
             places = None
-        if len(array) == 0:
+        if len(array) == 0:  # no values: nothing to add, whatever type a reader gave them
             return
         kind = array.type
         if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):

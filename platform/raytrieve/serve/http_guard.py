@@ -113,8 +113,10 @@ def _decide_form(scope: Scope, parsed: Any) -> bool:
     if isinstance(parsed, (dict, list)):  # FastAPI parsed it already (RequestValidationError.body)
         return is_tei_body(parsed, keys)
     body = scope.get(_BODY) or b""
-    # Without one of the keys in the bytes it is no TEI body, unless a key is \u-escaped.
-    if not any(f'"{k}"'.encode() in body for k in keys) and b"\\u" not in body:
+    # Without one of the keys in the bytes it is no TEI body, unless a key is \u-escaped or the
+    # body is UTF-16 or UTF-32 (json.loads reads those too: a zero byte or a BOM at the start).
+    wide = body[:1] in (b"\xff", b"\xfe", b"\xef") or b"\x00" in body[:4]
+    if not wide and not any(f'"{k}"'.encode() in body for k in keys) and b"\\u" not in body:
         return False
     try:
         return is_tei_body(json.loads(body), keys)

@@ -246,12 +246,12 @@ class CohereRerankV2Request(ClientBody):
     # Not here: relevant_spans.
 
 
-# The routes that take raytrieve's body or TEI's, and the keys only TEI's has.
 # The OpenAPI tags of the routes (app.py): whose API a route speaks. /docs groups routes by
 # them, and the error shape follows them: a route tagged TEI alone answers errors in TEI's shape;
 # a route tagged TEI and raytrieve takes either's body (its TEI keys below) and answers in the
 # shape of the body it was sent.
 RAYTRIEVE, OPENAI, COHERE, TEI = "raytrieve", "OpenAI", "Cohere and Jina", "TEI"
+# The routes that take raytrieve's body or TEI's, and the keys only TEI's has.
 SHARED_ROUTES_TEI_KEYS = {"/embed_sparse": ("inputs",), "/rerank": ("texts",)}
 
 

@@ -103,14 +103,13 @@ def _keyed_by_files(identity: Any) -> bool:
 
 
 def _added_at_default(kept: Any, identity: dict[str, Any], cfg: TrainConfig) -> set[str]:
-    """The settings ``identity`` has, a kept identity lacks, and ``cfg`` holds at their defaults:
-    settings a later raytrieve added. The rule for adding a training setting is that its default
-    trains as runs before it did, so these are no change (one set otherwise is one)."""
-    from raytrieve.config import flat_settings, settings_at_default
+    """The settings ``identity`` has, a kept identity lacks, and ``cfg`` holds at their defaults
+    (``config.added_settings_at_default``): settings a later raytrieve added. The rule for adding
+    a training setting is that its default trains as runs before it did, so these are no change
+    (one set otherwise is one)."""
+    from raytrieve.config import added_settings_at_default
 
-    if not isinstance(kept, dict):
-        return set()
-    return (set(flat_settings(identity)) - set(flat_settings(kept))) & settings_at_default(cfg)
+    return added_settings_at_default(kept, identity, cfg) if isinstance(kept, dict) else set()
 
 
 def _holds_checkpoints(root: Path) -> bool:
