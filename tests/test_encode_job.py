@@ -206,7 +206,7 @@ def test_bad_input_is_refused_before_any_encoding(ray_cluster, tiny_models, tmp_
         run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense,
                            corpus={"path": str(tmp_path / "corpus.parquet"), "text_column": "body"}))
     with pytest.raises(DataError, match=r"3 bad row\(s\): row 3 \(null text\); row 7 \(empty text\); row 12 "
-                                        r"\(duplicate id.*bad_rows: skip"):
+                                        r"\(duplicate id \(row 11 has it first\).*bad_rows: skip"):
         run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense=dense, bad_rows="fail"))
     with pytest.raises(ConfigError, match="truncate_dim=64 exceeds the model's 32"):
         run_encode(_config(tmp_path, tmp_path / "corpus.parquet", dense={**dense, "truncate_dim": 64}))
@@ -800,5 +800,5 @@ def test_the_duplicate_summary_counts_every_block_and_lists_the_earliest_last_ro
     order = np.argsort(lasts)[:5]
     assert got_ids == n_ids
     assert got_extra == int((counts - 1).sum())
-    assert got_examples == [(ids[i], int(lasts[i])) for i in order]
+    assert got_examples == [(ids[i], int(lasts[i]), int(firsts[i])) for i in order]
     assert _summarize(5) == (0, 0, [])

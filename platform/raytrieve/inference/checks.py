@@ -38,27 +38,26 @@ class Duplicates:
 
     ids: int = 0  # ids held by more than one row
     extra_rows: int = 0  # their rows after each one's first: the rows left out as duplicates
-    # The ``EXAMPLES`` ids whose last row comes first: (id, position of that row).
-    examples: list[tuple[str, int]] = field(default_factory=list)
+    # The ``EXAMPLES`` ids whose last row comes first: (id, position of that row, of its first).
+    examples: list[tuple[str, int, int]] = field(default_factory=list)
     # ObjectRefs of tables (id, count, first, last): every repeated id, with ``first`` the
     # position (shard << 32 | row) of the row that keeps it.
     blocks: list[Any] = field(default_factory=list)
 
 
-def _summarize(n: int, *tables: Any) -> tuple[int, int, list[tuple[str, int]]]:
+def _summarize(n: int, *tables: Any) -> tuple[int, int, list[tuple[str, int, int]]]:
     """Runs as a Ray task on a worker: counts of the duplicate table and its ``n`` ids whose
     last row is earliest (the order an error lists bad rows in)."""
     ids = extra = 0
-    examples: list[tuple[str, int]] = []
+    examples: list[tuple[str, int, int]] = []
     for t in tables:
         if t.num_rows == 0:  # Ray's all-to-all operators may emit empty blocks without columns
             continue
         ids += t.num_rows
         extra += sum(t.column("count").to_pylist()) - t.num_rows
         head = t.sort_by("last").slice(0, n)
-        examples = sorted(
-            examples + list(zip(head.column("id").to_pylist(), head.column("last").to_pylist())), key=lambda e: e[1]
-        )[:n]
+        rows = zip(head.column("id").to_pylist(), head.column("last").to_pylist(), head.column("first").to_pylist())
+        examples = sorted(examples + list(rows), key=lambda e: e[1])[:n]
     return ids, extra, examples
 
 
@@ -145,11 +144,17 @@ def first_bad_rows(
     scanned: ScanResult, duplicates: Duplicates, cfg: EncodeConfig, n: int
 ) -> list[tuple[int, str | None, str]]:
     """The first ``n`` bad rows of the input, with their row numbers in the whole input. Each
-    repeated id stands for its last row (n ids listed, not every repeated row)."""
+    repeated id stands for its last row, naming the row that keeps it (n ids listed, not every
+    repeated row)."""
+
+    def number(position: int) -> int:
+        shard, row = split_position(position)
+        return scanned.offsets[shard] + row
+
     rows = list(scanned.examples)
-    for id_, last in duplicates.examples:
-        shard, row = split_position(last)
-        rows.append((scanned.offsets[shard] + row, id_, f"duplicate {cfg.corpus.id_column} (an earlier row has it)"))
+    for id_, last, first in duplicates.examples:
+        why = f"duplicate {cfg.corpus.id_column} (row {number(first)} has it first)"
+        rows.append((number(last), id_, why))
     return sorted(rows, key=lambda r: r[0])[:n]
 
 
