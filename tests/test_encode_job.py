@@ -713,6 +713,58 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
         encode.run_encode(cfg)
 
 
+def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its_default(tiny_models, tmp_path,
+                                                                                        monkeypatch):
+    """A corpus or job setting added since a folder was written (corpus.title_separator, say)
+    refused that folder: a whole corpus to encode again after an upgrade. At its default it is
+    no change, and the run takes on the folder's own identity (its shards' key); set otherwise,
+    the refusal names it and not the settings left at their defaults."""
+    import raytrieve.inference.encode as encode
+    from raytrieve.data.sources import open_source, plan_shards
+    from raytrieve.inference import shards
+    from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
+                                                 older_weights_rules, resolve_outputs)
+
+    RayStarted = _stop_where_ray_starts(monkeypatch)
+    corpus = tmp_path / "corpus.parquet"
+    _corpus(corpus, 30, bad=False)
+    cfg = _config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])})
+    out = Path(cfg.output_dir)
+    source = open_source(str(corpus), None, field="corpus.path")
+    now = job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)), "c")[1])
+
+    def written_before(identity, *settings):
+        kept = json.loads(json.dumps(identity))
+        for name in settings:
+            *path, key = name.split(".")
+            owner = kept
+            for part in path:
+                owner = owner[part]
+            del owner[key]
+        out.mkdir(exist_ok=True)
+        (out / shards.JOB).write_text(json.dumps({"fingerprint": job_fingerprint(kept), "identity": kept}))
+        return kept
+
+    kept = written_before(now, "corpus.title_separator", "check_duplicate_ids")
+    assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    # Under an earlier weights rule too: the folder's identity, not this rule's.
+    older = dict(older_weights_rules(now))["top-level files"]
+    kept = written_before(older, "corpus.title_separator")
+    assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
+    written_before(now, "corpus.title_separator", "check_duplicate_ids")
+    with pytest.raises(ConfigError, match=r"\(that job -> this one: corpus.title_separator: None -> ' \| '\); run it"):
+        encode.run_encode(_config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])},
+                                  corpus={"path": str(corpus), "title_separator": " | "}))
+    with pytest.raises(ConfigError, match=r"\(that job -> this one: check_duplicate_ids: None -> False\); run it"):
+        encode.run_encode(_config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])},
+                                  check_duplicate_ids=False))
+    # Without cfg (the bare folder check) nothing is forgiven.
+    with pytest.raises(ConfigError, match="holds the output of a different encoding job"):
+        claim_output(shards.OutputStore(str(out)), now, "config")
+
+
 def test_the_mtime_key_of_earlier_job_folders_is_unchanged(tmp_path):
     """Job folders written by earlier versions are keyed by ``assets.fingerprint`` and resume
     only while it gives what it gave them. Golden value from commit 8691269's code on this tree

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raytrieve.config import differences
+from raytrieve.config import added_settings_at_default, differences, differing_settings
 from raytrieve.data.sources import ShardSpec, Source, read_shard
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
@@ -181,12 +181,18 @@ def job_fingerprint(identity: dict[str, Any]) -> str:
 
 
 def claim_output(
-    store: shards.OutputStore, identity: dict[str, Any] | None, where: str, scratch: bool = False
+    store: shards.OutputStore,
+    identity: dict[str, Any] | None,
+    where: str,
+    scratch: bool = False,
+    cfg: EncodeConfig | None = None,
 ) -> dict[str, Any] | None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
     Returns the identity the folder is this job's under: ``identity``, or for a folder of an
     earlier raytrieve whose models were keyed by another rule, the same identity under that rule
-    (``older_weights_rules``), so that its shards are reused.
+    (``older_weights_rules``), so that its shards are reused; or for a folder of an earlier
+    raytrieve that lacked settings ``cfg`` holds at their defaults (``config.added_settings_at_default``:
+    a new setting's default encodes as jobs before it did), the folder's own identity.
     ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
     folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
     output in it is replaced, not refused: the user never named that folder, and no advice about
@@ -203,9 +209,17 @@ def claim_output(
                 if job.get("fingerprint") == job_fingerprint(older):
                     log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.location, rule)
                     return older
+            kept = job.get("identity")
+            if cfg is not None and isinstance(kept, dict) and job.get("fingerprint") == job_fingerprint(kept):
+                for candidate in [identity, *(older for _, older in olders)]:
+                    added = added_settings_at_default(kept, candidate, cfg)
+                    if added and differing_settings(kept, candidate) == added:
+                        log.info(
+                            "%s: an encoding job of an earlier raytrieve, before %s", store.location, sorted(added)
+                        )
+                        return kept
             # An earlier raytrieve's folder is told apart by what differs under its own rule: its
             # models' keys always differ from this rule's, which would name a change nobody made.
-            kept = job.get("identity")
             kept_models = (kept.get("models") or {}) if isinstance(kept, dict) else {}
             basis = next(
                 (
@@ -215,7 +229,10 @@ def claim_output(
                 ),
                 identity,
             )
-            differs = differences(kept, basis)
+            ignore = (
+                added_settings_at_default(kept, basis, cfg) if cfg is not None and isinstance(kept, dict) else set()
+            )
+            differs = differences(kept, basis, ignore=ignore)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
