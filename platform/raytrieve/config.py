@@ -338,7 +338,7 @@ def added_settings_at_default(kept: dict[str, Any], now: dict[str, Any], cfg: Ba
         depth = next(i for i in range(1, len(parts) + 1) if not _has_path(kept, parts[:i]))
         # Added: missing from a section the stamp has (not under a value it held, e.g. a null).
         field = _field_at(cfg, parts[:depth]) if _has_path(kept, parts[: depth - 1], sections=True) else None
-        if field is None:
+        if field is None or field.is_required():  # a required setting has no default to be at
             continue
         default = to_jsonable_python(field.get_default(call_default_factory=True))
         if flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]:
