@@ -733,7 +733,7 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
     source = open_source(str(corpus), None, field="corpus.path")
     now = job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)), "c")[1])
 
-    def written_before(identity, *settings):
+    def written_before(identity, *settings, config=None):
         kept = json.loads(json.dumps(identity))
         for name in settings:
             *path, key = name.split(".")
@@ -742,13 +742,24 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
                 owner = owner[part]
             del owner[key]
         out.mkdir(exist_ok=True)
-        (out / shards.JOB).write_text(json.dumps({"fingerprint": job_fingerprint(kept), "identity": kept}))
+        job = {"fingerprint": job_fingerprint(kept), "identity": kept, **({"config": config} if config else {})}
+        (out / shards.JOB).write_text(json.dumps(job))
         return kept
 
     kept = written_before(now, "corpus.title_separator", "check_duplicate_ids")
     assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
+    keyed = []  # the job's shards are keyed by the folder's identity, so they are reused
+    monkeypatch.setattr(encode, "job_fingerprint", lambda i: keyed.append(i) or job_fingerprint(i))
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
+    assert keyed == [kept]
+    # A setting the job's identity lacks but its kept config held at another value was set then.
+    held = {"check_duplicate_ids": False, "corpus": {"title_separator": " "}}
+    written_before(now, "corpus.title_separator", "check_duplicate_ids", config=held)
+    with pytest.raises(ConfigError, match=r"\(that job -> this one: check_duplicate_ids: None -> True\); run it"):
+        encode.run_encode(cfg)
+    kept = written_before(now, "check_duplicate_ids", config={**held, "check_duplicate_ids": True})
+    assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
     # Under an earlier weights rule too: the folder's identity, not this rule's.
     older = dict(older_weights_rules(now))["top-level files"]
     kept = written_before(older, "corpus.title_separator")

@@ -12,6 +12,7 @@ or a list of them, ``X | list[X]``, reports only the errors of the shape it was 
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Sequence
@@ -324,51 +325,65 @@ def differing_settings(kept: dict[str, Any], now: dict[str, Any]) -> set[str]:
     return {k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 
 
-def added_settings_at_default(kept: dict[str, Any], now: dict[str, Any], cfg: BaseModel) -> set[str]:
+def added_settings_at_default(
+    kept: Any, now: dict[str, Any], cfg: BaseModel, held: dict[str, Any] | None = None
+) -> set[str]:
     """The flat keys of ``now`` (an identity dumped from ``cfg``) under settings ``kept`` lacks,
     whose values are their settings' defaults: settings a later raytrieve added, left as they
     were. A setting is the outermost field ``kept`` lacks, and its default that field's own (a
-    new section's leaves are held against the section's default, an optional one's against null)."""
+    new section's leaves are held against the section's default, an optional one's against null).
+    ``held``: the whole config ``kept`` was made from, where one was kept beside it; a setting it
+    held at another value is no added one (an earlier raytrieve had it, but not in the identity).
+    Empty when ``kept`` is no identity (a folder of a version that kept none)."""
     from pydantic_core import to_jsonable_python
 
+    if not isinstance(kept, dict):
+        return set()
     old, new = flat_settings(kept), flat_settings(now)
+    was = flat_settings(json.loads(json.dumps(held, default=str))) if isinstance(held, dict) else {}
     out: set[str] = set()
     for key in set(new) - set(old):
         parts = key.split(".")
-        depth = next(i for i in range(1, len(parts) + 1) if not _has_path(kept, parts[:i]))
+        depth = next(i for i in range(1, len(parts) + 1) if _value_at(kept, parts[:i]) is _ABSENT)
         # Added: missing from a section the stamp has (not under a value it held, e.g. a null).
-        field = _field_at(cfg, parts[:depth]) if _has_path(kept, parts[: depth - 1], sections=True) else None
+        section = _value_at(kept, parts[: depth - 1])
+        field = _field_at(cfg, parts[:depth]) if isinstance(section, (dict, list)) else None
         if field is None or field.is_required():  # a required setting has no default to be at
             continue
         default = to_jsonable_python(field.get_default(call_default_factory=True))
-        if flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]:
+        at_default = flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]
+        if at_default and was.get(key, new[key]) == new[key]:
             out.add(key)
     return out
 
 
-def _has_path(tree: Any, parts: list[str], sections: bool = False) -> bool:
-    """Whether ``tree`` has a value at ``parts`` (``sections``: a mapping or list there)."""
+def only_added_at_default(kept: Any, now: dict[str, Any], cfg: BaseModel, held: dict[str, Any] | None = None) -> bool:
+    """Whether all that tells ``now`` from ``kept`` is settings a later raytrieve added, at their
+    defaults (``added_settings_at_default``): the same run or job, kept by an earlier version.
+    The rule for adding a setting that is part of an identity is that its default behaves as
+    the versions before it did."""
+    added = added_settings_at_default(kept, now, cfg, held)
+    return bool(added) and differing_settings(kept, now) == added
+
+
+def _value_at(tree: Any, parts: list[str]) -> Any:
+    """What ``tree`` (nested mappings, lists and pydantic models) holds at ``parts``, or ``_ABSENT``."""
     for part in parts:
         if isinstance(tree, dict) and part in tree:
             tree = tree[part]
         elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
             tree = tree[int(part)]
+        elif isinstance(tree, BaseModel) and part in type(tree).model_fields:
+            tree = getattr(tree, part)
         else:
-            return False
-    return isinstance(tree, (dict, list)) if sections else True
+            return _ABSENT
+    return tree
 
 
 def _field_at(cfg: BaseModel, parts: list[str]) -> Any:
     """The pydantic field at ``parts`` of ``cfg`` (None for what is no field: a key inside a
     mapping setting, an identity's own "plan" or "data")."""
-    owner: Any = cfg
-    for part in parts[:-1]:
-        if isinstance(owner, list) and part.isdigit() and int(part) < len(owner):
-            owner = owner[int(part)]
-        elif isinstance(owner, BaseModel) and part in type(owner).model_fields:
-            owner = getattr(owner, part)
-        else:
-            return None
+    owner = _value_at(cfg, parts[:-1])
     return type(owner).model_fields.get(parts[-1]) if isinstance(owner, BaseModel) else None
 
 

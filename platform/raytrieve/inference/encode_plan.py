@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raytrieve.config import added_settings_at_default, differences, differing_settings
+from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 from raytrieve.data.sources import ShardSpec, Source, read_shard
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
@@ -147,7 +147,11 @@ def job_identity(
     """What a rerun must share with the output it finds: settings, models and the shard plan
     (as JSON values: job.json keeps it, so a refusal can say what differs). The corpus
     *content* is not in it: each shard carries its own content checksum. ``location``: where the
-    corpus will be read from, when that is not where ``source`` is now (a staged dataset)."""
+    corpus will be read from, when that is not where ``source`` is now (a staged dataset).
+
+    Adding a corpus or job setting: its default must encode as jobs before it did. A folder
+    written before it existed then resumes while the setting is at its default (``claim_output``,
+    ``config.only_added_at_default``); a default that changed the vectors would resume wrong ones."""
     from raytrieve import assets
 
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
@@ -210,13 +214,14 @@ def claim_output(
                     log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.location, rule)
                     return older
             kept = job.get("identity")
+            # The job's whole config, kept beside its identity: a setting the identity lacks but
+            # the config held otherwise was set, whatever the identity says.
+            held = job.get("config")
             if cfg is not None and isinstance(kept, dict) and job.get("fingerprint") == job_fingerprint(kept):
                 for candidate in [identity, *(older for _, older in olders)]:
-                    added = added_settings_at_default(kept, candidate, cfg)
-                    if added and differing_settings(kept, candidate) == added:
-                        log.info(
-                            "%s: an encoding job of an earlier raytrieve, before %s", store.location, sorted(added)
-                        )
+                    if only_added_at_default(kept, candidate, cfg, held):
+                        added = sorted(added_settings_at_default(kept, candidate, cfg, held))
+                        log.info("%s: an encoding job of an earlier raytrieve, before %s", store.location, added)
                         return kept
             # An earlier raytrieve's folder is told apart by what differs under its own rule: its
             # models' keys always differ from this rule's, which would name a change nobody made.
@@ -229,9 +234,7 @@ def claim_output(
                 ),
                 identity,
             )
-            ignore = (
-                added_settings_at_default(kept, basis, cfg) if cfg is not None and isinstance(kept, dict) else set()
-            )
+            ignore = added_settings_at_default(kept, basis, cfg, held) if cfg is not None else set()
             differs = differences(kept, basis, ignore=ignore)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:

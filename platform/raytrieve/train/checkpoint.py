@@ -102,16 +102,6 @@ def _keyed_by_files(identity: Any) -> bool:
     return isinstance(data, dict) and any(isinstance(v, list) for v in data.values())
 
 
-def _added_at_default(kept: Any, identity: dict[str, Any], cfg: TrainConfig) -> set[str]:
-    """The settings ``identity`` has, a kept identity lacks, and ``cfg`` holds at their defaults
-    (``config.added_settings_at_default``): settings a later raytrieve added. The rule for adding
-    a training setting is that its default trains as runs before it did, so these are no change
-    (one set otherwise is one)."""
-    from raytrieve.config import added_settings_at_default
-
-    return added_settings_at_default(kept, identity, cfg) if isinstance(kept, dict) else set()
-
-
 def _holds_checkpoints(root: Path) -> bool:
     """Whether Ray Train registered a checkpoint of the run in ``root`` (a run stopped before
     its first one left nothing to resume, so a changed config may start there afresh)."""
@@ -131,7 +121,7 @@ def claim_checkpoint_dir(
     only of a folder an earlier raytrieve stamped by them (listing a bucket's files costs a request
     each); that folder resumes while they are unchanged, and is stamped anew."""
     from raytrieve._io import write_json
-    from raytrieve.config import differences, differing_settings
+    from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 
     root = checkpoint_dir(cfg)
     stamp = root / RUN_STAMP
@@ -143,11 +133,9 @@ def claim_checkpoint_dir(
     theirs = older_run_identity(cfg, plan, now) if older else identity  # as the kept stamp keyed it
     # Settings a later raytrieve added, at their defaults, are no change: checkpoints resume
     # across such an upgrade (and are stamped anew).
-    added = _added_at_default(kept.get("identity"), theirs, cfg)
-    same = kept.get("fingerprint") == _fingerprint(theirs) or (
-        bool(added) and differing_settings(kept["identity"], theirs) == added
-    )
+    same = kept.get("fingerprint") == _fingerprint(theirs) or only_added_at_default(kept.get("identity"), theirs, cfg)
     if kept and not same and _holds_checkpoints(root):
+        added = added_settings_at_default(kept.get("identity"), theirs, cfg)
         what = differences(kept.get("identity"), theirs, ignore=added) or "config or data"
         why = (
             "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
