@@ -865,3 +865,62 @@ def test_the_duplicate_summary_counts_every_block_and_lists_the_earliest_last_ro
     assert got_extra == int((counts - 1).sum())
     assert got_examples == [(ids[i], int(lasts[i]), int(firsts[i])) for i in order]
     assert _summarize(5) == (0, 0, [])
+
+
+def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp_path):
+    """`bad_rows: fail` names the first bad rows by their row in the whole input, and each
+    repeated id by its last row and the row that keeps it, which may lie shards before. The
+    shards' own pieces (scan, ids, summary) run here without Ray; the reference reads the
+    corpus as one list of rows."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raytrieve.data.sources import open_source, plan_shards
+    from raytrieve.inference.checks import Duplicates, _summarize, combine_scans, first_bad_rows
+    from raytrieve.inference.config import EncodeConfig
+    from raytrieve.inference.stages import scan_shards, shard_ids
+
+    rng = np.random.default_rng(3)
+    n = 47
+    ids = [f"d{i}" for i in range(n)]
+    texts = [f"text {i}" for i in range(n)]
+    for row in rng.choice(n, 5, replace=False):
+        texts[row] = rng.choice([None, "", "  "])
+    ids[int(rng.integers(n))] = None
+    for row in rng.choice(np.arange(15, n), 8, replace=False):
+        ids[row] = ids[int(rng.integers(0, 12))]  # repeats of ids from the first shards
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}), path)
+    cfg = EncodeConfig.model_validate({"corpus": {"path": str(path)}, "output_dir": str(tmp_path / "out"),
+                                       "dense": {"model": "unused"}, "bad_rows": "fail"})
+    specs = plan_shards(open_source(str(path), None, field="corpus.path"), 10)
+    assert len(specs) == 5
+
+    def shard_table(fn, spec):
+        return fn(pa.Table.from_pylist([spec.as_row()]), cfg.corpus)
+
+    scanned = combine_scans([r for spec in specs for r in shard_table(scan_shards, spec).to_pylist()])
+    valid = pa.concat_tables([shard_table(shard_ids, spec) for spec in specs])
+    grouped = valid.group_by("id").aggregate([("pos", "count"), ("pos", "min"), ("pos", "max")])
+    grouped = grouped.rename_columns(["id", "count", "first", "last"]).filter(pc.greater(grouped["pos_count"], 1))
+    n_ids, extra, examples = _summarize(100, grouped)
+    got = first_bad_rows(scanned, Duplicates(n_ids, extra, examples), cfg, 100)
+
+    expected, seen = [], {}
+    for row, (id_, text) in enumerate(zip(ids, texts)):
+        if id_ is None:
+            expected.append((row, None, "null id"))
+        elif text is None:
+            expected.append((row, id_, "null text"))
+        elif not text.strip():
+            expected.append((row, id_, "empty text"))
+        elif id_ in seen:
+            last = max(r for r, i in enumerate(ids) if i == id_ and texts[r] is not None and texts[r].strip())
+            if row == last:
+                expected.append((row, id_, f"duplicate id (row {seen[id_]} has it first)"))
+        else:
+            seen[id_] = row
+    assert got == expected
+    assert any(int(w.split("row ")[1].split(" ")[0]) < 10 <= r for r, _, w in got if "duplicate" in w)
+    assert scanned.input_rows == n and scanned.bad + extra == sum(
+        1 for r, (i, t) in enumerate(zip(ids, texts)) if i is None or t is None or not t.strip() or seen.get(i, r) != r)

@@ -93,6 +93,12 @@ def scan(cfg: EncodeConfig, specs: list[ShardSpec]) -> ScanResult:
     except Exception as e:
         raise_worker_error(e)
         raise
+    return combine_scans(summaries)
+
+
+def combine_scans(summaries: list[dict[str, Any]]) -> ScanResult:
+    """The whole input's scan from each shard's (``stages.scan_shards`` rows, in shard order):
+    each shard's bad rows numbered by their row in the whole input."""
     offsets, total, bad, examples = [], 0, 0, []
     for s in summaries:
         offsets.append(total)
