@@ -145,6 +145,32 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
     moved.datasets[0].path = "/elsewhere/pairs.parquet"  # the same data (its digest) in another place
     assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+    moved.datasets[0].path, moved.datasets[0].format = "/elsewhere/pairs.txt", "jsonl"  # converted, named
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+
+
+def test_a_stamp_that_kept_the_datasets_format_resumes_in_any_format(tmp_path):
+    """Stamps of the versions before 2026-12-05's evening kept each dataset's ``format`` (null:
+    from the file's name), so the same rows converted to another format, or the format named,
+    were refused. They resume now, and a real difference is named without the format."""
+    from raytrieve.train.checkpoint import _fingerprint
+
+    plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
+    data = {"pairs": {"rows": 16, "sha256": "aa"}}
+    root = claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data)
+    (root / "run" / "step-00000004").mkdir(parents=True)
+    now = json.loads((root / RUN_STAMP).read_text())
+    assert "format" not in now["identity"]["datasets"][0] and "path" not in now["identity"]["datasets"][0]
+    kept = json.loads(json.dumps(now["identity"]))
+    kept["datasets"][0]["format"] = None
+    (root / RUN_STAMP).write_text(json.dumps({**now, "fingerprint": _fingerprint(kept), "identity": kept}))
+    cfg = _config(tmp_path)
+    cfg.datasets[0].path, cfg.datasets[0].format = "pairs.jsonl", "jsonl"
+    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == root
+    assert json.loads((root / RUN_STAMP).read_text())["identity"] == now["identity"]  # stamped anew
+    (root / RUN_STAMP).write_text(json.dumps({**now, "fingerprint": _fingerprint(kept), "identity": kept}))
+    with pytest.raises(ConfigError, match=r"\(optimizer.learning_rate: 2e-05 -> 0.001\); resuming"):
+        claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml", data)
 
 
 def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaults(tmp_path):

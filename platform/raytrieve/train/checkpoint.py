@@ -63,11 +63,18 @@ _RESUMABLE = {
 }
 
 
+# What only says where a dataset lies and how its files are read: the data's own digest is in
+# the identity, so the same rows moved, copied or converted (jsonl to parquet) resume. Stamps of
+# the versions that kept ``format`` still resume (``_as_stamped_now``).
+_WHERE_DATA_LIES = ("path", "format")
+
+
 def run_identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the checkpoints it finds (as JSON values: the stamp
     keeps it, so a refusal can say what differs): the settings that change the training, the
     planned steps and micro-batches, and ``data`` (``run.training_data``: each dataset's rows and
-    values' digest). Where the datasets lie is not part of it: data moved or copied resumes."""
+    values' digest). Where the datasets lie and their files' format are not part of it: data moved,
+    copied or converted resumes."""
     return _identity(cfg, plan, data, paths=False)
 
 
@@ -86,7 +93,8 @@ def _identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any], paths: bool) -
             config[key] = {k: v for k, v in config.get(key, {}).items() if k not in inner}
     if not paths:
         for dataset in config["datasets"]:
-            dataset.pop("path", None)
+            for key in _WHERE_DATA_LIES:
+                dataset.pop(key, None)
     # Config keys at the top, so a refusal names them as the config does; "plan" and "data" are none of them.
     body = {**config, "plan": {"steps": plan.optimizer_steps, "micro_batches": plan.micro_batches}, "data": data}
     return json.loads(json.dumps(body, sort_keys=True, default=str))
@@ -100,6 +108,18 @@ def _keyed_by_files(identity: Any) -> bool:
     """Whether a kept identity is ``older_run_identity``'s: its data maps files to [size, mtime]."""
     data = identity.get("data") if isinstance(identity, dict) else None
     return isinstance(data, dict) and any(isinstance(v, list) for v in data.values())
+
+
+def _as_stamped_now(identity: Any) -> Any:
+    """A kept identity as this version stamps it: without ``_WHERE_DATA_LIES`` (a stamp of the
+    versions from before ``format`` left it keeps it). One keyed by files is left as it is."""
+    if not isinstance(identity, dict) or _keyed_by_files(identity):
+        return identity
+    datasets = [
+        {k: v for k, v in d.items() if k not in _WHERE_DATA_LIES} if isinstance(d, dict) else d
+        for d in identity.get("datasets") or []
+    ]
+    return {**identity, "datasets": datasets} if "datasets" in identity else identity
 
 
 def _holds_checkpoints(root: Path) -> bool:
@@ -133,10 +153,15 @@ def claim_checkpoint_dir(
     theirs = older_run_identity(cfg, plan, now) if older else identity  # as the kept stamp keyed it
     # Settings a later raytrieve added, at their defaults, are no change: checkpoints resume
     # across such an upgrade (and are stamped anew).
-    same = kept.get("fingerprint") == _fingerprint(theirs) or only_added_at_default(kept.get("identity"), theirs, cfg)
+    was = _as_stamped_now(kept.get("identity"))
+    same = (
+        kept.get("fingerprint") == _fingerprint(theirs)
+        or (isinstance(was, dict) and _fingerprint(was) == _fingerprint(theirs))
+        or only_added_at_default(was, theirs, cfg)
+    )
     if kept and not same and _holds_checkpoints(root):
-        added = added_settings_at_default(kept.get("identity"), theirs, cfg)
-        what = differences(kept.get("identity"), theirs, ignore=added) or "config or data"
+        added = added_settings_at_default(was, theirs, cfg)
+        what = differences(was, theirs, ignore=added) or "config or data"
         why = (
             "; that run keyed its data by each file's size and modification time (an earlier raytrieve), so a "
             "file written again since, even with the same content, counts as a change there"
