@@ -47,6 +47,9 @@ def registry(tiny_models, tmp_path_factory):
         mlflow_run.end_run(uri, run_id, "FINISHED")
         runs.append((run_id, mlflow_run.register_model(uri, run_id, "tiny-dense")))
     assert [v for _, v in runs] == ["1", "2"]
+    # A rerun of a run stopped while it registered resumes into the same MLflow run: no new version.
+    assert mlflow_run.register_model(uri, runs[0][0], "tiny-dense") == "1"
+    assert len(mlflow_run.client(uri).search_model_versions("name = 'tiny-dense'")) == 2
     return {"uri": uri, "root": root, "folders": [tiny_models["dense"], root / "shifted"], "runs": runs}
 
 
@@ -126,7 +129,7 @@ def test_a_file_store_registry_writes_nothing_outside_the_store(tiny_models, tmp
     assert sorted(p.name for p in cwd.iterdir()) == []
     assert os.environ["MLFLOW_TRACKING_URI"] == uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    mlflow_run.register_model(uri, run_id, "tiny-dense")
+    assert mlflow_run.register_model(uri, run_id, "tiny-dense") == "2"  # this run's version, not a third
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 

@@ -227,7 +227,8 @@ def end_run(uri: str, run_id: str, status: RunStatus) -> None:
 def register_model(uri: str, run_id: str, name: str) -> str:
     """Register the run's ``model`` artifact folder (a sentence-transformers directory, not an
     MLflow flavour) as a new version of ``name``, described by its model card's summary line;
-    returns the version number."""
+    returns the version number. A run has one version of ``name``: a rerun of a run stopped while
+    it registered (it resumes into the same MLflow run) gets the version made then, not another."""
     from mlflow.exceptions import MlflowException
 
     with registry(uri) as c:
@@ -240,5 +241,8 @@ def register_model(uri: str, run_id: str, name: str) -> str:
         artifact_uri = run.info.artifact_uri
         assert artifact_uri is not None, "MLflow gives every run an artifact root"
         source = f"{artifact_uri.rstrip('/')}/model"
+        made = [v for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if v.source == source]
+        if made:
+            return str(min(int(v.version) for v in made))
         description = run.data.tags.get(CARD_SUMMARY_TAG)
         return str(c.create_model_version(name, source, run_id=run_id, description=description).version)
