@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytrieve.config import from_dict
-from raytrieve.errors import ConfigError
+from raytrieve.errors import ConfigError, DataError
 from raytrieve.inference.config import MineConfig, SelectionConfig
 from raytrieve.inference.mine import select_negatives
 
@@ -304,6 +304,16 @@ def test_an_output_path_that_is_not_an_earlier_output_is_refused_before_ray(pair
     earlier = tmp_path / "earlier.parquet"
     pq.write_table(_io.mark_written_by(pa.table({"query": ["q"]}), MINE), earlier)
     _io.check_output_file(earlier, MINE, "output_path")  # what a rerun replaces
+
+
+def test_the_pairs_may_lie_at_a_uri(pairs_file, tmp_path):
+    """pairs.path was read as a local path only; it reads any location the datasets do."""
+    from raytrieve.inference.mine import read_pairs
+
+    local = read_pairs(_cfg(pairs_file, tmp_path))
+    assert read_pairs(_cfg(f"file://{pairs_file}", tmp_path)) == local and len(local[0]) > 10
+    with pytest.raises(DataError, match=r"pairs.path file://.*/nowhere.parquet: file not found"):
+        read_pairs(_cfg(f"file://{tmp_path}/nowhere.parquet", tmp_path))
 
 
 def test_mine_config_errors(pairs_file, tmp_path):

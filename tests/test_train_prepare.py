@@ -343,6 +343,27 @@ def test_an_eval_file_that_does_not_read_gets_advice_for_eval_path(tiny_models, 
         assert "format:" not in str(e.value)
 
 
+def test_an_eval_file_may_lie_at_a_uri_in_any_format(tiny_models, data, tmp_path):
+    """eval.path was read as a local path only: an eval set in a bucket could not be named where
+    the datasets could. It reads any location and format the datasets do, to the same columns."""
+    import pyarrow.csv as pcsv
+
+    local = prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data)).spec.eval_columns
+    table = pq.read_table(data["test"])
+    (tmp_path / "e").mkdir()
+    pq.write_table(table, tmp_path / "e" / "test.parquet")
+    pcsv.write_csv(table, tmp_path / "e" / "test.csv")
+    (tmp_path / "e" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    for name in ("test.parquet", "test.csv", "test.jsonl"):
+        cfg.eval.path = f"file://{tmp_path}/e/{name}"
+        p = prepare(cfg, "job.yaml")
+        assert p.spec.eval_columns == local and len(local["query"]) == table.num_rows
+    cfg.eval.path = f"file://{tmp_path}/e/missing.parquet"
+    with pytest.raises(DataError, match=r"job.yaml.eval.path: file://.*/e/missing.parquet does not exist"):
+        prepare(cfg, "job.yaml")
+
+
 def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_path):
     """build-pydocs' test split is id, query, document, package: by position the evaluator took
     the ids as its queries and the query texts as its corpus, and logged those metrics. The

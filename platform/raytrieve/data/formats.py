@@ -99,10 +99,11 @@ class ParquetFormat(InputFormat):
         reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         yield from reader.iter_batches(BATCH_ROWS, row_groups=list(row_groups), columns=columns, use_threads=False)
 
-    def read_all(self, path: Path) -> pa.Table:
+    def read_all(self, location: str) -> pa.Table:
         import pyarrow.parquet as pq
 
-        return pq.read_table(path)
+        fs, path = resolve(location)
+        return pq.read_table(path, filesystem=fs)
 
 
 class HfFormat(InputFormat):
@@ -163,12 +164,12 @@ class HfFormat(InputFormat):
             for batch in reader:
                 yield batch.select(columns)
 
-    def read_all(self, path: Path) -> pa.Table:
+    def read_all(self, location: str) -> pa.Table:
         import datasets
 
-        saved = datasets.load_from_disk(str(path))
+        saved = datasets.load_from_disk(location)
         if not isinstance(saved, datasets.Dataset):
-            raise DataError(f"{path}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
+            raise DataError(f"{location}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
         return saved.data.table
 
 
@@ -237,10 +238,14 @@ class JsonlFormat(LineFormat):
 
         return pj.open_json(path, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
 
-    def read_all(self, path: Path) -> pa.Table:
+    def read_all(self, location: str) -> pa.Table:
         import pyarrow.json as pj
 
-        return pj.read_json(path) if path.stat().st_size else pa.table({})
+        fs, path = resolve(location)
+        if not fs.get_file_info(path).size:
+            return pa.table({})
+        with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
+            return pj.read_json(f)
 
 
 class CsvFormat(LineFormat):
@@ -289,12 +294,14 @@ class CsvFormat(LineFormat):
             convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None),
         )
 
-    def read_all(self, path: Path) -> pa.Table:
+    def read_all(self, location: str) -> pa.Table:
         import pyarrow.csv as pc
 
-        if not path.stat().st_size:
+        fs, path = resolve(location)
+        if not fs.get_file_info(path).size:
             return pa.table({})
-        return pc.read_csv(path, parse_options=pc.ParseOptions(delimiter=self.delimiter))
+        with fs.open_input_stream(path) as f:
+            return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=self.delimiter))
 
 
 # The table: format name -> format, in the order folders are matched by suffix.

@@ -65,9 +65,10 @@ class InputFormat:
         """Training: one piece's rows, only ``columns``, in bounded record batches."""
         raise NotImplementedError
 
-    def read_all(self, path: Path) -> pa.Table:
-        """The whole (small) dataset: eval sets. By default one shard spanning the file."""
-        fs, local = resolve(str(path))
+    def read_all(self, location: str) -> pa.Table:
+        """The whole (small) dataset at a local path or URI: eval sets, mining's pairs. By default
+        one shard spanning the file."""
+        fs, local = resolve(location)
         size, rows = int(fs.get_file_info(local).size or 0), self.row_count(fs, local)
-        spans = list(self.ranges(str(path), size, rows, max(size, rows or 0, 1)))
+        spans = list(self.ranges(location, size, rows, max(size, rows or 0, 1)))
         return self.read_range(fs, local, *spans[0], None) if spans else pa.table({})

@@ -38,19 +38,30 @@ class DatasetReport:
     digest: str = ""  # of the values read (digest.ContentDigest): a resumed run's data key
 
 
-def infer_format(path: Path, fix: str | None = None) -> str:
-    return formats.infer_format(str(path), fix=fix)
+def infer_format(location: str | Path, fix: str | None = None) -> str:
+    return formats.infer_format(str(location), fix=fix)
 
 
-def read_table(path: Path, fmt: str, fix: str | None = None) -> pa.Table:
-    """The whole dataset as an Arrow table (small files only: eval sets). ``fix``: the advice
-    for a file that does not parse (default: check it, or set the config's format: key)."""
+def read_table(location: str | Path, fmt: str, fix: str | None = None) -> pa.Table:
+    """The whole dataset at a local path or URI as an Arrow table (small files only: eval sets,
+    mining's pairs). ``fix``: the advice for a file that does not parse (default: check it, or
+    set the config's format: key)."""
     try:
-        return formats.get(fmt, str(path)).read_all(path)
+        return formats.get(fmt, str(location)).read_all(str(location))
     except DataError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise formats.cannot_read(path, fmt, e, *([fix] if fix else [])) from None
+        raise formats.cannot_read(location, fmt, e, *([fix] if fix else [])) from None
+
+
+def exists(location: str) -> bool:
+    """Whether a file or folder is at a local path or URI (``files.resolve``'s)."""
+    import pyarrow.fs as pafs
+
+    from raytrieve.data.files import resolve
+
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _is_text(t: pa.DataType) -> bool:

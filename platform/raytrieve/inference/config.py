@@ -143,7 +143,9 @@ def load_encode_config(path: str, overrides: list[str] | None = None) -> EncodeC
 
 
 class PairsConfig(ConfigModel):
-    path: str = Field(description="(query, positive) pairs: parquet / jsonl / csv / HF datasets dir")
+    path: str = Field(
+        description="(query, positive) pairs: parquet / jsonl / csv / HF datasets dir; a local path or a URI"
+    )
     format: Literal[tuple(FORMATS)] | None = None  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
     query_column: str = "query"
     positive_column: str = "positive"

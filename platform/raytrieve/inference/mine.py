@@ -61,10 +61,10 @@ class MineResult:
 
 
 def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
-    from raytrieve.data.validate import infer_format, read_table
+    from raytrieve.data.validate import exists, infer_format, read_table
 
-    path = Path(cfg.pairs.path).expanduser()
-    if not path.exists():
+    path = cfg.pairs.path  # a local path or a URI (read here whole: one query and positive per pair)
+    if not exists(path):
         raise DataError(f"pairs.path {path}: file not found")
     table = read_table(path, cfg.pairs.format or infer_format(path))
     columns = {}

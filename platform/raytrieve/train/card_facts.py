@@ -104,9 +104,11 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
     evaluation = None
     if cfg.eval.path and cfg.eval.evaluator and p.spec.eval_columns:
         first = next(iter(p.spec.eval_columns.values()), [])
+        from raytrieve.data.files import is_uri
+
         evaluation = EvalFacts(
-            split=Path(cfg.eval.path).name.split(".")[0],
-            path=str(Path(cfg.eval.path).resolve()),
+            split=cfg.eval.path.rstrip("/").rsplit("/", 1)[-1].split(".")[0],
+            path=cfg.eval.path if is_uri(cfg.eval.path) else str(Path(cfg.eval.path).resolve()),
             evaluator=cfg.eval.evaluator,
             rows=len(first),
         )

@@ -204,7 +204,10 @@ class TrainingConfig(ConfigModel):
 
 
 class EvalConfig(ConfigModel):
-    path: str | None = Field(default=None, description="None: no evaluation (evaluator and every_n_steps unused)")
+    path: str | None = Field(
+        default=None,
+        description="a local path or a URI, its format by its name; None: no evaluation (evaluator unused)",
+    )
     evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
     columns: list[str] | None = Field(
         default=None,

@@ -69,6 +69,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
 
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
+        exists,
         infer_format,
         is_numeric,
         read_table,
@@ -152,8 +153,8 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
 
     eval_columns = None
     if cfg.eval.path:
-        path = Path(cfg.eval.path)
-        if not path.exists():
+        path = cfg.eval.path  # a local path or a URI, as the datasets' (read here: an eval set is small)
+        if not exists(path):
             raise DataError(f"{where}.eval.path: {path} does not exist")
         if cfg.eval.evaluator is None:  # check_values says so too; a config built in Python may skip it
             raise ConfigError(f"{where}.eval.evaluator is required when eval.path is set")
