@@ -246,3 +246,18 @@ def test_a_setting_a_stamp_lacks_is_held_against_its_own_default():
     assert forgiven({"x": 0}, Cfg(opt=Sub(), sub=Sub(a=2), n=3)) == ({"sub.b"}, {"opt.a", "opt.b", "sub.a", "sub.b", "n"})
     assert forgiven({"x": 0, "sub": {"a": 1}, "n": None, "opt": None}, Cfg(opt=Sub())) == (
         {"sub.b"}, {"sub.b", "opt", "opt.a", "opt.b"})
+
+    # The whole config kept beside an identity (an encoding job's job.json) decides a setting it
+    # holds: no change at the value it held, default or not; a change at any other, of any shape
+    # (a mapping's keys, a section it held as null) where no leaf of it matches a leaf of now.
+    from raytrieve.config import differences
+
+    def against(held: dict, cfg: Cfg) -> set:
+        now = json.loads(json.dumps(cfg.model_dump(mode="json")))
+        return added_settings_at_default({"x": 0}, now, cfg, held)
+
+    assert against({"n": 3, "sub": {"a": 2, "b": {}}}, Cfg(sub=Sub(a=2), n=3)) == {"opt", "sub.a", "sub.b", "n"}
+    assert against({"n": None, "sub": {"a": 1, "b": {"k": "v"}}, "opt": None}, Cfg(opt=Sub())) == {"n"}
+    assert against({"sub": None}, Cfg()) == {"opt", "n"}
+    now = json.loads(json.dumps(Cfg(n=3).model_dump(mode="json")))
+    assert differences({"x": 0}, now, held={"n": 4}) == "n: 4 -> 3; opt: None -> None; sub.a: None -> 1; sub.b: None -> {}"

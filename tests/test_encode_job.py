@@ -753,13 +753,21 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
     assert keyed == [kept]
-    # A setting the job's identity lacks but its kept config held at another value was set then.
-    held = {"check_duplicate_ids": False, "corpus": {"title_separator": " "}}
+    # A setting the job's identity lacks but its kept config (job.json's "config") held was set
+    # then: at another value it is a change, named with the value held; at the same, none.
+    held = {"check_duplicate_ids": False, "corpus": {"title_separator": " | "}}
     written_before(now, "corpus.title_separator", "check_duplicate_ids", config=held)
-    with pytest.raises(ConfigError, match=r"\(that job -> this one: check_duplicate_ids: None -> True\); run it"):
+    with pytest.raises(ConfigError, match=r"\(that job -> this one: check_duplicate_ids: False -> True; "
+                                          r"corpus.title_separator: ' \| ' -> ' '\); run it"):
         encode.run_encode(cfg)
     kept = written_before(now, "check_duplicate_ids", config={**held, "check_duplicate_ids": True})
     assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
+    same = _config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])}, check_duplicate_ids=False,
+                   corpus={"path": str(corpus), "title_separator": " | "})
+    same_now = job_identity(same, source, resolve_outputs(same, calibration_sample(same, plan_shards(source, 10)),
+                                                          "c")[1])
+    kept = written_before(same_now, "corpus.title_separator", "check_duplicate_ids", config=held)
+    assert claim_output(shards.OutputStore(str(out)), same_now, "config", cfg=same) == kept  # not at defaults
     # Under an earlier weights rule too: the folder's identity, not this rule's.
     older = dict(older_weights_rules(now))["top-level files"]
     kept = written_before(older, "corpus.title_separator")
@@ -876,7 +884,8 @@ def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp
     import pyarrow.parquet as pq
 
     from raytrieve.data.sources import open_source, plan_shards
-    from raytrieve.inference.checks import Duplicates, _summarize, combine_scans, first_bad_rows
+    from raytrieve.inference.checks import Duplicates, ScanResult, _summarize, combine_scans, first_bad_rows
+    from raytrieve.inference.encode import EXAMPLES
     from raytrieve.inference.config import EncodeConfig
     from raytrieve.inference.stages import scan_shards, shard_ids
 
@@ -887,6 +896,8 @@ def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp
     for row in rng.choice(n, 5, replace=False):
         texts[row] = rng.choice([None, "", "  "])
     ids[int(rng.integers(n))] = None
+    for row in range(1, 8):  # more bad rows in one shard than a shard's summary lists (EXAMPLES)
+        texts[row] = ""
     for row in rng.choice(np.arange(15, n), 8, replace=False):
         ids[row] = ids[int(rng.integers(0, 12))]  # repeats of ids from the first shards
     path = tmp_path / "corpus.parquet"
@@ -904,7 +915,9 @@ def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp
     grouped = valid.group_by("id").aggregate([("pos", "count"), ("pos", "min"), ("pos", "max")])
     grouped = grouped.rename_columns(["id", "count", "first", "last"]).filter(pc.greater(grouped["pos_count"], 1))
     n_ids, extra, examples = _summarize(100, grouped)
-    got = first_bad_rows(scanned, Duplicates(n_ids, extra, examples), cfg, 100)
+    duplicates = Duplicates(n_ids, extra, examples)
+    got = first_bad_rows(scanned, duplicates, cfg, EXAMPLES)  # as the job names them
+    everything = first_bad_rows(ScanResult(n, 0, scanned.offsets, []), duplicates, cfg, 100)
 
     expected, seen = [], {}
     for row, (id_, text) in enumerate(zip(ids, texts)):
@@ -920,7 +933,10 @@ def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp
                 expected.append((row, id_, f"duplicate id (row {seen[id_]} has it first)"))
         else:
             seen[id_] = row
-    assert got == expected
-    assert any(int(w.split("row ")[1].split(" ")[0]) < 10 <= r for r, _, w in got if "duplicate" in w)
+    assert got == expected[:EXAMPLES] and len({r // 10 for r, _, _ in expected}) > 1
+    assert everything == [e for e in expected if e[2].startswith("duplicate")]  # every repeated id, by its rows
+    assert any(int(w.split("row ")[1].split(" ")[0]) < 10 <= r for r, _, w in everything)
+    listed = [e for e in expected if not e[2].startswith("duplicate")]
+    assert scanned.examples == [e for e in listed if sum(f[0] // 10 == e[0] // 10 for f in listed if f < e) < EXAMPLES]
     assert scanned.input_rows == n and scanned.bad + extra == sum(
         1 for r, (i, t) in enumerate(zip(ids, texts)) if i is None or t is None or not t.strip() or seen.get(i, r) != r)

@@ -332,27 +332,34 @@ def added_settings_at_default(
     whose values are their settings' defaults: settings a later raytrieve added, left as they
     were. A setting is the outermost field ``kept`` lacks, and its default that field's own (a
     new section's leaves are held against the section's default, an optional one's against null).
-    ``held``: the whole config ``kept`` was made from, where one was kept beside it; a setting it
-    held at another value is no added one (an earlier raytrieve had it, but not in the identity).
+    ``held``: the whole config ``kept`` was made from, where one was kept beside it. A setting it
+    holds was there, if not in the identity: it is no change at the value it held (whatever the
+    default), and a change at any other, the whole setting compared (a mapping or section too).
     Empty when ``kept`` is no identity (a folder of a version that kept none)."""
     from pydantic_core import to_jsonable_python
 
     if not isinstance(kept, dict):
         return set()
     old, new = flat_settings(kept), flat_settings(now)
-    was = flat_settings(json.loads(json.dumps(held, default=str))) if isinstance(held, dict) else {}
+    was = json.loads(json.dumps(held, default=str)) if isinstance(held, dict) else None
     out: set[str] = set()
     for key in set(new) - set(old):
         parts = key.split(".")
-        depth = next(i for i in range(1, len(parts) + 1) if _value_at(kept, parts[:i]) is _ABSENT)
+        depth = next((i for i in range(1, len(parts) + 1) if _value_at(kept, parts[:i]) is _ABSENT), None)
+        if depth is None:  # a value kept at every step of the key, yet no leaf of it: no setting added
+            continue
         # Added: missing from a section the stamp has (not under a value it held, e.g. a null).
         section = _value_at(kept, parts[: depth - 1])
         field = _field_at(cfg, parts[:depth]) if isinstance(section, (dict, list)) else None
         if field is None or field.is_required():  # a required setting has no default to be at
             continue
+        had = _value_at(was, parts[:depth])
+        if had is not _ABSENT:
+            if had == _value_at(now, parts[:depth]):
+                out.add(key)
+            continue
         default = to_jsonable_python(field.get_default(call_default_factory=True))
-        at_default = flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]
-        if at_default and was.get(key, new[key]) == new[key]:
+        if flat_settings({"": default}).get(".".join(["", *parts[depth:]]), _ABSENT) == new[key]:
             out.add(key)
     return out
 
@@ -387,10 +394,17 @@ def _field_at(cfg: BaseModel, parts: list[str]) -> Any:
     return type(owner).model_fields.get(parts[-1]) if isinstance(owner, BaseModel) else None
 
 
-def differences(kept: Any, now: dict[str, Any], limit: int = 4, ignore: set[str] | frozenset[str] = frozenset()) -> str:
+def differences(
+    kept: Any,
+    now: dict[str, Any],
+    limit: int = 4,
+    ignore: set[str] | frozenset[str] = frozenset(),
+    held: dict[str, Any] | None = None,
+) -> str:
     """``dense.max_seq_length: 24 -> 16; ...`` between a kept identity (an encoding job's job.json,
     a training run's stamp) and this run's, keys named as in the config (a ``models.`` prefix
-    dropped), but for those in ``ignore``; "" when none was kept (a folder of an older version)."""
+    dropped), but for those in ``ignore``; "" when none was kept (a folder of an older version).
+    ``held``: the whole config kept beside it, which gives a value the identity lacks."""
     if not isinstance(kept, dict):
         return ""
 
@@ -398,7 +412,8 @@ def differences(kept: Any, now: dict[str, Any], limit: int = 4, ignore: set[str]
         text = repr(value)
         return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
 
-    old, new = flat_settings(kept), flat_settings(now)
+    was = flat_settings(json.loads(json.dumps(held, default=str))) if isinstance(held, dict) else {}
+    old, new = {**was, **flat_settings(kept)}, flat_settings(now)
     keys = sorted(differing_settings(kept, now) - set(ignore))
     shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
     return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -135,7 +135,7 @@ def run_encode(
             {
                 "fingerprint": fingerprint,
                 "identity": identity,
-                "config": cfg.model_dump(),
+                "config": cfg.model_dump(mode="json"),
                 "ranges": {o.kind: o.ranges for o in outputs if o.ranges is not None},
             },
         )

@@ -166,7 +166,7 @@ def job_identity(
     }
     body = {
         "shard_format": shards.SHARD_FORMAT,
-        "corpus": {**cfg.corpus.model_dump(), "path": location or source.location, "format": source.format},
+        "corpus": {**cfg.corpus.model_dump(mode="json"), "path": location or source.location, "format": source.format},
         "side": cfg.side,
         "rows_per_shard": cfg.rows_per_shard,
         "bad_rows": cfg.bad_rows,
@@ -196,7 +196,9 @@ def claim_output(
     earlier raytrieve whose models were keyed by another rule, the same identity under that rule
     (``older_weights_rules``), so that its shards are reused; or for a folder of an earlier
     raytrieve that lacked settings ``cfg`` holds at their defaults (``config.added_settings_at_default``:
-    a new setting's default encodes as jobs before it did), the folder's own identity.
+    a new setting's default encodes as jobs before it did), or at the values the folder's job.json
+    "config" held them at (an earlier raytrieve that had them but left them out of the identity),
+    the folder's own identity.
     ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
     folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
     output in it is replaced, not refused: the user never named that folder, and no advice about
@@ -235,7 +237,7 @@ def claim_output(
                 identity,
             )
             ignore = added_settings_at_default(kept, basis, cfg, held) if cfg is not None else set()
-            differs = differences(kept, basis, ignore=ignore)
+            differs = differences(kept, basis, ignore=ignore, held=held)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
