@@ -280,6 +280,38 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
+# A Ray test's timeout. pytest-timeout's default arms SIGALRM, whose handler never runs while the
+# main thread waits in ray.get (measured: not within 60 s; SIGINT does interrupt it): a Ray test
+# stuck there (a run waiting for CPUs a stopped run kept reserved) hung the suite until CI's own
+# limit. Here a timer thread prints every thread's stack and sends SIGINT: the test fails as
+# interrupted, the session's fixtures tear down (its Ray stops) and the run ends, within minutes.
+def pytest_timeout_set_timer(item, settings):
+    if item.get_closest_marker("slow") is None or not settings.timeout or settings.timeout <= 0:
+        return None  # pytest-timeout's own
+
+    def expire() -> None:
+        import faulthandler
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryFile("w+") as stacks:  # pytest captures stderr, and drops it on an interrupt
+            faulthandler.dump_traceback(file=stacks)
+            stacks.seek(0)
+            report = item.config.pluginmanager.get_plugin("terminalreporter")
+            with item.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+                report.write_line(f"\n+++ {item.nodeid}: over its {settings.timeout:g} s timeout; every thread's "
+                                  f"stack, then SIGINT +++\n{stacks.read()}")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    import threading
+
+    timer = threading.Timer(settings.timeout, expire)
+    timer.daemon = True
+    timer.start()
+    item.cancel_timeout = timer.cancel  # what pytest-timeout's own cancel hook calls
+    return True
+
+
 # RAYTRIEVE_TEST_PROFILE=FILE: one line per test with its wall seconds, the CPU seconds of this
 # process and every process descended from it (Ray's daemons and workers included, which pytest's
 # own rusage misses), and the CPU seconds the whole host spent meanwhile (anything else running

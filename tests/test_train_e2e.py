@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from raytrieve.train.run import prepare, run_training
+from raytrieve.train.run import _own_placement_groups, prepare, run_training
 from tests.conftest import SENTENCES
 from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
@@ -198,11 +198,14 @@ def test_two_datasets_each_batch_from_one_dataset_with_its_loss(ray_cluster, tin
 
 
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_models, data, tmp_path):
+@pytest.mark.parametrize("when", ["workers", "placement group"])
+def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_models, data, tmp_path, when):
     """Ctrl-C (a real SIGINT to this process, the run's driver) while the run trains: a
     KeyboardInterrupt out of run_training, its MLflow run KILLED, and the run stopped, workers
     included, though this process lives on (a notebook's). Ray Train's own SIGINT handler
-    aborted the run and then called sys.exit(0): a SystemExit, no line, and the run ended FAILED."""
+    aborted the run and then called sys.exit(0): a SystemExit, no line, and the run ended FAILED.
+    ``when``: the interrupt comes once the workers run, or as soon as the run has reserved their
+    placement group (before Ray Train's cleaner knows of it: that run kept the CPUs reserved)."""
     import os
     import signal
     import threading
@@ -216,17 +219,21 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     # Many epochs: the run is still training whenever the interrupt comes.
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__epochs=200, eval={})
     others = set(_train_worker_pids())  # none of this session's: its earlier runs have ended
+    groups = _own_placement_groups()  # the CPUs this session's driver holds reserved
     signalled, done = threading.Event(), threading.Event()
 
     def workers() -> set[int]:
         return set(_train_worker_pids()) - others
 
+    def started() -> bool:
+        return bool(workers()) if when == "workers" else bool(_own_placement_groups() - groups)
+
     def interrupt() -> None:
         deadline = time.time() + 300
-        while not workers() and time.time() < deadline and not done.is_set():
-            time.sleep(0.5)
+        while not started() and time.time() < deadline and not done.is_set():
+            time.sleep(0.5 if when == "workers" else 0.05)
         # Else no signal: the test fails on the run not being interrupted.
-        if workers() and not done.wait(2):
+        if started() and not done.wait(2 if when == "workers" else 0):
             signalled.set()
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -244,9 +251,12 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     assert [r.info.status for r in runs] == ["KILLED"]
     assert not Path(cfg.output_dir).exists()  # no half-written final model
     deadline = time.time() + 60
-    while (alive("TrainController") or workers()) and time.time() < deadline:
+    while (alive("TrainController") or workers() or _own_placement_groups() - groups) and time.time() < deadline:
         time.sleep(0.5)
     assert not alive("TrainController") and not workers(), "the interrupted run kept running"
+    # Its workers' placement group went with it: a run stopped while its workers started kept
+    # their CPUs reserved, and the next run in this process waited forever for its data stage.
+    assert not _own_placement_groups() - groups, "the interrupted run kept its workers' CPUs reserved"
     # Ray Train's handler is not left behind: a later Ctrl-C is Python's KeyboardInterrupt again.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
