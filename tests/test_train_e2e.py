@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from raytrieve.train.run import _own_placement_groups, prepare, run_training
+from raytrieve.ray_cluster import connect, own_placement_groups
+from raytrieve.train.run import prepare, run_training
 from tests.conftest import SENTENCES
 from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
@@ -219,14 +220,14 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     # Many epochs: the run is still training whenever the interrupt comes.
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__epochs=200, eval={})
     others = set(_train_worker_pids())  # none of this session's: its earlier runs have ended
-    groups = _own_placement_groups()  # the CPUs this session's driver holds reserved
+    groups = own_placement_groups()  # the CPUs this session's driver holds reserved
     signalled, done = threading.Event(), threading.Event()
 
     def workers() -> set[int]:
         return set(_train_worker_pids()) - others
 
     def started() -> bool:
-        return bool(workers()) if when == "workers" else bool(_own_placement_groups() - groups)
+        return bool(workers()) if when == "workers" else bool(own_placement_groups() - groups)
 
     def interrupt() -> None:
         deadline = time.time() + 300
@@ -251,12 +252,16 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     assert [r.info.status for r in runs] == ["KILLED"]
     assert not Path(cfg.output_dir).exists()  # no half-written final model
     deadline = time.time() + 60
-    while (alive("TrainController") or workers() or _own_placement_groups() - groups) and time.time() < deadline:
+    while (alive("TrainController") or workers()) and time.time() < deadline:
         time.sleep(0.5)
     assert not alive("TrainController") and not workers(), "the interrupted run kept running"
-    # Its workers' placement group went with it: a run stopped while its workers started kept
-    # their CPUs reserved, and the next run in this process waited forever for its data stage.
-    assert not _own_placement_groups() - groups, "the interrupted run kept its workers' CPUs reserved"
+    # The next job in this process has its workers' CPUs: a run stopped while its workers started
+    # kept their placement group, and the next run here waited forever for its data stage.
+    connect(None)  # as every job here begins
+    deadline = time.time() + 30
+    while own_placement_groups() - groups and time.time() < deadline:
+        time.sleep(0.5)
+    assert not own_placement_groups() - groups, "the interrupted run kept its workers' CPUs reserved"
     # Ray Train's handler is not left behind: a later Ctrl-C is Python's KeyboardInterrupt again.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

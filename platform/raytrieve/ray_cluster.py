@@ -73,6 +73,42 @@ def free_port(pair: bool = False) -> int:
                 continue
 
 
+# Placement groups that stopped runs of this process made (hex ids), for the next job here to
+# remove (``leave_behind``).
+_LEFT_BEHIND: set[str] = set()
+
+
+def own_placement_groups() -> frozenset[str]:
+    """The placement groups this driver's job made (a group's id ends with its job's) that hold
+    or await resources, by hex id."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return frozenset(g for g, info in placement_group_table().items() if g.endswith(job) and info["state"] != "REMOVED")
+
+
+def leave_behind(groups: frozenset[str] | set[str]) -> None:
+    """Placement groups of a run this process stopped, removed by the next job it runs (``connect``)
+    rather than now. A group made by an actor lives as long as the driver's job, and Ray Train's
+    cleaner removes its workers' group only once they have started: a run stopped before that
+    kept its CPUs reserved in a process that lives on (a notebook's, a test session's). Not at
+    once: the process is often about to exit, which ends them anyway, and a group removed while
+    a worker in it still starts has Ray SIGTERM that worker, whose stack dump then lands in the
+    stopping job's log."""
+    _LEFT_BEHIND.update(groups)
+
+
+def release_left_behind() -> None:
+    """Remove the placement groups ``leave_behind`` noted that still hold resources."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for group in _LEFT_BEHIND & own_placement_groups():
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+    _LEFT_BEHIND.clear()
+
+
 def connect(
     address: str | None,
     *,
@@ -86,7 +122,10 @@ def connect(
     import ray
 
     if ray.is_initialized():
+        if _LEFT_BEHIND:  # a run this process stopped: its CPUs are this job's again
+            release_left_behind()
         return None
+    _LEFT_BEHIND.clear()  # groups of an earlier Ray of this process went with it
     with sigterm_handler():
         return _init(ray, address, num_cpus, log_to_driver, runtime_env)
 

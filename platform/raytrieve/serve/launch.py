@@ -178,7 +178,9 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
             # stopped then started, and requests in between are refused.
             serve.delete(cfg.app_name)
         if machines == {_this_machine()}:  # where the ingress replica will bind it
-            wait_port_released(cfg.host, cfg.port, f"{where}.port")
+            # A Serve that already ran set up for this port: a listener there is its last ingress
+            # replica, stopping (measured: still listening after serve.delete returned).
+            wait_port_released(cfg.host, cfg.port, f"{where}.port", replica_may_linger=running is not None)
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
@@ -253,14 +255,17 @@ def check_port_free(host: str, port: int, field: str) -> None:
             raise ConfigError(f"{field}: {host}:{port} is already in use; pick a free port")
 
 
-def wait_port_released(host: str, port: int, field: str, timeout_s: float = 120.0) -> None:
+def wait_port_released(
+    host: str, port: int, field: str, timeout_s: float = 120.0, replica_may_linger: bool = False
+) -> None:
     """Wait until the ingress replica can bind ``host:port`` on this machine. Ray binds it without
     SO_REUSEADDR, so the connections a stopped server closed itself (TIME_WAIT, 60 s on Linux)
     keep the port from it, and one failed bind blocks the port in Serve for good: measured, a
     redeploy right after a benchmark's keep-alive clients failed to start ("No available ports"),
     as would `raytrieve serve` restarted right after Ctrl-C. The test bind is the replica's own
     (the same address and family); a port something listens on, or an address this machine does
-    not have, is refused at once."""
+    not have, is refused at once. ``replica_may_linger``: the port is this Serve's direct-ingress
+    port, whose last replica may still listen while it stops; a listener is waited for too."""
     import errno
     import time
 
@@ -275,8 +280,10 @@ def wait_port_released(host: str, port: int, field: str, timeout_s: float = 120.
             except OSError as e:
                 if e.errno == errno.EADDRNOTAVAIL:
                     raise ConfigError(f"{field}: {host} is not an address of this machine; {e.strerror}") from None
-                check_port_free(host, port, field)  # a listener: refused at once
+                if not replica_may_linger:
+                    check_port_free(host, port, field)  # a listener: refused at once
                 if time.monotonic() > deadline:
+                    check_port_free(host, port, field)
                     raise ConfigError(
                         f"{field}: {host}:{port} was not released in {timeout_s:g} s (connections of a stopped "
                         "server linger there); try again, or pick another port"

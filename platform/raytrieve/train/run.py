@@ -427,6 +427,8 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
     import ray
     from ray.train.torch import TorchTrainer
 
+    from raytrieve.ray_cluster import leave_behind, own_placement_groups
+
     class Trainer(TorchTrainer):
         controller: Any = None
         groups_before: frozenset[str] = frozenset()
@@ -435,37 +437,19 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
             # Ray Train 2.60's hook in fit (Ray is pinned); if a Ray upgrade renames it, the
             # Ctrl-C test in test_train_e2e fails on Ray's SystemExit. Called before the run starts.
             self.controller = controller
-            self.groups_before = _own_placement_groups()
+            self.groups_before = own_placement_groups()
 
         def stop(self) -> None:
-            """End the run: kill its controller (Ray ends it at once, its workers with it), then
-            remove the placement group it made for its workers. Ray Train's cleaner removes that
-            only once registered with it, after the workers have started: a run stopped while
-            they start left its CPUs reserved for as long as this process lives, and the next run
-            here waited forever for its data stage (a notebook's, a test session's)."""
-            if self.controller is None:
-                return
-            ray.kill(self.controller)
-            try:  # once a call fails, the controller is gone: it makes no placement group after
-                ray.get(self.controller.__ray_ready__.remote(), timeout=30)
-            except Exception:  # RayActorError: dead, as asked
-                pass
-            from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-            for group in _own_placement_groups() - self.groups_before:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+            """End the run: kill its controller (Ray ends it at once, its workers with it). The
+            placement group it made for its workers is left to the next job this process runs
+            (``ray_cluster.leave_behind``): Ray Train's cleaner removes one only once the workers
+            have started, so a run stopped while they start kept their CPUs reserved for as long
+            as this process lived, and the next run here waited forever for its data stage."""
+            if self.controller is not None:
+                ray.kill(self.controller)
+                leave_behind(own_placement_groups() - self.groups_before)
 
     return Trainer(*args, **kwargs)
-
-
-def _own_placement_groups() -> frozenset[str]:
-    """The placement groups this driver's job made (a group's id ends with its job's) that hold
-    or await resources, by hex id."""
-    import ray
-    from ray.util.placement_group import placement_group_table
-
-    job = ray.get_runtime_context().get_job_id()
-    return frozenset(g for g, info in placement_group_table().items() if g.endswith(job) and info["state"] != "REMOVED")
 
 
 def _end_stopped_run(uri: str, run_id: str, trainer: Any) -> None:
