@@ -289,6 +289,10 @@ def pytest_timeout_set_timer(item, settings):
     if item.get_closest_marker("slow") is None or not settings.timeout or settings.timeout <= 0:
         return None  # pytest-timeout's own
 
+    import threading
+
+    ended = threading.Event()
+
     def expire() -> None:
         import faulthandler
         import signal
@@ -301,14 +305,20 @@ def pytest_timeout_set_timer(item, settings):
             with item.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
                 report.write_line(f"\n+++ {item.nodeid}: over its {settings.timeout:g} s timeout; every thread's "
                                   f"stack, then SIGINT +++\n{stacks.read()}")
-        os.kill(os.getpid(), signal.SIGINT)
-
-    import threading
+        if not ended.is_set():  # the test ended meanwhile: its SIGINT would hit the next one
+            os.kill(os.getpid(), signal.SIGINT)
 
     timer = threading.Timer(settings.timeout, expire)
     timer.daemon = True
     timer.start()
-    item.cancel_timeout = timer.cancel  # what pytest-timeout's own cancel hook calls
+
+    def cancel() -> None:  # what pytest-timeout's own cancel hook calls, as the test ends
+        ended.set()
+        timer.cancel()
+        if timer is not threading.current_thread():
+            timer.join()
+
+    item.cancel_timeout = cancel
     return True
 
 

@@ -314,6 +314,17 @@ def test_the_pairs_may_lie_at_a_uri(pairs_file, tmp_path):
     assert read_pairs(_cfg(f"file://{pairs_file}", tmp_path)) == local and len(local[0]) > 10
     with pytest.raises(DataError, match=r"pairs.path file://.*/nowhere.parquet: file not found"):
         read_pairs(_cfg(f"file://{tmp_path}/nowhere.parquet", tmp_path))
+    # A folder of jsonl files is one file too many (its size read as an empty file's: no pairs).
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "a.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(DataError, match=r"pairs: a folder; name one file of it"):
+        read_pairs(_cfg(f"file://{tmp_path}/pairs", tmp_path, pairs={"path": f"file://{tmp_path}/pairs",
+                                                                     "format": "jsonl"}))
+    # The output is refused as the run's own input, named by a URI too.
+    from raytrieve import _io
+
+    with pytest.raises(DataError, match=r"output_path .*: is this run's input file://"):
+        _io.check_output_file(pairs_file, "mine", "output_path", (f"file://{pairs_file}",))
 
 
 def test_mine_config_errors(pairs_file, tmp_path):

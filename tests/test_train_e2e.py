@@ -222,6 +222,7 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     others = set(_train_worker_pids())  # none of this session's: its earlier runs have ended
     groups = own_placement_groups()  # the CPUs this session's driver holds reserved
     signalled, done = threading.Event(), threading.Event()
+    running: set[int] = set()  # the run's workers when the signal went
 
     def workers() -> set[int]:
         return set(_train_worker_pids()) - others
@@ -235,6 +236,7 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
             time.sleep(0.5 if when == "workers" else 0.05)
         # Else no signal: the test fails on the run not being interrupted.
         if started() and not done.wait(2 if when == "workers" else 0):
+            running.update(workers())
             signalled.set()
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -247,6 +249,9 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
         done.set()  # a run that ended otherwise gets no signal later, in another test
         thread.join()
     assert signalled.is_set()
+    # The window each case is about: while the workers train, or before any worker process ran
+    # (Ray Train's cleaner learns of their group only once they have started).
+    assert bool(running) == (when == "workers"), running
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]

@@ -121,9 +121,14 @@ def check_output_file(
     """Refuse, before any work, a parquet output ``target`` that would replace something other
     than an earlier output of ``command``: one of the run's ``inputs``, a folder, or a file
     without the ``mark_written_by`` mark (a user's file, a file of an older version)."""
+    import pyarrow.fs as pafs
+
+    from raytrieve.data.files import resolve
+
     target = Path(target)
     for given in inputs:
-        if target.resolve() == Path(given).resolve():
+        fs, path = resolve(str(given))  # an input may be a URI (file:// names a file here too)
+        if isinstance(fs, pafs.LocalFileSystem) and target.resolve() == Path(path).resolve():
             raise DataError(f"{option} {target}: is this run's input {given}; name another file for the output")
     if not target.exists():
         return

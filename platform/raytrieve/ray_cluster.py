@@ -88,6 +88,15 @@ def own_placement_groups() -> frozenset[str]:
     return frozenset(g for g, info in placement_group_table().items() if g.endswith(job) and info["state"] != "REMOVED")
 
 
+def bundle_count(group: str) -> int:
+    """How many bundles the placement group of hex id ``group`` has (0 for none known)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    info = placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+    return len(info.get("bundles") or {})
+
+
 def leave_behind(groups: frozenset[str] | set[str]) -> None:
     """Placement groups of a run this process stopped, removed by the next job it runs (``connect``)
     rather than now. A group made by an actor lives as long as the driver's job, and Ray Train's
@@ -100,12 +109,20 @@ def leave_behind(groups: frozenset[str] | set[str]) -> None:
 
 
 def release_left_behind() -> None:
-    """Remove the placement groups ``leave_behind`` noted that still hold resources."""
+    """Remove the placement groups ``leave_behind`` noted that still hold resources. A failure is
+    a warning: the job that called it goes on (it may wait for those CPUs, as before)."""
+    import logging
+
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    for group in _LEFT_BEHIND & own_placement_groups():
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+    try:
+        for group in _LEFT_BEHIND & own_placement_groups():
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+    except Exception as e:
+        logging.getLogger(__name__).warning(
+            "could not remove the placement groups of a stopped run (%s): their CPUs stay reserved", e
+        )
     _LEFT_BEHIND.clear()
 
 

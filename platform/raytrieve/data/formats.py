@@ -241,7 +241,7 @@ class JsonlFormat(LineFormat):
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.json as pj
 
-        fs, path = resolve(location)
+        fs, path = whole_file(location)
         if not fs.get_file_info(path).size:
             return pa.table({})
         with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
@@ -297,7 +297,7 @@ class CsvFormat(LineFormat):
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.csv as pc
 
-        fs, path = resolve(location)
+        fs, path = whole_file(location)
         if not fs.get_file_info(path).size:
             return pa.table({})
         with fs.open_input_stream(path) as f:
@@ -333,6 +333,15 @@ def get(name: str, where: str = "") -> InputFormat:
     if fmt is None:
         raise DataError(f"{where or name}: unknown format {name!r}; set format: {choices()}")
     return fmt
+
+
+def whole_file(location: str) -> tuple[pafs.FileSystem, str]:
+    """``resolve(location)`` for a format read whole from one file (eval sets, mining's pairs): a
+    folder is refused, naming the fix (its size would read as an empty file's)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        raise DataError(f"{location}: a folder; name one file of it (this file is read whole)")
+    return fs, path
 
 
 def by_suffix(path: str) -> InputFormat | None:

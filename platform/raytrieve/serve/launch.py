@@ -290,7 +290,9 @@ def wait_port_released(
                     ) from None
         if not said:
             print(
-                f"raytrieve: waiting for {host}:{port} to be released by closed connections (up to 60 s)",
+                f"raytrieve: waiting for {host}:{port} to be released (closed connections linger up to 60 s"
+                + (", a stopping replica's listener a few" if replica_may_linger else "")
+                + f"; giving up after {timeout_s:g} s)",
                 file=sys.stderr,
                 flush=True,
             )

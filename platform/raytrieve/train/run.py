@@ -427,7 +427,7 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
     import ray
     from ray.train.torch import TorchTrainer
 
-    from raytrieve.ray_cluster import leave_behind, own_placement_groups
+    from raytrieve.ray_cluster import bundle_count, leave_behind, own_placement_groups
 
     class Trainer(TorchTrainer):
         controller: Any = None
@@ -445,9 +445,24 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
             (``ray_cluster.leave_behind``): Ray Train's cleaner removes one only once the workers
             have started, so a run stopped while they start kept their CPUs reserved for as long
             as this process lived, and the next run here waited forever for its data stage."""
-            if self.controller is not None:
-                ray.kill(self.controller)
-                leave_behind(own_placement_groups() - self.groups_before)
+            if self.controller is None:
+                return
+            ray.kill(self.controller)
+            # The kill lands apart from calls: once a call fails, the controller is gone and
+            # makes no group after the one noted here. Bounded: `ray job stop` SIGKILLs 3 s on.
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                ready, _ = ray.wait([self.controller.__ray_ready__.remote()], timeout=0.5)
+                try:
+                    if ready:
+                        ray.get(ready[0])
+                        time.sleep(0.05)
+                except Exception:  # RayActorError: dead, as asked
+                    break
+            # The workers' group has one bundle per worker: a group this job made meanwhile
+            # otherwise (a Serve deployment's, a user's own) is none of the run's.
+            workers = self.scaling_config.num_workers
+            leave_behind({g for g in own_placement_groups() - self.groups_before if bundle_count(g) == workers})
 
     return Trainer(*args, **kwargs)
 
