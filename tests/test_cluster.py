@@ -157,6 +157,28 @@ def test_runtime_env_file_is_a_valid_runtime_env_naming_real_paths():
     assert {".venv", ".git"} <= set(doc["excludes"])
 
 
+def test_the_working_dir_package_does_not_change_as_python_caches_bytecode(tmp_path):
+    """Ray hashes a job's working dir before it uploads it; a `__pycache__` folder Python made
+    meanwhile (the test suite's other half imports modules) gave the job another hash than the
+    package uploaded, and the job failed to start. Ray's own hash, with the file's excludes."""
+    import shutil
+
+    from ray._private.runtime_env.packaging import get_uri_for_directory
+
+    excludes = _load(CLUSTER / "runtime_env.yaml")["excludes"]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in (".gitignore", "jobs"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, checkout / name)
+    shutil.rmtree(checkout / "jobs" / "__pycache__", ignore_errors=True)
+    before = get_uri_for_directory(str(checkout), True, excludes)
+    (checkout / "jobs" / "__pycache__").mkdir()
+    (checkout / "jobs" / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"compiled")
+    assert get_uri_for_directory(str(checkout), True, excludes) == before
+    (checkout / "jobs" / "new_job.py").write_text("print(1)\n")
+    assert get_uri_for_directory(str(checkout), True, excludes) != before  # a real change still counts
+
+
 def test_dockerfile_copies_real_paths_and_pins_what_the_makefile_pins():
     text = (CLUSTER / "Dockerfile").read_text()
     for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
