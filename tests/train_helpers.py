@@ -150,7 +150,10 @@ def check_shipped_run(cfg: TrainConfig, initial: str, steps: int, run_id: str, m
     assert "model/modules.json" in {a.path for a in client.list_artifacts(run_id, "model")}
     if cfg.mlflow.register_model_as:
         assert model_version == "1"
-        assert client.get_model_version(cfg.mlflow.register_model_as, "1").run_id == run_id
+        # Through registry(): a file registry reads a version through MLflow's default store,
+        # which would create mlflow.db in the working directory (the checkout).
+        with mlflow_run.registry(cfg.mlflow.tracking_uri) as registry:
+            assert registry.get_model_version(cfg.mlflow.register_model_as, "1").run_id == run_id
     check_model_card(cfg, steps, run_id, model_version)
 
     # Training did something, measured outside the trainer: most weight tensors moved, and the
@@ -236,4 +239,5 @@ def check_model_card(cfg: TrainConfig, steps: int, run_id: str, model_version: s
     summary = card.split("\n---\n", 1)[1].lstrip().split("\n\n")[1]
     assert client.get_run(run_id).data.tags[mlflow_run.CARD_SUMMARY_TAG] == summary
     if cfg.mlflow.register_model_as:
-        assert client.get_model_version(cfg.mlflow.register_model_as, str(model_version)).description == summary
+        with mlflow_run.registry(cfg.mlflow.tracking_uri) as registry:  # see check_shipped_run
+            assert registry.get_model_version(cfg.mlflow.register_model_as, str(model_version)).description == summary
