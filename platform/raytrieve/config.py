@@ -12,7 +12,6 @@ or a list of them, ``X | list[X]``, reports only the errors of the shape it was 
 
 from __future__ import annotations
 
-import json
 import types
 import typing
 from collections.abc import Sequence
@@ -341,7 +340,7 @@ def added_settings_at_default(
     if not isinstance(kept, dict):
         return set()
     old, new = flat_settings(kept), flat_settings(now)
-    was = json.loads(json.dumps(held, default=str)) if isinstance(held, dict) else None
+    was = held if isinstance(held, dict) else None  # read from JSON (job.json): JSON values
     out: set[str] = set()
     for key in set(new) - set(old):
         parts = key.split(".")
@@ -412,7 +411,7 @@ def differences(
         text = repr(value)
         return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}"
 
-    was = flat_settings(json.loads(json.dumps(held, default=str))) if isinstance(held, dict) else {}
+    was = flat_settings(held) if isinstance(held, dict) else {}
     old, new = {**was, **flat_settings(kept)}, flat_settings(now)
     keys = sorted(differing_settings(kept, now) - set(ignore))
     shown = [f"{k.removeprefix('models.')}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]

@@ -78,23 +78,20 @@ def free_port(pair: bool = False) -> int:
 _LEFT_BEHIND: set[str] = set()
 
 
-def own_placement_groups() -> frozenset[str]:
+def own_placement_groups(bundles: int | None = None) -> frozenset[str]:
     """The placement groups this driver's job made (a group's id ends with its job's) that hold
-    or await resources, by hex id."""
+    or await resources, by hex id; ``bundles``: only those with that many bundles."""
     import ray
     from ray.util.placement_group import placement_group_table
 
     job = ray.get_runtime_context().get_job_id()
-    return frozenset(g for g, info in placement_group_table().items() if g.endswith(job) and info["state"] != "REMOVED")
-
-
-def bundle_count(group: str) -> int:
-    """How many bundles the placement group of hex id ``group`` has (0 for none known)."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, placement_group_table
-
-    info = placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
-    return len(info.get("bundles") or {})
+    return frozenset(
+        g
+        for g, info in placement_group_table().items()
+        if g.endswith(job)
+        and info["state"] != "REMOVED"
+        and (bundles is None or len(info.get("bundles") or {}) == bundles)
+    )
 
 
 def leave_behind(groups: frozenset[str] | set[str]) -> None:

@@ -92,9 +92,7 @@ def _identity(cfg: TrainConfig, plan: Plan, data: dict[str, Any], paths: bool) -
         else:
             config[key] = {k: v for k, v in config.get(key, {}).items() if k not in inner}
     if not paths:
-        for dataset in config["datasets"]:
-            for key in _WHERE_DATA_LIES:
-                dataset.pop(key, None)
+        config["datasets"] = _without_where_data_lies(config["datasets"])
     # Config keys at the top, so a refusal names them as the config does; "plan" and "data" are none of them.
     body = {**config, "plan": {"steps": plan.optimizer_steps, "micro_batches": plan.micro_batches}, "data": data}
     return json.loads(json.dumps(body, sort_keys=True, default=str))
@@ -113,13 +111,13 @@ def _keyed_by_files(identity: Any) -> bool:
 def _as_stamped_now(identity: Any) -> Any:
     """A kept identity as this version stamps it: without ``_WHERE_DATA_LIES`` (a stamp of the
     versions from before ``format`` left it keeps it). One keyed by files is left as it is."""
-    if not isinstance(identity, dict) or _keyed_by_files(identity):
+    if not isinstance(identity, dict) or _keyed_by_files(identity) or "datasets" not in identity:
         return identity
-    datasets = [
-        {k: v for k, v in d.items() if k not in _WHERE_DATA_LIES} if isinstance(d, dict) else d
-        for d in identity.get("datasets") or []
-    ]
-    return {**identity, "datasets": datasets} if "datasets" in identity else identity
+    return {**identity, "datasets": _without_where_data_lies(identity["datasets"] or [])}
+
+
+def _without_where_data_lies(datasets: list[Any]) -> list[Any]:
+    return [{k: v for k, v in d.items() if k not in _WHERE_DATA_LIES} if isinstance(d, dict) else d for d in datasets]
 
 
 def _holds_checkpoints(root: Path) -> bool:
@@ -154,11 +152,7 @@ def claim_checkpoint_dir(
     # Settings a later raytrieve added, at their defaults, are no change: checkpoints resume
     # across such an upgrade (and are stamped anew).
     was = _as_stamped_now(kept.get("identity"))
-    same = (
-        kept.get("fingerprint") == _fingerprint(theirs)
-        or (isinstance(was, dict) and _fingerprint(was) == _fingerprint(theirs))
-        or only_added_at_default(was, theirs, cfg)
-    )
+    same = kept.get("fingerprint") == _fingerprint(theirs) or was == theirs or only_added_at_default(was, theirs, cfg)
     if kept and not same and _holds_checkpoints(root):
         added = added_settings_at_default(was, theirs, cfg)
         what = differences(was, theirs, ignore=added) or "config or data"

@@ -427,7 +427,7 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
     import ray
     from ray.train.torch import TorchTrainer
 
-    from raytrieve.ray_cluster import bundle_count, leave_behind, own_placement_groups
+    from raytrieve.ray_cluster import leave_behind, own_placement_groups
 
     class Trainer(TorchTrainer):
         controller: Any = None
@@ -461,8 +461,8 @@ def _stoppable_trainer(*args: Any, **kwargs: Any) -> Any:
                     break
             # The workers' group has one bundle per worker: a group this job made meanwhile
             # otherwise (a Serve deployment's, a user's own) is none of the run's.
-            workers = self.scaling_config.num_workers
-            leave_behind({g for g in own_placement_groups() - self.groups_before if bundle_count(g) == workers})
+            workers = self.scaling_config.num_workers  # an int: raytrieve sets no elastic range
+            leave_behind(own_placement_groups(workers if isinstance(workers, int) else None) - self.groups_before)
 
     return Trainer(*args, **kwargs)
 
