@@ -70,8 +70,11 @@ def _start(model_dir):
 
 @pytest.mark.timeout(600)
 def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout_model, data, tmp_path):
+    """The data named by a ``file://`` URI here, by a path in the reference: the workers open
+    their pieces by URI (tests/test_object_store.py reads the same through an S3 server)."""
     reference, want = one_worker
-    result, got = _run("two", tmp_path, no_dropout_model, data, scaling__num_workers=2)
+    at_uri = {**data, "train": f"file://{data['train']}"}
+    result, got = _run("two", tmp_path, no_dropout_model, at_uri, scaling__num_workers=2)
     assert result.steps == reference.steps == 24 // 8 and result.dropped == []
     _assert_same_weights(got, want, _start(no_dropout_model["dense"]))
 

@@ -75,7 +75,9 @@ class ParquetFormat(InputFormat):
 
         pieces, schema = [], None
         for f in files:
-            meta = pq.ParquetFile(f).metadata
+            fs, path = resolve(f)
+            with fs.open_input_file(path) as source:
+                meta = pq.ParquetFile(source).metadata
             if schema is None:
                 schema = meta.schema.to_arrow_schema()
             else:  # the first file's schema stands for all: the others must agree with it
@@ -96,8 +98,10 @@ class ParquetFormat(InputFormat):
         # Measured on 1M rows: pre-buffering and reader threads keep buffers that grow the
         # reader's resident memory with the file (~60 MB per million short rows); without
         # them it stays flat (see data/validate.py, which also returns freed pool memory).
-        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        yield from reader.iter_batches(BATCH_ROWS, row_groups=list(row_groups), columns=columns, use_threads=False)
+        fs, inner = resolve(path)
+        with fs.open_input_file(inner) as source:
+            reader = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
+            yield from reader.iter_batches(BATCH_ROWS, row_groups=list(row_groups), columns=columns, use_threads=False)
 
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.parquet as pq
@@ -114,8 +118,12 @@ class HfFormat(InputFormat):
     folder_markers = ("state.json", "dataset_info.json")
 
     def folder_files(self, fs: pafs.FileSystem, path: str) -> list[str]:
-        state = f"{path}/state.json"
+        state, splits = f"{path}/state.json", f"{path}/dataset_dict.json"
         if fs.get_file_info(state).type == pafs.FileType.NotFound:
+            if fs.get_file_info(splits).type == pafs.FileType.File:
+                with fs.open_input_stream(splits) as f:
+                    names = json.loads(f.read()).get("splits", [])
+                raise DataError(f"{path}: a DatasetDict (splits {names}); point at one split's folder ({path}/SPLIT)")
             raise DataError(
                 f"{path}: no state.json; save the dataset with datasets' save_to_disk (a DatasetDict: "
                 "point at one split's folder)"
@@ -153,24 +161,28 @@ class HfFormat(InputFormat):
             return reader.schema if hasattr(reader, "schema") else next(iter(reader)).schema
 
     def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
-        fs, pieces, schema = pafs.LocalFileSystem(), [], None
+        pieces, schema = [], None
         for f in files:
-            schema = schema or self._schema(fs, f)
-            pieces.append((f, self.row_count(fs, f) or 0, ()))
+            fs, path = resolve(f)
+            schema = schema or self._schema(fs, path)
+            pieces.append((f, self.row_count(fs, path) or 0, ()))
         return schema or pa.schema([]), pieces
 
     def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
-        with open_arrow(pafs.LocalFileSystem(), path) as reader:
+        with open_arrow(*resolve(path)) as reader:
             for batch in reader:
                 yield batch.select(columns)
 
     def read_all(self, location: str) -> pa.Table:
-        import datasets
-
-        saved = datasets.load_from_disk(location)
-        if not isinstance(saved, datasets.Dataset):
-            raise DataError(f"{location}: a DatasetDict (splits {sorted(saved)}); point at one split's folder")
-        return saved.data.table
+        # Read by our own reader rather than datasets.load_from_disk, which opens only the
+        # filesystems fsspec has a package for: this one opens whatever files.resolve does.
+        fs, path = resolve(location)
+        folder = fs.get_file_info(path).type == pafs.FileType.Directory
+        tables = []
+        for f in self.folder_files(fs, path) if folder else [path]:
+            with open_arrow(fs, f) as reader:
+                tables.append(pa.Table.from_batches(list(reader)))
+        return pa.concat_tables(tables) if tables else pa.table({})
 
 
 class LineFormat(InputFormat):
@@ -194,9 +206,15 @@ class LineFormat(InputFormat):
     def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
         raise NotImplementedError
 
-    def open_stream(self, path: str, columns: list[str] | None) -> Any:
-        """A streaming reader (``.schema``, iterates record batches) over a whole local file."""
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
+        """A streaming reader (``.schema``, iterates record batches) over a whole open file."""
         raise NotImplementedError
+
+    def stream_schema(self, location: str) -> pa.Schema:
+        """The columns of the file at ``location`` (a local path or URI) as its stream reads them."""
+        fs, path = resolve(location)
+        with fs.open_input_stream(path) as source:  # decompressed by the name's suffix
+            return self.open_stream(source, None).schema
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         return self.parse(lines_in_range(fs, path, start, stop), b"", columns)
@@ -211,15 +229,18 @@ class LineFormat(InputFormat):
         # Whole files, counted by the driver's scan: lines cannot be counted from metadata.
         schema = pa.schema([])
         for f in files:
-            if Path(f).stat().st_size:
-                schema = self.open_stream(f, None).schema
+            fs, path = resolve(f)
+            if fs.get_file_info(path).size:
+                schema = self.stream_schema(f)
                 break
         return schema, [(f, -1, ()) for f in files]
 
     def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
-        if Path(path).stat().st_size:
-            for batch in self.open_stream(path, columns):
-                yield batch.select(columns)
+        fs, inner = resolve(path)
+        if fs.get_file_info(inner).size:
+            with fs.open_input_stream(inner) as source:  # decompressed by the name's suffix
+                for batch in self.open_stream(source, columns):
+                    yield batch.select(columns)
 
 
 class JsonlFormat(LineFormat):
@@ -233,10 +254,10 @@ class JsonlFormat(LineFormat):
             return pa.table({})
         return pj.read_json(io.BytesIO(body))
 
-    def open_stream(self, path: str, columns: list[str] | None) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
         import pyarrow.json as pj
 
-        return pj.open_json(path, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
+        return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
 
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.json as pj
@@ -284,11 +305,11 @@ class CsvFormat(LineFormat):
         head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
         return self.parse(head.split(b"\n")[0] + b"\n", b"").column_names
 
-    def open_stream(self, path: str, columns: list[str] | None) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
         import pyarrow.csv as pc
 
         return pc.open_csv(
-            path,
+            source,
             read_options=pc.ReadOptions(block_size=STREAM_BLOCK),
             parse_options=pc.ParseOptions(delimiter=self.delimiter),
             convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None),

@@ -5,9 +5,9 @@ A piece is a run of rows of one file (parquet: a few consecutive row groups; jso
 a saved Hugging Face dataset's arrow files: the whole file). The driver lists the pieces
 from metadata and streams them once (checks, per-row keys); each training worker later
 reads only the pieces it needs, and only the needed columns, and finds its planned rows by
-``first_row + position``. So the files must be readable at the same path from the driver
-and every worker node (local or shared storage; URIs are not read here yet, unlike the
-encoding job's data/sources.py).
+``first_row + position``. So the files must be readable at the same location from the driver
+and every worker node: a local path on shared storage, or a URI of any filesystem pyarrow opens
+(``s3://``, ``gs://``, ``abfs://``, ``file://``), as the encoding job's data/sources.py reads.
 
 Both this module and sources.py read through the format table (formats.py), but their units
 differ on purpose: the encoder cuts files into shards of a fixed row count, byte ranges
@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raytrieve.data import formats
-from raytrieve.data.files import resolve
+from raytrieve.data.files import is_uri, resolve, with_scheme
 from raytrieve.data.formats import InputFormat
 from raytrieve.errors import DataError
 
@@ -41,22 +42,25 @@ class Piece:
     row_groups: tuple[int, ...] = ()  # parquet only
 
 
-def _files(path: Path, fmt: InputFormat) -> list[str]:
-    if not path.is_dir():
-        return [str(path)]
-    fs, folder = resolve(str(path))
-    return fmt.folder_files(fs, folder)
+def _files(location: str, fmt: InputFormat) -> list[str]:
+    """The dataset's files, each a location that opens anywhere (a folder's: its format's files)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return [location if is_uri(location) else str(Path(location))]  # as older run stamps keyed it
+    return [with_scheme(location, f) for f in fmt.folder_files(fs, path)]
 
 
-def list_pieces(path: Path, fmt: str) -> tuple[pa.Schema, list[Piece]]:
-    """The dataset's schema and pieces, from metadata (row counts of jsonl/csv pieces are -1)."""
-    kind = formats.get(fmt, str(path))
+def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]:
+    """The dataset's schema and pieces, from metadata (row counts of jsonl/csv pieces are -1).
+    ``location``: a local path or a URI (files.resolve)."""
+    location = str(location)
+    kind = formats.get(fmt, location)
     try:
-        schema, found = kind.pieces(_files(path, kind), PIECE_ROWS)
+        schema, found = kind.pieces(_files(location, kind), PIECE_ROWS)
     except DataError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise formats.cannot_read(path, fmt, e) from None
+        raise formats.cannot_read(location, fmt, e) from None
     pieces, first = [], 0
     for file, rows, groups in found:
         pieces.append(Piece(file, fmt, first if rows >= 0 else -1, rows, groups))
@@ -72,7 +76,7 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
         fmt = formats.get(piece.fmt)
         if not isinstance(fmt, formats.LineFormat):
             raise
-        found = fmt.open_stream(piece.path, None).schema.names
+        found = fmt.stream_schema(piece.path).names
         if all(c in found for c in columns):  # another KeyError: not a missing column
             raise
         raise DataError(

@@ -89,8 +89,8 @@ def validate_dataset(
     from raytrieve.data.row_keys import label_keys, text_keys
     from raytrieve.data.train_source import iter_piece, list_pieces, with_counts
 
-    path = Path(d.path)
-    if not path.exists():
+    path = d.path  # a local path or a URI (files.resolve)
+    if not exists(path):
         raise DataError(f"{where} ({d.name}): {path} does not exist; fix datasets[].path")
     fmt = d.format or infer_format(path)
     schema, pieces = list_pieces(path, fmt)
@@ -150,7 +150,7 @@ def validate_dataset(
                 raise DataError(f"{where} ({d.name}): prompts names column {c!r}, not one of {columns}")
 
     if not scan:
-        return DatasetReport(d.name, str(path), -1, columns, label, fmt, pieces, {})
+        return DatasetReport(d.name, path, -1, columns, label, fmt, pieces, {})
     # One streaming pass: row counts, nulls, and the planner's keys.
     read = columns + ([label] if label is not None and label not in columns else [])
     nulls = dict.fromkeys(read, 0)
@@ -205,7 +205,7 @@ def validate_dataset(
     types = {c: schema.field(c).type for c in read}
     if label is not None and label in floats:  # int labels in one file, floats in another: all floats
         types[label] = pa.list_(pa.float64()) if pa.types.is_list(types[label]) else pa.float64()
-    report = DatasetReport(d.name, str(path), total, columns, label, fmt, pieces, types, digest=digest.hexdigest())
+    report = DatasetReport(d.name, path, total, columns, label, fmt, pieces, types, digest=digest.hexdigest())
     if keys == "texts":
         if known is not None and known == total:
             report.text_keys = key_parts[0]

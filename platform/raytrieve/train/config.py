@@ -106,7 +106,10 @@ class ModelConfig(ConfigModel):
 
 class DatasetConfig(ConfigModel):
     name: str
-    path: str
+    path: str = Field(
+        description="A parquet / jsonl / csv file, a folder of them, or a saved HF datasets folder; a local path or "
+        "any URI pyarrow opens (s3://, gs://, abfs://, file://). The driver and every worker read it."
+    )
     loss: LossSpec
     format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
         default=None, description="None: from the file name"

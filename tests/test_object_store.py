@@ -1,0 +1,155 @@
+"""Inputs in an object store: the encoding corpus, training datasets, the eval set and mining's
+pairs named by ``s3://`` URIs read the same rows as the same files on disk.
+
+The store is moto's S3 server, a separate HTTP server that speaks S3's REST API, started on
+127.0.0.1 (nothing leaves the machine); raytrieve reaches it through pyarrow's own S3 client,
+exactly as it reaches AWS (only ``AWS_ENDPOINT_URL`` points elsewhere). ``file://`` URIs alone
+would not show this: pyarrow answers them with its local filesystem, so code that only works
+on local files (memory maps, ``Path.stat``) passes there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from raytrieve.data.sources import open_source, plan_shards, read_shard
+from raytrieve.data.train_source import read_piece
+from raytrieve.errors import DataError
+from raytrieve.train.run import prepare
+from tests.train_helpers import shipped_config, write_data
+
+BUCKET = "raytrieve-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(bucket filesystem, put): ``put(local, key)`` uploads a file or a folder to ``s3://BUCKET/key``."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "test")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+
+        def put(local: Path, key: str) -> str:
+            pafs.copy_files(str(local), f"{BUCKET}/{key}", destination_filesystem=fs)  # a file, or a folder's tree
+            return f"s3://{BUCKET}/{key}"
+
+        yield fs, put
+    server.stop()
+
+
+def _corpus_rows(n: int) -> dict[str, list]:
+    # Commas, quotes and non-ASCII, so byte ranges cut lines at odd places.
+    return {"id": [f"doc-{i}" for i in range(n)], "text": [f"text {i}, " + "ünï \"q\" " * (i % 7) for i in range(n)]}
+
+
+def _shards(location: str, rows_per_shard: int) -> tuple[list[dict], list]:
+    specs = plan_shards(open_source(location), rows_per_shard)
+    return [r for s in specs for r in read_shard(s, ["id", "text"]).select(["id", "text"]).to_pylist()], specs
+
+
+def test_the_encoding_corpus_reads_from_s3_shard_by_shard_as_from_disk(s3, tmp_path):
+    _, put = s3
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    table = pa.table(_corpus_rows(42))
+    for f, (offset, n) in enumerate([(0, 23), (23, 4), (27, 15)]):
+        pq.write_table(table.slice(offset, n), folder / f"part-{f}.parquet", row_group_size=5)
+    (folder / "_SUCCESS").write_text("")
+    pcsv.write_csv(table, tmp_path / "c.csv")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    import datasets
+
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+    expected = table.to_pylist()
+    for local, key, rows_per_shard in [(folder, "corpus/parts", 4), (tmp_path / "c.csv", "corpus/c.csv", 3),
+                                       (tmp_path / "c.jsonl", "corpus/c.jsonl", 5), (tmp_path / "hf", "corpus/hf", 10)]:
+        uri = put(local, key)
+        rows, specs = _shards(uri, rows_per_shard)
+        assert rows == expected == _shards(str(local), rows_per_shard)[0], key
+        assert len(specs) >= 42 // (rows_per_shard + 3) and all(s.path.startswith(f"{uri}") for s in specs), key
+    rows, _ = _shards(f"s3://{BUCKET}/corpus/parts/part-*.parquet", 7)  # a glob over the bucket's keys
+    assert rows == expected
+    with pytest.raises(DataError, match=rf"s3://{BUCKET}/corpus/nowhere.parquet: file not found"):
+        open_source(f"s3://{BUCKET}/corpus/nowhere.parquet")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def test_training_datasets_and_the_eval_set_read_from_s3_as_from_disk(s3, tiny_models, data, tmp_path):
+    """The driver plans and digests a dataset in the bucket as it does the local copy, and every
+    piece opens again from its own URI, as a worker opens it."""
+    import datasets
+
+    _, put = s3
+    table = pq.read_table(data["train"])
+    (tmp_path / "folder").mkdir()
+    pq.write_table(table.slice(0, 10), tmp_path / "folder" / "a.parquet", row_group_size=4)
+    pq.write_table(table.slice(10), tmp_path / "folder" / "b.parquet")
+    pcsv.write_csv(table, tmp_path / "train.csv")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+    local = prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data))
+    columns = ["query", "document"]
+    for name, pieces in [("folder", 2), ("train.csv", 1), ("train.jsonl", 1), ("hf", 1)]:
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+        cfg.datasets[0].path = put(tmp_path / name, f"train/{name}")
+        p = prepare(cfg, "job.yaml")
+        assert p.digests == local.digests and p.rows == local.rows == [table.num_rows], name
+        assert p.plan.rows.tolist() == local.plan.rows.tolist(), name
+        assert len(p.pieces[0]) == pieces and all(x.path.startswith("s3://") for x in p.pieces[0]), name
+        got = [r for piece in p.pieces[0] for r in read_piece(piece, columns).to_pylist()]
+        assert got == table.select(columns).to_pylist(), name
+    cfg.datasets[0].path = f"s3://{BUCKET}/train/missing.parquet"
+    with pytest.raises(DataError, match=rf"job.yaml.datasets\[0\] \(pydocs\): s3://{BUCKET}/train/missing.parquet "
+                                        r"does not exist; fix datasets\[\].path"):
+        prepare(cfg, "job.yaml")
+
+    # The eval set, read whole on the driver: a parquet file, and a saved HF dataset (which
+    # datasets.load_from_disk would open only with an fsspec package for s3).
+    test = pq.read_table(data["test"])
+    datasets.Dataset(test).save_to_disk(str(tmp_path / "test_hf"))
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    for uri in (put(data["test"], "eval/test.parquet"), put(tmp_path / "test_hf", "eval/test_hf")):
+        cfg.eval.path = uri
+        assert prepare(cfg, "job.yaml").spec.eval_columns == local.spec.eval_columns, uri
+    assert len(local.spec.eval_columns["query"]) == test.num_rows
+
+
+def test_minings_pairs_read_from_s3_as_from_disk(s3, tmp_path):
+    from raytrieve.config import from_dict
+    from raytrieve.inference.config import MineConfig
+    from raytrieve.inference.mine import read_pairs
+
+    _, put = s3
+    table = pa.table({"query": [f"q{i % 5}" for i in range(20)], "positive": [f"doc {i}, ünï" for i in range(20)]})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+
+    def pairs(path: str) -> tuple:
+        return read_pairs(from_dict(MineConfig, {"pairs": {"path": path}, "retriever": {"model": "all-minilm-l6-v2"},
+                                                 "output_path": str(tmp_path / "mined.parquet")}))
+
+    local = pairs(str(tmp_path / "pairs.jsonl"))
+    assert pairs(put(tmp_path / "pairs.jsonl", "mine/pairs.jsonl")) == local and len(local[0]) == 20
