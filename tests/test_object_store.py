@@ -11,6 +11,7 @@ on local files (memory maps, ``Path.stat``) passes there.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,9 +29,19 @@ from tests.train_helpers import shipped_config, write_data
 BUCKET = "raytrieve-test"
 
 
+@dataclass
+class Store:
+    fs: pafs.S3FileSystem
+    endpoint: str  # host:port
+
+    def put(self, local: Path, key: str) -> str:
+        """``local`` (a file, or a folder's tree) at ``s3://BUCKET/key``; that URI."""
+        pafs.copy_files(str(local), f"{BUCKET}/{key}", destination_filesystem=self.fs)
+        return f"s3://{BUCKET}/{key}"
+
+
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """(bucket filesystem, put): ``put(local, key)`` uploads a file or a folder to ``s3://BUCKET/key``."""
+def s3():
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -48,12 +59,7 @@ def s3(tmp_path_factory):
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
         fs.create_dir(BUCKET)
-
-        def put(local: Path, key: str) -> str:
-            pafs.copy_files(str(local), f"{BUCKET}/{key}", destination_filesystem=fs)  # a file, or a folder's tree
-            return f"s3://{BUCKET}/{key}"
-
-        yield fs, put
+        yield Store(fs, f"{host}:{port}")
     server.stop()
 
 
@@ -68,7 +74,7 @@ def _shards(location: str, rows_per_shard: int) -> tuple[list[dict], list]:
 
 
 def test_the_encoding_corpus_reads_from_s3_shard_by_shard_as_from_disk(s3, tmp_path):
-    _, put = s3
+    put = s3.put
     folder = tmp_path / "parts"
     folder.mkdir()
     table = pa.table(_corpus_rows(42))
@@ -103,7 +109,7 @@ def test_training_datasets_and_the_eval_set_read_from_s3_as_from_disk(s3, tiny_m
     piece opens again from its own URI, as a worker opens it."""
     import datasets
 
-    _, put = s3
+    put = s3.put
     table = pq.read_table(data["train"])
     (tmp_path / "folder").mkdir()
     pq.write_table(table.slice(0, 10), tmp_path / "folder" / "a.parquet", row_group_size=4)
@@ -143,7 +149,7 @@ def test_minings_pairs_read_from_s3_as_from_disk(s3, tmp_path):
     from raytrieve.inference.config import MineConfig
     from raytrieve.inference.mine import read_pairs
 
-    _, put = s3
+    put = s3.put
     table = pa.table({"query": [f"q{i % 5}" for i in range(20)], "positive": [f"doc {i}, ünï" for i in range(20)]})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
 
@@ -153,3 +159,118 @@ def test_minings_pairs_read_from_s3_as_from_disk(s3, tmp_path):
 
     local = pairs(str(tmp_path / "pairs.jsonl"))
     assert pairs(put(tmp_path / "pairs.jsonl", "mine/pairs.jsonl")) == local and len(local[0]) == 20
+
+
+def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path):
+    """The encoding job writes its shards to an object store with one put each (no rename
+    there); `raytrieve index build` reads them, and the documents from the corpus, from the
+    bucket. Oracle: the same job on disk, built the same way (tests/test_index_build.py's job)."""
+    from raytrieve.index.build import build_indices, load_indices
+    from raytrieve.index.documents import DocumentStore
+    from raytrieve.inference import shards
+    from tests.test_index_build import _job
+
+    put = s3.put
+    local = shards.OutputStore(str(_job(tmp_path)))
+    bucket = shards.OutputStore(f"s3://{BUCKET}/job")
+    assert not bucket.renames and local.renames
+    corpus = put(tmp_path / "vectors-corpus", "job-corpus")
+    for name in local.names():  # written as the job's encoders and driver write them there
+        if name == shards.MANIFEST:
+            manifest = local.read_json(name)
+            bucket.write_json(name, {**manifest, "corpus": {**manifest["corpus"], "path": corpus}})
+        else:
+            bucket.write_bytes(name, local.read_bytes(name))
+    assert bucket.names() == local.names() and bucket.read_bytes("part-00002.parquet") == local.read_bytes(
+        "part-00002.parquet")
+
+    want = build_indices(local.location, tmp_path / "from-disk")
+    got = build_indices(bucket.location, tmp_path / "from-s3")
+    assert got["rows"] == want["rows"] > 0
+    a, b = load_indices(tmp_path / "from-disk"), load_indices(tmp_path / "from-s3")
+    assert a.dense is not None and b.dense is not None and a.sparse is not None and b.sparse is not None
+    assert b.dense.ids == a.dense.ids and (b.dense.vectors == a.dense.vectors).all()
+    assert all((getattr(b.sparse, n) == getattr(a.sparse, n)).all() for n in ("term_ptr", "doc_rows", "weights"))
+    rows = range(want["rows"])
+    assert DocumentStore(tmp_path / "from-s3", len(rows)).texts(rows) == DocumentStore(
+        tmp_path / "from-disk", len(rows)).texts(rows)
+
+    bucket.delete("part-00002.parquet")
+    with pytest.raises(DataError, match=rf"s3://{BUCKET}/job/part-00002.parquet: shard listed in the manifest is "
+                                        r"missing; run the encoding job again"):
+        build_indices(bucket.location, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_store_named_by_the_uris_query_reaches_every_file_of_a_folder(s3, tiny_models, data, tmp_path,
+                                                                        monkeypatch):
+    """A folder's files are listed as paths inside the filesystem, which leave out the URI's
+    query: rebuilt as ``s3://`` + path, each file went to AWS's endpoint instead of the one the
+    query named. Here no environment variable names the server; only the query does."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    table = pq.read_table(data["train"])
+    (tmp_path / "folder").mkdir()
+    pq.write_table(table.slice(0, 10), tmp_path / "folder" / "a.parquet")
+    pq.write_table(table.slice(10), tmp_path / "folder" / "b.parquet")
+    uri = s3.put(tmp_path / "folder", "query/folder") + f"?endpoint_override={s3.endpoint}&scheme=http"
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.datasets[0].path = uri
+    p = prepare(cfg, "job.yaml")
+    assert [piece.path for piece in p.pieces[0]] == [
+        f"s3://{BUCKET}/query/folder/{name}.parquet?endpoint_override={s3.endpoint}&scheme=http" for name in "ab"
+    ] and p.rows == [table.num_rows]
+    rows, specs = _shards_of(uri, ["query", "document"], 5)
+    assert rows == table.select(["query", "document"]).to_pylist() and len(specs) == 5
+
+
+def _shards_of(location: str, columns: list[str], rows_per_shard: int) -> tuple[list[dict], list]:
+    specs = plan_shards(open_source(location), rows_per_shard)
+    return [r for s in specs for r in read_shard(s, columns).select(columns).to_pylist()], specs
+
+
+def test_saved_hf_datasets_in_shards_and_by_file_and_what_cannot_be_read_is_named(s3, tiny_models, data,
+                                                                                   tmp_path):
+    import datasets
+
+    put = s3.put
+    table = pq.read_table(data["train"])
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf3"), num_shards=3)
+    files = sorted(p.name for p in (tmp_path / "hf3").glob("*.arrow"))
+    assert len(files) == 3
+    uri = put(tmp_path / "hf3", "hf/hf3")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    columns = ["query", "document"]
+    for location, n in ((uri, table.num_rows), (f"{uri}/{files[1]}", None)):
+        cfg.datasets[0].path = location
+        p = prepare(cfg, "job.yaml")
+        got = [r for piece in p.pieces[0] for r in read_piece(piece, columns).to_pylist()]
+        if n is None:  # one shard of the three, named directly
+            want = pa.ipc.open_stream(pa.memory_map(str(tmp_path / "hf3" / files[1]))).read_all()
+            assert got == want.select(columns).to_pylist() and 0 < len(got) < table.num_rows
+        else:
+            assert got == table.select(columns).to_pylist() and len(p.pieces[0]) == 3
+    cfg.eval.path = uri  # read whole on the driver
+    assert prepare(cfg, "job.yaml").spec.eval_columns["query"] == table.column("query").to_pylist()
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset(table), "test": datasets.Dataset(table.slice(0, 3))})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    cfg.eval.path = put(tmp_path / "splits", "hf/splits")
+    with pytest.raises(DataError, match=r"hf/splits: a DatasetDict \(splits \['train', 'test'\]\); point at one "
+                                        r"split's folder"):
+        prepare(cfg, "job.yaml")
+
+    # A piece whose file went away after the plan: named, not read as an empty file.
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    cfg.datasets[0].path = put(tmp_path / "t.jsonl", "gone/t.jsonl")
+    piece = prepare(cfg, "job.yaml").pieces[0][0]
+    s3.fs.delete_file(f"{BUCKET}/gone/t.jsonl")
+    with pytest.raises(DataError, match=rf"s3://{BUCKET}/gone/t.jsonl: cannot read it as jsonl \(.*\); check the "
+                                        r"file; the driver and every worker node read it at this location"):
+        read_piece(piece, columns)
+
+    # A store that cannot be reached: the dataset, its path and the fix, before any work.
+    cfg.datasets[0].path = f"s3://{BUCKET}/x.parquet?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens
+    with pytest.raises(DataError, match=r"job.yaml.datasets\[0\] \(pydocs\): datasets\[\].path s3://.*: cannot "
+                                        r"reach it \(.*\); check the file; the driver and every worker node"):
+        prepare(cfg, "job.yaml")

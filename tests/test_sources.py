@@ -128,3 +128,26 @@ def test_a_file_without_a_configured_column_is_named_not_read_as_nulls(tmp_path)
     (tmp_path / "j" / "a.jsonl").write_text('{"id": "c"}\n')
     (spec,) = plan_shards(open_source(str(tmp_path / "j"), None), 10)
     assert read_shard(spec, ["id", "text"]).column_names == ["id"]  # the text a null, judged per row
+
+
+@pytest.mark.parametrize("folder", [
+    # (an s3 URI names its region: pyarrow would ask AWS for the bucket's otherwise)
+    "s3://bucket/dir?region=eu-west-1", "s3://bucket/dir/?region=eu-west-1",
+    "s3://bucket/dir?region=eu-west-1&endpoint_override=127.0.0.1:9&scheme=http",
+    "abfs://acct.blob.core.windows.net/container/dir", "abfs://container@acct.dfs.core.windows.net/dir",
+    "abfs://container@acct.dfs.core.windows.net/", "file:///data/dir", "s3://bucket/dir/*.parquet?region=eu-west-1",
+])
+def test_a_folders_files_keep_the_uris_account_and_options(folder):
+    """A folder's (or glob's) files come back as paths inside its filesystem, without what the
+    URI's authority and query hold (an Azure account, an S3 endpoint). Oracle: pyarrow's own
+    parsing of each file's URI gives the folder's filesystem, with the same options, and that path."""
+    import pyarrow.fs as pafs
+
+    from raytrieve.data.files import with_scheme
+
+    fs, root = pafs.FileSystem.from_uri(folder)
+    inner = root.rstrip("/").rsplit("/", 1)[0] if "*" in root else root.rstrip("/")
+    for path in (f"{inner}/part-0.parquet", f"{inner}/sub/part-1.parquet"):
+        member = with_scheme(folder, root, path)
+        again, got = pafs.FileSystem.from_uri(member)
+        assert got == path and again.equals(fs), member

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 from raytrieve.errors import DataError
 
 GLOB_CHARS = "*?["
+STREAM_BUFFER = 8 << 20  # bytes per read of a remote arrow file (files.open_arrow)
 
 
 def is_uri(location: str) -> bool:
@@ -48,12 +49,30 @@ def glob_files(fs: pafs.FileSystem, path: str) -> list[str]:
     return sorted(i.path for i in fs.get_file_info(selector) if fnmatch.fnmatch(i.path, path))
 
 
-def with_scheme(location: str, path: str) -> str:
-    """A path inside ``location``'s filesystem, as something ``resolve`` opens again anywhere."""
+def with_scheme(location: str, root: str, path: str) -> str:
+    """``path``, a file under ``location`` (a folder or glob; ``root``: its path inside its
+    filesystem, as ``resolve`` gives it) inside that filesystem, as a location
+    that ``resolve`` opens again anywhere. A URI's file keeps what the filesystem's paths leave
+    out: the authority (abfs's ``account.dfs.core.windows.net``) and the query
+    (``?endpoint_override=...``)."""
     if not is_uri(location):
         return path
-    scheme = location.split("://", 1)[0]
-    return f"{scheme}://{path}" if scheme != "file" else f"file://{path}"
+    base, mark, query = location.partition("?")
+    while base.endswith("/") and not base.endswith("://"):
+        base = base[:-1]
+    # The URI ends with the part of its filesystem path below the folder or the glob's fixed
+    # start, character for character: the file's path below it goes there.
+    base, root = _fixed_part(base), _fixed_part(root.rstrip("/"))
+    if not path.startswith(root) or not base.endswith(root[root.find("/") + 1 :] if "/" in root else ""):
+        return f"{location.split('://', 1)[0]}://{path}"  # an unforeseen form: as the filesystem names it
+    return f"{base}{path[len(root) :]}{mark}{query}"
+
+
+def _fixed_part(location: str) -> str:
+    """A glob's folder before its first wildcard; anything else as it is."""
+    if not is_glob(location):
+        return location
+    return location[: location.rfind("/", 0, min(location.index(ch) for ch in GLOB_CHARS if ch in location))]
 
 
 def read_bytes(fs: pafs.FileSystem, path: str, start: int, length: int) -> bytes:
@@ -97,13 +116,22 @@ class open_arrow:  # lower case: read as a function, ``with open_arrow(fs, path)
     """The record batches of an HF ``datasets`` arrow file (IPC stream, or file format)."""
 
     def __init__(self, fs: pafs.FileSystem, path: str) -> None:
-        self.source = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
+        self.fs, self.path = fs, path
+        # A local file is memory-mapped (a batch's body is paged in only when read); a remote
+        # one is read as a buffered stream: record batches read one by one with random access
+        # cost a ranged request each (datasets writes batches of 1,000 rows).
+        local = isinstance(fs, pafs.LocalFileSystem)
+        self.source = pa.memory_map(path) if local else fs.open_input_stream(path, buffer_size=STREAM_BUFFER)
 
     def __enter__(self) -> Any:  # a RecordBatchStreamReader, or a generator of record batches
         try:
             return pa.ipc.open_stream(self.source)
-        except pa.ArrowInvalid:
-            self.source.seek(0)
+        except pa.ArrowInvalid:  # the IPC file format: its footer needs random access
+            if isinstance(self.source, pa.MemoryMappedFile):
+                self.source.seek(0)
+            else:
+                self.source.close()
+                self.source = self.fs.open_input_file(self.path)
             reader = pa.ipc.open_file(self.source)
             return (reader.get_batch(i) for i in range(reader.num_record_batches))
 

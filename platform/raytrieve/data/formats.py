@@ -115,7 +115,8 @@ class HfFormat(InputFormat):
 
     name = "hf"
     suffixes = (".arrow",)
-    folder_markers = ("state.json", "dataset_info.json")
+    # dataset_dict.json: a DatasetDict, which folder_files refuses, naming its splits
+    folder_markers = ("state.json", "dataset_info.json", "dataset_dict.json")
 
     def folder_files(self, fs: pafs.FileSystem, path: str) -> list[str]:
         state, splits = f"{path}/state.json", f"{path}/dataset_dict.json"
@@ -129,8 +130,13 @@ class HfFormat(InputFormat):
                 "point at one split's folder)"
             )
         with fs.open_input_stream(state) as f:
-            files = [entry["filename"] for entry in json.loads(f.read()).get("_data_files", [])]
-        return [f"{path}/{name}" for name in files]
+            saved = json.loads(f.read())
+        if saved.get("_indices_data_files"):  # rows selected or shuffled by an indices file, not in the data's order
+            raise DataError(
+                f"{path}: saved with an indices mapping (a select or shuffle kept as an index); save it again with "
+                "save_to_disk from datasets >= 2.6, or call flatten_indices() before saving"
+            )
+        return [f"{path}/{entry['filename']}" for entry in saved.get("_data_files", [])]
 
     def row_count(self, fs: pafs.FileSystem, path: str) -> int | None:
         # Record batch headers only: with a memory map the bodies are never paged in.
@@ -165,7 +171,10 @@ class HfFormat(InputFormat):
         for f in files:
             fs, path = resolve(f)
             schema = schema or self._schema(fs, path)
-            pieces.append((f, self.row_count(fs, path) or 0, ()))
+            # Counting a stream's rows reads all of it but where it is memory-mapped: a remote
+            # file is counted by the driver's scan instead, which reads it anyway.
+            local = isinstance(fs, pafs.LocalFileSystem)
+            pieces.append((f, (self.row_count(fs, path) or 0) if local else -1, ()))
         return schema or pa.schema([]), pieces
 
     def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -181,7 +190,7 @@ class HfFormat(InputFormat):
         tables = []
         for f in self.folder_files(fs, path) if folder else [path]:
             with open_arrow(fs, f) as reader:
-                tables.append(pa.Table.from_batches(list(reader)))
+                tables.append(pa.Table.from_batches(list(reader), schema=self._schema(fs, f)))
         return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -210,11 +219,15 @@ class LineFormat(InputFormat):
         """A streaming reader (``.schema``, iterates record batches) over a whole open file."""
         raise NotImplementedError
 
-    def stream_schema(self, location: str) -> pa.Schema:
-        """The columns of the file at ``location`` (a local path or URI) as its stream reads them."""
+    def stream(self, location: str, columns: list[str] | None) -> Any:
+        """``open_stream`` over the file at ``location`` (a local path or URI), or None when it is
+        empty. The reader owns the file: its read-ahead may still be reading when a caller
+        stops early, so the file closes with the reader, never under it."""
         fs, path = resolve(location)
-        with fs.open_input_stream(path) as source:  # decompressed by the name's suffix
-            return self.open_stream(source, None).schema
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{location}: not found")
+        return self.open_stream(fs.open_input_stream(path), columns) if info.size else None  # decompressed by suffix
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         return self.parse(lines_in_range(fs, path, start, stop), b"", columns)
@@ -229,18 +242,15 @@ class LineFormat(InputFormat):
         # Whole files, counted by the driver's scan: lines cannot be counted from metadata.
         schema = pa.schema([])
         for f in files:
-            fs, path = resolve(f)
-            if fs.get_file_info(path).size:
-                schema = self.stream_schema(f)
+            reader = self.stream(f, None)
+            if reader is not None:
+                schema = reader.schema
                 break
         return schema, [(f, -1, ()) for f in files]
 
     def iter_piece(self, path: str, row_groups: tuple[int, ...], columns: list[str]) -> Iterator[pa.RecordBatch]:
-        fs, inner = resolve(path)
-        if fs.get_file_info(inner).size:
-            with fs.open_input_stream(inner) as source:  # decompressed by the name's suffix
-                for batch in self.open_stream(source, columns):
-                    yield batch.select(columns)
+        for batch in self.stream(path, columns) or ():
+            yield batch.select(columns)
 
 
 class JsonlFormat(LineFormat):

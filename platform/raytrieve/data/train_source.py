@@ -30,6 +30,11 @@ from raytrieve.data.files import is_uri, resolve, with_scheme
 from raytrieve.data.formats import InputFormat
 from raytrieve.errors import DataError
 
+# For a dataset file that cannot be opened (a worker node's too: it reads by the same location).
+REACH_FIX = (
+    "check the file; the driver and every worker node read it at this location, so it must exist there and each "
+    "node's credentials must reach it (for s3: AWS_* environment variables or the instance's role)"
+)
 PIECE_ROWS = 131_072  # parquet row groups are merged up to about this many rows per piece
 
 
@@ -47,7 +52,7 @@ def _files(location: str, fmt: InputFormat) -> list[str]:
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return [location if is_uri(location) else str(Path(location))]  # as older run stamps keyed it
-    return [with_scheme(location, f) for f in fmt.folder_files(fs, path)]
+    return [with_scheme(location, path, f) for f in fmt.folder_files(fs, path)]
 
 
 def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]:
@@ -59,8 +64,10 @@ def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]
         schema, found = kind.pieces(_files(location, kind), PIECE_ROWS)
     except DataError:
         raise
-    except (pa.ArrowInvalid, OSError, ValueError) as e:
+    except (pa.ArrowInvalid, ValueError) as e:
         raise formats.cannot_read(location, fmt, e) from None
+    except OSError as e:
+        raise formats.cannot_read(location, fmt, e, REACH_FIX) from None
     pieces, first = [], 0
     for file, rows, groups in found:
         pieces.append(Piece(file, fmt, first if rows >= 0 else -1, rows, groups))
@@ -76,16 +83,18 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
         fmt = formats.get(piece.fmt)
         if not isinstance(fmt, formats.LineFormat):
             raise
-        found = fmt.stream_schema(piece.path).names
+        found = fmt.stream(piece.path, None).schema.names
         if all(c in found for c in columns):  # another KeyError: not a missing column
             raise
         raise DataError(
             f"{piece.path}: has no column(s) {[c for c in columns if c not in found]} (its columns: {found}); "
             "every file of the folder needs the same columns (fix or move that file)"
         ) from None
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:
         fix = "check the file (a jsonl file whose values change type between lines: convert it to parquet)"
         raise formats.cannot_read(piece.path, piece.fmt, e, fix) from None
+    except OSError as e:  # not found, no access, no network; or a damaged file
+        raise formats.cannot_read(piece.path, piece.fmt, e, REACH_FIX) from None
 
 
 def read_piece(piece: Piece, columns: Sequence[str]) -> pa.Table:

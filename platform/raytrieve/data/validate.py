@@ -87,10 +87,14 @@ def validate_dataset(
     the schema checks only (no rows read; ``rows`` is -1)."""
     from raytrieve.data.digest import ContentDigest
     from raytrieve.data.row_keys import label_keys, text_keys
-    from raytrieve.data.train_source import iter_piece, list_pieces, with_counts
+    from raytrieve.data.train_source import REACH_FIX, iter_piece, list_pieces, with_counts
 
     path = d.path  # a local path or a URI (files.resolve)
-    if not exists(path):
+    try:
+        found = exists(path)
+    except (OSError, DataError) as e:  # a URI pyarrow cannot open, a store that refuses or cannot be reached
+        raise DataError(f"{where} ({d.name}): datasets[].path {path}: cannot reach it ({e}); {REACH_FIX}") from None
+    if not found:
         raise DataError(f"{where} ({d.name}): {path} does not exist; fix datasets[].path")
     fmt = d.format or infer_format(path)
     schema, pieces = list_pieces(path, fmt)

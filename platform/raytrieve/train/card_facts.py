@@ -91,7 +91,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
             DatasetFacts(
                 name=d.name,
                 path=d.path,
-                format=d.format or Path(d.path).suffix.lstrip(".") or "folder",
+                format=d.format or (p.pieces[i][0].fmt if p.pieces[i] else "unknown"),  # as the checks read it
                 rows=p.rows[i],
                 columns=columns,
                 label_column=label,
