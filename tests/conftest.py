@@ -75,6 +75,15 @@ def reranker_dir() -> Path:
     return resolve_model("ms-marco-minilm-l12-v2")
 
 
+@pytest.fixture(scope="session")
+def s3_store():
+    """An S3 API server on 127.0.0.1 with one bucket (tests/object_store.py)."""
+    from tests.object_store import s3_server
+
+    with s3_server() as store:
+        yield store
+
+
 def assert_grads_close(got, want, msg: str = "") -> None:
     """A float32 gradient against sentence-transformers': each entry within 1e-4 relative, or
     within 4e-5 of the largest entry of its row (of the tensor, for a vector), floored at 1.

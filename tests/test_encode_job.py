@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -23,7 +24,7 @@ import yaml
 from raytrieve.config import from_dict
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.inference.config import EncodeConfig
-from raytrieve.inference.shards import read_bad_rows, read_vectors
+from raytrieve.inference.shards import MANIFEST, TMP_MARK, read_bad_rows, read_vectors
 from tests.conftest import SENTENCES
 from tests.train_helpers import ROOT
 
@@ -329,11 +330,14 @@ def test_changed_or_damaged_shards_are_re_encoded_and_named(ray_cluster, tiny_mo
 
 
 @pytest.mark.slow
-def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
-    """Line-format files by byte ranges across a glob of files, and a Ray Dataset handed over
-    from Python, give the same vectors as the in-process encoder."""
+def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, s3_store, tiny_models, tmp_path):
+    """Line-format files by byte ranges across a glob of files in an object store, and a Ray
+    Dataset handed over from Python, give the same vectors as the in-process encoder. The
+    workers read the bucket and write their shards there, one put each (tests/object_store.py's
+    S3 server, named by the URI alone: the workers' environment has no AWS_* variables)."""
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.encode import run_encode
+    from tests.object_store import BUCKET
 
     texts = [f"{SENTENCES[i % len(SENTENCES)]} (item {i})" for i in range(70)]
     (tmp_path / "in").mkdir()
@@ -341,11 +345,17 @@ def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, tiny_models, tmp_path):
         (tmp_path / "in" / f"part-{f}.jsonl").write_text(
             "".join(json.dumps({"id": i, "text": texts[i]}) + "\n" for i in range(a, b)))
     expected = DenseEncoder(tiny_models["dense"]).encode_document(texts, normalize_embeddings=True)
-    cfg = _config(tmp_path, tmp_path / "in" / "*.jsonl", dense={"model": str(tiny_models["dense"])}, rows_per_shard=9)
+    key = f"encode/{tmp_path.name}"
+    s3_store.put(tmp_path / "in", f"{key}/in")
+    cfg = _config(tmp_path, s3_store.uri(f"{key}/in/*.jsonl"), dense={"model": str(tiny_models["dense"])},
+                  rows_per_shard=9, output_dir=s3_store.uri(f"{key}/vectors"))
     result = run_encode(cfg)
     v = read_vectors(cfg.output_dir)
     assert result.shards >= 6 and v.ids == [str(i) for i in range(70)]  # integer ids are kept as text
     np.testing.assert_allclose(v.dense, expected, atol=1e-5)
+    written = {Path(i.path).name for i in s3_store.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{key}/vectors"))}
+    assert {f"part-{n:05d}.parquet" for n in range(result.shards)} <= written and MANIFEST in written
+    assert not any(TMP_MARK in name for name in written)
 
     ds = ray_cluster.data.from_items([{"id": f"d{i}", "text": t} for i, t in enumerate(texts)], override_num_blocks=3)
     cfg = _config(tmp_path, tmp_path / "unused", dense={"model": str(tiny_models["dense"])},

@@ -1,18 +1,17 @@
 """Inputs in an object store: the encoding corpus, training datasets, the eval set and mining's
 pairs named by ``s3://`` URIs read the same rows as the same files on disk.
 
-The store is moto's S3 server, a separate HTTP server that speaks S3's REST API, started on
-127.0.0.1 (nothing leaves the machine); raytrieve reaches it through pyarrow's own S3 client,
-exactly as it reaches AWS (only ``AWS_ENDPOINT_URL`` points elsewhere). ``file://`` URIs alone
-would not show this: pyarrow answers them with its local filesystem, so code that only works
-on local files (memory maps, ``Path.stat``) passes there.
+The store is moto's S3 server (tests/object_store.py), a separate HTTP server that speaks S3's
+REST API, started on 127.0.0.1 (nothing leaves the machine); raytrieve reaches it through
+pyarrow's own S3 client, exactly as it reaches AWS (only ``AWS_ENDPOINT_URL`` points
+elsewhere). ``file://`` URIs alone would not show this: pyarrow answers them with its local
+filesystem, so code that only works on local files (memory maps, ``Path.stat``) passes there.
+tests/test_encode_job.py runs an encoding job on Ray whose workers read and write the bucket.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -24,43 +23,21 @@ from raytrieve.data.sources import open_source, plan_shards, read_shard
 from raytrieve.data.train_source import read_piece
 from raytrieve.errors import DataError
 from raytrieve.train.run import prepare
+from tests.object_store import BUCKET, KEY, SECRET
 from tests.train_helpers import shipped_config, write_data
-
-BUCKET = "raytrieve-test"
-
-
-@dataclass
-class Store:
-    fs: pafs.S3FileSystem
-    endpoint: str  # host:port
-
-    def put(self, local: Path, key: str) -> str:
-        """``local`` (a file, or a folder's tree) at ``s3://BUCKET/key``; that URI."""
-        pafs.copy_files(str(local), f"{BUCKET}/{key}", destination_filesystem=self.fs)
-        return f"s3://{BUCKET}/{key}"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+def s3(s3_store):
+    """The session's S3 server, and the AWS_* variables that name it (as a user's environment
+    would); tests that name it by the URI alone use ``s3_store.uri``."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", endpoint)
-        env.setenv("AWS_ACCESS_KEY_ID", "test")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        env.setenv("AWS_ENDPOINT_URL", f"http://{s3_store.endpoint}")
+        env.setenv("AWS_ACCESS_KEY_ID", KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-        fs.create_dir(BUCKET)
-        yield Store(fs, f"{host}:{port}")
-    server.stop()
+        yield s3_store
 
 
 def _corpus_rows(n: int) -> dict[str, list]:

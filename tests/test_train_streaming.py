@@ -69,12 +69,14 @@ def _start(model_dir):
 
 
 @pytest.mark.timeout(600)
-def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout_model, data, tmp_path):
-    """The data named by a ``file://`` URI here, by a path in the reference: the workers open
-    their pieces by URI (tests/test_object_store.py reads the same through an S3 server)."""
+def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout_model, data, s3_store, tmp_path):
+    """The data in an object store here, on disk in the reference: the driver checks it there
+    and the workers' read tasks open their pieces by URI (tests/object_store.py's S3 server,
+    named by the URI alone: the workers' environment has no AWS_* variables)."""
     reference, want = one_worker
-    at_uri = {**data, "train": f"file://{data['train']}"}
-    result, got = _run("two", tmp_path, no_dropout_model, at_uri, scaling__num_workers=2)
+    s3_store.put(data["train"], f"train/{tmp_path.name}/train.parquet")
+    in_bucket = {**data, "train": s3_store.uri(f"train/{tmp_path.name}/train.parquet")}
+    result, got = _run("two", tmp_path, no_dropout_model, in_bucket, scaling__num_workers=2)
     assert result.steps == reference.steps == 24 // 8 and result.dropped == []
     _assert_same_weights(got, want, _start(no_dropout_model["dense"]))
 
