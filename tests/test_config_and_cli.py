@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,38 @@ def test_the_commands_log_without_faiss_loader_noise():
 
     assert "faiss.loader" in stderr("import logging; logging.basicConfig(level=logging.INFO); import faiss")
     assert stderr("from raytrieve.progress import configure_logging; configure_logging(); import faiss") == ""
+
+
+@pytest.mark.parametrize(("config", "override", "key"), [
+    ("dense_mnrl.yaml", "output_dir", "output_dir"),
+    ("dense_mnrl.yaml", "checkpoint.dir", "checkpoint.dir"),
+    ("mine_pydocs.yaml", "output_path", "output_path"),
+    ("serve_pydocs.yaml", "index", "index"),
+    ("serve_pydocs_two_models.yaml", "dense.1.index", "dense[1].index"),
+    ("demo.yaml", "out_dir", "out_dir"),
+])
+def test_a_uri_where_a_path_on_disk_is_written_or_mapped_is_refused_by_its_key(config, override, key, tmp_path):
+    """Outputs and memory-mapped indices live on a local or shared disk: a URI there was taken as
+    a relative path (the trained model went to a local folder ``s3:/bucket/...``). Each shipped
+    config with a URI at that key is refused by name when it loads, before any work."""
+    from raytrieve.demo.config import load_demo_config
+    from raytrieve.inference.config import load_mine_config
+    from raytrieve.serve.config import load_serve_config
+    from raytrieve.train.config import load_train_config
+
+    load = {"dense_mnrl.yaml": load_train_config, "mine_pydocs.yaml": load_mine_config,
+            "serve_pydocs.yaml": load_serve_config, "serve_pydocs_two_models.yaml": load_serve_config,
+            "demo.yaml": load_demo_config}[config]
+    path = str(Path(__file__).resolve().parent.parent / "jobs" / "configs" / config)
+    load(path, [f"{override}={tmp_path}/x.parquet"])  # a path loads
+    with pytest.raises(ConfigError, match=rf"\.{re.escape(key)} s3://bucket/x.parquet: a URI, but this is written or read on "
+                                          r"a local or shared disk \(a path that every node reaches\)"):
+        load(path, [f"{override}=s3://bucket/x.parquet"])
+
+
+def test_a_uri_for_an_output_flag_is_refused_by_the_flag(tmp_path):
+    from raytrieve.index.build import build_indices
+
+    with pytest.raises(ConfigError, match=r"^--out gs://bucket/index: a URI, but this is written or read on a local"):
+        build_indices(tmp_path / "vectors", "gs://bucket/index")
+    assert not Path("gs:").exists()

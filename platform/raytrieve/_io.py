@@ -91,8 +91,10 @@ def load_weights(module: torch.nn.Module, directory: Path) -> None:
 def check_replaceable(target: str | os.PathLike, marker: str, option: str) -> None:
     """Refuse, before any work, an output folder that ``atomic_directory`` would replace but that
     is not an earlier output of the same command: a file, or a folder with other contents and
-    without ``marker`` (the file that command always writes). ``option`` names the flag."""
-    target = Path(target)
+    without ``marker`` (the file that command always writes), or a URI. ``option`` names the flag."""
+    from raytrieve.config import refuse_uri
+
+    target = Path(refuse_uri(str(target), option))
     if target.exists() and not target.is_dir():
         raise DataError(f"{option} {target}: is a file; give a folder (the command writes one)")
     if target.is_dir() and not (target / marker).exists():
@@ -123,9 +125,10 @@ def check_output_file(
     without the ``mark_written_by`` mark (a user's file, a file of an older version)."""
     import pyarrow.fs as pafs
 
+    from raytrieve.config import refuse_uri
     from raytrieve.data.files import resolve
 
-    target = Path(target)
+    target = Path(refuse_uri(str(target), option))
     for given in inputs:
         fs, path = resolve(str(given))  # an input may be a URI (file:// names a file here too)
         if isinstance(fs, pafs.LocalFileSystem) and target.resolve() == Path(path).resolve():

@@ -16,9 +16,9 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar, Union, cast
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, Union, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from raytrieve.errors import ConfigError
@@ -77,6 +77,25 @@ def invalid(key: str, text: str) -> NoReturn:
     """Refuse a value from a model validator: the message is ``<where>.<key><text>`` (or
     ``<where><text>`` without a key), so it reads the same at any nesting depth."""
     raise PydanticCustomError("raytrieve", "{text}", {"text": text, "key": key})
+
+
+def refuse_uri(value: str, what: str = "") -> str:
+    """``value`` unless it is a URI: for a path that is written (or memory-mapped) on a local or
+    shared disk, where a URI would become a local folder named ``s3:``. ``what`` (a config key or
+    flag) prefixes the message for a ConfigError; without it the message fits ``invalid``'s."""
+    if "://" not in value:
+        return value
+    text = (
+        f" {value}: a URI, but this is written or read on a local or shared disk (a path that every node "
+        "reaches); give such a path, and copy to or from the object store outside raytrieve"
+    )
+    if what:
+        raise ConfigError(f"{what}{text}")
+    raise PydanticCustomError("raytrieve", "{text}", {"text": text, "key": ""})
+
+
+# A config path on a local or shared disk (an output folder, a memory-mapped index): a URI is refused.
+LocalPath = Annotated[str, AfterValidator(refuse_uri)]
 
 
 def _members(tp: Any) -> tuple[Any, ...]:

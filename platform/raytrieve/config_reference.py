@@ -15,7 +15,7 @@ from typing import Any, Union
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from raytrieve.config import one_or_list
+from raytrieve.config import LocalPath, one_or_list
 
 
 def _inner_model(tp: Any) -> tuple[type[BaseModel] | None, str]:
@@ -45,6 +45,8 @@ def _type_text(tp: Any) -> str:
         return " | ".join(_type_text(a) for a in sorted(args, key=lambda a: a is type(None)))
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:  # a constrained type: config.LocalPath is the one there is
+        return "local path" if tp == LocalPath else _type_text(args[0])
     if origin is not None:
         return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
     return getattr(tp, "__name__", str(tp))
@@ -73,7 +75,8 @@ def rows(
     for name, f in cls.model_fields.items():
         key = f"{prefix}{name}"
         text, value = _default(f, default, name)
-        yield key, _type_text(f.annotation), text, f.description or ""
+        local = f.annotation is str and typing.get_args(LocalPath)[1] in f.metadata  # pydantic keeps it there
+        yield key, "local path" if local else _type_text(f.annotation), text, f.description or ""
         inner, nest = _inner_model(f.annotation)
         if inner is not None and inner not in seen:  # LossSpec.inner is a LossSpec: list it once
             nested = value if nest == "" and isinstance(value, inner) else None
@@ -110,7 +113,8 @@ def markdown() -> str:
         "Generated from the config models by `raytrieve docs config-reference`; a test keeps it in step.",
         "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
         "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`). "
-        "Unknown keys are errors that list the valid ones.",
+        "Unknown keys are errors that list the valid ones. A *local path* is on a local or shared disk (a path "
+        "every node reaches); a URI there is refused.",
         "",
     ]
     for title, how, cls in sections():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, invalid, load_yaml
+from raytrieve.config import ConfigModel, LocalPath, invalid, load_yaml
 
 
 class SampleConfig(ConfigModel):
@@ -149,8 +149,8 @@ class BeirData(ConfigModel):
 
 
 class DemoConfig(ConfigModel):
-    out_dir: str = "out/demo"
-    pydocs_dir: str = Field(
+    out_dir: LocalPath = "out/demo"
+    pydocs_dir: LocalPath = Field(
         default="data/pydocs", description="built by the demo when missing (raytrieve data build-pydocs)"
     )
     beir: BeirData | None = Field(default=None, description="your own data in BEIR's layout; None: the pydocs set")

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, Dtype, dtype_field, invalid, load_yaml
+from raytrieve.config import ConfigModel, Dtype, LocalPath, dtype_field, invalid, load_yaml
 from raytrieve.data.formats import FORMATS
 
 
@@ -191,7 +191,7 @@ class SelectionConfig(ConfigModel):
 class MineConfig(ConfigModel):
     pairs: PairsConfig
     retriever: RetrieverConfig
-    output_path: str = Field(description="a parquet file")
+    output_path: LocalPath = Field(description="a parquet file")
     output_format: Literal["triplet", "n-tuple", "n-tuple-scores", "labeled-list"] = "triplet"
     corpus: CorpusConfig | None = Field(default=None, description="None: the distinct positives are the corpus")
     corpus_vectors: str | None = Field(

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import Backend, ConfigModel, Dtype, dtype_field, invalid, load_yaml
+from raytrieve.config import Backend, ConfigModel, Dtype, LocalPath, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
@@ -80,7 +80,7 @@ class DeploymentConfig(ConfigModel):
     )
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
-    index: str | None = Field(
+    index: LocalPath | None = Field(
         default=None,
         description=(
             "dense and sparse models: a folder from `raytrieve index build` of this model's vectors, searched when "
@@ -181,7 +181,7 @@ class ServeConfig(ConfigModel):
     dense: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="dense"))
     sparse: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="sparse"))
     reranker: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="reranker"))
-    index: str | None = Field(
+    index: LocalPath | None = Field(
         default=None,
         description=(
             "A folder from `raytrieve index build`, searched by /search with the default (first) dense and sparse "

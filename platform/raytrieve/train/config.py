@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
+from raytrieve.config import ConfigModel, LocalPath, from_dict, invalid, load_yaml
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
@@ -234,7 +234,7 @@ class EvalConfig(ConfigModel):
 class CheckpointConfig(ConfigModel):
     every_n_steps: int | None = Field(default=None, description="None: only the final checkpoint")
     keep: int = 2
-    dir: str | None = Field(
+    dir: LocalPath | None = Field(
         default=None, description="Ray Train storage; default: <output_dir>.checkpoints next to the model"
     )
     max_failures: int = Field(default=1, description="worker failures survived by restarting from the last checkpoint")
@@ -308,7 +308,7 @@ class MlflowConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     model: ModelConfig
     datasets: list[DatasetConfig]
-    output_dir: str
+    output_dir: LocalPath
     prompts: str | dict[str, str] | None = Field(
         default=None,
         description="Prompts for every dataset that sets none: one string for all columns, or per column name.",
