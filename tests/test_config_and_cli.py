@@ -285,5 +285,14 @@ def test_a_uri_for_an_output_flag_is_refused_by_the_flag(tmp_path):
     from raytrieve.index.build import build_indices
 
     with pytest.raises(ConfigError, match=r"^--out gs://bucket/index: a URI, but this is written or read on a local"):
-        build_indices(tmp_path / "vectors", "gs://bucket/index")
-    assert not Path("gs:").exists()
+        build_indices(tmp_path / "vectors", "gs://bucket/index")  # refused before the vectors are looked for
+    import argparse
+
+    from raytrieve.evaluate.command import add_arguments, evaluate
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag in ("--out", "--index"):  # refused before any data or model is read
+        args = parser.parse_args(["--data", str(tmp_path), "--dense", "all-minilm-l6-v2", flag, f"s3://bucket/{flag}"])
+        with pytest.raises(ConfigError, match=rf"^{flag} s3://bucket/{flag}: a URI, but this is written or read on a "):
+            evaluate(args)

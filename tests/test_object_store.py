@@ -186,16 +186,20 @@ def test_a_store_named_by_the_uris_query_reaches_every_file_of_a_folder(s3, tiny
     query named. Here no environment variable names the server; only the query does."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     table = pq.read_table(data["train"])
-    (tmp_path / "folder").mkdir()
-    pq.write_table(table.slice(0, 10), tmp_path / "folder" / "a.parquet")
-    pq.write_table(table.slice(10), tmp_path / "folder" / "b.parquet")
-    uri = s3.put(tmp_path / "folder", "query/folder") + f"?endpoint_override={s3.endpoint}&scheme=http"
+    (tmp_path / "my folder" / "city=New York").mkdir(parents=True)  # names that must be percent-encoded
+    pq.write_table(table.slice(0, 10), tmp_path / "my folder" / "b%20.parquet")
+    pq.write_table(table.slice(10), tmp_path / "my folder" / "city=New York" / "a #1.parquet")
+    s3.put(tmp_path / "my folder", "query/my folder")
+    uri = f"s3://{BUCKET}/query/my%20folder?endpoint_override={s3.endpoint}&scheme=http"
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].path = uri
     p = prepare(cfg, "job.yaml")
     assert [piece.path for piece in p.pieces[0]] == [
-        f"s3://{BUCKET}/query/folder/{name}.parquet?endpoint_override={s3.endpoint}&scheme=http" for name in "ab"
+        f"s3://{BUCKET}/query/my%20folder/{name}?endpoint_override={s3.endpoint}&scheme=http"
+        for name in ("b%2520.parquet", "city%3DNew%20York/a%20%231.parquet")
     ] and p.rows == [table.num_rows]
+    got = [r for piece in p.pieces[0] for r in read_piece(piece, ["query", "document"]).to_pylist()]
+    assert got == table.select(["query", "document"]).to_pylist()
     rows, specs = _shards_of(uri, ["query", "document"], 5)
     assert rows == table.select(["query", "document"]).to_pylist() and len(specs) == 5
 

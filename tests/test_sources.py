@@ -136,18 +136,23 @@ def test_a_file_without_a_configured_column_is_named_not_read_as_nulls(tmp_path)
     "s3://bucket/dir?region=eu-west-1&endpoint_override=127.0.0.1:9&scheme=http",
     "abfs://acct.blob.core.windows.net/container/dir", "abfs://container@acct.dfs.core.windows.net/dir",
     "abfs://container@acct.dfs.core.windows.net/", "file:///data/dir", "s3://bucket/dir/*.parquet?region=eu-west-1",
+    "s3://bucket?region=eu-west-1", "s3://KEY:SECRET@bucket/dir?region=eu-west-1&endpoint_override=127.0.0.1:9",
+    "s3://bucket/my%20dir/?region=eu-west-1", "file:///data/a%25b%20c/*", "file:///*.parquet",
 ])
 def test_a_folders_files_keep_the_uris_account_and_options(folder):
     """A folder's (or glob's) files come back as paths inside its filesystem, without what the
-    URI's authority and query hold (an Azure account, an S3 endpoint). Oracle: pyarrow's own
-    parsing of each file's URI gives the folder's filesystem, with the same options, and that path."""
+    URI's authority and query hold (an Azure account, an S3 endpoint, keys), and decoded. Oracle:
+    pyarrow's own parsing of each file's URI gives the folder's filesystem, with the same
+    options, and that path, for names holding a space, "=", "#" or "%"."""
     import pyarrow.fs as pafs
 
     from raytrieve.data.files import with_scheme
 
     fs, root = pafs.FileSystem.from_uri(folder)
     inner = root.rstrip("/").rsplit("/", 1)[0] if "*" in root else root.rstrip("/")
-    for path in (f"{inner}/part-0.parquet", f"{inner}/sub/part-1.parquet"):
+    for path in (f"{inner}/part-0.parquet", f"{inner}/sub/part-1.parquet", f"{inner}/city=New York/a #1 %20.parquet"):
         member = with_scheme(folder, root, path)
         again, got = pafs.FileSystem.from_uri(member)
         assert got == path and again.equals(fs), member
+    with pytest.raises(DataError, match=r"s3://buck\*/x\?region=eu-west-1: a wildcard in the bucket or host"):
+        with_scheme("s3://buck*/x?region=eu-west-1", "buck*/x", "bucket/x")

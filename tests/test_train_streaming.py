@@ -70,12 +70,19 @@ def _start(model_dir):
 
 @pytest.mark.timeout(600)
 def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout_model, data, s3_store, tmp_path):
-    """The data in an object store here, on disk in the reference: the driver checks it there
-    and the workers' read tasks open their pieces by URI (tests/object_store.py's S3 server,
-    named by the URI alone: the workers' environment has no AWS_* variables)."""
+    """The data in an object store here, as a folder of two files, and one file on disk in the
+    reference: the driver checks it there and the workers' read tasks open each file by its URI
+    (tests/object_store.py's S3 server, named by the folder's URI alone: keys, endpoint and region
+    carry over to its files; the workers' environment has no AWS_* variables)."""
+    import pyarrow.parquet as pq
+
     reference, want = one_worker
-    s3_store.put(data["train"], f"train/{tmp_path.name}/train.parquet")
-    in_bucket = {**data, "train": s3_store.uri(f"train/{tmp_path.name}/train.parquet")}
+    table = pq.read_table(data["train"])
+    (tmp_path / "folder").mkdir()
+    pq.write_table(table.slice(0, 10), tmp_path / "folder" / "part-0.parquet")
+    pq.write_table(table.slice(10), tmp_path / "folder" / "part-1.parquet")
+    s3_store.put(tmp_path / "folder", f"train/{tmp_path.name}")
+    in_bucket = {**data, "train": s3_store.uri(f"train/{tmp_path.name}")}
     result, got = _run("two", tmp_path, no_dropout_model, in_bucket, scaling__num_workers=2)
     assert result.steps == reference.steps == 24 // 8 and result.dropped == []
     _assert_same_weights(got, want, _start(no_dropout_model["dense"]))

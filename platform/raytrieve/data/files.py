@@ -10,6 +10,7 @@ import fnmatch
 import glob as globlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -61,18 +62,23 @@ def with_scheme(location: str, root: str, path: str) -> str:
     while base.endswith("/") and not base.endswith("://"):
         base = base[:-1]
     # The URI ends with the part of its filesystem path below the folder or the glob's fixed
-    # start, character for character: the file's path below it goes there.
-    base, root = _fixed_part(base), _fixed_part(root.rstrip("/"))
-    if not path.startswith(root) or not base.endswith(root[root.find("/") + 1 :] if "/" in root else ""):
-        return f"{location.split('://', 1)[0]}://{path}"  # an unforeseen form: as the filesystem names it
-    return f"{base}{path[len(root) :]}{mark}{query}"
+    # start (percent-encoded there; pyarrow decodes it): the file's path below it goes there,
+    # encoded, so a name holding "%", "#" or a space opens as itself.
+    base, root = _fixed_part(base, location), _fixed_part(root.rstrip("/"), location)
+    below = root[root.find("/") + 1 :] if "/" in root else ""
+    if not path.startswith(root) or not unquote(base).endswith(below):
+        raise DataError(f"{location}: cannot name its file {path} by a URI; name the file itself")
+    return f"{base}{quote(path[len(root) :], safe='/')}{mark}{query}"
 
 
-def _fixed_part(location: str) -> str:
+def _fixed_part(location: str, given: str) -> str:
     """A glob's folder before its first wildcard; anything else as it is."""
     if not is_glob(location):
         return location
-    return location[: location.rfind("/", 0, min(location.index(ch) for ch in GLOB_CHARS if ch in location))]
+    cut = location.rfind("/", 0, min(location.index(ch) for ch in GLOB_CHARS if ch in location))
+    if cut < 0 or location[:cut].endswith(":/"):
+        raise DataError(f"{given}: a wildcard in the bucket or host; name it, and put wildcards in the path only")
+    return location[:cut]
 
 
 def read_bytes(fs: pafs.FileSystem, path: str, start: int, length: int) -> bytes:

@@ -190,7 +190,11 @@ class HfFormat(InputFormat):
         tables = []
         for f in self.folder_files(fs, path) if folder else [path]:
             with open_arrow(fs, f) as reader:
-                tables.append(pa.Table.from_batches(list(reader), schema=self._schema(fs, f)))
+                batches = list(reader)
+                # A file without batches has its schema still (a stream reader holds it; the
+                # file format's generator does not: read it again then, rare).
+                schema = getattr(reader, "schema", None) or (batches[0].schema if batches else self._schema(fs, f))
+                tables.append(pa.Table.from_batches(batches, schema=schema))
         return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -245,6 +249,7 @@ class LineFormat(InputFormat):
             reader = self.stream(f, None)
             if reader is not None:
                 schema = reader.schema
+                reader.close()
                 break
         return schema, [(f, -1, ()) for f in files]
 

@@ -120,10 +120,13 @@ def _check(args: argparse.Namespace) -> None:
     """Flags that contradict each other, before any file is read."""
     _positive(args, "k", "recall_k", "depth", "rerank_depth", "batch_size", "max_seq_length", "clients", "token_budget")
     _positive(args, "bootstrap_rounds", "max_in_process_rows", "reranker_max_seq_length")
-    from raytrieve.config import Dtype
+    from raytrieve.config import Dtype, refuse_uri
 
     if args.dtype not in typing.get_args(Dtype):
         raise ConfigError(f"--dtype {args.dtype!r}: choose one of {list(typing.get_args(Dtype))}")
+    refuse_uri(args.out, "--out")  # written on disk (evaluation.json, .md, .png, the work folder)
+    if args.index:
+        refuse_uri(args.index, "--index")  # memory-mapped
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found only after every model ran
         raise ConfigError(f"--out {args.out}: is a file; give a folder (evaluation.json, .md and .png go there)")
     files = [args.corpus, args.queries, args.qrels]

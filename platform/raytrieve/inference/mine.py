@@ -86,15 +86,15 @@ def read_pairs(cfg: MineConfig) -> tuple[list[str], list[str]]:
     return columns["query"], columns["positive"]
 
 
-def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | None, where: str) -> Path:
-    """The folder of the corpus vectors (the encoding job's output), made now unless given."""
+def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | None, where: str) -> str:
+    """The folder of the corpus vectors (the encoding job's output, a path or a URI), made now unless given."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raytrieve.inference.encode import run_encode
 
     if cfg.corpus_vectors:
-        vectors_dir = Path(cfg.corpus_vectors)
+        vectors_dir = cfg.corpus_vectors  # as given: a URI stays one (Path would make s3:// a local s3:/)
     else:
         work = Path(f"{cfg.output_path}.work")
         corpus = cfg.corpus
@@ -119,7 +119,7 @@ def _corpus_vectors(cfg: MineConfig, positives: list[str], ray_address: str | No
             sparse=SparseOutputConfig(**output) if cfg.retriever.kind == "sparse" else None,
         )
         run_encode(encode, where=f"{where} (corpus encoding)", ray_address=ray_address, scratch=True)
-        vectors_dir = Path(encode.output_dir)
+        vectors_dir = encode.output_dir
     return vectors_dir  # given ones were checked before Ray (check_corpus_vectors)
 
 
@@ -237,7 +237,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
 
     phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
-    vectors_dir = str(_corpus_vectors(cfg, positives, ray_address, where))
+    vectors_dir = _corpus_vectors(cfg, positives, ray_address, where)
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
