@@ -118,15 +118,18 @@ def _truncated_copy(vectors_dir: str, out: Path, dim: int) -> Path:
 
 
 def test_dense_mining_over_matryoshka_truncated_vectors_scores_as_they_were_encoded(positives_vectors, pairs_file,
-                                                                                    tmp_path):
+                                                                                    s3_store, tmp_path):
     """Corpus vectors encoded with dense.truncate_dim failed at the search (queries of 384
-    dimensions against 64); mining now encodes queries and positives as the corpus was."""
+    dimensions against 64); mining now encodes queries and positives as the corpus was. The
+    vectors lie in an object store (tests/object_store.py's S3 server): corpus_vectors was made a
+    local path ("s3:/...") before the index was built from it."""
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.mine import run_mine
 
     vectors = _truncated_copy(positives_vectors["corpus_vectors"], tmp_path / "cut", 64)
+    s3_store.put(vectors, f"mine/{tmp_path.name}/cut")
     cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores", corpus=positives_vectors["corpus"],
-               corpus_vectors=str(vectors), selection={"num_negatives": 2, "range_max": 10})
+               corpus_vectors=s3_store.uri(f"mine/{tmp_path.name}/cut"), selection={"num_negatives": 2, "range_max": 10})
     result = run_mine(cfg)
     table = pq.read_table(cfg.output_path).to_pydict()
     assert result.rows == len(table["query"]) > 0.9 * result.pairs
