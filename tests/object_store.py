@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 BUCKET = "raytrieve-test"
-KEY, SECRET = "test", "test"  # moto takes any
+KEY, SECRET = "test", "not-a-real-secret"  # moto takes any keys
 
 
 @dataclass

@@ -255,3 +255,27 @@ def test_saved_hf_datasets_in_shards_and_by_file_and_what_cannot_be_read_is_name
     with pytest.raises(DataError, match=r"job.yaml.datasets\[0\] \(pydocs\): datasets\[\].path s3://.*: cannot "
                                         r"reach it \(.*\); check the file; the driver and every worker node"):
         prepare(cfg, "job.yaml")
+
+
+def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, data, tmp_path):
+    """``s3://KEY:SECRET@bucket/...`` opens the store, and pyarrow accepts it; the secret must not
+    reach the MLflow parameters, the model card or its train_config.yaml, which others read."""
+    import time
+
+    from raytrieve.tracking.mlflow_run import flatten
+    from raytrieve.train.card_facts import driver_facts
+    from raytrieve.train.model_card import card_files
+
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.datasets[0].path = s3_store.uri(f"secret/{tmp_path.name}/train.parquet")
+    cfg.eval.path = s3_store.uri(f"secret/{tmp_path.name}/test.parquet")
+    s3_store.put(data["train"], f"secret/{tmp_path.name}/train.parquet")
+    s3_store.put(data["test"], f"secret/{tmp_path.name}/test.parquet")
+    p = prepare(cfg, "job.yaml")  # the keys in the URI open it
+    assert SECRET in cfg.datasets[0].path and p.rows == [pq.read_table(data["train"]).num_rows]
+    params = flatten(cfg)
+    files = card_files(driver_facts(cfg, p, time.time()))
+    recorded = [*params.values(), *files.values()]
+    assert all(SECRET not in text for text in recorded)
+    assert params["datasets.0.path"] == cfg.datasets[0].path.replace(f":{SECRET}@", ":***@")
+    assert f"{KEY}:***@{BUCKET}/secret/{tmp_path.name}/train.parquet" in files["train_config.yaml"]

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,6 +87,27 @@ def load_weights(module: torch.nn.Module, directory: Path) -> None:
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}); "
             "the folder's config and weights disagree"
         )
+
+
+# The secret of a URI's user info (``s3://KEY:SECRET@bucket/...``, which pyarrow accepts).
+_USER_SECRET = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/@\s:]*):[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret of every URI's user info replaced by ``***``: for what a run
+    records where others read it (MLflow parameters, the model card and its config)."""
+    return _USER_SECRET.sub(r"\1:***@", text)
+
+
+def redact_values(value: Any) -> Any:
+    """``redact`` on every string of a JSON-like value (dicts, lists)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_values(v) for v in value]
+    return value
 
 
 def check_replaceable(target: str | os.PathLike, marker: str, option: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from raytrieve._io import redact
 from raytrieve.errors import ConfigError
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -40,7 +41,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         value = value.model_dump()
     if isinstance(value, dict) and any(not re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
         # Free-text keys (regexes of learning_rate_mapping...) are no valid param names: one JSON value.
-        return {prefix[:-1]: json.dumps(value, default=str)[:PARAM_LIMIT]}
+        return {prefix[:-1]: redact(json.dumps(value, default=str))[:PARAM_LIMIT]}
     if isinstance(value, dict):
         out: dict[str, str] = {}
         for k, v in value.items():
@@ -51,7 +52,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         for i, v in enumerate(value):
             out.update(flatten(v, f"{prefix}{i}."))
         return out
-    return {prefix[:-1]: str(value)[:PARAM_LIMIT]}
+    return {prefix[:-1]: redact(str(value))[:PARAM_LIMIT]}  # a URI's keys are no parameter
 
 
 def process_env(uri: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raytrieve._io import redact, redact_values
 from raytrieve.train.model_card import (
     EXAMPLE_ROWS,
     CardFacts,
@@ -90,7 +91,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
         datasets.append(
             DatasetFacts(
                 name=d.name,
-                path=d.path,
+                path=redact(d.path),
                 format=d.format or (p.pieces[i][0].fmt if p.pieces[i] else "unknown"),  # as the checks read it
                 rows=p.rows[i],
                 columns=columns,
@@ -108,7 +109,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
 
         evaluation = EvalFacts(
             split=cfg.eval.path.rstrip("/").rsplit("/", 1)[-1].split(".")[0],
-            path=cfg.eval.path if is_uri(cfg.eval.path) else str(Path(cfg.eval.path).resolve()),
+            path=redact(cfg.eval.path) if is_uri(cfg.eval.path) else str(Path(cfg.eval.path).resolve()),
             evaluator=cfg.eval.evaluator,
             rows=len(first),
         )
@@ -123,7 +124,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
         base_model_id=base_id,
         license=lic,
         datasets=datasets,
-        config=cfg.model_dump(mode="json"),
+        config=redact_values(cfg.model_dump(mode="json")),  # the card and its config are shared: no URI keys
         steps=p.plan.optimizer_steps,
         epochs=len(p.plan.steps_per_epoch),
         samples_per_step=p.spec.samples_per_step,
