@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,12 +124,13 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     cfg = _config(tmp_path)
     data = {"pairs": {"rows": 16, "sha256": "aa"}}
     root = claim_checkpoint_dir(cfg, plan, "job.yaml", data)
-    assert root == checkpoint_dir(cfg) == (tmp_path / "out" / "model.checkpoints").resolve()
+    assert str(root) == checkpoint_dir(cfg) == str((tmp_path / "out" / "model.checkpoints").resolve())
+    root = Path(root)
     assert [p.name for p in root.iterdir()] == [RUN_STAMP]  # written through a temporary, none left
-    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == root  # the same run resumes
+    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == str(root)  # the same run resumes
     # Stopped before its first checkpoint (a bad MLflow URI, too few CPUs): nothing to resume, so
     # the fixed config starts there; it was refused, and the advised fix with it.
-    assert claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(_config(tmp_path, learning_rate=1e-3), plan, "job.yaml", data) == str(root)
     (root / "run" / "step-00000004").mkdir(parents=True)  # a checkpoint Ray Train registered
     refusals = {
         "optimizer.learning_rate: 0.001 -> 2e-05": (_config(tmp_path), data),
@@ -142,11 +144,11 @@ def test_the_checkpoint_folder_belongs_to_one_run(tmp_path):
     # Where it writes, tracks, checkpoints, evaluates and how many threads: a resume may change them.
     moved = _config(tmp_path, learning_rate=1e-3)
     moved.mlflow.experiment, moved.checkpoint.keep, moved.scaling.torch_threads = "other", 5, 3
-    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == str(root)
     moved.datasets[0].path = "/elsewhere/pairs.parquet"  # the same data (its digest) in another place
-    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == str(root)
     moved.datasets[0].path, moved.datasets[0].format = "/elsewhere/pairs.txt", "jsonl"  # converted, named
-    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(moved, plan, "job.yaml", data) == str(root)
 
 
 def test_a_stamp_that_kept_the_datasets_format_resumes_in_any_format(tmp_path):
@@ -158,6 +160,7 @@ def test_a_stamp_that_kept_the_datasets_format_resumes_in_any_format(tmp_path):
     plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
     data = {"pairs": {"rows": 16, "sha256": "aa"}}
     root = claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data)
+    root = Path(root)
     (root / "run" / "step-00000004").mkdir(parents=True)
     now = json.loads((root / RUN_STAMP).read_text())
     assert "format" not in now["identity"]["datasets"][0] and "path" not in now["identity"]["datasets"][0]
@@ -166,7 +169,7 @@ def test_a_stamp_that_kept_the_datasets_format_resumes_in_any_format(tmp_path):
     (root / RUN_STAMP).write_text(json.dumps({**now, "fingerprint": _fingerprint(kept), "identity": kept}))
     cfg = _config(tmp_path)
     cfg.datasets[0].path, cfg.datasets[0].format = "pairs.jsonl", "jsonl"
-    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(cfg, plan, "job.yaml", data) == str(root)
     assert json.loads((root / RUN_STAMP).read_text())["identity"] == now["identity"]  # stamped anew
     (root / RUN_STAMP).write_text(json.dumps({**now, "fingerprint": _fingerprint(kept), "identity": kept}))
     with pytest.raises(ConfigError, match=r"\(optimizer.learning_rate: 2e-05 -> 0.001\); resuming"):
@@ -183,6 +186,7 @@ def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaul
     plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
     data = {"pairs": {"rows": 16, "sha256": "aa"}}
     root = claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data)
+    root = Path(root)
     (root / "run" / "step-00000004").mkdir(parents=True)
     now = json.loads((root / RUN_STAMP).read_text())
 
@@ -203,7 +207,7 @@ def test_checkpoints_resume_across_an_upgrade_that_adds_settings_at_their_defaul
     # Defaults of each kind: a flag, a number, null, an empty mapping, a whole section.
     stamped_before("training.cpu_kernels", "optimizer.max_grad_norm", "model.max_seq_length",
                    "datasets.0.router_mapping", "datasets.0.loss.args", "optimizer")
-    assert claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data) == root
+    assert claim_checkpoint_dir(_config(tmp_path), plan, "job.yaml", data) == str(root)
     assert json.loads((root / RUN_STAMP).read_text()) == {**now, "mlflow": {"uri": "file:///x", "run_id": "r1"}}
     refusals = {  # what the refusal names: the one real difference, not the settings added at defaults
         "optimizer.max_grad_norm: None -> 0.5": (("training.cpu_kernels", "optimizer.max_grad_norm"), {},

@@ -256,7 +256,6 @@ def test_the_commands_log_without_faiss_loader_noise():
 
 @pytest.mark.parametrize(("config", "override", "key"), [
     ("dense_mnrl.yaml", "output_dir", "output_dir"),
-    ("dense_mnrl.yaml", "checkpoint.dir", "checkpoint.dir"),
     ("mine_pydocs.yaml", "output_path", "output_path"),
     ("serve_pydocs.yaml", "index", "index"),
     ("serve_pydocs_two_models.yaml", "dense.1.index", "dense[1].index"),

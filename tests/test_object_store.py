@@ -12,6 +12,7 @@ tests/test_encode_job.py runs an encoding job on Ray whose workers read and writ
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -279,3 +280,65 @@ def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, d
     assert all(SECRET not in text for text in recorded)
     assert params["datasets.0.path"] == cfg.datasets[0].path.replace(f":{SECRET}@", ":***@")
     assert f"{KEY}:***@{BUCKET}/secret/{tmp_path.name}/train.parquet" in files["train_config.yaml"]
+
+
+def test_a_checkpoint_folder_in_s3_belongs_to_one_run(s3_store, tmp_path):
+    """checkpoint.dir may be an object store's URI (Ray Train keeps its checkpoints there; the
+    DDP resume test in tests/test_train_e2e.py restarts from them): the run's stamp is written
+    there with one put, a run with other settings is refused by the folder's URI once a
+    checkpoint exists, and what a rerun reads back (its MLflow run, a finished run) comes back."""
+    from raytrieve.config import from_dict
+    from raytrieve.data.files import OutputStore
+    from raytrieve.errors import ConfigError
+    from raytrieve.train.checkpoint import (
+        RUN_STAMP,
+        checkpoint_dir,
+        claim_checkpoint_dir,
+        finished_run,
+        record_finished,
+        record_mlflow_run,
+        run_to_resume,
+    )
+    from raytrieve.train.config import TrainConfig, TrainingConfig
+    from raytrieve.train.plan import DatasetKeys, plan_training
+
+    def config(**optimizer) -> TrainConfig:
+        return from_dict(TrainConfig, {
+            "model": {"name_or_path": "all-minilm-l6-v2", "kind": "dense"},
+            "datasets": [{"name": "pairs", "path": "pairs.parquet", "loss": {"name": "MultipleNegativesRankingLoss"}}],
+            "output_dir": str(tmp_path / "model"), "optimizer": optimizer,
+            "checkpoint": {"dir": s3_store.uri(f"claim/{tmp_path.name}")}})
+
+    plan = plan_training([DatasetKeys("pairs", 16)], TrainingConfig(batch_size=4, batch_sampler="default", seed=3), 1)
+    data = {"pairs": {"rows": 16, "sha256": "aa"}}
+    root = claim_checkpoint_dir(config(), plan, "job.yaml", data)
+    assert root == checkpoint_dir(config()) == s3_store.uri(f"claim/{tmp_path.name}")
+    store = OutputStore(root)
+    assert store.names() == [RUN_STAMP] and not (tmp_path / "model.checkpoints").exists()
+    assert claim_checkpoint_dir(config(learning_rate=1e-3), plan, "job.yaml", data) == root  # no checkpoint yet
+    record_mlflow_run(root, "file:///mlruns", "r1")
+    assert run_to_resume(root, "file:///mlruns") is None  # nothing to resume yet
+    s3_store.fs.create_dir(f"{BUCKET}/claim/{tmp_path.name}/run/step-00000004")  # as Ray Train leaves one
+    store.write_bytes("run/step-00000004/state.pt", b"x")
+    assert run_to_resume(root, "file:///mlruns") == "r1"
+    with pytest.raises(ConfigError, match=rf"job.yaml: s3://.*{BUCKET}/claim/{tmp_path.name}\?.* holds checkpoints of "
+                                          r"a run with other settings or data \(optimizer.learning_rate: 0.001 -> "
+                                          r"2e-05\)"):
+        claim_checkpoint_dir(config(), plan, "job.yaml", data)
+    record_finished(root, {"steps": 4})
+    assert finished_run(root) == {"steps": 4} and store.read_json(RUN_STAMP)["mlflow"]["run_id"] == "r1"
+
+
+def test_an_inference_free_run_with_checkpoints_in_s3_builds_its_start_in_the_cache(s3_store, tiny_models, data,
+                                                                                   tmp_path, monkeypatch):
+    """The initial Router of an inference-free run is built in its checkpoint folder, which the
+    workers read as a path; with the folder in an object store it is built in raytrieve's cache
+    instead (model_ref.ship sends such folders to the workers)."""
+    from raytrieve.encoders import SparseEncoder
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    cfg = shipped_config("router_inference_free_splade", tmp_path, tiny_models, data)
+    cfg.checkpoint.dir = s3_store.uri(f"free/{tmp_path.name}")
+    start = Path(prepare(cfg).spec.model_path)
+    assert start.parent == tmp_path / "cache" / "initial-models"
+    assert set(SparseEncoder(str(start), device="cpu").first_module.routes()) == {"query", "document"}

@@ -9,9 +9,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from raytrieve.data.files import OutputStore
 from raytrieve.ray_cluster import connect, own_placement_groups
+from raytrieve.train.checkpoint import RUN_STAMP, checkpoint_dir
 from raytrieve.train.run import prepare, run_training
 from tests.conftest import SENTENCES
+from tests.object_store import KEY
 from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
 CONFIGS = ["dense_cached_mnrl_matryoshka", "splade", "router_inference_free_splade", "cross_bce",
@@ -58,17 +61,16 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
                 assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float32}, f
 
 
-def _kill_a_worker_after_a_checkpoint(ckpts) -> None:
-    """SIGKILL one Ray Train worker once the controller has registered a checkpoint (its snapshot names one)."""
+def _kill_a_worker_after_a_checkpoint(run: OutputStore) -> None:
+    """SIGKILL one Ray Train worker once the controller has registered a checkpoint (its snapshot
+    names one). ``run``: the run's folder of Ray Train's storage, on disk or in an object store."""
     import os
     import signal
     import time
 
-    snapshot = ckpts / "checkpoint_manager_snapshot.json"
-
     def registered() -> bool:
         try:
-            text = snapshot.read_text()
+            text = run.read_bytes("checkpoint_manager_snapshot.json").decode()
         except OSError:
             return False
         return '"latest_checkpoint_result": null' not in text and "step-" in text
@@ -118,13 +120,15 @@ def uninterrupted(ray_cluster, tiny_models, data, tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny_models, data, uninterrupted,
-                                                     tmp_path):
+                                                     s3_store, tmp_path):
     """2 workers (DDP, or FSDP with sharded weights and optimizer state); once a checkpoint exists
     a worker process is SIGKILLed; Ray Train restarts the group from the last checkpoint
     (FailureConfig). The resumed run ends with the weights of an uninterrupted run of the same
     config and seed: weights, optimizer, schedule, RNG (dropout is on) and data order were all
     restored, not only the step count. The final model is the gathered full model, which
-    sentence-transformers loads with raytrieve's outputs."""
+    sentence-transformers loads with raytrieve's outputs. The DDP run keeps its checkpoints in an
+    object store (tests/object_store.py's S3 server, named by checkpoint.dir's URI), the FSDP run
+    on disk."""
     import threading
 
     import torch
@@ -139,10 +143,13 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, scaling__num_workers=2,
                          scaling__strategy=strategy, checkpoint__every_n_steps=3, training__epochs=3, eval={},
                          checkpoint__max_failures=2)
+    if strategy == "ddp":
+        cfg.checkpoint.dir = s3_store.uri(f"checkpoints/{tmp_path.name}")
+    ckpts = OutputStore(f"{checkpoint_dir(cfg)}/run" if strategy == "fsdp" else s3_store.uri(
+        f"checkpoints/{tmp_path.name}/run"))
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
     runner.start()
-    ckpts = tmp_path / "out" / "dense_mnrl.checkpoints" / "run"
     _kill_a_worker_after_a_checkpoint(ckpts)
     runner.join(timeout=600)
     result = outcome["result"]
@@ -150,7 +157,10 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
-    assert resumed and 1 <= resumed[0].value < result.steps, (steps, sorted(p.name for p in ckpts.iterdir()))
+    assert resumed and 1 <= resumed[0].value < result.steps, (steps, ckpts.names())
+    if strategy == "ddp":  # the stamp and Ray Train's checkpoints went to the bucket, the result names one there
+        assert RUN_STAMP in OutputStore(cfg.checkpoint.dir).names() and any(n.startswith("step-") for n in ckpts.names())
+        assert result.checkpoint.startswith(f"s3://{KEY}:") and OutputStore(result.checkpoint).exists("state.pt")
     # Steps up to the checkpoint are not redone: only those after it can appear twice.
     start = int(resumed[0].value)
     assert sorted(set(steps)) == list(range(1, result.steps + 1))
@@ -289,7 +299,7 @@ def test_a_failed_run_ends_failed_in_mlflow(ray_cluster, tiny_models, data, tmp_
 
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    _kill_a_worker_after_a_checkpoint(tmp_path / "out" / "dense_mnrl.checkpoints" / "run")
+    _kill_a_worker_after_a_checkpoint(OutputStore(f"{checkpoint_dir(cfg)}/run"))
     runner.join(timeout=300)
     assert isinstance(outcome.get("error"), TrainingError)
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)

@@ -1,13 +1,18 @@
 """Where a file lives: a local path or any URI pyarrow resolves (``s3://``, ``gs://``,
 ``abfs://``, ``file://``), as a (filesystem, path) pair; byte reads used by the line
-formats; arrow files opened by record batch. Shared by the source planner (sources.py) and
-the input formats (formats.py), which both need them.
+formats; arrow files opened by record batch; ``OutputStore``, a folder written on any of them
+(the encoding job's output, training's checkpoint folder). Shared by the source planner
+(sources.py), the input formats (formats.py) and the jobs that write.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob as globlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -143,3 +148,92 @@ class open_arrow:  # lower case: read as a function, ``with open_arrow(fs, path)
 
     def __exit__(self, *exc: object) -> None:
         self.source.close()
+
+
+TMP_MARK = ".tmp-"  # in the name of a file being written (local disk: written, then renamed)
+
+
+@dataclass
+class OutputStore:
+    """A folder of the job's output on some filesystem (picklable: it travels to workers)."""
+
+    location: str
+
+    def __post_init__(self) -> None:
+
+        self.fs, self.root = resolve(self.location)
+        # Local and mounted storage can rename; object stores cannot, but a put is atomic.
+        self.renames = isinstance(self.fs, pafs.LocalFileSystem)
+        self.uri = is_uri(self.location)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.location = state["location"]
+        self.__post_init__()
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.location.rstrip('/')}/{name}" if name else self.location
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self.path(name) if name else self.root).type != pafs.FileType.NotFound
+
+    def is_folder(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def names(self) -> list[str]:
+        if not self.exists():
+            return []
+        return sorted(Path(i.path).name for i in self.fs.get_file_info(pafs.FileSelector(self.root)))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(name))
+        except FileNotFoundError:
+            raise DataError(f"{self.describe(name)}: not found") from None
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
+            raise DataError(f"{self.describe(name)}: not valid JSON ({e}); delete it and run the job again") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """All of ``data`` at ``name`` or nothing: temporary name + rename, or one put."""
+        self.fs.create_dir(self.root, recursive=True)
+        if not self.renames:
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(data)
+            return
+        tmp = self.path(f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2) + "\n").encode())
+
+    def delete(self, name: str) -> None:
+        """A file or a folder (a staged input), gone; nothing when it is not there."""
+        kind = self.fs.get_file_info(self.path(name)).type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(name))
+        elif kind != pafs.FileType.NotFound:
+            self.fs.delete_file(self.path(name))
+
+    def remove_temporaries(self) -> int:
+        """Leftovers of a killed run (never trusted, never needed)."""
+        stale = [n for n in self.names() if n.startswith(".") and TMP_MARK in n]
+        for n in stale:
+            self.delete(n)
+        return len(stale)

@@ -39,7 +39,7 @@ def fine_tune(kind: str, ft: FineTuneConfig, train: PhaseConfig[Any], saved: Pat
 
     tc = train.config
     # A changed config must not resume from (or be refused by) an older run's checkpoints.
-    for stale in (Path(tc.output_dir), checkpoint_dir(tc)):
+    for stale in (Path(tc.output_dir), Path(checkpoint_dir(tc))):  # the demo's folders are local (LocalPath)
         shutil.rmtree(stale, ignore_errors=True)
     train.save(saved, "raytrieve train")
     uri = tc.mlflow.tracking_uri

@@ -21,19 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from raytrieve.config import Dtype, validation_messages
+from raytrieve.data.files import TMP_MARK, OutputStore  # noqa: F401  (re-exported: the job names them here)
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import DataError
 from raytrieve.inference.config import CorpusConfig
@@ -42,7 +40,6 @@ MANIFEST = "manifest.json"
 JOB = "job.json"
 FORMAT = "raytrieve-vectors"
 SHARD_FORMAT = 2  # 2: text_hash column; part of every job's fingerprint, so old folders are not mixed in
-TMP_MARK = ".tmp-"
 
 # numpy dtype of the dense column per precision ("binary": packed sign bits, as uint8).
 DENSE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}
@@ -57,93 +54,6 @@ def shard_index(name: str) -> int | None:
     if stem.startswith("part-") and stem[5:].isdigit():
         return int(stem[5:])
     return None
-
-
-@dataclass
-class OutputStore:
-    """A folder of the job's output on some filesystem (picklable: it travels to workers)."""
-
-    location: str
-
-    def __post_init__(self) -> None:
-        from raytrieve.data.sources import is_uri, resolve
-
-        self.fs, self.root = resolve(self.location)
-        # Local and mounted storage can rename; object stores cannot, but a put is atomic.
-        self.renames = isinstance(self.fs, pafs.LocalFileSystem)
-        self.uri = is_uri(self.location)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"location": self.location}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.location = state["location"]
-        self.__post_init__()
-
-    def path(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
-
-    def describe(self, name: str = "") -> str:
-        return f"{self.location.rstrip('/')}/{name}" if name else self.location
-
-    def exists(self, name: str = "") -> bool:
-        return self.fs.get_file_info(self.path(name) if name else self.root).type != pafs.FileType.NotFound
-
-    def is_folder(self) -> bool:
-        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
-
-    def names(self) -> list[str]:
-        if not self.exists():
-            return []
-        return sorted(Path(i.path).name for i in self.fs.get_file_info(pafs.FileSelector(self.root)))
-
-    def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self.path(name)) as f:
-            return f.read()
-
-    def read_json(self, name: str) -> Any:
-        try:
-            return json.loads(self.read_bytes(name))
-        except FileNotFoundError:
-            raise DataError(f"{self.describe(name)}: not found") from None
-        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
-            raise DataError(f"{self.describe(name)}: not valid JSON ({e}); delete it and run the job again") from None
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """All of ``data`` at ``name`` or nothing: temporary name + rename, or one put."""
-        self.fs.create_dir(self.root, recursive=True)
-        if not self.renames:
-            with self.fs.open_output_stream(self.path(name)) as f:
-                f.write(data)
-            return
-        tmp = self.path(f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(name))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, (json.dumps(obj, indent=2) + "\n").encode())
-
-    def delete(self, name: str) -> None:
-        """A file or a folder (a staged input), gone; nothing when it is not there."""
-        kind = self.fs.get_file_info(self.path(name)).type
-        if kind == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(name))
-        elif kind != pafs.FileType.NotFound:
-            self.fs.delete_file(self.path(name))
-
-    def remove_temporaries(self) -> int:
-        """Leftovers of a killed run (never trusted, never needed)."""
-        stale = [n for n in self.names() if n.startswith(".") and TMP_MARK in n]
-        for n in stale:
-            self.delete(n)
-        return len(stale)
 
 
 def shard_table(

@@ -35,6 +35,7 @@ from raytrieve.errors import ConfigError
 from raytrieve.train.distributed import is_fsdp
 
 if TYPE_CHECKING:
+    from raytrieve.data.files import OutputStore
     from raytrieve.train.config import TrainConfig
     from raytrieve.train.plan import Plan
 
@@ -47,9 +48,19 @@ def _rng_file(rank: int) -> str:
     return f"rng-{rank}.json"
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``."""
-    return Path(cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints").resolve()
+def checkpoint_dir(cfg: TrainConfig) -> str:
+    """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``; a
+    local path (resolved) or the URI of an object store (files.OutputStore reads and writes both)."""
+    from raytrieve.data.files import is_uri
+
+    given = cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints"
+    return given.rstrip("/") if is_uri(given) else str(Path(given).resolve())
+
+
+def _store(root: str) -> OutputStore:
+    from raytrieve.data.files import OutputStore
+
+    return OutputStore(root)
 
 
 # Settings a resumed run may change: where things are written and tracked, how often it
@@ -120,10 +131,16 @@ def _without_where_data_lies(datasets: list[Any]) -> list[Any]:
     return [{k: v for k, v in d.items() if k not in _WHERE_DATA_LIES} if isinstance(d, dict) else d for d in datasets]
 
 
-def _holds_checkpoints(root: Path) -> bool:
+def _holds_checkpoints(root: str) -> bool:
     """Whether Ray Train registered a checkpoint of the run in ``root`` (a run stopped before
     its first one left nothing to resume, so a changed config may start there afresh)."""
-    return any(p.is_dir() for p in (root / "run").glob("step-*"))
+    import pyarrow.fs as pafs
+
+    store = _store(root)
+    if not store.exists("run"):
+        return False
+    found = store.fs.get_file_info(pafs.FileSelector(store.path("run")))
+    return any(i.type == pafs.FileType.Directory and i.base_name.startswith("step-") for i in found)
 
 
 def claim_checkpoint_dir(
@@ -132,20 +149,19 @@ def claim_checkpoint_dir(
     where: str,
     data: dict[str, Any],
     files: Callable[[], dict[str, Any]] | None = None,
-) -> Path:
+) -> str:
     """``checkpoint_dir(cfg)``, stamped as this run's; a folder whose checkpoints belong to a run
     with other settings or data (they would resume the wrong training) is refused, naming what
     differs. ``data``: see ``run_identity``. ``files``: gives ``older_run_identity``'s files, asked
     only of a folder an earlier raytrieve stamped by them (listing a bucket's files costs a request
     each); that folder resumes while they are unchanged, and is stamped anew."""
-    from raytrieve._io import write_json
     from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 
     root = checkpoint_dir(cfg)
-    stamp = root / RUN_STAMP
+    store = _store(root)
     identity = run_identity(cfg, plan, data)
     fingerprint = _fingerprint(identity)
-    kept = json.loads(stamp.read_text()) if stamp.exists() else {}
+    kept = store.read_json(RUN_STAMP) if store.exists(RUN_STAMP) else {}
     older = files is not None and _keyed_by_files(kept.get("identity"))
     now = files() if files is not None and older else {}
     theirs = older_run_identity(cfg, plan, now) if older else identity  # as the kept stamp keyed it
@@ -170,46 +186,41 @@ def claim_checkpoint_dir(
     # A finished run's record stays while the run stays the same (finished_run reads it).
     finished = kept.get("finished") if same else None
     logged = kept.get("mlflow") if same else None  # the MLflow run a resumed rerun logs on into
-    root.mkdir(parents=True, exist_ok=True)
     body = {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir}
-    write_json(
-        stamp, {**body, **({"finished": finished} if finished else {}), **({"mlflow": logged} if logged else {})}
+    store.write_json(  # all or nothing: a rename on disk, one put on an object store
+        RUN_STAMP, {**body, **({"finished": finished} if finished else {}), **({"mlflow": logged} if logged else {})}
     )
     return root
 
 
-def run_to_resume(root: Path, uri: str) -> str | None:
+def run_to_resume(root: str, uri: str) -> str | None:
     """The MLflow run a rerun resumes into: the one the stamp recorded (``record_mlflow_run``)
     in the same store, when ``root`` holds checkpoints to resume (a fresh start, or a folder
     reclaimed for other settings, opens a new run)."""
-    stamp = root / RUN_STAMP
-    if not stamp.exists() or not _holds_checkpoints(root):
+    store = _store(root)
+    if not store.exists(RUN_STAMP) or not _holds_checkpoints(root):
         return None
-    kept = json.loads(stamp.read_text()).get("mlflow") or {}
+    kept = store.read_json(RUN_STAMP).get("mlflow") or {}
     return kept.get("run_id") if kept.get("uri") == uri else None
 
 
-def record_mlflow_run(root: Path, uri: str, run_id: str) -> None:
+def record_mlflow_run(root: str, uri: str, run_id: str) -> None:
     """Note in the run's stamp the MLflow run it logs into, for a rerun that resumes it."""
-    from raytrieve._io import write_json
-
-    stamp = root / RUN_STAMP
-    write_json(stamp, {**json.loads(stamp.read_text()), "mlflow": {"uri": uri, "run_id": run_id}})
+    store = _store(root)
+    store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "mlflow": {"uri": uri, "run_id": run_id}})
 
 
-def record_finished(root: Path, result: dict[str, Any]) -> None:
+def record_finished(root: str, result: dict[str, Any]) -> None:
     """Note in the run's stamp that it finished, with what it returned (``finished_run``)."""
-    from raytrieve._io import write_json
-
-    stamp = root / RUN_STAMP
-    write_json(stamp, {**json.loads(stamp.read_text()), "finished": result})
+    store = _store(root)
+    store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "finished": result})
 
 
-def finished_run(root: Path) -> dict[str, Any] | None:
+def finished_run(root: str) -> dict[str, Any] | None:
     """What the run claimed in ``root`` returned when it finished (after ``claim_checkpoint_dir``
     kept it: the same settings and data), else None."""
-    stamp = root / RUN_STAMP
-    return json.loads(stamp.read_text()).get("finished") if stamp.exists() else None
+    store = _store(root)
+    return store.read_json(RUN_STAMP).get("finished") if store.exists(RUN_STAMP) else None
 
 
 def _rng_state() -> dict[str, Any]:

@@ -234,8 +234,10 @@ class EvalConfig(ConfigModel):
 class CheckpointConfig(ConfigModel):
     every_n_steps: int | None = Field(default=None, description="None: only the final checkpoint")
     keep: int = 2
-    dir: LocalPath | None = Field(
-        default=None, description="Ray Train storage; default: <output_dir>.checkpoints next to the model"
+    dir: str | None = Field(
+        default=None,
+        description="Ray Train storage: a local or shared folder, or an object store's URI (s3://, gs://, ...); "
+        "default: <output_dir>.checkpoints next to the model",
     )
     max_failures: int = Field(default=1, description="worker failures survived by restarting from the last checkpoint")
 

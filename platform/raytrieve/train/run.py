@@ -86,7 +86,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     model_path = str(resolve_field(cfg.model.name_or_path, f"{where}.model.name_or_path"))
     _check_model(cfg, model_path, where)
     if cfg.model.inference_free:
-        model_path = str(inference_free_router(model_path, checkpoint_dir(cfg)))
+        model_path = str(inference_free_router(model_path, _initial_model_root(cfg)))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
     for i, d in enumerate(cfg.datasets):
         validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False)
@@ -222,6 +222,7 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
     not an earlier model (a file, other files, the working folder or one above it) and
     checkpoints inside it, which the final save would delete."""
     from raytrieve._io import check_replaceable
+    from raytrieve.data.files import is_uri
 
     out = Path(cfg.output_dir)
     if out == Path.cwd() or out in Path.cwd().parents:
@@ -230,8 +231,8 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
             "replace whole; name a folder of its own"
         )
     check_replaceable(out, "modules.json", f"{where}.output_dir")
-    ckpt = checkpoint_dir(cfg)
-    if ckpt == out or out in ckpt.parents:
+    ckpt = checkpoint_dir(cfg)  # an object store's URI is never inside the folder
+    if not is_uri(ckpt) and (Path(ckpt) == out.resolve() or out.resolve() in Path(ckpt).parents):
         raise ConfigError(
             f"{where}.checkpoint.dir {ckpt}: inside output_dir {out}, which the trained model replaces whole at the "
             "end, checkpoints and all; put them beside it (the default is <output_dir>.checkpoints)"
@@ -255,6 +256,16 @@ def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     fix = f"set model.kind: {{name}}, or name a {cfg.model.kind} model"
     refuse_other_kind(model_path, model_kind(cfg.model.kind).serve_field, label, fix)
     check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
+
+
+def _initial_model_root(cfg: TrainConfig) -> Path:
+    """Where an inference-free run's initial model is built: its checkpoint folder, or, where
+    that is an object store, raytrieve's cache (whose folders travel to the workers: model_ref.ship)."""
+    from raytrieve.assets import cache_dir
+    from raytrieve.data.files import is_uri
+
+    root = checkpoint_dir(cfg)
+    return cache_dir() / "initial-models" if is_uri(root) else Path(root)
 
 
 def inference_free_router(model_path: str, root: Path) -> Path:
@@ -288,7 +299,7 @@ def inference_free_router(model_path: str, root: Path) -> Path:
     return target
 
 
-def open_run(storage: Path, uri: str, cfg: TrainConfig, params: dict[str, str]) -> str:
+def open_run(storage: str, uri: str, cfg: TrainConfig, params: dict[str, str]) -> str:
     """The MLflow run this training logs into: on a rerun that resumes checkpoints, the run that
     wrote them (its metrics go on from the resumed step, one history); else a new run. Recorded
     in the checkpoint folder's stamp either way."""
@@ -347,6 +358,14 @@ def input_files(pieces: list[list[Any]]) -> dict[str, list[int | None]]:
         info = fs.get_file_info(inner)
         out[path] = [info.size, info.mtime_ns]
     return out
+
+
+def _checkpoint_location(storage: str, path: str) -> str:
+    """Ray Train's path of a checkpoint (inside the storage's filesystem) as a location that opens
+    anywhere: a URI when the storage is an object store."""
+    from raytrieve.data.files import is_uri, resolve, with_scheme
+
+    return with_scheme(storage, resolve(storage)[1], path) if is_uri(storage) else path
 
 
 def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where: str) -> None:
@@ -564,7 +583,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             dataset_config=DataConfig(datasets_to_split=[], execution_options=options),
             run_config=RunConfig(
                 name="run",
-                storage_path=str(storage),
+                storage_path=storage,  # a local path or an object store's URI (Ray Train opens either)
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 # Ray Train's INFO lines (worker group started, each checkpoint reported) would
@@ -596,7 +615,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
             _end_stopped_run(uri, run_id, trainer)
         else:
             mlflow_run.end_run(uri, run_id, status)
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = _checkpoint_location(storage, result.checkpoint.path) if result.checkpoint is not None else None
     trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     record_finished(storage, dataclasses.asdict(trained))
     return trained
