@@ -263,6 +263,7 @@ def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, d
     reach the MLflow parameters, the model card or its train_config.yaml, which others read."""
     import time
 
+    from raytrieve._io import redact
     from raytrieve.tracking.mlflow_run import flatten
     from raytrieve.train.card_facts import driver_facts
     from raytrieve.train.model_card import card_files
@@ -278,8 +279,15 @@ def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, d
     files = card_files(driver_facts(cfg, p, time.time()))
     recorded = [*params.values(), *files.values()]
     assert all(SECRET not in text for text in recorded)
-    assert params["datasets.0.path"] == cfg.datasets[0].path.replace(f":{SECRET}@", ":***@")
-    assert f"{KEY}:***@{BUCKET}/secret/{tmp_path.name}/train.parquet" in files["train_config.yaml"]
+    # The keys are dropped, not masked: the recorded config reruns with the environment's keys.
+    assert params["datasets.0.path"] == cfg.datasets[0].path.replace(f"{KEY}:{SECRET}@", "")
+    assert f"path: s3://{BUCKET}/secret/{tmp_path.name}/train.parquet?endpoint_override=" in files["train_config.yaml"]
+    # Secrets a query may hold (Azure's client secret, a SAS token's signature) are masked.
+    assert redact("abfs://acct.dfs.core.windows.net/c?tenant_id=t&client_secret=abc&client_id=i") == (
+        "abfs://acct.dfs.core.windows.net/c?tenant_id=t&client_secret=***&client_id=i")
+    assert redact("see https://u:p@a.blob.core.windows.net/c/x?sv=1&sig=XY%3D&se=2 now") == (
+        "see https://a.blob.core.windows.net/c/x?sv=1&sig=***&se=2 now")
+    assert redact("s3://b/x?endpoint_override=h:9000&tag=a@b") == "s3://b/x?endpoint_override=h:9000&tag=a@b"
 
 
 def test_a_checkpoint_folder_in_s3_belongs_to_one_run(s3_store, tmp_path):
@@ -321,10 +329,11 @@ def test_a_checkpoint_folder_in_s3_belongs_to_one_run(s3_store, tmp_path):
     s3_store.fs.create_dir(f"{BUCKET}/claim/{tmp_path.name}/run/step-00000004")  # as Ray Train leaves one
     store.write_bytes("run/step-00000004/state.pt", b"x")
     assert run_to_resume(root, "file:///mlruns") == "r1"
-    with pytest.raises(ConfigError, match=rf"job.yaml: s3://.*{BUCKET}/claim/{tmp_path.name}\?.* holds checkpoints of "
+    with pytest.raises(ConfigError, match=rf"job.yaml: s3://{BUCKET}/claim/{tmp_path.name}\?.* holds checkpoints of "
                                           r"a run with other settings or data \(optimizer.learning_rate: 0.001 -> "
-                                          r"2e-05\)"):
+                                          r"2e-05\)") as refused:
         claim_checkpoint_dir(config(), plan, "job.yaml", data)
+    assert SECRET not in str(refused.value)  # the message names the folder without its keys
     record_finished(root, {"steps": 4})
     assert finished_run(root) == {"steps": 4} and store.read_json(RUN_STAMP)["mlflow"]["run_id"] == "r1"
 

@@ -14,7 +14,7 @@ from raytrieve.ray_cluster import connect, own_placement_groups
 from raytrieve.train.checkpoint import RUN_STAMP, checkpoint_dir
 from raytrieve.train.run import prepare, run_training
 from tests.conftest import SENTENCES
-from tests.object_store import KEY
+from tests.object_store import BUCKET
 from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
 CONFIGS = ["dense_cached_mnrl_matryoshka", "splade", "router_inference_free_splade", "cross_bce",
@@ -160,7 +160,10 @@ def test_two_workers_resume_after_a_worker_is_killed(strategy, ray_cluster, tiny
     assert resumed and 1 <= resumed[0].value < result.steps, (steps, ckpts.names())
     if strategy == "ddp":  # the stamp and Ray Train's checkpoints went to the bucket, the result names one there
         assert RUN_STAMP in OutputStore(cfg.checkpoint.dir).names() and any(n.startswith("step-") for n in ckpts.names())
-        assert result.checkpoint.startswith(f"s3://{KEY}:") and OutputStore(result.checkpoint).exists("state.pt")
+        # The result (kept in the run's stamp) names the checkpoint without the URI's keys.
+        assert result.checkpoint.startswith(f"s3://{BUCKET}/checkpoints/{tmp_path.name}/run/step-")
+        step = result.checkpoint.split("?")[0].rsplit("/", 1)[1]
+        assert OutputStore(s3_store.uri(f"checkpoints/{tmp_path.name}/run/{step}")).exists("state.pt")
     # Steps up to the checkpoint are not redone: only those after it can appear twice.
     start = int(resumed[0].value)
     assert sorted(set(steps)) == list(range(1, result.steps + 1))

@@ -300,10 +300,11 @@ def test_an_output_dir_the_final_save_would_destroy_is_refused(tiny_models, data
         cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=out)
         with pytest.raises(error, match=message):
             prepare(cfg, "job.yaml")
-    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=str(tmp_path / "model"),
-                         checkpoint__dir=str(tmp_path / "model" / "checkpoints"))
-    with pytest.raises(ConfigError, match=r"job.yaml.checkpoint.dir .*model/checkpoints: inside output_dir"):
-        prepare(cfg, "job.yaml")
+    for inside in (str(tmp_path / "model" / "checkpoints"), f"file://{tmp_path}/model/checkpoints"):  # a URI too
+        cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=str(tmp_path / "model"),
+                             checkpoint__dir=inside)
+        with pytest.raises(ConfigError, match=r"job.yaml.checkpoint.dir .*model/checkpoints: inside output_dir"):
+            prepare(cfg, "job.yaml")
     assert (kept / "precious.txt").read_text() == (tmp_path / "afile").read_text() == "mine"
     # An earlier model in output_dir (its modules.json) is what a rerun replaces.
     earlier = tmp_path / "earlier"

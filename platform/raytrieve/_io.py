@@ -89,14 +89,18 @@ def load_weights(module: torch.nn.Module, directory: Path) -> None:
         )
 
 
-# The secret of a URI's user info (``s3://KEY:SECRET@bucket/...``, which pyarrow accepts).
-_USER_SECRET = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/@\s:]*):[^/@\s]*@")
+# A URI's user info (``s3://KEY:SECRET@bucket/...``, which pyarrow accepts) and the secrets a
+# query may hold (Azure's client_secret, a SAS token's signature).
+_USER_INFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/?#@\s:]*:[^/?#@\s]*@")
+_QUERY_SECRET = re.compile(r"([?&](?:client_secret|secret_key|session_token|sas_token|account_key|sig)=)[^&#\s]*")
 
 
 def redact(text: str) -> str:
-    """``text`` with the secret of every URI's user info replaced by ``***``: for what a run
-    records where others read it (MLflow parameters, the model card and its config)."""
-    return _USER_SECRET.sub(r"\1:***@", text)
+    """``text`` without the keys of any URI in it: user info dropped (a location then opens with
+    the credentials of the environment), secret query values as ``***``. For what a run records
+    where others read it (MLflow parameters, the model card and its config, the run's stamp) and
+    for messages."""
+    return _QUERY_SECRET.sub(r"\1***", _USER_INFO.sub(r"\1", text))
 
 
 def redact_values(value: Any) -> Any:

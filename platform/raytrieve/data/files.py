@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raytrieve._io import redact
 from raytrieve.errors import DataError
 
 GLOB_CHARS = "*?["
@@ -69,10 +70,14 @@ def with_scheme(location: str, root: str, path: str) -> str:
     # The URI ends with the part of its filesystem path below the folder or the glob's fixed
     # start (percent-encoded there; pyarrow decodes it): the file's path below it goes there,
     # encoded, so a name holding "%", "#" or a space opens as itself.
-    base, root = _fixed_part(base, location), _fixed_part(root.rstrip("/"), location)
+    # Wildcards count in the path only: a host may hold "[" (IPv6), a password "*".
+    start = base.index("://") + 3
+    end = base.find("/", start) if "/" in base[start:] else len(base)
+    base = base[:end] + _fixed_part(base[end:], location)
+    root = _fixed_part(root.rstrip("/"), location)
     below = root[root.find("/") + 1 :] if "/" in root else ""
     if not path.startswith(root) or not unquote(base).endswith(below):
-        raise DataError(f"{location}: cannot name its file {path} by a URI; name the file itself")
+        raise DataError(f"{redact(location)}: cannot name its file {path} by a URI; name the file itself")
     return f"{base}{quote(path[len(root) :], safe='/')}{mark}{query}"
 
 
@@ -81,8 +86,8 @@ def _fixed_part(location: str, given: str) -> str:
     if not is_glob(location):
         return location
     cut = location.rfind("/", 0, min(location.index(ch) for ch in GLOB_CHARS if ch in location))
-    if cut < 0 or location[:cut].endswith(":/"):
-        raise DataError(f"{given}: a wildcard in the bucket or host; name it, and put wildcards in the path only")
+    if cut < 0:
+        raise DataError(f"{redact(given)}: a wildcard in the bucket; name it, and put wildcards in the path only")
     return location[:cut]
 
 
@@ -177,7 +182,8 @@ class OutputStore:
         return f"{self.root.rstrip('/')}/{name}"
 
     def describe(self, name: str = "") -> str:
-        return f"{self.location.rstrip('/')}/{name}" if name else self.location
+        """For messages: the location without the keys a URI may hold (_io.redact)."""
+        return redact(f"{self.location.rstrip('/')}/{name}" if name else self.location)
 
     def exists(self, name: str = "") -> bool:
         return self.fs.get_file_info(self.path(name) if name else self.root).type != pafs.FileType.NotFound

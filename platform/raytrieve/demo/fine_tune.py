@@ -34,13 +34,16 @@ def _training_status(uri: str, kind: str) -> str | None:
 
 
 def fine_tune(kind: str, ft: FineTuneConfig, train: PhaseConfig[Any], saved: Path, progress: Progress) -> dict:
+    from raytrieve.data.files import OutputStore
     from raytrieve.train.checkpoint import checkpoint_dir
     from raytrieve.train.run import run_training
 
     tc = train.config
     # A changed config must not resume from (or be refused by) an older run's checkpoints.
-    for stale in (Path(tc.output_dir), Path(checkpoint_dir(tc))):  # the demo's folders are local (LocalPath)
-        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(Path(tc.output_dir), ignore_errors=True)
+    store = OutputStore(checkpoint_dir(tc))  # on disk, or an object store's URI
+    if store.is_folder():
+        store.fs.delete_dir(store.root)
     train.save(saved, "raytrieve train")
     uri = tc.mlflow.tracking_uri
     with progress.heartbeat(f"training {kind}", lambda: _training_status(uri, kind)):

@@ -179,8 +179,8 @@ def claim_checkpoint_dir(
             else ""
         )
         raise ConfigError(
-            f"{where}: {root} holds checkpoints of a run with other settings or data ({what}{why}); resuming "
-            "them would train another run. Run it as it was to resume, delete that folder to start over, or "
+            f"{where}: {store.describe()} holds checkpoints of a run with other settings or data ({what}{why}); "
+            "resuming them would train another run. Run it as it was to resume, delete that folder to start over, or "
             "set checkpoint.dir to a new folder"
         )
     # A finished run's record stays while the run stays the same (finished_run reads it).

@@ -221,8 +221,10 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
     """The trained model replaces ``output_dir`` whole (an atomic rename): refuse a folder that is
     not an earlier model (a file, other files, the working folder or one above it) and
     checkpoints inside it, which the final save would delete."""
+    import pyarrow.fs as pafs
+
     from raytrieve._io import check_replaceable
-    from raytrieve.data.files import is_uri
+    from raytrieve.data.files import resolve
 
     out = Path(cfg.output_dir)
     if out == Path.cwd() or out in Path.cwd().parents:
@@ -231,8 +233,10 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
             "replace whole; name a folder of its own"
         )
     check_replaceable(out, "modules.json", f"{where}.output_dir")
-    ckpt = checkpoint_dir(cfg)  # an object store's URI is never inside the folder
-    if not is_uri(ckpt) and (Path(ckpt) == out.resolve() or out.resolve() in Path(ckpt).parents):
+    root = checkpoint_dir(cfg)
+    fs, inner = resolve(root)  # a file:// URI is a local folder too; an object store's never inside it
+    ckpt = Path(inner) if isinstance(fs, pafs.LocalFileSystem) else None
+    if ckpt is not None and (ckpt == out.resolve() or out.resolve() in ckpt.parents):
         raise ConfigError(
             f"{where}.checkpoint.dir {ckpt}: inside output_dir {out}, which the trained model replaces whole at the "
             "end, checkpoints and all; put them beside it (the default is <output_dir>.checkpoints)"
@@ -363,9 +367,16 @@ def input_files(pieces: list[list[Any]]) -> dict[str, list[int | None]]:
 def _checkpoint_location(storage: str, path: str) -> str:
     """Ray Train's path of a checkpoint (inside the storage's filesystem) as a location that opens
     anywhere: a URI when the storage is an object store."""
+    from raytrieve._io import redact
     from raytrieve.data.files import is_uri, resolve, with_scheme
+    from raytrieve.errors import DataError
 
-    return with_scheme(storage, resolve(storage)[1], path) if is_uri(storage) else path
+    if not is_uri(storage):
+        return path
+    try:  # without the keys a URI may hold: the result is recorded in the run's stamp
+        return redact(with_scheme(storage, resolve(storage)[1], path))
+    except DataError:  # the run has finished: naming its checkpoint must not fail it
+        return path
 
 
 def _check_room_for_the_data_stage(cfg: TrainConfig, cluster_cpus: float, where: str) -> None:
