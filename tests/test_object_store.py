@@ -351,3 +351,17 @@ def test_an_inference_free_run_with_checkpoints_in_s3_builds_its_start_in_the_ca
     start = Path(prepare(cfg).spec.model_path)
     assert start.parent == tmp_path / "cache" / "initial-models"
     assert set(SparseEncoder(str(start), device="cpu").first_module.routes()) == {"query", "document"}
+
+
+def test_a_jobs_error_line_holds_no_keys(capsys, tmp_path):
+    """A job's one error line (kept in `ray job logs`) names the URI without its keys."""
+    from raytrieve.jobs_entry import run_job
+    from tests.train_helpers import ROOT
+
+    uri = f"s3://{KEY}:{SECRET}@{BUCKET}/x.parquet?region=us-east-1&endpoint_override=127.0.0.1:9&scheme=http"
+    config = str(ROOT / "jobs" / "configs" / "dense_mnrl.yaml")  # nothing listens at port 9
+    assert run_job("train", config, [f"datasets.0.path={uri}", "eval.path=null", f"output_dir={tmp_path}/m"],
+                   None) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrieve train: error: ") and "cannot reach it" in err, err
+    assert SECRET not in err and f"s3://{BUCKET}/x.parquet?region=" in err, err

@@ -28,6 +28,7 @@ import os
 import sys
 from typing import Any
 
+from raytrieve._io import redact
 from raytrieve.errors import RaytrieveError
 from raytrieve.jobs_entry import add_config_arguments, interrupted, run_job, sigterm_as_interrupt
 
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does (jobs_entry says why)
             return args.func(args)
     except RaytrieveError as e:
-        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        print(redact(f"{args.prog}: error: {e}"), file=sys.stderr)  # without the keys a URI may hold
         return 2
     except KeyboardInterrupt:  # a line, not a traceback; every job's finished work is kept
         return interrupted(args.prog)

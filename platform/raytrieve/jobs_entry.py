@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+from raytrieve._io import redact
 from raytrieve.errors import RaytrieveError
 from raytrieve.model_ref import check_reference
 from raytrieve.ray_cluster import sigterm_handler
@@ -140,11 +141,11 @@ def run_job(job: str, config: str, overrides: list[str], ray_address: str | None
         with sigterm_as_interrupt():
             summary = JOBS[job](config, overrides, ray_address)
     except RaytrieveError as e:
-        print(f"raytrieve {job}: error: {e}", file=sys.stderr)
+        print(redact(f"raytrieve {job}: error: {e}"), file=sys.stderr)  # a job's log is kept (ray job logs)
         return 2
     except KeyboardInterrupt:
         return interrupted(f"raytrieve {job}")
-    print(json.dumps(summary))
+    print(redact(json.dumps(summary)))  # without the keys a URI in it may hold
     return 0
 
 
