@@ -165,11 +165,9 @@ class OutputStore:
     location: str
 
     def __post_init__(self) -> None:
-
         self.fs, self.root = resolve(self.location)
         # Local and mounted storage can rename; object stores cannot, but a put is atomic.
         self.renames = isinstance(self.fs, pafs.LocalFileSystem)
-        self.uri = is_uri(self.location)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"location": self.location}

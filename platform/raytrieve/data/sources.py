@@ -111,7 +111,7 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
             rows = kind.row_count(fs, p)
         except (pa.ArrowInvalid, OSError) as e:
             raise formats.cannot_read(p, fmt, e) from None
-        files.append(SourceFile(location if p == path else with_scheme(location, path, p), int(info.size or 0), rows))
+        files.append(SourceFile(with_scheme(location, path, p), int(info.size or 0), rows))
     if not files:
         raise DataError(f"{field} {location}: no {fmt} files there")
     return Source(location, fmt, tuple(files))

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from raytrieve.data.files import OutputStore, is_uri
 from raytrieve.errors import ConfigError
 from raytrieve.train.distributed import is_fsdp
 
 if TYPE_CHECKING:
-    from raytrieve.data.files import OutputStore
     from raytrieve.train.config import TrainConfig
     from raytrieve.train.plan import Plan
 
@@ -51,16 +51,8 @@ def _rng_file(rank: int) -> str:
 def checkpoint_dir(cfg: TrainConfig) -> str:
     """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``; a
     local path (resolved) or the URI of an object store (files.OutputStore reads and writes both)."""
-    from raytrieve.data.files import is_uri
-
     given = cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints"
     return given.rstrip("/") if is_uri(given) else str(Path(given).resolve())
-
-
-def _store(root: str) -> OutputStore:
-    from raytrieve.data.files import OutputStore
-
-    return OutputStore(root)
 
 
 # Settings a resumed run may change: where things are written and tracked, how often it
@@ -131,12 +123,11 @@ def _without_where_data_lies(datasets: list[Any]) -> list[Any]:
     return [{k: v for k, v in d.items() if k not in _WHERE_DATA_LIES} if isinstance(d, dict) else d for d in datasets]
 
 
-def _holds_checkpoints(root: str) -> bool:
-    """Whether Ray Train registered a checkpoint of the run in ``root`` (a run stopped before
+def _holds_checkpoints(store: OutputStore) -> bool:
+    """Whether Ray Train registered a checkpoint of the run in ``store`` (a run stopped before
     its first one left nothing to resume, so a changed config may start there afresh)."""
     import pyarrow.fs as pafs
 
-    store = _store(root)
     if not store.exists("run"):
         return False
     found = store.fs.get_file_info(pafs.FileSelector(store.path("run")))
@@ -158,7 +149,7 @@ def claim_checkpoint_dir(
     from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 
     root = checkpoint_dir(cfg)
-    store = _store(root)
+    store = OutputStore(root)
     identity = run_identity(cfg, plan, data)
     fingerprint = _fingerprint(identity)
     kept = store.read_json(RUN_STAMP) if store.exists(RUN_STAMP) else {}
@@ -169,7 +160,7 @@ def claim_checkpoint_dir(
     # across such an upgrade (and are stamped anew).
     was = _as_stamped_now(kept.get("identity"))
     same = kept.get("fingerprint") == _fingerprint(theirs) or was == theirs or only_added_at_default(was, theirs, cfg)
-    if kept and not same and _holds_checkpoints(root):
+    if kept and not same and _holds_checkpoints(store):
         added = added_settings_at_default(was, theirs, cfg)
         what = differences(was, theirs, ignore=added) or "config or data"
         why = (
@@ -197,8 +188,8 @@ def run_to_resume(root: str, uri: str) -> str | None:
     """The MLflow run a rerun resumes into: the one the stamp recorded (``record_mlflow_run``)
     in the same store, when ``root`` holds checkpoints to resume (a fresh start, or a folder
     reclaimed for other settings, opens a new run)."""
-    store = _store(root)
-    if not store.exists(RUN_STAMP) or not _holds_checkpoints(root):
+    store = OutputStore(root)
+    if not store.exists(RUN_STAMP) or not _holds_checkpoints(store):
         return None
     kept = store.read_json(RUN_STAMP).get("mlflow") or {}
     return kept.get("run_id") if kept.get("uri") == uri else None
@@ -206,20 +197,20 @@ def run_to_resume(root: str, uri: str) -> str | None:
 
 def record_mlflow_run(root: str, uri: str, run_id: str) -> None:
     """Note in the run's stamp the MLflow run it logs into, for a rerun that resumes it."""
-    store = _store(root)
+    store = OutputStore(root)
     store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "mlflow": {"uri": uri, "run_id": run_id}})
 
 
 def record_finished(root: str, result: dict[str, Any]) -> None:
     """Note in the run's stamp that it finished, with what it returned (``finished_run``)."""
-    store = _store(root)
+    store = OutputStore(root)
     store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "finished": result})
 
 
 def finished_run(root: str) -> dict[str, Any] | None:
     """What the run claimed in ``root`` returned when it finished (after ``claim_checkpoint_dir``
     kept it: the same settings and data), else None."""
-    store = _store(root)
+    store = OutputStore(root)
     return store.read_json(RUN_STAMP).get("finished") if store.exists(RUN_STAMP) else None
 
 
