@@ -330,11 +330,12 @@ def test_changed_or_damaged_shards_are_re_encoded_and_named(ray_cluster, tiny_mo
 
 
 @pytest.mark.slow
-def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, s3_store, tiny_models, tmp_path):
+def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, s3_store, tiny_models, tmp_path, monkeypatch):
     """Line-format files by byte ranges across a glob of files in an object store, and a Ray
     Dataset handed over from Python, give the same vectors as the in-process encoder. The
     workers read the bucket and write their shards there, one put each (tests/object_store.py's
-    S3 server, named by the URI alone: the workers' environment has no AWS_* variables)."""
+    S3 server, named by the URI alone: the workers' environment has no AWS_* variables); the
+    model too is a folder in the bucket, which the driver downloads and ships to the workers."""
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.encode import run_encode
     from tests.object_store import BUCKET
@@ -347,7 +348,9 @@ def test_jsonl_glob_and_ray_dataset_inputs(ray_cluster, s3_store, tiny_models, t
     expected = DenseEncoder(tiny_models["dense"]).encode_document(texts, normalize_embeddings=True)
     key = f"encode/{tmp_path.name}"
     s3_store.put(tmp_path / "in", f"{key}/in")
-    cfg = _config(tmp_path, s3_store.uri(f"{key}/in/*.jsonl"), dense={"model": str(tiny_models["dense"])},
+    s3_store.put(tiny_models["dense"], f"{key}/model")
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))  # the driver's download, not the user's cache
+    cfg = _config(tmp_path, s3_store.uri(f"{key}/in/*.jsonl"), dense={"model": s3_store.uri(f"{key}/model")},
                   rows_per_shard=9, output_dir=s3_store.uri(f"{key}/vectors"))
     result = run_encode(cfg)
     v = read_vectors(cfg.output_dir)

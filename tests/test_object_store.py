@@ -258,7 +258,7 @@ def test_saved_hf_datasets_in_shards_and_by_file_and_what_cannot_be_read_is_name
         prepare(cfg, "job.yaml")
 
 
-def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, data, tmp_path):
+def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, data, tmp_path, monkeypatch):
     """``s3://KEY:SECRET@bucket/...`` opens the store, and pyarrow accepts it; the secret must not
     reach the MLflow parameters, the model card or its train_config.yaml, which others read."""
     import time
@@ -269,6 +269,9 @@ def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, d
     from raytrieve.train.model_card import card_files
 
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.model.name_or_path = s3_store.uri(f"secret/{tmp_path.name}/model")  # the model too: downloaded
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    s3_store.put(tiny_models["dense"], f"secret/{tmp_path.name}/model")
     cfg.datasets[0].path = s3_store.uri(f"secret/{tmp_path.name}/train.parquet")
     cfg.eval.path = s3_store.uri(f"secret/{tmp_path.name}/test.parquet")
     s3_store.put(data["train"], f"secret/{tmp_path.name}/train.parquet")
@@ -365,3 +368,61 @@ def test_a_jobs_error_line_holds_no_keys(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("raytrieve train: error: ") and "cannot reach it" in err, err
     assert SECRET not in err and f"s3://{BUCKET}/x.parquet?region=" in err, err
+
+
+def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, tiny_models, tmp_path, monkeypatch):
+    """A model reference may be a folder's URI: it is downloaded into the cache once, its
+    encoders give the folder's outputs, the same content is not downloaded again, and a model
+    saved again at that URI is. What cannot be loaded is named without the URI's keys."""
+    import torch
+
+    from raytrieve.encoders import load_encoder
+    from raytrieve.errors import ConfigError, ModelLoadError
+    from raytrieve.model_ref import check_reference, resolve_model
+    from tests.conftest import SENTENCES
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    key = f"models/{tmp_path.name}"
+    for kind in ("dense", "sparse", "cross"):
+        s3_store.put(tiny_models[kind], f"{key}/{kind}")
+        uri = s3_store.uri(f"{key}/{kind}")  # keys, endpoint and region in the URI: no AWS_* variables
+        check_reference(uri, "job.yaml.model")  # parses; listing it is the loader's
+        ours, local = load_encoder(kind, uri), load_encoder(kind, str(tiny_models[kind]))
+        if kind == "cross":
+            pairs = [(SENTENCES[0], s) for s in SENTENCES[1:5]]
+            torch.testing.assert_close(ours.predict(pairs, convert_to_tensor=True),
+                                       local.predict(pairs, convert_to_tensor=True), atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(ours.encode(SENTENCES[:4], convert_to_tensor=True),
+                                       local.encode(SENTENCES[:4], convert_to_tensor=True), atol=0, rtol=0)
+    uri = s3_store.uri(f"{key}/dense")
+    first = resolve_model(uri)
+    local_files = sorted(str(p.relative_to(tiny_models["dense"])) for p in tiny_models["dense"].rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file()) == local_files
+    assert first.is_relative_to(tmp_path / "cache") and len(list((tmp_path / "cache" / "store").iterdir())) == 3
+    assert resolve_model(uri) == first  # the same content: not downloaded again
+    # Keys or none in the URI, the same content is the same copy (the keys are not its identity).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        assert resolve_model(uri.replace(f"{KEY}:{SECRET}@", "")) == first
+    # Saved again at the same URI (another card): a new download, with the new file.
+    card = tmp_path / "README.md"
+    card.write_text("# saved again\n")
+    s3_store.put(card, f"{key}/dense/README.md")
+    again = resolve_model(uri)
+    assert again != first and (again / "README.md").read_text() == "# saved again\n"
+    assert (first / "README.md").read_text() != "# saved again\n"  # a loaded copy is never changed under it
+
+    s3_store.put(card, f"{key}/not-a-model/README.md")
+    refusals = [
+        (s3_store.uri(f"{key}/nothing"), "nothing is there; point at the folder a model was saved to"),
+        (s3_store.uri(f"{key}/not-a-model"), r"not a model folder \(no modules.json and no config.json"),
+        (uri.replace(s3_store.endpoint, "127.0.0.1:9"), "cannot list the folder"),  # nothing listens there
+    ]
+    for bad, message in refusals:
+        with pytest.raises(ModelLoadError, match=message) as caught:
+            load_encoder("dense", bad)
+        assert SECRET not in str(caught.value) and "credentials" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"job.yaml.model: model nope://x: pyarrow cannot open this URI"):
+        check_reference("nope://x", "job.yaml.model")

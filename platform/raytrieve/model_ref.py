@@ -9,6 +9,9 @@ is, tried in this order:
   ``runs:/RUN_ID/PATH``): downloaded once into the cache from the store that
   ``MLFLOW_TRACKING_URI`` names (``raytrieve.tracking.model_uri``);
 - a local folder (saved by raytrieve or sentence-transformers, or a plain transformers folder);
+- a folder's URI on any filesystem pyarrow opens (``s3://bucket/models/dense``, ``gs://``,
+  ``abfs://``, ``file://``): downloaded once per content into the cache (``store_model``), with
+  the credentials pyarrow finds on the machine that resolves it (or keys in the URI);
 - the name of a shipped variant (``raytrieve.assets``, the models/ catalogue): its folder inside
   the installed package, or, for weights in another format, a sentence-transformers folder
   converted once into the cache (``raytrieve.encoders.convert``).
@@ -16,7 +19,7 @@ is, tried in this order:
 Importing this module is light (no torch, MLflow or Ray): each kind of reference imports what
 it needs when it is resolved, so the library reaches MLflow only when handed an MLflow URI.
 
-A folder raytrieve made in its cache (an MLflow download, a converted variant) exists on the
+A folder raytrieve made in its cache (an MLflow or store download, a converted variant) exists on the
 machine that resolved it only. ``ship`` packs such a folder into Ray's object store, and
 ``ShippedModel.local_path`` gives Ray workers on other machines their own copy, unpacked once
 per machine into their cache. A folder the user names is theirs to make readable on every
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +43,20 @@ from raytrieve.errors import ConfigError, ModelLoadError, RaytrieveError
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 ACCEPTED = (
-    "a local model folder, an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) "
-    "or a shipped variant"
+    "a local model folder, a folder's URI on an object store (s3://BUCKET/PATH, gs://, abfs://, file://), an MLflow "
+    "model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) or a shipped variant"
 )
+COPY_BUFFER = 8 << 20  # bytes per read of a store download
 
 
 def is_model_uri(ref: str | os.PathLike) -> bool:
     """An MLflow model URI rather than a path or a variant name."""
     return isinstance(ref, str) and ref.startswith(MODEL_URI_SCHEMES)
+
+
+def is_store_uri(ref: str | os.PathLike) -> bool:
+    """A folder's URI on a filesystem pyarrow opens (``s3://``, ``file://``, ...), not MLflow's."""
+    return isinstance(ref, str) and "://" in ref and not is_model_uri(ref)
 
 
 def resolve_model(ref: str | os.PathLike) -> Path:
@@ -57,6 +68,8 @@ def resolve_model(ref: str | os.PathLike) -> Path:
         from raytrieve.tracking.model_uri import download_model
 
         return download_model(text)
+    if is_store_uri(text):
+        return store_model(text)
     found = _locate(text)
     return found if isinstance(found, Path) else shipped_model(found)
 
@@ -76,6 +89,14 @@ def check_reference(ref: str | os.PathLike, field: str) -> None:
     ``resolve_model`` (checking it needs the MLflow store)."""
     text = os.fspath(ref)
     if is_model_uri(text):
+        return
+    if is_store_uri(text):  # that it parses; listing it is resolve_model's (the store may be slow)
+        from raytrieve.data.files import resolve
+
+        try:
+            resolve(text)
+        except RaytrieveError:
+            raise ConfigError(f"{field}: {_cannot_open(text)}") from None
         return
     try:
         _locate(text)
@@ -121,6 +142,78 @@ def shipped_model(name: str) -> Path:
     from raytrieve.encoders.convert import converted_model
 
     return converted_model(variant)
+
+
+def _cannot_open(uri: str) -> str:
+    from raytrieve._io import redact
+
+    return (
+        f"model {redact(uri)}: pyarrow cannot open this URI; check its scheme (s3://, gs://, abfs://, file://) and "
+        "its query's options"
+    )
+
+
+STORE_FIX = (
+    "check the URI, and that this machine has the store's credentials (for S3: AWS_* variables or the instance's "
+    "role; the driver and every node that loads the model need them)"
+)
+
+
+def store_model(uri: str) -> Path:
+    """A local copy of the model folder at ``uri`` (a filesystem pyarrow opens), downloaded into
+    ``$RAYTRIEVE_CACHE/store/<key>`` once per content: the key holds the URI without its keys
+    and each file's name, size and modification time, so a model saved again at the same URI is
+    downloaded again, and a download that fails or finds a file changed midway leaves nothing."""
+    import pyarrow.fs as pafs
+
+    from raytrieve._io import atomic_directory, redact
+    from raytrieve.data.files import TMP_MARK, resolve
+
+    shown = redact(uri)
+    try:
+        fs, root = resolve(uri)
+    except RaytrieveError:
+        raise ModelLoadError(_cannot_open(uri)) from None
+    root = root.rstrip("/")
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise ModelLoadError(f"model {shown}: cannot list the folder ({redact(str(e))}); {STORE_FIX}") from None
+    files = {
+        i.path[len(root) + 1 :]: i
+        for i in listed
+        if i.type == pafs.FileType.File and TMP_MARK not in i.base_name  # a save's leftovers
+    }
+    if "modules.json" not in files and "config.json" not in files:
+        what = "nothing is there" if not files else "not a model folder (no modules.json and no config.json at its top)"
+        raise ModelLoadError(
+            f"model {shown}: {what}; point at the folder a model was saved to (by raytrieve, sentence-transformers "
+            f"or transformers), or {STORE_FIX}"
+        )
+    for name in files:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ModelLoadError(f"model {shown}: holds {name!r}, a name that would land outside the model's folder")
+    listing = sorted((name, i.size, i.mtime_ns) for name, i in files.items())
+    key = hashlib.sha256(json.dumps([shown, listing]).encode()).hexdigest()[:16]
+    target = assets.cache_dir() / "store" / key
+    if is_model_dir(target):
+        return target
+    try:
+        with atomic_directory(target, overwrite=False) as tmp:
+            for name, size, _ in listing:
+                dest = tmp / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(files[name].path) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, COPY_BUFFER)
+                if size is not None and dest.stat().st_size != size:
+                    raise ModelLoadError(f"model {shown}: {name} changed while it was downloaded; load it again")
+    except FileExistsError:
+        pass  # another process of this machine downloaded the same content meanwhile
+    except ModelLoadError:  # an OSError too; said above
+        raise
+    except OSError as e:
+        raise ModelLoadError(f"model {shown}: the download failed ({redact(str(e))}); {STORE_FIX}") from None
+    return target
 
 
 def check_max_seq_length(folder: Path, length: int | None, field: str) -> None:

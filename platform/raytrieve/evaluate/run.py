@@ -57,12 +57,13 @@ class Models:
     reranker: str | None = None
 
     def first_stages(self) -> list[FirstStage]:
-        from raytrieve.model_ref import is_model_uri
+        from raytrieve.model_ref import is_model_uri, is_store_uri
 
         out: list[FirstStage] = []
         for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
             for i, ref in enumerate(refs):
-                label = ref if is_model_uri(ref) else Path(ref).name or ref  # a folder by its name
+                # A folder by its name (a store URI's too, without its query and keys).
+                label = ref if is_model_uri(ref) else Path(ref.split("?")[0] if is_store_uri(ref) else ref).name or ref
                 name = kind if len(refs) == 1 else f"{kind}:{label}"
                 if any(s.name == name for s in out):
                     name = f"{name}#{i + 1}"

@@ -35,7 +35,9 @@ class CorpusConfig(ConfigModel):
 
 
 class EncoderOutputConfig(ConfigModel):
-    model: str = Field(description="a models/ variant, a local folder, or models:/NAME/VERSION")
+    model: str = Field(
+        description="a models/ variant, a local folder, a folder URI (s3://...), or models:/NAME/VERSION"
+    )
     prompt: str | None = Field(default=None, description="a literal prompt; default: the model's prompt for `side`")
     prompt_name: str | None = None
     max_seq_length: int | None = None

@@ -26,7 +26,9 @@ MODEL_FIELDS = tuple(k.serve_field for k in MODEL_KINDS.values())
 
 
 class DeploymentConfig(ConfigModel):
-    model: str = Field(description="a models/ variant, a local folder, or models:/NAME/VERSION (MLflow)")
+    model: str = Field(
+        description="a models/ variant, a local folder, a folder URI (s3://...), or models:/NAME/VERSION (MLflow)"
+    )
     name: str | None = Field(
         default=None, description='the name clients use (/v1/models, "model" fields); default: model'
     )

@@ -120,7 +120,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
     return CardFacts(
         kind=cfg.model.kind,
         name=name,
-        base_model=reference,
+        base_model=redact(reference),
         base_model_id=base_id,
         license=lic,
         datasets=datasets,

@@ -86,7 +86,8 @@ class LossSpec(ConfigModel):
 
 class ModelConfig(ConfigModel):
     name_or_path: str = Field(
-        description="a models/ variant, a local sentence-transformers folder or an MLflow URI (models:/NAME/VERSION)"
+        description="a models/ variant, a local sentence-transformers folder, a folder URI (s3://...) or an MLflow URI "
+        "(models:/NAME/VERSION)"
     )
     kind: Literal[tuple(MODEL_KINDS)]  # pyright: ignore[reportInvalidTypeForm]  (kinds.py's names)
     max_seq_length: int | None = Field(default=None, ge=1, description="None: the model's own")
