@@ -255,7 +255,6 @@ def test_the_commands_log_without_faiss_loader_noise():
 
 
 @pytest.mark.parametrize(("config", "override", "key"), [
-    ("dense_mnrl.yaml", "output_dir", "output_dir"),
     ("mine_pydocs.yaml", "output_path", "output_path"),
     ("serve_pydocs.yaml", "index", "index"),
     ("serve_pydocs_two_models.yaml", "dense.1.index", "dense[1].index"),
@@ -263,14 +262,14 @@ def test_the_commands_log_without_faiss_loader_noise():
 ])
 def test_a_uri_where_a_path_on_disk_is_written_or_mapped_is_refused_by_its_key(config, override, key, tmp_path):
     """Outputs and memory-mapped indices live on a local or shared disk: a URI there was taken as
-    a relative path (the trained model went to a local folder ``s3:/bucket/...``). Each shipped
-    config with a URI at that key is refused by name when it loads, before any work."""
+    a relative path (mining's triplets went to a local file ``s3:/bucket/...``). Each shipped
+    config with a URI at that key is refused by name when it loads, before any work. (Training's
+    output_dir may be a URI: tests/test_object_store.py.)"""
     from raytrieve.demo.config import load_demo_config
     from raytrieve.inference.config import load_mine_config
     from raytrieve.serve.config import load_serve_config
-    from raytrieve.train.config import load_train_config
 
-    load = {"dense_mnrl.yaml": load_train_config, "mine_pydocs.yaml": load_mine_config,
+    load = {"mine_pydocs.yaml": load_mine_config,
             "serve_pydocs.yaml": load_serve_config, "serve_pydocs_two_models.yaml": load_serve_config,
             "demo.yaml": load_demo_config}[config]
     path = str(Path(__file__).resolve().parent.parent / "jobs" / "configs" / config)

@@ -426,3 +426,62 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
         assert SECRET not in str(caught.value) and "credentials" in str(caught.value)
     with pytest.raises(ConfigError, match=r"job.yaml.model: model nope://x: pyarrow cannot open this URI"):
         check_reference("nope://x", "job.yaml.model")
+
+
+def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work(s3_store, tiny_models, data,
+                                                                                  tmp_path, monkeypatch):
+    """Training's output_dir may be a folder URI: the driver checks it as it does a folder on
+    disk (an earlier model is replaced, other files or a file are refused, checkpoints may not go
+    inside it, and by default go beside it with the URI's query kept). The save replaces the
+    folder file by file behind ``.incomplete``, which a loader refuses while it is there."""
+    from raytrieve.data.files import INCOMPLETE, OutputStore
+    from raytrieve.errors import ConfigError, ModelLoadError
+    from raytrieve.model_ref import resolve_model
+    from raytrieve.train.checkpoint import checkpoint_dir
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    key = f"out/{tmp_path.name}"
+    uri = s3_store.uri(f"{key}/model")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=uri)
+    assert checkpoint_dir(cfg) == s3_store.uri(f"{key}/model.checkpoints")
+    prepare(cfg, "job.yaml")  # nothing there yet
+    assert cfg.output_dir == uri  # a URI is kept as given (a path is made absolute)
+
+    # An earlier model (with a file the new one lacks, in a subfolder too) is replaced whole.
+    old = tmp_path / "old"
+    (old / "sub").mkdir(parents=True)
+    (old / "modules.json").write_text("[]")
+    (old / "sub" / "stale.bin").write_bytes(b"old")
+    s3_store.put(old, f"{key}/model")
+    prepare(cfg, "job.yaml")
+    store = OutputStore(uri)
+    store.replace_with(tiny_models["dense"])
+    local = sorted(p.relative_to(tiny_models["dense"]).as_posix() for p in tiny_models["dense"].rglob("*") if p.is_file())
+    folder = f"{BUCKET}/{key}/model"
+    listed = s3_store.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    assert sorted(i.path.removeprefix(f"{folder}/") for i in listed if i.type == pafs.FileType.File) == local
+    assert (resolve_model(uri) / "model.safetensors").read_bytes() == (tiny_models["dense"] / "model.safetensors").read_bytes()
+
+    # A save cut short (INCOMPLETE still there): the loader refuses it, a rerun may replace it.
+    store.write_bytes(INCOMPLETE, b"")
+    with pytest.raises(ModelLoadError, match=r"is being written, or its write was cut short \(\.incomplete"):
+        resolve_model(uri)
+    store.delete("modules.json")
+    prepare(cfg, "job.yaml")
+
+    s3_store.put(data["train"], f"{key}/other/train.parquet")
+    s3_store.put(data["train"], f"{key}/a-file")
+    refused = [
+        ({"output_dir": s3_store.uri(f"{key}/other")}, r"job.yaml.output_dir s3://.*/other\?.*: the folder holds other "
+                                                       r"files \(train.parquet\); the trained model replaces"),
+        ({"output_dir": s3_store.uri(f"{key}/a-file")}, r"job.yaml.output_dir s3://.*/a-file\?.*: is a file"),
+        ({"checkpoint": {"dir": s3_store.uri(f"{key}/model/ckpt")}}, r"job.yaml.checkpoint.dir .*/model/ckpt: inside "
+                                                                     r"output_dir"),
+    ]
+    for change, message in refused:
+        bad = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=uri)
+        for field, value in change.items():
+            setattr(bad, field, value if field == "output_dir" else bad.checkpoint.model_copy(update=value))
+        with pytest.raises(ConfigError, match=message) as caught:
+            prepare(bad, "job.yaml")
+        assert SECRET not in str(caught.value)

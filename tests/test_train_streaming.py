@@ -89,16 +89,29 @@ def test_two_workers_train_on_exactly_the_planned_batches(one_worker, no_dropout
 
 
 @pytest.mark.timeout(900)
-def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_model, data, registry, tmp_path,
-                                         monkeypatch):
+def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_model, data, registry, s3_store,
+                                         tmp_path, monkeypatch):
     """From a registered copy of the model: the driver downloads it into its cache, and the
-    worker on the second node (a cache of its own) gets it through Ray's object store."""
+    worker on the second node (a cache of its own) gets it through Ray's object store. The
+    trained model and the checkpoints go to an object store (tests/object_store.py's S3 server),
+    which every node reaches, whichever node rank 0 runs on."""
+    import pyarrow.fs as pafs
+
+    from tests.object_store import BUCKET
+
     reference, want = one_worker
     registered = register_model(registry, no_dropout_model["dense"], "no-dropout")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(registry["cache"]))
+    trained = s3_store.uri(f"trained/{tmp_path.name}/dense_mnrl")
     result, got = _run("nodes", tmp_path, {"dense": registered}, data, scaling__num_workers=2,
-                       scaling__placement_strategy="STRICT_SPREAD")
+                       scaling__placement_strategy="STRICT_SPREAD", output_dir=trained)
+    assert result.output_dir == trained and not (tmp_path / "nodes" / "out" / "dense_mnrl").exists()
+    folder = f"{BUCKET}/trained/{tmp_path.name}"
+    stored = {i.path.removeprefix(f"{folder}/")
+              for i in s3_store.fs.get_file_info(pafs.FileSelector(folder, recursive=True))}
+    assert "dense_mnrl/modules.json" in stored and "dense_mnrl/.incomplete" not in stored
+    assert any(name.startswith("dense_mnrl.checkpoints/") for name in stored)  # beside it, the URI's query kept
     assert result.steps == reference.steps
     copies = list((second_node.cache / "shipped").iterdir())  # unpacked once on the second node
     assert len(copies) == 1 and (copies[0] / "modules.json").is_file()
@@ -111,5 +124,4 @@ def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_mod
     # The trained model still encodes (sanity of the saved weights).
     from raytrieve.encoders import load_encoder
 
-    assert load_encoder("dense", str(tmp_path / "nodes" / "out" / "dense_mnrl")).encode(
-        SENTENCES[:2]).shape == (2, 32)
+    assert load_encoder("dense", trained).encode(SENTENCES[:2]).shape == (2, 32)

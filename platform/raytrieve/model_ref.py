@@ -167,7 +167,7 @@ def store_model(uri: str) -> Path:
     import pyarrow.fs as pafs
 
     from raytrieve._io import atomic_directory, redact
-    from raytrieve.data.files import TMP_MARK, resolve
+    from raytrieve.data.files import INCOMPLETE, TMP_MARK, resolve
 
     shown = redact(uri)
     try:
@@ -184,6 +184,11 @@ def store_model(uri: str) -> Path:
         for i in listed
         if i.type == pafs.FileType.File and TMP_MARK not in i.base_name  # a save's leftovers
     }
+    if INCOMPLETE in files:  # files.OutputStore.replace_with: a training run's save, under way or cut short
+        raise ModelLoadError(
+            f"model {shown}: is being written, or its write was cut short ({INCOMPLETE} is there); wait for the "
+            "training run that writes it to end, or rerun it"
+        )
     if "modules.json" not in files and "config.json" not in files:
         what = "nothing is there" if not files else "not a model folder (no modules.json and no config.json at its top)"
         raise ModelLoadError(

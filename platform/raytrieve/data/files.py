@@ -156,6 +156,9 @@ class open_arrow:  # lower case: read as a function, ``with open_arrow(fs, path)
 
 
 TMP_MARK = ".tmp-"  # in the name of a file being written (local disk: written, then renamed)
+# In a folder replaced file by file on an object store (``OutputStore.replace_with``), from the
+# first change to the last: its readers (model_ref.store_model) refuse the folder meanwhile.
+INCOMPLETE = ".incomplete"
 
 
 @dataclass
@@ -234,6 +237,23 @@ class OutputStore:
             self.fs.delete_dir(self.path(name))
         elif kind != pafs.FileType.NotFound:
             self.fs.delete_file(self.path(name))
+
+    def replace_with(self, local: Path) -> None:
+        """The folder becomes a copy of the local folder ``local``, on a store that cannot rename
+        a folder (local disk: ``_io.atomic_directory``). ``INCOMPLETE`` is put first and deleted
+        last, so a reader never takes a folder half old and half new for either, and a write that
+        was killed is seen as one; each file is one put."""
+        self.write_bytes(INCOMPLETE, b"")
+        for name in self.names():
+            if name != INCOMPLETE:
+                self.delete(name)
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            name = file.relative_to(local).as_posix()
+            self.fs.create_dir(self.path(name).rsplit("/", 1)[0], recursive=True)
+            with open(file, "rb") as src, self.fs.open_output_stream(self.path(name)) as out:
+                while chunk := src.read(STREAM_BUFFER):
+                    out.write(chunk)
+        self.delete(INCOMPLETE)
 
     def remove_temporaries(self) -> int:
         """Leftovers of a killed run (never trusted, never needed)."""

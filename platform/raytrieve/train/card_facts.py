@@ -113,7 +113,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
             evaluator=cfg.eval.evaluator,
             rows=len(first),
         )
-    output = Path(cfg.output_dir)
+    output = Path(cfg.output_dir.partition("?")[0])  # a URI's path: its query names the store
     name = cfg.mlflow.register_model_as or cfg.mlflow.run_name
     if not name:  # a folder called model names nothing: the one above it does (out/dense-mnrl/model)
         name = output.parent.name if output.name == "model" and output.parent.name else output.name
@@ -130,7 +130,7 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
         samples_per_step=p.spec.samples_per_step,
         evaluation=evaluation,
         started=started,
-        output_dir=cfg.output_dir,
+        output_dir=redact(cfg.output_dir),
         experiment=cfg.mlflow.experiment,
         register_as=cfg.mlflow.register_model_as,
         raytrieve_version=__version__,

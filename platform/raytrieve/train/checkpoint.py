@@ -21,16 +21,18 @@ them and scattered back into the shards on restore, so every rank takes part in 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from raytrieve._io import redact
 from raytrieve.data.files import OutputStore, is_uri
 from raytrieve.errors import ConfigError
 from raytrieve.train.distributed import is_fsdp
@@ -51,8 +53,15 @@ def _rng_file(rank: int) -> str:
 def checkpoint_dir(cfg: TrainConfig) -> str:
     """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``; a
     local path (resolved) or the URI of an object store (files.OutputStore reads and writes both)."""
-    given = cfg.checkpoint.dir or f"{cfg.output_dir.rstrip('/')}.checkpoints"
-    return given.rstrip("/") if is_uri(given) else str(Path(given).resolve())
+    if cfg.checkpoint.dir:
+        given = cfg.checkpoint.dir
+    else:  # beside the model: a URI's query (its store's options) stays at its end
+        base, mark, query = cfg.output_dir.partition("?")
+        given = f"{base.rstrip('/')}.checkpoints{mark}{query}"
+    if not is_uri(given):
+        return str(Path(given).resolve())
+    base, mark, query = given.partition("?")
+    return f"{base.rstrip('/')}{mark}{query}"
 
 
 # Settings a resumed run may change: where things are written and tracked, how often it
@@ -177,7 +186,7 @@ def claim_checkpoint_dir(
     # A finished run's record stays while the run stays the same (finished_run reads it).
     finished = kept.get("finished") if same else None
     logged = kept.get("mlflow") if same else None  # the MLflow run a resumed rerun logs on into
-    body = {"fingerprint": fingerprint, "identity": identity, "output_dir": cfg.output_dir}
+    body = {"fingerprint": fingerprint, "identity": identity, "output_dir": redact(cfg.output_dir)}
     store.write_json(  # all or nothing: a rename on disk, one put on an object store
         RUN_STAMP, {**body, **({"finished": finished} if finished else {}), **({"mlflow": logged} if logged else {})}
     )
@@ -371,16 +380,36 @@ class Checkpointer:
         with checkpoint.as_directory() as directory:
             return self.read(Path(directory))
 
-    def save_model(self, target: Path, files: dict[str, str] | None = None) -> None:
+    @contextlib.contextmanager
+    def saved_model(self, target: str, files: dict[str, str] | None = None) -> Iterator[Path | None]:
         """The trained model, gathered under FSDP (every rank calls this), written by rank 0 to
-        ``target`` in sentence-transformers format: atomically, replacing what was there.
-        ``files``: more files for the folder (name -> text: the model card and the config), in
-        place before the folder appears."""
+        ``target`` in sentence-transformers format, replacing what was there: on disk atomically
+        (a rename), on an object store file by file behind ``files.INCOMPLETE`` (no rename
+        there). ``files``: more files for the folder (name -> text: the model card and the
+        config), in place before the folder appears. Yields, on rank 0, a local folder holding
+        the model (``target``, or the copy uploaded from, removed after the block); else None."""
+        import pyarrow.fs as pafs
+
         from raytrieve._io import atomic_directory
+        from raytrieve.data.files import resolve
 
         weights = full_state_dict(self.wrapped, self.module)
-        if self.rank == 0:
-            with atomic_directory(target) as tmp:
-                save_encoder(self.module.encoder, weights, self.kind, self.model_path, tmp, self.trust_remote_code)
-                for name, text in (files or {}).items():
-                    (tmp / name).write_text(text, encoding="utf-8")
+        if self.rank != 0:
+            yield None
+            return
+
+        def write(folder: Path) -> None:
+            save_encoder(self.module.encoder, weights, self.kind, self.model_path, folder, self.trust_remote_code)
+            for name, text in (files or {}).items():
+                (folder / name).write_text(text, encoding="utf-8")
+
+        fs, inner = resolve(target)
+        if isinstance(fs, pafs.LocalFileSystem):  # a path, or a file:// URI
+            with atomic_directory(Path(inner)) as tmp:
+                write(tmp)
+            yield Path(inner)
+            return
+        with tempfile.TemporaryDirectory(prefix="raytrieve-model-") as tmp:
+            write(Path(tmp))
+            OutputStore(target).replace_with(Path(tmp))
+            yield Path(tmp)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, LocalPath, from_dict, invalid, load_yaml
+from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
@@ -311,7 +311,10 @@ class MlflowConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     model: ModelConfig
     datasets: list[DatasetConfig]
-    output_dir: LocalPath
+    output_dir: str = Field(
+        description="the folder the trained model is saved to: a path on local or shared disk, or a folder URI "
+        "(s3://...)"
+    )
     prompts: str | dict[str, str] | None = Field(
         default=None,
         description="Prompts for every dataset that sets none: one string for all columns, or per column name.",

@@ -14,7 +14,6 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -279,8 +278,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             run_id=spec.run_id,
         )
     files = card_files(card) if card is not None else None
-    checkpoints.save_model(Path(cfg.output_dir), files=files)
-    if logger is not None:
-        logger.log_model_dir(Path(cfg.output_dir))  # the card and config inside the model artifact
-        if card is not None and files is not None:
-            logger.log_model_card(files[CARD_FILE], summary(card))
+    with checkpoints.saved_model(cfg.output_dir, files=files) as folder:
+        if logger is not None and folder is not None:
+            logger.log_model_dir(folder)  # the card and config inside the model artifact
+            if card is not None and files is not None:
+                logger.log_model_card(files[CARD_FILE], summary(card))

@@ -439,7 +439,8 @@ def _evaluation(f: CardFacts) -> list[str]:
 
 
 def _reproduce(f: CardFacts) -> list[str]:
-    config = f"{f.output_dir.rstrip('/')}/{CONFIG_FILE}" if f.output_dir else CONFIG_FILE
+    # `--config` reads a local file: a model in an object store is reproduced from a downloaded copy.
+    config = f"{f.output_dir.rstrip('/')}/{CONFIG_FILE}" if f.output_dir and "://" not in f.output_dir else CONFIG_FILE
     return [
         "## Reproduce",
         "",

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from raytrieve.data.files import INCOMPLETE, OutputStore, is_uri, resolve
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
@@ -81,7 +82,8 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import select_eval_columns
 
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
+    if not is_uri(cfg.output_dir):
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
     _check_output(cfg, where)
     model_path = str(resolve_field(cfg.model.name_or_path, f"{where}.model.name_or_path"))
     _check_model(cfg, model_path, where)
@@ -218,45 +220,64 @@ def _check_batch_has_negatives(
 
 
 def _check_output(cfg: TrainConfig, where: str) -> None:
-    """The trained model replaces ``output_dir`` whole (an atomic rename): refuse a folder that is
-    not an earlier model (a file, other files, the working folder or one above it) and
-    checkpoints inside it, which the final save would delete."""
+    """The trained model replaces ``output_dir`` whole (on disk an atomic rename; on an object
+    store file by file, ``OutputStore.replace_with``): refuse a folder that is not an earlier
+    model (a file, other files, the working folder or one above it) and checkpoints inside it,
+    which the final save would delete."""
     import pyarrow.fs as pafs
 
     from raytrieve._io import check_replaceable
-    from raytrieve.data.files import resolve
 
-    out = Path(cfg.output_dir)
-    if out == Path.cwd() or out in Path.cwd().parents:
+    if is_uri(cfg.output_dir):
+        store = OutputStore(cfg.output_dir)
+        shown = f"{where}.output_dir {store.describe()}"
+        if store.exists() and not store.is_folder():
+            raise ConfigError(f"{shown}: is a file; give a folder (the trained model is one)")
+        held = [n for n in store.names() if n != INCOMPLETE]
+        if held and "modules.json" not in held and INCOMPLETE not in store.names():
+            raise ConfigError(
+                f"{shown}: the folder holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+                "the trained model replaces its folder whole, so name a new folder or an earlier model's"
+            )
+        out = store.fs, store.root
+    else:
+        path = Path(cfg.output_dir)
+        if path == Path.cwd() or path in Path.cwd().parents:
+            raise ConfigError(
+                f"{where}.output_dir {path}: the working folder or one above it, which the trained model would "
+                "replace whole; name a folder of its own"
+            )
+        check_replaceable(path, "modules.json", f"{where}.output_dir")
+        out = pafs.LocalFileSystem(), str(path.resolve())
+    ckpt_fs, ckpt = resolve(checkpoint_dir(cfg))  # a file:// URI is a local folder too
+    if type(ckpt_fs) is type(out[0]) and (ckpt.rstrip("/") + "/").startswith(out[1].rstrip("/") + "/"):
         raise ConfigError(
-            f"{where}.output_dir {out}: the working folder or one above it, which the trained model would "
-            "replace whole; name a folder of its own"
+            f"{where}.checkpoint.dir {ckpt}: inside output_dir {out[1]}, which the trained model replaces whole at "
+            "the end, checkpoints and all; put them beside it (the default is <output_dir>.checkpoints)"
         )
-    check_replaceable(out, "modules.json", f"{where}.output_dir")
-    root = checkpoint_dir(cfg)
-    fs, inner = resolve(root)  # a file:// URI is a local folder too; an object store's never inside it
-    ckpt = Path(inner) if isinstance(fs, pafs.LocalFileSystem) else None
-    if ckpt is not None and (ckpt == out.resolve() or out.resolve() in ckpt.parents):
-        raise ConfigError(
-            f"{where}.checkpoint.dir {ckpt}: inside output_dir {out}, which the trained model replaces whole at the "
-            "end, checkpoints and all; put them beside it (the default is <output_dir>.checkpoints)"
-        )
+
+
+def _holds_a_model(location: str) -> bool:
+    """A whole model at ``location``: on an object store, not one whose write was cut short."""
+    store = OutputStore(location)
+    return store.exists("modules.json") and not store.exists(INCOMPLETE)
 
 
 def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     """A model of another kind than ``model.kind`` (by its files) and a ``max_seq_length`` past
     its position embeddings are refused here: in the workers they failed with a KeyError, or a
     cross-encoder's logits trained as a dense model's embeddings."""
+    from raytrieve._io import redact
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length
 
     out, model = Path(cfg.output_dir).resolve(), Path(model_path).resolve()
-    if model == out or out in model.parents:
+    if not is_uri(cfg.output_dir) and (model == out or out in model.parents):
         raise ConfigError(
             f"{where}.output_dir {out}: holds the model being trained ({where}.model.name_or_path "
-            f"{cfg.model.name_or_path}), which the trained model would replace whole; name another folder"
+            f"{redact(cfg.model.name_or_path)}), which the trained model would replace whole; name another folder"
         )
-    label = f"{where}.model.name_or_path: {cfg.model.name_or_path}"
+    label = f"{where}.model.name_or_path: {redact(cfg.model.name_or_path)}"
     fix = f"set model.kind: {{name}}, or name a {cfg.model.kind} model"
     refuse_other_kind(model_path, model_kind(cfg.model.kind).serve_field, label, fix)
     check_max_seq_length(Path(model_path), cfg.model.max_seq_length, f"{where}.model.max_seq_length")
@@ -266,7 +287,6 @@ def _initial_model_root(cfg: TrainConfig) -> Path:
     """Where an inference-free run's initial model is built: its checkpoint folder, or, where
     that is an object store, raytrieve's cache (whose folders travel to the workers: model_ref.ship)."""
     from raytrieve.assets import cache_dir
-    from raytrieve.data.files import is_uri
 
     root = checkpoint_dir(cfg)
     return cache_dir() / "initial-models" if is_uri(root) else Path(root)
@@ -368,7 +388,7 @@ def _checkpoint_location(storage: str, path: str) -> str:
     """Ray Train's path of a checkpoint (inside the storage's filesystem) as a location that opens
     anywhere: a URI when the storage is an object store."""
     from raytrieve._io import redact
-    from raytrieve.data.files import is_uri, resolve, with_scheme
+    from raytrieve.data.files import with_scheme
     from raytrieve.errors import DataError
 
     if not is_uri(storage):
@@ -526,7 +546,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         log.warning("not trained on: %s", line)
     storage = claim_checkpoint_dir(cfg, p.plan, where, training_data(cfg, p), lambda: input_files(p.pieces))
     earlier = finished_run(storage)
-    if earlier is not None and (Path(cfg.output_dir) / "modules.json").exists():
+    if earlier is not None and _holds_a_model(cfg.output_dir):
         # As the encoding job does: a finished run's rerun would resume at its last step, train
         # nothing, and log an empty MLflow run and register the same weights as a new version.
         log.info("%s: already trained (MLflow run %s); nothing to do", cfg.output_dir, earlier.get("run_id"))
