@@ -256,22 +256,17 @@ def test_the_commands_log_without_faiss_loader_noise():
 
 @pytest.mark.parametrize(("config", "override", "key"), [
     ("mine_pydocs.yaml", "output_path", "output_path"),
-    ("serve_pydocs.yaml", "index", "index"),
-    ("serve_pydocs_two_models.yaml", "dense.1.index", "dense[1].index"),
     ("demo.yaml", "out_dir", "out_dir"),
 ])
 def test_a_uri_where_a_path_on_disk_is_written_or_mapped_is_refused_by_its_key(config, override, key, tmp_path):
-    """Outputs and memory-mapped indices live on a local or shared disk: a URI there was taken as
+    """Mining's output and the demo's folders live on a local or shared disk: a URI there was taken as
     a relative path (mining's triplets went to a local file ``s3:/bucket/...``). Each shipped
     config with a URI at that key is refused by name when it loads, before any work. (Training's
-    output_dir may be a URI: tests/test_object_store.py.)"""
+    output_dir and Serve's indices may be URIs: tests/test_object_store.py.)"""
     from raytrieve.demo.config import load_demo_config
     from raytrieve.inference.config import load_mine_config
-    from raytrieve.serve.config import load_serve_config
 
-    load = {"mine_pydocs.yaml": load_mine_config,
-            "serve_pydocs.yaml": load_serve_config, "serve_pydocs_two_models.yaml": load_serve_config,
-            "demo.yaml": load_demo_config}[config]
+    load = {"mine_pydocs.yaml": load_mine_config, "demo.yaml": load_demo_config}[config]
     path = str(Path(__file__).resolve().parent.parent / "jobs" / "configs" / config)
     load(path, [f"{override}={tmp_path}/x.parquet"])  # a path loads
     with pytest.raises(ConfigError, match=rf"\.{re.escape(key)} s3://bucket/x.parquet: a URI, but this is written or read on "

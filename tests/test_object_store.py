@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
@@ -139,11 +140,14 @@ def test_minings_pairs_read_from_s3_as_from_disk(s3, tmp_path):
     assert pairs(put(tmp_path / "pairs.jsonl", "mine/pairs.jsonl")) == local and len(local[0]) == 20
 
 
-def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path):
+def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path, monkeypatch):
     """The encoding job writes its shards to an object store with one put each (no rename
     there); `raytrieve index build` reads them, and the documents from the corpus, from the
-    bucket. Oracle: the same job on disk, built the same way (tests/test_index_build.py's job)."""
-    from raytrieve.index.build import build_indices, load_indices
+    bucket. Oracle: the same job on disk, built the same way (tests/test_index_build.py's job).
+    An index folder in the bucket serves as the folder on disk (Serve's ``Documents``: each
+    node's copy, downloaded once per content)."""
+    from raytrieve.index.build import build_indices, load_indices, local_index
+    from raytrieve.serve.deployments import Documents
     from raytrieve.index.documents import DocumentStore
     from raytrieve.inference import shards
     from tests.test_index_build import _job
@@ -172,6 +176,19 @@ def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path):
     rows = range(want["rows"])
     assert DocumentStore(tmp_path / "from-s3", len(rows)).texts(rows) == DocumentStore(
         tmp_path / "from-disk", len(rows)).texts(rows)
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    index = put(tmp_path / "from-disk", "index")
+    assert local_index(index).is_relative_to(tmp_path / "cache") and local_index(index) == local_index(index)
+    on_disk, in_bucket = Documents([str(tmp_path / "from-disk")]), Documents([index])
+    terms = np.flatnonzero(np.diff(a.sparse.term_ptr))[:3]  # terms some documents hold
+    sparse_query = {"indices": terms.tolist(), "values": [1.0, 0.5, 2.0][: len(terms)]}
+    for kind, vector in (("dense", a.dense.vectors[3]), ("sparse", sparse_query)):
+        got = in_bucket.search_with_texts(index, kind, vector, 5, 5)
+        assert got == on_disk.search_with_texts(str(tmp_path / "from-disk"), kind, vector, 5, 5) and got[0], kind
+    (tmp_path / "from-disk" / "source.json").rename(tmp_path / "source.json")
+    with pytest.raises(DataError, match=r"index s3://.*/not-an-index: no source.json at its top; point at a folder `raytrieve index build` wrote"):
+        local_index(put(tmp_path / "from-disk", "not-an-index"))
 
     bucket.delete("part-00002.parquet")
     with pytest.raises(DataError, match=rf"s3://{BUCKET}/job/part-00002.parquet: shard listed in the manifest is "
@@ -412,12 +429,32 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
     s3_store.put(card, f"{key}/dense/README.md")
     again = resolve_model(uri)
     assert again != first and (again / "README.md").read_text() == "# saved again\n"
-    assert (first / "README.md").read_text() != "# saved again\n"  # a loaded copy is never changed under it
+
+    # A save that begins while a copy is downloaded (same sizes, other bytes): nothing is kept.
+    import shutil
+
+    from raytrieve.data import files as files_module
+
+    copy = shutil.copyfileobj
+
+    def copy_then_resave(src, dst, length=0):
+        copy(src, dst, length)
+        card.write_text("# saved a third time\n"[: len("# saved again\n")])  # the same size
+        s3_store.put(card, f"{key}/dense/README.md")
+
+    card.write_text("# third save!!\n")
+    s3_store.put(card, f"{key}/dense/README.md")
+    copies = sorted((tmp_path / "cache" / "store").iterdir())
+    with monkeypatch.context() as patched:
+        patched.setattr(files_module.shutil, "copyfileobj", copy_then_resave)
+        with pytest.raises(ModelLoadError, match=r"dense\?.*: it changed while it was downloaded; read it again"):
+            resolve_model(uri)
+    assert sorted((tmp_path / "cache" / "store").iterdir()) == copies  # no copy, nor a half of one
 
     s3_store.put(card, f"{key}/not-a-model/README.md")
     refusals = [
         (s3_store.uri(f"{key}/nothing"), "nothing is there; point at the folder a model was saved to"),
-        (s3_store.uri(f"{key}/not-a-model"), r"not a model folder \(no modules.json and no config.json"),
+        (s3_store.uri(f"{key}/not-a-model"), r"not-a-model\?.*: no modules.json and no config.json at its top"),
         (uri.replace(s3_store.endpoint, "127.0.0.1:9"), "cannot list the folder"),  # nothing listens there
     ]
     for bad, message in refusals:
@@ -426,6 +463,10 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
         assert SECRET not in str(caught.value) and "credentials" in str(caught.value)
     with pytest.raises(ConfigError, match=r"job.yaml.model: model nope://x: pyarrow cannot open this URI"):
         check_reference("nope://x", "job.yaml.model")
+    # Served by its URI and no name: clients name it so, without the keys.
+    from raytrieve.serve.config import DeploymentConfig
+
+    assert DeploymentConfig(model=uri).public_name == uri.replace(f"{KEY}:{SECRET}@", "")
 
 
 def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work(s3_store, tiny_models, data,
@@ -477,6 +518,8 @@ def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work
         ({"output_dir": s3_store.uri(f"{key}/a-file")}, r"job.yaml.output_dir s3://.*/a-file\?.*: is a file"),
         ({"checkpoint": {"dir": s3_store.uri(f"{key}/model/ckpt")}}, r"job.yaml.checkpoint.dir .*/model/ckpt: inside "
                                                                      r"output_dir"),
+        ({"output_dir": s3_store.uri("")}, r"job.yaml.output_dir s3://raytrieve-test/\?.*: a bucket \(or container\) "
+                                           r"itself; name a folder inside it"),
     ]
     for change, message in refused:
         bad = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=uri)
@@ -485,3 +528,10 @@ def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work
         with pytest.raises(ConfigError, match=message) as caught:
             prepare(bad, "job.yaml")
         assert SECRET not in str(caught.value)
+    # Training a model in place, by its URI: the save would replace the model it reads.
+    s3_store.put(tiny_models["dense"], f"{key}/base")
+    in_place = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=s3_store.uri(f"{key}/base"))
+    in_place.model.name_or_path = s3_store.uri(f"{key}/base")
+    with pytest.raises(ConfigError, match=r"job.yaml.output_dir s3://.*/base\?.*: holds the model being trained") as caught:
+        prepare(in_place, "job.yaml")
+    assert SECRET not in str(caught.value)

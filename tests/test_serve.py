@@ -1087,17 +1087,24 @@ def test_concurrent_searches_equal_the_same_searches_one_at_a_time(served):
         _same_hits(a, r.json()["hits"])
 
 
-def test_recall_in_ingress_answers_as_the_replicas_do(served, tiny_models):
+def test_recall_in_ingress_answers_as_the_replicas_do(served, tiny_models, s3_store):
     """A second app whose ingress encodes and searches itself (recall_in_ingress) with the query
     model in ONNX Runtime there (ingress_backend) and in torch in its deployment: /search answers
-    as the main app's tiny-dense (ONNX Runtime in its replicas), and /v1/models says where."""
+    as the main app's tiny-dense (ONNX Runtime in its replicas), and /v1/models says where. Its
+    index is the same folder in an object store (tests/object_store.py's S3 server, named by the
+    URI alone), which the ingress replica downloads into its node's cache."""
+    import shutil
+
     from ray import serve
 
+    from raytrieve.index.build import local_index
     from raytrieve.serve.app import build_app
 
+    s3_store.put(served["root"] / "index_tiny", f"serve/{served['root'].name}/index_tiny")
+    index = s3_store.uri(f"serve/{served['root'].name}/index_tiny")
     cfg = from_dict(ServeConfig, {
         "dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05, "torch_threads": 1, "dtype": "float32"},
-        "index": str(served["root"] / "index_tiny"), "recall_in_ingress": True, "ingress_backend": "onnx"})
+        "index": index, "recall_in_ingress": True, "ingress_backend": "onnx"})
     serve.run(build_app(cfg), name="in-ingress", route_prefix="/in-ingress")
     url = f"{served['proxy']}/in-ingress"
     try:
@@ -1115,6 +1122,7 @@ def test_recall_in_ingress_answers_as_the_replicas_do(served, tiny_models):
             assert got.json()["timings_ms"]["recall_dense_ms"] >= 0
     finally:
         serve.delete("in-ingress")
+        shutil.rmtree(local_index(index))  # the replica's copy, in this machine's (the user's) cache
 
 
 def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tiny_models):

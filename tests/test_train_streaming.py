@@ -97,7 +97,7 @@ def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_mod
     which every node reaches, whichever node rank 0 runs on."""
     import pyarrow.fs as pafs
 
-    from tests.object_store import BUCKET
+    from tests.object_store import BUCKET, KEY, SECRET
 
     reference, want = one_worker
     registered = register_model(registry, no_dropout_model["dense"], "no-dropout")
@@ -106,12 +106,17 @@ def test_one_worker_on_each_of_two_nodes(one_worker, second_node, no_dropout_mod
     trained = s3_store.uri(f"trained/{tmp_path.name}/dense_mnrl")
     result, got = _run("nodes", tmp_path, {"dense": registered}, data, scaling__num_workers=2,
                        scaling__placement_strategy="STRICT_SPREAD", output_dir=trained)
-    assert result.output_dir == trained and not (tmp_path / "nodes" / "out" / "dense_mnrl").exists()
+    # The result, and the run's stamp that records it, name the model without the URI's keys.
+    assert result.output_dir == trained.replace(f"{KEY}:{SECRET}@", "") and SECRET in trained
+    assert not (tmp_path / "nodes" / "out" / "dense_mnrl").exists()
     folder = f"{BUCKET}/trained/{tmp_path.name}"
     stored = {i.path.removeprefix(f"{folder}/")
               for i in s3_store.fs.get_file_info(pafs.FileSelector(folder, recursive=True))}
     assert "dense_mnrl/modules.json" in stored and "dense_mnrl/.incomplete" not in stored
     assert any(name.startswith("dense_mnrl.checkpoints/") for name in stored)  # beside it, the URI's query kept
+    with s3_store.fs.open_input_stream(f"{folder}/dense_mnrl.checkpoints/raytrieve-run.json") as f:
+        stamp = f.read().decode()
+    assert '"finished"' in stamp and SECRET not in stamp
     assert result.steps == reference.steps
     copies = list((second_node.cache / "shipped").iterdir())  # unpacked once on the second node
     assert len(copies) == 1 and (copies[0] / "modules.json").is_file()

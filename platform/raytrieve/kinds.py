@@ -115,9 +115,6 @@ def refuse_other_kind(folder: Any, field: str, label: str, fix: str) -> None:
     a job with a traceback. Files that cannot tell pass. The ConfigError reads ``{label} is a
     <kind> model (...); {fix}``; ``fix`` may name the kind found as ``{name}`` (dense / sparse /
     cross) or ``{field}`` (its serving field). A reranker must also score one label per pair."""
-    from raytrieve._io import redact
-
-    label = redact(label)  # it may name the model by a URI with keys in it
     found = saved_kind(folder)
     if found is not None and found.serve_field != field:
         raise ConfigError(

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,6 @@ ACCEPTED = (
     "a local model folder, a folder's URI on an object store (s3://BUCKET/PATH, gs://, abfs://, file://), an MLflow "
     "model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) or a shipped variant"
 )
-COPY_BUFFER = 8 << 20  # bytes per read of a store download
 
 
 def is_model_uri(ref: str | os.PathLike) -> bool:
@@ -94,9 +91,9 @@ def check_reference(ref: str | os.PathLike, field: str) -> None:
         from raytrieve.data.files import resolve
 
         try:
-            resolve(text)
-        except RaytrieveError:
-            raise ConfigError(f"{field}: {_cannot_open(text)}") from None
+            resolve(text)  # its message: the URI without keys, pyarrow's reason, the fix
+        except RaytrieveError as e:
+            raise ConfigError(f"{field}: model {e}") from None
         return
     try:
         _locate(text)
@@ -144,81 +141,21 @@ def shipped_model(name: str) -> Path:
     return converted_model(variant)
 
 
-def _cannot_open(uri: str) -> str:
-    from raytrieve._io import redact
-
-    return (
-        f"model {redact(uri)}: pyarrow cannot open this URI; check its scheme (s3://, gs://, abfs://, file://) and "
-        "its query's options"
-    )
-
-
-STORE_FIX = (
-    "check the URI, and that this machine has the store's credentials (for S3: AWS_* variables or the instance's "
-    "role; the driver and every node that loads the model need them)"
-)
-
-
 def store_model(uri: str) -> Path:
     """A local copy of the model folder at ``uri`` (a filesystem pyarrow opens), downloaded into
-    ``$RAYTRIEVE_CACHE/store/<key>`` once per content: the key holds the URI without its keys
-    and each file's name, size and modification time, so a model saved again at the same URI is
-    downloaded again, and a download that fails or finds a file changed midway leaves nothing."""
-    import pyarrow.fs as pafs
+    the cache once per content (``files.fetch_folder``)."""
+    from raytrieve.data.files import fetch_folder
 
-    from raytrieve._io import atomic_directory, redact
-    from raytrieve.data.files import INCOMPLETE, TMP_MARK, resolve
-
-    shown = redact(uri)
     try:
-        fs, root = resolve(uri)
-    except RaytrieveError:
-        raise ModelLoadError(_cannot_open(uri)) from None
-    root = root.rstrip("/")
-    try:
-        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise ModelLoadError(f"model {shown}: cannot list the folder ({redact(str(e))}); {STORE_FIX}") from None
-    files = {
-        i.path[len(root) + 1 :]: i
-        for i in listed
-        if i.type == pafs.FileType.File and TMP_MARK not in i.base_name  # a save's leftovers
-    }
-    if INCOMPLETE in files:  # files.OutputStore.replace_with: a training run's save, under way or cut short
-        raise ModelLoadError(
-            f"model {shown}: is being written, or its write was cut short ({INCOMPLETE} is there); wait for the "
-            "training run that writes it to end, or rerun it"
+        return fetch_folder(
+            uri,
+            assets.cache_dir() / "store",
+            "model",
+            ("modules.json", "config.json"),
+            "the folder a model was saved to (by raytrieve, sentence-transformers or transformers)",
         )
-    if "modules.json" not in files and "config.json" not in files:
-        what = "nothing is there" if not files else "not a model folder (no modules.json and no config.json at its top)"
-        raise ModelLoadError(
-            f"model {shown}: {what}; point at the folder a model was saved to (by raytrieve, sentence-transformers "
-            f"or transformers), or {STORE_FIX}"
-        )
-    for name in files:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise ModelLoadError(f"model {shown}: holds {name!r}, a name that would land outside the model's folder")
-    listing = sorted((name, i.size, i.mtime_ns) for name, i in files.items())
-    key = hashlib.sha256(json.dumps([shown, listing]).encode()).hexdigest()[:16]
-    target = assets.cache_dir() / "store" / key
-    if is_model_dir(target):
-        return target
-    try:
-        with atomic_directory(target, overwrite=False) as tmp:
-            for name, size, _ in listing:
-                dest = tmp / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(files[name].path) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, COPY_BUFFER)
-                if size is not None and dest.stat().st_size != size:
-                    raise ModelLoadError(f"model {shown}: {name} changed while it was downloaded; load it again")
-    except FileExistsError:
-        pass  # another process of this machine downloaded the same content meanwhile
-    except ModelLoadError:  # an OSError too; said above
-        raise
-    except OSError as e:
-        raise ModelLoadError(f"model {shown}: the download failed ({redact(str(e))}); {STORE_FIX}") from None
-    return target
+    except RaytrieveError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def check_max_seq_length(folder: Path, length: int | None, field: str) -> None:

@@ -7,10 +7,13 @@ formats; arrow files opened by record batch; ``OutputStore``, a folder written o
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import glob as globlib
+import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytrieve._io import redact
+from raytrieve._io import atomic_directory, redact
 from raytrieve.errors import DataError
 
 GLOB_CHARS = "*?["
@@ -42,7 +45,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
             fs, path = pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             raise DataError(
-                f"{location}: pyarrow cannot open this URI ({e}); check the scheme and credentials"
+                f"{redact(location)}: pyarrow cannot open this URI ({redact(str(e))}); check the scheme and credentials"
             ) from None
         return fs, path
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
@@ -249,7 +252,8 @@ class OutputStore:
                 self.delete(name)
         for file in sorted(p for p in local.rglob("*") if p.is_file()):
             name = file.relative_to(local).as_posix()
-            self.fs.create_dir(self.path(name).rsplit("/", 1)[0], recursive=True)
+            if self.renames:  # a local folder needs its parents; an object store has none (nor a right to make them)
+                self.fs.create_dir(self.path(name).rsplit("/", 1)[0], recursive=True)
             with open(file, "rb") as src, self.fs.open_output_stream(self.path(name)) as out:
                 while chunk := src.read(STREAM_BUFFER):
                     out.write(chunk)
@@ -261,3 +265,83 @@ class OutputStore:
         for n in stale:
             self.delete(n)
         return len(stale)
+
+
+STORE_FIX = (
+    "check the URI, and that this machine has the store's credentials (for S3: AWS_* variables or the instance's "
+    "role; the driver and every node that reads it need them)"
+)
+
+
+def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], expect: str) -> Path:
+    """A local copy of the folder at ``uri`` (a model, an index), downloaded into ``cache/<key>``
+    once per content: the key holds the URI without its keys and each file's name, size and
+    modification time, so a folder written again at the same URI is downloaded again, a copy in
+    use is never changed, and a download that fails or finds a file changed midway leaves
+    nothing. ``markers``: files one of which a folder of its kind holds at its top; ``expect``:
+    what the URI should name. Raises DataError "``what`` ``uri``: ..." (no keys)."""
+    shown = redact(uri)
+    fs, root = resolve(uri)
+    root = root.rstrip("/")
+
+    def listing() -> dict[str, pafs.FileInfo]:
+        try:
+            listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise DataError(f"{what} {shown}: cannot list the folder ({redact(str(e))}); {STORE_FIX}") from None
+        out = {}
+        for i in listed:
+            if i.type != pafs.FileType.File or TMP_MARK in i.base_name:  # folders; a write's leftovers
+                continue
+            if not i.path.startswith(f"{root}/"):
+                raise DataError(f"{what} {shown}: the store listed {i.path}, not below {root}; name the folder itself")
+            out[i.path[len(root) + 1 :]] = i
+        return out
+
+    def state(files: dict[str, pafs.FileInfo]) -> list[tuple[str, int | None, int | None]]:
+        return sorted((name, i.size, i.mtime_ns) for name, i in files.items())
+
+    files = listing()
+    if INCOMPLETE in files:  # OutputStore.replace_with: a write under way, or cut short
+        raise DataError(
+            f"{what} {shown}: is being written, or its write was cut short ({INCOMPLETE} is there); wait for the "
+            "job that writes it to end, or rerun it"
+        )
+    if not any(m in files for m in markers):
+        found = "nothing is there" if not files else f"no {' and no '.join(markers)} at its top"
+        raise DataError(f"{what} {shown}: {found}; point at {expect}, or {STORE_FIX}")
+    for name in files:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise DataError(f"{what} {shown}: holds {name!r}, a name that would land outside the folder")
+    before = state(files)
+    key = hashlib.sha256(json.dumps([shown, before]).encode()).hexdigest()[:16]
+    target = cache / key
+
+    def complete() -> bool:
+        return any((target / m).is_file() for m in markers)
+
+    if complete():
+        return target
+    locks = cache.with_name(f"{cache.name}-locks")  # beside the copies (as model_ref's shipped-locks)
+    locks.mkdir(parents=True, exist_ok=True)
+    # One process of this machine downloads (a node's Serve replicas start together); the others
+    # wait for it, then find the copy.
+    with open(locks / key, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if complete():
+            return target
+        try:
+            with atomic_directory(target, overwrite=False) as tmp:
+                for name, _, _ in before:
+                    dest = tmp / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with fs.open_input_stream(files[name].path) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out, STREAM_BUFFER)
+                # A write that began after the listing (same sizes, other bytes) shows in a new one.
+                if state(listing()) != before:
+                    raise DataError(f"{what} {shown}: it changed while it was downloaded; read it again")
+        except OSError as e:  # FileExistsError too: a name that is a file and a folder in the store
+            if isinstance(e, FileExistsError) and complete():  # made meanwhile by a machine sharing the cache
+                return target
+            raise DataError(f"{what} {shown}: the download failed ({redact(str(e))}); {STORE_FIX}") from None
+    return target

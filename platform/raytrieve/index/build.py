@@ -13,6 +13,7 @@ The whole folder is written atomically, so a failed build never leaves half an i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,20 @@ def read_source(path: str | Path) -> VectorsManifest:
     return parse_manifest(
         _io.read_json(path / SOURCE), str(path / SOURCE), "build the index again (`raytrieve index build`)"
     )
+
+
+def local_index(folder: str | os.PathLike) -> Path:
+    """An index folder on this machine: ``folder`` itself, or, for a folder URI on an object store
+    (``s3://bucket/index``), its copy in ``$RAYTRIEVE_CACHE/store``, downloaded once per content
+    (``files.fetch_folder``): indices are memory-mapped, which needs a local file."""
+    from raytrieve.data.files import fetch_folder, is_uri
+
+    text = os.fspath(folder)
+    if not is_uri(text):
+        return Path(text)
+    from raytrieve.assets import cache_dir
+
+    return fetch_folder(text, cache_dir() / "store", "index", (SOURCE,), "a folder `raytrieve index build` wrote")
 
 
 def load_indices(path: str | Path, mmap: bool = True) -> Indices:

@@ -53,10 +53,11 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     # Every reference resolved first: a wrong name or URI is reported before torch loads.
     outputs = [(kind, out) for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)) if out is not None]
     paths = {kind: str(resolve_field(out.model, f"{where}.{kind}.model")) for kind, out in outputs}
+    from raytrieve._io import redact
     from raytrieve.kinds import refuse_other_kind
 
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
-        refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {out.model}", f"name a {kind} model there")
+        refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {redact(out.model)}", f"name a {kind} model there")
 
     from raytrieve.encoders.tokenizer_only import InputTokenizer
     from raytrieve.quantization import quantization_ranges

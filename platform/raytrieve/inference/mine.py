@@ -198,6 +198,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
     _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
+    from raytrieve._io import redact
     from raytrieve.encoders import load_encoder
     from raytrieve.kinds import CROSS, refuse_other_kind, saved_kind
     from raytrieve.model_ref import resolve_field
@@ -212,13 +213,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         if saved_kind(path) is CROSS
         else f"set retriever.kind: {{field}}, or name a {r.kind} model"
     )
-    refuse_other_kind(path, r.kind, f"{field}: {r.model}", fix)
+    refuse_other_kind(path, r.kind, f"{field}: {redact(r.model)}", fix)
     if cfg.reranker is not None:
         field = f"{where}.reranker.model"
         refuse_other_kind(
             resolve_field(cfg.reranker.model, field),
             "reranker",
-            f"{field}: {cfg.reranker.model}",
+            f"{field}: {redact(cfg.reranker.model)}",
             "name a cross-encoder",
         )
     model = load_encoder(

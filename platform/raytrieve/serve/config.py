@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import Backend, ConfigModel, Dtype, LocalPath, dtype_field, invalid, load_yaml
+from raytrieve.config import Backend, ConfigModel, Dtype, dtype_field, invalid, load_yaml
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
@@ -82,10 +82,11 @@ class DeploymentConfig(ConfigModel):
     )
     max_ongoing_requests: int = 32
     trust_remote_code: bool = False
-    index: LocalPath | None = Field(
+    index: str | None = Field(
         default=None,
         description=(
-            "dense and sparse models: a folder from `raytrieve index build` of this model's vectors, searched when "
+            "dense and sparse models: a folder from `raytrieve index build` of this model's vectors (a path, or a "
+            "folder URI such as s3://bucket/index, which each node downloads once into its cache), searched when "
             "/search uses this model; default: the top-level index: for the first (default) model of its kind, "
             "none for the others"
         ),
@@ -100,7 +101,11 @@ class DeploymentConfig(ConfigModel):
 
     @property
     def public_name(self) -> str:
-        return self.name or self.model
+        """What clients name the model by (``model`` in requests, ids in /v1/models): ``name``,
+        else the reference, without the keys a URI may hold (answers are public)."""
+        from raytrieve._io import redact
+
+        return self.name or redact(self.model)
 
 
 class LimitsConfig(ConfigModel):
@@ -183,13 +188,14 @@ class ServeConfig(ConfigModel):
     dense: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="dense"))
     sparse: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="sparse"))
     reranker: Deployments = Field(default=None, description=ONE_OR_MORE.format(field="reranker"))
-    index: LocalPath | None = Field(
+    index: str | None = Field(
         default=None,
         description=(
-            "A folder from `raytrieve index build`, searched by /search with the default (first) dense and sparse "
-            "models that set no index: of their own. Its source.json says which model encoded the vectors; its "
-            "documents/ holds the texts /search returns and reranks (read from the corpus and checked against "
-            "the encoding by index build), so serving never reads the corpus."
+            "A folder from `raytrieve index build` (a path, or a folder URI such as s3://bucket/index, which each "
+            "node downloads once into its cache and memory-maps there), searched by /search with the default "
+            "(first) dense and sparse models that set no index: of their own. Its source.json says which model "
+            "encoded the vectors; its documents/ holds the texts /search returns and reranks (read from the corpus "
+            "and checked against the encoding by index build), so serving never reads the corpus."
         ),
     )
     colocate_index: bool = Field(

@@ -360,18 +360,20 @@ class Documents:
         """``folders``: the index folders held here. ``others``: the app's other index folders,
         of which only source.json is read: every index of the app must come from one corpus,
         checked here too, so an app built without the start's checks is still refused."""
-        from raytrieve.index.build import load_indices, read_source
+        from raytrieve.index.build import load_indices, local_index, read_source
         from raytrieve.index.documents import DocumentStore
 
-        self.indices = {folder: load_indices(folder) for folder in folders}
+        # A folder URI is read from this node's copy (downloaded once per content per node).
+        local = {folder: local_index(folder) for folder in dict.fromkeys([*folders, *others])}
+        self.indices = {folder: load_indices(local[folder]) for folder in folders}
         sources = {folder: ix.source for folder, ix in self.indices.items()}
-        sources |= {folder: read_source(folder) for folder in others if folder not in sources}
+        sources |= {folder: read_source(local[folder]) for folder in others if folder not in sources}
         one_corpus(sources, "serve")
         # Each folder's texts, in its rows' order (index build read them from the corpus and
         # checked them against the encoding): a hit's text is read by its row. The other
         # folders' too (memory-mapped: nothing is read until asked): /search looks up the texts
         # of its fused ids at one holder, and another folder's index may hold ids this one lacks.
-        self.stores = {folder: DocumentStore(folder, source.rows) for folder, source in sources.items()}
+        self.stores = {folder: DocumentStore(local[folder], source.rows) for folder, source in sources.items()}
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"documents": len(next(iter(self.stores.values())))}

@@ -52,7 +52,8 @@ def direct_ingress_controller_env(port: int) -> dict[str, str]:
 def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
-    from raytrieve.index.build import Indices, load_indices
+    from raytrieve._io import redact
+    from raytrieve.index.build import Indices, load_indices, local_index
     from raytrieve.index.documents import DocumentStore
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
@@ -84,17 +85,20 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}.{m.path}.model: {e}{hint}") from None
         # Another kind would load as m.kind's model and crash every replica in Ray.
         fix = f"serve it under {{field}}:, or name a {m.kind} model there"
-        refuse_other_kind(path, m.kind, f"{where}.{m.path}.model: {m.spec.model}", fix)
+        refuse_other_kind(path, m.kind, f"{where}.{m.path}.model: {redact(m.spec.model)}", fix)
         check_max_seq_length(path, m.spec.max_seq_length, f"{where}.{m.path}.max_seq_length")
         if m.index is None:
             continue
-        if m.index not in indices:
-            indices[m.index] = load_indices(m.index)
         key = f"{m.path}.index" if m.spec.index is not None else "index"
+        if m.index not in indices:
+            try:
+                indices[m.index] = load_indices(local_index(m.index))
+            except DataError as e:
+                raise DataError(f"{where}.{key}: {e}") from None
         if getattr(indices[m.index], m.kind) is None:
             raise ConfigError(
-                f"{where}.{key} {m.index}: has no {m.kind}/ index for the {m.path} model; build it from vectors "
-                f"encoded with that model, or drop {m.path}{':' if m.path == m.kind else ''}"
+                f"{where}.{key} {redact(m.index)}: has no {m.kind}/ index for the {m.path} model; build it from "
+                f"vectors encoded with that model, or drop {m.path}{':' if m.path == m.kind else ''}"
             )
         built = getattr(indices[m.index].source, m.kind)
         if built is not None and not m.spec.allow_index_model_mismatch:
@@ -103,7 +107,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
         for folder, ix in indices.items():  # the texts /search returns and reranks (memory-mapped: cheap)
             try:
-                DocumentStore(folder, ix.source.rows)
+                DocumentStore(local_index(folder), ix.source.rows)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
 

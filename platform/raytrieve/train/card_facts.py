@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raytrieve._io import redact, redact_values
+from raytrieve.data.files import is_uri
 from raytrieve.train.model_card import (
     EXAMPLE_ROWS,
     CardFacts,
@@ -105,15 +106,13 @@ def driver_facts(cfg: TrainConfig, p: Prepared, started: float) -> CardFacts:
     evaluation = None
     if cfg.eval.path and cfg.eval.evaluator and p.spec.eval_columns:
         first = next(iter(p.spec.eval_columns.values()), [])
-        from raytrieve.data.files import is_uri
-
         evaluation = EvalFacts(
             split=cfg.eval.path.rstrip("/").rsplit("/", 1)[-1].split(".")[0],
             path=redact(cfg.eval.path) if is_uri(cfg.eval.path) else str(Path(cfg.eval.path).resolve()),
             evaluator=cfg.eval.evaluator,
             rows=len(first),
         )
-    output = Path(cfg.output_dir.partition("?")[0])  # a URI's path: its query names the store
+    output = Path(cfg.output_dir.partition("?")[0] if is_uri(cfg.output_dir) else cfg.output_dir)  # not a URI's query
     name = cfg.mlflow.register_model_as or cfg.mlflow.run_name
     if not name:  # a folder called model names nothing: the one above it does (out/dense-mnrl/model)
         name = output.parent.name if output.name == "model" and output.parent.name else output.name

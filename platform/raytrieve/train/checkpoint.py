@@ -55,9 +55,11 @@ def checkpoint_dir(cfg: TrainConfig) -> str:
     local path (resolved) or the URI of an object store (files.OutputStore reads and writes both)."""
     if cfg.checkpoint.dir:
         given = cfg.checkpoint.dir
-    else:  # beside the model: a URI's query (its store's options) stays at its end
+    elif is_uri(cfg.output_dir):  # beside the model: a URI's query (its store's options) stays at its end
         base, mark, query = cfg.output_dir.partition("?")
         given = f"{base.rstrip('/')}.checkpoints{mark}{query}"
+    else:
+        given = f"{cfg.output_dir.rstrip('/')}.checkpoints"
     if not is_uri(given):
         return str(Path(given).resolve())
     base, mark, query = given.partition("?")

@@ -262,6 +262,8 @@ def _usage(f: CardFacts) -> list[str]:
     if kind is None:
         return []
     where = f.output_dir or "path/to/this/folder"
+    # sentence-transformers reads a folder on disk: a model kept in an object store, a copy of it.
+    local = "path/to/a/copy/of/this/folder" if "://" in where else where
     refs = [f"`{where}` (this folder)"]
     if f.run_id:
         refs.append(f"`runs:/{f.run_id}/model` (the MLflow run)")
@@ -278,7 +280,7 @@ def _usage(f: CardFacts) -> list[str]:
         theirs = [
             "from sentence_transformers import CrossEncoder",
             "",
-            f'model = CrossEncoder("{where}")',
+            f'model = CrossEncoder("{local}")',
             'scores = model.predict([("how to sort a list", "sorted(xs) returns a new sorted list")])',
         ]
     else:
@@ -293,7 +295,7 @@ def _usage(f: CardFacts) -> list[str]:
         theirs = [
             f"from sentence_transformers import {kind.st_class}",
             "",
-            f'model = {kind.st_class}("{where}")',
+            f'model = {kind.st_class}("{local}")',
             'queries = model.encode_query(["how to sort a list"])',
             'documents = model.encode_document(["sorted(xs) returns a new sorted list"])',
             "scores = model.similarity(queries, documents)",

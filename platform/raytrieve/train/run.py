@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from raytrieve._io import redact
 from raytrieve.data.files import INCOMPLETE, OutputStore, is_uri, resolve
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
@@ -231,6 +232,8 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
     if is_uri(cfg.output_dir):
         store = OutputStore(cfg.output_dir)
         shown = f"{where}.output_dir {store.describe()}"
+        if "/" not in store.root.strip("/"):  # its checkpoints' default would be another bucket
+            raise ConfigError(f"{shown}: a bucket (or container) itself; name a folder inside it")
         if store.exists() and not store.is_folder():
             raise ConfigError(f"{shown}: is a file; give a folder (the trained model is one)")
         held = [n for n in store.names() if n != INCOMPLETE]
@@ -267,12 +270,22 @@ def _check_model(cfg: TrainConfig, model_path: str, where: str) -> None:
     """A model of another kind than ``model.kind`` (by its files) and a ``max_seq_length`` past
     its position embeddings are refused here: in the workers they failed with a KeyError, or a
     cross-encoder's logits trained as a dense model's embeddings."""
-    from raytrieve._io import redact
     from raytrieve.kinds import refuse_other_kind
     from raytrieve.model_ref import check_max_seq_length
 
     out, model = Path(cfg.output_dir).resolve(), Path(model_path).resolve()
-    if not is_uri(cfg.output_dir) and (model == out or out in model.parents):
+    if is_uri(cfg.output_dir):  # the model's own URI inside output_dir (its copy in the cache never is)
+        out_fs, out_path = resolve(cfg.output_dir)
+        if is_uri(cfg.model.name_or_path):
+            model_fs, model_path_in = resolve(cfg.model.name_or_path)
+            inside = (model_path_in.rstrip("/") + "/").startswith(out_path.rstrip("/") + "/")
+            if type(model_fs) is type(out_fs) and inside:
+                raise ConfigError(
+                    f"{where}.output_dir {redact(cfg.output_dir)}: holds the model being trained "
+                    f"({where}.model.name_or_path {redact(cfg.model.name_or_path)}), which the trained model would "
+                    "replace; name another folder"
+                )
+    elif model == out or out in model.parents:
         raise ConfigError(
             f"{where}.output_dir {out}: holds the model being trained ({where}.model.name_or_path "
             f"{redact(cfg.model.name_or_path)}), which the trained model would replace whole; name another folder"
@@ -387,7 +400,6 @@ def input_files(pieces: list[list[Any]]) -> dict[str, list[int | None]]:
 def _checkpoint_location(storage: str, path: str) -> str:
     """Ray Train's path of a checkpoint (inside the storage's filesystem) as a location that opens
     anywhere: a URI when the storage is an object store."""
-    from raytrieve._io import redact
     from raytrieve.data.files import with_scheme
     from raytrieve.errors import DataError
 
@@ -549,7 +561,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
     if earlier is not None and _holds_a_model(cfg.output_dir):
         # As the encoding job does: a finished run's rerun would resume at its last step, train
         # nothing, and log an empty MLflow run and register the same weights as a new version.
-        log.info("%s: already trained (MLflow run %s); nothing to do", cfg.output_dir, earlier.get("run_id"))
+        log.info("%s: already trained (MLflow run %s); nothing to do", redact(cfg.output_dir), earlier.get("run_id"))
         return TrainResult(**{**earlier, "already_complete": True})
 
     import ray
@@ -647,6 +659,7 @@ def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | Non
         else:
             mlflow_run.end_run(uri, run_id, status)
     ckpt = _checkpoint_location(storage, result.checkpoint.path) if result.checkpoint is not None else None
-    trained = TrainResult(cfg.output_dir, p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
+    # Without the keys a URI may hold: the result is recorded in the run's stamp and printed.
+    trained = TrainResult(redact(cfg.output_dir), p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     record_finished(storage, dataclasses.asdict(trained))
     return trained
