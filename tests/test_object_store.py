@@ -186,6 +186,16 @@ def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path, mon
     for kind, vector in (("dense", a.dense.vectors[3]), ("sparse", sparse_query)):
         got = in_bucket.search_with_texts(index, kind, vector, 5, 5)
         assert got == on_disk.search_with_texts(str(tmp_path / "from-disk"), kind, vector, 5, 5) and got[0], kind
+    # `index build --out` a folder URI: built on disk, then put file by file; what was there is
+    # replaced whole (an earlier index), a folder of other files refused before any work.
+    built = build_indices(local.location, f"s3://{BUCKET}/built")
+    assert built["out"] == f"s3://{BUCKET}/built" and built["rows"] == want["rows"]
+    copy = load_indices(local_index(f"s3://{BUCKET}/built"))
+    assert copy.dense is not None and (copy.dense.vectors == a.dense.vectors).all() and copy.dense.ids == a.dense.ids
+    (tmp_path / "x.txt").write_text("someone else's file")
+    put(tmp_path / "x.txt", "not-index/x.txt")
+    with pytest.raises(DataError, match=r"^--out s3://raytrieve-test/not-index: the folder holds other files \(x.txt\)"):
+        build_indices(local.location, f"s3://{BUCKET}/not-index")
     (tmp_path / "from-disk" / "source.json").rename(tmp_path / "source.json")
     with pytest.raises(DataError, match=r"index s3://.*/not-an-index: no source.json at its top; point at a folder `raytrieve index build` wrote"):
         local_index(put(tmp_path / "from-disk", "not-an-index"))
@@ -514,7 +524,7 @@ def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work
     s3_store.put(data["train"], f"{key}/a-file")
     refused = [
         ({"output_dir": s3_store.uri(f"{key}/other")}, r"job.yaml.output_dir s3://.*/other\?.*: the folder holds other "
-                                                       r"files \(train.parquet\); the trained model replaces"),
+                                                       r"files \(train.parquet\); it is replaced whole"),
         ({"output_dir": s3_store.uri(f"{key}/a-file")}, r"job.yaml.output_dir s3://.*/a-file\?.*: is a file"),
         ({"checkpoint": {"dir": s3_store.uri(f"{key}/model/ckpt")}}, r"job.yaml.checkpoint.dir .*/model/ckpt: inside "
                                                                      r"output_dir"),

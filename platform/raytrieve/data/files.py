@@ -241,6 +241,26 @@ class OutputStore:
         elif kind != pafs.FileType.NotFound:
             self.fs.delete_file(self.path(name))
 
+    def check_replaceable(self, marker: str, what: str) -> None:
+        """Refuse, before any work, a folder that ``replace_with`` would replace but that is no
+        earlier output of the same kind (``marker``: the file such a folder always holds; one
+        cut short holds ``INCOMPLETE``): a file, a folder with other files, a bucket itself.
+        ``what`` (a config key or flag) begins the message."""
+        shown = f"{what} {self.describe()}"
+        if self.renames:
+            return  # local disk: _io.check_replaceable
+        if "/" not in self.root.strip("/"):
+            raise DataError(f"{shown}: a bucket (or container) itself; name a folder inside it")
+        if self.exists() and not self.is_folder():
+            raise DataError(f"{shown}: is a file; give a folder (what is written is one)")
+        names = self.names()
+        held = [n for n in names if n != INCOMPLETE]
+        if held and marker not in held and INCOMPLETE not in names:
+            raise DataError(
+                f"{shown}: the folder holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+                "it is replaced whole, so name a new folder or an earlier output's"
+            )
+
     def replace_with(self, local: Path) -> None:
         """The folder becomes a copy of the local folder ``local``, on a store that cannot rename
         a folder (local disk: ``_io.atomic_directory``). ``INCOMPLETE`` is put first and deleted

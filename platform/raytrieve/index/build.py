@@ -14,6 +14,7 @@ The whole folder is written atomically, so a failed build never leaves half an i
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,10 +52,16 @@ def build_indices(
 ) -> dict[str, Any]:
     """Build every index of ``kinds`` the job's vectors allow, and (``texts``) the folder's
     documents/ from the corpus the job encoded; returns a summary."""
+    from raytrieve.data.files import OutputStore, is_uri
     from raytrieve.inference.shards import read_manifest
 
     options = options or IndexOptions()
-    _io.check_replaceable(out_dir, SOURCE, "--out")  # an earlier index there is replaced, nothing else
+    # An earlier index there is replaced, nothing else; in an object store, file by file.
+    store = OutputStore(str(out_dir)) if is_uri(str(out_dir)) else None
+    if store is not None:
+        store.check_replaceable(SOURCE, "--out")
+    else:
+        _io.check_replaceable(out_dir, SOURCE, "--out")
     # Everything the manifest and the options decide, before the shards are read and verified
     # (minutes and gigabytes on a large corpus).
     manifest = read_manifest(vectors_dir)
@@ -75,10 +82,19 @@ def build_indices(
     if manifest.rows == 0:
         raise DataError(f"{vectors_dir}: the encoding job wrote 0 rows; there is nothing to index")
     corpus = _CorpusShards(vectors_dir) if texts else None  # the corpus's plan, checked before any shard is read
-    summary: dict[str, Any] = {"out": str(out_dir), "rows": manifest.rows}
-    with _io.atomic_directory(Path(out_dir)) as tmp:
-        summary.update(_stream_build(vectors_dir, manifest, built, tmp, similarity, options, corpus))
-        _io.write_json(tmp / SOURCE, manifest.to_json())
+    summary: dict[str, Any] = {"out": _io.redact(str(out_dir)), "rows": manifest.rows}
+
+    def write(folder: Path) -> None:
+        summary.update(_stream_build(vectors_dir, manifest, built, folder, similarity, options, corpus))
+        _io.write_json(folder / SOURCE, manifest.to_json())
+
+    if store is None:
+        with _io.atomic_directory(Path(out_dir)) as tmp:
+            write(tmp)
+        return summary
+    with tempfile.TemporaryDirectory(prefix="raytrieve-index-") as tmp:  # built on disk, then put file by file
+        write(Path(tmp))
+        store.replace_with(Path(tmp))
     return summary
 
 

@@ -231,17 +231,10 @@ def _check_output(cfg: TrainConfig, where: str) -> None:
 
     if is_uri(cfg.output_dir):
         store = OutputStore(cfg.output_dir)
-        shown = f"{where}.output_dir {store.describe()}"
-        if "/" not in store.root.strip("/"):  # its checkpoints' default would be another bucket
-            raise ConfigError(f"{shown}: a bucket (or container) itself; name a folder inside it")
-        if store.exists() and not store.is_folder():
-            raise ConfigError(f"{shown}: is a file; give a folder (the trained model is one)")
-        held = [n for n in store.names() if n != INCOMPLETE]
-        if held and "modules.json" not in held and INCOMPLETE not in store.names():
-            raise ConfigError(
-                f"{shown}: the folder holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
-                "the trained model replaces its folder whole, so name a new folder or an earlier model's"
-            )
+        try:  # a bucket itself is refused too: the checkpoints' default would be another bucket
+            store.check_replaceable("modules.json", f"{where}.output_dir")
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         out = store.fs, store.root
     else:
         path = Path(cfg.output_dir)
