@@ -401,6 +401,8 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
     """A model reference may be a folder's URI: it is downloaded into the cache once, its
     encoders give the folder's outputs, the same content is not downloaded again, and a model
     saved again at that URI is. What cannot be loaded is named without the URI's keys."""
+    import shutil
+
     import torch
 
     from raytrieve.encoders import load_encoder
@@ -437,12 +439,14 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
     card = tmp_path / "README.md"
     card.write_text("# saved again\n")
     s3_store.put(card, f"{key}/dense/README.md")
+    killed = tmp_path / "cache" / "store" / f".{resolve_model(uri).name}.tmp-x"  # as a killed download leaves it
+    shutil.rmtree(resolve_model(uri))
+    (killed / "0_Transformer").mkdir(parents=True)
     again = resolve_model(uri)
+    assert not killed.exists()
     assert again != first and (again / "README.md").read_text() == "# saved again\n"
 
     # A save that begins while a copy is downloaded (same sizes, other bytes): nothing is kept.
-    import shutil
-
     from raytrieve.data import files as files_module
 
     copy = shutil.copyfileobj

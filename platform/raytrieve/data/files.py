@@ -350,6 +350,8 @@ def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], exp
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete():
             return target
+        for stale in cache.glob(f".{key}.tmp-*"):  # a killed download's (the lock holder alone writes one)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             with atomic_directory(target, overwrite=False) as tmp:
                 for name, _, _ in before:
