@@ -194,6 +194,12 @@ def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path, mon
     assert copy.dense is not None and (copy.dense.vectors == a.dense.vectors).all() and copy.dense.ids == a.dense.ids
     (tmp_path / "x.txt").write_text("someone else's file")
     put(tmp_path / "x.txt", "not-index/x.txt")
+    mine = tmp_path / "mine"  # a file:// URI is a local folder, with local disk's checks
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"--out .*mine: the folder holds other files \(keep.txt\)"):
+        build_indices(local.location, mine.as_uri())
+    assert (mine / "keep.txt").read_text() == "mine"
     with pytest.raises(DataError, match=r"^--out s3://raytrieve-test/not-index: the folder holds other files \(x.txt\)"):
         build_indices(local.location, f"s3://{BUCKET}/not-index")
     (tmp_path / "from-disk" / "source.json").rename(tmp_path / "source.json")
@@ -402,6 +408,7 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
     encoders give the folder's outputs, the same content is not downloaded again, and a model
     saved again at that URI is. What cannot be loaded is named without the URI's keys."""
     import shutil
+    import time
 
     import torch
 
@@ -453,10 +460,11 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
 
     def copy_then_resave(src, dst, length=0):
         copy(src, dst, length)
-        card.write_text("# saved a third time\n"[: len("# saved again\n")])  # the same size
+        time.sleep(1.1)  # S3 keeps modification times to the second: this save is seen by its time
+        card.write_text("# third save!\n".upper())  # the same size as what is being downloaded
         s3_store.put(card, f"{key}/dense/README.md")
 
-    card.write_text("# third save!!\n")
+    card.write_text("# third save!\n")
     s3_store.put(card, f"{key}/dense/README.md")
     copies = sorted((tmp_path / "cache" / "store").iterdir())
     with monkeypatch.context() as patched:
@@ -549,3 +557,9 @@ def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work
     with pytest.raises(ConfigError, match=r"job.yaml.output_dir s3://.*/base\?.*: holds the model being trained") as caught:
         prepare(in_place, "job.yaml")
     assert SECRET not in str(caught.value)
+    # A file:// URI is a local folder, with local disk's checks.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"job.yaml.output_dir .*mine: the folder holds other files \(keep.txt\)"):
+        prepare(shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=(tmp_path / "mine").as_uri()),
+                "job.yaml")

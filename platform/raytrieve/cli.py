@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="dense and sparse indices from an encoding job's output")
     build.add_argument("--vectors", required=True, help="the encoding job's output_dir")
-    build.add_argument("--out", required=True, help="the index folder to write (replaced atomically)")
+    build.add_argument("--out", required=True, help="the index folder to write, or a folder URI (replaced whole)")
     build.add_argument(
         "--quantize",
         choices=["int8", "binary"],

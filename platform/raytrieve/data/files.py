@@ -247,8 +247,11 @@ class OutputStore:
         cut short holds ``INCOMPLETE``): a file, a folder with other files, a bucket itself.
         ``what`` (a config key or flag) begins the message."""
         shown = f"{what} {self.describe()}"
-        if self.renames:
-            return  # local disk: _io.check_replaceable
+        if self.renames:  # a file:// URI: local disk's rules
+            from raytrieve._io import check_replaceable
+
+            check_replaceable(self.root, marker, what)
+            return
         if "/" not in self.root.strip("/"):
             raise DataError(f"{shown}: a bucket (or container) itself; name a folder inside it")
         if self.exists() and not self.is_folder():
@@ -334,7 +337,8 @@ def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], exp
         if name.startswith("/") or ".." in name.split("/"):
             raise DataError(f"{what} {shown}: holds {name!r}, a name that would land outside the folder")
     before = state(files)
-    key = hashlib.sha256(json.dumps([shown, before]).encode()).hexdigest()[:16]
+    base, mark, query = shown.partition("?")  # s3://b/idx and s3://b/idx/ are one folder
+    key = hashlib.sha256(json.dumps([base.rstrip("/") + mark + query, before]).encode()).hexdigest()[:16]
     target = cache / key
 
     def complete() -> bool:

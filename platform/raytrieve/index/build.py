@@ -8,7 +8,9 @@
       documents/      the documents' texts, read from the corpus and checked against the
                       encoding (index/documents.py): what Serve returns and reranks
 
-The whole folder is written atomically, so a failed build never leaves half an index.
+The whole folder is written atomically on disk, so a failed build never leaves half an index; a
+folder URI is built on disk, then replaced file by file behind ``files.INCOMPLETE``, which every
+reader refuses.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def build_indices(
     options = options or IndexOptions()
     # An earlier index there is replaced, nothing else; in an object store, file by file.
     store = OutputStore(str(out_dir)) if is_uri(str(out_dir)) else None
+    if store is not None and store.renames:  # a file:// URI: a local folder, replaced atomically
+        out_dir, store = store.root, None
     if store is not None:
         store.check_replaceable(SOURCE, "--out")
     else:

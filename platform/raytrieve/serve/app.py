@@ -88,7 +88,8 @@ def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
             runners[m.name] = ModelRunner(m.kind, m.spec, m.index, documents=documents)
         except ModelLoadError as e:
             raise ModelLoadError(
-                f"recall_in_ingress: loading {m.path} ({m.spec.model}, backend {m.spec.backend}) in the ingress: {e}"
+                f"recall_in_ingress: loading {m.path} ({m.spec.public_name}, backend {m.spec.backend}) in the "
+                f"ingress: {e}"
                 " (ingress_backend sets the ingress's backend; recall_in_ingress: false leaves the query models to"
                 " their deployments)"
             ) from e

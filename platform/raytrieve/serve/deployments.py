@@ -337,6 +337,7 @@ class ModelReplica(ModelRunner):
 def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:
     """/search fuses and looks up document ids across the indices it searches, so every index of
     an app must hold vectors of one corpus (``sources``: each index folder's source.json, parsed)."""
+    from raytrieve._io import redact
     from raytrieve.errors import ConfigError
 
     corpora = {folder: source.corpus.config() for folder, source in sources.items()}
@@ -344,9 +345,10 @@ def one_corpus(sources: Mapping[str, Any], where: str = "config") -> None:
     for folder, other in corpora.items():
         if other != corpus:
             raise ConfigError(
-                f"{where}: the index {folder} holds vectors of the corpus {other.path}, the index {first} those of "
-                f"{corpus.path}; /search fuses and looks up documents across its indices, so they must all come "
-                "from one corpus: build each index from vectors of the same corpus, or serve the other in its own app"
+                f"{where}: the index {redact(folder)} holds vectors of the corpus {redact(other.path)}, the index "
+                f"{redact(first)} those of {redact(corpus.path)}; /search fuses and looks up documents across its "
+                "indices, so they must all come from one corpus: build each index from vectors of the same corpus, "
+                "or serve the other in its own app"
             )
 
 

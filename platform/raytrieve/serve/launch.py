@@ -24,6 +24,7 @@ from typing import Any
 
 from ray import serve
 
+from raytrieve._io import redact
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.serve.app import build_app
 from raytrieve.serve.config import DeploymentConfig, ServeConfig
@@ -52,7 +53,6 @@ def direct_ingress_controller_env(port: int) -> dict[str, str]:
 def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
     """What can fail before Ray starts: the config, each model path, each index folder, and
     whether each served query model is the one that encoded its index's documents."""
-    from raytrieve._io import redact
     from raytrieve.index.build import Indices, load_indices, local_index
     from raytrieve.index.documents import DocumentStore
     from raytrieve.kinds import refuse_other_kind
@@ -128,9 +128,9 @@ def _check_index_model(
         return
     known = "" if built.is_dir() else f" ({built_path} is not on this machine, so its weights cannot be compared)"
     raise ConfigError(
-        f"{where}.{field}.model: serves {served.model!r}, but the index's {field} vectors were encoded with "
-        f"{built_ref!r}{known}. Serve the model that encoded the index, rebuild the index with this one, or set "
-        f"{field}.allow_index_model_mismatch: true if the two really share one vector space"
+        f"{where}.{field}.model: serves {redact(served.model)!r}, but the index's {field} vectors were encoded with "
+        f"{redact(built_ref)!r}{known}. Serve the model that encoded the index, rebuild the index with this one, or "
+        f"set {field}.allow_index_model_mismatch: true if the two really share one vector space"
     )
 
 

@@ -83,6 +83,8 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import select_eval_columns
 
+    if is_uri(cfg.output_dir) and OutputStore(cfg.output_dir).renames:  # file://: a local folder, by every check
+        cfg.output_dir = OutputStore(cfg.output_dir).root
     if not is_uri(cfg.output_dir):
         cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
     _check_output(cfg, where)
