@@ -464,6 +464,9 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
         card.write_text("# third save!\n".upper())  # the same size as what is being downloaded
         s3_store.put(card, f"{key}/dense/README.md")
 
+    # The same size as "# saved again": a second later, or the listing could not tell them apart
+    # (S3 keeps modification times to the second; pyarrow's listing gives no ETag).
+    time.sleep(1.1)
     card.write_text("# third save!\n")
     s3_store.put(card, f"{key}/dense/README.md")
     copies = sorted((tmp_path / "cache" / "store").iterdir())
