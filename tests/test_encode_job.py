@@ -642,7 +642,7 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
     from raytrieve.data.sources import open_source, plan_shards
     from raytrieve.inference import shards
     from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
-                                                 older_weights_rules, resolve_outputs)
+                                                 older_identity_rules, resolve_outputs)
 
     RayStarted = _stop_where_ray_starts(monkeypatch)
     corpus = tmp_path / "corpus.parquet"
@@ -651,11 +651,12 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
     shutil.copytree(tiny_models["dense"], model)
     cfg = _config(tmp_path, corpus, dense={"model": str(model)})
     out = Path(cfg.output_dir)
+    source = open_source(str(corpus), None, field="corpus.path")
+    described = resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, cfg.rows_per_shard)), "config")[1]
 
     def identity():
-        source = open_source(str(corpus), None, field="corpus.path")
-        specs = plan_shards(source, cfg.rows_per_shard)
-        return job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, specs), "config")[1])
+        return job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)),
+                                                         "config")[1])
 
     def written_by(kept):
         out.mkdir(exist_ok=True)
@@ -681,11 +682,11 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
 
     # An earlier raytrieve's folder, written before the pooling change: its key saw only the
     # top-level files, so it resumes, and this run takes on its identity (its shards' key).
-    by_mtime, older = (kept for _, kept in older_weights_rules(before))
+    _, by_mtime, older = (kept for _, kept in older_identity_rules(before, described))
     assert len({before["models"]["dense"]["weights"], by_mtime["models"]["dense"]["weights"],
                 older["models"]["dense"]["weights"]}) == 3
     written_by(older)
-    assert claim_output(shards.OutputStore(str(out)), now, "config") == older
+    assert claim_output(shards.OutputStore(str(out)), now, "config", described=described) == older
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
     # Another setting: the refusal names it, not the model's key (whose rule changed, not its files).
@@ -702,9 +703,9 @@ def test_a_changed_file_in_a_model_subfolder_is_another_job_and_older_folders_re
 
     # A folder keyed by every file's mtime (the rule before content) resumes as long as no mtime
     # moved; the rule it was written under is the identity this run takes on.
-    by_mtime = dict(older_weights_rules(identity()))["every file's path, size and mtime"]
+    by_mtime = dict(older_identity_rules(identity(), described))["every file's path, size and mtime"]
     written_by(by_mtime)
-    assert claim_output(shards.OutputStore(str(out)), identity(), "config") == by_mtime
+    assert claim_output(shards.OutputStore(str(out)), identity(), "config", described=described) == by_mtime
 
     # A fresh copy of the same files (every mtime new): that folder's rule sees a change, and the
     # refusal says why; under this rule it is the same model, and the job resumes.
@@ -736,7 +737,7 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
     from raytrieve.data.sources import open_source, plan_shards
     from raytrieve.inference import shards
     from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
-                                                 older_weights_rules, resolve_outputs)
+                                                 older_identity_rules, resolve_outputs)
 
     RayStarted = _stop_where_ray_starts(monkeypatch)
     corpus = tmp_path / "corpus.parquet"
@@ -744,7 +745,8 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
     cfg = _config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])})
     out = Path(cfg.output_dir)
     source = open_source(str(corpus), None, field="corpus.path")
-    now = job_identity(cfg, source, resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)), "c")[1])
+    described = resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)), "c")[1]
+    now = job_identity(cfg, source, described)
 
     def written_before(identity, *settings, config=None):
         kept = json.loads(json.dumps(identity))
@@ -782,9 +784,9 @@ def test_a_job_folder_of_a_raytrieve_before_a_setting_resumes_while_it_is_at_its
     kept = written_before(same_now, "corpus.title_separator", "check_duplicate_ids", config=held)
     assert claim_output(shards.OutputStore(str(out)), same_now, "config", cfg=same) == kept  # not at defaults
     # Under an earlier weights rule too: the folder's identity, not this rule's.
-    older = dict(older_weights_rules(now))["top-level files"]
+    older = dict(older_identity_rules(now, described))["top-level files"]
     kept = written_before(older, "corpus.title_separator")
-    assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg) == kept
+    assert claim_output(shards.OutputStore(str(out)), now, "config", cfg=cfg, described=described) == kept
     written_before(now, "corpus.title_separator", "check_duplicate_ids")
     with pytest.raises(ConfigError, match=r"\(that job -> this one: corpus.title_separator: None -> ' \| '\); run it"):
         encode.run_encode(_config(tmp_path, corpus, dense={"model": str(tiny_models["dense"])},

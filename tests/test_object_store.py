@@ -494,6 +494,99 @@ def test_a_model_in_s3_loads_as_from_disk_downloaded_once_per_content(s3_store, 
     assert DeploymentConfig(model=uri).public_name == uri.replace(f"{KEY}:{SECRET}@", "")
 
 
+def test_an_encoding_job_with_its_model_in_s3_resumes_with_a_new_copy_another_cache_or_other_keys(
+        s3_store, tiny_models, tmp_path, monkeypatch):
+    """The job's identity names a model by its URI without keys and its files' content, not by
+    where this machine keeps its copy: a rerun after the same files were saved again (a new copy
+    in the cache), with another RAYTRIEVE_CACHE (another machine) or with the keys in the
+    environment instead of the URI is the same job, and so is a folder an earlier raytrieve
+    wrote with the copy's path and the keys in its identity. Other content is refused, by name.
+    Checked up to where the job starts Ray (nothing is encoded)."""
+    import time
+
+    import raytrieve.inference.encode as encode
+    from raytrieve.config import from_dict
+    from raytrieve.errors import ConfigError
+    from raytrieve.inference import shards
+    from raytrieve.inference.config import EncodeConfig
+    from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
+                                                 older_identity_rules, resolve_outputs)
+    from raytrieve.model_ref import resolve_model
+
+    class RayStarted(Exception):
+        pass
+
+    def start(*_a, **_k):
+        raise RayStarted
+
+    monkeypatch.setattr(encode, "_init_ray", start)
+    key = f"models/{tmp_path.name}/dense"
+    s3_store.put(tiny_models["dense"], key)
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table(_corpus_rows(20)), corpus)
+    out = tmp_path / "vectors"
+
+    def config(model: str) -> EncodeConfig:
+        return from_dict(EncodeConfig, {"corpus": {"path": str(corpus)}, "output_dir": str(out),
+                                        "dense": {"model": model, "dtype": "float32"}})
+
+    def planned(cfg: EncodeConfig) -> tuple[dict, dict]:
+        source = open_source(str(corpus), None, field="corpus.path")
+        described = resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, cfg.rows_per_shard)), "c")[1]
+        return job_identity(cfg, source, described), described
+
+    def written(identity: dict) -> None:
+        out.mkdir(exist_ok=True)
+        (out / shards.JOB).write_text(json.dumps({"fingerprint": job_fingerprint(identity), "identity": identity}))
+
+    cfg = config(s3_store.uri(key))  # keys in the URI
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache-a"))
+    first, described = planned(cfg)
+    copy = Path(described["dense"]["model_path"])
+    assert copy.is_relative_to(tmp_path / "cache-a")
+    assert SECRET not in json.dumps(first) and "model_path" not in first["models"]["dense"]
+    written(first)
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    # Another machine's cache; then the same files saved again (new times: a new copy).
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache-b"))
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    copy_b = resolve_model(s3_store.uri(key))
+    time.sleep(1.1)  # S3 keeps times to the second
+    s3_store.put(tiny_models["dense"], key)
+    assert resolve_model(s3_store.uri(key)) != copy_b
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    # The keys from the environment, not the URI.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        with pytest.raises(RayStarted):
+            encode.run_encode(config(s3_store.uri(key).replace(f"{KEY}:{SECRET}@", "")))
+
+    # A folder an earlier raytrieve wrote: the identity held the URI with its keys and cache-a's
+    # copy. From cache-b it is the same job, under the folder's own identity (its shards' key).
+    earlier = dict(older_identity_rules(first, described))["their content and local folder"]
+    assert earlier["models"]["dense"]["model_path"] == str(copy) and SECRET in json.dumps(earlier)
+    written(earlier)
+    now, described_now = planned(cfg)
+    assert described_now["dense"]["model_path"] != str(copy)
+    assert claim_output(shards.OutputStore(str(out)), now, "c", cfg=cfg, described=described_now) == earlier
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    # Other files at the URI are another model: refused, naming its weights and no keys.
+    card = tmp_path / "README.md"
+    card.write_text("# another model card\n")
+    s3_store.put(card, f"{key}/README.md")
+    for kept in (first, earlier):
+        written(kept)
+        with pytest.raises(ConfigError, match=r"different encoding job \(that job -> this one: dense\.weights: .*\); "
+                                              r"a file under the model's folder was added") as refused:
+            encode.run_encode(cfg)
+        assert "model_path" not in str(refused.value) and SECRET not in str(refused.value)
+
+
 def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work(s3_store, tiny_models, data,
                                                                                   tmp_path, monkeypatch):
     """Training's output_dir may be a folder URI: the driver checks it as it does a folder on

@@ -280,7 +280,7 @@ def _plan(
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
     location = _location(store.describe(STAGED_INPUT)) if staged else None
     identity = job_identity(cfg, source, described, location)
-    claim = claim_output(store, identity, where, scratch, cfg)
+    claim = claim_output(store, identity, where, scratch, cfg, described)
     return source, specs, outputs, described, claim or identity
 
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from raytrieve._io import redact
 from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 from raytrieve.data.sources import ShardSpec, Source, read_shard
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
@@ -53,7 +54,6 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     # Every reference resolved first: a wrong name or URI is reported before torch loads.
     outputs = [(kind, out) for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)) if out is not None]
     paths = {kind: str(resolve_field(out.model, f"{where}.{kind}.model")) for kind, out in outputs}
-    from raytrieve._io import redact
     from raytrieve.kinds import refuse_other_kind
 
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
@@ -140,6 +140,9 @@ def calibration_sample(cfg: EncodeConfig, specs: list[ShardSpec]) -> list[str]:
 
 
 TITLE_RULE = "the title alone when the text is blank"
+# What the manifest says of a model but its job's identity leaves out: int8 ranges (calibrated on
+# the corpus, kept from the first run) and this machine's copy of the model.
+MACHINE_FIELDS = ("ranges", "model_path")
 
 
 def job_identity(
@@ -158,9 +161,14 @@ def job_identity(
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
     # (job.json), not part of what makes two runs the same job. dtype float32 is what every job
     # before the dtype setting computed in, so it is left out: their folders still resume.
+    # The model is its reference without keys and its files' content: where this machine keeps
+    # its copy (model_path: a cache folder for a store or MLflow URI, the checkout for a shipped
+    # variant) and the keys a URI holds are no part of the job, so a job resumed on another
+    # machine, with another cache, or with rotated keys finds its model the same.
     models = {
         k: {
-            **{f: x for f, x in v.items() if f != "ranges" and not (f == "dtype" and x == "float32")},
+            **{f: x for f, x in v.items() if f not in MACHINE_FIELDS and not (f == "dtype" and x == "float32")},
+            "model": redact(v["model"]),
             "weights": assets.content_fingerprint(Path(v["model_path"])),
         }
         for k, v in described.items()
@@ -191,15 +199,17 @@ def claim_output(
     where: str,
     scratch: bool = False,
     cfg: EncodeConfig | None = None,
+    described: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Refuse to mix two different jobs in one folder; never touch a folder that is not ours.
     Returns the identity the folder is this job's under: ``identity``, or for a folder of an
-    earlier raytrieve whose models were keyed by another rule, the same identity under that rule
-    (``older_weights_rules``), so that its shards are reused; or for a folder of an earlier
-    raytrieve that lacked settings ``cfg`` holds at their defaults (``config.added_settings_at_default``:
-    a new setting's default encodes as jobs before it did), or at the values the folder's job.json
-    "config" held them at (an earlier raytrieve that had them but left them out of the identity),
-    the folder's own identity.
+    earlier raytrieve whose identity held each model's local folder and URI keys, or keyed its
+    models by another rule, the folder's own identity (``older_identity_rules``: needs
+    ``described``, as ``resolve_outputs`` gave it), so that its shards are reused; or for a folder
+    of an earlier raytrieve that lacked settings ``cfg`` holds at their defaults
+    (``config.added_settings_at_default``: a new setting's default encodes as jobs before it did),
+    or at the values the folder's job.json "config" held them at (an earlier raytrieve that had
+    them but left them out of the identity), the folder's own identity.
     ``identity`` None: only the second check (a file is refused either way). ``scratch``: the
     folder is the caller's own cache (mine's ``<output_path>.work/vectors``), so another job's
     output in it is replaced, not refused: the user never named that folder, and no advice about
@@ -211,7 +221,7 @@ def claim_output(
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
         if job.get("fingerprint") != job_fingerprint(identity):
-            olders = older_weights_rules(identity)
+            olders = older_identity_rules(identity, described) if described is not None else []
             for rule, older in olders:
                 if job.get("fingerprint") == job_fingerprint(older):
                     log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.location, rule)
@@ -220,25 +230,33 @@ def claim_output(
             # The job's whole config, kept beside its identity: a setting the identity lacks but
             # the config held otherwise was set, whatever the identity says.
             held = job.get("config")
-            if cfg is not None and isinstance(kept, dict) and job.get("fingerprint") == job_fingerprint(kept):
-                for candidate in [identity, *(older for _, older in olders)]:
-                    if only_added_at_default(kept, candidate, cfg, held):
-                        added = sorted(added_settings_at_default(kept, candidate, cfg, held))
+            intact = isinstance(kept, dict) and job.get("fingerprint") == job_fingerprint(kept)
+            # A folder whose identity named where its machine kept each model (an earlier
+            # raytrieve) is compared without that: the same content elsewhere is the same job.
+            plain = without_machine_fields(kept) if isinstance(kept, dict) else kept
+            if intact and plain == identity:
+                log.info(
+                    "%s: an encoding job of an earlier raytrieve (models named by their local folder)", store.location
+                )
+                return kept
+            if cfg is not None and intact:
+                pairs = [(plain, identity), *((kept, older) for _, older in olders)]
+                for held_as, candidate in pairs:
+                    if only_added_at_default(held_as, candidate, cfg, held):
+                        added = sorted(added_settings_at_default(held_as, candidate, cfg, held))
                         log.info("%s: an encoding job of an earlier raytrieve, before %s", store.location, added)
                         return kept
             # An earlier raytrieve's folder is told apart by what differs under its own rule: its
             # models' keys always differ from this rule's, which would name a change nobody made.
             kept_models = (kept.get("models") or {}) if isinstance(kept, dict) else {}
-            basis = next(
-                (
-                    older
-                    for _, older in olders
-                    if all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
-                ),
-                identity,
-            )
-            ignore = added_settings_at_default(kept, basis, cfg, held) if cfg is not None else set()
-            differs = differences(kept, basis, ignore=ignore, held=held)
+            old_keys = [
+                older
+                for _, older in olders[1:]
+                if all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
+            ]
+            compared, basis = (kept, old_keys[0]) if old_keys else (plain, identity)
+            ignore = added_settings_at_default(compared, basis, cfg, held) if cfg is not None else set()
+            differs = differences(compared, basis, ignore=ignore, held=held)
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
                 log.info("%s: made by other settings (%s); encoding again", store.location, what)
@@ -277,26 +295,51 @@ def claim_output(
     return identity
 
 
-def older_weights_rules(identity: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``identity`` with each model's files keyed as earlier raytrieve versions keyed them,
-    newest first: every file's path, size and mtime (``assets.fingerprint``), then the top-level
-    files alone (``assets.top_level_fingerprint``). Folders written under them still resume; a
-    change those rules could not see (the top-level rule: a subfolder's) goes unseen there, as it
-    did when the folder was written, and a new mtime on the same content still refuses them."""
+def without_machine_fields(identity: dict[str, Any]) -> dict[str, Any]:
+    """An identity as ``job_identity`` writes it now, from one an earlier raytrieve wrote with
+    each model's local folder (``model_path``) and its reference with keys."""
+    models = identity.get("models")
+    if not isinstance(models, dict):
+        return identity
+    plain = {
+        k: {
+            **{f: x for f, x in v.items() if f != "model_path"},
+            **({"model": redact(v["model"])} if "model" in v else {}),
+        }
+        if isinstance(v, dict)
+        else v
+        for k, v in models.items()
+    }
+    return {**identity, "models": plain}
+
+
+def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``identity`` as earlier raytrieve versions wrote it, newest first: each model named by its
+    reference as given (keys and all) and its local folder (``model_path``), its files keyed by
+    their content, then by every file's path, size and mtime (``assets.fingerprint``), then by
+    the top-level files alone (``assets.top_level_fingerprint``). Folders written under them
+    still resume; a change those rules could not see (the top-level rule: a subfolder's) goes
+    unseen there, as it did when the folder was written, and a new mtime on the same content
+    still refuses the mtime rules' folders."""
     from raytrieve import assets
 
     rules = (
+        ("their content and local folder", None),
         ("every file's path, size and mtime", assets.fingerprint),
         ("top-level files", assets.top_level_fingerprint),
     )
+
+    def as_written(k: str, v: dict[str, Any], key: Any) -> dict[str, Any]:
+        path = described[k]["model_path"]
+        return {
+            **v,
+            "model": described[k]["model"],
+            "model_path": path,
+            "weights": key(Path(path)) if key else v["weights"],
+        }
+
     return [
-        (
-            name,
-            {
-                **identity,
-                "models": {k: {**v, "weights": key(Path(v["model_path"]))} for k, v in identity["models"].items()},
-            },
-        )
+        (name, {**identity, "models": {k: as_written(k, v, key) for k, v in identity["models"].items()}})
         for name, key in rules
     ]
 
