@@ -16,6 +16,7 @@ def write_dense_index(folder: Path, ids: list[str], vectors: np.ndarray, corpus:
     ``truncate_dim``: the documents were encoded with dense.truncate_dim (``vectors`` already cut);
     ``texts``: each id's text, for documents/ (what Serve returns)."""
     from raytrieve import _io
+    from raytrieve.assets import content_fingerprint
     from raytrieve.index import DenseIndex
     from raytrieve.index.documents import write_documents
 
@@ -24,7 +25,9 @@ def write_dense_index(folder: Path, ids: list[str], vectors: np.ndarray, corpus:
         write_documents(folder, ids, texts)
     dense = {"model": model, "model_path": str(model_path), "prompt": None, "max_seq_length": max_seq_length,
              "similarity": "cosine", "dim": int(vectors.shape[1]), "precision": "float32", "truncate_dim": truncate_dim,
-             "normalize": True, "ranges": None}
+             "normalize": True, "ranges": None,
+             # As the job records its model's files; a made-up path: a manifest from before it did.
+             "weights": content_fingerprint(model_path) if model_path.is_dir() else None}
     manifest = {"format": "raytrieve-vectors", "version": 2, "fingerprint": "test",
                 "corpus": {"input_rows": len(ids), "bad_rows": 0, **corpus}, "rows": len(ids), "side": "document",
                 "dense": dense, "shards": []}

@@ -1045,3 +1045,29 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
         (folder / "model.onnx").write_text(text)
     assert not same_model_files(onnx_a, onnx_b) and same_model_files(onnx_a, onnx_a)
     assert same_model_files(copy, resolve_model("all-minilm-l6-v2"))
+
+
+def test_an_index_is_searched_only_with_the_model_that_encoded_it(tiny_models, tmp_path):
+    """``evaluate --index``: the dense model given must have made the index's vectors, known by
+    its files (source.json records their content): a copy at another path passes, another
+    model and the same path with other files (trained again) are refused, naming the model."""
+    import shutil
+
+    from raytrieve.evaluate.run import Models, index_stages
+
+    job = Path(shutil.copytree(tiny_models["dense"], tmp_path / "job-model"))
+    corpus = {"path": str(tmp_path / "corpus.jsonl"), "format": "jsonl", "id_column": "_id", "text_column": "text"}
+    index = write_dense_index(tmp_path / "index", ["a", "b"], np.eye(2, 8, dtype=np.float32), corpus,
+                              "s3://KEY:SECRET@b/model", job)
+    copy = shutil.copytree(job, tmp_path / "elsewhere")
+    stages, _ = index_stages(index, Models(dense=[str(copy)]))
+    assert [s.kind for s in stages] == ["dense"]
+    with pytest.raises(ConfigError, match=r"--dense .*: the index's dense vectors were encoded with 's3://b/model'; "
+                                          r"pass that model, or rebuild the index with this one"):
+        index_stages(index, Models(dense=[str(tiny_models["sparse"])]))
+    weights = job / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"--dense .*job-model: the index's dense vectors were encoded with"):
+        index_stages(index, Models(dense=[str(job)]))

@@ -26,6 +26,7 @@ DENSE = {
     "max_seq_length": 128,
     "similarity": "cosine",
     "dtype": "auto",
+    "weights": "0123456789abcdef",
     "dim": 4,
     "precision": "float32",
     "truncate_dim": None,
@@ -277,3 +278,49 @@ def test_index_build_refuses_what_the_manifest_and_options_decide_before_reading
                                             r"an index ranks by cosine or dot product only"):
             build_indices(out, tmp_path / "index")
     assert not (tmp_path / "index").exists()
+
+
+def test_the_model_that_made_vectors_is_known_by_its_files_wherever_they_are(tiny_models, tmp_path):
+    """Serve, evaluate and mining accept a model for vectors when it made them
+    (``ModelInfo.made_by``): the job's files by content at any path (another machine, another
+    cache), or a registered copy whose weights equal the job's folder's, found unchanged. The
+    same reference with other files (a model trained again into its folder) is refused, and so
+    is another model; a manifest from before the content was recorded goes by reference,
+    folder or equal weights, as it did."""
+    import shutil
+
+    from raytrieve.assets import content_fingerprint
+
+    job = tmp_path / "job-model"
+    shutil.copytree(tiny_models["dense"], job)
+    made = shards.DenseInfo.model_validate({**DENSE, "model": "s3://K:S@b/m?region=x", "model_path": str(job),
+                                            "weights": content_fingerprint(job)})
+    elsewhere = tmp_path / "cache" / "copy"
+    shutil.copytree(job, elsewhere)
+    assert made.made_by("s3://b/m?region=x", elsewhere) and made.made_by("anything", elsewhere)
+    registered = tmp_path / "registered"
+    shutil.copytree(job, registered)
+    (registered / "README.md").write_text("# a card the registry wrote\n")
+    assert made.made_by("models:/m/1", registered)  # equal weights, and the job's folder is here unchanged
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["dense"], other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert not made.made_by("s3://b/m?region=x", other) and made.not_made_by("x") == ""
+    # Trained again into the job's own folder: the same reference and path, other files.
+    shutil.copyfile(weights, job / "model.safetensors")
+    assert not made.made_by("s3://K:S@b/m?region=x", job)
+    assert "its files changed since" in made.not_made_by("s3://b/m?region=x")
+    assert not made.made_by("models:/m/1", registered)  # the job's folder no longer has the job's files
+
+    before = {k: v for k, v in DENSE.items() if k != "weights"}  # a manifest from before the content was recorded
+    older = shards.DenseInfo.model_validate({**before, "model": "minilm", "model_path": str(tmp_path / "gone")})
+    assert older.weights is None
+    assert older.made_by("minilm", other)  # by reference, as before the content was recorded
+    assert not older.made_by("elsewhere", other)
+    assert "is not on this machine, so its weights cannot be compared" in older.not_made_by("elsewhere")
+    older = shards.DenseInfo.model_validate({**before, "model": "minilm", "model_path": str(registered)})
+    assert older.made_by("models:/m/1", registered) and older.made_by("models:/m/1", elsewhere)  # folder; weights
+    assert not older.made_by("models:/m/1", job)  # trained again: other weights

@@ -162,8 +162,12 @@ def test_corpus_vectors_of_another_length_than_the_retrievers_are_refused(positi
     cfg.retriever.max_seq_length = 128
     for change, message in (({"side": "query"}, r"encoded as side: query; mining's candidates are documents"),
                             ({"dense": {"prompt": "passage: "}}, r"encoded with the prompt 'passage: ', but positives "
-                                                                  r"are encoded with the model's document prompt None")):
-        copy = tmp_path / f"copy-{next(iter(change))}"
+                                                                  r"are encoded with the model's document prompt None"),
+                            # Made with other files under the retriever's name (saved again there since).
+                            ({"dense": {"weights": "0" * 16}}, r"made with 'all-minilm-l6-v2' \(its files changed since: "
+                                                              r"the model was saved again there\), not with retriever"
+                                                              r".model 'all-minilm-l6-v2'; encode the corpus with")):
+        copy = tmp_path / f"copy-{len(list(tmp_path.glob('copy-*')))}"
         shutil.copytree(positives_vectors["corpus_vectors"], copy)
         manifest = json.loads((copy / "manifest.json").read_text())
         for key, value in change.items():
@@ -172,6 +176,15 @@ def test_corpus_vectors_of_another_length_than_the_retrievers_are_refused(positi
         cfg.corpus_vectors = str(copy)
         with pytest.raises(ConfigError, match=message):
             run_mine(cfg)
+    # The same files under another name and path (a copy on another machine) made them: the model
+    # check passes, and the next check (the length) speaks.
+    from raytrieve.model_ref import resolve_model
+
+    cfg.corpus_vectors = positives_vectors["corpus_vectors"]
+    cfg.retriever.model = str(shutil.copytree(resolve_model("all-minilm-l6-v2"), tmp_path / "minilm-copy"))
+    cfg.retriever.max_seq_length = 64
+    with pytest.raises(ConfigError, match=r"retriever.max_seq_length: 64, but corpus_vectors"):
+        run_mine(cfg)
 
 
 @pytest.mark.slow

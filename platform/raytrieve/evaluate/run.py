@@ -231,21 +231,12 @@ def in_process_lists(
     return lists
 
 
-def _same_model(given: str, built_ref: str, built_path: str) -> bool:
-    """The same reference, folder or weights (a registered copy of the model) as the index's."""
-    from raytrieve.assets import weights_digest
-    from raytrieve.model_ref import resolve_model
-
-    if given == built_ref:
-        return True
-    path, built = resolve_model(given).resolve(), Path(built_path)
-    return path == built.resolve() or (built.is_dir() and weights_digest(path) == weights_digest(built))
-
-
 def index_stages(index_dir: str | Path, models: Models) -> tuple[list[FirstStage], Any]:
     """The first stages an index folder serves, with the models that encoded it; models given
     for a kind must be that model (another model's vectors live in another space)."""
+    from raytrieve._io import redact
     from raytrieve.index.build import load_indices
+    from raytrieve.model_ref import resolve_model
 
     indices = load_indices(index_dir)
     stages = []
@@ -262,10 +253,10 @@ def index_stages(index_dir: str | Path, models: Models) -> tuple[list[FirstStage
             raise ConfigError(
                 f"--{kind}: an index holds one {kind} model ({built.model}); evaluate the others without --index"
             )
-        if given and not _same_model(given[0], built.model, built.model_path):
+        if given and not built.made_by(given[0], resolve_model(given[0])):
             raise ConfigError(
-                f"--{kind} {given[0]}: the index's {kind} vectors were encoded with {built.model!r}; pass that model, "
-                "or rebuild the index with this one"
+                f"--{kind} {redact(given[0])}: the index's {kind} vectors were encoded with {redact(built.model)!r}"
+                f"{built.not_made_by(given[0])}; pass that model, or rebuild the index with this one"
             )
         stages.append(FirstStage(kind, kind, built.model))
     return stages, indices

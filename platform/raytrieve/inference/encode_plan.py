@@ -59,6 +59,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
         refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {redact(out.model)}", f"name a {kind} model there")
 
+    from raytrieve import assets
     from raytrieve.encoders.tokenizer_only import InputTokenizer
     from raytrieve.quantization import quantization_ranges
 
@@ -82,6 +83,9 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             "max_seq_length": model.max_seq_length,
             "similarity": model.similarity_fn_name,
             "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose
+            # Its files' content: the job's identity, and what Serve, evaluate and mining compare
+            # the model they are given with (ModelInfo.made_by), on any machine.
+            "weights": assets.content_fingerprint(Path(path)),
         }
         if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
             dim = model.get_embedding_dimension()
@@ -156,12 +160,10 @@ def job_identity(
     Adding a corpus or job setting: its default must encode as jobs before it did. A folder
     written before it existed then resumes while the setting is at its default (``claim_output``,
     ``config.only_added_at_default``); a default that changed the vectors would resume wrong ones."""
-    from raytrieve import assets
-
     # int8 ranges are calibrated on the corpus itself: they are kept from the job's first run
     # (job.json), not part of what makes two runs the same job. dtype float32 is what every job
     # before the dtype setting computed in, so it is left out: their folders still resume.
-    # The model is its reference without keys and its files' content: where this machine keeps
+    # The model is its reference without keys and its files' content ("weights"): where this machine keeps
     # its copy (model_path: a cache folder for a store or MLflow URI, the checkout for a shipped
     # variant) and the keys a URI holds are no part of the job, so a job resumed on another
     # machine, with another cache, or with rotated keys finds its model the same.
@@ -169,7 +171,6 @@ def job_identity(
         k: {
             **{f: x for f, x in v.items() if f not in MACHINE_FIELDS and not (f == "dtype" and x == "float32")},
             "model": redact(v["model"]),
-            "weights": assets.content_fingerprint(Path(v["model_path"])),
         }
         for k, v in described.items()
     }

@@ -130,6 +130,7 @@ def check_corpus_vectors(
     documents, with ``prompt`` (the model's document prompt: positives are encoded here so, and
     their scores compared with the candidates') and, dense, as floats (an index quantizes
     itself); by the manifest alone (the shards are read after the checks)."""
+    from raytrieve._io import redact
     from raytrieve.inference.shards import read_manifest
 
     manifest = read_manifest(vectors_dir)
@@ -139,11 +140,11 @@ def check_corpus_vectors(
             "documents, scored against positives encoded as documents: encode the corpus with side: document"
         )
     made_by = manifest.output(cfg.retriever.kind)
-    made_with = made_by.model_path if made_by is not None else None
-    if made_with is None or Path(made_with).resolve() != Path(model_path).resolve():
+    if made_by is None or not made_by.made_by(cfg.retriever.model, Path(model_path)):
+        made_with = repr(redact(made_by.model)) + made_by.not_made_by(cfg.retriever.model) if made_by else None
         raise ConfigError(
-            f"{where}.corpus_vectors {vectors_dir}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
-            f"not with retriever.model {model_path}; encode the corpus with the retriever's model"
+            f"{where}.corpus_vectors {redact(vectors_dir)}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
+            f"not with retriever.model {redact(cfg.retriever.model)!r}; encode the corpus with the retriever's model"
         )
     precision = getattr(made_by, "precision", "float32")
     if precision not in ("float32", "float16"):
@@ -227,7 +228,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     )
     similarity = None
     if r.kind == "dense":  # its candidates come from a cosine or dot index
-        similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {r.model}")
+        similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {redact(r.model)}")
     if cfg.corpus_vectors:
         document_prompt = model.resolve_prompt(None, model.prompt_name_for("document"))
         check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where, document_prompt)

@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -166,6 +167,35 @@ class ModelInfo(_Record):
     max_seq_length: int | None
     similarity: str | None
     dtype: Dtype = "float32"  # as asked for; absent before the dtype setting, when jobs computed in float32
+    # The content of the model's files (assets.content_fingerprint); absent before 2026-12-06.
+    weights: str | None = None
+
+    def made_by(self, reference: str, folder: Path) -> bool:
+        """Whether the model ``reference``, whose copy on this machine is ``folder``, made these
+        vectors: its files' content is the job's (any path, any machine), or its weight files
+        equal those of the job's own folder, found here unchanged (a registered copy of the
+        model, whose other files differ). The same reference with other files is not: a model
+        trained again into its folder encodes into another space. A manifest from before the
+        content was recorded goes by the reference (keys aside), the folder, or equal weights."""
+        from raytrieve._io import redact
+        from raytrieve.assets import content_fingerprint, same_model_files
+
+        built = Path(self.model_path)
+        if self.weights is None:
+            return redact(reference) == redact(self.model) or same_model_files(folder, built)
+        if content_fingerprint(folder) == self.weights:
+            return True
+        return built.is_dir() and content_fingerprint(built) == self.weights and same_model_files(folder, built)
+
+    def not_made_by(self, reference: str) -> str:
+        """Why ``made_by`` said no, for a refusal: what more than the other model it knows."""
+        from raytrieve._io import redact
+
+        if self.weights is not None and redact(reference) == redact(self.model):
+            return " (its files changed since: the model was saved again there)"
+        if self.weights is None and not Path(self.model_path).is_dir():
+            return f" ({redact(self.model_path)} is not on this machine, so its weights cannot be compared)"
+        return ""
 
 
 # dtypes_used (what the actors chose) is each kind's last field: field order is key order on disk.

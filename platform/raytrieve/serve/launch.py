@@ -20,7 +20,7 @@ import json
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
@@ -28,6 +28,9 @@ from raytrieve._io import redact
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.serve.app import build_app
 from raytrieve.serve.config import DeploymentConfig, ServeConfig
+
+if TYPE_CHECKING:
+    from raytrieve.inference.shards import ModelInfo
 
 # What each ingress replica needs (see the module docstring): Ray holds a stopping direct-ingress
 # replica open for 30 s so that a load balancer can take it out of rotation; none sits in front
@@ -102,7 +105,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             )
         built = getattr(indices[m.index].source, m.kind)
         if built is not None and not m.spec.allow_index_model_mismatch:
-            _check_index_model(m.path, m.spec, path, built.model, built.model_path, where)
+            _check_index_model(m.path, m.spec, path, built, where)
     if indices:
         one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
         for folder, ix in indices.items():  # the texts /search returns and reranks (memory-mapped: cheap)
@@ -112,25 +115,17 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
                 raise DataError(f"{where}: {e}") from None
 
 
-def _check_index_model(
-    field: str, served: DeploymentConfig, served_path: Path, built_ref: str, built_path: str, where: str
-) -> None:
+def _check_index_model(field: str, served: DeploymentConfig, served_path: Path, built: ModelInfo, where: str) -> None:
     """Queries must be encoded by the model that encoded the documents: another model's vectors
-    live in another space, and search would answer confidently wrong. The same reference, the
-    same folder, or weights of equal content (a registered copy of the model) pass.
-    ``served_path``: the served model's local folder."""
-    from raytrieve.assets import same_model_files
-
-    if served.model == built_ref:
+    live in another space, and search would answer confidently wrong. The same files, wherever
+    they are, pass (``ModelInfo.made_by``). ``served_path``: the served model's local folder."""
+    if built.made_by(served.model, served_path):
         return
-    built = Path(built_path)
-    if same_model_files(served_path, built):
-        return
-    known = "" if built.is_dir() else f" ({built_path} is not on this machine, so its weights cannot be compared)"
     raise ConfigError(
         f"{where}.{field}.model: serves {redact(served.model)!r}, but the index's {field} vectors were encoded with "
-        f"{redact(built_ref)!r}{known}. Serve the model that encoded the index, rebuild the index with this one, or "
-        f"set {field}.allow_index_model_mismatch: true if the two really share one vector space"
+        f"{redact(built.model)!r}{built.not_made_by(served.model)}. Serve the model that encoded the index, rebuild "
+        f"the index with this one, or set {field}.allow_index_model_mismatch: true if the two really share one vector "
+        "space"
     )
 
 
