@@ -526,8 +526,8 @@ def test_an_encoding_job_with_its_model_in_s3_resumes_with_a_new_copy_another_ca
     pq.write_table(pa.table(_corpus_rows(20)), corpus)
     out = tmp_path / "vectors"
 
-    def config(model: str) -> EncodeConfig:
-        return from_dict(EncodeConfig, {"corpus": {"path": str(corpus)}, "output_dir": str(out),
+    def config(model: str, output_dir: str = str(out)) -> EncodeConfig:
+        return from_dict(EncodeConfig, {"corpus": {"path": str(corpus)}, "output_dir": output_dir,
                                         "dense": {"model": model, "dtype": "float32"}})
 
     def planned(cfg: EncodeConfig) -> tuple[dict, dict]:
@@ -585,6 +585,13 @@ def test_an_encoding_job_with_its_model_in_s3_resumes_with_a_new_copy_another_ca
                                               r"a file under the model's folder was added") as refused:
             encode.run_encode(cfg)
         assert "model_path" not in str(refused.value) and SECRET not in str(refused.value)
+    # The output in the bucket, named with keys: the refusal names it without them.
+    written(first)
+    s3_store.put(out / shards.JOB, f"vectors/{tmp_path.name}/{shards.JOB}")
+    with pytest.raises(ConfigError, match=rf"output_dir s3://{BUCKET}/vectors/.*: holds the output of a different"
+                                          r" encoding job") as refused:
+        encode.run_encode(config(s3_store.uri(key), s3_store.uri(f"vectors/{tmp_path.name}")))
+    assert SECRET not in str(refused.value)
 
 
 def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work(s3_store, tiny_models, data,

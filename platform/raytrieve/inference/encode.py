@@ -62,7 +62,7 @@ class EncodeJobError(RaytrieveError):
 
 @dataclass
 class EncodeResult:
-    output_dir: str
+    output_dir: str  # without the keys a URI may hold: the job's summary is printed and logged
     rows: int
     shards: int
     shards_written: int
@@ -166,7 +166,7 @@ def run_encode(
     if missing:  # e.g. a node-local output_dir: each worker wrote to its own disk
         nodes = sorted({str(d["node"])[:12] for d in done.values() if d["file"] in missing})
         raise EncodeJobError(
-            f"output_dir {store.location}: {len(missing)} shard file(s) written by node(s) {nodes} "
+            f"output_dir {store.describe()}: {len(missing)} shard file(s) written by node(s) {nodes} "
             f"are not visible to the driver (e.g. {missing[0]}); put output_dir on storage "
             "every node shares (a shared mount or an object store URI)"
         )
@@ -183,7 +183,7 @@ def run_encode(
             store.delete(name)
     encoded_rows = sum(done[s]["rows"] for s in written)
     result = EncodeResult(
-        store.location,
+        store.describe(),
         rows,
         len(specs),
         len(written),
@@ -197,7 +197,7 @@ def run_encode(
         round(check_seconds, 3),
     )
     if result.already_complete:
-        log.info("%s: already complete (%d rows in %d shards); nothing to do", store.location, rows, len(specs))
+        log.info("%s: already complete (%d rows in %d shards); nothing to do", store.describe(), rows, len(specs))
     else:
         log.info(
             "encoded %d rows (%d new shards, %d reused) at %.1f rows/s into %s",
@@ -205,7 +205,7 @@ def run_encode(
             result.shards_written,
             result.shards_reused,
             result.rows_per_s,
-            store.location,
+            store.describe(),
         )
     return result
 
@@ -410,7 +410,7 @@ def _run_pipeline(
     except Exception as e:  # a Ray task failure: finished shards stay for the rerun
         raise_worker_error(e)
         raise EncodeJobError(
-            f"encoding failed ({e}); finished shards are kept in {store.location}: run the job again to resume"
+            f"encoding failed ({e}); finished shards are kept in {store.describe()}: run the job again to resume"
         ) from e
     finally:
         bar.close()

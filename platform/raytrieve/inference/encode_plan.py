@@ -217,7 +217,7 @@ def claim_output(
     it could be followed."""
     if store.exists() and not store.is_folder():
         raise ConfigError(
-            f"{where}.output_dir {store.location}: is a file; name a folder (the job writes shards in it)"
+            f"{where}.output_dir {store.describe()}: is a file; name a folder (the job writes shards in it)"
         )
     if store.exists(shards.JOB) and identity is not None:
         job = store.read_json(shards.JOB)
@@ -225,7 +225,7 @@ def claim_output(
             olders = older_identity_rules(identity, described) if described is not None else []
             for rule, older in olders:
                 if job.get("fingerprint") == job_fingerprint(older):
-                    log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.location, rule)
+                    log.info("%s: an encoding job of an earlier raytrieve (models keyed by %s)", store.describe(), rule)
                     return older
             kept = job.get("identity")
             # The job's whole config, kept beside its identity: a setting the identity lacks but
@@ -237,7 +237,7 @@ def claim_output(
             plain = without_machine_fields(kept) if isinstance(kept, dict) else kept
             if intact and plain == identity:
                 log.info(
-                    "%s: an encoding job of an earlier raytrieve (models named by their local folder)", store.location
+                    "%s: an encoding job of an earlier raytrieve (models named by their local folder)", store.describe()
                 )
                 return kept
             if cfg is not None and intact:
@@ -245,7 +245,7 @@ def claim_output(
                 for held_as, candidate in pairs:
                     if only_added_at_default(held_as, candidate, cfg, held):
                         added = sorted(added_settings_at_default(held_as, candidate, cfg, held))
-                        log.info("%s: an encoding job of an earlier raytrieve, before %s", store.location, added)
+                        log.info("%s: an encoding job of an earlier raytrieve, before %s", store.describe(), added)
                         return kept
             # An earlier raytrieve's folder is told apart by what differs under its own rule: its
             # models' keys always differ from this rule's, which would name a change nobody made.
@@ -257,10 +257,10 @@ def claim_output(
             ]
             compared, basis = (kept, old_keys[0]) if old_keys else (plain, identity)
             ignore = added_settings_at_default(compared, basis, cfg, held) if cfg is not None else set()
-            differs = differences(compared, basis, ignore=ignore, held=held)
+            differs = redact(differences(compared, basis, ignore=ignore, held=held))  # a corpus URI's keys
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"
             if scratch:
-                log.info("%s: made by other settings (%s); encoding again", store.location, what)
+                log.info("%s: made by other settings (%s); encoding again", store.describe(), what)
                 # job.json last: a run killed in between still finds the old job and replaces it
                 # This run's staged dataset stays (swapped in after the checks); an old input goes.
                 kept = (shards.JOB, STAGED_NEXT)
@@ -286,12 +286,12 @@ def claim_output(
                     "so its shards cannot be completed under this rule"
                 )
             raise ConfigError(
-                f"{where}.output_dir {store.location}: holds the output of a different encoding job ({what}){older}; "
+                f"{where}.output_dir {store.describe()}: holds the output of a different encoding job ({what}){older}; "
                 "run it with that job's settings, choose a new output_dir or delete that folder"
             )
     elif not store.exists(shards.JOB) and [n for n in store.names() if n not in (STAGED_INPUT, STAGED_NEXT)]:
         raise ConfigError(
-            f"{where}.output_dir {store.location}: exists and is not an encoding job's folder; choose another"
+            f"{where}.output_dir {store.describe()}: exists and is not an encoding job's folder; choose another"
         )
     return identity
 
