@@ -213,6 +213,70 @@ def test_an_encoding_jobs_output_in_s3_builds_the_same_indices(s3, tmp_path, mon
     assert not (tmp_path / "again").exists()
 
 
+def test_a_serve_apps_index_and_model_uris_are_pinned_to_the_content_its_start_checked(s3, tiny_models, tmp_path,
+                                                                                     monkeypatch):
+    """Index and model folder URIs are read by each replica when it starts, maybe long after the
+    app was deployed: the app pins each URI to the content its start checked
+    (``check_before_start``'s pins, passed to every replica). A replica starting after a folder
+    was written again at its URI serves the pinned copy where its machine has it, and is
+    refused, naming the fix, where not; pinned anew (deployed again), it reads the new content.
+    Replicas' loads are ``Documents`` and ``load_model`` here, as the deployments call them (no Ray)."""
+    import time
+
+    import torch
+
+    from raytrieve.config import from_dict
+    from raytrieve.encoders import load_encoder
+    from raytrieve.errors import ModelLoadError
+    from raytrieve.index.build import build_indices, index_pin, load_indices, local_index
+    from raytrieve.serve.app import store_pins
+    from raytrieve.serve.config import ServeConfig
+    from raytrieve.serve.deployments import Documents, load_model
+    from tests.conftest import SENTENCES
+    from tests.test_index_build import _job
+
+    vectors = _job(tmp_path)
+    build_indices(vectors, tmp_path / "both")
+    build_indices(vectors, tmp_path / "dense-only", kinds=("dense",))
+    key, model_key = f"pinned/{tmp_path.name}", f"pinned-model/{tmp_path.name}"
+    s3.put(tmp_path / "both", key)
+    s3.put(tiny_models["dense"], model_key)
+    index, model = s3.uri(key), s3.uri(model_key)  # the keys in the URIs: no message may show them
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "node-a"))
+    cfg = from_dict(ServeConfig, {"dense": {"model": model, "index": index, "dtype": "float32"},
+                                  "sparse": {"model": str(tiny_models["sparse"])}})
+    pins = store_pins(cfg)
+    assert set(pins) == {index, model} and pins[index] == index_pin(index) and pins[model] is not None
+    assert index_pin(str(tmp_path / "both")) is None
+    first = Documents([index], pins=pins)
+    assert first.indices[index].sparse is not None  # node a holds its copy of the content pinned
+    copy = local_index(index, pins[index])
+    assert copy.is_relative_to(tmp_path / "node-a")
+    want = load_encoder("dense", str(tiny_models["dense"]), dtype="float32").encode(SENTENCES[:3], convert_to_tensor=True)
+    torch.testing.assert_close(load_model("dense", cfg.dense, pins[model]).encode(SENTENCES[:3], convert_to_tensor=True),
+                               want, atol=0, rtol=0)
+
+    time.sleep(1.1)  # S3 keeps times to the second: the rewrites are seen by their times too
+    s3.fs.delete_dir(f"{BUCKET}/{key}")
+    s3.put(tmp_path / "dense-only", key)  # rebuilt in place: no sparse index now
+    s3.fs.delete_dir(f"{BUCKET}/{model_key}")
+    s3.put(tiny_models["sparse"], model_key)  # another model saved there
+    assert index_pin(index) != pins[index] and store_pins(cfg)[model] != pins[model]
+    again = Documents([index], pins=pins)  # a replica restarted on node a: the content deployed
+    assert again.indices[index].sparse is not None and local_index(index, pins[index]) == copy
+    torch.testing.assert_close(load_model("dense", cfg.dense, pins[model]).encode(SENTENCES[:3], convert_to_tensor=True),
+                               want, atol=0, rtol=0)
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "node-b"))  # a new node, without those copies
+    fix = r": written again since the app was deployed, and this machine has no copy of the folder deployed; deploy"
+    with pytest.raises(DataError, match=rf"index s3://[^ ]*pinned/[^ ]*{fix}") as e:
+        Documents([index], pins=pins)
+    with pytest.raises(ModelLoadError, match=rf"model s3://[^ ]*pinned-model/[^ ]*{fix}") as m:
+        load_model("dense", cfg.dense, pins[model])
+    assert SECRET not in str(e.value) + str(m.value)
+    fresh = Documents([index], pins=store_pins(cfg))  # deployed again: the new content, checked anew
+    assert fresh.indices[index].sparse is None and load_indices(local_index(index)).dense is not None
+
+
 def test_a_store_named_by_the_uris_query_reaches_every_file_of_a_folder(s3, tiny_models, data, tmp_path,
                                                                         monkeypatch):
     """A folder's files are listed as paths inside the filesystem, which leave out the URI's

@@ -141,19 +141,28 @@ def shipped_model(name: str) -> Path:
     return converted_model(variant)
 
 
-def store_model(uri: str) -> Path:
+MODEL_MARKERS = ("modules.json", "config.json")
+MODEL_EXPECT = "the folder a model was saved to (by raytrieve, sentence-transformers or transformers)"
+
+
+def store_model(uri: str, pin: str | None = None) -> Path:
     """A local copy of the model folder at ``uri`` (a filesystem pyarrow opens), downloaded into
-    the cache once per content (``files.fetch_folder``)."""
+    the cache once per content (``files.fetch_folder``). ``pin``: the content wanted
+    (``store_model_pin``, taken when a Serve app was built); other content is refused."""
     from raytrieve.data.files import fetch_folder
 
     try:
-        return fetch_folder(
-            uri,
-            assets.cache_dir() / "store",
-            "model",
-            ("modules.json", "config.json"),
-            "the folder a model was saved to (by raytrieve, sentence-transformers or transformers)",
-        )
+        return fetch_folder(uri, assets.cache_dir() / "store", "model", MODEL_MARKERS, MODEL_EXPECT, pin)
+    except RaytrieveError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def store_model_pin(uri: str) -> str:
+    """The key of the model folder at ``uri`` as it is now (listed, not downloaded)."""
+    from raytrieve.data.files import folder_key
+
+    try:
+        return folder_key(uri, "model", MODEL_MARKERS, MODEL_EXPECT)
     except RaytrieveError as e:
         raise ModelLoadError(str(e)) from None
 

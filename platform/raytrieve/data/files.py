@@ -296,13 +296,19 @@ STORE_FIX = (
 )
 
 
-def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], expect: str) -> Path:
-    """A local copy of the folder at ``uri`` (a model, an index), downloaded into ``cache/<key>``
-    once per content: the key holds the URI without its keys and each file's name, size and
-    modification time, so a folder written again at the same URI is downloaded again, a copy in
-    use is never changed, and a download that fails or finds a file changed midway leaves
-    nothing. ``markers``: files one of which a folder of its kind holds at its top; ``expect``:
-    what the URI should name. Raises DataError "``what`` ``uri``: ..." (no keys)."""
+@dataclass
+class _Listed:
+    """A store folder as ``fetch_folder`` lists it: its files, their state and the copy's key."""
+
+    fs: Any
+    files: dict[str, pafs.FileInfo]
+    state: list[tuple[str, int | None, int | None]]
+    key: str
+
+
+def _list_folder(uri: str, what: str, markers: tuple[str, ...], expect: str) -> tuple[_Listed, Any]:
+    """The folder at ``uri`` listed and checked (no write under way, one of ``markers`` at its
+    top, no name outside it); with a function that lists it again."""
     shown = redact(uri)
     fs, root = resolve(uri)
     root = root.rstrip("/")
@@ -321,9 +327,6 @@ def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], exp
             out[i.path[len(root) + 1 :]] = i
         return out
 
-    def state(files: dict[str, pafs.FileInfo]) -> list[tuple[str, int | None, int | None]]:
-        return sorted((name, i.size, i.mtime_ns) for name, i in files.items())
-
     files = listing()
     if INCOMPLETE in files:  # OutputStore.replace_with: a write under way, or cut short
         raise DataError(
@@ -336,38 +339,72 @@ def fetch_folder(uri: str, cache: Path, what: str, markers: tuple[str, ...], exp
     for name in files:
         if name.startswith("/") or ".." in name.split("/"):
             raise DataError(f"{what} {shown}: holds {name!r}, a name that would land outside the folder")
-    before = state(files)
+    state = _state(files)
     base, mark, query = shown.partition("?")  # s3://b/idx and s3://b/idx/ are one folder
-    key = hashlib.sha256(json.dumps([base.rstrip("/") + mark + query, before]).encode()).hexdigest()[:16]
-    target = cache / key
+    key = hashlib.sha256(json.dumps([base.rstrip("/") + mark + query, state]).encode()).hexdigest()[:16]
+    return _Listed(fs, files, state, key), listing
 
-    def complete() -> bool:
+
+def _state(files: dict[str, pafs.FileInfo]) -> list[tuple[str, int | None, int | None]]:
+    return sorted((name, i.size, i.mtime_ns) for name, i in files.items())
+
+
+def folder_key(uri: str, what: str, markers: tuple[str, ...], expect: str) -> str:
+    """The key ``fetch_folder`` gives the folder at ``uri`` as it is now, without downloading it:
+    what a Serve app pins its index URIs to when it is built."""
+    return _list_folder(uri, what, markers, expect)[0].key
+
+
+def fetch_folder(
+    uri: str, cache: Path, what: str, markers: tuple[str, ...], expect: str, pin: str | None = None
+) -> Path:
+    """A local copy of the folder at ``uri`` (a model, an index), downloaded into ``cache/<key>``
+    once per content: the key holds the URI without its keys and each file's name, size and
+    modification time, so a folder written again at the same URI is downloaded again, a copy in
+    use is never changed, and a download that fails or finds a file changed midway leaves
+    nothing. ``markers``: files one of which a folder of its kind holds at its top; ``expect``:
+    what the URI should name. ``pin``: the key of the one content wanted (``folder_key``, when a
+    Serve app was built): this machine's copy of it, or the folder while it still holds it; the
+    folder written again since is refused. Raises DataError "``what`` ``uri``: ..." (no keys)."""
+    shown = redact(uri)
+
+    def complete(target: Path) -> bool:
         return any((target / m).is_file() for m in markers)
 
-    if complete():
+    if pin is not None and complete(cache / pin):  # a copy never changes: no need to list the store
+        return cache / pin
+    listed, listing = _list_folder(uri, what, markers, expect)
+    if pin is not None and listed.key != pin:
+        raise DataError(
+            f"{what} {shown}: written again since the app was deployed, and this machine has no copy of the "
+            "folder deployed; deploy the app again to serve the new one (every replica then takes it), or build "
+            "into a new URI and point the app there"
+        )
+    target = cache / listed.key
+    if complete(target):
         return target
     locks = cache.with_name(f"{cache.name}-locks")  # beside the copies (as model_ref's shipped-locks)
     locks.mkdir(parents=True, exist_ok=True)
     # One process of this machine downloads (a node's Serve replicas start together); the others
     # wait for it, then find the copy.
-    with open(locks / key, "w") as lock:
+    with open(locks / listed.key, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if complete():
+        if complete(target):
             return target
-        for stale in cache.glob(f".{key}.tmp-*"):  # a killed download's (the lock holder alone writes one)
+        for stale in cache.glob(f".{listed.key}.tmp-*"):  # a killed download's (the lock holder alone writes one)
             shutil.rmtree(stale, ignore_errors=True)
         try:
             with atomic_directory(target, overwrite=False) as tmp:
-                for name, _, _ in before:
+                for name, _, _ in listed.state:
                     dest = tmp / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    with fs.open_input_stream(files[name].path) as src, open(dest, "wb") as out:
+                    with listed.fs.open_input_stream(listed.files[name].path) as src, open(dest, "wb") as out:
                         shutil.copyfileobj(src, out, STREAM_BUFFER)
                 # A write that began after the listing (same sizes, other bytes) shows in a new one.
-                if state(listing()) != before:
+                if _state(listing()) != listed.state:
                     raise DataError(f"{what} {shown}: it changed while it was downloaded; read it again")
         except OSError as e:  # FileExistsError too: a name that is a file and a folder in the store
-            if isinstance(e, FileExistsError) and complete():  # made meanwhile by a machine sharing the cache
+            if isinstance(e, FileExistsError) and complete(target):  # made meanwhile by a machine sharing the cache
                 return target
             raise DataError(f"{what} {shown}: the download failed ({redact(str(e))}); {STORE_FIX}") from None
     return target

@@ -234,10 +234,15 @@ def read_source(path: str | Path) -> VectorsManifest:
     )
 
 
-def local_index(folder: str | os.PathLike) -> Path:
+INDEX_EXPECT = "a folder `raytrieve index build` wrote"
+
+
+def local_index(folder: str | os.PathLike, pin: str | None = None) -> Path:
     """An index folder on this machine: ``folder`` itself, or, for a folder URI on an object store
     (``s3://bucket/index``), its copy in ``$RAYTRIEVE_CACHE/store``, downloaded once per content
-    (``files.fetch_folder``): indices are memory-mapped, which needs a local file."""
+    (``files.fetch_folder``): indices are memory-mapped, which needs a local file. ``pin``: the
+    content wanted (``index_pin``, taken when a Serve app was built): a folder written again at
+    the URI since is refused where this machine has no copy of the pinned one."""
     from raytrieve.data.files import fetch_folder, is_uri
 
     text = os.fspath(folder)
@@ -245,7 +250,16 @@ def local_index(folder: str | os.PathLike) -> Path:
         return Path(text)
     from raytrieve.assets import cache_dir
 
-    return fetch_folder(text, cache_dir() / "store", "index", (SOURCE,), "a folder `raytrieve index build` wrote")
+    return fetch_folder(text, cache_dir() / "store", "index", (SOURCE,), INDEX_EXPECT, pin)
+
+
+def index_pin(folder: str) -> str | None:
+    """For a folder URI, the key of its content now (listed, not downloaded): a Serve app built
+    over it has every replica read that content (``local_index``), whenever it starts. None for
+    a folder on disk, which replicas read in place."""
+    from raytrieve.data.files import folder_key, is_uri
+
+    return folder_key(folder, "index", (SOURCE,), INDEX_EXPECT) if is_uri(folder) else None
 
 
 def load_indices(path: str | Path, mmap: bool = True) -> Indices:

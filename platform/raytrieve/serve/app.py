@@ -72,7 +72,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
+def _local_runners(cfg: ServeConfig, pins: dict[str, str | None]) -> dict[str, Any]:
     """With ``recall_in_ingress``: a ``ModelRunner`` per dense and sparse model with an index,
     holding it, in this (the ingress's) process; by model name. Else none."""
     models = cfg.ingress_models()
@@ -81,7 +81,7 @@ def _local_runners(cfg: ServeConfig) -> dict[str, Any]:
     from raytrieve.errors import ModelLoadError
     from raytrieve.serve.deployments import Documents, ModelRunner
 
-    documents = Documents(cfg.index_folders())  # every index of the app and its texts, once
+    documents = Documents(cfg.index_folders(), pins=pins)  # every index of the app and its texts, once
     runners = {}
     for m in models:
         try:
@@ -106,12 +106,14 @@ class Ingress:
         token: str | None,
         handles: dict[str, list[DeploymentHandle]],
         retriever: DeploymentHandle | None,
+        pins: dict[str, str | None] | None = None,
     ) -> None:
         """``handles``: per kind (dense, sparse, reranker), its deployments in ``cfg.served()``'s order;
-        ``retriever``: the deployment holding the indices when the models do not (``colocate_index``)."""
+        ``retriever``: the deployment holding the indices when the models do not (``colocate_index``);
+        ``pins``: each index and model URI's content when the app was built (``store_pins``)."""
         self.cfg, self.limits = cfg, cfg.limits
         self.search_defaults = cfg.search.model_dump()
-        self.table = ModelTable(cfg, handles, retriever, _local_runners(cfg))
+        self.table = ModelTable(cfg, handles, retriever, _local_runners(cfg, pins or {}))
         self.indexed = any(m.index is not None for m in cfg.served())
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
@@ -387,11 +389,25 @@ def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
     return {**base, "env_vars": {**(base.get("env_vars") or {}), **env_vars}}
 
 
-def build_app(cfg: ServeConfig, where: str = "config") -> Any:
+def store_pins(cfg: ServeConfig) -> dict[str, str | None]:
+    """Each index folder and model folder URI of the app (``s3://``, ``gs://``...) pinned to its
+    content as it is now (listed, not downloaded): every replica, whenever it starts (a restart,
+    an autoscaled one, a new node), serves the index and model the app was built and checked
+    with, not ones written at those URIs later. Deploying the app again takes the new content.
+    Index folders on disk map to None (read in place); other models are not pinned."""
+    from raytrieve.index.build import index_pin
+    from raytrieve.model_ref import is_store_uri, store_model_pin
+
+    pins = {folder: index_pin(folder) for folder in cfg.index_folders()}
+    return pins | {m.spec.model: store_model_pin(m.spec.model) for m in cfg.served() if is_store_uri(m.spec.model)}
+
+
+def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | None] | None = None) -> Any:
     """The bound Serve application: one deployment per configured model (each dense and sparse
     one holding its index, or else a retriever holding them all), and the ingress over them. On a
     running cluster, what the config leaves unset is sized from it first, and a config the
-    cluster cannot hold is refused."""
+    cluster cannot hold is refused. ``pins``: the index URIs' content the start's checks read
+    (``launch.check_before_start``); else taken here (``store_pins``)."""
     import ray
     from ray.serve.config import BackpressureConfig
 
@@ -426,13 +442,15 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     served = cfg.served()
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
     folders = cfg.index_folders()
+    if pins is None:  # `serve build` imports the app without a cluster, nor maybe the store's credentials
+        pins = store_pins(cfg) if ray.is_initialized() else {}
     for m in served:
         # The model's own index in its replicas; none when the ingress holds them (recall_in_ingress).
         held = m.index if cfg.colocate_index and not cfg.recall_in_ingress else None
-        bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders))  # pyright: ignore[reportFunctionMemberAccess]
+        bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders, pins))  # pyright: ignore[reportFunctionMemberAccess]
     # Else one retriever holds every index the models search (and their texts, once).
     retriever = (
-        Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders)  # pyright: ignore[reportFunctionMemberAccess]
+        Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders, pins=pins)  # pyright: ignore[reportFunctionMemberAccess]
         if cfg.retriever_deployed
         else None
     )
@@ -463,7 +481,7 @@ def build_app(cfg: ServeConfig, where: str = "config") -> Any:
     # The token is read where the app is built (the driver, or `serve deploy`'s builder), so
     # replicas need no secret in their environment.
     token = os.environ.get(cfg.auth_token_env) or None
-    return ingress.bind(cfg, token, bound, retriever)
+    return ingress.bind(cfg, token, bound, retriever, pins)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -488,5 +506,4 @@ def app_builder(args: dict[str, Any]) -> Any:
             "on port + 1), which `raytrieve serve` and raytrieve.serve.launch.start do; under `serve deploy` set it "
             "to false"
         )
-    check_before_start(cfg, where)
-    return build_app(cfg, where)
+    return build_app(cfg, where, check_before_start(cfg, where))

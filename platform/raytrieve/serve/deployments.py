@@ -34,13 +34,15 @@ def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
     return sum(min(len(t) // CHARS_PER_TOKEN + 2, max_seq_length) for t in texts)
 
 
-def load_model(kind: str, spec: DeploymentConfig) -> Any:
-    """The model of the serving config field ``kind`` (dense / sparse / reranker)."""
+def load_model(kind: str, spec: DeploymentConfig, pin: str | None = None) -> Any:
+    """The model of the serving config field ``kind`` (dense / sparse / reranker). ``pin``: for
+    a model folder URI, the content the app was built with (``app.store_pins``)."""
     from raytrieve.encoders import load_encoder
+    from raytrieve.model_ref import store_model
 
     return load_encoder(
         served_kind(kind),
-        spec.model,
+        str(store_model(spec.model, pin)) if pin is not None else spec.model,
         device="cuda" if spec.num_gpus > 0 else "cpu",
         max_seq_length=spec.max_seq_length,
         trust_remote_code=spec.trust_remote_code,
@@ -64,13 +66,15 @@ class ModelRunner:
         index: str | None = None,
         folders: Sequence[str] = (),
         documents: Documents | None = None,
+        pins: Mapping[str, str | None] | None = None,
     ) -> None:
         """``index``: the folder of this model's vectors, held here (``recall``, ``lookup``) with
         the documents' texts; None when a ``Retriever`` holds it, or there is none. ``folders``:
         every index folder of the app (their source.json is read to check that they come from one
         corpus, as the retriever does: an app built without the start's checks is still refused;
         their documents/ are opened for ``lookup``). ``documents``: already loaded ones holding
-        ``index`` (the ingress shares one among its runners: each index once per process)."""
+        ``index`` (the ingress shares one among its runners: each index once per process).
+        ``pins``: as ``Documents`` takes them."""
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,10 +88,10 @@ class ModelRunner:
         # OpenMP's thread count is per calling thread: the model thread sets its own.
         self._model_thread = ThreadPoolExecutor(1, "model", initializer=torch.set_num_threads, initargs=(threads,))
         self.kind, self.spec = kind, spec
-        self.model = load_model(kind, spec)
+        self.model = load_model(kind, spec, (pins or {}).get(spec.model))
         self.index = index
         if documents is None and index is not None:
-            documents = Documents([index], others=folders)
+            documents = Documents([index], others=folders, pins=pins)
         self.documents = documents
         self.max_seq_length = int(self.model.max_seq_length or 512)
         self._cache = OutputCache(spec.cache_entries) if spec.cache_entries else None
@@ -274,9 +278,14 @@ class ModelReplica(ModelRunner):
     """A ``ModelRunner`` as a Serve deployment: requests batch by tokens (``infer``)."""
 
     def __init__(
-        self, kind: str, spec: DeploymentConfig, index: str | None = None, folders: Sequence[str] = ()
+        self,
+        kind: str,
+        spec: DeploymentConfig,
+        index: str | None = None,
+        folders: Sequence[str] = (),
+        pins: Mapping[str, str | None] | None = None,
     ) -> None:
-        super().__init__(kind, spec, index, folders)
+        super().__init__(kind, spec, index, folders, pins=pins)
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
         logging.getLogger("ray.serve").addFilter(_TokenBatchWarning())  # before the batch queue exists
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
@@ -358,15 +367,20 @@ class Documents:
     a replica's memory does not grow with the corpus. Plain: the ``Retriever`` deployment is
     one, and so is every model replica that holds its own index (``colocate_index``)."""
 
-    def __init__(self, folders: list[str], others: Sequence[str] = ()) -> None:
+    def __init__(
+        self, folders: list[str], others: Sequence[str] = (), pins: Mapping[str, str | None] | None = None
+    ) -> None:
         """``folders``: the index folders held here. ``others``: the app's other index folders,
         of which only source.json is read: every index of the app must come from one corpus,
-        checked here too, so an app built without the start's checks is still refused."""
+        checked here too, so an app built without the start's checks is still refused.
+        ``pins``: for a folder URI, the content the app was built with (``index_pin``): a replica
+        that starts after the folder was written again reads that content, or is refused."""
         from raytrieve.index.build import load_indices, local_index, read_source
         from raytrieve.index.documents import DocumentStore
 
         # A folder URI is read from this node's copy (downloaded once per content per node).
-        local = {folder: local_index(folder) for folder in dict.fromkeys([*folders, *others])}
+        pins = pins or {}
+        local = {folder: local_index(folder, pins.get(folder)) for folder in dict.fromkeys([*folders, *others])}
         self.indices = {folder: load_indices(local[folder]) for folder in folders}
         sources = {folder: ix.source for folder, ix in self.indices.items()}
         sources |= {folder: read_source(local[folder]) for folder in others if folder not in sources}

@@ -53,13 +53,21 @@ def direct_ingress_controller_env(port: int) -> dict[str, str]:
     }
 
 
-def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
+def check_before_start(cfg: ServeConfig, where: str = "config") -> dict[str, str | None]:
     """What can fail before Ray starts: the config, each model path, each index folder, and
-    whether each served query model is the one that encoded its index's documents."""
-    from raytrieve.index.build import Indices, load_indices, local_index
+    whether each served query model is the one that encoded its index's documents. Returns the
+    pins (``app.store_pins``) of the index and model content checked, for ``build_app``."""
+    from raytrieve.index.build import Indices, index_pin, load_indices, local_index
     from raytrieve.index.documents import DocumentStore
     from raytrieve.kinds import refuse_other_kind
-    from raytrieve.model_ref import check_max_seq_length, is_model_uri, resolve_model
+    from raytrieve.model_ref import (
+        check_max_seq_length,
+        is_model_uri,
+        is_store_uri,
+        resolve_model,
+        store_model,
+        store_model_pin,
+    )
     from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
@@ -72,10 +80,16 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
             "machine only), 0.0.0.0 (every interface) or a host name of this machine"
         ) from None
     indices: dict[str, Indices] = {}  # folder -> its indices, loaded once
+    local: dict[str, Path] = {}  # folder -> this machine's copy of the content pinned
+    pins: dict[str, str | None] = {}  # index folders and model URIs -> the content checked
     for m in cfg.served():
         try:
             with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-                path = resolve_model(m.spec.model)
+                if is_store_uri(m.spec.model):  # pinned first: what is checked is what replicas load
+                    pins[m.spec.model] = pins.get(m.spec.model) or store_model_pin(m.spec.model)
+                    path = store_model(m.spec.model, pins[m.spec.model])
+                else:
+                    path = resolve_model(m.spec.model)
         except RaytrieveError as e:
             # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
             # store comes from this config, so the fix names its key too.
@@ -95,7 +109,9 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         key = f"{m.path}.index" if m.spec.index is not None else "index"
         if m.index not in indices:
             try:
-                indices[m.index] = load_indices(local_index(m.index))
+                pins[m.index] = index_pin(m.index)  # first: what is checked is what replicas serve
+                local[m.index] = local_index(m.index, pins[m.index])
+                indices[m.index] = load_indices(local[m.index])
             except DataError as e:
                 raise DataError(f"{where}.{key}: {e}") from None
         if getattr(indices[m.index], m.kind) is None:
@@ -110,9 +126,10 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> None:
         one_corpus({folder: ix.source for folder, ix in indices.items()}, where)
         for folder, ix in indices.items():  # the texts /search returns and reranks (memory-mapped: cheap)
             try:
-                DocumentStore(local_index(folder), ix.source.rows)
+                DocumentStore(local[folder], ix.source.rows)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
+    return pins
 
 
 def _check_index_model(field: str, served: DeploymentConfig, served_path: Path, built: ModelInfo, where: str) -> None:
@@ -133,7 +150,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     """Check, start Serve for cfg (or use the one this Ray already runs, if it was started as cfg
     needs) and deploy; returns the base URL the app answers on, cfg.host:cfg.port."""
 
-    check_before_start(cfg, where)
+    pins = check_before_start(cfg, where)
     import ray
     from ray.serve.context import _get_global_client
 
@@ -143,7 +160,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
         for port in dict.fromkeys((cfg.port, cfg.proxy_port)):
             check_port_free(cfg.host, port, f"{where}.port")
     connect(ray_address)
-    app = build_app(cfg, where)  # sized from the cluster and checked to fit before Serve starts
+    app = build_app(cfg, where, pins)  # sized from the cluster and checked to fit before Serve starts
     machines = _machines()
     if cfg.direct_ingress and len(machines) > 1 and _is_loopback(cfg.host):
         raise ConfigError(
