@@ -59,6 +59,24 @@ def glob_files(fs: pafs.FileSystem, path: str) -> list[str]:
     return sorted(i.path for i in fs.get_file_info(selector) if fnmatch.fnmatch(i.path, path))
 
 
+def file_uri_path(location: str) -> str:
+    """``location`` with a ``file://`` URI turned into the local path it names (a local folder
+    then gets local disk's checks and atomic renames); any other location as given."""
+    if is_uri(location):
+        fs, root = resolve(location)
+        if isinstance(fs, pafs.LocalFileSystem):
+            return root
+    return location
+
+
+def folder_with_suffix(location: str, suffix: str = "") -> str:
+    """The folder ``location`` without a trailing slash, ``suffix`` added to its last name; a
+    URI's query (its store's options) stays at its end: ``s3://b/m/?region=x`` and ".checkpoints"
+    give ``s3://b/m.checkpoints?region=x``."""
+    base, mark, query = location.partition("?") if is_uri(location) else (location, "", "")
+    return f"{base.rstrip('/')}{suffix}{mark}{query}"
+
+
 def with_scheme(location: str, root: str, path: str) -> str:
     """``path``, a file under ``location`` (a folder or glob; ``root``: its path inside its
     filesystem, as ``resolve`` gives it) inside that filesystem, as a location

@@ -54,14 +54,14 @@ def build_indices(
 ) -> dict[str, Any]:
     """Build every index of ``kinds`` the job's vectors allow, and (``texts``) the folder's
     documents/ from the corpus the job encoded; returns a summary."""
-    from raytrieve.data.files import OutputStore, is_uri
+    from raytrieve.data.files import OutputStore, file_uri_path, is_uri
     from raytrieve.inference.shards import read_manifest
 
     options = options or IndexOptions()
-    # An earlier index there is replaced, nothing else; in an object store, file by file.
-    store = OutputStore(str(out_dir)) if is_uri(str(out_dir)) else None
-    if store is not None and store.renames:  # a file:// URI: a local folder, replaced atomically
-        out_dir, store = store.root, None
+    # An earlier index there is replaced, nothing else; in an object store, file by file (a
+    # file:// URI is a local folder, replaced atomically).
+    out_dir = file_uri_path(os.fspath(out_dir))
+    store = OutputStore(out_dir) if is_uri(out_dir) else None
     if store is not None:
         store.check_replaceable(SOURCE, "--out")
     else:

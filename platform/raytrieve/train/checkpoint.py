@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from raytrieve._io import redact
-from raytrieve.data.files import OutputStore, is_uri
+from raytrieve.data.files import OutputStore, folder_with_suffix, is_uri
 from raytrieve.errors import ConfigError
 from raytrieve.train.distributed import is_fsdp
 
@@ -53,17 +53,8 @@ def _rng_file(rank: int) -> str:
 def checkpoint_dir(cfg: TrainConfig) -> str:
     """Ray Train's storage for the run: ``checkpoint.dir``, or ``<output_dir>.checkpoints``; a
     local path (resolved) or the URI of an object store (files.OutputStore reads and writes both)."""
-    if cfg.checkpoint.dir:
-        given = cfg.checkpoint.dir
-    elif is_uri(cfg.output_dir):  # beside the model: a URI's query (its store's options) stays at its end
-        base, mark, query = cfg.output_dir.partition("?")
-        given = f"{base.rstrip('/')}.checkpoints{mark}{query}"
-    else:
-        given = f"{cfg.output_dir.rstrip('/')}.checkpoints"
-    if not is_uri(given):
-        return str(Path(given).resolve())
-    base, mark, query = given.partition("?")
-    return f"{base.rstrip('/')}{mark}{query}"
+    given = cfg.checkpoint.dir or folder_with_suffix(cfg.output_dir, ".checkpoints")  # beside the model
+    return folder_with_suffix(given) if is_uri(given) else str(Path(given).resolve())
 
 
 # Settings a resumed run may change: where things are written and tracked, how often it

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from raytrieve._io import redact
-from raytrieve.data.files import INCOMPLETE, OutputStore, is_uri, resolve
+from raytrieve.data.files import INCOMPLETE, OutputStore, file_uri_path, is_uri, resolve
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
@@ -83,8 +83,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import select_eval_columns
 
-    if is_uri(cfg.output_dir) and OutputStore(cfg.output_dir).renames:  # file://: a local folder, by every check
-        cfg.output_dir = OutputStore(cfg.output_dir).root
+    cfg.output_dir = file_uri_path(cfg.output_dir)  # file://: a local folder, by every check
     if not is_uri(cfg.output_dir):
         cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
     _check_output(cfg, where)
