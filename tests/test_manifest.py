@@ -298,6 +298,9 @@ def test_the_model_that_made_vectors_is_known_by_its_files_wherever_they_are(tin
     elsewhere = tmp_path / "cache" / "copy"
     shutil.copytree(job, elsewhere)
     assert made.made_by("s3://b/m?region=x", elsewhere) and made.made_by("anything", elsewhere)
+    job.rename(tmp_path / "away")  # on another machine: the job's folder is not here, its content decides
+    assert made.made_by("anything", elsewhere)
+    (tmp_path / "away").rename(job)
     registered = tmp_path / "registered"
     shutil.copytree(job, registered)
     (registered / "README.md").write_text("# a card the registry wrote\n")
@@ -312,7 +315,7 @@ def test_the_model_that_made_vectors_is_known_by_its_files_wherever_they_are(tin
     # Trained again into the job's own folder: the same reference and path, other files.
     shutil.copyfile(weights, job / "model.safetensors")
     assert not made.made_by("s3://K:S@b/m?region=x", job)
-    assert "its files changed since" in made.not_made_by("s3://b/m?region=x")
+    assert "with other files under that name" in made.not_made_by("s3://b/m?region=x")
     assert not made.made_by("models:/m/1", registered)  # the job's folder no longer has the job's files
 
     before = {k: v for k, v in DENSE.items() if k != "weights"}  # a manifest from before the content was recorded
@@ -324,3 +327,7 @@ def test_the_model_that_made_vectors_is_known_by_its_files_wherever_they_are(tin
     older = shards.DenseInfo.model_validate({**before, "model": "minilm", "model_path": str(registered)})
     assert older.made_by("models:/m/1", registered) and older.made_by("models:/m/1", elsewhere)  # folder; weights
     assert not older.made_by("models:/m/1", job)  # trained again: other weights
+    # A shipped variant by its name: its converted copy records the library versions that made it.
+    variant = shards.DenseInfo.model_validate({**DENSE, "model": "all-minilm-l6-v2", "model_path": "/elsewhere",
+                                               "weights": "0" * 16})
+    assert variant.made_by("all-minilm-l6-v2", other) and not variant.made_by(str(other), other)

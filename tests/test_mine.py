@@ -163,10 +163,11 @@ def test_corpus_vectors_of_another_length_than_the_retrievers_are_refused(positi
     for change, message in (({"side": "query"}, r"encoded as side: query; mining's candidates are documents"),
                             ({"dense": {"prompt": "passage: "}}, r"encoded with the prompt 'passage: ', but positives "
                                                                   r"are encoded with the model's document prompt None"),
-                            # Made with other files under the retriever's name (saved again there since).
-                            ({"dense": {"weights": "0" * 16}}, r"made with 'all-minilm-l6-v2' \(its files changed since: "
-                                                              r"the model was saved again there\), not with retriever"
-                                                              r".model 'all-minilm-l6-v2'; encode the corpus with")):
+                            # Made with another model (its folder is not on this machine).
+                            ({"dense": {"model": "s3://KEY:SECRET@b/other", "model_path": "/elsewhere/other",
+                                        "weights": "0" * 16}},
+                             r"made with 's3://b/other', not with retriever.model 'all-minilm-l6-v2'; encode the "
+                             r"corpus with the retriever's model")):
         copy = tmp_path / f"copy-{len(list(tmp_path.glob('copy-*')))}"
         shutil.copytree(positives_vectors["corpus_vectors"], copy)
         manifest = json.loads((copy / "manifest.json").read_text())

@@ -229,7 +229,7 @@ def test_a_serve_apps_index_and_model_uris_are_pinned_to_the_content_its_start_c
     from raytrieve.encoders import load_encoder
     from raytrieve.errors import ModelLoadError
     from raytrieve.index.build import build_indices, index_pin, load_indices, local_index
-    from raytrieve.serve.app import store_pins
+    from raytrieve.serve.app import _local_runners, store_pins
     from raytrieve.serve.config import ServeConfig
     from raytrieve.serve.deployments import Documents, load_model
     from tests.conftest import SENTENCES
@@ -266,8 +266,12 @@ def test_a_serve_apps_index_and_model_uris_are_pinned_to_the_content_its_start_c
     assert again.indices[index].sparse is not None and local_index(index, pins[index]) == copy
     torch.testing.assert_close(load_model("dense", cfg.dense, pins[model]).encode(SENTENCES[:3], convert_to_tensor=True),
                                want, atol=0, rtol=0)
+    # An ingress replica that recalls in its own process (recall_in_ingress) loads both alike.
+    (runner,) = _local_runners(cfg.model_copy(update={"recall_in_ingress": True}), pins).values()
+    assert runner.documents.indices[index].sparse is not None
+    torch.testing.assert_close(runner.model.encode(SENTENCES[:3], convert_to_tensor=True), want, atol=0, rtol=0)
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "node-b"))  # a new node, without those copies
-    fix = r": written again since the app was deployed, and this machine has no copy of the folder deployed; deploy"
+    fix = r": written again since the app pinned its content \(when it was deployed\), and this machine has no copy"
     with pytest.raises(DataError, match=rf"index s3://[^ ]*pinned/[^ ]*{fix}") as e:
         Documents([index], pins=pins)
     with pytest.raises(ModelLoadError, match=rf"model s3://[^ ]*pinned-model/[^ ]*{fix}") as m:
@@ -436,6 +440,12 @@ def test_a_checkpoint_folder_in_s3_belongs_to_one_run(s3_store, tmp_path):
     assert SECRET not in str(refused.value)  # the message names the folder without its keys
     record_finished(root, {"steps": 4})
     assert finished_run(root) == {"steps": 4} and store.read_json(RUN_STAMP)["mlflow"]["run_id"] == "r1"
+    # A tracking store whose URI holds a password: the stamp keeps it without; the same store
+    # named with other keys resumes its run, another store does not.
+    record_mlflow_run(root, "postgresql://ml:hunter2@db:5432/mlflow", "r2")
+    assert "hunter2" not in json.dumps(store.read_json(RUN_STAMP))
+    assert run_to_resume(root, "postgresql://ml:rotated@db:5432/mlflow") == "r2"
+    assert run_to_resume(root, "postgresql://ml:hunter2@other:5432/mlflow") is None
 
 
 def test_an_inference_free_run_with_checkpoints_in_s3_builds_its_start_in_the_cache(s3_store, tiny_models, data,

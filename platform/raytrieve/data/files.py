@@ -394,9 +394,9 @@ def fetch_folder(
     listed, listing = _list_folder(uri, what, markers, expect)
     if pin is not None and listed.key != pin:
         raise DataError(
-            f"{what} {shown}: written again since the app was deployed, and this machine has no copy of the "
-            "folder deployed; deploy the app again to serve the new one (every replica then takes it), or build "
-            "into a new URI and point the app there"
+            f"{what} {shown}: written again since the app pinned its content (when it was deployed), and this "
+            "machine has no copy of that content; deploy the app again to serve the new one (every replica then "
+            "takes it), or build into a new URI and point the app there"
         )
     target = cache / listed.key
     if complete(target):

@@ -245,20 +245,21 @@ def index_stages(index_dir: str | Path, models: Models) -> tuple[list[FirstStage
         if built is None or getattr(indices, kind) is None:
             if given:
                 raise ConfigError(
-                    f"--{kind} {given[0]}: the index {index_dir} has no {kind}/ index; "
+                    f"--{kind} {redact(given[0])}: the index {index_dir} has no {kind}/ index; "
                     f"build it with that model or drop --{kind}"
                 )
             continue
         if len(given) > 1:
             raise ConfigError(
-                f"--{kind}: an index holds one {kind} model ({built.model}); evaluate the others without --index"
+                f"--{kind}: an index holds one {kind} model ({redact(built.model)}); evaluate the others without "
+                "--index"
             )
         if given and not built.made_by(given[0], resolve_model(given[0])):
             raise ConfigError(
                 f"--{kind} {redact(given[0])}: the index's {kind} vectors were encoded with {redact(built.model)!r}"
                 f"{built.not_made_by(given[0])}; pass that model, or rebuild the index with this one"
             )
-        stages.append(FirstStage(kind, kind, built.model))
+        stages.append(FirstStage(kind, kind, given[0] if given else built.model))  # made_by: the same files
     return stages, indices
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raytrieve._io import redact
 from raytrieve.errors import DataError
 from raytrieve.inference.config import CorpusConfig
 
@@ -137,6 +138,6 @@ def content_checksum(ids: list[str], texts: list[str]) -> str:
 def raise_bad_rows(location: str, count: int, examples: list[tuple[int, str | None, str]]) -> None:
     listed = "; ".join(f"row {row} ({reason})" for row, _, reason in examples)
     raise DataError(
-        f"{location}: {count} bad row(s): {listed}. Fix the data, or set bad_rows: skip "
+        f"{redact(location)}: {count} bad row(s): {listed}. Fix the data, or set bad_rows: skip "
         "to leave them out (every one is listed in the shard sidecars; read them with read_bad_rows)"
     )

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytrieve._io import redact
 from raytrieve.data.sources import ShardSpec, Source, is_uri, open_source, plan_shards, schema_names
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
@@ -154,7 +155,7 @@ def run_encode(
     rows = sum(d["rows"] for d in done.values())
     if not rows:
         raise DataError(
-            f"{cfg.corpus.path}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
+            f"{redact(cfg.corpus.path)}: every row is bad (null/empty {cfg.corpus.text_column} or null/duplicate "
             f"{cfg.corpus.id_column}); the shards list them (read_bad_rows)"
         )
 
@@ -276,7 +277,7 @@ def _plan(
     check_columns(schema_names(source), cfg.corpus, cfg.corpus.path)
     specs = plan_shards(source, cfg.rows_per_shard)
     if not specs:
-        raise DataError(f"{cfg.corpus.path}: the corpus has no rows")
+        raise DataError(f"{redact(cfg.corpus.path)}: the corpus has no rows")
     outputs, described = resolve_outputs(cfg, calibration_sample(cfg, specs), where)
     location = _location(store.describe(STAGED_INPUT)) if staged else None
     identity = job_identity(cfg, source, described, location)

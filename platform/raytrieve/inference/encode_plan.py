@@ -165,8 +165,9 @@ def job_identity(
     # before the dtype setting computed in, so it is left out: their folders still resume.
     # The model is its reference without keys and its files' content ("weights"): where this machine keeps
     # its copy (model_path: a cache folder for a store or MLflow URI, the checkout for a shipped
-    # variant) and the keys a URI holds are no part of the job, so a job resumed on another
-    # machine, with another cache, or with rotated keys finds its model the same.
+    # variant) and the keys a URI holds (redact: user info, secret query values) are no part of
+    # the job, so a job resumed on another machine, with another cache, or with a rotated secret
+    # finds its model the same.
     models = {
         k: {
             **{f: x for f, x in v.items() if f not in MACHINE_FIELDS and not (f == "dtype" and x == "float32")},
@@ -272,7 +273,7 @@ def claim_output(
             if (
                 ".weights: " in what
                 and kept_models
-                and all(len(str(m.get("weights"))) == 12 for m in kept_models.values())
+                and all(len(str(m.get("weights"))) == OLDER_KEY_LENGTH for m in kept_models.values())
             ):
                 older += (
                     "; that job keyed its models by their files' modification times (an earlier raytrieve), so a file "

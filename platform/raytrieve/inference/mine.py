@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from raytrieve import _io
+from raytrieve._io import redact
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.hashing import text_hashes
 from raytrieve.inference.config import (
@@ -130,37 +131,37 @@ def check_corpus_vectors(
     documents, with ``prompt`` (the model's document prompt: positives are encoded here so, and
     their scores compared with the candidates') and, dense, as floats (an index quantizes
     itself); by the manifest alone (the shards are read after the checks)."""
-    from raytrieve._io import redact
+    shown = redact(vectors_dir)  # for messages: without a URI's keys
     from raytrieve.inference.shards import read_manifest
 
     manifest = read_manifest(vectors_dir)
     if manifest.side != "document":
         raise ConfigError(
-            f"{where}.corpus_vectors {vectors_dir}: encoded as side: {manifest.side}; mining's candidates are "
+            f"{where}.corpus_vectors {shown}: encoded as side: {manifest.side}; mining's candidates are "
             "documents, scored against positives encoded as documents: encode the corpus with side: document"
         )
     made_by = manifest.output(cfg.retriever.kind)
     if made_by is None or not made_by.made_by(cfg.retriever.model, Path(model_path)):
         made_with = repr(redact(made_by.model)) + made_by.not_made_by(cfg.retriever.model) if made_by else None
         raise ConfigError(
-            f"{where}.corpus_vectors {redact(vectors_dir)}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
+            f"{where}.corpus_vectors {shown}: made with {made_with or f'no {cfg.retriever.kind} model'}, "
             f"not with retriever.model {redact(cfg.retriever.model)!r}; encode the corpus with the retriever's model"
         )
     precision = getattr(made_by, "precision", "float32")
     if precision not in ("float32", "float16"):
         raise ConfigError(
-            f"{where}.corpus_vectors {vectors_dir}: dense vectors are {precision}; mining searches float vectors: "
+            f"{where}.corpus_vectors {shown}: dense vectors are {precision}; mining searches float vectors: "
             "encode the corpus with dense.precision: float32"
         )
     assert made_by is not None
     if made_by.max_seq_length != max_seq_length:
         raise ConfigError(
-            f"{where}.retriever.max_seq_length: {max_seq_length}, but corpus_vectors {vectors_dir} were encoded at "
+            f"{where}.retriever.max_seq_length: {max_seq_length}, but corpus_vectors {shown} were encoded at "
             f"{made_by.max_seq_length}; set retriever.max_seq_length: {made_by.max_seq_length}"
         )
     if made_by.prompt != prompt:
         raise ConfigError(
-            f"{where}.corpus_vectors {vectors_dir}: encoded with the prompt {made_by.prompt!r}, but positives are "
+            f"{where}.corpus_vectors {shown}: encoded with the prompt {made_by.prompt!r}, but positives are "
             f"encoded with the model's document prompt {prompt!r}, so their scores and the candidates' differ in "
             "scale; encode the corpus without a prompt setting (the model's own)"
         )
@@ -199,7 +200,6 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
     _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
-    from raytrieve._io import redact
     from raytrieve.encoders import load_encoder
     from raytrieve.kinds import CROSS, refuse_other_kind, saved_kind
     from raytrieve.model_ref import resolve_field
@@ -240,6 +240,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
     vectors_dir = _corpus_vectors(cfg, positives, ray_address, where)
+    shown = redact(vectors_dir)  # for messages: without a URI's keys
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
@@ -253,12 +254,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         and Path(cfg.corpus.path).expanduser().resolve() != Path(encoded.corpus.path).resolve()
     ):
         raise ConfigError(
-            f"{where}.corpus.path {cfg.corpus.path}: corpus_vectors {vectors_dir} encodes "
+            f"{where}.corpus.path {redact(cfg.corpus.path)}: corpus_vectors {shown} encodes "
             f"{encoded.corpus.path}; point both at the same corpus (or leave corpus: out)"
         )
     hashes = read_text_hashes(vectors_dir)
     if hashes is None:
-        raise DataError(f"{vectors_dir}: made by an older raytrieve (no text hashes); encode the corpus again")
+        raise DataError(f"{shown}: made by an older raytrieve (no text hashes); encode the corpus again")
     s, kind = cfg.selection, cfg.retriever.kind
     searched = built.dense if kind == "dense" else built.sparse
     assert searched is not None, "check_corpus_vectors: the vectors hold the retriever's kind"
@@ -286,7 +287,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         assert similarity is not None and built.source.dense is not None and built.dense is not None
         if built.dense.similarity != similarity:  # check_corpus_vectors compared the models: not expected
             raise DataError(
-                f"{vectors_dir}: indexed by {built.dense.similarity}, the retriever's similarity is {similarity}; "
+                f"{shown}: indexed by {built.dense.similarity}, the retriever's similarity is {similarity}; "
                 "encode the corpus with the retriever's model"
             )
         index = built.dense

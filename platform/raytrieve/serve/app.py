@@ -27,7 +27,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raytrieve.errors import ConfigError
+from raytrieve.errors import ConfigError, RaytrieveError
 from raytrieve.serve import cluster_metrics, http_guard, shapes
 from raytrieve.serve.config import MODEL_FIELDS, ServeConfig, Served
 from raytrieve.serve.deployments import ModelReplica, Retriever
@@ -85,7 +85,7 @@ def _local_runners(cfg: ServeConfig, pins: dict[str, str | None]) -> dict[str, A
     runners = {}
     for m in models:
         try:
-            runners[m.name] = ModelRunner(m.kind, m.spec, m.index, documents=documents)
+            runners[m.name] = ModelRunner(m.kind, m.spec, m.index, documents=documents, pins=pins)
         except ModelLoadError as e:
             raise ModelLoadError(
                 f"recall_in_ingress: loading {m.path} ({m.spec.public_name}, backend {m.spec.backend}) in the "
@@ -406,8 +406,10 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
     """The bound Serve application: one deployment per configured model (each dense and sparse
     one holding its index, or else a retriever holding them all), and the ingress over them. On a
     running cluster, what the config leaves unset is sized from it first, and a config the
-    cluster cannot hold is refused. ``pins``: the index URIs' content the start's checks read
-    (``launch.check_before_start``); else taken here (``store_pins``)."""
+    cluster cannot hold is refused. ``pins``: the index and model URIs' content the start's checks
+    read (``launch.check_before_start``); else taken here (``store_pins``) when Ray runs, and
+    none without it (`serve build` imports the app without a cluster, nor maybe the store's
+    credentials)."""
     import ray
     from ray.serve.config import BackpressureConfig
 
@@ -442,8 +444,11 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
     served = cfg.served()
     bound: dict[str, list[Any]] = {kind: [] for kind in MODEL_FIELDS}
     folders = cfg.index_folders()
-    if pins is None:  # `serve build` imports the app without a cluster, nor maybe the store's credentials
-        pins = store_pins(cfg) if ray.is_initialized() else {}
+    if pins is None:
+        try:
+            pins = store_pins(cfg) if ray.is_initialized() else {}
+        except RaytrieveError as e:
+            raise type(e)(f"{where}: {e}") from None
     for m in served:
         # The model's own index in its replicas; none when the ingress holds them (recall_in_ingress).
         held = m.index if cfg.colocate_index and not cfg.recall_in_ingress else None

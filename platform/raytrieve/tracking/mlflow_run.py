@@ -146,8 +146,9 @@ def check_store(uri: str, experiment: str, tags: dict[str, str], where: str) -> 
     except Exception as e:  # MlflowException, a missing driver (ModuleNotFoundError), a refused connection
         text = " ".join(str(e).split())
         raise ConfigError(
-            f"{where}.mlflow.tracking_uri (or MLFLOW_TRACKING_URI) {uri}: the tracking store does not open "
-            f"({type(e).__name__}: {text[:300]}); fix the URI or start its server, or leave it unset for ./mlruns"
+            f"{where}.mlflow.tracking_uri (or MLFLOW_TRACKING_URI) {redact(uri)}: the tracking store does not open "
+            f"({type(e).__name__}: {redact(text[:300])}); fix the URI or start its server, or leave it unset for "
+            "./mlruns"
         ) from None
 
 

@@ -194,13 +194,15 @@ def run_to_resume(root: str, uri: str) -> str | None:
     if not store.exists(RUN_STAMP) or not _holds_checkpoints(store):
         return None
     kept = store.read_json(RUN_STAMP).get("mlflow") or {}
-    return kept.get("run_id") if kept.get("uri") == uri else None
+    return kept.get("run_id") if redact(str(kept.get("uri"))) == redact(uri) else None
 
 
 def record_mlflow_run(root: str, uri: str, run_id: str) -> None:
-    """Note in the run's stamp the MLflow run it logs into, for a rerun that resumes it."""
+    """Note in the run's stamp the MLflow run it logs into, for a rerun that resumes it; the
+    store's URI without keys (a ``postgresql://user:password@host/db`` store's password), as the
+    stamp holds everything: the same store named with other keys is the same store."""
     store = OutputStore(root)
-    store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "mlflow": {"uri": uri, "run_id": run_id}})
+    store.write_json(RUN_STAMP, {**store.read_json(RUN_STAMP), "mlflow": {"uri": redact(uri), "run_id": run_id}})
 
 
 def record_finished(root: str, result: dict[str, Any]) -> None:
