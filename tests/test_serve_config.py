@@ -743,3 +743,48 @@ def test_the_bodies_client_sdks_send_with_arguments_left_at_none_are_accepted():
         CohereRerankV1Request.model_validate({**sent[1], "max_chunks_per_doc": 3})
     with pytest.raises(pydantic.ValidationError, match="top_k"):
         SearchRequest.model_validate({"query": "q", "top_k": None})
+
+
+def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registry, tiny_models, monkeypatch,
+                                                                          tmp_path):
+    """An alias (or ``latest``) moves: a replica starting after it moved would load another
+    model than the one the app's start checked against its index. The app pins it to the
+    version it names at build (``store_pins``), and replicas load that version (``load_model``
+    as the deployments call it; a real MLflow registry, no Ray)."""
+    import torch
+
+    from raytrieve.encoders import load_encoder
+    from raytrieve.serve.app import store_pins
+    from raytrieve.serve.deployments import load_model
+    from raytrieve.tracking import mlflow_run
+    from tests.conftest import SENTENCES, register_model
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])  # as the replicas' runtime_env sets it
+    name = f"pinned-{tmp_path.name}"
+    assert register_model(registry, tiny_models["dense"], name) == f"models:/{name}/1"
+    client = mlflow_run.client(registry["uri"])
+    client.set_registered_model_alias(name, "prod", "1")
+    ref = f"models:/{name}@prod"
+    cfg = from_dict(ServeConfig, {"dense": {"model": ref, "dtype": "float32"},
+                                  "mlflow_tracking_uri": registry["uri"]})
+    pins = store_pins(cfg)
+    assert pins == {ref: f"models:/{name}/1"}
+    # Another model registered and the alias moved: the app's replicas still load version 1.
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_models["dense"], other)
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "model.safetensors"
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    assert register_model(registry, other, name) == f"models:/{name}/2"
+    client.set_registered_model_alias(name, "prod", "2")
+    assert store_pins(cfg) == {ref: f"models:/{name}/2"}  # deployed again: the version it names now
+    want = load_encoder("dense", str(tiny_models["dense"]), dtype="float32").encode(SENTENCES[:3],
+                                                                                    convert_to_tensor=True)
+    got = load_model("dense", cfg.dense, pins[ref]).encode(SENTENCES[:3], convert_to_tensor=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    moved = load_model("dense", cfg.dense).encode(SENTENCES[:3], convert_to_tensor=True)  # unpinned: version 2
+    assert not torch.equal(moved, want)

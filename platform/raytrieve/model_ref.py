@@ -157,6 +157,28 @@ def store_model(uri: str, pin: str | None = None) -> Path:
         raise ModelLoadError(str(e)) from None
 
 
+def model_pin(ref: str) -> str | None:
+    """What a Serve app pins the model ``ref`` to when it is built, so that every replica loads
+    the model its start checked, whenever it starts: a folder URI's content key
+    (``store_model_pin``), a registry URI's version now (an alias or ``latest`` moves:
+    ``model_uri.pinned_version``); None for a folder or a shipped variant, which stay put."""
+    if is_store_uri(ref):
+        return store_model_pin(ref)
+    if is_model_uri(ref):
+        from raytrieve.tracking.model_uri import pinned_version
+
+        return pinned_version(ref)
+    return None
+
+
+def resolve_pinned(ref: str, pin: str | None) -> Path:
+    """The local folder of the model ``ref`` as ``model_pin`` pinned it (``resolve_model``
+    without a pin). A folder URI written again since is refused where this machine has no copy."""
+    if pin is None:
+        return resolve_model(ref)
+    return store_model(ref, pin) if is_store_uri(ref) else resolve_model(pin)
+
+
 def store_model_pin(uri: str) -> str:
     """The key of the model folder at ``uri`` as it is now (listed, not downloaded)."""
     from raytrieve.data.files import folder_key

@@ -390,16 +390,19 @@ def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
 
 
 def store_pins(cfg: ServeConfig) -> dict[str, str | None]:
-    """Each index folder and model folder URI of the app (``s3://``, ``gs://``...) pinned to its
-    content as it is now (listed, not downloaded): every replica, whenever it starts (a restart,
-    an autoscaled one, a new node), serves the index and model the app was built and checked
-    with, not ones written at those URIs later. Deploying the app again takes the new content.
-    Index folders on disk map to None (read in place); other models are not pinned."""
+    """Each index folder and model URI of the app pinned to what it names now: a folder URI
+    (``s3://``, ``gs://``...) to its content (listed, not downloaded), a registry URI to its
+    version (``models:/NAME@ALIAS`` -> ``models:/NAME/3``). Every replica, whenever it starts (a
+    restart, an autoscaled one, a new node), serves the index and model the app was built and
+    checked with, not ones written or aliased there later; deploying the app again takes the new
+    ones. Folders on disk and shipped variants map to None (read in place)."""
     from raytrieve.index.build import index_pin
-    from raytrieve.model_ref import is_store_uri, store_model_pin
+    from raytrieve.model_ref import model_pin
+    from raytrieve.tracking import mlflow_run
 
     pins = {folder: index_pin(folder) for folder in cfg.index_folders()}
-    return pins | {m.spec.model: store_model_pin(m.spec.model) for m in cfg.served() if is_store_uri(m.spec.model)}
+    with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
+        return pins | {m.spec.model: model_pin(m.spec.model) for m in cfg.served()}
 
 
 def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | None] | None = None) -> Any:

@@ -36,13 +36,14 @@ def estimate_tokens(texts: Sequence[str], max_seq_length: int) -> int:
 
 def load_model(kind: str, spec: DeploymentConfig, pin: str | None = None) -> Any:
     """The model of the serving config field ``kind`` (dense / sparse / reranker). ``pin``: for
-    a model folder URI, the content the app was built with (``app.store_pins``)."""
+    a model URI, what the app was built with (``app.store_pins``: a folder's content, a registry
+    version)."""
     from raytrieve.encoders import load_encoder
-    from raytrieve.model_ref import store_model
+    from raytrieve.model_ref import resolve_pinned
 
     return load_encoder(
         served_kind(kind),
-        str(store_model(spec.model, pin)) if pin is not None else spec.model,
+        str(resolve_pinned(spec.model, pin)) if pin is not None else spec.model,
         device="cuda" if spec.num_gpus > 0 else "cpu",
         max_seq_length=spec.max_seq_length,
         trust_remote_code=spec.trust_remote_code,

@@ -60,14 +60,7 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> dict[str, str
     from raytrieve.index.build import Indices, index_pin, load_indices, local_index
     from raytrieve.index.documents import DocumentStore
     from raytrieve.kinds import refuse_other_kind
-    from raytrieve.model_ref import (
-        check_max_seq_length,
-        is_model_uri,
-        is_store_uri,
-        resolve_model,
-        store_model,
-        store_model_pin,
-    )
+    from raytrieve.model_ref import check_max_seq_length, is_model_uri, model_pin, resolve_pinned
     from raytrieve.serve.deployments import one_corpus
     from raytrieve.tracking import mlflow_run
 
@@ -85,11 +78,9 @@ def check_before_start(cfg: ServeConfig, where: str = "config") -> dict[str, str
     for m in cfg.served():
         try:
             with mlflow_run.environment(mlflow_run.tracking_uri(cfg.mlflow_tracking_uri)):
-                if is_store_uri(m.spec.model):  # pinned first: what is checked is what replicas load
-                    pins[m.spec.model] = pins.get(m.spec.model) or store_model_pin(m.spec.model)
-                    path = store_model(m.spec.model, pins[m.spec.model])
-                else:
-                    path = resolve_model(m.spec.model)
+                if m.spec.model not in pins:  # pinned first: what is checked is what replicas load
+                    pins[m.spec.model] = model_pin(m.spec.model)
+                path = resolve_pinned(m.spec.model, pins[m.spec.model])
         except RaytrieveError as e:
             # tracking/model_uri.py turns every MLflow error into a ModelLoadError; here the
             # store comes from this config, so the fix names its key too.

@@ -48,6 +48,22 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     return target
 
 
+def pinned_version(uri: str, tracking_uri: str | None = None) -> str:
+    """``uri`` as the version it names now (``models:/NAME@ALIAS`` -> ``models:/NAME/3``); a
+    version or ``runs:/`` URI as given. What a Serve app pins a registry reference to."""
+    store = mlflow_run.tracking_uri(tracking_uri)
+    try:
+        with mlflow_run.registry(store) as client:
+            return _pin(client, uri)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # the registry's own errors, as download_model names them
+        raise ModelLoadError(
+            f"model {uri!r}: cannot be read from the MLflow store at {store} ({type(e).__name__}: {e}); check the "
+            "name and version (or alias), or point MLFLOW_TRACKING_URI at the store that holds it"
+        ) from e
+
+
 def _pin(client: Any, uri: str) -> str:
     """``uri`` with a registry alias, ``latest`` or stage replaced by the version it names now."""
     if not uri.startswith("models:/"):
