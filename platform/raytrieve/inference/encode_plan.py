@@ -168,13 +168,7 @@ def job_identity(
     # variant) and the keys a URI holds (redact: user info, secret query values) are no part of
     # the job, so a job resumed on another machine, with another cache, or with a rotated secret
     # finds its model the same.
-    models = {
-        k: {
-            **{f: x for f, x in v.items() if f not in MACHINE_FIELDS and not (f == "dtype" and x == "float32")},
-            "model": redact(v["model"]),
-        }
-        for k, v in described.items()
-    }
+    models = {k: _model_part(v) for k, v in described.items()}
     body = {
         "shard_format": shards.SHARD_FORMAT,
         "corpus": {**cfg.corpus.model_dump(mode="json"), "path": location or source.location, "format": source.format},
@@ -297,22 +291,20 @@ def claim_output(
     return identity
 
 
+def _model_part(model: dict[str, Any]) -> dict[str, Any]:
+    """A model's part of the identity, from what the manifest says of it (``resolve_outputs``)
+    or from an identity an earlier raytrieve wrote (with ``model_path`` and the URI's keys)."""
+    part = {f: x for f, x in model.items() if f not in MACHINE_FIELDS and not (f == "dtype" and x == "float32")}
+    return {**part, "model": redact(model["model"])} if "model" in model else part
+
+
 def without_machine_fields(identity: dict[str, Any]) -> dict[str, Any]:
     """An identity as ``job_identity`` writes it now, from one an earlier raytrieve wrote with
     each model's local folder (``model_path``) and its reference with keys."""
     models = identity.get("models")
     if not isinstance(models, dict):
         return identity
-    plain = {
-        k: {
-            **{f: x for f, x in v.items() if f != "model_path"},
-            **({"model": redact(v["model"])} if "model" in v else {}),
-        }
-        if isinstance(v, dict)
-        else v
-        for k, v in models.items()
-    }
-    return {**identity, "models": plain}
+    return {**identity, "models": {k: _model_part(v) if isinstance(v, dict) else v for k, v in models.items()}}
 
 
 def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -11,8 +11,10 @@ weights that the URI no longer names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +30,15 @@ REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:/([^/]+)|@([^/]+))")
 def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     """A local folder with the model ``uri`` names, downloaded from the store on first use."""
     store = mlflow_run.tracking_uri(tracking_uri)
-    try:
-        with mlflow_run.registry(store) as client:
-            pinned = _pin(client, uri)
-            identity = f"{store}|{pinned}"
-            if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
-                version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
-                identity += f"|{version.run_id}|{version.source}"
-            target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
-            if not (target / "modules.json").exists() and not (target / "config.json").exists():
-                _download(pinned, store, target)
-    except ModelLoadError:
-        raise
-    except Exception as e:  # the store's and registry's own errors: name the URI, the store and the fix
-        raise ModelLoadError(
-            f"model {uri!r}: cannot be read from the MLflow store at {store} ({type(e).__name__}: {e}); check the "
-            "name and version (or alias), or point MLFLOW_TRACKING_URI at the store that holds it"
-        ) from e
+    with _read_from(uri, store), mlflow_run.registry(store) as client:
+        pinned = _pin(client, uri)
+        identity = f"{store}|{pinned}"
+        if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
+            version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
+            identity += f"|{version.run_id}|{version.source}"
+        target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+        if not (target / "modules.json").exists() and not (target / "config.json").exists():
+            _download(pinned, store, target)
     return target
 
 
@@ -52,12 +46,18 @@ def pinned_version(uri: str, tracking_uri: str | None = None) -> str:
     """``uri`` as the version it names now (``models:/NAME@ALIAS`` -> ``models:/NAME/3``); a
     version or ``runs:/`` URI as given. What a Serve app pins a registry reference to."""
     store = mlflow_run.tracking_uri(tracking_uri)
+    with _read_from(uri, store), mlflow_run.registry(store) as client:
+        return _pin(client, uri)
+
+
+@contextlib.contextmanager
+def _read_from(uri: str, store: str) -> Iterator[None]:
+    """The store's and registry's own errors as a ModelLoadError naming the URI, the store and the fix."""
     try:
-        with mlflow_run.registry(store) as client:
-            return _pin(client, uri)
+        yield
     except ModelLoadError:
         raise
-    except Exception as e:  # the registry's own errors, as download_model names them
+    except Exception as e:
         raise ModelLoadError(
             f"model {uri!r}: cannot be read from the MLflow store at {store} ({type(e).__name__}: {e}); check the "
             "name and version (or alias), or point MLFLOW_TRACKING_URI at the store that holds it"
