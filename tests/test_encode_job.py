@@ -955,3 +955,75 @@ def test_bad_rows_are_numbered_by_their_row_in_the_whole_input_across_shards(tmp
     assert scanned.examples == [e for e in listed if sum(f[0] // 10 == e[0] // 10 for f in listed if f < e) < EXAMPLES]
     assert scanned.input_rows == n and scanned.bad + extra == sum(
         1 for r, (i, t) in enumerate(zip(ids, texts)) if i is None or t is None or not t.strip() or seen.get(i, r) != r)
+
+
+def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_path, monkeypatch):
+    """A shipped variant converted on first use (splade-tiny) writes files that record the
+    library versions that converted it. The job keys it by its source instead: converted again
+    under other versions (another machine's cache), it is the same model and the job resumes.
+    A folder keyed by the converted files (the rule before) resumes where that copy is kept, and
+    is told apart elsewhere; the variant's key is never a folder's own content key, so the raw
+    source folder given as a path (another model: no SPLADE stack) is neither that job nor made
+    those vectors."""
+    import raytrieve.inference.encode as encode
+    from raytrieve import assets
+    from raytrieve.data.sources import open_source, plan_shards
+    from raytrieve.inference import shards
+    from raytrieve.inference.encode_plan import (calibration_sample, claim_output, job_fingerprint, job_identity,
+                                                 older_identity_rules, resolve_outputs)
+
+    RayStarted = _stop_where_ray_starts(monkeypatch)
+    corpus = tmp_path / "corpus.parquet"
+    _corpus(corpus, 30, bad=False)
+    cfg = _config(tmp_path, corpus, sparse={"model": "splade-tiny"})
+    out = Path(cfg.output_dir)
+    source = open_source(str(corpus), None, field="corpus.path")
+
+    def on_machine(cache: str) -> tuple[dict, dict]:
+        monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / cache))
+        described = resolve_outputs(cfg, calibration_sample(cfg, plan_shards(source, 10)), "config")[1]
+        return job_identity(cfg, source, described), described
+
+    def written_by(kept):
+        out.mkdir(exist_ok=True)
+        (out / shards.JOB).write_text(json.dumps({"fingerprint": job_fingerprint(kept), "identity": kept}))
+
+    first, described_a = on_machine("cache-a")
+    converted_a = Path(described_a["sparse"]["model_path"])
+    assert converted_a.is_relative_to(tmp_path / "cache-a")
+    # Machine B converts the same source under other library versions: its files record them.
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache-b"))
+    from raytrieve.model_ref import resolve_model
+
+    converted_b = resolve_model("splade-tiny")
+    config = json.loads((converted_b / "config.json").read_text())
+    assert config["transformers_version"]
+    (converted_b / "config.json").write_text(json.dumps({**config, "transformers_version": "4.0.0"}))
+    assert assets.content_fingerprint(converted_b) != assets.content_fingerprint(converted_a)
+    second, described_b = on_machine("cache-b")
+    assert second == first and described_b["sparse"]["weights"] == described_a["sparse"]["weights"]
+    written_by(first)
+    with pytest.raises(RayStarted):  # resumed on machine B: the same job
+        encode.run_encode(cfg)
+
+    # The rule before: keyed by the converted files. On machine A (its copy) it resumes under its
+    # own identity (its shards' key); on machine B the converted files differ, and it is refused.
+    previous = dict(older_identity_rules(first, described_a))["a converted variant's files by their content"]
+    assert previous["models"]["sparse"]["weights"] == assets.content_fingerprint(converted_a)
+    written_by(previous)
+    with pytest.raises(ConfigError, match=r"sparse\.weights: .*was added, removed or changed since that job"):
+        encode.run_encode(cfg)
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache-a"))
+    assert claim_output(shards.OutputStore(str(out)), first, "config", described=described_a) == previous
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+
+    # The raw source folder, given as a path, is another model: another job, and not the maker.
+    raw = assets.package_dir(assets.get_variant("splade-tiny").source)
+    written_by(first)
+    with pytest.raises(ConfigError, match=r"sparse\.model: 'splade-tiny' -> '.*'; sparse\.weights: "):
+        encode.run_encode(_config(tmp_path, corpus, sparse={"model": str(raw)}))
+    made = shards.SparseInfo.model_validate({**described_a["sparse"], "dtypes_used": ["float32"]})
+    assert made.made_by("splade-tiny", converted_b)  # by name, whatever the converted files record
+    assert made.made_by(str(converted_b), converted_b)  # a copy of the converted weights, by path
+    assert not made.made_by(str(raw), raw)

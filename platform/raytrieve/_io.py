@@ -184,6 +184,18 @@ def _umask() -> int:
     return 0o022
 
 
+def mark_used(folder: Path) -> Path:
+    """Record that ``folder``, an entry of raytrieve's cache, was just handed out: its
+    modification time set to now (``raytrieve.cache.prune`` keeps what was used lately; no file
+    inside changes, so no content key sees it). A cache on a read-only or foreign file system is
+    left as it is. Returns ``folder``."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block succeeds."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from raytrieve.kinds import MODEL_KINDS
 KINDS = tuple(MODEL_KINDS)  # kinds.py is the one list of model kinds
 ST_FORMAT = "sentence-transformers"  # used in place; the other formats are converted once
 FORMATS = (ST_FORMAT, "hf-masked-lm", "onnx-int8-bert-classifier")
+# Bump when a converter (raytrieve.encoders.convert) writes other weights from the same source:
+# encoding jobs key a converted variant by it (``converted_variant_key``).
+CONVERSION_REVISION = 1
 
 
 class Source(ConfigModel):
@@ -189,6 +193,20 @@ def content_fingerprint(folder: Path) -> str:
     for name, f in _visible_files(folder):
         h.update(f"{name}:{f.stat().st_size}\0".encode())
         _hash_content(h, f)
+    return h.hexdigest()[:16]
+
+
+def converted_variant_key(variant: Variant) -> str:
+    """The key of a converted variant's files (what ``content_fingerprint`` is for any other
+    model): its source's content, its catalogue entry and ``CONVERSION_REVISION``. Not the
+    converted files' content: those record the library versions that wrote them (config.json's
+    transformers_version, the tokenizer's serialisation), so the same weights would key as
+    another model after an upgrade and a resumed encoding job would be refused. 16 hex digits,
+    as ``content_fingerprint``; its own namespace, so the raw source folder given as a path
+    (loaded another way) never keys the same."""
+    spec = json.dumps(variant.model_dump(mode="json", exclude={"description", "license", "card"}), sort_keys=True)
+    source = content_fingerprint(package_dir(variant.source))
+    h = hashlib.sha256(f"converted variant\0{CONVERSION_REVISION}\0{spec}\0{source}".encode())
     return h.hexdigest()[:16]
 
 

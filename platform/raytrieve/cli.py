@@ -16,6 +16,9 @@ raytrieve serve --config X.yaml [key=value ...]
                                    hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
 raytrieve data build-pydocs --out DIR
                                    (query, document) pairs from installed packages' docstrings
+raytrieve cache list [--json]     what raytrieve's cache on this machine holds ($RAYTRIEVE_CACHE)
+raytrieve cache prune --unused-days N [--dry-run]
+                                   delete the cache entries not used for N days
 raytrieve docs config-reference    the config reference (docs/config-reference.md), from the config models
 raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
                                    the main job end to end on real text (what `make demo` runs)
@@ -47,6 +50,75 @@ def _models_path(args: argparse.Namespace) -> int:
     from raytrieve.model_ref import shipped_model
 
     print(shipped_model(args.name))
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _cache_rows(found: list[Any]) -> None:
+    """Entries by area, each area headed by what it holds (``cache.AREAS``)."""
+    import time
+
+    from raytrieve.cache import AREAS
+
+    now = time.time()
+    for area, what in AREAS.items():
+        mine = [e for e in found if e.area == area]
+        if mine:
+            print(f"{area}/ ({what}): {len(mine)}, {_size(sum(e.size for e in mine))}")
+        for e in mine:
+            note = "  (a killed maker's leftover)" if e.temporary else ""
+            print(f"  {_size(e.size):>9}  used {(now - e.last_used) / 86_400:6.1f} days ago  {e.path}{note}")
+
+
+def _cache_list(args: argparse.Namespace) -> int:
+    import json
+
+    from raytrieve import cache
+    from raytrieve.assets import cache_dir
+
+    found = list(cache.entries())
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "area": e.area,
+                        "path": str(e.path),
+                        "bytes": e.size,
+                        "last_used": e.last_used,
+                        "temporary": e.temporary,
+                    }
+                    for e in found
+                ]
+            )
+        )
+        return 0
+    print(f"{cache_dir()}: {len(found)} entries, {_size(sum(e.size for e in found))}")
+    _cache_rows(found)
+    return 0
+
+
+def _cache_prune(args: argparse.Namespace) -> int:
+    from raytrieve import cache
+    from raytrieve.assets import cache_dir
+
+    if args.unused_days < 0:
+        print("raytrieve cache prune: --unused-days must be 0 or more", file=sys.stderr)
+        return 2
+    gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{cache_dir()}: {verb} {len(gone)} entries unused for {args.unused_days:g} days, "
+        f"{_size(sum(e.size for e in gone))}"
+    )
+    _cache_rows(gone)
     return 0
 
 
@@ -162,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_sub.add_parser("path", help="print a local sentence-transformers folder for a variant")
     path.add_argument("name")
     path.set_defaults(func=_models_path)
+    cache = sub.add_parser("cache", help="raytrieve's cache on this machine ($RAYTRIEVE_CACHE)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    listing = cache_sub.add_parser("list", help="every entry: its area, size, last use and folder")
+    listing.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    listing.set_defaults(func=_cache_list)
+    prune = cache_sub.add_parser(
+        "prune", help="delete the entries not used for N days (each is made again when next needed)"
+    )
+    prune.add_argument("--unused-days", type=float, required=True, metavar="N")
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    prune.set_defaults(func=_cache_prune)
     _config_command(
         sub,
         "train",

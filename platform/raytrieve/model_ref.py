@@ -101,6 +101,26 @@ def check_reference(ref: str | os.PathLike, field: str) -> None:
         raise ConfigError(f"{field}: {e}") from None
 
 
+def shipped_variant(ref: str | os.PathLike) -> assets.Variant | None:
+    """The shipped variant ``ref`` names (as ``resolve_model`` reads it: a folder or URI of that
+    name is not one), or None."""
+    text = os.fspath(ref)
+    if "://" in text or Path(text).expanduser().exists() or text not in assets.variant_names():
+        return None
+    return assets.get_variant(text)
+
+
+def files_key(ref: str | os.PathLike, folder: Path) -> str:
+    """The key of the model files ``ref`` names, whose copy here is ``folder``: their content
+    (``assets.content_fingerprint``, any path, any machine), or for a variant converted on first
+    use its source's (``assets.converted_variant_key``: the converted files record library
+    versions). What an encoding job's identity and manifest hold as a model's "weights"."""
+    variant = shipped_variant(ref)
+    if variant is not None and variant.source.format != assets.ST_FORMAT:
+        return assets.converted_variant_key(variant)
+    return assets.content_fingerprint(folder)
+
+
 def is_model_dir(path: Path) -> bool:
     """A folder of a sentence-transformers (modules.json) or transformers (config.json) model."""
     return (path / "modules.json").exists() or (path / "config.json").exists()
@@ -243,7 +263,7 @@ class ShippedModel:
                         tar.extractall(tmp, filter="data")
                     else:
                         tar.extractall(tmp)
-        return str(target)
+        return str(_io.mark_used(target))
 
 
 def ship(path: str | os.PathLike) -> ShippedModel:

@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytrieve._io import atomic_directory, redact
+from raytrieve._io import atomic_directory, mark_used, redact
 from raytrieve.errors import DataError
 
 GLOB_CHARS = "*?["
@@ -390,7 +390,7 @@ def fetch_folder(
         return any((target / m).is_file() for m in markers)
 
     if pin is not None and complete(cache / pin):  # a copy never changes: no need to list the store
-        return cache / pin
+        return mark_used(cache / pin)
     listed, listing = _list_folder(uri, what, markers, expect)
     if pin is not None and listed.key != pin:
         raise DataError(
@@ -400,7 +400,7 @@ def fetch_folder(
         )
     target = cache / listed.key
     if complete(target):
-        return target
+        return mark_used(target)
     locks = cache.with_name(f"{cache.name}-locks")  # beside the copies (as model_ref's shipped-locks)
     locks.mkdir(parents=True, exist_ok=True)
     # One process of this machine downloads (a node's Serve replicas start together); the others
@@ -408,7 +408,7 @@ def fetch_folder(
     with open(locks / listed.key, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete(target):
-            return target
+            return mark_used(target)
         for stale in cache.glob(f".{listed.key}.tmp-*"):  # a killed download's (the lock holder alone writes one)
             shutil.rmtree(stale, ignore_errors=True)
         try:
@@ -423,6 +423,6 @@ def fetch_folder(
                     raise DataError(f"{what} {shown}: it changed while it was downloaded; read it again")
         except OSError as e:  # FileExistsError too: a name that is a file and a folder in the store
             if isinstance(e, FileExistsError) and complete(target):  # made meanwhile by a machine sharing the cache
-                return target
+                return mark_used(target)
             raise DataError(f"{what} {shown}: the download failed ({redact(str(e))}); {STORE_FIX}") from None
     return target

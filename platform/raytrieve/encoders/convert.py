@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raytrieve import assets
-from raytrieve._io import atomic_directory
+from raytrieve._io import atomic_directory, mark_used
 from raytrieve.encoders.cross import CrossEncoder
 from raytrieve.encoders.sparse import SparseEncoder
 from raytrieve.errors import AssetError
@@ -43,7 +43,7 @@ def converted_model(variant: assets.Variant) -> Path:
     # identity as model_path, stay those of earlier raytrieve versions.
     target = assets.cache_dir() / "models" / f"{variant.name}-{assets.top_level_fingerprint(src)}"
     if (target / "modules.json").exists():
-        return target
+        return mark_used(target)
     # Another process may convert the same weights at the same time (encode actors starting on
     # one node, the test suite's two processes): the first copy renamed into place wins, and a
     # later one is dropped rather than swapped in under the first one's readers. A folder there

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
+from raytrieve._io import mark_used
 from raytrieve.config import Backend
 from raytrieve.errors import ConfigError, ModelLoadError
 
@@ -274,6 +275,7 @@ def attach(module: Transformer, threads: int | None = None) -> OnnxModel:
             "use backend: torch for this model"
         )
     assert model is not None, "a difference within bounds comes from a loaded export"
+    mark_used(folder)
     model.weights_version = weights_version(module.auto_model)
     module.onnx_model = model
     return model

@@ -49,7 +49,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     """Each model loaded once on the driver: the config is checked against it (prompt names,
     truncate_dim), prompts resolved, and int8 ranges calibrated on ``sample``. Returns the
     specs and what the manifest says of each model."""
-    from raytrieve.model_ref import resolve_field
+    from raytrieve.model_ref import files_key, resolve_field
 
     # Every reference resolved first: a wrong name or URI is reported before torch loads.
     outputs = [(kind, out) for kind, out in (("dense", cfg.dense), ("sparse", cfg.sparse)) if out is not None]
@@ -59,7 +59,6 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
         refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {redact(out.model)}", f"name a {kind} model there")
 
-    from raytrieve import assets
     from raytrieve.encoders.tokenizer_only import InputTokenizer
     from raytrieve.quantization import quantization_ranges
 
@@ -85,7 +84,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
             "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose
             # Its files' content: the job's identity, and what Serve, evaluate and mining compare
             # the model they are given with (ModelInfo.made_by), on any machine.
-            "weights": assets.content_fingerprint(Path(path)),
+            "weights": files_key(out.model, Path(path)),
         }
         if isinstance(out, DenseOutputConfig):  # kind "dense"; else SparseOutputConfig
             dim = model.get_embedding_dimension()
@@ -247,8 +246,9 @@ def claim_output(
             kept_models = (kept.get("models") or {}) if isinstance(kept, dict) else {}
             old_keys = [
                 older
-                for _, older in olders[1:]
-                if all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
+                for rule, older in olders
+                if rule in MTIME_RULES
+                and all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
             ]
             compared, basis = (kept, old_keys[0]) if old_keys else (plain, identity)
             ignore = added_settings_at_default(compared, basis, cfg, held) if cfg is not None else set()
@@ -307,35 +307,56 @@ def without_machine_fields(identity: dict[str, Any]) -> dict[str, Any]:
     return {**identity, "models": {k: _model_part(v) if isinstance(v, dict) else v for k, v in models.items()}}
 
 
-def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``identity`` as earlier raytrieve versions wrote it, newest first: each model named by its
-    reference as given (keys and all) and its local folder (``model_path``), its files keyed by
-    their content, then by every file's path, size and mtime (``assets.fingerprint``), then by
-    the top-level files alone (``assets.top_level_fingerprint``). Folders written under them
-    still resume; a change those rules could not see (the top-level rule: a subfolder's) goes
-    unseen there, as it did when the folder was written, and a new mtime on the same content
-    still refuses the mtime rules' folders."""
-    from raytrieve import assets
+# older_identity_rules' names of the rules that keyed model files by their mtimes: a refusal of
+# such a folder says so (a copy of the same content counts as a change there).
+MTIME_RULES = ("every file's path, size and mtime", "top-level files")
 
-    rules = (
-        ("their content and local folder", None),
-        ("every file's path, size and mtime", assets.fingerprint),
-        ("top-level files", assets.top_level_fingerprint),
-    )
+
+def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``identity`` as earlier raytrieve versions wrote it, newest first: a variant converted on
+    first use keyed by the converted files' content (until 2026-12-06; the rule given only when
+    the job has such a model); then each model named by its reference as given (keys and all) and
+    its local folder (``model_path``), its files keyed by their content, then by every file's
+    path, size and mtime (``assets.fingerprint``), then by the top-level files alone
+    (``assets.top_level_fingerprint``): ``MTIME_RULES``. Folders written under them still resume;
+    a change those rules could not see (the top-level rule: a subfolder's) goes unseen there, as
+    it did when the folder was written, and a new mtime on the same content still refuses the
+    mtime rules' folders."""
+    from raytrieve import assets
+    from raytrieve.model_ref import shipped_variant
+
+    def converted_files(k: str) -> str | None:
+        variant = shipped_variant(described[k]["model"])
+        if variant is None or variant.source.format == assets.ST_FORMAT:
+            return None
+        return assets.content_fingerprint(Path(described[k]["model_path"]))
+
+    # Every other model's key is its files' content already (files_key).
+    contents = {k: converted_files(k) for k in identity["models"]}
+
+    def by_content(k: str, v: dict[str, Any]) -> dict[str, Any]:
+        return {**v, "weights": contents[k] or v["weights"]}
 
     def as_written(k: str, v: dict[str, Any], key: Any) -> dict[str, Any]:
         path = described[k]["model_path"]
         return {
-            **v,
+            **by_content(k, v),
             "model": described[k]["model"],
             "model_path": path,
-            "weights": key(Path(path)) if key else v["weights"],
+            **({"weights": key(Path(path))} if key else {}),
         }
 
-    return [
-        (name, {**identity, "models": {k: as_written(k, v, key) for k, v in identity["models"].items()}})
-        for name, key in rules
-    ]
+    rules: list[tuple[str, dict[str, Any]]] = []
+    if any(contents.values()):
+        models = {k: by_content(k, v) for k, v in identity["models"].items()}
+        rules.append(("a converted variant's files by their content", {**identity, "models": models}))
+    for name, key in (
+        ("their content and local folder", None),
+        (MTIME_RULES[0], assets.fingerprint),
+        (MTIME_RULES[1], assets.top_level_fingerprint),
+    ):
+        rules.append((name, {**identity, "models": {k: as_written(k, v, key) for k, v in identity["models"].items()}}))
+    return rules
 
 
 def reuse_ranges(job: dict[str, Any], outputs: list[OutputSpec], described: dict[str, Any]) -> None:

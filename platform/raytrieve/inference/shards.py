@@ -167,7 +167,8 @@ class ModelInfo(_Record):
     max_seq_length: int | None
     similarity: str | None
     dtype: Dtype = "float32"  # as asked for; absent before the dtype setting, when jobs computed in float32
-    # The content of the model's files (assets.content_fingerprint); absent before 2026-12-06.
+    # The key of the model's files (model_ref.files_key: their content, or a converted variant's
+    # source); absent before 2026-12-06.
     weights: str | None = None
 
     def made_by(self, reference: str, folder: Path) -> bool:
@@ -181,16 +182,17 @@ class ModelInfo(_Record):
         by the reference (keys aside), the folder, or equal weights. Reads every byte of
         ``folder`` (about 1.4 GB/s on 2 cores) unless the name decides."""
         from raytrieve._io import redact
-        from raytrieve.assets import content_fingerprint, same_model_files, variant_names
+        from raytrieve.assets import content_fingerprint, same_model_files
+        from raytrieve.model_ref import files_key, shipped_variant
 
         built = Path(self.model_path)
-        if reference == self.model and reference in variant_names():
+        if reference == self.model and shipped_variant(reference) is not None:
             return True
         if self.weights is None:
             return redact(reference) == redact(self.model) or same_model_files(folder, built)
         if content_fingerprint(folder) == self.weights:
             return True
-        return built.is_dir() and content_fingerprint(built) == self.weights and same_model_files(folder, built)
+        return built.is_dir() and files_key(self.model, built) == self.weights and same_model_files(folder, built)
 
     def not_made_by(self, reference: str) -> str:
         """Why ``made_by`` said no, for a refusal: what more than the other model it knows."""

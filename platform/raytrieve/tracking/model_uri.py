@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raytrieve import assets
-from raytrieve._io import atomic_directory
+from raytrieve._io import atomic_directory, mark_used
 from raytrieve.errors import ModelLoadError
 from raytrieve.tracking import mlflow_run
 
@@ -39,7 +39,7 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
         target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
         if not (target / "modules.json").exists() and not (target / "config.json").exists():
             _download(pinned, store, target)
-    return target
+    return mark_used(target)
 
 
 def pinned_version(uri: str, tracking_uri: str | None = None) -> str:

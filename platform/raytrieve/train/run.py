@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from raytrieve._io import redact
+from raytrieve._io import mark_used, redact
 from raytrieve.data.files import INCOMPLETE, OutputStore, file_uri_path, is_uri, resolve
 from raytrieve.data.pipeline import StreamSpec
 from raytrieve.encoders import load_encoder
@@ -312,7 +312,7 @@ def inference_free_router(model_path: str, root: Path) -> Path:
     source = f"{Path(model_path).resolve()}:{fingerprint(Path(model_path))}"
     target = root / f"initial-model-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     if (target / "modules.json").exists():
-        return target
+        return mark_used(target)
     import torch
 
     from raytrieve._io import atomic_directory
