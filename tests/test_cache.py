@@ -61,10 +61,11 @@ def test_cache_lists_marks_and_prunes_by_last_use(tmp_path, monkeypatch, s3_stor
     assert time.time() - found[downloaded].last_used < 60
 
     # Resolving marks the entry used; a use older than the period makes it prunable.
+    for entry in (downloaded, converted):
+        _age(entry, 10)
+    assert resolve_model(uri) == downloaded and resolve_model("splade-tiny") == converted
+    assert time.time() - downloaded.stat().st_mtime < 60 and time.time() - converted.stat().st_mtime < 60
     _age(downloaded, 10)
-    _age(converted, 10)
-    assert resolve_model("splade-tiny") == converted
-    assert time.time() - converted.stat().st_mtime < 60
     listed = _cli("list", "--json", env={"RAYTRIEVE_CACHE": str(root)})
     assert listed.returncode == 0, listed.stderr
     rows = {r["path"]: r for r in json.loads(listed.stdout)}
@@ -92,10 +93,13 @@ def test_cache_lists_marks_and_prunes_by_last_use(tmp_path, monkeypatch, s3_stor
     # A leftover is kept for a day whatever the period asked (its maker may still be writing it).
     assert new_tmp not in [e.path for e in cache.prune(0)]
     assert new_tmp.is_dir() and not converted.exists() and not again.exists()
-    bad = _cli("prune", "--unused-days", "-1", env={"RAYTRIEVE_CACHE": str(root)})
-    assert bad.returncode == 2 and "--unused-days must be 0 or more" in bad.stderr
+    for period in ("-1", "nan"):  # NaN would pass every age test: the whole cache, leftovers being written too
+        bad = _cli("prune", "--unused-days", period, env={"RAYTRIEVE_CACHE": str(root)})
+        assert bad.returncode == 2 and "--unused-days must be a number, 0 or more" in bad.stderr
+    assert new_tmp.is_dir()
 
 
-def test_prune_refuses_a_negative_period():
-    with pytest.raises(ValueError, match="unused_for_s"):
-        cache.prune(-1)
+def test_prune_refuses_a_period_that_is_not_a_number_0_or_more():
+    for period in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="unused_for_s must be a number >= 0"):
+            cache.prune(period)

@@ -1014,9 +1014,18 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
     with pytest.raises(ConfigError, match=r"sparse\.weights: .*was added, removed or changed since that job"):
         encode.run_encode(cfg)
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache-a"))
+    # What the rule before wrote: this identity with the converted files' content as the key.
+    assert previous == {**first, "models": {"sparse": {**first["models"]["sparse"],
+                                                       "weights": assets.content_fingerprint(converted_a)}}}
     assert claim_output(shards.OutputStore(str(out)), first, "config", described=described_a) == previous
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
+    # Another setting against that folder: the refusal names the setting, not the model's key
+    # (whose rule changed, not its files).
+    with pytest.raises(ConfigError) as refused:
+        encode.run_encode(_config(tmp_path, corpus, sparse={"model": "splade-tiny", "max_seq_length": 16}))
+    assert "(that job -> this one: sparse.max_seq_length: " in str(refused.value)
+    assert "weights" not in str(refused.value) and "file under the model" not in str(refused.value)
 
     # The raw source folder, given as a path, is another model: another job, and not the maker.
     raw = assets.package_dir(assets.get_variant("splade-tiny").source)
@@ -1025,5 +1034,13 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
         encode.run_encode(_config(tmp_path, corpus, sparse={"model": str(raw)}))
     made = shards.SparseInfo.model_validate({**described_a["sparse"], "dtypes_used": ["float32"]})
     assert made.made_by("splade-tiny", converted_b)  # by name, whatever the converted files record
-    assert made.made_by(str(converted_b), converted_b)  # a copy of the converted weights, by path
+    copy = tmp_path / "copy"
+    shutil.copytree(converted_b, copy)
+    assert made.made_by(str(copy), copy)  # a copy of the converted weights, by path
     assert not made.made_by(str(raw), raw)
+    # Made on another machine (its converted folder not here): this machine's conversion decides.
+    elsewhere = made.model_copy(update={"model_path": str(tmp_path / "other-machine" / "splade-tiny")})
+    assert elsewhere.made_by(str(copy), copy) and not elsewhere.made_by(str(raw), raw)
+    # A manifest of the rule before (the converted files' content): a copy still passes here.
+    before = made.model_copy(update={"weights": assets.content_fingerprint(converted_a)})
+    assert before.made_by(str(copy), copy) and not before.made_by(str(raw), raw)

@@ -20,6 +20,7 @@ finds it gone: prune with a period longer than any job or replica start.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import time
@@ -84,26 +85,28 @@ def entries(root: Path | None = None) -> Iterator[Entry]:
 def prune(unused_for_s: float, root: Path | None = None, dry_run: bool = False) -> list[Entry]:
     """Delete the entries (and leftovers) of the cache at ``root`` not used for ``unused_for_s``
     seconds; returns them. ``dry_run``: delete nothing, return what would go."""
-    if unused_for_s < 0:
-        raise ValueError("unused_for_s must be >= 0")
+    if not math.isfinite(unused_for_s) or unused_for_s < 0:  # NaN would pass every age test below
+        raise ValueError(f"unused_for_s must be a number >= 0, not {unused_for_s}")
     root = Path(root) if root is not None else cache_dir()
     now = time.time()
     gone = []
     for entry in entries(root):
         # A leftover is at least a day old too: a maker writing one now (its lock held where its
-        # area has locks, but not all have) keeps touching it.
-        if entry.last_used > now - (max(unused_for_s, DAY_S) if entry.temporary else unused_for_s):
+        # area has locks; in the others this is all that keeps it) keeps touching it.
+        cutoff = now - (max(unused_for_s, DAY_S) if entry.temporary else unused_for_s)
+        if entry.last_used > cutoff:
             continue
-        if dry_run:
+        if dry_run:  # locks are not looked at: a real prune may skip some of these
             gone.append(entry)
-        elif _delete(root, entry):
+        elif _delete(root, entry, cutoff):
             gone.append(entry)
     return gone
 
 
-def _delete(root: Path, entry: Entry) -> bool:
+def _delete(root: Path, entry: Entry, cutoff: float) -> bool:
     """Rename ``entry`` away under its lock (where its area has locks), then delete it. False when
-    it is being made (its lock held) or went meanwhile."""
+    it is being made (its lock held), was used since it was listed (its time after ``cutoff``),
+    went meanwhile or cannot be renamed."""
     # A leftover's lock is its entry's: ".KEY.tmp-*" -> KEY.
     key = entry.path.name
     if entry.temporary:
@@ -120,8 +123,10 @@ def _delete(root: Path, entry: Entry) -> bool:
     try:
         away = entry.path.with_name(f".{entry.path.name.lstrip('.')}.pruned-{os.getpid()}")
         try:
+            if entry.path.stat().st_mtime > cutoff:  # handed out since it was listed
+                return False
             os.replace(entry.path, away)
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or not ours to rename
             return False
         shutil.rmtree(away, ignore_errors=True)
         return True  # the lock file stays: a maker waiting on it holds that file, not a new one

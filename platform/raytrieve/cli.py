@@ -106,11 +106,13 @@ def _cache_list(args: argparse.Namespace) -> int:
 
 
 def _cache_prune(args: argparse.Namespace) -> int:
+    import math
+
     from raytrieve import cache
     from raytrieve.assets import cache_dir
 
-    if args.unused_days < 0:
-        print("raytrieve cache prune: --unused-days must be 0 or more", file=sys.stderr)
+    if not math.isfinite(args.unused_days) or args.unused_days < 0:
+        print("raytrieve cache prune: --unused-days must be a number, 0 or more", file=sys.stderr)
         return 2
     gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"

@@ -39,9 +39,11 @@ def converted_model(variant: assets.Variant) -> Path:
         )
     src = assets.package_dir(variant.source)
     # Keyed by the package folder's top-level files (what a reinstall replaces; these sources are
-    # flat transformers folders): the cache's folder names, which encoding jobs keep in their
-    # identity as model_path, stay those of earlier raytrieve versions.
-    target = assets.cache_dir() / "models" / f"{variant.name}-{assets.top_level_fingerprint(src)}"
+    # flat transformers folders) and, from revision 2 on, the converter's revision (a converter
+    # that writes other weights converts again): the cache's folder names, which encoding jobs of
+    # earlier raytrieve versions keep in their identity as model_path, stay those of revision 1.
+    revision = f"-r{assets.CONVERSION_REVISION}" if assets.CONVERSION_REVISION > 1 else ""
+    target = assets.cache_dir() / "models" / f"{variant.name}-{assets.top_level_fingerprint(src)}{revision}"
     if (target / "modules.json").exists():
         return mark_used(target)
     # Another process may convert the same weights at the same time (encode actors starting on

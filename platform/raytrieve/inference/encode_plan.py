@@ -247,7 +247,7 @@ def claim_output(
             old_keys = [
                 older
                 for rule, older in olders
-                if rule in MTIME_RULES
+                if rule in (CONVERTED_RULE, *MTIME_RULES)
                 and all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
             ]
             compared, basis = (kept, old_keys[0]) if old_keys else (plain, identity)
@@ -310,6 +310,8 @@ def without_machine_fields(identity: dict[str, Any]) -> dict[str, Any]:
 # older_identity_rules' names of the rules that keyed model files by their mtimes: a refusal of
 # such a folder says so (a copy of the same content counts as a change there).
 MTIME_RULES = ("every file's path, size and mtime", "top-level files")
+# The rule that keyed a converted variant by its converted files (before converted_variant_key).
+CONVERTED_RULE = "a converted variant's files by their content"
 
 
 def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -349,7 +351,7 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
     rules: list[tuple[str, dict[str, Any]]] = []
     if any(contents.values()):
         models = {k: by_content(k, v) for k, v in identity["models"].items()}
-        rules.append(("a converted variant's files by their content", {**identity, "models": models}))
+        rules.append((CONVERTED_RULE, {**identity, "models": models}))
     for name, key in (
         ("their content and local folder", None),
         (MTIME_RULES[0], assets.fingerprint),

@@ -178,9 +178,11 @@ class ModelInfo(_Record):
         model, whose other files differ). The same reference with other files is not: a model
         trained again into its folder encodes into another space. A shipped variant passes by its
         name (one converted on first use records the library versions that converted it, so its
-        files differ between environments). A manifest from before the content was recorded goes
-        by the reference (keys aside), the folder, or equal weights. Reads every byte of
-        ``folder`` (about 1.4 GB/s on 2 cores) unless the name decides."""
+        files differ between environments); a copy of one given by its path passes by equal weight
+        files, against the job's folder here or this machine's conversion of it. A manifest from
+        before the content was recorded goes by the reference (keys aside), the folder, or equal
+        weights. Reads every byte of ``folder`` (about 1.4 GB/s on 2 cores) unless the name
+        decides."""
         from raytrieve._io import redact
         from raytrieve.assets import content_fingerprint, same_model_files
         from raytrieve.model_ref import files_key, shipped_variant
@@ -192,7 +194,16 @@ class ModelInfo(_Record):
             return redact(reference) == redact(self.model) or same_model_files(folder, built)
         if content_fingerprint(folder) == self.weights:
             return True
-        return built.is_dir() and files_key(self.model, built) == self.weights and same_model_files(folder, built)
+        # The job's folder here: keyed as this raytrieve keys it, or by its content (a converted
+        # variant's manifest from before its source keyed it).
+        if built.is_dir() and self.weights in (files_key(self.model, built), content_fingerprint(built)):
+            return same_model_files(folder, built)
+        # A converted variant's job made on another machine: this machine's conversion of it.
+        if shipped_variant(self.model) is not None and files_key(self.model, built) == self.weights:
+            from raytrieve.model_ref import resolve_model
+
+            return same_model_files(folder, resolve_model(self.model))
+        return False
 
     def not_made_by(self, reference: str) -> str:
         """Why ``made_by`` said no, for a refusal: what more than the other model it knows."""
