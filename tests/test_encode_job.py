@@ -1026,6 +1026,14 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
         encode.run_encode(_config(tmp_path, corpus, sparse={"model": "splade-tiny", "max_seq_length": 16}))
     assert "(that job -> this one: sparse.max_seq_length: " in str(refused.value)
     assert "weights" not in str(refused.value) and "file under the model" not in str(refused.value)
+    # The same for a folder of the rule before that, which also kept the model's local folder.
+    written_by(dict(older_identity_rules(first, described_a))["their content and local folder"])
+    with pytest.raises(RayStarted):
+        encode.run_encode(cfg)
+    with pytest.raises(ConfigError) as refused:
+        encode.run_encode(_config(tmp_path, corpus, sparse={"model": "splade-tiny", "max_seq_length": 16}))
+    assert "(that job -> this one: sparse.max_seq_length: " in str(refused.value)
+    assert not any(word in str(refused.value) for word in ("weights", "model_path", "file under the model"))
 
     # The raw source folder, given as a path, is another model: another job, and not the maker.
     raw = assets.package_dir(assets.get_variant("splade-tiny").source)
@@ -1044,3 +1052,7 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
     # A manifest of the rule before (the converted files' content): a copy still passes here.
     before = made.model_copy(update={"weights": assets.content_fingerprint(converted_a)})
     assert before.made_by(str(copy), copy) and not before.made_by(str(raw), raw)
+    # A machine that cannot make the variant (its package is not installed) refuses, not raises.
+    monkeypatch.setattr(assets, "package_dir", lambda source: (_ for _ in ()).throw(
+        assets.AssetError(f"package {source.package!r} is not installed")))
+    assert not elsewhere.made_by(str(copy), copy)

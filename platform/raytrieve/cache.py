@@ -126,6 +126,9 @@ def _delete(root: Path, entry: Entry, cutoff: float) -> bool:
             if entry.path.stat().st_mtime > cutoff:  # handed out since it was listed
                 return False
             os.replace(entry.path, away)
+            if away.stat().st_mtime > cutoff:  # handed out between the check and the rename
+                os.replace(away, entry.path)
+                return False
         except OSError:  # gone meanwhile, or not ours to rename
             return False
         shutil.rmtree(away, ignore_errors=True)

@@ -111,7 +111,7 @@ def _cache_prune(args: argparse.Namespace) -> int:
     from raytrieve import cache
     from raytrieve.assets import cache_dir
 
-    if not math.isfinite(args.unused_days) or args.unused_days < 0:
+    if not math.isfinite(args.unused_days * 86_400) or args.unused_days < 0:
         print("raytrieve cache prune: --unused-days must be a number, 0 or more", file=sys.stderr)
         return 2
     gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)

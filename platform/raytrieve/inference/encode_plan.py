@@ -245,12 +245,17 @@ def claim_output(
             # models' keys always differ from this rule's, which would name a change nobody made.
             kept_models = (kept.get("models") or {}) if isinstance(kept, dict) else {}
             old_keys = [
-                older
+                (rule, older)
                 for rule, older in olders
                 if rule in (CONVERTED_RULE, *MTIME_RULES)
                 and all(kept_models.get(k, {}).get("weights") == v["weights"] for k, v in older["models"].items())
             ]
-            compared, basis = (kept, old_keys[0]) if old_keys else (plain, identity)
+            compared, basis = (plain, identity)
+            if old_keys:
+                # The converted-files rule wrote no local folder: a folder of an earlier rule that
+                # did (kept's model_path) is compared without it, as this rule compares.
+                rule, older = old_keys[0]
+                compared, basis = (plain, older) if rule == CONVERTED_RULE else (kept, older)
             ignore = added_settings_at_default(compared, basis, cfg, held) if cfg is not None else set()
             differs = redact(differences(compared, basis, ignore=ignore, held=held))  # a corpus URI's keys
             what = f"that job -> this one: {differs}" if differs else "other corpus location, model or settings"

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from raytrieve.config import Dtype, validation_messages
 from raytrieve.data.files import TMP_MARK, OutputStore  # noqa: F401  (re-exported: the job names them here)
 from raytrieve.data.formats import FORMATS
-from raytrieve.errors import DataError
+from raytrieve.errors import DataError, RaytrieveError
 from raytrieve.inference.config import CorpusConfig
 
 MANIFEST = "manifest.json"
@@ -194,15 +194,21 @@ class ModelInfo(_Record):
             return redact(reference) == redact(self.model) or same_model_files(folder, built)
         if content_fingerprint(folder) == self.weights:
             return True
-        # The job's folder here: keyed as this raytrieve keys it, or by its content (a converted
-        # variant's manifest from before its source keyed it).
-        if built.is_dir() and self.weights in (files_key(self.model, built), content_fingerprint(built)):
-            return same_model_files(folder, built)
-        # A converted variant's job made on another machine: this machine's conversion of it.
-        if shipped_variant(self.model) is not None and files_key(self.model, built) == self.weights:
-            from raytrieve.model_ref import resolve_model
+        variant = shipped_variant(self.model)
+        try:
+            # The job's folder here, keyed by its content, or for a converted variant by its source
+            # (a manifest from before that keyed the converted files' content).
+            if built.is_dir():
+                keys = {content_fingerprint(built), *([files_key(self.model, built)] if variant else [])}
+                if self.weights in keys:
+                    return same_model_files(folder, built)
+            # A converted variant's job made on another machine: this machine's conversion of it.
+            if variant is not None and files_key(self.model, built) == self.weights:
+                from raytrieve.model_ref import resolve_model
 
-            return same_model_files(folder, resolve_model(self.model))
+                return same_model_files(folder, resolve_model(self.model))
+        except (RaytrieveError, OSError):  # the variant's package is not here, or it cannot convert here
+            return False
         return False
 
     def not_made_by(self, reference: str) -> str:
