@@ -52,13 +52,15 @@ def test_converted_reranker_keeps_the_onnx_models_scores(ours_reranker):
     """The conversion (int8 weights dequantized into a BERT classifier) against the original it
     came from: the ONNX model's own logits. The original quantizes activations to int8 at run
     time and ours stays float, so single logits differ by up to ~0.6 (measured 0.59 on a logit
-    of -6.6; median 0.04); a wrong conversion (a transposed or misplaced weight) moves them by
-    whole units and breaks the correlation."""
+    of -6.6, median 0.04, on a CPU with AVX-512 VNNI; onnxruntime's int8 kernels for a CPU with
+    AVX2 only round more: max 0.65, median 0.17 on an AMD EPYC, 2026-12-06, where the original
+    gives 9.12 on the Berlin example against 9.42, and ours 9.27 on both); a wrong conversion (a
+    transposed or misplaced weight) moves them by whole units and breaks the correlation."""
     pairs = [(QUERY, d) for d in DOCS] + [(s, t) for s, t in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])]
     want = _onnx_original_logits(pairs)
     logits = ours_reranker.predict(pairs, activation_fn=torch.nn.Identity())
     np.testing.assert_allclose(logits, want, atol=0.8)
-    assert np.median(np.abs(logits - want)) < 0.15
+    assert np.median(np.abs(logits - want)) < 0.3
     assert np.corrcoef(logits, want)[0, 1] > 0.999
     assert list(np.argsort(-logits[:3])) == list(np.argsort(-want[:3])) == [0, 1, 2]
 
