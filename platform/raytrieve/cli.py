@@ -106,15 +106,14 @@ def _cache_list(args: argparse.Namespace) -> int:
 
 
 def _cache_prune(args: argparse.Namespace) -> int:
-    import math
-
     from raytrieve import cache
     from raytrieve.assets import cache_dir
 
-    if not math.isfinite(args.unused_days * 86_400) or args.unused_days < 0:
+    try:  # prune refuses NaN, infinity (1e304 days overflows to it in seconds) and below 0
+        gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)
+    except ValueError:
         print("raytrieve cache prune: --unused-days must be a number, 0 or more", file=sys.stderr)
         return 2
-    gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"{cache_dir()}: {verb} {len(gone)} entries unused for {args.unused_days:g} days, "

@@ -110,15 +110,19 @@ def shipped_variant(ref: str | os.PathLike) -> assets.Variant | None:
     return assets.get_variant(text)
 
 
+def converted_variant(ref: str | os.PathLike) -> assets.Variant | None:
+    """The shipped variant ``ref`` names when it is one converted on first use, or None."""
+    variant = shipped_variant(ref)
+    return variant if variant is not None and variant.source.format != assets.ST_FORMAT else None
+
+
 def files_key(ref: str | os.PathLike, folder: Path) -> str:
     """The key of the model files ``ref`` names, whose copy here is ``folder``: their content
     (``assets.content_fingerprint``, any path, any machine), or for a variant converted on first
     use its source's (``assets.converted_variant_key``: the converted files record library
     versions). What an encoding job's identity and manifest hold as a model's "weights"."""
-    variant = shipped_variant(ref)
-    if variant is not None and variant.source.format != assets.ST_FORMAT:
-        return assets.converted_variant_key(variant)
-    return assets.content_fingerprint(folder)
+    variant = converted_variant(ref)
+    return assets.converted_variant_key(variant) if variant is not None else assets.content_fingerprint(folder)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -330,16 +330,16 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
     it did when the folder was written, and a new mtime on the same content still refuses the
     mtime rules' folders."""
     from raytrieve import assets
-    from raytrieve.model_ref import shipped_variant
+    from raytrieve.model_ref import converted_variant
 
-    def converted_files(k: str) -> str | None:
-        variant = shipped_variant(described[k]["model"])
-        if variant is None or variant.source.format == assets.ST_FORMAT:
-            return None
-        return assets.content_fingerprint(Path(described[k]["model_path"]))
-
-    # Every other model's key is its files' content already (files_key).
-    contents = {k: converted_files(k) for k in identity["models"]}
+    # A converted variant's converted files by content; every other model's key is its files'
+    # content already (files_key).
+    contents = {
+        k: assets.content_fingerprint(Path(described[k]["model_path"]))
+        if converted_variant(described[k]["model"])
+        else None
+        for k in identity["models"]
+    }
 
     def by_content(k: str, v: dict[str, Any]) -> dict[str, Any]:
         return {**v, "weights": contents[k] or v["weights"]}

@@ -184,8 +184,8 @@ class ModelInfo(_Record):
         weights. Reads every byte of ``folder`` (about 1.4 GB/s on 2 cores) unless the name
         decides."""
         from raytrieve._io import redact
-        from raytrieve.assets import content_fingerprint, same_model_files
-        from raytrieve.model_ref import files_key, shipped_variant
+        from raytrieve.assets import content_fingerprint, converted_variant_key, same_model_files
+        from raytrieve.model_ref import converted_variant, shipped_variant
 
         built = Path(self.model_path)
         if reference == self.model and shipped_variant(reference) is not None:
@@ -194,16 +194,15 @@ class ModelInfo(_Record):
             return redact(reference) == redact(self.model) or same_model_files(folder, built)
         if content_fingerprint(folder) == self.weights:
             return True
-        variant = shipped_variant(self.model)
+        variant = converted_variant(self.model)
         try:
             # The job's folder here, keyed by its content, or for a converted variant by its source
             # (a manifest from before that keyed the converted files' content).
-            if built.is_dir():
-                keys = {content_fingerprint(built), *([files_key(self.model, built)] if variant else [])}
-                if self.weights in keys:
-                    return same_model_files(folder, built)
+            source_key = converted_variant_key(variant) if variant is not None else None
+            if built.is_dir() and self.weights in (content_fingerprint(built), source_key):
+                return same_model_files(folder, built)
             # A converted variant's job made on another machine: this machine's conversion of it.
-            if variant is not None and files_key(self.model, built) == self.weights:
+            if source_key == self.weights:
                 from raytrieve.model_ref import resolve_model
 
                 return same_model_files(folder, resolve_model(self.model))
