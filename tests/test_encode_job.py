@@ -1026,8 +1026,12 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
         encode.run_encode(_config(tmp_path, corpus, sparse={"model": "splade-tiny", "max_seq_length": 16}))
     assert "(that job -> this one: sparse.max_seq_length: " in str(refused.value)
     assert "weights" not in str(refused.value) and "file under the model" not in str(refused.value)
-    # The same for a folder of the rule before that, which also kept the model's local folder.
-    written_by(dict(older_identity_rules(first, described_a))["their content and local folder"])
+    # The same for a folder of the rule before that, which also kept the model's local folder:
+    # the cache folder as it was named then (the source's top-level files alone).
+    local = dict(older_identity_rules(first, described_a))["their content and local folder"]
+    top = assets.top_level_fingerprint(assets.package_dir(assets.get_variant("splade-tiny").source))
+    assert local["models"]["sparse"]["model_path"] == str(tmp_path / "cache-a" / "models" / f"splade-tiny-{top}")
+    written_by(local)
     with pytest.raises(RayStarted):
         encode.run_encode(cfg)
     with pytest.raises(ConfigError) as refused:

@@ -186,6 +186,40 @@ def test_folders_and_variants_reach_neither_mlflow_nor_ray(tiny_models):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+def test_a_changed_architecture_or_converter_revision_converts_again(tmp_path, monkeypatch):
+    """A variant's conversion is kept by what the converter reads: the same source, catalogue
+    architecture and converter revision reuse it; another architecture in its model.yaml, or a
+    bumped ``CONVERSION_REVISION``, converts again into another folder, and the others stay."""
+    from raytrieve import assets
+    from raytrieve.encoders import convert
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    variant = assets.get_variant("splade-tiny")
+    real = convert.CONVERTERS[variant.source.format]
+    calls = []
+
+    def recording(src, out, arch):
+        calls.append(arch)
+        real(src, out, arch)
+
+    monkeypatch.setitem(convert.CONVERTERS, variant.source.format, recording)
+    first = convert.converted_model(variant)
+    assert convert.converted_model(variant) == first and calls == [{}]
+    changed = variant.model_copy(update={"source": variant.source.model_copy(update={"architecture": {"x": 1}})})
+    second = convert.converted_model(changed)
+    assert second != first and calls == [{}, {"x": 1}]
+    assert convert.converted_model(changed) == second and len(calls) == 2
+    monkeypatch.setattr(assets, "CONVERSION_REVISION", 2)
+    third = convert.converted_model(variant)
+    assert third not in (first, second) and calls[2:] == [{}]
+    assert all((p / "modules.json").exists() for p in (first, second, third))
+    # The name before this rule (what earlier encoding jobs kept as model_path): the source's
+    # top-level files alone.
+    top = assets.top_level_fingerprint(assets.package_dir(variant.source))
+    assert assets.converted_folder(variant, legacy=True) == tmp_path / "cache" / "models" / f"splade-tiny-{top}"
+    assert first.name.startswith(f"splade-tiny-{top}-")
+
+
 def test_a_conversion_another_process_finished_first_is_kept(tmp_path, monkeypatch):
     """Two processes converting the same shipped weights at once (encode actors on one node, the
     suite's two processes): the copy renamed into place first stays, the later one is dropped
@@ -196,7 +230,8 @@ def test_a_conversion_another_process_finished_first_is_kept(tmp_path, monkeypat
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
     variant = assets.get_variant("splade-tiny")
     real = convert.CONVERTERS[variant.source.format]
-    target = tmp_path / "cache" / "models" / f"{variant.name}-{assets.top_level_fingerprint(assets.package_dir(variant.source))}"
+    target = assets.converted_folder(variant)
+    assert target.parent == tmp_path / "cache" / "models"
 
     def raced(src, out, arch):  # the other process renames its copy into place meanwhile
         real(src, out, arch)

@@ -26,7 +26,8 @@ KINDS = tuple(MODEL_KINDS)  # kinds.py is the one list of model kinds
 ST_FORMAT = "sentence-transformers"  # used in place; the other formats are converted once
 FORMATS = (ST_FORMAT, "hf-masked-lm", "onnx-int8-bert-classifier")
 # Bump when a converter (raytrieve.encoders.convert) writes other weights from the same source:
-# encoding jobs key a converted variant by it (``converted_variant_key``).
+# encoding jobs key a converted variant by it (``converted_variant_key``), and its conversion is
+# kept in another cache folder (``converted_folder``).
 CONVERSION_REVISION = 1
 
 
@@ -210,10 +211,29 @@ def converted_variant_key(variant: Variant) -> str:
     return h.hexdigest()[:16]
 
 
+def converted_folder(variant: Variant, *, legacy: bool = False) -> Path:
+    """Where ``variant``'s conversion is kept in the cache: named by its source's top-level
+    files (what a reinstall replaces; these sources are flat transformers folders; cheap, as a
+    replica or actor resolves it at every start) and by what the converter reads beside them:
+    the source's format and architecture and ``CONVERSION_REVISION``, so that a catalogue entry
+    whose architecture changed, or a converter that writes other weights, converts again rather
+    than reusing another conversion. ``legacy``: the name without that second part (until
+    2026-12-06), which encoding jobs of earlier raytrieve versions keep in their identity as
+    ``model_path`` (``encode_plan.older_identity_rules``)."""
+    src = package_dir(variant.source)
+    name = f"{variant.name}-{top_level_fingerprint(src)}"
+    if not legacy:
+        spec = {"format": variant.source.format, "architecture": variant.source.architecture}
+        text = f"conversion\0{CONVERSION_REVISION}\0{json.dumps(spec, sort_keys=True)}"
+        name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return cache_dir() / "models" / name
+
+
 def top_level_fingerprint(folder: Path) -> str:
     """The rule before ``fingerprint`` (files directly in ``folder``, mtimes in whole seconds):
     the encoding jobs of earlier raytrieve versions keyed their folders by it, and still resume
-    (``encode_plan.claim_output``); converted variants' cache folders are still named by it."""
+    (``encode_plan.claim_output``); converted variants' cache folders are still named by it
+    (``converted_folder``)."""
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.is_file():

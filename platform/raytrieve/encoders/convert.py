@@ -30,7 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 def converted_model(variant: assets.Variant) -> Path:
     """The sentence-transformers folder of ``variant`` (a format other than sentence-transformers),
-    converted into the cache on first use; a changed package (new fingerprint) converts again."""
+    converted into the cache on first use; a changed package, catalogue architecture or
+    converter revision converts again (``assets.converted_folder``)."""
     convert = CONVERTERS.get(variant.source.format)
     if convert is None:
         raise AssetError(
@@ -38,12 +39,7 @@ def converted_model(variant: assets.Variant) -> Path:
             f"converter; converted formats: {sorted(CONVERTERS)}"
         )
     src = assets.package_dir(variant.source)
-    # Keyed by the package folder's top-level files (what a reinstall replaces; these sources are
-    # flat transformers folders) and, from revision 2 on, the converter's revision (a converter
-    # that writes other weights converts again): the cache's folder names, which encoding jobs of
-    # earlier raytrieve versions keep in their identity as model_path, stay those of revision 1.
-    revision = f"-r{assets.CONVERSION_REVISION}" if assets.CONVERSION_REVISION > 1 else ""
-    target = assets.cache_dir() / "models" / f"{variant.name}-{assets.top_level_fingerprint(src)}{revision}"
+    target = assets.converted_folder(variant)
     if (target / "modules.json").exists():
         return mark_used(target)
     # Another process may convert the same weights at the same time (encode actors starting on

@@ -323,7 +323,8 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
     """``identity`` as earlier raytrieve versions wrote it, newest first: a variant converted on
     first use keyed by the converted files' content (until 2026-12-06; the rule given only when
     the job has such a model); then each model named by its reference as given (keys and all) and
-    its local folder (``model_path``), its files keyed by their content, then by every file's
+    its local folder (``model_path``; a converted variant's cache folder as it was named then),
+    its files keyed by their content, then by every file's
     path, size and mtime (``assets.fingerprint``), then by the top-level files alone
     (``assets.top_level_fingerprint``): ``MTIME_RULES``. Folders written under them still resume;
     a change those rules could not see (the top-level rule: a subfolder's) goes unseen there, as
@@ -334,23 +335,28 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
 
     # A converted variant's converted files by content; every other model's key is its files'
     # content already (files_key).
+    variants = {k: converted_variant(described[k]["model"]) for k in identity["models"]}
     contents = {
-        k: assets.content_fingerprint(Path(described[k]["model_path"]))
-        if converted_variant(described[k]["model"])
-        else None
-        for k in identity["models"]
+        k: assets.content_fingerprint(Path(described[k]["model_path"])) if variant else None
+        for k, variant in variants.items()
+    }
+    # Those rules kept a converted variant's cache folder under its name of the time; where that
+    # folder is gone, the mtime keys are taken of today's (no written key matches either way).
+    paths = {
+        k: str(assets.converted_folder(variant, legacy=True)) if variant else described[k]["model_path"]
+        for k, variant in variants.items()
     }
 
     def by_content(k: str, v: dict[str, Any]) -> dict[str, Any]:
         return {**v, "weights": contents[k] or v["weights"]}
 
     def as_written(k: str, v: dict[str, Any], key: Any) -> dict[str, Any]:
-        path = described[k]["model_path"]
+        path = Path(paths[k]) if Path(paths[k]).is_dir() else Path(described[k]["model_path"])
         return {
             **by_content(k, v),
             "model": described[k]["model"],
-            "model_path": path,
-            **({"weights": key(Path(path))} if key else {}),
+            "model_path": paths[k],
+            **({"weights": key(path)} if key else {}),
         }
 
     rules: list[tuple[str, dict[str, Any]]] = []
