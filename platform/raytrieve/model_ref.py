@@ -184,7 +184,8 @@ def store_model(uri: str, pin: str | None = None) -> Path:
 def model_pin(ref: str) -> str | None:
     """What a Serve app pins the model ``ref`` to when it is built, so that every replica loads
     the model its start checked, whenever it starts: a folder URI's content key
-    (``store_model_pin``), a registry URI's version now (an alias or ``latest`` moves:
+    (``store_model_pin``), a registry URI's version now and that version's run and source (an
+    alias or ``latest`` moves, a version number is reused in a store wiped and registered again:
     ``model_uri.pinned_version``); None for a folder or a shipped variant, which stay put."""
     if is_store_uri(ref):
         return store_model_pin(ref)
@@ -197,10 +198,15 @@ def model_pin(ref: str) -> str | None:
 
 def resolve_pinned(ref: str, pin: str | None) -> Path:
     """The local folder of the model ``ref`` as ``model_pin`` pinned it (``resolve_model``
-    without a pin). A folder URI written again since is refused where this machine has no copy."""
+    without a pin). A folder URI written again since is refused where this machine has no copy,
+    a registry version registered again since is refused."""
     if pin is None:
         return resolve_model(ref)
-    return store_model(ref, pin) if is_store_uri(ref) else resolve_model(pin)
+    if is_store_uri(ref):
+        return store_model(ref, pin)
+    from raytrieve.tracking.model_uri import download_model
+
+    return download_model(ref, pin=pin)
 
 
 def store_model_pin(uri: str) -> str:

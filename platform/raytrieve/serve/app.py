@@ -392,7 +392,8 @@ def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
 def store_pins(cfg: ServeConfig) -> dict[str, str | None]:
     """Each index folder and model URI of the app pinned to what it names now: a folder URI
     (``s3://``, ``gs://``...) to its content (listed, not downloaded), a registry URI to its
-    version (``models:/NAME@ALIAS`` -> ``models:/NAME/3``). Every replica, whenever it starts (a
+    version and that version's run and source (``models:/NAME@ALIAS`` -> ``models:/NAME/3`` and
+    a key: ``model_uri.pinned_version``). Every replica, whenever it starts (a
     restart, an autoscaled one, a new node), serves the index and model the app was built and
     checked with, not ones written or aliased there later; deploying the app again takes the new
     ones. Folders on disk and shipped variants map to None (read in place)."""

@@ -27,14 +27,26 @@ from raytrieve.tracking import mlflow_run
 REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:/([^/]+)|@([^/]+))")
 
 
-def download_model(uri: str, tracking_uri: str | None = None) -> Path:
-    """A local folder with the model ``uri`` names, downloaded from the store on first use."""
+# A registry pin: the version's URI, then this and the version's key (``_version_key``).
+PIN_KEY = "#version-key="
+
+
+def download_model(uri: str, tracking_uri: str | None = None, pin: str | None = None) -> Path:
+    """A local folder with the model ``uri`` names, downloaded from the store on first use.
+    ``pin``: ``pinned_version``'s answer for ``uri`` when a Serve app was built; that version is
+    loaded, and refused if the registry's version of that number is another model now."""
     store = mlflow_run.tracking_uri(tracking_uri)
     with _read_from(uri, store), mlflow_run.registry(store) as client:
-        pinned = _pin(client, uri)
+        pinned, _, key = (pin or _pin(client, uri)).partition(PIN_KEY)
         identity = f"{store}|{pinned}"
         if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
-            version = client.get_model_version(*pinned.removeprefix("models:/").split("/"))
+            version = _version(client, pinned)
+            if key and _version_key(version) != key:
+                raise ModelLoadError(
+                    f"model {uri!r}: the registry's {pinned} is not the model this Serve app was built with (another "
+                    "run or source registered under that version number since: a store wiped and registered again); "
+                    "deploy the app again (raytrieve serve) to serve what the registry holds now"
+                )
             identity += f"|{version.run_id}|{version.source}"
         target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
         if not (target / "modules.json").exists() and not (target / "config.json").exists():
@@ -43,11 +55,25 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
 
 
 def pinned_version(uri: str, tracking_uri: str | None = None) -> str:
-    """``uri`` as the version it names now (``models:/NAME@ALIAS`` -> ``models:/NAME/3``); a
-    version or ``runs:/`` URI as given. What a Serve app pins a registry reference to."""
+    """``uri`` as the version it names now (``models:/NAME@ALIAS`` -> ``models:/NAME/3``) and,
+    after ``PIN_KEY``, that version's run and source as a key: a version number is reused when a
+    store is wiped and a model registered again, and ``download_model(pin=)`` refuses it then. A
+    ``runs:/`` URI as given. What a Serve app pins a registry reference to."""
     store = mlflow_run.tracking_uri(tracking_uri)
     with _read_from(uri, store), mlflow_run.registry(store) as client:
-        return _pin(client, uri)
+        pinned = _pin(client, uri)
+        if pinned.startswith("models:/"):
+            pinned += PIN_KEY + _version_key(_version(client, pinned))
+        return pinned
+
+
+def _version(client: Any, pinned: str) -> Any:
+    """The registry's record of ``models:/NAME/VERSION``."""
+    return client.get_model_version(*pinned.removeprefix("models:/").rsplit("/", 1))
+
+
+def _version_key(version: Any) -> str:
+    return hashlib.sha256(f"{version.run_id}|{version.source}".encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
