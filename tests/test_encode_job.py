@@ -1038,6 +1038,20 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
         encode.run_encode(_config(tmp_path, corpus, sparse={"model": "splade-tiny", "max_seq_length": 16}))
     assert "(that job -> this one: sparse.max_seq_length: " in str(refused.value)
     assert not any(word in str(refused.value) for word in ("weights", "model_path", "file under the model"))
+    # A folder an earlier version wrote, by hand: its conversion kept under the cache folder's
+    # name of then (converted under other library versions than today's copy), the job keyed by
+    # that copy's content, with and without its local folder: both resume on this machine.
+    legacy = tmp_path / "cache-a" / "models" / f"splade-tiny-{top}"
+    shutil.copytree(converted_a, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    (legacy / "config.json").write_text(json.dumps({**config, "transformers_version": "4.1.0"}))
+    legacy_key = assets.content_fingerprint(legacy)
+    assert legacy_key != assets.content_fingerprint(converted_a)
+    by_then = {**first["models"]["sparse"], "weights": legacy_key}
+    for model in (by_then, {**by_then, "model": "splade-tiny", "model_path": str(legacy)}):
+        written_by({**first, "models": {"sparse": model}})
+        with pytest.raises(RayStarted):
+            encode.run_encode(cfg)
 
     # The raw source folder, given as a path, is another model: another job, and not the maker.
     raw = assets.package_dir(assets.get_variant("splade-tiny").source)

@@ -758,6 +758,7 @@ def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registr
     from raytrieve.serve.app import store_pins
     from raytrieve.serve.deployments import load_model
     from raytrieve.tracking import mlflow_run
+    from raytrieve.tracking.model_uri import PIN_KEY
     from tests.conftest import SENTENCES, register_model
 
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
@@ -770,7 +771,7 @@ def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registr
     cfg = from_dict(ServeConfig, {"dense": {"model": ref, "dtype": "float32"},
                                   "mlflow_tracking_uri": registry["uri"]})
     pins = store_pins(cfg)
-    assert list(pins) == [ref] and pins[ref].startswith(f"models:/{name}/1#")
+    assert list(pins) == [ref] and pins[ref].startswith(f"models:/{name}/1{PIN_KEY}")
     # Another model registered and the alias moved: the app's replicas still load version 1.
     other = tmp_path / "other"
     shutil.copytree(tiny_models["dense"], other)
@@ -780,7 +781,7 @@ def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registr
     save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
     assert register_model(registry, other, name) == f"models:/{name}/2"
     client.set_registered_model_alias(name, "prod", "2")
-    assert store_pins(cfg)[ref].startswith(f"models:/{name}/2#")  # deployed again: the version it names now
+    assert store_pins(cfg)[ref].startswith(f"models:/{name}/2{PIN_KEY}")  # deployed again: the version it names now
     want = load_encoder("dense", str(tiny_models["dense"]), dtype="float32").encode(SENTENCES[:3],
                                                                                     convert_to_tensor=True)
     got = load_model("dense", cfg.dense, pins[ref]).encode(SENTENCES[:3], convert_to_tensor=True)
@@ -793,38 +794,49 @@ def test_a_registry_version_registered_again_since_the_app_was_built_is_refused(
                                                                                monkeypatch, tmp_path):
     """A version number is reused when a registry is wiped and a model registered again: a
     replica starting after that must not load the new model under the app's pin of that
-    number. The pin keeps the version's run and source; the load is refused, naming the URI,
-    what changed and the fix (a real MLflow registry, no Ray). The cache's copy of the pinned
-    version is no help: it is keyed by the run too."""
+    number. The pin keeps the version's run and source; the load is refused, naming the
+    version, what changed and the fix, as it is while the version is gone (a real MLflow
+    registry, no Ray). A pin an app of the version before took (no key) still loads."""
     from safetensors.torch import load_file, save_file
 
     from raytrieve.errors import ModelLoadError
     from raytrieve.serve.app import store_pins
     from raytrieve.serve.deployments import load_model
     from raytrieve.tracking import mlflow_run
+    from raytrieve.tracking.model_uri import PIN_KEY
     from tests.conftest import SENTENCES, register_model
 
     monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     name = f"reused-{tmp_path.name}"
-    ref = f"models:/{name}/1"
-    assert register_model(registry, tiny_models["dense"], name) == ref
+    ref = f"models:/{name}@prod"
+    assert register_model(registry, tiny_models["dense"], name) == f"models:/{name}/1"
+    client = mlflow_run.client(registry["uri"])
+    client.set_registered_model_alias(name, "prod", "1")
     cfg = from_dict(ServeConfig, {"dense": {"model": ref, "dtype": "float32"}, "mlflow_tracking_uri": registry["uri"]})
     pin = store_pins(cfg)[ref]
     first = load_model("dense", cfg.dense, pin).encode(SENTENCES[:3])
     assert load_model("dense", cfg.dense, pin).encode(SENTENCES[:3]).tolist() == first.tolist()  # the pin holds
-    # The model deleted from the registry and another one registered as version 1.
-    mlflow_run.client(registry["uri"]).delete_registered_model(name)
+    # An app built by the version before (a pin without the key) still loads its version.
+    unkeyed = pin.partition(PIN_KEY)[0]
+    assert unkeyed == f"models:/{name}/1"
+    assert load_model("dense", cfg.dense, unkeyed).encode(SENTENCES[:3]).tolist() == first.tolist()
+    # The model deleted from the registry: refused, naming the version pinned and the fix.
+    client.delete_registered_model(name)
+    with pytest.raises(ModelLoadError, match=rf"the registry no longer has models:/{name}/1, .*deploy the app again"):
+        load_model("dense", cfg.dense, pin)
+    # Another one registered as version 1 (and aliased).
     other = tmp_path / "other"
     shutil.copytree(tiny_models["dense"], other)
     weights = other / "model.safetensors"
     save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
-    assert register_model(registry, other, name) == ref
+    assert register_model(registry, other, name) == f"models:/{name}/1"
+    client.set_registered_model_alias(name, "prod", "1")
     with pytest.raises(ModelLoadError) as refused:
         load_model("dense", cfg.dense, pin)
     message = str(refused.value)
-    assert ref in message and "registered under that version number since" in message
-    assert "deploy the app again" in message
+    assert f"the registry's models:/{name}/1 is not the model this Serve app was built with" in message
+    assert "registered under that version number since" in message and "deploy the app again" in message
     # Deployed again, the new pin loads the new model.
     again = load_model("dense", cfg.dense, store_pins(cfg)[ref]).encode(SENTENCES[:3])
     assert not (again == first).all()

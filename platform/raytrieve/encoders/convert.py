@@ -2,7 +2,8 @@
 
 The catalogue (``raytrieve.assets``) says where a variant's weights lie and in which format;
 this module turns the foreign formats into a sentence-transformers folder in the cache
-(``$RAYTRIEVE_CACHE/models/<variant>-<fingerprint of the weights>``), written atomically, so
+(``$RAYTRIEVE_CACHE/models/<variant>-<source files>-<conversion>``: ``assets.converted_folder``),
+written atomically, so
 later loads read it directly. ``raytrieve.model_ref.resolve_model`` calls it, on first use of
 such a variant only.
 

@@ -333,30 +333,27 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
     from raytrieve import assets
     from raytrieve.model_ref import converted_variant
 
-    # A converted variant's converted files by content; every other model's key is its files'
-    # content already (files_key).
+    # A converted variant's converted files by content (every other model's key is its files'
+    # content already: files_key), in its cache folder as those rules named it, where this
+    # machine still has that copy (the conversion those jobs used; today's may record other
+    # library versions), else in today's.
     variants = {k: converted_variant(described[k]["model"]) for k in identity["models"]}
-    contents = {
-        k: assets.content_fingerprint(Path(described[k]["model_path"])) if variant else None
-        for k, variant in variants.items()
-    }
-    # Those rules kept a converted variant's cache folder under its name of the time; where that
-    # folder is gone, the mtime keys are taken of today's (no written key matches either way).
     paths = {
         k: str(assets.converted_folder(variant, legacy=True)) if variant else described[k]["model_path"]
         for k, variant in variants.items()
     }
+    local = {k: Path(p) if Path(p).is_dir() else Path(described[k]["model_path"]) for k, p in paths.items()}
+    contents = {k: assets.content_fingerprint(local[k]) if variant else None for k, variant in variants.items()}
 
     def by_content(k: str, v: dict[str, Any]) -> dict[str, Any]:
         return {**v, "weights": contents[k] or v["weights"]}
 
     def as_written(k: str, v: dict[str, Any], key: Any) -> dict[str, Any]:
-        path = Path(paths[k]) if Path(paths[k]).is_dir() else Path(described[k]["model_path"])
         return {
             **by_content(k, v),
             "model": described[k]["model"],
             "model_path": paths[k],
-            **({"weights": key(path)} if key else {}),
+            **({"weights": key(local[k])} if key else {}),
         }
 
     rules: list[tuple[str, dict[str, Any]]] = []

@@ -40,7 +40,15 @@ def download_model(uri: str, tracking_uri: str | None = None, pin: str | None = 
         pinned, _, key = (pin or _pin(client, uri)).partition(PIN_KEY)
         identity = f"{store}|{pinned}"
         if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
-            version = _version(client, pinned)
+            try:
+                version = _version(client, pinned)
+            except Exception as e:
+                if not key or getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                raise ModelLoadError(
+                    f"model {uri!r}: the registry no longer has {pinned}, which this Serve app was built with; "
+                    "deploy the app again (raytrieve serve) to serve what the registry holds now"
+                ) from None
             if key and _version_key(version) != key:
                 raise ModelLoadError(
                     f"model {uri!r}: the registry's {pinned} is not the model this Serve app was built with (another "
