@@ -1060,6 +1060,50 @@ def test_bearer_token_guards_every_endpoint_but_health(served, tiny_models, monk
         serve.delete("secured")
 
 
+def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(served, tiny_models):
+    """Readiness, not a fixed answer: with its model's replica killed (Serve starts another,
+    which loads the model again), /healthz answers 503 naming that model and TEI's /health 503
+    with TEI's error body, both without the token; once the new replica answers, 200 again and
+    the model serves. (``serve.run`` itself waits for every replica, so a crash is the window a
+    client can see; it is the same check at a start.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray import serve
+
+    from raytrieve.serve.app import build_app
+
+    cfg = from_dict(ServeConfig, {"dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05,
+                                            "torch_threads": 1}})
+    name = cfg.dense.public_name
+    serve.run(build_app(cfg), name="readiness", route_prefix="/readiness")
+    url = f"{served['proxy']}/readiness"
+    try:
+        r = requests.get(f"{url}/healthz", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "ok" and "not_ready" not in r.json(), r.text
+        r = requests.get(f"{url}/health", timeout=30)
+        assert r.status_code == 200 and r.content == b""
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::readiness#dense#")]
+        assert len(replicas) == 1, replicas
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        with ThreadPoolExecutor(2) as pool:  # both at once: each waits at most HEALTH_TIMEOUT_S
+            healthz, health = pool.map(lambda path: requests.get(f"{url}/{path}", timeout=30), ("healthz", "health"))
+        assert healthz.status_code == 503, healthz.text
+        assert healthz.json() == {"status": "not_ready", "models": {"dense": [name]}, "index": False,
+                                  "not_ready": {"dense": [name]}}
+        assert health.status_code == 503 and health.json() == {"error": f"not ready: dense {name}",
+                                                               "error_type": "unhealthy"}
+        deadline = time.monotonic() + 180
+        while requests.get(f"{url}/healthz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "no new replica answered within 180 s"
+            time.sleep(0.5)
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        assert requests.post(f"{url}/v1/embeddings", json={"input": "hi"}, timeout=60).status_code == 200
+    finally:
+        serve.delete("readiness")
+
+
 def _same_hits(a: list[dict], b: list[dict]) -> None:
     """Equal answers up to float noise: scores within 1e-4, ids in the same order where no two
     neighbouring scores are that close (a near-tie may order either way)."""

@@ -63,6 +63,29 @@ api = FastAPI(
 http_guard.install(api)
 
 
+# How long /healthz and /health wait for each deployment to answer its ping: one starting (its
+# replica loading the model), restarting after a crash, or with every request slot taken longer
+# than this reads as not ready.
+HEALTH_TIMEOUT_S = 2.0
+
+
+async def _answers(handle: DeploymentHandle) -> bool:
+    """Whether a replica of ``handle``'s deployment answers a ping within HEALTH_TIMEOUT_S."""
+    response = handle.ping.remote()
+
+    async def answer() -> Any:
+        return await response
+
+    try:
+        await asyncio.wait_for(answer(), HEALTH_TIMEOUT_S)
+        return True
+    except asyncio.TimeoutError:
+        response.cancel()
+        return False
+    except Exception:  # a replica that died under the call; Serve starts another
+        return False
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -171,10 +194,27 @@ class Ingress:
         return picked.name, np.asarray(scores, dtype=np.float32), sum(tokens)
 
     # -- raytrieve's own endpoints ----------------------------------------------------------------
+    async def _not_ready(self) -> dict[str, list[str]]:
+        """By kind, the served models (and "retriever": the index deployment) none of whose
+        replicas answers now: all of them must for the app to answer every request."""
+        entries = [(m.kind, m.name, h) for m, h in self.table.all()]
+        if self.table.retriever is not None:
+            entries.append(("retriever", "retriever", self.table.retriever))
+        answered = await asyncio.gather(*(_answers(h) for *_, h in entries))
+        missing: dict[str, list[str]] = {}
+        for (kind, name, _), ok in zip(entries, answered):
+            if not ok:
+                missing.setdefault(kind, []).append(name)
+        return missing
+
     @api.get("/healthz", tags=[RAYTRIEVE])
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> Response:
+        """Readiness: 200 and "ok" when a replica of every deployment answers (within
+        HEALTH_TIMEOUT_S each), else 503 and "not_ready" naming the models that do not."""
         models = {kind: self.table.names(kind) for kind in MODEL_FIELDS if self.table.names(kind)}
-        return {"status": "ok", "models": models, "index": self.indexed}
+        missing = await self._not_ready()
+        body = {"status": "not_ready" if missing else "ok", "models": models, "index": self.indexed}
+        return SafeJSONResponse(body | ({"not_ready": missing} if missing else {}), status_code=503 if missing else 200)
 
     @api.get("/v1/models", tags=[OPENAI])
     @api.get("/models", tags=[OPENAI])  # OpenAI's clients pointed at the bare host (Infinity's and TEI's way)
@@ -375,8 +415,13 @@ class Ingress:
 
     @api.get("/health", tags=[TEI])
     async def health(self) -> Response:
-        """TEI's liveness probe: 200, empty body."""
-        return Response(status_code=200)
+        """TEI's health probe: 200 with an empty body when every deployment answers, else 503
+        with TEI's error body (``error_type`` "unhealthy")."""
+        missing = await self._not_ready()
+        if not missing:
+            return Response(status_code=200)
+        names = ", ".join(f"{kind} {name}" for kind, found in missing.items() for name in found)
+        return SafeJSONResponse({"error": f"not ready: {names}", "error_type": "unhealthy"}, status_code=503)
 
 
 def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:

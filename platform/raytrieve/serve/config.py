@@ -247,7 +247,7 @@ class ServeConfig(ConfigModel):
     auth_token_env: str = Field(
         default="RAYTRIEVE_API_TOKEN",
         description=(
-            "Name of an environment variable; when it is set, every endpoint but /healthz wants "
+            "Name of an environment variable; when it is set, every endpoint but /healthz and /health wants "
             '"Authorization: Bearer <its value>".'
         ),
     )

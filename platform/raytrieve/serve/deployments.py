@@ -293,6 +293,11 @@ class ModelReplica(ModelRunner):
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
+    async def ping(self) -> bool:
+        """The ingress's readiness probe (/healthz, /health): a replica holds its model and answers
+        (on the event loop: the model thread may be busy meanwhile)."""
+        return True
+
     async def __call__(
         self, inputs: list[Any], task: str | None = None, prompt_name: str | None = None
     ) -> tuple[Any, list[int]]:
@@ -441,3 +446,7 @@ class Documents:
 class Retriever(Documents):
     """Every index of the app and its documents' texts, once, in a deployment of their own
     (``colocate_index: false``); the query encoders then send it their vectors."""
+
+    async def ping(self) -> bool:
+        """The ingress's readiness probe (/healthz, /health): a replica is up and answers."""
+        return True
