@@ -103,6 +103,37 @@ def test_plan_reads_metadata_only_and_names_problems(tmp_path):
         open_source(str(tmp_path / "bad.parquet"))
 
 
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path, monkeypatch):
+    """pyarrow numbers a failing JSON row from 0 within the block or byte range it parses; the
+    error names the line in the whole file (from 1, as editors and ``sed -n 61p`` do) and why,
+    whichever shard holds it, in the encoding job's shards and in training's streamed files."""
+    from raytrieve.data import formats
+    from raytrieve.data.train_source import iter_piece, list_pieces
+
+    rows = [json.dumps({"id": f"d{i}", "text": f"text {i} " * (i % 5 + 1)}) for i in range(130)]
+    for line, bad, why in ((61, '{"id": "d60", "text": "unclosed', r"line 61 is not JSON \(Unterminated string"),
+                           (125, '["d124", "a list"]', "line 125 is a JSON list, not an object")):
+        path = tmp_path / f"bad{line}.jsonl"
+        path.write_text("\n".join(rows[: line - 1] + [bad] + rows[line:]) + "\n")
+        specs = plan_shards(open_source(str(path)), 20)
+        assert len(specs) > 2 and specs[0].start == 0
+        holder = [s for s in specs if s.start > 0 and bad.encode() in path.read_bytes()[s.start : s.stop + 200]]
+        with pytest.raises(DataError, match=rf"bad{line}.jsonl: cannot read it as jsonl \({why}"):
+            for spec in holder or specs:
+                read_shard(spec, ["id", "text"])
+        with pytest.raises(DataError, match=rf"bad{line}.jsonl: cannot read it as jsonl \({why}"):
+            list_pieces(path, "jsonl")  # training reads the first block for the schema
+    # Past training's first block (the schema read it): the streamed piece names the line.
+    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 16)
+    path = tmp_path / "deep.jsonl"
+    many = [json.dumps({"id": f"d{i}", "text": "x" * 40}) for i in range(30_000)]
+    path.write_text("\n".join(many[:25_000] + ["{oops"] + many[25_001:]) + "\n")
+    assert path.stat().st_size > 20 * formats.STREAM_BLOCK
+    _, pieces = list_pieces(path, "jsonl")
+    with pytest.raises(DataError, match=r"deep.jsonl: cannot read it as jsonl \(line 25001 is not JSON"):
+        list(iter_piece(pieces[0], ["id", "text"]))
+
+
 def test_csv_shards_read_requested_columns_as_text(tmp_path):
     """Each byte range is parsed alone: ids like 00123 and texts that look numeric stay text in
     every shard, whatever the other shards hold."""

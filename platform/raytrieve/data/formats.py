@@ -274,6 +274,15 @@ class JsonlFormat(LineFormat):
 
         return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
 
+    def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
+        body = lines_in_range(fs, path, start, stop)
+        try:
+            return self.parse(body, b"", columns)
+        except pa.ArrowInvalid as e:
+            # pyarrow numbers the failing row from 0 within this range: name the file's line.
+            where = bad_line(fs, path, start, body)
+            raise pa.ArrowInvalid(where or str(e)) from None
+
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.json as pj
 
@@ -282,6 +291,61 @@ class JsonlFormat(LineFormat):
             return pa.table({})
         with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
             return pj.read_json(f)
+
+
+# How far into a file an error's line is numbered (the bytes before it are read to count lines);
+# past it, the error gives the line's byte offset instead. And how much of a whole file is
+# searched for the bad line where no range is given (a training file streamed whole).
+COUNT_LINES_UP_TO = 1 << 30
+SEARCH_BYTES = 1 << 26
+
+
+def bad_line(fs: pafs.FileSystem, path: str, start: int = 0, body: bytes | None = None) -> str | None:
+    """Where the first line of a jsonl file that is not one JSON object is, and why, as "line N
+    (counted from 1) is ...": among the lines ``body`` holds (those starting at or after byte
+    ``start``), else among the file's first ``SEARCH_BYTES``. None when every line parses
+    (pyarrow's own reason stands then: e.g. a value changing type between lines)."""
+    with fs.open_input_file(path) as f:
+        offset = _next_line_start(f, start)
+        if body is None:
+            f.seek(offset)
+            lines = f.read(SEARCH_BYTES).split(b"\n")
+        else:
+            lines = body.split(b"\n")
+        found = next(((i, why) for i, line in enumerate(lines) if (why := _not_an_object(line)) is not None), None)
+        if found is None:
+            return None
+        index, why = found
+        at = offset + sum(len(line) + 1 for line in lines[:index])
+        if at > COUNT_LINES_UP_TO:
+            return f"the line at byte {at} is {why}"
+        f.seek(0)
+        before = sum(f.read(min(1 << 23, at - done)).count(b"\n") for done in range(0, at, 1 << 23))
+    return f"line {before + 1} is {why}"
+
+
+def _next_line_start(f: Any, start: int) -> int:
+    """The first byte of the first line that starts at or after ``start`` (as lines_in_range)."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    offset = start - 1
+    while chunk := f.read(1 << 16):
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            return offset + cut + 1
+        offset += len(chunk)
+    return offset
+
+
+def _not_an_object(line: bytes) -> str | None:
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError as e:
+        return f"not JSON ({e})"
+    return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
 
 
 class CsvFormat(LineFormat):

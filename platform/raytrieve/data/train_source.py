@@ -65,7 +65,7 @@ def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]
     except DataError:
         raise
     except (pa.ArrowInvalid, ValueError) as e:
-        raise formats.cannot_read(location, fmt, e) from None
+        raise formats.cannot_read(location, fmt, _bad_line(fmt, _files(location, kind)) or e) from None
     except OSError as e:
         raise formats.cannot_read(location, fmt, e, REACH_FIX) from None
     pieces, first = [], 0
@@ -73,6 +73,17 @@ def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]
         pieces.append(Piece(file, fmt, first if rows >= 0 else -1, rows, groups))
         first += max(rows, 0)
     return schema, pieces
+
+
+def _bad_line(fmt: str, files: Sequence[str]) -> str | None:
+    """For jsonl, the first line of ``files`` that is not one JSON object (``formats.bad_line``;
+    pyarrow numbers a failing row within its block), naming the file where there are several."""
+    if fmt != "jsonl":
+        return None
+    for f in files:
+        if (where := formats.bad_line(*resolve(f))) is not None:
+            return where if len(files) == 1 else f"{f}: {where}"
+    return None
 
 
 def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -92,7 +103,7 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
         ) from None
     except pa.ArrowInvalid as e:
         fix = "check the file (a jsonl file whose values change type between lines: convert it to parquet)"
-        raise formats.cannot_read(piece.path, piece.fmt, e, fix) from None
+        raise formats.cannot_read(piece.path, piece.fmt, _bad_line(piece.fmt, [piece.path]) or e, fix) from None
     except OSError as e:  # not found, no access, no network; or a damaged file
         raise formats.cannot_read(piece.path, piece.fmt, e, REACH_FIX) from None
 
