@@ -71,6 +71,10 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
 
     cfg = load_train_config(config, overrides)  # first: a config error costs no torch import
     check_reference(cfg.model.name_or_path, f"{config}.model.name_or_path")
+    from raytrieve.data.validate import check_dataset_columns
+
+    for i, d in enumerate(cfg.datasets):  # a wrong path or column too (run_training checks them all again)
+        check_dataset_columns(d, f"{config}.datasets[{i}]")
     from raytrieve.train.run import run_training
 
     result = run_training(cfg, where=config, ray_address=ray_address)

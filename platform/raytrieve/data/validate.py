@@ -18,8 +18,6 @@ import pyarrow as pa
 
 from raytrieve.data import formats
 from raytrieve.errors import DataError
-from raytrieve.losses.base import column_count_fits, describe_column_count
-from raytrieve.losses.registry import base_class
 from raytrieve.train.config import DatasetConfig, TrainConfig
 
 
@@ -77,17 +75,12 @@ def is_numeric(t: pa.DataType) -> bool:
     return _is_number(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_number(t.value_type))
 
 
-def validate_dataset(
-    d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True
-) -> DatasetReport:
-    """Check one dataset by streaming it once (record batches of the needed columns only, so
-    the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
-    hash per text value, "labels" the label key per row, for the batch planner. The report's
-    ``digest`` covers the values of the columns read, in order. ``scan=False``:
-    the schema checks only (no rows read; ``rows`` is -1)."""
-    from raytrieve.data.digest import ContentDigest
-    from raytrieve.data.row_keys import label_keys, text_keys
-    from raytrieve.data.train_source import REACH_FIX, iter_piece, list_pieces, with_counts
+def check_dataset_columns(d: DatasetConfig, where: str) -> tuple[str, pa.Schema, list[Any], list[str]]:
+    """The checks of a dataset that need neither its rows nor its loss (nor torch, which the
+    loss checks import: ``raytrieve train`` runs these first, so a wrong path or column name is
+    reported in about a second): it exists and can be reached, has rows, and has the label and
+    text columns the config names. Its format, schema, pieces and text columns."""
+    from raytrieve.data.train_source import REACH_FIX, list_pieces
 
     path = d.path  # a local path or a URI (files.resolve)
     try:
@@ -111,6 +104,25 @@ def validate_dataset(
             f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}. Set the dataset's "
             "columns: to the file's columns to train on, in the order its loss reads them"
         )
+    return fmt, schema, pieces, columns
+
+
+def validate_dataset(
+    d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True
+) -> DatasetReport:
+    """Check one dataset by streaming it once (record batches of the needed columns only, so
+    the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
+    hash per text value, "labels" the label key per row, for the batch planner. The report's
+    ``digest`` covers the values of the columns read, in order. ``scan=False``:
+    the schema checks only (no rows read; ``rows`` is -1)."""
+    from raytrieve.data.digest import ContentDigest
+    from raytrieve.data.row_keys import label_keys, text_keys
+    from raytrieve.data.train_source import iter_piece, with_counts
+    from raytrieve.losses.base import column_count_fits, describe_column_count
+    from raytrieve.losses.registry import base_class
+
+    path, label = d.path, d.label_column
+    fmt, schema, pieces, columns = check_dataset_columns(d, where)
     loss_name = d.loss.base_at(f"{where}.loss").name
     contract = base_class(d.loss, kind, f"{where}.loss")  # what the loss that meets the data asks of it
     wanted = contract.columns
