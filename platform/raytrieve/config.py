@@ -73,6 +73,17 @@ def dtype_field() -> Any:
     )
 
 
+def trust_remote_code_field() -> Any:
+    """The ``trust_remote_code`` key of every config that loads a model (one description)."""
+    return Field(
+        default=False,
+        description=(
+            "let the model folder run code of its own: transformers' custom model classes and activation "
+            "classes outside torch.nn; never read from a saved config"
+        ),
+    )
+
+
 def invalid(key: str, text: str) -> NoReturn:
     """Refuse a value from a model validator: the message is ``<where>.<key><text>`` (or
     ``<where><text>`` without a key), so it reads the same at any nesting depth."""

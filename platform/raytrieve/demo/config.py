@@ -37,13 +37,25 @@ class SampleConfig(ConfigModel):
         default=1000,
         description="test documents in the served index: every test query's relevant ones, plus others",
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seeds every draw of the samples")
 
 
 class ModelsConfig(ConfigModel):
-    dense: str = "all-minilm-l6-v2"
-    sparse: str = "splade-tiny"
-    reranker: str = "ms-marco-minilm-l12-v2"
+    dense: str = Field(
+        default="all-minilm-l6-v2",
+        description="the pretrained dense model (a models/ variant, a folder or a model URI): evaluated, served "
+        "and fine-tuned",
+    )
+    sparse: str = Field(
+        default="splade-tiny",
+        description="the pretrained sparse model (a models/ variant, a folder or a model URI): evaluated, served "
+        "and fine-tuned",
+    )
+    reranker: str = Field(
+        default="ms-marco-minilm-l12-v2",
+        description="the pretrained cross-encoder (a models/ variant, a folder or a model URI) that reranks "
+        "/search's candidates, and the start of reranker_training",
+    )
     max_seq_length: int = Field(
         default=128, description="the retrievers' documents and queries, and every model's training"
     )
@@ -59,10 +71,16 @@ class ModelsConfig(ConfigModel):
 class FineTuneConfig(ConfigModel):
     """The demo's sizes and rate, set over the shipped training config (``configs``)."""
 
-    enabled: bool = True
-    batch_size: int = 32
-    epochs: int = 1
-    max_steps: int | None = None
+    enabled: bool = Field(
+        default=True, description="false: no fine-tuning (nor mining, for the reranker); the pretrained model stays"
+    )
+    batch_size: int = Field(
+        default=32, description="training.batch_size, set over the shipped config's (at least 2: in-batch negatives)"
+    )
+    epochs: int = Field(default=1, description="training.epochs, set over the shipped config's")
+    max_steps: int | None = Field(
+        default=None, description="training.max_steps, set over the shipped config's; None: epochs decide"
+    )
     learning_rate: float = Field(
         default=2e-5,
         description=(
@@ -80,7 +98,7 @@ class FineTuneConfig(ConfigModel):
 
 
 class ServingConfig(ConfigModel):
-    port: int = 8100
+    port: int = Field(default=8100, description="the port of the demo's Serve app (the serve config's port)")
     rerank_depth: int = Field(default=10, description="hybrid candidates the cross-encoder rescores per query")
     recall: int = Field(default=100, description="candidates per retriever (and the depth of Recall@k)")
     clients: int = Field(default=4, description="concurrent HTTP clients sending the test queries")
@@ -137,7 +155,9 @@ class BeirData(ConfigModel):
     /search's settings on dev and reports test; ``sample`` caps each (a random draw with its seed)."""
 
     path: str = Field(description="the BEIR folder")
-    train_split: str = "train"
+    train_split: str = Field(
+        default="train", description="the split (qrels/<name>.tsv) whose judged pairs the models are fine-tuned on"
+    )
     dev_split: str | None = Field(
         default=None,
         description=(
@@ -145,22 +165,37 @@ class BeirData(ConfigModel):
             "it, else queries of the train split held out (sample.dev_queries, at most a quarter of them)"
         ),
     )
-    test_split: str = "test"
+    test_split: str = Field(
+        default="test",
+        description="the split the report's test figures come from, asked over HTTP; it shares no query with "
+        "train or dev",
+    )
 
 
 class DemoConfig(ConfigModel):
-    out_dir: LocalPath = "out/demo"
+    out_dir: LocalPath = Field(
+        default="out/demo",
+        description="where the demo writes its samples, models, vectors, each phase's configs, step records "
+        "(stages/, which a rerun reuses), the report and, by default, the MLflow store",
+    )
     pydocs_dir: LocalPath = Field(
         default="data/pydocs", description="built by the demo when missing (raytrieve data build-pydocs)"
     )
     beir: BeirData | None = Field(default=None, description="your own data in BEIR's layout; None: the pydocs set")
-    sample: SampleConfig = Field(default_factory=SampleConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    sample: SampleConfig = Field(
+        default_factory=SampleConfig,
+        description="how much of the data the demo uses (with beir: caps on each split), drawn with its seed",
+    )
+    models: ModelsConfig = Field(
+        default_factory=ModelsConfig, description="the pretrained models the demo starts from, and their lengths"
+    )
     dense_training: FineTuneConfig = Field(
-        default_factory=lambda: FineTuneConfig(learning_rate=1e-4, register_as="demo-pydocs-dense")
+        default_factory=lambda: FineTuneConfig(learning_rate=1e-4, register_as="demo-pydocs-dense"),
+        description="the dense model fine-tuned on the train pairs (configs.dense_training)",
     )
     sparse_training: FineTuneConfig = Field(
-        default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse")
+        default_factory=lambda: FineTuneConfig(learning_rate=5e-5, register_as="demo-pydocs-sparse"),
+        description="the sparse model fine-tuned on the train pairs (configs.sparse_training)",
     )
     reranker_training: FineTuneConfig = Field(
         default_factory=lambda: FineTuneConfig(
@@ -171,8 +206,14 @@ class DemoConfig(ConfigModel):
             "(configs.mine, configs.reranker_training)"
         ),
     )
-    serving: ServingConfig = Field(default_factory=ServingConfig)
-    fusion_fit: FusionFitConfig = Field(default_factory=FusionFitConfig)
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig,
+        description="the Serve app the test queries go to (configs.serve), and the clients that send them",
+    )
+    fusion_fit: FusionFitConfig = Field(
+        default_factory=FusionFitConfig,
+        description="fitting /search's recall, fusion and rerank on the dev split before each phase is served",
+    )
     configs: ShippedConfigs = Field(
         default_factory=ShippedConfigs,
         description=(

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, Dtype, LocalPath, dtype_field, invalid, load_yaml
+from raytrieve.config import ConfigModel, Dtype, LocalPath, dtype_field, invalid, load_yaml, trust_remote_code_field
 from raytrieve.data.formats import FORMATS
 
 
@@ -25,13 +25,15 @@ class CorpusConfig(ConfigModel):
     format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
         default=None, description="None: from the file name"
     )
-    id_column: str = "id"
-    text_column: str = "text"
+    id_column: str = Field(
+        default="id", description="the column of document ids: strings, or integers (stored as strings)"
+    )
+    text_column: str = Field(default="text", description="the column of document texts (strings)")
     title_column: str | None = Field(
         default=None,
         description="prepended to the text with title_separator when given; a blank text leaves the title alone",
     )
-    title_separator: str = " "
+    title_separator: str = Field(default=" ", description="what joins a title and its text (title, separator, text)")
 
 
 class EncoderOutputConfig(ConfigModel):
@@ -39,9 +41,13 @@ class EncoderOutputConfig(ConfigModel):
         description="a models/ variant, a local folder, a folder URI (s3://...), or models:/NAME/VERSION"
     )
     prompt: str | None = Field(default=None, description="a literal prompt; default: the model's prompt for `side`")
-    prompt_name: str | None = None
-    max_seq_length: int | None = None
-    trust_remote_code: bool = False
+    prompt_name: str | None = Field(
+        default=None,
+        description="one of the model's named prompts (config_sentence_transformers.json) instead of the one for "
+        "`side`; not with prompt",
+    )
+    max_seq_length: int | None = Field(default=None, description="tokens a text is cut at; None: the model's own")
+    trust_remote_code: bool = trust_remote_code_field()
     dtype: Dtype = dtype_field()
 
 
@@ -55,7 +61,11 @@ class DenseOutputConfig(EncoderOutputConfig):
     )
     truncate_dim: int | None = Field(default=None, description="Matryoshka: keep the first dimensions")
     normalize: bool | None = Field(default=None, description="None: L2-normalize when the model's similarity is cosine")
-    calibration_rows: int = 1000
+    calibration_rows: int = Field(
+        default=1000,
+        description="precision int8 only: texts sampled evenly from up to 8 evenly spaced shards to calibrate "
+        "the ranges (at least 2)",
+    )
 
 
 class SparseOutputConfig(EncoderOutputConfig):
@@ -63,7 +73,10 @@ class SparseOutputConfig(EncoderOutputConfig):
 
 
 class EncodeComputeConfig(ConfigModel):
-    tokenize_actors: int = 1
+    tokenize_actors: int = Field(
+        default=1,
+        description="Ray Data actors (half a CPU each) that read shards, leave out bad rows and tokenize",
+    )
     encode_actors: int | None = Field(
         default=None,
         description=(
@@ -74,7 +87,11 @@ class EncodeComputeConfig(ConfigModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: a GPU per encode actor when the cluster has GPUs"
     )
-    cpus_per_encode_actor: float = 1.0
+    cpus_per_encode_actor: float = Field(
+        default=1.0,
+        description="Ray CPUs each encode actor takes; its torch threads default to this, rounded down (raise "
+        "it to trade actors for threads)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="per encode actor; default: its CPU share, at least 1"
     )
@@ -90,12 +107,23 @@ class EncodeComputeConfig(ConfigModel):
 
 
 class EncodeConfig(ConfigModel):
-    corpus: CorpusConfig
-    output_dir: str
-    dense: DenseOutputConfig | None = None
-    sparse: SparseOutputConfig | None = None
+    corpus: CorpusConfig = Field(description="the documents to encode")
+    output_dir: str = Field(
+        description="the folder the workers write the shards and the manifest to: a path on local or shared disk, "
+        "or a folder URI (s3://...)"
+    )
+    dense: DenseOutputConfig | None = Field(
+        default=None, description="write dense vectors with this model; set dense:, sparse: or both"
+    )
+    sparse: SparseOutputConfig | None = Field(
+        default=None, description="write sparse vectors with this model; set dense:, sparse: or both"
+    )
     side: Literal["document", "query"] = Field(default="document", description="which prompt and Router route to apply")
-    rows_per_shard: int = 10000
+    rows_per_shard: int = Field(
+        default=10000,
+        description="rows per shard: the unit the workers read, encode and write, and a rerun reuses (jsonl and "
+        "csv: about this many lines, cut by bytes)",
+    )
     bad_rows: Literal["skip", "fail"] = Field(
         default="skip", description="null text, empty text (and title), null or duplicate id"
     )
@@ -106,7 +134,9 @@ class EncodeConfig(ConfigModel):
             "shuffle of the id column). Turn off only for a corpus whose ids are known unique."
         ),
     )
-    compute: EncodeComputeConfig = Field(default_factory=EncodeComputeConfig)
+    compute: EncodeComputeConfig = Field(
+        default_factory=EncodeComputeConfig, description="the job's actors, threads, device and batches"
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> EncodeConfig:
@@ -148,25 +178,37 @@ class PairsConfig(ConfigModel):
     path: str = Field(
         description="(query, positive) pairs: parquet / jsonl / csv / HF datasets dir; a local path or a URI"
     )
-    format: Literal[tuple(FORMATS)] | None = None  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
-    query_column: str = "query"
-    positive_column: str = "positive"
+    format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
+        default=None, description="None: from the file name"
+    )
+    query_column: str = Field(default="query", description="the column of queries")
+    positive_column: str = Field(default="positive", description="the column of each query's relevant text")
 
 
 class RetrieverConfig(ConfigModel):
     model: str = Field(description="the dense or sparse model that retrieves candidates")
-    kind: Literal["dense", "sparse"] = "dense"
-    max_seq_length: int | None = None
+    kind: Literal["dense", "sparse"] = Field(
+        default="dense", description="the retriever model's kind: whether dense or sparse vectors are searched"
+    )
+    max_seq_length: int | None = Field(
+        default=None,
+        description="tokens a query, positive or document is cut at; None: the model's own (corpus_vectors must "
+        "have been encoded at the same)",
+    )
     dtype: Dtype = dtype_field()
     batch_size: int = Field(default=64, description="queries and positives are encoded on the driver")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 class RerankerConfig(ConfigModel):
     model: str = Field(description="a cross-encoder: candidates are rescored, and the filters use its scores")
-    max_seq_length: int | None = None
+    max_seq_length: int | None = Field(
+        default=None, description="tokens a (query, document) pair is cut at; None: the model's own"
+    )
     dtype: Dtype = dtype_field()
-    batch_size: int = 32
+    batch_size: int = Field(
+        default=32, description="pairs per forward pass (with token_budget: the most rows a pass takes)"
+    )
     token_budget: int | None = Field(
         default=None,
         description=(
@@ -175,26 +217,49 @@ class RerankerConfig(ConfigModel):
         ),
     )
     actors: int = Field(default=1, description="Ray Data actor pool that scores (query, candidate) pairs")
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = Field(
+        default=1.0, description="Ray CPUs per scoring actor; its torch threads: this rounded down, at least 1"
+    )
 
 
 class SelectionConfig(ConfigModel):
-    num_negatives: int = 3
+    num_negatives: int = Field(
+        default=3,
+        description="negatives per pair, at most (fewer when fewer candidates pass the filters); the n-tuple "
+        "formats leave out a pair with fewer",
+    )
     range_min: int = Field(default=0, description="skip the best range_min candidates (likely unlabeled positives)")
     range_max: int = Field(default=50, description="look at the best range_max candidates only")
     absolute_margin: float | None = Field(default=None, description="keep if score <= positive_score - margin")
     relative_margin: float | None = Field(default=None, description="keep if score <= positive_score * (1 - margin)")
-    max_score: float | None = None
-    min_score: float | None = None
-    sampling_strategy: Literal["top", "random"] = "top"
-    seed: int = 0
+    max_score: float | None = Field(
+        default=None,
+        description="keep if score <= max_score (the reranker's score when there is one, else the retriever's); "
+        "None: no bound",
+    )
+    min_score: float | None = Field(
+        default=None,
+        description="keep if score >= min_score (the reranker's score when there is one, else the retriever's); "
+        "None: no bound",
+    )
+    sampling_strategy: Literal["top", "random"] = Field(
+        default="top",
+        description="top: the best-scored candidates that pass the filters; random: num_negatives of them drawn "
+        "with seed",
+    )
+    seed: int = Field(default=0, description="seeds sampling_strategy random's draws")
 
 
 class MineConfig(ConfigModel):
-    pairs: PairsConfig
-    retriever: RetrieverConfig
+    pairs: PairsConfig = Field(description="the (query, positive) pairs to mine negatives for")
+    retriever: RetrieverConfig = Field(description="the model that retrieves each query's candidates")
     output_path: LocalPath = Field(description="a parquet file")
-    output_format: Literal["triplet", "n-tuple", "n-tuple-scores", "labeled-list"] = "triplet"
+    output_format: Literal["triplet", "n-tuple", "n-tuple-scores", "labeled-list"] = Field(
+        default="triplet",
+        description="triplet: a (query, positive, negative) row per negative; n-tuple: a row per pair with "
+        "negative_1..N; n-tuple-scores: that plus score (the positive's, then each negative's); labeled-list: "
+        "query, documents (the positive first) and labels (1, then 0s)",
+    )
     corpus: CorpusConfig | None = Field(default=None, description="None: the distinct positives are the corpus")
     corpus_vectors: str | None = Field(
         default=None,
@@ -204,9 +269,18 @@ class MineConfig(ConfigModel):
             "settings or the corpus change)."
         ),
     )
-    reranker: RerankerConfig | None = None
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    compute: EncodeComputeConfig = Field(default_factory=EncodeComputeConfig)
+    reranker: RerankerConfig | None = Field(
+        default=None,
+        description="a cross-encoder that rescores the candidates and positives; None: the retriever's scores "
+        "order and filter them",
+    )
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="which candidates become a pair's negatives"
+    )
+    compute: EncodeComputeConfig = Field(
+        default_factory=EncodeComputeConfig,
+        description="the corpus encoding job's compute (as the encoding job's compute:); unused with corpus_vectors",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> MineConfig:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import Backend, ConfigModel, Dtype, dtype_field, invalid, load_yaml
+from raytrieve.config import Backend, ConfigModel, Dtype, dtype_field, invalid, load_yaml, trust_remote_code_field
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.serve.schemas import Fusion, Recall, SearchRequest
@@ -32,7 +32,10 @@ class DeploymentConfig(ConfigModel):
     name: str | None = Field(
         default=None, description='the name clients use (/v1/models, "model" fields); default: model'
     )
-    max_seq_length: int | None = None
+    max_seq_length: int | None = Field(
+        default=None,
+        description="tokens a text is cut at (a reranker's: query and document together); None: the model's own",
+    )
     dtype: Dtype = dtype_field()
     backend: Backend = Field(
         default="torch",
@@ -42,7 +45,7 @@ class DeploymentConfig(ConfigModel):
             "default ~/.cache/raytrieve/onnx, and checked against torch float32 at every start)"
         ),
     )
-    num_replicas: int = 1
+    num_replicas: int = Field(default=1, description="replicas of this deployment, each holding the model")
     autoscaling: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config; replaces num_replicas"
     )
@@ -53,7 +56,9 @@ class DeploymentConfig(ConfigModel):
             "model deployments' replicas (at most 4)"
         ),
     )
-    num_gpus: float = 0.0
+    num_gpus: float = Field(
+        default=0.0, description="GPUs per replica (a fraction shares one); above 0 the model runs on CUDA"
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -69,7 +74,11 @@ class DeploymentConfig(ConfigModel):
             " the wait runs out); a single request over the budget still runs alone."
         ),
     )
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = Field(
+        default=0.005,
+        description="seconds a dynamic batch waits for more requests after its first one (a one-text request "
+        "to an otherwise idle replica does not wait)",
+    )
     cache_entries: int = Field(
         default=0,
         ge=0,
@@ -80,8 +89,12 @@ class DeploymentConfig(ConfigModel):
             "costs 4 bytes x dimensions, a score a few bytes, each entry about 150 bytes besides"
         ),
     )
-    max_ongoing_requests: int = 32
-    trust_remote_code: bool = False
+    max_ongoing_requests: int = Field(
+        default=32,
+        description="Ray Serve's bound on the requests a replica holds at once (its batches form from them); "
+        "more wait at the caller",
+    )
+    trust_remote_code: bool = trust_remote_code_field()
     index: str | None = Field(
         default=None,
         description=(
@@ -131,11 +144,13 @@ class LimitsConfig(ConfigModel):
         default=1_000_000, description="characters per /tokenize request, all texts together (it answers every token)"
     )
     max_documents: int = Field(default=256, description="per /rerank, /v1/rerank or /v2/rerank request")
-    max_top_k: int = 100
+    max_top_k: int = Field(default=100, description="/search's top_k at most (search.top_k's too)")
     max_recall: int = Field(default=1000, description="candidates per retriever in /search")
-    max_rerank_depth: int = 200
+    max_rerank_depth: int = Field(default=200, description="/search's rerank_depth at most, when it reranks")
     max_queued_requests: int = Field(default=64, description="at the HTTP proxy, per ingress replica; more get 503")
-    retry_after_s: int = 1
+    retry_after_s: int = Field(
+        default=1, description="the Retry-After (seconds) of the 503 answered past max_queued_requests"
+    )
 
 
 class SearchDefaults(ConfigModel):
@@ -228,11 +243,31 @@ class ServeConfig(ConfigModel):
             "deployments keep theirs for batches (bf16 torch on a CPU with AMX)"
         ),
     )
-    host: str = "127.0.0.1"
-    port: int = 8100
-    route_prefix: str = "/"
-    app_name: str = "raytrieve"
-    ingress_replicas: int = 1
+    host: str = Field(
+        default="127.0.0.1",
+        description="the address HTTP is served on where raytrieve starts Serve (0.0.0.0: every interface, "
+        "only behind your own gateway); under `serve deploy`, its file's http_options",
+    )
+    port: int = Field(
+        default=8100,
+        description="the HTTP port clients use, where raytrieve starts Serve (Serve's proxy, or the ingress "
+        "replica with direct_ingress); under `serve deploy`, its file's http_options",
+    )
+    route_prefix: str = Field(
+        default="/",
+        description="the URL path the endpoints are under, where raytrieve deploys the app (`serve deploy` "
+        "takes its file's)",
+    )
+    app_name: str = Field(
+        default="raytrieve",
+        description="the Serve application's name, where raytrieve deploys it (`serve deploy` takes its "
+        "file's); deploying under a running app's name replaces that app",
+    )
+    ingress_replicas: int = Field(
+        default=1,
+        description="replicas of the HTTP ingress (0.1 CPU each), which checks requests, calls the models and "
+        "fuses /search's lists",
+    )
     direct_ingress: bool = Field(
         default=False,
         description=(
@@ -258,8 +293,15 @@ class ServeConfig(ConfigModel):
             "MLFLOW_TRACKING_URI of the process that builds the app, else ./mlruns."
         ),
     )
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    search: SearchDefaults = Field(default_factory=SearchDefaults)
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description="bounds on each request (one past a bound is refused with a 4xx naming the field; 413 for "
+        "the body) and on the ingress's queue (503 past it)",
+    )
+    search: SearchDefaults = Field(
+        default_factory=SearchDefaults,
+        description="/search's values for the fields a request leaves out (`raytrieve evaluate --tune-on` writes them)",
+    )
 
     @property
     def proxy_port(self) -> int:

@@ -61,8 +61,8 @@ MAX_FUSION_PARAMETER = 1e6
 
 class Recall(Strict):
     # default= by keyword: pyright reads a field's default only from it (Recall() in default_factory).
-    dense: StrictInt = Field(default=100, ge=0)  # candidates from the dense index (0: off)
-    sparse: StrictInt = Field(default=100, ge=0)
+    dense: StrictInt = Field(default=100, ge=0, description="candidates from the dense index (0: off)")
+    sparse: StrictInt = Field(default=100, ge=0, description="candidates from the sparse index (0: off)")
 
 
 # The allowed values come from the fusion module's tables, so a new method or normalization is
@@ -78,11 +78,25 @@ else:
 class Fusion(Strict):
     """``/search``'s fusion parameters; each method reads the ones it needs (serve/fusion.py)."""
 
-    method: FusionMethod = "rrf"
-    k: StrictFloat = Field(default=60, ge=0, le=MAX_FUSION_PARAMETER)  # rrf
-    dense_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)  # convex
-    sparse_weight: StrictFloat = Field(default=0.5, ge=0, le=MAX_FUSION_PARAMETER)
-    normalization: Normalization = "minmax"
+    method: FusionMethod = Field(
+        default="rrf",
+        description="rrf: reciprocal rank fusion (k); convex: a weighted sum of normalized scores (dense_weight, "
+        "sparse_weight, normalization)",
+    )
+    k: StrictFloat = Field(
+        default=60, ge=0, le=MAX_FUSION_PARAMETER, description="rrf: each list adds 1 / (k + rank), rank from 1"
+    )
+    dense_weight: StrictFloat = Field(
+        default=0.5, ge=0, le=MAX_FUSION_PARAMETER, description="convex: the weight of the dense list's scores"
+    )
+    sparse_weight: StrictFloat = Field(
+        default=0.5, ge=0, le=MAX_FUSION_PARAMETER, description="convex: the weight of the sparse list's scores"
+    )
+    normalization: Normalization = Field(
+        default="minmax",
+        description="convex: each list's scores before weighting: minmax (to [0, 1]), zscore, or none (as the "
+        "retriever gave them)",
+    )
 
 
 class SearchRequest(Strict):

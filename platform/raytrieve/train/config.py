@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml
+from raytrieve.config import ConfigModel, from_dict, invalid, load_yaml, trust_remote_code_field
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
@@ -28,11 +28,29 @@ class LossSpec(ConfigModel):
     MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss); ``args.loss``, sentence-transformers'
     argument name, is read the same way."""
 
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
-    inner: LossSpec | None = None
-    matryoshka_dims: list[int] | None = None
-    matryoshka_weights: list[float] | None = None
+    name: str = Field(
+        description="a loss of the model's kind, by its sentence-transformers class name (e.g. "
+        "MultipleNegativesRankingLoss)"
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the loss's arguments by sentence-transformers' names, e.g. {scale: 20}; a wrapping loss's "
+        "base may be given as args.loss",
+    )
+    inner: LossSpec | None = Field(
+        default=None,
+        description="the base loss of a wrapping loss (SpladeLoss, CSRLoss, MatryoshkaLoss, Matryoshka2dLoss, "
+        "AdaptiveLayerLoss), itself a loss spec; None: the wrapper's default base (CSRLoss has one, the others "
+        "need it)",
+    )
+    matryoshka_dims: list[int] | None = Field(
+        default=None,
+        description="dense only: wrap this loss in a MatryoshkaLoss over these embedding sizes (as name: "
+        "MatryoshkaLoss with args.matryoshka_dims would)",
+    )
+    matryoshka_weights: list[float] | None = Field(
+        default=None, description="with matryoshka_dims: one weight per size; None: 1 each"
+    )
 
     def __init__(self, *name_and_args: Any, **fields: Any) -> None:
         # Name and args may come positionally (``LossSpec("CSRLoss", {"beta": 0.2})``), as code
@@ -89,9 +107,12 @@ class ModelConfig(ConfigModel):
         description="a models/ variant, a local sentence-transformers folder, a folder URI (s3://...) or an MLflow URI "
         "(models:/NAME/VERSION)"
     )
-    kind: Literal[tuple(MODEL_KINDS)]  # pyright: ignore[reportInvalidTypeForm]  (kinds.py's names)
+    kind: Literal[tuple(MODEL_KINDS)] = Field(  # pyright: ignore[reportInvalidTypeForm]  (kinds.py's names)
+        description="dense (embeddings), sparse (sparse vectors) or cross (a cross-encoder that scores pairs); "
+        "it decides the encoder class and the losses a dataset may name"
+    )
     max_seq_length: int | None = Field(default=None, ge=1, description="None: the model's own")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = trust_remote_code_field()
     inference_free: bool = Field(
         default=False,
         description="sparse only: start an inference-free SPLADE Router from the model: queries by a "
@@ -106,19 +127,26 @@ class ModelConfig(ConfigModel):
 
 
 class DatasetConfig(ConfigModel):
-    name: str
+    name: str = Field(
+        description="unique among the datasets; names the dataset in errors, the model card and (with several "
+        "datasets) its <name>_loss metric"
+    )
     path: str = Field(
         description="A parquet / jsonl / csv file, a folder of them, or a saved HF datasets folder; a local path or "
         "any URI pyarrow opens (s3://, gs://, abfs://, file://). The driver and every worker read it."
     )
-    loss: LossSpec
+    loss: LossSpec = Field(description="the loss this dataset's batches train with")
     format: Literal[tuple(FORMATS)] | None = Field(  # pyright: ignore[reportInvalidTypeForm]  (data/formats.py's names)
         default=None, description="None: from the file name"
     )
     columns: list[str] | None = Field(
         default=None, description="text columns in the loss's order; None: all but the label"
     )
-    label_column: str | None = None
+    label_column: str | None = Field(
+        default=None,
+        description="the column of each row's label (a number, or a list of numbers), read by losses that take "
+        "labels and grouped by under batch_sampler group_by_label; None: no labels",
+    )
     prompts: str | dict[str, str] | None = Field(
         default=None, description="One prompt for every column, or one per column name."
     )
@@ -137,9 +165,17 @@ class DatasetConfig(ConfigModel):
 
 
 class OptimizerConfig(ConfigModel):
-    name: Literal["adamw"] = "adamw"
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
+    name: Literal["adamw"] = Field(default="adamw", description="AdamW (torch's; fused on GPUs), the only one")
+    learning_rate: float = Field(
+        default=2e-5,
+        description="the peak learning rate, which the schedule scales; learning_rate_mapping overrides it per "
+        "parameter",
+    )
+    weight_decay: float = Field(
+        default=0.01,
+        description="AdamW's decoupled weight decay (0 or more), on weight matrices only: not on biases, norm "
+        "weights or other 1-d parameters",
+    )
     learning_rate_mapping: dict[str, float] = Field(
         default_factory=dict,
         description='Regex over parameter names -> learning rate (first match wins), e.g. {"^stack\\\\.1\\\\.": 1e-3}.',
@@ -166,8 +202,15 @@ class OptimizerConfig(ConfigModel):
 
 
 class ScheduleConfig(ConfigModel):
-    name: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.1
+    name: Literal["linear", "cosine", "constant"] = Field(
+        default="linear",
+        description="the learning rate after warm-up: linear decay to 0, cosine decay to 0, or constant",
+    )
+    warmup_ratio: float = Field(
+        default=0.1,
+        description="share of the optimizer steps (rounded up) over which the learning rate rises linearly "
+        "from 0, in [0, 1)",
+    )
 
     @model_validator(mode="after")
     def _warmup_is_a_share(self) -> ScheduleConfig:
@@ -177,13 +220,36 @@ class ScheduleConfig(ConfigModel):
 
 
 class TrainingConfig(ConfigModel):
-    batch_size: int = 32
-    epochs: int = 1
-    max_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    batch_sampler: Literal["no_duplicates", "group_by_label", "default"] = "no_duplicates"
-    multi_dataset_sampler: Literal["proportional", "round_robin"] = "proportional"
-    seed: int = 42
+    batch_size: int = Field(
+        default=32,
+        description="rows per batch on each worker: a batch of batch_size x num_workers rows is drawn, then "
+        "split among the workers",
+    )
+    epochs: int = Field(default=1, description="passes over the data; unused when max_steps is set")
+    max_steps: int | None = Field(
+        default=None,
+        description="optimizer steps to train for, over as many epochs as they take; None: epochs decide",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, description="batches whose gradients are averaged into one optimizer step"
+    )
+    batch_sampler: Literal["no_duplicates", "group_by_label", "default"] = Field(
+        default="no_duplicates",
+        description="no_duplicates: no text twice in a batch (an in-batch negative never copies a positive); "
+        "group_by_label: pairs of rows sharing a label (datasets[].label_column), for batch triplet losses; "
+        "default: a plain shuffle",
+    )
+    multi_dataset_sampler: Literal["proportional", "round_robin"] = Field(
+        default="proportional",
+        description="with several datasets (each batch from one): proportional takes every batch of every "
+        "dataset, in a random order weighted by batches left x weight; round_robin takes one of each in turn "
+        "until the smallest runs out",
+    )
+    seed: int = Field(
+        default=42,
+        description="seeds Python's and torch's generators on the workers and the batch plan (seed + epoch "
+        "in each epoch)",
+    )
     bf16: bool = Field(
         default=False,
         description="matrix products in bfloat16 under autocast, on a GPU or a CPU with AMX/AVX-512 BF16 (elsewhere "
@@ -212,7 +278,12 @@ class EvalConfig(ConfigModel):
         default=None,
         description="a local path or a URI, its format by its name; None: no evaluation (evaluator unused)",
     )
-    evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = None
+    evaluator: Literal["information_retrieval", "embedding_similarity", "reranking"] | None = Field(
+        default=None,
+        description="how eval.path is scored (required with it): information_retrieval (query, relevant "
+        "document pairs), embedding_similarity (sentence pairs with a score) or reranking (query, positive, "
+        "negatives; a cross-encoder's only one)",
+    )
     columns: list[str] | None = Field(
         default=None,
         description=(
@@ -221,7 +292,9 @@ class EvalConfig(ConfigModel):
             "None: its text columns, when they are exactly as many as the evaluator takes"
         ),
     )
-    every_n_steps: int | None = None
+    every_n_steps: int | None = Field(
+        default=None, description="also evaluate every this many optimizer steps; None: at the end only"
+    )
 
     @model_validator(mode="after")
     def _evaluator_with_path(self) -> EvalConfig:
@@ -234,7 +307,7 @@ class EvalConfig(ConfigModel):
 
 class CheckpointConfig(ConfigModel):
     every_n_steps: int | None = Field(default=None, description="None: only the final checkpoint")
-    keep: int = 2
+    keep: int = Field(default=2, description="the newest checkpoints Ray Train keeps (at least 1)")
     dir: str | None = Field(
         default=None,
         description="Ray Train storage: a local or shared folder, or an object store's URI (s3://, gs://, ...); "
@@ -254,16 +327,26 @@ class CheckpointConfig(ConfigModel):
 
 
 class ScalingConfig(ConfigModel):
-    num_workers: int = 1
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    num_workers: int = Field(default=1, description="Ray Train workers: data-parallel ranks, one process each")
+    use_gpu: bool = Field(
+        default=False, description="a GPU per worker, NCCL between them; false: CPU workers with gloo"
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="the Ray resources each worker asks for, e.g. {CPU: 4}; empty: 1 CPU (or 1 GPU with "
+        "use_gpu), Ray Train's default",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK",
         description=(
             "How workers are placed on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node."
         ),
     )
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every worker holds the whole model (DistributedDataParallel); fsdp: the weights are "
+        "sharded across the workers per transformer block (not with cached GradCache losses)",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -286,9 +369,17 @@ class ScalingConfig(ConfigModel):
 
 class MlflowConfig(ConfigModel):
     tracking_uri: str | None = Field(default=None, description="default: MLFLOW_TRACKING_URI, else ./mlruns")
-    experiment: str = "raytrieve"
-    run_name: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    experiment: str = Field(
+        default="raytrieve", description="the MLflow experiment the run is logged in (created when missing)"
+    )
+    run_name: str | None = Field(
+        default=None,
+        description="the MLflow run's name, and the model card's model name when register_model_as is unset; "
+        "None: MLflow picks one",
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="tags set on the MLflow run (keys checked before training)"
+    )
     register_model_as: str | None = Field(
         default=None,
         description="a registry name: letters, digits, '.', '_' and '-', at most 200 (checked before training)",
@@ -309,8 +400,10 @@ class MlflowConfig(ConfigModel):
 
 
 class TrainConfig(ConfigModel):
-    model: ModelConfig
-    datasets: list[DatasetConfig]
+    model: ModelConfig = Field(description="the model to fine-tune")
+    datasets: list[DatasetConfig] = Field(
+        description="the training data, one or more; each batch comes from one dataset and trains with its loss"
+    )
     output_dir: str = Field(
         description="the folder the trained model is saved to: a path on local or shared disk, or a folder URI "
         "(s3://...)"
@@ -319,13 +412,31 @@ class TrainConfig(ConfigModel):
         default=None,
         description="Prompts for every dataset that sets none: one string for all columns, or per column name.",
     )
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        description="batch size and sampling, epochs or steps, seed and precision",
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="AdamW: learning rates, weight decay, gradient clipping"
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="the learning rate over the run's optimizer steps"
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="evaluation on a held-out file, during and after training"
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig,
+        description="Ray Train checkpoints: how often, how many, where, and restarts after a worker failure",
+    )
+    scaling: ScalingConfig = Field(
+        default_factory=ScalingConfig,
+        description="Ray Train's workers: how many, their resources, placement, threads and the parallel strategy",
+    )
+    mlflow: MlflowConfig = Field(
+        default_factory=MlflowConfig,
+        description="the MLflow run that tracks training, and the registry name of the trained model",
+    )
 
     @model_validator(mode="after")
     def _datasets_named_once(self) -> TrainConfig:
