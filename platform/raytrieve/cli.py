@@ -309,8 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pydocs = data_sub.add_parser("build-pydocs", help="retrieval pairs from installed packages' docstrings")
-    pydocs.add_argument("--out", default="data/pydocs")
-    pydocs.add_argument("--max-per-package", type=int, default=4000)
+    pydocs.add_argument(
+        "--out",
+        default="data/pydocs",
+        help="the folder to write train.parquet, test.parquet and manifest.json to (default: data/pydocs)",
+    )
+    pydocs.add_argument(
+        "--max-per-package",
+        type=int,
+        default=4000,
+        help="at most this many (summary line, docstring) pairs from each package (default: 4000)",
+    )
     pydocs.set_defaults(func=_build_pydocs)
     beir = data_sub.add_parser(
         "beir-pairs",

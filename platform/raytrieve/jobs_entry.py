@@ -107,13 +107,8 @@ def _encode(config: str, overrides: list[str], ray_address: str | None) -> dict[
             check_reference(out.model, f"{config}.{kind}.model")
     from raytrieve.inference.encode import run_encode
 
-    result = run_encode(cfg, where=config, ray_address=ray_address)
-    if result.already_complete:
-        print(
-            f"{result.output_dir}: already complete ({result.rows} rows, {result.shards} shards); nothing to do",
-            file=sys.stderr,
-        )
-    return asdict(result)
+    # A finished job's rerun says so in run_encode's log ("already complete ...; nothing to do").
+    return asdict(run_encode(cfg, where=config, ray_address=ray_address))
 
 
 def _mine(config: str, overrides: list[str], ray_address: str | None) -> dict[str, Any]:
