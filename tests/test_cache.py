@@ -58,6 +58,12 @@ def test_cache_lists_marks_and_prunes_by_last_use(tmp_path, monkeypatch, s3_stor
     for path, entry in found.items():
         assert entry.size == _du(path) and entry.temporary == path.name.startswith(".")
     assert found[downloaded].area == "store" and found[converted].area == "models"
+    # Where a download came from is recorded (entries are named by keys), without the URI's keys;
+    # a variant is named by itself.
+    from tests.object_store import KEY, SECRET
+
+    without_keys = uri.replace(f"{KEY}:{SECRET}@", "")
+    assert without_keys != uri and found[downloaded].origin == without_keys and found[converted].origin is None
     assert time.time() - found[downloaded].last_used < 60
 
     # Resolving marks the entry used; a use older than the period makes it prunable.
@@ -70,6 +76,7 @@ def test_cache_lists_marks_and_prunes_by_last_use(tmp_path, monkeypatch, s3_stor
     assert listed.returncode == 0, listed.stderr
     rows = {r["path"]: r for r in json.loads(listed.stdout)}
     assert rows[str(downloaded)]["bytes"] == _du(downloaded) and rows[str(downloaded)]["area"] == "store"
+    assert rows[str(downloaded)]["origin"] == without_keys
     assert time.time() - rows[str(downloaded)]["last_used"] > 9 * DAY
 
     # A dry run deletes nothing; then the unused download and the old leftover go, the rest stays.

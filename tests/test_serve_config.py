@@ -817,6 +817,10 @@ def test_a_registry_version_registered_again_since_the_app_was_built_is_refused(
     pin = store_pins(cfg)[ref]
     first = load_model("dense", cfg.dense, pin).encode(SENTENCES[:3])
     assert load_model("dense", cfg.dense, pin).encode(SENTENCES[:3]).tolist() == first.tolist()  # the pin holds
+    from raytrieve import cache  # `raytrieve cache list` says what the download (named by a key) is
+
+    assert [e.origin for e in cache.entries() if e.area == "mlflow"] == [
+        f"models:/{name}/1 in the MLflow store {registry['uri']}"]
     # An app built by the version before (a pin without the key) still loads its version.
     unkeyed = pin.partition(PIN_KEY)[0]
     assert unkeyed == f"models:/{name}/1"

@@ -184,6 +184,16 @@ def _umask() -> int:
     return 0o022
 
 
+# In a cache entry's folder: where the entry came from, one line, for `raytrieve cache list`
+# (entries are named by keys). Hidden, so no content key or model loader sees it.
+ORIGIN_FILE = ".raytrieve-origin"
+
+
+def write_origin(folder: Path, origin: str) -> None:
+    """Record ``origin`` (a URI without its keys) in the cache entry being made in ``folder``."""
+    (folder / ORIGIN_FILE).write_text(redact(origin) + "\n", encoding="utf-8")
+
+
 def mark_used(folder: Path) -> Path:
     """Record that ``folder``, an entry of raytrieve's cache, was just handed out: its
     modification time set to now (``raytrieve.cache.prune`` keeps what was used lately; no file

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from raytrieve._io import ORIGIN_FILE
 from raytrieve.assets import cache_dir
 
 # Each area of the cache: the folder under $RAYTRIEVE_CACHE, what it holds.
@@ -51,6 +52,14 @@ class Entry:
     size: int  # bytes of its files
     last_used: float  # the folder's modification time (``mark_used``), seconds since the epoch
     temporary: bool  # a killed maker's leftover (``.NAME.tmp-*``, ``.NAME.old-*``, a prune's ``.NAME.pruned-*``)
+    origin: str | None = None  # where it came from (``_io.write_origin``): a URI; None where unrecorded
+
+
+def _origin(folder: Path) -> str | None:
+    try:
+        return (folder / ORIGIN_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _size(folder: Path) -> int:
@@ -79,7 +88,7 @@ def entries(root: Path | None = None) -> Iterator[Entry]:
                 used = path.stat().st_mtime
             except OSError:
                 continue
-            yield Entry(area, path, _size(path), used, temporary)
+            yield Entry(area, path, _size(path), used, temporary, _origin(path))
 
 
 def prune(unused_for_s: float, root: Path | None = None, dry_run: bool = False) -> list[Entry]:

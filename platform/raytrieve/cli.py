@@ -75,6 +75,8 @@ def _cache_rows(found: list[Any]) -> None:
         for e in mine:
             note = "  (a killed maker's leftover)" if e.temporary else ""
             print(f"  {_size(e.size):>9}  used {(now - e.last_used) / 86_400:6.1f} days ago  {e.path}{note}")
+            if e.origin:
+                print(f"  {'':>9}  from {e.origin}")
 
 
 def _cache_list(args: argparse.Namespace) -> int:
@@ -94,6 +96,7 @@ def _cache_list(args: argparse.Namespace) -> int:
                         "bytes": e.size,
                         "last_used": e.last_used,
                         "temporary": e.temporary,
+                        "origin": e.origin,
                     }
                     for e in found
                 ]

@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytrieve._io import atomic_directory, mark_used, redact
+from raytrieve._io import atomic_directory, mark_used, redact, write_origin
 from raytrieve.errors import DataError
 
 GLOB_CHARS = "*?["
@@ -418,6 +418,7 @@ def fetch_folder(
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     with listed.fs.open_input_stream(listed.files[name].path) as src, open(dest, "wb") as out:
                         shutil.copyfileobj(src, out, STREAM_BUFFER)
+                write_origin(tmp, uri)
                 # A write that began after the listing (same sizes, other bytes) shows in a new one.
                 if _state(listing()) != listed.state:
                     raise DataError(f"{what} {shown}: it changed while it was downloaded; read it again")

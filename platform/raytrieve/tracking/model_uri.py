@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raytrieve import assets
-from raytrieve._io import atomic_directory, mark_used
+from raytrieve._io import atomic_directory, mark_used, write_origin
 from raytrieve.errors import ModelLoadError
 from raytrieve.tracking import mlflow_run
 
@@ -131,3 +131,4 @@ def _download(uri: str, store: str, target: Path) -> None:
             for p in inner[0].iterdir():
                 p.rename(tmp / p.name)
             inner[0].rmdir()
+        write_origin(tmp, f"{uri} in the MLflow store {store}")
