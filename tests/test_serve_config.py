@@ -197,6 +197,24 @@ def test_raytrieve_serve_refuses_a_port_in_use_before_ray_starts(minilm_dir, mon
         cfg = from_dict(ServeConfig, {"dense": {"model": str(minilm_dir)}, "port": port})
         with pytest.raises(ConfigError, match=rf"serve.yaml.port: 127.0.0.1:{port} is already in use; pick a free"):
             start(cfg, "serve.yaml")
+    # With direct_ingress Serve's proxy takes port + 1: taken, the error says whose port it is.
+    for _ in range(50):
+        with socket.socket() as server, socket.socket() as below:
+            server.bind(("127.0.0.1", 0))
+            port = server.getsockname()[1]
+            try:
+                below.bind(("127.0.0.1", port - 1))  # the app's port must be free
+            except OSError:
+                continue
+            below.close()
+            server.listen()
+            cfg = from_dict(ServeConfig, {"dense": {"model": str(minilm_dir)}, "port": port - 1, "direct_ingress": True})
+            with pytest.raises(ConfigError, match=rf"serve.yaml.port: 127.0.0.1:{port} \(Serve's HTTP proxy's: with "
+                                                  rf"direct_ingress it takes port \+ 1, {port - 1} \+ 1\) is already"):
+                start(cfg, "serve.yaml")
+            break
+    else:
+        pytest.fail("no port below a free one was free in 50 tries")
 
 
 def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_listener():

@@ -148,8 +148,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     from raytrieve.ray_cluster import connect
 
     if ray_address == "local" and not ray.is_initialized():  # no Serve of ours can hold the ports yet
-        for port in dict.fromkeys((cfg.port, cfg.proxy_port)):
-            check_port_free(cfg.host, port, f"{where}.port")
+        _check_ports_free(cfg, where)
     connect(ray_address)
     app = build_app(cfg, where, pins)  # sized from the cluster and checked to fit before Serve starts
     machines = _machines()
@@ -162,8 +161,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
         if ray_address == "local":  # this machine's ports: the embedded Ray's replicas bind them
-            for port in dict.fromkeys((cfg.port, cfg.proxy_port)):
-                check_port_free(cfg.host, port, f"{where}.port")
+            _check_ports_free(cfg, where)
         options = {"runtime_env": {"env_vars": direct_ingress_controller_env(cfg.port)}} if cfg.direct_ingress else None
         serve.start(http_options={"host": cfg.host, "port": cfg.proxy_port}, controller_options=options)
         if cfg.direct_ingress:
@@ -253,13 +251,22 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
 
 
-def check_port_free(host: str, port: int, field: str) -> None:
+def check_port_free(host: str, port: int, field: str, what: str = "") -> None:
     """Refuse a port something on this machine already listens on: Serve would otherwise start
-    and never answer there (its proxy or ingress replica retries the bind in the background)."""
+    and never answer there (its proxy or ingress replica retries the bind in the background).
+    ``what``: the port's role, where it is not the one the field names."""
     with socket.socket() as s:
         s.settimeout(5)
         if s.connect_ex((_local(host), port)) == 0:
-            raise ConfigError(f"{field}: {host}:{port} is already in use; pick a free port")
+            raise ConfigError(f"{field}: {host}:{port}{what} is already in use; pick a free port")
+
+
+def _check_ports_free(cfg: ServeConfig, where: str) -> None:
+    """The app's port and, with direct_ingress, Serve's proxy's on port + 1."""
+    check_port_free(cfg.host, cfg.port, f"{where}.port")
+    if cfg.proxy_port != cfg.port:
+        role = f" (Serve's HTTP proxy's: with direct_ingress it takes port + 1, {cfg.port} + 1)"
+        check_port_free(cfg.host, cfg.proxy_port, f"{where}.port", role)
 
 
 def wait_port_released(
