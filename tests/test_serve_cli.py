@@ -114,6 +114,8 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tin
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "raytrieve serve: stopping" in err and "SIGTERM received" not in err, err
+    # Ray's "New http_options/controller_options will not be applied" at serve.run: they were (serve.start).
+    assert "will not be applied" not in err, err
     print(f"raytrieve serve stopped {stopped_in:.1f} s after {signal.Signals(stop).name}")
     for p in (port, port + 1):
         with pytest.raises(ConnectionRefusedError):  # nothing listens on the ports any more (an HTTP error would)

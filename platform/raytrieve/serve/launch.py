@@ -17,6 +17,7 @@ through ``serve.start``'s controller_options, the ingress replicas through their
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -186,8 +187,21 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
             # A Serve that already ran set up for this port: a listener there is its last ingress
             # replica, stopping (measured: still listening after serve.delete returned).
             wait_port_released(cfg.host, cfg.port, f"{where}.port", replica_may_linger=running is not None)
+    logging.getLogger("ray.serve").addFilter(_KEPT_OPTIONS_NOTICE)
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+class _KeptOptionsNotice(logging.Filter):
+    """``serve.run`` logs "Connecting to existing Serve app ... New http_options/controller_options
+    will not be applied" whenever Serve runs already: also right after ``start`` started it with
+    this config's options, or checked that the running one has them, so here it only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
+_KEPT_OPTIONS_NOTICE = _KeptOptionsNotice()  # one instance: addFilter adds it once however often start runs
 
 
 # Which Serve ``start`` set up for direct ingress, in Ray's own key-value store: Serve keeps its
