@@ -138,6 +138,11 @@ def export(module: Transformer, target: Path) -> None:
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     was_training = module.auto_model.training
     module.auto_model.eval()
+    # The exporter's registry logs a warning per torchvision operator it skips (torchvision, not
+    # used by these models, is not a dependency): a dozen lines in every replica that exports.
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
     try:
         # overwrite=False: another process on this machine may finish the same export first
         # (FileExistsError, which the caller takes as done); a folder in use is never swapped.
@@ -163,6 +168,7 @@ def export(module: Transformer, target: Path) -> None:
         raise ModelLoadError(f"{name}: cannot export to ONNX ({type(e).__name__}: {e}); use backend: torch") from e
     finally:
         module.auto_model.train(was_training)
+        registry.setLevel(level)
 
 
 class OnnxModel:
