@@ -11,7 +11,9 @@ measured through both ports, request by request in turn; the two answers of one 
 Each phase deploys the app in the layout BENCHMARKS.md recommends for a CPU (the ingress
 encodes queries itself in ONNX Runtime, recall_in_ingress; the model deployments in torch) over
 the index benchmarks/serve.py builds, then measures with one client, sequentially:
-- ``health_p50_ms``: TEI's /health (an empty answer: the HTTP hop and the ingress's own handling);
+- ``health_p50_ms``: TEI's /health (an empty answer: the HTTP hop and the ingress's own handling;
+  since 2026-12-06 it also pings every deployment, at most once a second (app.HEALTH_CACHE_S),
+  which the p50 of calls this close together does not see);
 - ``search_p50_ms``: /search without rerank, top 10 of 100 + 100 recalled (as serve.py's);
 - the /search stage timings the ingress reports (``search_stage_p50_ms``).
 

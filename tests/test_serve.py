@@ -1071,7 +1071,7 @@ def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(se
     import ray
     from ray import serve
 
-    from raytrieve.serve.app import build_app
+    from raytrieve.serve.app import HEALTH_CACHE_S, build_app
 
     cfg = from_dict(ServeConfig, {"dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05,
                                             "torch_threads": 1}})
@@ -1087,6 +1087,7 @@ def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(se
                     if a["name"].startswith("SERVE_REPLICA::readiness#dense#")]
         assert len(replicas) == 1, replicas
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        time.sleep(HEALTH_CACHE_S)  # past the round of pings that answered the 200s
         with ThreadPoolExecutor(2) as pool:  # both at once: each waits at most HEALTH_TIMEOUT_S
             healthz, health = pool.map(lambda path: requests.get(f"{url}/{path}", timeout=30), ("healthz", "health"))
         assert healthz.status_code == 503, healthz.text

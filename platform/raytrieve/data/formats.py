@@ -296,7 +296,7 @@ class JsonlFormat(LineFormat):
 # How far into a file an error's line is numbered (the bytes before it are read to count lines);
 # past it, the error gives the line's byte offset instead. And how much of a whole file is
 # searched for the bad line where no range is given (a training file streamed whole).
-COUNT_LINES_UP_TO = 1 << 30
+COUNT_LINES_UP_TO = 1 << 28
 SEARCH_BYTES = 1 << 26
 
 
@@ -309,7 +309,10 @@ def bad_line(fs: pafs.FileSystem, path: str, start: int = 0, body: bytes | None 
         offset = _next_line_start(f, start)
         if body is None:
             f.seek(offset)
-            lines = f.read(SEARCH_BYTES).split(b"\n")
+            head = f.read(SEARCH_BYTES)
+            lines = head.split(b"\n")
+            if len(head) == SEARCH_BYTES and not head.endswith(b"\n"):
+                lines.pop()  # cut off by the read, not a line of the file
         else:
             lines = body.split(b"\n")
         found = next(((i, why) for i, line in enumerate(lines) if (why := _not_an_object(line)) is not None), None)

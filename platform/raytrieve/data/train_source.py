@@ -76,13 +76,18 @@ def list_pieces(location: str | Path, fmt: str) -> tuple[pa.Schema, list[Piece]]
 
 
 def _bad_line(fmt: str, files: Sequence[str]) -> str | None:
-    """For jsonl, the first line of ``files`` that is not one JSON object (``formats.bad_line``;
-    pyarrow numbers a failing row within its block), naming the file where there are several."""
+    """For jsonl, the first line that is not one JSON object (``formats.bad_line``; pyarrow
+    numbers a failing row within its block) of the first file of ``files`` with content (the
+    one a failed read parsed: a folder's reader stops at it), naming the file where there are
+    several."""
     if fmt != "jsonl":
         return None
     for f in files:
-        if (where := formats.bad_line(*resolve(f))) is not None:
-            return where if len(files) == 1 else f"{f}: {where}"
+        fs, path = resolve(f)
+        if not fs.get_file_info(path).size:
+            continue
+        where = formats.bad_line(fs, path)
+        return where if where is None or len(files) == 1 else f"{f}: {where}"
     return None
 
 

@@ -88,12 +88,11 @@ def serve_and_query(
 
     from raytrieve.demo.client import run_queries
     from raytrieve.serve.client import get, wait_healthy
-    from raytrieve.serve.launch import check_port_free, start
+    from raytrieve.serve.launch import check_ports_free, start
 
     s, serve_cfg = cfg.serving, served.config
     if not serve_running:
-        for port in dict.fromkeys((serve_cfg.port, serve_cfg.proxy_port)):  # the proxy's with direct_ingress
-            check_port_free("127.0.0.1", port, "serving.port")
+        check_ports_free(serve_cfg, "serving")  # the proxy's too, on port + 1 with direct_ingress
     base = start(serve_cfg, where="demo serve", ray_address=None)
     try:
         wait_healthy(base)

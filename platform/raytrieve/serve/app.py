@@ -19,6 +19,7 @@ request bodies, shapes.py the checks of texts and the answers' bodies).
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,9 @@ http_guard.install(api)
 # replica loading the model), restarting after a crash, or with every request slot taken longer
 # than this reads as not ready.
 HEALTH_TIMEOUT_S = 2.0
+# How long one round of pings answers every /healthz and /health call (each joins the round in
+# flight): probes from many load balancers cost one round, not one each.
+HEALTH_CACHE_S = 1.0
 
 
 async def _answers(handle: DeploymentHandle) -> bool:
@@ -141,6 +145,7 @@ class Ingress:
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
         self.version = _version()
+        self._health: tuple[float, asyncio.Task[dict[str, list[str]]]] | None = None  # (started, round)
         api.state.ingress = self  # for http_guard's middleware (one ingress per replica process)
         # Ray Serve metrics, not a registry of this replica: see serve/cluster_metrics.py.
         self.requests, self.latency = cluster_metrics.request_metrics()
@@ -196,7 +201,14 @@ class Ingress:
     # -- raytrieve's own endpoints ----------------------------------------------------------------
     async def _not_ready(self) -> dict[str, list[str]]:
         """By kind, the served models (and "retriever": the index deployment) none of whose
-        replicas answers now: all of them must for the app to answer every request."""
+        replicas answers now: all of them must for the app to answer every request. One round of
+        pings at a time, its answer kept HEALTH_CACHE_S."""
+        now = time.monotonic()
+        if self._health is None or (self._health[1].done() and now - self._health[0] > HEALTH_CACHE_S):
+            self._health = (now, asyncio.ensure_future(self._ping_all()))
+        return await asyncio.shield(self._health[1])
+
+    async def _ping_all(self) -> dict[str, list[str]]:
         entries = [(m.kind, m.name, h) for m, h in self.table.all()]
         if self.table.retriever is not None:
             entries.append(("retriever", "retriever", self.table.retriever))

@@ -149,7 +149,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     from raytrieve.ray_cluster import connect
 
     if ray_address == "local" and not ray.is_initialized():  # no Serve of ours can hold the ports yet
-        _check_ports_free(cfg, where)
+        check_ports_free(cfg, where)
     connect(ray_address)
     app = build_app(cfg, where, pins)  # sized from the cluster and checked to fit before Serve starts
     machines = _machines()
@@ -162,7 +162,7 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
         if ray_address == "local":  # this machine's ports: the embedded Ray's replicas bind them
-            _check_ports_free(cfg, where)
+            check_ports_free(cfg, where)
         options = {"runtime_env": {"env_vars": direct_ingress_controller_env(cfg.port)}} if cfg.direct_ingress else None
         serve.start(http_options={"host": cfg.host, "port": cfg.proxy_port}, controller_options=options)
         if cfg.direct_ingress:
@@ -188,7 +188,10 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
             # replica, stopping (measured: still listening after serve.delete returned).
             wait_port_released(cfg.host, cfg.port, f"{where}.port", replica_may_linger=running is not None)
     logging.getLogger("ray.serve").addFilter(_KEPT_OPTIONS_NOTICE)
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    try:
+        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    finally:
+        logging.getLogger("ray.serve").removeFilter(_KEPT_OPTIONS_NOTICE)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
@@ -201,7 +204,7 @@ class _KeptOptionsNotice(logging.Filter):
         return not record.getMessage().startswith("Connecting to existing Serve app")
 
 
-_KEPT_OPTIONS_NOTICE = _KeptOptionsNotice()  # one instance: addFilter adds it once however often start runs
+_KEPT_OPTIONS_NOTICE = _KeptOptionsNotice()
 
 
 # Which Serve ``start`` set up for direct ingress, in Ray's own key-value store: Serve keeps its
@@ -275,7 +278,7 @@ def check_port_free(host: str, port: int, field: str, what: str = "") -> None:
             raise ConfigError(f"{field}: {host}:{port}{what} is already in use; pick a free port")
 
 
-def _check_ports_free(cfg: ServeConfig, where: str) -> None:
+def check_ports_free(cfg: ServeConfig, where: str) -> None:
     """The app's port and, with direct_ingress, Serve's proxy's on port + 1."""
     check_port_free(cfg.host, cfg.port, f"{where}.port")
     if cfg.proxy_port != cfg.port:
