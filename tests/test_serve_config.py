@@ -393,6 +393,24 @@ def test_requests_pick_their_model_by_name_and_unknown_names_are_4xx_naming_the_
         assert why in e.value.message and "dense models here: ['all-minilm-l6-v2', 'b']" in e.value.message
 
 
+def test_readiness_pings_every_deployment_but_a_model_that_scales_to_zero():
+    """/healthz and /health ping each model's deployment and the retriever; a model that may
+    autoscale to no replica is left out (a ping every few seconds would keep it awake)."""
+    from raytrieve.serve.models import ModelTable
+
+    keys = {**TWO_DENSE, "colocate_index": False}
+    keys["reranker"] = [keys["reranker"][0], {**keys["reranker"][1], "autoscaling": {"min_replicas": 0}}]
+    keys["dense"] = [keys["dense"][0], {**keys["dense"][1], "autoscaling": {"min_replicas": 1, "max_replicas": 2}}]
+    cfg = _cfg(**keys)
+    handles = {kind: [object() for m in cfg.served() if m.kind == kind] for kind in ("dense", "sparse", "reranker")}
+    retriever = object()
+    probed = ModelTable(cfg, handles, retriever).probed()
+    assert [(kind, name) for kind, name, _ in probed] == [
+        ("dense", "all-minilm-l6-v2"), ("dense", "b"), ("sparse", "splade-tiny"),
+        ("reranker", "ms-marco-minilm-l12-v2"), ("retriever", "retriever")]
+    assert [h for *_, h in probed] == [*handles["dense"], *handles["sparse"], handles["reranker"][0], retriever]
+
+
 @pytest.mark.parametrize("layout", ["replica", "retriever", "ingress"])
 def test_search_uses_the_models_a_request_names_each_with_its_own_index(layout):
     table, _ = _table(layout)

@@ -209,9 +209,7 @@ class Ingress:
         return await asyncio.shield(self._health[1])
 
     async def _ping_all(self) -> dict[str, list[str]]:
-        entries = [(m.kind, m.name, h) for m, h in self.table.all()]
-        if self.table.retriever is not None:
-            entries.append(("retriever", "retriever", self.table.retriever))
+        entries = self.table.probed()
         answered = await asyncio.gather(*(_answers(h) for *_, h in entries))
         missing: dict[str, list[str]] = {}
         for (kind, name, _), ok in zip(entries, answered):

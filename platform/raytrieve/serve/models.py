@@ -54,6 +54,14 @@ class ModelTable:
     def all(self) -> list[tuple[Served, DeploymentHandle]]:
         return [entry for models in self.by_kind.values() for entry in models.values()]
 
+    def probed(self) -> list[tuple[str, str, DeploymentHandle]]:
+        """(kind, name, handle) of each deployment the readiness probes (/healthz, /health) ping:
+        every model's and the retriever's, but a model that autoscales down to no replica
+        (``autoscaling: {min_replicas: 0}``): a ping would keep it awake, and its next request
+        starts a replica anyway."""
+        found = [(m.kind, m.name, h) for m, h in self.all() if (m.spec.autoscaling or {}).get("min_replicas", 1) != 0]
+        return found + ([("retriever", "retriever", self.retriever)] if self.retriever is not None else [])
+
     @property
     def primary(self) -> str:
         """The kind TEI's /info and /tokenize describe by default: the first served of dense,
