@@ -105,6 +105,10 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tin
         assert any(log.name.startswith("replica_raytrieve_dense") for log in logs), logs
         for log in logs:
             assert "max_ongoing_requests" not in log.read_text(), log
+            # The ingress logs each request; the model's replica logs no access line of its own.
+            assert "CALL __call__" not in log.read_text(), log
+        ingress = _logs_of(proc, "ServeReplica:raytrieve:ingress")
+        assert any("POST /v1/embeddings 200" in log.read_text() for log in ingress), ingress
         started = time.monotonic()
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)

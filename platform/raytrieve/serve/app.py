@@ -64,6 +64,11 @@ api = FastAPI(
 http_guard.install(api)
 
 
+# The deployments behind the ingress log no access line per call: the ingress logs each request
+# (route, status, time), and their lines (two to four per request, one per readiness ping) only
+# repeated it on the console and in their log files.
+INNER_LOGGING = {"enable_access_log": False}
+
 # How long /healthz and /health wait for each deployment to answer its ping: one starting (its
 # replica loading the model), restarting after a crash, or with every request slot taken longer
 # than this reads as not ready.
@@ -491,6 +496,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
             "name": model.deployment,
             "ray_actor_options": actor,
             "max_ongoing_requests": d.max_ongoing_requests,
+            "logging_config": INNER_LOGGING,
         }
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
@@ -514,7 +520,9 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
         bound[m.kind].append(ModelReplica.options(**options(m)).bind(m.kind, m.spec, held, folders, pins))  # pyright: ignore[reportFunctionMemberAccess]
     # Else one retriever holds every index the models search (and their texts, once).
     retriever = (
-        Retriever.options(name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}).bind(folders, pins=pins)  # pyright: ignore[reportFunctionMemberAccess]
+        Retriever.options(  # pyright: ignore[reportFunctionMemberAccess]
+            name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}, logging_config=INNER_LOGGING
+        ).bind(folders, pins=pins)
         if cfg.retriever_deployed
         else None
     )
