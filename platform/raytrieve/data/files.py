@@ -117,24 +117,37 @@ def read_bytes(fs: pafs.FileSystem, path: str, start: int, length: int) -> bytes
         return f.read_at(length, start) if length > 0 else b""
 
 
+def next_line_start(f: Any, start: int, stop: int | None = None) -> int | None:
+    """The first byte of the first line that starts at or after ``start`` in the open file ``f``:
+    a line starts at a byte only if the byte before it ends a line. None when no line starts
+    before ``stop`` (the end of the file by default). The one rule that splits a text file into
+    ranges (``lines_in_range``) and finds a range's line again (``formats.bad_line``)."""
+    if start == 0:
+        return 0
+    end = stop if stop is not None else float("inf")
+    offset = start - 1
+    f.seek(offset)
+    while offset < end:
+        chunk = f.read(1 << 16)
+        if not chunk:
+            break
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            begin = offset + cut + 1
+            return begin if begin < end else None
+        offset += len(chunk)
+    return offset if stop is None else None
+
+
 def lines_in_range(fs: pafs.FileSystem, path: str, start: int, stop: int) -> bytes:
     """The lines that start in ``[start, stop)``, whole (the last may run past ``stop``)."""
     with fs.open_input_file(path) as f:
         size = f.size()
-        begin = start
-        if start > 0:  # a line starts at ``start`` only if the byte before it ends a line
-            f.seek(start - 1)
-            data = f.read(stop - start + 1)
-            first_break = data.find(b"\n")
-            if first_break < 0:
-                return b""
-            body = data[first_break + 1 :]
-            begin = start + first_break
-        else:
-            f.seek(0)
-            body = f.read(stop)
-        if begin >= stop:
+        begin = next_line_start(f, start, stop)
+        if begin is None:
             return b""
+        f.seek(begin)
+        body = f.read(stop - begin)
         tail = []
         if body and not body.endswith(b"\n") and stop < size:
             while True:  # finish the line that crosses ``stop``

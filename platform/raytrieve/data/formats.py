@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytrieve.data.files import lines_in_range, open_arrow, read_bytes, resolve
+from raytrieve.data.files import lines_in_range, next_line_start, open_arrow, read_bytes, resolve
 from raytrieve.data.input_format import InputFormat
 from raytrieve.data.input_format import cannot_read as cannot_read  # the readers raise formats.cannot_read
 from raytrieve.errors import DataError
@@ -306,7 +306,8 @@ def bad_line(fs: pafs.FileSystem, path: str, start: int = 0, body: bytes | None 
     ``start``), else among the file's first ``SEARCH_BYTES``. None when every line parses
     (pyarrow's own reason stands then: e.g. a value changing type between lines)."""
     with fs.open_input_file(path) as f:
-        offset = _next_line_start(f, start)
+        offset = next_line_start(f, start)
+        assert offset is not None  # without a stop: the file's end at the latest
         if body is None:
             f.seek(offset)
             head = f.read(SEARCH_BYTES)
@@ -325,20 +326,6 @@ def bad_line(fs: pafs.FileSystem, path: str, start: int = 0, body: bytes | None 
         f.seek(0)
         before = sum(f.read(min(1 << 23, at - done)).count(b"\n") for done in range(0, at, 1 << 23))
     return f"line {before + 1} is {why}"
-
-
-def _next_line_start(f: Any, start: int) -> int:
-    """The first byte of the first line that starts at or after ``start`` (as lines_in_range)."""
-    if start == 0:
-        return 0
-    f.seek(start - 1)
-    offset = start - 1
-    while chunk := f.read(1 << 16):
-        cut = chunk.find(b"\n")
-        if cut >= 0:
-            return offset + cut + 1
-        offset += len(chunk)
-    return offset
 
 
 def _not_an_object(line: bytes) -> str | None:
