@@ -782,6 +782,17 @@ def test_the_bodies_client_sdks_send_with_arguments_left_at_none_are_accepted():
         SearchRequest.model_validate({"query": "q", "top_k": None})
 
 
+def _scaled_copy(model, to):
+    """A copy of the tiny model folder ``model`` at ``to`` whose float weights are 1.5 times the
+    original's: another model, registered under the same name."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, to)
+    weights = to / "model.safetensors"
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    return to
+
+
 def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registry, tiny_models, monkeypatch,
                                                                           tmp_path):
     """An alias (or ``latest``) moves: a replica starting after it moved would load another
@@ -809,12 +820,7 @@ def test_a_registry_alias_is_pinned_to_its_version_when_the_app_is_built(registr
     pins = store_pins(cfg)
     assert list(pins) == [ref] and pins[ref].startswith(f"models:/{name}/1{PIN_KEY}")
     # Another model registered and the alias moved: the app's replicas still load version 1.
-    other = tmp_path / "other"
-    shutil.copytree(tiny_models["dense"], other)
-    from safetensors.torch import load_file, save_file
-
-    weights = other / "model.safetensors"
-    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    other = _scaled_copy(tiny_models["dense"], tmp_path / "other")
     assert register_model(registry, other, name) == f"models:/{name}/2"
     client.set_registered_model_alias(name, "prod", "2")
     assert store_pins(cfg)[ref].startswith(f"models:/{name}/2{PIN_KEY}")  # deployed again: the version it names now
@@ -833,8 +839,6 @@ def test_a_registry_version_registered_again_since_the_app_was_built_is_refused(
     number. The pin keeps the version's run and source; the load is refused, naming the
     version, what changed and the fix, as it is while the version is gone (a real MLflow
     registry, no Ray). A pin an app of the version before took (no key) still loads."""
-    from safetensors.torch import load_file, save_file
-
     from raytrieve.errors import ModelLoadError
     from raytrieve.serve.app import store_pins
     from raytrieve.serve.deployments import load_model
@@ -866,10 +870,7 @@ def test_a_registry_version_registered_again_since_the_app_was_built_is_refused(
     with pytest.raises(ModelLoadError, match=rf"the registry no longer has models:/{name}/1, .*deploy the app again"):
         load_model("dense", cfg.dense, pin)
     # Another one registered as version 1 (and aliased).
-    other = tmp_path / "other"
-    shutil.copytree(tiny_models["dense"], other)
-    weights = other / "model.safetensors"
-    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    other = _scaled_copy(tiny_models["dense"], tmp_path / "other")
     assert register_model(registry, other, name) == f"models:/{name}/1"
     client.set_registered_model_alias(name, "prod", "1")
     with pytest.raises(ModelLoadError) as refused:
