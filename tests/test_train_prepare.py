@@ -3,9 +3,11 @@ problem named; the batch plan gives every rank the same number of steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -114,6 +116,39 @@ def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, da
     write("b.jsonl", rows[8:], label="relevant")
     with pytest.raises(DataError, match=r"b.jsonl: column 'label' holds text, the folder's first file holds number; "):
         prepare(cfg)
+
+
+def test_each_dataset_is_listed_once_and_a_listing_handed_on_plans_the_same(tiny_models, data, tmp_path,
+                                                                            monkeypatch):
+    """Listing a folder on an object store costs a request per file. ``raytrieve train`` checks
+    paths and columns before torch loads, then prepare checks the schema and scans the rows: each
+    listed the dataset again (three listings). Now the early listing is handed on: one in all,
+    and prepare alone lists once; the plan is the same either way."""
+    from raytrieve.data import train_source
+    from raytrieve.data.validate import check_dataset_columns
+
+    calls = []
+    real = train_source.list_pieces
+
+    def counted(location, fmt):
+        calls.append(str(location))
+        return real(location, fmt)
+
+    monkeypatch.setattr(train_source, "list_pieces", counted)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
+    cfg.datasets.append(shipped_config("dense_mnrl", tmp_path, tiny_models, data).datasets[0])
+    cfg.datasets[1].name = "second"
+    paths = [d.path for d in cfg.datasets]
+    alone = prepare(cfg)
+    assert calls == paths
+    calls.clear()
+    listed = [check_dataset_columns(d, f"config.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+    handed = prepare(cfg, listed=listed)
+    assert calls == paths
+    assert handed.pieces == alone.pieces
+    for f in dataclasses.fields(alone.plan):
+        a, b = getattr(alone.plan, f.name), getattr(handed.plan, f.name)
+        assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, f.name
 
 
 def test_the_inference_free_start_follows_the_configured_model_and_output_never_replaces_it(tiny_models, data,

@@ -73,11 +73,11 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
     check_reference(cfg.model.name_or_path, f"{config}.model.name_or_path")
     from raytrieve.data.validate import check_dataset_columns
 
-    for i, d in enumerate(cfg.datasets):  # a wrong path or column too (run_training checks them all again)
-        check_dataset_columns(d, f"{config}.datasets[{i}]")
+    # A wrong path or column too; the listings are handed on (each dataset is listed once).
+    listed = [check_dataset_columns(d, f"{config}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
     from raytrieve.train.run import run_training
 
-    result = run_training(cfg, where=config, ray_address=ray_address)
+    result = run_training(cfg, where=config, ray_address=ray_address, listed=listed)
     if result.already_complete:
         print(f"{result.output_dir}: already trained by this config; nothing to do", file=sys.stderr)
     if result.tracking_uri:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -75,11 +75,21 @@ def is_numeric(t: pa.DataType) -> bool:
     return _is_number(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_number(t.value_type))
 
 
-def check_dataset_columns(d: DatasetConfig, where: str) -> tuple[str, pa.Schema, list[Any], list[str]]:
+class Listing(NamedTuple):
+    """What ``check_dataset_columns`` found of one dataset: listing a folder of many files on an
+    object store costs a request per file, so it is made once per command and handed on."""
+
+    format: str
+    schema: pa.Schema
+    pieces: list[Any]  # train_source.Piece
+    columns: list[str]  # the text columns, in the order the loss reads them
+
+
+def check_dataset_columns(d: DatasetConfig, where: str) -> Listing:
     """The checks of a dataset that need neither its rows nor its loss (nor torch, which the
     loss checks import: ``raytrieve train`` runs these first, so a wrong path or column name is
     reported in about a second): it exists and can be reached, has rows, and has the label and
-    text columns the config names. Its format, schema, pieces and text columns."""
+    text columns the config names."""
     from raytrieve.data.train_source import REACH_FIX, list_pieces
 
     path = d.path  # a local path or a URI (files.resolve)
@@ -104,17 +114,18 @@ def check_dataset_columns(d: DatasetConfig, where: str) -> tuple[str, pa.Schema,
             f"{where} ({d.name}): column(s) {missing} not in {path}; columns are {available}. Set the dataset's "
             "columns: to the file's columns to train on, in the order its loss reads them"
         )
-    return fmt, schema, pieces, columns
+    return Listing(fmt, schema, pieces, columns)
 
 
 def validate_dataset(
-    d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True
+    d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True, listed: Listing | None = None
 ) -> DatasetReport:
     """Check one dataset by streaming it once (record batches of the needed columns only, so
     the driver's memory does not grow with the file). ``keys``: "texts" also computes a 64-bit
     hash per text value, "labels" the label key per row, for the batch planner. The report's
     ``digest`` covers the values of the columns read, in order. ``scan=False``:
-    the schema checks only (no rows read; ``rows`` is -1)."""
+    the schema checks only (no rows read; ``rows`` is -1). ``listed``: ``check_dataset_columns``'s
+    result for ``d`` where the caller has it (else it is made here)."""
     from raytrieve.data.digest import ContentDigest
     from raytrieve.data.row_keys import label_keys, text_keys
     from raytrieve.data.train_source import iter_piece, with_counts
@@ -122,7 +133,7 @@ def validate_dataset(
     from raytrieve.losses.registry import base_class
 
     path, label = d.path, d.label_column
-    fmt, schema, pieces, columns = check_dataset_columns(d, where)
+    fmt, schema, pieces, columns = listed or check_dataset_columns(d, where)
     loss_name = d.loss.base_at(f"{where}.loss").name
     contract = base_class(d.loss, kind, f"{where}.loss")  # what the loss that meets the data asks of it
     wanted = contract.columns

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from raytrieve._io import mark_used, redact
 from raytrieve.data.files import INCOMPLETE, OutputStore, file_uri_path, is_uri, resolve
 from raytrieve.data.pipeline import StreamSpec
+from raytrieve.data.validate import Listing
 from raytrieve.encoders import load_encoder
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.kinds import model_kind
@@ -65,12 +67,14 @@ class TrainResult:
     already_complete: bool = False  # a rerun of a finished run: nothing trained, logged or registered
 
 
-def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
-    """All checks and the plan; no Ray."""
+def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] | None = None) -> Prepared:
+    """All checks and the plan; no Ray. ``listed``: the datasets' listings, where the caller
+    checked them already (``raytrieve train`` does before torch loads): each is listed once."""
     import pyarrow as pa
 
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
+        check_dataset_columns,
         exists,
         infer_format,
         is_numeric,
@@ -92,8 +96,10 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     if cfg.model.inference_free:
         model_path = str(inference_free_router(model_path, _initial_model_root(cfg)))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
+    if listed is None:
+        listed = [check_dataset_columns(d, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
     for i, d in enumerate(cfg.datasets):
-        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False)
+        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False, listed=listed[i])
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
     encoder = load_encoder(cfg.model.kind, model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -108,7 +114,7 @@ def prepare(cfg: TrainConfig, where: str = "config") -> Prepared:
     for i, d in enumerate(cfg.datasets):
         # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
         # text value or the label: a few bytes per row, never the texts).
-        report = validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", keys=keys)
+        report = validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", keys=keys, listed=listed[i])
         text_columns.append(report.text_columns)
         label_columns.append(report.label_column)
         d.columns = report.text_columns
@@ -540,13 +546,15 @@ def _end_stopped_run(uri: str, run_id: str, trainer: Any) -> None:
         log.warning("could not stop the training run: %s", e)
 
 
-def run_training(cfg: TrainConfig, where: str = "config", ray_address: str | None = None) -> TrainResult:
+def run_training(
+    cfg: TrainConfig, where: str = "config", ray_address: str | None = None, listed: Sequence[Listing] | None = None
+) -> TrainResult:
     """Train as ``cfg`` says. ``ray_address``: None joins the cluster this job runs on (``ray job
-    submit``), "local" starts an embedded Ray."""
+    submit``), "local" starts an embedded Ray. ``listed``: as ``prepare``'s."""
     from raytrieve.train.card_facts import driver_facts
 
     started = time.time()
-    p = prepare(cfg, where)
+    p = prepare(cfg, where, listed)
     p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
