@@ -1050,8 +1050,11 @@ def test_a_converted_variant_is_the_same_model_under_other_library_versions(tmp_
     by_then = {**first["models"]["sparse"], "weights": legacy_key}
     for model in (by_then, {**by_then, "model": "splade-tiny", "model_path": str(legacy)}):
         written_by({**first, "models": {"sparse": model}})
+        os.utime(legacy, (1, 1))
         with pytest.raises(RayStarted):
             encode.run_encode(cfg)
+        # The copy was used to key that job: `raytrieve cache prune` must not take it from the folder.
+        assert legacy.stat().st_mtime > 1
 
     # The raw source folder, given as a path, is another model: another job, and not the maker.
     raw = assets.package_dir(assets.get_variant("splade-tiny").source)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raytrieve._io import redact
+from raytrieve._io import mark_used, redact
 from raytrieve.config import added_settings_at_default, differences, only_added_at_default
 from raytrieve.data.sources import ShardSpec, Source, read_shard
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
@@ -343,6 +343,11 @@ def older_identity_rules(identity: dict[str, Any], described: dict[str, Any]) ->
         for k, variant in variants.items()
     }
     local = {k: Path(p) if Path(p).is_dir() else Path(described[k]["model_path"]) for k, p in paths.items()}
+    for k, variant in variants.items():
+        if variant and local[k] == Path(paths[k]):
+            # Read to key that job: a use, so that `raytrieve cache prune` keeps the copy while
+            # such a folder is resumed (without it, the folder is refused: encoded again).
+            mark_used(local[k])
     contents = {k: assets.content_fingerprint(local[k]) if variant else None for k, variant in variants.items()}
 
     def by_content(k: str, v: dict[str, Any]) -> dict[str, Any]:
