@@ -881,3 +881,43 @@ def test_a_registry_version_registered_again_since_the_app_was_built_is_refused(
     # Deployed again, the new pin loads the new model.
     again = load_model("dense", cfg.dense, store_pins(cfg)[ref]).encode(SENTENCES[:3])
     assert not (again == first).all()
+
+
+def test_a_version_registered_again_while_it_downloads_is_not_kept(registry, tiny_models, monkeypatch, tmp_path):
+    """The download resolves ``models:/NAME/N`` again after the version's run and source were
+    read (they name the cache folder): a version registered again in between was kept under the
+    first one's name, and served for it from then on. The version is read again after the
+    download: a change refuses the load, and nothing is kept in the cache (a real MLflow
+    registry, no Ray)."""
+    import mlflow.artifacts
+
+    from raytrieve import assets
+    from raytrieve.errors import ModelLoadError
+    from raytrieve.tracking import mlflow_run
+    from raytrieve.tracking.model_uri import download_model
+    from tests.conftest import register_model
+
+    monkeypatch.setenv("RAYTRIEVE_CACHE", str(tmp_path / "cache"))
+    name = f"racing-{tmp_path.name}"
+    uri = register_model(registry, tiny_models["dense"], name)
+    other = _scaled_copy(tiny_models["dense"], tmp_path / "other")
+    real = mlflow.artifacts.download_artifacts
+
+    def registered_again_meanwhile(*args, **kwargs):
+        got = real(*args, **kwargs)
+        mlflow_run.client(registry["uri"]).delete_registered_model(name)
+        assert register_model(registry, other, name) == uri
+        return got
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", registered_again_meanwhile)
+    with pytest.raises(ModelLoadError, match=rf"the registry's {uri} changed while it downloaded .*load it again"):
+        download_model(uri, registry["uri"])
+    kept = assets.cache_dir() / "mlflow"
+    assert not [p for p in kept.iterdir() if (p / "modules.json").exists() or (p / "config.json").exists()]
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", real)
+    folder = download_model(uri, registry["uri"])  # loaded again: the version registered now
+    import torch
+    from safetensors.torch import load_file
+
+    got, want = load_file(folder / "model.safetensors"), load_file(other / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)

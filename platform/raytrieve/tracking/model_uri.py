@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ def download_model(uri: str, tracking_uri: str | None = None, pin: str | None = 
     with _read_from(uri, store), mlflow_run.registry(store) as client:
         pinned, _, key = (pin or _pin(client, uri)).partition(PIN_KEY)
         identity = f"{store}|{pinned}"
+        unchanged: Callable[[], None] | None = None
         if pinned.startswith("models:/"):  # a registry version: its run and source tell a re-registered one apart
             try:
                 version = _version(client, pinned)
@@ -56,9 +57,18 @@ def download_model(uri: str, tracking_uri: str | None = None, pin: str | None = 
                     "deploy the app again (raytrieve serve) to serve what the registry holds now"
                 )
             identity += f"|{version.run_id}|{version.source}"
+
+            def same_version(version: Any = version) -> None:  # the download resolved the number again
+                if _version_key(_version(client, pinned)) != _version_key(version):
+                    raise ModelLoadError(
+                        f"model {uri!r}: the registry's {pinned} changed while it downloaded (another run or source "
+                        "registered under that version number); load it again"
+                    )
+
+            unchanged = same_version
         target = assets.cache_dir() / "mlflow" / hashlib.sha256(identity.encode()).hexdigest()[:16]
         if not (target / "modules.json").exists() and not (target / "config.json").exists():
-            _download(pinned, store, target)
+            _download(pinned, store, target, unchanged)
     return mark_used(target)
 
 
@@ -121,7 +131,9 @@ def _pin(client: Any, uri: str) -> str:
     return f"models:/{name}/{max(int(v.version) for v in versions)}"
 
 
-def _download(uri: str, store: str, target: Path) -> None:
+def _download(uri: str, store: str, target: Path, unchanged: Callable[[], None] | None = None) -> None:
+    """``uri``'s artifacts into ``target``, whole or not at all; ``unchanged`` raises, after the
+    download and before ``target`` is written, where what ``target`` is keyed by changed meanwhile."""
     import mlflow.artifacts
 
     with atomic_directory(target) as tmp:
@@ -132,3 +144,5 @@ def _download(uri: str, store: str, target: Path) -> None:
                 p.rename(tmp / p.name)
             inner[0].rmdir()
         write_origin(tmp, f"{uri} in the MLflow store {store}")
+        if unchanged is not None:
+            unchanged()
