@@ -130,3 +130,82 @@ def test_unknown_route_is_an_input_error(tiny_models):
 
     with pytest.raises(InputError, match="no route for task 'passage'"):
         load_input_tokenizer(tiny_models["router"], "passage")
+
+
+def _long_pairs(seed: int, max_length: int) -> list[tuple[str, str]]:
+    """Pairs around and far past what ``max_length`` keeps: equal and unequal lengths, runs of
+    spaces and newlines, punctuation glued to words, words split into several word pieces."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(SENTENCES).split() + ["tokenization", "unbelievably", "Zürich", "e-mail,", "(x)", "naïve"]
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(words) + rng.choice([" ", " ", "  ", "\n", " \t "]) for _ in range(n)).strip()
+
+    lengths = [max_length // 2, max_length - 3, max_length, max_length + 1, max_length + 2, max_length + 7,
+               3 * max_length, 12 * max_length]
+    pairs = [(text(a), text(b)) for a in lengths for b in lengths]
+    same = text(5 * max_length)
+    return [*pairs, (same, same), (same, same + " more"), (same + " more", same)]
+
+
+@pytest.mark.parametrize("max_length", [33, 34, 256])
+def test_long_pairs_are_cut_to_the_ids_the_whole_texts_give(tiny_models, max_length):
+    """A fast tokenizer truncating a pair pairs every cut-off piece of one text with every piece
+    of the other: two long texts took memory in the product of their lengths (one /rerank body
+    of 256 long documents and a long query ran a node out of memory). Pairs of long texts are
+    now cut at a word boundary first; the ids must be Hugging Face's own longest-first
+    truncation of the whole texts (the oracle), odd and even lengths, equal lengths and ties,
+    through transformers and through the portable tokenizer, and the cut must shorten them."""
+    from transformers import AutoTokenizer
+
+    from raytrieve.fast_tokenizer import cut_long_pairs
+    from raytrieve.model_ref import resolve_model
+
+    tiny = [tiny_models["cross"]] if max_length <= 128 else []  # its position embeddings: 128
+    for path in (resolve_model("ms-marco-minilm-l12-v2"), *tiny):
+        pairs = _long_pairs(max_length, max_length)
+        hf = AutoTokenizer.from_pretrained(str(path))
+        want = hf([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=max_length)
+        tok = load_input_tokenizer(path, kind="cross", max_seq_length=max_length)
+        got = tok.tokenize_ids(pairs)
+        assert [list(row) for row in got["input_ids"]] == want["input_ids"]
+        assert [list(row) for row in got["token_type_ids"]] == want["token_type_ids"]
+        assert _portable(tok).tokenize_ids(pairs) == got
+        module = load_encoder("cross", path, max_seq_length=max_length).input_module()
+        assert module.tokenize_ids(pairs) == got
+
+        def measure(texts):
+            enc = hf(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+        first, second = cut_long_pairs([a for a, _ in pairs], [b for _, b in pairs], measure, max_length)
+        long = [i for i, (a, b) in enumerate(pairs) if min(len(a), len(b)) > 10 * max_length]
+        assert long and all(len(first[i]) < len(pairs[i][0]) and len(second[i]) < len(pairs[i][1]) for i in long)
+
+
+def test_a_cut_that_changes_a_texts_ids_leaves_the_pair_whole():
+    """The cut is checked: where a cut text's ids are not the whole text's first ones (a
+    tokenizer whose last token depends on what follows), the pair is encoded whole."""
+    from raytrieve.fast_tokenizer import cut_long_pairs
+
+    def measure(texts):  # one token per word, the last word of a text marked
+        out = []
+        for text in texts:
+            spans, start = [], 0
+            for word in text.split(" "):
+                spans.append((start, start + len(word)))
+                start += len(word) + 1
+            ids = [len(word) for word in text.split(" ")]
+            out.append((ids[:-1] + [-1], spans))
+        return out
+
+    a, b = " ".join(["ab"] * 50), " ".join(["abc"] * 60)
+    assert cut_long_pairs([a], [b], measure, 10) == ([a], [b])
+    honest = lambda texts: [(ids[:-1] + [len(t.split(" ")[-1])], spans) for (ids, spans), t in  # noqa: E731
+                            zip(measure(texts), texts)]
+    first, second = cut_long_pairs([a], [b], honest, 10)  # past 10 + 2 tokens, at a space
+    assert (first, second) == ([" ".join(["ab"] * 12)], [" ".join(["abc"] * 12)])
+    first, second = cut_long_pairs([b], [a], honest, 10)  # the first text longer: it stays the longer
+    assert (first, second) == ([" ".join(["abc"] * 13)], [" ".join(["ab"] * 12)])

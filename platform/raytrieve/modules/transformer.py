@@ -469,7 +469,29 @@ def tokenize_text_ids(
             out["token_type_ids"] = enc["token_type_ids"]
         return out
 
-    return text_token_ids(texts, prompt, encode, do_lower_case=do_lower_case)
+    def measure(texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        enc = tokenizer(
+            texts,
+            add_special_tokens=False,
+            truncation=False,
+            padding=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # no "longer than the specified maximum sequence length" warning
+        )
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+    # Offsets need a fast tokenizer; a left-truncating one keeps the ends, which the cut would drop.
+    cuts = tokenizer.is_fast and tokenizer.truncation_side == "right"
+    return text_token_ids(
+        texts,
+        prompt,
+        encode,
+        do_lower_case=do_lower_case,
+        measure=measure if cuts else None,
+        max_length=max_seq_length,
+    )
 
 
 def pad_ids(encoded: dict[str, list[list[int]]], pad_id: int, left: bool = False) -> Features:
