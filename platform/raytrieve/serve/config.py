@@ -472,7 +472,9 @@ def search_limit_error(s: SearchRequest | SearchDefaults, limits: LimitsConfig) 
     for name in ("dense", "sparse"):
         if getattr(s.recall, name) > limits.max_recall:
             return f"recall.{name}", f"exceeds limits.max_recall ({limits.max_recall}), got {getattr(s.recall, name)}"
-    if s.rerank and s.rerank_depth > limits.max_rerank_depth:
+    # A request's depth counts when it reranks; the config's default is the depth of every
+    # request that sets rerank: true and no depth, so it is checked whatever search.rerank says.
+    if (s.rerank or isinstance(s, SearchDefaults)) and s.rerank_depth > limits.max_rerank_depth:
         return "rerank_depth", f"exceeds limits.max_rerank_depth ({limits.max_rerank_depth}), got {s.rerank_depth}"
     return None
 
