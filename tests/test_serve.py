@@ -1198,3 +1198,41 @@ def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tin
     with pytest.raises(ConfigError, match=r"^serve.yaml.reranker\[0\].max_seq_length: 600 is more than the 512 "
                        r"positions .*at most 512"):
         check_before_start(cfg, "serve.yaml")
+
+
+def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_port_back(served):
+    """Last in this module: it kills the fixture's ingress. Ray binds a direct-ingress replica's
+    port without SO_REUSEADDR and blocks a port whose bind failed for good; a replica killed
+    with a client's keep-alive connection open leaves that connection holding the port (up to
+    60 s), so the replica Serve started in its place failed its bind and the app never answered
+    on its port again (found by helper-83's trial). The new replica now waits for the port in its
+    constructor: the port answers again, with the same answers."""
+    import socket
+
+    import ray
+
+    url, cfg = served["url"], served["cfg"]
+    body = {"input": "where the port goes", "model": "all-minilm-l6-v2"}
+    want = _post(url, "/v1/embeddings", body).json()["data"][0]["embedding"]
+    client = requests.Session()  # a keep-alive connection the server's side will have closed first
+    assert client.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{cfg.app_name}#ingress#")]
+    assert len(ingress) == 1, ingress
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    time.sleep(1)
+    with socket.socket() as probe, pytest.raises(OSError):  # the kernel's word: Ray's bind would fail now
+        probe.bind((cfg.host, cfg.port))
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            r = requests.post(f"{url}/v1/embeddings", json=body, timeout=30)
+            if r.status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the port did not answer again within 240 s"
+        time.sleep(1)
+    client.close()
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)
+    wait_healthy(url)

@@ -143,6 +143,14 @@ class Ingress:
         """``handles``: per kind (dense, sparse, reranker), its deployments in ``cfg.served()``'s order;
         ``retriever``: the deployment holding the indices when the models do not (``colocate_index``);
         ``pins``: each index and model URI's content when the app was built (``store_pins``)."""
+        if cfg.direct_ingress:
+            # Ray binds the port right after this constructor, without SO_REUSEADDR, and one
+            # failed bind blocks the port in Serve for good. A replica restarted after a crash
+            # with connections open (theirs linger up to 60 s) failed that bind: the app had no
+            # port until it was started again. `start` waits so before a deploy; a restart too.
+            from raytrieve.serve.launch import wait_port_released
+
+            wait_port_released(cfg.host, cfg.port, "serve.yaml.port", replica_may_linger=True)
         self.cfg, self.limits = cfg, cfg.limits
         self.search_defaults = cfg.search.model_dump()
         self.table = ModelTable(cfg, handles, retriever, _local_runners(cfg, pins or {}))
