@@ -221,6 +221,12 @@ def test_bad_input_is_refused_before_any_encoding(ray_cluster, tiny_models, tmp_
                            output_dir=str(tmp_path / "corpus.parquet")))
     with pytest.raises(DataError, match="corpus.path .*missing.parquet: file not found"):
         run_encode(_config(tmp_path, tmp_path / "missing.parquet", dense=dense))
+    # Found by the shard that reads it (a later line), on a worker: raised as itself, naming the
+    # file (it was Ray Data's "UDF failed to process a data block" traceback, exit status 1).
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("id,text\n" + "".join(f"{i},text {i}\n" for i in range(8)) + "x,a,b,c\n")
+    with pytest.raises(DataError, match=r"bad.csv: cannot read it as csv \(CSV parse error: Expected 2 columns, got 4"):
+        run_encode(_config(tmp_path, bad_csv, dense=dense, output_dir=str(tmp_path / "csv_vectors")))
     (tmp_path / "vectors").mkdir()
     (tmp_path / "vectors" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="exists and is not an encoding job's folder"):
@@ -844,6 +850,51 @@ def test_a_model_of_another_kind_is_refused_before_ray(tiny_models, tiny_dirs, t
         with pytest.raises(ConfigError, match=message):
             encode.run_encode(_config(tmp_path, corpus, **change))
     assert not (tmp_path / "vectors").exists()
+
+
+def test_a_column_of_the_wrong_type_and_an_empty_file_are_refused_before_ray(tiny_models, tmp_path, monkeypatch):
+    """A parquet corpus whose text column held integers ran ~20 s on the cluster and ended in a
+    Ray traceback with the reason inside (found by helper-83's trial); an empty jsonl said "no
+    column 'id' for the id; the file has []". The first file's schema (metadata, or its first
+    lines) is checked before Ray, naming the column and the fix, as each shard's reader checks its
+    rows; integer ids and a column of nulls still pass."""
+    import json
+
+    import raytrieve.inference.encode as encode
+
+    monkeypatch.setattr(encode, "_init_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
+    dense = {"model": str(tiny_models["dense"])}
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), ints)
+    with pytest.raises(DataError, match=r"ints.parquet: column 'text' \(text\) holds int64, expected strings; conv"):
+        encode.run_encode(_config(tmp_path, ints, dense=dense))
+    titled = tmp_path / "titled.jsonl"
+    titled.write_text("".join(json.dumps({"id": i, "text": "t", "title": 0.5}) + "\n" for i in range(3)))
+    with pytest.raises(DataError, match=r"column 'title' \(title\) holds double, expected strings"):
+        encode.run_encode(_config(tmp_path, titled, dense=dense,
+                                  corpus={"path": str(titled), "title_column": "title"}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: has no rows \(its first file is empty\); fix corpus.path"):
+        encode.run_encode(_config(tmp_path, empty, dense=dense))
+    fine = tmp_path / "fine.parquet"  # integer ids, a title column of nulls: read as text
+    pq.write_table(pa.table({"id": [1, 2], "text": ["x", "y"], "title": pa.nulls(2)}), fine)
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):
+        encode.run_encode(_config(tmp_path, fine, dense=dense, corpus={"path": str(fine), "title_column": "title"}))
+    assert not (tmp_path / "vectors").exists()
+
+
+def test_bytes_that_are_not_utf8_are_named_with_the_file_and_the_fix(tmp_path):
+    """pyarrow's jsonl reader keeps a latin-1 byte as it is; turning the column into Python text
+    raised a bare UnicodeDecodeError on the worker, naming no file."""
+    from raytrieve.data import formats
+    from raytrieve.inference.config import CorpusConfig
+    from raytrieve.inference.corpus import shard_rows
+
+    table = formats.get("jsonl").parse(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', b"")
+    with pytest.raises(DataError, match=r"^x.jsonl: column 'text' \(text\) holds bytes that are not UTF-8 \(unexpected "
+                                        r"end of data at byte 3 of a value: b'caf\\xe9'\); save the file as UTF-8"):
+        shard_rows(table, CorpusConfig(path="x.jsonl"), "x.jsonl")
 
 
 def test_the_duplicate_check_counts_a_title_only_row_as_the_encoding_does(tmp_path):

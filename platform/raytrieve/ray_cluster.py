@@ -135,6 +135,7 @@ def connect(
     cluster runs one, else None."""
     import ray
 
+    _original_errors()
     if ray.is_initialized():
         if _LEFT_BEHIND:  # a run this process stopped: its CPUs are this job's again
             release_left_behind()
@@ -234,6 +235,20 @@ def _quiet_ray_data(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
         os.environ.update(quiet)
     _skip_progress_bar_hint()
     return runtime_env
+
+
+def _original_errors() -> None:
+    """Ray Data raises what a stage's function raised, not its own "UDF failed to process a data
+    block" wrapper: the wrapper's cause does not survive the trip to the driver, so a worker's
+    DataError (a csv row with a field too many, naming the file and the fix) reached the user as
+    a Ray traceback with exit status 1 (``checks.raise_worker_error`` finds it now). Ray Data
+    hands this process's DataContext to the tasks of every dataset it runs; the environment's
+    RAY_DATA_RAISE_ORIGINAL_MAP_EXCEPTION wins."""
+    if "RAY_DATA_RAISE_ORIGINAL_MAP_EXCEPTION" in os.environ:
+        return
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
 
 
 def _skip_progress_bar_hint() -> None:

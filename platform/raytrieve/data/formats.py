@@ -64,11 +64,11 @@ class ParquetFormat(InputFormat):
             table = pf.read_row_groups(groups, columns=columns)
         return table.slice(start - (first or 0), stop - start)
 
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+    def head_schema(self, fs: pafs.FileSystem, path: str, size: int) -> pa.Schema:
         import pyarrow.parquet as pq
 
         with fs.open_input_file(path) as f:
-            return list(pq.ParquetFile(f).schema_arrow.names)
+            return pq.ParquetFile(f).schema_arrow
 
     def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
         import pyarrow.parquet as pq
@@ -158,8 +158,8 @@ class HfFormat(InputFormat):
         # The memory map closes on exit: copy the (small) shard out of it first.
         return pa.Table.from_batches(parts).combine_chunks() if parts else pa.table({})
 
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
-        return list(self._schema(fs, path).names)
+    def head_schema(self, fs: pafs.FileSystem, path: str, size: int) -> pa.Schema:
+        return self._schema(fs, path)
 
     @staticmethod
     def _schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
@@ -236,11 +236,11 @@ class LineFormat(InputFormat):
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         return self.parse(lines_in_range(fs, path, start, stop), b"", columns)
 
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+    def head_schema(self, fs: pafs.FileSystem, path: str, size: int) -> pa.Schema:
         head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
         lines = head.split(b"\n")
         body = b"\n".join(x for x in lines[:-1] if x.strip()) if len(lines) > 1 else head
-        return self.parse(body, b"").column_names if body.strip() else []
+        return self.parse(body, b"").schema if body.strip() else pa.schema([])
 
     def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:
         # Whole files, counted by the driver's scan: lines cannot be counted from metadata.
@@ -370,9 +370,9 @@ class CsvFormat(LineFormat):
             return self.parse(b"", header).select(columns) if columns else pa.table({})
         return self.parse(body, header, columns)
 
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+    def head_schema(self, fs: pafs.FileSystem, path: str, size: int) -> pa.Schema:
         head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
-        return self.parse(head.split(b"\n")[0] + b"\n", b"").column_names
+        return self.parse(head.split(b"\n")[0] + b"\n", b"").schema
 
     def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
         import pyarrow.csv as pc

@@ -54,7 +54,9 @@ class InputFormat:
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         raise NotImplementedError
 
-    def column_names(self, fs: pafs.FileSystem, path: str, size: int) -> list[str]:
+    def head_schema(self, fs: pafs.FileSystem, path: str, size: int) -> pa.Schema:
+        """The file's columns and their types: from its metadata, or as its first lines parse
+        (a csv's header alone: no types)."""
         raise NotImplementedError
 
     def pieces(self, files: Sequence[str], piece_rows: int) -> tuple[pa.Schema, list[tuple[str, int, tuple[int, ...]]]]:

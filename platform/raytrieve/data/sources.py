@@ -39,6 +39,7 @@ __all__ = [
     "ShardSpec",
     "Source",
     "SourceFile",
+    "head_schema",
     "infer_format",
     "is_uri",
     "open_source",
@@ -117,14 +118,18 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
     return Source(location, fmt, tuple(files))
 
 
-def schema_names(source: Source) -> list[str]:
-    """Column names of the first file (metadata or the first lines): checked before any work."""
+def head_schema(source: Source) -> pa.Schema:
+    """Columns and types of the first file (metadata or the first lines): checked before any work."""
     first = source.files[0]
     fs, path = resolve(first.path)
     try:
-        return formats.get(source.format).column_names(fs, path, first.size)
+        return formats.get(source.format).head_schema(fs, path, first.size)
     except (pa.ArrowInvalid, OSError, StopIteration) as e:
         raise formats.cannot_read(path, source.format, e) from None
+
+
+def schema_names(source: Source) -> list[str]:
+    return list(head_schema(source).names)
 
 
 def plan_shards(source: Source, rows_per_shard: int) -> list[ShardSpec]:

@@ -28,28 +28,43 @@ def needed_columns(cfg: CorpusConfig) -> list[str]:
     return [cfg.id_column, cfg.text_column] + ([cfg.title_column] if cfg.title_column else [])
 
 
-def check_columns(names: list[str], cfg: CorpusConfig, location: str) -> None:
-    """Every configured column exists (from the first file's schema, before any work)."""
+def check_columns(schema: pa.Schema, cfg: CorpusConfig, location: str) -> None:
+    """Every configured column exists and holds what it is read as (from the first file's
+    schema, before any work: a shard's reader checks its own rows the same way)."""
+    names = schema.names
     for role, name in (("id", cfg.id_column), ("text", cfg.text_column), ("title", cfg.title_column)):
-        if name is not None and name not in names:
+        if name is None:
+            continue
+        if name not in names:
+            if not names:
+                raise DataError(f"{location}: has no rows (its first file is empty); fix corpus.path")
             raise DataError(
                 f"{location}: no column {name!r} for the {role}; the file has {names}. "
                 f"Set corpus.{role}_column to one of them."
             )
+        _check_text_type(schema.field(name).type, name, role, location)
+
+
+def _check_text_type(t: pa.DataType, name: str, role: str, location: str) -> None:
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+        if not (role == "id" and pa.types.is_integer(t)):  # integer ids are common; stored as strings
+            raise DataError(f"{location}: column {name!r} ({role}) holds {t}, expected strings; convert it to text")
 
 
 def _as_text(table: pa.Table, name: str, role: str, location: str) -> list[str | None]:
     if name not in table.column_names:  # a jsonl shard where no row has the key
         return [None] * table.num_rows
     column = table.column(name)
-    t = column.type
-    if pa.types.is_integer(t) and role == "id":
-        column = pc.cast(column, pa.string())  # integer ids are common; they are stored as strings
-    elif pa.types.is_null(t):
-        column = column.cast(pa.string())
-    elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        raise DataError(f"{location}: column {name!r} ({role}) holds {t}, expected strings; convert it to text")
-    return column.to_pylist()
+    _check_text_type(column.type, name, role, location)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = pc.cast(column, pa.string())  # an integer id, or a column of nulls
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as e:  # pyarrow's jsonl and csv readers keep such bytes as they are
+        raise DataError(
+            f"{location}: column {name!r} ({role}) holds bytes that are not UTF-8 ({e.reason} at byte {e.start} of "
+            f"a value: {e.object[max(0, e.start - 20) : e.start + 20]!r}); save the file as UTF-8"
+        ) from None
 
 
 @dataclass
