@@ -873,6 +873,11 @@ def test_a_column_of_the_wrong_type_and_an_empty_file_are_refused_before_ray(tin
     with pytest.raises(DataError, match=r"column 'title' \(title\) holds double, expected strings"):
         encode.run_encode(_config(tmp_path, titled, dense=dense,
                                   corpus={"path": str(titled), "title_column": "title"}))
+    broken = tmp_path / "broken.jsonl"  # line 8 of the file, pyarrow's "row 7" of what it parsed
+    broken.write_text("".join(json.dumps({"id": str(i), "text": "t"}) + "\n" for i in range(7)) + '{"id": "7", "text": "x}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl: cannot read it as jsonl \(line 8 is not JSON \(.*\)\); check the "
+                                        r"file, or set the format: key if it is of another format"):
+        encode.run_encode(_config(tmp_path, broken, dense=dense))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl: has no rows \(its first file is empty\); fix corpus.path"):

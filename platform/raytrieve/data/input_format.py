@@ -14,7 +14,12 @@ from raytrieve.data.files import resolve
 from raytrieve.errors import DataError
 
 
-def cannot_read(path: object, fmt: str, e: Exception | str, fix: str = "check the file or set format:") -> DataError:
+def cannot_read(
+    path: object,
+    fmt: str,
+    e: Exception | str,
+    fix: str = "check the file, or set the format: key if it is of another format",
+) -> DataError:
     """The one error for a file that ``fmt`` cannot parse: the file, the format, the reader's reason, the fix."""
     return DataError(f"{path}: cannot read it as {fmt} ({e}); {fix}")
 

@@ -125,7 +125,9 @@ def head_schema(source: Source) -> pa.Schema:
     try:
         return formats.get(source.format).head_schema(fs, path, first.size)
     except (pa.ArrowInvalid, OSError, StopIteration) as e:
-        raise formats.cannot_read(path, source.format, e) from None
+        # pyarrow numbers the failing row from 0 within what it parsed: name the file's line.
+        line = formats.bad_line(fs, path) if source.format == "jsonl" and isinstance(e, pa.ArrowInvalid) else None
+        raise formats.cannot_read(path, source.format, line or e) from None
 
 
 def schema_names(source: Source) -> list[str]:
