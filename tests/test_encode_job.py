@@ -880,8 +880,14 @@ def test_a_column_of_the_wrong_type_and_an_empty_file_are_refused_before_ray(tin
         encode.run_encode(_config(tmp_path, broken, dense=dense))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match=r"empty.jsonl: has no rows \(its first file is empty\); fix corpus.path"):
+    with pytest.raises(DataError, match=r"empty.jsonl: has no rows \(empty\); fix corpus.path"):
         encode.run_encode(_config(tmp_path, empty, dense=dense))
+    parts = tmp_path / "parts"  # a Spark job's folder: an empty first part, rows in the next
+    parts.mkdir()
+    (parts / "part-00000.jsonl").write_text("")
+    (parts / "part-00001.jsonl").write_text(json.dumps({"id": "a", "text": "t"}) + "\n")
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):
+        encode.run_encode(_config(tmp_path, parts, dense=dense, corpus={"path": str(parts), "format": "jsonl"}))
     fine = tmp_path / "fine.parquet"  # integer ids, a title column of nulls: read as text
     pq.write_table(pa.table({"id": [1, 2], "text": ["x", "y"], "title": pa.nulls(2)}), fine)
     with pytest.raises(pytest.fail.Exception, match="Ray started"):

@@ -105,8 +105,10 @@ def test_search_limits_are_one_rule_for_the_config_and_the_requests():
     assert search_limit_error(SearchRequest(query="q", rerank_depth=31), limits) is None  # no rerank: not checked
     # The config's default depth is every reranking request's that names none: checked with
     # search.rerank false too (it started, then refused each {"rerank": true} naming rerank_depth).
-    _refused({"dense": {"model": "m"}, "limits": limits.model_dump(), "search": {"rerank_depth": 31}},
-             r"serve.yaml.search.rerank_depth: exceeds limits.max_rerank_depth \(30\), got 31")
+    _refused({"dense": {"model": "m"}, "reranker": {"model": "r"}, "limits": limits.model_dump(),
+              "search": {"rerank_depth": 31}}, r"serve.yaml.search.rerank_depth: exceeds limits.max_rerank_depth \(30\), got 31")
+    # Without a reranker no request reranks: a small max_rerank_depth is no reason to refuse.
+    _cfg(dense={"model": "m"}, limits={"max_rerank_depth": 20})
 
 
 def test_search_defaults_that_switch_off_every_served_retriever_are_refused():

@@ -19,6 +19,7 @@ transformers' tokenizer, ``PortableTokenizer`` with the backend, so the two cann
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,12 +83,12 @@ def cut_long_pairs(
     is all "longest_first" reads of lengths past ``max_length`` (a text at or under it is not
     cut). Each cut text is measured again and its ids must be the whole text's first ``t``;
     a pair where they are not (a tokenizer whose words span whitespace) is left whole."""
-    short = max_length // 4  # under this many characters a text cannot pass max_length tokens
+    short = max_length // 4  # a pair with a text this short is left whole (a filter, not a rule)
     at = [i for i, (a, b) in enumerate(zip(first, second)) if len(a) > short and len(b) > short]
     if not at:
         return first, second
     cuts: dict[tuple[int, int], tuple[str, list[int]]] = {}  # (side, row) -> (cut text, its ids)
-    for i, (ids_a, spans_a), (ids_b, spans_b) in _measured(first, second, at, measure):
+    for i, (ids_a, spans_a), (ids_b, spans_b) in _measured(first, second, at, measure, max_length + 1):
         a, b = first[i], second[i]
         ta, tb = _boundary(a, spans_a, max_length + 2), _boundary(b, spans_b, max_length + 2)
         if len(ids_a) > len(ids_b) and ta <= tb:
@@ -99,8 +100,9 @@ def cut_long_pairs(
                 cuts[side, i] = (text[: spans[t - 1][1]], ids[:t])
     if not cuts:
         return first, second
-    again = measure([text for text, _ in cuts.values()])
-    wrong = {i for ((_, i), (_, ids)), (got, _) in zip(cuts.items(), again) if list(got) != list(ids)}
+    distinct = list(dict.fromkeys(text for text, _ in cuts.values()))  # a /rerank body's query: once
+    again = dict(zip(distinct, (list(ids) for ids, _ in measure(distinct))))
+    wrong = {i for (_, i), (text, ids) in cuts.items() if again[text] != list(ids)}
     first, second = list(first), list(second)
     for (side, i), (text, _) in cuts.items():
         if i not in wrong:
@@ -108,13 +110,23 @@ def cut_long_pairs(
     return first, second
 
 
-def _measured(first: list[str], second: list[str], rows: list[int], measure: MeasureBatch) -> Iterator[Any]:
-    """(row, first text's ids and spans, second's) for ``rows``, measured a few pairs at a time:
-    whole long texts' ids and spans take ~230 bytes a token in Python."""
+def _measured(first: list[str], second: list[str], rows: list[int], measure: MeasureBatch, fits: int) -> Iterator[Any]:
+    """(row, first text's ids and spans, second's) for the ``rows`` whose first text has more than
+    ``fits`` tokens: where it has no more, it is not cut, and the second's overflow alone grows
+    linearly, so the second is not measured. A few pairs at a time (whole long texts' ids and
+    spans take ~230 bytes a token in Python); a first text that repeats (a /rerank body's query)
+    is measured once."""
+    repeated = {t for t, n in Counter(first[i] for i in rows).items() if n > 1}
+    kept: dict[str, Any] = {}
     for start in range(0, len(rows), MEASURED_PAIRS):
         chunk = rows[start : start + MEASURED_PAIRS]
-        whole = measure([first[i] for i in chunk] + [second[i] for i in chunk])
-        yield from zip(chunk, whole[: len(chunk)], whole[len(chunk) :])
+        todo = [t for t in dict.fromkeys(first[i] for i in chunk) if t not in kept]
+        got = dict(zip(todo, measure(todo))) if todo else {}
+        kept.update((t, got[t]) for t in todo if t in repeated)
+        firsts = [kept[first[i]] if first[i] in kept else got[first[i]] for i in chunk]
+        long = [(i, m) for i, m in zip(chunk, firsts) if len(m[0]) > fits]
+        if long:
+            yield from ((i, m, s) for (i, m), s in zip(long, measure([second[i] for i, _ in long])))
 
 
 MEASURED_PAIRS = 16

@@ -71,10 +71,10 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
 
     cfg = load_train_config(config, overrides)  # first: a config error costs no torch import
     check_reference(cfg.model.name_or_path, f"{config}.model.name_or_path")
-    from raytrieve.data.validate import check_dataset_columns
+    from raytrieve.data.validate import list_datasets
 
     # A wrong path or column too; the listings are handed on (each dataset is listed once).
-    listed = [check_dataset_columns(d, f"{config}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+    listed = list_datasets(cfg, config)
     from raytrieve.train.run import run_training
 
     result = run_training(cfg, where=config, ray_address=ray_address, listed=listed)

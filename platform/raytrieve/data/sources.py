@@ -119,8 +119,9 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
 
 
 def head_schema(source: Source) -> pa.Schema:
-    """Columns and types of the first file (metadata or the first lines): checked before any work."""
-    first = source.files[0]
+    """Columns and types of the first file with content (metadata or the first lines): checked
+    before any work. A folder's empty files (a Spark job's empty part) say nothing."""
+    first = next((f for f in source.files if f.size), source.files[0])
     fs, path = resolve(first.path)
     try:
         return formats.get(source.format).head_schema(fs, path, first.size)

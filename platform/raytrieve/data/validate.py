@@ -117,6 +117,11 @@ def check_dataset_columns(d: DatasetConfig, where: str) -> Listing:
     return Listing(fmt, schema, pieces, columns)
 
 
+def list_datasets(cfg: TrainConfig, where: str) -> list[Listing]:
+    """``check_dataset_columns`` of every dataset of ``cfg``, in order."""
+    return [check_dataset_columns(d, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+
+
 def validate_dataset(
     d: DatasetConfig, kind: str, where: str, keys: str | None = None, scan: bool = True, listed: Listing | None = None
 ) -> DatasetReport:

@@ -37,7 +37,7 @@ def check_columns(schema: pa.Schema, cfg: CorpusConfig, location: str) -> None:
             continue
         if name not in names:
             if not names:
-                raise DataError(f"{location}: has no rows (its first file is empty); fix corpus.path")
+                raise DataError(f"{location}: has no rows (empty); fix corpus.path")
             raise DataError(
                 f"{location}: no column {name!r} for the {role}; the file has {names}. "
                 f"Set corpus.{role}_column to one of them."

@@ -451,6 +451,10 @@ class ServeConfig(ConfigModel):
         """The ``search:`` defaults must be requests this app accepts (a request may override them)."""
         s = self.search
         problem = search_limit_error(s, self.limits)
+        if problem is None and self.reranker is not None:
+            # The default depth is every reranking request's that names none: checked with
+            # search.rerank false too, where a reranker is served.
+            problem = search_limit_error(s.model_copy(update={"rerank": True}), self.limits)
         if problem is not None:
             invalid(f"search.{problem[0]}", f": {problem[1]}")
         if s.rerank and self.reranker is None:
@@ -472,9 +476,7 @@ def search_limit_error(s: SearchRequest | SearchDefaults, limits: LimitsConfig) 
     for name in ("dense", "sparse"):
         if getattr(s.recall, name) > limits.max_recall:
             return f"recall.{name}", f"exceeds limits.max_recall ({limits.max_recall}), got {getattr(s.recall, name)}"
-    # A request's depth counts when it reranks; the config's default is the depth of every
-    # request that sets rerank: true and no depth, so it is checked whatever search.rerank says.
-    if (s.rerank or isinstance(s, SearchDefaults)) and s.rerank_depth > limits.max_rerank_depth:
+    if s.rerank and s.rerank_depth > limits.max_rerank_depth:
         return "rerank_depth", f"exceeds limits.max_rerank_depth ({limits.max_rerank_depth}), got {s.rerank_depth}"
     return None
 

@@ -74,10 +74,10 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
 
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
     from raytrieve.data.validate import (
-        check_dataset_columns,
         exists,
         infer_format,
         is_numeric,
+        list_datasets,
         read_table,
         sampler_keys,
         validate_dataset,
@@ -97,7 +97,7 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         model_path = str(inference_free_router(model_path, _initial_model_root(cfg)))
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
     if listed is None:
-        listed = [check_dataset_columns(d, f"{where}.datasets[{i}]") for i, d in enumerate(cfg.datasets)]
+        listed = list_datasets(cfg, where)
     for i, d in enumerate(cfg.datasets):
         validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False, listed=listed[i])
     # The real model and every loss, built once here so a bad loss argument (or a model the
