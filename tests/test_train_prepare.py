@@ -629,6 +629,56 @@ def test_in_batch_negatives_with_one_row_per_batch_is_refused(tiny_models, data,
     assert prepare(cfg)
 
 
+def test_batches_the_sampler_leaves_one_row_are_left_out_for_in_batch_negatives(tiny_models, data, tmp_path):
+    """no_duplicates keeps repeated texts apart: 24 pairs whose documents are 18 times one text
+    made 17 one-row batches, where MNRL's loss is log(1) = 0: 17 of 18 steps trained on nothing,
+    silently. They are left out and named; a loss with a hard-negative column keeps them."""
+    t = pq.read_table(data["train"])
+    docs = t.column("document").to_pylist()
+    docs[6:] = [docs[6]] * 18
+    path = tmp_path / "repeats.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("document"), "document", pa.array(docs)), path)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__batch_size=8)
+    assert cfg.training.batch_sampler == "no_duplicates"
+    cfg.datasets[0].path = str(path)
+    plan = prepare(cfg).plan
+    sizes = np.diff(plan.offsets).tolist()
+    # 7 distinct documents fill one batch of 7; the other 17 rows repeat its 7th document.
+    assert sizes == [7] and plan.optimizer_steps == 1
+    assert plan.dropped == ["17 row(s) of pydocs in epoch 0: 17 batch(es) of fewer than 2 rows, where its loss "
+                            "takes its negatives from the batch's other rows and would be constant (no_duplicates "
+                            "kept repeated texts apart)"]
+    # Two workers that do not gather see their own slice: a global batch needs 2 rows a rank.
+    # 4 distinct documents and two repeated 10 times: one batch of 6, then 9 of the pair.
+    two = docs[:4] + [docs[4]] * 10 + [docs[5]] * 10
+    pq.write_table(t.set_column(t.schema.get_field_index("document"), "document", pa.array(two)), path)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__batch_size=4, scaling__num_workers=2)
+    cfg.datasets[0].path = str(path)
+    assert np.diff(prepare(cfg).plan.offsets).tolist() == [6] + [2] * 9  # gathered: 2 rows each
+    cfg.datasets[0].loss.args["gather_across_devices"] = False
+    plan = prepare(cfg).plan
+    assert np.diff(plan.offsets).tolist() == [6]
+    assert plan.dropped == ["18 row(s) of pydocs in epoch 0: 9 batch(es) of fewer than 4 rows, where its loss takes "
+                            "its negatives from the batch's other rows and would be constant (no_duplicates kept "
+                            "repeated texts apart)"]
+    # Only such batches: no step is left, and the refusal says why.
+    docs = [docs[6]] * 24
+    pq.write_table(t.set_column(t.schema.get_field_index("document"), "document", pa.array(docs)), path)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__batch_size=8)
+    cfg.datasets[0].path = str(path)
+    with pytest.raises(DataError, match=r"gives no full optimizer step .*not trained on: 24 row\(s\) of pydocs in "
+                                        r"epoch 0: 24 batch\(es\) of fewer than 2 rows"):
+        prepare(cfg)
+    # A hard negative per row is a negative in a one-row batch: nothing is left out.
+    t2 = t.set_column(t.schema.get_field_index("document"), "document", pa.array(docs))
+    pq.write_table(t2.append_column("negative", pa.array([f"an unrelated note, {i}" for i in range(24)])), path)
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__batch_size=8)
+    cfg.datasets[0].path = str(path)
+    cfg.datasets[0].columns = ["query", "document", "negative"]
+    plan = prepare(cfg).plan
+    assert np.diff(plan.offsets).tolist() == [1] * 24 and not plan.dropped
+
+
 def test_workers_the_embedded_ray_could_never_place_are_refused_before_it_starts(tiny_models, data, tmp_path,
                                                                                  monkeypatch):
     """Ray Train waits for resources forever (a worker-group start timeout, retried without

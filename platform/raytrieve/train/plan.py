@@ -37,6 +37,10 @@ class DatasetKeys:
     text_keys: np.ndarray | None = None  # (rows, text columns) uint64, for no_duplicates
     label_keys: np.ndarray | None = None  # (rows,), for group_by_label
     weight: float = 1.0
+    # Fewest rows of a global batch that give its loss something to learn from: 2 (or 2 per
+    # rank where the ranks do not gather) for a loss whose negatives are the batch's other
+    # rows and no hard-negative column; a batch below it would train on a constant loss.
+    least_batch: int = 1
 
 
 @dataclass
@@ -107,20 +111,38 @@ def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, wor
     while True:
         seed = training.seed + epoch
         batches: list[list[np.ndarray]] = []
+        sampler = training.batch_sampler
         for d in datasets:
-            b = _global_batches(d, training.batch_sampler, training.batch_size * world_size, seed)
+            b = _global_batches(d, sampler, training.batch_size * world_size, seed)
             kept = []
+            cut = cut_batches = alone = lone_batches = 0
             for rows in b.batches:
+                # A short batch (the last, or one no_duplicates closed early) is cut to a multiple
+                # of world_size: every rank must hold the same number of rows for the gather.
                 usable = len(rows) - len(rows) % world_size
                 if usable < len(rows):
-                    # A short last batch is cut to a multiple of world_size: every rank must
-                    # hold the same number of rows for the cross-rank gather.
-                    dropped.append(
-                        f"{len(rows) - usable} row(s) of {d.name} in epoch {epoch}: last batch cut to a "
-                        f"multiple of {world_size} workers"
-                    )
-                if usable:
+                    cut += len(rows) - usable
+                    cut_batches += 1
+                if 0 < usable < d.least_batch:
+                    # Its loss would be constant (no other row to be a negative): a step that
+                    # changes nothing but the optimizer's state. no_duplicates makes such
+                    # batches wherever the data repeats a text more often than it has batches.
+                    alone += usable
+                    lone_batches += 1
+                elif usable:
                     kept.append(rows[:usable])
+            if cut:
+                dropped.append(
+                    f"{cut} row(s) of {d.name} in epoch {epoch}: {cut_batches} short batch(es) cut to a multiple of "
+                    f"{world_size} workers"
+                )
+            if alone:
+                dropped.append(
+                    f"{alone} row(s) of {d.name} in epoch {epoch}: {lone_batches} batch(es) of fewer than "
+                    f"{d.least_batch} rows, where its loss takes its negatives from the batch's other rows and "
+                    "would be constant"
+                    + (" (no_duplicates kept repeated texts apart)" if sampler == "no_duplicates" else "")
+                )
             if b.dropped:
                 dropped.append(f"{b.dropped} row(s) of {d.name} in epoch {epoch}: {b.reason}")
             batches.append(kept)

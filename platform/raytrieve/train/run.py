@@ -132,7 +132,8 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         prompts.append([column_prompts(d)[c] for c in report.text_columns])
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         contract = base_class(d.loss, cfg.model.kind)
-        _check_batch_has_negatives(cfg, i, contract, len(report.text_columns), where)
+        least = _least_batch(cfg, i, contract, len(report.text_columns))
+        _check_batch_has_negatives(cfg, i, contract, least, where)
         # Labels reach the loss whenever the dataset names a numeric label column.
         label = (
             report.label_column
@@ -149,7 +150,7 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
                 tuple(pa.types.is_list(report.types[c]) for c in report.text_columns),
             )
         )
-        planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight))
+        planned.append(DatasetKeys(d.name, report.rows, report.text_keys, report.label_keys, d.weight, least))
         pieces.append(report.pieces)
         digests.append(report.digest)
 
@@ -187,6 +188,7 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
             f"{where}: the data gives no full optimizer step (batch_size {cfg.training.batch_size} x "
             f"{world} worker(s) x gradient_accumulation_steps {cfg.training.gradient_accumulation_steps}); "
             f"rows: {', '.join(f'{d.name}={n}' for d, n in zip(cfg.datasets, rows))}"
+            + "".join(f"; not trained on: {line}" for line in plan.dropped[:3])
         )
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
     stream = StreamSpec(model_path, cfg.model.kind, streams, cfg.model.max_seq_length)
@@ -204,18 +206,26 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
-def _check_batch_has_negatives(
-    cfg: TrainConfig, i: int, contract: type[LossContract], n_columns: int, where: str
-) -> None:
-    """A loss whose negatives are the batch's other rows is a constant 0 when a batch (gathered
-    over the ranks, as the loss sees it) holds one row and the data gives no negative column:
-    the run would finish, log a flat loss and change nothing."""
+def _least_batch(cfg: TrainConfig, i: int, contract: type[LossContract], n_columns: int) -> int:
+    """Fewest rows of a global batch that give dataset i's loss a negative: a loss whose
+    negatives are the batch's other rows is a constant 0 when the batch it sees (gathered over
+    the ranks, or one rank's slice) holds one row and the data gives no negative column."""
     if not contract.in_batch_negatives or n_columns > contract.columns[0]:
-        return
+        return 1
+    return 2 if _gathers(cfg, i) else 2 * cfg.scaling.num_workers
+
+
+def _gathers(cfg: TrainConfig, i: int) -> bool:
+    return cfg.scaling.num_workers > 1 and bool(cfg.datasets[i].loss.base.args.get("gather_across_devices"))
+
+
+def _check_batch_has_negatives(cfg: TrainConfig, i: int, contract: type[LossContract], least: int, where: str) -> None:
+    """A configured batch below ``least`` (``_least_batch``): the run would finish, log a flat
+    loss and change nothing. Batches the sampler makes smaller are left out by the plan."""
     world = cfg.scaling.num_workers
-    gathered = world > 1 and bool(cfg.datasets[i].loss.base.args.get("gather_across_devices"))
-    rows = cfg.training.batch_size * (world if gathered else 1)
-    if rows < 2:
+    if cfg.training.batch_size * world < least:
+        gathered = _gathers(cfg, i)
+        rows = cfg.training.batch_size * (world if gathered else 1)
         name = cfg.datasets[i].loss.base.name
         gather = "" if world == 1 or gathered else " or set gather_across_devices: true,"
         extra = "" if contract.columns[1] == contract.columns[0] else " or add a hard-negative column,"
