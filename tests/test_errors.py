@@ -97,6 +97,68 @@ def test_bad_inputs(tiny_dense, tiny_dirs):
     assert issubclass(InputError, RaytrieveError) and issubclass(InputError, ValueError)
 
 
+def test_misused_library_calls_get_input_errors_that_say_what_to_pass(tiny_dense, tiny_dirs, tmp_path):
+    """Each raised a bare TypeError, KeyError, AttributeError or torch RuntimeError, or silently
+    did something else (a dict's keys encoded, a string ranked as its characters)."""
+    for bad in (None, 5):
+        with pytest.raises(InputError, match=rf"DenseEncoder: model must be a model folder, .* or a list of modules; "
+                                             rf"got {type(bad).__name__}"):
+            DenseEncoder(bad)
+    for bad in ({"a": 1}, {"a"}):
+        with pytest.raises(InputError, match=rf"sentences must be a string or a list of strings, got "
+                                             rf"{type(bad).__name__}; pass a list"):
+            tiny_dense.encode(bad)
+    a, b = tiny_dense.encode(["a", "b"]), np.zeros((2, 16), dtype=np.float32)
+    with pytest.raises(InputError, match="same dimension, got 32 and 16"):
+        tiny_dense.similarity(a, b)
+    with pytest.raises(InputError, match="same dimension, got 32 and 16"):
+        tiny_dense.similarity_pairwise(a, b)
+    with pytest.raises(InputError, match=r"got shapes \[1, 2, 32\] and \[2, 32\]"):
+        tiny_dense.similarity(a[None], a)
+    # A reranker saved in the sentence-transformers format is not an embedding model: it failed
+    # at encode with KeyError 'sentence_embedding'.
+    reranker = CrossEncoder(tiny_dirs["cls1"], device="cpu").save(tmp_path / "reranker")
+    for kind in (DenseEncoder, SparseEncoder):
+        with pytest.raises(InputError, match=rf"{kind.__name__}: .*reranker is a cross-encoder .* load it with "
+                                             "CrossEncoder"):
+            kind(reranker, device="cpu")
+    cross = CrossEncoder(reranker, device="cpu")
+    with pytest.raises(InputError, match="a list of such pairs, got str"):
+        cross.predict("abc")
+    with pytest.raises(InputError, match=r"documents must be a list of strings, got one string; pass \[document\]"):
+        cross.rank("q", "abc")
+    sparse = SparseEncoder(tiny_dirs["mlm"], device="cpu")
+    emb = sparse.encode(["a cat", "a dog"])
+    with pytest.raises(InputError, match="embeddings have 5 dimensions; this model's vectors have 30522"):
+        sparse.decode(np.zeros(5, dtype=np.float32))
+    with pytest.raises(InputError, match="sparsity takes the tensor encode returns, not as_dicts output"):
+        sparse.sparsity(sparse.encode(["a cat"], as_dicts=True))
+    with pytest.raises(InputError, match="must be a vector or a \\[rows, vocabulary\\] matrix, got str"):
+        sparse.sparsity("a cat")
+    # What encode returns in any of its forms decodes the same, and so does a numpy copy.
+    want = sparse.decode(emb, top_k=3)
+    assert sparse.decode(emb.to_dense().numpy(), top_k=3) == want
+    assert sparse.decode(sparse.encode(["a cat", "a dog"], as_dicts=True), top_k=3) == want
+    assert sparse.decode(sparse.encode("a cat", as_dicts=True), top_k=3) == want[0]
+    assert sparse.sparsity(emb.to_dense().numpy()) == sparse.sparsity(emb)
+
+
+def test_sentence_transformers_spellings_of_the_dimension_and_a_rerankers_max_length(tiny_dense, tiny_dirs, st):
+    """sentence-transformers 6.2 keeps get_sentence_embedding_dimension (warning of its rename)
+    and CrossEncoder(max_length=): code ported from it ran into AttributeError and TypeError."""
+    with pytest.warns(FutureWarning, match="renamed get_embedding_dimension"):
+        assert tiny_dense.get_sentence_embedding_dimension() == tiny_dense.get_embedding_dimension() == 32
+    folder = str(tiny_dirs["cls1_spread"])
+    pair = ("inverse of a matrix", "word " * 60)
+    ours = CrossEncoder(folder, device="cpu", max_length=16)
+    assert ours.max_seq_length == 16
+    ref = st.CrossEncoder(folder, device="cpu", max_length=16).predict([pair])
+    np.testing.assert_allclose(ours.predict([pair]), ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(CrossEncoder(folder, device="cpu").predict([pair]), ref, rtol=1e-3)  # the cut matters
+    with pytest.raises(InputError, match="max_length must be a positive number of tokens, got 0"):
+        CrossEncoder(folder, device="cpu", max_length=0)
+
+
 def test_empty_input_returns_empty_results(tiny_dense, tiny_dirs):
     assert tiny_dense.encode([]).shape == (0, 32)
     assert tiny_dense.encode([], convert_to_tensor=True).shape == (0, 32)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -62,12 +63,18 @@ class Encoder(nn.Module):
             self.name_or_path = str(path)
             self._read_extra_config(path, saved, trust_remote_code)
         else:
+            if not (isinstance(model, Sequence) and all(isinstance(m, nn.Module) for m in model)):
+                raise InputError(
+                    f"{type(self).__name__}: model must be a model folder, a shipped variant's name, an MLflow "
+                    f"model URI (models:/NAME/VERSION) or a list of modules; got {type(model).__name__}"
+                )
             modules = list(model)
             if not modules:
                 raise InputError(f"{type(self).__name__} needs at least one module")
             self.name_or_path = None
             self._read_extra_config(None, saved, trust_remote_code)
         self.stack = nn.Sequential(*modules)
+        self._check_stack(saved.get("model_type"))
         self.prompts: dict[str, str] = dict(saved.get("prompts") or {})
         self.prompts.update(prompts or {})
         self.default_prompt_name = default_prompt_name or saved.get("default_prompt_name")
@@ -89,6 +96,9 @@ class Encoder(nn.Module):
 
     def _read_extra_config(self, path: Path | None, saved: dict[str, Any], trust_remote_code: bool) -> None:
         """Subclass hook for kind-specific saved fields."""
+
+    def _check_stack(self, saved_type: str | None) -> None:
+        """Refuse a stack this kind cannot run (``saved_type``: the kind the folder was saved as)."""
 
     def _extra_config(self) -> dict[str, Any]:
         return {}
@@ -312,6 +322,8 @@ class Encoder(nn.Module):
             return [inputs], True
         if isinstance(inputs, np.ndarray):
             inputs = inputs.tolist()
+        if isinstance(inputs, (Mapping, Set)):  # a dict would give its keys, a set no order
+            raise InputError(f"{what} must be a string or a list of strings, got {type(inputs).__name__}; pass a list")
         try:
             items = list(inputs)
         except TypeError:
@@ -324,6 +336,23 @@ class Encoder(nn.Module):
 
 class EmbeddingEncoder(Encoder):
     """What dense and sparse encoders share on top of the base: query/document encoding and similarity."""
+
+    def _check_stack(self, saved_type: str | None) -> None:
+        # A reranker's stack gives scores, not embeddings: encode would fail on its first batch.
+        head = self.stack[0]
+        if saved_type == "CrossEncoder" or (isinstance(head, Transformer) and head.task == "sequence-classification"):
+            raise InputError(
+                f"{type(self).__name__}: {self.name_or_path or 'these modules'} is a cross-encoder (a reranker, "
+                "which scores query-document pairs); load it with CrossEncoder, or choose an embedding model"
+            )
+
+    def get_sentence_embedding_dimension(self) -> int | None:
+        """sentence-transformers' earlier name of ``get_embedding_dimension`` (it warns of the
+        rename, and so does this)."""
+        warnings.warn(
+            "get_sentence_embedding_dimension was renamed get_embedding_dimension", FutureWarning, stacklevel=2
+        )
+        return self.get_embedding_dimension()
 
     def encode(self, sentences: Any, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defined by subclasses
         raise NotImplementedError

@@ -9,7 +9,7 @@ the sentence-transformers ``CrossEncoder`` counterpart.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,19 +31,34 @@ class CrossEncoder(Encoder):
     activation_fn: nn.Module
 
     def __init__(
-        self, model: Any, *, activation_fn: nn.Module | None = None, dtype: str = "float32", **kwargs: Any
+        self,
+        model: Any,
+        *,
+        activation_fn: nn.Module | None = None,
+        max_length: int | None = None,
+        dtype: str = "float32",
+        **kwargs: Any,
     ) -> None:
+        """``max_length``: truncate pairs to that many tokens (sentence-transformers' argument;
+        the same as setting ``max_seq_length``)."""
         self._saved_activation: nn.Module | None = None
         super().__init__(model, **kwargs)
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise InputError(f"max_length must be a positive number of tokens, got {max_length!r}")
+            self.max_seq_length = max_length
+        # Not registered as a submodule: it holds no weights and must not enter state_dict.
+        object.__setattr__(self, "activation_fn", activation_fn or self._saved_activation or self._default_activation())
+        self.set_dtype(dtype)
+
+    def _check_stack(self, saved_type: str | None) -> None:
         head = self.stack[0]
         if not (isinstance(head, Transformer) and head.task == "sequence-classification") or len(self.stack) != 1:
             raise InputError(
                 "CrossEncoder needs exactly one Transformer module with task='sequence-classification'; "
                 f"got {[type(m).__name__ for m in self.stack]}"
+                + (f" ({self.name_or_path} is a {saved_type} model)" if saved_type and self.name_or_path else "")
             )
-        # Not registered as a submodule: it holds no weights and must not enter state_dict.
-        object.__setattr__(self, "activation_fn", activation_fn or self._saved_activation or self._default_activation())
-        self.set_dtype(dtype)
 
     @classmethod
     def default_modules(cls, path: Path, trust_remote_code: bool = False) -> list[Module]:
@@ -90,6 +105,10 @@ class CrossEncoder(Encoder):
     def _as_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
         if isinstance(pairs, Pretokenized):
             return pairs, False  # type: ignore[return-value]
+        if isinstance(pairs, (str, Mapping, Set)):
+            raise InputError(
+                f"sentences must be a (query, document) pair or a list of such pairs, got {type(pairs).__name__}"
+            )
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             return [pairs], True
         if isinstance(pairs, list) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
@@ -195,6 +214,8 @@ class CrossEncoder(Encoder):
                 k = 0
             if isinstance(top_k, bool) or k < 1:
                 raise InputError(f"top_k must be a positive integer, or None for every document; got {top_k!r}")
+        if isinstance(documents, str):  # one document would be read as its characters
+            raise InputError("documents must be a list of strings, got one string; pass [document]")
         docs, _ = self._as_list(documents, "documents")
         if self.num_labels != 1:
             raise InputError(f"rank needs a single-label model; this one has {self.num_labels} labels")

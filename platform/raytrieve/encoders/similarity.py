@@ -131,12 +131,27 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def _operands(a, b) -> tuple[Tensor, Tensor]:
+    """Both sides as [rows, dims] tensors of the same dims, or an error naming the shapes."""
+    a_t, b_t = to_tensor(a), to_tensor(b)
+    if a_t.dim() != 2 or b_t.dim() != 2:
+        raise InputError(
+            f"similarity takes vectors or [rows, dims] matrices, got shapes {list(a_t.shape)} and {list(b_t.shape)}"
+        )
+    if a_t.shape[1] != b_t.shape[1]:
+        raise InputError(
+            f"similarity needs embeddings of the same dimension, got {a_t.shape[1]} and {b_t.shape[1]} "
+            "(embeddings of two models, or one truncated?)"
+        )
+    return a_t, b_t
+
+
 def similarity(a, b, name: str = "cosine") -> Tensor:
-    return _MATRIX[canonical_name(name)](a, b)
+    return _MATRIX[canonical_name(name)](*_operands(a, b))
 
 
 def pairwise(a, b, name: str = "cosine") -> Tensor:
-    a_t, b_t = to_tensor(a), to_tensor(b)
+    a_t, b_t = _operands(a, b)
     if a_t.shape[0] != b_t.shape[0]:
         raise InputError(f"pairwise similarity needs equal row counts, got {a_t.shape[0]} and {b_t.shape[0]}")
     return _PAIRWISE[canonical_name(name)](a_t, b_t)

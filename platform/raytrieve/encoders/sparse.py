@@ -117,12 +117,31 @@ class SparseEncoder(EmbeddingEncoder):
         return precision.compare_sparse(ref_q, ref_d, cand_q, cand_d, dtype)
 
     def decode(
-        self, embeddings: Tensor, top_k: int | None = None
+        self, embeddings: Any, top_k: int | None = None
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
-        """The (token, weight) pairs of each vector, largest weight first."""
-        emb = embeddings.coalesce() if embeddings.is_sparse else embeddings
-        single = emb.dim() == 1
-        rows = sparse_rows(emb.unsqueeze(0) if single else emb)
+        """The (token, weight) pairs of each vector, largest weight first. ``embeddings``: what
+        ``encode`` returns, a tensor or array of one or more vectors, or ``as_dicts`` output."""
+        vocab = self.get_embedding_dimension()
+        if isinstance(embeddings, dict) or (
+            isinstance(embeddings, list) and embeddings and all(isinstance(e, dict) for e in embeddings)
+        ):
+            dicts = [embeddings] if isinstance(embeddings, dict) else embeddings
+            for i, d in enumerate(dicts):
+                if set(d) != {"indices", "values"}:
+                    raise InputError(
+                        f"embeddings[{i}]: an as_dicts vector has keys indices and values, got {sorted(d)}"
+                    )
+            rows = [{"indices": np.asarray(d["indices"]), "values": np.asarray(d["values"])} for d in dicts]
+            single = isinstance(embeddings, dict)
+        else:
+            emb = _as_tensor(embeddings, "embeddings")
+            single = emb.dim() == 1
+            emb = emb.unsqueeze(0) if single else emb
+            if vocab and emb.shape[1] != vocab:
+                raise InputError(
+                    f"embeddings have {emb.shape[1]} dimensions; this model's vectors have {vocab} (its vocabulary)"
+                )
+            rows = sparse_rows(emb)
         tokenizer = self.tokenizer
         decoded = []
         for row in rows:
@@ -134,13 +153,29 @@ class SparseEncoder(EmbeddingEncoder):
         return decoded[0] if single else decoded
 
     @staticmethod
-    def sparsity(embeddings: Tensor) -> dict[str, float]:
-        """Mean active dimensions per vector and the share of zeros."""
+    def sparsity(embeddings: Any) -> dict[str, float]:
+        """Mean active dimensions per vector and the share of zeros, of a tensor or array of one or
+        more vectors (``as_dicts`` output holds no vocabulary size: encode without it)."""
+        if isinstance(embeddings, (dict, list)):
+            raise InputError(
+                "sparsity takes the tensor encode returns, not as_dicts output (it holds no vocabulary size); "
+                "encode with as_dicts=False"
+            )
+        embeddings = _as_tensor(embeddings, "embeddings")
         emb = embeddings.unsqueeze(0) if embeddings.dim() == 1 else embeddings
         if emb.shape[0] == 0:
             return {"active_dims": 0.0, "sparsity_ratio": 1.0}
         active = (emb.coalesce()._nnz() if emb.is_sparse else int((emb != 0).sum())) / emb.shape[0]
         return {"active_dims": float(active), "sparsity_ratio": float(1.0 - active / emb.shape[1])}
+
+
+def _as_tensor(x: Any, what: str) -> Tensor:
+    """A torch tensor (sparse or dense) of one or more vectors, from a tensor or numpy array."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if not isinstance(t, Tensor) or t.dim() not in (1, 2):
+        shape = f" of shape {list(t.shape)}" if isinstance(t, (Tensor, np.ndarray)) else ""
+        raise InputError(f"{what} must be a vector or a [rows, vocabulary] matrix, got {type(x).__name__}{shape}")
+    return t.coalesce() if t.is_sparse else t
 
 
 def sparse_rows(emb: Tensor) -> list[dict[str, np.ndarray]]:
