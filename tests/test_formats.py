@@ -90,3 +90,32 @@ def test_suffixes_belong_to_one_format():
         for suffix in fmt.suffixes:
             assert suffix not in seen, f"{suffix} is claimed by both {seen[suffix]} and {fmt.name}"
             seen[suffix] = fmt.name
+
+
+def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_path, monkeypatch):
+    """JSON has no timestamp type, but pyarrow reads date-shaped strings as timestamps: ids like
+    "2020-01-01" came back as timestamp[s] (an encoding job refused such a corpus as "holds
+    timestamp[s]"), and a later id that is no date failed the read in the shards or streams."""
+    from raytrieve.data.sources import head_schema
+
+    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)  # several blocks: the later ones hold the other ids
+    ids = [f"2020-01-{i % 28 + 1:02d}" for i in range(3_000)] + ["doc-x", "2021-02-03T04:05:06"]
+    texts = ["1999-12-31"] * 3_001 + ["plain text"]
+    path = tmp_path / "dated.jsonl"
+    path.write_text("".join(f'{{"id": "{a}", "text": "{b}", "n": {i}}}\n' for i, (a, b) in enumerate(zip(ids, texts))))
+    source = open_source(str(path))
+    schema = head_schema(source)
+    assert schema.field("id").type == "string" and schema.field("text").type == "string"
+    assert schema.field("n").type == "int64"  # only the dates are read as strings
+    for rows_per_shard in (100_000, 70):  # one shard; many, the first ones all dates
+        got = [r for s in plan_shards(source, rows_per_shard) for r in read_shard(s, ["id", "text"]).to_pylist()]
+        assert [r["id"] for r in got] == ids and [r["text"] for r in got] == texts
+    schema, pieces = list_pieces(path, "jsonl")  # training streams whole files
+    assert schema.field("id").type == "string"
+    table = read_piece(pieces[0], ["id", "text", "n"])
+    assert table.column("id").to_pylist() == ids and table.column("n").to_pylist() == list(range(3_002))
+    assert formats.get("jsonl").read_all(str(path)).column("text").to_pylist() == texts
+    # A value of another type is still an error, named by its line.
+    path.write_text('{"id": "2020-01-01", "n": 1}\n{"id": 7, "n": 2}\n')
+    with pytest.raises(DataError, match="dated.jsonl"):
+        [read_shard(s, ["id"]) for s in plan_shards(open_source(str(path)), 100_000)]

@@ -258,6 +258,18 @@ class LineFormat(InputFormat):
             yield batch.select(columns)
 
 
+def _as_strings(schema: pa.Schema) -> Any:
+    """pyarrow.json's parse options that read back as strings the columns it read as
+    timestamps, or None where it read none. JSON has no timestamp type: pyarrow infers one for
+    strings shaped like dates ("2020-01-01"), so ids or titles that look like dates came back
+    as timestamps, and in a stream (typed by its first block) a later non-date string in the
+    column failed the read."""
+    import pyarrow.json as pj
+
+    dated = [pa.field(f.name, pa.string()) for f in schema if pa.types.is_timestamp(f.type)]
+    return pj.ParseOptions(explicit_schema=pa.schema(dated), unexpected_field_behavior="infer") if dated else None
+
+
 class JsonlFormat(LineFormat):
     name = "jsonl"
     suffixes = (".jsonl", ".json", ".ndjson")
@@ -267,12 +279,26 @@ class JsonlFormat(LineFormat):
 
         if not body.strip():
             return pa.table({})
-        return pj.read_json(io.BytesIO(body))
+        table = pj.read_json(io.BytesIO(body))  # one read unifies its blocks: a later non-date id makes strings
+        options = _as_strings(table.schema)
+        return table if options is None else pj.read_json(io.BytesIO(body), parse_options=options)
 
     def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
         import pyarrow.json as pj
 
         return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
+
+    def stream(self, location: str, columns: list[str] | None) -> Any:
+        import pyarrow.json as pj
+
+        reader = super().stream(location, columns)
+        options = None if reader is None else _as_strings(reader.schema)
+        if reader is None or options is None:
+            return reader
+        reader.close()  # its schema came from the first block: open again with those columns as strings
+        fs, path = resolve(location)
+        source = fs.open_input_stream(path)
+        return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK), parse_options=options)
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         body = lines_in_range(fs, path, start, stop)
@@ -290,7 +316,12 @@ class JsonlFormat(LineFormat):
         if not fs.get_file_info(path).size:
             return pa.table({})
         with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
-            return pj.read_json(f)
+            table = pj.read_json(f)
+        options = _as_strings(table.schema)
+        if options is None:
+            return table
+        with fs.open_input_stream(path) as f:
+            return pj.read_json(f, parse_options=options)
 
 
 # How far into a file an error's line is numbered (the bytes before it are read to count lines);
