@@ -10,7 +10,7 @@ import pytest
 
 from raytrieve.data import formats
 from raytrieve.data.formats import FORMATS, CsvFormat
-from raytrieve.data.sources import open_source, plan_shards, read_shard, schema_names
+from raytrieve.data.sources import head_schema, open_source, plan_shards, read_shard
 from raytrieve.data.train_source import list_pieces, read_piece
 from raytrieve.errors import DataError
 from raytrieve.inference.config import CorpusConfig, PairsConfig
@@ -63,7 +63,7 @@ def test_a_new_format_is_one_class_and_its_registration(tsv, tmp_path):
 
     source = open_source(str(path))  # the format comes from the suffix
     assert source.format == "tsv"
-    assert schema_names(source) == ["id", "text"]
+    assert head_schema(source).names == ["id", "text"]
     specs = plan_shards(source, rows_per_shard=3)
     assert len(specs) > 5 and all(s.format == "tsv" for s in specs)  # byte ranges, as csv
     rows = [r for s in specs for r in read_shard(s, ["id", "text"]).to_pylist()]
@@ -96,7 +96,6 @@ def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_pat
     """JSON has no timestamp type, but pyarrow reads date-shaped strings as timestamps: ids like
     "2020-01-01" came back as timestamp[s] (an encoding job refused such a corpus as "holds
     timestamp[s]"), and a later id that is no date failed the read in the shards or streams."""
-    from raytrieve.data.sources import head_schema
 
     monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)  # several blocks: the later ones hold the other ids
     ids = [f"2020-01-{i % 28 + 1:02d}" for i in range(3_000)] + ["doc-x", "2021-02-03T04:05:06"]

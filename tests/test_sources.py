@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raytrieve.data.sources import open_source, plan_shards, read_shard, schema_names
+from raytrieve.data.sources import head_schema, open_source, plan_shards, read_shard
 from raytrieve.errors import DataError
 
 
@@ -92,7 +92,7 @@ def test_hf_datasets_folder_and_file_uri(tmp_path):
 def test_plan_reads_metadata_only_and_names_problems(tmp_path):
     pq.write_table(pa.table(_rows(10)), tmp_path / "c.parquet")
     source = open_source(str(tmp_path / "c.parquet"))
-    assert source.files[0].rows == 10 and schema_names(source) == ["id", "text"]
+    assert source.files[0].rows == 10 and head_schema(source).names == ["id", "text"]
     with pytest.raises(DataError, match="corpus.path .*nope.parquet: file not found"):
         open_source(str(tmp_path / "nope.parquet"), field="corpus.path")
     (tmp_path / "c.txt").write_text("hello")

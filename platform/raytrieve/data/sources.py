@@ -46,7 +46,6 @@ __all__ = [
     "plan_shards",
     "read_shard",
     "resolve",
-    "schema_names",
 ]
 
 
@@ -129,10 +128,6 @@ def head_schema(source: Source) -> pa.Schema:
         # pyarrow numbers the failing row from 0 within what it parsed: name the file's line.
         line = formats.bad_line(fs, path) if source.format == "jsonl" and isinstance(e, pa.ArrowInvalid) else None
         raise formats.cannot_read(path, source.format, line or e) from None
-
-
-def schema_names(source: Source) -> list[str]:
-    return list(head_schema(source).names)
 
 
 def plan_shards(source: Source, rows_per_shard: int) -> list[ShardSpec]:
