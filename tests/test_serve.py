@@ -858,12 +858,13 @@ def test_hostile_bodies_get_4xx_json(served):
         "NaN": (b"NaN", 422), "Infinity": (b'{"input": Infinity, "query": -Infinity}', 422),
         "lone surrogates": (b'{"input": "\\ud800", "query": "\\udfff", "documents": ["\\ud800"]}', 422),
         "surrogate key": (b'{"\\ud800": 1}', 422), "null": (b"null", 422), "array": (b"[]", 422),
-        "string": (b'"query"', 422), "number": (b"123", 422), "empty": (b"", 422),
+        "string": (b'"query"', 422), "number": (b"123", 422), "empty": (b"", 400),
     }
     # What the client must change, in its terms (Python's messages name server-side remedies).
     said = {"deep arrays": "nested too deeply; send a flatter body", "deep objects": "nested too deeply",
             "5000-digit integer": "an integer has more than 4300 digits; send fewer digits",
-            "invalid utf-8": "the body is not UTF-8 (invalid start byte at byte 11)"}
+            "invalid utf-8": "the body is not UTF-8 (invalid start byte at byte 11)",
+            "empty": "the body is empty; send a JSON object"}
     for path in NAMED_POSTS:
         for name, (body, status) in raw_bodies.items():
             answer = _request(served, "POST", path, body, JSON_HEADERS)

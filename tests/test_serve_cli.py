@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +81,11 @@ def test_serve_sizes_its_replicas_from_the_machine_and_stops_on_ctrl_c(stop, tin
         line = proc.stdout.readline()  # blocks until the app is up (or the process ends)
         assert f"listening on http://127.0.0.1:{port}" in line, line + proc.stderr.read() if proc.stderr else ""
         assert f"Serve's proxy on port {port + 1}" in line
+        # Every route the app answers is announced (TEI's /similarity and root routes were not).
+        routes = re.search(r"\(POST (.*); GET (.*)\)", line)
+        assert routes and {*routes[1].split(", "), *routes[2].split(", ")} >= {
+            "/search", "/v1/embeddings", "/embeddings", "/similarity", "/", "/invocations", "/v2/rerank", "/healthz",
+            "/models", "/docs"}, line
         assert "ServeReplica:raytrieve:ingress" in _listener(port)
         assert "ProxyActor" in _listener(port + 1)
         answers = []

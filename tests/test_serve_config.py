@@ -927,3 +927,44 @@ def test_a_version_registered_again_while_it_downloads_is_not_kept(registry, tin
 
     got, want = load_file(folder / "model.safetensors"), load_file(other / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_empty_body_is_400_and_a_validators_words_come_without_pydantics_prefix():
+    """An empty body got 422 "body: Field required" (README: 400 for a body that is not JSON), and
+    a lone surrogate "Value error, not valid Unicode ..." (pydantic's prefix to a validator's words)."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from raytrieve.serve.config import LimitsConfig
+    from raytrieve.serve.http_guard import SafeJSONResponse, install
+    from raytrieve.serve.schemas import EmbeddingsRequest
+
+    class Counter:
+        def inc(self, tags):
+            pass
+
+        def observe(self, value, tags):
+            pass
+
+    api = FastAPI(default_response_class=SafeJSONResponse)
+    install(api)
+
+    async def embeddings(body: EmbeddingsRequest) -> dict:
+        return {"ok": True}
+
+    embeddings.__annotations__["body"] = EmbeddingsRequest  # a class, not the module's postponed string
+    api.post("/v1/embeddings")(embeddings)
+    api.state.ingress = type("Ingress", (), {"token": None, "limits": LimitsConfig(), "requests": Counter(),
+                                             "latency": Counter()})()
+    client = TestClient(api)
+    json_type = {"content-type": "application/json"}
+    empty = client.post("/v1/embeddings", content=b"", headers=json_type)
+    assert empty.status_code == 400, empty.text
+    assert empty.json()["error"] == {"message": "the body is empty; send a JSON object", "type": "invalid_json",
+                                     "field": "body", "param": "body", "code": "invalid_json"}
+    assert client.post("/v1/embeddings", content=b"").status_code == 415  # no Content-Type: that is said first
+    surrogate = client.post("/v1/embeddings", content=b'{"input": "\\ud800"}', headers=json_type)
+    assert surrogate.status_code == 422
+    assert surrogate.json()["error"]["message"] == (
+        "input: not valid Unicode (a lone surrogate at character 0); send UTF-8 text")
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200

@@ -190,9 +190,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         url = start(cfg, where=args.config, ray_address="local")
+        from raytrieve.serve.app import route_list
+
         print(
-            f"raytrieve serve: listening on {url} (POST /search, /v1/embeddings, /v1/rerank, /v2/rerank, /embed, "
-            "/embed_sparse, /rerank, /tokenize; GET /healthz, /health, /info, /v1/models, /metrics, /docs); "
+            f"raytrieve serve: listening on {url} ({route_list()}); "
             + (f"Serve's proxy on port {cfg.proxy_port}; " if cfg.direct_ingress else "")
             + "Ctrl-C stops",
             flush=True,

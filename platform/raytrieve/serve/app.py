@@ -587,3 +587,14 @@ def app_builder(args: dict[str, Any]) -> Any:
             "to false"
         )
     return build_app(cfg, where, check_before_start(cfg, where))
+
+
+def route_list() -> str:
+    """The app's routes, as `raytrieve serve` announces them ("POST /search, ...; GET ..."):
+    read from the app, so a route added is listed."""
+    by_method: dict[str, list[str]] = {}
+    for path, operations in api.openapi()["paths"].items():
+        for method in operations:
+            by_method.setdefault(method.upper(), []).append(path)
+    by_method.setdefault("GET", []).append("/docs")
+    return "; ".join(f"{method} {', '.join(paths)}" for method, paths in sorted(by_method.items(), reverse=True))

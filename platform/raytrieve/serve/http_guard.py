@@ -216,13 +216,12 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
             f"got {request.headers.get('content-type') or 'no Content-Type'}",
             "content-type",
         )
+    if first.get("type") == "missing" and loc == ["body"]:  # no bytes at all: not JSON, as a broken body
+        return _answer(request, 400, "invalid_json", "the body is empty; send a JSON object", "body")
     # The error that got deepest into the value says most ("input[0]: should be a string" for
     # a list of numbers), and a refused value more than a union member of another type; a value
     # no member of a union accepts lists what each wanted.
-    located = [
-        (*_field_of(tuple(err.get("loc", ()))), str(err.get("type", "")), str(err.get("msg", "invalid value")))
-        for err in errors
-    ]
+    located = [(*_field_of(tuple(err.get("loc", ()))), str(err.get("type", "")), _message(err)) for err in errors]
     depth = max(d for _, d, _, _ in located)
     field = next(f for f, d, _, _ in located if d == depth)
     here = [(t, m) for f, d, t, m in located if f == field and d == depth]
@@ -241,6 +240,11 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     return _answer(
         request, 422, "invalid_request", f"{field or 'body'}: {', or '.join(messages)}{hint}", field or "body"
     )
+
+
+def _message(err: dict[str, Any]) -> str:
+    """pydantic's message, less the "Value error, " it puts before a validator's own words."""
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
 def _models_in(annotation: Any) -> set[type[BaseModel]]:
