@@ -116,6 +116,13 @@ def test_a_folders_files_are_checked_each_not_by_the_first_alone(tiny_models, da
     write("b.jsonl", rows[8:], label="relevant")
     with pytest.raises(DataError, match=r"b.jsonl: column 'label' holds text, the folder's first file holds number; "):
         prepare(cfg)
+    # A parquet folder with a file that is not parquet: the file is named, not only the folder.
+    cfg.datasets[0].path, cfg.datasets[0].format = str(tmp_path / "parquet_pairs"), "parquet"
+    (tmp_path / "parquet_pairs").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "parquet_pairs" / "a.parquet")
+    (tmp_path / "parquet_pairs" / "b.parquet").write_bytes(b"not parquet " * 8)
+    with pytest.raises(DataError, match=r"parquet_pairs/b.parquet: cannot read it as parquet \(Parquet magic bytes"):
+        prepare(cfg)
 
 
 def test_each_dataset_is_listed_once_and_a_listing_handed_on_plans_the_same(tiny_models, data, tmp_path,

@@ -76,8 +76,11 @@ class ParquetFormat(InputFormat):
         pieces, schema = [], None
         for f in files:
             fs, path = resolve(f)
-            with fs.open_input_file(path) as source:
-                meta = pq.ParquetFile(source).metadata
+            try:
+                with fs.open_input_file(path) as source:
+                    meta = pq.ParquetFile(source).metadata
+            except pa.ArrowInvalid as e:  # named here: the caller knows the folder, not which of its files
+                raise cannot_read(f, self.name, e) from None
             if schema is None:
                 schema = meta.schema.to_arrow_schema()
             else:  # the first file's schema stands for all: the others must agree with it
