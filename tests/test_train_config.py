@@ -71,6 +71,12 @@ def test_valid_config_and_data(data, fmt):
 def test_labels_and_listwise(data):
     c = load_train_config(cfg(data, data / "pairs.parquet", loss="{name: CoSENTLoss}", label="score"))
     assert validate_datasets(c)[0].label_column == "score"
+    # A loss that reads labels where given (else makes its own) takes one; so does batching by label.
+    c = load_train_config(cfg(data, data / "pairs.parquet", loss="{name: ContrastiveTensionLoss}", label="score"))
+    assert validate_datasets(c)[0].label_column == "score"
+    c = load_train_config(cfg(data, data / "pairs.parquet", label="score",
+                              extra="training: {batch_sampler: group_by_label}\n"))
+    assert validate_datasets(c)[0].label_column == "score"
     c = load_train_config(cfg(data, data / "listwise_hf", loss="{name: LambdaLoss}", columns="[query, docs]",
                               label="labels", kind="cross"))
     assert validate_datasets(c)[0].rows == 2
@@ -82,6 +88,11 @@ def test_labels_and_listwise(data):
     ({"loss": "{name: CoSENTLoss}", "label": "answer"}, DataError, "label column 'answer' must be numeric"),
     ({"loss": "{name: TripletLoss}"}, DataError, "TripletLoss takes 3 text column"),
     ({"columns": "[question, score]"}, DataError, "column 'score' must hold strings"),
+    # A loss that reads no labels trained every row as a positive pair, those labelled 0 too.
+    ({"label": "score"}, DataError, r"label_column 'score' is set, but MultipleNegativesRankingLoss reads no labels: "
+                                    r"every row would train as a positive pair, those labelled 0 too; leave "
+                                    r"label_column out .* \(CoSENTLoss or ContrastiveLoss\)"),
+    ({"label": "score", "kind": "cross"}, DataError, r"\(BinaryCrossEntropyLoss\)"),
 ])
 def test_bad_data_is_named(data, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -239,6 +250,8 @@ def test_the_same_data_in_any_file_layout_has_one_digest(data):
     import datasets
 
     def digest(path, **kwargs):
+        if "label" in kwargs:  # a loss that reads the labels
+            kwargs["loss"] = "{name: CoSENTLoss}"
         return validate_datasets(load_train_config(cfg(data, path, **kwargs)))[0].digest
 
     folder = data / "split"

@@ -62,6 +62,14 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+# What a label_column refused for a loss that reads none suggests instead, by model kind.
+_LABEL_LOSSES = {
+    "dense": "CoSENTLoss or ContrastiveLoss",
+    "sparse": "SparseCoSENTLoss",
+    "cross": "BinaryCrossEntropyLoss",
+}
+
+
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -159,6 +167,12 @@ def validate_dataset(
         if not ok:
             raise DataError(f"{where} ({d.name}): column {c!r} must hold {what}, found {col_type}")
     labelled = contract.needs_labels
+    if label is not None and not (labelled or contract.reads_labels or keys == "labels"):
+        raise DataError(
+            f"{where} ({d.name}): label_column {label!r} is set, but {loss_name} reads no labels: every row would "
+            "train as a positive pair, those labelled 0 too; leave label_column out (and keep only positive rows), "
+            f"or choose a loss that reads labels ({_LABEL_LOSSES[kind]})"
+        )
     if labelled:
         if label is None:
             raise DataError(f"{where} ({d.name}): {loss_name} needs labels; set datasets[].label_column")

@@ -112,6 +112,10 @@ class LossContract:
     column_names: ClassVar[str] = "texts"
     # The dataset must name a label column (scores, class ids, teacher margins...).
     needs_labels: ClassVar[bool] = False
+    # It reads labels where the dataset gives them and makes its own where not. A loss that
+    # neither needs nor reads them is refused a label_column: its rows would all train as
+    # positives, those labelled 0 too (data/validate.py).
+    reads_labels: ClassVar[bool] = False
     # Cross-encoders: the second column holds a list of documents per query and the label
     # column a list of scores per query.
     listwise: ClassVar[bool] = False

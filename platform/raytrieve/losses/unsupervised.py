@@ -29,6 +29,7 @@ class ContrastiveTensionLoss(Loss):
 
     columns = (2, 2)
     column_names = "sentence1, sentence2"
+    reads_labels = True  # 1 = the same sentence, where given
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -98,8 +98,9 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
     # Cheap checks of every dataset (schema, columns, types) before the model loads.
     if listed is None:
         listed = list_datasets(cfg, where)
+    keys = sampler_keys(cfg)
     for i, d in enumerate(cfg.datasets):
-        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", scan=False, listed=listed[i])
+        validate_dataset(d, cfg.model.kind, f"{where}.datasets[{i}]", keys=keys, scan=False, listed=listed[i])
     # The real model and every loss, built once here so a bad loss argument (or a model the
     # loss cannot use) fails now rather than on every worker.
     encoder = load_encoder(cfg.model.kind, model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -109,7 +110,6 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
     # Routes go with token ids: rows of texts are tokenized by the loss, not per column here.
     has_router = model_kind(cfg.model.kind).tokenized_rows and bool(encoder.first_module.routes())
 
-    keys = sampler_keys(cfg)
     text_columns, label_columns, prompts, routes, streams, planned, pieces, digests = [], [], [], [], [], [], [], []
     for i, d in enumerate(cfg.datasets):
         # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
