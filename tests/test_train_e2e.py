@@ -46,6 +46,11 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     result = run_training(cfg)
     check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
     assert result.dropped == []
+    if cfg.datasets[0].prompts and cfg.model.kind == "dense":  # the model encodes as its data trained
+        from sentence_transformers import SentenceTransformer
+
+        saved = SentenceTransformer(cfg.output_dir, device="cpu").prompts
+        assert {k: saved.get(k) for k in cfg.datasets[0].prompts} == cfg.datasets[0].prompts
     if bf16:
         from safetensors import safe_open
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,7 @@ def test_the_driver_plans_on_keys_not_texts(tiny_models, data, tmp_path):
     assert b"question 3" not in shipped and b"Answer 3" not in shipped  # not a text on the way to the workers
 
 
-def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
+def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path, caplog):
     datasets = [
         {"name": "a", "path": str(data["train"]), "columns": ["query", "document"],
          "loss": {"name": "MultipleNegativesRankingLoss"}},
@@ -278,8 +279,13 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
                                           r"\(\['document', 'query'\]\); fix the names"):
         prepare(cfg)
     cfg.prompts = {"query": "query: "}
-    p = prepare(cfg)
+    with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
+        p = prepare(cfg)
     assert p.prompts == [["query: ", None], ["passage: ", "passage: "]]
+    # Each role trained with two prompts here: the model keeps none of them, and says so.
+    assert p.spec.model_prompts == {}
+    assert "config.prompts: the query columns trained with different prompts ('passage: ', 'query: ')" in caplog.text
+    assert "the document columns trained with different prompts ('passage: ', none)" in caplog.text
     # A dataset's own prompts and routes must name its text columns; routes need a Router model.
     cfg.datasets[1].prompts = {"quer": "query: "}
     with pytest.raises(DataError, match=r"config.datasets\[1\] \(b\): prompts names column 'quer', not one of"):
@@ -287,6 +293,24 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path):
     cfg.datasets[1].prompts, cfg.datasets[1].router_mapping = None, {"query": "query"}
     with pytest.raises(ConfigError, match=r"config.datasets\[1\].router_mapping: the model has no Router"):
         prepare(cfg)
+
+
+def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, data, tmp_path):
+    """dense_cached_mnrl_matryoshka.yaml trains on "query: ..." and "document: ...", and the saved
+    model had no prompts: its evaluation during training, the encoding job and Serve encoded
+    without them (helper-85). The prompts go to the model by role (router_mapping's, else the
+    first column is the query); the worker sets them before it evaluates and saves."""
+    cfg = shipped_config("dense_cached_mnrl_matryoshka", tmp_path, tiny_models, data)
+    assert cfg.datasets[0].prompts == {"query": "query: ", "document": "document: "}
+    assert prepare(cfg).spec.model_prompts == {"query": "query: ", "document": "document: "}
+    cfg.datasets[0].prompts = "passage: "  # one prompt for every column: both roles
+    assert prepare(cfg).spec.model_prompts == {"query": "passage: ", "document": "passage: "}
+    cfg.datasets[0].prompts, cfg.datasets[0].columns = {"document": "doc: "}, ["document", "query"]
+    assert prepare(cfg).spec.model_prompts == {"query": "doc: "}  # the first column is the query side
+    cfg.datasets[0].prompts = None
+    assert prepare(cfg).spec.model_prompts == {}
+    cross = shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")
+    assert prepare(cross).spec.model_prompts == {}  # a cross-encoder reads pairs, not roles
 
 
 def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_path):

@@ -36,6 +36,9 @@ class WorkerSpec:
     card: Any = None  # train.model_card.CardFacts: what the driver knows; rank 0 completes and writes it
     progress_key: str | None = None  # rank 0 posts its steps there (progress.ClusterCount) for the driver's bar
     shipped: Any = None  # model_ref.ShippedModel: model_path as workers on any machine reach it
+    # The prompts the data trained with, by role ("query", "document"): the model's own from the
+    # first step, so that its evaluation and the saved model encode as it trained (run.py).
+    model_prompts: dict[str, str] | None = None
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:

@@ -123,6 +123,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         max_seq_length=cfg.model.max_seq_length,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    if spec.model_prompts:  # the evaluator and the saved model encode with what the data trained with
+        encoder.prompts.update(spec.model_prompts)
     encoder.train()
     if device.type == "cpu" and cfg.training.cpu_kernels:  # torch's CPU dropout is the slow part
         use_cpu_kernels(encoder)

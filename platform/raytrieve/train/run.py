@@ -202,8 +202,45 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
+        model_prompts=_trained_prompts(cfg, text_columns, prompts, where),
     )
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
+
+
+def _trained_prompts(
+    cfg: TrainConfig, text_columns: list[list[str]], prompts: list[list[str | None]], where: str
+) -> dict[str, str]:
+    """The prompt each role ("query": a dataset's first column or its router_mapping's, else
+    "document") trained with, where every column of that role in every dataset had the same
+    one: the trained model keeps it under that name, so encode_query / encode_document (the
+    evaluator, the encoding job, Serve) add what training added. Without it a model trained on
+    "query: ..." was saved without the prompt, and everything downstream encoded without it.
+    A role trained with several prompts (or with and without) keeps the model's own, with a
+    warning. Cross-encoders read pairs, not roles: none."""
+    from raytrieve.data.pipeline import column_routes
+
+    if not model_kind(cfg.model.kind).tokenized_rows:  # a cross-encoder
+        return {}
+    by_role: dict[str, set[str | None]] = {}
+    for d, columns, given in zip(cfg.datasets, text_columns, prompts):
+        routes = column_routes(d)
+        for c, p in zip(columns, given):
+            by_role.setdefault(routes[c] or "document", set()).add(p)
+    kept: dict[str, str] = {}
+    for role, seen in sorted(by_role.items()):
+        if len(seen) > 1:
+            log.warning(
+                "%s.prompts: the %s columns trained with different prompts (%s); the model's %s prompt is left as "
+                "loaded: give every %s column the same prompt for the model to keep it",
+                where,
+                role,
+                ", ".join(sorted("none" if p is None else repr(p) for p in seen)),
+                role,
+                role,
+            )
+        elif (only := next(iter(seen))) is not None:
+            kept[role] = only
+    return kept
 
 
 def _least_batch(cfg: TrainConfig, i: int, contract: type[LossContract], n_columns: int) -> int:
