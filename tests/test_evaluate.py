@@ -638,9 +638,7 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
     (index / "source.json").write_text(json.dumps(source))
     second = _evaluate(
         [
-            *common,
-            "--max-seq-length",  # the last wins: the index's dense vectors were encoded at 128
-            "64",
+            *common,  # --max-seq-length 128: the length the index's vectors were encoded at (another is refused)
             "--index",
             str(index),
             "--out",
@@ -651,19 +649,18 @@ def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir,
         ]
     )
     assert list(second["stages"]) == ["dense"] and second["backend"] == f"the index {index}"
-    # The first stages ran at the lengths the vectors were encoded with, not --max-seq-length's.
+    # The first stages ran at the lengths the vectors were encoded with.
     assert first["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 128}
-    assert second["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 64}
+    assert second["settings"]["first_stage_max_seq_length"] == {"dense": 128, "sparse": 128}
     assert second["per_query"]["dense"] == first["per_query"]["dense"]
     assert second["settings"]["dtypes_used"] == {"dense": {"documents": ["bfloat16"], "queries": f32}}
     cmp = second["compare"]
     assert cmp["previous_name"] == "first" and cmp["queries"] == QUERY_COUNT and list(cmp["stages"]) == ["dense"]
     # What made the runs differ is named, each value as each run recorded it (stages pair by name).
     assert sorted(cmp["differences"]) == [
-        "backend", "models", "settings.dtypes_used", "settings.first_stage_max_seq_length", "settings.max_seq_length",
-        "settings.rerank_depth", "settings.reranker_max_seq_length"]  # the second run has no reranker
-    assert cmp["differences"]["settings.first_stage_max_seq_length"] == {
-        "previous": {"dense": 128, "sparse": 128}, "current": {"dense": 128, "sparse": 64}}
+        "backend", "models", "settings.dtypes_used", "settings.rerank_depth",
+        "settings.reranker_max_seq_length"]  # the second run has no reranker
+    assert cmp["differences"]["settings.reranker_max_seq_length"] == {"previous": 128, "current": None}
     assert cmp["differences"]["backend"] == {"previous": "exact search in process", "current": f"the index {index}"}
     assert "settings.fusion" not in cmp["differences"] and "settings.depth" not in cmp["differences"]
     md = (tmp_path / "second" / "evaluation.md").read_text()
@@ -1045,6 +1042,37 @@ def test_tuning_checks_refuse_a_leak_and_a_serve_config_that_cannot_hold_the_fit
         (folder / "model.onnx").write_text(text)
     assert not same_model_files(onnx_a, onnx_b) and same_model_files(onnx_a, onnx_a)
     assert same_model_files(copy, resolve_model("all-minilm-l6-v2"))
+
+
+def test_max_seq_length_over_an_index_is_refused_where_it_would_change_nothing(tiny_models, tmp_path, monkeypatch,
+                                                                                caplog):
+    """Queries over an --index are encoded at its vectors' length: --max-seq-length 256 over an
+    index of 128 ran silently, metrics equal to 128's, the report recording 256 (helper-85)."""
+    from raytrieve.cli import build_parser
+    from raytrieve.evaluate import command
+    from raytrieve.evaluate.command import evaluate
+
+    root = write_beir(tmp_path, CORPUS, QUERIES, QRELS)
+    corpus = {"path": str(root / "corpus.jsonl"), "format": "jsonl", "id_column": "_id", "text_column": "text"}
+    index = write_dense_index(tmp_path / "index", ["a", "b"], np.eye(2, 8, dtype=np.float32), corpus,
+                              str(tiny_models["dense"]), tiny_models["dense"], max_seq_length=128)
+    monkeypatch.setattr(command, "_resolve_models", lambda args: None)  # the check needs no model
+    flags = ["evaluate", "--data", str(root), "--index", str(index), "--out", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match=r"^--max-seq-length 256: the --index .*index's vectors were encoded at "
+                                          r"dense 128 tokens, and queries over an index are encoded at that length"):
+        evaluate(build_parser().parse_args([*flags, "--max-seq-length", "256"]))
+    # With a reranker it still sets the reranker's length: said, not refused.
+    class PastTheCheck(Exception):
+        pass
+
+    def searched(*args, **kwargs):
+        raise PastTheCheck
+
+    monkeypatch.setattr(run, "index_lists", searched)
+    with caplog.at_level(logging.WARNING), pytest.raises(PastTheCheck):
+        evaluate(build_parser().parse_args([*flags, "--max-seq-length", "256", "--reranker",
+                                            str(tiny_models["cross"])]))
+    assert "--max-seq-length 256 sets the --reranker's length only" in caplog.text
 
 
 def test_an_index_is_searched_only_with_the_model_that_encoded_it(tiny_models, tmp_path):

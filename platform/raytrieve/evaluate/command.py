@@ -282,6 +282,8 @@ def evaluate(args: argparse.Namespace, ray_address: str | None = "local") -> dic
         report.check_comparable(previous, args.compare, args.k, args.recall_k, prints, planned)
     log.info("%d queries, %d documents", len(evalset.queries), len(evalset.corpus))
     _resolve_models(args)
+    if args.index and args.max_seq_length:
+        _check_index_length(args, evaluated_lengths(args.index, options))
     seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
     # What each stage computed in (None with --url: the app's replicas report theirs at /v1/models).
@@ -394,6 +396,29 @@ def main(args: argparse.Namespace, ray_address: str | None = "local") -> int:
     configure_logging()
     evaluate(args, ray_address)
     return 0
+
+
+def _check_index_length(args: argparse.Namespace, lengths: dict[str, int | None]) -> None:
+    """--max-seq-length over an --index: the queries are encoded at the length of the index's
+    vectors, so the flag does nothing for the retrievers (it ran silently, the report recording
+    the flag beside the lengths used); it still sets the --reranker's length."""
+    other = {k: n for k, n in lengths.items() if k != "reranker" and n is not None and n != args.max_seq_length}
+    if not other:
+        return
+    encoded = ", ".join(f"{k} {n}" for k, n in sorted(other.items()))
+    if args.reranker and not args.reranker_max_seq_length:
+        log.warning(
+            "--max-seq-length %d sets the --reranker's length only: the --index's vectors were encoded at %s "
+            "tokens, and its queries are encoded at that length",
+            args.max_seq_length,
+            encoded,
+        )
+        return
+    raise ConfigError(
+        f"--max-seq-length {args.max_seq_length}: the --index {args.index}'s vectors were encoded at {encoded} tokens, "
+        "and queries over an index are encoded at that length, so the flag would change nothing; drop it, or "
+        "encode the corpus again at that length (raytrieve encode, then index build)"
+    )
 
 
 def evaluated_lengths(index: str | None, options: RunOptions) -> dict[str, int | None]:
