@@ -212,7 +212,7 @@ def test_faiss_missing_or_misconfigured_is_named(monkeypatch):
     for kind, params, least in (("ivf", {"nlist": "abc"}, 1), ("ivf", {"nprobe": -1}, 1), ("ivf", {"nlist": 0}, 1),
                                 ("hnsw", {"M": 0}, 2), ("hnsw", {"ef_search": True}, 1)):
         key, value = next(iter(params.items()))
-        with pytest.raises(InputError, match=rf"faiss_params\['{key}'\]={value!r}: must be a whole number >= {least}"):
+        with pytest.raises(InputError, match=rf"faiss_params\['{key}'\]={value!r} \(--faiss-param\): must be a whole number >= {least}"):
             DenseIndex.build(["a", "b"], np.eye(2), backend="faiss", faiss_index=kind, faiss_params=params)
     monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` does when it is not installed
     with pytest.raises(InputError, match="pip install faiss-cpu"):

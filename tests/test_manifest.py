@@ -262,9 +262,9 @@ def test_index_build_refuses_what_the_manifest_and_options_decide_before_reading
     monkeypatch.setattr(shards_module, "read_vectors", lambda *a, **k: pytest.fail("the shards were read"))
     refused = [
         (IndexOptions(quantize="int8", backend="faiss"), InputError, r"quantize int8 works with the exact backend only \(FAISS"),
-        (IndexOptions(faiss_params={"nlist": 4}), InputError, "faiss_params only applies with backend='faiss'"),
+        (IndexOptions(faiss_params={"nlist": 4}), InputError, r"faiss_params \(--faiss-param\) only applies with backend='faiss' \(--backend faiss\)"),
         (IndexOptions(backend="faiss", faiss_index="ivf", faiss_params={"nprobes": 2}), InputError,
-         r"faiss_params: unknown key\(s\) \['nprobes'\]"),
+         r"faiss_params \(--faiss-param\): unknown key\(s\) \['nprobes'\]"),
         (IndexOptions(quantize="int4"), InputError, "quantize"),
     ]
     for options, error, message in refused:

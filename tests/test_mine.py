@@ -290,10 +290,17 @@ def test_a_model_of_another_kind_is_refused_before_ray(pairs_file, tmp_path, mon
         ({"retriever": {"model": "ms-marco-minilm-l12-v2"}},
          r"m.yaml.retriever.model: ms-marco-minilm-l12-v2 is a cross model .*; move it to reranker.model, and name "
          r"a dense model here$"),
+        # Lengths past a model's positions, and vectors that are not there, name their keys (they did not).
+        ({"retriever": {"model": "all-minilm-l6-v2", "max_seq_length": 1000}},
+         r"^m.yaml.retriever.max_seq_length: 1000 is more than the 512 positions"),
+        ({"reranker": {"model": "ms-marco-minilm-l12-v2", "max_seq_length": 1000}},
+         r"^m.yaml.reranker.max_seq_length: 1000 is more than the 512 positions"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             run_mine(_cfg(pairs_file, tmp_path, **extra), where="m.yaml")
+    with pytest.raises(DataError, match=r"^m.yaml.corpus_vectors: .*nope: no such folder; give the output folder"):
+        run_mine(_cfg(pairs_file, tmp_path, corpus_vectors=str(tmp_path / "nope")), where="m.yaml")
 
 
 def test_an_output_path_that_is_not_an_earlier_output_is_refused_before_ray(pairs_file, tmp_path, monkeypatch):

@@ -204,7 +204,7 @@ class DenseIndex:
                 )
             FaissIndex.check(faiss_index, faiss_params)
         elif faiss_params:
-            raise InputError("faiss_params only applies with backend='faiss'")
+            raise InputError("faiss_params (--faiss-param) only applies with backend='faiss' (--backend faiss)")
 
     @classmethod
     def build(

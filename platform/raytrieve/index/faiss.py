@@ -54,12 +54,13 @@ class FaissIndex:
         unknown = sorted(set(params) - set(FAISS_PARAMS[kind]))
         if unknown:
             raise InputError(
-                f"faiss_params: unknown key(s) {unknown} for faiss_index={kind!r}; valid: {list(FAISS_PARAMS[kind])}"
+                f"faiss_params (--faiss-param): unknown key(s) {unknown} for faiss_index={kind!r} (--faiss-index); "
+                f"valid: {list(FAISS_PARAMS[kind])}"
             )
         for key, value in params.items():  # FAISS takes C ints: a string, 0 or a negative crashed it (abort)
             least = 2 if key == "M" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise InputError(f"faiss_params[{key!r}]={value!r}: must be a whole number >= {least}")
+                raise InputError(f"faiss_params[{key!r}]={value!r} (--faiss-param): must be a whole number >= {least}")
         return import_faiss()
 
     @classmethod

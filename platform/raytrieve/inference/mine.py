@@ -134,7 +134,10 @@ def check_corpus_vectors(
     shown = redact(vectors_dir)  # for messages: without a URI's keys
     from raytrieve.inference.shards import read_manifest
 
-    manifest = read_manifest(vectors_dir)
+    try:
+        manifest = read_manifest(vectors_dir)
+    except DataError as e:  # it names the folder; the key is this config's
+        raise DataError(f"{where}.corpus_vectors: {e}") from None
     if manifest.side != "document":
         raise ConfigError(
             f"{where}.corpus_vectors {shown}: encoded as side: {manifest.side}; mining's candidates are "
@@ -202,7 +205,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
     from raytrieve.kinds import CROSS, refuse_other_kind, saved_kind
-    from raytrieve.model_ref import resolve_field
+    from raytrieve.model_ref import check_max_seq_length, resolve_field
 
     r = cfg.retriever  # the models are checked, and the retriever loaded, before any Ray work
     # Another kind would load as this one: meaningless negatives, or a Ray actor failing after the encoding.
@@ -215,14 +218,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         else f"set retriever.kind: {{field}}, or name a {r.kind} model"
     )
     refuse_other_kind(path, r.kind, f"{field}: {redact(r.model)}", fix)
+    check_max_seq_length(path, r.max_seq_length, f"{where}.retriever.max_seq_length")  # the model names no key
     if cfg.reranker is not None:
         field = f"{where}.reranker.model"
-        refuse_other_kind(
-            resolve_field(cfg.reranker.model, field),
-            "reranker",
-            f"{field}: {redact(cfg.reranker.model)}",
-            "name a cross-encoder",
-        )
+        reranker = resolve_field(cfg.reranker.model, field)
+        refuse_other_kind(reranker, "reranker", f"{field}: {redact(cfg.reranker.model)}", "name a cross-encoder")
+        check_max_seq_length(reranker, cfg.reranker.max_seq_length, f"{where}.reranker.max_seq_length")
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )
