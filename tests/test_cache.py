@@ -102,8 +102,11 @@ def test_cache_lists_marks_and_prunes_by_last_use(tmp_path, monkeypatch, s3_stor
     assert new_tmp.is_dir() and not converted.exists() and not again.exists()
     for period in ("-1", "nan"):  # NaN would pass every age test: the whole cache, leftovers being written too
         bad = _cli("prune", "--unused-days", period, env={"RAYTRIEVE_CACHE": str(root)})
-        assert bad.returncode == 2 and "--unused-days must be a number, 0 or more" in bad.stderr
+        assert bad.returncode == 2
+        assert "raytrieve cache prune: error: --unused-days must be a number, 0 or more" in bad.stderr
     assert new_tmp.is_dir()
+    listed = _cli("list", env={"RAYTRIEVE_CACHE": str(root)})
+    assert listed.returncode == 0 and f"{root}: 1 entry, " in listed.stdout  # not "1 entries"
 
 
 def test_prune_refuses_a_period_that_is_not_a_number_0_or_more():

@@ -135,6 +135,22 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_a_mistyped_flag_is_named_by_its_commands_usage_with_the_closest_option(capsys):
+    """`evaluate --spilt test` printed the top-level usage (raytrieve [-h] {models,cache,...})
+    and "unrecognized arguments", naming neither the command nor --split (helper-85)."""
+    from raytrieve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--data", "beir", "--dense", "m", "--spilt", "test"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: raytrieve evaluate ")
+    assert "raytrieve evaluate: error: unrecognized arguments: --spilt (did you mean --split?)" in err
+    with pytest.raises(SystemExit):
+        main(["cache", "list", "--jsno=1", "extra"])
+    assert "raytrieve cache list: error: unrecognized arguments: --jsno (did you mean --json?) extra" in (
+        capsys.readouterr().err)
+
+
 def test_cli_models_list_and_path():
     out = _cli("models", "list")
     assert out.returncode == 0, out.stderr

@@ -27,6 +27,7 @@ raytrieve demo [--config jobs/configs/demo.yaml] [key=value ...]
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from typing import Any
@@ -103,9 +104,13 @@ def _cache_list(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"{cache_dir()}: {len(found)} entries, {_size(sum(e.size for e in found))}")
+    print(f"{cache_dir()}: {_entries(len(found))}, {_size(sum(e.size for e in found))}")
     _cache_rows(found)
     return 0
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _cache_prune(args: argparse.Namespace) -> int:
@@ -115,11 +120,11 @@ def _cache_prune(args: argparse.Namespace) -> int:
     try:  # prune refuses NaN, infinity (1e304 days overflows to it in seconds) and below 0
         gone = cache.prune(args.unused_days * 86_400, dry_run=args.dry_run)
     except ValueError:
-        print("raytrieve cache prune: --unused-days must be a number, 0 or more", file=sys.stderr)
+        print("raytrieve cache prune: error: --unused-days must be a number, 0 or more", file=sys.stderr)
         return 2
     verb = "would delete" if args.dry_run else "deleted"
     print(
-        f"{cache_dir()}: {verb} {len(gone)} entries unused for {args.unused_days:g} days, "
+        f"{cache_dir()}: {verb} {_entries(len(gone))} unused for {args.unused_days:g} days, "
         f"{_size(sum(e.size for e in gone))}"
     )
     _cache_rows(gone)
@@ -354,14 +359,29 @@ def _name_commands(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                child.set_defaults(prog=child.prog)
+                child.set_defaults(prog=child.prog, command_parser=child)
                 _name_commands(child)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's "unrecognized arguments", said by the subcommand's own parser (its usage, not
+    the top level's), with the closest of its options for a mistyped one."""
+    options = [s for action in parser._actions for s in action.option_strings]
+    close = [
+        f"{given} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(given, options, n=1)) else given
+        for given in (x.split("=", 1)[0] for x in extra)
+    ]
+    return f"unrecognized arguments: {' '.join(close)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        own = getattr(args, "command_parser", parser)
+        own.error(_unrecognized(own, extra))  # exits 2, as parse_args does
     try:
         with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does (jobs_entry says why)
             return args.func(args)
