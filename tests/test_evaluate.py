@@ -958,12 +958,16 @@ def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weigh
     from raytrieve.serve import fusion
 
     stages = run.Models(dense=["a/mini", "b/mini", "models:/bge/2"], sparse=["splade-tiny"]).first_stages()
+    # Folders of one name are told apart by the folders above them (they were "mini", "mini#2").
     assert [(s.name, s.kind) for s in stages] == [
-        ("dense:mini", "dense"),
-        ("dense:mini#2", "dense"),
+        ("dense:a/mini", "dense"),
+        ("dense:b/mini", "dense"),
         ("dense:models:/bge/2", "dense"),
         ("sparse", "sparse"),
     ]
+    named = run.Models(sparse=["out/splade/model", "out/router/model", "out/router/model", "x/y"]).first_stages()
+    assert [s.name for s in named] == ["sparse:splade/model", "sparse:router/model", "sparse:router/model#3",
+                                       "sparse:x/y"]
     rng = np.random.default_rng(2)
     lists: run.Lists = {}
     for s in stages:

@@ -61,11 +61,20 @@ class Models:
 
         out: list[FirstStage] = []
         for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
-            for i, ref in enumerate(refs):
-                # A folder by its name (a store URI's too, without its query and keys).
-                label = ref if is_model_uri(ref) else Path(ref.split("?")[0] if is_store_uri(ref) else ref).name or ref
+            # A folder by its name (a store URI's too, without its query and keys), and by as many
+            # folders above it as tell the kind's models apart (training saves every model in a
+            # folder named "model": out/splade/model, out/router/model).
+            parts = [
+                (ref,) if is_model_uri(ref) else Path(ref.split("?")[0] if is_store_uri(ref) else ref).parts or (ref,)
+                for ref in refs
+            ]
+            distinct, depth = list(dict.fromkeys(parts)), 1
+            for depth in range(1, max((len(p) for p in distinct), default=1) + 1):
+                if len({p[-depth:] for p in distinct}) == len(distinct):
+                    break
+            for i, (ref, label) in enumerate(zip(refs, ("/".join(p[-depth:]) for p in parts))):
                 name = kind if len(refs) == 1 else f"{kind}:{label}"
-                if any(s.name == name for s in out):
+                if any(s.name == name for s in out):  # the same model given twice
                     name = f"{name}#{i + 1}"
                 out.append(FirstStage(name, kind, ref))
         return out
