@@ -141,6 +141,14 @@ def test_misused_library_calls_get_input_errors_that_say_what_to_pass(tiny_dense
     assert sparse.decode(sparse.encode(["a cat", "a dog"], as_dicts=True), top_k=3) == want
     assert sparse.decode(sparse.encode("a cat", as_dicts=True), top_k=3) == want[0]
     assert sparse.sparsity(emb.to_dense().numpy()) == sparse.sparsity(emb)
+    assert sparse.decode([]) == [] and sparse.sparsity([]) == sparse.sparsity(sparse.encode([]))  # empty: empty
+    row = sparse.encode("a cat", as_dicts=True)
+    shuffled = {"indices": row["indices"][::-1].copy(), "values": row["values"][::-1].copy()}
+    assert sparse.decode(shuffled, top_k=3) == want[0]  # a dict in another order: largest weight first still
+    # Stacks given as any iterable of modules load as a list does; a dict's keys view is texts.
+    t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=32)
+    for stack in (torch.nn.Sequential(t, Pooling(32, "mean")), torch.nn.ModuleList([t, Pooling(32, "mean")])):
+        assert DenseEncoder(stack, device="cpu").encode({"a": 1, "b": 2}.keys()).shape == (2, 32)
 
 
 def test_sentence_transformers_spellings_of_the_dimension_and_a_rerankers_max_length(tiny_dense, tiny_dirs, st):

@@ -97,7 +97,9 @@ def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_pat
     "2020-01-01" came back as timestamp[s] (an encoding job refused such a corpus as "holds
     timestamp[s]"), and a later id that is no date failed the read in the shards or streams."""
 
-    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)  # several blocks: the later ones hold the other ids
+    # Several blocks, and a head read of dates alone: the later ones hold the other ids.
+    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)
+    monkeypatch.setattr(formats, "PROBE_BYTES", 1 << 12)
     ids = [f"2020-01-{i % 28 + 1:02d}" for i in range(3_000)] + ["doc-x", "2021-02-03T04:05:06"]
     texts = ["1999-12-31"] * 3_001 + ["plain text"]
     path = tmp_path / "dated.jsonl"
@@ -114,6 +116,9 @@ def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_pat
     table = read_piece(pieces[0], ["id", "text", "n"])
     assert table.column("id").to_pylist() == ids and table.column("n").to_pylist() == list(range(3_002))
     assert formats.get("jsonl").read_all(str(path)).column("text").to_pylist() == texts
+    only_dates = tmp_path / "only_dates.jsonl"  # read whole, a file of dates alone was timestamps too
+    only_dates.write_text("".join(f'{{"id": "{a}"}}\n' for a in ids[:5]))
+    assert formats.get("jsonl").read_all(str(only_dates)).column("id").to_pylist() == ids[:5]
     # A value of another type is still an error, named by its line.
     path.write_text('{"id": "2020-01-01", "n": 1}\n{"id": 7, "n": 2}\n')
     with pytest.raises(DataError, match="dated.jsonl"):

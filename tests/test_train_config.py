@@ -74,6 +74,11 @@ def test_labels_and_listwise(data):
     # A loss that reads labels where given (else makes its own) takes one; so does batching by label.
     c = load_train_config(cfg(data, data / "pairs.parquet", loss="{name: ContrastiveTensionLoss}", label="score"))
     assert validate_datasets(c)[0].label_column == "score"
+    # It reads them, so they must be numbers: text labels were dropped, and the loss made its own.
+    c = load_train_config(cfg(data, data / "pairs.parquet", loss="{name: ContrastiveTensionLoss}", label="answer",
+                              columns="[question, question]"))
+    with pytest.raises(DataError, match="label column 'answer' must be numeric"):
+        validate_datasets(c)
     c = load_train_config(cfg(data, data / "pairs.parquet", label="score",
                               extra="training: {batch_sampler: group_by_label}\n"))
     assert validate_datasets(c)[0].label_column == "score"

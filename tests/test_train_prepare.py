@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raytrieve import DenseEncoder
 from raytrieve.errors import ConfigError, DataError
+from raytrieve.train.config import LossSpec
 from raytrieve.train.run import prepare
 from tests.train_helpers import shipped_config, write_data
 
@@ -295,7 +297,7 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path, caplog):
         prepare(cfg)
 
 
-def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, data, tmp_path):
+def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, data, tmp_path, caplog):
     """dense_cached_mnrl_matryoshka.yaml trains on "query: ..." and "document: ...", and the saved
     model had no prompts: its evaluation during training, the encoding job and Serve encoded
     without them (helper-85). The prompts go to the model by role (router_mapping's, else the
@@ -309,6 +311,18 @@ def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, 
     assert prepare(cfg).spec.model_prompts == {"query": "doc: "}  # the first column is the query side
     cfg.datasets[0].prompts = None
     assert prepare(cfg).spec.model_prompts == {}
+    # A one-column dataset's texts are encoded as both (ContrastiveTension over single texts).
+    cfg.datasets[0].columns, cfg.datasets[0].prompts = ["document"], "text: "
+    cfg.datasets[0].loss = LossSpec(name="ContrastiveTensionLossInBatchNegatives")
+    assert prepare(cfg).spec.model_prompts == {"query": "text: ", "document": "text: "}
+    # A model whose own prompt the data did not train with keeps it, and the run says so.
+    model = DenseEncoder(cfg.model.name_or_path, prompts={"query": "q: "})
+    model.save(tmp_path / "prompted")
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, model__name_or_path=str(tmp_path / "prompted"))
+    with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
+        assert prepare(cfg).spec.model_prompts == {}
+    assert ("config.prompts: the query columns trained without a prompt, but the model adds its 'query' prompt "
+            "'q: ' to every query it encodes") in caplog.text
     cross = shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")
     assert prepare(cross).spec.model_prompts == {}  # a cross-encoder reads pairs, not roles
 

@@ -367,11 +367,15 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """argparse's "unrecognized arguments", said by the subcommand's own parser (its usage, not
     the top level's), with the closest of its options for a mistyped one."""
     options = [s for action in parser._actions for s in action.option_strings]
-    close = [
-        f"{given} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(given, options, n=1)) else given
-        for given in (x.split("=", 1)[0] for x in extra)
-    ]
-    return f"unrecognized arguments: {' '.join(close)}"
+
+    def said(given: str) -> str:
+        if not given.startswith("-"):  # a positional or a key=value override left over: as given
+            return given
+        flag = given.split("=", 1)[0]
+        match = difflib.get_close_matches(flag, options, n=1)
+        return f"{flag} (did you mean {match[0]}?)" if match else flag
+
+    return f"unrecognized arguments: {' '.join(said(x) for x in extra)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,18 +273,29 @@ def _as_strings(schema: pa.Schema) -> Any:
     return pj.ParseOptions(explicit_schema=pa.schema(dated), unexpected_field_behavior="infer") if dated else None
 
 
+def _read_json(source: Callable[[], Any]) -> pa.Table:
+    """The JSON lines ``source()`` opens, read whole (one read unifies its blocks' types), and
+    read again with date-shaped strings as strings where pyarrow made any timestamps."""
+    import pyarrow.json as pj
+
+    with source() as f:
+        table = pj.read_json(f)
+    options = _as_strings(table.schema)
+    if options is None:
+        return table
+    with source() as f:
+        return pj.read_json(f, parse_options=options)
+
+
 class JsonlFormat(LineFormat):
     name = "jsonl"
     suffixes = (".jsonl", ".json", ".ndjson")
 
     def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
-        import pyarrow.json as pj
 
         if not body.strip():
             return pa.table({})
-        table = pj.read_json(io.BytesIO(body))  # one read unifies its blocks: a later non-date id makes strings
-        options = _as_strings(table.schema)
-        return table if options is None else pj.read_json(io.BytesIO(body), parse_options=options)
+        return _read_json(lambda: io.BytesIO(body))
 
     def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
         import pyarrow.json as pj
@@ -313,18 +324,11 @@ class JsonlFormat(LineFormat):
             raise pa.ArrowInvalid(where or str(e)) from None
 
     def read_all(self, location: str) -> pa.Table:
-        import pyarrow.json as pj
-
         fs, path = whole_file(location)
         if not fs.get_file_info(path).size:
             return pa.table({})
-        with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
-            table = pj.read_json(f)
-        options = _as_strings(table.schema)
-        if options is None:
-            return table
-        with fs.open_input_stream(path) as f:
-            return pj.read_json(f, parse_options=options)
+        # Decompressed by the name's suffix, as pyarrow's own reader does.
+        return _read_json(lambda: fs.open_input_stream(path))
 
 
 # How far into a file an error's line is numbered (the bytes before it are read to count lines);
@@ -498,9 +502,14 @@ def infer_format(
     return fmt.name
 
 
+def is_text(t: pa.DataType) -> bool:
+    """A string column (either of Arrow's two string types)."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def type_class(t: pa.DataType) -> str:
     """A column type, coarsely: what the data checks and the tokenizer care about."""
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if is_text(t):
         return "text"
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         return "number"

@@ -70,10 +70,6 @@ _LABEL_LOSSES = {
 }
 
 
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
 def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
@@ -160,18 +156,18 @@ def validate_dataset(
     for i, c in enumerate(columns):
         col_type = schema.field(c).type
         if listwise and i == 1:
-            ok = pa.types.is_list(col_type) and _is_text(col_type.value_type)
+            ok = pa.types.is_list(col_type) and formats.is_text(col_type.value_type)
             what = "a list of strings per row"
         else:
-            ok, what = _is_text(col_type), "strings"
+            ok, what = formats.is_text(col_type), "strings"
         if not ok:
             raise DataError(f"{where} ({d.name}): column {c!r} must hold {what}, found {col_type}")
-    labelled = contract.needs_labels
-    if label is not None and not (labelled or contract.reads_labels or keys == "labels"):
+    labelled = contract.needs_labels or (contract.reads_labels and label is not None)  # the loss reads them
+    if label is not None and not (labelled or keys == "labels"):
         raise DataError(
             f"{where} ({d.name}): label_column {label!r} is set, but {loss_name} reads no labels: every row would "
-            "train as a positive pair, those labelled 0 too; leave label_column out (and keep only positive rows), "
-            f"or choose a loss that reads labels ({_LABEL_LOSSES[kind]})"
+            "train as a positive pair, those labelled 0 too; leave label_column out (name the text columns in "
+            f"columns:, and keep only positive rows), or choose a loss that reads labels ({_LABEL_LOSSES[kind]})"
         )
     if labelled:
         if label is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -63,12 +63,13 @@ class Encoder(nn.Module):
             self.name_or_path = str(path)
             self._read_extra_config(path, saved, trust_remote_code)
         else:
-            if not (isinstance(model, Sequence) and all(isinstance(m, nn.Module) for m in model)):
+            # Any iterable of modules (a list, nn.Sequential, nn.ModuleList, a generator).
+            modules = list(model) if isinstance(model, Iterable) and not isinstance(model, (bytes, Mapping)) else None
+            if modules is None or not all(isinstance(m, nn.Module) for m in modules):
                 raise InputError(
                     f"{type(self).__name__}: model must be a model folder, a shipped variant's name, an MLflow "
                     f"model URI (models:/NAME/VERSION) or a list of modules; got {type(model).__name__}"
                 )
-            modules = list(model)
             if not modules:
                 raise InputError(f"{type(self).__name__} needs at least one module")
             self.name_or_path = None
@@ -322,7 +323,7 @@ class Encoder(nn.Module):
             return [inputs], True
         if isinstance(inputs, np.ndarray):
             inputs = inputs.tolist()
-        if isinstance(inputs, (Mapping, Set)):  # a dict would give its keys, a set no order
+        if isinstance(inputs, (Mapping, set, frozenset)):  # a dict would give its keys, a set no order
             raise InputError(f"{what} must be a string or a list of strings, got {type(inputs).__name__}; pass a list")
         try:
             items = list(inputs)

@@ -9,7 +9,7 @@ the sentence-transformers ``CrossEncoder`` counterpart.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -105,7 +105,7 @@ class CrossEncoder(Encoder):
     def _as_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
         if isinstance(pairs, Pretokenized):
             return pairs, False  # type: ignore[return-value]
-        if isinstance(pairs, (str, Mapping, Set)):
+        if isinstance(pairs, (str, Mapping, set, frozenset)):
             raise InputError(
                 f"sentences must be a (query, document) pair or a list of such pairs, got {type(pairs).__name__}"
             )

@@ -122,8 +122,10 @@ class SparseEncoder(EmbeddingEncoder):
         """The (token, weight) pairs of each vector, largest weight first. ``embeddings``: what
         ``encode`` returns, a tensor or array of one or more vectors, or ``as_dicts`` output."""
         vocab = self.get_embedding_dimension()
+        if isinstance(embeddings, list) and not embeddings:  # encode([], as_dicts=True)
+            return []
         if isinstance(embeddings, dict) or (
-            isinstance(embeddings, list) and embeddings and all(isinstance(e, dict) for e in embeddings)
+            isinstance(embeddings, list) and all(isinstance(e, dict) for e in embeddings)
         ):
             dicts = [embeddings] if isinstance(embeddings, dict) else embeddings
             for i, d in enumerate(dicts):
@@ -131,7 +133,10 @@ class SparseEncoder(EmbeddingEncoder):
                     raise InputError(
                         f"embeddings[{i}]: an as_dicts vector has keys indices and values, got {sorted(d)}"
                     )
-            rows = [{"indices": np.asarray(d["indices"]), "values": np.asarray(d["values"])} for d in dicts]
+            rows = []
+            for d in dicts:  # by weight, as encode's are (a dict of another maker may not be)
+                order = np.argsort(-np.asarray(d["values"]), kind="stable")
+                rows.append({"indices": np.asarray(d["indices"])[order], "values": np.asarray(d["values"])[order]})
             single = isinstance(embeddings, dict)
         else:
             emb = _as_tensor(embeddings, "embeddings")
@@ -156,6 +161,8 @@ class SparseEncoder(EmbeddingEncoder):
     def sparsity(embeddings: Any) -> dict[str, float]:
         """Mean active dimensions per vector and the share of zeros, of a tensor or array of one or
         more vectors (``as_dicts`` output holds no vocabulary size: encode without it)."""
+        if isinstance(embeddings, list) and not embeddings:  # encode([], as_dicts=True)
+            return {"active_dims": 0.0, "sparsity_ratio": 1.0}
         if isinstance(embeddings, (dict, list)):
             raise InputError(
                 "sparsity takes the tensor encode returns, not as_dicts output (it holds no vocabulary size); "

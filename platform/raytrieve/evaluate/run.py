@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from raytrieve.config import from_dict
 from raytrieve.errors import ConfigError, DataError
@@ -61,11 +62,13 @@ class Models:
 
         out: list[FirstStage] = []
         for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
-            # A folder by its name (a store URI's too, without its query and keys), and by as many
+            # A folder by its name (a store URI's path's, without its keys or bucket), and by as many
             # folders above it as tell the kind's models apart (training saves every model in a
             # folder named "model": out/splade/model, out/router/model).
             parts = [
-                (ref,) if is_model_uri(ref) else Path(ref.split("?")[0] if is_store_uri(ref) else ref).parts or (ref,)
+                (ref,)
+                if is_model_uri(ref)
+                else Path(urlparse(ref).path if is_store_uri(ref) else ref).parts or (ref,)  # a URI: no keys, no host
                 for ref in refs
             ]
             distinct, depth = list(dict.fromkeys(parts)), 1

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrieve import _io
+from raytrieve.data.formats import is_text
 from raytrieve.errors import DataError, InputError, ModelLoadError
 from raytrieve.hashing import text_hashes
 from raytrieve.kinds import MODEL_KINDS
@@ -360,7 +361,7 @@ def read_ids(directory: Path, count: int) -> Ids:
         raise DataError(f"{path}: missing ids file; the index directory is incomplete, {REBUILD_HINT}")
     try:
         column = pq.read_table(path, columns=["id"]).column("id")
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if not is_text(column.type):
             raise KeyError(f"the column 'id' holds {column.type}")
         ids = Ids(column)
     except (pa.ArrowException, KeyError, OSError) as e:

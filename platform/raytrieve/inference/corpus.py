@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raytrieve._io import redact
+from raytrieve.data.formats import is_text
 from raytrieve.errors import DataError
 from raytrieve.inference.config import CorpusConfig
 
@@ -45,12 +46,8 @@ def check_columns(schema: pa.Schema, cfg: CorpusConfig, location: str) -> None:
         _check_text_type(schema.field(name).type, name, role, location)
 
 
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
 def _check_text_type(t: pa.DataType, name: str, role: str, location: str) -> None:
-    if not (_is_string(t) or pa.types.is_null(t)):
+    if not (is_text(t) or pa.types.is_null(t)):
         if not (role == "id" and pa.types.is_integer(t)):  # integer ids are common; stored as strings
             raise DataError(f"{location}: column {name!r} ({role}) holds {t}, expected strings; convert it to text")
 
@@ -60,7 +57,7 @@ def _as_text(table: pa.Table, name: str, role: str, location: str) -> list[str |
         return [None] * table.num_rows
     column = table.column(name)
     _check_text_type(column.type, name, role, location)
-    if not _is_string(column.type):
+    if not is_text(column.type):
         column = pc.cast(column, pa.string())  # an integer id, or a column of nulls
     try:
         return column.to_pylist()

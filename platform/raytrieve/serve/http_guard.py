@@ -243,8 +243,9 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 
 
 def _message(err: dict[str, Any]) -> str:
-    """pydantic's message, less the "Value error, " it puts before a validator's own words."""
-    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    """pydantic's message, less the "Value error, " (or "Assertion failed, ") it puts before a
+    validator's own words."""
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def _models_in(annotation: Any) -> set[type[BaseModel]]:

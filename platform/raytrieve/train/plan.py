@@ -141,7 +141,12 @@ def plan_training(datasets: Sequence[DatasetKeys], training: TrainingConfig, wor
                     f"{alone} row(s) of {d.name} in epoch {epoch}: {lone_batches} batch(es) of fewer than "
                     f"{d.least_batch} rows, where its loss takes its negatives from the batch's other rows and "
                     "would be constant"
-                    + (" (no_duplicates kept repeated texts apart)" if sampler == "no_duplicates" else "")
+                    # One such batch may be a pass's remainder; several are texts the data repeats.
+                    + (
+                        " (no_duplicates kept repeated texts apart)"
+                        if sampler == "no_duplicates" and lone_batches > 1
+                        else ""
+                    )
                 )
             if b.dropped:
                 dropped.append(f"{b.dropped} row(s) of {d.name} in epoch {epoch}: {b.reason}")

@@ -188,7 +188,7 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
             f"{where}: the data gives no full optimizer step (batch_size {cfg.training.batch_size} x "
             f"{world} worker(s) x gradient_accumulation_steps {cfg.training.gradient_accumulation_steps}); "
             f"rows: {', '.join(f'{d.name}={n}' for d, n in zip(cfg.datasets, rows))}"
-            + "".join(f"; not trained on: {line}" for line in plan.dropped[:3])
+            + "".join(f"; not trained on: {line}" for line in plan.dropped)
         )
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1)
     stream = StreamSpec(model_path, cfg.model.kind, streams, cfg.model.max_seq_length)
@@ -202,21 +202,22 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
-        model_prompts=_trained_prompts(cfg, text_columns, prompts, where),
+        model_prompts=_trained_prompts(cfg, text_columns, prompts, encoder, where),
     )
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
 def _trained_prompts(
-    cfg: TrainConfig, text_columns: list[list[str]], prompts: list[list[str | None]], where: str
+    cfg: TrainConfig, text_columns: list[list[str]], prompts: list[list[str | None]], loaded: Any, where: str
 ) -> dict[str, str]:
     """The prompt each role ("query": a dataset's first column or its router_mapping's, else
-    "document") trained with, where every column of that role in every dataset had the same
-    one: the trained model keeps it under that name, so encode_query / encode_document (the
-    evaluator, the encoding job, Serve) add what training added. Without it a model trained on
-    "query: ..." was saved without the prompt, and everything downstream encoded without it.
-    A role trained with several prompts (or with and without) keeps the model's own, with a
-    warning. Cross-encoders read pairs, not roles: none."""
+    "document"; a one-column dataset's texts are both) trained with, where every column of that
+    role in every dataset had the same one: the trained model keeps it under that name, so
+    encode_query / encode_document (the evaluator, the encoding job, Serve) add what training
+    added. Without it a model trained on "query: ..." was saved without the prompt, and
+    everything downstream encoded without it. A role trained with several prompts (or with and
+    without), or without one where the ``loaded`` model has its own, keeps the model's own, with
+    a warning. Cross-encoders read pairs, not roles: none."""
     from raytrieve.data.pipeline import column_routes
 
     if not model_kind(cfg.model.kind).tokenized_rows:  # a cross-encoder
@@ -225,21 +226,36 @@ def _trained_prompts(
     for d, columns, given in zip(cfg.datasets, text_columns, prompts):
         routes = column_routes(d)
         for c, p in zip(columns, given):
-            by_role.setdefault(routes[c] or "document", set()).add(p)
+            roles = ("query", "document") if len(columns) == 1 and not d.router_mapping else (routes[c] or "document",)
+            for role in roles:
+                by_role.setdefault(role, set()).add(p)
     kept: dict[str, str] = {}
     for role, seen in sorted(by_role.items()):
+        own = loaded.prompt_name_for(role)
         if len(seen) > 1:
             log.warning(
                 "%s.prompts: the %s columns trained with different prompts (%s); the model's %s prompt is left as "
-                "loaded: give every %s column the same prompt for the model to keep it",
+                "loaded (%s): give every %s column the same prompt for the model to keep it",
                 where,
                 role,
                 ", ".join(sorted("none" if p is None else repr(p) for p in seen)),
                 role,
+                "none" if own is None else repr(loaded.prompts[own]),
                 role,
             )
         elif (only := next(iter(seen))) is not None:
             kept[role] = only
+        elif own is not None and loaded.prompts[own]:
+            log.warning(
+                "%s.prompts: the %s columns trained without a prompt, but the model adds its %r prompt %r to every "
+                "%s it encodes, and so will the trained model; give the %s columns that prompt to train as it is used",
+                where,
+                role,
+                own,
+                loaded.prompts[own],
+                role,
+                role,
+            )
     return kept
 
 
