@@ -123,3 +123,20 @@ def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_pat
     path.write_text('{"id": "2020-01-01", "n": 1}\n{"id": 7, "n": 2}\n')
     with pytest.raises(DataError, match="dated.jsonl"):
         [read_shard(s, ["id"]) for s in plan_shards(open_source(str(path)), 100_000)]
+
+
+def test_csv_strings_shaped_like_dates_stay_strings_in_streams_and_whole_reads(tmp_path, monkeypatch):
+    """A csv stream (training's reader) is typed by its first block: date-shaped ids there made a
+    date32 column, and a later id that is no date failed the read; a file of dates alone read
+    whole came back as dates. Shards read the configured columns as text already."""
+    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)
+    ids = [f"2020-01-{i % 28 + 1:02d}" for i in range(500)] + ["doc-x"]
+    path = tmp_path / "dated.csv"
+    path.write_text("id,n\n" + "".join(f"{a},{i}\n" for i, a in enumerate(ids)))
+    schema, pieces = list_pieces(path, "csv")
+    table = read_piece(pieces[0], ["id", "n"])
+    assert table.column("id").to_pylist() == ids and table.column("n").to_pylist() == list(range(501))
+    only = tmp_path / "only.csv"
+    only.write_text("id\n" + "".join(f"{a}\n" for a in ids[:5]))
+    assert formats.get("csv").read_all(str(only)).column("id").to_pylist() == ids[:5]
+    assert formats.get("csv").read_all(str(path)).column("n").to_pylist() == list(range(501))

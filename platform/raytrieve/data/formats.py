@@ -261,6 +261,12 @@ class LineFormat(InputFormat):
             yield batch.select(columns)
 
 
+def _dated(schema: pa.Schema) -> list[str]:
+    """The columns a reader typed as dates, times or timestamps: in JSON and csv such values are
+    strings that look like dates, and ids or titles can."""
+    return [f.name for f in schema if pa.types.is_temporal(f.type)]
+
+
 def _as_strings(schema: pa.Schema) -> Any:
     """pyarrow.json's parse options that read back as strings the columns it read as
     timestamps, or None where it read none. JSON has no timestamp type: pyarrow infers one for
@@ -269,7 +275,7 @@ def _as_strings(schema: pa.Schema) -> Any:
     column failed the read."""
     import pyarrow.json as pj
 
-    dated = [pa.field(f.name, pa.string()) for f in schema if pa.types.is_timestamp(f.type)]
+    dated = [pa.field(name, pa.string()) for name in _dated(schema)]
     return pj.ParseOptions(explicit_schema=pa.schema(dated), unexpected_field_behavior="infer") if dated else None
 
 
@@ -412,15 +418,29 @@ class CsvFormat(LineFormat):
         head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
         return self.parse(head.split(b"\n")[0] + b"\n", b"").schema
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
         import pyarrow.csv as pc
 
         return pc.open_csv(
             source,
             read_options=pc.ReadOptions(block_size=STREAM_BLOCK),
             parse_options=pc.ParseOptions(delimiter=self.delimiter),
-            convert_options=pc.ConvertOptions(include_columns=list(columns) if columns else None),
+            convert_options=pc.ConvertOptions(
+                include_columns=list(columns) if columns else None, column_types={c: pa.string() for c in strings}
+            ),
         )
+
+    def stream(self, location: str, columns: list[str] | None) -> Any:
+        # Typed by its first block, a column of date-shaped strings there is a date32 column,
+        # and a later value that is no date fails the read: such columns are read as strings
+        # (pyarrow's reader of a whole shard gets the configured columns as text, in parse).
+        reader = super().stream(location, columns)
+        dated = [] if reader is None else _dated(reader.schema)
+        if reader is None or not dated:
+            return reader
+        reader.close()
+        fs, path = resolve(location)
+        return self.open_stream(fs.open_input_stream(path), columns, dated)
 
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.csv as pc
@@ -428,8 +448,18 @@ class CsvFormat(LineFormat):
         fs, path = whole_file(location)
         if not fs.get_file_info(path).size:
             return pa.table({})
-        with fs.open_input_stream(path) as f:
-            return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=self.delimiter))
+
+        def read(strings: Sequence[str] = ()) -> pa.Table:
+            with fs.open_input_stream(path) as f:
+                return pc.read_csv(
+                    f,
+                    parse_options=pc.ParseOptions(delimiter=self.delimiter),
+                    convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in strings}),
+                )
+
+        table = read()  # one read unifies its blocks' types: a later value that is no date makes strings
+        dated = _dated(table.schema)
+        return read(dated) if dated else table
 
 
 # The table: format name -> format, in the order folders are matched by suffix.
