@@ -100,9 +100,12 @@ def test_bad_inputs(tiny_dense, tiny_dirs):
 def test_misused_library_calls_get_input_errors_that_say_what_to_pass(tiny_dense, tiny_dirs, tmp_path):
     """Each raised a bare TypeError, KeyError, AttributeError or torch RuntimeError, or silently
     did something else (a dict's keys encoded, a string ranked as its characters)."""
-    for bad in (None, 5):
-        with pytest.raises(InputError, match=rf"DenseEncoder: model must be a model folder, .* or a list of modules; "
-                                             rf"got {type(bad).__name__}"):
+    from sentence_transformers import SentenceTransformer
+
+    theirs = SentenceTransformer(str(tiny_dirs["base"]), device="cpu")  # an nn.Sequential of its own modules
+    for bad in (None, 5, theirs):
+        with pytest.raises(InputError, match=rf"DenseEncoder: model must be a model folder, .* or a list of raytrieve "
+                                             rf"modules; got {type(bad).__name__}"):
             DenseEncoder(bad)
     for bad in ({"a": 1}, {"a"}):
         with pytest.raises(InputError, match=rf"sentences must be a string or a list of strings, got "

@@ -965,8 +965,9 @@ def test_several_models_of_a_kind_are_stages_of_their_own_and_fuse_by_kind_weigh
         ("dense:models:/bge/2", "dense"),
         ("sparse", "sparse"),
     ]
-    secret = run.Models(dense=["s3://KEY:SECRET@b1/x/model", "s3://KEY:SECRET@b2/y/model"]).first_stages()
-    assert [s.name for s in secret] == ["dense:x/model", "dense:y/model"]  # a URI's path: no keys in the report
+    secret = run.Models(dense=["s3://KEY:SECRET@b1/model", "s3://KEY:SECRET@b2/model", "s3://KEY:SECRET@b3",
+                               "out/a/model"]).first_stages()  # a URI's bucket and path: no keys in the report
+    assert [s.name for s in secret] == ["dense:b1/model", "dense:b2/model", "dense:b3", "dense:a/model"]
     named = run.Models(sparse=["out/splade/model", "out/router/model", "out/router/model", "x/y"]).first_stages()
     assert [s.name for s in named] == ["sparse:splade/model", "sparse:router/model", "sparse:router/model#3",
                                        "sparse:x/y"]

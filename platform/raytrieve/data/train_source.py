@@ -107,8 +107,12 @@ def iter_piece(piece: Piece, columns: Sequence[str]) -> Iterator[pa.RecordBatch]
             "every file of the folder needs the same columns (fix or move that file)"
         ) from None
     except pa.ArrowInvalid as e:
-        # A stream's types are its first block's: a column whose values change type later fails.
-        fix = f"check the file (a {piece.fmt} file whose values change type between lines: convert it to parquet)"
+        # A text stream's types are its first block's: a column whose values change type later fails.
+        fix = "check the file" + (
+            f" (a {piece.fmt} file whose values change type between lines: convert it to parquet)"
+            if piece.fmt in ("jsonl", "csv")
+            else ""
+        )
         raise formats.cannot_read(piece.path, piece.fmt, _bad_line(piece.fmt, [piece.path]) or e, fix) from None
     except OSError as e:  # not found, no access, no network; or a damaged file
         raise formats.cannot_read(piece.path, piece.fmt, e, REACH_FIX) from None

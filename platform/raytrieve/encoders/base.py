@@ -65,10 +65,12 @@ class Encoder(nn.Module):
         else:
             # Any iterable of modules (a list, nn.Sequential, nn.ModuleList, a generator).
             modules = list(model) if isinstance(model, Iterable) and not isinstance(model, (bytes, Mapping)) else None
-            if modules is None or not all(isinstance(m, nn.Module) for m in modules):
+            # raytrieve's modules (the stack's contract; a sentence-transformers model object holds its own)
+            if modules is None or not all(isinstance(m, Module) for m in modules):
                 raise InputError(
                     f"{type(self).__name__}: model must be a model folder, a shipped variant's name, an MLflow "
-                    f"model URI (models:/NAME/VERSION) or a list of modules; got {type(model).__name__}"
+                    f"model URI (models:/NAME/VERSION) or a list of raytrieve modules; got {type(model).__name__} "
+                    "(a sentence-transformers model: save it and pass its folder)"
                 )
             if not modules:
                 raise InputError(f"{type(self).__name__} needs at least one module")

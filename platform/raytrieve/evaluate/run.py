@@ -58,19 +58,14 @@ class Models:
     reranker: str | None = None
 
     def first_stages(self) -> list[FirstStage]:
-        from raytrieve.model_ref import is_model_uri, is_store_uri
+        from raytrieve.model_ref import is_model_uri
 
         out: list[FirstStage] = []
         for kind, refs in (("dense", self.dense), ("sparse", self.sparse)):
-            # A folder by its name (a store URI's path's, without its keys or bucket), and by as many
+            # A folder by its name (a store URI's bucket and path, without its keys), and by as many
             # folders above it as tell the kind's models apart (training saves every model in a
             # folder named "model": out/splade/model, out/router/model).
-            parts = [
-                (ref,)
-                if is_model_uri(ref)
-                else Path(urlparse(ref).path if is_store_uri(ref) else ref).parts or (ref,)  # a URI: no keys, no host
-                for ref in refs
-            ]
+            parts = [_name_parts(ref) if not is_model_uri(ref) else (ref,) for ref in refs]
             distinct, depth = list(dict.fromkeys(parts)), 1
             for depth in range(1, max((len(p) for p in distinct), default=1) + 1):
                 if len({p[-depth:] for p in distinct}) == len(distinct):
@@ -81,6 +76,16 @@ class Models:
                     name = f"{name}#{i + 1}"
                 out.append(FirstStage(name, kind, ref))
         return out
+
+
+def _name_parts(ref: str) -> tuple[str, ...]:
+    """A folder's path parts, a store URI's bucket (its host, less any keys) and path parts."""
+    from raytrieve.model_ref import is_store_uri
+
+    if not is_store_uri(ref):
+        return Path(ref).parts or (ref,)
+    url = urlparse(ref)
+    return (url.netloc.rpartition("@")[2], *(p for p in Path(url.path).parts if p != "/"))
 
 
 def planned_stages(models: Models, tuned: bool) -> list[str]:

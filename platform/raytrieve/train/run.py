@@ -222,11 +222,13 @@ def _trained_prompts(
 
     if not model_kind(cfg.model.kind).tokenized_rows:  # a cross-encoder
         return {}
+    router = bool(loaded.first_module.routes())  # a Router trains one column through its query route only
     by_role: dict[str, set[str | None]] = {}
     for d, columns, given in zip(cfg.datasets, text_columns, prompts):
         routes = column_routes(d)
         for c, p in zip(columns, given):
-            roles = ("query", "document") if len(columns) == 1 and not d.router_mapping else (routes[c] or "document",)
+            both = len(columns) == 1 and not d.router_mapping and not router
+            roles = ("query", "document") if both else (routes[c] or "document",)
             for role in roles:
                 by_role.setdefault(role, set()).add(p)
     kept: dict[str, str] = {}
