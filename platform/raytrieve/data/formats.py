@@ -222,19 +222,30 @@ class LineFormat(InputFormat):
     def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
         raise NotImplementedError
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
-        """A streaming reader (``.schema``, iterates record batches) over a whole open file."""
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
+        """A streaming reader (``.schema``, iterates record batches) over a whole open file, the
+        ``strings`` columns read as text whatever their values look like."""
         raise NotImplementedError
 
     def stream(self, location: str, columns: list[str] | None) -> Any:
         """``open_stream`` over the file at ``location`` (a local path or URI), or None when it is
         empty. The reader owns the file: its read-ahead may still be reading when a caller
-        stops early, so the file closes with the reader, never under it."""
+        stops early, so the file closes with the reader, never under it. A stream is typed by
+        its first block: a column of date-shaped strings there (ids like "2020-01-01") would be
+        dates, and a later value that is no date would fail the read; such columns are opened
+        again as text."""
         fs, path = resolve(location)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{location}: not found")
-        return self.open_stream(fs.open_input_stream(path), columns) if info.size else None  # decompressed by suffix
+        if not info.size:
+            return None
+        reader = self.open_stream(fs.open_input_stream(path), columns)  # decompressed by suffix
+        dated = _dated(reader.schema)
+        if not dated:
+            return reader
+        reader.close()
+        return self.open_stream(fs.open_input_stream(path), columns, dated)
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         return self.parse(lines_in_range(fs, path, start, stop), b"", columns)
@@ -267,30 +278,22 @@ def _dated(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_temporal(f.type)]
 
 
-def _as_strings(schema: pa.Schema) -> Any:
-    """pyarrow.json's parse options that read back as strings the columns it read as
-    timestamps, or None where it read none. JSON has no timestamp type: pyarrow infers one for
-    strings shaped like dates ("2020-01-01"), so ids or titles that look like dates came back
-    as timestamps, and in a stream (typed by its first block) a later non-date string in the
-    column failed the read."""
+def _dates_as_text(read: Callable[[Sequence[str]], pa.Table]) -> pa.Table:
+    """``read(strings)``'s table: a whole read (one read unifies its blocks' types), read again
+    with the ``strings`` columns as text where it typed some as dates (a file of date-shaped
+    ids alone)."""
+    table = read(())
+    dated = _dated(table.schema)
+    return read(dated) if dated else table
+
+
+def _json_options(strings: Sequence[str]) -> Any:
+    """pyarrow.json's parse options reading the ``strings`` columns as text (JSON has no date
+    type: pyarrow infers timestamps from strings shaped like dates)."""
     import pyarrow.json as pj
 
-    dated = [pa.field(name, pa.string()) for name in _dated(schema)]
-    return pj.ParseOptions(explicit_schema=pa.schema(dated), unexpected_field_behavior="infer") if dated else None
-
-
-def _read_json(source: Callable[[], Any]) -> pa.Table:
-    """The JSON lines ``source()`` opens, read whole (one read unifies its blocks' types), and
-    read again with date-shaped strings as strings where pyarrow made any timestamps."""
-    import pyarrow.json as pj
-
-    with source() as f:
-        table = pj.read_json(f)
-    options = _as_strings(table.schema)
-    if options is None:
-        return table
-    with source() as f:
-        return pj.read_json(f, parse_options=options)
+    schema = pa.schema([pa.field(name, pa.string()) for name in strings])
+    return pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
 
 
 class JsonlFormat(LineFormat):
@@ -299,26 +302,18 @@ class JsonlFormat(LineFormat):
 
     def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
 
+        import pyarrow.json as pj
+
         if not body.strip():
             return pa.table({})
-        return _read_json(lambda: io.BytesIO(body))
+        return _dates_as_text(lambda strings: pj.read_json(io.BytesIO(body), parse_options=_json_options(strings)))
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
         import pyarrow.json as pj
 
-        return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK))
-
-    def stream(self, location: str, columns: list[str] | None) -> Any:
-        import pyarrow.json as pj
-
-        reader = super().stream(location, columns)
-        options = None if reader is None else _as_strings(reader.schema)
-        if reader is None or options is None:
-            return reader
-        reader.close()  # its schema came from the first block: open again with those columns as strings
-        fs, path = resolve(location)
-        source = fs.open_input_stream(path)
-        return pj.open_json(source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK), parse_options=options)
+        return pj.open_json(
+            source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK), parse_options=_json_options(strings)
+        )
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         body = lines_in_range(fs, path, start, stop)
@@ -330,11 +325,17 @@ class JsonlFormat(LineFormat):
             raise pa.ArrowInvalid(where or str(e)) from None
 
     def read_all(self, location: str) -> pa.Table:
+        import pyarrow.json as pj
+
         fs, path = whole_file(location)
         if not fs.get_file_info(path).size:
             return pa.table({})
-        # Decompressed by the name's suffix, as pyarrow's own reader does.
-        return _read_json(lambda: fs.open_input_stream(path))
+
+        def read(strings: Sequence[str]) -> pa.Table:
+            with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
+                return pj.read_json(f, parse_options=_json_options(strings))
+
+        return _dates_as_text(read)
 
 
 # How far into a file an error's line is numbered (the bytes before it are read to count lines);
@@ -430,18 +431,6 @@ class CsvFormat(LineFormat):
             ),
         )
 
-    def stream(self, location: str, columns: list[str] | None) -> Any:
-        # Typed by its first block, a column of date-shaped strings there is a date32 column,
-        # and a later value that is no date fails the read: such columns are read as strings
-        # (pyarrow's reader of a whole shard gets the configured columns as text, in parse).
-        reader = super().stream(location, columns)
-        dated = [] if reader is None else _dated(reader.schema)
-        if reader is None or not dated:
-            return reader
-        reader.close()
-        fs, path = resolve(location)
-        return self.open_stream(fs.open_input_stream(path), columns, dated)
-
     def read_all(self, location: str) -> pa.Table:
         import pyarrow.csv as pc
 
@@ -449,7 +438,7 @@ class CsvFormat(LineFormat):
         if not fs.get_file_info(path).size:
             return pa.table({})
 
-        def read(strings: Sequence[str] = ()) -> pa.Table:
+        def read(strings: Sequence[str]) -> pa.Table:
             with fs.open_input_stream(path) as f:
                 return pc.read_csv(
                     f,
@@ -457,9 +446,7 @@ class CsvFormat(LineFormat):
                     convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in strings}),
                 )
 
-        table = read()  # one read unifies its blocks' types: a later value that is no date makes strings
-        dated = _dated(table.schema)
-        return read(dated) if dated else table
+        return _dates_as_text(read)
 
 
 # The table: format name -> format, in the order folders are matched by suffix.

@@ -202,13 +202,18 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
-        model_prompts=_trained_prompts(cfg, text_columns, prompts, encoder, where),
+        model_prompts=_trained_prompts(cfg, text_columns, prompts, encoder, has_router, where),
     )
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
 def _trained_prompts(
-    cfg: TrainConfig, text_columns: list[list[str]], prompts: list[list[str | None]], loaded: Any, where: str
+    cfg: TrainConfig,
+    text_columns: list[list[str]],
+    prompts: list[list[str | None]],
+    loaded: Any,
+    has_router: bool,
+    where: str,
 ) -> dict[str, str]:
     """The prompt each role ("query": a dataset's first column or its router_mapping's, else
     "document"; a one-column dataset's texts are both) trained with, where every column of that
@@ -222,12 +227,12 @@ def _trained_prompts(
 
     if not model_kind(cfg.model.kind).tokenized_rows:  # a cross-encoder
         return {}
-    router = bool(loaded.first_module.routes())  # a Router trains one column through its query route only
     by_role: dict[str, set[str | None]] = {}
     for d, columns, given in zip(cfg.datasets, text_columns, prompts):
         routes = column_routes(d)
         for c, p in zip(columns, given):
-            both = len(columns) == 1 and not d.router_mapping and not router
+            # a Router trains a one-column dataset through its query route only
+            both = len(columns) == 1 and not d.router_mapping and not has_router
             roles = ("query", "document") if both else (routes[c] or "document",)
             for role in roles:
                 by_role.setdefault(role, set()).add(p)
