@@ -243,6 +243,37 @@ def test_pydocs_packages_scanned_in_parallel_equal_one_process():
     assert pydocs.scan_packages(packages, workers=2) == {p: pydocs.package_pairs(p) for p in packages}
 
 
+def test_pydocs_summary_is_the_first_sentence_however_it_wraps():
+    """The query is a docstring's first sentence: the first physical line cut wrapped summaries
+    mid-sentence and opened the document with the rest of the sentence."""
+    wrapped = """Return a copy of each string element where all tab characters are
+    replaced by one or more spaces.
+
+    Parameters
+    ----------
+    tabsize : int"""
+    assert pydocs.split_summary(wrapped) == (
+        "Return a copy of each string element where all tab characters are replaced by one or more spaces.",
+        "Parameters ---------- tabsize : int",
+    )
+    # The first sentence ends mid-paragraph; "e.g. the" does not end it.
+    assert pydocs.split_summary("Sum the values, e.g. the\ncounts. Then more.\n\nNotes here.") == (
+        "Sum the values, e.g. the counts.",
+        "Then more. Notes here.",
+    )
+    # A paragraph without an end is the summary whole; one line ending in a period is PEP 257's.
+    assert pydocs.split_summary("Show what NumPy was built\nwith and is using\n\nMore.") == (
+        "Show what NumPy was built with and is using",
+        "More.",
+    )
+    assert pydocs.split_summary("Do it.\nDetails follow here.") == ("Do it.", "Details follow here.")
+    # A first paragraph that is the object's signature gives way to the next.
+    signature = "chararray(shape, itemsize=1,\n    order=None)\n\nProvides a view on arrays. Then more."
+    assert pydocs.split_summary(signature, "chararray") == ("Provides a view on arrays.", "Then more.")
+    assert pydocs.split_summary(" ".join(["word"] * 65)) is None
+    assert pydocs.split_summary("chararray(x)", "chararray") is None
+
+
 def test_pydocs_limit_is_the_first_pairs_of_the_whole_scan():
     whole = pydocs.package_pairs("tqdm")
     assert len(whole) > 30
