@@ -72,6 +72,13 @@ def test_yaml_with_overrides(tmp_path):
     cfg = load_yaml(Outer, path, ["inner.lr=2e-5", "steps=10"])
     assert cfg.inner.lr == 2e-5 and cfg.steps == 10 and cfg.name == "base"
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    # Text that YAML would read as a block mapping or list stays text (the e5 prompt "query: "
+    # became {"query": None}); scalars and flow collections are YAML's.
+    got = parse_overrides(["p.q=query: ", "p.d=passage: x", "l=- a", "t=a: b: c", "n=null", "f=[1, {a: 2}]", "e="])
+    assert got == {"p": {"q": "query: ", "d": "passage: x"}, "l": "- a", "t": "a: b: c", "n": None,
+                   "f": [1, {"a": 2}], "e": ""}
+    with pytest.raises(ConfigError, match=r"^override 'f=\[1, 2': the value is not a YAML list or mapping \("):
+        parse_overrides(["f=[1, 2"])
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_overrides(["novalue"])
     with pytest.raises(ConfigError, match=f"{path.name}.name"):

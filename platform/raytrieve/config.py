@@ -276,8 +276,8 @@ def _blame_override(message: str, where: str, overrides: Sequence[str]) -> str:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "model.name=x"]`` -> nested dict, values parsed as YAML scalars."""
-    import yaml
+    """``["train.lr=1e-4", "model.name=x"]`` -> nested dict, values as ``_override_value``
+    reads them (YAML scalars and flow collections, other text as written)."""
 
     out: dict[str, Any] = {}
     for item in overrides:
@@ -286,7 +286,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw else ""
+        value = _override_value(item, raw)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -295,6 +295,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
         node[parts[-1]] = value
     return out
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """An override's value: a YAML scalar (``1e-4``, ``true``, ``null``) or flow collection
+    (``[1, 2]``, ``{a: 1}``); any other text as written. ``prompts.query=query: `` sets the
+    e5 prompt "query: ", where YAML alone read ``{"query": None}``; ``x=- a`` is "- a"."""
+    import yaml
+
+    if not raw:
+        return ""
+    collection = raw.lstrip().startswith(("[", "{"))
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        if not collection:
+            return raw  # "a: b: c", "%x": not YAML, but text
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not a YAML list or mapping ({problem})") from None
+    return raw if isinstance(value, (dict, list)) and not collection else value
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
