@@ -67,13 +67,18 @@ def _positives(pairs_file) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
-def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_path):
+def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+
     from raytrieve.encoders import DenseEncoder
     from raytrieve.inference.mine import run_mine
 
-    cfg = _cfg(pairs_file, tmp_path, output_format="n-tuple-scores", **positives_vectors,
+    pairs = shutil.copy(pairs_file, tmp_path / "pairs.parquet")  # rewritten below
+    cfg = _cfg(pairs, tmp_path, output_format="n-tuple-scores", **positives_vectors,
                selection={"num_negatives": 3, "range_max": 20, "absolute_margin": 0.05})
     result = run_mine(cfg)
+    _rerun_changes_nothing(cfg, result, monkeypatch, caplog)
     assert result.positives_not_in_corpus == 0  # the corpus is the pairs' positives
     # The candidates' index was built on disk beside the output, and removed once mined.
     assert not Path(f"{cfg.output_path}.work").exists()
@@ -93,6 +98,35 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
         np.testing.assert_allclose(table["score"][i], recomputed, atol=1e-4)
         assert all(s <= recomputed[0] - 0.05 + 1e-6 for s in recomputed[1:])
         assert list(recomputed[1:]) == sorted(recomputed[1:], reverse=True)  # "top": best first
+
+    # Other pairs at the same path, or another setting: mined again.
+    source = pq.read_table(pairs)
+    pq.write_table(source.slice(0, source.num_rows - 1), pairs)
+    with caplog.at_level(logging.INFO, logger="raytrieve.mine"):
+        assert run_mine(cfg).pairs == result.pairs - 1
+        fewer = cfg.model_copy(update={"selection": cfg.selection.model_copy(update={"num_negatives": 2})})
+        assert run_mine(fewer).negatives == 2 * pq.read_metadata(cfg.output_path).num_rows
+    assert "nothing to do" not in caplog.text
+    assert list(pq.read_table(cfg.output_path).column_names)[2:] == ["negative_1", "negative_2", "score"]
+
+
+def _rerun_changes_nothing(cfg, result, monkeypatch, caplog):
+    """A rerun with nothing changed says so, leaves the output as it was and gives the first
+    run's result; with corpus_vectors given it knows before Ray (it redid the candidates, the
+    rerank and the write)."""
+    import logging
+
+    from raytrieve import ray_cluster
+    from raytrieve.inference.mine import run_mine
+
+    written = Path(cfg.output_path).stat().st_mtime_ns
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="raytrieve.mine"):
+        if cfg.corpus_vectors:
+            m.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started for nothing to do"))
+        assert run_mine(cfg) == result
+    assert Path(cfg.output_path).stat().st_mtime_ns == written
+    assert f"{cfg.output_path}: already mined from these pairs, corpus vectors, models and settings " in caplog.text
+    caplog.clear()
 
 
 def _truncated_copy(vectors_dir: str, out: Path, dim: int) -> Path:
@@ -233,13 +267,14 @@ def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_fil
 
 
 @pytest.mark.slow
-def test_sparse_labeled_list_random(ray_cluster, pairs_file, tmp_path):
+def test_sparse_labeled_list_random(ray_cluster, pairs_file, tmp_path, monkeypatch, caplog):
     from raytrieve.inference.mine import run_mine
 
     cfg = _cfg(pairs_file, tmp_path, output_format="labeled-list",
                retriever={"model": "splade-tiny", "kind": "sparse", "max_seq_length": 128},
                selection={"num_negatives": 4, "range_min": 1, "range_max": 15, "sampling_strategy": "random"})
     result = run_mine(cfg)
+    _rerun_changes_nothing(cfg, result, monkeypatch, caplog)  # the encoding job finds its vectors complete
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "documents", "labels"] and len(table["query"]) == result.pairs
     positives = _positives(pairs_file)

@@ -21,6 +21,8 @@ The pairs file and the output are read and written by the driver: they are outpu
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -45,6 +47,9 @@ from raytrieve.inference.lookup import EncodedCorpus, fetch_texts, score_rows
 
 log = logging.getLogger("raytrieve.mine")
 MINE = "raytrieve mine"  # the mark its output file carries (a rerun replaces only such a file)
+# The output's schema metadata under this key: what it was mined from (``_inputs_key``) and the
+# result, so that a rerun with nothing changed says so instead of mining again.
+MINED_FROM = b"raytrieve.mined_from"
 
 
 @dataclass
@@ -170,6 +175,35 @@ def check_corpus_vectors(
         )
 
 
+def _inputs_key(
+    settings: dict[str, Any], queries: list[str], positives: list[str], models: dict[str, str], vectors_dir: str
+) -> str:
+    """What the output is a function of: the settings (``settings``: the config less its output
+    path, compute and corpus_vectors' path), the pairs' texts in order, the models' files
+    (``model_ref.files_key``: their content) and the corpus vectors (their manifest: each
+    shard's input checksum and vectors' sha256, the encoding settings)."""
+    from raytrieve.inference.shards import read_manifest
+
+    vectors = {k: v for k, v in read_manifest(vectors_dir).to_json().items() if k != "created"}
+    pairs = hashlib.sha256(text_hashes(queries).tobytes() + b"|" + text_hashes(positives).tobytes()).hexdigest()
+    body = {"settings": settings, "pairs": [len(queries), pairs], "models": models, "vectors": vectors}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _earlier_result(output_path: str, key: str) -> MineResult | None:
+    """The result recorded in an earlier output mined from the same inputs (``key``), or None."""
+    import pyarrow.parquet as pq
+
+    out = Path(output_path)
+    if not out.is_file():
+        return None
+    try:
+        recorded = json.loads((pq.read_schema(out).metadata or {}).get(MINED_FROM, b"{}"))
+        return MineResult(**recorded["result"]) if recorded.get("key") == key else None
+    except Exception:  # an older version's output, a damaged footer: mined again (check_output_file passed it)
+        return None
+
+
 def select_negatives(
     candidates: list[int], scores: np.ndarray, positive_score: float, s: SelectionConfig, rng: np.random.Generator
 ) -> list[int]:
@@ -200,12 +234,14 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     from raytrieve.inference.shards import read_text_hashes
 
     cfg.check(where)
+    # Before the encoding job, which may point corpus.path at its staged copy.
+    settings = cfg.model_dump(mode="json", exclude={"output_path", "compute", "corpus_vectors"})
     inputs = (cfg.pairs.path, *([cfg.corpus.path] if cfg.corpus is not None else []))
     _io.check_output_file(cfg.output_path, MINE, f"{where}.output_path", inputs)
     queries, positives = read_pairs(cfg)
     from raytrieve.encoders import load_encoder
     from raytrieve.kinds import CROSS, refuse_other_kind, saved_kind
-    from raytrieve.model_ref import check_max_seq_length, resolve_field
+    from raytrieve.model_ref import check_max_seq_length, files_key, resolve_field
 
     r = cfg.retriever  # the models are checked, and the retriever loaded, before any Ray work
     # Another kind would load as this one: meaningless negatives, or a Ray actor failing after the encoding.
@@ -219,11 +255,13 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     )
     refuse_other_kind(path, r.kind, f"{field}: {redact(r.model)}", fix)
     check_max_seq_length(path, r.max_seq_length, f"{where}.retriever.max_seq_length")  # the model names no key
+    models = {"retriever": files_key(r.model, path)}
     if cfg.reranker is not None:
         field = f"{where}.reranker.model"
         reranker = resolve_field(cfg.reranker.model, field)
         refuse_other_kind(reranker, "reranker", f"{field}: {redact(cfg.reranker.model)}", "name a cross-encoder")
         check_max_seq_length(reranker, cfg.reranker.max_seq_length, f"{where}.reranker.max_seq_length")
+        models["reranker"] = files_key(cfg.reranker.model, reranker)
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )
@@ -233,6 +271,11 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     if cfg.corpus_vectors:
         document_prompt = model.resolve_prompt(None, model.prompt_name_for("document"))
         check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where, document_prompt)
+        earlier = _earlier_result(
+            cfg.output_path, _inputs_key(settings, queries, positives, models, cfg.corpus_vectors)
+        )
+        if earlier is not None:  # known before Ray starts
+            return _nothing_to_do(earlier)
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
@@ -242,6 +285,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
     vectors_dir = _corpus_vectors(cfg, positives, ray_address, where)
     shown = redact(vectors_dir)  # for messages: without a URI's keys
+    # Encoded now (or found complete): without corpus_vectors, the vectors are known only here.
+    key = _inputs_key(settings, queries, positives, models, vectors_dir)
+    earlier = _earlier_result(cfg.output_path, key)
+    if earlier is not None:
+        phases.close()
+        return _nothing_to_do(earlier)
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
@@ -371,9 +420,16 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         encoded, corpus_ids, hashes, np.array([r for picked, _ in chosen for r in picked], dtype=np.int64)
     )
     table, dropped = _format(cfg.output_format, queries, positives, pos_scores, chosen, texts, s.num_negatives)
-
+    short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
+    # Negatives written: a fixed-width format leaves out the pairs that got fewer, and theirs.
+    written = cfg.output_format.startswith("n-tuple")
+    negatives = table.num_rows * s.num_negatives if written else sum(len(p) for p, _ in chosen)
     out = Path(cfg.output_path)
+    result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(corpus_ids), missing)
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    recorded = json.dumps({"key": key, "result": asdict(result)}).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), MINED_FROM: recorded})
     with _io.atomic_file(out) as tmp:
         pq.write_table(_io.mark_written_by(table, MINE), tmp)
     phases.update(1, finished=f"negatives written to {out}")
@@ -383,11 +439,6 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     shutil.rmtree(index_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the work folder, if the index was all it held
         index_dir.parent.rmdir()
-    short = sum(1 for picked, _ in chosen if len(picked) < s.num_negatives)
-    # Negatives written: a fixed-width format leaves out the pairs that got fewer, and theirs.
-    written = cfg.output_format.startswith("n-tuple")
-    negatives = table.num_rows * s.num_negatives if written else sum(len(p) for p, _ in chosen)
-    result = MineResult(str(out), len(queries), table.num_rows, negatives, short, dropped, len(corpus_ids), missing)
     if short:
         log.warning(
             "%d of %d pairs got fewer than %d negatives (filters too strict or the corpus too small)",
@@ -397,6 +448,15 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         )
     log.info("mined %s", asdict(result))
     return result
+
+
+def _nothing_to_do(earlier: MineResult) -> MineResult:
+    log.info(
+        "%s: already mined from these pairs, corpus vectors, models and settings (%d rows); nothing to do",
+        earlier.output_path,
+        earlier.rows,
+    )
+    return earlier
 
 
 def _sparse_dot(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
