@@ -82,6 +82,15 @@ def test_encoder_constructor_takes_a_registered_model(store, tmp_path):
     )
 
 
+def test_a_download_draws_no_bar_where_stderr_is_no_terminal(store, monkeypatch, capfd):
+    """MLflow's per-file download bars are drawn on a terminal only, as raytrieve's own: in a
+    job's log or a piped console (evaluate's) they were noise between its lines."""
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    assert resolve_model("models:/tiny-dense/2").is_dir()
+    err = capfd.readouterr().err
+    assert "Downloading artifacts" not in err and "%|" not in err, err
+
+
 def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
     from raytrieve.tracking import mlflow_run
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,6 +137,10 @@ def _download(uri: str, store: str, target: Path, unchanged: Callable[[], None] 
     download and before ``target`` is written, where what ``target`` is keyed by changed meanwhile."""
     import mlflow.artifacts
 
+    from raytrieve.progress import interactive
+
+    if not interactive():  # MLflow's per-file bars in a log are noise: on a terminal only, as raytrieve's own
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with atomic_directory(target) as tmp:
         mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store)
         inner = list(tmp.iterdir())
