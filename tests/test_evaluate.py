@@ -594,6 +594,19 @@ def first_run(pydocs_beir, tmp_path_factory) -> tuple[dict, Path]:
     return _evaluate(args), out
 
 
+def test_compare_names_the_dtypes_of_paired_stages_only():
+    """dtypes_used is keyed by stage; stages pair by name, so a stage only one run has (or had
+    under another name) is no difference; an explicit dtype computed alike is none either."""
+    from raytrieve.evaluate.report import run_differences
+
+    f32, bf16 = {"documents": ["float32"], "queries": ["float32"]}, {"documents": ["bfloat16"], "queries": ["float32"]}
+    before = {"settings": {"dtype": "auto", "dtypes_used": {"dense": f32, "sparse:model": f32}}}
+    now = {"settings": {"dtype": "float32", "dtypes_used": {"dense": f32, "sparse:splade/model": f32}}}
+    assert run_differences(now, before) == {}
+    now["settings"]["dtypes_used"]["dense"] = bf16
+    assert sorted(run_differences(now, before)) == ["settings.dtype", "settings.dtypes_used"]
+
+
 def test_evaluate_every_stage_then_an_index_run_compared(first_run, pydocs_beir, tmp_path, minilm_dir):
     first, first_out = first_run
     common = ["--data", str(pydocs_beir), *COMMON]

@@ -226,8 +226,14 @@ def run_differences(report: Mapping[str, Any], previous: Mapping[str, Any]) -> d
     out = {
         key: {"previous": there[key], "current": here[key]} for key in here if key in there and here[key] != there[key]
     }
-    if "settings.dtypes_used" in here and "settings.dtypes_used" in there and "settings.dtypes_used" not in out:
-        out.pop("settings.dtype", None)  # asked differently (auto, float32), computed alike
+    used_here, used_there = here.get("settings.dtypes_used"), there.get("settings.dtypes_used")
+    if isinstance(used_here, Mapping) and isinstance(used_there, Mapping):
+        # Keyed by stage, and only stages of one name are paired: one run's other stages (or
+        # another naming of them) are no difference in what a paired delta measured.
+        both = used_here.keys() & used_there.keys()
+        if all(used_here[s] == used_there[s] for s in both):
+            out.pop("settings.dtypes_used", None)
+            out.pop("settings.dtype", None)  # asked differently (auto, float32), computed alike
     return out
 
 
