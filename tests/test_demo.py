@@ -272,6 +272,22 @@ def test_pydocs_summary_is_the_first_sentence_however_it_wraps():
     assert pydocs.split_summary(signature, "chararray") == ("Provides a view on arrays.", "Then more.")
     assert pydocs.split_summary(" ".join(["word"] * 65)) is None
     assert pydocs.split_summary("chararray(x)", "chararray") is None
+    # The summary ends where the structure begins: a Google section, a reST field or directive, a
+    # doctest, a numpydoc section (a header over its underline); a docstring opening with one has none.
+    assert pydocs.split_summary("Compute foo\nArgs:\n    x (int): The value.") == ("Compute foo", "Args: x (int): The value.")
+    assert pydocs.split_summary("Compute foo\n:param x: the value") == ("Compute foo", ":param x: the value")
+    assert pydocs.split_summary("Compute foo\n>>> foo(1)") == ("Compute foo", ">>> foo(1)")
+    assert pydocs.split_summary("Compute foo\nReturns\n-------\nint") == ("Compute foo", "Returns ------- int")
+    for opening in ("Parameters\n----------\nx : int\n    The input.", ".. deprecated:: 2.0\n    Use bar instead.",
+                    "Args:\n    x: the value of it all", "mask (`Tensor` of shape `(n,)`, *optional*):\n    Mask to avoid it."):
+        assert pydocs.split_summary(opening) is None, opening
+    # Abbreviations and closing quotes or brackets.
+    assert pydocs.split_summary("Cast the array, e.g. `float32` to `int8`. More.")[0] == (
+        "Cast the array, e.g. `float32` to `int8`.")
+    assert pydocs.split_summary('Set the mode to "fast." Then more.') == ('Set the mode to "fast."', "Then more.")
+    # A paragraph that only starts with the name is prose, not a signature.
+    assert pydocs.split_summary("Dataset (a table of rows) is the main class.", "Dataset")[0] == (
+        "Dataset (a table of rows) is the main class.")
 
 
 def test_pydocs_limit_is_the_first_pairs_of_the_whole_scan():

@@ -47,30 +47,61 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-# A sentence ends at . ! or ? before whitespace and a capital, a quote, a bracket or a backtick
-# ("e.g. the" goes on), or at the paragraph's end.
-_SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z`'\"(\[])")
+# Bumped whenever a rule that shapes the pairs changes: the demo rebuilds a dataset made by
+# other rules (manifest.json's "rules") instead of reusing it.
+RULES = 2
+# A sentence ends at . ! or ? (and any closing quotes or brackets) before whitespace and a
+# capital, a quote, a bracket or a backtick, unless the word is an abbreviation ("e.g. `x`").
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+[A-Z`'\"(\[])")
+_ABBREVIATIONS = {"e.g", "i.e", "vs", "cf", "approx", "resp", "etc"}
+# Where a docstring's structure begins: a reST directive or field (".. note::", ":param x:"),
+# a doctest, a Google-style section header ("Args:", "Keyword Arguments:") or argument
+# ("mask (`Tensor`, *optional*):"), a numpydoc section's underline.
+_STRUCTURE = re.compile(
+    r"\s*(?:\.\.\s|>>>|:(?:param|parameter|arg|argument|key|keyword|type|raises?|returns?|rtype|var|ivar|cvar)\b"
+    r"[^:]*:|\w+(?: \w+)?:\s*$|\w+ \(.*\):(?:\s|$))"
+)
+_UNDERLINE = re.compile(r"\s*[-=~^]{3,}\s*$")
 MAX_SUMMARY_WORDS = 64
+
+
+def _structural(lines: list[str], i: int) -> bool:
+    """Whether ``lines[i]`` begins the docstring's structure (or is a section's underline)."""
+    underlined = i + 1 < len(lines) and _UNDERLINE.match(lines[i + 1]) is not None
+    return underlined or _STRUCTURE.match(lines[i]) is not None or _UNDERLINE.match(lines[i]) is not None
+
+
+def _sentence_end(text: str) -> int:
+    for m in _SENTENCE_END.finditer(text):
+        word = text[: m.start()].rsplit(None, 1)[-1].lower() if text[: m.start()].strip() else ""
+        if word not in _ABBREVIATIONS:
+            return m.end()
+    return len(text)
 
 
 def split_summary(doc: str, name: str = "") -> tuple[str, str] | None:
     """(summary, the rest) of a docstring: the summary is the first sentence of its first
     paragraph, however many lines it wraps over (numpydoc and Google style wrap it; taking the
     first physical line cut 194 of numpy's 1,024 queries mid-sentence and opened their documents
-    with the rest of the sentence). A first paragraph that is ``name``'s signature
-    (``chararray(shape, ...)``) is skipped for the next. None where no summary of at most
-    ``MAX_SUMMARY_WORDS`` words is found."""
+    with the rest of the sentence), and ends where the docstring's structure begins (a section
+    header, a directive, a doctest). A first paragraph that is just ``name``'s signature
+    (``chararray(shape, ...)``) gives way to the next. None where the docstring opens with its
+    structure, or no summary of at most ``MAX_SUMMARY_WORDS`` words is found."""
     paragraphs = [p for p in re.split(r"\n[ \t]*\n", doc.strip()) if p.strip()]
-    if name and paragraphs and re.match(rf"{re.escape(name)}\s*\(", paragraphs[0].strip()):
+    if name and paragraphs and re.fullmatch(rf"{re.escape(name)}\s*\(.*\)\s*(?:->.*)?", _clean(paragraphs[0])):
         paragraphs = paragraphs[1:]
     if not paragraphs:
         return None
-    first = _clean(paragraphs[0])
-    end = _SENTENCE_END.search(first)
-    summary, rest = (first[: end.end()], first[end.end() :]) if end else (first, "")
+    lines = paragraphs[0].splitlines()
+    cut = next((i for i in range(len(lines)) if _structural(lines, i)), len(lines))
+    if cut == 0:
+        return None
+    first = _clean(" ".join(lines[:cut]))
+    end = _sentence_end(first)
+    summary = first[:end]
     if len(summary.split()) > MAX_SUMMARY_WORDS:
         return None
-    return summary, _clean(" ".join([rest, *paragraphs[1:]]))
+    return summary, _clean(" ".join([first[end:], *lines[cut:], *paragraphs[1:]]))
 
 
 def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8, limit: int | None = None) -> list[Pair]:
@@ -197,6 +228,7 @@ def build(
     train_d = {p.document.lower() for p in splits["train"]}
     splits["test"] = [p for p in splits["test"] if p.query.lower() not in train_q and p.document.lower() not in train_d]
     manifest = {
+        "rules": RULES,
         "packages": versions,
         "train_packages": list(train_packages),
         "test_packages": list(test_packages),

@@ -52,7 +52,8 @@ class Samples:
 
 
 def ensure_pydocs(folder: Path, log) -> dict:
-    """Build the pydocs dataset unless a complete one (with the id column) is already there."""
+    """Build the pydocs dataset unless a complete one made by these rules (``pydocs.RULES``:
+    how docstrings become pairs; the id column) is already there."""
     import pyarrow.parquet as pq
 
     from raytrieve.data import pydocs
@@ -60,11 +61,11 @@ def ensure_pydocs(folder: Path, log) -> dict:
     manifest = folder / "manifest.json"
     if manifest.exists() and all((folder / f"{s}.parquet").exists() for s in ("train", "test")):
         have = set(pq.read_schema(folder / "train.parquet").names) & set(pq.read_schema(folder / "test.parquet").names)
-        if COLUMNS <= have:
-            found = json.loads(manifest.read_text())
+        found = json.loads(manifest.read_text())
+        if COLUMNS <= have and found.get("rules") == pydocs.RULES:
             log(f"reusing {folder} ({found['rows']})")
             return found
-        log(f"{folder} predates the id column; rebuilding it")
+        log(f"{folder} was built by an earlier version's rules; rebuilding it")
     log(f"building {folder} from the docstrings of installed packages (a minute)...")
     built = pydocs.build(folder, option="pydocs_dir")
     log(
