@@ -603,6 +603,8 @@ def test_compare_names_the_dtypes_of_paired_stages_only():
     before = {"settings": {"dtype": "auto", "dtypes_used": {"dense": f32, "sparse:model": f32}}}
     now = {"settings": {"dtype": "float32", "dtypes_used": {"dense": f32, "sparse:splade/model": f32}}}
     assert run_differences(now, before) == {}
+    # No stage in both: the dtype asked is all there is to tell them by.
+    assert list(run_differences({"settings": {**now["settings"], "dtypes_used": {}}}, before)) == ["settings.dtype"]
     now["settings"]["dtypes_used"]["dense"] = bf16
     assert sorted(run_differences(now, before)) == ["settings.dtype", "settings.dtypes_used"]
 
@@ -768,6 +770,9 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     fragment = yaml.safe_load((out / "search.yaml").read_text())["search"]
     assert fragment == fit["setting"]
     served = load_serve_config(str(out / "serve_tuned.yaml"))
+    # The keys the serve config set, and search: (every default was written out).
+    written = yaml.safe_load((out / "serve_tuned.yaml").read_text())
+    assert set(written) == set(serve_raw) | {"search"} and written["reranker"] == serve_raw["reranker"], written
     assert served.search.recall.model_dump() == {"dense": 100, "sparse": 100} | fit["setting"]["recall"]
     assert served.search.rerank == fit["setting"]["rerank"] and served.search.fusion.method == fragment["fusion"]["method"]
     assert served.reranker is not None and served.reranker.model == load_serve_config(str(shipped)).reranker.model

@@ -233,7 +233,8 @@ def run_differences(report: Mapping[str, Any], previous: Mapping[str, Any]) -> d
         both = used_here.keys() & used_there.keys()
         if all(used_here[s] == used_there[s] for s in both):
             out.pop("settings.dtypes_used", None)
-            out.pop("settings.dtype", None)  # asked differently (auto, float32), computed alike
+            if both:  # asked differently (auto, float32), computed alike
+                out.pop("settings.dtype", None)
     return out
 
 

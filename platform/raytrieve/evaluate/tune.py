@@ -184,9 +184,12 @@ def write_fragments(setting: tuning.Setting, out: Path, serve_config: str | None
         from raytrieve.serve.config import ServeConfig, load_serve_config
 
         base = load_serve_config(serve_config)  # refused here, naming the file, if it does not load
-        tuned = from_dict(ServeConfig, merge(base.model_dump(mode="json"), fragment), where=str(serve_config))
+        # The keys the file sets, and search: (every default written out would pin this
+        # version's defaults and bury the user's few lines).
+        given = merge(base.model_dump(mode="json", exclude_unset=True), fragment)
+        tuned = from_dict(ServeConfig, given, where=str(serve_config))
         written.append(out / "serve_tuned.yaml")
-        dumped = _absolute_paths(tuned.model_dump(mode="json"))
+        dumped = _absolute_paths(tuned.model_dump(mode="json", exclude_unset=True))
         with atomic_file(written[1]) as tmp:
             header = f"# {serve_config} with /search's defaults fitted by raytrieve evaluate --tune-on\n"
             tmp.write_text(header + yaml.safe_dump(dumped, sort_keys=False))
