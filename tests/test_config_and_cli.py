@@ -77,8 +77,14 @@ def test_yaml_with_overrides(tmp_path):
     got = parse_overrides(["p.q=query: ", "p.d=passage: x", "l=- a", "t=a: b: c", "n=null", "f=[1, {a: 2}]", "e="])
     assert got == {"p": {"q": "query: ", "d": "passage: x"}, "l": "- a", "t": "a: b: c", "n": None,
                    "f": [1, {"a": 2}], "e": ""}
-    with pytest.raises(ConfigError, match=r"^override 'f=\[1, 2': the value is not a YAML list or mapping \("):
-        parse_overrides(["f=[1, 2"])
+    # YAML 1.2's core scalars; YAML 1.1's others (PyYAML's), comments and bare anchors stay text.
+    cases = {"Query #1: ": "Query #1: ", "#x": "#x", "&x": "&x", "|": "|", "no": "no", "on": "on", "True": True,
+             "false": False, "~": None, "0755": 755, "1_000": "1_000", "1:30": "1:30", "2024-01-01": "2024-01-01",
+             ".5": 0.5, "-3": -3, "1.5e3": 1500.0, "1e-4": 1e-4, "-.inf": float("-inf"), "'quoted: yes'": "quoted: yes", '"x #1"': "x #1"}
+    assert {raw: parse_overrides([f"k={raw}"])["k"] for raw in cases} == cases
+    for bad, kind in (("[1, 2", "list or mapping"), ('"open', "quoted string")):
+        with pytest.raises(ConfigError, match=rf"^override 'f={re.escape(bad)}': the value is not a YAML {kind} \("):
+            parse_overrides([f"f={bad}"])
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_overrides(["novalue"])
     with pytest.raises(ConfigError, match=f"{path.name}.name"):

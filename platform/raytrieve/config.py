@@ -12,6 +12,7 @@ or a list of them, ``X | list[X]``, reports only the errors of the shape it was 
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -297,23 +298,44 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+# Numbers as YAML 1.2's core schema writes them: PyYAML's YAML 1.1 reads 1e-4 as text, 0755
+# as 493, 1_000 as 1000 and 1:30 as 90.
+_NUMBER = re.compile(r"[-+]?(?:\d+|\d*\.\d+|\d+\.\d*)(?:[eE][-+]?\d+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
 def _override_value(item: str, raw: str) -> Any:
-    """An override's value: a YAML scalar (``1e-4``, ``true``, ``null``) or flow collection
-    (``[1, 2]``, ``{a: 1}``); any other text as written. ``prompts.query=query: `` sets the
-    e5 prompt "query: ", where YAML alone read ``{"query": None}``; ``x=- a`` is "- a"."""
+    """An override's value as YAML 1.2's core schema reads a plain scalar (true/false, null/~,
+    numbers), a quoted string, or a flow collection (``[1, 2]``, ``{a: 1}``); any other text as
+    written. ``prompts.query=query: `` sets the e5 prompt "query: " (YAML alone read
+    ``{"query": None}``), ``name=Query #1`` keeps its "#1" (a YAML comment), ``name=no`` is "no"
+    (YAML 1.1's false), ``x=0755`` is 755 (its 493) and ``lr=1e-4`` a number (its text)."""
     import yaml
 
-    if not raw:
-        return ""
-    collection = raw.lstrip().startswith(("[", "{"))
+    text = raw.strip()
+    if not text:
+        return raw
+    collection, quoted = text.startswith(("[", "{")), text[0] in "'\""
+    if _NUMBER.fullmatch(text):  # read here: PyYAML reads 1e-4 as text and 0755 as 493
+        return (
+            int(text)
+            if text.lstrip("+-").isdigit()
+            else float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
+        )
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        if not collection:
+        if not (collection or quoted):
             return raw  # "a: b: c", "%x": not YAML, but text
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
-        raise ConfigError(f"override {item!r}: the value is not a YAML list or mapping ({problem})") from None
-    return raw if isinstance(value, (dict, list)) and not collection else value
+        kind = "list or mapping" if collection else "quoted string"
+        raise ConfigError(f"override {item!r}: the value is not a YAML {kind} ({problem})") from None
+    if collection or (quoted and isinstance(value, str)):
+        return value
+    if isinstance(value, bool):
+        return value if text.lower() in ("true", "false") else raw
+    if value is None:
+        return None if text in ("null", "Null", "NULL", "~") else raw
+    return raw  # other text, and what YAML 1.1 alone reads as a number or date (1_000, 1:30, 2024-01-01)
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
