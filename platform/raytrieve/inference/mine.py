@@ -50,6 +50,9 @@ MINE = "raytrieve mine"  # the mark its output file carries (a rerun replaces on
 # The output's schema metadata under this key: what it was mined from (``_inputs_key``) and the
 # result, so that a rerun with nothing changed says so instead of mining again.
 MINED_FROM = b"raytrieve.mined_from"
+# Part of that key: bump it with any change to mining that changes what it writes, so that an
+# output of the earlier rules is mined again.
+MINE_RULES = 1
 
 
 @dataclass
@@ -179,27 +182,32 @@ def _inputs_key(
     settings: dict[str, Any], queries: list[str], positives: list[str], models: dict[str, str], vectors_dir: str
 ) -> str:
     """What the output is a function of: the settings (``settings``: the config less its output
-    path, compute and corpus_vectors' path), the pairs' texts in order, the models' files
-    (``model_ref.files_key``: their content) and the corpus vectors (their manifest: each
-    shard's input checksum and vectors' sha256, the encoding settings)."""
+    path, compute and corpus_vectors' path, with the retriever's dtype as resolved here), the
+    pairs' texts in order, the models' files (``model_ref.files_key``: their content), the
+    corpus vectors (their manifest: each shard's input checksum and vectors' sha256, the
+    encoding settings) and ``MINE_RULES``."""
     from raytrieve.inference.shards import read_manifest
 
     vectors = {k: v for k, v in read_manifest(vectors_dir).to_json().items() if k != "created"}
     pairs = hashlib.sha256(text_hashes(queries).tobytes() + b"|" + text_hashes(positives).tobytes()).hexdigest()
-    body = {"settings": settings, "pairs": [len(queries), pairs], "models": models, "vectors": vectors}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    body = {"rules": MINE_RULES, "settings": settings, "pairs": [len(queries), pairs], "models": models}
+    return hashlib.sha256(json.dumps({**body, "vectors": vectors}, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _earlier_result(output_path: str, key: str) -> MineResult | None:
-    """The result recorded in an earlier output mined from the same inputs (``key``), or None."""
+    """The result recorded in an earlier output mined from the same inputs (``key``), or None
+    (also where the file's rows are not the recorded result's: it was edited since)."""
     import pyarrow.parquet as pq
 
     out = Path(output_path)
     if not out.is_file():
         return None
     try:
-        recorded = json.loads((pq.read_schema(out).metadata or {}).get(MINED_FROM, b"{}"))
-        return MineResult(**recorded["result"]) if recorded.get("key") == key else None
+        meta = pq.read_metadata(out)
+        recorded = json.loads((meta.schema.to_arrow_schema().metadata or {}).get(MINED_FROM, b"{}"))
+        if recorded.get("key") != key or meta.num_rows != recorded["result"]["rows"]:
+            return None
+        return MineResult(**{**recorded["result"], "output_path": str(out)})  # a copied file names itself
     except Exception:  # an older version's output, a damaged footer: mined again (check_output_file passed it)
         return None
 
@@ -265,6 +273,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     model = load_encoder(
         r.kind, r.model, max_seq_length=r.max_seq_length, trust_remote_code=r.trust_remote_code, dtype=r.dtype
     )
+    settings["retriever"]["dtype"] = model.dtype  # "auto" as resolved on this machine
     similarity = None
     if r.kind == "dense":  # its candidates come from a cosine or dot index
         similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {redact(r.model)}")
