@@ -89,6 +89,7 @@ def test_a_download_draws_no_bar_where_stderr_is_no_terminal(store, monkeypatch,
     assert resolve_model("models:/tiny-dense/2").is_dir()
     err = capfd.readouterr().err
     assert "Downloading artifacts" not in err and "%|" not in err, err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # for the download only
 
 
 def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
