@@ -558,14 +558,21 @@ def test_url_without_a_reranker_and_with_a_token(search_app, monkeypatch):
 QUERY_COUNT = 24
 
 
-@pytest.fixture(scope="module")
-def pydocs_beir(tmp_path_factory) -> Path:
-    """Known-item retrieval on real docstrings: a summary line is the query, the rest of its
-    docstring the one relevant document; 24 queries over 150 documents."""
+PYDOCS_PACKAGES = ("yaml", "tqdm", "packaging", "click")  # click's only where the others give fewer than 150
+
+
+def _pydocs_pairs() -> list:
     from raytrieve.data.pydocs import deduplicate, package_pairs
 
-    pairs = deduplicate([p for pkg in ("yaml", "tqdm", "packaging") for p in package_pairs(pkg, max_files=200)])
-    assert len(pairs) >= 150, "the docstrings of yaml, tqdm and packaging give enough pairs"
+    return deduplicate([p for pkg in PYDOCS_PACKAGES for p in package_pairs(pkg, max_files=200)])
+
+
+@pytest.fixture(scope="module")
+def pydocs_beir(tmp_path_factory) -> Path:
+    """Known-item retrieval on real docstrings: a summary is the query, the rest of its
+    docstring the one relevant document; 24 queries over 150 documents."""
+    pairs = _pydocs_pairs()
+    assert len(pairs) >= 150, f"the docstrings of {PYDOCS_PACKAGES} give enough pairs"
     pairs = pairs[:150]
     corpus = [{"_id": f"doc{i}", "title": "", "text": p.document[:600]} for i, p in enumerate(pairs)]
     queries = [{"_id": f"q{i}", "text": p.query} for i, p in enumerate(pairs[:QUERY_COUNT])]
@@ -714,9 +721,7 @@ def test_tune_on_a_dev_split_fits_search_and_scores_it_held_out(pydocs_beir, tmp
     shutil.copytree(pydocs_beir, beir)
     queries = [json.loads(line) for line in (beir / "queries.jsonl").read_text().splitlines()]
     corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
-    from raytrieve.data.pydocs import deduplicate, package_pairs
-
-    pairs = deduplicate([p for pkg in ("yaml", "tqdm", "packaging") for p in package_pairs(pkg, max_files=200)])
+    pairs = _pydocs_pairs()
     dev = range(QUERY_COUNT, QUERY_COUNT + 20)  # their documents are in the corpus (the first 150 pairs)
     assert [c["text"] for c in corpus[:QUERY_COUNT + 20]] == [p.document[:600] for p in pairs[:QUERY_COUNT + 20]]
     queries += [{"_id": f"q{i}", "text": pairs[i].query} for i in dev]
