@@ -77,14 +77,20 @@ def test_yaml_with_overrides(tmp_path):
     got = parse_overrides(["p.q=query: ", "p.d=passage: x", "l=- a", "t=a: b: c", "n=null", "f=[1, {a: 2}]", "e="])
     assert got == {"p": {"q": "query: ", "d": "passage: x"}, "l": "- a", "t": "a: b: c", "n": None,
                    "f": [1, {"a": 2}], "e": ""}
-    # YAML 1.2's core scalars; YAML 1.1's others (PyYAML's), comments and bare anchors stay text.
+    # YAML's scalars; text YAML would read otherwise (YAML 1.1's bools, numbers and dates,
+    # comments, bare anchors, a broken quote) stays text as written.
     cases = {"Query #1: ": "Query #1: ", "#x": "#x", "&x": "&x", "|": "|", "no": "no", "on": "on", "True": True,
              "false": False, "~": None, "0755": 755, "1_000": "1_000", "1:30": "1:30", "2024-01-01": "2024-01-01",
-             ".5": 0.5, "-3": -3, "1.5e3": 1500.0, "1e-4": 1e-4, "-.inf": float("-inf"), "'quoted: yes'": "quoted: yes", '"x #1"': "x #1"}
+             ".5": 0.5, "-3": -3, "+5": 5, "1.": 1.0, "-.inf": float("-inf"), "1e-4": "1e-4", "08": "08",
+             "12e4567": "12e4567", "'quoted: yes'": "quoted: yes", '"x #1"': "x #1", "'s-Hertogenbosch": "'s-Hertogenbosch",
+             '"a" b': '"a" b', " padded ": " padded "}
     assert {raw: parse_overrides([f"k={raw}"])["k"] for raw in cases} == cases
-    for bad, kind in (("[1, 2", "list or mapping"), ('"open', "quoted string")):
-        with pytest.raises(ConfigError, match=rf"^override 'f={re.escape(bad)}': the value is not a YAML {kind} \("):
-            parse_overrides([f"f={bad}"])
+    with pytest.raises(ConfigError, match=r"^override 'f=\[1, 2': the value is not a YAML list or mapping \("):
+        parse_overrides(["f=[1, 2"])
+    # A number field reads numeric text (YAML reads 1e-4 as text); a text field keeps "08".
+    path.write_text("name: base\ninner:\n  lr: 0.1\n")
+    cfg = load_yaml(Outer, path, ["inner.lr=1e-4", "name=08"])
+    assert cfg.inner.lr == 1e-4 and cfg.name == "08"
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_overrides(["novalue"])
     with pytest.raises(ConfigError, match=f"{path.name}.name"):

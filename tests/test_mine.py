@@ -79,7 +79,7 @@ def test_dense_ntuple_scores_respect_margin(positives_vectors, pairs_file, tmp_p
                selection={"num_negatives": 3, "range_max": 20, "absolute_margin": 0.05})
     result = run_mine(cfg)
     _rerun_changes_nothing(cfg, result, monkeypatch, caplog)
-    # An output edited since (a row dropped; pyarrow keeps its schema's marks) is mined again.
+    # An output whose row count changed since (pyarrow keeps its schema's marks) is mined again.
     pq.write_table(pq.read_table(cfg.output_path).slice(1), cfg.output_path)
     assert run_mine(cfg) == result and pq.read_metadata(cfg.output_path).num_rows == result.rows
     assert result.positives_not_in_corpus == 0  # the corpus is the pairs' positives

@@ -298,44 +298,44 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-# Numbers as YAML 1.2's core schema writes them: PyYAML's YAML 1.1 reads 1e-4 as text, 0755
-# as 493, 1_000 as 1000 and 1:30 as 90.
-_NUMBER = re.compile(r"[-+]?(?:\d+|\d*\.\d+|\d+\.\d*)(?:[eE][-+]?\d+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+# Numbers as YAML 1.2's core schema writes them (PyYAML's YAML 1.1 also reads 0755 as 493,
+# 1_000 as 1000 and 1:30 as 90).
+_NUMBER = re.compile(
+    r"[-+]?(?:\d+|\d*\.\d+|\d+\.\d*)(?:[eE][-+]?\d+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", re.ASCII
+)
 
 
 def _override_value(item: str, raw: str) -> Any:
-    """An override's value as YAML 1.2's core schema reads a plain scalar (true/false, null/~,
-    numbers), a quoted string, or a flow collection (``[1, 2]``, ``{a: 1}``); any other text as
-    written. ``prompts.query=query: `` sets the e5 prompt "query: " (YAML alone read
-    ``{"query": None}``), ``name=Query #1`` keeps its "#1" (a YAML comment), ``name=no`` is "no"
-    (YAML 1.1's false), ``x=0755`` is 755 (its 493) and ``lr=1e-4`` a number (its text)."""
+    """An override's value as YAML reads a value of a config file (a number, true/false,
+    null/~, a quoted string, a flow collection such as ``[1, 2]`` or ``{a: 1}``), except that
+    text YAML would read as something else stays text as written, spaces included:
+    ``prompts.query=query: `` sets the e5 prompt "query: " (YAML read ``{"query": None}``),
+    ``name=Query #1`` keeps its "#1" (a YAML comment), ``name=no`` is "no" (YAML 1.1's false),
+    ``x=1_000`` and ``x=1:30`` stay text (YAML 1.1's 1000 and 90), ``x=0755`` is 755 (its 493)."""
     import yaml
 
     text = raw.strip()
     if not text:
         return raw
-    collection, quoted = text.startswith(("[", "{")), text[0] in "'\""
-    if _NUMBER.fullmatch(text):  # read here: PyYAML reads 1e-4 as text and 0755 as 493
-        return (
-            int(text)
-            if text.lstrip("+-").isdigit()
-            else float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
-        )
+    collection = text.startswith(("[", "{"))
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        if not (collection or quoted):
-            return raw  # "a: b: c", "%x": not YAML, but text
+        if not collection:
+            return raw  # "a: b: c", "'s-Hertogenbosch", '"a" b': text
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
-        kind = "list or mapping" if collection else "quoted string"
-        raise ConfigError(f"override {item!r}: the value is not a YAML {kind} ({problem})") from None
-    if collection or (quoted and isinstance(value, str)):
+        raise ConfigError(f"override {item!r}: the value is not a YAML list or mapping ({problem})") from None
+    if collection or (text[0] in "'\"" and isinstance(value, str)):
         return value
     if isinstance(value, bool):
         return value if text.lower() in ("true", "false") else raw
     if value is None:
         return None if text in ("null", "Null", "NULL", "~") else raw
-    return raw  # other text, and what YAML 1.1 alone reads as a number or date (1_000, 1:30, 2024-01-01)
+    if isinstance(value, (int, float)):
+        if not _NUMBER.fullmatch(text):
+            return raw
+        return int(text) if text.lstrip("+-").isdigit() else value
+    return raw  # text (1e-4 too: a number field reads it), and YAML 1.1's dates
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:

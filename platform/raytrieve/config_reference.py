@@ -113,8 +113,8 @@ def markdown() -> str:
         "Generated from the config models by `raytrieve docs config-reference`; a test keeps it in step.",
         "YAML keys nest as the dots show (`a.b: 1` is `a: {b: 1}`); `[]` marks a list of mappings. "
         "Any key can be overridden on the command line as `key=value` (e.g. `training.batch_size=64`; the "
-        "value is a YAML 1.2 scalar such as `true`, `null` or `1e-4`, a quoted string or a flow collection such as "
-        "`[1, 2]`, any other text as written). "
+        "value is read as in a YAML file, but text YAML would read as something else, such as `query: ` or "
+        "`no`, stays text as written). "
         "Unknown keys are errors that list the valid ones. A *local path* is on a local or shared disk (a path "
         "every node reaches); a URI there is refused.",
         "",
