@@ -80,7 +80,7 @@ def test_yaml_with_overrides(tmp_path):
     # YAML's scalars; text YAML would read otherwise (YAML 1.1's bools, numbers and dates,
     # comments, bare anchors, a broken quote) stays text as written.
     cases = {"Query #1: ": "Query #1: ", "#x": "#x", "&x": "&x", "|": "|", "no": "no", "on": "on", "True": True,
-             "false": False, "~": None, "0755": 755, "1_000": "1_000", "1:30": "1:30", "2024-01-01": "2024-01-01",
+             "false": False, "~": None, "0755": "0755", "-010": "-010", "0": 0, "1_000": "1_000", "1:30": "1:30", "2024-01-01": "2024-01-01",
              ".5": 0.5, "-3": -3, "+5": 5, "1.": 1.0, "-.inf": float("-inf"), "1e-4": "1e-4", "08": "08",
              "12e4567": "12e4567", "'quoted: yes'": "quoted: yes", '"x #1"': "x #1", "'s-Hertogenbosch": "'s-Hertogenbosch",
              '"a" b': '"a" b', " padded ": " padded "}

@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-per-package",
         type=int,
         default=4000,
-        help="at most this many (summary line, docstring) pairs from each package (default: 4000)",
+        help="at most this many (summary, docstring) pairs from each package (default: 4000)",
     )
     pydocs.set_defaults(func=_build_pydocs)
     beir = data_sub.add_parser(

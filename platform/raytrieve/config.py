@@ -311,7 +311,8 @@ def _override_value(item: str, raw: str) -> Any:
     text YAML would read as something else stays text as written, spaces included:
     ``prompts.query=query: `` sets the e5 prompt "query: " (YAML read ``{"query": None}``),
     ``name=Query #1`` keeps its "#1" (a YAML comment), ``name=no`` is "no" (YAML 1.1's false),
-    ``x=1_000`` and ``x=1:30`` stay text (YAML 1.1's 1000 and 90), ``x=0755`` is 755 (its 493)."""
+    ``x=1_000``, ``x=1:30`` and ``x=0755`` stay text (YAML 1.1's 1000, 90 and 493; YAML 1.2's
+    755), as ``x=08`` does."""
     import yaml
 
     text = raw.strip()
@@ -332,9 +333,10 @@ def _override_value(item: str, raw: str) -> Any:
     if value is None:
         return None if text in ("null", "Null", "NULL", "~") else raw
     if isinstance(value, (int, float)):
-        if not _NUMBER.fullmatch(text):
-            return raw
-        return int(text) if text.lstrip("+-").isdigit() else value
+        digits = text.lstrip("+-")
+        if not _NUMBER.fullmatch(text) or (digits.isdigit() and len(digits) > 1 and digits[0] == "0"):
+            return raw  # 0755, 08: a run name or a code as often as a number (a number field refuses it, named)
+        return int(text) if digits.isdigit() else value
     return raw  # text (1e-4 too: a number field reads it), and YAML 1.1's dates
 
 
