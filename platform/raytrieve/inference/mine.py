@@ -277,12 +277,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     similarity = None
     if r.kind == "dense":  # its candidates come from a cosine or dot index
         similarity = index_similarity(model.similarity_fn_name, f"{where}.retriever.model: {redact(r.model)}")
+    key = None  # what the output is mined from: known once the corpus vectors are
     if cfg.corpus_vectors:
         document_prompt = model.resolve_prompt(None, model.prompt_name_for("document"))
         check_corpus_vectors(cfg, cfg.corpus_vectors, str(path), model.max_seq_length, where, document_prompt)
-        earlier = _earlier_result(
-            cfg.output_path, _inputs_key(settings, queries, positives, models, cfg.corpus_vectors)
-        )
+        key = _inputs_key(settings, queries, positives, models, cfg.corpus_vectors)
+        earlier = _earlier_result(cfg.output_path, key)
         if earlier is not None:  # known before Ray starts
             return _nothing_to_do(earlier)
     from raytrieve.ray_cluster import connect
@@ -294,12 +294,12 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
     vectors_dir = _corpus_vectors(cfg, positives, ray_address, where)
     shown = redact(vectors_dir)  # for messages: without a URI's keys
-    # Encoded now (or found complete): without corpus_vectors, the vectors are known only here.
-    key = _inputs_key(settings, queries, positives, models, vectors_dir)
-    earlier = _earlier_result(cfg.output_path, key)
-    if earlier is not None:
-        phases.close()
-        return _nothing_to_do(earlier)
+    if key is None:  # encoded now (or found complete): only now are the vectors known
+        key = _inputs_key(settings, queries, positives, models, vectors_dir)
+        earlier = _earlier_result(cfg.output_path, key)
+        if earlier is not None:
+            phases.close()
+            return _nothing_to_do(earlier)
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
