@@ -243,15 +243,28 @@ def test_positives_that_are_not_corpus_texts_are_counted_and_warned_of(positives
 
 
 @pytest.mark.slow
-def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_file, tmp_path):
+def test_reranked_triplets_use_cross_encoder_scores(positives_vectors, pairs_file, tmp_path, monkeypatch, capfd):
     from raytrieve.encoders import CrossEncoder
+    from raytrieve.inference import lookup
     from raytrieve.inference.mine import run_mine
 
+    # The corpus is one shard: in pieces of 16 pairs it is many rows, which come back in any order
+    # and must be put back in the shard's order (each negative's score is checked below).
+    monkeypatch.setattr(lookup, "RERANK_PIECE", 16)
     cfg = _cfg(pairs_file, tmp_path, output_format="triplet", **positives_vectors,
                reranker={"model": "ms-marco-minilm-l12-v2", "cpus_per_actor": 0.5, "max_seq_length": 64,
                          "token_budget": 512, "dtype": "float32"},
                selection={"num_negatives": 2, "range_max": 4, "max_score": 0.5})
+    capfd.readouterr()
     result = run_mine(cfg)
+    # The rerank's count, as lines (stderr is not a terminal here): every candidate and positive.
+    n_pairs = pq.read_table(pairs_file).num_rows
+    n_queries = len(set(pq.read_table(pairs_file).column("query").to_pylist()))
+    err = capfd.readouterr().err
+    done = [line for line in err.splitlines() if line.startswith("rerank: ") and "(100%)" in line]
+    assert len(done) == 1, err[-3000:]
+    total = int(done[0].split()[1].split("/")[0])
+    assert n_pairs + n_queries < total <= n_pairs + 4 * n_queries, done  # positives + up to range_max each
     table = pq.read_table(cfg.output_path).to_pydict()
     assert list(table) == ["query", "positive", "negative"] and len(table["query"]) == result.negatives > 0
     positives = _positives(pairs_file)

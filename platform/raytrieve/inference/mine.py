@@ -288,9 +288,8 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     from raytrieve.ray_cluster import connect
 
     connect(ray_address)
-    from raytrieve.progress import Stage, interactive
+    from raytrieve.progress import Stage, interactive, stage
 
-    phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
     bars = None if interactive() else False  # the encoders' own bars: on a terminal only
     vectors_dir = _corpus_vectors(cfg, positives, ray_address, where)
     shown = redact(vectors_dir)  # for messages: without a URI's keys
@@ -298,8 +297,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         key = _inputs_key(settings, queries, positives, models, vectors_dir)
         earlier = _earlier_result(cfg.output_path, key)
         if earlier is not None:
-            phases.close()
             return _nothing_to_do(earlier)
+    # From here on: the encoding job (phase 1) has shown its own progress.
+    phases = Stage("mine", total=3 + (cfg.reranker is not None), unit="phase", eta=False)
     # The candidates' index, built shard by shard on disk and memory-mapped: the corpus's vectors
     # are never all in the driver's memory. It is derived data, removed once mined.
     index_dir = Path(f"{cfg.output_path}.work") / "index"
@@ -395,9 +395,42 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
         }
         cand_rows = np.array([r for q in unique_queries for r in candidates[q][0]], dtype=np.int64)
         cand_query = np.array([i for i, q in enumerate(unique_queries) for _ in candidates[q][0]], dtype=np.int64)
-        scored = score_rows(
-            encoded, corpus_ids, hashes, cand_rows, cand_query, unique_queries, reranker, rr.actors, rr.cpus_per_actor
+        # Minutes on CPU for a few thousand pairs: say what runs, and what sets its speed.
+        log.info(
+            "reranking %d candidates of %d queries and %d positives with %s on %d actor(s) of %g CPU(s) "
+            "(reranker.actors, reranker.cpus_per_actor; reranker.max_seq_length %s)",
+            len(cand_rows),
+            len(unique_queries),
+            len(queries),
+            redact(rr.model),
+            rr.actors,
+            rr.cpus_per_actor,
+            rr.max_seq_length if rr.max_seq_length is not None else "the model's",
         )
+        with stage("rerank", total=len(cand_rows) + len(queries), unit="pair") as counted:
+            scored = score_rows(
+                encoded,
+                corpus_ids,
+                hashes,
+                cand_rows,
+                cand_query,
+                unique_queries,
+                reranker,
+                rr.actors,
+                rr.cpus_per_actor,
+                counted,
+            )
+            pos_scores = score_pairs(
+                list(zip(queries, positives)),
+                reranker["model"],
+                max_seq_length=rr.max_seq_length,
+                batch_size=rr.batch_size,
+                token_budget=rr.token_budget,
+                actors=rr.actors,
+                cpus_per_actor=rr.cpus_per_actor,
+                dtype=rr.dtype,  # the candidates' dtype: margins compare the two
+                progress=counted,
+            )
         at = 0
         for q in unique_queries:
             rows = candidates[q][0]
@@ -405,16 +438,6 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             at += len(rows)
             order = np.argsort(-ce, kind="stable")
             candidates[q] = ([rows[j] for j in order], ce[order])
-        pos_scores = score_pairs(
-            list(zip(queries, positives)),
-            reranker["model"],
-            max_seq_length=rr.max_seq_length,
-            batch_size=rr.batch_size,
-            token_budget=rr.token_budget,
-            actors=rr.actors,
-            cpus_per_actor=rr.cpus_per_actor,
-            dtype=rr.dtype,  # the candidates' dtype: margins compare the two
-        )
         phases.update(1, finished="reranked")
 
     rng = np.random.default_rng(s.seed)

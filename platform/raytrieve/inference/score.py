@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from raytrieve.model_ref import ShippedModel, local_folder
+from raytrieve.progress import Stage
 
 # Pairs per Ray Data row: large enough to amortize the row's overhead, small enough that
 # several actors share a job of a few thousand pairs.
@@ -62,9 +63,10 @@ def score_pairs(
     actors: int = 1,
     cpus_per_actor: float = 1.0,
     dtype: str = "float32",
+    progress: Stage | None = None,
 ) -> np.ndarray:
     """Scores of ``pairs`` in input order (float32 numbers; the model computes in ``dtype``, as
-    the candidates it is compared with were scored)."""
+    the candidates it is compared with were scored); ``progress`` counts the pairs scored."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -101,5 +103,9 @@ def score_pairs(
             }
         },
     )
-    parts = {int(r["chunk"]): np.frombuffer(r["scores"], dtype=np.float32) for r in ds.iter_rows()}
+    parts: dict[int, np.ndarray] = {}
+    for r in ds.iter_rows():  # as each chunk is scored
+        parts[int(r["chunk"])] = np.frombuffer(r["scores"], dtype=np.float32)
+        if progress is not None:
+            progress.update(len(parts[int(r["chunk"])]))
     return np.concatenate([parts[i] for i in range(len(rows))])
