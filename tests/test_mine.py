@@ -117,17 +117,22 @@ def _rerun_changes_nothing(cfg, result, monkeypatch, caplog):
     """A rerun with nothing changed says so, leaves the output as it was and gives the first
     run's result; with corpus_vectors given it knows before Ray (it redid the candidates, the
     rerank and the write)."""
+    import io
     import logging
+    import sys
 
     from raytrieve import ray_cluster
     from raytrieve.inference.mine import run_mine
 
     written = Path(cfg.output_path).stat().st_mtime_ns
+    err = io.StringIO()  # the progress stages' lines
     with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="raytrieve.mine"):
         if cfg.corpus_vectors:
             m.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray started for nothing to do"))
+        m.setattr(sys, "stderr", err)
         assert run_mine(cfg) == result
     assert Path(cfg.output_path).stat().st_mtime_ns == written
+    assert "mine:" not in err.getvalue()  # no phases shown for a run that has none ("0/4 phases")
     assert f"{cfg.output_path}: already mined from these pairs, corpus vectors, models and settings " in caplog.text
     caplog.clear()
 
