@@ -5,6 +5,7 @@ from the registry, real HTTP. Then the report's sanity, and a second run reusing
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -288,6 +289,33 @@ def test_pydocs_summary_is_the_first_sentence_however_it_wraps():
     # A paragraph that only starts with the name is prose, not a signature.
     assert pydocs.split_summary("Dataset (a table of rows) is the main class.", "Dataset")[0] == (
         "Dataset (a table of rows) is the main class.")
+    assert pydocs.split_summary("Mean (raw first moment about the origin)\n\nMore.")[0] == (
+        "Mean (raw first moment about the origin)")
+
+
+def test_pydocs_summary_leaves_out_what_is_not_its_words():
+    """Rules 3: a signature line atop the words (torch's "name(...) -> Tensor", numpy's C text
+    signature ending in "--"), a note's title, an attribute's type, reST's "::" and a stray quote
+    were in queries; "(e.g." ended a sentence."""
+    assert pydocs.split_summary("hann_window(window_length, *, dtype=None) -> Tensor\n"
+                                "Hann window function.\n\nArgs: more") == ("Hann window function.", "Args: more")
+    assert pydocs.split_summary("add(x1, x2, /, out=None)\n--\n\nAdd arguments element-wise.\n\nMore.") == (
+        "Add arguments element-wise.", "More.")
+    assert pydocs.split_summary("print(format_str, *args) -> None") is None
+    assert pydocs.split_summary("Note [DDPOptimizer]\nDDPOptimizer applies when dynamo compiles. More.") == (
+        "DDPOptimizer applies when dynamo compiles.", "More.")
+    assert pydocs.split_summary("[Note: Inductor op] Bucketize the inputs here. More.")[0] == (
+        "Bucketize the inputs here.")
+    assert pydocs.split_summary("(c_intp*self.ndim): A ctypes array of length ndim. More.")[0] == (
+        "A ctypes array of length ndim.")
+    assert pydocs.split_summary('{None, "no_cache"}: Specifies the extent of caching.')[0] == (
+        "Specifies the extent of caching.")
+    assert pydocs.split_summary('" Is this expression an integer.')[0] == "Is this expression an integer."
+    assert pydocs.split_summary("Unwraps a functorch tensor (e.g. BatchedTensor) into a tensor. More.")[0] == (
+        "Unwraps a functorch tensor (e.g. BatchedTensor) into a tensor.")
+    assert pydocs.split_summary("Force a graph break on them. ::\n\n    code")[0] == "Force a graph break on them."
+    assert pydocs.split_summary("Return marks for a function, applied::\n\n    code")[0] == (
+        "Return marks for a function, applied:")
 
 
 def test_pydocs_limit_is_the_first_pairs_of_the_whole_scan():
@@ -313,10 +341,32 @@ def test_pydocs_build_replaces_its_own_output_and_nothing_else(tmp_path):
     for bad in (0, -5):
         with pytest.raises(DataError, match=rf"--max-per-package must be at least 1, got {bad}"):
             pydocs.build(tmp_path / "new", max_per_package=bad)
-    small = {"train_packages": ("click", "jinja2"), "test_packages": ("packaging",), "max_per_package": 10}
+    with pytest.raises(DataError, match=r"\['click'\] named as both train and dev packages"):
+        pydocs.build(tmp_path / "new", train_packages=("click",), dev_packages=("yaml", "click"))
+    small = {"train_packages": ("click", "jinja2"), "dev_packages": ("yaml",), "test_packages": ("packaging",),
+             "max_per_package": 10}
     first = pydocs.build(tmp_path / "new", **small)
     assert pydocs.build(tmp_path / "new", **small) == first  # its own earlier output is replaced
-    assert first["rows"]["train"] == 20
+    assert first["rows"]["train"] == 20 and first["rows"]["test"] == 10 and 0 < first["rows"]["dev"] <= 10
+    assert first["dev_packages"] == ["yaml"] and first["packages"]["yaml"] == importlib.metadata.version("pyyaml")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(["manifest.json", *first["files"]])
+
+
+def test_pydocs_splits_share_no_query_or_document(tmp_path, monkeypatch):
+    """Test drops what training saw; dev drops what training or test saw (pandas copies numpy's
+    docstrings): a setting fitted on dev must not have seen a test query."""
+    P = pydocs.Pair
+    scanned = {"a": [P(f"train query {i}", f"train doc {i}", "a") for i in range(4)] + [P("shared query", "doc a", "a")],
+               "b": [P("dev query", "dev doc", "b"), P("shared query", "doc b", "b"), P("test query x", "doc x", "b")],
+               "c": [P("shared query", "doc c", "c"), P("test query x", "doc x", "c"), P("test only", "doc t", "c")]}
+    monkeypatch.setattr(pydocs, "scan_packages", lambda packages: {p: scanned[p] for p in packages})
+    monkeypatch.setattr(pydocs, "_version", lambda package: "1")
+    built = pydocs.build(tmp_path / "d", train_packages=("a",), dev_packages=("b",), test_packages=("c",))
+    assert built["rows"] == {"train": 5, "dev": 1, "test": 2}
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "d" / "dev.parquet").column("query").to_pylist() == ["dev query"]
+    assert pq.read_table(tmp_path / "d" / "test.parquet").column("query").to_pylist() == ["test query x", "test only"]
 
 
 def _beir(root: Path, corpus: int = 40) -> Path:
@@ -545,7 +595,7 @@ def test_the_report_says_which_data_it_scored():
 @pytest.mark.timeout(900)
 def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     # Small real-docstring data: packages that are always installed with raytrieve's dependencies.
-    pydocs.build(tmp_path / "pydocs", train_packages=("pydantic", "jinja2", "click"),
+    pydocs.build(tmp_path / "pydocs", train_packages=("pydantic", "jinja2", "click"), dev_packages=("pygments", "aiohttp"),
                  test_packages=("fsspec", "requests", "urllib3", "packaging"))
     cfg = _config(tmp_path, free_port(pair=True))
     lines: list[str] = []

@@ -24,11 +24,12 @@ class SampleConfig(ConfigModel):
     )
     dev_queries: int = Field(
         default=200,
-        description='held-out pairs of the train packages (BEIR: dev-split queries): the "train domain" evaluation',
+        description="pairs of the dev packages, never trained on nor tested (BEIR: dev-split queries): "
+        "where /search is fitted, and an in-process evaluation",
     )
     dev_corpus: int = Field(
         default=600,
-        description="their documents plus other held-out train-package documents (BEIR: plus others of the corpus)",
+        description="their documents plus other documents of the dev packages (BEIR: plus others of the corpus)",
     )
     test_queries: int = Field(
         default=150, description="queries of the test packages or split (never seen in training), asked over HTTP"

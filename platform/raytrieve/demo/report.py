@@ -150,8 +150,10 @@ def markdown(rep: dict[str, Any]) -> str:
     head = " | ".join(f"{m} before | {m} after | Δ [95% CI]" for m in names)
     data = rep.get("data")
     if data is None:  # the pydocs set
-        test = "queries of numpy and scipy docstrings (packages never trained on)"
-        dev = "held-out pairs of the train packages"
+        from raytrieve.data.pydocs import DEV_PACKAGES, TEST_PACKAGES
+
+        test = f"queries of {' and '.join(TEST_PACKAGES)} docstrings (packages never trained on)"
+        dev = f"queries of {' and '.join(DEV_PACKAGES)} docstrings (packages neither trained on nor tested)"
     else:
         b = data["beir"]
         test = f"queries of {b['path']}'s {b['test_split']} split (never trained on)"
@@ -173,7 +175,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"({rep['models']['pretrained']['cross']} before, {rep['models']['fine_tuned']['cross']} after)"
         f"; texts are cut at {s['max_seq_length']} tokens, the reranker's query and document together at "
         f"{s['reranker_max_seq_length']}.",
-        f"- **dev** (the train domain): {s['dev_queries']} {dev} over {s['dev_corpus']} documents, scored in process.",
+        f"- **dev** (where `/search` is fitted): {s['dev_queries']} {dev} over {s['dev_corpus']} documents, "
+        "scored in process.",
         f"- **before**: {rep['models']['pretrained']['dense']} and {rep['models']['pretrained']['sparse']}; "
         f"**after**: fine-tuned on {s['train_pairs']} pairs with Ray Train and served from the MLflow registry "
         f"({', '.join(rep['models']['fine_tuned'].values())}).",

@@ -3,8 +3,9 @@ the user's own (``DemoConfig.beir``).
 
 - train: (query, document) pairs to fine-tune on (pydocs: of the train packages; BEIR: each
   train-split query with each of its relevant documents);
-- dev: queries never trained on and a corpus, for the in-process "train domain" evaluation and
-  the fit of /search's settings (pydocs: other pairs of the train packages; BEIR: the dev split);
+- dev: queries never trained on and a corpus, for the in-process evaluation and the fit of
+  /search's settings (pydocs: pairs of the dev packages, which like the test packages the models
+  never saw; BEIR: the dev split);
 - test: queries and a corpus training never sees (pydocs: the test packages, numpy and scipy;
   BEIR: the test split); the corpus is what the encoding job encodes and Serve searches.
 
@@ -59,8 +60,8 @@ def ensure_pydocs(folder: Path, log) -> dict:
     from raytrieve.data import pydocs
 
     manifest = folder / "manifest.json"
-    if manifest.exists() and all((folder / f"{s}.parquet").exists() for s in ("train", "test")):
-        have = set(pq.read_schema(folder / "train.parquet").names) & set(pq.read_schema(folder / "test.parquet").names)
+    if manifest.exists() and all((folder / f"{s}.parquet").exists() for s in pydocs.SPLITS):
+        have = set.intersection(*(set(pq.read_schema(folder / f"{s}.parquet").names) for s in pydocs.SPLITS))
         found = json.loads(manifest.read_text())
         if COLUMNS <= have and found.get("rules") == pydocs.RULES:
             log(f"reusing {folder} ({found['rows']})")
@@ -68,10 +69,7 @@ def ensure_pydocs(folder: Path, log) -> dict:
         log(f"{folder} was built by an earlier version's rules; rebuilding it")
     log(f"building {folder} from the docstrings of installed packages (a minute)...")
     built = pydocs.build(folder, option="pydocs_dir")
-    log(
-        f"  {built['rows']['train']} train pairs ({', '.join(built['train_packages'])}), "
-        f"{built['rows']['test']} test pairs ({', '.join(built['test_packages'])})"
-    )
+    log("  " + ", ".join(f"{built['rows'][s]} {s} pairs ({', '.join(built[f'{s}_packages'])})" for s in pydocs.SPLITS))
     return built
 
 
@@ -85,26 +83,27 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     import pyarrow.parquet as pq
 
     from raytrieve._io import atomic_file
+    from raytrieve.data import pydocs
 
     s = cfg.sample
     folder = Path(cfg.pydocs_dir)
-    train = pq.read_table(folder / "train.parquet", columns=sorted(COLUMNS)).to_pydict()
-    test = pq.read_table(folder / "test.parquet", columns=sorted(COLUMNS)).to_pydict()
-    need_train = s.train_pairs + s.dev_corpus
-    if len(train["id"]) < need_train:
-        raise DataError(
-            f"{folder}/train.parquet: {len(train['id'])} pairs, but sample.train_pairs + sample.dev_corpus "
-            f"= {need_train}; lower them"
-        )
-    if len(test["id"]) < s.test_corpus:
-        raise DataError(
-            f"{folder}/test.parquet: {len(test['id'])} pairs, but sample.test_corpus = {s.test_corpus}; lower it"
-        )
+    read = {
+        name: pq.read_table(folder / f"{name}.parquet", columns=sorted(COLUMNS)).to_pydict() for name in pydocs.SPLITS
+    }
+    for name, key, need in (
+        ("train", "train_pairs", s.train_pairs),
+        ("dev", "dev_corpus", s.dev_corpus),
+        ("test", "test_corpus", s.test_corpus),
+    ):
+        if len(read[name]["id"]) < need:
+            raise DataError(
+                f"{folder}/{name}.parquet: {len(read[name]['id'])} pairs, but sample.{key} = {need}; lower it"
+            )
     rng = np.random.default_rng(s.seed)
-    train_order = rng.permutation(len(train["id"]))
-    fit = _take(train, train_order[: s.train_pairs])
-    held_out = _take(train, train_order[s.train_pairs : need_train])
-    chosen = _take(test, rng.permutation(len(test["id"]))[: s.test_corpus])
+    fit, dev, chosen = (
+        _take(read[name], rng.permutation(len(read[name]["id"]))[:need])
+        for name, need in (("train", s.train_pairs), ("dev", s.dev_corpus), ("test", s.test_corpus))
+    )
 
     def split(rows: dict[str, list], n_queries: int) -> Split:
         return Split(
@@ -123,7 +122,7 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
         {"sample": s.model_dump(), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
     )
     return Samples(
-        train_path, len(fit["query"]), split(held_out, s.dev_queries), split(chosen, s.test_queries), corpus_path, key
+        train_path, len(fit["query"]), split(dev, s.dev_queries), split(chosen, s.test_queries), corpus_path, key
     )
 
 
