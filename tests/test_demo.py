@@ -625,12 +625,30 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
         assert ndcg["ci95"][1] >= 0.0, (kind, ndcg)
     # The fine-tuned model really is another model: some query ranks its document differently.
     assert any(rows[("dev", k)]["metrics"]["ndcg@10"]["delta"] != 0.0 for k in ("dense", "sparse"))
-    # Hybrid + rerank >= each single stage on the test split, within the measured noise: a broken
-    # rerank stage (scores misaligned with documents, order reversed) fails this. At the full
-    # demo's size the MS MARCO reranker is measurably below the dense model on docstrings
-    # (docs/demo-results.md); at this size the interval is wide.
+    # The rerank stage puts the hybrid's top 5 in the cross-encoder's order, recomputed here in
+    # process at the served length and dtype: a broken stage (scores misaligned with documents,
+    # order reversed) fails this. Whether that order is better is the report's figure, not a
+    # test's: on docstrings the MS MARCO model is below dense (docs/demo-results.md; here too).
+    import pyarrow.parquet as pq
+
+    from raytrieve.encoders import load_encoder
+    from raytrieve.model_ref import resolve_model
+
+    rows = pq.read_table(tmp_path / "pydocs" / "test.parquet").to_pydict()
+    query_of = {f"q-{i}": q for i, q in zip(rows["id"], rows["query"])}
+    doc_of = dict(zip(rows["id"], rows["document"]))
+    top10 = json.loads((cfg.out / "stages" / "test-pretrained.json").read_text())["result"]["top10"]
+    dtype = rep["served_models"]["before"]["ms-marco-minilm-l12-v2"]["dtype"]
+    oracle = load_encoder("cross", str(resolve_model("ms-marco-minilm-l12-v2")), max_seq_length=80, dtype=dtype)
+    tol = 1e-4 if dtype == "float32" else 0.15  # bf16 logits near -11 are 0.0625 apart
+    assert len(top10["hybrid"]) == len(top10["hybrid+rerank"]) == 30
+    for qid in sorted(top10["hybrid"])[:8]:
+        head = top10["hybrid+rerank"][qid][:5]
+        assert set(head) == set(top10["hybrid"][qid][:5]) and top10["hybrid+rerank"][qid][5:] == top10["hybrid"][qid][5:]
+        scores = oracle.predict([(query_of[qid], doc_of[d]) for d in head])
+        assert all(a >= b - tol for a, b in zip(scores, scores[1:])), (qid, head, scores)
     for key, v in rep["rerank_vs_single_stage_ndcg@10"].items():
-        assert v["ci95"][1] >= 0.0, (key, v)
+        assert v["ci95"][0] <= v["delta"] <= v["ci95"][1], (key, v)
 
     # /search's settings fitted on dev per phase: the served app's search: defaults are the fit,
     # the fit is at least the untuned RRF on dev (it is one of the settings tried), and its test

@@ -117,6 +117,9 @@ def serve_and_query(
         "per_stage": {
             mode: scoring.per_query(r, samples.test.qrels, s.recall) for mode, r in answers["rankings"].items()
         },
+        # Each stage's top 10 per query, as answered: what the metrics above were computed from,
+        # for a look at single queries (and the reduced demo's test of the rerank stage's order).
+        "top10": {mode: {q: ids[:10] for q, ids in r.items()} for mode, r in answers["rankings"].items()},
         "timings_p50_ms": answers["timings_p50_ms"],
         "served_models": served_models,
         "url": base,
