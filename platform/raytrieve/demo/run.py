@@ -170,7 +170,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None], ray_address: str | None) -
         return store.put(f"test-{phase}", key, {"encode": encoded, **answered})
 
     dev_words = (
-        "held-out train-package pairs"
+        "the dev packages' pairs"
         if cfg.beir is None
         else (samples.dev_note or f"the {cfg.beir.dev_split or 'dev'} split")
     )
