@@ -27,7 +27,7 @@ def _config(tmp_path, port: int) -> DemoConfig:
         "out_dir": str(tmp_path / "demo"), "pydocs_dir": str(tmp_path / "pydocs"),
         "sample": {"train_pairs": 96, "dev_queries": 30, "dev_corpus": 120, "test_queries": 30, "test_corpus": 120},
         "models": {"max_seq_length": 64, "reranker_max_seq_length": 80},
-        # A few steps at a high rate: enough to move the models on their training domain.
+        # A few steps at a high rate: enough to move the models.
         "dense_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-dense"},
         "sparse_training": {"batch_size": 16, "learning_rate": 1e-4, "register_as": "t-sparse"},
         # Mined negatives from the 96 train pairs; a few steps of the 12-layer cross-encoder.
@@ -341,6 +341,8 @@ def test_pydocs_build_replaces_its_own_output_and_nothing_else(tmp_path):
     for bad in (0, -5):
         with pytest.raises(DataError, match=rf"--max-per-package must be at least 1, got {bad}"):
             pydocs.build(tmp_path / "new", max_per_package=bad)
+    with pytest.raises(DataError, match=r"dev package\(s\) \['no_such_pkg'\] not installed here"):
+        pydocs.build(tmp_path / "new", train_packages=("click",), dev_packages=("yaml", "no_such_pkg"))
     with pytest.raises(DataError, match=r"\['click'\] named as both train and dev packages"):
         pydocs.build(tmp_path / "new", train_packages=("click",), dev_packages=("yaml", "click"))
     small = {"train_packages": ("click", "jinja2"), "dev_packages": ("yaml",), "test_packages": ("packaging",),
@@ -361,6 +363,7 @@ def test_pydocs_splits_share_no_query_or_document(tmp_path, monkeypatch):
                "c": [P("shared query", "doc c", "c"), P("test query x", "doc x", "c"), P("test only", "doc t", "c")]}
     monkeypatch.setattr(pydocs, "scan_packages", lambda packages: {p: scanned[p] for p in packages})
     monkeypatch.setattr(pydocs, "_version", lambda package: "1")
+    monkeypatch.setattr(pydocs.importlib.util, "find_spec", lambda package: object())  # "installed"
     built = pydocs.build(tmp_path / "d", train_packages=("a",), dev_packages=("b",), test_packages=("c",))
     assert built["rows"] == {"train": 5, "dev": 1, "test": 2}
     import pyarrow.parquet as pq
@@ -585,6 +588,12 @@ def test_the_report_says_which_data_it_scored():
 
     rep = json.loads((ROOT / "docs" / "demo-results.json").read_text())
     assert "queries of numpy and scipy docstrings" in markdown(rep)
+    # The packages are the run's own (its data folder's manifest), not this version's defaults.
+    rep["data"] = {"pydocs": {"rules": 3, "train_packages": ["click"], "dev_packages": ["yaml", "tqdm"],
+                              "test_packages": ["fsspec"]}}
+    md = markdown(rep)
+    assert "queries of fsspec docstrings (packages never trained on)" in md and "numpy" not in md
+    assert "queries of yaml and tqdm docstrings (packages neither trained on nor tested) over" in md
     rep["data"] = {"beir": {"path": "data/mine", "train_split": "train", "dev_split": "dev", "test_split": "test"}}
     md = markdown(rep)
     assert "queries of data/mine's test split (never trained on)" in md and "numpy" not in md
@@ -618,7 +627,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     assert rows[("test", "dense")]["metrics"]["mrr@10"]["before"] > 0.4
     assert rows[("test", "hybrid+rerank")]["metrics"]["recall@100"]["before"] > 0.9
 
-    # Fine-tuned >= pretrained on the training domain (held-out pairs of the training packages):
+    # Fine-tuned >= pretrained on dev (packages neither trained on nor tested):
     # no significant loss, i.e. the 95% interval of the paired difference reaches 0 or above.
     for kind in ("dense", "sparse"):
         ndcg = rows[("dev", kind)]["metrics"]["ndcg@10"]
@@ -640,7 +649,9 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
     top10 = json.loads((cfg.out / "stages" / "test-pretrained.json").read_text())["result"]["top10"]
     dtype = rep["served_models"]["before"]["ms-marco-minilm-l12-v2"]["dtype"]
     oracle = load_encoder("cross", str(resolve_model("ms-marco-minilm-l12-v2")), max_seq_length=80, dtype=dtype)
-    tol = 1e-4 if dtype == "float32" else 0.15  # bf16 logits near -11 are 0.0625 apart
+    # bf16: logits near -11 are 0.0625 apart, and the replica's batches pad otherwise than these;
+    # a reversed or misaligned order is off by whole units.
+    tol = 1e-4 if dtype == "float32" else 0.5
     assert len(top10["hybrid"]) == len(top10["hybrid+rerank"]) == 30
     for qid in sorted(top10["hybrid"])[:8]:
         head = top10["hybrid+rerank"][qid][:5]
@@ -679,6 +690,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path):
             v = rep["fitted_rerank_vs_stage_ndcg@10"][f"{phase}:{stage}"]
             assert v["ci95"][0] <= v["delta"] <= v["ci95"][1]
     md = result.markdown_path.read_text()
+    assert "queries of pygments and aiohttp docstrings (packages neither trained on nor tested)" in md
     assert "fitted on the dev split" in md and "reranked at the depth and weight that scored best on dev" in md
 
     # Served from the MLflow registry, runs recorded there.

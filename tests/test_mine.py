@@ -308,6 +308,20 @@ def test_sparse_labeled_list_random(ray_cluster, pairs_file, tmp_path, monkeypat
     assert (work / "vectors" / "manifest.json").is_file() and not (work / "index").exists()
 
 
+def test_scored_pieces_are_joined_in_request_order_whatever_order_they_come_back_in():
+    """A reranked shard goes to the actors in pieces that come back in any order (lookup._run)."""
+    import random
+
+    from raytrieve.inference.lookup import by_shard
+
+    want = {0: list(range(10)), 3: list(range(100, 105))}
+    pieces = {(s, i): values[at : at + 3] for s, values in want.items() for i, at in enumerate(range(0, len(values), 3))}
+    shuffled = list(pieces.items())
+    random.Random(0).shuffle(shuffled)
+    assert list(pieces) != [k for k, _ in shuffled]
+    assert by_shard(dict(shuffled)) == want
+
+
 def test_select_negatives_rules():
     rng = np.random.default_rng(0)
     cands, scores = list(range(10)), np.linspace(0.9, 0.0, 10).astype(np.float32)

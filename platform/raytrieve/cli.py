@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     pydocs.add_argument(
         "--out",
         default="data/pydocs",
-        help="the folder to write train.parquet, test.parquet and manifest.json to (default: data/pydocs)",
+        help="the folder to write train.parquet, dev.parquet, test.parquet and manifest.json to (default: data/pydocs)",
     )
     pydocs.add_argument(
         "--max-per-package",

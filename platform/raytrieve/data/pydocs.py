@@ -33,6 +33,7 @@ TRAIN_PACKAGES = ("torch", "transformers", "ray", "pyarrow", "mlflow", "datasets
 DEV_PACKAGES = ("pandas", "sklearn")
 TEST_PACKAGES = ("numpy", "scipy")
 SPLITS = ("train", "dev", "test")
+TEST_FOLDERS = {"test", "tests", "testing"}
 
 
 @dataclass
@@ -71,12 +72,14 @@ _UNDERLINE = re.compile(r"\s*[-=~^]{3,}\s*$")
 MAX_SUMMARY_WORDS = 64
 # A first line that is a call signature ("hann_window(window_length, *, dtype=None) -> Tensor"),
 # and the "--" line that ends a C function's text signature (numpy's ufuncs).
-_SIGNATURE_LINE = re.compile(r"\s*[\w.]+\(.*\)\s*(?:->.*)?")
+# Only a type may follow "->" (prose after a signature keeps the line: "D.popitem() -> (k, v),
+# remove and return ..."), and nothing but "->" may follow the parentheses.
+_SIGNATURE_LINE = re.compile(r"\s*[\w.]+\((?:[^()]|\([^()]*\))*\)\s*(?:->\s*[\w.\[\]()|]+(?:,\s*[\w.\[\]()|]+)*)?\s*")
 _SIGNATURE_END = re.compile(r"\s*--\s*")
 # Heads a summary may open with that are not its words: a note's title ("Note [DDPOptimizer]",
 # "[Note: Inductor bucketize op]"), an attribute's type ("(c_intp*self.ndim): ...",
 # "{None, "no_cache"}: ..."), a stray opening quote.
-_HEAD = re.compile(r"^(?:Note\s*\[[^\]]*\]|\[Note\b[^\]]*\]|\([^)]*\):|\{[^}]*\}:|[\"']\s)\s*")
+_HEAD = re.compile(r"^(?:Note\s*\[[A-Za-z][^\]]*\]|\[Note\b[^\]]*\]|\([^)]*\):|\{[^}]*\}:|[\"']\s)\s*")
 
 
 def _structural(lines: list[str], i: int) -> bool:
@@ -117,7 +120,7 @@ def split_summary(doc: str, name: str = "") -> tuple[str, str] | None:
     first = _HEAD.sub("", _clean(" ".join(lines[:cut])), count=1)
     end = _sentence_end(first)
     # reST's literal-block marker: "text::" reads "text:", a lone "::" nothing.
-    summary = re.sub(r"::$", ":", re.sub(r"\s+::$", "", first[:end]))
+    summary = re.sub(r"::$", ":", re.sub(r"(?:^|\s+)::$", "", first[:end]))
     if len(summary.split()) > MAX_SUMMARY_WORDS or not summary:
         return None
     return summary, _clean(" ".join([first[end:], *lines[cut:], *paragraphs[1:]]))
@@ -132,7 +135,8 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8, 
     root = Path(next(iter(spec.submodule_search_locations)))
     out: list[Pair] = []
     for path in sorted(root.rglob("*.py"))[:max_files]:
-        if "test" in path.parts or path.name.startswith("test_"):
+        # A package's own tests (numpy/tests, pandas/tests/..., sklearn/*/tests) are not its API.
+        if TEST_FOLDERS & set(path.parts) or path.name.startswith("test_") or path.name == "conftest.py":
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
@@ -158,7 +162,7 @@ def package_pairs(package: str, max_files: int = 3000, min_body_words: int = 8, 
 
 def scan_packages(packages: tuple[str, ...], workers: int | None = None) -> dict[str, list[Pair]]:
     """Each package's pairs, the packages parsed in parallel (``ast`` parsing is CPU-bound
-    Python; the demo's eight packages took ~2 minutes in one process on 2 cores). ``workers``:
+    Python; the demo's eight packages of then took ~2 minutes in one process on 2 cores). ``workers``:
     at most this many at once (default: the CPUs this process may run on, at most one per
     package; local processes, so this machine's CPUs, not the Ray cluster's).
 
@@ -244,6 +248,9 @@ def build(
     for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
         if both := sorted(set(by_split[a]) & set(by_split[b])):
             raise DataError(f"{both} named as both {a} and {b} packages; a package belongs to one split")
+    for split, packages in by_split.items():
+        if missing := [p for p in packages if importlib.util.find_spec(p) is None]:
+            raise DataError(f"{split} package(s) {missing} not installed here; install them or name others")
     scanned = scan_packages(tuple(dict.fromkeys(p for packages in by_split.values() for p in packages)))
     for split, packages in by_split.items():
         pairs: list[Pair] = []
@@ -305,7 +312,11 @@ def build(
 def _version(package: str) -> str:
     """The installed version of the distribution that provides the import name ``package``
     ("sklearn" is scikit-learn's), or "unknown"."""
-    for name in (package, *importlib.metadata.packages_distributions().get(package, ())):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for name in importlib.metadata.packages_distributions().get(package, ()):  # a scan of every one
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -91,7 +91,9 @@ def build(
         "reused_steps": list(reused),
         "metrics": list(names),
         # What the splits are (the markdown's words; a report without it is of the pydocs set).
-        "data": None if cfg.beir is None else {"beir": cfg.beir.model_dump(), "dev_note": samples.dev_note},
+        "data": {"pydocs": samples.pydocs}
+        if cfg.beir is None
+        else {"beir": cfg.beir.model_dump(), "dev_note": samples.dev_note},
         "sizes": {
             "train_pairs": samples.train_pairs,
             "dev_queries": len(samples.dev.queries),
@@ -149,11 +151,13 @@ def markdown(rep: dict[str, Any]) -> str:
     names, s = rep["metrics"], rep["sizes"]
     head = " | ".join(f"{m} before | {m} after | Δ [95% CI]" for m in names)
     data = rep.get("data")
-    if data is None:  # the pydocs set
-        from raytrieve.data.pydocs import DEV_PACKAGES, TEST_PACKAGES
-
-        test = f"queries of {' and '.join(TEST_PACKAGES)} docstrings (packages never trained on)"
-        dev = f"queries of {' and '.join(DEV_PACKAGES)} docstrings (packages neither trained on nor tested)"
+    if data is None:  # the pydocs set, in a report of before its rules 3 (no dev packages)
+        test = "queries of numpy and scipy docstrings (packages never trained on)"
+        dev = "held-out pairs of the train packages"
+    elif "pydocs" in data:
+        packages = data["pydocs"]
+        test = f"queries of {' and '.join(packages['test_packages'])} docstrings (packages never trained on)"
+        dev = f"queries of {' and '.join(packages['dev_packages'])} docstrings (packages neither trained on nor tested)"
     else:
         b = data["beir"]
         test = f"queries of {b['path']}'s {b['test_split']} split (never trained on)"

@@ -2,8 +2,8 @@
 
 1. data: the pydocs dataset (docstrings of installed packages, split by package), or the
    user's BEIR folder (``beir:``), and samples of it (demo/sample.py);
-2. the pretrained models, in process: the dev split (pydocs: held-out pairs of the train
-   packages) and Lee;
+2. the pretrained models, in process: the dev split (pydocs: pairs of the dev packages, never
+   trained on nor tested) and Lee;
 3. the pretrained models through the platform: the Ray Data encoding job encodes the test
    corpus, indices are built, Serve answers every test query over HTTP at four stages
    (dense, sparse, hybrid RRF, hybrid + cross-encoder rerank; /search fitted on dev, and the

@@ -50,6 +50,8 @@ class Samples:
     # Where the dev queries come from, in words after their count, when not from a split file of
     # their own (a BEIR folder without a dev split: train queries held out); None: their own split.
     dev_note: str | None = None
+    # The pydocs set's rules and packages per split (its manifest's); None for a BEIR folder.
+    pydocs: dict | None = None
 
 
 def ensure_pydocs(folder: Path, log) -> dict:
@@ -122,7 +124,13 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
         {"sample": s.model_dump(), "packages": manifest.get("packages"), "rows": manifest.get("rows")}, sort_keys=True
     )
     return Samples(
-        train_path, len(fit["query"]), split(dev, s.dev_queries), split(chosen, s.test_queries), corpus_path, key
+        train_path,
+        len(fit["query"]),
+        split(dev, s.dev_queries),
+        split(chosen, s.test_queries),
+        corpus_path,
+        key,
+        pydocs={k: manifest.get(k) for k in ("rules", "train_packages", "dev_packages", "test_packages")},
     )
 
 

@@ -1,5 +1,6 @@
 """Corpus texts where they live: look up or cross-encoder-score given rows of an encoded corpus
-on the workers, one Ray Data row per corpus shard, so the driver never reads the corpus.
+on the workers, one Ray Data row per corpus shard (per piece of one when scoring), so the driver
+never reads the corpus.
 
 Mining finds candidates by vectors and text hashes alone; it asks this stage for the
 reranker's scores of (query, candidate) and, at the end, for the texts of the negatives it
@@ -224,6 +225,11 @@ def _run(
     except Exception as e:
         raise_worker_error(e)
         raise
+    return by_shard(pieces)
+
+
+def by_shard(pieces: dict[tuple[int, int], list[Any]]) -> dict[int, list[Any]]:
+    """Each shard's results, its pieces joined in piece order (rows come back in any order)."""
     per_shard: dict[int, list[Any]] = {}
     for (s, _), got in sorted(pieces.items()):
         per_shard.setdefault(s, []).extend(got)
