@@ -341,7 +341,7 @@ def test_pydocs_build_replaces_its_own_output_and_nothing_else(tmp_path):
     for bad in (0, -5):
         with pytest.raises(DataError, match=rf"--max-per-package must be at least 1, got {bad}"):
             pydocs.build(tmp_path / "new", max_per_package=bad)
-    with pytest.raises(DataError, match=r"dev package\(s\) \['no_such_pkg'\] not installed here"):
+    with pytest.raises(DataError, match=r"dev package\(s\) \['no_such_pkg'\] not installed here; .*--dev-packages"):
         pydocs.build(tmp_path / "new", train_packages=("click",), dev_packages=("yaml", "no_such_pkg"))
     with pytest.raises(DataError, match=r"\['click'\] named as both train and dev packages"):
         pydocs.build(tmp_path / "new", train_packages=("click",), dev_packages=("yaml", "click"))
@@ -352,6 +352,20 @@ def test_pydocs_build_replaces_its_own_output_and_nothing_else(tmp_path):
     assert first["rows"]["train"] == 20 and first["rows"]["test"] == 10 and 0 < first["rows"]["dev"] <= 10
     assert first["dev_packages"] == ["yaml"] and first["packages"]["yaml"] == importlib.metadata.version("pyyaml")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(["manifest.json", *first["files"]])
+
+
+def test_build_pydocs_command_takes_each_splits_packages(tmp_path, capsys):
+    """`raytrieve data build-pydocs --dev-packages ...`: a split's packages from the command line
+    (a build refuses a package that is not installed and names the flag)."""
+    from raytrieve.cli import main
+
+    out = tmp_path / "p"
+    assert main(["data", "build-pydocs", "--out", str(out), "--train-packages", "click,jinja2",
+                 "--dev-packages", " yaml ", "--test-packages", "packaging", "--max-per-package", "5"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert (built["train_packages"], built["dev_packages"], built["test_packages"]) == (
+        ["click", "jinja2"], ["yaml"], ["packaging"])
+    assert json.loads((out / "manifest.json").read_text()) == built
 
 
 def test_pydocs_splits_share_no_query_or_document(tmp_path, monkeypatch):

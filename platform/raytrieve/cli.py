@@ -14,7 +14,7 @@ raytrieve evaluate --data BEIR_DIR (--dense M | --sparse M | --index DIR | --url
                                    NDCG, MRR, MAP, Recall, Precision per stage with bootstrap intervals
 raytrieve serve --config X.yaml [key=value ...]
                                    hybrid search, embeddings and rerank over HTTP (127.0.0.1 by default)
-raytrieve data build-pydocs --out DIR
+raytrieve data build-pydocs --out DIR [--dev-packages A,B ...]
                                    (query, document) pairs from installed packages' docstrings
 raytrieve cache list [--json]     what raytrieve's cache on this machine holds ($RAYTRIEVE_CACHE)
 raytrieve cache prune --unused-days N [--dry-run]
@@ -219,9 +219,21 @@ def _serve(args: argparse.Namespace) -> int:
 def _build_pydocs(args: argparse.Namespace) -> int:
     import json
 
-    from raytrieve.data.pydocs import build
+    from raytrieve.data.pydocs import DEV_PACKAGES, TEST_PACKAGES, TRAIN_PACKAGES, build
 
-    print(json.dumps(build(args.out, max_per_package=args.max_per_package)))
+    def packages(split: str) -> tuple[str, ...] | None:
+        value = getattr(args, f"{split}_packages")
+        return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+
+    chosen = {split: packages(split) for split in ("train", "dev", "test")}
+    built = build(
+        args.out,
+        train_packages=chosen["train"] or TRAIN_PACKAGES,
+        dev_packages=chosen["dev"] or DEV_PACKAGES,
+        test_packages=chosen["test"] or TEST_PACKAGES,
+        max_per_package=args.max_per_package,
+    )
+    print(json.dumps(built))
     return 0
 
 
@@ -329,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=4000,
         help="at most this many (summary, docstring) pairs from each package (default: 4000)",
     )
+    from raytrieve.data.pydocs import DEV_PACKAGES, SPLITS, TEST_PACKAGES, TRAIN_PACKAGES
+
+    defaults = {"train": TRAIN_PACKAGES, "dev": DEV_PACKAGES, "test": TEST_PACKAGES}
+    for split in SPLITS:
+        pydocs.add_argument(
+            f"--{split}-packages",
+            metavar="A,B",
+            help=f"the installed packages (import names) of the {split} split (default: {','.join(defaults[split])})",
+        )
     pydocs.set_defaults(func=_build_pydocs)
     beir = data_sub.add_parser(
         "beir-pairs",

@@ -250,7 +250,10 @@ def build(
             raise DataError(f"{both} named as both {a} and {b} packages; a package belongs to one split")
     for split, packages in by_split.items():
         if missing := [p for p in packages if importlib.util.find_spec(p) is None]:
-            raise DataError(f"{split} package(s) {missing} not installed here; install them or name others")
+            raise DataError(
+                f"{split} package(s) {missing} not installed here; install them or name others "
+                f"(build-pydocs --{split}-packages A,B)"
+            )
     scanned = scan_packages(tuple(dict.fromkeys(p for packages in by_split.values() for p in packages)))
     for split, packages in by_split.items():
         pairs: list[Pair] = []
