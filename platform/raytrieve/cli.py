@@ -219,19 +219,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _build_pydocs(args: argparse.Namespace) -> int:
     import json
 
-    from raytrieve.data.pydocs import DEV_PACKAGES, TEST_PACKAGES, TRAIN_PACKAGES, build
+    from raytrieve.data.pydocs import PACKAGES, SPLITS, build
 
-    def packages(split: str) -> tuple[str, ...] | None:
-        value = getattr(args, f"{split}_packages")
-        return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+    def packages(split: str) -> tuple[str, ...]:
+        given = tuple(p.strip() for p in (getattr(args, f"{split}_packages") or "").split(",") if p.strip())
+        return given or PACKAGES[split]
 
-    chosen = {split: packages(split) for split in ("train", "dev", "test")}
+    train, dev, test = (packages(split) for split in SPLITS)
     built = build(
-        args.out,
-        train_packages=chosen["train"] or TRAIN_PACKAGES,
-        dev_packages=chosen["dev"] or DEV_PACKAGES,
-        test_packages=chosen["test"] or TEST_PACKAGES,
-        max_per_package=args.max_per_package,
+        args.out, train_packages=train, dev_packages=dev, test_packages=test, max_per_package=args.max_per_package
     )
     print(json.dumps(built))
     return 0
@@ -341,14 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=4000,
         help="at most this many (summary, docstring) pairs from each package (default: 4000)",
     )
-    from raytrieve.data.pydocs import DEV_PACKAGES, SPLITS, TEST_PACKAGES, TRAIN_PACKAGES
+    from raytrieve.data.pydocs import PACKAGES
 
-    defaults = {"train": TRAIN_PACKAGES, "dev": DEV_PACKAGES, "test": TEST_PACKAGES}
-    for split in SPLITS:
+    for split, default in PACKAGES.items():
         pydocs.add_argument(
             f"--{split}-packages",
             metavar="A,B",
-            help=f"the installed packages (import names) of the {split} split (default: {','.join(defaults[split])})",
+            help=f"the installed packages (import names) of the {split} split (default: {','.join(default)})",
         )
     pydocs.set_defaults(func=_build_pydocs)
     beir = data_sub.add_parser(

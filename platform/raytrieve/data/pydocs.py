@@ -33,6 +33,7 @@ TRAIN_PACKAGES = ("torch", "transformers", "ray", "pyarrow", "mlflow", "datasets
 DEV_PACKAGES = ("pandas", "sklearn")
 TEST_PACKAGES = ("numpy", "scipy")
 SPLITS = ("train", "dev", "test")
+PACKAGES = {"train": TRAIN_PACKAGES, "dev": DEV_PACKAGES, "test": TEST_PACKAGES}  # each split's default
 TEST_FOLDERS = {"test", "tests", "testing"}
 
 

@@ -92,20 +92,16 @@ def prepare(cfg: DemoConfig, manifest: dict, out: Path) -> Samples:
     read = {
         name: pq.read_table(folder / f"{name}.parquet", columns=sorted(COLUMNS)).to_pydict() for name in pydocs.SPLITS
     }
-    for name, key, need in (
-        ("train", "train_pairs", s.train_pairs),
-        ("dev", "dev_corpus", s.dev_corpus),
-        ("test", "test_corpus", s.test_corpus),
-    ):
+    # Rows drawn from each split: the train pairs, the dev and test corpora (their first rows the queries).
+    wanted = (("train", "train_pairs", s.train_pairs), ("dev", "dev_corpus", s.dev_corpus))
+    wanted += (("test", "test_corpus", s.test_corpus),)
+    for name, key, need in wanted:
         if len(read[name]["id"]) < need:
             raise DataError(
                 f"{folder}/{name}.parquet: {len(read[name]['id'])} pairs, but sample.{key} = {need}; lower it"
             )
     rng = np.random.default_rng(s.seed)
-    fit, dev, chosen = (
-        _take(read[name], rng.permutation(len(read[name]["id"]))[:need])
-        for name, need in (("train", s.train_pairs), ("dev", s.dev_corpus), ("test", s.test_corpus))
-    )
+    fit, dev, chosen = (_take(read[name], rng.permutation(len(read[name]["id"]))[:need]) for name, _, need in wanted)
 
     def split(rows: dict[str, list], n_queries: int) -> Split:
         return Split(
