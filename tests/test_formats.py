@@ -3,6 +3,8 @@ and the configs' ``format`` values are exactly the table's names."""
 
 from __future__ import annotations
 
+import json
+
 import re
 import typing
 
@@ -123,6 +125,27 @@ def test_jsonl_strings_shaped_like_dates_stay_strings_on_every_read_path(tmp_pat
     path.write_text('{"id": "2020-01-01", "n": 1}\n{"id": 7, "n": 2}\n')
     with pytest.raises(DataError, match="dated.jsonl"):
         [read_shard(s, ["id"]) for s in plan_shards(open_source(str(path)), 100_000)]
+
+
+def test_jsonl_dates_inside_lists_and_objects_stay_strings(tmp_path, monkeypatch):
+    """A labeled-list's documents (a list of strings) or a field of an object can look like dates
+    too: they came back as lists of timestamps, and a later value that is no date failed."""
+    monkeypatch.setattr(formats, "STREAM_BLOCK", 1 << 10)
+    docs = [[f"2020-01-{i % 28 + 1:02d}", "1999-12-31"] for i in range(300)] + [["not a date", "x"]]
+    meta = [{"day": f"2020-02-{i % 28 + 1:02d}", "n": i} for i in range(300)] + [{"day": "later", "n": 300}]
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "documents": d, "meta": m}) + "\n"
+                            for i, (d, m) in enumerate(zip(docs, meta))))
+    whole = formats.get("jsonl").read_all(str(path))
+    assert whole.column("documents").to_pylist() == docs and whole.column("meta").to_pylist() == meta
+    assert whole.schema.field("meta").type.field("n").type == "int64"  # only the dates are read as strings
+    _, pieces = list_pieces(path, "jsonl")  # training's stream, typed by a first block of dates alone
+    streamed = read_piece(pieces[0], ["query", "documents", "meta"])
+    assert streamed.column("documents").to_pylist() == docs and streamed.column("meta").to_pylist() == meta
+    head = tmp_path / "head.jsonl"  # a shard's read of the dates alone
+    head.write_text("".join(json.dumps({"documents": d}) + "\n" for d in docs[:3]))
+    got = [r for sh in plan_shards(open_source(str(head)), 100_000) for r in read_shard(sh, ["documents"]).to_pylist()]
+    assert [r["documents"] for r in got] == docs[:3]
 
 
 def test_csv_strings_shaped_like_dates_stay_strings_in_streams_and_whole_reads(tmp_path, monkeypatch):

@@ -222,9 +222,9 @@ class LineFormat(InputFormat):
     def parse(self, body: bytes, header: bytes, columns: list[str] | None = None) -> pa.Table:
         raise NotImplementedError
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, textual: Sequence[pa.Field] = ()) -> Any:
         """A streaming reader (``.schema``, iterates record batches) over a whole open file, the
-        ``strings`` columns read as text whatever their values look like."""
+        ``textual`` columns read with their types (text where values look like dates)."""
         raise NotImplementedError
 
     def stream(self, location: str, columns: list[str] | None) -> Any:
@@ -272,28 +272,40 @@ class LineFormat(InputFormat):
             yield batch.select(columns)
 
 
-def _dated(schema: pa.Schema) -> list[str]:
-    """The columns a reader typed as dates, times or timestamps: in JSON and csv such values are
-    strings that look like dates, and ids or titles can."""
-    return [f.name for f in schema if pa.types.is_temporal(f.type)]
+def _as_text(t: pa.DataType) -> pa.DataType:
+    """``t`` with every date, time or timestamp in it (a list's items, a struct's fields) text."""
+    if pa.types.is_temporal(t):
+        return pa.string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        item = _as_text(t.value_type)
+        return pa.list_(item) if pa.types.is_list(t) else pa.large_list(item)
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_as_text(t.field(i).type)) for i in range(t.num_fields)])
+    return t
 
 
-def _dates_as_text(read: Callable[[Sequence[str]], pa.Table]) -> pa.Table:
-    """``read(strings)``'s table: a whole read (one read unifies its blocks' types), read again
-    with the ``strings`` columns as text where it typed some as dates (a file of date-shaped
+def _dated(schema: pa.Schema) -> list[pa.Field]:
+    """The columns a reader typed with dates, times or timestamps (at the top, or in a list's
+    items or a struct's fields), typed as text: in JSON and csv such values are strings that
+    look like dates, and ids, titles or a list of documents can."""
+    return [f.with_type(_as_text(f.type)) for f in schema if _as_text(f.type) != f.type]
+
+
+def _dates_as_text(read: Callable[[Sequence[pa.Field]], pa.Table]) -> pa.Table:
+    """``read(textual)``'s table: a whole read (one read unifies its blocks' types), read again
+    with the ``textual`` columns' types where it typed some with dates (a file of date-shaped
     ids alone)."""
     table = read(())
     dated = _dated(table.schema)
     return read(dated) if dated else table
 
 
-def _json_options(strings: Sequence[str]) -> Any:
-    """pyarrow.json's parse options reading the ``strings`` columns as text (JSON has no date
-    type: pyarrow infers timestamps from strings shaped like dates)."""
+def _json_options(textual: Sequence[pa.Field]) -> Any:
+    """pyarrow.json's parse options reading the ``textual`` columns with their types (JSON has
+    no date type: pyarrow infers timestamps from strings shaped like dates)."""
     import pyarrow.json as pj
 
-    schema = pa.schema([pa.field(name, pa.string()) for name in strings])
-    return pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+    return pj.ParseOptions(explicit_schema=pa.schema(list(textual)), unexpected_field_behavior="infer")
 
 
 class JsonlFormat(LineFormat):
@@ -306,13 +318,13 @@ class JsonlFormat(LineFormat):
 
         if not body.strip():
             return pa.table({})
-        return _dates_as_text(lambda strings: pj.read_json(io.BytesIO(body), parse_options=_json_options(strings)))
+        return _dates_as_text(lambda textual: pj.read_json(io.BytesIO(body), parse_options=_json_options(textual)))
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, textual: Sequence[pa.Field] = ()) -> Any:
         import pyarrow.json as pj
 
         return pj.open_json(
-            source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK), parse_options=_json_options(strings)
+            source, read_options=pj.ReadOptions(block_size=STREAM_BLOCK), parse_options=_json_options(textual)
         )
 
     def read_range(self, fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None) -> pa.Table:
@@ -331,9 +343,9 @@ class JsonlFormat(LineFormat):
         if not fs.get_file_info(path).size:
             return pa.table({})
 
-        def read(strings: Sequence[str]) -> pa.Table:
+        def read(textual: Sequence[pa.Field]) -> pa.Table:
             with fs.open_input_stream(path) as f:  # decompressed by the name's suffix, as pyarrow's own reader does
-                return pj.read_json(f, parse_options=_json_options(strings))
+                return pj.read_json(f, parse_options=_json_options(textual))
 
         return _dates_as_text(read)
 
@@ -419,7 +431,7 @@ class CsvFormat(LineFormat):
         head = read_bytes(fs, path, 0, min(size, PROBE_BYTES))
         return self.parse(head.split(b"\n")[0] + b"\n", b"").schema
 
-    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, strings: Sequence[str] = ()) -> Any:
+    def open_stream(self, source: pa.NativeFile, columns: list[str] | None, textual: Sequence[pa.Field] = ()) -> Any:
         import pyarrow.csv as pc
 
         return pc.open_csv(
@@ -427,7 +439,7 @@ class CsvFormat(LineFormat):
             read_options=pc.ReadOptions(block_size=STREAM_BLOCK),
             parse_options=pc.ParseOptions(delimiter=self.delimiter),
             convert_options=pc.ConvertOptions(
-                include_columns=list(columns) if columns else None, column_types={c: pa.string() for c in strings}
+                include_columns=list(columns) if columns else None, column_types={c.name: c.type for c in textual}
             ),
         )
 
@@ -438,12 +450,12 @@ class CsvFormat(LineFormat):
         if not fs.get_file_info(path).size:
             return pa.table({})
 
-        def read(strings: Sequence[str]) -> pa.Table:
+        def read(textual: Sequence[pa.Field]) -> pa.Table:
             with fs.open_input_stream(path) as f:
                 return pc.read_csv(
                     f,
                     parse_options=pc.ParseOptions(delimiter=self.delimiter),
-                    convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in strings}),
+                    convert_options=pc.ConvertOptions(column_types={c.name: c.type for c in textual}),
                 )
 
         return _dates_as_text(read)
