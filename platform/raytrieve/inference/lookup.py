@@ -3,8 +3,9 @@ on the workers, one Ray Data row per corpus shard (per piece of one when scoring
 never reads the corpus.
 
 Mining finds candidates by vectors and text hashes alone; it asks this stage for the
-reranker's scores of (query, candidate) and, at the end, for the texts of the negatives it
-keeps: output-sized data, never the corpus.
+reranker's scores of (query, candidate) and of (query, positive) (the positives' texts travel in
+the rows: one actor pool, one model load per actor), and, at the end, for the texts of the
+negatives it keeps: output-sized data, never the corpus.
 
 A shard is the encoding job's own shard (same plan, from its job.json), read again from the
 corpus; a row is found by its id, and an id the shard no longer has means the corpus
@@ -13,6 +14,7 @@ changed since it was encoded (the error says to rerun the encoding job).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +64,14 @@ class EncodedCorpus:
 RERANK_PIECE = 256
 
 
+# The shard of request rows whose texts travel in the row (``given``) instead of being looked up.
+GIVEN = -1
+
+
 class ShardLookup:
     """Ray Data callable: per request row (a corpus shard, or a piece of one), the texts of the
-    requested ids, or the reranker's scores of (query, text) for each request."""
+    requested ids, or the reranker's scores of (query, text) for each request; a row of shard
+    ``GIVEN`` brings its texts with it and is only scored."""
 
     def __init__(self, corpus: CorpusConfig, queries: Any = None, reranker: dict[str, Any] | None = None) -> None:
         self.corpus = corpus
@@ -94,9 +101,12 @@ class ShardLookup:
         out: dict[str, list[Any]] = {"shard": [], "piece": [], "texts": [], "scores": []}
         for row in batch.to_pylist():
             spec = ShardSpec.from_row(row)
-            if self._read is None or self._read[0] != spec:
-                self._read = (spec, shard_text_of(spec, self.corpus))
-            texts = pick_texts(spec, self._read[1], row["ids"], row["hashes"])
+            if spec.shard == GIVEN:
+                texts = list(row["given"])
+            else:
+                if self._read is None or self._read[0] != spec:
+                    self._read = (spec, shard_text_of(spec, self.corpus))
+                texts = pick_texts(spec, self._read[1], row["ids"], row["hashes"])
             out["shard"].append(spec.shard)
             out["piece"].append(int(row.get("piece", 0)))
             if self.model is not None:
@@ -167,10 +177,11 @@ def _run(
     actors: int,
     cpus: float,
     progress: Stage | None = None,
+    given: Sequence[tuple[int, str]] = (),
 ) -> dict[int, list[Any]]:
     """Requests grouped by shard through the stage (a reranked shard in pieces of at most
-    ``RERANK_PIECE``); the result lists in request order per shard. ``progress`` counts the
-    requests answered."""
+    ``RERANK_PIECE``); the result lists in request order per shard. ``given``: (query, text)
+    pairs to score as well, under shard ``GIVEN``. ``progress`` counts the requests answered."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -192,8 +203,22 @@ def _run(
                     "ids": ids.take(rows[mine]),
                     "hashes": hashes[rows[mine]].tolist(),  # each text is checked against what was encoded
                     "query": query[mine].tolist() if query is not None else [],
+                    "given": [],
                 }
             )
+    nowhere = ShardSpec(GIVEN, "", "", 0, 0).as_row()
+    for piece, at in enumerate(range(0, len(given), RERANK_PIECE)):
+        part = given[at : at + RERANK_PIECE]
+        requests.append(
+            {
+                **nowhere,
+                "piece": piece,
+                "ids": [],
+                "hashes": [],
+                "query": [q for q, _ in part],
+                "given": [t for _, t in part],
+            }
+        )
     items = ray.data.from_items(requests, override_num_blocks=max(1, len(requests)))
     if reranker is None:
         # Nothing to load: tasks, not an actor pool. They run on workers Ray keeps warm (no new
@@ -269,11 +294,14 @@ def score_rows(
     actors: int = 1,
     cpus: float = 1.0,
     progress: Stage | None = None,
-) -> np.ndarray:
-    """The cross-encoder's score of (queries[query[i]], text of rows[i]) for each i; ``progress``
-    counts the pairs scored."""
-    if not len(rows):
-        return np.zeros(0, np.float32)
+    given: Sequence[tuple[int, str]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cross-encoder's score of (queries[query[i]], text of rows[i]) for each i, and of
+    (queries[q], text) for each (q, text) in ``given`` (texts not looked up: a mined pair's
+    positive), by one actor pool; ``progress`` counts the pairs scored."""
     rows = np.asarray(rows, dtype=np.int64)
-    per_shard = _run(encoded, ids, hashes, rows, np.asarray(query), queries, reranker, actors, cpus, progress)
-    return np.asarray(_in_request_order(encoded, rows, per_shard), dtype=np.float32)
+    if not len(rows) and not len(given):
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    per_shard = _run(encoded, ids, hashes, rows, np.asarray(query), queries, reranker, actors, cpus, progress, given)
+    scored = per_shard.pop(GIVEN, [])
+    return np.asarray(_in_request_order(encoded, rows, per_shard), dtype=np.float32), np.asarray(scored, np.float32)

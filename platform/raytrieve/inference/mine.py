@@ -379,7 +379,6 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
     phases.update(1, finished=f"candidates of {len(unique_queries)} queries")
 
     if cfg.reranker is not None:
-        from raytrieve.inference.score import score_pairs
         from raytrieve.model_ref import resolve_model, ship
 
         rr = cfg.reranker
@@ -408,7 +407,9 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
             rr.max_seq_length if rr.max_seq_length is not None else "the model's",
         )
         with stage("rerank", total=len(cand_rows) + len(queries), unit="pair") as counted:
-            scored = score_rows(
+            # The positives in the same pool (their texts travel in the rows): the margins compare
+            # them with the candidates, scored by the same model in the same dtype.
+            scored, pos_scores = score_rows(
                 encoded,
                 corpus_ids,
                 hashes,
@@ -419,17 +420,7 @@ def run_mine(cfg: MineConfig, where: str = "config", ray_address: str | None = N
                 rr.actors,
                 rr.cpus_per_actor,
                 counted,
-            )
-            pos_scores = score_pairs(
-                list(zip(queries, positives)),
-                reranker["model"],
-                max_seq_length=rr.max_seq_length,
-                batch_size=rr.batch_size,
-                token_budget=rr.token_budget,
-                actors=rr.actors,
-                cpus_per_actor=rr.cpus_per_actor,
-                dtype=rr.dtype,  # the candidates' dtype: margins compare the two
-                progress=counted,
+                given=[(q_row[q], p) for q, p in zip(queries, positives)],
             )
         at = 0
         for q in unique_queries:
