@@ -342,3 +342,75 @@ def test_in_batch_negatives_names_exactly_the_losses_constant_on_a_one_row_batch
     assert type(loss).in_batch_negatives
     assert not moves(loss, cross, [["a query"], ["its passage"]])
     assert moves(loss, cross, [["a query"], ["its passage"], ["another passage"]])
+
+
+def test_object_arguments_are_written_by_name(dense, tiny_dirs, tiny_models):
+    """sentence-transformers' object arguments (a guide model, a weighting scheme, an activation,
+    a distance) by name in a config. As text they passed every check and failed on the Ray
+    workers ("'str' object is not callable")."""
+    import torch
+    from torch import nn
+
+    from raytrieve import CrossEncoder
+    from raytrieve.losses import BatchHardTripletLoss, ContrastiveLoss, GISTEmbedLoss
+    from raytrieve.losses.cross import BinaryCrossEntropyLoss
+    from raytrieve.losses.listwise import LambdaLoss, ListNetLoss, NDCGLoss2PPScheme, NDCGLoss2Scheme
+    from raytrieve.losses.pairwise import SiameseDistanceMetric, pairwise_dot_score
+    from raytrieve.losses.triplet import BatchHardTripletLossDistanceFunction, TripletDistanceMetric
+
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    lam = build_loss(_spec({"name": "LambdaLoss", "args": {"weighting_scheme": "NDCGLoss2Scheme"}}), cross, "cross")
+    assert isinstance(lam, LambdaLoss) and isinstance(lam.weighting_scheme, NDCGLoss2Scheme)
+    lam = build_loss(_spec({"name": "LambdaLoss", "args": {"weighting_scheme": {"name": "NDCGLoss2PPScheme",
+                                                                                "args": {"mu": 5.0}}}}), cross, "cross")
+    assert isinstance(lam.weighting_scheme, NDCGLoss2PPScheme) and lam.weighting_scheme.mu == 5.0
+    net = build_loss(_spec({"name": "ListNetLoss", "args": {"activation_fn": "torch.nn.Identity"}}), cross, "cross")
+    assert isinstance(net, ListNetLoss) and isinstance(net.activation_fn, nn.Identity)
+    bce = build_loss(_spec({"name": "BinaryCrossEntropyLoss", "args": {"pos_weight": 2}}), cross, "cross")
+    assert isinstance(bce, BinaryCrossEntropyLoss) and torch.equal(bce.bce.pos_weight, torch.tensor(2.0))
+    triplet = build_loss(_spec({"name": "TripletLoss", "args": {"distance_metric": "TripletDistanceMetric.COSINE"}}),
+                         dense, "dense")
+    assert triplet.distance_metric is TripletDistanceMetric.COSINE
+    hard = build_loss(_spec({"name": "BatchHardTripletLoss", "args": {"distance_metric": "cosine_distance"}}),
+                      dense, "dense")
+    assert isinstance(hard, BatchHardTripletLoss)
+    assert hard.distance_metric == BatchHardTripletLossDistanceFunction.cosine_distance
+    siamese = build_loss(_spec({"name": "ContrastiveLoss", "args": {"distance_metric": "euclidean"}}), dense, "dense")
+    assert isinstance(siamese, ContrastiveLoss) and siamese.distance_metric is SiameseDistanceMetric.EUCLIDEAN
+
+    # CoSENT takes one score per pair: "dot" is the pairwise dot product (it was the score
+    # matrix), and the loss equals the one built in Python with that function.
+    texts = (["a cat sat", "stocks fell", "rain again"], ["the cat sits", "markets dropped", "sunny day"])
+    features = [dense.tokenize(list(t)) for t in texts]
+    labels = torch.tensor([0.9, 0.8, 0.1])
+    got = build_loss(_spec({"name": "CoSENTLoss", "args": {"similarity_fct": "dot"}}), dense, "dense")
+    assert got.similarity_fct is pairwise_dot_score
+    want = CoSENTLoss(dense, similarity_fct=pairwise_dot_score)
+    torch.testing.assert_close(got(features, labels), want(features, labels))
+
+    # GIST's guide: a dense model by reference, frozen (the optimizer takes the loss's parameters).
+    gist = build_loss(_spec({"name": "GISTEmbedLoss", "args": {"guide": str(tiny_models["dense"])}}), dense, "dense")
+    assert isinstance(gist, GISTEmbedLoss) and isinstance(gist.guide, DenseEncoder)
+    assert not any(p.requires_grad for p in gist.guide.parameters())
+    guide = DenseEncoder(tiny_models["dense"], device="cpu")
+    torch.testing.assert_close(gist(features), GISTEmbedLoss(dense, guide)(features))
+
+    for spec, kind, message in [
+        ({"name": "GISTEmbedLoss"}, "dense", r"loss.args.guide is required for GISTEmbedLoss \(e.g. all-minilm"),
+        ({"name": "GISTEmbedLoss", "args": {"guide": str(tiny_models["cross"])}}, "dense",
+         r"loss.args.guide: .* is a cross model"),
+        ({"name": "LambdaLoss", "args": {"weighting_scheme": "ndcg2pp"}}, "cross",
+         r"loss.args.weighting_scheme: 'ndcg2pp'; choose from \['LambdaRankScheme'"),
+        ({"name": "ListNetLoss", "args": {"activation_fn": "os.system"}}, "cross",
+         r"loss.args.activation_fn: 'os.system'; name a torch.nn class"),
+        ({"name": "ListNetLoss", "args": {"activation_fn": "Sigmoyd"}}, "cross", r"'Sigmoyd' is no torch.nn class"),
+        ({"name": "TripletLoss", "args": {"distance_metric": "hamming"}}, "dense",
+         r"loss.args.distance_metric: 'hamming' is no distance TripletLoss takes; choose from \['COSINE'"),
+        ({"name": "CoSENTLoss", "args": {"similarity_fct": "euclidean"}}, "dense", r"CoSENTLoss takes 'cosine' or 'dot'"),
+        ({"name": "SpladeLoss", "args": {"document_regularizer_weight": 3e-5, "document_regularizer": "FlopsLoss"},
+          "inner": {"name": "SparseMultipleNegativesRankingLoss"}}, "sparse",
+         r"loss.args.document_regularizer: SpladeLoss takes a Python object here, not 'FlopsLoss'"),
+    ]:
+        model = SparseEncoder(tiny_dirs["mlm"], device="cpu") if kind == "sparse" else cross if kind == "cross" else dense
+        with pytest.raises(ConfigError, match=message):
+            build_loss(_spec(spec), model, kind)

@@ -223,6 +223,7 @@ class CachedGISTEmbedLoss(CachedLoss):
     columns = (2, None)
     in_batch_negatives = True
     column_names = "anchor, positive, then optional negatives"
+    required_args = GISTEmbedLoss.required_args
 
     def __init__(
         self,

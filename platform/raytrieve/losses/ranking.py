@@ -7,8 +7,8 @@ become negatives of every local anchor (see losses/gather.py for the gradient).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +205,8 @@ class GISTEmbedLoss(Loss):
     in_batch_negatives = True
     column_names = "anchor, positive, then optional negatives"
     model: EmbeddingEncoder  # retokenizing for the guide needs the model's tokenizer
+    # In a config, the guide is a dense model by reference (losses/registry.py loads it).
+    required_args: ClassVar[Mapping[str, str]] = {"guide": "all-minilm-l6-v2"}
 
     def __init__(
         self,

@@ -57,7 +57,9 @@ def _class(name: str, kind: str, where: str | None) -> type[LossContract]:
     return classes[name]
 
 
-def _resolve_args(cls: type[LossContract], args: dict[str, Any], where: str) -> dict[str, Any]:
+def _resolve_args(
+    cls: type[LossContract], args: dict[str, Any], where: str, model: nn.Module | None = None
+) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
     valid = [p for p in params if p not in ("self", "model", "loss", "kwargs")]
     unknown = sorted(set(args) - set(valid))
@@ -74,16 +76,146 @@ def _resolve_args(cls: type[LossContract], args: dict[str, Any], where: str) -> 
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{arg}: expected a number (default {default}), got {value!r}")
     resolved = dict(args)
-    if isinstance(resolved.get("similarity_fct"), str):
-        given = resolved["similarity_fct"]
-        try:
-            name = sim.canonical_name(given)
-        except RaytrieveError:
-            name = None  # the similarity module's choices include ones no loss takes
-        resolved["similarity_fct"] = {"cosine": sim.cosine, "dot": sim.dot}.get(name or "")
-        if resolved["similarity_fct"] is None:
-            raise ConfigError(f"{where}.similarity_fct: {given!r}; {cls.__name__} takes 'cosine' or 'dot'")
+    for arg, value in args.items():
+        default = params[arg].default if arg in params else inspect.Parameter.empty
+        resolved[arg] = _object_arg(cls, arg, value, default, f"{where}.{arg}", model)
     return resolved
+
+
+# Arguments that are Python objects in sentence-transformers (a function, an enum member, a
+# torch module, a model) are written by name in a config; each is resolved here, on the driver's
+# check and again on every worker, so a name that means nothing fails before Ray starts.
+_PLAIN = (str, int, float, bool, list, dict)
+
+
+def _object_arg(cls: type, arg: str, value: Any, default: Any, where: str, model: nn.Module | None) -> Any:
+    """``value`` as the object the loss's ``arg`` takes (``default``: the parameter's default)."""
+    name = cls.__name__
+    if value is None or not isinstance(value, _PLAIN):
+        return value
+    if arg == "similarity_fct" and isinstance(value, str):
+        return _similarity(value, default, name, where)
+    if arg == "distance_metric" and isinstance(value, str):
+        return _member(value, default, name, where)
+    if arg in ("activation_fn", "cos_score_transformation", "loss_fct") and isinstance(value, str):
+        return _torch_module(value, where)
+    if arg == "weighting_scheme":
+        from raytrieve.losses import listwise
+
+        schemes = {c.__name__: c for c in (listwise.NDCGLoss2PPScheme, listwise.NDCGLoss2Scheme,
+                                           listwise.NDCGLoss1Scheme, listwise.LambdaRankScheme,
+                                           listwise.NoWeightingScheme)}  # fmt: skip
+        return _named_object(value, schemes, where)
+    if arg == "lambda_weight":
+        from raytrieve.losses.listwise import PListMLELambdaWeight
+
+        return _named_object(value, {"PListMLELambdaWeight": PListMLELambdaWeight}, where)
+    if arg == "pos_weight" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        import torch
+
+        return torch.tensor(float(value))
+    if arg == "guide" and isinstance(value, str):
+        return _guide(value, where, model)
+    plain_default = default is inspect.Parameter.empty or default is None or isinstance(default, _PLAIN)
+    if not plain_default or arg in ("guide", "pos_weight", "document_regularizer", "query_regularizer"):
+        # An object a config has no way to write: it would reach the loss as text and fail on the workers.
+        raise ConfigError(
+            f"{where}: {name} takes a Python object here, not {value!r}, and a config cannot give one; "
+            "leave it out for the default, or build the loss in Python"
+        )
+    return value
+
+
+def _similarity(given: str, default: Any, loss: str, where: str) -> Any:
+    """'cosine' or 'dot' (sentence-transformers' names too: cos_sim, dot_score, util.cos_sim,
+    pairwise_cos_sim) as the function of the form the loss takes: a score matrix, or one score per
+    pair where its default is a pairwise function (CoSENT, MarginMSE, DistillKLDiv)."""
+    from raytrieve.losses.pairwise import pairwise_cos_sim, pairwise_dot_score
+
+    bare = given.strip().rsplit(".", 1)[-1].removeprefix("pairwise_")
+    try:
+        canonical = sim.canonical_name(bare)
+    except RaytrieveError:
+        canonical = ""  # the similarity module's choices include ones no loss takes
+    pairwise = getattr(default, "__name__", "").lstrip("_").startswith("pairwise")
+    functions = (
+        {"cosine": pairwise_cos_sim, "dot": pairwise_dot_score} if pairwise else {"cosine": sim.cosine, "dot": sim.dot}
+    )
+    if canonical not in functions:
+        raise ConfigError(f"{where}: {given!r}; {loss} takes 'cosine' or 'dot'")
+    return functions[canonical]
+
+
+def _member(given: str, default: Any, loss: str, where: str) -> Any:
+    """A distance by name: a member of the default's enum (TripletDistanceMetric.EUCLIDEAN, or
+    euclidean), or a function beside the default in its class (BatchHardTripletLossDistanceFunction)."""
+    import enum
+    import sys
+
+    bare = given.strip().rsplit(".", 1)[-1].lower()
+    if isinstance(default, enum.Enum):
+        choices = {m.name.lower(): m for m in type(default)} | {str(m.value).lower(): m for m in type(default)}
+        shown = [m.name for m in type(default)]
+    else:
+        owner_name = getattr(default, "__qualname__", "").rpartition(".")[0]
+        owner = getattr(sys.modules.get(getattr(default, "__module__", ""), None), owner_name, None)
+        names = [n for n in dir(owner) if not n.startswith("_") and callable(getattr(owner, n))] if owner else []
+        choices = {n.lower(): getattr(owner, n) for n in names}
+        shown = names
+    if bare not in choices:
+        raise ConfigError(f"{where}: {given!r} is no distance {loss} takes; choose from {shown}")
+    return choices[bare]
+
+
+def _torch_module(given: str, where: str) -> nn.Module:
+    """A torch.nn module built without arguments, by its class name (Sigmoid, torch.nn.Identity,
+    torch.nn.modules.activation.Tanh, MSELoss): only torch's own classes, never an import of
+    the config's choosing."""
+    bare = given.strip().rsplit(".", 1)[-1]
+    if "." in given.strip() and not given.strip().startswith(("torch.", "nn.")):
+        raise ConfigError(f"{where}: {given!r}; name a torch.nn class (e.g. Sigmoid, Identity, MSELoss)")
+    classes = {n.lower(): c for n in dir(nn) if inspect.isclass(c := getattr(nn, n)) and issubclass(c, nn.Module)}
+    found = classes.get(bare.lower())
+    if found is None:
+        raise ConfigError(f"{where}: {given!r} is no torch.nn class; name one (e.g. Sigmoid, Identity, MSELoss)")
+    try:
+        return found()
+    except TypeError as e:
+        raise ConfigError(f"{where}: torch.nn.{found.__name__} needs arguments a config cannot give ({e})") from None
+
+
+def _named_object(given: Any, classes: dict[str, type], where: str) -> Any:
+    """``Name`` or ``{name: Name, args: {...}}`` as ``classes[Name](**args)``."""
+    name, kwargs = given, {}
+    if isinstance(given, dict):
+        unknown = sorted(set(given) - {"name", "args"})
+        if unknown or not isinstance(given.get("args", {}), dict):
+            raise ConfigError(f"{where}: write {{name: ..., args: {{...}}}}; got {given!r}")
+        name, kwargs = given.get("name"), given.get("args") or {}
+    bare = str(name).strip().rsplit(".", 1)[-1].lower() if isinstance(name, str) else ""
+    found = {n.lower(): c for n, c in classes.items()}.get(bare)
+    if found is None:
+        raise ConfigError(f"{where}: {given!r}; choose from {sorted(classes)}")
+    try:
+        return found(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: cannot build {found.__name__} ({e})") from None
+
+
+def _guide(ref: str, where: str, model: nn.Module | None) -> nn.Module:
+    """GIST's guide: a dense model by reference, as model.name_or_path takes one, loaded on the
+    trained model's device."""
+    from raytrieve.encoders import load_encoder
+    from raytrieve.kinds import refuse_other_kind
+    from raytrieve.model_ref import resolve_field
+
+    path = resolve_field(ref, where)
+    refuse_other_kind(path, "dense", f"{where}: {ref}", "name a dense model as the guide")
+    device = next((p.device for p in model.parameters()), None) if model is not None else None
+    guide = load_encoder("dense", str(path), device=str(device) if device is not None else "cpu")
+    # Frozen: it only scores, and the optimizer takes the loss's trainable parameters too.
+    guide.requires_grad_(False)
+    return guide.eval()
 
 
 def build_loss(spec: LossSpec, model: nn.Module, kind: str, where: str = "loss") -> nn.Module:
@@ -98,7 +230,7 @@ def build_loss(spec: LossSpec, model: nn.Module, kind: str, where: str = "loss")
             raise ConfigError(
                 f"{where}.inner: {spec.name} needs a base loss, e.g. inner: {{name: {wrapping.example}, args: {{...}}}}"
             )
-        args = _resolve_args(cls, {k: v for k, v in spec.args.items() if k != "loss"}, f"{where}.args")
+        args = _resolve_args(cls, {k: v for k, v in spec.args.items() if k != "loss"}, f"{where}.args", model)
         base = build_loss(inner, model, kind, inner_where) if inner is not None else None
         loss = _construct(cls, where, model, base, **args)
     elif spec.inner is not None:
@@ -107,7 +239,7 @@ def build_loss(spec: LossSpec, model: nn.Module, kind: str, where: str = "loss")
             "Remove inner, or name the wrapping loss here"
         )
     else:
-        loss = _construct(cls, where, model, **_resolve_args(cls, spec.args, f"{where}.args"))
+        loss = _construct(cls, where, model, **_resolve_args(cls, spec.args, f"{where}.args", model))
     if spec.matryoshka_dims:
         if kind != "dense":
             raise ConfigError(f"{where}.matryoshka_dims applies to dense models only")
