@@ -171,6 +171,10 @@ def test_bad_config_is_named(data):
         extra = "eval: {path: %s, evaluator: information_retrieval}\n" % path if "kind" in override else ""
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_train_config(cfg(data, path, extra=extra), [override])
+    # A cross-encoder's prompts were dropped, silently (it tokenizes the pair as it is).
+    for override in ("datasets.0.prompts={query: 'q: '}", "prompts='q: '"):
+        with pytest.raises(ConfigError, match=r"prompts: a cross-encoder trains on the pairs' texts as they are"):
+            load_train_config(cfg(data, path), ["model.kind=cross", override])
 
 
 def test_a_tracking_store_that_does_not_open_is_refused_before_ray(tmp_path):

@@ -323,8 +323,10 @@ def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, 
         assert prepare(cfg).spec.model_prompts == {}
     assert ("config.prompts: the query columns trained without a prompt, but the model adds its 'query' prompt "
             "'q: ' to every query it encodes") in caplog.text
-    cross = shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")
+    cross = shipped_config("cross_bce", tmp_path, tiny_models, data)
     assert prepare(cross).spec.model_prompts == {}  # a cross-encoder reads pairs, not roles
+    with pytest.raises(ConfigError, match="a cross-encoder trains on the pairs' texts as they are"):
+        shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")  # it was dropped, silently
 
 
 def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_path):

@@ -449,6 +449,17 @@ class TrainConfig(ConfigModel):
             )
         if not self.datasets:
             invalid("datasets", ": give at least one dataset")
+        if self.model.kind == "cross":
+            # A cross-encoder reads each pair's texts as they are: prompts would be dropped, silently.
+            given = ["prompts"] * (self.prompts is not None) + [
+                f"datasets[{i}].prompts" for i, d in enumerate(self.datasets) if d.prompts is not None
+            ]
+            if given:
+                invalid(
+                    given[0],
+                    ": a cross-encoder trains on the pairs' texts as they are; prompts apply to "
+                    "dense and sparse models. Leave it out (or put the prefix into the data)",
+                )
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             invalid("datasets", f": dataset names must be unique, got {names}")
