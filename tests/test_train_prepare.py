@@ -465,8 +465,9 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.eval.columns = None
     with pytest.raises(ConfigError, match=r"information_retrieval takes query, document; the file has the text "
-                                          r"columns \['id', 'query', 'document', 'package'\]: set job.yaml.eval.columns"):
-        prepare(cfg, "job.yaml")
+                                          r"columns \['id', 'query', 'document', 'package'\]: set job.yaml.eval.columns "
+                                          r"to the columns in that order \(e.g. \[query, document\]\)"):
+        prepare(cfg, "job.yaml")  # the example was the first two columns, [id, query]
     cfg.eval.columns = ["query", "answer"]
     with pytest.raises(ConfigError, match=r"job.yaml.eval.columns: \['answer'\] not in the file, whose columns are"):
         prepare(cfg, "job.yaml")
@@ -480,8 +481,16 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
     # would be its query, so more than 3 need eval.columns.
     cfg.eval.columns, cfg.eval.evaluator = None, "reranking"
     with pytest.raises(ConfigError, match=r"reranking takes query, positive, negative...; the file has the text "
-                                          r"columns \['id', 'query', 'document', 'package'\]"):
+                                          r"columns \['id', 'query', 'document', 'package'\]: .* \(e.g. "
+                                          r"\[<query column>, <positive column>, <negative column>\]\)"):
         prepare(cfg, "job.yaml")
+    # A listwise file (query, a list of documents, their labels): its lists are named.
+    pq.write_table(pa.table({"query": ["q1"], "docs": [["a", "b"]], "labels": [[1.0, 0.0]]}), tmp_path / "lists.parquet")
+    cfg.eval.path = str(tmp_path / "lists.parquet")
+    with pytest.raises(ConfigError, match=r"the file has the text columns \['query'\] \(\['docs'\] hold lists of "
+                                          r"texts: reranking takes one text per column\)"):
+        prepare(cfg, "job.yaml")
+    cfg.eval.path = str(data["test"])
     cfg.eval.evaluator = "information_retrieval"
     # Two text columns alone need no eval.columns; a null is named, not read as a missing column.
     pq.write_table(pa.table({"q": test["query"], "d": [None] + test["document"][1:]}), tmp_path / "two.parquet")

@@ -33,6 +33,38 @@ def _is_number(values: list[Any]) -> bool:
     return bool(present) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
 
 
+def _is_text_list(values: list[Any]) -> bool:
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in present)
+
+
+# Column names that usually hold each role, for the example in an error (never chosen silently).
+_NAMES = {
+    "query": ("query", "anchor", "question"),
+    "document": ("document", "positive", "passage", "text", "doc", "answer", "corpus"),
+    "positive": ("positive", "document", "passage", "pos"),
+    "negative": ("negative", "neg", "hard_negative"),
+    "sentence1": ("sentence1", "text1", "sentence_a", "anchor"),
+    "sentence2": ("sentence2", "text2", "sentence_b", "positive"),
+}
+
+
+def _example(evaluator: str, texts: list[str]) -> list[str]:
+    """eval.columns for an error's example: the file's text columns named like each role, or the
+    roles as placeholders (the first columns would often be an id and a title)."""
+    roles = {"information_retrieval": ["query", "document"], "embedding_similarity": ["sentence1", "sentence2"]}.get(
+        evaluator, ["query", "positive", "negative"]
+    )
+    picked: list[str] = []
+    for role in roles:
+        names = _NAMES[role]
+        found = [c for c in texts if c not in picked and c.lower().startswith(names)]
+        if not found:
+            return [f"<{role} column>" for role in roles]
+        picked += found if role == "negative" else found[:1]
+    return picked
+
+
 def select_eval_columns(
     columns: dict[str, list[Any]], evaluator: str, chosen: list[str] | None, where: str, field: str
 ) -> dict[str, list[Any]]:
@@ -46,10 +78,12 @@ def select_eval_columns(
         # reranking takes any number from 3 on, so only exactly 3 tell their roles (an id column
         # among 4 would be taken as the query)
         if len(texts) != (texts_taken or 3):
+            example = _example(evaluator, texts) + ([numbers[0]] if scored and numbers else [])
+            lists = [c for c, v in columns.items() if _is_text_list(v)]
+            listed = f" ({lists} hold lists of texts: {evaluator} takes one text per column)" if lists else ""
             raise ConfigError(
-                f"{where}: {evaluator} takes {roles}; the file has the text columns {texts}: set {field} to "
-                f"the columns in that order (e.g. [{', '.join(texts[:2] or ['query', 'document'])}"
-                f"{', ' + numbers[0] if scored and numbers else ''}])"
+                f"{where}: {evaluator} takes {roles}; the file has the text columns {texts}{listed}: set {field} "
+                f"to the columns in that order (e.g. [{', '.join(example)}])"
             )
         if scored and len(numbers) != 1:
             raise ConfigError(
