@@ -98,6 +98,10 @@ def test_labels_and_listwise(data):
                                     r"every row would train as a positive pair, those labelled 0 too; leave "
                                     r"label_column out .* \(CoSENTLoss or ContrastiveLoss\)"),
     ({"label": "score", "kind": "cross"}, DataError, r"\(BinaryCrossEntropyLoss\)"),
+    # sentence-transformers takes a column named score as the label by itself: the error says which.
+    ({"loss": "{name: CoSENTLoss}", "columns": "null"}, DataError,
+     r"CoSENTLoss takes 2 text column\(s\), the dataset gives 3 columns \['question', 'answer', 'score'\]; 'score' "
+     r"holds numbers, as labels do: set label_column: score"),
 ])
 def test_bad_data_is_named(data, kwargs, error, match):
     with pytest.raises(error, match=match):

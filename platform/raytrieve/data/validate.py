@@ -147,10 +147,17 @@ def validate_dataset(
     contract = base_class(d.loss, kind, f"{where}.loss")  # what the loss that meets the data asks of it
     wanted = contract.columns
     if not column_count_fits(len(columns), wanted):
+        # sentence-transformers takes a column named label or score as the labels by itself; here
+        # label_column says so (a guess would change what trains).
+        numeric = [c for c in columns if is_numeric(schema.field(c).type)] if d.columns is None else []
+        hint = (
+            f"; {numeric[0]!r} holds numbers, as labels do: set label_column: {numeric[0]}"
+            if len(numeric) == 1 and label is None
+            else "; set datasets[].columns (and label_column) to pick them"
+        )
         raise DataError(
             f"{where} ({d.name}): {loss_name} takes {describe_column_count(wanted)} text column(s), "
-            f"the dataset gives {len(columns)} {columns}; "
-            "set datasets[].columns (and label_column) to pick them"
+            f"the dataset gives {len(columns)} columns {columns}{hint}"
         )
     listwise = contract.listwise
     for i, c in enumerate(columns):
