@@ -43,9 +43,23 @@ def test_empty_file(tiny_models, data, tmp_path):
 def test_unknown_loss(tiny_models, data, tmp_path):
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     cfg.datasets[0].loss.name = "MultipleNegativeRankingLoss"
-    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss: unknown dense loss 'MultipleNegativeRankingLoss'; "
+    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss.name: unknown dense loss 'MultipleNegativeRankingLoss'; "
                                           r"did you mean 'MultipleNegativesRankingLoss'\? choose from \["):
         prepare(cfg)
+    # A loss of another kind is named as such, at its own key, the wrapping loss first (a sparse
+    # base under SpladeLoss on a dense model was "unknown", named at the outer loss).
+    cfg.datasets[0].loss = LossSpec("SpladeLoss", {"document_regularizer_weight": 3e-5},
+                                    inner=LossSpec("SparseMultipleNegativesRankingLoss"))
+    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss.name: SpladeLoss is a sparse loss, and "
+                                          r"model.kind is dense; choose a dense loss \[.*\], or set model.kind: sparse"):
+        prepare(cfg)
+    cfg.datasets[0].loss = LossSpec("MatryoshkaLoss", {"matryoshka_dims": [32, 16]},
+                                    inner=LossSpec("SparseMultipleNegativesRankingLoss"))
+    with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss.inner.name: SparseMultipleNegativesRankingLoss "
+                                          r"is a sparse loss, and model.kind is dense; did you mean "
+                                          r"'MultipleNegativesRankingLoss'\?"):
+        prepare(cfg)
+    cfg.datasets[0].loss = LossSpec("MultipleNegativesRankingLoss")
     cfg.datasets[0].loss.name = "MultipleNegativesRankingLoss"
     cfg.datasets[0].loss.args = {"similarity_fct": "euclid"}
     with pytest.raises(ConfigError, match=r"^config.datasets\[0\].loss.args.similarity_fct: 'euclid'; "

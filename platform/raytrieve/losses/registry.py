@@ -53,6 +53,12 @@ def _class(name: str, kind: str, where: str | None) -> type[LossContract]:
         at = f"{where}: " if where else ""
         close = difflib.get_close_matches(name, list(classes), n=1, cutoff=0.8)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        other = [k for k in KINDS if k != kind and name in loss_classes(k)]
+        if other:  # a loss of another model kind: say so, not "unknown"
+            raise ConfigError(
+                f"{at}{name} is a {other[0]} loss, and model.kind is {kind}; {hint}choose a {kind} loss "
+                f"{sorted(classes)}, or set model.kind: {other[0]} (with a {other[0]} model)"
+            )
         raise ConfigError(f"{at}unknown {kind} loss {name!r}; {hint}choose from {sorted(classes)}")
     return classes[name]
 
@@ -273,8 +279,18 @@ def _construct(cls: type, where: str, *args: Any, **kwargs: Any) -> nn.Module:
 
 def base_class(spec: LossSpec, kind: str, where: str | None = None) -> type[LossContract]:
     """The class of the loss that meets the data (``spec.base``): its attributes say what a
-    dataset must hold. ``where``: the spec's config key, for the error naming an unknown loss."""
-    return _class(spec.base.name, kind, where)
+    dataset must hold. Every loss on the way there (SpladeLoss, MatryoshkaLoss, ...) must be one
+    of ``kind`` too; ``where``: the spec's config key, so an error names the very key."""
+    at: str | None = where
+    while True:
+        cls = _class(spec.name, kind, f"{at}.name" if at else None)
+        wrapping = WRAPPING_LOSSES.get(spec.name)
+        if wrapping is None:
+            return cls
+        inner, inner_at = spec.inner_at(at or "loss")
+        if inner is None:
+            return cls if wrapping.default is None else _class(wrapping.default, kind, at)
+        spec, at = inner, (inner_at if at else None)
 
 
 def needs_labels(spec: LossSpec, kind: str | None = None) -> bool:
