@@ -170,6 +170,51 @@ def test_sentence_transformers_spellings_of_the_dimension_and_a_rerankers_max_le
         CrossEncoder(folder, device="cpu", max_length=0)
 
 
+def test_more_sentence_transformers_spellings_a_porting_user_calls(tiny_dirs, st, tmp_path):
+    """helper-93's port: get_max_seq_length(), model[0], encode(output_value=None), a
+    CrossEncoder's .max_length, SparseEncoder.intersection and a sparse encode's
+    convert_to_tensor=False raised or answered otherwise than sentence-transformers 6.2."""
+    import torch
+
+    from raytrieve import SparseEncoder
+
+    t = Transformer.from_pretrained(tiny_dirs["base"], max_seq_length=32)
+    ours = DenseEncoder([t, Pooling(32, "mean")], device="cpu")
+    ours.save(tmp_path / "dense")
+    theirs = st.SentenceTransformer(str(tmp_path / "dense"), device="cpu")
+    assert ours.get_max_seq_length() == theirs.get_max_seq_length() == 32
+    assert type(ours[0]).__name__ == type(theirs[0]).__name__ == "Transformer"
+    assert ours[0].auto_model.config.hidden_size == theirs[0].auto_model.config.hidden_size
+    texts = ["a short one", "a somewhat longer sentence than that"]
+    got, want = ours.encode(texts, output_value=None), theirs.encode(texts, output_value=None)
+    for g, w in zip(got, want):
+        real = w["attention_mask"].bool()  # sentence-transformers keeps the batch's padding; ours cuts it
+        torch.testing.assert_close(g["sentence_embedding"], w["sentence_embedding"].float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(g["token_embeddings"], w["token_embeddings"][real].float(), atol=1e-5, rtol=0)
+        assert g["input_ids"].tolist() == w["input_ids"][real].tolist()
+
+    cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+    cross.max_length = 20
+    assert cross.max_length == cross.max_seq_length == 20 == st.CrossEncoder(str(tiny_dirs["cls1"]), max_length=20).max_length
+
+    sparse = SparseEncoder(tiny_dirs["mlm"], device="cpu")
+    sparse.save(tmp_path / "sparse")
+    st_sparse = st.SparseEncoder(str(tmp_path / "sparse"), device="cpu")
+    rows = sparse.encode(texts, convert_to_tensor=False)
+    ref = st_sparse.encode(texts, convert_to_tensor=False)
+    assert isinstance(rows, list) and len(rows) == len(ref) == 2 and all(r.is_sparse for r in rows)
+    for r, w in zip(rows, ref):
+        torch.testing.assert_close(r.to_dense(), w.to_dense(), atol=1e-5, rtol=0)
+    q, docs = sparse.encode(texts[0]), sparse.encode(texts)
+    for b in (docs[1], docs):
+        got = sparse.intersection(q, b)
+        want = st_sparse.intersection(q, b)
+        assert got.is_sparse and got.shape == want.shape
+        torch.testing.assert_close(got.to_dense(), want.to_dense(), atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="embeddings_1: one vector"):
+        sparse.intersection(docs, docs)
+
+
 def test_empty_input_returns_empty_results(tiny_dense, tiny_dirs):
     assert tiny_dense.encode([]).shape == (0, 32)
     assert tiny_dense.encode([], convert_to_tensor=True).shape == (0, 32)

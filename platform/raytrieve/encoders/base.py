@@ -139,6 +139,14 @@ class Encoder(nn.Module):
     def max_seq_length(self, value: int) -> None:
         self.input_module(None).max_seq_length = int(value)
 
+    def get_max_seq_length(self) -> int:
+        """sentence-transformers' getter of ``max_seq_length``."""
+        return self.max_seq_length
+
+    def __getitem__(self, index: int) -> Module:
+        """The stack's module at ``index`` (``model[0].auto_model``, as in sentence-transformers)."""
+        return cast("Module", self.stack[index])
+
     def check_dimensions(self) -> None:
         """Fail at construction, not mid-encode, when adjacent modules disagree on a width."""
         dim: int | None = None

@@ -80,6 +80,15 @@ class CrossEncoder(Encoder):
                 activation_from_name(name, trust_remote_code=trust_remote_code, where=str(path or "config")),
             )
 
+    @property
+    def max_length(self) -> int:
+        """sentence-transformers' CrossEncoder name of ``max_seq_length``."""
+        return self.max_seq_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        self.max_seq_length = value
+
     def _default_activation(self) -> nn.Module:
         return nn.Sigmoid() if self.num_labels == 1 else nn.Identity()
 

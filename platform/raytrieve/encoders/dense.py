@@ -25,7 +25,7 @@ from raytrieve.errors import InputError
 from raytrieve.modules import Module, Pooling, Transformer
 from raytrieve.quantization import PRECISIONS, quantize_embeddings
 
-OutputValue = Literal["sentence_embedding", "token_embeddings"]
+OutputValue = Literal["sentence_embedding", "token_embeddings"] | None
 
 
 class DenseEncoder(EmbeddingEncoder):
@@ -73,15 +73,16 @@ class DenseEncoder(EmbeddingEncoder):
         texts, single = self._as_list(sentences, "sentences")
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not supported; choose from {list(PRECISIONS)}")
-        if output_value not in ("sentence_embedding", "token_embeddings"):
-            raise InputError("output_value must be 'sentence_embedding' or 'token_embeddings'")
+        if output_value not in ("sentence_embedding", "token_embeddings", None):
+            raise InputError("output_value must be 'sentence_embedding', 'token_embeddings' or None (every output)")
         truncate_dim = truncate_dim if truncate_dim is not None else self.truncate_dim
         full_dim = self.get_embedding_dimension()
         if truncate_dim is not None and not (0 < truncate_dim <= (full_dim or truncate_dim)):
             raise InputError(f"truncate_dim={truncate_dim} must be between 1 and the embedding size {full_dim}")
         prompt = self.resolve_prompt(prompt, prompt_name)
-        if output_value == "token_embeddings":
-            return self._token_embeddings(texts, single, prompt, batch_size, task, device, show_progress_bar)
+        if output_value != "sentence_embedding":
+            every = output_value is None
+            return self._token_embeddings(texts, single, prompt, batch_size, task, device, show_progress_bar, every)
 
         def collect(features: dict[str, Any]) -> Tensor:
             emb = features["sentence_embedding"].float()  # float32 whatever the compute dtype
@@ -115,17 +116,28 @@ class DenseEncoder(EmbeddingEncoder):
             result = list(emb)
         return result[0] if single else result
 
-    def _token_embeddings(self, texts, single, prompt, batch_size, task, device, show_progress_bar):
+    def _token_embeddings(self, texts, single, prompt, batch_size, task, device, show_progress_bar, every=False):
         # Per-text [n_tokens, hidden] tensors: padded rows are cut off, so batches can't be stacked.
-        per_text: list[Tensor] = []
+        # ``every`` (output_value=None, as sentence-transformers): a dict per text of each
+        # per-token output (cut the same way) and the sentence embedding, unnormalized.
+        per_text: list[Any] = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             features = self.tokenize(chunk, task=task, prompt=prompt)
             features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
             with self.inference():
                 out = self.forward(features, task=task)
-            for row, mask in zip(out["token_embeddings"], out["attention_mask"]):
-                per_text.append(row[mask.bool()].cpu())
+            for i, mask in enumerate(out["attention_mask"].bool()):
+                if not every:
+                    per_text.append(out["token_embeddings"][i][mask].cpu())
+                    continue
+                row = {}
+                for name, value in out.items():
+                    if not isinstance(value, Tensor) or value.shape[0] != len(chunk):
+                        continue
+                    cut = value[i][mask] if value.dim() >= 2 and value.shape[1] == mask.shape[0] else value[i]
+                    row[name] = cut.float().cpu() if cut.is_floating_point() else cut.cpu()
+                per_text.append(row)
         return per_text[0] if single else per_text
 
     def probe_outputs(self) -> Any:

@@ -68,7 +68,8 @@ class SparseEncoder(EmbeddingEncoder):
     ) -> Any:
         """Encode to sparse vectors.
 
-        Returns a torch sparse COO tensor [n, vocab] by default; a dense tensor with
+        Returns a torch sparse COO tensor [n, vocab] by default (a list of one sparse vector per
+        text with ``convert_to_tensor=False``, as sentence-transformers); a dense tensor with
         ``convert_to_sparse_tensor=False``; a list of ``{"indices", "values"}`` numpy dicts
         (sorted by weight, descending) with ``as_dicts=True``. ``max_active_dims`` keeps the
         largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
@@ -103,7 +104,27 @@ class SparseEncoder(EmbeddingEncoder):
             emb = emb.cpu().numpy()
         elif emb.is_sparse:
             emb = emb.coalesce()
+            if not convert_to_tensor:  # a list of one sparse vector per text, as sentence-transformers
+                return emb[0] if single else list(emb.unbind(0))
         return emb[0] if single else emb
+
+    @staticmethod
+    def intersection(embeddings_1: Tensor, embeddings_2: Tensor) -> Tensor:
+        """The dimensions two sparse vectors share: their element-wise product, keeping positive
+        weights (sentence-transformers' ``intersection``). ``embeddings_1``: one vector;
+        ``embeddings_2``: one vector or a batch. A sparse tensor of ``embeddings_2``'s shape."""
+        a, b = (e if e.is_sparse else e.to_sparse() for e in (embeddings_1, embeddings_2))
+        if a.ndim != 1:
+            raise InputError(f"embeddings_1: one vector (1 dimension), got shape {tuple(a.shape)}")
+        if a.shape[-1] != b.shape[-1]:
+            raise InputError(f"embeddings_1 has {a.shape[-1]} dimensions, embeddings_2 {b.shape[-1]}")
+        if b.ndim not in (1, 2):
+            raise InputError(f"embeddings_2: a vector or a batch of them, got shape {tuple(b.shape)}")
+        product = (a * b if b.ndim == 1 else torch.stack([a * row for row in b])).coalesce()
+        keep = product.values() > 0
+        return torch.sparse_coo_tensor(
+            product.indices()[:, keep], product.values()[keep], size=product.size(), device=product.device
+        )
 
     def probe_outputs(self) -> Any:
         kw: dict[str, Any] = {"convert_to_tensor": False, "convert_to_sparse_tensor": False}
