@@ -13,7 +13,7 @@ import pytest
 
 from raytrieve.data.validate import validate_datasets
 from raytrieve.errors import ConfigError, DataError
-from raytrieve.train.config import load_train_config
+from raytrieve.train.config import LossSpec, load_train_config
 
 PAIRS = {"question": ["how to sort", "capital of france", "boil an egg"],
          "answer": ["sorted(xs)", "Paris is the capital", "nine minutes in water"],
@@ -179,6 +179,26 @@ def test_bad_config_is_named(data):
     for override in ("datasets.0.prompts={query: 'q: '}", "prompts='q: '"):
         with pytest.raises(ConfigError, match=r"prompts: a cross-encoder trains on the pairs' texts as they are"):
             load_train_config(cfg(data, path), ["model.kind=cross", override])
+
+
+def test_sentence_transformers_names_are_told_their_place(data):
+    """A ported config: transformers' training-argument names got the valid keys of their
+    section only; a loss's argument one level too high, or a loss given by its name alone, did
+    not say what to write."""
+    path = data / "pairs.parquet"
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.yaml: unknown key(s) ['learning_rate', 'num_train_epochs'] (learning_rate is optimizer.learning_rate "
+            "here; num_train_epochs is training.epochs here); valid keys are")):
+        load_train_config(cfg(data, path, extra="learning_rate: 1.0e-5\nnum_train_epochs: 1\n"))
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.yaml.training: unknown key(s) ['warmup_ratio'] (warmup_ratio is schedule.warmup_ratio here)")):
+        load_train_config(cfg(data, path, extra="training: {warmup_ratio: 0.1}\n"))
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.yaml.datasets[0].loss: unknown key(s) ['scale'] (scale is args.scale here); valid keys are")):
+        load_train_config(cfg(data, path, loss="{name: MultipleNegativesRankingLoss, scale: 20}"))
+    # A loss by its name alone is {name: ...}.
+    assert load_train_config(cfg(data, path, loss="MultipleNegativesRankingLoss")).datasets[0].loss == LossSpec(
+        "MultipleNegativesRankingLoss")
 
 
 def test_a_tracking_store_that_does_not_open_is_refused_before_ray(tmp_path):

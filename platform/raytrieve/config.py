@@ -242,7 +242,12 @@ def validation_messages(cls: type[BaseModel], error: ValidationError, where: str
             out.append(f"{at}: {msg[:1].lower()}{msg[1:]}, got {e['input']!r}")
     for parent, (keys, model) in unknown.items():
         valid = f"; valid keys are {sorted(model.model_fields)}" if model is not None else ""
-        out.insert(0, f"{where}{parent}: unknown key(s) {sorted(keys)}{valid}")
+        # Where a name from another tool (sentence-transformers' training arguments) lives here.
+        moved = getattr(model, "KEYS_ELSEWHERE", {}) if model is not None else {}
+        place = moved if callable(moved) else moved.get  # a table, or a function of the key
+        hints = [f"{k} is {where_} here" for k in sorted(keys) if (where_ := place(k))]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        out.insert(0, f"{where}{parent}: unknown key(s) {sorted(keys)}{hint}{valid}")
     return out if where else [m.removeprefix(".") for m in out]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,11 +22,48 @@ from raytrieve.errors import ConfigError
 from raytrieve.kinds import MODEL_KINDS
 from raytrieve.wrapping_losses import WRAPPING_LOSSES
 
+# sentence-transformers' (transformers') training-argument names, and where each lives here: an
+# unknown key among them is told its place (config.validation_messages).
+_ST_ARGUMENTS = {
+    "learning_rate": "optimizer.learning_rate",
+    "weight_decay": "optimizer.weight_decay",
+    "max_grad_norm": "optimizer.max_grad_norm",
+    "optim": "optimizer.name",
+    "warmup_ratio": "schedule.warmup_ratio",
+    "warmup_steps": "schedule.warmup_ratio (a share of the steps)",
+    "lr_scheduler_type": "schedule.name",
+    "per_device_train_batch_size": "training.batch_size",
+    "train_batch_size": "training.batch_size",
+    "batch_size": "training.batch_size",
+    "num_train_epochs": "training.epochs",
+    "epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "seed": "training.seed",
+    "bf16": "training.bf16",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "batch_sampler": "training.batch_sampler",
+    "multi_dataset_batch_sampler": "training.multi_dataset_sampler",
+    "eval_steps": "eval.every_n_steps",
+    "save_steps": "checkpoint.every_n_steps",
+    "save_total_limit": "checkpoint.keep",
+    "run_name": "mlflow.run_name",
+    "evaluator": "eval.evaluator",
+    "loss": "datasets[].loss",
+}
+
 
 class LossSpec(ConfigModel):
     """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
     MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss); ``args.loss``, sentence-transformers'
-    argument name, is read the same way."""
+    argument name, is read the same way. A name alone (``loss: CoSENTLoss``) is ``{name: ...}``."""
+
+    # Any other key in a loss's mapping is one of its arguments, written one level too high.
+    KEYS_ELSEWHERE: ClassVar[Any] = staticmethod(lambda key: f"args.{key}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
 
     name: str = Field(
         description="a loss of the model's kind, by its sentence-transformers class name (e.g. "
@@ -165,6 +202,7 @@ class DatasetConfig(ConfigModel):
 
 
 class OptimizerConfig(ConfigModel):
+    KEYS_ELSEWHERE: ClassVar[dict[str, str]] = _ST_ARGUMENTS
     name: Literal["adamw"] = Field(default="adamw", description="AdamW (torch's; fused on GPUs), the only one")
     learning_rate: float = Field(
         default=2e-5,
@@ -202,6 +240,7 @@ class OptimizerConfig(ConfigModel):
 
 
 class ScheduleConfig(ConfigModel):
+    KEYS_ELSEWHERE: ClassVar[dict[str, str]] = _ST_ARGUMENTS
     name: Literal["linear", "cosine", "constant"] = Field(
         default="linear",
         description="the learning rate after warm-up: linear decay to 0, cosine decay to 0, or constant",
@@ -220,6 +259,7 @@ class ScheduleConfig(ConfigModel):
 
 
 class TrainingConfig(ConfigModel):
+    KEYS_ELSEWHERE: ClassVar[dict[str, str]] = _ST_ARGUMENTS
     batch_size: int = Field(
         default=32,
         description="rows per batch on each worker: a batch of batch_size x num_workers rows is drawn, then "
@@ -400,6 +440,7 @@ class MlflowConfig(ConfigModel):
 
 
 class TrainConfig(ConfigModel):
+    KEYS_ELSEWHERE: ClassVar[dict[str, str]] = _ST_ARGUMENTS
     model: ModelConfig = Field(description="the model to fine-tune")
     datasets: list[DatasetConfig] = Field(
         description="the training data, one or more; each batch comes from one dataset and trains with its loss"
