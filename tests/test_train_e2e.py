@@ -46,6 +46,10 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     result = run_training(cfg)
     check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
     assert result.dropped == []
+    # The summary shows the evaluator's last figures, as the MLflow run holds them.
+    logged = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.metrics
+    assert result.eval_metrics == {k: v for k, v in logged.items() if k.startswith("eval_")}
+    assert bool(result.eval_metrics) == bool(cfg.eval.path)
     if bf16:  # trained on "query: ..." and "document: ...": the model encodes so (sentence-transformers reads it)
         from sentence_transformers import SentenceTransformer
 

@@ -80,6 +80,9 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
     result = run_training(cfg, where=config, ray_address=ray_address, listed=listed)
     if result.already_complete:
         print(f"{result.output_dir}: already trained by this config; nothing to do", file=sys.stderr)
+    if result.eval_metrics:  # the evaluator's last figures, as sentence-transformers' trainer logs them
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+        print(f"evaluation at the last step: {shown}", file=sys.stderr)
     if result.tracking_uri:
         from raytrieve.tracking.mlflow_run import ui_command
 
@@ -95,6 +98,7 @@ def _train(config: str, overrides: list[str], ray_address: str | None) -> dict[s
         "model_version": result.model_version,
         "not_trained_on": result.dropped,
         "already_complete": result.already_complete,
+        **({"eval_metrics": result.eval_metrics} if result.eval_metrics else {}),
     }
 
 

@@ -65,6 +65,9 @@ class TrainResult:
     dropped: list[str]
     tracking_uri: str | None = None  # the MLflow store the run is in
     already_complete: bool = False  # a rerun of a finished run: nothing trained, logged or registered
+    # The evaluator's metrics at their last evaluation (the run's eval_* metrics in MLflow), so
+    # the summary shows how the model does without opening MLflow; empty without eval.path.
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] | None = None) -> Prepared:
@@ -733,5 +736,11 @@ def run_training(
     ckpt = _checkpoint_location(storage, result.checkpoint.path) if result.checkpoint is not None else None
     # Without the keys a URI may hold: the result is recorded in the run's stamp and printed.
     trained = TrainResult(redact(cfg.output_dir), p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
+    if cfg.eval.path:
+        trained.eval_metrics = {
+            k: v
+            for k, v in sorted(mlflow_run.client(uri).get_run(run_id).data.metrics.items())
+            if k.startswith("eval_")
+        }
     record_finished(storage, dataclasses.asdict(trained))
     return trained
