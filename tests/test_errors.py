@@ -185,8 +185,11 @@ def test_more_sentence_transformers_spellings_a_porting_user_calls(tiny_dirs, st
     assert ours.get_max_seq_length() == theirs.get_max_seq_length() == 32
     assert type(ours[0]).__name__ == type(theirs[0]).__name__ == "Transformer"
     assert ours[0].auto_model.config.hidden_size == theirs[0].auto_model.config.hidden_size
-    texts = ["a short one", "a somewhat longer sentence than that"]
+    # The long text pads the batch to 32 tokens, the hidden size: a sentence embedding must not
+    # be taken for a per-token output then.
+    texts = ["a short one", "a somewhat longer sentence than that", "word " * 60]
     got, want = ours.encode(texts, output_value=None), theirs.encode(texts, output_value=None)
+    assert all(g["sentence_embedding"].shape == (32,) for g in got)
     for g, w in zip(got, want):
         real = w["attention_mask"].bool()  # sentence-transformers keeps the batch's padding; ours cuts it
         torch.testing.assert_close(g["sentence_embedding"], w["sentence_embedding"].float(), atol=1e-5, rtol=0)
@@ -200,6 +203,7 @@ def test_more_sentence_transformers_spellings_a_porting_user_calls(tiny_dirs, st
     sparse = SparseEncoder(tiny_dirs["mlm"], device="cpu")
     sparse.save(tmp_path / "sparse")
     st_sparse = st.SparseEncoder(str(tmp_path / "sparse"), device="cpu")
+    texts = texts[:2]
     rows = sparse.encode(texts, convert_to_tensor=False)
     ref = st_sparse.encode(texts, convert_to_tensor=False)
     assert isinstance(rows, list) and len(rows) == len(ref) == 2 and all(r.is_sparse for r in rows)

@@ -385,8 +385,23 @@ def test_object_arguments_are_written_by_name(dense, tiny_dirs, tiny_models):
     labels = torch.tensor([0.9, 0.8, 0.1])
     got = build_loss(_spec({"name": "CoSENTLoss", "args": {"similarity_fct": "dot"}}), dense, "dense")
     assert got.similarity_fct is pairwise_dot_score
-    want = CoSENTLoss(dense, similarity_fct=pairwise_dot_score)
-    torch.testing.assert_close(got(features, labels), want(features, labels))
+    from sentence_transformers import SentenceTransformer, util
+    from sentence_transformers.losses import CoSENTLoss as StCoSENT
+
+    ours_saved = DenseEncoder(tiny_models["dense"], device="cpu")  # the same weights in both libraries
+    theirs = SentenceTransformer(str(tiny_models["dense"]), device="cpu")
+    got = build_loss(_spec({"name": "CoSENTLoss", "args": {"similarity_fct": "dot"}}), ours_saved, "dense")
+    want = StCoSENT(theirs, similarity_fct=util.pairwise_dot_score)
+    ours_features = [ours_saved.tokenize(list(t)) for t in texts]
+    their_features = [theirs.tokenize(list(t)) for t in texts]
+    torch.testing.assert_close(got(ours_features, labels), want(their_features, labels), atol=1e-5, rtol=1e-5)
+    # MNRL's directions (a tuple by default) from a config's list.
+    mnrl = build_loss(_spec({"name": "MultipleNegativesRankingLoss",
+                             "args": {"directions": ["query_to_doc", "doc_to_query"]}}), dense, "dense")
+    assert list(mnrl.directions) == ["query_to_doc", "doc_to_query"]
+    assert build_loss(_spec({"name": "TripletLoss", "args": {"distance_metric": "COSINE"}}), dense,
+                      "dense").distance_metric is TripletDistanceMetric.COSINE
+    assert build_loss(_spec({"name": "LambdaLoss", "args": {"weighting_scheme": None}}), cross, "cross")
 
     # GIST's guide: a dense model by reference, frozen (the optimizer takes the loss's parameters).
     gist = build_loss(_spec({"name": "GISTEmbedLoss", "args": {"guide": str(tiny_models["dense"])}}), dense, "dense")
@@ -407,6 +422,14 @@ def test_object_arguments_are_written_by_name(dense, tiny_dirs, tiny_models):
         ({"name": "TripletLoss", "args": {"distance_metric": "hamming"}}, "dense",
          r"loss.args.distance_metric: 'hamming' is no distance TripletLoss takes; choose from \['COSINE'"),
         ({"name": "CoSENTLoss", "args": {"similarity_fct": "euclidean"}}, "dense", r"CoSENTLoss takes 'cosine' or 'dot'"),
+        ({"name": "ListNetLoss", "args": {"activation_fn": ["Sigmoid"]}}, "cross",
+         r"loss.args.activation_fn: give ListNetLoss's activation_fn by its name \(text\), not \['Sigmoid'\]"),
+        ({"name": "ListNetLoss", "args": {"activation_fn": "PReLU"}}, "cross", r"'PReLU' is no activation or loss"),
+        ({"name": "ListNetLoss", "args": {"activation_fn": "Transformer"}}, "cross", r"is no activation or loss"),
+        ({"name": "GISTEmbedLoss", "args": {"guide": None}}, "dense", r"loss.args.guide: null is not a value"),
+        ({"name": "CoSENTLoss", "args": {"similarity_fct": None}}, "dense", r"similarity_fct: null is not a value"),
+        ({"name": "ContrastiveLoss", "args": {"distance_metric": "TripletDistanceMetric.EUCLIDEAN"}}, "dense",
+         r"ContrastiveLoss takes a SiameseDistanceMetric"),
         ({"name": "SpladeLoss", "args": {"document_regularizer_weight": 3e-5, "document_regularizer": "FlopsLoss"},
           "inner": {"name": "SparseMultipleNegativesRankingLoss"}}, "sparse",
          r"loss.args.document_regularizer: SpladeLoss takes a Python object here, not 'FlopsLoss'"),

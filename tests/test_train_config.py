@@ -101,7 +101,10 @@ def test_labels_and_listwise(data):
     # sentence-transformers takes a column named score as the label by itself: the error says which.
     ({"loss": "{name: CoSENTLoss}", "columns": "null"}, DataError,
      r"CoSENTLoss takes 2 text column\(s\), the dataset gives 3 columns \['question', 'answer', 'score'\]; 'score' "
-     r"holds numbers, as labels do: set label_column: score"),
+     r"holds the labels by sentence-transformers' naming: set label_column: score"),
+    # Not for a loss that reads no labels (the next check would refuse it).
+    ({"loss": "{name: MegaBatchMarginLoss}", "columns": "null"}, DataError,
+     r"MegaBatchMarginLoss takes 2 text column\(s\), the dataset gives 3 columns .*; set datasets\[\].columns"),
 ])
 def test_bad_data_is_named(data, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -177,7 +180,7 @@ def test_bad_config_is_named(data):
             load_train_config(cfg(data, path, extra=extra), [override])
     # A cross-encoder's prompts were dropped, silently (it tokenizes the pair as it is).
     for override in ("datasets.0.prompts={query: 'q: '}", "prompts='q: '"):
-        with pytest.raises(ConfigError, match=r"prompts: a cross-encoder trains on the pairs' texts as they are"):
+        with pytest.raises(ConfigError, match=r"prompts: raytrieve trains a cross-encoder on the pairs' texts as they are"):
             load_train_config(cfg(data, path), ["model.kind=cross", override])
 
 
@@ -196,6 +199,8 @@ def test_sentence_transformers_names_are_told_their_place(data):
     with pytest.raises(ConfigError, match=re.escape(
             "train.yaml.datasets[0].loss: unknown key(s) ['scale'] (scale is args.scale here); valid keys are")):
         load_train_config(cfg(data, path, loss="{name: MultipleNegativesRankingLoss, scale: 20}"))
+    with pytest.raises(ConfigError, match=re.escape("loss: unknown key(s) ['inners']; valid keys are")):
+        load_train_config(cfg(data, path, loss="{name: MultipleNegativesRankingLoss, inners: {}}"))  # a typo: no args hint
     # A loss by its name alone is {name: ...}.
     assert load_train_config(cfg(data, path, loss="MultipleNegativesRankingLoss")).datasets[0].loss == LossSpec(
         "MultipleNegativesRankingLoss")

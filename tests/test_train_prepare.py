@@ -339,7 +339,7 @@ def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, 
             "'q: ' to every query it encodes") in caplog.text
     cross = shipped_config("cross_bce", tmp_path, tiny_models, data)
     assert prepare(cross).spec.model_prompts == {}  # a cross-encoder reads pairs, not roles
-    with pytest.raises(ConfigError, match="a cross-encoder trains on the pairs' texts as they are"):
+    with pytest.raises(ConfigError, match="raytrieve trains a cross-encoder on the pairs' texts as they are"):
         shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")  # it was dropped, silently
 
 
@@ -498,6 +498,11 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
                                           r"columns \['id', 'query', 'document', 'package'\]: .* \(e.g. "
                                           r"\[<query column>, <positive column>, <negative column>\]\)"):
         prepare(cfg, "job.yaml")
+    from raytrieve.train.evaluate import _example
+
+    assert _example("information_retrieval", ["question_id", "question", "doc_id", "document"]) == ["question", "document"]
+    assert _example("reranking", ["query", "positive", "negative_1", "negative_2"]) == [
+        "query", "positive", "negative_1", "negative_2"]
     # A listwise file (query, a list of documents, their labels): its lists are named.
     pq.write_table(pa.table({"query": ["q1"], "docs": [["a", "b"]], "labels": [[1.0, 0.0]]}), tmp_path / "lists.parquet")
     cfg.eval.path = str(tmp_path / "lists.parquet")

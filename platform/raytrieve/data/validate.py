@@ -150,9 +150,13 @@ def validate_dataset(
         # sentence-transformers takes a column named label or score as the labels by itself; here
         # label_column says so (a guess would change what trains).
         numeric = [c for c in columns if is_numeric(schema.field(c).type)] if d.columns is None else []
+        # Only the names sentence-transformers reads as labels, for a loss that reads labels, where
+        # the rest then fits (an integer id column is no label).
+        named = [c for c in numeric if c.lower() in ("label", "labels", "score", "scores")]
+        fits = column_count_fits(len(columns) - 1, wanted)
         hint = (
-            f"; {numeric[0]!r} holds numbers, as labels do: set label_column: {numeric[0]}"
-            if len(numeric) == 1 and label is None
+            f"; {named[0]!r} holds the labels by sentence-transformers' naming: set label_column: {named[0]}"
+            if len(named) == 1 and label is None and fits and (contract.needs_labels or contract.reads_labels)
             else "; set datasets[].columns (and label_column) to pick them"
         )
         raise DataError(

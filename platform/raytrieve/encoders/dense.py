@@ -127,15 +127,20 @@ class DenseEncoder(EmbeddingEncoder):
             features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
             with self.inference():
                 out = self.forward(features, task=task)
-            for i, mask in enumerate(out["attention_mask"].bool()):
+            masks = out["attention_mask"].bool()
+            for i, mask in enumerate(masks):
                 if not every:
                     per_text.append(out["token_embeddings"][i][mask].cpu())
                     continue
-                row = {}
+                row: dict[str, Any] = {}
                 for name, value in out.items():
                     if not isinstance(value, Tensor) or value.shape[0] != len(chunk):
+                        row[name] = value  # not one row per text: as it is (sentence-transformers too)
                         continue
-                    cut = value[i][mask] if value.dim() >= 2 and value.shape[1] == mask.shape[0] else value[i]
+                    # Per-token outputs ([batch, tokens, ...]) lose the batch's padding; the rest
+                    # (the sentence embedding, whatever its width) is the text's row.
+                    per_token = name != "sentence_embedding" and tuple(value.shape[:2]) == tuple(masks.shape)
+                    cut = value[i][mask] if per_token else value[i]
                     row[name] = cut.float().cpu() if cut.is_floating_point() else cut.cpu()
                 per_text.append(row)
         return per_text[0] if single else per_text

@@ -84,27 +84,46 @@ def _resolve_args(
     resolved = dict(args)
     for arg, value in args.items():
         default = params[arg].default if arg in params else inspect.Parameter.empty
-        resolved[arg] = _object_arg(cls, arg, value, default, f"{where}.{arg}", model)
+        # Whether the loss takes None here (its annotation says so, or takes anything).
+        nullable = arg in params and any(t in str(params[arg].annotation) for t in ("None", "Any"))
+        resolved[arg] = _object_arg(cls, arg, value, default, f"{where}.{arg}", model, nullable)
     return resolved
 
 
 # Arguments that are Python objects in sentence-transformers (a function, an enum member, a
 # torch module, a model) are written by name in a config; each is resolved here, on the driver's
 # check and again on every worker, so a name that means nothing fails before Ray starts.
-_PLAIN = (str, int, float, bool, list, dict)
+_PLAIN = (str, int, float, bool, list, tuple, dict)
+# Arguments a config gives by a name (text) only.
+_BY_NAME = ("similarity_fct", "distance_metric", "activation_fn", "cos_score_transformation", "loss_fct", "guide")
+# Arguments whose value is an object, whatever their default says.
+_OBJECTS = (*_BY_NAME, "weighting_scheme", "lambda_weight", "pos_weight", "document_regularizer", "query_regularizer")
 
 
-def _object_arg(cls: type, arg: str, value: Any, default: Any, where: str, model: nn.Module | None) -> Any:
-    """``value`` as the object the loss's ``arg`` takes (``default``: the parameter's default)."""
+def _object_arg(
+    cls: type, arg: str, value: Any, default: Any, where: str, model: nn.Module | None, nullable: bool = True
+) -> Any:
+    """``value`` as the object the loss's ``arg`` takes (``default``: the parameter's default;
+    ``nullable``: whether it takes None)."""
     name = cls.__name__
-    if value is None or not isinstance(value, _PLAIN):
-        return value
-    if arg == "similarity_fct" and isinstance(value, str):
-        return _similarity(value, default, name, where)
-    if arg == "distance_metric" and isinstance(value, str):
-        return _member(value, default, name, where)
-    if arg in ("activation_fn", "cos_score_transformation", "loss_fct") and isinstance(value, str):
-        return _torch_module(value, where)
+    if value is not None and not isinstance(value, _PLAIN):
+        return value  # an object already (a spec built in Python)
+    plain_default = default is inspect.Parameter.empty or default is None or isinstance(default, _PLAIN)
+    is_object = arg in _OBJECTS or not plain_default
+    if value is None:
+        if is_object and not nullable:  # null would reach the loss where it calls or reads an object
+            raise ConfigError(f"{where}: null is not a value of {name}'s {arg}; leave it out for the default")
+        return None
+    if arg in _BY_NAME:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: give {name}'s {arg} by its name (text), not {value!r}")
+        if arg == "similarity_fct":
+            return _similarity(value, default, name, where)
+        if arg == "distance_metric":
+            return _member(value, default, name, where)
+        if arg == "guide":
+            return _guide(value, where, model)
+        return _torch_module(value, where)  # activation_fn, cos_score_transformation, loss_fct
     if arg == "weighting_scheme":
         from raytrieve.losses import listwise
 
@@ -120,10 +139,7 @@ def _object_arg(cls: type, arg: str, value: Any, default: Any, where: str, model
         import torch
 
         return torch.tensor(float(value))
-    if arg == "guide" and isinstance(value, str):
-        return _guide(value, where, model)
-    plain_default = default is inspect.Parameter.empty or default is None or isinstance(default, _PLAIN)
-    if not plain_default or arg in ("guide", "pos_weight", "document_regularizer", "query_regularizer"):
+    if is_object:
         # An object a config has no way to write: it would reach the loss as text and fail on the workers.
         raise ConfigError(
             f"{where}: {name} takes a Python object here, not {value!r}, and a config cannot give one; "
@@ -138,7 +154,7 @@ def _similarity(given: str, default: Any, loss: str, where: str) -> Any:
     pair where its default is a pairwise function (CoSENT, MarginMSE, DistillKLDiv)."""
     from raytrieve.losses.pairwise import pairwise_cos_sim, pairwise_dot_score
 
-    bare = given.strip().rsplit(".", 1)[-1].removeprefix("pairwise_")
+    bare = given.strip().rsplit(".", 1)[-1].lower().removeprefix("pairwise_")
     try:
         canonical = sim.canonical_name(bare)
     except RaytrieveError:
@@ -158,7 +174,15 @@ def _member(given: str, default: Any, loss: str, where: str) -> Any:
     import enum
     import sys
 
-    bare = given.strip().rsplit(".", 1)[-1].lower()
+    prefix, _, bare = given.strip().rpartition(".")
+    bare = bare.lower()
+    owner = (
+        type(default).__name__
+        if isinstance(default, enum.Enum)
+        else getattr(default, "__qualname__", ".").split(".")[0]
+    )
+    if prefix and prefix.rsplit(".", 1)[-1] != owner:  # TripletDistanceMetric.X given to a loss of another enum
+        raise ConfigError(f"{where}: {given!r}; {loss} takes a {owner} (e.g. {owner}.<name>, or the name alone)")
     if isinstance(default, enum.Enum):
         choices = {m.name.lower(): m for m in type(default)} | {str(m.value).lower(): m for m in type(default)}
         shown = [m.name for m in type(default)]
@@ -185,9 +209,14 @@ def _torch_module(given: str, where: str) -> nn.Module:
     if found is None:
         raise ConfigError(f"{where}: {given!r} is no torch.nn class; name one (e.g. Sigmoid, Identity, MSELoss)")
     try:
-        return found()
+        module = found()
     except TypeError as e:
         raise ConfigError(f"{where}: torch.nn.{found.__name__} needs arguments a config cannot give ({e})") from None
+    if any(True for _ in module.parameters()) or type(module) is nn.Module:
+        # An activation or a loss function: a module with weights (PReLU, Transformer) would train
+        # as part of the loss, unasked.
+        raise ConfigError(f"{where}: {given!r} is no activation or loss function (e.g. Sigmoid, Identity, MSELoss)")
+    return module
 
 
 def _named_object(given: Any, classes: dict[str, type], where: str) -> Any:

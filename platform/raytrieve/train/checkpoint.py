@@ -333,7 +333,13 @@ class Checkpointer:
             save_encoder(
                 self.module.encoder, weights, self.kind, self.model_path, directory / MODEL, self.trust_remote_code
             )
-            heads = {k: v for k, v in weights.items() if k.startswith("losses.") and not _is_encoder_key(k)}
+            # A loss's own trained parts (SoftmaxLoss' classifier); not GIST's frozen guide, which
+            # the config builds again (a whole model in every checkpoint otherwise).
+            heads = {
+                k: v
+                for k, v in weights.items()
+                if k.startswith("losses.") and not _is_encoder_key(k) and ".guide." not in k
+            }
             torch.save(
                 {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "step": step, "loss_heads": heads},
                 directory / STATE,

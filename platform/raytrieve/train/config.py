@@ -10,6 +10,7 @@ setting the stamp lacks is taken to be at that old behaviour when it holds its d
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -52,13 +53,18 @@ _ST_ARGUMENTS = {
 }
 
 
+_LOSS_KEYS = ("name", "args", "inner", "matryoshka_dims", "matryoshka_weights")  # a typo of one is no argument
+
+
 class LossSpec(ConfigModel):
     """One loss in a config. ``inner`` is the base loss of a loss that wraps one (SpladeLoss, CSRLoss,
     MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss); ``args.loss``, sentence-transformers'
     argument name, is read the same way. A name alone (``loss: CoSENTLoss``) is ``{name: ...}``."""
 
     # Any other key in a loss's mapping is one of its arguments, written one level too high.
-    KEYS_ELSEWHERE: ClassVar[Any] = staticmethod(lambda key: f"args.{key}")
+    KEYS_ELSEWHERE: ClassVar[Any] = staticmethod(
+        lambda key: None if difflib.get_close_matches(key, _LOSS_KEYS, n=1, cutoff=0.8) else f"args.{key}"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -498,8 +504,8 @@ class TrainConfig(ConfigModel):
             if given:
                 invalid(
                     given[0],
-                    ": a cross-encoder trains on the pairs' texts as they are; prompts apply to "
-                    "dense and sparse models. Leave it out (or put the prefix into the data)",
+                    ": raytrieve trains a cross-encoder on the pairs' texts as they are (sentence-transformers "
+                    "6.2 can prefix a prompt; not supported here yet). Leave it out, or put the prefix into the data",
                 )
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):

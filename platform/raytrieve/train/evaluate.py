@@ -56,9 +56,14 @@ def _example(evaluator: str, texts: list[str]) -> list[str]:
         evaluator, ["query", "positive", "negative"]
     )
     picked: list[str] = []
+    candidates = [c for c in texts if not c.lower().endswith("id")]  # question_id, doc_id: never a text role
     for role in roles:
         names = _NAMES[role]
-        found = [c for c in texts if c not in picked and c.lower().startswith(names)]
+        if role == "negative":
+            found = [c for c in candidates if c not in picked and c.lower().startswith(names)]
+        else:  # the role's own names first, in their order; a name with a suffix after them
+            exact = [c for n in names for c in candidates if c.lower() == n and c not in picked]
+            found = exact or [c for n in names for c in candidates if c.lower().startswith(n) and c not in picked]
         if not found:
             return [f"<{role} column>" for role in roles]
         picked += found if role == "negative" else found[:1]

@@ -737,10 +737,10 @@ def run_training(
     # Without the keys a URI may hold: the result is recorded in the run's stamp and printed.
     trained = TrainResult(redact(cfg.output_dir), p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     if cfg.eval.path:
-        trained.eval_metrics = {
-            k: v
-            for k, v in sorted(mlflow_run.client(uri).get_run(run_id).data.metrics.items())
-            if k.startswith("eval_")
-        }
+        try:  # for the summary only: the run is finished and registered whatever this read does
+            logged = mlflow_run.client(uri).get_run(run_id).data.metrics
+            trained.eval_metrics = {k: v for k, v in sorted(logged.items()) if k.startswith("eval_")}
+        except Exception as e:  # MLflow's store errors share no base class worth naming here
+            log.warning("could not read the run's evaluation metrics back from MLflow (%s); they are in the run", e)
     record_finished(storage, dataclasses.asdict(trained))
     return trained
