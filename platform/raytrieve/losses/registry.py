@@ -176,19 +176,20 @@ def _member(given: str, default: Any, loss: str, where: str) -> Any:
 
     prefix, _, bare = given.strip().rpartition(".")
     bare = bare.lower()
-    owner = (
-        type(default).__name__
-        if isinstance(default, enum.Enum)
-        else getattr(default, "__qualname__", ".").split(".")[0]
-    )
-    if prefix and prefix.rsplit(".", 1)[-1] != owner:  # TripletDistanceMetric.X given to a loss of another enum
-        raise ConfigError(f"{where}: {given!r}; {loss} takes a {owner} (e.g. {owner}.<name>, or the name alone)")
+    # The default's enum, or the class whose function it is (BatchHardTripletLossDistanceFunction).
+    owner: Any = type(default)
+    if not isinstance(default, enum.Enum):
+        owner_name = getattr(default, "__qualname__", "").rpartition(".")[0]
+        owner = getattr(sys.modules.get(getattr(default, "__module__", ""), None), owner_name, None)
+    owner_name = getattr(owner, "__name__", "")
+    if prefix and prefix.rsplit(".", 1)[-1] != owner_name:  # TripletDistanceMetric.X given to a loss of another enum
+        raise ConfigError(
+            f"{where}: {given!r}; {loss} takes a {owner_name} (e.g. {owner_name}.<name>, or the name alone)"
+        )
     if isinstance(default, enum.Enum):
         choices = {m.name.lower(): m for m in type(default)} | {str(m.value).lower(): m for m in type(default)}
         shown = [m.name for m in type(default)]
     else:
-        owner_name = getattr(default, "__qualname__", "").rpartition(".")[0]
-        owner = getattr(sys.modules.get(getattr(default, "__module__", ""), None), owner_name, None)
         names = [n for n in dir(owner) if not n.startswith("_") and callable(getattr(owner, n))] if owner else []
         choices = {n.lower(): getattr(owner, n) for n in names}
         shown = names
