@@ -197,13 +197,13 @@ def CS(st):
     return losses
 
 
-def check_cross(pair, ours_loss, ref_loss, inputs, labels, seed=None):
+def check_cross(pair, ours_loss, ref_loss, inputs, labels, seed=None, ref_inputs=None):
     if seed is not None:
         torch.manual_seed(seed)
     got = ours_loss(inputs, labels)
     if seed is not None:
         torch.manual_seed(seed)
-    want = ref_loss(inputs, labels)
+    want = ref_loss(inputs if ref_inputs is None else ref_inputs, labels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     got.backward()
     want.backward()
@@ -356,3 +356,36 @@ def test_cross_errors(cross_pair):
         CL.BinaryCrossEntropyLoss(cross_pair[0])([ANCHORS], BIN)
     with pytest.raises(CL.LossInputError, match="list of tensors"):
         CL.ListNetLoss(cross_pair[0])([QUERIES, DOCS], torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "ListNetLoss"])
+def test_cross_prompt_through_the_stream(cross_pair, CS, name):
+    """A training config's cross-encoder prompt: rows go through the training stream's read and
+    decode (data/pipeline.py, the prompt given to the first column only, as train/run.py does),
+    then to our loss; sentence-transformers' same loss gets the raw columns and ``prompt=``."""
+    from functools import partial
+
+    import numpy as np
+    import pyarrow as pa
+
+    from raytrieve.data.pipeline import DatasetStream, StreamSpec, decode_texts, stream_rows
+
+    prompt = "question: "
+    if name == "ListNetLoss":
+        raw, labels, lists = {"query": QUERIES, "docs": DOCS}, LIST_LABELS, (False, True)
+    else:
+        raw, labels, lists = {"a": ANCHORS, "p": POSITIVES, "n": NEGATIVES}, None, (False, False, False)
+    d = DatasetStream(list(raw), None, [prompt] + [None] * (len(raw) - 1), None, None, lists)
+    spec = StreamSpec("unused: rows of texts load no tokenizer", "cross", [d])
+    rows = stream_rows(pa.table(raw), np.arange(len(QUERIES if lists[1] else ANCHORS)), 0, spec)
+    inputs = decode_texts(rows, d)
+    assert inputs[0][0] == prompt + next(iter(raw.values()))[0] and inputs[1:] == list(raw.values())[1:]
+    check_cross(
+        cross_pair,
+        getattr(CL, name)(cross_pair[0]),
+        partial(getattr(CS, name)(cross_pair[1]), prompt=prompt),
+        inputs,
+        labels,
+        seed=11,
+        ref_inputs=list(raw.values()),
+    )

@@ -178,10 +178,11 @@ def test_bad_config_is_named(data):
         extra = "eval: {path: %s, evaluator: information_retrieval}\n" % path if "kind" in override else ""
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_train_config(cfg(data, path, extra=extra), [override])
-    # A cross-encoder's prompts were dropped, silently (it tokenizes the pair as it is).
-    for override in ("datasets.0.prompts={query: 'q: '}", "prompts='q: '"):
-        with pytest.raises(ConfigError, match=r"prompts: raytrieve trains a cross-encoder on the pairs' texts as they are"):
+    # A cross-encoder takes one prompt string (before each pair's query); per-column ones are refused.
+    for override, key in (("datasets.0.prompts={query: 'q: '}", r"datasets\[0\]\.prompts"), ("prompts={a: 'q: '}", "prompts")):
+        with pytest.raises(ConfigError, match=rf"yaml\.{key}: a cross-encoder takes one prompt string"):
             load_train_config(cfg(data, path), ["model.kind=cross", override])
+    assert load_train_config(cfg(data, path), ["model.kind=cross", "prompts=q: "]).prompts == "q: "
 
 
 def test_sentence_transformers_names_are_told_their_place(data):

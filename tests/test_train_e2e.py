@@ -40,8 +40,9 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     float32, and save float32 weights. Each run registers its model (the version is described by
     the model card's summary: check_shipped_run)."""
     bf16 = name == "dense_cached_mnrl_matryoshka"
-    cfg = shipped_config(name, tmp_path, tiny_models, more_data, mlflow__register_model_as=f"t-{name}",
-                         **({"training__bf16": True} if bf16 else {}))
+    # cross_bce trains with a prompt before each pair's query, as sentence-transformers' CrossEncoder can
+    extra = {"training__bf16": True} if bf16 else {"prompts": "question: "} if name == "cross_bce" else {}
+    cfg = shipped_config(name, tmp_path, tiny_models, more_data, mlflow__register_model_as=f"t-{name}", **extra)
     initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
     check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
@@ -50,6 +51,11 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     logged = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.metrics
     assert result.eval_metrics == {k: v for k, v in logged.items() if k.startswith("eval_")}
     assert bool(result.eval_metrics) == bool(cfg.eval.path)
+    if name == "cross_bce":  # the model scores as it trained, by default: check_shipped_run compared predict
+        from sentence_transformers import CrossEncoder
+
+        saved = CrossEncoder(cfg.output_dir, device="cpu")
+        assert (saved.prompts, saved.default_prompt_name) == ({"query": "question: "}, "query")
     if bf16:  # trained on "query: ..." and "document: ...": the model encodes so (sentence-transformers reads it)
         from sentence_transformers import SentenceTransformer
 

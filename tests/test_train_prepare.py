@@ -337,10 +337,46 @@ def test_the_trained_model_keeps_the_prompts_its_data_trained_with(tiny_models, 
         assert prepare(cfg).spec.model_prompts == {}
     assert ("config.prompts: the query columns trained without a prompt, but the model adds its 'query' prompt "
             "'q: ' to every query it encodes") in caplog.text
+
+
+def test_cross_encoder_prompt_goes_before_each_query(tiny_models, data, tmp_path, caplog):
+    """A cross-encoder's config with prompts was refused (sentence-transformers 6.2 trains with
+    one: before each pair's first text). Its one prompt goes to the first column only, and the
+    trained model keeps it as its default prompt, so that predict, the evaluator, mining and
+    /rerank score as training did. tests/test_losses_sparse_cross.py checks the texts the loss
+    gets against sentence-transformers' loss given the prompt."""
+    from raytrieve import CrossEncoder
+
     cross = shipped_config("cross_bce", tmp_path, tiny_models, data)
-    assert prepare(cross).spec.model_prompts == {}  # a cross-encoder reads pairs, not roles
-    with pytest.raises(ConfigError, match="raytrieve trains a cross-encoder on the pairs' texts as they are"):
-        shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="query: ")  # it was dropped, silently
+    p = prepare(cross)
+    assert (p.prompts, p.spec.model_prompts, p.spec.model_default_prompt) == ([[None, None]], {}, None)
+    p = prepare(shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="question: "))
+    assert p.prompts == [["question: ", None]] and p.stream.datasets[0].prompts == ["question: ", None]
+    assert (p.spec.model_prompts, p.spec.model_default_prompt) == ({"query": "question: "}, "query")
+    # A model with a default prompt of its own keeps its name for the trained one ...
+    CrossEncoder(cross.model.name_or_path, prompts={"rerank": "r: "}, default_prompt_name="rerank").save(
+        tmp_path / "prompted")
+    own = dict(model__name_or_path=str(tmp_path / "prompted"))
+    p = prepare(shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="question: ", **own))
+    assert (p.spec.model_prompts, p.spec.model_default_prompt) == ({"rerank": "question: "}, "rerank")
+    # ... and trained without one, it keeps its own, and the run says the data did not train so.
+    with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
+        p = prepare(shipped_config("cross_bce", tmp_path, tiny_models, data, **own))
+    assert (p.spec.model_prompts, p.spec.model_default_prompt) == ({}, None)
+    assert ("config.prompts: the pairs trained without a prompt, but the model puts its default prompt 'rerank' "
+            "('r: ') before every query it scores") in caplog.text
+    # Two datasets, two prompts: the model keeps none of them, and says so.
+    two = shipped_config("cross_bce", tmp_path, tiny_models, data, prompts="question: ")
+    two.datasets.append(two.datasets[0].model_copy(update={"name": "other", "prompts": "q: "}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
+        p = prepare(two)
+    assert p.prompts == [["question: ", None], ["q: ", None]] and p.spec.model_prompts == {}
+    assert "config.prompts: the datasets trained with different prompts ('q: ', 'question: ')" in caplog.text
+    # Per-column prompts mean nothing once columns are joined into pairs.
+    with pytest.raises(ConfigError, match=r"config.prompts: a cross-encoder takes one prompt string, put before "
+                                          r"each pair's first text \(the query\)"):
+        shipped_config("cross_bce", tmp_path, tiny_models, data, prompts={"query": "q: "})
 
 
 def test_wrapped_loss_gathers_across_workers_by_default(tiny_models, data, tmp_path):

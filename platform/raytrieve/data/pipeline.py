@@ -293,10 +293,14 @@ def decode_features(batch: pa.Table, d: DatasetStream, modules: Sequence[Any]) -
 
 
 def decode_texts(batch: pa.Table, d: DatasetStream) -> list[list[Any]]:
-    """Cross-encoder columns: texts per column (a list of texts per row for list columns)."""
+    """Cross-encoder columns: texts per column (a list of texts per row for list columns), each
+    with its column's prompt in front (train/run.py gives one to the first column only: the
+    query every pair begins with, where sentence-transformers' CrossEncoder puts it)."""
     out = []
     for c in range(len(d.columns)):
         values = batch.column(f"text_{c}").to_pylist()
+        if prompt := d.prompts[c]:
+            values = [[prompt + t for t in v] for v in values]
         is_list = d.list_columns[c] if c < len(d.list_columns) else False
         out.append(values if is_list else [v[0] for v in values])
     return out

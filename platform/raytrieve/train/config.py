@@ -191,7 +191,9 @@ class DatasetConfig(ConfigModel):
         "labels and grouped by under batch_sampler group_by_label; None: no labels",
     )
     prompts: str | dict[str, str] | None = Field(
-        default=None, description="One prompt for every column, or one per column name."
+        default=None,
+        description="One prompt for every column, or one per column name; a cross-encoder takes one string, put "
+        "before each pair's first text (the query)",
     )
     router_mapping: dict[str, str] = Field(
         default_factory=dict, description='Column name -> Router route ("query" / "document") for asymmetric models.'
@@ -457,7 +459,8 @@ class TrainConfig(ConfigModel):
     )
     prompts: str | dict[str, str] | None = Field(
         default=None,
-        description="Prompts for every dataset that sets none: one string for all columns, or per column name.",
+        description="Prompts for every dataset that sets none: one string for all columns, or per column name; a "
+        "cross-encoder takes one string, put before each pair's first text (the query)",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig,
@@ -497,15 +500,17 @@ class TrainConfig(ConfigModel):
         if not self.datasets:
             invalid("datasets", ": give at least one dataset")
         if self.model.kind == "cross":
-            # A cross-encoder reads each pair's texts as they are: prompts would be dropped, silently.
-            given = ["prompts"] * (self.prompts is not None) + [
-                f"datasets[{i}].prompts" for i, d in enumerate(self.datasets) if d.prompts is not None
+            # A cross-encoder's columns are joined into pairs: one prompt goes before each pair's
+            # first text, as sentence-transformers' CrossEncoder puts it; per-column ones mean nothing.
+            per_column = ["prompts"] * isinstance(self.prompts, dict) + [
+                f"datasets[{i}].prompts" for i, d in enumerate(self.datasets) if isinstance(d.prompts, dict)
             ]
-            if given:
+            if per_column:
                 invalid(
-                    given[0],
-                    ": raytrieve trains a cross-encoder on the pairs' texts as they are (sentence-transformers "
-                    "6.2 can prefix a prompt; not supported here yet). Leave it out, or put the prefix into the data",
+                    per_column[0],
+                    ": a cross-encoder takes one prompt string, put before each pair's first text (the query); "
+                    "its columns are joined into pairs, so per-column prompts do not apply. Give one string, "
+                    "e.g. prompts: 'query: ' (or datasets[i].prompts for one dataset's)",
                 )
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):

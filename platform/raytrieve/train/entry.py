@@ -39,6 +39,8 @@ class WorkerSpec:
     # The prompts the data trained with, by role ("query", "document"): the model's own from the
     # first step, so that its evaluation and the saved model encode as it trained (run.py).
     model_prompts: dict[str, str] | None = None
+    # The prompt predict adds by default: a cross-encoder's trained one, by its name in model_prompts.
+    model_default_prompt: str | None = None
 
 
 def epoch_batches(spec: WorkerSpec, rank: int, epoch: int) -> Iterable[Any]:

@@ -125,6 +125,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
     )
     if spec.model_prompts:  # the evaluator and the saved model encode with what the data trained with
         encoder.prompts.update(spec.model_prompts)
+    if spec.model_default_prompt is not None:  # a cross-encoder trained with a prompt scores with it
+        encoder.default_prompt_name = spec.model_default_prompt
     encoder.train()
     if device.type == "cpu" and cfg.training.cpu_kernels:  # torch's CPU dropout is the slow part
         use_cpu_kernels(encoder)

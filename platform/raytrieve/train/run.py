@@ -132,7 +132,12 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
                 f"{where}.datasets[{i}].router_mapping: the model has no Router, so routes do nothing; leave it out, "
                 "or train a Router model (model.inference_free: true for SPLADE)"
             )
-        prompts.append([column_prompts(d)[c] for c in report.text_columns])
+        if model_kind(cfg.model.kind).tokenized_rows:
+            prompts.append([column_prompts(d)[c] for c in report.text_columns])
+        else:  # a cross-encoder: one prompt (config checked it is a string) before each pair's query
+            prompts.append(
+                [d.prompts if isinstance(d.prompts, str) else None] + [None] * (len(report.text_columns) - 1)
+            )
         routes.append([column_routes(d)[c] for c in report.text_columns] if has_router else None)
         contract = base_class(d.loss, cfg.model.kind)
         least = _least_batch(cfg, i, contract, len(report.text_columns))
@@ -205,8 +210,11 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         eval_columns=eval_columns,
         threads=cfg.scaling.torch_threads or max(1, int(cpu)),
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
-        model_prompts=_trained_prompts(cfg, text_columns, prompts, encoder, has_router, where),
     )
+    if model_kind(cfg.model.kind).tokenized_rows:
+        spec.model_prompts = _trained_prompts(cfg, text_columns, prompts, encoder, has_router, where)
+    else:
+        spec.model_prompts, spec.model_default_prompt = _trained_pair_prompt(prompts, encoder, where)
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
@@ -225,11 +233,9 @@ def _trained_prompts(
     added. Without it a model trained on "query: ..." was saved without the prompt, and
     everything downstream encoded without it. A role trained with several prompts (or with and
     without), or without one where the ``loaded`` model has its own, keeps the model's own, with
-    a warning. Cross-encoders read pairs, not roles: none."""
+    a warning. Cross-encoders read pairs, not roles: ``_trained_pair_prompt``."""
     from raytrieve.data.pipeline import column_routes
 
-    if not model_kind(cfg.model.kind).tokenized_rows:  # a cross-encoder
-        return {}
     by_role: dict[str, set[str | None]] = {}
     for d, columns, given in zip(cfg.datasets, text_columns, prompts):
         routes = column_routes(d)
@@ -267,6 +273,41 @@ def _trained_prompts(
                 role,
             )
     return kept
+
+
+def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, where: str) -> tuple[dict[str, str], str | None]:
+    """A cross-encoder's prompt (before each pair's query) where every dataset trained with the
+    same one: the trained model keeps it as its default prompt (under the loaded model's default
+    name, else "query"), so that predict, rank, the evaluator, mining's reranker and Serve's
+    /rerank score pairs as training did. Returns (prompts to set, default prompt name). Several
+    prompts, or a prompt against a model that adds its own default one: the model's own, with a
+    warning."""
+    seen = {given[0] for given in prompts}
+    own = loaded.default_prompt_name
+    own_text = loaded.prompts.get(own) if own is not None else None
+    if len(seen) > 1:
+        log.warning(
+            "%s.prompts: the datasets trained with different prompts (%s); the model's default prompt is left as "
+            "loaded (%s): give every dataset the same prompt for the model to keep it",
+            where,
+            ", ".join(sorted("none" if p is None else repr(p) for p in seen)),
+            "none" if own_text is None else repr(own_text),
+        )
+        return {}, None
+    only = next(iter(seen))
+    if only is not None:
+        name = own or "query"
+        return {name: only}, name
+    if own_text:
+        log.warning(
+            "%s.prompts: the pairs trained without a prompt, but the model puts its default prompt %r (%r) before "
+            "every query it scores, and so will the trained model; give the datasets that prompt to train as it "
+            "is used",
+            where,
+            own,
+            own_text,
+        )
+    return {}, None
 
 
 def _least_batch(cfg: TrainConfig, i: int, contract: type[LossContract], n_columns: int) -> int:
