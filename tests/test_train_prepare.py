@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -539,14 +540,14 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
     assert _example("information_retrieval", ["question_id", "question", "doc_id", "document"]) == ["question", "document"]
     assert _example("reranking", ["query", "positive", "negative_1", "negative_2"]) == [
         "query", "positive", "negative_1", "negative_2"]
-    # A listwise file (query, a list of documents, their labels): its lists are named.
+    # A listwise file (query, a list of documents, their labels): information_retrieval names its lists
+    # (reranking reads it: test_reranking_eval_reads_listwise_and_list_files).
     pq.write_table(pa.table({"query": ["q1"], "docs": [["a", "b"]], "labels": [[1.0, 0.0]]}), tmp_path / "lists.parquet")
-    cfg.eval.path = str(tmp_path / "lists.parquet")
+    cfg.eval.path, cfg.eval.evaluator = str(tmp_path / "lists.parquet"), "information_retrieval"
     with pytest.raises(ConfigError, match=r"the file has the text columns \['query'\] \(\['docs'\] hold lists of "
-                                          r"texts: reranking takes one text per column\)"):
+                                          r"texts: information_retrieval takes one text per column\)"):
         prepare(cfg, "job.yaml")
     cfg.eval.path = str(data["test"])
-    cfg.eval.evaluator = "information_retrieval"
     # Two text columns alone need no eval.columns; a null is named, not read as a missing column.
     pq.write_table(pa.table({"q": test["query"], "d": [None] + test["document"][1:]}), tmp_path / "two.parquet")
     cfg.eval.columns, cfg.eval.path = None, str(tmp_path / "two.parquet")
@@ -557,6 +558,67 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
                    tmp_path / "sts.parquet")
     cfg.eval.path, cfg.eval.evaluator = str(tmp_path / "sts.parquet"), "embedding_similarity"
     assert list(prepare(cfg, "job.yaml").spec.eval_columns) == ["s1", "s2", "score"]
+
+
+def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
+    """reranking read one text per column only, so the listwise files cross-encoders train on
+    (query, documents, labels) and files of positive and negative lists were refused. Each layout
+    is checked against sentence-transformers' own evaluator given the samples written out by hand."""
+    import pyarrow as pa
+    import sentence_transformers as st
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+    from sentence_transformers.evaluation import RerankingEvaluator
+
+    from raytrieve import CrossEncoder
+    from raytrieve.train.evaluate import build_evaluator, select_eval_columns
+
+    queries = ["how to sort a list", "capital of france", "what is a prime", "boiling point of water"]
+    docs = [["sorted() returns a new list", "paris is in france", "list.sort sorts in place"],
+            ["paris is the capital of france", "lyon is a city"], ["a prime has two divisors", "sort a list"],
+            ["water boils at 100 degrees", "ice melts"]]
+    labels = [[2.0, 0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]  # the third query has no relevant document
+    by_hand = [{"query": queries[0], "positive": [docs[0][0], docs[0][2]], "negative": [docs[0][1]]},
+               {"query": queries[1], "positive": [docs[1][0]], "negative": [docs[1][1]]},
+               {"query": queries[2], "positive": [], "negative": docs[2]},
+               {"query": queries[3], "positive": [docs[3][1]], "negative": [docs[3][0]]}]
+    listwise = {"id": ["1", "2", "3", "4"], "query": queries, "docs": docs, "labels": labels}
+    # The id is a second text column: the roles must be named.
+    with pytest.raises(ConfigError, match=re.escape(
+            "cfg.eval: reranking takes query, positive, negative... (a text each, or lists of texts for positive and "
+            "negative), or query, documents, labels (a list of texts and a list of numbers per row); the file has the "
+            "text columns ['id', 'query'], the text-list columns ['docs'] and the number-list columns ['labels']: "
+            "set eval.columns to the columns in one of those orders (e.g. [id, docs, labels])")):
+        select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
+    del listwise["id"]
+    columns = select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
+    assert list(columns) == ["query", "docs", "labels"]
+    path = str(tiny_models["cross"])
+    ours = build_evaluator(columns, "reranking", "cross")(CrossEncoder(path, device="cpu"))
+    theirs = CrossEncoderRerankingEvaluator(by_hand, name="eval")(st.CrossEncoder(path, device="cpu"))
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    # Positives and negatives as lists (the first query's two positives in one cell), texts or lists.
+    lists = {"query": queries, "positive": [s["positive"] or ["-"] for s in by_hand],
+             "negative": [s["negative"] for s in by_hand]}
+    columns = select_eval_columns(lists, "reranking", None, "cfg.eval", "eval.columns")
+    dense = str(tiny_models["dense"])
+    ours = build_evaluator(columns, "reranking", "dense")(DenseEncoder(dense, device="cpu"))
+    samples = [{**s, "positive": s["positive"] or ["-"]} for s in by_hand]
+    theirs = RerankingEvaluator(samples, name="eval")(st.SentenceTransformer(dense, device="cpu"))
+    assert {k: v for k, v in theirs.items() if k in ours} == pytest.approx(ours, abs=1e-6) and len(ours) == 3
+    # Refused before Ray: a label per document, no nulls in the labels, columns of the roles' types.
+    bad = {**listwise, "labels": [[2.0, 0.0], *labels[1:]]}
+    with pytest.raises(DataError, match=r"cfg.eval: row 0 has 3 document\(s\) in 'docs' and 2 label\(s\) in "
+                                        r"'labels'; give one label per document"):
+        select_eval_columns(bad, "reranking", None, "cfg.eval", "eval.columns")
+    with pytest.raises(ConfigError, match=r"number-list columns \[\]"):  # a null label is no number
+        select_eval_columns({**listwise, "labels": [[2.0, None, 1.0], *labels[1:]]}, "reranking", None, "cfg.eval",
+                            "eval.columns")
+    with pytest.raises(ConfigError, match=r"eval.columns: reranking takes .*; got \['docs', 'query', 'labels'\] \(the "
+                                          r"query: one text per row\)"):
+        select_eval_columns(listwise, "reranking", ["docs", "query", "labels"], "cfg.eval", "eval.columns")
+    named = select_eval_columns({**lists, "n": queries}, "reranking", ["query", "positive", "negative", "n"],
+                                "cfg.eval", "eval.columns")
+    assert build_evaluator(named, "reranking", "dense").samples[0][2] == [docs[0][1], queries[0]]
 
 
 def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, data, tmp_path, monkeypatch):

@@ -5,7 +5,10 @@ in the file's order, when they are as many as the evaluator takes):
 - information_retrieval: query, document (one query per distinct query text, every document
   paired with it relevant; the corpus is every distinct document);
 - embedding_similarity: sentence1, sentence2, and a numeric score column;
-- reranking: query, positive, then negatives (one row per query).
+- reranking, one row per query, in one of three layouts: query, positive, then negatives (a text
+  each); query, positives, negatives where positives and negatives may be lists of texts; or a
+  listwise file's query, documents (a list of texts) and labels (a list of numbers, one per
+  document: above 0 is relevant, as sentence-transformers' reranking evaluator counts relevance).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def _is_number(values: list[Any]) -> bool:
 def _is_text_list(values: list[Any]) -> bool:
     present = [v for v in values if v is not None]
     return bool(present) and all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in present)
+
+
+def _is_number_list(values: list[Any]) -> bool:
+    """Lists of numbers (a null inside a list is no number: it is not read as a missing label)."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, list) and None not in v and _is_number(v) for v in present)
 
 
 # Column names that usually hold each role, for the example in an error (never chosen silently).
@@ -78,13 +87,15 @@ def select_eval_columns(
     package name), a column is missing, or a value is null. ``field``: the eval.columns key."""
     roles, texts_taken, scored = _ROLES[evaluator]
     texts = [c for c, v in columns.items() if _is_text(v)]
+    lists = [c for c, v in columns.items() if _is_text_list(v)]
+    if evaluator == "reranking" and (lists or (chosen and any(c in lists for c in chosen))):
+        return _reranking_lists(columns, texts, lists, chosen, where, field)
     if chosen is None:
         numbers = [c for c, v in columns.items() if c not in texts and _is_number(v)]
         # reranking takes any number from 3 on, so only exactly 3 tell their roles (an id column
         # among 4 would be taken as the query)
         if len(texts) != (texts_taken or 3):
             example = _example(evaluator, texts) + ([numbers[0]] if scored and numbers else [])
-            lists = [c for c, v in columns.items() if _is_text_list(v)]
             listed = f" ({lists} hold lists of texts: {evaluator} takes one text per column)" if lists else ""
             raise ConfigError(
                 f"{where}: {evaluator} takes {roles}; the file has the text columns {texts}{listed}: set {field} "
@@ -119,6 +130,95 @@ def select_eval_columns(
     return {c: columns[c] for c in chosen}
 
 
+_LAYOUTS = (
+    "query, positive, negative... (a text each, or lists of texts for positive and negative), or query, documents, "
+    "labels (a list of texts and a list of numbers per row)"
+)
+
+
+def _reranking_lists(
+    columns: dict[str, list[Any]],
+    texts: list[str],
+    lists: list[str],
+    chosen: list[str] | None,
+    where: str,
+    field: str,
+) -> dict[str, list[Any]]:
+    """reranking's columns where lists of texts are given: a listwise query, documents, labels; or
+    query, positive(s), negative(s) with texts or lists of texts. Without ``field`` the file's
+    columns must say their roles by type alone: one text column (the query) and one list of
+    texts and one list of numbers (listwise), or exactly three text and text-list columns, the
+    query a text column first in the file."""
+    labels = [c for c, v in columns.items() if _is_number_list(v)]
+    if chosen is None:
+        ordered = [c for c in columns if c in texts or c in lists]
+        if len(texts) == 1 and len(lists) == 1 and len(labels) == 1:
+            chosen = [texts[0], lists[0], labels[0]]
+        elif not labels and len(ordered) == 3 and ordered[0] in texts:
+            chosen = ordered
+        else:
+            raise ConfigError(
+                f"{where}: reranking takes {_LAYOUTS}; the file has the text columns {texts}, the text-list columns "
+                f"{lists} and the number-list columns {labels}: set {field} to the columns in one of those orders "
+                f"(e.g. [{', '.join((texts or ['<query column>'])[:1] + (lists or ['<documents column>'])[:1])}, "
+                f"{(labels or ['<labels column>'])[0]}])"
+            )
+    missing = [c for c in chosen if c not in columns]
+    if missing:
+        raise ConfigError(f"{field}: {missing} not in the file, whose columns are {list(columns)}")
+    twice = sorted({c for c in chosen if chosen.count(c) > 1})
+    if twice:
+        raise ConfigError(f"{field}: {twice} named more than once; each role reads its own column")
+    listwise = len(chosen) == 3 and chosen[2] in labels
+    if len(chosen) < 3 or not _is_text(columns[chosen[0]]):
+        raise ConfigError(f"{field}: reranking takes {_LAYOUTS}; got {chosen} (the query: one text per row)")
+    for c in chosen:
+        nulls = sum(v is None for v in columns[c])
+        if nulls:
+            raise DataError(f"{where}: column {c!r} has {nulls} null value(s); fill or drop those rows")
+    if listwise:
+        documents, scores = chosen[1], chosen[2]
+        if chosen[1] not in lists:
+            raise DataError(
+                f"{where}: column {documents!r} is not a list of texts; listwise reranking reads "
+                f"query, documents, labels ({field})"
+            )
+        for i, (docs, given) in enumerate(zip(columns[documents], columns[scores])):
+            if len(docs) != len(given):
+                raise DataError(
+                    f"{where}: row {i} has {len(docs)} document(s) in {documents!r} and {len(given)} label(s) in "
+                    f"{scores!r}; give one label per document"
+                )
+    else:
+        for c in chosen[1:]:
+            if c not in texts and c not in lists:
+                raise DataError(f"{where}: column {c!r} is neither text nor a list of texts; {field} names {_LAYOUTS}")
+    return {c: columns[c] for c in chosen}
+
+
+def _reranking_samples(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """One sample per row ({"query", "positive": [...], "negative": [...]}) from reranking's
+    columns in their roles' order: listwise (labels above 0 relevant), else texts or lists."""
+    names = list(columns)
+    rows = zip(*(columns[c] for c in names))
+    if len(names) == 3 and _is_number_list(columns[names[2]]):
+        return [
+            {
+                "query": q,
+                "positive": [d for d, y in zip(docs, ys) if y > 0],
+                "negative": [d for d, y in zip(docs, ys) if not y > 0],
+            }
+            for q, docs, ys in rows
+        ]
+
+    def texts(value: Any) -> list[str]:
+        return list(value) if isinstance(value, list) else [value]
+
+    return [
+        {"query": row[0], "positive": texts(row[1]), "negative": [t for v in row[2:] for t in texts(v)]} for row in rows
+    ]
+
+
 def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) -> Any:
     """``columns``: what ``select_eval_columns`` chose, in its roles' order."""
     names = list(columns)
@@ -149,9 +249,7 @@ def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) ->
         return EmbeddingSimilarityEvaluator(
             columns[texts[0]], columns[texts[1]], columns[score], name="eval", write_csv=False
         )
-    samples = [
-        {"query": row[0], "positive": [row[1]], "negative": list(row[2:])} for row in zip(*(columns[c] for c in texts))
-    ]
+    samples = _reranking_samples(columns)
     if kind == "cross":
         from raytrieve.evaluation import CrossEncoderRerankingEvaluator
 
