@@ -209,6 +209,13 @@ def test_more_sentence_transformers_spellings_a_porting_user_calls(tiny_dirs, st
     assert isinstance(rows, list) and len(rows) == len(ref) == 2 and all(r.is_sparse for r in rows)
     for r, w in zip(rows, ref):
         torch.testing.assert_close(r.to_dense(), w.to_dense(), atol=1e-5, rtol=0)
+    # Neither a tensor nor sparse: a list of dense vectors, one per text (it was one numpy array).
+    rows = sparse.encode(texts, convert_to_tensor=False, convert_to_sparse_tensor=False)
+    ref = st_sparse.encode(texts, convert_to_tensor=False, convert_to_sparse_tensor=False)
+    assert isinstance(rows, list) and len(rows) == len(ref) == 2 and not any(r.is_sparse for r in rows)
+    for r, w in zip(rows, ref):
+        assert r.shape == w.shape
+        torch.testing.assert_close(r, w, atol=1e-5, rtol=0)
     q, docs = sparse.encode(texts[0]), sparse.encode(texts)
     for b in (docs[1], docs):
         got = sparse.intersection(q, b)

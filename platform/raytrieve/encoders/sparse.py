@@ -68,9 +68,9 @@ class SparseEncoder(EmbeddingEncoder):
     ) -> Any:
         """Encode to sparse vectors.
 
-        Returns a torch sparse COO tensor [n, vocab] by default (a list of one sparse vector per
-        text with ``convert_to_tensor=False``, as sentence-transformers); a dense tensor with
-        ``convert_to_sparse_tensor=False``; a list of ``{"indices", "values"}`` numpy dicts
+        Returns a torch sparse COO tensor [n, vocab] by default; a dense tensor with
+        ``convert_to_sparse_tensor=False``; with ``convert_to_tensor=False`` a list of one vector
+        per text (sparse, or dense with ``convert_to_sparse_tensor=False``), as sentence-transformers; a list of ``{"indices", "values"}`` numpy dicts
         (sorted by weight, descending) with ``as_dicts=True``. ``max_active_dims`` keeps the
         largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
         ``DenseEncoder.encode``.
@@ -100,12 +100,10 @@ class SparseEncoder(EmbeddingEncoder):
         if as_dicts:
             rows = sparse_rows(emb)
             return rows[0] if single else rows
-        if not convert_to_tensor and not convert_to_sparse_tensor:
-            emb = emb.cpu().numpy()
-        elif emb.is_sparse:
+        if emb.is_sparse:
             emb = emb.coalesce()
-            if not convert_to_tensor:  # a list of one sparse vector per text, as sentence-transformers
-                return emb[0] if single else list(emb.unbind(0))
+        if not convert_to_tensor:  # a list of one vector per text, as sentence-transformers
+            return emb[0] if single else list(emb.unbind(0))
         return emb[0] if single else emb
 
     @staticmethod
@@ -127,10 +125,10 @@ class SparseEncoder(EmbeddingEncoder):
         )
 
     def probe_outputs(self) -> Any:
-        kw: dict[str, Any] = {"convert_to_tensor": False, "convert_to_sparse_tensor": False}
+        kw: dict[str, Any] = {"convert_to_sparse_tensor": False}
         return (
-            self.encode_query(list(precision.PROBE_QUERIES), **kw),
-            self.encode_document(list(precision.PROBE_DOCUMENTS), **kw),
+            self.encode_query(list(precision.PROBE_QUERIES), **kw).cpu().numpy(),
+            self.encode_document(list(precision.PROBE_DOCUMENTS), **kw).cpu().numpy(),
         )
 
     def compare_probe(self, reference: Any, candidate: Any, dtype: str) -> Any:
