@@ -70,8 +70,9 @@ class SparseEncoder(EmbeddingEncoder):
 
         Returns a torch sparse COO tensor [n, vocab] by default; a dense tensor with
         ``convert_to_sparse_tensor=False``; with ``convert_to_tensor=False`` a list of one vector
-        per text (sparse, or dense with ``convert_to_sparse_tensor=False``), as sentence-transformers; a list of ``{"indices", "values"}`` numpy dicts
-        (sorted by weight, descending) with ``as_dicts=True``. ``max_active_dims`` keeps the
+        per text (sparse, or dense with ``convert_to_sparse_tensor=False``), as sentence-transformers;
+        a list of ``{"indices", "values"}`` numpy dicts (sorted by weight, descending) with
+        ``as_dicts=True``. ``max_active_dims`` keeps the
         largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
         ``DenseEncoder.encode``.
         """
