@@ -308,6 +308,37 @@ class Encoder(nn.Module):
     # a function bound as a method, so each kind calls self._batched(...).
     _batched = run_batches
 
+    # -- several processes on one machine (encoders/pool.py) ---------------------------------
+    def start_multi_process_pool(self, target_devices: Sequence[str | torch.device] | None = None) -> dict[str, Any]:
+        """Worker processes, one per device ("cuda:0", "cpu", ...; default: every GPU, else two CPU
+        workers) for ``encode`` / ``predict(..., pool=pool)``, as sentence-transformers. The model
+        stays on the CPU after this call. Stop them with ``stop_multi_process_pool(pool)``."""
+        from raytrieve.encoders import pool
+
+        return pool.start(self, target_devices)
+
+    @staticmethod
+    def stop_multi_process_pool(pool: dict[str, Any]) -> None:
+        from raytrieve.encoders import pool as workers
+
+        workers.stop(workers.check(pool))
+
+    @contextlib.contextmanager
+    def _pooled(
+        self, pool: dict[str, Any] | None, device: str | torch.device | Sequence[Any] | None
+    ) -> Iterator[tuple[dict[str, Any] | None, str | torch.device | None]]:
+        """(pool, device) for one call: a list of devices starts a pool for this call alone."""
+        if not isinstance(device, (list, tuple)):
+            yield pool, cast("str | torch.device | None", device)
+            return
+        if pool is not None:
+            raise InputError("give pool= or a list of devices, not both")
+        started = self.start_multi_process_pool(device)
+        try:
+            yield started, None
+        finally:
+            self.stop_multi_process_pool(started)
+
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
         """Eval mode and no autograd for the block; the previous train/eval mode comes back after."""

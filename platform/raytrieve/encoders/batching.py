@@ -35,6 +35,13 @@ class Pretokenized:
         return len(self.encoded["input_ids"])
 
 
+def slice_inputs(inputs: Sequence[Any], lo: int, hi: int) -> Any:
+    """Inputs ``lo`` to ``hi`` of texts, pairs or ``Pretokenized`` ids."""
+    if isinstance(inputs, Pretokenized):
+        return Pretokenized({k: v[lo:hi] for k, v in inputs.encoded.items()})
+    return list(inputs[lo:hi])
+
+
 def length_batches(lengths: np.ndarray, batch_size: int, token_budget: int | None = None) -> list[np.ndarray]:
     """Row indices per batch, longest texts first.
 
@@ -80,15 +87,34 @@ def run_batches(
     collect: Callable[[Features], Tensor],
     empty: Tensor,
     token_budget: int | None = None,
+    pool: dict[str, Any] | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Run the stack over ``inputs`` (texts or ``Pretokenized``) in batches of similar token
     length; rows in input order (``empty`` when there are no inputs).
 
     All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
-    token count, so each batch pads to nearly its own length.
+    token count, so each batch pads to nearly its own length. With ``pool`` (encoders/pool.py)
+    chunks of ``chunk_size`` inputs run so in the pool's worker processes instead.
     """
     if not len(inputs):
         return empty
+    if pool is not None:
+        from functools import partial
+
+        from raytrieve.encoders import pool as workers
+
+        job = partial(
+            run_batches,
+            batch_size=batch_size,
+            task=task,
+            prompt=prompt,
+            show_progress_bar=False,
+            collect=collect,
+            empty=torch.empty(0),  # a chunk is never empty (and a sparse one would warn on its way)
+            token_budget=token_budget,
+        )
+        return workers.run(workers.check(pool), inputs, job, slice_inputs, chunk_size, show_progress_bar)
     module = encoder.input_module(task)
     encoded = inputs.encoded if isinstance(inputs, Pretokenized) else module.tokenize_ids(inputs, prompt=prompt)
     # Optional on an input module: SparseStaticEmbedding does not mark the prompt.

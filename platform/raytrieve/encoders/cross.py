@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +24,16 @@ from raytrieve.encoders.base import Encoder, Pretokenized
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Transformer
 from raytrieve.modules.activations import activation_from_name, activation_name
+
+
+def _scores(features: dict[str, Any], activation: nn.Module, apply_softmax: bool, on_device: bool) -> Tensor:
+    """A batch's scores as ``predict`` returns them (a function: a pool's workers get it pickled)."""
+    logits = activation(features["scores"].float())  # float32 whatever the compute dtype
+    if apply_softmax and logits.shape[1] > 1:
+        logits = torch.softmax(logits, dim=1)
+    if logits.shape[1] == 1:
+        logits = logits[:, 0]
+    return logits if on_device else logits.cpu()
 
 
 class CrossEncoder(Encoder):
@@ -138,17 +149,20 @@ class CrossEncoder(Encoder):
         apply_softmax: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
-        device: str | torch.device | None = None,
+        device: str | torch.device | list[str] | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
         token_budget: int | None = None,
+        pool: dict[str, Any] | None = None,
+        chunk_size: int | None = None,
     ) -> np.ndarray | Tensor:
         """Scores for (query, document) pairs in input order: [n] for one label, [n, labels] else.
         ``sentences`` may be ``Pretokenized`` pairs (prompt included).
 
         Pairs run sorted by token length (after truncation to max_seq_length). ``token_budget``
         caps a batch's padded tokens (rows x longest pair) instead of a fixed row count, as in
-        ``DenseEncoder.encode``; ``batch_size`` then only caps the rows.
+        ``DenseEncoder.encode``; ``batch_size`` then only caps the rows. ``pool`` (or a list of
+        ``device`` s) and ``chunk_size``: worker processes, as in ``DenseEncoder.encode``.
 
         The activation (sigmoid for one label by default) is applied to the logits;
         ``apply_softmax`` normalizes multi-label scores.
@@ -157,25 +171,21 @@ class CrossEncoder(Encoder):
         act = activation_fn if activation_fn is not None else self.activation_fn
         prompt = self.resolve_prompt(prompt, prompt_name)
 
-        def collect(features: dict[str, Any]) -> Tensor:
-            logits = act(features["scores"].float())  # float32 whatever the compute dtype
-            if apply_softmax and logits.shape[1] > 1:
-                logits = torch.softmax(logits, dim=1)
-            if logits.shape[1] == 1:
-                logits = logits[:, 0]
-            return logits if convert_to_tensor else logits.cpu()
-
-        scores = self._batched(
-            pairs,
-            batch_size=batch_size,
-            task=None,
-            prompt=prompt,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            collect=collect,
-            token_budget=token_budget,
-            empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
-        )
+        collect = partial(_scores, activation=act, apply_softmax=apply_softmax, on_device=convert_to_tensor)
+        with self._pooled(pool, device) as (pool, device):
+            scores = self._batched(
+                pairs,
+                batch_size=batch_size,
+                task=None,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+                token_budget=token_budget,
+                empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
+                pool=pool,
+                chunk_size=chunk_size,
+            )
         if not convert_to_tensor and convert_to_numpy:
             scores = scores.float().numpy()
         return scores[0] if single else scores
@@ -183,16 +193,17 @@ class CrossEncoder(Encoder):
     def set_dtype(self, dtype: str) -> str:
         """As ``Encoder.set_dtype``; under bfloat16/float16 the last linear layer (the scores) still
         computes in float32 (``precision.float32_output``)."""
-        chosen = super().set_dtype(dtype)
+        # Off before the change: int8's layer swap would carry the hook over to the new layer.
         hook = self.__dict__.pop("_head_hook", None)
         if hook is not None:
             hook.remove()
-        if chosen in precision.HALF:
+        try:
+            return super().set_dtype(dtype)
+        finally:  # on again for a half format, the new one or (refused) the one kept
             linears = [m for m in self.stack.modules() if isinstance(m, nn.Linear)]
-            if linears:
+            if self.dtype in precision.HALF and linears:
                 # Not an attribute nn.Module tracks: a hook handle holds no weights.
                 self.__dict__["_head_hook"] = precision.float32_output(linears[-1])
-        return chosen
 
     def probe_outputs(self) -> Any:
         pairs = [(q, d) for q in precision.PROBE_QUERIES for d in precision.PROBE_DOCUMENTS]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,17 @@ from raytrieve.modules import Module, Pooling, Transformer
 from raytrieve.quantization import PRECISIONS, quantize_embeddings
 
 OutputValue = Literal["sentence_embedding", "token_embeddings"] | None
+
+
+def _sentence_rows(features: dict[str, Any], truncate_dim: int | None, normalize: bool, on_device: bool) -> Tensor:
+    """A batch's sentence embeddings as ``encode`` returns them (a function, not a closure: a
+    pool's workers get it pickled)."""
+    emb = features["sentence_embedding"].float()  # float32 whatever the compute dtype
+    if truncate_dim is not None:
+        emb = emb[:, :truncate_dim]
+    if normalize:
+        emb = F.normalize(emb, p=2, dim=1)
+    return emb if on_device else emb.cpu()
 
 
 class DenseEncoder(EmbeddingEncoder):
@@ -54,13 +66,15 @@ class DenseEncoder(EmbeddingEncoder):
         precision: str = "float32",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
-        device: str | torch.device | None = None,
+        device: str | torch.device | list[str] | None = None,
         normalize_embeddings: bool = False,
         truncate_dim: int | None = None,
         task: str | None = None,
         token_budget: int | None = None,
         ranges: np.ndarray | None = None,
         calibration_embeddings: np.ndarray | None = None,
+        pool: dict[str, Any] | None = None,
+        chunk_size: int | None = None,
     ) -> np.ndarray | Tensor | list[Tensor]:
         """Embed ``sentences``; rows come back in input order, a single string gives one vector.
 
@@ -69,6 +83,9 @@ class DenseEncoder(EmbeddingEncoder):
         ``truncate_dim`` keeps the first dimensions (Matryoshka), before normalization.
         ``token_budget`` caps a batch's padded tokens (rows x longest row) instead of a fixed row
         count; ``batch_size`` then only caps the rows. ``sentences`` may be ``Pretokenized``.
+        ``pool`` (``start_multi_process_pool``) or a list of ``device`` s runs chunks of
+        ``chunk_size`` texts in worker processes (encoders/pool.py); token outputs
+        (``output_value``) run in this process.
         """
         texts, single = self._as_list(sentences, "sentences")
         if precision not in PRECISIONS:
@@ -82,27 +99,29 @@ class DenseEncoder(EmbeddingEncoder):
         prompt = self.resolve_prompt(prompt, prompt_name)
         if output_value != "sentence_embedding":
             every = output_value is None
-            return self._token_embeddings(texts, single, prompt, batch_size, task, device, show_progress_bar, every)
+            here = None if isinstance(device, (list, tuple)) else device
+            return self._token_embeddings(texts, single, prompt, batch_size, task, here, show_progress_bar, every)
 
-        def collect(features: dict[str, Any]) -> Tensor:
-            emb = features["sentence_embedding"].float()  # float32 whatever the compute dtype
-            if truncate_dim is not None:
-                emb = emb[:, :truncate_dim]
-            if normalize_embeddings:
-                emb = F.normalize(emb, p=2, dim=1)
-            return emb if convert_to_tensor and precision == "float32" else emb.cpu()
-
-        emb = self._batched(
-            texts,
-            batch_size=batch_size,
-            task=task,
-            prompt=prompt,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            collect=collect,
-            token_budget=token_budget,
-            empty=torch.empty(0, truncate_dim or full_dim or 0),
+        collect = partial(
+            _sentence_rows,
+            truncate_dim=truncate_dim,
+            normalize=normalize_embeddings,
+            on_device=convert_to_tensor and precision == "float32",
         )
+        with self._pooled(pool, device) as (pool, device):
+            emb = self._batched(
+                texts,
+                batch_size=batch_size,
+                task=task,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+                token_budget=token_budget,
+                empty=torch.empty(0, truncate_dim or full_dim or 0),
+                pool=pool,
+                chunk_size=chunk_size,
+            )
         if precision != "float32":
             array = quantize_embeddings(
                 emb.float().numpy(), precision, ranges=ranges, calibration_embeddings=calibration_embeddings
@@ -115,6 +134,13 @@ class DenseEncoder(EmbeddingEncoder):
         else:
             result = list(emb)
         return result[0] if single else result
+
+    def encode_multi_process(
+        self, sentences: Sequence[str], pool: dict[str, Any], chunk_size: int | None = None, **kwargs: Any
+    ) -> np.ndarray:
+        """sentence-transformers' older spelling of ``encode(sentences, pool=pool)`` (numpy rows)."""
+        rows = self.encode(sentences, pool=pool, chunk_size=chunk_size, convert_to_numpy=True, **kwargs)
+        return np.asarray(rows)
 
     def _token_embeddings(self, texts, single, prompt, batch_size, task, device, show_progress_bar, every=False):
         # Per-text [n_tokens, hidden] tensors: padded rows are cut off, so batches can't be stacked.

@@ -9,6 +9,7 @@ sentence-transformers ``SparseEncoder`` counterpart.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ def _keep_top(emb: Tensor, k: int | None) -> Tensor:
         return emb
     values, idx = emb.topk(k, dim=1)
     return torch.zeros_like(emb).scatter_(1, idx, values)
+
+
+def _sparse_rows(features: dict[str, Any], k: int | None, to_sparse: bool) -> Tensor:
+    """A batch's vectors as ``encode`` keeps them (a function: a pool's workers get it pickled)."""
+    emb = _keep_top(features["sentence_embedding"].float(), k)
+    return emb.to_sparse() if to_sparse else emb
 
 
 class SparseEncoder(EmbeddingEncoder):
@@ -61,10 +68,12 @@ class SparseEncoder(EmbeddingEncoder):
         convert_to_tensor: bool = True,
         convert_to_sparse_tensor: bool = True,
         as_dicts: bool = False,
-        device: str | torch.device | None = None,
+        device: str | torch.device | list[str] | None = None,
         max_active_dims: int | None = None,
         task: str | None = None,
         token_budget: int | None = None,
+        pool: dict[str, Any] | None = None,
+        chunk_size: int | None = None,
     ) -> Any:
         """Encode to sparse vectors.
 
@@ -74,7 +83,7 @@ class SparseEncoder(EmbeddingEncoder):
         a list of ``{"indices", "values"}`` numpy dicts (sorted by weight, descending) with
         ``as_dicts=True``. ``max_active_dims`` keeps the
         largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
-        ``DenseEncoder.encode``.
+        ``DenseEncoder.encode``, and so do ``pool`` and ``chunk_size`` (worker processes).
         """
         texts, single = self._as_list(sentences, "sentences")
         prompt = self.resolve_prompt(prompt, prompt_name)
@@ -83,21 +92,21 @@ class SparseEncoder(EmbeddingEncoder):
             raise InputError(f"max_active_dims must be positive, got {k}")
         dim = self.get_embedding_dimension() or self.input_module(task).get_embedding_dimension()
 
-        def collect(features: dict[str, Any]) -> Tensor:
-            emb = _keep_top(features["sentence_embedding"].float(), k)
-            return emb.to_sparse() if convert_to_sparse_tensor or as_dicts else emb
-
-        emb = self._batched(
-            texts,
-            batch_size=batch_size,
-            task=task,
-            prompt=prompt,
-            device=device,
-            show_progress_bar=show_progress_bar,
-            collect=collect,
-            token_budget=token_budget,
-            empty=collect({"sentence_embedding": torch.empty(0, dim)}),
-        )
+        collect = partial(_sparse_rows, k=k, to_sparse=convert_to_sparse_tensor or as_dicts)
+        with self._pooled(pool, device) as (pool, device):
+            emb = self._batched(
+                texts,
+                batch_size=batch_size,
+                task=task,
+                prompt=prompt,
+                device=device,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+                token_budget=token_budget,
+                empty=collect({"sentence_embedding": torch.empty(0, dim)}),
+                pool=pool,
+                chunk_size=chunk_size,
+            )
         if as_dicts:
             rows = sparse_rows(emb)
             return rows[0] if single else rows
