@@ -295,13 +295,14 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"config.prompts: \['title'\] are no text column of any dataset "
                                           r"\(\['document', 'query'\]\); fix the names"):
         prepare(cfg)
-    cfg.prompts = {"query": "query: "}
+    cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, datasets=datasets, prompts={"query": "query: "})
     with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
         p = prepare(cfg)
     assert p.prompts == [["query: ", None], ["passage: ", "passage: "]]
     # Each role trained with two prompts here: the model keeps none of them, and says so.
     assert p.spec.model_prompts == {}
-    assert "config.prompts: the query columns trained with different prompts ('passage: ', 'query: ')" in caplog.text
+    assert ("config.prompts, config.datasets[1].prompts: the query columns trained with different prompts "
+            "('passage: ', 'query: ')") in caplog.text
     assert "the document columns trained with different prompts ('passage: ', none)" in caplog.text
     # A dataset's own prompts and routes must name its text columns; routes need a Router model.
     cfg.datasets[1].prompts = {"quer": "query: "}
@@ -373,7 +374,8 @@ def test_cross_encoder_prompt_goes_before_each_query(tiny_models, data, tmp_path
     with caplog.at_level(logging.WARNING, logger="raytrieve.train"):
         p = prepare(two)
     assert p.prompts == [["question: ", None], ["q: ", None]] and p.spec.model_prompts == {}
-    assert "config.prompts: the datasets trained with different prompts ('q: ', 'question: ')" in caplog.text
+    assert ("config.prompts, config.datasets[1].prompts: the datasets trained with different prompts "
+            "('q: ', 'question: ')") in caplog.text
     # Per-column prompts mean nothing once columns are joined into pairs.
     with pytest.raises(ConfigError, match=r"config.prompts: a cross-encoder takes one prompt string, put before "
                                           r"each pair's first text \(the query\)"):
@@ -531,8 +533,8 @@ def test_the_evaluator_reads_the_columns_of_its_roles(tiny_models, data, tmp_pat
     # reranking takes query, positive and any number of negatives: an id among 4 text columns
     # would be its query, so more than 3 need eval.columns.
     cfg.eval.columns, cfg.eval.evaluator = None, "reranking"
-    with pytest.raises(ConfigError, match=r"reranking takes query, positive, negative...; the file has the text "
-                                          r"columns \['id', 'query', 'document', 'package'\]: .* \(e.g. "
+    with pytest.raises(ConfigError, match=r"reranking takes query, positive, negative... .*; the file has the text "
+                                          r"columns \['id', 'query', 'document', 'package'\], .* \(e.g. "
                                           r"\[<query column>, <positive column>, <negative column>\]\)"):
         prepare(cfg, "job.yaml")
     from raytrieve.train.evaluate import _example
@@ -585,9 +587,10 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
     # The id is a second text column: the roles must be named.
     with pytest.raises(ConfigError, match=re.escape(
             "cfg.eval: reranking takes query, positive, negative... (a text each, or lists of texts for positive and "
-            "negative), or query, documents, labels (a list of texts and a list of numbers per row); the file has the "
-            "text columns ['id', 'query'], the text-list columns ['docs'] and the number-list columns ['labels']: "
-            "set eval.columns to the columns in one of those orders (e.g. [id, docs, labels])")):
+            "negative); query, documents, labels (a list of texts and a list of labels per row); or query, document, "
+            "label (one row per pair, grouped by query); the file has the text columns ['id', 'query'], the "
+            "text-list columns ['docs'], the label-list columns ['labels'] and the number columns []: set "
+            "eval.columns to the columns in one of those orders (e.g. [id, docs, labels])")):
         select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
     del listwise["id"]
     columns = select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
@@ -607,10 +610,11 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
     assert {k: v for k, v in theirs.items() if k in ours} == pytest.approx(ours, abs=1e-6) and len(ours) == 3
     # Refused before Ray: a label per document, no nulls in the labels, columns of the roles' types.
     bad = {**listwise, "labels": [[2.0, 0.0], *labels[1:]]}
-    with pytest.raises(DataError, match=r"cfg.eval: row 0 has 3 document\(s\) in 'docs' and 2 label\(s\) in "
-                                        r"'labels'; give one label per document"):
+    with pytest.raises(DataError, match=re.escape(
+            "cfg.eval: 1 row(s) have another number of labels in 'labels' than documents in 'docs' (the first: row 0, "
+            "counting from 0, with 3 document(s) and 2 label(s)); give one label per document")):
         select_eval_columns(bad, "reranking", None, "cfg.eval", "eval.columns")
-    with pytest.raises(ConfigError, match=r"number-list columns \[\]"):  # a null label is no number
+    with pytest.raises(ConfigError, match=r"label-list columns \[\]"):  # a null label is no label
         select_eval_columns({**listwise, "labels": [[2.0, None, 1.0], *labels[1:]]}, "reranking", None, "cfg.eval",
                             "eval.columns")
     with pytest.raises(ConfigError, match=r"eval.columns: reranking takes .*; got \['docs', 'query', 'labels'\] \(the "
@@ -619,6 +623,19 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
     named = select_eval_columns({**lists, "n": queries}, "reranking", ["query", "positive", "negative", "n"],
                                 "cfg.eval", "eval.columns")
     assert build_evaluator(named, "reranking", "dense").samples[0][2] == [docs[0][1], queries[0]]
+    # One row per (query, document, label) pair: grouped by query (a trial's pointwise file was refused,
+    # told to name a negative column it did not have). Labels may be booleans; ids are not taken as labels.
+    pairs = {"query": [q for q, d in zip(queries, docs) for _ in d], "document": [t for d in docs for t in d],
+             "is_selected": [y > 0 for ys in labels for y in ys]}
+    columns = select_eval_columns(pairs, "reranking", None, "cfg.eval", "eval.columns")
+    assert list(columns) == ["query", "document", "is_selected"]
+    ours = build_evaluator(columns, "reranking", "cross")(CrossEncoder(path, device="cpu"))
+    theirs = CrossEncoderRerankingEvaluator(by_hand, name="eval")(st.CrossEncoder(path, device="cpu"))
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    ids = {"query": pairs["query"], "document": pairs["document"], "doc_id": list(range(len(pairs["query"])))}
+    with pytest.raises(ConfigError, match=r"the number columns \['doc_id'\]: set eval.columns .* \(e.g. "
+                                          r"\[query, document, <label column>\]\)"):
+        select_eval_columns(ids, "reranking", None, "cfg.eval", "eval.columns")
 
 
 def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, data, tmp_path, monkeypatch):

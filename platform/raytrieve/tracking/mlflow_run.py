@@ -26,6 +26,8 @@ from raytrieve.errors import ConfigError
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
 MODEL_CARD_ARTIFACT = "model_card.md"  # the model card, also a run artifact of its own
+# The evaluator's last figures under its own key names (``ndcg@10``: MLflow's metrics cannot hold "@")
+EVALUATION_ARTIFACT = "evaluation.json"
 CARD_SUMMARY_TAG = "raytrieve.model_card.summary"  # its summary line: a registered version's description
 
 
@@ -211,11 +213,27 @@ class MetricLogger:
     def log_model_dir(self, path: str | Path, artifact_path: str = "model") -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """The evaluator's last figures, keys as it names them, as the run's ``evaluation.json``."""
+        self.client.log_dict(self.run_id, {k: float(v) for k, v in metrics.items()}, EVALUATION_ARTIFACT)
+
     def log_model_card(self, card: str, summary: str) -> None:
         """The card as the run's ``model_card.md``, its summary line as a tag (``register_model``
         describes the version with it)."""
         self.client.log_text(self.run_id, card, MODEL_CARD_ARTIFACT)
         self.client.set_tag(self.run_id, CARD_SUMMARY_TAG, summary[:PARAM_LIMIT])
+
+
+def read_evaluation(uri: str, run_id: str) -> dict[str, float]:
+    """The run's last evaluation under the evaluator's key names (``evaluation.json``); a run
+    without it (one written before it was logged) gives its ``eval_`` metrics as MLflow holds them."""
+    import tempfile
+
+    c = client(uri)
+    if any(f.path == EVALUATION_ARTIFACT for f in c.list_artifacts(run_id)):
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(c.download_artifacts(run_id, EVALUATION_ARTIFACT, tmp)).read_text())
+    return {k: v for k, v in sorted(c.get_run(run_id).data.metrics.items()) if k.startswith("eval_")}
 
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]

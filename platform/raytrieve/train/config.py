@@ -330,14 +330,16 @@ class EvalConfig(ConfigModel):
         default=None,
         description="how eval.path is scored (required with it): information_retrieval (query, relevant "
         "document pairs), embedding_similarity (sentence pairs with a score) or reranking (query, positive, "
-        "negatives, as texts or lists of texts, or a listwise query, documents, labels; a cross-encoder's only one)",
+        "negatives, as texts or lists of texts; a listwise query, documents, labels; or query, document, label "
+        "pairs grouped by query; a cross-encoder's only one)",
     )
     columns: list[str] | None = Field(
         default=None,
         description=(
             "the file's columns in the evaluator's order (information_retrieval: query, document; "
             "embedding_similarity: sentence1, sentence2, score; reranking: query, positive, negatives... (texts "
-            "or lists of texts) or query, documents, labels (listwise: labels above 0 are relevant)); None: its "
+            "or lists of texts), query, documents, labels (listwise) or query, document, label (pairs); labels "
+            "above 0 are relevant); None: its "
             "text columns, when their types or count tell the roles"
         ),
     )

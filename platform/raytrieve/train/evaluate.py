@@ -5,10 +5,10 @@ in the file's order, when they are as many as the evaluator takes):
 - information_retrieval: query, document (one query per distinct query text, every document
   paired with it relevant; the corpus is every distinct document);
 - embedding_similarity: sentence1, sentence2, and a numeric score column;
-- reranking, one row per query, in one of three layouts: query, positive, then negatives (a text
-  each); query, positives, negatives where positives and negatives may be lists of texts; or a
-  listwise file's query, documents (a list of texts) and labels (a list of numbers, one per
-  document: above 0 is relevant, as sentence-transformers' reranking evaluator counts relevance).
+- reranking, in one of its layouts (``_LAYOUTS``): one row per query with its positive and
+  negatives (texts, or lists of texts); a listwise file's query, documents (a list of texts) and
+  labels (one per document); or one row per (query, document, label) pair, grouped by query. A
+  label above 0 (or true) is relevant, as sentence-transformers' reranking evaluators count it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any
 
 from raytrieve.errors import ConfigError, DataError
 
-# The text columns each evaluator takes (None: any number from 3 on), and whether a numeric score
-# column follows them.
-_ROLES: dict[str, tuple[str, int | None, bool]] = {
+# The text columns each evaluator takes, and whether a numeric score column follows them
+# (reranking's layouts: _reranking_columns).
+_ROLES: dict[str, tuple[str, int, bool]] = {
     "information_retrieval": ("query, document", 2, False),
     "embedding_similarity": ("sentence1, sentence2, score", 2, True),
-    "reranking": ("query, positive, negative...", None, False),
 }
 
 
@@ -39,12 +38,6 @@ def _is_number(values: list[Any]) -> bool:
 def _is_text_list(values: list[Any]) -> bool:
     present = [v for v in values if v is not None]
     return bool(present) and all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in present)
-
-
-def _is_number_list(values: list[Any]) -> bool:
-    """Lists of numbers (a null inside a list is no number: it is not read as a missing label)."""
-    present = [v for v in values if v is not None]
-    return bool(present) and all(isinstance(v, list) and None not in v and _is_number(v) for v in present)
 
 
 # Column names that usually hold each role, for the example in an error (never chosen silently).
@@ -85,16 +78,14 @@ def select_eval_columns(
     """The eval file's columns the evaluator reads, in its roles' order (texts, then the score);
     refused, naming the column and the fix, where a role would take the wrong column (an id, a
     package name), a column is missing, or a value is null. ``field``: the eval.columns key."""
+    if evaluator == "reranking":
+        return _reranking_columns(columns, chosen, where, field)
     roles, texts_taken, scored = _ROLES[evaluator]
     texts = [c for c, v in columns.items() if _is_text(v)]
     lists = [c for c, v in columns.items() if _is_text_list(v)]
-    if evaluator == "reranking" and (lists or (chosen and any(c in lists for c in chosen))):
-        return _reranking_lists(columns, texts, lists, chosen, where, field)
     if chosen is None:
         numbers = [c for c, v in columns.items() if c not in texts and _is_number(v)]
-        # reranking takes any number from 3 on, so only exactly 3 tell their roles (an id column
-        # among 4 would be taken as the query)
-        if len(texts) != (texts_taken or 3):
+        if len(texts) != texts_taken:
             example = _example(evaluator, texts) + ([numbers[0]] if scored and numbers else [])
             listed = f" ({lists} hold lists of texts: {evaluator} takes one text per column)" if lists else ""
             raise ConfigError(
@@ -113,8 +104,7 @@ def select_eval_columns(
     missing = [c for c in chosen if c not in columns]
     if missing:
         raise ConfigError(f"{field}: {missing} not in the file, whose columns are {list(columns)}")
-    want = (texts_taken or max(3, len(chosen))) + scored
-    if len(chosen) != want or (texts_taken is None and len(chosen) < 3):
+    if len(chosen) != texts_taken + scored:
         raise ConfigError(f"{field}: {evaluator} takes {roles}; got {chosen}")
     text_part, score_part = chosen[: len(chosen) - scored], chosen[len(chosen) - scored :]
     for c in text_part:
@@ -131,37 +121,57 @@ def select_eval_columns(
 
 
 _LAYOUTS = (
-    "query, positive, negative... (a text each, or lists of texts for positive and negative), or query, documents, "
-    "labels (a list of texts and a list of numbers per row)"
+    "query, positive, negative... (a text each, or lists of texts for positive and negative); query, documents, "
+    "labels (a list of texts and a list of labels per row); or query, document, label (one row per pair, grouped "
+    "by query)"
 )
+# Names a pair file's label column goes by, for taking it without eval.columns (an id is a number too).
+_LABEL_NAMES = ("label", "labels", "score", "scores", "relevance", "is_relevant", "is_selected")
 
 
-def _reranking_lists(
-    columns: dict[str, list[Any]],
-    texts: list[str],
-    lists: list[str],
-    chosen: list[str] | None,
-    where: str,
-    field: str,
+def _is_label(values: list[Any]) -> bool:
+    """Numbers or booleans (is_selected): above 0, or true, is relevant."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, (int, float)) for v in present)
+
+
+def _is_label_list(values: list[Any]) -> bool:
+    """Lists of labels (a null inside a list is no label: it is not read as a missing one)."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, list) and None not in v and _is_label(v) for v in present)
+
+
+def _reranking_columns(
+    columns: dict[str, list[Any]], chosen: list[str] | None, where: str, field: str
 ) -> dict[str, list[Any]]:
-    """reranking's columns where lists of texts are given: a listwise query, documents, labels; or
-    query, positive(s), negative(s) with texts or lists of texts. Without ``field`` the file's
-    columns must say their roles by type alone: one text column (the query) and one list of
-    texts and one list of numbers (listwise), or exactly three text and text-list columns, the
-    query a text column first in the file."""
-    labels = [c for c, v in columns.items() if _is_number_list(v)]
+    """reranking's columns in their roles' order, in one of its layouts (``_LAYOUTS``; above 0
+    relevant). Without ``field`` the file's columns must tell their roles by type: one text, one
+    list of texts and one list of labels (listwise); two texts and a label column named like one
+    (pairs); or exactly three text and text-list columns, the query a text column first."""
+    texts = [c for c, v in columns.items() if _is_text(v)]
+    lists = [c for c, v in columns.items() if _is_text_list(v)]
+    label_lists = [c for c, v in columns.items() if _is_label_list(v)]
+    labels = [c for c, v in columns.items() if c not in texts and _is_label(v)]
     if chosen is None:
         ordered = [c for c in columns if c in texts or c in lists]
-        if len(texts) == 1 and len(lists) == 1 and len(labels) == 1:
-            chosen = [texts[0], lists[0], labels[0]]
-        elif not labels and len(ordered) == 3 and ordered[0] in texts:
+        named = [c for c in labels if c.lower() in _LABEL_NAMES]
+        if len(texts) == 1 and len(lists) == 1 and len(label_lists) == 1:
+            chosen = [texts[0], lists[0], label_lists[0]]
+        elif not lists and len(texts) == 2 and len(named) == 1:
+            chosen = [*texts, named[0]]
+        elif not label_lists and len(ordered) == 3 and ordered[0] in texts:
             chosen = ordered
         else:
+            if lists:  # listwise
+                example = (texts or ["<query column>"])[:1] + lists[:1] + (label_lists or ["<labels column>"])[:1]
+            elif len(texts) == 2:  # pairs
+                example = [*texts, (named or ["<label column>"])[0]]  # an id is a number, not a label
+            else:
+                example = _example("reranking", texts)
             raise ConfigError(
                 f"{where}: reranking takes {_LAYOUTS}; the file has the text columns {texts}, the text-list columns "
-                f"{lists} and the number-list columns {labels}: set {field} to the columns in one of those orders "
-                f"(e.g. [{', '.join((texts or ['<query column>'])[:1] + (lists or ['<documents column>'])[:1])}, "
-                f"{(labels or ['<labels column>'])[0]}])"
+                f"{lists}, the label-list columns {label_lists} and the number columns {labels}: set {field} to "
+                f"the columns in one of those orders (e.g. [{', '.join(example)}])"
             )
     missing = [c for c in chosen if c not in columns]
     if missing:
@@ -169,26 +179,31 @@ def _reranking_lists(
     twice = sorted({c for c in chosen if chosen.count(c) > 1})
     if twice:
         raise ConfigError(f"{field}: {twice} named more than once; each role reads its own column")
-    listwise = len(chosen) == 3 and chosen[2] in labels
     if len(chosen) < 3 or not _is_text(columns[chosen[0]]):
         raise ConfigError(f"{field}: reranking takes {_LAYOUTS}; got {chosen} (the query: one text per row)")
     for c in chosen:
         nulls = sum(v is None for v in columns[c])
         if nulls:
             raise DataError(f"{where}: column {c!r} has {nulls} null value(s); fill or drop those rows")
-    if listwise:
+    layout = _layout(columns, chosen)
+    if layout == "listwise":
         documents, scores = chosen[1], chosen[2]
-        if chosen[1] not in lists:
+        if documents not in lists:
             raise DataError(
-                f"{where}: column {documents!r} is not a list of texts; listwise reranking reads "
-                f"query, documents, labels ({field})"
+                f"{where}: column {documents!r} is not a list of texts; listwise reranking reads query, documents, "
+                f"labels ({field})"
             )
-        for i, (docs, given) in enumerate(zip(columns[documents], columns[scores])):
-            if len(docs) != len(given):
-                raise DataError(
-                    f"{where}: row {i} has {len(docs)} document(s) in {documents!r} and {len(given)} label(s) in "
-                    f"{scores!r}; give one label per document"
-                )
+        bad = [i for i, (d, y) in enumerate(zip(columns[documents], columns[scores])) if len(d) != len(y)]
+        if bad:
+            i = bad[0]
+            raise DataError(
+                f"{where}: {len(bad)} row(s) have another number of labels in {scores!r} than documents in "
+                f"{documents!r} (the first: row {i}, counting from 0, with {len(columns[documents][i])} document(s) "
+                f"and {len(columns[scores][i])} label(s)); give one label per document"
+            )
+    elif layout == "pairs":
+        if chosen[1] not in texts:
+            raise DataError(f"{where}: column {chosen[1]!r} is not text; pairs read query, document, label ({field})")
     else:
         for c in chosen[1:]:
             if c not in texts and c not in lists:
@@ -196,12 +211,22 @@ def _reranking_lists(
     return {c: columns[c] for c in chosen}
 
 
+def _layout(columns: dict[str, list[Any]], chosen: list[str]) -> str:
+    """listwise (query, documents, labels), pairs (query, document, label) or texts."""
+    if len(chosen) == 3 and _is_label_list(columns[chosen[2]]):
+        return "listwise"
+    if len(chosen) == 3 and not _is_text(columns[chosen[2]]) and _is_label(columns[chosen[2]]):
+        return "pairs"
+    return "texts"
+
+
 def _reranking_samples(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """One sample per row ({"query", "positive": [...], "negative": [...]}) from reranking's
-    columns in their roles' order: listwise (labels above 0 relevant), else texts or lists."""
+    """One sample per query ({"query", "positive": [...], "negative": [...]}) from reranking's
+    columns in their roles' order (``_reranking_columns``); a label above 0 (or true) is relevant."""
     names = list(columns)
-    rows = zip(*(columns[c] for c in names))
-    if len(names) == 3 and _is_number_list(columns[names[2]]):
+    rows = list(zip(*(columns[c] for c in names)))
+    layout = _layout(columns, names)
+    if layout == "listwise":
         return [
             {
                 "query": q,
@@ -210,6 +235,12 @@ def _reranking_samples(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
             }
             for q, docs, ys in rows
         ]
+    if layout == "pairs":  # grouped by query text, in the order queries first appear
+        grouped: dict[str, dict[str, Any]] = {}
+        for q, d, y in rows:
+            sample = grouped.setdefault(q, {"query": q, "positive": [], "negative": []})
+            sample["positive" if y > 0 else "negative"].append(d)
+        return list(grouped.values())
 
     def texts(value: Any) -> list[str]:
         return list(value) if isinstance(value, list) else [value]
@@ -222,7 +253,7 @@ def _reranking_samples(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def build_evaluator(columns: dict[str, list[Any]], evaluator: str, kind: str) -> Any:
     """``columns``: what ``select_eval_columns`` chose, in its roles' order."""
     names = list(columns)
-    texts = names[:-1] if _ROLES[evaluator][2] else names
+    texts = names[:-1] if evaluator == "embedding_similarity" else names
     if evaluator == "information_retrieval":
         from raytrieve.evaluation import InformationRetrievalEvaluator, SparseInformationRetrievalEvaluator
 

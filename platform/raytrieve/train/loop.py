@@ -281,6 +281,8 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             evaluation=last_eval or None,
             run_id=spec.run_id,
         )
+    if logger is not None and last_eval:  # under the evaluator's own key names (mlflow_run.EVALUATION_ARTIFACT)
+        logger.log_evaluation({k: v for k, v in last_eval["metrics"].items() if isinstance(v, (int, float))})
     files = card_files(card) if card is not None else None
     with checkpoints.saved_model(cfg.output_dir, files=files) as folder:
         if logger is not None and folder is not None:

@@ -113,6 +113,15 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
     # Routes go with token ids: rows of texts are tokenized by the loss, not per column here.
     has_router = model_kind(cfg.model.kind).tokenized_rows and bool(encoder.first_module.routes())
 
+    # The keys the prompts came from, for the warnings about them (the loop below fills the run-wide
+    # prompts into the datasets that set none).
+    prompt_keys = (
+        ", ".join(
+            [f"{where}.prompts"] * (cfg.prompts is not None)
+            + [f"{where}.datasets[{i}].prompts" for i, d in enumerate(cfg.datasets) if d.prompts is not None]
+        )
+        or f"{where}.prompts"
+    )
     text_columns, label_columns, prompts, routes, streams, planned, pieces, digests = [], [], [], [], [], [], [], []
     for i, d in enumerate(cfg.datasets):
         # One streaming pass per dataset: checks, row counts and the planner's keys (a hash per
@@ -212,9 +221,9 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
         samples_per_step=cfg.training.batch_size * world * cfg.training.gradient_accumulation_steps,
     )
     if model_kind(cfg.model.kind).tokenized_rows:
-        spec.model_prompts = _trained_prompts(cfg, text_columns, prompts, encoder, has_router, where)
+        spec.model_prompts = _trained_prompts(cfg, text_columns, prompts, encoder, has_router, prompt_keys)
     else:
-        spec.model_prompts, spec.model_default_prompt = _trained_pair_prompt(prompts, encoder, where)
+        spec.model_prompts, spec.model_default_prompt = _trained_pair_prompt(prompts, encoder, prompt_keys)
     return Prepared(spec, plan, stream, pieces, rows, text_columns, label_columns, prompts, routes, digests)
 
 
@@ -224,7 +233,7 @@ def _trained_prompts(
     prompts: list[list[str | None]],
     loaded: Any,
     has_router: bool,
-    where: str,
+    keys: str,
 ) -> dict[str, str]:
     """The prompt each role ("query": a dataset's first column or its router_mapping's, else
     "document"; a one-column dataset's texts are both) trained with, where every column of that
@@ -250,9 +259,9 @@ def _trained_prompts(
         own = loaded.prompt_name_for(role)
         if len(seen) > 1:
             log.warning(
-                "%s.prompts: the %s columns trained with different prompts (%s); the model's %s prompt is left as "
+                "%s: the %s columns trained with different prompts (%s); the model's %s prompt is left as "
                 "loaded (%s): give every %s column the same prompt for the model to keep it",
-                where,
+                keys,
                 role,
                 ", ".join(sorted("none" if p is None else repr(p) for p in seen)),
                 role,
@@ -263,9 +272,9 @@ def _trained_prompts(
             kept[role] = only
         elif own is not None and loaded.prompts[own]:
             log.warning(
-                "%s.prompts: the %s columns trained without a prompt, but the model adds its %r prompt %r to every "
+                "%s: the %s columns trained without a prompt, but the model adds its %r prompt %r to every "
                 "%s it encodes, and so will the trained model; give the %s columns that prompt to train as it is used",
-                where,
+                keys,
                 role,
                 own,
                 loaded.prompts[own],
@@ -275,7 +284,7 @@ def _trained_prompts(
     return kept
 
 
-def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, where: str) -> tuple[dict[str, str], str | None]:
+def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, keys: str) -> tuple[dict[str, str], str | None]:
     """A cross-encoder's prompt (before each pair's query) where every dataset trained with the
     same one: the trained model keeps it as its default prompt (under the loaded model's default
     name, else "query"), so that predict, rank, the evaluator, mining's reranker and Serve's
@@ -287,9 +296,9 @@ def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, where: st
     own_text = loaded.prompts.get(own) if own is not None else None
     if len(seen) > 1:
         log.warning(
-            "%s.prompts: the datasets trained with different prompts (%s); the model's default prompt is left as "
+            "%s: the datasets trained with different prompts (%s); the model's default prompt is left as "
             "loaded (%s): give every dataset the same prompt for the model to keep it",
-            where,
+            keys,
             ", ".join(sorted("none" if p is None else repr(p) for p in seen)),
             "none" if own_text is None else repr(own_text),
         )
@@ -300,10 +309,10 @@ def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, where: st
         return {name: only}, name
     if own_text:
         log.warning(
-            "%s.prompts: the pairs trained without a prompt, but the model puts its default prompt %r (%r) before "
+            "%s: the pairs trained without a prompt, but the model puts its default prompt %r (%r) before "
             "every query it scores, and so will the trained model; give the datasets that prompt to train as it "
             "is used",
-            where,
+            keys,
             own,
             own_text,
         )
@@ -779,8 +788,7 @@ def run_training(
     trained = TrainResult(redact(cfg.output_dir), p.plan.optimizer_steps, run_id, version, ckpt, p.plan.dropped, uri)
     if cfg.eval.path:
         try:  # for the summary only: the run is finished and registered whatever this read does
-            logged = mlflow_run.client(uri).get_run(run_id).data.metrics
-            trained.eval_metrics = {k: v for k, v in sorted(logged.items()) if k.startswith("eval_")}
+            trained.eval_metrics = mlflow_run.read_evaluation(uri, run_id)
         except Exception as e:  # MLflow's store errors share no base class worth naming here
             log.warning("could not read the run's evaluation metrics back from MLflow (%s); they are in the run", e)
     record_finished(storage, dataclasses.asdict(trained))
