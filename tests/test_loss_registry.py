@@ -395,6 +395,11 @@ def test_object_arguments_are_written_by_name(dense, tiny_dirs, tiny_models):
     ours_features = [ours_saved.tokenize(list(t)) for t in texts]
     their_features = [theirs.tokenize(list(t)) for t in texts]
     torch.testing.assert_close(got(ours_features, labels), want(their_features, labels), atol=1e-5, rtol=1e-5)
+    # ... and pairwise_angle_sim (CoSENT with it is AnglE), which was refused.
+    got = build_loss(_spec({"name": "CoSENTLoss", "args": {"similarity_fct": "pairwise_angle_sim"}}), ours_saved,
+                     "dense")
+    want = StCoSENT(theirs, similarity_fct=util.pairwise_angle_sim)
+    torch.testing.assert_close(got(ours_features, labels), want(their_features, labels), atol=1e-5, rtol=1e-5)
     # MNRL's directions (a tuple by default) from a config's list.
     mnrl = build_loss(_spec({"name": "MultipleNegativesRankingLoss",
                              "args": {"directions": ["query_to_doc", "doc_to_query"]}}), dense, "dense")
@@ -421,7 +426,7 @@ def test_object_arguments_are_written_by_name(dense, tiny_dirs, tiny_models):
         ({"name": "ListNetLoss", "args": {"activation_fn": "Sigmoyd"}}, "cross", r"'Sigmoyd' is no torch.nn class"),
         ({"name": "TripletLoss", "args": {"distance_metric": "hamming"}}, "dense",
          r"loss.args.distance_metric: 'hamming' is no distance TripletLoss takes; choose from \['COSINE'"),
-        ({"name": "CoSENTLoss", "args": {"similarity_fct": "euclidean"}}, "dense", r"CoSENTLoss takes 'cosine' or 'dot'"),
+        ({"name": "CoSENTLoss", "args": {"similarity_fct": "euclidean"}}, "dense", r"CoSENTLoss takes 'cosine' or 'dot' or 'angle'"),
         ({"name": "ListNetLoss", "args": {"activation_fn": ["Sigmoid"]}}, "cross",
          r"loss.args.activation_fn: give ListNetLoss's activation_fn by its name \(text\), not \['Sigmoid'\]"),
         ({"name": "ListNetLoss", "args": {"activation_fn": "PReLU"}}, "cross", r"'PReLU' is no activation or loss"),

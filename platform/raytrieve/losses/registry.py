@@ -151,20 +151,23 @@ def _object_arg(
 def _similarity(given: str, default: Any, loss: str, where: str) -> Any:
     """'cosine' or 'dot' (sentence-transformers' names too: cos_sim, dot_score, util.cos_sim,
     pairwise_cos_sim) as the function of the form the loss takes: a score matrix, or one score per
-    pair where its default is a pairwise function (CoSENT, MarginMSE, DistillKLDiv)."""
-    from raytrieve.losses.pairwise import pairwise_cos_sim, pairwise_dot_score
+    pair where its default is a pairwise function (CoSENT, MarginMSE, DistillKLDiv), which also
+    takes 'angle' (pairwise_angle_sim: CoSENT with it is AnglE)."""
+    from raytrieve.losses.pairwise import pairwise_angle_sim, pairwise_cos_sim, pairwise_dot_score
 
     bare = given.strip().rsplit(".", 1)[-1].lower().removeprefix("pairwise_")
+    pairwise = getattr(default, "__name__", "").lstrip("_").startswith("pairwise")
     try:
-        canonical = sim.canonical_name(bare)
+        canonical = "angle" if bare in ("angle", "angle_sim") else sim.canonical_name(bare)
     except RaytrieveError:
         canonical = ""  # the similarity module's choices include ones no loss takes
-    pairwise = getattr(default, "__name__", "").lstrip("_").startswith("pairwise")
-    functions = (
-        {"cosine": pairwise_cos_sim, "dot": pairwise_dot_score} if pairwise else {"cosine": sim.cosine, "dot": sim.dot}
+    functions: dict[str, Any] = (
+        {"cosine": pairwise_cos_sim, "dot": pairwise_dot_score, "angle": pairwise_angle_sim}
+        if pairwise
+        else {"cosine": sim.cosine, "dot": sim.dot}
     )
     if canonical not in functions:
-        raise ConfigError(f"{where}: {given!r}; {loss} takes 'cosine' or 'dot'")
+        raise ConfigError(f"{where}: {given!r}; {loss} takes {' or '.join(map(repr, functions))}")
     return functions[canonical]
 
 
