@@ -94,6 +94,8 @@ def test_build_modifiers_from_config(dense):
     # sentence-transformers' argument name for the wrapped loss reads the same.
     same = {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [32, 16], "loss": {"name": "CoSENTLoss"}}}
     assert isinstance(build_loss(_spec(same), dense, "dense").loss, CoSENTLoss)
+    same["args"]["loss"] = "CoSENTLoss"  # a name alone, as a dataset's loss may be (it was refused)
+    assert isinstance(build_loss(_spec(same), dense, "dense").loss, CoSENTLoss)
     two_d = {
         "name": "Matryoshka2dLoss",
         "args": {"matryoshka_dims": [32, 16], "n_layers_per_step": 2},
@@ -183,7 +185,7 @@ def test_build_csr(tiny_dirs):
             r"^loss: give the base loss of MatryoshkaLoss once",
         ),
         (
-            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16], "loss": "CoSENTLoss"}},
+            {"name": "MatryoshkaLoss", "args": {"matryoshka_dims": [16], "loss": 3}},
             r"^loss\.args\.loss: expected a loss spec such as \{name: MultipleNegativesRankingLoss",
         ),
         (

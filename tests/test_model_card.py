@@ -193,6 +193,7 @@ def test_formatting_helpers():
     assert loss_name({"name": "CSRLoss", "args": {"loss": {"name": "SparseMultipleNegativesRankingLoss"}}}) == (
         "CSRLoss(SparseMultipleNegativesRankingLoss)"
     )
+    assert loss_name({"name": "MatryoshkaLoss", "args": {"loss": "CoSENTLoss"}}) == "MatryoshkaLoss(CoSENTLoss)"
 
 
 def test_base_model_facts_from_the_catalogue_and_from_a_card(tmp_path):

@@ -137,6 +137,8 @@ class LossSpec(ConfigModel):
             raise ConfigError(f"{where}: give the base loss of {self.name} once, in {where}.inner or {where}.args.loss")
         if isinstance(given, LossSpec):
             return given, f"{where}.args.loss"
+        if isinstance(given, str):  # a name alone, as the loss itself may be given
+            given = {"name": given}
         if not isinstance(given, dict):
             raise ConfigError(
                 f"{where}.args.loss: expected a loss spec such as "

@@ -199,6 +199,8 @@ def value_type(values: list[Any]) -> str:
 def loss_name(spec: dict[str, Any]) -> str:
     """``SpladeLoss(SparseMultipleNegativesRankingLoss)``: a wrapping loss with its base."""
     inner = spec.get("inner") or (spec.get("args") or {}).get("loss")
+    if isinstance(inner, str):  # a base loss by name alone
+        inner = {"name": inner}
     name = str(spec.get("name"))
     if spec.get("matryoshka_dims"):
         name = f"MatryoshkaLoss({name})"
