@@ -11,7 +11,8 @@ import torch
 from tests.conftest import SENTENCES
 
 from raytrieve import CrossEncoder, DenseEncoder, SparseEncoder
-from raytrieve.encoders.batching import Pretokenized
+from raytrieve.encoders import pool as workers
+from raytrieve.encoders.batching import Pretokenized, slice_inputs
 from raytrieve.errors import InputError
 
 TEXTS = [s * (1 + i % 3) for i, s in enumerate(SENTENCES * 3)]  # several lengths: chunks sort differently
@@ -22,7 +23,16 @@ def dense(tiny_models):
     return DenseEncoder(tiny_models["dense"], device="cpu")
 
 
-def test_dense_pool_gives_the_rows_of_one_process(dense):
+def _boom(encoder, chunk, device):
+    raise ValueError("boom")
+
+
+class _Local(torch.nn.Identity):
+    def __reduce__(self):  # as a lambda or a closure is: no pickle
+        raise TypeError("cannot pickle this activation")
+
+
+def test_dense_pool_gives_the_rows_of_one_process(dense, tiny_dirs, tiny_models):
     pool = dense.start_multi_process_pool(["cpu", "cpu"])
     try:
         assert len(pool["processes"]) == 2 and all(p.is_alive() for p in pool["processes"])
@@ -43,6 +53,17 @@ def test_dense_pool_gives_the_rows_of_one_process(dense):
             dense.encode(TEXTS, pool=pool, chunk_size=0)
         with pytest.raises(InputError, match="give pool= or a list of devices, not both"):
             dense.encode(TEXTS, pool=pool, device=["cpu"])
+        # Results a stopped earlier call left in the queue are not this call's rows.
+        pool["output"].put((-1, 0, torch.full((len(TEXTS), 32), 7.0)))
+        np.testing.assert_allclose(dense.encode(TEXTS, pool=pool, chunk_size=len(TEXTS)), want, atol=1e-6, rtol=0)
+        # An error in a worker reaches the caller with the worker's traceback.
+        with pytest.raises(ValueError, match="boom") as raised:
+            workers.run(pool, TEXTS, _boom, slice_inputs, 4, False)
+        assert "in the pool's worker on cpu" in "".join(getattr(raised.value, "__notes__", []))
+        # An argument the queue could not pickle was dropped by its thread, and the call waited forever.
+        cross = CrossEncoder(tiny_dirs["cls1"], device="cpu")
+        with pytest.raises(InputError, match="a pool's workers get the call's arguments pickled"):
+            cross.predict(list(zip(TEXTS, TEXTS)), pool=pool, activation_fn=_Local())
         # Workers that died (killed, out of memory) are an error naming them, not a wait without end.
         for p in pool["processes"]:
             p.kill()
@@ -59,6 +80,10 @@ def test_dense_pool_gives_the_rows_of_one_process(dense):
         dense.encode(TEXTS, pool={"processes": []})
     with pytest.raises(InputError, match=r"target_devices: 'gpu0' is not a torch device"):
         dense.start_multi_process_pool(["gpu0"])
+    int8 = DenseEncoder(tiny_models["dense"], device="cpu")  # torch cannot pickle its quantised layers to a worker
+    int8.set_dtype("int8")
+    with pytest.raises(InputError, match=r"an int8 model \(quantised in place\) cannot be sent to worker processes"):
+        int8.start_multi_process_pool(["cpu"])
 
 
 def test_cross_and_sparse_on_a_list_of_devices(tiny_models, tiny_dirs):

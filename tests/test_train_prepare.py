@@ -590,7 +590,7 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
             "negative); query, documents, labels (a list of texts and a list of labels per row); or query, document, "
             "label (one row per pair, grouped by query); the file has the text columns ['id', 'query'], the "
             "text-list columns ['docs'], the label-list columns ['labels'] and the number columns []: set "
-            "eval.columns to the columns in one of those orders (e.g. [id, docs, labels])")):
+            "eval.columns to the columns in one of those orders (e.g. [query, docs, labels])")):
         select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
     del listwise["id"]
     columns = select_eval_columns(listwise, "reranking", None, "cfg.eval", "eval.columns")
@@ -607,6 +607,15 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
     ours = build_evaluator(columns, "reranking", "dense")(DenseEncoder(dense, device="cpu"))
     samples = [{**s, "positive": s["positive"] or ["-"]} for s in by_hand]
     theirs = RerankingEvaluator(samples, name="eval")(st.SentenceTransformer(dense, device="cpu"))
+    assert {k: v for k, v in theirs.items() if k in ours} == pytest.approx(ours, abs=1e-6) and len(ours) == 3
+    # A sparse model's reranking failed at the run's last evaluation, after every step (helper-96).
+    from sentence_transformers.sparse_encoder.evaluation import SparseRerankingEvaluator
+
+    from raytrieve import SparseEncoder
+
+    sparse = str(tiny_models["sparse"])
+    ours = build_evaluator(columns, "reranking", "sparse")(SparseEncoder(sparse, device="cpu"))
+    theirs = SparseRerankingEvaluator(samples, name="eval")(st.SparseEncoder(sparse, device="cpu"))
     assert {k: v for k, v in theirs.items() if k in ours} == pytest.approx(ours, abs=1e-6) and len(ours) == 3
     # Refused before Ray: a label per document, no nulls in the labels, columns of the roles' types.
     bad = {**listwise, "labels": [[2.0, 0.0], *labels[1:]]}
@@ -632,6 +641,18 @@ def test_reranking_eval_reads_listwise_and_list_files(tiny_models, tmp_path):
     ours = build_evaluator(columns, "reranking", "cross")(CrossEncoder(path, device="cpu"))
     theirs = CrossEncoderRerankingEvaluator(by_hand, name="eval")(st.CrossEncoder(path, device="cpu"))
     assert ours == pytest.approx(theirs, abs=1e-6)
+    # Never guessed (helper-96): a label stored as text would be a negative document, a text id the
+    # query; scores are no grades (every document would be relevant).
+    for guess in ({**pairs, "is_selected": [str(int(y)) for y in pairs["is_selected"]]},
+                  {"qid": [str(len(q)) for q in pairs["query"]], **pairs}):
+        with pytest.raises(ConfigError, match=r"set eval.columns to the columns in one of those orders"):
+            select_eval_columns(guess, "reranking", None, "cfg.eval", "eval.columns")
+    with pytest.raises(DataError, match=r"column 'score' holds 0.93, no relevance grade"):
+        select_eval_columns({"query": pairs["query"], "document": pairs["document"],
+                             "score": [0.93] * len(pairs["query"])}, "reranking", None, "cfg.eval", "eval.columns")
+    # A listwise row without candidates counts 0 (it was refused: its empty labels read as no labels).
+    empty = {"query": queries, "docs": [*docs[:2], [], docs[3]], "labels": [*labels[:2], [], labels[3]]}
+    assert list(select_eval_columns(empty, "reranking", None, "cfg.eval", "eval.columns")) == list(empty)
     ids = {"query": pairs["query"], "document": pairs["document"], "doc_id": list(range(len(pairs["query"])))}
     with pytest.raises(ConfigError, match=r"the number columns \['doc_id'\]: set eval.columns .* \(e.g. "
                                           r"\[query, document, <label column>\]\)"):

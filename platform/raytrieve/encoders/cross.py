@@ -200,6 +200,9 @@ class CrossEncoder(Encoder):
         try:
             return super().set_dtype(dtype)
         finally:  # on again for a half format, the new one or (refused) the one kept
+            nested = self.__dict__.pop("_head_hook", None)  # "auto"'s guard sets formats in between
+            if nested is not None:
+                nested.remove()
             linears = [m for m in self.stack.modules() if isinstance(m, nn.Linear)]
             if self.dtype in precision.HALF and linears:
                 # Not an attribute nn.Module tracks: a hook handle holds no weights.

@@ -14,13 +14,15 @@ get the model once, pickled, its tensors in shared memory; CPU workers share the
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pickle
 import queue
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.multiprocessing as mp
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from raytrieve.encoders.base import Encoder
 
 Pool = dict[str, Any]  # {"input": Queue, "output": Queue, "processes": [Process]}: sentence-transformers' shape
+
+_calls = itertools.count()  # a call's id, carried by its chunks and their results
 
 # One chunk's work: (model, inputs, device) -> rows on the CPU (a picklable partial of run_batches).
 Job = Callable[..., Tensor]
@@ -61,11 +65,18 @@ def start(encoder: Encoder, target_devices: Sequence[str | torch.device] | None 
         raise InputError(
             "a pool runs the torch model; set_backend('torch') first (ONNX Runtime uses every core already)"
         )
+    if getattr(encoder, "dtype", "float32") == "int8":
+        # torch's shared-memory pickling cannot carry dynamically quantised layers.
+        raise InputError(
+            "an int8 model (quantised in place) cannot be sent to worker processes; start the pool from the model "
+            "in float32 or bfloat16, or encode int8 in this process"
+        )
     encoder.to("cpu")
     cpu_workers = sum(torch.device(d).type == "cpu" for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, cpu_workers))  # the cores this process may use
     ctx = mp.get_context("spawn")
     inputs, outputs = ctx.Queue(), ctx.Queue()
+    inputs.cancel_join_thread()  # exiting with chunks still queued (workers gone) must not wait on them
     processes = []
     for device in devices:
         p = ctx.Process(target=_work, args=(device, threads, encoder, inputs, outputs), daemon=True)
@@ -100,16 +111,26 @@ def run(
     chunk_size: int | None,
     show_progress_bar: bool | None,
 ) -> Tensor:
-    """``job`` over ``inputs`` in chunks on the pool's workers; the rows joined in input order."""
+    """``job`` over ``inputs`` in chunks on the pool's workers; the rows joined in input order.
+    Each chunk carries this call's id: results a stopped earlier call left behind (Ctrl-C, an
+    error) are dropped, not taken for this call's rows."""
     n = len(inputs)
     workers = len(pool["processes"])
     if chunk_size is None:
         chunk_size = max(1, min(math.ceil(n / workers / 10), 5000))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    try:  # the queue pickles in a thread of its own, which would drop the chunk and leave us waiting
+        ForkingPickler.dumps(job)
+    except Exception as e:
+        raise InputError(
+            f"a pool's workers get the call's arguments pickled, and these cannot be ({e}); pass functions and "
+            "modules defined at a module's top level (not a lambda or a closure), or leave out pool / device=[...]"
+        ) from None
+    call = next(_calls)
     starts = range(0, n, chunk_size)
     for i, lo in enumerate(starts):
-        pool["input"].put((i, job, slice_inputs(inputs, lo, min(n, lo + chunk_size))))
+        pool["input"].put((call, i, job, slice_inputs(inputs, lo, min(n, lo + chunk_size))))
     results: list[Any] = [None] * len(starts)
     chunks: Any = range(len(starts))
     if show_progress_bar:
@@ -117,7 +138,10 @@ def run(
 
         chunks = tqdm(chunks, desc="Chunks")
     for _ in chunks:
-        i, out = _result(pool)
+        while True:
+            of, i, out = _result(pool)
+            if of == call:
+                break
         results[i] = out.tensor() if isinstance(out, _SparseRows) else out
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:
@@ -136,7 +160,7 @@ class _SparseRows:
         return torch.sparse_coo_tensor(self.indices, self.values, self.size, is_coalesced=True, check_invariants=True)
 
 
-def _result(pool: Pool, poll_s: float = 1.0) -> tuple[int, Any]:
+def _result(pool: Pool, poll_s: float = 1.0) -> tuple[int, int, Any]:
     """The next chunk's result; a worker that died (killed, out of memory) is an error, not a hang."""
     while True:
         try:
@@ -155,14 +179,15 @@ def _work(device: str, threads: int, encoder: Encoder, inputs: Any, outputs: Any
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
     while True:
-        i, job, chunk = inputs.get()
+        call, i, job, chunk = inputs.get()
         try:
             rows = job(encoder, chunk, device=device).cpu()
             # A sparse tensor travels as its parts: torch's own rebuild of one warns on every call.
-            outputs.put((i, _SparseRows(rows.coalesce()) if rows.is_sparse else rows))
-        except Exception as e:  # sent back and raised by the caller; one that cannot travel goes as text
+            outputs.put((call, i, _SparseRows(rows.coalesce()) if rows.is_sparse else rows))
+        except Exception as e:  # sent back and raised by the caller, with the worker's traceback
+            cast(Any, e).add_note(f"in the pool's worker on {device}:\n" + "".join(traceback.format_exception(e)))
             try:
                 pickle.loads(pickle.dumps(e))
-            except Exception:
+            except Exception:  # one that cannot travel goes as text
                 e = RuntimeError("".join(traceback.format_exception(e)))
-            outputs.put((i, e))
+            outputs.put((call, i, e))

@@ -272,14 +272,19 @@ class RerankingEvaluator(Evaluator):
 
     def compute(self, model: Any) -> dict[str, float]:
         fn = self.similarity_fn_name or model.similarity_fn_name
-        kw = dict(batch_size=self.batch_size, truncate_dim=self.truncate_dim, show_progress_bar=self.show_progress_bar)
+        kw: dict[str, Any] = dict(batch_size=self.batch_size, show_progress_bar=self.show_progress_bar)
+        if self.truncate_dim is not None:  # a dense model's (a sparse one takes no such argument)
+            kw["truncate_dim"] = self.truncate_dim
         q_emb = model.encode_query([q for q, _, _ in self.samples], **kw)
         docs = [d for _, p, n in self.samples for d in p + n]
         d_emb = model.encode_document(docs, **kw)
+        # A sparse model's vectors are sparse tensors, which take index_select but no slicing.
+        q_emb, d_emb = (torch.as_tensor(e) if isinstance(e, np.ndarray) else e for e in (q_emb, d_emb))
         aps, rrs, ndcgs, offset = [], [], [], 0
-        for (_q, pos, neg), qe in zip(self.samples, q_emb):
+        for i, (_q, pos, neg) in enumerate(self.samples):
             n_docs = len(pos) + len(neg)
-            scores = sim.similarity(qe[None], d_emb[offset : offset + n_docs], fn)[0].numpy()
+            query = q_emb.index_select(0, torch.tensor([i]))
+            scores = sim.similarity(query, d_emb.index_select(0, torch.arange(offset, offset + n_docs)), fn)[0].numpy()
             offset += n_docs
             relevant = [1] * len(pos) + [0] * len(neg)
             aps.append(average_precision(relevant, scores))

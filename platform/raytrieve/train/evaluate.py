@@ -8,7 +8,8 @@ in the file's order, when they are as many as the evaluator takes):
 - reranking, in one of its layouts (``_LAYOUTS``): one row per query with its positive and
   negatives (texts, or lists of texts); a listwise file's query, documents (a list of texts) and
   labels (one per document); or one row per (query, document, label) pair, grouped by query. A
-  label above 0 (or true) is relevant, as sentence-transformers' reranking evaluators count it.
+  label is a relevance grade (a whole number or a boolean); above 0 (or true) is relevant, the
+  positives and negatives sentence-transformers' reranking evaluators take.
 """
 
 from __future__ import annotations
@@ -136,9 +137,22 @@ def _is_label(values: list[Any]) -> bool:
 
 
 def _is_label_list(values: list[Any]) -> bool:
-    """Lists of labels (a null inside a list is no label: it is not read as a missing one)."""
+    """Lists of labels, some empty (a row without candidates) but not all; a null inside a list
+    is no label (it is not read as a missing one)."""
     present = [v for v in values if v is not None]
-    return bool(present) and all(isinstance(v, list) and None not in v and _is_label(v) for v in present)
+    return (
+        any(present)
+        and all(isinstance(v, list) for v in present)
+        and all(isinstance(x, (int, float)) for v in present for x in v)
+    )
+
+
+def _grades(values: list[Any], flat: bool) -> float | None:
+    """The first label that is no relevance grade (a whole number or a boolean), else None."""
+    for v in values if flat else (x for row in values for x in row):
+        if isinstance(v, float) and not v.is_integer():
+            return v
+    return None
 
 
 def _reranking_columns(
@@ -155,16 +169,22 @@ def _reranking_columns(
     if chosen is None:
         ordered = [c for c in columns if c in texts or c in lists]
         named = [c for c in labels if c.lower() in _LABEL_NAMES]
-        if len(texts) == 1 and len(lists) == 1 and len(label_lists) == 1:
+        # A column named like a label or an id is never taken for a text role: a label stored as
+        # text ("1") would be read as a negative document, a text id as the query.
+        unsure = [c for c in columns if c.lower() in _LABEL_NAMES or c.lower().endswith("id")]
+        if len(texts) == 1 and len(lists) == 1 and len(label_lists) == 1 and texts[0] not in unsure:
             chosen = [texts[0], lists[0], label_lists[0]]
-        elif not lists and len(texts) == 2 and len(named) == 1:
+        elif not lists and len(texts) == 2 and len(named) == 1 and not set(texts) & set(unsure):
             chosen = [*texts, named[0]]
-        elif not label_lists and len(ordered) == 3 and ordered[0] in texts:
+        elif not label_lists and len(ordered) == 3 and ordered[0] in texts and not unsure:
             chosen = ordered
         else:
+            query = next((c for c in texts if c.lower() in _NAMES["query"]), None) or next(
+                (c for c in texts if c not in unsure), "<query column>"
+            )
             if lists:  # listwise
-                example = (texts or ["<query column>"])[:1] + lists[:1] + (label_lists or ["<labels column>"])[:1]
-            elif len(texts) == 2:  # pairs
+                example = [query, lists[0], (label_lists or ["<labels column>"])[0]]
+            elif len(texts) == 2 and not set(texts) & set(unsure):  # pairs
                 example = [*texts, (named or ["<label column>"])[0]]  # an id is a number, not a label
             else:
                 example = _example("reranking", texts)
@@ -208,6 +228,11 @@ def _reranking_columns(
         for c in chosen[1:]:
             if c not in texts and c not in lists:
                 raise DataError(f"{where}: column {c!r} is neither text nor a list of texts; {field} names {_LAYOUTS}")
+    if layout != "texts" and (odd := _grades(columns[chosen[2]], flat=layout == "pairs")) is not None:
+        raise DataError(
+            f"{where}: column {chosen[2]!r} holds {odd}, no relevance grade: reranking reads whole numbers (0: not "
+            "relevant) or booleans as labels; turn scores into grades first (e.g. score > 0.5)"
+        )
     return {c: columns[c] for c in chosen}
 
 

@@ -288,9 +288,9 @@ def _trained_pair_prompt(prompts: list[list[str | None]], loaded: Any, keys: str
     """A cross-encoder's prompt (before each pair's query) where every dataset trained with the
     same one: the trained model keeps it as its default prompt (under the loaded model's default
     name, else "query"), so that predict, rank, the evaluator, mining's reranker and Serve's
-    /rerank score pairs as training did. Returns (prompts to set, default prompt name). Several
-    prompts, or a prompt against a model that adds its own default one: the model's own, with a
-    warning."""
+    /rerank score pairs as training did; a default prompt the loaded model had is replaced by the
+    trained one. Returns (prompts to set, default prompt name). Several prompts, or none where the
+    model has a default one: the model's own, with a warning."""
     seen = {given[0] for given in prompts}
     own = loaded.default_prompt_name
     own_text = loaded.prompts.get(own) if own is not None else None
