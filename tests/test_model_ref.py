@@ -92,6 +92,23 @@ def test_a_download_draws_no_bar_where_stderr_is_no_terminal(store, monkeypatch,
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # for the download only
 
 
+def test_a_runs_evaluation_is_read_back_without_a_bar(tmp_path, monkeypatch, capfd):
+    """`raytrieve train`'s summary reads the run's evaluation.json: MLflow drew a download bar
+    into the job's log (carriage returns; test_job_submit's log check failed on it)."""
+    from raytrieve.tracking import mlflow_run
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    client = mlflow_run.client(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    mlflow_run.MetricLogger(uri, run_id).log_evaluation({"eval_cosine_ndcg@10": 0.5})
+    capfd.readouterr()
+    assert mlflow_run.read_evaluation(uri, run_id) == {"eval_cosine_ndcg@10": 0.5}
+    err = capfd.readouterr().err
+    assert "Downloading artifacts" not in err and "\r" not in err, err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+
+
 def test_moving_alias_and_latest_resolve_to_the_version_they_name_now(store):
     from raytrieve.tracking import mlflow_run
 

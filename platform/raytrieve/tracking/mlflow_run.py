@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -224,6 +225,24 @@ class MetricLogger:
         self.client.set_tag(self.run_id, CARD_SUMMARY_TAG, summary[:PARAM_LIMIT])
 
 
+@contextlib.contextmanager
+def download_bars(on_a_terminal: bool) -> Iterator[None]:
+    """MLflow's per-file download bars for this block: in a log (a job's, a piped console) they
+    are noise, so drawn ``on_a_terminal`` only, as raytrieve's own, or never (a setting of the
+    user's own wins)."""
+    from raytrieve.progress import interactive
+
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if (on_a_terminal and interactive()) or name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def read_evaluation(uri: str, run_id: str) -> dict[str, float]:
     """The run's last evaluation under the evaluator's key names (``evaluation.json``); a run
     without it (one written before it was logged) gives its ``eval_`` metrics as MLflow holds them."""
@@ -231,7 +250,7 @@ def read_evaluation(uri: str, run_id: str) -> dict[str, float]:
 
     c = client(uri)
     if any(f.path == EVALUATION_ARTIFACT for f in c.list_artifacts(run_id)):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, download_bars(on_a_terminal=False):  # one small file
             return json.loads(Path(c.download_artifacts(run_id, EVALUATION_ARTIFACT, tmp)).read_text())
     return {k: v for k, v in sorted(c.get_run(run_id).data.metrics.items()) if k.startswith("eval_")}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,30 +131,13 @@ def _pin(client: Any, uri: str) -> str:
     return f"models:/{name}/{max(int(v.version) for v in versions)}"
 
 
-@contextlib.contextmanager
-def _bars_on_a_terminal_only() -> Iterator[None]:
-    """MLflow's per-file download bars in a log (a job's, a piped console) are noise: drawn on a
-    terminal only, as raytrieve's own, for this call (a setting of the user's own wins)."""
-    from raytrieve.progress import interactive
-
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    if interactive() or name in os.environ:
-        yield
-        return
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
 def _download(uri: str, store: str, target: Path, unchanged: Callable[[], None] | None = None) -> None:
     """``uri``'s artifacts into ``target``, whole or not at all; ``unchanged`` raises, after the
     download and before ``target`` is written, where what ``target`` is keyed by changed meanwhile."""
     import mlflow.artifacts
 
     with atomic_directory(target) as tmp:
-        with _bars_on_a_terminal_only():
+        with mlflow_run.download_bars(on_a_terminal=True):
             mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store)
         inner = list(tmp.iterdir())
         if len(inner) == 1 and inner[0].is_dir():  # the artifact folder itself: its files go to the top
