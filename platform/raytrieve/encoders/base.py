@@ -324,22 +324,6 @@ class Encoder(nn.Module):
         workers.stop(workers.check(pool))
 
     @contextlib.contextmanager
-    def _pooled(
-        self, pool: dict[str, Any] | None, device: str | torch.device | Sequence[Any] | None
-    ) -> Iterator[tuple[dict[str, Any] | None, str | torch.device | None]]:
-        """(pool, device) for one call: a list of devices starts a pool for this call alone."""
-        if not isinstance(device, (list, tuple)):
-            yield pool, cast("str | torch.device | None", device)
-            return
-        if pool is not None:
-            raise InputError("give pool= or a list of devices, not both")
-        started = self.start_multi_process_pool(device)
-        try:
-            yield started, None
-        finally:
-            self.stop_multi_process_pool(started)
-
-    @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
         """Eval mode and no autograd for the block; the previous train/eval mode comes back after."""
         was_training = self.training

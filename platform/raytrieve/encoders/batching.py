@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def run_batches(
     batch_size: int,
     task: str | None,
     prompt: str | None,
-    device: str | torch.device | None,
+    device: str | torch.device | Sequence[str | torch.device] | None,
     show_progress_bar: bool | None,
     collect: Callable[[Features], Tensor],
     empty: Tensor,
@@ -94,11 +94,33 @@ def run_batches(
     length; rows in input order (``empty`` when there are no inputs).
 
     All texts are tokenized up front (one fast-tokenizer call), then sorted by their true
-    token count, so each batch pads to nearly its own length. With ``pool`` (encoders/pool.py)
-    chunks of ``chunk_size`` inputs run so in the pool's worker processes instead.
+    token count, so each batch pads to nearly its own length. With ``pool`` (encoders/pool.py),
+    or a list of devices (a pool for this call alone), chunks of ``chunk_size`` inputs run so in
+    the pool's worker processes instead.
     """
     if not len(inputs):
         return empty
+    if isinstance(device, (list, tuple)):  # a pool for this call alone
+        if pool is not None:
+            raise InputError("give pool= or a list of devices, not both")
+        started = encoder.start_multi_process_pool(device)
+        try:
+            return run_batches(
+                encoder,
+                inputs,
+                batch_size=batch_size,
+                task=task,
+                prompt=prompt,
+                device=None,
+                show_progress_bar=show_progress_bar,
+                collect=collect,
+                empty=empty,
+                token_budget=token_budget,
+                pool=started,
+                chunk_size=chunk_size,
+            )
+        finally:
+            encoder.stop_multi_process_pool(started)
     if pool is not None:
         from functools import partial
 
@@ -123,7 +145,7 @@ def run_batches(
     lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=len(inputs))
     batches: Iterable[np.ndarray] = length_batches(lengths, batch_size, token_budget)
     order = np.concatenate(batches)
-    target = resolve_device(device) if device is not None else encoder.device
+    target = resolve_device(cast("str | torch.device", device)) if device is not None else encoder.device
     if device is not None and target != encoder.device:
         precision.check_dtype(encoder.dtype, target)  # e.g. an int8 model cannot move to a GPU
         encoder.to(target)

@@ -172,20 +172,19 @@ class CrossEncoder(Encoder):
         prompt = self.resolve_prompt(prompt, prompt_name)
 
         collect = partial(_scores, activation=act, apply_softmax=apply_softmax, on_device=convert_to_tensor)
-        with self._pooled(pool, device) as (pool, device):
-            scores = self._batched(
-                pairs,
-                batch_size=batch_size,
-                task=None,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-                token_budget=token_budget,
-                empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
-                pool=pool,
-                chunk_size=chunk_size,
-            )
+        scores = self._batched(
+            pairs,
+            batch_size=batch_size,
+            task=None,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            token_budget=token_budget,
+            empty=torch.empty(0) if self.num_labels == 1 else torch.empty(0, self.num_labels),
+            pool=pool,
+            chunk_size=chunk_size,
+        )
         if not convert_to_tensor and convert_to_numpy:
             scores = scores.float().numpy()
         return scores[0] if single else scores

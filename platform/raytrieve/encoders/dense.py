@@ -108,20 +108,19 @@ class DenseEncoder(EmbeddingEncoder):
             normalize=normalize_embeddings,
             on_device=convert_to_tensor and precision == "float32",
         )
-        with self._pooled(pool, device) as (pool, device):
-            emb = self._batched(
-                texts,
-                batch_size=batch_size,
-                task=task,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-                token_budget=token_budget,
-                empty=torch.empty(0, truncate_dim or full_dim or 0),
-                pool=pool,
-                chunk_size=chunk_size,
-            )
+        emb = self._batched(
+            texts,
+            batch_size=batch_size,
+            task=task,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            token_budget=token_budget,
+            empty=torch.empty(0, truncate_dim or full_dim or 0),
+            pool=pool,
+            chunk_size=chunk_size,
+        )
         if precision != "float32":
             array = quantize_embeddings(
                 emb.float().numpy(), precision, ranges=ranges, calibration_embeddings=calibration_embeddings

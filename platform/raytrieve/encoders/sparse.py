@@ -93,20 +93,19 @@ class SparseEncoder(EmbeddingEncoder):
         dim = self.get_embedding_dimension() or self.input_module(task).get_embedding_dimension()
 
         collect = partial(_sparse_rows, k=k, to_sparse=convert_to_sparse_tensor or as_dicts)
-        with self._pooled(pool, device) as (pool, device):
-            emb = self._batched(
-                texts,
-                batch_size=batch_size,
-                task=task,
-                prompt=prompt,
-                device=device,
-                show_progress_bar=show_progress_bar,
-                collect=collect,
-                token_budget=token_budget,
-                empty=collect({"sentence_embedding": torch.empty(0, dim)}),
-                pool=pool,
-                chunk_size=chunk_size,
-            )
+        emb = self._batched(
+            texts,
+            batch_size=batch_size,
+            task=task,
+            prompt=prompt,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            collect=collect,
+            token_budget=token_budget,
+            empty=collect({"sentence_embedding": torch.empty(0, dim)}),
+            pool=pool,
+            chunk_size=chunk_size,
+        )
         if as_dicts:
             rows = sparse_rows(emb)
             return rows[0] if single else rows
