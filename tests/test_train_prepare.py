@@ -87,21 +87,25 @@ def test_bad_values_inside_rows_are_refused_before_training(tiny_models, data, t
         pq.write_table(t.set_column(2, "label", pa.array(labels[:3] + [value] + labels[4:])), tmp_path / "nan.parquet")
         cfg.datasets[0].path = str(tmp_path / "nan.parquet")
         with pytest.raises(DataError, match=r"\(pydocs-labeled\): 1 row\(s\) of .*nan.parquet have a NaN or infinite label in "
-                                            r"'label' \(the loss, then every weight, would be NaN\)"):
+                                            r"'label' \(the loss, then every weight, would be NaN\); drop or fix those "
+                                            rf"rows; the first is row 3 \(from 0\) in .*nan.parquet: .*label={value!r}"):
             prepare(cfg)
     cfg = shipped_config("cross_lambda", tmp_path, tiny_models, data)
     t = pq.read_table(data["listwise"])
     docs, scores = t.column("documents").to_pylist(), t.column("labels").to_pylist()
+    # Each: the rows with the problem, then the first of them, which the error shows.
     cases = {
-        "another number of labels than documents": (docs, [scores[0] + [0.0]] + scores[1:3] + [[1.0]] + scores[4:]),
-        "a null inside a list": ([docs[0][:1] + [None] + docs[0][2:]] + docs[1:], scores),
-        "a NaN or infinite label": (docs, [[1.0, float("nan"), 0.0]] + scores[1:]),
+        "another number of labels than documents": (
+            docs, scores[:2] + [scores[2] + [0.0]] + [[1.0]] + scores[4:], 2, 2),
+        "a null inside a list": (docs[:1] + [docs[1][:1] + [None] + docs[1][2:]] + docs[2:], scores, 1, 1),
+        "a NaN or infinite label": (docs, scores[:4] + [[1.0, float("nan"), 0.0]] + scores[5:], 1, 4),
     }
-    for message, (d, y) in cases.items():
+    for message, (d, y, rows, first) in cases.items():
         pq.write_table(pa.table({"query": t.column("query"), "documents": d, "labels": y}), tmp_path / "list.parquet")
         cfg.datasets[0].path = str(tmp_path / "list.parquet")
-        rows = 2 if message.startswith("another") else 1
-        with pytest.raises(DataError, match=rf"{rows} row\(s\) of .*list.parquet have {message}"):
+        query = re.escape(repr(t.column("query")[first].as_py()))
+        with pytest.raises(DataError, match=rf"{rows} row\(s\) of .*list.parquet have {message}.*; the first is row "
+                                            rf"{first} \(from 0\) in .*list.parquet: query={query}, documents="):
             prepare(cfg)
 
 

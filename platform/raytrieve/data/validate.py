@@ -208,6 +208,7 @@ def validate_dataset(
     read = columns + ([label] if label is not None and label not in columns else [])
     nulls = dict.fromkeys(read, 0)
     bad: dict[str, int] = {}  # problems inside values, by what _bad_values names them
+    first_bad: dict[str, str] = {}  # where each problem is first seen: a row the error can point at
     counts, key_parts, label_parts = [], [], []
     pool = pa.default_memory_pool()
     known = sum(p.rows for p in pieces) if all(p.rows >= 0 for p in pieces) else None
@@ -221,13 +222,18 @@ def validate_dataset(
     for piece in pieces:
         rows = 0
         for batch in iter_piece(piece, read):
+            before = sum(counts) + rows  # the dataset's row number of this batch's first row
             rows += batch.num_rows
             floats |= _check_batch_types(batch, schema, read, piece.path)
             digest.update(batch)
             for c in read:
                 nulls[c] += batch.column(c).null_count
-            for problem, n in _bad_values(batch, columns, label, listwise).items():
+            for problem, (n, at) in _bad_values(batch, columns, label, listwise).items():
                 bad[problem] = bad.get(problem, 0) + n
+                if n and problem not in first_bad:
+                    first_bad[problem] = f"; the first is row {before + at} (from 0) in {piece.path}: " + _row_text(
+                        batch, at, read
+                    )
             if keys == "texts" and not any(nulls[c] for c in columns):
                 if known is not None and filled + batch.num_rows <= known:
                     for j, c in enumerate(columns):
@@ -254,7 +260,9 @@ def validate_dataset(
         raise DataError(f"{where} ({d.name}): label column {label!r} has null values; drop or fill them")
     for problem, n in bad.items():  # each would fail a worker hours in, or train NaN weights
         if n and (problem != "non-finite" or labelled or keys == "labels"):
-            raise DataError(f"{where} ({d.name}): {n} row(s) of {path} {_BAD[problem].format(label=label)}")
+            raise DataError(
+                f"{where} ({d.name}): {n} row(s) of {path} {_BAD[problem].format(label=label)}{first_bad[problem]}"
+            )
     types = {c: schema.field(c).type for c in read}
     if label is not None and label in floats:  # int labels in one file, floats in another: all floats
         types[label] = pa.list_(pa.float64()) if pa.types.is_list(types[label]) else pa.float64()
@@ -299,33 +307,47 @@ def _check_batch_types(batch: pa.RecordBatch, schema: pa.Schema, read: list[str]
     return floats
 
 
-def _bad_values(batch: pa.RecordBatch, columns: list[str], label: str | None, listwise: bool) -> dict[str, int]:
+def _bad_values(
+    batch: pa.RecordBatch, columns: list[str], label: str | None, listwise: bool
+) -> dict[str, tuple[int, int]]:
     """Rows of ``batch`` whose values no null count shows: a NaN or infinite float label, a null
-    inside a list column, a listwise row with more or fewer labels than documents."""
+    inside a list column, a listwise row with more or fewer labels than documents. Each problem
+    found: how many rows have it, and the batch's first row that does."""
     import pyarrow.compute
 
     pc: Any = pyarrow.compute  # it makes its functions at import time: no stub names them
-    out: dict[str, int] = {}
+    rows: dict[str, np.ndarray] = {}  # the rows with each problem, sorted
+
+    def add(problem: str, found: Any) -> None:
+        found = np.asarray(found, dtype=np.int64)
+        if len(found):
+            rows[problem] = np.union1d(rows.get(problem, found[:0]), found)
+
     lists = [c for c in columns + ([label] if label else []) if pa.types.is_list(batch.schema.field(c).type)]
     for c in dict.fromkeys(lists):
         column = batch.column(c)
         items = pc.list_flatten(column)
         if items.null_count:
-            parents = pc.list_parent_indices(column)
-            out["null items"] = out.get("null items", 0) + len(pc.unique(pc.filter(parents, pc.is_null(items))))
+            add("null items", pc.filter(pc.list_parent_indices(column), pc.is_null(items)))
     if label is not None:
         values = batch.column(label)
         flat = pc.list_flatten(values) if pa.types.is_list(values.type) else values
         if pa.types.is_floating(flat.type):
             bad = pc.invert(pc.fill_null(pc.is_finite(flat), True))
             if pa.types.is_list(values.type):
-                out["non-finite"] = len(pc.unique(pc.filter(pc.list_parent_indices(values), bad)))
+                add("non-finite", pc.filter(pc.list_parent_indices(values), bad))
             else:
-                out["non-finite"] = int(pc.sum(bad).as_py() or 0)
+                add("non-finite", np.flatnonzero(bad.to_numpy(zero_copy_only=False)))
         if listwise and len(columns) > 1 and pa.types.is_list(values.type):
             differ = pc.not_equal(pc.list_value_length(batch.column(columns[1])), pc.list_value_length(values))
-            out["lengths"] = int(pc.sum(pc.fill_null(differ, False)).as_py() or 0)
-    return out
+            add("lengths", np.flatnonzero(pc.fill_null(differ, False).to_numpy(zero_copy_only=False)))
+    return {problem: (len(found), int(found[0])) for problem, found in rows.items()}
+
+
+def _row_text(batch: pa.RecordBatch, at: int, columns: list[str], limit: int = 300) -> str:
+    """One row's values as the error shows them, cut to ``limit`` characters."""
+    text = ", ".join(f"{c}={batch.column(c)[at].as_py()!r}" for c in columns)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def sampler_keys(cfg: TrainConfig) -> str | None:

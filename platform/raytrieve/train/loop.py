@@ -190,7 +190,11 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         encoder.train(was_training)
         last_eval.update(step=at, metrics=metrics, primary_metric=getattr(evaluator, "primary_metric", None))
         if logger is not None:
-            logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, at)
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            logger.log(numbers, at)
+            # Also under the evaluator's own key names (mlflow_run.EVALUATION_ARTIFACT), at every
+            # evaluation: a run restored from its final checkpoint does not evaluate again.
+            logger.log_evaluation(numbers)
 
     evaluate_every = cfg.eval.every_n_steps
     checkpoint_every = cfg.checkpoint.every_n_steps
@@ -281,8 +285,6 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
             evaluation=last_eval or None,
             run_id=spec.run_id,
         )
-    if logger is not None and last_eval:  # under the evaluator's own key names (mlflow_run.EVALUATION_ARTIFACT)
-        logger.log_evaluation({k: v for k, v in last_eval["metrics"].items() if isinstance(v, (int, float))})
     files = card_files(card) if card is not None else None
     with checkpoints.saved_model(cfg.output_dir, files=files) as folder:
         if logger is not None and folder is not None:
