@@ -16,6 +16,7 @@ from raytrieve import DenseEncoder
 from raytrieve.config import from_dict
 from raytrieve.errors import ConfigError
 from raytrieve.losses.pairwise import SoftmaxLoss
+from raytrieve.losses.ranking import GISTEmbedLoss
 from raytrieve.train.checkpoint import MODEL, RUN_STAMP, STATE, Checkpointer, checkpoint_dir, claim_checkpoint_dir
 from raytrieve.train.config import OptimizerConfig, ScheduleConfig, TrainConfig, TrainingConfig
 from raytrieve.train.distributed import TrainModule
@@ -24,11 +25,15 @@ from raytrieve.train.plan import DatasetKeys, plan_training
 from tests.conftest import SENTENCES
 
 
-def _worker(model_path, seed: int) -> Checkpointer:
-    """What run_worker builds on one rank without DDP: the module is its own wrapper."""
+def _worker(model_path, seed: int, guided: bool = False) -> Checkpointer:
+    """What run_worker builds on one rank without DDP: the module is its own wrapper. ``guided``:
+    a second dataset's loss is GIST with a frozen guide model, as the loss registry builds it."""
     torch.manual_seed(seed)  # the loss head starts from different weights per seed
     encoder = DenseEncoder(model_path, device="cpu").train()
-    module = TrainModule(encoder, [SoftmaxLoss(encoder, embedding_dimension=32, num_labels=3)])
+    losses: list[torch.nn.Module] = [SoftmaxLoss(encoder, embedding_dimension=32, num_labels=3)]
+    if guided:
+        losses.append(GISTEmbedLoss(encoder, guide=DenseEncoder(model_path, device="cpu").requires_grad_(False)))
+    module = TrainModule(encoder, losses)
     optimizer = build_optimizer(module.encoder, OptimizerConfig(learning_rate=1e-3), extra=module.losses)
     schedule = build_schedule(optimizer, ScheduleConfig(), total_steps=10)
     return Checkpointer(module, module, optimizer, schedule, "dense", str(model_path), rank=0)
@@ -91,6 +96,21 @@ def test_a_checkpoint_reads_back_into_fresh_training_state(tiny_models, tmp_path
         torch.manual_seed(3)
         _train(worker, steps=1)
     _assert_equal_state(restored.module.state_dict(), saved.module.state_dict(), "weights after a step")
+
+
+def test_a_losss_frozen_parts_stay_out_of_the_checkpoint_and_its_trained_parts_go_in(tiny_models, tmp_path):
+    """GIST's guide is a whole frozen model that the config builds again: it stays out of every
+    checkpoint's loss heads, which keep what training changes (SoftmaxLoss' classifier)."""
+    saved = _worker(tiny_models["dense"], seed=0, guided=True)
+    _train(saved, steps=1)
+    saved.write(tmp_path, step=1)
+    heads = torch.load(tmp_path / STATE, weights_only=True)["loss_heads"]
+    assert sorted(heads) == ["losses.0.classifier.bias", "losses.0.classifier.weight"]
+
+    restored = _worker(tiny_models["dense"], seed=1, guided=True)
+    assert restored.read(tmp_path) == 1
+    _assert_equal_state(restored.module.state_dict(), saved.module.state_dict(), "weights")
+    assert not any(p.requires_grad for p in restored.module.losses[1].guide.parameters())
 
 
 def test_a_rank_without_its_random_state_keeps_its_own(tiny_models, tmp_path):

@@ -267,6 +267,19 @@ def _is_encoder_key(key: str) -> bool:
     return ".model." in key or key.startswith("encoder.")
 
 
+def _frozen_prefixes(module) -> tuple[str, ...]:
+    """The state-dict prefixes (``losses.0.guide.``) of the losses' submodules that training never
+    changes: each has parameters and none requires grad. Their buffers go with them."""
+    out: list[str] = []
+    for name, sub in module.losses.named_modules(prefix="losses"):
+        if any(name.startswith(p) for p in out):
+            continue  # inside a frozen module already listed
+        params = list(sub.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(f"{name}.")
+    return tuple(out)
+
+
 def _optimizer_state(wrapped, optimizer) -> dict[str, Any]:
     if is_fsdp(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -333,12 +346,14 @@ class Checkpointer:
             save_encoder(
                 self.module.encoder, weights, self.kind, self.model_path, directory / MODEL, self.trust_remote_code
             )
-            # A loss's own trained parts (SoftmaxLoss' classifier); not GIST's frozen guide, which
-            # the config builds again (a whole model in every checkpoint otherwise).
+            # A loss's own trained parts (SoftmaxLoss' classifier); not its frozen parts (GIST's
+            # guide), which the config builds again as they were (a whole model in every
+            # checkpoint otherwise).
+            frozen = _frozen_prefixes(self.module)
             heads = {
                 k: v
                 for k, v in weights.items()
-                if k.startswith("losses.") and not _is_encoder_key(k) and ".guide." not in k
+                if k.startswith("losses.") and not _is_encoder_key(k) and not k.startswith(frozen)
             }
             torch.save(
                 {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "step": step, "loss_heads": heads},
