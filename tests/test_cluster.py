@@ -220,6 +220,23 @@ def test_local_head_keeps_idle_workers_as_the_embedded_ray_does(tmp_path):
     assert not [a for a in args if a.startswith("--system-config")]
 
 
+def test_free_ports_are_drawn_where_no_bind_to_port_0_lands():
+    """A port found by binding port 0 can go to the next process that binds port 0 before its
+    caller binds it (a Ray worker's gRPC server took a Serve app's direct-ingress port so): free
+    ports come from below the kernel's ephemeral range, and a pair's second port is free too."""
+    import socket
+
+    from raytrieve.ray_cluster import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for pair in (False, True):
+        port = free_port(pair=pair)
+        assert port + pair < low
+        for p in range(port, port + 1 + pair):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p))
+
+
 def test_idle_task_workers_outlive_rays_one_second_default(ray_cluster):
     """More tasks than CPUs run on extra workers; Ray's default kills those after 1 s idle (it keeps
     one per CPU), and the next stage pays for new processes (each re-imports torch). The embedded
@@ -249,3 +266,36 @@ def test_idle_task_workers_outlive_rays_one_second_default(ray_cluster):
         return True
 
     assert {p for p in workers if not alive(p)} == set()
+
+
+def test_the_embedded_rays_workers_are_forks_of_the_server_with_torch_loaded(ray_cluster):
+    """raytrieve.worker_fork: an actor of the session's embedded Ray runs in a fork of the server
+    (torch and transformers already imported), in a process group of its own, with torch's
+    threads as Ray sized them for it; killing it (Ray kills a worker's group) leaves the others."""
+    import os
+    import sys
+
+    from raytrieve import worker_fork
+
+    ray = ray_cluster
+    assert worker_fork._server is not None and worker_fork._server.poll() is None
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def __init__(self) -> None:
+            self.loaded = "transformers.modeling_utils" in sys.modules  # before this actor imports it
+
+        def facts(self) -> dict:
+            import torch
+
+            return dict(pid=os.getpid(), ppid=os.getppid(), loaded=self.loaded, group=os.getpgid(0),
+                        threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
+
+    a, b = Probe.remote(), Probe.remote()
+    facts = ray.get(a.facts.remote())
+    assert facts["ppid"] == worker_fork._server.pid and facts["loaded"], facts
+    assert facts["group"] == facts["pid"], facts
+    assert facts["omp"] == "1" and facts["threads"] == 1, facts  # Ray's OMP_NUM_THREADS for one CPU
+    ray.kill(a)
+    assert ray.get(b.facts.remote())["ppid"] == worker_fork._server.pid
+    ray.kill(b)

@@ -58,19 +58,42 @@ PREEMPTION_WATCHER_SETTING = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 def free_port(pair: bool = False) -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now; ``pair``: the next one too
-    (``direct_ingress`` puts Serve's proxy there)."""
+    (``direct_ingress`` puts Serve's proxy there). Drawn below the kernel's ephemeral range where
+    it can: a port that ``bind(("", 0))`` handed out is free again the moment it is tested, and
+    the next process to bind port 0 may get it first (each Ray worker binds its gRPC server so;
+    measured: a Serve app's direct-ingress port taken by a worker that started in between)."""
+    import random
+
+    below = _below_ephemeral_ports()
+    for _ in range(200 if below else 0):
+        port = random.choice(below)
+        if _bindable(port) and (not pair or _bindable(port + 1)):
+            return port
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if not pair:
+        if not pair or _bindable(port + 1):
             return port
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-                return port
-            except (OSError, OverflowError):
-                continue
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except (OSError, OverflowError):
+            return False
+
+
+def _below_ephemeral_ports() -> range | None:
+    """Ports under Linux's ephemeral range (ip_local_port_range, 32768-60999 by default), which
+    no bind to port 0 hands out; None where it cannot be read or leaves too few."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(15000, low - 1) if low > 16000 else None
 
 
 # Placement groups that stopped runs of this process made (hex ids), for the next job here to
@@ -188,6 +211,10 @@ def _init(
     # where it says (the variable overrides an explicit address).
     runtime_env = dict(runtime_env or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    from raytrieve import worker_fork
+
+    if worker_fork.wanted(runtime_env):  # workers start from a fork server (see raytrieve.worker_fork)
+        runtime_env["py_executable"] = worker_fork.start(runtime_env["env_vars"])
     return _dashboard(
         ray.init(
             address="local",

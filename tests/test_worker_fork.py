@@ -1,0 +1,129 @@
+"""The embedded Ray's fork server (raytrieve.worker_fork) without Ray: what Ray starts (the
+client) must behave as the worker it stands for. A stand-in ``default_worker.py`` plays the
+worker; tests/test_cluster.py checks real Ray workers forked from the server."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrieve import worker_fork
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server runs on Linux")
+
+WORKER = """
+import os, signal, sys, time
+import torch  # imported by the server already: the fork does not import it again
+out = dict(pid=os.getpid(), ppid=os.getppid(), argv=sys.argv[1:], cwd=os.getcwd(), env=os.environ.get("JOB_SETTING"),
+           threads=torch.get_num_threads(), path0=sys.path[0], session=os.getsid(0) == os.getpid())
+print(repr(out), flush=True)
+what = sys.argv[1]
+if what == "exit":
+    sys.exit(int(sys.argv[2]))
+if what == "signal":
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+if what == "sleep":
+    open(sys.argv[2], "w").write(str(os.getpid()))
+    time.sleep(60)
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    command = worker_fork.start({"JOB_SETTING": "from the job"})
+    yield shlex.split(command), worker_fork._server
+    assert worker_fork._server is not None
+    worker_fork._server.kill()
+    worker_fork._server.wait()
+    worker_fork._server = None
+
+
+@pytest.fixture
+def script(tmp_path) -> Path:
+    path = tmp_path / "default_worker.py"  # the server runs Ray's worker script only
+    path.write_text(WORKER)
+    return path
+
+
+def _run(command: list[str], *args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_the_worker_is_a_fork_with_the_clients_argv_environment_and_folder(server, script, tmp_path):
+    command, process = server
+    done = _run(command, str(script), "exit", "3", env={"JOB_SETTING": "the worker's", "OMP_NUM_THREADS": "1"},
+                cwd=tmp_path)
+    assert done.returncode == 3, done.stderr  # the worker's status is the client's
+    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert seen["ppid"] == process.pid  # forked from the server, not started by the client
+    assert seen["argv"] == ["exit", "3"]
+    assert seen["cwd"] == str(tmp_path)
+    assert seen["env"] == "the worker's"  # the client's environment, not the server's
+    assert seen["threads"] == 1  # torch follows OMP_NUM_THREADS, read after the fork
+    assert seen["path0"] == str(script.parent)  # as `python default_worker.py` would have it
+    assert seen["session"]  # a process group of its own: Ray kills a worker by its group
+
+
+def test_a_worker_killed_by_a_signal_kills_its_client_with_it(server, script):
+    command, _ = server
+    done = _run(command, str(script), "signal")
+    assert done.returncode == -signal.SIGTERM
+
+
+def test_a_killed_client_takes_its_worker_with_it(server, script, tmp_path):
+    command, _ = server
+    pid_file = tmp_path / "pid"
+    client = subprocess.Popen(command + [str(script), "sleep", str(pid_file)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    client.kill()  # as raylet kills a worker it started
+    client.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its client"
+        time.sleep(0.05)
+
+
+def test_only_rays_worker_script_is_forked_and_no_server_means_a_plain_start(server, script, tmp_path):
+    command, process = server
+    other = tmp_path / "other.py"
+    other.write_text(WORKER)
+    done = _run(command, str(other), "exit", "0")
+    assert done.returncode == 0
+    assert eval(done.stdout.strip().splitlines()[-1])["ppid"] != process.pid  # noqa: S307 - started by the client
+
+    gone = [*command[:-1], str(tmp_path / "no-such-socket")]
+    done = _run(gone, str(script), "exit", "4")
+    assert done.returncode == 4
+    assert eval(done.stdout.strip().splitlines()[-1])["ppid"] != process.pid  # noqa: S307
+
+
+def test_off_where_asked_or_where_the_runtime_env_brings_its_own_python(monkeypatch):
+    assert worker_fork.wanted({"env_vars": {"A": "1"}})
+    for key in ("working_dir", "pip", "conda", "py_executable"):
+        assert not worker_fork.wanted({key: "x"})
+    monkeypatch.setenv(worker_fork.SETTING, "0")
+    assert not worker_fork.wanted({})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
