@@ -65,7 +65,9 @@ def free_port(pair: bool = False) -> int:
     import random
 
     below = _below_ephemeral_ports()
-    for _ in range(200 if below else 0):
+    for _ in range(200):
+        if below is None:
+            break
         port = random.choice(below)
         if _bindable(port) and (not pair or _bindable(port + 1)):
             return port

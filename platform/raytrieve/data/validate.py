@@ -321,7 +321,7 @@ def _bad_values(
     def add(problem: str, found: Any) -> None:
         found = np.asarray(found, dtype=np.int64)
         if len(found):
-            rows[problem] = np.union1d(rows.get(problem, found[:0]), found)
+            rows[problem] = np.union1d(rows[problem], found) if problem in rows else np.unique(found)
 
     lists = [c for c in columns + ([label] if label else []) if pa.types.is_list(batch.schema.field(c).type)]
     for c in dict.fromkeys(lists):

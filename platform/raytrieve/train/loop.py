@@ -190,7 +190,7 @@ def run_worker(spec: WorkerSpec, first: FirstEpoch | None = None) -> None:
         encoder.train(was_training)
         last_eval.update(step=at, metrics=metrics, primary_metric=getattr(evaluator, "primary_metric", None))
         if logger is not None:
-            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             logger.log(numbers, at)
             # Also under the evaluator's own key names (mlflow_run.EVALUATION_ARTIFACT), at every
             # evaluation: a run restored from its final checkpoint does not evaluate again.
