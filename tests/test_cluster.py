@@ -231,7 +231,7 @@ def test_free_ports_are_drawn_where_no_bind_to_port_0_lands():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for pair in (False, True):
         port = free_port(pair=pair)
-        assert port + pair < low
+        assert 19999 < port and port + pair < low  # above `ray start`'s worker ports, below the ephemeral ones
         for p in range(port, port + 1 + pair):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", p))
@@ -280,7 +280,11 @@ def test_the_embedded_rays_workers_are_forks_of_the_server_with_torch_loaded(ray
     ray = ray_cluster
     assert worker_fork._server is not None and worker_fork._server.poll() is None
 
-    @ray.remote(num_cpus=1)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=1, scheduling_strategy=here)  # not a second node an earlier test killed
     class Probe:
         def __init__(self) -> None:
             self.loaded = "transformers.modeling_utils" in sys.modules  # before this actor imports it

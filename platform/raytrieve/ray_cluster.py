@@ -40,6 +40,12 @@ on 2 cores, beside the run's ~20), so the embedded start turns it off
 hands it from the driver to its controller, and Ray's own processes, a job submitted to the
 embedded Ray included, inherit it). A cluster keeps Ray's default; the variable in the
 environment wins either way.
+
+Fork server (Linux): the embedded Ray starts its workers as forks of one process that has torch
+and transformers imported (``raytrieve.worker_fork``), through the job's
+``runtime_env.py_executable``; each new worker otherwise spent ~3.5 CPU-seconds importing them
+again. ``RAYTRIEVE_FORK_WORKERS=0`` turns it off. A joined cluster starts its workers as Ray
+does.
 """
 
 from __future__ import annotations
@@ -90,12 +96,17 @@ def _bindable(port: int) -> bool:
 
 def _below_ephemeral_ports() -> range | None:
     """Ports under Linux's ephemeral range (ip_local_port_range, 32768-60999 by default), which
-    no bind to port 0 hands out; None where it cannot be read or leaves too few."""
+    no bind to port 0 hands out, and above `ray start`'s worker ports (10002-19999, which a
+    joined node's workers bind and `ray start` refuses for its other components); None where the
+    range cannot be read or leaves too few."""
     try:
         low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return range(15000, low - 1) if low > 16000 else None
+    return range(_ABOVE_RAY_WORKER_PORTS, low - 1) if low > _ABOVE_RAY_WORKER_PORTS + 1000 else None
+
+
+_ABOVE_RAY_WORKER_PORTS = 20000
 
 
 # Placement groups that stopped runs of this process made (hex ids), for the next job here to
