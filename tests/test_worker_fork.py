@@ -22,13 +22,14 @@ WORKER = """
 import os, signal, sys, time
 import torch  # imported by the server already: the fork does not import it again
 out = dict(pid=os.getpid(), ppid=os.getppid(), argv=sys.argv[1:], cwd=os.getcwd(), env=os.environ.get("JOB_SETTING"),
-           threads=torch.get_num_threads(), path0=sys.path[0], session=os.getsid(0) == os.getpid())
+           threads=torch.get_num_threads(), path=sys.path[:2], session=os.getsid(0) == os.getpid(), exe=sys.executable,
+           wrapped=os.environ.get("WRAPPED"))
 print(repr(out), flush=True)
 what = sys.argv[1]
 if what == "exit":
     sys.exit(int(sys.argv[2]))
 if what == "signal":
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
     time.sleep(30)
 if what == "sleep":
     open(sys.argv[2], "w").write(str(os.getpid()))
@@ -38,7 +39,8 @@ if what == "sleep":
 
 @pytest.fixture(scope="module")
 def server():
-    command = worker_fork.start({"JOB_SETTING": "from the job"})
+    # torch in the server sized for 2 threads: each fork must follow its own OMP_NUM_THREADS
+    command = worker_fork.start({"JOB_SETTING": "from the job", "OMP_NUM_THREADS": "2"})
     yield shlex.split(command), worker_fork._server
     assert worker_fork._server is not None
     worker_fork._server.kill()
@@ -60,7 +62,7 @@ def _run(command: list[str], *args: str, env: dict[str, str] | None = None, cwd:
 
 def test_the_worker_is_a_fork_with_the_clients_argv_environment_and_folder(server, script, tmp_path):
     command, process = server
-    done = _run(command, str(script), "exit", "3", env={"JOB_SETTING": "the worker's", "OMP_NUM_THREADS": "1"},
+    done = _run(command, str(script), "exit", "3", env={"JOB_SETTING": "the worker's", "OMP_NUM_THREADS": "3"},
                 cwd=tmp_path)
     assert done.returncode == 3, done.stderr  # the worker's status is the client's
     seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
@@ -68,15 +70,18 @@ def test_the_worker_is_a_fork_with_the_clients_argv_environment_and_folder(serve
     assert seen["argv"] == ["exit", "3"]
     assert seen["cwd"] == str(tmp_path)
     assert seen["env"] == "the worker's"  # the client's environment, not the server's
-    assert seen["threads"] == 1  # torch follows OMP_NUM_THREADS, read after the fork
-    assert seen["path0"] == str(script.parent)  # as `python default_worker.py` would have it
+    assert seen["threads"] == 3  # torch follows the worker's OMP_NUM_THREADS, not the server's 2
+    # As `python default_worker.py` has it (Ray, once imported, puts its thirdparty_files before it).
+    assert str(script.parent) in seen["path"], seen["path"]
     assert seen["session"]  # a process group of its own: Ray kills a worker by its group
 
 
-def test_a_worker_killed_by_a_signal_kills_its_client_with_it(server, script):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_worker_killed_by_a_signal_kills_its_client_with_it(server, script, sig):
     command, _ = server
-    done = _run(command, str(script), "signal")
-    assert done.returncode == -signal.SIGTERM
+    done = _run(command, str(script), "signal", sig)
+    assert done.returncode == -getattr(signal, sig), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_killed_client_takes_its_worker_with_it(server, script, tmp_path):
@@ -108,6 +113,26 @@ def test_only_rays_worker_script_is_forked_and_no_server_means_a_plain_start(ser
     done = _run(gone, str(script), "exit", "4")
     assert done.returncode == 4
     assert eval(done.stdout.strip().splitlines()[-1])["ppid"] != process.pid  # noqa: S307
+
+
+def test_a_worker_with_its_own_python_or_code_is_started_plainly(server, script, tmp_path):
+    """A task's own runtime env (pip, conda: an activated environment; working_dir, py_modules:
+    PYTHONPATH) comes with the job's py_executable: such a worker is not a fork of these imports.
+    With another environment active, the worker runs the `python` its PATH names."""
+    command, process = server
+    done = _run(command, str(script), "exit", "0", env={"PYTHONPATH": str(tmp_path)})
+    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
+    assert done.returncode == 0 and seen["ppid"] != process.pid and seen["exe"] == sys.executable
+
+    bin_dir = tmp_path / "env" / "bin"
+    bin_dir.mkdir(parents=True)
+    wrapper = bin_dir / "python"  # the environment's interpreter: this one, marked
+    wrapper.write_text(f'#!/bin/sh\nWRAPPED=1 exec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    done = _run(command, str(script), "exit", "0",
+                env={"VIRTUAL_ENV": str(tmp_path / "env"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
+    assert done.returncode == 0 and seen["ppid"] != process.pid and seen["wrapped"] == "1", (seen, done.stderr)
 
 
 def test_off_where_asked_or_where_the_runtime_env_brings_its_own_python(monkeypatch):

@@ -5,8 +5,9 @@ It asks the fork server at SOCKET to run ``default_worker.py ARGS`` in a process
 one that has torch and transformers imported already, hands it this process's stdin, stdout
 and stderr, environment and working folder, and stays as the process Ray started: signals it
 gets go to the worker, and it exits as the worker exits (a signal's death as that signal). If
-this process is killed, the worker kills itself (it watches the socket). If the server cannot
-be reached, it runs the worker itself, as Ray would have.
+this process is killed, the worker's process group is killed (the worker watches the socket).
+If the server cannot be reached, or declines (a runtime env with its own Python or code), it
+runs the worker itself, as Ray would have.
 
 Standard library only, and nothing of raytrieve: it starts in milliseconds, once per worker.
 """
@@ -20,6 +21,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 HEADER = struct.Struct("!I")
 
@@ -28,7 +30,9 @@ def send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> No
     data = json.dumps(message).encode()
     payload = HEADER.pack(len(data)) + data
     if fds:
-        conn.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        sent = conn.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if sent < len(payload):  # the rest, once the peer has read some (no empty send: it may have replied)
+            conn.sendall(payload[sent:])
     else:
         conn.sendall(payload)
 
@@ -58,11 +62,39 @@ def receive(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[in
     return json.loads(body), list(fds)
 
 
-def _run_here(argv: list[str]) -> None:
+def _run_here(argv: list[str], interpreter: str | None = None) -> None:
+    """Run the worker in this process, as Ray would have: with this Python, or with the one the
+    worker's environment puts first on PATH (a runtime env's own virtualenv or conda env)."""
+    if interpreter == "path":
+        os.execvp("python", ["python", *argv])
     os.execv(sys.executable, [sys.executable, *argv])
 
 
+def _die_as(status: int) -> None:
+    """Exit as the worker did: its exit code, or its death by a signal."""
+    if status < 0:
+        sig = -status
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be handled, nor reset
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        time.sleep(1)
+        os._exit(128 + sig)
+    os._exit(status & 0xFF)
+
+
 def main(path: str, argv: list[str]) -> None:
+    pid: list[int] = []  # the worker's, once the server has forked it
+
+    def forward(signum: int, _frame: object) -> None:
+        if not pid:  # not started yet: end as that signal would have ended the worker
+            _die_as(-signum)
+        try:
+            os.kill(pid[0], signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, forward)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
@@ -70,33 +102,24 @@ def main(path: str, argv: list[str]) -> None:
         started, _ = receive(conn)
     except OSError:
         started = None
-    if started is None:  # no server (it ended with its driver, or never started)
+    if started is None or "plain" in started:  # no server, or a worker it must not fork
         conn.close()
-        _run_here(argv)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, signal.SIG_DFL if s != signal.SIGINT else signal.default_int_handler)
+        _run_here(argv, (started or {}).get("plain"))
         return
-    pid = started["pid"]
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, forward)
+    if "status" in started:  # the fork ended before it could say it had started
+        _die_as(int(started["status"]))
+    pid.append(int(started["pid"]))
     while True:
         try:
             ended, _ = receive(conn)
             break
         except InterruptedError:
             continue
-    if ended is None:  # the server is gone and the worker with it: its status is not known
+    if ended is None:  # the server is gone: the worker's status is not known
         os._exit(1)
-    status = int(ended["status"])
-    if status < 0:  # died of a signal: so does this process
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
-    os._exit(status & 0xFF)
+    _die_as(int(ended["status"]))
 
 
 if __name__ == "__main__":

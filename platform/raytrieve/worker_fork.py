@@ -19,19 +19,25 @@ threads beyond the BLAS pools (which reset themselves after a fork). Environment
 torch reads once at import (OMP_NUM_THREADS, which Ray sets per worker) are applied in the
 fork. The server ends when the process that started it ends.
 
-``RAYTRIEVE_FORK_WORKERS=0`` turns it off (Ray then starts every worker itself); a runtime env
-that changes what a worker imports (``working_dir``, ``py_modules``, ``pip``, ``conda``, ``uv``,
-a container, its own ``py_executable``) turns it off too.
+``RAYTRIEVE_FORK_WORKERS=0`` turns it off (Ray then starts every worker itself); a job runtime
+env that changes what a worker imports (``working_dir``, ``py_modules``, ``pip``, ``conda``,
+``uv``, a container, its own ``py_executable``) turns it off too. A task's or deployment's own
+runtime env is merged over the job's by Ray, so such a worker still comes here: the server
+starts it plainly (``fork_client`` runs it with the Python its activated environment names)
+when its VIRTUAL_ENV, CONDA_PREFIX or PYTHONPATH differ from the server's. The fork ends as a
+Python process does (it returns to the interpreter's exit: atexit handlers, Ray's shutdown).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from raytrieve import fork_client
 
@@ -43,6 +49,11 @@ _OWN_PYTHON = ("working_dir", "py_modules", "pip", "conda", "uv", "container", "
 
 _server: subprocess.Popen | None = None
 _command: str | None = None
+_env: dict[str, str] | None = None  # the server's environment: its imports read it once
+# Variables that say which Python and code a worker runs: a request whose values differ from the
+# server's (a task's or deployment's own pip, uv or conda env, working_dir or py_modules, which
+# Ray merges over the job's runtime env and so under this py_executable) is not forked.
+_OWN_CODE = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")
 
 
 def wanted(runtime_env: dict) -> bool:
@@ -54,23 +65,37 @@ def wanted(runtime_env: dict) -> bool:
 
 
 def start(env_vars: dict[str, str]) -> str:
-    """Start the server (once per process) with this process's environment plus ``env_vars``
-    (the job's); the ``py_executable`` command that reaches it."""
-    global _server, _command
-    if _server is not None and _server.poll() is None and _command is not None:
+    """Start the server with this process's environment plus ``env_vars`` (the job's); the
+    ``py_executable`` command that reaches it. One server per process while the environment
+    stays the same (what torch and transformers read at import is the server's)."""
+    global _server, _command, _env
+    env = {**os.environ, **env_vars}
+    if _server is not None and _server.poll() is None and _command is not None and env == _env:
         return _command
     folder = Path(tempfile.mkdtemp(prefix="raytrieve-fork-"))  # 0700: only this user may ask
     path = folder / "socket"
-    _server = subprocess.Popen(
-        [sys.executable, "-m", "raytrieve.worker_fork", str(path), str(os.getpid())],
-        env={**os.environ, **env_vars},
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # off the terminal: Ctrl-C reaches the driver, as for Ray's workers
-    )
+    with open(folder / "server.log", "wb") as log:  # not this process's streams: its callers would wait on them
+        _server = subprocess.Popen(
+            # -P (3.11+): the driver's folder is not put first on the path of the server's imports
+            [
+                sys.executable,
+                *(["-P"] if sys.version_info >= (3, 11) else []),
+                "-m",
+                "raytrieve.worker_fork",
+                str(path),
+                str(os.getpid()),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # off the terminal: Ctrl-C reaches the driver, as for Ray's workers
+        )
+    _env = env
     deadline = time.monotonic() + 30
     while not path.exists() and _server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # it binds before it imports: workers may queue while it loads
-    _command = f"{sys.executable} -I -S {fork_client.__file__} {path}"
+    _command = shlex.join([sys.executable, "-I", "-S", str(fork_client.__file__), str(path)])
     return _command
 
 
@@ -78,6 +103,7 @@ def _serve(path: str, parent: int) -> None:
     import gc
     import importlib
     import selectors
+    import shutil
     import signal
     import socket
 
@@ -96,21 +122,26 @@ def _serve(path: str, parent: int) -> None:
     events = selectors.DefaultSelector()
     events.register(server, selectors.EVENT_READ)
     events.register(wake_r, selectors.EVENT_READ)
+    own = {k: os.environ.get(k) for k in _OWN_CODE}
     while os.getppid() == parent:
         for key, _ in events.select(timeout=1.0):
             if key.fileobj is server:
-                conn, _ = server.accept()
-                pid = _fork(conn, server, clients, (wake_r, wake_w))
+                try:
+                    conn, _ = server.accept()
+                except OSError:  # out of descriptors, say: the client starts the worker itself
+                    continue
+                pid = _fork(conn, (server, events, wake_r, wake_w), clients, own)
                 if pid:
                     clients[pid] = conn
             elif key.fd == wake_r:
                 os.read(wake_r, 4096)
         _collect(clients)
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     os._exit(0)
 
 
 def _collect(clients: dict) -> None:
-    """Tell each ended worker's client how it ended."""
+    """Tell each ended worker's client how it ended (a negative status: killed by that signal)."""
     while clients:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -121,38 +152,65 @@ def _collect(clients: dict) -> None:
         conn = clients.pop(pid, None)
         if conn is None:
             continue
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
         try:
-            fork_client.send(conn, {"status": code})
+            fork_client.send(conn, {"status": os.waitstatus_to_exitcode(status)})
         except OSError:
             pass
         conn.close()
 
 
-def _fork(conn, server, clients: dict, wake: tuple[int, int]) -> int:
-    """Fork a worker for the request on ``conn``; the worker's pid here, and never returns in it."""
+def _fork(conn, own_fds: tuple, clients: dict, own: dict) -> int:
+    """Fork a worker for the request on ``conn``: the worker's pid, or 0 where the client runs
+    it itself. In the fork, this raises SystemExit once the worker is done, so that the fork ends
+    as a Python process does (atexit handlers, Ray's own shutdown among them)."""
+    conn.settimeout(10)  # a client that stalls mid-request does not hold up the others
     try:
         request, fds = fork_client.receive(conn, max_fds=3)
-    except OSError:
+    except (OSError, ValueError):
         request, fds = None, []
-    if request is None or len(fds) != 3 or not request["argv"][0].endswith("default_worker.py"):
-        for fd in fds:
-            os.close(fd)
-        conn.close()  # the client then runs the worker itself
-        return 0
-    pid = os.fork()
-    if pid:
-        for fd in fds:
-            os.close(fd)
-        return pid
+    plain = None
+    if (
+        request is not None
+        and _well_formed(request)
+        and len(fds) == 3
+        and request["argv"][0].endswith("default_worker.py")
+    ):
+        theirs = request["env"]
+        if any(theirs.get(k) != own[k] for k in ("VIRTUAL_ENV", "CONDA_PREFIX")):
+            plain = "path"  # its own interpreter, which its activation put first on PATH
+        elif theirs.get("PYTHONPATH") != own["PYTHONPATH"]:
+            plain = "self"  # its own code on the path: this Python, not a fork of these imports
+        else:
+            try:
+                pid = os.fork()
+            except OSError:
+                pid = -1
+            if pid == 0:
+                conn.settimeout(None)
+                _become_worker(conn, own_fds, clients, request, fds)
+            if pid > 0:
+                for fd in fds:
+                    os.close(fd)
+                return pid
+    for fd in fds:
+        os.close(fd)
     try:
-        _become_worker(conn, server, clients, wake, request, fds)
-    except BaseException:
-        import traceback
+        fork_client.send(conn, {"plain": plain or "self"})
+    except OSError:
+        pass
+    conn.close()
+    return 0
 
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)  # not reached: _become_worker exits
+
+def _well_formed(request: Any) -> bool:
+    return (
+        isinstance(request, dict)
+        and isinstance(request.get("argv"), list)
+        and bool(request["argv"])
+        and all(isinstance(a, str) for a in request["argv"])
+        and isinstance(request.get("env"), dict)
+        and isinstance(request.get("cwd"), str)
+    )
 
 
 def _follow_omp_num_threads() -> None:
@@ -180,54 +238,44 @@ def _follow_omp_num_threads() -> None:
     ray_utils.set_omp_num_threads_if_unset = set_omp_num_threads_if_unset
 
 
-def _become_worker(conn, server, clients: dict, wake: tuple[int, int], request: dict, fds: list[int]) -> None:
+def _become_worker(conn, own_fds: tuple, clients: dict, request: dict, fds: list[int]) -> None:
     import runpy
     import signal
     import threading
 
+    server, events, wake_r, wake_w = own_fds
+    events.close()
     server.close()
     for other in clients.values():  # other workers' clients must see their own worker's end only
         other.close()
     signal.set_wakeup_fd(-1)
-    for fd in wake:
-        os.close(fd)
+    os.close(wake_r)
+    os.close(wake_w)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
     os.setsid()  # a group of its own, as Ray gives each worker: Ray kills a worker by its group
-    _follow_omp_num_threads()
-    argv = request["argv"]
-    script_dir = os.path.dirname(os.path.abspath(argv[0]))
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-    sys.path[:1] = [script_dir, *extra]
-    sys.argv = list(argv)
     fork_client.send(conn, {"pid": os.getpid()})
 
-    def lifeline() -> None:  # the client is gone (killed): so is this worker
+    def lifeline() -> None:  # the client is gone (killed): so are this worker and its children
         try:
             while conn.recv(64):
                 pass
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=lifeline, name="raytrieve-fork-lifeline", daemon=True).start()
-    code = 0
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-    os._exit(code)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python default_worker.py` has it
+    sys.argv = list(argv)
+    _follow_omp_num_threads()
+    runpy.run_path(argv[0], run_name="__main__")
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
