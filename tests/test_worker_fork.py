@@ -120,9 +120,11 @@ def test_a_worker_with_its_own_python_or_code_is_started_plainly(server, script,
     PYTHONPATH) comes with the job's py_executable: such a worker is not a fork of these imports.
     With another environment active, the worker runs the `python` its PATH names."""
     command, process = server
-    done = _run(command, str(script), "exit", "0", env={"PYTHONPATH": str(tmp_path)})
-    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
-    assert done.returncode == 0 and seen["ppid"] != process.pid and seen["exe"] == sys.executable
+    # Its own code on the path, or a setting huggingface_hub read when the server imported it.
+    for own in ({"PYTHONPATH": str(tmp_path)}, {"HF_HOME": str(tmp_path / "hf")}):
+        done = _run(command, str(script), "exit", "0", env=own)
+        seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
+        assert done.returncode == 0 and seen["ppid"] != process.pid and seen["exe"] == sys.executable, own
 
     bin_dir = tmp_path / "env" / "bin"
     bin_dir.mkdir(parents=True)
@@ -133,6 +135,24 @@ def test_a_worker_with_its_own_python_or_code_is_started_plainly(server, script,
                 env={"VIRTUAL_ENV": str(tmp_path / "env"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
     assert done.returncode == 0 and seen["ppid"] != process.pid and seen["wrapped"] == "1", (seen, done.stderr)
+
+
+def test_a_reconnect_keeps_the_server_unless_what_its_imports_read_changed(server, monkeypatch):
+    """Each embedded start names a new state-API port (RAY_API_SERVER_ADDRESS): the server, which
+    never imports Ray, is kept; a setting its imports read starts a new one."""
+    command, process = server
+    again = worker_fork.start({"JOB_SETTING": "from the job", "OMP_NUM_THREADS": "2",
+                               "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"})
+    assert shlex.split(again) == command and worker_fork._server is process
+    monkeypatch.setenv("HF_HOME", "/elsewhere")
+    other = worker_fork.start({"JOB_SETTING": "from the job", "OMP_NUM_THREADS": "2"})
+    try:
+        assert shlex.split(other) != command and worker_fork._server is not process
+    finally:
+        assert worker_fork._server is not None
+        worker_fork._server.kill()
+        worker_fork._server.wait()
+        worker_fork._server = process  # the module's server again, for the fixture to end
 
 
 def test_off_where_asked_or_where_the_runtime_env_brings_its_own_python(monkeypatch):

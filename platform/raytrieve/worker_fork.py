@@ -70,7 +70,9 @@ def start(env_vars: dict[str, str]) -> str:
     stays the same (what torch and transformers read at import is the server's)."""
     global _server, _command, _env
     env = {**os.environ, **env_vars}
-    if _server is not None and _server.poll() is None and _command is not None and env == _env:
+    # Ray's own variables change with each embedded start (the state API's port) and the server
+    # never imports Ray: a reconnect keeps the server unless what its imports read has changed.
+    if _server is not None and _server.poll() is None and _command is not None and _same(env, _env or {}):
         return _command
     folder = Path(tempfile.mkdtemp(prefix="raytrieve-fork-"))  # 0700: only this user may ask
     path = folder / "socket"
@@ -99,6 +101,27 @@ def start(env_vars: dict[str, str]) -> str:
     return _command
 
 
+def _same(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether a server started with ``b`` serves workers of ``a`` as one started with ``a`` would:
+    the same code on the path and the same settings read at import (Ray's own variables, which
+    change with each embedded start, and anything else its forks follow, aside)."""
+
+    def mine(env: dict[str, str]) -> dict[str, str | None]:
+        return {**_read_at_import(env), **{k: env.get(k) for k in _OWN_CODE}}
+
+    return mine(a) == mine(b)
+
+
+# Settings that torch, transformers and huggingface_hub (or the BLAS and OpenMP runtimes under
+# them) read once, when the server imported them: a worker started with other values is started
+# plainly, so that its imports read its own.
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "KMP_", "MKL_", "OPENBLAS_")
+
+
+def _read_at_import(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+
+
 def _serve(path: str, parent: int) -> None:
     import gc
     import importlib
@@ -112,6 +135,8 @@ def _serve(path: str, parent: int) -> None:
     server.listen(256)
     for name in PRELOAD:
         importlib.import_module(name)
+    sys.stdout.flush()  # nothing buffered here may be written again by every fork
+    sys.stderr.flush()
     gc.collect()
     gc.freeze()  # the imported objects stay shared with every fork, not copied on a GC pass
     wake_r, wake_w = os.pipe()
@@ -123,6 +148,7 @@ def _serve(path: str, parent: int) -> None:
     events.register(server, selectors.EVENT_READ)
     events.register(wake_r, selectors.EVENT_READ)
     own = {k: os.environ.get(k) for k in _OWN_CODE}
+    imported = _read_at_import(dict(os.environ))
     while os.getppid() == parent:
         for key, _ in events.select(timeout=1.0):
             if key.fileobj is server:
@@ -130,7 +156,7 @@ def _serve(path: str, parent: int) -> None:
                     conn, _ = server.accept()
                 except OSError:  # out of descriptors, say: the client starts the worker itself
                     continue
-                pid = _fork(conn, (server, events, wake_r, wake_w), clients, own)
+                pid = _fork(conn, (server, events, wake_r, wake_w), clients, own, imported)
                 if pid:
                     clients[pid] = conn
             elif key.fd == wake_r:
@@ -159,7 +185,7 @@ def _collect(clients: dict) -> None:
         conn.close()
 
 
-def _fork(conn, own_fds: tuple, clients: dict, own: dict) -> int:
+def _fork(conn, own_fds: tuple, clients: dict, own: dict, imported: dict[str, str]) -> int:
     """Fork a worker for the request on ``conn``: the worker's pid, or 0 where the client runs
     it itself. In the fork, this raises SystemExit once the worker is done, so that the fork ends
     as a Python process does (atexit handlers, Ray's own shutdown among them)."""
@@ -178,8 +204,8 @@ def _fork(conn, own_fds: tuple, clients: dict, own: dict) -> int:
         theirs = request["env"]
         if any(theirs.get(k) != own[k] for k in ("VIRTUAL_ENV", "CONDA_PREFIX")):
             plain = "path"  # its own interpreter, which its activation put first on PATH
-        elif theirs.get("PYTHONPATH") != own["PYTHONPATH"]:
-            plain = "self"  # its own code on the path: this Python, not a fork of these imports
+        elif theirs.get("PYTHONPATH") != own["PYTHONPATH"] or _read_at_import(theirs) != imported:
+            plain = "self"  # its own code on the path, or settings these imports read: not a fork
         else:
             try:
                 pid = os.fork()
@@ -256,7 +282,10 @@ def _become_worker(conn, own_fds: tuple, clients: dict, request: dict, fds: list
         os.dup2(fd, target)
         os.close(fd)
     os.setsid()  # a group of its own, as Ray gives each worker: Ray kills a worker by its group
-    fork_client.send(conn, {"pid": os.getpid()})
+    try:
+        fork_client.send(conn, {"pid": os.getpid()})
+    except OSError:  # the client is gone already: so is this worker, quietly
+        os._exit(1)
 
     def lifeline() -> None:  # the client is gone (killed): so are this worker and its children
         try:
