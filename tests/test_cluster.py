@@ -300,7 +300,9 @@ def test_the_embedded_rays_workers_are_forks_of_the_server_with_torch_loaded(ray
             return dict(pid=os.getpid(), ppid=os.getppid(), loaded=self.loaded, group=os.getpgid(0),
                         threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
 
-    a, b = Probe.remote(), Probe.remote()
+    # b as Ray Train starts its workers and the encoding job its actors: thread counts in a runtime env.
+    threads = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    a, b = Probe.remote(), Probe.options(runtime_env={"env_vars": threads}).remote()
     facts = ray.get(a.facts.remote())
     assert facts["ppid"] == worker_fork._server.pid and facts["loaded"], facts
     assert facts["group"] == facts["pid"], facts
@@ -314,5 +316,6 @@ def test_the_embedded_rays_workers_are_forks_of_the_server_with_torch_loaded(ray
             break
         assert time.monotonic() < deadline, "the killed actor still answers"
         time.sleep(0.2)
-    assert ray.get(b.facts.remote())["ppid"] == worker_fork._server.pid
+    facts = ray.get(b.facts.remote())
+    assert facts["ppid"] == worker_fork._server.pid and facts["threads"] == 2, facts
     ray.kill(b)

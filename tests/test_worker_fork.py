@@ -62,8 +62,9 @@ def _run(command: list[str], *args: str, env: dict[str, str] | None = None, cwd:
 
 def test_the_worker_is_a_fork_with_the_clients_argv_environment_and_folder(server, script, tmp_path):
     command, process = server
-    done = _run(command, str(script), "exit", "3", env={"JOB_SETTING": "the worker's", "OMP_NUM_THREADS": "3"},
-                cwd=tmp_path)
+    # Ray Train's workers and the encoding actors get MKL's thread count beside OpenMP's: still a fork.
+    done = _run(command, str(script), "exit", "3", cwd=tmp_path,
+                env={"JOB_SETTING": "the worker's", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"})
     assert done.returncode == 3, done.stderr  # the worker's status is the client's
     seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
     assert seen["ppid"] == process.pid  # forked from the server, not started by the client
@@ -121,7 +122,9 @@ def test_a_worker_with_its_own_python_or_code_is_started_plainly(server, script,
     With another environment active, the worker runs the `python` its PATH names."""
     command, process = server
     # Its own code on the path, or a setting huggingface_hub read when the server imported it.
-    for own in ({"PYTHONPATH": str(tmp_path)}, {"HF_HOME": str(tmp_path / "hf")}):
+    # MKL's thread count other than OpenMP's: torch.set_num_threads in the fork cannot give both.
+    for own in ({"PYTHONPATH": str(tmp_path)}, {"HF_HOME": str(tmp_path / "hf")},
+                {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "5"}):
         done = _run(command, str(script), "exit", "0", env=own)
         seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
         assert done.returncode == 0 and seen["ppid"] != process.pid and seen["exe"] == sys.executable, own

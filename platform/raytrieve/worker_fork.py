@@ -119,7 +119,13 @@ _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_",
 
 
 def _read_at_import(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+    """What of ``env`` the server's imports read, less what a fork applies itself: MKL's thread
+    count where it is OMP_NUM_THREADS' (``torch.set_num_threads``, which the fork calls with that,
+    sizes both; Ray Train's workers and the encoding actors are given both, equal)."""
+    read = {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+    if read.get("MKL_NUM_THREADS") == env.get("OMP_NUM_THREADS"):
+        read.pop("MKL_NUM_THREADS", None)
+    return read
 
 
 def _serve(path: str, parent: int) -> None:
