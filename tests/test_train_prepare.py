@@ -90,6 +90,14 @@ def test_bad_values_inside_rows_are_refused_before_training(tiny_models, data, t
                                             r"'label' \(the loss, then every weight, would be NaN\); drop or fix those "
                                             rf"rows; the first is row 3 \(from 0\) in .*nan.parquet: .*label={value!r}"):
             prepare(cfg)
+    # In a folder of files, the row is counted in the file the error names.
+    (tmp_path / "parts").mkdir()
+    pq.write_table(t, tmp_path / "parts" / "part-0.parquet")
+    pq.write_table(t.set_column(2, "label", pa.array(labels[:2] + [float("nan")] + labels[3:])),
+                   tmp_path / "parts" / "part-1.parquet")
+    cfg.datasets[0].path = str(tmp_path / "parts")
+    with pytest.raises(DataError, match=r"the first is row 2 \(from 0\) in .*part-1.parquet: "):
+        prepare(cfg)
     cfg = shipped_config("cross_lambda", tmp_path, tiny_models, data)
     t = pq.read_table(data["listwise"])
     docs, scores = t.column("documents").to_pylist(), t.column("labels").to_pylist()

@@ -24,6 +24,8 @@ import sys
 import time
 
 HEADER = struct.Struct("!I")
+# The signals the client passes on to its worker (SIGKILL and SIGSTOP cannot be caught).
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
@@ -93,7 +95,7 @@ def main(path: str, argv: list[str]) -> None:
         except ProcessLookupError:
             pass
 
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    for s in RELAYED:
         signal.signal(s, forward)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -104,7 +106,7 @@ def main(path: str, argv: list[str]) -> None:
         started = None
     if started is None or "plain" in started:  # no server, or a worker it must not fork
         conn.close()
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for s in RELAYED:
             signal.signal(s, signal.SIG_DFL if s != signal.SIGINT else signal.default_int_handler)
         _run_here(argv, (started or {}).get("plain"))
         return

@@ -222,7 +222,7 @@ def validate_dataset(
     for piece in pieces:
         rows = 0
         for batch in iter_piece(piece, read):
-            before = sum(counts) + rows  # the dataset's row number of this batch's first row
+            before = rows  # the row number, in its file, of this batch's first row (what the error names)
             rows += batch.num_rows
             floats |= _check_batch_types(batch, schema, read, piece.path)
             digest.update(batch)
