@@ -140,6 +140,15 @@ def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
     return out
 
 
+def state_address() -> str:
+    """The dashboard of the Ray this process is connected to, for Ray's state API
+    (``ray.util.state``): without an address, the state API refuses to choose when another Ray
+    runs on the host ("Found multiple active Ray instances")."""
+    from ray._private.worker import get_dashboard_url
+
+    return f"http://{get_dashboard_url()}"
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """One embedded local Ray per test session (never joins a stray cluster on the host):

@@ -25,7 +25,7 @@ from raytrieve.config import from_dict
 from raytrieve.errors import ConfigError, DataError
 from raytrieve.inference.config import EncodeConfig
 from raytrieve.inference.shards import MANIFEST, TMP_MARK, read_bad_rows, read_vectors
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, state_address
 from tests.train_helpers import ROOT
 
 
@@ -245,12 +245,12 @@ def _wait_until_the_jobs_actors_exit(driver_pid: int) -> None:
     while time.time() < deadline:
         # The session's cluster has run many drivers (past the state API's default limit of 100),
         # and a pid may come again: the newest job of this pid.
-        jobs = sorted((j for j in list_jobs(limit=10_000, raise_on_missing_output=False)
+        jobs = sorted((j for j in list_jobs(state_address(), limit=10_000, raise_on_missing_output=False)
                        if j.driver_info is not None and int(j.driver_info.pid) == driver_pid),
                       key=lambda j: j.start_time or 0, reverse=True)
         if jobs:
             # Named ones (Ray Data's stats and coordinator actors) are detached: they outlive jobs.
-            actors = [a for a in list_actors(filters=[("job_id", "=", jobs[0].job_id)], limit=10_000,
+            actors = [a for a in list_actors(state_address(), filters=[("job_id", "=", jobs[0].job_id)], limit=10_000,
                                              raise_on_missing_output=False) if not a.name]
             if actors and all(a.state == "DEAD" and not (a.pid and psutil.pid_exists(a.pid)) for a in actors):
                 return

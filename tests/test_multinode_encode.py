@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from raytrieve.inference.shards import read_vectors
-from tests.conftest import SENTENCES, SecondNode
+from tests.conftest import SENTENCES, SecondNode, state_address
 from tests.train_helpers import ROOT
 
 
@@ -55,7 +55,8 @@ def _live_encode_actors() -> list:
     """Ray's state of every live encode actor (Ray Data names its workers after their stage)."""
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
+    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
+                        raise_on_missing_output=False)
     return [a for a in alive if "EncodeAndWrite" in (a.repr_name or "")]
 
 

@@ -13,7 +13,7 @@ from raytrieve.data.files import OutputStore
 from raytrieve.ray_cluster import connect, own_placement_groups
 from raytrieve.train.checkpoint import RUN_STAMP, checkpoint_dir
 from raytrieve.train.run import prepare, run_training
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, state_address
 from tests.object_store import BUCKET
 from tests.train_helpers import check_shipped_run, shipped_config, write_data
 
@@ -111,7 +111,7 @@ def _train_worker_pids() -> list[int]:
     do not name its class, so a scan of titles missed a running worker now and then."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    actors = list_actors(state_address(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          limit=10_000, raise_on_missing_output=False)
     return sorted(a.pid for a in actors if a.pid)
 
@@ -224,7 +224,8 @@ def test_two_datasets_each_batch_from_one_dataset_with_its_loss(ray_cluster, tin
     from ray.util.state import list_actors
 
     def created(cls: str) -> int:
-        return len(list_actors(filters=[("class_name", "=", cls)], limit=10_000, raise_on_missing_output=False))
+        return len(list_actors(state_address(), filters=[("class_name", "=", cls)], limit=10_000,
+                               raise_on_missing_output=False))
 
     assert created("TrainController") >= 1 and created("PreemptionWatcher") == 0
 
@@ -246,7 +247,8 @@ def test_ctrl_c_stops_the_run_and_ends_it_killed_in_mlflow(ray_cluster, tiny_mod
     from ray.util.state import list_actors
 
     def alive(cls: str) -> list:
-        return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return list_actors(state_address(), filters=[("class_name", "=", cls), ("state", "=", "ALIVE")],
+                           raise_on_missing_output=False)
 
     # Many epochs: the run is still training whenever the interrupt comes.
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, training__epochs=200, eval={})
