@@ -98,6 +98,13 @@ def test_bad_values_inside_rows_are_refused_before_training(tiny_models, data, t
     cfg.datasets[0].path = str(tmp_path / "parts")
     with pytest.raises(DataError, match=r"the first is row 2 \(from 0\) in .*part-1.parquet: "):
         prepare(cfg)
+    # A file large enough to be read in several pieces (train_source.PIECE_ROWS rows each).
+    big = pa.concat_tables([t] * (200_000 // t.num_rows + 1))
+    big = big.set_column(2, "label", pa.array([1.0] * 150_001 + [float("nan")] + [0.0] * (big.num_rows - 150_002)))
+    pq.write_table(big, tmp_path / "big.parquet", row_group_size=50_000)
+    cfg.datasets[0].path = str(tmp_path / "big.parquet")
+    with pytest.raises(DataError, match=r"the first is row 150001 \(from 0\) in .*big.parquet: "):
+        prepare(cfg)
     cfg = shipped_config("cross_lambda", tmp_path, tiny_models, data)
     t = pq.read_table(data["listwise"])
     docs, scores = t.column("documents").to_pylist(), t.column("labels").to_pylist()

@@ -122,9 +122,9 @@ def test_a_worker_with_its_own_python_or_code_is_started_plainly(server, script,
     With another environment active, the worker runs the `python` its PATH names."""
     command, process = server
     # Its own code on the path, or a setting huggingface_hub read when the server imported it.
-    # MKL's thread count other than OpenMP's: torch.set_num_threads in the fork cannot give both.
+    # MKL's thread count other than OpenMP's, or one the fork's torch.set_num_threads cannot give.
     for own in ({"PYTHONPATH": str(tmp_path)}, {"HF_HOME": str(tmp_path / "hf")},
-                {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "5"}):
+                {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "5"}, {"OMP_NUM_THREADS": "0", "MKL_NUM_THREADS": "0"}):
         done = _run(command, str(script), "exit", "0", env=own)
         seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
         assert done.returncode == 0 and seen["ppid"] != process.pid and seen["exe"] == sys.executable, own

@@ -15,9 +15,12 @@ the server cannot be reached, the client runs the worker itself.
 
 What the server does not import, on purpose: Ray (its C++ core reads its settings from the
 environment when it loads, and each worker's differ: job id, raylet), and anything that starts
-threads beyond the BLAS pools (which reset themselves after a fork). Environment variables that
-torch reads once at import (OMP_NUM_THREADS, which Ray sets per worker) are applied in the
-fork. The server ends when the process that started it ends.
+threads beyond the BLAS pools (which reset themselves after a fork). The thread counts torch
+reads once at import are applied in the fork: OMP_NUM_THREADS, which Ray sets per worker, and
+MKL_NUM_THREADS where it equals it (Ray Train's workers and the encoding actors get both); a
+worker whose other settings read at import (HF_*, TRANSFORMERS_*, TORCH_*, KMP_*, MKL_*, ...)
+differ from the server's is started plainly. The server ends when the process that started it
+ends.
 
 ``RAYTRIEVE_FORK_WORKERS=0`` turns it off (Ray then starts every worker itself); a job runtime
 env that changes what a worker imports (``working_dir``, ``py_modules``, ``pip``, ``conda``,
@@ -119,13 +122,17 @@ _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_",
 
 
 def _read_at_import(env: dict[str, str]) -> dict[str, str]:
-    """What of ``env`` the server's imports read, less what a fork applies itself: MKL's thread
-    count where it is OMP_NUM_THREADS' (``torch.set_num_threads``, which the fork calls with that,
-    sizes both; Ray Train's workers and the encoding actors are given both, equal)."""
-    read = {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
-    if read.get("MKL_NUM_THREADS") == env.get("OMP_NUM_THREADS"):
-        read.pop("MKL_NUM_THREADS", None)
-    return read
+    """What of ``env`` the server's imports read, less MKL's thread count, which a fork applies
+    itself where it can (``_threads_applied``)."""
+    return {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT) and k != "MKL_NUM_THREADS"}
+
+
+def _threads_applied(env: dict[str, str]) -> bool:
+    """Whether a fork gives a worker with ``env`` the MKL threads it asks for: none asked, or as
+    many as its OMP_NUM_THREADS (``torch.set_num_threads``, which the fork calls with that, sizes
+    both pools; Ray Train's workers and the encoding actors are given both, equal)."""
+    mkl = env.get("MKL_NUM_THREADS")
+    return mkl is None or (mkl.isdigit() and int(mkl) > 0 and mkl == env.get("OMP_NUM_THREADS"))
 
 
 def _serve(path: str, parent: int) -> None:
@@ -210,7 +217,11 @@ def _fork(conn, own_fds: tuple, clients: dict, own: dict, imported: dict[str, st
         theirs = request["env"]
         if any(theirs.get(k) != own[k] for k in ("VIRTUAL_ENV", "CONDA_PREFIX")):
             plain = "path"  # its own interpreter, which its activation put first on PATH
-        elif theirs.get("PYTHONPATH") != own["PYTHONPATH"] or _read_at_import(theirs) != imported:
+        elif (
+            theirs.get("PYTHONPATH") != own["PYTHONPATH"]
+            or _read_at_import(theirs) != imported
+            or not _threads_applied(theirs)
+        ):
             plain = "self"  # its own code on the path, or settings these imports read: not a fork
         else:
             try:

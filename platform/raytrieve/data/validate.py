@@ -219,10 +219,11 @@ def validate_dataset(
         key_parts.append(np.empty((known, len(columns)), dtype=np.uint64))
     floats: set[str] = set()  # columns some file holds as floats (the schema: the first file's)
     digest = ContentDigest(read)
+    file_rows: dict[str, int] = {}  # the rows read so far of each file (a large one is split into pieces)
     for piece in pieces:
-        rows = 0
+        rows, start = 0, file_rows.get(piece.path, 0)
         for batch in iter_piece(piece, read):
-            before = rows  # the row number, in its file, of this batch's first row (what the error names)
+            before = start + rows  # the row number, in its file, of this batch's first row (what the error names)
             rows += batch.num_rows
             floats |= _check_batch_types(batch, schema, read, piece.path)
             digest.update(batch)
@@ -246,6 +247,7 @@ def validate_dataset(
             del batch
             pool.release_unused()  # hand decoded pages back: the driver's memory stays flat
         counts.append(rows)
+        file_rows[piece.path] = start + rows
     pieces = with_counts(pieces, counts)
     total = sum(counts)
     if total == 0:
