@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -1207,24 +1208,42 @@ def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_po
     with a client's keep-alive connection open leaves that connection holding the port (up to
     60 s), so the replica Serve started in its place failed its bind and the app never answered
     on its port again (found by helper-83's trial). The new replica now waits for the port in its
-    constructor: the port answers again, with the same answers."""
+    constructor: it says so in its log, and once the client lets go the port answers again, with
+    the same answers. The client lets go by a reset (SO_LINGER 0), which frees the killed
+    replica's side of the connection at once instead of after Linux's 60 s."""
+    import http.client
     import socket
+    import struct
 
     import ray
 
     url, cfg = served["url"], served["cfg"]
     body = {"input": "where the port goes", "model": "all-minilm-l6-v2"}
     want = _post(url, "/v1/embeddings", body).json()["data"][0]["embedding"]
-    client = requests.Session()  # a keep-alive connection the server's side will have closed first
-    assert client.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    # A keep-alive connection the server's side will have closed first.
+    lingering = http.client.HTTPConnection(cfg.host, cfg.port, timeout=60)
+    lingering.request("POST", "/v1/embeddings", json.dumps(body), {"Content-Type": "application/json"})
+    answer = lingering.getresponse()
+    assert answer.status == 200 and answer.getheader("connection", "keep-alive").lower() != "close"
+    answer.read()
     ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith(f"SERVE_REPLICA::{cfg.app_name}#ingress#")]
     assert len(ingress) == 1, ingress
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    waiting = f"raytrieve: waiting for {cfg.host}:{cfg.port} to be released"
+    said_before = {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")}
     ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
     time.sleep(1)
     with socket.socket() as probe, pytest.raises(OSError):  # the kernel's word: Ray's bind would fail now
         probe.bind((cfg.host, cfg.port))
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 50  # the port is held for 60 s: the new replica must say it waits before
+    while not {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")} - said_before:
+        assert time.monotonic() < deadline, "no new ingress replica said it waits for the port"
+        time.sleep(0.5)
+    assert lingering.sock is not None
+    lingering.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    lingering.close()  # a reset: the killed replica's side of the connection is gone, the port free
+    deadline = time.monotonic() + 120
     while True:
         try:
             r = requests.post(f"{url}/v1/embeddings", json=body, timeout=30)
@@ -1232,8 +1251,7 @@ def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_po
                 break
         except requests.ConnectionError:
             pass
-        assert time.monotonic() < deadline, "the port did not answer again within 240 s"
-        time.sleep(1)
-    client.close()
+        assert time.monotonic() < deadline, "the port did not answer again within 120 s of its release"
+        time.sleep(0.5)
     np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)
     wait_healthy(url)
