@@ -1067,20 +1067,27 @@ def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(se
     which loads the model again), /healthz answers 503 naming that model and TEI's /health 503
     with TEI's error body, both without the token; once the new replica answers, 200 again and
     the model serves. (``serve.run`` itself waits for every replica, so a crash is the window a
-    client can see; it is the same check at a start.)"""
+    client can see; it is the same check at a start.) Serve finds the dead replica by its health
+    check, every ``health_check_period_s`` (here 1 s), which each deployment has, as Serve's
+    REST API reports."""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
     from ray import serve
 
     from raytrieve.serve.app import HEALTH_CACHE_S, build_app
+    from tests.conftest import state_address
 
     cfg = from_dict(ServeConfig, {"dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05,
-                                            "torch_threads": 1}})
+                                            "torch_threads": 1}, "health_check_period_s": 1})
     name = cfg.dense.public_name
     serve.run(build_app(cfg), name="readiness", route_prefix="/readiness")
     url = f"{served['proxy']}/readiness"
     try:
+        apps = requests.get(f"{state_address()}/api/serve/applications/", timeout=30).json()["applications"]
+        periods = {d: v["deployment_config"]["health_check_period_s"]
+                   for d, v in apps["readiness"]["deployments"].items()}
+        assert periods == {"ingress": 1.0, "dense": 1.0}, periods
         r = requests.get(f"{url}/healthz", timeout=30)
         assert r.status_code == 200 and r.json()["status"] == "ok" and "not_ready" not in r.json(), r.text
         r = requests.get(f"{url}/health", timeout=30)

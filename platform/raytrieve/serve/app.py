@@ -505,6 +505,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
             "ray_actor_options": actor,
             "max_ongoing_requests": d.max_ongoing_requests,
             "logging_config": INNER_LOGGING,
+            "health_check_period_s": cfg.health_check_period_s,
         }
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
@@ -529,7 +530,10 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
     # Else one retriever holds every index the models search (and their texts, once).
     retriever = (
         Retriever.options(  # pyright: ignore[reportFunctionMemberAccess]
-            name="retriever", ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS}, logging_config=INNER_LOGGING
+            name="retriever",
+            ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS},
+            logging_config=INNER_LOGGING,
+            health_check_period_s=cfg.health_check_period_s,
         ).bind(folders, pins=pins)
         if cfg.retriever_deployed
         else None
@@ -554,6 +558,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
         name="ingress",
         num_replicas=cfg.ingress_replicas,
         ray_actor_options=ingress_actor,
+        health_check_period_s=cfg.health_check_period_s,
         **placement,
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),

@@ -268,6 +268,15 @@ class ServeConfig(ConfigModel):
         description="replicas of the HTTP ingress (0.1 CPU each), which checks requests, calls the models and "
         "fuses /search's lists",
     )
+    health_check_period_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Seconds between Serve's checks of each replica (ingress, models, retriever): a replica whose "
+            "process died is replaced once a check finds it, and until then requests routed to it fail and "
+            "/healthz answers 503. Serve's own default is 10 s; a check is one small actor call"
+        ),
+    )
     direct_ingress: bool = Field(
         default=False,
         description=(
