@@ -149,6 +149,20 @@ def state_address() -> str:
     return f"http://{get_dashboard_url()}"
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT", "08": "CLOSE_WAIT",
+               "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+def sockets_on(port: int) -> set[tuple[str, int]]:
+    """(state, remote port) of every IPv4 TCP socket bound to local ``port`` (Linux /proc/net/tcp)."""
+    held = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == port:
+            held.add((_TCP_STATES.get(state, state), int(remote.split(":")[1], 16)))
+    return held
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """One embedded local Ray per test session (never joins a stray cluster on the host):

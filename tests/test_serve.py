@@ -21,7 +21,7 @@ import requests
 from raytrieve.config import from_dict
 from raytrieve.serve.client import wait_healthy
 from raytrieve.serve.config import ServeConfig
-from tests.conftest import free_port
+from tests.conftest import free_port, sockets_on
 
 pytestmark = pytest.mark.slow
 PACKAGES = ("yaml", "tqdm", "safetensors", "pyarrow", "mlflow")
@@ -120,6 +120,68 @@ def models():
 
 def _post(url: str, path: str, body) -> requests.Response:
     return requests.post(f"{url}{path}", json=body, timeout=120)
+
+def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_port_back(served):
+    """First in this module: it kills the fixture's ingress, before the other tests' connections
+    (those the server closed first linger on the port for 60 s). Ray binds a direct-ingress replica's
+    port without SO_REUSEADDR and blocks a port whose bind failed for good; a replica killed
+    with a client's keep-alive connection open leaves that connection holding the port (up to
+    60 s), so the replica Serve started in its place failed its bind and the app never answered
+    on its port again (found by helper-83's trial). The new replica now waits for the port in its
+    constructor: it says so in its log, and once the client lets go the port answers again, with
+    the same answers. The client lets go by a reset (SO_LINGER 0), which frees the killed
+    replica's side of the connection at once instead of after Linux's 60 s."""
+    import http.client
+    import socket
+    import struct
+
+    import ray
+
+    url, cfg = served["url"], served["cfg"]
+    body = {"input": "where the port goes", "model": "all-minilm-l6-v2"}
+    # A keep-alive connection the server's side will have closed first. (The one request before
+    # the kill goes over it: a connection of its own could close server side first too, and linger.)
+    lingering = http.client.HTTPConnection(cfg.host, cfg.port, timeout=60)
+    lingering.request("POST", "/v1/embeddings", json.dumps(body), {"Content-Type": "application/json"})
+    answer = lingering.getresponse()
+    assert answer.status == 200 and answer.getheader("connection", "keep-alive").lower() != "close"
+    want = json.loads(answer.read())["data"][0]["embedding"]
+    # Nothing but the listener and this connection on the port (an earlier client's connection
+    # the server closed first would hold it 60 s more whatever this test does).
+    mine = lingering.sock.getsockname()[1]
+    deadline = time.monotonic() + 90
+    while (held := sockets_on(cfg.port)) != {("LISTEN", 0), ("ESTABLISHED", mine)}:
+        assert time.monotonic() < deadline, held
+        time.sleep(1)
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{cfg.app_name}#ingress#")]
+    assert len(ingress) == 1, ingress
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    waiting = f"raytrieve: waiting for {cfg.host}:{cfg.port} to be released"
+    said_before = {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")}
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    time.sleep(1)
+    with socket.socket() as probe, pytest.raises(OSError):  # the kernel's word: Ray's bind would fail now
+        probe.bind((cfg.host, cfg.port))
+    deadline = time.monotonic() + 50  # the port is held for 60 s: the new replica must say it waits before
+    while not {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")} - said_before:
+        assert time.monotonic() < deadline, "no new ingress replica said it waits for the port"
+        time.sleep(0.5)
+    assert lingering.sock is not None
+    lingering.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    lingering.close()  # a reset: the killed replica's side of the connection is gone, the port free
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = requests.post(f"{url}/v1/embeddings", json=body, timeout=30)
+            if r.status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the port did not answer again within 120 s of its release"
+        time.sleep(0.5)
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)
+    wait_healthy(url)
 
 
 def test_embeddings_equal_dense_encoder(served, models):
@@ -1005,12 +1067,13 @@ def test_overload_gives_503_with_retry_after_and_bounded_memory(served):
     texts = [p.query for p in served["pairs"][:16]]
 
     def client(i: int, seconds: float) -> list[tuple[int, str | None]]:
-        session, seen, stop = requests.Session(), [], time.time() + seconds
-        while time.time() < stop:
-            body = {"input": texts[i % 16: i % 16 + 8]} if i % 2 else {"query": texts[i % 16], "rerank": True,
-                                                                      "rerank_depth": 5}
-            r = session.post(f"{served['url']}{'/v1/embeddings' if i % 2 else '/search'}", json=body, timeout=120)
-            seen.append((r.status_code, r.headers.get("retry-after")))
+        seen, stop = [], time.time() + seconds
+        with requests.Session() as session:  # closed here, by the client first: nothing lingers on the port
+            while time.time() < stop:
+                body = {"input": texts[i % 16: i % 16 + 8]} if i % 2 else {"query": texts[i % 16], "rerank": True,
+                                                                          "rerank_depth": 5}
+                r = session.post(f"{served['url']}{'/v1/embeddings' if i % 2 else '/search'}", json=body, timeout=120)
+                seen.append((r.status_code, r.headers.get("retry-after")))
         return seen
 
     def load(seconds: float) -> list[tuple[int, str | None]]:
@@ -1068,26 +1131,30 @@ def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(se
     with TEI's error body, both without the token; once the new replica answers, 200 again and
     the model serves. (``serve.run`` itself waits for every replica, so a crash is the window a
     client can see; it is the same check at a start.) Serve finds the dead replica by its health
-    check, every ``health_check_period_s`` (here 1 s), which each deployment has, as Serve's
-    REST API reports."""
+    check, every ``health_check_period_s``: here Serve's 10 s rather than raytrieve's 2, for a
+    window a test can see (the tiny model's new replica answers a second or two after it is
+    found). Each deployment has that period, as Serve's REST API reports, and how often a
+    stopping replica looks whether its requests are done (Serve's 2 s made every stop take 2 s
+    per tier of deployments)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
     from ray import serve
 
-    from raytrieve.serve.app import HEALTH_CACHE_S, build_app
+    from raytrieve.serve.app import DRAIN_POLL_S, HEALTH_CACHE_S, build_app
     from tests.conftest import state_address
 
     cfg = from_dict(ServeConfig, {"dense": {"model": str(tiny_models["dense"]), "num_cpus": 0.05,
-                                            "torch_threads": 1}, "health_check_period_s": 1})
+                                            "torch_threads": 1}, "health_check_period_s": 10})
     name = cfg.dense.public_name
     serve.run(build_app(cfg), name="readiness", route_prefix="/readiness")
     url = f"{served['proxy']}/readiness"
     try:
         apps = requests.get(f"{state_address()}/api/serve/applications/", timeout=30).json()["applications"]
-        periods = {d: v["deployment_config"]["health_check_period_s"]
+        periods = {d: (v["deployment_config"]["health_check_period_s"],
+                       v["deployment_config"]["graceful_shutdown_wait_loop_s"])
                    for d, v in apps["readiness"]["deployments"].items()}
-        assert periods == {"ingress": 1.0, "dense": 1.0}, periods
+        assert periods == {"ingress": (10.0, DRAIN_POLL_S), "dense": (10.0, DRAIN_POLL_S)}, periods
         r = requests.get(f"{url}/healthz", timeout=30)
         assert r.status_code == 200 and r.json()["status"] == "ok" and "not_ready" not in r.json(), r.text
         r = requests.get(f"{url}/health", timeout=30)
@@ -1095,8 +1162,12 @@ def test_healthz_and_health_are_503_while_a_model_has_no_replica_that_answers(se
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if a["name"].startswith("SERVE_REPLICA::readiness#dense#")]
         assert len(replicas) == 1, replicas
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
         time.sleep(HEALTH_CACHE_S)  # past the round of pings that answered the 200s
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        deadline = time.monotonic() + 30
+        while replicas[0]["name"] in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+            assert time.monotonic() < deadline, "the killed replica is still alive"
+            time.sleep(0.05)
         with ThreadPoolExecutor(2) as pool:  # both at once: each waits at most HEALTH_TIMEOUT_S
             healthz, health = pool.map(lambda path: requests.get(f"{url}/{path}", timeout=30), ("healthz", "health"))
         assert healthz.status_code == 503, healthz.text
@@ -1207,58 +1278,3 @@ def test_served_query_models_must_be_the_ones_that_encoded_the_index(served, tin
     with pytest.raises(ConfigError, match=r"^serve.yaml.reranker\[0\].max_seq_length: 600 is more than the 512 "
                        r"positions .*at most 512"):
         check_before_start(cfg, "serve.yaml")
-
-
-def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_port_back(served):
-    """Last in this module: it kills the fixture's ingress. Ray binds a direct-ingress replica's
-    port without SO_REUSEADDR and blocks a port whose bind failed for good; a replica killed
-    with a client's keep-alive connection open leaves that connection holding the port (up to
-    60 s), so the replica Serve started in its place failed its bind and the app never answered
-    on its port again (found by helper-83's trial). The new replica now waits for the port in its
-    constructor: it says so in its log, and once the client lets go the port answers again, with
-    the same answers. The client lets go by a reset (SO_LINGER 0), which frees the killed
-    replica's side of the connection at once instead of after Linux's 60 s."""
-    import http.client
-    import socket
-    import struct
-
-    import ray
-
-    url, cfg = served["url"], served["cfg"]
-    body = {"input": "where the port goes", "model": "all-minilm-l6-v2"}
-    want = _post(url, "/v1/embeddings", body).json()["data"][0]["embedding"]
-    # A keep-alive connection the server's side will have closed first.
-    lingering = http.client.HTTPConnection(cfg.host, cfg.port, timeout=60)
-    lingering.request("POST", "/v1/embeddings", json.dumps(body), {"Content-Type": "application/json"})
-    answer = lingering.getresponse()
-    assert answer.status == 200 and answer.getheader("connection", "keep-alive").lower() != "close"
-    answer.read()
-    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith(f"SERVE_REPLICA::{cfg.app_name}#ingress#")]
-    assert len(ingress) == 1, ingress
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    waiting = f"raytrieve: waiting for {cfg.host}:{cfg.port} to be released"
-    said_before = {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")}
-    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
-    time.sleep(1)
-    with socket.socket() as probe, pytest.raises(OSError):  # the kernel's word: Ray's bind would fail now
-        probe.bind((cfg.host, cfg.port))
-    deadline = time.monotonic() + 50  # the port is held for 60 s: the new replica must say it waits before
-    while not {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")} - said_before:
-        assert time.monotonic() < deadline, "no new ingress replica said it waits for the port"
-        time.sleep(0.5)
-    assert lingering.sock is not None
-    lingering.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    lingering.close()  # a reset: the killed replica's side of the connection is gone, the port free
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            r = requests.post(f"{url}/v1/embeddings", json=body, timeout=30)
-            if r.status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the port did not answer again within 120 s of its release"
-        time.sleep(0.5)
-    np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)
-    wait_healthy(url)

@@ -1,0 +1,100 @@
+"""raytrieve.serve.client against a real HTTP/1.1 keep-alive server on 127.0.0.1 (the stdlib's, in
+a thread; no Ray): answers and errors, readiness polling, and that it closes its connections
+itself, so none stays on the server's port (urllib, the oracle here, leaves one per request:
+the server closes first, and Linux keeps that side 60 s)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from raytrieve.serve import client
+from tests.conftest import sockets_on
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive unless the client asks otherwise
+    ready_after = 0.0  # /healthz answers 503 until then (time.monotonic())
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            ready = time.monotonic() >= _Handler.ready_after
+            self._answer(200 if ready else 503, {"status": "ok" if ready else "not_ready"})
+        else:
+            self._answer(200, {"path": self.path})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("fail"):
+            self._answer(422, {"error": {"message": "bad field", "field": "fail"}})
+        else:
+            self._answer(200, {"echo": body, "type": self.headers["Content-Type"]})
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _lingering(base: str) -> set[tuple[str, int]]:
+    """The server port's sockets other than its listener, once the connections just used have had
+    a moment to close (the server's side of a client-first close ends at once)."""
+    port = int(base.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 2
+    while (held := {s for s in sockets_on(port) if s[0] != "LISTEN"}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
+def test_calls_answer_and_leave_no_connection_on_the_servers_port(server):
+    assert client.get(f"{server}/v1/models?x=1") == {"path": "/v1/models?x=1"}
+    assert client.post(f"{server}/search", {"query": "q", "top_k": 3}) == {
+        "echo": {"query": "q", "top_k": 3}, "type": "application/json"}
+    client.wait_healthy(server, timeout_s=10)
+    assert _lingering(server) == set()
+    # The oracle: urllib asks the server to close, and the server's side stays (TIME_WAIT).
+    with urllib.request.urlopen(f"{server}/healthz", timeout=10) as r:
+        assert r.status == 200
+    assert {state for state, _ in _lingering(server)} == {"TIME_WAIT"}
+
+
+def test_an_error_status_raises_with_the_method_url_code_and_body(server):
+    with pytest.raises(RuntimeError, match=r"^POST .*/search -> 422: .*bad field"):
+        client.post(f"{server}/search", {"fail": True})
+
+
+def test_wait_healthy_waits_through_503_and_names_the_last_answer(server, monkeypatch):
+    monkeypatch.setattr(_Handler, "ready_after", time.monotonic() + 1.5)
+    started = time.monotonic()
+    client.wait_healthy(server, timeout_s=20)
+    assert time.monotonic() - started >= 1.4
+    monkeypatch.setattr(_Handler, "ready_after", time.monotonic() + 60)
+    with pytest.raises(TimeoutError, match=r"/healthz did not answer 200 within 2s \(503: .*not_ready"):
+        client.wait_healthy(server, timeout_s=2)
+    closed = server.rsplit(":", 1)[0] + ":1"  # nothing listens on port 1
+    with pytest.raises(TimeoutError, match=r"within 1s \(.*refused"):
+        client.wait_healthy(closed, timeout_s=1)
