@@ -158,13 +158,14 @@ def test_a_direct_ingress_replica_restarted_while_connections_linger_gets_its_po
     assert len(ingress) == 1, ingress
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     waiting = f"raytrieve: waiting for {cfg.host}:{cfg.port} to be released"
-    said_before = {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")}
+    killed_at = time.time()
     ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
     time.sleep(1)
     with socket.socket() as probe, pytest.raises(OSError):  # the kernel's word: Ray's bind would fail now
         probe.bind((cfg.host, cfg.port))
     deadline = time.monotonic() + 50  # the port is held for 60 s: the new replica must say it waits before
-    while not {f for f in logs.glob("worker-*.err") if waiting in f.read_text(errors="replace")} - said_before:
+    while not [f for f in logs.glob("worker-*.err")  # the new replica's: written since the kill
+               if f.stat().st_mtime >= killed_at - 1 and waiting in f.read_text(errors="replace")]:
         assert time.monotonic() < deadline, "no new ingress replica said it waits for the port"
         time.sleep(0.5)
     assert lingering.sock is not None

@@ -14,7 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from raytrieve.config import from_dict
 from raytrieve.serve import client
+from raytrieve.serve.config import ServeConfig
+from raytrieve.serve.launch import app_url
 from tests.conftest import sockets_on
 
 
@@ -62,7 +65,7 @@ def server() -> Iterator[str]:
 
 def _lingering(base: str) -> set[tuple[str, int]]:
     """The server port's sockets other than its listener, once the connections just used have had
-    a moment to close (the server's side of a client-first close ends at once)."""
+    a moment to close (the server's side of a client-first close ends at once). IPv4 only."""
     port = int(base.rsplit(":", 1)[1])
     deadline = time.monotonic() + 2
     while (held := {s for s in sockets_on(port) if s[0] != "LISTEN"}) and time.monotonic() < deadline:
@@ -78,8 +81,45 @@ def test_calls_answer_and_leave_no_connection_on_the_servers_port(server):
     assert _lingering(server) == set()
     # The oracle: urllib asks the server to close, and the server's side stays (TIME_WAIT).
     with urllib.request.urlopen(f"{server}/healthz", timeout=10) as r:
-        assert r.status == 200
-    assert {state for state, _ in _lingering(server)} == {"TIME_WAIT"}
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+    port, deadline = int(server.rsplit(":", 1)[1]), time.monotonic() + 2
+    while not (held := {state for state, _ in sockets_on(port)} - {"LISTEN"}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held and held <= {"TIME_WAIT", "FIN_WAIT2", "CLOSING"}, held
+
+
+def test_urls_as_serve_writes_them_ipv6_included(server):
+    """An IPv6 host with brackets (as `raytrieve serve` announces it) or without (as it did
+    before) reaches the server. A URL without a scheme or host is refused at once (it was
+    retried against port 80 until the timeout)."""
+    import socket
+
+    port = int(server.rsplit(":", 1)[1])
+    if socket.has_ipv6:
+        try:
+            httpd = ThreadingHTTPServer(("::1", 0), _Handler, bind_and_activate=False)
+            httpd.address_family = socket.AF_INET6
+            httpd.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            httpd.server_bind()
+            httpd.server_activate()
+        except OSError:
+            httpd = None  # no IPv6 loopback on this machine
+        if httpd is not None:
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            try:
+                v6 = httpd.server_address[1]
+                announced = app_url(from_dict(ServeConfig, {"dense": {"model": "all-minilm-l6-v2"}, "host": "::1", "port": v6,
+                                                    "route_prefix": "/app"}))
+                assert announced == f"http://[::1]:{v6}/app"
+                assert client.get(f"{announced}/x") == {"path": "/app/x"}
+                assert client.get(f"http://::1:{v6}/y") == {"path": "/y"}
+            finally:
+                httpd.shutdown()
+                httpd.server_close()
+    assert client.get(f"http://localhost:{port}/z") == {"path": "/z"}
+    for bad in (f"127.0.0.1:{port}/healthz", f"ftp://127.0.0.1:{port}/", "http:///healthz"):
+        with pytest.raises(ValueError, match="is not an http:// or https:// URL with a host"):
+            client.get(bad)
 
 
 def test_an_error_status_raises_with_the_method_url_code_and_body(server):

@@ -20,8 +20,11 @@ from typing import Any
 def _call(method: str, url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
     """(status, body) of one request over a connection of its own, closed here first."""
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8100)")
     connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = connection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    # The host and port as written: http.client reads "[::1]:8100" and Serve's "::1:8100" alike.
+    conn = connection(parts.netloc.rpartition("@")[2], timeout=timeout)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request(method, target, body, {"Content-Type": "application/json"} if body is not None else {})

@@ -273,8 +273,8 @@ class ServeConfig(ConfigModel):
         gt=0,
         description=(
             "Seconds between Serve's checks of each replica (ingress, models, retriever): a replica whose "
-            "process died is replaced once a check finds it, and until then requests routed to it fail and "
-            "/healthz answers 503. Serve's own default is 10 s; a check is one small actor call"
+            "process died is replaced once a check finds it (until then /healthz answers 503 for its model). "
+            "Serve's own default is 10 s; a check is one small actor call"
         ),
     )
     direct_ingress: bool = Field(

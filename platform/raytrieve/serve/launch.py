@@ -192,7 +192,13 @@ def start(cfg: ServeConfig, where: str = "config", ray_address: str | None = "lo
         serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     finally:
         logging.getLogger("ray.serve").removeFilter(_KEPT_OPTIONS_NOTICE)
-    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    return app_url(cfg)
+
+
+def app_url(cfg: ServeConfig) -> str:
+    """Where the app answers, as `raytrieve serve` announces it: an IPv6 host in brackets."""
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
 class _KeptOptionsNotice(logging.Filter):
