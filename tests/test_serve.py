@@ -571,8 +571,11 @@ CLEAR = {
     "copy files from one filesystem to another": "def copy_files(",
     "write a table into an ORC file": "def write(self, table):",
     "generate random numbers between 0 and 1": "def random(n,",
-    "automatically detect the best MLflow tracking URI": "def auto_detect_tracking_uri(",
-    "find patterns among failed queries": "def detect_failure_patterns(",
+    # None from mlflow, whose docstrings change with its monthly releases: 3.18 dropped
+    # auto_detect_tracking_uri and detect_failure_patterns, two documents queried here before.
+    "replace every null value with a fill value": "def fill_null(",
+    "convert a JVM memory buffer into an Arrow buffer": "def jvm_buffer(",
+    "add a path based resolver for a given YAML tag": "def add_path_resolver(",
     "add a multi-constructor for a YAML tag prefix": "def add_multi_constructor(",
 }
 NEAR = {
