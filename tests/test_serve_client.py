@@ -5,7 +5,9 @@ the server closes first, and Linux keeps that side 60 s)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -51,16 +53,26 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+@contextlib.contextmanager
+def _serving(host: str = "127.0.0.1") -> Iterator[int]:
+    """The keep-alive server on ``host`` (IPv4, or IPv6 for a host with a colon), in a thread: its port."""
+    httpd = (_Server6 if ":" in host else ThreadingHTTPServer)((host, 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield httpd.server_address[1]
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with _serving() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _lingering(base: str) -> set[tuple[str, int]]:
@@ -92,30 +104,18 @@ def test_urls_as_serve_writes_them_ipv6_included(server):
     """An IPv6 host with brackets (as `raytrieve serve` announces it) or without (as it did
     before) reaches the server. A URL without a scheme or host is refused at once (it was
     retried against port 80 until the timeout)."""
-    import socket
-
     port = int(server.rsplit(":", 1)[1])
-    if socket.has_ipv6:
+    with contextlib.ExitStack() as stack:
         try:
-            httpd = ThreadingHTTPServer(("::1", 0), _Handler, bind_and_activate=False)
-            httpd.address_family = socket.AF_INET6
-            httpd.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            httpd.server_bind()
-            httpd.server_activate()
+            v6 = stack.enter_context(_serving("::1"))
         except OSError:
-            httpd = None  # no IPv6 loopback on this machine
-        if httpd is not None:
-            threading.Thread(target=httpd.serve_forever, daemon=True).start()
-            try:
-                v6 = httpd.server_address[1]
-                announced = app_url(from_dict(ServeConfig, {"dense": {"model": "all-minilm-l6-v2"}, "host": "::1", "port": v6,
-                                                    "route_prefix": "/app"}))
-                assert announced == f"http://[::1]:{v6}/app"
-                assert client.get(f"{announced}/x") == {"path": "/app/x"}
-                assert client.get(f"http://::1:{v6}/y") == {"path": "/y"}
-            finally:
-                httpd.shutdown()
-                httpd.server_close()
+            v6 = None  # no IPv6 loopback on this machine
+        if v6 is not None:
+            announced = app_url(from_dict(ServeConfig, {"dense": {"model": "all-minilm-l6-v2"}, "host": "::1",
+                                                        "port": v6, "route_prefix": "/app"}))
+            assert announced == f"http://[::1]:{v6}/app"
+            assert client.get(f"{announced}/x") == {"path": "/app/x"}
+            assert client.get(f"http://::1:{v6}/y") == {"path": "/y"}
     assert client.get(f"http://localhost:{port}/z") == {"path": "/z"}
     for bad in (f"127.0.0.1:{port}/healthz", f"ftp://127.0.0.1:{port}/", "http:///healthz"):
         with pytest.raises(ValueError, match="is not an http:// or https:// URL with a host"):

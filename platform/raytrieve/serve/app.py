@@ -501,6 +501,13 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
         cfg = sized(cfg, shape)
         check_fits(cfg, shape, where)
 
+    # What every deployment of the app shares: how often Serve checks its replicas, how often a
+    # stopping one looks whether its requests are done.
+    lifecycle: dict[str, Any] = {
+        "health_check_period_s": cfg.health_check_period_s,
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
+    }
+
     def options(model: Served) -> dict[str, Any]:
         d = model.spec
         actor: dict[str, Any] = {"num_cpus": d.num_cpus if d.num_cpus is not None else 1.0, "num_gpus": d.num_gpus}
@@ -511,8 +518,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
             "ray_actor_options": actor,
             "max_ongoing_requests": d.max_ongoing_requests,
             "logging_config": INNER_LOGGING,
-            "health_check_period_s": cfg.health_check_period_s,
-            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
+            **lifecycle,
         }
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
@@ -540,8 +546,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
             name="retriever",
             ray_actor_options={"num_cpus": LIGHT_ACTOR_CPUS},
             logging_config=INNER_LOGGING,
-            health_check_period_s=cfg.health_check_period_s,
-            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+            **lifecycle,
         ).bind(folders, pins=pins)
         if cfg.retriever_deployed
         else None
@@ -566,8 +571,7 @@ def build_app(cfg: ServeConfig, where: str = "config", pins: dict[str, str | Non
         name="ingress",
         num_replicas=cfg.ingress_replicas,
         ray_actor_options=ingress_actor,
-        health_check_period_s=cfg.health_check_period_s,
-        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+        **lifecycle,
         **placement,
         max_queued_requests=cfg.limits.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s),
