@@ -323,6 +323,12 @@ def test_prompts_run_wide_and_per_dataset(tiny_models, data, tmp_path, caplog):
     assert ("config.prompts, config.datasets[1].prompts: the query columns trained with different prompts "
             "('passage: ', 'query: ')") in caplog.text
     assert "the document columns trained with different prompts ('passage: ', none)" in caplog.text
+    # The caller's config is left as given (prepare fills in a copy, the one the workers get):
+    # run-wide prompts changed after a run reach the datasets without their own on the next.
+    assert cfg.datasets[0].prompts is None and cfg.datasets[0].columns == ["query", "document"]
+    assert p.spec.config.datasets[0].prompts == {"query": "query: "}
+    cfg.prompts = {"query": "q: "}
+    assert prepare(cfg).prompts == [["q: ", None], ["passage: ", "passage: "]]
     # A dataset's own prompts and routes must name its text columns; routes need a Router model.
     cfg.datasets[1].prompts = {"quer": "query: "}
     with pytest.raises(DataError, match=r"config.datasets\[1\] \(b\): prompts names column 'quer', not one of"):

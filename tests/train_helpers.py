@@ -94,6 +94,7 @@ def loss_on_data(cfg: TrainConfig, model_path: str, component: str | None = None
     from raytrieve.train.run import prepare
 
     prepared = prepare(cfg)
+    cfg = prepared.spec.config  # its datasets' columns and prompts filled in, as the workers get it
     encoder = load_encoder(cfg.model.kind, model_path)
     encoder.eval()
     losses = build_losses(cfg, encoder, 1)

@@ -72,7 +72,9 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] | None = None) -> Prepared:
     """All checks and the plan; no Ray. ``listed``: the datasets' listings, where the caller
-    checked them already (``raytrieve train`` does before torch loads): each is listed once."""
+    checked them already (``raytrieve train`` does before torch loads): each is listed once.
+    ``cfg`` is left as given: the config the run uses (its output folder made absolute, each
+    dataset's text columns and prompts filled in) is a copy, ``Prepared.spec.config``."""
     import pyarrow as pa
 
     from raytrieve.data.pipeline import DatasetStream, StreamSpec, column_prompts, column_routes, label_kind
@@ -90,6 +92,7 @@ def prepare(cfg: TrainConfig, where: str = "config", listed: Sequence[Listing] |
     from raytrieve.train.distributed import uses_gradient_cache
     from raytrieve.train.evaluate import select_eval_columns
 
+    cfg = cfg.model_copy(deep=True)  # filled in below; the caller's config (it may run it again) is not
     cfg.output_dir = file_uri_path(cfg.output_dir)  # file://: a local folder, by every check
     if not is_uri(cfg.output_dir):
         cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers may run elsewhere than the driver's cwd
@@ -678,6 +681,7 @@ def run_training(
 
     started = time.time()
     p = prepare(cfg, where, listed)
+    cfg = p.spec.config  # the checked config, filled in
     p.spec.card = driver_facts(cfg, p, started)  # rank 0 completes it and writes the model card
     for line in p.plan.dropped:
         log.warning("not trained on: %s", line)
