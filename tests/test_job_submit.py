@@ -113,7 +113,8 @@ def test_ray_job_stop_ends_the_run_killed(ray_dashboard, tiny_models, tmp_path):
 def test_ray_job_submit_trains(ray_dashboard, tiny_models, tmp_path):
     data = write_data(tmp_path / "data", n=96)
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
-    initial = prepare(cfg).spec.model_path
+    prepared = prepare(cfg).spec  # the config as the job's run fills it in, which its model keeps
+    initial = prepared.model_path
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump()))
     job_id, submit = _submit(ray_dashboard, f"raytrieve-test-{os.getpid()}-{time.time_ns()}", config_path)
@@ -124,7 +125,7 @@ def test_ray_job_submit_trains(ray_dashboard, tiny_models, tmp_path):
     summary = json.loads(lines[-1][lines[-1].index("{"):])
     assert summary["not_trained_on"] == []
     # The run the job made is held to what every shipped config's run is (test_train_e2e).
-    check_shipped_run(cfg, initial, summary["steps"], summary["mlflow_run_id"], summary["model_version"])
+    check_shipped_run(prepared.config, initial, summary["steps"], summary["mlflow_run_id"], summary["model_version"])
 
     # The driver's log as the job server wrote it (a file, not a terminal): the training stage's
     # lines with the steps the worker made, no bar redraws (Ray Data's included: they ran in the

@@ -43,9 +43,10 @@ def test_shipped_config_trains(name, ray_cluster, tiny_models, more_data, tmp_pa
     # cross_bce trains with a prompt before each pair's query, as sentence-transformers' CrossEncoder can
     extra = {"training__bf16": True} if bf16 else {"prompts": "question: "} if name == "cross_bce" else {}
     cfg = shipped_config(name, tmp_path, tiny_models, more_data, mlflow__register_model_as=f"t-{name}", **extra)
-    initial = prepare(cfg).spec.model_path  # the model training starts from (inference-free: the built router)
+    prepared = prepare(cfg).spec  # the config as the run fills it in (here cross_bce's prompts per dataset)
+    initial = prepared.model_path  # the model training starts from (inference-free: the built router)
     result = run_training(cfg)
-    check_shipped_run(cfg, initial, result.steps, result.run_id, result.model_version)
+    check_shipped_run(prepared.config, initial, result.steps, result.run_id, result.model_version)
     assert result.dropped == []
     # The summary shows the evaluator's last figures, as the MLflow run holds them.
     logged = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.metrics
