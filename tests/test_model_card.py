@@ -233,6 +233,7 @@ def test_driver_facts_and_a_folder_with_the_card_loads_in_sentence_transformers(
 
     cfg = shipped_config(name, tmp_path, tiny_models, data)
     p = prepare(cfg)
+    cfg = p.spec.config  # as the run has it: filled in by prepare
     facts = driver_facts(cfg, p, started=time.time() - 2)
     d, table = facts.datasets[0], pq.read_table(cfg.datasets[0].path)
     assert d.rows == table.num_rows and d.name == cfg.datasets[0].name

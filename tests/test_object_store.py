@@ -380,6 +380,7 @@ def test_keys_in_a_uri_stay_out_of_what_the_run_records(s3_store, tiny_models, d
     s3_store.put(data["test"], f"secret/{tmp_path.name}/test.parquet")
     p = prepare(cfg, "job.yaml")  # the keys in the URI open it
     assert SECRET in cfg.datasets[0].path and p.rows == [pq.read_table(data["train"]).num_rows]
+    cfg = p.spec.config  # as the run has it: filled in by prepare
     params = flatten(cfg)
     files = card_files(driver_facts(cfg, p, time.time()))
     recorded = [*params.values(), *files.values()]
@@ -688,8 +689,7 @@ def test_a_trained_models_folder_in_s3_is_replaced_whole_and_checked_before_work
     uri = s3_store.uri(f"{key}/model")
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data, output_dir=uri)
     assert checkpoint_dir(cfg) == s3_store.uri(f"{key}/model.checkpoints")
-    prepare(cfg, "job.yaml")  # nothing there yet
-    assert cfg.output_dir == uri  # a URI is kept as given (a path is made absolute)
+    assert prepare(cfg, "job.yaml").spec.config.output_dir == uri  # nothing there yet; a URI is kept as given
 
     # An earlier model (with a file the new one lacks, in a subfolder too) is replaced whole.
     old = tmp_path / "old"

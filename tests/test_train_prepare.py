@@ -702,6 +702,7 @@ def test_a_finished_run_is_not_trained_logged_or_registered_again(tiny_models, d
     monkeypatch.setattr(mlflow_run, "start_run", lambda *a, **k: pytest.fail("an MLflow run was opened"))
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     p = prepare(cfg)  # as the finished run claimed its folder, and recorded at its end
+    cfg = p.spec.config
     root = claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), lambda: input_files(p.pieces))
     record_finished(root, {"output_dir": cfg.output_dir, "steps": 6, "run_id": "r1", "model_version": "1",
                            "checkpoint": None, "dropped": [], "tracking_uri": "file:///x", "already_complete": False})
@@ -739,6 +740,7 @@ def test_checkpoints_resume_on_the_same_data_copied_or_moved_and_earlier_stamps_
     def claim(path: Path = train):
         cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, {**data, "train": path})
         p = prepare(cfg)
+        cfg = p.spec.config  # as the run claims with it
         files = lambda: listed.append(path) or input_files(p.pieces)  # noqa: E731
         return Path(claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), files)), cfg, p
 
@@ -794,6 +796,7 @@ def test_a_rerun_that_resumes_checkpoints_logs_on_into_their_mlflow_run(tiny_mod
     cfg = shipped_config("dense_mnrl", tmp_path, tiny_models, data)
     uri = mlflow_run.tracking_uri(f"file://{tmp_path}/mlruns")
     p = prepare(cfg)
+    cfg = p.spec.config  # as the run claims with it
 
     def claim():
         return claim_checkpoint_dir(cfg, p.plan, "config", training_data(cfg, p), lambda: input_files(p.pieces))

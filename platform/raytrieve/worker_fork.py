@@ -79,6 +79,11 @@ def start(env_vars: dict[str, str]) -> str:
         return _command
     folder = Path(tempfile.mkdtemp(prefix="raytrieve-fork-"))  # 0700: only this user may ask
     path = folder / "socket"
+    # Off the terminal's foreground group (Ctrl-C reaches the driver, as for Ray's workers), but in
+    # the driver's session, as Ray's own workers are: Linux schedules each session as one group
+    # (autogroup), so a session of its own would weigh as much as the driver's whole session,
+    # whatever the workers' nice 15 (and see _become_worker's setpgid).
+    own_group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     with open(folder / "server.log", "wb") as log:  # not this process's streams: its callers would wait on them
         _server = subprocess.Popen(
             # -P (3.11+): the driver's folder is not put first on the path of the server's imports
@@ -94,7 +99,7 @@ def start(env_vars: dict[str, str]) -> str:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            start_new_session=True,  # off the terminal: Ctrl-C reaches the driver, as for Ray's workers
+            **own_group,
         )
     _env = env
     deadline = time.monotonic() + 30
@@ -298,7 +303,12 @@ def _become_worker(conn, own_fds: tuple, clients: dict, request: dict, fds: list
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    os.setsid()  # a group of its own, as Ray gives each worker: Ray kills a worker by its group
+    # A process group of its own, as Ray gives each worker (Ray kills a worker by its group), in
+    # the server's session (the driver's): not setsid, which made each worker a scheduling group
+    # (autogroup) of its own, as strong as the driver's whole session, so that work the driver's
+    # session ran at the lowest priority (make test's tests without Ray) still took a core from
+    # the workers (the reduced demo 139 s alone, 235-250 s beside one SCHED_IDLE busy loop).
+    os.setpgid(0, 0)
     try:
         fork_client.send(conn, {"pid": os.getpid()})
     except OSError:  # the client is gone already: so is this worker, quietly
