@@ -81,6 +81,8 @@ def test_the_worker_is_a_fork_with_the_clients_argv_environment_and_folder(serve
     # the driver's whole session, whatever the nice values in it (the reduced demo 139 s alone,
     # 235-250 s beside one SCHED_IDLE busy loop of make test's session).
     assert seen["session"] == os.getsid(0)
+    # The server too: its own process group (off the terminal's Ctrl-C), the driver's session.
+    assert os.getpgid(process.pid) == process.pid != os.getpgrp() and os.getsid(process.pid) == os.getsid(0)
     if seen["autogroup"] is not None:  # a kernel with autogroup
         assert seen["autogroup"] == open("/proc/self/autogroup").read().split()[0]
 

@@ -79,11 +79,6 @@ def start(env_vars: dict[str, str]) -> str:
         return _command
     folder = Path(tempfile.mkdtemp(prefix="raytrieve-fork-"))  # 0700: only this user may ask
     path = folder / "socket"
-    # Off the terminal's foreground group (Ctrl-C reaches the driver, as for Ray's workers), but in
-    # the driver's session, as Ray's own workers are: Linux schedules each session as one group
-    # (autogroup), so a session of its own would weigh as much as the driver's whole session,
-    # whatever the workers' nice 15 (and see _become_worker's setpgid).
-    own_group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     with open(folder / "server.log", "wb") as log:  # not this process's streams: its callers would wait on them
         _server = subprocess.Popen(
             # -P (3.11+): the driver's folder is not put first on the path of the server's imports
@@ -99,7 +94,6 @@ def start(env_vars: dict[str, str]) -> str:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            **own_group,
         )
     _env = env
     deadline = time.monotonic() + 30
@@ -335,4 +329,10 @@ def _become_worker(conn, own_fds: tuple, clients: dict, request: dict, fds: list
 
 
 if __name__ == "__main__":
+    # Off the terminal's foreground group (Ctrl-C reaches the driver, as for Ray's workers), but in
+    # the driver's session, as Ray's own workers are: Linux schedules each session as one group
+    # (autogroup), so a session of its own would weigh as much as the driver's whole session,
+    # whatever the workers' nice 15 (and see _become_worker's setpgid). Done here, not by Popen's
+    # preexec_fn, which is unsafe in a driver with threads (Python 3.10 has no process_group=).
+    os.setpgid(0, 0)
     _serve(sys.argv[1], int(sys.argv[2]))
