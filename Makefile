@@ -22,13 +22,15 @@ venv: $(STAMP)
 # changed docstrings the tests and the demo read) changes nothing until the lock is renewed. The
 # lock is resolved on Python $(LOCK_PYTHON); on another Python the ranges in pyproject.toml apply.
 LOCK_PYTHON := 3.11
+# Exits 0 on the lock's Python: `python $(IS_LOCK_PYTHON)`.
+IS_LOCK_PYTHON := -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")'
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the local CPU wheel. Unpinned, pip would fetch a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	if $(BIN)/python -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")'; then \
+	if $(BIN)/python $(IS_LOCK_PYTHON); then \
 		$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'; \
 	else \
 		echo "constraints.txt is locked on Python $(LOCK_PYTHON): installing the newest versions pyproject.toml allows"; \
@@ -80,7 +82,7 @@ LOCK_VENV := .venv-lock
 
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")' \
+	$(LOCK_VENV)/bin/python $(IS_LOCK_PYTHON) \
 		|| { echo "make lock needs Python $(LOCK_PYTHON) (PYTHON=python$(LOCK_PYTHON) make lock)"; exit 1; }
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet torch==2.13.0

@@ -157,15 +157,16 @@ def test_the_lock_pins_every_dependency_within_pyprojects_ranges_and_the_venv_ha
             assert canonicalize_name(name) not in pins, f"constraints.txt pins {name} twice"
             pins[canonicalize_name(name)] = version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock_python = re.search(r"^LOCK_PYTHON := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert lock_python, "Makefile: LOCK_PYTHON"
+    on_lock_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == lock_python.group(1)
     for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         assert name in pins, f"constraints.txt has no pin for {req.name}: run make lock"
         assert req.specifier.contains(Version(pins[name]), prereleases=True), \
             f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject.toml's {spec!r}: run make lock"
-        lock_python = re.search(r"^LOCK_PYTHON := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
-        assert lock_python, "Makefile: LOCK_PYTHON"
-        if f"{sys.version_info[0]}.{sys.version_info[1]}" != lock_python.group(1):
+        if not on_lock_python:
             continue  # make venv installed from the ranges (checked above to admit the pins)
         installed = Version(importlib.metadata.version(req.name))
         assert Version(installed.base_version if name == "torch" else str(installed)) == Version(pins[name]), \
