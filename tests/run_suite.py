@@ -1,5 +1,6 @@
 """`make test`: the whole suite as two pytest processes side by side, each with its own share of
-the tests (tests/conftest.py marks a test that starts or joins Ray `slow`):
+the tests (tests/conftest.py marks a test that starts or joins Ray `slow`; pyproject.toml's marker
+says which others are):
 
 - the Ray tests, in one process against its one session cluster, in the order pytest collects
   them; their output streams here as it comes;
