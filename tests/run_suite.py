@@ -5,7 +5,9 @@ says which others are):
 - the Ray tests, in one process against its one session cluster, in the order pytest collects
   them; their output streams here as it comes;
 - the tests without Ray, in a second process with one torch thread at the lowest CPU priority
-  (Linux's SCHED_IDLE, else nice 19); its output is printed once both parts have ended.
+  (Linux's SCHED_IDLE, else nice 19); its output is printed once both parts have ended. Once the
+  Ray part has ended, the tests without Ray still to run get every core's thread (this module is
+  a pytest plugin there: ``pytest_runtest_setup`` below).
 
 Why: the Ray tests keep the cores busy only ~80% of the time (workers starting, polls, HTTP
 round trips), and the tests without Ray fill that slack at the lowest priority, so that they
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 NO_TESTS_COLLECTED = 5  # pytest's exit code
 STOP_GRACE_S = 30
@@ -67,6 +71,36 @@ def _yield_the_cores() -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
+# Set in the tests without Ray's process: the file that appears once the Ray part has ended, and
+# the OMP_NUM_THREADS to restore then ("" where the caller set none).
+RAY_PART_DONE = "RAYTRIEVE_SUITE_RAY_PART_DONE"
+THREADS_AFTER = "RAYTRIEVE_SUITE_THREADS_AFTER"
+
+
+_last_file: list[object] = [None]
+
+
+def pytest_runtest_setup(item: Any) -> None:
+    """Before each test file's first test without Ray: once the Ray part has ended, take back the
+    threads it was left to. Where the Ray part ends first (CI's kernel has no autogroup, and
+    SCHED_IDLE there leaves the tests without Ray only the cores' idle moments), the rest of them
+    ran on one thread with the second core idle. Only between files: a file's tests compare
+    results of its fixtures, and a thread count changed between them could change a float sum."""
+    first_of_file, _last_file[0] = item.path != _last_file[0], item.path
+    done = os.environ.get(RAY_PART_DONE)
+    if not first_of_file or not done or not os.path.exists(done):
+        return
+    del os.environ[RAY_PART_DONE]  # once
+    threads = os.environ.pop(THREADS_AFTER, "")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = threads
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)  # the processes tests start: their own default
+    torch = sys.modules.get("torch")  # not imported yet: it reads OMP_NUM_THREADS when it is
+    if torch is not None:
+        torch.set_num_threads(int(threads) if threads else len(os.sched_getaffinity(0)))
+
+
 def main(args: list[str]) -> int:
     if any(a.startswith("-m") for a in args):
         print("run_suite.py: -m is how the suite is split here; run pytest itself with -m", file=sys.stderr)
@@ -79,7 +113,9 @@ def main(args: list[str]) -> int:
 
     # One torch (OpenMP) thread for the tests without Ray: the Ray tests' workers hold most of
     # both cores, and a second thread would mostly wait for them.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ray_part_done = Path(tempfile.mkdtemp(prefix="raytrieve-suite-")) / "ray-part-done"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", RAY_PART_DONE: str(ray_part_done),
+           THREADS_AFTER: os.environ.get("OMP_NUM_THREADS", "")}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
     procs: list[subprocess.Popen] = []
@@ -87,18 +123,20 @@ def main(args: list[str]) -> int:
     with tempfile.TemporaryFile() as no_ray_log:
         try:
             procs.append(subprocess.Popen(
-                [*pytest, "-m", "not slow", *cache_dir("no-ray"), *args],
+                [*pytest, "-m", "not slow", "-p", "tests.run_suite", *cache_dir("no-ray"), *args],
                 stdout=no_ray_log, stderr=subprocess.STDOUT, env=env, preexec_fn=_yield_the_cores))
             print("== tests with Ray (this process's output follows; the tests without Ray run beside it)",
                   flush=True)
             procs.append(subprocess.Popen([*pytest, "-m", "slow", *cache_dir("ray"), *args]))
             codes["ray"] = procs[1].wait()
+            ray_part_done.touch()
             codes["no-ray"] = procs[0].wait()
         except (KeyboardInterrupt, _Stop) as e:
             print(f"\n== interrupted ({e or 'SIGINT'}): stopping both parts", flush=True)
             _end(procs, signal_them=isinstance(e, _Stop))
             codes["interrupted"] = 2  # pytest's code for an interrupted run
         finally:
+            shutil.rmtree(ray_part_done.parent, ignore_errors=True)
             no_ray_log.seek(0)
             print("\n== tests without Ray (run beside the ones above)", flush=True)
             sys.stdout.buffer.write(no_ray_log.read())
