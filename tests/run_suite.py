@@ -6,8 +6,9 @@ says which others are):
   them; their output streams here as it comes;
 - the tests without Ray, in a second process with one torch thread at the lowest CPU priority
   (Linux's SCHED_IDLE, else nice 19); its output is printed once both parts have ended. Once the
-  Ray part has ended, the tests without Ray still to run get every core's thread (this module is
-  a pytest plugin there: ``pytest_runtest_setup`` below).
+  Ray part has ended, the next test file without Ray and the ones after it run with the threads
+  a plain `pytest` would give them (this module is a pytest plugin there: ``pytest_runtest_setup``
+  below).
 
 Why: the Ray tests keep the cores busy only ~80% of the time (workers starting, polls, HTTP
 round trips), and the tests without Ray fill that slack at the lowest priority, so that they
@@ -85,7 +86,10 @@ def pytest_runtest_setup(item: Any) -> None:
     threads it was left to. Where the Ray part ends first (CI's kernel has no autogroup, and
     SCHED_IDLE there leaves the tests without Ray only the cores' idle moments), the rest of them
     ran on one thread with the second core idle. Only between files: a file's tests compare
-    results of its fixtures, and a thread count changed between them could change a float sum."""
+    results of its fixtures, and a thread count changed between them could change a float sum
+    (`--ff` or `--sw` reordering can still split a file). The count is what a fresh torch picks
+    with the caller's OMP_NUM_THREADS (none: its own default), so this process and the ones its
+    tests start agree, as in a plain `pytest`."""
     first_of_file, _last_file[0] = item.path != _last_file[0], item.path
     done = os.environ.get(RAY_PART_DONE)
     if not first_of_file or not done or not os.path.exists(done):
@@ -95,10 +99,13 @@ def pytest_runtest_setup(item: Any) -> None:
     if threads:
         os.environ["OMP_NUM_THREADS"] = threads
     else:
-        os.environ.pop("OMP_NUM_THREADS", None)  # the processes tests start: their own default
+        os.environ.pop("OMP_NUM_THREADS", None)
     torch = sys.modules.get("torch")  # not imported yet: it reads OMP_NUM_THREADS when it is
     if torch is not None:
-        torch.set_num_threads(int(threads) if threads else len(os.sched_getaffinity(0)))
+        fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, timeout=120)
+        if fresh.returncode == 0 and fresh.stdout.strip().isdigit():
+            torch.set_num_threads(int(fresh.stdout))
 
 
 def main(args: list[str]) -> int:

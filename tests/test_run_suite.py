@@ -43,36 +43,53 @@ def test_the_runner_reports_both_parts_and_the_suites_status(tmp_path):
     assert refused.returncode == 4 and "-m is how the suite is split" in refused.stderr
 
 
-# The Ray part waits until the first test without Ray has seen its one thread; that test waits
-# until the Ray part has ended; the next test of its file keeps one thread, and the next file's
-# runs on every core's.
-THREADS = """
+# Three files without Ray and one Ray test. The Ray part waits until the second file has seen
+# its one thread; that file waits until the Ray part has ended. The first file's boundary is
+# crossed while the Ray part runs (one thread still), the second file's own next test keeps one
+# thread, and the third file gets what a fresh torch picks.
+WAIT = """
 import os, time
-import pytest
-import torch
 
 
-def _wait_for(path):
+def wait_for(path):
     deadline = time.monotonic() + 120
     while not os.path.exists(path):
         assert time.monotonic() < deadline, path
         time.sleep(0.1)
+"""
+
+RAY = """
+import os
+import pytest
+from wait import wait_for
 
 
 @pytest.mark.slow
 def test_ray_part():
-    _wait_for(os.environ["HANDSHAKE"])
+    wait_for(os.environ["HANDSHAKE"])
+"""
+
+ONE_THREAD = """
+import os
+import torch
 
 
-def test_a_while_the_ray_part_runs():
+def test_one_thread():
     assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
-    done = os.environ["RAYTRIEVE_SUITE_RAY_PART_DONE"]
+"""
+
+WHILE_RAY_RUNS = ONE_THREAD + """
+from wait import wait_for
+
+
+def test_wait_for_the_ray_part():
+    assert not os.path.exists(os.environ["RAYTRIEVE_SUITE_RAY_PART_DONE"])  # the Ray part waits for us
     open(os.environ["HANDSHAKE"], "w").close()
-    _wait_for(done)
+    wait_for(os.environ["RAYTRIEVE_SUITE_RAY_PART_DONE"])
 
 
-def test_b_in_the_same_file():  # a file's tests share one thread count
-    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+def test_z_the_same_file_after_it():  # a file's tests share one thread count
+    test_one_thread()
 """
 
 AFTER = """
@@ -80,24 +97,32 @@ import os
 import torch
 
 
-def test_c_in_the_next_file():
+def test_the_next_file():
     assert torch.get_num_threads() == int(os.environ["EXPECTED"]), torch.get_num_threads()
     assert os.environ.get("OMP_NUM_THREADS") == os.environ.get("EXPECTED_OMP")
 """
 
 
-def test_the_tests_without_ray_get_every_thread_once_the_ray_part_has_ended(tmp_path):
-    (tmp_path / "suite").mkdir()
-    (tmp_path / "suite" / "test_threads.py").write_text(THREADS)
-    (tmp_path / "suite" / "test_threads_after.py").write_text(AFTER)
-    cores = len(os.sched_getaffinity(0))
-    # The caller set no thread count: torch's own default (every core), and none for the processes
-    # tests start; a caller's OMP_NUM_THREADS is restored as it was.
-    for outer, expected, expected_omp in ((None, cores, None), ("3", 3, "3")):
-        env = {"HANDSHAKE": str(tmp_path / f"handshake-{outer}"), "EXPECTED": str(expected)}
-        env.update({"OMP_NUM_THREADS": outer} if outer else {})
-        env.update({"EXPECTED_OMP": expected_omp} if expected_omp else {})
-        done = _run(str(tmp_path / "suite"), "--rootdir", str(ROOT), env=env)
+def test_the_tests_without_ray_get_their_threads_back_once_the_ray_part_has_ended(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name, text in (("wait", WAIT), ("test_1_ray", RAY), ("test_2_one_thread", ONE_THREAD),
+                       ("test_3_while_ray_runs", WHILE_RAY_RUNS), ("test_4_after", AFTER)):
+        (suite / f"{name}.py").write_text(text)
+    # The caller set no thread count: what a fresh torch picks, and none for the processes tests
+    # start; a caller's OMP_NUM_THREADS is restored as it was.
+    def fresh(omp: str | None) -> str:  # torch caps OMP_NUM_THREADS at the cores it finds
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        return subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                              env={**env, **({"OMP_NUM_THREADS": omp} if omp else {})},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    for outer in (None, "3"):
+        expected = fresh(outer)
+        # (On one core a fresh torch picks 1 too: there is nothing to give back.)
+        env = {"HANDSHAKE": str(tmp_path / f"handshake-{outer}"), "EXPECTED": expected, "PYTHONPATH": str(suite)}
+        env.update({"OMP_NUM_THREADS": outer, "EXPECTED_OMP": outer} if outer else {})
+        done = _run(str(suite), "--rootdir", str(ROOT), env=env)
         assert done.returncode == 0, done.stdout[-3000:]
         ray_part, no_ray_part = done.stdout.split("== tests without Ray")
-        assert "1 passed" in ray_part and "3 passed" in no_ray_part, done.stdout[-3000:]
+        assert "1 passed" in ray_part and "5 passed" in no_ray_part, done.stdout[-3000:]
