@@ -7,7 +7,7 @@ says which others are):
 - the tests without Ray, in a second process with one torch thread at the lowest CPU priority
   (Linux's SCHED_IDLE, else nice 19); its output is printed once both parts have ended. Once the
   Ray part has ended, the next test file without Ray and the ones after it run with the threads
-  a plain `pytest` would give them (this module is a pytest plugin there: ``pytest_runtest_setup``
+  a plain `pytest` would give them (this module is a pytest plugin there: ``pytest_runtest_teardown``
   below).
 
 Why: the Ray tests keep the cores busy only ~80% of the time (workers starting, polls, HTTP
@@ -78,21 +78,17 @@ RAY_PART_DONE = "RAYTRIEVE_SUITE_RAY_PART_DONE"
 THREADS_AFTER = "RAYTRIEVE_SUITE_THREADS_AFTER"
 
 
-_last_file: list[object] = [None]
-
-
-def pytest_runtest_setup(item: Any) -> None:
-    """Before each test file's first test without Ray: once the Ray part has ended, take back the
-    threads it was left to. Where the Ray part ends first (CI's kernel has no autogroup, and
-    SCHED_IDLE there leaves the tests without Ray only the cores' idle moments), the rest of them
-    ran on one thread with the second core idle. Only between files: a file's tests compare
-    results of its fixtures, and a thread count changed between them could change a float sum
-    (`--ff` or `--sw` reordering can still split a file). The count is what a fresh torch picks
-    with the caller's OMP_NUM_THREADS (none: its own default), so this process and the ones its
-    tests start agree, as in a plain `pytest`."""
-    first_of_file, _last_file[0] = item.path != _last_file[0], item.path
+def pytest_runtest_teardown(item: Any, nextitem: Any) -> None:
+    """After each test file's last test without Ray: once the Ray part has ended, take back the
+    threads it was left to, for the next file. Where the Ray part ends first (CI's kernel has no
+    autogroup, and SCHED_IDLE there leaves the tests without Ray only the cores' idle moments),
+    the rest of them ran on one thread with the second core idle. Only between files: a file's
+    tests compare results of its fixtures, and a thread count changed between them could change
+    a float sum (`--ff` or `--sw` reordering can still split a file). The count is what a fresh
+    torch picks with the caller's OMP_NUM_THREADS (none: its own default), so this process and
+    the ones its tests start agree, as in a plain `pytest`."""
     done = os.environ.get(RAY_PART_DONE)
-    if not first_of_file or not done or not os.path.exists(done):
+    if nextitem is None or nextitem.path == item.path or not done or not os.path.exists(done):
         return
     del os.environ[RAY_PART_DONE]  # once
     threads = os.environ.pop(THREADS_AFTER, "")
