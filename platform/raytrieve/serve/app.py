@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from raytrieve.errors import ConfigError, RaytrieveError
 from raytrieve.serve import cluster_metrics, http_guard, shapes
 from raytrieve.serve.config import MODEL_FIELDS, ServeConfig, Served
-from raytrieve.serve.deployments import ModelReplica, Retriever
+from raytrieve.serve.deployments import ModelReplica, Retriever, quiet_serve_logs
 from raytrieve.serve.http_guard import ApiError, SafeJSONResponse
 from raytrieve.serve.models import ModelTable
 from raytrieve.serve.schemas import (
@@ -72,7 +72,8 @@ INNER_LOGGING = {"enable_access_log": False}
 # How often a stopping replica looks whether its requests have finished. Serve's default is 2 s,
 # and it sleeps that long before its first look, so every stop (a redeploy, serve.delete, Ctrl-C
 # of `raytrieve serve`) took 2 s per tier of deployments (the ingress, then the models) even when
-# idle; a look is a counter read.
+# idle; a look is a counter read. Serve logs a line at each look while requests are in flight:
+# deployments.quiet_serve_logs thins them to one every 2 s.
 DRAIN_POLL_S = 0.25
 
 # How long /healthz and /health wait for each deployment to answer its ping: one starting (its
@@ -157,6 +158,7 @@ class Ingress:
             from raytrieve.serve.launch import wait_port_released
 
             wait_port_released(cfg.host, cfg.port, "serve.yaml.port", replica_may_linger=True)
+        quiet_serve_logs()
         self.cfg, self.limits = cfg, cfg.limits
         self.search_defaults = cfg.search.model_dump()
         self.table = ModelTable(cfg, handles, retriever, _local_runners(cfg, pins or {}))

@@ -274,6 +274,36 @@ class _TokenBatchWarning(logging.Filter):
         return not (message.startswith("`max_batch_size` (") and "`max_ongoing_requests`" in message)
 
 
+class _DrainWaitLines(logging.Filter):
+    """Thins Serve's "Waiting for an additional 0.25s to shut down: N ongoing requests, ..." to
+    one line every ``every_s`` per replica. A draining replica logs it at each look whether its
+    requests are done, which ``app.DRAIN_POLL_S`` makes four a second: a stop with requests in
+    flight filled the console and the replica's log file with them. By the record's own time."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Waiting for an additional"):
+            return True
+        if record.created - self._last < self.every_s:
+            return False
+        self._last = record.created
+        return True
+
+
+def quiet_serve_logs(*extra: logging.Filter) -> None:
+    """Serve's log lines that only mislead or repeat, filtered in this replica's process (on
+    the "ray.serve" logger its replica code logs to); once per filter type."""
+    serve_log = logging.getLogger("ray.serve")
+    have = {type(f) for f in serve_log.filters}
+    for f in (_DrainWaitLines(), *extra):
+        if type(f) not in have:
+            serve_log.addFilter(f)
+
+
 @serve.deployment
 class ModelReplica(ModelRunner):
     """A ``ModelRunner`` as a Serve deployment: requests batch by tokens (``infer``)."""
@@ -288,7 +318,7 @@ class ModelReplica(ModelRunner):
     ) -> None:
         super().__init__(kind, spec, index, folders, pins=pins)
         self._active = 0  # requests in this replica now (the event loop's, so no lock)
-        logging.getLogger("ray.serve").addFilter(_TokenBatchWarning())  # before the batch queue exists
+        quiet_serve_logs(_TokenBatchWarning())  # before the batch queue exists
         # @serve.batch adds these setters at runtime; Ray's types give the method without them.
         self.infer.set_max_batch_size(spec.max_batch_tokens)  # pyright: ignore[reportAttributeAccessIssue]
         self.infer.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
@@ -446,6 +476,12 @@ class Documents:
 class Retriever(Documents):
     """Every index of the app and its documents' texts, once, in a deployment of their own
     (``colocate_index: false``); the query encoders then send it their vectors."""
+
+    def __init__(
+        self, folders: list[str], others: Sequence[str] = (), pins: Mapping[str, str | None] | None = None
+    ) -> None:
+        quiet_serve_logs()
+        super().__init__(folders, others, pins)
 
     async def ping(self) -> bool:
         """The ingress's readiness probe (/healthz, /health): a replica is up and answers."""
