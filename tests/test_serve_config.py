@@ -277,6 +277,42 @@ def test_the_direct_ingress_port_waits_for_closed_connections_and_refuses_a_list
             wait_port_released("127.0.0.1", port, "cfg.port", timeout_s=1, replica_may_linger=True)
 
 
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_an_ipv6_host_is_checked_in_its_own_family():
+    """`host: "::1"` (and the IPv6 wildcard "::") is probed over IPv6: the port check had opened an
+    IPv4 socket for every host, and `raytrieve serve` died on ::1 with a socket.gaierror before
+    starting (run by hand since: it served and answered on [::1]; README, Serving)."""
+    import socket
+
+    from raytrieve.serve.launch import check_port_free, check_ports_free, wait_port_released
+
+    with socket.socket(socket.AF_INET6) as server:
+        server.bind(("::1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for host in ("::1", "::"):  # the wildcard: a client here reaches it on ::1
+            with pytest.raises(ConfigError, match=rf"cfg.port: {host}:{port} is already in use"):
+                check_port_free(host, port, "cfg.port")
+        check_port_free("127.0.0.1", port, "cfg.port")  # nothing listens on IPv4's port
+        with pytest.raises(ConfigError, match=rf"serve.yaml.port: ::1:{port} is already in use"):
+            check_ports_free(_cfg(dense={"model": "d"}, host="::1", port=port), "serve.yaml")
+    check_port_free("::1", port, "cfg.port")  # closed: free again
+    wait_port_released("::1", port, "cfg.port", timeout_s=0)
+    with pytest.raises(ConfigError, match=r"cfg.port: host 'no-such-host.invalid' does not resolve"):
+        check_port_free("no-such-host.invalid", port, "cfg.port")
+
+
 def test_a_reranker_gets_a_nodes_cpus_as_threads_beside_its_cpu_share():
     """The reranker runs after recall, so its threads default to one node's CPUs shared among the
     reranker replicas (at most 4); the query encoders keep their share's; a set value wins."""

@@ -271,17 +271,27 @@ def _is_loopback(host: str) -> bool:
 
 
 def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    """Where a client on this machine reaches a server bound to ``host``: the loopback address of
+    its family for a wildcard (IPv4's or IPv6's), else ``host`` itself."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def check_port_free(host: str, port: int, field: str, what: str = "") -> None:
     """Refuse a port something on this machine already listens on: Serve would otherwise start
     and never answer there (its proxy or ingress replica retries the bind in the background).
-    ``what``: the port's role, where it is not the one the field names."""
-    with socket.socket() as s:
-        s.settimeout(5)
-        if s.connect_ex((_local(host), port)) == 0:
-            raise ConfigError(f"{field}: {host}:{port}{what} is already in use; pick a free port")
+    Each address ``host`` names is tried in its own family (``::1`` is IPv6; ``localhost`` may be
+    both). ``what``: the port's role, where it is not the one the field names."""
+    try:
+        addresses = socket.getaddrinfo(_local(host), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(
+            f"{field}: host {host!r} does not resolve ({e.strerror}); give an address of this machine"
+        ) from None
+    for family, _, _, _, address in addresses:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            if s.connect_ex(address) == 0:
+                raise ConfigError(f"{field}: {host}:{port}{what} is already in use; pick a free port")
 
 
 def check_ports_free(cfg: ServeConfig, where: str) -> None:
