@@ -228,6 +228,22 @@ def test_serve_reports_a_config_error_before_loading_ray():
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
 
 
+@pytest.mark.parametrize("job", ["train", "encode", "mine", "serve"])
+def test_a_config_that_is_a_folder_or_not_text_is_named_not_a_traceback(job, tmp_path, capsys):
+    """`--config` naming a folder (or a binary file) was an IsADirectoryError (UnicodeDecodeError)
+    traceback with exit status 1; it is one error line naming the path and the fix, status 2."""
+    from raytrieve.cli import main
+
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 4)
+    for path, said in ((tmp_path, "is a folder; give a YAML config file"),
+                       (binary, "not a text file in UTF-8 (invalid start byte at byte 0); give a YAML config file")):
+        assert main([job, "--config", str(path)]) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith(f"raytrieve {job}: error: {path}: {said}"), out.err
+        assert out.err.count("\n") == 1 and "Traceback" not in out.err and out.out == ""
+
+
 @pytest.mark.parametrize("job,config,field", [("train", "dense_mnrl.yaml", "model.name_or_path"),
                                               ("encode", "encode_pydocs.yaml", "sparse.model"),
                                               ("mine", "mine_pydocs.yaml", "retriever.model"),

@@ -374,10 +374,16 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give a YAML config file (e.g. jobs/configs/dense_mnrl.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start}); give a YAML config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied); give a YAML config file you can read") from None
     return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path), overrides=overrides or ())
 
 
