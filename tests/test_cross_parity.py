@@ -76,6 +76,27 @@ def test_reranker_matches_sentence_transformers(ours_reranker, st_reranker):
     assert len(ours_reranker.rank(QUERY, DOCS, top_k=2)) == 2
 
 
+def test_texts_by_either_keyword_and_a_list_of_tensors_as_sentence_transformers(st, tiny_dirs):
+    """Ported code names the pairs `inputs=` (sentence-transformers 6) or `sentences=` (5); without
+    numpy or one tensor, predict gives a list of one tensor per pair, as there."""
+    from raytrieve.errors import InputError
+
+    pairs = list(zip(SENTENCES[:4], SENTENCES[4:8]))
+    ours, ref = CrossEncoder(tiny_dirs["cls1"], device="cpu"), st.CrossEncoder(str(tiny_dirs["cls1"]), device="cpu")
+    want = ref.predict(inputs=pairs)
+    for got in (ours.predict(inputs=pairs), ours.predict(sentences=pairs), ours.predict(pairs)):
+        np.testing.assert_allclose(got, want, atol=ATOL)
+    listed, ref_listed = ours.predict(pairs, convert_to_numpy=False), ref.predict(pairs, convert_to_numpy=False)
+    assert isinstance(listed, list) and isinstance(ref_listed, list) and len(listed) == len(ref_listed) == 4
+    for a, b in zip(listed, ref_listed):
+        assert isinstance(a, torch.Tensor) and a.shape == b.shape
+        torch.testing.assert_close(a, b.cpu().float(), atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="predict: got both sentences and inputs"):
+        ours.predict(pairs, inputs=pairs)
+    with pytest.raises(InputError, match="predict: no texts"):
+        ours.predict()
+
+
 def test_multi_label_softmax_and_round_trips(st, tiny_dirs, tmp_path):
     pairs = list(zip(SENTENCES, SENTENCES[::-1]))
     ref = st.CrossEncoder(str(tiny_dirs["cls3"]), device="cpu")

@@ -81,6 +81,44 @@ def test_prompts_named_default_and_custom(st, minilm_dir):
     assert not np.allclose(ours.encode_query(SENTENCES[:2]), ours.encode(SENTENCES[:2]), atol=1e-3)
 
 
+def test_default_prompts_are_sentence_transformers(st, minilm_dir, splade_dir, tmp_path):
+    """sentence-transformers 6 gives every bi-encoder empty "query" and "document" prompts: the
+    shipped MiniLM (whose folder saves none) takes prompt_name="query", and encode_document uses
+    "document" before a saved "passage". Given prompts win, saved ones fill the rest; saved and
+    loaded again, both libraries read the same prompts."""
+    from raytrieve import SparseEncoder
+
+    cases = [({}, None), ({"query": "query: "}, None), ({"passage": "passage: "}, None),
+             ({"document": "doc: ", "corpus": "c: "}, {"query": "q: ", "document": "d: "})]
+    for given, saved in cases:
+        folder = minilm_dir
+        if saved is not None:  # a folder that saves prompts of its own
+            folder = tmp_path / f"saved-{len(saved)}"
+            if not folder.exists():
+                DenseEncoder(minilm_dir, prompts=saved, device="cpu").save(folder)
+        ours = DenseEncoder(folder, prompts=given or None, device="cpu")
+        ref = st.SentenceTransformer(str(folder), prompts=given or None, device="cpu")
+        assert ours.prompts == ref.prompts, (given, saved)
+        assert ours.default_prompt_name == ref.default_prompt_name
+        np.testing.assert_allclose(ours.encode(SENTENCES[:3], prompt_name="query"),
+                                   ref.encode(SENTENCES[:3], prompt_name="query"), atol=ATOL)
+        np.testing.assert_allclose(ours.encode_document(SENTENCES[:3]), ref.encode_document(SENTENCES[:3]), atol=ATOL)
+    ours.save(tmp_path / "again")
+    assert DenseEncoder(tmp_path / "again", device="cpu").prompts == st.SentenceTransformer(
+        str(tmp_path / "again"), device="cpu").prompts == {"query": "q: ", "document": "doc: ", "corpus": "c: "}
+    sparse, ref = SparseEncoder(splade_dir, device="cpu"), st.SparseEncoder(str(splade_dir), device="cpu")
+    assert sparse.prompts == ref.prompts == {"query": "", "document": ""}
+
+
+def test_texts_by_either_keyword_as_sentence_transformers(ours_minilm, st_minilm):
+    """`inputs=` (sentence-transformers 6's name) or `sentences=` (5's) for encode, encode_query
+    and encode_document."""
+    for method in ("encode", "encode_query", "encode_document"):
+        want = getattr(st_minilm, method)(inputs=SENTENCES[:3])
+        for kw in ("inputs", "sentences"):
+            np.testing.assert_allclose(getattr(ours_minilm, method)(**{kw: SENTENCES[:3]}), want, atol=ATOL)
+
+
 def test_token_embeddings_match(ours_minilm, st_minilm):
     ours = ours_minilm.encode(SENTENCES[:5], output_value="token_embeddings")
     ref = st_minilm.encode(SENTENCES[:5], output_value="token_embeddings")

@@ -70,7 +70,7 @@ def test_mismatched_dimensions(tiny_dirs, tmp_path):
 
 
 def test_unknown_prompt_name_lists_the_known_ones(tiny_dense):
-    with pytest.raises(InputError, match=r"unknown prompt_name 'passage'.*\['query'\]"):
+    with pytest.raises(InputError, match=r"unknown prompt_name 'passage'.*\['document', 'query'\]"):
         tiny_dense.encode(["a"], prompt_name="passage")
 
 

@@ -30,6 +30,20 @@ def test_shipped_splade_matches(ours_splade, st_splade):
     torch.testing.assert_close(ours.to_dense(), ref.to_dense(), atol=ATOL, rtol=0)
 
 
+def test_texts_by_either_keyword_as_sentence_transformers(ours_splade, st_splade):
+    """`inputs=` (sentence-transformers 6's name) or `sentences=` (5's), also for encode_query
+    and encode_document; both at once is refused."""
+    from raytrieve.errors import InputError
+
+    for method in ("encode", "encode_query", "encode_document"):
+        want = getattr(st_splade, method)(inputs=SENTENCES[:3]).to_dense()
+        for kw in ("inputs", "sentences"):
+            got = getattr(ours_splade, method)(**{kw: SENTENCES[:3]}).to_dense()
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        with pytest.raises(InputError, match=f"{method}: got both sentences and inputs"):
+            getattr(ours_splade, method)(SENTENCES[:3], inputs=SENTENCES[:3])
+
+
 def test_raw_masked_lm_folder_gives_the_same_model(st, splade_dir):
     # The package's plain transformers folder, read without modules.json by both libraries.
     from raytrieve import assets

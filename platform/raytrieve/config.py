@@ -381,7 +381,9 @@ def load_yaml(cls: type[M], path: str | Path, overrides: list[str] | None = None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start}); give a YAML config file") from None
+        raise ConfigError(
+            f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start}); give a YAML config file"
+        ) from None
     except PermissionError:
         raise ConfigError(f"{path}: not readable (permission denied); give a YAML config file you can read") from None
     return from_dict(cls, merge(data, parse_overrides(overrides or [])), where=str(path), overrides=overrides or ())

@@ -28,6 +28,18 @@ from raytrieve.modules import Features, InputModule, Module, Pooling, Transforme
 from raytrieve.modules.dense import Dense
 
 
+def texts_argument(sentences: Any, inputs: Any, method: str) -> Any:
+    """The texts of ``encode`` / ``predict``, by the name sentence-transformers 5 gives them
+    (``sentences``) or the one 6 does (``inputs``): ported code passes either by keyword."""
+    if inputs is not None:
+        if sentences is not None:
+            raise InputError(f"{method}: got both sentences and inputs; they are one argument, give it once")
+        return inputs
+    if sentences is None:
+        raise InputError(f"{method}: no texts; pass them first (or as sentences= / inputs=)")
+    return sentences
+
+
 class Encoder(nn.Module):
     """Base of DenseEncoder, SparseEncoder and CrossEncoder.
 
@@ -37,6 +49,10 @@ class Encoder(nn.Module):
 
     model_type: ClassVar[str] = ""
     default_similarity: ClassVar[str | None] = None
+    # Prompts every model of the kind has, empty unless given or saved, as sentence-transformers
+    # 6 gives its bi-encoders: prompt_name="query" works on any of them, and encode_document then
+    # takes "document" (empty) before a saved "passage" or "corpus" prompt, as there.
+    default_prompt_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -78,8 +94,12 @@ class Encoder(nn.Module):
             self._read_extra_config(None, saved, trust_remote_code)
         self.stack = nn.Sequential(*modules)
         self._check_stack(saved.get("model_type"))
-        self.prompts: dict[str, str] = dict(saved.get("prompts") or {})
-        self.prompts.update(prompts or {})
+        # Given prompts win; saved ones fill the rest; a default left unset is empty.
+        merged: dict[str, str | None] = {**dict.fromkeys(self.default_prompt_names), **(prompts or {})}
+        for name, text in (saved.get("prompts") or {}).items():
+            if merged.get(name) is None:
+                merged[name] = text
+        self.prompts: dict[str, str] = {name: "" if text is None else text for name, text in merged.items()}
         self.default_prompt_name = default_prompt_name or saved.get("default_prompt_name")
         if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
             raise InputError(
@@ -384,16 +404,17 @@ class EmbeddingEncoder(Encoder):
         raise NotImplementedError
 
     def _encode_as(self, task: str, sentences: Any, kwargs: dict[str, Any]) -> Any:
+        sentences = texts_argument(sentences, kwargs.pop("inputs", None), f"encode_{task}")
         if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None:
             kwargs["prompt_name"] = self.prompt_name_for(task)
         kwargs.setdefault("task", task)
         return self.encode(sentences, **kwargs)
 
-    def encode_query(self, sentences: Any, **kwargs: Any) -> Any:
+    def encode_query(self, sentences: Any = None, **kwargs: Any) -> Any:
         """encode() with the model's query prompt (if it has one) and the query route."""
         return self._encode_as("query", sentences, kwargs)
 
-    def encode_document(self, sentences: Any, **kwargs: Any) -> Any:
+    def encode_document(self, sentences: Any = None, **kwargs: Any) -> Any:
         """encode() with the model's document prompt (document / passage / corpus) and route."""
         return self._encode_as("document", sentences, kwargs)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from raytrieve._io import read_json, write_json
 from raytrieve.encoders import precision
-from raytrieve.encoders.base import Encoder, Pretokenized
+from raytrieve.encoders.base import Encoder, Pretokenized, texts_argument
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Transformer
 from raytrieve.modules.activations import activation_from_name, activation_name
@@ -142,7 +142,7 @@ class CrossEncoder(Encoder):
 
     def predict(
         self,
-        sentences: Sequence[tuple[str, str]] | tuple[str, str],
+        sentences: Sequence[tuple[str, str]] | tuple[str, str] | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: nn.Module | None = None,
@@ -155,7 +155,9 @@ class CrossEncoder(Encoder):
         token_budget: int | None = None,
         pool: dict[str, Any] | None = None,
         chunk_size: int | None = None,
-    ) -> np.ndarray | Tensor:
+        *,
+        inputs: Any = None,
+    ) -> np.ndarray | Tensor | list[Tensor]:
         """Scores for (query, document) pairs in input order: [n] for one label, [n, labels] else.
         ``sentences`` may be ``Pretokenized`` pairs (prompt included).
 
@@ -167,6 +169,7 @@ class CrossEncoder(Encoder):
         The activation (sigmoid for one label by default) is applied to the logits;
         ``apply_softmax`` normalizes multi-label scores.
         """
+        sentences = texts_argument(sentences, inputs, "predict")
         pairs, single = self._as_pairs(sentences)
         act = activation_fn if activation_fn is not None else self.activation_fn
         prompt = self.resolve_prompt(prompt, prompt_name)
@@ -185,8 +188,9 @@ class CrossEncoder(Encoder):
             pool=pool,
             chunk_size=chunk_size,
         )
-        if not convert_to_tensor and convert_to_numpy:
-            scores = scores.float().numpy()
+        if not convert_to_tensor:
+            # convert_to_numpy=False without a tensor: a list of one tensor per pair, as there
+            scores = scores.float().numpy() if convert_to_numpy else list(scores)
         return scores[0] if single else scores
 
     def set_dtype(self, dtype: str) -> str:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from raytrieve.encoders import precision
 from raytrieve.encoders import similarity as sim
-from raytrieve.encoders.base import EmbeddingEncoder
+from raytrieve.encoders.base import EmbeddingEncoder, texts_argument
 from raytrieve.errors import InputError
 from raytrieve.modules import Module, Pooling, Transformer
 from raytrieve.quantization import PRECISIONS, quantize_embeddings
@@ -41,6 +41,7 @@ def _sentence_rows(features: dict[str, Any], truncate_dim: int | None, normalize
 
 
 class DenseEncoder(EmbeddingEncoder):
+    default_prompt_names = ("query", "document")
     model_type = "SentenceTransformer"
     default_similarity = "cosine"
 
@@ -57,7 +58,7 @@ class DenseEncoder(EmbeddingEncoder):
 
     def encode(
         self,
-        sentences: str | Sequence[str],
+        sentences: str | Sequence[str] | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
         batch_size: int = 32,
@@ -75,6 +76,8 @@ class DenseEncoder(EmbeddingEncoder):
         calibration_embeddings: np.ndarray | None = None,
         pool: dict[str, Any] | None = None,
         chunk_size: int | None = None,
+        *,
+        inputs: Any = None,
     ) -> np.ndarray | Tensor | list[Tensor]:
         """Embed ``sentences``; rows come back in input order, a single string gives one vector.
 
@@ -87,6 +90,7 @@ class DenseEncoder(EmbeddingEncoder):
         ``chunk_size`` texts in worker processes (encoders/pool.py); token outputs
         (``output_value``) run in this process.
         """
+        sentences = texts_argument(sentences, inputs, "encode")
         texts, single = self._as_list(sentences, "sentences")
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not supported; choose from {list(PRECISIONS)}")

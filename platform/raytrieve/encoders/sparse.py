@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from raytrieve.encoders import precision
-from raytrieve.encoders.base import EmbeddingEncoder
+from raytrieve.encoders.base import EmbeddingEncoder, texts_argument
 from raytrieve.errors import InputError
 from raytrieve.modules import MLMTransformer, Module, SpladePooling
 from raytrieve.modules.splade_pooling import defer_mlm_decoders
@@ -39,6 +39,7 @@ def _sparse_rows(features: dict[str, Any], k: int | None, to_sparse: bool) -> Te
 
 
 class SparseEncoder(EmbeddingEncoder):
+    default_prompt_names = ("query", "document")
     model_type = "SparseEncoder"
     default_similarity = "dot"
 
@@ -60,7 +61,7 @@ class SparseEncoder(EmbeddingEncoder):
 
     def encode(
         self,
-        sentences: str | Sequence[str],
+        sentences: str | Sequence[str] | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
         batch_size: int = 32,
@@ -74,6 +75,8 @@ class SparseEncoder(EmbeddingEncoder):
         token_budget: int | None = None,
         pool: dict[str, Any] | None = None,
         chunk_size: int | None = None,
+        *,
+        inputs: Any = None,
     ) -> Any:
         """Encode to sparse vectors.
 
@@ -85,6 +88,7 @@ class SparseEncoder(EmbeddingEncoder):
         largest weights of each vector. ``token_budget`` and ``Pretokenized`` inputs work as in
         ``DenseEncoder.encode``, and so do ``pool`` and ``chunk_size`` (worker processes).
         """
+        sentences = texts_argument(sentences, inputs, "encode")
         texts, single = self._as_list(sentences, "sentences")
         prompt = self.resolve_prompt(prompt, prompt_name)
         k = max_active_dims if max_active_dims is not None else self.max_active_dims
