@@ -108,6 +108,11 @@ def test_default_prompts_are_sentence_transformers(st, minilm_dir, splade_dir, t
         str(tmp_path / "again"), device="cpu").prompts == {"query": "q: ", "document": "doc: ", "corpus": "c: "}
     sparse, ref = SparseEncoder(splade_dir, device="cpu"), st.SparseEncoder(str(splade_dir), device="cpu")
     assert sparse.prompts == ref.prompts == {"query": "", "document": ""}
+    # An empty prompt is no prompt: the encoding job's manifest and mining's check record None,
+    # as for a model made before these defaults, so earlier outputs still match.
+    for name in ("query", "document"):
+        assert sparse.resolve_prompt(None, sparse.prompt_name_for(name)) is None
+        assert sparse.resolve_prompt("", None) is None
 
 
 def test_texts_by_either_keyword_as_sentence_transformers(ours_minilm, st_minilm):

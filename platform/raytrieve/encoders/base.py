@@ -297,18 +297,19 @@ class Encoder(nn.Module):
 
     # -- inference ----------------------------------------------------------------------
     def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
-        if prompt is not None:
-            return prompt
-        if prompt_name is not None:
+        """The text put before each input, or None for none: an empty prompt (the default
+        ``query`` and ``document`` ones) is none, so a manifest or an index made before those
+        defaults existed records the same prompt as one made now."""
+        if prompt is None and prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise InputError(
                     f"unknown prompt_name {prompt_name!r}; this model's prompts are {sorted(self.prompts) or 'none'} "
                     "(pass prompt= for a custom string)"
                 )
-            return self.prompts[prompt_name]
-        if self.default_prompt_name is not None:
-            return self.prompts[self.default_prompt_name]
-        return None
+            prompt = self.prompts[prompt_name]
+        elif prompt is None and self.default_prompt_name is not None:
+            prompt = self.prompts[self.default_prompt_name]
+        return prompt or None
 
     def prompt_name_for(self, task: str) -> str | None:
         names = {"query": ("query",), "document": ("document", "passage", "corpus")}[task]

@@ -177,7 +177,8 @@ def model_facts(encoder: Any) -> ModelFacts:
         max_seq_length=getattr(encoder, "max_seq_length", None),
         dimension=int(dimension) if dimension else None,
         similarity=getattr(encoder, "similarity_fn_name", None),
-        prompts=dict(getattr(encoder, "prompts", None) or {}),
+        # The prompts it puts before texts (sentence-transformers' empty defaults put none).
+        prompts={k: v for k, v in (getattr(encoder, "prompts", None) or {}).items() if v},
     )
 
 
