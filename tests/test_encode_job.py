@@ -888,6 +888,14 @@ def test_a_column_of_the_wrong_type_and_an_empty_file_are_refused_before_ray(tin
     (parts / "part-00001.jsonl").write_text(json.dumps({"id": "a", "text": "t"}) + "\n")
     with pytest.raises(pytest.fail.Exception, match="Ray started"):
         encode.run_encode(_config(tmp_path, parts, dense=dense, corpus={"path": str(parts), "format": "jsonl"}))
+    # A folder is read with its subfolders: a stray file there (a model's config.json) is the one
+    # named, not only the folder ("the file has [...]" named the folder alone).
+    stray = tmp_path / "stray"
+    (stray / "ce_saved").mkdir(parents=True)
+    (stray / "ce_saved" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}) + "\n")
+    with pytest.raises(DataError, match=rf"{stray} \(its file {stray}/ce_saved/config.json\): no column 'id' for the "
+                                        r"id; the file has \['architectures'\]"):
+        encode.run_encode(_config(tmp_path, stray, dense=dense, corpus={"path": str(stray), "format": "jsonl"}))
     fine = tmp_path / "fine.parquet"  # integer ids, a title column of nulls: read as text
     pq.write_table(pa.table({"id": [1, 2], "text": ["x", "y"], "title": pa.nulls(2)}), fine)
     with pytest.raises(pytest.fail.Exception, match="Ray started"):

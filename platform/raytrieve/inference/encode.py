@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from raytrieve._io import redact
-from raytrieve.data.sources import ShardSpec, Source, head_schema, is_uri, open_source, plan_shards
+from raytrieve.data.sources import ShardSpec, Source, head_file, head_schema, is_uri, open_source, plan_shards
 from raytrieve.errors import ConfigError, DataError, RaytrieveError
 from raytrieve.inference import shards
 from raytrieve.inference.checks import Duplicates
@@ -274,7 +274,9 @@ def _plan(
     ``store`` (a folder of another job is refused here). ``staged``: the corpus is a dataset
     written beside the job's input, whose identity is that of the input it becomes."""
     source = open_source(_location(cfg.corpus.path), cfg.corpus.format, field="corpus.path")
-    check_columns(head_schema(source), cfg.corpus, cfg.corpus.path)
+    first = head_file(source)  # named where the path is a folder or a glob: a stray file in it shows
+    shown = cfg.corpus.path if first.endswith(Path(cfg.corpus.path).name) else f"{cfg.corpus.path} (its file {first})"
+    check_columns(head_schema(source), cfg.corpus, redact(shown))
     specs = plan_shards(source, cfg.rows_per_shard)
     if not specs:
         raise DataError(f"{redact(cfg.corpus.path)}: the corpus has no rows")
