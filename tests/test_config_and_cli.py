@@ -109,6 +109,8 @@ def test_an_override_that_sets_a_wrong_key_is_named_as_its_source(tmp_path):
         # A valid key set beside a misspelt one is not blamed (it is in the valid keys' list).
         ("inner.lr=0.2", "inner.lrr=1"): r"c.yaml.inner: unknown key\(s\) \['lrr'\]; valid keys are \['lr', "
         r"'names'\] \(set by the override inner.lrr=1\)$",
+        # A key under a plain value makes it a mapping: the value's error names the override.
+        ("inner.lr.x=5",): r"c.yaml.inner.lr: expected a number, got \{'x': 5\} \(set by the override inner.lr.x=5\)$",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message):

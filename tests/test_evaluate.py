@@ -1011,6 +1011,15 @@ def test_compare_refuses_a_file_that_is_no_report(tmp_path):
     (tmp_path / "x.json").write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"not an evaluation\.json of raytrieve evaluate"):
         report.load_previous(tmp_path / "x.json")
+    # A folder (an earlier run's --out) is named as one, and its evaluation.json offered.
+    with pytest.raises(DataError, match=rf"{tmp_path}: is a folder; --compare takes the evaluation.json of an earlier "
+                                        r"run$"):
+        report.load_previous(tmp_path)
+    (tmp_path / "evaluation.json").write_text("{}")
+    with pytest.raises(DataError, match=rf"is a folder; .*; {tmp_path}/evaluation.json is there: pass it$"):
+        report.load_previous(tmp_path)
+    with pytest.raises(DataError, match=r"nowhere.json: no such file; --compare takes"):
+        report.load_previous(tmp_path / "nowhere.json")
 
 
 def test_report_without_matplotlib_skips_the_chart(tmp_path, monkeypatch, caplog):

@@ -347,6 +347,27 @@ def test_sparse_input_forms_agree(tmp_path):
          np.concatenate([[0], np.cumsum([len(i) for i, _ in queries])])), shape=(10, 40))
     assert_same(from_pairs.search(q_csr, top_k=5), expected)
     assert_same(from_pairs.search([{"indices": i, "values": v} for i, v in queries], top_k=5), expected)
+    # SparseEncoder.encode's default output: a 2-D torch sparse tensor (COO, or CSR), with a row
+    # that has no term at all among the documents.
+    import torch
+
+    def as_torch(pairs, n):
+        rows = np.concatenate([np.full(len(i), r) for r, (i, _) in enumerate(pairs)])
+        coo = torch.sparse_coo_tensor(np.stack([rows, np.concatenate([i for i, _ in pairs])]),
+                                      np.concatenate([v for _, v in pairs]), (n, 40))
+        return coo
+    def unique_terms(pairs):  # a tensor sums a row's repeated term into one entry: keep the first only
+        return [(i[first], v[first]) for i, v in pairs for _, first in [np.unique(i, return_index=True)]]
+    empty_doc = unique_terms([*docs[:119], (np.array([], np.int64), np.array([], np.float32))])
+    one_each = unique_terms(queries)
+    from_empty = SparseIndex.build(ids_for(120), empty_doc, vocab_size=40)
+    t_docs = as_torch(empty_doc, 120)
+    for form in (t_docs, t_docs.to_sparse_csr()):
+        built = SparseIndex.build(ids_for(120), form, vocab_size=40)
+        assert_same(built.search(one_each, top_k=5), from_empty.search(one_each, top_k=5))
+        assert_same(built.search(as_torch(one_each, 10), top_k=5), from_empty.search(one_each, top_k=5))
+    with pytest.raises(InputError, match=r"queries: expected 40 columns \(the vocabulary\), got 41"):
+        from_pairs.search(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (1, 41)))
     from_pairs.save(tmp_path / "s")
     loaded = load_index(tmp_path / "s")
     assert isinstance(loaded, SparseIndex) and isinstance(loaded.weights, np.memmap)
@@ -430,3 +451,15 @@ def test_a_loaded_index_holds_its_ids_as_one_arrow_array_not_python_strings(tmp_
     assert Ids(pa.chunked_array([["a"], ["b", "c"]])) == Ids(["a", "b", "c"]) == ["a", "b", "c"]
     hits = loaded.search(vectors[[12_345]], top_k=1)
     assert hits.ids == [["döc-12345"]] and type(hits.ids[0][0]) is str
+
+
+def test_an_index_folder_given_for_an_encoding_jobs_output_is_named_as_one(tmp_path):
+    """`index build --vectors` (and mining's corpus_vectors) take an encoding job's output; an index
+    folder has a manifest.json too, which was called a broken job manifest to be written again."""
+    from raytrieve.errors import DataError
+    from raytrieve.inference.shards import read_manifest
+
+    DenseIndex.build(["a", "b"], np.eye(2, 4, dtype=np.float32), similarity="dot").save(tmp_path / "idx")
+    with pytest.raises(DataError, match=r"idx: an index folder \(`raytrieve index build`, DenseIndex/SparseIndex.save\), "
+                                        r"not an encoding job's output; give the output_dir of `raytrieve encode`"):
+        read_manifest(tmp_path / "idx")

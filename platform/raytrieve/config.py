@@ -276,7 +276,13 @@ def _blame_override(message: str, where: str, overrides: Sequence[str]) -> str:
             and repr(name) in message[len(lead) :].split("]", 1)[0]
             for i, name in enumerate(names)
         )
-        if message.startswith((f"{path}:", f"{path}.", f"{path}[")) or unknown:
+        # A key under a plain value (corpus.path.x=5) made that value a mapping: the error is the
+        # value's, naming the mapping the override wrote ({'x': 5}).
+        nested = any(
+            message.startswith(f"{where}{''.join(parts[:i])}: ") and f"{{{names[i]!r}:" in message
+            for i in range(1, len(names))
+        )
+        if message.startswith((f"{path}:", f"{path}.", f"{path}[")) or unknown or nested:
             return f"{message} (set by the override {item})"
     return message
 

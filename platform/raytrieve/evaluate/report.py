@@ -87,6 +87,10 @@ def load_previous(path: str | Path) -> dict[str, Any]:
     import json
 
     path = Path(path)
+    if path.is_dir():
+        inside = path / "evaluation.json"
+        hint = f"; {inside} is there: pass it" if inside.is_file() else ""
+        raise DataError(f"{path}: is a folder; --compare takes the evaluation.json of an earlier run{hint}")
     if not path.is_file():
         raise DataError(f"{path}: no such file; --compare takes the evaluation.json of an earlier run")
     try:

@@ -12,6 +12,7 @@ returned as float32; ranking uses the float32 scores.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,23 @@ from raytrieve import _io
 from raytrieve.errors import DataError, InputError
 from raytrieve.index import base
 from raytrieve.index.base import SearchResult
+
+
+def _torch_sparse_rows(x: Any, where: str, vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """A 2-D torch sparse tensor (what ``SparseEncoder.encode`` returns by default) as one
+    (indices, values) pair per row; None for anything else. Duck-typed: the index needs no torch."""
+    if "sparse" not in str(getattr(x, "layout", "")):
+        return None
+    if x.dim() != 2:
+        raise InputError(f"{where}: expected a 2-D sparse tensor (one row per text), got {x.dim()}-D")
+    if vocab_size is not None and x.shape[1] != vocab_size:
+        raise InputError(f"{where}: expected {vocab_size} columns (the vocabulary), got {x.shape[1]}")
+    coo = x.to_sparse_coo().coalesce().cpu()  # coalesced: row-major, one entry per (row, term)
+    rows, terms = coo.indices().numpy()
+    values = coo.values()
+    values = (values.float() if values.element_size() < 4 else values).numpy()  # numpy has no bfloat16
+    bounds = np.searchsorted(rows, np.arange(x.shape[0] + 1))
+    return [(terms[a:b], values[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def _pair(row: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +190,9 @@ class SparseIndex:
 
     @classmethod
     def build(cls, ids: Sequence[Any], rows: Sequence[Any], vocab_size: int) -> SparseIndex:
-        """``rows``: per document an (indices, values) pair or an ``{"indices", "values"}`` dict."""
+        """``rows``: per document an (indices, values) pair or an ``{"indices", "values"}`` dict,
+        or ``SparseEncoder.encode``'s sparse tensor (one row per document)."""
+        rows = _torch_sparse_rows(rows, "rows", vocab_size) or rows
         ids = base.normalize_ids(ids, len(rows), what="rows")
         pairs = [_pair(r, f"rows[{i}] (id {ids[i]!r})") for i, r in enumerate(rows)]
         indptr = np.concatenate([[0], np.cumsum([p[0].size for p in pairs])]).astype(np.int64)
@@ -202,8 +222,9 @@ class SparseIndex:
     def search(self, queries: Any, top_k: int = 10) -> SearchResult:
         """Exact top-k by dot product: score descending, ties by lower row; see the module docstring.
 
-        ``queries``: a list of (indices, values) pairs or ``{"indices", "values"}`` dicts, or any
-        object with ``.tocsr()`` (a scipy sparse matrix, duck-typed so scipy is not needed).
+        ``queries``: a list of (indices, values) pairs or ``{"indices", "values"}`` dicts, a 2-D
+        torch sparse tensor (``SparseEncoder.encode_query``'s), or any object with ``.tocsr()``
+        (a scipy sparse matrix); both duck-typed, so neither torch nor scipy is needed.
         """
         k = base.positive_int("top_k", top_k)
         base.check_not_empty(len(self))
@@ -219,6 +240,7 @@ class SparseIndex:
         return base.to_result(scores, rows, self.ids)
 
     def _prepare_queries(self, queries: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        queries = _torch_sparse_rows(queries, "queries", self.vocab_size) or queries
         if hasattr(queries, "tocsr"):
             csr = queries.tocsr()
             if csr.shape[1] != self.vocab_size:

@@ -35,6 +35,7 @@ from raytrieve.config import Dtype, validation_messages
 from raytrieve.data.files import TMP_MARK, OutputStore  # noqa: F401  (re-exported: the job names them here)
 from raytrieve.data.formats import FORMATS
 from raytrieve.errors import DataError, RaytrieveError
+from raytrieve.index.base import FORMAT as INDEX_FORMAT
 from raytrieve.inference.config import CorpusConfig
 
 MANIFEST = "manifest.json"
@@ -284,9 +285,13 @@ def read_manifest(out: str | os.PathLike) -> VectorsManifest:
                 "job (`raytrieve encode`) wrote"
             )
         raise DataError(f"{out}: no {MANIFEST}; the encoding job has not finished there (run it again to resume)")
-    return parse_manifest(
-        store.read_json(MANIFEST), store.describe(MANIFEST), "run the encoding job again: it writes the manifest anew"
-    )
+    raw = store.read_json(MANIFEST)
+    if isinstance(raw, dict) and raw.get("format") == INDEX_FORMAT:
+        raise DataError(
+            f"{out}: an index folder (`raytrieve index build`, DenseIndex/SparseIndex.save), not an encoding "
+            "job's output; give the output_dir of `raytrieve encode` (an index is built from that)"
+        )
+    return parse_manifest(raw, store.describe(MANIFEST), "run the encoding job again: it writes the manifest anew")
 
 
 def iter_shards(out: str | os.PathLike, verify: bool = True) -> Iterator[pa.Table]:
