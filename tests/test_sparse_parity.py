@@ -123,3 +123,35 @@ def test_sentence_transformers_sparse_save_loads(st, tiny_dirs, tmp_path):
         atol=ATOL,
         rtol=0,
     )
+
+
+def test_a_served_prompt_named_passage_takes_the_document_route(tiny_dirs, tmp_path):
+    """TEI's `prompt_name` on a Router model: "passage" (or "corpus") is a document prompt, so the
+    replica runs the document route with it, as encode_document(prompt_name="passage") does. With
+    sentence-transformers 6's default (empty) "document" prompt beside a saved "passage", the
+    route had been found by the prompt encode_document picks, which is no longer "passage".
+    No Ray: ModelRunner is what a replica runs."""
+    from raytrieve.serve.config import DeploymentConfig
+    from raytrieve.serve.deployments import ModelRunner
+
+    torch.manual_seed(0)
+    mlm = MLMTransformer.from_pretrained(tiny_dirs["mlm"], max_seq_length=32)
+    static = SparseStaticEmbedding(mlm.tokenizer, weight=torch.rand(30522))
+    # No default route: a request whose route is not found fails instead of passing by the default.
+    model = SparseEncoder([Router.for_query_document([static], [mlm, SpladePooling("max")], default_route=None)],
+                          device="cpu", prompts={"passage": "passage: "})
+    model.save(tmp_path / "router")
+    runner = ModelRunner("sparse", DeploymentConfig(model=str(tmp_path / "router"), dtype="float32", torch_threads=1))
+
+    def served(prompt_name):  # the replica's (indices, values) rows as dense vectors
+        out = torch.zeros(3, 30522)
+        for r, (indices, values) in enumerate(runner._compute(SENTENCES[:3], None, prompt_name)[0]):
+            out[r, torch.as_tensor(np.asarray(indices))] = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        return out
+
+    for name in ("passage", "document"):
+        want = model.encode_document(SENTENCES[:3], prompt_name=name, convert_to_sparse_tensor=False)
+        torch.testing.assert_close(served(name), want, atol=ATOL, rtol=0, msg=name)
+    want = model.encode_query(SENTENCES[:3], convert_to_sparse_tensor=False)
+    torch.testing.assert_close(served("query"), want, atol=ATOL, rtol=0)
+    assert not torch.allclose(served("passage"), served("document"))  # the prompt is put before the text

@@ -27,6 +27,9 @@ from raytrieve.model_ref import is_model_dir, resolve_model
 from raytrieve.modules import Features, InputModule, Module, Pooling, Transformer
 from raytrieve.modules.dense import Dense
 
+# The prompt names of each task, in sentence-transformers' order of preference.
+TASK_PROMPT_NAMES = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
 
 def texts_argument(sentences: Any, inputs: Any, method: str) -> Any:
     """The texts of ``encode`` / ``predict``, by the name sentence-transformers 5 gives them
@@ -312,8 +315,8 @@ class Encoder(nn.Module):
         return prompt or None
 
     def prompt_name_for(self, task: str) -> str | None:
-        names = {"query": ("query",), "document": ("document", "passage", "corpus")}[task]
-        return next((n for n in names if n in self.prompts), None)
+        """The prompt encode_query / encode_document use: the first of the task's names the model has."""
+        return next((n for n in TASK_PROMPT_NAMES[task] if n in self.prompts), None)
 
     def tokenize(self, texts: Sequence[Any], task: str | None = None, prompt: str | None = None) -> Features:
         # The first module tokenizes; a Router picks its route by ``task`` (others ignore it).

@@ -162,12 +162,12 @@ class ModelRunner:
         return np.asarray(rows, dtype=np.float32), counts
 
     def _compute(self, inputs: list[Any], task: str | None, prompt_name: str | None) -> tuple[Any, list[int]]:
-        from raytrieve.encoders.base import Pretokenized
+        from raytrieve.encoders.base import TASK_PROMPT_NAMES, Pretokenized
 
         model, route = self.model, None if self.kind == "reranker" else task
         if route is None and prompt_name is not None and self.kind != "reranker":
             # A prompt named like a task's (TEI's prompt_name "query") also takes that task's route.
-            route = next((t for t in ("query", "document") if model.prompt_name_for(t) == prompt_name), None)
+            route = next((t for t, names in TASK_PROMPT_NAMES.items() if prompt_name in names), None)
         if prompt_name is None and route is not None:
             prompt_name = model.prompt_name_for(route)  # as encode_query / encode_document do
         prompt = model.resolve_prompt(None, prompt_name)
