@@ -272,6 +272,13 @@ def test_openai_sdk(served, models):
     # At the bare host, as Infinity and TEI are called (LangChain's InfinityEmbeddings posts /embeddings).
     bare = openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0)
     assert [m.id for m in bare.models.list()] == [m.id for m in client.models.list()]
+    # OpenAI's Model type requires `created`; models.retrieve is GET /v1/models/{model}.
+    for m in client.models.list():
+        assert openai.types.Model.model_validate(m.model_dump()).created > 1.7e9
+        assert client.models.retrieve(m.id).model_dump() == m.model_dump()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("text-embedding-3-small")
+    assert e.value.code == "model_not_found" and "all-minilm-l6-v2" in str(e.value)
     again = bare.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
     assert [d.embedding for d in again.data] == [d.embedding for d in got.data]
 
@@ -628,6 +635,12 @@ def test_models_health_metrics(served):
     from prometheus_client.parser import text_string_to_metric_families
 
     assert _post(url, "/search", {"query": served["pairs"][0].query}).status_code == 200  # one to count
+    # A client that gives up (a timeout) is a 499, not a server error: 32 long pairs (a query no
+    # cache holds) on the 12-layer reranker take far longer than the 10 ms the client waits for
+    # an answer once connected.
+    long_docs = [" ".join(p.document for p in served["pairs"][i:i + 8])[:1900] for i in range(32)]  # max_text_chars
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{url}/rerank", json={"query": f"q {time.time()}", "texts": long_docs}, timeout=(10, 0.01))
 
     deadline, found = time.monotonic() + 60, []
     while not found and time.monotonic() < deadline:
@@ -639,6 +652,13 @@ def test_models_health_metrics(served):
         time.sleep(0 if found else 2)
     assert found, r.text[:2000]
     assert all(s.labels["deployment"] == "ingress" and s.labels["replica"] for s in found)
+    rerank_statuses = {}
+    while "499" not in rerank_statuses and time.monotonic() < deadline + 60:
+        families = text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text)
+        rerank_statuses = {s.labels.get("status") for f in families for s in f.samples
+                           if s.name == "ray_raytrieve_requests_total" and s.labels.get("route") == "/rerank"}
+        time.sleep(0 if "499" in rerank_statuses else 2)
+    assert "499" in rerank_statuses and not any(x.startswith("5") for x in rerank_statuses), rerank_statuses
     assert "ray_raytrieve_request_seconds_bucket" in r.text
 
 
@@ -693,6 +713,7 @@ BAD = [
     ("/v1/rerank", {"query": "q", "documents": ["d"] * 33}, 422, "documents"),
     ("/v1/rerank", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 422, "rank_fields"),
     ("/v1/rerank", {"query": "q", "documents": ["d"], "max_chunks_per_doc": 2}, 422, "max_chunks_per_doc"),
+    ("/v2/rerank", {"query": "q", "documents": ["d"], "relevant_spans": {"mode": "enabled"}}, 422, "relevant_spans"),
     ("/v2/rerank", {"query": "q", "documents": ["d"], "model": "rerank-v3.5"}, 404, "model"),
     ("/v2/rerank", {"query": "q", "documents": [{"text": "d"}]}, 422, "documents[0]"),
     ("/v2/rerank", {"query": "", "documents": ["d"]}, 422, "query"),
@@ -735,7 +756,22 @@ def test_bad_requests_get_named_4xx(served):
     big = b'{"query": "' + b"x" * 1_100_000 + b'"}'
     r = requests.post(f"{served['url']}/search", data=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
-    assert requests.get(f"{served['url']}/search").status_code == 405
+    wrong_method = requests.get(f"{served['url']}/search")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"  # RFC 9110 15.5.6
+    put = requests.put(f"{served['url']}/healthz")
+    assert put.status_code == 405 and "GET" in put.headers["allow"] and put.json()["error"]["field"] == "method"
+    # HEAD is GET without the body (load balancers' and uptime monitors' probes)
+    for path in ("/healthz", "/health", "/v1/models", "/info"):
+        head, get = requests.head(f"{served['url']}{path}"), requests.get(f"{served['url']}{path}")
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+    # A compressed body is not decoded: 415 naming the header, not "the body is not UTF-8".
+    import gzip
+
+    zipped = requests.post(f"{served['url']}/v1/embeddings", data=gzip.compress(b'{"input": "hello"}'),
+                           headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert zipped.status_code == 415 and zipped.json()["error"]["field"] == "content-encoding", zipped.text
+    assert _post(served["url"], "/v2/rerank", {"query": "q", "documents": ["d"],  # spans not asked for: fine
+                                               "relevant_spans": {"mode": "disabled"}}).status_code == 200
 
 
 # -- Hostile requests ------------------------------------------------------------------------
@@ -797,7 +833,7 @@ FIELD_KINDS = {
     "/v1/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "return_documents": "bool?",
                    "rank_fields": "list"},
     "/v2/rerank": {"query": "text", "documents": "list", "model": "text", "top_n": "int", "priority": "int>=0",
-                   "max_tokens_per_doc": "int"},
+                   "max_tokens_per_doc": "int", "relevant_spans": "spans"},
 }
 
 
@@ -835,6 +871,9 @@ WRONG = {
     "bool": ["true", 1, 0, None, []],
     "bool?": ["true", 1, 0, []],  # null is valid: "not set"
     "int>=0": ["3", 1.5, True, [], {}, -1, -(10**400)],
+    # Cohere's relevant_spans: only {"mode": "disabled"} (asking for none) is served.
+    "spans": ["disabled", 1, [], {}, {"mode": "enabled"}, {"mode": "disabled", "x": 1}, {"mode": "disabled",
+                                                                                        "max_spans": "3"}],
     "share": ["0.5", True, [], {}, 0, 0.0, -0.1, 1.5, 2],  # in (0, 1]
     "enum": ["nope", "", 1, ["float"], {}],
     # A similarity's inputs: never valid (a string or list of texts would be an embedding's).

@@ -166,6 +166,7 @@ class Ingress:
         self.token = token
         self.info: dict[str, dict[str, Any]] = {}
         self.version = _version()
+        self.created = int(time.time())
         self._health: tuple[float, asyncio.Task[dict[str, list[str]]]] | None = None  # (started, round)
         api.state.ingress = self  # for http_guard's middleware (one ingress per replica process)
         # Ray Serve metrics, not a registry of this replica: see serve/cluster_metrics.py.
@@ -254,6 +255,7 @@ class Ingress:
             {
                 "id": m.name,
                 "object": "model",
+                "created": self.created,  # OpenAI's Model requires it: when this app started serving
                 "owned_by": "raytrieve",
                 **(await self._describe(m, h)),
                 "default": m.default,
@@ -264,6 +266,17 @@ class Ingress:
             for m, h in self.table.all()
         ]
         return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id:path}", tags=[OPENAI])
+    @api.get("/models/{model_id:path}", tags=[OPENAI])
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """OpenAI's GET /v1/models/{model} (``client.models.retrieve``): one entry of /v1/models."""
+        listed = (await self.models())["data"]
+        found = next((m for m in listed if m["id"] == model_id), None)
+        if found is None:
+            served = ", ".join(repr(m["id"]) for m in listed)
+            raise ApiError(404, "model", f"model {model_id!r} is not served here; served: {served}", "model_not_found")
+        return found
 
     @api.get("/metrics", tags=[RAYTRIEVE])
     async def metrics(self) -> PlainTextResponse:

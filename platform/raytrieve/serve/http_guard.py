@@ -15,6 +15,7 @@ refusals. Anything else is a bug, answered 500 in the same JSON shapes.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hmac
 import json
@@ -175,7 +176,7 @@ def _field_of(loc: tuple[Any, ...]) -> tuple[str, int]:
 WHY_REFUSED = {
     "max_chunks_per_doc": "documents are cut at the served model's max_seq_length (GET /info), not split into "
     "chunks; leave max_chunks_per_doc out",
-    "relevant_spans": "the rerankers score whole documents; leave relevant_spans out",
+    "relevant_spans": "the rerankers score whole documents; leave relevant_spans out or set its mode to disabled",
     "truncation_direction": "only the end of a text is cut (right); send right or leave it out",
 }
 _TOKEN_IDS = (
@@ -230,9 +231,10 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     unknown = [
         e["loc"] for e in errors if e.get("type") == "extra_forbidden" and _field_of(tuple(e["loc"]))[0] == field
     ]
-    name = field.rsplit(".", 1)[-1]
+    # The refused field itself, or one a refused value is under (relevant_spans.mode)
+    name = next((part for part in field.split(".") if part in WHY_REFUSED), field.rsplit(".", 1)[-1])
     if name in WHY_REFUSED and any(t in ("extra_forbidden", "literal_error") for t, _ in here):
-        return _answer(request, 422, "invalid_request", f"{field}: {WHY_REFUSED[name]}", field)
+        return _answer(request, 422, "invalid_request", f"{name}: {WHY_REFUSED[name]}", name)
     if _token_ids(e.body, field):
         top = field.split("[")[0]
         return _answer(request, 422, "invalid_request", f"{top}: {_TOKEN_IDS}", top)
@@ -276,10 +278,9 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
     """Routing and body errors raised by FastAPI itself, in our error shape."""
     if e.status_code == 404:
         return _answer(request, 404, "not_found", f"no endpoint {request.url.path}", "path")
-    if e.status_code == 405:
-        return _answer(
-            request, 405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}", "method"
-        )
+    if e.status_code == 405:  # with Starlette's Allow header: the methods the path takes (RFC 9110 15.5.6)
+        message = f"{request.method} is not allowed on {request.url.path}"
+        return _refuse(request.scope, 405, "method_not_allowed", message, "method", headers=dict(e.headers or {}))
     if e.status_code == 400:
         # FastAPI hides why json.loads failed (nesting too deep, an integer of too many digits,
         # bytes that are not UTF-8); the cause is what the client needs to fix.
@@ -325,11 +326,18 @@ class _Guard:
         if ingress is None:
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), [500]
+        started, status, answered = time.perf_counter(), [500], [False]
+        # HEAD is a GET without the body (RFC 9110 9.3.2: general-purpose servers must take it);
+        # FastAPI's GET routes take no HEAD, so load balancers' and monitors' probes got 405.
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], answered[0] = message["status"], True
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -343,6 +351,12 @@ class _Guard:
                 await self.app(scope, _replay(body, receive), send_counted)
             else:  # the client went away mid-body: nobody to answer, and not a server error
                 status[0] = 499
+        except asyncio.CancelledError:
+            # The client went away while the app worked on its request (a timeout, a closed
+            # connection): Serve cancels the call. Not a server error either, unless it had answered.
+            if not answered[0]:
+                status[0] = 499
+            raise
         finally:
             route = _route_of(scope)
             ingress.requests.inc(tags={"route": route, "status": str(status[0])})
@@ -393,6 +407,15 @@ def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | No
                 "authorization",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # RFC 9110 15.5.16: an encoding the server does not decode is a 415
+        return _refuse(
+            scope,
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding} is not read; send the body uncompressed",
+            "content-encoding",
+        )
     length = headers.get("content-length")
     if length is not None:
         # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.

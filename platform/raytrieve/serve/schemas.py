@@ -245,6 +245,14 @@ class CohereRerankV1Request(ClientBody):
     # it is refused by name rather than ignored.
 
 
+class RelevantSpansOff(ClientBody):
+    """Cohere's relevant_spans with ``mode: disabled``: spans are not asked for."""
+
+    mode: Literal["disabled"]
+    threshold: StrictFloat | StrictInt | None = None
+    max_spans: StrictInt | None = None
+
+
 class CohereRerankV2Request(ClientBody):
     """Cohere's POST /v2/rerank (cohere.ClientV2().rerank)."""
 
@@ -257,7 +265,8 @@ class CohereRerankV2Request(ClientBody):
     # model's max_seq_length anyway, so a value at least that changes nothing and is accepted; a
     # smaller one is refused by the endpoint, naming that length.
     max_tokens_per_doc: StrictInt | None = Field(None, ge=1)
-    # Not here: relevant_spans.
+    # Asking for none is fine; "enabled" is refused (http_guard.WHY_REFUSED names why).
+    relevant_spans: RelevantSpansOff | None = None
 
 
 # The OpenAPI tags of the routes (app.py): whose API a route speaks. /docs groups routes by
