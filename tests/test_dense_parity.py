@@ -108,11 +108,22 @@ def test_default_prompts_are_sentence_transformers(st, minilm_dir, splade_dir, t
         str(tmp_path / "again"), device="cpu").prompts == {"query": "q: ", "document": "doc: ", "corpus": "c: "}
     sparse, ref = SparseEncoder(splade_dir, device="cpu"), st.SparseEncoder(str(splade_dir), device="cpu")
     assert sparse.prompts == ref.prompts == {"query": "", "document": ""}
-    # An empty prompt is no prompt: the encoding job's manifest and mining's check record None,
-    # as for a model made before these defaults, so earlier outputs still match.
+    # An empty prompt is resolved as "" (passing None on to encode would apply a
+    # default_prompt_name); the encoding job's manifest and mining's check record it as None, as
+    # for a model made before these defaults, so earlier outputs still match.
+    from raytrieve.encoders.base import recorded_prompt
+
     for name in ("query", "document"):
-        assert sparse.resolve_prompt(None, sparse.prompt_name_for(name)) is None
-        assert sparse.resolve_prompt("", None) is None
+        assert sparse.resolve_prompt(None, sparse.prompt_name_for(name)) == ""
+        assert recorded_prompt(sparse.resolve_prompt(None, sparse.prompt_name_for(name))) is None
+    # With a default_prompt_name, the empty document prompt stays empty: it is not resolved again.
+    prompted = DenseEncoder(minilm_dir, prompts={"query": "query: "}, default_prompt_name="query", device="cpu")
+    ref = st.SentenceTransformer(str(minilm_dir), prompts={"query": "query: "}, default_prompt_name="query", device="cpu")
+    document = prompted.resolve_prompt(None, prompted.prompt_name_for("document"))
+    assert document == "" and recorded_prompt(document) is None
+    np.testing.assert_allclose(prompted.encode(SENTENCES[:3], prompt=document),
+                               ref.encode_document(SENTENCES[:3]), atol=ATOL)
+    np.testing.assert_allclose(prompted.encode_document(SENTENCES[:3]), ref.encode_document(SENTENCES[:3]), atol=ATOL)
 
 
 def test_texts_by_either_keyword_as_sentence_transformers(ours_minilm, st_minilm):

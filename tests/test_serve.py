@@ -666,6 +666,8 @@ BAD = [
     ("/tokenize", {"inputs": ["x" * 2000] * 6}, 422, "inputs"),  # past max_tokenize_chars (10,000)
     ("/similarity", {"inputs": {"source_sentence": "q", "sentences": ["a"]}, "parameters": {"prompt_name": "nope"}},
      422, "parameters.prompt_name"),
+    ("/similarity", {"inputs": {"source_sentence": "q", "sentences": ["a"]},
+                     "parameters": {"truncation_direction": "left"}}, 422, "parameters.truncation_direction"),
     ("/search", b"{not json", 400, "body"),
     ("/search", {}, 422, "query"),
     ("/search", {"query": ""}, 422, "query"),

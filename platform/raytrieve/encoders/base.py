@@ -31,6 +31,12 @@ from raytrieve.modules.dense import Dense
 TASK_PROMPT_NAMES = {"query": ("query",), "document": ("document", "passage", "corpus")}
 
 
+def recorded_prompt(prompt: str | None) -> str | None:
+    """A prompt as a manifest records it and checks compare it: an empty one is none, so outputs
+    made before the default empty prompts existed match the same model's now."""
+    return prompt or None
+
+
 def texts_argument(sentences: Any, inputs: Any, method: str) -> Any:
     """The texts of ``encode`` / ``predict``, by the name sentence-transformers 5 gives them
     (``sentences``) or the one 6 does (``inputs``): ported code passes either by keyword."""
@@ -300,9 +306,10 @@ class Encoder(nn.Module):
 
     # -- inference ----------------------------------------------------------------------
     def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
-        """The text put before each input, or None for none: an empty prompt (the default
-        ``query`` and ``document`` ones) is none, so a manifest or an index made before those
-        defaults existed records the same prompt as one made now."""
+        """The text put before each input ("" for the default empty ``query`` and ``document``
+        prompts, as sentence-transformers gives), or None where no prompt applies. Where a prompt
+        is recorded or compared (a job's manifest, mining's check), "" and None are the same
+        (``recorded_prompt``): passing None back to ``encode`` would apply ``default_prompt_name``."""
         if prompt is None and prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise InputError(
@@ -312,7 +319,7 @@ class Encoder(nn.Module):
             prompt = self.prompts[prompt_name]
         elif prompt is None and self.default_prompt_name is not None:
             prompt = self.prompts[self.default_prompt_name]
-        return prompt or None
+        return prompt
 
     def prompt_name_for(self, task: str) -> str | None:
         """The prompt encode_query / encode_document use: the first of the task's names the model has."""

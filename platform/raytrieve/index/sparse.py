@@ -192,7 +192,8 @@ class SparseIndex:
     def build(cls, ids: Sequence[Any], rows: Sequence[Any], vocab_size: int) -> SparseIndex:
         """``rows``: per document an (indices, values) pair or an ``{"indices", "values"}`` dict,
         or ``SparseEncoder.encode``'s sparse tensor (one row per document)."""
-        rows = _torch_sparse_rows(rows, "rows", vocab_size) or rows
+        converted = _torch_sparse_rows(rows, "rows", vocab_size)
+        rows = rows if converted is None else converted
         ids = base.normalize_ids(ids, len(rows), what="rows")
         pairs = [_pair(r, f"rows[{i}] (id {ids[i]!r})") for i, r in enumerate(rows)]
         indptr = np.concatenate([[0], np.cumsum([p[0].size for p in pairs])]).astype(np.int64)
@@ -240,7 +241,8 @@ class SparseIndex:
         return base.to_result(scores, rows, self.ids)
 
     def _prepare_queries(self, queries: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        queries = _torch_sparse_rows(queries, "queries", self.vocab_size) or queries
+        converted = _torch_sparse_rows(queries, "queries", self.vocab_size)
+        queries = queries if converted is None else converted
         if hasattr(queries, "tocsr"):
             csr = queries.tocsr()
             if csr.shape[1] != self.vocab_size:

@@ -59,6 +59,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
     for kind, out in outputs:  # another kind loads as this one: wrong vectors, or a failure in every actor
         refuse_other_kind(paths[kind], kind, f"{where}.{kind}.model: {redact(out.model)}", f"name a {kind} model there")
 
+    from raytrieve.encoders.base import recorded_prompt
     from raytrieve.encoders.tokenizer_only import InputTokenizer
     from raytrieve.quantization import quantization_ranges
 
@@ -78,7 +79,7 @@ def resolve_outputs(cfg: EncodeConfig, sample: list[str], where: str) -> tuple[l
         info: dict[str, Any] = {
             "model": out.model,
             "model_path": path,
-            "prompt": spec.prompt,
+            "prompt": recorded_prompt(spec.prompt),
             "max_seq_length": model.max_seq_length,
             "similarity": model.similarity_fn_name,
             "dtype": out.dtype,  # asked for; the manifest's dtypes_used says what the actors chose

@@ -170,7 +170,9 @@ def check_corpus_vectors(
             f"{where}.retriever.max_seq_length: {max_seq_length}, but corpus_vectors {shown} were encoded at "
             f"{made_by.max_seq_length}; set retriever.max_seq_length: {made_by.max_seq_length}"
         )
-    if made_by.prompt != prompt:
+    from raytrieve.encoders.base import recorded_prompt
+
+    if recorded_prompt(made_by.prompt) != recorded_prompt(prompt):
         raise ConfigError(
             f"{where}.corpus_vectors {shown}: encoded with the prompt {made_by.prompt!r}, but positives are "
             f"encoded with the model's document prompt {prompt!r}, so their scores and the candidates' differ in "

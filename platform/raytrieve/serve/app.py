@@ -271,6 +271,8 @@ class Ingress:
     @api.get("/models/{model_id:path}", tags=[OPENAI])
     async def model(self, model_id: str) -> dict[str, Any]:
         """OpenAI's GET /v1/models/{model} (``client.models.retrieve``): one entry of /v1/models."""
+        if not model_id:  # /v1/models/ (the path converter takes an empty id)
+            raise ApiError(404, "path", "no model named; GET /v1/models lists them", "not_found")
         listed = (await self.models())["data"]
         found = next((m for m in listed if m["id"] == model_id), None)
         if found is None:

@@ -231,10 +231,13 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     unknown = [
         e["loc"] for e in errors if e.get("type") == "extra_forbidden" and _field_of(tuple(e["loc"]))[0] == field
     ]
-    # The refused field itself, or one a refused value is under (relevant_spans.mode)
-    name = next((part for part in field.split(".") if part in WHY_REFUSED), field.rsplit(".", 1)[-1])
+    # The refused field itself (parameters.truncation_direction), or the one a refused value is
+    # under (relevant_spans.mode): named by its path up to that part.
+    parts = field.split(".")
+    at = next((i for i, part in enumerate(parts) if part in WHY_REFUSED), len(parts) - 1)
+    name, shown = parts[at], ".".join(parts[: at + 1])
     if name in WHY_REFUSED and any(t in ("extra_forbidden", "literal_error") for t, _ in here):
-        return _answer(request, 422, "invalid_request", f"{name}: {WHY_REFUSED[name]}", name)
+        return _answer(request, 422, "invalid_request", f"{shown}: {WHY_REFUSED[name]}", shown)
     if _token_ids(e.body, field):
         top = field.split("[")[0]
         return _answer(request, 422, "invalid_request", f"{top}: {_TOKEN_IDS}", top)
@@ -371,8 +374,9 @@ def _route_of(scope: Scope) -> str:
     if route is not None:
         return str(route)
     # Asking the routes (``route.matches``) does not do: Serve's ingress includes the app's
-    # routes as one router, which matches without naming the route. Every route here has a
-    # fixed path, so the path itself (under the app's root path) names it.
+    # routes as one router, which matches without naming the route. Every route taking a body
+    # has a fixed path, so the path itself (under the app's root path) names it; a refused GET
+    # of /v1/models/{model_id} counts as "other".
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root) and path != root:
         path = path[len(root) :]
@@ -407,7 +411,7 @@ def _check_headers(ingress: Guarded, scope: dict[str, Any]) -> JSONResponse | No
                 "authorization",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    encoding = headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding", "").strip().lower() or "identity"
     if encoding != "identity":  # RFC 9110 15.5.16: an encoding the server does not decode is a 415
         return _refuse(
             scope,

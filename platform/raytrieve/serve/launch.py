@@ -288,7 +288,11 @@ def check_port_free(host: str, port: int, field: str, what: str = "") -> None:
             f"{field}: host {host!r} does not resolve ({e.strerror}); give an address of this machine"
         ) from None
     for family, _, _, _, address in addresses:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # a family this kernel lacks (IPv6 off, "localhost" still resolving to ::1)
+            continue
+        with s:
             s.settimeout(5)
             if s.connect_ex(address) == 0:
                 raise ConfigError(f"{field}: {host}:{port}{what} is already in use; pick a free port")
