@@ -172,10 +172,11 @@ def check_corpus_vectors(
         )
     from raytrieve.encoders.base import recorded_prompt
 
-    if recorded_prompt(made_by.prompt) != recorded_prompt(prompt):
+    encoded_with, expected = recorded_prompt(made_by.prompt), recorded_prompt(prompt)
+    if encoded_with != expected:
         raise ConfigError(
-            f"{where}.corpus_vectors {shown}: encoded with the prompt {made_by.prompt!r}, but positives are "
-            f"encoded with the model's document prompt {prompt!r}, so their scores and the candidates' differ in "
+            f"{where}.corpus_vectors {shown}: encoded with the prompt {encoded_with!r}, but positives are "
+            f"encoded with the model's document prompt {expected!r}, so their scores and the candidates' differ in "
             "scale; encode the corpus without a prompt setting (the model's own)"
         )
 
