@@ -117,15 +117,19 @@ def open_source(location: str, fmt: str | None = None, field: str = "path") -> S
     return Source(location, fmt, tuple(files))
 
 
+def _head(source: Source) -> SourceFile:
+    """The first file with content: a folder's empty files (a Spark job's empty part) say nothing."""
+    return next((f for f in source.files if f.size), source.files[0])
+
+
 def head_file(source: Source) -> str:
-    """The file ``head_schema`` reads: the first with content. A folder's empty files (a Spark
-    job's empty part) say nothing."""
-    return next((f for f in source.files if f.size), source.files[0]).path
+    """The file ``head_schema`` reads."""
+    return _head(source).path
 
 
 def head_schema(source: Source) -> pa.Schema:
     """Columns and types of ``head_file`` (metadata or the first lines): checked before any work."""
-    first = next(f for f in source.files if f.path == head_file(source))
+    first = _head(source)
     fs, path = resolve(first.path)
     try:
         return formats.get(source.format).head_schema(fs, path, first.size)
